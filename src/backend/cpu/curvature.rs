@@ -1,0 +1,90 @@
+//! CPU reference for the curvature primitives.
+
+use rayon::prelude::*;
+
+use super::gemm::{Mat, gemm};
+use crate::backend::Segment;
+
+/// Adjacent segments (no padding between them) merged, so a dense batch is one GEMM.
+fn merged(segments: &[Segment]) -> Vec<Segment> {
+    let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
+    for s in segments.iter().filter(|s| s.len > 0) {
+        match out.last_mut() {
+            Some(last) if last.start + last.len == s.start => last.len += s.len,
+            _ => out.push(*s),
+        }
+    }
+    out
+}
+
+/// `out (dx, dy) += alpha * sum_seg X_seg^T Y_seg`.
+pub fn gram_accumulate(
+    x: &[f32],
+    dx: usize,
+    y: &[f32],
+    dy: usize,
+    segments: &[Segment],
+    alpha: f32,
+    out: &mut [f32],
+) {
+    for s in merged(segments) {
+        let xs = &x[s.start * dx..(s.start + s.len) * dx];
+        let ys = &y[s.start * dy..(s.start + s.len) * dy];
+        gemm(
+            dx,
+            dy,
+            s.len,
+            out,
+            dy,
+            true,
+            Mat::rows(xs, dx).t(),
+            Mat::rows(ys, dy),
+            alpha,
+            true,
+        );
+    }
+}
+
+pub fn segment_sum(x: &[f32], dim: usize, segments: &[Segment], alpha: f32) -> Vec<f32> {
+    let mut out = vec![0f32; segments.len() * dim];
+    out.par_chunks_mut(dim).zip(segments).for_each(|(o, s)| {
+        for row in x[s.start * dim..(s.start + s.len) * dim].chunks(dim) {
+            o.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+        }
+        o.iter_mut().for_each(|a| *a *= alpha);
+    });
+    out
+}
+
+/// For each segment: `tmp = alpha * G_seg^T Y_seg` (one scratch matrix per thread),
+/// then `out += tmp^2`. Segments are reduced in order, so the result is deterministic.
+pub fn sq_grad_accumulate(
+    g: &[f32],
+    dg: usize,
+    y: &[f32],
+    dy: usize,
+    segments: &[Segment],
+    alpha: f32,
+    out: &mut [f32],
+) {
+    let mut tmp = vec![0f32; dg * dy];
+    for s in segments.iter().filter(|s| s.len > 0) {
+        let gs = &g[s.start * dg..(s.start + s.len) * dg];
+        let ys = &y[s.start * dy..(s.start + s.len) * dy];
+        gemm(
+            dg,
+            dy,
+            s.len,
+            &mut tmp,
+            dy,
+            false,
+            Mat::rows(gs, dg).t(),
+            Mat::rows(ys, dy),
+            alpha,
+            true,
+        );
+        out.par_iter_mut()
+            .zip(tmp.par_iter())
+            .for_each(|(o, t)| *o += t * t);
+    }
+}

@@ -1,0 +1,188 @@
+//! Safe, bounds-checked wrapper over the `gemm` crate's strided f32 GEMM.
+
+use gemm::Parallelism;
+
+/// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
+#[derive(Clone, Copy)]
+pub struct Mat<'a> {
+    pub data: &'a [f32],
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> Mat<'a> {
+    /// A row-major matrix with `cols` columns (row stride `cols`).
+    pub fn rows(data: &'a [f32], cols: usize) -> Self {
+        Mat {
+            data,
+            rs: cols,
+            cs: 1,
+        }
+    }
+    /// A row-major view with an explicit row stride (a column block of a wider matrix).
+    pub fn strided(data: &'a [f32], rs: usize) -> Self {
+        Mat { data, rs, cs: 1 }
+    }
+    /// The transpose of this view.
+    pub fn t(self) -> Self {
+        Mat {
+            data: self.data,
+            rs: self.cs,
+            cs: self.rs,
+        }
+    }
+    fn check(&self, rows: usize, cols: usize, what: &str) {
+        if rows > 0 && cols > 0 {
+            let last = (rows - 1) * self.rs + (cols - 1) * self.cs;
+            assert!(last < self.data.len(), "gemm: {what} view out of bounds");
+        }
+    }
+}
+
+/// Products smaller than this many multiply-adds run on one thread.
+const PARALLEL_MACS: usize = 1 << 18;
+
+/// `C (m, n) = [C +] alpha * A (m, k) B (k, n)`, C row-major with row stride `c_rs`.
+/// `parallel` lets large products use the rayon pool; pass `false` inside parallel loops.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: &mut [f32],
+    c_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    parallel: bool,
+) {
+    if m > 0 && n > 0 {
+        assert!((m - 1) * c_rs + n <= c.len(), "gemm: dst out of bounds");
+    }
+    // SAFETY: `c` is a unique borrow covering every element written.
+    unsafe {
+        gemm_ptr(
+            m,
+            n,
+            k,
+            c.as_mut_ptr(),
+            c_rs,
+            accumulate,
+            a,
+            b,
+            alpha,
+            parallel,
+        )
+    }
+}
+
+/// As [`gemm`], writing through a raw pointer: for tasks that fill interleaved column
+/// blocks of one matrix, where disjoint `&mut` slices cannot be formed.
+///
+/// # Safety
+/// `c` must be valid for writes at `i * c_rs + j` for `i < m`, `j < n`, and no other
+/// thread may access those elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_ptr(
+    m: usize,
+    n: usize,
+    k: usize,
+    c: *mut f32,
+    c_rs: usize,
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    parallel: bool,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            for i in 0..m {
+                for j in 0..n {
+                    unsafe { *c.add(i * c_rs + j) = 0.0 };
+                }
+            }
+        }
+        return;
+    }
+    a.check(m, k, "lhs");
+    b.check(k, n, "rhs");
+    let par = if parallel && m * n * k >= PARALLEL_MACS {
+        Parallelism::Rayon(0)
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the input views were bounds-checked for the extents gemm reads; the caller
+    // vouches for the destination.
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            c,
+            1,
+            c_rs as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.cs as isize,
+            a.rs as isize,
+            b.data.as_ptr(),
+            b.cs as isize,
+            b.rs as isize,
+            1.0,
+            alpha,
+            false,
+            false,
+            false,
+            par,
+        );
+    }
+}
+
+/// Plain triple loop, the reference the tests hold `gemm` to.
+#[cfg(test)]
+pub fn gemm_naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
+    let mut c = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let mut s = 0f64;
+            for p in 0..k {
+                s += a.data[i * a.rs + p * a.cs] as f64 * b.data[p * b.rs + j * b.cs] as f64;
+            }
+            c[i * n + j] = s as f32;
+        }
+    }
+    c
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strided_transposed_gemm_matches_naive() {
+        let (m, n, k) = (37, 29, 53);
+        let a: Vec<f32> = (0..k * m)
+            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+            .collect();
+        let b: Vec<f32> = (0..k * 2 * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        // A read transposed from (k, m); B a column block of a (k, 2n) matrix.
+        let av = Mat::rows(&a, m).t();
+        let bv = Mat::strided(&b[n..], 2 * n);
+        let mut c = vec![1f32; m * n];
+        gemm(m, n, k, &mut c, n, false, av, bv, 1.0, true);
+        let want = gemm_naive(m, n, k, av, bv);
+        let err: f32 = c
+            .iter()
+            .zip(&want)
+            .map(|(x, y)| (x - y).abs())
+            .fold(0.0, f32::max);
+        assert!(err < 1e-4, "max abs error {err}");
+    }
+}

@@ -1,0 +1,391 @@
+//! The CPU backend: f32 everywhere, a blocked SIMD GEMM (`gemm` crate) on the rayon pool,
+//! rayon over rows for everything else. It is the reference every CUDA kernel is tested
+//! against, so each op here is written for clarity first and speed second.
+
+pub mod attention;
+pub mod curvature;
+pub mod gemm;
+pub mod ops;
+pub mod optim;
+
+use self::gemm::{Mat, gemm};
+use super::{AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment};
+use crate::error::Result;
+
+pub struct CpuBackend {
+    threads: usize,
+}
+
+impl CpuBackend {
+    /// Uses the global rayon pool; `threads = 0` keeps rayon's default (all cores).
+    pub fn new(threads: usize) -> Self {
+        if threads > 0 {
+            // Fails only if the pool was already built (e.g. by an earlier backend in the
+            // same process), in which case that pool is used.
+            let _ = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build_global();
+        }
+        CpuBackend {
+            threads: rayon::current_num_threads(),
+        }
+    }
+}
+
+impl Backend for CpuBackend {
+    type Buf = Vec<f32>;
+    type Weight = Vec<f32>;
+
+    fn describe(&self) -> String {
+        format!("cpu ({} threads)", self.threads)
+    }
+
+    fn buf(&self, host: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(host)
+    }
+
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+
+    fn to_host(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn weight(&self, host: Vec<f32>, _rows: usize, _cols: usize) -> Result<Vec<f32>> {
+        Ok(host)
+    }
+
+    fn copy_into(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) -> Result<()> {
+        dst[offset..offset + src.len()].copy_from_slice(src);
+        Ok(())
+    }
+
+    fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+        Ok(ops::embedding(table, ids, dim))
+    }
+
+    fn rmsnorm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        _rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(ops::rmsnorm(x, w, dim, eps))
+    }
+
+    fn rmsnorm_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        _rows: usize,
+        dim: usize,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        ops::rmsnorm_backward(dy, x, w, rstd, dim, dx);
+        Ok(())
+    }
+
+    fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+        let mut y = vec![0f32; m * n];
+        gemm(
+            m,
+            n,
+            k,
+            &mut y,
+            n,
+            false,
+            Mat::rows(x, k),
+            Mat::rows(w, k).t(),
+            1.0,
+            true,
+        );
+        Ok(y)
+    }
+
+    fn linear_backward(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        gemm(
+            m,
+            k,
+            n,
+            dx,
+            k,
+            accumulate,
+            Mat::rows(dy, n),
+            Mat::rows(w, k),
+            1.0,
+            true,
+        );
+        Ok(())
+    }
+
+    fn lora_forward(
+        &self,
+        x: &Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        d: LoraDims,
+        y: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let mut u = vec![0f32; d.m * d.r];
+        gemm(
+            d.m,
+            d.r,
+            d.d_in,
+            &mut u,
+            d.r,
+            false,
+            Mat::rows(x, d.d_in),
+            Mat::rows(a, d.d_in).t(),
+            1.0,
+            true,
+        );
+        gemm(
+            d.m,
+            d.d_out,
+            d.r,
+            y,
+            d.d_out,
+            true,
+            Mat::rows(&u, d.r),
+            Mat::rows(b, d.r).t(),
+            d.scale,
+            true,
+        );
+        Ok(u)
+    }
+
+    fn lora_backward(
+        &self,
+        g: &Vec<f32>,
+        x: &Vec<f32>,
+        u: &Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        d: LoraDims,
+        dx: &mut Vec<f32>,
+        grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+    ) -> Result<Vec<f32>> {
+        let mut ga = vec![0f32; d.m * d.r];
+        gemm(
+            d.m,
+            d.r,
+            d.d_out,
+            &mut ga,
+            d.r,
+            false,
+            Mat::rows(g, d.d_out),
+            Mat::rows(b, d.r),
+            d.scale,
+            true,
+        );
+        gemm(
+            d.m,
+            d.d_in,
+            d.r,
+            dx,
+            d.d_in,
+            true,
+            Mat::rows(&ga, d.r),
+            Mat::rows(a, d.d_in),
+            1.0,
+            true,
+        );
+        if let Some((da, db)) = grads {
+            gemm(
+                d.r,
+                d.d_in,
+                d.m,
+                da,
+                d.d_in,
+                true,
+                Mat::rows(&ga, d.r).t(),
+                Mat::rows(x, d.d_in),
+                1.0,
+                true,
+            );
+            gemm(
+                d.d_out,
+                d.r,
+                d.m,
+                db,
+                d.r,
+                true,
+                Mat::rows(g, d.d_out).t(),
+                Mat::rows(u, d.r),
+                d.scale,
+                true,
+            );
+        }
+        Ok(ga)
+    }
+
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        t: &RopeTable<Self>,
+        _rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        ops::rope(x, &t.cos, &t.sin, t.period, n_heads, head_dim, inverse);
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: &AttnShape,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(attention::attention(q, k, v, s))
+    }
+
+    fn attention_backward(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        probs: &Vec<f32>,
+        s: &AttnShape,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        Ok(attention::attention_backward(dout, q, k, v, probs, s))
+    }
+
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(ops::swiglu(gate, up))
+    }
+
+    fn swiglu_backward(
+        &self,
+        dact: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(ops::swiglu_backward(dact, gate, up))
+    }
+
+    fn add_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>) -> Result<()> {
+        use rayon::prelude::*;
+        a.par_iter_mut()
+            .zip(b.par_iter())
+            .for_each(|(x, y)| *x += y);
+        Ok(())
+    }
+
+    fn cross_entropy(
+        &self,
+        logits: &Vec<f32>,
+        _rows: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        Ok(ops::cross_entropy(logits, vocab, targets, grad_scale))
+    }
+
+    fn gram_accumulate(
+        &self,
+        x: &Vec<f32>,
+        dx: usize,
+        y: &Vec<f32>,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        curvature::gram_accumulate(x, dx, y, dy, segments, alpha, out);
+        Ok(())
+    }
+
+    fn segment_sum(
+        &self,
+        x: &Vec<f32>,
+        dim: usize,
+        segments: &[Segment],
+        alpha: f32,
+    ) -> Result<Vec<f32>> {
+        Ok(curvature::segment_sum(x, dim, segments, alpha))
+    }
+
+    fn sq_grad_accumulate(
+        &self,
+        g: &Vec<f32>,
+        dg: usize,
+        y: &Vec<f32>,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        curvature::sq_grad_accumulate(g, dg, y, dy, segments, alpha, out);
+        Ok(())
+    }
+
+    fn matmul(
+        &self,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<Vec<f32>> {
+        let av = if ta {
+            Mat::rows(a, m).t()
+        } else {
+            Mat::rows(a, k)
+        };
+        let bv = if tb {
+            Mat::rows(b, k).t()
+        } else {
+            Mat::rows(b, n)
+        };
+        let mut c = vec![0f32; m * n];
+        gemm(m, n, k, &mut c, n, false, av, bv, 1.0, true);
+        Ok(c)
+    }
+
+    fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
+        y.iter_mut().zip(x).for_each(|(y, x)| *y += alpha * x);
+        Ok(())
+    }
+
+    fn dot(&self, x: &Vec<f32>, y: &Vec<f32>) -> Result<f64> {
+        Ok(x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum())
+    }
+
+    fn adamw_step(
+        &self,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        h: &AdamHyper,
+        grad_scale: f32,
+        penalty: Option<DiagPenalty<'_, Self>>,
+    ) -> Result<()> {
+        let pen = penalty
+            .as_ref()
+            .map(|d| (d.mean.as_slice(), d.precision.as_slice(), d.lambda));
+        optim::adamw_step(p, g, m, v, h, grad_scale, pen);
+        Ok(())
+    }
+}

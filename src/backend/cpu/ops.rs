@@ -1,0 +1,176 @@
+//! Row-wise CPU ops; each is the reference its CUDA kernel is tested against.
+
+use rayon::prelude::*;
+
+use crate::backend::{CeTargets, sample_uniform};
+
+/// Rows per rayon task for cheap elementwise row ops.
+const ROW_CHUNK: usize = 16;
+
+pub fn embedding(table: &[f32], ids: &[u32], dim: usize) -> Vec<f32> {
+    let mut out = vec![0f32; ids.len() * dim];
+    out.par_chunks_mut(dim).zip(ids).for_each(|(row, &id)| {
+        let id = id as usize;
+        row.copy_from_slice(&table[id * dim..(id + 1) * dim]);
+    });
+    out
+}
+
+pub fn rmsnorm(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let rows = x.len() / dim;
+    let mut y = vec![0f32; x.len()];
+    let mut rstd = vec![0f32; rows];
+    y.par_chunks_mut(dim * ROW_CHUNK)
+        .zip(rstd.par_chunks_mut(ROW_CHUNK))
+        .zip(x.par_chunks(dim * ROW_CHUNK))
+        .for_each(|((yc, rc), xc)| {
+            for ((yr, r), xr) in yc.chunks_mut(dim).zip(rc.iter_mut()).zip(xc.chunks(dim)) {
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                *r = 1.0 / (ms + eps).sqrt();
+                for ((o, xi), wi) in yr.iter_mut().zip(xr).zip(w) {
+                    *o = wi * (xi * *r);
+                }
+            }
+        });
+    (y, rstd)
+}
+
+/// `dx += rstd * (w*dy) - x * rstd^3 / D * sum(w*dy*x)`.
+pub fn rmsnorm_backward(
+    dy: &[f32],
+    x: &[f32],
+    w: &[f32],
+    rstd: &[f32],
+    dim: usize,
+    dx: &mut [f32],
+) {
+    dx.par_chunks_mut(dim)
+        .zip(dy.par_chunks(dim))
+        .zip(x.par_chunks(dim))
+        .zip(rstd.par_iter())
+        .for_each(|(((dxr, dyr), xr), &r)| {
+            let dot: f32 = dyr.iter().zip(w).zip(xr).map(|((d, w), x)| d * w * x).sum();
+            let c = dot * r * r * r / dim as f32;
+            for (((o, d), wi), xi) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
+                *o += r * wi * d - xi * c;
+            }
+        });
+}
+
+/// Rotate-half RoPE: for `i < hd/2`, `(a, b) = (x_i, x_{i+hd/2})` becomes
+/// `(a cos - b sin, b cos + a sin)`; `inverse` rotates by the negative angle.
+pub fn rope(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    period: usize,
+    n_heads: usize,
+    hd: usize,
+    inverse: bool,
+) {
+    let half = hd / 2;
+    let width = n_heads * hd;
+    let sign = if inverse { -1.0 } else { 1.0 };
+    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
+        let t = r % period;
+        let (c, s) = (
+            &cos[t * half..(t + 1) * half],
+            &sin[t * half..(t + 1) * half],
+        );
+        for head in row.chunks_mut(hd) {
+            let (lo, hi) = head.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (lo[i], hi[i]);
+                let si = sign * s[i];
+                lo[i] = a * c[i] - b * si;
+                hi[i] = b * c[i] + a * si;
+            }
+        }
+    });
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
+    gate.par_iter()
+        .zip(up.par_iter())
+        .map(|(&g, &u)| g * sigmoid(g) * u)
+        .collect()
+}
+
+/// `d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))`.
+pub fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let (dg, du): (Vec<f32>, Vec<f32>) = dact
+        .par_iter()
+        .zip(gate.par_iter())
+        .zip(up.par_iter())
+        .map(|((&d, &g), &u)| {
+            let s = sigmoid(g);
+            (d * u * s * (1.0 + g * (1.0 - s)), d * g * s)
+        })
+        .unzip();
+    (dg, du)
+}
+
+/// Fused softmax cross-entropy, one row per position (see `Backend::cross_entropy`).
+pub fn cross_entropy(
+    logits: &[f32],
+    vocab: usize,
+    targets: CeTargets<'_>,
+    grad_scale: Option<f32>,
+) -> (Vec<f32>, Option<Vec<f32>>) {
+    let rows = logits.len() / vocab;
+    let (tg, seed) = match targets {
+        CeTargets::Labels(t) => (t, None),
+        CeTargets::Sample { mask, seed } => (mask, Some(seed)),
+    };
+    let mut losses = vec![0f32; rows];
+    let mut dlogits = grad_scale.map(|_| vec![0f32; logits.len()]);
+    let row_loss = |r: usize, z: &[f32], d: Option<&mut [f32]>| -> f32 {
+        if tg[r] < 0 {
+            return 0.0;
+        }
+        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let lse = max + sum.ln() as f32;
+        let target = match seed {
+            None => tg[r] as usize,
+            Some(seed) => {
+                let u = sample_uniform(seed, r as u64) as f64 * sum;
+                let mut acc = 0f64;
+                let mut pick = vocab - 1;
+                for (i, &v) in z.iter().enumerate() {
+                    acc += ((v - max) as f64).exp();
+                    if acc > u {
+                        pick = i;
+                        break;
+                    }
+                }
+                pick
+            }
+        };
+        if let (Some(d), Some(s)) = (d, grad_scale) {
+            for (o, &v) in d.iter_mut().zip(z) {
+                *o = s * (v - lse).exp();
+            }
+            d[target] -= s;
+        }
+        lse - z[target]
+    };
+    match dlogits.as_mut() {
+        Some(d) => losses
+            .par_iter_mut()
+            .zip(logits.par_chunks(vocab))
+            .zip(d.par_chunks_mut(vocab))
+            .enumerate()
+            .for_each(|(r, ((l, z), dr))| *l = row_loss(r, z, Some(dr))),
+        None => losses
+            .par_iter_mut()
+            .zip(logits.par_chunks(vocab))
+            .enumerate()
+            .for_each(|(r, (l, z))| *l = row_loss(r, z, None)),
+    }
+    (losses, dlogits)
+}

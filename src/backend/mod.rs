@@ -1,0 +1,301 @@
+//! The `Backend` trait: every op the Llama + LoRA model, the curvature estimators and the
+//! optimiser need, implemented once for the CPU (the reference, `cpu/`) and once for CUDA
+//! (`cuda/`). Model code is written against this trait only.
+//!
+//! Conventions: activations are row-major `(rows, features)` f32 buffers; a frozen base
+//! weight `W` is `(d_out, d_in)` and a linear layer computes `y = x W^T`.
+
+pub mod cpu;
+pub mod device;
+
+use crate::error::Result;
+
+/// Rows `[start, start + len)` of a batch activation belong to one sequence; padding rows
+/// (right padding) are outside every segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Shape of one attention call. `q` is `(batch*tq, n_heads*head_dim)`; `k`, `v` hold
+/// `(batch*tk_stride, n_kv_heads*head_dim)` of which the first `tk` rows per sequence are
+/// used. Query `i` sits at absolute position `q_offset + i` and sees keys `0..=q_offset + i`.
+#[derive(Debug, Clone, Copy)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub tk_stride: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub head_dim: usize,
+    pub q_offset: usize,
+}
+
+impl AttnShape {
+    pub fn probs_len(&self) -> usize {
+        self.batch * self.n_heads * self.tq * self.tk
+    }
+}
+
+/// What the fused softmax-cross-entropy backpropagates.
+#[derive(Debug, Clone, Copy)]
+pub enum CeTargets<'a> {
+    /// Target token per row, `-100` (any negative) to ignore the row.
+    Labels(&'a [i32]),
+    /// Monte-Carlo Fisher: at every row whose entry in `mask` is `>= 0`, a label drawn from
+    /// the model's own softmax with the counter-based generator `sample_uniform(seed, row)`.
+    Sample { mask: &'a [i32], seed: u64 },
+}
+
+/// Counter-based uniform in [0, 1) shared by the CPU and CUDA samplers so that both draw
+/// the same labels: a splitmix64 finaliser of `seed` and `row`.
+pub fn sample_uniform(seed: u64, row: u64) -> f32 {
+    let mut z = seed ^ row.wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    z = z.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^= z >> 31;
+    (z >> 40) as f32 / (1u64 << 24) as f32
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct AdamHyper {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number used for bias correction.
+    pub step: u64,
+}
+
+/// The diagonal Laplace penalty fused into the optimiser step: the gradient
+/// `lambda * precision * (p - mean)` is added to the (scaled) loss gradient.
+pub struct DiagPenalty<'a, B: Backend + ?Sized> {
+    pub mean: &'a B::Buf,
+    pub precision: &'a B::Buf,
+    pub lambda: f32,
+}
+
+/// Precomputed RoPE angles: row `r` of an activation uses table row `r % period`.
+pub struct RopeTable<B: Backend + ?Sized> {
+    pub cos: B::Buf,
+    pub sin: B::Buf,
+    pub period: usize,
+}
+
+pub trait Backend: Send + Sync {
+    /// An f32 buffer on the device.
+    type Buf: Send + Sync;
+    /// A frozen base-weight matrix (f32 on the CPU, bf16 on CUDA).
+    type Weight: Send + Sync;
+
+    fn describe(&self) -> String;
+
+    // --- memory -------------------------------------------------------------------------
+    fn buf(&self, host: Vec<f32>) -> Result<Self::Buf>;
+    fn zeros(&self, n: usize) -> Result<Self::Buf>;
+    fn to_host(&self, x: &Self::Buf) -> Result<Vec<f32>>;
+    fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Weight>;
+    /// `dst[offset..offset + src.len()] = src`.
+    fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> Result<()>;
+
+    // --- model ops ----------------------------------------------------------------------
+    /// `out[i, :] = table[ids[i], :]`.
+    fn embedding(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Result<Self::Buf>;
+    /// `y = w * x * rstd` with `rstd = 1/sqrt(mean(x^2) + eps)` per row; returns `(y, rstd)`.
+    fn rmsnorm(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// `dx += d/dx <dy, rmsnorm(x)>` (the weight is frozen).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_backward(
+        &self,
+        dy: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        dx: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `y = x W^T` with `x (m, k)`, `W (n, k)`.
+    fn linear(
+        &self,
+        x: &Self::Buf,
+        w: &Self::Weight,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<Self::Buf>;
+    /// `dx = dy W` (or `dx += dy W` when `accumulate`).
+    #[allow(clippy::too_many_arguments)]
+    fn linear_backward(
+        &self,
+        dy: &Self::Buf,
+        w: &Self::Weight,
+        m: usize,
+        k: usize,
+        n: usize,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<()>;
+    /// `y += s B (A x)` per row; returns `u = x A^T (m, r)`.
+    fn lora_forward(
+        &self,
+        x: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        dims: LoraDims,
+        y: &mut Self::Buf,
+    ) -> Result<Self::Buf>;
+    /// With `g = dL/dy (m, d_out)`: `gA = s g B (m, r)`, `dx += gA A`, and when `grads` is
+    /// given `dA += gA^T x`, `dB += s g^T u`. Returns `gA`.
+    #[allow(clippy::too_many_arguments)]
+    fn lora_backward(
+        &self,
+        g: &Self::Buf,
+        x: &Self::Buf,
+        u: &Self::Buf,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        dims: LoraDims,
+        dx: &mut Self::Buf,
+        grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
+    ) -> Result<Self::Buf>;
+    /// Rotate-half RoPE in place on `(rows, n_heads*head_dim)`; `inverse` applies the
+    /// transpose rotation (the backward pass).
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        table: &RopeTable<Self>,
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()>;
+    /// Causal softmax attention with scale `1/sqrt(head_dim)`; returns `(out, probs)`.
+    fn attention(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: &AttnShape,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// Returns `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        &self,
+        dout: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        probs: &Self::Buf,
+        s: &AttnShape,
+    ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
+    /// `silu(gate) * up`.
+    fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf>;
+    /// Returns `(dgate, dup)`.
+    fn swiglu_backward(
+        &self,
+        dact: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    ) -> Result<(Self::Buf, Self::Buf)>;
+    /// `a += b`.
+    fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()>;
+    /// Fused softmax cross-entropy over `(rows, vocab)` logits. Returns the per-row loss
+    /// (0 for ignored rows; for sampled targets the loss of the sampled label) and, when
+    /// `grad_scale` is given, `dlogits = grad_scale * (softmax - onehot)` on active rows.
+    fn cross_entropy(
+        &self,
+        logits: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<(Vec<f32>, Option<Self::Buf>)>;
+
+    // --- curvature ----------------------------------------------------------------------
+    /// `out (dx, dy) += alpha * sum_{segments} X_seg^T Y_seg` (KFAC factors, cross factors).
+    #[allow(clippy::too_many_arguments)]
+    fn gram_accumulate(
+        &self,
+        x: &Self::Buf,
+        dx: usize,
+        y: &Self::Buf,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+    /// `(n_segments, dim)`: `alpha * sum` of each segment's rows.
+    fn segment_sum(
+        &self,
+        x: &Self::Buf,
+        dim: usize,
+        segments: &[Segment],
+        alpha: f32,
+    ) -> Result<Self::Buf>;
+    /// Per-sample gradient squaring: for every segment `n`,
+    /// `out (dg, dy) += (alpha * G_n^T Y_n)^2` elementwise, without storing `G_n^T Y_n`
+    /// for more than one segment at a time.
+    #[allow(clippy::too_many_arguments)]
+    fn sq_grad_accumulate(
+        &self,
+        g: &Self::Buf,
+        dg: usize,
+        y: &Self::Buf,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()>;
+
+    // --- small dense algebra (penalties) and the optimiser ------------------------------
+    /// `C (m, n) = op(A) op(B)` with `op(A) (m, k)`: `ta`/`tb` read A/B transposed.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        a: &Self::Buf,
+        b: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<Self::Buf>;
+    /// `y += alpha * x`.
+    fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
+    /// `sum x_i y_i` in f64.
+    fn dot(&self, x: &Self::Buf, y: &Self::Buf) -> Result<f64>;
+    /// One AdamW step on `p` with gradient `grad_scale * g` (+ the fused diagonal penalty).
+    #[allow(clippy::too_many_arguments)]
+    fn adamw_step(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        h: &AdamHyper,
+        grad_scale: f32,
+        penalty: Option<DiagPenalty<'_, Self>>,
+    ) -> Result<()>;
+}
+
+/// Dimensions of one LoRA-adapted linear layer.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraDims {
+    pub m: usize,
+    pub d_in: usize,
+    pub r: usize,
+    pub d_out: usize,
+    pub scale: f32,
+}

@@ -1,0 +1,104 @@
+//! `info MODEL`: configuration, parameter counts, memory estimate.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use super::{Common, DataArgs, LoraArgs, print_json};
+use crate::error::Result;
+use crate::model::{self, HostLora};
+
+#[derive(Args)]
+pub struct InfoArgs {
+    /// An HF model directory or a .gguf file.
+    pub model: PathBuf,
+    /// A tokenizer.json to use instead of the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub data: DataArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+
+pub fn run(a: InfoArgs) -> Result<()> {
+    let m = model::load(&a.model, a.tokenizer.as_deref())?;
+    let c = &m.cfg;
+    let lora = HostLora::init(c, a.lora.config()?, 0);
+    let n_base = c.n_params();
+    let n_lora = lora.n_params();
+    // Training keeps per block about 8 hidden-sized and 3 FFN-sized activations, the q/k/v
+    // projections and the attention probabilities, plus the logits and their gradient.
+    let tokens = (a.data.batch_size * a.data.max_len) as f64;
+    let per_layer = tokens
+        * (8 * c.hidden_size + 3 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) as f64
+        + (a.data.batch_size * c.num_heads * a.data.max_len * a.data.max_len) as f64;
+    let act_bytes = 4.0 * (per_layer * c.num_layers as f64 + 2.0 * tokens * c.vocab_size as f64);
+    let weights_cpu = 4.0 * n_base as f64;
+    let weights_cuda = 2.0 * n_base as f64;
+    let lora_state = 4.0 * 4.0 * n_lora as f64; // weights, gradient, two Adam moments
+    let tok = m.tokenizer().ok();
+    if a.common.json {
+        print_json(&json!({
+            "model": m.path,
+            "identity": m.identity,
+            "config": c,
+            "n_params": n_base,
+            "lora": {"r": lora.cfg.r, "alpha": lora.cfg.alpha, "targets": lora.cfg.targets.iter().map(|p| p.name()).collect::<Vec<_>>(), "n_params": n_lora},
+            "tokenizer_vocab": tok.map(|t| t.vocab_size()),
+            "memory_bytes": {"weights_cpu_f32": weights_cpu, "weights_cuda_bf16": weights_cuda, "lora_training_state": lora_state, "activations_per_batch": act_bytes,
+                "batch_size": a.data.batch_size, "max_len": a.data.max_len},
+        }));
+        return Ok(());
+    }
+    println!("model          {}", m.identity);
+    println!(
+        "architecture   llama: {} layers, hidden {}, FFN {}, {} heads / {} KV heads, head dim {}",
+        c.num_layers, c.hidden_size, c.intermediate_size, c.num_heads, c.num_kv_heads, c.head_dim
+    );
+    println!(
+        "vocabulary     {}{}",
+        c.vocab_size,
+        tok.map(|t| format!(" (tokenizer: {} tokens)", t.vocab_size()))
+            .unwrap_or_else(|| " (no tokenizer)".into())
+    );
+    println!(
+        "rope           theta {}{}; RMSNorm eps {:e}; tied embeddings: {}",
+        c.rope_theta,
+        if c.rope_scaling.is_some() || c.rope_freq_factors.is_some() {
+            ", llama3 scaling"
+        } else {
+            ""
+        },
+        c.rms_norm_eps,
+        c.tie_word_embeddings
+    );
+    println!("parameters     {n_base} ({:.1} M)", n_base as f64 / 1e6);
+    println!(
+        "LoRA           r={} alpha={} on {}: {n_lora} parameters ({:.3}% of the base)",
+        lora.cfg.r,
+        lora.cfg.alpha,
+        lora.cfg
+            .targets
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        100.0 * n_lora as f64 / n_base as f64
+    );
+    println!(
+        "memory         weights {:.2} GiB (CPU f32) / {:.2} GiB (CUDA bf16); LoRA training state {:.1} MiB; activations for batch {} x {} tokens ~{:.2} GiB",
+        weights_cpu / GIB,
+        weights_cuda / GIB,
+        lora_state / (1u64 << 20) as f64,
+        a.data.batch_size,
+        a.data.max_len,
+        act_bytes / GIB
+    );
+    Ok(())
+}

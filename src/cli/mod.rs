@@ -1,0 +1,180 @@
+//! The `lalora-engine` command line: argument definitions and the shared loading steps.
+//! Each command lives in its own file and is a thin layer over the library.
+
+mod eval;
+mod grad;
+mod info;
+
+use std::path::{Path, PathBuf};
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::backend::device::Device;
+use crate::data::{Example, RowFormat, read_jsonl};
+use crate::error::{Error, Result};
+use crate::model::{self, HostLora, LoadedModel, LoraConfig};
+
+#[derive(Parser)]
+#[command(
+    name = "lalora-engine",
+    version,
+    about = "LoRA fine-tuning of Llama-family models that remembers: a Laplace approximation of the LoRA weights, estimated on source data, penalises movement in high-curvature directions (LaLoRA).",
+    propagate_version = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model's configuration, parameter counts and a memory estimate.
+    Info(info::InfoArgs),
+    /// Mean NLL, perplexity and token count of each data set.
+    Eval(eval::EvalArgs),
+    /// LoRA gradients of the summed token loss, written as safetensors.
+    Grad(grad::GradArgs),
+}
+
+/// Flags every command takes.
+#[derive(Args, Clone)]
+pub struct Common {
+    /// Where to run: auto (CUDA if present and built, else CPU), cpu, cuda or cuda:N.
+    #[arg(long, default_value = "auto", value_parser = clap::value_parser!(Device))]
+    pub device: Device,
+    /// CPU threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Seed for LoRA init, data order and sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Print a machine-readable JSON summary on stdout (and nothing else there).
+    #[arg(long)]
+    pub json: bool,
+    /// No progress bars or status lines on stderr.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// The base model (and optionally an adapter).
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// An HF model directory (config.json + safetensors) or a .gguf file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A tokenizer.json to use instead of the model's own.
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+}
+
+/// How JSONL rows become batches.
+#[derive(Args, Clone)]
+pub struct DataArgs {
+    /// Sequences are cut to this many tokens.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Sequences per batch.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Use only the first N rows of each data file.
+    #[arg(long)]
+    pub limit: Option<usize>,
+}
+
+/// LoRA shape for a fresh adapter.
+#[derive(Args, Clone)]
+pub struct LoraArgs {
+    /// LoRA rank r.
+    #[arg(long, default_value_t = 8)]
+    pub rank: usize,
+    /// LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).
+    #[arg(long, default_value_t = 16.0)]
+    pub alpha: f64,
+    /// Comma-separated target modules, or `all`.
+    #[arg(long, default_value = "all")]
+    pub targets: String,
+    /// rsLoRA scaling alpha/sqrt(r).
+    #[arg(long)]
+    pub rslora: bool,
+}
+
+impl LoraArgs {
+    pub fn config(&self) -> Result<LoraConfig> {
+        if self.rank == 0 {
+            return Err(Error::usage("--rank must be positive"));
+        }
+        Ok(LoraConfig {
+            r: self.rank,
+            alpha: self.alpha,
+            use_rslora: self.rslora,
+            targets: LoraConfig::parse_targets(&self.targets)?,
+        })
+    }
+}
+
+pub fn run() -> Result<()> {
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        Err(e) => {
+            // Help and version go to stdout with status 0; usage errors exit 2 (clap's own).
+            e.exit();
+        }
+    };
+    match cli.command {
+        Command::Info(a) => info::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Grad(a) => grad::run(a),
+    }
+}
+
+pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
+    model::load(&args.model, args.tokenizer.as_deref())
+}
+
+/// Read a data file into examples (text rows need the model's tokenizer).
+pub fn load_data(path: &Path, m: &LoadedModel, d: &DataArgs) -> Result<Vec<Example>> {
+    if d.max_len < 2 {
+        return Err(Error::usage("--max-len must be at least 2"));
+    }
+    let tok = m.tokenizer().ok();
+    let mut ex = read_jsonl(
+        path,
+        tok,
+        m.cfg.vocab_size,
+        RowFormat { max_len: d.max_len },
+    )
+    .map_err(|e| match (&e, m.tokenizer()) {
+        (Error::Line { msg, .. }, Err(te)) if msg.contains("need a tokenizer") => {
+            Error::file(path, format!("text rows need a tokenizer: {te}"))
+        }
+        _ => e,
+    })?;
+    if let Some(n) = d.limit {
+        ex.truncate(n);
+    }
+    if ex.is_empty() {
+        return Err(Error::file(path, "no data rows"));
+    }
+    Ok(ex)
+}
+
+/// `--adapter DIR` if given, else a fresh PEFT-style init.
+pub fn adapter_or_init(
+    adapter: Option<&Path>,
+    m: &LoadedModel,
+    lora: &LoraArgs,
+    seed: u64,
+) -> Result<HostLora> {
+    match adapter {
+        Some(dir) => HostLora::load(dir, &m.cfg),
+        None => Ok(HostLora::init(&m.cfg, lora.config()?, seed)),
+    }
+}
+
+/// Print `value` as JSON on stdout.
+pub fn print_json(value: &serde_json::Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    );
+}

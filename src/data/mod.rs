@@ -1,0 +1,7 @@
+//! Training and evaluation data: JSONL rows into token examples, and padded batches.
+
+pub mod batch;
+pub mod jsonl;
+
+pub use self::batch::{Batch, batches};
+pub use self::jsonl::{Example, RowFormat, read_jsonl};

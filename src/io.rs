@@ -1,0 +1,81 @@
+//! File output that never leaves a half-written file behind, and safetensors helpers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::io::Write;
+use std::path::Path;
+
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+
+use crate::error::{Error, IoContext, Result};
+use crate::model::weights::{bytes_to_f32, mmap_file};
+
+/// Write `bytes` to a temporary file beside `path`, then rename it over `path`.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    std::fs::create_dir_all(dir).at(dir)?;
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    tmp.write_all(bytes).at(path)?;
+    tmp.as_file().sync_all().at(path)?;
+    tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
+    Ok(())
+}
+
+/// Serialise f32 tensors `(name, shape, data)` with string metadata, atomically.
+pub fn write_safetensors(
+    path: &Path,
+    tensors: &[(String, Vec<usize>, &[f32])],
+    metadata: BTreeMap<String, String>,
+) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let view = TensorView::new(Dtype::F32, shape.clone(), bytemuck::cast_slice(data))
+                .map_err(|e| Error::file(path, format!("tensor `{name}`: {e}")))?;
+            Ok((name.clone(), view))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let meta: HashMap<String, String> = metadata.into_iter().collect();
+    let bytes = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+    atomic_write(path, &bytes)
+}
+
+/// A whole safetensors file read into memory as f32, with its metadata.
+pub struct TensorFile {
+    pub tensors: BTreeMap<String, (Vec<usize>, Vec<f32>)>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+impl TensorFile {
+    pub fn read(path: &Path) -> Result<Self> {
+        let map = mmap_file(path)?;
+        let st = SafeTensors::deserialize(&map)
+            .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+        let (_, meta) = SafeTensors::read_metadata(&map)
+            .map_err(|e| Error::file(path, format!("not a valid safetensors file: {e}")))?;
+        let mut tensors = BTreeMap::new();
+        for (name, t) in st.tensors() {
+            let data = bytes_to_f32(t.dtype(), t.data()).ok_or_else(|| {
+                Error::file(
+                    path,
+                    format!("tensor `{name}` has unsupported dtype {:?}", t.dtype()),
+                )
+            })?;
+            tensors.insert(name, (t.shape().to_vec(), data));
+        }
+        let metadata = meta
+            .metadata()
+            .clone()
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
+        Ok(TensorFile { tensors, metadata })
+    }
+
+    pub fn get(&self, name: &str) -> Option<&[f32]> {
+        self.tensors.get(name).map(|(_, d)| d.as_slice())
+    }
+}

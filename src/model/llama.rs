@@ -1,0 +1,526 @@
+//! The Llama forward and backward pass with LoRA, written once against `Backend`.
+//!
+//! Backward propagates to every LoRA A and B through the frozen base weights (no base
+//! weight gradients are formed). At each adapted projection it can hand the layer input
+//! `x`, the low-rank activation `u = A x`, the output gradient `g = dL/dh` and the A
+//! sub-layer's output gradient `gA = s B^T g` to a [`LoraObserver`]: this is where the
+//! curvature estimators hook in.
+
+use super::config::LlamaConfig;
+use super::lora::LoraWeights;
+use super::proj::Proj;
+use super::weights::HostWeights;
+use crate::backend::{AttnShape, Backend, LoraDims, RopeTable};
+use crate::data::Batch;
+use crate::error::Result;
+
+struct Layer<B: Backend> {
+    attn_norm: B::Buf,
+    mlp_norm: B::Buf,
+    proj: [B::Weight; 7],
+}
+
+pub struct Llama<B: Backend> {
+    pub cfg: LlamaConfig,
+    embed: B::Weight,
+    layers: Vec<Layer<B>>,
+    final_norm: B::Buf,
+    lm_head: Option<B::Weight>,
+    inv_freq: Vec<f64>,
+}
+
+/// Receives, at every adapted projection during backward, `x (m, d_in)`, `u = x A^T
+/// (m, r)`, `g = dL/dh (m, d_out)` and `gA = s g B (m, r)`; `module` indexes
+/// `LoraWeights::modules`.
+pub trait LoraObserver<B: Backend> {
+    #[allow(clippy::too_many_arguments)]
+    fn observe(
+        &mut self,
+        be: &B,
+        module: usize,
+        x: &B::Buf,
+        u: &B::Buf,
+        g: &B::Buf,
+        ga: &B::Buf,
+    ) -> Result<()>;
+}
+
+/// What backward needs from one block's forward pass.
+struct LayerActs<B: Backend> {
+    x_in: B::Buf,
+    xn1: B::Buf,
+    rstd1: B::Buf,
+    q: B::Buf,
+    k: B::Buf,
+    v: B::Buf,
+    probs: B::Buf,
+    attn: B::Buf,
+    h_mid: B::Buf,
+    xn2: B::Buf,
+    rstd2: B::Buf,
+    gate: B::Buf,
+    up: B::Buf,
+    act: B::Buf,
+    /// `u = A x` per projection (`Proj::index()`), for adapted projections.
+    u: [Option<B::Buf>; 7],
+}
+
+pub struct Activations<B: Backend> {
+    layers: Vec<LayerActs<B>>,
+    final_in: B::Buf,
+    final_rstd: B::Buf,
+    rope: RopeTable<B>,
+    pub logits: B::Buf,
+    pub rows: usize,
+    batch: usize,
+    seq_len: usize,
+}
+
+/// Keys and values of past positions for incremental decoding (one sequence).
+pub struct KvCache<B: Backend> {
+    k: Vec<B::Buf>,
+    v: Vec<B::Buf>,
+    pub len: usize,
+    pub capacity: usize,
+}
+
+type LoraRef<'a, B> = Option<&'a LoraWeights<<B as Backend>::Buf>>;
+
+impl<B: Backend> Llama<B> {
+    pub fn new(be: &B, cfg: LlamaConfig, w: HostWeights) -> Result<Self> {
+        let d = cfg.hidden_size;
+        let embed = be.weight(w.embed, cfg.vocab_size, d)?;
+        let lm_head = match w.lm_head {
+            Some(h) => Some(be.weight(h, cfg.vocab_size, d)?),
+            None => None,
+        };
+        let mut layers = Vec::with_capacity(w.layers.len());
+        for l in w.layers {
+            let [q, k, v, o, g, u, dn] = l.proj;
+            let mut ws = [q, k, v, o, g, u, dn].into_iter();
+            let proj = Proj::ALL.map(|p| {
+                let (din, dout) = p.dims(&cfg);
+                be.weight(ws.next().unwrap_or_default(), dout, din)
+            });
+            let [q, k, v, o, g, u, dn] = proj;
+            layers.push(Layer {
+                attn_norm: be.buf(l.attn_norm)?,
+                mlp_norm: be.buf(l.mlp_norm)?,
+                proj: [q?, k?, v?, o?, g?, u?, dn?],
+            });
+        }
+        Ok(Llama {
+            inv_freq: cfg.rope_inv_freq(),
+            embed,
+            layers,
+            final_norm: be.buf(w.final_norm)?,
+            lm_head,
+            cfg,
+        })
+    }
+
+    fn output(&self) -> &B::Weight {
+        self.lm_head.as_ref().unwrap_or(&self.embed)
+    }
+
+    /// cos/sin for positions `start..start+len` (computed in f64, stored as f32).
+    fn rope_table(&self, be: &B, start: usize, len: usize) -> Result<RopeTable<B>> {
+        let half = self.cfg.head_dim / 2;
+        let mut cos = Vec::with_capacity(len * half);
+        let mut sin = Vec::with_capacity(len * half);
+        for pos in start..start + len {
+            for f in &self.inv_freq {
+                let a = pos as f64 * f;
+                cos.push(a.cos() as f32);
+                sin.push(a.sin() as f32);
+            }
+        }
+        Ok(RopeTable {
+            cos: be.buf(cos)?,
+            sin: be.buf(sin)?,
+            period: len,
+        })
+    }
+
+    fn lora_dims(&self, lora: &LoraWeights<B::Buf>, i: usize, m: usize) -> LoraDims {
+        let md = &lora.modules[i];
+        LoraDims {
+            m,
+            d_in: md.d_in,
+            r: lora.cfg.r,
+            d_out: md.d_out,
+            scale: lora.cfg.scale(),
+        }
+    }
+
+    /// `y = x W^T + s B (A x)`; returns `(y, u)`.
+    fn project(
+        &self,
+        be: &B,
+        lora: LoraRef<'_, B>,
+        l: usize,
+        p: Proj,
+        x: &B::Buf,
+        m: usize,
+    ) -> Result<(B::Buf, Option<B::Buf>)> {
+        let (din, dout) = p.dims(&self.cfg);
+        let mut y = be.linear(x, &self.layers[l].proj[p.index()], m, din, dout)?;
+        let u = match lora.and_then(|lw| lw.find(l, p).map(|i| (lw, i))) {
+            Some((lw, i)) => {
+                let md = &lw.modules[i];
+                Some(be.lora_forward(x, &md.a, &md.b, self.lora_dims(lw, i, m), &mut y)?)
+            }
+            None => None,
+        };
+        Ok((y, u))
+    }
+
+    /// Backward of `project`: `dx (+)= g W + gA A`, LoRA grads, observer.
+    #[allow(clippy::too_many_arguments)]
+    fn project_backward(
+        &self,
+        be: &B,
+        lora: LoraRef<'_, B>,
+        ctx: &mut BackwardCtx<'_, B>,
+        l: usize,
+        p: Proj,
+        g: &B::Buf,
+        x: &B::Buf,
+        u: Option<&B::Buf>,
+        m: usize,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        let (din, dout) = p.dims(&self.cfg);
+        be.linear_backward(
+            g,
+            &self.layers[l].proj[p.index()],
+            m,
+            din,
+            dout,
+            dx,
+            accumulate,
+        )?;
+        let (Some(lw), Some(u)) = (lora, u) else {
+            return Ok(());
+        };
+        let Some(i) = lw.find(l, p) else {
+            return Ok(());
+        };
+        let md = &lw.modules[i];
+        let grads = ctx.grads.as_deref_mut().map(|gw| {
+            let gm = &mut gw.modules[i];
+            (&mut gm.a, &mut gm.b)
+        });
+        let ga = be.lora_backward(g, x, u, &md.a, &md.b, self.lora_dims(lw, i, m), dx, grads)?;
+        if let Some(obs) = ctx.observer.as_deref_mut() {
+            obs.observe(be, i, x, u, g, &ga)?;
+        }
+        Ok(())
+    }
+
+    /// Full forward pass over a padded batch. With `keep` the activations backward needs
+    /// are kept; without, each block's are dropped as soon as it is done (evaluation).
+    pub fn forward(
+        &self,
+        be: &B,
+        lora: LoraRef<'_, B>,
+        batch: &Batch,
+        keep: bool,
+    ) -> Result<Activations<B>> {
+        let c = &self.cfg;
+        let (bsz, t) = (batch.batch, batch.seq_len);
+        let m = bsz * t;
+        let d = c.hidden_size;
+        let rope = self.rope_table(be, 0, t)?;
+        let shape = AttnShape {
+            batch: bsz,
+            tq: t,
+            tk: t,
+            tk_stride: t,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_offset: 0,
+        };
+        let mut h = be.embedding(&self.embed, &batch.ids, d)?;
+        let mut layers = Vec::with_capacity(if keep { c.num_layers } else { 0 });
+        for (l, lw) in self.layers.iter().enumerate() {
+            let (xn1, rstd1) = be.rmsnorm(&h, &lw.attn_norm, m, d, c.rms_norm_eps)?;
+            let (mut q, uq) = self.project(be, lora, l, Proj::Q, &xn1, m)?;
+            let (mut k, uk) = self.project(be, lora, l, Proj::K, &xn1, m)?;
+            let (v, uv) = self.project(be, lora, l, Proj::V, &xn1, m)?;
+            be.rope(&mut q, &rope, m, c.num_heads, c.head_dim, false)?;
+            be.rope(&mut k, &rope, m, c.num_kv_heads, c.head_dim, false)?;
+            let (attn, probs) = be.attention(&q, &k, &v, &shape)?;
+            let (o, uo) = self.project(be, lora, l, Proj::O, &attn, m)?;
+            let mut h_mid = o;
+            be.add_assign(&mut h_mid, &h)?;
+            let (xn2, rstd2) = be.rmsnorm(&h_mid, &lw.mlp_norm, m, d, c.rms_norm_eps)?;
+            let (gate, ug) = self.project(be, lora, l, Proj::Gate, &xn2, m)?;
+            let (up, uu) = self.project(be, lora, l, Proj::Up, &xn2, m)?;
+            let act = be.swiglu(&gate, &up)?;
+            let (down, ud) = self.project(be, lora, l, Proj::Down, &act, m)?;
+            let mut h_out = down;
+            be.add_assign(&mut h_out, &h_mid)?;
+            let x_in = std::mem::replace(&mut h, h_out);
+            if keep {
+                layers.push(LayerActs {
+                    x_in,
+                    xn1,
+                    rstd1,
+                    q,
+                    k,
+                    v,
+                    probs,
+                    attn,
+                    h_mid,
+                    xn2,
+                    rstd2,
+                    gate,
+                    up,
+                    act,
+                    u: [uq, uk, uv, uo, ug, uu, ud],
+                });
+            }
+        }
+        let (final_xn, final_rstd) = be.rmsnorm(&h, &self.final_norm, m, d, c.rms_norm_eps)?;
+        let logits = be.linear(&final_xn, self.output(), m, d, c.vocab_size)?;
+        Ok(Activations {
+            layers,
+            final_in: h,
+            final_rstd,
+            rope,
+            logits,
+            rows: m,
+            batch: bsz,
+            seq_len: t,
+        })
+    }
+
+    /// Backward from `dlogits` through the whole model. LoRA gradients are *added* to
+    /// `grads` (when given); the observer sees every adapted projection.
+    pub fn backward<'a>(
+        &self,
+        be: &B,
+        lora: LoraRef<'_, B>,
+        acts: &Activations<B>,
+        dlogits: &B::Buf,
+        grads: Option<&'a mut LoraWeights<B::Buf>>,
+        observer: Option<&'a mut (dyn LoraObserver<B> + 'a)>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let m = acts.rows;
+        let d = c.hidden_size;
+        let mut ctx = BackwardCtx { grads, observer };
+        let shape = AttnShape {
+            batch: acts.batch,
+            tq: acts.seq_len,
+            tk: acts.seq_len,
+            tk_stride: acts.seq_len,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_offset: 0,
+        };
+        let mut dxn = be.zeros(m * d)?;
+        be.linear_backward(dlogits, self.output(), m, d, c.vocab_size, &mut dxn, false)?;
+        let mut dh = be.zeros(m * d)?;
+        be.rmsnorm_backward(
+            &dxn,
+            &acts.final_in,
+            &self.final_norm,
+            &acts.final_rstd,
+            m,
+            d,
+            &mut dh,
+        )?;
+        for (l, (lw, a)) in self.layers.iter().zip(&acts.layers).enumerate().rev() {
+            let u = |p: Proj| a.u[p.index()].as_ref();
+            // MLP: h_out = h_mid + down(silu(gate(xn2)) * up(xn2))
+            let mut dact = be.zeros(m * c.intermediate_size)?;
+            self.project_backward(
+                be,
+                lora,
+                &mut ctx,
+                l,
+                Proj::Down,
+                &dh,
+                &a.act,
+                u(Proj::Down),
+                m,
+                &mut dact,
+                false,
+            )?;
+            let (dgate, dup) = be.swiglu_backward(&dact, &a.gate, &a.up)?;
+            let mut dxn2 = be.zeros(m * d)?;
+            self.project_backward(
+                be,
+                lora,
+                &mut ctx,
+                l,
+                Proj::Gate,
+                &dgate,
+                &a.xn2,
+                u(Proj::Gate),
+                m,
+                &mut dxn2,
+                false,
+            )?;
+            self.project_backward(
+                be,
+                lora,
+                &mut ctx,
+                l,
+                Proj::Up,
+                &dup,
+                &a.xn2,
+                u(Proj::Up),
+                m,
+                &mut dxn2,
+                true,
+            )?;
+            let mut dh_mid = dh;
+            be.rmsnorm_backward(&dxn2, &a.h_mid, &lw.mlp_norm, &a.rstd2, m, d, &mut dh_mid)?;
+            // Attention: h_mid = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
+            let mut dattn = be.zeros(m * c.q_dim())?;
+            self.project_backward(
+                be,
+                lora,
+                &mut ctx,
+                l,
+                Proj::O,
+                &dh_mid,
+                &a.attn,
+                u(Proj::O),
+                m,
+                &mut dattn,
+                false,
+            )?;
+            let (mut dq, mut dk, dv) =
+                be.attention_backward(&dattn, &a.q, &a.k, &a.v, &a.probs, &shape)?;
+            be.rope(&mut dq, &acts.rope, m, c.num_heads, c.head_dim, true)?;
+            be.rope(&mut dk, &acts.rope, m, c.num_kv_heads, c.head_dim, true)?;
+            let mut dxn1 = be.zeros(m * d)?;
+            self.project_backward(
+                be,
+                lora,
+                &mut ctx,
+                l,
+                Proj::Q,
+                &dq,
+                &a.xn1,
+                u(Proj::Q),
+                m,
+                &mut dxn1,
+                false,
+            )?;
+            self.project_backward(
+                be,
+                lora,
+                &mut ctx,
+                l,
+                Proj::K,
+                &dk,
+                &a.xn1,
+                u(Proj::K),
+                m,
+                &mut dxn1,
+                true,
+            )?;
+            self.project_backward(
+                be,
+                lora,
+                &mut ctx,
+                l,
+                Proj::V,
+                &dv,
+                &a.xn1,
+                u(Proj::V),
+                m,
+                &mut dxn1,
+                true,
+            )?;
+            let mut dx_in = dh_mid;
+            be.rmsnorm_backward(&dxn1, &a.x_in, &lw.attn_norm, &a.rstd1, m, d, &mut dx_in)?;
+            dh = dx_in;
+        }
+        Ok(())
+    }
+
+    pub fn new_cache(&self, be: &B, capacity: usize) -> Result<KvCache<B>> {
+        let n = capacity * self.cfg.kv_dim();
+        let mut k = Vec::with_capacity(self.cfg.num_layers);
+        let mut v = Vec::with_capacity(self.cfg.num_layers);
+        for _ in 0..self.cfg.num_layers {
+            k.push(be.zeros(n)?);
+            v.push(be.zeros(n)?);
+        }
+        Ok(KvCache {
+            k,
+            v,
+            len: 0,
+            capacity,
+        })
+    }
+
+    /// Run `ids` (one sequence) after the cached positions; returns the logits
+    /// `(ids.len(), vocab)` and extends the cache.
+    pub fn forward_cached(
+        &self,
+        be: &B,
+        lora: LoraRef<'_, B>,
+        ids: &[u32],
+        cache: &mut KvCache<B>,
+    ) -> Result<B::Buf> {
+        let c = &self.cfg;
+        let (n, d, start) = (ids.len(), c.hidden_size, cache.len);
+        if start + n > cache.capacity {
+            return Err(crate::error::Error::usage(format!(
+                "sequence of {} tokens exceeds the cache of {}",
+                start + n,
+                cache.capacity
+            )));
+        }
+        let rope = self.rope_table(be, start, n)?;
+        let shape = AttnShape {
+            batch: 1,
+            tq: n,
+            tk: start + n,
+            tk_stride: cache.capacity,
+            n_heads: c.num_heads,
+            n_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            q_offset: start,
+        };
+        let mut h = be.embedding(&self.embed, ids, d)?;
+        for (l, lw) in self.layers.iter().enumerate() {
+            let (xn1, _) = be.rmsnorm(&h, &lw.attn_norm, n, d, c.rms_norm_eps)?;
+            let (mut q, _) = self.project(be, lora, l, Proj::Q, &xn1, n)?;
+            let (mut k, _) = self.project(be, lora, l, Proj::K, &xn1, n)?;
+            let (v, _) = self.project(be, lora, l, Proj::V, &xn1, n)?;
+            be.rope(&mut q, &rope, n, c.num_heads, c.head_dim, false)?;
+            be.rope(&mut k, &rope, n, c.num_kv_heads, c.head_dim, false)?;
+            be.copy_into(&mut cache.k[l], start * c.kv_dim(), &k)?;
+            be.copy_into(&mut cache.v[l], start * c.kv_dim(), &v)?;
+            let (attn, _) = be.attention(&q, &cache.k[l], &cache.v[l], &shape)?;
+            let (mut h_mid, _) = self.project(be, lora, l, Proj::O, &attn, n)?;
+            be.add_assign(&mut h_mid, &h)?;
+            let (xn2, _) = be.rmsnorm(&h_mid, &lw.mlp_norm, n, d, c.rms_norm_eps)?;
+            let (gate, _) = self.project(be, lora, l, Proj::Gate, &xn2, n)?;
+            let (up, _) = self.project(be, lora, l, Proj::Up, &xn2, n)?;
+            let act = be.swiglu(&gate, &up)?;
+            let (mut out, _) = self.project(be, lora, l, Proj::Down, &act, n)?;
+            be.add_assign(&mut out, &h_mid)?;
+            h = out;
+        }
+        cache.len += n;
+        let (xn, _) = be.rmsnorm(&h, &self.final_norm, n, d, c.rms_norm_eps)?;
+        be.linear(&xn, self.output(), n, d, c.vocab_size)
+    }
+}
+
+struct BackwardCtx<'a, B: Backend> {
+    grads: Option<&'a mut LoraWeights<B::Buf>>,
+    observer: Option<&'a mut (dyn LoraObserver<B> + 'a)>,
+}

@@ -1,0 +1,142 @@
+//! GGML tensor types and their dequantisation to f32 (block layouts as in ggml's
+//! `ggml-common.h`; every block stores its scale(s) as f16 followed by packed quants).
+
+use half::f16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GgmlType {
+    F32,
+    F16,
+    BF16,
+    Q4_0,
+    Q4_1,
+    Q8_0,
+    Q4K,
+    Q6K,
+}
+
+impl GgmlType {
+    pub fn from_id(id: u32) -> Option<Self> {
+        Some(match id {
+            0 => GgmlType::F32,
+            1 => GgmlType::F16,
+            2 => GgmlType::Q4_0,
+            3 => GgmlType::Q4_1,
+            8 => GgmlType::Q8_0,
+            12 => GgmlType::Q4K,
+            14 => GgmlType::Q6K,
+            30 => GgmlType::BF16,
+            _ => return None,
+        })
+    }
+
+    /// Elements per block and bytes per block.
+    pub fn block(self) -> (usize, usize) {
+        match self {
+            GgmlType::F32 => (1, 4),
+            GgmlType::F16 | GgmlType::BF16 => (1, 2),
+            GgmlType::Q4_0 => (32, 18),
+            GgmlType::Q4_1 => (32, 20),
+            GgmlType::Q8_0 => (32, 34),
+            GgmlType::Q4K => (256, 144),
+            GgmlType::Q6K => (256, 210),
+        }
+    }
+
+    /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks.
+    pub fn byte_size(self, n: usize) -> Option<usize> {
+        let (elems, bytes) = self.block();
+        (n % elems == 0).then(|| n / elems * bytes)
+    }
+}
+
+fn h(b: &[u8], at: usize) -> f32 {
+    f16::from_le_bytes([b[at], b[at + 1]]).to_f32()
+}
+
+/// Dequantise `data` (exactly `ty.byte_size(out.len())` bytes) into `out`.
+pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) {
+    let (elems, bytes) = ty.block();
+    for (blk, y) in data.chunks_exact(bytes).zip(out.chunks_exact_mut(elems)) {
+        match ty {
+            GgmlType::F32 => y[0] = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]),
+            GgmlType::F16 => y[0] = h(blk, 0),
+            GgmlType::BF16 => y[0] = half::bf16::from_le_bytes([blk[0], blk[1]]).to_f32(),
+            GgmlType::Q8_0 => {
+                let d = h(blk, 0);
+                for (yi, &q) in y.iter_mut().zip(&blk[2..34]) {
+                    *yi = d * (q as i8) as f32;
+                }
+            }
+            GgmlType::Q4_0 => {
+                let d = h(blk, 0);
+                for (j, &q) in blk[2..18].iter().enumerate() {
+                    y[j] = d * ((q & 0xf) as i32 - 8) as f32;
+                    y[j + 16] = d * ((q >> 4) as i32 - 8) as f32;
+                }
+            }
+            GgmlType::Q4_1 => {
+                let (d, m) = (h(blk, 0), h(blk, 2));
+                for (j, &q) in blk[4..20].iter().enumerate() {
+                    y[j] = d * (q & 0xf) as f32 + m;
+                    y[j + 16] = d * (q >> 4) as f32 + m;
+                }
+            }
+            GgmlType::Q4K => dequant_q4k(blk, y),
+            GgmlType::Q6K => dequant_q6k(blk, y),
+        }
+    }
+}
+
+/// 6-bit scale and min `j` (0..8) of a Q4_K super-block's packed 12-byte scale array.
+fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+    if j < 4 {
+        (s[j] & 63, s[j + 4] & 63)
+    } else {
+        (
+            (s[j + 4] & 0xf) | ((s[j - 4] >> 6) << 4),
+            (s[j + 4] >> 4) | ((s[j] >> 6) << 4),
+        )
+    }
+}
+
+/// Q4_K: f16 d, f16 dmin, 12 bytes of 6-bit scales/mins, 128 bytes of 4-bit quants;
+/// 8 sub-blocks of 32 with `x = d*sc*q - dmin*m`.
+fn dequant_q4k(blk: &[u8], y: &mut [f32]) {
+    let (d, dmin) = (h(blk, 0), h(blk, 2));
+    let scales = &blk[4..16];
+    let qs = &blk[16..144];
+    for chunk in 0..4 {
+        let (sc1, m1) = q4k_scale_min(2 * chunk, scales);
+        let (sc2, m2) = q4k_scale_min(2 * chunk + 1, scales);
+        let q = &qs[chunk * 32..chunk * 32 + 32];
+        let out = &mut y[chunk * 64..chunk * 64 + 64];
+        for l in 0..32 {
+            out[l] = d * sc1 as f32 * (q[l] & 0xf) as f32 - dmin * m1 as f32;
+            out[l + 32] = d * sc2 as f32 * (q[l] >> 4) as f32 - dmin * m2 as f32;
+        }
+    }
+}
+
+/// Q6_K: 128 bytes low nibbles, 64 bytes high 2-bit pairs, 16 int8 scales, f16 d;
+/// 16 sub-blocks of 16 with `x = d*sc*(q - 32)`.
+fn dequant_q6k(blk: &[u8], y: &mut [f32]) {
+    let d = h(blk, 208);
+    for half_blk in 0..2 {
+        let ql = &blk[half_blk * 64..half_blk * 64 + 64];
+        let qh = &blk[128 + half_blk * 32..128 + half_blk * 32 + 32];
+        let sc = &blk[192 + half_blk * 8..192 + half_blk * 8 + 8];
+        let out = &mut y[half_blk * 128..half_blk * 128 + 128];
+        for l in 0..32 {
+            let is = l / 16;
+            let q1 = ((ql[l] & 0xf) | ((qh[l] & 3) << 4)) as i32 - 32;
+            let q2 = ((ql[l + 32] & 0xf) | (((qh[l] >> 2) & 3) << 4)) as i32 - 32;
+            let q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) as i32 - 32;
+            let q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) as i32 - 32;
+            out[l] = d * (sc[is] as i8) as f32 * q1 as f32;
+            out[l + 32] = d * (sc[is + 2] as i8) as f32 * q2 as f32;
+            out[l + 64] = d * (sc[is + 4] as i8) as f32 * q3 as f32;
+            out[l + 96] = d * (sc[is + 6] as i8) as f32 * q4 as f32;
+        }
+    }
+}

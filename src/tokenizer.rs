@@ -1,0 +1,196 @@
+//! Tokenizers: an HF `tokenizer.json`, or the GPT-2 byte-level BPE embedded in a GGUF file,
+//! both through the `tokenizers` crate so token ids equal HF's.
+
+use std::path::Path;
+
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::digits::Digits;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::{AddedToken, PreTokenizerWrapper, SplitDelimiterBehavior};
+
+use crate::error::{Error, Result};
+use crate::model::gguf::{GgufFile, Value};
+
+/// Llama-3's pre-tokenizer split pattern (digits in groups of up to three).
+const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    /// GGUF tokenizers: prepend BOS when encoding with special tokens.
+    add_bos: Option<u32>,
+    pub eos: Option<u32>,
+}
+
+fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
+    Error::file(path, format!("tokenizer: {e}"))
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path, eos: Option<u32>) -> Result<Self> {
+        if !path.exists() {
+            return Err(Error::file(path, "not found"));
+        }
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
+        Ok(Tokenizer {
+            inner,
+            add_bos: None,
+            eos,
+        })
+    }
+
+    /// Build the GGUF-embedded tokenizer (`tokenizer.ggml.model = "gpt2"`).
+    pub fn from_gguf(f: &GgufFile, path: &Path) -> Result<Self> {
+        let model = f
+            .meta("tokenizer.ggml.model")
+            .and_then(Value::as_str)
+            .unwrap_or("");
+        if model != "gpt2" {
+            return Err(Error::file(
+                path,
+                format!(
+                    "GGUF tokenizer model `{model}` is not supported (only gpt2 byte-level BPE); pass --tokenizer tokenizer.json"
+                ),
+            ));
+        }
+        let strings = |key: &str| -> Result<Vec<&str>> {
+            let arr = f
+                .meta(key)
+                .and_then(Value::as_array)
+                .ok_or_else(|| Error::file(path, format!("missing metadata `{key}`")))?;
+            arr.iter()
+                .map(|v| {
+                    v.as_str()
+                        .ok_or_else(|| Error::file(path, format!("`{key}` holds a non-string")))
+                })
+                .collect()
+        };
+        let tokens = strings("tokenizer.ggml.tokens")?;
+        let merges = strings("tokenizer.ggml.merges")?;
+        let types: Vec<u64> = f
+            .meta("tokenizer.ggml.token_type")
+            .and_then(Value::as_array)
+            .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+            .unwrap_or_default();
+        let vocab: tokenizers::models::bpe::Vocab = tokens
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.to_string(), i as u32))
+            .collect();
+        let merges = merges
+            .iter()
+            .map(|m| {
+                m.split_once(' ')
+                    .map(|(a, b)| (a.to_string(), b.to_string()))
+                    .ok_or_else(|| Error::file(path, format!("malformed merge `{m}`")))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab, merges)
+            .build()
+            .map_err(|e| tok_err(path, e))?;
+        let pre = f
+            .meta("tokenizer.ggml.pre")
+            .and_then(Value::as_str)
+            .unwrap_or("default");
+        let byte_level = ByteLevel::new(false, true, true);
+        let pre_tok: PreTokenizerWrapper = match pre {
+            "smollm" | "starcoder" | "refact" => {
+                Sequence::new(vec![Digits::new(true).into(), byte_level.into()]).into()
+            }
+            "default" | "gpt-2" | "gpt2" => byte_level.into(),
+            "llama-bpe" | "llama3" => {
+                let split = Split::new(
+                    SplitPattern::Regex(LLAMA3_SPLIT.into()),
+                    SplitDelimiterBehavior::Isolated,
+                    false,
+                )
+                .map_err(|e| tok_err(path, e))?;
+                Sequence::new(vec![
+                    split.into(),
+                    ByteLevel::new(false, true, false).into(),
+                ])
+                .into()
+            }
+            other => {
+                return Err(Error::file(
+                    path,
+                    format!(
+                        "GGUF pre-tokenizer `{other}` is not supported; pass --tokenizer tokenizer.json"
+                    ),
+                ));
+            }
+        };
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner.with_pre_tokenizer(Some(pre_tok));
+        inner.with_decoder(Some(ByteLevelDecoder::default()));
+        // Control (3) and user-defined (4) tokens are matched whole before BPE, as HF does.
+        let added: Vec<AddedToken> = types
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| **t == 3 || **t == 4)
+            .filter_map(|(i, t)| {
+                tokens
+                    .get(i)
+                    .map(|s| AddedToken::from(s.to_string(), *t == 3))
+            })
+            .collect();
+        inner
+            .add_special_tokens(added)
+            .map_err(|e| tok_err(path, e))?;
+        let id = |k: &str| f.meta_u64(k).map(|x| x as u32);
+        let add_bos = matches!(
+            f.meta("tokenizer.ggml.add_bos_token"),
+            Some(Value::Bool(true))
+        );
+        Ok(Tokenizer {
+            inner,
+            add_bos: if add_bos {
+                id("tokenizer.ggml.bos_token_id")
+            } else {
+                None
+            },
+            eos: id("tokenizer.ggml.eos_token_id"),
+        })
+    }
+
+    /// Token ids of `text` with no special tokens added.
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Token ids with the tokenizer's own post-processing (BOS where the model adds one).
+    pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self
+            .inner
+            .encode_fast(text, true)
+            .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
+        let mut ids = enc.get_ids().to_vec();
+        if let Some(bos) = self.add_bos {
+            if ids.first() != Some(&bos) {
+                ids.insert(0, bos);
+            }
+        }
+        Ok(ids)
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner
+            .decode(ids, true)
+            .map_err(|e| Error::usage(format!("tokenizer: {e}")))
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+}

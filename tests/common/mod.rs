@@ -1,0 +1,68 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::data::{Batch, Example, RowFormat, read_jsonl};
+use lalora_engine::io::TensorFile;
+use lalora_engine::model::{self, HostLora, Llama, LoadedModel};
+
+pub fn fixture(rel: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(rel)
+}
+
+/// `||a - b|| / ||b||`.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+pub struct Tiny {
+    pub loaded: LoadedModel,
+    pub adapter: HostLora,
+    pub examples: Vec<Example>,
+    pub expected: TensorFile,
+}
+
+pub fn tiny() -> Tiny {
+    let loaded = model::load(&fixture("tiny-gqa/model"), None).expect("tiny model loads");
+    let adapter = HostLora::load(&fixture("tiny-gqa/adapter"), &loaded.cfg).expect("adapter loads");
+    let examples = read_jsonl(
+        &fixture("tiny-gqa/batch.jsonl"),
+        None,
+        loaded.cfg.vocab_size,
+        RowFormat { max_len: 1024 },
+    )
+    .expect("batch reads");
+    let expected =
+        TensorFile::read(&fixture("tiny-gqa/expected.safetensors")).expect("expected reads");
+    Tiny {
+        loaded,
+        adapter,
+        examples,
+        expected,
+    }
+}
+
+pub fn cpu() -> CpuBackend {
+    CpuBackend::new(2)
+}
+
+pub fn tiny_model(be: &CpuBackend) -> Llama<CpuBackend> {
+    let w = model::load(&fixture("tiny-gqa/model"), None).expect("tiny model loads");
+    Llama::new(be, w.cfg, w.weights).expect("model builds")
+}
+
+pub fn whole_batch(ex: &[Example]) -> Batch {
+    Batch::new(&ex.iter().collect::<Vec<_>>())
+}
+
+/// The engine binary built alongside the tests.
+pub fn bin() -> std::process::Command {
+    std::process::Command::new(env!("CARGO_BIN_EXE_lalora-engine"))
+}

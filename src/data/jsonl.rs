@@ -60,6 +60,12 @@ fn ids_of(v: &Value, key: &str) -> std::result::Result<Vec<i64>, String> {
         .collect()
 }
 
+enum RowKind<'a> {
+    Text(&'a str),
+    /// `raw`: prompt/completion as given; otherwise the question/answer template.
+    Pair { raw: bool, prompt: &'a str, response: &'a str },
+}
+
 fn parse_row(
     row: &Value,
     tok: Option<&Tokenizer>,
@@ -100,27 +106,26 @@ fn parse_row(
             labels: labels.into_iter().map(|l| l as i32).collect(),
         });
     }
+    let pair = [("question", "answer"), ("query", "response"), ("prompt", "completion")]
+        .into_iter()
+        .find_map(|(p, r)| Some((p, field(row, p)?, field(row, r)?)));
+    let kind = match (field(row, "text"), pair) {
+        (Some(text), _) => RowKind::Text(text),
+        (None, Some((kind, p, r))) => RowKind::Pair { raw: kind == "prompt", prompt: p, response: r },
+        (None, None) => {
+            return Err("unknown row: expected input_ids, text, question/answer, query/response or prompt/completion".into());
+        }
+    };
     let tok = tok.ok_or("text rows need a tokenizer")?;
     let enc = |s: &str| tok.encode(s).map_err(|e| e.to_string());
-    if let Some(text) = field(row, "text") {
-        let ids = tok.encode_with_special(text).map_err(|e| e.to_string())?;
-        let labels = ids.iter().map(|&i| i as i32).collect();
-        return Ok(Example { ids, labels });
-    }
-    let pair = [
-        ("question", "answer"),
-        ("query", "response"),
-        ("prompt", "completion"),
-    ]
-    .into_iter()
-    .find_map(|(p, r)| Some((p, field(row, p)?, field(row, r)?)));
-    let Some((kind, p, r)) = pair else {
-        return Err("unknown row: expected input_ids, text, question/answer, query/response or prompt/completion".into());
-    };
-    let (prompt, response) = if kind == "prompt" {
-        (p.to_string(), r.to_string())
-    } else {
-        (qa_prompt(p), format!(" {r}"))
+    let (prompt, response) = match kind {
+        RowKind::Text(text) => {
+            let ids = tok.encode_with_special(text).map_err(|e| e.to_string())?;
+            let labels = ids.iter().map(|&i| i as i32).collect();
+            return Ok(Example { ids, labels });
+        }
+        RowKind::Pair { raw: true, prompt, response } => (prompt.to_string(), response.to_string()),
+        RowKind::Pair { raw: false, prompt, response } => (qa_prompt(prompt), format!(" {response}")),
     };
     let mut ids = enc(&prompt)?;
     let n_prompt = ids.len();

@@ -66,3 +66,20 @@ pub fn whole_batch(ex: &[Example]) -> Batch {
 pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_lalora-engine"))
 }
+
+/// The fetched default assets (`scripts/fetch-assets.sh`); `ASSETS_DIR` overrides.
+pub fn assets() -> PathBuf {
+    let dir = std::env::var_os("ASSETS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"));
+    assert!(
+        dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(),
+        "{}: assets missing; run scripts/fetch-assets.sh first",
+        dir.display()
+    );
+    dir
+}
+
+pub fn smollm2() -> PathBuf {
+    assets().join("SmolLM2-135M-Instruct.Q4_1.gguf")
+}

@@ -13,8 +13,16 @@ struct Run {
 }
 
 fn run(args: &[&str], extra: &[&Path]) -> Run {
-    let out = bin().args(args).args(extra).arg("--quiet").output().unwrap();
-    Run { code: out.status.code(), stderr: String::from_utf8_lossy(&out.stderr).into_owned() }
+    let out = bin()
+        .args(args)
+        .args(extra)
+        .arg("--quiet")
+        .output()
+        .unwrap();
+    Run {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
 }
 
 /// Exit code 2, exactly one line on stderr, mentioning `needle` (usually the file).
@@ -23,7 +31,11 @@ fn assert_clean_error(r: &Run, needle: &str, what: &str) {
     let lines: Vec<&str> = r.stderr.lines().collect();
     assert_eq!(lines.len(), 1, "{what}: expected one line, got {:?}", lines);
     assert!(lines[0].starts_with("error: "), "{what}: {}", lines[0]);
-    assert!(lines[0].contains(needle), "{what}: `{}` does not mention `{needle}`", lines[0]);
+    assert!(
+        lines[0].contains(needle),
+        "{what}: `{}` does not mention `{needle}`",
+        lines[0]
+    );
     assert!(!r.stderr.contains("panicked"), "{what}: panicked");
 }
 
@@ -38,7 +50,16 @@ fn tiny_copy(dir: &Path) -> PathBuf {
 }
 
 fn eval_on(model: &Path, data: &Path) -> Run {
-    run(&["eval", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()], &[])
+    run(
+        &[
+            "eval",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+        ],
+        &[],
+    )
 }
 
 #[test]
@@ -48,7 +69,11 @@ fn truncated_safetensors() {
     let st = m.join("model.safetensors");
     let bytes = std::fs::read(&st).unwrap();
     std::fs::write(&st, &bytes[..bytes.len() / 2]).unwrap();
-    assert_clean_error(&eval_on(&m, &fixture("tiny-gqa/batch.jsonl")), "model.safetensors", "truncated safetensors");
+    assert_clean_error(
+        &eval_on(&m, &fixture("tiny-gqa/batch.jsonl")),
+        "model.safetensors",
+        "truncated safetensors",
+    );
 }
 
 #[test]
@@ -68,9 +93,17 @@ fn malformed_config() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny_copy(d.path());
     std::fs::write(m.join("config.json"), "{\"hidden_size\": 64,").unwrap();
-    assert_clean_error(&eval_on(&m, &fixture("tiny-gqa/batch.jsonl")), "config.json", "truncated JSON");
+    assert_clean_error(
+        &eval_on(&m, &fixture("tiny-gqa/batch.jsonl")),
+        "config.json",
+        "truncated JSON",
+    );
     std::fs::write(m.join("config.json"), "{\"hidden_size\": 64}").unwrap();
-    assert_clean_error(&eval_on(&m, &fixture("tiny-gqa/batch.jsonl")), "config.json", "missing fields");
+    assert_clean_error(
+        &eval_on(&m, &fixture("tiny-gqa/batch.jsonl")),
+        "config.json",
+        "missing fields",
+    );
 }
 
 #[test]
@@ -78,7 +111,11 @@ fn wrong_tensor_shape() {
     let d = tempfile::tempdir().unwrap();
     let m = tiny_copy(d.path());
     let cfg = std::fs::read_to_string(m.join("config.json")).unwrap();
-    std::fs::write(m.join("config.json"), cfg.replace("\"intermediate_size\": 172", "\"intermediate_size\": 170")).unwrap();
+    std::fs::write(
+        m.join("config.json"),
+        cfg.replace("\"intermediate_size\": 172", "\"intermediate_size\": 170"),
+    )
+    .unwrap();
     let r = eval_on(&m, &fixture("tiny-gqa/batch.jsonl"));
     assert_clean_error(&r, "model.safetensors", "shape mismatch");
     assert!(r.stderr.contains("shape"), "{}", r.stderr);
@@ -92,16 +129,28 @@ fn malformed_jsonl_names_the_line() {
     let r = eval_on(&fixture("tiny-gqa/model"), &p);
     assert_clean_error(&r, "bad.jsonl:2", "malformed JSONL");
     std::fs::write(&p, "{\"input_ids\": [1, 2, 3], \"labels\": [1, 2]}\n").unwrap();
-    assert_clean_error(&eval_on(&fixture("tiny-gqa/model"), &p), "bad.jsonl:1", "label length");
+    assert_clean_error(
+        &eval_on(&fixture("tiny-gqa/model"), &p),
+        "bad.jsonl:1",
+        "label length",
+    );
     std::fs::write(&p, "{\"foo\": 1}\n").unwrap();
-    assert_clean_error(&eval_on(&fixture("tiny-gqa/model"), &p), "bad.jsonl:1", "unknown row");
+    assert_clean_error(
+        &eval_on(&fixture("tiny-gqa/model"), &p),
+        "bad.jsonl:1",
+        "unknown row",
+    );
 }
 
 #[test]
 fn token_id_out_of_range() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("ids.jsonl");
-    std::fs::write(&p, "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 512, 3]}\n").unwrap();
+    std::fs::write(
+        &p,
+        "{\"input_ids\": [1, 2, 3]}\n{\"input_ids\": [1, 512, 3]}\n",
+    )
+    .unwrap();
     let r = eval_on(&fixture("tiny-gqa/model"), &p);
     assert_clean_error(&r, "ids.jsonl:2", "id >= vocab");
     assert!(r.stderr.contains("512"), "{}", r.stderr);
@@ -112,21 +161,36 @@ fn empty_data() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("empty.jsonl");
     std::fs::write(&p, "\n\n").unwrap();
-    assert_clean_error(&eval_on(&fixture("tiny-gqa/model"), &p), "empty.jsonl", "empty data");
+    assert_clean_error(
+        &eval_on(&fixture("tiny-gqa/model"), &p),
+        "empty.jsonl",
+        "empty data",
+    );
 }
 
 #[test]
 fn missing_paths() {
     let d = tempfile::tempdir().unwrap();
     let nowhere = d.path().join("nowhere");
-    assert_clean_error(&eval_on(&nowhere, &fixture("tiny-gqa/batch.jsonl")), "nowhere", "missing model");
+    assert_clean_error(
+        &eval_on(&nowhere, &fixture("tiny-gqa/batch.jsonl")),
+        "nowhere",
+        "missing model",
+    );
     let r = eval_on(&fixture("tiny-gqa/model"), &d.path().join("none.jsonl"));
     assert_clean_error(&r, "none.jsonl", "missing data");
     let r = run(&["info", nowhere.to_str().unwrap()], &[]);
     assert_clean_error(&r, "nowhere", "info on a missing model");
     let out = d.path().join("g.safetensors");
     let r = run(
-        &["grad", "--model", fixture("tiny-gqa/model").to_str().unwrap(), "--adapter", nowhere.to_str().unwrap(), "--data"],
+        &[
+            "grad",
+            "--model",
+            fixture("tiny-gqa/model").to_str().unwrap(),
+            "--adapter",
+            nowhere.to_str().unwrap(),
+            "--data",
+        ],
         &[&fixture("tiny-gqa/batch.jsonl"), Path::new("--out"), &out],
     );
     assert_clean_error(&r, "adapter_config.json", "missing adapter");
@@ -138,7 +202,11 @@ fn text_rows_without_tokenizer() {
     let d = tempfile::tempdir().unwrap();
     let p = d.path().join("text.jsonl");
     std::fs::write(&p, "{\"text\": \"hello\"}\n").unwrap();
-    assert_clean_error(&eval_on(&fixture("tiny-gqa/model"), &p), "tokenizer", "text without tokenizer");
+    assert_clean_error(
+        &eval_on(&fixture("tiny-gqa/model"), &p),
+        "tokenizer",
+        "text without tokenizer",
+    );
 }
 
 #[test]
@@ -146,11 +214,26 @@ fn bad_adapter_shape() {
     let d = tempfile::tempdir().unwrap();
     let a = d.path().join("adapter");
     std::fs::create_dir_all(&a).unwrap();
-    std::fs::copy(fixture("tiny-gqa/adapter/adapter_model.safetensors"), a.join("adapter_model.safetensors")).unwrap();
+    std::fs::copy(
+        fixture("tiny-gqa/adapter/adapter_model.safetensors"),
+        a.join("adapter_model.safetensors"),
+    )
+    .unwrap();
     let cfg = std::fs::read_to_string(fixture("tiny-gqa/adapter/adapter_config.json")).unwrap();
-    std::fs::write(a.join("adapter_config.json"), cfg.replace("\"r\": 4", "\"r\": 8")).unwrap();
+    std::fs::write(
+        a.join("adapter_config.json"),
+        cfg.replace("\"r\": 4", "\"r\": 8"),
+    )
+    .unwrap();
     let r = run(
-        &["eval", "--model", fixture("tiny-gqa/model").to_str().unwrap(), "--adapter", a.to_str().unwrap(), "--data"],
+        &[
+            "eval",
+            "--model",
+            fixture("tiny-gqa/model").to_str().unwrap(),
+            "--adapter",
+            a.to_str().unwrap(),
+            "--data",
+        ],
         &[&fixture("tiny-gqa/batch.jsonl")],
     );
     assert_clean_error(&r, "adapter_model.safetensors", "adapter rank mismatch");

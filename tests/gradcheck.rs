@@ -34,7 +34,9 @@ pub fn tiny_config() -> LlamaConfig {
 }
 
 fn randn(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
-    (0..n).map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale).collect()
+    (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
 }
 
 pub fn random_weights(cfg: &LlamaConfig, rng: &mut ChaCha8Rng) -> HostWeights {
@@ -60,7 +62,13 @@ pub fn random_weights(cfg: &LlamaConfig, rng: &mut ChaCha8Rng) -> HostWeights {
 fn loss_sum(be: &CpuBackend, model: &Llama<CpuBackend>, lora: &HostLora, batch: &Batch) -> f64 {
     let acts = model.forward(be, Some(lora), batch, false).unwrap();
     let (l, _) = be
-        .cross_entropy(&acts.logits, acts.rows, model.cfg.vocab_size, CeTargets::Labels(&batch.targets), None)
+        .cross_entropy(
+            &acts.logits,
+            acts.rows,
+            model.cfg.vocab_size,
+            CeTargets::Labels(&batch.targets),
+            None,
+        )
         .unwrap();
     l.iter().map(|&x| x as f64).sum()
 }
@@ -71,19 +79,33 @@ fn lora_gradients_match_central_differences() {
     let mut rng = ChaCha8Rng::seed_from_u64(7);
     let be = CpuBackend::new(2);
     let model = Llama::new(&be, cfg.clone(), random_weights(&cfg, &mut rng)).unwrap();
-    let lcfg = LoraConfig { r: 3, alpha: 5.0, use_rslora: true, targets: Proj::ALL.to_vec() };
+    let lcfg = LoraConfig {
+        r: 3,
+        alpha: 5.0,
+        use_rslora: true,
+        targets: Proj::ALL.to_vec(),
+    };
     let mut lora = HostLora::init(&cfg, lcfg, 1);
     for m in lora.modules.iter_mut() {
         m.b = randn(&mut rng, m.b.len(), 0.3);
     }
     let mut ex = |len: usize, masked: usize| {
-        let ids: Vec<u32> = (0..len).map(|_| rng.random_range(0..cfg.vocab_size as u32)).collect();
-        let labels = ids.iter().enumerate().map(|(i, &t)| if i < masked { -100 } else { t as i32 }).collect();
+        let ids: Vec<u32> = (0..len)
+            .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+            .collect();
+        let labels = ids
+            .iter()
+            .enumerate()
+            .map(|(i, &t)| if i < masked { -100 } else { t as i32 })
+            .collect();
         Example { ids, labels }
     };
     let examples = [ex(9, 2), ex(5, 0), ex(7, 3)];
     let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
-    assert!(batch.segments.iter().any(|s| s.len < batch.seq_len), "batch must contain padding");
+    assert!(
+        batch.segments.iter().any(|s| s.len < batch.seq_len),
+        "batch must contain padding"
+    );
 
     let mut grads = lora.zeros_like();
     accumulate_gradients(&be, &model, &lora, &batch, 1.0, &mut grads).unwrap();
@@ -96,16 +118,26 @@ fn lora_gradients_match_central_differences() {
     for t in 0..n_tensors {
         let len = lora.tensors_mut().nth(t).unwrap().len();
         let dir = randn(&mut rng, len, 1.0);
-        let analytic: f64 = grads.named_tensors()[t].2.iter().zip(&dir).map(|(g, v)| (*g * *v) as f64).sum();
+        let analytic: f64 = grads.named_tensors()[t]
+            .2
+            .iter()
+            .zip(&dir)
+            .map(|(g, v)| (*g * *v) as f64)
+            .sum();
         let shifted = |sign: f32| {
             let mut l = lora.clone();
             let p = l.tensors_mut().nth(t).unwrap();
-            p.iter_mut().zip(&dir).for_each(|(x, v)| *x += sign * eps * v);
+            p.iter_mut()
+                .zip(&dir)
+                .for_each(|(x, v)| *x += sign * eps * v);
             loss_sum(&be, &model, &l, &batch)
         };
         let numeric = (shifted(1.0) - shifted(-1.0)) / (2.0 * eps as f64);
         let name = &grads.named_tensors()[t].0;
         let err = (numeric - analytic).abs() / analytic.abs().max(1e-2);
-        assert!(err < 2e-2, "{name}: numeric {numeric:.6} analytic {analytic:.6} (rel {err:.2e})");
+        assert!(
+            err < 2e-2,
+            "{name}: numeric {numeric:.6} analytic {analytic:.6} (rel {err:.2e})"
+        );
     }
 }

@@ -15,7 +15,11 @@ fn reference() -> Value {
 }
 
 fn ids_of(v: &Value) -> Vec<u32> {
-    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
 }
 
 #[test]
@@ -25,7 +29,11 @@ fn gguf_tokenizer_matches_hf_ids() {
     for (name, t) in reference()["texts"].as_object().unwrap() {
         let ids = tok.encode(t["text"].as_str().unwrap()).unwrap();
         assert_eq!(ids, ids_of(&t["ids"]), "token ids of `{name}`");
-        assert_eq!(tok.decode(&ids).unwrap(), t["text"].as_str().unwrap(), "round trip of `{name}`");
+        assert_eq!(
+            tok.decode(&ids).unwrap(),
+            t["text"].as_str().unwrap(),
+            "round trip of `{name}`"
+        );
     }
 }
 
@@ -48,16 +56,27 @@ fn eval_json_mean_nll_matches_hf() {
         .args(["--json", "--threads", "2"])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: Value = serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON document");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: Value =
+        serde_json::from_slice(&out.stdout).expect("stdout is exactly one JSON document");
     let sets = v["datasets"].as_array().unwrap();
     assert_eq!(sets.len(), texts.len());
     for ((name, t), s) in texts.iter().zip(sets) {
         let want = t["mean_nll"].as_f64().unwrap();
         let got = s["mean_nll"].as_f64().unwrap();
-        assert_eq!(s["n_tokens"].as_u64().unwrap() as usize, t["ids"].as_array().unwrap().len() - 1);
+        assert_eq!(
+            s["n_tokens"].as_u64().unwrap() as usize,
+            t["ids"].as_array().unwrap().len() - 1
+        );
         assert_eq!(s["n_sequences"].as_u64(), Some(1));
-        assert!((got - want).abs() < 2e-3, "{name}: mean NLL {got} vs HF {want}");
+        assert!(
+            (got - want).abs() < 2e-3,
+            "{name}: mean NLL {got} vs HF {want}"
+        );
         assert!((s["perplexity"].as_f64().unwrap() - got.exp()).abs() < 1e-9);
     }
 }
@@ -74,11 +93,25 @@ fn next_token_top5_matches_hf() {
         let last = &logits[(ids.len() - 1) * model.cfg.vocab_size..];
         let mut order: Vec<usize> = (0..last.len()).collect();
         order.sort_by(|&a, &b| last[b].total_cmp(&last[a]));
-        let want: Vec<usize> = t["last_logits_top5"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as usize).collect();
+        let want: Vec<usize> = t["last_logits_top5"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as usize)
+            .collect();
         assert_eq!(&order[..5], &want[..], "top-5 after `{name}`");
-        for (i, v) in t["last_logits_top5_values"].as_array().unwrap().iter().enumerate() {
+        for (i, v) in t["last_logits_top5_values"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .enumerate()
+        {
             let v = v.as_f64().unwrap() as f32;
-            assert!((last[want[i]] - v).abs() < 1e-3 * v.abs().max(1.0), "{name}: logit {} vs {v}", last[want[i]]);
+            assert!(
+                (last[want[i]] - v).abs() < 1e-3 * v.abs().max(1.0),
+                "{name}: logit {} vs {v}",
+                last[want[i]]
+            );
         }
     }
 }

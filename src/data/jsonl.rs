@@ -63,7 +63,11 @@ fn ids_of(v: &Value, key: &str) -> std::result::Result<Vec<i64>, String> {
 enum RowKind<'a> {
     Text(&'a str),
     /// `raw`: prompt/completion as given; otherwise the question/answer template.
-    Pair { raw: bool, prompt: &'a str, response: &'a str },
+    Pair {
+        raw: bool,
+        prompt: &'a str,
+        response: &'a str,
+    },
 }
 
 fn parse_row(
@@ -106,12 +110,20 @@ fn parse_row(
             labels: labels.into_iter().map(|l| l as i32).collect(),
         });
     }
-    let pair = [("question", "answer"), ("query", "response"), ("prompt", "completion")]
-        .into_iter()
-        .find_map(|(p, r)| Some((p, field(row, p)?, field(row, r)?)));
+    let pair = [
+        ("question", "answer"),
+        ("query", "response"),
+        ("prompt", "completion"),
+    ]
+    .into_iter()
+    .find_map(|(p, r)| Some((p, field(row, p)?, field(row, r)?)));
     let kind = match (field(row, "text"), pair) {
         (Some(text), _) => RowKind::Text(text),
-        (None, Some((kind, p, r))) => RowKind::Pair { raw: kind == "prompt", prompt: p, response: r },
+        (None, Some((kind, p, r))) => RowKind::Pair {
+            raw: kind == "prompt",
+            prompt: p,
+            response: r,
+        },
         (None, None) => {
             return Err("unknown row: expected input_ids, text, question/answer, query/response or prompt/completion".into());
         }
@@ -124,8 +136,16 @@ fn parse_row(
             let labels = ids.iter().map(|&i| i as i32).collect();
             return Ok(Example { ids, labels });
         }
-        RowKind::Pair { raw: true, prompt, response } => (prompt.to_string(), response.to_string()),
-        RowKind::Pair { raw: false, prompt, response } => (qa_prompt(prompt), format!(" {response}")),
+        RowKind::Pair {
+            raw: true,
+            prompt,
+            response,
+        } => (prompt.to_string(), response.to_string()),
+        RowKind::Pair {
+            raw: false,
+            prompt,
+            response,
+        } => (qa_prompt(prompt), format!(" {response}")),
     };
     let mut ids = enc(&prompt)?;
     let n_prompt = ids.len();

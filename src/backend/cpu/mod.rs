@@ -26,9 +26,23 @@ impl CpuBackend {
                 .num_threads(threads)
                 .build_global();
         }
+        keep_freed_memory();
         CpuBackend {
             threads: rayon::current_num_threads(),
         }
+    }
+}
+
+/// glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB)
+/// with fresh mappings and unmaps them on free, so every training step would fault its
+/// activations (GBs) in again. Serve everything from the heap and never trim it, so freed
+/// buffers are reused while resident.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator's policy.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_MAX, 0);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
     }
 }
 

@@ -128,34 +128,50 @@ pub fn cross_entropy(
     };
     let mut losses = vec![0f32; rows];
     let mut dlogits = grad_scale.map(|_| vec![0f32; logits.len()]);
+    // One pass of f32 exponentials, kept in `d` (the gradient row) when there is one;
+    // the row sum accumulates in f64.
     let row_loss = |r: usize, z: &[f32], d: Option<&mut [f32]>| -> f32 {
         if tg[r] < 0 {
             return 0.0;
         }
         let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let sum: f64 = z.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let mut scratch = Vec::new();
+        let write_grad = d.is_some();
+        let e: &mut [f32] = match d {
+            Some(d) => d,
+            None => {
+                scratch.resize(z.len(), 0.0);
+                &mut scratch
+            }
+        };
+        let mut sum = 0f64;
+        for chunk in e.chunks_mut(256).zip(z.chunks(256)) {
+            let (ec, zc) = chunk;
+            let mut s = 0f32;
+            for (o, &v) in ec.iter_mut().zip(zc) {
+                *o = (v - max).exp();
+                s += *o;
+            }
+            sum += s as f64;
+        }
         let lse = max + sum.ln() as f32;
         let target = match seed {
             None => tg[r] as usize,
             Some(seed) => {
                 let u = sample_uniform(seed, r as u64) as f64 * sum;
                 let mut acc = 0f64;
-                let mut pick = vocab - 1;
-                for (i, &v) in z.iter().enumerate() {
-                    acc += ((v - max) as f64).exp();
-                    if acc > u {
-                        pick = i;
-                        break;
-                    }
-                }
-                pick
+                e.iter()
+                    .position(|&p| {
+                        acc += p as f64;
+                        acc > u
+                    })
+                    .unwrap_or(vocab - 1)
             }
         };
-        if let (Some(d), Some(s)) = (d, grad_scale) {
-            for (o, &v) in d.iter_mut().zip(z) {
-                *o = s * (v - lse).exp();
-            }
-            d[target] -= s;
+        if let Some(s) = grad_scale.filter(|_| write_grad) {
+            let k = s / sum as f32;
+            e.iter_mut().for_each(|o| *o *= k);
+            e[target] -= s;
         }
         lse - z[target]
     };

@@ -236,13 +236,13 @@ pub trait Backend: Send + Sync {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()>;
-    /// `(n_segments, dim)`: `alpha * sum` of each segment's rows.
+    /// `(n_segments, dim)`: the sum (or with `mean` the mean) of each segment's rows.
     fn segment_sum(
         &self,
         x: &Self::Buf,
         dim: usize,
         segments: &[Segment],
-        alpha: f32,
+        mean: bool,
     ) -> Result<Self::Buf>;
     /// Per-sample gradient squaring: for every segment `n`,
     /// `out (dg, dy) += (alpha * G_n^T Y_n)^2` elementwise, without storing `G_n^T Y_n`
@@ -272,6 +272,8 @@ pub trait Backend: Send + Sync {
         ta: bool,
         tb: bool,
     ) -> Result<Self::Buf>;
+    /// `x *= k`.
+    fn scale(&self, x: &mut Self::Buf, k: f32) -> Result<()>;
     /// `y += alpha * x`.
     fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     /// `sum x_i y_i` in f64.

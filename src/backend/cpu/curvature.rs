@@ -45,13 +45,16 @@ pub fn gram_accumulate(
     }
 }
 
-pub fn segment_sum(x: &[f32], dim: usize, segments: &[Segment], alpha: f32) -> Vec<f32> {
+pub fn segment_sum(x: &[f32], dim: usize, segments: &[Segment], mean: bool) -> Vec<f32> {
     let mut out = vec![0f32; segments.len() * dim];
     out.par_chunks_mut(dim).zip(segments).for_each(|(o, s)| {
         for row in x[s.start * dim..(s.start + s.len) * dim].chunks(dim) {
             o.iter_mut().zip(row).for_each(|(a, b)| *a += b);
         }
-        o.iter_mut().for_each(|a| *a *= alpha);
+        if mean && s.len > 0 {
+            let k = 1.0 / s.len as f32;
+            o.iter_mut().for_each(|a| *a *= k);
+        }
     });
     out
 }

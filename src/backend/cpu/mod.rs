@@ -333,9 +333,9 @@ impl Backend for CpuBackend {
         x: &Vec<f32>,
         dim: usize,
         segments: &[Segment],
-        alpha: f32,
+        mean: bool,
     ) -> Result<Vec<f32>> {
-        Ok(curvature::segment_sum(x, dim, segments, alpha))
+        Ok(curvature::segment_sum(x, dim, segments, mean))
     }
 
     fn sq_grad_accumulate(
@@ -375,6 +375,11 @@ impl Backend for CpuBackend {
         let mut c = vec![0f32; m * n];
         gemm(m, n, k, &mut c, n, false, av, bv, 1.0, true);
         Ok(c)
+    }
+
+    fn scale(&self, x: &mut Vec<f32>, k: f32) -> Result<()> {
+        x.iter_mut().for_each(|v| *v *= k);
+        Ok(())
     }
 
     fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {

@@ -1,0 +1,183 @@
+//! Stage I: a Laplace approximation of the LoRA weights, estimated on source data at
+//! `theta*` (DESIGN §5).
+//!
+//! - `diag`: `F = sum_n (d l_n/d theta)^2` with `l_n` the summed token loss of sequence n;
+//! - `kfac`: per A and per B a Kronecker block `C (x) G` (curvlinops' KFAC, `expand` or
+//!   `reduce`), `vec(D)^T (C (x) G) vec(D) = tr(D^T G D C)`;
+//! - `kfac-tri`: `kfac` plus the A-B cross block `C_AB (x) G_AB` of each layer.
+//!
+//! Fisher types: `empirical` backpropagates the data labels; `mc` backpropagates labels
+//! drawn from the model's softmax at every target position, each of the k samples
+//! weighted 1/k. All quantities are sums over the data (not means); the penalty divides
+//! by N.
+
+pub mod accumulate;
+pub mod file;
+pub mod summary;
+
+use std::fmt;
+use std::str::FromStr;
+
+pub use self::accumulate::Accumulator;
+pub use self::file::{Curvature, CurvatureMeta, KfacFactors};
+
+use crate::backend::{Backend, CeTargets};
+use crate::data::{Example, batches};
+use crate::error::{Error, Result};
+use crate::model::{HostLora, Llama, LoraWeights};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scheme {
+    Diag,
+    Kfac,
+    KfacTri,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fisher {
+    Empirical,
+    /// Monte-Carlo Fisher with this many label samples per position.
+    Mc(usize),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KfacApprox {
+    Expand,
+    Reduce,
+}
+
+macro_rules! names {
+    ($t:ty { $($v:ident = $s:literal),* }) => {
+        impl fmt::Display for $t {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(match self { $(Self::$v => $s),* })
+            }
+        }
+        impl FromStr for $t {
+            type Err = String;
+            fn from_str(s: &str) -> std::result::Result<Self, String> {
+                match s {
+                    $($s => Ok(Self::$v),)*
+                    _ => Err(format!("`{s}` is not one of: {}", [$($s),*].join(", "))),
+                }
+            }
+        }
+    };
+}
+names!(Scheme { Diag = "diag", Kfac = "kfac", KfacTri = "kfac-tri" });
+names!(KfacApprox { Expand = "expand", Reduce = "reduce" });
+
+impl fmt::Display for Fisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Fisher::Empirical => f.write_str("empirical"),
+            Fisher::Mc(_) => f.write_str("mc"),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Spec {
+    pub scheme: Scheme,
+    pub fisher: Fisher,
+    pub approx: KfacApprox,
+    /// Seeds the Monte-Carlo label sampling.
+    pub seed: u64,
+}
+
+/// Seed of one Monte-Carlo draw, distinct per batch and sample.
+fn mc_seed(seed: u64, batch: usize, sample: usize) -> u64 {
+    seed.wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        ^ (batch as u64).wrapping_mul(0xc2b2_ae3d_27d4_eb4f)
+        ^ (sample as u64).wrapping_mul(0x1656_67b1_9e37_79f9)
+}
+
+/// Estimate the curvature at `lora` (= theta*) over `examples`, streaming batch by batch.
+pub fn estimate<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: &LoraWeights<B::Buf>,
+    examples: &[Example],
+    batch_size: usize,
+    spec: Spec,
+    mut on_batch: impl FnMut(),
+) -> Result<Curvature> {
+    if let Fisher::Mc(0) = spec.fisher {
+        return Err(Error::usage("--mc-samples must be at least 1"));
+    }
+    let mut acc = Accumulator::new(be, lora, spec.scheme, spec.approx)?;
+    let (mut n_positions, mut n_sequences) = (0usize, 0usize);
+    let vocab = model.cfg.vocab_size;
+    for (bi, batch) in batches(examples, batch_size).enumerate() {
+        let acts = model.forward(be, Some(lora), &batch, true)?;
+        let samples = match spec.fisher {
+            Fisher::Empirical => 1,
+            Fisher::Mc(k) => k,
+        };
+        for s in 0..samples {
+            let targets = match spec.fisher {
+                Fisher::Empirical => CeTargets::Labels(&batch.targets),
+                Fisher::Mc(_) => CeTargets::Sample {
+                    mask: &batch.targets,
+                    seed: mc_seed(spec.seed, bi, s),
+                },
+            };
+            let (_, dlogits) =
+                be.cross_entropy(&acts.logits, acts.rows, vocab, targets, Some(1.0))?;
+            let dlogits =
+                dlogits.ok_or_else(|| Error::usage("cross_entropy returned no gradient"))?;
+            acc.begin(&batch.segments, 1.0 / samples as f32, s == 0);
+            model.backward(be, Some(lora), &acts, &dlogits, None, Some(&mut acc))?;
+        }
+        n_positions += batch.segments.iter().map(|s| s.len).sum::<usize>();
+        n_sequences += batch.batch;
+        on_batch();
+    }
+    acc.finish(be, n_positions, n_sequences)?;
+    let host = |x: &B::Buf| be.to_host(x);
+    let mean: HostLora = lora.map(host)?;
+    let diag = match &acc.diag {
+        Some(d) => {
+            let mut f = mean.zeros_like();
+            for (m, (fa, fb)) in f.modules.iter_mut().zip(&d.f) {
+                m.a = host(fa)?;
+                m.b = host(fb)?;
+            }
+            Some(f)
+        }
+        None => None,
+    };
+    let kfac = match &acc.kfac {
+        Some(k) => Some(
+            k.factors
+                .iter()
+                .map(|f| {
+                    Ok(KfacFactors {
+                        a_in: host(&f.a_in)?,
+                        a_out: host(&f.a_out)?,
+                        b_in: host(&f.b_in)?,
+                        b_out: host(&f.b_out)?,
+                        cross: match &f.cross {
+                            Some((c, g)) => Some((host(c)?, host(g)?)),
+                            None => None,
+                        },
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?,
+        ),
+        None => None,
+    };
+    Ok(Curvature {
+        meta: CurvatureMeta {
+            scheme: spec.scheme,
+            fisher: spec.fisher,
+            approx: spec.approx,
+            n_sequences,
+            n_positions,
+            model: String::new(),
+        },
+        mean,
+        diag,
+        kfac,
+    })
+}

@@ -1,0 +1,265 @@
+//! Curvature against curvlinops / PyTorch on the tiny GQA fixture (relative error < 1e-4),
+//! and the Monte-Carlo Fisher against its exact expectation.
+
+mod common;
+
+use common::*;
+use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
+use lalora_engine::data::{RowFormat, read_jsonl};
+use lalora_engine::io::TensorFile;
+
+fn run(
+    t: &Tiny,
+    scheme: Scheme,
+    approx: KfacApprox,
+    fisher: Fisher,
+    examples: &[lalora_engine::data::Example],
+) -> Curvature {
+    let be = cpu();
+    let model = tiny_model(&be);
+    let spec = Spec {
+        scheme,
+        fisher,
+        approx,
+        seed: 3,
+    };
+    estimate(&be, &model, &t.adapter, examples, 4, spec, || {}).unwrap()
+}
+
+fn check(name: &str, got: &[f32], want: Option<&[f32]>) {
+    let want = want.unwrap_or_else(|| panic!("fixture lacks {name}"));
+    let e = rel_err(got, want);
+    assert!(e < 1e-4, "{name}: relative error {e:e}");
+}
+
+#[test]
+fn diag_empirical_matches_per_sequence_loop() {
+    let t = tiny();
+    let c = run(
+        &t,
+        Scheme::Diag,
+        KfacApprox::Expand,
+        Fisher::Empirical,
+        &t.examples,
+    );
+    assert_eq!((c.meta.n_sequences, c.meta.n_positions), (6, 144));
+    for (name, _, f) in c.diag.as_ref().unwrap().named_tensors() {
+        check(
+            &format!("diag_ef.{name}"),
+            f,
+            t.expected.get(&format!("diag_ef.{name}")),
+        );
+    }
+}
+
+#[test]
+fn kfac_expand_matches_curvlinops() {
+    let t = tiny();
+    let c = run(
+        &t,
+        Scheme::Kfac,
+        KfacApprox::Expand,
+        Fisher::Empirical,
+        &t.examples,
+    );
+    for (m, f) in c.mean.modules.iter().zip(c.kfac.as_ref().unwrap()) {
+        let p = m.peft_path();
+        check(
+            &format!("{p} A in"),
+            &f.a_in,
+            t.expected.get(&format!("kfac_in.{p}.lora_A")),
+        );
+        check(
+            &format!("{p} A out"),
+            &f.a_out,
+            t.expected.get(&format!("kfac_out.{p}.lora_A")),
+        );
+        check(
+            &format!("{p} B in"),
+            &f.b_in,
+            t.expected.get(&format!("kfac_in.{p}.lora_B")),
+        );
+        check(
+            &format!("{p} B out"),
+            &f.b_out,
+            t.expected.get(&format!("kfac_out.{p}.lora_B")),
+        );
+        assert!(f.cross.is_none());
+    }
+}
+
+#[test]
+fn kfac_reduce_and_tri_cross_match_curvlinops() {
+    let t = tiny();
+    let extra = TensorFile::read(&fixture("tiny-gqa/kfac_extra.safetensors")).unwrap();
+    let c = run(
+        &t,
+        Scheme::Kfac,
+        KfacApprox::Reduce,
+        Fisher::Empirical,
+        &t.examples,
+    );
+    for (m, f) in c.mean.modules.iter().zip(c.kfac.as_ref().unwrap()) {
+        let p = m.peft_path();
+        check(
+            &format!("{p} reduce A in"),
+            &f.a_in,
+            extra.get(&format!("kfac_reduce_in.{p}.lora_A")),
+        );
+        check(
+            &format!("{p} reduce A out"),
+            &f.a_out,
+            extra.get(&format!("kfac_reduce_out.{p}.lora_A")),
+        );
+        check(
+            &format!("{p} reduce B in"),
+            &f.b_in,
+            extra.get(&format!("kfac_reduce_in.{p}.lora_B")),
+        );
+        check(
+            &format!("{p} reduce B out"),
+            &f.b_out,
+            extra.get(&format!("kfac_reduce_out.{p}.lora_B")),
+        );
+    }
+    let c = run(
+        &t,
+        Scheme::KfacTri,
+        KfacApprox::Expand,
+        Fisher::Empirical,
+        &t.examples,
+    );
+    for (m, f) in c.mean.modules.iter().zip(c.kfac.as_ref().unwrap()) {
+        let p = m.peft_path();
+        let (ci, co) = f.cross.as_ref().unwrap();
+        check(
+            &format!("{p} cross in"),
+            ci,
+            extra.get(&format!("kfac_cross_in.{p}")),
+        );
+        check(
+            &format!("{p} cross out"),
+            co,
+            extra.get(&format!("kfac_cross_out.{p}")),
+        );
+        check(
+            &format!("{p} tri B out"),
+            &f.b_out,
+            t.expected.get(&format!("kfac_out.{p}.lora_B")),
+        );
+    }
+}
+
+#[test]
+fn curvature_file_round_trips() {
+    let t = tiny();
+    let d = tempfile::tempdir().unwrap();
+    for scheme in [Scheme::Diag, Scheme::KfacTri] {
+        let c = run(
+            &t,
+            scheme,
+            KfacApprox::Expand,
+            Fisher::Empirical,
+            &t.examples,
+        );
+        let p = d.path().join("c.safetensors");
+        c.write(&p).unwrap();
+        let back = Curvature::read(&p, &t.loaded.cfg).unwrap();
+        assert_eq!(back.meta.scheme, scheme);
+        assert_eq!(back.meta.n_sequences, 6);
+        assert_eq!(back.mean.named_tensors(), c.mean.named_tensors());
+        if let Some(dg) = &c.diag {
+            assert_eq!(
+                back.diag.as_ref().unwrap().named_tensors(),
+                dg.named_tensors()
+            );
+        }
+        if let Some(k) = &c.kfac {
+            let bk = back.kfac.as_ref().unwrap();
+            for (a, b) in k.iter().zip(bk) {
+                assert_eq!(
+                    (&a.a_in, &a.a_out, &a.b_in, &a.b_out, &a.cross),
+                    (&b.a_in, &b.a_out, &b.b_in, &b.b_out, &b.cross)
+                );
+            }
+        }
+    }
+}
+
+/// `||estimate - expectation|| / ||expectation||` over all tensors of one kind.
+fn mc_errors(t: &Tiny, samples: usize) -> (f64, f64) {
+    let ex = read_jsonl(
+        &fixture("tiny-gqa/mc_batch.jsonl"),
+        None,
+        512,
+        RowFormat { max_len: 64 },
+    )
+    .unwrap();
+    let want = TensorFile::read(&fixture("tiny-gqa/mc_expected.safetensors")).unwrap();
+    let err = |pairs: Vec<(Vec<f32>, &[f32])>| {
+        let (mut num, mut den) = (0f64, 0f64);
+        for (g, w) in pairs {
+            num += g
+                .iter()
+                .zip(w)
+                .map(|(a, b)| ((a - b) as f64).powi(2))
+                .sum::<f64>();
+            den += w.iter().map(|b| (*b as f64).powi(2)).sum::<f64>();
+        }
+        (num / den).sqrt()
+    };
+    let d = run(
+        t,
+        Scheme::Diag,
+        KfacApprox::Expand,
+        Fisher::Mc(samples),
+        &ex,
+    );
+    let diag_pairs = d
+        .diag
+        .as_ref()
+        .unwrap()
+        .named_tensors()
+        .into_iter()
+        .map(|(n, _, f)| (f.to_vec(), want.get(&format!("diag_mc.{n}")).unwrap()))
+        .collect();
+    let k = run(
+        t,
+        Scheme::Kfac,
+        KfacApprox::Expand,
+        Fisher::Mc(samples),
+        &ex,
+    );
+    let mut kfac_pairs = Vec::new();
+    for (m, f) in k.mean.modules.iter().zip(k.kfac.as_ref().unwrap()) {
+        let p = m.peft_path();
+        kfac_pairs.push((
+            f.a_out.clone(),
+            want.get(&format!("kfac_out_mc.{p}.lora_A")).unwrap(),
+        ));
+        kfac_pairs.push((
+            f.b_out.clone(),
+            want.get(&format!("kfac_out_mc.{p}.lora_B")).unwrap(),
+        ));
+    }
+    (err(diag_pairs), err(kfac_pairs))
+}
+
+#[test]
+fn mc_fisher_is_unbiased() {
+    let t = tiny();
+    let (d_small, k_small) = mc_errors(&t, 250);
+    let (d_big, k_big) = mc_errors(&t, 4000);
+    eprintln!(
+        "MC relative error: 250 samples diag {d_small:.4} kfac {k_small:.4}; 4000 samples diag {d_big:.4} kfac {k_big:.4}"
+    );
+    // 16x the samples should shrink the error ~4x; allow sampling noise down to 1.7x.
+    assert!(
+        d_big < 0.05 && k_big < 0.05,
+        "4000 samples: diag {d_big}, kfac {k_big}"
+    );
+    assert!(
+        d_big < d_small / 1.7 && k_big < k_small / 1.7,
+        "error does not shrink like 1/sqrt(samples)"
+    );
+}

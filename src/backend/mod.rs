@@ -272,6 +272,10 @@ pub trait Backend: Send + Sync {
         ta: bool,
         tb: bool,
     ) -> Result<Self::Buf>;
+    /// A copy of `x`.
+    fn dup(&self, x: &Self::Buf) -> Result<Self::Buf>;
+    /// `a *= b` elementwise.
+    fn mul_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()>;
     /// `x *= k`.
     fn scale(&self, x: &mut Self::Buf, k: f32) -> Result<()>;
     /// `y += alpha * x`.

@@ -52,7 +52,7 @@ impl BackendTask for GradTask {
     type Output = (HostLora, f64, usize);
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let lora = self.lora.map(|v| be.buf(v.clone()))?;
-        let mut grads = self.lora.map(|v| be.zeros(v.len()))?;
+        let mut grads = self.lora.map_sized(|n| be.zeros(n))?;
         let model = Llama::new(be, self.model.cfg, self.model.weights)?;
         let pb = progress::bar(
             self.data.len().div_ceil(self.batch_size) as u64,

@@ -1,9 +1,11 @@
 //! The `lalora-engine` command line: argument definitions and the shared loading steps.
 //! Each command lives in its own file and is a thin layer over the library.
 
+mod curvature;
 mod eval;
 mod grad;
 mod info;
+mod train;
 
 use std::path::{Path, PathBuf};
 
@@ -34,6 +36,10 @@ enum Command {
     Eval(eval::EvalArgs),
     /// LoRA gradients of the summed token loss, written as safetensors.
     Grad(grad::GradArgs),
+    /// Estimate the Laplace approximation (diag, KFAC, KFAC-tri) on source data.
+    Curvature(curvature::CurvatureArgs),
+    /// Fine-tune LoRA on target data with the LaLoRA penalty; writes a PEFT adapter.
+    Train(train::TrainArgs),
 }
 
 /// Flags every command takes.
@@ -124,6 +130,8 @@ pub fn run() -> Result<()> {
         Command::Info(a) => info::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Grad(a) => grad::run(a),
+        Command::Curvature(a) => curvature::run(a),
+        Command::Train(a) => train::run(a),
     }
 }
 

@@ -20,8 +20,10 @@ pub struct ModuleSummary {
     pub max: f64,
     /// Share of exactly-zero entries over both blocks.
     pub zero_share: f64,
-    /// kfac-tri: smallest eigenvalue of `[[C_A(x)G_A, C_AB(x)G_AB], [., C_B(x)G_B]]`.
+    /// kfac-tri: smallest and largest eigenvalue of
+    /// `[[C_A(x)G_A, C_AB(x)G_AB], [., C_B(x)G_B]]`.
     pub min_eigenvalue: Option<f64>,
+    pub max_eigenvalue: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -49,10 +51,14 @@ fn kron_stats(c: &[f32], g: &[f32], nc: usize, ng: usize) -> (f64, f64, f64) {
     (diag_of(c, nc) * diag_of(g, ng), cmax * gmax, 1.0 - nonzero)
 }
 
-/// Smallest eigenvalue of the joint system in column-stacking vec order:
+/// Eigenvalues below `-NEGATIVE_TOL * max` count as negative; closer to zero they are
+/// within the f32 rounding of the factors.
+pub const NEGATIVE_TOL: f64 = 1e-5;
+
+/// Smallest and largest eigenvalue of the joint system in column-stacking vec order:
 /// `F[(i + r j), (k + r l)] = C_A[j,l] G_A[i,k]` for A, likewise for B, and the cross block
 /// `[(i + r j), (k + d_out l)] = C_AB[j,l] G_AB[i,k]`.
-fn min_eigenvalue<T>(m: &LoraModule<T>, r: usize, f: &KfacFactors) -> Option<f64> {
+fn eigen_range<T>(m: &LoraModule<T>, r: usize, f: &KfacFactors) -> Option<(f64, f64)> {
     let (din, dout) = (m.d_in, m.d_out);
     let (na, nb) = (r * din, dout * r);
     let n = na + nb;
@@ -93,7 +99,9 @@ fn min_eigenvalue<T>(m: &LoraModule<T>, r: usize, f: &KfacFactors) -> Option<f64
         }
     }
     let eig = nalgebra::SymmetricEigen::new(mat);
-    eig.eigenvalues.iter().copied().reduce(f64::min)
+    let min = eig.eigenvalues.iter().copied().reduce(f64::min)?;
+    let max = eig.eigenvalues.iter().copied().reduce(f64::max)?;
+    Some((min, max))
 }
 
 pub fn summarize(c: &Curvature) -> Summary {
@@ -114,6 +122,7 @@ pub fn summarize(c: &Curvature) -> Summary {
                 max: ma.max(mb),
                 zero_share: (za + zb) as f64 / n as f64,
                 min_eigenvalue: None,
+                max_eigenvalue: None,
             }
         } else if let Some(k) = &c.kfac {
             let f = &k[i];
@@ -121,13 +130,15 @@ pub fn summarize(c: &Curvature) -> Summary {
             let (tb, mb, zb) = kron_stats(&f.b_in, &f.b_out, r, m.d_out);
             a_zero &= ma == 0.0;
             let (na, nb) = ((r * m.d_in) as f64, (r * m.d_out) as f64);
+            let eig = eigen_range(m, r, f);
             ModuleSummary {
                 module: name,
                 trace_a: ta,
                 trace_b: tb,
                 max: ma.max(mb),
                 zero_share: (za * na * na + zb * nb * nb) / (na * na + nb * nb),
-                min_eigenvalue: min_eigenvalue(m, r, f),
+                min_eigenvalue: eig.map(|e| e.0),
+                max_eigenvalue: eig.map(|e| e.1),
             }
         } else {
             continue;
@@ -145,17 +156,22 @@ pub fn summarize(c: &Curvature) -> Summary {
         .as_ref()
         .is_some_and(|k| k.iter().any(|f| f.cross.is_some()))
     {
-        let neg = modules
+        let ratios: Vec<f64> = modules
             .iter()
-            .filter(|m| m.min_eigenvalue.is_some_and(|e| e < 0.0))
-            .count();
-        let checked = modules
-            .iter()
-            .filter(|m| m.min_eigenvalue.is_some())
-            .count();
-        notes.push(format!(
-            "kfac-tri is not positive semi-definite in general: {neg} of {checked} layers small enough to check (<= {EIGEN_MAX_DIM} parameters) have a negative eigenvalue; the training penalty is clamped at >= 0."
-        ));
+            .filter_map(|m| {
+                Some(m.min_eigenvalue? / m.max_eigenvalue?.abs().max(f64::MIN_POSITIVE))
+            })
+            .collect();
+        let neg = ratios.iter().filter(|&&q| q < -NEGATIVE_TOL).count();
+        notes.push(match ratios.iter().copied().reduce(f64::min) {
+            Some(worst) => format!(
+                "kfac-tri is not positive semi-definite in general: {neg} of {} layers small enough to check (<= {EIGEN_MAX_DIM} parameters) have min/max eigenvalue below -{NEGATIVE_TOL:e} (worst {worst:.2e}; closer to 0 is f32 rounding); the training penalty is clamped at >= 0.",
+                ratios.len()
+            ),
+            None => format!(
+                "kfac-tri is not positive semi-definite in general; no layer is small enough (<= {EIGEN_MAX_DIM} parameters) to check its eigenvalues; the training penalty is clamped at >= 0."
+            ),
+        });
     }
     Summary {
         modules,
@@ -169,7 +185,7 @@ impl Summary {
     pub fn print(&self) {
         println!(
             "{:<6} {:>14} {:>14} {:>12} {:>8} {:>14}",
-            "layer", "trace A", "trace B", "max", "zeros", "min eig"
+            "layer", "trace A", "trace B", "max", "zeros", "min/max eig"
         );
         let mut layers: Vec<(String, Vec<&ModuleSummary>)> = Vec::new();
         for m in &self.modules {
@@ -184,7 +200,12 @@ impl Summary {
             let tb: f64 = ms.iter().map(|m| m.trace_b).sum();
             let max = ms.iter().map(|m| m.max).fold(0.0, f64::max);
             let zeros = ms.iter().map(|m| m.zero_share).sum::<f64>() / ms.len() as f64;
-            let eig = ms.iter().filter_map(|m| m.min_eigenvalue).reduce(f64::min);
+            let eig = ms
+                .iter()
+                .filter_map(|m| {
+                    Some(m.min_eigenvalue? / m.max_eigenvalue?.abs().max(f64::MIN_POSITIVE))
+                })
+                .reduce(f64::min);
             let eig = eig
                 .map(|e| format!("{e:.3e}"))
                 .unwrap_or_else(|| "-".into());

@@ -377,6 +377,15 @@ impl Backend for CpuBackend {
         Ok(c)
     }
 
+    fn dup(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x.clone())
+    }
+
+    fn mul_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>) -> Result<()> {
+        a.iter_mut().zip(b).for_each(|(x, y)| *x *= y);
+        Ok(())
+    }
+
     fn scale(&self, x: &mut Vec<f32>, k: f32) -> Result<()> {
         x.iter_mut().for_each(|v| *v *= k);
         Ok(())

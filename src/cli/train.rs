@@ -1,0 +1,185 @@
+//! `train`: LoRA fine-tuning with the LaLoRA penalty; writes a PEFT adapter.
+
+use std::path::PathBuf;
+
+use clap::Args;
+use serde_json::json;
+
+use super::{Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json};
+use crate::backend::Backend;
+use crate::backend::device::{BackendTask, run_on};
+use crate::curvature::Curvature;
+use crate::data::Example;
+use crate::error::{Error, Result};
+use crate::model::{HostLora, Llama, LoadedModel};
+use crate::train::session::{self, SessionOptions};
+use crate::train::{Schedule, StepMetrics, TrainConfig};
+
+/// Optimiser and schedule flags, shared by `train`, `sweep`, `demo` and curvature warm-up.
+#[derive(Args, Clone)]
+pub struct HyperArgs {
+    /// Optimiser steps.
+    #[arg(long, default_value_t = 100)]
+    pub steps: usize,
+    /// Micro-batches accumulated per step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Peak learning rate (AdamW).
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Linear warm-up steps.
+    #[arg(long, default_value_t = 0)]
+    pub warmup: usize,
+    /// Decay after warm-up: cosine, linear or constant.
+    #[arg(long, default_value = "cosine")]
+    pub schedule: Schedule,
+    /// AdamW decoupled weight decay.
+    #[arg(long, default_value_t = 0.0)]
+    pub weight_decay: f32,
+    /// Clip the loss gradient to this global norm (0: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub clip: f32,
+}
+
+impl HyperArgs {
+    pub fn config(&self, batch_size: usize, seed: u64, lambda: f32, delta: f32) -> TrainConfig {
+        TrainConfig {
+            steps: self.steps,
+            batch_size,
+            grad_accum: self.grad_accum,
+            lr: self.lr,
+            warmup_steps: self.warmup,
+            schedule: self.schedule,
+            weight_decay: self.weight_decay,
+            clip: self.clip,
+            seed,
+            lambda,
+            delta,
+            ..TrainConfig::default()
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// JSONL training data (target domain).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Output directory: PEFT adapter, metrics.jsonl, checkpoint/.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Curvature file from `curvature`: training starts at its theta* and is penalised.
+    #[arg(long)]
+    pub curvature: Option<PathBuf>,
+    /// Penalty strength lambda (0: plain LoRA).
+    #[arg(long, default_value_t = 0.0)]
+    pub lambda: f32,
+    /// Prior precision delta added to F/N.
+    #[arg(long, default_value_t = 1e-6)]
+    pub delta: f32,
+    /// Start from this PEFT adapter (default: the curvature's theta*, else a fresh init).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Save a checkpoint every N steps (0: only at the end).
+    #[arg(long, default_value_t = 50)]
+    pub checkpoint_every: usize,
+    /// Continue from OUT/checkpoint with the same flags.
+    #[arg(long)]
+    pub resume: bool,
+    #[command(flatten)]
+    pub hyper: HyperArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub batching: DataArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+struct TrainTask {
+    model: LoadedModel,
+    data: Vec<Example>,
+    cfg: TrainConfig,
+    curvature: Option<Curvature>,
+    init: HostLora,
+    opts: SessionOptions,
+}
+
+impl BackendTask for TrainTask {
+    type Output = Vec<StepMetrics>;
+    fn run<B: Backend>(self, be: &B) -> Result<Vec<StepMetrics>> {
+        let model = Llama::new(be, self.model.cfg, self.model.weights)?;
+        let r = session::run(
+            be,
+            &model,
+            &self.data,
+            &self.cfg,
+            self.curvature.as_ref(),
+            &self.init,
+            &self.opts,
+        )?;
+        Ok(r.metrics)
+    }
+}
+
+pub fn run(a: TrainArgs) -> Result<()> {
+    let m = load_model(&a.model)?;
+    if a.lambda > 0.0 && a.curvature.is_none() {
+        return Err(Error::usage("--lambda > 0 needs --curvature"));
+    }
+    let curvature = a
+        .curvature
+        .as_deref()
+        .map(|p| Curvature::read(p, &m.cfg))
+        .transpose()?;
+    let init = match (&a.adapter, &curvature) {
+        (Some(dir), _) => HostLora::load(dir, &m.cfg)?,
+        (None, Some(c)) => c.mean.clone(),
+        (None, None) => HostLora::init(&m.cfg, a.lora.config()?, a.common.seed),
+    };
+    let data = load_data(&a.data, &m, &a.batching)?;
+    let cfg = a
+        .hyper
+        .config(a.batching.batch_size, a.common.seed, a.lambda, a.delta);
+    let quiet = a.common.quiet || a.common.json;
+    let opts = SessionOptions {
+        out: Some(a.out.clone()),
+        checkpoint_every: a.checkpoint_every,
+        resume: a.resume,
+        quiet,
+        base_model: m.path.display().to_string(),
+        stop_after: None,
+        curvature_path: a.curvature.clone(),
+    };
+    let task = TrainTask {
+        model: m,
+        data,
+        cfg,
+        curvature,
+        init,
+        opts,
+    };
+    let metrics = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let last = metrics.last();
+    if a.common.json {
+        print_json(&json!({"out": a.out, "steps": last.map(|m| m.step), "final": last}));
+    } else if let Some(l) = last {
+        println!(
+            "step {} loss {:.4} penalty {:.4e} ({:.0} tokens/s); adapter -> {}",
+            l.step,
+            l.loss,
+            l.penalty,
+            l.tokens_per_s,
+            a.out.display()
+        );
+    } else {
+        println!(
+            "nothing to do: already at step {}; adapter in {}",
+            a.hyper.steps,
+            a.out.display()
+        );
+    }
+    Ok(())
+}

@@ -2,9 +2,12 @@
 //! Each command lives in its own file and is a thin layer over the library.
 
 mod curvature;
+mod demo;
 mod eval;
+mod generate;
 mod grad;
 mod info;
+mod sweep;
 mod train;
 
 use std::path::{Path, PathBuf};
@@ -40,6 +43,12 @@ enum Command {
     Curvature(curvature::CurvatureArgs),
     /// Fine-tune LoRA on target data with the LaLoRA penalty; writes a PEFT adapter.
     Train(train::TrainArgs),
+    /// Train at several lambdas and report the learning-forgetting frontier.
+    Sweep(sweep::SweepArgs),
+    /// Continue a prompt with the model (and an adapter).
+    Generate(generate::GenerateArgs),
+    /// The whole pipeline on the default model and data (fetches them if missing).
+    Demo(demo::DemoArgs),
 }
 
 /// Flags every command takes.
@@ -132,6 +141,9 @@ pub fn run() -> Result<()> {
         Command::Grad(a) => grad::run(a),
         Command::Curvature(a) => curvature::run(a),
         Command::Train(a) => train::run(a),
+        Command::Sweep(a) => sweep::run(a),
+        Command::Generate(a) => generate::run(a),
+        Command::Demo(a) => demo::run(a),
     }
 }
 

@@ -82,7 +82,7 @@ pub struct TrainArgs {
     /// Start from this PEFT adapter (default: the curvature's theta*, else a fresh init).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Save a checkpoint every N steps (0: only at the end).
+    /// Save a checkpoint every N steps and at the end (0: never; --resume needs one).
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
     /// Continue from OUT/checkpoint with the same flags.

@@ -1,6 +1,10 @@
-//! Evaluation: perplexity / mean NLL (`perplexity`), generation and exact match
-//! (`generate`), multiple choice by log-likelihood (`choice`).
+//! Evaluation: perplexity / mean NLL (`perplexity`), generation with a KV cache
+//! (`generate`), GSM8K-style exact match (`exact_match`), multiple choice by
+//! log-likelihood (`choice`).
 
+pub mod choice;
+pub mod exact_match;
+pub mod generate;
 pub mod perplexity;
 
 pub use self::perplexity::{NllSummary, mean_nll};

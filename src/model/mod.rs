@@ -36,6 +36,19 @@ impl LoadedModel {
     pub fn tokenizer(&self) -> Result<&Tokenizer> {
         self.tokenizer.as_ref().map_err(|e| Error::usage(e.clone()))
     }
+
+    /// Move the weights out (onto a device) while keeping config and tokenizer.
+    pub fn take_weights(&mut self) -> HostWeights {
+        std::mem::replace(
+            &mut self.weights,
+            HostWeights {
+                embed: Vec::new(),
+                layers: Vec::new(),
+                final_norm: Vec::new(),
+                lm_head: None,
+            },
+        )
+    }
 }
 
 /// Load an HF model directory or a `.gguf` file; `tokenizer` overrides the model's own.

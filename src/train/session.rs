@@ -18,7 +18,7 @@ use crate::progress;
 pub struct SessionOptions {
     /// Adapter, checkpoints and metrics go here; `None` keeps everything in memory.
     pub out: Option<PathBuf>,
-    /// Save a checkpoint every this many steps (0: only at the end).
+    /// Save a checkpoint every this many steps and at the end (0: never).
     pub checkpoint_every: usize,
     pub resume: bool,
     pub quiet: bool,
@@ -124,7 +124,9 @@ pub fn run<B: Backend>(
         },
     )?;
     pb.finish_and_clear();
-    save(&state)?;
+    if opts.checkpoint_every > 0 {
+        save(&state)?;
+    }
     let (lora, _, _) = state.to_host(be)?;
     if let (Some(out), true) = (&opts.out, state.step >= cfg.steps) {
         lora.save(out, &opts.base_model)?;

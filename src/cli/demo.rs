@@ -1,0 +1,279 @@
+//! `demo`: the whole LaLoRA pipeline on the default model and data (the README's main
+//! job). Fetches the assets if missing; curvature on QuAC passages at the fresh LoRA init;
+//! training on the math target (ASDiv + GSM8K) at several lambdas including 0; evaluation
+//! on held-out math, held-out QuAC and XSum; the table and the frontier plot.
+
+use std::path::{Path, PathBuf};
+
+use clap::Args;
+
+use super::sweep::{SweepTask, eval_set, print_report};
+use super::{Common, DataArgs, LoraArgs, load_data};
+use crate::backend::Backend;
+use crate::backend::device::{BackendTask, run_on};
+use crate::curvature::summary::summarize;
+use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
+use crate::data::Example;
+use crate::error::{Error, Result};
+use crate::eval::exact_match::read_qa;
+use crate::eval::generate::Sampling;
+use crate::model::{self, HostLora, Llama, LoadedModel};
+use crate::progress;
+use crate::sweep::{self, Report};
+use crate::train::{Schedule, TrainConfig};
+
+const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Where the default model and data are (fetched there if missing).
+    #[arg(long, env = "ASSETS_DIR")]
+    pub assets: Option<PathBuf>,
+    /// Output directory.
+    #[arg(long, default_value = "runs/demo")]
+    pub out: PathBuf,
+    /// Comma-separated lambdas (0 = plain LoRA).
+    #[arg(long, default_value = "0,10,100,1e3,1e4,1e5")]
+    pub lambdas: String,
+    /// Curvature scheme: diag, kfac or kfac-tri.
+    #[arg(long, default_value = "diag")]
+    pub scheme: Scheme,
+    /// Prior precision delta.
+    #[arg(long, default_value_t = 1e-6)]
+    pub delta: f32,
+    /// QuAC passages for the curvature.
+    #[arg(long, default_value_t = 32)]
+    pub curvature_sequences: usize,
+    /// Training steps per lambda.
+    #[arg(long, default_value_t = 40)]
+    pub steps: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    pub lr: f32,
+    /// Held-out sequences per evaluation set.
+    #[arg(long, default_value_t = 32)]
+    pub eval_sequences: usize,
+    /// Also measure exact-match accuracy on this many held-out math problems (slow).
+    #[arg(long, default_value_t = 0)]
+    pub exact_match: usize,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub batching: DataArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+fn default_assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// Run `scripts/fetch-assets.sh` when the model or a data file is missing.
+fn ensure_assets(dir: &Path, quiet: bool) -> Result<()> {
+    let needed = [
+        MODEL_FILE,
+        "data/target-train.jsonl",
+        "data/target-test.jsonl",
+        "data/source-curvature.jsonl",
+        "data/source-test.jsonl",
+        "data/source-xsum-test.jsonl",
+    ];
+    if needed.iter().all(|f| dir.join(f).exists()) {
+        return Ok(());
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-assets.sh");
+    if !script.exists() {
+        return Err(Error::file(
+            dir,
+            "assets missing and scripts/fetch-assets.sh not found",
+        ));
+    }
+    if !quiet {
+        eprintln!(
+            "demo: fetching the default model and data into {}",
+            dir.display()
+        );
+    }
+    let status = std::process::Command::new("bash")
+        .arg(&script)
+        .env("ASSETS_DIR", dir)
+        .status()
+        .map_err(|e| Error::io(&script, e))?;
+    if !status.success() {
+        return Err(Error::file(&script, format!("failed ({status})")));
+    }
+    Ok(())
+}
+
+struct DemoTask {
+    sweep: SweepTask,
+    curvature_data: Vec<Example>,
+    spec: Spec,
+}
+
+impl BackendTask for DemoTask {
+    type Output = (Curvature, Report);
+    fn run<B: Backend>(mut self, be: &B) -> Result<(Curvature, Report)> {
+        let s = &mut self.sweep;
+        let identity = s.model.identity.clone();
+        let weights = s.model.take_weights();
+        let model = Llama::new(be, s.model.cfg.clone(), weights)?;
+        let lora = s.init.map(|v| be.buf(v.clone()))?;
+        let bs = s.eval_batch;
+        let pb = progress::bar(
+            self.curvature_data.len().div_ceil(bs) as u64,
+            "curvature",
+            s.quiet,
+        );
+        let mut c = estimate(
+            be,
+            &model,
+            &lora,
+            &self.curvature_data,
+            bs,
+            self.spec,
+            || pb.inc(1),
+        )?;
+        pb.finish_and_clear();
+        c.meta.model = identity;
+        c.write(&s.out.join("curvature.safetensors"))?;
+        if !s.quiet {
+            eprintln!(
+                "curvature: {} over {} QuAC passages ({} positions)",
+                c.meta.scheme, c.meta.n_sequences, c.meta.n_positions
+            );
+            for n in summarize(&c).notes {
+                eprintln!("note: {n}");
+            }
+        }
+        let tok = match &s.exact_match {
+            Some(_) => Some(s.model.tokenizer()?),
+            None => None,
+        };
+        let spec = sweep::SweepSpec {
+            lambdas: s.lambdas.clone(),
+            train: s.train.clone(),
+            train_data: &s.train_data,
+            target: std::mem::replace(
+                &mut s.target,
+                sweep::EvalSet {
+                    name: String::new(),
+                    examples: Vec::new(),
+                },
+            ),
+            sources: std::mem::take(&mut s.sources),
+            exact_match: match (tok, s.exact_match.take()) {
+                (Some(t), Some((rows, smp))) => Some((t, rows, smp)),
+                _ => None,
+            },
+            eval_batch: bs,
+            quiet: s.quiet,
+            base_model: s.model.path.display().to_string(),
+        };
+        let quiet = s.quiet;
+        let report = sweep::run(be, &model, Some(&c), &c.mean, &spec, &s.out, |row| {
+            if !quiet {
+                let what = row
+                    .lambda
+                    .map(|l| format!("lambda {l:e}"))
+                    .unwrap_or("base model".into());
+                eprintln!(
+                    "{what}: target NLL {:.4}, QuAC NLL {:.4} ({:.0}s)",
+                    row.target_nll, row.sources[0].nll, row.seconds
+                );
+            }
+        })?;
+        Ok((c, report))
+    }
+}
+
+pub fn run(a: DemoArgs) -> Result<()> {
+    let quiet = a.common.quiet || a.common.json;
+    let assets = a.assets.clone().unwrap_or_else(default_assets);
+    ensure_assets(&assets, quiet)?;
+    let m: LoadedModel = model::load(&assets.join(MODEL_FILE), None)?;
+    let data = assets.join("data");
+    let batching = DataArgs {
+        max_len: a.batching.max_len.min(256),
+        ..a.batching.clone()
+    };
+    let mut curvature_data = load_data(&data.join("source-curvature.jsonl"), &m, &batching)?;
+    curvature_data.truncate(a.curvature_sequences);
+    let exact_match = match a.exact_match {
+        0 => None,
+        n => {
+            let mut rows = read_qa(&data.join("target-test.jsonl"))?;
+            rows.truncate(n);
+            Some((
+                rows,
+                Sampling {
+                    max_new_tokens: 256,
+                    ..Sampling::default()
+                },
+            ))
+        }
+    };
+    let train = TrainConfig {
+        steps: a.steps,
+        batch_size: batching.batch_size,
+        lr: a.lr,
+        warmup_steps: a.steps / 10,
+        schedule: Schedule::Cosine,
+        seed: a.common.seed,
+        delta: a.delta,
+        ..TrainConfig::default()
+    };
+    let sweep_task = SweepTask {
+        curvature: None,
+        init: HostLora::init(&m.cfg, a.lora.config()?, a.common.seed),
+        lambdas: sweep::parse_lambdas(&a.lambdas)?,
+        train,
+        train_data: load_data(&data.join("target-train.jsonl"), &m, &batching)?,
+        target: eval_set(
+            &data.join("target-test.jsonl"),
+            &m,
+            &batching,
+            a.eval_sequences,
+        )?,
+        sources: vec![
+            eval_set(
+                &data.join("source-test.jsonl"),
+                &m,
+                &batching,
+                a.eval_sequences,
+            )?,
+            eval_set(
+                &data.join("source-xsum-test.jsonl"),
+                &m,
+                &batching,
+                a.eval_sequences,
+            )?,
+        ],
+        exact_match,
+        eval_batch: batching.batch_size,
+        quiet,
+        out: a.out.clone(),
+        model: m,
+    };
+    let spec = Spec {
+        scheme: a.scheme,
+        fisher: Fisher::Empirical,
+        approx: KfacApprox::Expand,
+        seed: a.common.seed,
+    };
+    let task = DemoTask {
+        sweep: sweep_task,
+        curvature_data,
+        spec,
+    };
+    let (_, report) = run_on(a.common.device, a.common.threads, quiet, task)?;
+    print_report(&report, &a.out, a.common.json);
+    if !a.common.json {
+        println!(
+            "wrote {} (curvature), {}/runs/ (adapters, metrics)",
+            a.out.join("curvature.safetensors").display(),
+            a.out.display()
+        );
+    }
+    Ok(())
+}

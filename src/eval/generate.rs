@@ -1,0 +1,102 @@
+//! Autoregressive generation with a KV cache: greedy, or temperature / top-p sampling.
+
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::backend::Backend;
+use crate::error::{Error, Result};
+use crate::model::{Llama, LoraWeights};
+
+#[derive(Debug, Clone, Copy)]
+pub struct Sampling {
+    /// 0 selects greedy decoding.
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens with probability mass >= top_p.
+    pub top_p: f32,
+    pub max_new_tokens: usize,
+    pub seed: u64,
+}
+
+impl Default for Sampling {
+    fn default() -> Self {
+        Sampling {
+            temperature: 0.0,
+            top_p: 1.0,
+            max_new_tokens: 128,
+            seed: 0,
+        }
+    }
+}
+
+/// Pick the next token from one row of logits.
+pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    let argmax = || {
+        logits
+            .iter()
+            .enumerate()
+            .max_by(|a, b| a.1.total_cmp(b.1))
+            .map(|(i, _)| i as u32)
+            .unwrap_or(0)
+    };
+    if s.temperature <= 0.0 {
+        return argmax();
+    }
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut probs: Vec<(u32, f64)> = logits
+        .iter()
+        .enumerate()
+        .map(|(i, &z)| (i as u32, (((z - max) / s.temperature) as f64).exp()))
+        .collect();
+    let total: f64 = probs.iter().map(|p| p.1).sum();
+    probs.sort_by(|a, b| b.1.total_cmp(&a.1));
+    let mut kept = 0f64;
+    let mut n = 0;
+    for p in &probs {
+        kept += p.1 / total;
+        n += 1;
+        if kept >= s.top_p as f64 {
+            break;
+        }
+    }
+    let mass: f64 = probs[..n].iter().map(|p| p.1).sum();
+    let mut u = rng.random::<f64>() * mass;
+    for p in &probs[..n] {
+        u -= p.1;
+        if u <= 0.0 {
+            return p.0;
+        }
+    }
+    probs[n - 1].0
+}
+
+/// Continue `prompt`, stopping at any of `stop` (not included) or `max_new_tokens`.
+pub fn generate<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&LoraWeights<B::Buf>>,
+    prompt: &[u32],
+    s: &Sampling,
+    stop: &[u32],
+) -> Result<Vec<u32>> {
+    if prompt.is_empty() {
+        return Err(Error::usage("empty prompt"));
+    }
+    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
+    let mut cache = model.new_cache(be, prompt.len() + s.max_new_tokens)?;
+    let vocab = model.cfg.vocab_size;
+    let mut logits = be.to_host(&model.forward_cached(be, lora, prompt, &mut cache)?)?;
+    let mut out = Vec::new();
+    for _ in 0..s.max_new_tokens {
+        let last = &logits[logits.len() - vocab..];
+        let next = pick(last, s, &mut rng);
+        if stop.contains(&next) {
+            break;
+        }
+        out.push(next);
+        if out.len() == s.max_new_tokens {
+            break;
+        }
+        logits = be.to_host(&model.forward_cached(be, lora, &[next], &mut cache)?)?;
+    }
+    Ok(out)
+}

@@ -4,6 +4,7 @@ use std::str::FromStr;
 
 use super::Backend;
 use super::cpu::CpuBackend;
+use super::cuda::{self, CudaBackend};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,23 +38,35 @@ pub trait BackendTask {
 }
 
 /// Run `task` on the chosen device, saying on stderr which one runs (unless `quiet`).
+/// `auto` takes CUDA when the kernels were built and a device is present, else the CPU.
 pub fn run_on<T: BackendTask>(
     device: Device,
     threads: usize,
     quiet: bool,
     task: T,
 ) -> Result<T::Output> {
-    let cpu = |task: T| {
-        let be = CpuBackend::new(threads);
-        if !quiet {
-            eprintln!("device: {}", be.describe());
-        }
-        task.run(&be)
+    let ordinal = match device {
+        Device::Cpu => None,
+        Device::Cuda(n) => Some(n),
+        Device::Auto => cuda::available().then_some(0),
     };
-    match device {
-        Device::Cpu | Device::Auto => cpu(task),
-        Device::Cuda(_) => Err(Error::usage(
-            "--device cuda: this build has no CUDA backend; use --device cpu",
-        )),
+    match ordinal {
+        Some(n) => {
+            let be = CudaBackend::new(n).map_err(|e| match device {
+                Device::Cuda(_) => Error::usage(format!("--device cuda:{n}: {e}")),
+                _ => e,
+            })?;
+            if !quiet {
+                eprintln!("device: {}", be.describe());
+            }
+            task.run(&be)
+        }
+        None => {
+            let be = CpuBackend::new(threads);
+            if !quiet {
+                eprintln!("device: {}", be.describe());
+            }
+            task.run(&be)
+        }
     }
 }

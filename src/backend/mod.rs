@@ -6,6 +6,7 @@
 //! weight `W` is `(d_out, d_in)` and a linear layer computes `y = x W^T`.
 
 pub mod cpu;
+pub mod cuda;
 pub mod device;
 
 use crate::error::Result;

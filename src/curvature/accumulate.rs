@@ -9,7 +9,7 @@
 use crate::backend::{Backend, Segment};
 use crate::curvature::{KfacApprox, Scheme};
 use crate::error::Result;
-use crate::model::{LoraObserver, LoraWeights};
+use crate::model::{LoraObserver, LoraWeights, Proj};
 
 /// Diagonal Fisher: `F = sum_n (d l_n / d theta)^2` (BackPACK's SumGradSquared), from the
 /// per-sequence gradients `grad_n(B) = sum_{p in n} s g_p u_p^T` and
@@ -46,6 +46,9 @@ pub struct Accumulator<B: Backend> {
     scale: f32,
     rank: usize,
     dims: Vec<(usize, usize)>,
+    /// The module whose input factor `C_A` this one shares (q/k/v read the same normed
+    /// hidden state, so do gate/up): computed once, copied at `finish`.
+    input_owner: Vec<usize>,
     /// Real rows of the current batch, one segment per sequence.
     segments: Vec<Segment>,
     /// Weight of the gradient-side sums (`1/k` for k Monte-Carlo samples).
@@ -63,6 +66,23 @@ impl<B: Backend> Accumulator<B> {
     ) -> Result<Self> {
         let r = lora.cfg.r;
         let dims: Vec<(usize, usize)> = lora.modules.iter().map(|m| (m.d_in, m.d_out)).collect();
+        let input_group = |p: Proj| match p {
+            Proj::Q | Proj::K | Proj::V => 0,
+            Proj::Gate | Proj::Up => 1,
+            Proj::O => 2,
+            Proj::Down => 3,
+        };
+        let input_owner = lora
+            .modules
+            .iter()
+            .enumerate()
+            .map(|(i, m)| {
+                lora.modules[..i]
+                    .iter()
+                    .position(|o| o.layer == m.layer && input_group(o.proj) == input_group(m.proj))
+                    .unwrap_or(i)
+            })
+            .collect();
         let diag = match scheme {
             Scheme::Diag => Some(DiagState {
                 f: dims
@@ -100,6 +120,7 @@ impl<B: Backend> Accumulator<B> {
             scale: lora.cfg.scale(),
             rank: r,
             dims,
+            input_owner,
             segments: Vec::new(),
             g_weight: 1.0,
             inputs: true,
@@ -124,6 +145,11 @@ impl<B: Backend> Accumulator<B> {
             KfacApprox::Reduce => n_sequences,
         };
         let inv = 1.0 / denom.max(1) as f32;
+        for (i, &owner) in self.input_owner.iter().enumerate() {
+            if owner != i {
+                k.factors[i].a_in = be.dup(&k.factors[owner].a_in)?;
+            }
+        }
         for f in k.factors.iter_mut() {
             be.scale(&mut f.a_in, inv)?;
             be.scale(&mut f.b_in, inv)?;
@@ -148,6 +174,7 @@ impl<B: Backend> LoraObserver<B> for Accumulator<B> {
         let (din, dout) = self.dims[i];
         let (r, s, w) = (self.rank, self.scale, self.g_weight);
         let segs = &self.segments;
+        let own_input = self.inputs && self.input_owner[i] == i;
         if let Some(d) = self.diag.as_mut() {
             let (fa, fb) = &mut d.f[i];
             // (sqrt(w) * grad_n)^2 = w * grad_n^2
@@ -159,8 +186,10 @@ impl<B: Backend> LoraObserver<B> for Accumulator<B> {
             let f = &mut k.factors[i];
             match k.approx {
                 KfacApprox::Expand => {
-                    if self.inputs {
+                    if own_input {
                         be.gram_accumulate(x, din, x, din, segs, 1.0, &mut f.a_in)?;
+                    }
+                    if self.inputs {
                         be.gram_accumulate(u, r, u, r, segs, 1.0, &mut f.b_in)?;
                     }
                     be.gram_accumulate(ga, r, ga, r, segs, w, &mut f.a_out)?;
@@ -184,8 +213,10 @@ impl<B: Backend> LoraObserver<B> for Accumulator<B> {
                     if self.inputs || f.cross.is_some() {
                         let x_bar = be.segment_sum(x, din, segs, true)?;
                         let u_bar = be.segment_sum(u, r, segs, true)?;
-                        if self.inputs {
+                        if own_input {
                             be.gram_accumulate(&x_bar, din, &x_bar, din, &all, 1.0, &mut f.a_in)?;
+                        }
+                        if self.inputs {
                             be.gram_accumulate(&u_bar, r, &u_bar, r, &all, 1.0, &mut f.b_in)?;
                         }
                         if let Some((c, gc)) = f.cross.as_mut() {

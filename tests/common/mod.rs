@@ -8,10 +8,16 @@ use lalora_engine::data::{Batch, Example, RowFormat, read_jsonl};
 use lalora_engine::io::TensorFile;
 use lalora_engine::model::{self, HostLora, Llama, LoadedModel};
 
+/// The repository root: `LALORA_ROOT` when test binaries run away from their build tree
+/// (scripts/gpu-check.sh), else the crate directory.
+pub fn root() -> PathBuf {
+    std::env::var_os("LALORA_ROOT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
+}
+
 pub fn fixture(rel: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(rel)
+    root().join("tests/fixtures").join(rel)
 }
 
 /// `||a - b|| / ||b||`.
@@ -71,7 +77,7 @@ pub fn bin() -> std::process::Command {
 pub fn assets() -> PathBuf {
     let dir = std::env::var_os("ASSETS_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("assets"));
+        .unwrap_or_else(|| root().join("assets"));
     assert!(
         dir.join("SmolLM2-135M-Instruct.Q4_1.gguf").exists(),
         "{}: assets missing; run scripts/fetch-assets.sh first",

@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm};
+use super::gemm::{Mat, gemm, gemm_ptr};
 use crate::backend::Segment;
 
 /// Adjacent segments (no padding between them) merged, so a dense batch is one GEMM.
@@ -17,7 +17,8 @@ fn merged(segments: &[Segment]) -> Vec<Segment> {
     out
 }
 
-/// `out (dx, dy) += alpha * sum_seg X_seg^T Y_seg`.
+/// `out (dx, dy) += alpha * sum_seg X_seg^T Y_seg`. When `X` is `Y` the product is
+/// symmetric: only its upper-triangle tiles are computed (in parallel), then mirrored.
 pub fn gram_accumulate(
     x: &[f32],
     dx: usize,
@@ -27,21 +28,77 @@ pub fn gram_accumulate(
     alpha: f32,
     out: &mut [f32],
 ) {
+    let symmetric = std::ptr::eq(x, y) && dx == dy;
     for s in merged(segments) {
         let xs = &x[s.start * dx..(s.start + s.len) * dx];
         let ys = &y[s.start * dy..(s.start + s.len) * dy];
-        gemm(
-            dx,
-            dy,
-            s.len,
-            out,
-            dy,
-            true,
-            Mat::rows(xs, dx).t(),
-            Mat::rows(ys, dy),
-            alpha,
-            true,
-        );
+        if symmetric {
+            syrk_upper(xs, dx, s.len, alpha, out);
+        } else {
+            gemm(
+                dx,
+                dy,
+                s.len,
+                out,
+                dy,
+                true,
+                Mat::rows(xs, dx).t(),
+                Mat::rows(ys, dy),
+                alpha,
+                true,
+            );
+        }
+    }
+    if symmetric {
+        for i in 1..dx {
+            for j in 0..i {
+                out[i * dx + j] = out[j * dx + i];
+            }
+        }
+    }
+}
+
+/// Tile size of the symmetric product.
+const SYRK_BLOCK: usize = 128;
+
+/// `out[I, J] += alpha X[:, I]^T X[:, J]` for the tiles with `I <= J`.
+fn syrk_upper(x: &[f32], d: usize, rows: usize, alpha: f32, out: &mut [f32]) {
+    let nb = d.div_ceil(SYRK_BLOCK);
+    let tiles: Vec<(usize, usize)> = (0..nb).flat_map(|i| (i..nb).map(move |j| (i, j))).collect();
+    let base = OutPtr(out.as_mut_ptr());
+    tiles.into_par_iter().for_each(|(bi, bj)| {
+        let (i0, j0) = (bi * SYRK_BLOCK, bj * SYRK_BLOCK);
+        let (m, n) = (SYRK_BLOCK.min(d - i0), SYRK_BLOCK.min(d - j0));
+        let xi = Mat::rows(&x[i0..], d).t();
+        let xj = Mat::rows(&x[j0..], d);
+        // SAFETY: tile (bi, bj) of `out` is written by this task only and lies inside it.
+        unsafe {
+            gemm_ptr(
+                m,
+                n,
+                rows,
+                base.at(i0 * d + j0),
+                d,
+                true,
+                xi,
+                xj,
+                alpha,
+                false,
+            )
+        };
+    });
+}
+
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: tasks write disjoint tiles (see `syrk_upper`).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    fn at(self, off: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer.
+        unsafe { self.0.add(off) }
     }
 }
 

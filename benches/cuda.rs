@@ -1,0 +1,234 @@
+//! CUDA benchmarks (skipped without a device): the hand-written kernels against the plain
+//! cuBLAS sequences they replace, and end to end on a Llama-3.2-1B-shaped model with random
+//! weights (batch 4 x 512): training step, diag and KFAC curvature passes. The PyTorch +
+//! PEFT bf16 peer is benches/peers/torch_peft_cuda_step.py.
+
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lalora_engine::backend::cuda::{self, CudaBackend};
+use lalora_engine::backend::{Backend, LoraDims, Segment};
+use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
+use lalora_engine::data::{Batch, Example};
+use lalora_engine::model::config::LlamaConfig;
+use lalora_engine::model::weights::{HostLayer, HostWeights};
+use lalora_engine::model::{HostLora, Llama, LoraConfig, Proj};
+use lalora_engine::train::accumulate_gradients;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn rnd(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+/// Llama-3.2-1B's shape: 16 layers, hidden 2048, FFN 8192, 32 heads / 8 KV heads, vocab
+/// 128256, tied embeddings.
+pub fn llama_1b_shape() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 128256,
+        hidden_size: 2048,
+        intermediate_size: 8192,
+        num_layers: 16,
+        num_heads: 32,
+        num_kv_heads: 8,
+        head_dim: 64,
+        rms_norm_eps: 1e-5,
+        rope_theta: 500000.0,
+        rope_scaling: None,
+        rope_freq_factors: None,
+        tie_word_embeddings: true,
+        max_position_embeddings: 131072,
+        bos_token_id: None,
+        eos_token_ids: vec![],
+    }
+}
+
+fn kernels(c: &mut Criterion, g: &CudaBackend) {
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let d = LoraDims {
+        m: 4096,
+        d_in: 2048,
+        r: 16,
+        d_out: 2048,
+        scale: 2.0,
+    };
+    let up = |v: Vec<f32>| g.buf(v).unwrap();
+    let (x, a, b) = (
+        up(rnd(&mut rng, d.m * d.d_in, 1.0)),
+        up(rnd(&mut rng, d.r * d.d_in, 0.02)),
+        up(rnd(&mut rng, d.d_out * d.r, 0.02)),
+    );
+    let gr = up(rnd(&mut rng, d.m * d.d_out, 1.0));
+    let (mut y, mut dx) = (
+        g.zeros(d.m * d.d_out).unwrap(),
+        g.zeros(d.m * d.d_in).unwrap(),
+    );
+    let (mut da, mut db) = (
+        g.zeros(d.r * d.d_in).unwrap(),
+        g.zeros(d.d_out * d.r).unwrap(),
+    );
+    let u = g.lora_forward(&x, &a, &b, d, &mut y).unwrap();
+    let mut grp = c.benchmark_group("cuda_lora_4096x2048_r16");
+    grp.bench_function("forward_fused", |bn| {
+        bn.iter(|| {
+            g.lora_forward(&x, &a, &b, d, &mut y).unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("forward_cublas", |bn| {
+        bn.iter(|| {
+            g.lora_forward_unfused(&x, &a, &b, d, &mut y).unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("backward_fused", |bn| {
+        bn.iter(|| {
+            g.lora_backward(&gr, &x, &u, &a, &b, d, &mut dx, Some((&mut da, &mut db)))
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("backward_cublas", |bn| {
+        bn.iter(|| {
+            g.lora_backward_unfused(&gr, &x, &u, &a, &b, d, &mut dx, &mut da, &mut db)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.finish();
+
+    // diag: 16 sequences of 256 positions, A-side block (r=16, d_in=2048).
+    let segs: Vec<Segment> = (0..16)
+        .map(|i| Segment {
+            start: i * 256,
+            len: 256,
+        })
+        .collect();
+    let ga = up(rnd(&mut rng, 4096 * 16, 1.0));
+    let mut f = g.zeros(16 * 2048).unwrap();
+    let mut grp = c.benchmark_group("cuda_diag_16x256_r16_d2048");
+    grp.bench_function("per_sample_squaring", |bn| {
+        bn.iter(|| {
+            g.sq_grad_accumulate(&ga, 16, &x, 2048, &segs, 1.0, &mut f)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("materialised_cublas", |bn| {
+        bn.iter(|| {
+            g.sq_grad_materialized(&ga, 16, &x, 2048, &segs, 1.0, &mut f)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.finish();
+
+    // KFAC input factor: X^T X over 4096 positions, d = 2048.
+    let all = [Segment {
+        start: 0,
+        len: 4096,
+    }];
+    let mut cf = g.zeros(2048 * 2048).unwrap();
+    let mut grp = c.benchmark_group("cuda_kfac_factor_4096x2048");
+    grp.bench_function("hand_written_symmetric", |bn| {
+        bn.iter(|| {
+            g.gram_accumulate(&x, 2048, &x, 2048, &all, 1.0, &mut cf)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("cublas_gemm", |bn| {
+        bn.iter(|| {
+            g.gram_cublas(&x, 2048, &x, 2048, 4096, 1.0, &mut cf)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.finish();
+}
+
+fn end_to_end(c: &mut Criterion, g: &CudaBackend) {
+    let cfg = llama_1b_shape();
+    let mut rng = ChaCha8Rng::seed_from_u64(1);
+    let dm = cfg.hidden_size;
+    let layers = (0..cfg.num_layers)
+        .map(|_| HostLayer {
+            attn_norm: vec![1.0; dm],
+            mlp_norm: vec![1.0; dm],
+            proj: Proj::ALL.map(|p| {
+                let (din, dout) = p.dims(&cfg);
+                rnd(&mut rng, din * dout, 1.0 / (din as f32).sqrt())
+            }),
+        })
+        .collect();
+    let weights = HostWeights {
+        embed: rnd(&mut rng, cfg.vocab_size * dm, 0.02),
+        layers,
+        final_norm: vec![1.0; dm],
+        lm_head: None,
+    };
+    let model = Llama::new(g, cfg.clone(), weights).unwrap();
+    let lora_host = HostLora::init(
+        &cfg,
+        LoraConfig {
+            r: 16,
+            alpha: 32.0,
+            use_rslora: false,
+            targets: Proj::ALL.to_vec(),
+        },
+        0,
+    );
+    let lora = lora_host.map(|v| g.buf(v.clone())).unwrap();
+    let (bsz, seq) = (4, 512);
+    let examples: Vec<Example> = (0..bsz)
+        .map(|_| {
+            let ids: Vec<u32> = (0..seq)
+                .map(|_| rng.random_range(0..cfg.vocab_size as u32))
+                .collect();
+            Example {
+                labels: ids.iter().map(|&i| i as i32).collect(),
+                ids,
+            }
+        })
+        .collect();
+    let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
+    let mut grads = lora.map_sized(|n| g.zeros(n)).unwrap();
+    let mut grp = c.benchmark_group("cuda_llama1b_shape_4x512");
+    grp.sample_size(10);
+    grp.throughput(Throughput::Elements((bsz * seq) as u64));
+    grp.bench_function("lora_forward_backward", |bn| {
+        bn.iter(|| {
+            accumulate_gradients(g, &model, &lora, &batch, 1.0, &mut grads).unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    for (name, scheme) in [
+        ("curvature_diag", Scheme::Diag),
+        ("curvature_kfac", Scheme::Kfac),
+    ] {
+        let spec = Spec {
+            scheme,
+            fisher: Fisher::Empirical,
+            approx: KfacApprox::Expand,
+            seed: 0,
+        };
+        grp.bench_function(name, |bn| {
+            bn.iter(|| estimate(g, &model, &lora, &examples, bsz, spec, || {}).unwrap())
+        });
+    }
+    grp.finish();
+}
+
+fn benches(c: &mut Criterion) {
+    if !cuda::available() {
+        eprintln!("skipped: no CUDA device");
+        return;
+    }
+    let g = CudaBackend::new(0).unwrap();
+    eprintln!("device: {}", g.describe());
+    kernels(c, &g);
+    end_to_end(c, &g);
+}
+
+criterion_group!(cuda_benches, benches);
+criterion_main!(cuda_benches);

@@ -1,0 +1,100 @@
+//! Compile every `kernels/*.cu` to PTX with nvcc (DESIGN §9).
+//!
+//! nvcc is looked for in `$NVCC`, `$CUDA_HOME/bin`, `$CUDA_PATH/bin`, `$PATH`,
+//! `/usr/local/cuda/bin`; `nvidia-smi` is never called. The target is `compute_80` PTX
+//! (A100, H100, H200 through the driver's JIT) unless `LALORA_CUDA_ARCH` says otherwise.
+//! Without nvcc the crate builds for the CPU with a warning, or fails when
+//! `LALORA_REQUIRE_CUDA_KERNELS=1`. With the kernels built, `cfg(lalora_cuda_kernels)`
+//! is set and the PTX lies in `OUT_DIR` for `include_str!`.
+
+use std::env;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC") {
+        return Some(PathBuf::from(p));
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Some(home) = env::var_os(var) {
+            let p = Path::new(&home).join("bin/nvcc");
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    if let Some(path) = env::var_os("PATH") {
+        for dir in env::split_paths(&path) {
+            let p = dir.join("nvcc");
+            if p.exists() {
+                return Some(p);
+            }
+        }
+    }
+    let p = Path::new("/usr/local/cuda/bin/nvcc");
+    p.exists().then(|| p.to_path_buf())
+}
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(lalora_cuda_kernels)");
+    for var in [
+        "NVCC",
+        "CUDA_HOME",
+        "CUDA_PATH",
+        "PATH",
+        "LALORA_CUDA_ARCH",
+        "LALORA_REQUIRE_CUDA_KERNELS",
+    ] {
+        println!("cargo::rerun-if-env-changed={var}");
+    }
+    let kernels = Path::new("kernels");
+    println!("cargo::rerun-if-changed=kernels");
+    let mut sources: Vec<PathBuf> = std::fs::read_dir(kernels)
+        .map(|rd| rd.flatten().map(|e| e.path()).collect())
+        .unwrap_or_default();
+    sources.sort();
+    for s in &sources {
+        println!("cargo::rerun-if-changed={}", s.display());
+    }
+    let required = env::var("LALORA_REQUIRE_CUDA_KERNELS").is_ok_and(|v| v == "1");
+    let Some(nvcc) = find_nvcc() else {
+        let msg = "nvcc not found (NVCC, CUDA_HOME, CUDA_PATH, PATH, /usr/local/cuda): building without CUDA kernels; run scripts/install-nvcc.sh and set NVCC to build them";
+        if required {
+            panic!("LALORA_REQUIRE_CUDA_KERNELS=1 but {msg}");
+        }
+        println!("cargo::warning={msg}");
+        return;
+    };
+    let out = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let arch = env::var("LALORA_CUDA_ARCH").unwrap_or_else(|_| "compute_80".into());
+    for src in sources
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+    {
+        let stem = src
+            .file_stem()
+            .and_then(|s| s.to_str())
+            .expect("kernel file names are UTF-8");
+        let ptx = out.join(format!("{stem}.ptx"));
+        let result = Command::new(&nvcc)
+            .args(["--ptx", "-O3", "-std=c++17"])
+            .arg(format!("-arch={arch}"))
+            .arg("-I")
+            .arg(kernels)
+            .arg("-o")
+            .arg(&ptx)
+            .arg(src)
+            .output();
+        match result {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "nvcc failed on {}:\n{}{}",
+                src.display(),
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!("cannot run {}: {e}", nvcc.display()),
+        }
+    }
+    println!("cargo::rustc-cfg=lalora_cuda_kernels");
+}

@@ -1,0 +1,64 @@
+// Fused softmax cross-entropy over (rows, vocab) logits, one block per row (CPU twin:
+// ops::cross_entropy). targets[row] < 0 ignores the row. With `sample`, the label is drawn
+// from the row's softmax by inverting its CDF at sample_uniform(seed, row) (Monte-Carlo
+// Fisher). Writes the row loss and, with `write_grad`, dlogits = scale (softmax - onehot).
+#include "common.cuh"
+
+extern "C" __global__ void cross_entropy(const float* logits, const int* targets, float* losses, float* dlogits, int vocab,
+                                         float grad_scale, int write_grad, unsigned long long seed, int sample) {
+    __shared__ float scratch[32];
+    __shared__ double dscratch[32];
+    __shared__ double prefix[1024];
+    __shared__ int picked;
+    const size_t row = blockIdx.x;
+    const float* z = logits + row * vocab;
+    float* d = dlogits + row * vocab;
+    if (targets[row] < 0) {
+        if (threadIdx.x == 0) losses[row] = 0.f;
+        if (write_grad)
+            for (int j = threadIdx.x; j < vocab; j += blockDim.x) d[j] = 0.f;
+        return;
+    }
+    float m = -INFINITY;
+    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, z[j]);
+    m = block_max(m, scratch);
+    // Each thread owns a contiguous chunk so the CDF can be inverted chunk by chunk.
+    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    const int c0 = min(vocab, (int)threadIdx.x * chunk), c1 = min(vocab, c0 + chunk);
+    double part = 0.0;
+    for (int j = c0; j < c1; ++j) part += (double)expf(z[j] - m);
+    const double total = block_sum_d(part, dscratch);
+    const float lse = m + (float)log(total);
+    int target = targets[row];
+    if (sample) {
+        prefix[threadIdx.x] = part;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            double acc = 0.0;
+            for (int t = 0; t < (int)blockDim.x; ++t) {
+                const double p = prefix[t];
+                prefix[t] = acc;
+                acc += p;
+            }
+            picked = vocab - 1;
+        }
+        __syncthreads();
+        const double u = (double)sample_uniform(seed, row) * total;
+        if (prefix[threadIdx.x] <= u && u < prefix[threadIdx.x] + part) {
+            double acc = prefix[threadIdx.x];
+            for (int j = c0; j < c1; ++j) {
+                acc += (double)expf(z[j] - m);
+                if (acc > u) {
+                    picked = j;
+                    break;
+                }
+            }
+        }
+        __syncthreads();
+        target = picked;
+    }
+    if (threadIdx.x == 0) losses[row] = lse - z[target];
+    if (write_grad)
+        for (int j = threadIdx.x; j < vocab; j += blockDim.x)
+            d[j] = grad_scale * (expf(z[j] - lse) - (j == target ? 1.f : 0.f));
+}

@@ -4,61 +4,40 @@
 #include <cuda_bf16.h>
 #include <stdint.h>
 
-__device__ __forceinline__ float warp_sum(float v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+struct SumOp {
+    template <typename T>
+    __device__ __forceinline__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+    __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+
+template <typename T, typename Op>
+__device__ __forceinline__ T warp_reduce(T v, Op op) {
+    for (int o = 16; o > 0; o >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
 
-__device__ __forceinline__ float warp_max(float v) {
-    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-    return v;
-}
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-    return v;
-}
-
-// Sum over the block (blockDim.x a multiple of 32); `scratch` holds 32 values. Every
+// Reduce over the block (blockDim.x a multiple of 32); `scratch` holds 32 values. Every
 // thread gets the result.
-__device__ __forceinline__ float block_sum(float v, float* scratch) {
+template <typename T, typename Op>
+__device__ __forceinline__ T block_reduce(T v, T* scratch, T identity, Op op) {
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum(v);
+    v = warp_reduce(v, op);
     __syncthreads();
     if (lane == 0) scratch[warp] = v;
     __syncthreads();
-    v = threadIdx.x < nw ? scratch[threadIdx.x] : 0.f;
-    if (warp == 0) v = warp_sum(v);
+    v = threadIdx.x < nw ? scratch[threadIdx.x] : identity;
+    if (warp == 0) v = warp_reduce(v, op);
     if (threadIdx.x == 0) scratch[0] = v;
     __syncthreads();
     return scratch[0];
 }
 
-__device__ __forceinline__ double block_sum_d(double v, double* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_sum_d(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = threadIdx.x < nw ? scratch[threadIdx.x] : 0.0;
-    if (warp == 0) v = warp_sum_d(v);
-    if (threadIdx.x == 0) scratch[0] = v;
-    __syncthreads();
-    return scratch[0];
-}
-
-__device__ __forceinline__ float block_max(float v, float* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    v = warp_max(v);
-    __syncthreads();
-    if (lane == 0) scratch[warp] = v;
-    __syncthreads();
-    v = threadIdx.x < nw ? scratch[threadIdx.x] : -INFINITY;
-    if (warp == 0) v = warp_max(v);
-    if (threadIdx.x == 0) scratch[0] = v;
-    __syncthreads();
-    return scratch[0];
-}
+__device__ __forceinline__ float warp_sum(float v) { return warp_reduce(v, SumOp()); }
+__device__ __forceinline__ float block_sum(float v, float* s) { return block_reduce(v, s, 0.f, SumOp()); }
+__device__ __forceinline__ double block_sum_d(double v, double* s) { return block_reduce(v, s, 0.0, SumOp()); }
+__device__ __forceinline__ float block_max(float v, float* s) { return block_reduce(v, s, -INFINITY, MaxOp()); }
 
 // The counter-based uniform in [0, 1) of backend::sample_uniform (splitmix64 finaliser),
 // so CPU and CUDA draw the same Monte-Carlo labels.

@@ -14,5 +14,6 @@ $pip --no-deps torch==2.15.0
 $pip filelock typing-extensions sympy networkx jinja2 fsspec numpy
 $pip transformers==5.23.0 peft==0.21.2 gguf==0.19.0 accelerate
 $pip --no-deps backpack-for-pytorch==1.7.1 curvlinops-for-pytorch==3.0.1
-$pip einops einconv unfoldNd scipy tqdm
+$pip einops einconv unfoldNd scipy tqdm opt-einsum jaxtyping mpmath safetensors
+$pip --no-deps linear_operator
 "$venv/bin/python" -c "import torch; print('torch', torch.__version__, 'threads', torch.get_num_threads())"

@@ -1,4 +1,5 @@
-//! `eval`: mean NLL and perplexity of each `--data` file.
+//! `eval`: mean NLL and perplexity of each `--data` file; optionally exact-match accuracy
+//! by generation (`--exact-match`) and multiple-choice accuracy (`--choice`).
 
 use std::path::PathBuf;
 
@@ -9,7 +10,10 @@ use super::{Common, DataArgs, ModelArgs, load_data, load_model, print_json};
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::data::Example;
-use crate::error::Result;
+use crate::error::{Error, Result};
+use crate::eval::choice::{ChoiceResult, ChoiceRow, choice_logliks, read_choices, score};
+use crate::eval::exact_match::{ExactMatch, exact_match, read_qa};
+use crate::eval::generate::Sampling;
 use crate::eval::{NllSummary, mean_nll};
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::progress;
@@ -21,9 +25,18 @@ pub struct EvalArgs {
     /// A PEFT adapter directory to apply.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// JSONL data files (each evaluated separately).
-    #[arg(long, required = true, num_args = 1..)]
+    /// JSONL data files for mean NLL / perplexity (each evaluated separately).
+    #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
+    /// Question/answer JSONL files for exact-match accuracy by greedy generation.
+    #[arg(long, num_args = 1..)]
+    pub exact_match: Vec<PathBuf>,
+    /// Multiple-choice JSONL files ({"question", "choices", "answer"}): acc and acc_norm.
+    #[arg(long, num_args = 1..)]
+    pub choice: Vec<PathBuf>,
+    /// Tokens generated per exact-match answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
     #[command(flatten)]
     pub batching: DataArgs,
     #[command(flatten)]
@@ -34,26 +47,32 @@ struct EvalTask {
     model: LoadedModel,
     adapter: Option<HostLora>,
     sets: Vec<Vec<Example>>,
+    qa: Vec<Vec<(String, String)>>,
+    choices: Vec<Vec<ChoiceRow>>,
+    sampling: Sampling,
     batch_size: usize,
     quiet: bool,
 }
 
+type EvalOutput = (Vec<NllSummary>, Vec<ExactMatch>, Vec<ChoiceResult>);
+
 impl BackendTask for EvalTask {
-    type Output = Vec<NllSummary>;
-    fn run<B: Backend>(self, be: &B) -> Result<Vec<NllSummary>> {
+    type Output = EvalOutput;
+    fn run<B: Backend>(mut self, be: &B) -> Result<EvalOutput> {
         let lora = match &self.adapter {
             Some(h) => Some(h.map(|v| be.buf(v.clone()))?),
             None => None,
         };
-        let model = Llama::new(be, self.model.cfg, self.model.weights)?;
-        let mut out = Vec::new();
+        let weights = self.model.take_weights();
+        let model = Llama::new(be, self.model.cfg.clone(), weights)?;
+        let mut nll = Vec::new();
         for set in &self.sets {
             let pb = progress::bar(
                 set.len().div_ceil(self.batch_size) as u64,
                 "eval",
                 self.quiet,
             );
-            out.push(mean_nll(
+            nll.push(mean_nll(
                 be,
                 &model,
                 lora.as_ref(),
@@ -63,11 +82,38 @@ impl BackendTask for EvalTask {
             )?);
             pb.finish_and_clear();
         }
-        Ok(out)
+        let mut em = Vec::new();
+        let mut mc = Vec::new();
+        if !self.qa.is_empty() || !self.choices.is_empty() {
+            let tok = self.model.tokenizer()?;
+            for rows in &self.qa {
+                let pb = progress::bar(rows.len() as u64, "generate", self.quiet);
+                em.push(exact_match(
+                    be,
+                    &model,
+                    lora.as_ref(),
+                    tok,
+                    rows,
+                    &self.sampling,
+                    || pb.inc(1),
+                )?);
+                pb.finish_and_clear();
+            }
+            for rows in &self.choices {
+                let ll = choice_logliks(be, &model, lora.as_ref(), tok, rows, self.batch_size)?;
+                mc.push(score(rows, &ll));
+            }
+        }
+        Ok((nll, em, mc))
     }
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
+    if a.data.is_empty() && a.exact_match.is_empty() && a.choice.is_empty() {
+        return Err(Error::usage(
+            "nothing to evaluate: give --data, --exact-match or --choice",
+        ));
+    }
     let m = load_model(&a.model)?;
     let adapter = a
         .adapter
@@ -79,31 +125,65 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|p| load_data(p, &m, &a.batching))
         .collect::<Result<Vec<_>>>()?;
+    let n = a.batching.limit.unwrap_or(usize::MAX);
+    let qa = a
+        .exact_match
+        .iter()
+        .map(|p| read_qa(p).map(|v| v.into_iter().take(n).collect()))
+        .collect::<Result<Vec<_>>>()?;
+    let choices = a
+        .choice
+        .iter()
+        .map(|p| read_choices(p).map(|v| v.into_iter().take(n).collect()))
+        .collect::<Result<Vec<_>>>()?;
+    if !(qa.is_empty() && choices.is_empty()) {
+        m.tokenizer()?;
+    }
     let quiet = a.common.quiet || a.common.json;
+    let sampling = Sampling {
+        max_new_tokens: a.max_new_tokens,
+        seed: a.common.seed,
+        ..Sampling::default()
+    };
     let task = EvalTask {
         model: m,
         adapter,
         sets,
+        qa,
+        choices,
+        sampling,
         batch_size: a.batching.batch_size,
         quiet,
     };
-    let results = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let (nll, em, mc) = run_on(a.common.device, a.common.threads, quiet, task)?;
     if a.common.json {
         let datasets: Vec<_> = a
             .data
             .iter()
-            .zip(&results)
-            .map(|(p, r)| {
-                json!({"path": p, "n_sequences": r.n_sequences, "n_tokens": r.n_tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity})
-            })
+            .zip(&nll)
+            .map(|(p, r)| json!({"path": p, "n_sequences": r.n_sequences, "n_tokens": r.n_tokens, "mean_nll": r.mean_nll, "perplexity": r.perplexity}))
             .collect();
-        print_json(&json!({ "datasets": datasets }));
-    } else {
+        let mut out = json!({ "datasets": datasets });
+        if !em.is_empty() {
+            out["exact_match"] = a.exact_match.iter().zip(&em).map(|(p, e)| json!({"path": p, "n": e.n, "correct": e.correct, "accuracy": e.accuracy})).collect();
+        }
+        if !mc.is_empty() {
+            out["choice"] = a
+                .choice
+                .iter()
+                .zip(&mc)
+                .map(|(p, c)| json!({"path": p, "n": c.n, "acc": c.acc, "acc_norm": c.acc_norm}))
+                .collect();
+        }
+        print_json(&out);
+        return Ok(());
+    }
+    if !nll.is_empty() {
         println!(
             "{:<40} {:>9} {:>9} {:>10} {:>11}",
             "data", "sequences", "tokens", "mean NLL", "perplexity"
         );
-        for (p, r) in a.data.iter().zip(&results) {
+        for (p, r) in a.data.iter().zip(&nll) {
             println!(
                 "{:<40} {:>9} {:>9} {:>10.4} {:>11.3}",
                 p.display(),
@@ -113,6 +193,24 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 r.perplexity
             );
         }
+    }
+    for (p, e) in a.exact_match.iter().zip(&em) {
+        println!(
+            "exact match {}: {}/{} = {:.1}%",
+            p.display(),
+            e.correct,
+            e.n,
+            100.0 * e.accuracy
+        );
+    }
+    for (p, c) in a.choice.iter().zip(&mc) {
+        println!(
+            "multiple choice {}: acc {:.3}, acc_norm {:.3} ({} questions)",
+            p.display(),
+            c.acc,
+            c.acc_norm,
+            c.n
+        );
     }
     Ok(())
 }

@@ -6,10 +6,11 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use crate::backend::{Backend, CeTargets};
+use crate::backend::Backend;
+use crate::data::Example;
 use crate::data::jsonl::IGNORE;
-use crate::data::{Example, batches};
 use crate::error::{Error, IoContext, Result};
+use crate::eval::perplexity::sequence_losses;
 use crate::model::{Llama, LoraWeights};
 use crate::tokenizer::Tokenizer;
 
@@ -94,21 +95,12 @@ pub fn choice_logliks<B: Backend>(
             examples.push(Example { ids, labels });
         }
     }
-    let mut out = Vec::with_capacity(examples.len());
-    for batch in batches(&examples, batch_size) {
-        let acts = model.forward(be, lora, &batch, false)?;
-        let (losses, _) = be.cross_entropy(
-            &acts.logits,
-            acts.rows,
-            model.cfg.vocab_size,
-            CeTargets::Labels(&batch.targets),
-            None,
-        )?;
-        for seq in losses.chunks(batch.seq_len) {
-            out.push(-seq.iter().map(|&l| l as f64).sum::<f64>());
-        }
-    }
-    Ok(out)
+    Ok(
+        sequence_losses(be, model, lora, &examples, batch_size, || {})?
+            .into_iter()
+            .map(|l| -l)
+            .collect(),
+    )
 }
 
 /// `acc` and `acc_norm` from the log-likelihoods of `choice_logliks`.

@@ -16,18 +16,17 @@ pub struct NllSummary {
     pub perplexity: f64,
 }
 
-/// Forward-only pass over `examples` in batches; `on_batch` is called after each batch
-/// (progress).
-pub fn mean_nll<B: Backend>(
+/// Summed token loss of every sequence of `examples`, in order (forward only, batched);
+/// `on_batch` is called after each batch (progress).
+pub fn sequence_losses<B: Backend>(
     be: &B,
     model: &Llama<B>,
     lora: Option<&LoraWeights<B::Buf>>,
     examples: &[Example],
     batch_size: usize,
     mut on_batch: impl FnMut(),
-) -> Result<NllSummary> {
-    let mut sum = 0f64;
-    let mut n = 0usize;
+) -> Result<Vec<f64>> {
+    let mut out = Vec::with_capacity(examples.len());
     for batch in batches(examples, batch_size) {
         let acts = model.forward(be, lora, &batch, false)?;
         let (losses, _) = be.cross_entropy(
@@ -37,10 +36,29 @@ pub fn mean_nll<B: Backend>(
             CeTargets::Labels(&batch.targets),
             None,
         )?;
-        sum += losses.iter().map(|&l| l as f64).sum::<f64>();
-        n += batch.n_targets;
+        out.extend(
+            losses
+                .chunks(batch.seq_len.max(1))
+                .map(|seq| seq.iter().map(|&l| l as f64).sum::<f64>()),
+        );
         on_batch();
     }
+    Ok(out)
+}
+
+/// Mean NLL over the labelled tokens of `examples`.
+pub fn mean_nll<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&LoraWeights<B::Buf>>,
+    examples: &[Example],
+    batch_size: usize,
+    on_batch: impl FnMut(),
+) -> Result<NllSummary> {
+    let sum: f64 = sequence_losses(be, model, lora, examples, batch_size, on_batch)?
+        .iter()
+        .sum();
+    let n: usize = examples.iter().map(Example::n_targets).sum();
     let mean = if n > 0 { sum / n as f64 } else { f64::NAN };
     Ok(NllSummary {
         n_sequences: examples.len(),

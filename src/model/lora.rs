@@ -113,39 +113,30 @@ impl<T> LoraWeights<T> {
     /// A new set of tensors with the same structure, `f(len)` making each one.
     pub fn map_sized<U>(&self, mut f: impl FnMut(usize) -> Result<U>) -> Result<LoraWeights<U>> {
         let r = self.cfg.r;
-        let modules = self
-            .modules
-            .iter()
-            .map(|m| {
-                Ok(LoraModule {
-                    layer: m.layer,
-                    proj: m.proj,
-                    d_in: m.d_in,
-                    d_out: m.d_out,
-                    a: f(r * m.d_in)?,
-                    b: f(m.d_out * r)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        Ok(LoraWeights {
-            cfg: self.cfg.clone(),
-            modules,
-        })
+        self.rebuild(|m| Ok((f(r * m.d_in)?, f(m.d_out * r)?)))
     }
 
     /// Apply `f` to every module's storage.
     pub fn map<U>(&self, mut f: impl FnMut(&T) -> Result<U>) -> Result<LoraWeights<U>> {
+        self.rebuild(|m| Ok((f(&m.a)?, f(&m.b)?)))
+    }
+
+    fn rebuild<U>(
+        &self,
+        mut f: impl FnMut(&LoraModule<T>) -> Result<(U, U)>,
+    ) -> Result<LoraWeights<U>> {
         let modules = self
             .modules
             .iter()
             .map(|m| {
+                let (a, b) = f(m)?;
                 Ok(LoraModule {
                     layer: m.layer,
                     proj: m.proj,
                     d_in: m.d_in,
                     d_out: m.d_out,
-                    a: f(&m.a)?,
-                    b: f(&m.b)?,
+                    a,
+                    b,
                 })
             })
             .collect::<Result<Vec<_>>>()?;

@@ -238,3 +238,14 @@ fn bad_adapter_shape() {
     );
     assert_clean_error(&r, "adapter_model.safetensors", "adapter rank mismatch");
 }
+
+#[test]
+fn usage_errors_are_one_line() {
+    let r = run(&["train", "--model", "m"], &[]);
+    assert_clean_error(&r, "--data", "missing required flags");
+    let r = run(
+        &["eval", "--model", "m", "--data", "d", "--device", "gpu"],
+        &[],
+    );
+    assert_clean_error(&r, "gpu", "bad device");
+}

@@ -130,10 +130,24 @@ impl LoraArgs {
 pub fn run() -> Result<()> {
     let cli = match Cli::try_parse() {
         Ok(c) => c,
-        Err(e) => {
-            // Help and version go to stdout with status 0; usage errors exit 2 (clap's own).
-            e.exit();
-        }
+        Err(e) => match e.kind() {
+            // Help and version print in full (clap's own exit codes).
+            clap::error::ErrorKind::DisplayHelp
+            | clap::error::ErrorKind::DisplayVersion
+            | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
+            // Usage errors become the usual one line (exit 2).
+            _ => {
+                let text = e.to_string();
+                let first: Vec<&str> = text
+                    .lines()
+                    .take_while(|l| !l.trim().is_empty())
+                    .map(str::trim)
+                    .collect();
+                return Err(Error::usage(
+                    first.join(" ").trim_start_matches("error: ").to_string(),
+                ));
+            }
+        },
     };
     match cli.command {
         Command::Info(a) => info::run(a),

@@ -1,7 +1,7 @@
 //! Helpers shared by the integration tests.
 #![allow(dead_code)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::data::{Batch, Example, RowFormat, read_jsonl};

@@ -1,0 +1,204 @@
+//! Attention on CUDA: the per-head products run as cuBLAS strided-batched GEMMs (one batch
+//! over the KV heads for each sequence and in-group offset, so grouped-query heads share
+//! their K/V), the masking and softmax as the hand-written kernels of `attention.cu`.
+
+use cudarc::driver::CudaSlice;
+
+use super::blas::{N, Operand, T, gemm_batched};
+use super::{CudaBackend, KernelArg};
+use crate::backend::AttnShape;
+use crate::error::Result;
+
+struct HeadOffsets {
+    q: usize,
+    q_stride: usize,
+    k: usize,
+    k_stride: usize,
+    p: usize,
+    p_stride: usize,
+}
+
+impl CudaBackend {
+    /// Batched per-head products of attention for one sequence `b` and one in-group
+    /// offset `gi`: a batch runs over the KV heads.
+    fn head_operands(&self, s: &AttnShape, b: usize, gi: usize) -> HeadOffsets {
+        let (hd, h, kvh) = (s.head_dim, s.n_heads, s.n_kv_heads);
+        let group = h / kvh;
+        HeadOffsets {
+            q: b * s.tq * h * hd + gi * hd,
+            q_stride: group * hd,
+            k: b * s.tk_stride * kvh * hd,
+            k_stride: hd,
+            p: (b * h + gi) * s.tq * s.tk,
+            p_stride: group * s.tq * s.tk,
+        }
+    }
+
+    pub(super) fn attention_impl(
+        &self,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        s: &AttnShape,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+        let (hd, kvh) = (s.head_dim, s.n_kv_heads);
+        let (qw, kw) = (s.n_heads * hd, kvh * hd);
+        let group = s.n_heads / kvh;
+        let probs = self.alloc(s.probs_len())?;
+        let out = self.alloc(s.batch * s.tq * qw)?;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let (pq, pk, pv, pp, po) = (
+            self.ptr(q),
+            self.ptr(k),
+            self.ptr(v),
+            self.ptr(&probs),
+            self.ptr(&out),
+        );
+        for b in 0..s.batch {
+            for gi in 0..group {
+                let o = self.head_operands(s, b, gi);
+                // S^T (tk, tq) = K (tk, hd) . Q^T, per KV head.
+                gemm_batched(
+                    self.h(),
+                    T,
+                    N,
+                    s.tk,
+                    s.tq,
+                    hd,
+                    scale,
+                    (Operand::f32(pk, kw).offset(o.k), o.k_stride),
+                    (Operand::f32(pq, qw).offset(o.q), o.q_stride),
+                    0.0,
+                    (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
+                    kvh,
+                )?;
+            }
+        }
+        let rows = s.batch * s.n_heads * s.tq;
+        let args: [&dyn KernelArg; 4] = [&pp, &(s.tq as i32), &(s.tk as i32), &(s.q_offset as i32)];
+        self.launch("attn_softmax_forward", Self::per_row(rows), &args)?;
+        for b in 0..s.batch {
+            for gi in 0..group {
+                let o = self.head_operands(s, b, gi);
+                // out^T (hd, tq) = V^T (hd, tk) . P^T (tk, tq)
+                gemm_batched(
+                    self.h(),
+                    N,
+                    N,
+                    hd,
+                    s.tq,
+                    s.tk,
+                    1.0,
+                    (Operand::f32(pv, kw).offset(o.k), o.k_stride),
+                    (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
+                    0.0,
+                    (Operand::f32(po, qw).offset(o.q), o.q_stride),
+                    kvh,
+                )?;
+            }
+        }
+        Ok((out, probs))
+    }
+
+    pub(super) fn attention_backward_impl(
+        &self,
+        dout: &CudaSlice<f32>,
+        q: &CudaSlice<f32>,
+        k: &CudaSlice<f32>,
+        v: &CudaSlice<f32>,
+        probs: &CudaSlice<f32>,
+        s: &AttnShape,
+    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+        let (hd, kvh) = (s.head_dim, s.n_kv_heads);
+        let (qw, kw) = (s.n_heads * hd, kvh * hd);
+        let group = s.n_heads / kvh;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let dq = self.alloc(s.batch * s.tq * qw)?;
+        let dk = self.alloc(s.batch * s.tk_stride * kw)?;
+        let dv = self.alloc(s.batch * s.tk_stride * kw)?;
+        let dp = self.alloc(s.probs_len())?;
+        let (pq, pk, pv, pp, pdo) = (
+            self.ptr(q),
+            self.ptr(k),
+            self.ptr(v),
+            self.ptr(probs),
+            self.ptr(dout),
+        );
+        let (pdq, pdk, pdv, pdp) = (self.ptr(&dq), self.ptr(&dk), self.ptr(&dv), self.ptr(&dp));
+        for b in 0..s.batch {
+            for gi in 0..group {
+                let o = self.head_operands(s, b, gi);
+                // dP^T (tk, tq) = V (tk, hd) . dO^T
+                gemm_batched(
+                    self.h(),
+                    T,
+                    N,
+                    s.tk,
+                    s.tq,
+                    hd,
+                    1.0,
+                    (Operand::f32(pv, kw).offset(o.k), o.k_stride),
+                    (Operand::f32(pdo, qw).offset(o.q), o.q_stride),
+                    0.0,
+                    (Operand::f32(pdp, s.tk).offset(o.p), o.p_stride),
+                    kvh,
+                )?;
+            }
+        }
+        let rows = s.batch * s.n_heads * s.tq;
+        let args: [&dyn KernelArg; 3] = [&pp, &pdp, &(s.tk as i32)];
+        self.launch("attn_softmax_backward", Self::per_row(rows), &args)?;
+        for b in 0..s.batch {
+            for gi in 0..group {
+                let o = self.head_operands(s, b, gi);
+                let ds = (Operand::f32(pdp, s.tk).offset(o.p), o.p_stride);
+                // dQ^T (hd, tq) = scale K^T (hd, tk) . dS^T
+                gemm_batched(
+                    self.h(),
+                    N,
+                    N,
+                    hd,
+                    s.tq,
+                    s.tk,
+                    scale,
+                    (Operand::f32(pk, kw).offset(o.k), o.k_stride),
+                    ds,
+                    0.0,
+                    (Operand::f32(pdq, qw).offset(o.q), o.q_stride),
+                    kvh,
+                )?;
+                // dK^T (hd, tk) += scale Q^T (hd, tq) . dS (tq, tk)
+                gemm_batched(
+                    self.h(),
+                    N,
+                    T,
+                    hd,
+                    s.tk,
+                    s.tq,
+                    scale,
+                    (Operand::f32(pq, qw).offset(o.q), o.q_stride),
+                    ds,
+                    1.0,
+                    (Operand::f32(pdk, kw).offset(o.k), o.k_stride),
+                    kvh,
+                )?;
+                // dV^T (hd, tk) += dO^T (hd, tq) . P (tq, tk)
+                gemm_batched(
+                    self.h(),
+                    N,
+                    T,
+                    hd,
+                    s.tk,
+                    s.tq,
+                    1.0,
+                    (Operand::f32(pdo, qw).offset(o.q), o.q_stride),
+                    (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
+                    1.0,
+                    (Operand::f32(pdv, kw).offset(o.k), o.k_stride),
+                    kvh,
+                )?;
+            }
+        }
+        Ok((dq, dk, dv))
+    }
+}

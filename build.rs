@@ -97,4 +97,6 @@ fn main() {
         }
     }
     println!("cargo::rustc-cfg=lalora_cuda_kernels");
+    // The PTX tests run the ptxas beside this nvcc.
+    println!("cargo::rustc-env=LALORA_BUILD_NVCC={}", nvcc.display());
 }

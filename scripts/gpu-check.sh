@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, for a machine with an NVIDIA GPU (under 8 minutes on one H200):
 #   1. build with the CUDA kernels, or, where there is no Rust toolchain (the lent GPU
-#      machines), use the binaries scripts/gpu-check.sh --build-only put in gpu-bin/;
+#      machines), use the stripped binaries that `scripts/gpu-check.sh --build-only` put in
+#      gpu-bin/ (about 30 MB: carry `gpu-bin`);
 #   2. run the CUDA tests (every kernel against its CPU twin, a curvature pass and a
 #      training step) and the PTX checks;
 #   3. run the CUDA benchmarks and the PyTorch + PEFT bf16 peer;
@@ -23,14 +24,16 @@ if [ "${1:-}" = "--build-only" ] || command -v cargo >/dev/null 2>&1; then
     # shellcheck disable=SC2086
     exe=$(cargo test --release --no-run $target --message-format=json 2>/dev/null |
       python3 -c 'import json,sys; print([j["executable"] for j in map(json.loads, sys.stdin) if j.get("executable") and j.get("profile",{}).get("test")][-1])')
-    cp "$exe" "$bin/$(echo "$target" | awk '{print $NF}' | tr -d -)"
+    # Stripped: the lent machines take at most 64 MiB of carried files.
+    strip -o "$bin/$(echo "$target" | awk '{print $NF}' | tr -d -)" "$exe"
   done
-  cp "$NVCC" "$(dirname "$NVCC")/ptxas" "$bin/" 2>/dev/null || true
   [ "${1:-}" = "--build-only" ] && { echo "gpu-check: binaries in $bin"; exit 0; }
 fi
 
 export LALORA_ROOT=$root
-export NVCC=$bin/nvcc
+# The PTX checks look for ptxas beside $NVCC: use the machine's own CUDA compiler.
+NVCC=$(command -v nvcc || echo "${NVCC:-}")
+export NVCC
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | tee "$out/gpu.txt"
 echo "== CUDA tests" | tee "$out/tests.log"
 "$bin/lib" --test-threads=1 backend::cuda 2>&1 | tee -a "$out/tests.log"

@@ -198,10 +198,22 @@ mod tests {
             eprintln!("skipped: built without CUDA kernels (no nvcc)");
             return;
         }
+        // $NVCC, the nvcc that built the kernels, or the one on PATH: ptxas sits beside it.
+        let on_path = std::env::var_os("PATH")
+            .map(|p| {
+                std::env::split_paths(&p)
+                    .map(|d| d.join("nvcc"))
+                    .collect::<Vec<_>>()
+            })
+            .unwrap_or_default();
         let ptxas = std::env::var_os("NVCC")
-            .map(|n| std::path::PathBuf::from(n).with_file_name("ptxas"))
-            .filter(|p| p.exists())
-            .expect("set NVCC to the nvcc that built the kernels (ptxas is beside it)");
+            .map(std::path::PathBuf::from)
+            .into_iter()
+            .chain(option_env!("LALORA_BUILD_NVCC").map(std::path::PathBuf::from))
+            .chain(on_path)
+            .map(|n| n.with_file_name("ptxas"))
+            .find(|p| p.exists())
+            .expect("no ptxas: set NVCC to an nvcc with ptxas beside it (scripts/install-nvcc.sh)");
         let dir = tempfile::tempdir().unwrap();
         for m in MODULES {
             let path = dir.path().join(format!("{}.ptx", m.name));

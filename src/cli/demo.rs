@@ -113,15 +113,13 @@ struct DemoTask {
 
 impl BackendTask for DemoTask {
     type Output = (Curvature, Report);
-    fn run<B: Backend>(mut self, be: &B) -> Result<(Curvature, Report)> {
-        let s = &mut self.sweep;
-        let identity = s.model.identity.clone();
+    fn run<B: Backend>(self, be: &B) -> Result<(Curvature, Report)> {
+        let mut s = self.sweep;
         let weights = s.model.take_weights();
         let model = Llama::new(be, s.model.cfg.clone(), weights)?;
         let lora = s.init.map(|v| be.buf(v.clone()))?;
-        let bs = s.eval_batch;
         let pb = progress::bar(
-            self.curvature_data.len().div_ceil(bs) as u64,
+            self.curvature_data.len().div_ceil(s.eval_batch) as u64,
             "curvature",
             s.quiet,
         );
@@ -130,12 +128,12 @@ impl BackendTask for DemoTask {
             &model,
             &lora,
             &self.curvature_data,
-            bs,
+            s.eval_batch,
             self.spec,
             || pb.inc(1),
         )?;
         pb.finish_and_clear();
-        c.meta.model = identity;
+        c.meta.model = s.model.identity.clone();
         c.write(&s.out.join("curvature.safetensors"))?;
         if !s.quiet {
             eprintln!(
@@ -146,43 +144,7 @@ impl BackendTask for DemoTask {
                 eprintln!("note: {n}");
             }
         }
-        let tok = match &s.exact_match {
-            Some(_) => Some(s.model.tokenizer()?),
-            None => None,
-        };
-        let spec = sweep::SweepSpec {
-            lambdas: s.lambdas.clone(),
-            train: s.train.clone(),
-            train_data: &s.train_data,
-            target: std::mem::replace(
-                &mut s.target,
-                sweep::EvalSet {
-                    name: String::new(),
-                    examples: Vec::new(),
-                },
-            ),
-            sources: std::mem::take(&mut s.sources),
-            exact_match: match (tok, s.exact_match.take()) {
-                (Some(t), Some((rows, smp))) => Some((t, rows, smp)),
-                _ => None,
-            },
-            eval_batch: bs,
-            quiet: s.quiet,
-            base_model: s.model.path.display().to_string(),
-        };
-        let quiet = s.quiet;
-        let report = sweep::run(be, &model, Some(&c), &c.mean, &spec, &s.out, |row| {
-            if !quiet {
-                let what = row
-                    .lambda
-                    .map(|l| format!("lambda {l:e}"))
-                    .unwrap_or("base model".into());
-                eprintln!(
-                    "{what}: target NLL {:.4}, QuAC NLL {:.4} ({:.0}s)",
-                    row.target_nll, row.sources[0].nll, row.seconds
-                );
-            }
-        })?;
+        let report = s.sweep_on(be, &model, Some(&c))?;
         Ok((c, report))
     }
 }

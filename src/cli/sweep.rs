@@ -68,6 +68,7 @@ pub struct SweepArgs {
 pub struct SweepTask {
     pub model: LoadedModel,
     pub curvature: Option<Curvature>,
+    /// Where training starts when there is no curvature file.
     pub init: HostLora,
     pub lambdas: Vec<f32>,
     pub train: TrainConfig,
@@ -80,10 +81,17 @@ pub struct SweepTask {
     pub out: PathBuf,
 }
 
-impl BackendTask for SweepTask {
-    type Output = Report;
-    fn run<B: Backend>(mut self, be: &B) -> Result<Report> {
-        let model = Llama::new(be, self.model.cfg.clone(), self.model.take_weights())?;
+impl SweepTask {
+    /// Run the sweep on a model already on the device (its weights taken from
+    /// `self.model`), with the penalty of `curvature`, starting at its theta* (or at
+    /// `self.init` without one).
+    pub fn sweep_on<B: Backend>(
+        self,
+        be: &B,
+        model: &Llama<B>,
+        curvature: Option<&Curvature>,
+    ) -> Result<Report> {
+        let init = curvature.map(|c| &c.mean).unwrap_or(&self.init);
         let tok = match &self.exact_match {
             Some(_) => Some(self.model.tokenizer()?),
             None => None,
@@ -103,31 +111,32 @@ impl BackendTask for SweepTask {
             base_model: self.model.path.display().to_string(),
         };
         let quiet = self.quiet;
-        sweep::run(
-            be,
-            &model,
-            self.curvature.as_ref(),
-            &self.init,
-            &spec,
-            &self.out,
-            |row| {
-                if !quiet {
-                    let what = row
-                        .lambda
-                        .map(|l| format!("lambda {l:e}"))
-                        .unwrap_or("base model".into());
-                    let src = row
-                        .sources
-                        .first()
-                        .map(|s| format!(", {} NLL {:.4}", s.name, s.nll))
-                        .unwrap_or_default();
-                    eprintln!(
-                        "{what}: target NLL {:.4}{src} ({:.0}s)",
-                        row.target_nll, row.seconds
-                    );
-                }
-            },
-        )
+        sweep::run(be, model, curvature, init, &spec, &self.out, |row| {
+            if !quiet {
+                let what = row
+                    .lambda
+                    .map(|l| format!("lambda {l:e}"))
+                    .unwrap_or("base model".into());
+                let src = row
+                    .sources
+                    .first()
+                    .map(|s| format!(", {} NLL {:.4}", s.name, s.nll))
+                    .unwrap_or_default();
+                eprintln!(
+                    "{what}: target NLL {:.4}{src} ({:.0}s)",
+                    row.target_nll, row.seconds
+                );
+            }
+        })
+    }
+}
+
+impl BackendTask for SweepTask {
+    type Output = Report;
+    fn run<B: Backend>(mut self, be: &B) -> Result<Report> {
+        let model = Llama::new(be, self.model.cfg.clone(), self.model.take_weights())?;
+        let curvature = self.curvature.take();
+        self.sweep_on(be, &model, curvature.as_ref())
     }
 }
 
@@ -167,10 +176,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .as_deref()
         .map(|p| Curvature::read(p, &m.cfg))
         .transpose()?;
-    let init = match &curvature {
-        Some(c) => c.mean.clone(),
-        None => HostLora::init(&m.cfg, a.lora.config()?, a.common.seed),
-    };
+    let init = HostLora::init(&m.cfg, a.lora.config()?, a.common.seed);
     let lambdas = match &a.lambdas {
         Some(s) => sweep::parse_lambdas(s)?,
         None => DEFAULT_LAMBDAS.to_vec(),

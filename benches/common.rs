@@ -33,7 +33,7 @@ pub fn smollm2_setup() -> Setup {
     let data = assets().join("data/source-curvature.jsonl");
     let ex = read_jsonl(
         &data,
-        Some(m.tokenizer().unwrap()),
+        m.tokenizer(),
         m.cfg.vocab_size,
         RowFormat { max_len: SEQ },
     )

@@ -190,7 +190,7 @@ fn curvature_file_round_trips() {
 fn mc_errors(t: &Tiny, samples: usize) -> (f64, f64) {
     let ex = read_jsonl(
         &fixture("tiny-gqa/mc_batch.jsonl"),
-        None,
+        Err(lalora_engine::Error::usage("the fixture is pre-tokenized")),
         512,
         RowFormat { max_len: 64 },
     )

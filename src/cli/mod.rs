@@ -170,19 +170,12 @@ pub fn load_data(path: &Path, m: &LoadedModel, d: &DataArgs) -> Result<Vec<Examp
     if d.max_len < 2 {
         return Err(Error::usage("--max-len must be at least 2"));
     }
-    let tok = m.tokenizer().ok();
     let mut ex = read_jsonl(
         path,
-        tok,
+        m.tokenizer(),
         m.cfg.vocab_size,
         RowFormat { max_len: d.max_len },
-    )
-    .map_err(|e| match (&e, m.tokenizer()) {
-        (Error::Line { msg, .. }, Err(te)) if msg.contains("need a tokenizer") => {
-            Error::file(path, format!("text rows need a tokenizer: {te}"))
-        }
-        _ => e,
-    })?;
+    )?;
     if let Some(n) = d.limit {
         ex.truncate(n);
     }

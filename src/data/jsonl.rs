@@ -72,7 +72,7 @@ enum RowKind<'a> {
 
 fn parse_row(
     row: &Value,
-    tok: Option<&Tokenizer>,
+    tok: &Result<&Tokenizer>,
     vocab: usize,
 ) -> std::result::Result<Example, String> {
     if !row.is_object() {
@@ -128,7 +128,9 @@ fn parse_row(
             return Err("unknown row: expected input_ids, text, question/answer, query/response or prompt/completion".into());
         }
     };
-    let tok = tok.ok_or("text rows need a tokenizer")?;
+    let tok = tok
+        .as_ref()
+        .map_err(|e| format!("text rows need a tokenizer: {e}"))?;
     let enc = |s: &str| tok.encode(s).map_err(|e| e.to_string());
     let (prompt, response) = match kind {
         RowKind::Text(text) => {
@@ -159,10 +161,11 @@ fn parse_row(
     Ok(Example { ids, labels })
 }
 
-/// Read every row of a JSONL file. Errors name the file and line.
+/// Read every row of a JSONL file. `tok` is the tokenizer, or the reason there is none
+/// (reported if a row needs one). Errors name the file and line.
 pub fn read_jsonl(
     path: &Path,
-    tok: Option<&Tokenizer>,
+    tok: Result<&Tokenizer>,
     vocab: usize,
     fmt: RowFormat,
 ) -> Result<Vec<Example>> {
@@ -174,7 +177,7 @@ pub fn read_jsonl(
         }
         let row: Value = serde_json::from_str(line)
             .map_err(|e| Error::line(path, i + 1, format!("malformed JSON: {e}")))?;
-        let mut ex = parse_row(&row, tok, vocab).map_err(|m| Error::line(path, i + 1, m))?;
+        let mut ex = parse_row(&row, &tok, vocab).map_err(|m| Error::line(path, i + 1, m))?;
         if ex.ids.is_empty() {
             return Err(Error::line(path, i + 1, "row has no tokens"));
         }

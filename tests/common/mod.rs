@@ -40,7 +40,7 @@ pub fn tiny() -> Tiny {
     let adapter = HostLora::load(&fixture("tiny-gqa/adapter"), &loaded.cfg).expect("adapter loads");
     let examples = read_jsonl(
         &fixture("tiny-gqa/batch.jsonl"),
-        None,
+        Err(lalora_engine::Error::usage("the fixture is pre-tokenized")),
         loaded.cfg.vocab_size,
         RowFormat { max_len: 1024 },
     )

@@ -34,6 +34,20 @@ impl CudaBackend {
         }
     }
 
+    /// Run `f` for each batch of per-head products: one per sequence and in-group offset.
+    fn each_head_batch(
+        &self,
+        s: &AttnShape,
+        mut f: impl FnMut(HeadOffsets) -> Result<()>,
+    ) -> Result<()> {
+        for b in 0..s.batch {
+            for gi in 0..s.n_heads / s.n_kv_heads {
+                f(self.head_operands(s, b, gi))?;
+            }
+        }
+        Ok(())
+    }
+
     pub(super) fn attention_impl(
         &self,
         q: &CudaSlice<f32>,
@@ -43,7 +57,6 @@ impl CudaBackend {
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
         let (hd, kvh) = (s.head_dim, s.n_kv_heads);
         let (qw, kw) = (s.n_heads * hd, kvh * hd);
-        let group = s.n_heads / kvh;
         let probs = self.alloc(s.probs_len())?;
         let out = self.alloc(s.batch * s.tq * qw)?;
         let scale = 1.0 / (hd as f32).sqrt();
@@ -54,49 +67,45 @@ impl CudaBackend {
             self.ptr(&probs),
             self.ptr(&out),
         );
-        for b in 0..s.batch {
-            for gi in 0..group {
-                let o = self.head_operands(s, b, gi);
-                // S^T (tk, tq) = K (tk, hd) . Q^T, per KV head.
-                gemm_batched(
-                    self.h(),
-                    T,
-                    N,
-                    s.tk,
-                    s.tq,
-                    hd,
-                    scale,
-                    (Operand::f32(pk, kw).offset(o.k), o.k_stride),
-                    (Operand::f32(pq, qw).offset(o.q), o.q_stride),
-                    0.0,
-                    (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
-                    kvh,
-                )?;
-            }
-        }
+        self.each_head_batch(s, |o| {
+            // S^T (tk, tq) = K (tk, hd) . Q^T, per KV head.
+            gemm_batched(
+                self.h(),
+                T,
+                N,
+                s.tk,
+                s.tq,
+                hd,
+                scale,
+                (Operand::f32(pk, kw).offset(o.k), o.k_stride),
+                (Operand::f32(pq, qw).offset(o.q), o.q_stride),
+                0.0,
+                (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
+                kvh,
+            )?;
+            Ok(())
+        })?;
         let rows = s.batch * s.n_heads * s.tq;
         let args: [&dyn KernelArg; 4] = [&pp, &(s.tq as i32), &(s.tk as i32), &(s.q_offset as i32)];
         self.launch("attn_softmax_forward", Self::per_row(rows), &args)?;
-        for b in 0..s.batch {
-            for gi in 0..group {
-                let o = self.head_operands(s, b, gi);
-                // out^T (hd, tq) = V^T (hd, tk) . P^T (tk, tq)
-                gemm_batched(
-                    self.h(),
-                    N,
-                    N,
-                    hd,
-                    s.tq,
-                    s.tk,
-                    1.0,
-                    (Operand::f32(pv, kw).offset(o.k), o.k_stride),
-                    (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
-                    0.0,
-                    (Operand::f32(po, qw).offset(o.q), o.q_stride),
-                    kvh,
-                )?;
-            }
-        }
+        self.each_head_batch(s, |o| {
+            // out^T (hd, tq) = V^T (hd, tk) . P^T (tk, tq)
+            gemm_batched(
+                self.h(),
+                N,
+                N,
+                hd,
+                s.tq,
+                s.tk,
+                1.0,
+                (Operand::f32(pv, kw).offset(o.k), o.k_stride),
+                (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
+                0.0,
+                (Operand::f32(po, qw).offset(o.q), o.q_stride),
+                kvh,
+            )?;
+            Ok(())
+        })?;
         Ok((out, probs))
     }
 
@@ -111,7 +120,6 @@ impl CudaBackend {
     ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
         let (hd, kvh) = (s.head_dim, s.n_kv_heads);
         let (qw, kw) = (s.n_heads * hd, kvh * hd);
-        let group = s.n_heads / kvh;
         let scale = 1.0 / (hd as f32).sqrt();
         let dq = self.alloc(s.batch * s.tq * qw)?;
         let dk = self.alloc(s.batch * s.tk_stride * kw)?;
@@ -125,80 +133,76 @@ impl CudaBackend {
             self.ptr(dout),
         );
         let (pdq, pdk, pdv, pdp) = (self.ptr(&dq), self.ptr(&dk), self.ptr(&dv), self.ptr(&dp));
-        for b in 0..s.batch {
-            for gi in 0..group {
-                let o = self.head_operands(s, b, gi);
-                // dP^T (tk, tq) = V (tk, hd) . dO^T
-                gemm_batched(
-                    self.h(),
-                    T,
-                    N,
-                    s.tk,
-                    s.tq,
-                    hd,
-                    1.0,
-                    (Operand::f32(pv, kw).offset(o.k), o.k_stride),
-                    (Operand::f32(pdo, qw).offset(o.q), o.q_stride),
-                    0.0,
-                    (Operand::f32(pdp, s.tk).offset(o.p), o.p_stride),
-                    kvh,
-                )?;
-            }
-        }
+        self.each_head_batch(s, |o| {
+            // dP^T (tk, tq) = V (tk, hd) . dO^T
+            gemm_batched(
+                self.h(),
+                T,
+                N,
+                s.tk,
+                s.tq,
+                hd,
+                1.0,
+                (Operand::f32(pv, kw).offset(o.k), o.k_stride),
+                (Operand::f32(pdo, qw).offset(o.q), o.q_stride),
+                0.0,
+                (Operand::f32(pdp, s.tk).offset(o.p), o.p_stride),
+                kvh,
+            )?;
+            Ok(())
+        })?;
         let rows = s.batch * s.n_heads * s.tq;
         let args: [&dyn KernelArg; 3] = [&pp, &pdp, &(s.tk as i32)];
         self.launch("attn_softmax_backward", Self::per_row(rows), &args)?;
-        for b in 0..s.batch {
-            for gi in 0..group {
-                let o = self.head_operands(s, b, gi);
-                let ds = (Operand::f32(pdp, s.tk).offset(o.p), o.p_stride);
-                // dQ^T (hd, tq) = scale K^T (hd, tk) . dS^T
-                gemm_batched(
-                    self.h(),
-                    N,
-                    N,
-                    hd,
-                    s.tq,
-                    s.tk,
-                    scale,
-                    (Operand::f32(pk, kw).offset(o.k), o.k_stride),
-                    ds,
-                    0.0,
-                    (Operand::f32(pdq, qw).offset(o.q), o.q_stride),
-                    kvh,
-                )?;
-                // dK^T (hd, tk) += scale Q^T (hd, tq) . dS (tq, tk)
-                gemm_batched(
-                    self.h(),
-                    N,
-                    T,
-                    hd,
-                    s.tk,
-                    s.tq,
-                    scale,
-                    (Operand::f32(pq, qw).offset(o.q), o.q_stride),
-                    ds,
-                    1.0,
-                    (Operand::f32(pdk, kw).offset(o.k), o.k_stride),
-                    kvh,
-                )?;
-                // dV^T (hd, tk) += dO^T (hd, tq) . P (tq, tk)
-                gemm_batched(
-                    self.h(),
-                    N,
-                    T,
-                    hd,
-                    s.tk,
-                    s.tq,
-                    1.0,
-                    (Operand::f32(pdo, qw).offset(o.q), o.q_stride),
-                    (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
-                    1.0,
-                    (Operand::f32(pdv, kw).offset(o.k), o.k_stride),
-                    kvh,
-                )?;
-            }
-        }
+        self.each_head_batch(s, |o| {
+            let ds = (Operand::f32(pdp, s.tk).offset(o.p), o.p_stride);
+            // dQ^T (hd, tq) = scale K^T (hd, tk) . dS^T
+            gemm_batched(
+                self.h(),
+                N,
+                N,
+                hd,
+                s.tq,
+                s.tk,
+                scale,
+                (Operand::f32(pk, kw).offset(o.k), o.k_stride),
+                ds,
+                0.0,
+                (Operand::f32(pdq, qw).offset(o.q), o.q_stride),
+                kvh,
+            )?;
+            // dK^T (hd, tk) += scale Q^T (hd, tq) . dS (tq, tk)
+            gemm_batched(
+                self.h(),
+                N,
+                T,
+                hd,
+                s.tk,
+                s.tq,
+                scale,
+                (Operand::f32(pq, qw).offset(o.q), o.q_stride),
+                ds,
+                1.0,
+                (Operand::f32(pdk, kw).offset(o.k), o.k_stride),
+                kvh,
+            )?;
+            // dV^T (hd, tk) += dO^T (hd, tq) . P (tq, tk)
+            gemm_batched(
+                self.h(),
+                N,
+                T,
+                hd,
+                s.tk,
+                s.tq,
+                1.0,
+                (Operand::f32(pdo, qw).offset(o.q), o.q_stride),
+                (Operand::f32(pp, s.tk).offset(o.p), o.p_stride),
+                1.0,
+                (Operand::f32(pdv, kw).offset(o.k), o.k_stride),
+                kvh,
+            )?;
+            Ok(())
+        })?;
         Ok((dq, dk, dv))
     }
 }

@@ -100,10 +100,12 @@ pub const MODULES: &[KernelModule] = &[
 /// Whether build.rs compiled the kernels into this binary.
 pub const BUILT: bool = cfg!(lalora_cuda_kernels);
 
-/// Loaded modules, one slot per entry of `MODULES`.
+/// Loaded modules (one slot per entry of `MODULES`) and their looked-up entry points (one
+/// slot per function, in `MODULES` order).
 pub struct Kernels {
     ctx: Arc<CudaContext>,
     loaded: Vec<OnceLock<Arc<CudaModule>>>,
+    functions: Vec<OnceLock<CudaFunction>>,
 }
 
 impl Kernels {
@@ -111,15 +113,27 @@ impl Kernels {
         Kernels {
             ctx,
             loaded: MODULES.iter().map(|_| OnceLock::new()).collect(),
+            functions: MODULES
+                .iter()
+                .flat_map(|m| m.functions)
+                .map(|_| OnceLock::new())
+                .collect(),
         }
     }
 
-    /// The named entry point, loading its module on first use.
+    /// The named entry point, loading its module and looking it up on first use only.
     pub fn function(&self, name: &str) -> Result<CudaFunction> {
-        let i = MODULES
+        let (i, slot) = MODULES
             .iter()
-            .position(|m| m.functions.contains(&name))
+            .enumerate()
+            .flat_map(|(i, m)| m.functions.iter().map(move |f| (i, *f)))
+            .enumerate()
+            .find(|(_, (_, f))| *f == name)
+            .map(|(slot, (i, _))| (i, slot))
             .ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
+        if let Some(f) = self.functions[slot].get() {
+            return Ok(f.clone());
+        }
         let module = match self.loaded[i].get() {
             Some(m) => m.clone(),
             None => {
@@ -130,9 +144,10 @@ impl Kernels {
                 self.loaded[i].get_or_init(|| m).clone()
             }
         };
-        module
+        let f = module
             .load_function(name)
-            .map_err(|e| Error::Cuda(format!("kernel `{name}`: {e}")))
+            .map_err(|e| Error::Cuda(format!("kernel `{name}`: {e}")))?;
+        Ok(self.functions[slot].get_or_init(|| f).clone())
     }
 }
 

@@ -7,6 +7,7 @@ mod eval;
 mod generate;
 mod grad;
 mod info;
+mod selftest;
 mod sweep;
 mod train;
 
@@ -49,6 +50,9 @@ enum Command {
     Generate(generate::GenerateArgs),
     /// The whole pipeline on the default model and data (fetches them if missing).
     Demo(demo::DemoArgs),
+    /// Every kernel against its reference at several shapes, then a tiny-model grad,
+    /// curvature and training step; run it first on a new GPU.
+    Selftest(selftest::SelftestArgs),
 }
 
 /// Flags every command takes.
@@ -158,6 +162,7 @@ pub fn run() -> Result<()> {
         Command::Sweep(a) => sweep::run(a),
         Command::Generate(a) => generate::run(a),
         Command::Demo(a) => demo::run(a),
+        Command::Selftest(a) => selftest::run(a),
     }
 }
 

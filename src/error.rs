@@ -24,12 +24,23 @@ pub enum Error {
     /// Bad arguments or a combination of inputs that cannot work together.
     #[error("{0}")]
     Usage(String),
-    /// The CUDA runtime or a kernel failed.
-    #[error("cuda: {0}")]
-    Cuda(String),
+    /// A device fault: a CUDA error, or a finding of the simulator's checks (the message
+    /// names the device and the kernel).
+    #[error("{0}")]
+    Device(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    /// The process exit code: 3 for a device fault, 2 for everything else (bad input).
+    pub fn exit_code(&self) -> u8 {
+        match self {
+            Error::Device(_) => 3,
+            _ => 2,
+        }
+    }
+}
 
 impl Error {
     pub fn file(path: impl AsRef<Path>, msg: impl Into<String>) -> Self {

@@ -19,6 +19,7 @@ pub mod eval;
 pub mod io;
 pub mod model;
 pub mod progress;
+pub mod ptxsim;
 pub mod selftest;
 pub mod sweep;
 pub mod tokenizer;

@@ -7,7 +7,7 @@ fn main() -> ExitCode {
             // One line, always: a multi-line message is folded.
             let msg = e.to_string().replace('\n', " ");
             eprintln!("error: {msg}");
-            ExitCode::from(2)
+            ExitCode::from(e.exit_code())
         }
     }
 }

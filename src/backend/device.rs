@@ -1,10 +1,11 @@
-//! `--device auto|cpu|cuda[:N]`: choose a backend and run a task on it.
+//! `--device auto|cpu|cuda[:N]|sim` and `--base-dtype`: choose a backend and run a task
+//! on it.
 
 use std::str::FromStr;
 
 use super::Backend;
 use super::cpu::CpuBackend;
-use super::cuda::{self, CudaBackend};
+use super::cuda::{self, BaseDtype, CudaBackend};
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -13,6 +14,8 @@ pub enum Device {
     Auto,
     Cpu,
     Cuda(usize),
+    /// The CUDA backend on the PTX simulator (CPU), with compute-sanitizer-like checks.
+    Sim,
 }
 
 impl FromStr for Device {
@@ -22,13 +25,25 @@ impl FromStr for Device {
             "auto" => Ok(Device::Auto),
             "cpu" => Ok(Device::Cpu),
             "cuda" => Ok(Device::Cuda(0)),
+            "sim" => Ok(Device::Sim),
             _ => s
                 .strip_prefix("cuda:")
                 .and_then(|n| n.parse().ok())
                 .map(Device::Cuda)
-                .ok_or_else(|| format!("`{s}` is not a device (auto, cpu, cuda or cuda:N)")),
+                .ok_or_else(|| format!("`{s}` is not a device (auto, cpu, cuda, cuda:N or sim)")),
         }
     }
+}
+
+/// Where and how a command runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    pub device: Device,
+    /// CPU threads (0: all cores): the CPU backend's, or the simulator's.
+    pub threads: usize,
+    pub quiet: bool,
+    /// `--base-dtype`; None: bf16 on cuda and sim (the CPU computes in f32).
+    pub base_dtype: Option<BaseDtype>,
 }
 
 /// Work that is generic over the backend it runs on.
@@ -37,35 +52,43 @@ pub trait BackendTask {
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
 }
 
-/// Run `task` on the chosen device, saying on stderr which one runs (unless `quiet`).
-/// `auto` takes CUDA when the kernels were built and a device is present, else the CPU.
-pub fn run_on<T: BackendTask>(
-    device: Device,
-    threads: usize,
-    quiet: bool,
-    task: T,
-) -> Result<T::Output> {
-    let ordinal = match device {
-        Device::Cpu => None,
-        Device::Cuda(n) => Some(n),
-        Device::Auto => cuda::available().then_some(0),
+fn announce<B: Backend>(be: &B, quiet: bool) {
+    if !quiet {
+        eprintln!("device: {}", be.describe());
+    }
+}
+
+/// Run `task` on the chosen device, saying on stderr which one runs (unless quiet).
+/// `auto` takes CUDA when the kernels were built and a GPU is present, else the CPU.
+pub fn run_on<T: BackendTask>(p: Placement, task: T) -> Result<T::Output> {
+    let base = p.base_dtype.unwrap_or_default();
+    let device = match p.device {
+        Device::Auto if cuda::available() => Device::Cuda(0),
+        Device::Auto => Device::Cpu,
+        d => d,
     };
-    match ordinal {
-        Some(n) => {
-            let be = CudaBackend::new(n).map_err(|e| match device {
-                Device::Cuda(_) => Error::usage(format!("--device cuda:{n}: {e}")),
-                _ => e,
+    match device {
+        Device::Cuda(n) => {
+            let be = CudaBackend::new(n, base).map_err(|e| match e {
+                Error::Usage(m) | Error::Device(m) => Error::usage(format!("--device cuda:{n}: {m}")),
+                e => e,
             })?;
-            if !quiet {
-                eprintln!("device: {}", be.describe());
-            }
+            announce(&be, p.quiet);
             task.run(&be)
         }
-        None => {
-            let be = CpuBackend::new(threads);
-            if !quiet {
-                eprintln!("device: {}", be.describe());
+        Device::Sim => {
+            let be = CudaBackend::sim(p.threads, base)?;
+            announce(&be, p.quiet);
+            task.run(&be)
+        }
+        _ => {
+            if p.device == Device::Cpu && p.base_dtype == Some(BaseDtype::Bf16) {
+                return Err(Error::usage(
+                    "--base-dtype bf16 applies to --device cuda and sim; the CPU backend computes in f32",
+                ));
             }
+            let be = CpuBackend::new(p.threads);
+            announce(&be, p.quiet);
             task.run(&be)
         }
     }

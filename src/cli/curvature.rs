@@ -165,7 +165,7 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
         batch_size: a.batching.batch_size,
         quiet,
     };
-    let c = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let c = run_on(a.common.placement(quiet), task)?;
     c.write(&a.out)?;
     let summary = summarize(&c);
     if a.common.json {

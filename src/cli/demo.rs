@@ -228,7 +228,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         curvature_data,
         spec,
     };
-    let (_, report) = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let (_, report) = run_on(a.common.placement(quiet), task)?;
     print_report(&report, &a.out, a.common.json);
     if !a.common.json {
         println!(

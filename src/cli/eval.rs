@@ -155,7 +155,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         batch_size: a.batching.batch_size,
         quiet,
     };
-    let (nll, em, mc) = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let (nll, em, mc) = run_on(a.common.placement(quiet), task)?;
     if a.common.json {
         let datasets: Vec<_> = a
             .data

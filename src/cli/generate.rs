@@ -89,9 +89,7 @@ pub fn run(a: GenerateArgs) -> Result<()> {
     };
     let quiet = a.common.quiet || a.common.json;
     let completion = run_on(
-        a.common.device,
-        a.common.threads,
-        quiet,
+        a.common.placement(quiet),
         GenTask {
             model: m,
             adapter,

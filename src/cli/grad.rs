@@ -84,7 +84,7 @@ pub fn run(a: GradArgs) -> Result<()> {
         batch_size: a.batching.batch_size,
         quiet,
     };
-    let (grads, loss_sum, n) = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let (grads, loss_sum, n) = run_on(a.common.placement(quiet), task)?;
     let loss = loss_sum / n.max(1) as f64;
     let (ls, l) = ([loss_sum as f32], [loss as f32]);
     let mut tensors: Vec<(String, Vec<usize>, &[f32])> = grads

@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::backend::device::Device;
+use crate::backend::cuda::BaseDtype;
+use crate::backend::device::{Device, Placement};
 use crate::data::{Example, RowFormat, read_jsonl};
 use crate::error::{Error, Result};
 use crate::model::{self, HostLora, LoadedModel, LoraConfig};
@@ -58,10 +59,16 @@ enum Command {
 /// Flags every command takes.
 #[derive(Args, Clone)]
 pub struct Common {
-    /// Where to run: auto (CUDA if present and built, else CPU), cpu, cuda or cuda:N.
+    /// Where to run: auto (CUDA if present and built, else CPU), cpu, cuda, cuda:N, or sim
+    /// (the CUDA backend on a PTX simulator with compute-sanitizer-like checks: slow, for
+    /// testing kernels without a GPU).
     #[arg(long, default_value = "auto", value_parser = clap::value_parser!(Device))]
     pub device: Device,
-    /// CPU threads (0 = all cores).
+    /// Storage type of the base weights on cuda/sim: bf16 (default) or f32 (reproduces the
+    /// f32 references like the CPU).
+    #[arg(long, value_parser = clap::value_parser!(BaseDtype))]
+    pub base_dtype: Option<BaseDtype>,
+    /// CPU threads (0 = all cores); on sim, the simulator's threads.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Seed for LoRA init, data order and sampling.
@@ -73,6 +80,18 @@ pub struct Common {
     /// No progress bars or status lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+}
+
+impl Common {
+    /// Where the command runs (`quiet` also silences the device line).
+    pub fn placement(&self, quiet: bool) -> Placement {
+        Placement {
+            device: self.device,
+            threads: self.threads,
+            quiet,
+            base_dtype: self.base_dtype,
+        }
+    }
 }
 
 /// The base model (and optionally an adapter).

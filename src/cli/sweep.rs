@@ -216,7 +216,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         out: a.out.clone(),
         model: m,
     };
-    let report = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let report = run_on(a.common.placement(quiet), task)?;
     print_report(&report, &a.out, a.common.json);
     Ok(())
 }

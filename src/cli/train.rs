@@ -161,7 +161,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         init,
         opts,
     };
-    let metrics = run_on(a.common.device, a.common.threads, quiet, task)?;
+    let metrics = run_on(a.common.placement(quiet), task)?;
     let last = metrics.last();
     if a.common.json {
         print_json(&json!({"out": a.out, "steps": last.map(|m| m.step), "final": last}));

@@ -2,10 +2,9 @@
 //! over the KV heads for each sequence and in-group offset, so grouped-query heads share
 //! their K/V), the masking and softmax as the hand-written kernels of `attention.cu`.
 
-use cudarc::driver::CudaSlice;
-
-use super::blas::{N, Operand, T, gemm_batched};
-use super::{CudaBackend, KernelArg};
+use super::blas::{N, Operand, T};
+use super::runtime::Arg;
+use super::{CudaBackend, DevBuf};
 use crate::backend::AttnShape;
 use crate::error::Result;
 
@@ -50,27 +49,26 @@ impl CudaBackend {
 
     pub(super) fn attention_impl(
         &self,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
+        q: &DevBuf<f32>,
+        k: &DevBuf<f32>,
+        v: &DevBuf<f32>,
         s: &AttnShape,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(DevBuf<f32>, DevBuf<f32>)> {
         let (hd, kvh) = (s.head_dim, s.n_kv_heads);
         let (qw, kw) = (s.n_heads * hd, kvh * hd);
-        let probs = self.alloc(s.probs_len())?;
-        let out = self.alloc(s.batch * s.tq * qw)?;
+        let probs = self.uninit(s.probs_len())?;
+        let out = self.uninit(s.batch * s.tq * qw)?;
         let scale = 1.0 / (hd as f32).sqrt();
         let (pq, pk, pv, pp, po) = (
-            self.ptr(q),
-            self.ptr(k),
-            self.ptr(v),
-            self.ptr(&probs),
-            self.ptr(&out),
+            q.ptr(),
+            k.ptr(),
+            v.ptr(),
+            probs.ptr(),
+            out.ptr(),
         );
         self.each_head_batch(s, |o| {
             // S^T (tk, tq) = K (tk, hd) . Q^T, per KV head.
-            gemm_batched(
-                self.h(),
+            self.gemm_batched(
                 T,
                 N,
                 s.tk,
@@ -86,12 +84,16 @@ impl CudaBackend {
             Ok(())
         })?;
         let rows = s.batch * s.n_heads * s.tq;
-        let args: [&dyn KernelArg; 4] = [&pp, &(s.tq as i32), &(s.tk as i32), &(s.q_offset as i32)];
+        let args = [
+            Arg::U64(pp),
+            Arg::I32(s.tq as i32),
+            Arg::I32(s.tk as i32),
+            Arg::I32(s.q_offset as i32),
+        ];
         self.launch("attn_softmax_forward", Self::per_row(rows), &args)?;
         self.each_head_batch(s, |o| {
             // out^T (hd, tq) = V^T (hd, tk) . P^T (tk, tq)
-            gemm_batched(
-                self.h(),
+            self.gemm_batched(
                 N,
                 N,
                 hd,
@@ -111,32 +113,32 @@ impl CudaBackend {
 
     pub(super) fn attention_backward_impl(
         &self,
-        dout: &CudaSlice<f32>,
-        q: &CudaSlice<f32>,
-        k: &CudaSlice<f32>,
-        v: &CudaSlice<f32>,
-        probs: &CudaSlice<f32>,
+        dout: &DevBuf<f32>,
+        q: &DevBuf<f32>,
+        k: &DevBuf<f32>,
+        v: &DevBuf<f32>,
+        probs: &DevBuf<f32>,
         s: &AttnShape,
-    ) -> Result<(CudaSlice<f32>, CudaSlice<f32>, CudaSlice<f32>)> {
+    ) -> Result<(DevBuf<f32>, DevBuf<f32>, DevBuf<f32>)> {
         let (hd, kvh) = (s.head_dim, s.n_kv_heads);
         let (qw, kw) = (s.n_heads * hd, kvh * hd);
         let scale = 1.0 / (hd as f32).sqrt();
-        let dq = self.alloc(s.batch * s.tq * qw)?;
-        let dk = self.alloc(s.batch * s.tk_stride * kw)?;
-        let dv = self.alloc(s.batch * s.tk_stride * kw)?;
-        let dp = self.alloc(s.probs_len())?;
+        let dq = self.uninit(s.batch * s.tq * qw)?;
+        // dk and dv accumulate over the heads of a group, and rows past tk stay zero.
+        let dk = self.zeroed(s.batch * s.tk_stride * kw)?;
+        let dv = self.zeroed(s.batch * s.tk_stride * kw)?;
+        let dp = self.uninit::<f32>(s.probs_len())?;
         let (pq, pk, pv, pp, pdo) = (
-            self.ptr(q),
-            self.ptr(k),
-            self.ptr(v),
-            self.ptr(probs),
-            self.ptr(dout),
+            q.ptr(),
+            k.ptr(),
+            v.ptr(),
+            probs.ptr(),
+            dout.ptr(),
         );
-        let (pdq, pdk, pdv, pdp) = (self.ptr(&dq), self.ptr(&dk), self.ptr(&dv), self.ptr(&dp));
+        let (pdq, pdk, pdv, pdp) = (dq.ptr(), dk.ptr(), dv.ptr(), dp.ptr());
         self.each_head_batch(s, |o| {
             // dP^T (tk, tq) = V (tk, hd) . dO^T
-            gemm_batched(
-                self.h(),
+            self.gemm_batched(
                 T,
                 N,
                 s.tk,
@@ -152,13 +154,12 @@ impl CudaBackend {
             Ok(())
         })?;
         let rows = s.batch * s.n_heads * s.tq;
-        let args: [&dyn KernelArg; 3] = [&pp, &pdp, &(s.tk as i32)];
+        let args = [Arg::U64(pp), Arg::U64(pdp), Arg::I32(s.tk as i32)];
         self.launch("attn_softmax_backward", Self::per_row(rows), &args)?;
         self.each_head_batch(s, |o| {
             let ds = (Operand::f32(pdp, s.tk).offset(o.p), o.p_stride);
             // dQ^T (hd, tq) = scale K^T (hd, tk) . dS^T
-            gemm_batched(
-                self.h(),
+            self.gemm_batched(
                 N,
                 N,
                 hd,
@@ -172,8 +173,7 @@ impl CudaBackend {
                 kvh,
             )?;
             // dK^T (hd, tk) += scale Q^T (hd, tq) . dS (tq, tk)
-            gemm_batched(
-                self.h(),
+            self.gemm_batched(
                 N,
                 T,
                 hd,
@@ -187,8 +187,7 @@ impl CudaBackend {
                 kvh,
             )?;
             // dV^T (hd, tk) += dO^T (hd, tq) . P (tq, tk)
-            gemm_batched(
-                self.h(),
+            self.gemm_batched(
                 N,
                 T,
                 hd,

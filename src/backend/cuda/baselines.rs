@@ -1,54 +1,51 @@
 //! The plain cuBLAS sequences the fused kernels are benchmarked against (benches/cuda.rs);
 //! the model never uses them.
 
-use cudarc::driver::CudaSlice;
-
-use super::blas::{N, Operand, T, gemm};
-use super::{CudaBackend, cu};
+use super::blas::{N, Operand, T};
+use super::runtime::Arg;
+use super::{CudaBackend, DevBuf};
 use crate::backend::{LoraDims, Segment};
 use crate::error::Result;
 
 impl CudaBackend {
     /// Wait for all queued work (for timing).
     pub fn synchronize(&self) -> Result<()> {
-        cu(self.stream.synchronize())
+        self.rt.synchronize()
     }
 
     /// `u = x A^T`, `y += s u B^T` as two cuBLAS GEMMs (u round-trips through memory).
     pub fn lora_forward_unfused(
         &self,
-        x: &CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        x: &DevBuf<f32>,
+        a: &DevBuf<f32>,
+        b: &DevBuf<f32>,
         d: LoraDims,
-        y: &mut CudaSlice<f32>,
-    ) -> Result<CudaSlice<f32>> {
-        let u = self.alloc(d.m * d.r)?;
-        gemm(
-            self.h(),
+        y: &mut DevBuf<f32>,
+    ) -> Result<DevBuf<f32>> {
+        let u = self.uninit(d.m * d.r)?;
+        self.gemm(
             T,
             N,
             d.r,
             d.m,
             d.d_in,
             1.0,
-            Operand::f32(self.ptr(a), d.d_in),
-            Operand::f32(self.ptr(x), d.d_in),
+            Operand::f32(a.ptr(), d.d_in),
+            Operand::f32(x.ptr(), d.d_in),
             0.0,
-            Operand::f32(self.ptr(&u), d.r),
+            Operand::f32(u.ptr(), d.r),
         )?;
-        gemm(
-            self.h(),
+        self.gemm(
             T,
             N,
             d.d_out,
             d.m,
             d.r,
             d.scale,
-            Operand::f32(self.ptr(b), d.r),
-            Operand::f32(self.ptr(&u), d.r),
+            Operand::f32(b.ptr(), d.r),
+            Operand::f32(u.ptr(), d.r),
             1.0,
-            Operand::f32(self.ptr(y), d.d_out),
+            Operand::f32(y.ptr(), d.d_out),
         )?;
         Ok(u)
     }
@@ -58,69 +55,64 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward_unfused(
         &self,
-        g: &CudaSlice<f32>,
-        x: &CudaSlice<f32>,
-        u: &CudaSlice<f32>,
-        a: &CudaSlice<f32>,
-        b: &CudaSlice<f32>,
+        g: &DevBuf<f32>,
+        x: &DevBuf<f32>,
+        u: &DevBuf<f32>,
+        a: &DevBuf<f32>,
+        b: &DevBuf<f32>,
         d: LoraDims,
-        dx: &mut CudaSlice<f32>,
-        da: &mut CudaSlice<f32>,
-        db: &mut CudaSlice<f32>,
-    ) -> Result<CudaSlice<f32>> {
-        let ga = self.alloc(d.m * d.r)?;
-        let h = self.h();
-        gemm(
-            h,
+        dx: &mut DevBuf<f32>,
+        da: &mut DevBuf<f32>,
+        db: &mut DevBuf<f32>,
+    ) -> Result<DevBuf<f32>> {
+        let ga = self.uninit(d.m * d.r)?;
+        self.gemm(
             N,
             N,
             d.r,
             d.m,
             d.d_out,
             d.scale,
-            Operand::f32(self.ptr(b), d.r),
-            Operand::f32(self.ptr(g), d.d_out),
+            Operand::f32(b.ptr(), d.r),
+            Operand::f32(g.ptr(), d.d_out),
             0.0,
-            Operand::f32(self.ptr(&ga), d.r),
+            Operand::f32(ga.ptr(), d.r),
         )?;
-        gemm(
-            h,
+        self.gemm(
             N,
             N,
             d.d_in,
             d.m,
             d.r,
             1.0,
-            Operand::f32(self.ptr(a), d.d_in),
-            Operand::f32(self.ptr(&ga), d.r),
+            Operand::f32(a.ptr(), d.d_in),
+            Operand::f32(ga.ptr(), d.r),
             1.0,
-            Operand::f32(self.ptr(dx), d.d_in),
+            Operand::f32(dx.ptr(), d.d_in),
         )?;
-        gemm(
-            h,
+        self.gemm(
             N,
             T,
             d.d_in,
             d.r,
             d.m,
             1.0,
-            Operand::f32(self.ptr(x), d.d_in),
-            Operand::f32(self.ptr(&ga), d.r),
+            Operand::f32(x.ptr(), d.d_in),
+            Operand::f32(ga.ptr(), d.r),
             1.0,
-            Operand::f32(self.ptr(da), d.d_in),
+            Operand::f32(da.ptr(), d.d_in),
         )?;
-        gemm(
-            h,
+        self.gemm(
             N,
             T,
             d.r,
             d.d_out,
             d.m,
             d.scale,
-            Operand::f32(self.ptr(u), d.r),
-            Operand::f32(self.ptr(g), d.d_out),
+            Operand::f32(u.ptr(), d.r),
+            Operand::f32(g.ptr(), d.d_out),
             1.0,
-            Operand::f32(self.ptr(db), d.r),
+            Operand::f32(db.ptr(), d.r),
         )?;
         Ok(ga)
     }
@@ -130,38 +122,37 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn sq_grad_materialized(
         &self,
-        g: &CudaSlice<f32>,
+        g: &DevBuf<f32>,
         dg: usize,
-        y: &CudaSlice<f32>,
+        y: &DevBuf<f32>,
         dy: usize,
         segments: &[Segment],
         alpha: f32,
-        out: &mut CudaSlice<f32>,
+        out: &mut DevBuf<f32>,
     ) -> Result<()> {
-        let per_seq = self.alloc(segments.len() * dg * dy)?;
+        let per_seq = self.uninit::<f32>(segments.len() * dg * dy)?;
         for (i, s) in segments.iter().enumerate() {
             // row-major tmp (dg, dy) = G^T Y  <=>  column-major tmp^T (dy, dg) = Y^T G
-            gemm(
-                self.h(),
+            self.gemm(
                 N,
                 T,
                 dy,
                 dg,
                 s.len,
                 1.0,
-                Operand::f32(self.ptr(y), dy).offset(s.start * dy),
-                Operand::f32(self.ptr(g), dg).offset(s.start * dg),
+                Operand::f32(y.ptr(), dy).offset(s.start * dy),
+                Operand::f32(g.ptr(), dg).offset(s.start * dg),
                 0.0,
-                Operand::f32(self.ptr(&per_seq), dy).offset(i * dg * dy),
+                Operand::f32(per_seq.ptr(), dy).offset(i * dg * dy),
             )?;
         }
         for i in 0..segments.len() {
             let n = dg * dy;
-            let src = self.ptr(&per_seq) + (i * n * 4) as u64;
+            let src = per_seq.ptr() + (i * n * 4) as u64;
             self.launch(
                 "sq_accumulate",
                 Self::elementwise(n),
-                &[&src, &self.ptr(out), &alpha, &(n as u64)],
+                &[Arg::U64(src), Arg::U64(out.ptr()), Arg::F32(alpha), Arg::U64(n as u64)],
             )?;
         }
         Ok(())
@@ -171,27 +162,26 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn gram_cublas(
         &self,
-        x: &CudaSlice<f32>,
+        x: &DevBuf<f32>,
         dx: usize,
-        y: &CudaSlice<f32>,
+        y: &DevBuf<f32>,
         dy: usize,
         rows: usize,
         alpha: f32,
-        out: &mut CudaSlice<f32>,
+        out: &mut DevBuf<f32>,
     ) -> Result<()> {
         // row-major out (dx, dy) = X^T Y  <=>  column-major out^T (dy, dx) = Y^T X
-        gemm(
-            self.h(),
+        self.gemm(
             N,
             T,
             dy,
             dx,
             rows,
             alpha,
-            Operand::f32(self.ptr(y), dy),
-            Operand::f32(self.ptr(x), dx),
+            Operand::f32(y.ptr(), dy),
+            Operand::f32(x.ptr(), dx),
             1.0,
-            Operand::f32(self.ptr(out), dy),
+            Operand::f32(out.ptr(), dy),
         )
     }
 }

@@ -1,149 +1,106 @@
-//! cuBLAS calls for the dense products the hand-written kernels leave to the vendor
-//! library: base-weight GEMMs (bf16 operands, f32 accumulation and output), small f32
-//! GEMMs, and the per-head attention products (strided batched).
+//! cuBLAS-style GEMMs for the dense products the hand-written kernels leave to the vendor
+//! library: base-weight GEMMs (bf16 or f32 operands, f32 accumulation and output), small
+//! f32 GEMMs, and the per-head attention products (strided batched). They run on cuBLAS
+//! on a GPU and on its twin in the simulator.
 //!
 //! cuBLAS is column-major: a row-major `(rows, cols)` matrix with row stride `ld` is the
 //! column-major `(cols, rows)` matrix with leading dimension `ld`, so every row-major
 //! product `C = A B` is issued as the column-major `C^T = B^T A^T`.
 
-use std::ffi::c_void;
+use super::CudaBackend;
+use super::runtime::{DType, Gemm, Mat};
+use crate::error::Result;
 
-use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
-use cudarc::cublas::sys::{
-    cublasComputeType_t, cublasGemmAlgo_t, cublasHandle_t, cublasOperation_t, cudaDataType,
-};
-
-use crate::error::{Error, Result};
-
-pub const N: cublasOperation_t = cublasOperation_t::CUBLAS_OP_N;
-pub const T: cublasOperation_t = cublasOperation_t::CUBLAS_OP_T;
+pub use super::runtime::Trans::{N, T};
+use super::runtime::Trans;
 
 /// A device matrix operand: pointer, element type, leading dimension (column-major view).
 #[derive(Clone, Copy)]
 pub struct Operand {
     pub ptr: u64,
-    pub ty: cudaDataType,
-    pub ld: i32,
+    pub ty: DType,
+    pub ld: usize,
 }
 
 impl Operand {
     pub fn f32(ptr: u64, ld: usize) -> Self {
         Operand {
             ptr,
-            ty: cudaDataType::CUDA_R_32F,
-            ld: ld as i32,
+            ty: DType::F32,
+            ld,
         }
     }
-    pub fn bf16(ptr: u64, ld: usize) -> Self {
-        Operand {
-            ptr,
-            ty: cudaDataType::CUDA_R_16BF,
-            ld: ld as i32,
-        }
+    pub fn typed(ptr: u64, ty: DType, ld: usize) -> Self {
+        Operand { ptr, ty, ld }
     }
     /// The same matrix `elems` elements further on.
     pub fn offset(self, elems: usize) -> Self {
-        let size = if self.ty == cudaDataType::CUDA_R_16BF {
-            2
-        } else {
-            4
-        };
+        let size = if self.ty == DType::Bf16 { 2 } else { 4 };
         Operand {
             ptr: self.ptr + (elems * size) as u64,
             ..self
         }
     }
+    fn mat(self, stride: usize) -> Mat {
+        Mat {
+            ptr: self.ptr,
+            ty: self.ty,
+            ld: self.ld as i64,
+            stride: stride as i64,
+        }
+    }
 }
 
-fn err(e: impl std::fmt::Display) -> Error {
-    Error::Cuda(format!("cuBLAS: {e}"))
-}
+impl CudaBackend {
+    /// Column-major `C (m, n) = alpha op(A) op(B) + beta C`, f32 accumulation, f32 `C`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm(
+        &self,
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        a: Operand,
+        b: Operand,
+        beta: f32,
+        c: Operand,
+    ) -> Result<()> {
+        self.gemm_batched(ta, tb, m, n, k, alpha, (a, 0), (b, 0), beta, (c, 0), 1)
+    }
 
-/// Column-major `C (m, n) = alpha op(A) op(B) + beta C`, f32 accumulation, f32 `C`.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm(
-    h: cublasHandle_t,
-    ta: cublasOperation_t,
-    tb: cublasOperation_t,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    a: Operand,
-    b: Operand,
-    beta: f32,
-    c: Operand,
-) -> Result<()> {
-    // SAFETY: callers pass live device allocations sized for these extents.
-    unsafe {
-        gemm_ex(
-            h,
+    /// `batch` independent column-major products with fixed element strides between them.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_batched(
+        &self,
+        ta: Trans,
+        tb: Trans,
+        m: usize,
+        n: usize,
+        k: usize,
+        alpha: f32,
+        (a, stride_a): (Operand, usize),
+        (b, stride_b): (Operand, usize),
+        beta: f32,
+        (c, stride_c): (Operand, usize),
+        batch: usize,
+    ) -> Result<()> {
+        if m == 0 || n == 0 || batch == 0 {
+            return Ok(());
+        }
+        self.rt.gemm(&Gemm {
             ta,
             tb,
-            m as i32,
-            n as i32,
-            k as i32,
-            &alpha as *const f32 as *const c_void,
-            a.ptr as *const c_void,
-            a.ty,
-            a.ld,
-            b.ptr as *const c_void,
-            b.ty,
-            b.ld,
-            &beta as *const f32 as *const c_void,
-            c.ptr as *mut c_void,
-            c.ty,
-            c.ld,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
+            m: m as i64,
+            n: n as i64,
+            k: k as i64,
+            alpha,
+            a: a.mat(stride_a),
+            b: b.mat(stride_b),
+            beta,
+            c: c.mat(stride_c),
+            batch: batch as i64,
+        })
     }
-    .map_err(err)
-}
-
-/// `batch` independent column-major products with fixed element strides between them.
-#[allow(clippy::too_many_arguments)]
-pub fn gemm_batched(
-    h: cublasHandle_t,
-    ta: cublasOperation_t,
-    tb: cublasOperation_t,
-    m: usize,
-    n: usize,
-    k: usize,
-    alpha: f32,
-    (a, stride_a): (Operand, usize),
-    (b, stride_b): (Operand, usize),
-    beta: f32,
-    (c, stride_c): (Operand, usize),
-    batch: usize,
-) -> Result<()> {
-    // SAFETY: as `gemm`, for every one of the `batch` strided operands.
-    unsafe {
-        gemm_strided_batched_ex(
-            h,
-            ta,
-            tb,
-            m as i32,
-            n as i32,
-            k as i32,
-            &alpha as *const f32 as *const c_void,
-            a.ptr as *const c_void,
-            a.ty,
-            a.ld,
-            stride_a as i64,
-            b.ptr as *const c_void,
-            b.ty,
-            b.ld,
-            stride_b as i64,
-            &beta as *const f32 as *const c_void,
-            c.ptr as *mut c_void,
-            c.ty,
-            c.ld,
-            stride_c as i64,
-            batch as i32,
-            cublasComputeType_t::CUBLAS_COMPUTE_32F,
-            cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
-        )
-    }
-    .map_err(err)
 }

@@ -1,10 +1,12 @@
 //! The hand-written kernels: PTX compiled by build.rs from `kernels/*.cu`, embedded with
-//! `include_str!` and loaded into the context once, lazily, per module.
+//! `include_str!` and loaded into the device once, lazily, per module. With
+//! `LALORA_PTX_DIR=DIR` a module is read from `DIR/<module>.ptx` instead (kernel research:
+//! edit the PTX, rerun, no rebuild); `selftest --write-ptx DIR` writes the embedded text.
 
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule};
-
+use super::runtime::{Arg, LaunchConfig, PtxSource, Runtime};
 use crate::error::{Error, Result};
 
 /// One `.cu` file: its PTX and the entry points the Rust side launches.
@@ -63,7 +65,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "embedding",
         ptx: ptx!("embedding"),
-        functions: &["embedding_gather", "f32_to_bf16"],
+        functions: &["embedding_gather", "embedding_gather_f32", "f32_to_bf16"],
     },
     KernelModule {
         name: "lora",
@@ -100,65 +102,58 @@ pub const MODULES: &[KernelModule] = &[
 /// Whether build.rs compiled the kernels into this binary.
 pub const BUILT: bool = cfg!(lalora_cuda_kernels);
 
-/// Loaded modules (one slot per entry of `MODULES`) and their looked-up entry points (one
-/// slot per function, in `MODULES` order).
+/// Where module PTX is read from: `LALORA_PTX_DIR`, if set.
+pub fn ptx_dir() -> Option<PathBuf> {
+    std::env::var_os("LALORA_PTX_DIR").map(PathBuf::from)
+}
+
+/// The modules as loaded into one device (one slot per entry of `MODULES`).
 pub struct Kernels {
-    ctx: Arc<CudaContext>,
-    loaded: Vec<OnceLock<Arc<CudaModule>>>,
-    functions: Vec<OnceLock<CudaFunction>>,
+    rt: Arc<dyn Runtime>,
+    dir: Option<PathBuf>,
+    loaded: Vec<OnceLock<usize>>,
 }
 
 impl Kernels {
-    pub fn new(ctx: Arc<CudaContext>) -> Self {
+    pub fn new(rt: Arc<dyn Runtime>) -> Self {
         Kernels {
-            ctx,
+            rt,
+            dir: ptx_dir(),
             loaded: MODULES.iter().map(|_| OnceLock::new()).collect(),
-            functions: MODULES
-                .iter()
-                .flat_map(|m| m.functions)
-                .map(|_| OnceLock::new())
-                .collect(),
         }
     }
 
-    /// The named entry point, loading its module and looking it up on first use only.
-    pub fn function(&self, name: &str) -> Result<CudaFunction> {
-        let (i, slot) = MODULES
-            .iter()
-            .enumerate()
-            .flat_map(|(i, m)| m.functions.iter().map(move |f| (i, *f)))
-            .enumerate()
-            .find(|(_, (_, f))| *f == name)
-            .map(|(slot, (i, _))| (i, slot))
-            .ok_or_else(|| Error::Cuda(format!("no kernel `{name}`")))?;
-        if let Some(f) = self.functions[slot].get() {
-            return Ok(f.clone());
+    /// The device's id of module `i`, loading it on first use.
+    fn module(&self, i: usize) -> Result<usize> {
+        if let Some(id) = self.loaded[i].get() {
+            return Ok(*id);
         }
-        let module = match self.loaded[i].get() {
-            Some(m) => m.clone(),
-            None => {
-                let m = self
-                    .ctx
-                    .load_module(cudarc::nvrtc::Ptx::from_src(MODULES[i].ptx))
-                    .map_err(|e| load_error(MODULES[i].name, e))?;
-                self.loaded[i].get_or_init(|| m).clone()
+        let m = &MODULES[i];
+        let (text, path) = match &self.dir {
+            Some(dir) => {
+                let path = dir.join(format!("{}.ptx", m.name));
+                let text = std::fs::read_to_string(&path).map_err(|e| Error::io(&path, e))?;
+                (text, Some(path))
             }
+            None => (m.ptx.to_string(), None),
         };
-        let f = module
-            .load_function(name)
-            .map_err(|e| Error::Cuda(format!("kernel `{name}`: {e}")))?;
-        Ok(self.functions[slot].get_or_init(|| f).clone())
+        let id = self.rt.load_module(&PtxSource {
+            module: m.name,
+            text: &text,
+            path: path.as_deref(),
+            entries: m.functions,
+        })?;
+        Ok(*self.loaded[i].get_or_init(|| id))
     }
-}
 
-fn load_error(module: &str, e: cudarc::driver::DriverError) -> Error {
-    let text = e.to_string();
-    if text.contains("UNSUPPORTED_PTX_VERSION") || text.contains("INVALID_PTX") {
-        Error::Cuda(format!(
-            "the NVIDIA driver is older than the kernels' PTX needs (module `{module}`, PTX ISA 9.0 from CUDA 13.0): update the driver to 580 or newer ({text})"
-        ))
-    } else {
-        Error::Cuda(format!("loading kernel module `{module}`: {text}"))
+    /// Launch entry `name` (loading its module on first use).
+    pub fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        let i = MODULES
+            .iter()
+            .position(|m| m.functions.contains(&name))
+            .ok_or_else(|| Error::Device(format!("no kernel `{name}` is registered")))?;
+        let id = self.module(i)?;
+        self.rt.launch(id, name, cfg, args)
     }
 }
 

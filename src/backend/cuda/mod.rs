@@ -1,22 +1,26 @@
-//! The CUDA backend: cudarc with dynamic loading (the binary starts without any CUDA
-//! library), the hand-written kernels of `kernels/*.cu` (PTX from build.rs) for every op,
-//! cuBLAS for the dense base-weight and attention products. Base weights live in bf16;
-//! activations, LoRA weights, gradients, optimiser state and curvature in f32. One stream,
-//! in order; each op's CPU twin in `backend/cpu` is its reference.
+//! The CUDA backend: the hand-written kernels of `kernels/*.cu` (PTX from build.rs) for
+//! every op, cuBLAS for the dense base-weight and attention products, all through one
+//! runtime seam (`runtime::Runtime`) with two devices behind it: a GPU through cudarc
+//! (`driver`), or the PTX simulator on the CPU (`sim`). Base weights are stored in bf16
+//! (or f32 with `--base-dtype f32`); activations, LoRA weights, gradients, optimiser state
+//! and curvature are f32. One stream, in order; each op's CPU twin in `backend/cpu` is its
+//! reference.
 
 mod attention;
 mod baselines;
 pub mod blas;
+pub mod driver;
 pub mod kernels;
 mod ops;
+pub mod runtime;
+pub mod sim;
 
+use std::marker::PhantomData;
+use std::str::FromStr;
 use std::sync::Arc;
 
-use cudarc::cublas::CudaBlas;
-use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, LaunchConfig, PushKernelArg};
-use half::bf16;
-
 use self::kernels::Kernels;
+use self::runtime::{Arg, DType, LaunchConfig, Runtime};
 use super::Segment;
 use crate::error::{Error, Result};
 
@@ -25,132 +29,202 @@ const THREADS: u32 = 256;
 /// LoRA ranks the register-blocked kernels support.
 pub const MAX_RANK: usize = 64;
 
+/// Storage type of the frozen base weights on the device (`--base-dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseDtype {
+    F32,
+    #[default]
+    Bf16,
+}
+
+impl FromStr for BaseDtype {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "f32" => Ok(BaseDtype::F32),
+            "bf16" => Ok(BaseDtype::Bf16),
+            _ => Err(format!("`{s}` is not a base dtype (f32 or bf16)")),
+        }
+    }
+}
+
+impl BaseDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            BaseDtype::F32 => "f32",
+            BaseDtype::Bf16 => "bf16",
+        }
+    }
+}
+
+/// A typed device buffer: `len` elements of `T` at `ptr`, freed on drop. A buffer of
+/// length 0 holds no allocation (`ptr` 0).
+pub struct DevBuf<T> {
+    ptr: u64,
+    len: usize,
+    rt: Arc<dyn Runtime>,
+    _t: PhantomData<T>,
+}
+
+impl<T> DevBuf<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// The device address (0 for an empty buffer).
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+impl<T> Drop for DevBuf<T> {
+    fn drop(&mut self) {
+        if self.ptr != 0 {
+            self.rt.free(self.ptr);
+        }
+    }
+}
+
+/// A frozen base-weight matrix on the device.
+pub struct Weight {
+    buf: DevBuf<u8>,
+    ty: DType,
+}
+
+impl Weight {
+    pub fn ptr(&self) -> u64 {
+        self.buf.ptr()
+    }
+}
+
 pub struct CudaBackend {
-    stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    rt: Arc<dyn Runtime>,
     kernels: Kernels,
-    name: String,
+    base: BaseDtype,
 }
 
-fn cu<T>(r: std::result::Result<T, impl std::fmt::Display>) -> Result<T> {
-    r.map_err(|e| Error::Cuda(e.to_string()))
-}
-
-/// Whether a CUDA device can be used: kernels built, driver library present, a device.
+/// Whether a CUDA GPU can be used: kernels built, driver library present, a device.
 pub fn available() -> bool {
-    // SAFETY: only probes for the driver library with dlopen.
-    kernels::BUILT
-        && unsafe { cudarc::driver::sys::is_culib_present() }
-        && CudaContext::device_count().is_ok_and(|n| n > 0)
+    kernels::BUILT && driver::present()
+}
+
+fn need_kernels() -> Result<()> {
+    if kernels::BUILT || kernels::ptx_dir().is_some() {
+        Ok(())
+    } else {
+        Err(Error::usage(
+            "this build has no CUDA kernels (nvcc was not found at build time); set NVCC and rebuild, or give LALORA_PTX_DIR",
+        ))
+    }
 }
 
 impl CudaBackend {
-    pub fn new(ordinal: usize) -> Result<Self> {
-        if !kernels::BUILT {
-            return Err(Error::Cuda(
-                "this build has no CUDA kernels (nvcc was not found at build time)".into(),
-            ));
+    /// The GPU `cuda:ordinal`.
+    pub fn new(ordinal: usize, base: BaseDtype) -> Result<Self> {
+        need_kernels()?;
+        Ok(Self::on(Arc::new(driver::Driver::new(ordinal)?), base))
+    }
+
+    /// The PTX simulator, running blocks on `threads` host threads (0: all cores).
+    pub fn sim(threads: usize, base: BaseDtype) -> Result<Self> {
+        need_kernels()?;
+        Ok(Self::on(Arc::new(sim::Sim::new(threads)?), base))
+    }
+
+    fn on(rt: Arc<dyn Runtime>, base: BaseDtype) -> Self {
+        CudaBackend {
+            kernels: Kernels::new(rt.clone()),
+            rt,
+            base,
         }
-        // SAFETY: as in `available`.
-        if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::Cuda(
-                "the NVIDIA driver library (libcuda) is not installed".into(),
-            ));
-        }
-        let count = cu(CudaContext::device_count())?;
-        if ordinal >= count.max(0) as usize {
-            return Err(Error::Cuda(format!(
-                "no device cuda:{ordinal} ({count} present)"
-            )));
-        }
-        let ctx = cu(CudaContext::new(ordinal))?;
-        let name = ctx.name().unwrap_or_else(|_| "unknown".into());
-        let stream = ctx.default_stream();
-        let blas = cu(CudaBlas::new(stream.clone()))?;
-        Ok(CudaBackend {
-            kernels: Kernels::new(ctx),
-            stream,
-            blas,
-            name: format!("cuda:{ordinal} ({name})"),
+    }
+
+    pub fn base_dtype(&self) -> BaseDtype {
+        self.base
+    }
+
+    /// `n` elements of `T`, uninitialised: for outputs a kernel writes in full (the
+    /// simulator's initcheck holds us to that).
+    fn uninit<T>(&self, n: usize) -> Result<DevBuf<T>> {
+        self.raw(n, false)
+    }
+
+    /// `n` zeroed elements of `T`: for outputs that kernels accumulate into.
+    fn zeroed<T>(&self, n: usize) -> Result<DevBuf<T>> {
+        self.raw(n, true)
+    }
+
+    fn raw<T>(&self, n: usize, zeroed: bool) -> Result<DevBuf<T>> {
+        let ptr = if n == 0 {
+            0
+        } else {
+            self.rt.alloc(n * std::mem::size_of::<T>(), zeroed)?
+        };
+        Ok(DevBuf {
+            ptr,
+            len: n,
+            rt: self.rt.clone(),
+            _t: PhantomData,
         })
     }
 
-    fn ptr<U>(&self, s: &CudaSlice<U>) -> u64 {
-        let (p, _sync) = s.device_ptr(&self.stream);
-        p
+    fn upload<T: bytemuck::Pod>(&self, v: &[T]) -> Result<DevBuf<T>> {
+        let b = self.uninit::<T>(v.len())?;
+        self.rt.htod(b.ptr, bytemuck::cast_slice(v))?;
+        Ok(b)
     }
 
-    fn h(&self) -> cudarc::cublas::sys::cublasHandle_t {
-        *self.blas.handle()
+    fn download<T: bytemuck::Pod + Default + Clone>(&self, b: &DevBuf<T>) -> Result<Vec<T>> {
+        let mut out = vec![T::default(); b.len];
+        self.rt.dtoh(bytemuck::cast_slice_mut(&mut out), b.ptr)?;
+        Ok(out)
     }
 
-    fn ints(&self, v: &[i32]) -> Result<CudaSlice<i32>> {
-        cu(self.stream.clone_htod(v))
+    fn ints(&self, v: &[i32]) -> Result<DevBuf<i32>> {
+        self.upload(v)
     }
 
-    fn alloc(&self, n: usize) -> Result<CudaSlice<f32>> {
-        cu(self.stream.alloc_zeros::<f32>(n.max(1)))
-    }
-
-    /// Launch `name` with `args` (each a reference to a device pointer or scalar).
-    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[&dyn KernelArg]) -> Result<()> {
-        let f = self.kernels.function(name)?;
-        let mut b = self.stream.launch_builder(&f);
-        for a in args {
-            a.push(&mut b);
+    /// Launch `name` with `args`; nothing to do when the grid is empty.
+    fn launch(&self, name: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        if cfg.grid.contains(&0) {
+            return Ok(());
         }
-        // SAFETY: each kernel's parameter list matches `args` (see kernels/*.cu), and every
-        // pointer refers to a live allocation sized for the launch.
-        cu(unsafe { b.launch(cfg) }).map(|_| ())
+        self.kernels.launch(name, cfg, args)
     }
 
     fn elementwise(n: usize) -> LaunchConfig {
-        let blocks = n.div_ceil(THREADS as usize).clamp(1, 4096) as u32;
+        let blocks = n.div_ceil(THREADS as usize).min(4096) as u32;
         LaunchConfig {
-            grid_dim: (blocks, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            grid: [blocks, 1, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: 0,
         }
     }
 
     fn per_row(rows: usize) -> LaunchConfig {
         LaunchConfig {
-            grid_dim: (rows as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            grid: [rows as u32, 1, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: 0,
         }
     }
 
-    fn to_bf16(&self, x: &CudaSlice<f32>) -> Result<CudaSlice<bf16>> {
+    fn to_bf16(&self, x: &DevBuf<f32>) -> Result<DevBuf<u16>> {
         let n = x.len();
-        let out = cu(self.stream.alloc_zeros::<bf16>(n.max(1)))?;
+        let out = self.uninit::<u16>(n)?;
         self.launch(
             "f32_to_bf16",
             Self::elementwise(n),
-            &[&self.ptr(x), &self.ptr(&out), &(n as u64)],
+            &[Arg::U64(x.ptr), Arg::U64(out.ptr), Arg::U64(n as u64)],
         )?;
         Ok(out)
     }
 
-    fn segments(&self, segs: &[Segment]) -> Result<(CudaSlice<i32>, CudaSlice<i32>)> {
+    fn segments(&self, segs: &[Segment]) -> Result<(DevBuf<i32>, DevBuf<i32>)> {
         let starts: Vec<i32> = segs.iter().map(|s| s.start as i32).collect();
         let lens: Vec<i32> = segs.iter().map(|s| s.len as i32).collect();
         Ok((self.ints(&starts)?, self.ints(&lens)?))
     }
 }
-
-/// Something a kernel takes by value: a device pointer (`u64`) or a scalar.
-trait KernelArg {
-    fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>);
-}
-
-macro_rules! kernel_arg {
-    ($($t:ty),*) => {$(
-        impl KernelArg for $t {
-            fn push<'a>(&'a self, b: &mut cudarc::driver::LaunchArgs<'a>) {
-                b.arg(self);
-            }
-        }
-    )*};
-}
-kernel_arg!(u64, i32, f32);

@@ -1,61 +1,79 @@
 //! `Backend` for CUDA: each op launches its hand-written kernel (or cuBLAS for the dense
 //! products); the CPU twin of each is in `backend/cpu`.
 
-use cudarc::driver::{CudaSlice, LaunchConfig};
 use half::bf16;
 
-use super::blas::{N, Operand, T, gemm};
-use super::{CudaBackend, KernelArg, MAX_RANK, THREADS, cu};
+use super::blas::{N, Operand, T};
+use super::runtime::{Arg, DType, LaunchConfig};
+use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK, THREADS, Weight};
 use crate::backend::{
     AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
 };
 use crate::error::{Error, Result};
 
 impl Backend for CudaBackend {
-    type Buf = CudaSlice<f32>;
-    type Weight = CudaSlice<bf16>;
+    type Buf = DevBuf<f32>;
+    type Weight = Weight;
 
     fn describe(&self) -> String {
-        self.name.clone()
+        format!("{}, base weights {}", self.rt.describe(), self.base.name())
     }
 
     fn buf(&self, host: Vec<f32>) -> Result<Self::Buf> {
-        if host.is_empty() {
-            return self.alloc(0);
-        }
-        cu(self.stream.clone_htod(&host))
+        self.upload(&host)
     }
 
     fn zeros(&self, n: usize) -> Result<Self::Buf> {
-        self.alloc(n)
+        self.zeroed(n)
     }
 
     fn to_host(&self, x: &Self::Buf) -> Result<Vec<f32>> {
-        cu(self.stream.clone_dtoh(x))
+        self.download(x)
     }
 
     fn weight(&self, host: Vec<f32>, _rows: usize, _cols: usize) -> Result<Self::Weight> {
-        let b: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
-        cu(self.stream.clone_htod(&b))
+        Ok(match self.base {
+            BaseDtype::Bf16 => {
+                let b: Vec<u16> = host.iter().map(|&x| bf16::from_f32(x).to_bits()).collect();
+                Weight {
+                    buf: self.upload(bytemuck::cast_slice::<u16, u8>(&b))?,
+                    ty: DType::Bf16,
+                }
+            }
+            BaseDtype::F32 => Weight {
+                buf: self.upload(bytemuck::cast_slice::<f32, u8>(&host))?,
+                ty: DType::F32,
+            },
+        })
     }
 
     fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> Result<()> {
-        let mut view = dst.slice_mut(offset..offset + src.len());
-        cu(self.stream.memcpy_dtod(src, &mut view))
+        if offset + src.len() > dst.len() {
+            return Err(Error::Device(format!(
+                "copy of {} elements at {offset} into a buffer of {}",
+                src.len(),
+                dst.len()
+            )));
+        }
+        self.rt.dtod(dst.ptr() + offset as u64 * 4, src.ptr(), src.len() * 4)
     }
 
     fn embedding(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Result<Self::Buf> {
-        let ids = cu(self.stream.clone_htod(ids))?;
-        let out = self.alloc(ids.len() * dim)?;
+        let ids_d = self.upload(ids)?;
         let n = ids.len() * dim;
-        let args: [&dyn KernelArg; 5] = [
-            &self.ptr(table),
-            &self.ptr(&ids),
-            &self.ptr(&out),
-            &(ids.len() as i32),
-            &(dim as i32),
+        let out = self.uninit(n)?;
+        let kernel = match table.ty {
+            DType::Bf16 => "embedding_gather",
+            DType::F32 => "embedding_gather_f32",
+        };
+        let args = [
+            Arg::U64(table.ptr()),
+            Arg::U64(ids_d.ptr()),
+            Arg::U64(out.ptr()),
+            Arg::I32(ids.len() as i32),
+            Arg::I32(dim as i32),
         ];
-        self.launch("embedding_gather", Self::elementwise(n), &args)?;
+        self.launch(kernel, Self::elementwise(n), &args)?;
         Ok(out)
     }
 
@@ -67,14 +85,14 @@ impl Backend for CudaBackend {
         dim: usize,
         eps: f32,
     ) -> Result<(Self::Buf, Self::Buf)> {
-        let (y, rstd) = (self.alloc(rows * dim)?, self.alloc(rows)?);
-        let args: [&dyn KernelArg; 6] = [
-            &self.ptr(x),
-            &self.ptr(w),
-            &self.ptr(&y),
-            &self.ptr(&rstd),
-            &(dim as i32),
-            &eps,
+        let (y, rstd) = (self.uninit(rows * dim)?, self.uninit(rows)?);
+        let args = [
+            Arg::U64(x.ptr()),
+            Arg::U64(w.ptr()),
+            Arg::U64(y.ptr()),
+            Arg::U64(rstd.ptr()),
+            Arg::I32(dim as i32),
+            Arg::F32(eps),
         ];
         self.launch("rmsnorm_forward", Self::per_row(rows), &args)?;
         Ok((y, rstd))
@@ -90,13 +108,13 @@ impl Backend for CudaBackend {
         dim: usize,
         dx: &mut Self::Buf,
     ) -> Result<()> {
-        let args: [&dyn KernelArg; 6] = [
-            &self.ptr(dy),
-            &self.ptr(x),
-            &self.ptr(w),
-            &self.ptr(rstd),
-            &self.ptr(dx),
-            &(dim as i32),
+        let args = [
+            Arg::U64(dy.ptr()),
+            Arg::U64(x.ptr()),
+            Arg::U64(w.ptr()),
+            Arg::U64(rstd.ptr()),
+            Arg::U64(dx.ptr()),
+            Arg::I32(dim as i32),
         ];
         self.launch("rmsnorm_backward", Self::per_row(rows), &args)
     }
@@ -109,20 +127,24 @@ impl Backend for CudaBackend {
         k: usize,
         n: usize,
     ) -> Result<Self::Buf> {
-        let xb = self.to_bf16(x)?;
-        let y = self.alloc(m * n)?;
-        gemm(
-            self.h(),
+        let y = self.uninit(m * n)?;
+        // bf16 weights multiply bf16-rounded activations (cuBLAS takes one input type).
+        let xb = match w.ty {
+            DType::Bf16 => Some(self.to_bf16(x)?),
+            DType::F32 => None,
+        };
+        let xp = xb.as_ref().map_or(x.ptr(), |b| b.ptr());
+        self.gemm(
             T,
             N,
             n,
             m,
             k,
             1.0,
-            Operand::bf16(self.ptr(w), k),
-            Operand::bf16(self.ptr(&xb), k),
+            Operand::typed(w.ptr(), w.ty, k),
+            Operand::typed(xp, w.ty, k),
             0.0,
-            Operand::f32(self.ptr(&y), n),
+            Operand::f32(y.ptr(), n),
         )?;
         Ok(y)
     }
@@ -137,20 +159,23 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        let dyb = self.to_bf16(dy)?;
+        let dyb = match w.ty {
+            DType::Bf16 => Some(self.to_bf16(dy)?),
+            DType::F32 => None,
+        };
+        let dp = dyb.as_ref().map_or(dy.ptr(), |b| b.ptr());
         let beta = if accumulate { 1.0 } else { 0.0 };
-        gemm(
-            self.h(),
+        self.gemm(
             N,
             N,
             k,
             m,
             n,
             1.0,
-            Operand::bf16(self.ptr(w), k),
-            Operand::bf16(self.ptr(&dyb), n),
+            Operand::typed(w.ptr(), w.ty, k),
+            Operand::typed(dp, w.ty, n),
             beta,
-            Operand::f32(self.ptr(dx), k),
+            Operand::f32(dx.ptr(), k),
         )
     }
 
@@ -162,23 +187,18 @@ impl Backend for CudaBackend {
         d: LoraDims,
         y: &mut Self::Buf,
     ) -> Result<Self::Buf> {
-        if d.r > MAX_RANK {
-            return Err(Error::Cuda(format!(
-                "LoRA rank {} exceeds the CUDA kernels' {MAX_RANK}",
-                d.r
-            )));
-        }
-        let u = self.alloc(d.m * d.r)?;
-        let args: [&dyn KernelArg; 9] = [
-            &self.ptr(x),
-            &self.ptr(a),
-            &self.ptr(b),
-            &self.ptr(y),
-            &self.ptr(&u),
-            &(d.d_in as i32),
-            &(d.r as i32),
-            &(d.d_out as i32),
-            &d.scale,
+        check_rank(d.r)?;
+        let u = self.uninit(d.m * d.r)?;
+        let args = [
+            Arg::U64(x.ptr()),
+            Arg::U64(a.ptr()),
+            Arg::U64(b.ptr()),
+            Arg::U64(y.ptr()),
+            Arg::U64(u.ptr()),
+            Arg::I32(d.d_in as i32),
+            Arg::I32(d.r as i32),
+            Arg::I32(d.d_out as i32),
+            Arg::F32(d.scale),
         ];
         self.launch("lora_forward_fused", Self::per_row(d.m), &args)?;
         Ok(u)
@@ -195,17 +215,18 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
         grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
     ) -> Result<Self::Buf> {
-        let ga = self.alloc(d.m * d.r)?;
-        let args: [&dyn KernelArg; 9] = [
-            &self.ptr(g),
-            &self.ptr(a),
-            &self.ptr(b),
-            &self.ptr(&ga),
-            &self.ptr(dx),
-            &(d.d_in as i32),
-            &(d.r as i32),
-            &(d.d_out as i32),
-            &d.scale,
+        check_rank(d.r)?;
+        let ga = self.uninit(d.m * d.r)?;
+        let args = [
+            Arg::U64(g.ptr()),
+            Arg::U64(a.ptr()),
+            Arg::U64(b.ptr()),
+            Arg::U64(ga.ptr()),
+            Arg::U64(dx.ptr()),
+            Arg::I32(d.d_in as i32),
+            Arg::I32(d.r as i32),
+            Arg::I32(d.d_out as i32),
+            Arg::F32(d.scale),
         ];
         self.launch("lora_backward_rows", Self::per_row(d.m), &args)?;
         if let Some((da, db)) = grads {
@@ -215,30 +236,30 @@ impl Backend for CudaBackend {
                 (&ga, x, d.d_in, 1.0f32, 1i32, da),
                 (u, g, d.d_out, d.scale, 0i32, db),
             ] {
-                let partial = self.alloc(chunks * cols * d.r)?;
+                let partial = self.uninit::<f32>(chunks * cols * d.r)?;
                 let cfg = LaunchConfig {
-                    grid_dim: (cols.div_ceil(THREADS as usize) as u32, chunks as u32, 1),
-                    block_dim: (THREADS, 1, 1),
-                    shared_mem_bytes: 0,
+                    grid: [cols.div_ceil(THREADS as usize) as u32, chunks as u32, 1],
+                    block: [THREADS, 1, 1],
+                    shared_bytes: 0,
                 };
-                let args: [&dyn KernelArg; 9] = [
-                    &self.ptr(narrow),
-                    &self.ptr(wide),
-                    &self.ptr(&partial),
-                    &(d.m as i32),
-                    &(cols as i32),
-                    &(d.r as i32),
-                    &rpc,
-                    &alpha,
-                    &layout_kc,
+                let args = [
+                    Arg::U64(narrow.ptr()),
+                    Arg::U64(wide.ptr()),
+                    Arg::U64(partial.ptr()),
+                    Arg::I32(d.m as i32),
+                    Arg::I32(cols as i32),
+                    Arg::I32(d.r as i32),
+                    Arg::I32(rpc),
+                    Arg::F32(alpha),
+                    Arg::I32(layout_kc),
                 ];
                 self.launch("lora_grad_chunk", cfg, &args)?;
                 let n = cols * d.r;
-                let args: [&dyn KernelArg; 4] = [
-                    &self.ptr(&partial),
-                    &self.ptr(out),
-                    &(chunks as i32),
-                    &(n as u64),
+                let args = [
+                    Arg::U64(partial.ptr()),
+                    Arg::U64(out.ptr()),
+                    Arg::I32(chunks as i32),
+                    Arg::U64(n as u64),
                 ];
                 self.launch("reduce_partials", Self::elementwise(n), &args)?;
             }
@@ -256,15 +277,15 @@ impl Backend for CudaBackend {
         inverse: bool,
     ) -> Result<()> {
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
-        let args: [&dyn KernelArg; 8] = [
-            &self.ptr(x),
-            &self.ptr(&t.cos),
-            &self.ptr(&t.sin),
-            &(rows as i32),
-            &(n_heads as i32),
-            &(head_dim as i32),
-            &(t.period as i32),
-            &sign,
+        let args = [
+            Arg::U64(x.ptr()),
+            Arg::U64(t.cos.ptr()),
+            Arg::U64(t.sin.ptr()),
+            Arg::I32(rows as i32),
+            Arg::I32(n_heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::I32(t.period as i32),
+            Arg::F32(sign),
         ];
         self.launch(
             "rope",
@@ -297,9 +318,13 @@ impl Backend for CudaBackend {
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf> {
         let n = gate.len();
-        let out = self.alloc(n)?;
-        let args: [&dyn KernelArg; 4] =
-            [&self.ptr(gate), &self.ptr(up), &self.ptr(&out), &(n as u64)];
+        let out = self.uninit(n)?;
+        let args = [
+            Arg::U64(gate.ptr()),
+            Arg::U64(up.ptr()),
+            Arg::U64(out.ptr()),
+            Arg::U64(n as u64),
+        ];
         self.launch("swiglu_forward", Self::elementwise(n), &args)?;
         Ok(out)
     }
@@ -311,14 +336,14 @@ impl Backend for CudaBackend {
         up: &Self::Buf,
     ) -> Result<(Self::Buf, Self::Buf)> {
         let n = gate.len();
-        let (dg, du) = (self.alloc(n)?, self.alloc(n)?);
-        let args: [&dyn KernelArg; 6] = [
-            &self.ptr(dact),
-            &self.ptr(gate),
-            &self.ptr(up),
-            &self.ptr(&dg),
-            &self.ptr(&du),
-            &(n as u64),
+        let (dg, du) = (self.uninit(n)?, self.uninit(n)?);
+        let args = [
+            Arg::U64(dact.ptr()),
+            Arg::U64(gate.ptr()),
+            Arg::U64(up.ptr()),
+            Arg::U64(dg.ptr()),
+            Arg::U64(du.ptr()),
+            Arg::U64(n as u64),
         ];
         self.launch("swiglu_backward", Self::elementwise(n), &args)?;
         Ok((dg, du))
@@ -329,7 +354,7 @@ impl Backend for CudaBackend {
         self.launch(
             "add_assign",
             Self::elementwise(n),
-            &[&self.ptr(a), &self.ptr(b), &(n as u64)],
+            &[Arg::U64(a.ptr()), Arg::U64(b.ptr()), Arg::U64(n as u64)],
         )
     }
 
@@ -346,26 +371,22 @@ impl Backend for CudaBackend {
             CeTargets::Sample { mask, seed } => (mask, seed, 1),
         };
         let t = self.ints(t)?;
-        let losses = self.alloc(rows)?;
-        let d = self.alloc(if grad_scale.is_some() {
-            rows * vocab
-        } else {
-            1
-        })?;
-        let args: [&dyn KernelArg; 9] = [
-            &self.ptr(logits),
-            &self.ptr(&t),
-            &self.ptr(&losses),
-            &self.ptr(&d),
-            &(vocab as i32),
-            &grad_scale.unwrap_or(0.0),
-            &(grad_scale.is_some() as i32),
-            &seed,
-            &sample,
+        let losses = self.uninit(rows)?;
+        // Without a gradient the kernel never touches dlogits: no allocation.
+        let d = self.uninit(if grad_scale.is_some() { rows * vocab } else { 0 })?;
+        let args = [
+            Arg::U64(logits.ptr()),
+            Arg::U64(t.ptr()),
+            Arg::U64(losses.ptr()),
+            Arg::U64(d.ptr()),
+            Arg::I32(vocab as i32),
+            Arg::F32(grad_scale.unwrap_or(0.0)),
+            Arg::I32(grad_scale.is_some() as i32),
+            Arg::U64(seed),
+            Arg::I32(sample),
         ];
         self.launch("cross_entropy", Self::per_row(rows), &args)?;
-        let mut l = self.to_host(&losses)?;
-        l.truncate(rows);
+        let l = self.to_host(&losses)?;
         Ok((l, grad_scale.map(|_| d)))
     }
 
@@ -379,7 +400,7 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        let symmetric = self.ptr(x) == self.ptr(y) && dx == dy;
+        let symmetric = x.ptr() == y.ptr() && dx == dy;
         let mut merged: Vec<Segment> = Vec::new();
         for s in segments.iter().filter(|s| s.len > 0) {
             match merged.last_mut() {
@@ -388,21 +409,21 @@ impl Backend for CudaBackend {
             }
         }
         let cfg = LaunchConfig {
-            grid_dim: (dy.div_ceil(64) as u32, dx.div_ceil(64) as u32, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            grid: [dy.div_ceil(64) as u32, dx.div_ceil(64) as u32, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: 0,
         };
         for s in merged {
-            let args: [&dyn KernelArg; 9] = [
-                &self.ptr(x),
-                &self.ptr(y),
-                &self.ptr(out),
-                &(s.start as i32),
-                &(s.len as i32),
-                &(dx as i32),
-                &(dy as i32),
-                &alpha,
-                &(symmetric as i32),
+            let args = [
+                Arg::U64(x.ptr()),
+                Arg::U64(y.ptr()),
+                Arg::U64(out.ptr()),
+                Arg::I32(s.start as i32),
+                Arg::I32(s.len as i32),
+                Arg::I32(dx as i32),
+                Arg::I32(dy as i32),
+                Arg::F32(alpha),
+                Arg::I32(symmetric as i32),
             ];
             self.launch("gram_accumulate", cfg, &args)?;
         }
@@ -410,7 +431,7 @@ impl Backend for CudaBackend {
             self.launch(
                 "mirror_upper",
                 Self::elementwise(dx * dx),
-                &[&self.ptr(out), &(dx as i32)],
+                &[Arg::U64(out.ptr()), Arg::I32(dx as i32)],
             )?;
         }
         Ok(())
@@ -424,15 +445,15 @@ impl Backend for CudaBackend {
         mean: bool,
     ) -> Result<Self::Buf> {
         let (st, ln) = self.segments(segments)?;
-        let out = self.alloc(segments.len() * dim)?;
-        let args: [&dyn KernelArg; 7] = [
-            &self.ptr(x),
-            &self.ptr(&st),
-            &self.ptr(&ln),
-            &(segments.len() as i32),
-            &(dim as i32),
-            &(mean as i32),
-            &self.ptr(&out),
+        let out = self.uninit(segments.len() * dim)?;
+        let args = [
+            Arg::U64(x.ptr()),
+            Arg::U64(st.ptr()),
+            Arg::U64(ln.ptr()),
+            Arg::I32(segments.len() as i32),
+            Arg::I32(dim as i32),
+            Arg::I32(mean as i32),
+            Arg::U64(out.ptr()),
         ];
         self.launch(
             "segment_sum",
@@ -458,27 +479,27 @@ impl Backend for CudaBackend {
         } else if dy <= MAX_RANK {
             (y, g, dy, dg, 0i32)
         } else {
-            return Err(Error::Cuda(format!(
+            return Err(Error::Device(format!(
                 "per-sample squaring needs one side <= {MAX_RANK} (got {dg} x {dy})"
             )));
         };
         let (st, ln) = self.segments(segments)?;
         let cfg = LaunchConfig {
-            grid_dim: (wide_dim.div_ceil(THREADS as usize) as u32, 1, 1),
-            block_dim: (THREADS, 1, 1),
-            shared_mem_bytes: 0,
+            grid: [wide_dim.div_ceil(THREADS as usize) as u32, 1, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: 0,
         };
-        let args: [&dyn KernelArg; 10] = [
-            &self.ptr(narrow),
-            &self.ptr(wide),
-            &self.ptr(&st),
-            &self.ptr(&ln),
-            &(segments.len() as i32),
-            &(r as i32),
-            &(wide_dim as i32),
-            &alpha,
-            &narrow_first,
-            &self.ptr(out),
+        let args = [
+            Arg::U64(narrow.ptr()),
+            Arg::U64(wide.ptr()),
+            Arg::U64(st.ptr()),
+            Arg::U64(ln.ptr()),
+            Arg::I32(segments.len() as i32),
+            Arg::I32(r as i32),
+            Arg::I32(wide_dim as i32),
+            Arg::F32(alpha),
+            Arg::I32(narrow_first),
+            Arg::U64(out.ptr()),
         ];
         self.launch("sq_grad_accumulate", cfg, &args)
     }
@@ -494,27 +515,28 @@ impl Backend for CudaBackend {
         tb: bool,
     ) -> Result<Self::Buf> {
         // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
-        let c = self.alloc(m * n)?;
+        let c = self.uninit(m * n)?;
         let (opb, ldb) = if tb { (T, k) } else { (N, n) };
         let (opa, lda) = if ta { (T, m) } else { (N, k) };
-        gemm(
-            self.h(),
+        self.gemm(
             opb,
             opa,
             n,
             m,
             k,
             1.0,
-            Operand::f32(self.ptr(b), ldb),
-            Operand::f32(self.ptr(a), lda),
+            Operand::f32(b.ptr(), ldb),
+            Operand::f32(a.ptr(), lda),
             0.0,
-            Operand::f32(self.ptr(&c), n),
+            Operand::f32(c.ptr(), n),
         )?;
         Ok(c)
     }
 
     fn dup(&self, x: &Self::Buf) -> Result<Self::Buf> {
-        cu(self.stream.clone_dtod(x))
+        let out = self.uninit(x.len())?;
+        self.rt.dtod(out.ptr(), x.ptr(), x.len() * 4)?;
+        Ok(out)
     }
 
     fn mul_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()> {
@@ -522,7 +544,7 @@ impl Backend for CudaBackend {
         self.launch(
             "mul_assign",
             Self::elementwise(n),
-            &[&self.ptr(a), &self.ptr(b), &(n as u64)],
+            &[Arg::U64(a.ptr()), Arg::U64(b.ptr()), Arg::U64(n as u64)],
         )
     }
 
@@ -531,7 +553,7 @@ impl Backend for CudaBackend {
         self.launch(
             "scale",
             Self::elementwise(n),
-            &[&self.ptr(x), &k, &(n as u64)],
+            &[Arg::U64(x.ptr()), Arg::F32(k), Arg::U64(n as u64)],
         )
     }
 
@@ -540,21 +562,23 @@ impl Backend for CudaBackend {
         self.launch(
             "axpy",
             Self::elementwise(n),
-            &[&alpha, &self.ptr(x), &self.ptr(y), &(n as u64)],
+            &[Arg::F32(alpha), Arg::U64(x.ptr()), Arg::U64(y.ptr()), Arg::U64(n as u64)],
         )
     }
 
     fn dot(&self, x: &Self::Buf, y: &Self::Buf) -> Result<f64> {
         let n = x.len();
+        if n == 0 {
+            return Ok(0.0);
+        }
         let cfg = Self::elementwise(n);
-        let blocks = cfg.grid_dim.0 as usize;
-        let partial = cu(self.stream.alloc_zeros::<f64>(blocks))?;
+        let partial = self.uninit::<f64>(cfg.grid[0] as usize)?;
         self.launch(
             "dot_partial",
             cfg,
-            &[&self.ptr(x), &self.ptr(y), &self.ptr(&partial), &(n as u64)],
+            &[Arg::U64(x.ptr()), Arg::U64(y.ptr()), Arg::U64(partial.ptr()), Arg::U64(n as u64)],
         )?;
-        Ok(cu(self.stream.clone_dtoh(&partial))?.iter().sum())
+        Ok(self.download(&partial)?.iter().sum())
     }
 
     fn adamw_step(
@@ -571,28 +595,37 @@ impl Backend for CudaBackend {
         let bc1 = 1.0 - h.beta1.powi(h.step as i32);
         let bc2 = 1.0 - h.beta2.powi(h.step as i32);
         let (mean, prec, lambda, on) = match &penalty {
-            Some(d) => (self.ptr(d.mean), self.ptr(d.precision), d.lambda, 1i32),
-            None => (self.ptr(g), self.ptr(g), 0.0, 0i32),
+            Some(d) => (d.mean.ptr(), d.precision.ptr(), d.lambda, 1i32),
+            None => (g.ptr(), g.ptr(), 0.0, 0i32),
         };
-        let args: [&dyn KernelArg; 17] = [
-            &self.ptr(p),
-            &self.ptr(g),
-            &self.ptr(m),
-            &self.ptr(v),
-            &(n as u64),
-            &h.lr,
-            &h.beta1,
-            &h.beta2,
-            &h.eps,
-            &h.weight_decay,
-            &bc1,
-            &bc2,
-            &grad_scale,
-            &mean,
-            &prec,
-            &lambda,
-            &on,
+        let args = [
+            Arg::U64(p.ptr()),
+            Arg::U64(g.ptr()),
+            Arg::U64(m.ptr()),
+            Arg::U64(v.ptr()),
+            Arg::U64(n as u64),
+            Arg::F32(h.lr),
+            Arg::F32(h.beta1),
+            Arg::F32(h.beta2),
+            Arg::F32(h.eps),
+            Arg::F32(h.weight_decay),
+            Arg::F32(bc1),
+            Arg::F32(bc2),
+            Arg::F32(grad_scale),
+            Arg::U64(mean),
+            Arg::U64(prec),
+            Arg::F32(lambda),
+            Arg::I32(on),
         ];
         self.launch("adamw_step", Self::elementwise(n), &args)
     }
+}
+
+fn check_rank(r: usize) -> Result<()> {
+    if r > MAX_RANK {
+        return Err(Error::usage(format!(
+            "LoRA rank {r} exceeds the CUDA kernels' {MAX_RANK}"
+        )));
+    }
+    Ok(())
 }

@@ -1,0 +1,1534 @@
+//! One thread block (CTA) of a launch: its warps, shared memory, per-thread local memory
+//! and barriers, and the checks that watch them.
+//!
+//! Scheduling. A warp runs its lanes in lock step (one decoded instruction, a loop over
+//! the active lanes). Each lane has its own program counter, as with independent thread
+//! scheduling: after a divergent branch the group of lanes with the lowest program
+//! counter runs first, and groups merge again when they reach the same instruction, so
+//! structured code reconverges where the compiler expects. A lane waits at `bar.sync`
+//! until every non-exited thread of the block is there, and at a warp collective
+//! (`shfl.sync`, `vote.sync`, `bar.warp.sync`) until every lane of its member mask is;
+//! `mma`/`ldmatrix`/`stmatrix` (`.aligned`) need the whole warp. Warps of a block run
+//! one after another until each waits; when all wait, a barrier completes or the block
+//! has deadlocked (reported).
+//!
+//! Racecheck: every 4-byte word of shared memory remembers its last writer and readers
+//! since the last barrier; an access by another thread in the same barrier interval (and,
+//! within a warp, the same `bar.warp.sync` interval) that conflicts is a hazard.
+
+use super::alu::{self, mask, sext};
+use super::fault::{Check, Checks, Fault};
+use super::float;
+use super::ir::*;
+use super::lower::{LOCAL_WINDOW, PARAM_WINDOW, SHARED_WINDOW, WINDOW_SIZE};
+use super::matrix;
+use super::memory::Heap;
+
+/// What a launch shares with all its blocks.
+pub struct LaunchCtx<'a> {
+    pub kernel: &'a Kernel,
+    pub heap: &'a Heap,
+    pub params: &'a [u8],
+    pub grid: [u32; 3],
+    pub block: [u32; 3],
+    pub dyn_shared: usize,
+    pub checks: Checks,
+}
+
+type R<T> = Result<T, Fault>;
+
+const NONE: u32 = u32::MAX;
+const MANY: u32 = u32::MAX - 1;
+
+/// Racecheck and initcheck state of one 4-byte word of shared memory.
+#[derive(Clone, Copy, Default)]
+struct Meta {
+    /// Block run this entry belongs to (older entries are stale: never touched).
+    stamp: u32,
+    /// Bytes of the word written in this block run.
+    init: u8,
+    w_tid: u32,
+    w_epoch: u32,
+    w_wep: u32,
+    w_line: u32,
+    r_tid: u32,
+    r_epoch: u32,
+    r_wep: u32,
+    r_line: u32,
+}
+
+struct Warp {
+    /// Lanes that exist (the last warp of a block may be partial).
+    exists: u32,
+    /// Lanes that have not exited.
+    live: u32,
+    /// Lanes waiting at a block barrier, and which one.
+    bar_wait: u32,
+    bar_id: [u8; 32],
+    bar_line: [u32; 32],
+    /// Lanes waiting at a warp collective at `coll_pc`.
+    coll_wait: u32,
+    coll_pc: u32,
+    pc: [u32; 32],
+    exit_line: [u32; 32],
+    /// Incremented by `bar.warp.sync` (orders shared accesses within the warp).
+    sync_epoch: u32,
+}
+
+#[derive(Clone)]
+struct PendingCopy {
+    dst: usize,
+    len: usize,
+    data: [u8; 16],
+}
+
+#[derive(Default, Clone)]
+struct CpAsync {
+    open: Vec<PendingCopy>,
+    groups: std::collections::VecDeque<Vec<PendingCopy>>,
+}
+
+/// What instructions touch besides registers: the block's identity, its shared and local
+/// memory, pending asynchronous copies, and the launch's global memory.
+struct Mem<'a> {
+    ctx: &'a LaunchCtx<'a>,
+    ctaid: [u32; 3],
+    nthreads: usize,
+    shared: Vec<u8>,
+    meta: Vec<Meta>,
+    stamp: u32,
+    /// Barrier interval (racecheck).
+    epoch: u32,
+    local: Vec<u8>,
+    cp: Vec<CpAsync>,
+    /// Index of the allocation the last global access hit.
+    alloc_hint: usize,
+    clock: u64,
+}
+
+pub struct Block<'a> {
+    m: Mem<'a>,
+    nregs: usize,
+    reg_mask: Vec<u64>,
+    regs: Vec<u64>,
+    warps: Vec<Warp>,
+    /// Threads arrived (`bar.arrive`) at each barrier with an explicit count.
+    arrived: [u32; 16],
+    /// Thread count each barrier waits for (`bar.sync id, count`); None: the block.
+    expected: [Option<u32>; 16],
+}
+
+macro_rules! lanes {
+    ($m:expr, $l:ident => $body:block) => {{
+        let mut mm: u32 = $m;
+        while mm != 0 {
+            let $l = mm.trailing_zeros() as usize;
+            mm &= mm - 1;
+            $body
+        }
+    }};
+}
+
+#[inline(always)]
+fn rd(r: &[u64], s: Src, l: usize) -> u64 {
+    match s {
+        Src::R(i) => r[i as usize * 32 + l],
+        Src::I(v) => v,
+    }
+}
+
+#[inline(always)]
+fn set(r: &mut [u64], masks: &[u64], d: Reg, l: usize, v: u64) {
+    r[d as usize * 32 + l] = v & masks[d as usize];
+}
+
+fn lane_mask_bits(n: usize) -> u32 {
+    if n >= 32 { u32::MAX } else { (1u32 << n) - 1 }
+}
+
+/// What an instruction did to the running group of lanes.
+enum Step {
+    /// All lanes go on to the next instruction.
+    Advance,
+    /// All lanes branch.
+    Jump(u32),
+    /// Divergence: `taken` lanes branch, the rest advance.
+    Split { taken: u32, target: u32 },
+    /// Some lanes left the group (exited or now waiting); the rest advance.
+    Shrink(u32),
+    /// A collective completed: the lanes that waited for it join the group.
+    Grow(u32),
+}
+
+fn blank_warp() -> Warp {
+    Warp {
+        exists: 0,
+        live: 0,
+        bar_wait: 0,
+        bar_id: [0; 32],
+        bar_line: [0; 32],
+        coll_wait: 0,
+        coll_pc: 0,
+        pc: [0; 32],
+        exit_line: [0; 32],
+        sync_epoch: 0,
+    }
+}
+
+impl<'a> Mem<'a> {
+    fn thread_xyz(&self, tid: usize) -> [u32; 3] {
+        let [bx, by, _] = self.ctx.block;
+        let (bx, by) = (bx as usize, by as usize);
+        [(tid % bx) as u32, ((tid / bx) % by) as u32, (tid / (bx * by)) as u32]
+    }
+
+    fn fault(&self, check: Check, tid: usize, line: u32, detail: String) -> Fault {
+        Fault {
+            check,
+            kernel: self.ctx.kernel.name.clone(),
+            block: self.ctaid,
+            thread: self.thread_xyz(tid),
+            line,
+            text: String::new(),
+            detail,
+        }
+    }
+
+    /// The state space and offset of an address (generic addresses by window).
+    fn resolve(space: MemSpace, a: u64) -> (MemSpace, u64) {
+        match space {
+            MemSpace::Generic => {
+                for (base, s) in [
+                    (SHARED_WINDOW, MemSpace::Shared),
+                    (LOCAL_WINDOW, MemSpace::Local),
+                    (PARAM_WINDOW, MemSpace::Param),
+                ] {
+                    if a >= base && a < base + WINDOW_SIZE {
+                        return (s, a - base);
+                    }
+                }
+                (MemSpace::Global, a)
+            }
+            MemSpace::Const => (MemSpace::Global, a),
+            s => (s, a),
+        }
+    }
+
+    fn shared_name(&self, off: u64) -> String {
+        let k = self.ctx.kernel;
+        for v in &k.shared_vars {
+            if off >= v.offset as u64 && off < (v.offset + v.size) as u64 {
+                return format!("`{}`+{}", v.name, off - v.offset as u64);
+            }
+        }
+        if off >= k.shared_static as u64 {
+            return format!("dynamic shared memory +{}", off - k.shared_static as u64);
+        }
+        format!("offset {off}")
+    }
+
+    fn misaligned(&self, space: MemSpace, a: u64, align: u64, tid: usize, line: u32) -> R<()> {
+        if a % align != 0 {
+            return Err(self.fault(
+                Check::Memcheck,
+                tid,
+                line,
+                format!("misaligned {align}-byte {space:?} access at {a:#x}"),
+            ));
+        }
+        Ok(())
+    }
+
+    fn global(&mut self, a: u64, size: u32, tid: usize, line: u32, what: &str) -> R<(usize, usize)> {
+        let heap = self.ctx.heap;
+        let live = heap.live();
+        if let Some(al) = live.get(self.alloc_hint)
+            && a >= al.base
+            && a + size as u64 <= al.base + al.size as u64
+        {
+            return Ok((self.alloc_hint, (a - al.base) as usize));
+        }
+        match heap.find(a, size as u64) {
+            Ok(i) => {
+                self.alloc_hint = i;
+                Ok((i, (a - heap.get(i).base) as usize))
+            }
+            Err(m) => Err(self.fault(
+                Check::Memcheck,
+                tid,
+                line,
+                format!("global {what}: {}", m.describe(a, size as u64)),
+            )),
+        }
+    }
+
+    /// Bounds, racecheck and initcheck of a shared access; the byte offset.
+    #[allow(clippy::too_many_arguments)]
+    fn shared_access(&mut self, off: u64, size: u32, write: bool, tid: usize, wep: u32, line: u32) -> R<usize> {
+        if off + size as u64 > self.shared.len() as u64 {
+            return Err(self.fault(
+                Check::Memcheck,
+                tid,
+                line,
+                format!(
+                    "out-of-bounds shared {}: {size} bytes at shared offset {off:#x}; the block has {} bytes of shared memory",
+                    if write { "write" } else { "read" },
+                    self.shared.len()
+                ),
+            ));
+        }
+        let checks = self.ctx.checks;
+        if !checks.racecheck && !checks.initcheck {
+            return Ok(off as usize);
+        }
+        let (first, last) = (off / 4, (off + size as u64 - 1) / 4);
+        for wi in first..=last {
+            let bytes = {
+                let lo = (off.max(wi * 4) - wi * 4) as u32;
+                let hi = ((off + size as u64).min(wi * 4 + 4) - wi * 4) as u32;
+                (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u8
+            };
+            let stamp = self.stamp;
+            let epoch = self.epoch;
+            let m = &mut self.meta[wi as usize];
+            if m.stamp != stamp {
+                *m = Meta {
+                    stamp,
+                    w_tid: NONE,
+                    r_tid: NONE,
+                    ..Meta::default()
+                };
+            }
+            let me = tid as u32;
+            let ordered = |otid: u32, oepoch: u32, owep: u32| {
+                otid == me || oepoch != epoch || (otid / 32 == me / 32 && owep != wep)
+            };
+            let hazard = if !checks.racecheck {
+                None
+            } else if write {
+                if m.w_tid != NONE && !ordered(m.w_tid, m.w_epoch, m.w_wep) {
+                    Some(("write-after-write", m.w_tid, "writes", m.w_line))
+                } else if m.r_tid == MANY && m.r_epoch == epoch {
+                    Some(("write-after-read", NONE, "read", m.r_line))
+                } else if m.r_tid != NONE && m.r_tid != MANY && !ordered(m.r_tid, m.r_epoch, m.r_wep) {
+                    Some(("write-after-read", m.r_tid, "reads", m.r_line))
+                } else {
+                    None
+                }
+            } else if m.w_tid != NONE && !ordered(m.w_tid, m.w_epoch, m.w_wep) {
+                Some(("read-after-write", m.w_tid, "writes", m.w_line))
+            } else {
+                None
+            };
+            if let Some((kind, other, verb, oline)) = hazard {
+                let who = if other == NONE {
+                    "other threads".to_string()
+                } else {
+                    let [x, y, z] = self.thread_xyz(other as usize);
+                    format!("thread ({x},{y},{z})")
+                };
+                let name = self.shared_name(wi * 4);
+                return Err(self.fault(
+                    Check::Racecheck,
+                    tid,
+                    line,
+                    format!(
+                        "shared-memory {kind} hazard on {name}: this thread {} it after {who} {verb} it at PTX line {oline}, with no barrier between them",
+                        if write { "writes" } else { "reads" }
+                    ),
+                ));
+            }
+            if write {
+                m.init |= bytes;
+                (m.w_tid, m.w_epoch, m.w_wep, m.w_line) = (me, epoch, wep, line);
+                m.r_tid = NONE;
+            } else {
+                if checks.initcheck && m.init & bytes != bytes {
+                    let name = self.shared_name(wi * 4);
+                    return Err(self.fault(
+                        Check::Initcheck,
+                        tid,
+                        line,
+                        format!("read of never-written shared memory: {name} (shared offset {:#x})", wi * 4),
+                    ));
+                }
+                if m.r_tid == NONE || m.r_epoch != epoch {
+                    (m.r_tid, m.r_epoch, m.r_wep, m.r_line) = (me, epoch, wep, line);
+                } else if m.r_tid != me {
+                    m.r_tid = MANY;
+                    m.r_line = line;
+                }
+            }
+        }
+        Ok(off as usize)
+    }
+
+    /// Load `size` (<= 8) bytes; `a` is already resolved to `space`.
+    #[allow(clippy::too_many_arguments)]
+    fn load(&mut self, space: MemSpace, a: u64, size: u32, tid: usize, wep: u32, line: u32) -> R<u64> {
+        match space {
+            MemSpace::Global | MemSpace::Const | MemSpace::Generic => {
+                let (i, off) = self.global(a, size, tid, line, "read")?;
+                let al = self.ctx.heap.get(i);
+                if self.ctx.checks.initcheck
+                    && let Some(b) = al.first_uninit(off, size as usize)
+                {
+                    return Err(self.fault(
+                        Check::Initcheck,
+                        tid,
+                        line,
+                        format!(
+                            "read of never-written global memory: byte {b} of {}",
+                            al.describe()
+                        ),
+                    ));
+                }
+                Ok(al.load(off, size))
+            }
+            MemSpace::Shared => {
+                let off = self.shared_access(a, size, false, tid, wep, line)?;
+                let mut b = [0u8; 8];
+                b[..size as usize].copy_from_slice(&self.shared[off..off + size as usize]);
+                Ok(u64::from_le_bytes(b))
+            }
+            MemSpace::Local => {
+                let lb = self.ctx.kernel.local_bytes as u64;
+                if a + size as u64 > lb {
+                    return Err(self.fault(
+                        Check::Memcheck,
+                        tid,
+                        line,
+                        format!("out-of-bounds local read: {size} bytes at local offset {a:#x} of {lb}"),
+                    ));
+                }
+                let o = tid * lb as usize + a as usize;
+                let mut b = [0u8; 8];
+                b[..size as usize].copy_from_slice(&self.local[o..o + size as usize]);
+                Ok(u64::from_le_bytes(b))
+            }
+            MemSpace::Param => {
+                let p = self.ctx.params;
+                if a + size as u64 > p.len() as u64 {
+                    return Err(self.fault(
+                        Check::Memcheck,
+                        tid,
+                        line,
+                        format!("out-of-bounds parameter read: {size} bytes at offset {a} of {}", p.len()),
+                    ));
+                }
+                let mut b = [0u8; 8];
+                b[..size as usize].copy_from_slice(&p[a as usize..a as usize + size as usize]);
+                Ok(u64::from_le_bytes(b))
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn store(&mut self, space: MemSpace, a: u64, size: u32, v: u64, tid: usize, wep: u32, line: u32) -> R<()> {
+        match space {
+            MemSpace::Global | MemSpace::Const | MemSpace::Generic => {
+                let (i, off) = self.global(a, size, tid, line, "write")?;
+                self.ctx.heap.get(i).store(off, size, v);
+                Ok(())
+            }
+            MemSpace::Shared => {
+                let off = self.shared_access(a, size, true, tid, wep, line)?;
+                self.shared[off..off + size as usize].copy_from_slice(&v.to_le_bytes()[..size as usize]);
+                Ok(())
+            }
+            MemSpace::Local => {
+                let lb = self.ctx.kernel.local_bytes as u64;
+                if a + size as u64 > lb {
+                    return Err(self.fault(
+                        Check::Memcheck,
+                        tid,
+                        line,
+                        format!("out-of-bounds local write: {size} bytes at local offset {a:#x} of {lb}"),
+                    ));
+                }
+                let o = tid * lb as usize + a as usize;
+                self.local[o..o + size as usize].copy_from_slice(&v.to_le_bytes()[..size as usize]);
+                Ok(())
+            }
+            MemSpace::Param => Err(self.fault(
+                Check::Memcheck,
+                tid,
+                line,
+                "write to kernel parameter memory".into(),
+            )),
+        }
+    }
+
+    /// `atom`/`red`: the old value.
+    #[allow(clippy::too_many_arguments)]
+    fn atomic(&mut self, space: MemSpace, a: u64, op: AtomOp, ty: Ty, b: u64, c: u64, tid: usize, line: u32) -> R<u64> {
+        let size = ty.bytes();
+        let (space, a) = Self::resolve(space, a);
+        self.misaligned(space, a, size as u64, tid, line)?;
+        // atom.add.f32 on global memory flushes subnormals (PTX ISA, atom)
+        let ftz = space == MemSpace::Global;
+        let f = move |old: u64| atom_apply(op, ty, old, b, c, ftz);
+        match space {
+            MemSpace::Global => {
+                let (i, off) = self.global(a, size, tid, line, "atomic")?;
+                let al = self.ctx.heap.get(i);
+                if self.ctx.checks.initcheck && al.first_uninit(off, size as usize).is_some() {
+                    return Err(self.fault(
+                        Check::Initcheck,
+                        tid,
+                        line,
+                        format!("atomic on never-written global memory in {}", al.describe()),
+                    ));
+                }
+                let old = if size == 4 {
+                    al.atomic32(off)
+                        .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |o| {
+                            Some(f(o as u64) as u32)
+                        })
+                        .unwrap_or(0) as u64
+                } else {
+                    al.atomic64(off)
+                        .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |o| Some(f(o)))
+                        .unwrap_or(0)
+                };
+                Ok(old)
+            }
+            MemSpace::Shared => {
+                if a + size as u64 > self.shared.len() as u64 {
+                    return Err(self.fault(
+                        Check::Memcheck,
+                        tid,
+                        line,
+                        format!("out-of-bounds shared atomic at offset {a:#x}"),
+                    ));
+                }
+                let o = a as usize;
+                let mut bytes = [0u8; 8];
+                bytes[..size as usize].copy_from_slice(&self.shared[o..o + size as usize]);
+                let old = u64::from_le_bytes(bytes);
+                let new = atom_apply(op, ty, old, b, c, false);
+                self.shared[o..o + size as usize].copy_from_slice(&new.to_le_bytes()[..size as usize]);
+                if let Some(m) = self.meta.get_mut(o / 4)
+                    && m.stamp == self.stamp
+                {
+                    m.init = 0xf;
+                }
+                Ok(old)
+            }
+            _ => Err(self.fault(
+                Check::Memcheck,
+                tid,
+                line,
+                format!("atomic on {space:?} memory at {a:#x}"),
+            )),
+        }
+    }
+}
+
+fn atom_apply(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64, ftz: bool) -> u64 {
+    let bits = ty.bits();
+    let m = mask(bits);
+    let signed = ty.signed();
+    let cmp = |x: u64, y: u64| -> std::cmp::Ordering {
+        if signed {
+            sext(x, bits).cmp(&sext(y, bits))
+        } else {
+            (x & m).cmp(&(y & m))
+        }
+    };
+    match op {
+        AtomOp::Add => match ty {
+            Ty::F32 => {
+                let (x, y) = (f32::from_bits(old as u32), f32::from_bits(b as u32));
+                let r = if ftz {
+                    float::ftz32(float::ftz32(x) + float::ftz32(y))
+                } else {
+                    x + y
+                };
+                r.to_bits() as u64
+            }
+            Ty::F64 => (f64::from_bits(old) + f64::from_bits(b)).to_bits(),
+            _ => old.wrapping_add(b) & m,
+        },
+        AtomOp::Min => {
+            if ty == Ty::F32 {
+                float::minmax(f32::from_bits(old as u32) as f64, f32::from_bits(b as u32) as f64, false, false) as f32
+                    as u32 as u64
+            } else if cmp(old, b).is_le() {
+                old
+            } else {
+                b & m
+            }
+        }
+        AtomOp::Max => {
+            if cmp(old, b).is_ge() {
+                old
+            } else {
+                b & m
+            }
+        }
+        AtomOp::Inc => {
+            if (old & m) >= (b & m) {
+                0
+            } else {
+                (old + 1) & m
+            }
+        }
+        AtomOp::Dec => {
+            if old & m == 0 || (old & m) > (b & m) {
+                b & m
+            } else {
+                (old - 1) & m
+            }
+        }
+        AtomOp::And => old & b & m,
+        AtomOp::Or => (old | b) & m,
+        AtomOp::Xor => (old ^ b) & m,
+        AtomOp::Exch => b & m,
+        AtomOp::Cas => {
+            if old & m == b & m {
+                c & m
+            } else {
+                old
+            }
+        }
+    }
+}
+
+impl<'a> Block<'a> {
+    pub fn new(ctx: &'a LaunchCtx<'a>) -> Self {
+        let k = ctx.kernel;
+        let [bx, by, bz] = ctx.block;
+        let nthreads = (bx * by * bz) as usize;
+        let nwarps = nthreads.div_ceil(32);
+        let nregs = k.reg_bits.len();
+        let shared_len = if ctx.dyn_shared == 0 {
+            k.shared_static
+        } else {
+            k.shared_static.div_ceil(k.dyn_shared_align) * k.dyn_shared_align + ctx.dyn_shared
+        };
+        Block {
+            m: Mem {
+                ctx,
+                ctaid: [0; 3],
+                nthreads,
+                shared: vec![0; shared_len],
+                meta: vec![Meta::default(); shared_len.div_ceil(4)],
+                stamp: 0,
+                epoch: 0,
+                local: vec![0; nthreads * k.local_bytes],
+                cp: vec![CpAsync::default(); nthreads],
+                alloc_hint: 0,
+                clock: 0,
+            },
+            nregs,
+            reg_mask: k.reg_bits.iter().map(|&b| mask(b as u32)).collect(),
+            regs: vec![0; nwarps * nregs * 32],
+            warps: (0..nwarps).map(|_| blank_warp()).collect(),
+            arrived: [0; 16],
+            expected: [None; 16],
+        }
+    }
+
+    /// Run block `ctaid` to completion.
+    pub fn run(&mut self, ctaid: [u32; 3]) -> R<()> {
+        self.m.ctaid = ctaid;
+        self.m.stamp = self.m.stamp.wrapping_add(1);
+        self.m.epoch = 0;
+        self.arrived = [0; 16];
+        self.expected = [None; 16];
+        self.init_warps();
+        loop {
+            let mut ran = false;
+            for w in 0..self.warps.len() {
+                let wp = &self.warps[w];
+                if wp.live & !wp.bar_wait & !wp.coll_wait != 0 {
+                    self.run_warp(w)?;
+                    ran = true;
+                }
+            }
+            if ran {
+                continue;
+            }
+            if self.warps.iter().all(|w| w.live == 0) {
+                return Ok(());
+            }
+            self.complete_barrier()?;
+        }
+    }
+
+    fn init_warps(&mut self) {
+        let ctx = self.m.ctx;
+        let nwarps = self.warps.len();
+        let nthreads = self.m.nthreads;
+        let shared_total = self.m.shared.len() as u64;
+        for w in 0..nwarps {
+            let exists = lane_mask_bits(nthreads - w * 32);
+            let warp = &mut self.warps[w];
+            *warp = blank_warp();
+            warp.exists = exists;
+            warp.live = exists;
+            let base = w * self.nregs * 32;
+            for lane in 0..32 {
+                let tid = (w * 32 + lane).min(nthreads - 1);
+                let [tx, ty, tz] = self.m.thread_xyz(tid);
+                let lane_bit = 1u64 << lane;
+                let vals: [u64; 25] = [
+                    tx as u64,
+                    ty as u64,
+                    tz as u64,
+                    ctx.block[0] as u64,
+                    ctx.block[1] as u64,
+                    ctx.block[2] as u64,
+                    self.m.ctaid[0] as u64,
+                    self.m.ctaid[1] as u64,
+                    self.m.ctaid[2] as u64,
+                    ctx.grid[0] as u64,
+                    ctx.grid[1] as u64,
+                    ctx.grid[2] as u64,
+                    lane as u64,
+                    w as u64,
+                    nwarps as u64,
+                    0,
+                    1,
+                    0,
+                    lane_bit,
+                    lane_bit - 1,
+                    (lane_bit << 1) - 1,
+                    0xffff_ffff & !((lane_bit << 1) - 1),
+                    0xffff_ffff & !(lane_bit - 1),
+                    ctx.dyn_shared as u64,
+                    shared_total,
+                ];
+                for (i, v) in vals.iter().enumerate() {
+                    self.regs[base + i * 32 + lane] = *v;
+                }
+            }
+        }
+        for c in &mut self.m.cp {
+            c.open.clear();
+            c.groups.clear();
+        }
+    }
+
+    /// Run warp `w`'s lanes until none can run.
+    fn run_warp(&mut self, w: usize) -> R<()> {
+        let ctx = self.m.ctx;
+        let code = &ctx.kernel.code;
+        loop {
+            let wp = &self.warps[w];
+            let runnable = wp.live & !wp.bar_wait & !wp.coll_wait;
+            if runnable == 0 {
+                return Ok(());
+            }
+            let mut pc = u32::MAX;
+            lanes!(runnable, l => { pc = pc.min(wp.pc[l]); });
+            let (mut mask, mut others) = (0u32, u32::MAX);
+            lanes!(runnable, l => {
+                if wp.pc[l] == pc { mask |= 1 << l } else { others = others.min(wp.pc[l]) }
+            });
+            loop {
+                let Some(inst) = code.get(pc as usize) else {
+                    // Falling off the end of the body ends the threads, as `ret` would.
+                    let wp = &mut self.warps[w];
+                    wp.live &= !mask;
+                    mask = 0;
+                    break;
+                };
+                let exec = match inst.guard {
+                    None => mask,
+                    Some((p, neg)) => {
+                        let base = w * self.nregs * 32 + p as usize * 32;
+                        let mut e = 0u32;
+                        lanes!(mask, l => {
+                            if (self.regs[base + l] & 1 != 0) != neg { e |= 1 << l }
+                        });
+                        e
+                    }
+                };
+                match self.exec(w, pc, inst, mask, exec)? {
+                    Step::Advance => pc += 1,
+                    Step::Jump(t) => pc = t,
+                    Step::Split { taken, target } => {
+                        let wp = &mut self.warps[w];
+                        lanes!(mask, l => { wp.pc[l] = if taken & (1 << l) != 0 { target } else { pc + 1 }; });
+                        mask = 0;
+                        break;
+                    }
+                    Step::Shrink(rest) => {
+                        mask = rest;
+                        pc += 1;
+                        if mask == 0 {
+                            break;
+                        }
+                    }
+                    Step::Grow(extra) => {
+                        mask |= extra;
+                        pc += 1;
+                    }
+                }
+                if others != u32::MAX {
+                    if pc == others {
+                        let wp = &self.warps[w];
+                        let idle = wp.live & !wp.bar_wait & !wp.coll_wait & !mask;
+                        others = u32::MAX;
+                        lanes!(idle, l => {
+                            if wp.pc[l] == pc { mask |= 1 << l } else { others = others.min(wp.pc[l]) }
+                        });
+                    } else if pc > others {
+                        break;
+                    }
+                }
+            }
+            let wp = &mut self.warps[w];
+            lanes!(mask, l => { wp.pc[l] = pc; });
+        }
+    }
+
+    /// The lanes a collective waits for, as seen from `lane`.
+    fn required(&self, inst: &Inst, regs: &[u64], lane: usize, exists: u32) -> u32 {
+        match &inst.op {
+            Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::BarWarp { mask } => rd(regs, *mask, lane) as u32,
+            _ => exists,
+        }
+    }
+
+    /// All warps wait: complete a barrier every non-exited thread (or its count) reached,
+    /// or report why none can complete.
+    fn complete_barrier(&mut self) -> R<()> {
+        let nthreads = self.m.nthreads;
+        let live: u32 = self.warps.iter().map(|w| w.live.count_ones()).sum();
+        let mut waiting = [0u32; 16];
+        let mut first: [Option<(usize, u32)>; 16] = [None; 16];
+        for (w, wp) in self.warps.iter().enumerate() {
+            lanes!(wp.bar_wait, l => {
+                let id = wp.bar_id[l] as usize;
+                waiting[id] += 1;
+                first[id].get_or_insert((w * 32 + l, wp.bar_line[l]));
+            });
+        }
+        for id in 0..16 {
+            if waiting[id] == 0 {
+                continue;
+            }
+            let (tid, line) = first[id].unwrap_or((0, 0));
+            let done = match self.expected[id] {
+                Some(n) => waiting[id] + self.arrived[id] >= n,
+                None => waiting[id] == live,
+            };
+            if !done {
+                continue;
+            }
+            if self.expected[id].is_none() && (live as usize) < nthreads {
+                let (etid, eline) = self.first_exited();
+                let [x, y, z] = self.m.thread_xyz(etid);
+                return Err(self.m.fault(
+                    Check::Synccheck,
+                    tid,
+                    line,
+                    format!(
+                        "barrier {id} is reached by {live} of the block's {nthreads} threads: the others exited without reaching it (thread ({x},{y},{z}) exited at PTX line {eline})"
+                    ),
+                ));
+            }
+            self.arrived[id] = 0;
+            self.expected[id] = None;
+            self.m.epoch += 1;
+            for wp in &mut self.warps {
+                let mut released = 0u32;
+                lanes!(wp.bar_wait, l => {
+                    if wp.bar_id[l] as usize == id { released |= 1 << l; }
+                });
+                wp.bar_wait &= !released;
+            }
+            return Ok(());
+        }
+        // Nothing can complete: a deadlock.
+        let code = &self.m.ctx.kernel.code;
+        for (w, wp) in self.warps.iter().enumerate() {
+            if wp.coll_wait != 0 {
+                let l = wp.coll_wait.trailing_zeros() as usize;
+                let inst = &code[wp.coll_pc as usize];
+                let base = w * self.nregs * 32;
+                let need = self.required(inst, &self.regs[base..base + self.nregs * 32], l, wp.exists);
+                return Err(self.m.fault(
+                    Check::Synccheck,
+                    w * 32 + l,
+                    inst.line,
+                    format!(
+                        "warp collective waits for lanes {:#010x} of its member mask, which never reach it",
+                        need & !wp.coll_wait
+                    ),
+                ));
+            }
+        }
+        let (tid, line, id) = self
+            .warps
+            .iter()
+            .enumerate()
+            .find_map(|(w, wp)| {
+                (wp.bar_wait != 0).then(|| {
+                    let l = wp.bar_wait.trailing_zeros() as usize;
+                    (w * 32 + l, wp.bar_line[l], wp.bar_id[l] as usize)
+                })
+            })
+            .unwrap_or((0, 0, 0));
+        let others: Vec<String> = (0..16)
+            .filter(|&i| waiting[i] > 0 && i != id)
+            .map(|i| format!("{} at barrier {i}", waiting[i]))
+            .collect();
+        let want = self.expected[id].map_or_else(|| format!("all {live} live threads"), |n| format!("{n} threads"));
+        Err(self.m.fault(
+            Check::Synccheck,
+            tid,
+            line,
+            format!(
+                "deadlock: {} threads wait at barrier {id} for {want}{}",
+                waiting[id],
+                if others.is_empty() {
+                    String::new()
+                } else {
+                    format!(", while {} wait elsewhere", others.join(", "))
+                }
+            ),
+        ))
+    }
+
+    fn first_exited(&self) -> (usize, u32) {
+        for (w, wp) in self.warps.iter().enumerate() {
+            let gone = wp.exists & !wp.live;
+            if gone != 0 {
+                let l = gone.trailing_zeros() as usize;
+                return (w * 32 + l, wp.exit_line[l]);
+            }
+        }
+        (0, 0)
+    }
+
+    /// Arrive at a warp collective: `Some(lanes)` (the lanes that run it: this group's
+    /// plus those that waited) when every live member has arrived, else the executing
+    /// lanes wait and `None`.
+    fn collective(&mut self, w: usize, pc: u32, inst: &Inst, exec: u32, aligned: bool) -> R<Option<u32>> {
+        let base = w * self.nregs * 32;
+        let wp = &self.warps[w];
+        if wp.coll_wait != 0 && wp.coll_pc != pc {
+            let l = exec.trailing_zeros() as usize;
+            return Err(self.m.fault(
+                Check::Synccheck,
+                w * 32 + l,
+                inst.line,
+                format!(
+                    "lanes of one warp wait at two different warp collectives (PTX lines {} and {})",
+                    self.m.ctx.kernel.code[wp.coll_pc as usize].line, inst.line
+                ),
+            ));
+        }
+        let waiting = if wp.coll_pc == pc { wp.coll_wait } else { 0 };
+        let arrived = exec | waiting;
+        let first = arrived.trailing_zeros() as usize;
+        let need = self.required(inst, &self.regs[base..base + self.nregs * 32], first, wp.exists);
+        if aligned && wp.live != wp.exists {
+            return Err(self.m.fault(
+                Check::Synccheck,
+                w * 32 + first,
+                inst.line,
+                "a .aligned warp instruction runs after lanes of the warp exited".into(),
+            ));
+        }
+        if exec & !need != 0 {
+            let l = (exec & !need).trailing_zeros() as usize;
+            return Err(self.m.fault(
+                Check::Synccheck,
+                w * 32 + l,
+                inst.line,
+                format!("lane {l} executes a warp collective whose member mask {need:#010x} excludes it"),
+            ));
+        }
+        let wp = &mut self.warps[w];
+        if need & wp.live & !arrived == 0 {
+            wp.coll_wait = 0;
+            Ok(Some(arrived))
+        } else {
+            wp.coll_wait |= exec;
+            wp.coll_pc = pc;
+            Ok(None)
+        }
+    }
+
+    /// Execute one instruction for the `exec` lanes of the group `mask` at `pc`.
+    fn exec(&mut self, w: usize, pc: u32, inst: &Inst, mask: u32, exec: u32) -> R<Step> {
+        let nregs = self.nregs;
+        let base = w * nregs * 32;
+        let tid0 = w * 32;
+        let line = inst.line;
+        let wep = self.warps[w].sync_epoch;
+        macro_rules! regs {
+            () => {
+                &mut self.regs[base..base + nregs * 32]
+            };
+        }
+        match &inst.op {
+            Op::Nop => {}
+            Op::Mov { d, a } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => { let v = rd(r, *a, l); set(r, m, *d, l, v); });
+            }
+            Op::Clock { d, .. } => {
+                self.m.clock += 1000;
+                let v = self.m.clock;
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => { set(r, m, *d, l, v); });
+            }
+            Op::Pack { d, parts, bits } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let mut v = 0u64;
+                    for (i, p) in parts.iter().enumerate() {
+                        v |= (rd(r, *p, l) & alu::mask(*bits)) << (i as u32 * bits);
+                    }
+                    set(r, m, *d, l, v);
+                });
+            }
+            Op::Unpack { ds, a, bits } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let v = rd(r, *a, l);
+                    for (i, d) in ds.iter().enumerate() {
+                        if let Some(d) = d {
+                            set(r, m, *d, l, (v >> (i as u32 * bits)) & alu::mask(*bits));
+                        }
+                    }
+                });
+            }
+            Op::Cvta { d, a, space, to } => {
+                let window = match space {
+                    MemSpace::Shared => SHARED_WINDOW,
+                    MemSpace::Local => LOCAL_WINDOW,
+                    MemSpace::Param => PARAM_WINDOW,
+                    _ => 0,
+                };
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let v = rd(r, *a, l);
+                    let v = if *to { v.wrapping_sub(window) } else { v.wrapping_add(window) };
+                    set(r, m, *d, l, v);
+                });
+            }
+            Op::Int { op, ty, d, a, b, c, sat } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                match (op, ty.bits(), *sat) {
+                    (IntOp::Add, 64, false) => lanes!(exec, l => {
+                        let v = rd(r, *a, l).wrapping_add(rd(r, *b, l)); set(r, m, *d, l, v);
+                    }),
+                    (IntOp::Add, 32, false) => lanes!(exec, l => {
+                        let v = (rd(r, *a, l) as u32).wrapping_add(rd(r, *b, l) as u32) as u64; set(r, m, *d, l, v);
+                    }),
+                    (IntOp::MulWide, 32, _) if ty.signed() => lanes!(exec, l => {
+                        let v = (rd(r, *a, l) as i32 as i64).wrapping_mul(rd(r, *b, l) as i32 as i64) as u64;
+                        set(r, m, *d, l, v);
+                    }),
+                    (IntOp::MulWide, 32, _) => lanes!(exec, l => {
+                        let v = (rd(r, *a, l) as u32 as u64).wrapping_mul(rd(r, *b, l) as u32 as u64);
+                        set(r, m, *d, l, v);
+                    }),
+                    (IntOp::Shl, 64, _) => lanes!(exec, l => {
+                        let n = rd(r, *b, l);
+                        let v = if n >= 64 { 0 } else { rd(r, *a, l) << n };
+                        set(r, m, *d, l, v);
+                    }),
+                    _ => lanes!(exec, l => {
+                        let v = alu::int(*op, *ty, rd(r, *a, l), rd(r, *b, l), rd(r, *c, l), *sat);
+                        set(r, m, *d, l, v);
+                    }),
+                }
+            }
+            Op::IntUn { op, ty, d, a } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => { let v = alu::int_un(*op, *ty, rd(r, *a, l)); set(r, m, *d, l, v); });
+            }
+            Op::Bfe { ty, d, a, b, c } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let v = alu::bfe(*ty, rd(r, *a, l), rd(r, *b, l), rd(r, *c, l)); set(r, m, *d, l, v);
+                });
+            }
+            Op::Bfi { ty, d, f, a, b, c } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let v = alu::bfi(*ty, rd(r, *f, l), rd(r, *a, l), rd(r, *b, l), rd(r, *c, l));
+                    set(r, m, *d, l, v);
+                });
+            }
+            Op::Prmt { d, a, b, c } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => { let v = alu::prmt(rd(r, *a, l), rd(r, *b, l), rd(r, *c, l)); set(r, m, *d, l, v); });
+            }
+            Op::Lop3 { d, a, b, c, lut } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => { let v = alu::lop3(rd(r, *a, l), rd(r, *b, l), rd(r, *c, l), *lut); set(r, m, *d, l, v); });
+            }
+            Op::Shf { left, wrap, d, a, b, c } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let v = alu::shf(*left, *wrap, rd(r, *a, l), rd(r, *b, l), rd(r, *c, l)); set(r, m, *d, l, v);
+                });
+            }
+            Op::Float { op, ty, rnd, ftz, sat, d, a, b, c } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                let plain = *ty == Ty::F32 && *rnd == Rnd::Near && !*ftz && !*sat;
+                macro_rules! f32op {
+                    ($e:expr) => {
+                        lanes!(exec, l => {
+                            let x = f32::from_bits(rd(r, *a, l) as u32);
+                            let y = f32::from_bits(rd(r, *b, l) as u32);
+                            let z = f32::from_bits(rd(r, *c, l) as u32);
+                            let f: fn(f32, f32, f32) -> f32 = $e;
+                            let v = f(x, y, z);
+                            let v = if v.is_nan() { float::NAN32 } else { v.to_bits() };
+                            set(r, m, *d, l, v as u64);
+                        })
+                    };
+                }
+                match op {
+                    FloatOp::Add if plain => f32op!(|x, y, _| x + y),
+                    FloatOp::Sub if plain => f32op!(|x, y, _| x - y),
+                    FloatOp::Mul if plain => f32op!(|x, y, _| x * y),
+                    FloatOp::Fma if plain => f32op!(|x, y, z| x.mul_add(y, z)),
+                    _ => lanes!(exec, l => {
+                        let v = alu::float(*op, *ty, *rnd, *ftz, *sat, rd(r, *a, l), rd(r, *b, l), rd(r, *c, l));
+                        set(r, m, *d, l, v);
+                    }),
+                }
+            }
+            Op::FloatUn { op, ty, rnd, approx, ftz, d, a } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let v = alu::float_un(*op, *ty, *rnd, *approx, *ftz, rd(r, *a, l)); set(r, m, *d, l, v);
+                });
+            }
+            Op::Testp { kind, ty, d, a } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => { let v = alu::testp(*kind, *ty, rd(r, *a, l)); set(r, m, *d, l, v as u64); });
+            }
+            Op::Setp { cmp, ty, ftz, d, q, a, b, combine } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let t = alu::compare(*cmp, *ty, *ftz, rd(r, *a, l), rd(r, *b, l));
+                    let (p, nq) = match combine {
+                        None => (t, !t),
+                        Some((op, c, neg)) => {
+                            let cv = (rd(r, *c, l) & 1 != 0) != *neg;
+                            (alu::boolop(*op, t, cv), alu::boolop(*op, !t, cv))
+                        }
+                    };
+                    set(r, m, *d, l, p as u64);
+                    if let Some(q) = q {
+                        set(r, m, *q, l, nq as u64);
+                    }
+                });
+            }
+            Op::Selp { d, a, b, p } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => {
+                    let v = if rd(r, *p, l) & 1 != 0 { rd(r, *a, l) } else { rd(r, *b, l) };
+                    set(r, m, *d, l, v);
+                });
+            }
+            Op::Cvt { dty, sty, rnd, int_rnd, ftz, sat, relu, satfinite, d, a } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                let dbits = self.m.ctx.kernel.reg_bits[*d as usize] as u32;
+                match (dty, sty) {
+                    (Ty::S64, Ty::S32) if !*sat => lanes!(exec, l => {
+                        let v = rd(r, *a, l) as u32 as i32 as i64 as u64; set(r, m, *d, l, v);
+                    }),
+                    (Ty::U64, Ty::U32) if !*sat => lanes!(exec, l => {
+                        let v = rd(r, *a, l) & 0xffff_ffff; set(r, m, *d, l, v);
+                    }),
+                    _ => lanes!(exec, l => {
+                        let v = alu::cvt(*dty, *sty, *rnd, *int_rnd, *ftz, *sat, *relu, *satfinite, rd(r, *a, l), dbits);
+                        set(r, m, *d, l, v);
+                    }),
+                }
+            }
+            Op::CvtPack { dty, rnd, relu, satfinite, d, a, b } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                let h = if *dty == Ty::Bf16x2 { Ty::Bf16 } else { Ty::F16 };
+                lanes!(exec, l => {
+                    let one = |x: u64| alu::cvt(h, Ty::F32, Some(*rnd), false, false, false, *relu, *satfinite, x, 16);
+                    let v = (one(rd(r, *a, l)) << 16) | one(rd(r, *b, l));
+                    set(r, m, *d, l, v);
+                });
+            }
+            Op::Ld { space, ty, d, addr } => {
+                let size = ty.bytes();
+                let total = size as u64 * d.len() as u64;
+                lanes!(exec, l => {
+                    let tid = tid0 + l;
+                    let a0 = addr.base.map_or(0, |b| self.regs[base + b as usize * 32 + l]).wrapping_add(addr.off as u64);
+                    let (sp, a0) = Mem::resolve(*space, a0);
+                    self.m.misaligned(sp, a0, total, tid, line)?;
+                    for (i, dst) in d.iter().enumerate() {
+                        let v = self.m.load(sp, a0 + i as u64 * size as u64, size, tid, wep, line)?;
+                        let v = if ty.signed() { sext(v, ty.bits()) as u64 } else { v };
+                        if let Some(dst) = dst {
+                            set(&mut self.regs[base..base + nregs * 32], &self.reg_mask, *dst, l, v);
+                        }
+                    }
+                });
+            }
+            Op::St { space, ty, a, addr } => {
+                let size = ty.bytes();
+                let total = size as u64 * a.len() as u64;
+                lanes!(exec, l => {
+                    let tid = tid0 + l;
+                    let r = &self.regs[base..base + nregs * 32];
+                    let a0 = addr.base.map_or(0, |b| r[b as usize * 32 + l]).wrapping_add(addr.off as u64);
+                    let (sp, a0) = Mem::resolve(*space, a0);
+                    self.m.misaligned(sp, a0, total, tid, line)?;
+                    for (i, s) in a.iter().enumerate() {
+                        let v = rd(&self.regs[base..base + nregs * 32], *s, l) & alu::mask(ty.bits());
+                        self.m.store(sp, a0 + i as u64 * size as u64, size, v, tid, wep, line)?;
+                    }
+                });
+            }
+            Op::Atom { space, op, ty, d, addr, b, c } => {
+                lanes!(exec, l => {
+                    let r = &self.regs[base..base + nregs * 32];
+                    let a0 = addr.base.map_or(0, |x| r[x as usize * 32 + l]).wrapping_add(addr.off as u64);
+                    let (bv, cv) = (rd(r, *b, l), rd(r, *c, l));
+                    let old = self.m.atomic(*space, a0, *op, *ty, bv, cv, tid0 + l, line)?;
+                    if let Some(d) = d {
+                        set(&mut self.regs[base..base + nregs * 32], &self.reg_mask, *d, l, old);
+                    }
+                });
+            }
+            Op::Bra { target } => {
+                let not = mask & !exec;
+                return Ok(if not == 0 {
+                    Step::Jump(*target)
+                } else if exec == 0 {
+                    Step::Advance
+                } else {
+                    Step::Split {
+                        taken: exec,
+                        target: *target,
+                    }
+                });
+            }
+            Op::Exit => {
+                if exec == 0 {
+                    return Ok(Step::Advance);
+                }
+                let wp = &mut self.warps[w];
+                wp.live &= !exec;
+                lanes!(exec, l => {
+                    wp.exit_line[l] = line;
+                    self.m.cp[tid0 + l].open.clear();
+                    self.m.cp[tid0 + l].groups.clear();
+                });
+                return Ok(Step::Shrink(mask & !exec));
+            }
+            Op::Bar { id, count, arrive } => {
+                if exec == 0 {
+                    return Ok(Step::Advance);
+                }
+                let r = &self.regs[base..base + nregs * 32];
+                let l0 = exec.trailing_zeros() as usize;
+                let idv = rd(r, *id, l0);
+                let n = count.map(|c| rd(r, c, l0) as u32);
+                if idv >= 16 || n.is_some_and(|n| n == 0 || n % 32 != 0 || n as usize > self.m.nthreads.div_ceil(32) * 32) {
+                    return Err(self.m.fault(
+                        Check::Synccheck,
+                        tid0 + l0,
+                        line,
+                        format!("invalid barrier {idv} with thread count {n:?} (ids 0..15, counts multiples of 32 up to the block size)"),
+                    ));
+                }
+                let id = idv as usize;
+                if let Some(n) = n {
+                    if self.expected[id].is_some_and(|e| e != n) {
+                        return Err(self.m.fault(
+                            Check::Synccheck,
+                            tid0 + l0,
+                            line,
+                            format!("barrier {id} is used with thread counts {} and {n} at once", self.expected[id].unwrap_or(0)),
+                        ));
+                    }
+                    self.expected[id] = Some(n);
+                }
+                if *arrive {
+                    if n.is_none() {
+                        return Err(self.m.fault(Check::Synccheck, tid0 + l0, line, "bar.arrive needs a thread count".into()));
+                    }
+                    self.arrived[id] += exec.count_ones();
+                    return Ok(Step::Advance);
+                }
+                let wp = &mut self.warps[w];
+                wp.bar_wait |= exec;
+                lanes!(exec, l => {
+                    wp.bar_id[l] = id as u8;
+                    wp.bar_line[l] = line;
+                    wp.pc[l] = pc + 1;
+                });
+                return Ok(Step::Shrink(mask & !exec));
+            }
+            Op::BarWarp { .. } => {
+                return self.run_collective(w, pc, inst, mask, exec, false, |b, _w, _lanes| {
+                    b.warps[_w].sync_epoch += 1;
+                    Ok(())
+                });
+            }
+            Op::Activemask { d } => {
+                let (r, m) = (regs!(), &self.reg_mask);
+                lanes!(exec, l => { set(r, m, *d, l, exec as u64); });
+            }
+            Op::Shfl { .. } => {
+                return self.run_collective(w, pc, inst, mask, exec, false, |b, w, lanes| b.shfl(w, inst, lanes));
+            }
+            Op::Vote { .. } => {
+                return self.run_collective(w, pc, inst, mask, exec, false, |b, w, lanes| b.vote(w, inst, lanes));
+            }
+            Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. } => {
+                if exec != self.warps[w].exists {
+                    let l = (self.warps[w].exists & !exec).trailing_zeros() as usize;
+                    return Err(self.m.fault(
+                        Check::Synccheck,
+                        tid0 + l,
+                        line,
+                        "a .sync.aligned matrix instruction runs with lanes of the warp inactive or predicated off".into(),
+                    ));
+                }
+                return self.run_collective(w, pc, inst, mask, exec, true, |b, w, _| b.matrix(w, inst));
+            }
+            Op::CpAsync { size, src_size, dst, src } => {
+                lanes!(exec, l => {
+                    let tid = tid0 + l;
+                    let r = &self.regs[base..base + nregs * 32];
+                    let da = dst.base.map_or(0, |x| r[x as usize * 32 + l]).wrapping_add(dst.off as u64);
+                    let sa = src.base.map_or(0, |x| r[x as usize * 32 + l]).wrapping_add(src.off as u64);
+                    let n = src_size.map_or(*size, |s| rd(r, s, l) as u32);
+                    if n > *size {
+                        return Err(self.m.fault(Check::Memcheck, tid, line, format!("cp.async src-size {n} exceeds cp-size {size}")));
+                    }
+                    let (ds, da) = Mem::resolve(MemSpace::Shared, da);
+                    self.m.misaligned(ds, da, *size as u64, tid, line)?;
+                    self.m.misaligned(MemSpace::Global, sa, *size as u64, tid, line)?;
+                    if da + *size as u64 > self.m.shared.len() as u64 {
+                        return Err(self.m.fault(
+                            Check::Memcheck,
+                            tid,
+                            line,
+                            format!("cp.async destination {size} bytes at shared offset {da:#x} beyond the block's {} bytes", self.m.shared.len()),
+                        ));
+                    }
+                    let mut data = [0u8; 16];
+                    for i in 0..n as usize {
+                        data[i] = self.m.load(MemSpace::Global, sa + i as u64, 1, tid, wep, line)? as u8;
+                    }
+                    self.m.cp[tid].open.push(PendingCopy { dst: da as usize, len: *size as usize, data });
+                });
+            }
+            Op::CpAsyncCommit => {
+                lanes!(exec, l => {
+                    let c = &mut self.m.cp[tid0 + l];
+                    let g = std::mem::take(&mut c.open);
+                    c.groups.push_back(g);
+                });
+            }
+            Op::CpAsyncWait { pending, all } => {
+                lanes!(exec, l => {
+                    let tid = tid0 + l;
+                    if *all {
+                        let g = std::mem::take(&mut self.m.cp[tid].open);
+                        self.m.cp[tid].groups.push_back(g);
+                    }
+                    while self.m.cp[tid].groups.len() > *pending as usize {
+                        let g = self.m.cp[tid].groups.pop_front().unwrap_or_default();
+                        for c in g {
+                            for (i, byte) in c.data[..c.len].iter().enumerate() {
+                                self.m.store(MemSpace::Shared, (c.dst + i) as u64, 1, *byte as u64, tid, wep, line)?;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+        Ok(Step::Advance)
+    }
+
+    /// Arrive at a collective and, once complete, perform it with `f`.
+    #[allow(clippy::too_many_arguments)]
+    fn run_collective(
+        &mut self,
+        w: usize,
+        pc: u32,
+        inst: &Inst,
+        mask: u32,
+        exec: u32,
+        aligned: bool,
+        f: impl FnOnce(&mut Self, usize, u32) -> R<()>,
+    ) -> R<Step> {
+        if exec == 0 {
+            return Ok(Step::Advance);
+        }
+        let waited = {
+            let wp = &self.warps[w];
+            if wp.coll_pc == pc { wp.coll_wait } else { 0 }
+        };
+        match self.collective(w, pc, inst, exec, aligned)? {
+            Some(lanes) => {
+                f(self, w, lanes)?;
+                Ok(Step::Grow(waited))
+            }
+            None => {
+                let wp = &mut self.warps[w];
+                lanes!(exec, l => { wp.pc[l] = pc; });
+                Ok(Step::Shrink(mask & !exec))
+            }
+        }
+    }
+
+    fn shfl(&mut self, w: usize, inst: &Inst, lanes: u32) -> R<()> {
+        let Op::Shfl { mode, d, p, a, b, c, .. } = &inst.op else {
+            return Ok(());
+        };
+        let base = w * self.nregs * 32;
+        let r = &mut self.regs[base..base + self.nregs * 32];
+        let mut out = [(0u64, false); 32];
+        lanes!(lanes, l => {
+            let bval = (rd(r, *b, l) & 31) as i64;
+            let cv = rd(r, *c, l);
+            let (cval, seg) = ((cv & 31) as i64, ((cv >> 8) & 31) as i64);
+            let li = l as i64;
+            let max_lane = (li & seg) | (cval & !seg);
+            let min_lane = li & seg;
+            let (j, ok) = match mode {
+                ShflMode::Up => (li - bval, li - bval >= max_lane),
+                ShflMode::Down => (li + bval, li + bval <= max_lane),
+                ShflMode::Bfly => (li ^ bval, (li ^ bval) <= max_lane),
+                ShflMode::Idx => {
+                    let j = min_lane | (bval & !seg);
+                    (j, j <= max_lane)
+                }
+            };
+            let j = if ok { j as usize } else { l };
+            out[l] = (rd(r, *a, j), ok);
+        });
+        lanes!(lanes, l => {
+            set(r, &self.reg_mask, *d, l, out[l].0);
+            if let Some(p) = p {
+                set(r, &self.reg_mask, *p, l, out[l].1 as u64);
+            }
+        });
+        Ok(())
+    }
+
+    fn vote(&mut self, w: usize, inst: &Inst, lanes: u32) -> R<()> {
+        let Op::Vote { mode, d, a, neg, .. } = &inst.op else {
+            return Ok(());
+        };
+        let base = w * self.nregs * 32;
+        let r = &mut self.regs[base..base + self.nregs * 32];
+        let mut ballot = 0u32;
+        lanes!(lanes, l => {
+            if (rd(r, *a, l) & 1 != 0) != *neg { ballot |= 1 << l; }
+        });
+        let v = match mode {
+            VoteMode::Ballot => ballot as u64,
+            VoteMode::All => (ballot == lanes) as u64,
+            VoteMode::Any => (ballot != 0) as u64,
+            VoteMode::Uni => (ballot == 0 || ballot == lanes) as u64,
+        };
+        lanes!(lanes, l => { set(r, &self.reg_mask, *d, l, v); });
+        Ok(())
+    }
+
+    /// `mma`, `ldmatrix`, `stmatrix` for the whole warp.
+    fn matrix(&mut self, w: usize, inst: &Inst) -> R<()> {
+        let nregs = self.nregs;
+        let base = w * nregs * 32;
+        let tid0 = w * 32;
+        let line = inst.line;
+        let wep = self.warps[w].sync_epoch;
+        match &inst.op {
+            Op::Mma { shape, ab, acc, d, a, b, c } => {
+                let r = &self.regs[base..base + nregs * 32];
+                let gather = |srcs: &[Src]| -> Vec<Vec<u64>> {
+                    (0..32).map(|l| srcs.iter().map(|s| rd(r, *s, l)).collect()).collect()
+                };
+                let out = matrix::mma(*shape, *ab, *acc, &gather(a), &gather(b), &gather(c));
+                let r = &mut self.regs[base..base + nregs * 32];
+                for (l, vals) in out.iter().enumerate() {
+                    for (dst, v) in d.iter().zip(vals) {
+                        set(r, &self.reg_mask, *dst, l, *v);
+                    }
+                }
+            }
+            Op::Ldmatrix { count, trans, d, addr, space } => {
+                let mut m = vec![[[0u16; 8]; 8]; *count as usize];
+                for (j, mat) in m.iter_mut().enumerate() {
+                    for (row, vals) in mat.iter_mut().enumerate() {
+                        let l = 8 * j + row;
+                        let a0 = self.lane_addr(base, addr, l);
+                        let (sp, off) = self.shared_row(*space, a0, tid0 + l, line)?;
+                        for (col, v) in vals.iter_mut().enumerate() {
+                            *v = self.m.load(sp, off + 2 * col as u64, 2, tid0 + l, wep, line)? as u16;
+                        }
+                    }
+                }
+                let r = &mut self.regs[base..base + nregs * 32];
+                for l in 0..32 {
+                    for (j, dst) in d.iter().enumerate() {
+                        let (r0, c0) = matrix::ldmatrix_elem(l, 0, *trans);
+                        let (r1, c1) = matrix::ldmatrix_elem(l, 1, *trans);
+                        let v = m[j][r0][c0] as u64 | ((m[j][r1][c1] as u64) << 16);
+                        set(r, &self.reg_mask, *dst, l, v);
+                    }
+                }
+            }
+            Op::Stmatrix { count, trans, a, addr, space } => {
+                let mut rows = vec![[(MemSpace::Shared, 0u64); 8]; *count as usize];
+                for (j, rs) in rows.iter_mut().enumerate() {
+                    for (row, slot) in rs.iter_mut().enumerate() {
+                        let l = 8 * j + row;
+                        let a0 = self.lane_addr(base, addr, l);
+                        *slot = self.shared_row(*space, a0, tid0 + l, line)?;
+                    }
+                }
+                for l in 0..32 {
+                    for (j, s) in a.iter().enumerate().take(*count as usize) {
+                        let v = rd(&self.regs[base..base + nregs * 32], *s, l);
+                        for h in 0..2 {
+                            let (row, col) = matrix::ldmatrix_elem(l, h, *trans);
+                            let (sp, off) = rows[j][row];
+                            self.m.store(sp, off + 2 * col as u64, 2, (v >> (16 * h)) & 0xffff, tid0 + l, wep, line)?;
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn lane_addr(&self, base: usize, addr: &Addr, l: usize) -> u64 {
+        addr.base
+            .map_or(0, |b| self.regs[base + b as usize * 32 + l])
+            .wrapping_add(addr.off as u64)
+    }
+
+    /// A 16-byte matrix row in shared memory (ldmatrix/stmatrix).
+    fn shared_row(&self, space: MemSpace, a: u64, tid: usize, line: u32) -> R<(MemSpace, u64)> {
+        let (sp, off) = Mem::resolve(space, a);
+        if sp != MemSpace::Shared {
+            return Err(self.m.fault(
+                Check::Memcheck,
+                tid,
+                line,
+                format!("matrix row address {a:#x} is not in shared memory"),
+            ));
+        }
+        self.m.misaligned(sp, off, 16, tid, line)?;
+        Ok((sp, off))
+    }
+}

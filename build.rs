@@ -97,6 +97,14 @@ fn main() {
         }
     }
     println!("cargo::rustc-cfg=lalora_cuda_kernels");
+    // The kernel files, so a test can check each is registered without reading the source
+    // tree at run time (test binaries also run on machines without it).
+    let stems: Vec<&str> = sources
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "cu"))
+        .filter_map(|p| p.file_stem().and_then(|s| s.to_str()))
+        .collect();
+    println!("cargo::rustc-env=LALORA_KERNEL_FILES={}", stems.join(","));
     // The PTX tests run the ptxas beside this nvcc.
     println!("cargo::rustc-env=LALORA_BUILD_NVCC={}", nvcc.display());
 }

@@ -4,7 +4,7 @@
 //! PEFT bf16 peer is benches/peers/torch_peft_cuda_step.py.
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lalora_engine::backend::cuda::{self, CudaBackend};
+use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
 use lalora_engine::backend::{Backend, LoraDims, Segment};
 use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{Batch, Example};
@@ -221,10 +221,14 @@ fn end_to_end(c: &mut Criterion, g: &CudaBackend) {
 
 fn benches(c: &mut Criterion) {
     if !cuda::available() {
+        assert!(
+            std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
+            "LALORA_REQUIRE_GPU=1 but no CUDA device is usable"
+        );
         eprintln!("skipped: no CUDA device");
         return;
     }
-    let g = CudaBackend::new(0).unwrap();
+    let g = CudaBackend::new(0, BaseDtype::Bf16).expect("the CUDA device initialises");
     eprintln!("device: {}", g.describe());
     kernels(c, &g);
     end_to_end(c, &g);

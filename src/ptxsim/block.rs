@@ -101,6 +101,8 @@ struct Mem<'a> {
     epoch: u32,
     local: Vec<u8>,
     cp: Vec<CpAsync>,
+    /// Whether this block issued any cp.async (their queues need clearing).
+    cp_used: bool,
     /// Index of the allocation the last global access hit.
     alloc_hint: usize,
     clock: u64,
@@ -618,6 +620,7 @@ impl<'a> Block<'a> {
                 epoch: 0,
                 local: vec![0; nthreads * k.local_bytes],
                 cp: vec![CpAsync::default(); nthreads],
+                cp_used: false,
                 alloc_hint: 0,
                 clock: 0,
             },
@@ -705,9 +708,12 @@ impl<'a> Block<'a> {
                 }
             }
         }
-        for c in &mut self.m.cp {
-            c.open.clear();
-            c.groups.clear();
+        if self.m.cp_used {
+            for c in &mut self.m.cp {
+                c.open.clear();
+                c.groups.clear();
+            }
+            self.m.cp_used = false;
         }
     }
 
@@ -1082,18 +1088,17 @@ impl<'a> Block<'a> {
                             let x = f32::from_bits(rd(r, *a, l) as u32);
                             let y = f32::from_bits(rd(r, *b, l) as u32);
                             let z = f32::from_bits(rd(r, *c, l) as u32);
-                            let f: fn(f32, f32, f32) -> f32 = $e;
-                            let v = f(x, y, z);
+                            let v: f32 = $e(x, y, z);
                             let v = if v.is_nan() { float::NAN32 } else { v.to_bits() };
                             set(r, m, *d, l, v as u64);
                         })
                     };
                 }
                 match op {
-                    FloatOp::Add if plain => f32op!(|x, y, _| x + y),
-                    FloatOp::Sub if plain => f32op!(|x, y, _| x - y),
-                    FloatOp::Mul if plain => f32op!(|x, y, _| x * y),
-                    FloatOp::Fma if plain => f32op!(|x, y, z| x.mul_add(y, z)),
+                    FloatOp::Add if plain => f32op!(|x: f32, y: f32, _: f32| x + y),
+                    FloatOp::Sub if plain => f32op!(|x: f32, y: f32, _: f32| x - y),
+                    FloatOp::Mul if plain => f32op!(|x: f32, y: f32, _: f32| x * y),
+                    FloatOp::Fma if plain => f32op!(|x: f32, y: f32, z: f32| x.mul_add(y, z)),
                     _ => lanes!(exec, l => {
                         let v = alu::float(*op, *ty, *rnd, *ftz, *sat, rd(r, *a, l), rd(r, *b, l), rd(r, *c, l));
                         set(r, m, *d, l, v);
@@ -1144,6 +1149,14 @@ impl<'a> Block<'a> {
                     (Ty::U64, Ty::U32) if !*sat => lanes!(exec, l => {
                         let v = rd(r, *a, l) & 0xffff_ffff; set(r, m, *d, l, v);
                     }),
+                    // f32 -> bf16 to nearest even (every bf16 GEMM input goes through it)
+                    (Ty::Bf16, Ty::F32) if *rnd == Some(Rnd::Near) && !*ftz && !*sat && !*relu && !*satfinite => {
+                        lanes!(exec, l => {
+                            let x = f32::from_bits(rd(r, *a, l) as u32);
+                            let v = if x.is_nan() { 0x7fff } else { half::bf16::from_f32(x).to_bits() as u64 };
+                            set(r, m, *d, l, v);
+                        })
+                    }
                     _ => lanes!(exec, l => {
                         let v = alu::cvt(*dty, *sty, *rnd, *int_rnd, *ftz, *sat, *relu, *satfinite, rd(r, *a, l), dbits);
                         set(r, m, *d, l, v);
@@ -1223,8 +1236,10 @@ impl<'a> Block<'a> {
                 wp.live &= !exec;
                 lanes!(exec, l => {
                     wp.exit_line[l] = line;
-                    self.m.cp[tid0 + l].open.clear();
-                    self.m.cp[tid0 + l].groups.clear();
+                    if self.m.cp_used {
+                        self.m.cp[tid0 + l].open.clear();
+                        self.m.cp[tid0 + l].groups.clear();
+                    }
                 });
                 return Ok(Step::Shrink(mask & !exec));
             }
@@ -1326,6 +1341,7 @@ impl<'a> Block<'a> {
                         data[i] = self.m.load(MemSpace::Global, sa + i as u64, 1, tid, wep, line)? as u8;
                     }
                     self.m.cp[tid].open.push(PendingCopy { dst: da as usize, len: *size as usize, data });
+                    self.m.cp_used = true;
                 });
             }
             Op::CpAsyncCommit => {

@@ -43,11 +43,16 @@ pub const F16: Fmt = Fmt {
 
 impl Fmt {
     fn max(self) -> f64 {
-        (2.0 - 2f64.powi(-self.frac)) * 2f64.powi(self.emax)
+        (2.0 - pow2(-self.frac)) * pow2(self.emax)
     }
     pub fn min_normal(self) -> f64 {
-        2f64.powi(self.emin)
+        pow2(self.emin)
     }
+}
+
+/// 2^q for the exponents of the formats above (normal f64 range).
+fn pow2(q: i32) -> f64 {
+    f64::from_bits(((q + 1023) as u64) << 52)
 }
 
 /// Exact binary exponent of a finite non-zero f64 (`floor(log2 |x|)`).
@@ -77,7 +82,7 @@ pub fn round_to(s: f64, e: f64, fmt: Fmt, mode: Rnd) -> f64 {
     let (m, me) = if neg { (-s, -e) } else { (s, e) };
     // ulp of the format at m (subnormals share the ulp of the smallest normal binade)
     let q = exponent(m).max(fmt.emin) - fmt.frac;
-    let ulp = 2f64.powi(q);
+    let ulp = pow2(q);
     let t = m / ulp;
     let fl = t.floor();
     let frac = t - fl;

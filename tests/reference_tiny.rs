@@ -1,22 +1,35 @@
 //! The forward pass, losses and LoRA gradients against PyTorch + PEFT on the tiny GQA
-//! fixture (relative error < 1e-4, f32 against f32).
+//! fixture: on the CPU and on the CUDA backend (simulator) with f32 base weights to 1e-4
+//! relative, with bf16 base weights to 2e-2.
 
 mod common;
 
 use common::*;
+use lalora_engine::backend::cuda::BaseDtype;
 use lalora_engine::backend::{Backend, CeTargets};
 use lalora_engine::train::accumulate_gradients;
 
 #[test]
 fn logits_and_losses_match_pytorch() {
+    logits_and_losses_on(&cpu(), bound(None));
+}
+
+#[test]
+fn logits_and_losses_match_pytorch_on_sim() {
+    for base in [BaseDtype::F32, BaseDtype::Bf16] {
+        logits_and_losses_on(&sim(base), bound(Some(base)));
+    }
+}
+
+fn logits_and_losses_on<B: Backend>(be: &B, tol: f64) {
     let t = tiny();
-    let be = cpu();
-    let model = tiny_model(&be);
+    let model = tiny_model(be);
     let batch = whole_batch(&t.examples);
-    let lora = Some(&t.adapter);
-    let acts = model.forward(&be, lora, &batch, false).unwrap();
-    let e = rel_err(&acts.logits, t.expected.get("logits").unwrap());
-    assert!(e < 1e-4, "logits relative error {e:e}");
+    let lora = t.adapter.map(|v| be.buf(v.clone())).unwrap();
+    let acts = model.forward(be, Some(&lora), &batch, false).unwrap();
+    let logits = be.to_host(&acts.logits).unwrap();
+    let e = rel_err(&logits, t.expected.get("logits").unwrap());
+    assert!(e < tol, "{}: logits relative error {e:e}", be.describe());
 
     let (losses, _) = be
         .cross_entropy(
@@ -31,25 +44,39 @@ fn logits_and_losses_match_pytorch() {
     let want_sum = t.expected.get("loss_sum").unwrap()[0] as f64;
     let want_mean = t.expected.get("loss").unwrap()[0] as f64;
     assert_eq!(batch.n_targets, 107, "fixture.json says 107 target tokens");
+    // The loss is a sum of 107 terms: its error is far below the logits' bound.
+    let loss_tol = tol / 10.0;
     assert!(
-        ((loss_sum - want_sum) / want_sum).abs() < 1e-5,
+        ((loss_sum - want_sum) / want_sum).abs() < loss_tol,
         "loss_sum {loss_sum} vs {want_sum}"
     );
     let mean = loss_sum / batch.n_targets as f64;
     assert!(
-        ((mean - want_mean) / want_mean).abs() < 1e-5,
+        ((mean - want_mean) / want_mean).abs() < loss_tol,
         "loss {mean} vs {want_mean}"
     );
 }
 
 #[test]
 fn lora_gradients_match_pytorch() {
+    lora_gradients_on(&cpu(), bound(None));
+}
+
+#[test]
+fn lora_gradients_match_pytorch_on_sim() {
+    for base in [BaseDtype::F32, BaseDtype::Bf16] {
+        lora_gradients_on(&sim(base), bound(Some(base)));
+    }
+}
+
+fn lora_gradients_on<B: Backend>(be: &B, tol: f64) {
     let t = tiny();
-    let be = cpu();
-    let model = tiny_model(&be);
+    let model = tiny_model(be);
     let batch = whole_batch(&t.examples);
-    let mut grads = t.adapter.zeros_like();
-    accumulate_gradients(&be, &model, &t.adapter, &batch, 1.0, &mut grads).unwrap();
+    let lora = t.adapter.map(|v| be.buf(v.clone())).unwrap();
+    let mut grads = t.adapter.map_sized(|n| be.zeros(n)).unwrap();
+    accumulate_gradients(be, &model, &lora, &batch, 1.0, &mut grads).unwrap();
+    let grads = grads.map(|g| be.to_host(g)).unwrap();
     let named = grads.named_tensors();
     assert_eq!(named.len(), 28, "2 layers x 7 projections x (A, B)");
     for (name, _, g) in named {
@@ -58,7 +85,7 @@ fn lora_gradients_match_pytorch() {
             .get(&format!("grad.{name}"))
             .unwrap_or_else(|| panic!("no grad.{name}"));
         let e = rel_err(g, want);
-        assert!(e < 1e-4, "grad.{name}: relative error {e:e}");
+        assert!(e < tol, "{}: grad.{name}: relative error {e:e}", be.describe());
     }
 }
 

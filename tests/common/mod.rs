@@ -3,7 +3,9 @@
 
 use std::path::PathBuf;
 
+use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::{BaseDtype, CudaBackend};
 use lalora_engine::data::{Batch, Example, RowFormat, read_jsonl};
 use lalora_engine::io::TensorFile;
 use lalora_engine::model::{self, HostLora, Llama, LoadedModel};
@@ -59,9 +61,24 @@ pub fn cpu() -> CpuBackend {
     CpuBackend::new(2)
 }
 
-pub fn tiny_model(be: &CpuBackend) -> Llama<CpuBackend> {
+pub fn tiny_model<B: Backend>(be: &B) -> Llama<B> {
     let w = model::load(&fixture("tiny-gqa/model"), None).expect("tiny model loads");
     Llama::new(be, w.cfg, w.weights).expect("model builds")
+}
+
+/// The CUDA backend on the PTX simulator (all checks on), base weights in `base`.
+pub fn sim(base: BaseDtype) -> CudaBackend {
+    CudaBackend::sim(2, base).expect("the simulator starts")
+}
+
+/// The relative-error bound of a backend against the f32 references: f32 everywhere on
+/// the CPU and with f32 base weights; bf16 base weights round every GEMM input to 8 bits
+/// of mantissa (about 4e-3 relative per element), which sums to about 1e-2 over a layer.
+pub fn bound(base: Option<BaseDtype>) -> f64 {
+    match base {
+        Some(BaseDtype::Bf16) => 2e-2,
+        _ => 1e-4,
+    }
 }
 
 pub fn whole_batch(ex: &[Example]) -> Batch {

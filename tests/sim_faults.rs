@@ -12,6 +12,10 @@ use lalora_engine::backend::cuda::kernels::MODULES;
 
 /// The embedded PTX of every module, written to `dir` (as `selftest --write-ptx` does).
 fn write_ptx(dir: &Path) {
+    assert!(
+        lalora_engine::backend::cuda::kernels::BUILT,
+        "built without CUDA kernels: install nvcc (scripts/install-nvcc.sh) and set NVCC"
+    );
     for m in MODULES {
         std::fs::write(dir.join(format!("{}.ptx", m.name)), m.ptx).unwrap();
     }

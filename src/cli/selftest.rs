@@ -1,9 +1,16 @@
-//! `selftest --device D [--json]`: what a user runs first on a new GPU. (Being written.)
+//! `selftest --device D [--json]`: every kernel against its reference at several shapes,
+//! then a tiny-model grad / curvature / training comparison; a table (or JSON) on stdout,
+//! one progress line per case on stderr, and a non-zero exit on any failed check. What a
+//! user runs first on a new GPU.
 
 use clap::Args;
 
-use super::Common;
+use super::{Common, print_json};
+use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::device::{BackendTask, run_on};
 use crate::error::{Error, Result};
+use crate::selftest::{self, BaseDtype, Options, Reference, Report};
 
 #[derive(Args)]
 pub struct SelftestArgs {
@@ -11,6 +18,66 @@ pub struct SelftestArgs {
     pub common: Common,
 }
 
-pub fn run(_a: SelftestArgs) -> Result<()> {
-    Err(Error::usage("selftest is not written yet"))
+struct SelftestTask {
+    /// `--base-dtype` (the device's default when not given).
+    base_dtype: Option<BaseDtype>,
+    threads: usize,
+    seed: u64,
+    quiet: bool,
+}
+
+/// Whether `B` is the CPU backend. `--device auto` may resolve to it, and a backend must
+/// not be held to itself: the CPU backend is held to the plain `Reference` instead.
+fn is_cpu<B: Backend>() -> bool {
+    std::any::type_name::<B>() == std::any::type_name::<CpuBackend>()
+}
+
+impl BackendTask for SelftestTask {
+    type Output = Report;
+    fn run<B: Backend>(self, dev: &B) -> Result<Report> {
+        let quiet = self.quiet;
+        let mut progress = |what: &str| {
+            if !quiet {
+                eprintln!("selftest: {what}");
+            }
+        };
+        let opts = |base_dtype| Options {
+            base_dtype,
+            seed: self.seed,
+            kernels: true,
+            end_to_end: true,
+        };
+        if is_cpu::<B>() {
+            selftest::run(dev, &Reference, &opts(BaseDtype::F32), &mut progress)
+        } else {
+            let reference = CpuBackend::new(self.threads);
+            let base = self.base_dtype.unwrap_or_default();
+            selftest::run(dev, &reference, &opts(base), &mut progress)
+        }
+    }
+}
+
+pub fn run(a: SelftestArgs) -> Result<()> {
+    let c = a.common;
+    let task = SelftestTask {
+        base_dtype: c.base_dtype,
+        threads: c.threads,
+        seed: c.seed,
+        quiet: c.quiet,
+    };
+    let report = run_on(c.placement(c.quiet), task)?;
+    if c.json {
+        print_json(&report.json());
+    } else {
+        print!("{}", report.table());
+        println!("{}", report.summary());
+    }
+    let failed = report.failures().count();
+    if failed > 0 {
+        return Err(Error::usage(format!(
+            "selftest: {failed} of {} checks failed",
+            report.rows.len()
+        )));
+    }
+    Ok(())
 }

@@ -1,0 +1,209 @@
+//! The selftest passes on a correct backend, and each of its checks can fail: a backend
+//! with one wrong op fails exactly that op's rows.
+
+mod wrapper;
+
+use self::wrapper::Wrapped;
+use super::{BaseDtype, Metric, Options, Reference, Report, Row, rel_err, run};
+use crate::backend::Backend;
+use crate::backend::cpu::CpuBackend;
+
+fn opts(base_dtype: BaseDtype, kernels: bool, end_to_end: bool) -> Options {
+    Options {
+        base_dtype,
+        seed: 0,
+        kernels,
+        end_to_end,
+    }
+}
+
+fn check<D: Backend, R: Backend>(dev: &D, re: &R, o: Options) -> Report {
+    match run(dev, re, &o, &mut |_| {}) {
+        Ok(r) => r,
+        Err(e) => panic!("selftest errored: {e}"),
+    }
+}
+
+fn failing(r: &Report) -> Vec<String> {
+    r.failures()
+        .map(|r| format!("{} [{}]", r.kernel, r.shapes))
+        .collect()
+}
+
+#[test]
+fn cpu_backend_passes_against_the_plain_reference() {
+    let r = check(
+        &CpuBackend::new(2),
+        &Reference,
+        opts(BaseDtype::F32, true, true),
+    );
+    assert!(r.passed(), "{}\n{}", r.table(), r.summary());
+    // Every op of the trait has a row (the memory ops aside, which every row uses).
+    let ops: std::collections::BTreeSet<&str> = r.rows.iter().filter_map(Row::op).collect();
+    assert_eq!(ops.len(), OPS.len(), "{ops:?}");
+    assert!(
+        r.rows
+            .iter()
+            .any(|r| r.kernel.starts_with("e2e.curvature kfac-tri/mc"))
+    );
+}
+
+/// Every op with kernel rows.
+const OPS: [&str; 25] = [
+    "embedding",
+    "rmsnorm",
+    "rmsnorm_backward",
+    "linear",
+    "linear_backward",
+    "lora_forward",
+    "lora_backward",
+    "rope",
+    "attention",
+    "attention_backward",
+    "swiglu",
+    "swiglu_backward",
+    "add_assign",
+    "cross_entropy",
+    "gram_accumulate",
+    "segment_sum",
+    "sq_grad_accumulate",
+    "matmul",
+    "dup",
+    "mul_assign",
+    "scale",
+    "axpy",
+    "dot",
+    "copy_into",
+    "adamw_step",
+];
+
+#[test]
+fn a_wrong_op_fails_its_rows_and_only_its_rows() {
+    let cpu = CpuBackend::new(2);
+    for op in OPS {
+        let r = check(
+            &Wrapped::faulty(op),
+            &cpu,
+            opts(BaseDtype::F32, true, false),
+        );
+        for row in &r.rows {
+            // Scaling the gradient leaves the sampled labels (its negative entry) alone.
+            let scale_invariant = matches!(row.metric, Metric::DifferingLabels(_));
+            let should_fail = row.op() == Some(op) && !scale_invariant;
+            assert_eq!(!row.pass, should_fail, "fault in {op}: {row:?}");
+        }
+    }
+}
+
+#[test]
+fn differing_sampled_labels_fail_the_labels_row() {
+    let r = check(
+        &Wrapped::faulty("sampling"),
+        &CpuBackend::new(2),
+        opts(BaseDtype::F32, true, false),
+    );
+    let f = failing(&r);
+    assert_eq!(f.len(), 2, "{f:?}");
+    assert!(
+        f.iter().all(|k| k.starts_with("cross_entropy.labels")),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn end_to_end_rows_fail_where_a_wrong_op_is_used() {
+    let cpu = CpuBackend::new(2);
+    // (wrong op, rows that must fail, rows that must pass), by kernel prefix.
+    let cases: [(&str, &[&str], &[&str]); 4] = [
+        (
+            "sq_grad_accumulate",
+            &["e2e.curvature diag/"],
+            &["e2e.grad", "e2e.curvature kfac", "e2e.train"],
+        ),
+        (
+            "segment_sum",
+            &["e2e.curvature kfac/empirical reduce"],
+            &["e2e.grad", "e2e.curvature diag", "e2e.train"],
+        ),
+        ("adamw_step", &["e2e.train"], &["e2e.grad", "e2e.curvature"]),
+        (
+            "lora_backward",
+            &["e2e.grad", "e2e.curvature", "e2e.train"],
+            &[],
+        ),
+    ];
+    for (op, fail, pass) in cases {
+        let r = check(
+            &Wrapped::faulty(op),
+            &cpu,
+            opts(BaseDtype::F32, false, true),
+        );
+        for row in &r.rows {
+            let is = |prefixes: &[&str]| prefixes.iter().any(|p| row.kernel.starts_with(p));
+            let metrics_only = row.shapes.contains("per-step metrics");
+            if is(fail) && !metrics_only {
+                assert!(!row.pass, "fault in {op} should fail {row:?}");
+            }
+            if is(pass) {
+                assert!(row.pass, "fault in {op} should not fail {row:?}");
+            }
+        }
+    }
+}
+
+#[test]
+fn a_correct_bf16_device_passes_at_the_bf16_bounds_only() {
+    let cpu = CpuBackend::new(2);
+    let r = check(&Wrapped::bf16(), &cpu, opts(BaseDtype::Bf16, true, true));
+    assert!(r.passed(), "{}\n{}", r.table(), r.summary());
+    // The same device held to the f32 bounds fails every base-weight product.
+    let r = check(&Wrapped::bf16(), &cpu, opts(BaseDtype::F32, true, false));
+    let f = failing(&r);
+    assert!(!f.is_empty());
+    assert!(
+        f.iter()
+            .all(|k| k.starts_with("embedding") || k.starts_with("linear")),
+        "{f:?}"
+    );
+}
+
+#[test]
+fn metric_edge_cases() {
+    assert_eq!(rel_err(&[1.0, 2.0], &[1.0, 2.0]), (0.0, 0.0));
+    assert_eq!(rel_err(&[0.0], &[0.0]), (0.0, 0.0));
+    assert_eq!(rel_err(&[1.0], &[0.0]).0, f64::INFINITY);
+    assert_eq!(rel_err(&[1.0], &[1.0, 2.0]).0, f64::INFINITY);
+    let (rel, abs) = rel_err(&[f32::NAN, 1.0], &[1.0, 1.0]);
+    assert!(rel.is_nan() && abs.is_nan());
+    let nan = Row::new(
+        "x",
+        "",
+        Metric::Rel {
+            rel_err: f64::NAN,
+            max_abs: 0.0,
+        },
+        1.0,
+    );
+    assert!(!nan.pass);
+    assert!(Row::new("x", "", Metric::DifferingLabels(1), 1.0).pass);
+    assert!(!Row::new("x", "", Metric::DifferingLabels(2), 1.0).pass);
+}
+
+#[test]
+fn json_report_has_the_documented_fields() {
+    let r = check(
+        &CpuBackend::new(2),
+        &Reference,
+        opts(BaseDtype::F32, false, true),
+    );
+    let j = r.json();
+    assert_eq!(j["passed"], true);
+    assert_eq!(j["base_dtype"], "f32");
+    for key in ["kernel", "shapes", "rel_err", "max_abs", "bound", "pass"] {
+        assert!(
+            j["rows"][0].get(key).is_some(),
+            "row lacks {key}: {}",
+            j["rows"][0]
+        );
+    }
+}

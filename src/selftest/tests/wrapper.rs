@@ -1,0 +1,369 @@
+//! A backend for the tests: the CPU backend with, optionally, one op's outputs scaled by
+//! `1 + 1e-3` (a wrong kernel) and base weights and base-GEMM inputs rounded to bf16 (a
+//! correct bf16 device).
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::{
+    AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+};
+use crate::error::Result;
+
+/// The relative error a fault puts into its op's outputs: 10x the f32 bound.
+const FAULT: f32 = 1e-3;
+
+pub struct Wrapped {
+    inner: CpuBackend,
+    /// The `Backend` op whose outputs are wrong, or `"sampling"`: the Monte-Carlo labels
+    /// of the first two active rows move to the next label.
+    fault: Option<&'static str>,
+    bf16: bool,
+}
+
+impl Wrapped {
+    pub fn faulty(op: &'static str) -> Self {
+        Wrapped {
+            inner: CpuBackend::new(2),
+            fault: Some(op),
+            bf16: false,
+        }
+    }
+
+    pub fn bf16() -> Self {
+        Wrapped {
+            inner: CpuBackend::new(2),
+            fault: None,
+            bf16: true,
+        }
+    }
+
+    fn hit(&self, op: &str, xs: &mut [&mut Vec<f32>]) {
+        if self.fault == Some(op) {
+            for x in xs.iter_mut() {
+                x.iter_mut().for_each(|v| *v *= 1.0 + FAULT);
+            }
+        }
+    }
+
+    /// An input of a bf16 GEMM, as the device would read it.
+    fn gemm_input(&self, x: &[f32]) -> Vec<f32> {
+        if self.bf16 {
+            x.iter()
+                .map(|&v| half::bf16::from_f32(v).to_f32())
+                .collect()
+        } else {
+            x.to_vec()
+        }
+    }
+
+    fn table(t: &RopeTable<Self>) -> RopeTable<CpuBackend> {
+        RopeTable {
+            cos: t.cos.clone(),
+            sin: t.sin.clone(),
+            period: t.period,
+        }
+    }
+}
+
+impl Backend for Wrapped {
+    type Buf = Vec<f32>;
+    type Weight = Vec<f32>;
+
+    fn describe(&self) -> String {
+        format!("cpu, fault {:?}, bf16 {}", self.fault, self.bf16)
+    }
+    fn buf(&self, host: Vec<f32>) -> Result<Vec<f32>> {
+        self.inner.buf(host)
+    }
+    fn zeros(&self, n: usize) -> Result<Vec<f32>> {
+        self.inner.zeros(n)
+    }
+    fn to_host(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        self.inner.to_host(x)
+    }
+    fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
+        self.inner.weight(self.gemm_input(&host), rows, cols)
+    }
+    fn copy_into(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) -> Result<()> {
+        self.inner.copy_into(dst, offset, src)?;
+        self.hit("copy_into", &mut [dst]);
+        Ok(())
+    }
+    fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+        let mut y = self.inner.embedding(table, ids, dim)?;
+        self.hit("embedding", &mut [&mut y]);
+        Ok(y)
+    }
+    fn rmsnorm(
+        &self,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut y, mut r) = self.inner.rmsnorm(x, w, rows, dim, eps)?;
+        self.hit("rmsnorm", &mut [&mut y, &mut r]);
+        Ok((y, r))
+    }
+    fn rmsnorm_backward(
+        &self,
+        dy: &Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rstd: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        dx: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.inner.rmsnorm_backward(dy, x, w, rstd, rows, dim, dx)?;
+        self.hit("rmsnorm_backward", &mut [dx]);
+        Ok(())
+    }
+    fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+        let mut y = self.inner.linear(&self.gemm_input(x), w, m, k, n)?;
+        self.hit("linear", &mut [&mut y]);
+        Ok(y)
+    }
+    fn linear_backward(
+        &self,
+        dy: &Vec<f32>,
+        w: &Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.inner
+            .linear_backward(&self.gemm_input(dy), w, m, k, n, dx, accumulate)?;
+        self.hit("linear_backward", &mut [dx]);
+        Ok(())
+    }
+    fn lora_forward(
+        &self,
+        x: &Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        d: LoraDims,
+        y: &mut Vec<f32>,
+    ) -> Result<Vec<f32>> {
+        let mut u = self.inner.lora_forward(x, a, b, d, y)?;
+        self.hit("lora_forward", &mut [y, &mut u]);
+        Ok(u)
+    }
+    fn lora_backward(
+        &self,
+        g: &Vec<f32>,
+        x: &Vec<f32>,
+        u: &Vec<f32>,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        d: LoraDims,
+        dx: &mut Vec<f32>,
+        grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
+    ) -> Result<Vec<f32>> {
+        match grads {
+            Some((da, db)) => {
+                let mut ga =
+                    self.inner
+                        .lora_backward(g, x, u, a, b, d, dx, Some((&mut *da, &mut *db)))?;
+                self.hit("lora_backward", &mut [&mut ga, dx, da, db]);
+                Ok(ga)
+            }
+            None => {
+                let mut ga = self.inner.lora_backward(g, x, u, a, b, d, dx, None)?;
+                self.hit("lora_backward", &mut [&mut ga, dx]);
+                Ok(ga)
+            }
+        }
+    }
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        t: &RopeTable<Self>,
+        rows: usize,
+        heads: usize,
+        hd: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        self.inner
+            .rope(x, &Self::table(t), rows, heads, hd, inverse)?;
+        self.hit("rope", &mut [x]);
+        Ok(())
+    }
+    fn attention(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: &AttnShape,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut o, mut p) = self.inner.attention(q, k, v, s)?;
+        self.hit("attention", &mut [&mut o, &mut p]);
+        Ok((o, p))
+    }
+    fn attention_backward(
+        &self,
+        dout: &Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        probs: &Vec<f32>,
+        s: &AttnShape,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let (mut dq, mut dk, mut dv) = self.inner.attention_backward(dout, q, k, v, probs, s)?;
+        self.hit("attention_backward", &mut [&mut dq, &mut dk, &mut dv]);
+        Ok((dq, dk, dv))
+    }
+    fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = self.inner.swiglu(gate, up)?;
+        self.hit("swiglu", &mut [&mut y]);
+        Ok(y)
+    }
+    fn swiglu_backward(
+        &self,
+        dact: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut dg, mut du) = self.inner.swiglu_backward(dact, gate, up)?;
+        self.hit("swiglu_backward", &mut [&mut dg, &mut du]);
+        Ok((dg, du))
+    }
+    fn add_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>) -> Result<()> {
+        self.inner.add_assign(a, b)?;
+        self.hit("add_assign", &mut [a]);
+        Ok(())
+    }
+    fn cross_entropy(
+        &self,
+        logits: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+        let (mut l, mut d) = self
+            .inner
+            .cross_entropy(logits, rows, vocab, targets, grad_scale)?;
+        match d.as_mut() {
+            Some(d) => self.hit("cross_entropy", &mut [&mut l, d]),
+            None => self.hit("cross_entropy", &mut [&mut l]),
+        }
+        if let (Some("sampling"), CeTargets::Sample { mask, .. }, Some(d), Some(s)) =
+            (self.fault, targets, d.as_mut(), grad_scale)
+        {
+            for r in (0..rows).filter(|&r| mask[r] >= 0).take(2) {
+                let row = &mut d[r * vocab..(r + 1) * vocab];
+                let t = (0..vocab)
+                    .min_by(|&a, &b| row[a].total_cmp(&row[b]))
+                    .unwrap_or(0);
+                row[t] += s;
+                row[(t + 1) % vocab] -= s;
+            }
+        }
+        Ok((l, d))
+    }
+    fn gram_accumulate(
+        &self,
+        x: &Vec<f32>,
+        dx: usize,
+        y: &Vec<f32>,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.inner
+            .gram_accumulate(x, dx, y, dy, segments, alpha, out)?;
+        self.hit("gram_accumulate", &mut [out]);
+        Ok(())
+    }
+    fn segment_sum(
+        &self,
+        x: &Vec<f32>,
+        dim: usize,
+        segments: &[Segment],
+        mean: bool,
+    ) -> Result<Vec<f32>> {
+        let mut y = self.inner.segment_sum(x, dim, segments, mean)?;
+        self.hit("segment_sum", &mut [&mut y]);
+        Ok(y)
+    }
+    fn sq_grad_accumulate(
+        &self,
+        g: &Vec<f32>,
+        dg: usize,
+        y: &Vec<f32>,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.inner
+            .sq_grad_accumulate(g, dg, y, dy, segments, alpha, out)?;
+        self.hit("sq_grad_accumulate", &mut [out]);
+        Ok(())
+    }
+    fn matmul(
+        &self,
+        a: &Vec<f32>,
+        b: &Vec<f32>,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<Vec<f32>> {
+        let mut c = self.inner.matmul(a, b, m, k, n, ta, tb)?;
+        self.hit("matmul", &mut [&mut c]);
+        Ok(c)
+    }
+    fn dup(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
+        let mut y = self.inner.dup(x)?;
+        self.hit("dup", &mut [&mut y]);
+        Ok(y)
+    }
+    fn mul_assign(&self, a: &mut Vec<f32>, b: &Vec<f32>) -> Result<()> {
+        self.inner.mul_assign(a, b)?;
+        self.hit("mul_assign", &mut [a]);
+        Ok(())
+    }
+    fn scale(&self, x: &mut Vec<f32>, k: f32) -> Result<()> {
+        self.inner.scale(x, k)?;
+        self.hit("scale", &mut [x]);
+        Ok(())
+    }
+    fn axpy(&self, alpha: f32, x: &Vec<f32>, y: &mut Vec<f32>) -> Result<()> {
+        self.inner.axpy(alpha, x, y)?;
+        self.hit("axpy", &mut [y]);
+        Ok(())
+    }
+    fn dot(&self, x: &Vec<f32>, y: &Vec<f32>) -> Result<f64> {
+        let d = self.inner.dot(x, y)?;
+        Ok(if self.fault == Some("dot") {
+            d * (1.0 + FAULT as f64)
+        } else {
+            d
+        })
+    }
+    fn adamw_step(
+        &self,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        h: &AdamHyper,
+        grad_scale: f32,
+        penalty: Option<DiagPenalty<'_, Self>>,
+    ) -> Result<()> {
+        let pen = penalty.map(|d| DiagPenalty::<CpuBackend> {
+            mean: d.mean,
+            precision: d.precision,
+            lambda: d.lambda,
+        });
+        self.inner.adamw_step(p, g, m, v, h, grad_scale, pen)?;
+        self.hit("adamw_step", &mut [p, m, v]);
+        Ok(())
+    }
+}

@@ -40,13 +40,14 @@ type R<T> = Result<T, Fault>;
 const NONE: u32 = u32::MAX;
 const MANY: u32 = u32::MAX - 1;
 
-/// Racecheck and initcheck state of one 4-byte word of shared memory.
+/// Racecheck and initcheck state of one byte of shared memory. Bytes, not words: threads
+/// that write neighbouring 16-bit or 8-bit elements of one word do not race.
 #[derive(Clone, Copy, Default)]
 struct Meta {
     /// Block run this entry belongs to (older entries are stale: never touched).
     stamp: u32,
-    /// Bytes of the word written in this block run.
-    init: u8,
+    /// Written in this block run.
+    init: bool,
     w_tid: u32,
     w_epoch: u32,
     w_wep: u32,
@@ -66,9 +67,8 @@ struct Warp {
     bar_wait: u32,
     bar_id: [u8; 32],
     bar_line: [u32; 32],
-    /// Lanes waiting at a warp collective at `coll_pc`.
+    /// Lanes waiting at a warp collective (each at the instruction its `pc` names).
     coll_wait: u32,
-    coll_pc: u32,
     pc: [u32; 32],
     exit_line: [u32; 32],
     /// Incremented by `bar.warp.sync` (orders shared accesses within the warp).
@@ -144,6 +144,29 @@ fn set(r: &mut [u64], masks: &[u64], d: Reg, l: usize, v: u64) {
     r[d as usize * 32 + l] = v & masks[d as usize];
 }
 
+/// The `.sync.aligned` matrix instructions: one instruction the whole warp executes.
+fn is_aligned(op: &Op) -> bool {
+    matches!(op, Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. })
+}
+
+/// Whether threads at collectives `a` and `b` wait for each other: on sm_70+ a
+/// `shfl.sync` (`vote.sync`, `bar.warp.sync`) waits for the members to execute *a*
+/// `shfl.sync` with the same qualifiers and member mask, not the same instruction
+/// (9.7.9.6, 9.7.13.9, 9.7.13.2; only sm_6x requires the same instruction).
+fn same_collective(a: &Op, b: &Op) -> bool {
+    match (a, b) {
+        (Op::Shfl { mode: x, .. }, Op::Shfl { mode: y, .. }) => x == y,
+        (Op::Vote { mode: x, .. }, Op::Vote { mode: y, .. }) => x == y,
+        (Op::BarWarp { .. }, Op::BarWarp { .. }) => true,
+        _ => false,
+    }
+}
+
+/// Whether `len` bytes at `off` lie within a space of `size` bytes (no wrap-around).
+fn fits(off: u64, len: u64, size: usize) -> bool {
+    off.checked_add(len).is_some_and(|end| end <= size as u64)
+}
+
 fn lane_mask_bits(n: usize) -> u32 {
     if n >= 32 { u32::MAX } else { (1u32 << n) - 1 }
 }
@@ -170,7 +193,6 @@ fn blank_warp() -> Warp {
         bar_id: [0; 32],
         bar_line: [0; 32],
         coll_wait: 0,
-        coll_pc: 0,
         pc: [0; 32],
         exit_line: [0; 32],
         sync_epoch: 0,
@@ -246,7 +268,7 @@ impl<'a> Mem<'a> {
         let live = heap.live();
         if let Some(al) = live.get(self.alloc_hint)
             && a >= al.base
-            && a + size as u64 <= al.base + al.size as u64
+            && fits(a - al.base, size as u64, al.size)
         {
             return Ok((self.alloc_hint, (a - al.base) as usize));
         }
@@ -267,7 +289,7 @@ impl<'a> Mem<'a> {
     /// Bounds, racecheck and initcheck of a shared access; the byte offset.
     #[allow(clippy::too_many_arguments)]
     fn shared_access(&mut self, off: u64, size: u32, write: bool, tid: usize, wep: u32, line: u32) -> R<usize> {
-        if off + size as u64 > self.shared.len() as u64 {
+        if !fits(off, size as u64, self.shared.len()) {
             return Err(self.fault(
                 Check::Memcheck,
                 tid,
@@ -283,16 +305,9 @@ impl<'a> Mem<'a> {
         if !checks.racecheck && !checks.initcheck {
             return Ok(off as usize);
         }
-        let (first, last) = (off / 4, (off + size as u64 - 1) / 4);
-        for wi in first..=last {
-            let bytes = {
-                let lo = (off.max(wi * 4) - wi * 4) as u32;
-                let hi = ((off + size as u64).min(wi * 4 + 4) - wi * 4) as u32;
-                (((1u32 << hi) - 1) & !((1u32 << lo) - 1)) as u8
-            };
-            let stamp = self.stamp;
-            let epoch = self.epoch;
-            let m = &mut self.meta[wi as usize];
+        let (stamp, epoch, me) = (self.stamp, self.epoch, tid as u32);
+        for b in off as usize..off as usize + size as usize {
+            let m = &mut self.meta[b];
             if m.stamp != stamp {
                 *m = Meta {
                     stamp,
@@ -301,7 +316,6 @@ impl<'a> Mem<'a> {
                     ..Meta::default()
                 };
             }
-            let me = tid as u32;
             let ordered = |otid: u32, oepoch: u32, owep: u32| {
                 otid == me || oepoch != epoch || (otid / 32 == me / 32 && owep != wep)
             };
@@ -329,7 +343,7 @@ impl<'a> Mem<'a> {
                     let [x, y, z] = self.thread_xyz(other as usize);
                     format!("thread ({x},{y},{z})")
                 };
-                let name = self.shared_name(wi * 4);
+                let name = self.shared_name(b as u64);
                 return Err(self.fault(
                     Check::Racecheck,
                     tid,
@@ -341,17 +355,17 @@ impl<'a> Mem<'a> {
                 ));
             }
             if write {
-                m.init |= bytes;
+                m.init = true;
                 (m.w_tid, m.w_epoch, m.w_wep, m.w_line) = (me, epoch, wep, line);
                 m.r_tid = NONE;
             } else {
-                if checks.initcheck && m.init & bytes != bytes {
-                    let name = self.shared_name(wi * 4);
+                if checks.initcheck && !m.init {
+                    let name = self.shared_name(b as u64);
                     return Err(self.fault(
                         Check::Initcheck,
                         tid,
                         line,
-                        format!("read of never-written shared memory: {name} (shared offset {:#x})", wi * 4),
+                        format!("read of never-written shared memory: {name} (shared offset {b:#x})"),
                     ));
                 }
                 if m.r_tid == NONE || m.r_epoch != epoch {
@@ -395,7 +409,7 @@ impl<'a> Mem<'a> {
             }
             MemSpace::Local => {
                 let lb = self.ctx.kernel.local_bytes as u64;
-                if a + size as u64 > lb {
+                if !fits(a, size as u64, lb as usize) {
                     return Err(self.fault(
                         Check::Memcheck,
                         tid,
@@ -410,7 +424,7 @@ impl<'a> Mem<'a> {
             }
             MemSpace::Param => {
                 let p = self.ctx.params;
-                if a + size as u64 > p.len() as u64 {
+                if !fits(a, size as u64, p.len()) {
                     return Err(self.fault(
                         Check::Memcheck,
                         tid,
@@ -440,7 +454,7 @@ impl<'a> Mem<'a> {
             }
             MemSpace::Local => {
                 let lb = self.ctx.kernel.local_bytes as u64;
-                if a + size as u64 > lb {
+                if !fits(a, size as u64, lb as usize) {
                     return Err(self.fault(
                         Check::Memcheck,
                         tid,
@@ -496,24 +510,47 @@ impl<'a> Mem<'a> {
                 Ok(old)
             }
             MemSpace::Shared => {
-                if a + size as u64 > self.shared.len() as u64 {
+                if !fits(a, size as u64, self.shared.len()) {
                     return Err(self.fault(
                         Check::Memcheck,
                         tid,
                         line,
-                        format!("out-of-bounds shared atomic at offset {a:#x}"),
+                        format!(
+                            "out-of-bounds shared atomic: {size} bytes at shared offset {a:#x}; the block has {} bytes of shared memory",
+                            self.shared.len()
+                        ),
                     ));
                 }
                 let o = a as usize;
+                let stamp = self.stamp;
+                if self.ctx.checks.initcheck
+                    && let Some(b) = (o..o + size as usize).find(|&b| self.meta[b].stamp != stamp || !self.meta[b].init)
+                {
+                    let name = self.shared_name(b as u64);
+                    return Err(self.fault(
+                        Check::Initcheck,
+                        tid,
+                        line,
+                        format!("atomic on never-written shared memory: {name} (shared offset {b:#x})"),
+                    ));
+                }
                 let mut bytes = [0u8; 8];
                 bytes[..size as usize].copy_from_slice(&self.shared[o..o + size as usize]);
                 let old = u64::from_le_bytes(bytes);
                 let new = atom_apply(op, ty, old, b, c, false);
                 self.shared[o..o + size as usize].copy_from_slice(&new.to_le_bytes()[..size as usize]);
-                if let Some(m) = self.meta.get_mut(o / 4)
-                    && m.stamp == self.stamp
-                {
-                    m.init = 0xf;
+                // Written (initcheck); racecheck does not track atomics, which never race
+                // with one another.
+                for m in &mut self.meta[o..o + size as usize] {
+                    if m.stamp != stamp {
+                        *m = Meta {
+                            stamp,
+                            w_tid: NONE,
+                            r_tid: NONE,
+                            ..Meta::default()
+                        };
+                    }
+                    m.init = true;
                 }
                 Ok(old)
             }
@@ -553,10 +590,7 @@ fn atom_apply(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64, ftz: bool) -> u64 {
             _ => old.wrapping_add(b) & m,
         },
         AtomOp::Min => {
-            if ty == Ty::F32 {
-                float::minmax(f32::from_bits(old as u32) as f64, f32::from_bits(b as u32) as f64, false, false) as f32
-                    as u32 as u64
-            } else if cmp(old, b).is_le() {
+            if cmp(old, b).is_le() {
                 old
             } else {
                 b & m
@@ -615,7 +649,7 @@ impl<'a> Block<'a> {
                 ctaid: [0; 3],
                 nthreads,
                 shared: vec![0; shared_len],
-                meta: vec![Meta::default(); shared_len.div_ceil(4)],
+                meta: vec![Meta::default(); shared_len],
                 stamp: 0,
                 epoch: 0,
                 local: vec![0; nthreads * k.local_bytes],
@@ -655,6 +689,9 @@ impl<'a> Block<'a> {
             }
             if self.warps.iter().all(|w| w.live == 0) {
                 return Ok(());
+            }
+            if self.release_collectives()? {
+                continue;
             }
             self.complete_barrier()?;
         }
@@ -771,6 +808,12 @@ impl<'a> Block<'a> {
                     Step::Grow(extra) => {
                         mask |= extra;
                         pc += 1;
+                        // Lanes the collective released at other instructions run again
+                        // when the group reaches (or passes) them.
+                        let wp = &self.warps[w];
+                        let idle = wp.live & !wp.bar_wait & !wp.coll_wait & !mask;
+                        others = u32::MAX;
+                        lanes!(idle, l => { others = others.min(wp.pc[l]); });
                     }
                 }
                 if others != u32::MAX {
@@ -854,9 +897,9 @@ impl<'a> Block<'a> {
         for (w, wp) in self.warps.iter().enumerate() {
             if wp.coll_wait != 0 {
                 let l = wp.coll_wait.trailing_zeros() as usize;
-                let inst = &code[wp.coll_pc as usize];
+                let inst = &code[wp.pc[l] as usize];
                 let base = w * self.nregs * 32;
-                let need = self.required(inst, &self.regs[base..base + self.nregs * 32], l, wp.exists);
+                let need = self.required(inst, &self.regs[base..base + self.nregs * 32], l, wp.exists) & wp.live;
                 return Err(self.m.fault(
                     Check::Synccheck,
                     w * 32 + l,
@@ -911,27 +954,33 @@ impl<'a> Block<'a> {
         (0, 0)
     }
 
-    /// Arrive at a warp collective: `Some(lanes)` (the lanes that run it: this group's
-    /// plus those that waited) when every live member has arrived, else the executing
-    /// lanes wait and `None`.
+    /// The waiting lanes of warp `w` that take part in the same collective as `inst`
+    /// (at `pc`, with member mask `need`).
+    fn partners(&self, w: usize, pc: u32, inst: &Inst, need: u32) -> u32 {
+        let code = &self.m.ctx.kernel.code;
+        let base = w * self.nregs * 32;
+        let regs = &self.regs[base..base + self.nregs * 32];
+        let wp = &self.warps[w];
+        let mut group = 0u32;
+        lanes!(wp.coll_wait, l => {
+            let other = &code[wp.pc[l] as usize];
+            let same = if is_aligned(&inst.op) {
+                wp.pc[l] == pc
+            } else {
+                same_collective(&other.op, &inst.op) && self.required(other, regs, l, wp.exists) == need
+            };
+            if same { group |= 1 << l; }
+        });
+        group
+    }
+
+    /// Arrive at a warp collective: `Some(lanes)` (the lanes that perform it: the
+    /// executing ones plus those that waited for it) when every live member has arrived,
+    /// else the executing lanes wait and `None`.
     fn collective(&mut self, w: usize, pc: u32, inst: &Inst, exec: u32, aligned: bool) -> R<Option<u32>> {
         let base = w * self.nregs * 32;
         let wp = &self.warps[w];
-        if wp.coll_wait != 0 && wp.coll_pc != pc {
-            let l = exec.trailing_zeros() as usize;
-            return Err(self.m.fault(
-                Check::Synccheck,
-                w * 32 + l,
-                inst.line,
-                format!(
-                    "lanes of one warp wait at two different warp collectives (PTX lines {} and {})",
-                    self.m.ctx.kernel.code[wp.coll_pc as usize].line, inst.line
-                ),
-            ));
-        }
-        let waiting = if wp.coll_pc == pc { wp.coll_wait } else { 0 };
-        let arrived = exec | waiting;
-        let first = arrived.trailing_zeros() as usize;
+        let first = exec.trailing_zeros() as usize;
         let need = self.required(inst, &self.regs[base..base + self.nregs * 32], first, wp.exists);
         if aligned && wp.live != wp.exists {
             return Err(self.m.fault(
@@ -950,14 +999,59 @@ impl<'a> Block<'a> {
                 format!("lane {l} executes a warp collective whose member mask {need:#010x} excludes it"),
             ));
         }
+        let group = exec | self.partners(w, pc, inst, need);
         let wp = &mut self.warps[w];
-        if need & wp.live & !arrived == 0 {
-            wp.coll_wait = 0;
-            Ok(Some(arrived))
+        if need & wp.live & !group == 0 {
+            wp.coll_wait &= !group;
+            Ok(Some(group))
         } else {
             wp.coll_wait |= exec;
-            wp.coll_pc = pc;
             Ok(None)
+        }
+    }
+
+    /// Complete the collectives whose remaining members exited (they wait only for
+    /// non-exited threads); whether any did. The `.aligned` matrix instructions are left
+    /// waiting: they need the whole warp.
+    fn release_collectives(&mut self) -> R<bool> {
+        let code = &self.m.ctx.kernel.code;
+        let mut progress = false;
+        for w in 0..self.warps.len() {
+            let mut pending = self.warps[w].coll_wait;
+            while pending != 0 {
+                let l0 = pending.trailing_zeros() as usize;
+                let pc = self.warps[w].pc[l0];
+                let inst = &code[pc as usize];
+                let base = w * self.nregs * 32;
+                let need = self.required(inst, &self.regs[base..base + self.nregs * 32], l0, self.warps[w].exists);
+                let group = self.partners(w, pc, inst, need);
+                pending &= !group;
+                let wp = &self.warps[w];
+                if is_aligned(&inst.op) || need & wp.live & !group != 0 {
+                    continue;
+                }
+                self.perform(w, group)?;
+                let wp = &mut self.warps[w];
+                wp.coll_wait &= !group;
+                lanes!(group, l => { wp.pc[l] += 1; });
+                progress = true;
+            }
+        }
+        Ok(progress)
+    }
+
+    /// Perform the collective the `lanes` of warp `w` wait at (each at its own `pc`).
+    fn perform(&mut self, w: usize, lanes: u32) -> R<()> {
+        let code = &self.m.ctx.kernel.code;
+        let inst = &code[self.warps[w].pc[lanes.trailing_zeros() as usize] as usize];
+        match &inst.op {
+            Op::BarWarp { .. } => {
+                self.warps[w].sync_epoch += 1;
+                Ok(())
+            }
+            Op::Shfl { .. } => self.shfl(w, lanes),
+            Op::Vote { .. } => self.vote(w, lanes),
+            _ => self.matrix(w, inst),
         }
     }
 
@@ -1288,20 +1382,17 @@ impl<'a> Block<'a> {
                 return Ok(Step::Shrink(mask & !exec));
             }
             Op::BarWarp { .. } => {
-                return self.run_collective(w, pc, inst, mask, exec, false, |b, _w, _lanes| {
-                    b.warps[_w].sync_epoch += 1;
-                    Ok(())
-                });
+                return self.run_collective(w, pc, inst, mask, exec, false);
             }
             Op::Activemask { d } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 lanes!(exec, l => { set(r, m, *d, l, exec as u64); });
             }
             Op::Shfl { .. } => {
-                return self.run_collective(w, pc, inst, mask, exec, false, |b, w, lanes| b.shfl(w, inst, lanes));
+                return self.run_collective(w, pc, inst, mask, exec, false);
             }
             Op::Vote { .. } => {
-                return self.run_collective(w, pc, inst, mask, exec, false, |b, w, lanes| b.vote(w, inst, lanes));
+                return self.run_collective(w, pc, inst, mask, exec, false);
             }
             Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. } => {
                 if exec != self.warps[w].exists {
@@ -1313,7 +1404,7 @@ impl<'a> Block<'a> {
                         "a .sync.aligned matrix instruction runs with lanes of the warp inactive or predicated off".into(),
                     ));
                 }
-                return self.run_collective(w, pc, inst, mask, exec, true, |b, w, _| b.matrix(w, inst));
+                return self.run_collective(w, pc, inst, mask, exec, true);
             }
             Op::CpAsync { size, src_size, dst, src } => {
                 lanes!(exec, l => {
@@ -1328,7 +1419,7 @@ impl<'a> Block<'a> {
                     let (ds, da) = Mem::resolve(MemSpace::Shared, da);
                     self.m.misaligned(ds, da, *size as u64, tid, line)?;
                     self.m.misaligned(MemSpace::Global, sa, *size as u64, tid, line)?;
-                    if da + *size as u64 > self.m.shared.len() as u64 {
+                    if !fits(da, *size as u64, self.m.shared.len()) {
                         return Err(self.m.fault(
                             Check::Memcheck,
                             tid,
@@ -1372,46 +1463,48 @@ impl<'a> Block<'a> {
         Ok(Step::Advance)
     }
 
-    /// Arrive at a collective and, once complete, perform it with `f`.
+    /// Arrive at a collective and, once every member has, perform it.
     #[allow(clippy::too_many_arguments)]
-    fn run_collective(
-        &mut self,
-        w: usize,
-        pc: u32,
-        inst: &Inst,
-        mask: u32,
-        exec: u32,
-        aligned: bool,
-        f: impl FnOnce(&mut Self, usize, u32) -> R<()>,
-    ) -> R<Step> {
+    fn run_collective(&mut self, w: usize, pc: u32, inst: &Inst, mask: u32, exec: u32, aligned: bool) -> R<Step> {
         if exec == 0 {
             return Ok(Step::Advance);
         }
-        let waited = {
-            let wp = &self.warps[w];
-            if wp.coll_pc == pc { wp.coll_wait } else { 0 }
-        };
+        // where the executing lanes are (each member's instruction is found by its pc)
+        let wp = &mut self.warps[w];
+        lanes!(exec, l => { wp.pc[l] = pc; });
         match self.collective(w, pc, inst, exec, aligned)? {
-            Some(lanes) => {
-                f(self, w, lanes)?;
-                Ok(Step::Grow(waited))
-            }
-            None => {
+            Some(group) => {
+                self.perform(w, group)?;
+                // Lanes that waited here join the group; those that waited at another
+                // instruction of the same collective go on from there.
                 let wp = &mut self.warps[w];
-                lanes!(exec, l => { wp.pc[l] = pc; });
-                Ok(Step::Shrink(mask & !exec))
+                let mut here = 0u32;
+                lanes!(group & !exec, l => {
+                    if wp.pc[l] == pc { here |= 1 << l; } else { wp.pc[l] += 1; }
+                });
+                Ok(Step::Grow(here))
             }
+            None => Ok(Step::Shrink(mask & !exec)),
         }
     }
 
-    fn shfl(&mut self, w: usize, inst: &Inst, lanes: u32) -> R<()> {
-        let Op::Shfl { mode, d, p, a, b, c, .. } = &inst.op else {
-            return Ok(());
-        };
+    /// `shfl.sync` for `lanes`, each with the operands of its own instruction (lanes
+    /// at different `shfl.sync` instructions of one mode and mask exchange together).
+    fn shfl(&mut self, w: usize, lanes: u32) -> R<()> {
+        let code = &self.m.ctx.kernel.code;
         let base = w * self.nregs * 32;
+        let pcs = self.warps[w].pc;
+        let op = |l: usize| &code[pcs[l] as usize].op;
         let r = &mut self.regs[base..base + self.nregs * 32];
+        // SourceA: each member's own `a` (a non-member's register is undefined: read
+        // through the reader's operand)
+        let mut src = [0u64; 32];
         let mut out = [(0u64, false); 32];
         lanes!(lanes, l => {
+            if let Op::Shfl { a, .. } = op(l) { src[l] = rd(r, *a, l); }
+        });
+        lanes!(lanes, l => {
+            let Op::Shfl { mode, a, b, c, .. } = op(l) else { continue };
             let bval = (rd(r, *b, l) & 31) as i64;
             let cv = rd(r, *c, l);
             let (cval, seg) = ((cv & 31) as i64, ((cv >> 8) & 31) as i64);
@@ -1428,9 +1521,10 @@ impl<'a> Block<'a> {
                 }
             };
             let j = if ok { j as usize } else { l };
-            out[l] = (rd(r, *a, j), ok);
+            out[l] = (if lanes & (1 << j) != 0 { src[j] } else { rd(r, *a, j) }, ok);
         });
         lanes!(lanes, l => {
+            let Op::Shfl { d, p, .. } = op(l) else { continue };
             set(r, &self.reg_mask, *d, l, out[l].0);
             if let Some(p) = p {
                 set(r, &self.reg_mask, *p, l, out[l].1 as u64);
@@ -1439,23 +1533,31 @@ impl<'a> Block<'a> {
         Ok(())
     }
 
-    fn vote(&mut self, w: usize, inst: &Inst, lanes: u32) -> R<()> {
-        let Op::Vote { mode, d, a, neg, .. } = &inst.op else {
-            return Ok(());
-        };
+    /// `vote.sync` for `lanes`, each with the operands of its own instruction.
+    fn vote(&mut self, w: usize, lanes: u32) -> R<()> {
+        let code = &self.m.ctx.kernel.code;
         let base = w * self.nregs * 32;
+        let pcs = self.warps[w].pc;
+        let op = |l: usize| &code[pcs[l] as usize].op;
         let r = &mut self.regs[base..base + self.nregs * 32];
         let mut ballot = 0u32;
         lanes!(lanes, l => {
-            if (rd(r, *a, l) & 1 != 0) != *neg { ballot |= 1 << l; }
+            if let Op::Vote { a, neg, .. } = op(l)
+                && (rd(r, *a, l) & 1 != 0) != *neg
+            {
+                ballot |= 1 << l;
+            }
         });
-        let v = match mode {
-            VoteMode::Ballot => ballot as u64,
-            VoteMode::All => (ballot == lanes) as u64,
-            VoteMode::Any => (ballot != 0) as u64,
-            VoteMode::Uni => (ballot == 0 || ballot == lanes) as u64,
-        };
-        lanes!(lanes, l => { set(r, &self.reg_mask, *d, l, v); });
+        lanes!(lanes, l => {
+            let Op::Vote { mode, d, .. } = op(l) else { continue };
+            let v = match mode {
+                VoteMode::Ballot => ballot as u64,
+                VoteMode::All => (ballot == lanes) as u64,
+                VoteMode::Any => (ballot != 0) as u64,
+                VoteMode::Uni => (ballot == 0 || ballot == lanes) as u64,
+            };
+            set(r, &self.reg_mask, *d, l, v);
+        });
         Ok(())
     }
 

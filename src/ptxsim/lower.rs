@@ -887,6 +887,11 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
             if o.vec() > 1 || matches!(ty, Ty::F16x2 | Ty::Bf16x2 | Ty::F16 | Ty::Bf16) {
                 return Err(unsupported());
             }
+            // The only floating-point atomic operation is .add (9.7.13.5 atom: min, max,
+            // inc, dec are integer operations; and, or, xor, cas, exch bit operations).
+            if ty.float() && op != AtomOp::Add {
+                return Err(format!("`{opcode}`: only .add takes a floating-point type"));
+            }
             let n = if is_atom { 1 } else { 0 } + 2 + usize::from(op == AtomOp::Cas);
             arity(ops, n, opcode)?;
             let k = usize::from(is_atom);
@@ -1021,6 +1026,9 @@ fn lower_arith(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
         };
         if op == FloatOp::Fma && o.rnd().is_none() {
             return Err(format!("`{}` needs a rounding modifier", o.text));
+        }
+        if op == FloatOp::Fma && ty == Ty::F64 && o.rnd() != Some(Rnd::Near) {
+            return Err(format!("`{}`: f64 fma rounds only to nearest in the simulator", o.text));
         }
         if op == FloatOp::Div && ty == Ty::F64 && o.rnd().is_none() {
             return Err(format!("`{}` needs a rounding modifier", o.text));

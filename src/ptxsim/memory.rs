@@ -203,7 +203,7 @@ impl Miss {
             ),
             Miss::Unmapped {
                 below: Some((id, base, size)),
-            } if addr < base + *size as u64 + GAP => {
+            } if addr - base < *size as u64 + GAP => {
                 let end = base + *size as u64;
                 if addr >= end {
                     format!(
@@ -286,7 +286,9 @@ impl Heap {
         let i = self.live.partition_point(|a| a.base <= addr);
         if i > 0 {
             let a = &self.live[i - 1];
-            if addr + len <= a.base + a.size as u64 {
+            // `addr >= a.base` here; compare offsets, so an address near the top of the
+            // 64-bit space cannot wrap around into the allocation.
+            if (addr - a.base).checked_add(len).is_some_and(|end| end <= a.size as u64) {
                 return Ok(i - 1);
             }
         }
@@ -297,7 +299,7 @@ impl Heap {
         if let Some(&(id, base, size)) = self
             .freed
             .iter()
-            .find(|(_, b, s)| addr >= *b && addr < b + *s as u64)
+            .find(|(_, b, s)| addr >= *b && addr - b < *s as u64)
         {
             return Miss::Freed { id, base, size };
         }

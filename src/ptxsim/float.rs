@@ -74,14 +74,19 @@ pub fn round_to(s: f64, e: f64, fmt: Fmt, mode: Rnd) -> f64 {
     if s.is_nan() || s.is_infinite() {
         return s;
     }
-    let (s, e) = if s == 0.0 { (e, 0.0) } else { (s, e) };
     if s == 0.0 {
+        // `s` is the nearest f64 of the exact value, so the exact value is this (signed) zero
         return s;
     }
     let neg = s < 0.0;
     let (m, me) = if neg { (-s, -e) } else { (s, e) };
-    // ulp of the format at m (subnormals share the ulp of the smallest normal binade)
-    let q = exponent(m).max(fmt.emin) - fmt.frac;
+    // ulp of the format at the exact magnitude (subnormals share the ulp of the smallest
+    // normal binade); an exact value just below a power of two `m` lies in the binade
+    // below m, whose ulp is half m's
+    let mut q = exponent(m).max(fmt.emin) - fmt.frac;
+    if me < 0.0 && m.to_bits() & ((1 << 52) - 1) == 0 && exponent(m) > fmt.emin {
+        q -= 1;
+    }
     let ulp = pow2(q);
     let t = m / ulp;
     let fl = t.floor();
@@ -231,10 +236,32 @@ pub fn arith32(op: Arith, a: f32, b: f32, c: f32, mode: Rnd, ftz: bool) -> f32 {
         }
     } else {
         let (s, e) = exact32(op, a as f64, b as f64, c as f64);
-        round_to(s, e, F32, mode) as f32
+        let r = round_to(s, e, F32, mode);
+        let r = match op {
+            Arith::Add if r == 0.0 => exact_zero_sum(a as f64, b as f64, r, mode),
+            Arith::Sub if r == 0.0 => exact_zero_sum(a as f64, -b as f64, r, mode),
+            Arith::Fma if r == 0.0 => exact_zero_sum(a as f64 * b as f64, c as f64, r, mode),
+            _ => r,
+        };
+        r as f32
     };
     let r = if ftz { ftz32(r) } else { r };
     if r.is_nan() { f32::from_bits(NAN32) } else { r }
+}
+
+/// The rounded sum `r` of `x + y` when it is zero, with the sign IEEE 754 (6.3) gives
+/// an exact zero sum: +0 for operands of opposite signs in every rounding mode but
+/// toward -inf, where it is -0; `x + x` keeps the sign of x. (A nonzero sum rounded to
+/// zero keeps its own sign, already in `r`.)
+fn exact_zero_sum(x: f64, y: f64, r: f64, mode: Rnd) -> f64 {
+    if x + y != 0.0 {
+        return r;
+    }
+    let (nx, ny) = (x.is_sign_negative(), y.is_sign_negative());
+    if x == 0.0 && y == 0.0 && nx == ny {
+        return if nx { -0.0 } else { 0.0 };
+    }
+    if mode == Rnd::Down { -0.0 } else { 0.0 }
 }
 
 /// An f64 arithmetic result under `mode` (fma only with round-to-nearest: refused at
@@ -248,8 +275,27 @@ pub fn arith64(op: Arith, a: f64, b: f64, c: f64, mode: Rnd) -> f64 {
         Arith::Div => a / b,
         Arith::Sqrt => a.sqrt(),
     };
-    if mode == Rnd::Near || !near.is_finite() || op == Arith::Fma {
-        return if near.is_nan() { f64::from_bits(NAN64) } else { near };
+    if near.is_nan() {
+        return f64::from_bits(NAN64);
+    }
+    if mode == Rnd::Near || op == Arith::Fma {
+        return near;
+    }
+    if near.is_infinite() {
+        // Overflow of finite operands rounds to the largest finite value toward zero
+        // (and toward -inf for a positive result, +inf for a negative one); an infinite
+        // operand or a division by zero gives the exact infinity.
+        let overflow = a.is_finite() && b.is_finite() && !(op == Arith::Div && b == 0.0);
+        let to_max = match mode {
+            Rnd::Zero => true,
+            Rnd::Down => near > 0.0,
+            Rnd::Up => near < 0.0,
+            _ => false,
+        };
+        return if overflow && to_max { f64::MAX.copysign(near) } else { near };
+    }
+    if near == 0.0 && matches!(op, Arith::Add | Arith::Sub) {
+        return exact_zero_sum(a, if op == Arith::Sub { -b } else { b }, near, mode);
     }
     // Sign of (exact - near): from an error-free transformation of the operation.
     let err = match op {

@@ -321,10 +321,8 @@ fn var_decl(p: &mut P, kw: &str, is_extern: bool) -> Result<VarDecl, ParseError>
                         let neg = p.eat('-');
                         let w = p.word()?;
                         let v = match number(&w) {
-                            Some(Operand::Int(v)) => (if neg { -v } else { v }) as u64,
-                            Some(Operand::F32(b)) => b as u64,
-                            Some(Operand::F64(b)) => b,
-                            _ => return p.err(format!("unsupported initialiser `{w}`")),
+                            Some(n) => init_bits(n, neg, &ty),
+                            None => return p.err(format!("unsupported initialiser `{w}`")),
                         };
                         init.push(v);
                         if !p.eat(',') {
@@ -348,6 +346,29 @@ fn var_decl(p: &mut P, kw: &str, is_extern: bool) -> Result<VarDecl, ParseError>
                 });
             }
         }
+    }
+}
+
+/// The bits an initialiser literal stores in a variable of type `ty`: numbers are
+/// converted to a floating-point variable's format (so `2.5`, `0f40200000` and `2` all
+/// initialise an `.f32` to 2.5, 2.5 and 2.0); other variables take the literal's bits.
+fn init_bits(n: Operand, neg: bool, ty: &str) -> u64 {
+    let sign = if neg { -1.0 } else { 1.0 };
+    let int = |v: i64| if neg { v.wrapping_neg() } else { v };
+    let value = match n {
+        Operand::Int(v) => int(v) as f64,
+        Operand::F32(b) => f32::from_bits(b) as f64 * sign,
+        Operand::F64(b) => f64::from_bits(b) * sign,
+        _ => 0.0,
+    };
+    match (ty, n) {
+        ("f64", _) => value.to_bits(),
+        ("f32", _) => (value as f32).to_bits() as u64,
+        ("f16", _) => half::f16::from_f64(value).to_bits() as u64,
+        (_, Operand::Int(v)) => int(v) as u64,
+        (_, Operand::F32(b)) => (b ^ if neg { 1 << 31 } else { 0 }) as u64,
+        (_, Operand::F64(b)) => b ^ if neg { 1 << 63 } else { 0 },
+        _ => 0,
     }
 }
 

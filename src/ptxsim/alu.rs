@@ -606,7 +606,8 @@ mod tests {
         assert_eq!(bfi(Ty::B32, 0b101, 0, 8, 3), 0b101 << 8);
         assert_eq!(prmt(0x4433_2211, 0x8877_6655, 0x3210), 0x4433_2211);
         assert_eq!(prmt(0x4433_2211, 0x8877_6655, 0x7654), 0x8877_6655);
-        assert_eq!(prmt(0x0000_0080, 0, 0x0008), 0xff);
+        // byte 0: sign of byte 0 (selector 8); bytes 1-3: byte 0 itself (selector 0)
+        assert_eq!(prmt(0x0000_0080, 0, 0x0008), 0x8080_80ff);
         assert_eq!(lop3(0xF0, 0xCC, 0xAA, 0x80), 0xF0 & 0xCC & 0xAA);
         assert_eq!(shf(true, true, 0x8000_0000, 1, 1), 3);
         assert_eq!(shf(false, false, 1, 2, 32), 2);

@@ -13,8 +13,8 @@ use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use crate::data::{Example, batches};
 use crate::error::{Error, Result};
 use crate::model::{HostLora, Llama};
-use crate::train::session::{self, SessionOptions};
-use crate::train::{TrainConfig, accumulate_gradients};
+use crate::train::session::{self, SessionOptions, SessionResult};
+use crate::train::{StepMetrics, TrainConfig, accumulate_gradients};
 
 /// The device records the labels it samples; the reference replays them.
 struct Tiny<'a, D: Backend, R: Backend> {
@@ -123,7 +123,7 @@ fn curvature<D: Backend, R: Backend>(
         let want = estimate(&t.tr, &t.re, &lr, &t.data, BATCH, spec, || {})?;
         if t.tr.pending() > 0 {
             return Err(Error::usage(
-                "selftest: the reference drew fewer Monte-Carlo samples than the device",
+                "selftest: the reference used fewer Monte-Carlo draws than the device made",
             ));
         }
         let pairs: Vec<(String, &[f32], &[f32])> = tensors(&got)
@@ -227,9 +227,6 @@ fn training<D: Backend, R: Backend>(
             &lora_pairs(&dg, &dw),
             EndToEnd,
         );
-        let series = |r: &session::SessionResult,
-                      f: fn(&crate::train::StepMetrics) -> f64|
-         -> Vec<f32> { r.metrics.iter().map(|m| f(m) as f32).collect() };
         let mut metrics = vec![
             ("loss", series(&got, |m| m.loss), series(&want, |m| m.loss)),
             (
@@ -257,6 +254,11 @@ fn training<D: Backend, R: Backend>(
         );
     }
     Ok(())
+}
+
+/// One per-step metric of a run.
+fn series(r: &SessionResult, f: fn(&StepMetrics) -> f64) -> Vec<f32> {
+    r.metrics.iter().map(|m| f(m) as f32).collect()
 }
 
 /// `trained - init`, tensor by tensor.

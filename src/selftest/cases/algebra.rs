@@ -6,8 +6,9 @@ use crate::backend::{AdamHyper, Backend, DiagPenalty};
 use crate::error::Result;
 use crate::selftest::check::Tolerance::{Exact, F32};
 
-/// Elementwise length: odd, above 65536 (a 16-bit index would wrap).
-const N: usize = 70_001;
+/// Elementwise length: odd, and above 2^20, more than a grid of 4096 blocks of 256
+/// threads covers, so grid-stride loops wrap.
+const N: usize = 1_050_001;
 
 pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     matmul(c)?;

@@ -5,7 +5,7 @@
 //!
 //! Shapes are chosen for the ways kernels go wrong: sizes that are not multiples of a
 //! warp, a tile or a block (tails), more rows or columns than a block has threads (so
-//! strided loops wrap), the extremes of what a kernel supports (LoRA rank 1 and 64, head
+//! strided loops wrap, including grid-stride loops over more than 2^20 elements), the extremes of what a kernel supports (LoRA rank 1 and 64, head
 //! dims 64 and 128, a vocabulary above 32k), and otherwise small, as this also runs on a
 //! slow PTX interpreter.
 

@@ -15,7 +15,8 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
 
 fn embedding<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (dev, re) = (c.dev, c.re);
-    for (n, vocab, dim) in [(300, 517, 72), (7, 40, 300)] {
+    // 4100 x 256 outputs: more than 2^20 (see algebra::N).
+    for (n, vocab, dim) in [(4100, 517, 256), (7, 40, 300)] {
         let shapes = format!("{n} ids, table {vocab}x{dim}");
         c.case("embedding", &shapes);
         let table = c.random(vocab * dim);
@@ -53,7 +54,8 @@ fn rmsnorm<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
 
 fn linear<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (dev, re) = (c.dev, c.re);
-    for (m, k, n) in [(300, 72, 100), (7, 200, 33), (1, 64, 301)] {
+    // 4100 x 256 inputs: more than 2^20 to convert to bf16 (see algebra::N).
+    for (m, k, n) in [(300, 72, 100), (4100, 256, 33), (7, 200, 33), (1, 64, 301)] {
         let shapes = format!("m {m}, k {k}, n {n}");
         c.case("linear", &shapes);
         let w = c.random(n * k);
@@ -79,9 +81,10 @@ fn linear<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
 
 fn rope<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (dev, re) = (c.dev, c.re);
-    // The first table is shorter than the rows (row r uses table row r % period), as
-    // in a batch of several sequences.
-    for (rows, heads, hd, period) in [(300, 3, 64, 100), (7, 2, 128, 7)] {
+    // Tables shorter than the rows (row r uses table row r % period), as in a batch of
+    // several sequences; 5462 rows x 3 heads x 64 pairs are more than 2^20 rotations
+    // (see algebra::N).
+    for (rows, heads, hd, period) in [(300, 3, 64, 100), (5462, 3, 128, 100), (7, 2, 128, 7)] {
         let half = hd / 2;
         let (cos, sin) = (c.random(period * half), c.random(period * half));
         let td = RopeTable::<D> {
@@ -111,8 +114,9 @@ fn rope<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
 
 fn swiglu<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (dev, re) = (c.dev, c.re);
-    let n = 300 * 97;
-    let shapes = format!("300x97 ({n})");
+    // More than 2^20 elements (see algebra::N).
+    let n = 10_000 * 105;
+    let shapes = format!("10000x105 ({n})");
     // Gate values up to +-4 reach both tails of the sigmoid.
     let gate: Vec<f32> = c.random(n).iter().map(|v| 4.0 * v).collect();
     let (g, u) = (c.up(&gate)?, c.up_random(n)?);

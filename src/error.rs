@@ -28,15 +28,20 @@ pub enum Error {
     /// names the device and the kernel).
     #[error("{0}")]
     Device(String),
+    /// A check the user asked for found a wrong result (`selftest`).
+    #[error("{0}")]
+    Failed(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// The process exit code: 3 for a device fault, 2 for everything else (bad input).
+    /// The process exit code: 3 for a device fault, 1 for a failed check, 2 for
+    /// everything else (bad input).
     pub fn exit_code(&self) -> u8 {
         match self {
             Error::Device(_) => 3,
+            Error::Failed(_) => 1,
             _ => 2,
         }
     }

@@ -226,6 +226,8 @@ pub trait Backend: Send + Sync {
 
     // --- curvature ----------------------------------------------------------------------
     /// `out (dx, dy) += alpha * sum_{segments} X_seg^T Y_seg` (KFAC factors, cross factors).
+    /// When `x` and `y` are the same buffer (a symmetric factor) only the upper triangle is
+    /// accumulated and then mirrored, so `out` must start symmetric (as factors do).
     #[allow(clippy::too_many_arguments)]
     fn gram_accumulate(
         &self,

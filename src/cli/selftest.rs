@@ -14,6 +14,11 @@ use crate::selftest::{self, BaseDtype, Options, Reference, Report};
 
 #[derive(Args)]
 pub struct SelftestArgs {
+    /// Instead of testing, write the embedded PTX of every kernel module to DIR as
+    /// `<module>.ptx`: edit it and run any command with `LALORA_PTX_DIR=DIR` (on cuda or
+    /// sim) to try the change without rebuilding.
+    #[arg(long, value_name = "DIR")]
+    pub write_ptx: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub common: Common,
 }
@@ -57,7 +62,31 @@ impl BackendTask for SelftestTask {
     }
 }
 
+/// `--write-ptx DIR`: the embedded PTX, one file per module (written atomically).
+fn write_ptx(dir: &std::path::Path) -> Result<()> {
+    use crate::backend::cuda::kernels::{BUILT, MODULES};
+    if !BUILT {
+        return Err(Error::usage(
+            "this build has no CUDA kernels (nvcc was not found at build time): nothing to write",
+        ));
+    }
+    std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
+    for m in MODULES {
+        crate::io::atomic_write(&dir.join(format!("{}.ptx", m.name)), m.ptx.as_bytes())?;
+    }
+    eprintln!(
+        "wrote {} modules to {}; run with LALORA_PTX_DIR={} to use them",
+        MODULES.len(),
+        dir.display(),
+        dir.display()
+    );
+    Ok(())
+}
+
 pub fn run(a: SelftestArgs) -> Result<()> {
+    if let Some(dir) = &a.write_ptx {
+        return write_ptx(dir);
+    }
     let c = a.common;
     let task = SelftestTask {
         base_dtype: c.base_dtype,
@@ -74,7 +103,7 @@ pub fn run(a: SelftestArgs) -> Result<()> {
     }
     let failed = report.failures().count();
     if failed > 0 {
-        return Err(Error::usage(format!(
+        return Err(Error::Failed(format!(
             "selftest: {failed} of {} checks failed",
             report.rows.len()
         )));

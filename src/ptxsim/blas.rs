@@ -170,8 +170,11 @@ impl Device {
             return Ok(());
         }
         let heap = self.heap_for_blas();
-        let (ra, ca) = if g.ta == Trans::N { (g.m, g.k) } else { (g.k, g.m) };
-        let (rb, cb) = if g.tb == Trans::N { (g.k, g.n) } else { (g.n, g.k) };
+        // With alpha = 0, A and B are not referenced (reference BLAS): C = beta C, as for
+        // k = 0, whatever A and B hold.
+        let k = if g.alpha == 0.0 { 0 } else { g.k };
+        let (ra, ca) = if g.ta == Trans::N { (g.m, k) } else { (k, g.m) };
+        let (rb, cb) = if g.tb == Trans::N { (k, g.n) } else { (g.n, k) };
         let initcheck = self.checks().initcheck;
         let locate = |name: &str, mat: &Mat, rows: i64, cols: i64, i: i64, read: bool| -> Result<Option<Operand<'_>>, SimError> {
             let bytes = span(rows, cols, mat.ld, mat.ty.size());
@@ -197,11 +200,11 @@ impl Device {
             Ok(Some(Operand { alloc, off }))
         };
         for i in 0..g.batch {
-            let a = locate("A", &g.a, ra, ca, i, g.k > 0 && g.alpha != 0.0)?;
-            let b = locate("B", &g.b, rb, cb, i, g.k > 0 && g.alpha != 0.0)?;
+            let a = locate("A", &g.a, ra, ca, i, true)?;
+            let b = locate("B", &g.b, rb, cb, i, true)?;
             let c = locate("C", &g.c, g.m, g.n, i, g.beta != 0.0)?;
             let c = c.ok_or_else(|| invalid(w, "C is empty".into()))?;
-            let (m, n, k) = (g.m as usize, g.n as usize, g.k as usize);
+            let (m, n, k) = (g.m as usize, g.n as usize, k as usize);
             // op(A) as m x k row-major; op(B) as column blocks of 8, each k x 8 (so eight
             // outputs accumulate side by side, each in k order).
             let av = read_all(&a, &g.a, ra, ca);

@@ -73,6 +73,8 @@ struct Warp {
     exit_line: [u32; 32],
     /// Incremented by `bar.warp.sync` (orders shared accesses within the warp).
     sync_epoch: u32,
+    /// Lanes that executed `bar.arrive` at each barrier, until the whole warp has.
+    arrive: [u32; 16],
 }
 
 #[derive(Clone)]
@@ -196,6 +198,7 @@ fn blank_warp() -> Warp {
         pc: [0; 32],
         exit_line: [0; 32],
         sync_epoch: 0,
+        arrive: [0; 16],
     }
 }
 
@@ -252,7 +255,7 @@ impl<'a> Mem<'a> {
     }
 
     fn misaligned(&self, space: MemSpace, a: u64, align: u64, tid: usize, line: u32) -> R<()> {
-        if a % align != 0 {
+        if !a.is_multiple_of(align) {
             return Err(self.fault(
                 Check::Memcheck,
                 tid,
@@ -848,13 +851,24 @@ impl<'a> Block<'a> {
         let nthreads = self.m.nthreads;
         let live: u32 = self.warps.iter().map(|w| w.live.count_ones()).sum();
         let mut waiting = [0u32; 16];
+        // Warps whose every live thread waits at the barrier: a barrier with a thread
+        // count counts arrivals per warp, 32 each (9.7.13.1: a warp's arrival is marked
+        // when all its non-exited threads have arrived), a partial last warp included.
+        let mut warps_in = [0u32; 16];
         let mut first: [Option<(usize, u32)>; 16] = [None; 16];
         for (w, wp) in self.warps.iter().enumerate() {
+            let mut at = [0u32; 16];
             lanes!(wp.bar_wait, l => {
                 let id = wp.bar_id[l] as usize;
                 waiting[id] += 1;
+                at[id] |= 1 << l;
                 first[id].get_or_insert((w * 32 + l, wp.bar_line[l]));
             });
+            for (id, &lanes) in at.iter().enumerate() {
+                if lanes != 0 && wp.live & !lanes == 0 {
+                    warps_in[id] += 1;
+                }
+            }
         }
         for id in 0..16 {
             if waiting[id] == 0 {
@@ -862,7 +876,7 @@ impl<'a> Block<'a> {
             }
             let (tid, line) = first[id].unwrap_or((0, 0));
             let done = match self.expected[id] {
-                Some(n) => waiting[id] + self.arrived[id] >= n,
+                Some(n) => warps_in[id] * 32 + self.arrived[id] >= n,
                 None => waiting[id] == live,
             };
             if !done {
@@ -1369,7 +1383,13 @@ impl<'a> Block<'a> {
                     if n.is_none() {
                         return Err(self.m.fault(Check::Synccheck, tid0 + l0, line, "bar.arrive needs a thread count".into()));
                     }
-                    self.arrived[id] += exec.count_ones();
+                    // the warp arrives (32 threads) once all its live threads have
+                    let wp = &mut self.warps[w];
+                    wp.arrive[id] |= exec;
+                    if wp.live & !wp.arrive[id] == 0 {
+                        wp.arrive[id] = 0;
+                        self.arrived[id] += 32;
+                    }
                     return Ok(Step::Advance);
                 }
                 let wp = &mut self.warps[w];
@@ -1428,8 +1448,8 @@ impl<'a> Block<'a> {
                         ));
                     }
                     let mut data = [0u8; 16];
-                    for i in 0..n as usize {
-                        data[i] = self.m.load(MemSpace::Global, sa + i as u64, 1, tid, wep, line)? as u8;
+                    for (i, byte) in data.iter_mut().enumerate().take(n as usize) {
+                        *byte = self.m.load(MemSpace::Global, sa + i as u64, 1, tid, wep, line)? as u8;
                     }
                     self.m.cp[tid].open.push(PendingCopy { dst: da as usize, len: *size as usize, data });
                     self.m.cp_used = true;

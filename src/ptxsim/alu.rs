@@ -268,6 +268,7 @@ pub fn float64(op: FloatOp, rnd: Rnd, a: u64, b: u64, c: u64) -> u64 {
 }
 
 /// f16 / bf16 arithmetic on one 16-bit value: exact in f64, then rounded once.
+#[allow(clippy::too_many_arguments)]
 fn float16(op: FloatOp, ty: Ty, rnd: Rnd, ftz: bool, sat: bool, a: u64, b: u64, c: u64) -> u64 {
     let get = |v: u64| {
         let x = to_f64(v & 0xffff, ty);
@@ -301,6 +302,7 @@ fn f64_of(bits: u64, ty: Ty) -> f64 {
     to_f64(bits, ty)
 }
 
+#[allow(clippy::too_many_arguments)]
 pub fn float(op: FloatOp, ty: Ty, rnd: Rnd, ftz: bool, sat: bool, a: u64, b: u64, c: u64) -> u64 {
     match ty {
         Ty::F32 => float32(op, rnd, ftz, sat, a, b, c),

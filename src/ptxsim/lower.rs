@@ -1164,12 +1164,12 @@ fn lower_mma(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
     if aty != bty || dty != cty {
         return Err(unsupported());
     }
-    let ok = match (shape, aty, dty) {
-        (MmaShape::M16n8k16 | MmaShape::M16n8k8, Ty::Bf16, Ty::F32) => true,
-        (MmaShape::M16n8k16 | MmaShape::M16n8k8, Ty::F16, Ty::F32 | Ty::F16) => true,
-        (MmaShape::M16n8k8 | MmaShape::M16n8k4, Ty::Tf32, Ty::F32) => true,
-        _ => false,
-    };
+    let ok = matches!(
+        (shape, aty, dty),
+        (MmaShape::M16n8k16 | MmaShape::M16n8k8, Ty::Bf16, Ty::F32)
+            | (MmaShape::M16n8k16 | MmaShape::M16n8k8, Ty::F16, Ty::F32 | Ty::F16)
+            | (MmaShape::M16n8k8 | MmaShape::M16n8k4, Ty::Tf32, Ty::F32)
+    );
     if !ok {
         return Err(unsupported());
     }

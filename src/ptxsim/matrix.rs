@@ -166,14 +166,14 @@ mod tests {
         }
         let d = mma(shape, ab, acc, &a, &b, &c);
         let want = matmul(&av, &bv, &cv);
-        let mut seen = vec![[false; 8]; 16];
-        for lane in 0..32 {
+        let mut seen = [[false; 8]; 16];
+        for (lane, dl) in d.iter().enumerate() {
             for i in 0..4 {
                 let (r, col) = c_elem(lane, i);
                 let got = if acc == Ty::F32 {
-                    f32::from_bits(d[lane][i] as u32) as f64
+                    f32::from_bits(dl[i] as u32) as f64
                 } else {
-                    half::f16::from_bits((d[lane][i / 2] >> (16 * (i % 2))) as u16).to_f64()
+                    half::f16::from_bits((dl[i / 2] >> (16 * (i % 2))) as u16).to_f64()
                 };
                 assert_eq!(got, want[r][col], "{shape:?} {ab:?} lane {lane} elem {i}");
                 seen[r][col] = true;

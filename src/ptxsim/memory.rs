@@ -151,7 +151,7 @@ impl Alloc {
         let mut i = 0;
         while i < out.len() {
             let a = off + i;
-            if a % 8 == 0 && out.len() - i >= 8 {
+            if a.is_multiple_of(8) && out.len() - i >= 8 {
                 out[i..i + 8].copy_from_slice(&self.load(a, 8).to_le_bytes());
                 i += 8;
             } else {
@@ -166,7 +166,7 @@ impl Alloc {
         let mut i = 0;
         while i < src.len() {
             let a = off + i;
-            if a % 8 == 0 && src.len() - i >= 8 {
+            if a.is_multiple_of(8) && src.len() - i >= 8 {
                 let mut w = [0u8; 8];
                 w.copy_from_slice(&src[i..i + 8]);
                 self.store(a, 8, u64::from_le_bytes(w));

@@ -797,9 +797,9 @@ fn shfl_sync_modes_with_segments_clamps_and_the_lane_predicate() {
     assert_eq!(x[25], (v(16), true));
     // a clamp below the segment end: .down c = 0x1f with segmask 0 but clamp 20
     let clamp = shfl("down", 4, 20);
-    for l in 0..32 {
+    for (l, &got) in clamp.iter().enumerate() {
         let want = if l + 4 <= 20 { (v(l + 4), true) } else { (v(l), false) };
-        assert_eq!(clamp[l], want, "down clamp 20 lane {l}");
+        assert_eq!(got, want, "down clamp 20 lane {l}");
     }
     // the manual's formula, swept over b and c (incl. bits beyond b[4:0] and c's fields)
     for (mode, b, c) in [("idx", 7u32, 0x0000_1c1fu32), ("up", 33, 0x0800), ("down", 1, 0x0e07), ("idx", 70, 0x1f00)] {
@@ -1255,6 +1255,25 @@ fn bar_arrive_lets_a_producer_warp_hand_data_to_a_consumer_warp() {
     assert_eq!(down::<u32>(&d, go, 32), want);
 }
 
+#[test]
+fn a_partial_warp_counts_as_a_whole_warp_at_a_barrier_with_a_thread_count() {
+    // 9.7.13.1: arrivals are per warp; the 16-thread last warp of a 48-thread block
+    // completes `bar.sync 1, 64` with the full first warp, and its `bar.arrive 1, 64`
+    // releases a consumer warp
+    let d = dev();
+    let go = zeros::<u32>(&d, 48);
+    let ptx = sm80(&EXCHANGE.replace("@SYNC@", "bar.sync 1, 64;"));
+    ok(&d, &ptx, "exchange", cfg(1, 48), &[p(go)]);
+    let want: Vec<u32> = (0..48).map(|t| (47 - t) * 3).collect();
+    assert_eq!(down::<u32>(&d, go, 48), want);
+    // the producer warp has lanes 0..15 only: the consumer reads those
+    let go = zeros::<u32>(&d, 32);
+    let ptx = sm80(&PRODUCER.replace("xor.b32 %r5, %r1, 31;", "and.b32 %r5, %r1, 15;"));
+    ok(&d, &ptx, "prodcons", cfg(1, 48), &[p(go)]);
+    let want: Vec<u32> = (0..32).map(|l| (l & 15) * 9 + 1).collect();
+    assert_eq!(down::<u32>(&d, go, 32), want);
+}
+
 const EARLY_EXIT: &str = r#"
 .visible .entry early(.param .u64 out)
 {
@@ -1394,7 +1413,7 @@ fn memcheck_reports_a_read_one_element_past_the_end() {
     assert_eq!((f.kernel.as_str(), f.block, f.thread), ("copy", [1, 0, 0], [36, 0, 0]), "{f}");
     assert_eq!(f.line, line_of(&ptx, "// READ"));
     assert!(f.text.starts_with("ld.global.f32"), "{f}");
-    assert!(f.detail.contains(&format!("0 bytes past the end of allocation")), "{f}");
+    assert!(f.detail.contains("0 bytes past the end of allocation"), "{f}");
     assert!(f.detail.contains(&format!("(400 bytes at {input:#x})")), "names the allocation: {f}");
     let shown = f.to_string();
     assert!(shown.starts_with(&format!("memcheck: kernel `copy` block (1,0,0) thread (36,0,0) PTX line {}", f.line)), "{shown}");
@@ -2353,7 +2372,7 @@ fn check_rounding(mode: &str, r: f32, x: Exact, what: &str) {
 fn random_f32(rng: &mut Lcg, emin: i32, emax: i32) -> f32 {
     let m = 1.0 + rng.unit();
     let e = rng.int(emin as i64, emax as i64) as i32;
-    let s = if rng.next() % 2 == 0 { 1.0 } else { -1.0 };
+    let s = if rng.next().is_multiple_of(2) { 1.0 } else { -1.0 };
     (s * m * 2f64.powi(e)) as f32
 }
 
@@ -2652,7 +2671,7 @@ fn cvt_to_bf16_f16_tf32_round_and_pack() {
         let y = random_f32(&mut rng, -20, 15);
         assert_eq!(h16("cvt.rn.f16.f32", y), hf(y), "f16 of {y:e}");
     }
-    assert_eq!(half::bf16::from_bits(h16("cvt.rn.bf16.f32", f32::NAN)).is_nan(), true);
+    assert!(half::bf16::from_bits(h16("cvt.rn.bf16.f32", f32::NAN)).is_nan());
     // f16: overflow, saturation to the largest finite value, relu, subnormals
     assert_eq!(h16("cvt.rn.f16.f32", 70000.0), 0x7c00);
     assert_eq!(h16("cvt.rz.f16.f32", 70000.0), 0x7bff);
@@ -2733,4 +2752,524 @@ fn directed_rounding_at_binade_boundaries_signed_zeros_and_overflow() {
     assert_eq!(f64op("div.rm.f64", 1.0, 3.0), 1.0 / 3.0, "1/3 rounds down to nearest");
     assert_eq!(f64op("div.rp.f64", 1.0, 3.0), (1.0f64 / 3.0).next_up());
     assert_eq!(f64op("sub.rm.f64", 1.0, 2f64.powi(-60)), 1.0f64.next_down());
+}
+
+/// The ulp of f32 at `x` (the gap above |x| rounded to f32).
+fn ulp32(x: f64) -> f64 {
+    let a = (x.abs() as f32).max(f32::MIN_POSITIVE);
+    (a.next_up() - a) as f64
+}
+
+#[test]
+fn approx_functions_meet_their_documented_error_bounds() {
+    // 9.7.3.13-22 and the table of each instruction: error bounds and special values
+    let mut rng = Lcg(17);
+    let xs = |rng: &mut Lcg, lo: f64, hi: f64, n: usize| -> Vec<f32> { (0..n).map(|_| (lo + (hi - lo) * rng.unit()) as f32).collect() };
+    let run = |inst: &str, x: &[f32]| -> Vec<f32> {
+        op32(inst, 1, &x.iter().map(|&v| [f(v), 0, 0]).collect::<Vec<_>>()).into_iter().map(fx).collect()
+    };
+    // ex2: 2 ulp over the full range
+    let x = xs(&mut rng, -120.0, 120.0, 200);
+    for (inst, got) in [("ex2.approx.f32", run("ex2.approx.f32", &x)), ("ex2.approx.ftz.f32", run("ex2.approx.ftz.f32", &x))] {
+        for (&v, &r) in x.iter().zip(&got) {
+            let want = (v as f64).exp2();
+            if want < f32::MIN_POSITIVE as f64 && inst.contains("ftz") {
+                continue;
+            }
+            assert!((r as f64 - want).abs() <= 2.0 * ulp32(want), "{inst} {v}: {r:e} vs {want:e}");
+        }
+    }
+    // lg2: absolute 2^-22 in (0.5, 2), relative 2^-22 elsewhere
+    let mut x = xs(&mut rng, 0.5, 2.0, 100);
+    x.extend((0..100).map(|_| (2f64.powf(rng.unit() * 200.0 - 100.0)) as f32));
+    for (&v, &r) in x.iter().zip(&run("lg2.approx.f32", &x)) {
+        let want = (v as f64).log2();
+        let bound = if v > 0.5 && v < 2.0 { 2f64.powi(-22) } else { want.abs() * 2f64.powi(-22) };
+        assert!((r as f64 - want).abs() <= bound, "lg2 {v}: {r:e} vs {want:e}");
+    }
+    // rcp: 1 ulp; rsqrt: relative 2^-22.9; sqrt.approx: relative 2^-23
+    let x: Vec<f32> = (0..200).map(|_| random_f32(&mut rng, -100, 100).abs()).collect();
+    for ((&v, &rc), (&rs, &sq)) in x.iter().zip(&run("rcp.approx.f32", &x)).zip(run("rsqrt.approx.f32", &x).iter().zip(&run("sqrt.approx.f32", &x))) {
+        let v = v as f64;
+        assert!((rc as f64 - 1.0 / v).abs() <= ulp32(1.0 / v), "rcp {v:e}");
+        assert!((rs as f64 - 1.0 / v.sqrt()).abs() <= 2f64.powf(-22.9) / v.sqrt(), "rsqrt {v:e}");
+        assert!((sq as f64 - v.sqrt()).abs() <= 2f64.powi(-23) * v.sqrt(), "sqrt {v:e}");
+    }
+    // sin/cos: absolute 2^-20.5 in [-2pi, 2pi], 2^-14.7 in [-100pi, 100pi]
+    let pi = std::f64::consts::PI;
+    for (range, bound) in [(2.0 * pi, 2f64.powf(-20.5)), (100.0 * pi, 2f64.powf(-14.7))] {
+        let x = xs(&mut rng, -range, range, 200);
+        for ((&v, &s), &c) in x.iter().zip(&run("sin.approx.f32", &x)).zip(&run("cos.approx.ftz.f32", &x)) {
+            assert!((s as f64 - (v as f64).sin()).abs() <= bound, "sin {v}");
+            assert!((c as f64 - (v as f64).cos()).abs() <= bound, "cos {v}");
+        }
+    }
+    // tanh (sm_75+): relative 2^-11, subnormals pass through
+    let x = xs(&mut rng, -10.0, 10.0, 200);
+    for (&v, &r) in x.iter().zip(&run("tanh.approx.f32", &x)) {
+        let want = (v as f64).tanh();
+        assert!((r as f64 - want).abs() <= want.abs() * 2f64.powi(-11), "tanh {v}");
+    }
+    // special values, from each instruction's table
+    let inf = f32::INFINITY;
+    let specials: [(&str, &[(f32, f32)]); 8] = [
+        ("ex2.approx.f32", &[(-inf, 0.0), (0.0, 1.0), (-0.0, 1.0), (inf, inf)]),
+        ("lg2.approx.f32", &[(-inf, f32::NAN), (-1.0, f32::NAN), (0.0, -inf), (-0.0, -inf), (inf, inf)]),
+        ("rcp.approx.f32", &[(-inf, -0.0), (-0.0, -inf), (0.0, inf), (inf, 0.0)]),
+        ("rsqrt.approx.f32", &[(-inf, f32::NAN), (-1.0, f32::NAN), (-0.0, -inf), (0.0, inf), (inf, 0.0)]),
+        ("sqrt.approx.f32", &[(-inf, f32::NAN), (-1.0, f32::NAN), (-0.0, -0.0), (0.0, 0.0), (inf, inf)]),
+        ("sin.approx.f32", &[(-inf, f32::NAN), (-0.0, -0.0), (0.0, 0.0)]),
+        ("cos.approx.f32", &[(inf, f32::NAN), (-0.0, 1.0), (0.0, 1.0)]),
+        ("tanh.approx.f32", &[(-inf, -1.0), (-0.0, -0.0), (inf, 1.0), (1e-40, 1e-40)]),
+    ];
+    for (inst, cases) in specials {
+        let x: Vec<f32> = cases.iter().map(|c| c.0).chain([f32::NAN]).collect();
+        let got = run(inst, &x);
+        for (&(v, want), &r) in cases.iter().zip(&got) {
+            let same = (want.is_nan() && r.is_nan()) || want.to_bits() == r.to_bits();
+            assert!(same, "{inst}({v:e}) = {r:e}, want {want:e}");
+        }
+        assert!(got.last().unwrap().is_nan(), "{inst}(NaN)");
+    }
+}
+
+#[test]
+fn div_approx_and_full_within_two_ulp_and_the_large_divisor_rule() {
+    // 9.7.3.8: div.approx = a * (1/b), 2 ulp for |b| in [2^-126, 2^126]; for
+    // 2^126 < |b| < 2^128 the result is zero (NaN if a is infinite); div.full: 2 ulp
+    let mut rng = Lcg(23);
+    let cases: Vec<[u32; 3]> = (0..200).map(|_| [f(random_f32(&mut rng, -60, 60)), f(random_f32(&mut rng, -60, 60)), 0]).collect();
+    for inst in ["div.approx.f32", "div.full.f32", "div.approx.ftz.f32", "div.full.ftz.f32"] {
+        for (c, r) in cases.iter().zip(op32(inst, 2, &cases)) {
+            let want = fx(c[0]) as f64 / fx(c[1]) as f64;
+            assert!((fx(r) as f64 - want).abs() <= 2.0 * ulp32(want), "{inst} {:e}/{:e}", fx(c[0]), fx(c[1]));
+        }
+    }
+    let big = 2f32.powi(127);
+    let got = op32("div.approx.f32", 2, &[[f(1.0), f(big), 0], [f(-3.0), f(big), 0], [f(1.0), f(-big), 0], [f(f32::INFINITY), f(big), 0]]);
+    assert_eq!(got[..3], [f(0.0), f(-0.0), f(-0.0)]);
+    assert!(fx(got[3]).is_nan());
+    // div.full has no such rule
+    let got = op32("div.full.f32", 2, &[[f(1.0), f(big), 0]]);
+    assert_eq!(fx(got[0]), 2f32.powi(-127));
+}
+
+#[test]
+fn f64_approx_ftz_forms_work_on_the_upper_word() {
+    // 9.7.3.14 rcp.approx.ftz.f64: d[63:32] = approx(1 / a[63:32]), d[31:0] = 0
+    let d = |x: f64| x.to_bits();
+    let cases = [[d(3.0), 0, 0], [d(-0.1), 0, 0], [d(1e300), 0, 0], [d(f64::NAN), 0, 0], [d(0.0), 0, 0]];
+    let got = run_op("rcp.approx.ftz.f64 %d0, %s0", &[R::B64], &[R::B64], &cases);
+    for (c, g) in cases.iter().zip(&got).take(3) {
+        let (x, r) = (f64::from_bits(c[0]), g[0]);
+        assert_eq!(r & 0xffff_ffff, 0, "low word of rcp({x})");
+        assert!((f64::from_bits(r) - 1.0 / x).abs() <= (1.0 / x).abs() * 2f64.powi(-19), "rcp({x})");
+    }
+    assert_eq!(got[3][0], 0x7fff_ffff_0000_0000, "NaN gives the canonical NaN");
+    assert_eq!(f64::from_bits(got[4][0]), f64::INFINITY);
+    let got = run_op("rcp.rn.f64 %d0, %s0", &[R::B64], &[R::B64], &[[d(3.0), 0, 0]]);
+    assert_eq!(f64::from_bits(got[0][0]), 1.0 / 3.0);
+}
+
+#[test]
+fn integer_multiply_high_wide_and_mad() {
+    let mut rng = Lcg(29);
+    let vals: Vec<u64> = (0..64).map(|_| rng.next() ^ (rng.next() << 48)).chain([0, 1, u64::MAX, 1 << 63, 0x8000_0000, 0xffff_ffff]).collect();
+    let cases: Vec<[u64; 3]> = vals.iter().zip(vals.iter().rev()).zip(vals.iter().skip(3).chain(&vals[..3])).map(|((&a, &b), &c)| [a, b, c]).collect();
+    let run32 = |inst: &str, nsrc: usize| -> Vec<u64> {
+        let ops = (0..nsrc).map(|i| format!("%s{i}")).collect::<Vec<_>>().join(", ");
+        run_op(&format!("{inst} %d0, {ops}"), &[R::B32], &vec![R::B32; nsrc], &cases).iter().map(|r| r[0]).collect()
+    };
+    let run64 = |inst: &str, d: R, srcs: &[R]| -> Vec<u64> {
+        let ops = (0..srcs.len()).map(|i| format!("%s{i}")).collect::<Vec<_>>().join(", ");
+        run_op(&format!("{inst} %d0, {ops}"), &[d], srcs, &cases).iter().map(|r| r[0]).collect()
+    };
+    let (u32s, s32s) = (|x: u64| x as u32 as i128, |x: u64| x as u32 as i32 as i128);
+    let (u64s, s64s) = (|x: u64| x as i128, |x: u64| x as i64 as i128);
+    let hi32 = run32("mul.hi.u32", 2);
+    let hi32s = run32("mul.hi.s32", 2);
+    let lo32 = run32("mul.lo.s32", 2);
+    let mad32 = run32("mad.lo.u32", 3);
+    let madhi = run32("mad.hi.s32", 3);
+    let wide_u = run64("mul.wide.u32", R::B64, &[R::B32, R::B32]);
+    let wide_s = run64("mul.wide.s32", R::B64, &[R::B32, R::B32]);
+    let madw = run64("mad.wide.s32", R::B64, &[R::B32, R::B32, R::B64]);
+    let hi64 = run64("mul.hi.u64", R::B64, &[R::B64, R::B64]);
+    let hi64s = run64("mul.hi.s64", R::B64, &[R::B64, R::B64]);
+    let wide16 = run64("mul.wide.s16", R::B32, &[R::B16, R::B16]);
+    for (i, &[a, b, c]) in cases.iter().enumerate() {
+        let m32 = |x: i128| (x as u64) & 0xffff_ffff;
+        assert_eq!(hi32[i], m32((u32s(a) * u32s(b)) >> 32), "mul.hi.u32 {a:x} {b:x}");
+        assert_eq!(hi32s[i], m32((s32s(a) * s32s(b)) >> 32), "mul.hi.s32");
+        assert_eq!(lo32[i], m32(s32s(a) * s32s(b)), "mul.lo.s32");
+        assert_eq!(mad32[i], m32(u32s(a) * u32s(b) + u32s(c)), "mad.lo.u32");
+        assert_eq!(madhi[i], m32(((s32s(a) * s32s(b)) >> 32) + s32s(c)), "mad.hi.s32");
+        assert_eq!(wide_u[i], (u32s(a) * u32s(b)) as u64, "mul.wide.u32");
+        assert_eq!(wide_s[i], (s32s(a) * s32s(b)) as u64, "mul.wide.s32");
+        assert_eq!(madw[i], ((s32s(a) * s32s(b)) as u64).wrapping_add(c), "mad.wide.s32");
+        assert_eq!(hi64[i], ((u64s(a) as u128 * u64s(b) as u128) >> 64) as u64, "mul.hi.u64");
+        assert_eq!(hi64s[i], ((s64s(a) * s64s(b)) >> 64) as u64, "mul.hi.s64");
+        assert_eq!(wide16[i], (a as u16 as i16 as i32 * b as u16 as i16 as i32) as u32 as u64, "mul.wide.s16");
+    }
+}
+
+#[test]
+fn integer_shifts_bit_fields_and_bit_counts() {
+    // 9.7.8.7-8: shift amounts above the width clamp to it (no masking)
+    let sh = |inst: &str, a: u32, b: u32| op32(inst, 2, &[[a, b, 0]])[0];
+    assert_eq!(sh("shl.b32", 1, 31), 0x8000_0000);
+    assert_eq!(sh("shl.b32", 1, 32), 0);
+    assert_eq!(sh("shl.b32", 1, 33), 0, "not 1 << (33 & 31)");
+    assert_eq!(sh("shr.u32", 0x8000_0000, 32), 0);
+    assert_eq!(sh("shr.s32", 0x8000_0000, 100), 0xffff_ffff);
+    assert_eq!(sh("shr.s32", 0x4000_0000, 100), 0);
+    assert_eq!(sh("shr.b32", 0x8000_0000, 31), 1);
+    let r = run_op("shl.b64 %d0, %s0, %s1", &[R::B64], &[R::B64, R::B32], &[[3, 64, 0], [3, 62, 0]]);
+    assert_eq!((r[0][0], r[1][0]), (0, 0xc000_0000_0000_0000));
+    let r = run_op("shr.s64 %d0, %s0, %s1", &[R::B64], &[R::B64, R::B32], &[[1 << 63, 200, 0]]);
+    assert_eq!(r[0][0], u64::MAX);
+    // bfe (9.7.1.16): pos and len from the low 8 bits; signed fields sign-extend
+    let bfe = |inst: &str, a: u32, pos: u32, len: u32| op32(inst, 3, &[[a, pos, len]])[0];
+    assert_eq!(bfe("bfe.u32", 0xdead_beef, 8, 12), 0xdbe);
+    assert_eq!(bfe("bfe.s32", 0xdead_beef, 8, 12), 0xffff_fdbe);
+    assert_eq!(bfe("bfe.s32", 0x0000_7000, 12, 3), 0xffff_ffff);
+    assert_eq!(bfe("bfe.u32", 0xffff_ffff, 28, 8), 0xf, "fields past bit 31 read no bits");
+    assert_eq!(bfe("bfe.s32", 0x8000_0000, 40, 4), 0xffff_ffff, "pos past the msb gives the sign");
+    assert_eq!(bfe("bfe.u32", 0xffff_ffff, 4, 0), 0);
+    assert_eq!(bfe("bfe.u32", 0xffff_ffff, 0x104, 0x208), 0xff, "only the low 8 bits of b and c");
+    // bfi f, a, b, pos, len: insert the low len bits of a into b at pos
+    let r = run_op("bfi.b32 %d0, %s0, %s1, 8, 12", &[R::B32], &[R::B32, R::B32], &[[0x0000_0abc, 0xffff_ffff, 0]]);
+    assert_eq!(r[0][0], 0xfffa_bcff);
+    let r = run_op("bfi.b32 %d0, %s0, %s1, 28, 8", &[R::B32], &[R::B32, R::B32], &[[0xff, 0, 0]]);
+    assert_eq!(r[0][0], 0xf000_0000);
+    // prmt (9.7.9.7): byte selectors; msb of a selector replicates the byte's sign
+    let prmt = |a: u32, b: u32, c: u32| op32("prmt.b32", 3, &[[a, b, c]])[0];
+    assert_eq!(prmt(0x4433_2211, 0x8877_6655, 0x1074), 0x2211_8855);
+    assert_eq!(prmt(0x0000_8070, 0, 0x8901), 0x00ff_7080);
+    // lop3 (9.7.8.6): the truth table over (a, b, c) = (0xF0, 0xCC, 0xAA)
+    let (a, b, c) = (0x1234_5678u32, 0x0f0f_f0f0u32, 0xff00_ff00u32);
+    for lut in [0x96u32, 0xe8, 0x80, 0xfe, 0x1e, 0x00] {
+        let r = run_op(&format!("lop3.b32 %d0, %s0, %s1, %s2, {lut}"), &[R::B32], &[R::B32; 3], &[[a as u64, b as u64, c as u64]])[0][0] as u32;
+        let want = (0..32).map(|k| ((lut >> (((a >> k) & 1) << 2 | ((b >> k) & 1) << 1 | ((c >> k) & 1))) & 1) << k).sum::<u32>();
+        assert_eq!(r, want, "lop3 {lut:#x}");
+    }
+    // shf (9.7.8.9): funnel shift of {b:a}
+    let shf = |inst: &str, a: u32, b: u32, n: u32| op32(inst, 3, &[[a, b, n]])[0];
+    assert_eq!(shf("shf.l.wrap.b32", 0x8000_0001, 0x0000_0002, 4), 0x0000_0028);
+    assert_eq!(shf("shf.l.wrap.b32", 0x8000_0001, 0x0000_0002, 36), 0x0000_0028);
+    assert_eq!(shf("shf.l.clamp.b32", 0x8000_0001, 0x0000_0002, 36), 0x8000_0001);
+    assert_eq!(shf("shf.r.wrap.b32", 0x8000_0001, 0x0000_0003, 4), 0x3800_0000);
+    assert_eq!(shf("shf.r.clamp.b32", 0x8000_0001, 0x0000_0003, 40), 0x0000_0003);
+    // counts
+    let un = |inst: &str, a: u32| op32(inst, 1, &[[a, 0, 0]])[0];
+    assert_eq!((un("clz.b32", 0), un("clz.b32", 1), un("clz.b32", 0x8000_0000)), (32, 31, 0));
+    assert_eq!((un("popc.b32", 0xf0f0_0001), un("popc.b32", u32::MAX)), (9, 32));
+    assert_eq!(un("brev.b32", 0x0000_0001), 0x8000_0000);
+    assert_eq!(un("brev.b32", 0x1234_5678), 0x1e6a_2c48);
+    assert_eq!((un("bfind.u32", 0), un("bfind.u32", 0x0001_0000)), (u32::MAX, 16));
+    assert_eq!((un("bfind.s32", 0xffff_fff0), un("bfind.s32", u32::MAX)), (3, u32::MAX));
+    assert_eq!(un("bfind.shiftamt.u32", 0x0001_0000), 15);
+    let r = run_op("clz.b64 %d0, %s0", &[R::B32], &[R::B64], &[[1 << 40, 0, 0]]);
+    assert_eq!(r[0][0], 23);
+    let r = run_op("popc.b64 %d0, %s0", &[R::B32], &[R::B64], &[[u64::MAX, 0, 0]]);
+    assert_eq!(r[0][0], 64);
+}
+
+#[test]
+fn integer_division_remainder_saturation_and_min_max() {
+    let c = |inst: &str, a: u32, b: u32| op32(inst, 2, &[[a, b, 0]])[0];
+    let neg = |x: i32| x as u32;
+    assert_eq!(c("div.s32", neg(-7), 2), neg(-3), "truncates toward zero");
+    assert_eq!(c("rem.s32", neg(-7), 3), neg(-1), "the remainder takes the dividend's sign");
+    assert_eq!(c("rem.s32", 7, neg(-3)), 1);
+    assert_eq!(c("div.u32", 7, 2), 3);
+    // division by zero is unspecified (9.7.1.8); NVIDIA GPUs give all bits set
+    assert_eq!((c("div.u32", 7, 0), c("div.s32", neg(-7), 0), c("rem.u32", 7, 0)), (u32::MAX, u32::MAX, u32::MAX));
+    // INT_MIN / -1 wraps and does not trap
+    assert_eq!((c("div.s32", 0x8000_0000, neg(-1)), c("rem.s32", 0x8000_0000, neg(-1))), (0x8000_0000, 0));
+    assert_eq!(c("add.sat.s32", 0x7fff_ffff, 1), 0x7fff_ffff);
+    assert_eq!(c("sub.sat.s32", 0x8000_0000, 1), 0x8000_0000);
+    assert_eq!(c("add.s32", 0x7fff_ffff, 1), 0x8000_0000, "wraps without .sat");
+    assert_eq!((c("min.s32", neg(-1), 1), c("min.u32", neg(-1), 1)), (neg(-1), 1));
+    assert_eq!((c("max.s32", neg(-1), 1), c("max.u32", neg(-1), 1)), (1, neg(-1)));
+    let un = |inst: &str, a: u32| op32(inst, 1, &[[a, 0, 0]])[0];
+    assert_eq!((un("abs.s32", 0x8000_0000), un("neg.s32", 0x8000_0000)), (0x8000_0000, 0x8000_0000));
+    assert_eq!((un("not.b32", 0x0f0f_0f0f), un("cnot.b32", 0), un("cnot.b32", 5)), (0xf0f0_f0f0, 1, 0));
+    let r = run_op("sad.u32 %d0, %s0, %s1, %s2", &[R::B32], &[R::B32; 3], &[[3, 10, 100, ]]);
+    assert_eq!(r[0][0], 107);
+    let r = run_op("mul24.lo.u32 %d0, %s0, %s1", &[R::B32], &[R::B32; 2], &[[0xff00_0003, 0x0100_0005, 0]]);
+    assert_eq!(r[0][0], 15, "mul24 uses the low 24 bits");
+    let r = run_op("add.s16 %d0, %s0, %s1", &[R::B16], &[R::B16; 2], &[[0x7fff, 1, 0]]);
+    assert_eq!(r[0][0], 0x8000);
+    let r = run_op("div.s64 %d0, %s0, %s1", &[R::B64], &[R::B64; 2], &[[(-9i64) as u64, 2, 0]]);
+    assert_eq!(r[0][0], (-4i64) as u64);
+}
+
+#[test]
+fn half_precision_arithmetic_rounds_once_to_nearest() {
+    // 9.7.4: f16/bf16 add, mul, fma (.rn) round the exact result once
+    let mut rng = Lcg(31);
+    let h = |x: f64| half::f16::from_f64(x);
+    let b = |x: f64| half::bf16::from_f64(x);
+    let mut cases: Vec<[u64; 3]> = Vec::new();
+    for _ in 0..128 {
+        let v = [0; 3].map(|_| (rng.unit() * 16.0 - 8.0) * 2f64.powi(rng.int(-6, 6) as i32));
+        cases.push([h(v[0]).to_bits() as u64, h(v[1]).to_bits() as u64, h(v[2]).to_bits() as u64]);
+    }
+    // ties: 1 + 2^-11 is half an f16 ulp above 1
+    cases.push([h(1.0).to_bits() as u64, h(2f64.powi(-11)).to_bits() as u64, 0]);
+    let f16 = |x: u64| half::f16::from_bits(x as u16).to_f64();
+    let run = |inst: &str, n: usize| -> Vec<u64> {
+        let ops = (0..n).map(|i| format!("%s{i}")).collect::<Vec<_>>().join(", ");
+        run_op(&format!("{inst} %d0, {ops}"), &[R::B16], &vec![R::B16; n], &cases).iter().map(|r| r[0]).collect()
+    };
+    let (add, mul, fma) = (run("add.rn.f16", 2), run("mul.rn.f16", 2), run("fma.rn.f16", 3));
+    for (i, c) in cases.iter().enumerate() {
+        let (x, y, z) = (f16(c[0]), f16(c[1]), f16(c[2]));
+        assert_eq!(add[i] as u16, h(x + y).to_bits(), "add.f16 {x} {y}");
+        assert_eq!(mul[i] as u16, h(x * y).to_bits(), "mul.f16 {x} {y}");
+        assert_eq!(fma[i] as u16, h(x * y + z).to_bits(), "fma.f16 {x} {y} {z}");
+    }
+    assert_eq!(add[128] as u16, h(1.0).to_bits(), "tie to even");
+    // f16 overflow and packed f16x2 (element 0 in the low half)
+    let r = run_op("mul.rn.f16 %d0, %s0, %s1", &[R::B16], &[R::B16; 2], &[[h(300.0).to_bits() as u64, h(300.0).to_bits() as u64, 0]]);
+    assert_eq!(r[0][0], 0x7c00);
+    let pack = |lo: f64, hi: f64| (h(lo).to_bits() as u64) | (h(hi).to_bits() as u64) << 16;
+    let r = run_op("add.rn.f16x2 %d0, %s0, %s1", &[R::B32], &[R::B32; 2], &[[pack(1.5, -2.0), pack(0.25, 8.0), 0]]);
+    assert_eq!(r[0][0], pack(1.75, 6.0));
+    // bf16 fma (sm_80) and add (sm_90)
+    let bcases: Vec<[u64; 3]> = (0..64)
+        .map(|_| [0; 3].map(|_| b((rng.unit() * 64.0 - 32.0) * 2f64.powi(rng.int(-20, 20) as i32)).to_bits() as u64))
+        .collect();
+    let bf = |x: u64| half::bf16::from_bits(x as u16).to_f64();
+    let fma = run_op("fma.rn.bf16 %d0, %s0, %s1, %s2", &[R::B16], &[R::B16; 3], &bcases);
+    let add = run_op("add.rn.bf16 %d0, %s0, %s1", &[R::B16], &[R::B16; 2], &bcases);
+    for (i, c) in bcases.iter().enumerate() {
+        let (x, y, z) = (bf(c[0]), bf(c[1]), bf(c[2]));
+        assert_eq!(fma[i][0] as u16, b(x * y + z).to_bits(), "fma.bf16 {x} {y} {z}");
+        assert_eq!(add[i][0] as u16, b(x + y).to_bits(), "add.bf16 {x} {y}");
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// 8. The cuBLAS twin (cuBLAS docs 2.7.1 gemm, 2.8.12 GemmEx, 2.8.14 GemmStridedBatchedEx)
+// ---------------------------------------------------------------------------------------
+
+/// Column-major `C = alpha op(A) op(B) + beta C` over a batch, in f64.
+#[allow(clippy::too_many_arguments)]
+fn gemm_ref(g: &Gemm, a: &[f64], b: &[f64], c: &[f64]) -> Vec<f64> {
+    let mut out = c.to_vec();
+    for i in 0..g.batch as usize {
+        let (ao, bo, co) = (i * g.a.stride as usize, i * g.b.stride as usize, i * g.c.stride as usize);
+        for col in 0..g.n as usize {
+            for row in 0..g.m as usize {
+                let mut s = 0.0;
+                for p in 0..g.k as usize {
+                    let x = if g.ta == Trans::N { a[ao + row + p * g.a.ld as usize] } else { a[ao + p + row * g.a.ld as usize] };
+                    let y = if g.tb == Trans::N { b[bo + p + col * g.b.ld as usize] } else { b[bo + col + p * g.b.ld as usize] };
+                    s += x * y;
+                }
+                let at = co + row + col * g.c.ld as usize;
+                out[at] = g.alpha as f64 * s + if g.beta == 0.0 { 0.0 } else { g.beta as f64 * c[at] };
+            }
+        }
+    }
+    out
+}
+
+fn mat(ptr: u64, ty: DType, ld: i64, stride: i64) -> Mat {
+    Mat { ptr, ty, ld, stride }
+}
+
+#[test]
+fn gemm_transposes_leading_dimensions_and_strided_batches() {
+    let (m, n, k, batch) = (5i64, 7i64, 9i64, 3i64);
+    let mut rng = Lcg(41);
+    for ta in [Trans::N, Trans::T] {
+        for tb in [Trans::N, Trans::T] {
+            for ty in [DType::F32, DType::Bf16] {
+                let (ra, ca) = if ta == Trans::N { (m, k) } else { (k, m) };
+                let (rb, cb) = if tb == Trans::N { (k, n) } else { (n, k) };
+                let (lda, ldb, ldc) = (ra + 3, rb + 1, m + 2);
+                let (sa, sb, sc) = (lda * ca + 5, ldb * cb + 2, ldc * n + 1);
+                let na = (sa * batch) as usize;
+                let nb = (sb * batch) as usize;
+                let nc = (sc * batch) as usize;
+                // values exact in bf16 so that the f64 reference sees what the GPU reads
+                let a: Vec<f64> = (0..na).map(|_| rng.int(-64, 64) as f64 / 16.0).collect();
+                let b: Vec<f64> = (0..nb).map(|_| rng.int(-64, 64) as f64 / 8.0).collect();
+                let c: Vec<f64> = (0..nc).map(|_| rng.int(-100, 100) as f64).collect();
+                let d = dev();
+                let upload = |v: &[f64]| match ty {
+                    DType::F32 => up(&d, &v.iter().map(|&x| x as f32).collect::<Vec<_>>()),
+                    DType::Bf16 => up(&d, &v.iter().map(|&x| half::bf16::from_f64(x)).collect::<Vec<_>>()),
+                };
+                let (pa, pb) = (upload(&a), upload(&b));
+                let pc = up(&d, &c.iter().map(|&x| x as f32).collect::<Vec<_>>());
+                let g = Gemm {
+                    ta,
+                    tb,
+                    m,
+                    n,
+                    k,
+                    alpha: 1.5,
+                    a: mat(pa, ty, lda, sa),
+                    b: mat(pb, ty, ldb, sb),
+                    beta: -0.5,
+                    c: mat(pc, DType::F32, ldc, sc),
+                    batch,
+                };
+                d.gemm(&g).unwrap();
+                let got: Vec<f32> = down(&d, pc, nc);
+                let want = gemm_ref(&g, &a, &b, &c);
+                for (i, (&x, &w)) in got.iter().zip(&want).enumerate() {
+                    assert!((x as f64 - w).abs() <= 1e-5 * w.abs().max(1.0), "{ta:?}{tb:?} {ty:?} element {i}: {x} vs {w}");
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_reads_bf16_inputs_as_the_gpu_rounds_them() {
+    // 1/3 as bf16 is 0.333984375: the product uses that value, accumulated in f32
+    let d = dev();
+    let x = half::bf16::from_f64(1.0 / 3.0);
+    let a = up(&d, &[x; 4]);
+    let c = zeros::<f32>(&d, 1);
+    let g = Gemm { ta: Trans::T, tb: Trans::N, m: 1, n: 1, k: 4, alpha: 1.0, a: mat(a, DType::Bf16, 4, 0), b: mat(a, DType::Bf16, 4, 0), beta: 0.0, c: mat(c, DType::F32, 1, 0), batch: 1 };
+    d.gemm(&g).unwrap();
+    let want = 4.0 * x.to_f64() * x.to_f64();
+    assert!((down::<f32>(&d, c, 1)[0] as f64 - want).abs() < 1e-7, "{want}");
+}
+
+#[test]
+fn gemm_beta_zero_writes_c_without_reading_it_and_alpha_zero_reads_no_operands() {
+    let d = dev();
+    let a = up(&d, &[1.0f32, 2.0, 3.0, 4.0]);
+    let nan = up(&d, &[f32::NAN; 4]);
+    let m2 = |p| mat(p, DType::F32, 2, 0);
+    let g = Gemm { ta: Trans::N, tb: Trans::N, m: 2, n: 2, k: 2, alpha: 1.0, a: m2(a), b: m2(a), beta: 0.0, c: m2(nan), batch: 1 };
+    d.gemm(&g).unwrap();
+    assert_eq!(down::<f32>(&d, nan, 4), [7.0, 10.0, 15.0, 22.0], "NaN in C must not propagate when beta = 0");
+    // C never written: fine with beta = 0, an initcheck finding with beta != 0
+    let fresh = d.alloc(16, false).unwrap();
+    d.gemm(&Gemm { c: m2(fresh), ..g }).unwrap();
+    let fresh = d.alloc(16, false).unwrap();
+    let e = d.gemm(&Gemm { c: m2(fresh), beta: 1.0, ..g }).unwrap_err().to_string();
+    assert!(e.contains("initcheck") && e.contains("operand C"), "{e}");
+    // k = 0: C = beta C; with beta = 0, C = 0 even if it held NaN
+    let c = up(&d, &[f32::NAN; 4]);
+    d.gemm(&Gemm { k: 0, c: m2(c), ..g }).unwrap();
+    assert_eq!(down::<f32>(&d, c, 4), [0.0; 4]);
+    // alpha = 0: A and B are not referenced (reference BLAS), so NaN there is harmless
+    let nan = up(&d, &[f32::NAN; 4]);
+    let c = up(&d, &[1.0f32, 2.0, 3.0, 4.0]);
+    d.gemm(&Gemm { alpha: 0.0, a: m2(nan), b: m2(nan), beta: 2.0, c: m2(c), ..g }).unwrap();
+    assert_eq!(down::<f32>(&d, c, 4), [2.0, 4.0, 6.0, 8.0]);
+    // alpha = 0, beta = 1: a quick return, C untouched
+    d.gemm(&Gemm { alpha: 0.0, beta: 1.0, c: m2(c), ..g }).unwrap();
+    assert_eq!(down::<f32>(&d, c, 4), [2.0, 4.0, 6.0, 8.0]);
+}
+
+#[test]
+fn gemm_validates_arguments_like_cublas() {
+    let d = dev();
+    let p = up(&d, &[1.0f32; 64]);
+    let q = up(&d, &[1.0f32; 64]);
+    let base = Gemm { ta: Trans::N, tb: Trans::N, m: 4, n: 3, k: 2, alpha: 1.0, a: mat(p, DType::F32, 4, 0), b: mat(p, DType::F32, 2, 0), beta: 0.0, c: mat(q, DType::F32, 4, 0), batch: 1 };
+    d.gemm(&base).unwrap();
+    let f32m = |ld| mat(p, DType::F32, ld, 0);
+    for (g, what) in [
+        (Gemm { a: f32m(3), ..base }, "lda 3 < max(1, 4)"),
+        (Gemm { ta: Trans::T, a: f32m(1), ..base }, "lda 1 < max(1, 2)"),
+        (Gemm { b: f32m(1), ..base }, "ldb 1 < max(1, 2)"),
+        (Gemm { tb: Trans::T, b: f32m(2), ..base }, "ldb 2 < max(1, 3)"),
+        (Gemm { c: mat(q, DType::F32, 3, 0), ..base }, "ldc 3 < max(1, 4)"),
+        (Gemm { m: -1, ..base }, "m=-1"),
+        (Gemm { batch: -1, ..base }, "batchCount -1"),
+        (Gemm { m: 0, c: mat(q, DType::F32, 0, 0), ..base }, "ldc 0 < max(1, 0)"),
+    ] {
+        let e = d.gemm(&g).unwrap_err().to_string();
+        assert!(e.contains("CUBLAS_STATUS_INVALID_VALUE") && e.contains(what), "{what}: {e}");
+    }
+    let e = d.gemm(&Gemm { b: mat(p, DType::Bf16, 2, 0), ..base }).unwrap_err().to_string();
+    assert!(e.contains("CUBLAS_STATUS_NOT_SUPPORTED"), "{e}");
+    // zero-sized work is a successful no-op
+    d.gemm(&Gemm { batch: 0, ..base }).unwrap();
+    d.gemm(&Gemm { n: 0, ..base }).unwrap();
+}
+
+#[test]
+fn gemm_operands_outside_their_allocations_are_memcheck_errors() {
+    let d = dev();
+    let small = up(&d, &[1.0f32; 7]);
+    let big = up(&d, &[1.0f32; 64]);
+    let out = zeros::<f32>(&d, 64);
+    let base = Gemm { ta: Trans::N, tb: Trans::N, m: 4, n: 4, k: 2, alpha: 1.0, a: mat(big, DType::F32, 4, 0), b: mat(big, DType::F32, 2, 0), beta: 0.0, c: mat(out, DType::F32, 4, 0), batch: 1 };
+    d.gemm(&base).unwrap();
+    // A spans 4 x 2 = 8 floats
+    let e = d.gemm(&Gemm { a: mat(small, DType::F32, 4, 0), ..base }).unwrap_err().to_string();
+    assert!(e.contains("memcheck") && e.contains("operand A"), "{e}");
+    // the second batch entry of C runs past the end
+    let e = d.gemm(&Gemm { batch: 2, c: mat(out, DType::F32, 4, 60), ..base }).unwrap_err().to_string();
+    assert!(e.contains("memcheck") && e.contains("operand C of batch entry 1"), "{e}");
+    // a freed operand
+    d.free(small).unwrap();
+    let e = d.gemm(&Gemm { b: mat(small, DType::F32, 2, 0), ..base }).unwrap_err().to_string();
+    assert!(e.contains("memcheck") && e.contains("freed"), "{e}");
+}
+
+// ---------------------------------------------------------------------------------------
+// 9. Speed
+// ---------------------------------------------------------------------------------------
+
+const SAXPY: &str = r#"
+.visible .entry saxpy(.param .u64 x, .param .u64 y, .param .f32 a, .param .u32 n)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<8>;
+    .reg .f32 %f<4>;
+    .reg .b64 %rd<8>;
+    mov.u32 %r0, %tid.x;
+    mov.u32 %r1, %ctaid.x;
+    mov.u32 %r2, %ntid.x;
+    mad.lo.u32 %r3, %r1, %r2, %r0;
+    ld.param.u32 %r4, [n];
+    setp.ge.u32 %p1, %r3, %r4;
+    @%p1 bra $END;
+    ld.param.u64 %rd1, [x];
+    ld.param.u64 %rd2, [y];
+    ld.param.f32 %f1, [a];
+    mul.wide.u32 %rd3, %r3, 4;
+    add.u64 %rd4, %rd1, %rd3;
+    add.u64 %rd5, %rd2, %rd3;
+    ld.global.f32 %f2, [%rd4];
+    ld.global.f32 %f3, [%rd5];
+    fma.rn.f32 %f3, %f1, %f2, %f3;
+    st.global.f32 [%rd5], %f3;
+$END:
+    ret;
+}
+"#;
+
+#[test]
+fn a_large_elementwise_grid_runs_quickly() {
+    let (blocks, threads) = (2048u32, 256u32);
+    let n = (blocks * threads) as usize;
+    let d = dev();
+    let x: Vec<f32> = (0..n).map(|i| (i % 1000) as f32).collect();
+    let y: Vec<f32> = (0..n).map(|i| (i % 7) as f32).collect();
+    let (px, py) = (up(&d, &x), up(&d, &y));
+    let m = d.load_module("saxpy", &sm80(SAXPY)).unwrap();
+    let f = d.function(&m, "saxpy").unwrap();
+    let start = std::time::Instant::now();
+    d.launch(&f, cfg(blocks, threads), &[p(px), p(py), Arg::F32(2.0), Arg::I32(n as i32)]).unwrap();
+    let secs = start.elapsed().as_secs_f64();
+    // 20 instructions per thread
+    let rate = 20.0 * n as f64 / secs;
+    println!("saxpy over {blocks} x {threads} threads: {secs:.3} s, {:.1} M lane-instructions/s", rate / 1e6);
+    assert!(secs < 20.0, "a pathological slowdown: {secs:.1} s");
+    let got: Vec<f32> = down(&d, py, n);
+    assert!(got.iter().enumerate().all(|(i, &v)| v == 2.0 * (i % 1000) as f32 + (i % 7) as f32));
 }

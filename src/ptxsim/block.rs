@@ -1426,13 +1426,19 @@ impl<'a> Block<'a> {
                 }
                 return self.run_collective(w, pc, inst, mask, exec, true);
             }
-            Op::CpAsync { size, src_size, dst, src } => {
+            Op::CpAsync { size, fill, dst, src } => {
                 lanes!(exec, l => {
                     let tid = tid0 + l;
                     let r = &self.regs[base..base + nregs * 32];
                     let da = dst.base.map_or(0, |x| r[x as usize * 32 + l]).wrapping_add(dst.off as u64);
                     let sa = src.base.map_or(0, |x| r[x as usize * 32 + l]).wrapping_add(src.off as u64);
-                    let n = src_size.map_or(*size, |s| rd(r, s, l) as u32);
+                    let n = match fill {
+                        CpFill::All => *size,
+                        CpFill::SrcSize(s) => rd(r, *s, l) as u32,
+                        CpFill::IgnoreSrc(p, neg) => {
+                            if (rd(r, *p, l) & 1 != 0) != *neg { 0 } else { *size }
+                        }
+                    };
                     if n > *size {
                         return Err(self.m.fault(Check::Memcheck, tid, line, format!("cp.async src-size {n} exceeds cp-size {size}")));
                     }

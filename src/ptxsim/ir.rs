@@ -284,6 +284,17 @@ pub enum MmaShape {
     M16n8k4,
 }
 
+/// How many bytes a `cp.async` reads from its source; the rest of cp-size is zero-filled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpFill {
+    /// All cp-size bytes.
+    All,
+    /// The `src-size` operand.
+    SrcSize(Src),
+    /// The `ignore-src` predicate (negated when the bool is set): true reads nothing.
+    IgnoreSrc(Src, bool),
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Nop,
@@ -377,8 +388,8 @@ pub enum Op {
     },
     Ldmatrix { count: u32, trans: bool, d: Vec<Reg>, addr: Addr, space: MemSpace },
     Stmatrix { count: u32, trans: bool, a: Vec<Src>, addr: Addr, space: MemSpace },
-    /// `cp.async.{ca,cg}.shared.global [dst], [src], size{, src_size}`.
-    CpAsync { size: u32, src_size: Option<Src>, dst: Addr, src: Addr },
+    /// `cp.async.{ca,cg}.shared.global [dst], [src], size{, src_size | ignore_src}`.
+    CpAsync { size: u32, fill: CpFill, dst: Addr, src: Addr },
     CpAsyncCommit,
     /// `cp.async.wait_group n` (`all`: `wait_all`, which also covers uncommitted copies).
     CpAsyncWait { pending: u32, all: bool },

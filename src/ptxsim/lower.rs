@@ -189,6 +189,10 @@ impl Lower<'_> {
             ),
             Operand::Int(v) if ty.float() => Src::I(float_bits(*v as f64, ty)?),
             Operand::Int(v) => Src::I(mask_bits(*v as u64, bits)),
+            // In a 32-bit (64-bit) integer or bit-size operand, a 0f (0d) literal is the
+            // f32 (f64) bit pattern it spells (LLVM writes `mov.b32 %r, 0f3F800000`).
+            Operand::F32(b) if !ty.float() && bits == 32 => Src::I(*b as u64),
+            Operand::F64(b) if !ty.float() && bits == 64 => Src::I(*b),
             Operand::F32(b) => Src::I(float_bits(f32::from_bits(*b) as f64, ty)?),
             Operand::F64(b) => Src::I(float_bits(f64::from_bits(*b), ty)?),
             other => return Err(format!("unexpected operand {other:?}")),
@@ -989,9 +993,21 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
                 if o.has("cg") && size != 16 {
                     return Err("cp.async.cg: cp-size must be 16".into());
                 }
+                // The fourth operand is src-size (an integer) or ignore-src (a predicate).
+                let fill = match ops.get(3) {
+                    None => CpFill::All,
+                    Some(o @ Operand::Not(_)) => {
+                        let (p, neg) = l.pred_src(o)?;
+                        CpFill::IgnoreSrc(p, neg)
+                    }
+                    Some(o) => match l.src(o, Ty::U32)? {
+                        Src::R(r) if l.reg_bits[r as usize] == 1 => CpFill::IgnoreSrc(Src::R(r), false),
+                        s => CpFill::SrcSize(s),
+                    },
+                };
                 Op::CpAsync {
                     size,
-                    src_size: ops.get(3).map(|s| l.src(s, Ty::U32)).transpose()?,
+                    fill,
                     dst: l.addr(&ops[0], MemSpace::Shared)?,
                     src: l.addr(&ops[1], MemSpace::Global)?,
                 }

@@ -75,6 +75,9 @@ struct Warp {
     sync_epoch: u32,
     /// Lanes that executed `bar.arrive` at each barrier, until the whole warp has.
     arrive: [u32; 16],
+    /// After a group yielded at this pc (spinning), the next group to run is the first
+    /// one past it instead of the lowest.
+    yielded: Option<u32>,
 }
 
 #[derive(Clone)]
@@ -146,6 +149,12 @@ fn set(r: &mut [u64], masks: &[u64], d: Reg, l: usize, v: u64) {
     r[d as usize * 32 + l] = v & masks[d as usize];
 }
 
+/// Backward branches a group of lanes takes, while other lanes of its warp are ready to
+/// run, before it lets them run.
+const SPIN_LIMIT: u32 = 1 << 8;
+/// Instructions a warp runs, while other warps are ready to run, before it lets them.
+const WARP_SLICE: u32 = 1 << 16;
+
 /// The `.sync.aligned` matrix instructions: one instruction the whole warp executes.
 fn is_aligned(op: &Op) -> bool {
     matches!(op, Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. })
@@ -199,6 +208,7 @@ fn blank_warp() -> Warp {
         exit_line: [0; 32],
         sync_epoch: 0,
         arrive: [0; 16],
+        yielded: None,
     }
 }
 
@@ -757,22 +767,48 @@ impl<'a> Block<'a> {
         }
     }
 
-    /// Run warp `w`'s lanes until none can run.
+    /// Run warp `w`'s lanes until none can run, or until it has run `WARP_SLICE`
+    /// instructions while other warps could run.
     fn run_warp(&mut self, w: usize) -> R<()> {
         let ctx = self.m.ctx;
         let code = &ctx.kernel.code;
+        let other_warps = self
+            .warps
+            .iter()
+            .enumerate()
+            .any(|(i, o)| i != w && o.live & !o.bar_wait & !o.coll_wait != 0);
+        let mut executed = 0u32;
         loop {
-            let wp = &self.warps[w];
+            let wp = &mut self.warps[w];
             let runnable = wp.live & !wp.bar_wait & !wp.coll_wait;
             if runnable == 0 {
                 return Ok(());
             }
             let mut pc = u32::MAX;
-            lanes!(runnable, l => { pc = pc.min(wp.pc[l]); });
+            match wp.yielded.take() {
+                // the first group past the one that yielded (round robin), else the lowest
+                Some(after) => {
+                    let mut wrap = u32::MAX;
+                    lanes!(runnable, l => {
+                        let p = wp.pc[l];
+                        if p > after { pc = pc.min(p) } else { wrap = wrap.min(p) }
+                    });
+                    if pc == u32::MAX {
+                        pc = wrap;
+                    }
+                }
+                None => lanes!(runnable, l => { pc = pc.min(wp.pc[l]); }),
+            }
+            let wp = &self.warps[w];
             let (mut mask, mut others) = (0u32, u32::MAX);
             lanes!(runnable, l => {
-                if wp.pc[l] == pc { mask |= 1 << l } else { others = others.min(wp.pc[l]) }
+                if wp.pc[l] == pc { mask |= 1 << l } else if wp.pc[l] > pc { others = others.min(wp.pc[l]) }
             });
+            // Backward branches taken while other lanes of the warp wait to run: a group
+            // spinning (on a lock another lane holds) yields to them after SPIN_LIMIT, as
+            // independent thread scheduling lets starvation-free code make progress.
+            let mut spins = 0u32;
+            let mut yield_warp = false;
             loop {
                 let Some(inst) = code.get(pc as usize) else {
                     // Falling off the end of the body ends the threads, as `ret` would.
@@ -792,9 +828,19 @@ impl<'a> Block<'a> {
                         e
                     }
                 };
+                executed += 1;
                 match self.exec(w, pc, inst, mask, exec)? {
                     Step::Advance => pc += 1,
-                    Step::Jump(t) => pc = t,
+                    Step::Jump(t) => {
+                        if t <= pc && runnable != mask {
+                            spins += 1;
+                        }
+                        pc = t;
+                        if spins > SPIN_LIMIT {
+                            self.warps[w].yielded = Some(pc);
+                            break;
+                        }
+                    }
                     Step::Split { taken, target } => {
                         let wp = &mut self.warps[w];
                         lanes!(mask, l => { wp.pc[l] = if taken & (1 << l) != 0 { target } else { pc + 1 }; });
@@ -819,6 +865,10 @@ impl<'a> Block<'a> {
                         lanes!(idle, l => { others = others.min(wp.pc[l]); });
                     }
                 }
+                if other_warps && executed >= WARP_SLICE {
+                    yield_warp = true;
+                    break;
+                }
                 if others != u32::MAX {
                     if pc == others {
                         let wp = &self.warps[w];
@@ -834,6 +884,9 @@ impl<'a> Block<'a> {
             }
             let wp = &mut self.warps[w];
             lanes!(mask, l => { wp.pc[l] = pc; });
+            if yield_warp {
+                return Ok(());
+            }
         }
     }
 

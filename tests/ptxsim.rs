@@ -1155,6 +1155,87 @@ fn a_partial_last_warp_has_only_its_existing_lanes() {
     }
 }
 
+/// Run `f` on another thread; a panic if it takes more than `secs` (a hang).
+fn within<T: Send + 'static>(secs: u64, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(secs))
+        .unwrap_or_else(|_| panic!("did not finish within {secs} s"))
+}
+
+const SPINLOCK: &str = r#"
+.visible .entry spin(.param .u64 g)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<8>;
+    .reg .b64 %rd<4>;
+    ld.param.u64 %rd1, [g];
+$SPIN:
+    atom.global.cas.b32 %r1, [%rd1], 0, 1;
+    setp.ne.u32 %p1, %r1, 0;
+    @%p1 bra $SPIN;
+    // the critical section: a plain read-modify-write of the counter
+    ld.global.u32 %r2, [%rd1+4];
+    add.u32 %r2, %r2, 1;
+    st.global.u32 [%rd1+4], %r2;
+    atom.global.exch.b32 %r3, [%rd1], 0;
+    ret;
+}
+"#;
+
+#[test]
+fn a_spinlock_between_lanes_of_one_warp_makes_progress() {
+    // 3.2 (independent thread scheduling): a lane spinning on a lock another lane of its
+    // warp holds must let the holder run (starvation-free algorithms)
+    let got = within(20, || {
+        let d = dev();
+        let g = up(&d, &[0u32, 0]);
+        ok(&d, &sm80(SPINLOCK), "spin", cfg(4, 64), &[p(g)]);
+        down::<u32>(&d, g, 2)
+    });
+    assert_eq!(got, [0, 4 * 64]);
+}
+
+const FLAG: &str = r#"
+.visible .entry flag(.param .u64 g)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<8>;
+    .reg .b64 %rd<4>;
+    ld.param.u64 %rd1, [g];
+    mov.u32 %r0, %tid.x;
+    setp.ge.u32 %p1, %r0, 32;
+    @%p1 bra $SETTER;
+    // warp 0 waits for warp 1's flag, without a barrier
+$WAIT:
+    ld.volatile.global.u32 %r1, [%rd1];
+    setp.eq.u32 %p1, %r1, 0;
+    @%p1 bra $WAIT;
+    ld.global.u32 %r2, [%rd1+4];
+    st.global.u32 [%rd1+8], %r2;
+    ret;
+$SETTER:
+    mov.u32 %r3, 77;
+    st.global.u32 [%rd1+4], %r3;
+    membar.cta;
+    atom.global.exch.b32 %r4, [%rd1], 1;
+    ret;
+}
+"#;
+
+#[test]
+fn a_warp_spinning_on_a_flag_lets_the_other_warps_of_its_block_run() {
+    let got = within(20, || {
+        let d = dev();
+        let g = up(&d, &[0u32, 0, 0]);
+        ok(&d, &sm80(FLAG), "flag", cfg(1, 64), &[p(g)]);
+        down::<u32>(&d, g, 3)
+    });
+    assert_eq!(got, [1, 77, 77]);
+}
+
 // ---------------------------------------------------------------------------------------
 // 3. Barriers (9.7.13.1 bar / barrier) and synccheck
 // ---------------------------------------------------------------------------------------
@@ -3437,4 +3518,50 @@ fn float_literals_in_bit_typed_instructions_keep_their_bits() {
     let o: Vec<u32> = down(&d, go, 4);
     assert_eq!(o[..2], [1.5f32.to_bits(), (-1.0f32).to_bits()]);
     assert_eq!(o[2] as u64 | (o[3] as u64) << 32, 2.5f64.to_bits());
+}
+
+// ---------------------------------------------------------------------------------------
+// Robustness: malformed PTX is refused with a line number, never a panic
+// ---------------------------------------------------------------------------------------
+
+#[test]
+fn truncated_or_corrupted_modules_are_refused_without_panicking() {
+    let d = dev();
+    let mut rng = Lcg(97);
+    for m in lalora_engine::backend::cuda::kernels::MODULES.iter().filter(|m| !m.ptx.is_empty()) {
+        d.load_module(m.name, m.ptx).unwrap_or_else(|e| panic!("{}: {e}", m.name));
+        let lines: Vec<&str> = m.ptx.lines().collect();
+        for _ in 0..40 {
+            // a prefix cut inside a line, a line removed, two lines swapped, a token changed
+            let cut = rng.int(0, m.ptx.len() as i64 - 1) as usize;
+            let cut = (0..=cut).rev().find(|&i| m.ptx.is_char_boundary(i)).unwrap_or(0);
+            let _ = d.load_module(m.name, &m.ptx[..cut]);
+            let i = rng.int(0, lines.len() as i64 - 1) as usize;
+            let j = rng.int(0, lines.len() as i64 - 1) as usize;
+            let mut v = lines.clone();
+            v.remove(i);
+            let _ = d.load_module(m.name, &v.join("\n"));
+            let mut v = lines.clone();
+            v.swap(i, j);
+            let _ = d.load_module(m.name, &v.join("\n"));
+            let mut v: Vec<String> = lines.iter().map(|s| s.to_string()).collect();
+            v[i] = v[i].replacen(['%', '[', ']', '{', ',', ';'], "", 1);
+            let _ = d.load_module(m.name, &v.join("\n"));
+        }
+    }
+    for bad in [
+        ".version 9.0\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n  add.s32 %r1, %r2 %r3;\n}\n",
+        ".version 9.0\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n  .reg .b32 %r<2>;\n  bra $NOWHERE;\n}\n",
+        ".version 9.0\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n  .reg .b32 %r<2>;\n  frobnicate.b32 %r0, %r1;\n}\n",
+        ".version 9.0\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n  .reg .b32 %r<2>;\n  mov.b32 %r5, %r0;\n}\n",
+        ".version 9.0\n.target sm_80\n.address_size 64\n.visible .entry k(\n{\n",
+        ".version 9.0\n.target sm_80\n.address_size 32\n",
+        "\"unterminated",
+        ".version 9.0\n.target sm_80\n.address_size 64\n.visible .entry k()\n{\n  .reg .b32 %r<2>;\n  mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%r0}, {%r0}, {%r0}, {%r0};\n}\n",
+    ] {
+        match d.load_module("bad", bad) {
+            Err(SimError::Ptx(line, msg)) => assert!(line > 0 && !msg.is_empty(), "{bad}: {line}: {msg}"),
+            other => panic!("{bad:?} was accepted: {:?}", other.map(|_| ())),
+        }
+    }
 }

@@ -395,7 +395,7 @@ impl Device {
         pack_params(&k.params, k.param_bytes, args).map_err(|m| SimError::Launch(format!("launch of `{name}`: {m}")))
     }
 
-    /// Run `f` over the grid; the first fault (lowest block) ends the launch.
+    /// Run `f` over the grid; a fault ends the launch, the one of the lowest block reported.
     pub fn launch(&self, f: &Function, cfg: LaunchConfig, args: &[Arg]) -> Result<(), SimError> {
         let params = self.validate(f, &cfg, args)?;
         let heap = self.heap();
@@ -410,13 +410,16 @@ impl Device {
         };
         let [gx, gy, gz] = cfg.grid;
         let n = gx as u64 * gy as u64 * gz as u64;
-        let stop = std::sync::atomic::AtomicBool::new(false);
+        // Blocks after the lowest faulting one found so far are skipped; those before it
+        // still run, so the report is the lowest faulting block whichever worker finds a
+        // fault first.
+        let lowest = std::sync::atomic::AtomicU64::new(u64::MAX);
         let first: Mutex<Option<(u64, Fault)>> = Mutex::new(None);
         self.pool.install(|| {
             (0..n).into_par_iter().for_each_init(
                 || Block::new(&ctx),
                 |blk, i| {
-                    if stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    if i > lowest.load(std::sync::atomic::Ordering::Relaxed) {
                         return;
                     }
                     let ctaid = [
@@ -425,7 +428,7 @@ impl Device {
                         (i / (gx as u64 * gy as u64)) as u32,
                     ];
                     if let Err(fault) = blk.run(ctaid) {
-                        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                        lowest.fetch_min(i, std::sync::atomic::Ordering::Relaxed);
                         let mut g = first.lock().unwrap_or_else(|p| p.into_inner());
                         if g.as_ref().is_none_or(|(j, _)| i < *j) {
                             *g = Some((i, fault));

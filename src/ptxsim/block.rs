@@ -1044,19 +1044,11 @@ impl<'a> Block<'a> {
     /// Arrive at a warp collective: `Some(lanes)` (the lanes that perform it: the
     /// executing ones plus those that waited for it) when every live member has arrived,
     /// else the executing lanes wait and `None`.
-    fn collective(&mut self, w: usize, pc: u32, inst: &Inst, exec: u32, aligned: bool) -> R<Option<u32>> {
+    fn collective(&mut self, w: usize, pc: u32, inst: &Inst, exec: u32) -> R<Option<u32>> {
         let base = w * self.nregs * 32;
         let wp = &self.warps[w];
         let first = exec.trailing_zeros() as usize;
         let need = self.required(inst, &self.regs[base..base + self.nregs * 32], first, wp.exists);
-        if aligned && wp.live != wp.exists {
-            return Err(self.m.fault(
-                Check::Synccheck,
-                w * 32 + first,
-                inst.line,
-                "a .aligned warp instruction runs after lanes of the warp exited".into(),
-            ));
-        }
         if exec & !need != 0 {
             let l = (exec & !need).trailing_zeros() as usize;
             return Err(self.m.fault(
@@ -1455,29 +1447,31 @@ impl<'a> Block<'a> {
                 return Ok(Step::Shrink(mask & !exec));
             }
             Op::BarWarp { .. } => {
-                return self.run_collective(w, pc, inst, mask, exec, false);
+                return self.run_collective(w, pc, inst, mask, exec);
             }
             Op::Activemask { d } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 lanes!(exec, l => { set(r, m, *d, l, exec as u64); });
             }
             Op::Shfl { .. } => {
-                return self.run_collective(w, pc, inst, mask, exec, false);
+                return self.run_collective(w, pc, inst, mask, exec);
             }
             Op::Vote { .. } => {
-                return self.run_collective(w, pc, inst, mask, exec, false);
+                return self.run_collective(w, pc, inst, mask, exec);
             }
             Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. } => {
-                if exec != self.warps[w].exists {
-                    let l = (self.warps[w].exists & !exec).trailing_zeros() as usize;
+                let wp = &self.warps[w];
+                if exec != wp.exists {
+                    let l = (wp.exists & !exec).trailing_zeros() as usize;
+                    let why = if wp.live & (1 << l) == 0 { "has exited" } else { "is inactive or predicated off" };
                     return Err(self.m.fault(
                         Check::Synccheck,
                         tid0 + l,
                         line,
-                        "a .sync.aligned matrix instruction runs with lanes of the warp inactive or predicated off".into(),
+                        format!("a .sync.aligned matrix instruction runs while lane {l} of the warp {why}"),
                     ));
                 }
-                return self.run_collective(w, pc, inst, mask, exec, true);
+                return self.run_collective(w, pc, inst, mask, exec);
             }
             Op::CpAsync { size, fill, dst, src } => {
                 lanes!(exec, l => {
@@ -1543,15 +1537,14 @@ impl<'a> Block<'a> {
     }
 
     /// Arrive at a collective and, once every member has, perform it.
-    #[allow(clippy::too_many_arguments)]
-    fn run_collective(&mut self, w: usize, pc: u32, inst: &Inst, mask: u32, exec: u32, aligned: bool) -> R<Step> {
+    fn run_collective(&mut self, w: usize, pc: u32, inst: &Inst, mask: u32, exec: u32) -> R<Step> {
         if exec == 0 {
             return Ok(Step::Advance);
         }
         // where the executing lanes are (each member's instruction is found by its pc)
         let wp = &mut self.warps[w];
         lanes!(exec, l => { wp.pc[l] = pc; });
-        match self.collective(w, pc, inst, exec, aligned)? {
+        match self.collective(w, pc, inst, exec)? {
             Some(group) => {
                 self.perform(w, group)?;
                 // Lanes that waited here join the group; those that waited at another

@@ -3565,3 +3565,64 @@ fn truncated_or_corrupted_modules_are_refused_without_panicking() {
         }
     }
 }
+
+const LATE_FAULT: &str = r#"
+.visible .entry late_fault(.param .u64 g)
+{
+    .reg .pred %p<2>;
+    .reg .b32 %r<8>;
+    .reg .b64 %rd<4>;
+    ld.param.u64 %rd1, [g];
+    mov.u32 %r0, %ctaid.x;
+    setp.ge.u32 %p1, %r0, 3;
+    @%p1 bra $BAD;
+    // the first blocks are slow and fine
+    mov.u32 %r1, 0;
+$LOOP:
+    add.u32 %r1, %r1, 1;
+    setp.lt.u32 %p1, %r1, 20000;
+    @%p1 bra $LOOP;
+    ret;
+$BAD:
+    ld.global.u32 %r2, [%rd1+64]; // BAD
+    ret;
+}
+"#;
+
+#[test]
+fn the_reported_fault_is_the_lowest_faulting_block_whatever_the_timing() {
+    // blocks run in parallel; the report must not depend on which worker faulted first
+    let d = Device::new(Checks::default(), 1 << 20, 2).unwrap();
+    let g = zeros::<u32>(&d, 4);
+    for _ in 0..5 {
+        let f = fault(launch(&d, &sm80(LATE_FAULT), "late_fault", cfg(64, 32), &[p(g)]));
+        assert_eq!((f.check, f.block), (Check::Memcheck, [3, 0, 0]), "{f}");
+    }
+}
+
+#[test]
+fn matrix_instructions_check_rows_and_need_the_whole_warp() {
+    let d = dev();
+    let src = up(&d, &tile_values());
+    let out = zeros::<u32>(&d, 128);
+    // a row address that is not 16-byte aligned (9.7.14.5.15: rows are naturally aligned)
+    let ptx = sm80(&LDMATRIX.replace("@INST@", "add.u32 %r8, %r8, 4;\n    ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%r9, %r10, %r11, %r12}, [%r8]; // LDM"));
+    let f = fault(launch(&d, &ptx, "ldm", cfg(1, 32), &[p(src), p(out)]));
+    assert_eq!((f.check, f.line), (Check::Memcheck, line_of(&ptx, "// LDM")), "{f}");
+    assert!(f.detail.contains("misaligned 16-byte"), "{f}");
+    // a generic address into global memory
+    let ptx = sm80(&LDMATRIX.replace("@INST@", "ldmatrix.sync.aligned.m8n8.x1.b16 {%r9}, [%rd1]; // LDM"));
+    let f = fault(launch(&d, &ptx, "ldm", cfg(1, 32), &[p(src), p(out)]));
+    assert_eq!((f.check, f.line), (Check::Memcheck, line_of(&ptx, "// LDM")), "{f}");
+    assert!(f.detail.contains("not in shared memory"), "{f}");
+    // .sync.aligned: every lane of the warp executes it (9.7.14.5.14)
+    let body = "setp.ne.u32 %p1, %r0, 3;\n    @%p1 ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%r9}, [%r8]; // LDM";
+    let ptx = sm80(&LDMATRIX.replace("@INST@", body).replace(".reg .b32 %r<16>;", ".reg .b32 %r<16>;\n    .reg .pred %p<2>;"));
+    let f = fault(launch(&d, &ptx, "ldm", cfg(1, 32), &[p(src), p(out)]));
+    assert_eq!((f.check, f.thread, f.line), (Check::Synccheck, [3, 0, 0], line_of(&ptx, "// LDM")), "{f}");
+    let body = "setp.eq.u32 %p1, %r0, 3;\n    @%p1 ret;\n    ldmatrix.sync.aligned.m8n8.x1.shared.b16 {%r9}, [%r8]; // LDM";
+    let ptx = sm80(&LDMATRIX.replace("@INST@", body).replace(".reg .b32 %r<16>;", ".reg .b32 %r<16>;\n    .reg .pred %p<2>;"));
+    let f = fault(launch(&d, &ptx, "ldm", cfg(1, 32), &[p(src), p(out)]));
+    assert_eq!((f.check, f.line), (Check::Synccheck, line_of(&ptx, "// LDM")), "{f}");
+    assert!(f.detail.contains("exited"), "{f}");
+}

@@ -52,7 +52,10 @@ struct Meta {
     w_epoch: u32,
     w_wep: u32,
     w_line: u32,
+    /// The reader since the last write, or MANY (then `r_warp` is their warp, or MANY
+    /// when they are in several warps, and `r_wep` the latest read's warp interval).
     r_tid: u32,
+    r_warp: u32,
     r_epoch: u32,
     r_wep: u32,
     r_line: u32,
@@ -337,7 +340,7 @@ impl<'a> Mem<'a> {
             } else if write {
                 if m.w_tid != NONE && !ordered(m.w_tid, m.w_epoch, m.w_wep) {
                     Some(("write-after-write", m.w_tid, "writes", m.w_line))
-                } else if m.r_tid == MANY && m.r_epoch == epoch {
+                } else if m.r_tid == MANY && m.r_epoch == epoch && !(m.r_warp == me / 32 && m.r_wep != wep) {
                     Some(("write-after-read", NONE, "read", m.r_line))
                 } else if m.r_tid != NONE && m.r_tid != MANY && !ordered(m.r_tid, m.r_epoch, m.r_wep) {
                     Some(("write-after-read", m.r_tid, "reads", m.r_line))
@@ -381,10 +384,16 @@ impl<'a> Mem<'a> {
                         format!("read of never-written shared memory: {name} (shared offset {b:#x})"),
                     ));
                 }
-                if m.r_tid == NONE || m.r_epoch != epoch {
-                    (m.r_tid, m.r_epoch, m.r_wep, m.r_line) = (me, epoch, wep, line);
+                // Earlier reads in another barrier interval, or by this warp before its last
+                // bar.warp.sync, conflict with no write this read does not conflict with.
+                let earlier = m.r_epoch != epoch || (m.r_warp == me / 32 && m.r_wep != wep);
+                if m.r_tid == NONE || earlier {
+                    (m.r_tid, m.r_warp, m.r_epoch, m.r_wep, m.r_line) = (me, me / 32, epoch, wep, line);
                 } else if m.r_tid != me {
                     m.r_tid = MANY;
+                    if m.r_warp != me / 32 {
+                        m.r_warp = MANY;
+                    }
                     m.r_line = line;
                 }
             }

@@ -1707,6 +1707,19 @@ fn racecheck_reports_raw_war_and_waw_hazards_from_a_missing_barrier() {
 }
 
 #[test]
+fn racecheck_orders_a_warps_broadcast_read_before_its_bar_warp_sync() {
+    // every lane of warp 0 reads s[0]; after bar.warp.sync lane 0 overwrites it: ordered
+    // (9.7.13.2); without the bar.warp.sync it is a write-after-read hazard
+    let body = "st.shared.u32 [%r3], %r0;\n    bar.warp.sync -1;\n    ld.shared.u32 %r4, [%r2];\n    @SYNC@\n    setp.eq.u32 %p2, %r0, 0;\n    @%p2 st.shared.u32 [%r2], %r4; // HAZARD";
+    let d = dev();
+    ok(&d, &sm80(&RACE.replace("@BODY@", &body.replace("@SYNC@", "bar.warp.sync -1;"))), "race", cfg(1, 32), &[p(0)]);
+    let ptx = sm80(&RACE.replace("@BODY@", &body.replace("@SYNC@", "")));
+    let f = fault(launch(&d, &ptx, "race", cfg(1, 32), &[p(0)]));
+    assert_eq!((f.check, f.line), (Check::Racecheck, line_of(&ptx, "// HAZARD")), "{f}");
+    assert!(f.detail.contains("write-after-read"), "{f}");
+}
+
+#[test]
 fn racecheck_tracks_bytes_not_words() {
     // threads writing neighbouring 16-bit elements of one word do not race (bf16 tiles);
     // reading a neighbour's element without a barrier does

@@ -1473,6 +1473,10 @@ fn synccheck_reports_a_shfl_whose_member_lanes_wait_elsewhere() {
     let f = fault(launch(&d, &ptx, "sp", cfg(1, 32), &[p(0)]));
     assert_eq!(f.check, Check::Synccheck, "{f}");
     assert!(f.detail.contains("0x00000020"), "{f}");
+    // ... and a lane must be in the mask of the shfl it executes (9.7.9.6: undefined)
+    let ptx = sm80(&SHFL_VS_BAR.replace("@OTHER@", "shfl.sync.idx.b32 %r1, %r0, 0, 0x1f, 0x0000ffff; // OUTSIDE"));
+    let f = fault(launch(&d, &ptx, "sb", cfg(1, 32), &[p(0)]));
+    assert_eq!((f.check, f.thread, f.line), (Check::Synccheck, [16, 0, 0], line_of(&ptx, "// OUTSIDE")), "{f}");
 }
 
 // ---------------------------------------------------------------------------------------

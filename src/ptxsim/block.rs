@@ -837,7 +837,6 @@ impl<'a> Block<'a> {
                         e
                     }
                 };
-                executed += 1;
                 match self.exec(w, pc, inst, mask, exec)? {
                     Step::Advance => pc += 1,
                     Step::Jump(t) => {
@@ -874,9 +873,12 @@ impl<'a> Block<'a> {
                         lanes!(idle, l => { others = others.min(wp.pc[l]); });
                     }
                 }
-                if other_warps && executed >= WARP_SLICE {
-                    yield_warp = true;
-                    break;
+                if other_warps {
+                    executed += 1;
+                    if executed >= WARP_SLICE {
+                        yield_warp = true;
+                        break;
+                    }
                 }
                 if others != u32::MAX {
                     if pc == others {

@@ -30,6 +30,9 @@ pub struct EvalSet {
     pub examples: Vec<Example>,
 }
 
+/// Exact match on question/answer pairs: the tokenizer, the pairs, and how to generate.
+pub type ExactMatchSet<'a> = (&'a Tokenizer, Vec<(String, String)>, Sampling);
+
 pub struct SweepSpec<'a> {
     pub lambdas: Vec<f32>,
     pub train: TrainConfig,
@@ -37,7 +40,7 @@ pub struct SweepSpec<'a> {
     pub target: EvalSet,
     /// Forgetting is measured on each; the first is the primary one (Pareto front, plot).
     pub sources: Vec<EvalSet>,
-    pub exact_match: Option<(&'a Tokenizer, Vec<(String, String)>, Sampling)>,
+    pub exact_match: Option<ExactMatchSet<'a>>,
     pub eval_batch: usize,
     pub quiet: bool,
     pub base_model: String,
@@ -186,7 +189,7 @@ pub fn mark_pareto(rows: &mut [Row]) {
 fn lambda_label(l: Option<f32>) -> String {
     match l {
         None => "base".into(),
-        Some(l) if l == 0.0 => "0 (LoRA)".into(),
+        Some(0.0) => "0 (LoRA)".into(),
         Some(l) => format!("{l:e}"),
     }
 }
@@ -385,7 +388,7 @@ pub fn parse_lambdas(s: &str) -> Result<Vec<f32>> {
                 .map_err(|_| Error::usage(format!("`{x}` is not a number in --lambdas")))
         })
         .collect::<Result<Vec<_>>>()?;
-    if v.is_empty() || v.iter().any(|l| !(*l >= 0.0) || !l.is_finite()) {
+    if v.is_empty() || v.iter().any(|l| !l.is_finite() || *l < 0.0) {
         return Err(Error::usage("--lambdas must be non-negative numbers"));
     }
     Ok(v)

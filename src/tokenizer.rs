@@ -172,11 +172,10 @@ impl Tokenizer {
             .encode_fast(text, true)
             .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
-        if let Some(bos) = self.add_bos {
-            if ids.first() != Some(&bos) {
+        if let Some(bos) = self.add_bos
+            && ids.first() != Some(&bos) {
                 ids.insert(0, bos);
             }
-        }
         Ok(ids)
     }
 

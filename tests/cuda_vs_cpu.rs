@@ -193,12 +193,12 @@ fn blas1_and_adamw_match_cpu() {
             let (mut pc, mut mc, mut vc) = (a.clone(), b.clone(), prec.clone());
             let (mut pg, mut mg, mut vg) = (p.up(&pc), p.up(&mc), p.up(&vc));
             let (mean_g, prec_g) = (p.up(&mean), p.up(&prec));
-            let pc_pen = pen.then(|| DiagPenalty::<CpuBackend> {
+            let pc_pen = pen.then_some(DiagPenalty::<CpuBackend> {
                 mean: &mean,
                 precision: &prec,
                 lambda: 3.0,
             });
-            let pg_pen = pen.then(|| DiagPenalty::<CudaBackend> {
+            let pg_pen = pen.then_some(DiagPenalty::<CudaBackend> {
                 mean: &mean_g,
                 precision: &prec_g,
                 lambda: 3.0,

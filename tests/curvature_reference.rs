@@ -60,7 +60,7 @@ fn everywhere(f: impl Fn(&On<lalora_engine::backend::cpu::CpuBackend>), g: impl 
 
 #[test]
 fn diag_empirical_matches_per_sequence_loop() {
-    everywhere(|on| diag_empirical(on), |on| diag_empirical(on));
+    everywhere(diag_empirical, diag_empirical);
 }
 
 fn diag_empirical<B: Backend>(on: &On<B>) {
@@ -86,7 +86,7 @@ fn diag_empirical<B: Backend>(on: &On<B>) {
 
 #[test]
 fn kfac_expand_matches_curvlinops() {
-    everywhere(|on| kfac_expand(on), |on| kfac_expand(on));
+    everywhere(kfac_expand, kfac_expand);
 }
 
 fn kfac_expand<B: Backend>(on: &On<B>) {
@@ -131,7 +131,7 @@ fn kfac_expand<B: Backend>(on: &On<B>) {
 
 #[test]
 fn kfac_reduce_and_tri_cross_match_curvlinops() {
-    everywhere(|on| kfac_reduce_and_tri(on), |on| kfac_reduce_and_tri(on));
+    everywhere(kfac_reduce_and_tri, kfac_reduce_and_tri);
 }
 
 fn kfac_reduce_and_tri<B: Backend>(on: &On<B>) {

@@ -27,9 +27,9 @@ impl Batch {
         for (b, e) in examples.iter().enumerate() {
             let row = b * seq_len;
             ids[row..row + e.ids.len()].copy_from_slice(&e.ids);
-            for t in 0..e.labels.len().saturating_sub(1) {
-                targets[row + t] = e.labels[t + 1];
-            }
+            // position t predicts label t + 1 (HF's shift)
+            let shifted = e.labels.get(1..).unwrap_or(&[]);
+            targets[row..row + shifted.len()].copy_from_slice(shifted);
             segments.push(Segment {
                 start: row,
                 len: e.ids.len(),

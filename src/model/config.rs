@@ -71,14 +71,13 @@ impl LlamaConfig {
         if !v.is_object() {
             return Err(Error::file(path, "expected a JSON object"));
         }
-        if let Some(mt) = v.get("model_type").and_then(Value::as_str) {
-            if !matches!(mt, "llama" | "mistral") {
+        if let Some(mt) = v.get("model_type").and_then(Value::as_str)
+            && !matches!(mt, "llama" | "mistral") {
                 return Err(Error::file(
                     path,
                     format!("model_type `{mt}` is not a Llama-family model"),
                 ));
             }
-        }
         for flag in ["attention_bias", "mlp_bias"] {
             if v.get(flag).and_then(Value::as_bool) == Some(true) {
                 return Err(Error::file(
@@ -181,13 +180,13 @@ impl LlamaConfig {
         if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
             return Err(format!("`{name}` must be positive"));
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {}",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         Ok(())

@@ -200,14 +200,13 @@ impl GgufFile {
             let end = ty
                 .and_then(|ty| ty.byte_size(n))
                 .map(|b| data_start + t.offset + b);
-            if let Some(end) = end {
-                if end > buf.len() {
+            if let Some(end) = end
+                && end > buf.len() {
                     return Err(format!(
                         "truncated: tensor `{name}` ends at byte {end}, file has {}",
                         buf.len()
                     ));
                 }
-            }
         }
         Ok((metadata, tensors, data_start))
     }

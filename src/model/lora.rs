@@ -203,11 +203,10 @@ impl HostLora {
         let v: Value = serde_json::from_str(&text)
             .map_err(|e| Error::file(&cfg_path, format!("malformed JSON: {e}")))?;
         let bad = |m: String| Error::file(&cfg_path, m);
-        if let Some(t) = v.get("peft_type").and_then(Value::as_str) {
-            if t != "LORA" {
+        if let Some(t) = v.get("peft_type").and_then(Value::as_str)
+            && t != "LORA" {
                 return Err(bad(format!("peft_type `{t}` is not LORA")));
             }
-        }
         let r = v
             .get("r")
             .and_then(Value::as_u64)

@@ -46,7 +46,7 @@ impl GgmlType {
     /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks.
     pub fn byte_size(self, n: usize) -> Option<usize> {
         let (elems, bytes) = self.block();
-        (n % elems == 0).then(|| n / elems * bytes)
+        n.is_multiple_of(elems).then(|| n / elems * bytes)
     }
 }
 

@@ -82,7 +82,7 @@ impl<B: Backend> Penalty<B> {
             return None;
         };
         let (mm, pm) = (&self.mean.modules[t / 2], &prec.modules[t / 2]);
-        let (mean, precision) = if t % 2 == 0 {
+        let (mean, precision) = if t.is_multiple_of(2) {
             (&mm.a, &pm.a)
         } else {
             (&mm.b, &pm.b)

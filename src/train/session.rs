@@ -46,13 +46,12 @@ pub fn run<B: Backend>(
     init: &HostLora,
     opts: &SessionOptions,
 ) -> Result<SessionResult> {
-    if let Some(c) = curvature {
-        if c.mean.cfg != init.cfg || c.mean.modules.len() != init.modules.len() {
+    if let Some(c) = curvature
+        && (c.mean.cfg != init.cfg || c.mean.modules.len() != init.modules.len()) {
             return Err(Error::usage(
                 "the curvature file was estimated for a different LoRA configuration than the one trained",
             ));
         }
-    }
     let penalty = match curvature {
         Some(c) if cfg.lambda > 0.0 => Some(Penalty::new(be, c, cfg.lambda, cfg.delta)?),
         _ => None,

@@ -254,14 +254,13 @@ pub fn train<B: Backend>(
         {
             let mut g_scale = clip_scale;
             let fused = penalty.and_then(|pen| pen.fused(i));
-            if fused.is_none() {
-                if let Some(pg) = pen_grads.get(i) {
+            if fused.is_none()
+                && let Some(pg) = pen_grads.get(i) {
                     // kfac: the step sees clip_scale * g + penalty gradient.
                     be.scale(g, clip_scale)?;
                     be.axpy(1.0, pg, g)?;
                     g_scale = 1.0;
                 }
-            }
             be.adamw_step(p, g, m, v, &h, g_scale, fused)?;
         }
         state.step += 1;

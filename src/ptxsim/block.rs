@@ -1654,8 +1654,14 @@ impl<'a> Block<'a> {
         match &inst.op {
             Op::Mma { shape, ab, acc, d, a, b, c } => {
                 let r = &self.regs[base..base + nregs * 32];
-                let gather = |srcs: &[Src]| -> Vec<Vec<u64>> {
-                    (0..32).map(|l| srcs.iter().map(|s| rd(r, *s, l)).collect()).collect()
+                let gather = |srcs: &[Src]| -> matrix::Frags {
+                    let mut f = [[0u64; 4]; 32];
+                    for (l, regs) in f.iter_mut().enumerate() {
+                        for (slot, s) in regs.iter_mut().zip(srcs) {
+                            *slot = rd(r, *s, l);
+                        }
+                    }
+                    f
                 };
                 let out = matrix::mma(*shape, *ab, *acc, &gather(a), &gather(b), &gather(c));
                 let r = &mut self.regs[base..base + nregs * 32];

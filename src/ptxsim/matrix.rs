@@ -68,15 +68,18 @@ fn frag(regs: &[u64], ab: Ty, i: usize) -> u64 {
     }
 }
 
+/// One warp's fragment registers: up to four 32-bit registers per lane.
+pub type Frags = [[u64; 4]; 32];
+
 /// `D = A B + C` for one warp: `a[lane]`, `b[lane]`, `c[lane]` are each lane's fragment
 /// registers; returns each lane's D registers. Products are exact and summed in f64, then
 /// rounded once to the accumulator type (the manual leaves the accumulation order and
 /// rounding unspecified, with at least single precision).
-pub fn mma(shape: MmaShape, ab: Ty, acc: Ty, a: &[Vec<u64>], b: &[Vec<u64>], c: &[Vec<u64>]) -> Vec<Vec<u64>> {
+pub fn mma(shape: MmaShape, ab: Ty, acc: Ty, a: &Frags, b: &Frags, c: &Frags) -> Frags {
     let k = k_of(shape);
     let (na, nb) = elems(shape);
-    let mut am = vec![[0f64; 16]; 16];
-    let mut bm = vec![[0f64; 8]; 16];
+    let mut am = [[0f64; 16]; 16];
+    let mut bm = [[0f64; 8]; 16];
     let mut cm = [[0f64; 8]; 16];
     for lane in 0..32 {
         for i in 0..na {
@@ -96,7 +99,7 @@ pub fn mma(shape: MmaShape, ab: Ty, acc: Ty, a: &[Vec<u64>], b: &[Vec<u64>], c: 
             };
         }
     }
-    let mut out = vec![vec![0u64; if acc == Ty::F32 { 4 } else { 2 }]; 32];
+    let mut out = [[0u64; 4]; 32];
     for (lane, d) in out.iter_mut().enumerate() {
         for i in 0..4 {
             let (r, col) = c_elem(lane, i);
@@ -164,7 +167,14 @@ mod tests {
             let cs: Vec<u64> = (0..4).map(|i| { let (r, col) = c_elem(lane, i); cv[r][col] }).map(|x| if acc == Ty::F32 { (x as f32).to_bits() as u64 } else { half::f16::from_f64(x).to_bits() as u64 }).collect();
             c.push(if acc == Ty::F32 { cs } else { cs.chunks(2).map(|p| p[0] | (p[1] << 16)).collect() });
         }
-        let d = mma(shape, ab, acc, &a, &b, &c);
+        let fr = |v: &Vec<Vec<u64>>| -> Frags {
+            let mut f = [[0u64; 4]; 32];
+            for (l, regs) in v.iter().enumerate() {
+                f[l][..regs.len()].copy_from_slice(regs);
+            }
+            f
+        };
+        let d = mma(shape, ab, acc, &fr(&a), &fr(&b), &fr(&c));
         let want = matmul(&av, &bv, &cv);
         let mut seen = [[false; 8]; 16];
         for (lane, dl) in d.iter().enumerate() {

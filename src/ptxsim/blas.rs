@@ -109,8 +109,14 @@ fn span(rows: i64, cols: i64, ld: i64, size: u64) -> u64 {
     }
 }
 
-/// Eight dot products `a . panel[:, t]`, each a chain of fused multiply-adds in k order
-/// (as one GPU thread accumulates), computed side by side.
+/// The k-slice of a GEMM one accumulator covers before its partial sum is added to the
+/// total (as GPU GEMM kernels split k across warps or blocks and reduce the slices).
+const SLICE: usize = 256;
+
+/// Eight dot products `a . panel[:, t]`, computed side by side: within each k-slice a
+/// chain of fused multiply-adds in k order (as one GPU thread accumulates), the slices'
+/// partial sums added in order. Accumulating a long k (a 49k-token vocabulary) in one
+/// chain would lose far more than a GPU does.
 fn dot8(a: &[f32], panel: &[f32]) -> [f32; 8] {
     #[cfg(target_arch = "x86_64")]
     if std::arch::is_x86_feature_detected!("fma") {
@@ -122,14 +128,21 @@ fn dot8(a: &[f32], panel: &[f32]) -> [f32; 8] {
 
 #[inline(always)]
 fn dot8_plain(a: &[f32], panel: &[f32]) -> [f32; 8] {
-    let mut acc = [0f32; 8];
-    for (p, &x) in a.iter().enumerate() {
-        let row = &panel[p * 8..p * 8 + 8];
+    let mut total = [0f32; 8];
+    for (s, chunk) in a.chunks(SLICE).enumerate() {
+        let mut acc = [0f32; 8];
+        for (i, &x) in chunk.iter().enumerate() {
+            let p = s * SLICE + i;
+            let row = &panel[p * 8..p * 8 + 8];
+            for t in 0..8 {
+                acc[t] = x.mul_add(row[t], acc[t]);
+            }
+        }
         for t in 0..8 {
-            acc[t] = x.mul_add(row[t], acc[t]);
+            total[t] += acc[t];
         }
     }
-    acc
+    total
 }
 
 #[cfg(target_arch = "x86_64")]

@@ -9,6 +9,7 @@
 mod attention;
 mod baselines;
 pub mod blas;
+mod curvature;
 pub mod driver;
 pub mod kernels;
 mod ops;

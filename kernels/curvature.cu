@@ -1,4 +1,6 @@
-// Curvature primitives (CPU twin: backend/cpu/curvature.rs).
+// Curvature primitives (CPU twin: backend/cpu/curvature.rs): segment sums, the mirror of
+// symmetric factors, and the SIMT FP32 Gram and per-sample squaring that the tensor-core
+// kernels of curvature_tc.cu replace (kept as benchmarked baselines, baselines.rs).
 #include "common.cuh"
 
 #define MAX_R 64
@@ -9,7 +11,7 @@
 // out: never written out. out is (r, wide) with narrow_first = 1 (A: narrow = gA, wide =
 // x) or (wide, r) with narrow_first = 0 (B: narrow = u, wide = g). Sequences run in order
 // inside each thread: deterministic, no atomics.
-extern "C" __global__ void sq_grad_accumulate(const float* narrow, const float* wide, const int* seg_start, const int* seg_len,
+extern "C" __global__ void sq_grad_simt(const float* narrow, const float* wide, const int* seg_start, const int* seg_len,
                                               int n_seg, int r, int wide_dim, float alpha, int narrow_first, float* out) {
     const int w = blockIdx.x * blockDim.x + threadIdx.x;
     if (w >= wide_dim) return;
@@ -44,7 +46,7 @@ extern "C" __global__ void sq_grad_accumulate(const float* narrow, const float* 
 // afterwards by mirror_upper.
 #define TILE 64
 #define KSTEP 16
-extern "C" __global__ void gram_accumulate(const float* X, const float* Y, float* out, int row0, int rows, int dx, int dy,
+extern "C" __global__ void gram_simt(const float* X, const float* Y, float* out, int row0, int rows, int dx, int dy,
                                            float alpha, int upper) {
     if (upper && blockIdx.y > blockIdx.x) return;
     __shared__ float xs[KSTEP][TILE];
@@ -85,11 +87,21 @@ extern "C" __global__ void gram_accumulate(const float* X, const float* Y, float
         }
 }
 
-// out[i][j] = out[j][i] for i > j (after an `upper` gram_accumulate).
+// out[i][j] = out[j][i] for i > j (after an `upper` Gram), through 32 x 32 tiles in shared
+// memory so that both the reads of the upper tile and the writes of the lower one are
+// coalesced. Block (bx, by) of 32 x 8 threads fills lower tile (by, bx), by >= bx.
 extern "C" __global__ void mirror_upper(float* out, int n) {
-    GRID_STRIDE(idx, (size_t)n * n) {
-        const int i = idx / n, j = idx % n;
-        if (i > j) out[idx] = out[(size_t)j * n + i];
+    if (blockIdx.y < blockIdx.x) return;
+    __shared__ float s[32][33];
+    const int r0 = blockIdx.x * 32, c0 = blockIdx.y * 32;  // the upper source tile
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int r = r0 + i, c = c0 + threadIdx.x;
+        if (r < n && c < n && r <= c) s[i][threadIdx.x] = out[(size_t)r * n + c];
+    }
+    __syncthreads();
+    for (int i = threadIdx.y; i < 32; i += 8) {
+        const int r = c0 + i, c = r0 + threadIdx.x;  // out[r][c] = out[c][r]
+        if (r < n && c < n && r > c) out[(size_t)r * n + c] = s[threadIdx.x][i];
     }
 }
 

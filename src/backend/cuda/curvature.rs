@@ -1,12 +1,85 @@
 //! Curvature primitives on CUDA: KFAC factor (Gram) accumulation and per-sample gradient
-//! squaring for `diag`, launching the kernels of `curvature.cu`.
+//! squaring for `diag` on tensor cores (`curvature_tc.cu`; its header gives the tiling,
+//! precision and reduction order), plus segment sums and the mirror of symmetric factors
+//! (`curvature.cu`). The host side lists the row tiles (32 positions each, never crossing
+//! a gap between segments or, for squaring, a sequence boundary) and chooses how many
+//! blocks share the rows of one output tile.
 
 use super::runtime::{Arg, LaunchConfig};
-use super::{CudaBackend, DevBuf, MAX_RANK, THREADS};
+use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK};
 use crate::backend::Segment;
 use crate::error::{Error, Result};
 
+/// Rows per tile and pipeline stages (BK and STAGES of curvature_tc.cu).
+const BK: usize = 32;
+const STAGES: usize = 3;
+/// A tile's `meta` flag: the last tile of its sequence (SEQ_END of curvature_tc.cu).
+const SEQ_END: i32 = 0x100;
+/// Blocks worth filling the GPU with: two per SM of an H100/H200 (132 SMs). Rows are split
+/// across blocks only while there are fewer output tiles than this.
+const TARGET_BLOCKS: usize = 264;
+/// A split of the rows covers at least this many tiles (256 positions, one chain slice).
+const MIN_SPLIT_TILES: usize = 8;
+/// The narrow side up to which the Gram uses 256 x 32 output tiles instead of 128 x 128.
+const SKINNY: usize = 32;
+/// Wide-side rows per block of the squaring kernels.
+const SQ_BM: usize = 64;
+
+/// Shared-memory row stride in floats of a tile `w` wide (smem_stride of curvature_tc.cu).
+fn smem_stride(w: usize) -> usize {
+    w.max(16) + 8
+}
+
+/// Dynamic shared memory of a block with `bm` x `bn` output tiles.
+fn smem_bytes(bm: usize, bn: usize) -> u32 {
+    (STAGES * BK * (smem_stride(bm) + smem_stride(bn)) * 4) as u32
+}
+
+/// Adjacent segments (no padding between them) merged, empty ones dropped.
+fn merged(segments: &[Segment]) -> Vec<Segment> {
+    let mut out: Vec<Segment> = Vec::with_capacity(segments.len());
+    for s in segments.iter().filter(|s| s.len > 0) {
+        match out.last_mut() {
+            Some(l) if l.start + l.len == s.start => l.len += s.len,
+            _ => out.push(*s),
+        }
+    }
+    out
+}
+
+/// `(first row, rows | SEQ_END on the last tile)` for each BK-row tile of each run.
+fn row_tiles(runs: &[Segment]) -> Vec<[i32; 2]> {
+    let mut tiles = Vec::new();
+    for s in runs {
+        let mut p = 0;
+        while p < s.len {
+            let rows = BK.min(s.len - p);
+            let end = if p + rows == s.len { SEQ_END } else { 0 };
+            tiles.push([(s.start + p) as i32, rows as i32 | end]);
+            p += rows;
+        }
+    }
+    tiles
+}
+
+/// Whether a (rows, dim) operand at `ptr` can be copied 16 bytes at a time.
+fn vec4(ptr: u64, dim: usize) -> i32 {
+    (ptr.is_multiple_of(16) && dim.is_multiple_of(4)) as i32
+}
+
 impl CudaBackend {
+    /// `tf32` or `3xtf32`: the tensor-core precision for this engine's base dtype.
+    fn tc_precision(&self) -> &'static str {
+        match self.base_dtype() {
+            BaseDtype::Bf16 => "tf32",
+            BaseDtype::F32 => "3xtf32",
+        }
+    }
+
+    fn tiles_on_device(&self, tiles: &[[i32; 2]]) -> Result<DevBuf<i32>> {
+        self.ints(&tiles.concat())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gram_accumulate_impl(
         &self,
@@ -19,40 +92,110 @@ impl CudaBackend {
         out: &mut DevBuf<f32>,
     ) -> Result<()> {
         let symmetric = x.ptr() == y.ptr() && dx == dy;
-        let mut merged: Vec<Segment> = Vec::new();
-        for s in segments.iter().filter(|s| s.len > 0) {
-            match merged.last_mut() {
-                Some(l) if l.start + l.len == s.start => l.len += s.len,
-                _ => merged.push(*s),
-            }
+        let tiles = row_tiles(&merged(segments));
+        if tiles.is_empty() || dx == 0 || dy == 0 {
+            return Ok(());
         }
-        let cfg = LaunchConfig {
-            grid: [dy.div_ceil(64) as u32, dx.div_ceil(64) as u32, 1],
-            block: [THREADS, 1, 1],
-            shared_bytes: 0,
+        // C = A^T B with A (rows, m), B (rows, n), stored at out[i rs + j cs]. A narrow dx
+        // is computed as out^T = Y^T X so that the narrow side is always n.
+        let (a, m, b, n, rs, cs) = if symmetric || dy <= SKINNY || dx > SKINNY {
+            (x, dx, y, dy, dy, 1)
+        } else {
+            (y, dy, x, dx, 1, dy)
         };
-        for s in merged {
-            let args = [
-                Arg::U64(x.ptr()),
-                Arg::U64(y.ptr()),
-                Arg::U64(out.ptr()),
-                Arg::I32(s.start as i32),
-                Arg::I32(s.len as i32),
-                Arg::I32(dx as i32),
-                Arg::I32(dy as i32),
-                Arg::F32(alpha),
-                Arg::I32(symmetric as i32),
-            ];
-            self.launch("gram_accumulate", cfg, &args)?;
+        let (bm, bn, threads, shape) = if n <= SKINNY {
+            (256, 32, 128, "256x32")
+        } else {
+            (128, 128, 256, "128x128")
+        };
+        let (tm, tn) = (m.div_ceil(bm), n.div_ceil(bn));
+        // Symmetric: the tiles on and above the diagonal only (square tiles, or one tile).
+        let out_tiles = if symmetric {
+            tn * (tn + 1) / 2
+        } else {
+            tm * tn
+        };
+        let nsplit = TARGET_BLOCKS
+            .div_ceil(out_tiles)
+            .min(tiles.len() / MIN_SPLIT_TILES)
+            .max(1);
+        let dev_tiles = self.tiles_on_device(&tiles)?;
+        let partial = self.uninit::<f32>(if nsplit > 1 { nsplit * m * n } else { 0 })?;
+        let cfg = LaunchConfig {
+            grid: [out_tiles as u32, nsplit as u32, 1],
+            block: [threads, 1, 1],
+            shared_bytes: smem_bytes(bm, bn),
+        };
+        let args = [
+            Arg::U64(a.ptr()),
+            Arg::U64(b.ptr()),
+            Arg::I32(m as i32),
+            Arg::I32(n as i32),
+            Arg::U64(dev_tiles.ptr()),
+            Arg::I32(tiles.len() as i32),
+            Arg::I32(tn as i32),
+            Arg::I32(symmetric as i32),
+            Arg::F32(alpha),
+            Arg::U64(out.ptr()),
+            Arg::U64(rs as u64),
+            Arg::U64(cs as u64),
+            Arg::U64(partial.ptr()),
+            Arg::I32(vec4(a.ptr(), m)),
+            Arg::I32(vec4(b.ptr(), n)),
+        ];
+        self.launch(&format!("gram_{}_{shape}", self.tc_precision()), cfg, &args)?;
+        if nsplit > 1 {
+            self.reduce_splits(&partial, nsplit, m, n, symmetric, alpha, out, rs, cs)?;
         }
         if symmetric {
-            self.launch(
-                "mirror_upper",
-                Self::elementwise(dx * dx),
-                &[Arg::U64(out.ptr()), Arg::I32(dx as i32)],
-            )?;
+            self.mirror_upper(out, dx)?;
         }
         Ok(())
+    }
+
+    /// `out[i rs + j cs] += alpha * sum_s partial[s][i][j]` in split order.
+    #[allow(clippy::too_many_arguments)]
+    fn reduce_splits(
+        &self,
+        partial: &DevBuf<f32>,
+        nsplit: usize,
+        m: usize,
+        n: usize,
+        upper: bool,
+        alpha: f32,
+        out: &mut DevBuf<f32>,
+        rs: usize,
+        cs: usize,
+    ) -> Result<()> {
+        self.launch(
+            "gram_reduce_splits",
+            Self::elementwise(m * n),
+            &[
+                Arg::U64(partial.ptr()),
+                Arg::I32(nsplit as i32),
+                Arg::I32(m as i32),
+                Arg::I32(n as i32),
+                Arg::I32(upper as i32),
+                Arg::F32(alpha),
+                Arg::U64(out.ptr()),
+                Arg::U64(rs as u64),
+                Arg::U64(cs as u64),
+            ],
+        )
+    }
+
+    /// The lower triangle of the square `out (n, n)` from its upper one.
+    pub(super) fn mirror_upper(&self, out: &mut DevBuf<f32>, n: usize) -> Result<()> {
+        let t = n.div_ceil(32) as u32;
+        self.launch(
+            "mirror_upper",
+            LaunchConfig {
+                grid: [t, t, 1],
+                block: [32, 8, 1],
+                shared_bytes: 0,
+            },
+            &[Arg::U64(out.ptr()), Arg::I32(n as i32)],
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -66,34 +209,152 @@ impl CudaBackend {
         alpha: f32,
         out: &mut DevBuf<f32>,
     ) -> Result<()> {
-        // The rank-sized side stays in registers; the other side gets one thread per column.
-        let (narrow, wide, r, wide_dim, narrow_first) = if dg <= MAX_RANK && dg <= dy {
-            (g, y, dg, dy, 1i32)
+        // C = wide^T narrow, (wide_dim, r); out is (r, wide_dim) when g is the narrow side.
+        let (narrow, wide, r, wide_dim, rs, cs) = if dg <= MAX_RANK && dg <= dy {
+            (g, y, dg, dy, 1, dy)
         } else if dy <= MAX_RANK {
-            (y, g, dy, dg, 0i32)
+            (y, g, dy, dg, dy, 1)
         } else {
             return Err(Error::Device(format!(
                 "per-sample squaring needs one side <= {MAX_RANK} (got {dg} x {dy})"
             )));
         };
-        let (st, ln) = self.segments(segments)?;
+        let seqs: Vec<Segment> = segments.iter().filter(|s| s.len > 0).copied().collect();
+        if seqs.is_empty() || r == 0 || wide_dim == 0 {
+            return Ok(());
+        }
+        let tiles = row_tiles(&seqs);
+        let wide_tiles = wide_dim.div_ceil(SQ_BM);
+        let groups = sequence_groups(&seqs, TARGET_BLOCKS.div_ceil(wide_tiles));
+        let ngroups = groups.len() - 1;
+        let rank_cols = 8 * r.div_ceil(8).next_power_of_two();
+        let dev_tiles = self.tiles_on_device(&tiles)?;
+        let dev_groups = self.ints(&groups)?;
+        let partial = self.uninit::<f32>(if ngroups > 1 {
+            ngroups * wide_dim * r
+        } else {
+            0
+        })?;
         let cfg = LaunchConfig {
-            grid: [wide_dim.div_ceil(THREADS as usize) as u32, 1, 1],
-            block: [THREADS, 1, 1],
-            shared_bytes: 0,
+            grid: [wide_tiles as u32, ngroups as u32, 1],
+            block: [128, 1, 1],
+            shared_bytes: smem_bytes(SQ_BM, rank_cols),
         };
         let args = [
-            Arg::U64(narrow.ptr()),
             Arg::U64(wide.ptr()),
-            Arg::U64(st.ptr()),
-            Arg::U64(ln.ptr()),
-            Arg::I32(segments.len() as i32),
-            Arg::I32(r as i32),
+            Arg::U64(narrow.ptr()),
             Arg::I32(wide_dim as i32),
+            Arg::I32(r as i32),
+            Arg::U64(dev_tiles.ptr()),
+            Arg::U64(dev_groups.ptr()),
             Arg::F32(alpha),
-            Arg::I32(narrow_first),
             Arg::U64(out.ptr()),
+            Arg::U64(rs as u64),
+            Arg::U64(cs as u64),
+            Arg::U64(partial.ptr()),
+            Arg::I32(vec4(wide.ptr(), wide_dim)),
+            Arg::I32(vec4(narrow.ptr(), r)),
         ];
-        self.launch("sq_grad_accumulate", cfg, &args)
+        self.launch(
+            &format!("sq_grad_{}_r{rank_cols}", self.tc_precision()),
+            cfg,
+            &args,
+        )?;
+        if ngroups > 1 {
+            self.reduce_splits(&partial, ngroups, wide_dim, r, false, 1.0, out, rs, cs)?;
+        }
+        Ok(())
+    }
+}
+
+/// Boundaries (first tile of each group, then the tile count) of at most `max_groups`
+/// groups of whole consecutive sequences with about equal numbers of tiles.
+fn sequence_groups(seqs: &[Segment], max_groups: usize) -> Vec<i32> {
+    let counts: Vec<usize> = seqs.iter().map(|s| s.len.div_ceil(BK)).collect();
+    let total: usize = counts.iter().sum();
+    let want = max_groups.clamp(1, seqs.len());
+    let mut bounds = vec![0i32];
+    let mut done = 0;
+    for c in counts {
+        done += c;
+        // close the group once it reaches its share of the tiles
+        let k = bounds.len();
+        if done * want >= k * total && done < total {
+            bounds.push(done as i32);
+        }
+    }
+    bounds.push(total as i32);
+    bounds
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::kernels;
+    use super::*;
+
+    fn seg(start: usize, len: usize) -> Segment {
+        Segment { start, len }
+    }
+
+    /// The Gram and squaring entries of curvature_tc.cu run on tensor cores: each one's
+    /// PTX body holds the tf32 mma.sync and the cp.async pipeline.
+    #[test]
+    fn curvature_ptx_runs_on_tensor_cores() {
+        if !kernels::BUILT {
+            eprintln!("skipped: built without CUDA kernels (no nvcc)");
+            return;
+        }
+        let m = kernels::MODULES
+            .iter()
+            .find(|m| m.name == "curvature_tc")
+            .expect("curvature_tc is registered");
+        let bodies: Vec<&str> = m.ptx.split(".entry ").skip(1).collect();
+        let mut tensor_entries = 0;
+        for body in bodies {
+            let name = body.split('(').next().unwrap_or("").trim();
+            if (name.starts_with("gram_") && name != "gram_reduce_splits")
+                || name.starts_with("sq_grad_")
+            {
+                tensor_entries += 1;
+                for want in [
+                    "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
+                    "cvt.rna.tf32.f32",
+                    "cp.async.cg.shared.global",
+                    "cp.async.wait_group",
+                ] {
+                    assert!(body.contains(want), "{name} lacks {want}");
+                }
+            }
+        }
+        assert_eq!(tensor_entries, 12);
+    }
+
+    #[test]
+    fn row_tiles_split_runs_and_flag_their_ends() {
+        let t = row_tiles(&[seg(0, 40), seg(50, 32), seg(90, 1)]);
+        assert_eq!(
+            t,
+            vec![
+                [0, 32],
+                [32, 8 | SEQ_END],
+                [50, 32 | SEQ_END],
+                [90, 1 | SEQ_END]
+            ]
+        );
+        assert_eq!(
+            merged(&[seg(0, 5), seg(5, 0), seg(5, 3), seg(9, 2)]),
+            vec![seg(0, 8), seg(9, 2)]
+        );
+    }
+
+    #[test]
+    fn sequence_groups_are_whole_nonempty_and_balanced() {
+        let seqs: Vec<Segment> = (0..8).map(|i| seg(i * 1024, 1024 - 96 * i)).collect();
+        for want in [1, 2, 3, 8, 100] {
+            let b = sequence_groups(&seqs, want);
+            assert_eq!(b.len() - 1, want.min(8), "{b:?}");
+            assert!(b.windows(2).all(|w| w[0] < w[1]), "{b:?}");
+        }
+        assert_eq!(sequence_groups(&seqs[..1], 4), vec![0, 32]);
     }
 }

@@ -1,0 +1,398 @@
+// Curvature primitives on tensor cores (CPU twin: backend/cpu/curvature.rs; the SIMT
+// kernels they replace, kept as benchmarked baselines, are in curvature.cu).
+//
+// Both primitives are products C = A^T B over a list of row tiles (positions), with A the
+// row-major (rows, M) and B the row-major (rows, N) activations or gradients:
+//   gram_*:    out += alpha * C over all tiles (KFAC factors, kfac-tri cross factors);
+//   sq_grad_*: out += sum_n (alpha * C_n)^2 with C_n the product over sequence n's tiles
+//              (per-sample gradient squaring for `diag`; C_n never leaves registers).
+//
+// Tensor cores: mma.sync m16n8k8 with tf32 inputs and f32 accumulators. Precision follows
+// the engine's base dtype: PASSES = 1 rounds each input to tf32 (10-bit mantissa, about
+// 5e-4 relative error per product: the bf16 engine's precision); PASSES = 3 is 3xTF32,
+// x = big + small with big = tf32(x), small = tf32(x - big), and
+// a b ~= small_a big_b + big_a small_b + big_a big_b (the dropped small_a small_b is
+// 2^-22 relative), which reproduces f32 products for the f32 engine.
+//
+// Tiling: a block owns a BM x BN tile of C and streams BK = 32 rows of A (BK x BM) and of
+// B (BK x BN) per stage through shared memory with cp.async, STAGES deep. Each warp owns
+// 16*MS x 8*NS of C: MS x NS mma tiles. The rows and columns of C within a warp's tile are
+// permuted so that a lane's operands for one k row are contiguous in shared memory (one or
+// two 64/128-bit loads instead of 2*MS + NS scalar ones): logical element e of a lane with
+// group g (lane / 4) sits at column (e / V) * 8V + V g + e % V of the shared tile (V = 4,
+// or the element count when smaller); the epilogue maps the accumulators back the same
+// way. With row strides of 8 or 24 (mod 32) floats these loads are free of bank conflicts.
+//
+// Reduction order, fixed (deterministic, no atomics): within a block the tiles are summed
+// in list order, the mma chain restarting every SLICE tiles (256 rows) and its partial
+// sums folded into a second accumulator, so no f32 chain covers thousands of positions.
+// Blocks that split the rows of one C tile (gram: a split of the tile list; sq_grad: a
+// group of whole sequences) write partials that gram_reduce_splits adds in split order.
+#include "common.cuh"
+
+namespace {
+
+constexpr int BK = 32;
+constexpr int STAGES = 3;
+constexpr int SLICE = 8;
+// A tile's `meta`: its row count (<= BK) and, for sq_grad, whether it ends a sequence.
+constexpr int ROWS_MASK = 0xff;
+constexpr int SEQ_END = 0x100;
+
+// Shared row stride (floats) for a tile `w` columns wide (a power of two >= 8): 8 or 24
+// (mod 32) for conflict-free fragment loads, a multiple of 4 for 16-byte cp.async.
+__host__ __device__ constexpr int smem_stride(int w) { return (w < 16 ? 16 : w) + 8; }
+
+__device__ __forceinline__ uint32_t tf32(float x) {
+    uint32_t r;
+    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(x));
+    return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// 16 (or 4) bytes global -> shared; the first `src_bytes` are copied, the rest zero-filled.
+__device__ __forceinline__ void cp_async16(float* dst, const float* src, int src_bytes) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async4(float* dst, const float* src, int src_bytes) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Operand values of a fragment as tf32: `hi` always, `lo` (the rounding remainder) for 3xTF32.
+template <int PASSES, int N>
+struct Frag {
+    uint32_t hi[N], lo[N];
+    __device__ __forceinline__ void set(int i, float x) {
+        hi[i] = tf32(x);
+        if (PASSES == 3) lo[i] = tf32(x - __uint_as_float(hi[i]));
+    }
+};
+
+// One block configuration: WM x WN warps, each owning MS x NS mma tiles (16 x 8 each).
+template <int WM_, int WN_, int MS_, int NS_, int PASSES_>
+struct Cfg {
+    static constexpr int WM = WM_, WN = WN_, MS = MS_, NS = NS_, PASSES = PASSES_;
+    static constexpr int THREADS = 32 * WM * WN;
+    static constexpr int BM = WM * 16 * MS, BN = WN * 8 * NS;
+    static constexpr int SA = smem_stride(BM), SB = smem_stride(BN);
+    static constexpr int STAGE = BK * (SA + SB);  // floats per stage
+    static constexpr int VA = 2 * MS < 4 ? 2 * MS : 4, VB = NS < 4 ? NS : 4;
+    using Acc = float[MS][NS][4];
+
+    // Shared column, within the warp's slice, of a group-g lane's A element e = 2s + h
+    // (row g + 8h of mma tile s) and of its B element e (column g of mma tile e).
+    __device__ static constexpr int col_a(int e, int g) { return (e / VA) * 8 * VA + VA * g + e % VA; }
+    __device__ static constexpr int col_b(int e, int g) { return (e / VB) * 8 * VB + VB * g + e % VB; }
+};
+
+// Rows [row0, row0 + rows) x columns [col0, col0 + W) of the row-major (.., dim) matrix
+// `g` into a BK x W shared tile of row stride smem_stride(W); zeros outside the rows and
+// beyond column dim. `vec` (dim % 4 == 0, 16-byte aligned base): 16 bytes per copy, each
+// thread keeping one column chunk for all its rows; else (any dim) 4 bytes per copy.
+template <int W, int THREADS>
+__device__ __forceinline__ void load_tile(float* s, const float* g, int dim, int col0, int row0, int rows, bool vec) {
+    constexpr int S = smem_stride(W);
+    if (vec) {
+        constexpr int CH = W / 4, RSTEP = THREADS / CH;
+        static_assert(THREADS % CH == 0, "a whole number of rows per pass");
+        const int col = (threadIdx.x % CH) * 4, r0 = threadIdx.x / CH;
+        const bool col_in = col0 + col < dim;
+        const float* src = g + (size_t)row0 * dim + col0 + col;
+#pragma unroll
+        for (int j = 0; j < (BK + RSTEP - 1) / RSTEP; ++j) {
+            const int r = r0 + j * RSTEP;
+            if (RSTEP * j + RSTEP <= BK || r < BK) {
+                const bool in = col_in && r < rows;
+                cp_async16(s + r * S + col, in ? src + (size_t)r * dim : g, in ? 16 : 0);
+            }
+        }
+    } else {
+#pragma unroll 1
+        for (int c = threadIdx.x; c < BK * W; c += THREADS) {
+            const int r = c / W, col = c % W;
+            const bool in = r < rows && col0 + col < dim;
+            cp_async4(s + r * S + col, in ? g + (size_t)(row0 + r) * dim + col0 + col : g, in ? 4 : 0);
+        }
+    }
+}
+
+// The block's operands and where its tile sits.
+struct Operands {
+    const float* a;  // (rows, M)
+    const float* b;  // (rows, N)
+    int M, N, m0, n0;
+    bool va, vb;  // 16-byte copies allowed
+};
+
+template <class C>
+__device__ __forceinline__ void load_stage(float* stage, const Operands& op, int2 tile) {
+    const int rows = tile.y & ROWS_MASK;
+    load_tile<C::BM, C::THREADS>(stage, op.a, op.M, op.m0, tile.x, rows, op.va);
+    load_tile<C::BN, C::THREADS>(stage + BK * C::SA, op.b, op.N, op.n0, tile.x, rows, op.vb);
+}
+
+// Loads `n` floats from shared memory at p (n = V or a multiple of 4 split as float4s
+// 8V apart: the columns of elements e = j*V .. j*V + V-1 of the lane).
+template <int N, int V>
+__device__ __forceinline__ void lds(float (&v)[N], const float* p) {
+#pragma unroll
+    for (int j = 0; j < N / V; ++j) {
+        const float* q = p + j * 8 * V;
+        if (V == 4) {
+            const float4 x = *reinterpret_cast<const float4*>(q);
+            v[4 * j] = x.x, v[4 * j + 1] = x.y, v[4 * j + 2] = x.z, v[4 * j + 3] = x.w;
+        } else if (V == 2) {
+            const float2 x = *reinterpret_cast<const float2*>(q);
+            v[2 * j] = x.x, v[2 * j + 1] = x.y;
+        } else {
+            v[j] = q[0];
+        }
+    }
+}
+
+// acc += A_stage^T B_stage for this warp's MS x NS mma tiles.
+template <class C>
+__device__ __forceinline__ void mma_stage(const float* stage, typename C::Acc& acc, int wm, int wn) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const float* sa = stage + wm * 16 * C::MS + C::VA * g;
+    const float* sb = stage + BK * C::SA + wn * 8 * C::NS + C::VB * g;
+#pragma unroll
+    for (int k = 0; k < BK; k += 8) {
+        // rows k + t and k + t + 4 of A (2 MS values each) and B (NS values each)
+        float a0[2 * C::MS], a1[2 * C::MS], b0[C::NS], b1[C::NS];
+        lds<2 * C::MS, C::VA>(a0, sa + (k + t) * C::SA);
+        lds<2 * C::MS, C::VA>(a1, sa + (k + t + 4) * C::SA);
+        lds<C::NS, C::VB>(b0, sb + (k + t) * C::SB);
+        lds<C::NS, C::VB>(b1, sb + (k + t + 4) * C::SB);
+        Frag<C::PASSES, 4> fa[C::MS];
+        Frag<C::PASSES, 2> fb[C::NS];
+#pragma unroll
+        for (int s = 0; s < C::MS; ++s) {
+            // a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
+            fa[s].set(0, a0[2 * s]);
+            fa[s].set(1, a0[2 * s + 1]);
+            fa[s].set(2, a1[2 * s]);
+            fa[s].set(3, a1[2 * s + 1]);
+        }
+#pragma unroll
+        for (int s = 0; s < C::NS; ++s) {
+            // b0 = B[t][g], b1 = B[t+4][g]
+            fb[s].set(0, b0[s]);
+            fb[s].set(1, b1[s]);
+        }
+#pragma unroll
+        for (int i = 0; i < C::MS; ++i)
+#pragma unroll
+            for (int j = 0; j < C::NS; ++j) {
+                if (C::PASSES == 3) {
+                    // the small terms first, then the dominant one
+                    mma_tf32(acc[i][j], fa[i].lo, fb[j].hi);
+                    mma_tf32(acc[i][j], fa[i].hi, fb[j].lo);
+                }
+                mma_tf32(acc[i][j], fa[i].hi, fb[j].hi);
+            }
+    }
+}
+
+template <class C>
+__device__ __forceinline__ void fold(typename C::Acc& into, typename C::Acc& from) {
+#pragma unroll
+    for (int i = 0; i < C::MS; ++i)
+#pragma unroll
+        for (int j = 0; j < C::NS; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                into[i][j][q] += from[i][j][q];
+                from[i][j][q] = 0.f;
+            }
+}
+
+// Runs the cp.async pipeline over tiles[0, n): after each tile's products are in `acc`,
+// calls after(i, meta). Every thread of the block takes part.
+template <class C, class After>
+__device__ __forceinline__ void mainloop(const Operands& op, const int2* tiles, int n, typename C::Acc& acc, After after) {
+    extern __shared__ float4 smem4[];
+    float* smem = reinterpret_cast<float*>(smem4);
+    const int warp = threadIdx.x >> 5, wm = warp % C::WM, wn = warp / C::WM;
+#pragma unroll
+    for (int s = 0; s < STAGES - 1; ++s) {
+        if (s < n) load_stage<C>(smem + s * C::STAGE, op, tiles[s]);
+        cp_async_commit();
+    }
+    for (int i = 0; i < n; ++i) {
+        cp_async_wait<STAGES - 2>();
+        // Tile i has landed for every thread, and every warp is done with tile i - 1,
+        // whose stage the prefetch below overwrites.
+        __syncthreads();
+        const int next = i + STAGES - 1;
+        if (next < n) load_stage<C>(smem + (next % STAGES) * C::STAGE, op, tiles[next]);
+        cp_async_commit();
+        mma_stage<C>(smem + (i % STAGES) * C::STAGE, acc, wm, wn);
+        after(i, tiles[i].y);
+    }
+}
+
+// Calls f(m, n, v) for each accumulator of this lane with its row and column in C.
+template <class C, class F>
+__device__ __forceinline__ void for_each_acc(const Operands& op, const typename C::Acc& acc, F f) {
+    const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = threadIdx.x >> 5;
+    const int mw = op.m0 + (warp % C::WM) * 16 * C::MS, nw = op.n0 + (warp / C::WM) * 8 * C::NS;
+#pragma unroll
+    for (int i = 0; i < C::MS; ++i)
+#pragma unroll
+        for (int j = 0; j < C::NS; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) {
+                // c_q = C[g + 8 (q >> 1)][2t + (q & 1)] of mma tile (i, j)
+                const int m = mw + C::col_a(2 * i + (q >> 1), g);
+                const int n = nw + C::col_b(j, 2 * t + (q & 1));
+                if (m < op.M && n < op.N) f(m, n, acc[i][j][q]);
+            }
+}
+
+template <class C>
+__device__ __forceinline__ void zero(typename C::Acc& a) {
+#pragma unroll
+    for (int i = 0; i < C::MS; ++i)
+#pragma unroll
+        for (int j = 0; j < C::NS; ++j)
+#pragma unroll
+            for (int q = 0; q < 4; ++q) a[i][j][q] = 0.f;
+}
+
+// C = A^T B over tiles[split's range] for the tile (blockIdx.x) of C, split blockIdx.y of
+// gridDim.y. One split: out[m rs + n cs] += alpha C[m][n]. Several: partial[split][m][n] =
+// C[m][n], for gram_reduce_splits. With `upper` (A == B, square tiles) blockIdx.x counts
+// the tiles on and above the diagonal row by row, and only m <= n is written.
+template <class C>
+__device__ __forceinline__ void gram(const float* a, const float* b, int M, int N, const int2* tiles, int ntiles,
+                                     int tiles_n, int upper, float alpha, float* out, long long rs, long long cs,
+                                     float* partial, int va, int vb) {
+    int tm = 0, tn = blockIdx.x;
+    if (upper) {
+        while (tn >= tiles_n - tm) tn -= tiles_n - tm++;
+        tn += tm;
+    } else {
+        tm = tn / tiles_n;
+        tn %= tiles_n;
+    }
+    const Operands op{a, b, M, N, tm * C::BM, tn * C::BN, va != 0, vb != 0};
+    const int split = blockIdx.y, nsplit = gridDim.y;
+    const int t0 = (int)((long long)ntiles * split / nsplit), t1 = (int)((long long)ntiles * (split + 1) / nsplit);
+    typename C::Acc acc, tot;
+    zero<C>(acc);
+    zero<C>(tot);
+    mainloop<C>(op, tiles + t0, t1 - t0, acc, [&](int i, int) {
+        if ((i + 1) % SLICE == 0) fold<C>(tot, acc);
+    });
+    fold<C>(tot, acc);
+    for_each_acc<C>(op, tot, [&](int m, int n, float v) {
+        if (upper && m > n) return;
+        if (nsplit == 1)
+            out[m * rs + n * cs] += alpha * v;
+        else
+            partial[((size_t)split * M + m) * N + n] = v;
+    });
+}
+
+// For each group blockIdx.y of whole sequences (tiles [group[y], group[y+1])), the sum
+// over its sequences of (alpha C_n)^2 for the BM x BN tile blockIdx.x of C (BN >= N):
+// added to out[m rs + n cs] with one group, else written to partial[group][m][n].
+template <class C>
+__device__ __forceinline__ void sq_grad(const float* a, const float* b, int M, int N, const int2* tiles,
+                                        const int* group, float alpha, float* out, long long rs, long long cs,
+                                        float* partial, int va, int vb) {
+    const Operands op{a, b, M, N, (int)blockIdx.x * C::BM, 0, va != 0, vb != 0};
+    const int grp = blockIdx.y, t0 = group[grp], t1 = group[grp + 1];
+    typename C::Acc acc, seq, sq;
+    zero<C>(acc);
+    zero<C>(seq);
+    zero<C>(sq);
+    int since_fold = 0;
+    mainloop<C>(op, tiles + t0, t1 - t0, acc, [&](int, int meta) {
+        if (++since_fold == SLICE || (meta & SEQ_END)) {
+            fold<C>(seq, acc);
+            since_fold = 0;
+        }
+        if (meta & SEQ_END) {
+#pragma unroll
+            for (int i = 0; i < C::MS; ++i)
+#pragma unroll
+                for (int j = 0; j < C::NS; ++j)
+#pragma unroll
+                    for (int q = 0; q < 4; ++q) {
+                        const float v = alpha * seq[i][j][q];
+                        sq[i][j][q] += v * v;
+                        seq[i][j][q] = 0.f;
+                    }
+        }
+    });
+    const bool direct = gridDim.y == 1;
+    for_each_acc<C>(op, sq, [&](int m, int n, float v) {
+        if (direct)
+            out[m * rs + n * cs] += v;
+        else
+            partial[((size_t)grp * M + m) * N + n] = v;
+    });
+}
+
+}  // namespace
+
+// KFAC Gram out (M, N) += alpha * sum_tiles A_tile^T B_tile (see gram above). 128 x 128
+// tiles of 8 warps (2 x 4, 64 x 32 each), or 256 x 32 tiles of 4 warps for a narrow side.
+#define GRAM_ENTRY(name, WM, WN, PASSES)                                                                            \
+    extern "C" __global__ void __launch_bounds__(32 * WM * WN, 1)                                                   \
+        name(const float* a, const float* b, int M, int N, const int2* tiles, int ntiles, int tiles_n, int upper,   \
+             float alpha, float* out, long long rs, long long cs, float* partial, int va, int vb) {                 \
+        gram<Cfg<WM, WN, 4, 4, PASSES>>(a, b, M, N, tiles, ntiles, tiles_n, upper, alpha, out, rs, cs, partial, va, \
+                                        vb);                                                                        \
+    }
+GRAM_ENTRY(gram_tf32_128x128, 2, 4, 1)
+GRAM_ENTRY(gram_tf32_256x32, 4, 1, 1)
+GRAM_ENTRY(gram_3xtf32_128x128, 2, 4, 3)
+GRAM_ENTRY(gram_3xtf32_256x32, 4, 1, 3)
+
+// Per-sample squaring out += sum_n (alpha * A_n^T B_n)^2 with B the rank side (N <= 8 NS):
+// 64-row tiles of the wide side, 4 warps each owning 16 rows and all N columns.
+#define SQ_ENTRY(name, NS, PASSES)                                                                                  \
+    extern "C" __global__ void __launch_bounds__(128)                                                               \
+        name(const float* a, const float* b, int M, int N, const int2* tiles, const int* group, float alpha,        \
+             float* out, long long rs, long long cs, float* partial, int va, int vb) {                              \
+        sq_grad<Cfg<4, 1, 1, NS, PASSES>>(a, b, M, N, tiles, group, alpha, out, rs, cs, partial, va, vb);           \
+    }
+SQ_ENTRY(sq_grad_tf32_r8, 1, 1)
+SQ_ENTRY(sq_grad_tf32_r16, 2, 1)
+SQ_ENTRY(sq_grad_tf32_r32, 4, 1)
+SQ_ENTRY(sq_grad_tf32_r64, 8, 1)
+SQ_ENTRY(sq_grad_3xtf32_r8, 1, 3)
+SQ_ENTRY(sq_grad_3xtf32_r16, 2, 3)
+SQ_ENTRY(sq_grad_3xtf32_r32, 4, 3)
+SQ_ENTRY(sq_grad_3xtf32_r64, 8, 3)
+
+// out[m rs + n cs] += alpha * sum_{s < nsplit} partial[s][m][n], splits in order (only
+// m <= n with `upper`).
+extern "C" __global__ void gram_reduce_splits(const float* partial, int nsplit, int M, int N, int upper, float alpha,
+                                              float* out, long long rs, long long cs) {
+    GRID_STRIDE(idx, (size_t)M * N) {
+        const int m = idx / N, n = idx % N;
+        if (upper && m > n) continue;
+        float s = 0.f;
+        for (int k = 0; k < nsplit; ++k) s += partial[(size_t)k * M * N + idx];
+        out[m * rs + n * cs] += alpha * s;
+    }
+}

@@ -1,7 +1,7 @@
 //! Tokenizers: an HF `tokenizer.json`, or the GPT-2 byte-level BPE embedded in a GGUF file,
 //! both through the `tokenizers` crate so token ids equal HF's.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -22,6 +22,11 @@ pub struct Tokenizer {
     /// GGUF tokenizers: prepend BOS when encoding with special tokens.
     add_bos: Option<u32>,
     pub eos: Option<u32>,
+    /// Where it was read from, for errors.
+    path: PathBuf,
+    /// The model's vocabulary size: a tokenizer for a bigger vocabulary may produce ids
+    /// the embedding does not have, and each encoding is checked against it.
+    model_vocab: usize,
 }
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
@@ -29,7 +34,9 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 impl Tokenizer {
-    pub fn from_file(path: &Path, eos: Option<u32>) -> Result<Self> {
+    /// An HF `tokenizer.json` for a model of `model_vocab` tokens whose EOS is `eos` (from
+    /// its configuration, already checked against the vocabulary).
+    pub fn from_file(path: &Path, eos: Option<u32>, model_vocab: usize) -> Result<Self> {
         if !path.exists() {
             return Err(Error::file(path, "not found"));
         }
@@ -38,11 +45,14 @@ impl Tokenizer {
             inner,
             add_bos: None,
             eos,
+            path: path.to_path_buf(),
+            model_vocab,
         })
     }
 
-    /// Build the GGUF-embedded tokenizer (`tokenizer.ggml.model = "gpt2"`).
-    pub fn from_gguf(f: &GgufFile, path: &Path) -> Result<Self> {
+    /// Build the GGUF-embedded tokenizer (`tokenizer.ggml.model = "gpt2"`); its special
+    /// ids are the ones the model configuration checked against `model_vocab`.
+    pub fn from_gguf(f: &GgufFile, path: &Path, model_vocab: usize) -> Result<Self> {
         let model = f
             .meta("tokenizer.ggml.model")
             .and_then(Value::as_str)
@@ -140,7 +150,6 @@ impl Tokenizer {
         inner
             .add_special_tokens(added)
             .map_err(|e| tok_err(path, e))?;
-        let id = |k: &str| f.meta_u64(k).map(|x| x as u32);
         let add_bos = matches!(
             f.meta("tokenizer.ggml.add_bos_token"),
             Some(Value::Bool(true))
@@ -148,12 +157,29 @@ impl Tokenizer {
         Ok(Tokenizer {
             inner,
             add_bos: if add_bos {
-                id("tokenizer.ggml.bos_token_id")
+                f.token_id("tokenizer.ggml.bos_token_id")?
             } else {
                 None
             },
-            eos: id("tokenizer.ggml.eos_token_id"),
+            eos: f.token_id("tokenizer.ggml.eos_token_id")?,
+            path: path.to_path_buf(),
+            model_vocab,
         })
+    }
+
+    /// `ids` if the model's embedding has every one of them.
+    fn in_vocab(&self, ids: Vec<u32>) -> Result<Vec<u32>> {
+        match ids.iter().find(|&&id| id as usize >= self.model_vocab) {
+            None => Ok(ids),
+            Some(&id) => Err(Error::file(
+                &self.path,
+                format!(
+                    "tokenizer produced id {id} (`{}`), outside the model's vocabulary of {} (a tokenizer for another model?)",
+                    self.inner.id_to_token(id).unwrap_or_default(),
+                    self.model_vocab
+                ),
+            )),
+        }
     }
 
     /// Token ids of `text` with no special tokens added.
@@ -162,7 +188,7 @@ impl Tokenizer {
             .inner
             .encode_fast(text, false)
             .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
-        Ok(enc.get_ids().to_vec())
+        self.in_vocab(enc.get_ids().to_vec())
     }
 
     /// Token ids with the tokenizer's own post-processing (BOS where the model adds one).
@@ -173,10 +199,11 @@ impl Tokenizer {
             .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if let Some(bos) = self.add_bos
-            && ids.first() != Some(&bos) {
-                ids.insert(0, bos);
-            }
-        Ok(ids)
+            && ids.first() != Some(&bos)
+        {
+            ids.insert(0, bos);
+        }
+        self.in_vocab(ids)
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {

@@ -1,10 +1,5 @@
-//! The Llama architecture hyper-parameters, read from an HF `config.json` or GGUF metadata.
-
-use std::path::Path;
-
-use serde_json::Value;
-
-use crate::error::{Error, Result};
+//! The Llama architecture hyper-parameters, read from an HF `config.json`
+//! (`hf_config.rs`) or GGUF metadata (`gguf`), and the checks both share.
 
 /// Llama-3 style frequency-dependent RoPE scaling (`rope_type: "llama3"`).
 #[derive(Debug, Clone, PartialEq, serde::Serialize)]
@@ -37,148 +32,42 @@ pub struct LlamaConfig {
     pub eos_token_ids: Vec<u32>,
 }
 
-fn get_usize(v: &Value, key: &str, path: &Path) -> Result<usize> {
-    v.get(key)
-        .and_then(Value::as_u64)
-        .map(|x| x as usize)
-        .ok_or_else(|| Error::file(path, format!("missing or non-integer field `{key}`")))
-}
+/// Upper bounds far above any published Llama (405B: 126 layers, hidden 16384, FFN 53248,
+/// 128 heads, vocabulary 128256) that keep every size product in range and refuse a
+/// corrupt header before anything is allocated from it.
+const MAX_LAYERS: usize = 4096;
+const MAX_DIM: usize = 1 << 20;
+const MAX_HEADS: usize = 1 << 14;
+const MAX_VOCAB: usize = 1 << 24;
+const MAX_POSITIONS: usize = 1 << 24;
 
-fn get_f64(v: &Value, key: &str) -> Option<f64> {
-    v.get(key).and_then(Value::as_f64)
-}
-
-fn token_ids(v: Option<&Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .filter_map(|x| x.as_u64())
-            .map(|x| x as u32)
-            .collect(),
-        _ => Vec::new(),
-    }
+/// `x` is a finite number above zero.
+fn positive(x: f64) -> bool {
+    x.is_finite() && x > 0.0
 }
 
 impl LlamaConfig {
-    /// Parse an HF `config.json`. `rope_theta` may sit at the top level (transformers < 5) or
-    /// inside `rope_parameters` (newer); the llama3 scaling may sit in `rope_scaling` or in
-    /// `rope_parameters`.
-    pub fn from_hf_json(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(path, format!("malformed JSON: {e}")))?;
-        if !v.is_object() {
-            return Err(Error::file(path, "expected a JSON object"));
-        }
-        if let Some(mt) = v.get("model_type").and_then(Value::as_str)
-            && !matches!(mt, "llama" | "mistral") {
-                return Err(Error::file(
-                    path,
-                    format!("model_type `{mt}` is not a Llama-family model"),
-                ));
-            }
-        for flag in ["attention_bias", "mlp_bias"] {
-            if v.get(flag).and_then(Value::as_bool) == Some(true) {
-                return Err(Error::file(
-                    path,
-                    format!("`{flag}: true` is not supported"),
-                ));
-            }
-        }
-        let hidden_size = get_usize(&v, "hidden_size", path)?;
-        let num_heads = get_usize(&v, "num_attention_heads", path)?;
-        let num_kv_heads = v
-            .get("num_key_value_heads")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(num_heads);
-        let head_dim = v
-            .get("head_dim")
-            .and_then(Value::as_u64)
-            .map(|x| x as usize)
-            .unwrap_or(hidden_size / num_heads.max(1));
-        let rope_params = v.get("rope_parameters");
-        let rope_theta = get_f64(&v, "rope_theta")
-            .or_else(|| rope_params.and_then(|p| get_f64(p, "rope_theta")))
-            .unwrap_or(10000.0);
-        let scaling_obj = [v.get("rope_scaling"), rope_params]
-            .into_iter()
-            .flatten()
-            .find(|s| {
-                let t = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str);
-                t.is_some_and(|t| t != "default")
-            });
-        let rope_scaling = match scaling_obj {
-            None => None,
-            Some(s) => {
-                let t = s
-                    .get("rope_type")
-                    .or_else(|| s.get("type"))
-                    .and_then(Value::as_str)
-                    .unwrap_or_default();
-                if t != "llama3" {
-                    return Err(Error::file(
-                        path,
-                        format!("rope scaling type `{t}` is not supported (only `llama3`)"),
-                    ));
-                }
-                let field = |k: &str| {
-                    get_f64(s, k).ok_or_else(|| {
-                        Error::file(path, format!("llama3 rope scaling lacks `{k}`"))
-                    })
-                };
-                Some(Llama3RopeScaling {
-                    factor: field("factor")?,
-                    low_freq_factor: field("low_freq_factor")?,
-                    high_freq_factor: field("high_freq_factor")?,
-                    original_max_position_embeddings: field("original_max_position_embeddings")?,
-                })
-            }
-        };
-        let cfg = LlamaConfig {
-            vocab_size: get_usize(&v, "vocab_size", path)?,
-            hidden_size,
-            intermediate_size: get_usize(&v, "intermediate_size", path)?,
-            num_layers: get_usize(&v, "num_hidden_layers", path)?,
-            num_heads,
-            num_kv_heads,
-            head_dim,
-            rms_norm_eps: get_f64(&v, "rms_norm_eps").unwrap_or(1e-6) as f32,
-            rope_theta,
-            rope_scaling,
-            rope_freq_factors: None,
-            tie_word_embeddings: v
-                .get("tie_word_embeddings")
-                .and_then(Value::as_bool)
-                .unwrap_or(false),
-            max_position_embeddings: v
-                .get("max_position_embeddings")
-                .and_then(Value::as_u64)
-                .unwrap_or(2048) as usize,
-            bos_token_id: token_ids(v.get("bos_token_id")).first().copied(),
-            eos_token_ids: token_ids(v.get("eos_token_id")),
-        };
-        cfg.validate().map_err(|m| Error::file(path, m))?;
-        Ok(cfg)
-    }
-
-    /// Structural sanity checks shared by both loaders.
+    /// Checks shared by both loaders: sizes in range and consistent, numbers that keep the
+    /// forward pass finite, token ids inside the vocabulary.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        let dims = [
-            ("vocab_size", self.vocab_size),
-            ("hidden_size", self.hidden_size),
-            ("intermediate_size", self.intermediate_size),
-            ("num_hidden_layers", self.num_layers),
-            ("num_attention_heads", self.num_heads),
-            ("num_key_value_heads", self.num_kv_heads),
-            ("head_dim", self.head_dim),
+        let sizes = [
+            ("vocab_size", self.vocab_size, MAX_VOCAB),
+            ("hidden_size", self.hidden_size, MAX_DIM),
+            ("intermediate_size", self.intermediate_size, MAX_DIM),
+            ("num_hidden_layers", self.num_layers, MAX_LAYERS),
+            ("num_attention_heads", self.num_heads, MAX_HEADS),
+            ("num_key_value_heads", self.num_kv_heads, MAX_HEADS),
+            ("head_dim", self.head_dim, MAX_DIM),
+            (
+                "max_position_embeddings",
+                self.max_position_embeddings,
+                MAX_POSITIONS,
+            ),
         ];
-        if let Some((name, _)) = dims.iter().find(|(_, v)| *v == 0) {
-            return Err(format!("`{name}` must be positive"));
+        for (name, v, max) in sizes {
+            if v == 0 || v > max {
+                return Err(format!("`{name}` is {v}; it must be in 1..={max}"));
+            }
         }
         if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
@@ -188,6 +77,69 @@ impl LlamaConfig {
         }
         if !self.head_dim.is_multiple_of(2) {
             return Err(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if self.q_dim() > MAX_DIM {
+            return Err(format!(
+                "num_attention_heads x head_dim = {} exceeds {MAX_DIM}",
+                self.q_dim()
+            ));
+        }
+        // f32 is what the kernels add: an f64 eps that rounds to 0 would divide by zero.
+        if !positive(self.rms_norm_eps as f64) {
+            return Err(format!(
+                "rms_norm_eps {} must be a positive finite number",
+                self.rms_norm_eps
+            ));
+        }
+        if !positive(self.rope_theta) {
+            return Err(format!(
+                "rope_theta {} must be a positive finite number",
+                self.rope_theta
+            ));
+        }
+        if let Some(s) = &self.rope_scaling {
+            let fields = [
+                ("factor", s.factor),
+                ("low_freq_factor", s.low_freq_factor),
+                ("high_freq_factor", s.high_freq_factor),
+                (
+                    "original_max_position_embeddings",
+                    s.original_max_position_embeddings,
+                ),
+            ];
+            if let Some((k, v)) = fields.iter().find(|(_, v)| !positive(*v)) {
+                return Err(format!(
+                    "llama3 rope scaling `{k}` {v} must be a positive finite number"
+                ));
+            }
+            // HF's blend divides by their difference.
+            if s.high_freq_factor <= s.low_freq_factor {
+                return Err(format!(
+                    "llama3 rope scaling: high_freq_factor {} must exceed low_freq_factor {}",
+                    s.high_freq_factor, s.low_freq_factor
+                ));
+            }
+        }
+        if let Some(f) = &self.rope_freq_factors {
+            if f.len() != self.head_dim / 2 {
+                return Err(format!(
+                    "rope_freqs.weight has {} entries, expected head_dim / 2 = {}",
+                    f.len(),
+                    self.head_dim / 2
+                ));
+            }
+            if let Some(x) = f.iter().find(|x| !positive(**x as f64)) {
+                return Err(format!(
+                    "rope_freqs.weight holds {x}; frequency factors must be positive and finite"
+                ));
+            }
+        }
+        let ids = self.bos_token_id.iter().chain(&self.eos_token_ids);
+        if let Some(id) = ids.into_iter().find(|&&id| id as usize >= self.vocab_size) {
+            return Err(format!(
+                "special token id {id} (bos/eos) is outside the vocabulary of {}",
+                self.vocab_size
+            ));
         }
         Ok(())
     }

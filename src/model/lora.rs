@@ -6,8 +6,9 @@ use std::path::Path;
 
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
-use serde_json::{Value, json};
+use serde_json::json;
 
+use super::adapter_config::{AdapterConfig, module_key};
 use super::config::LlamaConfig;
 use super::proj::Proj;
 use super::weights::SafetensorsSource;
@@ -199,40 +200,12 @@ impl HostLora {
     /// The adapted modules are those whose tensors the file holds.
     pub fn load(dir: &Path, model: &LlamaConfig) -> Result<Self> {
         let cfg_path = dir.join("adapter_config.json");
-        let text = std::fs::read_to_string(&cfg_path).at(&cfg_path)?;
-        let v: Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&cfg_path, format!("malformed JSON: {e}")))?;
-        let bad = |m: String| Error::file(&cfg_path, m);
-        if let Some(t) = v.get("peft_type").and_then(Value::as_str)
-            && t != "LORA" {
-                return Err(bad(format!("peft_type `{t}` is not LORA")));
-            }
-        let r = v
-            .get("r")
-            .and_then(Value::as_u64)
-            .filter(|&r| r > 0)
-            .ok_or_else(|| bad("missing or invalid `r`".into()))? as usize;
-        let alpha = v
-            .get("lora_alpha")
-            .and_then(Value::as_f64)
-            .ok_or_else(|| bad("missing `lora_alpha`".into()))?;
-        for key in ["rank_pattern", "alpha_pattern"] {
-            if v.get(key)
-                .and_then(Value::as_object)
-                .is_some_and(|o| !o.is_empty())
-            {
-                return Err(bad(format!("`{key}` is not supported")));
-            }
-        }
-        for key in ["use_dora", "lora_bias", "fan_in_fan_out"] {
-            if v.get(key).and_then(Value::as_bool) == Some(true) {
-                return Err(bad(format!("`{key}: true` is not supported")));
-            }
-        }
-        let use_rslora = v
-            .get("use_rslora")
-            .and_then(Value::as_bool)
-            .unwrap_or(false);
+        let AdapterConfig {
+            r,
+            alpha,
+            use_rslora,
+            selected,
+        } = AdapterConfig::read(&cfg_path, model)?;
 
         let st_path = dir.join("adapter_model.safetensors");
         if !st_path.exists() {
@@ -268,6 +241,26 @@ impl HostLora {
         }
         if found.is_empty() {
             return Err(Error::file(&st_path, "no LoRA tensors in the adapter"));
+        }
+        // PEFT adapts exactly the modules its configuration selects; tensors for others
+        // (or missing ones) mean the two files do not belong together.
+        if let Some(&(l, p)) = selected.iter().find(|k| !found.contains_key(k)) {
+            return Err(Error::file(
+                &cfg_path,
+                format!(
+                    "`target_modules` selects {}, which adapter_model.safetensors does not adapt",
+                    module_key(l, p)
+                ),
+            ));
+        }
+        if let Some(&(l, p)) = found.keys().find(|k| !selected.contains(k)) {
+            return Err(Error::file(
+                &cfg_path,
+                format!(
+                    "adapter_model.safetensors adapts {}, which `target_modules` (with `layers_to_transform`) does not select",
+                    module_key(l, p)
+                ),
+            ));
         }
         let mut modules = Vec::new();
         let mut targets = Vec::new();

@@ -1,8 +1,11 @@
 //! Llama-family models: configuration, weights (HF safetensors, GGUF), LoRA, and the
 //! forward/backward pass.
 
+mod adapter_config;
 pub mod config;
+mod fingerprint;
 pub mod gguf;
+mod hf_config;
 pub mod llama;
 pub mod lora;
 pub mod proj;
@@ -12,8 +15,9 @@ pub mod weights;
 use std::path::{Path, PathBuf};
 
 use self::config::LlamaConfig;
+use self::fingerprint::Fingerprint;
 use self::gguf::{GgufFile, gguf_name};
-use self::weights::{HostWeights, SafetensorsSource, hf_name, load_weights};
+use self::weights::{HostWeights, SafetensorsSource, check_layer_count, hf_name, load_weights};
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
@@ -27,7 +31,9 @@ pub struct LoadedModel {
     pub cfg: LlamaConfig,
     pub weights: HostWeights,
     tokenizer: std::result::Result<Tokenizer, String>,
-    /// What the model is, for curvature-file metadata: file name and size in bytes.
+    /// What the model is, for curvature-file metadata: its name, size in bytes and a
+    /// fingerprint of its configuration and weights (a renamed copy keeps the fingerprint,
+    /// a fine-tuned variant of the same size does not).
     pub identity: String,
 }
 
@@ -54,29 +60,44 @@ impl LoadedModel {
 /// Load an HF model directory or a `.gguf` file; `tokenizer` overrides the model's own.
 pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
     let meta = std::fs::metadata(path).map_err(|_| Error::file(path, "not found"))?;
-    let (cfg, weights, own_tok) = if meta.is_dir() {
-        let cfg = LlamaConfig::from_hf_json(&path.join("config.json"))?;
+    let (cfg, weights, own_tok, print) = if meta.is_dir() {
+        let cfg_path = path.join("config.json");
+        let cfg = LlamaConfig::from_hf_json(&cfg_path)?;
         let src = SafetensorsSource::open_hf_dir(path)?;
+        check_layer_count(src.names(), "model.layers.", &cfg)
+            .map_err(|m| Error::file(&cfg_path, m))?;
         let weights = load_weights(&cfg, &src, &hf_name)?;
+        let mut print = Fingerprint::default();
+        // The parsed configuration, so that formatting does not change the identity.
+        print.add(serde_json::to_string(&cfg).unwrap_or_default().as_bytes());
+        src.files().for_each(|b| print.add(b));
         let tj = path.join("tokenizer.json");
         let tok = if tj.exists() {
-            Tokenizer::from_file(&tj, cfg.eos_token_ids.first().copied()).map_err(|e| e.to_string())
+            Tokenizer::from_file(&tj, cfg.eos_token_ids.first().copied(), cfg.vocab_size)
+                .map_err(|e| e.to_string())
         } else {
             Err(format!(
                 "{}: no tokenizer.json (pass --tokenizer)",
                 path.display()
             ))
         };
-        (cfg, weights, tok)
+        (cfg, weights, tok, print)
     } else {
         let f = GgufFile::open(path)?;
         let cfg = f.config()?;
+        check_layer_count(f.names(), "blk.", &cfg).map_err(|m| Error::file(path, m))?;
         let weights = load_weights(&cfg, &f, &gguf_name)?;
-        let tok = Tokenizer::from_gguf(&f, path).map_err(|e| e.to_string());
-        (cfg, weights, tok)
+        let tok = Tokenizer::from_gguf(&f, path, cfg.vocab_size).map_err(|e| e.to_string());
+        let mut print = Fingerprint::default();
+        print.add(f.bytes());
+        (cfg, weights, tok, print)
     };
     let tokenizer = match tokenizer {
-        Some(t) => Ok(Tokenizer::from_file(t, cfg.eos_token_ids.first().copied())?),
+        Some(t) => Ok(Tokenizer::from_file(
+            t,
+            cfg.eos_token_ids.first().copied(),
+            cfg.vocab_size,
+        )?),
         None => own_tok,
     };
     let name = path
@@ -84,12 +105,9 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let identity = format!(
-        "{name} ({} bytes)",
-        if meta.is_dir() {
-            dir_size(path)
-        } else {
-            meta.len()
-        }
+        "{name} ({} bytes, fingerprint {:016x})",
+        print.bytes(),
+        print.finish()
     );
     Ok(LoadedModel {
         path: path.to_path_buf(),
@@ -98,16 +116,4 @@ pub fn load(path: &Path, tokenizer: Option<&Path>) -> Result<LoadedModel> {
         tokenizer,
         identity,
     })
-}
-
-fn dir_size(dir: &Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|rd| {
-            rd.flatten()
-                .filter_map(|e| e.metadata().ok())
-                .filter(|m| m.is_file())
-                .map(|m| m.len())
-                .sum()
-        })
-        .unwrap_or(0)
 }

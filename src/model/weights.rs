@@ -116,6 +116,11 @@ impl SafetensorsSource {
         self.index.keys().map(String::as_str)
     }
 
+    /// The bytes of every file, in the order they were opened.
+    pub fn files(&self) -> impl Iterator<Item = &[u8]> {
+        self.files.iter().map(|(_, m)| &m[..])
+    }
+
     /// The tensor as f32 along with its shape, whatever shape it has.
     pub fn get_any(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
         let &i = self
@@ -174,7 +179,7 @@ pub fn load_weights(
 ) -> Result<HostWeights> {
     let d = cfg.hidden_size;
     let embed = src.get(&names(WeightName::Embed), &[cfg.vocab_size, d])?;
-    let mut layers = Vec::with_capacity(cfg.num_layers);
+    let mut layers = Vec::new();
     for l in 0..cfg.num_layers {
         let attn_norm = src.get(&names(WeightName::AttnNorm(l)), &[d])?;
         let mlp_norm = src.get(&names(WeightName::MlpNorm(l)), &[d])?;
@@ -202,6 +207,33 @@ pub fn load_weights(
         final_norm,
         lm_head,
     })
+}
+
+/// The block count of the weights must be the configuration's: a tensor of a block past
+/// `num_layers` means the configuration describes part of the model, a missing last block
+/// that it describes another one. `prefix` is `model.layers.` (HF) or `blk.` (GGUF).
+pub fn check_layer_count<'a>(
+    names: impl Iterator<Item = &'a str>,
+    prefix: &str,
+    cfg: &LlamaConfig,
+) -> std::result::Result<(), String> {
+    let held = names
+        .filter_map(|n| {
+            n.strip_prefix(prefix)?
+                .split('.')
+                .next()?
+                .parse::<usize>()
+                .ok()
+        })
+        .max()
+        .map_or(0, |l| l.saturating_add(1));
+    if held != cfg.num_layers {
+        return Err(format!(
+            "the configuration has {} layers but the weights hold {held}",
+            cfg.num_layers
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy)]

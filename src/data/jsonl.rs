@@ -15,6 +15,7 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::error::{Error, IoContext, Result};
+use crate::model::config::LlamaConfig;
 use crate::tokenizer::Tokenizer;
 
 pub const IGNORE: i32 = -100;
@@ -169,6 +170,34 @@ pub fn read_jsonl(
     vocab: usize,
     fmt: RowFormat,
 ) -> Result<Vec<Example>> {
+    read_rows(path, tok, vocab, usize::MAX, fmt)
+}
+
+/// `read_jsonl` for a model: token ids in its vocabulary and, after the cut to
+/// `fmt.max_len`, no row longer than the positions it was trained for (RoPE beyond them
+/// is extrapolation the model never saw).
+pub fn read_jsonl_for(
+    path: &Path,
+    tok: Result<&Tokenizer>,
+    model: &LlamaConfig,
+    fmt: RowFormat,
+) -> Result<Vec<Example>> {
+    read_rows(
+        path,
+        tok,
+        model.vocab_size,
+        model.max_position_embeddings,
+        fmt,
+    )
+}
+
+fn read_rows(
+    path: &Path,
+    tok: Result<&Tokenizer>,
+    vocab: usize,
+    max_positions: usize,
+    fmt: RowFormat,
+) -> Result<Vec<Example>> {
     let text = std::fs::read_to_string(path).at(path)?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
@@ -183,6 +212,16 @@ pub fn read_jsonl(
         }
         ex.ids.truncate(fmt.max_len);
         ex.labels.truncate(fmt.max_len);
+        if ex.ids.len() > max_positions {
+            return Err(Error::line(
+                path,
+                i + 1,
+                format!(
+                    "row has {} tokens but the model takes at most {max_positions} positions (max_position_embeddings); cut rows with --max-len {max_positions}",
+                    ex.ids.len()
+                ),
+            ));
+        }
         out.push(ex);
     }
     if out.is_empty() {

@@ -4,4 +4,4 @@ pub mod batch;
 pub mod jsonl;
 
 pub use self::batch::{Batch, batches};
-pub use self::jsonl::{Example, RowFormat, read_jsonl};
+pub use self::jsonl::{Example, RowFormat, read_jsonl, read_jsonl_for};

@@ -95,6 +95,13 @@ pub fn choice_logliks<B: Backend>(
             examples.push(Example { ids, labels });
         }
     }
+    let positions = model.cfg.max_position_embeddings;
+    if let Some(e) = examples.iter().find(|e| e.ids.len() > positions) {
+        return Err(Error::usage(format!(
+            "a question with one of its choices takes {} tokens, more than the model's {positions} positions (max_position_embeddings)",
+            e.ids.len()
+        )));
+    }
     Ok(
         sequence_losses(be, model, lora, &examples, batch_size, || {})?
             .into_iter()

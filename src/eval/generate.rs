@@ -81,6 +81,16 @@ pub fn generate<B: Backend>(
     if prompt.is_empty() {
         return Err(Error::usage("empty prompt"));
     }
+    // The cache is sized for the whole continuation, and RoPE beyond the model's positions
+    // is extrapolation it never saw.
+    let positions = model.cfg.max_position_embeddings;
+    if prompt.len().saturating_add(s.max_new_tokens) > positions {
+        return Err(Error::usage(format!(
+            "a {}-token prompt plus --max-new-tokens {} exceeds the model's {positions} positions (max_position_embeddings)",
+            prompt.len(),
+            s.max_new_tokens
+        )));
+    }
     let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
     let mut cache = model.new_cache(be, prompt.len() + s.max_new_tokens)?;
     let vocab = model.cfg.vocab_size;

@@ -4,15 +4,20 @@
 //! `kfac_cross_out.<layer>` (layer = `...q_proj`); sums, not means. `__metadata__` holds
 //! the scheme, Fisher type, approximation, sample count, data size, LoRA config and model.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
+
+mod check;
 
 use super::{Fisher, KfacApprox, Scheme};
 use crate::error::{Error, Result};
 use crate::io::{TensorFile, write_safetensors};
 use crate::model::config::LlamaConfig;
 use crate::model::lora::parse_peft_name;
-use crate::model::{HostLora, LoraConfig, LoraModule, LoraWeights};
+use crate::model::{HostLora, LoadedModel, LoraConfig, LoraModule, LoraWeights};
+
+/// The `format` metadata of every curvature file.
+const FORMAT: &str = "lalora-curvature/1";
 
 #[derive(Debug, Clone)]
 pub struct CurvatureMeta {
@@ -80,7 +85,7 @@ impl Curvature {
         let m = &self.meta;
         let lc = &self.mean.cfg;
         let mut meta = BTreeMap::new();
-        meta.insert("format".into(), "lalora-curvature/1".into());
+        meta.insert("format".into(), FORMAT.into());
         meta.insert("scheme".into(), m.scheme.to_string());
         meta.insert("fisher".into(), m.fisher.to_string());
         meta.insert("approx".into(), m.approx.to_string());
@@ -106,67 +111,60 @@ impl Curvature {
         write_safetensors(path, &t, meta)
     }
 
-    /// Read a curvature file, checking every shape against the model.
+    /// Read a curvature file, checking it against the model: metadata in range, exactly
+    /// the tensors its scheme and LoRA configuration call for with the model's shapes, every
+    /// value finite, a non-negative diagonal and symmetric PSD Kronecker factors.
     pub fn read(path: &Path, model: &LlamaConfig) -> Result<Self> {
         let f = TensorFile::read(path)?;
         let bad = |m: String| Error::file(path, m);
         let md = |k: &str| {
             f.metadata
                 .get(k)
-                .cloned()
+                .map(String::as_str)
                 .ok_or_else(|| bad(format!("metadata lacks `{k}` (not a curvature file?)")))
         };
-        let num = |k: &str| -> Result<usize> {
+        let num = |k: &str, min: usize| -> Result<usize> {
             md(k)?
                 .parse()
-                .map_err(|_| bad(format!("metadata `{k}` is not a number")))
+                .ok()
+                .filter(|&n| n >= min)
+                .ok_or_else(|| bad(format!("metadata `{k}` must be an integer >= {min}")))
         };
+        if md("format")? != FORMAT {
+            return Err(bad(format!("metadata `format` is not `{FORMAT}`")));
+        }
         let scheme: Scheme = md("scheme")?.parse().map_err(bad)?;
         let approx: KfacApprox = md("approx")?.parse().map_err(bad)?;
-        let fisher = match md("fisher")?.as_str() {
+        let fisher = match md("fisher")? {
             "empirical" => Fisher::Empirical,
-            "mc" => Fisher::Mc(num("mc_samples")?),
+            "mc" => Fisher::Mc(num("mc_samples", 1)?),
             other => return Err(bad(format!("unknown fisher `{other}`"))),
         };
-        let r = num("lora_r")?;
-        let alpha: f64 = md("lora_alpha")?
-            .parse()
-            .map_err(|_| bad("bad `lora_alpha`".into()))?;
-        let use_rslora = md("lora_rslora")? == "true";
-        let targets = LoraConfig::parse_targets(&md("lora_targets")?)?;
-        let mut modules = Vec::new();
-        for (name, (shape, data)) in &f.tensors {
-            let Some(rest) = name.strip_prefix("mean.") else {
-                continue;
-            };
-            let (layer, proj, which) =
-                parse_peft_name(rest).ok_or_else(|| bad(format!("unexpected tensor `{name}`")))?;
-            if which != 0 || layer >= model.num_layers {
-                continue;
-            }
-            let (d_in, d_out) = proj.dims(model);
-            let mut m = LoraModule {
-                layer,
-                proj,
-                d_in,
-                d_out,
-                a: data.clone(),
-                b: Vec::new(),
-            };
-            if shape != &[r, d_in] {
+        let n_sequences = num("n_sequences", 1)?;
+        let n_positions = num("n_positions", n_sequences)?;
+        let r = num("lora_r", 1)?;
+        if r > model.hidden_size {
+            return Err(bad(format!(
+                "metadata `lora_r` {r} exceeds the model's hidden size {}",
+                model.hidden_size
+            )));
+        }
+        let alpha = md("lora_alpha")?
+            .parse::<f64>()
+            .ok()
+            .filter(|a| a.is_finite())
+            .ok_or_else(|| bad("metadata `lora_alpha` must be a finite number".into()))?;
+        let use_rslora = match md("lora_rslora")? {
+            "true" => true,
+            "false" => false,
+            other => {
                 return Err(bad(format!(
-                    "`{name}` has shape {shape:?}, expected {:?}",
-                    [r, d_in]
+                    "metadata `lora_rslora` is `{other}`, not true or false"
                 )));
             }
-            let b_name = format!("mean.{}", m.b_name());
-            m.b = tensor(&f, &b_name, &[d_out, r], path)?;
-            modules.push(m);
-        }
-        modules.sort_by_key(|m| (m.layer, m.proj));
-        if modules.is_empty() {
-            return Err(bad("no `mean.*` tensors".into()));
-        }
+        };
+        let targets = LoraConfig::parse_targets(md("lora_targets")?)
+            .map_err(|e| bad(format!("metadata `lora_targets`: {e}")))?;
         let mean = LoraWeights {
             cfg: LoraConfig {
                 r,
@@ -174,68 +172,220 @@ impl Curvature {
                 use_rslora,
                 targets,
             },
-            modules,
+            modules: mean_modules(&f, model, path)?,
         };
-        let diag = if scheme == Scheme::Diag {
-            let mut d = mean.zeros_like();
-            for m in d.modules.iter_mut() {
-                m.a = tensor(&f, &format!("diag.{}", m.a_name()), &[r, m.d_in], path)?;
-                m.b = tensor(&f, &format!("diag.{}", m.b_name()), &[m.d_out, r], path)?;
+        check_tensors(&f, &mean, scheme).map_err(bad)?;
+        // Every tensor is present now (check_tensors).
+        let take = |name: String| f.get(&name).map(<[f32]>::to_vec).unwrap_or_default();
+        let fill = |prefix: &str, w: &HostLora| {
+            let mut w = w.clone();
+            for m in &mut w.modules {
+                m.a = take(format!("{prefix}.{}", m.a_name()));
+                m.b = take(format!("{prefix}.{}", m.b_name()));
             }
-            Some(d)
-        } else {
-            None
+            w
         };
-        let kfac = if scheme == Scheme::Diag {
-            None
-        } else {
-            let mut out = Vec::new();
-            for m in &mean.modules {
-                let p = m.peft_path();
-                let (din, dout) = (m.d_in, m.d_out);
-                out.push(KfacFactors {
-                    a_in: tensor(&f, &format!("kfac_in.{p}.lora_A"), &[din, din], path)?,
-                    a_out: tensor(&f, &format!("kfac_out.{p}.lora_A"), &[r, r], path)?,
-                    b_in: tensor(&f, &format!("kfac_in.{p}.lora_B"), &[r, r], path)?,
-                    b_out: tensor(&f, &format!("kfac_out.{p}.lora_B"), &[dout, dout], path)?,
-                    cross: if scheme == Scheme::KfacTri {
-                        Some((
-                            tensor(&f, &format!("kfac_cross_in.{p}"), &[din, r], path)?,
-                            tensor(&f, &format!("kfac_cross_out.{p}"), &[r, dout], path)?,
-                        ))
-                    } else {
-                        None
-                    },
-                });
-            }
-            Some(out)
-        };
+        let mean = fill("mean", &mean);
+        let diag = (scheme == Scheme::Diag).then(|| fill("diag", &mean));
+        let kfac = (scheme != Scheme::Diag).then(|| {
+            mean.modules
+                .iter()
+                .map(|m| {
+                    let p = m.peft_path();
+                    KfacFactors {
+                        a_in: take(format!("kfac_in.{p}.lora_A")),
+                        a_out: take(format!("kfac_out.{p}.lora_A")),
+                        b_in: take(format!("kfac_in.{p}.lora_B")),
+                        b_out: take(format!("kfac_out.{p}.lora_B")),
+                        cross: (scheme == Scheme::KfacTri).then(|| {
+                            (
+                                take(format!("kfac_cross_in.{p}")),
+                                take(format!("kfac_cross_out.{p}")),
+                            )
+                        }),
+                    }
+                })
+                .collect()
+        });
         Ok(Curvature {
             meta: CurvatureMeta {
                 scheme,
                 fisher,
                 approx,
-                n_sequences: num("n_sequences")?,
-                n_positions: num("n_positions")?,
-                model: f.metadata.get("model").cloned().unwrap_or_default(),
+                n_sequences,
+                n_positions,
+                model: md("model")?.to_string(),
             },
             mean,
             diag,
             kfac,
         })
     }
+
+    /// Read a curvature file for use with `model`: as `read`, and estimated on that model.
+    pub fn read_for(path: &Path, model: &LoadedModel) -> Result<Self> {
+        let c = Self::read(path, &model.cfg)?;
+        if c.meta.model != model.identity {
+            return Err(Error::file(
+                path,
+                format!(
+                    "estimated on model `{}`, not on `{}` ({})",
+                    c.meta.model,
+                    model.identity,
+                    model.path.display()
+                ),
+            ));
+        }
+        Ok(c)
+    }
+
+    /// The LoRA configuration and modules of `lora` (`what`: where it comes from) must be
+    /// the ones this file was estimated for.
+    pub fn check_lora(&self, path: &Path, lora: &HostLora, what: &str) -> Result<()> {
+        let (c, l) = (&self.mean.cfg, &lora.cfg);
+        let modules = |w: &HostLora| {
+            w.modules
+                .iter()
+                .map(|m| (m.layer, m.proj))
+                .collect::<Vec<_>>()
+        };
+        if c != l || modules(&self.mean) != modules(lora) {
+            return Err(Error::file(
+                path,
+                format!(
+                    "estimated for LoRA {} but {what} is LoRA {}",
+                    describe(&self.mean),
+                    describe(lora)
+                ),
+            ));
+        }
+        Ok(())
+    }
 }
 
-fn tensor(f: &TensorFile, name: &str, shape: &[usize], path: &Path) -> Result<Vec<f32>> {
-    let (s, d) = f
-        .tensors
-        .get(name)
-        .ok_or_else(|| Error::file(path, format!("tensor `{name}` missing")))?;
-    if s != shape {
-        return Err(Error::file(
-            path,
-            format!("`{name}` has shape {s:?}, expected {shape:?}"),
+/// `r=8 alpha=16 on q_proj,v_proj (24 modules)`.
+fn describe(w: &HostLora) -> String {
+    format!(
+        "r={} alpha={}{} on {} ({} modules)",
+        w.cfg.r,
+        w.cfg.alpha,
+        if w.cfg.use_rslora { " rslora" } else { "" },
+        w.cfg
+            .targets
+            .iter()
+            .map(|p| p.name())
+            .collect::<Vec<_>>()
+            .join(","),
+        w.modules.len()
+    )
+}
+
+/// The modules of the `mean.*` tensors (data still empty), each in the model.
+fn mean_modules(
+    f: &TensorFile,
+    model: &LlamaConfig,
+    path: &Path,
+) -> Result<Vec<LoraModule<Vec<f32>>>> {
+    let bad = |m: String| Error::file(path, m);
+    let mut found = BTreeSet::new();
+    for name in f.tensors.keys() {
+        let Some(rest) = name.strip_prefix("mean.") else {
+            continue;
+        };
+        let (layer, proj, _) =
+            parse_peft_name(rest).ok_or_else(|| bad(format!("unexpected tensor `{name}`")))?;
+        if layer >= model.num_layers {
+            return Err(bad(format!(
+                "`{name}`: layer {layer}, but the model has {} layers",
+                model.num_layers
+            )));
+        }
+        found.insert((layer, proj));
+    }
+    if found.is_empty() {
+        return Err(bad("no `mean.*` tensors".into()));
+    }
+    Ok(found
+        .into_iter()
+        .map(|(layer, proj)| {
+            let (d_in, d_out) = proj.dims(model);
+            LoraModule {
+                layer,
+                proj,
+                d_in,
+                d_out,
+                a: Vec::new(),
+                b: Vec::new(),
+            }
+        })
+        .collect())
+}
+
+/// Exactly the tensors `scheme` calls for, each with its shape and with valid numbers.
+fn check_tensors(
+    f: &TensorFile,
+    mean: &HostLora,
+    scheme: Scheme,
+) -> std::result::Result<(), String> {
+    let mut targets: Vec<_> = mean.modules.iter().map(|m| m.proj).collect();
+    targets.sort();
+    targets.dedup();
+    if targets != mean.cfg.targets {
+        return Err("metadata `lora_targets` disagrees with the `mean.*` tensors".into());
+    }
+    let r = mean.cfg.r;
+    let mut expected: BTreeMap<String, (Vec<usize>, Kind)> = BTreeMap::new();
+    for m in &mean.modules {
+        let (a, b) = (m.a_name(), m.b_name());
+        let (din, dout, p) = (m.d_in, m.d_out, m.peft_path());
+        expected.insert(format!("mean.{a}"), (vec![r, din], Kind::Any));
+        expected.insert(format!("mean.{b}"), (vec![dout, r], Kind::Any));
+        if scheme == Scheme::Diag {
+            expected.insert(format!("diag.{a}"), (vec![r, din], Kind::Diagonal));
+            expected.insert(format!("diag.{b}"), (vec![dout, r], Kind::Diagonal));
+            continue;
+        }
+        expected.insert(
+            format!("kfac_in.{p}.lora_A"),
+            (vec![din, din], Kind::Factor),
+        );
+        expected.insert(format!("kfac_out.{p}.lora_A"), (vec![r, r], Kind::Factor));
+        expected.insert(format!("kfac_in.{p}.lora_B"), (vec![r, r], Kind::Factor));
+        expected.insert(
+            format!("kfac_out.{p}.lora_B"),
+            (vec![dout, dout], Kind::Factor),
+        );
+        if scheme == Scheme::KfacTri {
+            expected.insert(format!("kfac_cross_in.{p}"), (vec![din, r], Kind::Any));
+            expected.insert(format!("kfac_cross_out.{p}"), (vec![r, dout], Kind::Any));
+        }
+    }
+    if let Some(name) = f.tensors.keys().find(|n| !expected.contains_key(*n)) {
+        return Err(format!(
+            "unexpected tensor `{name}` for a {scheme} curvature file"
         ));
     }
-    Ok(d.clone())
+    for (name, (shape, kind)) in &expected {
+        let (s, data) = f
+            .tensors
+            .get(name)
+            .ok_or_else(|| format!("tensor `{name}` missing"))?;
+        if s != shape {
+            return Err(format!("`{name}` has shape {s:?}, expected {shape:?}"));
+        }
+        let checked = check::finite(data).and_then(|()| match kind {
+            Kind::Any => Ok(()),
+            Kind::Diagonal => check::non_negative(data),
+            Kind::Factor => check::symmetric_psd(data, shape[0]),
+        });
+        checked.map_err(|e| format!("`{name}` {e}"))?;
+    }
+    Ok(())
+}
+
+/// What a tensor of the file holds, for its value checks.
+enum Kind {
+    Any,
+    Diagonal,
+    Factor,
 }

@@ -187,7 +187,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     };
     let sweep_task = SweepTask {
         curvature: None,
-        init: HostLora::init(&m.cfg, a.lora.config()?, a.common.seed),
+        init: HostLora::init(&m.cfg, a.lora.config(&m.cfg)?, a.common.seed),
         lambdas: sweep::parse_lambdas(&a.lambdas)?,
         train,
         train_data: load_data(&data.join("target-train.jsonl"), &m, &batching)?,

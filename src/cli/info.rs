@@ -29,15 +29,17 @@ const GIB: f64 = (1u64 << 30) as f64;
 pub fn run(a: InfoArgs) -> Result<()> {
     let m = model::load(&a.model, a.tokenizer.as_deref())?;
     let c = &m.cfg;
-    let lora = HostLora::init(c, a.lora.config()?, 0);
+    let lora = HostLora::init(c, a.lora.config(c)?, 0);
     let n_base = c.n_params();
     let n_lora = lora.n_params();
     // Training keeps per block about 8 hidden-sized and 3 FFN-sized activations, the q/k/v
     // projections and the attention probabilities, plus the logits and their gradient.
-    let tokens = (a.data.batch_size * a.data.max_len) as f64;
+    // In f64: flag values multiplied in usize could overflow.
+    let (batch, len) = (a.data.batch_size as f64, a.data.max_len as f64);
+    let tokens = batch * len;
     let per_layer = tokens
         * (8 * c.hidden_size + 3 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) as f64
-        + (a.data.batch_size * c.num_heads * a.data.max_len * a.data.max_len) as f64;
+        + batch * c.num_heads as f64 * len * len;
     let act_bytes = 4.0 * (per_layer * c.num_layers as f64 + 2.0 * tokens * c.vocab_size as f64);
     let weights_cpu = 4.0 * n_base as f64;
     let weights_cuda = 2.0 * n_base as f64;

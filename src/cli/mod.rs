@@ -1,6 +1,7 @@
 //! The `lalora-engine` command line: argument definitions and the shared loading steps.
 //! Each command lives in its own file and is a thin layer over the library.
 
+mod checks;
 mod curvature;
 mod demo;
 mod eval;
@@ -17,8 +18,9 @@ use clap::{Args, Parser, Subcommand};
 
 use crate::backend::cuda::BaseDtype;
 use crate::backend::device::{Device, Placement};
-use crate::data::{Example, RowFormat, read_jsonl};
+use crate::data::{Example, RowFormat, read_jsonl_for};
 use crate::error::{Error, Result};
+use crate::model::config::LlamaConfig;
 use crate::model::{self, HostLora, LoadedModel, LoraConfig};
 
 #[derive(Parser)]
@@ -68,7 +70,8 @@ pub struct Common {
     /// f32 references like the CPU).
     #[arg(long, value_parser = clap::value_parser!(BaseDtype))]
     pub base_dtype: Option<BaseDtype>,
-    /// CPU threads (0 = all cores); on sim, the simulator's threads.
+    /// CPU threads (0 = all cores; at most 4x the cores, and 1024); on sim, the
+    /// simulator's threads.
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
     /// Seed for LoRA init, data order and sampling.
@@ -119,34 +122,77 @@ pub struct DataArgs {
     pub limit: Option<usize>,
 }
 
-/// LoRA shape for a fresh adapter.
+/// LoRA shape for a fresh adapter. As in PEFT, where a loaded adapter brings its own
+/// `LoraConfig`, an `--adapter` or `--curvature` fixes the shape: these flags may repeat
+/// it but not contradict it.
 #[derive(Args, Clone)]
 pub struct LoraArgs {
-    /// LoRA rank r.
-    #[arg(long, default_value_t = 8)]
-    pub rank: usize,
-    /// LoRA alpha (scale alpha/r, or alpha/sqrt(r) with --rslora).
-    #[arg(long, default_value_t = 16.0)]
-    pub alpha: f64,
-    /// Comma-separated target modules, or `all`.
-    #[arg(long, default_value = "all")]
-    pub targets: String,
-    /// rsLoRA scaling alpha/sqrt(r).
+    /// LoRA rank r [default: 8]; with --adapter or --curvature it is theirs, and a
+    /// different value is an error.
+    #[arg(long)]
+    pub rank: Option<usize>,
+    /// LoRA alpha: scale alpha/r, or alpha/sqrt(r) with --rslora [default: 16]; with
+    /// --adapter or --curvature it is theirs, and a different value is an error.
+    #[arg(long)]
+    pub alpha: Option<f64>,
+    /// Comma-separated target modules, or `all` [default: all]; with --adapter or
+    /// --curvature they are theirs, and a different set is an error.
+    #[arg(long)]
+    pub targets: Option<String>,
+    /// rsLoRA scaling alpha/sqrt(r) (with --adapter or --curvature: only if theirs).
     #[arg(long)]
     pub rslora: bool,
 }
 
 impl LoraArgs {
-    pub fn config(&self) -> Result<LoraConfig> {
-        if self.rank == 0 {
-            return Err(Error::usage("--rank must be positive"));
+    /// The shape of a fresh adapter on `model`.
+    pub fn config(&self, model: &LlamaConfig) -> Result<LoraConfig> {
+        let r = self.rank.unwrap_or(8);
+        // Every projection has the hidden size on one side, so a larger rank adds
+        // nothing: refused before anything of that size is allocated.
+        if r > model.hidden_size {
+            return Err(Error::usage(format!(
+                "--rank {r} exceeds the model's hidden size {}",
+                model.hidden_size
+            )));
         }
         Ok(LoraConfig {
-            r: self.rank,
-            alpha: self.alpha,
+            r,
+            alpha: self.alpha.unwrap_or(16.0),
             use_rslora: self.rslora,
-            targets: LoraConfig::parse_targets(&self.targets)?,
+            targets: LoraConfig::parse_targets(self.targets.as_deref().unwrap_or("all"))?,
         })
+    }
+
+    /// The flags given must agree with `cfg`, the shape `file` fixes.
+    pub fn agree_with(&self, cfg: &LoraConfig, file: &Path) -> Result<()> {
+        let clash = |flag: String, theirs: String| {
+            Err(Error::file(
+                file,
+                format!(
+                    "{flag} contradicts its LoRA {theirs}; the shape comes from this file (drop the flag)"
+                ),
+            ))
+        };
+        if let Some(r) = self.rank.filter(|&r| r != cfg.r) {
+            return clash(format!("--rank {r}"), format!("r = {}", cfg.r));
+        }
+        if let Some(a) = self.alpha.filter(|&a| a != cfg.alpha) {
+            return clash(format!("--alpha {a}"), format!("alpha = {}", cfg.alpha));
+        }
+        if let Some(t) = &self.targets
+            && LoraConfig::parse_targets(t)? != cfg.targets
+        {
+            let theirs: Vec<&str> = cfg.targets.iter().map(|p| p.name()).collect();
+            return clash(
+                format!("--targets {t}"),
+                format!("targets {}", theirs.join(",")),
+            );
+        }
+        if self.rslora && !cfg.use_rslora {
+            return clash("--rslora".into(), "scaling alpha/r".into());
+        }
+        Ok(())
     }
 }
 
@@ -172,6 +218,7 @@ pub fn run() -> Result<()> {
             }
         },
     };
+    checks::validate(&cli.command)?;
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Eval(a) => eval::run(a),
@@ -191,13 +238,10 @@ pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {
 
 /// Read a data file into examples (text rows need the model's tokenizer).
 pub fn load_data(path: &Path, m: &LoadedModel, d: &DataArgs) -> Result<Vec<Example>> {
-    if d.max_len < 2 {
-        return Err(Error::usage("--max-len must be at least 2"));
-    }
-    let mut ex = read_jsonl(
+    let mut ex = read_jsonl_for(
         path,
         m.tokenizer(),
-        m.cfg.vocab_size,
+        &m.cfg,
         RowFormat { max_len: d.max_len },
     )?;
     if let Some(n) = d.limit {
@@ -209,7 +253,8 @@ pub fn load_data(path: &Path, m: &LoadedModel, d: &DataArgs) -> Result<Vec<Examp
     Ok(ex)
 }
 
-/// `--adapter DIR` if given, else a fresh PEFT-style init.
+/// `--adapter DIR` if given (the LoRA flags agreeing with it), else a fresh PEFT-style
+/// init.
 pub fn adapter_or_init(
     adapter: Option<&Path>,
     m: &LoadedModel,
@@ -217,9 +262,16 @@ pub fn adapter_or_init(
     seed: u64,
 ) -> Result<HostLora> {
     match adapter {
-        Some(dir) => HostLora::load(dir, &m.cfg),
-        None => Ok(HostLora::init(&m.cfg, lora.config()?, seed)),
+        Some(dir) => load_adapter(dir, m, lora),
+        None => Ok(HostLora::init(&m.cfg, lora.config(&m.cfg)?, seed)),
     }
+}
+
+/// The adapter in `dir`, which the LoRA flags given must agree with.
+pub fn load_adapter(dir: &Path, m: &LoadedModel, lora: &LoraArgs) -> Result<HostLora> {
+    let a = HostLora::load(dir, &m.cfg)?;
+    lora.agree_with(&a.cfg, &dir.join("adapter_config.json"))?;
+    Ok(a)
 }
 
 /// Print `value` as JSON on stdout.

@@ -174,9 +174,12 @@ pub fn run(a: SweepArgs) -> Result<()> {
     let curvature = a
         .curvature
         .as_deref()
-        .map(|p| Curvature::read(p, &m.cfg))
+        .map(|p| Curvature::read_for(p, &m))
         .transpose()?;
-    let init = HostLora::init(&m.cfg, a.lora.config()?, a.common.seed);
+    if let (Some(c), Some(p)) = (&curvature, &a.curvature) {
+        a.lora.agree_with(&c.mean.cfg, p)?;
+    }
+    let init = HostLora::init(&m.cfg, a.lora.config(&m.cfg)?, a.common.seed);
     let lambdas = match &a.lambdas {
         Some(s) => sweep::parse_lambdas(s)?,
         None => DEFAULT_LAMBDAS.to_vec(),

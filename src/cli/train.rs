@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::{Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json};
+use super::{
+    Common, DataArgs, LoraArgs, ModelArgs, load_adapter, load_data, load_model, print_json,
+};
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::curvature::Curvature;
@@ -132,13 +134,19 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let curvature = a
         .curvature
         .as_deref()
-        .map(|p| Curvature::read(p, &m.cfg))
+        .map(|p| Curvature::read_for(p, &m))
         .transpose()?;
-    let init = match (&a.adapter, &curvature) {
-        (Some(dir), _) => HostLora::load(dir, &m.cfg)?,
-        (None, Some(c)) => c.mean.clone(),
-        (None, None) => HostLora::init(&m.cfg, a.lora.config()?, a.common.seed),
+    let init = match (&a.adapter, &curvature, &a.curvature) {
+        (Some(dir), _, _) => load_adapter(dir, &m, &a.lora)?,
+        (None, Some(c), Some(p)) => {
+            a.lora.agree_with(&c.mean.cfg, p)?;
+            c.mean.clone()
+        }
+        _ => HostLora::init(&m.cfg, a.lora.config(&m.cfg)?, a.common.seed),
     };
+    if let (Some(c), Some(p)) = (&curvature, &a.curvature) {
+        c.check_lora(p, &init, "the adapter trained")?;
+    }
     let data = load_data(&a.data, &m, &a.batching)?;
     let cfg = a
         .hyper

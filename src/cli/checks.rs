@@ -1,0 +1,148 @@
+//! Flag values, checked before any file is read: a zero, negative, non-finite or absurd
+//! number is refused naming its flag, so that no run divides by zero, starts unbounded
+//! threads, or trains on NaN from the start.
+
+use super::train::HyperArgs;
+use super::{Command, Common, DataArgs, LoraArgs};
+use crate::error::{Error, Result};
+use crate::model::LoraConfig;
+
+/// More threads than this only add scheduling: 4x the cores, and never above 1024.
+fn max_threads() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    (4 * cores).min(1024)
+}
+
+fn refuse(flag: &str, value: impl std::fmt::Display, what: &str) -> Result<()> {
+    Err(Error::usage(format!("{flag} {value}: must be {what}")))
+}
+
+fn at_least(flag: &str, v: usize, min: usize) -> Result<()> {
+    if v < min {
+        return refuse(flag, v, &format!("at least {min}"));
+    }
+    Ok(())
+}
+
+/// A finite number >= 0.
+fn non_negative(flag: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v >= 0.0) {
+        return refuse(flag, v, "a finite number >= 0");
+    }
+    Ok(())
+}
+
+fn common(c: &Common) -> Result<()> {
+    let max = max_threads();
+    if c.threads > max {
+        return refuse(
+            "--threads",
+            c.threads,
+            &format!("at most {max} (4x the cores, and 1024)"),
+        );
+    }
+    Ok(())
+}
+
+fn data(d: &DataArgs) -> Result<()> {
+    at_least("--max-len", d.max_len, 2)?;
+    at_least("--batch-size", d.batch_size, 1)?;
+    if let Some(n) = d.limit {
+        at_least("--limit", n, 1)?;
+    }
+    Ok(())
+}
+
+fn lora(l: &LoraArgs) -> Result<()> {
+    if let Some(r) = l.rank {
+        at_least("--rank", r, 1)?;
+    }
+    if let Some(a) = l.alpha
+        && !(a.is_finite() && a > 0.0)
+    {
+        return refuse("--alpha", a, "a finite number > 0");
+    }
+    if let Some(t) = &l.targets {
+        LoraConfig::parse_targets(t)?;
+    }
+    Ok(())
+}
+
+fn hyper(h: &HyperArgs) -> Result<()> {
+    at_least("--steps", h.steps, 1)?;
+    at_least("--grad-accum", h.grad_accum, 1)?;
+    non_negative("--lr", h.lr as f64)?;
+    non_negative("--weight-decay", h.weight_decay as f64)?;
+    non_negative("--clip", h.clip as f64)
+}
+
+fn penalty(lambda: f32, delta: f32) -> Result<()> {
+    non_negative("--lambda", lambda as f64)?;
+    non_negative("--delta", delta as f64)
+}
+
+fn sampling(temperature: f32, top_p: f32) -> Result<()> {
+    non_negative("--temperature", temperature as f64)?;
+    if !(top_p > 0.0 && top_p <= 1.0) {
+        return refuse("--top-p", top_p, "in (0, 1]");
+    }
+    Ok(())
+}
+
+/// Check every numeric flag of `cmd`.
+pub(super) fn validate(cmd: &Command) -> Result<()> {
+    match cmd {
+        Command::Info(a) => {
+            common(&a.common)?;
+            data(&a.data)?;
+            lora(&a.lora)
+        }
+        Command::Eval(a) => {
+            common(&a.common)?;
+            data(&a.batching)
+        }
+        Command::Grad(a) => {
+            common(&a.common)?;
+            data(&a.batching)?;
+            lora(&a.lora)
+        }
+        Command::Curvature(a) => {
+            common(&a.common)?;
+            data(&a.batching)?;
+            lora(&a.lora)?;
+            at_least("--mc-samples", a.mc_samples, 1)?;
+            non_negative("--warmup-lr", a.warmup_lr as f64)
+        }
+        Command::Train(a) => {
+            common(&a.common)?;
+            data(&a.batching)?;
+            lora(&a.lora)?;
+            hyper(&a.hyper)?;
+            penalty(a.lambda, a.delta)
+        }
+        Command::Sweep(a) => {
+            common(&a.common)?;
+            data(&a.batching)?;
+            lora(&a.lora)?;
+            hyper(&a.hyper)?;
+            penalty(0.0, a.delta)?;
+            at_least("--eval-limit", a.eval_limit, 1)?;
+            at_least("--exact-match-limit", a.exact_match_limit, 1)
+        }
+        Command::Generate(a) => {
+            common(&a.common)?;
+            sampling(a.temperature, a.top_p)
+        }
+        Command::Demo(a) => {
+            common(&a.common)?;
+            data(&a.batching)?;
+            lora(&a.lora)?;
+            at_least("--steps", a.steps, 1)?;
+            at_least("--curvature-sequences", a.curvature_sequences, 1)?;
+            at_least("--eval-sequences", a.eval_sequences, 1)?;
+            non_negative("--lr", a.lr as f64)?;
+            penalty(0.0, a.delta)
+        }
+        Command::Selftest(a) => common(&a.common),
+    }
+}

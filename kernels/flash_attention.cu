@@ -1,0 +1,545 @@
+// Flash attention (bf16 tensor cores, f32 accumulation), causal and grouped-query; CPU
+// twin: backend/cpu/attention.rs. The host side is backend/cuda/attention/flash.rs.
+//
+// Forward (FlashAttention-2): one block of 8 warps per 128 query rows of one (sequence,
+// KV head), the heads of the group packed into the rows (fa::Group), so K/V tiles are
+// read once for the whole group. Each warp owns 16 rows: S = Q K^T on mma.sync, online
+// softmax in registers (exp2 with the scale folded in), O += P V with P kept in registers.
+// K/V tiles of 64 keys are double-buffered in shared memory; the next tile's global reads
+// are issued before the current tile's products. Causal: a block visits only key tiles up
+// to its last row's position and masks only tiles that cross a row's diagonal (or tk).
+// It writes O and the row log-sum-exp (natural log of the scaled scores): O(T) saved state.
+//
+// Backward (recompute): flash_bwd_delta computes D = rowsum(dO * O); flash_bwd_dkdv runs
+// one block per 128 keys (8 warps x 16 keys) and sweeps the query rows of every head of
+// the group, so dK and dV are sums over the group accumulated in registers in a fixed
+// order; flash_bwd_dq runs one block per 128 query rows and sweeps the key tiles. No
+// atomics: every output element is written once by one thread, so results are
+// deterministic. (dQ in its own pass costs two extra products, QK^T and dO V^T, instead
+// of FlashAttention-2's float atomics.) The rows of dS = P (dP - D) sum to zero, so dK
+// summed over positions (as KFAC's reduce factors sum it) cancels; dS rounded to bf16
+// would break that, so the dK product takes dS as two bf16 halves (one more mma).
+//
+// Inputs and outputs are f32 (the engine's activations); tiles are rounded to bf16 as
+// they are staged into shared memory. Kernels are built for head dims 64 and 128 (D); a
+// smaller multiple of 16 runs zero-padded in the next one (`hd` is the real dim).
+#include "common.cuh"
+#include "flash_attention.cuh"
+
+using fa::bf16;
+
+constexpr int THREADS = 256;  // 8 warps
+constexpr int ROWS = 128;     // query rows per block (forward, dQ): 16 per warp
+constexpr int KEYS = 128;     // keys per block (dK/dV): 16 per warp
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <int D>
+__device__ __forceinline__ void fwd(const float* __restrict__ q, const float* __restrict__ k,
+                                    const float* __restrict__ v, float* __restrict__ out,
+                                    float* __restrict__ lse, int tq, int tk, int tk_stride, int n_heads,
+                                    int n_kv, int hd, int q_offset, float scale) {
+    constexpr int BN = 64, LD = D + 8;
+    extern __shared__ uint4 smem[];
+    bf16* kbuf = reinterpret_cast<bf16*>(smem);  // [2][BN][LD]
+    bf16* vbuf = kbuf + 2 * BN * LD;             // [2][BN][LD]
+
+    const fa::Group gr(tq, n_heads, n_kv, hd, blockIdx.z, blockIdx.y);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    // Later rows see more keys: launch them first so the longest blocks do not trail.
+    const int r0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
+    const int row[2] = {r0 + warp * 16 + g, r0 + warp * 16 + g + 8};
+
+    // Keys [0, kend) are visible to some row of the block, [0, full) to all of them.
+    const int last = min(r0 + ROWS, gr.rows) - 1;
+    const int kend = min(tk, q_offset + gr.pos(last) + 1);
+    const int full = min(tk, q_offset + gr.pos(r0) + 1);
+    const int n_tiles = (kend + BN - 1) / BN;
+
+    // Row state: the last key each of this thread's two rows sees; Q as A fragments.
+    int lim[2];
+    uint32_t qa[D / 16][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const bool ok = row[h] < gr.rows;
+        lim[h] = min(tk - 1, q_offset + gr.pos(ok ? row[h] : gr.rows - 1));
+        const float* qr = q + gr.q_at(ok ? row[h] : 0);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                float2 x = make_float2(0.f, 0.f);
+                if (ok && kk * 16 < hd) x = __ldg(reinterpret_cast<const float2*>(qr + kk * 16 + half * 8 + 2 * t));
+                qa[kk][h + 2 * half] = fa::pack(x.x, x.y);
+            }
+        }
+    }
+
+    const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
+    const size_t kv_ld = (size_t)n_kv * hd;
+    fa::Stager<BN, D, THREADS> st;
+    auto rows_of = [&](const float* base, int key0) {
+        return [=](int r) -> const float* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
+    };
+    if (n_tiles > 0) {
+        st.load(rows_of(k, 0), hd);
+        st.store(kbuf);
+        st.load(rows_of(v, 0), hd);
+        st.store(vbuf);
+    }
+    __syncthreads();
+
+    const float sl2 = scale * fa::LOG2E;
+    float o[D / 8][4] = {};
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+    for (int kt = 0; kt < n_tiles; ++kt) {
+        const int cur = kt & 1, key0 = kt * BN;
+        const bool more = kt + 1 < n_tiles;
+        const fa::Tile<LD> ks{kbuf + cur * BN * LD}, vs{vbuf + cur * BN * LD};
+        if (more) st.load(rows_of(k, key0 + BN), hd);
+
+        float s[BN / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                uint32_t b[4];
+                ks.b_nk(b, np * 16, kk * 16);
+                fa::mma(s[2 * np], qa[kk], b[0], b[1]);
+                fa::mma(s[2 * np + 1], qa[kk], b[2], b[3]);
+            }
+        }
+        if (more) {
+            st.store(kbuf + (cur ^ 1) * BN * LD);
+            st.load(rows_of(v, key0 + BN), hd);
+        }
+
+        // Scores in log2 units; keys past a row's diagonal or past tk get -inf.
+        const bool masked = key0 + BN > full;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int j = key0 + nt * 8 + 2 * t + (e & 1);
+                s[nt][e] = masked && j > lim[e >> 1] ? -INFINITY : s[nt][e] * sl2;
+            }
+        }
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            float mx = m[h];
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
+            mx = fa::quad_max(mx);
+            // Every row sees key 0 in tile 0, so mx is finite from then on.
+            const float alpha = exp2f(m[h] - mx);
+            m[h] = mx;
+            float sum = 0.f;
+#pragma unroll
+            for (int nt = 0; nt < BN / 8; ++nt) {
+                s[nt][2 * h] = exp2f(s[nt][2 * h] - mx);
+                s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - mx);
+                sum += s[nt][2 * h] + s[nt][2 * h + 1];
+            }
+            l[h] = l[h] * alpha + sum;
+#pragma unroll
+            for (int nd = 0; nd < D / 8; ++nd) {
+                o[nd][2 * h] *= alpha;
+                o[nd][2 * h + 1] *= alpha;
+            }
+        }
+
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t pa[4];
+            fa::c_to_a(pa, s, kk);
+#pragma unroll
+            for (int np = 0; np < D / 16; ++np) {
+                uint32_t b[4];
+                vs.b_kn(b, kk * 16, np * 16);
+                fa::mma(o[2 * np], pa, b[0], b[1]);
+                fa::mma(o[2 * np + 1], pa, b[2], b[3]);
+            }
+        }
+        if (more) st.store(vbuf + (cur ^ 1) * BN * LD);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const float sum = fa::quad_sum(l[h]);
+        if (row[h] >= gr.rows) continue;
+        const float inv = sum > 0.f ? 1.f / sum : 0.f;
+        float* orow = out + gr.q_at(row[h]);
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+            if (nd * 8 < hd)
+                *reinterpret_cast<float2*>(orow + nd * 8 + 2 * t) =
+                    make_float2(o[nd][2 * h] * inv, o[nd][2 * h + 1] * inv);
+        }
+        if (t == 0) lse[gr.lse_at(row[h])] = sum > 0.f ? (m[h] + log2f(sum)) * fa::LN2 : -INFINITY;
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward: D = rowsum(dO * O), one warp per (sequence, position, head) row. dO is rounded
+// to bf16 as the dP = dO V^T products see it, so that the rows of dS = P (dP - D) sum to
+// zero as nearly as they can.
+
+__device__ __forceinline__ float bf(float x) { return __bfloat162float(__float2bfloat16(x)); }
+
+extern "C" __global__ void flash_bwd_delta(const float* __restrict__ dout, const float* __restrict__ out,
+                                           float* __restrict__ delta, int rows, int tq, int n_heads, int hd) {
+    const int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
+    if (r >= rows) return;
+    const float* a = dout + (size_t)r * hd;
+    const float* b = out + (size_t)r * hd;
+    float s = 0.f;
+    for (int d = lane * 4; d < hd; d += 128) {
+        const float4 x = __ldg(reinterpret_cast<const float4*>(a + d));
+        const float4 y = __ldg(reinterpret_cast<const float4*>(b + d));
+        s += bf(x.x) * y.x + bf(x.y) * y.y + bf(x.z) * y.z + bf(x.w) * y.w;
+    }
+    s = warp_sum(s);
+    // r = (b * tq + i) * n_heads + h; delta is (batch, n_heads, tq).
+    const int h = r % n_heads, bi = r / n_heads;
+    if (lane == 0) delta[((size_t)(bi / tq) * n_heads + h) * tq + bi % tq] = s;
+}
+
+// dQ = scale * sum_j dS_ij k_j with dS = P (dP - D), dP = dO V^T; one block per 128 query
+// rows as in the forward, sweeping key tiles of BN.
+template <int D, int BN>
+__device__ __forceinline__ void bwd_dq(const float* __restrict__ q, const float* __restrict__ k,
+                                       const float* __restrict__ v, const float* __restrict__ dout,
+                                       const float* __restrict__ lse, const float* __restrict__ delta,
+                                       float* __restrict__ dq, int tq, int tk, int tk_stride, int n_heads,
+                                       int n_kv, int hd, int q_offset, float scale) {
+    constexpr int LD = D + 8;
+    extern __shared__ uint4 smem[];
+    bf16* kbuf = reinterpret_cast<bf16*>(smem);  // [2][BN][LD]
+    bf16* vbuf = kbuf + 2 * BN * LD;             // [2][BN][LD]
+
+    const fa::Group gr(tq, n_heads, n_kv, hd, blockIdx.z, blockIdx.y);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int r0 = (gridDim.x - 1 - blockIdx.x) * ROWS;
+    const int row[2] = {r0 + warp * 16 + g, r0 + warp * 16 + g + 8};
+    const int last = min(r0 + ROWS, gr.rows) - 1;
+    const int kend = min(tk, q_offset + gr.pos(last) + 1);
+    const int full = min(tk, q_offset + gr.pos(r0) + 1);
+    const int n_tiles = (kend + BN - 1) / BN;
+    const float sl2 = scale * fa::LOG2E;
+
+    // Per row: last visible key, log2-unit LSE, D; Q and dO as A fragments.
+    int lim[2];
+    float lse2[2], dd[2];
+    uint32_t qa[D / 16][4], da[D / 16][4];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const bool ok = row[h] < gr.rows;
+        const int rr = ok ? row[h] : gr.rows - 1;
+        lim[h] = min(tk - 1, q_offset + gr.pos(rr));
+        lse2[h] = ok ? lse[gr.lse_at(rr)] * fa::LOG2E : INFINITY;
+        dd[h] = ok ? delta[gr.lse_at(rr)] : 0.f;
+        const float* qr = q + gr.q_at(rr);
+        const float* dr = dout + gr.q_at(rr);
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {
+                const int c = kk * 16 + half * 8 + 2 * t;
+                float2 x = make_float2(0.f, 0.f), y = x;
+                if (ok && kk * 16 < hd) {
+                    x = __ldg(reinterpret_cast<const float2*>(qr + c));
+                    y = __ldg(reinterpret_cast<const float2*>(dr + c));
+                }
+                qa[kk][h + 2 * half] = fa::pack(x.x, x.y);
+                da[kk][h + 2 * half] = fa::pack(y.x, y.y);
+            }
+        }
+    }
+
+    const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
+    const size_t kv_ld = (size_t)n_kv * hd;
+    fa::Stager<BN, D, THREADS> st;
+    auto rows_of = [&](const float* base, int key0) {
+        return [=](int r) -> const float* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
+    };
+    if (n_tiles > 0) {
+        st.load(rows_of(k, 0), hd);
+        st.store(kbuf);
+        st.load(rows_of(v, 0), hd);
+        st.store(vbuf);
+    }
+    __syncthreads();
+
+    float acc[D / 8][4] = {};
+    for (int kt = 0; kt < n_tiles; ++kt) {
+        const int cur = kt & 1, key0 = kt * BN;
+        const bool more = kt + 1 < n_tiles;
+        const fa::Tile<LD> ks{kbuf + cur * BN * LD}, vs{vbuf + cur * BN * LD};
+        if (more) st.load(rows_of(k, key0 + BN), hd);
+        float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                uint32_t b[4];
+                ks.b_nk(b, np * 16, kk * 16);
+                fa::mma(s[2 * np], qa[kk], b[0], b[1]);
+                fa::mma(s[2 * np + 1], qa[kk], b[2], b[3]);
+            }
+        }
+        if (more) {
+            st.store(kbuf + (cur ^ 1) * BN * LD);
+            st.load(rows_of(v, key0 + BN), hd);
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+#pragma unroll
+            for (int np = 0; np < BN / 16; ++np) {
+                uint32_t b[4];
+                vs.b_nk(b, np * 16, kk * 16);
+                fa::mma(dp[2 * np], da[kk], b[0], b[1]);
+                fa::mma(dp[2 * np + 1], da[kk], b[2], b[3]);
+            }
+        }
+        if (more) st.store(vbuf + (cur ^ 1) * BN * LD);
+
+        // dS = P (dP - D), P recomputed from the saved LSE; 0 where masked.
+        const bool masked = key0 + BN > full;
+#pragma unroll
+        for (int nt = 0; nt < BN / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int h = e >> 1, j = key0 + nt * 8 + 2 * t + (e & 1);
+                const float p = masked && j > lim[h] ? 0.f : exp2f(s[nt][e] * sl2 - lse2[h]);
+                s[nt][e] = p * (dp[nt][e] - dd[h]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BN / 16; ++kk) {
+            uint32_t a[4];
+            fa::c_to_a(a, s, kk);
+#pragma unroll
+            for (int np = 0; np < D / 16; ++np) {
+                uint32_t b[4];
+                ks.b_kn(b, kk * 16, np * 16);
+                fa::mma(acc[2 * np], a, b[0], b[1]);
+                fa::mma(acc[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        if (row[h] >= gr.rows) continue;
+        float* dr = dq + gr.q_at(row[h]);
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+            if (nd * 8 < hd)
+                *reinterpret_cast<float2*>(dr + nd * 8 + 2 * t) =
+                    make_float2(acc[nd][2 * h] * scale, acc[nd][2 * h + 1] * scale);
+        }
+    }
+}
+
+// dV = sum_i P_ij dO_i and dK = scale * sum_i dS_ij q_i over the rows of every head of the
+// group: one block per 128 keys (each warp owns 16 and their dK/dV rows), sweeping query
+// tiles of BM packed rows. Works on transposed tiles: S^T = K Q^T, dP^T = V dO^T.
+template <int D, int BM>
+__device__ __forceinline__ void bwd_dkdv(const float* __restrict__ q, const float* __restrict__ k,
+                                         const float* __restrict__ v, const float* __restrict__ dout,
+                                         const float* __restrict__ lse, const float* __restrict__ delta,
+                                         float* __restrict__ dk, float* __restrict__ dv, int tq, int tk,
+                                         int tk_stride, int n_heads, int n_kv, int hd, int q_offset,
+                                         float scale) {
+    constexpr int LD = D + 8;
+    extern __shared__ uint4 smem[];
+    bf16* kbuf = reinterpret_cast<bf16*>(smem);  // [KEYS][LD]
+    bf16* vbuf = kbuf + KEYS * LD;               // [KEYS][LD]
+    bf16* qbuf = vbuf + KEYS * LD;               // [2][BM][LD]
+    bf16* dbuf = qbuf + 2 * BM * LD;             // [2][BM][LD]
+    float* lse_s = reinterpret_cast<float*>(dbuf + 2 * BM * LD);  // [2][BM], log2 units
+    float* dd_s = lse_s + 2 * BM;                                 // [2][BM]
+    int* lim_s = reinterpret_cast<int*>(dd_s + 2 * BM);           // [2][BM]
+
+    const fa::Group gr(tq, n_heads, n_kv, hd, blockIdx.z, blockIdx.y);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int k0 = blockIdx.x * KEYS, kw = warp * 16;
+    const float sl2 = scale * fa::LOG2E;
+
+    // Keys from k0 on are seen by positions from k0 - q_offset on: earlier tiles are skipped.
+    const int first_pos = max(0, k0 - q_offset);
+    const int t0 = first_pos < tq ? first_pos * gr.group / BM : 0;
+    const int t1 = first_pos < tq ? (gr.rows + BM - 1) / BM : 0;
+
+    const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
+    const size_t kv_ld = (size_t)n_kv * hd;
+    {
+        fa::Stager<KEYS, D, THREADS> kv;
+        auto rows_of = [&](const float* base) {
+            return [=](int r) -> const float* { return k0 + r < tk ? base + kv0 + (k0 + r) * kv_ld : nullptr; };
+        };
+        kv.load(rows_of(k), hd);
+        kv.store(kbuf);
+        kv.load(rows_of(v), hd);
+        kv.store(vbuf);
+    }
+
+    fa::Stager<BM, D, THREADS> st;
+    auto rows_of = [&](const float* base, int r0) {
+        return [=](int r) -> const float* { return r0 + r < gr.rows ? base + gr.q_at(r0 + r) : nullptr; };
+    };
+    // Per-row values of a query tile (thread i < BM holds row i): LSE, D, last visible key.
+    float aux_lse = 0.f, aux_dd = 0.f;
+    int aux_lim = 0;
+    auto load_aux = [&](int r0) {
+        if (threadIdx.x < BM) {
+            const int r = r0 + threadIdx.x;
+            const bool ok = r < gr.rows;
+            aux_lse = ok ? lse[gr.lse_at(r)] * fa::LOG2E : INFINITY;
+            aux_dd = ok ? delta[gr.lse_at(r)] : 0.f;
+            aux_lim = ok ? q_offset + gr.pos(r) : -1;
+        }
+    };
+    auto store_aux = [&](int buf) {
+        if (threadIdx.x < BM) {
+            lse_s[buf * BM + threadIdx.x] = aux_lse;
+            dd_s[buf * BM + threadIdx.x] = aux_dd;
+            lim_s[buf * BM + threadIdx.x] = aux_lim;
+        }
+    };
+    if (t0 < t1) {
+        st.load(rows_of(q, t0 * BM), hd);
+        st.store(qbuf);
+        st.load(rows_of(dout, t0 * BM), hd);
+        st.store(dbuf);
+        load_aux(t0 * BM);
+        store_aux(0);
+    }
+    __syncthreads();
+
+    const fa::Tile<LD> ks{kbuf}, vs{vbuf};
+    float dka[D / 8][4] = {}, dva[D / 8][4] = {};
+    for (int it = t0; it < t1; ++it) {
+        const int cur = (it - t0) & 1, r0 = it * BM;
+        const bool more = it + 1 < t1;
+        const fa::Tile<LD> qs{qbuf + cur * BM * LD}, ds{dbuf + cur * BM * LD};
+        if (more) {
+            st.load(rows_of(q, r0 + BM), hd);
+            load_aux(r0 + BM);
+        }
+        float s[BM / 8][4] = {}, dp[BM / 8][4] = {};
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t a[4];
+            ks.a(a, kw, kk * 16);
+#pragma unroll
+            for (int np = 0; np < BM / 16; ++np) {
+                uint32_t b[4];
+                qs.b_nk(b, np * 16, kk * 16);
+                fa::mma(s[2 * np], a, b[0], b[1]);
+                fa::mma(s[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+        if (more) {
+            st.store(qbuf + (cur ^ 1) * BM * LD);
+            store_aux(cur ^ 1);
+            st.load(rows_of(dout, r0 + BM), hd);
+        }
+#pragma unroll
+        for (int kk = 0; kk < D / 16; ++kk) {
+            uint32_t a[4];
+            vs.a(a, kw, kk * 16);
+#pragma unroll
+            for (int np = 0; np < BM / 16; ++np) {
+                uint32_t b[4];
+                ds.b_nk(b, np * 16, kk * 16);
+                fa::mma(dp[2 * np], a, b[0], b[1]);
+                fa::mma(dp[2 * np + 1], a, b[2], b[3]);
+            }
+        }
+        if (more) st.store(dbuf + (cur ^ 1) * BM * LD);
+
+        // P^T and dS^T; a key past a row's diagonal gets P = 0. Keys past tk are computed
+        // on zero rows and their dK/dV rows are never stored.
+        const bool masked = q_offset + gr.pos(r0) < k0 + KEYS - 1;
+        const float* ls = lse_s + cur * BM;
+        const float* dsum = dd_s + cur * BM;
+        const int* lm = lim_s + cur * BM;
+#pragma unroll
+        for (int nt = 0; nt < BM / 8; ++nt) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int c = nt * 8 + 2 * t + (e & 1), j = k0 + kw + g + 8 * (e >> 1);
+                const float p = masked && j > lm[c] ? 0.f : exp2f(s[nt][e] * sl2 - ls[c]);
+                s[nt][e] = p;
+                dp[nt][e] = p * (dp[nt][e] - dsum[c]);
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < BM / 16; ++kk) {
+            uint32_t pa[4], sa[4], sl[4];
+            fa::c_to_a(pa, s, kk);
+            fa::c_to_a_split(sa, sl, dp, kk);
+#pragma unroll
+            for (int np = 0; np < D / 16; ++np) {
+                uint32_t b[4];
+                ds.b_kn(b, kk * 16, np * 16);
+                fa::mma(dva[2 * np], pa, b[0], b[1]);
+                fa::mma(dva[2 * np + 1], pa, b[2], b[3]);
+                qs.b_kn(b, kk * 16, np * 16);
+                fa::mma(dka[2 * np], sa, b[0], b[1]);
+                fa::mma(dka[2 * np + 1], sa, b[2], b[3]);
+                fa::mma(dka[2 * np], sl, b[0], b[1]);
+                fa::mma(dka[2 * np + 1], sl, b[2], b[3]);
+            }
+        }
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+        const int j = k0 + kw + g + 8 * h;
+        if (j >= tk) continue;
+        float* kr = dk + kv0 + j * kv_ld;
+        float* vr = dv + kv0 + j * kv_ld;
+#pragma unroll
+        for (int nd = 0; nd < D / 8; ++nd) {
+            if (nd * 8 < hd) {
+                *reinterpret_cast<float2*>(kr + nd * 8 + 2 * t) =
+                    make_float2(dka[nd][2 * h] * scale, dka[nd][2 * h + 1] * scale);
+                *reinterpret_cast<float2*>(vr + nd * 8 + 2 * t) = make_float2(dva[nd][2 * h], dva[nd][2 * h + 1]);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Entries, one per head dim the kernels are built for. Grids: forward and dQ
+// (ceil(tq * group / 128), n_kv_heads, batch); dK/dV (ceil(tk / 128), n_kv_heads, batch).
+
+#define FWD_ARGS                                                                                     \
+    const float *q, const float *k, const float *v, float *out, float *lse, int tq, int tk, int tk_stride, \
+        int n_heads, int n_kv, int hd, int q_offset, float scale
+#define BWD_ARGS                                                                                    \
+    const float *q, const float *k, const float *v, const float *dout, const float *lse, const float *delta, \
+        int tq, int tk, int tk_stride, int n_heads, int n_kv, int hd, int q_offset, float scale
+#define SHAPE tq, tk, tk_stride, n_heads, n_kv, hd, q_offset, scale
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_fwd_64(FWD_ARGS) { fwd<64>(q, k, v, out, lse, SHAPE); }
+extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_fwd_128(FWD_ARGS) { fwd<128>(q, k, v, out, lse, SHAPE); }
+
+extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_64(BWD_ARGS, float* dq) {
+    bwd_dq<64, 64>(q, k, v, dout, lse, delta, dq, SHAPE);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_128(BWD_ARGS, float* dq) {
+    bwd_dq<128, 32>(q, k, v, dout, lse, delta, dq, SHAPE);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dkdv_64(BWD_ARGS, float* dk, float* dv) {
+    bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, dk, dv, SHAPE);
+}
+extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dkdv_128(BWD_ARGS, float* dk, float* dv) {
+    bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, dk, dv, SHAPE);
+}

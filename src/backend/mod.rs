@@ -9,7 +9,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod device;
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Rows `[start, start + len)` of a batch activation belong to one sequence; padding rows
 /// (right padding) are outside every segment.
@@ -37,6 +37,35 @@ pub struct AttnShape {
 impl AttnShape {
     pub fn probs_len(&self) -> usize {
         self.batch * self.n_heads * self.tq * self.tk
+    }
+
+    /// Length of a per-row buffer `(batch, n_heads, tq)`, such as the log-sum-exps.
+    pub fn rows_len(&self) -> usize {
+        self.batch * self.n_heads * self.tq
+    }
+}
+
+/// What `Backend::attention` keeps for `attention_backward`: which state depends on the
+/// path the backend took, and the backward pass dispatches on it.
+pub enum AttnSaved<Buf> {
+    /// The softmax probabilities `(batch, n_heads, tq, tk)`, zero where a key is not
+    /// visible: the materialised paths (the CPU; CUDA with f32 base weights). O(T^2).
+    Probs(Buf),
+    /// The log-sum-exp of each query row's scaled scores, `ln sum_j exp(q.k_j / sqrt(hd))`
+    /// over its visible keys, `(batch, n_heads, tq)`: flash attention (CUDA with bf16 base
+    /// weights), whose backward recomputes the probabilities from it. O(T).
+    Lse(Buf),
+}
+
+impl<Buf> AttnSaved<Buf> {
+    /// The probabilities, for a backend whose backward needs them (`who` names it).
+    pub fn probs(&self, who: &str) -> Result<&Buf> {
+        match self {
+            AttnSaved::Probs(p) => Ok(p),
+            AttnSaved::Lse(_) => Err(Error::Usage(format!(
+                "{who}: attention backward needs the probabilities its forward saves, not log-sum-exps"
+            ))),
+        }
     }
 }
 
@@ -182,15 +211,17 @@ pub trait Backend: Send + Sync {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()>;
-    /// Causal softmax attention with scale `1/sqrt(head_dim)`; returns `(out, probs)`.
+    /// Causal softmax attention with scale `1/sqrt(head_dim)`; returns `out` and what the
+    /// backward pass needs (`AttnSaved`, backend-defined).
     fn attention(
         &self,
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
         s: &AttnShape,
-    ) -> Result<(Self::Buf, Self::Buf)>;
-    /// Returns `(dq, dk, dv)`.
+    ) -> Result<(Self::Buf, AttnSaved<Self::Buf>)>;
+    /// Given the forward's `out` and saved state, returns `(dq, dk, dv)`; `dk`/`dv` rows
+    /// past `tk` (up to `tk_stride`) are zero.
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -198,7 +229,8 @@ pub trait Backend: Send + Sync {
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
-        probs: &Self::Buf,
+        out: &Self::Buf,
+        saved: &AttnSaved<Self::Buf>,
         s: &AttnShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// `silu(gate) * up`.

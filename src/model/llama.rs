@@ -10,7 +10,7 @@ use super::config::LlamaConfig;
 use super::lora::LoraWeights;
 use super::proj::Proj;
 use super::weights::HostWeights;
-use crate::backend::{AttnShape, Backend, LoraDims, RopeTable};
+use crate::backend::{AttnSaved, AttnShape, Backend, LoraDims, RopeTable};
 use crate::data::Batch;
 use crate::error::Result;
 
@@ -53,7 +53,9 @@ struct LayerActs<B: Backend> {
     q: B::Buf,
     k: B::Buf,
     v: B::Buf,
-    probs: B::Buf,
+    /// The attention state its backward needs (probabilities or log-sum-exps).
+    attn_saved: AttnSaved<B::Buf>,
+    /// The attention output (the O projection's input; flash backward reads it too).
     attn: B::Buf,
     h_mid: B::Buf,
     xn2: B::Buf,
@@ -252,7 +254,7 @@ impl<B: Backend> Llama<B> {
             let (v, uv) = self.project(be, lora, l, Proj::V, &xn1, m)?;
             be.rope(&mut q, &rope, m, c.num_heads, c.head_dim, false)?;
             be.rope(&mut k, &rope, m, c.num_kv_heads, c.head_dim, false)?;
-            let (attn, probs) = be.attention(&q, &k, &v, &shape)?;
+            let (attn, attn_saved) = be.attention(&q, &k, &v, &shape)?;
             let (o, uo) = self.project(be, lora, l, Proj::O, &attn, m)?;
             let mut h_mid = o;
             be.add_assign(&mut h_mid, &h)?;
@@ -272,7 +274,7 @@ impl<B: Backend> Llama<B> {
                     q,
                     k,
                     v,
-                    probs,
+                    attn_saved,
                     attn,
                     h_mid,
                     xn2,
@@ -398,7 +400,7 @@ impl<B: Backend> Llama<B> {
                 false,
             )?;
             let (mut dq, mut dk, dv) =
-                be.attention_backward(&dattn, &a.q, &a.k, &a.v, &a.probs, &shape)?;
+                be.attention_backward(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.attn_saved, &shape)?;
             be.rope(&mut dq, &acts.rope, m, c.num_heads, c.head_dim, true)?;
             be.rope(&mut dk, &acts.rope, m, c.num_kv_heads, c.head_dim, true)?;
             let mut dxn1 = be.zeros(m * d)?;

@@ -16,6 +16,9 @@ pub enum Tolerance {
     F32,
     /// The op reads the frozen base weights, which the device may store as bf16.
     BaseWeights,
+    /// The op ran on bf16 tensor cores (flash attention): inputs rounded to bf16, f32
+    /// accumulation.
+    TensorCores,
     /// A copy: must be bit for bit.
     Exact,
     /// A whole pass of the tiny model (gradients, curvature, a training step): errors of
@@ -27,8 +30,9 @@ impl Tolerance {
     pub fn bound(self, dtype: BaseDtype) -> f64 {
         match (self, dtype) {
             (Tolerance::Exact, _) => 0.0,
-            (Tolerance::F32, _) | (Tolerance::BaseWeights, BaseDtype::F32) => 1e-4,
-            (Tolerance::BaseWeights, BaseDtype::Bf16) => 1e-2,
+            (Tolerance::F32, _)
+            | (Tolerance::BaseWeights | Tolerance::TensorCores, BaseDtype::F32) => 1e-4,
+            (Tolerance::BaseWeights | Tolerance::TensorCores, BaseDtype::Bf16) => 1e-2,
             (Tolerance::EndToEnd, BaseDtype::F32) => 1e-4,
             (Tolerance::EndToEnd, BaseDtype::Bf16) => 5e-2,
         }

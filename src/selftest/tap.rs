@@ -10,7 +10,7 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use crate::backend::{
-    AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
 };
 use crate::error::{Error, Result};
 
@@ -221,7 +221,7 @@ impl<B: Backend> Backend for Tap<'_, B> {
         k: &B::Buf,
         v: &B::Buf,
         s: &AttnShape,
-    ) -> Result<(B::Buf, B::Buf)> {
+    ) -> Result<(B::Buf, AttnSaved<B::Buf>)> {
         self.inner.attention(q, k, v, s)
     }
     fn attention_backward(
@@ -230,10 +230,11 @@ impl<B: Backend> Backend for Tap<'_, B> {
         q: &B::Buf,
         k: &B::Buf,
         v: &B::Buf,
-        probs: &B::Buf,
+        out: &B::Buf,
+        saved: &AttnSaved<B::Buf>,
         s: &AttnShape,
     ) -> Result<(B::Buf, B::Buf, B::Buf)> {
-        self.inner.attention_backward(dout, q, k, v, probs, s)
+        self.inner.attention_backward(dout, q, k, v, out, saved, s)
     }
     fn swiglu(&self, gate: &B::Buf, up: &B::Buf) -> Result<B::Buf> {
         self.inner.swiglu(gate, up)

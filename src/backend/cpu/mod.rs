@@ -9,7 +9,9 @@ pub mod ops;
 pub mod optim;
 
 use self::gemm::{Mat, gemm};
-use super::{AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment};
+use super::{
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+};
 use crate::error::Result;
 
 pub struct CpuBackend {
@@ -266,8 +268,9 @@ impl Backend for CpuBackend {
         k: &Vec<f32>,
         v: &Vec<f32>,
         s: &AttnShape,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok(attention::attention(q, k, v, s))
+    ) -> Result<(Vec<f32>, AttnSaved<Vec<f32>>)> {
+        let (out, probs) = attention::attention(q, k, v, s);
+        Ok((out, AttnSaved::Probs(probs)))
     }
 
     fn attention_backward(
@@ -276,9 +279,11 @@ impl Backend for CpuBackend {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
-        probs: &Vec<f32>,
+        _out: &Vec<f32>,
+        saved: &AttnSaved<Vec<f32>>,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let probs = saved.probs("cpu")?;
         Ok(attention::attention_backward(dout, q, k, v, probs, s))
     }
 

@@ -7,7 +7,7 @@ use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK, THREADS, Weight};
 use crate::backend::{
-    AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
 };
 use crate::error::{Error, Result};
 
@@ -300,8 +300,8 @@ impl Backend for CudaBackend {
         k: &Self::Buf,
         v: &Self::Buf,
         s: &AttnShape,
-    ) -> Result<(Self::Buf, Self::Buf)> {
-        self.attention_impl(q, k, v, s)
+    ) -> Result<(Self::Buf, AttnSaved<Self::Buf>)> {
+        self.attention_auto(q, k, v, s)
     }
 
     fn attention_backward(
@@ -310,10 +310,11 @@ impl Backend for CudaBackend {
         q: &Self::Buf,
         k: &Self::Buf,
         v: &Self::Buf,
-        probs: &Self::Buf,
+        out: &Self::Buf,
+        saved: &AttnSaved<Self::Buf>,
         s: &AttnShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
-        self.attention_backward_impl(dout, q, k, v, probs, s)
+        self.attention_backward_auto(dout, q, k, v, out, saved, s)
     }
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf> {

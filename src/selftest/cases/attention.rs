@@ -1,10 +1,16 @@
-//! Causal attention forward and backward: grouped-query heads, head dims 64 and 128, a
-//! KV-cache decode step (`q_offset > 0`, `tk_stride > tk`), and rows longer than a block.
+//! Causal attention forward and backward: grouped-query heads, head dims 64 and 128 (and
+//! 48, which flash attention runs zero-padded, and 8, which it does not run), a KV-cache
+//! decode step (`q_offset > 0`, `tk_stride > tk`), and rows longer than a block.
+//!
+//! The device's saved state decides what is compared: probabilities (a materialised path,
+//! held to f32) or row log-sum-exps (flash attention on bf16 tensor cores, held to the
+//! tensor-core bound, its log-sum-exps to the reference's).
 
 use super::Checker;
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnSaved, AttnShape, Backend};
 use crate::error::Result;
-use crate::selftest::check::Tolerance::F32;
+use crate::selftest::check::Tolerance::{F32, TensorCores};
+use crate::selftest::reference::attention_lse;
 
 fn shape(
     batch: usize,
@@ -36,6 +42,10 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
         shape(1, 3, 21, 32, (2, 1), 128, 18),
         // Rows of 260 keys: longer than a 256-thread block.
         shape(1, 260, 260, 260, (2, 1), 64, 0),
+        // Three query heads per KV head, head dim 48.
+        shape(2, 19, 19, 19, (6, 2), 48, 0),
+        // Head dim 8: the materialised path on every device.
+        shape(1, 9, 9, 9, (2, 2), 8, 0),
     ];
     for s in cases {
         one(c, &s)?;
@@ -55,20 +65,45 @@ fn one<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>, s: &AttnShape) -> Resu
     // With entries of mean square ~0.35 scaled by 2.5, scores (after the 1/sqrt(hd)
     // scale) have a spread of ~2: softmaxes neither flat nor one-hot.
     let amp = 2.5;
-    let q: Vec<f32> = c.random(q_len).iter().map(|v| amp * v).collect();
-    let k: Vec<f32> = c.random(kv_len).iter().map(|v| amp * v).collect();
-    let (q, k, v) = (c.up(&q)?, c.up(&k)?, c.up_random(kv_len)?);
-    let (od, pd) = dev.attention(&q.0, &k.0, &v.0, s)?;
-    let (or, pr) = re.attention(&q.1, &k.1, &v.1, s)?;
-    c.check("attention.out", &shapes, &od, &or, F32)?;
-    c.check("attention.probs", &shapes, &pd, &pr, F32)?;
+    let qh: Vec<f32> = c.random(q_len).iter().map(|v| amp * v).collect();
+    let kh: Vec<f32> = c.random(kv_len).iter().map(|v| amp * v).collect();
+    let (q, k, v) = (c.up(&qh)?, c.up(&kh)?, c.up_random(kv_len)?);
+    let (od, sd) = dev.attention(&q.0, &k.0, &v.0, s)?;
+    let (or, sr) = re.attention(&q.1, &k.1, &v.1, s)?;
+    let pr = sr.probs("reference")?;
+    let tol = match &sd {
+        AttnSaved::Probs(pd) => {
+            c.check("attention.out", &shapes, &od, &or, F32)?;
+            c.check("attention.probs", &shapes, pd, pr, F32)?;
+            F32
+        }
+        AttnSaved::Lse(ld) => {
+            c.check("attention.out", &shapes, &od, &or, TensorCores)?;
+            let got = dev.to_host(ld)?;
+            c.check_host(
+                "attention.lse",
+                &shapes,
+                &got,
+                &attention_lse(&qh, &kh, s),
+                TensorCores,
+            );
+            TensorCores
+        }
+    };
 
+    // Both backwards get the reference's `out`, and a device that saves probabilities gets
+    // the reference's, so that the rows check the backward alone; log-sum-exps are the
+    // device's own (checked above).
     c.case("attention_backward", &shapes);
-    let probs = c.up(&re.to_host(&pr)?)?;
+    let out = c.up(&re.to_host(&or)?)?;
     let dout = c.up_random(q_len)?;
-    let (dqd, dkd, dvd) = dev.attention_backward(&dout.0, &q.0, &k.0, &v.0, &probs.0, s)?;
-    let (dqr, dkr, dvr) = re.attention_backward(&dout.1, &q.1, &k.1, &v.1, &probs.1, s)?;
-    c.check("attention_backward.dq", &shapes, &dqd, &dqr, F32)?;
-    c.check("attention_backward.dk", &shapes, &dkd, &dkr, F32)?;
-    c.check("attention_backward.dv", &shapes, &dvd, &dvr, F32)
+    let saved = match sd {
+        AttnSaved::Probs(_) => AttnSaved::Probs(dev.buf(re.to_host(pr)?)?),
+        lse => lse,
+    };
+    let (dqd, dkd, dvd) = dev.attention_backward(&dout.0, &q.0, &k.0, &v.0, &out.0, &saved, s)?;
+    let (dqr, dkr, dvr) = re.attention_backward(&dout.1, &q.1, &k.1, &v.1, &out.1, &sr, s)?;
+    c.check("attention_backward.dq", &shapes, &dqd, &dqr, tol)?;
+    c.check("attention_backward.dk", &shapes, &dkd, &dkr, tol)?;
+    c.check("attention_backward.dv", &shapes, &dvd, &dvr, tol)
 }

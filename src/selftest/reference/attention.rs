@@ -31,30 +31,47 @@ impl At<'_> {
     }
 }
 
+/// Query `i` of head `h` in sequence `b`: its visible keys, their scaled scores
+/// `q_i . k_j / sqrt(hd)`, and their log-sum-exp.
+struct Row {
+    keys: Vec<usize>,
+    scores: Vec<f64>,
+    lse: f64,
+}
+
+fn row(q: &[f32], k: &[f32], s: &AttnShape, b: usize, h: usize, i: usize) -> Row {
+    let at = At(s);
+    let scale = 1.0 / (s.head_dim as f64).sqrt();
+    let keys: Vec<usize> = (0..s.tk).filter(|&j| at.visible(i, j)).collect();
+    let scores: Vec<f64> = keys
+        .iter()
+        .map(|&j| {
+            let qk: f64 = (0..s.head_dim)
+                .map(|d| f(q[at.q(b, i, h, d)]) * f(k[at.kv(b, j, h, d)]))
+                .sum();
+            qk * scale
+        })
+        .collect();
+    let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    let lse = max + scores.iter().map(|&x| (x - max).exp()).sum::<f64>().ln();
+    Row { keys, scores, lse }
+}
+
 /// `P = softmax_j(q_i . k_j / sqrt(hd))` over visible keys; `out_i = sum_j P_ij v_j`.
 pub fn forward(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
     let at = At(s);
-    let scale = 1.0 / (s.head_dim as f64).sqrt();
     let mut out = vec![0f64; s.batch * s.tq * s.n_heads * s.head_dim];
     let mut probs = vec![0f64; s.probs_len()];
     for b in 0..s.batch {
         for h in 0..s.n_heads {
             for i in 0..s.tq {
-                let keys: Vec<usize> = (0..s.tk).filter(|&j| at.visible(i, j)).collect();
-                let score = |j: usize| -> f64 {
-                    let qk: f64 = (0..s.head_dim)
-                        .map(|d| f(q[at.q(b, i, h, d)]) * f(k[at.kv(b, j, h, d)]))
-                        .sum();
-                    qk * scale
-                };
-                let scores: Vec<f64> = keys.iter().map(|&j| score(j)).collect();
-                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
-                let total: f64 = scores.iter().map(|&x| (x - max).exp()).sum();
-                for (&j, &x) in keys.iter().zip(&scores) {
-                    probs[at.p(b, h, i, j)] = (x - max).exp() / total;
+                let r = row(q, k, s, b, h, i);
+                for (&j, &x) in r.keys.iter().zip(&r.scores) {
+                    probs[at.p(b, h, i, j)] = (x - r.lse).exp();
                 }
                 for d in 0..s.head_dim {
-                    out[at.q(b, i, h, d)] = keys
+                    out[at.q(b, i, h, d)] = r
+                        .keys
                         .iter()
                         .map(|&j| probs[at.p(b, h, i, j)] * f(v[at.kv(b, j, h, d)]))
                         .sum();
@@ -63,6 +80,18 @@ pub fn forward(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec
         }
     }
     (to_f32(out), to_f32(probs))
+}
+
+/// The log-sum-exp of each row's scaled scores over its visible keys, `(batch, n_heads,
+/// tq)`: what flash attention saves for its backward (`AttnSaved::Lse`).
+pub fn lse(q: &[f32], k: &[f32], s: &AttnShape) -> Vec<f32> {
+    let mut out = Vec::with_capacity(s.rows_len());
+    for b in 0..s.batch {
+        for h in 0..s.n_heads {
+            out.extend((0..s.tq).map(|i| row(q, k, s, b, h, i).lse));
+        }
+    }
+    to_f32(out)
 }
 
 /// With the given `P`: `dP_ij = dout_i . v_j`; `dS_ij = P_ij (dP_ij - sum_l dP_il P_il)`;

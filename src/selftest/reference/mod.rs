@@ -11,9 +11,11 @@ mod curvature;
 mod rows;
 
 use crate::backend::{
-    AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
 };
 use crate::error::{Error, Result};
+
+pub use self::attention::lse as attention_lse;
 
 pub struct Reference;
 
@@ -182,8 +184,9 @@ impl Backend for Reference {
         k: &Vec<f32>,
         v: &Vec<f32>,
         s: &AttnShape,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        Ok(attention::forward(q, k, v, s))
+    ) -> Result<(Vec<f32>, AttnSaved<Vec<f32>>)> {
+        let (out, probs) = attention::forward(q, k, v, s);
+        Ok((out, AttnSaved::Probs(probs)))
     }
 
     fn attention_backward(
@@ -192,9 +195,11 @@ impl Backend for Reference {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
-        probs: &Vec<f32>,
+        _out: &Vec<f32>,
+        saved: &AttnSaved<Vec<f32>>,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
+        let probs = saved.probs("reference")?;
         Ok(attention::backward(dout, q, k, v, probs, s))
     }
 

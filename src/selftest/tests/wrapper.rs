@@ -4,7 +4,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{
-    AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
 };
 use crate::error::Result;
 
@@ -197,10 +197,11 @@ impl Backend for Wrapped {
         k: &Vec<f32>,
         v: &Vec<f32>,
         s: &AttnShape,
-    ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut o, mut p) = self.inner.attention(q, k, v, s)?;
-        self.hit("attention", &mut [&mut o, &mut p]);
-        Ok((o, p))
+    ) -> Result<(Vec<f32>, AttnSaved<Vec<f32>>)> {
+        let (mut o, mut saved) = self.inner.attention(q, k, v, s)?;
+        let (AttnSaved::Probs(p) | AttnSaved::Lse(p)) = &mut saved;
+        self.hit("attention", &mut [&mut o, p]);
+        Ok((o, saved))
     }
     fn attention_backward(
         &self,
@@ -208,10 +209,13 @@ impl Backend for Wrapped {
         q: &Vec<f32>,
         k: &Vec<f32>,
         v: &Vec<f32>,
-        probs: &Vec<f32>,
+        out: &Vec<f32>,
+        saved: &AttnSaved<Vec<f32>>,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
-        let (mut dq, mut dk, mut dv) = self.inner.attention_backward(dout, q, k, v, probs, s)?;
+        let (mut dq, mut dk, mut dv) = self
+            .inner
+            .attention_backward(dout, q, k, v, out, saved, s)?;
         self.hit("attention_backward", &mut [&mut dq, &mut dk, &mut dv]);
         Ok((dq, dk, dv))
     }

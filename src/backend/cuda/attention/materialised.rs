@@ -1,11 +1,12 @@
-//! Attention on CUDA: the per-head products run as cuBLAS strided-batched GEMMs (one batch
-//! over the KV heads for each sequence and in-group offset, so grouped-query heads share
-//! their K/V), the masking and softmax as the hand-written kernels of `attention.cu`.
+//! Materialised attention: the per-head products run as cuBLAS strided-batched GEMMs (one
+//! batch over the KV heads for each sequence and in-group offset, so grouped-query heads
+//! share their K/V), the masking and softmax as the hand-written kernels of
+//! `attention.cu`; the f32 probabilities `(batch, n_heads, tq, tk)` are kept for backward.
 
-use super::blas::{N, Operand, T};
-use super::runtime::Arg;
-use super::{CudaBackend, DevBuf};
 use crate::backend::AttnShape;
+use crate::backend::cuda::blas::{N, Operand, T};
+use crate::backend::cuda::runtime::Arg;
+use crate::backend::cuda::{CudaBackend, DevBuf};
 use crate::error::Result;
 
 struct HeadOffsets {
@@ -47,7 +48,8 @@ impl CudaBackend {
         Ok(())
     }
 
-    pub(super) fn attention_impl(
+    /// Attention through materialised scores; returns `(out, probs)`.
+    pub fn attention_materialised(
         &self,
         q: &DevBuf<f32>,
         k: &DevBuf<f32>,
@@ -59,13 +61,7 @@ impl CudaBackend {
         let probs = self.uninit(s.probs_len())?;
         let out = self.uninit(s.batch * s.tq * qw)?;
         let scale = 1.0 / (hd as f32).sqrt();
-        let (pq, pk, pv, pp, po) = (
-            q.ptr(),
-            k.ptr(),
-            v.ptr(),
-            probs.ptr(),
-            out.ptr(),
-        );
+        let (pq, pk, pv, pp, po) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), out.ptr());
         self.each_head_batch(s, |o| {
             // S^T (tk, tq) = K (tk, hd) . Q^T, per KV head.
             self.gemm_batched(
@@ -111,7 +107,8 @@ impl CudaBackend {
         Ok((out, probs))
     }
 
-    pub(super) fn attention_backward_impl(
+    /// Backward of `attention_materialised` from its probabilities; returns `(dq, dk, dv)`.
+    pub fn attention_materialised_backward(
         &self,
         dout: &DevBuf<f32>,
         q: &DevBuf<f32>,
@@ -128,13 +125,7 @@ impl CudaBackend {
         let dk = self.zeroed(s.batch * s.tk_stride * kw)?;
         let dv = self.zeroed(s.batch * s.tk_stride * kw)?;
         let dp = self.uninit::<f32>(s.probs_len())?;
-        let (pq, pk, pv, pp, pdo) = (
-            q.ptr(),
-            k.ptr(),
-            v.ptr(),
-            probs.ptr(),
-            dout.ptr(),
-        );
+        let (pq, pk, pv, pp, pdo) = (q.ptr(), k.ptr(), v.ptr(), probs.ptr(), dout.ptr());
         let (pdq, pdk, pdv, pdp) = (dq.ptr(), dk.ptr(), dv.ptr(), dp.ptr());
         self.each_head_batch(s, |o| {
             // dP^T (tk, tq) = V (tk, hd) . dO^T

@@ -1,0 +1,213 @@
+//! Flash attention: the launches of `kernels/flash_attention.cu` (its header comment has
+//! the kernel design). The forward saves only the row log-sum-exps; the backward recomputes
+//! the probabilities tile by tile, so memory is O(T) per head, never T x T.
+
+use crate::backend::AttnShape;
+use crate::backend::cuda::runtime::{Arg, LaunchConfig};
+use crate::backend::cuda::{CudaBackend, DevBuf};
+use crate::error::{Error, Result};
+
+/// Threads per block of every flash kernel (8 warps).
+const THREADS: u32 = 256;
+/// Query rows per forward and dQ block, keys per dK/dV block (16 per warp).
+const ROWS: usize = 128;
+const KEYS: usize = 128;
+/// Keys per forward tile.
+const FWD_KEYS: usize = 64;
+
+/// One build of the kernels for head dim `d` (smaller dims run zero-padded in it). The
+/// tile sizes must equal the template arguments of its entries in flash_attention.cu.
+struct Variant {
+    d: usize,
+    fwd: &'static str,
+    dq: &'static str,
+    dkdv: &'static str,
+    /// Keys per dQ tile.
+    dq_keys: usize,
+    /// Query rows per dK/dV tile.
+    dkdv_rows: usize,
+}
+
+const VARIANTS: [Variant; 2] = [
+    Variant {
+        d: 64,
+        fwd: "flash_fwd_64",
+        dq: "flash_bwd_dq_64",
+        dkdv: "flash_bwd_dkdv_64",
+        dq_keys: 64,
+        dkdv_rows: 64,
+    },
+    Variant {
+        d: 128,
+        fwd: "flash_fwd_128",
+        dq: "flash_bwd_dq_128",
+        dkdv: "flash_bwd_dkdv_128",
+        dq_keys: 32,
+        dkdv_rows: 32,
+    },
+];
+
+impl Variant {
+    /// A bf16 tile of `rows` rows, padded by 8 elements per row (flash_attention.cuh).
+    fn tile_bytes(&self, rows: usize) -> usize {
+        rows * (self.d + 8) * 2
+    }
+    /// Double-buffered K and V tiles.
+    fn fwd_shared(&self) -> u32 {
+        (4 * self.tile_bytes(FWD_KEYS)) as u32
+    }
+    fn dq_shared(&self) -> u32 {
+        (4 * self.tile_bytes(self.dq_keys)) as u32
+    }
+    /// K and V of the block, double-buffered Q and dO tiles, and per row of a tile its
+    /// LSE, D and last visible key (two buffers of three 4-byte values).
+    fn dkdv_shared(&self) -> u32 {
+        (2 * self.tile_bytes(KEYS) + 4 * self.tile_bytes(self.dkdv_rows) + 6 * self.dkdv_rows * 4)
+            as u32
+    }
+}
+
+/// Why flash attention cannot run shape `s`, if it cannot (the backend then takes the
+/// materialised path).
+pub fn unsupported(s: &AttnShape) -> Option<String> {
+    let hd = s.head_dim;
+    if hd == 0 || !hd.is_multiple_of(16) || hd > 128 {
+        return Some(format!(
+            "head dim {hd}: flash attention runs multiples of 16 up to 128"
+        ));
+    }
+    if s.n_kv_heads == 0 || !s.n_heads.is_multiple_of(s.n_kv_heads) {
+        return Some(format!(
+            "{} query heads do not group evenly over {} KV heads",
+            s.n_heads, s.n_kv_heads
+        ));
+    }
+    let int = i32::MAX as usize;
+    if s.tq * s.n_heads > int || s.tk + s.q_offset > int || s.batch > 65535 || s.n_kv_heads > 65535
+    {
+        return Some("attention shape exceeds the kernels' 32-bit row indices".into());
+    }
+    None
+}
+
+fn variant(s: &AttnShape) -> Result<&'static Variant> {
+    if let Some(why) = unsupported(s) {
+        return Err(Error::Usage(why));
+    }
+    Ok(VARIANTS
+        .iter()
+        .find(|v| s.head_dim <= v.d)
+        .unwrap_or(&VARIANTS[VARIANTS.len() - 1]))
+}
+
+fn grid(x: usize, s: &AttnShape, shared_bytes: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid: [x as u32, s.n_kv_heads as u32, s.batch as u32],
+        block: [THREADS, 1, 1],
+        shared_bytes,
+    }
+}
+
+/// The shape arguments every flash entry ends with.
+fn shape_args(s: &AttnShape) -> [Arg; 8] {
+    [
+        Arg::I32(s.tq as i32),
+        Arg::I32(s.tk as i32),
+        Arg::I32(s.tk_stride as i32),
+        Arg::I32(s.n_heads as i32),
+        Arg::I32(s.n_kv_heads as i32),
+        Arg::I32(s.head_dim as i32),
+        Arg::I32(s.q_offset as i32),
+        Arg::F32(1.0 / (s.head_dim as f32).sqrt()),
+    ]
+}
+
+/// Blocks of `ROWS` packed query rows (positions x heads of a KV group).
+fn row_blocks(s: &AttnShape) -> usize {
+    (s.tq * (s.n_heads / s.n_kv_heads)).div_ceil(ROWS)
+}
+
+impl CudaBackend {
+    /// Flash attention forward; returns `(out, lse)` with `lse` the row log-sum-exps
+    /// `(batch, n_heads, tq)` (see `AttnSaved::Lse`).
+    pub fn flash_attention(
+        &self,
+        q: &DevBuf<f32>,
+        k: &DevBuf<f32>,
+        v: &DevBuf<f32>,
+        s: &AttnShape,
+    ) -> Result<(DevBuf<f32>, DevBuf<f32>)> {
+        let var = variant(s)?;
+        let out = self.uninit(s.batch * s.tq * s.n_heads * s.head_dim)?;
+        let lse = self.uninit(s.rows_len())?;
+        let mut args = vec![
+            Arg::U64(q.ptr()),
+            Arg::U64(k.ptr()),
+            Arg::U64(v.ptr()),
+            Arg::U64(out.ptr()),
+            Arg::U64(lse.ptr()),
+        ];
+        args.extend(shape_args(s));
+        self.launch(var.fwd, grid(row_blocks(s), s, var.fwd_shared()), &args)?;
+        Ok((out, lse))
+    }
+
+    /// Backward of `flash_attention` from its `out` and `lse`; returns `(dq, dk, dv)`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn flash_attention_backward(
+        &self,
+        dout: &DevBuf<f32>,
+        q: &DevBuf<f32>,
+        k: &DevBuf<f32>,
+        v: &DevBuf<f32>,
+        out: &DevBuf<f32>,
+        lse: &DevBuf<f32>,
+        s: &AttnShape,
+    ) -> Result<(DevBuf<f32>, DevBuf<f32>, DevBuf<f32>)> {
+        let var = variant(s)?;
+        let rows = s.rows_len();
+        let delta = self.uninit::<f32>(rows)?;
+        let warps_per_block = THREADS as usize / 32;
+        self.launch(
+            "flash_bwd_delta",
+            LaunchConfig {
+                grid: [rows.div_ceil(warps_per_block) as u32, 1, 1],
+                block: [THREADS, 1, 1],
+                shared_bytes: 0,
+            },
+            &[
+                Arg::U64(dout.ptr()),
+                Arg::U64(out.ptr()),
+                Arg::U64(delta.ptr()),
+                Arg::I32(rows as i32),
+                Arg::I32(s.tq as i32),
+                Arg::I32(s.n_heads as i32),
+                Arg::I32(s.head_dim as i32),
+            ],
+        )?;
+        let kv_len = s.batch * s.tk_stride * s.n_kv_heads * s.head_dim;
+        let dq = self.uninit(s.batch * s.tq * s.n_heads * s.head_dim)?;
+        // The kernels write the rows of the tk keys; cache rows past them get no gradient.
+        let (dk, dv) = if s.tk < s.tk_stride {
+            (self.zeroed(kv_len)?, self.zeroed(kv_len)?)
+        } else {
+            (self.uninit(kv_len)?, self.uninit(kv_len)?)
+        };
+        let mut args = vec![
+            Arg::U64(q.ptr()),
+            Arg::U64(k.ptr()),
+            Arg::U64(v.ptr()),
+            Arg::U64(dout.ptr()),
+            Arg::U64(lse.ptr()),
+            Arg::U64(delta.ptr()),
+        ];
+        args.extend(shape_args(s));
+        let mut dkdv_args = args.clone();
+        dkdv_args.extend([Arg::U64(dk.ptr()), Arg::U64(dv.ptr())]);
+        let key_blocks = s.tk.div_ceil(KEYS);
+        self.launch(var.dkdv, grid(key_blocks, s, var.dkdv_shared()), &dkdv_args)?;
+        args.push(Arg::U64(dq.ptr()));
+        self.launch(var.dq, grid(row_blocks(s), s, var.dq_shared()), &args)?;
+        Ok((dq, dk, dv))
+    }
+}

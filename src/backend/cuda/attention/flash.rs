@@ -211,3 +211,41 @@ impl CudaBackend {
         Ok((dq, dk, dv))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::VARIANTS;
+    use crate::backend::cuda::kernels::{BUILT, MODULES};
+
+    /// Every flash entry the backend launches runs its products on tensor cores: its PTX
+    /// body holds bf16 `mma.sync` and `ldmatrix`.
+    #[test]
+    fn flash_kernels_use_tensor_cores() {
+        if !BUILT {
+            assert!(
+                std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
+                "LALORA_REQUIRE_GPU=1 but this build has no CUDA kernels"
+            );
+            eprintln!("skipped: built without CUDA kernels (no nvcc)");
+            return;
+        }
+        let module = MODULES
+            .iter()
+            .find(|m| m.name == "flash_attention")
+            .expect("the flash_attention module is registered");
+        for entry in VARIANTS.iter().flat_map(|v| [v.fwd, v.dq, v.dkdv]) {
+            let start = module
+                .ptx
+                .find(&format!(".entry {entry}("))
+                .unwrap_or_else(|| panic!("no .entry {entry}"));
+            let body = &module.ptx[start..];
+            let body = &body[..body[1..].find(".entry").map_or(body.len(), |e| e + 1)];
+            for inst in [
+                "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+                "ldmatrix.sync.aligned.m8n8.x4",
+            ] {
+                assert!(body.contains(inst), "{entry} has no {inst}");
+            }
+        }
+    }
+}

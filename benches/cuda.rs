@@ -5,7 +5,7 @@
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
-use lalora_engine::backend::{Backend, LoraDims, Segment};
+use lalora_engine::backend::{AttnShape, Backend, LoraDims, Segment};
 use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::model::config::LlamaConfig;
@@ -107,9 +107,20 @@ fn kernels(c: &mut Criterion, g: &CudaBackend) {
     let ga = up(rnd(&mut rng, 4096 * 16, 1.0));
     let mut f = g.zeros(16 * 2048).unwrap();
     let mut grp = c.benchmark_group("cuda_diag_16x256_r16_d2048");
+    // FLOPs of the 16 per-sequence products G_n^T X_n (the squares are negligible).
+    let flops = 2 * 4096 * 16 * 2048;
+    eprintln!("cuda_diag_16x256_r16_d2048: {flops} FLOP per call (elem/s = FLOP/s)");
+    grp.throughput(Throughput::Elements(flops));
     grp.bench_function("per_sample_squaring", |bn| {
         bn.iter(|| {
             g.sq_grad_accumulate(&ga, 16, &x, 2048, &segs, 1.0, &mut f)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("per_sample_squaring_simt", |bn| {
+        bn.iter(|| {
+            g.sq_grad_simt(&ga, 16, &x, 2048, &segs, 1.0, &mut f)
                 .unwrap();
             g.synchronize().unwrap()
         })
@@ -130,10 +141,20 @@ fn kernels(c: &mut Criterion, g: &CudaBackend) {
     }];
     let mut cf = g.zeros(2048 * 2048).unwrap();
     let mut grp = c.benchmark_group("cuda_kfac_factor_4096x2048");
+    // FLOPs of the full product X^T X; the symmetric kernels compute its upper tiles only.
+    let flops = 2 * 4096 * 2048 * 2048;
+    eprintln!("cuda_kfac_factor_4096x2048: {flops} FLOP per call (elem/s = FLOP/s)");
+    grp.throughput(Throughput::Elements(flops));
     grp.bench_function("hand_written_symmetric", |bn| {
         bn.iter(|| {
             g.gram_accumulate(&x, 2048, &x, 2048, &all, 1.0, &mut cf)
                 .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("simt_symmetric", |bn| {
+        bn.iter(|| {
+            g.gram_simt(&x, 2048, &x, 2048, &all, 1.0, &mut cf).unwrap();
             g.synchronize().unwrap()
         })
     });
@@ -145,6 +166,88 @@ fn kernels(c: &mut Criterion, g: &CudaBackend) {
         })
     });
     grp.finish();
+
+    // kfac-tri cross factor shape: X^T G over the same positions, no symmetry.
+    let mut grp = c.benchmark_group("cuda_kfac_cross_4096x2048x2048");
+    eprintln!("cuda_kfac_cross_4096x2048x2048: {flops} FLOP per call (elem/s = FLOP/s)");
+    grp.throughput(Throughput::Elements(flops));
+    grp.bench_function("tensor_cores", |bn| {
+        bn.iter(|| {
+            g.gram_accumulate(&x, 2048, &gr, 2048, &all, 1.0, &mut cf)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("simt", |bn| {
+        bn.iter(|| {
+            g.gram_simt(&x, 2048, &gr, 2048, &all, 1.0, &mut cf)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.bench_function("cublas_gemm", |bn| {
+        bn.iter(|| {
+            g.gram_cublas(&x, 2048, &gr, 2048, 4096, 1.0, &mut cf)
+                .unwrap();
+            g.synchronize().unwrap()
+        })
+    });
+    grp.finish();
+}
+
+/// Causal attention at Llama-3.2-1B's shapes (32 heads on 8 KV heads, head dim 64), 4 x
+/// 1024 tokens: flash attention against the materialised path (cuBLAS products, f32
+/// probabilities kept), forward alone and forward + backward.
+fn attention(c: &mut Criterion, g: &CudaBackend) {
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let s = AttnShape {
+        batch: 4,
+        tq: 1024,
+        tk: 1024,
+        tk_stride: 1024,
+        n_heads: 32,
+        n_kv_heads: 8,
+        head_dim: 64,
+        q_offset: 0,
+    };
+    let rows = s.batch * s.tq;
+    let (qw, kw) = (s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
+    let mut up = |n: usize| g.buf(rnd(&mut rng, n, 1.0)).unwrap();
+    let (q, k, v, dout) = (up(rows * qw), up(rows * kw), up(rows * kw), up(rows * qw));
+    // Useful FLOPs: the forward's two products over the causal (query, key) pairs; the
+    // backward's five are 2.5 times that.
+    let pairs = (s.batch * s.n_heads * s.tq * (s.tq + 1) / 2) as u64;
+    let fwd = 4 * pairs * s.head_dim as u64;
+    for (name, flops, backward) in [
+        ("forward", fwd, false),
+        ("forward_backward", fwd * 7 / 2, true),
+    ] {
+        let group = format!("cuda_attention_4x1024_h32_kv8_d64_{name}");
+        eprintln!("{group}: {flops} FLOP per call (elem/s = FLOP/s)");
+        let mut grp = c.benchmark_group(&group);
+        grp.throughput(Throughput::Elements(flops));
+        grp.bench_function("flash", |bn| {
+            bn.iter(|| {
+                let (out, lse) = g.flash_attention(&q, &k, &v, &s).unwrap();
+                if backward {
+                    g.flash_attention_backward(&dout, &q, &k, &v, &out, &lse, &s)
+                        .unwrap();
+                }
+                g.synchronize().unwrap()
+            })
+        });
+        grp.bench_function("materialised", |bn| {
+            bn.iter(|| {
+                let (_, probs) = g.attention_materialised(&q, &k, &v, &s).unwrap();
+                if backward {
+                    g.attention_materialised_backward(&dout, &q, &k, &v, &probs, &s)
+                        .unwrap();
+                }
+                g.synchronize().unwrap()
+            })
+        });
+        grp.finish();
+    }
 }
 
 fn end_to_end(c: &mut Criterion, g: &CudaBackend) {
@@ -231,6 +334,7 @@ fn benches(c: &mut Criterion) {
     let g = CudaBackend::new(0, BaseDtype::Bf16).expect("the CUDA device initialises");
     eprintln!("device: {}", g.describe());
     kernels(c, &g);
+    attention(c, &g);
     end_to_end(c, &g);
 }
 

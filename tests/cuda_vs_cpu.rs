@@ -10,7 +10,7 @@ use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend, DevBuf};
 use lalora_engine::backend::{
-    AdamHyper, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
 };
 use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::model::{self, Llama};
@@ -310,43 +310,158 @@ fn matmuls_and_lora_match_cpu() {
     }
 }
 
+/// The materialised path (f32 cuBLAS products, probabilities kept): with f32 base weights,
+/// and with bf16 ones at a head dim flash attention does not run (24).
 #[test]
 fn attention_matches_cpu() {
+    for (base, hd) in [(BaseDtype::F32, 16), (BaseDtype::Bf16, 24)] {
+        for g in devices_with(base) {
+            let g = &g;
+            let p = Pair {
+                g,
+                c: CpuBackend::new(2),
+            };
+            let mut rng = ChaCha8Rng::seed_from_u64(4);
+            for (tq, tk, stride, offset) in [(13, 13, 13, 0), (3, 11, 16, 8)] {
+                let s = AttnShape {
+                    batch: 2,
+                    tq,
+                    tk,
+                    tk_stride: stride,
+                    n_heads: 6,
+                    n_kv_heads: 2,
+                    head_dim: hd,
+                    q_offset: offset,
+                };
+                let q = rnd(&mut rng, s.batch * tq * 6 * hd);
+                let (k, v) = (
+                    rnd(&mut rng, s.batch * stride * 2 * hd),
+                    rnd(&mut rng, s.batch * stride * 2 * hd),
+                );
+                let (oc, sc) = p.c.attention(&q, &k, &v, &s).unwrap();
+                let (og, sg) = g.attention(&p.up(&q), &p.up(&k), &p.up(&v), &s).unwrap();
+                let (AttnSaved::Probs(pc), AttnSaved::Probs(pg)) = (&sc, &sg) else {
+                    panic!("{base:?}, head dim {hd}: the materialised path saves probabilities");
+                };
+                close("attention out", &p.down(&og), &oc, F32);
+                close("attention probs", &p.down(pg), pc, F32);
+                let dout = rnd(&mut rng, oc.len());
+                let (dqc, dkc, dvc) =
+                    p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, &s)
+                        .unwrap();
+                let (dqg, dkg, dvg) = g
+                    .attention_backward(&p.up(&dout), &p.up(&q), &p.up(&k), &p.up(&v), &og, &sg, &s)
+                    .unwrap();
+                close("attention dq", &p.down(&dqg), &dqc, F32);
+                close("attention dk", &p.down(&dkg), &dkc, F32);
+                close("attention dv", &p.down(&dvg), &dvc, F32);
+            }
+        }
+    }
+}
+
+/// `ln sum_j exp(q_i . k_j / sqrt(hd))` over the keys query i sees, in f64, `(batch,
+/// n_heads, tq)`: what flash attention saves.
+fn host_lse(q: &[f32], k: &[f32], s: &AttnShape) -> Vec<f32> {
+    let (hd, group) = (s.head_dim, s.n_heads / s.n_kv_heads);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let mut out = Vec::with_capacity(s.batch * s.n_heads * s.tq);
+    for b in 0..s.batch {
+        for h in 0..s.n_heads {
+            for i in 0..s.tq {
+                let qi = &q[((b * s.tq + i) * s.n_heads + h) * hd..][..hd];
+                let scores: Vec<f64> = (0..(s.q_offset + i + 1).min(s.tk))
+                    .map(|j| {
+                        let kj =
+                            &k[((b * s.tk_stride + j) * s.n_kv_heads + h / group) * hd..][..hd];
+                        let dot: f64 = qi.iter().zip(kj).map(|(&x, &y)| x as f64 * y as f64).sum();
+                        dot * scale
+                    })
+                    .collect();
+                let m = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                out.push((m + scores.iter().map(|x| (x - m).exp()).sum::<f64>().ln()) as f32);
+            }
+        }
+    }
+    out
+}
+
+/// Flash attention (bf16 base weights): out, log-sum-exps, dq, dk, dv against the CPU to
+/// the bf16 bound, on grouped-query, causal, KV-cache and ragged shapes; the backward is
+/// bit-for-bit repeatable.
+#[test]
+fn flash_attention_matches_cpu() {
+    // (batch, tq, tk, tk_stride, heads, kv heads, head dim, q_offset)
+    let cases = [
+        // Prefill of two 77-token sequences (no multiple of a tile), 4 heads per KV head.
+        (2, 77, 77, 77, 8, 2, 64, 0),
+        // Decode: 5 queries at positions 65..70 over a 96-row cache, head dim 128.
+        (1, 5, 70, 96, 4, 1, 128, 65),
+        // Chunked prefill: 40 queries at 60..100 over 100 keys of a 112-row stride.
+        (2, 40, 100, 112, 4, 2, 64, 60),
+        // Multi-head (groups of 1), 130 tokens: two dK/dV blocks, three key tiles.
+        (1, 130, 130, 130, 2, 2, 128, 0),
+        // Head dim 32, run zero-padded in the 64 build; 3 heads per KV head.
+        (1, 20, 20, 20, 3, 1, 32, 0),
+    ];
     for g in devices() {
         let g = &g;
         let p = Pair {
             g,
             c: CpuBackend::new(2),
         };
-        let mut rng = ChaCha8Rng::seed_from_u64(4);
-        for (tq, tk, stride, offset) in [(13, 13, 13, 0), (3, 11, 16, 8)] {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        for (n, &(batch, tq, tk, tk_stride, n_heads, n_kv_heads, head_dim, q_offset)) in
+            cases.iter().enumerate()
+        {
             let s = AttnShape {
-                batch: 2,
+                batch,
                 tq,
                 tk,
-                tk_stride: stride,
-                n_heads: 6,
-                n_kv_heads: 2,
-                head_dim: 16,
-                q_offset: offset,
+                tk_stride,
+                n_heads,
+                n_kv_heads,
+                head_dim,
+                q_offset,
             };
-            let q = rnd(&mut rng, s.batch * tq * 6 * 16);
-            let (k, v) = (
-                rnd(&mut rng, s.batch * stride * 32),
-                rnd(&mut rng, s.batch * stride * 32),
-            );
-            let (oc, pc) = p.c.attention(&q, &k, &v, &s).unwrap();
-            let (og, pg) = g.attention(&p.up(&q), &p.up(&k), &p.up(&v), &s).unwrap();
-            close("attention out", &p.down(&og), &oc, F32);
-            close("attention probs", &p.down(&pg), &pc, F32);
+            let what = |x: &str| format!("flash {x} {s:?}");
+            // Scores with a spread of ~2: softmaxes neither flat nor one-hot.
+            let amp = |v: Vec<f32>| v.into_iter().map(|x| 2.5 * x).collect::<Vec<_>>();
+            let kv_len = batch * tk_stride * n_kv_heads * head_dim;
+            let q = amp(rnd(&mut rng, batch * tq * n_heads * head_dim));
+            let (k, v) = (amp(rnd(&mut rng, kv_len)), rnd(&mut rng, kv_len));
+            let (qg, kg, vg) = (p.up(&q), p.up(&k), p.up(&v));
+            let (oc, sc) = p.c.attention(&q, &k, &v, &s).unwrap();
+            let (og, sg) = g.attention(&qg, &kg, &vg, &s).unwrap();
+            let AttnSaved::Lse(lse) = &sg else {
+                panic!("{}: bf16 attention did not take the flash path", what(""));
+            };
+            close(&what("out"), &p.down(&og), &oc, BF16);
+            close(&what("lse"), &p.down(lse), &host_lse(&q, &k, &s), BF16);
             let dout = rnd(&mut rng, oc.len());
-            let (dqc, dkc, dvc) = p.c.attention_backward(&dout, &q, &k, &v, &pc, &s).unwrap();
+            let dg = p.up(&dout);
+            let (dqc, dkc, dvc) =
+                p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, &s)
+                    .unwrap();
             let (dqg, dkg, dvg) = g
-                .attention_backward(&p.up(&dout), &p.up(&q), &p.up(&k), &p.up(&v), &pg, &s)
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, &s)
                 .unwrap();
-            close("attention dq", &p.down(&dqg), &dqc, F32);
-            close("attention dk", &p.down(&dkg), &dkc, F32);
-            close("attention dv", &p.down(&dvg), &dvc, F32);
+            let got = [p.down(&dqg), p.down(&dkg), p.down(&dvg)];
+            close(&what("dq"), &got[0], &dqc, BF16);
+            close(&what("dk"), &got[1], &dkc, BF16);
+            close(&what("dv"), &got[2], &dvc, BF16);
+            if n == 0 {
+                let (dq2, dk2, dv2) = g
+                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, &s)
+                    .unwrap();
+                let again = [p.down(&dq2), p.down(&dk2), p.down(&dv2)];
+                assert!(
+                    got.iter()
+                        .zip(&again)
+                        .all(|(a, b)| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits())),
+                    "flash attention backward is not deterministic"
+                );
+            }
         }
     }
 }
@@ -416,66 +531,149 @@ fn cross_entropy_and_sampling_match_cpu() {
     }
 }
 
+/// Segments with padding gaps between some of them and none between others (runs to
+/// merge), lengths below, at and above the 32-row tile; and the rows they span.
+fn gappy_segments() -> (Vec<Segment>, usize) {
+    let lens = [37, 5, 64, 1, 33, 90, 12, 31, 48];
+    let gaps = [0, 3, 0, 7, 2, 0, 5, 1, 4];
+    let mut segs = Vec::new();
+    let mut p = 0;
+    for (len, gap) in lens.into_iter().zip(gaps) {
+        segs.push(Segment { start: p, len });
+        p += len + gap;
+    }
+    (segs, p)
+}
+
+/// The relative error of what the device added to `prior` against what the CPU added
+/// (`got`, `want`: both `out += op` from `prior`), printed as well: the op's own error,
+/// undiluted by the prior.
+fn increment_err(what: &str, prior: &[f32], got: &[f32], want: &[f32]) -> f64 {
+    let d = |v: &[f32]| v.iter().zip(prior).map(|(a, b)| a - b).collect::<Vec<_>>();
+    let e = rel_err(&d(got), &d(want));
+    eprintln!("{what}: increment relative error {e:.2e}");
+    e
+}
+
 #[test]
 fn curvature_primitives_match_cpu() {
-    for g in devices() {
-        let g = &g;
-        let p = Pair {
-            g,
-            c: CpuBackend::new(2),
-        };
-        let mut rng = ChaCha8Rng::seed_from_u64(6);
-        let segs = [
-            Segment { start: 0, len: 9 },
-            Segment { start: 12, len: 5 },
-            Segment { start: 17, len: 13 },
-        ];
-        let rows = 30;
-        let (dx, dy, r) = (70, 130, 8);
-        let (x, y) = (rnd(&mut rng, rows * dx), rnd(&mut rng, rows * dy));
-        let mut oc = rnd(&mut rng, dx * dy);
-        let mut og = p.up(&oc);
-        p.c.gram_accumulate(&x, dx, &y, dy, &segs, 0.7, &mut oc)
-            .unwrap();
-        g.gram_accumulate(&p.up(&x), dx, &p.up(&y), dy, &segs, 0.7, &mut og)
-            .unwrap();
-        close("gram (cross)", &p.down(&og), &oc, F32);
-        let xg = p.up(&x);
-        let mut sc = vec![0f32; dx * dx];
-        let mut sg = p.up(&sc);
-        p.c.gram_accumulate(&x, dx, &x, dx, &segs, 1.3, &mut sc)
-            .unwrap();
-        g.gram_accumulate(&xg, dx, &xg, dx, &segs, 1.3, &mut sg)
-            .unwrap();
-        close("gram (symmetric)", &p.down(&sg), &sc, F32);
-        for mean in [false, true] {
-            let want = p.c.segment_sum(&x, dx, &segs, mean).unwrap();
-            close(
-                "segment sum",
-                &p.down(&g.segment_sum(&xg, dx, &segs, mean).unwrap()),
-                &want,
-                F32,
-            );
+    let (gappy, gappy_rows) = gappy_segments();
+    let long = vec![Segment { start: 3, len: 700 }];
+    let mut rng = ChaCha8Rng::seed_from_u64(6);
+    for base in [BaseDtype::F32, BaseDtype::Bf16] {
+        // f32 engine: 3xTF32 on tensor cores; bf16 engine: single tf32.
+        let tol = if base == BaseDtype::F32 { F32 } else { BF16 };
+        for g in devices_with(base) {
+            let p = Pair {
+                g: &g,
+                c: CpuBackend::new(2),
+            };
+            let c = &p.c;
+            let tag = |what: &str| format!("{what} ({}, {})", g.describe(), base.name());
+            // Cross factors: tails everywhere (70, 130, 13, 270 are not multiples of the
+            // tiles or of 4), a narrow side (256 x 32 tiles) on either side, alpha != 1.
+            for (dx, dy, segs, rows) in [
+                (70, 130, &gappy, gappy_rows),
+                (260, 72, &gappy, gappy_rows),
+                (300, 20, &gappy, gappy_rows),
+                (13, 270, &gappy, gappy_rows),
+                (300, 20, &long, 703),
+            ] {
+                let (x, y) = (rnd(&mut rng, rows * dx), rnd(&mut rng, rows * dy));
+                let prior = rnd(&mut rng, dx * dy);
+                let (mut oc, mut og) = (prior.clone(), p.up(&prior));
+                c.gram_accumulate(&x, dx, &y, dy, segs, 0.7, &mut oc)
+                    .unwrap();
+                g.gram_accumulate(&p.up(&x), dx, &p.up(&y), dy, segs, 0.7, &mut og)
+                    .unwrap();
+                let got = p.down(&og);
+                let what = tag(&format!("gram {dx}x{dy}, {rows} rows"));
+                assert!(increment_err(&what, &prior, &got, &oc) < tol, "{what}");
+                close(&what, &got, &oc, tol);
+            }
+            // Symmetric factors (upper tiles, then mirrored), from a symmetric prior; the
+            // long run splits its rows across blocks.
+            for (dx, segs, rows) in [
+                (130, &gappy, gappy_rows),
+                (20, &gappy, gappy_rows),
+                (130, &long, 703),
+            ] {
+                let x = rnd(&mut rng, rows * dx);
+                let r = rnd(&mut rng, dx * dx);
+                let prior: Vec<f32> = (0..dx * dx)
+                    .map(|i| r[(i / dx).min(i % dx) * dx + (i / dx).max(i % dx)])
+                    .collect();
+                let xg = p.up(&x);
+                let (mut oc, mut og) = (prior.clone(), p.up(&prior));
+                c.gram_accumulate(&x, dx, &x, dx, segs, 1.3, &mut oc)
+                    .unwrap();
+                g.gram_accumulate(&xg, dx, &xg, dx, segs, 1.3, &mut og)
+                    .unwrap();
+                let got = p.down(&og);
+                let what = tag(&format!("gram {dx}x{dx} symmetric, {rows} rows"));
+                assert!(increment_err(&what, &prior, &got, &oc) < tol, "{what}");
+                close(&what, &got, &oc, tol);
+                assert!(
+                    (0..dx * dx).all(|i| got[i] == got[(i % dx) * dx + i / dx]),
+                    "{what}: not symmetric"
+                );
+                if segs.len() == 1 {
+                    // split rows, partials reduced in order: the same bits every time
+                    let mut again = p.up(&prior);
+                    g.gram_accumulate(&xg, dx, &xg, dx, segs, 1.3, &mut again)
+                        .unwrap();
+                    assert_eq!(p.down(&again), got, "{what}: not deterministic");
+                }
+            }
+            let one = vec![Segment { start: 2, len: 70 }];
+            // Per-sample squaring: A's orientation (out (r, d)) and B's (out (d, r)) at
+            // r 1, 8, 16, 32, 64; many sequences (groups reduced in order) and one.
+            for (r, d, a_side, segs, rows) in [
+                (8, 300, true, &gappy, gappy_rows),
+                (1, 33, true, &gappy, gappy_rows),
+                (32, 40, true, &gappy, gappy_rows),
+                (64, 70, true, &gappy, gappy_rows),
+                (64, 130, false, &gappy, gappy_rows),
+                (16, 70, false, &one, 72),
+            ] {
+                let (narrow, wide) = (rnd(&mut rng, rows * r), rnd(&mut rng, rows * d));
+                let prior: Vec<f32> = rnd(&mut rng, r * d).iter().map(|v| v.abs()).collect();
+                let (mut oc, mut og) = (prior.clone(), p.up(&prior));
+                let (ng, wg) = (p.up(&narrow), p.up(&wide));
+                if a_side {
+                    c.sq_grad_accumulate(&narrow, r, &wide, d, segs, 0.5, &mut oc)
+                        .unwrap();
+                    g.sq_grad_accumulate(&ng, r, &wg, d, segs, 0.5, &mut og)
+                        .unwrap();
+                } else {
+                    c.sq_grad_accumulate(&wide, d, &narrow, r, segs, 2.0, &mut oc)
+                        .unwrap();
+                    g.sq_grad_accumulate(&wg, d, &ng, r, segs, 2.0, &mut og)
+                        .unwrap();
+                }
+                let got = p.down(&og);
+                let what = tag(&format!(
+                    "per-sample squaring r {r}, d {d} ({}), {} sequences",
+                    if a_side { "A" } else { "B" },
+                    segs.len()
+                ));
+                assert!(increment_err(&what, &prior, &got, &oc) < tol, "{what}");
+                close(&what, &got, &oc, tol);
+                if r == 64 && !a_side {
+                    // sequence groups reduced in order: the same bits every time
+                    let mut again = p.up(&prior);
+                    g.sq_grad_accumulate(&wg, d, &ng, r, segs, 2.0, &mut again)
+                        .unwrap();
+                    assert_eq!(p.down(&again), got, "{what}: not deterministic");
+                }
+            }
+            let (x, dx) = (rnd(&mut rng, gappy_rows * 70), 70);
+            for mean in [false, true] {
+                let want = c.segment_sum(&x, dx, &gappy, mean).unwrap();
+                let got = g.segment_sum(&p.up(&x), dx, &gappy, mean).unwrap();
+                close("segment sum", &p.down(&got), &want, F32);
+            }
         }
-        let narrow = rnd(&mut rng, rows * r);
-        // A orientation: (r, d_in) from gA (rows, r) and x (rows, d_in); B: (d_out, r).
-        let mut fc = rnd(&mut rng, r * dx)
-            .iter()
-            .map(|v| v.abs())
-            .collect::<Vec<_>>();
-        let mut fg = p.up(&fc);
-        p.c.sq_grad_accumulate(&narrow, r, &x, dx, &segs, 0.5, &mut fc)
-            .unwrap();
-        g.sq_grad_accumulate(&p.up(&narrow), r, &xg, dx, &segs, 0.5, &mut fg)
-            .unwrap();
-        close("per-sample squaring (A)", &p.down(&fg), &fc, F32);
-        let mut fc = vec![0f32; dy * r];
-        let mut fg = p.up(&fc);
-        p.c.sq_grad_accumulate(&y, dy, &narrow, r, &segs, 2.0, &mut fc)
-            .unwrap();
-        g.sq_grad_accumulate(&p.up(&y), dy, &p.up(&narrow), r, &segs, 2.0, &mut fg)
-            .unwrap();
-        close("per-sample squaring (B)", &p.down(&fg), &fc, F32);
     }
 }
 

@@ -4,7 +4,7 @@
 use super::Checker;
 use crate::backend::{Backend, Segment};
 use crate::error::Result;
-use crate::selftest::check::Tolerance::F32;
+use crate::selftest::check::Tolerance::{F32, TensorCores};
 
 fn seg(start: usize, len: usize) -> Segment {
     Segment { start, len }
@@ -59,7 +59,7 @@ fn gram<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (mut od, mut or) = c.up(&sym)?;
     dev.gram_accumulate(&x.0, dx, &x.0, dx, &segs, 1.3, &mut od)?;
     re.gram_accumulate(&x.1, dx, &x.1, dx, &segs, 1.3, &mut or)?;
-    c.check("gram_accumulate", &shapes, &od, &or, F32)?;
+    c.check("gram_accumulate", &shapes, &od, &or, TensorCores)?;
 
     let dy = 130;
     let dx = 70;
@@ -70,7 +70,7 @@ fn gram<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (mut od, mut or) = c.up_random(dx * dy)?;
     dev.gram_accumulate(&x.0, dx, &y.0, dy, &segs, 0.7, &mut od)?;
     re.gram_accumulate(&x.1, dx, &y.1, dy, &segs, 0.7, &mut or)?;
-    c.check("gram_accumulate", &shapes, &od, &or, F32)
+    c.check("gram_accumulate", &shapes, &od, &or, TensorCores)
 }
 
 fn segment_sum<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
@@ -109,5 +109,5 @@ fn sq_grad<D: Backend, R: Backend>(
     let (mut od, mut or) = c.up_positive(dg * dy)?;
     dev.sq_grad_accumulate(&g.0, dg, &y.0, dy, segs, 0.5, &mut od)?;
     re.sq_grad_accumulate(&g.1, dg, &y.1, dy, segs, 0.5, &mut or)?;
-    c.check("sq_grad_accumulate", &shapes, &od, &or, F32)
+    c.check("sq_grad_accumulate", &shapes, &od, &or, TensorCores)
 }

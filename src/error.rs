@@ -31,16 +31,21 @@ pub enum Error {
     /// A check the user asked for found a wrong result (`selftest`).
     #[error("{0}")]
     Failed(String),
+    /// A NaN or infinity during a run: where (`step 3`, `batch 2`) and the first quantity
+    /// found non-finite (the loss, the penalty, or a named tensor). The run stops before
+    /// anything is written from it.
+    #[error("{at}: non-finite {what}")]
+    NonFinite { at: String, what: String },
 }
 
 pub type Result<T> = std::result::Result<T, Error>;
 
 impl Error {
-    /// The process exit code: 3 for a device fault, 1 for a failed check, 2 for
-    /// everything else (bad input).
+    /// The process exit code: 3 for a device fault or a non-finite number during a run,
+    /// 1 for a failed check, 2 for everything else (bad input).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Error::Device(_) => 3,
+            Error::Device(_) | Error::NonFinite { .. } => 3,
             Error::Failed(_) => 1,
             _ => 2,
         }

@@ -2,6 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -9,14 +10,37 @@ use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use crate::error::{Error, IoContext, Result};
 use crate::model::weights::{bytes_to_f32, mmap_file};
 
-/// Write `bytes` to a temporary file beside `path`, then rename it over `path`.
+/// `Ok` when `path` is absent or a regular file: an output may replace a file but never
+/// a directory, link, FIFO or device (`--out /dev/full` run as root would otherwise
+/// replace the device node).
+pub fn check_replaceable(path: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if !m.file_type().is_file() => Err(Error::file(
+            path,
+            "exists and is not a regular file (a directory, link, FIFO or device); refusing to replace it",
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Names of [`atomic_write`]'s temporaries: a crash can leave one behind, and a later
+/// run that owns the directory removes them by this prefix.
+pub const TEMP_PREFIX: &str = ".lalora-tmp-";
+
+/// Write `bytes` to a temporary file beside `path`, then rename it over `path`. The file
+/// gets the mode a plain create would (0666 less the umask), not the temporary's 0600.
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_replaceable(path)?;
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).at(dir)?;
-    let mut tmp = tempfile::NamedTempFile::new_in(dir).at(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .permissions(std::fs::Permissions::from_mode(0o666))
+        .tempfile_in(dir)
+        .at(dir)?;
     tmp.write_all(bytes).at(path)?;
     tmp.as_file().sync_all().at(path)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;

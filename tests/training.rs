@@ -1,6 +1,7 @@
 //! Stage II on the tiny fixture: the penalty's gradient for every scheme (finite
 //! differences), the fused diagonal step, lambda = 0 equals plain LoRA, a huge lambda
-//! pins theta*, and a resumed run is bit-identical to an uninterrupted one.
+//! pins theta*, a resumed run is bit-identical to an uninterrupted one and a resume of a
+//! different run is refused; non-finite numbers and data without targets stop the work.
 
 mod common;
 
@@ -8,7 +9,10 @@ use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::{AdamHyper, Backend};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
-use lalora_engine::model::HostLora;
+use lalora_engine::data::Example;
+use lalora_engine::eval::mean_nll;
+use lalora_engine::model::{HostLora, Llama};
+use lalora_engine::train::checkpoint;
 use lalora_engine::train::session::{self, SessionOptions};
 use lalora_engine::train::{Penalty, TrainConfig};
 use rand::{RngExt, SeedableRng};
@@ -307,17 +311,328 @@ fn resumed_run_is_bit_identical() {
         lines(&b),
         "metrics log (losses) of the resumed run"
     );
-    // A changed setting is refused rather than silently mixed.
-    let mut other = cfg(10.0);
-    other.lr = 2e-3;
-    let err = session::run(
+}
+
+/// One input of a run, changed for a resume; `names` is what the refusal must say.
+struct Changed<'a> {
+    names: &'a str,
+    data: &'a [Example],
+    cfg: TrainConfig,
+    curvature: Option<&'a Curvature>,
+    init: &'a HostLora,
+    base_model: &'a str,
+}
+
+/// `--resume` continues only the run the checkpoint belongs to: each input that defines
+/// the run, changed, is refused (exit 2) with a message naming it, and the checkpoint is
+/// left as it was.
+#[test]
+fn resume_refuses_a_different_run_naming_the_difference() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let c = curvature(&t, Scheme::Kfac);
+    let other_c = curvature(&t, Scheme::Diag);
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    session::run(
         &be,
         &model,
         &t.examples,
-        &other,
+        &cfg(10.0),
         Some(&c),
         &c.mean,
-        &opts(Some(b), None, true),
+        &opts(Some(out.clone()), Some(3), false),
+    )
+    .unwrap();
+    let state = || std::fs::read(out.join("checkpoint/trainer_state.json")).unwrap();
+    let before = state();
+    let moved = perturbed(&c.mean, 1e-3, 3);
+    let same = |names| Changed {
+        names,
+        data: &t.examples,
+        cfg: cfg(10.0),
+        curvature: Some(&c),
+        init: &c.mean,
+        base_model: "tiny",
+    };
+    let cases = [
+        Changed {
+            cfg: TrainConfig {
+                lr: 2e-3,
+                ..cfg(10.0)
+            },
+            ..same("training setting `lr`")
+        },
+        Changed {
+            data: &t.examples[..5],
+            ..same("training data")
+        },
+        Changed {
+            curvature: Some(&other_c),
+            ..same("different curvature")
+        },
+        Changed {
+            curvature: None,
+            ..same("without the curvature")
+        },
+        Changed {
+            init: &moved,
+            ..same("initial LoRA weights")
+        },
+        Changed {
+            base_model: "other-model",
+            ..same("different model")
+        },
+    ];
+    for x in cases {
+        let mut o = opts(Some(out.clone()), None, true);
+        o.base_model = x.base_model.into();
+        let e = session::run(&be, &model, x.data, &x.cfg, x.curvature, x.init, &o)
+            .err()
+            .unwrap_or_else(|| panic!("resume with a changed {} was accepted", x.names));
+        assert_eq!(e.exit_code(), 2, "{e}");
+        assert!(
+            e.to_string().contains(x.names),
+            "`{e}` does not name {}",
+            x.names
+        );
+        assert_eq!(state(), before, "a refused resume changed the checkpoint");
+    }
+    // The LoRA shape (checked before the weights), on a run without curvature.
+    let plain = d.path().join("plain");
+    session::run(
+        &be,
+        &model,
+        &t.examples,
+        &cfg(0.0),
+        None,
+        &t.adapter,
+        &opts(Some(plain.clone()), Some(2), false),
+    )
+    .unwrap();
+    let mut cfg_r2 = t.adapter.cfg.clone();
+    cfg_r2.r = 2;
+    let r2 = HostLora::init(&t.loaded.cfg, cfg_r2, 0);
+    let e = session::run(
+        &be,
+        &model,
+        &t.examples,
+        &cfg(0.0),
+        None,
+        &r2,
+        &opts(Some(plain), None, true),
+    )
+    .err()
+    .expect("resume with another rank was accepted");
+    assert!(e.to_string().contains("LoRA setting `r`"), "{e}");
+}
+
+/// The fixture model with every final-norm weight set to `w`: `f32::MAX` is finite (it
+/// passes any check of the file) but makes the logits overflow to infinity.
+fn model_with_final_norm<B: Backend>(be: &B, w: f32) -> Llama<B> {
+    let mut m = lalora_engine::model::load(&fixture("tiny-gqa/model"), None).unwrap();
+    m.weights.final_norm.iter_mut().for_each(|x| *x = w);
+    Llama::new(be, m.cfg, m.weights).unwrap()
+}
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+/// A NaN or infinity in the loss, the penalty or the weights ends the run (exit 3) naming
+/// the step and the quantity; nothing is written from non-finite weights and the last good
+/// checkpoint stays.
+#[test]
+fn non_finite_numbers_stop_the_run() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let d = tempfile::tempdir().unwrap();
+    let fails = |model: &Llama<CpuBackend>,
+                 c: &TrainConfig,
+                 curv: Option<&Curvature>,
+                 o: &SessionOptions| {
+        let e = session::run(&be, model, &t.examples, c, curv, &t.adapter, o)
+            .err()
+            .unwrap_or_else(|| {
+                panic!(
+                    "a non-finite run must fail: lr {} lambda {}",
+                    c.lr, c.lambda
+                )
+            });
+        assert_eq!(e.exit_code(), 3, "{e}");
+        e.to_string()
+    };
+    // An infinite learning rate: the first update leaves non-finite weights.
+    let out = d.path().join("inf-lr");
+    let inf_lr = TrainConfig {
+        lr: f32::INFINITY,
+        ..cfg(0.0)
+    };
+    let msg = fails(&model, &inf_lr, None, &opts(Some(out.clone()), None, false));
+    assert!(msg.starts_with("step 1: non-finite weights"), "{msg}");
+    assert_eq!(
+        entries(&out),
+        ["train.log"],
+        "a failed fresh run leaves only its log"
     );
-    assert!(err.is_err());
+    assert!(
+        std::fs::read_to_string(out.join("train.log"))
+            .unwrap()
+            .contains(&msg)
+    );
+    // lr 1e30: finite weights after step 1 (checkpointed), overflowing logits at step 2.
+    let out = d.path().join("diverges");
+    let huge_lr = TrainConfig {
+        lr: 1e30,
+        warmup_steps: 0,
+        ..cfg(0.0)
+    };
+    let mut every = opts(Some(out.clone()), None, false);
+    every.checkpoint_every = 1;
+    let msg = fails(&model, &huge_lr, None, &every);
+    assert!(msg.starts_with("step 2: non-finite"), "{msg}");
+    let ck = checkpoint::load(&out, &t.loaded.cfg).unwrap();
+    assert_eq!(ck.state.step, 1, "the last good checkpoint is kept");
+    assert!(!out.join("adapter_model.safetensors").exists());
+    assert!(!out.join("metrics.jsonl").exists());
+    // Overflowing logits at the first step: the loss is named.
+    let hot = model_with_final_norm(&be, f32::MAX);
+    let msg = fails(&hot, &cfg(0.0), None, &opts(None, None, false));
+    assert_eq!(msg, "step 1: non-finite loss");
+    // An infinite lambda: the penalty.
+    let c = curvature(&t, Scheme::Diag);
+    let msg = fails(
+        &model,
+        &cfg(f32::INFINITY),
+        Some(&c),
+        &opts(None, None, false),
+    );
+    assert_eq!(msg, "step 1: non-finite penalty");
+    // Evaluation and curvature estimation stop too, naming the batch.
+    let e = mean_nll(&be, &hot, None, &t.examples, 4, || {}).unwrap_err();
+    assert_eq!(
+        (e.exit_code(), e.to_string().as_str()),
+        (3, "batch 1 (sequences 1..4): non-finite loss")
+    );
+    let spec = Spec {
+        scheme: Scheme::Diag,
+        fisher: Fisher::Empirical,
+        approx: KfacApprox::Expand,
+        seed: 0,
+    };
+    let lora = t.adapter.map(|v| be.buf(v.clone())).unwrap();
+    let e = estimate(&be, &hot, &lora, &t.examples, 3, spec, || {})
+        .err()
+        .unwrap();
+    assert_eq!(
+        (e.exit_code(), e.to_string().as_str()),
+        (3, "curvature batch 1: non-finite loss")
+    );
+}
+
+/// NaN in the inputs of a run (initial adapter, curvature) is refused before it starts.
+#[test]
+fn non_finite_inputs_are_refused_naming_the_tensor() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let mut init = t.adapter.clone();
+    init.modules[1].b[2] = f32::NAN;
+    let e = session::run(
+        &be,
+        &model,
+        &t.examples,
+        &cfg(0.0),
+        None,
+        &init,
+        &opts(None, None, false),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.exit_code(), 2);
+    assert!(e.to_string().contains(&init.modules[1].b_name()), "{e}");
+    let mut c = curvature(&t, Scheme::Diag);
+    c.diag.as_mut().unwrap().modules[0].a[0] = f32::INFINITY;
+    let e = session::run(
+        &be,
+        &model,
+        &t.examples,
+        &cfg(1.0),
+        Some(&c),
+        &c.mean,
+        &opts(None, None, false),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.exit_code(), 2);
+    let name = format!("diag.{}", c.mean.modules[0].a_name());
+    assert!(e.to_string().contains(&name), "{e}");
+}
+
+/// A data set whose labels are all -100 has no loss to average: an error (exit 2) naming
+/// the file, not NaN (eval), loss 0 and an adapter (train) or zeros (grad, curvature).
+#[test]
+fn data_without_target_tokens_is_an_error() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let mut none = t.examples.clone();
+    none.iter_mut()
+        .for_each(|e| e.labels.iter_mut().for_each(|l| *l = -100));
+    let e = session::run(
+        &be,
+        &model,
+        &none,
+        &cfg(0.0),
+        None,
+        &t.adapter,
+        &opts(None, None, false),
+    )
+    .err()
+    .unwrap();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    let e = mean_nll(&be, &model, None, &none, 4, || {}).unwrap_err();
+    assert_eq!(e.exit_code(), 2, "{e}");
+    let d = tempfile::tempdir().unwrap();
+    let data = d.path().join("no-labels.jsonl");
+    let rows: String = none
+        .iter()
+        .map(|e| serde_json::json!({"input_ids": e.ids, "labels": e.labels}).to_string() + "\n")
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let m = fixture("tiny-gqa/model");
+    let out = d.path().join("out");
+    for cmd in ["eval", "grad", "curvature", "train"] {
+        let mut c = bin();
+        c.args([
+            cmd,
+            "--quiet",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+            "--model",
+        ])
+        .arg(&m)
+        .arg("--data")
+        .arg(&data);
+        if cmd != "eval" {
+            c.arg("--out").arg(out.join(cmd));
+        }
+        let o = c.output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{cmd}: {err}");
+        assert!(
+            err.contains("no-labels.jsonl") && err.contains("no target tokens"),
+            "{cmd}: {err}"
+        );
+    }
+    assert!(!out.exists(), "nothing is written");
 }

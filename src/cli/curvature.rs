@@ -15,6 +15,8 @@ use crate::curvature::summary::summarize;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use crate::data::Example;
 use crate::error::{Error, Result};
+use crate::eval::perplexity::require_targets;
+use crate::io::check_replaceable;
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::progress;
 use crate::train::TrainConfig;
@@ -125,7 +127,9 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
     };
     let m = load_model(&a.model)?;
     let init = adapter_or_init(a.adapter.as_deref(), &m, &a.lora, a.common.seed)?;
+    check_replaceable(&a.out)?;
     let data = load_data(&a.data, &m, &a.batching)?;
+    require_targets(&a.data, &data)?;
     let warmup = match (a.warmup_steps, &a.warmup_data) {
         (0, _) => None,
         (_, None) => {
@@ -143,8 +147,10 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
                 weight_decay: 0.0,
                 clip: 1.0,
             };
+            let warm = load_data(p, &m, &a.batching)?;
+            require_targets(p, &warm)?;
             Some((
-                load_data(p, &m, &a.batching)?,
+                warm,
                 hyper.config(a.batching.batch_size, a.common.seed, 0.0, 0.0),
             ))
         }

@@ -14,6 +14,7 @@ use crate::error::{Error, Result};
 use crate::eval::choice::{ChoiceResult, ChoiceRow, choice_logliks, read_choices, score};
 use crate::eval::exact_match::{ExactMatch, exact_match, read_qa};
 use crate::eval::generate::Sampling;
+use crate::eval::perplexity::require_targets;
 use crate::eval::{NllSummary, mean_nll};
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::progress;
@@ -47,6 +48,8 @@ struct EvalTask {
     model: LoadedModel,
     adapter: Option<HostLora>,
     sets: Vec<Vec<Example>>,
+    /// The `--data` file of each set, to name it when its loss is not finite.
+    paths: Vec<PathBuf>,
     qa: Vec<Vec<(String, String)>>,
     choices: Vec<Vec<ChoiceRow>>,
     sampling: Sampling,
@@ -66,20 +69,24 @@ impl BackendTask for EvalTask {
         let weights = self.model.take_weights();
         let model = Llama::new(be, self.model.cfg.clone(), weights)?;
         let mut nll = Vec::new();
-        for set in &self.sets {
+        for (set, path) in self.sets.iter().zip(&self.paths) {
             let pb = progress::bar(
                 set.len().div_ceil(self.batch_size) as u64,
                 "eval",
                 self.quiet,
             );
-            nll.push(mean_nll(
-                be,
-                &model,
-                lora.as_ref(),
-                set,
-                self.batch_size,
-                || pb.inc(1),
-            )?);
+            nll.push(
+                mean_nll(be, &model, lora.as_ref(), set, self.batch_size, || {
+                    pb.inc(1)
+                })
+                .map_err(|e| match e {
+                    Error::NonFinite { at, what } => Error::NonFinite {
+                        at: format!("{}: {at}", path.display()),
+                        what,
+                    },
+                    e => e,
+                })?,
+            );
             pb.finish_and_clear();
         }
         let mut em = Vec::new();
@@ -125,6 +132,9 @@ pub fn run(a: EvalArgs) -> Result<()> {
         .iter()
         .map(|p| load_data(p, &m, &a.batching))
         .collect::<Result<Vec<_>>>()?;
+    for (path, set) in a.data.iter().zip(&sets) {
+        require_targets(path, set)?;
+    }
     let n = a.batching.limit.unwrap_or(usize::MAX);
     let qa = a
         .exact_match
@@ -149,6 +159,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         model: m,
         adapter,
         sets,
+        paths: a.data.clone(),
         qa,
         choices,
         sampling,

@@ -14,10 +14,12 @@ use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::data::{Example, batches};
 use crate::error::Result;
-use crate::io::write_safetensors;
+use crate::eval::perplexity::require_targets;
+use crate::io::{check_replaceable, write_safetensors};
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::progress;
 use crate::train::accumulate_gradients;
+use crate::train::finite::{check_device, check_value};
 
 #[derive(Args)]
 pub struct GradArgs {
@@ -67,6 +69,8 @@ impl BackendTask for GradTask {
             pb.inc(1);
         }
         pb.finish_and_clear();
+        check_value(loss_sum, "grad", "loss")?;
+        check_device(be, &grads, "grad", "gradient")?;
         Ok((grads.map(|g| be.to_host(g))?, loss_sum, n))
     }
 }
@@ -74,7 +78,9 @@ impl BackendTask for GradTask {
 pub fn run(a: GradArgs) -> Result<()> {
     let m = load_model(&a.model)?;
     let lora = adapter_or_init(a.adapter.as_deref(), &m, &a.lora, a.common.seed)?;
+    check_replaceable(&a.out)?;
     let data = load_data(&a.data, &m, &a.batching)?;
+    require_targets(&a.data, &data)?;
     let n_seq = data.len();
     let quiet = a.common.quiet || a.common.json;
     let task = GradTask {

@@ -13,6 +13,7 @@ use crate::backend::device::{BackendTask, run_on};
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
+use crate::eval::perplexity::require_targets;
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::train::session::{self, SessionOptions};
 use crate::train::{Schedule, StepMetrics, TrainConfig};
@@ -69,7 +70,7 @@ pub struct TrainArgs {
     /// JSONL training data (target domain).
     #[arg(long)]
     pub data: PathBuf,
-    /// Output directory: PEFT adapter, metrics.jsonl, checkpoint/.
+    /// Output directory: PEFT adapter and metrics.jsonl (at the end), train.log, checkpoint/.
     #[arg(long)]
     pub out: PathBuf,
     /// Curvature file from `curvature`: training starts at its theta* and is penalised.
@@ -87,7 +88,7 @@ pub struct TrainArgs {
     /// Save a checkpoint every N steps and at the end (0: never; --resume needs one).
     #[arg(long, default_value_t = 50)]
     pub checkpoint_every: usize,
-    /// Continue from OUT/checkpoint with the same flags.
+    /// Continue from OUT/checkpoint: the same model, data, curvature and flags, or refused.
     #[arg(long)]
     pub resume: bool,
     #[command(flatten)]
@@ -148,6 +149,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         c.check_lora(p, &init, "the adapter trained")?;
     }
     let data = load_data(&a.data, &m, &a.batching)?;
+    require_targets(&a.data, &data)?;
     let cfg = a
         .hyper
         .config(a.batching.batch_size, a.common.seed, a.lambda, a.delta);

@@ -25,6 +25,7 @@ use crate::backend::{Backend, CeTargets};
 use crate::data::{Example, batches};
 use crate::error::{Error, Result};
 use crate::model::{HostLora, Llama, LoraWeights};
+use crate::train::finite::{first_non_finite, non_finite};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Scheme {
@@ -105,6 +106,12 @@ pub fn estimate<B: Backend>(
     if let Fisher::Mc(0) = spec.fisher {
         return Err(Error::usage("--mc-samples must be at least 1"));
     }
+    if examples.iter().all(|e| e.n_targets() == 0) {
+        // Every gradient would be zero: a curvature of nothing, not an estimate.
+        return Err(Error::usage(
+            "the curvature data have no target tokens (every label is -100)",
+        ));
+    }
     let mut acc = Accumulator::new(be, lora, spec.scheme, spec.approx)?;
     let (mut n_positions, mut n_sequences) = (0usize, 0usize);
     let vocab = model.cfg.vocab_size;
@@ -122,8 +129,11 @@ pub fn estimate<B: Backend>(
                     seed: mc_seed(spec.seed, bi, s),
                 },
             };
-            let (_, dlogits) =
+            let (losses, dlogits) =
                 be.cross_entropy(&acts.logits, acts.rows, vocab, targets, Some(1.0))?;
+            if losses.iter().any(|l| !l.is_finite()) {
+                return Err(non_finite(format!("curvature batch {}", bi + 1), "loss"));
+            }
             let dlogits =
                 dlogits.ok_or_else(|| Error::usage("cross_entropy returned no gradient"))?;
             acc.begin(&batch.segments, 1.0 / samples as f32, s == 0);
@@ -167,7 +177,7 @@ pub fn estimate<B: Backend>(
         ),
         None => None,
     };
-    Ok(Curvature {
+    let c = Curvature {
         meta: CurvatureMeta {
             scheme: spec.scheme,
             fisher: spec.fisher,
@@ -179,5 +189,37 @@ pub fn estimate<B: Backend>(
         mean,
         diag,
         kfac,
-    })
+    };
+    if let Some(name) = first_non_finite(c.named_tensors()) {
+        return Err(non_finite(
+            "curvature estimate",
+            format!("values in `{name}`"),
+        ));
+    }
+    Ok(c)
+}
+
+impl Curvature {
+    /// Every tensor under its name in the curvature file (`mean.<peft param>`,
+    /// `diag.<peft param>`, `kfac_in.<peft module>`, ...), for checks and digests.
+    pub fn named_tensors(&self) -> Vec<(String, &[f32])> {
+        let mut t: Vec<(String, &[f32])> = Vec::new();
+        for (prefix, w) in [("mean", Some(&self.mean)), ("diag", self.diag.as_ref())] {
+            for (name, _, data) in w.iter().flat_map(|w| w.named_tensors()) {
+                t.push((format!("{prefix}.{name}"), data));
+            }
+        }
+        for (m, f) in self.mean.modules.iter().zip(self.kfac.iter().flatten()) {
+            let p = m.peft_path();
+            t.push((format!("kfac_in.{p}.lora_A"), &f.a_in));
+            t.push((format!("kfac_out.{p}.lora_A"), &f.a_out));
+            t.push((format!("kfac_in.{p}.lora_B"), &f.b_in));
+            t.push((format!("kfac_out.{p}.lora_B"), &f.b_out));
+            if let Some((c, g)) = &f.cross {
+                t.push((format!("kfac_cross_in.{p}"), c));
+                t.push((format!("kfac_cross_out.{p}"), g));
+            }
+        }
+        t
+    }
 }

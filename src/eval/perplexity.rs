@@ -1,11 +1,14 @@
 //! Mean negative log-likelihood over the labelled tokens of a data set.
 
+use std::path::Path;
+
 use serde::Serialize;
 
 use crate::backend::{Backend, CeTargets};
 use crate::data::{Example, batches};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{Llama, LoraWeights};
+use crate::train::finite::non_finite;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct NllSummary {
@@ -27,7 +30,7 @@ pub fn sequence_losses<B: Backend>(
     mut on_batch: impl FnMut(),
 ) -> Result<Vec<f64>> {
     let mut out = Vec::with_capacity(examples.len());
-    for batch in batches(examples, batch_size) {
+    for (bi, batch) in batches(examples, batch_size).enumerate() {
         let acts = model.forward(be, lora, &batch, false)?;
         let (losses, _) = be.cross_entropy(
             &acts.logits,
@@ -36,6 +39,17 @@ pub fn sequence_losses<B: Backend>(
             CeTargets::Labels(&batch.targets),
             None,
         )?;
+        if losses.iter().any(|l| !l.is_finite()) {
+            let first = out.len() + 1;
+            return Err(non_finite(
+                format!(
+                    "batch {} (sequences {first}..{})",
+                    bi + 1,
+                    first + batch.batch - 1
+                ),
+                "loss",
+            ));
+        }
         out.extend(
             losses
                 .chunks(batch.seq_len.max(1))
@@ -55,15 +69,33 @@ pub fn mean_nll<B: Backend>(
     batch_size: usize,
     on_batch: impl FnMut(),
 ) -> Result<NllSummary> {
+    let n: usize = examples.iter().map(Example::n_targets).sum();
+    if n == 0 {
+        return Err(Error::usage(
+            "no target tokens to evaluate (every label is -100)",
+        ));
+    }
     let sum: f64 = sequence_losses(be, model, lora, examples, batch_size, on_batch)?
         .iter()
         .sum();
-    let n: usize = examples.iter().map(Example::n_targets).sum();
-    let mean = if n > 0 { sum / n as f64 } else { f64::NAN };
+    let mean = sum / n as f64;
     Ok(NllSummary {
         n_sequences: examples.len(),
         n_tokens: n,
         mean_nll: mean,
         perplexity: mean.exp(),
     })
+}
+
+/// A data set with no predicted token has no mean loss (0/0) and no gradient: refuse it
+/// (naming the file) rather than report NaN, train on nothing or write zeros.
+pub fn require_targets(path: &Path, examples: &[Example]) -> Result<()> {
+    if examples.iter().any(|e| e.n_targets() > 0) {
+        Ok(())
+    } else {
+        Err(Error::file(
+            path,
+            "no target tokens: every label is -100 (or each row is a single token)",
+        ))
+    }
 }

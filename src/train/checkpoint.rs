@@ -1,23 +1,44 @@
-//! Checkpoints for an exact resume: `OUT/checkpoint/` holds the adapter (PEFT layout), the
-//! AdamW moments (`optimizer.safetensors`: `exp_avg.<name>`, `exp_avg_sq.<name>`) and
-//! `trainer_state.json` (step and the full training configuration). The data order and
-//! every random draw follow from (seed, step), so nothing else is needed.
+//! Checkpoints for an exact resume, safe against a crash at any instant.
+//!
+//! A checkpoint is a directory holding the adapter (PEFT layout), the AdamW moments
+//! (`optimizer.safetensors`: `exp_avg.<name>`, `exp_avg_sq.<name>`), `trainer_state.json`
+//! (step, training settings, run identity) and `metrics.jsonl` (the steps so far). The data
+//! order and every random draw follow from (seed, step), so nothing else is needed.
+//!
+//! Layout: two slots, `OUT/checkpoint-a/` and `OUT/checkpoint-b/`, and `OUT/checkpoint`, a
+//! symbolic link naming the current one. A save writes the slot the link does not name,
+//! then switches the link with one `rename(2)` of a staged link over it, which is atomic,
+//! and only then removes the old slot. So at every instant `OUT/checkpoint` is absent
+//! (before the first save) or names a complete checkpoint: a crash leaves at worst an
+//! unnamed slot or a staged link, which the next run removes ([`clean_stale`]).
+//! `OUT/checkpoint/...` paths keep working for readers (PEFT loads the adapter in it).
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::trainer::TrainConfig;
+use super::finite::first_non_finite;
+use super::identity::RunIdentity;
+use super::trainer::{StepMetrics, TrainConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::io::{TensorFile, atomic_write, write_safetensors};
+use crate::io::{TEMP_PREFIX, TensorFile, atomic_write, write_safetensors};
 use crate::model::HostLora;
 use crate::model::config::LlamaConfig;
+
+const POINTER: &str = "checkpoint";
+const SLOTS: [&str; 2] = ["checkpoint-a", "checkpoint-b"];
+/// Staged links are `checkpoint.tmp-<pid>` (older versions staged directories under the
+/// same prefix): any left at start is stale.
+const STAGED: &str = "checkpoint.tmp-";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainerState {
     pub step: usize,
     pub config: TrainConfig,
-    /// The curvature file the penalty came from, if any.
+    /// What else defines the run; `--resume` refuses a different one.
+    pub run: RunIdentity,
+    /// The curvature file the penalty came from, if any (for the reader).
     pub curvature: Option<PathBuf>,
 }
 
@@ -26,48 +47,129 @@ pub struct Checkpoint {
     pub lora: HostLora,
     pub m: HostLora,
     pub v: HostLora,
+    /// Metrics of steps 1..=state.step, so the final `metrics.jsonl` of a resumed run is
+    /// whole.
+    pub metrics: Vec<StepMetrics>,
 }
 
+/// `OUT/checkpoint`: the link to the current checkpoint.
 pub fn dir(out: &Path) -> PathBuf {
-    out.join("checkpoint")
+    out.join(POINTER)
 }
 
-/// Write the checkpoint into a fresh directory, then swap it in for the old one.
-pub fn save(out: &Path, ck: &Checkpoint, base_model: &str) -> Result<()> {
-    let final_dir = dir(out);
-    let tmp = out.join(format!("checkpoint.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        std::fs::remove_dir_all(&tmp).at(&tmp)?;
+/// The slot `OUT/checkpoint` names: `None` before the first save; an error when it is
+/// anything but one of our links (then it is not ours to replace).
+fn current(out: &Path) -> Result<Option<&'static str>> {
+    let p = dir(out);
+    let meta = match std::fs::symlink_metadata(&p) {
+        Err(e) if e.kind() == ErrorKind::NotFound => return Ok(None),
+        r => r.at(&p)?,
+    };
+    let target = if meta.file_type().is_symlink() {
+        std::fs::read_link(&p).at(&p)?
+    } else {
+        PathBuf::new()
+    };
+    match SLOTS.iter().find(|s| target == Path::new(s)) {
+        Some(s) => Ok(Some(s)),
+        None => Err(Error::file(
+            &p,
+            "not a link to checkpoint-a or checkpoint-b (a checkpoint of an older lalora-engine, or not ours); move it away",
+        )),
     }
-    ck.lora.save(&tmp, base_model)?;
+}
+
+/// Remove what a crash can leave: staged links (or an older version's staged
+/// directories), the slot the link does not name, and temporaries of atomic writes (of
+/// the adapter or `metrics.jsonl`). Call with the output directory locked, before a run
+/// reads or writes checkpoints.
+pub fn clean_stale(out: &Path) -> Result<()> {
+    let cur = current(out)?;
+    for entry in std::fs::read_dir(out).at(out)? {
+        let entry = entry.at(out)?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let stale = name.starts_with(STAGED)
+            || name.starts_with(TEMP_PREFIX)
+            || (SLOTS.contains(&name.as_str()) && cur != Some(name.as_str()));
+        if stale {
+            remove(&entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+/// Points a save can be stopped at, to test that each leaves a resumable directory.
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SavePoint {
+    /// The new slot is complete; the link still names the old one.
+    SlotWritten,
+    /// The link to the new slot is staged beside `OUT/checkpoint`.
+    LinkStaged,
+    /// `OUT/checkpoint` names the new slot; the old one is not yet removed.
+    LinkSwitched,
+}
+
+/// Write `ck` as the current checkpoint of `out`.
+pub fn save(out: &Path, ck: &Checkpoint, base_model: &str) -> Result<()> {
+    save_until(out, ck, base_model, |_| Ok(()))
+}
+
+/// [`save`], calling `at` at each [`SavePoint`]: an `Err` from it stops the save there,
+/// leaving the directory as a crash at that instant would (for tests).
+#[doc(hidden)]
+pub fn save_until(
+    out: &Path,
+    ck: &Checkpoint,
+    base_model: &str,
+    mut at: impl FnMut(SavePoint) -> Result<()>,
+) -> Result<()> {
+    let old = current(out)?;
+    let slot = if old == Some(SLOTS[0]) {
+        SLOTS[1]
+    } else {
+        SLOTS[0]
+    };
+    let d = out.join(slot);
+    remove(&d)?;
+    std::fs::create_dir(&d).at(&d)?;
+    write_slot(&d, ck, base_model)?;
+    sync_dir(&d)?;
+    at(SavePoint::SlotWritten)?;
+    let staged = out.join(format!("{STAGED}{}", std::process::id()));
+    remove(&staged)?;
+    std::os::unix::fs::symlink(slot, &staged).at(&staged)?;
+    at(SavePoint::LinkStaged)?;
+    std::fs::rename(&staged, dir(out)).at(dir(out))?;
+    sync_dir(out)?;
+    at(SavePoint::LinkSwitched)?;
+    match old {
+        Some(o) => remove(&out.join(o)),
+        None => Ok(()),
+    }
+}
+
+fn write_slot(d: &Path, ck: &Checkpoint, base_model: &str) -> Result<()> {
+    ck.lora.save(d, base_model)?;
     let mut t: Vec<(String, Vec<usize>, &[f32])> = Vec::new();
     for (prefix, w) in [("exp_avg", &ck.m), ("exp_avg_sq", &ck.v)] {
         for (name, shape, data) in w.named_tensors() {
             t.push((format!("{prefix}.{name}"), shape, data));
         }
     }
-    write_safetensors(&tmp.join("optimizer.safetensors"), &t, Default::default())?;
+    write_safetensors(&d.join("optimizer.safetensors"), &t, Default::default())?;
+    let metrics = StepMetrics::jsonl(&ck.metrics);
+    atomic_write(&d.join("metrics.jsonl"), metrics.as_bytes())?;
     let json = serde_json::to_string_pretty(&ck.state).unwrap_or_default();
-    atomic_write(&tmp.join("trainer_state.json"), json.as_bytes())?;
-    let old = out.join("checkpoint.old");
-    if final_dir.exists() {
-        if old.exists() {
-            std::fs::remove_dir_all(&old).at(&old)?;
-        }
-        std::fs::rename(&final_dir, &old).at(&final_dir)?;
-    }
-    std::fs::rename(&tmp, &final_dir).at(&final_dir)?;
-    if old.exists() {
-        std::fs::remove_dir_all(&old).at(&old)?;
-    }
-    Ok(())
+    atomic_write(&d.join("trainer_state.json"), json.as_bytes())
 }
 
+/// The current checkpoint of `out`.
 pub fn load(out: &Path, model: &LlamaConfig) -> Result<Checkpoint> {
-    let d = dir(out);
-    if !d.exists() {
-        return Err(Error::file(&d, "no checkpoint to resume from"));
-    }
+    let Some(slot) = current(out)? else {
+        return Err(Error::file(dir(out), "no checkpoint to resume from"));
+    };
+    let d = out.join(slot);
     let sp = d.join("trainer_state.json");
     let text = std::fs::read_to_string(&sp).at(&sp)?;
     let state: TrainerState = serde_json::from_str(&text)
@@ -95,10 +197,46 @@ pub fn load(out: &Path, model: &LlamaConfig) -> Result<Checkpoint> {
         }
         Ok(w)
     };
+    let (m, v) = (moment("exp_avg")?, moment("exp_avg_sq")?);
+    // Saves happen only after the step's checks, so a non-finite value here means the
+    // files were damaged: refuse to continue from them.
+    let tensors = [("", &lora), ("exp_avg.", &m), ("exp_avg_sq.", &v)]
+        .into_iter()
+        .flat_map(|(prefix, w)| {
+            w.named_tensors()
+                .into_iter()
+                .map(move |(n, _, d)| (format!("{prefix}{n}"), d))
+        });
+    if let Some(name) = first_non_finite(tensors) {
+        return Err(Error::file(&d, format!("non-finite values in `{name}`")));
+    }
+    let mp = d.join("metrics.jsonl");
+    let metrics = std::fs::read_to_string(&mp)
+        .at(&mp)?
+        .lines()
+        .enumerate()
+        .map(|(i, l)| serde_json::from_str(l).map_err(|e| Error::line(&mp, i + 1, format!("{e}"))))
+        .collect::<Result<Vec<StepMetrics>>>()?;
     Ok(Checkpoint {
-        m: moment("exp_avg")?,
-        v: moment("exp_avg_sq")?,
-        lora,
         state,
+        lora,
+        m,
+        v,
+        metrics,
     })
+}
+
+/// Remove a file, link or directory tree if it exists.
+fn remove(p: &Path) -> Result<()> {
+    match std::fs::symlink_metadata(p) {
+        Err(e) if e.kind() == ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(Error::io(p, e)),
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p).at(p),
+        Ok(_) => std::fs::remove_file(p).at(p),
+    }
+}
+
+/// Make a directory's entries durable (a rename is on disk only once its directory is).
+fn sync_dir(d: &Path) -> Result<()> {
+    std::fs::File::open(d).and_then(|f| f.sync_all()).at(d)
 }

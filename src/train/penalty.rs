@@ -8,6 +8,7 @@
 //!   `lambda/N G_AB DB C_AB^T` (A) and `lambda/N G_AB^T DA C_AB` (B). Not PSD in general:
 //!   when the total `Q` is negative the penalty and its gradient are clamped to zero.
 
+use super::finite::first_non_finite;
 use crate::backend::{Backend, DiagPenalty};
 use crate::curvature::Curvature;
 use crate::error::{Error, Result};
@@ -40,6 +41,11 @@ impl<B: Backend> Penalty<B> {
     pub fn new(be: &B, c: &Curvature, lambda: f32, delta: f32) -> Result<Self> {
         if !(lambda >= 0.0 && delta >= 0.0) {
             return Err(Error::usage("--lambda and --delta must be >= 0"));
+        }
+        if let Some(name) = first_non_finite(c.named_tensors()) {
+            return Err(Error::usage(format!(
+                "the curvature holds non-finite values in `{name}`"
+            )));
         }
         let inv_n = 1.0 / c.meta.n_sequences.max(1) as f32;
         let mean = c.mean.map(|v| be.buf(v.clone()))?;

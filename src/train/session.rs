@@ -1,17 +1,19 @@
 //! One training run with its side effects: the penalty from a curvature file, resume from
-//! a checkpoint, periodic checkpoints, the metrics log (`metrics.jsonl`), a progress bar,
+//! a checkpoint, periodic checkpoints, the output directory (`outdir`), a progress bar,
 //! and the final PEFT adapter. Shared by `train`, `sweep`, `demo` and curvature warm-up.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use super::checkpoint::{self, Checkpoint, TrainerState};
+use super::finite::first_non_finite;
+use super::identity::RunIdentity;
+use super::outdir::OutDir;
 use super::penalty::Penalty;
 use super::trainer::{StepMetrics, TrainConfig, TrainState, train};
 use crate::backend::Backend;
 use crate::curvature::Curvature;
 use crate::data::Example;
-use crate::error::{Error, IoContext, Result};
+use crate::error::{Error, Result};
 use crate::model::{HostLora, Llama};
 use crate::progress;
 
@@ -22,7 +24,8 @@ pub struct SessionOptions {
     pub checkpoint_every: usize,
     pub resume: bool,
     pub quiet: bool,
-    /// `base_model_name_or_path` written into adapter_config.json.
+    /// `base_model_name_or_path` written into adapter_config.json; also the model's name
+    /// in the run identity a resume is checked against.
     pub base_model: String,
     /// Stop after this step (for interrupting a run in tests); `None` runs to the end.
     pub stop_after: Option<usize>,
@@ -32,6 +35,7 @@ pub struct SessionOptions {
 
 pub struct SessionResult {
     pub lora: HostLora,
+    /// The steps run by this call (not those before a resume).
     pub metrics: Vec<StepMetrics>,
 }
 
@@ -47,118 +51,164 @@ pub fn run<B: Backend>(
     opts: &SessionOptions,
 ) -> Result<SessionResult> {
     if let Some(c) = curvature
-        && (c.mean.cfg != init.cfg || c.mean.modules.len() != init.modules.len()) {
-            return Err(Error::usage(
-                "the curvature file was estimated for a different LoRA configuration than the one trained",
-            ));
-        }
+        && (c.mean.cfg != init.cfg || c.mean.modules.len() != init.modules.len())
+    {
+        return Err(Error::usage(
+            "the curvature file was estimated for a different LoRA configuration than the one trained",
+        ));
+    }
+    let named = init.named_tensors().into_iter().map(|(n, _, d)| (n, d));
+    if let Some(name) = first_non_finite(named) {
+        return Err(Error::usage(format!(
+            "the initial LoRA weights (--adapter, or the curvature's theta*) hold non-finite values in `{name}`"
+        )));
+    }
     let penalty = match curvature {
         Some(c) if cfg.lambda > 0.0 => Some(Penalty::new(be, c, cfg.lambda, cfg.delta)?),
         _ => None,
     };
-    let mut state = match (&opts.out, opts.resume) {
-        (Some(out), true) => {
-            let ck = checkpoint::load(out, &model.cfg)?;
-            if &ck.state.config != cfg {
-                return Err(Error::file(
-                    checkpoint::dir(out).join("trainer_state.json"),
-                    "the checkpoint was made with different training settings; resume with the same flags",
-                ));
-            }
-            TrainState {
-                lora: ck.lora.map(|x| be.buf(x.clone()))?,
-                m: ck.m.map(|x| be.buf(x.clone()))?,
-                v: ck.v.map(|x| be.buf(x.clone()))?,
-                step: ck.state.step,
-            }
-        }
-        _ => TrainState::fresh(be, init)?,
+    let Some(path) = &opts.out else {
+        let mut state = TrainState::fresh(be, init)?;
+        let metrics = steps(
+            be,
+            model,
+            data,
+            cfg,
+            penalty.as_ref(),
+            &mut state,
+            opts,
+            |_, _| Ok(()),
+        )?;
+        let (lora, _, _) = state.to_host(be)?;
+        return Ok(SessionResult { lora, metrics });
     };
-    let mut log = match &opts.out {
-        Some(out) => Some(MetricsLog::open(out, state.step)?),
-        None => None,
-    };
-    let pb = progress::bar(cfg.steps as u64, "train", opts.quiet);
-    pb.set_position(state.step as u64);
-    let mut metrics = Vec::new();
-    let until = opts.stop_after.unwrap_or(cfg.steps);
-    let save = |state: &TrainState<B>| -> Result<()> {
-        let Some(out) = &opts.out else { return Ok(()) };
-        let (lora, m, v) = state.to_host(be)?;
-        let st = TrainerState {
-            step: state.step,
-            config: cfg.clone(),
-            curvature: opts.curvature_path.clone(),
-        };
-        checkpoint::save(
-            out,
-            &Checkpoint {
-                state: st,
-                lora,
-                m,
-                v,
-            },
-            &opts.base_model,
-        )
-    };
-    train(
+    let identity = RunIdentity::new(&opts.base_model, &model.cfg, data, curvature, init);
+    let mut out = OutDir::open(path)?;
+    let r = run_in(
         be,
         model,
         data,
         cfg,
         penalty.as_ref(),
+        init,
+        opts,
+        identity,
+        &mut out,
+    );
+    if let Err(e) = &r {
+        // The run's error is what matters; a log that cannot be written adds nothing.
+        let _ = out.log(&format!("error: {e}"));
+    }
+    r
+}
+
+/// [`run`] with an output directory: resume, checkpoints, results.
+#[allow(clippy::too_many_arguments)]
+fn run_in<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    data: &[Example],
+    cfg: &TrainConfig,
+    penalty: Option<&Penalty<B>>,
+    init: &HostLora,
+    opts: &SessionOptions,
+    run: RunIdentity,
+    out: &mut OutDir,
+) -> Result<SessionResult> {
+    let (mut state, history) = if opts.resume {
+        let ck = checkpoint::load(&out.path, &model.cfg)?;
+        run.check_resume(cfg, &ck.state.run, &ck.state.config)
+            .map_err(|m| Error::file(checkpoint::dir(&out.path).join("trainer_state.json"), m))?;
+        let state = TrainState {
+            lora: ck.lora.map(|x| be.buf(x.clone()))?,
+            m: ck.m.map(|x| be.buf(x.clone()))?,
+            v: ck.v.map(|x| be.buf(x.clone()))?,
+            step: ck.state.step,
+        };
+        (state, ck.metrics)
+    } else {
+        (TrainState::fresh(be, init)?, Vec::new())
+    };
+    out.log(&format!(
+        "start at step {} of {}{}",
+        state.step,
+        cfg.steps,
+        if opts.resume { " (resumed)" } else { "" }
+    ))?;
+    let path = out.path.clone();
+    let save = |state: &TrainState<B>, metrics: &[StepMetrics]| -> Result<()> {
+        let (lora, m, v) = state.to_host(be)?;
+        let st = TrainerState {
+            step: state.step,
+            config: cfg.clone(),
+            run: run.clone(),
+            curvature: opts.curvature_path.clone(),
+        };
+        let metrics = [history.as_slice(), metrics].concat();
+        let ck = Checkpoint {
+            state: st,
+            lora,
+            m,
+            v,
+            metrics,
+        };
+        checkpoint::save(&path, &ck, &opts.base_model)
+    };
+    let every = opts.checkpoint_every;
+    let until = opts.stop_after.unwrap_or(cfg.steps);
+    let metrics = steps(
+        be,
+        model,
+        data,
+        cfg,
+        penalty,
         &mut state,
-        until,
-        |m, st| {
-            pb.set_position(m.step as u64);
-            pb.set_message(format!("loss {:.3}", m.loss));
-            if let Some(log) = log.as_mut() {
-                log.write(m)?;
-            }
-            metrics.push(m.clone());
-            if opts.checkpoint_every > 0 && m.step % opts.checkpoint_every == 0 && m.step < until {
-                save(st)?;
+        opts,
+        |done, st| {
+            let Some(m) = done.last() else { return Ok(()) };
+            out.log_step(m, cfg.steps)?;
+            if every > 0 && m.step % every == 0 && m.step < until {
+                save(st, done)?;
             }
             Ok(())
         },
     )?;
-    pb.finish_and_clear();
-    if opts.checkpoint_every > 0 {
-        save(&state)?;
+    if every > 0 && !metrics.is_empty() {
+        save(&state, &metrics)?;
     }
     let (lora, _, _) = state.to_host(be)?;
-    if let (Some(out), true) = (&opts.out, state.step >= cfg.steps) {
-        lora.save(out, &opts.base_model)?;
+    if state.step >= cfg.steps {
+        out.finish(
+            &lora,
+            &opts.base_model,
+            &[history, metrics.clone()].concat(),
+        )?;
     }
     Ok(SessionResult { lora, metrics })
 }
 
-/// `metrics.jsonl`: one JSON object per step; on resume, lines past the checkpoint go.
-struct MetricsLog {
-    file: std::fs::File,
-    path: PathBuf,
-}
-
-impl MetricsLog {
-    fn open(out: &Path, keep_until: usize) -> Result<Self> {
-        std::fs::create_dir_all(out).at(out)?;
-        let path = out.join("metrics.jsonl");
-        let kept: String = std::fs::read_to_string(&path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| serde_json::from_str::<StepMetrics>(l).is_ok_and(|m| m.step <= keep_until))
-            .map(|l| format!("{l}\n"))
-            .collect();
-        crate::io::atomic_write(&path, kept.as_bytes())?;
-        let file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .at(&path)?;
-        Ok(MetricsLog { file, path })
-    }
-
-    fn write(&mut self, m: &StepMetrics) -> Result<()> {
-        let line = serde_json::to_string(m).unwrap_or_default();
-        writeln!(self.file, "{line}").at(&self.path)
-    }
+/// Run the steps with a progress bar, calling `after` with the metrics so far.
+#[allow(clippy::too_many_arguments)]
+fn steps<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    data: &[Example],
+    cfg: &TrainConfig,
+    penalty: Option<&Penalty<B>>,
+    state: &mut TrainState<B>,
+    opts: &SessionOptions,
+    mut after: impl FnMut(&[StepMetrics], &TrainState<B>) -> Result<()>,
+) -> Result<Vec<StepMetrics>> {
+    let pb = progress::bar(cfg.steps as u64, "train", opts.quiet);
+    pb.set_position(state.step as u64);
+    let mut metrics = Vec::new();
+    let until = opts.stop_after.unwrap_or(cfg.steps);
+    train(be, model, data, cfg, penalty, state, until, |m, st| {
+        pb.set_position(m.step as u64);
+        pb.set_message(format!("loss {:.3}", m.loss));
+        metrics.push(m.clone());
+        after(&metrics, st)
+    })?;
+    pb.finish_and_clear();
+    Ok(metrics)
 }

@@ -10,6 +10,7 @@ use rand::seq::SliceRandom;
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+use super::finite;
 use super::grad::accumulate_gradients;
 use super::penalty::Penalty;
 use crate::backend::{AdamHyper, Backend};
@@ -148,6 +149,15 @@ pub struct StepMetrics {
     pub tokens_per_s: f64,
 }
 
+impl StepMetrics {
+    /// `metrics.jsonl`: one JSON object per step.
+    pub fn jsonl(all: &[StepMetrics]) -> String {
+        all.iter()
+            .map(|m| serde_json::to_string(m).unwrap_or_default() + "\n")
+            .collect()
+    }
+}
+
 /// Trainable state: the weights and AdamW moments on the device, and the step count.
 pub struct TrainState<B: Backend> {
     pub lora: LoraWeights<B::Buf>,
@@ -176,10 +186,6 @@ fn tensors_mut<T>(w: &mut LoraWeights<T>) -> impl Iterator<Item = &mut T> {
     w.modules.iter_mut().flat_map(|m| [&mut m.a, &mut m.b])
 }
 
-fn tensors<T>(w: &LoraWeights<T>) -> impl Iterator<Item = &T> {
-    w.modules.iter().flat_map(|m| [&m.a, &m.b])
-}
-
 /// Run steps `state.step .. until` (at most `cfg.steps`), calling `on_step` after each.
 #[allow(clippy::too_many_arguments)]
 pub fn train<B: Backend>(
@@ -198,6 +204,11 @@ pub fn train<B: Backend>(
     if cfg.batch_size == 0 || cfg.grad_accum == 0 {
         return Err(Error::usage(
             "--batch-size and --grad-accum must be positive",
+        ));
+    }
+    if data.iter().all(|e| e.n_targets() == 0) {
+        return Err(Error::usage(
+            "the training data have no target tokens (every label is -100)",
         ));
     }
     let mut order = DataOrder::new(data.len(), cfg.seed);
@@ -224,10 +235,13 @@ pub fn train<B: Backend>(
             loss_sum +=
                 accumulate_gradients(be, model, &state.lora, b, scale, &mut grads)?.loss_sum;
         }
-        let norm: f64 = tensors(&grads)
-            .map(|g| be.dot(g, g))
-            .sum::<Result<f64>>()?
-            .sqrt();
+        // Checked in the order they arise, so the message names the first non-finite one;
+        // an error here leaves the last checkpoint as the last good state.
+        let at = format!("step {}", t + 1);
+        finite::check_value(loss_sum, &at, "loss")?;
+        let sq = finite::squared_norms(be, &grads)?;
+        finite::check_norms(&grads, &sq, &at, "gradient")?;
+        let norm = sq.iter().sum::<f64>().sqrt();
         let clip_scale = if cfg.clip > 0.0 && norm > cfg.clip as f64 {
             (cfg.clip as f64 / norm) as f32
         } else {
@@ -237,6 +251,7 @@ pub fn train<B: Backend>(
             Some(p) => p.value_and_grad(be, &state.lora, Some(&mut pen_grads))?,
             None => 0.0,
         };
+        finite::check_value(pen_value, &at, "penalty")?;
         let lr = cfg.lr_at(t);
         let h = AdamHyper {
             lr,
@@ -255,14 +270,18 @@ pub fn train<B: Backend>(
             let mut g_scale = clip_scale;
             let fused = penalty.and_then(|pen| pen.fused(i));
             if fused.is_none()
-                && let Some(pg) = pen_grads.get(i) {
-                    // kfac: the step sees clip_scale * g + penalty gradient.
-                    be.scale(g, clip_scale)?;
-                    be.axpy(1.0, pg, g)?;
-                    g_scale = 1.0;
-                }
+                && let Some(pg) = pen_grads.get(i)
+            {
+                // kfac: the step sees clip_scale * g + penalty gradient.
+                be.scale(g, clip_scale)?;
+                be.axpy(1.0, pg, g)?;
+                g_scale = 1.0;
+            }
             be.adamw_step(p, g, m, v, &h, g_scale, fused)?;
         }
+        finite::check_device(be, &state.lora, &at, "weights after the update")?;
+        finite::check_device(be, &state.m, &at, "AdamW first moment")?;
+        finite::check_device(be, &state.v, &at, "AdamW second moment")?;
         state.step += 1;
         let secs = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {

@@ -1,8 +1,21 @@
 //! Every kind of bad input ends with exit code 2 and a one-line error naming the file,
-//! never a panic, and no output file left behind.
+//! never a panic, and no output file left behind. The files under `bad_input/` hold the
+//! reproductions of issue 10 by kind.
 
 mod common;
+#[path = "fuzz/gguf.rs"]
+mod gguf;
 
+#[path = "bad_input/curvature.rs"]
+mod curvature_files;
+#[path = "bad_input/flags.rs"]
+mod flags;
+#[path = "bad_input/meaning.rs"]
+mod meaning;
+#[path = "bad_input/peft.rs"]
+mod peft;
+
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 
 use common::*;
@@ -46,6 +59,35 @@ fn tiny_copy(dir: &Path) -> PathBuf {
     for f in ["config.json", "model.safetensors"] {
         std::fs::copy(fixture("tiny-gqa/model").join(f), m.join(f)).unwrap();
     }
+    m
+}
+
+/// Arguments of mixed kinds (strings, paths) as one list.
+fn argv(items: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
+    items.iter().map(|a| a.as_ref().to_os_string()).collect()
+}
+
+fn run_args(args: &[OsString]) -> Run {
+    let out = bin().args(args).arg("--quiet").output().unwrap();
+    Run {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A successful run: the positive control of a refusal next to it.
+fn assert_runs(r: &Run, what: &str) {
+    assert_eq!(r.code, Some(0), "{what}: stderr: {}", r.stderr);
+}
+
+/// A copy of the tiny model whose config.json `edit` changed.
+fn model_with(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let m = tiny_copy(dir);
+    let p = m.join("config.json");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(&p, cfg.to_string()).unwrap();
     m
 }
 

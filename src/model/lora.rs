@@ -1,7 +1,7 @@
 //! LoRA adapters: `h = W x + s B (A x)` with `A (r, d_in)`, `B (d_out, r)`, `s = alpha/r`
 //! (`alpha/sqrt(r)` with rsLoRA), stored and named exactly as PEFT does.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use rand::{RngExt, SeedableRng};
@@ -293,10 +293,28 @@ impl HostLora {
         })
     }
 
+    /// `target_modules` and `layers_to_transform` that select exactly these modules, as
+    /// `load` (and PEFT) match them: projection names on the layers held when the modules
+    /// are every target on every one of those layers, else each module by its full key.
+    fn peft_selection(&self) -> (Vec<String>, Option<Vec<usize>>) {
+        let held: BTreeSet<(usize, Proj)> =
+            self.modules.iter().map(|m| (m.layer, m.proj)).collect();
+        let layers: BTreeSet<usize> = held.iter().map(|&(l, _)| l).collect();
+        let product = layers.len() * self.cfg.targets.len() == held.len()
+            && held.iter().all(|(_, p)| self.cfg.targets.contains(p));
+        if product {
+            let names = self.cfg.targets.iter().map(|p| p.name().to_string());
+            (names.collect(), Some(layers.into_iter().collect()))
+        } else {
+            let keys = held.iter().map(|&(l, p)| module_key(l, p));
+            (keys.collect(), None)
+        }
+    }
+
     /// Write a PEFT adapter directory that `PeftModel.from_pretrained` loads unchanged.
     pub fn save(&self, dir: &Path, base_model: &str) -> Result<()> {
         std::fs::create_dir_all(dir).at(dir)?;
-        let targets: Vec<&str> = self.cfg.targets.iter().map(|p| p.name()).collect();
+        let (targets, layers) = self.peft_selection();
         let config = json!({
             "peft_type": "LORA",
             "task_type": "CAUSAL_LM",
@@ -312,7 +330,7 @@ impl HostLora {
             "init_lora_weights": true,
             "inference_mode": true,
             "modules_to_save": null,
-            "layers_to_transform": null,
+            "layers_to_transform": layers,
             "rank_pattern": {},
             "alpha_pattern": {},
         });

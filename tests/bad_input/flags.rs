@@ -1,0 +1,97 @@
+//! Zero, negative, non-finite and absurd flag values: refused naming the flag before any
+//! work starts (they divided by zero, started 100000 threads, allocated 256 GB, or trained
+//! on NaN), and nothing written.
+
+use super::*;
+
+#[test]
+fn zero_negative_and_non_finite_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
+    let out = d.path().join("out");
+    let base = |cmd: &str| {
+        let mut a = argv(&[&cmd, &"--model", &model, &"--data", &data]);
+        if cmd != "eval" {
+            a.extend(argv(&[&"--out", &out]));
+        }
+        a
+    };
+    let cases: [(&str, &[&str], &str); 24] = [
+        ("eval", &["--batch-size", "0"], "--batch-size 0"),
+        ("grad", &["--batch-size", "0"], "--batch-size 0"),
+        ("curvature", &["--batch-size", "0"], "--batch-size 0"),
+        ("train", &["--batch-size", "0"], "--batch-size 0"),
+        ("train", &["--grad-accum", "0"], "--grad-accum 0"),
+        ("train", &["--steps", "0"], "--steps 0"),
+        ("eval", &["--limit", "0"], "--limit 0"),
+        ("eval", &["--max-len", "1"], "--max-len 1"),
+        ("eval", &["--threads", "100000"], "--threads 100000"),
+        (
+            "curvature",
+            &["--fisher", "mc", "--mc-samples", "0"],
+            "--mc-samples 0",
+        ),
+        ("curvature", &["--warmup-lr", "nan"], "--warmup-lr NaN"),
+        ("train", &["--lr", "nan"], "--lr NaN"),
+        ("train", &["--lr=-1"], "--lr -1"),
+        ("train", &["--weight-decay", "nan"], "--weight-decay NaN"),
+        ("train", &["--weight-decay=-0.1"], "--weight-decay -0.1"),
+        ("train", &["--clip", "inf"], "--clip inf"),
+        ("train", &["--clip=-1"], "--clip -1"),
+        ("train", &["--lambda=-1"], "--lambda -1"),
+        ("train", &["--lambda", "nan"], "--lambda NaN"),
+        ("train", &["--delta", "inf"], "--delta inf"),
+        ("train", &["--delta=-1"], "--delta -1"),
+        ("train", &["--alpha", "nan"], "--alpha NaN"),
+        ("train", &["--rank", "0"], "--rank 0"),
+        ("grad", &["--rank", "1000000000"], "hidden size 64"),
+    ];
+    for (cmd, flags, needle) in cases {
+        let mut a = base(cmd);
+        a.extend(flags.iter().map(OsString::from));
+        let r = run_args(&a);
+        assert_clean_error(&r, needle, &format!("{cmd} {flags:?}"));
+        assert!(!out.exists(), "{cmd} {flags:?}: output written");
+    }
+}
+
+#[test]
+fn sampling_and_sweep_flags() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
+    let generate = |flags: &[&str]| {
+        let mut a = argv(&[&"generate", &"--model", &model, &"--prompt", &"hi"]);
+        a.extend(flags.iter().map(OsString::from));
+        run_args(&a)
+    };
+    for (flags, needle) in [
+        (&["--temperature", "nan"][..], "--temperature NaN"),
+        (&["--temperature=-1"], "--temperature -1"),
+        (&["--top-p", "0"], "--top-p 0"),
+        (&["--top-p", "1.5"], "--top-p 1.5"),
+    ] {
+        assert_clean_error(&generate(flags), needle, &format!("generate {flags:?}"));
+    }
+    let out = d.path().join("sweep");
+    let r = run_args(&argv(&[
+        &"sweep",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--target-eval",
+        &data,
+        &"--source-eval",
+        &data,
+        &"--lambdas",
+        &"0",
+        &"--steps",
+        &"1",
+        &"--eval-limit",
+        &"0",
+        &"--out",
+        &out,
+    ]));
+    assert_clean_error(&r, "--eval-limit 0", "sweep --eval-limit 0");
+    assert!(!out.exists(), "sweep wrote {}", out.display());
+}

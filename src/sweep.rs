@@ -1,7 +1,8 @@
 //! The learning-forgetting sweep (DESIGN §7): for each lambda, stage II from the same
 //! init and data order; learning = drop of the target NLL from the base model, forgetting
-//! = rise of each source NLL from the base model. Writes `results.csv`, `results.json`,
-//! `results.md` and `frontier.svg` (Pareto-optimal points marked).
+//! = rise of each source NLL from the base model, each with the standard error of its
+//! per-sequence paired differences (`eval::paired`). Writes `results.csv`, `results.json`,
+//! `results.md` and `frontier.svg` (Pareto-optimal points marked, error bars drawn).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,9 +16,11 @@ use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::eval::exact_match::{ExactMatch, exact_match};
 use crate::eval::generate::Sampling;
-use crate::eval::mean_nll;
+use crate::eval::paired::{Paired, paired_difference};
+use crate::eval::perplexity::sequence_losses;
 use crate::io::atomic_write;
 use crate::model::{HostLora, Llama, LoraWeights};
+use crate::progress;
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainConfig;
 use crate::train::session::{self, SessionOptions};
@@ -28,6 +31,22 @@ pub const DEFAULT_LAMBDAS: [f32; 9] = [0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3, 1e
 pub struct EvalSet {
     pub name: String,
     pub examples: Vec<Example>,
+}
+
+impl EvalSet {
+    /// Predicted tokens per sequence: the weights of its per-token mean.
+    fn weights(&self) -> Vec<f64> {
+        self.examples.iter().map(|e| e.n_targets() as f64).collect()
+    }
+
+    fn info(&self, role: &'static str) -> SetInfo {
+        SetInfo {
+            name: self.name.clone(),
+            role,
+            n_sequences: self.examples.len(),
+            n_tokens: self.examples.iter().map(Example::n_targets).sum(),
+        }
+    }
 }
 
 /// Exact match on question/answer pairs: the tokenizer, the pairs, and how to generate.
@@ -46,11 +65,31 @@ pub struct SweepSpec<'a> {
     pub base_model: String,
 }
 
+impl SweepSpec<'_> {
+    /// The target set, then the sources.
+    fn sets(&self) -> impl Iterator<Item = &EvalSet> {
+        std::iter::once(&self.target).chain(&self.sources)
+    }
+}
+
+/// What an evaluation set's figures rest on.
+#[derive(Debug, Clone, Serialize)]
+pub struct SetInfo {
+    pub name: String,
+    /// `target` (learning) or `source` (forgetting).
+    pub role: &'static str,
+    pub n_sequences: usize,
+    /// Predicted (non-ignored) tokens.
+    pub n_tokens: usize,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct SourceResult {
     pub name: String,
     pub nll: f64,
     pub forgetting: f64,
+    /// Standard error of `forgetting` over the set's sequences (paired with the base model).
+    pub forgetting_se: f64,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -59,35 +98,99 @@ pub struct Row {
     pub lambda: Option<f32>,
     pub target_nll: f64,
     pub learning: f64,
+    /// Standard error of `learning` over the target sequences (paired with the base model).
+    pub learning_se: f64,
     pub sources: Vec<SourceResult>,
     pub exact_match: Option<ExactMatch>,
     pub final_train_loss: Option<f64>,
     pub pareto: bool,
     pub seconds: f64,
+    /// Summed loss of every sequence of each set (target first, then the sources): what
+    /// the paired standard errors between any two rows are computed from.
+    #[serde(skip)]
+    pub losses: Vec<Vec<f64>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
     pub target: String,
+    /// The target set, then the sources.
+    pub sets: Vec<SetInfo>,
     pub rows: Vec<Row>,
 }
 
+/// Per-sequence summed losses on every set (target first), and exact match if asked.
 fn evaluate<B: Backend>(
     be: &B,
     model: &Llama<B>,
     lora: Option<&LoraWeights<B::Buf>>,
     spec: &SweepSpec<'_>,
-) -> Result<(f64, Vec<f64>, Option<ExactMatch>)> {
-    let nll = |set: &EvalSet| {
-        mean_nll(be, model, lora, &set.examples, spec.eval_batch, || {}).map(|s| s.mean_nll)
-    };
-    let target = nll(&spec.target)?;
-    let sources = spec.sources.iter().map(nll).collect::<Result<Vec<_>>>()?;
+) -> Result<(Vec<Vec<f64>>, Option<ExactMatch>)> {
+    let losses = spec
+        .sets()
+        .map(|set| {
+            let pb = progress::bar(
+                set.examples.len().div_ceil(spec.eval_batch) as u64,
+                &format!("eval {}", set.name),
+                spec.quiet,
+            )
+            .unit("batches");
+            let l = sequence_losses(be, model, lora, &set.examples, spec.eval_batch, || {
+                pb.inc(1)
+            })?;
+            pb.finish_and_clear();
+            Ok(l)
+        })
+        .collect::<Result<Vec<_>>>()?;
     let em = match &spec.exact_match {
-        Some((tok, rows, s)) => Some(exact_match(be, model, lora, tok, rows, s, || {})?),
+        Some((tok, rows, s)) => {
+            let pb = progress::bar(rows.len() as u64, "exact match", spec.quiet).unit("answers");
+            let em = exact_match(be, model, lora, tok, rows, s, || pb.inc(1))?;
+            pb.finish_and_clear();
+            Some(em)
+        }
         None => None,
     };
-    Ok((target, sources, em))
+    Ok((losses, em))
+}
+
+/// A row's figures from its per-sequence losses and the base model's.
+fn row(
+    lambda: Option<f32>,
+    losses: Vec<Vec<f64>>,
+    base: &[Vec<f64>],
+    weights: &[Vec<f64>],
+    spec: &SweepSpec<'_>,
+) -> Row {
+    let mean = |l: &[f64], w: &[f64]| l.iter().sum::<f64>() / w.iter().sum::<f64>();
+    // Learning: base minus run on the target; forgetting: run minus base on a source.
+    let learning = paired_difference(&base[0], &losses[0], &weights[0]);
+    let sources = spec
+        .sources
+        .iter()
+        .enumerate()
+        .map(|(k, s)| {
+            let f = paired_difference(&losses[k + 1], &base[k + 1], &weights[k + 1]);
+            SourceResult {
+                name: s.name.clone(),
+                nll: mean(&losses[k + 1], &weights[k + 1]),
+                forgetting: f.diff,
+                forgetting_se: f.se,
+            }
+        })
+        .collect();
+    Row {
+        lambda,
+        target_nll: mean(&losses[0], &weights[0]),
+        learning: learning.diff,
+        learning_se: learning.se,
+        sources,
+        exact_match: None,
+        final_train_loss: None,
+        pareto: false,
+        seconds: 0.0,
+        losses,
+    }
 }
 
 /// Run the sweep; adapters and metrics of each run go to `out/runs/lambda-<L>/`.
@@ -103,33 +206,34 @@ pub fn run<B: Backend>(
     if spec.lambdas.iter().any(|&l| l > 0.0) && curvature.is_none() {
         return Err(Error::usage("lambda > 0 needs a curvature file"));
     }
+    let say = |msg: String| {
+        if !spec.quiet {
+            eprintln!("sweep: {msg}");
+        }
+    };
+    let sets: Vec<SetInfo> = spec
+        .sets()
+        .enumerate()
+        .map(|(i, s)| s.info(if i == 0 { "target" } else { "source" }))
+        .collect();
+    let weights: Vec<Vec<f64>> = spec.sets().map(EvalSet::weights).collect();
     let t0 = Instant::now();
-    let (base_t, base_s, base_em) = evaluate(be, model, None, spec)?;
-    let mk_sources = |nlls: &[f64]| {
-        spec.sources
-            .iter()
-            .zip(nlls.iter().zip(&base_s))
-            .map(|(s, (n, b))| SourceResult {
-                name: s.name.clone(),
-                nll: *n,
-                forgetting: n - b,
-            })
-            .collect::<Vec<_>>()
-    };
-    let base = Row {
-        lambda: None,
-        target_nll: base_t,
-        learning: 0.0,
-        sources: mk_sources(&base_s),
-        exact_match: base_em,
-        final_train_loss: None,
-        pareto: false,
-        seconds: t0.elapsed().as_secs_f64(),
-    };
+    say(format!("evaluating the base model on {}", describe_sets(&sets)));
+    let (base_losses, base_em) = evaluate(be, model, None, spec)?;
+    let mut base = row(None, base_losses.clone(), &base_losses, &weights, spec);
+    base.exact_match = base_em;
+    base.seconds = t0.elapsed().as_secs_f64();
     on_run(&base);
     let mut rows = vec![base];
-    for &lambda in &spec.lambdas {
+    for (i, &lambda) in spec.lambdas.iter().enumerate() {
         let t0 = Instant::now();
+        say(format!(
+            "lambda {} ({}/{}): training {} steps, then evaluating",
+            lambda_label(Some(lambda)),
+            i + 1,
+            spec.lambdas.len(),
+            spec.train.steps
+        ));
         let cfg = TrainConfig {
             lambda,
             ..spec.train.clone()
@@ -145,48 +249,79 @@ pub fn run<B: Backend>(
         };
         let res = session::run(be, model, spec.train_data, &cfg, curvature, init, &opts)?;
         let lora = res.lora.map(|v| be.buf(v.clone()))?;
-        let (t, s, em) = evaluate(be, model, Some(&lora), spec)?;
-        let row = Row {
-            lambda: Some(lambda),
-            target_nll: t,
-            learning: base_t - t,
-            sources: mk_sources(&s),
-            exact_match: em,
-            final_train_loss: res.metrics.last().map(|m| m.loss),
-            pareto: false,
-            seconds: t0.elapsed().as_secs_f64(),
-        };
-        on_run(&row);
-        rows.push(row);
+        let (losses, em) = evaluate(be, model, Some(&lora), spec)?;
+        let mut r = row(Some(lambda), losses, &base_losses, &weights, spec);
+        r.exact_match = em;
+        r.final_train_loss = res.metrics.last().map(|m| m.loss);
+        r.seconds = t0.elapsed().as_secs_f64();
+        on_run(&r);
+        rows.push(r);
     }
-    mark_pareto(&mut rows);
+    mark_pareto(&mut rows, &weights);
     let report = Report {
         target: spec.target.name.clone(),
+        sets,
         rows,
     };
     report.write(out)?;
     Ok(report)
 }
 
-/// A trained run is Pareto-optimal when no other run learns at least as much and forgets
-/// at most as much (on the primary source), one of them strictly.
-pub fn mark_pareto(rows: &mut [Row]) {
-    let forget = |r: &Row| r.sources.first().map(|s| s.forgetting).unwrap_or(0.0);
-    let pts: Vec<(f64, f64, bool)> = rows
-        .iter()
-        .map(|r| (r.learning, forget(r), r.lambda.is_some()))
+/// `target-test (32 sequences, 190 predicted tokens), ...`
+pub fn describe_sets(sets: &[SetInfo]) -> String {
+    sets.iter()
+        .map(|s| {
+            format!(
+                "{} ({} sequences, {} predicted tokens)",
+                s.name, s.n_sequences, s.n_tokens
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Pareto marking that ignores differences within the noise. Between two trained runs i
+/// and j, each axis compares them directly, paired over the same sequences: the
+/// difference in learning (target set) and in forgetting (primary source), each with its
+/// standard error (`paired_difference` of run j's losses against run i's). j beats i on
+/// an axis when it is better by more than one standard error, and is no worse when it is
+/// not worse by more than one. i is dominated when some j beats it on one axis and is no
+/// worse on the other; the Pareto-optimal runs are those not dominated. With zero
+/// standard errors this is the usual definition; within the noise two runs tie.
+pub fn mark_pareto(rows: &mut [Row], weights: &[Vec<f64>]) {
+    let trained: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].lambda.is_some()).collect();
+    // Positive when j is better than i: less target loss, less source loss.
+    let gain = |i: usize, j: usize, set: usize| -> Option<Paired> {
+        let (li, lj) = (rows[i].losses.get(set)?, rows[j].losses.get(set)?);
+        Some(paired_difference(li, lj, weights.get(set)?))
+    };
+    let beats = |p: &Paired| p.diff > p.se;
+    let no_worse = |p: &Paired| p.diff >= -p.se;
+    let dominated: Vec<bool> = (0..rows.len())
+        .map(|i| {
+            trained.iter().any(|&j| {
+                if j == i {
+                    return false;
+                }
+                let learn = gain(i, j, 0);
+                // Without a source, forgetting is zero for every run: a tie.
+                let forget = gain(i, j, 1).unwrap_or(Paired { diff: 0.0, se: 0.0 });
+                match learn {
+                    Some(l) => {
+                        (beats(&l) && no_worse(&forget)) || (beats(&forget) && no_worse(&l))
+                    }
+                    None => false,
+                }
+            })
+        })
         .collect();
     for (i, r) in rows.iter_mut().enumerate() {
-        let (l, f, trained) = pts[i];
-        r.pareto = trained
-            && !pts
-                .iter()
-                .enumerate()
-                .any(|(j, &(l2, f2, t2))| j != i && t2 && l2 >= l && f2 <= f && (l2 > l || f2 < f));
+        r.pareto = r.lambda.is_some() && !dominated[i];
     }
 }
 
-fn lambda_label(l: Option<f32>) -> String {
+/// `base`, `0 (LoRA)`, `1e1`: as the table, the plot and the status lines name a run.
+pub fn lambda_label(l: Option<f32>) -> String {
     match l {
         None => "base".into(),
         Some(0.0) => "0 (LoRA)".into(),
@@ -199,7 +334,8 @@ impl Report {
         let json = serde_json::to_string_pretty(self).unwrap_or_default();
         atomic_write(&out.join("results.json"), json.as_bytes())?;
         atomic_write(&out.join("results.csv"), self.csv().as_bytes())?;
-        atomic_write(&out.join("results.md"), self.markdown().as_bytes())?;
+        let md = format!("{}\n{}", self.markdown(), self.notes().join("\n") + "\n");
+        atomic_write(&out.join("results.md"), md.as_bytes())?;
         self.plot(&out.join("frontier.svg"))
     }
 
@@ -211,20 +347,21 @@ impl Report {
     }
 
     pub fn csv(&self) -> String {
-        let mut s = String::from("lambda,target_nll,learning");
+        let mut s = String::from("lambda,target_nll,learning,learning_se");
         for n in self.sources() {
-            s += &format!(",{n}_nll,{n}_forgetting");
+            s += &format!(",{n}_nll,{n}_forgetting,{n}_forgetting_se");
         }
         s += ",exact_match,final_train_loss,pareto\n";
         for r in &self.rows {
             s += &format!(
-                "{},{:.6},{:.6}",
+                "{},{:.6},{:.6},{:.6}",
                 r.lambda.map(|l| l.to_string()).unwrap_or("base".into()),
                 r.target_nll,
-                r.learning
+                r.learning,
+                r.learning_se
             );
             for x in &r.sources {
-                s += &format!(",{:.6},{:.6}", x.nll, x.forgetting);
+                s += &format!(",{:.6},{:.6},{:.6}", x.nll, x.forgetting, x.forgetting_se);
             }
             let em = r
                 .exact_match
@@ -240,12 +377,13 @@ impl Report {
         s
     }
 
+    /// The table; each learning and forgetting figure is followed by its ± column.
     pub fn markdown(&self) -> String {
-        let mut s = format!("| lambda | {} NLL | learning |", self.target);
-        let mut sep = String::from("|---:|---:|---:|");
+        let mut s = format!("| lambda | {} NLL | learning | ± |", self.target);
+        let mut sep = String::from("|---:|---:|---:|---:|");
         for n in self.sources() {
-            s += &format!(" {n} NLL | forgetting ({n}) |");
-            sep += "---:|---:|";
+            s += &format!(" {n} NLL | forgetting ({n}) | ± |");
+            sep += "---:|---:|---:|";
         }
         let has_em = self.rows.iter().any(|r| r.exact_match.is_some());
         if has_em {
@@ -257,13 +395,17 @@ impl Report {
         s += "---|\n";
         for r in &self.rows {
             s += &format!(
-                "| {} | {:.4} | {:+.4} |",
+                "| {} | {:.4} | {:+.4} | {:.4} |",
                 lambda_label(r.lambda),
                 r.target_nll,
-                r.learning
+                r.learning,
+                r.learning_se
             );
             for x in &r.sources {
-                s += &format!(" {:.4} | {:+.4} |", x.nll, x.forgetting);
+                s += &format!(
+                    " {:.4} | {:+.4} | {:.4} |",
+                    x.nll, x.forgetting, x.forgetting_se
+                );
             }
             if has_em {
                 s += &r
@@ -275,6 +417,21 @@ impl Report {
             s += if r.pareto { " * |\n" } else { " |\n" };
         }
         s
+    }
+
+    /// What the table means and what its figures rest on.
+    pub fn notes(&self) -> Vec<String> {
+        vec![
+            "learning = drop of the target NLL, forgetting = rise of a source NLL, both from \
+             the base model, in nats per predicted token; ± = one standard error over the \
+             set's sequences, from per-sequence differences paired with the base model"
+                .to_string(),
+            format!("sets: {}", describe_sets(&self.sets)),
+            "* = Pareto-optimal: no other run learns more by over one standard error without \
+             forgetting more (primary source) by over one, or forgets less by over one without \
+             learning less by over one (each difference paired between the two runs)"
+                .to_string(),
+        ]
     }
 
     /// Learning (y) against forgetting on the primary source (x), one point per lambda.
@@ -299,8 +456,17 @@ impl Report {
             let pad = ((hi - lo) * 0.12).max(1e-3);
             (lo - pad)..(hi + pad)
         };
-        let xr = span(pts.iter().map(|p| p.0).collect());
-        let yr = span(pts.iter().map(|p| p.1).collect());
+        // One standard error either way on each axis; finite only (n >= 2 sequences).
+        let se = |v: f64| if v.is_finite() { v } else { 0.0 };
+        let bars: Vec<(f64, f64, f64, f64)> = pts
+            .iter()
+            .map(|p| {
+                let xse = p.2.sources.first().map(|s| se(s.forgetting_se));
+                (p.0, p.1, xse.unwrap_or(0.0), se(p.2.learning_se))
+            })
+            .collect();
+        let xr = span(bars.iter().flat_map(|b| [b.0 - b.2, b.0 + b.2]).collect());
+        let yr = span(bars.iter().flat_map(|b| [b.1 - b.3, b.1 + b.3]).collect());
         let (xr_len, yr_len) = (xr.end - xr.start, yr.end - yr.start);
         let mut svg = String::new();
         {
@@ -334,6 +500,17 @@ impl Report {
                 .map_err(|e| err(e.to_string()))?
                 .label("Pareto front")
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED.stroke_width(2)));
+            let grey = RGBColor(110, 110, 110);
+            chart
+                .draw_series(bars.iter().flat_map(|&(x, y, xse, yse)| {
+                    [
+                        PathElement::new(vec![(x - xse, y), (x + xse, y)], grey.stroke_width(1)),
+                        PathElement::new(vec![(x, y - yse), (x, y + yse)], grey.stroke_width(1)),
+                    ]
+                }))
+                .map_err(|e| err(e.to_string()))?
+                .label("± 1 standard error")
+                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], grey));
             // Points closer than ~3% of the plot share a spot: stack their labels.
             let (w, h) = (xr_len.max(1e-12), yr_len.max(1e-12));
             let mut placed: Vec<(f64, f64)> = Vec::new();
@@ -399,4 +576,69 @@ pub fn results_paths(out: &Path) -> Vec<PathBuf> {
         .iter()
         .map(|f| out.join(f))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A trained run with these per-sequence losses on the target set and one source.
+    fn run(lambda: f32, target: &[f64], source: &[f64]) -> Row {
+        Row {
+            lambda: Some(lambda),
+            target_nll: 0.0,
+            learning: 0.0,
+            learning_se: 0.0,
+            sources: Vec::new(),
+            exact_match: None,
+            final_train_loss: None,
+            pareto: false,
+            seconds: 0.0,
+            losses: vec![target.to_vec(), source.to_vec()],
+        }
+    }
+
+    fn pareto(rows: &mut [Row]) -> Vec<bool> {
+        let n = rows[0].losses[0].len();
+        mark_pareto(rows, &[vec![1.0; n], vec![1.0; n]]);
+        rows.iter().map(|r| r.pareto).collect()
+    }
+
+    #[test]
+    fn pareto_marking_treats_differences_within_one_standard_error_as_ties() {
+        // Run 0 has the lowest target loss, but only by noise: its per-sequence
+        // differences from run 1 are +-0.5 around a mean of 0.05. Run 1 forgets less by a
+        // consistent 1.0 per sequence. An exact comparison would keep both; within the
+        // noise run 1 learns as much and forgets less, so it alone is optimal.
+        let t1 = [5.0, 5.0, 5.0, 5.0];
+        let t0 = [4.4, 5.5, 4.5, 5.4];
+        let mut rows = vec![run(0.0, &t0, &[3.0; 4]), run(10.0, &t1, &[2.0; 4])];
+        assert_eq!(pareto(&mut rows), [false, true]);
+        // Without that tie (run 0 better on every sequence) both are optimal.
+        let mut rows = vec![run(0.0, &[4.0; 4], &[3.0; 4]), run(10.0, &t1, &[2.0; 4])];
+        assert_eq!(pareto(&mut rows), [true, true]);
+    }
+
+    #[test]
+    fn pareto_marking_never_drops_a_run_for_a_difference_within_the_noise() {
+        // Run 1 learns less on average and forgets the same, but only by noise: both stay.
+        let mut rows = vec![
+            run(0.0, &[4.0, 5.0, 4.0, 5.0], &[2.0; 4]),
+            run(10.0, &[5.0, 4.0, 5.0, 4.1], &[2.0; 4]),
+        ];
+        assert_eq!(pareto(&mut rows), [true, true]);
+        // A clear loss on learning with equal forgetting is dominated; the base row
+        // (no lambda) is never marked.
+        let mut rows = vec![
+            run(0.0, &[4.0; 4], &[2.0; 4]),
+            run(10.0, &[5.0, 5.1, 5.0, 5.1], &[2.0; 4]),
+        ];
+        rows[0].lambda = None;
+        assert_eq!(pareto(&mut rows), [false, true]);
+        let mut rows = vec![
+            run(0.0, &[4.0; 4], &[2.0; 4]),
+            run(10.0, &[5.0, 5.1, 5.0, 5.1], &[2.0; 4]),
+        ];
+        assert_eq!(pareto(&mut rows), [true, false]);
+    }
 }

@@ -122,7 +122,8 @@ impl BackendTask for DemoTask {
             self.curvature_data.len().div_ceil(s.eval_batch) as u64,
             "curvature",
             s.quiet,
-        );
+        )
+        .unit("batches");
         let mut c = estimate(
             be,
             &model,
@@ -150,7 +151,8 @@ impl BackendTask for DemoTask {
 }
 
 pub fn run(a: DemoArgs) -> Result<()> {
-    let quiet = a.common.quiet || a.common.json;
+    // --json owns stdout only: progress stays on stderr unless --quiet.
+    let quiet = a.common.quiet;
     let assets = a.assets.clone().unwrap_or_else(default_assets);
     ensure_assets(&assets, quiet)?;
     let m: LoadedModel = model::load(&assets.join(MODEL_FILE), None)?;

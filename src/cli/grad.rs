@@ -60,7 +60,8 @@ impl BackendTask for GradTask {
             self.data.len().div_ceil(self.batch_size) as u64,
             "grad",
             self.quiet,
-        );
+        )
+        .unit("batches");
         let (mut loss_sum, mut n) = (0f64, 0usize);
         for batch in batches(&self.data, self.batch_size) {
             let s = accumulate_gradients(be, &model, &lora, &batch, 1.0, &mut grads)?;
@@ -82,7 +83,8 @@ pub fn run(a: GradArgs) -> Result<()> {
     let data = load_data(&a.data, &m, &a.batching)?;
     require_targets(&a.data, &data)?;
     let n_seq = data.len();
-    let quiet = a.common.quiet || a.common.json;
+    // --json owns stdout only: progress stays on stderr unless --quiet.
+    let quiet = a.common.quiet;
     let task = GradTask {
         model: m,
         lora,

@@ -22,6 +22,7 @@ use crate::data::{Example, RowFormat, read_jsonl_for};
 use crate::error::{Error, Result};
 use crate::model::config::LlamaConfig;
 use crate::model::{self, HostLora, LoadedModel, LoraConfig};
+use crate::progress;
 
 #[derive(Parser)]
 #[command(
@@ -204,20 +205,14 @@ pub fn run() -> Result<()> {
             clap::error::ErrorKind::DisplayHelp
             | clap::error::ErrorKind::DisplayVersion
             | clap::error::ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => e.exit(),
-            // Usage errors become the usual one line (exit 2).
-            _ => {
-                let text = e.to_string();
-                let first: Vec<&str> = text
-                    .lines()
-                    .take_while(|l| !l.trim().is_empty())
-                    .map(str::trim)
-                    .collect();
-                return Err(Error::usage(
-                    first.join(" ").trim_start_matches("error: ").to_string(),
-                ));
-            }
+            // Usage errors become the usual one line (exit 2), keeping clap's "did you
+            // mean" tip for a mistyped flag or command.
+            _ => return Err(Error::usage(one_line_usage(&e.to_string()))),
         },
     };
+    // Checked before any work, so a bad value cannot surface mid-run from the progress
+    // lines that read it.
+    progress::interval()?;
     checks::validate(&cli.command)?;
     match cli.command {
         Command::Info(a) => info::run(a),
@@ -230,6 +225,19 @@ pub fn run() -> Result<()> {
         Command::Demo(a) => demo::run(a),
         Command::Selftest(a) => selftest::run(a),
     }
+}
+
+/// clap's usage error as one line: its first paragraph and any `tip:` line (the usage
+/// synopsis and the pointer to --help are left to `--help`).
+fn one_line_usage(text: &str) -> String {
+    let mut lines = text.lines().map(str::trim);
+    let first: Vec<&str> = lines.by_ref().take_while(|l| !l.is_empty()).collect();
+    let mut out = first.join(" ").trim_start_matches("error: ").to_string();
+    for tip in lines.filter(|l| l.starts_with("tip:")) {
+        out += "; ";
+        out += tip;
+    }
+    out
 }
 
 pub fn load_model(args: &ModelArgs) -> Result<LoadedModel> {

@@ -11,11 +11,12 @@ use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::curvature::Curvature;
 use crate::data::Example;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::eval::exact_match::read_qa;
 use crate::eval::generate::Sampling;
 use crate::model::{HostLora, Llama, LoadedModel};
-use crate::sweep::{self, DEFAULT_LAMBDAS, EvalSet, Report, SweepSpec};
+use crate::progress;
+use crate::sweep::{self, DEFAULT_LAMBDAS, EvalSet, Report, Row, SweepSpec};
 use crate::train::TrainConfig;
 
 #[derive(Args)]
@@ -113,22 +114,40 @@ impl SweepTask {
         let quiet = self.quiet;
         sweep::run(be, model, curvature, init, &spec, &self.out, |row| {
             if !quiet {
-                let what = row
-                    .lambda
-                    .map(|l| format!("lambda {l:e}"))
-                    .unwrap_or("base model".into());
-                let src = row
-                    .sources
-                    .first()
-                    .map(|s| format!(", {} NLL {:.4}", s.name, s.nll))
-                    .unwrap_or_default();
-                eprintln!(
-                    "{what}: target NLL {:.4}{src} ({:.0}s)",
-                    row.target_nll, row.seconds
-                );
+                eprintln!("{}", status_line(row));
             }
         })
     }
+}
+
+/// `lambda 1e1: learning +1.5013 ± 0.0123 (target NLL 1.1338), forgetting source-test
+/// -0.0048 ± 0.0021, ...; took 142s`: a run's figures as they come, labelled.
+fn status_line(row: &Row) -> String {
+    let mut s = match row.lambda {
+        Some(l) => format!("lambda {}: ", sweep::lambda_label(Some(l))),
+        None => "base model: ".to_string(),
+    };
+    if row.lambda.is_some() {
+        s += &format!(
+            "learning {:+.4} ± {:.4} (target NLL {:.4})",
+            row.learning, row.learning_se, row.target_nll
+        );
+        for x in &row.sources {
+            s += &format!(
+                ", forgetting {} {:+.4} ± {:.4}",
+                x.name, x.forgetting, x.forgetting_se
+            );
+        }
+    } else {
+        s += &format!("target NLL {:.4}", row.target_nll);
+        for x in &row.sources {
+            s += &format!(", {} NLL {:.4}", x.name, x.nll);
+        }
+    }
+    if let Some(e) = &row.exact_match {
+        s += &format!(", exact match {}/{}", e.correct, e.n);
+    }
+    s + &format!("; took {}", progress::duration(row.seconds))
 }
 
 impl BackendTask for SweepTask {
@@ -148,6 +167,16 @@ pub fn eval_set(
 ) -> Result<EvalSet> {
     let mut examples = load_data(path, m, d)?;
     examples.truncate(limit);
+    // A standard error needs the spread between at least two sequences.
+    if examples.len() < 2 {
+        return Err(Error::file(
+            path,
+            format!(
+                "{} sequence to evaluate; a standard error needs at least 2 (more rows, or a larger --eval-limit / --eval-sequences)",
+                examples.len()
+            ),
+        ));
+    }
     let name = path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
@@ -160,9 +189,9 @@ pub fn print_report(r: &Report, out: &std::path::Path, json: bool) {
         print_json(&serde_json::to_value(r).unwrap_or_default());
     } else {
         print!("{}", r.markdown());
-        println!(
-            "(* = Pareto-optimal; learning = drop of target NLL, forgetting = rise of source NLL, both from the base model)"
-        );
+        for n in r.notes() {
+            println!("({n})");
+        }
         for p in sweep::results_paths(out) {
             println!("wrote {}", p.display());
         }
@@ -198,7 +227,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
         }
         None => None,
     };
-    let quiet = a.common.quiet || a.common.json;
+    // --json owns stdout only: progress stays on stderr unless --quiet.
+    let quiet = a.common.quiet;
     let task = SweepTask {
         curvature,
         init,

@@ -153,7 +153,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
     let cfg = a
         .hyper
         .config(a.batching.batch_size, a.common.seed, a.lambda, a.delta);
-    let quiet = a.common.quiet || a.common.json;
+    // --json owns stdout only: progress stays on stderr unless --quiet.
+    let quiet = a.common.quiet;
     let opts = SessionOptions {
         out: Some(a.out.clone()),
         checkpoint_every: a.checkpoint_every,

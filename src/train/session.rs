@@ -199,7 +199,7 @@ fn steps<B: Backend>(
     opts: &SessionOptions,
     mut after: impl FnMut(&[StepMetrics], &TrainState<B>) -> Result<()>,
 ) -> Result<Vec<StepMetrics>> {
-    let pb = progress::bar(cfg.steps as u64, "train", opts.quiet);
+    let pb = progress::bar(cfg.steps as u64, "train", opts.quiet).unit("steps");
     pb.set_position(state.step as u64);
     let mut metrics = Vec::new();
     let until = opts.stop_after.unwrap_or(cfg.steps);

@@ -95,3 +95,14 @@ fn sampling_and_sweep_flags() {
     assert_clean_error(&r, "--eval-limit 0", "sweep --eval-limit 0");
     assert!(!out.exists(), "sweep wrote {}", out.display());
 }
+
+#[test]
+fn a_mistyped_flag_or_command_gets_the_nearest_one_in_its_single_line() {
+    let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
+    let r = run_args(&argv(&[&"eval", &"--model", &model, &"--dataa", &data]));
+    assert_clean_error(&r, "'--dataa'", "eval --dataa");
+    assert!(r.stderr.contains("tip: a similar argument exists: '--data'"), "{}", r.stderr);
+    let r = run_args(&argv(&[&"evl", &"--model", &model]));
+    assert_clean_error(&r, "'evl'", "evl");
+    assert!(r.stderr.contains("'eval'"), "{}", r.stderr);
+}

@@ -1,0 +1,224 @@
+//! `sweep` on the tiny fixture, as a user runs it with stderr to a log: labelled plain
+//! progress lines, and learning / forgetting figures whose standard errors equal the ones
+//! computed here from `eval`'s loss on each sequence alone. Also `eval --json` keeps its
+//! progress on stderr and the progress interval is checked as input.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use common::*;
+
+fn ok(o: &Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// One single-row JSONL file per row of `src`.
+fn split_rows(src: &Path, dir: &Path, stem: &str) -> Vec<PathBuf> {
+    std::fs::read_to_string(src)
+        .unwrap()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .enumerate()
+        .map(|(i, l)| {
+            let p = dir.join(format!("{stem}-{i}.jsonl"));
+            std::fs::write(&p, format!("{l}\n")).unwrap();
+            p
+        })
+        .collect()
+}
+
+/// (summed loss, predicted tokens) of each file, by `eval --json` (with `adapter`).
+fn per_sequence(files: &[PathBuf], adapter: Option<&Path>) -> Vec<(f64, f64)> {
+    let mut c = bin();
+    c.args(["eval", "--device", "cpu", "--model"])
+        .arg(fixture("tiny-gqa/model"))
+        .arg("--json")
+        .arg("--data")
+        .args(files)
+        .env("LALORA_PROGRESS_SECS", "0.001");
+    if let Some(a) = adapter {
+        c.arg("--adapter").arg(a);
+    }
+    let o = c.output().unwrap();
+    ok(&o, "eval");
+    // --json owns stdout; progress still reaches a piped stderr, labelled.
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("eval: ") && l.contains(" done, elapsed ")),
+        "eval --json printed no progress line: {err}"
+    );
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    v["datasets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let n = d["n_tokens"].as_f64().unwrap();
+            (d["mean_nll"].as_f64().unwrap() * n, n)
+        })
+        .collect()
+}
+
+/// `sum(a - b) / sum(T)` and its standard error over sequences, written out here as the
+/// linearised ratio estimator: residuals `d_n - r T_n`, `sqrt(N/(N-1) sum e^2) / sum T`.
+fn paired(a: &[(f64, f64)], b: &[(f64, f64)]) -> (f64, f64) {
+    let total: f64 = a.iter().map(|x| x.1).sum();
+    let d: Vec<f64> = a.iter().zip(b).map(|(x, y)| x.0 - y.0).collect();
+    let r = d.iter().sum::<f64>() / total;
+    let n = d.len() as f64;
+    let ss: f64 = d.iter().zip(a).map(|(di, x)| (di - r * x.1).powi(2)).sum();
+    (r, (n / (n - 1.0) * ss).sqrt() / total)
+}
+
+#[test]
+fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, target) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
+    let source = fixture("tiny-gqa/mc_batch.jsonl");
+    let curv = dir.path().join("c.safetensors");
+    let o = bin()
+        .args(["curvature", "--device", "cpu", "--scheme", "diag", "--quiet"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&target)
+        .arg("--out")
+        .arg(&curv)
+        .output()
+        .unwrap();
+    ok(&o, "curvature");
+    let out = dir.path().join("sweep");
+    let o = bin()
+        .args(["sweep", "--device", "cpu", "--lambdas", "0,10", "--steps", "12"])
+        .args(["--lr", "1e-2", "--batch-size", "2", "--json"])
+        .arg("--model")
+        .arg(&model)
+        .arg("--data")
+        .arg(&target)
+        .arg("--curvature")
+        .arg(&curv)
+        .arg("--target-eval")
+        .arg(&target)
+        .arg("--source-eval")
+        .arg(&source)
+        .arg("--out")
+        .arg(&out)
+        // A tick far shorter than a training step: lines must come while work runs.
+        .env("LALORA_PROGRESS_SECS", "0.0001")
+        .output()
+        .unwrap();
+    ok(&o, "sweep");
+
+    // stderr is a pipe here: plain lines, each naming its stage.
+    let err = String::from_utf8_lossy(&o.stderr);
+    let lines: Vec<&str> = err.lines().collect();
+    let running = lines
+        .iter()
+        .filter(|l| {
+            l.starts_with("train: ")
+                && l.contains(" steps, elapsed ")
+                && l.contains(" steps/s, ETA ")
+        })
+        .count();
+    assert!(running >= 1, "no periodic training line: {err}");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("train: 12/12 steps done, elapsed ")),
+        "{err}"
+    );
+    for set in ["batch", "mc_batch"] {
+        let want = format!("eval {set}: ");
+        assert!(lines.iter().any(|l| l.starts_with(&want)), "{want}: {err}");
+    }
+    assert!(
+        lines.iter().any(|l| l.starts_with("sweep: lambda 0 (LoRA) (1/2): training")),
+        "{err}"
+    );
+    assert!(lines.iter().any(|l| l.starts_with("lambda 1e1: learning ")), "{err}");
+    for l in &lines {
+        // A time is always labelled ("elapsed 3s", "took 3s"), never a bare "(3s)".
+        let bare = l.split('(').skip(1).any(|p| {
+            p.strip_suffix(')')
+                .or_else(|| p.split(')').next())
+                .and_then(|t| t.strip_suffix('s'))
+                .is_some_and(|n| !n.is_empty() && n.chars().all(|c| c.is_ascii_digit()))
+        });
+        assert!(!bare, "unlabelled time: {l}");
+    }
+
+    // The report: standard errors next to every learning and forgetting figure.
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let header = csv.lines().next().unwrap();
+    for col in ["learning_se", "mc_batch_forgetting_se"] {
+        assert!(header.split(',').any(|c| c == col), "{col}: {header}");
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.lines().next().unwrap().contains("| learning | ± |"), "{md}");
+    assert!(md.contains("batch (6 sequences, "), "{md}");
+    let svg = std::fs::read_to_string(out.join("frontier.svg")).unwrap();
+    assert!(svg.contains("standard error"), "no error bars in the plot legend");
+    let sets = rep["sets"].as_array().unwrap();
+    assert_eq!(sets[0]["n_sequences"], 6);
+    assert_eq!(sets[1]["n_sequences"], 2);
+
+    // Recompute from each sequence scored alone by `eval`.
+    let tfiles = split_rows(&target, dir.path(), "t");
+    let sfiles = split_rows(&source, dir.path(), "s");
+    let (bt, bs) = (per_sequence(&tfiles, None), per_sequence(&sfiles, None));
+    assert_eq!(
+        sets[0]["n_tokens"].as_f64().unwrap(),
+        bt.iter().map(|x| x.1).sum::<f64>()
+    );
+    let rows = rep["rows"].as_array().unwrap();
+    for (row, run) in rows[1..].iter().zip(["lambda-0e0", "lambda-1e1"]) {
+        let adapter = out.join("runs").join(run);
+        let (rt, rs) = (
+            per_sequence(&tfiles, Some(&adapter)),
+            per_sequence(&sfiles, Some(&adapter)),
+        );
+        let (learn, learn_se) = paired(&bt, &rt);
+        let (forget, forget_se) = paired(&rs, &bs);
+        let src = &row["sources"][0];
+        for (name, got, want) in [
+            ("learning", &row["learning"], learn),
+            ("learning_se", &row["learning_se"], learn_se),
+            ("forgetting", &src["forgetting"], forget),
+            ("forgetting_se", &src["forgetting_se"], forget_se),
+        ] {
+            let got = got.as_f64().unwrap();
+            assert!(
+                (got - want).abs() <= 1e-4 * (1.0 + want.abs()),
+                "{run} {name}: sweep {got}, from eval {want}"
+            );
+        }
+        // Training moved the model: the errors are real spreads, not zeros.
+        assert!(learn_se > 0.0 && forget_se > 0.0, "{run}: {learn_se} {forget_se}");
+    }
+}
+
+#[test]
+fn a_bad_progress_interval_is_refused_before_any_work() {
+    for v in ["abc", "0", "-1", "nan"] {
+        let o = bin()
+            .args(["eval", "--model"])
+            .arg(fixture("tiny-gqa/model"))
+            .arg("--data")
+            .arg(fixture("tiny-gqa/batch.jsonl"))
+            .env("LALORA_PROGRESS_SECS", v)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{v}: {err}");
+        assert_eq!(err.lines().count(), 1, "{v}: {err}");
+        assert!(err.contains("LALORA_PROGRESS_SECS"), "{v}: {err}");
+    }
+}

@@ -126,7 +126,8 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             lora(&a.lora)?;
             hyper(&a.hyper)?;
             penalty(0.0, a.delta)?;
-            at_least("--eval-limit", a.eval_limit, 1)?;
+            // A standard error needs the spread of at least two sequences.
+            at_least("--eval-limit", a.eval_limit, 2)?;
             at_least("--exact-match-limit", a.exact_match_limit, 1)
         }
         Command::Generate(a) => {
@@ -139,7 +140,8 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             lora(&a.lora)?;
             at_least("--steps", a.steps, 1)?;
             at_least("--curvature-sequences", a.curvature_sequences, 1)?;
-            at_least("--eval-sequences", a.eval_sequences, 1)?;
+            at_least("--eval-sequences", a.eval_sequences, 2)?;
+            at_least("--target-eval-sequences", a.target_eval_sequences, 2)?;
             non_negative("--lr", a.lr as f64)?;
             penalty(0.0, a.delta)
         }

@@ -50,9 +50,14 @@ pub struct DemoArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
-    /// Held-out sequences per evaluation set.
+    /// Held-out QuAC and XSum passages (forgetting) per set.
     #[arg(long, default_value_t = 32)]
     pub eval_sequences: usize,
+    /// Held-out math problems (learning). Their labels cover only the answers, a few tokens
+    /// each, so it takes many problems for the learning figures to stand clear of their
+    /// standard errors; short rows keep them cheap.
+    #[arg(long, default_value_t = 128)]
+    pub target_eval_sequences: usize,
     /// Also measure exact-match accuracy on this many held-out math problems (slow).
     #[arg(long, default_value_t = 0)]
     pub exact_match: usize,
@@ -66,6 +71,14 @@ pub struct DemoArgs {
 
 fn default_assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
+}
+
+/// The default model where the demo fetches it (`ASSETS_DIR`, else `assets/`).
+pub fn default_model() -> PathBuf {
+    std::env::var_os("ASSETS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(default_assets)
+        .join(MODEL_FILE)
 }
 
 /// Run `scripts/fetch-assets.sh` when the model or a data file is missing.
@@ -118,6 +131,13 @@ impl BackendTask for DemoTask {
         let weights = s.model.take_weights();
         let model = Llama::new(be, s.model.cfg.clone(), weights)?;
         let lora = s.init.map(|v| be.buf(v.clone()))?;
+        if !s.quiet {
+            eprintln!(
+                "demo: estimating the curvature ({}, empirical Fisher) on {} QuAC passages",
+                self.spec.scheme,
+                self.curvature_data.len()
+            );
+        }
         let pb = progress::bar(
             self.curvature_data.len().div_ceil(s.eval_batch) as u64,
             "curvature",
@@ -197,7 +217,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
             &data.join("target-test.jsonl"),
             &m,
             &batching,
-            a.eval_sequences,
+            a.target_eval_sequences,
         )?,
         sources: vec![
             eval_set(

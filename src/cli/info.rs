@@ -1,4 +1,5 @@
-//! `info MODEL`: configuration, parameter counts, memory estimate.
+//! `info [MODEL]`: configuration, parameter counts, memory estimate (of the demo's default
+//! model when none is named).
 
 use std::path::PathBuf;
 
@@ -6,13 +7,14 @@ use clap::Args;
 use serde_json::json;
 
 use super::{Common, DataArgs, LoraArgs, print_json};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::model::{self, HostLora};
 
 #[derive(Args)]
 pub struct InfoArgs {
-    /// An HF model directory or a .gguf file.
-    pub model: PathBuf,
+    /// An HF model directory or a .gguf file [default: the demo's model,
+    /// SmolLM2-135M-Instruct Q4_1 in assets/ (or ASSETS_DIR), once fetched].
+    pub model: Option<PathBuf>,
     /// A tokenizer.json to use instead of the model's own.
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
@@ -27,7 +29,20 @@ pub struct InfoArgs {
 const GIB: f64 = (1u64 << 30) as f64;
 
 pub fn run(a: InfoArgs) -> Result<()> {
-    let m = model::load(&a.model, a.tokenizer.as_deref())?;
+    let path = match a.model {
+        Some(p) => p,
+        None => {
+            let p = super::demo::default_model();
+            if !p.exists() {
+                return Err(Error::file(
+                    &p,
+                    "the default model is not fetched yet: run scripts/fetch-assets.sh (or the demo), or name a MODEL",
+                ));
+            }
+            p
+        }
+    };
+    let m = model::load(&path, a.tokenizer.as_deref())?;
     let c = &m.cfg;
     let lora = HostLora::init(c, a.lora.config(c)?, 0);
     let n_base = c.n_params();

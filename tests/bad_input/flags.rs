@@ -101,8 +101,33 @@ fn a_mistyped_flag_or_command_gets_the_nearest_one_in_its_single_line() {
     let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
     let r = run_args(&argv(&[&"eval", &"--model", &model, &"--dataa", &data]));
     assert_clean_error(&r, "'--dataa'", "eval --dataa");
-    assert!(r.stderr.contains("tip: a similar argument exists: '--data'"), "{}", r.stderr);
+    assert!(
+        r.stderr
+            .contains("tip: a similar argument exists: '--data'"),
+        "{}",
+        r.stderr
+    );
     let r = run_args(&argv(&[&"evl", &"--model", &model]));
     assert_clean_error(&r, "'evl'", "evl");
     assert!(r.stderr.contains("'eval'"), "{}", r.stderr);
+}
+
+#[test]
+fn info_without_a_model_names_the_default_it_could_not_find() {
+    let d = tempfile::tempdir().unwrap();
+    let out = bin()
+        .arg("info")
+        .env("ASSETS_DIR", d.path())
+        .output()
+        .unwrap();
+    let r = Run {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_clean_error(
+        &r,
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "info, nothing fetched",
+    );
+    assert!(r.stderr.contains("fetch-assets.sh"), "{}", r.stderr);
 }

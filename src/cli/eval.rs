@@ -11,7 +11,9 @@ use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::eval::choice::{ChoiceResult, ChoiceRow, choice_logliks, read_choices, score};
+use crate::eval::choice::{
+    ChoiceRow, ChoiceScores, Estimate, choice_logliks, n_batches, read_choices, score,
+};
 use crate::eval::exact_match::{ExactMatch, exact_match, read_qa};
 use crate::eval::generate::Sampling;
 use crate::eval::perplexity::require_targets;
@@ -32,7 +34,9 @@ pub struct EvalArgs {
     /// Question/answer JSONL files for exact-match accuracy by greedy generation.
     #[arg(long, num_args = 1..)]
     pub exact_match: Vec<PathBuf>,
-    /// Multiple-choice JSONL files ({"question", "choices", "answer"}): acc and acc_norm.
+    /// Multiple-choice JSONL files: acc and acc_norm as lm-eval-harness scores them (rows
+    /// {"question", "options"|"choices", "answer"}, optional "passage"; see the README).
+    /// With --json, each question's chosen option under "predictions".
     #[arg(long, num_args = 1..)]
     pub choice: Vec<PathBuf>,
     /// Tokens generated per exact-match answer.
@@ -52,12 +56,14 @@ struct EvalTask {
     paths: Vec<PathBuf>,
     qa: Vec<Vec<(String, String)>>,
     choices: Vec<Vec<ChoiceRow>>,
+    /// The `--choice` file of each set, to name it in errors.
+    choice_paths: Vec<PathBuf>,
     sampling: Sampling,
     batch_size: usize,
     quiet: bool,
 }
 
-type EvalOutput = (Vec<NllSummary>, Vec<ExactMatch>, Vec<ChoiceResult>);
+type EvalOutput = (Vec<NllSummary>, Vec<ExactMatch>, Vec<ChoiceScores>);
 
 impl BackendTask for EvalTask {
     type Output = EvalOutput;
@@ -106,8 +112,30 @@ impl BackendTask for EvalTask {
                 )?);
                 pb.finish_and_clear();
             }
-            for rows in &self.choices {
-                let ll = choice_logliks(be, &model, lora.as_ref(), tok, rows, self.batch_size)?;
+            for (rows, path) in self.choices.iter().zip(&self.choice_paths) {
+                let pb = progress::bar(
+                    n_batches(rows, self.batch_size) as u64,
+                    "choice",
+                    self.quiet,
+                );
+                let ll = choice_logliks(
+                    be,
+                    &model,
+                    lora.as_ref(),
+                    tok,
+                    path,
+                    rows,
+                    self.batch_size,
+                    || pb.inc(1),
+                )
+                .map_err(|e| match e {
+                    Error::NonFinite { at, what } => Error::NonFinite {
+                        at: format!("{}: {at}", path.display()),
+                        what,
+                    },
+                    e => e,
+                })?;
+                pb.finish_and_clear();
                 mc.push(score(rows, &ll));
             }
         }
@@ -149,7 +177,8 @@ pub fn run(a: EvalArgs) -> Result<()> {
     if !(qa.is_empty() && choices.is_empty()) {
         m.tokenizer()?;
     }
-    let quiet = a.common.quiet || a.common.json;
+    // --json owns stdout only: progress stays on stderr unless --quiet.
+    let quiet = a.common.quiet;
     let sampling = Sampling {
         max_new_tokens: a.max_new_tokens,
         seed: a.common.seed,
@@ -162,6 +191,7 @@ pub fn run(a: EvalArgs) -> Result<()> {
         paths: a.data.clone(),
         qa,
         choices,
+        choice_paths: a.choice.clone(),
         sampling,
         batch_size: a.batching.batch_size,
         quiet,
@@ -183,7 +213,14 @@ pub fn run(a: EvalArgs) -> Result<()> {
                 .choice
                 .iter()
                 .zip(&mc)
-                .map(|(p, c)| json!({"path": p, "n": c.n, "acc": c.acc, "acc_norm": c.acc_norm}))
+                .map(|(p, c)| {
+                    let predictions: Vec<_> = (0..c.n())
+                        .map(|i| json!({"answer": c.answers[i], "acc": c.pred[i], "acc_norm": c.pred_norm[i], "loglikelihoods": c.logliks[i]}))
+                        .collect();
+                    let (acc, norm) = (c.acc(), c.acc_norm());
+                    json!({"path": p, "n": c.n(), "acc": acc.value, "acc_stderr": acc.stderr,
+                           "acc_norm": norm.value, "acc_norm_stderr": norm.stderr, "predictions": predictions})
+                })
                 .collect();
         }
         print_json(&out);
@@ -216,12 +253,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
     }
     for (p, c) in a.choice.iter().zip(&mc) {
         println!(
-            "multiple choice {}: acc {:.3}, acc_norm {:.3} ({} questions)",
+            "multiple choice {}: acc {}, acc_norm {} ({} questions)",
             p.display(),
-            c.acc,
-            c.acc_norm,
-            c.n
+            with_stderr(c.acc()),
+            with_stderr(c.acc_norm()),
+            c.n()
         );
     }
     Ok(())
+}
+
+/// `0.650 ± 0.034` (the value alone below two questions).
+fn with_stderr(e: Estimate) -> String {
+    match e.stderr {
+        Some(se) => format!("{:.3} ± {se:.3}", e.value),
+        None => format!("{:.3}", e.value),
+    }
 }

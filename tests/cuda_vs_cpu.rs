@@ -10,7 +10,8 @@ use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend, DevBuf};
 use lalora_engine::backend::{
-    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, DiagPenalty, LoraDims,
+    RopeTable, Segment,
 };
 use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::model::{self, Llama};
@@ -528,6 +529,104 @@ fn cross_entropy_and_sampling_match_cpu() {
             .filter(|(a, b)| rel_err(b, a) > 1e-3)
             .count();
         assert!(differing <= 1, "{differing} rows sampled different labels");
+    }
+}
+
+/// The fused classifier against the CPU's, with f32 and bf16 base weights: 37 rows (5
+/// ignored), hidden 48, a vocabulary of two full chunks and a tail of 77 columns; data
+/// labels with and without the gradient, and Monte-Carlo labels. With bf16 the CPU gets
+/// the head and hidden states rounded as the device reads them, so the remaining error is
+/// the device's bf16 rounding of `exp(z - m)` for the gradient product (1e-2) and sampled
+/// labels agree up to summation order (one boundary row allowed, as for cross_entropy).
+#[test]
+fn classifier_matches_cpu() {
+    for base in [BaseDtype::F32, BaseDtype::Bf16] {
+        for g in devices_with(base) {
+            let g = &g;
+            let c = CpuBackend::new(2);
+            let mut rng = ChaCha8Rng::seed_from_u64(9);
+            let (rows, dim, vocab) = (37, 48, 2 * CLASSIFIER_CHUNK + 77);
+            let as_read = |v: Vec<f32>| -> Vec<f32> {
+                match base {
+                    BaseDtype::F32 => v,
+                    BaseDtype::Bf16 => v
+                        .iter()
+                        .map(|&x| half::bf16::from_f32(x).to_f32())
+                        .collect(),
+                }
+            };
+            let h = as_read(rnd(&mut rng, rows * dim));
+            let w = as_read(rnd(&mut rng, vocab * dim));
+            let targets: Vec<i32> = (0..rows)
+                .map(|r| {
+                    if r % 7 == 3 {
+                        -100
+                    } else {
+                        rng.random_range(0..vocab as i32)
+                    }
+                })
+                .collect();
+            let wg = g.weight(w.clone(), vocab, dim).unwrap();
+            let hg = g.buf(h.clone()).unwrap();
+            let tol = match base {
+                BaseDtype::F32 => F32,
+                BaseDtype::Bf16 => BF16,
+            };
+            let cases = [
+                (CeTargets::Labels(&targets), Some(0.25)),
+                (CeTargets::Labels(&targets), None),
+                (
+                    CeTargets::Sample {
+                        mask: &targets,
+                        seed: 77,
+                    },
+                    Some(1.0),
+                ),
+                (
+                    CeTargets::Sample {
+                        mask: &targets,
+                        seed: 78,
+                    },
+                    Some(1.0),
+                ),
+            ];
+            for (t, scale) in cases {
+                let want = c.classifier(&h, &w, rows, dim, vocab, t, scale).unwrap();
+                let got = g.classifier(&hg, &wg, rows, dim, vocab, t, scale).unwrap();
+                let same: Vec<bool> = got
+                    .labels
+                    .iter()
+                    .zip(&want.labels)
+                    .map(|(a, b)| a == b || (*a < 0 && *b < 0))
+                    .collect();
+                let differing = same.iter().filter(|s| !**s).count();
+                assert!(differing <= 1, "{base:?} {t:?}: {differing} labels differ");
+                let keep = |x: &[f32], width: usize| -> Vec<f32> {
+                    x.chunks(width)
+                        .zip(&same)
+                        .filter(|(_, s)| **s)
+                        .flat_map(|(r, _)| r.iter().copied())
+                        .collect()
+                };
+                let what = format!("classifier {base:?} {t:?} {scale:?}");
+                close(
+                    &format!("{what} losses"),
+                    &keep(&got.losses, 1),
+                    &keep(&want.losses, 1),
+                    tol,
+                );
+                match (got.dhidden, want.dhidden) {
+                    (Some(dg), Some(dc)) => close(
+                        &format!("{what} dhidden"),
+                        &keep(&g.to_host(&dg).unwrap(), dim),
+                        &keep(&dc, dim),
+                        tol,
+                    ),
+                    (None, None) => {}
+                    _ => panic!("{what}: one side returned no gradient"),
+                }
+            }
+        }
     }
 }
 

@@ -61,15 +61,10 @@ pub fn random_weights(cfg: &LlamaConfig, rng: &mut ChaCha8Rng) -> HostWeights {
 
 fn loss_sum(be: &CpuBackend, model: &Llama<CpuBackend>, lora: &HostLora, batch: &Batch) -> f64 {
     let acts = model.forward(be, Some(lora), batch, false).unwrap();
-    let (l, _) = be
-        .cross_entropy(
-            &acts.logits,
-            acts.rows,
-            model.cfg.vocab_size,
-            CeTargets::Labels(&batch.targets),
-            None,
-        )
-        .unwrap();
+    let l = model
+        .classify(be, &acts, CeTargets::Labels(&batch.targets), None)
+        .unwrap()
+        .losses;
     l.iter().map(|&x| x as f64).sum()
 }
 

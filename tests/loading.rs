@@ -48,10 +48,10 @@ fn logits(model_dir: &std::path::Path, t: &Tiny) -> Vec<f32> {
     let be = cpu();
     let m = model::load(model_dir, None).unwrap();
     let model = Llama::new(&be, m.cfg, m.weights).unwrap();
-    model
+    let acts = model
         .forward(&be, Some(&t.adapter), &whole_batch(&t.examples), false)
-        .unwrap()
-        .logits
+        .unwrap();
+    model.logits(&be, &acts).unwrap()
 }
 
 #[test]
@@ -180,15 +180,10 @@ fn padding_does_not_change_per_sequence_losses() {
         .collect();
     let seq_loss = |b: &Batch| -> Vec<f64> {
         let acts = model.forward(&be, Some(&t.adapter), b, false).unwrap();
-        let (l, _) = be
-            .cross_entropy(
-                &acts.logits,
-                acts.rows,
-                512,
-                CeTargets::Labels(&b.targets),
-                None,
-            )
-            .unwrap();
+        let l = model
+            .classify(&be, &acts, CeTargets::Labels(&b.targets), None)
+            .unwrap()
+            .losses;
         l.chunks(b.seq_len)
             .map(|c| c.iter().map(|&x| x as f64).sum())
             .collect()

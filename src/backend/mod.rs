@@ -79,6 +79,23 @@ pub enum CeTargets<'a> {
     Sample { mask: &'a [i32], seed: u64 },
 }
 
+/// Vocabulary columns per chunk of the fused classifier (`Backend::classifier`): the
+/// logits scratch is `rows x CLASSIFIER_CHUNK` f32 (32 MiB for 1024 rows) instead of
+/// `rows x vocab` (201 MiB for SmolLM2's 49152, 4 GiB for 128256 x 8192 rows). A multiple
+/// of 256, so the CPU's 256-column partial sums tile every chunk but the last.
+pub const CLASSIFIER_CHUNK: usize = 8192;
+
+/// What `Backend::classifier` returns.
+pub struct ClassifierOut<Buf> {
+    /// `lse(z_r) - z_r[t_r]` per row; 0 on ignored rows.
+    pub losses: Vec<f32>,
+    /// The label `t_r` each row's loss and gradient used: the data label, or the one drawn
+    /// for `CeTargets::Sample`; negative on ignored rows (`-100` for sampled targets).
+    pub labels: Vec<i32>,
+    /// `dL/dh (rows, dim)` when a gradient scale was given.
+    pub dhidden: Option<Buf>,
+}
+
 /// Counter-based uniform in [0, 1) shared by the CPU and CUDA samplers so that both draw
 /// the same labels: a splitmix64 finaliser of `seed` and `row`.
 pub fn sample_uniform(seed: u64, row: u64) -> f32 {
@@ -255,6 +272,37 @@ pub trait Backend: Send + Sync {
         targets: CeTargets<'_>,
         grad_scale: Option<f32>,
     ) -> Result<(Vec<f32>, Option<Self::Buf>)>;
+
+    /// The fused classifier: the LM head, softmax cross-entropy (with Monte-Carlo labels)
+    /// and its backward to the hidden states, never holding the `(rows, vocab)` logits.
+    /// With `h (rows, dim)`, the frozen head `W (vocab, dim)` and `z_r = W h_r`:
+    /// `loss_r = lse(z_r) - z_r[t_r]` and, when `grad_scale = s` is given,
+    /// `dhidden_r = s (softmax(z_r) - onehot(t_r)) W`, the numbers of `linear` +
+    /// `cross_entropy` + `linear_backward`. Sampled labels use `cross_entropy`'s rule: the
+    /// first `j` with `sum_{i <= j} exp(z_i - max) > sample_uniform(seed, r) * sum_i
+    /// exp(z_i - max)` (the last label if rounding leaves none).
+    ///
+    /// The vocabulary is swept in chunks of `CLASSIFIER_CHUNK` columns: `Z_c = h W_c^T`,
+    /// then per row a running max `m` and sum `S = sum exp(z - m)` (rescaled by
+    /// `exp(m_old - m_new)` when the max grows, as online softmax does) and, for the
+    /// gradient, `acc = sum_{j != t} exp(z_j - m) W_j` accumulated by a second product
+    /// `E_c W_c` with the same rescaling; at the end `dhidden = s (acc / S + (p_t - 1) W_t)`
+    /// with `p_t = exp(z_t - lse)`, the target's term in f32 (not through a bf16 `E`,
+    /// whose rounding of `p_t ~ 1` would swamp `p_t - 1`). Two head products, as the
+    /// materialised path; sampled labels need the final max and sum first, so
+    /// `CeTargets::Sample` adds a sweep for them and one that inverts the CDF (four).
+    /// Memory: the `rows x chunk` logits (and gradient-product input), `rows x dim`.
+    #[allow(clippy::too_many_arguments)]
+    fn classifier(
+        &self,
+        hidden: &Self::Buf,
+        head: &Self::Weight,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<Self::Buf>>;
 
     // --- curvature ----------------------------------------------------------------------
     /// `out (dx, dy) += alpha * sum_{segments} X_seg^T Y_seg` (KFAC factors, cross factors).

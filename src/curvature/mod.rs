@@ -114,7 +114,6 @@ pub fn estimate<B: Backend>(
     }
     let mut acc = Accumulator::new(be, lora, spec.scheme, spec.approx)?;
     let (mut n_positions, mut n_sequences) = (0usize, 0usize);
-    let vocab = model.cfg.vocab_size;
     for (bi, batch) in batches(examples, batch_size).enumerate() {
         let acts = model.forward(be, Some(lora), &batch, true)?;
         let samples = match spec.fisher {
@@ -129,15 +128,15 @@ pub fn estimate<B: Backend>(
                     seed: mc_seed(spec.seed, bi, s),
                 },
             };
-            let (losses, dlogits) =
-                be.cross_entropy(&acts.logits, acts.rows, vocab, targets, Some(1.0))?;
-            if losses.iter().any(|l| !l.is_finite()) {
+            let out = model.classify(be, &acts, targets, Some(1.0))?;
+            if out.losses.iter().any(|l| !l.is_finite()) {
                 return Err(non_finite(format!("curvature batch {}", bi + 1), "loss"));
             }
-            let dlogits =
-                dlogits.ok_or_else(|| Error::usage("cross_entropy returned no gradient"))?;
+            let dxn = out
+                .dhidden
+                .ok_or_else(|| Error::usage("the classifier returned no gradient"))?;
             acc.begin(&batch.segments, 1.0 / samples as f32, s == 0);
-            model.backward(be, Some(lora), &acts, &dlogits, None, Some(&mut acc))?;
+            model.backward(be, Some(lora), &acts, &dxn, None, Some(&mut acc))?;
         }
         n_positions += batch.segments.iter().map(|s| s.len).sum::<usize>();
         n_sequences += batch.batch;

@@ -32,13 +32,9 @@ pub fn sequence_losses<B: Backend>(
     let mut out = Vec::with_capacity(examples.len());
     for (bi, batch) in batches(examples, batch_size).enumerate() {
         let acts = model.forward(be, lora, &batch, false)?;
-        let (losses, _) = be.cross_entropy(
-            &acts.logits,
-            acts.rows,
-            model.cfg.vocab_size,
-            CeTargets::Labels(&batch.targets),
-            None,
-        )?;
+        let losses = model
+            .classify(be, &acts, CeTargets::Labels(&batch.targets), None)?
+            .losses;
         if losses.iter().any(|l| !l.is_finite()) {
             let first = out.len() + 1;
             return Err(non_finite(

@@ -10,7 +10,9 @@ use super::config::LlamaConfig;
 use super::lora::LoraWeights;
 use super::proj::Proj;
 use super::weights::HostWeights;
-use crate::backend::{AttnSaved, AttnShape, Backend, LoraDims, RopeTable};
+use crate::backend::{
+    AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, RopeTable,
+};
 use crate::data::Batch;
 use crate::error::Result;
 
@@ -72,7 +74,8 @@ pub struct Activations<B: Backend> {
     final_in: B::Buf,
     final_rstd: B::Buf,
     rope: RopeTable<B>,
-    pub logits: B::Buf,
+    /// The final norm's output `(rows, hidden)`: the classifier's input.
+    final_xn: B::Buf,
     pub rows: usize,
     batch: usize,
     seq_len: usize,
@@ -287,27 +290,60 @@ impl<B: Backend> Llama<B> {
             }
         }
         let (final_xn, final_rstd) = be.rmsnorm(&h, &self.final_norm, m, d, c.rms_norm_eps)?;
-        let logits = be.linear(&final_xn, self.output(), m, d, c.vocab_size)?;
         Ok(Activations {
             layers,
             final_in: h,
             final_rstd,
             rope,
-            logits,
+            final_xn,
             rows: m,
             batch: bsz,
             seq_len: t,
         })
     }
 
-    /// Backward from `dlogits` through the whole model. LoRA gradients are *added* to
-    /// `grads` (when given); the observer sees every adapted projection.
+    /// The logits `(rows, vocab)` of a forward pass, materialised (tests, inspection).
+    pub fn logits(&self, be: &B, acts: &Activations<B>) -> Result<B::Buf> {
+        let c = &self.cfg;
+        be.linear(
+            &acts.final_xn,
+            self.output(),
+            acts.rows,
+            c.hidden_size,
+            c.vocab_size,
+        )
+    }
+
+    /// The token losses of a forward pass, through the fused classifier (the logits are
+    /// never materialised); with `grad_scale`, also the gradient `backward` starts from.
+    pub fn classify(
+        &self,
+        be: &B,
+        acts: &Activations<B>,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<B::Buf>> {
+        let c = &self.cfg;
+        be.classifier(
+            &acts.final_xn,
+            self.output(),
+            acts.rows,
+            c.hidden_size,
+            c.vocab_size,
+            targets,
+            grad_scale,
+        )
+    }
+
+    /// Backward from `dhidden`, the gradient at the final norm's output (`classify`'s),
+    /// through the whole model. LoRA gradients are *added* to `grads` (when given); the
+    /// observer sees every adapted projection.
     pub fn backward<'a>(
         &self,
         be: &B,
         lora: LoraRef<'_, B>,
         acts: &Activations<B>,
-        dlogits: &B::Buf,
+        dxn: &B::Buf,
         grads: Option<&'a mut LoraWeights<B::Buf>>,
         observer: Option<&'a mut (dyn LoraObserver<B> + 'a)>,
     ) -> Result<()> {
@@ -325,11 +361,9 @@ impl<B: Backend> Llama<B> {
             head_dim: c.head_dim,
             q_offset: 0,
         };
-        let mut dxn = be.zeros(m * d)?;
-        be.linear_backward(dlogits, self.output(), m, d, c.vocab_size, &mut dxn, false)?;
         let mut dh = be.zeros(m * d)?;
         be.rmsnorm_backward(
-            &dxn,
+            dxn,
             &acts.final_in,
             &self.final_norm,
             &acts.final_rstd,

@@ -111,6 +111,19 @@ impl<'a, D: Backend, R: Backend> Checker<'a, D, R> {
         (0..n).map(|_| self.rng.random_range(0..bound)).collect()
     }
 
+    /// `v` as the device's base-weight products read it: rounded to bf16 when the base
+    /// dtype is bf16. For outputs that are discontinuous in their inputs (sampled labels),
+    /// so that device and reference draw from the same logits up to summation order.
+    pub fn as_base_input(&self, v: Vec<f32>) -> Vec<f32> {
+        match self.dtype {
+            BaseDtype::F32 => v,
+            BaseDtype::Bf16 => v
+                .into_iter()
+                .map(|x| half::bf16::from_f32(x).to_f32())
+                .collect(),
+        }
+    }
+
     /// The same host data on both backends.
     pub fn up(&self, host: &[f32]) -> Result<(D::Buf, R::Buf)> {
         Ok((self.dev.buf(host.to_vec())?, self.re.buf(host.to_vec())?))

@@ -10,14 +10,16 @@ use std::collections::VecDeque;
 use std::sync::Mutex;
 
 use crate::backend::{
-    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
+    RopeTable, Segment,
 };
 use crate::error::{Error, Result};
 
 pub struct Tap<'a, B: Backend> {
     inner: &'a B,
     replay: bool,
-    /// Labels per sampled `cross_entropy` call, in call order; `-100` on masked rows.
+    /// Labels per sampled `cross_entropy` or `classifier` call, in call order; `-100` on
+    /// masked rows.
     labels: Mutex<VecDeque<Vec<i32>>>,
 }
 
@@ -112,6 +114,37 @@ impl<B: Backend> Backend for Tap<'_, B> {
             }
         };
         self.log().push_back(drawn_labels(&dlogits, vocab, mask));
+        Ok(out)
+    }
+
+    fn classifier(
+        &self,
+        hidden: &B::Buf,
+        head: &B::Weight,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<B::Buf>> {
+        let CeTargets::Sample { .. } = targets else {
+            return self
+                .inner
+                .classifier(hidden, head, rows, dim, vocab, targets, grad_scale);
+        };
+        if self.replay {
+            let labels = self.log().pop_front().ok_or_else(|| {
+                Error::usage("selftest: more sampled classifier calls than were recorded")
+            })?;
+            let t = CeTargets::Labels(&labels);
+            return self
+                .inner
+                .classifier(hidden, head, rows, dim, vocab, t, grad_scale);
+        }
+        let out = self
+            .inner
+            .classifier(hidden, head, rows, dim, vocab, targets, grad_scale)?;
+        self.log().push_back(out.labels.clone());
         Ok(out)
     }
 

@@ -23,18 +23,18 @@ pub fn accumulate_gradients<B: Backend>(
     grads: &mut LoraWeights<B::Buf>,
 ) -> Result<GradSummary> {
     let acts = model.forward(be, Some(lora), batch, true)?;
-    let (losses, dlogits) = be.cross_entropy(
-        &acts.logits,
-        acts.rows,
-        model.cfg.vocab_size,
+    let out = model.classify(
+        be,
+        &acts,
         CeTargets::Labels(&batch.targets),
         Some(grad_scale),
     )?;
-    let dlogits =
-        dlogits.ok_or_else(|| crate::error::Error::usage("cross_entropy returned no gradient"))?;
-    model.backward(be, Some(lora), &acts, &dlogits, Some(grads), None)?;
+    let dxn = out
+        .dhidden
+        .ok_or_else(|| crate::error::Error::usage("the classifier returned no gradient"))?;
+    model.backward(be, Some(lora), &acts, &dxn, Some(grads), None)?;
     Ok(GradSummary {
-        loss_sum: losses.iter().map(|&l| l as f64).sum(),
+        loss_sum: out.losses.iter().map(|&l| l as f64).sum(),
         n_targets: batch.n_targets,
     })
 }

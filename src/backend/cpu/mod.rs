@@ -3,6 +3,7 @@
 //! against, so each op here is written for clarity first and speed second.
 
 pub mod attention;
+pub mod classifier;
 pub mod curvature;
 pub mod gemm;
 pub mod ops;
@@ -10,7 +11,8 @@ pub mod optim;
 
 use self::gemm::{Mat, gemm};
 use super::{
-    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
+    RopeTable, Segment,
 };
 use crate::error::Result;
 
@@ -317,6 +319,21 @@ impl Backend for CpuBackend {
         grad_scale: Option<f32>,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         Ok(ops::cross_entropy(logits, vocab, targets, grad_scale))
+    }
+
+    fn classifier(
+        &self,
+        hidden: &Vec<f32>,
+        head: &Vec<f32>,
+        _rows: usize,
+        dim: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<Vec<f32>>> {
+        Ok(classifier::classifier(
+            hidden, head, dim, vocab, targets, grad_scale,
+        ))
     }
 
     fn gram_accumulate(

@@ -48,6 +48,17 @@ pub const MODULES: &[KernelModule] = &[
         ],
     },
     KernelModule {
+        name: "classifier",
+        ptx: ptx!("classifier"),
+        functions: &[
+            "classifier_fold_f32",
+            "classifier_fold_bf16",
+            "classifier_draw",
+            "classifier_finish_f32",
+            "classifier_finish_bf16",
+        ],
+    },
+    KernelModule {
         name: "cross_entropy",
         ptx: ptx!("cross_entropy"),
         functions: &["cross_entropy"],

@@ -9,6 +9,7 @@
 mod attention;
 mod baselines;
 pub mod blas;
+mod classifier;
 mod curvature;
 pub mod driver;
 pub mod kernels;

@@ -7,7 +7,8 @@ use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK, THREADS, Weight};
 use crate::backend::{
-    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
+    RopeTable, Segment,
 };
 use crate::error::{Error, Result};
 
@@ -389,6 +390,19 @@ impl Backend for CudaBackend {
         self.launch("cross_entropy", Self::per_row(rows), &args)?;
         let l = self.to_host(&losses)?;
         Ok((l, grad_scale.map(|_| d)))
+    }
+
+    fn classifier(
+        &self,
+        hidden: &Self::Buf,
+        head: &Self::Weight,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<Self::Buf>> {
+        self.classifier_impl(hidden, head, rows, dim, vocab, targets, grad_scale)
     }
 
     fn gram_accumulate(

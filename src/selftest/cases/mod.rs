@@ -11,6 +11,7 @@
 
 mod algebra;
 mod attention;
+mod classifier;
 mod cross_entropy;
 mod curvature;
 mod lora;
@@ -25,6 +26,7 @@ pub fn run_all<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> 
     lora::run(c)?;
     attention::run(c)?;
     cross_entropy::run(c)?;
+    classifier::run(c)?;
     curvature::run(c)?;
     algebra::run(c)
 }

@@ -11,7 +11,8 @@ mod curvature;
 mod rows;
 
 use crate::backend::{
-    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
+    RopeTable, Segment,
 };
 use crate::error::{Error, Result};
 
@@ -230,9 +231,37 @@ impl Backend for Reference {
         targets: CeTargets<'_>,
         grad_scale: Option<f32>,
     ) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        Ok(rows::cross_entropy(
-            logits, rows, vocab, targets, grad_scale,
-        ))
+        let (losses, grad, _) = rows::cross_entropy(logits, rows, vocab, targets, grad_scale);
+        Ok((losses, grad))
+    }
+
+    /// Unfused: the logits, the cross-entropy over them, the product back through the head.
+    fn classifier(
+        &self,
+        hidden: &Vec<f32>,
+        head: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<Vec<f32>>> {
+        let logits = self.linear(hidden, head, rows, dim, vocab)?;
+        let (losses, dlogits, labels) =
+            rows::cross_entropy(&logits, rows, vocab, targets, grad_scale);
+        let dhidden = match dlogits {
+            Some(d) => {
+                let mut dh = vec![0f32; rows * dim];
+                self.linear_backward(&d, head, rows, dim, vocab, &mut dh, false)?;
+                Some(dh)
+            }
+            None => None,
+        };
+        Ok(ClassifierOut {
+            losses,
+            labels,
+            dhidden,
+        })
     }
 
     fn gram_accumulate(

@@ -185,20 +185,22 @@ pub fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec
 /// ignored: loss 0, gradient 0. The loss is `logsumexp(z) - z[t]`; the gradient
 /// `grad_scale * (softmax(z) - onehot(t))`. With `Sample`, `t` is drawn from the row's
 /// softmax by inverting its CDF at `u = sample_uniform(seed, row)`: the first label whose
-/// cumulative probability exceeds `u` (the last label if rounding leaves none).
+/// cumulative probability exceeds `u` (the last label if rounding leaves none). Also
+/// returns the label each row used (`-100` on ignored rows).
 pub fn cross_entropy(
     logits: &[f32],
     rows: usize,
     vocab: usize,
     targets: CeTargets<'_>,
     grad_scale: Option<f32>,
-) -> (Vec<f32>, Option<Vec<f32>>) {
+) -> (Vec<f32>, Option<Vec<f32>>, Vec<i32>) {
     let (active, seed) = match targets {
         CeTargets::Labels(t) => (t, None),
         CeTargets::Sample { mask, seed } => (mask, Some(seed)),
     };
     let mut losses = vec![0f64; rows];
     let mut grad = grad_scale.map(|_| vec![0f64; rows * vocab]);
+    let mut labels = vec![-100; rows];
     for r in 0..rows {
         if active[r] < 0 {
             continue;
@@ -223,6 +225,7 @@ pub fn cross_entropy(
                     .unwrap_or(vocab - 1)
             }
         };
+        labels[r] = target as i32;
         losses[r] = max + total.ln() - z[target];
         if let (Some(gr), Some(s)) = (grad.as_mut(), grad_scale) {
             for j in 0..vocab {
@@ -231,5 +234,5 @@ pub fn cross_entropy(
             }
         }
     }
-    (to_f32(losses), grad.map(to_f32))
+    (to_f32(losses), grad.map(to_f32), labels)
 }

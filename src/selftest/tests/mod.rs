@@ -49,7 +49,7 @@ fn cpu_backend_passes_against_the_plain_reference() {
 }
 
 /// Every op with kernel rows.
-const OPS: [&str; 25] = [
+const OPS: [&str; 26] = [
     "embedding",
     "rmsnorm",
     "rmsnorm_backward",
@@ -64,6 +64,7 @@ const OPS: [&str; 25] = [
     "swiglu_backward",
     "add_assign",
     "cross_entropy",
+    "classifier",
     "gram_accumulate",
     "segment_sum",
     "sq_grad_accumulate",
@@ -103,9 +104,10 @@ fn differing_sampled_labels_fail_the_labels_row() {
         opts(BaseDtype::F32, true, false),
     );
     let f = failing(&r);
-    assert_eq!(f.len(), 2, "{f:?}");
+    assert_eq!(f.len(), 4, "{f:?}");
     assert!(
-        f.iter().all(|k| k.starts_with("cross_entropy.labels")),
+        f.iter()
+            .all(|k| k.starts_with("cross_entropy.labels") || k.starts_with("classifier.labels")),
         "{f:?}"
     );
 }
@@ -162,7 +164,7 @@ fn a_correct_bf16_device_passes_at_the_bf16_bounds_only() {
     assert!(!f.is_empty());
     assert!(
         f.iter()
-            .all(|k| k.starts_with("embedding") || k.starts_with("linear")),
+            .all(|k| ["embedding", "linear", "classifier"].iter().any(|p| k.starts_with(p))),
         "{f:?}"
     );
 }

@@ -4,7 +4,8 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::{
-    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, DiagPenalty, LoraDims, RopeTable, Segment,
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
+    RopeTable, Segment,
 };
 use crate::error::Result;
 
@@ -14,7 +15,8 @@ const FAULT: f32 = 1e-3;
 pub struct Wrapped {
     inner: CpuBackend,
     /// The `Backend` op whose outputs are wrong, or `"sampling"`: the Monte-Carlo labels
-    /// of the first two active rows move to the next label.
+    /// of the first two active rows move to the next label (`cross_entropy`'s gradient,
+    /// `classifier`'s labels).
     fault: Option<&'static str>,
     bf16: bool,
 }
@@ -267,6 +269,36 @@ impl Backend for Wrapped {
             }
         }
         Ok((l, d))
+    }
+    fn classifier(
+        &self,
+        hidden: &Vec<f32>,
+        head: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<Vec<f32>>> {
+        let mut out = self.inner.classifier(
+            &self.gemm_input(hidden),
+            head,
+            rows,
+            dim,
+            vocab,
+            targets,
+            grad_scale,
+        )?;
+        match out.dhidden.as_mut() {
+            Some(d) => self.hit("classifier", &mut [&mut out.losses, d]),
+            None => self.hit("classifier", &mut [&mut out.losses]),
+        }
+        if let (Some("sampling"), CeTargets::Sample { .. }) = (self.fault, targets) {
+            for l in out.labels.iter_mut().filter(|l| **l >= 0).take(2) {
+                *l = (*l + 1) % vocab as i32;
+            }
+        }
+        Ok(out)
     }
     fn gram_accumulate(
         &self,

@@ -1,0 +1,340 @@
+//! The fused classifier on the CPU (`Backend::classifier`): the LM head, softmax
+//! cross-entropy and its backward over vocabulary chunks, each chunk's two products on the
+//! blocked GEMM and the row work on rayon. The reference of `kernels/classifier.cu`.
+
+use rayon::prelude::*;
+
+use super::gemm::{Mat, gemm};
+use crate::backend::{CLASSIFIER_CHUNK, CeTargets, ClassifierOut, sample_uniform};
+
+/// Columns per partial sum: the blocking of `ops::cross_entropy`, so each chunk's sum
+/// rounds as the materialised path's does.
+const PARTIAL: usize = 256;
+
+/// What one sweep over the vocabulary leaves per row.
+#[derive(Clone, Copy)]
+struct RowState {
+    /// The largest logit.
+    max: f32,
+    /// `sum_j exp(z_j - max)`.
+    sum: f64,
+    /// The target's logit (active rows).
+    target_logit: f32,
+}
+
+impl RowState {
+    fn lse(&self) -> f32 {
+        self.max + self.sum.ln() as f32
+    }
+}
+
+/// See `Backend::classifier`; `w` is the head `(vocab, dim)`.
+pub fn classifier(
+    h: &[f32],
+    w: &[f32],
+    dim: usize,
+    vocab: usize,
+    targets: CeTargets<'_>,
+    grad_scale: Option<f32>,
+) -> ClassifierOut<Vec<f32>> {
+    let labels = match targets {
+        CeTargets::Labels(t) => t.to_vec(),
+        CeTargets::Sample { mask, seed } => {
+            let st = sweep(h, w, dim, vocab, mask, None);
+            draw(h, w, dim, vocab, mask, seed, &st)
+        }
+    };
+    let rows = labels.len();
+    let mut acc = grad_scale.map(|_| vec![0f32; rows * dim]);
+    let st = sweep(h, w, dim, vocab, &labels, acc.as_deref_mut());
+    let losses = st
+        .iter()
+        .zip(&labels)
+        .map(|(s, &t)| if t < 0 { 0.0 } else { s.lse() - s.target_logit })
+        .collect();
+    if let (Some(acc), Some(scale)) = (acc.as_mut(), grad_scale) {
+        acc.par_chunks_mut(dim)
+            .zip(st.par_iter().zip(labels.par_iter()))
+            .filter(|(_, (_, t))| **t >= 0)
+            .for_each(|(a, (s, &t))| {
+                let inv = 1.0 / s.sum as f32;
+                let p_t = (s.target_logit - s.lse()).exp();
+                let wt = &w[t as usize * dim..(t as usize + 1) * dim];
+                for (a, &wv) in a.iter_mut().zip(wt) {
+                    *a = scale * (*a * inv + (p_t - 1.0) * wv);
+                }
+            });
+    }
+    ClassifierOut {
+        losses,
+        labels,
+        dhidden: acc,
+    }
+}
+
+/// `z (rows, n) = h W[j0..j0+n]^T`.
+fn logits_chunk(h: &[f32], w: &[f32], dim: usize, j0: usize, n: usize, z: &mut [f32]) {
+    let rows = h.len() / dim;
+    let wc = &w[j0 * dim..(j0 + n) * dim];
+    gemm(
+        rows,
+        n,
+        dim,
+        z,
+        n,
+        false,
+        Mat::rows(h, dim),
+        Mat::rows(wc, dim).t(),
+        1.0,
+        true,
+    );
+}
+
+/// One sweep over the vocabulary: per active row (`labels[r] >= 0`) the max, the sum of
+/// exponentials and the target's logit; with `acc`, also
+/// `acc_r = sum_{j != t_r} exp(z_rj - max_r) W_j` (rescaled as the max grows).
+fn sweep(
+    h: &[f32],
+    w: &[f32],
+    dim: usize,
+    vocab: usize,
+    labels: &[i32],
+    mut acc: Option<&mut [f32]>,
+) -> Vec<RowState> {
+    let rows = labels.len();
+    let chunk = CLASSIFIER_CHUNK.min(vocab);
+    let mut z = vec![0f32; rows * chunk];
+    let mut st = vec![
+        RowState {
+            max: f32::NEG_INFINITY,
+            sum: 0.0,
+            target_logit: 0.0,
+        };
+        rows
+    ];
+    let mut rescale = vec![1f32; rows];
+    let grad = acc.is_some();
+    for j0 in (0..vocab).step_by(chunk) {
+        let n = chunk.min(vocab - j0);
+        let z = &mut z[..rows * n];
+        logits_chunk(h, w, dim, j0, n, z);
+        z.par_chunks_mut(n)
+            .zip(st.par_iter_mut().zip(rescale.par_iter_mut()))
+            .zip(labels.par_iter())
+            .for_each(|((zr, (s, alpha)), &t)| {
+                if t < 0 {
+                    // The gradient product must see zeros; the state is never read.
+                    if grad {
+                        zr.fill(0.0);
+                    }
+                    return;
+                }
+                let local = (t as usize).checked_sub(j0).filter(|&j| j < n);
+                if let Some(j) = local {
+                    s.target_logit = zr[j];
+                }
+                let m = zr.iter().copied().fold(s.max, f32::max);
+                let mut part = 0f64;
+                for block in zr.chunks_mut(PARTIAL) {
+                    let mut p = 0f32;
+                    for v in block {
+                        let e = (*v - m).exp();
+                        p += e;
+                        *v = e;
+                    }
+                    part += p as f64;
+                }
+                *alpha = (s.max - m).exp();
+                s.sum = s.sum * *alpha as f64 + part;
+                s.max = m;
+                if let Some(j) = local {
+                    zr[j] = 0.0;
+                }
+            });
+        if let Some(acc) = acc.as_deref_mut() {
+            acc.par_chunks_mut(dim)
+                .zip(rescale.par_iter())
+                .filter(|(_, alpha)| **alpha != 1.0)
+                .for_each(|(a, &alpha)| a.iter_mut().for_each(|v| *v *= alpha));
+            let wc = &w[j0 * dim..(j0 + n) * dim];
+            gemm(
+                rows,
+                dim,
+                n,
+                acc,
+                dim,
+                true,
+                Mat::rows(z, n),
+                Mat::rows(wc, dim),
+                1.0,
+                true,
+            );
+        }
+    }
+    st
+}
+
+/// Monte-Carlo labels by inverting each active row's CDF in vocabulary order, given its
+/// final max and sum (`st`): `-100` on masked rows.
+fn draw(
+    h: &[f32],
+    w: &[f32],
+    dim: usize,
+    vocab: usize,
+    mask: &[i32],
+    seed: u64,
+    st: &[RowState],
+) -> Vec<i32> {
+    let rows = mask.len();
+    let chunk = CLASSIFIER_CHUNK.min(vocab);
+    let mut z = vec![0f32; rows * chunk];
+    // Per row: the mass of the columns before this chunk, the threshold, and the label
+    // (-1 while not found).
+    let mut scan: Vec<(f64, f64, i32)> = (0..rows)
+        .map(|r| {
+            let u = sample_uniform(seed, r as u64) as f64 * st[r].sum;
+            (0.0, u, if mask[r] < 0 { -100 } else { -1 })
+        })
+        .collect();
+    for j0 in (0..vocab).step_by(chunk) {
+        if scan.iter().all(|s| s.2 != -1) {
+            break;
+        }
+        let n = chunk.min(vocab - j0);
+        let z = &mut z[..rows * n];
+        logits_chunk(h, w, dim, j0, n, z);
+        z.par_chunks(n)
+            .zip(scan.par_iter_mut().zip(st.par_iter()))
+            .filter(|(_, (sc, _))| sc.2 == -1)
+            .for_each(|(zr, ((cum, u, label), s))| {
+                for (j, &v) in zr.iter().enumerate() {
+                    *cum += (v - s.max).exp() as f64;
+                    if *cum > *u {
+                        *label = (j0 + j) as i32;
+                        return;
+                    }
+                }
+            });
+    }
+    scan.into_iter()
+        .map(|(_, _, l)| if l == -1 { vocab as i32 - 1 } else { l })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Backend;
+    use crate::backend::cpu::CpuBackend;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    fn rel(got: &[f32], want: &[f32]) -> f64 {
+        let num: f64 = got
+            .iter()
+            .zip(want)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
+        let den: f64 = want.iter().map(|b| (*b as f64).powi(2)).sum();
+        (num / den).sqrt()
+    }
+
+    /// Two full chunks and a tail of 77 columns; every seventh row ignored; hidden states
+    /// and head spread so that the softmaxes are peaked but not one-hot.
+    fn inputs(rows: usize, dim: usize, vocab: usize) -> (Vec<f32>, Vec<f32>, Vec<i32>) {
+        let mut rng = ChaCha8Rng::seed_from_u64(3);
+        let mut rnd = |n: usize, s: f32| -> Vec<f32> {
+            (0..n)
+                .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * s)
+                .collect()
+        };
+        let (h, w) = (rnd(rows * dim, 1.0), rnd(vocab * dim, 0.5));
+        let labels = (0..rows)
+            .map(|r| {
+                if r % 7 == 3 {
+                    -100
+                } else {
+                    ((r * 7919) % vocab) as i32
+                }
+            })
+            .collect();
+        (h, w, labels)
+    }
+
+    /// The fused classifier against `linear` + `cross_entropy` + `linear_backward`: f32
+    /// sums in another order (chunked, rescaled), so 1e-5 relative.
+    #[test]
+    fn fused_matches_materialised() {
+        let be = CpuBackend::new(2);
+        let (rows, dim, vocab) = (37, 48, 2 * CLASSIFIER_CHUNK + 77);
+        let (h, w, labels) = inputs(rows, dim, vocab);
+        let z = be.linear(&h, &w, rows, dim, vocab).unwrap();
+        let mask_seed = [
+            (CeTargets::Labels(&labels), 0.25),
+            (
+                CeTargets::Sample {
+                    mask: &labels,
+                    seed: 11,
+                },
+                1.0,
+            ),
+        ];
+        for (t, scale) in mask_seed {
+            let (lm, dz) = be.cross_entropy(&z, rows, vocab, t, Some(scale)).unwrap();
+            let dz = dz.unwrap();
+            let mut dhm = vec![0f32; rows * dim];
+            be.linear_backward(&dz, &w, rows, dim, vocab, &mut dhm, false)
+                .unwrap();
+            let o = be
+                .classifier(&h, &w, rows, dim, vocab, t, Some(scale))
+                .unwrap();
+            // The materialised gradient's one negative entry per active row is its label.
+            let want_labels: Vec<i32> = dz
+                .chunks(vocab)
+                .zip(&labels)
+                .map(|(row, &l)| {
+                    let j = (0..vocab)
+                        .min_by(|&a, &b| row[a].total_cmp(&row[b]))
+                        .unwrap();
+                    if l < 0 { -100 } else { j as i32 }
+                })
+                .collect();
+            let got_labels: Vec<i32> = o.labels.iter().map(|&l| l.max(-100)).collect();
+            assert_eq!(got_labels, want_labels, "{t:?}");
+            assert!(
+                rel(&o.losses, &lm) < 1e-5,
+                "losses {:e}",
+                rel(&o.losses, &lm)
+            );
+            let dh = o.dhidden.unwrap();
+            assert!(rel(&dh, &dhm) < 1e-5, "dhidden {:e}", rel(&dh, &dhm));
+            let lonly = be.classifier(&h, &w, rows, dim, vocab, t, None).unwrap();
+            assert!(lonly.dhidden.is_none());
+            assert_eq!(lonly.losses, o.losses);
+        }
+    }
+
+    /// Sampled labels equal the materialised sampler's on many draws: the same uniform,
+    /// the same CDF terms `exp(z - max)` in vocabulary order; only the normaliser is
+    /// summed in another order, which can move a label only when a uniform falls within
+    /// ~1e-7 of a CDF boundary.
+    #[test]
+    fn sampled_labels_equal_the_materialised_sampler() {
+        let be = CpuBackend::new(2);
+        let (rows, dim, vocab) = (64, 16, CLASSIFIER_CHUNK + 300);
+        let (h, w, mask) = inputs(rows, dim, vocab);
+        let z = be.linear(&h, &w, rows, dim, vocab).unwrap();
+        for seed in 0..20 {
+            let t = CeTargets::Sample { mask: &mask, seed };
+            let (lm, _) = be.cross_entropy(&z, rows, vocab, t, None).unwrap();
+            let o = be.classifier(&h, &w, rows, dim, vocab, t, None).unwrap();
+            // Equal losses row by row: the losses of different labels differ by O(1).
+            for (r, (a, b)) in o.losses.iter().zip(&lm).enumerate() {
+                assert!(
+                    (a - b).abs() <= 1e-5 * b.abs().max(1.0),
+                    "seed {seed} row {r}: {a} vs {b}"
+                );
+            }
+        }
+    }
+}

@@ -1,6 +1,13 @@
 use std::process::ExitCode;
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, so printing to a closed pipe (`... --json | head`) would panic
+    // in println!; restore the default, ending quietly as other Unix tools do. Outputs are
+    // written atomically before anything is printed, so nothing is left half-written.
+    // SAFETY: resets one signal's disposition before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match lalora_engine::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

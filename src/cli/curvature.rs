@@ -11,12 +11,13 @@ use super::{
 };
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
+use crate::curvature::self_data::{self, SelfData};
 use crate::curvature::summary::summarize;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::eval::perplexity::require_targets;
-use crate::io::check_replaceable;
+use crate::io::{atomic_write, check_replaceable};
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::progress;
 use crate::train::TrainConfig;
@@ -29,9 +30,18 @@ pub struct CurvatureArgs {
     /// Estimate at this PEFT adapter (default: a fresh init, or after --warmup-steps).
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// Source-domain JSONL data.
+    /// Source-domain JSONL data, or `self:N`: N sequences sampled from the base model
+    /// itself (temperature 1, from BOS or --self-prompts), kept beside --out as
+    /// `<out stem>.self.jsonl` so the estimate can be reproduced with --data.
     #[arg(long)]
     pub data: PathBuf,
+    /// With --data self:N: text prompts, one per line, to start the sequences from in
+    /// turn (default: the model's BOS token alone).
+    #[arg(long)]
+    pub self_prompts: Option<PathBuf>,
+    /// With --data self:N: tokens sampled per sequence (fewer where the model says EOS).
+    #[arg(long, default_value_t = 128)]
+    pub self_tokens: usize,
     /// diag, kfac or kfac-tri.
     #[arg(long, default_value = "diag")]
     pub scheme: Scheme,
@@ -64,10 +74,20 @@ pub struct CurvatureArgs {
     pub common: Common,
 }
 
+/// Where the source data come from.
+enum Source {
+    File(Vec<Example>),
+    /// Sampled by the model on the device, then cut to `max_len` as file rows are.
+    SelfGenerated {
+        spec: SelfData,
+        max_len: usize,
+    },
+}
+
 struct CurvatureTask {
     model: LoadedModel,
     init: HostLora,
-    data: Vec<Example>,
+    source: Source,
     warmup: Option<(Vec<Example>, TrainConfig)>,
     spec: Spec,
     batch_size: usize,
@@ -75,10 +95,26 @@ struct CurvatureTask {
 }
 
 impl BackendTask for CurvatureTask {
-    type Output = Curvature;
-    fn run<B: Backend>(self, be: &B) -> Result<Curvature> {
+    /// The estimate, and the data when they were sampled here (to be kept).
+    type Output = (Curvature, Option<Vec<Example>>);
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let identity = self.model.identity.clone();
+        let eos = self.model.cfg.eos_token_ids.clone();
         let model = Llama::new(be, self.model.cfg, self.model.weights)?;
+        let (data, sampled) = match self.source {
+            Source::File(data) => (data, false),
+            Source::SelfGenerated { spec, max_len } => {
+                let pb = progress::bar(spec.n as u64, "self-generated data", self.quiet)
+                    .unit("sequences");
+                let mut data = self_data::sample(be, &model, &spec, &eos, || pb.inc(1))?;
+                pb.finish_and_clear();
+                for e in &mut data {
+                    e.ids.truncate(max_len);
+                    e.labels.truncate(max_len);
+                }
+                (data, true)
+            }
+        };
         let theta = match &self.warmup {
             Some((data, cfg)) => {
                 let opts = SessionOptions {
@@ -96,22 +132,17 @@ impl BackendTask for CurvatureTask {
         };
         let lora = theta.map(|v| be.buf(v.clone()))?;
         let pb = progress::bar(
-            self.data.len().div_ceil(self.batch_size) as u64,
+            data.len().div_ceil(self.batch_size) as u64,
             "curvature",
             self.quiet,
-        );
-        let mut c = estimate(
-            be,
-            &model,
-            &lora,
-            &self.data,
-            self.batch_size,
-            self.spec,
-            || pb.inc(1),
-        )?;
+        )
+        .unit("batches");
+        let mut c = estimate(be, &model, &lora, &data, self.batch_size, self.spec, || {
+            pb.inc(1)
+        })?;
         pb.finish_and_clear();
         c.meta.model = identity;
-        Ok(c)
+        Ok((c, sampled.then_some(data)))
     }
 }
 
@@ -128,8 +159,49 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
     let m = load_model(&a.model)?;
     let init = adapter_or_init(a.adapter.as_deref(), &m, &a.lora, a.common.seed)?;
     check_replaceable(&a.out)?;
-    let data = load_data(&a.data, &m, &a.batching)?;
-    require_targets(&a.data, &data)?;
+    let (source, data_desc) = match self_data::parse(&a.data)? {
+        Some(n) => {
+            if a.self_tokens == 0 {
+                return Err(Error::usage("--self-tokens 0: must be at least 1"));
+            }
+            check_replaceable(&self_data::jsonl_path(&a.out))?;
+            let tok = m.tokenizer().ok();
+            let (starts, from) =
+                self_data::starts(a.self_prompts.as_deref(), tok, m.cfg.bos_token_id)?;
+            let positions = m.cfg.max_position_embeddings;
+            let longest = starts.iter().map(Vec::len).max().unwrap_or(0);
+            if longest.saturating_add(a.self_tokens) > positions {
+                return Err(Error::usage(format!(
+                    "--self-tokens {}: a {longest}-token start plus the sampled tokens exceeds the model's {positions} positions (max_position_embeddings)",
+                    a.self_tokens
+                )));
+            }
+            let spec = SelfData {
+                n,
+                new_tokens: a.self_tokens,
+                seed: a.common.seed,
+                starts,
+                start_desc: from,
+            };
+            let desc = format!(
+                "self-generated: {n} sequences sampled from the base model (temperature 1, top-p 1, up to {} new tokens, seed {}, from {}), kept in {}",
+                spec.new_tokens,
+                spec.seed,
+                spec.start_desc,
+                self_data::jsonl_path(&a.out).display()
+            );
+            let max_len = a.batching.max_len;
+            (Source::SelfGenerated { spec, max_len }, desc)
+        }
+        None => {
+            if a.self_prompts.is_some() {
+                return Err(Error::usage("--self-prompts goes with --data self:N"));
+            }
+            let data = load_data(&a.data, &m, &a.batching)?;
+            require_targets(&a.data, &data)?;
+            (Source::File(data), a.data.display().to_string())
+        }
+    };
     let warmup = match (a.warmup_steps, &a.warmup_data) {
         (0, _) => None,
         (_, None) => {
@@ -155,7 +227,8 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
             ))
         }
     };
-    let quiet = a.common.quiet || a.common.json;
+    // --json owns stdout only: progress stays on stderr unless --quiet.
+    let quiet = a.common.quiet;
     let spec = Spec {
         scheme: a.scheme,
         fisher,
@@ -165,19 +238,27 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
     let task = CurvatureTask {
         model: m,
         init,
-        data,
+        source,
         warmup,
         spec,
         batch_size: a.batching.batch_size,
         quiet,
     };
-    let c = run_on(a.common.placement(quiet), task)?;
+    let (mut c, sampled) = run_on(a.common.placement(quiet), task)?;
+    c.meta.data = data_desc;
+    if let Some(data) = &sampled {
+        atomic_write(
+            &self_data::jsonl_path(&a.out),
+            self_data::to_jsonl(data).as_bytes(),
+        )?;
+    }
     c.write(&a.out)?;
     let summary = summarize(&c);
     if a.common.json {
         print_json(&json!({
             "out": a.out, "scheme": c.meta.scheme.to_string(), "fisher": c.meta.fisher.to_string(),
-            "n_sequences": c.meta.n_sequences, "n_positions": c.meta.n_positions, "summary": summary,
+            "n_sequences": c.meta.n_sequences, "n_positions": c.meta.n_positions, "data": c.meta.data,
+            "summary": summary,
         }));
     } else {
         println!(
@@ -192,6 +273,9 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
             c.meta.n_positions,
             a.out.display()
         );
+        if sampled.is_some() {
+            println!("source data: {}", c.meta.data);
+        }
         summary.print();
     }
     Ok(())

@@ -2,7 +2,8 @@
 //! `diag.<peft param>`, `kfac_in.<peft module>` / `kfac_out.<peft module>` (module =
 //! `...q_proj.lora_A` / `...q_proj.lora_B`), `kfac_cross_in.<layer>` /
 //! `kfac_cross_out.<layer>` (layer = `...q_proj`); sums, not means. `__metadata__` holds
-//! the scheme, Fisher type, approximation, sample count, data size, LoRA config and model.
+//! the scheme, Fisher type, approximation, sample count, data size, LoRA config, model and
+//! source data (a file name, or how a self-generated set was sampled).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -28,6 +29,9 @@ pub struct CurvatureMeta {
     pub n_positions: usize,
     /// The model's identity (file name and size).
     pub model: String,
+    /// The source data: the file given, or how a self-generated set was sampled
+    /// (`self_data`); empty in files written before it was recorded.
+    pub data: String,
 }
 
 /// One module's Kronecker factors (see `accumulate::KfacState`).
@@ -108,6 +112,7 @@ impl Curvature {
                 .join(","),
         );
         meta.insert("model".into(), m.model.clone());
+        meta.insert("data".into(), m.data.clone());
         write_safetensors(path, &t, meta)
     }
 
@@ -215,6 +220,7 @@ impl Curvature {
                 n_sequences,
                 n_positions,
                 model: md("model")?.to_string(),
+                data: f.metadata.get("data").cloned().unwrap_or_default(),
             },
             mean,
             diag,

@@ -13,6 +13,7 @@
 
 pub mod accumulate;
 pub mod file;
+pub mod self_data;
 pub mod summary;
 
 use std::fmt;
@@ -184,6 +185,7 @@ pub fn estimate<B: Backend>(
             n_sequences,
             n_positions,
             model: String::new(),
+            data: String::new(),
         },
         mean,
         diag,

@@ -186,24 +186,25 @@ fn answer_index(v: &Value, choices: &[String]) -> std::result::Result<usize, Str
             let first = chars.next();
             let rest = chars.as_str();
             // "B" or "B. text" name an option by letter; the text must then be that option's.
-            if let Some(c) = first.filter(|c| c.is_ascii_uppercase()) {
-                if rest.is_empty() || rest.starts_with(". ") {
-                    let i = by_letter(c).ok_or(format!(
-                        "`{key}` `{s}`: there is no option {c} ({n} options)"
-                    ))?;
-                    if let Some(text) = rest.strip_prefix(". ") {
-                        if choices[i] != text {
-                            return Err(format!(
-                                "`{key}` `{s}` does not match option {c} (`{}`)",
-                                choices[i]
-                            ));
-                        }
-                    } else if matching.iter().any(|&j| j != i) {
+            if let Some(c) = first.filter(|c| c.is_ascii_uppercase())
+                && (rest.is_empty() || rest.starts_with(". "))
+            {
+                let i = by_letter(c).ok_or(format!(
+                    "`{key}` `{s}`: there is no option {c} ({n} options)"
+                ))?;
+                match rest.strip_prefix(". ") {
+                    Some(text) if choices[i] != text => {
+                        return Err(format!(
+                            "`{key}` `{s}` does not match option {c} (`{}`)",
+                            choices[i]
+                        ));
+                    }
+                    None if matching.iter().any(|&j| j != i) => {
                         return Err(format!(
                             "`{key}` `{s}` is both letter {c} and the text of another option"
                         ));
                     }
-                    return Ok(i);
+                    _ => return Ok(i),
                 }
             }
             match matching[..] {

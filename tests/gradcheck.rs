@@ -4,7 +4,7 @@
 mod common;
 
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::backend::{Backend, CeTargets};
+use lalora_engine::backend::CeTargets;
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::model::config::LlamaConfig;
 use lalora_engine::model::weights::{HostLayer, HostWeights};

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use lalora_engine::backend::{Backend, CeTargets};
+use lalora_engine::backend::CeTargets;
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::io::write_safetensors;
 use lalora_engine::model::config::LlamaConfig;

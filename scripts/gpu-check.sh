@@ -27,8 +27,12 @@
 #   scripts/gpu-check.sh --benches      on the GPU machine, a second call (about 3-6 min):
 #       the same checks and settings, then the CUDA criterion benches (--warm-up-time 1 --measurement-time 3 --noplot;
 #       criterion's folder in /tmp), the PyTorch + PEFT peer
-#       (benches/peers/torch_peft_cuda_step.py) and the summary table.
-#       $OUT: summary.txt bench.log estimates.json peer.json peer.log table.md (6 files).
+#       (benches/peers/torch_peft_cuda_step.py) and the summary table. The benches print
+#       each one's FLOPs and bytes (`work:`) and, from criterion's medians, the achieved
+#       TFLOP/s and TB/s against the H200's ceilings (`roofline:`); those lines go to
+#       roofline.txt and, as a table, under table.md; a bench not measured is a failure.
+#       $OUT: summary.txt bench.log roofline.txt estimates.json peer.json peer.log table.md
+#       (7 files).
 #
 # Environment: OUT (results; default gpu-out/), GPU_CHECK_BUDGET_S (the whole mode's time
 # box in seconds; default 420 for --tests, 480 for --benches: each step gets at most its
@@ -531,6 +535,17 @@ cap_log "$out/bench.log"
 [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/bench.log")"
 check_no_skip "$step" "$out/bench.log"
 grep -q '^device: cuda:' "$out/bench.log" || fail "$step: no 'device: cuda:' line in bench.log"
+# What each bench did, counted from its shapes (`work:`), and criterion's median against the
+# H200's ceilings (`roofline:`), for BENCHMARKS.md: every bench measured, none missing.
+grep -E '^(work|roofline): ' "$out/bench.log" >"$out/roofline.txt"
+if ! counted=$(grep -Eo '^roofline: [0-9]+ of [0-9]+ benches measured' "$out/roofline.txt" | tail -1) ||
+  [ -z "$counted" ]; then
+  fail "roofline: no 'roofline: N of M benches measured' line in bench.log"
+elif ! read -r n m < <(echo "$counted" | awk '{print $2, $4}') || [ "$n" -ne "$m" ] || [ "$m" -eq 0 ]; then
+  fail "roofline: ${counted#roofline: }: $(grep -m1 'not measured' "$out/roofline.txt" | cut -c1-160)"
+else
+  note "roofline: $(grep -c '^work: ' "$out/roofline.txt") work lines, ${counted#roofline: }"
+fi
 
 # The estimates this table needs, flat in one file.
 if ! msg=$(python3 - "$crit" "$out/estimates.json" <<'PY'
@@ -613,8 +628,23 @@ if math.isnan(step) or any(math.isnan(ms(g, a)) or math.isnan(ms(g, b)) for _, g
 PY
   fail "table: incomplete (missing estimates or peer)"
 fi
+# The achieved fractions of the ceilings, from roofline.txt, under the table.
+if ! python3 - "$out/roofline.txt" <<'PY' >>"$out/table.md"; then
+import re, sys
+lines = open(sys.argv[1]).read().splitlines()
+row = re.compile(r"^roofline: (\S+)/(\S+): median (\S+) ms; (\S+) TFLOP/s = (\S+)% of \S+; (\S+) TB/s = (\S+)% of \S+(.*)$")
+rows = [m.groups() for m in map(row.match, lines) if m]
+head = [l for l in lines if l.startswith("roofline: ceilings")]
+print("\n" + (head[0][len("roofline: "):] if head else "ceilings: see bench.log"))
+print("\n| group | bench | median (ms) | TFLOP/s | % of bf16 peak | TB/s | % of copy | note |\n|---|---|---:|---:|---:|---:|---:|---|")
+for g, b, ms, tf, ptf, tb, ptb, note in rows:
+    print(f"| {g} | {b} | {ms} | {tf} | {ptf} | {tb} | {ptb} | {note.strip(' ()')} |")
+sys.exit(0 if rows else 1)
+PY
+  fail "table: no roofline rows"
+fi
 cat "$out/table.md" >&2
-for f in bench.log estimates.json peer.json peer.log table.md; do
+for f in bench.log roofline.txt estimates.json peer.json peer.log table.md; do
   [ -s "$out/$f" ] || fail "missing or empty: $f"
 done
 finish

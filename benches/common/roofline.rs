@@ -23,9 +23,9 @@ use lalora_engine::model::config::LlamaConfig;
 
 /// The H200's dense bf16 tensor-core ceiling: issue 8's 790 TFLOP/s, which is what an
 /// 8192 x 8192 x 8192 bf16 matrix product through PyTorch reached on random data on the
-/// lent H200 machines (788 TFLOP/s on 2026-10-28, 769 to 798 on 2026-11-04, as recorded
-/// in the device notes, /work/.library/device/KINDS.md). The datasheet's ~990 is not
-/// reached on random data; we did not measure either figure ourselves.
+/// lent H200 machines (788 TFLOP/s on 2026-10-28, 769 to 798 on 2026-11-04, as the notes
+/// kept on those machines record; the datasheet's dense figure is about 990). Not measured
+/// by this project.
 pub const PEAK_BF16_FLOPS: f64 = 790e12;
 
 /// The H200's memory ceiling: issue 8's 4.3 TB/s, a device-to-device copy through PyTorch

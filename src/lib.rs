@@ -12,6 +12,7 @@
 
 pub mod backend;
 pub mod cli;
+pub mod cost;
 pub mod curvature;
 pub mod data;
 pub mod error;

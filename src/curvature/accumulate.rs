@@ -57,6 +57,18 @@ pub struct Accumulator<B: Backend> {
     inputs: bool,
 }
 
+/// Projections of one layer with the same input share it (q/k/v read the normed hidden
+/// state, gate/up the second normed state): one input factor per group and layer. The FLOP
+/// count of the curvature stage (`cost`) follows the same sharing.
+pub fn input_group(p: Proj) -> usize {
+    match p {
+        Proj::Q | Proj::K | Proj::V => 0,
+        Proj::Gate | Proj::Up => 1,
+        Proj::O => 2,
+        Proj::Down => 3,
+    }
+}
+
 impl<B: Backend> Accumulator<B> {
     pub fn new(
         be: &B,
@@ -66,12 +78,6 @@ impl<B: Backend> Accumulator<B> {
     ) -> Result<Self> {
         let r = lora.cfg.r;
         let dims: Vec<(usize, usize)> = lora.modules.iter().map(|m| (m.d_in, m.d_out)).collect();
-        let input_group = |p: Proj| match p {
-            Proj::Q | Proj::K | Proj::V => 0,
-            Proj::Gate | Proj::Up => 1,
-            Proj::O => 2,
-            Proj::Down => 3,
-        };
         let input_owner = lora
             .modules
             .iter()

@@ -1,0 +1,499 @@
+//! The cost report's FLOP formulas (`src/cost.rs`) against a count of what the model
+//! actually asks of the backend: `Count` wraps the CPU backend and adds up the products of
+//! every call from its shapes (a product `(m, k) x (k, n)` is `2 m k n`; attention counts
+//! the visible (query, key) pairs of each call's shape). The evaluation, training (plain,
+//! diag, kfac, kfac-tri penalties, gradient accumulation) and curvature (every scheme,
+//! both approximations, empirical and Monte-Carlo) FLOPs of the analytic formulas must
+//! equal the counted ones exactly, on sequences of unequal lengths (padding) and with
+//! LoRA on all projections and on q/v only.
+
+mod common;
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use common::*;
+use lalora_engine::Result;
+use lalora_engine::backend::{
+    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
+    RopeTable, Segment,
+};
+
+struct Count<'a, B: Backend> {
+    inner: &'a B,
+    flops: AtomicUsize,
+}
+
+impl<'a, B: Backend> Count<'a, B> {
+    fn new(inner: &'a B) -> Self {
+        Count {
+            inner,
+            flops: AtomicUsize::new(0),
+        }
+    }
+    fn add(&self, n: usize) {
+        self.flops.fetch_add(n, Ordering::Relaxed);
+    }
+    /// The FLOPs counted so far, leaving zero.
+    fn take(&self) -> u64 {
+        self.flops.swap(0, Ordering::Relaxed) as u64
+    }
+}
+
+/// Query-key pairs a causal attention call computes, over all query heads: query `i` sees
+/// keys `0..=q_offset + i` of the `tk` present.
+fn visible_pairs(s: &AttnShape) -> usize {
+    let per_seq: usize = (0..s.tq).map(|i| (s.q_offset + i + 1).min(s.tk)).sum();
+    s.batch * s.n_heads * per_seq
+}
+
+fn rows(segments: &[Segment]) -> usize {
+    segments.iter().map(|s| s.len).sum()
+}
+
+impl<B: Backend> Backend for Count<'_, B> {
+    type Buf = B::Buf;
+    type Weight = B::Weight;
+
+    fn cross_entropy(
+        &self,
+        logits: &B::Buf,
+        rows: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<(Vec<f32>, Option<B::Buf>)> {
+        self.inner
+            .cross_entropy(logits, rows, vocab, targets, grad_scale)
+    }
+
+    /// The head products as `Backend::classifier` documents them: one for the losses, one
+    /// more for the gradient, two more to draw Monte-Carlo labels.
+    fn classifier(
+        &self,
+        hidden: &B::Buf,
+        head: &B::Weight,
+        rows: usize,
+        dim: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<ClassifierOut<B::Buf>> {
+        let sampled = matches!(targets, CeTargets::Sample { .. });
+        let products = 1 + usize::from(grad_scale.is_some()) + 2 * usize::from(sampled);
+        self.add(2 * rows * dim * vocab * products);
+        self.inner
+            .classifier(hidden, head, rows, dim, vocab, targets, grad_scale)
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn buf(&self, host: Vec<f32>) -> Result<B::Buf> {
+        self.inner.buf(host)
+    }
+    fn zeros(&self, n: usize) -> Result<B::Buf> {
+        self.inner.zeros(n)
+    }
+    fn to_host(&self, x: &B::Buf) -> Result<Vec<f32>> {
+        self.inner.to_host(x)
+    }
+    fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<B::Weight> {
+        self.inner.weight(host, rows, cols)
+    }
+    fn copy_into(&self, dst: &mut B::Buf, offset: usize, src: &B::Buf) -> Result<()> {
+        self.inner.copy_into(dst, offset, src)
+    }
+    fn embedding(&self, table: &B::Weight, ids: &[u32], dim: usize) -> Result<B::Buf> {
+        self.inner.embedding(table, ids, dim)
+    }
+    fn rmsnorm(
+        &self,
+        x: &B::Buf,
+        w: &B::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(B::Buf, B::Buf)> {
+        self.inner.rmsnorm(x, w, rows, dim, eps)
+    }
+    fn rmsnorm_backward(
+        &self,
+        dy: &B::Buf,
+        x: &B::Buf,
+        w: &B::Buf,
+        rstd: &B::Buf,
+        rows: usize,
+        dim: usize,
+        dx: &mut B::Buf,
+    ) -> Result<()> {
+        self.inner.rmsnorm_backward(dy, x, w, rstd, rows, dim, dx)
+    }
+    fn linear(&self, x: &B::Buf, w: &B::Weight, m: usize, k: usize, n: usize) -> Result<B::Buf> {
+        self.add(2 * m * k * n);
+        self.inner.linear(x, w, m, k, n)
+    }
+    fn linear_backward(
+        &self,
+        dy: &B::Buf,
+        w: &B::Weight,
+        m: usize,
+        k: usize,
+        n: usize,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<()> {
+        self.add(2 * m * k * n);
+        self.inner.linear_backward(dy, w, m, k, n, dx, accumulate)
+    }
+    fn lora_forward(
+        &self,
+        x: &B::Buf,
+        a: &B::Buf,
+        b: &B::Buf,
+        dims: LoraDims,
+        y: &mut B::Buf,
+    ) -> Result<B::Buf> {
+        self.add(2 * dims.m * dims.r * (dims.d_in + dims.d_out));
+        self.inner.lora_forward(x, a, b, dims, y)
+    }
+    fn lora_backward(
+        &self,
+        g: &B::Buf,
+        x: &B::Buf,
+        u: &B::Buf,
+        a: &B::Buf,
+        b: &B::Buf,
+        dims: LoraDims,
+        dx: &mut B::Buf,
+        grads: Option<(&mut B::Buf, &mut B::Buf)>,
+    ) -> Result<B::Buf> {
+        self.add(
+            2 * dims.m * dims.r * (dims.d_in + dims.d_out) * if grads.is_some() { 2 } else { 1 },
+        );
+        self.inner.lora_backward(g, x, u, a, b, dims, dx, grads)
+    }
+    fn rope(
+        &self,
+        x: &mut B::Buf,
+        table: &RopeTable<Self>,
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+        inverse: bool,
+    ) -> Result<()> {
+        // The same buffers typed for the inner backend (a table is a few KB).
+        let t = RopeTable::<B> {
+            cos: self.inner.dup(&table.cos)?,
+            sin: self.inner.dup(&table.sin)?,
+            period: table.period,
+        };
+        self.inner.rope(x, &t, rows, n_heads, head_dim, inverse)
+    }
+    fn attention(
+        &self,
+        q: &B::Buf,
+        k: &B::Buf,
+        v: &B::Buf,
+        s: &AttnShape,
+    ) -> Result<(B::Buf, AttnSaved<B::Buf>)> {
+        self.add(4 * visible_pairs(s) * s.head_dim);
+        self.inner.attention(q, k, v, s)
+    }
+    fn attention_backward(
+        &self,
+        dout: &B::Buf,
+        q: &B::Buf,
+        k: &B::Buf,
+        v: &B::Buf,
+        out: &B::Buf,
+        saved: &AttnSaved<B::Buf>,
+        s: &AttnShape,
+    ) -> Result<(B::Buf, B::Buf, B::Buf)> {
+        self.add(8 * visible_pairs(s) * s.head_dim);
+        self.inner.attention_backward(dout, q, k, v, out, saved, s)
+    }
+    fn swiglu(&self, gate: &B::Buf, up: &B::Buf) -> Result<B::Buf> {
+        self.inner.swiglu(gate, up)
+    }
+    fn swiglu_backward(
+        &self,
+        dact: &B::Buf,
+        gate: &B::Buf,
+        up: &B::Buf,
+    ) -> Result<(B::Buf, B::Buf)> {
+        self.inner.swiglu_backward(dact, gate, up)
+    }
+    fn add_assign(&self, a: &mut B::Buf, b: &B::Buf) -> Result<()> {
+        self.inner.add_assign(a, b)
+    }
+    fn gram_accumulate(
+        &self,
+        x: &B::Buf,
+        dx: usize,
+        y: &B::Buf,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut B::Buf,
+    ) -> Result<()> {
+        self.add(2 * rows(segments) * dx * dy);
+        self.inner
+            .gram_accumulate(x, dx, y, dy, segments, alpha, out)
+    }
+    fn segment_sum(
+        &self,
+        x: &B::Buf,
+        dim: usize,
+        segments: &[Segment],
+        mean: bool,
+    ) -> Result<B::Buf> {
+        self.inner.segment_sum(x, dim, segments, mean)
+    }
+    fn sq_grad_accumulate(
+        &self,
+        g: &B::Buf,
+        dg: usize,
+        y: &B::Buf,
+        dy: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut B::Buf,
+    ) -> Result<()> {
+        self.add(2 * rows(segments) * dg * dy);
+        self.inner
+            .sq_grad_accumulate(g, dg, y, dy, segments, alpha, out)
+    }
+    fn matmul(
+        &self,
+        a: &B::Buf,
+        b: &B::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+        ta: bool,
+        tb: bool,
+    ) -> Result<B::Buf> {
+        self.add(2 * m * k * n);
+        self.inner.matmul(a, b, m, k, n, ta, tb)
+    }
+    fn dup(&self, x: &B::Buf) -> Result<B::Buf> {
+        self.inner.dup(x)
+    }
+    fn mul_assign(&self, a: &mut B::Buf, b: &B::Buf) -> Result<()> {
+        self.inner.mul_assign(a, b)
+    }
+    fn scale(&self, x: &mut B::Buf, k: f32) -> Result<()> {
+        self.inner.scale(x, k)
+    }
+    fn axpy(&self, alpha: f32, x: &B::Buf, y: &mut B::Buf) -> Result<()> {
+        self.inner.axpy(alpha, x, y)
+    }
+    fn dot(&self, x: &B::Buf, y: &B::Buf) -> Result<f64> {
+        self.inner.dot(x, y)
+    }
+    fn dots(&self, pairs: &[(&B::Buf, &B::Buf)]) -> Result<Vec<f64>> {
+        self.inner.dots(pairs)
+    }
+    fn adamw_step(
+        &self,
+        p: &mut B::Buf,
+        g: &B::Buf,
+        m: &mut B::Buf,
+        v: &mut B::Buf,
+        h: &AdamHyper,
+        grad_scale: f32,
+        penalty: Option<DiagPenalty<'_, Self>>,
+    ) -> Result<()> {
+        let penalty = penalty.map(|d| DiagPenalty::<B> {
+            mean: d.mean,
+            precision: d.precision,
+            lambda: d.lambda,
+        });
+        self.inner.adamw_step(p, g, m, v, h, grad_scale, penalty)
+    }
+}
+
+use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::cost::{Flops, Meter};
+use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
+use lalora_engine::data::Example;
+use lalora_engine::eval::perplexity::sequence_losses;
+use lalora_engine::model::{HostLora, LoraConfig, Proj};
+use lalora_engine::train::TrainConfig;
+use lalora_engine::train::session::{self, SessionOptions};
+
+/// The fixture's sequences cut to unequal lengths, so that batches are padded.
+fn uneven(t: &Tiny) -> Vec<Example> {
+    t.examples
+        .iter()
+        .enumerate()
+        .map(|(i, e)| {
+            let n = e.ids.len() - 3 * i;
+            Example {
+                ids: e.ids[..n].to_vec(),
+                labels: e.labels[..n].to_vec(),
+            }
+        })
+        .collect()
+}
+
+/// The fixture's adapter (all seven projections) and a q/v-only one (inputs shared
+/// differently: one q/k/v input factor for two modules).
+fn adapters(t: &Tiny) -> Vec<HostLora> {
+    let qv = LoraConfig {
+        r: 4,
+        alpha: 8.0,
+        use_rslora: false,
+        targets: vec![Proj::Q, Proj::V],
+    };
+    vec![t.adapter.clone(), HostLora::init(&t.loaded.cfg, qv, 3)]
+}
+
+fn curvature_of(be: &CpuBackend, lora: &HostLora, ex: &[Example], spec: Spec) -> Curvature {
+    let model = tiny_model(be);
+    let w = lora.map(|v| be.buf(v.clone())).unwrap();
+    estimate(be, &model, &w, ex, 4, spec, || {}).unwrap()
+}
+
+fn spec(scheme: Scheme, fisher: Fisher, approx: KfacApprox) -> Spec {
+    Spec {
+        scheme,
+        fisher,
+        approx,
+        seed: 5,
+    }
+}
+
+#[test]
+fn evaluation_flops_equal_the_counted_products() {
+    let t = tiny();
+    let ex = uneven(&t);
+    let be = cpu();
+    let c = Count::new(&be);
+    let model = tiny_model(&c);
+    for lora in adapters(&t) {
+        let w = lora.map(|v| c.buf(v.clone())).unwrap();
+        for batch in [1, 4, 6] {
+            c.take();
+            sequence_losses(&c, &model, Some(&w), &ex, batch, || {}).unwrap();
+            let counted = c.take();
+            let (tokens, flops) = Flops::new(&t.loaded.cfg, &lora).evaluation(&ex, batch);
+            assert_eq!(
+                flops,
+                counted,
+                "batch {batch}, {} modules",
+                lora.modules.len()
+            );
+            let real: usize = ex.iter().map(|e| e.ids.len()).sum();
+            assert_eq!(tokens, real as u64);
+        }
+    }
+}
+
+#[test]
+fn training_flops_equal_the_counted_products() {
+    let t = tiny();
+    let ex = uneven(&t);
+    let be = cpu();
+    let c = Count::new(&be);
+    let model = tiny_model(&c);
+    let empirical = |s| spec(s, Fisher::Empirical, KfacApprox::Expand);
+    for lora in adapters(&t) {
+        let flops = Flops::new(&t.loaded.cfg, &lora);
+        let curvatures: Vec<(f32, Option<Curvature>)> = vec![
+            (0.0, None),
+            (
+                10.0,
+                Some(curvature_of(&be, &lora, &ex, empirical(Scheme::Diag))),
+            ),
+            (
+                10.0,
+                Some(curvature_of(&be, &lora, &ex, empirical(Scheme::Kfac))),
+            ),
+            (
+                10.0,
+                Some(curvature_of(&be, &lora, &ex, empirical(Scheme::KfacTri))),
+            ),
+        ];
+        for (lambda, curv) in &curvatures {
+            // 3 steps of 2 x 2 sequences: 12 draws from 6 sequences, two epochs.
+            let cfg = TrainConfig {
+                steps: 3,
+                batch_size: 2,
+                grad_accum: 2,
+                lambda: *lambda,
+                seed: 9,
+                ..TrainConfig::default()
+            };
+            let opts = SessionOptions {
+                out: None,
+                checkpoint_every: 0,
+                resume: false,
+                quiet: true,
+                base_model: String::new(),
+                stop_after: None,
+                curvature_path: None,
+            };
+            c.take();
+            let r = session::run(&c, &model, &ex, &cfg, curv.as_ref(), &lora, &opts).unwrap();
+            let counted = c.take();
+            let (tokens, analytic) = flops.training(&ex, &cfg, curv.as_ref(), 0, cfg.steps);
+            let scheme = curv.as_ref().map(|c| c.meta.scheme.to_string());
+            assert_eq!(
+                analytic,
+                counted,
+                "{scheme:?}, {} modules",
+                lora.modules.len()
+            );
+            let trained: usize = r.metrics.iter().map(|m| m.tokens).sum();
+            assert_eq!(tokens, trained as u64, "tokens as the trainer counts them");
+            if let Some(k) = curv.as_ref().filter(|k| k.kfac.is_some()) {
+                assert!(flops.penalty_step(k) > 0, "the kfac penalty has products");
+            }
+        }
+    }
+}
+
+#[test]
+fn curvature_flops_equal_the_counted_products() {
+    let t = tiny();
+    let ex = uneven(&t);
+    let be = cpu();
+    let c = Count::new(&be);
+    let model = tiny_model(&c);
+    for lora in adapters(&t) {
+        let flops = Flops::new(&t.loaded.cfg, &lora);
+        let w = lora.map(|v| c.buf(v.clone())).unwrap();
+        for scheme in [Scheme::Diag, Scheme::Kfac, Scheme::KfacTri] {
+            for fisher in [Fisher::Empirical, Fisher::Mc(2)] {
+                for approx in [KfacApprox::Expand, KfacApprox::Reduce] {
+                    let s = spec(scheme, fisher, approx);
+                    c.take();
+                    estimate(&c, &model, &w, &ex, 4, s, || {}).unwrap();
+                    let counted = c.take();
+                    let (_, analytic) = flops.curvature(&ex, 4, &s);
+                    assert_eq!(
+                        analytic,
+                        counted,
+                        "{scheme} {fisher:?} {approx:?}, {} modules",
+                        lora.modules.len()
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn meter_sees_a_stage_allocation_and_divides_tokens_by_time() {
+    let m = Meter::start("probe");
+    let block = vec![1u8; 64 << 20];
+    std::hint::black_box(&block);
+    let c = m.finish(1000, 2_000_000);
+    assert_eq!(c.stage, "probe");
+    assert!(c.wall_s > 0.0);
+    assert!((c.tokens_per_s - 1000.0 / c.wall_s).abs() <= 1e-9 * c.tokens_per_s);
+    // The 64 MiB block was resident during the stage, whichever scope the peak has.
+    assert!(c.peak_rss_mib >= 64.0, "{c:?}");
+    assert_eq!(c.flops, 2_000_000);
+}

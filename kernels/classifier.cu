@@ -2,8 +2,9 @@
 // backend/cpu/classifier.rs). The host sweeps the vocabulary in chunks of n columns
 // [j0, j0 + n): cuBLAS writes the chunk's logits z (rows, n) in f32, a kernel here folds
 // them into per-row state, and cuBLAS adds the gradient product E W_c into acc. The full
-// (rows, vocab) logits never exist. One block per row; labels[row] < 0 ignores the row
-// (no state is written for it, and finish never reads any).
+// (rows, vocab) logits never exist. One block per row. Every row here has a target: the
+// host gathers those rows first (ignored rows have loss 0 and gradient 0 whatever their
+// logits) and classifier_scatter_rows puts their gradients back.
 //
 // Per-row state: m, the largest logit so far; s = sum exp(z - m) in f64; zt, the target's
 // logit; acc (rows, dim) = sum_{j != t} exp(z_j - m) W_j over the columns so far.
@@ -17,7 +18,7 @@ __device__ __forceinline__ float load(const __nv_bfloat16* p) { return __bfloat1
 // Fold chunk z into (m, s, zt): m' = max(m, max_j z_j), s' = s exp(m - m') + sum_j
 // exp(z_j - m'). With e (the gradient), write e_j = exp(z_j - m') in the head's type for
 // the product, 0 at the target (its term is added exactly by classifier_finish, not
-// through a bf16 rounding of p_t ~ 1), 0 on ignored rows; and rescale acc's row by
+// through a bf16 rounding of p_t ~ 1); and rescale acc's row by
 // exp(m - m') so that the product adds terms of the same scale. `first`: no state yet.
 template <typename E>
 __device__ void fold(const float* z, int n, int j0, const int* labels, float* m, double* s, float* zt,
@@ -27,11 +28,6 @@ __device__ void fold(const float* z, int n, int j0, const int* labels, float* m,
     const size_t row = blockIdx.x;
     const float* zr = z + row * n;
     const int t = labels[row];
-    if (t < 0) {
-        if (e)
-            for (int j = threadIdx.x; j < n; j += blockDim.x) store(e + row * n + j, 0.f);
-        return;
-    }
     float mc = -INFINITY;
     for (int j = threadIdx.x; j < n; j += blockDim.x) mc = fmaxf(mc, zr[j]);
     mc = block_max(mc, fscratch);
@@ -70,12 +66,13 @@ extern "C" __global__ void classifier_fold_bf16(const float* z, int n, int j0, c
 // first column whose cumulative mass sum_{i <= j} exp(z_i - m) exceeds
 // sample_uniform(seed, row) * s, as cross_entropy draws. cum carries the mass of the
 // earlier chunks; picked stays -1 until found (the host then takes the last label).
-// Each thread owns a contiguous piece of the chunk so the CDF is inverted piece by piece.
-extern "C" __global__ void classifier_draw(const float* z, int n, int j0, const int* mask, const float* m,
+// Row `row` is batch row ids[row], whose uniform it draws. Each thread owns a contiguous
+// piece of the chunk so the CDF is inverted piece by piece.
+extern "C" __global__ void classifier_draw(const float* z, int n, int j0, const int* ids, const float* m,
                                            const double* s, double* cum, int* picked, unsigned long long seed) {
     __shared__ double prefix[1024];
     const size_t row = blockIdx.x;
-    if (mask[row] < 0 || picked[row] >= 0) return;
+    if (picked[row] >= 0) return;
     const float* zr = z + row * n;
     const float mr = m[row];
     const int piece = (n + blockDim.x - 1) / blockDim.x;
@@ -95,7 +92,7 @@ extern "C" __global__ void classifier_draw(const float* z, int n, int j0, const 
         before = a;
     }
     __syncthreads();
-    const double u = (double)sample_uniform(seed, row) * s[row];
+    const double u = (double)sample_uniform(seed, ids[row]) * s[row];
     if (prefix[threadIdx.x] <= u && u < prefix[threadIdx.x] + part) {
         double a = prefix[threadIdx.x];
         for (int j = c0; j < c1; ++j) {
@@ -116,10 +113,6 @@ __device__ void finish(const int* labels, const float* m, const double* s, const
                        float* acc, const W* w, int dim, float scale) {
     const size_t row = blockIdx.x;
     const int t = labels[row];
-    if (t < 0) {
-        if (threadIdx.x == 0) losses[row] = 0.f;
-        return;
-    }
     const double sr = s[row];
     const float lse = m[row] + (float)log(sr);
     const float z_t = zt[row];
@@ -143,4 +136,12 @@ extern "C" __global__ void classifier_finish_bf16(const int* labels, const float
                                                   const float* zt, float* losses, float* acc,
                                                   const __nv_bfloat16* w, int dim, float scale) {
     finish(labels, m, s, zt, losses, acc, w, dim, scale);
+}
+
+// dst[ids[row]] = src[row] for rows of width dim: the gathered rows' gradients back to
+// their batch rows (the others stay as allocated, zero).
+extern "C" __global__ void classifier_scatter_rows(const float* src, const int* ids, float* dst, int dim) {
+    const size_t row = blockIdx.x;
+    const size_t to = (size_t)ids[row] * dim;
+    for (int d = threadIdx.x; d < dim; d += blockDim.x) dst[to + d] = src[row * dim + d];
 }

@@ -533,8 +533,8 @@ fn cross_entropy_and_sampling_match_cpu() {
 }
 
 /// The fused classifier against the CPU's, with f32 and bf16 base weights: 37 rows (5
-/// ignored), hidden 48, a vocabulary of two full chunks and a tail of 77 columns; data
-/// labels with and without the gradient, and Monte-Carlo labels. With bf16 the CPU gets
+/// ignored, or none), hidden 48, a vocabulary of two full chunks and a tail of 77 columns;
+/// data labels with and without the gradient, and Monte-Carlo labels. With bf16 the CPU gets
 /// the head and hidden states rounded as the device reads them, so the remaining error is
 /// the device's bf16 rounding of `exp(z - m)` for the gradient product (1e-2) and sampled
 /// labels agree up to summation order (one boundary row allowed, as for cross_entropy).
@@ -572,7 +572,10 @@ fn classifier_matches_cpu() {
                 BaseDtype::F32 => F32,
                 BaseDtype::Bf16 => BF16,
             };
+            // Every row labelled: the path that gathers no rows.
+            let all: Vec<i32> = targets.iter().map(|&t| t.max(0)).collect();
             let cases = [
+                (CeTargets::Labels(&all), Some(0.5)),
                 (CeTargets::Labels(&targets), Some(0.25)),
                 (CeTargets::Labels(&targets), None),
                 (

@@ -3,7 +3,9 @@
 //! bf16-rounded (or f32) hidden states, as `linear` does; `classifier_fold_*` folds them
 //! into each row's running max and sum and writes `E = exp(z - m)` in the head's type;
 //! cuBLAS adds `E W_c` into the f32 accumulator. Scratch: `rows x chunk` f32 logits plus
-//! `E`, and per-row state; never `rows x vocab`. Kernels in `kernels/classifier.cu`.
+//! `E`, and per-row state; never `rows x vocab`. Only the rows with a target go through
+//! the head (gathered first, their gradients scattered back): ignored rows have loss 0
+//! and gradient 0 whatever their logits. Kernels in `kernels/classifier.cu`.
 
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType};
@@ -39,55 +41,114 @@ impl CudaBackend {
         targets: CeTargets<'_>,
         grad_scale: Option<f32>,
     ) -> Result<ClassifierOut<DevBuf<f32>>> {
-        // bf16 weights multiply bf16-rounded activations (cuBLAS takes one input type).
-        let hb = match w.ty {
-            DType::Bf16 => Some(self.to_bf16(hidden)?),
-            DType::F32 => None,
+        let (tg, seed) = match targets {
+            CeTargets::Labels(t) => (t, None),
+            CeTargets::Sample { mask, seed } => (mask, Some(seed)),
         };
-        let head = Head {
-            h: hb.as_ref().map_or(hidden.ptr(), |b| b.ptr()),
-            w,
-            rows,
-            dim,
-            vocab,
+        let active: Vec<u32> = (0..rows as u32).filter(|&r| tg[r as usize] >= 0).collect();
+        let na = active.len();
+        let mut losses = vec![0f32; rows];
+        // Data labels are returned as given, whatever negative value ignores a row.
+        let mut labels = match seed {
+            None => tg.to_vec(),
+            Some(_) => vec![-100; rows],
         };
-        let z = self.uninit::<f32>(rows * CLASSIFIER_CHUNK.min(vocab))?;
-        let labels = match targets {
-            CeTargets::Labels(t) => t.to_vec(),
-            CeTargets::Sample { mask, seed } => {
-                let mask_d = self.ints(mask)?;
-                let st = self.sweep(&head, &z, &mask_d, None)?;
-                self.draw(&head, &z, mask, &mask_d, &st, seed)?
-            }
-        };
-        let labels_d = self.ints(&labels)?;
-        // Rows are scaled and added into from the first chunk on: zeros, not garbage.
-        let acc = match grad_scale {
+        let dhidden = match grad_scale {
             Some(_) => Some(self.zeroed::<f32>(rows * dim)?),
             None => None,
         };
-        let st = self.sweep(&head, &z, &labels_d, acc.as_ref())?;
-        let losses = self.uninit::<f32>(rows)?;
+        if na == 0 {
+            return Ok(ClassifierOut {
+                losses,
+                labels,
+                dhidden,
+            });
+        }
+        let compact = na < rows;
+        let ids = self.upload(&active)?;
+        let gathered = if compact {
+            let out = self.uninit::<f32>(na * dim)?;
+            let args = [
+                Arg::U64(hidden.ptr()),
+                Arg::U64(ids.ptr()),
+                Arg::U64(out.ptr()),
+                Arg::I32(na as i32),
+                Arg::I32(dim as i32),
+            ];
+            self.launch("embedding_gather_f32", Self::elementwise(na * dim), &args)?;
+            Some(out)
+        } else {
+            None
+        };
+        let ha = gathered.as_ref().unwrap_or(hidden);
+        // bf16 weights multiply bf16-rounded activations (cuBLAS takes one input type).
+        let hb = match w.ty {
+            DType::Bf16 => Some(self.to_bf16(ha)?),
+            DType::F32 => None,
+        };
+        let head = Head {
+            h: hb.as_ref().map_or(ha.ptr(), |b| b.ptr()),
+            w,
+            rows: na,
+            dim,
+            vocab,
+        };
+        let z = self.uninit::<f32>(na * CLASSIFIER_CHUNK.min(vocab))?;
+        let given: Vec<i32> = active.iter().map(|&r| tg[r as usize]).collect();
+        let la = match seed {
+            None => given,
+            Some(seed) => {
+                let st = self.sweep(&head, &z, &self.ints(&given)?, None)?;
+                self.draw(&head, &z, &ids, &st, seed)?
+            }
+        };
+        let la_d = self.ints(&la)?;
+        // Rows are scaled and added into from the first chunk on: zeros, not garbage.
+        let acc = match (grad_scale, compact, dhidden) {
+            (Some(_), true, _) => Some(self.zeroed::<f32>(na * dim)?),
+            (Some(_), false, full) => full,
+            (None, ..) => None,
+        };
+        let st = self.sweep(&head, &z, &la_d, acc.as_ref())?;
+        let la_losses = self.uninit::<f32>(na)?;
         let finish = match w.ty {
             DType::Bf16 => "classifier_finish_bf16",
             DType::F32 => "classifier_finish_f32",
         };
         let args = [
-            Arg::U64(labels_d.ptr()),
+            Arg::U64(la_d.ptr()),
             Arg::U64(st.m.ptr()),
             Arg::U64(st.s.ptr()),
             Arg::U64(st.zt.ptr()),
-            Arg::U64(losses.ptr()),
+            Arg::U64(la_losses.ptr()),
             Arg::U64(acc.as_ref().map_or(0, |a| a.ptr())),
             Arg::U64(w.ptr()),
             Arg::I32(dim as i32),
             Arg::F32(grad_scale.unwrap_or(0.0)),
         ];
-        self.launch(finish, Self::per_row(rows), &args)?;
+        self.launch(finish, Self::per_row(na), &args)?;
+        for ((&r, l), &t) in active.iter().zip(self.download(&la_losses)?).zip(&la) {
+            losses[r as usize] = l;
+            labels[r as usize] = t;
+        }
+        let dhidden = match (acc, compact) {
+            (Some(acc), true) => {
+                let full = self.zeroed::<f32>(rows * dim)?;
+                let args = [
+                    Arg::U64(acc.ptr()),
+                    Arg::U64(ids.ptr()),
+                    Arg::U64(full.ptr()),
+                    Arg::I32(dim as i32),
+                ];
+                self.launch("classifier_scatter_rows", Self::per_row(na), &args)?;
+                Some(full)
+            }
+            (acc, _) => acc,
+        };
         Ok(ClassifierOut {
-            losses: self.download(&losses)?,
+            losses,
             labels,
-            dhidden: acc,
+            dhidden,
         })
     }
 
@@ -167,14 +228,14 @@ impl CudaBackend {
         Ok(st)
     }
 
-    /// Monte-Carlo labels from a complete sweep's state (`classifier_draw`); `-100` on
-    /// masked rows, the last label where rounding left the CDF short of the uniform.
+    /// Monte-Carlo labels from a complete sweep's state (`classifier_draw`); row `i` is
+    /// batch row `ids[i]`, whose uniform it draws; the last label where rounding left the
+    /// CDF short of the uniform.
     fn draw(
         &self,
         hd: &Head<'_>,
         z: &DevBuf<f32>,
-        mask: &[i32],
-        mask_d: &DevBuf<i32>,
+        ids: &DevBuf<u32>,
         st: &Sweep,
         seed: u64,
     ) -> Result<Vec<i32>> {
@@ -189,7 +250,7 @@ impl CudaBackend {
                 Arg::U64(z.ptr()),
                 Arg::I32(n as i32),
                 Arg::I32(j0 as i32),
-                Arg::U64(mask_d.ptr()),
+                Arg::U64(ids.ptr()),
                 Arg::U64(st.m.ptr()),
                 Arg::U64(st.s.ptr()),
                 Arg::U64(cum.ptr()),
@@ -201,12 +262,7 @@ impl CudaBackend {
         let picked = self.download(&picked)?;
         Ok(picked
             .into_iter()
-            .zip(mask)
-            .map(|(p, &m)| match (m < 0, p) {
-                (true, _) => -100,
-                (false, -1) => vocab as i32 - 1,
-                (false, p) => p,
-            })
+            .map(|p| if p == -1 { vocab as i32 - 1 } else { p })
             .collect())
     }
 }

@@ -56,6 +56,7 @@ pub const MODULES: &[KernelModule] = &[
             "classifier_draw",
             "classifier_finish_f32",
             "classifier_finish_bf16",
+            "classifier_scatter_rows",
         ],
     },
     KernelModule {

@@ -1,8 +1,11 @@
 //! The learning-forgetting sweep (DESIGN §7): for each lambda, stage II from the same
 //! init and data order; learning = drop of the target NLL from the base model, forgetting
 //! = rise of each source NLL from the base model, each with the standard error of its
-//! per-sequence paired differences (`eval::paired`). Writes `results.csv`, `results.json`,
-//! `results.md` and `frontier.svg` (Pareto-optimal points marked, error bars drawn).
+//! per-sequence paired differences (`eval::paired`). Optionally also forgetting as the
+//! accuracy drop on multiple-choice sets and learning as the exact-match gain, each paired
+//! over the questions with the same function (unit weights). Writes `results.csv`,
+//! `results.json`, `results.md` and `frontier.svg` (Pareto-optimal points, on the NLL
+//! figures, marked; error bars drawn).
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -14,6 +17,7 @@ use crate::backend::Backend;
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
+use crate::eval::choice::{ChoiceRow, ChoiceScores, accuracy, choice_logliks, n_batches, score};
 use crate::eval::exact_match::{ExactMatch, exact_match};
 use crate::eval::generate::Sampling;
 use crate::eval::paired::{Paired, paired_difference};
@@ -49,8 +53,16 @@ impl EvalSet {
     }
 }
 
-/// Exact match on question/answer pairs: the tokenizer, the pairs, and how to generate.
-pub type ExactMatchSet<'a> = (&'a Tokenizer, Vec<(String, String)>, Sampling);
+/// A multiple-choice set: forgetting as the drop of its accuracy.
+pub struct ChoiceSet {
+    pub name: String,
+    /// Its file, to name it in errors.
+    pub path: PathBuf,
+    pub rows: Vec<ChoiceRow>,
+}
+
+/// Exact match on question/answer pairs: the pairs, and how to generate.
+pub type ExactMatchSet = (Vec<(String, String)>, Sampling);
 
 pub struct SweepSpec<'a> {
     pub lambdas: Vec<f32>,
@@ -59,7 +71,12 @@ pub struct SweepSpec<'a> {
     pub target: EvalSet,
     /// Forgetting is measured on each; the first is the primary one (Pareto front, plot).
     pub sources: Vec<EvalSet>,
-    pub exact_match: Option<ExactMatchSet<'a>>,
+    /// Multiple-choice sets (forgetting as an accuracy drop).
+    pub choices: Vec<ChoiceSet>,
+    /// Learning also as the exact-match gain.
+    pub exact_match: Option<ExactMatchSet>,
+    /// Needed for `choices` and `exact_match`.
+    pub tokenizer: Option<&'a Tokenizer>,
     pub eval_batch: usize,
     pub quiet: bool,
     pub base_model: String,
@@ -92,6 +109,38 @@ pub struct SourceResult {
     pub forgetting_se: f64,
 }
 
+/// Accuracy on a multiple-choice set, and its drop from the base model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ChoiceResult {
+    pub name: String,
+    pub n: usize,
+    /// lm-eval's `acc` and `acc_norm`, each with its binomial standard error.
+    pub acc: f64,
+    pub acc_se: f64,
+    pub acc_norm: f64,
+    pub acc_norm_se: f64,
+    /// Base accuracy minus this run's, with the standard error of the per-question
+    /// differences (paired with the base model).
+    pub acc_drop: f64,
+    pub acc_drop_se: f64,
+    pub acc_norm_drop: f64,
+    pub acc_norm_drop_se: f64,
+}
+
+/// Exact-match accuracy and its gain over the base model.
+#[derive(Debug, Clone, Serialize)]
+pub struct ExactMatchResult {
+    pub n: usize,
+    pub correct: usize,
+    pub accuracy: f64,
+    /// Binomial standard error of `accuracy`.
+    pub accuracy_se: f64,
+    /// This run's accuracy minus the base model's, with the standard error of the
+    /// per-question differences (paired with the base model).
+    pub gain: f64,
+    pub gain_se: f64,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Row {
     /// `None` for the base model without an adapter.
@@ -101,7 +150,8 @@ pub struct Row {
     /// Standard error of `learning` over the target sequences (paired with the base model).
     pub learning_se: f64,
     pub sources: Vec<SourceResult>,
-    pub exact_match: Option<ExactMatch>,
+    pub choice: Vec<ChoiceResult>,
+    pub exact_match: Option<ExactMatchResult>,
     pub final_train_loss: Option<f64>,
     pub pareto: bool,
     pub seconds: f64,
@@ -119,13 +169,23 @@ pub struct Report {
     pub rows: Vec<Row>,
 }
 
-/// Per-sequence summed losses on every set (target first), and exact match if asked.
+/// What one model scored on every set.
+#[derive(Clone)]
+struct Evaluation {
+    /// Per-sequence summed losses on every NLL set (target first).
+    losses: Vec<Vec<f64>>,
+    choice: Vec<ChoiceScores>,
+    exact_match: Option<ExactMatch>,
+}
+
+/// Per-sequence summed losses on every set (target first), the multiple-choice sets and
+/// exact match if asked.
 fn evaluate<B: Backend>(
     be: &B,
     model: &Llama<B>,
     lora: Option<&LoraWeights<B::Buf>>,
     spec: &SweepSpec<'_>,
-) -> Result<(Vec<Vec<f64>>, Option<ExactMatch>)> {
+) -> Result<Evaluation> {
     let losses = spec
         .sets()
         .map(|set| {
@@ -142,26 +202,71 @@ fn evaluate<B: Backend>(
             Ok(l)
         })
         .collect::<Result<Vec<_>>>()?;
-    let em = match &spec.exact_match {
-        Some((tok, rows, s)) => {
+    let tok = || {
+        spec.tokenizer
+            .ok_or_else(|| Error::usage("multiple choice and exact match need a tokenizer"))
+    };
+    let choice = spec
+        .choices
+        .iter()
+        .map(|set| {
+            let pb = progress::bar(
+                n_batches(&set.rows, spec.eval_batch) as u64,
+                &format!("choice {}", set.name),
+                spec.quiet,
+            )
+            .unit("batches");
+            let ll = choice_logliks(
+                be,
+                model,
+                lora,
+                tok()?,
+                &set.path,
+                &set.rows,
+                spec.eval_batch,
+                || pb.inc(1),
+            )?;
+            pb.finish_and_clear();
+            Ok(score(&set.rows, &ll))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let exact_match = match &spec.exact_match {
+        Some((rows, s)) => {
             let pb = progress::bar(rows.len() as u64, "exact match", spec.quiet).unit("answers");
-            let em = exact_match(be, model, lora, tok, rows, s, || pb.inc(1))?;
+            let em = exact_match(be, model, lora, tok()?, rows, s, || pb.inc(1))?;
             pb.finish_and_clear();
             Some(em)
         }
         None => None,
     };
-    Ok((losses, em))
+    Ok(Evaluation {
+        losses,
+        choice,
+        exact_match,
+    })
 }
 
-/// A row's figures from its per-sequence losses and the base model's.
+/// `a - b` of two models' 0/1 outcomes on the same questions, with the paired standard
+/// error (`paired_difference` with unit weights).
+fn rate_difference(a: &[bool], b: &[bool]) -> Paired {
+    let f = |v: &[bool]| v.iter().map(|&x| x as u8 as f64).collect::<Vec<_>>();
+    paired_difference(&f(a), &f(b), &vec![1.0; a.len()])
+}
+
+/// Binomial standard error of an accuracy (lm-eval's); NaN below two questions.
+fn accuracy_se(outcomes: &[bool]) -> f64 {
+    accuracy(outcomes).stderr.unwrap_or(f64::NAN)
+}
+
+/// A row's figures from what it scored and what the base model scored.
 fn row(
     lambda: Option<f32>,
-    losses: Vec<Vec<f64>>,
-    base: &[Vec<f64>],
+    ev: Evaluation,
+    base_ev: &Evaluation,
     weights: &[Vec<f64>],
     spec: &SweepSpec<'_>,
 ) -> Row {
+    let (losses, base) = (ev.losses, &base_ev.losses);
     let mean = |l: &[f64], w: &[f64]| l.iter().sum::<f64>() / w.iter().sum::<f64>();
     // Learning: base minus run on the target; forgetting: run minus base on a source.
     let learning = paired_difference(&base[0], &losses[0], &weights[0]);
@@ -179,13 +284,52 @@ fn row(
             }
         })
         .collect();
+    // Accuracy drop: base minus run; exact-match gain: run minus base.
+    let choice = spec
+        .choices
+        .iter()
+        .zip(ev.choice.iter().zip(&base_ev.choice))
+        .map(|(set, (c, b))| {
+            let (acc, norm) = (c.correct(), c.correct_norm());
+            let drop = rate_difference(&b.correct(), &acc);
+            let drop_norm = rate_difference(&b.correct_norm(), &norm);
+            ChoiceResult {
+                name: set.name.clone(),
+                n: c.n(),
+                acc: c.acc().value,
+                acc_se: accuracy_se(&acc),
+                acc_norm: c.acc_norm().value,
+                acc_norm_se: accuracy_se(&norm),
+                acc_drop: drop.diff,
+                acc_drop_se: drop.se,
+                acc_norm_drop: drop_norm.diff,
+                acc_norm_drop_se: drop_norm.se,
+            }
+        })
+        .collect();
+    let exact_match = ev
+        .exact_match
+        .as_ref()
+        .zip(base_ev.exact_match.as_ref())
+        .map(|(e, b)| {
+            let gain = rate_difference(&e.outcomes, &b.outcomes);
+            ExactMatchResult {
+                n: e.n,
+                correct: e.correct,
+                accuracy: e.accuracy,
+                accuracy_se: accuracy_se(&e.outcomes),
+                gain: gain.diff,
+                gain_se: gain.se,
+            }
+        });
     Row {
         lambda,
         target_nll: mean(&losses[0], &weights[0]),
         learning: learning.diff,
         learning_se: learning.se,
         sources,
-        exact_match: None,
+        choice,
+        exact_match,
         final_train_loss: None,
         pareto: false,
         seconds: 0.0,
@@ -218,13 +362,16 @@ pub fn run<B: Backend>(
         .collect();
     let weights: Vec<Vec<f64>> = spec.sets().map(EvalSet::weights).collect();
     let t0 = Instant::now();
-    say(format!(
-        "evaluating the base model on {}",
-        describe_sets(&sets)
-    ));
-    let (base_losses, base_em) = evaluate(be, model, None, spec)?;
-    let mut base = row(None, base_losses.clone(), &base_losses, &weights, spec);
-    base.exact_match = base_em;
+    let mut on = describe_sets(&sets);
+    for c in &spec.choices {
+        on += &format!(", {} ({} multiple-choice questions)", c.name, c.rows.len());
+    }
+    if let Some((rows, _)) = &spec.exact_match {
+        on += &format!(", exact match ({} problems)", rows.len());
+    }
+    say(format!("evaluating the base model on {on}"));
+    let base_ev = evaluate(be, model, None, spec)?;
+    let mut base = row(None, base_ev.clone(), &base_ev, &weights, spec);
     base.seconds = t0.elapsed().as_secs_f64();
     on_run(&base);
     let mut rows = vec![base];
@@ -252,9 +399,8 @@ pub fn run<B: Backend>(
         };
         let res = session::run(be, model, spec.train_data, &cfg, curvature, init, &opts)?;
         let lora = res.lora.map(|v| be.buf(v.clone()))?;
-        let (losses, em) = evaluate(be, model, Some(&lora), spec)?;
-        let mut r = row(Some(lambda), losses, &base_losses, &weights, spec);
-        r.exact_match = em;
+        let ev = evaluate(be, model, Some(&lora), spec)?;
+        let mut r = row(Some(lambda), ev, &base_ev, &weights, spec);
         r.final_train_loss = res.metrics.last().map(|m| m.loss);
         r.seconds = t0.elapsed().as_secs_f64();
         on_run(&r);
@@ -349,12 +495,25 @@ impl Report {
             .unwrap_or_default()
     }
 
+    fn choice_sets(&self) -> Vec<String> {
+        self.rows
+            .first()
+            .map(|r| r.choice.iter().map(|c| c.name.clone()).collect())
+            .unwrap_or_default()
+    }
+
     pub fn csv(&self) -> String {
         let mut s = String::from("lambda,target_nll,learning,learning_se");
         for n in self.sources() {
             s += &format!(",{n}_nll,{n}_forgetting,{n}_forgetting_se");
         }
-        s += ",exact_match,final_train_loss,pareto\n";
+        for n in self.choice_sets() {
+            for m in ["acc", "acc_norm"] {
+                s += &format!(",{n}_{m},{n}_{m}_se,{n}_{m}_drop,{n}_{m}_drop_se");
+            }
+        }
+        s += ",exact_match,exact_match_se,exact_match_gain,exact_match_gain_se";
+        s += ",final_train_loss,pareto\n";
         for r in &self.rows {
             s += &format!(
                 "{},{:.6},{:.6},{:.6}",
@@ -366,11 +525,29 @@ impl Report {
             for x in &r.sources {
                 s += &format!(",{:.6},{:.6},{:.6}", x.nll, x.forgetting, x.forgetting_se);
             }
+            for c in &r.choice {
+                s += &format!(
+                    ",{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}",
+                    c.acc,
+                    c.acc_se,
+                    c.acc_drop,
+                    c.acc_drop_se,
+                    c.acc_norm,
+                    c.acc_norm_se,
+                    c.acc_norm_drop,
+                    c.acc_norm_drop_se
+                );
+            }
             let em = r
                 .exact_match
                 .as_ref()
-                .map(|e| format!("{:.4}", e.accuracy))
-                .unwrap_or_default();
+                .map(|e| {
+                    format!(
+                        "{:.6},{:.6},{:.6},{:.6}",
+                        e.accuracy, e.accuracy_se, e.gain, e.gain_se
+                    )
+                })
+                .unwrap_or(",,,".into());
             let fl = r
                 .final_train_loss
                 .map(|l| format!("{l:.6}"))
@@ -387,11 +564,6 @@ impl Report {
         for n in self.sources() {
             s += &format!(" {n} NLL | forgetting ({n}) | ± |");
             sep += "---:|---:|---:|";
-        }
-        let has_em = self.rows.iter().any(|r| r.exact_match.is_some());
-        if has_em {
-            s += " exact match |";
-            sep += "---:|";
         }
         s += " Pareto |\n";
         s += &sep;
@@ -410,21 +582,62 @@ impl Report {
                     x.nll, x.forgetting, x.forgetting_se
                 );
             }
-            if has_em {
-                s += &r
-                    .exact_match
-                    .as_ref()
-                    .map(|e| format!(" {:.1}% |", 100.0 * e.accuracy))
-                    .unwrap_or(" |".into());
-            }
             s += if r.pareto { " * |\n" } else { " |\n" };
+        }
+        s + &self.accuracy_markdown()
+    }
+
+    /// The accuracy table (empty without multiple-choice sets or exact match): exact
+    /// match and its gain (learning), each set's acc and acc_norm and their drops
+    /// (forgetting), each figure followed by its ± column.
+    fn accuracy_markdown(&self) -> String {
+        let has_em = self.rows.iter().any(|r| r.exact_match.is_some());
+        let sets = self.choice_sets();
+        if !has_em && sets.is_empty() {
+            return String::new();
+        }
+        let mut s = String::from("\n| lambda |");
+        let mut sep = String::from("|---:|");
+        if has_em {
+            s += " exact match | ± | gain | ± |";
+            sep += "---:|---:|---:|---:|";
+        }
+        for n in &sets {
+            s += &format!(" {n} acc | ± | drop | ± | {n} acc_norm | ± | drop | ± |");
+            sep += "---:|---:|---:|---:|---:|---:|---:|---:|";
+        }
+        s += "\n";
+        s += &sep;
+        s += "\n";
+        for r in &self.rows {
+            s += &format!("| {} |", lambda_label(r.lambda));
+            if let Some(e) = &r.exact_match {
+                s += &format!(
+                    " {:.4} | {:.4} | {:+.4} | {:.4} |",
+                    e.accuracy, e.accuracy_se, e.gain, e.gain_se
+                );
+            }
+            for c in &r.choice {
+                s += &format!(
+                    " {:.4} | {:.4} | {:+.4} | {:.4} | {:.4} | {:.4} | {:+.4} | {:.4} |",
+                    c.acc,
+                    c.acc_se,
+                    c.acc_drop,
+                    c.acc_drop_se,
+                    c.acc_norm,
+                    c.acc_norm_se,
+                    c.acc_norm_drop,
+                    c.acc_norm_drop_se
+                );
+            }
+            s += "\n";
         }
         s
     }
 
     /// What the table means and what its figures rest on.
     pub fn notes(&self) -> Vec<String> {
-        vec![
+        let mut notes = vec![
             "learning = drop of the target NLL, forgetting = rise of a source NLL, both from \
              the base model, in nats per predicted token; ± = one standard error over the \
              set's sequences, from per-sequence differences paired with the base model"
@@ -434,7 +647,18 @@ impl Report {
              forgetting more (primary source) by over one, or forgets less by over one without \
              learning less by over one (each difference paired between the two runs)"
                 .to_string(),
-        ]
+        ];
+        if !self.accuracy_markdown().is_empty() {
+            notes.push(
+                "second table: exact match (learning; gain = run minus base) and multiple-choice \
+                 acc / acc_norm as lm-eval scores them (forgetting; drop = base minus run), on \
+                 the first n questions of each file; the ± after an accuracy is its binomial \
+                 standard error, after a gain or drop that of the per-question differences \
+                 paired with the base model; the Pareto marking uses the NLL figures only"
+                    .to_string(),
+            );
+        }
+        notes
     }
 
     /// Learning (y) against forgetting on the primary source (x), one point per lambda.
@@ -593,6 +817,7 @@ mod tests {
             learning: 0.0,
             learning_se: 0.0,
             sources: Vec::new(),
+            choice: Vec::new(),
             exact_match: None,
             final_train_loss: None,
             pareto: false,

@@ -251,3 +251,216 @@ fn a_bad_progress_interval_is_refused_before_any_work() {
         assert!(err.contains("LALORA_PROGRESS_SECS"), "{v}: {err}");
     }
 }
+
+/// `eval --json` on the default model (with `adapter`): each `--choice` file's
+/// predictions and the `--exact-match` file's, on the first `limit` questions.
+fn eval_predictions(
+    choice: &[PathBuf],
+    qa: &Path,
+    limit: usize,
+    max_new_tokens: usize,
+    adapter: Option<&Path>,
+) -> serde_json::Value {
+    let mut c = bin();
+    c.args(["eval", "--device", "cpu", "--quiet", "--json", "--model"])
+        .arg(smollm2())
+        .arg("--limit")
+        .arg(limit.to_string())
+        .arg("--max-new-tokens")
+        .arg(max_new_tokens.to_string())
+        .arg("--choice")
+        .args(choice)
+        .arg("--exact-match")
+        .arg(qa);
+    if let Some(a) = adapter {
+        c.arg("--adapter").arg(a);
+    }
+    let o = c.output().unwrap();
+    ok(&o, "eval --choice --exact-match");
+    serde_json::from_slice(&o.stdout).expect("stdout is JSON")
+}
+
+/// Mean of `xs` and its standard error `sd / sqrt(n)` (sample sd), written out here.
+fn mean_se(xs: &[f64]) -> (f64, f64) {
+    let n = xs.len() as f64;
+    let m = xs.iter().sum::<f64>() / n;
+    let var = xs.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n - 1.0);
+    (m, (var / n).sqrt())
+}
+
+fn close(got: &serde_json::Value, want: f64, what: &str) {
+    let got = got
+        .as_f64()
+        .unwrap_or_else(|| panic!("{what}: {got} is not a number"));
+    assert!(
+        (got - want).abs() < 1e-9,
+        "{what}: sweep {got}, from eval {want}"
+    );
+}
+
+#[test]
+fn sweep_accuracy_drop_and_exact_match_gain_match_eval_predictions() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = assets().join("data");
+    let (target, qa) = (
+        data.join("target-train.jsonl"),
+        data.join("target-test.jsonl"),
+    );
+    let choice = [
+        data.join("choice-piqa-test.jsonl"),
+        data.join("choice-siqa-test.jsonl"),
+    ];
+    let (n_choice, n_qa, new_tokens) = (4, 3, 12);
+    let curv = dir.path().join("c.safetensors");
+    let o = bin()
+        .args([
+            "curvature",
+            "--device",
+            "cpu",
+            "--quiet",
+            "--scheme",
+            "diag",
+        ])
+        .args(["--limit", "2", "--max-len", "32", "--model"])
+        .arg(smollm2())
+        .arg("--data")
+        .arg(data.join("source-curvature.jsonl"))
+        .arg("--out")
+        .arg(&curv)
+        .output()
+        .unwrap();
+    ok(&o, "curvature");
+    let out = dir.path().join("sweep");
+    // A large learning rate, so that a few steps change some answers.
+    let o = bin()
+        .args(["sweep", "--device", "cpu", "--json", "--lambdas", "0,1e3"])
+        .args([
+            "--steps",
+            "3",
+            "--lr",
+            "3e-2",
+            "--limit",
+            "8",
+            "--max-len",
+            "32",
+        ])
+        .args(["--eval-limit", "2", "--model"])
+        .arg(smollm2())
+        .arg("--data")
+        .arg(&target)
+        .arg("--curvature")
+        .arg(&curv)
+        .arg("--target-eval")
+        .arg(&qa)
+        .arg("--source-eval")
+        .arg(data.join("source-test.jsonl"))
+        .arg("--choice-eval")
+        .args(&choice)
+        .args(["--choice-limit", &n_choice.to_string()])
+        .arg("--exact-match-eval")
+        .arg(&qa)
+        .args(["--exact-match-limit", &n_qa.to_string()])
+        .args(["--max-new-tokens", &new_tokens.to_string()])
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    ok(&o, "sweep");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.lines().any(|l| l.starts_with("lambda 1e3: ")
+            && l.contains(", exact match ")
+            && l.contains(" (gain ")
+            && l.contains("choice-piqa-test acc ")
+            && l.contains(" (drop ")),
+        "{err}"
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stdout is JSON");
+    let csv = std::fs::read_to_string(out.join("results.csv")).unwrap();
+    let header: Vec<&str> = csv.lines().next().unwrap().split(',').collect();
+    for col in [
+        "choice-siqa-test_acc_norm_drop_se",
+        "choice-piqa-test_acc_drop",
+        "exact_match_gain_se",
+    ] {
+        assert!(header.contains(&col), "{col}: {header:?}");
+    }
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(
+        md.contains("| exact match | ± | gain | ± | choice-piqa-test acc | ± | drop | ± |"),
+        "{md}"
+    );
+
+    // Recompute every accuracy figure from eval's per-question predictions.
+    let outcomes = |v: &serde_json::Value| -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>) {
+        let right = |key: &str| -> Vec<Vec<f64>> {
+            v["choice"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|set| {
+                    set["predictions"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|p| (p[key] == p["answer"]) as u8 as f64)
+                        .collect()
+                })
+                .collect()
+        };
+        let em = v["exact_match"][0]["predictions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["correct"].as_bool().unwrap() as u8 as f64)
+            .collect();
+        (right("acc"), right("acc_norm"), em)
+    };
+    let base = outcomes(&eval_predictions(&choice, &qa, n_choice, new_tokens, None));
+    assert_eq!((base.0[0].len(), base.2.len()), (n_choice, n_choice));
+    let rows = rep["rows"].as_array().unwrap();
+    assert_eq!(rows.len(), 3);
+    let mut moved = 0;
+    for (row, run) in rows
+        .iter()
+        .zip([None, Some("lambda-0e0"), Some("lambda-1e3")])
+    {
+        let adapter = run.map(|r| out.join("runs").join(r));
+        let now = outcomes(&eval_predictions(
+            &choice,
+            &qa,
+            n_choice,
+            new_tokens,
+            adapter.as_deref(),
+        ));
+        let paired = |b: &[f64], a: &[f64]| {
+            mean_se(&b.iter().zip(a).map(|(x, y)| x - y).collect::<Vec<_>>())
+        };
+        for (k, set) in row["choice"].as_array().unwrap().iter().enumerate() {
+            for (m, b, a) in [
+                ("acc", &base.0[k], &now.0[k]),
+                ("acc_norm", &base.1[k], &now.1[k]),
+            ] {
+                let what = format!("{run:?} set {k} {m}");
+                let (acc, acc_se) = mean_se(a);
+                let (drop, drop_se) = paired(b, a);
+                close(&set[m], acc, &what);
+                close(&set[format!("{m}_se")], acc_se, &what);
+                close(&set[format!("{m}_drop")], drop, &what);
+                close(&set[format!("{m}_drop_se")], drop_se, &what);
+                moved += (drop_se > 0.0) as usize;
+            }
+        }
+        // Exact match on the first n_qa problems.
+        let (b, a) = (&base.2[..n_qa], &now.2[..n_qa]);
+        let em = &row["exact_match"];
+        let (acc, acc_se) = mean_se(a);
+        let (gain, gain_se) = paired(a, b);
+        close(&em["accuracy"], acc, "exact match");
+        close(&em["accuracy_se"], acc_se, "exact match se");
+        close(&em["gain"], gain, "exact match gain");
+        close(&em["gain_se"], gain_se, "exact match gain se");
+    }
+    // Training changed some answers: the paired errors are real spreads, not zeros.
+    assert!(moved > 0, "no accuracy moved: {}", rep["rows"]);
+}

@@ -128,7 +128,8 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             penalty(0.0, a.delta)?;
             // A standard error needs the spread of at least two sequences.
             at_least("--eval-limit", a.eval_limit, 2)?;
-            at_least("--exact-match-limit", a.exact_match_limit, 1)
+            at_least("--choice-limit", a.choice_limit, 2)?;
+            at_least("--exact-match-limit", a.exact_match_limit, 2)
         }
         Command::Generate(a) => {
             common(&a.common)?;

@@ -1,13 +1,14 @@
 //! `demo`: the whole LaLoRA pipeline on the default model and data (the README's main
 //! job). Fetches the assets if missing; curvature on QuAC passages at the fresh LoRA init;
 //! training on the math target (ASDiv + GSM8K) at several lambdas including 0; evaluation
-//! on held-out math, held-out QuAC and XSum; the table and the frontier plot.
+//! on held-out math (NLL and exact match), held-out QuAC and XSum (NLL) and PIQA and SIQA
+//! (multiple-choice accuracy); the tables and the frontier plot.
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 
-use super::sweep::{SweepTask, eval_set, print_report};
+use super::sweep::{SweepTask, choice_set, eval_set, exact_match_set, print_report};
 use super::{Common, DataArgs, LoraArgs, load_data};
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
@@ -15,8 +16,6 @@ use crate::curvature::summary::summarize;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::eval::exact_match::read_qa;
-use crate::eval::generate::Sampling;
 use crate::model::{self, HostLora, Llama, LoadedModel};
 use crate::progress;
 use crate::sweep::{self, Report};
@@ -59,9 +58,17 @@ pub struct DemoArgs {
     /// standard errors; short rows keep them cheap.
     #[arg(long, default_value_t = 128)]
     pub target_eval_sequences: usize,
-    /// Also measure exact-match accuracy on this many held-out math problems (slow).
-    #[arg(long, default_value_t = 0)]
+    /// Held-out math problems (the first of target-test, as for the NLL) answered by greedy
+    /// generation: learning as the exact-match gain (0 = off; at least 2 otherwise).
+    #[arg(long, default_value_t = 32)]
     pub exact_match: usize,
+    /// Tokens generated per exact-match answer.
+    #[arg(long, default_value_t = 256)]
+    pub max_new_tokens: usize,
+    /// Held-out PIQA and SIQA questions (each): forgetting as the accuracy drop (0 = off;
+    /// at least 2 otherwise).
+    #[arg(long, default_value_t = 100)]
+    pub choice_questions: usize,
     #[command(flatten)]
     pub lora: LoraArgs,
     #[command(flatten)]
@@ -91,6 +98,8 @@ fn ensure_assets(dir: &Path, quiet: bool) -> Result<()> {
         "data/source-curvature.jsonl",
         "data/source-test.jsonl",
         "data/source-xsum-test.jsonl",
+        "data/choice-piqa-test.jsonl",
+        "data/choice-siqa-test.jsonl",
     ];
     if needed.iter().all(|f| dir.join(f).exists()) {
         return Ok(());
@@ -186,17 +195,18 @@ pub fn run(a: DemoArgs) -> Result<()> {
     curvature_data.truncate(a.curvature_sequences);
     let exact_match = match a.exact_match {
         0 => None,
-        n => {
-            let mut rows = read_qa(&data.join("target-test.jsonl"))?;
-            rows.truncate(n);
-            Some((
-                rows,
-                Sampling {
-                    max_new_tokens: 256,
-                    ..Sampling::default()
-                },
-            ))
-        }
+        n => Some(exact_match_set(
+            &data.join("target-test.jsonl"),
+            n,
+            a.max_new_tokens,
+        )?),
+    };
+    let choices = match a.choice_questions {
+        0 => Vec::new(),
+        n => ["choice-piqa-test.jsonl", "choice-siqa-test.jsonl"]
+            .iter()
+            .map(|f| choice_set(&data.join(f), n))
+            .collect::<Result<Vec<_>>>()?,
     };
     let train = TrainConfig {
         steps: a.steps,
@@ -234,6 +244,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
                 a.eval_sequences,
             )?,
         ],
+        choices,
         exact_match,
         eval_batch: batching.batch_size,
         quiet,

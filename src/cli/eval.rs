@@ -206,7 +206,20 @@ pub fn run(a: EvalArgs) -> Result<()> {
             .collect();
         let mut out = json!({ "datasets": datasets });
         if !em.is_empty() {
-            out["exact_match"] = a.exact_match.iter().zip(&em).map(|(p, e)| json!({"path": p, "n": e.n, "correct": e.correct, "accuracy": e.accuracy})).collect();
+            out["exact_match"] = a
+                .exact_match
+                .iter()
+                .zip(&em)
+                .map(|(p, e)| {
+                    let predictions: Vec<_> = e
+                        .answers
+                        .iter()
+                        .zip(&e.outcomes)
+                        .map(|(got, ok)| json!({"extracted": got, "correct": ok}))
+                        .collect();
+                    json!({"path": p, "n": e.n, "correct": e.correct, "accuracy": e.accuracy, "predictions": predictions})
+                })
+                .collect();
         }
         if !mc.is_empty() {
             out["choice"] = a

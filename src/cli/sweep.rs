@@ -12,11 +12,14 @@ use crate::backend::device::{BackendTask, run_on};
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
+use crate::eval::choice::read_choices;
 use crate::eval::exact_match::read_qa;
 use crate::eval::generate::Sampling;
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::progress;
-use crate::sweep::{self, DEFAULT_LAMBDAS, EvalSet, Report, Row, SweepSpec};
+use crate::sweep::{
+    self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, Report, Row, SweepSpec,
+};
 use crate::train::TrainConfig;
 
 #[derive(Args)]
@@ -44,10 +47,18 @@ pub struct SweepArgs {
     /// Rows used from each evaluation file (at least 2: the standard errors are over rows).
     #[arg(long, default_value_t = 64)]
     pub eval_limit: usize,
-    /// Also measure exact-match accuracy on this question/answer JSONL (slow: generation).
-    #[arg(long)]
-    pub exact_match: Option<PathBuf>,
-    /// Questions used for exact match.
+    /// Multiple-choice JSONL files (rows as `eval --choice` reads them): forgetting also as
+    /// the drop of acc and acc_norm from the base model, with paired standard errors.
+    #[arg(long, num_args = 1..)]
+    pub choice_eval: Vec<PathBuf>,
+    /// Questions used from each --choice-eval file (at least 2).
+    #[arg(long, default_value_t = 100)]
+    pub choice_limit: usize,
+    /// Question/answer JSONL (GSM8K-style): learning also as the exact-match gain over the
+    /// base model, with its paired standard error (slow: generation).
+    #[arg(long, alias = "exact-match")]
+    pub exact_match_eval: Option<PathBuf>,
+    /// Questions used for exact match (at least 2).
     #[arg(long, default_value_t = 50)]
     pub exact_match_limit: usize,
     /// Tokens generated per exact-match answer.
@@ -76,7 +87,8 @@ pub struct SweepTask {
     pub train_data: Vec<Example>,
     pub target: EvalSet,
     pub sources: Vec<EvalSet>,
-    pub exact_match: Option<(Vec<(String, String)>, Sampling)>,
+    pub choices: Vec<ChoiceSet>,
+    pub exact_match: Option<ExactMatchSet>,
     pub eval_batch: usize,
     pub quiet: bool,
     pub out: PathBuf,
@@ -93,9 +105,9 @@ impl SweepTask {
         curvature: Option<&Curvature>,
     ) -> Result<Report> {
         let init = curvature.map(|c| &c.mean).unwrap_or(&self.init);
-        let tok = match &self.exact_match {
-            Some(_) => Some(self.model.tokenizer()?),
-            None => None,
+        let tok = match (&self.exact_match, self.choices.is_empty()) {
+            (None, true) => None,
+            _ => Some(self.model.tokenizer()?),
         };
         let spec = SweepSpec {
             lambdas: self.lambdas,
@@ -103,10 +115,9 @@ impl SweepTask {
             train_data: &self.train_data,
             target: self.target,
             sources: self.sources,
-            exact_match: match (tok, self.exact_match) {
-                (Some(t), Some((rows, s))) => Some((t, rows, s)),
-                _ => None,
-            },
+            choices: self.choices,
+            exact_match: self.exact_match,
+            tokenizer: tok,
             eval_batch: self.eval_batch,
             quiet: self.quiet,
             base_model: self.model.path.display().to_string(),
@@ -146,6 +157,18 @@ fn status_line(row: &Row) -> String {
     }
     if let Some(e) = &row.exact_match {
         s += &format!(", exact match {}/{}", e.correct, e.n);
+        if row.lambda.is_some() {
+            s += &format!(" (gain {:+.4} ± {:.4})", e.gain, e.gain_se);
+        }
+    }
+    for c in &row.choice {
+        s += &format!(", {} acc {:.4} acc_norm {:.4}", c.name, c.acc, c.acc_norm);
+        if row.lambda.is_some() {
+            s += &format!(
+                " (drop {:+.4} ± {:.4}, acc_norm drop {:+.4} ± {:.4})",
+                c.acc_drop, c.acc_drop_se, c.acc_norm_drop, c.acc_norm_drop_se
+            );
+        }
     }
     s + &format!("; took {}", progress::duration(row.seconds))
 }
@@ -177,11 +200,57 @@ pub fn eval_set(
             ),
         ));
     }
-    let name = path
-        .file_stem()
+    Ok(EvalSet {
+        name: stem(path),
+        examples,
+    })
+}
+
+/// The first `limit` questions of a multiple-choice file, named by its stem.
+pub fn choice_set(path: &std::path::Path, limit: usize) -> Result<ChoiceSet> {
+    let mut rows = read_choices(path)?;
+    rows.truncate(limit);
+    at_least_two(path, rows.len(), "question")?;
+    Ok(ChoiceSet {
+        name: stem(path),
+        path: path.to_path_buf(),
+        rows,
+    })
+}
+
+/// The first `limit` question/answer pairs of a file, answered greedily.
+pub fn exact_match_set(
+    path: &std::path::Path,
+    limit: usize,
+    max_new_tokens: usize,
+) -> Result<ExactMatchSet> {
+    let mut rows = read_qa(path)?;
+    rows.truncate(limit);
+    at_least_two(path, rows.len(), "question")?;
+    Ok((
+        rows,
+        Sampling {
+            max_new_tokens,
+            ..Sampling::default()
+        },
+    ))
+}
+
+/// A standard error needs the spread between at least two units.
+fn at_least_two(path: &std::path::Path, n: usize, unit: &str) -> Result<()> {
+    if n < 2 {
+        return Err(Error::file(
+            path,
+            format!("{n} {unit} to evaluate; a standard error needs at least 2"),
+        ));
+    }
+    Ok(())
+}
+
+fn stem(path: &std::path::Path) -> String {
+    path.file_stem()
         .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    Ok(EvalSet { name, examples })
+        .unwrap_or_default()
 }
 
 pub fn print_report(r: &Report, out: &std::path::Path, json: bool) {
@@ -213,20 +282,20 @@ pub fn run(a: SweepArgs) -> Result<()> {
         Some(s) => sweep::parse_lambdas(s)?,
         None => DEFAULT_LAMBDAS.to_vec(),
     };
-    let exact_match = match &a.exact_match {
-        Some(p) => {
-            let mut rows = read_qa(p)?;
-            rows.truncate(a.exact_match_limit);
-            Some((
-                rows,
-                Sampling {
-                    max_new_tokens: a.max_new_tokens,
-                    ..Sampling::default()
-                },
-            ))
-        }
-        None => None,
-    };
+    let exact_match = a
+        .exact_match_eval
+        .as_deref()
+        .map(|p| exact_match_set(p, a.exact_match_limit, a.max_new_tokens))
+        .transpose()?;
+    let choices = a
+        .choice_eval
+        .iter()
+        .map(|p| choice_set(p, a.choice_limit))
+        .collect::<Result<Vec<_>>>()?;
+    if exact_match.is_some() || !choices.is_empty() {
+        // Before any training: a model without a tokenizer cannot score text.
+        m.tokenizer()?;
+    }
     // --json owns stdout only: progress stays on stderr unless --quiet.
     let quiet = a.common.quiet;
     let task = SweepTask {
@@ -243,6 +312,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
             .iter()
             .map(|p| eval_set(p, &m, &a.batching, a.eval_limit))
             .collect::<Result<_>>()?,
+        choices,
         exact_match,
         eval_batch: a.batching.batch_size,
         quiet,

@@ -320,23 +320,6 @@ pub fn accuracy(correct: &[bool]) -> Estimate {
     mean_stderr(&correct.iter().map(|&c| c as u8 as f64).collect::<Vec<_>>())
 }
 
-/// Accuracy drop from `before` to `after` on the same questions (paired): the mean of
-/// `before_i - after_i` and its standard error, which is smaller than that of either
-/// accuracy when the two runs agree on most questions. The slices must be equally long.
-pub fn accuracy_drop(before: &[bool], after: &[bool]) -> Estimate {
-    assert_eq!(
-        before.len(),
-        after.len(),
-        "paired outcomes of unequal length"
-    );
-    let d: Vec<f64> = before
-        .iter()
-        .zip(after)
-        .map(|(&b, &a)| b as u8 as f64 - a as u8 as f64)
-        .collect();
-    mean_stderr(&d)
-}
-
 /// Per-question outcome of a multiple-choice evaluation.
 #[derive(Debug, Clone)]
 pub struct ChoiceScores {
@@ -541,12 +524,5 @@ mod tests {
         assert_eq!(e.value, 0.75);
         assert!((e.stderr.unwrap() - 0.25).abs() < 1e-15);
         assert_eq!(accuracy(&[true]).stderr, None);
-        // differences 1, 0, 0, -1, 1: mean .2, sample variance (.64+.04+.04+1.44+.64)/4 = .7
-        let d = accuracy_drop(
-            &[true, true, false, false, true],
-            &[false, true, false, true, false],
-        );
-        assert!((d.value - 0.2).abs() < 1e-15);
-        assert!((d.stderr.unwrap() - (0.7f64 / 5.0).sqrt()).abs() < 1e-15);
     }
 }

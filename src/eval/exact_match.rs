@@ -69,6 +69,12 @@ pub struct ExactMatch {
     pub n: usize,
     pub correct: usize,
     pub accuracy: f64,
+    /// Each question's answer as extracted from the generated text, and whether it is
+    /// right: what paired comparisons between models are computed from.
+    #[serde(skip)]
+    pub answers: Vec<Option<String>>,
+    #[serde(skip)]
+    pub outcomes: Vec<bool>,
 }
 
 /// Greedy (or sampled) answers to each question in the training prompt format.
@@ -83,20 +89,22 @@ pub fn exact_match<B: Backend>(
     mut on_row: impl FnMut(),
 ) -> Result<ExactMatch> {
     let stop: Vec<u32> = tok.eos.into_iter().collect();
-    let mut correct = 0;
+    let (mut answers, mut outcomes) = (Vec::new(), Vec::new());
     for (q, a) in rows {
         let prompt = tok.encode(&qa_prompt(q))?;
         let out = generate(be, model, lora, &prompt, s, &stop)?;
-        let text = tok.decode(&out)?;
-        if extract_answer(&text).is_some() && extract_answer(&text) == extract_answer(a) {
-            correct += 1;
-        }
+        let got = extract_answer(&tok.decode(&out)?);
+        outcomes.push(got.is_some() && got == extract_answer(a));
+        answers.push(got);
         on_row();
     }
+    let correct = outcomes.iter().filter(|&&c| c).count();
     Ok(ExactMatch {
         n: rows.len(),
         correct,
         accuracy: correct as f64 / rows.len().max(1) as f64,
+        answers,
+        outcomes,
     })
 }
 

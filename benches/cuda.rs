@@ -1,7 +1,8 @@
 //! CUDA benchmarks: the hand-written kernels against the plain cuBLAS sequences and SIMT
 //! kernels they replace, and end to end on a Llama-3.2-1B-shaped model with random
-//! weights (batch 4 x 512): training step, diag and KFAC curvature passes. The PyTorch +
-//! PEFT bf16 peer is benches/peers/torch_peft_cuda_step.py.
+//! weights (batch 4 x 512): training step, diag and KFAC curvature passes; the fused
+//! classifier against materialised logits. The PyTorch + PEFT bf16 peer is
+//! benches/peers/torch_peft_cuda_step.py.
 //!
 //! Every bench explains itself: it prints a `work:` line with its FLOPs and bytes per call
 //! (counted from the shapes, benches/common/roofline.rs says how), and on a GPU, after
@@ -22,7 +23,7 @@ use std::rc::Rc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend, DevBuf};
-use lalora_engine::backend::{AttnShape, Backend, LoraDims, Segment};
+use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::model::config::LlamaConfig;
@@ -229,6 +230,8 @@ struct Shapes {
     /// (rows, d) of the KFAC factors.
     kfac: (usize, usize),
     attn: AttnShape,
+    /// (rows, hidden, vocabulary) of the LM head with its loss.
+    classifier: (usize, usize, usize),
     model: LlamaConfig,
     /// (batch, sequence length) end to end.
     step: (usize, usize),
@@ -256,6 +259,7 @@ fn gpu_shapes() -> Shapes {
             head_dim: 64,
             q_offset: 0,
         },
+        classifier: (4 * 512, 2048, 128256),
         model: llama_1b_shape(),
         step: (4, 512),
     }
@@ -284,6 +288,8 @@ fn sim_shapes() -> Shapes {
             head_dim: 64,
             q_offset: 0,
         },
+        // One full vocabulary chunk and a tail.
+        classifier: (37, 48, CLASSIFIER_CHUNK + 77),
         model: tiny_shape(),
         step: (2, 40),
     }
@@ -694,6 +700,81 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     }
 }
 
+/// The LM head with its loss and gradient: the fused classifier (vocabulary chunks) against
+/// the materialised sequence (`linear` to the full f32 logits, `cross_entropy`,
+/// `linear_backward`). Inputs rounded to bf16 as the device reads them, so the simulator
+/// check against the CPU measures the kernels, not the rounding of the inputs.
+fn classifier(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    let (rows, dim, vocab) = sh.classifier;
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let bf = |v: Vec<f32>| -> Vec<f32> {
+        v.into_iter()
+            .map(|x| half::bf16::from_f32(x).to_f32())
+            .collect()
+    };
+    let hh = bf(rnd(&mut rng, rows * dim, 1.0));
+    let hw = bf(rnd(&mut rng, vocab * dim, 0.05));
+    let labels: Vec<i32> = (0..rows).map(|r| (r * 7919 % vocab) as i32).collect();
+    let want = if mode.sim() {
+        let t = CeTargets::Labels(&labels);
+        let o = CpuBackend::new(2)
+            .classifier(&hh, &hw, rows, dim, vocab, t, Some(1.0))
+            .unwrap();
+        vec![("losses", o.losses), ("dhidden", o.dhidden.unwrap())]
+    } else {
+        vec![]
+    };
+    let want = Rc::new(want);
+    // Outputs are read back only where they are checked: the timed calls stay on the device.
+    let check = mode.sim();
+    let (h, w) = (g.buf(hh).unwrap(), g.weight(hw, vocab, dim).unwrap());
+    let res: RefCell<Vec<Vec<f32>>> = RefCell::new(vec![]);
+    let (res, labels, h, w) = (&res, &labels, &h, &w);
+    let got: Rc<dyn Fn() -> Outs> = Rc::new(move || {
+        let r = res.borrow();
+        vec![("losses", r[0].clone()), ("dhidden", r[1].clone())]
+    });
+    let fused: Call = Rc::new(move || {
+        let t = CeTargets::Labels(labels);
+        let o = g.classifier(h, w, rows, dim, vocab, t, Some(1.0)).unwrap();
+        if let (true, Some(d)) = (check, o.dhidden) {
+            *res.borrow_mut() = vec![o.losses, down(g, &d)];
+        }
+    });
+    let materialised: Call = Rc::new(move || {
+        let t = CeTargets::Labels(labels);
+        let z = g.linear(h, w, rows, dim, vocab).unwrap();
+        let (l, d) = g.cross_entropy(&z, rows, vocab, t, Some(1.0)).unwrap();
+        let mut dh = g.zeros(rows * dim).unwrap();
+        g.linear_backward(&d.unwrap(), w, rows, dim, vocab, &mut dh, false)
+            .unwrap();
+        if check {
+            *res.borrow_mut() = vec![l, down(g, &dh)];
+        }
+    });
+    let work = roofline::classifier(rows, dim, vocab);
+    let variant = |name, call, bound| Variant {
+        name,
+        work,
+        call,
+        got: got.clone(),
+        want: want.clone(),
+        bound,
+    };
+    mode.run(
+        g,
+        Group {
+            name: format!("{}_classifier_{rows}x{dim}x{vocab}", sh.prefix),
+            sample_size: Some(10),
+            reset: Rc::new(|| res.borrow_mut().clear()),
+            variants: vec![
+                variant("fused", fused, TC_BOUND),
+                variant("materialised", materialised, TC_BOUND),
+            ],
+        },
+    );
+}
+
 /// Random weights of the shape `cfg` (the same for the same seed).
 fn host_weights(cfg: &LlamaConfig, seed: u64) -> HostWeights {
     let mut rng = ChaCha8Rng::seed_from_u64(seed);
@@ -904,6 +985,13 @@ fn gpu_work() {
             roofline::attention_forward_backward(&s),
         ),
         (
+            format!(
+                "cuda_classifier_{}x{}x{}",
+                sh.classifier.0, sh.classifier.1, sh.classifier.2
+            ),
+            roofline::classifier(sh.classifier.0, sh.classifier.1, sh.classifier.2),
+        ),
+        (
             format!("cuda_llama1b_shape_{bsz}x{seq} [lora_forward_backward]"),
             roofline::llama_step(&sh.model, 16, bsz, seq),
         ),
@@ -925,6 +1013,7 @@ fn all(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     diag(mode, g, sh);
     kfac(mode, g, sh);
     attention(mode, g, sh);
+    classifier(mode, g, sh);
     end_to_end(mode, g, sh);
 }
 

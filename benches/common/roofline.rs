@@ -128,6 +128,22 @@ fn causal_pairs(s: &AttnShape) -> u64 {
     u(s.batch * s.n_heads * per_head)
 }
 
+/// The LM head with its loss and gradient (`Backend::classifier`): `z = h W^T` over the
+/// vocabulary, softmax cross-entropy, `dhidden = s (softmax - onehot) W`.
+/// FLOPs: the two head products, 2 rows dim vocab each (softmax not counted; the
+/// materialised path does the same two, the fused one no recompute).
+/// Bytes: read h (rows dim) and the bf16 head (vocab dim) once; write dhidden (rows dim)
+/// and the losses (rows). The materialised logits and dlogits (rows vocab f32 each,
+/// written and read) are not counted, nor the fused path's second read of the head.
+pub fn classifier(rows: usize, dim: usize, vocab: usize) -> Work {
+    let (rows, dim, vocab) = (u(rows), u(dim), u(vocab));
+    Work::new(
+        4 * rows * dim * vocab,
+        F32 * (2 * rows * dim + rows) + BF16 * vocab * dim,
+    )
+    .noted("intermediates and the head's second read not counted")
+}
+
 /// Causal attention forward. FLOPs: the two products, S = Q K^T and O = P V, each 2
 /// head_dim per (query, key) pair: 4 head_dim pairs (softmax not counted).
 /// Bytes: read q (batch tq heads hd), k and v (batch tk kv_heads hd each); write out

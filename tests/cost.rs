@@ -497,3 +497,65 @@ fn meter_sees_a_stage_allocation_and_divides_tokens_by_time() {
     assert!(c.peak_rss_mib >= 64.0, "{c:?}");
     assert_eq!(c.flops, 2_000_000);
 }
+
+/// `train` and `curvature` report their cost: in `--json`, in `cost.json` beside
+/// `metrics.jsonl` (which keeps one step per line), and with the tokens the run counted.
+#[test]
+fn train_and_curvature_commands_report_their_cost() {
+    let d = tempfile::tempdir().unwrap();
+    let f = fixture("tiny-gqa");
+    let run = |args: &[&str]| -> serde_json::Value {
+        let o = bin()
+            .args(args)
+            .args(["--quiet", "--json", "--device", "cpu", "--threads", "2"])
+            .arg("--model")
+            .arg(f.join("model"))
+            .arg("--data")
+            .arg(f.join("batch.jsonl"))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let out = d.path().join("run");
+    let j = run(&[
+        "train",
+        "--steps",
+        "3",
+        "--batch-size",
+        "2",
+        "--rank",
+        "4",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let cost = &j["cost"][0];
+    assert_eq!(cost["stage"], "train");
+    let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
+    let steps: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(steps.len(), 3, "one line per step, nothing else");
+    let tokens: u64 = steps.iter().map(|s| s["tokens"].as_u64().unwrap()).sum();
+    assert_eq!(cost["tokens"].as_u64(), Some(tokens));
+    assert!(cost["flops"].as_u64().unwrap() > 0 && cost["peak_rss_mib"].as_f64().unwrap() > 0.0);
+    let file: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("cost.json")).unwrap()).unwrap();
+    assert_eq!(file["cost"], j["cost"]);
+
+    let c = d.path().join("c.safetensors");
+    let j = run(&[
+        "curvature",
+        "--scheme",
+        "kfac",
+        "--rank",
+        "4",
+        "--out",
+        c.to_str().unwrap(),
+    ]);
+    let cost = &j["cost"][0];
+    assert_eq!(cost["stage"], "curvature");
+    assert_eq!(cost["tokens"], j["n_positions"]);
+    assert!(cost["flops"].as_u64().unwrap() > 0);
+}

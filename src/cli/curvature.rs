@@ -11,6 +11,7 @@ use super::{
 };
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
+use crate::cost::{Flops, Meter, StageCost};
 use crate::curvature::self_data::{self, SelfData};
 use crate::curvature::summary::summarize;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
@@ -95,8 +96,9 @@ struct CurvatureTask {
 }
 
 impl BackendTask for CurvatureTask {
-    /// The estimate, and the data when they were sampled here (to be kept).
-    type Output = (Curvature, Option<Vec<Example>>);
+    /// The estimate, the data when they were sampled here (to be kept), and what the
+    /// estimate cost (sampling and warm-up not included: stage I alone).
+    type Output = (Curvature, Option<Vec<Example>>, StageCost);
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let identity = self.model.identity.clone();
         let eos = self.model.cfg.eos_token_ids.clone();
@@ -137,12 +139,16 @@ impl BackendTask for CurvatureTask {
             self.quiet,
         )
         .unit("batches");
+        let meter = Meter::start("curvature");
         let mut c = estimate(be, &model, &lora, &data, self.batch_size, self.spec, || {
             pb.inc(1)
         })?;
         pb.finish_and_clear();
+        let (tokens, flops) =
+            Flops::new(&model.cfg, &lora).curvature(&data, self.batch_size, &self.spec);
+        let cost = meter.finish(tokens, flops);
         c.meta.model = identity;
-        Ok((c, sampled.then_some(data)))
+        Ok((c, sampled.then_some(data), cost))
     }
 }
 
@@ -244,7 +250,7 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
         batch_size: a.batching.batch_size,
         quiet,
     };
-    let (mut c, sampled) = run_on(a.common.placement(quiet), task)?;
+    let (mut c, sampled, cost) = run_on(a.common.placement(quiet), task)?;
     c.meta.data = data_desc;
     if let Some(data) = &sampled {
         atomic_write(
@@ -258,7 +264,7 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
         print_json(&json!({
             "out": a.out, "scheme": c.meta.scheme.to_string(), "fisher": c.meta.fisher.to_string(),
             "n_sequences": c.meta.n_sequences, "n_positions": c.meta.n_positions, "data": c.meta.data,
-            "summary": summary,
+            "summary": summary, "cost": [cost],
         }));
     } else {
         println!(
@@ -276,6 +282,7 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
         if sampled.is_some() {
             println!("source data: {}", c.meta.data);
         }
+        println!("cost: {}", cost.line());
         summary.print();
     }
     Ok(())

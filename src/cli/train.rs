@@ -10,10 +10,12 @@ use super::{
 };
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
+use crate::cost::{Flops, Meter, StageCost};
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::eval::perplexity::require_targets;
+use crate::io::atomic_write;
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::train::session::{self, SessionOptions};
 use crate::train::{Schedule, StepMetrics, TrainConfig};
@@ -111,9 +113,11 @@ struct TrainTask {
 }
 
 impl BackendTask for TrainTask {
-    type Output = Vec<StepMetrics>;
-    fn run<B: Backend>(self, be: &B) -> Result<Vec<StepMetrics>> {
+    /// The steps run by this call, and what they cost.
+    type Output = (Vec<StepMetrics>, StageCost);
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let model = Llama::new(be, self.model.cfg, self.model.weights)?;
+        let meter = Meter::start("train");
         let r = session::run(
             be,
             &model,
@@ -123,7 +127,17 @@ impl BackendTask for TrainTask {
             &self.init,
             &self.opts,
         )?;
-        Ok(r.metrics)
+        // A resumed run costs only the steps it ran.
+        let from = r.metrics.first().map_or(0, |m| m.step - 1);
+        let to = r.metrics.last().map_or(0, |m| m.step);
+        let (tokens, flops) = Flops::new(&model.cfg, &self.init).training(
+            &self.data,
+            &self.cfg,
+            self.curvature.as_ref(),
+            from,
+            to,
+        );
+        Ok((r.metrics, meter.finish(tokens, flops)))
     }
 }
 
@@ -172,10 +186,18 @@ pub fn run(a: TrainArgs) -> Result<()> {
         init,
         opts,
     };
-    let metrics = run_on(a.common.placement(quiet), task)?;
+    let (metrics, cost) = run_on(a.common.placement(quiet), task)?;
     let last = metrics.last();
+    if last.is_some() {
+        // Beside metrics.jsonl, not in it: each of its lines is a step, as its readers
+        // (resume checks, tests, scripts) take them.
+        let text = serde_json::to_string_pretty(&json!({"cost": [&cost]})).unwrap_or_default();
+        atomic_write(&a.out.join("cost.json"), text.as_bytes())?;
+    }
     if a.common.json {
-        print_json(&json!({"out": a.out, "steps": last.map(|m| m.step), "final": last}));
+        print_json(
+            &json!({"out": a.out, "steps": last.map(|m| m.step), "final": last, "cost": [cost]}),
+        );
     } else if let Some(l) = last {
         println!(
             "step {} loss {:.4} penalty {:.4e} ({:.0} tokens/s); adapter -> {}",
@@ -185,6 +207,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             l.tokens_per_s,
             a.out.display()
         );
+        println!("cost: {}", cost.line());
     } else {
         println!(
             "nothing to do: already at step {}; adapter in {}",

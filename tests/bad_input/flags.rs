@@ -73,27 +73,54 @@ fn sampling_and_sweep_flags() {
         assert_clean_error(&generate(flags), needle, &format!("generate {flags:?}"));
     }
     let out = d.path().join("sweep");
-    let r = run_args(&argv(&[
-        &"sweep",
-        &"--model",
-        &model,
-        &"--data",
-        &data,
-        &"--target-eval",
-        &data,
-        &"--source-eval",
-        &data,
-        &"--lambdas",
-        &"0",
-        &"--steps",
-        &"1",
-        &"--eval-limit",
-        &"0",
-        &"--out",
-        &out,
-    ]));
-    assert_clean_error(&r, "--eval-limit 0", "sweep --eval-limit 0");
-    assert!(!out.exists(), "sweep wrote {}", out.display());
+    let sweep = |flags: &[&OsStr]| {
+        let mut a = argv(&[
+            &"sweep",
+            &"--model",
+            &model,
+            &"--data",
+            &data,
+            &"--target-eval",
+            &data,
+            &"--source-eval",
+            &data,
+            &"--lambdas",
+            &"0",
+            &"--steps",
+            &"1",
+            &"--out",
+            &out,
+        ]);
+        a.extend(flags.iter().map(OsString::from));
+        run_args(&a)
+    };
+    // Multiple-choice and question/answer files of one row, and of two.
+    let row = r#"{"question": "q", "choices": ["a", "b"], "answer": 0}"#;
+    let (one, two) = (d.path().join("one.jsonl"), d.path().join("two.jsonl"));
+    std::fs::write(&one, format!("{row}\n")).unwrap();
+    std::fs::write(&two, format!("{row}\n{row}\n")).unwrap();
+    let qa = r#"{"question": "q", "answer": "1"}"#;
+    let qa_one = d.path().join("qa.jsonl");
+    std::fs::write(&qa_one, format!("{qa}\n")).unwrap();
+    let s = |x: &'static str| OsStr::new(x);
+    for (flags, needle) in [
+        (vec![s("--eval-limit"), s("0")], "--eval-limit 0"),
+        (vec![s("--choice-limit"), s("1")], "--choice-limit 1"),
+        (
+            vec![s("--exact-match-limit"), s("1")],
+            "--exact-match-limit 1",
+        ),
+        (vec![s("--choice-eval"), one.as_os_str()], "at least 2"),
+        (
+            vec![s("--exact-match-eval"), qa_one.as_os_str()],
+            "at least 2",
+        ),
+        // The tiny model has no tokenizer: refused before any training.
+        (vec![s("--choice-eval"), two.as_os_str()], "tokenizer"),
+    ] {
+        assert_clean_error(&sweep(&flags), needle, &format!("sweep {flags:?}"));
+        assert!(!out.exists(), "sweep {flags:?} wrote {}", out.display());
+    }
 }
 
 #[test]

@@ -91,6 +91,15 @@ impl StageCost {
     }
 }
 
+/// The sweep's costs beyond its runs' (`results.json` `"cost"`).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepCost {
+    /// Stage I, when it ran in the same command (`demo`).
+    pub curvature: Option<StageCost>,
+    /// What the penalty keeps on the device beside plain LoRA ([`penalty_state_bytes`]).
+    pub penalty_state_bytes: Option<u64>,
+}
+
 /// Times one stage and measures its peak memory; tokens and FLOPs are added as counted.
 pub struct Meter {
     stage: &'static str,

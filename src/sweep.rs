@@ -14,6 +14,7 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::backend::Backend;
+use crate::cost::{self, Flops, Meter, StageCost, SweepCost, penalty_state_bytes};
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
@@ -155,6 +156,8 @@ pub struct Row {
     pub final_train_loss: Option<f64>,
     pub pareto: bool,
     pub seconds: f64,
+    /// Per stage: evaluation for the base model; training, then evaluation, for a run.
+    pub cost: Vec<StageCost>,
     /// Summed loss of every sequence of each set (target first, then the sources): what
     /// the paired standard errors between any two rows are computed from.
     #[serde(skip)]
@@ -167,6 +170,7 @@ pub struct Report {
     /// The target set, then the sources.
     pub sets: Vec<SetInfo>,
     pub rows: Vec<Row>,
+    pub cost: SweepCost,
 }
 
 /// What one model scored on every set.
@@ -333,6 +337,7 @@ fn row(
         final_train_loss: None,
         pareto: false,
         seconds: 0.0,
+        cost: Vec::new(),
         losses,
     }
 }
@@ -370,8 +375,16 @@ pub fn run<B: Backend>(
         on += &format!(", exact match ({} problems)", rows.len());
     }
     say(format!("evaluating the base model on {on}"));
+    let flops = Flops::new(&model.cfg, init);
+    // The NLL sets' tokens and FLOPs; choice scoring and generation add only time.
+    let (eval_tokens, eval_flops) = spec.sets().fold((0, 0), |(t, f), s| {
+        let (t1, f1) = flops.evaluation(&s.examples, spec.eval_batch);
+        (t + t1, f + f1)
+    });
+    let meter = Meter::start("eval");
     let base_ev = evaluate(be, model, None, spec)?;
     let mut base = row(None, base_ev.clone(), &base_ev, &weights, spec);
+    base.cost = vec![meter.finish(eval_tokens, eval_flops)];
     base.seconds = t0.elapsed().as_secs_f64();
     on_run(&base);
     let mut rows = vec![base];
@@ -397,10 +410,15 @@ pub fn run<B: Backend>(
             stop_after: None,
             curvature_path: None,
         };
+        let meter = Meter::start("train");
         let res = session::run(be, model, spec.train_data, &cfg, curvature, init, &opts)?;
+        let (tokens, train_flops) = flops.training(spec.train_data, &cfg, curvature, 0, cfg.steps);
+        let train_cost = meter.finish(tokens, train_flops);
         let lora = res.lora.map(|v| be.buf(v.clone()))?;
+        let meter = Meter::start("eval");
         let ev = evaluate(be, model, Some(&lora), spec)?;
         let mut r = row(Some(lambda), ev, &base_ev, &weights, spec);
+        r.cost = vec![train_cost, meter.finish(eval_tokens, eval_flops)];
         r.final_train_loss = res.metrics.last().map(|m| m.loss);
         r.seconds = t0.elapsed().as_secs_f64();
         on_run(&r);
@@ -411,6 +429,10 @@ pub fn run<B: Backend>(
         target: spec.target.name.clone(),
         sets,
         rows,
+        cost: SweepCost {
+            curvature: None,
+            penalty_state_bytes: curvature.map(penalty_state_bytes),
+        },
     };
     report.write(out)?;
     Ok(report)
@@ -483,9 +505,28 @@ impl Report {
         let json = serde_json::to_string_pretty(self).unwrap_or_default();
         atomic_write(&out.join("results.json"), json.as_bytes())?;
         atomic_write(&out.join("results.csv"), self.csv().as_bytes())?;
-        let md = format!("{}\n{}", self.markdown(), self.notes().join("\n") + "\n");
+        let md = format!(
+            "{}\n{}\n{}",
+            self.markdown(),
+            self.notes().join("\n") + "\n",
+            self.cost_markdown()
+        );
         atomic_write(&out.join("results.md"), md.as_bytes())?;
         self.plot(&out.join("frontier.svg"))
+    }
+
+    /// The cost table: each run's stages, stage I first when it ran here.
+    pub fn cost_markdown(&self) -> String {
+        let runs: Vec<_> = self
+            .rows
+            .iter()
+            .map(|r| (lambda_label(r.lambda), r.lambda, r.cost.as_slice()))
+            .collect();
+        cost::markdown(
+            self.cost.curvature.as_ref(),
+            &runs,
+            self.cost.penalty_state_bytes,
+        )
     }
 
     fn sources(&self) -> Vec<String> {
@@ -822,6 +863,7 @@ mod tests {
             final_train_loss: None,
             pareto: false,
             seconds: 0.0,
+            cost: Vec::new(),
             losses: vec![target.to_vec(), source.to_vec()],
         }
     }

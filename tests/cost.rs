@@ -559,3 +559,90 @@ fn train_and_curvature_commands_report_their_cost() {
     assert_eq!(cost["tokens"], j["n_positions"]);
     assert!(cost["flops"].as_u64().unwrap() > 0);
 }
+
+/// `sweep` records each run's training and evaluation cost in results.json and the cost
+/// table of results.md; the kfac penalty's products make up the difference between a
+/// penalised run's training FLOPs and plain LoRA's.
+#[test]
+fn sweep_reports_each_runs_cost() {
+    let d = tempfile::tempdir().unwrap();
+    let f = fixture("tiny-gqa");
+    let common = [
+        "--quiet",
+        "--device",
+        "cpu",
+        "--threads",
+        "2",
+        "--rank",
+        "4",
+    ];
+    let c = d.path().join("c.safetensors");
+    let data = f.join("batch.jsonl");
+    let o = bin()
+        .args(["curvature", "--scheme", "kfac", "--model"])
+        .arg(f.join("model"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&c)
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = d.path().join("sweep");
+    let o = bin()
+        .args([
+            "sweep",
+            "--lambdas",
+            "0,10",
+            "--steps",
+            "2",
+            "--batch-size",
+            "2",
+        ])
+        .arg("--model")
+        .arg(f.join("model"))
+        .arg("--data")
+        .arg(&data)
+        .arg("--curvature")
+        .arg(&c)
+        .arg("--target-eval")
+        .arg(&data)
+        .arg("--source-eval")
+        .arg(&data)
+        .arg("--out")
+        .arg(&out)
+        .args(common)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let stages = |i: usize| -> Vec<String> {
+        r["rows"][i]["cost"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["stage"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(stages(0), ["eval"]);
+    assert_eq!(stages(1), ["train", "eval"]);
+    assert_eq!(stages(2), ["train", "eval"]);
+    let train_flops = |i: usize| r["rows"][i]["cost"][0]["flops"].as_u64().unwrap();
+    let t = tiny();
+    let curv = Curvature::read_for(&c, &t.loaded).unwrap();
+    let flops = Flops::new(&t.loaded.cfg, &curv.mean);
+    assert_eq!(
+        train_flops(2) - train_flops(1),
+        2 * flops.penalty_step(&curv)
+    );
+    assert_eq!(
+        r["rows"][1]["cost"][1]["flops"], r["rows"][0]["cost"][0]["flops"],
+        "every evaluation runs the same sets"
+    );
+    assert!(r["cost"]["penalty_state_bytes"].as_u64().unwrap() > 0);
+    let md = std::fs::read_to_string(out.join("results.md")).unwrap();
+    assert!(md.contains("| run | stage | wall s |"), "{md}");
+    assert!(md.contains("| 0 (LoRA) | train |"), "{md}");
+}

@@ -12,6 +12,7 @@ use super::sweep::{SweepTask, choice_set, eval_set, exact_match_set, print_repor
 use super::{Common, DataArgs, LoraArgs, load_data};
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
+use crate::cost::{Flops, Meter};
 use crate::curvature::summary::summarize;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use crate::data::Example;
@@ -154,6 +155,7 @@ impl BackendTask for DemoTask {
             s.quiet,
         )
         .unit("batches");
+        let meter = Meter::start("curvature");
         let mut c = estimate(
             be,
             &model,
@@ -164,6 +166,12 @@ impl BackendTask for DemoTask {
             || pb.inc(1),
         )?;
         pb.finish_and_clear();
+        let (tokens, flops) = Flops::new(&model.cfg, &s.init).curvature(
+            &self.curvature_data,
+            s.eval_batch,
+            &self.spec,
+        );
+        let curvature_cost = meter.finish(tokens, flops);
         c.meta.model = s.model.identity.clone();
         c.write(&s.out.join("curvature.safetensors"))?;
         if !s.quiet {
@@ -175,7 +183,11 @@ impl BackendTask for DemoTask {
                 eprintln!("note: {n}");
             }
         }
-        let report = s.sweep_on(be, &model, Some(&c))?;
+        let out = s.out.clone();
+        let mut report = s.sweep_on(be, &model, Some(&c))?;
+        // Stage I ran here too: the results again, with its cost.
+        report.cost.curvature = Some(curvature_cost);
+        report.write(&out)?;
         Ok((c, report))
     }
 }

@@ -261,6 +261,7 @@ pub fn print_report(r: &Report, out: &std::path::Path, json: bool) {
         for n in r.notes() {
             println!("({n})");
         }
+        print!("\n{}", r.cost_markdown());
         for p in sweep::results_paths(out) {
             println!("wrote {}", p.display());
         }

@@ -1,7 +1,9 @@
 //! `sweep` on the tiny fixture, as a user runs it with stderr to a log: labelled plain
 //! progress lines, and learning / forgetting figures whose standard errors equal the ones
 //! computed here from `eval`'s loss on each sequence alone. Also `eval --json` keeps its
-//! progress on stderr and the progress interval is checked as input.
+//! progress on stderr and the progress interval is checked as input. On the default model:
+//! the multiple-choice accuracy drops and the exact-match gain, with their paired standard
+//! errors, equal the ones computed here from `eval --json`'s per-question predictions.
 
 mod common;
 

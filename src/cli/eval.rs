@@ -31,7 +31,8 @@ pub struct EvalArgs {
     /// JSONL data files for mean NLL / perplexity (each evaluated separately).
     #[arg(long, num_args = 1..)]
     pub data: Vec<PathBuf>,
-    /// Question/answer JSONL files for exact-match accuracy by greedy generation.
+    /// Question/answer JSONL files for exact-match accuracy by greedy generation. With
+    /// --json, each question's extracted answer and whether it is right under "predictions".
     #[arg(long, num_args = 1..)]
     pub exact_match: Vec<PathBuf>,
     /// Multiple-choice JSONL files: acc and acc_norm as lm-eval-harness scores them (rows

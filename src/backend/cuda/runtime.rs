@@ -9,6 +9,9 @@
 pub use crate::ptxsim::blas::{DType, Gemm, Mat, Trans};
 pub use crate::ptxsim::{Arg, LaunchConfig};
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use crate::error::Result;
 
 /// Where a module's PTX came from: embedded at build time or read from
@@ -38,4 +41,160 @@ pub trait Runtime: Send + Sync {
     fn gemm(&self, g: &Gemm) -> Result<()>;
     /// Wait for all queued work.
     fn synchronize(&self) -> Result<()>;
+}
+
+/// What went through the runtime seam: counts since the backend started (see
+/// `CudaBackend::stats`); the difference of two snapshots (`since`) is the cost of the
+/// work between them, e.g. one training step.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RuntimeStats {
+    /// Kernel launches.
+    pub launches: u64,
+    /// cuBLAS-style GEMM calls (each one or a few launches on a GPU).
+    pub gemms: u64,
+    /// Device allocations (from the stream-ordered pool on a GPU), their bytes, and frees.
+    pub allocs: u64,
+    pub alloc_bytes: u64,
+    pub frees: u64,
+    /// Host-to-device and device-to-device copies: queued on the stream, no wait.
+    pub htod: u64,
+    pub dtod: u64,
+    /// Device-to-host copies: each waits for all queued work (a host sync).
+    pub dtoh: u64,
+    /// Explicit waits for the stream.
+    pub synchronizes: u64,
+}
+
+impl RuntimeStats {
+    /// Times the host waited for the device: `dtoh + synchronizes`.
+    pub fn host_syncs(&self) -> u64 {
+        self.dtoh + self.synchronizes
+    }
+
+    /// The counts between `earlier` and `self`.
+    pub fn since(&self, earlier: &RuntimeStats) -> RuntimeStats {
+        RuntimeStats {
+            launches: self.launches - earlier.launches,
+            gemms: self.gemms - earlier.gemms,
+            allocs: self.allocs - earlier.allocs,
+            alloc_bytes: self.alloc_bytes - earlier.alloc_bytes,
+            frees: self.frees - earlier.frees,
+            htod: self.htod - earlier.htod,
+            dtod: self.dtod - earlier.dtod,
+            dtoh: self.dtoh - earlier.dtoh,
+            synchronizes: self.synchronizes - earlier.synchronizes,
+        }
+    }
+}
+
+impl std::fmt::Display for RuntimeStats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} host syncs ({} device-to-host copies), {} kernel launches, {} GEMMs, {} allocations ({} bytes), {} frees, {} host-to-device and {} device-to-device copies",
+            self.host_syncs(),
+            self.dtoh,
+            self.launches,
+            self.gemms,
+            self.allocs,
+            self.alloc_bytes,
+            self.frees,
+            self.htod,
+            self.dtod
+        )
+    }
+}
+
+/// Any runtime with its calls counted (relaxed atomic increments: a few nanoseconds
+/// against microseconds per call), so both the driver and the simulator report the same
+/// counts for the same backend code.
+pub struct Counted {
+    inner: Arc<dyn Runtime>,
+    launches: AtomicU64,
+    gemms: AtomicU64,
+    allocs: AtomicU64,
+    alloc_bytes: AtomicU64,
+    frees: AtomicU64,
+    htod: AtomicU64,
+    dtod: AtomicU64,
+    dtoh: AtomicU64,
+    synchronizes: AtomicU64,
+}
+
+fn bump(c: &AtomicU64, by: u64) {
+    c.fetch_add(by, Ordering::Relaxed);
+}
+
+impl Counted {
+    pub fn new(inner: Arc<dyn Runtime>) -> Self {
+        Counted {
+            inner,
+            launches: AtomicU64::new(0),
+            gemms: AtomicU64::new(0),
+            allocs: AtomicU64::new(0),
+            alloc_bytes: AtomicU64::new(0),
+            frees: AtomicU64::new(0),
+            htod: AtomicU64::new(0),
+            dtod: AtomicU64::new(0),
+            dtoh: AtomicU64::new(0),
+            synchronizes: AtomicU64::new(0),
+        }
+    }
+
+    pub fn stats(&self) -> RuntimeStats {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        RuntimeStats {
+            launches: get(&self.launches),
+            gemms: get(&self.gemms),
+            allocs: get(&self.allocs),
+            alloc_bytes: get(&self.alloc_bytes),
+            frees: get(&self.frees),
+            htod: get(&self.htod),
+            dtod: get(&self.dtod),
+            dtoh: get(&self.dtoh),
+            synchronizes: get(&self.synchronizes),
+        }
+    }
+}
+
+impl Runtime for Counted {
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+    fn alloc(&self, bytes: usize, zeroed: bool) -> Result<u64> {
+        bump(&self.allocs, 1);
+        bump(&self.alloc_bytes, bytes as u64);
+        self.inner.alloc(bytes, zeroed)
+    }
+    fn free(&self, ptr: u64) {
+        bump(&self.frees, 1);
+        self.inner.free(ptr)
+    }
+    fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
+        bump(&self.htod, 1);
+        self.inner.htod(dst, src)
+    }
+    fn dtoh(&self, dst: &mut [u8], src: u64) -> Result<()> {
+        bump(&self.dtoh, 1);
+        self.inner.dtoh(dst, src)
+    }
+    fn dtod(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        bump(&self.dtod, 1);
+        self.inner.dtod(dst, src, bytes)
+    }
+    fn load_module(&self, src: &PtxSource) -> Result<usize> {
+        self.inner.load_module(src)
+    }
+    fn launch(&self, module: usize, entry: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
+        bump(&self.launches, 1);
+        self.inner.launch(module, entry, cfg, args)
+    }
+    fn gemm(&self, g: &Gemm) -> Result<()> {
+        bump(&self.gemms, 1);
+        self.inner.gemm(g)
+    }
+    fn synchronize(&self) -> Result<()> {
+        bump(&self.synchronizes, 1);
+        self.inner.synchronize()
+    }
 }

@@ -26,6 +26,24 @@ extern "C" __global__ void dot_partial(const float* x, const float* y, double* p
     if (threadIdx.x == 0) partial[blockIdx.x] = s;
 }
 
+// Many dot products at once (Backend::dots): blockIdx.x is the pair k, blockIdx.y one of
+// gridDim.y chunks; table holds the x pointers, then the y pointers, then the lengths, one
+// 64-bit word per pair each. partial[k * gridDim.y + chunk] is the f64 sum of that chunk's
+// grid-strided elements; the host adds a pair's partials in chunk order.
+extern "C" __global__ void dots_partial(const unsigned long long* table, int pairs, double* partial) {
+    __shared__ double scratch[32];
+    const int k = blockIdx.x;
+    const float* x = (const float*)table[k];
+    const float* y = (const float*)table[pairs + k];
+    const size_t n = (size_t)table[2 * pairs + k];
+    double s = 0.0;
+    for (size_t i = (size_t)blockIdx.y * blockDim.x + threadIdx.x; i < n; i += (size_t)gridDim.y * blockDim.x) {
+        s += (double)x[i] * (double)y[i];
+    }
+    s = block_sum_d(s, scratch);
+    if (threadIdx.x == 0) partial[(size_t)k * gridDim.y + blockIdx.y] = s;
+}
+
 // out += (alpha x)^2, for the materialised per-sequence-gradient variant the benchmarks
 // compare per-sample squaring against.
 extern "C" __global__ void sq_accumulate(const float* x, float* out, float alpha, size_t n) {

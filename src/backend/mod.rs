@@ -365,6 +365,15 @@ pub trait Backend: Send + Sync {
     fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf) -> Result<()>;
     /// `sum x_i y_i` in f64.
     fn dot(&self, x: &Self::Buf, y: &Self::Buf) -> Result<f64>;
+    /// `out_k = sum_i x_k[i] y_k[i]` in f64 for every pair `(x_k, y_k)` (equal lengths):
+    /// the reductions of a training step (gradient norms, the penalty's forms, the
+    /// finiteness checks) in one batch, so that a device waits for the host once for all
+    /// of them instead of once per tensor. The default is `dot` per pair, in order (the
+    /// CPU's, whose numbers therefore do not change); CUDA launches one kernel and reads
+    /// back once.
+    fn dots(&self, pairs: &[(&Self::Buf, &Self::Buf)]) -> Result<Vec<f64>> {
+        pairs.iter().map(|(x, y)| self.dot(x, y)).collect()
+    }
     /// One AdamW step on `p` with gradient `grad_scale * g` (+ the fused diagonal penalty).
     #[allow(clippy::too_many_arguments)]
     fn adamw_step(

@@ -345,6 +345,9 @@ impl<B: Backend> Backend for Tap<'_, B> {
     fn dot(&self, x: &B::Buf, y: &B::Buf) -> Result<f64> {
         self.inner.dot(x, y)
     }
+    fn dots(&self, pairs: &[(&B::Buf, &B::Buf)]) -> Result<Vec<f64>> {
+        self.inner.dots(pairs)
+    }
     fn adamw_step(
         &self,
         p: &mut B::Buf,

@@ -44,6 +44,7 @@ pub const MODULES: &[KernelModule] = &[
             "scale",
             "mul_assign",
             "dot_partial",
+            "dots_partial",
             "sq_accumulate",
         ],
     },

@@ -534,6 +534,49 @@ impl Backend for CudaBackend {
         Ok(self.download(&partial)?.iter().sum())
     }
 
+    fn dots(&self, pairs: &[(&Self::Buf, &Self::Buf)]) -> Result<Vec<f64>> {
+        let longest = pairs.iter().map(|(x, _)| x.len()).max().unwrap_or(0);
+        if longest == 0 {
+            return Ok(vec![0.0; pairs.len()]);
+        }
+        for (x, y) in pairs {
+            if x.len() != y.len() {
+                return Err(Error::Device(format!(
+                    "dot product of buffers of {} and {} elements",
+                    x.len(),
+                    y.len()
+                )));
+            }
+        }
+        // Chunks per pair: enough blocks to cover the longest buffer once, but no more than
+        // `dot`'s 4096 blocks in all unless there are more pairs than that.
+        let chunks = longest
+            .div_ceil(THREADS as usize)
+            .min((4096 / pairs.len()).max(1));
+        let k = pairs.len();
+        let mut table = Vec::with_capacity(3 * k);
+        table.extend(pairs.iter().map(|(x, _)| x.ptr()));
+        table.extend(pairs.iter().map(|(_, y)| y.ptr()));
+        table.extend(pairs.iter().map(|(x, _)| x.len() as u64));
+        let table = self.upload(&table)?;
+        let partial = self.uninit::<f64>(k * chunks)?;
+        let cfg = LaunchConfig {
+            grid: [k as u32, chunks as u32, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: 0,
+        };
+        self.launch(
+            "dots_partial",
+            cfg,
+            &[Arg::U64(table.ptr()), Arg::I32(k as i32), Arg::U64(partial.ptr())],
+        )?;
+        Ok(self
+            .download(&partial)?
+            .chunks(chunks)
+            .map(|c| c.iter().sum())
+            .collect())
+    }
+
     fn adamw_step(
         &self,
         p: &mut Self::Buf,

@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::runtime::RuntimeStats;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend, DevBuf};
 use lalora_engine::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, DiagPenalty, LoraDims,
@@ -15,8 +16,8 @@ use lalora_engine::backend::{
 };
 use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::model::{self, Llama};
-use lalora_engine::train::TrainConfig;
 use lalora_engine::train::session::{self, SessionOptions};
+use lalora_engine::train::{Penalty, TrainConfig, TrainState, train};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -172,6 +173,36 @@ fn blas1_and_adamw_match_cpu() {
             (dc - dg).abs() < 1e-9 * dc.abs().max(1.0),
             "dot {dc} vs {dg}"
         );
+        // Many dot products at once: lengths with tails, an empty pair, one long enough to
+        // span several chunks, and a squared norm (the same buffer twice). The products
+        // of two f32 are exact in f64, so any summation order of n of them is within
+        // n * 2^-53 * sum |x_i y_i| of the exact sum; 1e-10 covers n up to 10^6.
+        let lens = [3001, 1, 0, 257, 70_000, 5, 1024];
+        let host: Vec<(Vec<f32>, Vec<f32>)> = lens
+            .iter()
+            .map(|&n| (rnd(&mut rng, n), rnd(&mut rng, n)))
+            .collect();
+        let dev: Vec<_> = host.iter().map(|(x, y)| (p.up(x), p.up(y))).collect();
+        let mut pairs: Vec<_> = dev.iter().map(|(x, y)| (x, y)).collect();
+        pairs.push((&dev[0].0, &dev[0].0));
+        let got = g.dots(&pairs).unwrap();
+        assert_eq!(got.len(), pairs.len());
+        let mut want: Vec<(&[f32], &[f32])> = host.iter().map(|(x, y)| (&x[..], &y[..])).collect();
+        want.push((&host[0].0, &host[0].0));
+        for (k, ((x, y), got)) in want.iter().zip(&got).enumerate() {
+            let exact = p.c.dot(&x.to_vec(), &y.to_vec()).unwrap();
+            let mass: f64 = x
+                .iter()
+                .zip(*y)
+                .map(|(a, b)| (*a as f64 * *b as f64).abs())
+                .sum();
+            assert!(
+                (got - exact).abs() <= 1e-10 * mass,
+                "dots pair {k} (n = {}): {got} vs {exact}",
+                x.len()
+            );
+        }
+        assert!(g.dots(&[]).unwrap().is_empty());
         let mut dst = p.up(&a);
         g.copy_into(&mut dst, 100, &p.up(&b[..50])).unwrap();
         let mut want = a.clone();
@@ -836,5 +867,78 @@ fn curvature_pass_and_training_step_match_cpu() {
             close(&format!("trained {n}"), x, y, BF16);
         }
         assert!((rg.metrics[0].loss - rc.metrics[0].loss).abs() < 1e-2 * rc.metrics[0].loss);
+    }
+}
+
+/// A training step waits for the device a fixed number of times, whatever the number of
+/// LoRA tensors: once per micro-batch (its losses), once for the gradient norms together
+/// with the penalty's dot products, once for the finiteness check after the update. A
+/// change that reads back per tensor again (the tiny model has 28 tensors) fails here.
+/// From the second step on a step frees what it allocates (activations and scratch come
+/// from the stream-ordered pool on a GPU) and allocates the same every step.
+#[test]
+fn training_step_waits_for_the_device_a_fixed_number_of_times() {
+    let g = sim(BaseDtype::Bf16);
+    let t = tiny();
+    let c = CpuBackend::new(2);
+    let cpu_model = tiny_model(&c);
+    let m = model::load(&fixture("tiny-gqa/model"), None).unwrap();
+    let model = Llama::new(&g, m.cfg, m.weights).unwrap();
+    let curv = |scheme| {
+        let spec = Spec {
+            scheme,
+            fisher: Fisher::Empirical,
+            approx: KfacApprox::Expand,
+            seed: 0,
+        };
+        estimate(&c, &cpu_model, &t.adapter, &t.examples, 3, spec, || {}).unwrap()
+    };
+    let cases = [
+        (None, 1),
+        (Some(Scheme::Diag), 1),
+        (Some(Scheme::KfacTri), 2),
+    ];
+    for (scheme, grad_accum) in cases {
+        let pen = scheme.map(|s| Penalty::new(&g, &curv(s), 1.0, 1e-3).unwrap());
+        let cfg = TrainConfig {
+            steps: 3,
+            batch_size: 2,
+            grad_accum,
+            ..TrainConfig::default()
+        };
+        let mut state = TrainState::fresh(&g, &t.adapter).unwrap();
+        let mut last = g.stats();
+        let mut steps = Vec::new();
+        train(
+            &g,
+            &model,
+            &t.examples,
+            &cfg,
+            pen.as_ref(),
+            &mut state,
+            3,
+            |_, _| {
+                let now = g.stats();
+                steps.push(now.since(&last));
+                last = now;
+                Ok(())
+            },
+        )
+        .unwrap();
+        let case = format!("{scheme:?}, grad_accum {grad_accum}");
+        for (i, s) in steps.iter().enumerate() {
+            assert_eq!(
+                s.host_syncs(),
+                grad_accum as u64 + 2,
+                "{case}, step {}: {s}",
+                i + 1
+            );
+        }
+        // Bytes vary with the batch's sequence lengths; the counts do not.
+        for s in &steps[1..] {
+            assert_eq!(s.allocs, s.frees, "{case}: {s}");
+            let counts = |s: &RuntimeStats| (s.allocs, s.launches, s.gemms, s.htod, s.dtod);
+            assert_eq!(counts(s), counts(&steps[1]), "{case}: steps differ");
+        }
     }
 }

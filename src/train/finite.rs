@@ -5,7 +5,8 @@
 //!
 //! Device tensors are checked through their squared norm: both backends accumulate the
 //! dot product of f32 values in f64, which cannot overflow, so it is finite exactly when
-//! every element is.
+//! every element is. All the norms of a check come from one `Backend::dots` call: on a
+//! GPU one launch and one wait for the device, not one per tensor.
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
@@ -35,13 +36,14 @@ pub fn tensor_names<T>(w: &LoraWeights<T>) -> Vec<String> {
         .collect()
 }
 
-/// The squared norm of every tensor of `w`, in `LoraWeights` order.
-pub fn squared_norms<B: Backend>(be: &B, w: &LoraWeights<B::Buf>) -> Result<Vec<f64>> {
-    w.modules
-        .iter()
-        .flat_map(|m| [&m.a, &m.b])
-        .map(|t| be.dot(t, t))
-        .collect()
+/// The tensors of `w` in `LoraWeights` order.
+pub fn tensors<T>(w: &LoraWeights<T>) -> impl Iterator<Item = &T> {
+    w.modules.iter().flat_map(|m| [&m.a, &m.b])
+}
+
+/// The pairs `(t, t)` whose dot products are the squared norms of `w`'s tensors.
+pub fn norm_pairs<T>(w: &LoraWeights<T>) -> impl Iterator<Item = (&T, &T)> {
+    tensors(w).map(|t| (t, t))
 }
 
 /// `Err` naming the first tensor of `w` whose squared norm in `sq` is not finite;
@@ -63,7 +65,25 @@ pub fn check_device<B: Backend>(
     at: &str,
     what: &str,
 ) -> Result<()> {
-    check_norms(w, &squared_norms(be, w)?, at, what)
+    check_devices(be, &[(w, what)], at)
+}
+
+/// [`check_norms`] on several sets of device tensors with one `dots` call; the error
+/// names the first non-finite tensor of the first set holding one.
+pub fn check_devices<B: Backend>(
+    be: &B,
+    sets: &[(&LoraWeights<B::Buf>, &str)],
+    at: &str,
+) -> Result<()> {
+    let pairs: Vec<_> = sets.iter().flat_map(|(w, _)| norm_pairs(w)).collect();
+    let sq = be.dots(&pairs)?;
+    let mut rest = sq.as_slice();
+    for (w, what) in sets {
+        let (mine, tail) = rest.split_at(2 * w.modules.len());
+        check_norms(w, mine, at, what)?;
+        rest = tail;
+    }
+    Ok(())
 }
 
 /// The name of the first host tensor holding a NaN or an infinity.

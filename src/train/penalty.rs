@@ -108,35 +108,44 @@ impl<B: Backend> Penalty<B> {
         lora: &LoraWeights<B::Buf>,
         grad: Option<&mut Vec<B::Buf>>,
     ) -> Result<f64> {
-        let mut d = Vec::with_capacity(2 * lora.modules.len());
-        for (m, mu) in lora.modules.iter().zip(&self.mean.modules) {
-            for (p, q) in [(&m.a, &mu.a), (&m.b, &mu.b)] {
-                let mut x = be.dup(p)?;
-                be.axpy(-1.0, q, &mut x)?;
-                d.push(x);
-            }
-        }
+        let terms = self.terms(be, lora)?;
+        let dots = be.dots(&terms.pairs())?;
+        self.finish(be, terms, &dots, grad)
+    }
+
+    /// The device half of [`Self::value_and_grad`]: `D = theta - theta*` and the products
+    /// whose dot products with `D` make up `Q` (see [`PenaltyTerms::pairs`]), queued but
+    /// not read back, so that the trainer can fetch them with its own reductions in one
+    /// `Backend::dots` call.
+    pub fn terms(&self, be: &B, lora: &LoraWeights<B::Buf>) -> Result<PenaltyTerms<B>> {
+        let diff = |p: &B::Buf, q: &B::Buf| -> Result<B::Buf> {
+            let mut x = be.dup(p)?;
+            be.axpy(-1.0, q, &mut x)?;
+            Ok(x)
+        };
         let r = lora.cfg.r;
-        let q = match &self.kind {
+        let modules = lora.modules.iter().zip(&self.mean.modules);
+        Ok(match &self.kind {
             Kind::Diag(prec) => {
-                let mut q = 0f64;
-                for (t, dx) in d.iter().enumerate() {
-                    let pm = &prec.modules[t / 2];
-                    let mut w = be.dup(dx)?;
-                    be.mul_assign(&mut w, if t % 2 == 0 { &pm.a } else { &pm.b })?;
-                    q += be.dot(dx, &w)?;
+                let mut terms = Vec::with_capacity(2 * lora.modules.len());
+                for ((m, mu), pm) in modules.zip(&prec.modules) {
+                    for (p, q, f) in [(&m.a, &mu.a, &pm.a), (&m.b, &mu.b, &pm.b)] {
+                        let dx = diff(p, q)?;
+                        let mut w = be.dup(&dx)?;
+                        be.mul_assign(&mut w, f)?;
+                        terms.push((dx, w));
+                    }
                 }
-                q
+                PenaltyTerms::Diag(terms)
             }
             Kind::Kfac(fs) => {
-                let mut q = 0f64;
-                let mut grads = Vec::with_capacity(d.len());
-                for (i, (m, f)) in lora.modules.iter().zip(fs).enumerate() {
+                let mut out = Vec::with_capacity(fs.len());
+                for ((m, mu), f) in modules.zip(fs) {
                     let (din, dout) = (m.d_in, m.d_out);
-                    let (da, db) = (&d[2 * i], &d[2 * i + 1]);
+                    let (da, db) = (diff(&m.a, &mu.a)?, diff(&m.b, &mu.b)?);
                     // G_A D_A C_A (r, d_in) and G_B D_B C_B (d_out, r)
                     let ga = be.matmul(
-                        &be.matmul(&f.a_out, da, r, r, din, false, false)?,
+                        &be.matmul(&f.a_out, &da, r, r, din, false, false)?,
                         &f.a_in,
                         r,
                         din,
@@ -145,7 +154,7 @@ impl<B: Backend> Penalty<B> {
                         false,
                     )?;
                     let gb = be.matmul(
-                        &be.matmul(&f.b_out, db, dout, dout, r, false, false)?,
+                        &be.matmul(&f.b_out, &db, dout, dout, r, false, false)?,
                         &f.b_in,
                         dout,
                         r,
@@ -153,51 +162,142 @@ impl<B: Backend> Penalty<B> {
                         false,
                         false,
                     )?;
-                    q += (be.dot(da, &ga)? + be.dot(db, &gb)?) * self.inv_n as f64
-                        + self.delta as f64 * (be.dot(da, da)? + be.dot(db, db)?);
-                    let (mut gra, mut grb) = (ga, gb);
-                    be.scale(&mut gra, self.inv_n)?;
-                    be.scale(&mut grb, self.inv_n)?;
-                    be.axpy(self.delta, da, &mut gra)?;
-                    be.axpy(self.delta, db, &mut grb)?;
-                    if let Some((c, g)) = &f.cross {
+                    let cross = match &f.cross {
                         // M_A = G_AB D_B C_AB^T (r, d_in); M_B = G_AB^T D_A C_AB (d_out, r)
-                        let ma = be.matmul(
-                            &be.matmul(g, db, r, dout, r, false, false)?,
-                            c,
-                            r,
-                            r,
-                            din,
-                            false,
-                            true,
-                        )?;
-                        let mb = be.matmul(
-                            &be.matmul(g, da, dout, r, din, true, false)?,
-                            c,
-                            dout,
-                            din,
-                            r,
-                            false,
-                            false,
-                        )?;
-                        q += 2.0 * be.dot(da, &ma)? * self.inv_n as f64;
-                        be.axpy(self.inv_n, &ma, &mut gra)?;
-                        be.axpy(self.inv_n, &mb, &mut grb)?;
+                        Some((c, g)) => Some((
+                            be.matmul(
+                                &be.matmul(g, &db, r, dout, r, false, false)?,
+                                c,
+                                r,
+                                r,
+                                din,
+                                false,
+                                true,
+                            )?,
+                            be.matmul(
+                                &be.matmul(g, &da, dout, r, din, true, false)?,
+                                c,
+                                dout,
+                                din,
+                                r,
+                                false,
+                                false,
+                            )?,
+                        )),
+                        None => None,
+                    };
+                    out.push(KfacTerms {
+                        da,
+                        db,
+                        ga,
+                        gb,
+                        cross,
+                    });
+                }
+                PenaltyTerms::Kfac(out)
+            }
+        })
+    }
+
+    /// The host half of [`Self::value_and_grad`]: `(lambda/2) Q` from `dots`, the dot
+    /// products of `terms.pairs()` in order, and for kfac schemes the gradient into `grad`.
+    pub fn finish(
+        &self,
+        be: &B,
+        terms: PenaltyTerms<B>,
+        dots: &[f64],
+        grad: Option<&mut Vec<B::Buf>>,
+    ) -> Result<f64> {
+        let n_pairs = terms.pairs().len();
+        if dots.len() != n_pairs {
+            return Err(Error::Device(format!(
+                "penalty: {} dot products for {n_pairs} pairs",
+                dots.len()
+            )));
+        }
+        let q = match terms {
+            PenaltyTerms::Diag(_) => dots.iter().sum(),
+            PenaltyTerms::Kfac(modules) => {
+                let (inv_n, delta) = (self.inv_n as f64, self.delta as f64);
+                let mut q = 0f64;
+                let mut k = 0;
+                for m in &modules {
+                    let [a_ga, b_gb, a_a, b_b] = [dots[k], dots[k + 1], dots[k + 2], dots[k + 3]];
+                    q += (a_ga + b_gb) * inv_n + delta * (a_a + b_b);
+                    k += 4;
+                    if m.cross.is_some() {
+                        q += 2.0 * dots[k] * inv_n;
+                        k += 1;
                     }
-                    grads.push(gra);
-                    grads.push(grb);
                 }
                 if let Some(out) = grad {
                     out.clear();
-                    for mut g in grads {
-                        // Clamp: a negative total (kfac-tri) contributes nothing.
-                        be.scale(&mut g, if q > 0.0 { self.lambda } else { 0.0 })?;
-                        out.push(g);
+                    // Clamp: a negative total (kfac-tri) contributes nothing.
+                    let lambda = if q > 0.0 { self.lambda } else { 0.0 };
+                    for m in modules {
+                        let (mut gra, mut grb) = (m.ga, m.gb);
+                        be.scale(&mut gra, self.inv_n)?;
+                        be.scale(&mut grb, self.inv_n)?;
+                        be.axpy(self.delta, &m.da, &mut gra)?;
+                        be.axpy(self.delta, &m.db, &mut grb)?;
+                        if let Some((ma, mb)) = &m.cross {
+                            be.axpy(self.inv_n, ma, &mut gra)?;
+                            be.axpy(self.inv_n, mb, &mut grb)?;
+                        }
+                        be.scale(&mut gra, lambda)?;
+                        be.scale(&mut grb, lambda)?;
+                        out.push(gra);
+                        out.push(grb);
                     }
                 }
                 q
             }
         };
         Ok(0.5 * self.lambda as f64 * q.max(0.0))
+    }
+}
+
+/// The penalty's quadratic form before its dot products are read back (see
+/// [`Penalty::terms`]), with what its gradient is assembled from.
+pub enum PenaltyTerms<B: Backend> {
+    /// Per tensor `D` and `(F/N + delta) D`: `Q = sum_t <D_t, (F/N + delta) D_t>`.
+    Diag(Vec<(B::Buf, B::Buf)>),
+    /// Per module, see [`KfacTerms`].
+    Kfac(Vec<KfacTerms<B>>),
+}
+
+/// One kfac module: `Q_m = (<D_A, G_A D_A C_A> + <D_B, G_B D_B C_B>)/N
+/// + delta (|D_A|^2 + |D_B|^2) [+ 2 <D_A, M_A>/N]`.
+pub struct KfacTerms<B: Backend> {
+    da: B::Buf,
+    db: B::Buf,
+    /// `G_A D_A C_A`, `G_B D_B C_B`.
+    ga: B::Buf,
+    gb: B::Buf,
+    /// kfac-tri: `M_A = G_AB D_B C_AB^T`, `M_B = G_AB^T D_A C_AB`.
+    cross: Option<(B::Buf, B::Buf)>,
+}
+
+impl<B: Backend> PenaltyTerms<B> {
+    /// The pairs whose dot products [`Penalty::finish`] takes, in order: diag
+    /// `(D_t, (F/N + delta) D_t)` per tensor; kfac per module `(D_A, G_A D_A C_A)`,
+    /// `(D_B, G_B D_B C_B)`, `(D_A, D_A)`, `(D_B, D_B)` and for kfac-tri `(D_A, M_A)`.
+    pub fn pairs(&self) -> Vec<(&B::Buf, &B::Buf)> {
+        match self {
+            PenaltyTerms::Diag(t) => t.iter().map(|(d, w)| (d, w)).collect(),
+            PenaltyTerms::Kfac(ms) => ms
+                .iter()
+                .flat_map(|m| {
+                    let base = [
+                        (&m.da, &m.ga),
+                        (&m.db, &m.gb),
+                        (&m.da, &m.da),
+                        (&m.db, &m.db),
+                    ];
+                    base.into_iter()
+                        .chain(m.cross.iter().map(|(ma, _)| (&m.da, ma)))
+                })
+                .collect(),
+        }
     }
 }

@@ -239,17 +239,27 @@ pub fn train<B: Backend>(
         // an error here leaves the last checkpoint as the last good state.
         let at = format!("step {}", t + 1);
         finite::check_value(loss_sum, &at, "loss")?;
-        let sq = finite::squared_norms(be, &grads)?;
-        finite::check_norms(&grads, &sq, &at, "gradient")?;
+        // The gradient norms and the penalty's dot products in one `dots` call: on a GPU
+        // the step waits for the device here, once, and once more for the finiteness
+        // check after the update (and once per micro-batch for its losses).
+        let terms = penalty.map(|p| p.terms(be, &state.lora)).transpose()?;
+        let mut pairs: Vec<_> = finite::norm_pairs(&grads).collect();
+        if let Some(t) = &terms {
+            pairs.extend(t.pairs());
+        }
+        let dots = be.dots(&pairs)?;
+        drop(pairs); // ends its borrows of `grads` and `terms`
+        let (sq, pen_dots) = dots.split_at(2 * grads.modules.len());
+        finite::check_norms(&grads, sq, &at, "gradient")?;
         let norm = sq.iter().sum::<f64>().sqrt();
         let clip_scale = if cfg.clip > 0.0 && norm > cfg.clip as f64 {
             (cfg.clip as f64 / norm) as f32
         } else {
             1.0
         };
-        let pen_value = match penalty {
-            Some(p) => p.value_and_grad(be, &state.lora, Some(&mut pen_grads))?,
-            None => 0.0,
+        let pen_value = match (penalty, terms) {
+            (Some(p), Some(t)) => p.finish(be, t, pen_dots, Some(&mut pen_grads))?,
+            _ => 0.0,
         };
         finite::check_value(pen_value, &at, "penalty")?;
         let lr = cfg.lr_at(t);
@@ -279,9 +289,15 @@ pub fn train<B: Backend>(
             }
             be.adamw_step(p, g, m, v, &h, g_scale, fused)?;
         }
-        finite::check_device(be, &state.lora, &at, "weights after the update")?;
-        finite::check_device(be, &state.m, &at, "AdamW first moment")?;
-        finite::check_device(be, &state.v, &at, "AdamW second moment")?;
+        finite::check_devices(
+            be,
+            &[
+                (&state.lora, "weights after the update"),
+                (&state.m, "AdamW first moment"),
+                (&state.v, "AdamW second moment"),
+            ],
+            &at,
+        )?;
         state.step += 1;
         let secs = t0.elapsed().as_secs_f64();
         let metrics = StepMetrics {

@@ -8,6 +8,8 @@
 //! (counted from the shapes, benches/common/roofline.rs says how), and on a GPU, after
 //! criterion has measured everything, one `roofline:` line per bench with criterion's
 //! median, the achieved TFLOP/s and TB/s and their fractions of the H200's ceilings.
+//! Criterion's own `thrpt:` lines come from the same counts: elements are FLOPs (Gelem/s
+//! is GFLOP/s), bytes the counted bytes (in binary units: GiB/s).
 //!
 //! Without a GPU the same bench functions run on the PTX simulator (`--device sim`) at
 //! small shapes, each variant once, its outputs checked against the CPU backend: a

@@ -8,13 +8,16 @@ use serde_json::{Value, json};
 use super::gguf::{Gguf, Tensor, Val};
 use super::*;
 
+/// A named edit of an input and the words its error must contain.
+type Case<T> = (&'static str, Box<dyn Fn(&mut T)>, &'static str);
+
 fn batch() -> PathBuf {
     fixture("tiny-gqa/batch.jsonl")
 }
 
 #[test]
 fn config_json_meaning() {
-    let cases: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    let cases: Vec<Case<Value>> = vec![
         (
             "gelu",
             Box::new(|c| c["hidden_act"] = json!("gelu")),
@@ -134,7 +137,7 @@ fn gguf_layout_and_metadata() {
         "tiny GGUF",
     );
     let third = |g: &Gguf| g.offsets()[2];
-    let cases: Vec<(&str, Box<dyn Fn(&mut Gguf)>, &str)> = vec![
+    let cases: Vec<Case<Gguf>> = vec![
         (
             "4e9 blocks",
             Box::new(|g| g.set("llama.block_count", Val::U32(4_000_000_000))),

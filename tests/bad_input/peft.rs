@@ -9,6 +9,15 @@ use serde_json::{Value, json};
 
 use super::*;
 
+/// A named edit of adapter_config.json and the words its error must contain.
+type Refusal = (&'static str, Box<dyn Fn(&mut Value)>, &'static str);
+/// A named edit of adapter_config.json and which tensors (by name) the adapter keeps.
+type Acceptance<'a> = (
+    &'static str,
+    Box<dyn Fn(&mut Value)>,
+    &'a dyn Fn(&str) -> bool,
+);
+
 /// A copy of the fixture adapter: config.json edited by `edit`, tensors kept by `keep`.
 fn adapter_with(dir: &Path, edit: impl FnOnce(&mut Value), keep: impl Fn(&str) -> bool) -> PathBuf {
     let (src, a) = (fixture("tiny-gqa/adapter"), dir.join("adapter"));
@@ -44,7 +53,7 @@ fn eval_with(adapter: &Path) -> Run {
 #[test]
 fn adapter_config_must_describe_its_tensors() {
     let all = |_: &str| true;
-    let refused: Vec<(&str, Box<dyn Fn(&mut Value)>, &str)> = vec![
+    let refused: Vec<Refusal> = vec![
         (
             "q_proj only",
             Box::new(|c| c["target_modules"] = json!(["q_proj"])),
@@ -112,7 +121,7 @@ fn adapter_config_must_describe_its_tensors() {
     let layer0 = |n: &str| n.contains(".layers.0.");
     let no_k = |n: &str| !n.contains("k_proj");
     let q_v = |n: &str| n.contains("q_proj") || n.contains("v_proj");
-    let accepted: Vec<(&str, Box<dyn Fn(&mut Value)>, &dyn Fn(&str) -> bool)> = vec![
+    let accepted: Vec<Acceptance> = vec![
         (
             "all-linear",
             Box::new(|c| c["target_modules"] = json!("all-linear")),
@@ -239,7 +248,7 @@ fn lora_flags_must_agree_with_the_files() {
 fn partial_adapters_round_trip() {
     // An adapter on layer 0 only, and one without k_proj on layer 1: trained and saved,
     // the adapter written must select exactly its modules again.
-    let cases: [(&str, Box<dyn Fn(&mut Value)>, &dyn Fn(&str) -> bool); 2] = [
+    let cases: [Acceptance; 2] = [
         (
             "layers_to_transform [0]",
             Box::new(|c| c["layers_to_transform"] = json!([0])),

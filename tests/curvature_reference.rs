@@ -41,11 +41,18 @@ fn run<B: Backend>(
 fn check<B: Backend>(on: &On<B>, name: &str, got: &[f32], want: Option<&[f32]>) {
     let want = want.unwrap_or_else(|| panic!("fixture lacks {name}"));
     let e = rel_err(got, want);
-    assert!(e < on.tol, "{}: {name}: relative error {e:e}", on.be.describe());
+    assert!(
+        e < on.tol,
+        "{}: {name}: relative error {e:e}",
+        on.be.describe()
+    );
 }
 
 /// Run `f` on the CPU and on the simulator with f32 and bf16 base weights.
-fn everywhere(f: impl Fn(&On<lalora_engine::backend::cpu::CpuBackend>), g: impl Fn(&On<lalora_engine::backend::cuda::CudaBackend>)) {
+fn everywhere(
+    f: impl Fn(&On<lalora_engine::backend::cpu::CpuBackend>),
+    g: impl Fn(&On<lalora_engine::backend::cuda::CudaBackend>),
+) {
     f(&On {
         be: &cpu(),
         tol: bound(None),
@@ -365,7 +372,8 @@ fn mc_fisher_on_sim_equals_cpu() {
                     check(&on, "mc kfac A out", &x.a_out, Some(&y.a_out));
                     check(&on, "mc kfac B out", &x.b_out, Some(&y.b_out));
                     check(&on, "mc kfac B in", &x.b_in, Some(&y.b_in));
-                    let ((xi, xo), (yi, yo)) = (x.cross.as_ref().unwrap(), y.cross.as_ref().unwrap());
+                    let ((xi, xo), (yi, yo)) =
+                        (x.cross.as_ref().unwrap(), y.cross.as_ref().unwrap());
                     check(&on, "mc kfac cross in", xi, Some(yi));
                     check(&on, "mc kfac cross out", xo, Some(yo));
                 }

@@ -3,8 +3,8 @@
 
 mod common;
 
-use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::CeTargets;
+use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::model::config::LlamaConfig;
 use lalora_engine::model::weights::{HostLayer, HostWeights};

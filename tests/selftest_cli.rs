@@ -23,7 +23,11 @@ fn selftest(args: &[&str]) -> (i32, serde_json::Value, String) {
 
 fn assert_all_pass(v: &serde_json::Value, device: &str, base: &str) {
     assert_eq!(v["passed"], true, "{v:#}");
-    assert!(v["device"].as_str().unwrap().starts_with(device), "{}", v["device"]);
+    assert!(
+        v["device"].as_str().unwrap().starts_with(device),
+        "{}",
+        v["device"]
+    );
     assert_eq!(v["base_dtype"], base);
     let rows = v["rows"].as_array().unwrap();
     assert!(rows.len() >= 100, "{} rows", rows.len());
@@ -31,9 +35,15 @@ fn assert_all_pass(v: &serde_json::Value, device: &str, base: &str) {
     for r in rows {
         assert_eq!(r["pass"], true, "{r}");
     }
-    for kernel in ["attention_backward", "cross_entropy", "sq_grad_accumulate", "e2e.train"] {
+    for kernel in [
+        "attention_backward",
+        "cross_entropy",
+        "sq_grad_accumulate",
+        "e2e.train",
+    ] {
         assert!(
-            rows.iter().any(|r| r["kernel"].as_str().unwrap().starts_with(kernel)),
+            rows.iter()
+                .any(|r| r["kernel"].as_str().unwrap().starts_with(kernel)),
             "a row for {kernel}"
         );
     }

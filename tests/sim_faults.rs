@@ -12,7 +12,12 @@ use lalora_engine::backend::cuda::kernels::MODULES;
 
 /// The embedded PTX of every module, written to `dir` by `selftest --write-ptx`.
 fn write_ptx(dir: &Path) {
-    let o = bin().arg("selftest").arg("--write-ptx").arg(dir).output().unwrap();
+    let o = bin()
+        .arg("selftest")
+        .arg("--write-ptx")
+        .arg(dir)
+        .output()
+        .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     for m in MODULES {
         let text = std::fs::read_to_string(dir.join(format!("{}.ptx", m.name))).unwrap();
@@ -74,13 +79,20 @@ fn a_read_one_past_the_buffer_is_a_memcheck_fault() {
     // The first loop bound `i < dim` becomes `i <= dim`: thread `dim` of the last row
     // reads the element after the activation buffer.
     modify(d.path(), "norm", |t| {
-        edit_entry(t, "rmsnorm_forward", |e| e.replacen("setp.lt.s32", "setp.le.s32", 1))
+        edit_entry(t, "rmsnorm_forward", |e| {
+            e.replacen("setp.lt.s32", "setp.le.s32", 1)
+        })
     });
     let out = d.path().join("g.safetensors");
     let (code, err) = grad_with(d.path(), &out);
     assert_eq!(code, 3, "{err}");
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
-    for want in ["memcheck", "`rmsnorm_forward`", "past the end of allocation", "PTX line"] {
+    for want in [
+        "memcheck",
+        "`rmsnorm_forward`",
+        "past the end of allocation",
+        "PTX line",
+    ] {
         assert!(err.contains(want), "`{want}` in: {err}");
     }
     assert!(!out.exists(), "nothing written after a fault");
@@ -104,7 +116,10 @@ fn removed_barriers_are_a_shared_memory_fault() {
         err.contains("rmsnorm_forward`") && err.contains("shared memory"),
         "{err}"
     );
-    assert!(err.contains("racecheck") || err.contains("initcheck"), "{err}");
+    assert!(
+        err.contains("racecheck") || err.contains("initcheck"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -122,7 +137,8 @@ fn a_wrong_argument_list_is_refused_at_launch() {
     let (code, err) = grad_with(d.path(), &d.path().join("g.safetensors"));
     assert_eq!(code, 3, "{err}");
     assert!(
-        err.contains("launch of `add_assign`") && err.contains("3 arguments given, the .entry declares 4"),
+        err.contains("launch of `add_assign`")
+            && err.contains("3 arguments given, the .entry declares 4"),
         "{err}"
     );
 }
@@ -137,8 +153,13 @@ fn unparsable_ptx_or_a_missing_entry_is_bad_input() {
     assert!(err.contains("swiglu.ptx") && err.contains("line"), "{err}");
 
     write_ptx(d.path());
-    modify(d.path(), "rope", |t| t.replace(".entry rope(", ".entry rope_v2("));
+    modify(d.path(), "rope", |t| {
+        t.replace(".entry rope(", ".entry rope_v2(")
+    });
     let (code, err) = grad_with(d.path(), &d.path().join("g.safetensors"));
     assert_eq!(code, 2, "{err}");
-    assert!(err.contains("rope.ptx") && err.contains("no `.entry rope`"), "{err}");
+    assert!(
+        err.contains("rope.ptx") && err.contains("no `.entry rope`"),
+        "{err}"
+    );
 }

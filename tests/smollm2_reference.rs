@@ -160,11 +160,18 @@ fn gradients_on_sim_match_the_cpu_on_smollm2() {
         let mut g = lora.map_sized(|n| be.zeros(n)).unwrap();
         accumulate_gradients(be, &model, &l, batch, 1.0, &mut g).unwrap();
         let g = g.map(|x| be.to_host(x)).unwrap();
-        g.named_tensors().into_iter().map(|(_, _, v)| v.to_vec()).collect()
+        g.named_tensors()
+            .into_iter()
+            .map(|(_, _, v)| v.to_vec())
+            .collect()
     }
     let want = grads(&CpuBackend::new(2), &lora, &batch);
     let got = grads(&sim(BaseDtype::F32), &lora, &batch);
-    let names: Vec<String> = lora.named_tensors().into_iter().map(|(n, _, _)| n.to_string()).collect();
+    let names: Vec<String> = lora
+        .named_tensors()
+        .into_iter()
+        .map(|(n, _, _)| n.to_string())
+        .collect();
     for ((g, w), n) in got.iter().zip(&want).zip(&names) {
         let e = rel_err(g, w);
         assert!(e < 1e-4, "{n}: relative error {e:e}");

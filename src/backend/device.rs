@@ -70,7 +70,9 @@ pub fn run_on<T: BackendTask>(p: Placement, task: T) -> Result<T::Output> {
     match device {
         Device::Cuda(n) => {
             let be = CudaBackend::new(n, base).map_err(|e| match e {
-                Error::Usage(m) | Error::Device(m) => Error::usage(format!("--device cuda:{n}: {m}")),
+                Error::Usage(m) | Error::Device(m) => {
+                    Error::usage(format!("--device cuda:{n}: {m}"))
+                }
                 e => e,
             })?;
             announce(&be, p.quiet);

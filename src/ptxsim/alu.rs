@@ -7,7 +7,11 @@ use super::ir::*;
 
 #[inline]
 pub fn mask(bits: u32) -> u64 {
-    if bits >= 64 { u64::MAX } else { (1u64 << bits) - 1 }
+    if bits >= 64 {
+        u64::MAX
+    } else {
+        (1u64 << bits) - 1
+    }
 }
 
 #[inline]
@@ -244,7 +248,11 @@ pub fn float32(op: FloatOp, rnd: Rnd, ftz: bool, sat: bool, a: u64, b: u64, c: u
             let r = float::ftz32(1.0 / y);
             let q = x * r;
             let q = if ftz { float::ftz32(q) } else { q };
-            if q.is_nan() { f32::from_bits(float::NAN32) } else { q }
+            if q.is_nan() {
+                f32::from_bits(float::NAN32)
+            } else {
+                q
+            }
         }
         _ => float::arith32(arith_of(op).unwrap_or(Arith::Add), x, y, z, rnd, ftz),
     };
@@ -259,7 +267,11 @@ pub fn float64(op: FloatOp, rnd: Rnd, a: u64, b: u64, c: u64) -> u64 {
             let max = matches!(op, FloatOp::Max | FloatOp::MaxNan);
             let nan = matches!(op, FloatOp::MinNan | FloatOp::MaxNan);
             let r = float::minmax(x, y, max, nan);
-            if r.is_nan() { float::NAN64 } else { r.to_bits() }
+            if r.is_nan() {
+                float::NAN64
+            } else {
+                r.to_bits()
+            }
         }
         FloatOp::Copysign => (b & !(1 << 63)) | (a & (1 << 63)),
         FloatOp::DivApprox => (x / y).to_bits(),
@@ -545,7 +557,11 @@ pub fn cvt(
                 x = float::round_integral(x, rnd.unwrap_or(Rnd::Near));
             }
             let bits = if dty == Ty::F64 {
-                if x.is_nan() { float::NAN64 } else { x.to_bits() }
+                if x.is_nan() {
+                    float::NAN64
+                } else {
+                    x.to_bits()
+                }
             } else if x.is_nan() {
                 float::from_exact(f64::NAN, 0.0, dty, Rnd::Near)
             } else {
@@ -593,13 +609,28 @@ mod tests {
     #[test]
     fn integer_edge_cases_follow_the_manual() {
         assert_eq!(int(IntOp::Shl, Ty::B32, 1, 32, 0, false), 0);
-        assert_eq!(int(IntOp::Shr, Ty::S32, 0x8000_0000, 40, 0, false), 0xffff_ffff);
+        assert_eq!(
+            int(IntOp::Shr, Ty::S32, 0x8000_0000, 40, 0, false),
+            0xffff_ffff
+        );
         assert_eq!(int(IntOp::Shr, Ty::U32, 0x8000_0000, 31, 0, false), 1);
-        assert_eq!(int(IntOp::MulWide, Ty::S32, 0xffff_ffff, 3, 0, false), (-3i64) as u64);
-        assert_eq!(int(IntOp::MulHi, Ty::U32, 0xffff_ffff, 0xffff_ffff, 0, false), 0xffff_fffe);
+        assert_eq!(
+            int(IntOp::MulWide, Ty::S32, 0xffff_ffff, 3, 0, false),
+            (-3i64) as u64
+        );
+        assert_eq!(
+            int(IntOp::MulHi, Ty::U32, 0xffff_ffff, 0xffff_ffff, 0, false),
+            0xffff_fffe
+        );
         assert_eq!(int(IntOp::Div, Ty::U32, 7, 0, 0, false), 0xffff_ffff);
-        assert_eq!(int(IntOp::Add, Ty::S32, 0x7fff_ffff, 1, 0, true), 0x7fff_ffff);
-        assert_eq!(int(IntOp::MadWide, Ty::U32, 0xffff_ffff, 2, 5, false), 0x2_0000_0003);
+        assert_eq!(
+            int(IntOp::Add, Ty::S32, 0x7fff_ffff, 1, 0, true),
+            0x7fff_ffff
+        );
+        assert_eq!(
+            int(IntOp::MadWide, Ty::U32, 0xffff_ffff, 2, 5, false),
+            0x2_0000_0003
+        );
         assert_eq!(int_un(IntUn::Clz, Ty::B32, 1), 31);
         assert_eq!(int_un(IntUn::Bfind, Ty::S32, 0xffff_fff0), 3);
         assert_eq!(int_un(IntUn::Brev, Ty::B32, 1), 0x8000_0000);
@@ -618,22 +649,184 @@ mod tests {
     #[test]
     fn conversions_saturate_and_round() {
         let f = |x: f32| x.to_bits() as u64;
-        assert_eq!(cvt(Ty::S32, Ty::F32, Some(Rnd::Zero), true, false, false, false, false, f(-3.7), 32), (-3i32) as u32 as u64);
-        assert_eq!(cvt(Ty::S32, Ty::F32, Some(Rnd::Near), true, false, false, false, false, f(2.5), 32), 2);
-        assert_eq!(cvt(Ty::U32, Ty::F32, Some(Rnd::Zero), true, false, false, false, false, f(-1.0), 32), 0);
-        assert_eq!(cvt(Ty::S32, Ty::F32, Some(Rnd::Zero), true, false, false, false, false, f(1e20), 32), 0x7fff_ffff);
-        assert_eq!(cvt(Ty::S32, Ty::F32, Some(Rnd::Zero), true, false, false, false, false, f(f32::NAN), 32), 0);
-        assert_eq!(cvt(Ty::S64, Ty::S32, None, false, false, false, false, false, 0xffff_ffff, 64), u64::MAX);
-        assert_eq!(cvt(Ty::F32, Ty::S32, Some(Rnd::Near), false, false, false, false, false, 7, 32), f(7.0));
+        assert_eq!(
+            cvt(
+                Ty::S32,
+                Ty::F32,
+                Some(Rnd::Zero),
+                true,
+                false,
+                false,
+                false,
+                false,
+                f(-3.7),
+                32
+            ),
+            (-3i32) as u32 as u64
+        );
+        assert_eq!(
+            cvt(
+                Ty::S32,
+                Ty::F32,
+                Some(Rnd::Near),
+                true,
+                false,
+                false,
+                false,
+                false,
+                f(2.5),
+                32
+            ),
+            2
+        );
+        assert_eq!(
+            cvt(
+                Ty::U32,
+                Ty::F32,
+                Some(Rnd::Zero),
+                true,
+                false,
+                false,
+                false,
+                false,
+                f(-1.0),
+                32
+            ),
+            0
+        );
+        assert_eq!(
+            cvt(
+                Ty::S32,
+                Ty::F32,
+                Some(Rnd::Zero),
+                true,
+                false,
+                false,
+                false,
+                false,
+                f(1e20),
+                32
+            ),
+            0x7fff_ffff
+        );
+        assert_eq!(
+            cvt(
+                Ty::S32,
+                Ty::F32,
+                Some(Rnd::Zero),
+                true,
+                false,
+                false,
+                false,
+                false,
+                f(f32::NAN),
+                32
+            ),
+            0
+        );
+        assert_eq!(
+            cvt(
+                Ty::S64,
+                Ty::S32,
+                None,
+                false,
+                false,
+                false,
+                false,
+                false,
+                0xffff_ffff,
+                64
+            ),
+            u64::MAX
+        );
+        assert_eq!(
+            cvt(
+                Ty::F32,
+                Ty::S32,
+                Some(Rnd::Near),
+                false,
+                false,
+                false,
+                false,
+                false,
+                7,
+                32
+            ),
+            f(7.0)
+        );
         // 2^24 + 1 is not an f32: nearest-even gives 2^24, up gives 2^24 + 2
         let big = (1u64 << 24) + 1;
-        assert_eq!(cvt(Ty::F32, Ty::U32, Some(Rnd::Near), false, false, false, false, false, big, 32), f(16777216.0));
-        assert_eq!(cvt(Ty::F32, Ty::U32, Some(Rnd::Up), false, false, false, false, false, big, 32), f(16777218.0));
-        let bf = cvt(Ty::Bf16, Ty::F32, Some(Rnd::Near), false, false, false, false, false, f(1.0 / 3.0), 16);
+        assert_eq!(
+            cvt(
+                Ty::F32,
+                Ty::U32,
+                Some(Rnd::Near),
+                false,
+                false,
+                false,
+                false,
+                false,
+                big,
+                32
+            ),
+            f(16777216.0)
+        );
+        assert_eq!(
+            cvt(
+                Ty::F32,
+                Ty::U32,
+                Some(Rnd::Up),
+                false,
+                false,
+                false,
+                false,
+                false,
+                big,
+                32
+            ),
+            f(16777218.0)
+        );
+        let bf = cvt(
+            Ty::Bf16,
+            Ty::F32,
+            Some(Rnd::Near),
+            false,
+            false,
+            false,
+            false,
+            false,
+            f(1.0 / 3.0),
+            16,
+        );
         assert_eq!(bf as u16, half::bf16::from_f32(1.0 / 3.0).to_bits());
-        assert_eq!(cvt(Ty::F32, Ty::Bf16, None, false, false, false, false, false, bf, 32), f(half::bf16::from_bits(bf as u16).to_f32()));
+        assert_eq!(
+            cvt(
+                Ty::F32,
+                Ty::Bf16,
+                None,
+                false,
+                false,
+                false,
+                false,
+                false,
+                bf,
+                32
+            ),
+            f(half::bf16::from_bits(bf as u16).to_f32())
+        );
         // tf32 keeps 10 fraction bits, ties away
-        let t = cvt(Ty::Tf32, Ty::F32, Some(Rnd::NearAway), false, false, false, false, false, f(1.0 + 2f32.powi(-11)), 32);
+        let t = cvt(
+            Ty::Tf32,
+            Ty::F32,
+            Some(Rnd::NearAway),
+            false,
+            false,
+            false,
+            false,
+            false,
+            f(1.0 + 2f32.powi(-11)),
+            32,
+        );
         assert_eq!(t, f(1.0 + 2f32.powi(-10)));
     }
 
@@ -644,11 +837,49 @@ mod tests {
         assert!(compare(Cmp::Neu, Ty::F32, false, f(f32::NAN), f(1.0)));
         assert!(compare(Cmp::Lt, Ty::S32, false, 0xffff_ffff, 0));
         assert!(!compare(Cmp::Lo, Ty::U32, false, 0xffff_ffff, 0));
-        assert_eq!(float_un(FloatUn::Ex2, Ty::F32, Rnd::Near, true, true, f(f32::NEG_INFINITY)), f(0.0));
-        assert_eq!(float_un(FloatUn::Lg2, Ty::F32, Rnd::Near, true, true, f(0.0)), f(f32::NEG_INFINITY));
-        assert_eq!(float_un(FloatUn::Rcp, Ty::F32, Rnd::Near, true, false, f(-0.0)), f(f32::NEG_INFINITY));
+        assert_eq!(
+            float_un(
+                FloatUn::Ex2,
+                Ty::F32,
+                Rnd::Near,
+                true,
+                true,
+                f(f32::NEG_INFINITY)
+            ),
+            f(0.0)
+        );
+        assert_eq!(
+            float_un(FloatUn::Lg2, Ty::F32, Rnd::Near, true, true, f(0.0)),
+            f(f32::NEG_INFINITY)
+        );
+        assert_eq!(
+            float_un(FloatUn::Rcp, Ty::F32, Rnd::Near, true, false, f(-0.0)),
+            f(f32::NEG_INFINITY)
+        );
         // div.approx: |b| in (2^126, 2^128) gives zero
-        assert_eq!(float32(FloatOp::DivApprox, Rnd::Near, false, false, f(1.0), f(2f32.powi(127)), 0), f(0.0));
-        assert_eq!(float32(FloatOp::Copysign, Rnd::Near, false, false, f(-1.0), f(2.0), 0), f(-2.0));
+        assert_eq!(
+            float32(
+                FloatOp::DivApprox,
+                Rnd::Near,
+                false,
+                false,
+                f(1.0),
+                f(2f32.powi(127)),
+                0
+            ),
+            f(0.0)
+        );
+        assert_eq!(
+            float32(
+                FloatOp::Copysign,
+                Rnd::Near,
+                false,
+                false,
+                f(-1.0),
+                f(2.0),
+                0
+            ),
+            f(-2.0)
+        );
     }
 }

@@ -74,7 +74,10 @@ impl Gemm {
     pub fn validate(&self) -> Result<(), SimError> {
         let w = self.name();
         if self.m < 0 || self.n < 0 || self.k < 0 {
-            return Err(invalid(w, format!("m={} n={} k={}", self.m, self.n, self.k)));
+            return Err(invalid(
+                w,
+                format!("m={} n={} k={}", self.m, self.n, self.k),
+            ));
         }
         if self.batch < 0 {
             return Err(invalid(w, format!("batchCount {}", self.batch)));
@@ -88,7 +91,10 @@ impl Gemm {
             return Err(invalid(w, format!("ldb {} < max(1, {rows_b})", self.b.ld)));
         }
         if self.c.ld < self.m.max(1) {
-            return Err(invalid(w, format!("ldc {} < max(1, {})", self.c.ld, self.m)));
+            return Err(invalid(
+                w,
+                format!("ldc {} < max(1, {})", self.c.ld, self.m),
+            ));
         }
         if self.a.ty != self.b.ty || self.c.ty != DType::F32 {
             return Err(SimError::Api(format!(
@@ -189,15 +195,25 @@ impl Device {
         let (ra, ca) = if g.ta == Trans::N { (g.m, k) } else { (k, g.m) };
         let (rb, cb) = if g.tb == Trans::N { (k, g.n) } else { (g.n, k) };
         let initcheck = self.checks().initcheck;
-        let locate = |name: &str, mat: &Mat, rows: i64, cols: i64, i: i64, read: bool| -> Result<Option<Operand<'_>>, SimError> {
+        let locate = |name: &str,
+                      mat: &Mat,
+                      rows: i64,
+                      cols: i64,
+                      i: i64,
+                      read: bool|
+         -> Result<Option<Operand<'_>>, SimError> {
             let bytes = span(rows, cols, mat.ld, mat.ty.size());
             if bytes == 0 {
                 return Ok(None);
             }
-            let ptr = mat.ptr.wrapping_add((i * mat.stride) as u64 * mat.ty.size());
-            let (alloc, off) = heap
-                .range(ptr, bytes as usize)
-                .map_err(|e| SimError::Api(format!("memcheck: {w}: operand {name} of batch entry {i}: {e}")))?;
+            let ptr = mat
+                .ptr
+                .wrapping_add((i * mat.stride) as u64 * mat.ty.size());
+            let (alloc, off) = heap.range(ptr, bytes as usize).map_err(|e| {
+                SimError::Api(format!(
+                    "memcheck: {w}: operand {name} of batch entry {i}: {e}"
+                ))
+            })?;
             if read && initcheck {
                 let size = mat.ty.size() as usize;
                 for c in 0..cols as usize {
@@ -293,18 +309,71 @@ mod tests {
         let b = [7f32, 8., 9., 10., 11., 12.];
         let (pa, pb) = (upload(&d, &a), upload(&d, &b));
         let pc = d.alloc(16, false).unwrap();
-        let mat = |ptr, ld| Mat { ptr, ty: DType::F32, ld, stride: 0 };
-        d.gemm(&Gemm { ta: Trans::N, tb: Trans::N, m: 2, n: 2, k: 3, alpha: 1.0, a: mat(pb, 2), b: mat(pa, 3), beta: 0.0, c: mat(pc, 2), batch: 1 })
-            .unwrap();
+        let mat = |ptr, ld| Mat {
+            ptr,
+            ty: DType::F32,
+            ld,
+            stride: 0,
+        };
+        d.gemm(&Gemm {
+            ta: Trans::N,
+            tb: Trans::N,
+            m: 2,
+            n: 2,
+            k: 3,
+            alpha: 1.0,
+            a: mat(pb, 2),
+            b: mat(pa, 3),
+            beta: 0.0,
+            c: mat(pc, 2),
+            batch: 1,
+        })
+        .unwrap();
         assert_eq!(download(&d, pc, 4), [58., 64., 139., 154.]);
         // transposed operands give the transpose: C^T = A B computed as (B^T A^T)^T
-        d.gemm(&Gemm { ta: Trans::T, tb: Trans::T, m: 2, n: 2, k: 3, alpha: 2.0, a: mat(pa, 3), b: mat(pb, 2), beta: 1.0, c: mat(pc, 2), batch: 1 })
-            .unwrap();
-        assert_eq!(download(&d, pc, 4), [58. * 3., 64. + 2. * 139., 139. + 2. * 64., 154. * 3.]);
+        d.gemm(&Gemm {
+            ta: Trans::T,
+            tb: Trans::T,
+            m: 2,
+            n: 2,
+            k: 3,
+            alpha: 2.0,
+            a: mat(pa, 3),
+            b: mat(pb, 2),
+            beta: 1.0,
+            c: mat(pc, 2),
+            batch: 1,
+        })
+        .unwrap();
+        assert_eq!(
+            download(&d, pc, 4),
+            [58. * 3., 64. + 2. * 139., 139. + 2. * 64., 154. * 3.]
+        );
         // two batch entries of 1x1 products with strides
         let pc2 = d.alloc(8, false).unwrap();
-        d.gemm(&Gemm { ta: Trans::N, tb: Trans::N, m: 1, n: 1, k: 1, alpha: 1.0, a: Mat { stride: 1, ..mat(pa, 1) }, b: Mat { stride: 2, ..mat(pb, 1) }, beta: 0.0, c: Mat { stride: 1, ..mat(pc2, 1) }, batch: 2 })
-            .unwrap();
+        d.gemm(&Gemm {
+            ta: Trans::N,
+            tb: Trans::N,
+            m: 1,
+            n: 1,
+            k: 1,
+            alpha: 1.0,
+            a: Mat {
+                stride: 1,
+                ..mat(pa, 1)
+            },
+            b: Mat {
+                stride: 2,
+                ..mat(pb, 1)
+            },
+            beta: 0.0,
+            c: Mat {
+                stride: 1,
+                ..mat(pc2, 1)
+            },
+            batch: 2,
+        })
+        .unwrap();
         assert_eq!(download(&d, pc2, 2), [7., 2. * 9.]);
     }
 
@@ -312,14 +381,46 @@ mod tests {
     fn invalid_arguments_and_bad_operands_are_refused() {
         let d = dev();
         let p = upload(&d, &[1.0; 6]);
-        let mat = |ptr, ld| Mat { ptr, ty: DType::F32, ld, stride: 0 };
-        let g = Gemm { ta: Trans::N, tb: Trans::N, m: 3, n: 2, k: 1, alpha: 1.0, a: mat(p, 2), b: mat(p, 1), beta: 0.0, c: mat(p, 3), batch: 1 };
+        let mat = |ptr, ld| Mat {
+            ptr,
+            ty: DType::F32,
+            ld,
+            stride: 0,
+        };
+        let g = Gemm {
+            ta: Trans::N,
+            tb: Trans::N,
+            m: 3,
+            n: 2,
+            k: 1,
+            alpha: 1.0,
+            a: mat(p, 2),
+            b: mat(p, 1),
+            beta: 0.0,
+            c: mat(p, 3),
+            batch: 1,
+        };
         let e = d.gemm(&g).unwrap_err().to_string();
         assert!(e.contains("lda 2 < max(1, 3)"), "{e}");
-        let e = d.gemm(&Gemm { a: mat(p, 3), c: mat(p, 2), ..g }).unwrap_err().to_string();
+        let e = d
+            .gemm(&Gemm {
+                a: mat(p, 3),
+                c: mat(p, 2),
+                ..g
+            })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("ldc 2"), "{e}");
         // C spans 3 x 3 floats: past the end of the 6-float allocation
-        let e = d.gemm(&Gemm { a: mat(p, 3), n: 3, b: mat(p, 1), ..g }).unwrap_err().to_string();
+        let e = d
+            .gemm(&Gemm {
+                a: mat(p, 3),
+                n: 3,
+                b: mat(p, 1),
+                ..g
+            })
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("memcheck") && e.contains("operand C"), "{e}");
         // never-written input
         let q = d.alloc(24, false).unwrap();
@@ -330,9 +431,26 @@ mod tests {
         let pb = d.alloc(2, false).unwrap();
         d.htod(pb, &x.to_bits().to_le_bytes()).unwrap();
         let pc = d.alloc(4, false).unwrap();
-        let bm = Mat { ptr: pb, ty: DType::Bf16, ld: 1, stride: 0 };
-        d.gemm(&Gemm { ta: Trans::N, tb: Trans::N, m: 1, n: 1, k: 1, alpha: 1.0, a: bm, b: bm, beta: 0.0, c: mat(pc, 1), batch: 1 })
-            .unwrap();
+        let bm = Mat {
+            ptr: pb,
+            ty: DType::Bf16,
+            ld: 1,
+            stride: 0,
+        };
+        d.gemm(&Gemm {
+            ta: Trans::N,
+            tb: Trans::N,
+            m: 1,
+            n: 1,
+            k: 1,
+            alpha: 1.0,
+            a: bm,
+            b: bm,
+            beta: 0.0,
+            c: mat(pc, 1),
+            batch: 1,
+        })
+        .unwrap();
         assert_eq!(download(&d, pc, 1)[0], x.to_f32() * x.to_f32());
     }
 }

@@ -94,7 +94,10 @@ pub fn pack_params(slots: &[ParamSlot], bytes: usize, args: &[Arg]) -> Result<Ve
         ));
     }
     if bytes > limits::PARAM_BYTES {
-        return Err(format!("{bytes} bytes of parameters exceed {}", limits::PARAM_BYTES));
+        return Err(format!(
+            "{bytes} bytes of parameters exceed {}",
+            limits::PARAM_BYTES
+        ));
     }
     let mut buf = vec![0u8; bytes];
     for (i, (a, p)) in args.iter().zip(slots).enumerate() {
@@ -264,7 +267,9 @@ impl Device {
         if self.heap().free(ptr) {
             Ok(())
         } else {
-            Err(SimError::Api(format!("free of {ptr:#x}, which is not a live allocation")))
+            Err(SimError::Api(format!(
+                "free of {ptr:#x}, which is not a live allocation"
+            )))
         }
     }
 
@@ -340,41 +345,70 @@ impl Device {
     }
 
     /// The driver's launch validation for `f` with `cfg` and `args`; the parameter buffer.
-    fn validate(&self, f: &Function, cfg: &LaunchConfig, args: &[Arg]) -> Result<Vec<u8>, SimError> {
+    fn validate(
+        &self,
+        f: &Function,
+        cfg: &LaunchConfig,
+        args: &[Arg],
+    ) -> Result<Vec<u8>, SimError> {
         let k = &f.kernel;
         let name = &k.name;
         let bad = |m: String| Err(SimError::Launch(format!("launch of `{name}`: {m}")));
         let [bx, by, bz] = cfg.block;
         let threads = bx as u64 * by as u64 * bz as u64;
         if cfg.block.contains(&0) || cfg.grid.contains(&0) {
-            return bad(format!("grid {:?} and block {:?} must be at least 1 in every dimension", cfg.grid, cfg.block));
+            return bad(format!(
+                "grid {:?} and block {:?} must be at least 1 in every dimension",
+                cfg.grid, cfg.block
+            ));
         }
         if threads > limits::MAX_THREADS as u64 {
-            return bad(format!("block {:?} has {threads} threads (at most {})", cfg.block, limits::MAX_THREADS));
+            return bad(format!(
+                "block {:?} has {threads} threads (at most {})",
+                cfg.block,
+                limits::MAX_THREADS
+            ));
         }
         for (i, axis) in ["x", "y", "z"].iter().enumerate() {
             if cfg.block[i] > limits::MAX_BLOCK[i] {
-                return bad(format!("block {axis} = {} exceeds {}", cfg.block[i], limits::MAX_BLOCK[i]));
+                return bad(format!(
+                    "block {axis} = {} exceeds {}",
+                    cfg.block[i],
+                    limits::MAX_BLOCK[i]
+                ));
             }
             if cfg.grid[i] > limits::MAX_GRID[i] {
-                return bad(format!("grid {axis} = {} exceeds {}", cfg.grid[i], limits::MAX_GRID[i]));
+                return bad(format!(
+                    "grid {axis} = {} exceeds {}",
+                    cfg.grid[i],
+                    limits::MAX_GRID[i]
+                ));
             }
         }
         if let Some(m) = k.maxntid {
             let most = m[0] as u64 * m[1] as u64 * m[2] as u64;
             if threads > most {
-                return bad(format!("{threads} threads per block exceed the kernel's .maxntid ({most})"));
+                return bad(format!(
+                    "{threads} threads per block exceed the kernel's .maxntid ({most})"
+                ));
             }
         }
         if let Some(r) = k.reqntid
             && r != cfg.block
         {
-            return bad(format!("block {:?} differs from the kernel's .reqntid {r:?}", cfg.block));
+            return bad(format!(
+                "block {:?} differs from the kernel's .reqntid {r:?}",
+                cfg.block
+            ));
         }
         let dynamic = cfg.shared_bytes as usize;
         let total = k.shared_static + dynamic;
         if k.shared_static > limits::SHARED_DEFAULT {
-            return bad(format!("{} bytes of static shared memory exceed {}", k.shared_static, limits::SHARED_DEFAULT));
+            return bad(format!(
+                "{} bytes of static shared memory exceed {}",
+                k.shared_static,
+                limits::SHARED_DEFAULT
+            ));
         }
         match f.max_dynamic_shared {
             None if total > limits::SHARED_DEFAULT => {
@@ -392,7 +426,8 @@ impl Device {
             }
             _ => {}
         }
-        pack_params(&k.params, k.param_bytes, args).map_err(|m| SimError::Launch(format!("launch of `{name}`: {m}")))
+        pack_params(&k.params, k.param_bytes, args)
+            .map_err(|m| SimError::Launch(format!("launch of `{name}`: {m}")))
     }
 
     /// Run `f` over the grid; a fault ends the launch, the one of the lowest block reported.

@@ -94,7 +94,11 @@ pub fn round_to(s: f64, e: f64, fmt: Fmt, mode: Rnd) -> f64 {
     // Directed modes round the exact magnitude down (toward zero) or up (away); nearest
     // compares the fraction with one half, the residual breaking exact ties.
     let on_grid = frac == 0.0 && me == 0.0;
-    let floor_exact = if frac == 0.0 && me < 0.0 { fl - 1.0 } else { fl };
+    let floor_exact = if frac == 0.0 && me < 0.0 {
+        fl - 1.0
+    } else {
+        fl
+    };
     let n = match mode {
         Rnd::Near | Rnd::NearAway => {
             if frac > 0.5 || (frac == 0.5 && me > 0.0) {
@@ -154,7 +158,11 @@ pub fn f64b(x: u64) -> f64 {
 /// Sign-preserving flush of an f32 subnormal to zero (`.ftz`).
 #[inline]
 pub fn ftz32(x: f32) -> f32 {
-    if x.is_subnormal() { f32::from_bits(x.to_bits() & 0x8000_0000) } else { x }
+    if x.is_subnormal() {
+        f32::from_bits(x.to_bits() & 0x8000_0000)
+    } else {
+        x
+    }
 }
 
 #[inline]
@@ -292,7 +300,11 @@ pub fn arith64(op: Arith, a: f64, b: f64, c: f64, mode: Rnd) -> f64 {
             Rnd::Up => near < 0.0,
             _ => false,
         };
-        return if overflow && to_max { f64::MAX.copysign(near) } else { near };
+        return if overflow && to_max {
+            f64::MAX.copysign(near)
+        } else {
+            near
+        };
     }
     if near == 0.0 && matches!(op, Arith::Add | Arith::Sub) {
         return exact_zero_sum(a, if op == Arith::Sub { -b } else { b }, near, mode);
@@ -476,8 +488,14 @@ mod tests {
         let (a, b) = (1.0f32, 2f32.powi(-30));
         assert_eq!(arith32(Arith::Add, a, b, 0.0, Rnd::Down, false), 1.0);
         assert_eq!(arith32(Arith::Add, a, b, 0.0, Rnd::Zero, false), 1.0);
-        assert_eq!(arith32(Arith::Add, a, b, 0.0, Rnd::Up, false), 1.0f32.next_up());
-        assert_eq!(arith32(Arith::Add, -a, -b, 0.0, Rnd::Down, false), (-1.0f32).next_down());
+        assert_eq!(
+            arith32(Arith::Add, a, b, 0.0, Rnd::Up, false),
+            1.0f32.next_up()
+        );
+        assert_eq!(
+            arith32(Arith::Add, -a, -b, 0.0, Rnd::Down, false),
+            (-1.0f32).next_down()
+        );
         // 1/3 in every mode: down < exact < up, nearest as native division
         let third = arith32(Arith::Div, 1.0, 3.0, 0.0, Rnd::Near, false);
         assert_eq!(third, 1.0f32 / 3.0);
@@ -494,8 +512,14 @@ mod tests {
             -2f32.powi(-46)
         );
         // overflow: toward zero stays finite
-        assert_eq!(arith32(Arith::Mul, f32::MAX, 2.0, 0.0, Rnd::Zero, false), f32::MAX);
-        assert_eq!(arith32(Arith::Mul, f32::MAX, 2.0, 0.0, Rnd::Near, false), f32::INFINITY);
+        assert_eq!(
+            arith32(Arith::Mul, f32::MAX, 2.0, 0.0, Rnd::Zero, false),
+            f32::MAX
+        );
+        assert_eq!(
+            arith32(Arith::Mul, f32::MAX, 2.0, 0.0, Rnd::Near, false),
+            f32::INFINITY
+        );
     }
 
     #[test]

@@ -299,22 +299,85 @@ pub enum CpFill {
 pub enum Op {
     Nop,
     /// Copy bits (masked to the destination register's width on write).
-    Mov { d: Reg, a: Src },
-    Clock { d: Reg, which: Clock },
+    Mov {
+        d: Reg,
+        a: Src,
+    },
+    Clock {
+        d: Reg,
+        which: Clock,
+    },
     /// `mov.b64 d, {a, b}`: parts from the least significant, each `bits` wide.
-    Pack { d: Reg, parts: Vec<Src>, bits: u32 },
+    Pack {
+        d: Reg,
+        parts: Vec<Src>,
+        bits: u32,
+    },
     /// `mov.b64 {a, b}, s`: `None` for `_`.
-    Unpack { ds: Vec<Option<Reg>>, a: Src, bits: u32 },
+    Unpack {
+        ds: Vec<Option<Reg>>,
+        a: Src,
+        bits: u32,
+    },
     /// `cvta[.to].space`: generic <-> state-space address.
-    Cvta { d: Reg, a: Src, space: MemSpace, to: bool },
-    Int { op: IntOp, ty: Ty, d: Reg, a: Src, b: Src, c: Src, sat: bool },
-    IntUn { op: IntUn, ty: Ty, d: Reg, a: Src },
-    Bfe { ty: Ty, d: Reg, a: Src, b: Src, c: Src },
-    Bfi { ty: Ty, d: Reg, f: Src, a: Src, b: Src, c: Src },
-    Prmt { d: Reg, a: Src, b: Src, c: Src },
-    Lop3 { d: Reg, a: Src, b: Src, c: Src, lut: u8 },
+    Cvta {
+        d: Reg,
+        a: Src,
+        space: MemSpace,
+        to: bool,
+    },
+    Int {
+        op: IntOp,
+        ty: Ty,
+        d: Reg,
+        a: Src,
+        b: Src,
+        c: Src,
+        sat: bool,
+    },
+    IntUn {
+        op: IntUn,
+        ty: Ty,
+        d: Reg,
+        a: Src,
+    },
+    Bfe {
+        ty: Ty,
+        d: Reg,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Bfi {
+        ty: Ty,
+        d: Reg,
+        f: Src,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Prmt {
+        d: Reg,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
+    Lop3 {
+        d: Reg,
+        a: Src,
+        b: Src,
+        c: Src,
+        lut: u8,
+    },
     /// Funnel shift (`shf.l` / `shf.r`, `.wrap` or `.clamp`).
-    Shf { left: bool, wrap: bool, d: Reg, a: Src, b: Src, c: Src },
+    Shf {
+        left: bool,
+        wrap: bool,
+        d: Reg,
+        a: Src,
+        b: Src,
+        c: Src,
+    },
     Float {
         op: FloatOp,
         ty: Ty,
@@ -335,7 +398,12 @@ pub enum Op {
         d: Reg,
         a: Src,
     },
-    Testp { kind: TestKind, ty: Ty, d: Reg, a: Src },
+    Testp {
+        kind: TestKind,
+        ty: Ty,
+        d: Reg,
+        a: Src,
+    },
     Setp {
         cmp: Cmp,
         ty: Ty,
@@ -347,7 +415,12 @@ pub enum Op {
         combine: Option<(BoolOp, Src, bool)>,
     },
     /// `selp d, a, b, p`: `d = p ? a : b`.
-    Selp { d: Reg, a: Src, b: Src, p: Src },
+    Selp {
+        d: Reg,
+        a: Src,
+        b: Src,
+        p: Src,
+    },
     Cvt {
         dty: Ty,
         sty: Ty,
@@ -362,20 +435,70 @@ pub enum Op {
         a: Src,
     },
     /// `cvt.rn.{bf16x2,f16x2}.f32 d, a, b`: `a` goes to the upper half.
-    CvtPack { dty: Ty, rnd: Rnd, relu: bool, satfinite: bool, d: Reg, a: Src, b: Src },
-    Ld { space: MemSpace, ty: Ty, d: Vec<Option<Reg>>, addr: Addr },
-    St { space: MemSpace, ty: Ty, a: Vec<Src>, addr: Addr },
+    CvtPack {
+        dty: Ty,
+        rnd: Rnd,
+        relu: bool,
+        satfinite: bool,
+        d: Reg,
+        a: Src,
+        b: Src,
+    },
+    Ld {
+        space: MemSpace,
+        ty: Ty,
+        d: Vec<Option<Reg>>,
+        addr: Addr,
+    },
+    St {
+        space: MemSpace,
+        ty: Ty,
+        a: Vec<Src>,
+        addr: Addr,
+    },
     /// `atom` (with `d`) or `red` (without).
-    Atom { space: MemSpace, op: AtomOp, ty: Ty, d: Option<Reg>, addr: Addr, b: Src, c: Src },
-    Bra { target: u32 },
+    Atom {
+        space: MemSpace,
+        op: AtomOp,
+        ty: Ty,
+        d: Option<Reg>,
+        addr: Addr,
+        b: Src,
+        c: Src,
+    },
+    Bra {
+        target: u32,
+    },
     Exit,
     /// `bar.sync` / `barrier.sync` (`arrive` for `bar.arrive`): barrier `id`, optional
     /// thread count.
-    Bar { id: Src, count: Option<Src>, arrive: bool },
-    BarWarp { mask: Src },
-    Shfl { mode: ShflMode, d: Reg, p: Option<Reg>, a: Src, b: Src, c: Src, mask: Src },
-    Vote { mode: VoteMode, d: Reg, a: Src, neg: bool, mask: Src },
-    Activemask { d: Reg },
+    Bar {
+        id: Src,
+        count: Option<Src>,
+        arrive: bool,
+    },
+    BarWarp {
+        mask: Src,
+    },
+    Shfl {
+        mode: ShflMode,
+        d: Reg,
+        p: Option<Reg>,
+        a: Src,
+        b: Src,
+        c: Src,
+        mask: Src,
+    },
+    Vote {
+        mode: VoteMode,
+        d: Reg,
+        a: Src,
+        neg: bool,
+        mask: Src,
+    },
+    Activemask {
+        d: Reg,
+    },
     Mma {
         shape: MmaShape,
         /// Input element type (bf16, f16 or tf32) and accumulator type (f32 or f16).
@@ -386,13 +509,33 @@ pub enum Op {
         b: Vec<Src>,
         c: Vec<Src>,
     },
-    Ldmatrix { count: u32, trans: bool, d: Vec<Reg>, addr: Addr, space: MemSpace },
-    Stmatrix { count: u32, trans: bool, a: Vec<Src>, addr: Addr, space: MemSpace },
+    Ldmatrix {
+        count: u32,
+        trans: bool,
+        d: Vec<Reg>,
+        addr: Addr,
+        space: MemSpace,
+    },
+    Stmatrix {
+        count: u32,
+        trans: bool,
+        a: Vec<Src>,
+        addr: Addr,
+        space: MemSpace,
+    },
     /// `cp.async.{ca,cg}.shared.global [dst], [src], size{, src_size | ignore_src}`.
-    CpAsync { size: u32, fill: CpFill, dst: Addr, src: Addr },
+    CpAsync {
+        size: u32,
+        fill: CpFill,
+        dst: Addr,
+        src: Addr,
+    },
     CpAsyncCommit,
     /// `cp.async.wait_group n` (`all`: `wait_all`, which also covers uncommitted copies).
-    CpAsyncWait { pending: u32, all: bool },
+    CpAsyncWait {
+        pending: u32,
+        all: bool,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq)]

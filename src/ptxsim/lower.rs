@@ -140,7 +140,11 @@ fn float_bits(v: f64, ty: Ty) -> Result<u64, String> {
 }
 
 fn mask_bits(v: u64, bits: u32) -> u64 {
-    if bits >= 64 { v } else { v & ((1u64 << bits) - 1) }
+    if bits >= 64 {
+        v
+    } else {
+        v & ((1u64 << bits) - 1)
+    }
 }
 
 impl Lower<'_> {
@@ -256,7 +260,10 @@ fn arity(ops: &[Operand], n: usize, opcode: &str) -> Result<(), String> {
     if ops.len() == n {
         Ok(())
     } else {
-        Err(format!("`{opcode}` takes {n} operands, found {}", ops.len()))
+        Err(format!(
+            "`{opcode}` takes {n} operands, found {}",
+            ops.len()
+        ))
     }
 }
 
@@ -286,7 +293,11 @@ fn cmp_of(s: &str) -> Option<Cmp> {
 
 /// Lower one `.entry` of `m`. `globals` maps module-level `.global`/`.const` variables to
 /// the device addresses they were given at load.
-pub fn lower(m: &Module, f: &Function, globals: &HashMap<String, u64>) -> Result<Kernel, LowerError> {
+pub fn lower(
+    m: &Module,
+    f: &Function,
+    globals: &HashMap<String, u64>,
+) -> Result<Kernel, LowerError> {
     let mut l = Lower {
         scopes: vec![HashMap::new()],
         reg_bits: Vec::new(),
@@ -355,7 +366,10 @@ pub fn lower(m: &Module, f: &Function, globals: &HashMap<String, u64>) -> Result
             _ => {
                 return Err((
                     v.line,
-                    format!("`{}`: only .shared and .local variables may be declared in a kernel body", v.name),
+                    format!(
+                        "`{}`: only .shared and .local variables may be declared in a kernel body",
+                        v.name
+                    ),
                 ));
             }
         }
@@ -526,7 +540,9 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
             };
             let d = l.regs_of(&ops[0])?;
             if o.ty()?.bits() > 64 {
-                return Err(format!("`{opcode}`: 128-bit loads are not supported by the simulator"));
+                return Err(format!(
+                    "`{opcode}`: 128-bit loads are not supported by the simulator"
+                ));
             }
             if d.len() != o.vec() {
                 return Err(format!("`{opcode}`: {} destination registers", d.len()));
@@ -542,7 +558,9 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
             arity(ops, 2, opcode)?;
             let (space, ty) = (o.space(), o.ty()?);
             if ty.bits() > 64 {
-                return Err(format!("`{opcode}`: 128-bit stores are not supported by the simulator"));
+                return Err(format!(
+                    "`{opcode}`: 128-bit stores are not supported by the simulator"
+                ));
             }
             let a = l.srcs_of(&ops[1], ty)?;
             if a.len() != o.vec() {
@@ -665,7 +683,10 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
         }
         "prmt" => {
             arity(ops, 4, opcode)?;
-            if o.mods.iter().any(|m| matches!(*m, "f4e" | "b4e" | "rc8" | "ecl" | "ecr" | "rc16")) {
+            if o.mods
+                .iter()
+                .any(|m| matches!(*m, "f4e" | "b4e" | "rc8" | "ecl" | "ecr" | "rc16"))
+            {
                 return Err(unsupported());
             }
             Op::Prmt {
@@ -773,10 +794,7 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
             arity(ops, 1, opcode)?;
             match &ops[0] {
                 Operand::Name(n) => Op::Bra {
-                    target: *l
-                        .labels
-                        .get(n)
-                        .ok_or_else(|| format!("no label `{n}`"))?,
+                    target: *l.labels.get(n).ok_or_else(|| format!("no label `{n}`"))?,
                 },
                 _ => return Err("bra: expected a label".into()),
             }
@@ -858,15 +876,18 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
         }
         "activemask" => {
             arity(ops, 1, opcode)?;
-            Op::Activemask {
-                d: l.dst(&ops[0])?,
-            }
+            Op::Activemask { d: l.dst(&ops[0])? }
         }
         "atom" | "red" => {
             let is_atom = o.base == "atom";
             let space = o.space();
-            if !matches!(space, MemSpace::Global | MemSpace::Shared | MemSpace::Generic) {
-                return Err(format!("`{opcode}`: atomics need global, shared or generic memory"));
+            if !matches!(
+                space,
+                MemSpace::Global | MemSpace::Shared | MemSpace::Generic
+            ) {
+                return Err(format!(
+                    "`{opcode}`: atomics need global, shared or generic memory"
+                ));
             }
             let op = o
                 .mods
@@ -1001,7 +1022,9 @@ fn lower_op(l: &Lower, opcode: &str, ops: &[Operand]) -> Result<Op, String> {
                         CpFill::IgnoreSrc(p, neg)
                     }
                     Some(o) => match l.src(o, Ty::U32)? {
-                        Src::R(r) if l.reg_bits[r as usize] == 1 => CpFill::IgnoreSrc(Src::R(r), false),
+                        Src::R(r) if l.reg_bits[r as usize] == 1 => {
+                            CpFill::IgnoreSrc(Src::R(r), false)
+                        }
                         s => CpFill::SrcSize(s),
                     },
                 };
@@ -1022,7 +1045,10 @@ fn lower_arith(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
     let three = matches!(o.base, "mad" | "fma" | "mad24" | "sad");
     arity(ops, if three { 4 } else { 3 }, o.text)?;
     if o.has("cc") || o.base == "addc" || o.base == "subc" {
-        return Err(format!("`{}`: carry chains are not supported by the simulator", o.text));
+        return Err(format!(
+            "`{}`: carry chains are not supported by the simulator",
+            o.text
+        ));
     }
     let d = l.dst(&ops[0])?;
     if ty.float() {
@@ -1044,7 +1070,10 @@ fn lower_arith(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
             return Err(format!("`{}` needs a rounding modifier", o.text));
         }
         if op == FloatOp::Fma && ty == Ty::F64 && o.rnd() != Some(Rnd::Near) {
-            return Err(format!("`{}`: f64 fma rounds only to nearest in the simulator", o.text));
+            return Err(format!(
+                "`{}`: f64 fma rounds only to nearest in the simulator",
+                o.text
+            ));
         }
         if op == FloatOp::Div && ty == Ty::F64 && o.rnd().is_none() {
             return Err(format!("`{}` needs a rounding modifier", o.text));
@@ -1088,7 +1117,10 @@ fn lower_arith(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
         "sad" => IntOp::Sad,
         _ => return Err(format!("`{}` is not supported by the simulator", o.text)),
     };
-    if o.mods.iter().any(|m| matches!(*m, "relu" | "s16x2" | "u16x2")) {
+    if o.mods
+        .iter()
+        .any(|m| matches!(*m, "relu" | "s16x2" | "u16x2"))
+    {
         return Err(format!("`{}` is not supported by the simulator", o.text));
     }
     // The addend of mad.wide is twice as wide as the inputs.
@@ -1117,7 +1149,10 @@ fn lower_arith(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
 fn lower_cvt(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
     let tys = o.types();
     if tys.len() != 2 {
-        return Err(format!("`{}`: expected a destination and a source type", o.text));
+        return Err(format!(
+            "`{}`: expected a destination and a source type",
+            o.text
+        ));
     }
     let (dty, sty) = (tys[0], tys[1]);
     let int_rnd = o
@@ -1138,10 +1173,16 @@ fn lower_cvt(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
     }
     arity(ops, 2, o.text)?;
     if dty.float() && sty.float() && dty.bits() < sty.bits() && o.rnd().is_none() {
-        return Err(format!("`{}`: a narrowing float conversion needs a rounding modifier", o.text));
+        return Err(format!(
+            "`{}`: a narrowing float conversion needs a rounding modifier",
+            o.text
+        ));
     }
     if !dty.float() && sty.float() && !int_rnd {
-        return Err(format!("`{}`: float to integer needs .rni/.rzi/.rmi/.rpi", o.text));
+        return Err(format!(
+            "`{}`: float to integer needs .rni/.rzi/.rmi/.rpi",
+            o.text
+        ));
     }
     Ok(Op::Cvt {
         dty,
@@ -1169,8 +1210,14 @@ fn lower_mma(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
     } else {
         return Err(unsupported());
     };
-    if !o.has("row") || !o.has("col") || o.mods.iter().position(|m| *m == "row") > o.mods.iter().position(|m| *m == "col") {
-        return Err(format!("`{}`: only .row.col layouts exist for this shape", o.text));
+    if !o.has("row")
+        || !o.has("col")
+        || o.mods.iter().position(|m| *m == "row") > o.mods.iter().position(|m| *m == "col")
+    {
+        return Err(format!(
+            "`{}`: only .row.col layouts exist for this shape",
+            o.text
+        ));
     }
     let tys = o.types();
     if tys.len() != 4 {
@@ -1183,7 +1230,11 @@ fn lower_mma(l: &Lower, o: &Opc, ops: &[Operand]) -> Result<Op, String> {
     let ok = matches!(
         (shape, aty, dty),
         (MmaShape::M16n8k16 | MmaShape::M16n8k8, Ty::Bf16, Ty::F32)
-            | (MmaShape::M16n8k16 | MmaShape::M16n8k8, Ty::F16, Ty::F32 | Ty::F16)
+            | (
+                MmaShape::M16n8k16 | MmaShape::M16n8k8,
+                Ty::F16,
+                Ty::F32 | Ty::F16
+            )
             | (MmaShape::M16n8k8 | MmaShape::M16n8k4, Ty::Tf32, Ty::F32)
     );
     if !ok {

@@ -133,16 +133,30 @@ mod tests {
     fn matmul(a: &[Vec<f64>], b: &[Vec<f64>], c: &[Vec<f64>]) -> Vec<Vec<f64>> {
         let (m, k, n) = (a.len(), b.len(), b[0].len());
         (0..m)
-            .map(|i| (0..n).map(|j| c[i][j] + (0..k).map(|p| a[i][p] * b[p][j]).sum::<f64>()).collect())
+            .map(|i| {
+                (0..n)
+                    .map(|j| c[i][j] + (0..k).map(|p| a[i][p] * b[p][j]).sum::<f64>())
+                    .collect()
+            })
             .collect()
     }
 
     fn check(shape: MmaShape, ab: Ty, acc: Ty) {
         let k = k_of(shape);
         // small integers and halves: exact in every input type
-        let av: Vec<Vec<f64>> = (0..16).map(|i| (0..k).map(|p| ((i * 7 + p * 3) % 11) as f64 * 0.5 - 2.0).collect()).collect();
-        let bv: Vec<Vec<f64>> = (0..k).map(|p| (0..8).map(|j| ((p * 5 + j * 2) % 9) as f64 - 4.0).collect()).collect();
-        let cv: Vec<Vec<f64>> = (0..16).map(|i| (0..8).map(|j| (i + j) as f64 * 0.25).collect()).collect();
+        let av: Vec<Vec<f64>> = (0..16)
+            .map(|i| {
+                (0..k)
+                    .map(|p| ((i * 7 + p * 3) % 11) as f64 * 0.5 - 2.0)
+                    .collect()
+            })
+            .collect();
+        let bv: Vec<Vec<f64>> = (0..k)
+            .map(|p| (0..8).map(|j| ((p * 5 + j * 2) % 9) as f64 - 4.0).collect())
+            .collect();
+        let cv: Vec<Vec<f64>> = (0..16)
+            .map(|i| (0..8).map(|j| (i + j) as f64 * 0.25).collect())
+            .collect();
         let enc = |x: f64| -> u64 {
             match ab {
                 Ty::Bf16 => half::bf16::from_f64(x).to_bits() as u64,
@@ -162,10 +176,40 @@ mod tests {
         let mut b = Vec::new();
         let mut c = Vec::new();
         for lane in 0..32 {
-            a.push(pack((0..na).map(|i| { let (r, col) = a_elem(shape, ab, lane, i); enc(av[r][col]) }).collect()));
-            b.push(pack((0..nb).map(|i| { let (r, col) = b_elem(shape, ab, lane, i); enc(bv[r][col]) }).collect()));
-            let cs: Vec<u64> = (0..4).map(|i| { let (r, col) = c_elem(lane, i); cv[r][col] }).map(|x| if acc == Ty::F32 { (x as f32).to_bits() as u64 } else { half::f16::from_f64(x).to_bits() as u64 }).collect();
-            c.push(if acc == Ty::F32 { cs } else { cs.chunks(2).map(|p| p[0] | (p[1] << 16)).collect() });
+            a.push(pack(
+                (0..na)
+                    .map(|i| {
+                        let (r, col) = a_elem(shape, ab, lane, i);
+                        enc(av[r][col])
+                    })
+                    .collect(),
+            ));
+            b.push(pack(
+                (0..nb)
+                    .map(|i| {
+                        let (r, col) = b_elem(shape, ab, lane, i);
+                        enc(bv[r][col])
+                    })
+                    .collect(),
+            ));
+            let cs: Vec<u64> = (0..4)
+                .map(|i| {
+                    let (r, col) = c_elem(lane, i);
+                    cv[r][col]
+                })
+                .map(|x| {
+                    if acc == Ty::F32 {
+                        (x as f32).to_bits() as u64
+                    } else {
+                        half::f16::from_f64(x).to_bits() as u64
+                    }
+                })
+                .collect();
+            c.push(if acc == Ty::F32 {
+                cs
+            } else {
+                cs.chunks(2).map(|p| p[0] | (p[1] << 16)).collect()
+            });
         }
         let fr = |v: &Vec<Vec<u64>>| -> Frags {
             let mut f = [[0u64; 4]; 32];
@@ -189,7 +233,10 @@ mod tests {
                 seen[r][col] = true;
             }
         }
-        assert!(seen.iter().all(|r| r.iter().all(|&x| x)), "D covers the 16x8 tile");
+        assert!(
+            seen.iter().all(|r| r.iter().all(|&x| x)),
+            "D covers the 16x8 tile"
+        );
     }
 
     #[test]
@@ -206,9 +253,25 @@ mod tests {
     #[test]
     fn fragments_match_the_manuals_worked_lanes() {
         // lane 31 of m16n8k16: A a0..a7, B b0..b3 (from the PTX ISA fragment tables)
-        let a: Vec<_> = (0..8).map(|i| a_elem(MmaShape::M16n8k16, Ty::Bf16, 31, i)).collect();
-        assert_eq!(a, [(7, 6), (7, 7), (15, 6), (15, 7), (7, 14), (7, 15), (15, 14), (15, 15)]);
-        let b: Vec<_> = (0..4).map(|i| b_elem(MmaShape::M16n8k16, Ty::Bf16, 31, i)).collect();
+        let a: Vec<_> = (0..8)
+            .map(|i| a_elem(MmaShape::M16n8k16, Ty::Bf16, 31, i))
+            .collect();
+        assert_eq!(
+            a,
+            [
+                (7, 6),
+                (7, 7),
+                (15, 6),
+                (15, 7),
+                (7, 14),
+                (7, 15),
+                (15, 14),
+                (15, 15)
+            ]
+        );
+        let b: Vec<_> = (0..4)
+            .map(|i| b_elem(MmaShape::M16n8k16, Ty::Bf16, 31, i))
+            .collect();
         assert_eq!(b, [(6, 7), (7, 7), (14, 7), (15, 7)]);
         // tf32 m16n8k8: a1 is the row + 8 element
         assert_eq!(a_elem(MmaShape::M16n8k8, Ty::Tf32, 5, 1), (9, 1));

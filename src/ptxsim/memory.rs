@@ -139,7 +139,9 @@ impl Alloc {
         }
         let full = self.size / 64;
         let rest = self.size % 64;
-        let done = self.init[..full].iter().all(|w| w.load(Relaxed) == u64::MAX)
+        let done = self.init[..full]
+            .iter()
+            .all(|w| w.load(Relaxed) == u64::MAX)
             && (rest == 0 || self.init[full].load(Relaxed) == (1u64 << rest) - 1);
         if done {
             self.all_init.store(true, Relaxed);
@@ -288,7 +290,10 @@ impl Heap {
             let a = &self.live[i - 1];
             // `addr >= a.base` here; compare offsets, so an address near the top of the
             // 64-bit space cannot wrap around into the allocation.
-            if (addr - a.base).checked_add(len).is_some_and(|end| end <= a.size as u64) {
+            if (addr - a.base)
+                .checked_add(len)
+                .is_some_and(|end| end <= a.size as u64)
+            {
                 return Ok(i - 1);
             }
         }
@@ -354,7 +359,10 @@ mod tests {
         assert!(b >= a + 100 + GAP);
         assert!(h.find(a + 96, 4).is_ok());
         let m = h.find(a + 98, 4).unwrap_err();
-        assert!(m.describe(a + 98, 4).contains("run 2 bytes past the end of allocation #1"));
+        assert!(
+            m.describe(a + 98, 4)
+                .contains("run 2 bytes past the end of allocation #1")
+        );
         let m = h.find(a + 100, 4).unwrap_err();
         assert!(m.describe(a + 100, 4).contains("0 bytes past the end"));
         assert!(h.free(a));

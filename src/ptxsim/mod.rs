@@ -5,7 +5,9 @@
 //! validation. See `device` for the runtime interface and `blas` for the cuBLAS twin.
 
 mod alu;
+pub mod blas;
 mod block;
+pub mod device;
 pub mod fault;
 mod float;
 pub mod ir;
@@ -14,8 +16,6 @@ pub mod lower;
 mod matrix;
 pub mod memory;
 pub mod parse;
-pub mod blas;
-pub mod device;
 
 pub use device::{Arg, Device, Function, LaunchConfig, Module, SimError};
 pub use fault::{Check, Checks, Fault};

@@ -128,7 +128,9 @@ pub fn number(w: &str) -> Option<Operand> {
         return hex(h).map(|v| Operand::Int(v as i64));
     }
     if let Some(b) = w.strip_prefix("0b").or_else(|| w.strip_prefix("0B")) {
-        return u64::from_str_radix(b, 2).ok().map(|v| Operand::Int(v as i64));
+        return u64::from_str_radix(b, 2)
+            .ok()
+            .map(|v| Operand::Int(v as i64));
     }
     if !w.starts_with(|c: char| c.is_ascii_digit()) {
         return None;
@@ -137,7 +139,9 @@ pub fn number(w: &str) -> Option<Operand> {
         return w.parse::<f64>().ok().map(|v| Operand::F64(v.to_bits()));
     }
     if w.len() > 1 && w.starts_with('0') {
-        return u64::from_str_radix(&w[1..], 8).ok().map(|v| Operand::Int(v as i64));
+        return u64::from_str_radix(&w[1..], 8)
+            .ok()
+            .map(|v| Operand::Int(v as i64));
     }
     w.parse::<u64>().ok().map(|v| Operand::Int(v as i64))
 }
@@ -235,7 +239,9 @@ pub fn parse(text: &str) -> Result<Module, ParseError> {
             ".address_size" => {
                 let bits = p.uint()?;
                 if bits != 64 {
-                    return p.err(format!(".address_size {bits}: only 64-bit PTX is supported"));
+                    return p.err(format!(
+                        ".address_size {bits}: only 64-bit PTX is supported"
+                    ));
                 }
             }
             ".file" | ".loc" => p.skip_line(),
@@ -466,7 +472,12 @@ fn function(p: &mut P, is_entry: bool) -> Result<Function, ParseError> {
                 }
             }
             ".noreturn" => {}
-            other => return p.err(format!("unexpected `{other}` in the header of `{}`", f.name)),
+            other => {
+                return p.err(format!(
+                    "unexpected `{other}` in the header of `{}`",
+                    f.name
+                ));
+            }
         }
     }
     if !is_entry {
@@ -705,19 +716,22 @@ $L__BB0_2:
         assert_eq!(insts[1].ops[0], Operand::Pair("%p1".into(), "%p2".into()));
         assert_eq!(insts[1].ops[2], Operand::Int(-4));
         assert_eq!(insts[2].guard, Some((true, "%p1".into())));
-        assert_eq!(
-            insts[4].ops[0],
-            Operand::Mem(Some("scratch".into()), 8)
-        );
+        assert_eq!(insts[4].ops[0], Operand::Mem(Some("scratch".into()), 8));
         assert_eq!(insts[5].ops[1], Operand::Mem(Some("%rd2".into()), -8));
         assert_eq!(insts[6].ops[1], Operand::F32(0x3F80_0000));
-        assert!(f.body.iter().any(|s| matches!(s, Stmt::Label(l, _) if l == "$L__BB0_2")));
+        assert!(
+            f.body
+                .iter()
+                .any(|s| matches!(s, Stmt::Label(l, _) if l == "$L__BB0_2"))
+        );
     }
 
     #[test]
     fn errors_name_the_line() {
-        let e = parse(".version 9.0\n.target sm_80\n.visible .entry k()\n{\n  add.s32 %r1, %r2 %r3;\n}\n")
-            .unwrap_err();
+        let e = parse(
+            ".version 9.0\n.target sm_80\n.visible .entry k()\n{\n  add.s32 %r1, %r2 %r3;\n}\n",
+        )
+        .unwrap_err();
         assert_eq!(e.0, 5);
     }
 }

@@ -71,7 +71,10 @@ fn run_op(inst: &str, dsts: &[R], srcs: &[R], cases: &[[u64; 3]]) -> Vec<Vec<u64
     }
     body += "mul.wide.u32 %a3, %t0, 16;\nadd.u64 %a3, %a1, %a3;\nst.global.v2.u64 [%a3], {%y0, %y1};\n$END:\nret;\n}\n";
     if dsts.len() == 1 {
-        body = body.replace("st.global.v2.u64 [%a3], {%y0, %y1};", "st.global.u64 [%a3], %y0;");
+        body = body.replace(
+            "st.global.v2.u64 [%a3], {%y0, %y1};",
+            "st.global.u64 [%a3], %y0;",
+        );
     }
     let d = dev();
     let flat: Vec<u64> = cases.iter().flatten().copied().collect();
@@ -79,7 +82,13 @@ fn run_op(inst: &str, dsts: &[R], srcs: &[R], cases: &[[u64; 3]]) -> Vec<Vec<u64
     let go = zeros::<u64>(&d, 2 * cases.len());
     let n = cases.len() as u32;
     let ptx = sm80(&body);
-    if let Err(e) = launch(&d, &ptx, "op", cfg(n.div_ceil(128), 128), &[p(gi), p(go), Arg::I32(n as i32)]) {
+    if let Err(e) = launch(
+        &d,
+        &ptx,
+        "op",
+        cfg(n.div_ceil(128), 128),
+        &[p(gi), p(go), Arg::I32(n as i32)],
+    ) {
         panic!("`{inst}`: {e}");
     }
     let out: Vec<u64> = down(&d, go, 2 * cases.len());
@@ -89,9 +98,15 @@ fn run_op(inst: &str, dsts: &[R], srcs: &[R], cases: &[[u64; 3]]) -> Vec<Vec<u64
 /// One 32-bit result per case for `op.type %d0, %s0[, %s1[, %s2]]`.
 fn op32(inst: &str, nsrc: usize, cases: &[[u32; 3]]) -> Vec<u32> {
     let srcs = vec![R::B32; nsrc];
-    let ops = (0..nsrc).map(|i| format!("%s{i}")).collect::<Vec<_>>().join(", ");
+    let ops = (0..nsrc)
+        .map(|i| format!("%s{i}"))
+        .collect::<Vec<_>>()
+        .join(", ");
     let c: Vec<[u64; 3]> = cases.iter().map(|c| c.map(|x| x as u64)).collect();
-    run_op(&format!("{inst} %d0, {ops}"), &[R::B32], &srcs, &c).iter().map(|r| r[0] as u32).collect()
+    run_op(&format!("{inst} %d0, {ops}"), &[R::B32], &srcs, &c)
+        .iter()
+        .map(|r| r[0] as u32)
+        .collect()
 }
 
 fn f(x: f32) -> u32 {
@@ -133,8 +148,16 @@ fn check_rounding(mode: &str, r: f32, x: Exact, what: &str) {
         Greater => (r.next_down(), r),
     };
     // the exact value lies strictly between two neighbouring f32 values
-    assert_eq!(x.cmp(lo as f64), Less, "{what}: {mode} result {r:e} is not adjacent to the exact value");
-    assert_eq!(x.cmp(hi as f64), Greater, "{what}: {mode} result {r:e} is not adjacent to the exact value");
+    assert_eq!(
+        x.cmp(lo as f64),
+        Less,
+        "{what}: {mode} result {r:e} is not adjacent to the exact value"
+    );
+    assert_eq!(
+        x.cmp(hi as f64),
+        Greater,
+        "{what}: {mode} result {r:e} is not adjacent to the exact value"
+    );
     let negative = hi <= 0.0;
     let want = match mode {
         "rm" => lo,
@@ -151,13 +174,21 @@ fn check_rounding(mode: &str, r: f32, x: Exact, what: &str) {
             }
         }
     };
-    assert_eq!(r.to_bits(), want.to_bits(), "{what}: .{mode} gives {r:e}, want {want:e}");
+    assert_eq!(
+        r.to_bits(),
+        want.to_bits(),
+        "{what}: .{mode} gives {r:e}, want {want:e}"
+    );
 }
 
 fn random_f32(rng: &mut Lcg, emin: i32, emax: i32) -> f32 {
     let m = 1.0 + rng.unit();
     let e = rng.int(emin as i64, emax as i64) as i32;
-    let s = if rng.next().is_multiple_of(2) { 1.0 } else { -1.0 };
+    let s = if rng.next().is_multiple_of(2) {
+        1.0
+    } else {
+        -1.0
+    };
     (s * m * 2f64.powi(e)) as f32
 }
 
@@ -167,9 +198,17 @@ fn f32_add_mul_fma_div_sqrt_round_in_every_mode() {
     let mut rng = Lcg(11);
     let cases: Vec<[u32; 3]> = (0..256)
         .map(|_| [0; 3].map(|_| f(random_f32(&mut rng, -20, 20))))
-        .chain([[f(1.0), f(2f32.powi(-30)), 0], [f(1.0), f(3.0), f(-1.0 / 3.0)], [f(0.1), f(0.2), f(0.3)]])
+        .chain([
+            [f(1.0), f(2f32.powi(-30)), 0],
+            [f(1.0), f(3.0), f(-1.0 / 3.0)],
+            [f(0.1), f(0.2), f(0.3)],
+        ])
         .collect();
-    let roots: Vec<[u32; 3]> = cases.iter().map(|c| [c[0] & 0x7fff_ffff, 0, 0]).chain([[f(2.0), 0, 0]]).collect();
+    let roots: Vec<[u32; 3]> = cases
+        .iter()
+        .map(|c| [c[0] & 0x7fff_ffff, 0, 0])
+        .chain([[f(2.0), 0, 0]])
+        .collect();
     for mode in ["rn", "rz", "rm", "rp"] {
         let add = op32(&format!("add.{mode}.f32"), 2, &cases);
         let sub = op32(&format!("sub.{mode}.f32"), 2, &cases);
@@ -181,19 +220,41 @@ fn f32_add_mul_fma_div_sqrt_round_in_every_mode() {
             let (a, b, cc) = (fx(c[0]) as f64, fx(c[1]) as f64, fx(c[2]) as f64);
             check_rounding(mode, fx(add[i]), two_sum(a, b), &format!("{a:e} + {b:e}"));
             check_rounding(mode, fx(sub[i]), two_sum(a, -b), &format!("{a:e} - {b:e}"));
-            check_rounding(mode, fx(mul[i]), Exact(a * b, 0.0), &format!("{a:e} * {b:e}"));
-            check_rounding(mode, fx(fma[i]), two_sum(a * b, cc), &format!("fma({a:e}, {b:e}, {cc:e})"));
+            check_rounding(
+                mode,
+                fx(mul[i]),
+                Exact(a * b, 0.0),
+                &format!("{a:e} * {b:e}"),
+            );
+            check_rounding(
+                mode,
+                fx(fma[i]),
+                two_sum(a * b, cc),
+                &format!("fma({a:e}, {b:e}, {cc:e})"),
+            );
             // q against a / b: the sign of q b - a (exact in f64), times the sign of b
             let side = |q: f32| {
                 let t = (q as f64 * b).partial_cmp(&a).unwrap();
                 if b < 0.0 { t.reverse() } else { t }
             };
-            check_bracket(mode, fx(div[i]), side, (a / b) as f32, &format!("{a:e} / {b:e}"));
+            check_bracket(
+                mode,
+                fx(div[i]),
+                side,
+                (a / b) as f32,
+                &format!("{a:e} / {b:e}"),
+            );
         }
         for (i, c) in roots.iter().enumerate() {
             let a = fx(c[0]) as f64;
             let side = |r: f32| (r as f64 * r as f64).partial_cmp(&a).unwrap();
-            check_bracket(mode, fx(sqrt[i]), side, a.sqrt() as f32, &format!("sqrt({a:e})"));
+            check_bracket(
+                mode,
+                fx(sqrt[i]),
+                side,
+                a.sqrt() as f32,
+                &format!("sqrt({a:e})"),
+            );
         }
     }
     // known values: 1 + 2^-30 is between 1 and 1 + 2^-23
@@ -206,7 +267,13 @@ fn f32_add_mul_fma_div_sqrt_round_in_every_mode() {
 /// `r` rounds the exact value under `mode`, where `side(y)` compares `y` with it, and
 /// `nearest` is the round-to-nearest result (for division and square root the f64
 /// result rounded to f32 is correctly rounded: 53 >= 2 * 24 + 2 bits).
-fn check_bracket(mode: &str, r: f32, side: impl Fn(f32) -> std::cmp::Ordering, nearest: f32, what: &str) {
+fn check_bracket(
+    mode: &str,
+    r: f32,
+    side: impl Fn(f32) -> std::cmp::Ordering,
+    nearest: f32,
+    what: &str,
+) {
     use std::cmp::Ordering::*;
     if mode == "rn" {
         assert_eq!(r.to_bits(), nearest.to_bits(), "{what}: .rn");
@@ -217,14 +284,22 @@ fn check_bracket(mode: &str, r: f32, side: impl Fn(f32) -> std::cmp::Ordering, n
         Less => (r, r.next_up()),
         Greater => (r.next_down(), r),
     };
-    assert_eq!((side(lo), side(hi)), (Less, Greater), "{what}: .{mode} result {r:e} is not adjacent to the exact value");
+    assert_eq!(
+        (side(lo), side(hi)),
+        (Less, Greater),
+        "{what}: .{mode} result {r:e} is not adjacent to the exact value"
+    );
     let want = match mode {
         "rm" => lo,
         "rp" => hi,
         _ if hi <= 0.0 => hi,
         _ => lo,
     };
-    assert_eq!(r.to_bits(), want.to_bits(), "{what}: .{mode} gives {r:e}, want {want:e}");
+    assert_eq!(
+        r.to_bits(),
+        want.to_bits(),
+        "{what}: .{mode} gives {r:e}, want {want:e}"
+    );
 }
 
 #[test]
@@ -237,7 +312,11 @@ fn ftz_flushes_subnormal_inputs_and_results_to_signed_zero() {
         ("add.ftz.f32", [f(-sub), f(-0.0), 0], f(-0.0)),
         ("add.f32", [f(sub), f(0.0), 0], f(sub)),
         ("mul.ftz.f32", [f(1e-20), f(1e-20), 0], f(0.0)),
-        ("mul.rn.f32", [f(1e-20), f(1e-20), 0], f(1e-20f32 * 1e-20f32)),
+        (
+            "mul.rn.f32",
+            [f(1e-20), f(1e-20), 0],
+            f(1e-20f32 * 1e-20f32),
+        ),
         ("mul.ftz.f32", [f(-sub), f(2f32.powi(100)), 0], f(-0.0)),
         ("fma.rn.ftz.f32", [f(sub), f(1.0), f(1.0)], f(1.0)),
         ("min.ftz.f32", [f(-sub), f(0.0), 0], f(-0.0)),
@@ -248,12 +327,32 @@ fn ftz_flushes_subnormal_inputs_and_results_to_signed_zero() {
         ("ex2.approx.ftz.f32", [f(-sub), 0, 0], f(1.0)),
     ];
     for (inst, c, want) in cases {
-        let n = if inst.starts_with("fma") { 3 } else if inst.starts_with("add") || inst.starts_with("mul") || inst.starts_with("min") { 2 } else { 1 };
+        let n = if inst.starts_with("fma") {
+            3
+        } else if inst.starts_with("add") || inst.starts_with("mul") || inst.starts_with("min") {
+            2
+        } else {
+            1
+        };
         assert_eq!(op32(inst, n, &[c])[0], want, "{inst} {c:x?}");
     }
-    let ordered = run_op("setp.lt.ftz.f32 %d0, %s0, %s1", &[R::Pred], &[R::B32, R::B32], &[[f(sub) as u64, 0, 0]]);
-    let plain = run_op("setp.lt.f32 %d0, %s1, %s0", &[R::Pred], &[R::B32, R::B32], &[[f(sub) as u64, 0, 0]]);
-    assert_eq!((ordered[0][0], plain[0][0]), (0, 1), "setp.ftz compares flushed inputs");
+    let ordered = run_op(
+        "setp.lt.ftz.f32 %d0, %s0, %s1",
+        &[R::Pred],
+        &[R::B32, R::B32],
+        &[[f(sub) as u64, 0, 0]],
+    );
+    let plain = run_op(
+        "setp.lt.f32 %d0, %s1, %s0",
+        &[R::Pred],
+        &[R::B32, R::B32],
+        &[[f(sub) as u64, 0, 0]],
+    );
+    assert_eq!(
+        (ordered[0][0], plain[0][0]),
+        (0, 1),
+        "setp.ftz compares flushed inputs"
+    );
 }
 
 #[test]
@@ -262,7 +361,12 @@ fn sat_clamps_to_zero_one_and_sends_nan_to_zero() {
         ("add.sat.f32", 2, [f(0.7), f(0.6), 0], f(1.0)),
         ("add.sat.f32", 2, [f(-0.5), f(0.1), 0], f(0.0)),
         ("add.sat.f32", 2, [f(0.25), f(0.5), 0], f(0.75)),
-        ("add.sat.f32", 2, [f(f32::INFINITY), f(f32::NEG_INFINITY), 0], f(0.0)),
+        (
+            "add.sat.f32",
+            2,
+            [f(f32::INFINITY), f(f32::NEG_INFINITY), 0],
+            f(0.0),
+        ),
         ("mul.sat.f32", 2, [f(3.0), f(0.5), 0], f(1.0)),
         ("fma.rn.sat.f32", 3, [f(2.0), f(2.0), f(-10.0)], f(0.0)),
         ("fma.rn.sat.f32", 3, [f(0.5), f(0.5), f(0.25)], f(0.5)),
@@ -296,12 +400,26 @@ fn min_max_nan_rules_and_signed_zeros() {
     assert!(fx(min[2]).is_nan() && fx(max[2]).is_nan());
     assert_eq!((min[3], min[4]), (f(-0.0), f(-0.0)));
     assert_eq!((max[3], max[4]), (f(0.0), f(0.0)));
-    assert_eq!((min[5], max[5], min[6], max[6]), (f(-3.0), f(1.0), f(f32::NEG_INFINITY), f(1.0)));
-    assert!(min_nan[..3].iter().chain(&max_nan[..3]).all(|&x| fx(x).is_nan()), "min.NaN/max.NaN");
+    assert_eq!(
+        (min[5], max[5], min[6], max[6]),
+        (f(-3.0), f(1.0), f(f32::NEG_INFINITY), f(1.0))
+    );
+    assert!(
+        min_nan[..3]
+            .iter()
+            .chain(&max_nan[..3])
+            .all(|&x| fx(x).is_nan()),
+        "min.NaN/max.NaN"
+    );
     assert_eq!((min_nan[5], max_nan[5]), (f(-3.0), f(1.0)));
     // f64 follows the same rules
     let d = |x: f64| x.to_bits();
-    let r = run_op("min.f64 %d0, %s0, %s1", &[R::B64], &[R::B64, R::B64], &[[d(f64::NAN), d(-2.5), 0], [d(0.0), d(-0.0), 0]]);
+    let r = run_op(
+        "min.f64 %d0, %s0, %s1",
+        &[R::B64],
+        &[R::B64, R::B64],
+        &[[d(f64::NAN), d(-2.5), 0], [d(0.0), d(-0.0), 0]],
+    );
     assert_eq!((r[0][0], r[1][0]), (d(-2.5), d(-0.0)));
 }
 
@@ -310,10 +428,27 @@ fn setp_ordered_unordered_and_combined_predicates() {
     // 9.7.6.1: ordered comparisons are false with a NaN operand (ne too); the unordered
     // ones are true; num/nan test for NaN
     let nan = f32::NAN;
-    let vals = [(1.0f32, 2.0f32), (2.0, 2.0), (3.0, 2.0), (nan, 2.0), (2.0, nan), (-0.0, 0.0)];
-    for cmp in ["eq", "ne", "lt", "le", "gt", "ge", "equ", "neu", "ltu", "leu", "gtu", "geu", "num", "nan"] {
-        let cases: Vec<[u64; 3]> = vals.iter().map(|&(a, b)| [f(a) as u64, f(b) as u64, 0]).collect();
-        let got = run_op(&format!("setp.{cmp}.f32 %d0|%d1, %s0, %s1"), &[R::Pred, R::Pred], &[R::B32, R::B32], &cases);
+    let vals = [
+        (1.0f32, 2.0f32),
+        (2.0, 2.0),
+        (3.0, 2.0),
+        (nan, 2.0),
+        (2.0, nan),
+        (-0.0, 0.0),
+    ];
+    for cmp in [
+        "eq", "ne", "lt", "le", "gt", "ge", "equ", "neu", "ltu", "leu", "gtu", "geu", "num", "nan",
+    ] {
+        let cases: Vec<[u64; 3]> = vals
+            .iter()
+            .map(|&(a, b)| [f(a) as u64, f(b) as u64, 0])
+            .collect();
+        let got = run_op(
+            &format!("setp.{cmp}.f32 %d0|%d1, %s0, %s1"),
+            &[R::Pred, R::Pred],
+            &[R::B32, R::B32],
+            &cases,
+        );
         for (&(a, b), g) in vals.iter().zip(&got) {
             let unordered = a.is_nan() || b.is_nan();
             let ordered = |c: &str| match c {
@@ -330,27 +465,59 @@ fn setp_ordered_unordered_and_combined_predicates() {
                 _ if cmp.len() == 3 => unordered || ordered(&cmp[..2]),
                 _ => ordered(cmp),
             };
-            assert_eq!((g[0], g[1]), (want as u64, !want as u64), "setp.{cmp} {a} {b}");
+            assert_eq!(
+                (g[0], g[1]),
+                (want as u64, !want as u64),
+                "setp.{cmp} {a} {b}"
+            );
         }
     }
     // p = (a > b) AND !c, q = !(a > b) AND !c
-    let cases: Vec<[u64; 3]> = [(3.0f32, 2.0f32, 0u64), (3.0, 2.0, 1), (1.0, 2.0, 0), (1.0, 2.0, 1)]
-        .iter()
-        .map(|&(a, b, c)| [f(a) as u64, f(b) as u64, c])
-        .collect();
-    let got = run_op("setp.gt.and.f32 %d0|%d1, %s0, %s1, !%s2", &[R::Pred, R::Pred], &[R::B32, R::B32, R::Pred], &cases);
+    let cases: Vec<[u64; 3]> = [
+        (3.0f32, 2.0f32, 0u64),
+        (3.0, 2.0, 1),
+        (1.0, 2.0, 0),
+        (1.0, 2.0, 1),
+    ]
+    .iter()
+    .map(|&(a, b, c)| [f(a) as u64, f(b) as u64, c])
+    .collect();
+    let got = run_op(
+        "setp.gt.and.f32 %d0|%d1, %s0, %s1, !%s2",
+        &[R::Pred, R::Pred],
+        &[R::B32, R::B32, R::Pred],
+        &cases,
+    );
     assert_eq!(got, [vec![1, 0], vec![0, 0], vec![0, 1], vec![0, 0]]);
     // integer comparisons: signed, unsigned aliases
-    let got = run_op("setp.lt.s32 %d0|%d1, %s0, %s1", &[R::Pred, R::Pred], &[R::B32, R::B32], &[[0xffff_ffff, 0, 0]]);
+    let got = run_op(
+        "setp.lt.s32 %d0|%d1, %s0, %s1",
+        &[R::Pred, R::Pred],
+        &[R::B32, R::B32],
+        &[[0xffff_ffff, 0, 0]],
+    );
     assert_eq!(got[0], [1, 0]);
-    let got = run_op("setp.lo.u32 %d0|%d1, %s0, %s1", &[R::Pred, R::Pred], &[R::B32, R::B32], &[[0xffff_ffff, 0, 0]]);
+    let got = run_op(
+        "setp.lo.u32 %d0|%d1, %s0, %s1",
+        &[R::Pred, R::Pred],
+        &[R::B32, R::B32],
+        &[[0xffff_ffff, 0, 0]],
+    );
     assert_eq!(got[0], [0, 1]);
 }
 
 #[test]
 fn testp_classes_and_copysign_operand_order() {
     // 9.7.3.1 testp: zeros count as normal
-    let vals = [0.0f32, -0.0, 1.5, 1e-40, f32::INFINITY, f32::NEG_INFINITY, f32::NAN];
+    let vals = [
+        0.0f32,
+        -0.0,
+        1.5,
+        1e-40,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+    ];
     let cases: Vec<[u64; 3]> = vals.iter().map(|&x| [f(x) as u64, 0, 0]).collect();
     let want: [(&str, [u64; 7]); 6] = [
         ("finite", [1, 1, 1, 1, 0, 0, 0]),
@@ -361,14 +528,35 @@ fn testp_classes_and_copysign_operand_order() {
         ("subnormal", [0, 0, 0, 1, 0, 0, 0]),
     ];
     for (kind, w) in want {
-        let got: Vec<u64> = run_op(&format!("testp.{kind}.f32 %d0, %s0"), &[R::Pred], &[R::B32], &cases).iter().map(|r| r[0]).collect();
+        let got: Vec<u64> = run_op(
+            &format!("testp.{kind}.f32 %d0, %s0"),
+            &[R::Pred],
+            &[R::B32],
+            &cases,
+        )
+        .iter()
+        .map(|r| r[0])
+        .collect();
         assert_eq!(got, w, "testp.{kind}");
     }
     // 9.7.3.2: copysign d, a, b copies the sign of a onto b
-    let got = op32("copysign.f32", 2, &[[f(-1.0), f(2.0), 0], [f(1.0), f(-2.0), 0], [f(-0.0), f(f32::INFINITY), 0]]);
+    let got = op32(
+        "copysign.f32",
+        2,
+        &[
+            [f(-1.0), f(2.0), 0],
+            [f(1.0), f(-2.0), 0],
+            [f(-0.0), f(f32::INFINITY), 0],
+        ],
+    );
     assert_eq!(got, [f(-2.0), f(2.0), f(f32::NEG_INFINITY)]);
     let d = |x: f64| x.to_bits();
-    let got = run_op("copysign.f64 %d0, %s0, %s1", &[R::B64], &[R::B64, R::B64], &[[d(-3.0), d(0.5), 0]]);
+    let got = run_op(
+        "copysign.f64 %d0, %s0, %s1",
+        &[R::B64],
+        &[R::B64, R::B64],
+        &[[d(-3.0), d(0.5), 0]],
+    );
     assert_eq!(got[0][0], d(-0.5));
 }
 
@@ -391,16 +579,41 @@ fn cvt_float_to_int_saturates_and_rounds_as_asked() {
     assert_eq!(c("cvt.rpi.s32.f32", f(2.1)), 3);
     assert_eq!(c("cvt.rzi.s32.f32", f(-2.9)), -2i32 as u32);
     // narrow destinations clamp to their own range
-    let r = run_op("cvt.rzi.u8.f32 %d0, %s0", &[R::B16], &[R::B32], &[[f(300.0) as u64, 0, 0], [f(-3.0) as u64, 0, 0]]);
+    let r = run_op(
+        "cvt.rzi.u8.f32 %d0, %s0",
+        &[R::B16],
+        &[R::B32],
+        &[[f(300.0) as u64, 0, 0], [f(-3.0) as u64, 0, 0]],
+    );
     assert_eq!((r[0][0], r[1][0]), (255, 0));
-    let r = run_op("cvt.rzi.s16.f32 %d0, %s0", &[R::B16], &[R::B32], &[[f(-40000.0) as u64, 0, 0]]);
+    let r = run_op(
+        "cvt.rzi.s16.f32 %d0, %s0",
+        &[R::B16],
+        &[R::B32],
+        &[[f(-40000.0) as u64, 0, 0]],
+    );
     assert_eq!(r[0][0], 0x8000);
     // 64-bit destinations and f64 sources give the top bit for NaN
-    let r = run_op("cvt.rzi.s64.f32 %d0, %s0", &[R::B64], &[R::B32], &[[nan as u64, 0, 0]]);
+    let r = run_op(
+        "cvt.rzi.s64.f32 %d0, %s0",
+        &[R::B64],
+        &[R::B32],
+        &[[nan as u64, 0, 0]],
+    );
     assert_eq!(r[0][0], 1 << 63);
-    let r = run_op("cvt.rzi.s32.f64 %d0, %s0", &[R::B32], &[R::B64], &[[f64::NAN.to_bits(), 0, 0]]);
+    let r = run_op(
+        "cvt.rzi.s32.f64 %d0, %s0",
+        &[R::B32],
+        &[R::B64],
+        &[[f64::NAN.to_bits(), 0, 0]],
+    );
     assert_eq!(r[0][0], 0x8000_0000);
-    let r = run_op("cvt.rzi.u64.f64 %d0, %s0", &[R::B64], &[R::B64], &[[1e30f64.to_bits(), 0, 0]]);
+    let r = run_op(
+        "cvt.rzi.u64.f64 %d0, %s0",
+        &[R::B64],
+        &[R::B64],
+        &[[1e30f64.to_bits(), 0, 0]],
+    );
     assert_eq!(r[0][0], u64::MAX);
     // rounding to an integral value in float format
     assert_eq!(c("cvt.rni.f32.f32", f(2.5)), f(2.0));
@@ -421,34 +634,89 @@ fn cvt_int_to_float_rounds_as_asked() {
     assert_eq!(c("cvt.rm.f32.s32", -(big as i32) as u32), -16777218.0);
     assert_eq!(c("cvt.rz.f32.s32", -(big as i32) as u32), -16777216.0);
     assert_eq!(c("cvt.rn.f32.s32", 0x8000_0000), -2147483648.0);
-    let r = run_op("cvt.rn.f32.u64 %d0, %s0", &[R::B32], &[R::B64], &[[u64::MAX, 0, 0]]);
+    let r = run_op(
+        "cvt.rn.f32.u64 %d0, %s0",
+        &[R::B32],
+        &[R::B64],
+        &[[u64::MAX, 0, 0]],
+    );
     assert_eq!(fx(r[0][0] as u32), 2f32.powi(64));
-    let r = run_op("cvt.rz.f32.u64 %d0, %s0", &[R::B32], &[R::B64], &[[u64::MAX, 0, 0]]);
+    let r = run_op(
+        "cvt.rz.f32.u64 %d0, %s0",
+        &[R::B32],
+        &[R::B64],
+        &[[u64::MAX, 0, 0]],
+    );
     assert_eq!(fx(r[0][0] as u32), 2f32.powi(64) - 2f32.powi(40));
-    let r = run_op("cvt.rn.f64.s64 %d0, %s0", &[R::B64], &[R::B64], &[[(1u64 << 53) + 1, 0, 0]]);
+    let r = run_op(
+        "cvt.rn.f64.s64 %d0, %s0",
+        &[R::B64],
+        &[R::B64],
+        &[[(1u64 << 53) + 1, 0, 0]],
+    );
     assert_eq!(f64::from_bits(r[0][0]), 2f64.powi(53));
-    let r = run_op("cvt.rp.f64.s64 %d0, %s0", &[R::B64], &[R::B64], &[[(1u64 << 53) + 1, 0, 0]]);
+    let r = run_op(
+        "cvt.rp.f64.s64 %d0, %s0",
+        &[R::B64],
+        &[R::B64],
+        &[[(1u64 << 53) + 1, 0, 0]],
+    );
     assert_eq!(f64::from_bits(r[0][0]), 2f64.powi(53) + 2.0);
     // int -> int: .sat clamps, otherwise truncate / extend by the source type
-    let r = run_op("cvt.sat.s8.s32 %d0, %s0", &[R::B32], &[R::B32], &[[300, 0, 0], [(-300i32) as u32 as u64, 0, 0]]);
-    assert_eq!((r[0][0], r[1][0]), (127, 0xffff_ff80), "s8 results sign-extend into a 32-bit register");
-    let r = run_op("cvt.u16.u32 %d0, %s0", &[R::B16], &[R::B32], &[[0x12345, 0, 0]]);
+    let r = run_op(
+        "cvt.sat.s8.s32 %d0, %s0",
+        &[R::B32],
+        &[R::B32],
+        &[[300, 0, 0], [(-300i32) as u32 as u64, 0, 0]],
+    );
+    assert_eq!(
+        (r[0][0], r[1][0]),
+        (127, 0xffff_ff80),
+        "s8 results sign-extend into a 32-bit register"
+    );
+    let r = run_op(
+        "cvt.u16.u32 %d0, %s0",
+        &[R::B16],
+        &[R::B32],
+        &[[0x12345, 0, 0]],
+    );
     assert_eq!(r[0][0], 0x2345);
-    let r = run_op("cvt.s64.s16 %d0, %s0", &[R::B64], &[R::B16], &[[0x8001, 0, 0]]);
+    let r = run_op(
+        "cvt.s64.s16 %d0, %s0",
+        &[R::B64],
+        &[R::B16],
+        &[[0x8001, 0, 0]],
+    );
     assert_eq!(r[0][0], (-32767i64) as u64);
 }
 
 #[test]
 fn cvt_to_bf16_f16_tf32_round_and_pack() {
-    let h16 = |inst: &str, x: f32| run_op(&format!("{inst} %d0, %s0"), &[R::B16], &[R::B32], &[[f(x) as u64, 0, 0]])[0][0] as u16;
+    let h16 = |inst: &str, x: f32| {
+        run_op(
+            &format!("{inst} %d0, %s0"),
+            &[R::B16],
+            &[R::B32],
+            &[[f(x) as u64, 0, 0]],
+        )[0][0] as u16
+    };
     let bf = |x: f32| half::bf16::from_f32(x).to_bits();
     let hf = |x: f32| half::f16::from_f32(x).to_bits();
     // bf16: 1 + 2^-8 is half an ulp above 1 (ties to even: 1); 1 + 3 2^-8 ties up to 1 + 2^-6
     assert_eq!(h16("cvt.rn.bf16.f32", 1.0 + 2f32.powi(-8)), bf(1.0));
-    assert_eq!(h16("cvt.rn.bf16.f32", 1.0 + 3.0 * 2f32.powi(-8)), bf(1.0 + 2f32.powi(-6)));
+    assert_eq!(
+        h16("cvt.rn.bf16.f32", 1.0 + 3.0 * 2f32.powi(-8)),
+        bf(1.0 + 2f32.powi(-6))
+    );
     assert_eq!(h16("cvt.rz.bf16.f32", 1.99), bf(1.984375));
-    assert_eq!(h16("cvt.rp.bf16.f32", 1.0 + 2f32.powi(-20)), bf(1.0 + 2f32.powi(-7)));
-    assert_eq!(h16("cvt.rm.bf16.f32", -1.0 - 2f32.powi(-20)), bf(-1.0 - 2f32.powi(-7)));
+    assert_eq!(
+        h16("cvt.rp.bf16.f32", 1.0 + 2f32.powi(-20)),
+        bf(1.0 + 2f32.powi(-7))
+    );
+    assert_eq!(
+        h16("cvt.rm.bf16.f32", -1.0 - 2f32.powi(-20)),
+        bf(-1.0 - 2f32.powi(-7))
+    );
     let mut rng = Lcg(3);
     for _ in 0..64 {
         let x = random_f32(&mut rng, -100, 100);
@@ -463,10 +731,19 @@ fn cvt_to_bf16_f16_tf32_round_and_pack() {
     assert_eq!(h16("cvt.rn.satfinite.f16.f32", -70000.0), 0xfbff);
     assert_eq!(h16("cvt.rn.relu.f16.f32", -3.0), 0);
     assert_eq!(h16("cvt.rn.f16.f32", 2f32.powi(-20)), 0x0010);
-    assert_eq!(h16("cvt.rn.f16.f32", 2f32.powi(-25)), 0, "a tie between 0 and the least subnormal");
+    assert_eq!(
+        h16("cvt.rn.f16.f32", 2f32.powi(-25)),
+        0,
+        "a tie between 0 and the least subnormal"
+    );
     assert_eq!(h16("cvt.rp.f16.f32", 2f32.powi(-25)), 1);
     // back to f32 exactly
-    let r = run_op("cvt.f32.f16 %d0, %s0", &[R::B32], &[R::B16], &[[0x3555, 0, 0]]);
+    let r = run_op(
+        "cvt.f32.f16 %d0, %s0",
+        &[R::B32],
+        &[R::B16],
+        &[[0x3555, 0, 0]],
+    );
     assert_eq!(fx(r[0][0] as u32), half::f16::from_bits(0x3555).to_f32());
     // tf32: 10 fraction bits, ties away from zero, the low 13 bits clear (9.7.9.21, 5.2.3)
     let t = |x: f32| fx(op32("cvt.rna.tf32.f32", 1, &[[f(x), 0, 0]])[0]);
@@ -477,7 +754,10 @@ fn cvt_to_bf16_f16_tf32_round_and_pack() {
         let x = random_f32(&mut rng, -30, 30);
         let r = t(x);
         assert_eq!(r.to_bits() & 0x1fff, 0, "tf32 of {x:e}");
-        assert!((r as f64 - x as f64).abs() <= (x.abs() as f64) * 2f64.powi(-11), "tf32 of {x:e}: {r:e}");
+        assert!(
+            (r as f64 - x as f64).abs() <= (x.abs() as f64) * 2f64.powi(-11),
+            "tf32 of {x:e}: {r:e}"
+        );
     }
     // packed: the first source goes to the upper half
     let r = op32("cvt.rn.bf16x2.f32", 2, &[[f(1.0), f(-2.0), 0]]);
@@ -491,12 +771,29 @@ fn directed_rounding_at_binade_boundaries_signed_zeros_and_overflow() {
     let e60 = 2f32.powi(-60);
     let below_one = 1.0 - 2f32.powi(-24); // the largest f32 below 1
     // an exact value just below a power of two rounds within the binade below it
-    assert_eq!(op32("add.rz.f32", 2, &[[f(1.0), f(-e60), 0]])[0], f(below_one));
-    assert_eq!(op32("add.rm.f32", 2, &[[f(1.0), f(-e60), 0]])[0], f(below_one));
+    assert_eq!(
+        op32("add.rz.f32", 2, &[[f(1.0), f(-e60), 0]])[0],
+        f(below_one)
+    );
+    assert_eq!(
+        op32("add.rm.f32", 2, &[[f(1.0), f(-e60), 0]])[0],
+        f(below_one)
+    );
     assert_eq!(op32("add.rp.f32", 2, &[[f(1.0), f(-e60), 0]])[0], f(1.0));
-    assert_eq!(op32("add.rp.f32", 2, &[[f(-1.0), f(e60), 0]])[0], f(-below_one));
-    assert_eq!(op32("fma.rz.f32", 3, &[[f(1.0), f(1.0), f(-e60)]])[0], f(below_one));
-    let r = run_op("cvt.rz.f32.f64 %d0, %s0", &[R::B32], &[R::B64], &[[(1.0 - 2f64.powi(-40)).to_bits(), 0, 0]]);
+    assert_eq!(
+        op32("add.rp.f32", 2, &[[f(-1.0), f(e60), 0]])[0],
+        f(-below_one)
+    );
+    assert_eq!(
+        op32("fma.rz.f32", 3, &[[f(1.0), f(1.0), f(-e60)]])[0],
+        f(below_one)
+    );
+    let r = run_op(
+        "cvt.rz.f32.f64 %d0, %s0",
+        &[R::B32],
+        &[R::B64],
+        &[[(1.0 - 2f64.powi(-40)).to_bits(), 0, 0]],
+    );
     assert_eq!(r[0][0], f(below_one) as u64);
     // IEEE 754 6.3: an exact zero sum is +0, but -0 when rounding toward -inf; x + x keeps
     // the sign of x
@@ -514,13 +811,30 @@ fn directed_rounding_at_binade_boundaries_signed_zeros_and_overflow() {
         let n = if inst.starts_with("cvt") { 1 } else { 2 };
         assert_eq!(op32(inst, n, &[c])[0], want, "{inst} {:?}", c.map(fx));
     }
-    assert_eq!(op32("fma.rm.f32", 3, &[[f(2.0), f(3.0), f(-6.0)]])[0], f(-0.0));
-    let h = run_op("cvt.rn.f16.f32 %d0, %s0", &[R::B16], &[R::B32], &[[f(-0.0) as u64, 0, 0]]);
+    assert_eq!(
+        op32("fma.rm.f32", 3, &[[f(2.0), f(3.0), f(-6.0)]])[0],
+        f(-0.0)
+    );
+    let h = run_op(
+        "cvt.rn.f16.f32 %d0, %s0",
+        &[R::B16],
+        &[R::B32],
+        &[[f(-0.0) as u64, 0, 0]],
+    );
     assert_eq!(h[0][0], 0x8000, "-0 converts to -0");
     // f64: overflow rounds toward zero to the largest finite value; a division by zero
     // is an exact infinity
     let d = |x: f64| x.to_bits();
-    let f64op = |inst: &str, a: f64, b: f64| f64::from_bits(run_op(&format!("{inst} %d0, %s0, %s1"), &[R::B64], &[R::B64, R::B64], &[[d(a), d(b), 0]])[0][0]);
+    let f64op = |inst: &str, a: f64, b: f64| {
+        f64::from_bits(
+            run_op(
+                &format!("{inst} %d0, %s0, %s1"),
+                &[R::B64],
+                &[R::B64, R::B64],
+                &[[d(a), d(b), 0]],
+            )[0][0],
+        )
+    };
     let max = f64::MAX;
     assert_eq!(f64op("add.rz.f64", max, max), max);
     assert_eq!(f64op("add.rm.f64", max, max), max);
@@ -534,7 +848,11 @@ fn directed_rounding_at_binade_boundaries_signed_zeros_and_overflow() {
     assert_eq!(f64op("add.rz.f64", 1.0, -1.0).to_bits(), d(0.0));
     assert_eq!(f64op("add.rz.f64", 1.0, 2f64.powi(-60)), 1.0);
     assert_eq!(f64op("add.rp.f64", 1.0, 2f64.powi(-60)), 1.0f64.next_up());
-    assert_eq!(f64op("div.rm.f64", 1.0, 3.0), 1.0 / 3.0, "1/3 rounds down to nearest");
+    assert_eq!(
+        f64op("div.rm.f64", 1.0, 3.0),
+        1.0 / 3.0,
+        "1/3 rounds down to nearest"
+    );
     assert_eq!(f64op("div.rp.f64", 1.0, 3.0), (1.0f64 / 3.0).next_up());
     assert_eq!(f64op("sub.rm.f64", 1.0, 2f64.powi(-60)), 1.0f64.next_down());
 }
@@ -549,19 +867,36 @@ fn ulp32(x: f64) -> f64 {
 fn approx_functions_meet_their_documented_error_bounds() {
     // 9.7.3.13-22 and the table of each instruction: error bounds and special values
     let mut rng = Lcg(17);
-    let xs = |rng: &mut Lcg, lo: f64, hi: f64, n: usize| -> Vec<f32> { (0..n).map(|_| (lo + (hi - lo) * rng.unit()) as f32).collect() };
+    let xs = |rng: &mut Lcg, lo: f64, hi: f64, n: usize| -> Vec<f32> {
+        (0..n)
+            .map(|_| (lo + (hi - lo) * rng.unit()) as f32)
+            .collect()
+    };
     let run = |inst: &str, x: &[f32]| -> Vec<f32> {
-        op32(inst, 1, &x.iter().map(|&v| [f(v), 0, 0]).collect::<Vec<_>>()).into_iter().map(fx).collect()
+        op32(
+            inst,
+            1,
+            &x.iter().map(|&v| [f(v), 0, 0]).collect::<Vec<_>>(),
+        )
+        .into_iter()
+        .map(fx)
+        .collect()
     };
     // ex2: 2 ulp over the full range
     let x = xs(&mut rng, -120.0, 120.0, 200);
-    for (inst, got) in [("ex2.approx.f32", run("ex2.approx.f32", &x)), ("ex2.approx.ftz.f32", run("ex2.approx.ftz.f32", &x))] {
+    for (inst, got) in [
+        ("ex2.approx.f32", run("ex2.approx.f32", &x)),
+        ("ex2.approx.ftz.f32", run("ex2.approx.ftz.f32", &x)),
+    ] {
         for (&v, &r) in x.iter().zip(&got) {
             let want = (v as f64).exp2();
             if want < f32::MIN_POSITIVE as f64 && inst.contains("ftz") {
                 continue;
             }
-            assert!((r as f64 - want).abs() <= 2.0 * ulp32(want), "{inst} {v}: {r:e} vs {want:e}");
+            assert!(
+                (r as f64 - want).abs() <= 2.0 * ulp32(want),
+                "{inst} {v}: {r:e} vs {want:e}"
+            );
         }
     }
     // lg2: absolute 2^-22 in (0.5, 2), relative 2^-22 elsewhere
@@ -569,22 +904,45 @@ fn approx_functions_meet_their_documented_error_bounds() {
     x.extend((0..100).map(|_| (2f64.powf(rng.unit() * 200.0 - 100.0)) as f32));
     for (&v, &r) in x.iter().zip(&run("lg2.approx.f32", &x)) {
         let want = (v as f64).log2();
-        let bound = if v > 0.5 && v < 2.0 { 2f64.powi(-22) } else { want.abs() * 2f64.powi(-22) };
-        assert!((r as f64 - want).abs() <= bound, "lg2 {v}: {r:e} vs {want:e}");
+        let bound = if v > 0.5 && v < 2.0 {
+            2f64.powi(-22)
+        } else {
+            want.abs() * 2f64.powi(-22)
+        };
+        assert!(
+            (r as f64 - want).abs() <= bound,
+            "lg2 {v}: {r:e} vs {want:e}"
+        );
     }
     // rcp: 1 ulp; rsqrt: relative 2^-22.9; sqrt.approx: relative 2^-23
-    let x: Vec<f32> = (0..200).map(|_| random_f32(&mut rng, -100, 100).abs()).collect();
-    for ((&v, &rc), (&rs, &sq)) in x.iter().zip(&run("rcp.approx.f32", &x)).zip(run("rsqrt.approx.f32", &x).iter().zip(&run("sqrt.approx.f32", &x))) {
+    let x: Vec<f32> = (0..200)
+        .map(|_| random_f32(&mut rng, -100, 100).abs())
+        .collect();
+    for ((&v, &rc), (&rs, &sq)) in x.iter().zip(&run("rcp.approx.f32", &x)).zip(
+        run("rsqrt.approx.f32", &x)
+            .iter()
+            .zip(&run("sqrt.approx.f32", &x)),
+    ) {
         let v = v as f64;
         assert!((rc as f64 - 1.0 / v).abs() <= ulp32(1.0 / v), "rcp {v:e}");
-        assert!((rs as f64 - 1.0 / v.sqrt()).abs() <= 2f64.powf(-22.9) / v.sqrt(), "rsqrt {v:e}");
-        assert!((sq as f64 - v.sqrt()).abs() <= 2f64.powi(-23) * v.sqrt(), "sqrt {v:e}");
+        assert!(
+            (rs as f64 - 1.0 / v.sqrt()).abs() <= 2f64.powf(-22.9) / v.sqrt(),
+            "rsqrt {v:e}"
+        );
+        assert!(
+            (sq as f64 - v.sqrt()).abs() <= 2f64.powi(-23) * v.sqrt(),
+            "sqrt {v:e}"
+        );
     }
     // sin/cos: absolute 2^-20.5 in [-2pi, 2pi], 2^-14.7 in [-100pi, 100pi]
     let pi = std::f64::consts::PI;
     for (range, bound) in [(2.0 * pi, 2f64.powf(-20.5)), (100.0 * pi, 2f64.powf(-14.7))] {
         let x = xs(&mut rng, -range, range, 200);
-        for ((&v, &s), &c) in x.iter().zip(&run("sin.approx.f32", &x)).zip(&run("cos.approx.ftz.f32", &x)) {
+        for ((&v, &s), &c) in x
+            .iter()
+            .zip(&run("sin.approx.f32", &x))
+            .zip(&run("cos.approx.ftz.f32", &x))
+        {
             assert!((s as f64 - (v as f64).sin()).abs() <= bound, "sin {v}");
             assert!((c as f64 - (v as f64).cos()).abs() <= bound, "cos {v}");
         }
@@ -593,19 +951,64 @@ fn approx_functions_meet_their_documented_error_bounds() {
     let x = xs(&mut rng, -10.0, 10.0, 200);
     for (&v, &r) in x.iter().zip(&run("tanh.approx.f32", &x)) {
         let want = (v as f64).tanh();
-        assert!((r as f64 - want).abs() <= want.abs() * 2f64.powi(-11), "tanh {v}");
+        assert!(
+            (r as f64 - want).abs() <= want.abs() * 2f64.powi(-11),
+            "tanh {v}"
+        );
     }
     // special values, from each instruction's table
     let inf = f32::INFINITY;
     let specials: [(&str, &[(f32, f32)]); 8] = [
-        ("ex2.approx.f32", &[(-inf, 0.0), (0.0, 1.0), (-0.0, 1.0), (inf, inf)]),
-        ("lg2.approx.f32", &[(-inf, f32::NAN), (-1.0, f32::NAN), (0.0, -inf), (-0.0, -inf), (inf, inf)]),
-        ("rcp.approx.f32", &[(-inf, -0.0), (-0.0, -inf), (0.0, inf), (inf, 0.0)]),
-        ("rsqrt.approx.f32", &[(-inf, f32::NAN), (-1.0, f32::NAN), (-0.0, -inf), (0.0, inf), (inf, 0.0)]),
-        ("sqrt.approx.f32", &[(-inf, f32::NAN), (-1.0, f32::NAN), (-0.0, -0.0), (0.0, 0.0), (inf, inf)]),
-        ("sin.approx.f32", &[(-inf, f32::NAN), (-0.0, -0.0), (0.0, 0.0)]),
-        ("cos.approx.f32", &[(inf, f32::NAN), (-0.0, 1.0), (0.0, 1.0)]),
-        ("tanh.approx.f32", &[(-inf, -1.0), (-0.0, -0.0), (inf, 1.0), (1e-40, 1e-40)]),
+        (
+            "ex2.approx.f32",
+            &[(-inf, 0.0), (0.0, 1.0), (-0.0, 1.0), (inf, inf)],
+        ),
+        (
+            "lg2.approx.f32",
+            &[
+                (-inf, f32::NAN),
+                (-1.0, f32::NAN),
+                (0.0, -inf),
+                (-0.0, -inf),
+                (inf, inf),
+            ],
+        ),
+        (
+            "rcp.approx.f32",
+            &[(-inf, -0.0), (-0.0, -inf), (0.0, inf), (inf, 0.0)],
+        ),
+        (
+            "rsqrt.approx.f32",
+            &[
+                (-inf, f32::NAN),
+                (-1.0, f32::NAN),
+                (-0.0, -inf),
+                (0.0, inf),
+                (inf, 0.0),
+            ],
+        ),
+        (
+            "sqrt.approx.f32",
+            &[
+                (-inf, f32::NAN),
+                (-1.0, f32::NAN),
+                (-0.0, -0.0),
+                (0.0, 0.0),
+                (inf, inf),
+            ],
+        ),
+        (
+            "sin.approx.f32",
+            &[(-inf, f32::NAN), (-0.0, -0.0), (0.0, 0.0)],
+        ),
+        (
+            "cos.approx.f32",
+            &[(inf, f32::NAN), (-0.0, 1.0), (0.0, 1.0)],
+        ),
+        (
+            "tanh.approx.f32",
+            &[(-inf, -1.0), (-0.0, -0.0), (inf, 1.0), (1e-40, 1e-40)],
+        ),
     ];
     for (inst, cases) in specials {
         let x: Vec<f32> = cases.iter().map(|c| c.0).chain([f32::NAN]).collect();
@@ -623,15 +1026,42 @@ fn div_approx_and_full_within_two_ulp_and_the_large_divisor_rule() {
     // 9.7.3.8: div.approx = a * (1/b), 2 ulp for |b| in [2^-126, 2^126]; for
     // 2^126 < |b| < 2^128 the result is zero (NaN if a is infinite); div.full: 2 ulp
     let mut rng = Lcg(23);
-    let cases: Vec<[u32; 3]> = (0..200).map(|_| [f(random_f32(&mut rng, -60, 60)), f(random_f32(&mut rng, -60, 60)), 0]).collect();
-    for inst in ["div.approx.f32", "div.full.f32", "div.approx.ftz.f32", "div.full.ftz.f32"] {
+    let cases: Vec<[u32; 3]> = (0..200)
+        .map(|_| {
+            [
+                f(random_f32(&mut rng, -60, 60)),
+                f(random_f32(&mut rng, -60, 60)),
+                0,
+            ]
+        })
+        .collect();
+    for inst in [
+        "div.approx.f32",
+        "div.full.f32",
+        "div.approx.ftz.f32",
+        "div.full.ftz.f32",
+    ] {
         for (c, r) in cases.iter().zip(op32(inst, 2, &cases)) {
             let want = fx(c[0]) as f64 / fx(c[1]) as f64;
-            assert!((fx(r) as f64 - want).abs() <= 2.0 * ulp32(want), "{inst} {:e}/{:e}", fx(c[0]), fx(c[1]));
+            assert!(
+                (fx(r) as f64 - want).abs() <= 2.0 * ulp32(want),
+                "{inst} {:e}/{:e}",
+                fx(c[0]),
+                fx(c[1])
+            );
         }
     }
     let big = 2f32.powi(127);
-    let got = op32("div.approx.f32", 2, &[[f(1.0), f(big), 0], [f(-3.0), f(big), 0], [f(1.0), f(-big), 0], [f(f32::INFINITY), f(big), 0]]);
+    let got = op32(
+        "div.approx.f32",
+        2,
+        &[
+            [f(1.0), f(big), 0],
+            [f(-3.0), f(big), 0],
+            [f(1.0), f(-big), 0],
+            [f(f32::INFINITY), f(big), 0],
+        ],
+    );
     assert_eq!(got[..3], [f(0.0), f(-0.0), f(-0.0)]);
     assert!(fx(got[3]).is_nan());
     // div.full has no such rule
@@ -643,31 +1073,73 @@ fn div_approx_and_full_within_two_ulp_and_the_large_divisor_rule() {
 fn f64_approx_ftz_forms_work_on_the_upper_word() {
     // 9.7.3.14 rcp.approx.ftz.f64: d[63:32] = approx(1 / a[63:32]), d[31:0] = 0
     let d = |x: f64| x.to_bits();
-    let cases = [[d(3.0), 0, 0], [d(-0.1), 0, 0], [d(1e300), 0, 0], [d(f64::NAN), 0, 0], [d(0.0), 0, 0]];
+    let cases = [
+        [d(3.0), 0, 0],
+        [d(-0.1), 0, 0],
+        [d(1e300), 0, 0],
+        [d(f64::NAN), 0, 0],
+        [d(0.0), 0, 0],
+    ];
     let got = run_op("rcp.approx.ftz.f64 %d0, %s0", &[R::B64], &[R::B64], &cases);
     for (c, g) in cases.iter().zip(&got).take(3) {
         let (x, r) = (f64::from_bits(c[0]), g[0]);
         assert_eq!(r & 0xffff_ffff, 0, "low word of rcp({x})");
-        assert!((f64::from_bits(r) - 1.0 / x).abs() <= (1.0 / x).abs() * 2f64.powi(-19), "rcp({x})");
+        assert!(
+            (f64::from_bits(r) - 1.0 / x).abs() <= (1.0 / x).abs() * 2f64.powi(-19),
+            "rcp({x})"
+        );
     }
-    assert_eq!(got[3][0], 0x7fff_ffff_0000_0000, "NaN gives the canonical NaN");
+    assert_eq!(
+        got[3][0], 0x7fff_ffff_0000_0000,
+        "NaN gives the canonical NaN"
+    );
     assert_eq!(f64::from_bits(got[4][0]), f64::INFINITY);
-    let got = run_op("rcp.rn.f64 %d0, %s0", &[R::B64], &[R::B64], &[[d(3.0), 0, 0]]);
+    let got = run_op(
+        "rcp.rn.f64 %d0, %s0",
+        &[R::B64],
+        &[R::B64],
+        &[[d(3.0), 0, 0]],
+    );
     assert_eq!(f64::from_bits(got[0][0]), 1.0 / 3.0);
 }
 
 #[test]
 fn integer_multiply_high_wide_and_mad() {
     let mut rng = Lcg(29);
-    let vals: Vec<u64> = (0..64).map(|_| rng.next() ^ (rng.next() << 48)).chain([0, 1, u64::MAX, 1 << 63, 0x8000_0000, 0xffff_ffff]).collect();
-    let cases: Vec<[u64; 3]> = vals.iter().zip(vals.iter().rev()).zip(vals.iter().skip(3).chain(&vals[..3])).map(|((&a, &b), &c)| [a, b, c]).collect();
+    let vals: Vec<u64> = (0..64)
+        .map(|_| rng.next() ^ (rng.next() << 48))
+        .chain([0, 1, u64::MAX, 1 << 63, 0x8000_0000, 0xffff_ffff])
+        .collect();
+    let cases: Vec<[u64; 3]> = vals
+        .iter()
+        .zip(vals.iter().rev())
+        .zip(vals.iter().skip(3).chain(&vals[..3]))
+        .map(|((&a, &b), &c)| [a, b, c])
+        .collect();
     let run32 = |inst: &str, nsrc: usize| -> Vec<u64> {
-        let ops = (0..nsrc).map(|i| format!("%s{i}")).collect::<Vec<_>>().join(", ");
-        run_op(&format!("{inst} %d0, {ops}"), &[R::B32], &vec![R::B32; nsrc], &cases).iter().map(|r| r[0]).collect()
+        let ops = (0..nsrc)
+            .map(|i| format!("%s{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        run_op(
+            &format!("{inst} %d0, {ops}"),
+            &[R::B32],
+            &vec![R::B32; nsrc],
+            &cases,
+        )
+        .iter()
+        .map(|r| r[0])
+        .collect()
     };
     let run64 = |inst: &str, d: R, srcs: &[R]| -> Vec<u64> {
-        let ops = (0..srcs.len()).map(|i| format!("%s{i}")).collect::<Vec<_>>().join(", ");
-        run_op(&format!("{inst} %d0, {ops}"), &[d], srcs, &cases).iter().map(|r| r[0]).collect()
+        let ops = (0..srcs.len())
+            .map(|i| format!("%s{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        run_op(&format!("{inst} %d0, {ops}"), &[d], srcs, &cases)
+            .iter()
+            .map(|r| r[0])
+            .collect()
     };
     let (u32s, s32s) = (|x: u64| x as u32 as i128, |x: u64| x as u32 as i32 as i128);
     let (u64s, s64s) = (|x: u64| x as i128, |x: u64| x as i64 as i128);
@@ -684,17 +1156,37 @@ fn integer_multiply_high_wide_and_mad() {
     let wide16 = run64("mul.wide.s16", R::B32, &[R::B16, R::B16]);
     for (i, &[a, b, c]) in cases.iter().enumerate() {
         let m32 = |x: i128| (x as u64) & 0xffff_ffff;
-        assert_eq!(hi32[i], m32((u32s(a) * u32s(b)) >> 32), "mul.hi.u32 {a:x} {b:x}");
+        assert_eq!(
+            hi32[i],
+            m32((u32s(a) * u32s(b)) >> 32),
+            "mul.hi.u32 {a:x} {b:x}"
+        );
         assert_eq!(hi32s[i], m32((s32s(a) * s32s(b)) >> 32), "mul.hi.s32");
         assert_eq!(lo32[i], m32(s32s(a) * s32s(b)), "mul.lo.s32");
         assert_eq!(mad32[i], m32(u32s(a) * u32s(b) + u32s(c)), "mad.lo.u32");
-        assert_eq!(madhi[i], m32(((s32s(a) * s32s(b)) >> 32) + s32s(c)), "mad.hi.s32");
+        assert_eq!(
+            madhi[i],
+            m32(((s32s(a) * s32s(b)) >> 32) + s32s(c)),
+            "mad.hi.s32"
+        );
         assert_eq!(wide_u[i], (u32s(a) * u32s(b)) as u64, "mul.wide.u32");
         assert_eq!(wide_s[i], (s32s(a) * s32s(b)) as u64, "mul.wide.s32");
-        assert_eq!(madw[i], ((s32s(a) * s32s(b)) as u64).wrapping_add(c), "mad.wide.s32");
-        assert_eq!(hi64[i], ((u64s(a) as u128 * u64s(b) as u128) >> 64) as u64, "mul.hi.u64");
+        assert_eq!(
+            madw[i],
+            ((s32s(a) * s32s(b)) as u64).wrapping_add(c),
+            "mad.wide.s32"
+        );
+        assert_eq!(
+            hi64[i],
+            ((u64s(a) as u128 * u64s(b) as u128) >> 64) as u64,
+            "mul.hi.u64"
+        );
         assert_eq!(hi64s[i], ((s64s(a) * s64s(b)) >> 64) as u64, "mul.hi.s64");
-        assert_eq!(wide16[i], (a as u16 as i16 as i32 * b as u16 as i16 as i32) as u32 as u64, "mul.wide.s16");
+        assert_eq!(
+            wide16[i],
+            (a as u16 as i16 as i32 * b as u16 as i16 as i32) as u32 as u64,
+            "mul.wide.s16"
+        );
     }
 }
 
@@ -709,23 +1201,55 @@ fn integer_shifts_bit_fields_and_bit_counts() {
     assert_eq!(sh("shr.s32", 0x8000_0000, 100), 0xffff_ffff);
     assert_eq!(sh("shr.s32", 0x4000_0000, 100), 0);
     assert_eq!(sh("shr.b32", 0x8000_0000, 31), 1);
-    let r = run_op("shl.b64 %d0, %s0, %s1", &[R::B64], &[R::B64, R::B32], &[[3, 64, 0], [3, 62, 0]]);
+    let r = run_op(
+        "shl.b64 %d0, %s0, %s1",
+        &[R::B64],
+        &[R::B64, R::B32],
+        &[[3, 64, 0], [3, 62, 0]],
+    );
     assert_eq!((r[0][0], r[1][0]), (0, 0xc000_0000_0000_0000));
-    let r = run_op("shr.s64 %d0, %s0, %s1", &[R::B64], &[R::B64, R::B32], &[[1 << 63, 200, 0]]);
+    let r = run_op(
+        "shr.s64 %d0, %s0, %s1",
+        &[R::B64],
+        &[R::B64, R::B32],
+        &[[1 << 63, 200, 0]],
+    );
     assert_eq!(r[0][0], u64::MAX);
     // bfe (9.7.1.16): pos and len from the low 8 bits; signed fields sign-extend
     let bfe = |inst: &str, a: u32, pos: u32, len: u32| op32(inst, 3, &[[a, pos, len]])[0];
     assert_eq!(bfe("bfe.u32", 0xdead_beef, 8, 12), 0xdbe);
     assert_eq!(bfe("bfe.s32", 0xdead_beef, 8, 12), 0xffff_fdbe);
     assert_eq!(bfe("bfe.s32", 0x0000_7000, 12, 3), 0xffff_ffff);
-    assert_eq!(bfe("bfe.u32", 0xffff_ffff, 28, 8), 0xf, "fields past bit 31 read no bits");
-    assert_eq!(bfe("bfe.s32", 0x8000_0000, 40, 4), 0xffff_ffff, "pos past the msb gives the sign");
+    assert_eq!(
+        bfe("bfe.u32", 0xffff_ffff, 28, 8),
+        0xf,
+        "fields past bit 31 read no bits"
+    );
+    assert_eq!(
+        bfe("bfe.s32", 0x8000_0000, 40, 4),
+        0xffff_ffff,
+        "pos past the msb gives the sign"
+    );
     assert_eq!(bfe("bfe.u32", 0xffff_ffff, 4, 0), 0);
-    assert_eq!(bfe("bfe.u32", 0xffff_ffff, 0x104, 0x208), 0xff, "only the low 8 bits of b and c");
+    assert_eq!(
+        bfe("bfe.u32", 0xffff_ffff, 0x104, 0x208),
+        0xff,
+        "only the low 8 bits of b and c"
+    );
     // bfi f, a, b, pos, len: insert the low len bits of a into b at pos
-    let r = run_op("bfi.b32 %d0, %s0, %s1, 8, 12", &[R::B32], &[R::B32, R::B32], &[[0x0000_0abc, 0xffff_ffff, 0]]);
+    let r = run_op(
+        "bfi.b32 %d0, %s0, %s1, 8, 12",
+        &[R::B32],
+        &[R::B32, R::B32],
+        &[[0x0000_0abc, 0xffff_ffff, 0]],
+    );
     assert_eq!(r[0][0], 0xfffa_bcff);
-    let r = run_op("bfi.b32 %d0, %s0, %s1, 28, 8", &[R::B32], &[R::B32, R::B32], &[[0xff, 0, 0]]);
+    let r = run_op(
+        "bfi.b32 %d0, %s0, %s1, 28, 8",
+        &[R::B32],
+        &[R::B32, R::B32],
+        &[[0xff, 0, 0]],
+    );
     assert_eq!(r[0][0], 0xf000_0000);
     // prmt (9.7.9.7): byte selectors; msb of a selector replicates the byte's sign
     let prmt = |a: u32, b: u32, c: u32| op32("prmt.b32", 3, &[[a, b, c]])[0];
@@ -734,29 +1258,74 @@ fn integer_shifts_bit_fields_and_bit_counts() {
     // lop3 (9.7.8.6): the truth table over (a, b, c) = (0xF0, 0xCC, 0xAA)
     let (a, b, c) = (0x1234_5678u32, 0x0f0f_f0f0u32, 0xff00_ff00u32);
     for lut in [0x96u32, 0xe8, 0x80, 0xfe, 0x1e, 0x00] {
-        let r = run_op(&format!("lop3.b32 %d0, %s0, %s1, %s2, {lut}"), &[R::B32], &[R::B32; 3], &[[a as u64, b as u64, c as u64]])[0][0] as u32;
-        let want = (0..32).map(|k| ((lut >> (((a >> k) & 1) << 2 | ((b >> k) & 1) << 1 | ((c >> k) & 1))) & 1) << k).sum::<u32>();
+        let r = run_op(
+            &format!("lop3.b32 %d0, %s0, %s1, %s2, {lut}"),
+            &[R::B32],
+            &[R::B32; 3],
+            &[[a as u64, b as u64, c as u64]],
+        )[0][0] as u32;
+        let want = (0..32)
+            .map(|k| {
+                ((lut >> (((a >> k) & 1) << 2 | ((b >> k) & 1) << 1 | ((c >> k) & 1))) & 1) << k
+            })
+            .sum::<u32>();
         assert_eq!(r, want, "lop3 {lut:#x}");
     }
     // shf (9.7.8.9): funnel shift of {b:a}
     let shf = |inst: &str, a: u32, b: u32, n: u32| op32(inst, 3, &[[a, b, n]])[0];
-    assert_eq!(shf("shf.l.wrap.b32", 0x8000_0001, 0x0000_0002, 4), 0x0000_0028);
-    assert_eq!(shf("shf.l.wrap.b32", 0x8000_0001, 0x0000_0002, 36), 0x0000_0028);
-    assert_eq!(shf("shf.l.clamp.b32", 0x8000_0001, 0x0000_0002, 36), 0x8000_0001);
-    assert_eq!(shf("shf.r.wrap.b32", 0x8000_0001, 0x0000_0003, 4), 0x3800_0000);
-    assert_eq!(shf("shf.r.clamp.b32", 0x8000_0001, 0x0000_0003, 40), 0x0000_0003);
+    assert_eq!(
+        shf("shf.l.wrap.b32", 0x8000_0001, 0x0000_0002, 4),
+        0x0000_0028
+    );
+    assert_eq!(
+        shf("shf.l.wrap.b32", 0x8000_0001, 0x0000_0002, 36),
+        0x0000_0028
+    );
+    assert_eq!(
+        shf("shf.l.clamp.b32", 0x8000_0001, 0x0000_0002, 36),
+        0x8000_0001
+    );
+    assert_eq!(
+        shf("shf.r.wrap.b32", 0x8000_0001, 0x0000_0003, 4),
+        0x3800_0000
+    );
+    assert_eq!(
+        shf("shf.r.clamp.b32", 0x8000_0001, 0x0000_0003, 40),
+        0x0000_0003
+    );
     // counts
     let un = |inst: &str, a: u32| op32(inst, 1, &[[a, 0, 0]])[0];
-    assert_eq!((un("clz.b32", 0), un("clz.b32", 1), un("clz.b32", 0x8000_0000)), (32, 31, 0));
-    assert_eq!((un("popc.b32", 0xf0f0_0001), un("popc.b32", u32::MAX)), (9, 32));
+    assert_eq!(
+        (
+            un("clz.b32", 0),
+            un("clz.b32", 1),
+            un("clz.b32", 0x8000_0000)
+        ),
+        (32, 31, 0)
+    );
+    assert_eq!(
+        (un("popc.b32", 0xf0f0_0001), un("popc.b32", u32::MAX)),
+        (9, 32)
+    );
     assert_eq!(un("brev.b32", 0x0000_0001), 0x8000_0000);
     assert_eq!(un("brev.b32", 0x1234_5678), 0x1e6a_2c48);
-    assert_eq!((un("bfind.u32", 0), un("bfind.u32", 0x0001_0000)), (u32::MAX, 16));
-    assert_eq!((un("bfind.s32", 0xffff_fff0), un("bfind.s32", u32::MAX)), (3, u32::MAX));
+    assert_eq!(
+        (un("bfind.u32", 0), un("bfind.u32", 0x0001_0000)),
+        (u32::MAX, 16)
+    );
+    assert_eq!(
+        (un("bfind.s32", 0xffff_fff0), un("bfind.s32", u32::MAX)),
+        (3, u32::MAX)
+    );
     assert_eq!(un("bfind.shiftamt.u32", 0x0001_0000), 15);
     let r = run_op("clz.b64 %d0, %s0", &[R::B32], &[R::B64], &[[1 << 40, 0, 0]]);
     assert_eq!(r[0][0], 23);
-    let r = run_op("popc.b64 %d0, %s0", &[R::B32], &[R::B64], &[[u64::MAX, 0, 0]]);
+    let r = run_op(
+        "popc.b64 %d0, %s0",
+        &[R::B32],
+        &[R::B64],
+        &[[u64::MAX, 0, 0]],
+    );
     assert_eq!(r[0][0], 64);
 }
 
@@ -765,28 +1334,85 @@ fn integer_division_remainder_saturation_and_min_max() {
     let c = |inst: &str, a: u32, b: u32| op32(inst, 2, &[[a, b, 0]])[0];
     let neg = |x: i32| x as u32;
     assert_eq!(c("div.s32", neg(-7), 2), neg(-3), "truncates toward zero");
-    assert_eq!(c("rem.s32", neg(-7), 3), neg(-1), "the remainder takes the dividend's sign");
+    assert_eq!(
+        c("rem.s32", neg(-7), 3),
+        neg(-1),
+        "the remainder takes the dividend's sign"
+    );
     assert_eq!(c("rem.s32", 7, neg(-3)), 1);
     assert_eq!(c("div.u32", 7, 2), 3);
     // division by zero is unspecified (9.7.1.8); NVIDIA GPUs give all bits set
-    assert_eq!((c("div.u32", 7, 0), c("div.s32", neg(-7), 0), c("rem.u32", 7, 0)), (u32::MAX, u32::MAX, u32::MAX));
+    assert_eq!(
+        (
+            c("div.u32", 7, 0),
+            c("div.s32", neg(-7), 0),
+            c("rem.u32", 7, 0)
+        ),
+        (u32::MAX, u32::MAX, u32::MAX)
+    );
     // INT_MIN / -1 wraps and does not trap
-    assert_eq!((c("div.s32", 0x8000_0000, neg(-1)), c("rem.s32", 0x8000_0000, neg(-1))), (0x8000_0000, 0));
+    assert_eq!(
+        (
+            c("div.s32", 0x8000_0000, neg(-1)),
+            c("rem.s32", 0x8000_0000, neg(-1))
+        ),
+        (0x8000_0000, 0)
+    );
     assert_eq!(c("add.sat.s32", 0x7fff_ffff, 1), 0x7fff_ffff);
     assert_eq!(c("sub.sat.s32", 0x8000_0000, 1), 0x8000_0000);
-    assert_eq!(c("add.s32", 0x7fff_ffff, 1), 0x8000_0000, "wraps without .sat");
-    assert_eq!((c("min.s32", neg(-1), 1), c("min.u32", neg(-1), 1)), (neg(-1), 1));
-    assert_eq!((c("max.s32", neg(-1), 1), c("max.u32", neg(-1), 1)), (1, neg(-1)));
+    assert_eq!(
+        c("add.s32", 0x7fff_ffff, 1),
+        0x8000_0000,
+        "wraps without .sat"
+    );
+    assert_eq!(
+        (c("min.s32", neg(-1), 1), c("min.u32", neg(-1), 1)),
+        (neg(-1), 1)
+    );
+    assert_eq!(
+        (c("max.s32", neg(-1), 1), c("max.u32", neg(-1), 1)),
+        (1, neg(-1))
+    );
     let un = |inst: &str, a: u32| op32(inst, 1, &[[a, 0, 0]])[0];
-    assert_eq!((un("abs.s32", 0x8000_0000), un("neg.s32", 0x8000_0000)), (0x8000_0000, 0x8000_0000));
-    assert_eq!((un("not.b32", 0x0f0f_0f0f), un("cnot.b32", 0), un("cnot.b32", 5)), (0xf0f0_f0f0, 1, 0));
-    let r = run_op("sad.u32 %d0, %s0, %s1, %s2", &[R::B32], &[R::B32; 3], &[[3, 10, 100, ]]);
+    assert_eq!(
+        (un("abs.s32", 0x8000_0000), un("neg.s32", 0x8000_0000)),
+        (0x8000_0000, 0x8000_0000)
+    );
+    assert_eq!(
+        (
+            un("not.b32", 0x0f0f_0f0f),
+            un("cnot.b32", 0),
+            un("cnot.b32", 5)
+        ),
+        (0xf0f0_f0f0, 1, 0)
+    );
+    let r = run_op(
+        "sad.u32 %d0, %s0, %s1, %s2",
+        &[R::B32],
+        &[R::B32; 3],
+        &[[3, 10, 100]],
+    );
     assert_eq!(r[0][0], 107);
-    let r = run_op("mul24.lo.u32 %d0, %s0, %s1", &[R::B32], &[R::B32; 2], &[[0xff00_0003, 0x0100_0005, 0]]);
+    let r = run_op(
+        "mul24.lo.u32 %d0, %s0, %s1",
+        &[R::B32],
+        &[R::B32; 2],
+        &[[0xff00_0003, 0x0100_0005, 0]],
+    );
     assert_eq!(r[0][0], 15, "mul24 uses the low 24 bits");
-    let r = run_op("add.s16 %d0, %s0, %s1", &[R::B16], &[R::B16; 2], &[[0x7fff, 1, 0]]);
+    let r = run_op(
+        "add.s16 %d0, %s0, %s1",
+        &[R::B16],
+        &[R::B16; 2],
+        &[[0x7fff, 1, 0]],
+    );
     assert_eq!(r[0][0], 0x8000);
-    let r = run_op("div.s64 %d0, %s0, %s1", &[R::B64], &[R::B64; 2], &[[(-9i64) as u64, 2, 0]]);
+    let r = run_op(
+        "div.s64 %d0, %s0, %s1",
+        &[R::B64],
+        &[R::B64; 2],
+        &[[(-9i64) as u64, 2, 0]],
+    );
     assert_eq!(r[0][0], (-4i64) as u64);
 }
 
@@ -799,16 +1425,39 @@ fn half_precision_arithmetic_rounds_once_to_nearest() {
     let mut cases: Vec<[u64; 3]> = Vec::new();
     for _ in 0..128 {
         let v = [0; 3].map(|_| (rng.unit() * 16.0 - 8.0) * 2f64.powi(rng.int(-6, 6) as i32));
-        cases.push([h(v[0]).to_bits() as u64, h(v[1]).to_bits() as u64, h(v[2]).to_bits() as u64]);
+        cases.push([
+            h(v[0]).to_bits() as u64,
+            h(v[1]).to_bits() as u64,
+            h(v[2]).to_bits() as u64,
+        ]);
     }
     // ties: 1 + 2^-11 is half an f16 ulp above 1
-    cases.push([h(1.0).to_bits() as u64, h(2f64.powi(-11)).to_bits() as u64, 0]);
+    cases.push([
+        h(1.0).to_bits() as u64,
+        h(2f64.powi(-11)).to_bits() as u64,
+        0,
+    ]);
     let f16 = |x: u64| half::f16::from_bits(x as u16).to_f64();
     let run = |inst: &str, n: usize| -> Vec<u64> {
-        let ops = (0..n).map(|i| format!("%s{i}")).collect::<Vec<_>>().join(", ");
-        run_op(&format!("{inst} %d0, {ops}"), &[R::B16], &vec![R::B16; n], &cases).iter().map(|r| r[0]).collect()
+        let ops = (0..n)
+            .map(|i| format!("%s{i}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        run_op(
+            &format!("{inst} %d0, {ops}"),
+            &[R::B16],
+            &vec![R::B16; n],
+            &cases,
+        )
+        .iter()
+        .map(|r| r[0])
+        .collect()
     };
-    let (add, mul, fma) = (run("add.rn.f16", 2), run("mul.rn.f16", 2), run("fma.rn.f16", 3));
+    let (add, mul, fma) = (
+        run("add.rn.f16", 2),
+        run("mul.rn.f16", 2),
+        run("fma.rn.f16", 3),
+    );
     for (i, c) in cases.iter().enumerate() {
         let (x, y, z) = (f16(c[0]), f16(c[1]), f16(c[2]));
         assert_eq!(add[i] as u16, h(x + y).to_bits(), "add.f16 {x} {y}");
@@ -817,21 +1466,49 @@ fn half_precision_arithmetic_rounds_once_to_nearest() {
     }
     assert_eq!(add[128] as u16, h(1.0).to_bits(), "tie to even");
     // f16 overflow and packed f16x2 (element 0 in the low half)
-    let r = run_op("mul.rn.f16 %d0, %s0, %s1", &[R::B16], &[R::B16; 2], &[[h(300.0).to_bits() as u64, h(300.0).to_bits() as u64, 0]]);
+    let r = run_op(
+        "mul.rn.f16 %d0, %s0, %s1",
+        &[R::B16],
+        &[R::B16; 2],
+        &[[h(300.0).to_bits() as u64, h(300.0).to_bits() as u64, 0]],
+    );
     assert_eq!(r[0][0], 0x7c00);
     let pack = |lo: f64, hi: f64| (h(lo).to_bits() as u64) | (h(hi).to_bits() as u64) << 16;
-    let r = run_op("add.rn.f16x2 %d0, %s0, %s1", &[R::B32], &[R::B32; 2], &[[pack(1.5, -2.0), pack(0.25, 8.0), 0]]);
+    let r = run_op(
+        "add.rn.f16x2 %d0, %s0, %s1",
+        &[R::B32],
+        &[R::B32; 2],
+        &[[pack(1.5, -2.0), pack(0.25, 8.0), 0]],
+    );
     assert_eq!(r[0][0], pack(1.75, 6.0));
     // bf16 fma (sm_80) and add (sm_90)
     let bcases: Vec<[u64; 3]> = (0..64)
-        .map(|_| [0; 3].map(|_| b((rng.unit() * 64.0 - 32.0) * 2f64.powi(rng.int(-20, 20) as i32)).to_bits() as u64))
+        .map(|_| {
+            [0; 3].map(|_| {
+                b((rng.unit() * 64.0 - 32.0) * 2f64.powi(rng.int(-20, 20) as i32)).to_bits() as u64
+            })
+        })
         .collect();
     let bf = |x: u64| half::bf16::from_bits(x as u16).to_f64();
-    let fma = run_op("fma.rn.bf16 %d0, %s0, %s1, %s2", &[R::B16], &[R::B16; 3], &bcases);
-    let add = run_op("add.rn.bf16 %d0, %s0, %s1", &[R::B16], &[R::B16; 2], &bcases);
+    let fma = run_op(
+        "fma.rn.bf16 %d0, %s0, %s1, %s2",
+        &[R::B16],
+        &[R::B16; 3],
+        &bcases,
+    );
+    let add = run_op(
+        "add.rn.bf16 %d0, %s0, %s1",
+        &[R::B16],
+        &[R::B16; 2],
+        &bcases,
+    );
     for (i, c) in bcases.iter().enumerate() {
         let (x, y, z) = (bf(c[0]), bf(c[1]), bf(c[2]));
-        assert_eq!(fma[i][0] as u16, b(x * y + z).to_bits(), "fma.bf16 {x} {y} {z}");
+        assert_eq!(
+            fma[i][0] as u16,
+            b(x * y + z).to_bits(),
+            "fma.bf16 {x} {y} {z}"
+        );
         assert_eq!(add[i][0] as u16, b(x + y).to_bits(), "add.bf16 {x} {y}");
     }
 }

@@ -85,35 +85,56 @@ fn global_atomics_from_many_blocks_are_exact() {
     init[slot::AND] = u32::MAX;
     let g = up(&d, &init);
     let olds = zeros::<u32>(&d, 4 * n);
-    ok(&d, &sm80(ATOMICS), "atoms", cfg(blocks, threads), &[p(g), p(olds)]);
+    ok(
+        &d,
+        &sm80(ATOMICS),
+        "atoms",
+        cfg(blocks, threads),
+        &[p(g), p(olds)],
+    );
     let v: Vec<u32> = down(&d, g, slot::WORDS);
     let o: Vec<u32> = down(&d, olds, 4 * n);
     let n32 = n as u32;
     assert_eq!(v[slot::ADD], n32);
     assert_eq!(f32::from_bits(v[slot::FADD]), n as f32);
-    assert_eq!(v[slot::ADD64] as u64 | (v[slot::ADD64 + 1] as u64) << 32, n as u64 * 0x1_0000_0001);
+    assert_eq!(
+        v[slot::ADD64] as u64 | (v[slot::ADD64 + 1] as u64) << 32,
+        n as u64 * 0x1_0000_0001
+    );
     assert_eq!(v[slot::CAS], n32);
     // inc(r, 9) = r >= 9 ? 0 : r + 1; dec(r, 9) = r == 0 || r > 9 ? 9 : r - 1
     assert_eq!(v[slot::INC], n32 % 10);
     assert_eq!(v[slot::DEC], (10 - n32 % 10) % 10);
-    let scrambled: Vec<i32> = (0..n as u32).map(|i| ((i * 7919) % 10007) as i32 - 5000).collect();
+    let scrambled: Vec<i32> = (0..n as u32)
+        .map(|i| ((i * 7919) % 10007) as i32 - 5000)
+        .collect();
     assert_eq!(v[slot::MIN] as i32, *scrambled.iter().min().unwrap());
     assert_eq!(v[slot::MAX] as i32, *scrambled.iter().max().unwrap());
-    assert_eq!(v[slot::UMAX], scrambled.iter().map(|&x| x as u32).max().unwrap(), "max.u32 compares unsigned");
+    assert_eq!(
+        v[slot::UMAX],
+        scrambled.iter().map(|&x| x as u32).max().unwrap(),
+        "max.u32 compares unsigned"
+    );
     assert_eq!((v[slot::OR], v[slot::XOR], v[slot::AND]), (u32::MAX, 0, 0));
     // every atom returned a distinct old value: add's are 0..n, exch's with the final value
     // are 0..=n, inc's lie in [0, 9] with each value n/10 times (rounded)
     let mut adds: Vec<u32> = (0..n).map(|i| o[4 * i]).collect();
     adds.sort_unstable();
     assert_eq!(adds, (0..n32).collect::<Vec<_>>());
-    let mut chain: Vec<u32> = (0..n).map(|i| o[4 * i + 2]).chain([v[slot::EXCH]]).collect();
+    let mut chain: Vec<u32> = (0..n)
+        .map(|i| o[4 * i + 2])
+        .chain([v[slot::EXCH]])
+        .collect();
     chain.sort_unstable();
     assert_eq!(chain, (0..=n32).collect::<Vec<_>>());
     let mut hist = [0usize; 10];
     for i in 0..n {
         hist[o[4 * i + 1] as usize] += 1;
     }
-    assert!(hist.iter().all(|&h| h == n / 10 || h == n / 10 + 1), "{hist:?}");
+    assert!(
+        hist.iter().all(|&h| h == n / 10 || h == n / 10 + 1),
+        "{hist:?}"
+    );
     // atom.min returns the value before it
     assert!((0..n).all(|i| o[4 * i + 3] as i32 >= *scrambled.iter().min().unwrap()));
 }
@@ -172,7 +193,10 @@ fn shared_atomics_are_exact_per_block_and_need_initialised_memory() {
     let out = zeros::<u32>(&d, 16);
     ok(&d, &ptx, "satoms", cfg(4, 256), &[p(out), Arg::I32(1)]);
     let o: Vec<u32> = down(&d, out, 16);
-    let max = (0..256i32).map(|t| if t % 3 == 0 { 100 - t } else { t - 100 }).max().unwrap();
+    let max = (0..256i32)
+        .map(|t| if t % 3 == 0 { 100 - t } else { t - 100 })
+        .max()
+        .unwrap();
     for b in 0..4 {
         let r = &o[4 * b..4 * b + 4];
         assert_eq!(r[0], 3 * 256, "add.u32 block {b}");
@@ -181,15 +205,27 @@ fn shared_atomics_are_exact_per_block_and_need_initialised_memory() {
         assert_eq!(r[3], 2 * 256, "cas loop");
     }
     // without the initialising store, the first atomic reads never-written shared memory
-    let f = fault(launch(&d, &ptx, "satoms", cfg(1, 32), &[p(out), Arg::I32(0)]));
-    assert_eq!((f.check, f.line), (Check::Initcheck, line_of(&ptx, "// FIRST")), "{f}");
+    let f = fault(launch(
+        &d,
+        &ptx,
+        "satoms",
+        cfg(1, 32),
+        &[p(out), Arg::I32(0)],
+    ));
+    assert_eq!(
+        (f.check, f.line),
+        (Check::Initcheck, line_of(&ptx, "// FIRST")),
+        "{f}"
+    );
 }
 
 #[test]
 fn float_atomics_other_than_add_are_refused_at_load() {
     // 9.7.13.5: min/max/inc/dec are integer operations; the float operation is .add
     let d = dev();
-    let ptx = sm80(".visible .entry k(.param .u64 g)\n{\n.reg .f32 %f<2>;\n.reg .b64 %rd<2>;\nld.param.u64 %rd1, [g];\natom.global.min.f32 %f1, [%rd1], %f0;\nret;\n}\n");
+    let ptx = sm80(
+        ".visible .entry k(.param .u64 g)\n{\n.reg .f32 %f<2>;\n.reg .b64 %rd<2>;\nld.param.u64 %rd1, [g];\natom.global.min.f32 %f1, [%rd1], %f0;\nret;\n}\n",
+    );
     match d.load_module("m", &ptx) {
         Err(SimError::Ptx(line, m)) => assert!(line == 9 && m.contains("only .add"), "{line}: {m}"),
         other => panic!("expected a PTX error, got {:?}", other.map(|_| ())),

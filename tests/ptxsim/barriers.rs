@@ -31,8 +31,19 @@ const EXCHANGE: &str = r#"
 fn bar_sync_exchanges_shared_memory_across_warps() {
     let d = dev();
     let go = zeros::<u32>(&d, 256);
-    for sync in ["bar.sync 0;", "barrier.sync 0;", "barrier.sync.aligned 0;", "bar.cta.sync 0;"] {
-        ok(&d, &sm80(&EXCHANGE.replace("@SYNC@", sync)), "exchange", cfg(3, 256), &[p(go)]);
+    for sync in [
+        "bar.sync 0;",
+        "barrier.sync 0;",
+        "barrier.sync.aligned 0;",
+        "bar.cta.sync 0;",
+    ] {
+        ok(
+            &d,
+            &sm80(&EXCHANGE.replace("@SYNC@", sync)),
+            "exchange",
+            cfg(3, 256),
+            &[p(go)],
+        );
         let want: Vec<u32> = (0..256).map(|t| (255 - t) * 3).collect();
         assert_eq!(down::<u32>(&d, go, 256), want, "{sync}");
     }
@@ -160,8 +171,15 @@ fn synccheck_reports_a_barrier_that_threads_exited_before() {
     assert_eq!(f.check, Check::Synccheck, "{f}");
     assert_eq!(f.kernel, "early");
     assert_eq!(f.line, line_of(&sm80(EARLY_EXIT), "// BARRIER"), "{f}");
-    assert!(f.detail.contains(&format!("line {}", line_of(&sm80(EARLY_EXIT), "// EXIT"))), "{f}");
-    assert!(f.detail.contains("(40,0,0)"), "names the first thread that exited: {f}");
+    assert!(
+        f.detail
+            .contains(&format!("line {}", line_of(&sm80(EARLY_EXIT), "// EXIT"))),
+        "{f}"
+    );
+    assert!(
+        f.detail.contains("(40,0,0)"),
+        "names the first thread that exited: {f}"
+    );
 }
 
 const TWO_BARRIERS: &str = r#"
@@ -185,7 +203,12 @@ fn synccheck_reports_threads_waiting_at_different_barriers() {
     let d = dev();
     let f = fault(launch(&d, &sm80(TWO_BARRIERS), "two", cfg(1, 64), &[p(0)]));
     assert_eq!(f.check, Check::Synccheck, "{f}");
-    assert!(f.detail.contains("deadlock") && f.detail.contains("barrier 1") && f.detail.contains("barrier 2"), "{f}");
+    assert!(
+        f.detail.contains("deadlock")
+            && f.detail.contains("barrier 1")
+            && f.detail.contains("barrier 2"),
+        "{f}"
+    );
 }
 
 const SHFL_VS_BAR: &str = r#"
@@ -212,7 +235,10 @@ fn synccheck_reports_a_shfl_whose_member_lanes_wait_elsewhere() {
     let f = fault(launch(&d, &ptx, "sb", cfg(1, 32), &[p(0)]));
     assert_eq!(f.check, Check::Synccheck, "{f}");
     assert_eq!(f.line, line_of(&ptx, "// SHFL"), "{f}");
-    assert!(f.detail.contains("0xffff0000"), "names the missing lanes: {f}");
+    assert!(
+        f.detail.contains("0xffff0000"),
+        "names the missing lanes: {f}"
+    );
     // ... or at another warp collective (vote is not the same shfl.sync)
     let ptx = sm80(&SHFL_VS_BAR.replace("@OTHER@", "vote.sync.ballot.b32 %r2, %p1, 0xffffffff;"));
     let f = fault(launch(&d, &ptx, "sb", cfg(1, 32), &[p(0)]));
@@ -236,7 +262,14 @@ fn synccheck_reports_a_shfl_whose_member_lanes_wait_elsewhere() {
     assert_eq!(f.check, Check::Synccheck, "{f}");
     assert!(f.detail.contains("0x00000020"), "{f}");
     // ... and a lane must be in the mask of the shfl it executes (9.7.9.6: undefined)
-    let ptx = sm80(&SHFL_VS_BAR.replace("@OTHER@", "shfl.sync.idx.b32 %r1, %r0, 0, 0x1f, 0x0000ffff; // OUTSIDE"));
+    let ptx = sm80(&SHFL_VS_BAR.replace(
+        "@OTHER@",
+        "shfl.sync.idx.b32 %r1, %r0, 0, 0x1f, 0x0000ffff; // OUTSIDE",
+    ));
     let f = fault(launch(&d, &ptx, "sb", cfg(1, 32), &[p(0)]));
-    assert_eq!((f.check, f.thread, f.line), (Check::Synccheck, [16, 0, 0], line_of(&ptx, "// OUTSIDE")), "{f}");
+    assert_eq!(
+        (f.check, f.thread, f.line),
+        (Check::Synccheck, [16, 0, 0], line_of(&ptx, "// OUTSIDE")),
+        "{f}"
+    );
 }

@@ -51,7 +51,11 @@ fn func(d: &Device, entry: &str) -> lalora_engine::ptxsim::Function {
 }
 
 fn grid_block(grid: [u32; 3], block: [u32; 3], shared: u32) -> LaunchConfig {
-    LaunchConfig { grid, block, shared_bytes: shared }
+    LaunchConfig {
+        grid,
+        block,
+        shared_bytes: shared,
+    }
 }
 
 #[test]
@@ -81,7 +85,8 @@ fn launch_checks_shared_memory_against_48_kb_and_the_opt_in() {
     let d = dev();
     let one = [1, 1, 1];
     let mut f = func(&d, "dynamic");
-    d.launch(&f, grid_block(one, one, 48 * 1024), &[p(0)]).unwrap();
+    d.launch(&f, grid_block(one, one, 48 * 1024), &[p(0)])
+        .unwrap();
     let m = launch_error(d.launch(&f, grid_block(one, one, 48 * 1024 + 4), &[p(0)]));
     assert!(m.contains("without opting in"), "{m}");
     // static + dynamic together count
@@ -90,13 +95,18 @@ fn launch_checks_shared_memory_against_48_kb_and_the_opt_in() {
     assert!(m.contains("1024 static"), "{m}");
     // opting in allows up to 227 KB per block
     f.set_max_dynamic_shared(232_448).unwrap();
-    d.launch(&f, grid_block(one, one, 232_448), &[p(0)]).unwrap();
-    d.launch(&f, grid_block(one, one, 100 * 1024), &[p(0)]).unwrap();
+    d.launch(&f, grid_block(one, one, 232_448), &[p(0)])
+        .unwrap();
+    d.launch(&f, grid_block(one, one, 100 * 1024), &[p(0)])
+        .unwrap();
     let m = launch_error(d.launch(&f, grid_block(one, one, 232_448 + 4), &[p(0)]));
     assert!(m.contains("exceed"), "{m}");
     assert!(f.set_max_dynamic_shared(232_448 + 1).is_err());
     let mut s = s;
-    assert!(s.set_max_dynamic_shared(232_448 - 1024 + 1).is_err(), "static shared counts against the opt-in");
+    assert!(
+        s.set_max_dynamic_shared(232_448 - 1024 + 1).is_err(),
+        "static shared counts against the opt-in"
+    );
     // a launch asking more than the opted-in amount
     f.set_max_dynamic_shared(64 * 1024).unwrap();
     let m = launch_error(d.launch(&f, grid_block(one, one, 64 * 1024 + 16), &[p(0)]));
@@ -108,12 +118,15 @@ fn launch_honours_maxntid_and_reqntid() {
     // 11.4: .maxntid bounds the product of the block dimensions; .reqntid fixes each
     let d = dev();
     let maxn = func(&d, "maxn");
-    d.launch(&maxn, grid_block([1, 1, 1], [128, 1, 1], 0), &[p(0)]).unwrap();
-    d.launch(&maxn, grid_block([1, 1, 1], [4, 4, 8], 0), &[p(0)]).unwrap();
+    d.launch(&maxn, grid_block([1, 1, 1], [128, 1, 1], 0), &[p(0)])
+        .unwrap();
+    d.launch(&maxn, grid_block([1, 1, 1], [4, 4, 8], 0), &[p(0)])
+        .unwrap();
     let m = launch_error(d.launch(&maxn, grid_block([1, 1, 1], [129, 1, 1], 0), &[p(0)]));
     assert!(m.contains(".maxntid"), "{m}");
     let reqn = func(&d, "reqn");
-    d.launch(&reqn, grid_block([2, 1, 1], [64, 1, 1], 0), &[p(0)]).unwrap();
+    d.launch(&reqn, grid_block([2, 1, 1], [64, 1, 1], 0), &[p(0)])
+        .unwrap();
     for b in [[32, 2, 1], [63, 1, 1], [65, 1, 1]] {
         let m = launch_error(d.launch(&reqn, grid_block([1, 1, 1], b, 0), &[p(0)]));
         assert!(m.contains(".reqntid"), "{m}");
@@ -125,15 +138,29 @@ fn launch_checks_the_argument_list_against_the_entry_signature() {
     let d = dev();
     let f = func(&d, "sig");
     let c = cfg(1, 1);
-    d.launch(&f, c, &[p(0), Arg::I32(1), Arg::F32(1.0), Arg::I32(7)]).unwrap();
-    d.launch(&f, c, &[p(0), Arg::I32(1), Arg::F32(1.0), Arg::F32(7.0)]).unwrap();
+    d.launch(&f, c, &[p(0), Arg::I32(1), Arg::F32(1.0), Arg::I32(7)])
+        .unwrap();
+    d.launch(&f, c, &[p(0), Arg::I32(1), Arg::F32(1.0), Arg::F32(7.0)])
+        .unwrap();
     for (args, what) in [
         (vec![p(0), Arg::I32(1), Arg::F32(1.0)], "3 arguments"),
-        (vec![p(0), Arg::I32(1), Arg::F32(1.0), Arg::I32(7), Arg::I32(8)], "5 arguments"),
-        (vec![Arg::I32(0), Arg::I32(1), Arg::F32(1.0), Arg::I32(7)], "argument 0"),
+        (
+            vec![p(0), Arg::I32(1), Arg::F32(1.0), Arg::I32(7), Arg::I32(8)],
+            "5 arguments",
+        ),
+        (
+            vec![Arg::I32(0), Arg::I32(1), Arg::F32(1.0), Arg::I32(7)],
+            "argument 0",
+        ),
         (vec![p(0), p(1), Arg::F32(1.0), Arg::I32(7)], "argument 1"),
-        (vec![p(0), Arg::F32(1.0), Arg::F32(1.0), Arg::I32(7)], "argument 1"),
-        (vec![p(0), Arg::I32(1), Arg::I32(1), Arg::I32(7)], "argument 2"),
+        (
+            vec![p(0), Arg::F32(1.0), Arg::F32(1.0), Arg::I32(7)],
+            "argument 1",
+        ),
+        (
+            vec![p(0), Arg::I32(1), Arg::I32(1), Arg::I32(7)],
+            "argument 2",
+        ),
     ] {
         let m = launch_error(d.launch(&f, c, &args));
         assert!(m.contains("sig") && m.contains(what), "{what}: {m}");

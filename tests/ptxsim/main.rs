@@ -42,7 +42,8 @@ fn up<T: Pod>(d: &Device, v: &[T]) -> u64 {
 
 /// An output buffer of `n` elements, zero-filled (so partial writes can be read back).
 fn zeros<T: Pod>(d: &Device, n: usize) -> u64 {
-    d.alloc((n * std::mem::size_of::<T>()).max(1), true).expect("alloc")
+    d.alloc((n * std::mem::size_of::<T>()).max(1), true)
+        .expect("alloc")
 }
 
 fn down<T: Pod + Zeroable>(d: &Device, p: u64, n: usize) -> Vec<T> {
@@ -51,9 +52,17 @@ fn down<T: Pod + Zeroable>(d: &Device, p: u64, n: usize) -> Vec<T> {
     v
 }
 
-fn launch(d: &Device, ptx: &str, entry: &str, c: LaunchConfig, args: &[Arg]) -> Result<(), SimError> {
+fn launch(
+    d: &Device,
+    ptx: &str,
+    entry: &str,
+    c: LaunchConfig,
+    args: &[Arg],
+) -> Result<(), SimError> {
     let m = d.load_module("test", ptx)?;
-    let f = d.function(&m, entry).unwrap_or_else(|| panic!("no entry `{entry}`"));
+    let f = d
+        .function(&m, entry)
+        .unwrap_or_else(|| panic!("no entry `{entry}`"));
     d.launch(&f, c, args)
 }
 
@@ -114,13 +123,13 @@ impl Lcg {
     }
 }
 
-mod matrix;
-mod warp;
-mod barriers;
-mod memory;
-mod atomics;
-mod launch;
 mod arith;
+mod atomics;
+mod barriers;
 mod blas;
-mod speed;
+mod launch;
+mod matrix;
+mod memory;
 mod robustness;
+mod speed;
+mod warp;

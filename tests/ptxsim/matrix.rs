@@ -51,8 +51,16 @@ fn frag_a(k: usize, ty: In, lane: usize) -> Vec<[(usize, usize); 2]> {
             [(g, 2 * t + 8), (g, 2 * t + 9)],
             [(g + 8, 2 * t + 8), (g + 8, 2 * t + 9)],
         ],
-        (8, In::Tf32) => vec![[(g, t); 2], [(g + 8, t); 2], [(g, t + 4); 2], [(g + 8, t + 4); 2]],
-        (8, _) => vec![[(g, 2 * t), (g, 2 * t + 1)], [(g + 8, 2 * t), (g + 8, 2 * t + 1)]],
+        (8, In::Tf32) => vec![
+            [(g, t); 2],
+            [(g + 8, t); 2],
+            [(g, t + 4); 2],
+            [(g + 8, t + 4); 2],
+        ],
+        (8, _) => vec![
+            [(g, 2 * t), (g, 2 * t + 1)],
+            [(g + 8, 2 * t), (g + 8, 2 * t + 1)],
+        ],
         (4, In::Tf32) => vec![[(g, t); 2], [(g + 8, t); 2]],
         _ => unreachable!(),
     }
@@ -61,7 +69,10 @@ fn frag_a(k: usize, ty: In, lane: usize) -> Vec<[(usize, usize); 2]> {
 fn frag_b(k: usize, ty: In, lane: usize) -> Vec<[(usize, usize); 2]> {
     let (g, t) = (lane / 4, lane % 4);
     match (k, ty) {
-        (16, _) => vec![[(2 * t, g), (2 * t + 1, g)], [(2 * t + 8, g), (2 * t + 9, g)]],
+        (16, _) => vec![
+            [(2 * t, g), (2 * t + 1, g)],
+            [(2 * t + 8, g), (2 * t + 9, g)],
+        ],
         (8, In::Tf32) => vec![[(t, g); 2], [(t + 4, g); 2]],
         (8, _) => vec![[(2 * t, g), (2 * t + 1, g)]],
         (4, In::Tf32) => vec![[(t, g); 2]],
@@ -72,27 +83,51 @@ fn frag_b(k: usize, ty: In, lane: usize) -> Vec<[(usize, usize); 2]> {
 /// C/D of every m16n8 shape: c0 = (g, 2t), c1 = (g, 2t+1), c2 = (g+8, 2t), c3 = (g+8, 2t+1).
 fn frag_c(lane: usize) -> [(usize, usize); 4] {
     let (g, t) = (lane / 4, lane % 4);
-    [(g, 2 * t), (g, 2 * t + 1), (g + 8, 2 * t), (g + 8, 2 * t + 1)]
+    [
+        (g, 2 * t),
+        (g, 2 * t + 1),
+        (g + 8, 2 * t),
+        (g + 8, 2 * t + 1),
+    ]
 }
 
 /// A kernel that loads each lane's fragment registers, runs `inst` once and stores D.
 fn mma_kernel(inst: &str, na: usize, nb: usize, nc: usize) -> String {
-    let list = |r: &str, n: usize| (0..n).map(|i| format!("%{r}{i}")).collect::<Vec<_>>().join(", ");
+    let list = |r: &str, n: usize| {
+        (0..n)
+            .map(|i| format!("%{r}{i}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
     let mut s = String::from(
         ".visible .entry mma(.param .u64 pa, .param .u64 pb, .param .u64 pc, .param .u64 pd)\n{\n\
          .reg .b32 %a<4>, %b<4>, %c<4>, %d<4>, %lane;\n.reg .b64 %rd<12>;\n\
          mov.u32 %lane, %laneid;\n\
          ld.param.u64 %rd1, [pa];\nld.param.u64 %rd2, [pb];\nld.param.u64 %rd3, [pc];\nld.param.u64 %rd4, [pd];\n",
     );
-    for (base, name, n, reg) in [(1, "a", na, 5), (2, "b", nb, 6), (3, "c", nc, 7), (4, "d", nc, 8)] {
-        s += &format!("mul.wide.u32 %rd{reg}, %lane, {};\nadd.u64 %rd{reg}, %rd{base}, %rd{reg};\n", 4 * n);
+    for (base, name, n, reg) in [
+        (1, "a", na, 5),
+        (2, "b", nb, 6),
+        (3, "c", nc, 7),
+        (4, "d", nc, 8),
+    ] {
+        s += &format!(
+            "mul.wide.u32 %rd{reg}, %lane, {};\nadd.u64 %rd{reg}, %rd{base}, %rd{reg};\n",
+            4 * n
+        );
         if name != "d" {
             for i in 0..n {
                 s += &format!("ld.global.b32 %{name}{i}, [%rd{reg}+{}];\n", 4 * i);
             }
         }
     }
-    s += &format!("{inst} {{{}}}, {{{}}}, {{{}}}, {{{}}};\n", list("d", nc), list("a", na), list("b", nb), list("c", nc));
+    s += &format!(
+        "{inst} {{{}}}, {{{}}}, {{{}}}, {{{}}};\n",
+        list("d", nc),
+        list("a", na),
+        list("b", nb),
+        list("c", nc)
+    );
     for i in 0..nc {
         s += &format!("st.global.b32 [%rd8+{}], %d{i};\n", 4 * i);
     }
@@ -132,11 +167,20 @@ fn check_mma(k: usize, ty: In, f16_acc: bool) {
     }
     let (na, nb, nc) = (fa.len() / 32, fb.len() / 32, fc.len() / 32);
     let acc = if f16_acc { "f16" } else { "f32" };
-    let inst = format!("mma.sync.aligned.m16n8k{k}.row.col.{acc}.{t}.{t}.{acc}", t = ty.name());
+    let inst = format!(
+        "mma.sync.aligned.m16n8k{k}.row.col.{acc}.{t}.{t}.{acc}",
+        t = ty.name()
+    );
     let d = dev();
     let (pa, pb, pc) = (up(&d, &fa), up(&d, &fb), up(&d, &fc));
     let pd = zeros::<u32>(&d, 32 * nc);
-    ok(&d, &sm80(&mma_kernel(&inst, na, nb, nc)), "mma", cfg(1, 32), &[p(pa), p(pb), p(pc), p(pd)]);
+    ok(
+        &d,
+        &sm80(&mma_kernel(&inst, na, nb, nc)),
+        "mma",
+        cfg(1, 32),
+        &[p(pa), p(pb), p(pc), p(pd)],
+    );
     let out: Vec<u32> = down(&d, pd, 32 * nc);
     let mut seen = [[false; 8]; 16];
     for lane in 0..32 {
@@ -146,11 +190,18 @@ fn check_mma(k: usize, ty: In, f16_acc: bool) {
             } else {
                 f32::from_bits(out[lane * 4 + i]) as f64
             };
-            assert_eq!(got, want[r * 8 + col], "{inst}: D[{r}][{col}] (lane {lane}, d{i})");
+            assert_eq!(
+                got,
+                want[r * 8 + col],
+                "{inst}: D[{r}][{col}] (lane {lane}, d{i})"
+            );
             seen[r][col] = true;
         }
     }
-    assert!(seen.iter().flatten().all(|&s| s), "{inst}: D covers the 16x8 tile");
+    assert!(
+        seen.iter().flatten().all(|&s| s),
+        "{inst}: D covers the 16x8 tile"
+    );
 }
 
 #[test]
@@ -200,7 +251,13 @@ fn mma_accumulates_in_f32_not_in_the_input_type() {
     let (pa, pb, pc) = (up(&d, &fa), up(&d, &fb), up(&d, &[0u32; 128]));
     let pd = zeros::<u32>(&d, 128);
     let inst = "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32";
-    ok(&d, &sm80(&mma_kernel(inst, 4, 2, 4)), "mma", cfg(1, 32), &[p(pa), p(pb), p(pc), p(pd)]);
+    ok(
+        &d,
+        &sm80(&mma_kernel(inst, 4, 2, 4)),
+        "mma",
+        cfg(1, 32),
+        &[p(pa), p(pb), p(pc), p(pd)],
+    );
     let out: Vec<f32> = down(&d, pd, 128);
     // lane 0 holds D[0][0] in d0
     assert_eq!(out[0], 1.0 + 2f32.powi(-12));
@@ -208,7 +265,9 @@ fn mma_accumulates_in_f32_not_in_the_input_type() {
 
 /// Bytes of a shared tile of 32 rows of 8 b16 values (row `s` = slot `s`), distinct values.
 pub(super) fn tile_values() -> Vec<u16> {
-    (0..32 * 8).map(|i| (i as u16).wrapping_mul(37).wrapping_add(11)).collect()
+    (0..32 * 8)
+        .map(|i| (i as u16).wrapping_mul(37).wrapping_add(11))
+        .collect()
 }
 
 /// The slot whose row lane `l` addresses: rows need not be contiguous (9.7.14.5.15).
@@ -333,7 +392,11 @@ $SKIP:
     let a: Vec<f64> = (0..256).map(|_| rng.int(-10, 10) as f64 * 0.125).collect();
     let b: Vec<f64> = (0..128).map(|_| rng.int(-10, 10) as f64 * 0.5).collect();
     let want = matmul(&a, &b, &[0.0; 128], 16, 16, 8);
-    let enc = |v: &[f64]| v.iter().map(|&x| In::Bf16.enc(x) as u16).collect::<Vec<u16>>();
+    let enc = |v: &[f64]| {
+        v.iter()
+            .map(|&x| In::Bf16.enc(x) as u16)
+            .collect::<Vec<u16>>()
+    };
     let d = dev();
     let (ga, gb) = (up(&d, &enc(&a)), up(&d, &enc(&b)));
     let gd = zeros::<f32>(&d, 128);
@@ -406,8 +469,18 @@ fn stmatrix_is_the_inverse_of_ldmatrix() {
             let ptx = module(
                 "sm_90",
                 &STMATRIX
-                    .replace("@STORE@", &format!("stmatrix.sync.aligned.m8n8.{num}{t}.shared.b16 [%r15], {{{srcs}}};"))
-                    .replace("@LOAD@", &format!("ldmatrix.sync.aligned.m8n8.{num}{t}.shared.b16 {{{dsts}}}, [%r15];")),
+                    .replace(
+                        "@STORE@",
+                        &format!(
+                            "stmatrix.sync.aligned.m8n8.{num}{t}.shared.b16 [%r15], {{{srcs}}};"
+                        ),
+                    )
+                    .replace(
+                        "@LOAD@",
+                        &format!(
+                            "ldmatrix.sync.aligned.m8n8.{num}{t}.shared.b16 {{{dsts}}}, [%r15];"
+                        ),
+                    ),
             );
             let d = dev();
             let (out, back) = (zeros::<u16>(&d, 256), zeros::<u32>(&d, 128));
@@ -417,7 +490,11 @@ fn stmatrix_is_the_inverse_of_ldmatrix() {
             for l in 0..32 {
                 for j in 0..n {
                     for h in 0..2 {
-                        let (row, col) = if trans { (2 * (l % 4) + h, l / 4) } else { (l / 4, 2 * (l % 4) + h) };
+                        let (row, col) = if trans {
+                            (2 * (l % 4) + h, l / 4)
+                        } else {
+                            (l / 4, 2 * (l % 4) + h)
+                        };
                         want[slot(8 * j + row) * 8 + col] = reg(l, j)[h];
                     }
                 }
@@ -427,7 +504,11 @@ fn stmatrix_is_the_inverse_of_ldmatrix() {
             for l in 0..32 {
                 for j in 0..n {
                     let [lo, hi] = reg(l, j);
-                    assert_eq!(back[l * 4 + j], lo as u32 | ((hi as u32) << 16), "round trip {num}{t} lane {l} reg {j}");
+                    assert_eq!(
+                        back[l * 4 + j],
+                        lo as u32 | ((hi as u32) << 16),
+                        "round trip {num}{t} lane {l} reg {j}"
+                    );
                 }
             }
         }
@@ -490,16 +571,29 @@ fn cp_async_copies_4_8_16_bytes_and_zero_fills_past_src_size() {
         let ptx = sm80(
             &CPASYNC
                 .replace("@COPY@", &copy)
-                .replace("@WAIT@", "cp.async.commit_group;\n    cp.async.wait_group 0;")
+                .replace(
+                    "@WAIT@",
+                    "cp.async.commit_group;\n    cp.async.wait_group 0;",
+                )
                 .replace("@SIZE@", &size.to_string()),
         );
         let d = dev();
         let (gs, go) = (up(&d, &src), zeros::<u8>(&d, 512));
-        ok(&d, &ptx, "cpa", cfg(1, 32), &[p(gs), p(go), Arg::I32(n.unwrap_or(0) as i32)]);
+        ok(
+            &d,
+            &ptx,
+            "cpa",
+            cfg(1, 32),
+            &[p(gs), p(go), Arg::I32(n.unwrap_or(0) as i32)],
+        );
         let out: Vec<u8> = down(&d, go, 512);
         for l in 0..32 {
             for i in 0..16 {
-                let want = if i >= size || i >= n.map_or(size, |n| n as usize) { 0 } else { src[l * 16 + i] };
+                let want = if i >= size || i >= n.map_or(size, |n| n as usize) {
+                    0
+                } else {
+                    src[l * 16 + i]
+                };
                 assert_eq!(out[l * 16 + i], want, "{copy} lane {l} byte {i}");
             }
         }
@@ -512,13 +606,22 @@ fn cp_async_ignore_src_predicate_writes_zeros() {
     // written; false copies normally (odd lanes ignore their source here)
     let src: Vec<u8> = (0..512).map(|i| (i * 5 + 3) as u8).collect();
     let copy = "and.b32 %r9, %r0, 1;\n    setp.ne.u32 %p0, %r9, 0;\n    cp.async.ca.shared.global [%r3], [%rd4], 16, %p0;";
-    let ptx = sm80(&CPASYNC.replace("@COPY@", copy).replace("@WAIT@", "cp.async.wait_all;").replace("@SIZE@", "16"));
+    let ptx = sm80(
+        &CPASYNC
+            .replace("@COPY@", copy)
+            .replace("@WAIT@", "cp.async.wait_all;")
+            .replace("@SIZE@", "16"),
+    );
     let d = dev();
     let (gs, go) = (up(&d, &src), zeros::<u8>(&d, 512));
     ok(&d, &ptx, "cpa", cfg(1, 32), &[p(gs), p(go), Arg::I32(0)]);
     let out: Vec<u8> = down(&d, go, 512);
     for l in 0..32 {
-        let want: Vec<u8> = if l % 2 == 1 { vec![0; 16] } else { src[l * 16..l * 16 + 16].to_vec() };
+        let want: Vec<u8> = if l % 2 == 1 {
+            vec![0; 16]
+        } else {
+            src[l * 16..l * 16 + 16].to_vec()
+        };
         assert_eq!(out[l * 16..l * 16 + 16], want[..], "lane {l}");
     }
 }
@@ -530,14 +633,33 @@ fn cp_async_wait_all_covers_uncommitted_copies_and_wait_group_does_not() {
     // is a read of memory the copy has not written (initcheck).
     let src: Vec<u8> = (0..512).map(|i| (i * 3 + 1) as u8).collect();
     let copy = "cp.async.ca.shared.global [%r3], [%rd4], 4;";
-    let build = |wait: &str| sm80(&CPASYNC.replace("@COPY@", copy).replace("@WAIT@", wait).replace("@SIZE@", "4"));
+    let build = |wait: &str| {
+        sm80(
+            &CPASYNC
+                .replace("@COPY@", copy)
+                .replace("@WAIT@", wait)
+                .replace("@SIZE@", "4"),
+        )
+    };
     let d = dev();
     let (gs, go) = (up(&d, &src), zeros::<u8>(&d, 512));
-    ok(&d, &build("cp.async.wait_all;"), "cpa", cfg(1, 32), &[p(gs), p(go), Arg::I32(0)]);
+    ok(
+        &d,
+        &build("cp.async.wait_all;"),
+        "cpa",
+        cfg(1, 32),
+        &[p(gs), p(go), Arg::I32(0)],
+    );
     let out: Vec<u8> = down(&d, go, 512);
     assert_eq!(out[16..20], src[16..20]);
     let ptx = build("cp.async.wait_group 0;");
-    let f = fault(launch(&d, &ptx, "cpa", cfg(1, 32), &[p(gs), p(go), Arg::I32(0)]));
+    let f = fault(launch(
+        &d,
+        &ptx,
+        "cpa",
+        cfg(1, 32),
+        &[p(gs), p(go), Arg::I32(0)],
+    ));
     assert_eq!(f.check, Check::Initcheck, "{f}");
     assert_eq!(f.line, line_of(&ptx, "ld.shared.u8"), "{f}");
 }
@@ -586,7 +708,13 @@ fn cp_async_wait_group_n_completes_all_but_the_n_most_recent_groups() {
     ok(&d, &ptx, "pipe", cfg(1, 32), &[p(gs), p(go), Arg::I32(0)]);
     assert_eq!(down::<u32>(&d, go, 64), src);
     // reading the second group's destination after wait_group 1: still in flight
-    let f = fault(launch(&d, &ptx, "pipe", cfg(1, 32), &[p(gs), p(go), Arg::I32(1)]));
+    let f = fault(launch(
+        &d,
+        &ptx,
+        "pipe",
+        cfg(1, 32),
+        &[p(gs), p(go), Arg::I32(1)],
+    ));
     assert_eq!(f.check, Check::Initcheck, "{f}");
     assert_eq!(f.line, line_of(&ptx, "// EARLY"), "{f}");
     assert_eq!(f.thread, [0, 0, 0]);
@@ -620,11 +748,24 @@ fn cp_async_data_read_by_another_thread_needs_a_barrier_after_the_wait() {
     // other threads need a barrier after it (here thread 33 of the next warp reads).
     let d = dev();
     let (gs, go) = (up(&d, &[0xdead_beefu32]), zeros::<u32>(&d, 1));
-    ok(&d, &sm80(&CP_OTHER.replace("@SYNC@", "bar.sync 0;")), "other", cfg(1, 64), &[p(gs), p(go)]);
+    ok(
+        &d,
+        &sm80(&CP_OTHER.replace("@SYNC@", "bar.sync 0;")),
+        "other",
+        cfg(1, 64),
+        &[p(gs), p(go)],
+    );
     assert_eq!(down::<u32>(&d, go, 1), [0xdead_beef]);
     let ptx = sm80(&CP_OTHER.replace("@SYNC@", ""));
     let f = fault(launch(&d, &ptx, "other", cfg(1, 64), &[p(gs), p(go)]));
     assert_eq!(f.check, Check::Racecheck, "{f}");
-    assert_eq!((f.thread, f.line), ([33, 0, 0], line_of(&ptx, "// READ")), "{f}");
-    assert!(f.detail.contains("read-after-write") && f.detail.contains("thread (0,0,0)"), "{f}");
+    assert_eq!(
+        (f.thread, f.line),
+        ([33, 0, 0], line_of(&ptx, "// READ")),
+        "{f}"
+    );
+    assert!(
+        f.detail.contains("read-after-write") && f.detail.contains("thread (0,0,0)"),
+        "{f}"
+    );
 }

@@ -31,13 +31,29 @@ fn memcheck_reports_a_read_one_element_past_the_end() {
     let out = zeros::<f32>(&d, 128);
     let f = fault(launch(&d, &ptx, "copy", cfg(2, 64), &[p(input), p(out)]));
     assert_eq!(f.check, Check::Memcheck, "{f}");
-    assert_eq!((f.kernel.as_str(), f.block, f.thread), ("copy", [1, 0, 0], [36, 0, 0]), "{f}");
+    assert_eq!(
+        (f.kernel.as_str(), f.block, f.thread),
+        ("copy", [1, 0, 0], [36, 0, 0]),
+        "{f}"
+    );
     assert_eq!(f.line, line_of(&ptx, "// READ"));
     assert!(f.text.starts_with("ld.global.f32"), "{f}");
-    assert!(f.detail.contains("0 bytes past the end of allocation"), "{f}");
-    assert!(f.detail.contains(&format!("(400 bytes at {input:#x})")), "names the allocation: {f}");
+    assert!(
+        f.detail.contains("0 bytes past the end of allocation"),
+        "{f}"
+    );
+    assert!(
+        f.detail.contains(&format!("(400 bytes at {input:#x})")),
+        "names the allocation: {f}"
+    );
     let shown = f.to_string();
-    assert!(shown.starts_with(&format!("memcheck: kernel `copy` block (1,0,0) thread (36,0,0) PTX line {}", f.line)), "{shown}");
+    assert!(
+        shown.starts_with(&format!(
+            "memcheck: kernel `copy` block (1,0,0) thread (36,0,0) PTX line {}",
+            f.line
+        )),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -48,8 +64,15 @@ fn memcheck_reports_a_write_past_the_end() {
     let out = zeros::<f32>(&d, 100);
     let f = fault(launch(&d, &ptx, "copy", cfg(1, 128), &[p(input), p(out)]));
     assert_eq!(f.check, Check::Memcheck, "{f}");
-    assert_eq!((f.thread, f.line), ([100, 0, 0], line_of(&ptx, "// WRITE")), "{f}");
-    assert!(f.detail.contains("global write") && f.detail.contains(&format!("(400 bytes at {out:#x})")), "{f}");
+    assert_eq!(
+        (f.thread, f.line),
+        ([100, 0, 0], line_of(&ptx, "// WRITE")),
+        "{f}"
+    );
+    assert!(
+        f.detail.contains("global write") && f.detail.contains(&format!("(400 bytes at {out:#x})")),
+        "{f}"
+    );
     // the in-bounds threads' writes happened
     assert_eq!(down::<f32>(&d, out, 100), vec![2.0; 100]);
 }
@@ -63,9 +86,18 @@ fn memcheck_reports_use_after_free_and_wild_pointers() {
     d.free(input).unwrap();
     let f = fault(launch(&d, &ptx, "copy", cfg(1, 64), &[p(input), p(out)]));
     assert_eq!(f.check, Check::Memcheck, "{f}");
-    assert!(f.detail.contains("use after free") && f.detail.contains(&format!("{input:#x}")), "{f}");
+    assert!(
+        f.detail.contains("use after free") && f.detail.contains(&format!("{input:#x}")),
+        "{f}"
+    );
     // a pointer near the top of the address space (e.g. a null pointer minus an offset)
-    let f = fault(launch(&d, &ptx, "copy", cfg(1, 64), &[p(u64::MAX - 3), p(out)]));
+    let f = fault(launch(
+        &d,
+        &ptx,
+        "copy",
+        cfg(1, 64),
+        &[p(u64::MAX - 3), p(out)],
+    ));
     assert_eq!(f.check, Check::Memcheck, "{f}");
     assert!(f.detail.contains("in no allocation"), "{f}");
     let f = fault(launch(&d, &ptx, "copy", cfg(1, 64), &[p(0), p(out)]));
@@ -98,10 +130,17 @@ fn memcheck_reports_misaligned_accesses() {
     ] {
         let ptx = sm80(&MISALIGNED.replace("@LOAD@", load));
         let f = fault(launch(&d, &ptx, "mis", cfg(1, 1), &[p(input), p(out)]));
-        assert_eq!((f.check, f.line), (Check::Memcheck, line_of(&ptx, "// LOAD")), "{f}");
+        assert_eq!(
+            (f.check, f.line),
+            (Check::Memcheck, line_of(&ptx, "// LOAD")),
+            "{f}"
+        );
         assert!(f.detail.contains(&format!("misaligned {size}-byte")), "{f}");
     }
-    let ptx = sm80(&MISALIGNED.replace("@LOAD@", "ld.global.v4.f32 {%f1, %f2, %f3, %f0}, [%rd1+16];"));
+    let ptx = sm80(&MISALIGNED.replace(
+        "@LOAD@",
+        "ld.global.v4.f32 {%f1, %f2, %f3, %f0}, [%rd1+16];",
+    ));
     ok(&d, &ptx, "mis", cfg(1, 1), &[p(input), p(out)]);
 }
 
@@ -127,11 +166,22 @@ fn memcheck_reports_shared_memory_out_of_bounds() {
     let d = dev();
     let ptx = sm80(SHARED_OOB);
     let f = fault(launch(&d, &ptx, "soob", cfg(1, 33), &[Arg::I32(0)]));
-    assert_eq!((f.check, f.thread, f.line), (Check::Memcheck, [32, 0, 0], line_of(&ptx, "// STORE")), "{f}");
-    assert!(f.detail.contains("out-of-bounds shared write") && f.detail.contains("128 bytes"), "{f}");
+    assert_eq!(
+        (f.check, f.thread, f.line),
+        (Check::Memcheck, [32, 0, 0], line_of(&ptx, "// STORE")),
+        "{f}"
+    );
+    assert!(
+        f.detail.contains("out-of-bounds shared write") && f.detail.contains("128 bytes"),
+        "{f}"
+    );
     // below the start of shared memory
     let f = fault(launch(&d, &ptx, "soob", cfg(1, 32), &[Arg::I32(1)]));
-    assert_eq!((f.check, f.line), (Check::Memcheck, line_of(&ptx, "// NEGATIVE")), "{f}");
+    assert_eq!(
+        (f.check, f.line),
+        (Check::Memcheck, line_of(&ptx, "// NEGATIVE")),
+        "{f}"
+    );
 }
 
 const LOCAL: &str = r#"
@@ -179,10 +229,18 @@ fn local_memory_is_per_thread_dynamically_indexed_and_bounds_checked() {
     let got: Vec<u32> = down(&d, out, 128);
     for t in 0..64u32 {
         let want = t * 100 + (t * 7) % 16;
-        assert_eq!((got[2 * t as usize], got[2 * t as usize + 1]), (want, want), "thread {t}");
+        assert_eq!(
+            (got[2 * t as usize], got[2 * t as usize + 1]),
+            (want, want),
+            "thread {t}"
+        );
     }
     let f = fault(launch(&d, &ptx, "loc", cfg(1, 64), &[p(out), Arg::I32(16)]));
-    assert_eq!((f.check, f.thread, f.line), (Check::Memcheck, [0, 0, 0], line_of(&ptx, "// READ")), "{f}");
+    assert_eq!(
+        (f.check, f.thread, f.line),
+        (Check::Memcheck, [0, 0, 0], line_of(&ptx, "// READ")),
+        "{f}"
+    );
     assert!(f.detail.contains("out-of-bounds local read"), "{f}");
 }
 
@@ -208,25 +266,46 @@ fn racecheck_reports_raw_war_and_waw_hazards_from_a_missing_barrier() {
     // warp 0 runs before warp 1 reaches anything; each case touches s[lane] from both
     let cases = [
         // read-after-write: warp 0 writes, warp 1 reads
-        ("@%p1 st.shared.u32 [%r3], %r0;\n    @!%p1 ld.shared.u32 %r4, [%r3]; // HAZARD", "read-after-write"),
+        (
+            "@%p1 st.shared.u32 [%r3], %r0;\n    @!%p1 ld.shared.u32 %r4, [%r3]; // HAZARD",
+            "read-after-write",
+        ),
         // write-after-read: after a barrier, warp 0 reads and warp 1 overwrites
         (
             "@%p1 st.shared.u32 [%r3], %r0;\n    bar.sync 0;\n    @%p1 ld.shared.u32 %r4, [%r3];\n    @!%p1 st.shared.u32 [%r3], %r0; // HAZARD",
             "write-after-read",
         ),
         // write-after-write
-        ("@%p1 st.shared.u32 [%r3], %r0;\n    @!%p1 st.shared.u32 [%r3], %r0; // HAZARD", "write-after-write"),
+        (
+            "@%p1 st.shared.u32 [%r3], %r0;\n    @!%p1 st.shared.u32 [%r3], %r0; // HAZARD",
+            "write-after-write",
+        ),
     ];
     let d = dev();
     for (body, kind) in cases {
         let ptx = sm80(&RACE.replace("@BODY@", body));
         let f = fault(launch(&d, &ptx, "race", cfg(1, 64), &[p(0)]));
-        assert_eq!((f.check, f.thread, f.line), (Check::Racecheck, [32, 0, 0], line_of(&ptx, "// HAZARD")), "{f}");
-        assert!(f.detail.contains(kind) && f.detail.contains("thread (0,0,0)") && f.detail.contains("`s`+0"), "{f}");
+        assert_eq!(
+            (f.check, f.thread, f.line),
+            (Check::Racecheck, [32, 0, 0], line_of(&ptx, "// HAZARD")),
+            "{f}"
+        );
+        assert!(
+            f.detail.contains(kind)
+                && f.detail.contains("thread (0,0,0)")
+                && f.detail.contains("`s`+0"),
+            "{f}"
+        );
     }
     // the same accesses with a barrier between them
     let body = "@%p1 st.shared.u32 [%r3], %r0;\n    bar.sync 0;\n    @!%p1 ld.shared.u32 %r4, [%r3];\n    bar.sync 0;\n    @!%p1 st.shared.u32 [%r3], %r0;";
-    ok(&d, &sm80(&RACE.replace("@BODY@", body)), "race", cfg(1, 64), &[p(0)]);
+    ok(
+        &d,
+        &sm80(&RACE.replace("@BODY@", body)),
+        "race",
+        cfg(1, 64),
+        &[p(0)],
+    );
 }
 
 #[test]
@@ -235,10 +314,20 @@ fn racecheck_orders_a_warps_broadcast_read_before_its_bar_warp_sync() {
     // (9.7.13.2); without the bar.warp.sync it is a write-after-read hazard
     let body = "st.shared.u32 [%r3], %r0;\n    bar.warp.sync -1;\n    ld.shared.u32 %r4, [%r2];\n    @SYNC@\n    setp.eq.u32 %p2, %r0, 0;\n    @%p2 st.shared.u32 [%r2], %r4; // HAZARD";
     let d = dev();
-    ok(&d, &sm80(&RACE.replace("@BODY@", &body.replace("@SYNC@", "bar.warp.sync -1;"))), "race", cfg(1, 32), &[p(0)]);
+    ok(
+        &d,
+        &sm80(&RACE.replace("@BODY@", &body.replace("@SYNC@", "bar.warp.sync -1;"))),
+        "race",
+        cfg(1, 32),
+        &[p(0)],
+    );
     let ptx = sm80(&RACE.replace("@BODY@", &body.replace("@SYNC@", "")));
     let f = fault(launch(&d, &ptx, "race", cfg(1, 32), &[p(0)]));
-    assert_eq!((f.check, f.line), (Check::Racecheck, line_of(&ptx, "// HAZARD")), "{f}");
+    assert_eq!(
+        (f.check, f.line),
+        (Check::Racecheck, line_of(&ptx, "// HAZARD")),
+        "{f}"
+    );
     assert!(f.detail.contains("write-after-read"), "{f}");
 }
 
@@ -248,10 +337,26 @@ fn racecheck_tracks_bytes_not_words() {
     // reading a neighbour's element without a barrier does
     let body = "mov.u32 %r5, %tid.x;\n    mad.lo.u32 %r6, %r5, 2, %r2;\n    st.shared.b16 [%r6], %r5;\n    ld.shared.b16 %r7, [%r6];\n    @READ@";
     let d = dev();
-    ok(&d, &sm80(&RACE.replace("@BODY@", &body.replace("@READ@", ""))), "race", cfg(1, 64), &[p(0)]);
-    let ptx = sm80(&RACE.replace("@BODY@", &body.replace("@READ@", "xor.b32 %r8, %r6, 2;\n    ld.shared.b16 %r9, [%r8]; // HAZARD")));
+    ok(
+        &d,
+        &sm80(&RACE.replace("@BODY@", &body.replace("@READ@", ""))),
+        "race",
+        cfg(1, 64),
+        &[p(0)],
+    );
+    let ptx = sm80(&RACE.replace(
+        "@BODY@",
+        &body.replace(
+            "@READ@",
+            "xor.b32 %r8, %r6, 2;\n    ld.shared.b16 %r9, [%r8]; // HAZARD",
+        ),
+    ));
     let f = fault(launch(&d, &ptx, "race", cfg(1, 64), &[p(0)]));
-    assert_eq!((f.check, f.thread, f.line), (Check::Racecheck, [0, 0, 0], line_of(&ptx, "// HAZARD")), "{f}");
+    assert_eq!(
+        (f.check, f.thread, f.line),
+        (Check::Racecheck, [0, 0, 0], line_of(&ptx, "// HAZARD")),
+        "{f}"
+    );
     assert!(f.detail.contains("thread (1,0,0)"), "{f}");
 }
 
@@ -264,7 +369,11 @@ fn initcheck_reports_never_written_global_and_shared_memory() {
     d.htod(input, bytemuck::cast_slice(&[1.0f32; 32])).unwrap();
     let out = zeros::<f32>(&d, 64);
     let f = fault(launch(&d, &ptx, "copy", cfg(1, 64), &[p(input), p(out)]));
-    assert_eq!((f.check, f.thread, f.line), (Check::Initcheck, [32, 0, 0], line_of(&ptx, "// READ")), "{f}");
+    assert_eq!(
+        (f.check, f.thread, f.line),
+        (Check::Initcheck, [32, 0, 0], line_of(&ptx, "// READ")),
+        "{f}"
+    );
     assert!(f.detail.contains("byte 128 of allocation"), "{f}");
     // an output the kernel never wrote, copied back to the host
     let never = d.alloc(16, false).unwrap();
@@ -275,10 +384,25 @@ fn initcheck_reports_never_written_global_and_shared_memory() {
     // shared memory read before any write
     let ptx = sm80(&RACE.replace("@BODY@", "ld.shared.u32 %r4, [%r3+4]; // HAZARD"));
     let f = fault(launch(&d, &ptx, "race", cfg(1, 64), &[p(0)]));
-    assert_eq!((f.check, f.line), (Check::Initcheck, line_of(&ptx, "// HAZARD")), "{f}");
-    assert!(f.detail.contains("never-written shared memory: `s`+4"), "{f}");
+    assert_eq!(
+        (f.check, f.line),
+        (Check::Initcheck, line_of(&ptx, "// HAZARD")),
+        "{f}"
+    );
+    assert!(
+        f.detail.contains("never-written shared memory: `s`+4"),
+        "{f}"
+    );
     // with initcheck off, the same kernels run
-    let quiet = Device::new(Checks { racecheck: true, initcheck: false }, 1 << 20, 1).unwrap();
+    let quiet = Device::new(
+        Checks {
+            racecheck: true,
+            initcheck: false,
+        },
+        1 << 20,
+        1,
+    )
+    .unwrap();
     ok(&quiet, &ptx, "race", cfg(1, 64), &[p(0)]);
 }
 
@@ -355,9 +479,17 @@ fn narrow_and_vector_loads_extend_by_type_and_stores_truncate() {
     assert_eq!(o[6], 0xff80, "ld.s8 into a 16-bit register");
     assert_eq!((o[7], o[8]), (0x1234, 0x8000), "ld.v2.u16");
     assert_eq!(o[9], 1.5f32.to_bits() as u64, "ld.b16 + cvt.f32.bf16");
-    assert_eq!((o[10], o[11]), (u64::MAX, 0x0123_4567_89ab_cdef), "ld.v2.u64");
+    assert_eq!(
+        (o[10], o[11]),
+        (u64::MAX, 0x0123_4567_89ab_cdef),
+        "ld.v2.u64"
+    );
     let v4: Vec<u32> = bytemuck::cast_slice(&o[12..14]).to_vec();
-    assert_eq!(v4, [7, 0xdead_beef, 3, 0x8000_0000], "ld.v4.u32 / st.v4.u32");
+    assert_eq!(
+        v4,
+        [7, 0xdead_beef, 3, 0x8000_0000],
+        "ld.v4.u32 / st.v4.u32"
+    );
     let tail = o[14].to_le_bytes();
     assert_eq!(tail[0], 0x78, "st.u8");
     assert_eq!(u16::from_le_bytes([tail[2], tail[3]]), 0x5678, "st.u16");
@@ -440,13 +572,28 @@ const PARAMS: &str = r#"
 fn kernel_parameters_arrive_in_param_space() {
     let d = dev();
     let go = zeros::<u32>(&d, 6);
-    let args = [p(go), Arg::F32(-2.75), Arg::I32(-7), p(0x0123_4567_89ab_cdef), Arg::F32(0.5)];
+    let args = [
+        p(go),
+        Arg::F32(-2.75),
+        Arg::I32(-7),
+        p(0x0123_4567_89ab_cdef),
+        Arg::F32(0.5),
+    ];
     ok(&d, &sm80(PARAMS), "params", cfg(1, 1), &args);
     let o: Vec<u32> = down(&d, go, 6);
-    assert_eq!(o[..3], [(-2.75f32).to_bits(), -7i32 as u32, 0.5f32.to_bits()]);
+    assert_eq!(
+        o[..3],
+        [(-2.75f32).to_bits(), -7i32 as u32, 0.5f32.to_bits()]
+    );
     assert_eq!((o[4], o[5]), (0x89ab_cdef, 0x0123_4567));
     // a .b32 parameter takes an integer as well
-    ok(&d, &sm80(PARAMS), "params", cfg(1, 1), &[p(go), Arg::F32(1.0), Arg::I32(3), p(9), Arg::I32(42)]);
+    ok(
+        &d,
+        &sm80(PARAMS),
+        "params",
+        cfg(1, 1),
+        &[p(go), Arg::F32(1.0), Arg::I32(3), p(9), Arg::I32(42)],
+    );
     assert_eq!(down::<u32>(&d, go, 3)[2], 42);
 }
 
@@ -493,16 +640,26 @@ const GLOBALS: &str = r#"
 fn module_level_global_and_const_variables_with_initialisers() {
     let d = dev();
     let m = d.load_module("globals", &sm80(GLOBALS)).unwrap();
-    let (count, dump) = (d.function(&m, "count").unwrap(), d.function(&m, "dump").unwrap());
+    let (count, dump) = (
+        d.function(&m, "count").unwrap(),
+        d.function(&m, "dump").unwrap(),
+    );
     d.launch(&count, cfg(3, 100), &[]).unwrap();
     let go = zeros::<u32>(&d, 16);
     d.launch(&dump, cfg(1, 1), &[p(go)]).unwrap();
     let o: Vec<u32> = down(&d, go, 16);
     assert_eq!(o[..4], [1, 2, 3, u32::MAX], ".global .u32 array");
     assert_eq!(o[4..6], [-5i32 as u32, 7], "negative initialisers");
-    assert_eq!(o[6..9], [1.5f32.to_bits(), 2.0f32.to_bits(), 2.5f32.to_bits()], ".const .f32 (hex and decimal literals)");
+    assert_eq!(
+        o[6..9],
+        [1.5f32.to_bits(), 2.0f32.to_bits(), 2.5f32.to_bits()],
+        ".const .f32 (hex and decimal literals)"
+    );
     assert_eq!(o[9..11], [0x3c00, 0xc000], ".const .b16");
-    assert_eq!(o[11], 300, "a zero-initialised .global counter keeps its value between launches");
+    assert_eq!(
+        o[11], 300,
+        "a zero-initialised .global counter keeps its value between launches"
+    );
     let f64s: Vec<f64> = bytemuck::cast_slice(&o[12..16]).to_vec();
     assert_eq!(f64s, [1.5, 0.25], ".const .f64");
 }

@@ -42,14 +42,26 @@ fn a_large_elementwise_grid_runs_quickly() {
     let m = d.load_module("saxpy", &sm80(SAXPY)).unwrap();
     let f = d.function(&m, "saxpy").unwrap();
     let start = std::time::Instant::now();
-    d.launch(&f, cfg(blocks, threads), &[p(px), p(py), Arg::F32(2.0), Arg::I32(n as i32)]).unwrap();
+    d.launch(
+        &f,
+        cfg(blocks, threads),
+        &[p(px), p(py), Arg::F32(2.0), Arg::I32(n as i32)],
+    )
+    .unwrap();
     let secs = start.elapsed().as_secs_f64();
     // 20 instructions per thread
     let rate = 20.0 * n as f64 / secs;
-    println!("saxpy over {blocks} x {threads} threads: {secs:.3} s, {:.1} M lane-instructions/s", rate / 1e6);
+    println!(
+        "saxpy over {blocks} x {threads} threads: {secs:.3} s, {:.1} M lane-instructions/s",
+        rate / 1e6
+    );
     assert!(secs < 20.0, "a pathological slowdown: {secs:.1} s");
     let got: Vec<f32> = down(&d, py, n);
-    assert!(got.iter().enumerate().all(|(i, &v)| v == 2.0 * (i % 1000) as f32 + (i % 7) as f32));
+    assert!(
+        got.iter()
+            .enumerate()
+            .all(|(i, &v)| v == 2.0 * (i % 1000) as f32 + (i % 7) as f32)
+    );
 }
 
 #[test]
@@ -129,15 +141,37 @@ fn special_registers_in_a_three_dimensional_launch() {
     let total = nb * (grid[0] * grid[1] * grid[2]) as usize;
     let d = dev();
     let go = zeros::<u32>(&d, total * 8);
-    ok(&d, &sm80(SPECIALS), "specials", LaunchConfig { grid, block, shared_bytes: 0 }, &[p(go)]);
+    ok(
+        &d,
+        &sm80(SPECIALS),
+        "specials",
+        LaunchConfig {
+            grid,
+            block,
+            shared_bytes: 0,
+        },
+        &[p(go)],
+    );
     let o: Vec<u32> = down(&d, go, total * 8);
     for i in 0..total {
         let r = &o[8 * i..8 * i + 8];
         let (t, b) = (i % nb, i / nb);
         let lane = t % 32;
-        assert_eq!((r[0] as usize, r[1] as usize), (t, b), "linear indices of thread {i}");
-        assert_eq!((r[2] as usize, r[3] as usize, r[4] as usize), (lane, t / 32, nb.div_ceil(32)), "lane, warp, warps");
-        assert_eq!((r[5], r[6]), ((1u32 << lane) - 1, !((1u32 << lane) - 1)), "lane masks");
+        assert_eq!(
+            (r[0] as usize, r[1] as usize),
+            (t, b),
+            "linear indices of thread {i}"
+        );
+        assert_eq!(
+            (r[2] as usize, r[3] as usize, r[4] as usize),
+            (lane, t / 32, nb.div_ceil(32)),
+            "lane, warp, warps"
+        );
+        assert_eq!(
+            (r[5], r[6]),
+            ((1u32 << lane) - 1, !((1u32 << lane) - 1)),
+            "lane masks"
+        );
         assert_eq!(r[7] as usize, b, "mov.b64 unpacks the high half");
     }
 }
@@ -165,10 +199,29 @@ fn a_fault_names_three_dimensional_block_and_thread_coordinates() {
     );
     let d = dev();
     let go = zeros::<u32>(&d, 4);
-    let f = fault(launch(&d, &ptx, "k3", LaunchConfig { grid: [1, 4, 1], block: [4, 2, 8], shared_bytes: 0 }, &[p(go)]));
+    let f = fault(launch(
+        &d,
+        &ptx,
+        "k3",
+        LaunchConfig {
+            grid: [1, 4, 1],
+            block: [4, 2, 8],
+            shared_bytes: 0,
+        },
+        &[p(go)],
+    ));
     // the lowest block with a faulting thread is (0,0,0); its first such thread in linear
     // order (x fastest, then y, then z) has x + z = 7 with x < 4: (3,0,4), thread 35
-    assert_eq!((f.check, f.block, f.thread, f.line), (Check::Memcheck, [0, 0, 0], [3, 0, 4], line_of(&ptx, "// BAD")), "{f}");
+    assert_eq!(
+        (f.check, f.block, f.thread, f.line),
+        (
+            Check::Memcheck,
+            [0, 0, 0],
+            [3, 0, 4],
+            line_of(&ptx, "// BAD")
+        ),
+        "{f}"
+    );
 }
 
 #[test]

@@ -26,8 +26,17 @@ const SHFL: &str = r#"
 fn shfl(mode: &str, b: u32, c: u32) -> Vec<(u32, bool)> {
     let d = dev();
     let out = zeros::<u32>(&d, 64);
-    ok(&d, &sm80(&SHFL.replace("@MODE@", mode)), "shfl", cfg(1, 32), &[p(out), Arg::I32(b as i32), Arg::I32(c as i32)]);
-    down::<u32>(&d, out, 64).chunks(2).map(|x| (x[0], x[1] != 0)).collect()
+    ok(
+        &d,
+        &sm80(&SHFL.replace("@MODE@", mode)),
+        "shfl",
+        cfg(1, 32),
+        &[p(out), Arg::I32(b as i32), Arg::I32(c as i32)],
+    );
+    down::<u32>(&d, out, 64)
+        .chunks(2)
+        .map(|x| (x[0], x[1] != 0))
+        .collect()
 }
 
 /// The c operand CUDA's intrinsics pass for a segment `width` (sm_30_intrinsics.hpp).
@@ -55,7 +64,11 @@ fn shfl_sync_modes_with_segments_clamps_and_the_lane_predicate() {
             assert_eq!(down[l], want(Some(l + 3)), "down width {width} lane {l}");
             assert_eq!(up[l], want(l.checked_sub(5)), "up width {width} lane {l}");
             assert_eq!(bfly[l], want(Some(l ^ 6)), "bfly width {width} lane {l}");
-            assert_eq!(idx[l], (v((l / w) * w + 3 % w), true), "idx width {width} lane {l}");
+            assert_eq!(
+                idx[l],
+                (v((l / w) * w + 3 % w), true),
+                "idx width {width} lane {l}"
+            );
         }
     }
     // bfly with a lane mask beyond the segment: lanes may read earlier segments but not
@@ -68,11 +81,20 @@ fn shfl_sync_modes_with_segments_clamps_and_the_lane_predicate() {
     // a clamp below the segment end: .down c = 0x1f with segmask 0 but clamp 20
     let clamp = shfl("down", 4, 20);
     for (l, &got) in clamp.iter().enumerate() {
-        let want = if l + 4 <= 20 { (v(l + 4), true) } else { (v(l), false) };
+        let want = if l + 4 <= 20 {
+            (v(l + 4), true)
+        } else {
+            (v(l), false)
+        };
         assert_eq!(got, want, "down clamp 20 lane {l}");
     }
     // the manual's formula, swept over b and c (incl. bits beyond b[4:0] and c's fields)
-    for (mode, b, c) in [("idx", 7u32, 0x0000_1c1fu32), ("up", 33, 0x0800), ("down", 1, 0x0e07), ("idx", 70, 0x1f00)] {
+    for (mode, b, c) in [
+        ("idx", 7u32, 0x0000_1c1fu32),
+        ("up", 33, 0x0800),
+        ("down", 1, 0x0e07),
+        ("idx", 70, 0x1f00),
+    ] {
         let got = shfl(mode, b, c);
         let (bval, cval, seg) = ((b & 31) as i64, (c & 31) as i64, ((c >> 8) & 31) as i64);
         for (l, &g) in got.iter().enumerate() {
@@ -82,9 +104,16 @@ fn shfl_sync_modes_with_segments_clamps_and_the_lane_predicate() {
                 "up" => (li - bval, li - bval >= max_lane),
                 "down" => (li + bval, li + bval <= max_lane),
                 "bfly" => (li ^ bval, (li ^ bval) <= max_lane),
-                _ => (min_lane | (bval & !seg), (min_lane | (bval & !seg)) <= max_lane),
+                _ => (
+                    min_lane | (bval & !seg),
+                    (min_lane | (bval & !seg)) <= max_lane,
+                ),
             };
-            let want = if ok { (v(j as usize), true) } else { (v(l), false) };
+            let want = if ok {
+                (v(j as usize), true)
+            } else {
+                (v(l), false)
+            };
             assert_eq!(g, want, "{mode} b={b} c={c:#x} lane {l}");
         }
     }
@@ -153,7 +182,10 @@ fn vote_sync_all_any_uni_ballot_over_the_member_mask() {
             assert_eq!(o[3], ballot, "ballot");
             assert_eq!(o[4], !ballot, "ballot of !p");
             if l < 16 {
-                assert_eq!(o[5], half, "half-warp ballot: lanes outside the mask give 0");
+                assert_eq!(
+                    o[5], half,
+                    "half-warp ballot: lanes outside the mask give 0"
+                );
                 assert_eq!(o[6], (half == 0xffff) as u32, "half-warp all");
             }
         }
@@ -260,7 +292,13 @@ fn bar_warp_sync_orders_shared_memory_within_a_warp() {
     // without it a lane reading its neighbour's store is a hazard.
     let d = dev();
     let go = zeros::<u32>(&d, 32);
-    ok(&d, &sm80(&BARWARP.replace("@SYNC@", "bar.warp.sync 0xffffffff;")), "bw", cfg(1, 32), &[p(go)]);
+    ok(
+        &d,
+        &sm80(&BARWARP.replace("@SYNC@", "bar.warp.sync 0xffffffff;")),
+        "bw",
+        cfg(1, 32),
+        &[p(go)],
+    );
     let want: Vec<u32> = (0..32u32).map(|l| ((l + 1) % 32).pow(2)).collect();
     assert_eq!(down::<u32>(&d, go, 32), want);
     let ptx = sm80(&BARWARP.replace("@SYNC@", ""));
@@ -316,8 +354,16 @@ fn collectives_in_divergent_branches_pair_up_on_sm70() {
     ok(&d, &sm80(SPLIT), "split", cfg(1, 32), &[p(go)]);
     let out: Vec<u32> = down(&d, go, 64);
     for l in 0..32u32 {
-        let src = if l ^ 16 < 16 { (l ^ 16) * 2 } else { (l ^ 16) * 3 };
-        assert_eq!((out[2 * l as usize], out[2 * l as usize + 1]), (src, src), "lane {l}");
+        let src = if l ^ 16 < 16 {
+            (l ^ 16) * 2
+        } else {
+            (l ^ 16) * 3
+        };
+        assert_eq!(
+            (out[2 * l as usize], out[2 * l as usize + 1]),
+            (src, src),
+            "lane {l}"
+        );
     }
 }
 
@@ -355,7 +401,11 @@ fn collectives_do_not_wait_for_lanes_that_exit_later() {
     let out: Vec<u32> = down(&d, go, 64);
     for l in 0..16u32 {
         assert_eq!(out[2 * l as usize], (l ^ 1) * 5, "shfl, lane {l}");
-        assert_eq!(out[2 * l as usize + 1], 0xffff & !(1 << 3), "ballot over the live lanes");
+        assert_eq!(
+            out[2 * l as usize + 1],
+            0xffff & !(1 << 3),
+            "ballot over the live lanes"
+        );
     }
 }
 
@@ -401,7 +451,11 @@ fn a_partial_last_warp_has_only_its_existing_lanes() {
     for t in 0..40u32 {
         let o = &out[t as usize * 8..t as usize * 8 + 8];
         let (warp, lane) = (t / 32, t % 32);
-        assert_eq!(o[0], if warp == 0 { u32::MAX } else { 0xff }, "ballot of thread {t}");
+        assert_eq!(
+            o[0],
+            if warp == 0 { u32::MAX } else { 0xff },
+            "ballot of thread {t}"
+        );
         assert_eq!(o[1], warp * 32, "broadcast from lane 0");
         assert_eq!(o[2], (39 - t) * 11, "exchange through shared memory");
         assert_eq!((o[3], o[4], o[5]), (warp, lane, 40));

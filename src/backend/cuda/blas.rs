@@ -11,8 +11,8 @@ use super::CudaBackend;
 use super::runtime::{DType, Gemm, Mat};
 use crate::error::Result;
 
-pub use super::runtime::Trans::{N, T};
 use super::runtime::Trans;
+pub use super::runtime::Trans::{N, T};
 
 /// A device matrix operand: pointer, element type, leading dimension (column-major view).
 #[derive(Clone, Copy)]

@@ -47,7 +47,9 @@ impl Driver {
     pub fn new(ordinal: usize) -> Result<Self> {
         // SAFETY: dlopen probes.
         if !unsafe { cudarc::driver::sys::is_culib_present() } {
-            return Err(Error::usage("the NVIDIA driver library (libcuda) is not installed"));
+            return Err(Error::usage(
+                "the NVIDIA driver library (libcuda) is not installed",
+            ));
         }
         if !unsafe { cudarc::cublas::sys::is_culib_present() } {
             return Err(Error::usage(
@@ -56,7 +58,9 @@ impl Driver {
         }
         let count = cu(CudaContext::device_count())?;
         if ordinal >= count.max(0) as usize {
-            return Err(Error::usage(format!("no device cuda:{ordinal} ({count} present)")));
+            return Err(Error::usage(format!(
+                "no device cuda:{ordinal} ({count} present)"
+            )));
         }
         let ctx = cu(CudaContext::new(ordinal))?;
         // SAFETY: every buffer is a raw pointer used on the one in-order stream below.
@@ -154,10 +158,14 @@ impl Runtime for Driver {
     fn load_module(&self, src: &PtxSource) -> Result<usize> {
         let bad = |msg: String| match src.path {
             Some(p) => Error::file(p, msg),
-            None => Error::Device(format!("cuda: embedded PTX of module `{}`: {msg}", src.module)),
+            None => Error::Device(format!(
+                "cuda: embedded PTX of module `{}`: {msg}",
+                src.module
+            )),
         };
         // The entry signatures, for argument checks at each launch.
-        let parsed = crate::ptxsim::parse::parse(src.text).map_err(|(l, m)| bad(format!("line {l}: {m}")))?;
+        let parsed = crate::ptxsim::parse::parse(src.text)
+            .map_err(|(l, m)| bad(format!("line {l}: {m}")))?;
         let module = self
             .ctx
             .load_module(cudarc::nvrtc::Ptx::from_src(src.text))
@@ -178,8 +186,8 @@ impl Runtime for Driver {
                 .iter()
                 .find(|f| f.is_entry && f.name == *name)
                 .ok_or_else(|| bad(format!("no `.entry {name}` (the backend launches it)")))?;
-            let (params, param_bytes) =
-                crate::ptxsim::lower::param_slots(&f.params).map_err(|(l, m)| bad(format!("line {l}: {m}")))?;
+            let (params, param_bytes) = crate::ptxsim::lower::param_slots(&f.params)
+                .map_err(|(l, m)| bad(format!("line {l}: {m}")))?;
             let cf = module
                 .load_function(name)
                 .map_err(|e| bad(format!("entry `{name}`: {e}")))?;
@@ -234,10 +242,12 @@ impl Runtime for Driver {
     }
 
     fn gemm(&self, g: &Gemm) -> Result<()> {
-        g.validate().map_err(|e| Error::Device(format!("cuda: {e}")))?;
+        g.validate()
+            .map_err(|e| Error::Device(format!("cuda: {e}")))?;
         let h = *self.blas.handle();
         let (alpha, beta) = (g.alpha, g.beta);
-        let e = |e: cudarc::cublas::result::CublasError| Error::Device(format!("cuda: cuBLAS: {e}"));
+        let e =
+            |e: cudarc::cublas::result::CublasError| Error::Device(format!("cuda: cuBLAS: {e}"));
         // SAFETY: the operands lie in live device allocations sized for these extents
         // (the simulator's twin checks the same calls in CI).
         unsafe {

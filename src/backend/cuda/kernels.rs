@@ -234,7 +234,10 @@ mod tests {
         let mut names: Vec<&str> = MODULES.iter().map(|m| m.name).collect();
         files.sort();
         names.sort();
-        assert_eq!(files, names, "every kernels/*.cu is registered, and nothing else");
+        assert_eq!(
+            files, names,
+            "every kernels/*.cu is registered, and nothing else"
+        );
     }
 
     /// Every PTX file passes ptxas for sm_80 (A100) and sm_90 (H100/H200). ptxas sits

@@ -56,7 +56,8 @@ impl Backend for CudaBackend {
                 dst.len()
             )));
         }
-        self.rt.dtod(dst.ptr() + offset as u64 * 4, src.ptr(), src.len() * 4)
+        self.rt
+            .dtod(dst.ptr() + offset as u64 * 4, src.ptr(), src.len() * 4)
     }
 
     fn embedding(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Result<Self::Buf> {
@@ -375,7 +376,11 @@ impl Backend for CudaBackend {
         let t = self.ints(t)?;
         let losses = self.uninit(rows)?;
         // Without a gradient the kernel never touches dlogits: no allocation.
-        let d = self.uninit(if grad_scale.is_some() { rows * vocab } else { 0 })?;
+        let d = self.uninit(if grad_scale.is_some() {
+            rows * vocab
+        } else {
+            0
+        })?;
         let args = [
             Arg::U64(logits.ptr()),
             Arg::U64(t.ptr()),
@@ -515,7 +520,12 @@ impl Backend for CudaBackend {
         self.launch(
             "axpy",
             Self::elementwise(n),
-            &[Arg::F32(alpha), Arg::U64(x.ptr()), Arg::U64(y.ptr()), Arg::U64(n as u64)],
+            &[
+                Arg::F32(alpha),
+                Arg::U64(x.ptr()),
+                Arg::U64(y.ptr()),
+                Arg::U64(n as u64),
+            ],
         )
     }
 
@@ -529,7 +539,12 @@ impl Backend for CudaBackend {
         self.launch(
             "dot_partial",
             cfg,
-            &[Arg::U64(x.ptr()), Arg::U64(y.ptr()), Arg::U64(partial.ptr()), Arg::U64(n as u64)],
+            &[
+                Arg::U64(x.ptr()),
+                Arg::U64(y.ptr()),
+                Arg::U64(partial.ptr()),
+                Arg::U64(n as u64),
+            ],
         )?;
         Ok(self.download(&partial)?.iter().sum())
     }
@@ -568,7 +583,11 @@ impl Backend for CudaBackend {
         self.launch(
             "dots_partial",
             cfg,
-            &[Arg::U64(table.ptr()), Arg::I32(k as i32), Arg::U64(partial.ptr())],
+            &[
+                Arg::U64(table.ptr()),
+                Arg::I32(k as i32),
+                Arg::U64(partial.ptr()),
+            ],
         )?;
         Ok(self
             .download(&partial)?

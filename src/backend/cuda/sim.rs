@@ -41,7 +41,9 @@ impl Sim {
         fs.iter()
             .find(|f| f.name() == entry)
             .cloned()
-            .ok_or_else(|| Error::Device(format!("sim: module `{}` has no entry `{entry}`", m.name)))
+            .ok_or_else(|| {
+                Error::Device(format!("sim: module `{}` has no entry `{entry}`", m.name))
+            })
     }
 }
 
@@ -60,7 +62,10 @@ impl Runtime for Sim {
         } else {
             format!("{} threads", self.threads)
         };
-        format!("sim (PTX simulator on {threads}; checks: {})", checks.join(", "))
+        format!(
+            "sim (PTX simulator on {threads}; checks: {})",
+            checks.join(", ")
+        )
     }
 
     fn alloc(&self, bytes: usize, zeroed: bool) -> Result<u64> {
@@ -87,9 +92,15 @@ impl Runtime for Sim {
     fn load_module(&self, src: &PtxSource) -> Result<usize> {
         let bad = |msg: String| match src.path {
             Some(p) => Error::file(p, msg),
-            None => Error::Device(format!("sim: embedded PTX of module `{}`: {msg}", src.module)),
+            None => Error::Device(format!(
+                "sim: embedded PTX of module `{}`: {msg}",
+                src.module
+            )),
         };
-        let m = self.dev.load_module(src.module, src.text).map_err(|e| bad(e.to_string()))?;
+        let m = self
+            .dev
+            .load_module(src.module, src.text)
+            .map_err(|e| bad(e.to_string()))?;
         let mut fs = Vec::new();
         for name in src.entries {
             let f = self
@@ -106,7 +117,8 @@ impl Runtime for Sim {
     fn launch(&self, module: usize, entry: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         let mut f = self.function(module, entry)?;
         if cfg.shared_bytes as usize > crate::ptxsim::device::limits::SHARED_DEFAULT {
-            f.set_max_dynamic_shared(cfg.shared_bytes as usize).map_err(fault)?;
+            f.set_max_dynamic_shared(cfg.shared_bytes as usize)
+                .map_err(fault)?;
         }
         self.dev.launch(&f, cfg, args).map_err(fault)
     }

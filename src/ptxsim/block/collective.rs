@@ -10,7 +10,10 @@ use super::{Block, R, Step, rd, set};
 
 /// The `.sync.aligned` matrix instructions: one instruction the whole warp executes.
 fn is_aligned(op: &Op) -> bool {
-    matches!(op, Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. })
+    matches!(
+        op,
+        Op::Mma { .. } | Op::Ldmatrix { .. } | Op::Stmatrix { .. }
+    )
 }
 
 /// Whether threads at collectives `a` and `b` wait for each other: on sm_70+ a
@@ -30,7 +33,9 @@ impl Block<'_> {
     /// The lanes a collective waits for, as seen from `lane`.
     pub(super) fn required(&self, inst: &Inst, regs: &[u64], lane: usize, exists: u32) -> u32 {
         match &inst.op {
-            Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::BarWarp { mask } => rd(regs, *mask, lane) as u32,
+            Op::Shfl { mask, .. } | Op::Vote { mask, .. } | Op::BarWarp { mask } => {
+                rd(regs, *mask, lane) as u32
+            }
             _ => exists,
         }
     }
@@ -58,18 +63,31 @@ impl Block<'_> {
     /// Arrive at a warp collective: `Some(lanes)` (the lanes that perform it: the
     /// executing ones plus those that waited for it) when every live member has arrived,
     /// else the executing lanes wait and `None`.
-    pub(super) fn collective(&mut self, w: usize, pc: u32, inst: &Inst, exec: u32) -> R<Option<u32>> {
+    pub(super) fn collective(
+        &mut self,
+        w: usize,
+        pc: u32,
+        inst: &Inst,
+        exec: u32,
+    ) -> R<Option<u32>> {
         let base = w * self.nregs * 32;
         let wp = &self.warps[w];
         let first = exec.trailing_zeros() as usize;
-        let need = self.required(inst, &self.regs[base..base + self.nregs * 32], first, wp.exists);
+        let need = self.required(
+            inst,
+            &self.regs[base..base + self.nregs * 32],
+            first,
+            wp.exists,
+        );
         if exec & !need != 0 {
             let l = (exec & !need).trailing_zeros() as usize;
             return Err(self.m.fault(
                 Check::Synccheck,
                 w * 32 + l,
                 inst.line,
-                format!("lane {l} executes a warp collective whose member mask {need:#010x} excludes it"),
+                format!(
+                    "lane {l} executes a warp collective whose member mask {need:#010x} excludes it"
+                ),
             ));
         }
         let group = exec | self.partners(w, pc, inst, need);
@@ -96,7 +114,12 @@ impl Block<'_> {
                 let pc = self.warps[w].pc[l0];
                 let inst = &code[pc as usize];
                 let base = w * self.nregs * 32;
-                let need = self.required(inst, &self.regs[base..base + self.nregs * 32], l0, self.warps[w].exists);
+                let need = self.required(
+                    inst,
+                    &self.regs[base..base + self.nregs * 32],
+                    l0,
+                    self.warps[w].exists,
+                );
                 let group = self.partners(w, pc, inst, need);
                 pending &= !group;
                 let wp = &self.warps[w];
@@ -129,7 +152,14 @@ impl Block<'_> {
     }
 
     /// Arrive at a collective and, once every member has, perform it.
-    pub(super) fn run_collective(&mut self, w: usize, pc: u32, inst: &Inst, mask: u32, exec: u32) -> R<Step> {
+    pub(super) fn run_collective(
+        &mut self,
+        w: usize,
+        pc: u32,
+        inst: &Inst,
+        mask: u32,
+        exec: u32,
+    ) -> R<Step> {
         if exec == 0 {
             return Ok(Step::Advance);
         }
@@ -233,7 +263,15 @@ impl Block<'_> {
         let line = inst.line;
         let wep = self.warps[w].sync_epoch;
         match &inst.op {
-            Op::Mma { shape, ab, acc, d, a, b, c } => {
+            Op::Mma {
+                shape,
+                ab,
+                acc,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 let r = &self.regs[base..base + nregs * 32];
                 let gather = |srcs: &[Src]| -> matrix::Frags {
                     let mut f = [[0u64; 4]; 32];
@@ -252,7 +290,13 @@ impl Block<'_> {
                     }
                 }
             }
-            Op::Ldmatrix { count, trans, d, addr, space } => {
+            Op::Ldmatrix {
+                count,
+                trans,
+                d,
+                addr,
+                space,
+            } => {
                 let mut m = vec![[[0u16; 8]; 8]; *count as usize];
                 for (j, mat) in m.iter_mut().enumerate() {
                     for (row, vals) in mat.iter_mut().enumerate() {
@@ -260,7 +304,10 @@ impl Block<'_> {
                         let a0 = self.lane_addr(base, addr, l);
                         let (sp, off) = self.shared_row(*space, a0, tid0 + l, line)?;
                         for (col, v) in vals.iter_mut().enumerate() {
-                            *v = self.m.load(sp, off + 2 * col as u64, 2, tid0 + l, wep, line)? as u16;
+                            *v = self
+                                .m
+                                .load(sp, off + 2 * col as u64, 2, tid0 + l, wep, line)?
+                                as u16;
                         }
                     }
                 }
@@ -274,7 +321,13 @@ impl Block<'_> {
                     }
                 }
             }
-            Op::Stmatrix { count, trans, a, addr, space } => {
+            Op::Stmatrix {
+                count,
+                trans,
+                a,
+                addr,
+                space,
+            } => {
                 let mut rows = vec![[(MemSpace::Shared, 0u64); 8]; *count as usize];
                 for (j, rs) in rows.iter_mut().enumerate() {
                     for (row, slot) in rs.iter_mut().enumerate() {
@@ -289,7 +342,15 @@ impl Block<'_> {
                         for h in 0..2 {
                             let (row, col) = matrix::ldmatrix_elem(l, h, *trans);
                             let (sp, off) = rows[j][row];
-                            self.m.store(sp, off + 2 * col as u64, 2, (v >> (16 * h)) & 0xffff, tid0 + l, wep, line)?;
+                            self.m.store(
+                                sp,
+                                off + 2 * col as u64,
+                                2,
+                                (v >> (16 * h)) & 0xffff,
+                                tid0 + l,
+                                wep,
+                                line,
+                            )?;
                         }
                     }
                 }
@@ -306,7 +367,13 @@ impl Block<'_> {
     }
 
     /// A 16-byte matrix row in shared memory (ldmatrix/stmatrix).
-    pub(super) fn shared_row(&self, space: MemSpace, a: u64, tid: usize, line: u32) -> R<(MemSpace, u64)> {
+    pub(super) fn shared_row(
+        &self,
+        space: MemSpace,
+        a: u64,
+        tid: usize,
+        line: u32,
+    ) -> R<(MemSpace, u64)> {
         let (sp, off) = Mem::resolve(space, a);
         if sp != MemSpace::Shared {
             return Err(self.m.fault(

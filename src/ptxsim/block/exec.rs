@@ -70,7 +70,15 @@ impl Block<'_> {
                     set(r, m, *d, l, v);
                 });
             }
-            Op::Int { op, ty, d, a, b, c, sat } => {
+            Op::Int {
+                op,
+                ty,
+                d,
+                a,
+                b,
+                c,
+                sat,
+            } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 match (op, ty.bits(), *sat) {
                     (IntOp::Add, 64, false) => lanes!(exec, l => {
@@ -123,13 +131,30 @@ impl Block<'_> {
                 let (r, m) = (regs!(), &self.reg_mask);
                 lanes!(exec, l => { let v = alu::lop3(rd(r, *a, l), rd(r, *b, l), rd(r, *c, l), *lut); set(r, m, *d, l, v); });
             }
-            Op::Shf { left, wrap, d, a, b, c } => {
+            Op::Shf {
+                left,
+                wrap,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 lanes!(exec, l => {
                     let v = alu::shf(*left, *wrap, rd(r, *a, l), rd(r, *b, l), rd(r, *c, l)); set(r, m, *d, l, v);
                 });
             }
-            Op::Float { op, ty, rnd, ftz, sat, d, a, b, c } => {
+            Op::Float {
+                op,
+                ty,
+                rnd,
+                ftz,
+                sat,
+                d,
+                a,
+                b,
+                c,
+            } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 let plain = *ty == Ty::F32 && *rnd == Rnd::Near && !*ftz && !*sat;
                 macro_rules! f32op {
@@ -155,7 +180,15 @@ impl Block<'_> {
                     }),
                 }
             }
-            Op::FloatUn { op, ty, rnd, approx, ftz, d, a } => {
+            Op::FloatUn {
+                op,
+                ty,
+                rnd,
+                approx,
+                ftz,
+                d,
+                a,
+            } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 lanes!(exec, l => {
                     let v = alu::float_un(*op, *ty, *rnd, *approx, *ftz, rd(r, *a, l)); set(r, m, *d, l, v);
@@ -165,7 +198,16 @@ impl Block<'_> {
                 let (r, m) = (regs!(), &self.reg_mask);
                 lanes!(exec, l => { let v = alu::testp(*kind, *ty, rd(r, *a, l)); set(r, m, *d, l, v as u64); });
             }
-            Op::Setp { cmp, ty, ftz, d, q, a, b, combine } => {
+            Op::Setp {
+                cmp,
+                ty,
+                ftz,
+                d,
+                q,
+                a,
+                b,
+                combine,
+            } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 lanes!(exec, l => {
                     let t = alu::compare(*cmp, *ty, *ftz, rd(r, *a, l), rd(r, *b, l));
@@ -189,7 +231,18 @@ impl Block<'_> {
                     set(r, m, *d, l, v);
                 });
             }
-            Op::Cvt { dty, sty, rnd, int_rnd, ftz, sat, relu, satfinite, d, a } => {
+            Op::Cvt {
+                dty,
+                sty,
+                rnd,
+                int_rnd,
+                ftz,
+                sat,
+                relu,
+                satfinite,
+                d,
+                a,
+            } => {
                 let (r, m) = (regs!(), &self.reg_mask);
                 let dbits = self.m.ctx.kernel.reg_bits[*d as usize] as u32;
                 match (dty, sty) {
@@ -200,7 +253,9 @@ impl Block<'_> {
                         let v = rd(r, *a, l) & 0xffff_ffff; set(r, m, *d, l, v);
                     }),
                     // f32 -> bf16 to nearest even (every bf16 GEMM input goes through it)
-                    (Ty::Bf16, Ty::F32) if *rnd == Some(Rnd::Near) && !*ftz && !*sat && !*relu && !*satfinite => {
+                    (Ty::Bf16, Ty::F32)
+                        if *rnd == Some(Rnd::Near) && !*ftz && !*sat && !*relu && !*satfinite =>
+                    {
                         lanes!(exec, l => {
                             let x = f32::from_bits(rd(r, *a, l) as u32);
                             let v = if x.is_nan() { 0x7fff } else { half::bf16::from_f32(x).to_bits() as u64 };
@@ -213,9 +268,21 @@ impl Block<'_> {
                     }),
                 }
             }
-            Op::CvtPack { dty, rnd, relu, satfinite, d, a, b } => {
+            Op::CvtPack {
+                dty,
+                rnd,
+                relu,
+                satfinite,
+                d,
+                a,
+                b,
+            } => {
                 let (r, m) = (regs!(), &self.reg_mask);
-                let h = if *dty == Ty::Bf16x2 { Ty::Bf16 } else { Ty::F16 };
+                let h = if *dty == Ty::Bf16x2 {
+                    Ty::Bf16
+                } else {
+                    Ty::F16
+                };
                 lanes!(exec, l => {
                     let one = |x: u64| alu::cvt(h, Ty::F32, Some(*rnd), false, false, false, *relu, *satfinite, x, 16);
                     let v = (one(rd(r, *a, l)) << 16) | one(rd(r, *b, l));
@@ -254,7 +321,15 @@ impl Block<'_> {
                     }
                 });
             }
-            Op::Atom { space, op, ty, d, addr, b, c } => {
+            Op::Atom {
+                space,
+                op,
+                ty,
+                d,
+                addr,
+                b,
+                c,
+            } => {
                 lanes!(exec, l => {
                     let r = &self.regs[base..base + nregs * 32];
                     let a0 = addr.base.map_or(0, |x| r[x as usize * 32 + l]).wrapping_add(addr.off as u64);
@@ -301,7 +376,11 @@ impl Block<'_> {
                 let l0 = exec.trailing_zeros() as usize;
                 let idv = rd(r, *id, l0);
                 let n = count.map(|c| rd(r, c, l0) as u32);
-                if idv >= 16 || n.is_some_and(|n| n == 0 || n % 32 != 0 || n as usize > self.m.nthreads.div_ceil(32) * 32) {
+                if idv >= 16
+                    || n.is_some_and(|n| {
+                        n == 0 || n % 32 != 0 || n as usize > self.m.nthreads.div_ceil(32) * 32
+                    })
+                {
                     return Err(self.m.fault(
                         Check::Synccheck,
                         tid0 + l0,
@@ -316,14 +395,22 @@ impl Block<'_> {
                             Check::Synccheck,
                             tid0 + l0,
                             line,
-                            format!("barrier {id} is used with thread counts {} and {n} at once", self.expected[id].unwrap_or(0)),
+                            format!(
+                                "barrier {id} is used with thread counts {} and {n} at once",
+                                self.expected[id].unwrap_or(0)
+                            ),
                         ));
                     }
                     self.expected[id] = Some(n);
                 }
                 if *arrive {
                     if n.is_none() {
-                        return Err(self.m.fault(Check::Synccheck, tid0 + l0, line, "bar.arrive needs a thread count".into()));
+                        return Err(self.m.fault(
+                            Check::Synccheck,
+                            tid0 + l0,
+                            line,
+                            "bar.arrive needs a thread count".into(),
+                        ));
                     }
                     // the warp arrives (32 threads) once all its live threads have
                     let wp = &mut self.warps[w];
@@ -360,7 +447,11 @@ impl Block<'_> {
                 let wp = &self.warps[w];
                 if exec != wp.exists {
                     let l = (wp.exists & !exec).trailing_zeros() as usize;
-                    let why = if wp.live & (1 << l) == 0 { "has exited" } else { "is inactive or predicated off" };
+                    let why = if wp.live & (1 << l) == 0 {
+                        "has exited"
+                    } else {
+                        "is inactive or predicated off"
+                    };
                     return Err(self.m.fault(
                         Check::Synccheck,
                         tid0 + l,
@@ -370,7 +461,12 @@ impl Block<'_> {
                 }
                 return self.run_collective(w, pc, inst, mask, exec);
             }
-            Op::CpAsync { size, fill, dst, src } => {
+            Op::CpAsync {
+                size,
+                fill,
+                dst,
+                src,
+            } => {
                 lanes!(exec, l => {
                     let tid = tid0 + l;
                     let r = &self.regs[base..base + nregs * 32];

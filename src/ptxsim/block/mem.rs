@@ -70,7 +70,11 @@ impl<'a> Mem<'a> {
     pub(super) fn thread_xyz(&self, tid: usize) -> [u32; 3] {
         let [bx, by, _] = self.ctx.block;
         let (bx, by) = (bx as usize, by as usize);
-        [(tid % bx) as u32, ((tid / bx) % by) as u32, (tid / (bx * by)) as u32]
+        [
+            (tid % bx) as u32,
+            ((tid / bx) % by) as u32,
+            (tid / (bx * by)) as u32,
+        ]
     }
 
     pub(super) fn fault(&self, check: Check, tid: usize, line: u32, detail: String) -> Fault {
@@ -118,7 +122,14 @@ impl<'a> Mem<'a> {
         format!("offset {off}")
     }
 
-    pub(super) fn misaligned(&self, space: MemSpace, a: u64, align: u64, tid: usize, line: u32) -> R<()> {
+    pub(super) fn misaligned(
+        &self,
+        space: MemSpace,
+        a: u64,
+        align: u64,
+        tid: usize,
+        line: u32,
+    ) -> R<()> {
         if !a.is_multiple_of(align) {
             return Err(self.fault(
                 Check::Memcheck,
@@ -130,7 +141,14 @@ impl<'a> Mem<'a> {
         Ok(())
     }
 
-    pub(super) fn global(&mut self, a: u64, size: u32, tid: usize, line: u32, what: &str) -> R<(usize, usize)> {
+    pub(super) fn global(
+        &mut self,
+        a: u64,
+        size: u32,
+        tid: usize,
+        line: u32,
+        what: &str,
+    ) -> R<(usize, usize)> {
         let heap = self.ctx.heap;
         let live = heap.live();
         if let Some(al) = live.get(self.alloc_hint)
@@ -155,7 +173,15 @@ impl<'a> Mem<'a> {
 
     /// Bounds, racecheck and initcheck of a shared access; the byte offset.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn shared_access(&mut self, off: u64, size: u32, write: bool, tid: usize, wep: u32, line: u32) -> R<usize> {
+    pub(super) fn shared_access(
+        &mut self,
+        off: u64,
+        size: u32,
+        write: bool,
+        tid: usize,
+        wep: u32,
+        line: u32,
+    ) -> R<usize> {
         if !fits(off, size as u64, self.shared.len()) {
             return Err(self.fault(
                 Check::Memcheck,
@@ -191,9 +217,15 @@ impl<'a> Mem<'a> {
             } else if write {
                 if m.w_tid != NONE && !ordered(m.w_tid, m.w_epoch, m.w_wep) {
                     Some(("write-after-write", m.w_tid, "writes", m.w_line))
-                } else if m.r_tid == MANY && m.r_epoch == epoch && !(m.r_warp == me / 32 && m.r_wep != wep) {
+                } else if m.r_tid == MANY
+                    && m.r_epoch == epoch
+                    && !(m.r_warp == me / 32 && m.r_wep != wep)
+                {
                     Some(("write-after-read", NONE, "read", m.r_line))
-                } else if m.r_tid != NONE && m.r_tid != MANY && !ordered(m.r_tid, m.r_epoch, m.r_wep) {
+                } else if m.r_tid != NONE
+                    && m.r_tid != MANY
+                    && !ordered(m.r_tid, m.r_epoch, m.r_wep)
+                {
                     Some(("write-after-read", m.r_tid, "reads", m.r_line))
                 } else {
                     None
@@ -232,14 +264,17 @@ impl<'a> Mem<'a> {
                         Check::Initcheck,
                         tid,
                         line,
-                        format!("read of never-written shared memory: {name} (shared offset {b:#x})"),
+                        format!(
+                            "read of never-written shared memory: {name} (shared offset {b:#x})"
+                        ),
                     ));
                 }
                 // Earlier reads in another barrier interval, or by this warp before its last
                 // bar.warp.sync, conflict with no write this read does not conflict with.
                 let earlier = m.r_epoch != epoch || (m.r_warp == me / 32 && m.r_wep != wep);
                 if m.r_tid == NONE || earlier {
-                    (m.r_tid, m.r_warp, m.r_epoch, m.r_wep, m.r_line) = (me, me / 32, epoch, wep, line);
+                    (m.r_tid, m.r_warp, m.r_epoch, m.r_wep, m.r_line) =
+                        (me, me / 32, epoch, wep, line);
                 } else if m.r_tid != me {
                     m.r_tid = MANY;
                     if m.r_warp != me / 32 {
@@ -254,7 +289,15 @@ impl<'a> Mem<'a> {
 
     /// Load `size` (<= 8) bytes; `a` is already resolved to `space`.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn load(&mut self, space: MemSpace, a: u64, size: u32, tid: usize, wep: u32, line: u32) -> R<u64> {
+    pub(super) fn load(
+        &mut self,
+        space: MemSpace,
+        a: u64,
+        size: u32,
+        tid: usize,
+        wep: u32,
+        line: u32,
+    ) -> R<u64> {
         match space {
             MemSpace::Global | MemSpace::Const | MemSpace::Generic => {
                 let (i, off) = self.global(a, size, tid, line, "read")?;
@@ -287,7 +330,9 @@ impl<'a> Mem<'a> {
                         Check::Memcheck,
                         tid,
                         line,
-                        format!("out-of-bounds local read: {size} bytes at local offset {a:#x} of {lb}"),
+                        format!(
+                            "out-of-bounds local read: {size} bytes at local offset {a:#x} of {lb}"
+                        ),
                     ));
                 }
                 let o = tid * lb as usize + a as usize;
@@ -302,7 +347,10 @@ impl<'a> Mem<'a> {
                         Check::Memcheck,
                         tid,
                         line,
-                        format!("out-of-bounds parameter read: {size} bytes at offset {a} of {}", p.len()),
+                        format!(
+                            "out-of-bounds parameter read: {size} bytes at offset {a} of {}",
+                            p.len()
+                        ),
                     ));
                 }
                 let mut b = [0u8; 8];
@@ -313,7 +361,16 @@ impl<'a> Mem<'a> {
     }
 
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn store(&mut self, space: MemSpace, a: u64, size: u32, v: u64, tid: usize, wep: u32, line: u32) -> R<()> {
+    pub(super) fn store(
+        &mut self,
+        space: MemSpace,
+        a: u64,
+        size: u32,
+        v: u64,
+        tid: usize,
+        wep: u32,
+        line: u32,
+    ) -> R<()> {
         match space {
             MemSpace::Global | MemSpace::Const | MemSpace::Generic => {
                 let (i, off) = self.global(a, size, tid, line, "write")?;
@@ -322,7 +379,8 @@ impl<'a> Mem<'a> {
             }
             MemSpace::Shared => {
                 let off = self.shared_access(a, size, true, tid, wep, line)?;
-                self.shared[off..off + size as usize].copy_from_slice(&v.to_le_bytes()[..size as usize]);
+                self.shared[off..off + size as usize]
+                    .copy_from_slice(&v.to_le_bytes()[..size as usize]);
                 Ok(())
             }
             MemSpace::Local => {
@@ -332,7 +390,9 @@ impl<'a> Mem<'a> {
                         Check::Memcheck,
                         tid,
                         line,
-                        format!("out-of-bounds local write: {size} bytes at local offset {a:#x} of {lb}"),
+                        format!(
+                            "out-of-bounds local write: {size} bytes at local offset {a:#x} of {lb}"
+                        ),
                     ));
                 }
                 let o = tid * lb as usize + a as usize;
@@ -350,7 +410,17 @@ impl<'a> Mem<'a> {
 
     /// `atom`/`red`: the old value.
     #[allow(clippy::too_many_arguments)]
-    pub(super) fn atomic(&mut self, space: MemSpace, a: u64, op: AtomOp, ty: Ty, b: u64, c: u64, tid: usize, line: u32) -> R<u64> {
+    pub(super) fn atomic(
+        &mut self,
+        space: MemSpace,
+        a: u64,
+        op: AtomOp,
+        ty: Ty,
+        b: u64,
+        c: u64,
+        tid: usize,
+        line: u32,
+    ) -> R<u64> {
         let size = ty.bytes();
         let (space, a) = Self::resolve(space, a);
         self.misaligned(space, a, size as u64, tid, line)?;
@@ -371,13 +441,19 @@ impl<'a> Mem<'a> {
                 }
                 let old = if size == 4 {
                     al.atomic32(off)
-                        .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |o| {
-                            Some(f(o as u64) as u32)
-                        })
+                        .fetch_update(
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                            |o| Some(f(o as u64) as u32),
+                        )
                         .unwrap_or(0) as u64
                 } else {
                     al.atomic64(off)
-                        .fetch_update(std::sync::atomic::Ordering::Relaxed, std::sync::atomic::Ordering::Relaxed, |o| Some(f(o)))
+                        .fetch_update(
+                            std::sync::atomic::Ordering::Relaxed,
+                            std::sync::atomic::Ordering::Relaxed,
+                            |o| Some(f(o)),
+                        )
                         .unwrap_or(0)
                 };
                 Ok(old)
@@ -397,21 +473,25 @@ impl<'a> Mem<'a> {
                 let o = a as usize;
                 let stamp = self.stamp;
                 if self.ctx.checks.initcheck
-                    && let Some(b) = (o..o + size as usize).find(|&b| self.meta[b].stamp != stamp || !self.meta[b].init)
+                    && let Some(b) = (o..o + size as usize)
+                        .find(|&b| self.meta[b].stamp != stamp || !self.meta[b].init)
                 {
                     let name = self.shared_name(b as u64);
                     return Err(self.fault(
                         Check::Initcheck,
                         tid,
                         line,
-                        format!("atomic on never-written shared memory: {name} (shared offset {b:#x})"),
+                        format!(
+                            "atomic on never-written shared memory: {name} (shared offset {b:#x})"
+                        ),
                     ));
                 }
                 let mut bytes = [0u8; 8];
                 bytes[..size as usize].copy_from_slice(&self.shared[o..o + size as usize]);
                 let old = u64::from_le_bytes(bytes);
                 let new = atom_apply(op, ty, old, b, c, false);
-                self.shared[o..o + size as usize].copy_from_slice(&new.to_le_bytes()[..size as usize]);
+                self.shared[o..o + size as usize]
+                    .copy_from_slice(&new.to_le_bytes()[..size as usize]);
                 // Written (initcheck); racecheck does not track atomics, which never race
                 // with one another.
                 for m in &mut self.meta[o..o + size as usize] {
@@ -503,4 +583,3 @@ fn atom_apply(op: AtomOp, ty: Ty, old: u64, b: u64, c: u64, ftz: bool) -> u64 {
         }
     }
 }
-

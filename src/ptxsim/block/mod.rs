@@ -460,7 +460,9 @@ impl<'a> Block<'a> {
                 let l = wp.coll_wait.trailing_zeros() as usize;
                 let inst = &code[wp.pc[l] as usize];
                 let base = w * self.nregs * 32;
-                let need = self.required(inst, &self.regs[base..base + self.nregs * 32], l, wp.exists) & wp.live;
+                let need =
+                    self.required(inst, &self.regs[base..base + self.nregs * 32], l, wp.exists)
+                        & wp.live;
                 return Err(self.m.fault(
                     Check::Synccheck,
                     w * 32 + l,
@@ -487,7 +489,10 @@ impl<'a> Block<'a> {
             .filter(|&i| waiting[i] > 0 && i != id)
             .map(|i| format!("{} at barrier {i}", waiting[i]))
             .collect();
-        let want = self.expected[id].map_or_else(|| format!("all {live} live threads"), |n| format!("{n} threads"));
+        let want = self.expected[id].map_or_else(
+            || format!("all {live} live threads"),
+            |n| format!("{n} threads"),
+        );
         Err(self.m.fault(
             Check::Synccheck,
             tid,

@@ -163,8 +163,9 @@ fn a_correct_bf16_device_passes_at_the_bf16_bounds_only() {
     let f = failing(&r);
     assert!(!f.is_empty());
     assert!(
-        f.iter()
-            .all(|k| ["embedding", "linear", "classifier"].iter().any(|p| k.starts_with(p))),
+        f.iter().all(|k| ["embedding", "linear", "classifier"]
+            .iter()
+            .any(|p| k.starts_with(p))),
         "{f:?}"
     );
 }

@@ -8,8 +8,10 @@
 pub mod cpu;
 pub mod cuda;
 pub mod device;
+pub mod group;
 
 use crate::error::{Error, Result};
+use group::{LoraGroup, ProjBwd, ProjFwd};
 
 /// Rows `[start, start + len)` of a batch activation belong to one sequence; padding rows
 /// (right padding) are outside every segment.
@@ -217,6 +219,35 @@ pub trait Backend: Send + Sync {
         dx: &mut Self::Buf,
         grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
     ) -> Result<Self::Buf>;
+    /// The projections of one group, all reading `x (m, d_in)`: `y_p = x W_p^T` plus, for
+    /// an adapted one, `s u_p B_p^T` with `u_p = x A_p^T`. Returns `(y_p, u_p)` in order.
+    /// The default is `linear` + `lora_forward` per projection (`group.rs`).
+    fn project_group(
+        &self,
+        x: &Self::Buf,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<(Self::Buf, Option<Self::Buf>)>> {
+        group::unfused_forward(self, x, m, d_in, lora, projs)
+    }
+    /// Backward of `project_group`: `dx (+)= sum_p g_p W_p + gA_p A_p` with
+    /// `gA_p = s g_p B_p`, and each adapted projection's `lora_backward` gradients.
+    /// Returns `gA_p` per projection (None where not adapted).
+    #[allow(clippy::too_many_arguments)]
+    fn project_group_backward(
+        &self,
+        x: &Self::Buf,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<Vec<Option<Self::Buf>>> {
+        group::unfused_backward(self, x, m, d_in, lora, projs, dx, accumulate)
+    }
     /// Rotate-half RoPE in place on `(rows, n_heads*head_dim)`; `inverse` applies the
     /// transpose rotation (the backward pass).
     fn rope(

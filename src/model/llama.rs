@@ -10,11 +10,12 @@ use super::config::LlamaConfig;
 use super::lora::LoraWeights;
 use super::proj::Proj;
 use super::weights::HostWeights;
+use crate::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use crate::backend::{
     AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, RopeTable,
 };
 use crate::data::Batch;
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 struct Layer<B: Backend> {
     attn_norm: B::Buf,
@@ -180,46 +181,90 @@ impl<B: Backend> Llama<B> {
         Ok((y, u))
     }
 
-    /// Backward of `project`: `dx (+)= g W + gA A`, LoRA grads, observer.
+    /// `project` for projections `ps` sharing the input `x` (q/k/v, gate/up), as one
+    /// backend call so that it can run them as one GEMM; returns `N` outputs `(y, u)`.
+    fn project_group<const N: usize>(
+        &self,
+        be: &B,
+        lora: LoraRef<'_, B>,
+        l: usize,
+        ps: [Proj; N],
+        x: &B::Buf,
+        m: usize,
+    ) -> Result<[(B::Buf, Option<B::Buf>); N]> {
+        let specs: Vec<ProjFwd<'_, B>> = ps
+            .iter()
+            .map(|&p| ProjFwd {
+                w: &self.layers[l].proj[p.index()],
+                d_out: p.dims(&self.cfg).1,
+                lora: lora
+                    .and_then(|lw| lw.find(l, p).map(|i| &lw.modules[i]))
+                    .map(|md| (&md.a, &md.b)),
+            })
+            .collect();
+        let out = be.project_group(x, m, ps[0].dims(&self.cfg).0, group_of(lora), &specs)?;
+        out.try_into()
+            .map_err(|_| Error::Device("project_group: wrong number of outputs".into()))
+    }
+
+    /// Backward of `project_group`: `dx (+)= sum_p g_p W_p + gA_p A_p`, LoRA grads, then
+    /// the observer for each adapted projection in order. `gs[i]` and `us[i]` belong to
+    /// `ps[i]`.
     #[allow(clippy::too_many_arguments)]
-    fn project_backward(
+    fn project_group_backward(
         &self,
         be: &B,
         lora: LoraRef<'_, B>,
         ctx: &mut BackwardCtx<'_, B>,
         l: usize,
-        p: Proj,
-        g: &B::Buf,
+        ps: &[Proj],
+        gs: &[&B::Buf],
         x: &B::Buf,
-        u: Option<&B::Buf>,
+        us: &[Option<&B::Buf>],
         m: usize,
         dx: &mut B::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        let (din, dout) = p.dims(&self.cfg);
-        be.linear_backward(
-            g,
-            &self.layers[l].proj[p.index()],
-            m,
-            din,
-            dout,
-            dx,
-            accumulate,
-        )?;
-        let (Some(lw), Some(u)) = (lora, u) else {
-            return Ok(());
-        };
-        let Some(i) = lw.find(l, p) else {
-            return Ok(());
-        };
-        let md = &lw.modules[i];
-        let grads = ctx.grads.as_deref_mut().map(|gw| {
-            let gm = &mut gw.modules[i];
-            (&mut gm.a, &mut gm.b)
-        });
-        let ga = be.lora_backward(g, x, u, &md.a, &md.b, self.lora_dims(lw, i, m), dx, grads)?;
+        let idx: Vec<Option<usize>> = ps
+            .iter()
+            .zip(us)
+            .map(|(&p, u)| u.and(lora.and_then(|lw| lw.find(l, p))))
+            .collect();
+        // Disjoint mutable borrows of the group's gradient modules.
+        let mut grads: Vec<Option<(&mut B::Buf, &mut B::Buf)>> = ps.iter().map(|_| None).collect();
+        if let Some(gw) = ctx.grads.as_deref_mut() {
+            for (i, gm) in gw.modules.iter_mut().enumerate() {
+                if let Some(j) = idx.iter().position(|&k| k == Some(i)) {
+                    grads[j] = Some((&mut gm.a, &mut gm.b));
+                }
+            }
+        }
+        let mut specs = Vec::with_capacity(ps.len());
+        for ((((&p, &g), &u), &i), gr) in ps.iter().zip(gs).zip(us).zip(&idx).zip(grads) {
+            let lb = match (lora, i, u) {
+                (Some(lw), Some(i), Some(u)) => Some(LoraBwd {
+                    a: &lw.modules[i].a,
+                    b: &lw.modules[i].b,
+                    u,
+                    grads: gr,
+                }),
+                _ => None,
+            };
+            specs.push(ProjBwd {
+                w: &self.layers[l].proj[p.index()],
+                d_out: p.dims(&self.cfg).1,
+                g,
+                lora: lb,
+            });
+        }
+        let din = ps[0].dims(&self.cfg).0;
+        let gas = be.project_group_backward(x, m, din, group_of(lora), specs, dx, accumulate)?;
         if let Some(obs) = ctx.observer.as_deref_mut() {
-            obs.observe(be, i, x, u, g, &ga)?;
+            for (((i, ga), g), u) in idx.iter().zip(&gas).zip(gs).zip(us) {
+                if let (Some(i), Some(ga), Some(u)) = (i, ga, u) {
+                    obs.observe(be, *i, x, u, g, ga)?;
+                }
+            }
         }
         Ok(())
     }
@@ -252,20 +297,19 @@ impl<B: Backend> Llama<B> {
         let mut layers = Vec::with_capacity(if keep { c.num_layers } else { 0 });
         for (l, lw) in self.layers.iter().enumerate() {
             let (xn1, rstd1) = be.rmsnorm(&h, &lw.attn_norm, m, d, c.rms_norm_eps)?;
-            let (mut q, uq) = self.project(be, lora, l, Proj::Q, &xn1, m)?;
-            let (mut k, uk) = self.project(be, lora, l, Proj::K, &xn1, m)?;
-            let (v, uv) = self.project(be, lora, l, Proj::V, &xn1, m)?;
+            let [(mut q, uq), (mut k, uk), (v, uv)] =
+                self.project_group(be, lora, l, [Proj::Q, Proj::K, Proj::V], &xn1, m)?;
             be.rope(&mut q, &rope, m, c.num_heads, c.head_dim, false)?;
             be.rope(&mut k, &rope, m, c.num_kv_heads, c.head_dim, false)?;
             let (attn, attn_saved) = be.attention(&q, &k, &v, &shape)?;
-            let (o, uo) = self.project(be, lora, l, Proj::O, &attn, m)?;
+            let [(o, uo)] = self.project_group(be, lora, l, [Proj::O], &attn, m)?;
             let mut h_mid = o;
             be.add_assign(&mut h_mid, &h)?;
             let (xn2, rstd2) = be.rmsnorm(&h_mid, &lw.mlp_norm, m, d, c.rms_norm_eps)?;
-            let (gate, ug) = self.project(be, lora, l, Proj::Gate, &xn2, m)?;
-            let (up, uu) = self.project(be, lora, l, Proj::Up, &xn2, m)?;
+            let [(gate, ug), (up, uu)] =
+                self.project_group(be, lora, l, [Proj::Gate, Proj::Up], &xn2, m)?;
             let act = be.swiglu(&gate, &up)?;
-            let (down, ud) = self.project(be, lora, l, Proj::Down, &act, m)?;
+            let [(down, ud)] = self.project_group(be, lora, l, [Proj::Down], &act, m)?;
             let mut h_out = down;
             be.add_assign(&mut h_out, &h_mid)?;
             let x_in = std::mem::replace(&mut h, h_out);
@@ -375,60 +419,50 @@ impl<B: Backend> Llama<B> {
             let u = |p: Proj| a.u[p.index()].as_ref();
             // MLP: h_out = h_mid + down(silu(gate(xn2)) * up(xn2))
             let mut dact = be.zeros(m * c.intermediate_size)?;
-            self.project_backward(
+            let down = [Proj::Down];
+            self.project_group_backward(
                 be,
                 lora,
                 &mut ctx,
                 l,
-                Proj::Down,
-                &dh,
+                &down,
+                &[&dh],
                 &a.act,
-                u(Proj::Down),
+                &[u(Proj::Down)],
                 m,
                 &mut dact,
                 false,
             )?;
             let (dgate, dup) = be.swiglu_backward(&dact, &a.gate, &a.up)?;
             let mut dxn2 = be.zeros(m * d)?;
-            self.project_backward(
+            let gate_up = [Proj::Gate, Proj::Up];
+            self.project_group_backward(
                 be,
                 lora,
                 &mut ctx,
                 l,
-                Proj::Gate,
-                &dgate,
+                &gate_up,
+                &[&dgate, &dup],
                 &a.xn2,
-                u(Proj::Gate),
+                &gate_up.map(u),
                 m,
                 &mut dxn2,
                 false,
-            )?;
-            self.project_backward(
-                be,
-                lora,
-                &mut ctx,
-                l,
-                Proj::Up,
-                &dup,
-                &a.xn2,
-                u(Proj::Up),
-                m,
-                &mut dxn2,
-                true,
             )?;
             let mut dh_mid = dh;
             be.rmsnorm_backward(&dxn2, &a.h_mid, &lw.mlp_norm, &a.rstd2, m, d, &mut dh_mid)?;
             // Attention: h_mid = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
             let mut dattn = be.zeros(m * c.q_dim())?;
-            self.project_backward(
+            let o = [Proj::O];
+            self.project_group_backward(
                 be,
                 lora,
                 &mut ctx,
                 l,
-                Proj::O,
-                &dh_mid,
+                &o,
+                &[&dh_mid],
                 &a.attn,
-                u(Proj::O),
+                &[u(Proj::O)],
                 m,
                 &mut dattn,
                 false,
@@ -438,44 +472,19 @@ impl<B: Backend> Llama<B> {
             be.rope(&mut dq, &acts.rope, m, c.num_heads, c.head_dim, true)?;
             be.rope(&mut dk, &acts.rope, m, c.num_kv_heads, c.head_dim, true)?;
             let mut dxn1 = be.zeros(m * d)?;
-            self.project_backward(
+            let qkv = [Proj::Q, Proj::K, Proj::V];
+            self.project_group_backward(
                 be,
                 lora,
                 &mut ctx,
                 l,
-                Proj::Q,
-                &dq,
+                &qkv,
+                &[&dq, &dk, &dv],
                 &a.xn1,
-                u(Proj::Q),
+                &qkv.map(u),
                 m,
                 &mut dxn1,
                 false,
-            )?;
-            self.project_backward(
-                be,
-                lora,
-                &mut ctx,
-                l,
-                Proj::K,
-                &dk,
-                &a.xn1,
-                u(Proj::K),
-                m,
-                &mut dxn1,
-                true,
-            )?;
-            self.project_backward(
-                be,
-                lora,
-                &mut ctx,
-                l,
-                Proj::V,
-                &dv,
-                &a.xn1,
-                u(Proj::V),
-                m,
-                &mut dxn1,
-                true,
             )?;
             let mut dx_in = dh_mid;
             be.rmsnorm_backward(&dxn1, &a.x_in, &lw.attn_norm, &a.rstd1, m, d, &mut dx_in)?;
@@ -559,4 +568,12 @@ impl<B: Backend> Llama<B> {
 struct BackwardCtx<'a, B: Backend> {
     grads: Option<&'a mut LoraWeights<B::Buf>>,
     observer: Option<&'a mut (dyn LoraObserver<B> + 'a)>,
+}
+
+/// The rank and scaling of `lora`'s projections (nothing is adapted without one).
+fn group_of<T>(lora: Option<&LoraWeights<T>>) -> LoraGroup {
+    lora.map_or(LoraGroup { r: 0, scale: 0.0 }, |lw| LoraGroup {
+        r: lw.cfg.r,
+        scale: lw.cfg.scale(),
+    })
 }

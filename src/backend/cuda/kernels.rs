@@ -118,6 +118,11 @@ pub const MODULES: &[KernelModule] = &[
         ],
     },
     KernelModule {
+        name: "lora_gemm",
+        ptx: ptx!("lora_gemm"),
+        functions: &["lora_gemm_nt", "lora_gemm_nn"],
+    },
+    KernelModule {
         name: "norm",
         ptx: ptx!("norm"),
         functions: &["rmsnorm_forward", "rmsnorm_backward"],

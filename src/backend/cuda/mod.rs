@@ -22,6 +22,7 @@ mod classifier;
 mod curvature;
 pub mod driver;
 pub mod kernels;
+mod lora_gemm;
 mod ops;
 pub mod runtime;
 pub mod sim;

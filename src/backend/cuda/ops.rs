@@ -6,6 +6,7 @@ use half::bf16;
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK, THREADS, Weight};
+use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -267,6 +268,30 @@ impl Backend for CudaBackend {
             }
         }
         Ok(ga)
+    }
+
+    fn project_group(
+        &self,
+        x: &Self::Buf,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<(Self::Buf, Option<Self::Buf>)>> {
+        self.project_group_impl(x, m, d_in, lora, projs)
+    }
+
+    fn project_group_backward(
+        &self,
+        x: &Self::Buf,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut Self::Buf,
+        accumulate: bool,
+    ) -> Result<Vec<Option<Self::Buf>>> {
+        self.project_group_backward_impl(x, m, d_in, lora, projs, dx, accumulate)
     }
 
     fn rope(

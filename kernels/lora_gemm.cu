@@ -1,0 +1,263 @@
+// LoRA inside the GEMMs (host side: backend/cuda/lora_gemm.rs; CPU twin: the per-projection
+// `linear` + `lora_forward` / `lora_backward` sequence of backend/group.rs).
+//
+// One kernel, a grouped GEMM with a segmented K dimension on bf16 tensor cores (mma.sync
+// m16n8k16, f32 accumulation):
+//   out_p (m, n_p) (+)= sum over segments s of problem p: alpha_s X_s (m, k_s) op(W_s)
+// with X_s an f32 row-major activation and W_s a bf16 or f32 weight, stored n-major
+// (W[n][k], lora_gemm_nt: y = x W^T) or k-major (W[k][n], lora_gemm_nn: dx = g W). Every
+// problem of a launch shares the row count m; a block owns one 128 x 128 tile of one
+// problem's output (blockIdx.x runs over the problems' column tiles in order, blockIdx.y
+// over row tiles), so a projection group is one launch whatever its widths (GQA: k/v
+// narrower than q), and each output element is written once by one thread: no atomics,
+// deterministic. The LoRA uses of it (the model's projections, four launches per group):
+//   forward   u_p = x A_p^T                          problems u_p, one segment each
+//             y_p = [x | s u_p] [W_p | B_p]^T       problems y_p, the low-rank part a
+//                                                   second K segment of r columns
+//   backward  gA_p = s g_p B_p                       problems gA_p
+//             dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]   one problem
+// so the low-rank path adds about r / d of the base work (the u and gA products, and r more
+// K columns per output tile), and A and B are read per tile, not per token.
+//
+// Precision. X is rounded to bf16 as it is staged into shared memory, as cuBLAS is fed on
+// the bf16 engine. A segment may split an operand v into bf16 halves hi + lo with
+// lo = bf16(v - hi) (about 16 bits of v) and add hi*lo and lo*hi products ("bf16x3",
+// about 1e-5 relative): the LoRA segments always split both sides (their cost is r/d of
+// the base work, and u and gA then carry f32-like values into the curvature estimators),
+// base segments split on the f32 engine only (bf16 weights are exact in bf16, so only X
+// splits there).
+//
+// Tiling: 8 warps as 4 (rows) x 2 (columns), each owning 32 x 64 of the tile (2 x 8 mma
+// tiles); K is swept 32 at a time through one shared buffer per operand, the next step's
+// global loads issued into registers before the current step's products. Tails in m, n
+// and k are zero-filled when staged; 16-byte loads where the layout allows, else scalar.
+#include "common.cuh"
+#include "flash_attention.cuh"
+
+namespace {
+
+using fa::bf16;
+
+constexpr int THREADS = 256;
+constexpr int BM = 128, BN = 128, BK = 32;
+constexpr int WTM = 32, WTN = 64;       // warp tile
+constexpr int MT = WTM / 16, NT = WTN / 8;
+constexpr int LDX = BK + 8;             // X tile [BM][BK]
+constexpr int LD_NT = BK + 8;           // n-major W tile [BN][BK]
+constexpr int LD_NN = BN + 8;           // k-major W tile [BK][BN]
+constexpr int CHUNKS = BM * BK / 4 / THREADS;  // 4-element chunks per thread per operand
+static_assert(BN * BK == BM * BK, "both operands stage the same number of chunks");
+
+// Must match `Seg` and `Prob` of lora_gemm.rs (repr(C)).
+struct Seg {
+    const float* x;
+    const void* w;
+    int ld_x, k, ld_w, w_bf16;
+    float alpha;
+    int split_x, split_w, pad_;
+};
+struct Prob {
+    float* out;
+    int n, accumulate, tile_start, seg_begin, seg_end, pad_;
+};
+
+// 4 consecutive elements of row r, columns c..c+3, of a (rows, cols) row-major matrix
+// with row stride ld; zeros outside. `vec`: the 4 can be read with one aligned load.
+__device__ __forceinline__ float4 load4(const void* base, bool bf, int ld, int r, int c, int rows, int cols,
+                                        bool vec) {
+    float v[4] = {0.f, 0.f, 0.f, 0.f};
+    if (r < rows && c < cols) {
+        const size_t at = (size_t)r * ld + c;
+        if (bf) {
+            const uint16_t* p = static_cast<const uint16_t*>(base) + at;
+            if (vec && c + 4 <= cols) {
+                const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+                v[0] = __uint_as_float(u.x << 16), v[1] = __uint_as_float(u.x & 0xffff0000u);
+                v[2] = __uint_as_float(u.y << 16), v[3] = __uint_as_float(u.y & 0xffff0000u);
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    if (c + j < cols) v[j] = __uint_as_float((uint32_t)__ldg(p + j) << 16);
+            }
+        } else {
+            const float* p = static_cast<const float*>(base) + at;
+            if (vec && c + 4 <= cols) {
+                const float4 f = __ldg(reinterpret_cast<const float4*>(p));
+                v[0] = f.x, v[1] = f.y, v[2] = f.z, v[3] = f.w;
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; ++j)
+                    if (c + j < cols) v[j] = __ldg(p + j);
+            }
+        }
+    }
+    return make_float4(v[0], v[1], v[2], v[3]);
+}
+
+// alpha * v as bf16 into `hi` and, when `split`, the remainder into `lo` (8 bytes each).
+__device__ __forceinline__ void store4(bf16* hi, bf16* lo, float4 v, float alpha, bool split) {
+    const float a[4] = {alpha * v.x, alpha * v.y, alpha * v.z, alpha * v.w};
+    const uint2 h = make_uint2(fa::pack(a[0], a[1]), fa::pack(a[2], a[3]));
+    *reinterpret_cast<uint2*>(hi) = h;
+    if (split) {
+        const float hf[4] = {__uint_as_float(h.x << 16), __uint_as_float(h.x & 0xffff0000u),
+                             __uint_as_float(h.y << 16), __uint_as_float(h.y & 0xffff0000u)};
+        *reinterpret_cast<uint2*>(lo) =
+            make_uint2(fa::pack(a[0] - hf[0], a[1] - hf[1]), fa::pack(a[2] - hf[2], a[3] - hf[3]));
+    }
+}
+
+__device__ __forceinline__ bool aligned(const void* p, int ld, int bytes) {
+    return ((uintptr_t)p % bytes) == 0 && ld % 4 == 0;
+}
+
+// The next non-empty K step after (s, k0) within [s, end): returns false when none is left.
+__device__ __forceinline__ bool next_step(const Seg* segs, int end, int& s, int& k0) {
+    k0 += BK;
+    while (s < end && k0 >= segs[s].k) {
+        ++s;
+        k0 = 0;
+    }
+    return s < end;
+}
+
+template <bool KMAJOR>
+struct Gemm {
+    static constexpr int LDW = KMAJOR ? LD_NN : LD_NT;
+    static constexpr int WTILE = KMAJOR ? BK * LD_NN : BN * LD_NT;
+
+    float4 xr[CHUNKS], wr[CHUNKS];
+
+    // Global -> registers: step k0 of segment `sg`, for the tile at (m0, n0).
+    __device__ __forceinline__ void load(const Seg& sg, int m, int n, int m0, int n0, int k0) {
+        const bool vx = aligned(sg.x, sg.ld_x, 16), vw = aligned(sg.w, sg.ld_w, sg.w_bf16 ? 8 : 16);
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+            const int c = threadIdx.x + i * THREADS;
+            xr[i] = load4(sg.x, false, sg.ld_x, m0 + c / (BK / 4), k0 + (c % (BK / 4)) * 4, m, sg.k, vx);
+            if (KMAJOR)
+                wr[i] = load4(sg.w, sg.w_bf16, sg.ld_w, k0 + c / (BN / 4), n0 + (c % (BN / 4)) * 4, sg.k, n, vw);
+            else
+                wr[i] = load4(sg.w, sg.w_bf16, sg.ld_w, n0 + c / (BK / 4), k0 + (c % (BK / 4)) * 4, n, sg.k, vw);
+        }
+    }
+
+    // Registers -> shared (bf16, split as the segment asks).
+    __device__ __forceinline__ void store(const Seg& sg, bf16* xs, bf16* ws) const {
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+            const int c = threadIdx.x + i * THREADS;
+            const int xo = (c / (BK / 4)) * LDX + (c % (BK / 4)) * 4;
+            store4(xs + xo, xs + BM * LDX + xo, xr[i], sg.alpha, sg.split_x);
+            const int wo = KMAJOR ? (c / (BN / 4)) * LD_NN + (c % (BN / 4)) * 4 : (c / (BK / 4)) * LD_NT + (c % (BK / 4)) * 4;
+            store4(ws + wo, ws + WTILE + wo, wr[i], 1.f, sg.split_w);
+        }
+    }
+
+    // B fragments of the two 8-column tiles at warp column nc, k-step kk.
+    __device__ __forceinline__ static void bfrag(uint32_t (&b)[4], const bf16* ws, int nc, int kk) {
+        const fa::Tile<LDW> t{const_cast<bf16*>(ws)};
+        if (KMAJOR)
+            t.b_kn(b, kk, nc);
+        else
+            t.b_nk(b, nc, kk);
+    }
+
+    // acc += the products of the staged BK step; warps whose rows or columns lie wholly
+    // outside the problem skip it (uniformly per warp, as ldmatrix and mma require).
+    __device__ __forceinline__ static void compute(float (&acc)[MT][NT][4], const bf16* xs, const bf16* ws,
+                                                   bool split_x, bool split_w, int rows_left, int cols_left) {
+        const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
+        if (wm * WTM >= rows_left || wn * WTN >= cols_left) return;
+        const fa::Tile<LDX> xh{const_cast<bf16*>(xs)}, xl{const_cast<bf16*>(xs) + BM * LDX};
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            uint32_t ah[MT][4], al[MT][4];
+#pragma unroll
+            for (int i = 0; i < MT; ++i) {
+                xh.a(ah[i], wm * WTM + i * 16, kk);
+                if (split_x) xl.a(al[i], wm * WTM + i * 16, kk);
+            }
+#pragma unroll
+            for (int j = 0; j < NT / 2; ++j) {
+                const int nc = wn * WTN + j * 16;
+                if (nc >= cols_left) break;
+                uint32_t bh[4], bl[4];
+                bfrag(bh, ws, nc, kk);
+                if (split_w) bfrag(bl, ws + WTILE, nc, kk);
+#pragma unroll
+                for (int i = 0; i < MT; ++i) {
+#pragma unroll
+                    for (int h = 0; h < 2; ++h) {
+                        float(&d)[4] = acc[i][2 * j + h];
+                        fa::mma(d, ah[i], bh[2 * h], bh[2 * h + 1]);
+                        if (split_w) fa::mma(d, ah[i], bl[2 * h], bl[2 * h + 1]);
+                        if (split_x) fa::mma(d, al[i], bh[2 * h], bh[2 * h + 1]);
+                    }
+                }
+            }
+        }
+    }
+};
+
+template <bool KMAJOR>
+__device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_probs, const Seg* __restrict__ segs,
+                                          int m) {
+    using G = Gemm<KMAJOR>;
+    __shared__ __align__(16) bf16 xs[2 * BM * LDX];
+    __shared__ __align__(16) bf16 ws[2 * G::WTILE];
+
+    int p = 0;
+    while (p + 1 < n_probs && (int)blockIdx.x >= probs[p + 1].tile_start) ++p;
+    const Prob pr = probs[p];
+    const int n = pr.n, m0 = blockIdx.y * BM, n0 = (blockIdx.x - pr.tile_start) * BN;
+
+    float acc[MT][NT][4];
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+    G g;
+    int s = pr.seg_begin, k0 = -BK;
+    bool more = next_step(segs, pr.seg_end, s, k0);
+    if (more) g.load(segs[s], m, n, m0, n0, k0);
+    while (more) {
+        const Seg cur = segs[s];
+        __syncthreads();  // the previous step's products have read the buffers
+        g.store(cur, xs, ws);
+        __syncthreads();
+        more = next_step(segs, pr.seg_end, s, k0);
+        if (more) g.load(segs[s], m, n, m0, n0, k0);
+        G::compute(acc, xs, ws, cur.split_x, cur.split_w, m - m0, n - n0);
+    }
+
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wm = warp >> 1, wn = warp & 1;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int j = 0; j < NT; ++j)
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+                const int row = m0 + wm * WTM + i * 16 + (lane >> 2) + 8 * (e >> 1);
+                const int col = n0 + wn * WTN + j * 8 + 2 * (lane & 3) + (e & 1);
+                if (row < m && col < n) {
+                    float* o = pr.out + (size_t)row * n + col;
+                    *o = pr.accumulate ? *o + acc[i][j][e] : acc[i][j][e];
+                }
+            }
+}
+
+}  // namespace
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    lora_gemm_nt(const Prob* probs, int n_probs, const Seg* segs, int m) {
+    lora_gemm<false>(probs, n_probs, segs, m);
+}
+
+extern "C" __global__ void __launch_bounds__(THREADS)
+    lora_gemm_nn(const Prob* probs, int n_probs, const Seg* segs, int m) {
+    lora_gemm<true>(probs, n_probs, segs, m);
+}

@@ -1,0 +1,305 @@
+//! LoRA inside the GEMMs: `Backend::project_group` and its backward on CUDA, as launches of
+//! the grouped, K-segmented tensor-core GEMM of `kernels/lora_gemm.cu` (its header gives
+//! the tiling, the precision and how each product maps onto it). Per group, forward: one
+//! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`;
+//! backward: one for every `gA_p = s g_p B_p`, one for
+//! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
+//! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
+//! (`gram_accumulate`, reductions over the rows). The per-projection cuBLAS sequence
+//! stays reachable as the benchmarked baseline (`baselines.rs`).
+
+use bytemuck::{Pod, Zeroable};
+
+use super::runtime::{Arg, DType, LaunchConfig};
+use super::{BaseDtype, CudaBackend, DevBuf, Weight};
+use crate::backend::Segment;
+use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd};
+use crate::error::{Error, Result};
+
+/// Output tile and threads per block (BM, BN, THREADS of lora_gemm.cu).
+const BM: usize = 128;
+const BN: usize = 128;
+const THREADS: u32 = 256;
+
+/// One K segment: `alpha X (m, k) op(W)`; `Seg` of lora_gemm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Seg {
+    x: u64,
+    w: u64,
+    ld_x: i32,
+    k: i32,
+    ld_w: i32,
+    w_bf16: i32,
+    alpha: f32,
+    split_x: i32,
+    split_w: i32,
+    pad: i32,
+}
+
+/// One output `(m, n)` and its segments; `Prob` of lora_gemm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Prob {
+    out: u64,
+    n: i32,
+    accumulate: i32,
+    tile_start: i32,
+    seg_begin: i32,
+    seg_end: i32,
+    pad: i32,
+}
+
+/// How the kernel reads a segment's weight: `W (n, k)` (`y = x W^T`) or `W (k, n)` (`dx = g W`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    NMajor,
+    KMajor,
+}
+
+/// A problem as the host builds it.
+struct Problem {
+    out: u64,
+    n: usize,
+    accumulate: bool,
+    segs: Vec<Seg>,
+}
+
+fn dim(v: usize, what: &str) -> Result<i32> {
+    i32::try_from(v).map_err(|_| Error::usage(format!("LoRA GEMM: {what} {v} exceeds i32")))
+}
+
+fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+    if got != want {
+        return Err(Error::Device(format!(
+            "LoRA GEMM: {what} holds {got} elements, the shapes need {want}"
+        )));
+    }
+    Ok(())
+}
+
+/// Elements of a base weight (its buffer holds bytes).
+fn weight_elems(w: &Weight) -> usize {
+    w.buf.len() / if w.ty == DType::Bf16 { 2 } else { 4 }
+}
+
+impl CudaBackend {
+    /// A segment over the f32 LoRA matrix `w` (always split: bf16x3, f32-like).
+    fn lora_seg(
+        &self,
+        x: u64,
+        ld_x: usize,
+        k: usize,
+        w: u64,
+        ld_w: usize,
+        alpha: f32,
+    ) -> Result<Seg> {
+        Ok(Seg {
+            x,
+            w,
+            ld_x: dim(ld_x, "row stride")?,
+            k: dim(k, "K")?,
+            ld_w: dim(ld_w, "row stride")?,
+            w_bf16: 0,
+            alpha,
+            split_x: 1,
+            split_w: 1,
+            pad: 0,
+        })
+    }
+
+    /// A segment over a base weight: bf16 products on the bf16 engine (as cuBLAS is fed
+    /// there), bf16x3 on the f32 one.
+    fn base_seg(&self, x: u64, ld_x: usize, k: usize, w: &Weight, ld_w: usize) -> Result<Seg> {
+        let f32_engine = self.base_dtype() == BaseDtype::F32;
+        Ok(Seg {
+            x,
+            w: w.ptr(),
+            ld_x: dim(ld_x, "row stride")?,
+            k: dim(k, "K")?,
+            ld_w: dim(ld_w, "row stride")?,
+            w_bf16: (w.ty == DType::Bf16) as i32,
+            alpha: 1.0,
+            split_x: f32_engine as i32,
+            split_w: (w.ty == DType::F32) as i32,
+            pad: 0,
+        })
+    }
+
+    /// One launch of the grouped GEMM over `problems`, all with `m` rows.
+    fn lora_gemm(&self, layout: Layout, m: usize, problems: &[Problem]) -> Result<()> {
+        let mut probs = Vec::with_capacity(problems.len());
+        let mut segs = Vec::new();
+        let mut tiles = 0usize;
+        for p in problems {
+            probs.push(Prob {
+                out: p.out,
+                n: dim(p.n, "width")?,
+                accumulate: p.accumulate as i32,
+                tile_start: dim(tiles, "column tiles")?,
+                seg_begin: dim(segs.len(), "segments")?,
+                seg_end: dim(segs.len() + p.segs.len(), "segments")?,
+                pad: 0,
+            });
+            segs.extend_from_slice(&p.segs);
+            tiles += p.n.div_ceil(BN);
+        }
+        let row_tiles = m.div_ceil(BM);
+        if tiles == 0 || row_tiles == 0 {
+            return Ok(());
+        }
+        if row_tiles > 65535 {
+            return Err(Error::usage(format!(
+                "LoRA GEMM: {m} rows exceed the grid's {} ",
+                65535 * BM
+            )));
+        }
+        // One table: the problems (32 bytes each, so the segments stay 8-byte aligned).
+        let mut table: Vec<u8> = bytemuck::cast_slice(&probs).to_vec();
+        table.extend_from_slice(bytemuck::cast_slice(&segs));
+        let table = self.upload(&table)?;
+        let seg_ptr = table.ptr() + std::mem::size_of_val(probs.as_slice()) as u64;
+        let name = match layout {
+            Layout::NMajor => "lora_gemm_nt",
+            Layout::KMajor => "lora_gemm_nn",
+        };
+        let cfg = LaunchConfig {
+            grid: [dim(tiles, "column tiles")? as u32, row_tiles as u32, 1],
+            block: [THREADS, 1, 1],
+            shared_bytes: 0,
+        };
+        let args = [
+            Arg::U64(table.ptr()),
+            Arg::I32(probs.len() as i32),
+            Arg::U64(seg_ptr),
+            Arg::I32(dim(m, "rows")?),
+        ];
+        self.launch(name, cfg, &args)
+    }
+
+    pub(super) fn project_group_impl(
+        &self,
+        x: &DevBuf<f32>,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<(DevBuf<f32>, Option<DevBuf<f32>>)>> {
+        check_len("x", x.len(), m * d_in)?;
+        let mut us = Vec::with_capacity(projs.len());
+        let mut problems = Vec::new();
+        for p in projs {
+            check_len("W", weight_elems(p.w), p.d_out * d_in)?;
+            us.push(match p.lora {
+                Some((a, b)) => {
+                    check_len("A", a.len(), l.r * d_in)?;
+                    check_len("B", b.len(), p.d_out * l.r)?;
+                    let u = self.uninit::<f32>(m * l.r)?;
+                    problems.push(Problem {
+                        out: u.ptr(),
+                        n: l.r,
+                        accumulate: false,
+                        segs: vec![self.lora_seg(x.ptr(), d_in, d_in, a.ptr(), d_in, 1.0)?],
+                    });
+                    Some(u)
+                }
+                None => None,
+            });
+        }
+        self.lora_gemm(Layout::NMajor, m, &problems)?;
+        let mut ys = Vec::with_capacity(projs.len());
+        let mut problems = Vec::with_capacity(projs.len());
+        for (p, u) in projs.iter().zip(&us) {
+            let y = self.uninit::<f32>(m * p.d_out)?;
+            let mut segs = vec![self.base_seg(x.ptr(), d_in, d_in, p.w, d_in)?];
+            if let (Some((_, b)), Some(u)) = (p.lora, u) {
+                segs.push(self.lora_seg(u.ptr(), l.r, l.r, b.ptr(), l.r, l.scale)?);
+            }
+            problems.push(Problem {
+                out: y.ptr(),
+                n: p.d_out,
+                accumulate: false,
+                segs,
+            });
+            ys.push(y);
+        }
+        self.lora_gemm(Layout::NMajor, m, &problems)?;
+        Ok(ys.into_iter().zip(us).collect())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn project_group_backward_impl(
+        &self,
+        x: &DevBuf<f32>,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut DevBuf<f32>,
+        accumulate: bool,
+    ) -> Result<Vec<Option<DevBuf<f32>>>> {
+        check_len("x", x.len(), m * d_in)?;
+        check_len("dx", dx.len(), m * d_in)?;
+        // gA_p = s g_p B_p for every adapted projection: one launch.
+        let mut gas = Vec::with_capacity(projs.len());
+        let mut problems = Vec::new();
+        for p in &projs {
+            check_len("W", weight_elems(p.w), p.d_out * d_in)?;
+            check_len("g", p.g.len(), m * p.d_out)?;
+            gas.push(match &p.lora {
+                Some(lb) => {
+                    check_len("A", lb.a.len(), l.r * d_in)?;
+                    check_len("B", lb.b.len(), p.d_out * l.r)?;
+                    check_len("u", lb.u.len(), m * l.r)?;
+                    let ga = self.uninit::<f32>(m * l.r)?;
+                    problems.push(Problem {
+                        out: ga.ptr(),
+                        n: l.r,
+                        accumulate: false,
+                        segs: vec![self.lora_seg(
+                            p.g.ptr(),
+                            p.d_out,
+                            p.d_out,
+                            lb.b.ptr(),
+                            l.r,
+                            l.scale,
+                        )?],
+                    });
+                    Some(ga)
+                }
+                None => None,
+            });
+        }
+        self.lora_gemm(Layout::KMajor, m, &problems)?;
+        // dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]: one launch.
+        let mut segs = Vec::with_capacity(2 * projs.len());
+        for p in &projs {
+            segs.push(self.base_seg(p.g.ptr(), p.d_out, p.d_out, p.w, d_in)?);
+        }
+        for (p, ga) in projs.iter().zip(&gas) {
+            if let (Some(lb), Some(ga)) = (&p.lora, ga) {
+                segs.push(self.lora_seg(ga.ptr(), l.r, l.r, lb.a.ptr(), d_in, 1.0)?);
+            }
+        }
+        let dx_problem = Problem {
+            out: dx.ptr(),
+            n: d_in,
+            accumulate,
+            segs,
+        };
+        self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
+        // The weight gradients: reductions over all m rows, on the Gram kernels.
+        let rows = [Segment { start: 0, len: m }];
+        for (p, ga) in projs.into_iter().zip(&gas) {
+            if let (Some(lb), Some(ga)) = (p.lora, ga)
+                && let Some((da, db)) = lb.grads
+            {
+                check_len("dA", da.len(), l.r * d_in)?;
+                check_len("dB", db.len(), p.d_out * l.r)?;
+                self.gram_accumulate_impl(ga, l.r, x, d_in, &rows, 1.0, da)?;
+                self.gram_accumulate_impl(p.g, p.d_out, lb.u, l.r, &rows, l.scale, db)?;
+            }
+        }
+        Ok(gas)
+    }
+}

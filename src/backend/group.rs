@@ -1,0 +1,111 @@
+//! Projection groups: the linear layers of a block that read the same input (q/k/v on the
+//! attention norm's output, gate/up on the MLP norm's; o and down are groups of one),
+//! each with its optional LoRA, as one `Backend` call so that a backend can run the group
+//! as one GEMM with the low-rank update inside it (CUDA: `cuda/lora_gemm.rs`).
+//!
+//! The defaults here are the per-projection sequence `linear` + `lora_forward` (backward:
+//! `linear_backward` + `lora_backward`), in projection order: the CPU's, and so the
+//! reference numbers every fused implementation is tested against.
+
+use super::{Backend, LoraDims};
+use crate::error::Result;
+
+/// The LoRA rank and scaling `s` shared by a group's adapted projections.
+#[derive(Debug, Clone, Copy)]
+pub struct LoraGroup {
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// One projection of a forward group: `y = x W^T (+ s (x A^T) B^T)`.
+pub struct ProjFwd<'a, B: Backend + ?Sized> {
+    /// `W (d_out, d_in)`.
+    pub w: &'a B::Weight,
+    pub d_out: usize,
+    /// `(A (r, d_in), B (d_out, r))` when the projection is adapted.
+    pub lora: Option<(&'a B::Buf, &'a B::Buf)>,
+}
+
+/// An adapted projection's part of a backward group.
+pub struct LoraBwd<'a, B: Backend + ?Sized> {
+    pub a: &'a B::Buf,
+    pub b: &'a B::Buf,
+    /// The forward's `u = x A^T (m, r)`.
+    pub u: &'a B::Buf,
+    /// `(dA, dB)` to add the weight gradients to, when they are wanted.
+    pub grads: Option<(&'a mut B::Buf, &'a mut B::Buf)>,
+}
+
+/// One projection of a backward group, with its output gradient `g (m, d_out)`.
+pub struct ProjBwd<'a, B: Backend + ?Sized> {
+    pub w: &'a B::Weight,
+    pub d_out: usize,
+    pub g: &'a B::Buf,
+    pub lora: Option<LoraBwd<'a, B>>,
+}
+
+fn dims(m: usize, d_in: usize, d_out: usize, l: LoraGroup) -> LoraDims {
+    LoraDims {
+        m,
+        d_in,
+        r: l.r,
+        d_out,
+        scale: l.scale,
+    }
+}
+
+/// `Backend::project_group` as the per-projection sequence.
+pub fn unfused_forward<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    m: usize,
+    d_in: usize,
+    l: LoraGroup,
+    projs: &[ProjFwd<'_, B>],
+) -> Result<Vec<(B::Buf, Option<B::Buf>)>> {
+    projs
+        .iter()
+        .map(|p| {
+            let mut y = be.linear(x, p.w, m, d_in, p.d_out)?;
+            let u = match p.lora {
+                Some((a, b)) => {
+                    Some(be.lora_forward(x, a, b, dims(m, d_in, p.d_out, l), &mut y)?)
+                }
+                None => None,
+            };
+            Ok((y, u))
+        })
+        .collect()
+}
+
+/// `Backend::project_group_backward` as the per-projection sequence.
+#[allow(clippy::too_many_arguments)]
+pub fn unfused_backward<B: Backend + ?Sized>(
+    be: &B,
+    x: &B::Buf,
+    m: usize,
+    d_in: usize,
+    l: LoraGroup,
+    projs: Vec<ProjBwd<'_, B>>,
+    dx: &mut B::Buf,
+    accumulate: bool,
+) -> Result<Vec<Option<B::Buf>>> {
+    let mut out = Vec::with_capacity(projs.len());
+    for (i, p) in projs.into_iter().enumerate() {
+        be.linear_backward(p.g, p.w, m, d_in, p.d_out, dx, accumulate || i > 0)?;
+        out.push(match p.lora {
+            Some(lb) => Some(be.lora_backward(
+                p.g,
+                x,
+                lb.u,
+                lb.a,
+                lb.b,
+                dims(m, d_in, p.d_out, l),
+                dx,
+                lb.grads,
+            )?),
+            None => None,
+        });
+    }
+    Ok(out)
+}

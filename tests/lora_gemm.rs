@@ -1,0 +1,244 @@
+//! LoRA inside the GEMMs (`Backend::project_group` and its backward; on CUDA the grouped
+//! tensor-core GEMM of kernels/lora_gemm.cu) against the CPU's per-projection sequence,
+//! on the simulator (and a GPU when there is one): q/k/v-like groups with GQA-narrow
+//! outputs, widths and row counts off the 128 x 128 tile, K off the 32-row step (and odd,
+//! so unaligned rows take the scalar loads), r in {1, 8, 64}, partial target sets, bf16
+//! and f32 base weights.
+//!
+//! Bounds: with f32 base weights the products are bf16x3 (about 1e-5 relative per
+//! product) and the weight gradients 3xTF32, so 1e-4 as every f32 kernel; with bf16 base
+//! weights the CPU keeps the unrounded f32 weights, and rounding W and x to bf16 costs
+//! about 4e-3 per element (bound 1e-2), while u and gA, from the split LoRA segments, stay
+//! near f32 and dA, dB (tf32 Gram products) near 1e-3.
+
+mod common;
+
+use common::*;
+use lalora_engine::backend::Backend;
+use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
+use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+fn rnd(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| (rng.random::<f32>() * 2.0 - 1.0 + 1e-3) * scale)
+        .collect()
+}
+
+fn devices(base: BaseDtype) -> Vec<CudaBackend> {
+    let mut v = vec![sim(base)];
+    if cuda::available() {
+        v.push(CudaBackend::new(0, base).expect("CUDA device initialises"));
+    } else {
+        assert!(
+            std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
+            "LALORA_REQUIRE_GPU=1 but no CUDA device is usable"
+        );
+    }
+    v
+}
+
+/// One group: rows, input width, each projection's output width and whether it is adapted.
+struct Case {
+    m: usize,
+    d_in: usize,
+    outs: Vec<(usize, bool)>,
+    r: usize,
+}
+
+/// Host inputs of a case.
+struct Host {
+    x: Vec<f32>,
+    w: Vec<Vec<f32>>,
+    a: Vec<Vec<f32>>,
+    b: Vec<Vec<f32>>,
+    g: Vec<Vec<f32>>,
+    dx0: Vec<f32>,
+    da0: Vec<Vec<f32>>,
+    db0: Vec<Vec<f32>>,
+}
+
+fn host(c: &Case, seed: u64) -> Host {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let n = c.outs.len();
+    let per = |rng: &mut ChaCha8Rng, f: &dyn Fn(usize) -> usize, s: f32| {
+        (0..n)
+            .map(|i| rnd(rng, f(c.outs[i].0), s))
+            .collect::<Vec<_>>()
+    };
+    let lora_scale = 1.0 / (c.d_in as f32).sqrt();
+    Host {
+        x: rnd(&mut rng, c.m * c.d_in, 1.0),
+        w: per(&mut rng, &|o| o * c.d_in, lora_scale),
+        a: per(&mut rng, &|_| c.r * c.d_in, lora_scale),
+        b: per(&mut rng, &|o| o * c.r, 0.5),
+        g: per(&mut rng, &|o| c.m * o, 1.0),
+        dx0: rnd(&mut rng, c.m * c.d_in, 1.0),
+        da0: per(&mut rng, &|_| c.r * c.d_in, 1.0),
+        db0: per(&mut rng, &|o| o * c.r, 1.0),
+    }
+}
+
+/// Every output of a forward + backward: `(name, values)`.
+fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Vec<(String, Vec<f32>)> {
+    let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
+    let x = up(&h.x);
+    let ws: Vec<B::Weight> = (0..c.outs.len())
+        .map(|i| be.weight(h.w[i].clone(), c.outs[i].0, c.d_in).unwrap())
+        .collect();
+    let (a, b, g): (Vec<_>, Vec<_>, Vec<_>) = (
+        h.a.iter().map(|v| up(v)).collect(),
+        h.b.iter().map(|v| up(v)).collect(),
+        h.g.iter().map(|v| up(v)).collect(),
+    );
+    let fwd: Vec<ProjFwd<'_, B>> = c
+        .outs
+        .iter()
+        .enumerate()
+        .map(|(i, &(d_out, adapted))| ProjFwd {
+            w: &ws[i],
+            d_out,
+            lora: adapted.then(|| (&a[i], &b[i])),
+        })
+        .collect();
+    let ys = be.project_group(&x, c.m, c.d_in, lg, &fwd).unwrap();
+    let mut out = Vec::new();
+    for (i, (y, u)) in ys.iter().enumerate() {
+        out.push((format!("y{i}"), be.to_host(y).unwrap()));
+        if let Some(u) = u {
+            out.push((format!("u{i}"), be.to_host(u).unwrap()));
+        }
+    }
+    let mut dx = up(&h.dx0);
+    let mut da: Vec<B::Buf> = h.da0.iter().map(|v| up(v)).collect();
+    let mut db: Vec<B::Buf> = h.db0.iter().map(|v| up(v)).collect();
+    let bwd: Vec<ProjBwd<'_, B>> = da
+        .iter_mut()
+        .zip(db.iter_mut())
+        .enumerate()
+        .map(|(i, (da, db))| ProjBwd {
+            w: &ws[i],
+            d_out: c.outs[i].0,
+            g: &g[i],
+            lora: ys[i].1.as_ref().map(|u| LoraBwd {
+                a: &a[i],
+                b: &b[i],
+                u,
+                grads: Some((da, db)),
+            }),
+        })
+        .collect();
+    let gas = be
+        .project_group_backward(&x, c.m, c.d_in, lg, bwd, &mut dx, true)
+        .unwrap();
+    out.push(("dx".into(), be.to_host(&dx).unwrap()));
+    for (i, ga) in gas.iter().enumerate() {
+        if let Some(ga) = ga {
+            out.push((format!("gA{i}"), be.to_host(ga).unwrap()));
+            out.push((format!("dA{i}"), be.to_host(&da[i]).unwrap()));
+            out.push((format!("dB{i}"), be.to_host(&db[i]).unwrap()));
+        }
+    }
+    out
+}
+
+fn check(cases: &[Case], base: BaseDtype) {
+    let tol = match base {
+        BaseDtype::F32 => 1e-4,
+        BaseDtype::Bf16 => 1e-2,
+    };
+    for g in devices(base) {
+        for (k, c) in cases.iter().enumerate() {
+            let h = host(c, 10 + k as u64);
+            let lg = LoraGroup {
+                r: c.r,
+                scale: 16.0 / c.r as f32,
+            };
+            let want = run(&CpuBackend::new(2), c, &h, lg);
+            let got = run(&g, c, &h, lg);
+            assert_eq!(got.len(), want.len());
+            let mut report = Vec::new();
+            for ((name, x), (_, y)) in got.iter().zip(&want) {
+                let e = rel_err(x, y);
+                assert!(
+                    e < tol,
+                    "{} case {k} (m {}, d_in {}, r {}): {name}: relative error {e:e} (bound {tol:e})",
+                    g.describe(),
+                    c.m,
+                    c.d_in,
+                    c.r
+                );
+                report.push(format!("{name} {e:.1e}"));
+            }
+            eprintln!(
+                "{} {}: case {k}: {}",
+                g.describe(),
+                base.name(),
+                report.join(", ")
+            );
+        }
+    }
+}
+
+/// q/k/v with GQA-narrow k/v, o alone, gate/up wider than one tile.
+fn cases() -> Vec<Case> {
+    vec![
+        // q/k/v, all adapted, r 8; k/v half of q; rows and widths off the tile.
+        Case {
+            m: 70,
+            d_in: 96,
+            outs: vec![(96, true), (48, true), (48, true)],
+            r: 8,
+        },
+        // q and v adapted, k not (a partial target set); r 1; K odd (scalar loads).
+        Case {
+            m: 37,
+            d_in: 33,
+            outs: vec![(40, true), (24, false), (24, true)],
+            r: 1,
+        },
+        // gate/up: two column tiles each, r 64, only up adapted.
+        Case {
+            m: 130,
+            d_in: 64,
+            outs: vec![(150, false), (150, true)],
+            r: 64,
+        },
+        // A group of one without LoRA (o/down when not targeted).
+        Case {
+            m: 20,
+            d_in: 72,
+            outs: vec![(40, false)],
+            r: 8,
+        },
+    ]
+}
+
+#[test]
+fn lora_gemm_matches_cpu_bf16() {
+    check(&cases(), BaseDtype::Bf16);
+}
+
+#[test]
+fn lora_gemm_matches_cpu_f32() {
+    check(&cases(), BaseDtype::F32);
+}
+
+/// The LoRA GEMM runs on tensor cores.
+#[test]
+fn lora_gemm_ptx_uses_mma_sync() {
+    if !cuda::kernels::BUILT {
+        eprintln!("skipped: built without CUDA kernels (no nvcc)");
+        return;
+    }
+    let m = cuda::kernels::MODULES
+        .iter()
+        .find(|m| m.name == "lora_gemm")
+        .expect("lora_gemm is registered");
+    assert!(
+        m.ptx
+            .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
+    );
+}

@@ -19,16 +19,20 @@
 // so the low-rank path adds about r / d of the base work (the u and gA products, and r more
 // K columns per output tile), and A and B are read per tile, not per token.
 //
-// Precision. X is rounded to bf16 as it is staged into shared memory, as cuBLAS is fed on
-// the bf16 engine. A segment may split an operand v into bf16 halves hi + lo with
-// lo = bf16(v - hi) (about 16 bits of v) and add hi*lo and lo*hi products ("bf16x3",
-// about 1e-5 relative): the LoRA segments always split both sides (their cost is r/d of
-// the base work, and u and gA then carry f32-like values into the curvature estimators),
-// base segments split on the f32 engine only (bf16 weights are exact in bf16, so only X
-// splits there).
+// Precision. Operands are staged into shared memory as bf16, each value v as P pieces
+// (P = 1..3 per operand and segment): v0 = bf16(v), v1 = bf16(v - v0), v2 = bf16(v - v0 -
+// v1). Three pieces hold all 24 bits of an f32 significand, and the products of pieces
+// (i, j) with i + j < max(P_x, P_w) leave out terms below 2^-24 relative: f32 products
+// from 6 bf16 ones (3 when one side is a bf16 weight, whose one piece is exact). The
+// bf16 engine's base segments take one piece per side, rounding X to bf16 as cuBLAS is fed
+// there; the LoRA segments always take three (their K is r, about r/d of the base work, so
+// the low-rank path, u and gA keep f32 values, as the curvature estimators read them); the
+// f32 engine's base segments take three (f32 results on tensor cores, 6 bf16 products per
+// f32 one, still cheaper than f32 SIMT).
 //
 // Tiling: 8 warps as 4 (rows) x 2 (columns), each owning 32 x 64 of the tile (2 x 8 mma
-// tiles); K is swept 32 at a time through one shared buffer per operand, the next step's
+// tiles); K is swept 32 at a time through one shared buffer per operand and piece (60 KB
+// of dynamic shared memory), the next step's
 // global loads issued into registers before the current step's products. Tails in m, n
 // and k are zero-filled when staged; 16-byte loads where the layout allows, else scalar.
 #include "common.cuh"
@@ -45,6 +49,8 @@ constexpr int MT = WTM / 16, NT = WTN / 8;
 constexpr int LDX = BK + 8;             // X tile [BM][BK]
 constexpr int LD_NT = BK + 8;           // n-major W tile [BN][BK]
 constexpr int LD_NN = BN + 8;           // k-major W tile [BK][BN]
+constexpr int XTILE = BM * LDX;
+constexpr int PIECES = 3;               // bf16 pieces an operand may be staged as
 constexpr int CHUNKS = BM * BK / 4 / THREADS;  // 4-element chunks per thread per operand
 static_assert(BN * BK == BM * BK, "both operands stage the same number of chunks");
 
@@ -54,7 +60,7 @@ struct Seg {
     const void* w;
     int ld_x, k, ld_w, w_bf16;
     float alpha;
-    int split_x, split_w, pad_;
+    int pieces_x, pieces_w, pad_;
 };
 struct Prob {
     float* out;
@@ -94,16 +100,14 @@ __device__ __forceinline__ float4 load4(const void* base, bool bf, int ld, int r
     return make_float4(v[0], v[1], v[2], v[3]);
 }
 
-// alpha * v as bf16 into `hi` and, when `split`, the remainder into `lo` (8 bytes each).
-__device__ __forceinline__ void store4(bf16* hi, bf16* lo, float4 v, float alpha, bool split) {
-    const float a[4] = {alpha * v.x, alpha * v.y, alpha * v.z, alpha * v.w};
-    const uint2 h = make_uint2(fa::pack(a[0], a[1]), fa::pack(a[2], a[3]));
-    *reinterpret_cast<uint2*>(hi) = h;
-    if (split) {
-        const float hf[4] = {__uint_as_float(h.x << 16), __uint_as_float(h.x & 0xffff0000u),
-                             __uint_as_float(h.y << 16), __uint_as_float(h.y & 0xffff0000u)};
-        *reinterpret_cast<uint2*>(lo) =
-            make_uint2(fa::pack(a[0] - hf[0], a[1] - hf[1]), fa::pack(a[2] - hf[2], a[3] - hf[3]));
+// alpha * v as `pieces` bf16 pieces, piece i at dst + i * stride (8 bytes each).
+__device__ __forceinline__ void store4(bf16* dst, int stride, float4 v, float alpha, int pieces) {
+    float a[4] = {alpha * v.x, alpha * v.y, alpha * v.z, alpha * v.w};
+    for (int i = 0; i < pieces; ++i) {
+        const uint2 h = make_uint2(fa::pack(a[0], a[1]), fa::pack(a[2], a[3]));
+        *reinterpret_cast<uint2*>(dst + i * stride) = h;
+        a[0] -= __uint_as_float(h.x << 16), a[1] -= __uint_as_float(h.x & 0xffff0000u);
+        a[2] -= __uint_as_float(h.y << 16), a[3] -= __uint_as_float(h.y & 0xffff0000u);
     }
 }
 
@@ -142,15 +146,15 @@ struct Gemm {
         }
     }
 
-    // Registers -> shared (bf16, split as the segment asks).
+    // Registers -> shared (bf16 pieces, as many as the segment asks).
     __device__ __forceinline__ void store(const Seg& sg, bf16* xs, bf16* ws) const {
 #pragma unroll
         for (int i = 0; i < CHUNKS; ++i) {
             const int c = threadIdx.x + i * THREADS;
             const int xo = (c / (BK / 4)) * LDX + (c % (BK / 4)) * 4;
-            store4(xs + xo, xs + BM * LDX + xo, xr[i], sg.alpha, sg.split_x);
+            store4(xs + xo, XTILE, xr[i], sg.alpha, sg.pieces_x);
             const int wo = KMAJOR ? (c / (BN / 4)) * LD_NN + (c % (BN / 4)) * 4 : (c / (BK / 4)) * LD_NT + (c % (BK / 4)) * 4;
-            store4(ws + wo, ws + WTILE + wo, wr[i], 1.f, sg.split_w);
+            store4(ws + wo, WTILE, wr[i], 1.f, sg.pieces_w);
         }
     }
 
@@ -163,40 +167,42 @@ struct Gemm {
             t.b_nk(b, nc, kk);
     }
 
-    // acc += the products of the staged BK step; warps whose rows or columns lie wholly
-    // outside the problem skip it (uniformly per warp, as ldmatrix and mma require).
-    __device__ __forceinline__ static void compute(float (&acc)[MT][NT][4], const bf16* xs, const bf16* ws,
-                                                   bool split_x, bool split_w, int rows_left, int cols_left) {
+    // acc += the products of the staged BK step: pieces (i, j) of X and W for every
+    // i < px, j < pw with i + j < max(px, pw), largest first. Warps whose rows or columns
+    // lie wholly outside the problem skip it (uniformly per warp, as ldmatrix and mma
+    // require).
+    __device__ __forceinline__ static void compute(float (&acc)[MT][NT][4], const bf16* xs, const bf16* ws, int px,
+                                                   int pw, int rows_left, int cols_left) {
         const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
         if (wm * WTM >= rows_left || wn * WTN >= cols_left) return;
-        const fa::Tile<LDX> xh{const_cast<bf16*>(xs)}, xl{const_cast<bf16*>(xs) + BM * LDX};
+        const int top = max(px, pw);
+#pragma unroll 1
+        for (int t = 0; t < top; ++t)
+#pragma unroll 1
+            for (int i = 0; i <= t; ++i) {
+                const int j = t - i;
+                if (i >= px || j >= pw) continue;
+                const fa::Tile<LDX> xt{const_cast<bf16*>(xs) + i * XTILE};
+                const bf16* wt = ws + j * WTILE;
 #pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
-            uint32_t ah[MT][4], al[MT][4];
+                for (int kk = 0; kk < BK; kk += 16) {
+                    uint32_t a[MT][4];
 #pragma unroll
-            for (int i = 0; i < MT; ++i) {
-                xh.a(ah[i], wm * WTM + i * 16, kk);
-                if (split_x) xl.a(al[i], wm * WTM + i * 16, kk);
-            }
+                    for (int mi = 0; mi < MT; ++mi) xt.a(a[mi], wm * WTM + mi * 16, kk);
 #pragma unroll
-            for (int j = 0; j < NT / 2; ++j) {
-                const int nc = wn * WTN + j * 16;
-                if (nc >= cols_left) break;
-                uint32_t bh[4], bl[4];
-                bfrag(bh, ws, nc, kk);
-                if (split_w) bfrag(bl, ws + WTILE, nc, kk);
+                    for (int nj = 0; nj < NT / 2; ++nj) {
+                        const int nc = wn * WTN + nj * 16;
+                        if (nc >= cols_left) break;
+                        uint32_t b[4];
+                        bfrag(b, wt, nc, kk);
 #pragma unroll
-                for (int i = 0; i < MT; ++i) {
-#pragma unroll
-                    for (int h = 0; h < 2; ++h) {
-                        float(&d)[4] = acc[i][2 * j + h];
-                        fa::mma(d, ah[i], bh[2 * h], bh[2 * h + 1]);
-                        if (split_w) fa::mma(d, ah[i], bl[2 * h], bl[2 * h + 1]);
-                        if (split_x) fa::mma(d, al[i], bh[2 * h], bh[2 * h + 1]);
+                        for (int mi = 0; mi < MT; ++mi) {
+                            fa::mma(acc[mi][2 * nj], a[mi], b[0], b[1]);
+                            fa::mma(acc[mi][2 * nj + 1], a[mi], b[2], b[3]);
+                        }
                     }
                 }
             }
-        }
     }
 };
 
@@ -204,8 +210,9 @@ template <bool KMAJOR>
 __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_probs, const Seg* __restrict__ segs,
                                           int m) {
     using G = Gemm<KMAJOR>;
-    __shared__ __align__(16) bf16 xs[2 * BM * LDX];
-    __shared__ __align__(16) bf16 ws[2 * G::WTILE];
+    extern __shared__ uint4 smem[];
+    bf16* xs = reinterpret_cast<bf16*>(smem);  // [PIECES][BM][LDX]
+    bf16* ws = xs + PIECES * XTILE;            // [PIECES][WTILE]
 
     int p = 0;
     while (p + 1 < n_probs && (int)blockIdx.x >= probs[p + 1].tile_start) ++p;
@@ -231,7 +238,7 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
         __syncthreads();
         more = next_step(segs, pr.seg_end, s, k0);
         if (more) g.load(segs[s], m, n, m0, n0, k0);
-        G::compute(acc, xs, ws, cur.split_x, cur.split_w, m - m0, n - n0);
+        G::compute(acc, xs, ws, cur.pieces_x, cur.pieces_w, m - m0, n - n0);
     }
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wm = warp >> 1, wn = warp & 1;

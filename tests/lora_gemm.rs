@@ -5,11 +5,11 @@
 //! so unaligned rows take the scalar loads), r in {1, 8, 64}, partial target sets, bf16
 //! and f32 base weights.
 //!
-//! Bounds: with f32 base weights the products are bf16x3 (about 1e-5 relative per
-//! product) and the weight gradients 3xTF32, so 1e-4 as every f32 kernel; with bf16 base
+//! Bounds: with f32 base weights the products are f32 ones from three bf16 pieces per
+//! operand and the weight gradients 3xTF32, so 1e-4 as every f32 kernel; with bf16 base
 //! weights the CPU keeps the unrounded f32 weights, and rounding W and x to bf16 costs
-//! about 4e-3 per element (bound 1e-2), while u and gA, from the split LoRA segments, stay
-//! near f32 and dA, dB (tf32 Gram products) near 1e-3.
+//! about 4e-3 per element (bound 1e-2), while u and gA (LoRA segments in three pieces)
+//! stay f32 and dA, dB (tf32 Gram products) near 1e-3.
 
 mod common;
 

@@ -20,6 +20,20 @@ use crate::error::{Error, Result};
 const BM: usize = 128;
 const BN: usize = 128;
 const THREADS: u32 = 256;
+/// bf16 pieces of an f32 operand for f32 products (PIECES of lora_gemm.cu).
+const PIECES: i32 = 3;
+/// Rows of the shared tiles (BK + 8, BN + 8 of lora_gemm.cu).
+const LDX: usize = 32 + 8;
+
+/// Dynamic shared memory: PIECES bf16 copies of the X tile (BM x BK) and the W tile
+/// (BN x BK n-major, BK x BN k-major), rows padded by 8.
+fn smem_bytes(layout: Layout) -> u32 {
+    let w_tile = match layout {
+        Layout::NMajor => BN * LDX,
+        Layout::KMajor => 32 * (BN + 8),
+    };
+    (PIECES as usize * (BM * LDX + w_tile) * 2) as u32
+}
 
 /// One K segment: `alpha X (m, k) op(W)`; `Seg` of lora_gemm.cu.
 #[repr(C)]
@@ -32,8 +46,8 @@ struct Seg {
     ld_w: i32,
     w_bf16: i32,
     alpha: f32,
-    split_x: i32,
-    split_w: i32,
+    pieces_x: i32,
+    pieces_w: i32,
     pad: i32,
 }
 
@@ -84,7 +98,7 @@ fn weight_elems(w: &Weight) -> usize {
 }
 
 impl CudaBackend {
-    /// A segment over the f32 LoRA matrix `w` (always split: bf16x3, f32-like).
+    /// A segment over the f32 LoRA matrix `w`: three bf16 pieces per side, f32 products.
     fn lora_seg(
         &self,
         x: u64,
@@ -102,14 +116,14 @@ impl CudaBackend {
             ld_w: dim(ld_w, "row stride")?,
             w_bf16: 0,
             alpha,
-            split_x: 1,
-            split_w: 1,
+            pieces_x: PIECES,
+            pieces_w: PIECES,
             pad: 0,
         })
     }
 
-    /// A segment over a base weight: bf16 products on the bf16 engine (as cuBLAS is fed
-    /// there), bf16x3 on the f32 one.
+    /// A segment over a base weight: bf16 products on the bf16 engine (X rounded to bf16,
+    /// as cuBLAS is fed there), f32 ones from bf16 pieces on the f32 engine.
     fn base_seg(&self, x: u64, ld_x: usize, k: usize, w: &Weight, ld_w: usize) -> Result<Seg> {
         let f32_engine = self.base_dtype() == BaseDtype::F32;
         Ok(Seg {
@@ -120,8 +134,8 @@ impl CudaBackend {
             ld_w: dim(ld_w, "row stride")?,
             w_bf16: (w.ty == DType::Bf16) as i32,
             alpha: 1.0,
-            split_x: f32_engine as i32,
-            split_w: (w.ty == DType::F32) as i32,
+            pieces_x: if f32_engine { PIECES } else { 1 },
+            pieces_w: if w.ty == DType::F32 { PIECES } else { 1 },
             pad: 0,
         })
     }
@@ -166,7 +180,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid: [dim(tiles, "column tiles")? as u32, row_tiles as u32, 1],
             block: [THREADS, 1, 1],
-            shared_bytes: 0,
+            shared_bytes: smem_bytes(layout),
         };
         let args = [
             Arg::U64(table.ptr()),

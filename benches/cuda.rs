@@ -25,6 +25,7 @@ use std::rc::Rc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend, DevBuf};
+use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{Batch, Example};
@@ -227,6 +228,8 @@ fn tiny_shape() -> LlamaConfig {
 struct Shapes {
     prefix: &'static str,
     lora: LoraDims,
+    /// (rows, d_in, output widths, r) of a q/k/v group, every projection adapted.
+    group: (usize, usize, [usize; 3], usize),
     /// (sequences, positions each) for the per-sample squaring; r = lora.r.
     diag: (usize, usize),
     /// (rows, d) of the KFAC factors.
@@ -249,6 +252,8 @@ fn gpu_shapes() -> Shapes {
             d_out: 2048,
             scale: 2.0,
         },
+        // Llama-3.2-1B's q/k/v: 32 query and 8 KV heads of 64.
+        group: (4096, 2048, [2048, 512, 512], 16),
         diag: (16, 256),
         kfac: (4096, 2048),
         attn: AttnShape {
@@ -278,6 +283,7 @@ fn sim_shapes() -> Shapes {
             d_out: 130,
             scale: 2.0,
         },
+        group: (70, 96, [96, 48, 48], 8),
         diag: (3, 37),
         kfac: (75, 70),
         attn: AttnShape {
@@ -427,12 +433,219 @@ fn lora(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                             &b,
                             d,
                             &mut dx.borrow_mut(),
-                            &mut da.borrow_mut(),
-                            &mut db.borrow_mut(),
+                            Some((&mut da.borrow_mut(), &mut db.borrow_mut())),
                         )
                         .unwrap();
                     }),
                 ),
+            ],
+        },
+    );
+}
+
+/// LoRA inside the GEMMs (q/k/v as one grouped tensor-core GEMM with the low-rank update
+/// as a second K segment, `Backend::project_group`) against the plain cuBLAS sequence
+/// (per projection: base GEMM, `u = x A^T`, `y += s u B^T`; backward likewise).
+fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
+    let (m, d_in, outs, r) = sh.group;
+    let lg = LoraGroup { r, scale: 2.0 };
+    let mut rng = ChaCha8Rng::seed_from_u64(5);
+    let hx = rnd(&mut rng, m * d_in, 1.0);
+    let hw: Vec<Vec<f32>> = outs
+        .iter()
+        .map(|&o| rnd(&mut rng, o * d_in, 0.02))
+        .collect();
+    let ha: Vec<Vec<f32>> = outs.iter().map(|_| rnd(&mut rng, r * d_in, 0.02)).collect();
+    let hb: Vec<Vec<f32>> = outs.iter().map(|&o| rnd(&mut rng, o * r, 0.02)).collect();
+    let hg: Vec<Vec<f32>> = outs.iter().map(|&o| rnd(&mut rng, m * o, 1.0)).collect();
+    let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
+    let x = up(&hx);
+    let ws: Vec<_> = outs
+        .iter()
+        .zip(&hw)
+        .map(|(&o, w)| g.weight(w.clone(), o, d_in).unwrap())
+        .collect();
+    let (a, b, gr): (Vec<_>, Vec<_>, Vec<_>) = (
+        ha.iter().map(|v| up(v)).collect(),
+        hb.iter().map(|v| up(v)).collect(),
+        hg.iter().map(|v| up(v)).collect(),
+    );
+    let fwd: Vec<ProjFwd<'_, CudaBackend>> = (0..3)
+        .map(|i| ProjFwd {
+            w: &ws[i],
+            d_out: outs[i],
+            lora: Some((&a[i], &b[i])),
+        })
+        .collect();
+    // The backward's saved u_p, from the fused forward.
+    let us: Vec<DevBuf<f32>> = g
+        .project_group(&x, m, d_in, lg, &fwd)
+        .unwrap()
+        .into_iter()
+        .filter_map(|(_, u)| u)
+        .collect();
+    let zeros = |n: usize| RefCell::new(g.zeros(n).unwrap());
+    let dx = zeros(m * d_in);
+    let da: Vec<_> = outs.iter().map(|_| zeros(r * d_in)).collect();
+    let db: Vec<_> = outs.iter().map(|&o| zeros(o * r)).collect();
+    let ys: RefCell<Vec<DevBuf<f32>>> = RefCell::new(Vec::new());
+    let gas: RefCell<Vec<DevBuf<f32>>> = RefCell::new(Vec::new());
+    let reset = Rc::new(|| {
+        *dx.borrow_mut() = g.zeros(m * d_in).unwrap();
+        for (i, &o) in outs.iter().enumerate() {
+            *da[i].borrow_mut() = g.zeros(r * d_in).unwrap();
+            *db[i].borrow_mut() = g.zeros(o * r).unwrap();
+        }
+    });
+    let (want_fwd, want_bwd) = if mode.sim() {
+        let c = CpuBackend::new(2);
+        let cfwd: Vec<ProjFwd<'_, CpuBackend>> = (0..3)
+            .map(|i| ProjFwd {
+                w: &hw[i],
+                d_out: outs[i],
+                lora: Some((&ha[i], &hb[i])),
+            })
+            .collect();
+        let yu = c.project_group(&hx, m, d_in, lg, &cfwd).unwrap();
+        let mut dxc = vec![0.0; m * d_in];
+        let mut dac: Vec<Vec<f32>> = outs.iter().map(|_| vec![0.0; r * d_in]).collect();
+        let mut dbc: Vec<Vec<f32>> = outs.iter().map(|&o| vec![0.0; o * r]).collect();
+        let cbwd: Vec<ProjBwd<'_, CpuBackend>> = dac
+            .iter_mut()
+            .zip(dbc.iter_mut())
+            .enumerate()
+            .map(|(i, (da, db))| ProjBwd {
+                w: &hw[i],
+                d_out: outs[i],
+                g: &hg[i],
+                lora: yu[i].1.as_ref().map(|u| LoraBwd {
+                    a: &ha[i],
+                    b: &hb[i],
+                    u,
+                    grads: Some((da, db)),
+                }),
+            })
+            .collect();
+        let gac = c
+            .project_group_backward(&hx, m, d_in, lg, cbwd, &mut dxc, false)
+            .unwrap();
+        let mut f: Outs = Vec::new();
+        for (i, (y, _)) in yu.into_iter().enumerate() {
+            f.push((["y_q", "y_k", "y_v"][i], y));
+        }
+        let mut bw: Outs = vec![("dx", dxc)];
+        for (i, ga) in gac.into_iter().enumerate() {
+            bw.push((["gA_q", "gA_k", "gA_v"][i], ga.unwrap_or_default()));
+        }
+        for (i, (da, db)) in dac.into_iter().zip(dbc).enumerate() {
+            bw.push((["dA_q", "dA_k", "dA_v"][i], da));
+            bw.push((["dB_q", "dB_k", "dB_v"][i], db));
+        }
+        (f, bw)
+    } else {
+        (vec![], vec![])
+    };
+    let (want_fwd, want_bwd) = (Rc::new(want_fwd), Rc::new(want_bwd));
+    let got_fwd: Rc<dyn Fn() -> Outs> = Rc::new(|| {
+        let names = ["y_q", "y_k", "y_v"];
+        ys.borrow()
+            .iter()
+            .zip(names)
+            .map(|(y, n)| (n, down(g, y)))
+            .collect()
+    });
+    let got_bwd: Rc<dyn Fn() -> Outs> = Rc::new(|| {
+        let mut o: Outs = vec![("dx", down(g, &dx.borrow()))];
+        for (ga, n) in gas.borrow().iter().zip(["gA_q", "gA_k", "gA_v"]) {
+            o.push((n, down(g, ga)));
+        }
+        for i in 0..3 {
+            o.push((["dA_q", "dA_k", "dA_v"][i], down(g, &da[i].borrow())));
+            o.push((["dB_q", "dB_k", "dB_v"][i], down(g, &db[i].borrow())));
+        }
+        o
+    });
+    let forward = |cublas: bool| -> Rc<dyn Fn() + '_> {
+        let (fwd, ys, x) = (&fwd, &ys, &x);
+        Rc::new(move || {
+            let out = if cublas {
+                g.project_group_cublas(x, m, d_in, lg, fwd)
+            } else {
+                g.project_group(x, m, d_in, lg, fwd)
+            };
+            *ys.borrow_mut() = out.unwrap().into_iter().map(|(y, _)| y).collect();
+        })
+    };
+    let backward = |cublas: bool| -> Rc<dyn Fn() + '_> {
+        let (ws, a, b, gr, us, x) = (&ws, &a, &b, &gr, &us, &x);
+        let (dx, da, db, gas) = (&dx, &da, &db, &gas);
+        Rc::new(move || {
+            let mut das: Vec<_> = da.iter().map(|d| d.borrow_mut()).collect();
+            let mut dbs: Vec<_> = db.iter().map(|d| d.borrow_mut()).collect();
+            let projs: Vec<ProjBwd<'_, CudaBackend>> = das
+                .iter_mut()
+                .zip(dbs.iter_mut())
+                .enumerate()
+                .map(|(i, (da, db))| ProjBwd {
+                    w: &ws[i],
+                    d_out: outs[i],
+                    g: &gr[i],
+                    lora: Some(LoraBwd {
+                        a: &a[i],
+                        b: &b[i],
+                        u: &us[i],
+                        grads: Some((&mut **da, &mut **db)),
+                    }),
+                })
+                .collect();
+            let mut dx = dx.borrow_mut();
+            let out = if cublas {
+                g.project_group_backward_cublas(x, m, d_in, lg, projs, &mut dx, false)
+            } else {
+                g.project_group_backward(x, m, d_in, lg, projs, &mut dx, false)
+            };
+            *gas.borrow_mut() = out.unwrap().into_iter().flatten().collect();
+        })
+    };
+    let bound = if g.base_dtype() == BaseDtype::Bf16 {
+        TC_BOUND
+    } else {
+        F32_BOUND
+    };
+    let (wf, wb) = (
+        roofline::lora_group_forward(m, d_in, &outs, r),
+        roofline::lora_group_backward(m, d_in, &outs, r),
+    );
+    let variant = |name, work, call, fwd: bool| Variant {
+        name,
+        work,
+        call,
+        got: if fwd {
+            got_fwd.clone()
+        } else {
+            got_bwd.clone()
+        },
+        want: if fwd {
+            want_fwd.clone()
+        } else {
+            want_bwd.clone()
+        },
+        bound,
+    };
+    mode.run(
+        g,
+        Group {
+            name: format!(
+                "{}_lora_qkv_{m}x{d_in}_o{}+{}+{}_r{r}",
+                sh.prefix, outs[0], outs[1], outs[2]
+            ),
+            sample_size: None,
+            reset,
+            variants: vec![
+                variant("forward_fused", wf, forward(false), true),
+                variant("forward_cublas", wf, forward(true), true),
+                variant("backward_fused", wb, backward(false), false),
+                variant("backward_cublas", wb, backward(true), false),
             ],
         },
     );
@@ -950,6 +1163,7 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
 fn gpu_work() {
     let sh = gpu_shapes();
     let d = sh.lora;
+    let (gm, gd, go, gr) = sh.group;
     let (n_seg, len) = sh.diag;
     let (rows, dk) = sh.kfac;
     let s = sh.attn;
@@ -968,6 +1182,20 @@ fn gpu_work() {
         (
             format!("cuda_lora_{}x{}_r{} [backward_*]", d.m, d.d_in, d.r),
             roofline::lora_backward(d),
+        ),
+        (
+            format!(
+                "cuda_lora_qkv_{gm}x{gd}_o{}+{}+{}_r{gr} [forward_*]",
+                go[0], go[1], go[2]
+            ),
+            roofline::lora_group_forward(gm, gd, &go, gr),
+        ),
+        (
+            format!(
+                "cuda_lora_qkv_{gm}x{gd}_o{}+{}+{}_r{gr} [backward_*]",
+                go[0], go[1], go[2]
+            ),
+            roofline::lora_group_backward(gm, gd, &go, gr),
         ),
         (
             format!("cuda_diag_{n_seg}x{len}_r{}_d{}", d.r, d.d_in),
@@ -1012,6 +1240,7 @@ fn gpu_work() {
 
 fn all(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     lora(mode, g, sh);
+    lora_group(mode, g, sh);
     diag(mode, g, sh);
     kfac(mode, g, sh);
     attention(mode, g, sh);

@@ -17,6 +17,10 @@ pub struct LoraGroup {
     pub scale: f32,
 }
 
+/// What a forward group returns per projection: its output `y (m, d_out)` and, when it
+/// is adapted, `u = x A^T (m, r)` (kept for the backward).
+pub type Projected<Buf> = (Buf, Option<Buf>);
+
 /// One projection of a forward group: `y = x W^T (+ s (x A^T) B^T)`.
 pub struct ProjFwd<'a, B: Backend + ?Sized> {
     /// `W (d_out, d_in)`.
@@ -44,7 +48,8 @@ pub struct ProjBwd<'a, B: Backend + ?Sized> {
     pub lora: Option<LoraBwd<'a, B>>,
 }
 
-fn dims(m: usize, d_in: usize, d_out: usize, l: LoraGroup) -> LoraDims {
+/// The `LoraDims` of one projection of a group.
+pub fn lora_dims(m: usize, d_in: usize, d_out: usize, l: LoraGroup) -> LoraDims {
     LoraDims {
         m,
         d_in,
@@ -62,14 +67,14 @@ pub fn unfused_forward<B: Backend + ?Sized>(
     d_in: usize,
     l: LoraGroup,
     projs: &[ProjFwd<'_, B>],
-) -> Result<Vec<(B::Buf, Option<B::Buf>)>> {
+) -> Result<Vec<Projected<B::Buf>>> {
     projs
         .iter()
         .map(|p| {
             let mut y = be.linear(x, p.w, m, d_in, p.d_out)?;
             let u = match p.lora {
                 Some((a, b)) => {
-                    Some(be.lora_forward(x, a, b, dims(m, d_in, p.d_out, l), &mut y)?)
+                    Some(be.lora_forward(x, a, b, lora_dims(m, d_in, p.d_out, l), &mut y)?)
                 }
                 None => None,
             };
@@ -100,7 +105,7 @@ pub fn unfused_backward<B: Backend + ?Sized>(
                 lb.u,
                 lb.a,
                 lb.b,
-                dims(m, d_in, p.d_out, l),
+                lora_dims(m, d_in, p.d_out, l),
                 dx,
                 lb.grads,
             )?),

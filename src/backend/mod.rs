@@ -11,7 +11,7 @@ pub mod device;
 pub mod group;
 
 use crate::error::{Error, Result};
-use group::{LoraGroup, ProjBwd, ProjFwd};
+use group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 
 /// Rows `[start, start + len)` of a batch activation belong to one sequence; padding rows
 /// (right padding) are outside every segment.
@@ -229,7 +229,7 @@ pub trait Backend: Send + Sync {
         d_in: usize,
         lora: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
-    ) -> Result<Vec<(Self::Buf, Option<Self::Buf>)>> {
+    ) -> Result<Vec<Projected<Self::Buf>>> {
         group::unfused_forward(self, x, m, d_in, lora, projs)
     }
     /// Backward of `project_group`: `dx (+)= sum_p g_p W_p + gA_p A_p` with

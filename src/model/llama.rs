@@ -10,7 +10,7 @@ use super::config::LlamaConfig;
 use super::lora::LoraWeights;
 use super::proj::Proj;
 use super::weights::HostWeights;
-use crate::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use crate::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, RopeTable,
 };
@@ -191,7 +191,7 @@ impl<B: Backend> Llama<B> {
         ps: [Proj; N],
         x: &B::Buf,
         m: usize,
-    ) -> Result<[(B::Buf, Option<B::Buf>); N]> {
+    ) -> Result<[Projected<B::Buf>; N]> {
         let specs: Vec<ProjFwd<'_, B>> = ps
             .iter()
             .map(|&p| ProjFwd {

@@ -4,7 +4,8 @@
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, LaunchConfig};
 use super::{CudaBackend, DevBuf, MAX_RANK, THREADS};
-use crate::backend::{LoraDims, Segment};
+use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected, lora_dims};
+use crate::backend::{Backend, LoraDims, Segment};
 use crate::error::{Error, Result};
 
 impl CudaBackend {
@@ -50,8 +51,8 @@ impl CudaBackend {
         Ok(u)
     }
 
-    /// LoRA backward as four cuBLAS GEMMs: gA = s g B, dx += gA A, dA += gA^T x,
-    /// dB += s g^T u.
+    /// LoRA backward as cuBLAS GEMMs: gA = s g B, dx += gA A and, when `grads` is given,
+    /// dA += gA^T x, dB += s g^T u.
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward_unfused(
         &self,
@@ -62,8 +63,7 @@ impl CudaBackend {
         b: &DevBuf<f32>,
         d: LoraDims,
         dx: &mut DevBuf<f32>,
-        da: &mut DevBuf<f32>,
-        db: &mut DevBuf<f32>,
+        grads: Option<(&mut DevBuf<f32>, &mut DevBuf<f32>)>,
     ) -> Result<DevBuf<f32>> {
         let ga = self.uninit(d.m * d.r)?;
         self.gemm(
@@ -90,6 +90,9 @@ impl CudaBackend {
             1.0,
             Operand::f32(dx.ptr(), d.d_in),
         )?;
+        let Some((da, db)) = grads else {
+            return Ok(ga);
+        };
         self.gemm(
             N,
             T,
@@ -115,6 +118,60 @@ impl CudaBackend {
             Operand::f32(db.ptr(), d.r),
         )?;
         Ok(ga)
+    }
+
+    /// `Backend::project_group` as the plain cuBLAS sequence LoRA inside the GEMMs
+    /// replaces: per projection the base GEMM (`linear`), then `u = x A^T` and
+    /// `y += s u B^T` as two more GEMMs.
+    pub fn project_group_cublas(
+        &self,
+        x: &DevBuf<f32>,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<Projected<DevBuf<f32>>>> {
+        projs
+            .iter()
+            .map(|p| {
+                let mut y = self.linear(x, p.w, m, d_in, p.d_out)?;
+                let u = match p.lora {
+                    Some((a, b)) => {
+                        let d = lora_dims(m, d_in, p.d_out, l);
+                        Some(self.lora_forward_unfused(x, a, b, d, &mut y)?)
+                    }
+                    None => None,
+                };
+                Ok((y, u))
+            })
+            .collect()
+    }
+
+    /// `Backend::project_group_backward` as the plain cuBLAS sequence: per projection
+    /// `linear_backward`, then `lora_backward_unfused`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn project_group_backward_cublas(
+        &self,
+        x: &DevBuf<f32>,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut DevBuf<f32>,
+        accumulate: bool,
+    ) -> Result<Vec<Option<DevBuf<f32>>>> {
+        let mut out = Vec::with_capacity(projs.len());
+        for (i, p) in projs.into_iter().enumerate() {
+            self.linear_backward(p.g, p.w, m, d_in, p.d_out, dx, accumulate || i > 0)?;
+            out.push(match p.lora {
+                Some(lb) => {
+                    let d = lora_dims(m, d_in, p.d_out, l);
+                    Some(self.lora_backward_unfused(p.g, x, lb.u, lb.a, lb.b, d, dx, lb.grads)?)
+                }
+                None => None,
+            });
+        }
+        Ok(out)
     }
 
     /// The diagonal Fisher by materialising each sequence's gradient block `G_n^T Y_n`

@@ -13,7 +13,7 @@ use bytemuck::{Pod, Zeroable};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{BaseDtype, CudaBackend, DevBuf, Weight};
 use crate::backend::Segment;
-use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd};
+use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::error::{Error, Result};
 
 /// Output tile and threads per block (BM, BN, THREADS of lora_gemm.cu).
@@ -198,7 +198,7 @@ impl CudaBackend {
         d_in: usize,
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
-    ) -> Result<Vec<(DevBuf<f32>, Option<DevBuf<f32>>)>> {
+    ) -> Result<Vec<Projected<DevBuf<f32>>>> {
         check_len("x", x.len(), m * d_in)?;
         let mut us = Vec::with_capacity(projs.len());
         let mut problems = Vec::new();

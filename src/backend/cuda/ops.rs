@@ -6,7 +6,7 @@ use half::bf16;
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK, THREADS, Weight};
-use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd};
+use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -277,7 +277,7 @@ impl Backend for CudaBackend {
         d_in: usize,
         lora: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
-    ) -> Result<Vec<(Self::Buf, Option<Self::Buf>)>> {
+    ) -> Result<Vec<Projected<Self::Buf>>> {
         self.project_group_impl(x, m, d_in, lora, projs)
     }
 

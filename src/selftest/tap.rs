@@ -9,6 +9,7 @@
 use std::collections::VecDeque;
 use std::sync::Mutex;
 
+use crate::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -230,6 +231,51 @@ impl<B: Backend> Backend for Tap<'_, B> {
         grads: Option<(&mut B::Buf, &mut B::Buf)>,
     ) -> Result<B::Buf> {
         self.inner.lora_backward(g, x, u, a, b, dims, dx, grads)
+    }
+    fn project_group(
+        &self,
+        x: &B::Buf,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<Projected<B::Buf>>> {
+        let projs: Vec<ProjFwd<'_, B>> = projs
+            .iter()
+            .map(|p| ProjFwd {
+                w: p.w,
+                d_out: p.d_out,
+                lora: p.lora,
+            })
+            .collect();
+        self.inner.project_group(x, m, d_in, lora, &projs)
+    }
+    fn project_group_backward(
+        &self,
+        x: &B::Buf,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut B::Buf,
+        accumulate: bool,
+    ) -> Result<Vec<Option<B::Buf>>> {
+        let projs: Vec<ProjBwd<'_, B>> = projs
+            .into_iter()
+            .map(|p| ProjBwd {
+                w: p.w,
+                d_out: p.d_out,
+                g: p.g,
+                lora: p.lora.map(|l| LoraBwd {
+                    a: l.a,
+                    b: l.b,
+                    u: l.u,
+                    grads: l.grads,
+                }),
+            })
+            .collect();
+        self.inner
+            .project_group_backward(x, m, d_in, lora, projs, dx, accumulate)
     }
     fn rope(
         &self,

@@ -15,6 +15,7 @@ mod classifier;
 mod cross_entropy;
 mod curvature;
 mod lora;
+mod lora_group;
 mod rows;
 
 use super::check::Checker;
@@ -24,6 +25,7 @@ use crate::error::Result;
 pub fn run_all<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     rows::run(c)?;
     lora::run(c)?;
+    lora_group::run(c)?;
     attention::run(c)?;
     cross_entropy::run(c)?;
     classifier::run(c)?;

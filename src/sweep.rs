@@ -18,7 +18,7 @@ use crate::cost::{self, Flops, Meter, StageCost, SweepCost, penalty_state_bytes}
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::eval::choice::{ChoiceRow, ChoiceScores, accuracy, choice_logliks, n_batches, score};
+use crate::eval::choice::{ChoiceRow, ChoiceScores, accuracy, choice_logliks, score};
 use crate::eval::exact_match::{ExactMatch, exact_match};
 use crate::eval::generate::Sampling;
 use crate::eval::paired::{Paired, paired_difference};
@@ -215,21 +215,14 @@ fn evaluate<B: Backend>(
         .iter()
         .map(|set| {
             let pb = progress::bar(
-                n_batches(&set.rows, spec.eval_batch) as u64,
+                set.rows.len() as u64,
                 &format!("choice {}", set.name),
                 spec.quiet,
             )
-            .unit("batches");
-            let ll = choice_logliks(
-                be,
-                model,
-                lora,
-                tok()?,
-                &set.path,
-                &set.rows,
-                spec.eval_batch,
-                || pb.inc(1),
-            )?;
+            .unit("questions");
+            let ll = choice_logliks(be, model, lora, tok()?, &set.path, &set.rows, |n| {
+                pb.inc(n as u64)
+            })?;
             pb.finish_and_clear();
             Ok(score(&set.rows, &ll))
         })

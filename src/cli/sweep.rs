@@ -47,8 +47,8 @@ pub struct SweepArgs {
     /// Target-domain training JSONL.
     #[arg(long)]
     pub data: PathBuf,
-    /// Curvature file (training starts at its theta*). It fits one LoRA shape: in a grid
-    /// sweep, every shape must be its (else exit 2).
+    /// Curvature file (training starts at its theta*). A file fits one LoRA shape: in a
+    /// grid sweep, every shape must be the file's (else exit 2).
     #[arg(long)]
     pub curvature: Option<PathBuf>,
     /// A grid over LoRA ranks, comma-separated (`4,8,16`): the lambdas run for each rank

@@ -95,7 +95,8 @@ pub struct SweepArgs {
     /// Tokens generated per exact-match answer.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Output directory: results.{csv,json,md}, frontier.svg, runs/.
+    /// Output directory: results.{csv,json,md}, frontier.svg, runs/ (a grid sweep:
+    /// frontier-overlay.svg and a directory per shape for the rest).
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]

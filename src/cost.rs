@@ -53,7 +53,7 @@ use serde::Serialize;
 
 use crate::curvature::accumulate::input_group;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec};
-use crate::data::{Batch, Example, batches};
+use crate::data::{Batch, Example, batches, batches_by_length};
 use crate::model::LoraWeights;
 use crate::model::config::LlamaConfig;
 use crate::train::TrainConfig;
@@ -294,9 +294,10 @@ impl Flops {
             + once
     }
 
-    /// Real tokens and FLOPs of evaluating `examples` in batches of `batch_size`.
+    /// Real tokens and FLOPs of evaluating `examples` in batches of `batch_size` (taken
+    /// shortest first, as evaluation takes them).
     pub fn evaluation(&self, examples: &[Example], batch_size: usize) -> (u64, u64) {
-        batches(examples, batch_size).fold((0, 0), |(t, f), b| {
+        batches_by_length(examples, batch_size).fold((0, 0), |(t, f), (_, b)| {
             (t + tokens(&b), f + self.eval_batch(&b))
         })
     }

@@ -43,7 +43,7 @@ fn classifier(c: &mut Criterion) {
         let o = be.classifier(&h, &w, ROWS, DIM, VOCAB, t, grad).unwrap();
         (o.losses, o.dhidden)
     };
-    eprintln!("classifier bench: {}, SIMD {}", be.describe(), simd());
+    eprintln!("classifier bench: {}", be.describe());
     let mut g = c.benchmark_group("smollm2_head_1024x576x49152");
     g.sample_size(10);
     g.throughput(Throughput::Elements(ROWS as u64));
@@ -68,20 +68,6 @@ fn classifier(c: &mut Criterion) {
     g.bench_function("loss_materialised", |b| b.iter(|| materialised(None)));
     g.bench_function("loss_fused", |b| b.iter(|| fused(None)));
     g.finish();
-}
-
-/// The widest x86 vector extension the GEMM can use here.
-fn simd() -> &'static str {
-    #[cfg(target_arch = "x86_64")]
-    {
-        if is_x86_feature_detected!("avx512f") {
-            return "AVX-512";
-        }
-        if is_x86_feature_detected!("avx2") {
-            return "AVX2";
-        }
-    }
-    "below AVX2"
 }
 
 criterion_group!(benches, classifier);

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 
+use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::data::{Batch, RowFormat, read_jsonl};
 use lalora_engine::model::{self, HostLora, Llama, LoraConfig, Proj};
@@ -28,6 +29,8 @@ pub struct Setup {
 /// passages of at least `SEQ` tokens, cut to `SEQ`.
 pub fn smollm2_setup() -> Setup {
     let be = CpuBackend::new(THREADS);
+    // The SIMD level belongs with every figure (AVX2-only and AVX-512 machines differ).
+    eprintln!("bench backend: {}", be.describe());
     let path = assets().join("SmolLM2-135M-Instruct.Q4_1.gguf");
     let m = model::load(&path, None).expect("run scripts/fetch-assets.sh first");
     let data = assets().join("data/source-curvature.jsonl");

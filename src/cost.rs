@@ -53,7 +53,7 @@ use serde::Serialize;
 
 use crate::curvature::accumulate::input_group;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec};
-use crate::data::{Batch, Example, batches};
+use crate::data::{Batch, Example, batches, batches_by_length};
 use crate::model::LoraWeights;
 use crate::model::config::LlamaConfig;
 use crate::train::TrainConfig;
@@ -294,9 +294,10 @@ impl Flops {
             + once
     }
 
-    /// Real tokens and FLOPs of evaluating `examples` in batches of `batch_size`.
+    /// Real tokens and FLOPs of evaluating `examples` in batches of `batch_size` (taken
+    /// shortest first, as evaluation takes them).
     pub fn evaluation(&self, examples: &[Example], batch_size: usize) -> (u64, u64) {
-        batches(examples, batch_size).fold((0, 0), |(t, f), b| {
+        batches_by_length(examples, batch_size).fold((0, 0), |(t, f), (_, b)| {
             (t + tokens(&b), f + self.eval_batch(&b))
         })
     }
@@ -354,22 +355,22 @@ pub fn penalty_state_bytes(c: &Curvature) -> u64 {
         .sum()
 }
 
-/// The cost table of `results.md`: one line per stage of each run, the curvature first,
-/// with each training run's wall time over plain LoRA's (λ = 0): what the penalty adds.
-pub fn markdown(
-    curvature: Option<&StageCost>,
-    runs: &[(String, Option<f32>, &[StageCost])],
-    penalty_state_bytes: Option<u64>,
-) -> String {
+/// One part of the cost table: stage I (named, when it ran) and the runs that share it.
+pub struct CostBlock<'a> {
+    pub curvature: Option<(String, &'a StageCost)>,
+    /// `(name, lambda, stages)` per run.
+    pub runs: Vec<(String, Option<f32>, &'a [StageCost])>,
+}
+
+/// The cost table of `results.md`: one line per stage of each run, each block's curvature
+/// first, with each training run's wall time over plain LoRA's (λ = 0) of the same block:
+/// what the penalty adds. `penalty_state_bytes`: what the penalty keeps, per LoRA shape
+/// (named; a single unnamed one for a plain sweep).
+pub fn markdown(blocks: &[CostBlock<'_>], penalty_state_bytes: &[(String, u64)]) -> String {
     let mut s = String::from(
         "| run | stage | wall s | tokens/s | peak RSS MiB | GFLOP | GFLOP/s | train time / λ=0 |\n\
          |---|---|---:|---:|---:|---:|---:|---:|\n",
     );
-    let lora_train = runs
-        .iter()
-        .find(|(_, l, _)| *l == Some(0.0))
-        .and_then(|(_, _, c)| c.iter().find(|x| x.stage == "train"))
-        .map(|c| c.wall_s);
     let line = |run: &str, c: &StageCost, ratio: String| {
         format!(
             "| {run} | {} | {:.1} | {:.0} | {:.0} | {:.3} | {:.2} | {ratio} |\n",
@@ -381,22 +382,32 @@ pub fn markdown(
             c.flops as f64 / 1e9 / c.wall_s.max(1e-9)
         )
     };
-    if let Some(c) = curvature {
-        s += &line("stage I", c, String::new());
-    }
-    for (name, _, stages) in runs {
-        for c in *stages {
-            let ratio = match (c.stage.as_str(), lora_train) {
-                ("train", Some(w)) => format!("{:.3}", c.wall_s / w.max(1e-9)),
-                _ => String::new(),
-            };
-            s += &line(name, c, ratio);
+    for b in blocks {
+        let lora_train = b
+            .runs
+            .iter()
+            .find(|(_, l, _)| *l == Some(0.0))
+            .and_then(|(_, _, c)| c.iter().find(|x| x.stage == "train"))
+            .map(|c| c.wall_s);
+        if let Some((name, c)) = &b.curvature {
+            s += &line(name, c, String::new());
+        }
+        for (name, _, stages) in &b.runs {
+            for c in *stages {
+                let ratio = match (c.stage.as_str(), lora_train) {
+                    ("train", Some(w)) => format!("{:.3}", c.wall_s / w.max(1e-9)),
+                    _ => String::new(),
+                };
+                s += &line(name, c, ratio);
+            }
         }
     }
-    let scope = runs
+    let scope = blocks
         .iter()
-        .flat_map(|(_, _, c)| c.iter())
-        .chain(curvature)
+        .flat_map(|b| {
+            let runs = b.runs.iter().flat_map(|(_, _, c)| c.iter());
+            runs.chain(b.curvature.as_ref().map(|(_, c)| *c))
+        })
         .any(|c| c.peak_rss_scope == "process");
     s += "\n(FLOPs: matrix products only, as `src/cost.rs` states; tokens: real, not padding; ";
     s += if scope {
@@ -404,11 +415,25 @@ pub fn markdown(
     } else {
         "peak RSS: each stage's own peak"
     };
-    if let Some(b) = penalty_state_bytes {
-        s += &format!(
-            "; the penalty keeps θ* and the curvature, {:.2} MiB, on the device beside plain LoRA",
-            b as f64 / (1024.0 * 1024.0)
-        );
+    let mib = |b: u64| format!("{:.2} MiB", b as f64 / (1024.0 * 1024.0));
+    match penalty_state_bytes {
+        [] => {}
+        [(name, b)] if name.is_empty() => {
+            s += &format!(
+                "; the penalty keeps θ* and the curvature, {}, on the device beside plain LoRA",
+                mib(*b)
+            )
+        }
+        shapes => {
+            let each: Vec<String> = shapes
+                .iter()
+                .map(|(name, b)| format!("{name} {}", mib(*b)))
+                .collect();
+            s += &format!(
+                "; the penalty keeps θ* and the curvature on the device beside plain LoRA: {}",
+                each.join(", ")
+            )
+        }
     }
     s + ")\n"
 }

@@ -36,8 +36,44 @@ pub fn interval() -> Result<Duration> {
     }
 }
 
+/// The part of a larger run that the work now starting belongs to (a grid sweep's
+/// combination), set by [`scope`]. A process-wide label because the bars are made deep
+/// inside training and evaluation, whose signatures every command shares.
+static SCOPE: Mutex<Option<String>> = Mutex::new(None);
+
+/// While the guard lives, every new progress label names `part`: `train (r=4 all)`.
+pub fn scope(part: String) -> Scope {
+    let previous = lock_scope().replace(part);
+    Scope { previous }
+}
+
+/// Restores the enclosing label when dropped.
+pub struct Scope {
+    previous: Option<String>,
+}
+
+impl Drop for Scope {
+    fn drop(&mut self) {
+        *lock_scope() = self.previous.take();
+    }
+}
+
+fn lock_scope() -> MutexGuard<'static, Option<String>> {
+    // The label is a plain string: a panic elsewhere cannot leave it half-written.
+    SCOPE.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// `what`, followed by the scope's part when one is set.
+fn scoped(what: &str) -> String {
+    match &*lock_scope() {
+        Some(part) => format!("{what} ({part})"),
+        None => what.to_string(),
+    }
+}
+
 /// Progress of `len` units of work labelled `what` (the stage).
 pub fn bar(len: u64, what: &str, quiet: bool) -> Progress {
+    let what = &scoped(what);
     let kind = if quiet {
         Kind::Hidden
     } else if std::io::stderr().is_terminal() {
@@ -300,6 +336,21 @@ mod tests {
         );
         // Nothing done yet: no rate, no ETA (not a division by zero).
         assert!(state(0, 40, 3).line(false).contains("rate -, ETA -"));
+    }
+
+    #[test]
+    fn a_scope_names_its_part_in_new_labels_until_it_ends() {
+        assert_eq!(scoped("train"), "train");
+        {
+            let _outer = scope("r=4 all".into());
+            assert_eq!(scoped("train"), "train (r=4 all)");
+            {
+                let _inner = scope("r=8 q_proj".into());
+                assert_eq!(scoped("eval x"), "eval x (r=8 q_proj)");
+            }
+            assert_eq!(scoped("train"), "train (r=4 all)");
+        }
+        assert_eq!(scoped("train"), "train");
     }
 
     #[test]

@@ -6,7 +6,13 @@
 //! over the questions with the same function (unit weights). Writes `results.csv`,
 //! `results.json`, `results.md` and `frontier.svg` (Pareto-optimal points, on the NLL
 //! figures, marked; error bars drawn).
+//!
+//! A grid sweep ([`run_grid`]) runs the lambdas for each LoRA shape (rank and target
+//! modules) after evaluating the base model once; each shape's runs are exactly those of a
+//! plain sweep of that shape. One table over all, its rows naming their shape, one frontier
+//! plot per shape and an overlay of them all.
 
+use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -14,17 +20,17 @@ use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::cost::{self, Flops, Meter, StageCost, SweepCost, penalty_state_bytes};
+use crate::cost::{self, CostBlock, Flops, Meter, StageCost, SweepCost, penalty_state_bytes};
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::eval::choice::{ChoiceRow, ChoiceScores, accuracy, choice_logliks, n_batches, score};
+use crate::eval::choice::{ChoiceRow, ChoiceScores, accuracy, choice_logliks, score};
 use crate::eval::exact_match::{ExactMatch, exact_match};
 use crate::eval::generate::Sampling;
 use crate::eval::paired::{Paired, paired_difference};
 use crate::eval::perplexity::sequence_losses;
 use crate::io::atomic_write;
-use crate::model::{HostLora, Llama, LoraWeights};
+use crate::model::{HostLora, Llama, LoraConfig, LoraWeights, Proj};
 use crate::progress;
 use crate::tokenizer::Tokenizer;
 use crate::train::TrainConfig;
@@ -158,10 +164,41 @@ pub struct Row {
     pub seconds: f64,
     /// Per stage: evaluation for the base model; training, then evaluation, for a run.
     pub cost: Vec<StageCost>,
+    /// A grid sweep's run: its LoRA shape (`None` in a plain sweep, and for the base row).
+    #[serde(flatten)]
+    pub grid: Option<GridPoint>,
     /// Summed loss of every sequence of each set (target first, then the sources): what
     /// the paired standard errors between any two rows are computed from.
     #[serde(skip)]
     pub losses: Vec<Vec<f64>>,
+}
+
+/// Where a grid sweep's run sits: its LoRA shape.
+#[derive(Debug, Clone, Serialize)]
+pub struct GridPoint {
+    pub rank: usize,
+    /// `all`, or the modules comma-separated.
+    pub targets: String,
+    /// Trainable LoRA parameters.
+    pub lora_params: usize,
+    /// Pareto-optimal among every run of the grid (`pareto`: within its shape's runs).
+    pub grid_pareto: bool,
+    /// Its shape's index in `Report::grid`.
+    #[serde(skip)]
+    pub shape: usize,
+}
+
+/// One LoRA shape of a grid sweep.
+#[derive(Debug, Clone, Serialize)]
+pub struct GridShape {
+    pub rank: usize,
+    pub targets: String,
+    pub lora_params: usize,
+    /// Its directory in the output: `runs/`, `frontier.svg` and the curvature estimated for
+    /// it (`curvature.safetensors`), if any.
+    pub dir: String,
+    /// Its stage I, when estimated in this sweep, and what its penalty keeps.
+    pub cost: SweepCost,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -171,6 +208,9 @@ pub struct Report {
     pub sets: Vec<SetInfo>,
     pub rows: Vec<Row>,
     pub cost: SweepCost,
+    /// A grid sweep's shapes, in the order of its rows (empty for a plain sweep).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub grid: Vec<GridShape>,
 }
 
 /// What one model scored on every set.
@@ -215,21 +255,14 @@ fn evaluate<B: Backend>(
         .iter()
         .map(|set| {
             let pb = progress::bar(
-                n_batches(&set.rows, spec.eval_batch) as u64,
+                set.rows.len() as u64,
                 &format!("choice {}", set.name),
                 spec.quiet,
             )
-            .unit("batches");
-            let ll = choice_logliks(
-                be,
-                model,
-                lora,
-                tok()?,
-                &set.path,
-                &set.rows,
-                spec.eval_batch,
-                || pb.inc(1),
-            )?;
+            .unit("questions");
+            let ll = choice_logliks(be, model, lora, tok()?, &set.path, &set.rows, |n| {
+                pb.inc(n as u64)
+            })?;
             pb.finish_and_clear();
             Ok(score(&set.rows, &ll))
         })
@@ -338,28 +371,50 @@ fn row(
         pareto: false,
         seconds: 0.0,
         cost: Vec::new(),
+        grid: None,
         losses,
     }
 }
 
-/// Run the sweep; adapters and metrics of each run go to `out/runs/lambda-<L>/`.
-pub fn run<B: Backend>(
-    be: &B,
-    model: &Llama<B>,
-    curvature: Option<&Curvature>,
-    init: &HostLora,
-    spec: &SweepSpec<'_>,
-    out: &Path,
-    mut on_run: impl FnMut(&Row),
-) -> Result<Report> {
-    if spec.lambdas.iter().any(|&l| l > 0.0) && curvature.is_none() {
+/// Lambda > 0 trains against a curvature: without one there is nothing to penalise.
+pub fn require_curvature(lambdas: &[f32], has_curvature: bool) -> Result<()> {
+    if lambdas.iter().any(|&l| l > 0.0) && !has_curvature {
         return Err(Error::usage("lambda > 0 needs a curvature file"));
     }
-    let say = |msg: String| {
-        if !spec.quiet {
-            eprintln!("sweep: {msg}");
-        }
-    };
+    Ok(())
+}
+
+fn say(spec: &SweepSpec<'_>, msg: String) {
+    if !spec.quiet {
+        eprintln!("sweep: {msg}");
+    }
+}
+
+/// What every run is compared with.
+struct Base {
+    ev: Evaluation,
+    /// Predicted tokens per sequence of each NLL set (target first).
+    weights: Vec<Vec<f64>>,
+    sets: Vec<SetInfo>,
+}
+
+/// Real tokens and FLOPs of one evaluation: the NLL sets' (choice scoring and generation
+/// add only time).
+fn eval_count(spec: &SweepSpec<'_>, flops: &Flops) -> (u64, u64) {
+    spec.sets().fold((0, 0), |(t, f), s| {
+        let (t1, f1) = flops.evaluation(&s.examples, spec.eval_batch);
+        (t + t1, f + f1)
+    })
+}
+
+/// Evaluate the base model (no adapter) on every set: what the runs are compared with, and
+/// its row. `flops` counts its products.
+fn evaluate_base<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    spec: &SweepSpec<'_>,
+    flops: &Flops,
+) -> Result<(Base, Row)> {
     let sets: Vec<SetInfo> = spec
         .sets()
         .enumerate()
@@ -374,35 +429,62 @@ pub fn run<B: Backend>(
     if let Some((rows, _)) = &spec.exact_match {
         on += &format!(", exact match ({} problems)", rows.len());
     }
-    say(format!("evaluating the base model on {on}"));
-    let flops = Flops::new(&model.cfg, init);
-    // The NLL sets' tokens and FLOPs; choice scoring and generation add only time.
-    let (eval_tokens, eval_flops) = spec.sets().fold((0, 0), |(t, f), s| {
-        let (t1, f1) = flops.evaluation(&s.examples, spec.eval_batch);
-        (t + t1, f + f1)
-    });
+    say(spec, format!("evaluating the base model on {on}"));
+    let (eval_tokens, eval_flops) = eval_count(spec, flops);
     let meter = Meter::start("eval");
-    let base_ev = evaluate(be, model, None, spec)?;
-    let mut base = row(None, base_ev.clone(), &base_ev, &weights, spec);
+    let ev = evaluate(be, model, None, spec)?;
+    let mut base = row(None, ev.clone(), &ev, &weights, spec);
     base.cost = vec![meter.finish(eval_tokens, eval_flops)];
     base.seconds = t0.elapsed().as_secs_f64();
-    on_run(&base);
-    let mut rows = vec![base];
+    Ok((Base { ev, weights, sets }, base))
+}
+
+/// The runs of one LoRA shape: where they start, their penalty, where they are written.
+struct Shape<'a> {
+    curvature: Option<&'a Curvature>,
+    init: &'a HostLora,
+    /// Adapters and metrics of each run go to `dir/runs/lambda-<L>/`.
+    dir: &'a Path,
+    /// In a grid: the shape, given to each row (its Pareto flag over the grid comes last),
+    /// and `r=4 all (1/4)` to name it in the status lines.
+    point: Option<(GridPoint, String)>,
+}
+
+/// Train from the same init and data order at each lambda, and evaluate each run.
+fn train_lambdas<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    shape: &Shape<'_>,
+    spec: &SweepSpec<'_>,
+    base: &Base,
+    on_run: &mut impl FnMut(&Row),
+) -> Result<Vec<Row>> {
+    let curvature = shape.curvature;
+    let flops = Flops::new(&model.cfg, shape.init);
+    let (eval_tokens, eval_flops) = eval_count(spec, &flops);
+    let prefix = match &shape.point {
+        Some((_, label)) => format!("{label}, "),
+        None => String::new(),
+    };
+    let mut rows = Vec::new();
     for (i, &lambda) in spec.lambdas.iter().enumerate() {
         let t0 = Instant::now();
-        say(format!(
-            "lambda {} ({}/{}): training {} steps, then evaluating",
-            lambda_label(Some(lambda)),
-            i + 1,
-            spec.lambdas.len(),
-            spec.train.steps
-        ));
+        say(
+            spec,
+            format!(
+                "{prefix}lambda {} ({}/{}): training {} steps, then evaluating",
+                lambda_label(Some(lambda)),
+                i + 1,
+                spec.lambdas.len(),
+                spec.train.steps
+            ),
+        );
         let cfg = TrainConfig {
             lambda,
             ..spec.train.clone()
         };
         let opts = SessionOptions {
-            out: Some(out.join("runs").join(format!("lambda-{lambda:e}"))),
+            out: Some(shape.dir.join("runs").join(format!("lambda-{lambda:e}"))),
             checkpoint_every: 0,
             resume: false,
             quiet: spec.quiet,
@@ -411,28 +493,191 @@ pub fn run<B: Backend>(
             curvature_path: None,
         };
         let meter = Meter::start("train");
-        let res = session::run(be, model, spec.train_data, &cfg, curvature, init, &opts)?;
+        let res = session::run(
+            be,
+            model,
+            spec.train_data,
+            &cfg,
+            curvature,
+            shape.init,
+            &opts,
+        )?;
         let (tokens, train_flops) = flops.training(spec.train_data, &cfg, curvature, 0, cfg.steps);
         let train_cost = meter.finish(tokens, train_flops);
         let lora = res.lora.map(|v| be.buf(v.clone()))?;
         let meter = Meter::start("eval");
         let ev = evaluate(be, model, Some(&lora), spec)?;
-        let mut r = row(Some(lambda), ev, &base_ev, &weights, spec);
+        let mut r = row(Some(lambda), ev, &base.ev, &base.weights, spec);
         r.cost = vec![train_cost, meter.finish(eval_tokens, eval_flops)];
         r.final_train_loss = res.metrics.last().map(|m| m.loss);
         r.seconds = t0.elapsed().as_secs_f64();
+        r.grid = shape.point.as_ref().map(|(p, _)| p.clone());
         on_run(&r);
         rows.push(r);
     }
-    mark_pareto(&mut rows, &weights);
+    Ok(rows)
+}
+
+/// Run the sweep; adapters and metrics of each run go to `out/runs/lambda-<L>/`.
+pub fn run<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    curvature: Option<&Curvature>,
+    init: &HostLora,
+    spec: &SweepSpec<'_>,
+    out: &Path,
+    mut on_run: impl FnMut(&Row),
+) -> Result<Report> {
+    require_curvature(&spec.lambdas, curvature.is_some())?;
+    let (base, base_row) = evaluate_base(be, model, spec, &Flops::new(&model.cfg, init))?;
+    on_run(&base_row);
+    let shape = Shape {
+        curvature,
+        init,
+        dir: out,
+        point: None,
+    };
+    let mut rows = vec![base_row];
+    rows.extend(train_lambdas(be, model, &shape, spec, &base, &mut on_run)?);
+    mark_pareto(&mut rows, &base.weights);
     let report = Report {
         target: spec.target.name.clone(),
-        sets,
+        sets: base.sets,
         rows,
         cost: SweepCost {
             curvature: None,
             penalty_state_bytes: curvature.map(penalty_state_bytes),
         },
+        grid: Vec::new(),
+    };
+    report.write(out)?;
+    Ok(report)
+}
+
+/// A LoRA shape of a grid sweep made ready to train.
+pub struct Prepared {
+    /// Where training starts: the curvature's θ* when there is one, else a fresh init.
+    pub init: HostLora,
+    pub curvature: Option<Curvature>,
+    /// Stage I, when it ran for this shape.
+    pub curvature_cost: Option<StageCost>,
+}
+
+/// `all`, or the modules comma-separated (`q_proj,v_proj`).
+pub fn targets_label(targets: &[Proj]) -> String {
+    if targets == Proj::ALL {
+        return "all".into();
+    }
+    let names: Vec<&str> = targets.iter().map(|p| p.name()).collect();
+    names.join(",")
+}
+
+/// `r=4 all`: how the status lines, progress lines, tables and plots name a shape.
+pub fn shape_name(rank: usize, targets: &str) -> String {
+    format!("r={rank} {targets}")
+}
+
+pub fn shape_label(cfg: &LoraConfig) -> String {
+    shape_name(cfg.r, &targets_label(&cfg.targets))
+}
+
+/// A grid sweep's plot of every shape's frontier.
+pub const OVERLAY: &str = "frontier-overlay.svg";
+
+/// The stages whose cost a grid sweep's CSV rows carry.
+const COST_STAGES: [&str; 3] = ["curvature", "train", "eval"];
+
+/// A shape's directory in the output: `r4-all`, `r4-q_proj+v_proj`.
+pub fn shape_dir(cfg: &LoraConfig) -> String {
+    format!(
+        "r{}-{}",
+        cfg.r,
+        targets_label(&cfg.targets).replace(',', "+")
+    )
+}
+
+/// The sweep for each LoRA shape of `grid` (each a combination of rank and target modules)
+/// from one evaluation of the base model: `prepare` makes each shape ready (given the shape
+/// and its directory `out/<shape_dir>`, which holds its `runs/` and `frontier.svg`), then
+/// its lambdas run as in [`run`]. One report over all, written to `out` with an overlay of
+/// every shape's frontier.
+pub fn run_grid<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    spec: &SweepSpec<'_>,
+    grid: &[LoraConfig],
+    out: &Path,
+    mut prepare: impl FnMut(&LoraConfig, &Path) -> Result<Prepared>,
+    mut on_run: impl FnMut(&Row),
+) -> Result<Report> {
+    // The base model runs without an adapter: no LoRA products to count.
+    let no_lora = LoraWeights::<()> {
+        cfg: LoraConfig {
+            r: 0,
+            alpha: 0.0,
+            use_rslora: false,
+            targets: Vec::new(),
+        },
+        modules: Vec::new(),
+    };
+    let (base, base_row) = evaluate_base(be, model, spec, &Flops::new(&model.cfg, &no_lora))?;
+    on_run(&base_row);
+    let mut rows = vec![base_row];
+    let mut shapes = Vec::new();
+    for (k, cfg) in grid.iter().enumerate() {
+        let label = format!("{} ({}/{})", shape_label(cfg), k + 1, grid.len());
+        let dir = out.join(shape_dir(cfg));
+        // Every progress line of this shape's work names it.
+        let _scope = progress::scope(shape_label(cfg));
+        let p = prepare(cfg, &dir)?;
+        require_curvature(&spec.lambdas, p.curvature.is_some())?;
+        let point = GridPoint {
+            rank: cfg.r,
+            targets: targets_label(&cfg.targets),
+            lora_params: p.init.n_params(),
+            grid_pareto: false,
+            shape: k,
+        };
+        let shape = Shape {
+            curvature: p.curvature.as_ref(),
+            init: &p.init,
+            dir: &dir,
+            point: Some((point.clone(), label)),
+        };
+        let mut runs = train_lambdas(be, model, &shape, spec, &base, &mut on_run)?;
+        // Within the shape, marked as its own sweep would mark it.
+        mark_pareto(&mut runs, &base.weights);
+        let mine: Vec<&Row> = runs.iter().collect();
+        frontier_svg(
+            &dir.join("frontier.svg"),
+            &format!(", {}", shape_label(cfg)),
+            &spec.target.name,
+            &mine,
+        )?;
+        rows.extend(runs);
+        shapes.push(GridShape {
+            rank: point.rank,
+            targets: point.targets,
+            lora_params: point.lora_params,
+            dir: shape_dir(cfg),
+            cost: SweepCost {
+                curvature: p.curvature_cost,
+                penalty_state_bytes: p.curvature.as_ref().map(penalty_state_bytes),
+            },
+        });
+    }
+    let over_grid = pareto_flags(&rows, &base.weights);
+    for (r, optimal) in rows.iter_mut().zip(over_grid) {
+        if let Some(g) = &mut r.grid {
+            g.grid_pareto = optimal;
+        }
+    }
+    let report = Report {
+        target: spec.target.name.clone(),
+        sets: base.sets,
+        rows,
+        cost: SweepCost::default(),
+        grid: shapes,
     };
     report.write(out)?;
     Ok(report)
@@ -460,6 +705,14 @@ pub fn describe_sets(sets: &[SetInfo]) -> String {
 /// worse on the other; the Pareto-optimal runs are those not dominated. With zero
 /// standard errors this is the usual definition; within the noise two runs tie.
 pub fn mark_pareto(rows: &mut [Row], weights: &[Vec<f64>]) {
+    let optimal = pareto_flags(rows, weights);
+    for (r, o) in rows.iter_mut().zip(optimal) {
+        r.pareto = o;
+    }
+}
+
+/// Which of `rows` are Pareto-optimal, as [`mark_pareto`] marks them.
+fn pareto_flags(rows: &[Row], weights: &[Vec<f64>]) -> Vec<bool> {
     let trained: Vec<usize> = (0..rows.len())
         .filter(|&i| rows[i].lambda.is_some())
         .collect();
@@ -486,9 +739,10 @@ pub fn mark_pareto(rows: &mut [Row], weights: &[Vec<f64>]) {
             })
         })
         .collect();
-    for (i, r) in rows.iter_mut().enumerate() {
-        r.pareto = r.lambda.is_some() && !dominated[i];
-    }
+    rows.iter()
+        .zip(dominated)
+        .map(|(r, d)| r.lambda.is_some() && !d)
+        .collect()
 }
 
 /// `base`, `0 (LoRA)`, `1e1`: as the table, the plot and the status lines name a run.
@@ -512,21 +766,125 @@ impl Report {
             self.cost_markdown()
         );
         atomic_write(&out.join("results.md"), md.as_bytes())?;
-        self.plot(&out.join("frontier.svg"))
+        match self.grid.is_empty() {
+            true => self.plot(&out.join("frontier.svg")),
+            false => self.plot_overlay(&out.join(OVERLAY)),
+        }
     }
 
-    /// The cost table: each run's stages, stage I first when it ran here.
-    pub fn cost_markdown(&self) -> String {
-        let runs: Vec<_> = self
-            .rows
+    /// The files of the report: those `write` writes and, for a grid sweep, each shape's
+    /// frontier plot (written as its runs end).
+    pub fn paths(&self, out: &Path) -> Vec<PathBuf> {
+        let plot = if self.grid.is_empty() {
+            "frontier.svg"
+        } else {
+            OVERLAY
+        };
+        let mut paths: Vec<PathBuf> = ["results.md", "results.csv", "results.json", plot]
             .iter()
-            .map(|r| (lambda_label(r.lambda), r.lambda, r.cost.as_slice()))
+            .map(|f| out.join(f))
             .collect();
-        cost::markdown(
-            self.cost.curvature.as_ref(),
-            &runs,
-            self.cost.penalty_state_bytes,
-        )
+        paths.extend(
+            self.grid
+                .iter()
+                .map(|g| out.join(&g.dir).join("frontier.svg")),
+        );
+        paths
+    }
+
+    /// The rows of shape `k` of a grid sweep; with `None`, the others (every row of a plain
+    /// sweep, the base row of a grid sweep).
+    fn rows_of(&self, k: Option<usize>) -> impl Iterator<Item = &Row> {
+        self.rows
+            .iter()
+            .filter(move |r| r.grid.as_ref().map(|g| g.shape) == k)
+    }
+
+    /// `1e1`, or `r=4 all, 1e1` in a grid sweep.
+    fn run_label(&self, r: &Row) -> String {
+        match &r.grid {
+            Some(g) => format!(
+                "{}, {}",
+                shape_name(g.rank, &g.targets),
+                lambda_label(r.lambda)
+            ),
+            None => lambda_label(r.lambda),
+        }
+    }
+
+    fn cost_block<'a>(
+        &'a self,
+        k: Option<usize>,
+        curvature: Option<(String, &'a StageCost)>,
+    ) -> CostBlock<'a> {
+        CostBlock {
+            curvature,
+            runs: self
+                .rows_of(k)
+                .map(|r| (self.run_label(r), r.lambda, r.cost.as_slice()))
+                .collect(),
+        }
+    }
+
+    /// The cost table: each run's stages, stage I first when it ran here; in a grid sweep
+    /// the base model's, then each shape's (its stage I, then its runs).
+    pub fn cost_markdown(&self) -> String {
+        let stage1 = self.cost.curvature.as_ref().map(|c| ("stage I".into(), c));
+        let mut blocks = vec![self.cost_block(None, stage1)];
+        let mut penalty: Vec<(String, u64)> = self
+            .cost
+            .penalty_state_bytes
+            .map(|b| (String::new(), b))
+            .into_iter()
+            .collect();
+        for (k, g) in self.grid.iter().enumerate() {
+            let name = shape_name(g.rank, &g.targets);
+            let stage1 = g.cost.curvature.as_ref();
+            blocks.push(self.cost_block(Some(k), stage1.map(|c| (format!("{name}: stage I"), c))));
+            penalty.extend(g.cost.penalty_state_bytes.map(|b| (name, b)));
+        }
+        cost::markdown(&blocks, &penalty)
+    }
+
+    /// A grid sweep's leading columns (rank, targets), as header and separator.
+    fn lead_header(&self) -> (&'static str, &'static str) {
+        match self.grid.is_empty() {
+            true => ("", ""),
+            false => ("| rank | targets ", "|---:|---"),
+        }
+    }
+
+    /// A row's leading columns: its rank and targets in a grid sweep (blank for the base).
+    fn lead(&self, r: &Row) -> String {
+        match (&r.grid, self.grid.is_empty()) {
+            (_, true) => String::new(),
+            (Some(g), false) => format!("| {} | {} ", g.rank, g.targets),
+            (None, false) => "| | ".into(),
+        }
+    }
+
+    /// A grid sweep's trailing CSV columns of a row: its Pareto flag over the grid, then
+    /// wall time, tokens/s, GFLOP and peak RSS of each stage (stage I: its shape's, shared by
+    /// the shape's rows).
+    fn csv_tail(&self, r: &Row) -> String {
+        let mut s = format!(",{}", r.grid.as_ref().is_some_and(|g| g.grid_pareto));
+        for stage in COST_STAGES {
+            let c = match (stage, &r.grid) {
+                ("curvature", Some(g)) => self.grid[g.shape].cost.curvature.as_ref(),
+                _ => r.cost.iter().find(|c| c.stage == stage),
+            };
+            s += &match c {
+                Some(c) => format!(
+                    ",{:.3},{:.1},{:.6},{:.1}",
+                    c.wall_s,
+                    c.tokens_per_s,
+                    c.flops as f64 / 1e9,
+                    c.peak_rss_mib
+                ),
+                None => ",,,,".into(),
+            };
+        }
+        s
     }
 
     fn sources(&self) -> Vec<String> {
@@ -544,7 +902,12 @@ impl Report {
     }
 
     pub fn csv(&self) -> String {
-        let mut s = String::from("lambda,target_nll,learning,learning_se");
+        let grid = !self.grid.is_empty();
+        let mut s = String::new();
+        if grid {
+            s += "rank,targets,lora_params,";
+        }
+        s += "lambda,target_nll,learning,learning_se";
         for n in self.sources() {
             s += &format!(",{n}_nll,{n}_forgetting,{n}_forgetting_se");
         }
@@ -554,8 +917,22 @@ impl Report {
             }
         }
         s += ",exact_match,exact_match_se,exact_match_gain,exact_match_gain_se";
-        s += ",final_train_loss,pareto\n";
+        s += ",final_train_loss,pareto";
+        if grid {
+            s += ",grid_pareto";
+            for st in COST_STAGES {
+                s += &format!(",{st}_s,{st}_tokens_per_s,{st}_gflop,{st}_peak_rss_mib");
+            }
+        }
+        s += "\n";
         for r in &self.rows {
+            if grid {
+                s += &match &r.grid {
+                    // Quoted: a set of modules is comma-separated.
+                    Some(g) => format!("{},\"{}\",{},", g.rank, g.targets, g.lora_params),
+                    None => ",,,".into(),
+                };
+            }
             s += &format!(
                 "{},{:.6},{:.6},{:.6}",
                 r.lambda.map(|l| l.to_string()).unwrap_or("base".into()),
@@ -593,25 +970,36 @@ impl Report {
                 .final_train_loss
                 .map(|l| format!("{l:.6}"))
                 .unwrap_or_default();
-            s += &format!(",{em},{fl},{}\n", r.pareto);
+            s += &format!(",{em},{fl},{}", r.pareto);
+            if grid {
+                s += &self.csv_tail(r);
+            }
+            s += "\n";
         }
         s
     }
 
     /// The table; each learning and forgetting figure is followed by its ± column.
     pub fn markdown(&self) -> String {
-        let mut s = format!("| lambda | {} NLL | learning | ± |", self.target);
-        let mut sep = String::from("|---:|---:|---:|---:|");
+        let (lead, lead_sep) = self.lead_header();
+        let grid = !self.grid.is_empty();
+        let mut s = format!("{lead}| lambda | {} NLL | learning | ± |", self.target);
+        let mut sep = format!("{lead_sep}|---:|---:|---:|---:|");
         for n in self.sources() {
             s += &format!(" {n} NLL | forgetting ({n}) | ± |");
             sep += "---:|---:|---:|";
         }
-        s += " Pareto |\n";
+        s += if grid {
+            " Pareto | grid Pareto |\n"
+        } else {
+            " Pareto |\n"
+        };
         s += &sep;
-        s += "---|\n";
+        s += if grid { "---|---|\n" } else { "---|\n" };
         for r in &self.rows {
             s += &format!(
-                "| {} | {:.4} | {:+.4} | {:.4} |",
+                "{}| {} | {:.4} | {:+.4} | {:.4} |",
+                self.lead(r),
                 lambda_label(r.lambda),
                 r.target_nll,
                 r.learning,
@@ -623,7 +1011,12 @@ impl Report {
                     x.nll, x.forgetting, x.forgetting_se
                 );
             }
-            s += if r.pareto { " * |\n" } else { " |\n" };
+            s += if r.pareto { " * |" } else { " |" };
+            if grid {
+                let optimal = r.grid.as_ref().is_some_and(|g| g.grid_pareto);
+                s += if optimal { " * |" } else { " |" };
+            }
+            s += "\n";
         }
         s + &self.accuracy_markdown()
     }
@@ -637,8 +1030,9 @@ impl Report {
         if !has_em && sets.is_empty() {
             return String::new();
         }
-        let mut s = String::from("\n| lambda |");
-        let mut sep = String::from("|---:|");
+        let (lead, lead_sep) = self.lead_header();
+        let mut s = format!("\n{lead}| lambda |");
+        let mut sep = format!("{lead_sep}|---:|");
         if has_em {
             s += " exact match | ± | gain | ± |";
             sep += "---:|---:|---:|---:|";
@@ -651,7 +1045,7 @@ impl Report {
         s += &sep;
         s += "\n";
         for r in &self.rows {
-            s += &format!("| {} |", lambda_label(r.lambda));
+            s += &format!("{}| {} |", self.lead(r), lambda_label(r.lambda));
             if let Some(e) = &r.exact_match {
                 s += &format!(
                     " {:.4} | {:.4} | {:+.4} | {:.4} |",
@@ -699,128 +1093,264 @@ impl Report {
                     .to_string(),
             );
         }
+        if !self.grid.is_empty() {
+            notes.push(format!(
+                "grid: rank and targets give each run's LoRA shape; a shape's runs are those a \
+                 plain sweep of that shape makes (from the same base-model figures); * marks \
+                 the Pareto-optimal runs within their shape, grid Pareto those among every run \
+                 of the grid; plots: <shape>/frontier.svg for each shape, {OVERLAY} for all \
+                 (a colour per shape; a point filled where Pareto-optimal over the grid)"
+            ));
+        }
         notes
     }
 
     /// Learning (y) against forgetting on the primary source (x), one point per lambda.
     pub fn plot(&self, path: &Path) -> Result<()> {
-        let pts: Vec<(f64, f64, &Row)> = self
-            .rows
+        let rows: Vec<&Row> = self.rows.iter().collect();
+        frontier_svg(path, "", &self.target, &rows)
+    }
+
+    /// Every shape's frontier of a grid sweep on one plot, a colour each; a point is filled
+    /// where it is Pareto-optimal over the whole grid.
+    pub fn plot_overlay(&self, path: &Path) -> Result<()> {
+        let series: Vec<Series<'_>> = self
+            .grid
+            .iter()
+            .enumerate()
+            .map(|(k, g)| Series {
+                name: shape_name(g.rank, &g.targets),
+                color: PALETTE[k % PALETTE.len()],
+                rows: self.rows_of(Some(k)).collect(),
+                // Each shape's path through the lambdas, to follow it among the others.
+                front: false,
+            })
+            .collect();
+        let src = self.sources().first().cloned().unwrap_or_default();
+        let caption = format!(
+            "LaLoRA: learning vs forgetting ({} vs {src}), {} LoRA shapes",
+            self.target,
+            self.grid.len()
+        );
+        let filled = Some("filled: Pareto-optimal over the grid");
+        draw_frontiers(
+            path,
+            &caption,
+            (&self.target, &src),
+            &series,
+            filled,
+            |r, c| {
+                if r.grid.as_ref().is_some_and(|g| g.grid_pareto) {
+                    c.filled()
+                } else {
+                    c.stroke_width(2)
+                }
+            },
+        )
+    }
+}
+
+/// Colours of the overlay's shapes, in turn (matplotlib's tab10).
+const PALETTE: [RGBColor; 10] = [
+    RGBColor(31, 119, 180),
+    RGBColor(255, 127, 14),
+    RGBColor(44, 160, 44),
+    RGBColor(214, 39, 40),
+    RGBColor(148, 103, 189),
+    RGBColor(140, 86, 75),
+    RGBColor(227, 119, 194),
+    RGBColor(127, 127, 127),
+    RGBColor(188, 189, 34),
+    RGBColor(23, 190, 207),
+];
+
+/// One sweep's trained runs on a frontier plot, in one colour.
+struct Series<'a> {
+    /// The legend entry of its line.
+    name: String,
+    color: RGBColor,
+    rows: Vec<&'a Row>,
+    /// The line joins the Pareto-optimal runs (`pareto`), else every run in lambda order.
+    front: bool,
+}
+
+/// Forgetting on the primary source (0 without one): a run's x on the frontier plot.
+fn forgetting(r: &Row) -> f64 {
+    r.sources.first().map(|s| s.forgetting).unwrap_or(0.0)
+}
+
+/// The frontier of one sweep's `rows` (the base row is left out), Pareto-optimal points in
+/// red; `caption_suffix` names the shape of a grid sweep's.
+fn frontier_svg(path: &Path, caption_suffix: &str, target: &str, rows: &[&Row]) -> Result<()> {
+    let src = rows
+        .first()
+        .and_then(|r| r.sources.first())
+        .map(|s| s.name.as_str())
+        .unwrap_or_default();
+    let series = [Series {
+        name: "Pareto front".into(),
+        color: RED,
+        rows: rows
             .iter()
             .filter(|r| r.lambda.is_some())
-            .map(|r| {
-                (
-                    r.sources.first().map(|s| s.forgetting).unwrap_or(0.0),
-                    r.learning,
-                    r,
-                )
-            })
-            .collect();
-        let err = |e: String| Error::file(path, format!("plot: {e}"));
-        let span = |v: Vec<f64>| {
-            let (lo, hi) = v
+            .copied()
+            .collect(),
+        front: true,
+    }];
+    let caption = format!("LaLoRA: learning vs forgetting ({target} vs {src}){caption_suffix}");
+    draw_frontiers(path, &caption, (target, src), &series, None, |r, _| {
+        if r.pareto {
+            RED.filled()
+        } else {
+            BLUE.filled()
+        }
+    })
+}
+
+/// Learning (y) against forgetting on the primary source (x): each series' points, with
+/// error bars and lambda labels, and its line; `sets` names the target and the primary
+/// source; `point` styles a run's point given its series' colour, and `filled` says in the
+/// legend what a filled point means, when it means more than the colour.
+fn draw_frontiers(
+    path: &Path,
+    caption: &str,
+    (target, src): (&str, &str),
+    series: &[Series<'_>],
+    filled: Option<&str>,
+    point: impl Fn(&Row, RGBColor) -> ShapeStyle,
+) -> Result<()> {
+    let pts: Vec<(f64, f64, &Row, RGBColor)> = series
+        .iter()
+        .flat_map(|s| {
+            s.rows
                 .iter()
-                .fold((0f64, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
-            let pad = ((hi - lo) * 0.12).max(1e-3);
-            (lo - pad)..(hi + pad)
-        };
-        // One standard error either way on each axis; finite only (n >= 2 sequences).
-        let se = |v: f64| if v.is_finite() { v } else { 0.0 };
-        let bars: Vec<(f64, f64, f64, f64)> = pts
+                .map(move |r| (forgetting(r), r.learning, *r, s.color))
+        })
+        .collect();
+    let err = |e: String| Error::file(path, format!("plot: {e}"));
+    let span = |v: Vec<f64>| {
+        let (lo, hi) = v
+            .iter()
+            .fold((0f64, 0f64), |(a, b), &x| (a.min(x), b.max(x)));
+        let pad = ((hi - lo) * 0.12).max(1e-3);
+        (lo - pad)..(hi + pad)
+    };
+    // One standard error either way on each axis; finite only (n >= 2 sequences).
+    let se = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let bars: Vec<(f64, f64, f64, f64)> = pts
+        .iter()
+        .map(|p| {
+            let xse = p.2.sources.first().map(|s| se(s.forgetting_se));
+            (p.0, p.1, xse.unwrap_or(0.0), se(p.2.learning_se))
+        })
+        .collect();
+    let xr = span(bars.iter().flat_map(|b| [b.0 - b.2, b.0 + b.2]).collect());
+    let yr = span(bars.iter().flat_map(|b| [b.1 - b.3, b.1 + b.3]).collect());
+    let (xr_len, yr_len) = (xr.end - xr.start, yr.end - yr.start);
+    let mut svg = String::new();
+    {
+        let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 18))
+            .margin(16)
+            .x_label_area_size(44)
+            .y_label_area_size(64)
+            .build_cartesian_2d(xr, yr)
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_mesh()
+            .x_desc(format!("forgetting: rise of {src} NLL (nats/token)"))
+            .y_desc(format!("learning: drop of {target} NLL"))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        for s in series {
+            let mut line: Vec<&Row> = s
+                .rows
+                .iter()
+                .filter(|r| r.pareto || !s.front)
+                .copied()
+                .collect();
+            match s.front {
+                true => line.sort_by(|a, b| forgetting(a).total_cmp(&forgetting(b))),
+                false => {
+                    line.sort_by(|a, b| a.lambda.partial_cmp(&b.lambda).unwrap_or(Ordering::Equal))
+                }
+            }
+            let line = line.iter().map(|r| (forgetting(r), r.learning));
+            let color = s.color;
+            chart
+                .draw_series(LineSeries::new(line, color.stroke_width(2)))
+                .map_err(|e| err(e.to_string()))?
+                .label(s.name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 16, y)], color.stroke_width(2))
+                });
+        }
+        let grey = RGBColor(110, 110, 110);
+        chart
+            .draw_series(bars.iter().flat_map(|&(x, y, xse, yse)| {
+                [
+                    PathElement::new(vec![(x - xse, y), (x + xse, y)], grey.stroke_width(1)),
+                    PathElement::new(vec![(x, y - yse), (x, y + yse)], grey.stroke_width(1)),
+                ]
+            }))
+            .map_err(|e| err(e.to_string()))?
+            .label("± 1 standard error")
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], grey));
+        if let Some(text) = filled {
+            chart
+                .draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+                .map_err(|e| err(e.to_string()))?
+                .label(text)
+                .legend(|(x, y)| Circle::new((x + 8, y), 5, BLACK.filled()));
+        }
+        // Points closer than ~3% of the plot share a spot: stack their labels.
+        let (w, h) = (xr_len.max(1e-12), yr_len.max(1e-12));
+        let mut placed: Vec<(f64, f64)> = Vec::new();
+        let labelled: Vec<(f64, f64, &Row, RGBColor, i32)> = pts
             .iter()
             .map(|p| {
-                let xse = p.2.sources.first().map(|s| se(s.forgetting_se));
-                (p.0, p.1, xse.unwrap_or(0.0), se(p.2.learning_se))
+                let near = placed
+                    .iter()
+                    .filter(|q| ((p.0 - q.0) / w).abs() < 0.03 && ((p.1 - q.1) / h).abs() < 0.03)
+                    .count();
+                placed.push((p.0, p.1));
+                (p.0, p.1, p.2, p.3, -12 + 14 * near as i32)
             })
             .collect();
-        let xr = span(bars.iter().flat_map(|b| [b.0 - b.2, b.0 + b.2]).collect());
-        let yr = span(bars.iter().flat_map(|b| [b.1 - b.3, b.1 + b.3]).collect());
-        let (xr_len, yr_len) = (xr.end - xr.start, yr.end - yr.start);
-        let mut svg = String::new();
-        {
-            let root = SVGBackend::with_string(&mut svg, (720, 480)).into_drawing_area();
-            root.fill(&WHITE).map_err(|e| err(e.to_string()))?;
-            let src = self.sources().first().cloned().unwrap_or_default();
-            let mut chart = ChartBuilder::on(&root)
-                .caption(
-                    format!("LaLoRA: learning vs forgetting ({} vs {src})", self.target),
-                    ("sans-serif", 18),
-                )
-                .margin(16)
-                .x_label_area_size(44)
-                .y_label_area_size(64)
-                .build_cartesian_2d(xr, yr)
-                .map_err(|e| err(e.to_string()))?;
-            chart
-                .configure_mesh()
-                .x_desc(format!("forgetting: rise of {src} NLL (nats/token)"))
-                .y_desc(format!("learning: drop of {} NLL", self.target))
-                .draw()
-                .map_err(|e| err(e.to_string()))?;
-            let mut front: Vec<(f64, f64)> = pts
-                .iter()
-                .filter(|p| p.2.pareto)
-                .map(|p| (p.0, p.1))
-                .collect();
-            front.sort_by(|a, b| a.0.total_cmp(&b.0));
-            chart
-                .draw_series(LineSeries::new(front, RED.stroke_width(2)))
-                .map_err(|e| err(e.to_string()))?
-                .label("Pareto front")
-                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], RED.stroke_width(2)));
-            let grey = RGBColor(110, 110, 110);
-            chart
-                .draw_series(bars.iter().flat_map(|&(x, y, xse, yse)| {
-                    [
-                        PathElement::new(vec![(x - xse, y), (x + xse, y)], grey.stroke_width(1)),
-                        PathElement::new(vec![(x, y - yse), (x, y + yse)], grey.stroke_width(1)),
-                    ]
-                }))
-                .map_err(|e| err(e.to_string()))?
-                .label("± 1 standard error")
-                .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 16, y)], grey));
-            // Points closer than ~3% of the plot share a spot: stack their labels.
-            let (w, h) = (xr_len.max(1e-12), yr_len.max(1e-12));
-            let mut placed: Vec<(f64, f64)> = Vec::new();
-            let labelled: Vec<(f64, f64, &Row, i32)> = pts
-                .iter()
-                .map(|p| {
-                    let near = placed
-                        .iter()
-                        .filter(|q| {
-                            ((p.0 - q.0) / w).abs() < 0.03 && ((p.1 - q.1) / h).abs() < 0.03
-                        })
-                        .count();
-                    placed.push((p.0, p.1));
-                    (p.0, p.1, p.2, -12 + 14 * near as i32)
-                })
-                .collect();
-            chart
-                .draw_series(labelled.iter().map(|p| {
-                    let style = if p.2.pareto {
-                        RED.filled()
-                    } else {
-                        BLUE.filled()
-                    };
-                    EmptyElement::at((p.0, p.1))
-                        + Circle::new((0, 0), 5, style)
-                        + Text::new(
-                            format!("λ={}", lambda_label(p.2.lambda)),
-                            (7, p.3),
-                            ("sans-serif", 13),
-                        )
-                }))
-                .map_err(|e| err(e.to_string()))?;
-            chart
-                .configure_series_labels()
-                .border_style(BLACK)
-                .background_style(WHITE.mix(0.8))
-                .draw()
-                .map_err(|e| err(e.to_string()))?;
-            root.present().map_err(|e| err(e.to_string()))?;
-        }
-        atomic_write(path, svg.as_bytes())
+        chart
+            .draw_series(labelled.iter().map(|p| {
+                EmptyElement::at((p.0, p.1))
+                    + Circle::new((0, 0), 5, point(p.2, p.3))
+                    + Text::new(
+                        format!("λ={}", lambda_label(p.2.lambda)),
+                        (7, p.4),
+                        ("sans-serif", 13),
+                    )
+            }))
+            .map_err(|e| err(e.to_string()))?;
+        chart
+            .configure_series_labels()
+            .border_style(BLACK)
+            .background_style(WHITE.mix(0.8))
+            .draw()
+            .map_err(|e| err(e.to_string()))?;
+        root.present().map_err(|e| err(e.to_string()))?;
     }
+    atomic_write(path, svg.as_bytes())
+}
+
+/// Parse a comma-separated list of LoRA ranks (`--ranks 4,8,16`).
+pub fn parse_ranks(s: &str) -> Result<Vec<usize>> {
+    s.split(',')
+        .map(|x| match x.trim().parse::<usize>() {
+            Ok(r) if r >= 1 => Ok(r),
+            _ => Err(Error::usage(format!(
+                "`{x}` in --ranks is not a rank (a whole number >= 1)"
+            ))),
+        })
+        .collect()
 }
 
 /// Parse a comma-separated lambda list.
@@ -837,13 +1367,6 @@ pub fn parse_lambdas(s: &str) -> Result<Vec<f32>> {
         return Err(Error::usage("--lambdas must be non-negative numbers"));
     }
     Ok(v)
-}
-
-pub fn results_paths(out: &Path) -> Vec<PathBuf> {
-    ["results.md", "results.csv", "results.json", "frontier.svg"]
-        .iter()
-        .map(|f| out.join(f))
-        .collect()
 }
 
 #[cfg(test)]
@@ -864,6 +1387,7 @@ mod tests {
             pareto: false,
             seconds: 0.0,
             cost: Vec::new(),
+            grid: None,
             losses: vec![target.to_vec(), source.to_vec()],
         }
     }

@@ -7,8 +7,9 @@ mod common;
 use common::*;
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::eval::choice::{ChoiceRow, choice_logliks, encode_pair, score};
-use lalora_engine::eval::generate::{Sampling, generate};
-use lalora_engine::model::{self, Llama};
+use lalora_engine::eval::generate::{Sampling, generate, generate_batch};
+use lalora_engine::eval::perplexity::sequence_losses;
+use lalora_engine::model::{self, CachedSeq, Llama};
 
 #[test]
 fn kv_cache_matches_full_forward() {
@@ -88,6 +89,129 @@ fn cached_greedy_decoding_equals_naive_argmax() {
     );
 }
 
+/// Several sequences in one cached forward, at different cache positions (one still in
+/// its prompt, others decoding), give each sequence's next-token logits as running it
+/// alone does.
+#[test]
+fn batched_cached_forward_matches_one_sequence_at_a_time() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let v = model.cfg.vocab_size;
+    let seqs: Vec<Vec<u32>> = (0..3).map(|i| t.examples[i].ids[..12].to_vec()).collect();
+    // Alone: prompt prefixes of 5, 9 and 12 tokens, then the rest one token at a time.
+    let cut = [5, 9, 12];
+    let mut want = Vec::new();
+    for (s, &c) in seqs.iter().zip(&cut) {
+        let mut cache = model.new_cache(&be, 12).unwrap();
+        let mut logits = model
+            .forward_cached(&be, Some(&t.adapter), &s[..c], &mut cache)
+            .unwrap();
+        for &id in &s[c..] {
+            logits = model
+                .forward_cached(&be, Some(&t.adapter), &[id], &mut cache)
+                .unwrap();
+        }
+        want.push(logits[logits.len() - v..].to_vec());
+    }
+    // Together: the same prefixes in one call, then one token per unfinished sequence.
+    let mut caches: Vec<_> = (0..3).map(|_| model.new_cache(&be, 12).unwrap()).collect();
+    let mut got = vec![Vec::new(); 3];
+    let mut fed = cut.to_vec();
+    let mut first = true;
+    loop {
+        let rows: Vec<usize> = (0..3).filter(|&i| first || fed[i] < 12).collect();
+        if rows.is_empty() {
+            break;
+        }
+        let mut batch: Vec<CachedSeq<'_, _>> = Vec::new();
+        for (i, cache) in caches.iter_mut().enumerate() {
+            if rows.contains(&i) {
+                let ids = if first {
+                    &seqs[i][..cut[i]]
+                } else {
+                    &seqs[i][fed[i]..fed[i] + 1]
+                };
+                batch.push(CachedSeq { ids, cache });
+            }
+        }
+        // The CPU backend's buffers are host vectors.
+        let logits = model
+            .next_logits(&be, Some(&t.adapter), &mut batch)
+            .unwrap();
+        drop(batch);
+        for (j, &i) in rows.iter().enumerate() {
+            got[i] = logits[j * v..(j + 1) * v].to_vec();
+            if !first {
+                fed[i] += 1;
+            }
+        }
+        first = false;
+    }
+    for i in 0..3 {
+        assert_eq!(caches[i].len, 12);
+        let e = rel_err(&got[i], &want[i]);
+        assert!(e < 1e-5, "sequence {i}: {e}");
+    }
+}
+
+/// Generating for several prompts together gives each prompt the continuation it gets
+/// alone, greedy and sampled, with rows stopping at different steps.
+#[test]
+fn batched_generation_equals_one_prompt_at_a_time() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| t.examples[i].ids[..4 + 2 * i].to_vec())
+        .collect();
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    for temperature in [0.0, 1.0] {
+        let s = Sampling {
+            temperature,
+            top_p: 0.9,
+            max_new_tokens: 10,
+            seed: 0,
+        };
+        let seeds = [5u64, 6, 7, 8];
+        // A stop token that ends the first prompt's continuation at its third token.
+        let first = Sampling {
+            seed: seeds[0],
+            ..s
+        };
+        let free = generate(&be, &model, Some(&t.adapter), &prompts[0], &first, &[]).unwrap();
+        let stop = [free[2]];
+        let mut finished = Vec::new();
+        let together = generate_batch(
+            &be,
+            &model,
+            Some(&t.adapter),
+            &refs,
+            &s,
+            &seeds,
+            &stop,
+            |i| finished.push(i),
+        )
+        .unwrap();
+        let mut lengths = Vec::new();
+        for (i, p) in prompts.iter().enumerate() {
+            let alone = Sampling {
+                seed: seeds[i],
+                ..s
+            };
+            let want = generate(&be, &model, Some(&t.adapter), p, &alone, &stop).unwrap();
+            assert_eq!(together[i], want, "T {temperature}, prompt {i}");
+            lengths.push(want.len());
+        }
+        finished.sort();
+        assert_eq!(finished, vec![0, 1, 2, 3], "each row finishes once");
+        assert!(
+            lengths.iter().any(|&n| n < 10) && lengths.iter().any(|&n| n != lengths[0]),
+            "T {temperature}: rows should stop at different steps: {lengths:?}"
+        );
+    }
+}
+
 #[test]
 fn multiple_choice_on_smollm2() {
     let be = cpu();
@@ -112,7 +236,7 @@ fn multiple_choice_on_smollm2() {
         ),
     ];
     let here = std::path::Path::new("in-memory");
-    let ll = choice_logliks(&be, &model, None, tok, here, &rows, 4, || {}).unwrap();
+    let ll = choice_logliks(&be, &model, None, tok, here, &rows, |_| {}).unwrap();
     assert_eq!(ll.len(), 6);
     assert!(ll.iter().all(|l| *l < 0.0));
     let r = score(&rows, &ll);
@@ -125,8 +249,32 @@ fn multiple_choice_on_smollm2() {
     // Scoring is exactly the argmax of the sums (acc) and of the per-character sums (acc_norm).
     let flipped: Vec<f64> = ll.chunks(2).flat_map(|c| [c[1], c[0]]).collect();
     assert_eq!(score(&rows, &flipped).acc().value, 0.0);
-    // The batch order (sorted by length inside) does not change any sum: one at a time gives
-    // the same log-likelihoods.
+    // The shared-context route gives the sums of running every (context, option) pair in
+    // full, as lm-eval does; a one-token context (nothing to prefill) included.
+    let mut with_short = rows.clone();
+    with_short.push(row(4, "Yes", ["no", "yes indeed"], 0));
+    let shared = choice_logliks(&be, &model, None, tok, here, &with_short, |_| {}).unwrap();
+    let mut pairs = Vec::new();
+    for r in &with_short {
+        for c in &r.choices {
+            let (ids, n_ctx) = encode_pair(tok, &r.context, c).unwrap();
+            let labels = (0..ids.len())
+                .map(|i| if i < n_ctx { -100 } else { ids[i] as i32 })
+                .collect();
+            pairs.push(Example { ids, labels });
+        }
+    }
+    assert_eq!(tok.encode("Yes").unwrap().len(), 1);
+    let full = sequence_losses(&be, &model, None, &pairs, 1, || {}).unwrap();
+    for (a, l) in shared.iter().zip(&full) {
+        assert!(
+            (a + l).abs() <= 1e-5 * l.abs(),
+            "{a} vs full forward {}",
+            -l
+        );
+    }
+    // Scoring questions together does not change any sum: one at a time gives the same
+    // log-likelihoods.
     for (i, r) in rows.iter().enumerate() {
         let one = choice_logliks(
             &be,
@@ -135,8 +283,7 @@ fn multiple_choice_on_smollm2() {
             tok,
             here,
             std::slice::from_ref(r),
-            1,
-            || {},
+            |_| {},
         )
         .unwrap();
         for (a, b) in one.iter().zip(&ll[2 * i..2 * i + 2]) {

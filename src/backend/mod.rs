@@ -150,6 +150,8 @@ pub trait Backend: Send + Sync {
     fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Weight>;
     /// `dst[offset..offset + src.len()] = src`.
     fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> Result<()>;
+    /// A new buffer holding `src[offset..offset + len]`.
+    fn slice(&self, src: &Self::Buf, offset: usize, len: usize) -> Result<Self::Buf>;
 
     // --- model ops ----------------------------------------------------------------------
     /// `out[i, :] = table[ids[i], :]`.

@@ -2,6 +2,7 @@
 //! number is refused naming its flag, so that no run divides by zero, starts unbounded
 //! threads, or trains on NaN from the start.
 
+use super::curvature::EstimateArgs;
 use super::train::HyperArgs;
 use super::{Command, Common, DataArgs, LoraArgs};
 use crate::error::{Error, Result};
@@ -53,7 +54,8 @@ fn data(d: &DataArgs) -> Result<()> {
     Ok(())
 }
 
-fn lora(l: &LoraArgs) -> Result<()> {
+/// `grid`: the command takes several --targets sets (`sweep`).
+fn lora(l: &LoraArgs, grid: bool) -> Result<()> {
     if let Some(r) = l.rank {
         at_least("--rank", r, 1)?;
     }
@@ -62,10 +64,18 @@ fn lora(l: &LoraArgs) -> Result<()> {
     {
         return refuse("--alpha", a, "a finite number > 0");
     }
-    if let Some(t) = &l.targets {
+    if !grid {
+        l.target_set()?;
+    }
+    for t in &l.targets {
         LoraConfig::parse_targets(t)?;
     }
     Ok(())
+}
+
+fn estimate(e: &EstimateArgs) -> Result<()> {
+    at_least("--mc-samples", e.mc_samples, 1)?;
+    non_negative("--warmup-lr", e.warmup_lr as f64)
 }
 
 fn hyper(h: &HyperArgs) -> Result<()> {
@@ -95,7 +105,7 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
         Command::Info(a) => {
             common(&a.common)?;
             data(&a.data)?;
-            lora(&a.lora)
+            lora(&a.lora, false)
         }
         Command::Eval(a) => {
             common(&a.common)?;
@@ -104,26 +114,29 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
         Command::Grad(a) => {
             common(&a.common)?;
             data(&a.batching)?;
-            lora(&a.lora)
+            lora(&a.lora, false)
         }
         Command::Curvature(a) => {
             common(&a.common)?;
             data(&a.batching)?;
-            lora(&a.lora)?;
-            at_least("--mc-samples", a.mc_samples, 1)?;
-            non_negative("--warmup-lr", a.warmup_lr as f64)
+            lora(&a.lora, false)?;
+            estimate(&a.estimate)
         }
         Command::Train(a) => {
             common(&a.common)?;
             data(&a.batching)?;
-            lora(&a.lora)?;
+            lora(&a.lora, false)?;
             hyper(&a.hyper)?;
             penalty(a.lambda, a.delta)
         }
         Command::Sweep(a) => {
             common(&a.common)?;
             data(&a.batching)?;
-            lora(&a.lora)?;
+            lora(&a.lora, true)?;
+            if let Some(r) = &a.ranks {
+                crate::sweep::parse_ranks(r)?;
+            }
+            estimate(&a.estimate)?;
             hyper(&a.hyper)?;
             penalty(0.0, a.delta)?;
             // A standard error needs the spread of at least two sequences.
@@ -138,7 +151,7 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
         Command::Demo(a) => {
             common(&a.common)?;
             data(&a.batching)?;
-            lora(&a.lora)?;
+            lora(&a.lora, false)?;
             at_least("--steps", a.steps, 1)?;
             at_least("--curvature-sequences", a.curvature_sequences, 1)?;
             at_least("--eval-sequences", a.eval_sequences, 2)?;

@@ -1,6 +1,6 @@
 //! `curvature`: estimate the Laplace approximation on source data and write it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use clap::Args;
 use serde_json::json;
@@ -36,11 +36,28 @@ pub struct CurvatureArgs {
     /// `<out stem>.self.jsonl` so the estimate can be reproduced with --data.
     #[arg(long)]
     pub data: PathBuf,
-    /// With --data self:N: text prompts, one per line, to start the sequences from in
+    /// Output curvature file (safetensors).
+    #[arg(long)]
+    pub out: PathBuf,
+    #[command(flatten)]
+    pub estimate: EstimateArgs,
+    #[command(flatten)]
+    pub lora: LoraArgs,
+    #[command(flatten)]
+    pub batching: DataArgs,
+    #[command(flatten)]
+    pub common: Common,
+}
+
+/// How stage I estimates, given its source data: shared by `curvature` and
+/// `sweep --curvature-data`.
+#[derive(Args, Clone)]
+pub struct EstimateArgs {
+    /// With `self:N` data: text prompts, one per line, to start the sequences from in
     /// turn (default: the model's BOS token alone).
     #[arg(long)]
     pub self_prompts: Option<PathBuf>,
-    /// With --data self:N: tokens sampled per sequence (fewer where the model says EOS).
+    /// With `self:N` data: tokens sampled per sequence (fewer where the model says EOS).
     #[arg(long, default_value_t = 128)]
     pub self_tokens: usize,
     /// diag, kfac or kfac-tri.
@@ -55,9 +72,6 @@ pub struct CurvatureArgs {
     /// KFAC approximation for sequences: expand or reduce.
     #[arg(long, default_value = "expand")]
     pub kfac_approx: KfacApprox,
-    /// Output curvature file (safetensors).
-    #[arg(long)]
-    pub out: PathBuf,
     /// Train this many steps on --warmup-data first and estimate there.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
@@ -67,16 +81,10 @@ pub struct CurvatureArgs {
     /// Learning rate of the warm-up steps.
     #[arg(long, default_value_t = 1e-3)]
     pub warmup_lr: f32,
-    #[command(flatten)]
-    pub lora: LoraArgs,
-    #[command(flatten)]
-    pub batching: DataArgs,
-    #[command(flatten)]
-    pub common: Common,
 }
 
 /// Where the source data come from.
-enum Source {
+pub enum Source {
     File(Vec<Example>),
     /// Sampled by the model on the device, then cut to `max_len` as file rows are.
     SelfGenerated {
@@ -85,13 +93,222 @@ enum Source {
     },
 }
 
+impl Source {
+    /// The examples, and whether they were sampled here (then they are to be kept).
+    pub fn examples<B: Backend>(
+        self,
+        be: &B,
+        model: &Llama<B>,
+        quiet: bool,
+    ) -> Result<(Vec<Example>, bool)> {
+        match self {
+            Source::File(data) => Ok((data, false)),
+            Source::SelfGenerated { spec, max_len } => {
+                let pb =
+                    progress::bar(spec.n as u64, "self-generated data", quiet).unit("sequences");
+                let eos = &model.cfg.eos_token_ids;
+                let mut data = self_data::sample(be, model, &spec, eos, || pb.inc(1))?;
+                pb.finish_and_clear();
+                for e in &mut data {
+                    e.ids.truncate(max_len);
+                    e.labels.truncate(max_len);
+                }
+                Ok((data, true))
+            }
+        }
+    }
+}
+
+/// Stage I as the flags describe it, its inputs read and checked: the warm-up before the
+/// estimate and the estimator.
+pub struct Stage1 {
+    warmup: Option<(Vec<Example>, TrainConfig)>,
+    spec: Spec,
+    batch_size: usize,
+    /// The source data, as the file's metadata describes them.
+    data_desc: String,
+}
+
+impl Stage1 {
+    /// Check the flags and read the inputs, before any work: the source `data` given with
+    /// `flag` (a file or `self:N`; self-generated data are kept beside `out`, the curvature
+    /// file) and the warm-up data.
+    pub fn plan(
+        e: &EstimateArgs,
+        (flag, data): (&str, &Path),
+        out: &Path,
+        m: &LoadedModel,
+        batching: &DataArgs,
+        seed: u64,
+    ) -> Result<(Source, Stage1)> {
+        let fisher = match e.fisher.as_str() {
+            "empirical" => Fisher::Empirical,
+            "mc" => Fisher::Mc(e.mc_samples),
+            other => {
+                return Err(Error::usage(format!(
+                    "--fisher `{other}` is not one of: empirical, mc"
+                )));
+            }
+        };
+        let (source, data_desc) = match self_data::parse(data)? {
+            Some(n) => self_generated(e, n, out, m, batching, seed)?,
+            None => {
+                if e.self_prompts.is_some() {
+                    return Err(Error::usage(format!(
+                        "--self-prompts goes with {flag} self:N"
+                    )));
+                }
+                let examples = load_data(data, m, batching)?;
+                require_targets(data, &examples)?;
+                (Source::File(examples), data.display().to_string())
+            }
+        };
+        let warmup = match (e.warmup_steps, &e.warmup_data) {
+            (0, _) => None,
+            (_, None) => {
+                return Err(Error::usage(
+                    "--warmup-steps needs --warmup-data (target-domain JSONL)",
+                ));
+            }
+            (n, Some(p)) => {
+                let hyper = HyperArgs {
+                    steps: n,
+                    grad_accum: 1,
+                    lr: e.warmup_lr,
+                    warmup: 0,
+                    schedule: crate::train::Schedule::Constant,
+                    weight_decay: 0.0,
+                    clip: 1.0,
+                };
+                let warm = load_data(p, m, batching)?;
+                require_targets(p, &warm)?;
+                Some((warm, hyper.config(batching.batch_size, seed, 0.0, 0.0)))
+            }
+        };
+        let spec = Spec {
+            scheme: e.scheme,
+            fisher,
+            approx: e.kfac_approx,
+            seed,
+        };
+        let stage = Stage1 {
+            warmup,
+            spec,
+            batch_size: batching.batch_size,
+            data_desc,
+        };
+        Ok((source, stage))
+    }
+
+    /// `diag, empirical Fisher`: the estimator, for status lines.
+    pub fn describe(&self) -> String {
+        format!("{}, {} Fisher", self.spec.scheme, self.spec.fisher)
+    }
+
+    /// Estimate at `init`, after the warm-up if asked, on `data`: the curvature (its
+    /// metadata naming the model and the data) and what the estimate cost (warm-up not
+    /// included: stage I alone).
+    pub fn estimate<B: Backend>(
+        &self,
+        be: &B,
+        model: &Llama<B>,
+        identity: &str,
+        init: &HostLora,
+        data: &[Example],
+        quiet: bool,
+    ) -> Result<(Curvature, StageCost)> {
+        let warmed;
+        let theta = match &self.warmup {
+            Some((warm, cfg)) => {
+                let opts = SessionOptions {
+                    out: None,
+                    checkpoint_every: 0,
+                    resume: false,
+                    quiet,
+                    base_model: String::new(),
+                    stop_after: None,
+                    curvature_path: None,
+                };
+                warmed = session::run(be, model, warm, cfg, None, init, &opts)?.lora;
+                &warmed
+            }
+            None => init,
+        };
+        let lora = theta.map(|v| be.buf(v.clone()))?;
+        let pb = progress::bar(
+            data.len().div_ceil(self.batch_size) as u64,
+            "curvature",
+            quiet,
+        )
+        .unit("batches");
+        let meter = Meter::start("curvature");
+        let mut c = estimate(be, model, &lora, data, self.batch_size, self.spec, || {
+            pb.inc(1)
+        })?;
+        pb.finish_and_clear();
+        let (tokens, flops) =
+            Flops::new(&model.cfg, &lora).curvature(data, self.batch_size, &self.spec);
+        let cost = meter.finish(tokens, flops);
+        c.meta.model = identity.to_string();
+        c.meta.data = self.data_desc.clone();
+        Ok((c, cost))
+    }
+}
+
+/// The `self:N` source: the sampling spec, checked against the model, and its description.
+fn self_generated(
+    e: &EstimateArgs,
+    n: usize,
+    out: &Path,
+    m: &LoadedModel,
+    batching: &DataArgs,
+    seed: u64,
+) -> Result<(Source, String)> {
+    if e.self_tokens == 0 {
+        return Err(Error::usage("--self-tokens 0: must be at least 1"));
+    }
+    check_replaceable(&self_data::jsonl_path(out))?;
+    let tok = m.tokenizer().ok();
+    let (starts, from) = self_data::starts(e.self_prompts.as_deref(), tok, m.cfg.bos_token_id)?;
+    let positions = m.cfg.max_position_embeddings;
+    let longest = starts.iter().map(Vec::len).max().unwrap_or(0);
+    if longest.saturating_add(e.self_tokens) > positions {
+        return Err(Error::usage(format!(
+            "--self-tokens {}: a {longest}-token start plus the sampled tokens exceeds the model's {positions} positions (max_position_embeddings)",
+            e.self_tokens
+        )));
+    }
+    let spec = SelfData {
+        n,
+        new_tokens: e.self_tokens,
+        seed,
+        starts,
+        start_desc: from,
+    };
+    let desc = format!(
+        "self-generated: {n} sequences sampled from the base model (temperature 1, top-p 1, up to {} new tokens, seed {}, from {}), kept in {}",
+        spec.new_tokens,
+        spec.seed,
+        spec.start_desc,
+        self_data::jsonl_path(out).display()
+    );
+    let max_len = batching.max_len;
+    Ok((Source::SelfGenerated { spec, max_len }, desc))
+}
+
+/// Self-generated data beside the curvature file `out`, as JSONL (to reproduce the estimate).
+pub fn keep_self_data(out: &Path, data: &[Example]) -> Result<()> {
+    atomic_write(
+        &self_data::jsonl_path(out),
+        self_data::to_jsonl(data).as_bytes(),
+    )
+}
+
 struct CurvatureTask {
     model: LoadedModel,
     init: HostLora,
     source: Source,
-    warmup: Option<(Vec<Example>, TrainConfig)>,
-    spec: Spec,
-    batch_size: usize,
+    stage: Stage1,
     quiet: bool,
 }
 
@@ -101,162 +318,39 @@ impl BackendTask for CurvatureTask {
     type Output = (Curvature, Option<Vec<Example>>, StageCost);
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let identity = self.model.identity.clone();
-        let eos = self.model.cfg.eos_token_ids.clone();
         let model = Llama::new(be, self.model.cfg, self.model.weights)?;
-        let (data, sampled) = match self.source {
-            Source::File(data) => (data, false),
-            Source::SelfGenerated { spec, max_len } => {
-                let pb = progress::bar(spec.n as u64, "self-generated data", self.quiet)
-                    .unit("sequences");
-                let mut data = self_data::sample(be, &model, &spec, &eos, || pb.inc(1))?;
-                pb.finish_and_clear();
-                for e in &mut data {
-                    e.ids.truncate(max_len);
-                    e.labels.truncate(max_len);
-                }
-                (data, true)
-            }
-        };
-        let theta = match &self.warmup {
-            Some((data, cfg)) => {
-                let opts = SessionOptions {
-                    out: None,
-                    checkpoint_every: 0,
-                    resume: false,
-                    quiet: self.quiet,
-                    base_model: String::new(),
-                    stop_after: None,
-                    curvature_path: None,
-                };
-                session::run(be, &model, data, cfg, None, &self.init, &opts)?.lora
-            }
-            None => self.init,
-        };
-        let lora = theta.map(|v| be.buf(v.clone()))?;
-        let pb = progress::bar(
-            data.len().div_ceil(self.batch_size) as u64,
-            "curvature",
-            self.quiet,
-        )
-        .unit("batches");
-        let meter = Meter::start("curvature");
-        let mut c = estimate(be, &model, &lora, &data, self.batch_size, self.spec, || {
-            pb.inc(1)
-        })?;
-        pb.finish_and_clear();
-        let (tokens, flops) =
-            Flops::new(&model.cfg, &lora).curvature(&data, self.batch_size, &self.spec);
-        let cost = meter.finish(tokens, flops);
-        c.meta.model = identity;
+        let (data, sampled) = self.source.examples(be, &model, self.quiet)?;
+        let (c, cost) = self
+            .stage
+            .estimate(be, &model, &identity, &self.init, &data, self.quiet)?;
         Ok((c, sampled.then_some(data), cost))
     }
 }
 
 pub fn run(a: CurvatureArgs) -> Result<()> {
-    let fisher = match a.fisher.as_str() {
-        "empirical" => Fisher::Empirical,
-        "mc" => Fisher::Mc(a.mc_samples),
-        other => {
-            return Err(Error::usage(format!(
-                "--fisher `{other}` is not one of: empirical, mc"
-            )));
-        }
-    };
     let m = load_model(&a.model)?;
     let init = adapter_or_init(a.adapter.as_deref(), &m, &a.lora, a.common.seed)?;
     check_replaceable(&a.out)?;
-    let (source, data_desc) = match self_data::parse(&a.data)? {
-        Some(n) => {
-            if a.self_tokens == 0 {
-                return Err(Error::usage("--self-tokens 0: must be at least 1"));
-            }
-            check_replaceable(&self_data::jsonl_path(&a.out))?;
-            let tok = m.tokenizer().ok();
-            let (starts, from) =
-                self_data::starts(a.self_prompts.as_deref(), tok, m.cfg.bos_token_id)?;
-            let positions = m.cfg.max_position_embeddings;
-            let longest = starts.iter().map(Vec::len).max().unwrap_or(0);
-            if longest.saturating_add(a.self_tokens) > positions {
-                return Err(Error::usage(format!(
-                    "--self-tokens {}: a {longest}-token start plus the sampled tokens exceeds the model's {positions} positions (max_position_embeddings)",
-                    a.self_tokens
-                )));
-            }
-            let spec = SelfData {
-                n,
-                new_tokens: a.self_tokens,
-                seed: a.common.seed,
-                starts,
-                start_desc: from,
-            };
-            let desc = format!(
-                "self-generated: {n} sequences sampled from the base model (temperature 1, top-p 1, up to {} new tokens, seed {}, from {}), kept in {}",
-                spec.new_tokens,
-                spec.seed,
-                spec.start_desc,
-                self_data::jsonl_path(&a.out).display()
-            );
-            let max_len = a.batching.max_len;
-            (Source::SelfGenerated { spec, max_len }, desc)
-        }
-        None => {
-            if a.self_prompts.is_some() {
-                return Err(Error::usage("--self-prompts goes with --data self:N"));
-            }
-            let data = load_data(&a.data, &m, &a.batching)?;
-            require_targets(&a.data, &data)?;
-            (Source::File(data), a.data.display().to_string())
-        }
-    };
-    let warmup = match (a.warmup_steps, &a.warmup_data) {
-        (0, _) => None,
-        (_, None) => {
-            return Err(Error::usage(
-                "--warmup-steps needs --warmup-data (target-domain JSONL)",
-            ));
-        }
-        (n, Some(p)) => {
-            let hyper = HyperArgs {
-                steps: n,
-                grad_accum: 1,
-                lr: a.warmup_lr,
-                warmup: 0,
-                schedule: crate::train::Schedule::Constant,
-                weight_decay: 0.0,
-                clip: 1.0,
-            };
-            let warm = load_data(p, &m, &a.batching)?;
-            require_targets(p, &warm)?;
-            Some((
-                warm,
-                hyper.config(a.batching.batch_size, a.common.seed, 0.0, 0.0),
-            ))
-        }
-    };
+    let (source, stage) = Stage1::plan(
+        &a.estimate,
+        ("--data", &a.data),
+        &a.out,
+        &m,
+        &a.batching,
+        a.common.seed,
+    )?;
     // --json owns stdout only: progress stays on stderr unless --quiet.
     let quiet = a.common.quiet;
-    let spec = Spec {
-        scheme: a.scheme,
-        fisher,
-        approx: a.kfac_approx,
-        seed: a.common.seed,
-    };
     let task = CurvatureTask {
         model: m,
         init,
         source,
-        warmup,
-        spec,
-        batch_size: a.batching.batch_size,
+        stage,
         quiet,
     };
-    let (mut c, sampled, cost) = run_on(a.common.placement(quiet), task)?;
-    c.meta.data = data_desc;
+    let (c, sampled, cost) = run_on(a.common.placement(quiet), task)?;
     if let Some(data) = &sampled {
-        atomic_write(
-            &self_data::jsonl_path(&a.out),
-            self_data::to_jsonl(data).as_bytes(),
-        )?;
+        keep_self_data(&a.out, data)?;
     }
     c.write(&a.out)?;
     let summary = summarize(&c);

@@ -11,9 +11,7 @@ use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::eval::choice::{
-    ChoiceRow, ChoiceScores, Estimate, choice_logliks, n_batches, read_choices, score,
-};
+use crate::eval::choice::{ChoiceRow, ChoiceScores, Estimate, choice_logliks, read_choices, score};
 use crate::eval::exact_match::{ExactMatch, exact_match, read_qa};
 use crate::eval::generate::Sampling;
 use crate::eval::perplexity::require_targets;
@@ -114,21 +112,10 @@ impl BackendTask for EvalTask {
                 pb.finish_and_clear();
             }
             for (rows, path) in self.choices.iter().zip(&self.choice_paths) {
-                let pb = progress::bar(
-                    n_batches(rows, self.batch_size) as u64,
-                    "choice",
-                    self.quiet,
-                );
-                let ll = choice_logliks(
-                    be,
-                    &model,
-                    lora.as_ref(),
-                    tok,
-                    path,
-                    rows,
-                    self.batch_size,
-                    || pb.inc(1),
-                )
+                let pb = progress::bar(rows.len() as u64, "choice", self.quiet).unit("questions");
+                let ll = choice_logliks(be, &model, lora.as_ref(), tok, path, rows, |n| {
+                    pb.inc(n as u64)
+                })
                 .map_err(|e| match e {
                     Error::NonFinite { at, what } => Error::NonFinite {
                         at: format!("{}: {at}", path.display()),

@@ -48,8 +48,10 @@ enum Command {
     Curvature(curvature::CurvatureArgs),
     /// Fine-tune LoRA on target data with the LaLoRA penalty; writes a PEFT adapter.
     Train(train::TrainArgs),
-    /// Train at several lambdas and report the learning-forgetting frontier.
-    Sweep(sweep::SweepArgs),
+    /// Train at several lambdas and report the learning-forgetting frontier (for each
+    /// LoRA shape of a grid with --ranks / a repeated --targets).
+    // Boxed: its flags outnumber every other command's by far.
+    Sweep(Box<sweep::SweepArgs>),
     /// Continue a prompt with the model (and an adapter).
     Generate(generate::GenerateArgs),
     /// The whole pipeline on the default model and data (fetches them if missing).
@@ -137,9 +139,10 @@ pub struct LoraArgs {
     #[arg(long)]
     pub alpha: Option<f64>,
     /// Comma-separated target modules, or `all` [default: all]; with --adapter or
-    /// --curvature they are theirs, and a different set is an error.
-    #[arg(long)]
-    pub targets: Option<String>,
+    /// --curvature they are theirs, and a different set is an error. `sweep` takes it
+    /// repeated, one set each, for a grid (`--targets all --targets q_proj,v_proj`).
+    #[arg(long, action = clap::ArgAction::Append)]
+    pub targets: Vec<String>,
     /// rsLoRA scaling alpha/sqrt(r) (with --adapter or --curvature: only if theirs).
     #[arg(long)]
     pub rslora: bool,
@@ -161,8 +164,20 @@ impl LoraArgs {
             r,
             alpha: self.alpha.unwrap_or(16.0),
             use_rslora: self.rslora,
-            targets: LoraConfig::parse_targets(self.targets.as_deref().unwrap_or("all"))?,
+            targets: LoraConfig::parse_targets(self.target_set()?.unwrap_or("all"))?,
         })
+    }
+
+    /// The one set of target modules given, if any: several make a grid, which only
+    /// `sweep` runs (it gives each combination its own `LoraArgs`).
+    pub fn target_set(&self) -> Result<Option<&str>> {
+        match self.targets.as_slice() {
+            [] => Ok(None),
+            [t] => Ok(Some(t)),
+            _ => Err(Error::usage(
+                "--targets given more than once: only `sweep` takes several sets (a grid)",
+            )),
+        }
     }
 
     /// The flags given must agree with `cfg`, the shape `file` fixes.
@@ -181,7 +196,7 @@ impl LoraArgs {
         if let Some(a) = self.alpha.filter(|&a| a != cfg.alpha) {
             return clash(format!("--alpha {a}"), format!("alpha = {}", cfg.alpha));
         }
-        if let Some(t) = &self.targets
+        if let Some(t) = self.target_set()?
             && LoraConfig::parse_targets(t)? != cfg.targets
         {
             let theirs: Vec<&str> = cfg.targets.iter().map(|p| p.name()).collect();
@@ -220,7 +235,7 @@ pub fn run() -> Result<()> {
         Command::Grad(a) => grad::run(a),
         Command::Curvature(a) => curvature::run(a),
         Command::Train(a) => train::run(a),
-        Command::Sweep(a) => sweep::run(a),
+        Command::Sweep(a) => sweep::run(*a),
         Command::Generate(a) => generate::run(a),
         Command::Demo(a) => demo::run(a),
         Command::Selftest(a) => selftest::run(a),

@@ -1,10 +1,12 @@
 //! `sweep`: train at several lambdas from the same init and data order, and report the
-//! learning-forgetting frontier.
+//! learning-forgetting frontier; with `--ranks`, a repeated `--targets` or
+//! `--curvature-data`, for each LoRA shape of a grid.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
-use clap::Args;
+use clap::{ArgGroup, Args};
 
+use super::curvature::{EstimateArgs, Source, Stage1, keep_self_data};
 use super::train::HyperArgs;
 use super::{Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json};
 use crate::backend::Backend;
@@ -15,23 +17,52 @@ use crate::error::{Error, Result};
 use crate::eval::choice::read_choices;
 use crate::eval::exact_match::read_qa;
 use crate::eval::generate::Sampling;
-use crate::model::{HostLora, Llama, LoadedModel};
+use crate::model::config::LlamaConfig;
+use crate::model::{HostLora, Llama, LoadedModel, LoraConfig};
 use crate::progress;
 use crate::sweep::{
-    self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, Report, Row, SweepSpec,
+    self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, Prepared, Report, Row, SweepSpec,
 };
 use crate::train::TrainConfig;
 
+/// A shape's curvature estimated by a grid sweep, in its directory.
+const CURVATURE_FILE: &str = "curvature.safetensors";
+
 #[derive(Args)]
+// The estimation flags mean nothing without data to estimate on.
+#[command(group(
+    ArgGroup::new("estimation")
+        .multiple(true)
+        .args([
+            "self_prompts", "self_tokens", "scheme", "fisher", "mc_samples", "kfac_approx",
+            "warmup_steps", "warmup_data", "warmup_lr",
+        ])
+        .requires("curvature_data")
+        // Said outright: a conflict of the required flag would silence the requirement.
+        .conflicts_with("curvature")
+))]
 pub struct SweepArgs {
     #[command(flatten)]
     pub model: ModelArgs,
     /// Target-domain training JSONL.
     #[arg(long)]
     pub data: PathBuf,
-    /// Curvature file (training starts at its theta*).
+    /// Curvature file (training starts at its theta*). A file fits one LoRA shape: in a
+    /// grid sweep, every shape must be the file's (else exit 2).
     #[arg(long)]
     pub curvature: Option<PathBuf>,
+    /// A grid over LoRA ranks, comma-separated (`4,8,16`): the lambdas run for each rank
+    /// with each --targets set (repeat --targets for several), one row per run in one
+    /// results table with rank and targets columns; each shape's runs and frontier.svg
+    /// go to `<out>/r<rank>-<targets>/`, and frontier-overlay.svg shows them all.
+    #[arg(long, value_name = "R,R,...", conflicts_with = "rank")]
+    pub ranks: Option<String>,
+    /// Estimate the curvature on this source-domain JSONL (or `self:N`) for each LoRA shape,
+    /// at its fresh init (or after --warmup-steps), as the `curvature` command does with
+    /// the flags below; each goes to `<out>/r<rank>-<targets>/curvature.safetensors`.
+    /// Makes a grid sweep, of one shape without --ranks or a repeated --targets.
+    #[arg(long, conflicts_with = "curvature")]
+    pub curvature_data: Option<PathBuf>,
     /// Comma-separated lambdas (default: 0,1,3,10,30,100,1e3,1e4,1e5).
     #[arg(long)]
     pub lambdas: Option<String>,
@@ -64,7 +95,8 @@ pub struct SweepArgs {
     /// Tokens generated per exact-match answer.
     #[arg(long, default_value_t = 256)]
     pub max_new_tokens: usize,
-    /// Output directory: results.{csv,json,md}, frontier.svg, runs/.
+    /// Output directory: results.{csv,json,md}, frontier.svg, runs/ (a grid sweep:
+    /// frontier-overlay.svg and a directory per shape for the rest).
     #[arg(long)]
     pub out: PathBuf,
     #[command(flatten)]
@@ -75,6 +107,11 @@ pub struct SweepArgs {
     pub batching: DataArgs,
     #[command(flatten)]
     pub common: Common,
+    #[command(
+        flatten,
+        next_help_heading = "Curvature estimation (with --curvature-data)"
+    )]
+    pub estimate: EstimateArgs,
 }
 
 pub struct SweepTask {
@@ -104,7 +141,18 @@ impl SweepTask {
         model: &Llama<B>,
         curvature: Option<&Curvature>,
     ) -> Result<Report> {
-        let init = curvature.map(|c| &c.mean).unwrap_or(&self.init);
+        let (quiet, out) = (self.quiet, self.out.clone());
+        self.with_spec(|spec, fresh, _| {
+            let init = curvature.map(|c| &c.mean).unwrap_or(fresh);
+            sweep::run(be, model, curvature, init, spec, &out, status(quiet))
+        })
+    }
+
+    /// Hand the sweep's spec to `f`, with the fresh init and the model's files.
+    fn with_spec<R>(
+        self,
+        f: impl FnOnce(&SweepSpec<'_>, &HostLora, &LoadedModel) -> Result<R>,
+    ) -> Result<R> {
         let tok = match (&self.exact_match, self.choices.is_empty()) {
             (None, true) => None,
             _ => Some(self.model.tokenizer()?),
@@ -122,21 +170,31 @@ impl SweepTask {
             quiet: self.quiet,
             base_model: self.model.path.display().to_string(),
         };
-        let quiet = self.quiet;
-        sweep::run(be, model, curvature, init, &spec, &self.out, |row| {
-            if !quiet {
-                eprintln!("{}", status_line(row));
-            }
-        })
+        f(&spec, &self.init, &self.model)
+    }
+}
+
+/// Each run's status line on stderr as it ends, unless quiet.
+fn status(quiet: bool) -> impl FnMut(&Row) {
+    move |row| {
+        if !quiet {
+            eprintln!("{}", status_line(row));
+        }
     }
 }
 
 /// `lambda 1e1: learning +1.5013 ± 0.0123 (target NLL 1.1338), forgetting source-test
-/// -0.0048 ± 0.0021, ...; took 142s`: a run's figures as they come, labelled.
+/// -0.0048 ± 0.0021, ...; took 142s`: a run's figures as they come, labelled (in a grid,
+/// `r=4 all, lambda 1e1: ...`).
 fn status_line(row: &Row) -> String {
-    let mut s = match row.lambda {
-        Some(l) => format!("lambda {}: ", sweep::lambda_label(Some(l))),
-        None => "base model: ".to_string(),
+    let mut s = match (&row.grid, row.lambda) {
+        (Some(g), Some(l)) => format!(
+            "{}, lambda {}: ",
+            sweep::shape_name(g.rank, &g.targets),
+            sweep::lambda_label(Some(l))
+        ),
+        (None, Some(l)) => format!("lambda {}: ", sweep::lambda_label(Some(l))),
+        (_, None) => "base model: ".to_string(),
     };
     if row.lambda.is_some() {
         s += &format!(
@@ -180,6 +238,179 @@ impl BackendTask for SweepTask {
         let curvature = self.curvature.take();
         self.sweep_on(be, &model, curvature.as_ref())
     }
+}
+
+/// A grid sweep: the sweep for each LoRA shape. `sweep.curvature` is a --curvature file
+/// that fits every shape (checked); `sweep.init` is unused, each shape starting at its own.
+struct GridTask {
+    sweep: SweepTask,
+    grid: Vec<LoraConfig>,
+    /// Stage I for each shape (--curvature-data), its source data still to be sampled
+    /// when self-generated.
+    estimate: Option<(Source, Stage1)>,
+    seed: u64,
+}
+
+impl BackendTask for GridTask {
+    type Output = Report;
+    fn run<B: Backend>(mut self, be: &B) -> Result<Report> {
+        let s = &mut self.sweep;
+        let model = Llama::new(be, s.model.cfg.clone(), s.model.take_weights())?;
+        let (quiet, out) = (s.quiet, s.out.clone());
+        let fixed = s.curvature.take();
+        let estimate = match self.estimate {
+            Some((source, stage)) => {
+                let (data, sampled) = source.examples(be, &model, quiet)?;
+                if sampled {
+                    // Sampled once, from the base model: the same data for every shape.
+                    keep_self_data(&out.join(CURVATURE_FILE), &data)?;
+                }
+                Some((stage, data))
+            }
+            None => None,
+        };
+        let (grid, seed) = (self.grid, self.seed);
+        self.sweep.with_spec(|spec, _, files| {
+            let shapes = Shapes {
+                files,
+                fixed: fixed.as_ref(),
+                estimate: estimate.as_ref().map(|(s, d)| (s, d.as_slice())),
+                seed,
+                quiet,
+            };
+            let prepare = |cfg: &LoraConfig, dir: &Path| shapes.prepare(be, &model, cfg, dir);
+            sweep::run_grid(be, &model, spec, &grid, &out, prepare, status(quiet))
+        })
+    }
+}
+
+/// How a grid sweep makes each shape ready: the --curvature file that fits it, a
+/// curvature estimated for it, or neither (lambda 0 only).
+struct Shapes<'a> {
+    files: &'a LoadedModel,
+    fixed: Option<&'a Curvature>,
+    estimate: Option<(&'a Stage1, &'a [Example])>,
+    seed: u64,
+    quiet: bool,
+}
+
+impl Shapes<'_> {
+    fn prepare<B: Backend>(
+        &self,
+        be: &B,
+        model: &Llama<B>,
+        cfg: &LoraConfig,
+        dir: &Path,
+    ) -> Result<Prepared> {
+        if let Some(c) = self.fixed {
+            return Ok(Prepared {
+                init: c.mean.clone(),
+                curvature: Some(c.clone()),
+                curvature_cost: None,
+            });
+        }
+        let fresh = HostLora::init(&self.files.cfg, cfg.clone(), self.seed);
+        let Some((stage, data)) = self.estimate else {
+            return Ok(Prepared {
+                init: fresh,
+                curvature: None,
+                curvature_cost: None,
+            });
+        };
+        if !self.quiet {
+            eprintln!(
+                "sweep: {}: estimating the curvature ({}) on {} sequences",
+                sweep::shape_label(cfg),
+                stage.describe(),
+                data.len()
+            );
+        }
+        let identity = &self.files.identity;
+        let (c, cost) = stage.estimate(be, model, identity, &fresh, data, self.quiet)?;
+        c.write(&dir.join(CURVATURE_FILE))?;
+        Ok(Prepared {
+            init: c.mean.clone(),
+            curvature: Some(c),
+            curvature_cost: Some(cost),
+        })
+    }
+}
+
+/// The LoRA shapes of a grid sweep: each rank of --ranks (else --rank) with each --targets
+/// set, in that order; `None` for a plain sweep (no --ranks, at most one --targets, no
+/// --curvature-data). What the flags leave open a --curvature file's shape fills in, as in
+/// a plain sweep (`fixed`).
+fn grid(
+    a: &SweepArgs,
+    model: &LlamaConfig,
+    fixed: Option<&LoraConfig>,
+) -> Result<Option<Vec<LoraConfig>>> {
+    if a.ranks.is_none() && a.lora.targets.len() < 2 && a.curvature_data.is_none() {
+        return Ok(None);
+    }
+    let flags = match fixed {
+        Some(cfg) => filled(&a.lora, cfg),
+        None => a.lora.clone(),
+    };
+    let ranks: Vec<Option<usize>> = match &a.ranks {
+        Some(s) => sweep::parse_ranks(s)?.into_iter().map(Some).collect(),
+        None => vec![flags.rank],
+    };
+    let sets: Vec<Vec<String>> = match flags.targets.as_slice() {
+        [] => vec![Vec::new()],
+        sets => sets.iter().map(|t| vec![t.clone()]).collect(),
+    };
+    let mut shapes: Vec<LoraConfig> = Vec::new();
+    for rank in ranks {
+        for targets in &sets {
+            let one = LoraArgs {
+                rank,
+                targets: targets.clone(),
+                ..flags.clone()
+            };
+            let cfg = one.config(model)?;
+            if shapes.contains(&cfg) {
+                return Err(Error::usage(format!(
+                    "--ranks / --targets name the LoRA shape {} twice",
+                    sweep::shape_label(&cfg)
+                )));
+            }
+            shapes.push(cfg);
+        }
+    }
+    Ok(Some(shapes))
+}
+
+/// `lora` with what it leaves open taken from `cfg`.
+fn filled(lora: &LoraArgs, cfg: &LoraConfig) -> LoraArgs {
+    let targets = match lora.targets.is_empty() {
+        true => vec![sweep::targets_label(&cfg.targets)],
+        false => lora.targets.clone(),
+    };
+    LoraArgs {
+        rank: lora.rank.or(Some(cfg.r)),
+        alpha: lora.alpha.or(Some(cfg.alpha)),
+        targets,
+        rslora: lora.rslora || cfg.use_rslora,
+    }
+}
+
+/// A --curvature file in a grid sweep must fit every shape of it (it fits one).
+fn check_fits(c: &Curvature, path: &Path, grid: &[LoraConfig], m: &LoadedModel) -> Result<()> {
+    for cfg in grid {
+        let lora = HostLora::init(&m.cfg, cfg.clone(), 0);
+        let what = format!("the grid's shape {}", sweep::shape_label(cfg));
+        c.check_lora(path, &lora, &what).map_err(|e| match e {
+            Error::File { path, msg } => Error::File {
+                path,
+                msg: format!(
+                    "{msg}; a file fits one shape, --curvature-data estimates one for each"
+                ),
+            },
+            e => e,
+        })?;
+    }
+    Ok(())
 }
 
 pub fn eval_set(
@@ -262,7 +493,7 @@ pub fn print_report(r: &Report, out: &std::path::Path, json: bool) {
             println!("({n})");
         }
         print!("\n{}", r.cost_markdown());
-        for p in sweep::results_paths(out) {
+        for p in r.paths(out) {
             println!("wrote {}", p.display());
         }
     }
@@ -275,14 +506,36 @@ pub fn run(a: SweepArgs) -> Result<()> {
         .as_deref()
         .map(|p| Curvature::read_for(p, &m))
         .transpose()?;
+    let grid = grid(&a, &m.cfg, curvature.as_ref().map(|c| &c.mean.cfg))?;
     if let (Some(c), Some(p)) = (&curvature, &a.curvature) {
-        a.lora.agree_with(&c.mean.cfg, p)?;
+        match &grid {
+            None => a.lora.agree_with(&c.mean.cfg, p)?,
+            Some(g) => check_fits(c, p, g, &m)?,
+        }
     }
-    let init = HostLora::init(&m.cfg, a.lora.config(&m.cfg)?, a.common.seed);
     let lambdas = match &a.lambdas {
         Some(s) => sweep::parse_lambdas(s)?,
         None => DEFAULT_LAMBDAS.to_vec(),
     };
+    let has_curvature = curvature.is_some() || a.curvature_data.is_some();
+    sweep::require_curvature(&lambdas, has_curvature)?;
+    let estimate = match &a.curvature_data {
+        Some(d) => Some(Stage1::plan(
+            &a.estimate,
+            ("--curvature-data", d),
+            &a.out.join(CURVATURE_FILE),
+            &m,
+            &a.batching,
+            a.common.seed,
+        )?),
+        None => None,
+    };
+    // A grid's shapes each start at their own init: the first one's stands in.
+    let lora = match &grid {
+        Some(g) => g[0].clone(),
+        None => a.lora.config(&m.cfg)?,
+    };
+    let init = HostLora::init(&m.cfg, lora, a.common.seed);
     let exact_match = a
         .exact_match_eval
         .as_deref()
@@ -320,7 +573,19 @@ pub fn run(a: SweepArgs) -> Result<()> {
         out: a.out.clone(),
         model: m,
     };
-    let report = run_on(a.common.placement(quiet), task)?;
+    let placement = a.common.placement(quiet);
+    let report = match grid {
+        None => run_on(placement, task)?,
+        Some(grid) => run_on(
+            placement,
+            GridTask {
+                sweep: task,
+                grid,
+                estimate,
+                seed: a.common.seed,
+            },
+        )?,
+    };
     print_report(&report, &a.out, a.common.json);
     Ok(())
 }

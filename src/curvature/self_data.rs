@@ -7,7 +7,9 @@
 //! `--fisher mc` the labels are resampled anyway, so the estimate needs no data at all.
 //!
 //! Sequence i is drawn with its own seed derived from (`--seed`, i), so the first k
-//! sequences of `self:N` are those of `self:k`. The set is written beside the curvature
+//! sequences of `self:N` are those of `self:k` (up to float rounding: up to 32 sequences
+//! are sampled together, and a product over a different number of rows may round a
+//! probability differently in its last bit). The set is written beside the curvature
 //! file as JSONL (`C.self.jsonl` for `C.safetensors`): `--data C.self.jsonl` reproduces the
 //! estimate without sampling again.
 
@@ -19,7 +21,7 @@ use crate::backend::Backend;
 use crate::data::Example;
 use crate::data::jsonl::IGNORE;
 use crate::error::{Error, IoContext, Result};
-use crate::eval::generate::{Sampling, generate};
+use crate::eval::generate::{Sampling, generate_batch};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 
@@ -106,6 +108,10 @@ fn sequence_seed(seed: u64, i: usize) -> u64 {
     z ^ (z >> 31)
 }
 
+/// Sequences sampled together (as exact match answers questions together): one forward
+/// per new token over all unfinished ones.
+const SAMPLING_BATCH: usize = 32;
+
 /// Sample the set from `model` without an adapter; `done` is called after each sequence.
 pub fn sample<B: Backend>(
     be: &B,
@@ -114,28 +120,34 @@ pub fn sample<B: Backend>(
     eos: &[u32],
     mut done: impl FnMut(),
 ) -> Result<Vec<Example>> {
+    let sampling = Sampling {
+        temperature: 1.0,
+        top_p: 1.0,
+        max_new_tokens: spec.new_tokens,
+        seed: spec.seed,
+    };
     let mut out = Vec::with_capacity(spec.n);
-    for i in 0..spec.n {
-        let start = &spec.starts[i % spec.starts.len()];
-        let sampling = Sampling {
-            temperature: 1.0,
-            top_p: 1.0,
-            max_new_tokens: spec.new_tokens,
-            seed: sequence_seed(spec.seed, i),
-        };
-        let mut new = generate(be, model, None, start, &sampling, eos)?;
-        // `generate` drops the stop token; a sequence that ended early ended on EOS.
-        if new.len() < spec.new_tokens
-            && let Some(&e) = eos.first()
-        {
-            new.push(e);
+    let indices: Vec<usize> = (0..spec.n).collect();
+    for chunk in indices.chunks(SAMPLING_BATCH) {
+        let starts: Vec<&[u32]> = chunk
+            .iter()
+            .map(|&i| spec.starts[i % spec.starts.len()].as_slice())
+            .collect();
+        let seeds: Vec<u64> = chunk.iter().map(|&i| sequence_seed(spec.seed, i)).collect();
+        let news = generate_batch(be, model, None, &starts, &sampling, &seeds, eos, |_| done())?;
+        for (start, mut new) in starts.into_iter().zip(news) {
+            // `generate` drops the stop token; a sequence that ended early ended on EOS.
+            if new.len() < spec.new_tokens
+                && let Some(&e) = eos.first()
+            {
+                new.push(e);
+            }
+            let mut labels = vec![IGNORE; start.len()];
+            labels.extend(new.iter().map(|&t| t as i32));
+            let mut ids = start.to_vec();
+            ids.extend(new);
+            out.push(Example { ids, labels });
         }
-        let mut labels = vec![IGNORE; start.len()];
-        labels.extend(new.iter().map(|&t| t as i32));
-        let mut ids = start.clone();
-        ids.extend(new);
-        out.push(Example { ids, labels });
-        done();
     }
     Ok(out)
 }

@@ -34,13 +34,12 @@ use std::path::Path;
 use serde_json::Value;
 
 use crate::backend::Backend;
-use crate::data::Example;
-use crate::data::jsonl::IGNORE;
 use crate::error::{Error, IoContext, Result};
-use crate::eval::perplexity::sequence_losses;
-use crate::model::{Llama, LoraWeights};
+use crate::model::{CachedSeq, Llama, LoraWeights};
 use crate::tokenizer::Tokenizer;
+use crate::train::finite::non_finite;
 
+#[derive(Debug, Clone)]
 pub struct ChoiceRow {
     /// The prompt every option continues.
     pub context: String,
@@ -232,8 +231,24 @@ pub fn encode_pair(tok: &Tokenizer, context: &str, choice: &str) -> Result<(Vec<
     Ok((ids, ctx_ids.len()))
 }
 
+/// Questions scored together: their contexts in one forward, then all their options in
+/// another, so that each product has hundreds of rows.
+const QUESTIONS_PER_GROUP: usize = 16;
+
+/// One question's tokens: the context's, and each option's continuation.
+struct Encoded {
+    context: Vec<u32>,
+    options: Vec<Vec<u32>>,
+}
+
 /// Summed log-likelihood of every (row, choice) continuation, in row-major order.
-/// `path` names the rows' file in errors; `on_batch` ticks once per batch.
+/// `path` names the rows' file in errors; `done(n)` reports n more questions scored.
+///
+/// Each context runs once: its tokens but the last fill a KV cache; each option continues
+/// a copy of that cache with the context's last token and its own tokens but the last, the
+/// rows whose next-token losses are the option's tokens' negative log-probabilities. The
+/// same sums as running every (context, option) pair in full, with the context's work
+/// shared between the options.
 #[allow(clippy::too_many_arguments)]
 pub fn choice_logliks<B: Backend>(
     be: &B,
@@ -242,55 +257,100 @@ pub fn choice_logliks<B: Backend>(
     tok: &Tokenizer,
     path: &Path,
     rows: &[ChoiceRow],
-    batch_size: usize,
-    on_batch: impl FnMut(),
+    mut done: impl FnMut(usize),
 ) -> Result<Vec<f64>> {
-    let positions = model.cfg.max_position_embeddings;
-    let mut examples = Vec::new();
-    for r in rows {
-        if r.context.trim().is_empty() {
-            return Err(Error::line(path, r.line, "the prompt is empty"));
+    let encoded = rows
+        .iter()
+        .map(|r| encode_row(tok, path, r, model.cfg.max_position_embeddings))
+        .collect::<Result<Vec<_>>>()?;
+    let mut out = Vec::new();
+    for (g, group) in encoded.chunks(QUESTIONS_PER_GROUP).enumerate() {
+        let mut contexts = group
+            .iter()
+            .map(|q| {
+                let longest = q.options.iter().map(Vec::len).max().unwrap_or(0);
+                model.new_cache(be, q.context.len() + longest)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let mut prefixes: Vec<CachedSeq<'_, B>> = group
+            .iter()
+            .zip(contexts.iter_mut())
+            .filter(|(q, _)| q.context.len() > 1)
+            .map(|(q, cache)| CachedSeq {
+                ids: &q.context[..q.context.len() - 1],
+                cache,
+            })
+            .collect();
+        if !prefixes.is_empty() {
+            model.prefill(be, lora, &mut prefixes)?;
         }
-        for (i, c) in r.choices.iter().enumerate() {
-            let (ids, n_ctx) = encode_pair(tok, &r.context, c)?;
-            if ids.len() > positions {
-                return Err(Error::line(
-                    path,
-                    r.line,
-                    format!(
-                        "the question with option {} takes {} tokens, more than the model's {positions} positions (max_position_embeddings)",
-                        letter(i),
-                        ids.len()
-                    ),
-                ));
+        drop(prefixes);
+        let (mut forks, mut feeds, mut targets) = (Vec::new(), Vec::new(), Vec::new());
+        for (q, cache) in group.iter().zip(&contexts) {
+            let last = q.context[q.context.len() - 1];
+            for o in q.options.iter().filter(|o| !o.is_empty()) {
+                forks.push(cache.fork(be)?);
+                let mut ids = vec![last];
+                ids.extend_from_slice(&o[..o.len() - 1]);
+                feeds.push(ids);
+                targets.extend(o.iter().map(|&t| t as i32));
             }
-            let labels = ids
-                .iter()
-                .enumerate()
-                .map(|(i, &t)| if i < n_ctx { IGNORE } else { t as i32 })
-                .collect();
-            examples.push(Example { ids, labels });
         }
-    }
-    // Batches are padded to their longest sequence: run them in order of length so little
-    // is padding, then put the sums back in row-major order.
-    let mut order: Vec<usize> = (0..examples.len()).collect();
-    order.sort_by_key(|&i| examples[i].ids.len());
-    let sorted: Vec<Example> = order.iter().map(|&i| examples[i].clone()).collect();
-    let losses = sequence_losses(be, model, lora, &sorted, batch_size, on_batch)?;
-    let mut out = vec![0.0; examples.len()];
-    for (&i, l) in order.iter().zip(losses) {
-        out[i] = -l;
+        let mut losses = Vec::new();
+        if !feeds.is_empty() {
+            let mut seqs: Vec<CachedSeq<'_, B>> = forks
+                .iter_mut()
+                .zip(&feeds)
+                .map(|(cache, ids)| CachedSeq { ids, cache })
+                .collect();
+            losses = model.cached_losses(be, lora, &mut seqs, &targets)?;
+        }
+        if losses.iter().any(|l| !l.is_finite()) {
+            let first = g * QUESTIONS_PER_GROUP + 1;
+            return Err(non_finite(
+                format!("questions {first}..{}", first + group.len() - 1),
+                "log-likelihood",
+            ));
+        }
+        // Options without tokens have the empty sum: 0.
+        let mut next = losses.into_iter();
+        for q in group {
+            for o in &q.options {
+                out.push(-next.by_ref().take(o.len()).map(f64::from).sum::<f64>());
+            }
+        }
+        done(group.len());
     }
     Ok(out)
 }
 
-/// Number of batches `choice_logliks` runs for `rows` (for a progress bar).
-pub fn n_batches(rows: &[ChoiceRow], batch_size: usize) -> usize {
-    rows.iter()
-        .map(|r| r.choices.len())
-        .sum::<usize>()
-        .div_ceil(batch_size.max(1))
+/// A question's context and option tokens, refusing what the model cannot score.
+fn encode_row(tok: &Tokenizer, path: &Path, r: &ChoiceRow, positions: usize) -> Result<Encoded> {
+    if r.context.trim().is_empty() {
+        return Err(Error::line(path, r.line, "the prompt is empty"));
+    }
+    let mut context = Vec::new();
+    let mut options = Vec::new();
+    for (i, c) in r.choices.iter().enumerate() {
+        let (ids, n_ctx) = encode_pair(tok, &r.context, c)?;
+        if ids.len() > positions {
+            return Err(Error::line(
+                path,
+                r.line,
+                format!(
+                    "the question with option {} takes {} tokens, more than the model's {positions} positions (max_position_embeddings)",
+                    letter(i),
+                    ids.len()
+                ),
+            ));
+        }
+        if n_ctx == 0 {
+            return Err(Error::line(path, r.line, "the prompt encodes to no tokens"));
+        }
+        context = ids[..n_ctx].to_vec();
+        options.push(ids[n_ctx..].to_vec());
+    }
+    Ok(Encoded { context, options })
 }
 
 /// An accuracy (or an accuracy difference) with lm-eval's standard error.

@@ -6,7 +6,7 @@ use std::path::Path;
 use regex::Regex;
 use serde_json::Value;
 
-use super::generate::{Sampling, generate};
+use super::generate::{Sampling, generate_batch};
 use crate::backend::Backend;
 use crate::data::jsonl::qa_prompt;
 use crate::error::{Error, IoContext, Result};
@@ -77,6 +77,11 @@ pub struct ExactMatch {
     pub outcomes: Vec<bool>,
 }
 
+/// Questions answered together by one batched generation: enough rows to turn decoding
+/// from one weight read per token into one per step, few enough that their caches
+/// (prompt + answer positions each) stay small.
+const GENERATION_BATCH: usize = 32;
+
 /// Greedy (or sampled) answers to each question in the training prompt format.
 #[allow(clippy::too_many_arguments)]
 pub fn exact_match<B: Backend>(
@@ -90,13 +95,19 @@ pub fn exact_match<B: Backend>(
 ) -> Result<ExactMatch> {
     let stop: Vec<u32> = tok.eos.into_iter().collect();
     let (mut answers, mut outcomes) = (Vec::new(), Vec::new());
-    for (q, a) in rows {
-        let prompt = tok.encode(&qa_prompt(q))?;
-        let out = generate(be, model, lora, &prompt, s, &stop)?;
-        let got = extract_answer(&tok.decode(&out)?);
-        outcomes.push(got.is_some() && got == extract_answer(a));
-        answers.push(got);
-        on_row();
+    for chunk in rows.chunks(GENERATION_BATCH) {
+        let prompts = chunk
+            .iter()
+            .map(|(q, _)| tok.encode(&qa_prompt(q)))
+            .collect::<Result<Vec<_>>>()?;
+        let prompts: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+        let seeds = vec![s.seed; chunk.len()];
+        let outs = generate_batch(be, model, lora, &prompts, s, &seeds, &stop, |_| on_row())?;
+        for ((_, a), out) in chunk.iter().zip(outs) {
+            let got = extract_answer(&tok.decode(&out)?);
+            outcomes.push(got.is_some() && got == extract_answer(a));
+            answers.push(got);
+        }
     }
     let correct = outcomes.iter().filter(|&&c| c).count();
     Ok(ExactMatch {

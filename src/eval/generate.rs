@@ -5,7 +5,7 @@ use rand_chacha::ChaCha8Rng;
 
 use crate::backend::Backend;
 use crate::error::{Error, Result};
-use crate::model::{Llama, LoraWeights};
+use crate::model::{CachedSeq, Llama, LoraWeights};
 
 #[derive(Debug, Clone, Copy)]
 pub struct Sampling {
@@ -78,35 +78,83 @@ pub fn generate<B: Backend>(
     s: &Sampling,
     stop: &[u32],
 ) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
-        return Err(Error::usage("empty prompt"));
+    let mut out = generate_batch(be, model, lora, &[prompt], s, &[s.seed], stop, |_| ())?;
+    Ok(out.pop().unwrap_or_default())
+}
+
+/// Continue every prompt as [`generate`] does, prompt `i` sampling with its own generator
+/// seeded `seeds[i]`. The prompts run together (one forward over all their prompt tokens,
+/// then one per new token over the unfinished rows), so the weights are read once per step
+/// for all rows rather than once per row; `done(i)` is called as row `i` finishes.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_batch<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: Option<&LoraWeights<B::Buf>>,
+    prompts: &[&[u32]],
+    s: &Sampling,
+    seeds: &[u64],
+    stop: &[u32],
+    mut done: impl FnMut(usize),
+) -> Result<Vec<Vec<u32>>> {
+    if seeds.len() != prompts.len() {
+        return Err(Error::usage(format!(
+            "{} seeds for {} prompts",
+            seeds.len(),
+            prompts.len()
+        )));
     }
     // The cache is sized for the whole continuation, and RoPE beyond the model's positions
     // is extrapolation it never saw.
     let positions = model.cfg.max_position_embeddings;
-    if prompt.len().saturating_add(s.max_new_tokens) > positions {
-        return Err(Error::usage(format!(
-            "a {}-token prompt plus --max-new-tokens {} exceeds the model's {positions} positions (max_position_embeddings)",
-            prompt.len(),
-            s.max_new_tokens
-        )));
+    for p in prompts {
+        if p.is_empty() {
+            return Err(Error::usage("empty prompt"));
+        }
+        if p.len().saturating_add(s.max_new_tokens) > positions {
+            return Err(Error::usage(format!(
+                "a {}-token prompt plus --max-new-tokens {} exceeds the model's {positions} positions (max_position_embeddings)",
+                p.len(),
+                s.max_new_tokens
+            )));
+        }
     }
-    let mut rng = ChaCha8Rng::seed_from_u64(s.seed);
-    let mut cache = model.new_cache(be, prompt.len() + s.max_new_tokens)?;
+    let mut out = vec![Vec::new(); prompts.len()];
+    if s.max_new_tokens == 0 {
+        (0..prompts.len()).for_each(&mut done);
+        return Ok(out);
+    }
+    let mut caches = prompts
+        .iter()
+        .map(|p| model.new_cache(be, p.len() + s.max_new_tokens))
+        .collect::<Result<Vec<_>>>()?;
+    let mut rngs: Vec<ChaCha8Rng> = seeds
+        .iter()
+        .map(|&x| ChaCha8Rng::seed_from_u64(x))
+        .collect();
+    // What each unfinished row feeds next: its prompt, then its last token.
+    let mut feed: Vec<Option<Vec<u32>>> = prompts.iter().map(|p| Some(p.to_vec())).collect();
     let vocab = model.cfg.vocab_size;
-    let mut logits = be.to_host(&model.forward_cached(be, lora, prompt, &mut cache)?)?;
-    let mut out = Vec::new();
-    for _ in 0..s.max_new_tokens {
-        let last = &logits[logits.len() - vocab..];
-        let next = pick(last, s, &mut rng);
-        if stop.contains(&next) {
-            break;
+    while feed.iter().any(Option::is_some) {
+        let rows: Vec<usize> = (0..feed.len()).filter(|&i| feed[i].is_some()).collect();
+        let mut seqs: Vec<CachedSeq<'_, B>> = caches
+            .iter_mut()
+            .zip(&feed)
+            .filter_map(|(cache, f)| f.as_deref().map(|ids| CachedSeq { ids, cache }))
+            .collect();
+        let logits = be.to_host(&model.next_logits(be, lora, &mut seqs)?)?;
+        drop(seqs);
+        for (j, &i) in rows.iter().enumerate() {
+            let next = pick(&logits[j * vocab..(j + 1) * vocab], s, &mut rngs[i]);
+            let finished = stop.contains(&next) || {
+                out[i].push(next);
+                out[i].len() == s.max_new_tokens
+            };
+            feed[i] = (!finished).then(|| vec![next]);
+            if finished {
+                done(i);
+            }
         }
-        out.push(next);
-        if out.len() == s.max_new_tokens {
-            break;
-        }
-        logits = be.to_host(&model.forward_cached(be, lora, &[next], &mut cache)?)?;
     }
     Ok(out)
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 use serde::Serialize;
 
 use crate::backend::{Backend, CeTargets};
-use crate::data::{Example, batches};
+use crate::data::{Example, batches_by_length};
 use crate::error::{Error, Result};
 use crate::model::{Llama, LoraWeights};
 use crate::train::finite::non_finite;
@@ -19,8 +19,9 @@ pub struct NllSummary {
     pub perplexity: f64,
 }
 
-/// Summed token loss of every sequence of `examples`, in order (forward only, batched);
-/// `on_batch` is called after each batch (progress).
+/// Summed token loss of every sequence of `examples`, in order (forward only, batched
+/// shortest first: see [`batches_by_length`]); `on_batch` is called after each batch
+/// (progress).
 pub fn sequence_losses<B: Backend>(
     be: &B,
     model: &Llama<B>,
@@ -29,28 +30,22 @@ pub fn sequence_losses<B: Backend>(
     batch_size: usize,
     mut on_batch: impl FnMut(),
 ) -> Result<Vec<f64>> {
-    let mut out = Vec::with_capacity(examples.len());
-    for (bi, batch) in batches(examples, batch_size).enumerate() {
+    let mut out = vec![0.0; examples.len()];
+    for (bi, (idx, batch)) in batches_by_length(examples, batch_size).enumerate() {
         let acts = model.forward(be, lora, &batch, false)?;
         let losses = model
             .classify(be, &acts, CeTargets::Labels(&batch.targets), None)?
             .losses;
         if losses.iter().any(|l| !l.is_finite()) {
-            let first = out.len() + 1;
+            let names: Vec<String> = idx.iter().map(|i| (i + 1).to_string()).collect();
             return Err(non_finite(
-                format!(
-                    "batch {} (sequences {first}..{})",
-                    bi + 1,
-                    first + batch.batch - 1
-                ),
+                format!("batch {} (sequences {})", bi + 1, names.join(", ")),
                 "loss",
             ));
         }
-        out.extend(
-            losses
-                .chunks(batch.seq_len.max(1))
-                .map(|seq| seq.iter().map(|&l| l as f64).sum::<f64>()),
-        );
+        for (&i, seq) in idx.iter().zip(losses.chunks(batch.seq_len.max(1))) {
+            out[i] = seq.iter().map(|&l| l as f64).sum();
+        }
         on_batch();
     }
     Ok(out)

@@ -21,7 +21,7 @@ use self::weights::{HostWeights, SafetensorsSource, check_layer_count, hf_name, 
 use crate::error::{Error, Result};
 use crate::tokenizer::Tokenizer;
 
-pub use self::llama::{Activations, KvCache, Llama, LoraObserver};
+pub use self::llama::{Activations, CachedSeq, KvCache, Llama, LoraObserver};
 pub use self::lora::{HostLora, LoraConfig, LoraModule, LoraWeights};
 pub use self::proj::Proj;
 

@@ -169,6 +169,9 @@ impl<B: Backend> Backend for Tap<'_, B> {
     fn copy_into(&self, dst: &mut B::Buf, offset: usize, src: &B::Buf) -> Result<()> {
         self.inner.copy_into(dst, offset, src)
     }
+    fn slice(&self, src: &B::Buf, offset: usize, len: usize) -> Result<B::Buf> {
+        self.inner.slice(src, offset, len)
+    }
     fn embedding(&self, table: &B::Weight, ids: &[u32], dim: usize) -> Result<B::Buf> {
         self.inner.embedding(table, ids, dim)
     }

@@ -159,6 +159,34 @@ pub fn gemm_naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
     c
 }
 
+/// `y (m, n) = x (m, k) w (n, k)^T` for a few rows `x`, computed as `y^T = w x^T`. Asked
+/// for `y = x w^T` with `y` row-major, the gemm crate repacks all of `w` on every call: for a
+/// handful of rows (decoding: one token per sequence) that copy of the weights costs more
+/// than the product. Asked for `y^T`, it reads `w` where it lies and packs only `x`; the
+/// transpose of the small result back to row-major is cheap.
+pub fn linear_few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    let mut yt = vec![0f32; n * m];
+    gemm(
+        n,
+        m,
+        k,
+        &mut yt,
+        m,
+        false,
+        Mat::rows(w, k),
+        Mat::rows(x, k).t(),
+        1.0,
+        true,
+    );
+    let mut y = vec![0f32; m * n];
+    for (j, col) in yt.chunks_exact(m.max(1)).enumerate() {
+        for (i, &v) in col.iter().enumerate() {
+            y[i * n + j] = v;
+        }
+    }
+    y
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -184,5 +212,26 @@ mod tests {
             .map(|(x, y)| (x - y).abs())
             .fold(0.0, f32::max);
         assert!(err < 1e-4, "max abs error {err}");
+    }
+
+    #[test]
+    fn few_rows_linear_matches_naive() {
+        let (k, n) = (53, 41);
+        let w: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        for m in [1, 3, 64] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let got = linear_few_rows(&x, &w, m, k, n);
+            let want = gemm_naive(m, n, k, Mat::rows(&x, k), Mat::rows(&w, k).t());
+            let err: f32 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 1e-4, "m {m}: max abs error {err}");
+        }
     }
 }

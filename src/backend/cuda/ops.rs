@@ -61,6 +61,19 @@ impl Backend for CudaBackend {
             .dtod(dst.ptr() + offset as u64 * 4, src.ptr(), src.len() * 4)
     }
 
+    fn slice(&self, src: &Self::Buf, offset: usize, len: usize) -> Result<Self::Buf> {
+        if offset + len > src.len() {
+            return Err(Error::Device(format!(
+                "slice of {len} elements at {offset} from a buffer of {}",
+                src.len()
+            )));
+        }
+        let out = self.uninit(len)?;
+        self.rt
+            .dtod(out.ptr(), src.ptr() + offset as u64 * 4, len * 4)?;
+        Ok(out)
+    }
+
     fn embedding(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Result<Self::Buf> {
         let ids_d = self.upload(ids)?;
         let n = ids.len() * dim;

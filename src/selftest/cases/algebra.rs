@@ -91,6 +91,14 @@ fn copies<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
         re.copy_into(&mut dr, offset, &src.1)?;
         c.check("copy_into", &shapes, &dd, &dr, Exact)?;
     }
+    let whole = c.up_random(len)?;
+    for offset in [0, 100, len - n] {
+        let shapes = format!("{n} from {len} at {offset}");
+        c.case("slice", &shapes);
+        let got = dev.slice(&whole.0, offset, n)?;
+        let want = re.slice(&whole.1, offset, n)?;
+        c.check("slice", &shapes, &got, &want, Exact)?;
+    }
     Ok(())
 }
 

@@ -77,6 +77,13 @@ impl Backend for Reference {
         Ok(())
     }
 
+    fn slice(&self, src: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        if offset + len > src.len() {
+            return Err(Error::usage("reference: slice past the end"));
+        }
+        Ok((offset..offset + len).map(|i| src[i]).collect())
+    }
+
     fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
         Ok(rows::embedding(table, ids, dim))
     }

@@ -49,7 +49,7 @@ fn cpu_backend_passes_against_the_plain_reference() {
 }
 
 /// Every op with kernel rows.
-const OPS: [&str; 26] = [
+const OPS: [&str; 27] = [
     "embedding",
     "rmsnorm",
     "rmsnorm_backward",
@@ -75,6 +75,7 @@ const OPS: [&str; 26] = [
     "axpy",
     "dot",
     "copy_into",
+    "slice",
     "adamw_step",
 ];
 

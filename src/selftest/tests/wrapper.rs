@@ -90,6 +90,11 @@ impl Backend for Wrapped {
         self.hit("copy_into", &mut [dst]);
         Ok(())
     }
+    fn slice(&self, src: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        let mut y = self.inner.slice(src, offset, len)?;
+        self.hit("slice", &mut [&mut y]);
+        Ok(y)
+    }
     fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
         let mut y = self.inner.embedding(table, ids, dim)?;
         self.hit("embedding", &mut [&mut y]);

@@ -14,6 +14,11 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let lg = LoraGroup { r, scale: 2.0 };
     let (dev, re) = (c.dev, c.re);
     let shapes = format!("m {m}, d_in {d_in}, outs 96+48+48 (k not adapted), r {r}");
+    // A per-projection row names its projection.
+    let proj = |i: usize| {
+        let lora = if outs[i].1 { "LoRA" } else { "no LoRA" };
+        format!("{shapes}; projection {i}, {lora}")
+    };
     c.case("project_group", &shapes);
     let x = c.up_random(m * d_in)?;
     let (mut wd, mut wr, mut a, mut b) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -40,10 +45,10 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
         .collect();
     let yd = dev.project_group(&x.0, m, d_in, lg, &fd)?;
     let yr = re.project_group(&x.1, m, d_in, lg, &fr)?;
-    for ((y, u), (yw, uw)) in yd.iter().zip(&yr) {
-        c.check("project_group.y", &shapes, y, yw, BaseWeights)?;
+    for (i, ((y, u), (yw, uw))) in yd.iter().zip(&yr).enumerate() {
+        c.check("project_group.y", &proj(i), y, yw, BaseWeights)?;
         if let (Some(u), Some(uw)) = (u, uw) {
-            c.check("project_group.u", &shapes, u, uw, F32)?;
+            c.check("project_group.u", &proj(i), u, uw, F32)?;
         }
     }
 
@@ -109,19 +114,19 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     )?;
     for (i, (gd, gr)) in gad.iter().zip(&gar).enumerate() {
         if let (Some(gd), Some(gr)) = (gd, gr) {
-            c.check("project_group_backward.gA", &shapes, gd, gr, F32)?;
+            c.check("project_group_backward.gA", &proj(i), gd, gr, F32)?;
             // The weight gradients are reductions over the rows on the Gram kernels
             // (tf32 tensor cores on the bf16 engine).
             c.check(
                 "project_group_backward.dA",
-                &shapes,
+                &proj(i),
                 &dad[i],
                 &dar[i],
                 TensorCores,
             )?;
             c.check(
                 "project_group_backward.dB",
-                &shapes,
+                &proj(i),
                 &dbd[i],
                 &dbr[i],
                 TensorCores,

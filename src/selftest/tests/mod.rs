@@ -49,7 +49,7 @@ fn cpu_backend_passes_against_the_plain_reference() {
 }
 
 /// Every op with kernel rows.
-const OPS: [&str; 27] = [
+const OPS: [&str; 29] = [
     "embedding",
     "rmsnorm",
     "rmsnorm_backward",
@@ -57,6 +57,8 @@ const OPS: [&str; 27] = [
     "linear_backward",
     "lora_forward",
     "lora_backward",
+    "project_group",
+    "project_group_backward",
     "rope",
     "attention",
     "attention_backward",
@@ -79,6 +81,20 @@ const OPS: [&str; 27] = [
     "adamw_step",
 ];
 
+/// Whether a fault in `op` reaches a row of the projection group through the ops the
+/// group is built from (the test backend runs the group as the per-projection sequence,
+/// as the trait's default does).
+fn group_row_reached(op: &str, row: &Row) -> bool {
+    let adapted = !row.shapes.contains("no LoRA");
+    match (op, row.kernel.as_str()) {
+        ("linear", "project_group.y") | ("linear_backward", "project_group_backward.dx") => true,
+        ("lora_forward", "project_group.y" | "project_group.u") => adapted,
+        // gA, dA and dB exist only for adapted projections; dx sums over the group.
+        ("lora_backward", k) => k.starts_with("project_group_backward."),
+        _ => false,
+    }
+}
+
 #[test]
 fn a_wrong_op_fails_its_rows_and_only_its_rows() {
     let cpu = CpuBackend::new(2);
@@ -91,7 +107,8 @@ fn a_wrong_op_fails_its_rows_and_only_its_rows() {
         for row in &r.rows {
             // Scaling the gradient leaves the sampled labels (its negative entry) alone.
             let scale_invariant = matches!(row.metric, Metric::DifferingLabels(_));
-            let should_fail = row.op() == Some(op) && !scale_invariant;
+            let reached = row.op() == Some(op) || group_row_reached(op, row);
+            let should_fail = reached && !scale_invariant;
             assert_eq!(!row.pass, should_fail, "fault in {op}: {row:?}");
         }
     }
@@ -117,7 +134,7 @@ fn differing_sampled_labels_fail_the_labels_row() {
 fn end_to_end_rows_fail_where_a_wrong_op_is_used() {
     let cpu = CpuBackend::new(2);
     // (wrong op, rows that must fail, rows that must pass), by kernel prefix.
-    let cases: [(&str, &[&str], &[&str]); 4] = [
+    let cases: [(&str, &[&str], &[&str]); 5] = [
         (
             "sq_grad_accumulate",
             &["e2e.curvature diag/"],
@@ -131,6 +148,12 @@ fn end_to_end_rows_fail_where_a_wrong_op_is_used() {
         ("adamw_step", &["e2e.train"], &["e2e.grad", "e2e.curvature"]),
         (
             "lora_backward",
+            &["e2e.grad", "e2e.curvature", "e2e.train"],
+            &[],
+        ),
+        // The model's projections run as groups: the device's group op is the one used.
+        (
+            "project_group_backward",
             &["e2e.grad", "e2e.curvature", "e2e.train"],
             &[],
         ),
@@ -164,11 +187,21 @@ fn a_correct_bf16_device_passes_at_the_bf16_bounds_only() {
     let f = failing(&r);
     assert!(!f.is_empty());
     assert!(
-        f.iter().all(|k| ["embedding", "linear", "classifier"]
-            .iter()
-            .any(|p| k.starts_with(p))),
+        f.iter().all(|k| [
+            "embedding",
+            "linear",
+            "classifier",
+            "project_group.y",
+            "project_group_backward.dx"
+        ]
+        .iter()
+        .any(|p| k.starts_with(p))),
         "{f:?}"
     );
+    // The projection group's base-weight products among them; its LoRA products pass.
+    for row in ["project_group.y", "project_group_backward.dx"] {
+        assert!(f.iter().any(|k| k.starts_with(row)), "{row}: {f:?}");
+    }
 }
 
 #[test]

@@ -3,6 +3,7 @@
 //! correct bf16 device).
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::group::{self, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -183,6 +184,68 @@ impl Backend for Wrapped {
                 Ok(ga)
             }
         }
+    }
+    /// The per-projection sequence on this backend (so that a fault in `linear` or
+    /// `lora_forward` reaches the group, as it would a device's fused group built from
+    /// them), then the group's own fault on every output.
+    fn project_group(
+        &self,
+        x: &Vec<f32>,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<Projected<Vec<f32>>>> {
+        let mut out = group::unfused_forward(self, x, m, d_in, lora, projs)?;
+        for (y, u) in &mut out {
+            self.hit("project_group", &mut [y]);
+            if let Some(u) = u {
+                self.hit("project_group", &mut [u]);
+            }
+        }
+        Ok(out)
+    }
+    /// The per-projection sequence on this backend, then the group's own fault on `dx`,
+    /// every `gA` and the weight gradients.
+    fn project_group_backward(
+        &self,
+        x: &Vec<f32>,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        mut projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        let reborrowed: Vec<ProjBwd<'_, Self>> = projs
+            .iter_mut()
+            .map(|p| ProjBwd {
+                w: p.w,
+                d_out: p.d_out,
+                g: p.g,
+                lora: p.lora.as_mut().map(|l| LoraBwd {
+                    a: l.a,
+                    b: l.b,
+                    u: l.u,
+                    grads: l.grads.as_mut().map(|(da, db)| (&mut **da, &mut **db)),
+                }),
+            })
+            .collect();
+        let mut gas = group::unfused_backward(self, x, m, d_in, lora, reborrowed, dx, accumulate)?;
+        let mut outs: Vec<&mut Vec<f32>> = vec![dx];
+        outs.extend(gas.iter_mut().flatten());
+        for p in &mut projs {
+            if let Some(LoraBwd {
+                grads: Some((da, db)),
+                ..
+            }) = p.lora.as_mut()
+            {
+                outs.push(&mut **da);
+                outs.push(&mut **db);
+            }
+        }
+        self.hit("project_group_backward", &mut outs);
+        Ok(gas)
     }
     fn rope(
         &self,

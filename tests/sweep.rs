@@ -296,7 +296,10 @@ fn an_evaluation_set_without_predicted_tokens_is_refused() {
             err.contains("late-answers.jsonl") && err.contains("no target tokens"),
             "{role}: {err}"
         );
-        assert!(!dir.path().join("out").exists(), "{role}: nothing is written");
+        assert!(
+            !dir.path().join("out").exists(),
+            "{role}: nothing is written"
+        );
     }
 }
 

@@ -254,6 +254,55 @@ fn a_bad_progress_interval_is_refused_before_any_work() {
     }
 }
 
+/// An evaluation set whose rows lose every predicted token to `--max-len` has no mean
+/// loss: the sweep refuses it (exit 2, one line naming the file) instead of reporting NaN.
+#[test]
+fn an_evaluation_set_without_predicted_tokens_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    // Labels on the last 4 of 20 positions only; --max-len 8 cuts them all away.
+    let late = dir.path().join("late-answers.jsonl");
+    let row = |k: u32| {
+        let ids: Vec<u32> = (0..20).map(|i| 1 + (i * 7 + k) % 50).collect();
+        let labels: Vec<i64> = (0..20)
+            .map(|i| if i >= 16 { ids[i] as i64 } else { -100 })
+            .collect();
+        serde_json::json!({"input_ids": ids, "labels": labels}).to_string()
+    };
+    std::fs::write(&late, format!("{}\n{}\n{}\n", row(0), row(1), row(2))).unwrap();
+    for role in ["--target-eval", "--source-eval"] {
+        let (target, source) = if role == "--target-eval" {
+            (late.clone(), fixture("tiny-gqa/batch.jsonl"))
+        } else {
+            (fixture("tiny-gqa/batch.jsonl"), late.clone())
+        };
+        let o = bin()
+            .args(["sweep", "--device", "cpu", "--lambdas", "0", "--steps", "1"])
+            .args(["--max-len", "8", "--model"])
+            .arg(fixture("tiny-gqa/model"))
+            .arg("--data")
+            .arg(fixture("tiny-gqa/batch.jsonl"))
+            .arg("--target-eval")
+            .arg(&target)
+            .arg("--source-eval")
+            .arg(&source)
+            .arg("--out")
+            .arg(dir.path().join("out"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{role}: {err}");
+        assert_eq!(err.lines().count(), 1, "{role}: {err}");
+        assert!(
+            err.contains("late-answers.jsonl") && err.contains("no target tokens"),
+            "{role}: {err}"
+        );
+        assert!(
+            !dir.path().join("out").exists(),
+            "{role}: nothing is written"
+        );
+    }
+}
+
 /// `eval --json` on the default model (with `adapter`): each `--choice` file's
 /// predictions and the `--exact-match` file's, on the first `limit` questions.
 fn eval_predictions(
@@ -343,8 +392,10 @@ fn sweep_accuracy_drop_and_exact_match_gain_match_eval_predictions() {
             "3e-2",
             "--limit",
             "8",
+            // The first two target-test rows keep half their answer tokens at 48 (none at
+            // 32, which the sweep refuses).
             "--max-len",
-            "32",
+            "48",
         ])
         .args(["--eval-limit", "2", "--model"])
         .arg(smollm2())

@@ -33,7 +33,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "runs/demo")]
     pub out: PathBuf,
     /// Comma-separated lambdas (0 = plain LoRA).
-    #[arg(long, default_value = "0,10,100,1e3,1e4,1e5")]
+    #[arg(long, default_value = "0,10,1e3,1e4")]
     pub lambdas: String,
     /// Curvature scheme: diag, kfac or kfac-tri.
     #[arg(long, default_value = "diag")]
@@ -52,12 +52,12 @@ pub struct DemoArgs {
     pub lr: f32,
     /// Held-out QuAC and XSum passages (forgetting) per set; at least 2, as the standard
     /// errors are over passages.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, default_value_t = 16)]
     pub eval_sequences: usize,
     /// Held-out math problems (learning). Their labels cover only the answers, a few tokens
     /// each, so it takes many problems for the learning figures to stand clear of their
     /// standard errors; short rows keep them cheap.
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, default_value_t = 64)]
     pub target_eval_sequences: usize,
     /// Held-out math problems (the first of target-test, as for the NLL) answered by greedy
     /// generation: learning as the exact-match gain (0 = off; at least 2 otherwise).

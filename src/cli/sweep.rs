@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::eval::choice::read_choices;
 use crate::eval::exact_match::read_qa;
 use crate::eval::generate::Sampling;
+use crate::eval::perplexity::require_targets;
 use crate::model::config::LlamaConfig;
 use crate::model::{HostLora, Llama, LoadedModel, LoraConfig};
 use crate::progress;
@@ -431,6 +432,8 @@ pub fn eval_set(
             ),
         ));
     }
+    // A set whose rows lost every predicted token to --max-len has no mean loss.
+    require_targets(path, &examples)?;
     Ok(EvalSet {
         name: stem(path),
         examples,

@@ -59,7 +59,10 @@ pub fn lora_dims(m: usize, d_in: usize, d_out: usize, l: LoraGroup) -> LoraDims 
     }
 }
 
-/// `Backend::project_group` as the per-projection sequence.
+/// `Backend::project_group` as the per-projection sequence: `linear`, then `lora` (with
+/// `lora_forward`'s arguments and result: the default passes `lora_forward`, the CUDA
+/// baseline its cuBLAS twin).
+#[allow(clippy::too_many_arguments)]
 pub fn unfused_forward<B: Backend + ?Sized>(
     be: &B,
     x: &B::Buf,
@@ -67,15 +70,14 @@ pub fn unfused_forward<B: Backend + ?Sized>(
     d_in: usize,
     l: LoraGroup,
     projs: &[ProjFwd<'_, B>],
+    lora: impl Fn(&B::Buf, &B::Buf, &B::Buf, LoraDims, &mut B::Buf) -> Result<B::Buf>,
 ) -> Result<Vec<Projected<B::Buf>>> {
     projs
         .iter()
         .map(|p| {
             let mut y = be.linear(x, p.w, m, d_in, p.d_out)?;
             let u = match p.lora {
-                Some((a, b)) => {
-                    Some(be.lora_forward(x, a, b, lora_dims(m, d_in, p.d_out, l), &mut y)?)
-                }
+                Some((a, b)) => Some(lora(x, a, b, lora_dims(m, d_in, p.d_out, l), &mut y)?),
                 None => None,
             };
             Ok((y, u))
@@ -83,7 +85,9 @@ pub fn unfused_forward<B: Backend + ?Sized>(
         .collect()
 }
 
-/// `Backend::project_group_backward` as the per-projection sequence.
+/// `Backend::project_group_backward` as the per-projection sequence: `linear_backward`,
+/// then `lora` (with `lora_backward`'s arguments `(g, x, u, A, B, dims, dx, grads)` and
+/// result `gA`: the default passes `lora_backward`, the CUDA baseline its cuBLAS twin).
 #[allow(clippy::too_many_arguments)]
 pub fn unfused_backward<B: Backend + ?Sized>(
     be: &B,
@@ -94,21 +98,25 @@ pub fn unfused_backward<B: Backend + ?Sized>(
     projs: Vec<ProjBwd<'_, B>>,
     dx: &mut B::Buf,
     accumulate: bool,
+    lora: impl Fn(
+        &B::Buf,
+        &B::Buf,
+        &B::Buf,
+        &B::Buf,
+        &B::Buf,
+        LoraDims,
+        &mut B::Buf,
+        Option<(&mut B::Buf, &mut B::Buf)>,
+    ) -> Result<B::Buf>,
 ) -> Result<Vec<Option<B::Buf>>> {
     let mut out = Vec::with_capacity(projs.len());
     for (i, p) in projs.into_iter().enumerate() {
         be.linear_backward(p.g, p.w, m, d_in, p.d_out, dx, accumulate || i > 0)?;
         out.push(match p.lora {
-            Some(lb) => Some(be.lora_backward(
-                p.g,
-                x,
-                lb.u,
-                lb.a,
-                lb.b,
-                lora_dims(m, d_in, p.d_out, l),
-                dx,
-                lb.grads,
-            )?),
+            Some(lb) => {
+                let d = lora_dims(m, d_in, p.d_out, l);
+                Some(lora(p.g, x, lb.u, lb.a, lb.b, d, dx, lb.grads)?)
+            }
             None => None,
         });
     }

@@ -232,7 +232,9 @@ pub trait Backend: Send + Sync {
         lora: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Self::Buf>>> {
-        group::unfused_forward(self, x, m, d_in, lora, projs)
+        group::unfused_forward(self, x, m, d_in, lora, projs, |x, a, b, d, y| {
+            self.lora_forward(x, a, b, d, y)
+        })
     }
     /// Backward of `project_group`: `dx (+)= sum_p g_p W_p + gA_p A_p` with
     /// `gA_p = s g_p B_p`, and each adapted projection's `lora_backward` gradients.
@@ -248,7 +250,17 @@ pub trait Backend: Send + Sync {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<Vec<Option<Self::Buf>>> {
-        group::unfused_backward(self, x, m, d_in, lora, projs, dx, accumulate)
+        group::unfused_backward(
+            self,
+            x,
+            m,
+            d_in,
+            lora,
+            projs,
+            dx,
+            accumulate,
+            |g, x, u, a, b, d, dx, grads| self.lora_backward(g, x, u, a, b, d, dx, grads),
+        )
     }
     /// Rotate-half RoPE in place on `(rows, n_heads*head_dim)`; `inverse` applies the
     /// transpose rotation (the backward pass).

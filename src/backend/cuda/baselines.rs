@@ -4,8 +4,8 @@
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, LaunchConfig};
 use super::{CudaBackend, DevBuf, MAX_RANK, THREADS};
-use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected, lora_dims};
-use crate::backend::{Backend, LoraDims, Segment};
+use crate::backend::group::{self, LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::{LoraDims, Segment};
 use crate::error::{Error, Result};
 
 impl CudaBackend {
@@ -131,20 +131,9 @@ impl CudaBackend {
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<DevBuf<f32>>>> {
-        projs
-            .iter()
-            .map(|p| {
-                let mut y = self.linear(x, p.w, m, d_in, p.d_out)?;
-                let u = match p.lora {
-                    Some((a, b)) => {
-                        let d = lora_dims(m, d_in, p.d_out, l);
-                        Some(self.lora_forward_unfused(x, a, b, d, &mut y)?)
-                    }
-                    None => None,
-                };
-                Ok((y, u))
-            })
-            .collect()
+        group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
+            self.lora_forward_unfused(x, a, b, d, y)
+        })
     }
 
     /// `Backend::project_group_backward` as the plain cuBLAS sequence: per projection
@@ -160,18 +149,17 @@ impl CudaBackend {
         dx: &mut DevBuf<f32>,
         accumulate: bool,
     ) -> Result<Vec<Option<DevBuf<f32>>>> {
-        let mut out = Vec::with_capacity(projs.len());
-        for (i, p) in projs.into_iter().enumerate() {
-            self.linear_backward(p.g, p.w, m, d_in, p.d_out, dx, accumulate || i > 0)?;
-            out.push(match p.lora {
-                Some(lb) => {
-                    let d = lora_dims(m, d_in, p.d_out, l);
-                    Some(self.lora_backward_unfused(p.g, x, lb.u, lb.a, lb.b, d, dx, lb.grads)?)
-                }
-                None => None,
-            });
-        }
-        Ok(out)
+        group::unfused_backward(
+            self,
+            x,
+            m,
+            d_in,
+            l,
+            projs,
+            dx,
+            accumulate,
+            |g, x, u, a, b, d, dx, grads| self.lora_backward_unfused(g, x, u, a, b, d, dx, grads),
+        )
     }
 
     /// The diagonal Fisher by materialising each sequence's gradient block `G_n^T Y_n`

@@ -196,7 +196,9 @@ impl Backend for Wrapped {
         lora: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Vec<f32>>>> {
-        let mut out = group::unfused_forward(self, x, m, d_in, lora, projs)?;
+        let mut out = group::unfused_forward(self, x, m, d_in, lora, projs, |x, a, b, d, y| {
+            self.lora_forward(x, a, b, d, y)
+        })?;
         for (y, u) in &mut out {
             self.hit("project_group", &mut [y]);
             if let Some(u) = u {
@@ -231,7 +233,17 @@ impl Backend for Wrapped {
                 }),
             })
             .collect();
-        let mut gas = group::unfused_backward(self, x, m, d_in, lora, reborrowed, dx, accumulate)?;
+        let mut gas = group::unfused_backward(
+            self,
+            x,
+            m,
+            d_in,
+            lora,
+            reborrowed,
+            dx,
+            accumulate,
+            |g, x, u, a, b, d, dx, grads| self.lora_backward(g, x, u, a, b, d, dx, grads),
+        )?;
         let mut outs: Vec<&mut Vec<f32>> = vec![dx];
         outs.extend(gas.iter_mut().flatten());
         for p in &mut projs {

@@ -7,9 +7,9 @@
 //! `--fisher mc` the labels are resampled anyway, so the estimate needs no data at all.
 //!
 //! Sequence i is drawn with its own seed derived from (`--seed`, i), so the first k
-//! sequences of `self:N` are those of `self:k` (up to float rounding: up to 32 sequences
-//! are sampled together, and a product over a different number of rows may round a
-//! probability differently in its last bit). The set is written beside the curvature
+//! sequences of `self:N` are those of `self:k` (up to float rounding: `GENERATION_BATCH`
+//! sequences are sampled together, and a product over a different number of rows may
+//! round a probability differently in its last bit). The set is written beside the curvature
 //! file as JSONL (`C.self.jsonl` for `C.safetensors`): `--data C.self.jsonl` reproduces the
 //! estimate without sampling again.
 
@@ -21,7 +21,7 @@ use crate::backend::Backend;
 use crate::data::Example;
 use crate::data::jsonl::IGNORE;
 use crate::error::{Error, IoContext, Result};
-use crate::eval::generate::{Sampling, generate_batch};
+use crate::eval::generate::{GENERATION_BATCH, Sampling, generate_batch};
 use crate::model::Llama;
 use crate::tokenizer::Tokenizer;
 
@@ -108,10 +108,6 @@ fn sequence_seed(seed: u64, i: usize) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Sequences sampled together (as exact match answers questions together): one forward
-/// per new token over all unfinished ones.
-const SAMPLING_BATCH: usize = 32;
-
 /// Sample the set from `model` without an adapter; `done` is called after each sequence.
 pub fn sample<B: Backend>(
     be: &B,
@@ -127,13 +123,13 @@ pub fn sample<B: Backend>(
         seed: spec.seed,
     };
     let mut out = Vec::with_capacity(spec.n);
-    let indices: Vec<usize> = (0..spec.n).collect();
-    for chunk in indices.chunks(SAMPLING_BATCH) {
+    for first in (0..spec.n).step_by(GENERATION_BATCH) {
+        let chunk = first..spec.n.min(first + GENERATION_BATCH);
         let starts: Vec<&[u32]> = chunk
-            .iter()
-            .map(|&i| spec.starts[i % spec.starts.len()].as_slice())
+            .clone()
+            .map(|i| spec.starts[i % spec.starts.len()].as_slice())
             .collect();
-        let seeds: Vec<u64> = chunk.iter().map(|&i| sequence_seed(spec.seed, i)).collect();
+        let seeds: Vec<u64> = chunk.map(|i| sequence_seed(spec.seed, i)).collect();
         let news = generate_batch(be, model, None, &starts, &sampling, &seeds, eos, |_| done())?;
         for (start, mut new) in starts.into_iter().zip(news) {
             // `generate` drops the stop token; a sequence that ended early ended on EOS.

@@ -6,7 +6,7 @@ use std::path::Path;
 use regex::Regex;
 use serde_json::Value;
 
-use super::generate::{Sampling, generate_batch};
+use super::generate::{GENERATION_BATCH, Sampling, generate_batch};
 use crate::backend::Backend;
 use crate::data::jsonl::qa_prompt;
 use crate::error::{Error, IoContext, Result};
@@ -76,11 +76,6 @@ pub struct ExactMatch {
     #[serde(skip)]
     pub outcomes: Vec<bool>,
 }
-
-/// Questions answered together by one batched generation: enough rows to turn decoding
-/// from one weight read per token into one per step, few enough that their caches
-/// (prompt + answer positions each) stay small.
-const GENERATION_BATCH: usize = 32;
 
 /// Greedy (or sampled) answers to each question in the training prompt format.
 #[allow(clippy::too_many_arguments)]

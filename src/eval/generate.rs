@@ -82,6 +82,11 @@ pub fn generate<B: Backend>(
     Ok(out.pop().unwrap_or_default())
 }
 
+/// Prompts a caller hands [`generate_batch`] at a time (exact match, self-generated data):
+/// enough rows to turn decoding from one weight read per token into one per step, few
+/// enough that their caches (prompt + new positions each) stay small.
+pub const GENERATION_BATCH: usize = 32;
+
 /// Continue every prompt as [`generate`] does, prompt `i` sampling with its own generator
 /// seeded `seeds[i]`. The prompts run together (one forward over all their prompt tokens,
 /// then one per new token over the unfinished rows), so the weights are read once per step

@@ -7,10 +7,11 @@
 //! `results.json`, `results.md` and `frontier.svg` (Pareto-optimal points, on the NLL
 //! figures, marked; error bars drawn).
 //!
-//! A grid sweep ([`run_grid`]) runs the lambdas for each LoRA shape (rank and target
-//! modules) after evaluating the base model once; each shape's runs are exactly those of a
-//! plain sweep of that shape. One table over all, its rows naming their shape, one frontier
-//! plot per shape and an overlay of them all.
+//! A grid sweep ([`run_grid`]) runs the lambdas for each point of a grid after evaluating
+//! the base model once: a LoRA shape (rank and target modules) and, where the grid compares
+//! curvatures of one shape (the demo's data study), the curvature's name. Each point's runs
+//! are exactly those of a plain sweep of that shape with that curvature. One table over all,
+//! its rows naming their point, one frontier plot per point and an overlay of them all.
 
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
@@ -173,12 +174,15 @@ pub struct Row {
     pub losses: Vec<Vec<f64>>,
 }
 
-/// Where a grid sweep's run sits: its LoRA shape.
+/// Where a grid sweep's run sits: its LoRA shape (and curvature, where the grid has several).
 #[derive(Debug, Clone, Serialize)]
 pub struct GridPoint {
     pub rank: usize,
     /// `all`, or the modules comma-separated.
     pub targets: String,
+    /// The name of its curvature, in a grid over curvatures (`None` otherwise).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curvature: Option<String>,
     /// Trainable LoRA parameters.
     pub lora_params: usize,
     /// Pareto-optimal among every run of the grid (`pareto`: within its shape's runs).
@@ -188,11 +192,14 @@ pub struct GridPoint {
     pub shape: usize,
 }
 
-/// One LoRA shape of a grid sweep.
+/// One point of a grid sweep: a LoRA shape (and its curvature's name, where the grid has
+/// several).
 #[derive(Debug, Clone, Serialize)]
 pub struct GridShape {
     pub rank: usize,
     pub targets: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub curvature: Option<String>,
     pub lora_params: usize,
     /// Its directory in the output: `runs/`, `frontier.svg` and the curvature estimated for
     /// it (`curvature.safetensors`), if any.
@@ -445,6 +452,7 @@ struct Shape<'a> {
     init: &'a HostLora,
     /// Adapters and metrics of each run go to `dir/runs/lambda-<L>/`.
     dir: &'a Path,
+    lambdas: &'a [f32],
     /// In a grid: the shape, given to each row (its Pareto flag over the grid comes last),
     /// and `r=4 all (1/4)` to name it in the status lines.
     point: Option<(GridPoint, String)>,
@@ -467,7 +475,7 @@ fn train_lambdas<B: Backend>(
         None => String::new(),
     };
     let mut rows = Vec::new();
-    for (i, &lambda) in spec.lambdas.iter().enumerate() {
+    for (i, &lambda) in shape.lambdas.iter().enumerate() {
         let t0 = Instant::now();
         say(
             spec,
@@ -475,7 +483,7 @@ fn train_lambdas<B: Backend>(
                 "{prefix}lambda {} ({}/{}): training {} steps, then evaluating",
                 lambda_label(Some(lambda)),
                 i + 1,
-                spec.lambdas.len(),
+                shape.lambdas.len(),
                 spec.train.steps
             ),
         );
@@ -535,6 +543,7 @@ pub fn run<B: Backend>(
         curvature,
         init,
         dir: out,
+        lambdas: &spec.lambdas,
         point: None,
     };
     let mut rows = vec![base_row];
@@ -581,6 +590,66 @@ pub fn shape_label(cfg: &LoraConfig) -> String {
     shape_name(cfg.r, &targets_label(&cfg.targets))
 }
 
+/// `r=4 all`, or `r=8 all, curvature quac` in a grid over curvatures: how the status lines,
+/// progress lines, tables and plots name a grid's point.
+pub fn point_name(rank: usize, targets: &str, curvature: Option<&str>) -> String {
+    match curvature {
+        Some(c) => format!("{}, curvature {c}", shape_name(rank, targets)),
+        None => shape_name(rank, targets),
+    }
+}
+
+impl GridPoint {
+    pub fn name(&self) -> String {
+        point_name(self.rank, &self.targets, self.curvature.as_deref())
+    }
+}
+
+impl GridShape {
+    pub fn name(&self) -> String {
+        point_name(self.rank, &self.targets, self.curvature.as_deref())
+    }
+}
+
+/// One point of a grid sweep to run.
+#[derive(Debug, Clone)]
+pub struct GridEntry {
+    pub cfg: LoraConfig,
+    /// The name of its curvature where the grid compares several for one shape (the
+    /// demo's data study): it names the point and its directory.
+    pub curvature: Option<String>,
+    /// Its own lambdas (`None`: the sweep's). In a grid over curvatures only one point
+    /// needs lambda 0, plain LoRA being the same run under every curvature.
+    pub lambdas: Option<Vec<f32>>,
+}
+
+impl GridEntry {
+    /// A point of a grid over LoRA shapes, with the sweep's lambdas.
+    pub fn shape(cfg: LoraConfig) -> Self {
+        GridEntry {
+            cfg,
+            curvature: None,
+            lambdas: None,
+        }
+    }
+
+    pub fn name(&self) -> String {
+        point_name(
+            self.cfg.r,
+            &targets_label(&self.cfg.targets),
+            self.curvature.as_deref(),
+        )
+    }
+
+    /// Its directory in the output: `r4-all`, `r4-q_proj+v_proj`, `r8-all-quac`.
+    pub fn dir(&self) -> String {
+        match &self.curvature {
+            Some(c) => format!("{}-{c}", shape_dir(&self.cfg)),
+            None => shape_dir(&self.cfg),
+        }
+    }
+}
+
 /// A grid sweep's plot of every shape's frontier.
 pub const OVERLAY: &str = "frontier-overlay.svg";
 
@@ -596,18 +665,18 @@ pub fn shape_dir(cfg: &LoraConfig) -> String {
     )
 }
 
-/// The sweep for each LoRA shape of `grid` (each a combination of rank and target modules)
-/// from one evaluation of the base model: `prepare` makes each shape ready (given the shape
-/// and its directory `out/<shape_dir>`, which holds its `runs/` and `frontier.svg`), then
-/// its lambdas run as in [`run`]. One report over all, written to `out` with an overlay of
-/// every shape's frontier.
+/// The sweep for each point of `grid` (a combination of rank and target modules, and
+/// perhaps a named curvature) from one evaluation of the base model: `prepare` makes each
+/// point ready (given the point and its directory `out/<GridEntry::dir>`, which holds its
+/// `runs/` and `frontier.svg`), then its lambdas run as in [`run`]. One report over all,
+/// written to `out` with an overlay of every point's frontier.
 pub fn run_grid<B: Backend>(
     be: &B,
     model: &Llama<B>,
     spec: &SweepSpec<'_>,
-    grid: &[LoraConfig],
+    grid: &[GridEntry],
     out: &Path,
-    mut prepare: impl FnMut(&LoraConfig, &Path) -> Result<Prepared>,
+    mut prepare: impl FnMut(&GridEntry, &Path) -> Result<Prepared>,
     mut on_run: impl FnMut(&Row),
 ) -> Result<Report> {
     // The base model runs without an adapter: no LoRA products to count.
@@ -624,16 +693,18 @@ pub fn run_grid<B: Backend>(
     on_run(&base_row);
     let mut rows = vec![base_row];
     let mut shapes = Vec::new();
-    for (k, cfg) in grid.iter().enumerate() {
-        let label = format!("{} ({}/{})", shape_label(cfg), k + 1, grid.len());
-        let dir = out.join(shape_dir(cfg));
-        // Every progress line of this shape's work names it.
-        let _scope = progress::scope(shape_label(cfg));
-        let p = prepare(cfg, &dir)?;
-        require_curvature(&spec.lambdas, p.curvature.is_some())?;
+    for (k, entry) in grid.iter().enumerate() {
+        let label = format!("{} ({}/{})", entry.name(), k + 1, grid.len());
+        let dir = out.join(entry.dir());
+        // Every progress line of this point's work names it.
+        let _scope = progress::scope(entry.name());
+        let p = prepare(entry, &dir)?;
+        let lambdas = entry.lambdas.as_deref().unwrap_or(&spec.lambdas);
+        require_curvature(lambdas, p.curvature.is_some())?;
         let point = GridPoint {
-            rank: cfg.r,
-            targets: targets_label(&cfg.targets),
+            rank: entry.cfg.r,
+            targets: targets_label(&entry.cfg.targets),
+            curvature: entry.curvature.clone(),
             lora_params: p.init.n_params(),
             grid_pareto: false,
             shape: k,
@@ -642,6 +713,7 @@ pub fn run_grid<B: Backend>(
             curvature: p.curvature.as_ref(),
             init: &p.init,
             dir: &dir,
+            lambdas,
             point: Some((point.clone(), label)),
         };
         let mut runs = train_lambdas(be, model, &shape, spec, &base, &mut on_run)?;
@@ -650,7 +722,7 @@ pub fn run_grid<B: Backend>(
         let mine: Vec<&Row> = runs.iter().collect();
         frontier_svg(
             &dir.join("frontier.svg"),
-            &format!(", {}", shape_label(cfg)),
+            &format!(", {}", entry.name()),
             &spec.target.name,
             &mine,
         )?;
@@ -658,8 +730,9 @@ pub fn run_grid<B: Backend>(
         shapes.push(GridShape {
             rank: point.rank,
             targets: point.targets,
+            curvature: point.curvature,
             lora_params: point.lora_params,
-            dir: shape_dir(cfg),
+            dir: entry.dir(),
             cost: SweepCost {
                 curvature: p.curvature_cost,
                 penalty_state_bytes: p.curvature.as_ref().map(penalty_state_bytes),
@@ -803,11 +876,7 @@ impl Report {
     /// `1e1`, or `r=4 all, 1e1` in a grid sweep.
     fn run_label(&self, r: &Row) -> String {
         match &r.grid {
-            Some(g) => format!(
-                "{}, {}",
-                shape_name(g.rank, &g.targets),
-                lambda_label(r.lambda)
-            ),
+            Some(g) => format!("{}, {}", g.name(), lambda_label(r.lambda)),
             None => lambda_label(r.lambda),
         }
     }
@@ -838,7 +907,7 @@ impl Report {
             .into_iter()
             .collect();
         for (k, g) in self.grid.iter().enumerate() {
-            let name = shape_name(g.rank, &g.targets);
+            let name = g.name();
             let stage1 = g.cost.curvature.as_ref();
             blocks.push(self.cost_block(Some(k), stage1.map(|c| (format!("{name}: stage I"), c))));
             penalty.extend(g.cost.penalty_state_bytes.map(|b| (name, b)));
@@ -846,20 +915,38 @@ impl Report {
         cost::markdown(&blocks, &penalty)
     }
 
-    /// A grid sweep's leading columns (rank, targets), as header and separator.
+    /// Whether the grid compares curvatures (its points name theirs).
+    fn over_curvatures(&self) -> bool {
+        self.grid.iter().any(|g| g.curvature.is_some())
+    }
+
+    /// A grid sweep's leading columns (rank, targets, and curvature in a grid over
+    /// curvatures), as header and separator.
     fn lead_header(&self) -> (&'static str, &'static str) {
-        match self.grid.is_empty() {
-            true => ("", ""),
-            false => ("| rank | targets ", "|---:|---"),
+        match (self.grid.is_empty(), self.over_curvatures()) {
+            (true, _) => ("", ""),
+            (false, false) => ("| rank | targets ", "|---:|---"),
+            (false, true) => ("| rank | targets | curvature ", "|---:|---|---"),
         }
     }
 
-    /// A row's leading columns: its rank and targets in a grid sweep (blank for the base).
+    /// A row's leading columns: its rank and targets (and curvature) in a grid sweep, blank
+    /// for the base.
     fn lead(&self, r: &Row) -> String {
-        match (&r.grid, self.grid.is_empty()) {
-            (_, true) => String::new(),
-            (Some(g), false) => format!("| {} | {} ", g.rank, g.targets),
-            (None, false) => "| | ".into(),
+        if self.grid.is_empty() {
+            return String::new();
+        }
+        let curvatures = self.over_curvatures();
+        match &r.grid {
+            Some(g) if curvatures => format!(
+                "| {} | {} | {} ",
+                g.rank,
+                g.targets,
+                g.curvature.as_deref().unwrap_or("")
+            ),
+            Some(g) => format!("| {} | {} ", g.rank, g.targets),
+            None if curvatures => "| | | ".into(),
+            None => "| | ".into(),
         }
     }
 
@@ -903,9 +990,14 @@ impl Report {
 
     pub fn csv(&self) -> String {
         let grid = !self.grid.is_empty();
+        let curvatures = self.over_curvatures();
         let mut s = String::new();
         if grid {
-            s += "rank,targets,lora_params,";
+            s += "rank,targets,";
+            if curvatures {
+                s += "curvature,";
+            }
+            s += "lora_params,";
         }
         s += "lambda,target_nll,learning,learning_se";
         for n in self.sources() {
@@ -929,8 +1021,16 @@ impl Report {
             if grid {
                 s += &match &r.grid {
                     // Quoted: a set of modules is comma-separated.
-                    Some(g) => format!("{},\"{}\",{},", g.rank, g.targets, g.lora_params),
-                    None => ",,,".into(),
+                    Some(g) => format!("{},\"{}\",", g.rank, g.targets),
+                    None => ",,".into(),
+                };
+                if curvatures {
+                    let c = r.grid.as_ref().and_then(|g| g.curvature.as_deref());
+                    s += &format!("{},", c.unwrap_or(""));
+                }
+                s += &match &r.grid {
+                    Some(g) => format!("{},", g.lora_params),
+                    None => ",".into(),
                 };
             }
             s += &format!(
@@ -1093,7 +1193,17 @@ impl Report {
                     .to_string(),
             );
         }
-        if !self.grid.is_empty() {
+        if self.over_curvatures() {
+            notes.push(format!(
+                "grid over curvatures: rank, targets and curvature give each run's point; a \
+                 point's runs are those a plain sweep of that shape with that curvature makes \
+                 (from the same base-model figures and the same init), and plain LoRA (lambda \
+                 0) runs once, being the same under every curvature; * marks the \
+                 Pareto-optimal runs within their point, grid Pareto those among every run of \
+                 the grid; plots: <point>/frontier.svg for each point, {OVERLAY} for all (a \
+                 colour per point; a point filled where Pareto-optimal over the grid)"
+            ));
+        } else if !self.grid.is_empty() {
             notes.push(format!(
                 "grid: rank and targets give each run's LoRA shape; a shape's runs are those a \
                  plain sweep of that shape makes (from the same base-model figures); * marks \
@@ -1119,7 +1229,7 @@ impl Report {
             .iter()
             .enumerate()
             .map(|(k, g)| Series {
-                name: shape_name(g.rank, &g.targets),
+                name: g.name(),
                 color: PALETTE[k % PALETTE.len()],
                 rows: self.rows_of(Some(k)).collect(),
                 // Each shape's path through the lambdas, to follow it among the others.
@@ -1127,8 +1237,12 @@ impl Report {
             })
             .collect();
         let src = self.sources().first().cloned().unwrap_or_default();
+        let what = match self.over_curvatures() {
+            true => "grid points",
+            false => "LoRA shapes",
+        };
         let caption = format!(
-            "LaLoRA: learning vs forgetting ({} vs {src}), {} LoRA shapes",
+            "LaLoRA: learning vs forgetting ({} vs {src}), {} {what}",
             self.target,
             self.grid.len()
         );

@@ -53,11 +53,12 @@ pub struct CurvatureArgs {
 /// `sweep --curvature-data`.
 #[derive(Args, Clone)]
 pub struct EstimateArgs {
-    /// With `self:N` data: text prompts, one per line, to start the sequences from in
-    /// turn (default: the model's BOS token alone).
+    /// With `self:N` data (or `sweep --study data`): text prompts, one per line, to start
+    /// the sequences from in turn (default: the model's BOS token alone).
     #[arg(long)]
     pub self_prompts: Option<PathBuf>,
-    /// With `self:N` data: tokens sampled per sequence (fewer where the model says EOS).
+    /// With `self:N` data (or `sweep --study data`): tokens sampled per sequence (fewer
+    /// where the model says EOS).
     #[arg(long, default_value_t = 128)]
     pub self_tokens: usize,
     /// diag, kfac or kfac-tri.
@@ -130,6 +131,17 @@ pub struct Stage1 {
 }
 
 impl Stage1 {
+    /// The estimator `spec` on data already read, without a warm-up; `data_desc` names the
+    /// data in the file's metadata.
+    pub fn new(spec: Spec, batch_size: usize, data_desc: String) -> Self {
+        Stage1 {
+            warmup: None,
+            spec,
+            batch_size,
+            data_desc,
+        }
+    }
+
     /// Check the flags and read the inputs, before any work: the source `data` given with
     /// `flag` (a file or `self:N`; self-generated data are kept beside `out`, the curvature
     /// file) and the warm-up data.

@@ -2,23 +2,25 @@
 //! job). Fetches the assets if missing; curvature on QuAC passages at the fresh LoRA init;
 //! training on the math target (ASDiv + GSM8K) at several lambdas including 0; evaluation
 //! on held-out math (NLL and exact match), held-out QuAC and XSum (NLL) and PIQA and SIQA
-//! (multiple-choice accuracy); the tables and the frontier plot.
+//! (multiple-choice accuracy); the tables and the frontier plot. With `--study data`, the
+//! same lambdas under four curvatures (QuAC's, a self-generated set's, an isotropic one,
+//! none; `study.rs`).
 
 use std::path::{Path, PathBuf};
 
 use clap::Args;
 
+use super::curvature::{EstimateArgs, Source, Stage1};
+use super::study::{self, DataStudy, Study};
 use super::sweep::{SweepTask, choice_set, eval_set, exact_match_set, print_report};
 use super::{Common, DataArgs, LoraArgs, load_data};
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
-use crate::cost::{Flops, Meter};
 use crate::curvature::summary::summarize;
-use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
+use crate::curvature::{Fisher, KfacApprox, Scheme, Spec};
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::model::{self, HostLora, Llama, LoadedModel};
-use crate::progress;
 use crate::sweep::{self, Report};
 use crate::train::{Schedule, TrainConfig};
 
@@ -29,9 +31,15 @@ pub struct DemoArgs {
     /// Where the default model and data are (fetched there if missing).
     #[arg(long, env = "ASSETS_DIR")]
     pub assets: Option<PathBuf>,
-    /// Output directory.
-    #[arg(long, default_value = "runs/demo")]
-    pub out: PathBuf,
+    /// `lambda`: the lambdas under the curvature of QuAC passages. `data`: the lambdas under
+    /// four curvatures, to tell what the source data give the penalty: QuAC's, that of as
+    /// many sequences sampled from the model itself, an isotropic one of the same trace,
+    /// and none (delta only); about three times as long.
+    #[arg(long, value_enum, default_value = "lambda")]
+    pub study: Study,
+    /// Output directory (default: runs/demo, or runs/demo-data for --study data).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
     /// Comma-separated lambdas (0 = plain LoRA).
     #[arg(long, default_value = "0,10,1e3,1e4")]
     pub lambdas: String,
@@ -129,50 +137,35 @@ fn ensure_assets(dir: &Path, quiet: bool) -> Result<()> {
     Ok(())
 }
 
+/// The lambda study: stage I on QuAC passages, then the sweep under that curvature.
 struct DemoTask {
     sweep: SweepTask,
     curvature_data: Vec<Example>,
-    spec: Spec,
+    stage: Stage1,
 }
 
 impl BackendTask for DemoTask {
-    type Output = (Curvature, Report);
-    fn run<B: Backend>(self, be: &B) -> Result<(Curvature, Report)> {
+    type Output = Report;
+    fn run<B: Backend>(self, be: &B) -> Result<Report> {
         let mut s = self.sweep;
         let weights = s.model.take_weights();
         let model = Llama::new(be, s.model.cfg.clone(), weights)?;
-        let lora = s.init.map(|v| be.buf(v.clone()))?;
         if !s.quiet {
             eprintln!(
-                "demo: estimating the curvature ({}, empirical Fisher) on {} QuAC passages",
-                self.spec.scheme,
+                "demo: estimating the curvature ({}) on {} QuAC passages",
+                self.stage.describe(),
                 self.curvature_data.len()
             );
         }
-        let pb = progress::bar(
-            self.curvature_data.len().div_ceil(s.eval_batch) as u64,
-            "curvature",
-            s.quiet,
-        )
-        .unit("batches");
-        let meter = Meter::start("curvature");
-        let mut c = estimate(
+        let identity = s.model.identity.clone();
+        let (c, curvature_cost) = self.stage.estimate(
             be,
             &model,
-            &lora,
+            &identity,
+            &s.init,
             &self.curvature_data,
-            s.eval_batch,
-            self.spec,
-            || pb.inc(1),
+            s.quiet,
         )?;
-        pb.finish_and_clear();
-        let (tokens, flops) = Flops::new(&model.cfg, &s.init).curvature(
-            &self.curvature_data,
-            s.eval_batch,
-            &self.spec,
-        );
-        let curvature_cost = meter.finish(tokens, flops);
-        c.meta.model = s.model.identity.clone();
         c.write(&s.out.join("curvature.safetensors"))?;
         if !s.quiet {
             eprintln!(
@@ -188,7 +181,7 @@ impl BackendTask for DemoTask {
         // Stage I ran here too: the results again, with its cost.
         report.cost.curvature = Some(curvature_cost);
         report.write(&out)?;
-        Ok((c, report))
+        Ok(report)
     }
 }
 
@@ -203,8 +196,15 @@ pub fn run(a: DemoArgs) -> Result<()> {
         max_len: a.batching.max_len.min(256),
         ..a.batching.clone()
     };
-    let mut curvature_data = load_data(&data.join("source-curvature.jsonl"), &m, &batching)?;
+    let quac = data.join("source-curvature.jsonl");
+    let mut curvature_data = load_data(&quac, &m, &batching)?;
     curvature_data.truncate(a.curvature_sequences);
+    let out = a.out.clone().unwrap_or_else(|| {
+        PathBuf::from(match a.study {
+            Study::Lambda => "runs/demo",
+            Study::Data => "runs/demo-data",
+        })
+    });
     let exact_match = match a.exact_match {
         0 => None,
         n => Some(exact_match_set(
@@ -260,7 +260,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         exact_match,
         eval_batch: batching.batch_size,
         quiet,
-        out: a.out.clone(),
+        out: out.clone(),
         model: m,
     };
     let spec = Spec {
@@ -269,18 +269,59 @@ pub fn run(a: DemoArgs) -> Result<()> {
         approx: KfacApprox::Expand,
         seed: a.common.seed,
     };
+    let stage = Stage1::new(
+        spec,
+        batching.batch_size,
+        format!(
+            "{} (the first {} passages)",
+            quac.display(),
+            curvature_data.len()
+        ),
+    );
+    let placement = a.common.placement(quiet);
+    if a.study == Study::Data {
+        // As many self-generated sequences as QuAC passages, as long as they may be.
+        let sampling = EstimateArgs {
+            self_prompts: None,
+            self_tokens: batching.max_len,
+            scheme: a.scheme,
+            fisher: Fisher::Empirical.to_string(),
+            mc_samples: 1,
+            kfac_approx: KfacApprox::Expand,
+            warmup_steps: 0,
+            warmup_data: None,
+            warmup_lr: 0.0,
+        };
+        let self_generated = study::plan_self(
+            &sampling,
+            curvature_data.len(),
+            &out,
+            &sweep_task.init.cfg,
+            &sweep_task.model,
+            &batching,
+            a.common.seed,
+        )?;
+        let task = DataStudy {
+            sweep: sweep_task,
+            data: (Source::File(curvature_data), stage),
+            self_generated,
+        };
+        let report = run_on(placement, task)?;
+        print_report(&report, &out, a.common.json);
+        return Ok(());
+    }
     let task = DemoTask {
         sweep: sweep_task,
         curvature_data,
-        spec,
+        stage,
     };
-    let (_, report) = run_on(a.common.placement(quiet), task)?;
-    print_report(&report, &a.out, a.common.json);
+    let report = run_on(placement, task)?;
+    print_report(&report, &out, a.common.json);
     if !a.common.json {
         println!(
             "wrote {} (curvature), {}/runs/ (adapters, metrics)",
-            a.out.join("curvature.safetensors").display(),
-            a.out.display()
+            out.join("curvature.safetensors").display(),
+            out.display()
         );
     }
     Ok(())

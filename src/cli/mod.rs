@@ -9,6 +9,7 @@ mod generate;
 mod grad;
 mod info;
 mod selftest;
+mod study;
 mod sweep;
 mod train;
 

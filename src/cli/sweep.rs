@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use clap::{ArgGroup, Args};
 
 use super::curvature::{EstimateArgs, Source, Stage1, keep_self_data};
+use super::study::{self, DataStudy, Study};
 use super::train::HyperArgs;
 use super::{Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json};
 use crate::backend::Backend;
@@ -22,12 +23,13 @@ use crate::model::config::LlamaConfig;
 use crate::model::{HostLora, Llama, LoadedModel, LoraConfig};
 use crate::progress;
 use crate::sweep::{
-    self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, Prepared, Report, Row, SweepSpec,
+    self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, GridEntry, Prepared, Report, Row,
+    SweepSpec,
 };
 use crate::train::TrainConfig;
 
 /// A shape's curvature estimated by a grid sweep, in its directory.
-const CURVATURE_FILE: &str = "curvature.safetensors";
+pub(crate) const CURVATURE_FILE: &str = "curvature.safetensors";
 
 #[derive(Args)]
 // The estimation flags mean nothing without data to estimate on.
@@ -64,6 +66,19 @@ pub struct SweepArgs {
     /// Makes a grid sweep, of one shape without --ranks or a repeated --targets.
     #[arg(long, conflicts_with = "curvature")]
     pub curvature_data: Option<PathBuf>,
+    /// `data`: the lambdas under four curvatures of one LoRA shape, to tell what the source
+    /// data give the penalty: estimated on --curvature-data (a file), on as many sequences
+    /// sampled from the base model (--self-tokens, --self-prompts), an isotropic one of the
+    /// same trace, and none (delta only). One table with a curvature column; each
+    /// curvature's runs under `<out>/r<rank>-<targets>-<curvature>/`. `lambda` (the
+    /// default): the lambdas under one curvature.
+    #[arg(
+        long,
+        value_enum,
+        requires = "curvature_data",
+        conflicts_with = "ranks"
+    )]
+    pub study: Option<Study>,
     /// Comma-separated lambdas (default: 0,1,3,10,30,100,1e3,1e4,1e5).
     #[arg(long)]
     pub lambdas: Option<String>,
@@ -150,7 +165,7 @@ impl SweepTask {
     }
 
     /// Hand the sweep's spec to `f`, with the fresh init and the model's files.
-    fn with_spec<R>(
+    pub(crate) fn with_spec<R>(
         self,
         f: impl FnOnce(&SweepSpec<'_>, &HostLora, &LoadedModel) -> Result<R>,
     ) -> Result<R> {
@@ -176,7 +191,7 @@ impl SweepTask {
 }
 
 /// Each run's status line on stderr as it ends, unless quiet.
-fn status(quiet: bool) -> impl FnMut(&Row) {
+pub(crate) fn status(quiet: bool) -> impl FnMut(&Row) {
     move |row| {
         if !quiet {
             eprintln!("{}", status_line(row));
@@ -189,11 +204,7 @@ fn status(quiet: bool) -> impl FnMut(&Row) {
 /// `r=4 all, lambda 1e1: ...`).
 fn status_line(row: &Row) -> String {
     let mut s = match (&row.grid, row.lambda) {
-        (Some(g), Some(l)) => format!(
-            "{}, lambda {}: ",
-            sweep::shape_name(g.rank, &g.targets),
-            sweep::lambda_label(Some(l))
-        ),
+        (Some(g), Some(l)) => format!("{}, lambda {}: ", g.name(), sweep::lambda_label(Some(l))),
         (None, Some(l)) => format!("lambda {}: ", sweep::lambda_label(Some(l))),
         (_, None) => "base model: ".to_string(),
     };
@@ -245,7 +256,7 @@ impl BackendTask for SweepTask {
 /// that fits every shape (checked); `sweep.init` is unused, each shape starting at its own.
 struct GridTask {
     sweep: SweepTask,
-    grid: Vec<LoraConfig>,
+    grid: Vec<GridEntry>,
     /// Stage I for each shape (--curvature-data), its source data still to be sampled
     /// when self-generated.
     estimate: Option<(Source, Stage1)>,
@@ -279,7 +290,7 @@ impl BackendTask for GridTask {
                 seed,
                 quiet,
             };
-            let prepare = |cfg: &LoraConfig, dir: &Path| shapes.prepare(be, &model, cfg, dir);
+            let prepare = |e: &GridEntry, dir: &Path| shapes.prepare(be, &model, &e.cfg, dir);
             sweep::run_grid(be, &model, spec, &grid, &out, prepare, status(quiet))
         })
     }
@@ -380,6 +391,49 @@ fn grid(
         }
     }
     Ok(Some(shapes))
+}
+
+/// `sweep --study data`: the study over the one LoRA shape of the flags, its source data a
+/// file (the self-generated set is the study's own).
+fn data_study(
+    a: &SweepArgs,
+    task: SweepTask,
+    grid: Option<Vec<LoraConfig>>,
+    estimate: Option<(Source, Stage1)>,
+) -> Result<DataStudy> {
+    let shape = match grid.as_deref() {
+        Some([one]) => one.clone(),
+        _ => {
+            return Err(Error::usage(
+                "--study data compares curvatures of one LoRA shape: give at most one --targets",
+            ));
+        }
+    };
+    let Some(data) = estimate else {
+        return Err(Error::usage("--study data needs --curvature-data"));
+    };
+    let n = match &data.0 {
+        Source::File(examples) => examples.len(),
+        Source::SelfGenerated { .. } => {
+            return Err(Error::usage(
+                "--study data samples its own self-generated set: give --curvature-data a file",
+            ));
+        }
+    };
+    let self_generated = study::plan_self(
+        &a.estimate,
+        n,
+        &a.out,
+        &shape,
+        &task.model,
+        &a.batching,
+        a.common.seed,
+    )?;
+    Ok(DataStudy {
+        sweep: task,
+        data,
+        self_generated,
+    })
 }
 
 /// `lora` with what it leaves open taken from `cfg`.
@@ -522,9 +576,14 @@ pub fn run(a: SweepArgs) -> Result<()> {
     };
     let has_curvature = curvature.is_some() || a.curvature_data.is_some();
     sweep::require_curvature(&lambdas, has_curvature)?;
+    // In a data study the sampling flags are for its self-generated set.
+    let mut on_data = a.estimate.clone();
+    if a.study == Some(Study::Data) {
+        on_data.self_prompts = None;
+    }
     let estimate = match &a.curvature_data {
         Some(d) => Some(Stage1::plan(
-            &a.estimate,
+            &on_data,
             ("--curvature-data", d),
             &a.out.join(CURVATURE_FILE),
             &m,
@@ -577,13 +636,18 @@ pub fn run(a: SweepArgs) -> Result<()> {
         model: m,
     };
     let placement = a.common.placement(quiet);
+    if a.study == Some(Study::Data) {
+        let report = run_on(placement, data_study(&a, task, grid, estimate)?)?;
+        print_report(&report, &a.out, a.common.json);
+        return Ok(());
+    }
     let report = match grid {
         None => run_on(placement, task)?,
         Some(grid) => run_on(
             placement,
             GridTask {
                 sweep: task,
-                grid,
+                grid: grid.into_iter().map(GridEntry::shape).collect(),
                 estimate,
                 seed: a.common.seed,
             },

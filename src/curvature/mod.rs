@@ -12,6 +12,7 @@
 //! by N.
 
 pub mod accumulate;
+pub mod baseline;
 pub mod file;
 pub mod self_data;
 pub mod summary;

@@ -415,13 +415,23 @@ fn eval_count(spec: &SweepSpec<'_>, flops: &Flops) -> (u64, u64) {
 }
 
 /// Evaluate the base model (no adapter) on every set: what the runs are compared with, and
-/// its row. `flops` counts its products.
+/// its row.
 fn evaluate_base<B: Backend>(
     be: &B,
     model: &Llama<B>,
     spec: &SweepSpec<'_>,
-    flops: &Flops,
 ) -> Result<(Base, Row)> {
+    // The base model runs without an adapter: no LoRA products to count.
+    let no_lora = LoraWeights::<()> {
+        cfg: LoraConfig {
+            r: 0,
+            alpha: 0.0,
+            use_rslora: false,
+            targets: Vec::new(),
+        },
+        modules: Vec::new(),
+    };
+    let flops = &Flops::new(&model.cfg, &no_lora);
     let sets: Vec<SetInfo> = spec
         .sets()
         .enumerate()
@@ -537,7 +547,7 @@ pub fn run<B: Backend>(
     mut on_run: impl FnMut(&Row),
 ) -> Result<Report> {
     require_curvature(&spec.lambdas, curvature.is_some())?;
-    let (base, base_row) = evaluate_base(be, model, spec, &Flops::new(&model.cfg, init))?;
+    let (base, base_row) = evaluate_base(be, model, spec)?;
     on_run(&base_row);
     let shape = Shape {
         curvature,
@@ -679,17 +689,7 @@ pub fn run_grid<B: Backend>(
     mut prepare: impl FnMut(&GridEntry, &Path) -> Result<Prepared>,
     mut on_run: impl FnMut(&Row),
 ) -> Result<Report> {
-    // The base model runs without an adapter: no LoRA products to count.
-    let no_lora = LoraWeights::<()> {
-        cfg: LoraConfig {
-            r: 0,
-            alpha: 0.0,
-            use_rslora: false,
-            targets: Vec::new(),
-        },
-        modules: Vec::new(),
-    };
-    let (base, base_row) = evaluate_base(be, model, spec, &Flops::new(&model.cfg, &no_lora))?;
+    let (base, base_row) = evaluate_base(be, model, spec)?;
     on_run(&base_row);
     let mut rows = vec![base_row];
     let mut shapes = Vec::new();

@@ -321,7 +321,7 @@ use lalora_engine::cost::{Flops, Meter};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::Example;
 use lalora_engine::eval::perplexity::sequence_losses;
-use lalora_engine::model::{HostLora, LoraConfig, Proj};
+use lalora_engine::model::{HostLora, LoraConfig, LoraWeights, Proj};
 use lalora_engine::train::TrainConfig;
 use lalora_engine::train::session::{self, SessionOptions};
 
@@ -350,6 +350,19 @@ fn adapters(t: &Tiny) -> Vec<HostLora> {
         targets: vec![Proj::Q, Proj::V],
     };
     vec![t.adapter.clone(), HostLora::init(&t.loaded.cfg, qv, 3)]
+}
+
+/// No adapter: the base model.
+fn no_lora() -> LoraWeights<()> {
+    LoraWeights {
+        cfg: LoraConfig {
+            r: 0,
+            alpha: 0.0,
+            use_rslora: false,
+            targets: Vec::new(),
+        },
+        modules: Vec::new(),
+    }
 }
 
 fn curvature_of(be: &CpuBackend, lora: &HostLora, ex: &[Example], spec: Spec) -> Curvature {
@@ -390,6 +403,14 @@ fn evaluation_flops_equal_the_counted_products() {
             let real: usize = ex.iter().map(|e| e.ids.len()).sum();
             assert_eq!(tokens, real as u64);
         }
+    }
+    // The base model: no adapter, no LoRA products.
+    for batch in [1, 4, 6] {
+        c.take();
+        sequence_losses(&c, &model, None, &ex, batch, || {}).unwrap();
+        let counted = c.take();
+        let (_, flops) = Flops::new(&t.loaded.cfg, &no_lora()).evaluation(&ex, batch);
+        assert_eq!(flops, counted, "base model, batch {batch}");
     }
 }
 
@@ -640,10 +661,22 @@ fn sweep_reports_each_runs_cost() {
         train_flops(2) - train_flops(1),
         2 * flops.penalty_step(&curv)
     );
+    // Both evaluation sets are the fixture's 6 sequences, in batches of 2: the base model
+    // runs no LoRA products, each run runs its adapter's.
+    let eval =
+        |lora: &LoraWeights<_>| 2 * Flops::new(&t.loaded.cfg, lora).evaluation(&t.examples, 2).1;
+    let (base, run) = (eval(&no_lora()), eval(&curv.mean.map(|_| Ok(())).unwrap()));
+    assert!(run > base);
     assert_eq!(
-        r["rows"][1]["cost"][1]["flops"], r["rows"][0]["cost"][0]["flops"],
-        "every evaluation runs the same sets"
+        r["rows"][0]["cost"][0]["flops"], base,
+        "the base model's evaluation"
     );
+    for i in [1, 2] {
+        assert_eq!(
+            r["rows"][i]["cost"][1]["flops"], run,
+            "run {i}'s evaluation"
+        );
+    }
     assert!(r["cost"]["penalty_state_bytes"].as_u64().unwrap() > 0);
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.contains("| run | stage | wall s |"), "{md}");

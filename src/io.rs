@@ -62,9 +62,45 @@ pub fn write_safetensors(
         })
         .collect::<Result<Vec<_>>>()?;
     let meta: HashMap<String, String> = metadata.into_iter().collect();
-    let bytes = safetensors::serialize(views, Some(meta))
+    let mut bytes = safetensors::serialize(views, Some(meta))
         .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+    sort_header(&mut bytes).map_err(|m| Error::file(path, m))?;
     atomic_write(path, &bytes)
+}
+
+/// Put the keys of a serialised safetensors file's JSON header in sorted order, in place.
+/// The crate writes the metadata from a `HashMap`, whose order changes from run to run, so
+/// the same tensors and metadata would give different bytes; sorted, a file is a function
+/// of its content (and can be compared by hash). Compact JSON of the same keys and values
+/// has the same length in any order, so the header's length, its padding and every data
+/// offset stay as they were.
+fn sort_header(bytes: &mut [u8]) -> std::result::Result<(), String> {
+    fn sort(v: &mut serde_json::Value) {
+        if let serde_json::Value::Object(m) = v {
+            m.sort_keys();
+            m.values_mut().for_each(sort);
+        }
+    }
+    let n = bytes
+        .first_chunk::<8>()
+        .map(|b| u64::from_le_bytes(*b) as usize)
+        .filter(|&n| bytes.len() >= 8 + n)
+        .ok_or("serialised safetensors without a whole header")?;
+    let header = &mut bytes[8..8 + n];
+    let mut v: serde_json::Value =
+        serde_json::from_slice(header).map_err(|e| format!("serialised header: {e}"))?;
+    sort(&mut v);
+    let sorted = serde_json::to_vec(&v).map_err(|e| format!("serialised header: {e}"))?;
+    // The rest of the header is the crate's padding (spaces), as before.
+    let json_len = header.iter().rposition(|&b| b != b' ').map_or(0, |i| i + 1);
+    if sorted.len() != json_len {
+        return Err(format!(
+            "the sorted header has {} bytes, the original {json_len}",
+            sorted.len()
+        ));
+    }
+    header[..json_len].copy_from_slice(&sorted);
+    Ok(())
 }
 
 /// A whole safetensors file read into memory as f32, with its metadata.

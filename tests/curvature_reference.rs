@@ -230,6 +230,18 @@ fn curvature_file_round_trips() {
         );
         let p = d.path().join("c.safetensors");
         c.write(&p).unwrap();
+        // The same content, the same bytes (the metadata's order is not left to a hash).
+        let again = d.path().join("again.safetensors");
+        c.write(&again).unwrap();
+        let bytes = std::fs::read(&p).unwrap();
+        assert!(
+            bytes == std::fs::read(&again).unwrap(),
+            "{scheme}: two writes differ"
+        );
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+        let (format, scheme_key) = (header.find("\"format\""), header.find("\"scheme\""));
+        assert!(format.unwrap() < scheme_key.unwrap(), "{header}");
         let back = Curvature::read(&p, &t.loaded.cfg).unwrap();
         assert_eq!(back.meta.scheme, scheme);
         assert_eq!(back.meta.n_sequences, 6);

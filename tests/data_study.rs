@@ -252,6 +252,8 @@ fn a_study_needs_one_shape_and_source_data_from_a_file() {
         .unwrap();
     refused(&o, "one LoRA shape");
     let o = sweep(&out).args(["--study", "data"]).output().unwrap();
-    refused(&o, "--curvature-data");
+    refused(&o, "--study data needs --curvature-data");
+    let o = study(&out).args(["--ranks", "4,8"]).output().unwrap();
+    refused(&o, "one LoRA shape");
     assert!(!out.exists(), "nothing written for a refused study");
 }

@@ -72,12 +72,7 @@ pub struct SweepArgs {
     /// same trace, and none (delta only). One table with a curvature column; each
     /// curvature's runs under `<out>/r<rank>-<targets>-<curvature>/`. `lambda` (the
     /// default): the lambdas under one curvature.
-    #[arg(
-        long,
-        value_enum,
-        requires = "curvature_data",
-        conflicts_with = "ranks"
-    )]
+    #[arg(long, value_enum)]
     pub study: Option<Study>,
     /// Comma-separated lambdas (default: 0,1,3,10,30,100,1e3,1e4,1e5).
     #[arg(long)]
@@ -410,7 +405,7 @@ fn data_study(
         }
     };
     let Some(data) = estimate else {
-        return Err(Error::usage("--study data needs --curvature-data"));
+        unreachable!("run() refuses --study data without --curvature-data")
     };
     let n = match &data.0 {
         Source::File(examples) => examples.len(),
@@ -557,6 +552,11 @@ pub fn print_report(r: &Report, out: &std::path::Path, json: bool) {
 }
 
 pub fn run(a: SweepArgs) -> Result<()> {
+    if a.study == Some(Study::Data) && a.curvature_data.is_none() {
+        return Err(Error::usage(
+            "--study data needs --curvature-data (the source data to compare with)",
+        ));
+    }
     let m = load_model(&a.model)?;
     let curvature = a
         .curvature

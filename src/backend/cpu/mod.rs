@@ -8,6 +8,7 @@ pub mod curvature;
 pub mod gemm;
 pub mod ops;
 pub mod optim;
+mod vmath;
 
 use self::gemm::{Mat, gemm};
 use super::{
@@ -16,20 +17,39 @@ use super::{
 };
 use crate::error::Result;
 
-/// The widest x86 vector extension the GEMM uses on this machine: AVX-512 needs both the
-/// CPU and the `avx512` feature (on by default; off, an AVX-512 machine runs the AVX2
-/// kernels, as an AVX2-only machine would).
-pub fn simd_level() -> &'static str {
+/// The widest x86 vector extension the GEMM and the row ops use on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    Avx512,
+    Avx2,
+    Below,
+}
+
+/// AVX-512 needs both the CPU and the `avx512` feature (on by default; off, an AVX-512
+/// machine runs the AVX2 kernels, as an AVX2-only machine would).
+pub fn simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        if cfg!(feature = "avx512") && is_x86_feature_detected!("avx512f") {
-            return "AVX-512";
+        if cfg!(feature = "avx512")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            return Simd::Avx512;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return "AVX2";
+            return Simd::Avx2;
         }
     }
-    "below AVX2"
+    Simd::Below
+}
+
+/// [`simd`] in words, for the benchmarks' reports.
+pub fn simd_level() -> &'static str {
+    match simd() {
+        Simd::Avx512 => "AVX-512",
+        Simd::Avx2 => "AVX2",
+        Simd::Below => "below AVX2",
+    }
 }
 
 /// Row counts up to which `linear` takes [`gemm::linear_few_rows`] (measured on SmolLM2's

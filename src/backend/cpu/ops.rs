@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::vmath;
 use crate::backend::{CeTargets, sample_uniform};
 
 /// Rows per rayon task for cheap elementwise row ops.
@@ -89,28 +90,26 @@ pub fn rope(
     });
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
+/// Elements per rayon task for the elementwise SwiGLU ops.
+const ELEM_CHUNK: usize = 1 << 14;
 
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.par_iter()
-        .zip(up.par_iter())
-        .map(|(&g, &u)| g * sigmoid(g) * u)
-        .collect()
+    let mut out = vec![0f32; gate.len()];
+    out.par_chunks_mut(ELEM_CHUNK)
+        .zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK)))
+        .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
+    out
 }
 
 /// `d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))`.
 pub fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (dg, du): (Vec<f32>, Vec<f32>) = dact
-        .par_iter()
-        .zip(gate.par_iter())
-        .zip(up.par_iter())
-        .map(|((&d, &g), &u)| {
-            let s = sigmoid(g);
-            (d * u * s * (1.0 + g * (1.0 - s)), d * g * s)
-        })
-        .unzip();
+    let mut dg = vec![0f32; gate.len()];
+    let mut du = vec![0f32; gate.len()];
+    dg.par_chunks_mut(ELEM_CHUNK)
+        .zip(du.par_chunks_mut(ELEM_CHUNK))
+        .zip(dact.par_chunks(ELEM_CHUNK))
+        .zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK)))
+        .for_each(|(((dg, du), d), (g, u))| vmath::swiglu_backward(dg, du, d, g, u));
     (dg, du)
 }
 
@@ -144,15 +143,11 @@ pub fn cross_entropy(
                 &mut scratch
             }
         };
+        e.copy_from_slice(z);
+        vmath::exp_shifted(e, max);
         let mut sum = 0f64;
-        for chunk in e.chunks_mut(256).zip(z.chunks(256)) {
-            let (ec, zc) = chunk;
-            let mut s = 0f32;
-            for (o, &v) in ec.iter_mut().zip(zc) {
-                *o = (v - max).exp();
-                s += *o;
-            }
-            sum += s as f64;
+        for ec in e.chunks(256) {
+            sum += ec.iter().sum::<f32>() as f64;
         }
         let lse = max + sum.ln() as f32;
         let target = match seed {

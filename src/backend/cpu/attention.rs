@@ -85,9 +85,9 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
                     );
                     for (i, row) in pb.chunks_mut(s.tk).enumerate() {
                         let n = visible(s, i0 + i);
-                        let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let max = vmath::max(&row[..n], f32::NEG_INFINITY);
                         vmath::exp_shifted(&mut row[..n], max);
-                        let sum: f32 = row[..n].iter().sum();
+                        let sum = vmath::sum(&row[..n]);
                         let inv = 1.0 / sum;
                         row[..n].iter_mut().for_each(|x| *x *= inv);
                         row[n..].fill(0.0);
@@ -165,7 +165,7 @@ pub fn attention_backward(
                     // Masked keys have p = 0, so dS = 0 there (the key blocks below read
                     // some of them).
                     let n = visible(s, i0 + i);
-                    let dot: f32 = dsr[..n].iter().zip(pr).map(|(a, b)| a * b).sum();
+                    let dot = vmath::dot(&dsr[..n], pr);
                     for (d, &pv) in dsr[..n].iter_mut().zip(pr) {
                         *d = pv * (*d - dot);
                     }

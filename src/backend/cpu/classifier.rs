@@ -161,11 +161,11 @@ fn sweep(
                 if let Some(j) = local {
                     s.target_logit = zr[j];
                 }
-                let m = zr.iter().copied().fold(s.max, f32::max);
+                let m = vmath::max(zr, s.max);
                 vmath::exp_shifted(zr, m);
                 let mut part = 0f64;
                 for block in zr.chunks(PARTIAL) {
-                    part += block.iter().sum::<f32>() as f64;
+                    part += vmath::sum(block) as f64;
                 }
                 *alpha = (s.max - m).exp();
                 s.sum = s.sum * *alpha as f64 + part;

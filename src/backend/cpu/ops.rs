@@ -26,7 +26,7 @@ pub fn rmsnorm(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f32>, Vec<f32
         .zip(x.par_chunks(dim * ROW_CHUNK))
         .for_each(|((yc, rc), xc)| {
             for ((yr, r), xr) in yc.chunks_mut(dim).zip(rc.iter_mut()).zip(xc.chunks(dim)) {
-                let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
+                let ms = vmath::dot(xr, xr) / dim as f32;
                 *r = 1.0 / (ms + eps).sqrt();
                 for ((o, xi), wi) in yr.iter_mut().zip(xr).zip(w) {
                     *o = wi * (xi * *r);
@@ -50,7 +50,7 @@ pub fn rmsnorm_backward(
         .zip(x.par_chunks(dim))
         .zip(rstd.par_iter())
         .for_each(|(((dxr, dyr), xr), &r)| {
-            let dot: f32 = dyr.iter().zip(w).zip(xr).map(|((d, w), x)| d * w * x).sum();
+            let dot = vmath::dot3(dyr, w, xr);
             let c = dot * r * r * r / dim as f32;
             for (((o, d), wi), xi) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
                 *o += r * wi * d - xi * c;
@@ -133,7 +133,7 @@ pub fn cross_entropy(
         if tg[r] < 0 {
             return 0.0;
         }
-        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = vmath::max(z, f32::NEG_INFINITY);
         let mut scratch = Vec::new();
         let write_grad = d.is_some();
         let e: &mut [f32] = match d {
@@ -147,7 +147,7 @@ pub fn cross_entropy(
         vmath::exp_shifted(e, max);
         let mut sum = 0f64;
         for ec in e.chunks(256) {
-            sum += ec.iter().sum::<f32>() as f64;
+            sum += vmath::sum(ec) as f64;
         }
         let lse = max + sum.ln() as f32;
         let target = match seed {

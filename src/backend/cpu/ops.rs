@@ -26,7 +26,7 @@ pub fn rmsnorm(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f32>, Vec<f32
         .zip(x.par_chunks(dim * ROW_CHUNK))
         .for_each(|((yc, rc), xc)| {
             for ((yr, r), xr) in yc.chunks_mut(dim).zip(rc.iter_mut()).zip(xc.chunks(dim)) {
-                let ms = vmath::dot(xr, xr) / dim as f32;
+                let ms = xr.iter().map(|v| v * v).sum::<f32>() / dim as f32;
                 *r = 1.0 / (ms + eps).sqrt();
                 for ((o, xi), wi) in yr.iter_mut().zip(xr).zip(w) {
                     *o = wi * (xi * *r);
@@ -50,7 +50,7 @@ pub fn rmsnorm_backward(
         .zip(x.par_chunks(dim))
         .zip(rstd.par_iter())
         .for_each(|(((dxr, dyr), xr), &r)| {
-            let dot = vmath::dot3(dyr, w, xr);
+            let dot: f32 = dyr.iter().zip(w).zip(xr).map(|((d, w), x)| d * w * x).sum();
             let c = dot * r * r * r / dim as f32;
             for (((o, d), wi), xi) in dxr.iter_mut().zip(dyr).zip(w).zip(xr) {
                 *o += r * wi * d - xi * c;

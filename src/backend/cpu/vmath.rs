@@ -109,39 +109,31 @@ fn total(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
-/// `sum_i f(a_i, b_i, c_i)` over equal-length slices, in `LANES` interleaved partial sums.
+/// `sum_i f(a_i, b_i)` over equal-length slices, in `LANES` interleaved partial sums.
 #[inline(always)]
-fn lane_sum(a: &[f32], b: &[f32], c: &[f32], f: impl Fn(f32, f32, f32) -> f32) -> f32 {
-    let n = a.len().min(b.len()).min(c.len());
-    let (a, b, c) = (&a[..n], &b[..n], &c[..n]);
+fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
     let mut acc = [0f32; LANES];
-    let (ac, bc, cc) = (
-        a.chunks_exact(LANES),
-        b.chunks_exact(LANES),
-        c.chunks_exact(LANES),
-    );
+    let (ac, bc) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
     let full = ac.len() * LANES;
-    for ((x, y), z) in ac.zip(bc).zip(cc) {
+    for (x, y) in ac.zip(bc) {
         for l in 0..LANES {
-            acc[l] += f(x[l], y[l], z[l]);
+            acc[l] += f(x[l], y[l]);
         }
     }
     for (l, a_l) in acc.iter_mut().enumerate().take(n - full) {
-        *a_l += f(a[full + l], b[full + l], c[full + l]);
+        *a_l += f(a[full + l], b[full + l]);
     }
     total(acc)
 }
 
 dispatch!(sum(xs: &[f32]) -> f32 {
-    lane_sum(xs, xs, xs, |x, _, _| x)
+    lane_sum(xs, xs, |x, _| x)
 });
 
 dispatch!(dot(a: &[f32], b: &[f32]) -> f32 {
-    lane_sum(a, b, b, |x, y, _| x * y)
-});
-
-dispatch!(dot3(a: &[f32], b: &[f32], c: &[f32]) -> f32 {
-    lane_sum(a, b, c, |x, y, z| x * y * z)
+    lane_sum(a, b, |x, y| x * y)
 });
 
 dispatch!(max(xs: &[f32], init: f32) -> f32 {
@@ -249,12 +241,6 @@ mod tests {
                 dot(&a, &b),
                 ab.iter().sum(),
                 ab.iter().map(|v| v.abs()).sum(),
-            );
-            let abb: Vec<f64> = ab.iter().zip(&b).map(|(&v, &y)| v * y as f64).collect();
-            close(
-                dot3(&a, &b, &b),
-                abb.iter().sum(),
-                abb.iter().map(|v| v.abs()).sum(),
             );
             let want = a.iter().copied().fold(-1e30, f32::max);
             assert_eq!(max(&a, -1e30), want);

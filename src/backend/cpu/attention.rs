@@ -3,7 +3,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm, gemm_ptr};
+use super::gemm::{Mat, gemm, gemm_ptr, zeros_par};
 use super::vmath;
 use crate::backend::AttnShape;
 
@@ -55,8 +55,8 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
     let (qw, kw) = (h * hd, kvh * hd);
     let group = h / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; s.batch * s.tq * qw];
-    let mut probs = vec![0f32; s.probs_len()];
+    let mut out = zeros_par(s.batch * s.tq * qw);
+    let mut probs = zeros_par(s.probs_len());
     let out_p = Out(out.as_mut_ptr());
     // probs blocks of one (sequence, KV group) are contiguous: split them safely.
     probs
@@ -129,9 +129,9 @@ pub fn attention_backward(
     let (qw, kw) = (h * hd, kvh * hd);
     let group = h / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut dq = vec![0f32; s.batch * s.tq * qw];
-    let mut dk = vec![0f32; s.batch * s.tk_stride * kw];
-    let mut dv = vec![0f32; s.batch * s.tk_stride * kw];
+    let mut dq = zeros_par(s.batch * s.tq * qw);
+    let mut dk = zeros_par(s.batch * s.tk_stride * kw);
+    let mut dv = zeros_par(s.batch * s.tk_stride * kw);
     let (dq_p, dk_p, dv_p) = (
         Out(dq.as_mut_ptr()),
         Out(dk.as_mut_ptr()),

@@ -10,7 +10,7 @@ pub mod ops;
 pub mod optim;
 mod vmath;
 
-use self::gemm::{Mat, gemm};
+use self::gemm::{Mat, gemm, gemm_new};
 use super::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -163,20 +163,15 @@ impl Backend for CpuBackend {
         if m <= FEW_ROWS {
             return Ok(gemm::linear_few_rows(x, w, m, k, n));
         }
-        let mut y = vec![0f32; m * n];
-        gemm(
+        Ok(gemm_new(
             m,
             n,
             k,
-            &mut y,
-            n,
-            false,
             Mat::rows(x, k),
             Mat::rows(w, k).t(),
             1.0,
             true,
-        );
-        Ok(y)
+        ))
     }
 
     fn linear_backward(
@@ -212,14 +207,10 @@ impl Backend for CpuBackend {
         d: LoraDims,
         y: &mut Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let mut u = vec![0f32; d.m * d.r];
-        gemm(
+        let u = gemm_new(
             d.m,
             d.r,
             d.d_in,
-            &mut u,
-            d.r,
-            false,
             Mat::rows(x, d.d_in),
             Mat::rows(a, d.d_in).t(),
             1.0,
@@ -251,14 +242,10 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     ) -> Result<Vec<f32>> {
-        let mut ga = vec![0f32; d.m * d.r];
-        gemm(
+        let ga = gemm_new(
             d.m,
             d.r,
             d.d_out,
-            &mut ga,
-            d.r,
-            false,
             Mat::rows(g, d.d_out),
             Mat::rows(b, d.r),
             d.scale,
@@ -292,14 +279,10 @@ impl Backend for CpuBackend {
             // As `dB^T (r, d_out) = s u^T g`, added to `dB` transposed: asked for the
             // (d_out, r) product directly, the GEMM lays its r = 8 columns along its
             // register tile's long side and took up to twice as long on SmolLM2's shapes.
-            let mut dbt = vec![0f32; d.r * d.d_out];
-            gemm(
+            let dbt = gemm_new(
                 d.r,
                 d.d_out,
                 d.m,
-                &mut dbt,
-                d.d_out,
-                false,
                 Mat::rows(u, d.r).t(),
                 Mat::rows(g, d.d_out),
                 d.scale,
@@ -457,9 +440,7 @@ impl Backend for CpuBackend {
         } else {
             Mat::rows(b, n)
         };
-        let mut c = vec![0f32; m * n];
-        gemm(m, n, k, &mut c, n, false, av, bv, 1.0, true);
-        Ok(c)
+        Ok(gemm_new(m, n, k, av, bv, 1.0, true))
     }
 
     fn dup(&self, x: &Vec<f32>) -> Result<Vec<f32>> {

@@ -2,6 +2,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm::zeros_par;
 use super::vmath;
 use crate::backend::{CeTargets, sample_uniform};
 
@@ -19,7 +20,7 @@ pub fn embedding(table: &[f32], ids: &[u32], dim: usize) -> Vec<f32> {
 
 pub fn rmsnorm(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / dim;
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros_par(x.len());
     let mut rstd = vec![0f32; rows];
     y.par_chunks_mut(dim * ROW_CHUNK)
         .zip(rstd.par_chunks_mut(ROW_CHUNK))
@@ -94,7 +95,7 @@ pub fn rope(
 const ELEM_CHUNK: usize = 1 << 14;
 
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out = vec![0f32; gate.len()];
+    let mut out = zeros_par(gate.len());
     out.par_chunks_mut(ELEM_CHUNK)
         .zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK)))
         .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
@@ -103,8 +104,8 @@ pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
 
 /// `d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))`.
 pub fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = vec![0f32; gate.len()];
-    let mut du = vec![0f32; gate.len()];
+    let mut dg = zeros_par(gate.len());
+    let mut du = zeros_par(gate.len());
     dg.par_chunks_mut(ELEM_CHUNK)
         .zip(du.par_chunks_mut(ELEM_CHUNK))
         .zip(dact.par_chunks(ELEM_CHUNK))

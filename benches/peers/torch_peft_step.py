@@ -34,7 +34,8 @@ def main():
     t_fwd = timed(forward, a.steps)
     tokens = ids.numel()
     print(json.dumps({
-        "peer": f"torch {torch.__version__} + peft", "threads": a.threads, "batch": ids.shape[0], "seq": ids.shape[1],
+        "peer": f"torch {torch.__version__} + peft",
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(), "threads": a.threads, "batch": ids.shape[0], "seq": ids.shape[1],
         "loss_sum": loss_sum,
         "forward_backward_s": t_step, "forward_backward_tokens_per_s": tokens / t_step,
         "forward_s": t_fwd, "forward_tokens_per_s": tokens / t_fwd,

@@ -3,7 +3,8 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm, gemm_ptr};
+use super::gemm::{Mat, gemm, gemm_ptr, zeros_par};
+use super::vmath;
 use crate::backend::AttnShape;
 
 /// Base pointer of an output that tasks fill at disjoint (interleaved) elements.
@@ -26,13 +27,36 @@ fn visible(s: &AttnShape, i: usize) -> usize {
     (s.q_offset + i + 1).min(s.tk)
 }
 
+/// Queries per causal block: the products of a block of queries stop at the last key its
+/// last query sees, so the masked upper triangle is mostly never computed (at 256
+/// positions, 62 % of the full products). Larger blocks waste more of the triangle,
+/// smaller ones give the GEMM too few rows to run well.
+const CAUSAL_BLOCK: usize = 64;
+
+/// `(first query, queries, keys visible to the block)` for each causal block.
+fn row_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    (0..s.tq).step_by(CAUSAL_BLOCK).map(|i0| {
+        let rows = CAUSAL_BLOCK.min(s.tq - i0);
+        (i0, rows, visible(s, i0 + rows - 1))
+    })
+}
+
+/// `(first key, keys, first query that sees them)` for each block of keys: the queries
+/// before the first that sees the block's first key contribute nothing to its gradients.
+fn key_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + '_ {
+    (0..s.tk).step_by(CAUSAL_BLOCK).map(|j0| {
+        let keys = CAUSAL_BLOCK.min(s.tk - j0);
+        (j0, keys, j0.saturating_sub(s.q_offset).min(s.tq))
+    })
+}
+
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
     let (hd, h, kvh) = (s.head_dim, s.n_heads, s.n_kv_heads);
     let (qw, kw) = (h * hd, kvh * hd);
     let group = h / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = vec![0f32; s.batch * s.tq * qw];
-    let mut probs = vec![0f32; s.probs_len()];
+    let mut out = zeros_par(s.batch * s.tq * qw);
+    let mut probs = zeros_par(s.probs_len());
     let out_p = Out(out.as_mut_ptr());
     // probs blocks of one (sequence, KV group) are contiguous: split them safely.
     probs
@@ -44,47 +68,47 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
             let vb = &v[b * s.tk_stride * kw + g * hd..];
             for (hi, p) in pg.chunks_mut(s.tq * s.tk).enumerate() {
                 let head = g * group + hi;
-                let qb = &q[b * s.tq * qw + head * hd..];
-                gemm(
-                    s.tq,
-                    s.tk,
-                    hd,
-                    p,
-                    s.tk,
-                    false,
-                    Mat::strided(qb, qw),
-                    Mat::strided(kb, kw).t(),
-                    scale,
-                    false,
-                );
-                for (i, row) in p.chunks_mut(s.tk).enumerate() {
-                    let n = visible(s, i);
-                    let max = row[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                    let mut sum = 0f32;
-                    for x in row[..n].iter_mut() {
-                        *x = (*x - max).exp();
-                        sum += *x;
-                    }
-                    let inv = 1.0 / sum;
-                    row[..n].iter_mut().for_each(|x| *x *= inv);
-                    row[n..].fill(0.0);
-                }
-                // SAFETY: column block `head` of sequence b's rows is this task's alone,
-                // and lies inside `out`.
-                unsafe {
-                    let o = out_p.at(b * s.tq * qw + head * hd);
-                    gemm_ptr(
-                        s.tq,
+                for (i0, rows, nk) in row_blocks(s) {
+                    let qb = &q[(b * s.tq + i0) * qw + head * hd..];
+                    let pb = &mut p[i0 * s.tk..(i0 + rows) * s.tk];
+                    gemm(
+                        rows,
+                        nk,
                         hd,
+                        pb,
                         s.tk,
-                        o,
-                        qw,
                         false,
-                        Mat::rows(p, s.tk),
-                        Mat::strided(vb, kw),
-                        1.0,
+                        Mat::strided(qb, qw),
+                        Mat::strided(kb, kw).t(),
+                        scale,
                         false,
                     );
+                    for (i, row) in pb.chunks_mut(s.tk).enumerate() {
+                        let n = visible(s, i0 + i);
+                        let max = vmath::max(&row[..n], f32::NEG_INFINITY);
+                        vmath::exp_shifted(&mut row[..n], max);
+                        let sum = vmath::sum(&row[..n]);
+                        let inv = 1.0 / sum;
+                        row[..n].iter_mut().for_each(|x| *x *= inv);
+                        row[n..].fill(0.0);
+                    }
+                    // SAFETY: column block `head` of sequence b's rows is this task's
+                    // alone, and lies inside `out`.
+                    unsafe {
+                        let o = out_p.at((b * s.tq + i0) * qw + head * hd);
+                        gemm_ptr(
+                            rows,
+                            hd,
+                            nk,
+                            o,
+                            qw,
+                            false,
+                            Mat::rows(pb, s.tk),
+                            Mat::strided(vb, kw),
+                            1.0,
+                            false,
+                        );
+                    }
                 }
             }
         });
@@ -105,9 +129,9 @@ pub fn attention_backward(
     let (qw, kw) = (h * hd, kvh * hd);
     let group = h / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut dq = vec![0f32; s.batch * s.tq * qw];
-    let mut dk = vec![0f32; s.batch * s.tk_stride * kw];
-    let mut dv = vec![0f32; s.batch * s.tk_stride * kw];
+    let mut dq = zeros_par(s.batch * s.tq * qw);
+    let mut dk = zeros_par(s.batch * s.tk_stride * kw);
+    let mut dv = zeros_par(s.batch * s.tk_stride * kw);
     let (dq_p, dk_p, dv_p) = (
         Out(dq.as_mut_ptr()),
         Out(dk.as_mut_ptr()),
@@ -122,63 +146,82 @@ pub fn attention_backward(
             let qoff = b * s.tq * qw + head * hd;
             let (qb, dob) = (&q[qoff..], &dout[qoff..]);
             let p = &probs[(b * h + head) * s.tq * s.tk..][..s.tq * s.tk];
-            gemm(
-                s.tq,
-                s.tk,
-                hd,
-                &mut ds,
-                s.tk,
-                false,
-                Mat::strided(dob, qw),
-                Mat::strided(vb, kw).t(),
-                1.0,
-                false,
-            );
-            for (dsr, pr) in ds.chunks_mut(s.tk).zip(p.chunks(s.tk)) {
-                let dot: f32 = dsr.iter().zip(pr).map(|(a, b)| a * b).sum();
-                for (d, &pv) in dsr.iter_mut().zip(pr) {
-                    *d = pv * (*d - dot);
-                }
-            }
-            // SAFETY: dq's (b, head) column block and dk/dv's (b, g) column blocks are
-            // written by this task only; all lie inside their buffers.
-            unsafe {
-                gemm_ptr(
-                    s.tq,
+            for (i0, rows, nk) in row_blocks(s) {
+                let dsb = &mut ds[i0 * s.tk..(i0 + rows) * s.tk];
+                gemm(
+                    rows,
+                    nk,
                     hd,
+                    dsb,
                     s.tk,
-                    dq_p.at(qoff),
-                    qw,
                     false,
-                    Mat::rows(&ds, s.tk),
-                    Mat::strided(kb, kw),
-                    scale,
-                    false,
-                );
-                gemm_ptr(
-                    s.tk,
-                    hd,
-                    s.tq,
-                    dk_p.at(koff),
-                    kw,
-                    true,
-                    Mat::rows(&ds, s.tk).t(),
-                    Mat::strided(qb, qw),
-                    scale,
-                    false,
-                );
-                gemm_ptr(
-                    s.tk,
-                    hd,
-                    s.tq,
-                    dv_p.at(koff),
-                    kw,
-                    true,
-                    Mat::rows(p, s.tk).t(),
-                    Mat::strided(dob, qw),
+                    Mat::strided(&dob[i0 * qw..], qw),
+                    Mat::strided(vb, kw).t(),
                     1.0,
                     false,
                 );
+                let pb = &p[i0 * s.tk..(i0 + rows) * s.tk];
+                for (i, (dsr, pr)) in dsb.chunks_mut(s.tk).zip(pb.chunks(s.tk)).enumerate() {
+                    // Masked keys have p = 0, so dS = 0 there (the key blocks below read
+                    // some of them).
+                    let n = visible(s, i0 + i);
+                    let dot = vmath::dot(&dsr[..n], pr);
+                    for (d, &pv) in dsr[..n].iter_mut().zip(pr) {
+                        *d = pv * (*d - dot);
+                    }
+                    dsr[n..].fill(0.0);
+                }
+                // SAFETY: dq's (b, head) column block is written by this task only, and
+                // lies inside dq.
+                unsafe {
+                    gemm_ptr(
+                        rows,
+                        hd,
+                        nk,
+                        dq_p.at(qoff + i0 * qw),
+                        qw,
+                        false,
+                        Mat::rows(dsb, s.tk),
+                        Mat::strided(kb, kw),
+                        scale,
+                        false,
+                    );
+                }
+            }
+            for (j0, keys, i0) in key_blocks(s) {
+                let rows = s.tq - i0;
+                if rows == 0 {
+                    continue;
+                }
+                let (dst, pst) = (&ds[i0 * s.tk + j0..], &p[i0 * s.tk + j0..]);
+                // SAFETY: dk/dv's (b, g) column blocks are written by this task only; all
+                // lie inside their buffers.
+                unsafe {
+                    gemm_ptr(
+                        keys,
+                        hd,
+                        rows,
+                        dk_p.at(koff + j0 * kw),
+                        kw,
+                        true,
+                        Mat::rows(dst, s.tk).t(),
+                        Mat::strided(&qb[i0 * qw..], qw),
+                        scale,
+                        false,
+                    );
+                    gemm_ptr(
+                        keys,
+                        hd,
+                        rows,
+                        dv_p.at(koff + j0 * kw),
+                        kw,
+                        true,
+                        Mat::rows(pst, s.tk).t(),
+                        Mat::strided(&dob[i0 * qw..], qw),
+                        1.0,
+                        false,
+                    );
+                }
             }
         }
     });

@@ -5,6 +5,7 @@
 use rayon::prelude::*;
 
 use super::gemm::{Mat, gemm};
+use super::vmath;
 use crate::backend::{CLASSIFIER_CHUNK, CeTargets, ClassifierOut, sample_uniform};
 
 /// Columns per partial sum: the blocking of `ops::cross_entropy`, so each chunk's sum
@@ -160,16 +161,11 @@ fn sweep(
                 if let Some(j) = local {
                     s.target_logit = zr[j];
                 }
-                let m = zr.iter().copied().fold(s.max, f32::max);
+                let m = vmath::max(zr, s.max);
+                vmath::exp_shifted(zr, m);
                 let mut part = 0f64;
-                for block in zr.chunks_mut(PARTIAL) {
-                    let mut p = 0f32;
-                    for v in block {
-                        let e = (*v - m).exp();
-                        p += e;
-                        *v = e;
-                    }
-                    part += p as f64;
+                for block in zr.chunks(PARTIAL) {
+                    part += vmath::sum(block) as f64;
                 }
                 *alpha = (s.max - m).exp();
                 s.sum = s.sum * *alpha as f64 + part;
@@ -229,12 +225,14 @@ fn draw(
         let n = chunk.min(vocab - j0);
         let z = &mut z[..rows * n];
         logits_chunk(h, w, dim, j0, n, z);
-        z.par_chunks(n)
+        z.par_chunks_mut(n)
             .zip(scan.par_iter_mut().zip(st.par_iter()))
             .filter(|(_, (sc, _))| sc.2 == -1)
             .for_each(|(zr, ((cum, u, label), s))| {
-                for (j, &v) in zr.iter().enumerate() {
-                    *cum += (v - s.max).exp() as f64;
+                // The CDF terms as `ops::cross_entropy`'s sampler computes them.
+                vmath::exp_shifted(zr, s.max);
+                for (j, &e) in zr.iter().enumerate() {
+                    *cum += e as f64;
                     if *cum > *u {
                         *label = (j0 + j) as i32;
                         return;

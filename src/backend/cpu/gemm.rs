@@ -1,6 +1,7 @@
 //! Safe, bounds-checked wrapper over the `gemm` crate's strided f32 GEMM.
 
 use gemm::Parallelism;
+use rayon::prelude::*;
 
 /// A strided read-only matrix: element `(i, j)` is `data[i * rs + j * cs]`.
 #[derive(Clone, Copy)]
@@ -143,6 +144,40 @@ pub unsafe fn gemm_ptr(
     }
 }
 
+/// `C (m, n) = alpha * A (m, k) B (k, n)` in a new row-major buffer that only the GEMM
+/// writes: a zero-filled one would cost a single-threaded memset of the whole output first
+/// (megabytes per activation), with the other threads idle.
+pub fn gemm_new(
+    m: usize,
+    n: usize,
+    k: usize,
+    a: Mat,
+    b: Mat,
+    alpha: f32,
+    parallel: bool,
+) -> Vec<f32> {
+    let mut c = Vec::with_capacity(m * n);
+    // SAFETY: without `accumulate` the GEMM writes every element of the (m, n) output (k = 0
+    // included) and reads none of them, so the length covers initialised values only once
+    // it returns.
+    unsafe {
+        gemm_ptr(m, n, k, c.as_mut_ptr(), n, false, a, b, alpha, parallel);
+        c.set_len(m * n);
+    }
+    c
+}
+
+/// A zeroed buffer of `n` elements, filled by the rayon pool (see [`gemm_new`]).
+pub fn zeros_par(n: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(n);
+    v.spare_capacity_mut()
+        .par_chunks_mut(1 << 16)
+        .for_each(|c| c.iter_mut().for_each(|x| _ = x.write(0.0)));
+    // SAFETY: every element was just written.
+    unsafe { v.set_len(n) };
+    v
+}
+
 /// Plain triple loop, the reference the tests hold `gemm` to.
 #[cfg(test)]
 pub fn gemm_naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
@@ -165,19 +200,7 @@ pub fn gemm_naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
 /// than the product. Asked for `y^T`, it reads `w` where it lies and packs only `x`; the
 /// transpose of the small result back to row-major is cheap.
 pub fn linear_few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    let mut yt = vec![0f32; n * m];
-    gemm(
-        n,
-        m,
-        k,
-        &mut yt,
-        m,
-        false,
-        Mat::rows(w, k),
-        Mat::rows(x, k).t(),
-        1.0,
-        true,
-    );
+    let yt = gemm_new(n, m, k, Mat::rows(w, k), Mat::rows(x, k).t(), 1.0, true);
     let mut y = vec![0f32; m * n];
     for (j, col) in yt.chunks_exact(m.max(1)).enumerate() {
         for (i, &v) in col.iter().enumerate() {

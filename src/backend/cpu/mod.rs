@@ -8,28 +8,48 @@ pub mod curvature;
 pub mod gemm;
 pub mod ops;
 pub mod optim;
+mod vmath;
 
-use self::gemm::{Mat, gemm};
+use self::gemm::{Mat, gemm, gemm_new};
 use super::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
 };
 use crate::error::Result;
 
-/// The widest x86 vector extension the GEMM uses on this machine: AVX-512 needs both the
-/// CPU and the `avx512` feature (on by default; off, an AVX-512 machine runs the AVX2
-/// kernels, as an AVX2-only machine would).
-pub fn simd_level() -> &'static str {
+/// The widest x86 vector extension the GEMM and the row ops use on this machine.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Simd {
+    Avx512,
+    Avx2,
+    Below,
+}
+
+/// AVX-512 needs both the CPU and the `avx512` feature (on by default; off, an AVX-512
+/// machine runs the AVX2 kernels, as an AVX2-only machine would).
+pub fn simd() -> Simd {
     #[cfg(target_arch = "x86_64")]
     {
-        if cfg!(feature = "avx512") && is_x86_feature_detected!("avx512f") {
-            return "AVX-512";
+        if cfg!(feature = "avx512")
+            && is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512vl")
+        {
+            return Simd::Avx512;
         }
         if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-            return "AVX2";
+            return Simd::Avx2;
         }
     }
-    "below AVX2"
+    Simd::Below
+}
+
+/// [`simd`] in words, for the benchmarks' reports.
+pub fn simd_level() -> &'static str {
+    match simd() {
+        Simd::Avx512 => "AVX-512",
+        Simd::Avx2 => "AVX2",
+        Simd::Below => "below AVX2",
+    }
 }
 
 /// Row counts up to which `linear` takes [`gemm::linear_few_rows`] (measured on SmolLM2's
@@ -143,20 +163,15 @@ impl Backend for CpuBackend {
         if m <= FEW_ROWS {
             return Ok(gemm::linear_few_rows(x, w, m, k, n));
         }
-        let mut y = vec![0f32; m * n];
-        gemm(
+        Ok(gemm_new(
             m,
             n,
             k,
-            &mut y,
-            n,
-            false,
             Mat::rows(x, k),
             Mat::rows(w, k).t(),
             1.0,
             true,
-        );
-        Ok(y)
+        ))
     }
 
     fn linear_backward(
@@ -192,14 +207,10 @@ impl Backend for CpuBackend {
         d: LoraDims,
         y: &mut Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let mut u = vec![0f32; d.m * d.r];
-        gemm(
+        let u = gemm_new(
             d.m,
             d.r,
             d.d_in,
-            &mut u,
-            d.r,
-            false,
             Mat::rows(x, d.d_in),
             Mat::rows(a, d.d_in).t(),
             1.0,
@@ -231,14 +242,10 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     ) -> Result<Vec<f32>> {
-        let mut ga = vec![0f32; d.m * d.r];
-        gemm(
+        let ga = gemm_new(
             d.m,
             d.r,
             d.d_out,
-            &mut ga,
-            d.r,
-            false,
             Mat::rows(g, d.d_out),
             Mat::rows(b, d.r),
             d.scale,
@@ -269,18 +276,23 @@ impl Backend for CpuBackend {
                 1.0,
                 true,
             );
-            gemm(
+            // As `dB^T (r, d_out) = s u^T g`, added to `dB` transposed: asked for the
+            // (d_out, r) product directly, the GEMM lays its r = 8 columns along its
+            // register tile's long side and took up to twice as long on SmolLM2's shapes.
+            let dbt = gemm_new(
+                d.r,
                 d.d_out,
-                d.r,
                 d.m,
-                db,
-                d.r,
-                true,
-                Mat::rows(g, d.d_out).t(),
-                Mat::rows(u, d.r),
+                Mat::rows(u, d.r).t(),
+                Mat::rows(g, d.d_out),
                 d.scale,
                 true,
             );
+            for (j, row) in db.chunks_exact_mut(d.r).enumerate() {
+                for (k, v) in row.iter_mut().enumerate() {
+                    *v += dbt[k * d.d_out + j];
+                }
+            }
         }
         Ok(ga)
     }
@@ -428,9 +440,7 @@ impl Backend for CpuBackend {
         } else {
             Mat::rows(b, n)
         };
-        let mut c = vec![0f32; m * n];
-        gemm(m, n, k, &mut c, n, false, av, bv, 1.0, true);
-        Ok(c)
+        Ok(gemm_new(m, n, k, av, bv, 1.0, true))
     }
 
     fn dup(&self, x: &Vec<f32>) -> Result<Vec<f32>> {

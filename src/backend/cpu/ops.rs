@@ -2,6 +2,8 @@
 
 use rayon::prelude::*;
 
+use super::gemm::zeros_par;
+use super::vmath;
 use crate::backend::{CeTargets, sample_uniform};
 
 /// Rows per rayon task for cheap elementwise row ops.
@@ -18,7 +20,7 @@ pub fn embedding(table: &[f32], ids: &[u32], dim: usize) -> Vec<f32> {
 
 pub fn rmsnorm(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / dim;
-    let mut y = vec![0f32; x.len()];
+    let mut y = zeros_par(x.len());
     let mut rstd = vec![0f32; rows];
     y.par_chunks_mut(dim * ROW_CHUNK)
         .zip(rstd.par_chunks_mut(ROW_CHUNK))
@@ -89,28 +91,26 @@ pub fn rope(
     });
 }
 
-fn sigmoid(x: f32) -> f32 {
-    1.0 / (1.0 + (-x).exp())
-}
+/// Elements per rayon task for the elementwise SwiGLU ops.
+const ELEM_CHUNK: usize = 1 << 14;
 
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    gate.par_iter()
-        .zip(up.par_iter())
-        .map(|(&g, &u)| g * sigmoid(g) * u)
-        .collect()
+    let mut out = zeros_par(gate.len());
+    out.par_chunks_mut(ELEM_CHUNK)
+        .zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK)))
+        .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
+    out
 }
 
 /// `d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))`.
 pub fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (dg, du): (Vec<f32>, Vec<f32>) = dact
-        .par_iter()
-        .zip(gate.par_iter())
-        .zip(up.par_iter())
-        .map(|((&d, &g), &u)| {
-            let s = sigmoid(g);
-            (d * u * s * (1.0 + g * (1.0 - s)), d * g * s)
-        })
-        .unzip();
+    let mut dg = zeros_par(gate.len());
+    let mut du = zeros_par(gate.len());
+    dg.par_chunks_mut(ELEM_CHUNK)
+        .zip(du.par_chunks_mut(ELEM_CHUNK))
+        .zip(dact.par_chunks(ELEM_CHUNK))
+        .zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK)))
+        .for_each(|(((dg, du), d), (g, u))| vmath::swiglu_backward(dg, du, d, g, u));
     (dg, du)
 }
 
@@ -134,7 +134,7 @@ pub fn cross_entropy(
         if tg[r] < 0 {
             return 0.0;
         }
-        let max = z.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let max = vmath::max(z, f32::NEG_INFINITY);
         let mut scratch = Vec::new();
         let write_grad = d.is_some();
         let e: &mut [f32] = match d {
@@ -144,15 +144,11 @@ pub fn cross_entropy(
                 &mut scratch
             }
         };
+        e.copy_from_slice(z);
+        vmath::exp_shifted(e, max);
         let mut sum = 0f64;
-        for chunk in e.chunks_mut(256).zip(z.chunks(256)) {
-            let (ec, zc) = chunk;
-            let mut s = 0f32;
-            for (o, &v) in ec.iter_mut().zip(zc) {
-                *o = (v - max).exp();
-                s += *o;
-            }
-            sum += s as f64;
+        for ec in e.chunks(256) {
+            sum += vmath::sum(ec) as f64;
         }
         let lse = max + sum.ln() as f32;
         let target = match seed {

@@ -125,7 +125,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "norm",
         ptx: ptx!("norm"),
-        functions: &["rmsnorm_forward", "rmsnorm_backward"],
+        functions: &["rmsnorm_forward", "add_rmsnorm_forward", "rmsnorm_backward"],
     },
     KernelModule {
         name: "optim",

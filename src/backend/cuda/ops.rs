@@ -114,6 +114,38 @@ impl Backend for CudaBackend {
         Ok((y, rstd))
     }
 
+    fn add_rmsnorm(
+        &self,
+        h: &mut Self::Buf,
+        delta: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        let n = rows * dim;
+        if h.len() < n || delta.len() < n || w.len() < dim {
+            return Err(Error::Device(format!(
+                "add_rmsnorm of {rows}x{dim} on buffers of {}, {} and a weight of {}",
+                h.len(),
+                delta.len(),
+                w.len()
+            )));
+        }
+        let (y, rstd) = (self.uninit(n)?, self.uninit(rows)?);
+        let args = [
+            Arg::U64(h.ptr()),
+            Arg::U64(delta.ptr()),
+            Arg::U64(w.ptr()),
+            Arg::U64(y.ptr()),
+            Arg::U64(rstd.ptr()),
+            Arg::I32(dim as i32),
+            Arg::F32(eps),
+        ];
+        self.launch("add_rmsnorm_forward", Self::per_row(rows), &args)?;
+        Ok((y, rstd))
+    }
+
     fn rmsnorm_backward(
         &self,
         dy: &Self::Buf,

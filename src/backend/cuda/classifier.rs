@@ -75,7 +75,7 @@ impl CudaBackend {
                 Arg::I32(na as i32),
                 Arg::I32(dim as i32),
             ];
-            let width = if dim % 4 == 0 { 4 } else { 1 };
+            let width = if dim.is_multiple_of(4) { 4 } else { 1 };
             self.launch("embedding_gather_f32", Self::packed(na * dim, width), &args)?;
             Some(out)
         } else {

@@ -83,7 +83,7 @@ impl Backend for CudaBackend {
             DType::Bf16 => ("embedding_gather", 8),
             DType::F32 => ("embedding_gather_f32", 4),
         };
-        let width = if dim % width == 0 { width } else { 1 };
+        let width = if dim.is_multiple_of(width) { width } else { 1 };
         let args = [
             Arg::U64(table.ptr()),
             Arg::U64(ids_d.ptr()),
@@ -363,7 +363,7 @@ impl Backend for CudaBackend {
         ];
         // Four rotations per thread when half a head is whole float4s (rope.cu).
         let half = head_dim / 2;
-        let width = if half % 4 == 0 { 4 } else { 1 };
+        let width = if half.is_multiple_of(4) { 4 } else { 1 };
         self.launch("rope", Self::packed(rows * n_heads * half, width), &args)
     }
 
@@ -786,7 +786,7 @@ mod tests {
             let len = Arg::U64(n as u64);
 
             let (a, pa) = at(&g, &x, off);
-            let (b, pb) = at(&g, &y, off);
+            let (_b, pb) = at(&g, &y, off);
             g.launch("add_assign", cfg, &[Arg::U64(pa), Arg::U64(pb), len])
                 .expect("add_assign");
             let mut want = x.clone();

@@ -2,6 +2,9 @@
 // ops::cross_entropy). targets[row] < 0 ignores the row. With `sample`, the label is drawn
 // from the row's softmax by inverting its CDF at sample_uniform(seed, row) (Monte-Carlo
 // Fisher). Writes the row loss and, with `write_grad`, dlogits = scale (softmax - onehot).
+// The max and the gradient sweep move 128-bit packs when vocab is a multiple of 4 (rows
+// then start 16-byte aligned); the sum keeps one contiguous chunk per thread, as the CDF
+// inversion needs.
 #include "common.cuh"
 
 extern "C" __global__ void cross_entropy(const float* logits, const int* targets, float* losses, float* dlogits, int vocab,
@@ -13,14 +16,20 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* targets
     const size_t row = blockIdx.x;
     const float* z = logits + row * vocab;
     float* d = dlogits + row * vocab;
+    const bool vec = vocab % 4 == 0 && aligned16(logits, dlogits);
     if (targets[row] < 0) {
         if (threadIdx.x == 0) losses[row] = 0.f;
         if (write_grad)
-            for (int j = threadIdx.x; j < vocab; j += blockDim.x) d[j] = 0.f;
+            row_packs<4>(vocab, vec, [&](auto w, size_t j) { store(d, j, Pack<decltype(w)::value>{}); });
         return;
     }
     float m = -INFINITY;
-    for (int j = threadIdx.x; j < vocab; j += blockDim.x) m = fmaxf(m, z[j]);
+    row_packs<4>(vocab, vec, [&](auto w, size_t j) {
+        constexpr int W = decltype(w)::value;
+        const Pack<W> a = load<W>(z, j);
+#pragma unroll
+        for (int k = 0; k < W; ++k) m = fmaxf(m, a.v[k]);
+    });
     m = block_max(m, scratch);
     // Each thread owns a contiguous chunk so the CDF can be inverted chunk by chunk.
     const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
@@ -59,6 +68,11 @@ extern "C" __global__ void cross_entropy(const float* logits, const int* targets
     }
     if (threadIdx.x == 0) losses[row] = lse - z[target];
     if (write_grad)
-        for (int j = threadIdx.x; j < vocab; j += blockDim.x)
-            d[j] = grad_scale * (expf(z[j] - lse) - (j == target ? 1.f : 0.f));
+        row_packs<4>(vocab, vec, [&](auto w, size_t j) {
+            constexpr int W = decltype(w)::value;
+            Pack<W> a = load<W>(z, j);
+#pragma unroll
+            for (int k = 0; k < W; ++k) a.v[k] = grad_scale * (expf(a.v[k] - lse) - (j + k == (size_t)target ? 1.f : 0.f));
+            store(d, j, a);
+        });
 }

@@ -1,4 +1,6 @@
-// RMSNorm, forward and backward (CPU twin: backend/cpu/ops.rs). One block per row.
+// RMSNorm, forward and backward (CPU twin: backend/cpu/ops.rs). One block per row; rows
+// move four floats per 128-bit access when the row length is a multiple of 4 and the
+// operands are 16-byte aligned (then every row start is), one at a time otherwise.
 #include "common.cuh"
 
 // y = w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps).
@@ -6,12 +8,64 @@ extern "C" __global__ void rmsnorm_forward(const float* x, const float* w, float
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     const float* xr = x + row * dim;
+    float* yr = y + row * dim;
+    const bool vec = dim % 4 == 0 && aligned16(x, w, y);
     float s = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += xr[i] * xr[i];
+    row_packs<4>(dim, vec, [&](auto p, size_t i) {
+        constexpr int W = decltype(p)::value;
+        const Pack<W> a = load<W>(xr, i);
+#pragma unroll
+        for (int k = 0; k < W; ++k) s += a.v[k] * a.v[k];
+    });
     s = block_sum(s, scratch);
     const float r = 1.f / sqrtf(s / dim + eps);
     if (threadIdx.x == 0) rstd[row] = r;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) y[row * dim + i] = w[i] * (xr[i] * r);
+    row_packs<4>(dim, vec, [&](auto p, size_t i) {
+        constexpr int W = decltype(p)::value;
+        const Pack<W> a = load<W>(xr, i), ww = load<W>(w, i);
+        Pack<W> o;
+#pragma unroll
+        for (int k = 0; k < W; ++k) o.v[k] = ww.v[k] * (a.v[k] * r);
+        store(yr, i, o);
+    });
+}
+
+// The residual add fused with the RMSNorm after it (Backend::add_rmsnorm): h += delta,
+// then y = w * h * rstd of the updated row; one launch and one read of h and delta instead
+// of an elementwise add and a norm that reads h back. The second pass reads the elements
+// of h this same thread wrote in the first (same packs, same stride), so needs no barrier
+// for them.
+extern "C" __global__ void add_rmsnorm_forward(float* h, const float* delta, const float* w, float* y, float* rstd, int dim,
+                                               float eps) {
+    __shared__ float scratch[32];
+    const size_t row = blockIdx.x;
+    float* hr = h + row * dim;
+    const float* dr = delta + row * dim;
+    float* yr = y + row * dim;
+    const bool vec = dim % 4 == 0 && aligned16(h, delta, w, y);
+    float s = 0.f;
+    row_packs<4>(dim, vec, [&](auto p, size_t i) {
+        constexpr int W = decltype(p)::value;
+        Pack<W> a = load<W>(hr, i);
+        const Pack<W> d = load<W>(dr, i);
+#pragma unroll
+        for (int k = 0; k < W; ++k) {
+            a.v[k] += d.v[k];
+            s += a.v[k] * a.v[k];
+        }
+        store(hr, i, a);
+    });
+    s = block_sum(s, scratch);
+    const float r = 1.f / sqrtf(s / dim + eps);
+    if (threadIdx.x == 0) rstd[row] = r;
+    row_packs<4>(dim, vec, [&](auto p, size_t i) {
+        constexpr int W = decltype(p)::value;
+        const Pack<W> a = load<W>(hr, i), ww = load<W>(w, i);
+        Pack<W> o;
+#pragma unroll
+        for (int k = 0; k < W; ++k) o.v[k] = ww.v[k] * (a.v[k] * r);
+        store(yr, i, o);
+    });
 }
 
 // dx += r w dy - x r^3/D sum(w dy x).
@@ -19,10 +73,24 @@ extern "C" __global__ void rmsnorm_backward(const float* dy, const float* x, con
     __shared__ float scratch[32];
     const size_t row = blockIdx.x;
     const float *xr = x + row * dim, *dyr = dy + row * dim;
+    float* dxr = dx + row * dim;
+    const bool vec = dim % 4 == 0 && aligned16(dy, x, w, dx);
     float s = 0.f;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) s += dyr[i] * w[i] * xr[i];
+    row_packs<4>(dim, vec, [&](auto p, size_t i) {
+        constexpr int W = decltype(p)::value;
+        const Pack<W> d = load<W>(dyr, i), ww = load<W>(w, i), a = load<W>(xr, i);
+#pragma unroll
+        for (int k = 0; k < W; ++k) s += d.v[k] * ww.v[k] * a.v[k];
+    });
     s = block_sum(s, scratch);
     const float r = rstd[row];
     const float c = s * r * r * r / dim;
-    for (int i = threadIdx.x; i < dim; i += blockDim.x) dx[row * dim + i] += r * w[i] * dyr[i] - xr[i] * c;
+    row_packs<4>(dim, vec, [&](auto p, size_t i) {
+        constexpr int W = decltype(p)::value;
+        const Pack<W> d = load<W>(dyr, i), ww = load<W>(w, i), a = load<W>(xr, i);
+        Pack<W> o = load<W>(dxr, i);
+#pragma unroll
+        for (int k = 0; k < W; ++k) o.v[k] += r * ww.v[k] * d.v[k] - a.v[k] * c;
+        store(dxr, i, o);
+    });
 }

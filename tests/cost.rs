@@ -119,6 +119,17 @@ impl<B: Backend> Backend for Count<'_, B> {
     ) -> Result<(B::Buf, B::Buf)> {
         self.inner.rmsnorm(x, w, rows, dim, eps)
     }
+    fn add_rmsnorm(
+        &self,
+        h: &mut B::Buf,
+        delta: &B::Buf,
+        w: &B::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(B::Buf, B::Buf)> {
+        self.inner.add_rmsnorm(h, delta, w, rows, dim, eps)
+    }
     fn rmsnorm_backward(
         &self,
         dy: &B::Buf,

@@ -94,6 +94,25 @@ fn row_ops_match_cpu() {
             .unwrap();
         close("rmsnorm backward", &p.down(&dxg), &dxc, F32);
 
+        // The fused residual add + norm, also on an odd row length (unaligned rows).
+        for (rows, dim) in [(rows, dim), (5, 33)] {
+            let (h, delta, w) = (
+                rnd(&mut rng, rows * dim),
+                rnd(&mut rng, rows * dim),
+                rnd(&mut rng, dim),
+            );
+            let (mut hc, mut hg) = (h.clone(), p.up(&h));
+            let (yc, rc) =
+                p.c.add_rmsnorm(&mut hc, &delta, &w, rows, dim, 1e-5)
+                    .unwrap();
+            let (yg, rg) = g
+                .add_rmsnorm(&mut hg, &p.up(&delta), &p.up(&w), rows, dim, 1e-5)
+                .unwrap();
+            close("add_rmsnorm h", &p.down(&hg), &hc, F32);
+            close("add_rmsnorm y", &p.down(&yg), &yc, F32);
+            close("add_rmsnorm rstd", &p.down(&rg), &rc, F32);
+        }
+
         let (heads, hd, period) = (4, 24, 5);
         let half = hd / 2;
         let (cos, sin) = (rnd(&mut rng, period * half), rnd(&mut rng, period * half));

@@ -76,11 +76,12 @@ fn unedited_ptx_from_the_directory_runs() {
 fn a_read_one_past_the_buffer_is_a_memcheck_fault() {
     let d = tempfile::tempdir().unwrap();
     write_ptx(d.path());
-    // The first loop bound `i < dim` becomes `i <= dim`: thread `dim` of the last row
-    // reads the element after the activation buffer.
+    // The guard of the first loop over a row's 128-bit packs (`tid >= dim / 4` skips it)
+    // becomes `tid > dim / 4`: thread `dim / 4` of the last row reads the four elements
+    // after the activation buffer (the fixture's hidden size, 64, is whole packs).
     modify(d.path(), "norm", |t| {
         edit_entry(t, "rmsnorm_forward", |e| {
-            e.replacen("setp.lt.s32", "setp.le.s32", 1)
+            e.replacen("setp.ge.s32", "setp.gt.s32", 1)
         })
     });
     let out = d.path().join("g.safetensors");
@@ -126,19 +127,19 @@ fn removed_barriers_are_a_shared_memory_fault() {
 fn a_wrong_argument_list_is_refused_at_launch() {
     let d = tempfile::tempdir().unwrap();
     write_ptx(d.path());
-    // The kernel now declares a fourth parameter the backend does not pass.
-    modify(d.path(), "blas1", |t| {
+    // The kernel now declares an eighth parameter the backend does not pass.
+    modify(d.path(), "norm", |t| {
         t.replacen(
-            "\t.param .u64 add_assign_param_2\n)",
-            "\t.param .u64 add_assign_param_2,\n\t.param .u32 add_assign_param_3\n)",
+            "\t.param .f32 add_rmsnorm_forward_param_6\n)",
+            "\t.param .f32 add_rmsnorm_forward_param_6,\n\t.param .u32 add_rmsnorm_forward_param_7\n)",
             1,
         )
     });
     let (code, err) = grad_with(d.path(), &d.path().join("g.safetensors"));
     assert_eq!(code, 3, "{err}");
     assert!(
-        err.contains("launch of `add_assign`")
-            && err.contains("3 arguments given, the .entry declares 4"),
+        err.contains("launch of `add_rmsnorm_forward`")
+            && err.contains("7 arguments given, the .entry declares 8"),
         "{err}"
     );
 }

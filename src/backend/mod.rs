@@ -165,6 +165,24 @@ pub trait Backend: Send + Sync {
         dim: usize,
         eps: f32,
     ) -> Result<(Self::Buf, Self::Buf)>;
+    /// The residual add and the RMSNorm after it, fused: `h += delta`, then
+    /// `(y, rstd) = rmsnorm(h)` of the updated `h`, i.e. per row
+    /// `y = w * h * rstd` with `rstd = 1/sqrt(mean(h^2) + eps)`. One pass over each row
+    /// instead of an elementwise add and a norm that reads `h` again. The default is
+    /// `add_assign` then `rmsnorm`, whose numbers a fused version must reproduce.
+    #[allow(clippy::too_many_arguments)]
+    fn add_rmsnorm(
+        &self,
+        h: &mut Self::Buf,
+        delta: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Self::Buf, Self::Buf)> {
+        self.add_assign(h, delta)?;
+        self.rmsnorm(h, w, rows, dim, eps)
+    }
     /// `dx += d/dx <dy, rmsnorm(x)>` (the weight is frozen).
     #[allow(clippy::too_many_arguments)]
     fn rmsnorm_backward(

@@ -313,8 +313,20 @@ impl<B: Backend> Llama<B> {
         };
         let mut h = be.embedding(&self.embed, &batch.ids, d)?;
         let mut layers = Vec::with_capacity(if keep { c.num_layers } else { 0 });
+        // Each residual add runs fused with the norm that reads its sum: the MLP norm, the
+        // next layer's attention norm, or after the last layer the final norm. The norm
+        // of the embeddings is the only one without an add before it.
+        let first_norm = self
+            .layers
+            .first()
+            .map_or(&self.final_norm, |lw| &lw.attn_norm);
+        let (mut xn, mut rstd) = be.rmsnorm(&h, first_norm, m, d, c.rms_norm_eps)?;
         for (l, lw) in self.layers.iter().enumerate() {
-            let (xn1, rstd1) = be.rmsnorm(&h, &lw.attn_norm, m, d, c.rms_norm_eps)?;
+            let next_norm = self
+                .layers
+                .get(l + 1)
+                .map_or(&self.final_norm, |next| &next.attn_norm);
+            let (xn1, rstd1) = (xn, rstd);
             let [(mut q, uq), (mut k, uk), (v, uv)] =
                 self.project_group(be, lora, l, [Proj::Q, Proj::K, Proj::V], &xn1, m)?;
             be.rope(&mut q, &rope, m, c.num_heads, c.head_dim, false)?;
@@ -322,14 +334,14 @@ impl<B: Backend> Llama<B> {
             let (attn, attn_saved) = be.attention(&q, &k, &v, &shape)?;
             let [(o, uo)] = self.project_group(be, lora, l, [Proj::O], &attn, m)?;
             let mut h_mid = o;
-            be.add_assign(&mut h_mid, &h)?;
-            let (xn2, rstd2) = be.rmsnorm(&h_mid, &lw.mlp_norm, m, d, c.rms_norm_eps)?;
+            let (xn2, rstd2) =
+                be.add_rmsnorm(&mut h_mid, &h, &lw.mlp_norm, m, d, c.rms_norm_eps)?;
             let [(gate, ug), (up, uu)] =
                 self.project_group(be, lora, l, [Proj::Gate, Proj::Up], &xn2, m)?;
             let act = be.swiglu(&gate, &up)?;
             let [(down, ud)] = self.project_group(be, lora, l, [Proj::Down], &act, m)?;
             let mut h_out = down;
-            be.add_assign(&mut h_out, &h_mid)?;
+            (xn, rstd) = be.add_rmsnorm(&mut h_out, &h_mid, next_norm, m, d, c.rms_norm_eps)?;
             let x_in = std::mem::replace(&mut h, h_out);
             if keep {
                 layers.push(LayerActs {
@@ -351,13 +363,12 @@ impl<B: Backend> Llama<B> {
                 });
             }
         }
-        let (final_xn, final_rstd) = be.rmsnorm(&h, &self.final_norm, m, d, c.rms_norm_eps)?;
         Ok(Activations {
             layers,
             final_in: h,
-            final_rstd,
+            final_rstd: rstd,
             rope,
-            final_xn,
+            final_xn: xn,
             rows: m,
             batch: bsz,
             seq_len: t,
@@ -649,8 +660,16 @@ impl<B: Backend> Llama<B> {
         let single = seqs.len() == 1;
         let rope = self.rope_table(be, positions.into_iter())?;
         let mut h = be.embedding(&self.embed, &ids, d)?;
+        // The residual adds run fused with the norm after them (the MLP norm, the next
+        // layer's attention norm), except the last layer's: its callers normalise only the
+        // rows they read (or none, to prefill), so it stays a plain add. `fused` holds the
+        // attention norm the previous layer's add computed (none before the first layer).
+        let mut fused = None;
         for (l, lw) in self.layers.iter().enumerate() {
-            let (xn1, _) = be.rmsnorm(&h, &lw.attn_norm, n, d, c.rms_norm_eps)?;
+            let xn1 = match fused.take() {
+                Some(xn) => xn,
+                None => be.rmsnorm(&h, &lw.attn_norm, n, d, c.rms_norm_eps)?.0,
+            };
             let (mut q, _) = self.project(be, lora, l, Proj::Q, &xn1, n)?;
             let (mut k, _) = self.project(be, lora, l, Proj::K, &xn1, n)?;
             let (v, _) = self.project(be, lora, l, Proj::V, &xn1, n)?;
@@ -691,13 +710,21 @@ impl<B: Backend> Llama<B> {
             }
             let attn = attn.ok_or_else(|| crate::error::Error::usage("no sequence to run"))?;
             let (mut h_mid, _) = self.project(be, lora, l, Proj::O, &attn, n)?;
-            be.add_assign(&mut h_mid, &h)?;
-            let (xn2, _) = be.rmsnorm(&h_mid, &lw.mlp_norm, n, d, c.rms_norm_eps)?;
+            let (xn2, _) = be.add_rmsnorm(&mut h_mid, &h, &lw.mlp_norm, n, d, c.rms_norm_eps)?;
             let (gate, _) = self.project(be, lora, l, Proj::Gate, &xn2, n)?;
             let (up, _) = self.project(be, lora, l, Proj::Up, &xn2, n)?;
             let act = be.swiglu(&gate, &up)?;
             let (mut out, _) = self.project(be, lora, l, Proj::Down, &act, n)?;
-            be.add_assign(&mut out, &h_mid)?;
+            match self.layers.get(l + 1) {
+                Some(next) => {
+                    let eps = c.rms_norm_eps;
+                    fused = Some(
+                        be.add_rmsnorm(&mut out, &h_mid, &next.attn_norm, n, d, eps)?
+                            .0,
+                    );
+                }
+                None => be.add_assign(&mut out, &h_mid)?,
+            }
             h = out;
         }
         for s in seqs.iter_mut() {

@@ -145,6 +145,18 @@ impl Backend for CpuBackend {
         Ok(ops::rmsnorm(x, w, dim, eps))
     }
 
+    fn add_rmsnorm(
+        &self,
+        h: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        w: &Vec<f32>,
+        _rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        Ok(ops::add_rmsnorm(h, delta, w, dim, eps))
+    }
+
     fn rmsnorm_backward(
         &self,
         dy: &Vec<f32>,

@@ -196,7 +196,7 @@ impl CudaBackend {
             let src = per_seq.ptr() + (i * n * 4) as u64;
             self.launch(
                 "sq_accumulate",
-                Self::elementwise(n),
+                Self::packed(n, 4),
                 &[
                     Arg::U64(src),
                     Arg::U64(out.ptr()),

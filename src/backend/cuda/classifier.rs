@@ -75,7 +75,8 @@ impl CudaBackend {
                 Arg::I32(na as i32),
                 Arg::I32(dim as i32),
             ];
-            self.launch("embedding_gather_f32", Self::elementwise(na * dim), &args)?;
+            let width = if dim.is_multiple_of(4) { 4 } else { 1 };
+            self.launch("embedding_gather_f32", Self::packed(na * dim, width), &args)?;
             Some(out)
         } else {
             None

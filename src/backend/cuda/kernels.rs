@@ -125,7 +125,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "norm",
         ptx: ptx!("norm"),
-        functions: &["rmsnorm_forward", "rmsnorm_backward"],
+        functions: &["rmsnorm_forward", "add_rmsnorm_forward", "rmsnorm_backward"],
     },
     KernelModule {
         name: "optim",
@@ -243,6 +243,55 @@ mod tests {
             files, names,
             "every kernels/*.cu is registered, and nothing else"
         );
+    }
+
+    /// The elementwise and row kernels move 128-bit packs (kernels/common.cuh): each of
+    /// these entries loads (and, but for the dot product, stores) through `.v4` accesses.
+    #[test]
+    fn elementwise_and_row_kernels_use_128_bit_accesses() {
+        if !BUILT {
+            eprintln!("skipped: built without CUDA kernels (no nvcc)");
+            return;
+        }
+        let (both, load): (&[&str], &[&str]) = (&["ld.global", "st.global"], &["ld.global"]);
+        let packed = [
+            ("norm", "rmsnorm_forward", both),
+            ("norm", "add_rmsnorm_forward", both),
+            ("norm", "rmsnorm_backward", both),
+            ("blas1", "add_assign", both),
+            ("blas1", "axpy", both),
+            ("blas1", "scale", both),
+            ("blas1", "mul_assign", both),
+            ("blas1", "dot_partial", load),
+            ("blas1", "sq_accumulate", both),
+            ("swiglu", "swiglu_forward", both),
+            ("swiglu", "swiglu_backward", both),
+            ("optim", "adamw_step", both),
+            ("rope", "rope", both),
+            ("embedding", "embedding_gather", both),
+            ("embedding", "embedding_gather_f32", both),
+            ("embedding", "f32_to_bf16", both),
+            ("cross_entropy", "cross_entropy", both),
+        ];
+        for (module, entry, accesses) in packed {
+            let ptx = MODULES
+                .iter()
+                .find(|m| m.name == module)
+                .map(|m| m.ptx)
+                .unwrap_or_default();
+            let start = ptx
+                .find(&format!(".entry {entry}("))
+                .unwrap_or_else(|| panic!("{module} has no entry {entry}"));
+            let body = &ptx[start..];
+            let body = &body[..body.find("\n}\n").unwrap_or(body.len())];
+            for access in accesses {
+                assert!(
+                    body.lines()
+                        .any(|l| l.contains(access) && l.contains(".v4.")),
+                    "{entry}: no 128-bit {access}"
+                );
+            }
+        }
     }
 
     /// Every PTX file passes ptxas for sm_80 (A100) and sm_90 (H100/H200). ptxas sits

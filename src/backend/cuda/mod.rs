@@ -226,6 +226,14 @@ impl CudaBackend {
         }
     }
 
+    /// For a grid-stride kernel that moves `width` elements per 128-bit access
+    /// (`for_each_pack` in kernels/common.cuh): one thread per pack. Where the kernel falls
+    /// back to single elements (unaligned operands, the tail) it strides over the grid
+    /// anyway, so the count sets only how much runs in parallel.
+    fn packed(n: usize, width: usize) -> LaunchConfig {
+        Self::elementwise(n.div_ceil(width))
+    }
+
     fn per_row(rows: usize) -> LaunchConfig {
         LaunchConfig {
             grid: [rows as u32, 1, 1],
@@ -239,7 +247,7 @@ impl CudaBackend {
         let out = self.uninit::<u16>(n)?;
         self.launch(
             "f32_to_bf16",
-            Self::elementwise(n),
+            Self::packed(n, 8),
             &[Arg::U64(x.ptr), Arg::U64(out.ptr), Arg::U64(n as u64)],
         )?;
         Ok(out)

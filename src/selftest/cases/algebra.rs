@@ -6,8 +6,10 @@ use crate::backend::{AdamHyper, Backend, DiagPenalty};
 use crate::error::Result;
 use crate::selftest::check::Tolerance::{Exact, F32};
 
-/// Elementwise length: odd, and above 2^20, more than a grid of 4096 blocks of 256
-/// threads covers, so grid-stride loops wrap.
+/// Elementwise length: odd (a tail after the last 128-bit pack), and above 2^20, more
+/// than a grid of 4096 blocks of 256 threads covers one element per thread, so the
+/// grid-stride loops of single-element kernels wrap. (The packed kernels cover it in one
+/// sweep; their wrapping is unit-tested on the simulator, backend/cuda/ops.rs.)
 const N: usize = 1_050_001;
 
 pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {

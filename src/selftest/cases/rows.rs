@@ -1,4 +1,4 @@
-//! Embedding, RMSNorm, the base-weight linear layer, RoPE, SwiGLU and `add_assign`.
+//! Embedding, RMSNorm (alone and fused with the residual add), the base-weight linear layer, RoPE, SwiGLU and `add_assign`.
 
 use super::Checker;
 use crate::backend::{Backend, RopeTable};
@@ -30,8 +30,9 @@ fn embedding<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
 
 fn rmsnorm<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (dev, re) = (c.dev, c.re);
-    // dim 1030: four passes of a 256-thread block over each row, with a tail.
-    for (rows, dim) in [(300, 72), (5, 1030), (1, 64)] {
+    // dim 1030: four passes of a 256-thread block over each row, with a tail; dim 33: odd,
+    // so rows start at addresses that are not 16-byte aligned.
+    for (rows, dim) in [(300, 72), (5, 1030), (1, 64), (7, 33)] {
         let shapes = format!("{rows}x{dim}");
         c.case("rmsnorm", &shapes);
         let (x, w) = (c.up_random(rows * dim)?, c.up_random(dim)?);
@@ -39,6 +40,15 @@ fn rmsnorm<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
         let (yr, rr) = re.rmsnorm(&x.1, &w.1, rows, dim, 1e-5)?;
         c.check("rmsnorm.y", &shapes, &yd, &yr, F32)?;
         c.check("rmsnorm.rstd", &shapes, &rd, &rr, F32)?;
+
+        c.case("add_rmsnorm", &shapes);
+        let delta = c.up_random(rows * dim)?;
+        let (mut hd, mut hr) = c.up_random(rows * dim)?;
+        let (yd, rd) = dev.add_rmsnorm(&mut hd, &delta.0, &w.0, rows, dim, 1e-5)?;
+        let (yr, rr) = re.add_rmsnorm(&mut hr, &delta.1, &w.1, rows, dim, 1e-5)?;
+        c.check("add_rmsnorm.h", &shapes, &hd, &hr, F32)?;
+        c.check("add_rmsnorm.y", &shapes, &yd, &yr, F32)?;
+        c.check("add_rmsnorm.rstd", &shapes, &rd, &rr, F32)?;
 
         c.case("rmsnorm_backward", &shapes);
         let rstd = c.up(&re.to_host(&rr)?)?;

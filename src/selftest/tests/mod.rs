@@ -49,9 +49,10 @@ fn cpu_backend_passes_against_the_plain_reference() {
 }
 
 /// Every op with kernel rows.
-const OPS: [&str; 29] = [
+const OPS: [&str; 30] = [
     "embedding",
     "rmsnorm",
+    "add_rmsnorm",
     "rmsnorm_backward",
     "linear",
     "linear_backward",
@@ -134,7 +135,7 @@ fn differing_sampled_labels_fail_the_labels_row() {
 fn end_to_end_rows_fail_where_a_wrong_op_is_used() {
     let cpu = CpuBackend::new(2);
     // (wrong op, rows that must fail, rows that must pass), by kernel prefix.
-    let cases: [(&str, &[&str], &[&str]); 5] = [
+    let cases: [(&str, &[&str], &[&str]); 6] = [
         (
             "sq_grad_accumulate",
             &["e2e.curvature diag/"],
@@ -148,6 +149,12 @@ fn end_to_end_rows_fail_where_a_wrong_op_is_used() {
         ("adamw_step", &["e2e.train"], &["e2e.grad", "e2e.curvature"]),
         (
             "lora_backward",
+            &["e2e.grad", "e2e.curvature", "e2e.train"],
+            &[],
+        ),
+        // The model's residual adds run fused with the norms after them.
+        (
+            "add_rmsnorm",
             &["e2e.grad", "e2e.curvature", "e2e.train"],
             &[],
         ),

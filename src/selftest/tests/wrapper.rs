@@ -113,6 +113,19 @@ impl Backend for Wrapped {
         self.hit("rmsnorm", &mut [&mut y, &mut r]);
         Ok((y, r))
     }
+    fn add_rmsnorm(
+        &self,
+        h: &mut Vec<f32>,
+        delta: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let (mut y, mut r) = self.inner.add_rmsnorm(h, delta, w, rows, dim, eps)?;
+        self.hit("add_rmsnorm", &mut [h, &mut y, &mut r]);
+        Ok((y, r))
+    }
     fn rmsnorm_backward(
         &self,
         dy: &Vec<f32>,

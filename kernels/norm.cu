@@ -3,6 +3,22 @@
 // operands are 16-byte aligned (then every row start is), one at a time otherwise.
 #include "common.cuh"
 
+// The second half of both forward kernels, given the row's sum of squares `ss` (the same in
+// every thread): rstd = 1/sqrt(ss/dim + eps) and y = w * x * rstd over the row.
+__device__ __forceinline__ void normalize_row(const float* xr, const float* w, float* yr, float* rstd, int dim, bool vec,
+                                              float eps, float ss) {
+    const float r = 1.f / sqrtf(ss / dim + eps);
+    if (threadIdx.x == 0) *rstd = r;
+    row_packs<4>(dim, vec, [&](auto p, size_t i) {
+        constexpr int W = decltype(p)::value;
+        const Pack<W> a = load<W>(xr, i), ww = load<W>(w, i);
+        Pack<W> o;
+#pragma unroll
+        for (int k = 0; k < W; ++k) o.v[k] = ww.v[k] * (a.v[k] * r);
+        store(yr, i, o);
+    });
+}
+
 // y = w * x * rstd, rstd = 1/sqrt(mean(x^2) + eps).
 extern "C" __global__ void rmsnorm_forward(const float* x, const float* w, float* y, float* rstd, int dim, float eps) {
     __shared__ float scratch[32];
@@ -17,17 +33,7 @@ extern "C" __global__ void rmsnorm_forward(const float* x, const float* w, float
 #pragma unroll
         for (int k = 0; k < W; ++k) s += a.v[k] * a.v[k];
     });
-    s = block_sum(s, scratch);
-    const float r = 1.f / sqrtf(s / dim + eps);
-    if (threadIdx.x == 0) rstd[row] = r;
-    row_packs<4>(dim, vec, [&](auto p, size_t i) {
-        constexpr int W = decltype(p)::value;
-        const Pack<W> a = load<W>(xr, i), ww = load<W>(w, i);
-        Pack<W> o;
-#pragma unroll
-        for (int k = 0; k < W; ++k) o.v[k] = ww.v[k] * (a.v[k] * r);
-        store(yr, i, o);
-    });
+    normalize_row(xr, w, yr, rstd + row, dim, vec, eps, block_sum(s, scratch));
 }
 
 // The residual add fused with the RMSNorm after it (Backend::add_rmsnorm): h += delta,
@@ -55,17 +61,7 @@ extern "C" __global__ void add_rmsnorm_forward(float* h, const float* delta, con
         }
         store(hr, i, a);
     });
-    s = block_sum(s, scratch);
-    const float r = 1.f / sqrtf(s / dim + eps);
-    if (threadIdx.x == 0) rstd[row] = r;
-    row_packs<4>(dim, vec, [&](auto p, size_t i) {
-        constexpr int W = decltype(p)::value;
-        const Pack<W> a = load<W>(hr, i), ww = load<W>(w, i);
-        Pack<W> o;
-#pragma unroll
-        for (int k = 0; k < W; ++k) o.v[k] = ww.v[k] * (a.v[k] * r);
-        store(yr, i, o);
-    });
+    normalize_row(hr, w, yr, rstd + row, dim, vec, eps, block_sum(s, scratch));
 }
 
 // dx += r w dy - x r^3/D sum(w dy x).

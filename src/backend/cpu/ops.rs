@@ -53,7 +53,7 @@ pub fn add_rmsnorm(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let rows = h.len() / dim;
-    let mut y = vec![0f32; h.len()];
+    let mut y = zeros_par(h.len());
     let mut rstd = vec![0f32; rows];
     y.par_chunks_mut(dim * ROW_CHUNK)
         .zip(rstd.par_chunks_mut(ROW_CHUNK))

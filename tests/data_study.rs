@@ -7,26 +7,11 @@
 mod common;
 
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
 use lalora_engine::io::TensorFile;
 use serde_json::Value;
-
-fn ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A one-line error naming `needle`, exit 2.
-fn refused(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert!(err.contains(needle), "`{needle}` not in: {err}");
-}
 
 /// The tiny model's 6 training sequences, also its source data.
 fn data() -> std::path::PathBuf {
@@ -57,10 +42,6 @@ fn study(out: &Path) -> Command {
         .arg("--curvature-data")
         .arg(data());
     c
-}
-
-fn json(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).expect("stdout is JSON")
 }
 
 /// What a row's figures are: costs, times and its place in the grid left out.

@@ -8,17 +8,8 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Output;
 
 use common::*;
-
-fn ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
 
 /// One single-row JSONL file per row of `src`.
 fn split_rows(src: &Path, dir: &Path, stem: &str) -> Vec<PathBuf> {

@@ -7,27 +7,11 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::Command;
 
 use common::*;
 use lalora_engine::io::TensorFile;
 use serde_json::Value;
-
-fn ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what}: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-}
-
-/// A one-line error naming `needle`, exit 2.
-fn refused(o: &Output, needle: &str) {
-    let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(2), "{err}");
-    assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(err.contains(needle), "`{needle}` not in: {err}");
-}
 
 fn target() -> PathBuf {
     fixture("tiny-gqa/batch.jsonl")
@@ -57,20 +41,6 @@ fn sweep(out: &Path) -> Command {
         .arg("--out")
         .arg(out);
     c
-}
-
-fn json(o: &Output) -> Value {
-    serde_json::from_slice(&o.stdout).expect("stdout is JSON")
-}
-
-/// The trained rows of a report (the base row left out).
-fn trained(rep: &Value) -> Vec<&Value> {
-    rep["rows"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|r| !r["lambda"].is_null())
-        .collect()
 }
 
 #[test]

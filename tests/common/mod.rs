@@ -106,3 +106,35 @@ pub fn assets() -> PathBuf {
 pub fn smollm2() -> PathBuf {
     assets().join("SmolLM2-135M-Instruct.Q4_1.gguf")
 }
+
+/// The command succeeded; `what` names it in the failure, with its stderr.
+pub fn ok(o: &std::process::Output, what: &str) {
+    assert!(
+        o.status.success(),
+        "{what}: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// A one-line error naming `needle`, exit 2.
+pub fn refused(o: &std::process::Output, needle: &str) {
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(needle), "`{needle}` not in: {err}");
+}
+
+/// The `--json` summary on stdout.
+pub fn json(o: &std::process::Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).expect("stdout is JSON")
+}
+
+/// The trained rows of a sweep's report (the base row left out).
+pub fn trained(rep: &serde_json::Value) -> Vec<&serde_json::Value> {
+    rep["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["lambda"].is_null())
+        .collect()
+}

@@ -273,8 +273,11 @@ fn multiple_choice_on_smollm2() {
             -l
         );
     }
-    // Scoring questions together does not change any sum: one at a time gives the same
-    // log-likelihoods.
+    // Scoring questions together does not change any sum beyond rounding: one at a time
+    // gives the same log-likelihoods. One question's few continuation rows take the
+    // streaming few-row product, which sums in another order than the batched GEMM, so
+    // the sums agree to f32 rounding of the logits (O(10) each), not bit for bit: 1e-5
+    // nats below 1 nat, relative above.
     for (i, r) in rows.iter().enumerate() {
         let one = choice_logliks(
             &be,
@@ -287,7 +290,7 @@ fn multiple_choice_on_smollm2() {
         )
         .unwrap();
         for (a, b) in one.iter().zip(&ll[2 * i..2 * i + 2]) {
-            assert!((a - b).abs() <= 1e-5 * b.abs(), "{a} vs {b}");
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
         }
     }
 }

@@ -48,7 +48,7 @@ pub struct Placement {
 
 /// Work that is generic over the backend it runs on.
 pub trait BackendTask {
-    type Output;
+    type Output: Send;
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output>;
 }
 
@@ -60,7 +60,7 @@ fn announce<B: Backend>(be: &B, quiet: bool) {
 
 /// Run `task` on the chosen device, saying on stderr which one runs (unless quiet).
 /// `auto` takes CUDA when the kernels were built and a GPU is present, else the CPU.
-pub fn run_on<T: BackendTask>(p: Placement, task: T) -> Result<T::Output> {
+pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output> {
     let base = p.base_dtype.unwrap_or_default();
     let device = match p.device {
         Device::Auto if cuda::available() => Device::Cuda(0),
@@ -91,7 +91,10 @@ pub fn run_on<T: BackendTask>(p: Placement, task: T) -> Result<T::Output> {
             }
             let be = CpuBackend::new(p.threads);
             announce(&be, p.quiet);
-            task.run(&be)
+            // On a pool thread, each parallel loop of an op splits its work in place. From
+            // the main thread, each would hand its work to the pool and sleep until woken:
+            // two context switches per loop, and generating a token runs thousands of them.
+            rayon::scope(|_| task.run(&be))
         }
     }
 }

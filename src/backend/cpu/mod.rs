@@ -63,13 +63,13 @@ pub struct CpuBackend {
 impl CpuBackend {
     /// Uses the global rayon pool; `threads = 0` keeps rayon's default (all cores).
     pub fn new(threads: usize) -> Self {
-        if threads > 0 {
-            // Fails only if the pool was already built (e.g. by an earlier backend in the
-            // same process), in which case that pool is used.
-            let _ = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build_global();
-        }
+        // Fails only if the pool was already built (e.g. by an earlier backend in the same
+        // process), in which case that pool is used. Commands run on its threads
+        // (`device::run_on`), so they get the main thread's stack size.
+        let _ = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .stack_size(8 << 20)
+            .build_global();
         keep_freed_memory();
         CpuBackend {
             threads: rayon::current_num_threads(),

@@ -4,7 +4,8 @@
 //! plain loop body vectorises to 8 (AVX2) or 16 (AVX-512) lanes.
 //!
 //! The sums and dot products of those rows are vectorised too, as 16 interleaved partial
-//! sums added pairwise at the end.
+//! sums added pairwise at the end; so are the products of a few rows with a weight matrix
+//! that decoding takes ([`dot_block`]), where reading the weights once is what counts.
 //!
 //! `exp` here is within 2 ulp of the exact exponential over f32's normal range (the
 //! Taylor polynomial's truncation error is below 1e-8 relative; the rest is rounding).

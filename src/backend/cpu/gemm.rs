@@ -205,8 +205,8 @@ const STREAM_ROWS: usize = 8;
 /// sequence), where reading `w` is most of the cost. Asked for `y = x w^T` row-major, the
 /// gemm crate would repack all of `w` on every call; asked for `y^T = w x^T` it reads `w`
 /// where it lies and packs only `x`, and the small result is transposed back. Up to
-/// [`STREAM_ROWS`] rows, `w` is instead streamed once in blocks on the rayon pool, each
-/// lane of it feeding every row of `x` from registers ([`vmath::dot_block`]), which sums in
+/// `STREAM_ROWS` rows, `w` is instead streamed once in blocks on the rayon pool, each
+/// lane of it feeding every row of `x` from registers (`vmath::dot_block`), which sums in
 /// another order: 16 lanes of FMAs, not the gemm crate's single chain.
 pub fn linear_few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
     // Rows of `w` per streaming task: enough to amortise a task, 768 for the LM head.

@@ -5,7 +5,9 @@
 //! gradient. Random hidden states and head of unit spread: the cost does not depend on
 //! the values.
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+mod common;
+
+use criterion::{Criterion, Throughput, criterion_group};
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::{Backend, CeTargets};
 use rand::{RngExt, SeedableRng};
@@ -14,10 +16,9 @@ use rand_chacha::ChaCha8Rng;
 const ROWS: usize = 4 * 256;
 const DIM: usize = 576;
 const VOCAB: usize = 49152;
-const THREADS: usize = 2;
 
 fn classifier(c: &mut Criterion) {
-    let be = CpuBackend::new(THREADS);
+    let be = CpuBackend::new(common::THREADS);
     let mut rng = ChaCha8Rng::seed_from_u64(0);
     let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
         (0..n)
@@ -71,4 +72,6 @@ fn classifier(c: &mut Criterion) {
 }
 
 criterion_group!(benches, classifier);
-criterion_main!(benches);
+fn main() {
+    common::on_pool(benches);
+}

@@ -12,6 +12,19 @@ pub const BATCH: usize = 4;
 pub const SEQ: usize = 256;
 pub const THREADS: usize = 2;
 
+/// Runs the benchmark groups and criterion's summary on a thread of the rayon pool (built
+/// with `THREADS`), where the commands run too (`device::run_on`): parallel loops started
+/// there split their work in place, rather than handing it to the pool and sleeping.
+pub fn on_pool(groups: fn()) {
+    let _ = CpuBackend::new(THREADS);
+    rayon::scope(|_| {
+        groups();
+        criterion::Criterion::default()
+            .configure_from_args()
+            .final_summary();
+    });
+}
+
 pub fn assets() -> PathBuf {
     std::env::var_os("ASSETS_DIR")
         .map(PathBuf::from)

@@ -4,7 +4,7 @@
 
 mod common;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::Example;
 use lalora_engine::train::accumulate_gradients;
@@ -63,4 +63,6 @@ fn curvature(c: &mut Criterion) {
 }
 
 criterion_group!(benches, curvature);
-criterion_main!(benches);
+fn main() {
+    common::on_pool(benches);
+}

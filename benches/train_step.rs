@@ -3,7 +3,7 @@
 
 mod common;
 
-use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{Criterion, Throughput, criterion_group};
 use lalora_engine::backend::CeTargets;
 use lalora_engine::train::accumulate_gradients;
 
@@ -19,29 +19,26 @@ fn train_step(c: &mut Criterion) {
     g.sample_size(10);
     g.throughput(Throughput::Elements((common::BATCH * common::SEQ) as u64));
     let mut grads = s.lora.zeros_like();
-    // Each step runs on a pool thread, as the commands do (`device::run_on`).
     g.bench_function("forward_backward_cpu", |b| {
         b.iter(|| {
-            rayon::scope(|_| {
-                accumulate_gradients(&s.be, &s.model, &s.lora, &s.batch, 1.0, &mut grads).unwrap()
-            })
+            accumulate_gradients(&s.be, &s.model, &s.lora, &s.batch, 1.0, &mut grads).unwrap()
         })
     });
     // Forward through the token losses (the fused classifier), as evaluation runs it.
     g.bench_function("forward_only_cpu", |b| {
         b.iter(|| {
-            rayon::scope(|_| {
-                let acts = s
-                    .model
-                    .forward(&s.be, Some(&s.lora), &s.batch, false)
-                    .unwrap();
-                let t = CeTargets::Labels(&s.batch.targets);
-                s.model.classify(&s.be, &acts, t, None).unwrap().losses
-            })
+            let acts = s
+                .model
+                .forward(&s.be, Some(&s.lora), &s.batch, false)
+                .unwrap();
+            let t = CeTargets::Labels(&s.batch.targets);
+            s.model.classify(&s.be, &acts, t, None).unwrap().losses
         })
     });
     g.finish();
 }
 
 criterion_group!(benches, train_step);
-criterion_main!(benches);
+fn main() {
+    common::on_pool(benches);
+}

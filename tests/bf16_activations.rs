@@ -4,8 +4,9 @@
 //! on the simulator: the products through bf16 base weights, and those on tf32 tensor cores
 //! (the Gram and per-sample-square kernels of the bf16 engine, which round an f32 operand
 //! to 10 bits), to the bf16 bound; the f32 ones (LoRA) to the f32 bound, since a bf16
-//! input is exact in f32 (and in tf32) and only the other operand's rounding differs. Shapes have tails: rows
-//! not a multiple of the tiles, widths not a multiple of the 8-element packs.
+//! input is exact in f32 (and in tf32) and only the other operand's rounding differs.
+//! Shapes have tails: rows not a multiple of the tiles, widths not a multiple of the
+//! 8-element packs.
 
 mod common;
 
@@ -16,6 +17,7 @@ use lalora_engine::backend::cuda::runtime::DType;
 use lalora_engine::backend::cuda::{Act, BaseDtype, CudaBackend};
 use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{Backend, CeTargets, LoraDims, Segment};
+use lalora_engine::model::CachedSeq;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -336,4 +338,46 @@ fn f32_base_weights_keep_activations_f32() {
     for (what, b) in [("y", &y), ("rstd", &rstd), ("swiglu", &act)] {
         assert_eq!(b.dtype(), DType::F32, "{what}");
     }
+}
+
+/// The cached path (several sequences at once; each projection a `linear` and a per-row
+/// `lora_forward` reading the bf16 normed states) against the CPU: the logits of every
+/// sequence's last token, to the model-level bf16 bound.
+#[test]
+fn cached_batch_on_bf16_activations_matches_cpu() {
+    let t = tiny();
+    let (g, c) = (sim(BaseDtype::Bf16), CpuBackend::new(2));
+    let (mg, mc) = (tiny_model(&g), tiny_model(&c));
+    let lg = t.adapter.map(|v| g.buf(v.clone())).unwrap();
+    let lc = t.adapter.map(|v| c.buf(v.clone())).unwrap();
+    let ids: Vec<Vec<u32>> = t.examples[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| e.ids[..7 + 3 * i].to_vec())
+        .collect();
+    let logits = |be_g: bool| -> Vec<f32> {
+        if be_g {
+            let mut caches: Vec<_> = (0..3).map(|_| mg.new_cache(&g, 16).unwrap()).collect();
+            let mut seqs: Vec<CachedSeq<'_, CudaBackend>> = ids
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(ids, cache)| CachedSeq { ids, cache })
+                .collect();
+            g.to_host(&mg.next_logits(&g, Some(&lg), &mut seqs).unwrap())
+                .unwrap()
+        } else {
+            let mut caches: Vec<_> = (0..3).map(|_| mc.new_cache(&c, 16).unwrap()).collect();
+            let mut seqs: Vec<CachedSeq<'_, CpuBackend>> = ids
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(ids, cache)| CachedSeq { ids, cache })
+                .collect();
+            mc.next_logits(&c, Some(&lc), &mut seqs).unwrap()
+        }
+    };
+    let e = rel_err(&logits(true), &logits(false));
+    assert!(
+        e < bound(Some(BaseDtype::Bf16)),
+        "logits: relative error {e:e}"
+    );
 }

@@ -24,7 +24,7 @@ use std::rc::Rc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend, DevBuf};
+use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, DevBuf};
 use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
@@ -303,7 +303,7 @@ fn sim_shapes() -> Shapes {
     }
 }
 
-fn down(g: &CudaBackend, b: &DevBuf<f32>) -> Vec<f32> {
+fn down(g: &CudaBackend, b: &Act) -> Vec<f32> {
     g.to_host(b).unwrap()
 }
 
@@ -478,7 +478,7 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         })
         .collect();
     // The backward's saved u_p, from the fused forward.
-    let us: Vec<DevBuf<f32>> = g
+    let us: Vec<Act> = g
         .project_group(&x, m, d_in, lg, &fwd)
         .unwrap()
         .into_iter()
@@ -488,8 +488,8 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let dx = zeros(m * d_in);
     let da: Vec<_> = outs.iter().map(|_| zeros(r * d_in)).collect();
     let db: Vec<_> = outs.iter().map(|&o| zeros(o * r)).collect();
-    let ys: RefCell<Vec<DevBuf<f32>>> = RefCell::new(Vec::new());
-    let gas: RefCell<Vec<DevBuf<f32>>> = RefCell::new(Vec::new());
+    let ys: RefCell<Vec<Act>> = RefCell::new(Vec::new());
+    let gas: RefCell<Vec<Act>> = RefCell::new(Vec::new());
     let reset = Rc::new(|| {
         *dx.borrow_mut() = g.zeros(m * d_in).unwrap();
         for (i, &o) in outs.iter().enumerate() {
@@ -656,7 +656,7 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
 fn same_output<'a>(
     name: String,
     g: &'a CudaBackend,
-    out: &'a RefCell<DevBuf<f32>>,
+    out: &'a RefCell<Act>,
     n: usize,
     work: Work,
     want: Outs,
@@ -842,7 +842,7 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     } else {
         (vec![], vec![])
     };
-    let res: RefCell<Vec<DevBuf<f32>>> = RefCell::new(vec![]);
+    let res: RefCell<Vec<Act>> = RefCell::new(vec![]);
     for (name, work, backward, want) in [
         ("forward", roofline::attention_forward(&s), false, want_fwd),
         (
@@ -866,16 +866,20 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 .map(|(n, b)| (*n, down(g, b)))
                 .collect()
         });
-        let (q, k, v, dout) = (&q, &k, &v, &dout);
+        // The attention paths' own entry points take f32 buffers (as the bench's are).
+        fn f32_of(b: &Act) -> &DevBuf<f32> {
+            b.f32().expect("the bench's inputs are f32")
+        }
+        let (q, k, v, dout) = (f32_of(&q), f32_of(&k), f32_of(&v), f32_of(&dout));
         let flash: Rc<dyn Fn()> = Rc::new(move || {
             let (out, lse) = g.flash_attention(q, k, v, &s).unwrap();
             *res.borrow_mut() = if backward {
                 let (dq, dk, dv) = g
                     .flash_attention_backward(dout, q, k, v, &out, &lse, &s)
                     .unwrap();
-                vec![dq, dk, dv]
+                vec![dq.into(), dk.into(), dv.into()]
             } else {
-                vec![out]
+                vec![out.into()]
             };
         });
         let materialised: Rc<dyn Fn()> = Rc::new(move || {
@@ -884,9 +888,9 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 let (dq, dk, dv) = g
                     .attention_materialised_backward(dout, q, k, v, &probs, &s)
                     .unwrap();
-                vec![dq, dk, dv]
+                vec![dq.into(), dk.into(), dv.into()]
             } else {
-                vec![out]
+                vec![out.into()]
             };
         });
         let variant = |vname, call, bound| Variant {

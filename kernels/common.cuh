@@ -69,6 +69,12 @@ struct Width {
     static constexpr int value = W;
 };
 
+// Elements of T in one 128-bit access: the pack width of a kernel that stores T.
+template <typename T>
+struct PackOf {
+    static constexpr int value = 16 / sizeof(T);
+};
+
 // Whether every pointer is 16-byte aligned.
 template <typename... P>
 __device__ __forceinline__ bool aligned16(const P*... p) {

@@ -11,15 +11,20 @@
 
 #define MAX_R 64
 
-extern "C" __global__ void lora_forward_fused(const float* x, const float* A, const float* B, float* y, float* u_out,
-                                              int d_in, int r, int d_out, float scale) {
+__device__ __forceinline__ float as_f32(float v) { return v; }
+__device__ __forceinline__ float as_f32(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+// x is the layer input as stored (f32, or a bf16 activation: `_f32` / `_bf16`); y is f32.
+template <typename Tx>
+__device__ __forceinline__ void lora_forward(const Tx* x, const float* A, const float* B, float* y, float* u_out, int d_in,
+                                             int r, int d_out, float scale) {
     __shared__ float u[MAX_R];
     const size_t row = blockIdx.x;
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
-    const float* xr = x + row * d_in;
+    const Tx* xr = x + row * d_in;
     for (int k = warp; k < r; k += nw) {
         float s = 0.f;
-        for (int j = lane; j < d_in; j += 32) s += A[(size_t)k * d_in + j] * xr[j];
+        for (int j = lane; j < d_in; j += 32) s += A[(size_t)k * d_in + j] * as_f32(xr[j]);
         s = warp_sum(s);
         if (lane == 0) u[k] = s;
     }
@@ -30,6 +35,15 @@ extern "C" __global__ void lora_forward_fused(const float* x, const float* A, co
         for (int k = 0; k < r; ++k) acc += B[(size_t)o * r + k] * u[k];
         y[row * d_out + o] += scale * acc;
     }
+}
+
+extern "C" __global__ void lora_forward_fused_f32(const float* x, const float* A, const float* B, float* y, float* u_out,
+                                                  int d_in, int r, int d_out, float scale) {
+    lora_forward(x, A, B, y, u_out, d_in, r, d_out, scale);
+}
+extern "C" __global__ void lora_forward_fused_bf16(const __nv_bfloat16* x, const float* A, const float* B, float* y,
+                                                   float* u_out, int d_in, int r, int d_out, float scale) {
+    lora_forward(x, A, B, y, u_out, d_in, r, d_out, scale);
 }
 
 extern "C" __global__ void lora_backward_rows(const float* g, const float* A, const float* B, float* ga_out, float* dx,

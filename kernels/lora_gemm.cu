@@ -4,7 +4,8 @@
 // One kernel, a grouped GEMM with a segmented K dimension on bf16 tensor cores (mma.sync
 // m16n8k16, f32 accumulation):
 //   out_p (m, n_p) (+)= sum over segments s of problem p: alpha_s X_s (m, k_s) op(W_s)
-// with X_s an f32 row-major activation and W_s a bf16 or f32 weight, stored n-major
+// with X_s a row-major activation (f32, or bf16: the normed hidden states and the SwiGLU
+// output with bf16 base weights) and W_s a bf16 or f32 weight, stored n-major
 // (W[n][k], lora_gemm_nt: y = x W^T) or k-major (W[k][n], lora_gemm_nn: dx = g W). Every
 // problem of a launch shares the row count m; a block owns one 128 x 128 tile of one
 // problem's output (blockIdx.x runs over the problems' column tiles in order, blockIdx.y
@@ -56,11 +57,11 @@ static_assert(BN * BK == BM * BK, "both operands stage the same number of chunks
 
 // Must match `Seg` and `Prob` of lora_gemm.rs (repr(C)).
 struct Seg {
-    const float* x;
+    const void* x;
     const void* w;
     int ld_x, k, ld_w, w_bf16;
     float alpha;
-    int pieces_x, pieces_w, pad_;
+    int pieces_x, pieces_w, x_bf16;
 };
 struct Prob {
     float* out;
@@ -134,11 +135,11 @@ struct Gemm {
 
     // Global -> registers: step k0 of segment `sg`, for the tile at (m0, n0).
     __device__ __forceinline__ void load(const Seg& sg, int m, int n, int m0, int n0, int k0) {
-        const bool vx = aligned(sg.x, sg.ld_x, 16), vw = aligned(sg.w, sg.ld_w, sg.w_bf16 ? 8 : 16);
+        const bool vx = aligned(sg.x, sg.ld_x, sg.x_bf16 ? 8 : 16), vw = aligned(sg.w, sg.ld_w, sg.w_bf16 ? 8 : 16);
 #pragma unroll
         for (int i = 0; i < CHUNKS; ++i) {
             const int c = threadIdx.x + i * THREADS;
-            xr[i] = load4(sg.x, false, sg.ld_x, m0 + c / (BK / 4), k0 + (c % (BK / 4)) * 4, m, sg.k, vx);
+            xr[i] = load4(sg.x, sg.x_bf16, sg.ld_x, m0 + c / (BK / 4), k0 + (c % (BK / 4)) * 4, m, sg.k, vx);
             if (KMAJOR)
                 wr[i] = load4(sg.w, sg.w_bf16, sg.ld_w, k0 + c / (BN / 4), n0 + (c % (BN / 4)) * 4, sg.k, n, vw);
             else

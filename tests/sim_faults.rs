@@ -76,11 +76,12 @@ fn unedited_ptx_from_the_directory_runs() {
 fn a_read_one_past_the_buffer_is_a_memcheck_fault() {
     let d = tempfile::tempdir().unwrap();
     write_ptx(d.path());
-    // The guard of the first loop over a row's 128-bit packs (`tid >= dim / 4` skips it)
-    // becomes `tid > dim / 4`: thread `dim / 4` of the last row reads the four elements
-    // after the activation buffer (the fixture's hidden size, 64, is whole packs).
+    // The guard of the first loop over a row's 128-bit packs (`tid >= dim / 8` skips it:
+    // the default bf16 output moves eight elements a pack) becomes `tid > dim / 8`: thread
+    // `dim / 8` of the last row reads the eight elements after the residual buffer (the
+    // fixture's hidden size, 64, is whole packs).
     modify(d.path(), "norm", |t| {
-        edit_entry(t, "rmsnorm_forward", |e| {
+        edit_entry(t, "rmsnorm_forward_bf16", |e| {
             e.replacen("setp.ge.s32", "setp.gt.s32", 1)
         })
     });
@@ -90,7 +91,7 @@ fn a_read_one_past_the_buffer_is_a_memcheck_fault() {
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     for want in [
         "memcheck",
-        "`rmsnorm_forward`",
+        "`rmsnorm_forward_bf16`",
         "past the end of allocation",
         "PTX line",
     ] {
@@ -114,7 +115,7 @@ fn removed_barriers_are_a_shared_memory_fault() {
     // Without barriers a warp reads the block-reduction scratch before the other warps
     // wrote it (initcheck) or while they write it (racecheck), whichever comes first.
     assert!(
-        err.contains("rmsnorm_forward`") && err.contains("shared memory"),
+        err.contains("rmsnorm_forward_bf16`") && err.contains("shared memory"),
         "{err}"
     );
     assert!(
@@ -130,15 +131,15 @@ fn a_wrong_argument_list_is_refused_at_launch() {
     // The kernel now declares an eighth parameter the backend does not pass.
     modify(d.path(), "norm", |t| {
         t.replacen(
-            "\t.param .f32 add_rmsnorm_forward_param_6\n)",
-            "\t.param .f32 add_rmsnorm_forward_param_6,\n\t.param .u32 add_rmsnorm_forward_param_7\n)",
+            "\t.param .f32 add_rmsnorm_forward_bf16_param_6\n)",
+            "\t.param .f32 add_rmsnorm_forward_bf16_param_6,\n\t.param .u32 add_rmsnorm_forward_bf16_param_7\n)",
             1,
         )
     });
     let (code, err) = grad_with(d.path(), &d.path().join("g.safetensors"));
     assert_eq!(code, 3, "{err}");
     assert!(
-        err.contains("launch of `add_rmsnorm_forward`")
+        err.contains("launch of `add_rmsnorm_forward_bf16`")
             && err.contains("7 arguments given, the .entry declares 8"),
         "{err}"
     );

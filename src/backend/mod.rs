@@ -2,8 +2,10 @@
 //! optimiser need, implemented once for the CPU (the reference, `cpu/`) and once for CUDA
 //! (`cuda/`). Model code is written against this trait only.
 //!
-//! Conventions: activations are row-major `(rows, features)` f32 buffers; a frozen base
-//! weight `W` is `(d_out, d_in)` and a linear layer computes `y = x W^T`.
+//! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
+//! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
+//! input activations in bf16, `cuda::Act`); a frozen base weight `W` is `(d_out, d_in)`
+//! and a linear layer computes `y = x W^T`.
 
 pub mod cpu;
 pub mod cuda;
@@ -136,7 +138,8 @@ pub struct RopeTable<B: Backend + ?Sized> {
 }
 
 pub trait Backend: Send + Sync {
-    /// An f32 buffer on the device.
+    /// A buffer of f32 values on the device (`to_host` reads them as f32 whatever the
+    /// storage).
     type Buf: Send + Sync;
     /// A frozen base-weight matrix (f32 on the CPU, bf16 on CUDA).
     type Weight: Send + Sync;

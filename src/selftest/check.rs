@@ -19,6 +19,10 @@ pub enum Tolerance {
     /// The op ran on bf16 tensor cores (flash attention): inputs rounded to bf16, f32
     /// accumulation.
     TensorCores,
+    /// f32 arithmetic whose result the device stores as a bf16 activation when the base
+    /// weights are bf16 (the normed hidden states, the SwiGLU output): one rounding to
+    /// nearest, at most 2^-9 relative per element.
+    Activation,
     /// A copy: must be bit for bit.
     Exact,
     /// A whole pass of the tiny model (gradients, curvature, a training step): errors of
@@ -33,6 +37,8 @@ impl Tolerance {
             (Tolerance::F32, _)
             | (Tolerance::BaseWeights | Tolerance::TensorCores, BaseDtype::F32) => 1e-4,
             (Tolerance::BaseWeights | Tolerance::TensorCores, BaseDtype::Bf16) => 1e-2,
+            (Tolerance::Activation, BaseDtype::F32) => 1e-4,
+            (Tolerance::Activation, BaseDtype::Bf16) => 1.0 / 256.0,
             (Tolerance::EndToEnd, BaseDtype::F32) => 1e-4,
             (Tolerance::EndToEnd, BaseDtype::Bf16) => 5e-2,
         }

@@ -3,7 +3,7 @@
 
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, LaunchConfig};
-use super::{CudaBackend, DevBuf, MAX_RANK, THREADS};
+use super::{Act, CudaBackend, MAX_RANK, THREADS};
 use crate::backend::group::{self, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{LoraDims, Segment};
 use crate::error::{Error, Result};
@@ -17,13 +17,14 @@ impl CudaBackend {
     /// `u = x A^T`, `y += s u B^T` as two cuBLAS GEMMs (u round-trips through memory).
     pub fn lora_forward_unfused(
         &self,
-        x: &DevBuf<f32>,
-        a: &DevBuf<f32>,
-        b: &DevBuf<f32>,
+        x: &Act,
+        a: &Act,
+        b: &Act,
         d: LoraDims,
-        y: &mut DevBuf<f32>,
-    ) -> Result<DevBuf<f32>> {
-        let u = self.uninit(d.m * d.r)?;
+        y: &mut Act,
+    ) -> Result<Act> {
+        let (x, a, b, y) = (x.f32()?, a.f32()?, b.f32()?, y.f32_mut()?);
+        let u = self.uninit::<f32>(d.m * d.r)?;
         self.gemm(
             T,
             N,
@@ -48,7 +49,7 @@ impl CudaBackend {
             1.0,
             Operand::f32(y.ptr(), d.d_out),
         )?;
-        Ok(u)
+        Ok(u.into())
     }
 
     /// LoRA backward as cuBLAS GEMMs: gA = s g B, dx += gA A and, when `grads` is given,
@@ -56,16 +57,18 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward_unfused(
         &self,
-        g: &DevBuf<f32>,
-        x: &DevBuf<f32>,
-        u: &DevBuf<f32>,
-        a: &DevBuf<f32>,
-        b: &DevBuf<f32>,
+        g: &Act,
+        x: &Act,
+        u: &Act,
+        a: &Act,
+        b: &Act,
         d: LoraDims,
-        dx: &mut DevBuf<f32>,
-        grads: Option<(&mut DevBuf<f32>, &mut DevBuf<f32>)>,
-    ) -> Result<DevBuf<f32>> {
-        let ga = self.uninit(d.m * d.r)?;
+        dx: &mut Act,
+        grads: Option<(&mut Act, &mut Act)>,
+    ) -> Result<Act> {
+        let (g, x, u, a, b) = (g.f32()?, x.f32()?, u.f32()?, a.f32()?, b.f32()?);
+        let dx = dx.f32_mut()?;
+        let ga = self.uninit::<f32>(d.m * d.r)?;
         self.gemm(
             N,
             N,
@@ -91,8 +94,9 @@ impl CudaBackend {
             Operand::f32(dx.ptr(), d.d_in),
         )?;
         let Some((da, db)) = grads else {
-            return Ok(ga);
+            return Ok(ga.into());
         };
+        let (da, db) = (da.f32_mut()?, db.f32_mut()?);
         self.gemm(
             N,
             T,
@@ -117,7 +121,7 @@ impl CudaBackend {
             1.0,
             Operand::f32(db.ptr(), d.r),
         )?;
-        Ok(ga)
+        Ok(ga.into())
     }
 
     /// `Backend::project_group` as the plain cuBLAS sequence LoRA inside the GEMMs
@@ -125,12 +129,12 @@ impl CudaBackend {
     /// `y += s u B^T` as two more GEMMs.
     pub fn project_group_cublas(
         &self,
-        x: &DevBuf<f32>,
+        x: &Act,
         m: usize,
         d_in: usize,
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
-    ) -> Result<Vec<Projected<DevBuf<f32>>>> {
+    ) -> Result<Vec<Projected<Act>>> {
         group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
             self.lora_forward_unfused(x, a, b, d, y)
         })
@@ -141,14 +145,14 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn project_group_backward_cublas(
         &self,
-        x: &DevBuf<f32>,
+        x: &Act,
         m: usize,
         d_in: usize,
         l: LoraGroup,
         projs: Vec<ProjBwd<'_, Self>>,
-        dx: &mut DevBuf<f32>,
+        dx: &mut Act,
         accumulate: bool,
-    ) -> Result<Vec<Option<DevBuf<f32>>>> {
+    ) -> Result<Vec<Option<Act>>> {
         group::unfused_backward(
             self,
             x,
@@ -167,14 +171,15 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn sq_grad_materialized(
         &self,
-        g: &DevBuf<f32>,
+        g: &Act,
         dg: usize,
-        y: &DevBuf<f32>,
+        y: &Act,
         dy: usize,
         segments: &[Segment],
         alpha: f32,
-        out: &mut DevBuf<f32>,
+        out: &mut Act,
     ) -> Result<()> {
+        let (g, y, out) = (g.f32()?, y.f32()?, out.f32_mut()?);
         let per_seq = self.uninit::<f32>(segments.len() * dg * dy)?;
         for (i, s) in segments.iter().enumerate() {
             // row-major tmp (dg, dy) = G^T Y  <=>  column-major tmp^T (dy, dg) = Y^T G
@@ -212,14 +217,15 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn gram_cublas(
         &self,
-        x: &DevBuf<f32>,
+        x: &Act,
         dx: usize,
-        y: &DevBuf<f32>,
+        y: &Act,
         dy: usize,
         rows: usize,
         alpha: f32,
-        out: &mut DevBuf<f32>,
+        out: &mut Act,
     ) -> Result<()> {
+        let (x, y, out) = (x.f32()?, y.f32()?, out.f32_mut()?);
         // row-major out (dx, dy) = X^T Y  <=>  column-major out^T (dy, dx) = Y^T X
         self.gemm(
             N,
@@ -241,14 +247,15 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn gram_simt(
         &self,
-        x: &DevBuf<f32>,
+        x: &Act,
         dx: usize,
-        y: &DevBuf<f32>,
+        y: &Act,
         dy: usize,
         segments: &[Segment],
         alpha: f32,
-        out: &mut DevBuf<f32>,
+        out: &mut Act,
     ) -> Result<()> {
+        let (x, y, out) = (x.f32()?, y.f32()?, out.f32_mut()?);
         let symmetric = x.ptr() == y.ptr() && dx == dy;
         let mut merged: Vec<Segment> = Vec::new();
         for s in segments.iter().filter(|s| s.len > 0) {
@@ -288,14 +295,15 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub fn sq_grad_simt(
         &self,
-        g: &DevBuf<f32>,
+        g: &Act,
         dg: usize,
-        y: &DevBuf<f32>,
+        y: &Act,
         dy: usize,
         segments: &[Segment],
         alpha: f32,
-        out: &mut DevBuf<f32>,
+        out: &mut Act,
     ) -> Result<()> {
+        let (g, y, out) = (g.f32()?, y.f32()?, out.f32_mut()?);
         // The rank-sized side stays in registers; the other side gets one thread per column.
         let (narrow, wide, r, wide_dim, narrow_first) = if dg <= MAX_RANK && dg <= dy {
             (g, y, dg, dy, 1i32)

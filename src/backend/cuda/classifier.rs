@@ -9,7 +9,7 @@
 
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType};
-use super::{CudaBackend, DevBuf, Weight};
+use super::{Act, CudaBackend, DevBuf, Weight};
 use crate::backend::{CLASSIFIER_CHUNK, CeTargets, ClassifierOut};
 use crate::error::Result;
 
@@ -33,14 +33,14 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn classifier_impl(
         &self,
-        hidden: &DevBuf<f32>,
+        hidden: &Act,
         w: &Weight,
         rows: usize,
         dim: usize,
         vocab: usize,
         targets: CeTargets<'_>,
         grad_scale: Option<f32>,
-    ) -> Result<ClassifierOut<DevBuf<f32>>> {
+    ) -> Result<ClassifierOut<Act>> {
         let (tg, seed) = match targets {
             CeTargets::Labels(t) => (t, None),
             CeTargets::Sample { mask, seed } => (mask, Some(seed)),
@@ -61,34 +61,44 @@ impl CudaBackend {
             return Ok(ClassifierOut {
                 losses,
                 labels,
-                dhidden,
+                dhidden: dhidden.map(Act::from),
             });
         }
         let compact = na < rows;
         let ids = self.upload(&active)?;
         let gathered = if compact {
-            let out = self.uninit::<f32>(na * dim)?;
+            // The active rows, in the hidden states' storage type.
+            let out = self.uninit_act(na * dim, hidden.dtype())?;
             let args = [
-                Arg::U64(hidden.ptr()),
+                Arg::U64(hidden.addr()),
                 Arg::U64(ids.ptr()),
-                Arg::U64(out.ptr()),
+                Arg::U64(out.addr()),
                 Arg::I32(na as i32),
                 Arg::I32(dim as i32),
             ];
-            let width = if dim.is_multiple_of(4) { 4 } else { 1 };
-            self.launch("embedding_gather_f32", Self::packed(na * dim, width), &args)?;
+            let (kernel, pack) = match hidden.dtype() {
+                DType::F32 => ("embedding_gather_f32", 4),
+                DType::Bf16 => ("gather_rows_bf16", 8),
+            };
+            let width = if dim.is_multiple_of(pack) { pack } else { 1 };
+            self.launch(kernel, Self::packed(na * dim, width), &args)?;
             Some(out)
         } else {
             None
         };
         let ha = gathered.as_ref().unwrap_or(hidden);
-        // bf16 weights multiply bf16-rounded activations (cuBLAS takes one input type).
-        let hb = match w.ty {
-            DType::Bf16 => Some(self.to_bf16(ha)?),
-            DType::F32 => None,
+        // bf16 weights multiply bf16 activations (cuBLAS takes one input type): bf16
+        // hidden states as they are stored, f32 ones rounded first.
+        let hb = match (w.ty, ha) {
+            (DType::Bf16, Act::F32(h)) => Some(self.to_bf16(h)?),
+            (DType::Bf16, Act::Bf16(_)) => None,
+            (DType::F32, h) => {
+                h.f32()?;
+                None
+            }
         };
         let head = Head {
-            h: hb.as_ref().map_or(ha.ptr(), |b| b.ptr()),
+            h: hb.as_ref().map_or(ha.addr(), |b| b.ptr()),
             w,
             rows: na,
             dim,
@@ -149,7 +159,7 @@ impl CudaBackend {
         Ok(ClassifierOut {
             losses,
             labels,
-            dhidden,
+            dhidden: dhidden.map(Act::from),
         })
     }
 

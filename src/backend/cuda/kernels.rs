@@ -92,7 +92,13 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "embedding",
         ptx: ptx!("embedding"),
-        functions: &["embedding_gather", "embedding_gather_f32", "f32_to_bf16"],
+        functions: &[
+            "embedding_gather",
+            "embedding_gather_f32",
+            "gather_rows_bf16",
+            "f32_to_bf16",
+            "bf16_to_f32",
+        ],
     },
     KernelModule {
         name: "flash_attention",
@@ -111,7 +117,8 @@ pub const MODULES: &[KernelModule] = &[
         name: "lora",
         ptx: ptx!("lora"),
         functions: &[
-            "lora_forward_fused",
+            "lora_forward_fused_f32",
+            "lora_forward_fused_bf16",
             "lora_backward_rows",
             "lora_grad_chunk",
             "reduce_partials",
@@ -125,7 +132,13 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "norm",
         ptx: ptx!("norm"),
-        functions: &["rmsnorm_forward", "add_rmsnorm_forward", "rmsnorm_backward"],
+        functions: &[
+            "rmsnorm_forward_f32",
+            "rmsnorm_forward_bf16",
+            "add_rmsnorm_forward_f32",
+            "add_rmsnorm_forward_bf16",
+            "rmsnorm_backward",
+        ],
     },
     KernelModule {
         name: "optim",
@@ -140,7 +153,11 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "swiglu",
         ptx: ptx!("swiglu"),
-        functions: &["swiglu_forward", "swiglu_backward"],
+        functions: &[
+            "swiglu_forward_f32",
+            "swiglu_forward_bf16",
+            "swiglu_backward",
+        ],
     },
 ];
 
@@ -255,8 +272,10 @@ mod tests {
         }
         let (both, load): (&[&str], &[&str]) = (&["ld.global", "st.global"], &["ld.global"]);
         let packed = [
-            ("norm", "rmsnorm_forward", both),
-            ("norm", "add_rmsnorm_forward", both),
+            ("norm", "rmsnorm_forward_f32", both),
+            ("norm", "rmsnorm_forward_bf16", both),
+            ("norm", "add_rmsnorm_forward_f32", both),
+            ("norm", "add_rmsnorm_forward_bf16", both),
             ("norm", "rmsnorm_backward", both),
             ("blas1", "add_assign", both),
             ("blas1", "axpy", both),
@@ -264,13 +283,16 @@ mod tests {
             ("blas1", "mul_assign", both),
             ("blas1", "dot_partial", load),
             ("blas1", "sq_accumulate", both),
-            ("swiglu", "swiglu_forward", both),
+            ("swiglu", "swiglu_forward_f32", both),
+            ("swiglu", "swiglu_forward_bf16", both),
             ("swiglu", "swiglu_backward", both),
             ("optim", "adamw_step", both),
             ("rope", "rope", both),
             ("embedding", "embedding_gather", both),
             ("embedding", "embedding_gather_f32", both),
             ("embedding", "f32_to_bf16", both),
+            ("embedding", "bf16_to_f32", both),
+            ("embedding", "gather_rows_bf16", both),
             ("cross_entropy", "cross_entropy", both),
         ];
         for (module, entry, accesses) in packed {

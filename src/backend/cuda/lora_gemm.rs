@@ -11,7 +11,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{BaseDtype, CudaBackend, DevBuf, Weight};
+use super::{Act, BaseDtype, CudaBackend, Weight};
 use crate::backend::Segment;
 use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::error::{Error, Result};
@@ -48,7 +48,7 @@ struct Seg {
     alpha: f32,
     pieces_x: i32,
     pieces_w: i32,
-    pad: i32,
+    x_bf16: i32,
 }
 
 /// One output `(m, n)` and its segments; `Prob` of lora_gemm.cu.
@@ -118,13 +118,21 @@ impl CudaBackend {
             alpha,
             pieces_x: PIECES,
             pieces_w: PIECES,
-            pad: 0,
+            x_bf16: 0,
         })
     }
 
     /// A segment over a base weight: bf16 products on the bf16 engine (X rounded to bf16,
-    /// as cuBLAS is fed there), f32 ones from bf16 pieces on the f32 engine.
-    fn base_seg(&self, x: u64, ld_x: usize, k: usize, w: &Weight, ld_w: usize) -> Result<Seg> {
+    /// as cuBLAS is fed there, or a bf16 activation as stored), f32 ones from bf16 pieces
+    /// on the f32 engine. `x` is an f32 matrix unless `x_bf16`.
+    fn base_seg(
+        &self,
+        (x, x_bf16): (u64, bool),
+        ld_x: usize,
+        k: usize,
+        w: &Weight,
+        ld_w: usize,
+    ) -> Result<Seg> {
         let f32_engine = self.base_dtype() == BaseDtype::F32;
         Ok(Seg {
             x,
@@ -134,9 +142,10 @@ impl CudaBackend {
             ld_w: dim(ld_w, "row stride")?,
             w_bf16: (w.ty == DType::Bf16) as i32,
             alpha: 1.0,
-            pieces_x: if f32_engine { PIECES } else { 1 },
+            // A bf16 X is one exact piece.
+            pieces_x: if f32_engine && !x_bf16 { PIECES } else { 1 },
             pieces_w: if w.ty == DType::F32 { PIECES } else { 1 },
-            pad: 0,
+            x_bf16: x_bf16 as i32,
         })
     }
 
@@ -193,13 +202,14 @@ impl CudaBackend {
 
     pub(super) fn project_group_impl(
         &self,
-        x: &DevBuf<f32>,
+        x: &Act,
         m: usize,
         d_in: usize,
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
-    ) -> Result<Vec<Projected<DevBuf<f32>>>> {
+    ) -> Result<Vec<Projected<Act>>> {
         check_len("x", x.len(), m * d_in)?;
+        let xs = (x.addr(), x.dtype() == DType::Bf16);
         let mut us = Vec::with_capacity(projs.len());
         let mut problems = Vec::new();
         for p in projs {
@@ -209,13 +219,19 @@ impl CudaBackend {
                     check_len("A", a.len(), l.r * d_in)?;
                     check_len("B", b.len(), p.d_out * l.r)?;
                     let u = self.uninit::<f32>(m * l.r)?;
+                    let mut seg = self.lora_seg(x.addr(), d_in, d_in, a.f32()?.ptr(), d_in, 1.0)?;
+                    if xs.1 {
+                        // A bf16 x is one exact piece; A keeps its three.
+                        seg.x_bf16 = 1;
+                        seg.pieces_x = 1;
+                    }
                     problems.push(Problem {
                         out: u.ptr(),
                         n: l.r,
                         accumulate: false,
-                        segs: vec![self.lora_seg(x.ptr(), d_in, d_in, a.ptr(), d_in, 1.0)?],
+                        segs: vec![seg],
                     });
-                    Some(u)
+                    Some(Act::from(u))
                 }
                 None => None,
             });
@@ -225,9 +241,9 @@ impl CudaBackend {
         let mut problems = Vec::with_capacity(projs.len());
         for (p, u) in projs.iter().zip(&us) {
             let y = self.uninit::<f32>(m * p.d_out)?;
-            let mut segs = vec![self.base_seg(x.ptr(), d_in, d_in, p.w, d_in)?];
+            let mut segs = vec![self.base_seg(xs, d_in, d_in, p.w, d_in)?];
             if let (Some((_, b)), Some(u)) = (p.lora, u) {
-                segs.push(self.lora_seg(u.ptr(), l.r, l.r, b.ptr(), l.r, l.scale)?);
+                segs.push(self.lora_seg(u.addr(), l.r, l.r, b.f32()?.ptr(), l.r, l.scale)?);
             }
             problems.push(Problem {
                 out: y.ptr(),
@@ -235,7 +251,7 @@ impl CudaBackend {
                 accumulate: false,
                 segs,
             });
-            ys.push(y);
+            ys.push(Act::from(y));
         }
         self.lora_gemm(Layout::NMajor, m, &problems)?;
         Ok(ys.into_iter().zip(us).collect())
@@ -244,14 +260,14 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn project_group_backward_impl(
         &self,
-        x: &DevBuf<f32>,
+        x: &Act,
         m: usize,
         d_in: usize,
         l: LoraGroup,
         projs: Vec<ProjBwd<'_, Self>>,
-        dx: &mut DevBuf<f32>,
+        dx: &mut Act,
         accumulate: bool,
-    ) -> Result<Vec<Option<DevBuf<f32>>>> {
+    ) -> Result<Vec<Option<Act>>> {
         check_len("x", x.len(), m * d_in)?;
         check_len("dx", dx.len(), m * d_in)?;
         // gA_p = s g_p B_p for every adapted projection: one launch.
@@ -271,10 +287,10 @@ impl CudaBackend {
                         n: l.r,
                         accumulate: false,
                         segs: vec![self.lora_seg(
-                            p.g.ptr(),
+                            p.g.f32()?.ptr(),
                             p.d_out,
                             p.d_out,
-                            lb.b.ptr(),
+                            lb.b.f32()?.ptr(),
                             l.r,
                             l.scale,
                         )?],
@@ -288,32 +304,42 @@ impl CudaBackend {
         // dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]: one launch.
         let mut segs = Vec::with_capacity(2 * projs.len());
         for p in &projs {
-            segs.push(self.base_seg(p.g.ptr(), p.d_out, p.d_out, p.w, d_in)?);
+            segs.push(self.base_seg((p.g.f32()?.ptr(), false), p.d_out, p.d_out, p.w, d_in)?);
         }
         for (p, ga) in projs.iter().zip(&gas) {
             if let (Some(lb), Some(ga)) = (&p.lora, ga) {
-                segs.push(self.lora_seg(ga.ptr(), l.r, l.r, lb.a.ptr(), d_in, 1.0)?);
+                segs.push(self.lora_seg(ga.ptr(), l.r, l.r, lb.a.f32()?.ptr(), d_in, 1.0)?);
             }
         }
         let dx_problem = Problem {
-            out: dx.ptr(),
+            out: dx.f32_mut()?.ptr(),
             n: d_in,
             accumulate,
             segs,
         };
         self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
-        // The weight gradients: reductions over all m rows, on the Gram kernels.
+        // The weight gradients: reductions over all m rows, on the Gram kernels (which read
+        // f32: a bf16 x is widened once for the group).
         let rows = [Segment { start: 0, len: m }];
+        let wants_grads = projs
+            .iter()
+            .any(|p| p.lora.as_ref().is_some_and(|lb| lb.grads.is_some()));
+        let xw = if wants_grads {
+            Some(self.wide(x)?)
+        } else {
+            None
+        };
         for (p, ga) in projs.into_iter().zip(&gas) {
-            if let (Some(lb), Some(ga)) = (p.lora, ga)
+            if let (Some(lb), Some(ga), Some(x)) = (p.lora, ga, xw.as_deref())
                 && let Some((da, db)) = lb.grads
             {
                 check_len("dA", da.len(), l.r * d_in)?;
                 check_len("dB", db.len(), p.d_out * l.r)?;
-                self.gram_accumulate_impl(ga, l.r, x, d_in, &rows, 1.0, da)?;
-                self.gram_accumulate_impl(p.g, p.d_out, lb.u, l.r, &rows, l.scale, db)?;
+                self.gram_accumulate_impl(ga, l.r, x, d_in, &rows, 1.0, da.f32_mut()?)?;
+                let (g, u) = (p.g.f32()?, lb.u.f32()?);
+                self.gram_accumulate_impl(g, p.d_out, u, l.r, &rows, l.scale, db.f32_mut()?)?;
             }
         }
-        Ok(gas)
+        Ok(gas.into_iter().map(|g| g.map(Act::from)).collect())
     }
 }

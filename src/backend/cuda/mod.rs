@@ -2,8 +2,10 @@
 //! every op, cuBLAS for the dense base-weight and attention products, all through one
 //! runtime seam (`runtime::Runtime`) with two devices behind it: a GPU through cudarc
 //! (`driver`), or the PTX simulator on the CPU (`sim`). Base weights are stored in bf16
-//! (or f32 with `--base-dtype f32`); activations, LoRA weights, gradients, optimiser state
-//! and curvature are f32. One stream, in order; each op's CPU twin in `backend/cpu` is its
+//! (or f32 with `--base-dtype f32`), and so, then, are the activations that feed the
+//! matmuls (normed hidden states, the SwiGLU output: `Act::Bf16`); the residual stream,
+//! RMSNorm's rstd, LoRA weights, all gradients, optimiser state and curvature are f32
+//! (`Act::F32`), and every kernel accumulates in f32. One stream, in order; each op's CPU twin in `backend/cpu` is its
 //! reference.
 //!
 //! Allocation and waiting: ops allocate their outputs and scratch as they go (a training
@@ -15,6 +17,7 @@
 //! and its finiteness check, a fixed count whatever the model's size. `CudaBackend::stats`
 //! counts all of it (launches, GEMMs, allocations, copies, host syncs) on both runtimes.
 
+mod act;
 mod attention;
 mod baselines;
 pub mod blas;
@@ -31,6 +34,8 @@ use std::marker::PhantomData;
 use std::str::FromStr;
 use std::sync::Arc;
 
+pub use self::act::Act;
+use self::act::Wide;
 use self::kernels::Kernels;
 use self::runtime::{Arg, Counted, DType, LaunchConfig, Runtime, RuntimeStats};
 use super::Segment;
@@ -239,6 +244,39 @@ impl CudaBackend {
             grid: [rows as u32, 1, 1],
             block: [THREADS, 1, 1],
             shared_bytes: 0,
+        }
+    }
+
+    /// How activations around the matmuls are stored: as the base weights are.
+    fn act_dtype(&self) -> DType {
+        match self.base {
+            BaseDtype::F32 => DType::F32,
+            BaseDtype::Bf16 => DType::Bf16,
+        }
+    }
+
+    /// `n` uninitialised elements stored as `ty`.
+    fn uninit_act(&self, n: usize, ty: DType) -> Result<Act> {
+        Ok(match ty {
+            DType::F32 => Act::F32(self.uninit(n)?),
+            DType::Bf16 => Act::Bf16(self.uninit(n)?),
+        })
+    }
+
+    /// `x` as f32 (see `Wide`): a bf16 one widened exactly.
+    fn wide<'a>(&self, x: &'a Act) -> Result<Wide<'a>> {
+        match x {
+            Act::F32(b) => Ok(Wide::Same(b)),
+            Act::Bf16(b) => {
+                let n = b.len();
+                let out = self.uninit::<f32>(n)?;
+                self.launch(
+                    "bf16_to_f32",
+                    Self::packed(n, 8),
+                    &[Arg::U64(b.ptr()), Arg::U64(out.ptr()), Arg::U64(n as u64)],
+                )?;
+                Ok(Wide::Copy(out))
+            }
         }
     }
 

@@ -5,7 +5,7 @@ use half::bf16;
 
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK, THREADS, Weight};
+use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight};
 use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -14,7 +14,7 @@ use crate::backend::{
 use crate::error::{Error, Result};
 
 impl Backend for CudaBackend {
-    type Buf = DevBuf<f32>;
+    type Buf = Act;
     type Weight = Weight;
 
     fn describe(&self) -> String {
@@ -22,15 +22,23 @@ impl Backend for CudaBackend {
     }
 
     fn buf(&self, host: Vec<f32>) -> Result<Self::Buf> {
-        self.upload(&host)
+        Ok(self.upload(&host)?.into())
     }
 
     fn zeros(&self, n: usize) -> Result<Self::Buf> {
-        self.zeroed(n)
+        Ok(self.zeroed(n)?.into())
     }
 
     fn to_host(&self, x: &Self::Buf) -> Result<Vec<f32>> {
-        self.download(x)
+        match x {
+            Act::F32(b) => self.download(b),
+            // Widening is exact: the values the device holds, as f32.
+            Act::Bf16(b) => Ok(self
+                .download(b)?
+                .into_iter()
+                .map(|h| bf16::from_bits(h).to_f32())
+                .collect()),
+        }
     }
 
     fn weight(&self, host: Vec<f32>, _rows: usize, _cols: usize) -> Result<Self::Weight> {
@@ -50,15 +58,18 @@ impl Backend for CudaBackend {
     }
 
     fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> Result<()> {
-        if offset + src.len() > dst.len() {
+        if offset + src.len() > dst.len() || src.dtype() != dst.dtype() {
             return Err(Error::Device(format!(
-                "copy of {} elements at {offset} into a buffer of {}",
+                "copy of {} {:?} elements at {offset} into a buffer of {} {:?}",
                 src.len(),
-                dst.len()
+                src.dtype(),
+                dst.len(),
+                dst.dtype()
             )));
         }
+        let e = src.elem_bytes();
         self.rt
-            .dtod(dst.ptr() + offset as u64 * 4, src.ptr(), src.len() * 4)
+            .dtod(dst.addr() + (offset * e) as u64, src.addr(), src.len() * e)
     }
 
     fn slice(&self, src: &Self::Buf, offset: usize, len: usize) -> Result<Self::Buf> {
@@ -68,16 +79,17 @@ impl Backend for CudaBackend {
                 src.len()
             )));
         }
-        let out = self.uninit(len)?;
+        let out = self.uninit_act(len, src.dtype())?;
+        let e = src.elem_bytes();
         self.rt
-            .dtod(out.ptr(), src.ptr() + offset as u64 * 4, len * 4)?;
+            .dtod(out.addr(), src.addr() + (offset * e) as u64, len * e)?;
         Ok(out)
     }
 
     fn embedding(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> Result<Self::Buf> {
         let ids_d = self.upload(ids)?;
         let n = ids.len() * dim;
-        let out = self.uninit(n)?;
+        let out = self.uninit::<f32>(n)?;
         // Rows of whole 128-bit packs (8 bf16 or 4 f32 values) go a pack per thread.
         let (kernel, width) = match table.ty {
             DType::Bf16 => ("embedding_gather", 8),
@@ -92,7 +104,7 @@ impl Backend for CudaBackend {
             Arg::I32(dim as i32),
         ];
         self.launch(kernel, Self::packed(n, width), &args)?;
-        Ok(out)
+        Ok(out.into())
     }
 
     fn rmsnorm(
@@ -103,17 +115,22 @@ impl Backend for CudaBackend {
         dim: usize,
         eps: f32,
     ) -> Result<(Self::Buf, Self::Buf)> {
-        let (y, rstd) = (self.uninit(rows * dim)?, self.uninit(rows)?);
+        let y = self.uninit_act(rows * dim, self.act_dtype())?;
+        let rstd = self.uninit::<f32>(rows)?;
         let args = [
-            Arg::U64(x.ptr()),
-            Arg::U64(w.ptr()),
-            Arg::U64(y.ptr()),
+            Arg::U64(x.f32()?.ptr()),
+            Arg::U64(w.f32()?.ptr()),
+            Arg::U64(y.addr()),
             Arg::U64(rstd.ptr()),
             Arg::I32(dim as i32),
             Arg::F32(eps),
         ];
-        self.launch("rmsnorm_forward", Self::per_row(rows), &args)?;
-        Ok((y, rstd))
+        let kernel = match y.dtype() {
+            DType::F32 => "rmsnorm_forward_f32",
+            DType::Bf16 => "rmsnorm_forward_bf16",
+        };
+        self.launch(kernel, Self::per_row(rows), &args)?;
+        Ok((y, rstd.into()))
     }
 
     fn add_rmsnorm(
@@ -134,18 +151,23 @@ impl Backend for CudaBackend {
                 w.len()
             )));
         }
-        let (y, rstd) = (self.uninit(n)?, self.uninit(rows)?);
+        let y = self.uninit_act(n, self.act_dtype())?;
+        let rstd = self.uninit::<f32>(rows)?;
         let args = [
-            Arg::U64(h.ptr()),
-            Arg::U64(delta.ptr()),
-            Arg::U64(w.ptr()),
-            Arg::U64(y.ptr()),
+            Arg::U64(h.f32_mut()?.ptr()),
+            Arg::U64(delta.f32()?.ptr()),
+            Arg::U64(w.f32()?.ptr()),
+            Arg::U64(y.addr()),
             Arg::U64(rstd.ptr()),
             Arg::I32(dim as i32),
             Arg::F32(eps),
         ];
-        self.launch("add_rmsnorm_forward", Self::per_row(rows), &args)?;
-        Ok((y, rstd))
+        let kernel = match y.dtype() {
+            DType::F32 => "add_rmsnorm_forward_f32",
+            DType::Bf16 => "add_rmsnorm_forward_bf16",
+        };
+        self.launch(kernel, Self::per_row(rows), &args)?;
+        Ok((y, rstd.into()))
     }
 
     fn rmsnorm_backward(
@@ -159,11 +181,11 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
     ) -> Result<()> {
         let args = [
-            Arg::U64(dy.ptr()),
-            Arg::U64(x.ptr()),
-            Arg::U64(w.ptr()),
-            Arg::U64(rstd.ptr()),
-            Arg::U64(dx.ptr()),
+            Arg::U64(dy.f32()?.ptr()),
+            Arg::U64(x.f32()?.ptr()),
+            Arg::U64(w.f32()?.ptr()),
+            Arg::U64(rstd.f32()?.ptr()),
+            Arg::U64(dx.f32_mut()?.ptr()),
             Arg::I32(dim as i32),
         ];
         self.launch("rmsnorm_backward", Self::per_row(rows), &args)
@@ -177,13 +199,18 @@ impl Backend for CudaBackend {
         k: usize,
         n: usize,
     ) -> Result<Self::Buf> {
-        let y = self.uninit(m * n)?;
-        // bf16 weights multiply bf16-rounded activations (cuBLAS takes one input type).
-        let xb = match w.ty {
-            DType::Bf16 => Some(self.to_bf16(x)?),
-            DType::F32 => None,
+        let y = self.uninit::<f32>(m * n)?;
+        // bf16 weights multiply bf16 activations (cuBLAS takes one input type): a bf16
+        // activation as it is stored, an f32 one rounded first.
+        let xb = match (w.ty, x) {
+            (DType::Bf16, Act::F32(x)) => Some(self.to_bf16(x)?),
+            (DType::Bf16, Act::Bf16(_)) => None,
+            (DType::F32, x) => {
+                x.f32()?;
+                None
+            }
         };
-        let xp = xb.as_ref().map_or(x.ptr(), |b| b.ptr());
+        let xp = xb.as_ref().map_or(x.addr(), |b| b.ptr());
         self.gemm(
             T,
             N,
@@ -196,7 +223,7 @@ impl Backend for CudaBackend {
             0.0,
             Operand::f32(y.ptr(), n),
         )?;
-        Ok(y)
+        Ok(y.into())
     }
 
     fn linear_backward(
@@ -209,6 +236,8 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
+        // Gradients are f32; the bf16 GEMM reads them rounded.
+        let dy = dy.f32()?;
         let dyb = match w.ty {
             DType::Bf16 => Some(self.to_bf16(dy)?),
             DType::F32 => None,
@@ -225,7 +254,7 @@ impl Backend for CudaBackend {
             Operand::typed(w.ptr(), w.ty, k),
             Operand::typed(dp, w.ty, n),
             beta,
-            Operand::f32(dx.ptr(), k),
+            Operand::f32(dx.f32_mut()?.ptr(), k),
         )
     }
 
@@ -238,20 +267,24 @@ impl Backend for CudaBackend {
         y: &mut Self::Buf,
     ) -> Result<Self::Buf> {
         check_rank(d.r)?;
-        let u = self.uninit(d.m * d.r)?;
+        let u = self.uninit::<f32>(d.m * d.r)?;
         let args = [
-            Arg::U64(x.ptr()),
-            Arg::U64(a.ptr()),
-            Arg::U64(b.ptr()),
-            Arg::U64(y.ptr()),
+            Arg::U64(x.addr()),
+            Arg::U64(a.f32()?.ptr()),
+            Arg::U64(b.f32()?.ptr()),
+            Arg::U64(y.f32_mut()?.ptr()),
             Arg::U64(u.ptr()),
             Arg::I32(d.d_in as i32),
             Arg::I32(d.r as i32),
             Arg::I32(d.d_out as i32),
             Arg::F32(d.scale),
         ];
-        self.launch("lora_forward_fused", Self::per_row(d.m), &args)?;
-        Ok(u)
+        let kernel = match x.dtype() {
+            DType::F32 => "lora_forward_fused_f32",
+            DType::Bf16 => "lora_forward_fused_bf16",
+        };
+        self.launch(kernel, Self::per_row(d.m), &args)?;
+        Ok(u.into())
     }
 
     fn lora_backward(
@@ -266,13 +299,14 @@ impl Backend for CudaBackend {
         grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
     ) -> Result<Self::Buf> {
         check_rank(d.r)?;
-        let ga = self.uninit(d.m * d.r)?;
+        let (g, u, a, b) = (g.f32()?, u.f32()?, a.f32()?, b.f32()?);
+        let ga = self.uninit::<f32>(d.m * d.r)?;
         let args = [
             Arg::U64(g.ptr()),
             Arg::U64(a.ptr()),
             Arg::U64(b.ptr()),
             Arg::U64(ga.ptr()),
-            Arg::U64(dx.ptr()),
+            Arg::U64(dx.f32_mut()?.ptr()),
             Arg::I32(d.d_in as i32),
             Arg::I32(d.r as i32),
             Arg::I32(d.d_out as i32),
@@ -280,10 +314,12 @@ impl Backend for CudaBackend {
         ];
         self.launch("lora_backward_rows", Self::per_row(d.m), &args)?;
         if let Some((da, db)) = grads {
+            let x = self.wide(x)?;
+            let (da, db) = (da.f32_mut()?, db.f32_mut()?);
             let chunks = d.m.div_ceil(32).clamp(1, 64);
             let rpc = d.m.div_ceil(chunks) as i32;
             for (narrow, wide, cols, alpha, layout_kc, out) in [
-                (&ga, x, d.d_in, 1.0f32, 1i32, da),
+                (&ga, &*x, d.d_in, 1.0f32, 1i32, da),
                 (u, g, d.d_out, d.scale, 0i32, db),
             ] {
                 let partial = self.uninit::<f32>(chunks * cols * d.r)?;
@@ -314,7 +350,7 @@ impl Backend for CudaBackend {
                 self.launch("reduce_partials", Self::elementwise(n), &args)?;
             }
         }
-        Ok(ga)
+        Ok(ga.into())
     }
 
     fn project_group(
@@ -352,9 +388,9 @@ impl Backend for CudaBackend {
     ) -> Result<()> {
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         let args = [
-            Arg::U64(x.ptr()),
-            Arg::U64(t.cos.ptr()),
-            Arg::U64(t.sin.ptr()),
+            Arg::U64(x.f32_mut()?.ptr()),
+            Arg::U64(t.cos.f32()?.ptr()),
+            Arg::U64(t.sin.f32()?.ptr()),
             Arg::I32(rows as i32),
             Arg::I32(n_heads as i32),
             Arg::I32(head_dim as i32),
@@ -392,14 +428,18 @@ impl Backend for CudaBackend {
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf> {
         let n = gate.len();
-        let out = self.uninit(n)?;
+        let out = self.uninit_act(n, self.act_dtype())?;
         let args = [
-            Arg::U64(gate.ptr()),
-            Arg::U64(up.ptr()),
-            Arg::U64(out.ptr()),
+            Arg::U64(gate.f32()?.ptr()),
+            Arg::U64(up.f32()?.ptr()),
+            Arg::U64(out.addr()),
             Arg::U64(n as u64),
         ];
-        self.launch("swiglu_forward", Self::packed(n, 4), &args)?;
+        let (kernel, width) = match out.dtype() {
+            DType::F32 => ("swiglu_forward_f32", 4),
+            DType::Bf16 => ("swiglu_forward_bf16", 8),
+        };
+        self.launch(kernel, Self::packed(n, width), &args)?;
         Ok(out)
     }
 
@@ -410,17 +450,17 @@ impl Backend for CudaBackend {
         up: &Self::Buf,
     ) -> Result<(Self::Buf, Self::Buf)> {
         let n = gate.len();
-        let (dg, du) = (self.uninit(n)?, self.uninit(n)?);
+        let (dg, du) = (self.uninit::<f32>(n)?, self.uninit::<f32>(n)?);
         let args = [
-            Arg::U64(dact.ptr()),
-            Arg::U64(gate.ptr()),
-            Arg::U64(up.ptr()),
+            Arg::U64(dact.f32()?.ptr()),
+            Arg::U64(gate.f32()?.ptr()),
+            Arg::U64(up.f32()?.ptr()),
             Arg::U64(dg.ptr()),
             Arg::U64(du.ptr()),
             Arg::U64(n as u64),
         ];
         self.launch("swiglu_backward", Self::packed(n, 4), &args)?;
-        Ok((dg, du))
+        Ok((dg.into(), du.into()))
     }
 
     fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()> {
@@ -428,7 +468,11 @@ impl Backend for CudaBackend {
         self.launch(
             "add_assign",
             Self::packed(n, 4),
-            &[Arg::U64(a.ptr()), Arg::U64(b.ptr()), Arg::U64(n as u64)],
+            &[
+                Arg::U64(a.f32_mut()?.ptr()),
+                Arg::U64(b.f32()?.ptr()),
+                Arg::U64(n as u64),
+            ],
         )
     }
 
@@ -445,15 +489,15 @@ impl Backend for CudaBackend {
             CeTargets::Sample { mask, seed } => (mask, seed, 1),
         };
         let t = self.ints(t)?;
-        let losses = self.uninit(rows)?;
+        let losses = self.uninit::<f32>(rows)?;
         // Without a gradient the kernel never touches dlogits: no allocation.
-        let d = self.uninit(if grad_scale.is_some() {
+        let d = self.uninit::<f32>(if grad_scale.is_some() {
             rows * vocab
         } else {
             0
         })?;
         let args = [
-            Arg::U64(logits.ptr()),
+            Arg::U64(logits.f32()?.ptr()),
             Arg::U64(t.ptr()),
             Arg::U64(losses.ptr()),
             Arg::U64(d.ptr()),
@@ -464,8 +508,8 @@ impl Backend for CudaBackend {
             Arg::I32(sample),
         ];
         self.launch("cross_entropy", Self::per_row(rows), &args)?;
-        let l = self.to_host(&losses)?;
-        Ok((l, grad_scale.map(|_| d)))
+        let l = self.download(&losses)?;
+        Ok((l, grad_scale.map(|_| d.into())))
     }
 
     fn classifier(
@@ -491,7 +535,12 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        self.gram_accumulate_impl(x, dx, y, dy, segments, alpha, out)
+        // A symmetric factor (x and y one buffer) stays one operand when widened.
+        let same = x.addr() == y.addr();
+        let xw = self.wide(x)?;
+        let yw = if same { None } else { Some(self.wide(y)?) };
+        let yr = yw.as_deref().unwrap_or(&xw);
+        self.gram_accumulate_impl(&xw, dx, yr, dy, segments, alpha, out.f32_mut()?)
     }
 
     fn segment_sum(
@@ -502,7 +551,8 @@ impl Backend for CudaBackend {
         mean: bool,
     ) -> Result<Self::Buf> {
         let (st, ln) = self.segments(segments)?;
-        let out = self.uninit(segments.len() * dim)?;
+        let out = self.uninit::<f32>(segments.len() * dim)?;
+        let x = self.wide(x)?;
         let args = [
             Arg::U64(x.ptr()),
             Arg::U64(st.ptr()),
@@ -517,7 +567,7 @@ impl Backend for CudaBackend {
             Self::elementwise(segments.len() * dim),
             &args,
         )?;
-        Ok(out)
+        Ok(out.into())
     }
 
     fn sq_grad_accumulate(
@@ -530,7 +580,8 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        self.sq_grad_accumulate_impl(g, dg, y, dy, segments, alpha, out)
+        let (g, y) = (self.wide(g)?, self.wide(y)?);
+        self.sq_grad_accumulate_impl(&g, dg, &y, dy, segments, alpha, out.f32_mut()?)
     }
 
     fn matmul(
@@ -544,7 +595,7 @@ impl Backend for CudaBackend {
         tb: bool,
     ) -> Result<Self::Buf> {
         // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
-        let c = self.uninit(m * n)?;
+        let c = self.uninit::<f32>(m * n)?;
         let (opb, ldb) = if tb { (T, k) } else { (N, n) };
         let (opa, lda) = if ta { (T, m) } else { (N, k) };
         self.gemm(
@@ -554,17 +605,18 @@ impl Backend for CudaBackend {
             m,
             k,
             1.0,
-            Operand::f32(b.ptr(), ldb),
-            Operand::f32(a.ptr(), lda),
+            Operand::f32(b.f32()?.ptr(), ldb),
+            Operand::f32(a.f32()?.ptr(), lda),
             0.0,
             Operand::f32(c.ptr(), n),
         )?;
-        Ok(c)
+        Ok(c.into())
     }
 
     fn dup(&self, x: &Self::Buf) -> Result<Self::Buf> {
-        let out = self.uninit(x.len())?;
-        self.rt.dtod(out.ptr(), x.ptr(), x.len() * 4)?;
+        let out = self.uninit_act(x.len(), x.dtype())?;
+        self.rt
+            .dtod(out.addr(), x.addr(), x.len() * x.elem_bytes())?;
         Ok(out)
     }
 
@@ -573,7 +625,11 @@ impl Backend for CudaBackend {
         self.launch(
             "mul_assign",
             Self::packed(n, 4),
-            &[Arg::U64(a.ptr()), Arg::U64(b.ptr()), Arg::U64(n as u64)],
+            &[
+                Arg::U64(a.f32_mut()?.ptr()),
+                Arg::U64(b.f32()?.ptr()),
+                Arg::U64(n as u64),
+            ],
         )
     }
 
@@ -582,7 +638,11 @@ impl Backend for CudaBackend {
         self.launch(
             "scale",
             Self::packed(n, 4),
-            &[Arg::U64(x.ptr()), Arg::F32(k), Arg::U64(n as u64)],
+            &[
+                Arg::U64(x.f32_mut()?.ptr()),
+                Arg::F32(k),
+                Arg::U64(n as u64),
+            ],
         )
     }
 
@@ -593,8 +653,8 @@ impl Backend for CudaBackend {
             Self::packed(n, 4),
             &[
                 Arg::F32(alpha),
-                Arg::U64(x.ptr()),
-                Arg::U64(y.ptr()),
+                Arg::U64(x.f32()?.ptr()),
+                Arg::U64(y.f32_mut()?.ptr()),
                 Arg::U64(n as u64),
             ],
         )
@@ -611,8 +671,8 @@ impl Backend for CudaBackend {
             "dot_partial",
             cfg,
             &[
-                Arg::U64(x.ptr()),
-                Arg::U64(y.ptr()),
+                Arg::U64(x.f32()?.ptr()),
+                Arg::U64(y.f32()?.ptr()),
                 Arg::U64(partial.ptr()),
                 Arg::U64(n as u64),
             ],
@@ -626,6 +686,9 @@ impl Backend for CudaBackend {
             return Ok(vec![0.0; pairs.len()]);
         }
         for (x, y) in pairs {
+            // The table below holds f32 addresses: check each is one.
+            x.f32()?;
+            y.f32()?;
             if x.len() != y.len() {
                 return Err(Error::Device(format!(
                     "dot product of buffers of {} and {} elements",
@@ -641,8 +704,8 @@ impl Backend for CudaBackend {
             .min((4096 / pairs.len()).max(1));
         let k = pairs.len();
         let mut table = Vec::with_capacity(3 * k);
-        table.extend(pairs.iter().map(|(x, _)| x.ptr()));
-        table.extend(pairs.iter().map(|(_, y)| y.ptr()));
+        table.extend(pairs.iter().map(|(x, _)| x.addr()));
+        table.extend(pairs.iter().map(|(_, y)| y.addr()));
         table.extend(pairs.iter().map(|(x, _)| x.len() as u64));
         let table = self.upload(&table)?;
         let partial = self.uninit::<f64>(k * chunks)?;
@@ -681,14 +744,19 @@ impl Backend for CudaBackend {
         let bc1 = 1.0 - h.beta1.powi(h.step as i32);
         let bc2 = 1.0 - h.beta2.powi(h.step as i32);
         let (mean, prec, lambda, on) = match &penalty {
-            Some(d) => (d.mean.ptr(), d.precision.ptr(), d.lambda, 1i32),
-            None => (g.ptr(), g.ptr(), 0.0, 0i32),
+            Some(d) => (
+                d.mean.f32()?.ptr(),
+                d.precision.f32()?.ptr(),
+                d.lambda,
+                1i32,
+            ),
+            None => (g.f32()?.ptr(), g.f32()?.ptr(), 0.0, 0i32),
         };
         let args = [
-            Arg::U64(p.ptr()),
-            Arg::U64(g.ptr()),
-            Arg::U64(m.ptr()),
-            Arg::U64(v.ptr()),
+            Arg::U64(p.f32_mut()?.ptr()),
+            Arg::U64(g.f32()?.ptr()),
+            Arg::U64(m.f32_mut()?.ptr()),
+            Arg::U64(v.f32_mut()?.ptr()),
             Arg::U64(n as u64),
             Arg::F32(h.lr),
             Arg::F32(h.beta1),
@@ -717,216 +785,5 @@ fn check_rank(r: usize) -> Result<()> {
 }
 
 #[cfg(test)]
-mod tests {
-    //! The kernels with 128-bit accesses (`for_each_pack` in kernels/common.cuh) on
-    //! operands the `Backend` API never hands them: pointers one element past a 16-byte
-    //! boundary (the single-element path throughout) and lengths with a tail after the
-    //! last whole pack, against the CPU backend on the simulator.
-
-    use super::*;
-    use crate::backend::cpu::CpuBackend;
-    use crate::backend::cuda::kernels;
-    use crate::selftest::rel_err;
-
-    /// One rounding per element apart at most (a fused multiply-add on the device where
-    /// the CPU rounds the product first), so far below the f32 bound of 1e-4; a pack read
-    /// or written at the wrong place is off by O(1).
-    const BOUND: f64 = 1e-6;
-
-    /// Two blocks of 64 threads: the grid-stride loops wrap over both the packs and the
-    /// single elements (a launch sized by `packed` covers a buffer in one sweep).
-    const SMALL_GRID: LaunchConfig = LaunchConfig {
-        grid: [2, 1, 1],
-        block: [64, 1, 1],
-        shared_bytes: 0,
-    };
-
-    /// `host` on the device `off` elements past an allocation's (256-byte aligned) start:
-    /// the buffer and the pointer to element 0.
-    fn at(g: &CudaBackend, host: &[f32], off: usize) -> (DevBuf<f32>, u64) {
-        let mut v = vec![0.5f32; off];
-        v.extend_from_slice(host);
-        let b = g.buf(v).expect("upload");
-        let p = b.ptr() + 4 * off as u64;
-        (b, p)
-    }
-
-    fn back(g: &CudaBackend, b: &DevBuf<f32>, off: usize) -> Vec<f32> {
-        g.to_host(b).expect("download")[off..].to_vec()
-    }
-
-    fn random(n: usize, seed: u32) -> Vec<f32> {
-        // A fixed scramble of the index in (-1, 1), never zero.
-        (0..n as u32)
-            .map(|i| {
-                let h = (i ^ seed).wrapping_mul(0x9e37_79b9).rotate_left(13);
-                (h % 2001) as f32 / 1000.5 - 0.999
-            })
-            .collect()
-    }
-
-    fn close(what: &str, got: &[f32], want: &[f32]) {
-        let (rel, _) = rel_err(got, want);
-        assert!(rel < BOUND, "{what}: relative error {rel:e}");
-    }
-
-    #[test]
-    fn packed_kernels_take_unaligned_operands_and_tails() {
-        if !kernels::BUILT {
-            eprintln!("skipped: built without CUDA kernels (no nvcc)");
-            return;
-        }
-        let g = CudaBackend::sim(2, BaseDtype::F32).expect("the simulator starts");
-        let cpu = CpuBackend::new(2);
-        // Offsets 0 and 4: aligned (packs, then a tail of n % 4 or n % 8); 1: unaligned.
-        for (off, n) in [(0, 1027), (4, 1030), (1, 1027), (1, 1024), (0, 3)] {
-            let case = format!("offset {off}, n {n}");
-            let (x, y) = (random(n, 1), random(n, 2));
-            let cfg = SMALL_GRID;
-            let len = Arg::U64(n as u64);
-
-            let (a, pa) = at(&g, &x, off);
-            let (_b, pb) = at(&g, &y, off);
-            g.launch("add_assign", cfg, &[Arg::U64(pa), Arg::U64(pb), len])
-                .expect("add_assign");
-            let mut want = x.clone();
-            cpu.add_assign(&mut want, &y).expect("cpu");
-            close(&format!("add_assign, {case}"), &back(&g, &a, off), &want);
-
-            let (a, pa) = at(&g, &x, off);
-            g.launch(
-                "axpy",
-                cfg,
-                &[Arg::F32(0.3), Arg::U64(pb), Arg::U64(pa), len],
-            )
-            .expect("axpy");
-            let mut want = x.clone();
-            cpu.axpy(0.3, &y, &mut want).expect("cpu");
-            close(&format!("axpy, {case}"), &back(&g, &a, off), &want);
-
-            let (a, pa) = at(&g, &x, off);
-            g.launch("mul_assign", cfg, &[Arg::U64(pa), Arg::U64(pb), len])
-                .expect("mul_assign");
-            let mut want = x.clone();
-            cpu.mul_assign(&mut want, &y).expect("cpu");
-            close(&format!("mul_assign, {case}"), &back(&g, &a, off), &want);
-
-            let (a, pa) = at(&g, &x, off);
-            g.launch("scale", cfg, &[Arg::U64(pa), Arg::F32(-1.7), len])
-                .expect("scale");
-            let mut want = x.clone();
-            cpu.scale(&mut want, -1.7).expect("cpu");
-            close(&format!("scale, {case}"), &back(&g, &a, off), &want);
-
-            let (o, po) = at(&g, &vec![0.0; n], off);
-            let (_a, pa) = at(&g, &x, off);
-            g.launch(
-                "swiglu_forward",
-                cfg,
-                &[Arg::U64(pa), Arg::U64(pb), Arg::U64(po), len],
-            )
-            .expect("swiglu_forward");
-            let want = cpu.swiglu(&x, &y).expect("cpu");
-            close(&format!("swiglu, {case}"), &back(&g, &o, off), &want);
-
-            let (p, pp) = at(&g, &x, off);
-            let (m, pm) = at(&g, &random(n, 3), off);
-            let (v, pv) = at(
-                &g,
-                &random(n, 4).iter().map(|e| e * e).collect::<Vec<_>>(),
-                off,
-            );
-            let h = AdamHyper {
-                lr: 1e-2,
-                beta1: 0.9,
-                beta2: 0.99,
-                eps: 1e-8,
-                weight_decay: 0.1,
-                step: 3,
-            };
-            let (bc1, bc2) = (1.0 - 0.9f32.powi(3), 1.0 - 0.99f32.powi(3));
-            let args = [
-                Arg::U64(pp),
-                Arg::U64(pb),
-                Arg::U64(pm),
-                Arg::U64(pv),
-                len,
-                Arg::F32(h.lr),
-                Arg::F32(h.beta1),
-                Arg::F32(h.beta2),
-                Arg::F32(h.eps),
-                Arg::F32(h.weight_decay),
-                Arg::F32(bc1),
-                Arg::F32(bc2),
-                Arg::F32(0.5),
-                Arg::U64(pb),
-                Arg::U64(pb),
-                Arg::F32(0.0),
-                Arg::I32(0),
-            ];
-            g.launch("adamw_step", cfg, &args).expect("adamw_step");
-            let (mut wp, mut wm) = (x.clone(), random(n, 3));
-            let mut wv: Vec<f32> = random(n, 4).iter().map(|e| e * e).collect();
-            cpu.adamw_step(&mut wp, &y, &mut wm, &mut wv, &h, 0.5, None)
-                .expect("cpu");
-            close(&format!("adamw p, {case}"), &back(&g, &p, off), &wp);
-            close(&format!("adamw m, {case}"), &back(&g, &m, off), &wm);
-            close(&format!("adamw v, {case}"), &back(&g, &v, off), &wv);
-
-            // f32 -> bf16 in packs of 8: the output `off` bf16 past an aligned start.
-            let (_a, pa) = at(&g, &x, off);
-            let out = g.zeroed::<u16>(off + n).expect("alloc");
-            let args = [Arg::U64(pa), Arg::U64(out.ptr() + 2 * off as u64), len];
-            g.launch("f32_to_bf16", SMALL_GRID, &args)
-                .expect("f32_to_bf16");
-            let got = &g.download(&out).expect("download")[off..];
-            let want: Vec<u16> = x.iter().map(|&e| bf16::from_f32(e).to_bits()).collect();
-            assert_eq!(got, &want[..], "f32_to_bf16, {case}");
-        }
-    }
-
-    /// RoPE with whole float4s per half head (hd 8) and without (hd 6), on rows that
-    /// start off a 16-byte boundary (offset 1) and on aligned ones.
-    #[test]
-    fn rope_takes_unaligned_rows_and_odd_half_heads() {
-        if !kernels::BUILT {
-            eprintln!("skipped: built without CUDA kernels (no nvcc)");
-            return;
-        }
-        let g = CudaBackend::sim(2, BaseDtype::F32).expect("the simulator starts");
-        let cpu = CpuBackend::new(2);
-        let (rows, heads, period) = (9, 3, 4);
-        for (off, hd) in [(0, 8), (1, 8), (0, 6)] {
-            let half = hd / 2;
-            let n = rows * heads * hd;
-            let (x, cos, sin) = (
-                random(n, 5),
-                random(period * half, 6),
-                random(period * half, 7),
-            );
-            let (b, px) = at(&g, &x, off);
-            let (_c, pc) = at(&g, &cos, off);
-            let (_s, ps) = at(&g, &sin, off);
-            let args = [
-                Arg::U64(px),
-                Arg::U64(pc),
-                Arg::U64(ps),
-                Arg::I32(rows as i32),
-                Arg::I32(heads as i32),
-                Arg::I32(hd as i32),
-                Arg::I32(period as i32),
-                Arg::F32(1.0),
-            ];
-            g.launch("rope", SMALL_GRID, &args).expect("rope");
-            let mut want = x.clone();
-            let table = RopeTable::<CpuBackend> { cos, sin, period };
-            cpu.rope(&mut want, &table, rows, heads, hd, false)
-                .expect("cpu");
-            close(
-                &format!("rope, offset {off}, hd {hd}"),
-                &back(&g, &b, off),
-                &want,
-            );
-        }
-    }
-}
+#[path = "ops_tests.rs"]
+mod tests;

@@ -10,41 +10,48 @@
 mod flash;
 mod materialised;
 
-use super::{BaseDtype, CudaBackend, DevBuf};
+use super::{Act, BaseDtype, CudaBackend};
 use crate::backend::{AttnSaved, AttnShape};
 use crate::error::Result;
 
 impl CudaBackend {
     pub(super) fn attention_auto(
         &self,
-        q: &DevBuf<f32>,
-        k: &DevBuf<f32>,
-        v: &DevBuf<f32>,
+        q: &Act,
+        k: &Act,
+        v: &Act,
         s: &AttnShape,
-    ) -> Result<(DevBuf<f32>, AttnSaved<DevBuf<f32>>)> {
+    ) -> Result<(Act, AttnSaved<Act>)> {
+        let (q, k, v) = (q.f32()?, k.f32()?, v.f32()?);
         if self.base == BaseDtype::Bf16 && flash::unsupported(s).is_none() {
             let (out, lse) = self.flash_attention(q, k, v, s)?;
-            Ok((out, AttnSaved::Lse(lse)))
+            Ok((out.into(), AttnSaved::Lse(lse.into())))
         } else {
             let (out, probs) = self.attention_materialised(q, k, v, s)?;
-            Ok((out, AttnSaved::Probs(probs)))
+            Ok((out.into(), AttnSaved::Probs(probs.into())))
         }
     }
 
     #[allow(clippy::too_many_arguments)]
     pub(super) fn attention_backward_auto(
         &self,
-        dout: &DevBuf<f32>,
-        q: &DevBuf<f32>,
-        k: &DevBuf<f32>,
-        v: &DevBuf<f32>,
-        out: &DevBuf<f32>,
-        saved: &AttnSaved<DevBuf<f32>>,
+        dout: &Act,
+        q: &Act,
+        k: &Act,
+        v: &Act,
+        out: &Act,
+        saved: &AttnSaved<Act>,
         s: &AttnShape,
-    ) -> Result<(DevBuf<f32>, DevBuf<f32>, DevBuf<f32>)> {
-        match saved {
-            AttnSaved::Probs(p) => self.attention_materialised_backward(dout, q, k, v, p, s),
-            AttnSaved::Lse(lse) => self.flash_attention_backward(dout, q, k, v, out, lse, s),
-        }
+    ) -> Result<(Act, Act, Act)> {
+        let (dout, q, k, v) = (dout.f32()?, q.f32()?, k.f32()?, v.f32()?);
+        let (dq, dk, dv) = match saved {
+            AttnSaved::Probs(p) => {
+                self.attention_materialised_backward(dout, q, k, v, p.f32()?, s)?
+            }
+            AttnSaved::Lse(lse) => {
+                self.flash_attention_backward(dout, q, k, v, out.f32()?, lse.f32()?, s)?
+            }
+        };
+        Ok((dq.into(), dk.into(), dv.into()))
     }
 }

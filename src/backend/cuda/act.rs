@@ -1,0 +1,87 @@
+//! `Act`, the CUDA backend's `Backend::Buf`: f32 values stored as f32 or as bf16, and
+//! `Wide`, the f32 view of one for the kernels that read f32 only.
+
+use super::DevBuf;
+use super::runtime::DType;
+use crate::error::{Error, Result};
+
+/// The `Backend::Buf` of CUDA: f32 values, stored as f32 or rounded to bf16. With bf16
+/// base weights the activations the matmuls read are stored as bf16 (half the bytes
+/// moved, and no conversion before a bf16 GEMM, which reads them as they are); everything
+/// else, and everything with f32 base weights, is f32. Kernels that take one storage type
+/// reach it through `f32()` (an error, not a misread, if handed the other).
+pub enum Act {
+    F32(DevBuf<f32>),
+    Bf16(DevBuf<u16>),
+}
+
+impl Act {
+    pub fn len(&self) -> usize {
+        match self {
+            Act::F32(b) => b.len(),
+            Act::Bf16(b) => b.len(),
+        }
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    pub fn dtype(&self) -> DType {
+        match self {
+            Act::F32(_) => DType::F32,
+            Act::Bf16(_) => DType::Bf16,
+        }
+    }
+    /// The device address, whatever the storage type: for kernels that take either.
+    pub fn addr(&self) -> u64 {
+        match self {
+            Act::F32(b) => b.ptr(),
+            Act::Bf16(b) => b.ptr(),
+        }
+    }
+    pub(super) fn elem_bytes(&self) -> usize {
+        match self {
+            Act::F32(_) => 4,
+            Act::Bf16(_) => 2,
+        }
+    }
+    /// The f32 buffer, for a kernel that reads or writes f32 only.
+    pub fn f32(&self) -> Result<&DevBuf<f32>> {
+        match self {
+            Act::F32(b) => Ok(b),
+            Act::Bf16(_) => Err(Error::Device(
+                "an f32 operand was expected, a bf16 activation was given".into(),
+            )),
+        }
+    }
+    pub fn f32_mut(&mut self) -> Result<&mut DevBuf<f32>> {
+        match self {
+            Act::F32(b) => Ok(b),
+            Act::Bf16(_) => Err(Error::Device(
+                "an f32 operand was expected, a bf16 activation was given".into(),
+            )),
+        }
+    }
+}
+
+impl From<DevBuf<f32>> for Act {
+    fn from(b: DevBuf<f32>) -> Self {
+        Act::F32(b)
+    }
+}
+
+/// An f32 view of an `Act`: the buffer itself, or a widened copy of a bf16 one (for the
+/// kernels that read f32 only: the curvature products, the per-row LoRA gradients).
+pub enum Wide<'a> {
+    Same(&'a DevBuf<f32>),
+    Copy(DevBuf<f32>),
+}
+
+impl std::ops::Deref for Wide<'_> {
+    type Target = DevBuf<f32>;
+    fn deref(&self) -> &DevBuf<f32> {
+        match self {
+            Wide::Same(b) => b,
+            Wide::Copy(b) => b,
+        }
+    }
+}

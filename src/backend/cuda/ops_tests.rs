@@ -1,0 +1,246 @@
+//! The kernels with 128-bit accesses (`for_each_pack` in kernels/common.cuh) on
+//! operands the `Backend` API never hands them: pointers one element past a 16-byte
+//! boundary (the single-element path throughout) and lengths with a tail after the
+//! last whole pack, against the CPU backend on the simulator.
+
+use super::*;
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::kernels;
+use crate::selftest::rel_err;
+
+/// One rounding per element apart at most (a fused multiply-add on the device where
+/// the CPU rounds the product first), so far below the f32 bound of 1e-4; a pack read
+/// or written at the wrong place is off by O(1).
+const BOUND: f64 = 1e-6;
+
+/// An f32 result stored as bf16: one rounding to nearest, at most 2^-9 relative per
+/// element, on top of `BOUND`.
+const BF16_STORE: f64 = 1.0 / 256.0;
+
+/// Two blocks of 64 threads: the grid-stride loops wrap over both the packs and the
+/// single elements (a launch sized by `packed` covers a buffer in one sweep).
+const SMALL_GRID: LaunchConfig = LaunchConfig {
+    grid: [2, 1, 1],
+    block: [64, 1, 1],
+    shared_bytes: 0,
+};
+
+/// `host` on the device `off` elements past an allocation's (256-byte aligned) start:
+/// the buffer and the pointer to element 0.
+fn at(g: &CudaBackend, host: &[f32], off: usize) -> (Act, u64) {
+    let mut v = vec![0.5f32; off];
+    v.extend_from_slice(host);
+    let b = g.buf(v).expect("upload");
+    let p = b.addr() + 4 * off as u64;
+    (b, p)
+}
+
+fn back(g: &CudaBackend, b: &Act, off: usize) -> Vec<f32> {
+    g.to_host(b).expect("download")[off..].to_vec()
+}
+
+fn random(n: usize, seed: u32) -> Vec<f32> {
+    // A fixed scramble of the index in (-1, 1), never zero.
+    (0..n as u32)
+        .map(|i| {
+            let h = (i ^ seed).wrapping_mul(0x9e37_79b9).rotate_left(13);
+            (h % 2001) as f32 / 1000.5 - 0.999
+        })
+        .collect()
+}
+
+fn close(what: &str, got: &[f32], want: &[f32]) {
+    let (rel, _) = rel_err(got, want);
+    assert!(rel < BOUND, "{what}: relative error {rel:e}");
+}
+
+#[test]
+fn packed_kernels_take_unaligned_operands_and_tails() {
+    if !kernels::BUILT {
+        eprintln!("skipped: built without CUDA kernels (no nvcc)");
+        return;
+    }
+    let g = CudaBackend::sim(2, BaseDtype::F32).expect("the simulator starts");
+    let cpu = CpuBackend::new(2);
+    // Offsets 0 and 4: aligned (packs, then a tail of n % 4 or n % 8); 1: unaligned.
+    for (off, n) in [(0, 1027), (4, 1030), (1, 1027), (1, 1024), (0, 3)] {
+        let case = format!("offset {off}, n {n}");
+        let (x, y) = (random(n, 1), random(n, 2));
+        let cfg = SMALL_GRID;
+        let len = Arg::U64(n as u64);
+
+        let (a, pa) = at(&g, &x, off);
+        let (_b, pb) = at(&g, &y, off);
+        g.launch("add_assign", cfg, &[Arg::U64(pa), Arg::U64(pb), len])
+            .expect("add_assign");
+        let mut want = x.clone();
+        cpu.add_assign(&mut want, &y).expect("cpu");
+        close(&format!("add_assign, {case}"), &back(&g, &a, off), &want);
+
+        let (a, pa) = at(&g, &x, off);
+        g.launch(
+            "axpy",
+            cfg,
+            &[Arg::F32(0.3), Arg::U64(pb), Arg::U64(pa), len],
+        )
+        .expect("axpy");
+        let mut want = x.clone();
+        cpu.axpy(0.3, &y, &mut want).expect("cpu");
+        close(&format!("axpy, {case}"), &back(&g, &a, off), &want);
+
+        let (a, pa) = at(&g, &x, off);
+        g.launch("mul_assign", cfg, &[Arg::U64(pa), Arg::U64(pb), len])
+            .expect("mul_assign");
+        let mut want = x.clone();
+        cpu.mul_assign(&mut want, &y).expect("cpu");
+        close(&format!("mul_assign, {case}"), &back(&g, &a, off), &want);
+
+        let (a, pa) = at(&g, &x, off);
+        g.launch("scale", cfg, &[Arg::U64(pa), Arg::F32(-1.7), len])
+            .expect("scale");
+        let mut want = x.clone();
+        cpu.scale(&mut want, -1.7).expect("cpu");
+        close(&format!("scale, {case}"), &back(&g, &a, off), &want);
+
+        let (o, po) = at(&g, &vec![0.0; n], off);
+        let (_a, pa) = at(&g, &x, off);
+        g.launch(
+            "swiglu_forward_f32",
+            cfg,
+            &[Arg::U64(pa), Arg::U64(pb), Arg::U64(po), len],
+        )
+        .expect("swiglu_forward_f32");
+        let want = cpu.swiglu(&x, &y).expect("cpu");
+        close(&format!("swiglu, {case}"), &back(&g, &o, off), &want);
+
+        // The bf16 output (packs of eight) `off` bf16 past an aligned start.
+        let out = g.zeroed::<u16>(off + n).expect("alloc");
+        let args = [
+            Arg::U64(pa),
+            Arg::U64(pb),
+            Arg::U64(out.ptr() + 2 * off as u64),
+            len,
+        ];
+        g.launch("swiglu_forward_bf16", cfg, &args)
+            .expect("swiglu_forward_bf16");
+        let got: Vec<f32> = g.download(&out).expect("download")[off..]
+            .iter()
+            .map(|&h| bf16::from_bits(h).to_f32())
+            .collect();
+        let (rel, _) = rel_err(&got, &want);
+        assert!(
+            rel < BF16_STORE,
+            "swiglu bf16, {case}: relative error {rel:e}"
+        );
+
+        let (p, pp) = at(&g, &x, off);
+        let (m, pm) = at(&g, &random(n, 3), off);
+        let (v, pv) = at(
+            &g,
+            &random(n, 4).iter().map(|e| e * e).collect::<Vec<_>>(),
+            off,
+        );
+        let h = AdamHyper {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.99,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 3,
+        };
+        let (bc1, bc2) = (1.0 - 0.9f32.powi(3), 1.0 - 0.99f32.powi(3));
+        let args = [
+            Arg::U64(pp),
+            Arg::U64(pb),
+            Arg::U64(pm),
+            Arg::U64(pv),
+            len,
+            Arg::F32(h.lr),
+            Arg::F32(h.beta1),
+            Arg::F32(h.beta2),
+            Arg::F32(h.eps),
+            Arg::F32(h.weight_decay),
+            Arg::F32(bc1),
+            Arg::F32(bc2),
+            Arg::F32(0.5),
+            Arg::U64(pb),
+            Arg::U64(pb),
+            Arg::F32(0.0),
+            Arg::I32(0),
+        ];
+        g.launch("adamw_step", cfg, &args).expect("adamw_step");
+        let (mut wp, mut wm) = (x.clone(), random(n, 3));
+        let mut wv: Vec<f32> = random(n, 4).iter().map(|e| e * e).collect();
+        cpu.adamw_step(&mut wp, &y, &mut wm, &mut wv, &h, 0.5, None)
+            .expect("cpu");
+        close(&format!("adamw p, {case}"), &back(&g, &p, off), &wp);
+        close(&format!("adamw m, {case}"), &back(&g, &m, off), &wm);
+        close(&format!("adamw v, {case}"), &back(&g, &v, off), &wv);
+
+        // f32 -> bf16 in packs of 8: the output `off` bf16 past an aligned start.
+        let (_a, pa) = at(&g, &x, off);
+        let out = g.zeroed::<u16>(off + n).expect("alloc");
+        let args = [Arg::U64(pa), Arg::U64(out.ptr() + 2 * off as u64), len];
+        g.launch("f32_to_bf16", SMALL_GRID, &args)
+            .expect("f32_to_bf16");
+        let got = &g.download(&out).expect("download")[off..];
+        let want: Vec<u16> = x.iter().map(|&e| bf16::from_f32(e).to_bits()).collect();
+        assert_eq!(got, &want[..], "f32_to_bf16, {case}");
+
+        // And back, exactly: the bf16 input and the f32 output `off` elements in.
+        let mut bits = vec![0u16; off];
+        bits.extend_from_slice(&want);
+        let src = g.upload(&bits).expect("upload");
+        let (o, po) = at(&g, &vec![0.0; n], off);
+        let args = [Arg::U64(src.ptr() + 2 * off as u64), Arg::U64(po), len];
+        g.launch("bf16_to_f32", SMALL_GRID, &args)
+            .expect("bf16_to_f32");
+        let exact: Vec<f32> = want.iter().map(|&h| bf16::from_bits(h).to_f32()).collect();
+        assert_eq!(back(&g, &o, off), exact, "bf16_to_f32, {case}");
+    }
+}
+
+/// RoPE with whole float4s per half head (hd 8) and without (hd 6), on rows that
+/// start off a 16-byte boundary (offset 1) and on aligned ones.
+#[test]
+fn rope_takes_unaligned_rows_and_odd_half_heads() {
+    if !kernels::BUILT {
+        eprintln!("skipped: built without CUDA kernels (no nvcc)");
+        return;
+    }
+    let g = CudaBackend::sim(2, BaseDtype::F32).expect("the simulator starts");
+    let cpu = CpuBackend::new(2);
+    let (rows, heads, period) = (9, 3, 4);
+    for (off, hd) in [(0, 8), (1, 8), (0, 6)] {
+        let half = hd / 2;
+        let n = rows * heads * hd;
+        let (x, cos, sin) = (
+            random(n, 5),
+            random(period * half, 6),
+            random(period * half, 7),
+        );
+        let (b, px) = at(&g, &x, off);
+        let (_c, pc) = at(&g, &cos, off);
+        let (_s, ps) = at(&g, &sin, off);
+        let args = [
+            Arg::U64(px),
+            Arg::U64(pc),
+            Arg::U64(ps),
+            Arg::I32(rows as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(hd as i32),
+            Arg::I32(period as i32),
+            Arg::F32(1.0),
+        ];
+        g.launch("rope", SMALL_GRID, &args).expect("rope");
+        let mut want = x.clone();
+        let table = RopeTable::<CpuBackend> { cos, sin, period };
+        cpu.rope(&mut want, &table, rows, heads, hd, false)
+            .expect("cpu");
+        close(
+            &format!("rope, offset {off}, hd {hd}"),
+            &back(&g, &b, off),
+            &want,
+        );
+    }
+}

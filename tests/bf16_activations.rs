@@ -1,0 +1,383 @@
+//! With bf16 base weights the CUDA backend stores the activations the matmuls read as
+//! bf16 (`Act::Bf16`): the normed hidden states and the SwiGLU output. Every op that reads
+//! such an activation, against its CPU twin fed the very same (bf16-representable) values,
+//! on the simulator: the products through bf16 base weights, and those on tf32 tensor cores
+//! (the Gram and per-sample-square kernels of the bf16 engine, which round an f32 operand
+//! to 10 bits), to the bf16 bound; the f32 ones (LoRA) to the f32 bound, since a bf16
+//! input is exact in f32 (and in tf32) and only the other operand's rounding differs.
+//! Shapes have tails: rows not a multiple of the tiles, widths not a multiple of the
+//! 8-element packs.
+
+mod common;
+
+use common::*;
+use half::bf16;
+use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::runtime::DType;
+use lalora_engine::backend::cuda::{Act, BaseDtype, CudaBackend};
+use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use lalora_engine::backend::{Backend, CeTargets, LoraDims, Segment};
+use lalora_engine::model::CachedSeq;
+use rand::{RngExt, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+const F32: f64 = 1e-4;
+/// Products through bf16 base weights (8-bit mantissas, f32 accumulation).
+const BF16: f64 = 1e-2;
+
+fn rnd(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0 + 1e-3)
+        .collect()
+}
+
+fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e < tol, "{what}: relative error {e:e} (bound {tol:e})");
+}
+
+/// A bf16 activation `(rows, dim)` as the model makes one (the output of RMSNorm) and the
+/// values it holds, for the CPU twin.
+fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (Act, Vec<f32>) {
+    let (x, w) = (rnd(rng, rows * dim), rnd(rng, dim));
+    let (y, _) = g
+        .rmsnorm(&g.buf(x).unwrap(), &g.buf(w).unwrap(), rows, dim, 1e-5)
+        .unwrap();
+    assert_eq!(y.dtype(), DType::Bf16, "bf16 base weights store y as bf16");
+    let host = g.to_host(&y).unwrap();
+    assert!(
+        host.iter().all(|&v| bf16::from_f32(v).to_f32() == v),
+        "to_host widens bf16 exactly"
+    );
+    (y, host)
+}
+
+#[test]
+fn linear_and_lora_read_bf16_activations() {
+    let g = sim(BaseDtype::Bf16);
+    let c = CpuBackend::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(21);
+    // d_in 36: whole f32 packs but not whole bf16 ones; m 37: a row tail everywhere.
+    let d = LoraDims {
+        m: 37,
+        d_in: 36,
+        r: 8,
+        d_out: 27,
+        scale: 2.0,
+    };
+    let (xg, x) = bf16_act(&g, &mut rng, d.m, d.d_in);
+    let w = rnd(&mut rng, d.d_out * d.d_in);
+    let wg = g.weight(w.clone(), d.d_out, d.d_in).unwrap();
+    let w_read: Vec<f32> = w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    // The device reads the same x; only W's rounding to bf16 differs from the CPU.
+    close(
+        "linear",
+        &g.to_host(&g.linear(&xg, &wg, d.m, d.d_in, d.d_out).unwrap())
+            .unwrap(),
+        &c.linear(&x, &w, d.m, d.d_in, d.d_out).unwrap(),
+        BF16,
+    );
+    close(
+        "linear, W as stored",
+        &g.to_host(&g.linear(&xg, &wg, d.m, d.d_in, d.d_out).unwrap())
+            .unwrap(),
+        &c.linear(&x, &w_read, d.m, d.d_in, d.d_out).unwrap(),
+        F32,
+    );
+
+    let (a, b) = (rnd(&mut rng, d.r * d.d_in), rnd(&mut rng, d.d_out * d.r));
+    let (ag, bg) = (g.buf(a.clone()).unwrap(), g.buf(b.clone()).unwrap());
+    let mut yc = rnd(&mut rng, d.m * d.d_out);
+    let mut yg = g.buf(yc.clone()).unwrap();
+    let uc = c.lora_forward(&x, &a, &b, d, &mut yc).unwrap();
+    let ug = g.lora_forward(&xg, &ag, &bg, d, &mut yg).unwrap();
+    close("lora forward y", &g.to_host(&yg).unwrap(), &yc, F32);
+    close("lora forward u", &g.to_host(&ug).unwrap(), &uc, F32);
+
+    let gr = rnd(&mut rng, d.m * d.d_out);
+    let (mut dxc, mut dac, mut dbc) = (
+        rnd(&mut rng, d.m * d.d_in),
+        rnd(&mut rng, a.len()),
+        rnd(&mut rng, b.len()),
+    );
+    let mut dxg = g.buf(dxc.clone()).unwrap();
+    let (mut dag, mut dbg) = (g.buf(dac.clone()).unwrap(), g.buf(dbc.clone()).unwrap());
+    let gac = c
+        .lora_backward(
+            &gr,
+            &x,
+            &uc,
+            &a,
+            &b,
+            d,
+            &mut dxc,
+            Some((&mut dac, &mut dbc)),
+        )
+        .unwrap();
+    let gag = g
+        .lora_backward(
+            &g.buf(gr).unwrap(),
+            &xg,
+            &ug,
+            &ag,
+            &bg,
+            d,
+            &mut dxg,
+            Some((&mut dag, &mut dbg)),
+        )
+        .unwrap();
+    close("lora backward gA", &g.to_host(&gag).unwrap(), &gac, F32);
+    close("lora backward dx", &g.to_host(&dxg).unwrap(), &dxc, F32);
+    close("lora backward dA", &g.to_host(&dag).unwrap(), &dac, F32);
+    close("lora backward dB", &g.to_host(&dbg).unwrap(), &dbc, F32);
+}
+
+#[test]
+fn projection_groups_read_bf16_activations() {
+    let g = sim(BaseDtype::Bf16);
+    let c = CpuBackend::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(22);
+    // 130 rows: two row tiles of the 128-row GEMM tile, the second with 2 rows.
+    let (m, d_in, r) = (130, 40, 4);
+    let l = LoraGroup { r, scale: 0.5 };
+    let (xg, x) = bf16_act(&g, &mut rng, m, d_in);
+    // Two projections of different widths, the first adapted, the second not.
+    let outs = [24, 17];
+    let ws: Vec<Vec<f32>> = outs.iter().map(|&n| rnd(&mut rng, n * d_in)).collect();
+    let (wgs, wcs): (Vec<_>, Vec<_>) = ws
+        .iter()
+        .zip(outs)
+        .map(|(w, n)| {
+            (
+                g.weight(w.clone(), n, d_in).unwrap(),
+                c.weight(w.clone(), n, d_in).unwrap(),
+            )
+        })
+        .unzip();
+    let (a, b) = (rnd(&mut rng, r * d_in), rnd(&mut rng, outs[0] * r));
+    let (ag, bg) = (g.buf(a.clone()).unwrap(), g.buf(b.clone()).unwrap());
+    let fwd_g = [
+        ProjFwd::<CudaBackend> {
+            w: &wgs[0],
+            d_out: outs[0],
+            lora: Some((&ag, &bg)),
+        },
+        ProjFwd {
+            w: &wgs[1],
+            d_out: outs[1],
+            lora: None,
+        },
+    ];
+    let fwd_c = [
+        ProjFwd::<CpuBackend> {
+            w: &wcs[0],
+            d_out: outs[0],
+            lora: Some((&a, &b)),
+        },
+        ProjFwd {
+            w: &wcs[1],
+            d_out: outs[1],
+            lora: None,
+        },
+    ];
+    let yg = g.project_group(&xg, m, d_in, l, &fwd_g).unwrap();
+    let yc = c.project_group(&x, m, d_in, l, &fwd_c).unwrap();
+    for (i, ((y, u), (yw, uw))) in yg.iter().zip(&yc).enumerate() {
+        close(&format!("group y{i}"), &g.to_host(y).unwrap(), yw, BF16);
+        assert_eq!(u.is_some(), uw.is_some(), "u{i} present");
+        if let (Some(u), Some(uw)) = (u, uw) {
+            // u = x A^T: x exact in one bf16 piece, A in three: f32 products.
+            close(&format!("group u{i}"), &g.to_host(u).unwrap(), uw, F32);
+        }
+    }
+
+    let gs: Vec<Vec<f32>> = outs.iter().map(|&n| rnd(&mut rng, m * n)).collect();
+    let ggs: Vec<Act> = gs.iter().map(|v| g.buf(v.clone()).unwrap()).collect();
+    let (mut dac, mut dbc) = (rnd(&mut rng, a.len()), rnd(&mut rng, b.len()));
+    let (mut dag, mut dbg) = (g.buf(dac.clone()).unwrap(), g.buf(dbc.clone()).unwrap());
+    let ucw = yc[0].1.as_ref().expect("u of the adapted projection");
+    let ugw = yg[0].1.as_ref().expect("u of the adapted projection");
+    let bwd_c = vec![
+        ProjBwd::<CpuBackend> {
+            w: &wcs[0],
+            d_out: outs[0],
+            g: &gs[0],
+            lora: Some(LoraBwd {
+                a: &a,
+                b: &b,
+                u: ucw,
+                grads: Some((&mut dac, &mut dbc)),
+            }),
+        },
+        ProjBwd {
+            w: &wcs[1],
+            d_out: outs[1],
+            g: &gs[1],
+            lora: None,
+        },
+    ];
+    let bwd_g = vec![
+        ProjBwd::<CudaBackend> {
+            w: &wgs[0],
+            d_out: outs[0],
+            g: &ggs[0],
+            lora: Some(LoraBwd {
+                a: &ag,
+                b: &bg,
+                u: ugw,
+                grads: Some((&mut dag, &mut dbg)),
+            }),
+        },
+        ProjBwd {
+            w: &wgs[1],
+            d_out: outs[1],
+            g: &ggs[1],
+            lora: None,
+        },
+    ];
+    let mut dxc = vec![0.0; m * d_in];
+    let mut dxg = g.zeros(m * d_in).unwrap();
+    let gac = c
+        .project_group_backward(&x, m, d_in, l, bwd_c, &mut dxc, false)
+        .unwrap();
+    let gag = g
+        .project_group_backward(&xg, m, d_in, l, bwd_g, &mut dxg, false)
+        .unwrap();
+    close("group dx", &g.to_host(&dxg).unwrap(), &dxc, BF16);
+    let (ga, gaw) = (gag[0].as_ref().expect("gA"), gac[0].as_ref().expect("gA"));
+    close("group gA", &g.to_host(ga).unwrap(), gaw, F32);
+    assert!(gag[1].is_none(), "no gA for the plain projection");
+    // dA = gA^T x reads the bf16 x (widened, exact) and dB = s g^T u, both on the tf32
+    // Gram kernels, which round gA, g and u.
+    close("group dA", &g.to_host(&dag).unwrap(), &dac, BF16);
+    close("group dB", &g.to_host(&dbg).unwrap(), &dbc, BF16);
+}
+
+#[test]
+fn classifier_and_curvature_read_bf16_activations() {
+    let g = sim(BaseDtype::Bf16);
+    let c = CpuBackend::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    // dim 44: the active rows are gathered in packs of 8 plus a tail of 4.
+    let (rows, dim, vocab) = (37, 44, 301);
+    let (hg, h) = bf16_act(&g, &mut rng, rows, dim);
+    let w = rnd(&mut rng, vocab * dim);
+    let w_read: Vec<f32> = w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let wg = g.weight(w, vocab, dim).unwrap();
+    let wc = c.weight(w_read, vocab, dim).unwrap();
+    // Some ignored rows: the active ones are gathered (bf16 kept) before the head.
+    let targets: Vec<i32> = (0..rows)
+        .map(|r| {
+            if r % 5 == 2 {
+                -100
+            } else {
+                rng.random_range(0..vocab as i32)
+            }
+        })
+        .collect();
+    let t = CeTargets::Labels(&targets);
+    let og = g
+        .classifier(&hg, &wg, rows, dim, vocab, t, Some(0.25))
+        .unwrap();
+    let oc = c
+        .classifier(&h, &wc, rows, dim, vocab, t, Some(0.25))
+        .unwrap();
+    // Same inputs and weights on both sides: the logits are f32 products in another
+    // order; the gradient's product reads exp(z - max) rounded to bf16 (the head's type).
+    close("classifier losses", &og.losses, &oc.losses, F32);
+    let (dg, dc) = (og.dhidden.expect("dhidden"), oc.dhidden.expect("dhidden"));
+    assert_eq!(dg.dtype(), DType::F32, "gradients stay f32");
+    close("classifier dhidden", &g.to_host(&dg).unwrap(), &dc, BF16);
+
+    let segs = [
+        Segment { start: 0, len: 11 },
+        Segment { start: 14, len: 20 },
+    ];
+    let mut fg = g.buf(vec![0.0; dim * dim]).unwrap();
+    let mut fc = vec![0.0; dim * dim];
+    g.gram_accumulate(&hg, dim, &hg, dim, &segs, 0.5, &mut fg)
+        .unwrap();
+    c.gram_accumulate(&h, dim, &h, dim, &segs, 0.5, &mut fc)
+        .unwrap();
+    // bf16 values are exact in tf32: f32 products, f32 sums.
+    close("gram (symmetric)", &g.to_host(&fg).unwrap(), &fc, F32);
+    let sg = g.segment_sum(&hg, dim, &segs, true).unwrap();
+    let sc = c.segment_sum(&h, dim, &segs, true).unwrap();
+    close("segment mean", &g.to_host(&sg).unwrap(), &sc, F32);
+    let r = 8;
+    let ga = rnd(&mut rng, rows * r);
+    let mut qg = g.buf(vec![0.0; r * dim]).unwrap();
+    let mut qc = vec![0.0; r * dim];
+    g.sq_grad_accumulate(
+        &g.buf(ga.clone()).unwrap(),
+        r,
+        &hg,
+        dim,
+        &segs,
+        1.5,
+        &mut qg,
+    )
+    .unwrap();
+    c.sq_grad_accumulate(&ga, r, &h, dim, &segs, 1.5, &mut qc)
+        .unwrap();
+    // The f32 gA side rounds to tf32.
+    close("per-sample squares", &g.to_host(&qg).unwrap(), &qc, BF16);
+}
+
+/// With f32 base weights nothing is bf16: the f32 path is the one that reproduces the f32
+/// references.
+#[test]
+fn f32_base_weights_keep_activations_f32() {
+    let g = sim(BaseDtype::F32);
+    let mut rng = ChaCha8Rng::seed_from_u64(24);
+    let (rows, dim) = (5, 16);
+    let x = g.buf(rnd(&mut rng, rows * dim)).unwrap();
+    let w = g.buf(rnd(&mut rng, dim)).unwrap();
+    let (y, rstd) = g.rmsnorm(&x, &w, rows, dim, 1e-5).unwrap();
+    let act = g.swiglu(&x, &x).unwrap();
+    for (what, b) in [("y", &y), ("rstd", &rstd), ("swiglu", &act)] {
+        assert_eq!(b.dtype(), DType::F32, "{what}");
+    }
+}
+
+/// The cached path (several sequences at once; each projection a `linear` and a per-row
+/// `lora_forward` reading the bf16 normed states) against the CPU: the logits of every
+/// sequence's last token, to the model-level bf16 bound.
+#[test]
+fn cached_batch_on_bf16_activations_matches_cpu() {
+    let t = tiny();
+    let (g, c) = (sim(BaseDtype::Bf16), CpuBackend::new(2));
+    let (mg, mc) = (tiny_model(&g), tiny_model(&c));
+    let lg = t.adapter.map(|v| g.buf(v.clone())).unwrap();
+    let lc = t.adapter.map(|v| c.buf(v.clone())).unwrap();
+    let ids: Vec<Vec<u32>> = t.examples[..3]
+        .iter()
+        .enumerate()
+        .map(|(i, e)| e.ids[..7 + 3 * i].to_vec())
+        .collect();
+    let logits = |be_g: bool| -> Vec<f32> {
+        if be_g {
+            let mut caches: Vec<_> = (0..3).map(|_| mg.new_cache(&g, 16).unwrap()).collect();
+            let mut seqs: Vec<CachedSeq<'_, CudaBackend>> = ids
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(ids, cache)| CachedSeq { ids, cache })
+                .collect();
+            g.to_host(&mg.next_logits(&g, Some(&lg), &mut seqs).unwrap())
+                .unwrap()
+        } else {
+            let mut caches: Vec<_> = (0..3).map(|_| mc.new_cache(&c, 16).unwrap()).collect();
+            let mut seqs: Vec<CachedSeq<'_, CpuBackend>> = ids
+                .iter()
+                .zip(caches.iter_mut())
+                .map(|(ids, cache)| CachedSeq { ids, cache })
+                .collect();
+            mc.next_logits(&c, Some(&lc), &mut seqs).unwrap()
+        }
+    };
+    let e = rel_err(&logits(true), &logits(false));
+    assert!(
+        e < bound(Some(BaseDtype::Bf16)),
+        "logits: relative error {e:e}"
+    );
+}

@@ -26,8 +26,9 @@
 // (i, j) with i + j < max(P_x, P_w) leave out terms below 2^-24 relative: f32 products
 // from 6 bf16 ones (3 when one side is a bf16 weight, whose one piece is exact). The
 // bf16 engine's base segments take one piece per side, rounding X to bf16 as cuBLAS is fed
-// there; the LoRA segments always take three (their K is r, about r/d of the base work, so
-// the low-rank path, u and gA keep f32 values, as the curvature estimators read them); the
+// there; the LoRA segments take three pieces of each f32 operand and one of an X stored as
+// bf16, which that piece holds exactly (their K is r, about r/d of the base work, so the
+// low-rank path, u and gA keep f32 values, as the curvature estimators read them); the
 // f32 engine's base segments take three (f32 results on tensor cores, 6 bf16 products per
 // f32 one, still cheaper than f32 SIMT).
 //

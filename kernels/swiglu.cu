@@ -1,5 +1,5 @@
-// SwiGLU activation silu(gate) * up and its backward (CPU twin: ops::swiglu), four
-// elements per 128-bit access where the operands are 16-byte aligned.
+// SwiGLU activation silu(gate) * up and its backward (CPU twin: ops::swiglu), one 128-bit
+// access per four f32 or eight bf16 elements where the operands are 16-byte aligned.
 #include "common.cuh"
 
 __device__ __forceinline__ float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }

@@ -258,37 +258,43 @@ fn classifier_and_curvature_read_bf16_activations() {
     let g = sim(BaseDtype::Bf16);
     let c = CpuBackend::new(2);
     let mut rng = ChaCha8Rng::seed_from_u64(23);
-    // dim 44: the active rows are gathered in packs of 8 plus a tail of 4.
-    let (rows, dim, vocab) = (37, 44, 301);
-    let (hg, h) = bf16_act(&g, &mut rng, rows, dim);
-    let w = rnd(&mut rng, vocab * dim);
-    let w_read: Vec<f32> = w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
-    let wg = g.weight(w, vocab, dim).unwrap();
-    let wc = c.weight(w_read, vocab, dim).unwrap();
-    // Some ignored rows: the active ones are gathered (bf16 kept) before the head.
-    let targets: Vec<i32> = (0..rows)
-        .map(|r| {
-            if r % 5 == 2 {
-                -100
-            } else {
-                rng.random_range(0..vocab as i32)
-            }
-        })
-        .collect();
-    let t = CeTargets::Labels(&targets);
-    let og = g
-        .classifier(&hg, &wg, rows, dim, vocab, t, Some(0.25))
-        .unwrap();
-    let oc = c
-        .classifier(&h, &wc, rows, dim, vocab, t, Some(0.25))
-        .unwrap();
-    // Same inputs and weights on both sides: the logits are f32 products in another
-    // order; the gradient's product reads exp(z - max) rounded to bf16 (the head's type).
-    close("classifier losses", &og.losses, &oc.losses, F32);
-    let (dg, dc) = (og.dhidden.expect("dhidden"), oc.dhidden.expect("dhidden"));
-    assert_eq!(dg.dtype(), DType::F32, "gradients stay f32");
-    close("classifier dhidden", &g.to_host(&dg).unwrap(), &dc, BF16);
+    let (rows, vocab) = (37, 301);
+    // The active rows are gathered (bf16 kept) before the head: in packs of 8 at dim 48,
+    // one element at a time at dim 44 (not a multiple of 8).
+    for dim in [48, 44] {
+        let (hg, h) = bf16_act(&g, &mut rng, rows, dim);
+        let w = rnd(&mut rng, vocab * dim);
+        let w_read: Vec<f32> = w.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+        let wg = g.weight(w, vocab, dim).unwrap();
+        let wc = c.weight(w_read, vocab, dim).unwrap();
+        // Some ignored rows, so that the gather has rows to skip.
+        let targets: Vec<i32> = (0..rows)
+            .map(|r| {
+                if r % 5 == 2 {
+                    -100
+                } else {
+                    rng.random_range(0..vocab as i32)
+                }
+            })
+            .collect();
+        let t = CeTargets::Labels(&targets);
+        let og = g
+            .classifier(&hg, &wg, rows, dim, vocab, t, Some(0.25))
+            .unwrap();
+        let oc = c
+            .classifier(&h, &wc, rows, dim, vocab, t, Some(0.25))
+            .unwrap();
+        // Same inputs and weights on both sides: the logits are f32 products in another
+        // order; the gradient's product reads exp(z - max) rounded to bf16 (the head's
+        // type).
+        close("classifier losses", &og.losses, &oc.losses, F32);
+        let (dg, dc) = (og.dhidden.expect("dhidden"), oc.dhidden.expect("dhidden"));
+        assert_eq!(dg.dtype(), DType::F32, "gradients stay f32");
+        close("classifier dhidden", &g.to_host(&dg).unwrap(), &dc, BF16);
+    }
 
+    let dim = 44;
+    let (hg, h) = bf16_act(&g, &mut rng, rows, dim);
     let segs = [
         Segment { start: 0, len: 11 },
         Segment { start: 14, len: 20 },

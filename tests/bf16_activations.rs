@@ -25,17 +25,6 @@ const F32: f64 = 1e-4;
 /// Products through bf16 base weights (8-bit mantissas, f32 accumulation).
 const BF16: f64 = 1e-2;
 
-fn rnd(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| rng.random::<f32>() * 2.0 - 1.0 + 1e-3)
-        .collect()
-}
-
-fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let e = rel_err(got, want);
-    assert!(e < tol, "{what}: relative error {e:e} (bound {tol:e})");
-}
-
 /// A bf16 activation `(rows, dim)` as the model makes one (the output of RMSNorm) and the
 /// values it holds, for the CPU twin.
 fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (Act, Vec<f32>) {

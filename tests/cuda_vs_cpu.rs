@@ -56,17 +56,6 @@ fn devices() -> Vec<CudaBackend> {
     devices_with(BaseDtype::Bf16)
 }
 
-fn rnd(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
-    (0..n)
-        .map(|_| rng.random::<f32>() * 2.0 - 1.0 + 1e-3)
-        .collect()
-}
-
-fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
-    let e = rel_err(got, want);
-    assert!(e < tol, "{what}: relative error {e:e} (bound {tol:e})");
-}
-
 struct Pair<'a> {
     g: &'a CudaBackend,
     c: CpuBackend,

@@ -9,6 +9,8 @@ use lalora_engine::backend::cuda::{BaseDtype, CudaBackend};
 use lalora_engine::data::{Batch, Example, RowFormat, read_jsonl};
 use lalora_engine::io::TensorFile;
 use lalora_engine::model::{self, HostLora, Llama, LoadedModel};
+use rand::RngExt;
+use rand_chacha::ChaCha8Rng;
 
 /// The repository root: `LALORA_ROOT` when test binaries run away from their build tree
 /// (scripts/gpu-check.sh), else the crate directory.
@@ -35,6 +37,19 @@ pub struct Tiny {
     pub adapter: HostLora,
     pub examples: Vec<Example>,
     pub expected: TensorFile,
+}
+
+/// `n` values uniform in (-1, 1), shifted off zero.
+pub fn rnd(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
+    (0..n)
+        .map(|_| rng.random::<f32>() * 2.0 - 1.0 + 1e-3)
+        .collect()
+}
+
+/// Fails with `what` when the relative error of `got` against `want` reaches `tol`.
+pub fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
+    let e = rel_err(got, want);
+    assert!(e < tol, "{what}: relative error {e:e} (bound {tol:e})");
 }
 
 pub fn tiny() -> Tiny {

@@ -14,8 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::*;
 use lalora_engine::Result;
 use lalora_engine::backend::{
-    AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
-    RopeTable, Segment,
+    AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, Segment,
 };
 
 struct Count<'a, B: Backend> {
@@ -54,18 +53,6 @@ impl<B: Backend> Backend for Count<'_, B> {
     type Buf = B::Buf;
     type Weight = B::Weight;
 
-    fn cross_entropy(
-        &self,
-        logits: &B::Buf,
-        rows: usize,
-        vocab: usize,
-        targets: CeTargets<'_>,
-        grad_scale: Option<f32>,
-    ) -> Result<(Vec<f32>, Option<B::Buf>)> {
-        self.inner
-            .cross_entropy(logits, rows, vocab, targets, grad_scale)
-    }
-
     /// The head products as `Backend::classifier` documents them: one for the losses, one
     /// more for the gradient, two more to draw Monte-Carlo labels.
     fn classifier(
@@ -85,63 +72,6 @@ impl<B: Backend> Backend for Count<'_, B> {
             .classifier(hidden, head, rows, dim, vocab, targets, grad_scale)
     }
 
-    fn describe(&self) -> String {
-        self.inner.describe()
-    }
-    fn buf(&self, host: Vec<f32>) -> Result<B::Buf> {
-        self.inner.buf(host)
-    }
-    fn zeros(&self, n: usize) -> Result<B::Buf> {
-        self.inner.zeros(n)
-    }
-    fn to_host(&self, x: &B::Buf) -> Result<Vec<f32>> {
-        self.inner.to_host(x)
-    }
-    fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<B::Weight> {
-        self.inner.weight(host, rows, cols)
-    }
-    fn copy_into(&self, dst: &mut B::Buf, offset: usize, src: &B::Buf) -> Result<()> {
-        self.inner.copy_into(dst, offset, src)
-    }
-    fn slice(&self, src: &B::Buf, offset: usize, len: usize) -> Result<B::Buf> {
-        self.inner.slice(src, offset, len)
-    }
-    fn embedding(&self, table: &B::Weight, ids: &[u32], dim: usize) -> Result<B::Buf> {
-        self.inner.embedding(table, ids, dim)
-    }
-    fn rmsnorm(
-        &self,
-        x: &B::Buf,
-        w: &B::Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<(B::Buf, B::Buf)> {
-        self.inner.rmsnorm(x, w, rows, dim, eps)
-    }
-    fn add_rmsnorm(
-        &self,
-        h: &mut B::Buf,
-        delta: &B::Buf,
-        w: &B::Buf,
-        rows: usize,
-        dim: usize,
-        eps: f32,
-    ) -> Result<(B::Buf, B::Buf)> {
-        self.inner.add_rmsnorm(h, delta, w, rows, dim, eps)
-    }
-    fn rmsnorm_backward(
-        &self,
-        dy: &B::Buf,
-        x: &B::Buf,
-        w: &B::Buf,
-        rstd: &B::Buf,
-        rows: usize,
-        dim: usize,
-        dx: &mut B::Buf,
-    ) -> Result<()> {
-        self.inner.rmsnorm_backward(dy, x, w, rstd, rows, dim, dx)
-    }
     fn linear(&self, x: &B::Buf, w: &B::Weight, m: usize, k: usize, n: usize) -> Result<B::Buf> {
         self.add(2 * m * k * n);
         self.inner.linear(x, w, m, k, n)
@@ -186,23 +116,6 @@ impl<B: Backend> Backend for Count<'_, B> {
         );
         self.inner.lora_backward(g, x, u, a, b, dims, dx, grads)
     }
-    fn rope(
-        &self,
-        x: &mut B::Buf,
-        table: &RopeTable<Self>,
-        rows: usize,
-        n_heads: usize,
-        head_dim: usize,
-        inverse: bool,
-    ) -> Result<()> {
-        // The same buffers typed for the inner backend (a table is a few KB).
-        let t = RopeTable::<B> {
-            cos: self.inner.dup(&table.cos)?,
-            sin: self.inner.dup(&table.sin)?,
-            period: table.period,
-        };
-        self.inner.rope(x, &t, rows, n_heads, head_dim, inverse)
-    }
     fn attention(
         &self,
         q: &B::Buf,
@@ -226,20 +139,6 @@ impl<B: Backend> Backend for Count<'_, B> {
         self.add(8 * visible_pairs(s) * s.head_dim);
         self.inner.attention_backward(dout, q, k, v, out, saved, s)
     }
-    fn swiglu(&self, gate: &B::Buf, up: &B::Buf) -> Result<B::Buf> {
-        self.inner.swiglu(gate, up)
-    }
-    fn swiglu_backward(
-        &self,
-        dact: &B::Buf,
-        gate: &B::Buf,
-        up: &B::Buf,
-    ) -> Result<(B::Buf, B::Buf)> {
-        self.inner.swiglu_backward(dact, gate, up)
-    }
-    fn add_assign(&self, a: &mut B::Buf, b: &B::Buf) -> Result<()> {
-        self.inner.add_assign(a, b)
-    }
     fn gram_accumulate(
         &self,
         x: &B::Buf,
@@ -253,15 +152,6 @@ impl<B: Backend> Backend for Count<'_, B> {
         self.add(2 * rows(segments) * dx * dy);
         self.inner
             .gram_accumulate(x, dx, y, dy, segments, alpha, out)
-    }
-    fn segment_sum(
-        &self,
-        x: &B::Buf,
-        dim: usize,
-        segments: &[Segment],
-        mean: bool,
-    ) -> Result<B::Buf> {
-        self.inner.segment_sum(x, dim, segments, mean)
     }
     fn sq_grad_accumulate(
         &self,
@@ -290,41 +180,14 @@ impl<B: Backend> Backend for Count<'_, B> {
         self.add(2 * m * k * n);
         self.inner.matmul(a, b, m, k, n, ta, tb)
     }
-    fn dup(&self, x: &B::Buf) -> Result<B::Buf> {
-        self.inner.dup(x)
-    }
-    fn mul_assign(&self, a: &mut B::Buf, b: &B::Buf) -> Result<()> {
-        self.inner.mul_assign(a, b)
-    }
-    fn scale(&self, x: &mut B::Buf, k: f32) -> Result<()> {
-        self.inner.scale(x, k)
-    }
-    fn axpy(&self, alpha: f32, x: &B::Buf, y: &mut B::Buf) -> Result<()> {
-        self.inner.axpy(alpha, x, y)
-    }
-    fn dot(&self, x: &B::Buf, y: &B::Buf) -> Result<f64> {
-        self.inner.dot(x, y)
-    }
-    fn dots(&self, pairs: &[(&B::Buf, &B::Buf)]) -> Result<Vec<f64>> {
-        self.inner.dots(pairs)
-    }
-    fn adamw_step(
-        &self,
-        p: &mut B::Buf,
-        g: &B::Buf,
-        m: &mut B::Buf,
-        v: &mut B::Buf,
-        h: &AdamHyper,
-        grad_scale: f32,
-        penalty: Option<DiagPenalty<'_, Self>>,
-    ) -> Result<()> {
-        let penalty = penalty.map(|d| DiagPenalty::<B> {
-            mean: d.mean,
-            precision: d.precision,
-            lambda: d.lambda,
-        });
-        self.inner.adamw_step(p, g, m, v, h, grad_scale, penalty)
-    }
+
+    // Everything else is forwarded unchanged; `project_group` keeps the trait's default
+    // (`linear` + `lora_forward`, counted above).
+    lalora_engine::delegate_backend!(B;
+        cross_entropy, describe, buf, zeros, to_host, weight, copy_into, slice, embedding,
+        rmsnorm, add_rmsnorm, rmsnorm_backward, rope, swiglu, swiglu_backward, add_assign,
+        segment_sum, dup, mul_assign, scale, axpy, dot, dots, adamw_step,
+    );
 }
 
 use lalora_engine::backend::cpu::CpuBackend;

@@ -9,6 +9,7 @@
 
 pub mod cpu;
 pub mod cuda;
+mod delegate;
 pub mod device;
 pub mod group;
 

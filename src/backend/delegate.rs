@@ -1,6 +1,6 @@
 //! `delegate_backend!`: the `Backend` methods of a wrapper that hands them to the backend
 //! it wraps unchanged. Wrappers (the self-test's label tap, the FLOP count in
-//! `tests/cost.rs`) override the few ops they watch and list the rest here, so a method
+//! `tests/cost.rs`, the per-op timer of `--op-times`) override the few ops they watch and list the rest here, so a method
 //! added to the trait is forwarded by adding one arm below, not by copying its signature
 //! into every wrapper.
 
@@ -11,52 +11,66 @@
 /// `DiagPenalty`) are rebuilt for `B` from the same buffers. A method a wrapper leaves out
 /// of the list keeps the trait's default (`project_group` as `linear` + `lora_forward`,
 /// so that a wrapper watching those sees each projection).
+///
+/// `delegate_backend!(B, watch = f; ...)` also calls `self.f("op")` before each forwarded
+/// call and keeps what it returns until the call ends (`timed::Timed`'s stopwatch).
 #[macro_export]
 macro_rules! delegate_backend {
     ($inner:ty; $($name:ident),* $(,)?) => {
-        $( $crate::delegate_backend!(@one $inner; $name); )*
+        $( $crate::delegate_backend!(@one $inner; []; $name); )*
     };
-    (@one $inner:ty; describe) => {
+    ($inner:ty, watch = $watch:ident; $($name:ident),* $(,)?) => {
+        $( $crate::delegate_backend!(@one $inner; [$watch]; $name); )*
+    };
+    (@one $inner:ty; [$($watch:ident)?]; describe) => {
         fn describe(&self) -> String {
+            $(let _watch = self.$watch("describe");)?
             self.inner.describe()
         }
     };
-    (@one $inner:ty; buf) => {
+    (@one $inner:ty; [$($watch:ident)?]; buf) => {
         fn buf(&self, host: Vec<f32>) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("buf");)?
             self.inner.buf(host)
         }
     };
-    (@one $inner:ty; zeros) => {
+    (@one $inner:ty; [$($watch:ident)?]; zeros) => {
         fn zeros(&self, n: usize) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("zeros");)?
             self.inner.zeros(n)
         }
     };
-    (@one $inner:ty; to_host) => {
+    (@one $inner:ty; [$($watch:ident)?]; to_host) => {
         fn to_host(&self, x: &Self::Buf) -> $crate::Result<Vec<f32>> {
+            $(let _watch = self.$watch("to_host");)?
             self.inner.to_host(x)
         }
     };
-    (@one $inner:ty; weight) => {
+    (@one $inner:ty; [$($watch:ident)?]; weight) => {
         fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> $crate::Result<Self::Weight> {
+            $(let _watch = self.$watch("weight");)?
             self.inner.weight(host, rows, cols)
         }
     };
-    (@one $inner:ty; copy_into) => {
+    (@one $inner:ty; [$($watch:ident)?]; copy_into) => {
         fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> $crate::Result<()> {
+            $(let _watch = self.$watch("copy_into");)?
             self.inner.copy_into(dst, offset, src)
         }
     };
-    (@one $inner:ty; slice) => {
+    (@one $inner:ty; [$($watch:ident)?]; slice) => {
         fn slice(&self, src: &Self::Buf, offset: usize, len: usize) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("slice");)?
             self.inner.slice(src, offset, len)
         }
     };
-    (@one $inner:ty; embedding) => {
+    (@one $inner:ty; [$($watch:ident)?]; embedding) => {
         fn embedding(&self, table: &Self::Weight, ids: &[u32], dim: usize) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("embedding");)?
             self.inner.embedding(table, ids, dim)
         }
     };
-    (@one $inner:ty; rmsnorm) => {
+    (@one $inner:ty; [$($watch:ident)?]; rmsnorm) => {
         fn rmsnorm(
             &self,
             x: &Self::Buf,
@@ -65,10 +79,11 @@ macro_rules! delegate_backend {
             dim: usize,
             eps: f32,
         ) -> $crate::Result<(Self::Buf, Self::Buf)> {
+            $(let _watch = self.$watch("rmsnorm");)?
             self.inner.rmsnorm(x, w, rows, dim, eps)
         }
     };
-    (@one $inner:ty; add_rmsnorm) => {
+    (@one $inner:ty; [$($watch:ident)?]; add_rmsnorm) => {
         fn add_rmsnorm(
             &self,
             h: &mut Self::Buf,
@@ -78,10 +93,11 @@ macro_rules! delegate_backend {
             dim: usize,
             eps: f32,
         ) -> $crate::Result<(Self::Buf, Self::Buf)> {
+            $(let _watch = self.$watch("add_rmsnorm");)?
             self.inner.add_rmsnorm(h, delta, w, rows, dim, eps)
         }
     };
-    (@one $inner:ty; rmsnorm_backward) => {
+    (@one $inner:ty; [$($watch:ident)?]; rmsnorm_backward) => {
         fn rmsnorm_backward(
             &self,
             dy: &Self::Buf,
@@ -92,10 +108,11 @@ macro_rules! delegate_backend {
             dim: usize,
             dx: &mut Self::Buf,
         ) -> $crate::Result<()> {
+            $(let _watch = self.$watch("rmsnorm_backward");)?
             self.inner.rmsnorm_backward(dy, x, w, rstd, rows, dim, dx)
         }
     };
-    (@one $inner:ty; linear) => {
+    (@one $inner:ty; [$($watch:ident)?]; linear) => {
         fn linear(
             &self,
             x: &Self::Buf,
@@ -104,10 +121,11 @@ macro_rules! delegate_backend {
             k: usize,
             n: usize,
         ) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("linear");)?
             self.inner.linear(x, w, m, k, n)
         }
     };
-    (@one $inner:ty; linear_backward) => {
+    (@one $inner:ty; [$($watch:ident)?]; linear_backward) => {
         fn linear_backward(
             &self,
             dy: &Self::Buf,
@@ -118,10 +136,11 @@ macro_rules! delegate_backend {
             dx: &mut Self::Buf,
             accumulate: bool,
         ) -> $crate::Result<()> {
+            $(let _watch = self.$watch("linear_backward");)?
             self.inner.linear_backward(dy, w, m, k, n, dx, accumulate)
         }
     };
-    (@one $inner:ty; lora_forward) => {
+    (@one $inner:ty; [$($watch:ident)?]; lora_forward) => {
         fn lora_forward(
             &self,
             x: &Self::Buf,
@@ -130,10 +149,11 @@ macro_rules! delegate_backend {
             dims: $crate::backend::LoraDims,
             y: &mut Self::Buf,
         ) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("lora_forward");)?
             self.inner.lora_forward(x, a, b, dims, y)
         }
     };
-    (@one $inner:ty; lora_backward) => {
+    (@one $inner:ty; [$($watch:ident)?]; lora_backward) => {
         fn lora_backward(
             &self,
             g: &Self::Buf,
@@ -145,10 +165,11 @@ macro_rules! delegate_backend {
             dx: &mut Self::Buf,
             grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
         ) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("lora_backward");)?
             self.inner.lora_backward(g, x, u, a, b, dims, dx, grads)
         }
     };
-    (@one $inner:ty; project_group) => {
+    (@one $inner:ty; [$($watch:ident)?]; project_group) => {
         fn project_group(
             &self,
             x: &Self::Buf,
@@ -157,6 +178,7 @@ macro_rules! delegate_backend {
             lora: $crate::backend::group::LoraGroup,
             projs: &[$crate::backend::group::ProjFwd<'_, Self>],
         ) -> $crate::Result<Vec<$crate::backend::group::Projected<Self::Buf>>> {
+            $(let _watch = self.$watch("project_group");)?
             let projs: Vec<$crate::backend::group::ProjFwd<'_, $inner>> = projs
                 .iter()
                 .map(|p| $crate::backend::group::ProjFwd {
@@ -168,7 +190,7 @@ macro_rules! delegate_backend {
             self.inner.project_group(x, m, d_in, lora, &projs)
         }
     };
-    (@one $inner:ty; project_group_backward) => {
+    (@one $inner:ty; [$($watch:ident)?]; project_group_backward) => {
         fn project_group_backward(
             &self,
             x: &Self::Buf,
@@ -179,6 +201,7 @@ macro_rules! delegate_backend {
             dx: &mut Self::Buf,
             accumulate: bool,
         ) -> $crate::Result<Vec<Option<Self::Buf>>> {
+            $(let _watch = self.$watch("project_group_backward");)?
             let projs: Vec<$crate::backend::group::ProjBwd<'_, $inner>> = projs
                 .into_iter()
                 .map(|p| $crate::backend::group::ProjBwd {
@@ -197,7 +220,7 @@ macro_rules! delegate_backend {
                 .project_group_backward(x, m, d_in, lora, projs, dx, accumulate)
         }
     };
-    (@one $inner:ty; rope) => {
+    (@one $inner:ty; [$($watch:ident)?]; rope) => {
         fn rope(
             &self,
             x: &mut Self::Buf,
@@ -207,6 +230,7 @@ macro_rules! delegate_backend {
             head_dim: usize,
             inverse: bool,
         ) -> $crate::Result<()> {
+            $(let _watch = self.$watch("rope");)?
             // The same values typed for the inner backend (a table is a few KB).
             let t = $crate::backend::RopeTable::<$inner> {
                 cos: self.inner.dup(&table.cos)?,
@@ -216,7 +240,7 @@ macro_rules! delegate_backend {
             self.inner.rope(x, &t, rows, n_heads, head_dim, inverse)
         }
     };
-    (@one $inner:ty; attention) => {
+    (@one $inner:ty; [$($watch:ident)?]; attention) => {
         fn attention(
             &self,
             q: &Self::Buf,
@@ -224,10 +248,11 @@ macro_rules! delegate_backend {
             v: &Self::Buf,
             s: &$crate::backend::AttnShape,
         ) -> $crate::Result<(Self::Buf, $crate::backend::AttnSaved<Self::Buf>)> {
+            $(let _watch = self.$watch("attention");)?
             self.inner.attention(q, k, v, s)
         }
     };
-    (@one $inner:ty; attention_backward) => {
+    (@one $inner:ty; [$($watch:ident)?]; attention_backward) => {
         fn attention_backward(
             &self,
             dout: &Self::Buf,
@@ -238,30 +263,34 @@ macro_rules! delegate_backend {
             saved: &$crate::backend::AttnSaved<Self::Buf>,
             s: &$crate::backend::AttnShape,
         ) -> $crate::Result<(Self::Buf, Self::Buf, Self::Buf)> {
+            $(let _watch = self.$watch("attention_backward");)?
             self.inner.attention_backward(dout, q, k, v, out, saved, s)
         }
     };
-    (@one $inner:ty; swiglu) => {
+    (@one $inner:ty; [$($watch:ident)?]; swiglu) => {
         fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("swiglu");)?
             self.inner.swiglu(gate, up)
         }
     };
-    (@one $inner:ty; swiglu_backward) => {
+    (@one $inner:ty; [$($watch:ident)?]; swiglu_backward) => {
         fn swiglu_backward(
             &self,
             dact: &Self::Buf,
             gate: &Self::Buf,
             up: &Self::Buf,
         ) -> $crate::Result<(Self::Buf, Self::Buf)> {
+            $(let _watch = self.$watch("swiglu_backward");)?
             self.inner.swiglu_backward(dact, gate, up)
         }
     };
-    (@one $inner:ty; add_assign) => {
+    (@one $inner:ty; [$($watch:ident)?]; add_assign) => {
         fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> $crate::Result<()> {
+            $(let _watch = self.$watch("add_assign");)?
             self.inner.add_assign(a, b)
         }
     };
-    (@one $inner:ty; cross_entropy) => {
+    (@one $inner:ty; [$($watch:ident)?]; cross_entropy) => {
         fn cross_entropy(
             &self,
             logits: &Self::Buf,
@@ -270,10 +299,11 @@ macro_rules! delegate_backend {
             targets: $crate::backend::CeTargets<'_>,
             grad_scale: Option<f32>,
         ) -> $crate::Result<(Vec<f32>, Option<Self::Buf>)> {
+            $(let _watch = self.$watch("cross_entropy");)?
             self.inner.cross_entropy(logits, rows, vocab, targets, grad_scale)
         }
     };
-    (@one $inner:ty; classifier) => {
+    (@one $inner:ty; [$($watch:ident)?]; classifier) => {
         fn classifier(
             &self,
             hidden: &Self::Buf,
@@ -284,11 +314,12 @@ macro_rules! delegate_backend {
             targets: $crate::backend::CeTargets<'_>,
             grad_scale: Option<f32>,
         ) -> $crate::Result<$crate::backend::ClassifierOut<Self::Buf>> {
+            $(let _watch = self.$watch("classifier");)?
             self.inner
                 .classifier(hidden, head, rows, dim, vocab, targets, grad_scale)
         }
     };
-    (@one $inner:ty; gram_accumulate) => {
+    (@one $inner:ty; [$($watch:ident)?]; gram_accumulate) => {
         fn gram_accumulate(
             &self,
             x: &Self::Buf,
@@ -299,11 +330,12 @@ macro_rules! delegate_backend {
             alpha: f32,
             out: &mut Self::Buf,
         ) -> $crate::Result<()> {
+            $(let _watch = self.$watch("gram_accumulate");)?
             self.inner
                 .gram_accumulate(x, dx, y, dy, segments, alpha, out)
         }
     };
-    (@one $inner:ty; segment_sum) => {
+    (@one $inner:ty; [$($watch:ident)?]; segment_sum) => {
         fn segment_sum(
             &self,
             x: &Self::Buf,
@@ -311,10 +343,11 @@ macro_rules! delegate_backend {
             segments: &[$crate::backend::Segment],
             mean: bool,
         ) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("segment_sum");)?
             self.inner.segment_sum(x, dim, segments, mean)
         }
     };
-    (@one $inner:ty; sq_grad_accumulate) => {
+    (@one $inner:ty; [$($watch:ident)?]; sq_grad_accumulate) => {
         fn sq_grad_accumulate(
             &self,
             g: &Self::Buf,
@@ -325,11 +358,12 @@ macro_rules! delegate_backend {
             alpha: f32,
             out: &mut Self::Buf,
         ) -> $crate::Result<()> {
+            $(let _watch = self.$watch("sq_grad_accumulate");)?
             self.inner
                 .sq_grad_accumulate(g, dg, y, dy, segments, alpha, out)
         }
     };
-    (@one $inner:ty; matmul) => {
+    (@one $inner:ty; [$($watch:ident)?]; matmul) => {
         fn matmul(
             &self,
             a: &Self::Buf,
@@ -340,40 +374,47 @@ macro_rules! delegate_backend {
             ta: bool,
             tb: bool,
         ) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("matmul");)?
             self.inner.matmul(a, b, m, k, n, ta, tb)
         }
     };
-    (@one $inner:ty; dup) => {
+    (@one $inner:ty; [$($watch:ident)?]; dup) => {
         fn dup(&self, x: &Self::Buf) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("dup");)?
             self.inner.dup(x)
         }
     };
-    (@one $inner:ty; mul_assign) => {
+    (@one $inner:ty; [$($watch:ident)?]; mul_assign) => {
         fn mul_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> $crate::Result<()> {
+            $(let _watch = self.$watch("mul_assign");)?
             self.inner.mul_assign(a, b)
         }
     };
-    (@one $inner:ty; scale) => {
+    (@one $inner:ty; [$($watch:ident)?]; scale) => {
         fn scale(&self, x: &mut Self::Buf, k: f32) -> $crate::Result<()> {
+            $(let _watch = self.$watch("scale");)?
             self.inner.scale(x, k)
         }
     };
-    (@one $inner:ty; axpy) => {
+    (@one $inner:ty; [$($watch:ident)?]; axpy) => {
         fn axpy(&self, alpha: f32, x: &Self::Buf, y: &mut Self::Buf) -> $crate::Result<()> {
+            $(let _watch = self.$watch("axpy");)?
             self.inner.axpy(alpha, x, y)
         }
     };
-    (@one $inner:ty; dot) => {
+    (@one $inner:ty; [$($watch:ident)?]; dot) => {
         fn dot(&self, x: &Self::Buf, y: &Self::Buf) -> $crate::Result<f64> {
+            $(let _watch = self.$watch("dot");)?
             self.inner.dot(x, y)
         }
     };
-    (@one $inner:ty; dots) => {
+    (@one $inner:ty; [$($watch:ident)?]; dots) => {
         fn dots(&self, pairs: &[(&Self::Buf, &Self::Buf)]) -> $crate::Result<Vec<f64>> {
+            $(let _watch = self.$watch("dots");)?
             self.inner.dots(pairs)
         }
     };
-    (@one $inner:ty; adamw_step) => {
+    (@one $inner:ty; [$($watch:ident)?]; adamw_step) => {
         fn adamw_step(
             &self,
             p: &mut Self::Buf,
@@ -384,6 +425,7 @@ macro_rules! delegate_backend {
             grad_scale: f32,
             penalty: Option<$crate::backend::DiagPenalty<'_, Self>>,
         ) -> $crate::Result<()> {
+            $(let _watch = self.$watch("adamw_step");)?
             let penalty = penalty.map(|d| $crate::backend::DiagPenalty::<$inner> {
                 mean: d.mean,
                 precision: d.precision,

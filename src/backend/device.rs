@@ -6,6 +6,7 @@ use std::str::FromStr;
 use super::Backend;
 use super::cpu::CpuBackend;
 use super::cuda::{self, BaseDtype, CudaBackend};
+use super::timed::Timed;
 use crate::error::{Error, Result};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +45,8 @@ pub struct Placement {
     pub quiet: bool,
     /// `--base-dtype`; None: bf16 on cuda and sim (the CPU computes in f32).
     pub base_dtype: Option<BaseDtype>,
+    /// `--op-times`: time each backend op and print the table on stderr at the end.
+    pub op_times: bool,
 }
 
 /// Work that is generic over the backend it runs on.
@@ -58,6 +61,18 @@ fn announce<B: Backend>(be: &B, quiet: bool) {
     }
 }
 
+/// `task` on `be`, through the per-op timer when asked (its table goes to stderr, after
+/// the task and whatever it printed).
+fn run_task<T: BackendTask, B: Backend>(task: T, be: &B, op_times: bool) -> Result<T::Output> {
+    if !op_times {
+        return task.run(be);
+    }
+    let timed = Timed::new(be);
+    let out = task.run(&timed);
+    eprint!("{}", timed.report());
+    out
+}
+
 /// Run `task` on the chosen device, saying on stderr which one runs (unless quiet).
 /// `auto` takes CUDA when the kernels were built and a GPU is present, else the CPU.
 pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output> {
@@ -67,6 +82,12 @@ pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output>
         Device::Auto => Device::Cpu,
         d => d,
     };
+    if p.op_times && matches!(device, Device::Cuda(_)) {
+        // Kernels run asynchronously: a host-side stopwatch would time their launches.
+        return Err(Error::usage(
+            "--op-times times ops on the CPU and the simulator; on a GPU, profile with nsys or ncu",
+        ));
+    }
     match device {
         Device::Cuda(n) => {
             let be = CudaBackend::new(n, base).map_err(|e| match e {
@@ -81,7 +102,7 @@ pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output>
         Device::Sim => {
             let be = CudaBackend::sim(p.threads, base)?;
             announce(&be, p.quiet);
-            task.run(&be)
+            run_task(task, &be, p.op_times)
         }
         _ => {
             if p.device == Device::Cpu && p.base_dtype == Some(BaseDtype::Bf16) {
@@ -94,7 +115,7 @@ pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output>
             // On a pool thread, each parallel loop of an op splits its work in place. From
             // the main thread, each would hand its work to the pool and sleep until woken:
             // two context switches per loop, and generating a token runs thousands of them.
-            rayon::scope(|_| task.run(&be))
+            rayon::scope(|_| run_task(task, &be, p.op_times))
         }
     }
 }

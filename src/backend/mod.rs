@@ -12,6 +12,7 @@ pub mod cuda;
 mod delegate;
 pub mod device;
 pub mod group;
+pub mod timed;
 
 use crate::error::{Error, Result};
 use group::{LoraGroup, ProjBwd, ProjFwd, Projected};

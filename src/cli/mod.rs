@@ -87,6 +87,11 @@ pub struct Common {
     /// No progress bars or status lines on stderr.
     #[arg(long)]
     pub quiet: bool,
+    /// At the end, print on stderr the wall time of each backend op (calls, seconds, share
+    /// of the command's time), the longest first: where the time goes. CPU and sim only (on
+    /// a GPU kernels run asynchronously; profile with nsys or ncu there).
+    #[arg(long)]
+    pub op_times: bool,
 }
 
 impl Common {
@@ -97,6 +102,7 @@ impl Common {
             threads: self.threads,
             quiet,
             base_dtype: self.base_dtype,
+            op_times: self.op_times,
         }
     }
 }

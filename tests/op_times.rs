@@ -1,0 +1,61 @@
+//! `--op-times`: the per-op table on stderr, results unchanged on stdout, and a clean
+//! refusal on a GPU.
+
+mod common;
+
+use common::*;
+
+fn eval(extra: &[&str]) -> std::process::Output {
+    bin()
+        .args(["eval", "--model"])
+        .arg(fixture("tiny-gqa/model"))
+        .arg("--data")
+        .arg(fixture("tiny-gqa/batch.jsonl"))
+        .args(["--quiet", "--batch-size", "4"])
+        .args(extra)
+        .output()
+        .unwrap()
+}
+
+/// Calls per op of an evaluation, from the model and data alone: 6 sequences in batches
+/// of 4 are 2 forwards; the tiny model has 2 layers; each layer runs 4 projection groups
+/// (q/k/v, o, gate/up, down), one attention, one SwiGLU and two RoPEs (q and k); each
+/// forward ends in one classifier call.
+#[test]
+fn eval_prints_each_op_and_the_same_results() {
+    let plain = eval(&["--device", "cpu"]);
+    let timed = eval(&["--device", "cpu", "--op-times"]);
+    assert_eq!(plain.status.code(), Some(0));
+    assert_eq!(timed.status.code(), Some(0));
+    assert_eq!(
+        timed.stdout, plain.stdout,
+        "results change under --op-times"
+    );
+    let table = String::from_utf8(timed.stderr).unwrap();
+    let calls = |op: &str| -> u64 {
+        let line = table
+            .lines()
+            .find(|l| l.split_whitespace().next() == Some(op))
+            .unwrap_or_else(|| panic!("no row for {op} in\n{table}"));
+        line.split_whitespace().nth(1).unwrap().parse().unwrap()
+    };
+    let (forwards, layers) = (2, 2);
+    assert_eq!(calls("project_group"), forwards * layers * 4, "{table}");
+    assert_eq!(calls("attention"), forwards * layers, "{table}");
+    assert_eq!(calls("swiglu"), forwards * layers, "{table}");
+    assert_eq!(calls("rope"), forwards * layers * 2, "{table}");
+    assert_eq!(calls("classifier"), forwards, "{table}");
+    assert!(table.starts_with("op "), "{table}");
+    assert!(table.lines().any(|l| l.starts_with("wall")), "{table}");
+    assert!(!String::from_utf8(plain.stderr).unwrap().contains("wall"));
+}
+
+/// On a GPU the host does not wait for kernels: refused before any work, exit 2, one line.
+#[test]
+fn refused_on_cuda() {
+    let out = eval(&["--device", "cuda", "--op-times"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("--op-times"), "{err}");
+}

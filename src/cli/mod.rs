@@ -88,8 +88,8 @@ pub struct Common {
     #[arg(long)]
     pub quiet: bool,
     /// At the end, print on stderr the wall time of each backend op (calls, seconds, share
-    /// of the command's time), the longest first: where the time goes. CPU and sim only (on
-    /// a GPU kernels run asynchronously; profile with nsys or ncu there).
+    /// of the time since the backend started), the longest first: where the time goes. CPU
+    /// and sim only (on a GPU kernels run asynchronously; profile with nsys or ncu there).
     #[arg(long)]
     pub op_times: bool,
 }

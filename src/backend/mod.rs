@@ -4,7 +4,8 @@
 //!
 //! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
 //! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
-//! input activations in bf16, `cuda::Act`); a frozen base weight `W` is `(d_out, d_in)`
+//! input activations, and the projection outputs only kernels read, in bf16, `cuda::Act`,
+//! `group::Feeds`); a frozen base weight `W` is `(d_out, d_in)`
 //! and a linear layer computes `y = x W^T`.
 
 pub mod cpu;

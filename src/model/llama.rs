@@ -218,6 +218,7 @@ impl<B: Backend> Llama<B> {
                 lora: lora
                     .and_then(|lw| lw.find(l, p).map(|i| &lw.modules[i]))
                     .map(|md| (&md.a, &md.b)),
+                feeds: p.feeds(),
             })
             .collect();
         let out = be.project_group(x, m, ps[0].dims(&self.cfg).0, group_of(lora), &specs)?;

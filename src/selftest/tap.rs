@@ -260,6 +260,7 @@ impl<B: Backend> Backend for Tap<'_, B> {
                 w: p.w,
                 d_out: p.d_out,
                 lora: p.lora,
+                feeds: p.feeds,
             })
             .collect();
         self.inner.project_group(x, m, d_in, lora, &projs)

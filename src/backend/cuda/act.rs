@@ -7,8 +7,10 @@ use crate::error::{Error, Result};
 
 /// The `Backend::Buf` of CUDA: f32 values, stored as f32 or rounded to bf16. With bf16
 /// base weights the activations the matmuls read are stored as bf16 (half the bytes
-/// moved, and no conversion before a bf16 GEMM, which reads them as they are); everything
-/// else, and everything with f32 base weights, is f32. What reads a bf16 activation reads
+/// moved, and no conversion before a bf16 GEMM, which reads them as they are), and so are
+/// the q/k/v and gate/up projections' outputs (which RoPE, flash attention and SwiGLU read
+/// as stored; flash attention rounds its tiles to bf16 anyway); everything else, and
+/// everything with f32 base weights, is f32. What reads a bf16 activation reads
 /// the rounded values, as the base GEMM does: the LoRA product u = x A^T, the gradient dA
 /// and the curvature's input factors too. Kernels that take one storage type
 /// reach it through `f32()` (an error, not a misread, if handed the other).

@@ -338,6 +338,26 @@ fn classifier_and_curvature_read_bf16_activations() {
         .unwrap();
     // bf16 values are exact in tf32: f32 products, f32 sums.
     close("gram (symmetric)", &g.to_host(&fg).unwrap(), &fc, F32);
+    // The reductions' input, widened once (what the model hands a group's reductions):
+    // f32, the same values, the same factor bit for bit; an f32 input needs no copy.
+    let hw = g
+        .reduction_input(&hg)
+        .unwrap()
+        .expect("a bf16 input is widened");
+    assert_eq!(hw.dtype(), DType::F32, "widened to f32");
+    same_bits("reduction input", &g.to_host(&hw).unwrap(), &h);
+    let mut fw = g.buf(vec![0.0; dim * dim]).unwrap();
+    g.gram_accumulate(&hw, dim, &hw, dim, &segs, 0.5, &mut fw)
+        .unwrap();
+    same_bits(
+        "gram of the widened input",
+        &g.to_host(&fw).unwrap(),
+        &g.to_host(&fg).unwrap(),
+    );
+    assert!(
+        g.reduction_input(&hw).unwrap().is_none(),
+        "f32 is read as is"
+    );
     let sg = g.segment_sum(&hg, dim, &segs, true).unwrap();
     let sc = c.segment_sum(&h, dim, &segs, true).unwrap();
     close("segment mean", &g.to_host(&sg).unwrap(), &sc, F32);

@@ -344,6 +344,9 @@ impl<B: Backend> Backend for Tap<'_, B> {
     fn add_assign(&self, a: &mut B::Buf, b: &B::Buf) -> Result<()> {
         self.inner.add_assign(a, b)
     }
+    fn reduction_input(&self, x: &B::Buf) -> Result<Option<B::Buf>> {
+        self.inner.reduction_input(x)
+    }
     fn gram_accumulate(
         &self,
         x: &B::Buf,

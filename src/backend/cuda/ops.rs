@@ -5,7 +5,7 @@ use half::bf16;
 
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight};
+use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight, Wide};
 use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -540,6 +540,13 @@ impl Backend for CudaBackend {
         grad_scale: Option<f32>,
     ) -> Result<ClassifierOut<Self::Buf>> {
         self.classifier_impl(hidden, head, rows, dim, vocab, targets, grad_scale)
+    }
+
+    fn reduction_input(&self, x: &Self::Buf) -> Result<Option<Self::Buf>> {
+        Ok(match self.wide(x)? {
+            Wide::Copy(b) => Some(b.into()),
+            Wide::Same(_) => None,
+        })
     }
 
     fn gram_accumulate(

@@ -530,6 +530,21 @@ fn swiglu_reads_bf16_gate_and_up() {
     }
 }
 
+/// An op that takes f32 only, handed a bf16 activation, refuses it and names itself (the
+/// line of the op that asked for f32).
+#[test]
+fn f32_only_ops_name_themselves_when_handed_bf16() {
+    let g = sim(BaseDtype::Bf16);
+    let mut rng = ChaCha8Rng::seed_from_u64(28);
+    let (x, _) = bf16_act(&g, &mut rng, 3, 8);
+    let mut y = g.zeros(24).unwrap();
+    let e = g.add_assign(&mut y, &x).unwrap_err().to_string();
+    assert!(
+        e.contains("bf16 activation") && e.contains("cuda/ops.rs:"),
+        "{e}"
+    );
+}
+
 /// With f32 base weights nothing is bf16: the f32 path is the one that reproduces the f32
 /// references.
 #[test]

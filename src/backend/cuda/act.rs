@@ -48,23 +48,33 @@ impl Act {
             Act::Bf16(_) => 2,
         }
     }
-    /// The f32 buffer, for a kernel that reads or writes f32 only.
+    /// The f32 buffer, for a kernel that reads or writes f32 only; the error names the
+    /// op by the line that asked (`track_caller`), so that a bf16 activation reaching an
+    /// f32-only kernel says which.
+    #[track_caller]
     pub fn f32(&self) -> Result<&DevBuf<f32>> {
         match self {
             Act::F32(b) => Ok(b),
-            Act::Bf16(_) => Err(Error::Device(
-                "an f32 operand was expected, a bf16 activation was given".into(),
-            )),
+            Act::Bf16(_) => Err(not_f32()),
         }
     }
+    #[track_caller]
     pub fn f32_mut(&mut self) -> Result<&mut DevBuf<f32>> {
         match self {
             Act::F32(b) => Ok(b),
-            Act::Bf16(_) => Err(Error::Device(
-                "an f32 operand was expected, a bf16 activation was given".into(),
-            )),
+            Act::Bf16(_) => Err(not_f32()),
         }
     }
+}
+
+#[track_caller]
+fn not_f32() -> Error {
+    let at = std::panic::Location::caller();
+    Error::Device(format!(
+        "an f32 operand was expected, a bf16 activation was given (the op at {}:{})",
+        at.file(),
+        at.line()
+    ))
 }
 
 impl From<DevBuf<f32>> for Act {

@@ -25,7 +25,7 @@ use std::rc::Rc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, DevBuf};
-use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{Batch, Example};
@@ -475,6 +475,7 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             w: &ws[i],
             d_out: outs[i],
             lora: Some((&a[i], &b[i])),
+            feeds: Feeds::Residual,
         })
         .collect();
     // The backward's saved u_p, from the fused forward.
@@ -504,6 +505,7 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 w: &hw[i],
                 d_out: outs[i],
                 lora: Some((&ha[i], &hb[i])),
+                feeds: Feeds::Residual,
             })
             .collect();
         let yu = c.project_group(&hx, m, d_in, lg, &cfwd).unwrap();
@@ -866,11 +868,13 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 .map(|(n, b)| (*n, down(g, b)))
                 .collect()
         });
-        // The attention paths' own entry points take f32 buffers (as the bench's are).
+        // The materialised path's own entry points take f32 buffers (as the bench's are);
+        // flash attention takes q, k and v as stored.
         fn f32_of(b: &Act) -> &DevBuf<f32> {
             b.f32().expect("the bench's inputs are f32")
         }
-        let (q, k, v, dout) = (f32_of(&q), f32_of(&k), f32_of(&v), f32_of(&dout));
+        let (qf, kf, vf, dout) = (f32_of(&q), f32_of(&k), f32_of(&v), f32_of(&dout));
+        let (q, k, v) = (&q, &k, &v);
         let flash: Rc<dyn Fn()> = Rc::new(move || {
             let (out, lse) = g.flash_attention(q, k, v, &s).unwrap();
             *res.borrow_mut() = if backward {
@@ -883,10 +887,10 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             };
         });
         let materialised: Rc<dyn Fn()> = Rc::new(move || {
-            let (out, probs) = g.attention_materialised(q, k, v, &s).unwrap();
+            let (out, probs) = g.attention_materialised(qf, kf, vf, &s).unwrap();
             *res.borrow_mut() = if backward {
                 let (dq, dk, dv) = g
-                    .attention_materialised_backward(dout, q, k, v, &probs, &s)
+                    .attention_materialised_backward(dout, qf, kf, vf, &probs, &s)
                     .unwrap();
                 vec![dq.into(), dk.into(), dv.into()]
             } else {

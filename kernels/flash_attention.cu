@@ -20,8 +20,9 @@
 // summed over positions (as KFAC's reduce factors sum it) cancels; dS rounded to bf16
 // would break that, so the dK product takes dS as two bf16 halves (one more mma).
 //
-// Inputs and outputs are f32 (the engine's activations); tiles are rounded to bf16 as
-// they are staged into shared memory. Kernels are built for head dims 64 and 128 (D); a
+// q, k and v are f32, rounded to bf16 as their tiles are staged into shared memory, or
+// bf16 (the projections' outputs with bf16 base weights: staged as they are, half the
+// bytes read); dO, O, the LSE and the gradients are f32. Kernels are built for head dims 64 and 128 (D); a
 // smaller multiple of 16 runs zero-padded in the next one (`hd` is the real dim).
 #include "common.cuh"
 #include "flash_attention.cuh"
@@ -35,9 +36,9 @@ constexpr int KEYS = 128;     // keys per block (dK/dV): 16 per warp
 // ---------------------------------------------------------------------------------------
 // Forward
 
-template <int D>
-__device__ __forceinline__ void fwd(const float* __restrict__ q, const float* __restrict__ k,
-                                    const float* __restrict__ v, float* __restrict__ out,
+template <int D, typename T>
+__device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                    float* __restrict__ out,
                                     float* __restrict__ lse, int tq, int tk, int tk_stride, int n_heads,
                                     int n_kv, int hd, int q_offset, float scale) {
     constexpr int BN = 64, LD = D + 8;
@@ -64,13 +65,13 @@ __device__ __forceinline__ void fwd(const float* __restrict__ q, const float* __
     for (int h = 0; h < 2; ++h) {
         const bool ok = row[h] < gr.rows;
         lim[h] = min(tk - 1, q_offset + gr.pos(ok ? row[h] : gr.rows - 1));
-        const float* qr = q + gr.q_at(ok ? row[h] : 0);
+        const T* qr = q + gr.q_at(ok ? row[h] : 0);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
             for (int half = 0; half < 2; ++half) {
                 float2 x = make_float2(0.f, 0.f);
-                if (ok && kk * 16 < hd) x = __ldg(reinterpret_cast<const float2*>(qr + kk * 16 + half * 8 + 2 * t));
+                if (ok && kk * 16 < hd) x = fa::load2(qr + kk * 16 + half * 8 + 2 * t);
                 qa[kk][h + 2 * half] = fa::pack(x.x, x.y);
             }
         }
@@ -79,8 +80,8 @@ __device__ __forceinline__ void fwd(const float* __restrict__ q, const float* __
     const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
     const size_t kv_ld = (size_t)n_kv * hd;
     fa::Stager<BN, D, THREADS> st;
-    auto rows_of = [&](const float* base, int key0) {
-        return [=](int r) -> const float* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
+    auto rows_of = [&](const T* base, int key0) {
+        return [=](int r) -> const T* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
     };
     if (n_tiles > 0) {
         st.load(rows_of(k, 0), hd);
@@ -208,9 +209,9 @@ extern "C" __global__ void flash_bwd_delta(const float* __restrict__ dout, const
 
 // dQ = scale * sum_j dS_ij k_j with dS = P (dP - D), dP = dO V^T; one block per 128 query
 // rows as in the forward, sweeping key tiles of BN.
-template <int D, int BN>
-__device__ __forceinline__ void bwd_dq(const float* __restrict__ q, const float* __restrict__ k,
-                                       const float* __restrict__ v, const float* __restrict__ dout,
+template <int D, int BN, typename T>
+__device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                       const float* __restrict__ dout,
                                        const float* __restrict__ lse, const float* __restrict__ delta,
                                        float* __restrict__ dq, int tq, int tk, int tk_stride, int n_heads,
                                        int n_kv, int hd, int q_offset, float scale) {
@@ -240,7 +241,7 @@ __device__ __forceinline__ void bwd_dq(const float* __restrict__ q, const float*
         lim[h] = min(tk - 1, q_offset + gr.pos(rr));
         lse2[h] = ok ? lse[gr.lse_at(rr)] * fa::LOG2E : INFINITY;
         dd[h] = ok ? delta[gr.lse_at(rr)] : 0.f;
-        const float* qr = q + gr.q_at(rr);
+        const T* qr = q + gr.q_at(rr);
         const float* dr = dout + gr.q_at(rr);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -249,8 +250,8 @@ __device__ __forceinline__ void bwd_dq(const float* __restrict__ q, const float*
                 const int c = kk * 16 + half * 8 + 2 * t;
                 float2 x = make_float2(0.f, 0.f), y = x;
                 if (ok && kk * 16 < hd) {
-                    x = __ldg(reinterpret_cast<const float2*>(qr + c));
-                    y = __ldg(reinterpret_cast<const float2*>(dr + c));
+                    x = fa::load2(qr + c);
+                    y = fa::load2(dr + c);
                 }
                 qa[kk][h + 2 * half] = fa::pack(x.x, x.y);
                 da[kk][h + 2 * half] = fa::pack(y.x, y.y);
@@ -261,8 +262,8 @@ __device__ __forceinline__ void bwd_dq(const float* __restrict__ q, const float*
     const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
     const size_t kv_ld = (size_t)n_kv * hd;
     fa::Stager<BN, D, THREADS> st;
-    auto rows_of = [&](const float* base, int key0) {
-        return [=](int r) -> const float* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
+    auto rows_of = [&](const T* base, int key0) {
+        return [=](int r) -> const T* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
     };
     if (n_tiles > 0) {
         st.load(rows_of(k, 0), hd);
@@ -347,9 +348,9 @@ __device__ __forceinline__ void bwd_dq(const float* __restrict__ q, const float*
 // dV = sum_i P_ij dO_i and dK = scale * sum_i dS_ij q_i over the rows of every head of the
 // group: one block per 128 keys (each warp owns 16 and their dK/dV rows), sweeping query
 // tiles of BM packed rows. Works on transposed tiles: S^T = K Q^T, dP^T = V dO^T.
-template <int D, int BM>
-__device__ __forceinline__ void bwd_dkdv(const float* __restrict__ q, const float* __restrict__ k,
-                                         const float* __restrict__ v, const float* __restrict__ dout,
+template <int D, int BM, typename T>
+__device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
+                                         const float* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                          float* __restrict__ dk, float* __restrict__ dv, int tq, int tk,
                                          int tk_stride, int n_heads, int n_kv, int hd, int q_offset,
@@ -378,8 +379,8 @@ __device__ __forceinline__ void bwd_dkdv(const float* __restrict__ q, const floa
     const size_t kv_ld = (size_t)n_kv * hd;
     {
         fa::Stager<KEYS, D, THREADS> kv;
-        auto rows_of = [&](const float* base) {
-            return [=](int r) -> const float* { return k0 + r < tk ? base + kv0 + (k0 + r) * kv_ld : nullptr; };
+        auto rows_of = [&](const T* base) {
+            return [=](int r) -> const T* { return k0 + r < tk ? base + kv0 + (k0 + r) * kv_ld : nullptr; };
         };
         kv.load(rows_of(k), hd);
         kv.store(kbuf);
@@ -388,8 +389,9 @@ __device__ __forceinline__ void bwd_dkdv(const float* __restrict__ q, const floa
     }
 
     fa::Stager<BM, D, THREADS> st;
-    auto rows_of = [&](const float* base, int r0) {
-        return [=](int r) -> const float* { return r0 + r < gr.rows ? base + gr.q_at(r0 + r) : nullptr; };
+    // Q tiles (T) and dO tiles (f32) go through the same stager.
+    auto rows_of = [&](auto base, int r0) {
+        return [=](int r) -> decltype(base) { return r0 + r < gr.rows ? base + gr.q_at(r0 + r) : nullptr; };
     };
     // Per-row values of a query tile (thread i < BM holds row i): LSE, D, last visible key.
     float aux_lse = 0.f, aux_dd = 0.f;
@@ -520,27 +522,38 @@ __device__ __forceinline__ void bwd_dkdv(const float* __restrict__ q, const floa
 // Entries, one per head dim the kernels are built for. Grids: forward and dQ
 // (ceil(tq * group / 128), n_kv_heads, batch); dK/dV (ceil(tk / 128), n_kv_heads, batch).
 
-#define FWD_ARGS                                                                                     \
-    const float *q, const float *k, const float *v, float *out, float *lse, int tq, int tk, int tk_stride, \
-        int n_heads, int n_kv, int hd, int q_offset, float scale
-#define BWD_ARGS                                                                                    \
-    const float *q, const float *k, const float *v, const float *dout, const float *lse, const float *delta, \
-        int tq, int tk, int tk_stride, int n_heads, int n_kv, int hd, int q_offset, float scale
+#define FWD_ARGS(T)                                                                                 \
+    const T *q, const T *k, const T *v, float *out, float *lse, int tq, int tk, int tk_stride, int n_heads, \
+        int n_kv, int hd, int q_offset, float scale
+#define BWD_ARGS(T)                                                                                      \
+    const T *q, const T *k, const T *v, const float *dout, const float *lse, const float *delta, int tq, int tk, \
+        int tk_stride, int n_heads, int n_kv, int hd, int q_offset, float scale
 #define SHAPE tq, tk, tk_stride, n_heads, n_kv, hd, q_offset, scale
 
-// The head-dim-64 forward fits in 128 registers (no spill on sm_90): two blocks per SM.
-extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_fwd_64(FWD_ARGS) { fwd<64>(q, k, v, out, lse, SHAPE); }
-extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_fwd_128(FWD_ARGS) { fwd<128>(q, k, v, out, lse, SHAPE); }
+// Each entry for f32 q/k/v and (suffix _bf16) for bf16 ones: the projections' outputs with
+// bf16 base weights, staged as they are. The head-dim-64 forward fits in 128 registers (no
+// spill on sm_90): two blocks per SM.
+#define ENTRIES(SUFFIX, T)                                                                                       \
+    extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_fwd_64##SUFFIX(FWD_ARGS(T)) {                 \
+        fwd<64>(q, k, v, out, lse, SHAPE);                                                                       \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_fwd_128##SUFFIX(FWD_ARGS(T)) {                \
+        fwd<128>(q, k, v, out, lse, SHAPE);                                                                      \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_64##SUFFIX(BWD_ARGS(T), float* dq) {   \
+        bwd_dq<64, 64>(q, k, v, dout, lse, delta, dq, SHAPE);                                                    \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_128##SUFFIX(BWD_ARGS(T), float* dq) {  \
+        bwd_dq<128, 32>(q, k, v, dout, lse, delta, dq, SHAPE);                                                   \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+        flash_bwd_dkdv_64##SUFFIX(BWD_ARGS(T), float* dk, float* dv) {                                           \
+        bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, dk, dv, SHAPE);                                              \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+        flash_bwd_dkdv_128##SUFFIX(BWD_ARGS(T), float* dk, float* dv) {                                          \
+        bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, dk, dv, SHAPE);                                             \
+    }
 
-extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_64(BWD_ARGS, float* dq) {
-    bwd_dq<64, 64>(q, k, v, dout, lse, delta, dq, SHAPE);
-}
-extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_128(BWD_ARGS, float* dq) {
-    bwd_dq<128, 32>(q, k, v, dout, lse, delta, dq, SHAPE);
-}
-extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dkdv_64(BWD_ARGS, float* dk, float* dv) {
-    bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, dk, dv, SHAPE);
-}
-extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dkdv_128(BWD_ARGS, float* dk, float* dv) {
-    bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, dk, dv, SHAPE);
-}
+ENTRIES(, float)
+ENTRIES(_bf16, bf16)

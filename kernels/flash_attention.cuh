@@ -113,11 +113,32 @@ __device__ __forceinline__ float quad_max(float x) {
     return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
 }
 
-// Copies a ROWS x D f32 tile from global memory into a bf16 Tile through registers:
-// `load` issues the global reads (16-byte, coalesced along rows) and `store` converts and
-// writes them, so a kernel can overlap the next tile's reads with work on the current one.
-// `row(r)` is the address of row r, or null for a row outside the matrix; columns from
-// `cols` on (a head dim padded up to D) read as zero, as do null rows.
+// Elements p[0], p[1] as f32 (8-byte aligned f32, 4-byte aligned bf16: widened exactly).
+__device__ __forceinline__ float2 load2(const float* p) { return __ldg(reinterpret_cast<const float2*>(p)); }
+__device__ __forceinline__ float2 load2(const bf16* p) {
+    const uint32_t u = __ldg(reinterpret_cast<const unsigned int*>(p));
+    return make_float2(__uint_as_float(u << 16), __uint_as_float(u & 0xffff0000u));
+}
+
+// Elements p[0..8) as f32 in two float4s (16-byte aligned; bf16 widened exactly).
+__device__ __forceinline__ void load8(const float* p, float4& a, float4& b) {
+    a = __ldg(reinterpret_cast<const float4*>(p));
+    b = __ldg(reinterpret_cast<const float4*>(p + 4));
+}
+__device__ __forceinline__ void load8(const bf16* p, float4& a, float4& b) {
+    const uint4 u = __ldg(reinterpret_cast<const uint4*>(p));
+    auto lo = [](uint32_t w) { return __uint_as_float(w << 16); };
+    auto hi = [](uint32_t w) { return __uint_as_float(w & 0xffff0000u); };
+    a = make_float4(lo(u.x), hi(u.x), lo(u.y), hi(u.y));
+    b = make_float4(lo(u.z), hi(u.z), lo(u.w), hi(u.w));
+}
+
+// Copies a ROWS x D tile of f32 or bf16 values from global memory into a bf16 Tile through
+// registers: `load` issues the global reads (16-byte, coalesced along rows) and `store`
+// converts and writes them, so a kernel can overlap the next tile's reads with work on the
+// current one. A bf16 source is widened into the f32 registers and packed back exactly
+// (half the bytes read). `row(r)` is the address of row r, or null for a row outside the
+// matrix; columns from `cols` on (a head dim padded up to D) read as zero, as do null rows.
 template <int ROWS, int D, int THREADS>
 struct Stager {
     static constexpr int PER_ROW = D / 8;
@@ -130,10 +151,9 @@ struct Stager {
 #pragma unroll
         for (int c = 0; c < N; ++c) {
             const int i = threadIdx.x + c * THREADS, col = (i % PER_ROW) * 8;
-            const float* p = row(i / PER_ROW);
+            const auto* p = row(i / PER_ROW);
             if (p != nullptr && col < cols) {
-                x[2 * c] = __ldg(reinterpret_cast<const float4*>(p + col));
-                x[2 * c + 1] = __ldg(reinterpret_cast<const float4*>(p + col + 4));
+                load8(p + col, x[2 * c], x[2 * c + 1]);
             } else {
                 x[2 * c] = x[2 * c + 1] = make_float4(0.f, 0.f, 0.f, 0.f);
             }

@@ -11,7 +11,8 @@
 // problem's output (blockIdx.x runs over the problems' column tiles in order, blockIdx.y
 // over row tiles), so a projection group is one launch whatever its widths (GQA: k/v
 // narrower than q), and each output element is written once by one thread: no atomics,
-// deterministic. The LoRA uses of it (the model's projections, four launches per group):
+// deterministic. An output is f32, or bf16 (the f32 sum rounded once: the q/k/v and
+// gate/up outputs with bf16 base weights, which only kernels read). The LoRA uses of it (the model's projections, four launches per group):
 //   forward   u_p = x A_p^T                          problems u_p, one segment each
 //             y_p = [x | s u_p] [W_p | B_p]^T       problems y_p, the low-rank part a
 //                                                   second K segment of r columns
@@ -65,8 +66,8 @@ struct Seg {
     int pieces_x, pieces_w, x_bf16;
 };
 struct Prob {
-    float* out;
-    int n, accumulate, tile_start, seg_begin, seg_end, pad_;
+    void* out;
+    int n, accumulate, tile_start, seg_begin, seg_end, out_bf16;
 };
 
 // 4 consecutive elements of row r, columns c..c+3, of a (rows, cols) row-major matrix
@@ -253,8 +254,15 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
                 const int row = m0 + wm * WTM + i * 16 + (lane >> 2) + 8 * (e >> 1);
                 const int col = n0 + wn * WTN + j * 8 + 2 * (lane & 3) + (e & 1);
                 if (row < m && col < n) {
-                    float* o = pr.out + (size_t)row * n + col;
-                    *o = pr.accumulate ? *o + acc[i][j][e] : acc[i][j][e];
+                    const size_t at = (size_t)row * n + col;
+                    if (pr.out_bf16) {
+                        // The f32 result rounded once (to nearest even).
+                        bf16* o = static_cast<bf16*>(pr.out) + at;
+                        *o = __float2bfloat16(pr.accumulate ? __bfloat162float(*o) + acc[i][j][e] : acc[i][j][e]);
+                    } else {
+                        float* o = static_cast<float*>(pr.out) + at;
+                        *o = pr.accumulate ? *o + acc[i][j][e] : acc[i][j][e];
+                    }
                 }
             }
 }

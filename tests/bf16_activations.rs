@@ -1,7 +1,9 @@
 //! With bf16 base weights the CUDA backend stores the activations the matmuls read as
-//! bf16 (`Act::Bf16`): the normed hidden states and the SwiGLU output. Every op that reads
-//! such an activation, against its CPU twin fed the very same (bf16-representable) values,
-//! on the simulator: the products through bf16 base weights, and those on tf32 tensor cores
+//! bf16 (`Act::Bf16`): the normed hidden states and the SwiGLU output, and the outputs of
+//! the projections that only kernels read (q/k/v: RoPE and attention; gate/up: SwiGLU).
+//! Every op that reads such an activation, against its CPU twin fed the very same
+//! (bf16-representable) values, on the simulator (and the kernels that read the
+//! projections' outputs against their f32-input twins on the same values, bit for bit): the products through bf16 base weights, and those on tf32 tensor cores
 //! (the Gram and per-sample-square kernels of the bf16 engine, which round an f32 operand
 //! to 10 bits), to the bf16 bound; the f32 ones (LoRA) to the f32 bound, since a bf16
 //! input is exact in f32 (and in tf32) and only the other operand's rounding differs.
@@ -15,8 +17,10 @@ use half::bf16;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::runtime::DType;
 use lalora_engine::backend::cuda::{Act, BaseDtype, CudaBackend};
-use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
-use lalora_engine::backend::{Backend, CeTargets, LoraDims, Segment};
+use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use lalora_engine::backend::{
+    AttnSaved, AttnShape, Backend, CeTargets, LoraDims, RopeTable, Segment,
+};
 use lalora_engine::model::CachedSeq;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -24,6 +28,24 @@ use rand_chacha::ChaCha8Rng;
 const F32: f64 = 1e-4;
 /// Products through bf16 base weights (8-bit mantissas, f32 accumulation).
 const BF16: f64 = 1e-2;
+/// An f32 result stored as bf16: one rounding to nearest, at most 2^-8 / (1 + 2^-8) =
+/// 0.00389 relative per element (bf16 keeps 8 significant bits); the bound 2^-8 leaves
+/// 1.5e-5 for the f32 arithmetic before the rounding (another order, fused multiply-adds).
+const BF16_STORE: f64 = 1.0 / 256.0;
+
+/// Bit for bit.
+fn same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: {a} vs {b}");
+    }
+}
+
+/// `want` rounded to bf16 (to nearest even), bit for bit.
+fn same_rounded(what: &str, got: &[f32], want: &[f32]) {
+    let rounded: Vec<f32> = want.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    same_bits(what, got, &rounded);
+}
 
 /// A bf16 activation `(rows, dim)` as the model makes one (the output of RMSNorm) and the
 /// values it holds, for the CPU twin.
@@ -145,32 +167,52 @@ fn projection_groups_read_bf16_activations() {
         .unzip();
     let (a, b) = (rnd(&mut rng, r * d_in), rnd(&mut rng, outs[0] * r));
     let (ag, bg) = (g.buf(a.clone()).unwrap(), g.buf(b.clone()).unwrap());
-    let fwd_g = [
-        ProjFwd::<CudaBackend> {
-            w: &wgs[0],
-            d_out: outs[0],
-            lora: Some((&ag, &bg)),
-        },
-        ProjFwd {
-            w: &wgs[1],
-            d_out: outs[1],
-            lora: None,
-        },
-    ];
+    // The first feeds kernels (as q/k/v and gate/up do): stored bf16; the second is added
+    // to the residual stream (as o and down are): f32.
+    let feeds = [Feeds::Kernels, Feeds::Residual];
+    let fwd_g = |feeds: [Feeds; 2]| {
+        [
+            ProjFwd::<CudaBackend> {
+                w: &wgs[0],
+                d_out: outs[0],
+                lora: Some((&ag, &bg)),
+                feeds: feeds[0],
+            },
+            ProjFwd {
+                w: &wgs[1],
+                d_out: outs[1],
+                lora: None,
+                feeds: feeds[1],
+            },
+        ]
+    };
     let fwd_c = [
         ProjFwd::<CpuBackend> {
             w: &wcs[0],
             d_out: outs[0],
             lora: Some((&a, &b)),
+            feeds: feeds[0],
         },
         ProjFwd {
             w: &wcs[1],
             d_out: outs[1],
             lora: None,
+            feeds: feeds[1],
         },
     ];
-    let yg = g.project_group(&xg, m, d_in, l, &fwd_g).unwrap();
+    let yg = g.project_group(&xg, m, d_in, l, &fwd_g(feeds)).unwrap();
     let yc = c.project_group(&x, m, d_in, l, &fwd_c).unwrap();
+    assert_eq!(yg[0].0.dtype(), DType::Bf16, "a kernel-fed output is bf16");
+    assert_eq!(yg[1].0.dtype(), DType::F32, "a residual output stays f32");
+    // The bf16 output is the f32 one (same launch, same sums) rounded once.
+    let y_f32 = g
+        .project_group(&xg, m, d_in, l, &fwd_g([Feeds::Residual; 2]))
+        .unwrap();
+    same_rounded(
+        "group y0 stored bf16",
+        &g.to_host(&yg[0].0).unwrap(),
+        &g.to_host(&y_f32[0].0).unwrap(),
+    );
     for (i, ((y, u), (yw, uw))) in yg.iter().zip(&yc).enumerate() {
         close(&format!("group y{i}"), &g.to_host(y).unwrap(), yw, BF16);
         assert_eq!(u.is_some(), uw.is_some(), "u{i} present");
@@ -296,6 +338,26 @@ fn classifier_and_curvature_read_bf16_activations() {
         .unwrap();
     // bf16 values are exact in tf32: f32 products, f32 sums.
     close("gram (symmetric)", &g.to_host(&fg).unwrap(), &fc, F32);
+    // The reductions' input, widened once (what the model hands a group's reductions):
+    // f32, the same values, the same factor bit for bit; an f32 input needs no copy.
+    let hw = g
+        .reduction_input(&hg)
+        .unwrap()
+        .expect("a bf16 input is widened");
+    assert_eq!(hw.dtype(), DType::F32, "widened to f32");
+    same_bits("reduction input", &g.to_host(&hw).unwrap(), &h);
+    let mut fw = g.buf(vec![0.0; dim * dim]).unwrap();
+    g.gram_accumulate(&hw, dim, &hw, dim, &segs, 0.5, &mut fw)
+        .unwrap();
+    same_bits(
+        "gram of the widened input",
+        &g.to_host(&fw).unwrap(),
+        &g.to_host(&fg).unwrap(),
+    );
+    assert!(
+        g.reduction_input(&hw).unwrap().is_none(),
+        "f32 is read as is"
+    );
     let sg = g.segment_sum(&hg, dim, &segs, true).unwrap();
     let sc = c.segment_sum(&h, dim, &segs, true).unwrap();
     close("segment mean", &g.to_host(&sg).unwrap(), &sc, F32);
@@ -319,6 +381,170 @@ fn classifier_and_curvature_read_bf16_activations() {
     close("per-sample squares", &g.to_host(&qg).unwrap(), &qc, BF16);
 }
 
+/// RoPE in place on bf16 q/k rows: the rotation of the f32 entry on the same values,
+/// rounded once (bit for bit), and the CPU's to one rounding. Head dims 16 (packs of eight
+/// per half head) and 12 (single elements); 37 rows over a period of 5.
+#[test]
+fn rope_rotates_bf16_rows() {
+    let g = sim(BaseDtype::Bf16);
+    let c = CpuBackend::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(25);
+    let (rows, heads, period) = (37, 3, 5);
+    for hd in [16, 12] {
+        let half = hd / 2;
+        let (cos, sin) = (rnd(&mut rng, period * half), rnd(&mut rng, period * half));
+        let tg = RopeTable::<CudaBackend> {
+            cos: g.buf(cos.clone()).unwrap(),
+            sin: g.buf(sin.clone()).unwrap(),
+            period,
+        };
+        let tc = RopeTable::<CpuBackend> { cos, sin, period };
+        let (mut xg, x) = bf16_act(&g, &mut rng, rows, heads * hd);
+        let mut xf = g.buf(x.clone()).unwrap();
+        let mut xc = x;
+        for inverse in [false, true] {
+            g.rope(&mut xg, &tg, rows, heads, hd, inverse).unwrap();
+            g.rope(&mut xf, &tg, rows, heads, hd, inverse).unwrap();
+            c.rope(&mut xc, &tc, rows, heads, hd, inverse).unwrap();
+            assert_eq!(xg.dtype(), DType::Bf16, "rotated in place, still bf16");
+            let got = g.to_host(&xg).unwrap();
+            let what = format!("rope hd {hd}, inverse {inverse}");
+            same_rounded(&what, &got, &g.to_host(&xf).unwrap());
+            close(&what, &got, &xc, BF16_STORE);
+            // The next rotation starts from the same (rounded) values on every side.
+            xf = g.buf(got.clone()).unwrap();
+            xc = got;
+        }
+    }
+}
+
+/// Attention on bf16 q/k/v: flash attention stages bf16 tiles either way, so its bf16
+/// entries give bit for bit what its f32 ones give on the same values (out, log-sum-exps,
+/// dq, dk, dv), and the CPU's results to the bf16 bound; at a head dim flash does not run
+/// (24) the materialised path reads exact widened copies, bit for bit too. GQA, causal
+/// offsets, KV strides past tk, rows off the 128-row tiles, a head dim (48) run padded.
+#[test]
+fn attention_reads_bf16_projections() {
+    let g = sim(BaseDtype::Bf16);
+    let c = CpuBackend::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(26);
+    // (batch, tq, tk, tk_stride, heads, kv heads, head dim, q_offset)
+    for (batch, tq, tk, tk_stride, n_heads, n_kv_heads, head_dim, q_offset) in [
+        (2, 19, 19, 19, 4, 2, 64, 0),
+        (1, 3, 21, 24, 4, 1, 128, 18),
+        (1, 9, 9, 9, 3, 1, 48, 0),
+        (2, 5, 11, 16, 6, 2, 24, 6),
+    ] {
+        let s = AttnShape {
+            batch,
+            tq,
+            tk,
+            tk_stride,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            q_offset,
+        };
+        let what = |x: &str| format!("{x} {s:?}");
+        let (qg, q) = bf16_act(&g, &mut rng, batch * tq, n_heads * head_dim);
+        let (kg, k) = bf16_act(&g, &mut rng, batch * tk_stride, n_kv_heads * head_dim);
+        let (vg, v) = bf16_act(&g, &mut rng, batch * tk_stride, n_kv_heads * head_dim);
+        let (qf, kf, vf) = (
+            g.buf(q.clone()).unwrap(),
+            g.buf(k.clone()).unwrap(),
+            g.buf(v.clone()).unwrap(),
+        );
+        let (og, sg) = g.attention(&qg, &kg, &vg, &s).unwrap();
+        let (of, sf) = g.attention(&qf, &kf, &vf, &s).unwrap();
+        let (oc, sc) = c.attention(&q, &k, &v, &s).unwrap();
+        let saved = |a: &AttnSaved<_>| match a {
+            AttnSaved::Lse(x) | AttnSaved::Probs(x) => g.to_host(x).unwrap(),
+        };
+        let flash = matches!(sg, AttnSaved::Lse(_));
+        assert_eq!(flash, head_dim != 24, "{}", what("path"));
+        let got_o = g.to_host(&og).unwrap();
+        same_bits(&what("out"), &got_o, &g.to_host(&of).unwrap());
+        same_bits(&what("saved"), &saved(&sg), &saved(&sf));
+        let bound = if flash { BF16 } else { F32 };
+        close(&what("out vs cpu"), &got_o, &oc, bound);
+
+        let dout = rnd(&mut rng, oc.len());
+        let dg = g.buf(dout.clone()).unwrap();
+        let grads = |q, k, v, o, saved| -> Vec<Vec<f32>> {
+            let (dq, dk, dv) = g.attention_backward(&dg, q, k, v, o, saved, &s).unwrap();
+            [dq, dk, dv].iter().map(|x| g.to_host(x).unwrap()).collect()
+        };
+        let got = grads(&qg, &kg, &vg, &og, &sg);
+        let f32_entries = grads(&qf, &kf, &vf, &of, &sf);
+        let (dqc, dkc, dvc) = c
+            .attention_backward(&dout, &q, &k, &v, &oc, &sc, &s)
+            .unwrap();
+        for (i, (name, want)) in [("dq", dqc), ("dk", dkc), ("dv", dvc)].iter().enumerate() {
+            same_bits(&what(name), &got[i], &f32_entries[i]);
+            close(&what(&format!("{name} vs cpu")), &got[i], want, bound);
+        }
+    }
+}
+
+/// SwiGLU on bf16 gate and up: the f32-input entries' results on the same values, bit for
+/// bit (forward stored bf16, backward f32), and the CPU's to one rounding (forward) and
+/// f32 (backward). 37 x 44: a tail after the last pack of eight.
+#[test]
+fn swiglu_reads_bf16_gate_and_up() {
+    let g = sim(BaseDtype::Bf16);
+    let c = CpuBackend::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(27);
+    let (rows, dim) = (37, 44);
+    let (gg, gate) = bf16_act(&g, &mut rng, rows, dim);
+    let (ug, up) = bf16_act(&g, &mut rng, rows, dim);
+    let (gf, uf) = (g.buf(gate.clone()).unwrap(), g.buf(up.clone()).unwrap());
+    let a = g.swiglu(&gg, &ug).unwrap();
+    assert_eq!(
+        a.dtype(),
+        DType::Bf16,
+        "the down projection's input is bf16"
+    );
+    let got = g.to_host(&a).unwrap();
+    same_bits(
+        "swiglu",
+        &got,
+        &g.to_host(&g.swiglu(&gf, &uf).unwrap()).unwrap(),
+    );
+    close(
+        "swiglu vs cpu",
+        &got,
+        &c.swiglu(&gate, &up).unwrap(),
+        BF16_STORE,
+    );
+
+    let dact = rnd(&mut rng, rows * dim);
+    let da = g.buf(dact.clone()).unwrap();
+    let (dgg, dug) = g.swiglu_backward(&da, &gg, &ug).unwrap();
+    let (dgf, duf) = g.swiglu_backward(&da, &gf, &uf).unwrap();
+    let (dgc, duc) = c.swiglu_backward(&dact, &gate, &up).unwrap();
+    for (name, got, f32_entry, want) in [("dgate", dgg, dgf, dgc), ("dup", dug, duf, duc)] {
+        assert_eq!(got.dtype(), DType::F32, "{name}: gradients stay f32");
+        let got = g.to_host(&got).unwrap();
+        same_bits(name, &got, &g.to_host(&f32_entry).unwrap());
+        close(&format!("{name} vs cpu"), &got, &want, F32);
+    }
+}
+
+/// An op that takes f32 only, handed a bf16 activation, refuses it and names itself (the
+/// line of the op that asked for f32).
+#[test]
+fn f32_only_ops_name_themselves_when_handed_bf16() {
+    let g = sim(BaseDtype::Bf16);
+    let mut rng = ChaCha8Rng::seed_from_u64(28);
+    let (x, _) = bf16_act(&g, &mut rng, 3, 8);
+    let mut y = g.zeros(24).unwrap();
+    let e = g.add_assign(&mut y, &x).unwrap_err().to_string();
+    assert!(
+        e.contains("bf16 activation") && e.contains("cuda/ops.rs:"),
+        "{e}"
+    );
+}
+
 /// With f32 base weights nothing is bf16: the f32 path is the one that reproduces the f32
 /// references.
 #[test]
@@ -330,7 +556,21 @@ fn f32_base_weights_keep_activations_f32() {
     let w = g.buf(rnd(&mut rng, dim)).unwrap();
     let (y, rstd) = g.rmsnorm(&x, &w, rows, dim, 1e-5).unwrap();
     let act = g.swiglu(&x, &x).unwrap();
-    for (what, b) in [("y", &y), ("rstd", &rstd), ("swiglu", &act)] {
+    let wt = g.weight(rnd(&mut rng, dim * dim), dim, dim).unwrap();
+    let proj = ProjFwd {
+        w: &wt,
+        d_out: dim,
+        lora: None,
+        feeds: Feeds::Kernels,
+    };
+    let l = LoraGroup { r: 0, scale: 0.0 };
+    let [(q, _)]: [_; 1] = g
+        .project_group(&y, rows, dim, l, &[proj])
+        .unwrap()
+        .try_into()
+        .ok()
+        .unwrap();
+    for (what, b) in [("y", &y), ("rstd", &rstd), ("swiglu", &act), ("q", &q)] {
         assert_eq!(b.dtype(), DType::F32, "{what}");
     }
 }

@@ -17,7 +17,7 @@ use common::*;
 use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
-use lalora_engine::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -101,6 +101,7 @@ fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Vec<(String, Ve
             w: &ws[i],
             d_out,
             lora: adapted.then(|| (&a[i], &b[i])),
+            feeds: Feeds::Residual,
         })
         .collect();
     let ys = be.project_group(&x, c.m, c.d_in, lg, &fwd).unwrap();

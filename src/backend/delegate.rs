@@ -185,6 +185,7 @@ macro_rules! delegate_backend {
                     w: p.w,
                     d_out: p.d_out,
                     lora: p.lora,
+                    feeds: p.feeds,
                 })
                 .collect();
             self.inner.project_group(x, m, d_in, lora, &projs)
@@ -317,6 +318,12 @@ macro_rules! delegate_backend {
             $(let _watch = self.$watch("classifier");)?
             self.inner
                 .classifier(hidden, head, rows, dim, vocab, targets, grad_scale)
+        }
+    };
+    (@one $inner:ty; [$($watch:ident)?]; reduction_input) => {
+        fn reduction_input(&self, x: &Self::Buf) -> $crate::Result<Option<Self::Buf>> {
+            $(let _watch = self.$watch("reduction_input");)?
+            self.inner.reduction_input(x)
         }
     };
     (@one $inner:ty; [$($watch:ident)?]; gram_accumulate) => {

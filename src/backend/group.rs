@@ -21,6 +21,18 @@ pub struct LoraGroup {
 /// is adapted, `u = x A^T (m, r)` (kept for the backward).
 pub type Projected<Buf> = (Buf, Option<Buf>);
 
+/// What reads a projection's output `y`, which decides how a backend may store it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Feeds {
+    /// Kernels only (q/k/v: RoPE and attention; gate/up: SwiGLU): a backend may keep `y`
+    /// at the storage precision of the activations around the matmuls (CUDA with bf16
+    /// base weights: bf16, as those kernels' consumers round it anyway).
+    Kernels,
+    /// The residual stream (o, down): `y` is added to it, so it stays f32 and the stream
+    /// does not gather a rounding per layer.
+    Residual,
+}
+
 /// One projection of a forward group: `y = x W^T (+ s (x A^T) B^T)`.
 pub struct ProjFwd<'a, B: Backend + ?Sized> {
     /// `W (d_out, d_in)`.
@@ -28,6 +40,8 @@ pub struct ProjFwd<'a, B: Backend + ?Sized> {
     pub d_out: usize,
     /// `(A (r, d_in), B (d_out, r))` when the projection is adapted.
     pub lora: Option<(&'a B::Buf, &'a B::Buf)>,
+    /// What reads `y` (the CPU stores everything in f32 and ignores it).
+    pub feeds: Feeds,
 }
 
 /// An adapted projection's part of a backward group.

@@ -4,7 +4,8 @@
 //!
 //! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
 //! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
-//! input activations in bf16, `cuda::Act`); a frozen base weight `W` is `(d_out, d_in)`
+//! input activations, and the projection outputs only kernels read, in bf16, `cuda::Act`,
+//! `group::Feeds`); a frozen base weight `W` is `(d_out, d_in)`
 //! and a linear layer computes `y = x W^T`.
 
 pub mod cpu;
@@ -373,6 +374,14 @@ pub trait Backend: Send + Sync {
     ) -> Result<ClassifierOut<Self::Buf>>;
 
     // --- curvature ----------------------------------------------------------------------
+    /// `x` as the reductions below (and the LoRA weight gradients) read it, for an input
+    /// several of them read in turn: a copy to pass them instead of `x`, with the same
+    /// values, or `None` to pass `x` itself (the default, the CPU). CUDA widens a bf16
+    /// activation to f32 here once, which each of its reductions would otherwise do.
+    fn reduction_input(&self, x: &Self::Buf) -> Result<Option<Self::Buf>> {
+        let _ = x;
+        Ok(None)
+    }
     /// `out (dx, dy) += alpha * sum_{segments} X_seg^T Y_seg` (KFAC factors, cross factors).
     /// When `x` and `y` are the same buffer (a symmetric factor) only the upper triangle is
     /// accumulated and then mirrored, so `out` must start symmetric (as factors do).

@@ -1,6 +1,7 @@
 //! The seven linear projections of a Llama block, the modules LoRA can target.
 
 use super::config::LlamaConfig;
+use crate::backend::group::Feeds;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum Proj {
@@ -65,6 +66,15 @@ impl Proj {
 
     pub fn index(self) -> usize {
         self as usize
+    }
+
+    /// What reads the projection's output: o and down are added to the residual stream,
+    /// the others feed RoPE and attention or SwiGLU.
+    pub fn feeds(self) -> Feeds {
+        match self {
+            Proj::O | Proj::Down => Feeds::Residual,
+            _ => Feeds::Kernels,
+        }
     }
 
     /// `(d_in, d_out)` of the weight `W (d_out x d_in)`.

@@ -7,8 +7,10 @@ use crate::error::{Error, Result};
 
 /// The `Backend::Buf` of CUDA: f32 values, stored as f32 or rounded to bf16. With bf16
 /// base weights the activations the matmuls read are stored as bf16 (half the bytes
-/// moved, and no conversion before a bf16 GEMM, which reads them as they are); everything
-/// else, and everything with f32 base weights, is f32. What reads a bf16 activation reads
+/// moved, and no conversion before a bf16 GEMM, which reads them as they are), and so are
+/// the q/k/v and gate/up projections' outputs (which RoPE, flash attention and SwiGLU read
+/// as stored; flash attention rounds its tiles to bf16 anyway); everything else, and
+/// everything with f32 base weights, is f32. What reads a bf16 activation reads
 /// the rounded values, as the base GEMM does: the LoRA product u = x A^T, the gradient dA
 /// and the curvature's input factors too. Kernels that take one storage type
 /// reach it through `f32()` (an error, not a misread, if handed the other).
@@ -46,23 +48,33 @@ impl Act {
             Act::Bf16(_) => 2,
         }
     }
-    /// The f32 buffer, for a kernel that reads or writes f32 only.
+    /// The f32 buffer, for a kernel that reads or writes f32 only; the error names the
+    /// op by the line that asked (`track_caller`), so that a bf16 activation reaching an
+    /// f32-only kernel says which.
+    #[track_caller]
     pub fn f32(&self) -> Result<&DevBuf<f32>> {
         match self {
             Act::F32(b) => Ok(b),
-            Act::Bf16(_) => Err(Error::Device(
-                "an f32 operand was expected, a bf16 activation was given".into(),
-            )),
+            Act::Bf16(_) => Err(not_f32()),
         }
     }
+    #[track_caller]
     pub fn f32_mut(&mut self) -> Result<&mut DevBuf<f32>> {
         match self {
             Act::F32(b) => Ok(b),
-            Act::Bf16(_) => Err(Error::Device(
-                "an f32 operand was expected, a bf16 activation was given".into(),
-            )),
+            Act::Bf16(_) => Err(not_f32()),
         }
     }
+}
+
+#[track_caller]
+fn not_f32() -> Error {
+    let at = std::panic::Location::caller();
+    Error::Device(format!(
+        "an f32 operand was expected, a bf16 activation was given (the op at {}:{})",
+        at.file(),
+        at.line()
+    ))
 }
 
 impl From<DevBuf<f32>> for Act {

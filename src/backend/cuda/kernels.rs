@@ -111,6 +111,12 @@ pub const MODULES: &[KernelModule] = &[
             "flash_bwd_dq_128",
             "flash_bwd_dkdv_64",
             "flash_bwd_dkdv_128",
+            "flash_fwd_64_bf16",
+            "flash_fwd_128_bf16",
+            "flash_bwd_dq_64_bf16",
+            "flash_bwd_dq_128_bf16",
+            "flash_bwd_dkdv_64_bf16",
+            "flash_bwd_dkdv_128_bf16",
         ],
     },
     KernelModule {
@@ -148,7 +154,7 @@ pub const MODULES: &[KernelModule] = &[
     KernelModule {
         name: "rope",
         ptx: ptx!("rope"),
-        functions: &["rope"],
+        functions: &["rope", "rope_bf16"],
     },
     KernelModule {
         name: "swiglu",
@@ -156,7 +162,9 @@ pub const MODULES: &[KernelModule] = &[
         functions: &[
             "swiglu_forward_f32",
             "swiglu_forward_bf16",
+            "swiglu_forward_bf16_in",
             "swiglu_backward",
+            "swiglu_backward_bf16_in",
         ],
     },
 ];
@@ -285,9 +293,12 @@ mod tests {
             ("blas1", "sq_accumulate", both),
             ("swiglu", "swiglu_forward_f32", both),
             ("swiglu", "swiglu_forward_bf16", both),
+            ("swiglu", "swiglu_forward_bf16_in", both),
             ("swiglu", "swiglu_backward", both),
+            ("swiglu", "swiglu_backward_bf16_in", both),
             ("optim", "adamw_step", both),
             ("rope", "rope", both),
+            ("rope", "rope_bf16", both),
             ("embedding", "embedding_gather", both),
             ("embedding", "embedding_gather_f32", both),
             ("embedding", "f32_to_bf16", both),

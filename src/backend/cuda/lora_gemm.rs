@@ -1,7 +1,8 @@
 //! LoRA inside the GEMMs: `Backend::project_group` and its backward on CUDA, as launches of
 //! the grouped, K-segmented tensor-core GEMM of `kernels/lora_gemm.cu` (its header gives
 //! the tiling, the precision and how each product maps onto it). Per group, forward: one
-//! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`;
+//! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`
+//! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`);
 //! backward: one for every `gA_p = s g_p B_p`, one for
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
@@ -13,7 +14,7 @@ use bytemuck::{Pod, Zeroable};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{Act, BaseDtype, CudaBackend, Weight};
 use crate::backend::Segment;
-use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::group::{Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::error::{Error, Result};
 
 /// Output tile and threads per block (BM, BN, THREADS of lora_gemm.cu).
@@ -61,7 +62,7 @@ struct Prob {
     tile_start: i32,
     seg_begin: i32,
     seg_end: i32,
-    pad: i32,
+    out_bf16: i32,
 }
 
 /// How the kernel reads a segment's weight: `W (n, k)` (`y = x W^T`) or `W (k, n)` (`dx = g W`).
@@ -77,6 +78,8 @@ struct Problem {
     n: usize,
     accumulate: bool,
     segs: Vec<Seg>,
+    /// The output is stored bf16 (else f32).
+    out_bf16: bool,
 }
 
 fn dim(v: usize, what: &str) -> Result<i32> {
@@ -162,7 +165,7 @@ impl CudaBackend {
                 tile_start: dim(tiles, "column tiles")?,
                 seg_begin: dim(segs.len(), "segments")?,
                 seg_end: dim(segs.len() + p.segs.len(), "segments")?,
-                pad: 0,
+                out_bf16: p.out_bf16 as i32,
             });
             segs.extend_from_slice(&p.segs);
             tiles += p.n.div_ceil(BN);
@@ -230,6 +233,7 @@ impl CudaBackend {
                         n: l.r,
                         accumulate: false,
                         segs: vec![seg],
+                        out_bf16: false,
                     });
                     Some(Act::from(u))
                 }
@@ -240,18 +244,23 @@ impl CudaBackend {
         let mut ys = Vec::with_capacity(projs.len());
         let mut problems = Vec::with_capacity(projs.len());
         for (p, u) in projs.iter().zip(&us) {
-            let y = self.uninit::<f32>(m * p.d_out)?;
+            let ty = match p.feeds {
+                Feeds::Kernels => self.act_dtype(),
+                Feeds::Residual => DType::F32,
+            };
+            let y = self.uninit_act(m * p.d_out, ty)?;
             let mut segs = vec![self.base_seg(xs, d_in, d_in, p.w, d_in)?];
             if let (Some((_, b)), Some(u)) = (p.lora, u) {
                 segs.push(self.lora_seg(u.addr(), l.r, l.r, b.f32()?.ptr(), l.r, l.scale)?);
             }
             problems.push(Problem {
-                out: y.ptr(),
+                out: y.addr(),
                 n: p.d_out,
                 accumulate: false,
                 segs,
+                out_bf16: ty == DType::Bf16,
             });
-            ys.push(Act::from(y));
+            ys.push(y);
         }
         self.lora_gemm(Layout::NMajor, m, &problems)?;
         Ok(ys.into_iter().zip(us).collect())
@@ -286,6 +295,7 @@ impl CudaBackend {
                         out: ga.ptr(),
                         n: l.r,
                         accumulate: false,
+                        out_bf16: false,
                         segs: vec![self.lora_seg(
                             p.g.f32()?.ptr(),
                             p.d_out,
@@ -316,6 +326,7 @@ impl CudaBackend {
             n: d_in,
             accumulate,
             segs,
+            out_bf16: false,
         };
         self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
         // The weight gradients: reductions over all m rows, on the Gram kernels (which read

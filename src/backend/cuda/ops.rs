@@ -5,7 +5,7 @@ use half::bf16;
 
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight};
+use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight, Wide};
 use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -387,8 +387,9 @@ impl Backend for CudaBackend {
         inverse: bool,
     ) -> Result<()> {
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
+        // In place on x as stored: q and k with bf16 base weights are bf16.
         let args = [
-            Arg::U64(x.f32_mut()?.ptr()),
+            Arg::U64(x.addr()),
             Arg::U64(t.cos.f32()?.ptr()),
             Arg::U64(t.sin.f32()?.ptr()),
             Arg::I32(rows as i32),
@@ -397,10 +398,15 @@ impl Backend for CudaBackend {
             Arg::I32(t.period as i32),
             Arg::F32(sign),
         ];
-        // Four rotations per thread when half a head is whole float4s (rope.cu).
+        // A 128-bit pack of rotations per thread (four f32, eight bf16) when half a head
+        // is whole packs (rope.cu).
+        let (kernel, pack) = match x.dtype() {
+            DType::F32 => ("rope", 4),
+            DType::Bf16 => ("rope_bf16", 8),
+        };
         let half = head_dim / 2;
-        let width = if half.is_multiple_of(4) { 4 } else { 1 };
-        self.launch("rope", Self::packed(rows * n_heads * half, width), &args)
+        let width = if half.is_multiple_of(pack) { pack } else { 1 };
+        self.launch(kernel, Self::packed(rows * n_heads * half, width), &args)
     }
 
     fn attention(
@@ -430,14 +436,21 @@ impl Backend for CudaBackend {
         let n = gate.len();
         let out = self.uninit_act(n, self.act_dtype())?;
         let args = [
-            Arg::U64(gate.f32()?.ptr()),
-            Arg::U64(up.f32()?.ptr()),
+            Arg::U64(swiglu_operand(gate, up)?),
+            Arg::U64(up.addr()),
             Arg::U64(out.addr()),
             Arg::U64(n as u64),
         ];
-        let (kernel, width) = match out.dtype() {
-            DType::F32 => ("swiglu_forward_f32", 4),
-            DType::Bf16 => ("swiglu_forward_bf16", 8),
+        // gate and up are bf16 only with bf16 base weights, which store the output bf16.
+        let (kernel, width) = match (gate.dtype(), out.dtype()) {
+            (DType::F32, DType::F32) => ("swiglu_forward_f32", 4),
+            (DType::F32, DType::Bf16) => ("swiglu_forward_bf16", 8),
+            (DType::Bf16, DType::Bf16) => ("swiglu_forward_bf16_in", 8),
+            (DType::Bf16, DType::F32) => {
+                return Err(Error::Device(
+                    "swiglu: bf16 gate and up with f32 activations".into(),
+                ));
+            }
         };
         self.launch(kernel, Self::packed(n, width), &args)?;
         Ok(out)
@@ -453,13 +466,17 @@ impl Backend for CudaBackend {
         let (dg, du) = (self.uninit::<f32>(n)?, self.uninit::<f32>(n)?);
         let args = [
             Arg::U64(dact.f32()?.ptr()),
-            Arg::U64(gate.f32()?.ptr()),
-            Arg::U64(up.f32()?.ptr()),
+            Arg::U64(swiglu_operand(gate, up)?),
+            Arg::U64(up.addr()),
             Arg::U64(dg.ptr()),
             Arg::U64(du.ptr()),
             Arg::U64(n as u64),
         ];
-        self.launch("swiglu_backward", Self::packed(n, 4), &args)?;
+        let (kernel, width) = match gate.dtype() {
+            DType::F32 => ("swiglu_backward", 4),
+            DType::Bf16 => ("swiglu_backward_bf16_in", 8),
+        };
+        self.launch(kernel, Self::packed(n, width), &args)?;
         Ok((dg.into(), du.into()))
     }
 
@@ -523,6 +540,13 @@ impl Backend for CudaBackend {
         grad_scale: Option<f32>,
     ) -> Result<ClassifierOut<Self::Buf>> {
         self.classifier_impl(hidden, head, rows, dim, vocab, targets, grad_scale)
+    }
+
+    fn reduction_input(&self, x: &Self::Buf) -> Result<Option<Self::Buf>> {
+        Ok(match self.wide(x)? {
+            Wide::Copy(b) => Some(b.into()),
+            Wide::Same(_) => None,
+        })
     }
 
     fn gram_accumulate(
@@ -773,6 +797,21 @@ impl Backend for CudaBackend {
         ];
         self.launch("adamw_step", Self::packed(n, 4), &args)
     }
+}
+
+/// `gate`'s address, once `up` is checked to be stored alike and as long (the kernels take
+/// one type for both).
+fn swiglu_operand(gate: &Act, up: &Act) -> Result<u64> {
+    if gate.dtype() != up.dtype() || gate.len() != up.len() {
+        return Err(Error::Device(format!(
+            "swiglu of {} {:?} gate and {} {:?} up elements",
+            gate.len(),
+            gate.dtype(),
+            up.len(),
+            up.dtype()
+        )));
+    }
+    Ok(gate.addr())
 }
 
 fn check_rank(r: usize) -> Result<()> {

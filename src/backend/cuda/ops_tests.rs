@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::kernels;
+use crate::backend::cuda::{DevBuf, kernels};
 use crate::selftest::rel_err;
 
 /// One rounding per element apart at most (a fused multiply-add on the device where
@@ -34,6 +34,40 @@ fn at(g: &CudaBackend, host: &[f32], off: usize) -> (Act, u64) {
     let b = g.buf(v).expect("upload");
     let p = b.addr() + 4 * off as u64;
     (b, p)
+}
+
+/// `host` rounded to bf16 on the device `off` elements past an allocation's start: the
+/// buffer, the pointer to element 0 and the values it holds (widened, exact).
+fn at_bf16(g: &CudaBackend, host: &[f32], off: usize) -> (DevBuf<u16>, u64, Vec<f32>) {
+    let mut bits = vec![0u16; off];
+    bits.extend(host.iter().map(|&v| bf16::from_f32(v).to_bits()));
+    let held = bits[off..]
+        .iter()
+        .map(|&h| bf16::from_bits(h).to_f32())
+        .collect();
+    let b = g.upload(&bits).expect("upload");
+    let p = b.ptr() + 2 * off as u64;
+    (b, p, held)
+}
+
+/// `b`'s bf16 elements from `off` on, widened.
+fn back_bf16(g: &CudaBackend, b: &DevBuf<u16>, off: usize) -> Vec<f32> {
+    g.download(b).expect("download")[off..]
+        .iter()
+        .map(|&h| bf16::from_bits(h).to_f32())
+        .collect()
+}
+
+/// Bit for bit: `got` is `want` (an f32 result) rounded to nearest even.
+fn rounded(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (&h, &f)) in got.iter().zip(want).enumerate() {
+        assert_eq!(
+            h.to_bits(),
+            bf16::from_f32(f).to_f32().to_bits(),
+            "{what}: element {i} is not the f32 result rounded"
+        );
+    }
 }
 
 fn back(g: &CudaBackend, b: &Act, off: usize) -> Vec<f32> {
@@ -218,6 +252,63 @@ fn packed_kernels_take_unaligned_operands_and_tails() {
     }
 }
 
+/// SwiGLU on bf16 gate and up (the gate/up projections' outputs with bf16 base weights):
+/// the same f32 arithmetic as the f32-input entries on the values the bf16 ones hold, so
+/// the forward matches bit for bit and the backward too. Offsets 0 and 8 are aligned bf16
+/// packs of eight (then a tail of n % 8); 4 and 1 are not (single elements throughout).
+#[test]
+fn swiglu_reads_bf16_gate_and_up() {
+    if !kernels::BUILT {
+        eprintln!("skipped: built without CUDA kernels (no nvcc)");
+        return;
+    }
+    let g = CudaBackend::sim(2, BaseDtype::Bf16).expect("the simulator starts");
+    for (off, n) in [(0, 1029), (8, 1027), (4, 1024), (1, 13)] {
+        let case = format!("offset {off}, n {n}");
+        let len = Arg::U64(n as u64);
+        let (_gb, pg, gate) = at_bf16(&g, &random(n, 8), off);
+        let (_ub, pu, up) = at_bf16(&g, &random(n, 9), off);
+        let (_gf, pgf) = at(&g, &gate, off);
+        let (_uf, puf) = at(&g, &up, off);
+
+        let out = g.zeroed::<u16>(off + n).expect("alloc");
+        let po = out.ptr() + 2 * off as u64;
+        let args = [Arg::U64(pg), Arg::U64(pu), Arg::U64(po), len];
+        g.launch("swiglu_forward_bf16_in", SMALL_GRID, &args)
+            .expect("swiglu_forward_bf16_in");
+        let (o, pof) = at(&g, &vec![0.0; n], off);
+        let args = [Arg::U64(pgf), Arg::U64(puf), Arg::U64(pof), len];
+        g.launch("swiglu_forward_f32", SMALL_GRID, &args)
+            .expect("swiglu_forward_f32");
+        rounded(
+            &format!("swiglu bf16 in, {case}"),
+            &back_bf16(&g, &out, off),
+            &back(&g, &o, off),
+        );
+
+        let (_d, pd) = at(&g, &random(n, 10), off);
+        let mut grads = Vec::new();
+        for (kernel, gp, up) in [
+            ("swiglu_backward_bf16_in", pg, pu),
+            ("swiglu_backward", pgf, puf),
+        ] {
+            let (dg, pdg) = at(&g, &vec![0.0; n], off);
+            let (du, pdu) = at(&g, &vec![0.0; n], off);
+            let args = [
+                Arg::U64(pd),
+                Arg::U64(gp),
+                Arg::U64(up),
+                Arg::U64(pdg),
+                Arg::U64(pdu),
+                len,
+            ];
+            g.launch(kernel, SMALL_GRID, &args).expect(kernel);
+            grads.push((back(&g, &dg, off), back(&g, &du, off)));
+        }
+        assert_eq!(grads[0], grads[1], "swiglu backward bf16 in, {case}");
+    }
+}
+
 /// RoPE with whole float4s per half head (hd 8) and without (hd 6), on rows that
 /// start off a 16-byte boundary (offset 1) and on aligned ones.
 #[test]
@@ -259,6 +350,46 @@ fn rope_takes_unaligned_rows_and_odd_half_heads() {
             &format!("rope, offset {off}, hd {hd}"),
             &back(&g, &b, off),
             &want,
+        );
+    }
+}
+
+/// RoPE in place on bf16 rows (q and k with bf16 base weights): the f32 entry's arithmetic
+/// on the values they hold, rounded once, bit for bit. Packs of eight per half head at
+/// hd 16 (offsets 0 and 8 aligned, 4 not), single elements at hd 8 and 6.
+#[test]
+fn rope_bf16_is_the_f32_rotation_rounded() {
+    if !kernels::BUILT {
+        eprintln!("skipped: built without CUDA kernels (no nvcc)");
+        return;
+    }
+    let g = CudaBackend::sim(2, BaseDtype::Bf16).expect("the simulator starts");
+    let (rows, heads, period) = (9, 3, 4);
+    for (off, hd) in [(0, 16), (8, 16), (4, 16), (0, 8), (1, 6)] {
+        let half = hd / 2;
+        let n = rows * heads * hd;
+        let (cos, sin) = (random(period * half, 6), random(period * half, 7));
+        let (_c, pc) = at(&g, &cos, 0);
+        let (_s, ps) = at(&g, &sin, 0);
+        let (b, px, held) = at_bf16(&g, &random(n, 5), off);
+        let (f, pf) = at(&g, &held, off);
+        for (kernel, p) in [("rope_bf16", px), ("rope", pf)] {
+            let args = [
+                Arg::U64(p),
+                Arg::U64(pc),
+                Arg::U64(ps),
+                Arg::I32(rows as i32),
+                Arg::I32(heads as i32),
+                Arg::I32(hd as i32),
+                Arg::I32(period as i32),
+                Arg::F32(-1.0),
+            ];
+            g.launch(kernel, SMALL_GRID, &args).expect(kernel);
+        }
+        rounded(
+            &format!("rope bf16, offset {off}, hd {hd}"),
+            &back_bf16(&g, &b, off),
+            &back(&g, &f, off),
         );
     }
 }

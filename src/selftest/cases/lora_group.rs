@@ -1,10 +1,11 @@
 //! LoRA inside the GEMMs: a q/k/v-like projection group (`Backend::project_group` and its
 //! backward) with GQA-narrow k/v, k not adapted, rows and widths off the kernel's
-//! 128 x 128 tile, against the reference's per-projection sequence.
+//! 128 x 128 tile, against the reference's per-projection sequence. Its outputs feed
+//! kernels, as the model's q/k/v do: with bf16 base weights the device stores them bf16.
 
 use super::Checker;
 use crate::backend::Backend;
-use crate::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use crate::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use crate::error::Result;
 use crate::selftest::check::Tolerance::{BaseWeights, F32, TensorCores};
 
@@ -34,6 +35,7 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
             w: &wd[i],
             d_out: outs[i].0,
             lora: outs[i].1.then(|| (&a[i].0, &b[i].0)),
+            feeds: Feeds::Kernels,
         })
         .collect();
     let fr: Vec<ProjFwd<'_, R>> = (0..3)
@@ -41,6 +43,7 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
             w: &wr[i],
             d_out: outs[i].0,
             lora: outs[i].1.then(|| (&a[i].1, &b[i].1)),
+            feeds: Feeds::Kernels,
         })
         .collect();
     let yd = dev.project_group(&x.0, m, d_in, lg, &fd)?;

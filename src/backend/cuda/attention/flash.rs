@@ -3,8 +3,8 @@
 //! the probabilities tile by tile, so memory is O(T) per head, never T x T.
 
 use crate::backend::AttnShape;
-use crate::backend::cuda::runtime::{Arg, LaunchConfig};
-use crate::backend::cuda::{CudaBackend, DevBuf};
+use crate::backend::cuda::runtime::{Arg, DType, LaunchConfig};
+use crate::backend::cuda::{Act, CudaBackend, DevBuf};
 use crate::error::{Error, Result};
 
 /// Threads per block of every flash kernel (8 warps).
@@ -17,6 +17,7 @@ const FWD_KEYS: usize = 64;
 
 /// One build of the kernels for head dim `d` (smaller dims run zero-padded in it). The
 /// tile sizes must equal the template arguments of its entries in flash_attention.cu.
+/// The names are the entries for f32 q/k/v; those for bf16 ones add `_bf16`.
 struct Variant {
     d: usize,
     fwd: &'static str,
@@ -100,6 +101,27 @@ fn variant(s: &AttnShape) -> Result<&'static Variant> {
         .unwrap_or(&VARIANTS[VARIANTS.len() - 1]))
 }
 
+/// The entry `name` for q/k/v stored as `ty`.
+fn entry(name: &str, ty: DType) -> String {
+    match ty {
+        DType::F32 => name.to_string(),
+        DType::Bf16 => format!("{name}_bf16"),
+    }
+}
+
+/// The storage type q, k and v share (the entries take one for all three).
+fn qkv_dtype(q: &Act, k: &Act, v: &Act) -> Result<DType> {
+    let ty = q.dtype();
+    if k.dtype() != ty || v.dtype() != ty {
+        return Err(Error::Device(format!(
+            "flash attention: q, k and v stored as {ty:?}, {:?} and {:?}",
+            k.dtype(),
+            v.dtype()
+        )));
+    }
+    Ok(ty)
+}
+
 fn grid(x: usize, s: &AttnShape, shared_bytes: u32) -> LaunchConfig {
     LaunchConfig {
         grid: [x as u32, s.n_kv_heads as u32, s.batch as u32],
@@ -128,27 +150,30 @@ fn row_blocks(s: &AttnShape) -> usize {
 }
 
 impl CudaBackend {
-    /// Flash attention forward; returns `(out, lse)` with `lse` the row log-sum-exps
-    /// `(batch, n_heads, tq)` (see `AttnSaved::Lse`).
+    /// Flash attention forward on q, k and v stored alike (f32 or bf16); returns
+    /// `(out, lse)` with `lse` the row log-sum-exps `(batch, n_heads, tq)` (see
+    /// `AttnSaved::Lse`).
     pub fn flash_attention(
         &self,
-        q: &DevBuf<f32>,
-        k: &DevBuf<f32>,
-        v: &DevBuf<f32>,
+        q: &Act,
+        k: &Act,
+        v: &Act,
         s: &AttnShape,
     ) -> Result<(DevBuf<f32>, DevBuf<f32>)> {
         let var = variant(s)?;
+        let ty = qkv_dtype(q, k, v)?;
         let out = self.uninit(s.batch * s.tq * s.n_heads * s.head_dim)?;
         let lse = self.uninit(s.rows_len())?;
         let mut args = vec![
-            Arg::U64(q.ptr()),
-            Arg::U64(k.ptr()),
-            Arg::U64(v.ptr()),
+            Arg::U64(q.addr()),
+            Arg::U64(k.addr()),
+            Arg::U64(v.addr()),
             Arg::U64(out.ptr()),
             Arg::U64(lse.ptr()),
         ];
         args.extend(shape_args(s));
-        self.launch(var.fwd, grid(row_blocks(s), s, var.fwd_shared()), &args)?;
+        let cfg = grid(row_blocks(s), s, var.fwd_shared());
+        self.launch(&entry(var.fwd, ty), cfg, &args)?;
         Ok((out, lse))
     }
 
@@ -157,14 +182,15 @@ impl CudaBackend {
     pub fn flash_attention_backward(
         &self,
         dout: &DevBuf<f32>,
-        q: &DevBuf<f32>,
-        k: &DevBuf<f32>,
-        v: &DevBuf<f32>,
+        q: &Act,
+        k: &Act,
+        v: &Act,
         out: &DevBuf<f32>,
         lse: &DevBuf<f32>,
         s: &AttnShape,
     ) -> Result<(DevBuf<f32>, DevBuf<f32>, DevBuf<f32>)> {
         let var = variant(s)?;
+        let ty = qkv_dtype(q, k, v)?;
         let rows = s.rows_len();
         let delta = self.uninit::<f32>(rows)?;
         let warps_per_block = THREADS as usize / 32;
@@ -194,9 +220,9 @@ impl CudaBackend {
             (self.uninit(kv_len)?, self.uninit(kv_len)?)
         };
         let mut args = vec![
-            Arg::U64(q.ptr()),
-            Arg::U64(k.ptr()),
-            Arg::U64(v.ptr()),
+            Arg::U64(q.addr()),
+            Arg::U64(k.addr()),
+            Arg::U64(v.addr()),
             Arg::U64(dout.ptr()),
             Arg::U64(lse.ptr()),
             Arg::U64(delta.ptr()),
@@ -205,17 +231,20 @@ impl CudaBackend {
         let mut dkdv_args = args.clone();
         dkdv_args.extend([Arg::U64(dk.ptr()), Arg::U64(dv.ptr())]);
         let key_blocks = s.tk.div_ceil(KEYS);
-        self.launch(var.dkdv, grid(key_blocks, s, var.dkdv_shared()), &dkdv_args)?;
+        let cfg = grid(key_blocks, s, var.dkdv_shared());
+        self.launch(&entry(var.dkdv, ty), cfg, &dkdv_args)?;
         args.push(Arg::U64(dq.ptr()));
-        self.launch(var.dq, grid(row_blocks(s), s, var.dq_shared()), &args)?;
+        let cfg = grid(row_blocks(s), s, var.dq_shared());
+        self.launch(&entry(var.dq, ty), cfg, &args)?;
         Ok((dq, dk, dv))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::VARIANTS;
+    use super::{VARIANTS, entry};
     use crate::backend::cuda::kernels::{BUILT, MODULES};
+    use crate::backend::cuda::runtime::DType;
 
     /// Every flash entry the backend launches runs its products on tensor cores: its PTX
     /// body holds bf16 `mma.sync` and `ldmatrix`.
@@ -233,18 +262,19 @@ mod tests {
             .iter()
             .find(|m| m.name == "flash_attention")
             .expect("the flash_attention module is registered");
-        for entry in VARIANTS.iter().flat_map(|v| [v.fwd, v.dq, v.dkdv]) {
+        let names = VARIANTS.iter().flat_map(|v| [v.fwd, v.dq, v.dkdv]);
+        for name in names.flat_map(|n| [entry(n, DType::F32), entry(n, DType::Bf16)]) {
             let start = module
                 .ptx
-                .find(&format!(".entry {entry}("))
-                .unwrap_or_else(|| panic!("no .entry {entry}"));
+                .find(&format!(".entry {name}("))
+                .unwrap_or_else(|| panic!("no .entry {name}"));
             let body = &module.ptx[start..];
             let body = &body[..body[1..].find(".entry").map_or(body.len(), |e| e + 1)];
             for inst in [
                 "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
                 "ldmatrix.sync.aligned.m8n8.x4",
             ] {
-                assert!(body.contains(inst), "{entry} has no {inst}");
+                assert!(body.contains(inst), "{name} has no {inst}");
             }
         }
     }

@@ -6,6 +6,9 @@
 //!   f32 references to 1e-4), for shapes flash does not run, and the benchmarked baseline.
 //!
 //! The forward returns which state it saved (`AttnSaved`), and the backward follows it.
+//! q, k and v may be stored bf16 (the projections' outputs with bf16 base weights): flash
+//! attention reads them as they are; the materialised path reads f32 and gets exact
+//! widened copies.
 
 mod flash;
 mod materialised;
@@ -22,12 +25,12 @@ impl CudaBackend {
         v: &Act,
         s: &AttnShape,
     ) -> Result<(Act, AttnSaved<Act>)> {
-        let (q, k, v) = (q.f32()?, k.f32()?, v.f32()?);
         if self.base == BaseDtype::Bf16 && flash::unsupported(s).is_none() {
             let (out, lse) = self.flash_attention(q, k, v, s)?;
             Ok((out.into(), AttnSaved::Lse(lse.into())))
         } else {
-            let (out, probs) = self.attention_materialised(q, k, v, s)?;
+            let (q, k, v) = (self.wide(q)?, self.wide(k)?, self.wide(v)?);
+            let (out, probs) = self.attention_materialised(&q, &k, &v, s)?;
             Ok((out.into(), AttnSaved::Probs(probs.into())))
         }
     }
@@ -43,10 +46,11 @@ impl CudaBackend {
         saved: &AttnSaved<Act>,
         s: &AttnShape,
     ) -> Result<(Act, Act, Act)> {
-        let (dout, q, k, v) = (dout.f32()?, q.f32()?, k.f32()?, v.f32()?);
+        let dout = dout.f32()?;
         let (dq, dk, dv) = match saved {
             AttnSaved::Probs(p) => {
-                self.attention_materialised_backward(dout, q, k, v, p.f32()?, s)?
+                let (q, k, v) = (self.wide(q)?, self.wide(k)?, self.wide(v)?);
+                self.attention_materialised_backward(dout, &q, &k, &v, p.f32()?, s)?
             }
             AttnSaved::Lse(lse) => {
                 self.flash_attention_backward(dout, q, k, v, out.f32()?, lse.f32()?, s)?

@@ -42,8 +42,9 @@
 //! divides them by the stage's wall time.
 //!
 //! **Peak resident memory**: the kernel's high-water mark `VmHWM` is reset at the start of
-//! each stage (`/proc/self/clear_refs`, Linux >= 4.0) and read at its end, so the figure is
-//! the stage's own peak (`peak_rss_scope: "stage"`). Where the reset is refused, it is the
+//! each stage (`/proc/self/clear_refs`, Linux >= 4.0), after the allocator has returned its
+//! free pages (`malloc_trim`), and read at its end, so the figure is the stage's own peak
+//! (`peak_rss_scope: "stage"`). Where the reset is refused, it is the
 //! process's peak so far, `getrusage` `ru_maxrss` (`"process"`): a later stage then shows
 //! at least an earlier one's peak. Device memory (CUDA) is not measured yet.
 
@@ -109,6 +110,14 @@ pub struct Meter {
 
 impl Meter {
     pub fn start(stage: &'static str) -> Self {
+        // The CPU backend keeps freed memory resident for the next step
+        // (`cpu::keep_freed_memory`): hand it back first, or this stage's peak would count
+        // what earlier stages freed. One re-fault per stage, not per step.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free pages of the allocator's heaps.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         // "5" resets the peak to the present resident set (proc(5), clear_refs).
         let scope = match std::fs::write("/proc/self/clear_refs", "5") {
             Ok(()) => "stage",

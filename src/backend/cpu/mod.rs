@@ -81,16 +81,18 @@ impl CpuBackend {
 
 /// glibc serves allocations above its mmap threshold (128 KiB, adapting up to 32 MiB)
 /// with fresh mappings and unmaps them on free, so every training step would fault its
-/// activations (GBs) in again. Serve everything from the heap and never trim it, so freed
-/// buffers are reused while resident.
+/// activations (GBs) in again. Serve them from the heap and never trim it, so freed
+/// buffers are reused while resident (`cost::Meter` trims once per stage, for its figures).
 ///
-/// Commands run on a pool thread, whose arena is not the main heap but a chain of 64 MiB
-/// heaps, and glibc unmaps such a heap whenever it empties unless the top pad exceeds a
-/// heap (the trim threshold does not apply): a training step on SmolLM2 faulted 200 MB back
-/// in each time, 50,000 page faults. Hence the pad. New threads share one arena where they
-/// can (a thread that allocated before this call keeps its own), which also saves the
-/// duplicated free memory of one arena per thread (peak RSS 2.4-2.5 GB -> 1.9 GB in
-/// training).
+/// Commands run on a pool thread. A thread with an arena of its own gets a chain of 64 MiB
+/// heaps, which glibc unmaps as each empties unless the top pad exceeds a heap (the trim
+/// threshold does not apply): a training step on SmolLM2 faulted 200 MB back in each time,
+/// 50,000 page faults. Hence a pad above 64 MiB (address space only; under strict
+/// overcommit it is reserved). Such an arena still maps a single request above 64 MiB on
+/// its own; the model's buffers are far smaller. New threads share one arena where glibc
+/// lets them (it may hand a thread another existing arena), which also drops the free
+/// memory duplicated across per-thread arenas: peak RSS 2.4-2.5 GB -> 1.9 GB in training.
+/// Measured on 2 threads; with many, large allocations would queue on one lock.
 fn keep_freed_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: mallopt only tunes the allocator's policy.

@@ -23,8 +23,9 @@ fn eval(extra: &[&str]) -> std::process::Output {
 /// forward ends in one classifier call.
 #[test]
 fn eval_prints_each_op_and_the_same_results() {
-    let plain = eval(&["--device", "cpu"]);
-    let timed = eval(&["--device", "cpu", "--op-times"]);
+    // `--json`: the results in full precision, to hold the timed run to.
+    let plain = eval(&["--device", "cpu", "--json"]);
+    let timed = eval(&["--device", "cpu", "--json", "--op-times"]);
     assert_eq!(plain.status.code(), Some(0));
     assert_eq!(timed.status.code(), Some(0));
     assert_eq!(

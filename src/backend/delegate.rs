@@ -14,6 +14,7 @@
 ///
 /// `delegate_backend!(B, watch = f; ...)` also calls `self.f("op")` before each forwarded
 /// call and keeps what it returns until the call ends (`timed::Timed`'s stopwatch).
+#[doc(hidden)]
 #[macro_export]
 macro_rules! delegate_backend {
     ($inner:ty; $($name:ident),* $(,)?) => {

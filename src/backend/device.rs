@@ -85,7 +85,7 @@ pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output>
     if p.op_times && matches!(device, Device::Cuda(_)) {
         // Kernels run asynchronously: a host-side stopwatch would time their launches.
         return Err(Error::usage(
-            "--op-times times ops on the CPU and the simulator; on a GPU, profile with nsys or ncu",
+            "--op-times times ops on the CPU and the simulator (--device cpu or sim); on a GPU, profile with nsys or ncu",
         ));
     }
     match device {

@@ -140,6 +140,9 @@ pub struct RopeTable<B: Backend + ?Sized> {
     pub period: usize,
 }
 
+/// A method added here needs an arm in `delegate_backend!` and a place in the lists of the
+/// wrappers that forward every op (`selftest::tap::Tap`, `timed::Timed`): one with a
+/// default body would otherwise compile and silently skip the wrapped backend's own.
 pub trait Backend: Send + Sync {
     /// A buffer of f32 values on the device (`to_host` reads them as f32 whatever the
     /// storage).

@@ -393,12 +393,12 @@ fn rope_rotates_bf16_rows() {
     for hd in [16, 12] {
         let half = hd / 2;
         let (cos, sin) = (rnd(&mut rng, period * half), rnd(&mut rng, period * half));
-        let tg = RopeTable::<CudaBackend> {
+        let tg = RopeTable {
             cos: g.buf(cos.clone()).unwrap(),
             sin: g.buf(sin.clone()).unwrap(),
             period,
         };
-        let tc = RopeTable::<CpuBackend> { cos, sin, period };
+        let tc = RopeTable { cos, sin, period };
         let (mut xg, x) = bf16_act(&g, &mut rng, rows, heads * hd);
         let mut xf = g.buf(x.clone()).unwrap();
         let mut xc = x;

@@ -126,12 +126,12 @@ fn row_ops_match_cpu() {
         for inverse in [false, true] {
             let mut xc = rnd(&mut rng, rows * heads * hd);
             let mut xg = p.up(&xc);
-            let tc = RopeTable::<CpuBackend> {
+            let tc = RopeTable {
                 cos: cos.clone(),
                 sin: sin.clone(),
                 period,
             };
-            let tg = RopeTable::<CudaBackend> {
+            let tg = RopeTable {
                 cos: p.up(&cos),
                 sin: p.up(&sin),
                 period,

@@ -7,7 +7,7 @@
 /// Inside `impl Backend for W`, where `W` has a field `inner: &B` and declares
 /// `type Buf = B::Buf; type Weight = B::Weight;`:
 /// `delegate_backend!(B; describe, buf, linear, ...);` defines each named method as a call
-/// of `self.inner`'s. The structs typed by the backend (`ProjFwd`, `ProjBwd`, `RopeTable`,
+/// of `self.inner`'s. The structs typed by the backend (`ProjFwd`, `ProjBwd`,
 /// `DiagPenalty`) are rebuilt for `B` from the same buffers. A method a wrapper leaves out
 /// of the list keeps the trait's default (`project_group` as `linear` + `lora_forward`,
 /// so that a wrapper watching those sees each projection).
@@ -226,20 +226,14 @@ macro_rules! delegate_backend {
         fn rope(
             &self,
             x: &mut Self::Buf,
-            table: &$crate::backend::RopeTable<Self>,
+            table: &$crate::backend::RopeTable<Self::Buf>,
             rows: usize,
             n_heads: usize,
             head_dim: usize,
             inverse: bool,
         ) -> $crate::Result<()> {
             $(let _watch = self.$watch("rope");)?
-            // The same values typed for the inner backend (a table is a few KB).
-            let t = $crate::backend::RopeTable::<$inner> {
-                cos: self.inner.dup(&table.cos)?,
-                sin: self.inner.dup(&table.sin)?,
-                period: table.period,
-            };
-            self.inner.rope(x, &t, rows, n_heads, head_dim, inverse)
+            self.inner.rope(x, table, rows, n_heads, head_dim, inverse)
         }
     };
     (@one $inner:ty; [$($watch:ident)?]; attention) => {

@@ -134,9 +134,9 @@ pub struct DiagPenalty<'a, B: Backend + ?Sized> {
 }
 
 /// Precomputed RoPE angles: row `r` of an activation uses table row `r % period`.
-pub struct RopeTable<B: Backend + ?Sized> {
-    pub cos: B::Buf,
-    pub sin: B::Buf,
+pub struct RopeTable<Buf> {
+    pub cos: Buf,
+    pub sin: Buf,
     pub period: usize,
 }
 
@@ -294,7 +294,7 @@ pub trait Backend: Send + Sync {
     fn rope(
         &self,
         x: &mut Self::Buf,
-        table: &RopeTable<Self>,
+        table: &RopeTable<Self::Buf>,
         rows: usize,
         n_heads: usize,
         head_dim: usize,

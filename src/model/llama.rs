@@ -74,7 +74,7 @@ pub struct Activations<B: Backend> {
     layers: Vec<LayerActs<B>>,
     final_in: B::Buf,
     final_rstd: B::Buf,
-    rope: RopeTable<B>,
+    rope: RopeTable<B::Buf>,
     /// The final norm's output `(rows, hidden)`: the classifier's input.
     final_xn: B::Buf,
     pub rows: usize,
@@ -148,7 +148,7 @@ impl<B: Backend> Llama<B> {
         &self,
         be: &B,
         positions: impl ExactSizeIterator<Item = usize>,
-    ) -> Result<RopeTable<B>> {
+    ) -> Result<RopeTable<B::Buf>> {
         let (len, half) = (positions.len(), self.cfg.head_dim / 2);
         let mut cos = Vec::with_capacity(len * half);
         let mut sin = Vec::with_capacity(len * half);

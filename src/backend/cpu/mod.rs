@@ -327,7 +327,7 @@ impl Backend for CpuBackend {
     fn rope(
         &self,
         x: &mut Vec<f32>,
-        t: &RopeTable<Self>,
+        t: &RopeTable<Vec<f32>>,
         _rows: usize,
         n_heads: usize,
         head_dim: usize,

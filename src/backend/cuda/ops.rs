@@ -380,7 +380,7 @@ impl Backend for CudaBackend {
     fn rope(
         &self,
         x: &mut Self::Buf,
-        t: &RopeTable<Self>,
+        t: &RopeTable<Act>,
         rows: usize,
         n_heads: usize,
         head_dim: usize,

@@ -343,7 +343,7 @@ fn rope_takes_unaligned_rows_and_odd_half_heads() {
         ];
         g.launch("rope", SMALL_GRID, &args).expect("rope");
         let mut want = x.clone();
-        let table = RopeTable::<CpuBackend> { cos, sin, period };
+        let table = RopeTable { cos, sin, period };
         cpu.rope(&mut want, &table, rows, heads, hd, false)
             .expect("cpu");
         close(

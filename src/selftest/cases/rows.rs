@@ -97,12 +97,12 @@ fn rope<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     for (rows, heads, hd, period) in [(300, 3, 64, 100), (5462, 3, 128, 100), (7, 2, 128, 7)] {
         let half = hd / 2;
         let (cos, sin) = (c.random(period * half), c.random(period * half));
-        let td = RopeTable::<D> {
+        let td = RopeTable {
             cos: dev.buf(cos.clone())?,
             sin: dev.buf(sin.clone())?,
             period,
         };
-        let tr = RopeTable::<R> {
+        let tr = RopeTable {
             cos: re.buf(cos)?,
             sin: re.buf(sin)?,
             period,

@@ -176,7 +176,7 @@ impl Backend for Reference {
     fn rope(
         &self,
         x: &mut Vec<f32>,
-        table: &RopeTable<Self>,
+        table: &RopeTable<Vec<f32>>,
         rows: usize,
         n_heads: usize,
         head_dim: usize,

@@ -1,7 +1,7 @@
 //! The row-wise model ops of the plain reference: embedding, RMSNorm, LoRA, RoPE, SwiGLU
 //! and the softmax cross-entropy. Straight from their definitions, in f64.
 
-use super::{Reference, add_into, f, to_f32};
+use super::{add_into, f, to_f32};
 use crate::backend::{CeTargets, LoraDims, RopeTable, sample_uniform};
 
 /// `out[i, :] = table[ids[i], :]`.
@@ -129,7 +129,7 @@ pub fn lora_backward(
 /// `(a cos - b sin, b cos + a sin)`, with `sin` negated for the inverse rotation.
 pub fn rope(
     x: &mut [f32],
-    table: &RopeTable<Reference>,
+    table: &RopeTable<Vec<f32>>,
     rows: usize,
     n_heads: usize,
     hd: usize,

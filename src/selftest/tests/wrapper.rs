@@ -57,14 +57,6 @@ impl Wrapped {
             x.to_vec()
         }
     }
-
-    fn table(t: &RopeTable<Self>) -> RopeTable<CpuBackend> {
-        RopeTable {
-            cos: t.cos.clone(),
-            sin: t.sin.clone(),
-            period: t.period,
-        }
-    }
 }
 
 impl Backend for Wrapped {
@@ -275,14 +267,13 @@ impl Backend for Wrapped {
     fn rope(
         &self,
         x: &mut Vec<f32>,
-        t: &RopeTable<Self>,
+        t: &RopeTable<Vec<f32>>,
         rows: usize,
         heads: usize,
         hd: usize,
         inverse: bool,
     ) -> Result<()> {
-        self.inner
-            .rope(x, &Self::table(t), rows, heads, hd, inverse)?;
+        self.inner.rope(x, t, rows, heads, hd, inverse)?;
         self.hit("rope", &mut [x]);
         Ok(())
     }

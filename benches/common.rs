@@ -12,12 +12,17 @@ pub const BATCH: usize = 4;
 pub const SEQ: usize = 256;
 pub const THREADS: usize = 2;
 
-/// Runs the benchmark groups and criterion's summary on a thread of the rayon pool (built
-/// with `THREADS`), where the commands run too (`device::run_on`): parallel loops started
-/// there split their work in place, rather than handing it to the pool and sleeping.
-pub fn on_pool(groups: fn()) {
+/// Runs `f` on a thread of the rayon pool (built with `THREADS`), where the commands run
+/// too (`device::run_on`): parallel loops started there split their work in place, rather
+/// than handing it to the pool and sleeping.
+pub fn in_pool(f: impl FnOnce() + Send) {
     let _ = CpuBackend::new(THREADS);
-    rayon::scope(|_| {
+    rayon::scope(|_| f());
+}
+
+/// Runs the benchmark groups and criterion's summary [`in_pool`].
+pub fn on_pool(groups: fn()) {
+    in_pool(|| {
         groups();
         criterion::Criterion::default()
             .configure_from_args()

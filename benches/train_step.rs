@@ -1,44 +1,90 @@
 //! LoRA forward+backward throughput on SmolLM2-135M (batch 4 x 256 tokens, 2 threads):
 //! the number compared against PyTorch + PEFT (`benches/peers/torch_peft_step.py`).
+//!
+//! `cargo bench --bench train_step -- --serve` runs no criterion group: it answers one
+//! pass per line on stdin (`forward_backward` or `forward`) with its seconds on stdout, so
+//! that `benches/peers/interleaved.py` can alternate the engine's passes with the peer's
+//! on the same cores, one by one (see that script for why).
 
 mod common;
+
+use std::io::{BufRead, Write};
+use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group};
 use lalora_engine::backend::CeTargets;
 use lalora_engine::train::accumulate_gradients;
 
+/// The two timed passes, shared by criterion and `--serve`.
+struct Passes {
+    s: common::Setup,
+    grads: lalora_engine::model::HostLora,
+}
+
+impl Passes {
+    fn new() -> Self {
+        let s = common::smollm2_setup();
+        let grads = s.lora.zeros_like();
+        Passes { s, grads }
+    }
+    /// The summed loss of a forward + backward over the batch, and its token count.
+    fn forward_backward(&mut self) -> (f64, usize) {
+        let s = &self.s;
+        let r =
+            accumulate_gradients(&s.be, &s.model, &s.lora, &s.batch, 1.0, &mut self.grads).unwrap();
+        (r.loss_sum, r.n_targets)
+    }
+    /// Forward through the token losses (the fused classifier), as evaluation runs it.
+    fn forward(&self) -> Vec<f32> {
+        let s = &self.s;
+        let acts = s
+            .model
+            .forward(&s.be, Some(&s.lora), &s.batch, false)
+            .unwrap();
+        let t = CeTargets::Labels(&s.batch.targets);
+        s.model.classify(&s.be, &acts, t, None).unwrap().losses
+    }
+}
+
 fn train_step(c: &mut Criterion) {
-    let s = common::smollm2_setup();
-    let mut check = s.lora.zeros_like();
-    let r = accumulate_gradients(&s.be, &s.model, &s.lora, &s.batch, 1.0, &mut check).unwrap();
-    eprintln!(
-        "loss_sum on the batch: {:.2} over {} tokens (the peer prints its own)",
-        r.loss_sum, r.n_targets
-    );
+    let mut p = Passes::new();
+    let (loss_sum, n) = p.forward_backward();
+    eprintln!("loss_sum on the batch: {loss_sum:.2} over {n} tokens (the peer prints its own)");
     let mut g = c.benchmark_group("smollm2_lora_step");
     g.sample_size(10);
     g.throughput(Throughput::Elements((common::BATCH * common::SEQ) as u64));
-    let mut grads = s.lora.zeros_like();
-    g.bench_function("forward_backward_cpu", |b| {
-        b.iter(|| {
-            accumulate_gradients(&s.be, &s.model, &s.lora, &s.batch, 1.0, &mut grads).unwrap()
-        })
-    });
-    // Forward through the token losses (the fused classifier), as evaluation runs it.
-    g.bench_function("forward_only_cpu", |b| {
-        b.iter(|| {
-            let acts = s
-                .model
-                .forward(&s.be, Some(&s.lora), &s.batch, false)
-                .unwrap();
-            let t = CeTargets::Labels(&s.batch.targets);
-            s.model.classify(&s.be, &acts, t, None).unwrap().losses
-        })
-    });
+    g.bench_function("forward_backward_cpu", |b| b.iter(|| p.forward_backward()));
+    g.bench_function("forward_only_cpu", |b| b.iter(|| p.forward()));
     g.finish();
+}
+
+/// `--serve`: one JSON line when ready (SIMD level, loss), then one line of seconds per
+/// pass asked for, until stdin closes.
+fn serve() {
+    let mut p = Passes::new();
+    let (loss_sum, _) = p.forward_backward();
+    let simd = lalora_engine::backend::cpu::simd_level();
+    println!("{{\"simd\": \"{simd}\", \"loss_sum\": {loss_sum}}}");
+    let mut out = std::io::stdout();
+    out.flush().unwrap();
+    for line in std::io::stdin().lock().lines() {
+        let line = line.unwrap();
+        let t = Instant::now();
+        match line.trim() {
+            "forward_backward" => _ = std::hint::black_box(p.forward_backward()),
+            "forward" => _ = std::hint::black_box(p.forward()),
+            other => panic!("--serve: unknown pass {other:?}"),
+        }
+        writeln!(out, "{}", t.elapsed().as_secs_f64()).unwrap();
+        out.flush().unwrap();
+    }
 }
 
 criterion_group!(benches, train_step);
 fn main() {
-    common::on_pool(benches);
+    if std::env::args().any(|a| a == "--serve") {
+        common::in_pool(serve);
+    } else {
+        common::on_pool(benches);
+    }
 }

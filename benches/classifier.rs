@@ -26,7 +26,7 @@ fn classifier(c: &mut Criterion) {
             .collect()
     };
     let h = rnd(ROWS * DIM, 1.0);
-    let w = rnd(VOCAB * DIM, 0.1);
+    let w = be.weight(rnd(VOCAB * DIM, 0.1), VOCAB, DIM).unwrap();
     let labels: Vec<i32> = (0..ROWS).map(|r| (r * 7919 % VOCAB) as i32).collect();
     let t = CeTargets::Labels(&labels);
     let materialised = |grad: Option<f32>| {

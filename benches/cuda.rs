@@ -500,9 +500,14 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     });
     let (want_fwd, want_bwd) = if mode.sim() {
         let c = CpuBackend::new(2);
+        let cw: Vec<_> = outs
+            .iter()
+            .zip(&hw)
+            .map(|(&o, w)| c.weight(w.clone(), o, d_in).unwrap())
+            .collect();
         let cfwd: Vec<ProjFwd<'_, CpuBackend>> = (0..3)
             .map(|i| ProjFwd {
-                w: &hw[i],
+                w: &cw[i],
                 d_out: outs[i],
                 lora: Some((&ha[i], &hb[i])),
                 feeds: Feeds::Residual,
@@ -517,7 +522,7 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             .zip(dbc.iter_mut())
             .enumerate()
             .map(|(i, (da, db))| ProjBwd {
-                w: &hw[i],
+                w: &cw[i],
                 d_out: outs[i],
                 g: &hg[i],
                 lora: yu[i].1.as_ref().map(|u| LoraBwd {
@@ -940,8 +945,10 @@ fn classifier(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let labels: Vec<i32> = (0..rows).map(|r| (r * 7919 % vocab) as i32).collect();
     let want = if mode.sim() {
         let t = CeTargets::Labels(&labels);
-        let o = CpuBackend::new(2)
-            .classifier(&hh, &hw, rows, dim, vocab, t, Some(1.0))
+        let c = CpuBackend::new(2);
+        let cw = c.weight(hw.clone(), vocab, dim).unwrap();
+        let o = c
+            .classifier(&hh, &cw, rows, dim, vocab, t, Some(1.0))
             .unwrap();
         vec![("losses", o.losses), ("dhidden", o.dhidden.unwrap())]
     } else {

@@ -85,14 +85,28 @@ fn linear_and_lora_read_bf16_activations() {
         "linear",
         &g.to_host(&g.linear(&xg, &wg, d.m, d.d_in, d.d_out).unwrap())
             .unwrap(),
-        &c.linear(&x, &w, d.m, d.d_in, d.d_out).unwrap(),
+        &c.linear(
+            &x,
+            &c.weight(w, d.d_out, d.d_in).unwrap(),
+            d.m,
+            d.d_in,
+            d.d_out,
+        )
+        .unwrap(),
         BF16,
     );
     close(
         "linear, W as stored",
         &g.to_host(&g.linear(&xg, &wg, d.m, d.d_in, d.d_out).unwrap())
             .unwrap(),
-        &c.linear(&x, &w_read, d.m, d.d_in, d.d_out).unwrap(),
+        &c.linear(
+            &x,
+            &c.weight(w_read, d.d_out, d.d_in).unwrap(),
+            d.m,
+            d.d_in,
+            d.d_out,
+        )
+        .unwrap(),
         F32,
     );
 

@@ -163,7 +163,9 @@ fn row_ops_match_cpu() {
 
         let table = rnd(&mut rng, 50 * dim);
         let ids: Vec<u32> = (0..rows).map(|_| rng.random_range(0..50)).collect();
-        let want = p.c.embedding(&table, &ids, dim).unwrap();
+        let want =
+            p.c.embedding(&p.c.weight(table.clone(), 50, dim).unwrap(), &ids, dim)
+                .unwrap();
         let got = g
             .embedding(&g.weight(table.clone(), 50, dim).unwrap(), &ids, dim)
             .unwrap();
@@ -296,17 +298,20 @@ fn matmuls_and_lora_match_cpu() {
             );
         }
         let (x, w) = (rnd(&mut rng, m * k), rnd(&mut rng, n * k));
-        let wg = g.weight(w.clone(), n, k).unwrap();
+        let (wg, wc) = (
+            g.weight(w.clone(), n, k).unwrap(),
+            p.c.weight(w, n, k).unwrap(),
+        );
         close(
             "linear (bf16)",
             &p.down(&g.linear(&p.up(&x), &wg, m, k, n).unwrap()),
-            &p.c.linear(&x, &w, m, k, n).unwrap(),
+            &p.c.linear(&x, &wc, m, k, n).unwrap(),
             BF16,
         );
         let dy = rnd(&mut rng, m * n);
         let mut dxc = rnd(&mut rng, m * k);
         let mut dxg = p.up(&dxc);
-        p.c.linear_backward(&dy, &w, m, k, n, &mut dxc, true)
+        p.c.linear_backward(&dy, &wc, m, k, n, &mut dxc, true)
             .unwrap();
         g.linear_backward(&p.up(&dy), &wg, m, k, n, &mut dxg, true)
             .unwrap();
@@ -626,6 +631,7 @@ fn classifier_matches_cpu() {
                 })
                 .collect();
             let wg = g.weight(w.clone(), vocab, dim).unwrap();
+            let wc = c.weight(w.clone(), vocab, dim).unwrap();
             let hg = g.buf(h.clone()).unwrap();
             let tol = match base {
                 BaseDtype::F32 => F32,
@@ -653,7 +659,7 @@ fn classifier_matches_cpu() {
                 ),
             ];
             for (t, scale) in cases {
-                let want = c.classifier(&h, &w, rows, dim, vocab, t, scale).unwrap();
+                let want = c.classifier(&h, &wc, rows, dim, vocab, t, scale).unwrap();
                 let got = g.classifier(&hg, &wg, rows, dim, vocab, t, scale).unwrap();
                 let same: Vec<bool> = got
                     .labels

@@ -250,6 +250,7 @@ mod tests {
     use super::*;
     use crate::backend::Backend;
     use crate::backend::cpu::CpuBackend;
+    use crate::backend::cpu::weight::CpuWeight;
     use rand::{RngExt, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
@@ -292,6 +293,7 @@ mod tests {
         let be = CpuBackend::new(2);
         let (rows, dim, vocab) = (37, 48, 2 * CLASSIFIER_CHUNK + 77);
         let (h, w, labels) = inputs(rows, dim, vocab);
+        let w = CpuWeight::new(w, vocab, dim);
         let z = be.linear(&h, &w, rows, dim, vocab).unwrap();
         let mask_seed = [
             (CeTargets::Labels(&labels), 0.25),
@@ -349,6 +351,7 @@ mod tests {
         let (h, w, mask) = inputs(rows, dim, vocab);
         // Every row active: the path without compaction (the other test has ignored rows).
         let mask: Vec<i32> = mask.iter().map(|&l| l.max(0)).collect();
+        let w = CpuWeight::new(w, vocab, dim);
         let z = be.linear(&h, &w, rows, dim, vocab).unwrap();
         for seed in 0..20 {
             let t = CeTargets::Sample { mask: &mask, seed };

@@ -229,6 +229,32 @@ pub fn linear_few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Ve
     y
 }
 
+/// `y (m, n) = x (m, k) Wt (k, n)` for a few rows `x`, with the weight stored transposed
+/// (`weight::CpuWeight`). Up to `STREAM_ROWS` rows, `Wt` is cut into `LANES` blocks of
+/// whole rows, one task each on the rayon pool, which streams its block once
+/// ([`vmath::axpy_rows`], one chain of FMAs per output); the blocks' partial products are
+/// added pairwise ([`vmath::total_lanes`]). That is the shape of [`linear_few_rows`]'s sums
+/// (16 chains added pairwise), over contiguous blocks of `k` instead of interleaved lanes,
+/// so that each task reads one contiguous stream. Above, the gemm crate reads `Wt` where
+/// it lies.
+pub fn linear_few_rows_t(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
+    if m > STREAM_ROWS || k == 0 || m == 0 {
+        return gemm_new(m, n, k, Mat::rows(x, k), Mat::rows(wt, n), 1.0, true);
+    }
+    let chunk = k.div_ceil(vmath::LANES);
+    let mut parts: Vec<Vec<f32>> = (0..vmath::LANES)
+        .into_par_iter()
+        .map(|b| {
+            let mut y = vec![0f32; m * n];
+            let (j0, j1) = ((b * chunk).min(k), ((b + 1) * chunk).min(k));
+            vmath::axpy_rows(&mut y, &wt[j0 * n..j1 * n], &x[..m * k], k, j0);
+            y
+        })
+        .collect();
+    vmath::total_lanes(&mut parts);
+    parts.swap_remove(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +294,30 @@ mod tests {
                 .collect();
             let got = linear_few_rows(&x, &w, m, k, n);
             let want = gemm_naive(m, n, k, Mat::rows(&x, k), Mat::rows(&w, k).t());
+            let err: f32 = got
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0.0, f32::max);
+            assert!(err < 1e-4, "m {m}: max abs error {err}");
+        }
+    }
+
+    /// The transposed-weight few-row product against the naive triple loop on every path
+    /// (streamed up to `STREAM_ROWS`, the gemm crate above); k = 53 leaves the last of the
+    /// 16 row blocks empty.
+    #[test]
+    fn few_rows_transposed_matches_naive() {
+        let (k, n) = (53, 141);
+        let wt: Vec<f32> = (0..k * n)
+            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+            .collect();
+        for m in [1, 3, 4, 7, 8, 9, 64] {
+            let x: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let got = linear_few_rows_t(&x, &wt, m, k, n);
+            let want = gemm_naive(m, n, k, Mat::rows(&x, k), Mat::rows(&wt, n));
             let err: f32 = got
                 .iter()
                 .zip(&want)

@@ -9,8 +9,10 @@ pub mod gemm;
 pub mod ops;
 pub mod optim;
 mod vmath;
+pub mod weight;
 
 use self::gemm::{Mat, gemm, gemm_new};
+use self::weight::CpuWeight;
 use super::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -107,7 +109,7 @@ fn keep_freed_memory() {
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
-    type Weight = Vec<f32>;
+    type Weight = CpuWeight;
 
     fn describe(&self) -> String {
         format!("cpu ({} threads, {})", self.threads, simd_level())
@@ -125,8 +127,8 @@ impl Backend for CpuBackend {
         Ok(x.clone())
     }
 
-    fn weight(&self, host: Vec<f32>, _rows: usize, _cols: usize) -> Result<Vec<f32>> {
-        Ok(host)
+    fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<CpuWeight> {
+        Ok(CpuWeight::new(host, rows, cols))
     }
 
     fn copy_into(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) -> Result<()> {
@@ -145,8 +147,8 @@ impl Backend for CpuBackend {
             })
     }
 
-    fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
-        Ok(ops::embedding(table, ids, dim))
+    fn embedding(&self, table: &CpuWeight, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+        Ok(ops::embedding(&table.row_major_values(), ids, dim))
     }
 
     fn rmsnorm(
@@ -186,25 +188,27 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
-    fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
         if m <= FEW_ROWS {
-            return Ok(gemm::linear_few_rows(x, w, m, k, n));
+            return Ok(match w.transposed_values() {
+                Some(wt) => gemm::linear_few_rows_t(x, wt, m, k, n),
+                None => gemm::linear_few_rows(x, &w.row_major_values(), m, k, n),
+            });
         }
-        Ok(gemm_new(
-            m,
-            n,
-            k,
-            Mat::rows(x, k),
-            Mat::rows(w, k).t(),
-            1.0,
-            true,
-        ))
+        Ok(gemm_new(m, n, k, Mat::rows(x, k), w.wt(), 1.0, true))
     }
 
     fn linear_backward(
         &self,
         dy: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         m: usize,
         k: usize,
         n: usize,
@@ -219,7 +223,7 @@ impl Backend for CpuBackend {
             k,
             accumulate,
             Mat::rows(dy, n),
-            Mat::rows(w, k),
+            w.w(),
             1.0,
             true,
         );
@@ -397,7 +401,7 @@ impl Backend for CpuBackend {
     fn classifier(
         &self,
         hidden: &Vec<f32>,
-        head: &Vec<f32>,
+        head: &CpuWeight,
         _rows: usize,
         dim: usize,
         vocab: usize,
@@ -405,7 +409,12 @@ impl Backend for CpuBackend {
         grad_scale: Option<f32>,
     ) -> Result<ClassifierOut<Vec<f32>>> {
         Ok(classifier::classifier(
-            hidden, head, dim, vocab, targets, grad_scale,
+            hidden,
+            &head.row_major_values(),
+            dim,
+            vocab,
+            targets,
+            grad_scale,
         ))
     }
 

@@ -95,7 +95,7 @@ macro_rules! dispatch {
 /// Partial sums per reduction: a fixed count, so that every SIMD level adds the same
 /// numbers in the same order (a sequential f32 sum is one long chain of dependent adds,
 /// four cycles each, and cannot be vectorised without changing its rounding anyway).
-const LANES: usize = 16;
+pub const LANES: usize = 16;
 
 /// The lanes' partial sums added pairwise.
 #[inline(always)]
@@ -245,6 +245,38 @@ dispatch!(dot_block(yt: &mut [f32], w: &[f32], x: &[f32], k: usize) -> () {
         }
     }
 });
+
+dispatch!(axpy_rows(y: &mut [f32], wt: &[f32], x: &[f32], k: usize, j0: usize) -> () {
+    // `y (m, n) += x[:, j0..j1] Wt[j0..j1, :]` for the rows `Wt[j0..j1]` given as `wt`
+    // (row-major, `n` columns) and the `m = x.len() / k` rows of `x (m, k)`: each row of
+    // `Wt` is loaded once, in order, and feeds every row of `x`; each output is one chain
+    // of FMAs over `j` in order.
+    let n = y.len() / (x.len() / k);
+    for (jj, wj) in wt.chunks_exact(n).enumerate() {
+        for (yi, xi) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
+            let xv = xi[j0 + jj];
+            yi.iter_mut().zip(wj).for_each(|(yv, &w)| *yv = xv.mul_add(w, *yv));
+        }
+    }
+});
+
+/// `LANES` partial products added pairwise, as [`total`] adds a dot product's lanes:
+/// `lanes[0]` ends as the sum.
+pub fn total_lanes(lanes: &mut [Vec<f32>]) {
+    assert_eq!(
+        lanes.len(),
+        LANES,
+        "total_lanes: one partial product per lane"
+    );
+    let mut w = LANES / 2;
+    while w > 0 {
+        let (lo, hi) = lanes.split_at_mut(w);
+        for (a, b) in lo.iter_mut().zip(hi.iter()) {
+            a.iter_mut().zip(b).for_each(|(x, y)| *x += y);
+        }
+        w /= 2;
+    }
+}
 
 #[cfg(test)]
 mod tests {

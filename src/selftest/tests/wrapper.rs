@@ -3,6 +3,7 @@
 //! correct bf16 device).
 
 use crate::backend::cpu::CpuBackend;
+use crate::backend::cpu::weight::CpuWeight;
 use crate::backend::group::{self, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -61,7 +62,7 @@ impl Wrapped {
 
 impl Backend for Wrapped {
     type Buf = Vec<f32>;
-    type Weight = Vec<f32>;
+    type Weight = CpuWeight;
 
     fn describe(&self) -> String {
         format!("cpu, fault {:?}, bf16 {}", self.fault, self.bf16)
@@ -75,7 +76,7 @@ impl Backend for Wrapped {
     fn to_host(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
         self.inner.to_host(x)
     }
-    fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<Vec<f32>> {
+    fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<CpuWeight> {
         self.inner.weight(self.gemm_input(&host), rows, cols)
     }
     fn copy_into(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) -> Result<()> {
@@ -88,7 +89,7 @@ impl Backend for Wrapped {
         self.hit("slice", &mut [&mut y]);
         Ok(y)
     }
-    fn embedding(&self, table: &Vec<f32>, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
+    fn embedding(&self, table: &CpuWeight, ids: &[u32], dim: usize) -> Result<Vec<f32>> {
         let mut y = self.inner.embedding(table, ids, dim)?;
         self.hit("embedding", &mut [&mut y]);
         Ok(y)
@@ -132,7 +133,14 @@ impl Backend for Wrapped {
         self.hit("rmsnorm_backward", &mut [dx]);
         Ok(())
     }
-    fn linear(&self, x: &Vec<f32>, w: &Vec<f32>, m: usize, k: usize, n: usize) -> Result<Vec<f32>> {
+    fn linear(
+        &self,
+        x: &Vec<f32>,
+        w: &CpuWeight,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) -> Result<Vec<f32>> {
         let mut y = self.inner.linear(&self.gemm_input(x), w, m, k, n)?;
         self.hit("linear", &mut [&mut y]);
         Ok(y)
@@ -140,7 +148,7 @@ impl Backend for Wrapped {
     fn linear_backward(
         &self,
         dy: &Vec<f32>,
-        w: &Vec<f32>,
+        w: &CpuWeight,
         m: usize,
         k: usize,
         n: usize,
@@ -357,7 +365,7 @@ impl Backend for Wrapped {
     fn classifier(
         &self,
         hidden: &Vec<f32>,
-        head: &Vec<f32>,
+        head: &CpuWeight,
         rows: usize,
         dim: usize,
         vocab: usize,

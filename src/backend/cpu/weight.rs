@@ -1,0 +1,148 @@
+//! A frozen weight `W (rows, cols)` as the CPU keeps it: row-major as given, or its
+//! transpose, whichever the products that read it run faster on.
+//!
+//! Why: the gemm crate packs its right-hand operand into panels on every call unless that
+//! operand is row-major already. `y = x W^T` reads `W^T`, `dx = dy W` reads `W`, so each
+//! layout spares one of the two its packing. Measured on SmolLM2's shapes (`cargo bench
+//! --bench weight_layout`: 1024 rows, 2 threads, AVX-512; `BENCHMARKS.md`), transposed
+//! against as given: down (576 x 1536) forward +21 %, backward +4 %; gate/up (1536 x 576)
+//! +5 % and -11 %; q/o (576 x 576) +3 % and -5 %; k/v (192 x 576) +2 % and -23 %. So a
+//! weight is stored transposed when it has more columns than rows and at least
+//! [`TRANSPOSE_MIN_ROWS`] rows: down, of SmolLM2's. Either way each output element of
+//! those products is the same sum in the same order (the packing only moves operands), so
+//! training and evaluation results do not depend on the layout; the few-row products of
+//! decoding do (`gemm::linear_few_rows_t`).
+
+use std::borrow::Cow;
+
+use super::gemm::Mat;
+
+/// Rows below which a wide weight stays as given: between the narrowest measured shape
+/// that gains (576 rows) and the widest that loses (192); shapes in between, such as
+/// Llama-3.2-1B's k/v (512 x 2048), are not measured.
+pub const TRANSPOSE_MIN_ROWS: usize = 512;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Layout {
+    /// `data` is `W`, `(rows, cols)` row-major.
+    RowMajor,
+    /// `data` is `W^T`, `(cols, rows)` row-major.
+    Transposed,
+}
+
+pub struct CpuWeight {
+    data: Vec<f32>,
+    rows: usize,
+    cols: usize,
+    layout: Layout,
+}
+
+impl CpuWeight {
+    /// `W (rows, cols)` from its row-major values, in the layout chosen above.
+    pub fn new(w: Vec<f32>, rows: usize, cols: usize) -> Self {
+        if rows < cols && rows >= TRANSPOSE_MIN_ROWS {
+            Self::transposed(&w, rows, cols)
+        } else {
+            Self::row_major(w, rows, cols)
+        }
+    }
+
+    /// `W` kept as given.
+    pub fn row_major(data: Vec<f32>, rows: usize, cols: usize) -> Self {
+        CpuWeight {
+            data,
+            rows,
+            cols,
+            layout: Layout::RowMajor,
+        }
+    }
+
+    /// `W` kept as `W^T`.
+    pub fn transposed(w: &[f32], rows: usize, cols: usize) -> Self {
+        let mut data = vec![0f32; rows * cols];
+        for (i, row) in w.chunks_exact(cols.max(1)).take(rows).enumerate() {
+            for (j, &v) in row.iter().enumerate() {
+                data[j * rows + i] = v;
+            }
+        }
+        CpuWeight {
+            data,
+            rows,
+            cols,
+            layout: Layout::Transposed,
+        }
+    }
+
+    /// `W (rows, cols)` as a view.
+    pub fn w(&self) -> Mat<'_> {
+        match self.layout {
+            Layout::RowMajor => Mat::rows(&self.data, self.cols),
+            Layout::Transposed => Mat::rows(&self.data, self.rows).t(),
+        }
+    }
+
+    /// `W^T (cols, rows)` as a view: the right-hand operand of `y = x W^T`.
+    pub fn wt(&self) -> Mat<'_> {
+        self.w().t()
+    }
+
+    /// `W^T`'s values row-major, when that is how `W` is stored.
+    pub fn transposed_values(&self) -> Option<&[f32]> {
+        (self.layout == Layout::Transposed).then_some(&self.data)
+    }
+
+    /// `W`'s values row-major, for the row gathers of the embedding and the classifier:
+    /// borrowed as stored, or transposed back (a table with fewer rows than columns,
+    /// which no real vocabulary is, pays a copy per call).
+    pub fn row_major_values(&self) -> Cow<'_, [f32]> {
+        match self.layout {
+            Layout::RowMajor => Cow::Borrowed(&self.data),
+            Layout::Transposed => {
+                let mut w = vec![0f32; self.rows * self.cols];
+                for (j, col) in self.data.chunks_exact(self.rows.max(1)).enumerate() {
+                    for (i, &v) in col.iter().enumerate() {
+                        w[i * self.cols + j] = v;
+                    }
+                }
+                Cow::Owned(w)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_layouts_view_the_same_matrix() {
+        let (rows, cols) = (3, 5);
+        let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+        for cw in [
+            CpuWeight::row_major(w.clone(), rows, cols),
+            CpuWeight::transposed(&w, rows, cols),
+        ] {
+            let (v, vt) = (cw.w(), cw.wt());
+            for i in 0..rows {
+                for j in 0..cols {
+                    assert_eq!(v.data[i * v.rs + j * v.cs], w[i * cols + j]);
+                    assert_eq!(vt.data[j * vt.rs + i * vt.cs], w[i * cols + j]);
+                }
+            }
+            assert_eq!(&*cw.row_major_values(), &w[..]);
+        }
+        let (r, c) = (TRANSPOSE_MIN_ROWS, TRANSPOSE_MIN_ROWS + 1);
+        let wide = vec![0f32; r * c];
+        assert!(
+            CpuWeight::new(wide.clone(), r, c)
+                .transposed_values()
+                .is_some()
+        );
+        assert!(
+            CpuWeight::new(wide.clone(), c, r)
+                .transposed_values()
+                .is_none()
+        );
+        assert!(CpuWeight::new(w, rows, cols).transposed_values().is_none());
+    }
+}

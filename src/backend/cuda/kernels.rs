@@ -243,15 +243,11 @@ mod tests {
     }
 
     #[test]
+    #[cfg_attr(
+        not(lalora_cuda_kernels),
+        ignore = "built without CUDA kernels (no nvcc)"
+    )]
     fn rust_kernel_names_equal_ptx_entries() {
-        if !BUILT {
-            assert!(
-                std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
-                "LALORA_REQUIRE_GPU=1 but this build has no CUDA kernels"
-            );
-            eprintln!("skipped: built without CUDA kernels (no nvcc)");
-            return;
-        }
         for m in MODULES {
             let mut want: Vec<String> = m.functions.iter().map(|s| s.to_string()).collect();
             want.sort();
@@ -273,11 +269,11 @@ mod tests {
     /// The elementwise and row kernels move 128-bit packs (kernels/common.cuh): each of
     /// these entries loads (and, but for the dot product, stores) through `.v4` accesses.
     #[test]
+    #[cfg_attr(
+        not(lalora_cuda_kernels),
+        ignore = "built without CUDA kernels (no nvcc)"
+    )]
     fn elementwise_and_row_kernels_use_128_bit_accesses() {
-        if !BUILT {
-            eprintln!("skipped: built without CUDA kernels (no nvcc)");
-            return;
-        }
         let (both, load): (&[&str], &[&str]) = (&["ld.global", "st.global"], &["ld.global"]);
         let packed = [
             ("norm", "rmsnorm_forward_f32", both),
@@ -330,15 +326,11 @@ mod tests {
     /// Every PTX file passes ptxas for sm_80 (A100) and sm_90 (H100/H200). ptxas sits
     /// beside $NVCC (scripts/install-nvcc.sh installs both).
     #[test]
+    #[cfg_attr(
+        not(lalora_cuda_kernels),
+        ignore = "built without CUDA kernels (no nvcc)"
+    )]
     fn ptx_passes_ptxas_for_sm80_and_sm90() {
-        if !BUILT {
-            assert!(
-                std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
-                "LALORA_REQUIRE_GPU=1 but this build has no CUDA kernels"
-            );
-            eprintln!("skipped: built without CUDA kernels (no nvcc)");
-            return;
-        }
         // $NVCC, the nvcc that built the kernels, or the one on PATH: ptxas sits beside it.
         let on_path = std::env::var_os("PATH")
             .map(|p| {

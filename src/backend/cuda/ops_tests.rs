@@ -5,7 +5,7 @@
 
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::{DevBuf, kernels};
+use crate::backend::cuda::DevBuf;
 use crate::selftest::rel_err;
 
 /// One rounding per element apart at most (a fused multiply-add on the device where
@@ -90,11 +90,11 @@ fn close(what: &str, got: &[f32], want: &[f32]) {
 }
 
 #[test]
+#[cfg_attr(
+    not(lalora_cuda_kernels),
+    ignore = "built without CUDA kernels (no nvcc)"
+)]
 fn packed_kernels_take_unaligned_operands_and_tails() {
-    if !kernels::BUILT {
-        eprintln!("skipped: built without CUDA kernels (no nvcc)");
-        return;
-    }
     let g = CudaBackend::sim(2, BaseDtype::F32).expect("the simulator starts");
     let cpu = CpuBackend::new(2);
     // Offsets 0, 4 and 8: aligned f32 (packs, then a tail of n % 4 or n % 8), and at 0 and
@@ -257,11 +257,11 @@ fn packed_kernels_take_unaligned_operands_and_tails() {
 /// the forward matches bit for bit and the backward too. Offsets 0 and 8 are aligned bf16
 /// packs of eight (then a tail of n % 8); 4 and 1 are not (single elements throughout).
 #[test]
+#[cfg_attr(
+    not(lalora_cuda_kernels),
+    ignore = "built without CUDA kernels (no nvcc)"
+)]
 fn swiglu_reads_bf16_gate_and_up() {
-    if !kernels::BUILT {
-        eprintln!("skipped: built without CUDA kernels (no nvcc)");
-        return;
-    }
     let g = CudaBackend::sim(2, BaseDtype::Bf16).expect("the simulator starts");
     for (off, n) in [(0, 1029), (8, 1027), (4, 1024), (1, 13)] {
         let case = format!("offset {off}, n {n}");
@@ -312,11 +312,11 @@ fn swiglu_reads_bf16_gate_and_up() {
 /// RoPE with whole float4s per half head (hd 8) and without (hd 6), on rows that
 /// start off a 16-byte boundary (offset 1) and on aligned ones.
 #[test]
+#[cfg_attr(
+    not(lalora_cuda_kernels),
+    ignore = "built without CUDA kernels (no nvcc)"
+)]
 fn rope_takes_unaligned_rows_and_odd_half_heads() {
-    if !kernels::BUILT {
-        eprintln!("skipped: built without CUDA kernels (no nvcc)");
-        return;
-    }
     let g = CudaBackend::sim(2, BaseDtype::F32).expect("the simulator starts");
     let cpu = CpuBackend::new(2);
     let (rows, heads, period) = (9, 3, 4);
@@ -358,11 +358,11 @@ fn rope_takes_unaligned_rows_and_odd_half_heads() {
 /// on the values they hold, rounded once, bit for bit. Packs of eight per half head at
 /// hd 16 (offsets 0 and 8 aligned, 4 not), single elements at hd 8 and 6.
 #[test]
+#[cfg_attr(
+    not(lalora_cuda_kernels),
+    ignore = "built without CUDA kernels (no nvcc)"
+)]
 fn rope_bf16_is_the_f32_rotation_rounded() {
-    if !kernels::BUILT {
-        eprintln!("skipped: built without CUDA kernels (no nvcc)");
-        return;
-    }
     let g = CudaBackend::sim(2, BaseDtype::Bf16).expect("the simulator starts");
     let (rows, heads, period) = (9, 3, 4);
     for (off, hd) in [(0, 16), (8, 16), (4, 16), (0, 8), (1, 6)] {

@@ -243,21 +243,17 @@ impl CudaBackend {
 #[cfg(test)]
 mod tests {
     use super::{VARIANTS, entry};
-    use crate::backend::cuda::kernels::{BUILT, MODULES};
+    use crate::backend::cuda::kernels::MODULES;
     use crate::backend::cuda::runtime::DType;
 
     /// Every flash entry the backend launches runs its products on tensor cores: its PTX
     /// body holds bf16 `mma.sync` and `ldmatrix`.
     #[test]
+    #[cfg_attr(
+        not(lalora_cuda_kernels),
+        ignore = "built without CUDA kernels (no nvcc)"
+    )]
     fn flash_kernels_use_tensor_cores() {
-        if !BUILT {
-            assert!(
-                std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
-                "LALORA_REQUIRE_GPU=1 but this build has no CUDA kernels"
-            );
-            eprintln!("skipped: built without CUDA kernels (no nvcc)");
-            return;
-        }
         let module = MODULES
             .iter()
             .find(|m| m.name == "flash_attention")

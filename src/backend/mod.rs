@@ -4,9 +4,8 @@
 //!
 //! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
 //! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
-//! input activations, the projection outputs only kernels read, and the SwiGLU backward's
-//! gradients of the gate/up outputs, in bf16, `cuda::Act`, `group::Feeds`,
-//! `swiglu_backward`); a frozen base weight `W` is `(d_out, d_in)`
+//! input activations, and the projection outputs only kernels read, in bf16, `cuda::Act`,
+//! `group::Feeds`); a frozen base weight `W` is `(d_out, d_in)`
 //! and a linear layer computes `y = x W^T`.
 
 pub mod cpu;
@@ -325,9 +324,7 @@ pub trait Backend: Send + Sync {
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf>;
-    /// Returns `(dgate, dup)`, which the gate/up projection group's backward (and the
-    /// curvature observer, through `reduction_input`) reads and nothing else: a backend may
-    /// store them as it stores `gate` and `up` (CUDA with bf16 base weights: bf16).
+    /// Returns `(dgate, dup)`.
     fn swiglu_backward(
         &self,
         dact: &Self::Buf,

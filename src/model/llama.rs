@@ -291,10 +291,7 @@ impl<B: Backend> Llama<B> {
         if let Some(obs) = ctx.observer.as_deref_mut() {
             for (((i, ga), g), u) in idx.iter().zip(&gas).zip(gs).zip(us) {
                 if let (Some(i), Some(ga), Some(u)) = (i, ga, u) {
-                    // g is read by several reductions too (a backend may store it at a
-                    // lower precision: CUDA's dgate and dup): in their form, made once.
-                    let gr = be.reduction_input(g)?;
-                    obs.observe(be, *i, x, u, gr.as_ref().unwrap_or(g), ga)?;
+                    obs.observe(be, *i, x, u, g, ga)?;
                 }
             }
         }

@@ -164,7 +164,7 @@ pub const MODULES: &[KernelModule] = &[
             "swiglu_forward_bf16",
             "swiglu_forward_bf16_in",
             "swiglu_backward",
-            "swiglu_backward_bf16",
+            "swiglu_backward_bf16_in",
         ],
     },
 ];
@@ -295,7 +295,7 @@ mod tests {
             ("swiglu", "swiglu_forward_bf16", both),
             ("swiglu", "swiglu_forward_bf16_in", both),
             ("swiglu", "swiglu_backward", both),
-            ("swiglu", "swiglu_backward_bf16", both),
+            ("swiglu", "swiglu_backward_bf16_in", both),
             ("optim", "adamw_step", both),
             ("rope", "rope", both),
             ("rope", "rope_bf16", both),

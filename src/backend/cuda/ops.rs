@@ -236,8 +236,7 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        // dy is f32 here (the model's bf16 gradients go to `project_group_backward`); the
-        // bf16 GEMM reads it rounded.
+        // Gradients are f32; the bf16 GEMM reads them rounded.
         let dy = dy.f32()?;
         let dyb = match w.ty {
             DType::Bf16 => Some(self.to_bf16(dy)?),
@@ -435,16 +434,15 @@ impl Backend for CudaBackend {
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf> {
         let n = gate.len();
-        let ty = swiglu_operand_type(gate, up)?;
         let out = self.uninit_act(n, self.act_dtype())?;
         let args = [
-            Arg::U64(gate.addr()),
+            Arg::U64(swiglu_operand(gate, up)?),
             Arg::U64(up.addr()),
             Arg::U64(out.addr()),
             Arg::U64(n as u64),
         ];
         // gate and up are bf16 only with bf16 base weights, which store the output bf16.
-        let (kernel, width) = match (ty, out.dtype()) {
+        let (kernel, width) = match (gate.dtype(), out.dtype()) {
             (DType::F32, DType::F32) => ("swiglu_forward_f32", 4),
             (DType::F32, DType::Bf16) => ("swiglu_forward_bf16", 8),
             (DType::Bf16, DType::Bf16) => ("swiglu_forward_bf16_in", 8),
@@ -465,29 +463,21 @@ impl Backend for CudaBackend {
         up: &Self::Buf,
     ) -> Result<(Self::Buf, Self::Buf)> {
         let n = gate.len();
-        // dgate and dup are stored as gate and up are: bf16 with bf16 base weights. They
-        // are read only by the gate/up group's backward (and the curvature observer): its
-        // base GEMM dx = g W rounds g to bf16 anyway (the same rounding, so that product
-        // is unchanged bit for bit); gA = s g B reads the stored g exactly (one bf16
-        // piece, f32 products), and the reductions (dB, the curvature factors) widen it
-        // exactly to f32, so those carry g's one rounding (2^-9 relative per element), as
-        // dA and the input factors carry that of the bf16 x.
-        let ty = swiglu_operand_type(gate, up)?;
-        let (dg, du) = (self.uninit_act(n, ty)?, self.uninit_act(n, ty)?);
+        let (dg, du) = (self.uninit::<f32>(n)?, self.uninit::<f32>(n)?);
         let args = [
             Arg::U64(dact.f32()?.ptr()),
-            Arg::U64(gate.addr()),
+            Arg::U64(swiglu_operand(gate, up)?),
             Arg::U64(up.addr()),
-            Arg::U64(dg.addr()),
-            Arg::U64(du.addr()),
+            Arg::U64(dg.ptr()),
+            Arg::U64(du.ptr()),
             Arg::U64(n as u64),
         ];
-        let (kernel, width) = match ty {
+        let (kernel, width) = match gate.dtype() {
             DType::F32 => ("swiglu_backward", 4),
-            DType::Bf16 => ("swiglu_backward_bf16", 8),
+            DType::Bf16 => ("swiglu_backward_bf16_in", 8),
         };
         self.launch(kernel, Self::packed(n, width), &args)?;
-        Ok((dg, du))
+        Ok((dg.into(), du.into()))
     }
 
     fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()> {
@@ -809,9 +799,9 @@ impl Backend for CudaBackend {
     }
 }
 
-/// The storage type of `gate` and `up`, once they are checked to be stored alike and as
-/// long (the kernels take one type for both).
-fn swiglu_operand_type(gate: &Act, up: &Act) -> Result<DType> {
+/// `gate`'s address, once `up` is checked to be stored alike and as long (the kernels take
+/// one type for both).
+fn swiglu_operand(gate: &Act, up: &Act) -> Result<u64> {
     if gate.dtype() != up.dtype() || gate.len() != up.len() {
         return Err(Error::Device(format!(
             "swiglu of {} {:?} gate and {} {:?} up elements",
@@ -821,7 +811,7 @@ fn swiglu_operand_type(gate: &Act, up: &Act) -> Result<DType> {
             up.dtype()
         )));
     }
-    Ok(gate.dtype())
+    Ok(gate.addr())
 }
 
 fn check_rank(r: usize) -> Result<()> {

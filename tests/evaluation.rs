@@ -266,12 +266,14 @@ fn multiple_choice_on_smollm2() {
     }
     assert_eq!(tok.encode("Yes").unwrap().len(), 1);
     let full = sequence_losses(&be, &model, None, &pairs, 1, || {}).unwrap();
-    // The shared route's continuation rows (a few per option) take the few-row products,
-    // which sum in another order than the full forward's batched GEMM: the log-likelihoods
-    // agree to the f32 rounding of logits of O(10), about 1e-6 nats a token whatever the
-    // sum, so 1e-5 nats below 1 nat and relative above (as for one question at a time,
-    // below). A purely relative bound asks for less than one rounding of a logit on the
-    // sums below 1 nat here (0.13 nats: 1.3e-6).
+    // The two routes compute the same sums in other orders: the shared route attends
+    // through a KV cache and projects a few continuation rows, each full forward a whole
+    // short sequence, and the products take the few-row path their row count and the
+    // weight's layout pick (`cpu::weight`). So the log-likelihoods agree to the f32
+    // rounding of logits of O(10), about 1e-6 nats a token whatever the sum: 1e-5 nats
+    // below 1 nat and relative above, as for one question at a time below. A purely relative bound asks for less
+    // than one rounding of a logit on a sum below 1 nat (0.13 nats here: 1.3e-6; the two
+    // routes differed by 1.9e-6, one rounding of a logit of 16).
     for (a, l) in shared.iter().zip(&full) {
         assert!(
             (a + l).abs() <= 1e-5 * l.abs().max(1.0),

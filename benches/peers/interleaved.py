@@ -25,6 +25,8 @@ import torch
 from peer_setup import default_assets, load, summed_loss
 
 PASSES = ("forward_backward", "forward")
+# The engine's bench runs on 2 threads (benches/common.rs THREADS); the peer gets as many.
+THREADS = 2
 # Idle time before each timed pass, so neither side's worker threads still spin from the
 # other's pass (OpenMP and rayon both spin a while before they sleep).
 SETTLE_S = 0.3
@@ -33,7 +35,6 @@ SETTLE_S = 0.3
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--assets", default=default_assets())
-    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("engine", nargs=argparse.REMAINDER, help="-- the engine's --serve command")
     a = ap.parse_args()
@@ -41,7 +42,7 @@ def main():
     if not cmd:
         ap.error("give the engine's --serve command after --")
 
-    model, ids = load(a.assets, a.threads)
+    model, ids = load(a.assets, THREADS)
 
     def forward_backward():
         loss = summed_loss(model, ids)
@@ -86,11 +87,11 @@ def main():
         "engine_simd": ready["simd"], "engine_loss_sum": ready["loss_sum"],
         "peer": f"torch {torch.__version__} + peft",
         "cpu_capability": torch.backends.cpu.get_cpu_capability(), "peer_loss_sum": peer_loss,
-        "threads": a.threads, "batch": ids.shape[0], "seq": ids.shape[1], "rounds": a.rounds,
+        "threads": THREADS, "batch": ids.shape[0], "seq": ids.shape[1], "rounds": a.rounds,
     }
     print(f"engine {ready['simd']}, loss {ready['loss_sum']:.2f}; peer {result['peer']}, "
           f"CPU capability {result['cpu_capability']}, loss {peer_loss:.3f}; "
-          f"{a.threads} threads, {a.rounds} interleaved rounds")
+          f"{THREADS} threads, {a.rounds} interleaved rounds")
     print(f"{'':18} {'engine s':>9} {'torch s':>9} {'engine tok/s':>13} "
           f"{'speed-up (median, min-max of rounds)':>38}")
     for name in PASSES:

@@ -55,7 +55,8 @@ pub fn simd_level() -> &'static str {
 }
 
 /// Row counts up to which `linear` takes [`gemm::linear_few_rows`] (measured on SmolLM2's
-/// shapes, 2 threads: see the function).
+/// shapes, 2 threads: see the function), or [`gemm::linear_few_rows_t`] for a weight
+/// stored transposed (taken at the same counts; only its 1-row case is measured).
 const FEW_ROWS: usize = 64;
 
 pub struct CpuBackend {
@@ -128,6 +129,12 @@ impl Backend for CpuBackend {
     }
 
     fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<CpuWeight> {
+        if host.len() != rows * cols {
+            return Err(crate::error::Error::Device(format!(
+                "weight of {} values given as {rows} x {cols}",
+                host.len()
+            )));
+        }
         Ok(CpuWeight::new(host, rows, cols))
     }
 
@@ -196,6 +203,7 @@ impl Backend for CpuBackend {
         k: usize,
         n: usize,
     ) -> Result<Vec<f32>> {
+        debug_assert_eq!(w.dims(), (n, k), "linear: W is not (n, k)");
         if m <= FEW_ROWS {
             return Ok(match w.transposed_values() {
                 Some(wt) => gemm::linear_few_rows_t(x, wt, m, k, n),
@@ -215,6 +223,7 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         accumulate: bool,
     ) -> Result<()> {
+        debug_assert_eq!(w.dims(), (n, k), "linear_backward: W is not (n, k)");
         gemm(
             m,
             k,

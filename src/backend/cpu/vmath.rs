@@ -5,7 +5,9 @@
 //!
 //! The sums and dot products of those rows are vectorised too, as 16 interleaved partial
 //! sums added pairwise at the end; so are the products of a few rows with a weight matrix
-//! that decoding takes ([`dot_block`]), where reading the weights once is what counts.
+//! that decoding takes ([`dot_block`]), where reading the weights once is what counts. For
+//! a weight stored transposed, [`axpy_rows`] streams its rows instead: 16 contiguous blocks
+//! of them, each block's sums one chain, the blocks added pairwise ([`total_lanes`]).
 //!
 //! `exp` here is within 2 ulp of the exact exponential over f32's normal range (the
 //! Taylor polynomial's truncation error is below 1e-8 relative; the rest is rounding).

@@ -8,19 +8,20 @@
 //! against as given: down (576 x 1536) forward +21 %, backward +4 %; gate/up (1536 x 576)
 //! +5 % and -11 %; q/o (576 x 576) +3 % and -5 %; k/v (192 x 576) +2 % and -23 %. So a
 //! weight is stored transposed when it has more columns than rows and at least
-//! [`TRANSPOSE_MIN_ROWS`] rows: down, of SmolLM2's. Either way each output element of
-//! those products is the same sum in the same order (the packing only moves operands), so
-//! training and evaluation results do not depend on the layout; the few-row products of
-//! decoding do (`gemm::linear_few_rows_t`).
+//! [`TRANSPOSE_MIN_ROWS`] rows: down, of SmolLM2's. Above `FEW_ROWS` rows (batched
+//! training and evaluation) each output of those products is the same sum in the same
+//! order either way (the packing only moves operands), so those results do not depend on
+//! the layout. Products of `FEW_ROWS` rows or fewer (decoding, short sequences) take
+//! other paths per layout (`gemm::linear_few_rows_t`), which round differently.
 
 use std::borrow::Cow;
 
 use super::gemm::Mat;
 
-/// Rows below which a wide weight stays as given: between the narrowest measured shape
-/// that gains (576 rows) and the widest that loses (192); shapes in between, such as
-/// Llama-3.2-1B's k/v (512 x 2048), are not measured.
-pub const TRANSPOSE_MIN_ROWS: usize = 512;
+/// Rows below which a wide weight stays as given: the narrowest measured shape that gains
+/// (576 rows; the widest that loses has 192). Shapes in between, such as Llama-3.2-1B's
+/// k/v (512 x 2048), are not measured and stay as given.
+pub const TRANSPOSE_MIN_ROWS: usize = 576;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
@@ -38,7 +39,8 @@ pub struct CpuWeight {
 }
 
 impl CpuWeight {
-    /// `W (rows, cols)` from its row-major values, in the layout chosen above.
+    /// `W (rows, cols)` from its row-major values (`rows * cols` of them, which the caller
+    /// has checked), in the layout chosen above.
     pub fn new(w: Vec<f32>, rows: usize, cols: usize) -> Self {
         if rows < cols && rows >= TRANSPOSE_MIN_ROWS {
             Self::transposed(&w, rows, cols)
@@ -71,6 +73,11 @@ impl CpuWeight {
             cols,
             layout: Layout::Transposed,
         }
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
     }
 
     /// `W (rows, cols)` as a view.
@@ -144,5 +151,49 @@ mod tests {
                 .is_none()
         );
         assert!(CpuWeight::new(w, rows, cols).transposed_values().is_none());
+    }
+
+    /// `linear` and `linear_backward` on both layouts of a wide weight: bit for bit above
+    /// `FEW_ROWS` rows (the same sums in the same order), within f32 rounding at and below
+    /// it, where each layout takes its own few-row path.
+    #[test]
+    fn layouts_agree_bit_for_bit_above_few_rows() {
+        use crate::backend::Backend;
+        use crate::backend::cpu::CpuBackend;
+        let be = CpuBackend::new(2);
+        let (n, k) = (TRANSPOSE_MIN_ROWS, TRANSPOSE_MIN_ROWS + 24);
+        let val = |i: usize, s: usize| ((i * s % 1009) as f32 - 504.0) / 700.0;
+        let w: Vec<f32> = (0..n * k).map(|i| val(i, 7919)).collect();
+        let (rm, tr) = (
+            CpuWeight::row_major(w.clone(), n, k),
+            CpuWeight::transposed(&w, n, k),
+        );
+        for m in [1, 8, 9, 64, 65, 200] {
+            let x: Vec<f32> = (0..m * k).map(|i| val(i, 104729)).collect();
+            let dy: Vec<f32> = (0..m * n).map(|i| val(i, 31337)).collect();
+            let fwd = |cw: &CpuWeight| be.linear(&x, cw, m, k, n).unwrap();
+            let bwd = |cw: &CpuWeight| {
+                let mut dx = vec![0f32; m * k];
+                be.linear_backward(&dy, cw, m, k, n, &mut dx, false)
+                    .unwrap();
+                dx
+            };
+            for (what, a, b) in [
+                ("linear", fwd(&rm), fwd(&tr)),
+                ("backward", bwd(&rm), bwd(&tr)),
+            ] {
+                if m > super::super::FEW_ROWS {
+                    assert_eq!(a, b, "{what}, m {m}: layouts differ");
+                } else {
+                    // Sums of k products of O(1): a few roundings of O(1e-7) each.
+                    let err = a
+                        .iter()
+                        .zip(&b)
+                        .map(|(p, q)| (p - q).abs())
+                        .fold(0f32, f32::max);
+                    assert!(err < 1e-4, "{what}, m {m}: layouts differ by {err}");
+                }
+            }
+        }
     }
 }

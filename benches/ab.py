@@ -17,6 +17,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import time
 
 PASSES = ("forward_backward", "forward")
@@ -26,12 +27,18 @@ SETTLE_S = 0.3  # idle before each pass, so the other side's threads have stoppe
 def start(binary):
     p = subprocess.Popen([binary, "--bench", "--serve"], stdin=subprocess.PIPE,
                          stdout=subprocess.PIPE, text=True)
-    ready = json.loads(p.stdout.readline())
+
+    def answer():
+        line = p.stdout.readline()
+        if not line:
+            sys.exit(f"ab.py: {binary} exited early (its stderr is above)")
+        return line
+    ready = json.loads(answer())
 
     def run(name):
         p.stdin.write(name + "\n")
         p.stdin.flush()
-        return float(p.stdout.readline())
+        return float(answer())
     return p, ready, run
 
 

@@ -18,6 +18,7 @@ import argparse
 import json
 import statistics
 import subprocess
+import sys
 import time
 
 import torch
@@ -55,12 +56,18 @@ def main():
 
     peer = {"forward_backward": forward_backward, "forward": forward}
     engine = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    ready = json.loads(engine.stdout.readline())
+
+    def answer():
+        line = engine.stdout.readline()
+        if not line:
+            sys.exit(f"interleaved.py: the engine ({' '.join(cmd)}) exited early (its stderr is above)")
+        return line
+    ready = json.loads(answer())
 
     def engine_pass(name):
         engine.stdin.write(name + "\n")
         engine.stdin.flush()
-        return float(engine.stdout.readline())
+        return float(answer())
 
     def peer_pass(name):
         t = time.perf_counter()

@@ -56,7 +56,7 @@ pub fn simd_level() -> &'static str {
 
 /// Row counts up to which `linear` takes [`gemm::linear_few_rows`] (measured on SmolLM2's
 /// shapes, 2 threads: see the function), or [`gemm::linear_few_rows_t`] for a weight
-/// stored transposed (taken at the same counts; only its 1-row case is measured).
+/// stored transposed (taken at the same counts; measured up to 8 rows only).
 const FEW_ROWS: usize = 64;
 
 pub struct CpuBackend {

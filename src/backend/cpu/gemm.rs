@@ -200,7 +200,7 @@ pub fn gemm_naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
 /// (measured on SmolLM2's shapes, 2 threads: 1.1-4x the gemm crate at 1-8 rows, a half
 /// to a third of it at 16-64, where `x` no longer fits the L1 cache beside a row of `w`).
 /// [`linear_few_rows_t`] streams up to the same count: on down's shape (30 layers' weights
-/// cycled) it takes 117-171 us at 1 row against `dot_block`'s 121-163, and 0.6-0.9 of
+/// cycled) it takes 121-171 us at 1 row against `dot_block`'s 117-163, and 0.6-0.9 of
 /// `dot_block`'s time at 2-8 rows.
 const STREAM_ROWS: usize = 8;
 

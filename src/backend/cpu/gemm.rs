@@ -285,53 +285,38 @@ mod tests {
         assert!(err < 1e-4, "max abs error {err}");
     }
 
+    /// The few-row products against the naive triple loop at every row count around the
+    /// paths' thresholds (streamed up to `STREAM_ROWS`, the gemm crate above), with the
+    /// weight row-major (`linear_few_rows`) and transposed (`linear_few_rows_t`). k = 53 is
+    /// 16 blocks of 4 rows at most for the transposed stream: the 14th has 1 row and the
+    /// last two none; k = 5 leaves 11 blocks empty.
     #[test]
     fn few_rows_linear_matches_naive() {
-        let (k, n) = (53, 41);
-        let w: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
-            .collect();
-        for m in [1, 3, 4, 7, 8, 9, 64] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+        for (k, n, transposed) in [(53, 41, false), (53, 141, true), (5, 17, true)] {
+            // `W (n, k)` row-major, or `W^T (k, n)` row-major.
+            let w: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
                 .collect();
-            let got = linear_few_rows(&x, &w, m, k, n);
-            let want = gemm_naive(m, n, k, Mat::rows(&x, k), Mat::rows(&w, k).t());
-            let err: f32 = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(err < 1e-4, "m {m}: max abs error {err}");
-        }
-    }
-
-    /// The transposed-weight few-row product against the naive triple loop on every path
-    /// (streamed up to `STREAM_ROWS`, the gemm crate above). k = 53 is 16 blocks of 4 rows
-    /// at most: the 14th has 1 row and the last two none; k = 5 leaves 11 blocks empty.
-    #[test]
-    fn few_rows_transposed_matches_naive() {
-        for (k, n) in [(53, 141), (5, 17)] {
-            few_rows_transposed_case(k, n);
-        }
-    }
-
-    fn few_rows_transposed_case(k: usize, n: usize) {
-        let wt: Vec<f32> = (0..k * n)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
-            .collect();
-        for m in [1, 3, 4, 7, 8, 9, 64] {
-            let x: Vec<f32> = (0..m * k)
-                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
-                .collect();
-            let got = linear_few_rows_t(&x, &wt, m, k, n);
-            let want = gemm_naive(m, n, k, Mat::rows(&x, k), Mat::rows(&wt, n));
-            let err: f32 = got
-                .iter()
-                .zip(&want)
-                .map(|(a, b)| (a - b).abs())
-                .fold(0.0, f32::max);
-            assert!(err < 1e-4, "m {m}: max abs error {err}");
+            for m in [1, 3, 4, 7, 8, 9, 64] {
+                let x: Vec<f32> = (0..m * k)
+                    .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                    .collect();
+                let (got, wv) = if transposed {
+                    (linear_few_rows_t(&x, &w, m, k, n), Mat::rows(&w, n))
+                } else {
+                    (linear_few_rows(&x, &w, m, k, n), Mat::rows(&w, k).t())
+                };
+                let want = gemm_naive(m, n, k, Mat::rows(&x, k), wv);
+                let err: f32 = got
+                    .iter()
+                    .zip(&want)
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0.0, f32::max);
+                assert!(
+                    err < 1e-4,
+                    "k {k}, m {m}, transposed {transposed}: error {err}"
+                );
+            }
         }
     }
 }

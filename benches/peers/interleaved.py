@@ -1,11 +1,9 @@
 #!/usr/bin/env python3
 """The engine's LoRA passes and PyTorch + PEFT's, interleaved one by one on the same cores.
 
-Why: on a shared machine (a VM beside other tenants) the speed of the cores drifts by 10-30 %
-over tens of seconds, and `compare-train-step.sh` times the engine for minutes and then the
-peer, so a slow spell lands on one side only. Here each round times one engine pass and one
-peer pass back to back (the order alternating between rounds), and the speed-up reported
-is the median over rounds of the two passes' ratio, next to each side's median.
+Each round times one engine pass and one peer pass back to back (serve.py says why), and
+the speed-up reported is the median over rounds of the two passes' ratio, next to each
+side's median.
 
 The engine side is `cargo bench --bench train_step -- --serve` (the command is given after
 `--`), which answers one pass per line on stdin with its seconds. Both sides use the same
@@ -17,20 +15,15 @@ Run: benches/peers/compare-train-step.sh --interleaved [--avx2]
 import argparse
 import json
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
-from peer_setup import default_assets, load, summed_loss
+from peer_setup import default_assets, load, passes
+from serve import PASSES, Engine, interleave
 
-PASSES = ("forward_backward", "forward")
 # The engine's bench runs on 2 threads (benches/common.rs THREADS); the peer gets as many.
 THREADS = 2
-# Idle time before each timed pass, so neither side's worker threads still spin from the
-# other's pass (OpenMP and rayon both spin a while before they sleep).
-SETTLE_S = 0.3
 
 
 def main():
@@ -44,50 +37,19 @@ def main():
         ap.error("give the engine's --serve command after --")
 
     model, ids = load(a.assets, THREADS)
-
-    def forward_backward():
-        loss = summed_loss(model, ids)
-        loss.backward()
-        return loss.item()
-
-    def forward():
-        with torch.no_grad():
-            model(input_ids=ids)
-
-    peer = {"forward_backward": forward_backward, "forward": forward}
-    engine = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-
-    def answer():
-        line = engine.stdout.readline()
-        if not line:
-            sys.exit(f"interleaved.py: the engine ({' '.join(cmd)}) exited early (its stderr is above)")
-        return line
-    ready = json.loads(answer())
-
-    def engine_pass(name):
-        engine.stdin.write(name + "\n")
-        engine.stdin.flush()
-        return float(answer())
+    peer = passes(model, ids)
+    peer_loss = peer["forward_backward"]()
+    engine = Engine(cmd)
+    ready = engine.ready
 
     def peer_pass(name):
         t = time.perf_counter()
         peer[name]()
         return time.perf_counter() - t
 
-    peer_loss = forward_backward()  # also the peer's warm-up of the backward
-    forward()
-    for name in PASSES:
-        engine_pass(name)
-
-    times = {name: {"engine": [], "peer": []} for name in PASSES}
-    for r in range(a.rounds):
-        for name in PASSES:
-            sides = [("engine", engine_pass), ("peer", peer_pass)]
-            for side, run in sides if r % 2 == 0 else sides[::-1]:
-                time.sleep(SETTLE_S)
-                times[name][side].append(run(name))
-    engine.stdin.close()
-    engine.wait()
+    both = interleave([engine.run, peer_pass], PASSES, a.rounds)
+    engine.close()
+    times = {name: {"engine": e, "peer": p} for name, (e, p) in both.items()}
 
     tokens = ids.numel()
     result = {

@@ -40,6 +40,21 @@ def summed_loss(model, ids):
         logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum")
 
 
+def passes(model, ids):
+    """The two timed passes, as the engine's benches run them: `forward_backward` (the
+    summed loss and its backward, returning the loss; gradients accumulate as the engine's
+    do) and `forward` (the logits, without gradients)."""
+    def forward_backward():
+        loss = summed_loss(model, ids)
+        loss.backward()
+        return loss.item()
+
+    def forward():
+        with torch.no_grad():
+            model(input_ids=ids)
+    return {"forward_backward": forward_backward, "forward": forward}
+
+
 def timed(fn, n):
     fn()  # warm-up
     ts = []

@@ -9,7 +9,7 @@ import json
 
 import torch
 
-from peer_setup import default_assets, load, summed_loss, timed
+from peer_setup import default_assets, load, passes, timed
 
 
 def main():
@@ -19,15 +19,8 @@ def main():
     ap.add_argument("--steps", type=int, default=5)
     a = ap.parse_args()
     model, ids = load(a.assets, a.threads)
-
-    def step():
-        loss = summed_loss(model, ids)
-        loss.backward()
-        return loss.item()
-
-    def forward():
-        with torch.no_grad():
-            model(input_ids=ids)
+    p = passes(model, ids)
+    step, forward = p["forward_backward"], p["forward"]
 
     loss_sum = step()
     t_step = timed(step, a.steps)

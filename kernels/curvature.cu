@@ -106,12 +106,23 @@ extern "C" __global__ void mirror_upper(float* out, int n) {
 }
 
 // out[s][d] = sum (or mean) of x's rows in segment s.
-extern "C" __global__ void segment_sum(const float* x, const int* seg_start, const int* seg_len, int n_seg, int dim, int mean,
-                                       float* out) {
+template <class T>
+__device__ __forceinline__ void segment_sum(const T* x, const int* seg_start, const int* seg_len, int n_seg, int dim,
+                                            int mean, float* out) {
     GRID_STRIDE(idx, (size_t)n_seg * dim) {
         const int s = idx / dim, d = idx % dim;
         float acc = 0.f;
-        for (int p = seg_start[s]; p < seg_start[s] + seg_len[s]; ++p) acc += x[(size_t)p * dim + d];
+        for (int p = seg_start[s]; p < seg_start[s] + seg_len[s]; ++p) acc += load<1>(x, (size_t)p * dim + d).v[0];
         out[idx] = mean && seg_len[s] > 0 ? acc / seg_len[s] : acc;
     }
 }
+// x stored as f32 or as bf16 (read as stored, widened exactly).
+extern "C" __global__ void segment_sum_f32(const float* x, const int* seg_start, const int* seg_len, int n_seg, int dim,
+                                           int mean, float* out) {
+    segment_sum(x, seg_start, seg_len, n_seg, dim, mean, out);
+}
+extern "C" __global__ void segment_sum_bf16(const __nv_bfloat16* x, const int* seg_start, const int* seg_len, int n_seg,
+                                            int dim, int mean, float* out) {
+    segment_sum(x, seg_start, seg_len, n_seg, dim, mean, out);
+}
+

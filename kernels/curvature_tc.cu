@@ -7,6 +7,11 @@
 //   sq_grad_*: out += sum_n (alpha * C_n)^2 with C_n the product over sequence n's tiles
 //              (per-sample gradient squaring for `diag`; C_n never leaves registers).
 //
+// Operands: each of A and B is stored as f32 or as bf16 (the bf16 engine's activations),
+// read as stored: a bf16 tile is staged in shared memory as bf16 (half the bytes) and
+// widened when a lane loads its fragment. A bf16 value is exact in tf32, so the product is
+// bit for bit that of the operand widened to f32 beforehand.
+//
 // Tensor cores: mma.sync m16n8k8 with tf32 inputs and f32 accumulators. Precision follows
 // the engine's base dtype: PASSES = 1 rounds each input to tf32 (10-bit mantissa, about
 // 5e-4 relative error per product: the bf16 engine's precision); PASSES = 3 is 3xTF32,
@@ -21,7 +26,7 @@
 // two 64/128-bit loads instead of 2*MS + NS scalar ones): logical element e of a lane with
 // group g (lane / 4) sits at column (e / V) * 8V + V g + e % V of the shared tile (V = 4,
 // or the element count when smaller); the epilogue maps the accumulators back the same
-// way. With row strides of 8 or 24 (mod 32) floats these loads are free of bank conflicts.
+// way. The row strides (smem_stride) keep these loads free of bank conflicts.
 //
 // Reduction order, fixed (deterministic, no atomics): within a block the tiles are summed
 // in list order, the mma chain restarting every SLICE tiles (256 rows) and its partial
@@ -39,9 +44,16 @@ constexpr int SLICE = 8;
 constexpr int ROWS_MASK = 0xff;
 constexpr int SEQ_END = 0x100;
 
-// Shared row stride (floats) for a tile `w` columns wide (a power of two >= 8): 8 or 24
-// (mod 32) for conflict-free fragment loads, a multiple of 4 for 16-byte cp.async.
-__host__ __device__ constexpr int smem_stride(int w) { return (w < 16 ? 16 : w) + 8; }
+using bf16 = __nv_bfloat16;
+
+// Shared row stride, in elements of T, of a tile `w` columns wide (a power of two >= 8).
+// f32: 8 or 24 words (mod 32), so the four rows a quarter warp's 16-byte fragment loads
+// touch start 32 bytes apart (mod 128); bf16: 16 or 48 halves (mod 64), the same 32 bytes
+// apart for a half warp's 8-byte loads. Both keep rows a multiple of 16 bytes (cp.async).
+template <class T>
+__host__ __device__ constexpr int smem_stride(int w) {
+    return sizeof(T) == 4 ? (w < 16 ? 16 : w) + 8 : (w < 32 ? 32 : w) + 16;
+}
 
 __device__ __forceinline__ uint32_t tf32(float x) {
     uint32_t r;
@@ -58,7 +70,7 @@ __device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], 
 }
 
 // 16 (or 4) bytes global -> shared; the first `src_bytes` are copied, the rest zero-filled.
-__device__ __forceinline__ void cp_async16(float* dst, const float* src, int src_bytes) {
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
     const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
 }
@@ -82,14 +94,18 @@ struct Frag {
     }
 };
 
-// One block configuration: WM x WN warps, each owning MS x NS mma tiles (16 x 8 each).
-template <int WM_, int WN_, int MS_, int NS_, int PASSES_>
+// One block configuration: WM x WN warps, each owning MS x NS mma tiles (16 x 8 each),
+// with A stored as TA and B as TB (float or bf16).
+template <int WM_, int WN_, int MS_, int NS_, int PASSES_, class TA_, class TB_>
 struct Cfg {
     static constexpr int WM = WM_, WN = WN_, MS = MS_, NS = NS_, PASSES = PASSES_;
+    using TA = TA_;
+    using TB = TB_;
     static constexpr int THREADS = 32 * WM * WN;
     static constexpr int BM = WM * 16 * MS, BN = WN * 8 * NS;
-    static constexpr int SA = smem_stride(BM), SB = smem_stride(BN);
-    static constexpr int STAGE = BK * (SA + SB);  // floats per stage
+    static constexpr int SA = smem_stride<TA>(BM), SB = smem_stride<TB>(BN);
+    static constexpr int A_BYTES = BK * SA * (int)sizeof(TA);  // A's part of a stage
+    static constexpr int STAGE = A_BYTES + BK * SB * (int)sizeof(TB);  // bytes per stage
     static constexpr int VA = 2 * MS < 4 ? 2 * MS : 4, VB = NS < 4 ? NS : 4;
     using Acc = float[MS][NS][4];
 
@@ -100,18 +116,22 @@ struct Cfg {
 };
 
 // Rows [row0, row0 + rows) x columns [col0, col0 + W) of the row-major (.., dim) matrix
-// `g` into a BK x W shared tile of row stride smem_stride(W); zeros outside the rows and
-// beyond column dim. `vec` (dim % 4 == 0, 16-byte aligned base): 16 bytes per copy, each
-// thread keeping one column chunk for all its rows; else (any dim) 4 bytes per copy.
-template <int W, int THREADS>
-__device__ __forceinline__ void load_tile(float* s, const float* g, int dim, int col0, int row0, int rows, bool vec) {
-    constexpr int S = smem_stride(W);
+// `g` into a BK x W shared tile of row stride smem_stride<T>(W); zeros outside the rows
+// and beyond column dim. `vec` (dim a multiple of 16 bytes' elements, 16-byte aligned
+// base): 16 bytes per copy, each thread keeping one column chunk for all its rows; else
+// (any dim) one element per copy: cp.async of 4 bytes for f32; for bf16, below cp.async's
+// 4-byte minimum, a plain load and store, which the __syncthreads before the tile's use
+// orders like the copies.
+template <int W, int THREADS, class T>
+__device__ __forceinline__ void load_tile(T* s, const T* g, int dim, int col0, int row0, int rows, bool vec) {
+    constexpr int S = smem_stride<T>(W), E = 16 / (int)sizeof(T);
+    static_assert(W % E == 0, "a tile row is whole 16-byte chunks");
     if (vec) {
-        constexpr int CH = W / 4, RSTEP = THREADS / CH;
+        constexpr int CH = W / E, RSTEP = THREADS / CH;
         static_assert(THREADS % CH == 0, "a whole number of rows per pass");
-        const int col = (threadIdx.x % CH) * 4, r0 = threadIdx.x / CH;
+        const int col = (threadIdx.x % CH) * E, r0 = threadIdx.x / CH;
         const bool col_in = col0 + col < dim;
-        const float* src = g + (size_t)row0 * dim + col0 + col;
+        const T* src = g + (size_t)row0 * dim + col0 + col;
 #pragma unroll
         for (int j = 0; j < (BK + RSTEP - 1) / RSTEP; ++j) {
             const int r = r0 + j * RSTEP;
@@ -125,28 +145,55 @@ __device__ __forceinline__ void load_tile(float* s, const float* g, int dim, int
         for (int c = threadIdx.x; c < BK * W; c += THREADS) {
             const int r = c / W, col = c % W;
             const bool in = r < rows && col0 + col < dim;
-            cp_async4(s + r * S + col, in ? g + (size_t)(row0 + r) * dim + col0 + col : g, in ? 4 : 0);
+            const T* src = g + (size_t)(row0 + r) * dim + col0 + col;
+            if constexpr (sizeof(T) == 4)
+                cp_async4(s + r * S + col, in ? src : g, in ? 4 : 0);
+            else
+                s[r * S + col] = in ? *src : T();
         }
     }
 }
 
 // The block's operands and where its tile sits.
+template <class C>
 struct Operands {
-    const float* a;  // (rows, M)
-    const float* b;  // (rows, N)
+    const typename C::TA* a;  // (rows, M)
+    const typename C::TB* b;  // (rows, N)
     int M, N, m0, n0;
     bool va, vb;  // 16-byte copies allowed
 };
 
 template <class C>
-__device__ __forceinline__ void load_stage(float* stage, const Operands& op, int2 tile) {
+__device__ __forceinline__ void load_stage(char* stage, const Operands<C>& op, int2 tile) {
     const int rows = tile.y & ROWS_MASK;
-    load_tile<C::BM, C::THREADS>(stage, op.a, op.M, op.m0, tile.x, rows, op.va);
-    load_tile<C::BN, C::THREADS>(stage + BK * C::SA, op.b, op.N, op.n0, tile.x, rows, op.vb);
+    load_tile<C::BM, C::THREADS>(reinterpret_cast<typename C::TA*>(stage), op.a, op.M, op.m0, tile.x, rows, op.va);
+    load_tile<C::BN, C::THREADS>(reinterpret_cast<typename C::TB*>(stage + C::A_BYTES), op.b, op.N, op.n0, tile.x,
+                                 rows, op.vb);
 }
 
-// Loads `n` floats from shared memory at p (n = V or a multiple of 4 split as float4s
-// 8V apart: the columns of elements e = j*V .. j*V + V-1 of the lane).
+// bf16 bits to the f32 of the same value (exact).
+__device__ __forceinline__ float widen(uint32_t bits16) { return __uint_as_float(bits16 << 16); }
+
+// Loads `n` values from shared memory at p as f32 (n = V or a multiple of 4 split as
+// vectors 8V elements apart: the columns of elements e = j*V .. j*V + V-1 of the lane):
+// f32 as float4/float2/float, bf16 as 8/4/2-byte words widened.
+template <int N, int V>
+__device__ __forceinline__ void lds(float (&v)[N], const bf16* p) {
+#pragma unroll
+    for (int j = 0; j < N / V; ++j) {
+        const bf16* q = p + j * 8 * V;
+        if (V == 4) {
+            const uint2 x = *reinterpret_cast<const uint2*>(q);
+            v[4 * j] = widen(x.x & 0xffff), v[4 * j + 1] = widen(x.x >> 16);
+            v[4 * j + 2] = widen(x.y & 0xffff), v[4 * j + 3] = widen(x.y >> 16);
+        } else if (V == 2) {
+            const uint32_t x = *reinterpret_cast<const uint32_t*>(q);
+            v[2 * j] = widen(x & 0xffff), v[2 * j + 1] = widen(x >> 16);
+        } else {
+            v[j] = widen(*reinterpret_cast<const uint16_t*>(q));
+        }
+    }
+}
 template <int N, int V>
 __device__ __forceinline__ void lds(float (&v)[N], const float* p) {
 #pragma unroll
@@ -166,10 +213,10 @@ __device__ __forceinline__ void lds(float (&v)[N], const float* p) {
 
 // acc += A_stage^T B_stage for this warp's MS x NS mma tiles.
 template <class C>
-__device__ __forceinline__ void mma_stage(const float* stage, typename C::Acc& acc, int wm, int wn) {
+__device__ __forceinline__ void mma_stage(const char* stage, typename C::Acc& acc, int wm, int wn) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const float* sa = stage + wm * 16 * C::MS + C::VA * g;
-    const float* sb = stage + BK * C::SA + wn * 8 * C::NS + C::VB * g;
+    const typename C::TA* sa = reinterpret_cast<const typename C::TA*>(stage) + wm * 16 * C::MS + C::VA * g;
+    const typename C::TB* sb = reinterpret_cast<const typename C::TB*>(stage + C::A_BYTES) + wn * 8 * C::NS + C::VB * g;
 #pragma unroll
     for (int k = 0; k < BK; k += 8) {
         // rows k + t and k + t + 4 of A (2 MS values each) and B (NS values each)
@@ -224,9 +271,10 @@ __device__ __forceinline__ void fold(typename C::Acc& into, typename C::Acc& fro
 // Runs the cp.async pipeline over tiles[0, n): after each tile's products are in `acc`,
 // calls after(i, meta). Every thread of the block takes part.
 template <class C, class After>
-__device__ __forceinline__ void mainloop(const Operands& op, const int2* tiles, int n, typename C::Acc& acc, After after) {
+__device__ __forceinline__ void mainloop(const Operands<C>& op, const int2* tiles, int n, typename C::Acc& acc,
+                                         After after) {
     extern __shared__ float4 smem4[];
-    float* smem = reinterpret_cast<float*>(smem4);
+    char* smem = reinterpret_cast<char*>(smem4);
     const int warp = threadIdx.x >> 5, wm = warp % C::WM, wn = warp / C::WM;
 #pragma unroll
     for (int s = 0; s < STAGES - 1; ++s) {
@@ -248,7 +296,7 @@ __device__ __forceinline__ void mainloop(const Operands& op, const int2* tiles, 
 
 // Calls f(m, n, v) for each accumulator of this lane with its row and column in C.
 template <class C, class F>
-__device__ __forceinline__ void for_each_acc(const Operands& op, const typename C::Acc& acc, F f) {
+__device__ __forceinline__ void for_each_acc(const Operands<C>& op, const typename C::Acc& acc, F f) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const int warp = threadIdx.x >> 5;
     const int mw = op.m0 + (warp % C::WM) * 16 * C::MS, nw = op.n0 + (warp / C::WM) * 8 * C::NS;
@@ -280,7 +328,7 @@ __device__ __forceinline__ void zero(typename C::Acc& a) {
 // C[m][n], for gram_reduce_splits. With `upper` (A == B, square tiles) blockIdx.x counts
 // the tiles on and above the diagonal row by row, and only m <= n is written.
 template <class C>
-__device__ __forceinline__ void gram(const float* a, const float* b, int M, int N, const int2* tiles, int ntiles,
+__device__ __forceinline__ void gram(const typename C::TA* a, const typename C::TB* b, int M, int N, const int2* tiles, int ntiles,
                                      int tiles_n, int upper, float alpha, float* out, long long rs, long long cs,
                                      float* partial, int va, int vb) {
     int tm = 0, tn = blockIdx.x;
@@ -291,7 +339,7 @@ __device__ __forceinline__ void gram(const float* a, const float* b, int M, int 
         tm = tn / tiles_n;
         tn %= tiles_n;
     }
-    const Operands op{a, b, M, N, tm * C::BM, tn * C::BN, va != 0, vb != 0};
+    const Operands<C> op{a, b, M, N, tm * C::BM, tn * C::BN, va != 0, vb != 0};
     const int split = blockIdx.y, nsplit = gridDim.y;
     const int t0 = (int)((long long)ntiles * split / nsplit), t1 = (int)((long long)ntiles * (split + 1) / nsplit);
     typename C::Acc acc, tot;
@@ -314,10 +362,10 @@ __device__ __forceinline__ void gram(const float* a, const float* b, int M, int 
 // over its sequences of (alpha C_n)^2 for the BM x BN tile blockIdx.x of C (BN >= N):
 // added to out[m rs + n cs] with one group, else written to partial[group][m][n].
 template <class C>
-__device__ __forceinline__ void sq_grad(const float* a, const float* b, int M, int N, const int2* tiles,
+__device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename C::TB* b, int M, int N, const int2* tiles,
                                         const int* group, float alpha, float* out, long long rs, long long cs,
                                         float* partial, int va, int vb) {
-    const Operands op{a, b, M, N, (int)blockIdx.x * C::BM, 0, va != 0, vb != 0};
+    const Operands<C> op{a, b, M, N, (int)blockIdx.x * C::BM, 0, va != 0, vb != 0};
     const int grp = blockIdx.y, t0 = group[grp], t1 = group[grp + 1];
     typename C::Acc acc, seq, sq;
     zero<C>(acc);
@@ -353,36 +401,44 @@ __device__ __forceinline__ void sq_grad(const float* a, const float* b, int M, i
 
 }  // namespace
 
+// Entry names: <kind>_<precision>_<tile or rank>_<A's storage>_<B's storage>. f32 operands
+// at both precisions; bf16 ones (which only the bf16 engine's activations are) at tf32 only.
+#define TF32_TYPES(ENTRY, name, ...)                  \
+    ENTRY(name##_f32_f32, __VA_ARGS__, 1, float, float) \
+    ENTRY(name##_f32_bf16, __VA_ARGS__, 1, float, bf16) \
+    ENTRY(name##_bf16_f32, __VA_ARGS__, 1, bf16, float) \
+    ENTRY(name##_bf16_bf16, __VA_ARGS__, 1, bf16, bf16)
+
 // KFAC Gram out (M, N) += alpha * sum_tiles A_tile^T B_tile (see gram above). 128 x 128
 // tiles of 8 warps (2 x 4, 64 x 32 each), or 256 x 32 tiles of 4 warps for a narrow side.
-#define GRAM_ENTRY(name, WM, WN, PASSES)                                                                            \
+#define GRAM_ENTRY(name, WM, WN, PASSES, TA, TB)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * WM * WN, 1)                                                   \
-        name(const float* a, const float* b, int M, int N, const int2* tiles, int ntiles, int tiles_n, int upper,   \
+        name(const TA* a, const TB* b, int M, int N, const int2* tiles, int ntiles, int tiles_n, int upper,         \
              float alpha, float* out, long long rs, long long cs, float* partial, int va, int vb) {                 \
-        gram<Cfg<WM, WN, 4, 4, PASSES>>(a, b, M, N, tiles, ntiles, tiles_n, upper, alpha, out, rs, cs, partial, va, \
-                                        vb);                                                                        \
+        gram<Cfg<WM, WN, 4, 4, PASSES, TA, TB>>(a, b, M, N, tiles, ntiles, tiles_n, upper, alpha, out, rs, cs,      \
+                                                partial, va, vb);                                                   \
     }
-GRAM_ENTRY(gram_tf32_128x128, 2, 4, 1)
-GRAM_ENTRY(gram_tf32_256x32, 4, 1, 1)
-GRAM_ENTRY(gram_3xtf32_128x128, 2, 4, 3)
-GRAM_ENTRY(gram_3xtf32_256x32, 4, 1, 3)
+TF32_TYPES(GRAM_ENTRY, gram_tf32_128x128, 2, 4)
+TF32_TYPES(GRAM_ENTRY, gram_tf32_256x32, 4, 1)
+GRAM_ENTRY(gram_3xtf32_128x128_f32_f32, 2, 4, 3, float, float)
+GRAM_ENTRY(gram_3xtf32_256x32_f32_f32, 4, 1, 3, float, float)
 
 // Per-sample squaring out += sum_n (alpha * A_n^T B_n)^2 with B the rank side (N <= 8 NS):
 // 64-row tiles of the wide side, 4 warps each owning 16 rows and all N columns.
-#define SQ_ENTRY(name, NS, PASSES)                                                                                  \
+#define SQ_ENTRY(name, NS, PASSES, TA, TB)                                                                          \
     extern "C" __global__ void __launch_bounds__(128)                                                               \
-        name(const float* a, const float* b, int M, int N, const int2* tiles, const int* group, float alpha,        \
-             float* out, long long rs, long long cs, float* partial, int va, int vb) {                              \
-        sq_grad<Cfg<4, 1, 1, NS, PASSES>>(a, b, M, N, tiles, group, alpha, out, rs, cs, partial, va, vb);           \
+        name(const TA* a, const TB* b, int M, int N, const int2* tiles, const int* group, float alpha, float* out,  \
+             long long rs, long long cs, float* partial, int va, int vb) {                                          \
+        sq_grad<Cfg<4, 1, 1, NS, PASSES, TA, TB>>(a, b, M, N, tiles, group, alpha, out, rs, cs, partial, va, vb);   \
     }
-SQ_ENTRY(sq_grad_tf32_r8, 1, 1)
-SQ_ENTRY(sq_grad_tf32_r16, 2, 1)
-SQ_ENTRY(sq_grad_tf32_r32, 4, 1)
-SQ_ENTRY(sq_grad_tf32_r64, 8, 1)
-SQ_ENTRY(sq_grad_3xtf32_r8, 1, 3)
-SQ_ENTRY(sq_grad_3xtf32_r16, 2, 3)
-SQ_ENTRY(sq_grad_3xtf32_r32, 4, 3)
-SQ_ENTRY(sq_grad_3xtf32_r64, 8, 3)
+TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r8, 1)
+TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r16, 2)
+TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r32, 4)
+TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r64, 8)
+SQ_ENTRY(sq_grad_3xtf32_r8_f32_f32, 1, 3, float, float)
+SQ_ENTRY(sq_grad_3xtf32_r16_f32_f32, 2, 3, float, float)
+SQ_ENTRY(sq_grad_3xtf32_r32_f32_f32, 4, 3, float, float)
+SQ_ENTRY(sq_grad_3xtf32_r64_f32_f32, 8, 3, float, float)
 
 // out[m rs + n cs] += alpha * sum_{s < nsplit} partial[s][m][n], splits in order (only
 // m <= n with `upper`).

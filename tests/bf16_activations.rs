@@ -352,26 +352,6 @@ fn classifier_and_curvature_read_bf16_activations() {
         .unwrap();
     // bf16 values are exact in tf32: f32 products, f32 sums.
     close("gram (symmetric)", &g.to_host(&fg).unwrap(), &fc, F32);
-    // The reductions' input, widened once (what the model hands a group's reductions):
-    // f32, the same values, the same factor bit for bit; an f32 input needs no copy.
-    let hw = g
-        .reduction_input(&hg)
-        .unwrap()
-        .expect("a bf16 input is widened");
-    assert_eq!(hw.dtype(), DType::F32, "widened to f32");
-    same_bits("reduction input", &g.to_host(&hw).unwrap(), &h);
-    let mut fw = g.buf(vec![0.0; dim * dim]).unwrap();
-    g.gram_accumulate(&hw, dim, &hw, dim, &segs, 0.5, &mut fw)
-        .unwrap();
-    same_bits(
-        "gram of the widened input",
-        &g.to_host(&fw).unwrap(),
-        &g.to_host(&fg).unwrap(),
-    );
-    assert!(
-        g.reduction_input(&hw).unwrap().is_none(),
-        "f32 is read as is"
-    );
     let sg = g.segment_sum(&hg, dim, &segs, true).unwrap();
     let sc = c.segment_sum(&h, dim, &segs, true).unwrap();
     close("segment mean", &g.to_host(&sg).unwrap(), &sc, F32);
@@ -393,6 +373,99 @@ fn classifier_and_curvature_read_bf16_activations() {
         .unwrap();
     // The f32 gA side rounds to tf32.
     close("per-sample squares", &g.to_host(&qg).unwrap(), &qc, BF16);
+}
+
+/// The curvature kernels read a bf16 operand as stored (staged in shared memory as bf16,
+/// widened per fragment): since a bf16 value is exact in tf32 and f32, each result is bit
+/// for bit that of the same values handed over as f32, whichever operand is bf16. Shapes
+/// cover both Gram tilings (128 x 128; 256 x 32 with the narrow side swapped to B), the
+/// rows split across blocks (600 rows), the symmetric upper-triangle path, widths that are
+/// whole 16-byte chunks (16-byte copies) or not (element copies: 44, 20, 300, 5), and each
+/// squaring rank class.
+#[test]
+fn curvature_kernels_read_bf16_as_stored() {
+    let g = sim(BaseDtype::Bf16);
+    let mut rng = ChaCha8Rng::seed_from_u64(29);
+    let both = |rows: usize, dim: usize, rng: &mut ChaCha8Rng| {
+        let (b, h) = bf16_act(&g, rng, rows, dim);
+        let f = g.buf(h).unwrap();
+        assert_eq!(f.dtype(), DType::F32);
+        (b, f)
+    };
+    let gram = |x: &Act, dx: usize, y: &Act, dy: usize, segs: &[Segment]| {
+        let mut out = g.buf(vec![0.0; dx * dy]).unwrap();
+        g.gram_accumulate(x, dx, y, dy, segs, 0.75, &mut out)
+            .unwrap();
+        g.to_host(&out).unwrap()
+    };
+    for (rows, dx, dy) in [
+        (37, 44, 44),
+        (600, 48, 48),
+        (70, 48, 20),
+        (70, 20, 300),
+        (600, 5, 64),
+    ] {
+        let segs = [
+            Segment {
+                start: 0,
+                len: rows / 3,
+            },
+            Segment {
+                start: rows / 3 + 2,
+                len: rows - rows / 3 - 2,
+            },
+        ];
+        let (xb, xf) = both(rows, dx, &mut rng);
+        let want = gram(&xf, dx, &xf, dx, &segs);
+        same_bits("symmetric gram", &gram(&xb, dx, &xb, dx, &segs), &want);
+        let (yb, yf) = both(rows, dy, &mut rng);
+        let want = gram(&xf, dx, &yf, dy, &segs);
+        for (what, x, y) in [
+            ("bf16 x bf16", &xb, &yb),
+            ("bf16 x f32", &xb, &yf),
+            ("f32 x bf16", &xf, &yb),
+        ] {
+            same_bits(
+                &format!("gram {rows}x{dx}x{dy} {what}"),
+                &gram(x, dx, y, dy, &segs),
+                &want,
+            );
+        }
+        let sum = |x: &Act| {
+            g.to_host(&g.segment_sum(x, dx, &segs, false).unwrap())
+                .unwrap()
+        };
+        same_bits("segment sum", &sum(&xb), &sum(&xf));
+    }
+    let seqs: Vec<Segment> = (0..5)
+        .map(|i| Segment {
+            start: i * 41,
+            len: 30 + i,
+        })
+        .collect();
+    for (r, wide) in [(8, 44), (16, 48), (32, 40), (64, 24)] {
+        let rows = 5 * 41;
+        let (wb, wf) = both(rows, wide, &mut rng);
+        let (nb, nf) = both(rows, r, &mut rng);
+        let sq = |n: &Act, w: &Act| {
+            let mut out = g.buf(vec![0.0; r * wide]).unwrap();
+            g.sq_grad_accumulate(n, r, w, wide, &seqs, 1.5, &mut out)
+                .unwrap();
+            g.to_host(&out).unwrap()
+        };
+        let want = sq(&nf, &wf);
+        for (what, n, w) in [
+            ("bf16 x bf16", &nb, &wb),
+            ("f32 x bf16", &nf, &wb),
+            ("bf16 x f32", &nb, &wf),
+        ] {
+            same_bits(
+                &format!("per-sample squares r={r} {what}"),
+                &sq(n, w),
+                &want,
+            );
+        }
+    }
 }
 
 /// RoPE in place on bf16 q/k rows: the rotation of the f32 entry on the same values,

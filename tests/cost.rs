@@ -186,7 +186,7 @@ impl<B: Backend> Backend for Count<'_, B> {
     lalora_engine::delegate_backend!(B;
         cross_entropy, describe, buf, zeros, to_host, weight, copy_into, slice, embedding,
         rmsnorm, add_rmsnorm, rmsnorm_backward, rope, swiglu, swiglu_backward, add_assign,
-        reduction_input, segment_sum, dup, mul_assign, scale, axpy, dot, dots, adamw_step,
+        segment_sum, dup, mul_assign, scale, axpy, dot, dots, adamw_step,
     );
 }
 

@@ -315,12 +315,6 @@ macro_rules! delegate_backend {
                 .classifier(hidden, head, rows, dim, vocab, targets, grad_scale)
         }
     };
-    (@one $inner:ty; [$($watch:ident)?]; reduction_input) => {
-        fn reduction_input(&self, x: &Self::Buf) -> $crate::Result<Option<Self::Buf>> {
-            $(let _watch = self.$watch("reduction_input");)?
-            self.inner.reduction_input(x)
-        }
-    };
     (@one $inner:ty; [$($watch:ident)?]; gram_accumulate) => {
         fn gram_accumulate(
             &self,

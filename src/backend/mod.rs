@@ -377,14 +377,6 @@ pub trait Backend: Send + Sync {
     ) -> Result<ClassifierOut<Self::Buf>>;
 
     // --- curvature ----------------------------------------------------------------------
-    /// `x` as the reductions below (and the LoRA weight gradients) read it, for an input
-    /// several of them read in turn: a copy to pass them instead of `x`, with the same
-    /// values, or `None` to pass `x` itself (the default, the CPU). CUDA widens a bf16
-    /// activation to f32 here once, which each of its reductions would otherwise do.
-    fn reduction_input(&self, x: &Self::Buf) -> Result<Option<Self::Buf>> {
-        let _ = x;
-        Ok(None)
-    }
     /// `out (dx, dy) += alpha * sum_{segments} X_seg^T Y_seg` (KFAC factors, cross factors).
     /// When `x` and `y` are the same buffer (a symmetric factor) only the upper triangle is
     /// accumulated and then mirrored, so `out` must start symmetric (as factors do).

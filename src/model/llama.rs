@@ -249,16 +249,6 @@ impl<B: Backend> Llama<B> {
             .zip(us)
             .map(|(&p, u)| u.and(lora.and_then(|lw| lw.find(l, p))))
             .collect();
-        // The LoRA weight gradients and the observer's reductions read x, several times
-        // per group: in the form the backend reduces fastest, made once for the group.
-        let adapted = idx.iter().any(Option::is_some);
-        let reduced = adapted && (ctx.grads.is_some() || ctx.observer.is_some());
-        let xr = if reduced {
-            be.reduction_input(x)?
-        } else {
-            None
-        };
-        let x = xr.as_ref().unwrap_or(x);
         // Disjoint mutable borrows of the group's gradient modules.
         let mut grads: Vec<Option<(&mut B::Buf, &mut B::Buf)>> = ps.iter().map(|_| None).collect();
         if let Some(gw) = ctx.grads.as_deref_mut() {

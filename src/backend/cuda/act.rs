@@ -84,7 +84,8 @@ impl From<DevBuf<f32>> for Act {
 }
 
 /// An f32 view of an `Act`: the buffer itself, or a widened copy of a bf16 one (for the
-/// kernels that read f32 only: the curvature products, the per-row LoRA gradients).
+/// kernels that read f32 only: the per-row LoRA gradients, and attention where flash
+/// attention does not apply). The curvature kernels read bf16 as stored.
 pub enum Wide<'a> {
     Same(&'a DevBuf<f32>),
     Copy(DevBuf<f32>),

@@ -5,8 +5,8 @@
 //! a gap between segments or, for squaring, a sequence boundary) and chooses how many
 //! blocks share the rows of one output tile.
 
-use super::runtime::{Arg, LaunchConfig};
-use super::{BaseDtype, CudaBackend, DevBuf, MAX_RANK};
+use super::runtime::{Arg, DType, LaunchConfig};
+use super::{Act, BaseDtype, CudaBackend, DevBuf, MAX_RANK};
 use crate::backend::Segment;
 use crate::error::{Error, Result};
 
@@ -25,14 +25,64 @@ const SKINNY: usize = 32;
 /// Wide-side rows per block of the squaring kernels.
 const SQ_BM: usize = 64;
 
-/// Shared-memory row stride in floats of a tile `w` wide (smem_stride of curvature_tc.cu).
-fn smem_stride(w: usize) -> usize {
-    w.max(16) + 8
+/// An operand of the tensor-core kernels as it is stored: they read f32 and bf16 (the bf16
+/// engine's activations) as they are, a bf16 tile staged in shared memory as bf16.
+#[derive(Clone, Copy)]
+pub(super) struct Input {
+    ptr: u64,
+    dtype: DType,
 }
 
-/// Dynamic shared memory of a block with `bm` x `bn` output tiles.
-fn smem_bytes(bm: usize, bn: usize) -> u32 {
-    (STAGES * BK * (smem_stride(bm) + smem_stride(bn)) * 4) as u32
+impl From<&Act> for Input {
+    fn from(a: &Act) -> Self {
+        Input {
+            ptr: a.addr(),
+            dtype: a.dtype(),
+        }
+    }
+}
+
+impl From<&DevBuf<f32>> for Input {
+    fn from(b: &DevBuf<f32>) -> Self {
+        Input {
+            ptr: b.ptr(),
+            dtype: DType::F32,
+        }
+    }
+}
+
+impl Input {
+    fn bytes(self) -> usize {
+        match self.dtype {
+            DType::F32 => 4,
+            DType::Bf16 => 2,
+        }
+    }
+    /// The storage part of an entry's name (`<A's>_<B's>`).
+    fn tag(self) -> &'static str {
+        match self.dtype {
+            DType::F32 => "f32",
+            DType::Bf16 => "bf16",
+        }
+    }
+    /// Whether a (rows, dim) operand can be copied 16 bytes at a time.
+    fn vec(self, dim: usize) -> i32 {
+        (self.ptr.is_multiple_of(16) && dim.is_multiple_of(16 / self.bytes())) as i32
+    }
+}
+
+/// Shared-memory row stride, in elements, of a tile `w` wide stored as `x` is
+/// (smem_stride of curvature_tc.cu).
+fn smem_stride(w: usize, x: Input) -> usize {
+    match x.dtype {
+        DType::F32 => w.max(16) + 8,
+        DType::Bf16 => w.max(32) + 16,
+    }
+}
+
+/// Dynamic shared memory of a block with `bm` x `bn` output tiles of operands `a`, `b`.
+fn smem_bytes(bm: usize, a: Input, bn: usize, b: Input) -> u32 {
+    (STAGES * BK * (smem_stride(bm, a) * a.bytes() + smem_stride(bn, b) * b.bytes())) as u32
 }
 
 /// Adjacent segments (no padding between them) merged, empty ones dropped.
@@ -62,18 +112,25 @@ fn row_tiles(runs: &[Segment]) -> Vec<[i32; 2]> {
     tiles
 }
 
-/// Whether a (rows, dim) operand at `ptr` can be copied 16 bytes at a time.
-fn vec4(ptr: u64, dim: usize) -> i32 {
-    (ptr.is_multiple_of(16) && dim.is_multiple_of(4)) as i32
-}
-
 impl CudaBackend {
-    /// `tf32` or `3xtf32`: the tensor-core precision for this engine's base dtype.
-    fn tc_precision(&self) -> &'static str {
-        match self.base_dtype() {
+    /// The entry `<kind>_<precision>_<variant>_<A's storage>_<B's storage>`: tf32 or 3xtf32
+    /// for this engine's base dtype. The f32 engine stores no bf16 activations, so 3xtf32
+    /// has f32 entries only.
+    fn tc_entry(&self, kind: &str, variant: &str, a: Input, b: Input) -> Result<String> {
+        let precision = match self.base_dtype() {
             BaseDtype::Bf16 => "tf32",
-            BaseDtype::F32 => "3xtf32",
-        }
+            BaseDtype::F32 if a.dtype == DType::F32 && b.dtype == DType::F32 => "3xtf32",
+            BaseDtype::F32 => {
+                return Err(Error::Device(format!(
+                    "{kind}: a bf16 operand reached the f32 engine, which has no bf16 entry"
+                )));
+            }
+        };
+        Ok(format!(
+            "{kind}_{precision}_{variant}_{}_{}",
+            a.tag(),
+            b.tag()
+        ))
     }
 
     fn tiles_on_device(&self, tiles: &[[i32; 2]]) -> Result<DevBuf<i32>> {
@@ -83,15 +140,15 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gram_accumulate_impl(
         &self,
-        x: &DevBuf<f32>,
+        x: Input,
         dx: usize,
-        y: &DevBuf<f32>,
+        y: Input,
         dy: usize,
         segments: &[Segment],
         alpha: f32,
         out: &mut DevBuf<f32>,
     ) -> Result<()> {
-        let symmetric = x.ptr() == y.ptr() && dx == dy;
+        let symmetric = x.ptr == y.ptr && dx == dy;
         let tiles = row_tiles(&merged(segments));
         if tiles.is_empty() || dx == 0 || dy == 0 {
             return Ok(());
@@ -124,11 +181,11 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid: [out_tiles as u32, nsplit as u32, 1],
             block: [threads, 1, 1],
-            shared_bytes: smem_bytes(bm, bn),
+            shared_bytes: smem_bytes(bm, a, bn, b),
         };
         let args = [
-            Arg::U64(a.ptr()),
-            Arg::U64(b.ptr()),
+            Arg::U64(a.ptr),
+            Arg::U64(b.ptr),
             Arg::I32(m as i32),
             Arg::I32(n as i32),
             Arg::U64(dev_tiles.ptr()),
@@ -140,10 +197,10 @@ impl CudaBackend {
             Arg::U64(rs as u64),
             Arg::U64(cs as u64),
             Arg::U64(partial.ptr()),
-            Arg::I32(vec4(a.ptr(), m)),
-            Arg::I32(vec4(b.ptr(), n)),
+            Arg::I32(a.vec(m)),
+            Arg::I32(b.vec(n)),
         ];
-        self.launch(&format!("gram_{}_{shape}", self.tc_precision()), cfg, &args)?;
+        self.launch(&self.tc_entry("gram", shape, a, b)?, cfg, &args)?;
         if nsplit > 1 {
             self.reduce_splits(&partial, nsplit, m, n, symmetric, alpha, out, rs, cs)?;
         }
@@ -201,9 +258,9 @@ impl CudaBackend {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn sq_grad_accumulate_impl(
         &self,
-        g: &DevBuf<f32>,
+        g: Input,
         dg: usize,
-        y: &DevBuf<f32>,
+        y: Input,
         dy: usize,
         segments: &[Segment],
         alpha: f32,
@@ -238,11 +295,11 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid: [wide_tiles as u32, ngroups as u32, 1],
             block: [128, 1, 1],
-            shared_bytes: smem_bytes(SQ_BM, rank_cols),
+            shared_bytes: smem_bytes(SQ_BM, wide, rank_cols, narrow),
         };
         let args = [
-            Arg::U64(wide.ptr()),
-            Arg::U64(narrow.ptr()),
+            Arg::U64(wide.ptr),
+            Arg::U64(narrow.ptr),
             Arg::I32(wide_dim as i32),
             Arg::I32(r as i32),
             Arg::U64(dev_tiles.ptr()),
@@ -252,14 +309,11 @@ impl CudaBackend {
             Arg::U64(rs as u64),
             Arg::U64(cs as u64),
             Arg::U64(partial.ptr()),
-            Arg::I32(vec4(wide.ptr(), wide_dim)),
-            Arg::I32(vec4(narrow.ptr(), r)),
+            Arg::I32(wide.vec(wide_dim)),
+            Arg::I32(narrow.vec(r)),
         ];
-        self.launch(
-            &format!("sq_grad_{}_r{rank_cols}", self.tc_precision()),
-            cfg,
-            &args,
-        )?;
+        let entry = self.tc_entry("sq_grad", &format!("r{rank_cols}"), wide, narrow)?;
+        self.launch(&entry, cfg, &args)?;
         if ngroups > 1 {
             self.reduce_splits(&partial, ngroups, wide_dim, r, false, 1.0, out, rs, cs)?;
         }
@@ -326,7 +380,7 @@ mod tests {
                 }
             }
         }
-        assert_eq!(tensor_entries, 12);
+        assert_eq!(tensor_entries, 30);
     }
 
     #[test]

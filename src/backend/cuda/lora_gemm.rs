@@ -330,25 +330,33 @@ impl CudaBackend {
         };
         self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
         // The weight gradients: reductions over all m rows, on the Gram kernels (which read
-        // f32: a bf16 x is widened once for the group).
+        // x as stored).
         let rows = [Segment { start: 0, len: m }];
-        let wants_grads = projs
-            .iter()
-            .any(|p| p.lora.as_ref().is_some_and(|lb| lb.grads.is_some()));
-        let xw = if wants_grads {
-            Some(self.wide(x)?)
-        } else {
-            None
-        };
         for (p, ga) in projs.into_iter().zip(&gas) {
-            if let (Some(lb), Some(ga), Some(x)) = (p.lora, ga, xw.as_deref())
+            if let (Some(lb), Some(ga)) = (p.lora, ga)
                 && let Some((da, db)) = lb.grads
             {
                 check_len("dA", da.len(), l.r * d_in)?;
                 check_len("dB", db.len(), p.d_out * l.r)?;
-                self.gram_accumulate_impl(ga, l.r, x, d_in, &rows, 1.0, da.f32_mut()?)?;
+                self.gram_accumulate_impl(
+                    ga.into(),
+                    l.r,
+                    x.into(),
+                    d_in,
+                    &rows,
+                    1.0,
+                    da.f32_mut()?,
+                )?;
                 let (g, u) = (p.g.f32()?, lb.u.f32()?);
-                self.gram_accumulate_impl(g, p.d_out, u, l.r, &rows, l.scale, db.f32_mut()?)?;
+                self.gram_accumulate_impl(
+                    g.into(),
+                    p.d_out,
+                    u.into(),
+                    l.r,
+                    &rows,
+                    l.scale,
+                    db.f32_mut()?,
+                )?;
             }
         }
         Ok(gas.into_iter().map(|g| g.map(Act::from)).collect())

@@ -5,7 +5,7 @@ use half::bf16;
 
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight, Wide};
+use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight};
 use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -542,13 +542,6 @@ impl Backend for CudaBackend {
         self.classifier_impl(hidden, head, rows, dim, vocab, targets, grad_scale)
     }
 
-    fn reduction_input(&self, x: &Self::Buf) -> Result<Option<Self::Buf>> {
-        Ok(match self.wide(x)? {
-            Wide::Copy(b) => Some(b.into()),
-            Wide::Same(_) => None,
-        })
-    }
-
     fn gram_accumulate(
         &self,
         x: &Self::Buf,
@@ -559,12 +552,7 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        // A symmetric factor (x and y one buffer) stays one operand when widened.
-        let same = x.addr() == y.addr();
-        let xw = self.wide(x)?;
-        let yw = if same { None } else { Some(self.wide(y)?) };
-        let yr = yw.as_deref().unwrap_or(&xw);
-        self.gram_accumulate_impl(&xw, dx, yr, dy, segments, alpha, out.f32_mut()?)
+        self.gram_accumulate_impl(x.into(), dx, y.into(), dy, segments, alpha, out.f32_mut()?)
     }
 
     fn segment_sum(
@@ -576,9 +564,8 @@ impl Backend for CudaBackend {
     ) -> Result<Self::Buf> {
         let (st, ln) = self.segments(segments)?;
         let out = self.uninit::<f32>(segments.len() * dim)?;
-        let x = self.wide(x)?;
         let args = [
-            Arg::U64(x.ptr()),
+            Arg::U64(x.addr()),
             Arg::U64(st.ptr()),
             Arg::U64(ln.ptr()),
             Arg::I32(segments.len() as i32),
@@ -586,11 +573,11 @@ impl Backend for CudaBackend {
             Arg::I32(mean as i32),
             Arg::U64(out.ptr()),
         ];
-        self.launch(
-            "segment_sum",
-            Self::elementwise(segments.len() * dim),
-            &args,
-        )?;
+        let entry = match x.dtype() {
+            DType::F32 => "segment_sum_f32",
+            DType::Bf16 => "segment_sum_bf16",
+        };
+        self.launch(entry, Self::elementwise(segments.len() * dim), &args)?;
         Ok(out.into())
     }
 
@@ -604,8 +591,7 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        let (g, y) = (self.wide(g)?, self.wide(y)?);
-        self.sq_grad_accumulate_impl(&g, dg, &y, dy, segments, alpha, out.f32_mut()?)
+        self.sq_grad_accumulate_impl(g.into(), dg, y.into(), dy, segments, alpha, out.f32_mut()?)
     }
 
     fn matmul(

@@ -39,11 +39,13 @@ extern "C" __global__ void swiglu_forward_bf16_in(const __nv_bfloat16* gate, con
     swiglu_fwd(gate, up, out, n);
 }
 
-// d silu(g)/dg = sig(g) (1 + g (1 - sig(g))). The gradients are f32.
-template <typename T>
-__device__ __forceinline__ void swiglu_bwd(const float* dact, const T* gate, const T* up, float* dgate, float* dup,
+// d silu(g)/dg = sig(g) (1 + g (1 - sig(g))), in f32. The gradients are stored as TO: f32,
+// or bf16 (each f32 result rounded once to nearest even) for bf16 gate and up outside
+// curvature passes (host side: ops.rs, `GradFeeds`).
+template <typename TI, typename TO>
+__device__ __forceinline__ void swiglu_bwd(const float* dact, const TI* gate, const TI* up, TO* dgate, TO* dup,
                                            size_t n) {
-    for_each_pack<PackWithF32<T>::value>(n, aligned16(dact, gate, up, dgate, dup), [=](auto w, size_t i) {
+    for_each_pack<PackWithF32<TI>::value>(n, aligned16(dact, gate, up, dgate, dup), [=](auto w, size_t i) {
         constexpr int W = decltype(w)::value;
         const Pack<W> d = load<W>(dact, i), g = load<W>(gate, i), u = load<W>(up, i);
         Pack<W> dg, du;
@@ -62,7 +64,11 @@ extern "C" __global__ void swiglu_backward(const float* dact, const float* gate,
                                            size_t n) {
     swiglu_bwd(dact, gate, up, dgate, dup, n);
 }
-extern "C" __global__ void swiglu_backward_bf16_in(const float* dact, const __nv_bfloat16* gate, const __nv_bfloat16* up,
-                                                   float* dgate, float* dup, size_t n) {
+extern "C" __global__ void swiglu_backward_bf16_in(const float* dact, const __nv_bfloat16* gate,
+                                                   const __nv_bfloat16* up, float* dgate, float* dup, size_t n) {
+    swiglu_bwd(dact, gate, up, dgate, dup, n);
+}
+extern "C" __global__ void swiglu_backward_bf16(const float* dact, const __nv_bfloat16* gate, const __nv_bfloat16* up,
+                                                __nv_bfloat16* dgate, __nv_bfloat16* dup, size_t n) {
     swiglu_bwd(dact, gate, up, dgate, dup, n);
 }

@@ -1,6 +1,7 @@
 //! With bf16 base weights the CUDA backend stores the activations the matmuls read as
 //! bf16 (`Act::Bf16`): the normed hidden states and the SwiGLU output, and the outputs of
-//! the projections that only kernels read (q/k/v: RoPE and attention; gate/up: SwiGLU).
+//! the projections that only kernels read (q/k/v: RoPE and attention; gate/up: SwiGLU),
+//! and the gradients of the gate/up outputs (read only by that group's backward).
 //! Every op that reads such an activation, against its CPU twin fed the very same
 //! (bf16-representable) values, on the simulator (and the kernels that read the
 //! projections' outputs against their f32-input twins on the same values, bit for bit): the products through bf16 base weights, and those on tf32 tensor cores
@@ -17,7 +18,7 @@ use half::bf16;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::runtime::DType;
 use lalora_engine::backend::cuda::{Act, BaseDtype, CudaBackend};
-use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use lalora_engine::backend::group::{Feeds, GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{
     AttnSaved, AttnShape, Backend, CeTargets, LoraDims, RopeTable, Segment,
 };
@@ -236,12 +237,84 @@ fn projection_groups_read_bf16_activations() {
         }
     }
 
-    let gs: Vec<Vec<f32>> = outs.iter().map(|&n| rnd(&mut rng, m * n)).collect();
-    let ggs: Vec<Act> = gs.iter().map(|v| g.buf(v.clone()).unwrap()).collect();
-    let (mut dac, mut dbc) = (rnd(&mut rng, a.len()), rnd(&mut rng, b.len()));
-    let (mut dag, mut dbg) = (g.buf(dac.clone()).unwrap(), g.buf(dbc.clone()).unwrap());
+    // The adapted projection's output gradient as the model makes one for gate/up: the
+    // SwiGLU backward on bf16 gate and up, stored bf16 (`g0`); its f32 twin on the same
+    // values (`g0_f32`, not rounded); the plain projection's gradient f32.
+    let (gate_g, gate) = bf16_act(&g, &mut rng, m, outs[0]);
+    let (up_g, up) = bf16_act(&g, &mut rng, m, outs[0]);
+    let dact = g.buf(rnd(&mut rng, m * outs[0])).unwrap();
+    let (g0, _) = g
+        .swiglu_backward(&dact, &gate_g, &up_g, GradFeeds::Backward)
+        .unwrap();
+    assert_eq!(g0.dtype(), DType::Bf16, "dgate is stored as gate is");
+    let (gate_f, up_f) = (g.buf(gate).unwrap(), g.buf(up).unwrap());
+    let (g0_f32, _) = g
+        .swiglu_backward(&dact, &gate_f, &up_f, GradFeeds::Backward)
+        .unwrap();
+    let gs = [g.to_host(&g0).unwrap(), rnd(&mut rng, m * outs[1])];
+    let g1 = g.buf(gs[1].clone()).unwrap();
+    // The values g0 holds, stored f32.
+    let g0_held = g.buf(gs[0].clone()).unwrap();
+    let (da0, db0) = (rnd(&mut rng, a.len()), rnd(&mut rng, b.len()));
     let ucw = yc[0].1.as_ref().expect("u of the adapted projection");
     let ugw = yg[0].1.as_ref().expect("u of the adapted projection");
+    // The device's group backward on gradients `gs`: (dx, gA, dA, dB) from dA0, dB0, or
+    // with the first projection not `adapted` (dx) alone.
+    let bwd_g = |gs: [&Act; 2], adapted: bool| -> Vec<Vec<f32>> {
+        let (mut dag, mut dbg) = (g.buf(da0.clone()).unwrap(), g.buf(db0.clone()).unwrap());
+        let mut dxg = g.zeros(m * d_in).unwrap();
+        let lora = adapted.then_some(LoraBwd {
+            a: &ag,
+            b: &bg,
+            u: ugw,
+            grads: Some((&mut dag, &mut dbg)),
+        });
+        let projs = vec![
+            ProjBwd::<CudaBackend> {
+                w: &wgs[0],
+                d_out: outs[0],
+                g: gs[0],
+                lora,
+            },
+            ProjBwd {
+                w: &wgs[1],
+                d_out: outs[1],
+                g: gs[1],
+                lora: None,
+            },
+        ];
+        let gas = g
+            .project_group_backward(&xg, m, d_in, l, projs, &mut dxg, false)
+            .unwrap();
+        assert!(gas[1].is_none(), "no gA for the plain projection");
+        let mut out = vec![g.to_host(&dxg).unwrap()];
+        if adapted {
+            out.push(g.to_host(gas[0].as_ref().expect("gA")).unwrap());
+            out.extend([g.to_host(&dag).unwrap(), g.to_host(&dbg).unwrap()]);
+        }
+        out
+    };
+    let got = bwd_g([&g0, &g1], true);
+    let names = ["dx", "gA", "dA", "dB"];
+    // The bf16 g is read exactly: the results of the same values stored f32, bit for bit.
+    let held = bwd_g([&g0_held, &g1], true);
+    for (name, (got, want)) in names.iter().zip(got.iter().zip(&held)) {
+        same_bits(
+            &format!("group {name}, bf16 g vs its values in f32"),
+            got,
+            want,
+        );
+    }
+    // And the base product dx = g W, which the bf16 engine computes from g rounded to bf16
+    // whatever its storage, is the one of the unrounded f32 gradient, bit for bit: storing
+    // g bf16 changes it not (gA = s g B, and so dx's low-rank part, reads g unrounded).
+    same_bits(
+        "group dx = g W, bf16 g vs unrounded f32 g",
+        &bwd_g([&g0, &g1], false)[0],
+        &bwd_g([&g0_f32, &g1], false)[0],
+    );
+
+    let (mut dac, mut dbc) = (da0.clone(), db0.clone());
     let bwd_c = vec![
         ProjBwd::<CpuBackend> {
             w: &wcs[0],
@@ -261,41 +334,17 @@ fn projection_groups_read_bf16_activations() {
             lora: None,
         },
     ];
-    let bwd_g = vec![
-        ProjBwd::<CudaBackend> {
-            w: &wgs[0],
-            d_out: outs[0],
-            g: &ggs[0],
-            lora: Some(LoraBwd {
-                a: &ag,
-                b: &bg,
-                u: ugw,
-                grads: Some((&mut dag, &mut dbg)),
-            }),
-        },
-        ProjBwd {
-            w: &wgs[1],
-            d_out: outs[1],
-            g: &ggs[1],
-            lora: None,
-        },
-    ];
     let mut dxc = vec![0.0; m * d_in];
-    let mut dxg = g.zeros(m * d_in).unwrap();
     let gac = c
         .project_group_backward(&x, m, d_in, l, bwd_c, &mut dxc, false)
         .unwrap();
-    let gag = g
-        .project_group_backward(&xg, m, d_in, l, bwd_g, &mut dxg, false)
-        .unwrap();
-    close("group dx", &g.to_host(&dxg).unwrap(), &dxc, BF16);
-    let (ga, gaw) = (gag[0].as_ref().expect("gA"), gac[0].as_ref().expect("gA"));
-    close("group gA", &g.to_host(ga).unwrap(), gaw, F32);
-    assert!(gag[1].is_none(), "no gA for the plain projection");
-    // dA = gA^T x reads the bf16 x (widened, exact) and dB = s g^T u, both on the tf32
-    // Gram kernels, which round gA, g and u.
-    close("group dA", &g.to_host(&dag).unwrap(), &dac, BF16);
-    close("group dB", &g.to_host(&dbg).unwrap(), &dbc, BF16);
+    close("group dx", &got[0], &dxc, BF16);
+    // gA = s g B: g exact in one bf16 piece, B in three: f32 products.
+    close("group gA", &got[1], gac[0].as_ref().expect("gA"), F32);
+    // dA = gA^T x reads the bf16 x (widened, exact) and dB = s g^T u the bf16 g (widened,
+    // exact), both on the tf32 Gram kernels, which round gA, g and u.
+    close("group dA", &got[2], &dac, BF16);
+    close("group dB", &got[3], &dbc, BF16);
 }
 
 #[test]
@@ -573,9 +622,9 @@ fn attention_reads_bf16_projections() {
     }
 }
 
-/// SwiGLU on bf16 gate and up: the f32-input entries' results on the same values, bit for
-/// bit (forward stored bf16, backward f32), and the CPU's to one rounding (forward) and
-/// f32 (backward). 37 x 44: a tail after the last pack of eight.
+/// SwiGLU on bf16 gate and up: the f32 entries' results on the same values rounded once,
+/// bit for bit (forward and backward both stored bf16), and the CPU's to one rounding.
+/// 37 x 44: a tail after the last pack of eight.
 #[test]
 fn swiglu_reads_bf16_gate_and_up() {
     let g = sim(BaseDtype::Bf16);
@@ -606,14 +655,45 @@ fn swiglu_reads_bf16_gate_and_up() {
 
     let dact = rnd(&mut rng, rows * dim);
     let da = g.buf(dact.clone()).unwrap();
-    let (dgg, dug) = g.swiglu_backward(&da, &gg, &ug).unwrap();
-    let (dgf, duf) = g.swiglu_backward(&da, &gf, &uf).unwrap();
-    let (dgc, duc) = c.swiglu_backward(&dact, &gate, &up).unwrap();
-    for (name, got, f32_entry, want) in [("dgate", dgg, dgf, dgc), ("dup", dug, duf, duc)] {
-        assert_eq!(got.dtype(), DType::F32, "{name}: gradients stay f32");
+    let (dgg, dug) = g
+        .swiglu_backward(&da, &gg, &ug, GradFeeds::Backward)
+        .unwrap();
+    let (dgf, duf) = g
+        .swiglu_backward(&da, &gf, &uf, GradFeeds::Backward)
+        .unwrap();
+    // A curvature pass: stored f32, whatever gate and up are.
+    let (dgk, duk) = g
+        .swiglu_backward(&da, &gg, &ug, GradFeeds::Curvature)
+        .unwrap();
+    let (dgc, duc) = c
+        .swiglu_backward(&dact, &gate, &up, GradFeeds::Backward)
+        .unwrap();
+    for (name, got, f32_entry, kept, want) in
+        [("dgate", dgg, dgf, dgk, dgc), ("dup", dug, duf, duk, duc)]
+    {
+        // Only the gate/up group backward reads them, which rounds them anyway.
+        assert_eq!(got.dtype(), DType::Bf16, "{name}: stored as gate and up");
+        for (what, b) in [
+            ("for f32 gate and up", &f32_entry),
+            ("in curvature passes", &kept),
+        ] {
+            assert_eq!(b.dtype(), DType::F32, "{name}: f32 {what}");
+        }
+        let f32_entry = g.to_host(&f32_entry).unwrap();
+        same_bits(
+            &format!("{name}, curvature"),
+            &g.to_host(&kept).unwrap(),
+            &f32_entry,
+        );
+        close(
+            &format!("{name}, curvature, vs cpu"),
+            &f32_entry,
+            &want,
+            F32,
+        );
         let got = g.to_host(&got).unwrap();
-        same_bits(name, &got, &g.to_host(&f32_entry).unwrap());
-        close(&format!("{name} vs cpu"), &got, &want, F32);
+        same_rounded(name, &got, &f32_entry);
+        close(&format!("{name} vs cpu"), &got, &want, BF16_STORE);
     }
 }
 

@@ -10,6 +10,7 @@ use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::runtime::{DType, RuntimeStats};
 use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend};
+use lalora_engine::backend::group::GradFeeds;
 use lalora_engine::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -154,9 +155,11 @@ fn row_ops_match_cpu() {
             &p.c.swiglu(&ga, &up).unwrap(),
             store_tol,
         );
-        let (dgc, duc) = p.c.swiglu_backward(&d, &ga, &up).unwrap();
+        let (dgc, duc) =
+            p.c.swiglu_backward(&d, &ga, &up, GradFeeds::Backward)
+                .unwrap();
         let (dgg, dug) = g
-            .swiglu_backward(&p.up(&d), &p.up(&ga), &p.up(&up))
+            .swiglu_backward(&p.up(&d), &p.up(&ga), &p.up(&up), GradFeeds::Backward)
             .unwrap();
         close("swiglu dgate", &p.down(&dgg), &dgc, F32);
         close("swiglu dup", &p.down(&dug), &duc, F32);

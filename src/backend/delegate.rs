@@ -275,9 +275,10 @@ macro_rules! delegate_backend {
             dact: &Self::Buf,
             gate: &Self::Buf,
             up: &Self::Buf,
+            feeds: $crate::backend::group::GradFeeds,
         ) -> $crate::Result<(Self::Buf, Self::Buf)> {
             $(let _watch = self.$watch("swiglu_backward");)?
-            self.inner.swiglu_backward(dact, gate, up)
+            self.inner.swiglu_backward(dact, gate, up, feeds)
         }
     };
     (@one $inner:ty; [$($watch:ident)?]; add_assign) => {

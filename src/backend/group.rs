@@ -33,6 +33,20 @@ pub enum Feeds {
     Residual,
 }
 
+/// What reads the SwiGLU backward's `(dgate, dup)`, which decides how a backend may store
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GradFeeds {
+    /// The gate/up group's backward only (`dx = g W`, `gA = s g B`, `dB = g^T u`): a backend
+    /// may store them as it stores gate and up (CUDA with bf16 base weights: bf16, which
+    /// its base GEMM rounds `g` to anyway).
+    Backward,
+    /// A curvature pass's reductions too: stored f32. KFAC's reduce factors sum `g` over a
+    /// sequence before squaring, so cancellation amplifies a rounding of `g` (BENCHMARKS.md,
+    /// bf16 activations: the reduce factors against curvlinops crossed their bf16 bound).
+    Curvature,
+}
+
 /// One projection of a forward group: `y = x W^T (+ s (x A^T) B^T)`.
 pub struct ProjFwd<'a, B: Backend + ?Sized> {
     /// `W (d_out, d_in)`.

@@ -4,8 +4,9 @@
 //!
 //! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
 //! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
-//! input activations, and the projection outputs only kernels read, in bf16, `cuda::Act`,
-//! `group::Feeds`); a frozen base weight `W` is `(d_out, d_in)`
+//! input activations, the projection outputs only kernels read, and, outside curvature
+//! passes, the SwiGLU backward's gradients of the gate/up outputs, in bf16, `cuda::Act`,
+//! `group::Feeds`, `group::GradFeeds`); a frozen base weight `W` is `(d_out, d_in)`
 //! and a linear layer computes `y = x W^T`.
 
 pub mod cpu;
@@ -16,7 +17,7 @@ pub mod group;
 pub mod timed;
 
 use crate::error::{Error, Result};
-use group::{LoraGroup, ProjBwd, ProjFwd, Projected};
+use group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 
 /// Rows `[start, start + len)` of a batch activation belong to one sequence; padding rows
 /// (right padding) are outside every segment.
@@ -324,12 +325,15 @@ pub trait Backend: Send + Sync {
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// `silu(gate) * up`.
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf>;
-    /// Returns `(dgate, dup)`.
+    /// Returns `(dgate, dup)`, which the gate/up projection group's backward (and, in a
+    /// curvature pass, the curvature's reductions) reads and nothing else: `feeds` says
+    /// which, and so how a backend may store them (`group::GradFeeds`).
     fn swiglu_backward(
         &self,
         dact: &Self::Buf,
         gate: &Self::Buf,
         up: &Self::Buf,
+        feeds: GradFeeds,
     ) -> Result<(Self::Buf, Self::Buf)>;
     /// `a += b`.
     fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()>;

@@ -10,7 +10,7 @@ use super::config::LlamaConfig;
 use super::lora::LoraWeights;
 use super::proj::Proj;
 use super::weights::HostWeights;
-use crate::backend::group::{LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::group::{GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, RopeTable,
 };
@@ -463,7 +463,12 @@ impl<B: Backend> Llama<B> {
                 &mut dact,
                 false,
             )?;
-            let (dgate, dup) = be.swiglu_backward(&dact, &a.gate, &a.up)?;
+            let feeds = if ctx.observer.is_some() {
+                GradFeeds::Curvature
+            } else {
+                GradFeeds::Backward
+            };
+            let (dgate, dup) = be.swiglu_backward(&dact, &a.gate, &a.up, feeds)?;
             let mut dxn2 = be.zeros(m * d)?;
             let gate_up = [Proj::Gate, Proj::Up];
             self.project_group_backward(

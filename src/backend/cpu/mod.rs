@@ -13,6 +13,7 @@ pub mod weight;
 
 use self::gemm::{Mat, gemm, gemm_new};
 use self::weight::CpuWeight;
+use super::group::GradFeeds;
 use super::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -384,6 +385,7 @@ impl Backend for CpuBackend {
         dact: &Vec<f32>,
         gate: &Vec<f32>,
         up: &Vec<f32>,
+        _feeds: GradFeeds,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         Ok(ops::swiglu_backward(dact, gate, up))
     }

@@ -189,6 +189,7 @@ pub const MODULES: &[KernelModule] = &[
             "swiglu_forward_bf16_in",
             "swiglu_backward",
             "swiglu_backward_bf16_in",
+            "swiglu_backward_bf16",
         ],
     },
 ];
@@ -316,6 +317,7 @@ mod tests {
             ("swiglu", "swiglu_forward_bf16_in", both),
             ("swiglu", "swiglu_backward", both),
             ("swiglu", "swiglu_backward_bf16_in", both),
+            ("swiglu", "swiglu_backward_bf16", both),
             ("optim", "adamw_step", both),
             ("rope", "rope", both),
             ("rope", "rope_bf16", both),

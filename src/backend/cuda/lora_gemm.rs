@@ -3,7 +3,8 @@
 //! the tiling, the precision and how each product maps onto it). Per group, forward: one
 //! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`
 //! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`);
-//! backward: one for every `gA_p = s g_p B_p`, one for
+//! backward (`g_p` read as stored: bf16 for gate/up, `swiglu_backward`, with bf16 base
+//! weights): one for every `gA_p = s g_p B_p`, one for
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
 //! (`gram_accumulate`, reductions over the rows). The per-projection cuBLAS sequence
@@ -291,19 +292,26 @@ impl CudaBackend {
                     check_len("B", lb.b.len(), p.d_out * l.r)?;
                     check_len("u", lb.u.len(), m * l.r)?;
                     let ga = self.uninit::<f32>(m * l.r)?;
+                    let mut seg = self.lora_seg(
+                        p.g.addr(),
+                        p.d_out,
+                        p.d_out,
+                        lb.b.f32()?.ptr(),
+                        l.r,
+                        l.scale,
+                    )?;
+                    if p.g.dtype() == DType::Bf16 {
+                        // A bf16 g (dgate, dup) is one exact piece; B keeps its three:
+                        // f32 products of the values g holds.
+                        seg.x_bf16 = 1;
+                        seg.pieces_x = 1;
+                    }
                     problems.push(Problem {
                         out: ga.ptr(),
                         n: l.r,
                         accumulate: false,
                         out_bf16: false,
-                        segs: vec![self.lora_seg(
-                            p.g.f32()?.ptr(),
-                            p.d_out,
-                            p.d_out,
-                            lb.b.f32()?.ptr(),
-                            l.r,
-                            l.scale,
-                        )?],
+                        segs: vec![seg],
                     });
                     Some(ga)
                 }
@@ -314,7 +322,10 @@ impl CudaBackend {
         // dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]: one launch.
         let mut segs = Vec::with_capacity(2 * projs.len());
         for p in &projs {
-            segs.push(self.base_seg((p.g.f32()?.ptr(), false), p.d_out, p.d_out, p.w, d_in)?);
+            // The bf16 engine rounds an f32 g to bf16 here, as it rounds a stored bf16 g
+            // (to nearest even both), so a g stored bf16 gives this product bit for bit.
+            let g = (p.g.addr(), p.g.dtype() == DType::Bf16);
+            segs.push(self.base_seg(g, p.d_out, p.d_out, p.w, d_in)?);
         }
         for (p, ga) in projs.iter().zip(&gas) {
             if let (Some(lb), Some(ga)) = (&p.lora, ga) {
@@ -330,7 +341,7 @@ impl CudaBackend {
         };
         self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
         // The weight gradients: reductions over all m rows, on the Gram kernels (which read
-        // x as stored).
+        // x and g as stored).
         let rows = [Segment { start: 0, len: m }];
         for (p, ga) in projs.into_iter().zip(&gas) {
             if let (Some(lb), Some(ga)) = (p.lora, ga)
@@ -347,9 +358,9 @@ impl CudaBackend {
                     1.0,
                     da.f32_mut()?,
                 )?;
-                let (g, u) = (p.g.f32()?, lb.u.f32()?);
+                let u = lb.u.f32()?;
                 self.gram_accumulate_impl(
-                    g.into(),
+                    p.g.into(),
                     p.d_out,
                     u.into(),
                     l.r,

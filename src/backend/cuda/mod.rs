@@ -4,10 +4,11 @@
 //! (`driver`), or the PTX simulator on the CPU (`sim`). Base weights are stored in bf16
 //! (or f32 with `--base-dtype f32`), and so, then, are the activations that feed the
 //! matmuls (normed hidden states, the SwiGLU output: `Act::Bf16`) and the projection
-//! outputs that only kernels read (q/k/v, gate/up: `group::Feeds`); the residual stream,
-//! RMSNorm's rstd, LoRA weights, all gradients, optimiser state and curvature are f32
-//! (`Act::F32`), and every kernel accumulates in f32. One stream, in order; each op's CPU
-//! twin in `backend/cpu` is its reference.
+//! outputs that only kernels read (q/k/v, gate/up: `group::Feeds`), and, outside curvature
+//! passes, the gradients of the gate/up outputs (dgate, dup: `group::GradFeeds`); the
+//! residual stream, RMSNorm's rstd, LoRA weights, every other gradient, optimiser state and
+//! curvature are f32 (`Act::F32`), and every kernel accumulates in f32. One stream, in
+//! order; each op's CPU twin in `backend/cpu` is its reference.
 //!
 //! Allocation and waiting: ops allocate their outputs and scratch as they go (a training
 //! step of SmolLM2-135M makes about 2,400 allocations, all freed by the next step), which

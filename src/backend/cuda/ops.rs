@@ -6,7 +6,7 @@ use half::bf16;
 use super::blas::{N, Operand, T};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{Act, BaseDtype, CudaBackend, MAX_RANK, THREADS, Weight};
-use crate::backend::group::{LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -236,7 +236,8 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<()> {
-        // Gradients are f32; the bf16 GEMM reads them rounded.
+        // dy is f32 here (the model's bf16 gradients go to `project_group_backward`); the
+        // bf16 GEMM reads it rounded.
         let dy = dy.f32()?;
         let dyb = match w.ty {
             DType::Bf16 => Some(self.to_bf16(dy)?),
@@ -434,15 +435,16 @@ impl Backend for CudaBackend {
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf> {
         let n = gate.len();
+        let ty = swiglu_operand_type(gate, up)?;
         let out = self.uninit_act(n, self.act_dtype())?;
         let args = [
-            Arg::U64(swiglu_operand(gate, up)?),
+            Arg::U64(gate.addr()),
             Arg::U64(up.addr()),
             Arg::U64(out.addr()),
             Arg::U64(n as u64),
         ];
         // gate and up are bf16 only with bf16 base weights, which store the output bf16.
-        let (kernel, width) = match (gate.dtype(), out.dtype()) {
+        let (kernel, width) = match (ty, out.dtype()) {
             (DType::F32, DType::F32) => ("swiglu_forward_f32", 4),
             (DType::F32, DType::Bf16) => ("swiglu_forward_bf16", 8),
             (DType::Bf16, DType::Bf16) => ("swiglu_forward_bf16_in", 8),
@@ -461,23 +463,36 @@ impl Backend for CudaBackend {
         dact: &Self::Buf,
         gate: &Self::Buf,
         up: &Self::Buf,
+        feeds: GradFeeds,
     ) -> Result<(Self::Buf, Self::Buf)> {
         let n = gate.len();
-        let (dg, du) = (self.uninit::<f32>(n)?, self.uninit::<f32>(n)?);
+        // Outside curvature passes dgate and dup are stored as gate and up are: bf16 with
+        // bf16 base weights. The gate/up group's backward reads them and nothing else: its
+        // base GEMM dx = g W rounds g to bf16 anyway (the same rounding, so that product
+        // is unchanged bit for bit); gA = s g B and the dB Gram read the stored g exactly,
+        // so they carry g's one rounding (2^-9 relative per element), as dA carries that
+        // of the bf16 x. A curvature pass keeps them f32 (`GradFeeds::Curvature`).
+        let ty = swiglu_operand_type(gate, up)?;
+        let out = match feeds {
+            GradFeeds::Backward => ty,
+            GradFeeds::Curvature => DType::F32,
+        };
+        let (dg, du) = (self.uninit_act(n, out)?, self.uninit_act(n, out)?);
         let args = [
             Arg::U64(dact.f32()?.ptr()),
-            Arg::U64(swiglu_operand(gate, up)?),
+            Arg::U64(gate.addr()),
             Arg::U64(up.addr()),
-            Arg::U64(dg.ptr()),
-            Arg::U64(du.ptr()),
+            Arg::U64(dg.addr()),
+            Arg::U64(du.addr()),
             Arg::U64(n as u64),
         ];
-        let (kernel, width) = match gate.dtype() {
-            DType::F32 => ("swiglu_backward", 4),
-            DType::Bf16 => ("swiglu_backward_bf16_in", 8),
+        let (kernel, width) = match (ty, out) {
+            (DType::F32, _) => ("swiglu_backward", 4),
+            (DType::Bf16, DType::F32) => ("swiglu_backward_bf16_in", 8),
+            (DType::Bf16, DType::Bf16) => ("swiglu_backward_bf16", 8),
         };
         self.launch(kernel, Self::packed(n, width), &args)?;
-        Ok((dg.into(), du.into()))
+        Ok((dg, du))
     }
 
     fn add_assign(&self, a: &mut Self::Buf, b: &Self::Buf) -> Result<()> {
@@ -785,9 +800,9 @@ impl Backend for CudaBackend {
     }
 }
 
-/// `gate`'s address, once `up` is checked to be stored alike and as long (the kernels take
-/// one type for both).
-fn swiglu_operand(gate: &Act, up: &Act) -> Result<u64> {
+/// The storage type of `gate` and `up`, once they are checked to be stored alike and as
+/// long (the kernels take one type for both).
+fn swiglu_operand_type(gate: &Act, up: &Act) -> Result<DType> {
     if gate.dtype() != up.dtype() || gate.len() != up.len() {
         return Err(Error::Device(format!(
             "swiglu of {} {:?} gate and {} {:?} up elements",
@@ -797,7 +812,7 @@ fn swiglu_operand(gate: &Act, up: &Act) -> Result<u64> {
             up.dtype()
         )));
     }
-    Ok(gate.addr())
+    Ok(gate.dtype())
 }
 
 fn check_rank(r: usize) -> Result<()> {

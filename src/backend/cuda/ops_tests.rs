@@ -254,8 +254,10 @@ fn packed_kernels_take_unaligned_operands_and_tails() {
 
 /// SwiGLU on bf16 gate and up (the gate/up projections' outputs with bf16 base weights):
 /// the same f32 arithmetic as the f32-input entries on the values the bf16 ones hold, so
-/// the forward matches bit for bit and the backward too. Offsets 0 and 8 are aligned bf16
-/// packs of eight (then a tail of n % 8); 4 and 1 are not (single elements throughout).
+/// the forward and backward (both stored bf16) are theirs rounded once, bit for bit, and
+/// the backward stored f32 (curvature passes) is theirs exactly.
+/// Offsets 0 and 8 are aligned bf16 packs of eight (then a tail of n % 8); 4 and 1 are
+/// not (single elements throughout).
 #[test]
 #[cfg_attr(
     not(lalora_cuda_kernels),
@@ -286,26 +288,49 @@ fn swiglu_reads_bf16_gate_and_up() {
             &back(&g, &o, off),
         );
 
+        // The backward: the bf16 entry's gradients (stored bf16) are the f32 entry's on
+        // the same values, rounded once.
         let (_d, pd) = at(&g, &random(n, 10), off);
-        let mut grads = Vec::new();
-        for (kernel, gp, up) in [
-            ("swiglu_backward_bf16_in", pg, pu),
-            ("swiglu_backward", pgf, puf),
-        ] {
-            let (dg, pdg) = at(&g, &vec![0.0; n], off);
-            let (du, pdu) = at(&g, &vec![0.0; n], off);
-            let args = [
-                Arg::U64(pd),
-                Arg::U64(gp),
-                Arg::U64(up),
-                Arg::U64(pdg),
-                Arg::U64(pdu),
-                len,
-            ];
-            g.launch(kernel, SMALL_GRID, &args).expect(kernel);
-            grads.push((back(&g, &dg, off), back(&g, &du, off)));
+        let (dg, pdg) = at(&g, &vec![0.0; n], off);
+        let (du, pdu) = at(&g, &vec![0.0; n], off);
+        let args = [pd, pgf, puf, pdg, pdu].map(Arg::U64);
+        g.launch("swiglu_backward", SMALL_GRID, &[&args[..], &[len]].concat())
+            .expect("swiglu_backward");
+        let (dgb, dub) = (
+            g.zeroed::<u16>(off + n).expect("alloc"),
+            g.zeroed::<u16>(off + n).expect("alloc"),
+        );
+        let (pdgb, pdub) = (dgb.ptr() + 2 * off as u64, dub.ptr() + 2 * off as u64);
+        let args = [pd, pg, pu, pdgb, pdub].map(Arg::U64);
+        g.launch(
+            "swiglu_backward_bf16",
+            SMALL_GRID,
+            &[&args[..], &[len]].concat(),
+        )
+        .expect("swiglu_backward_bf16");
+        for (name, got, want) in [("dgate", &dgb, &dg), ("dup", &dub, &du)] {
+            rounded(
+                &format!("swiglu backward bf16 {name}, {case}"),
+                &back_bf16(&g, got, off),
+                &back(&g, want, off),
+            );
         }
-        assert_eq!(grads[0], grads[1], "swiglu backward bf16 in, {case}");
+        // The bf16-in entry (a curvature pass: gradients stored f32) is the f32 entry's,
+        // bit for bit.
+        let (dgf, pdgf) = at(&g, &vec![0.0; n], off);
+        let (duf, pduf) = at(&g, &vec![0.0; n], off);
+        let args = [pd, pg, pu, pdgf, pduf].map(Arg::U64);
+        g.launch(
+            "swiglu_backward_bf16_in",
+            SMALL_GRID,
+            &[&args[..], &[len]].concat(),
+        )
+        .expect("swiglu_backward_bf16_in");
+        assert_eq!(
+            (back(&g, &dgf, off), back(&g, &duf, off)),
+            (back(&g, &dg, off), back(&g, &du, off)),
+            "swiglu backward bf16 in, {case}"
+        );
     }
 }
 

@@ -1,6 +1,7 @@
 //! Embedding, RMSNorm (alone and fused with the residual add), the base-weight linear layer, RoPE, SwiGLU and `add_assign`.
 
 use super::Checker;
+use crate::backend::group::GradFeeds;
 use crate::backend::{Backend, RopeTable};
 use crate::error::Result;
 use crate::selftest::check::Tolerance::{Activation, BaseWeights, F32};
@@ -136,8 +137,9 @@ fn swiglu<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
 
     c.case("swiglu_backward", &shapes);
     let d = c.up_random(n)?;
-    let (dgd, dud) = dev.swiglu_backward(&d.0, &g.0, &u.0)?;
-    let (dgr, dur) = re.swiglu_backward(&d.1, &g.1, &u.1)?;
+    // f32 gate and up: f32 gradients, whatever reads them.
+    let (dgd, dud) = dev.swiglu_backward(&d.0, &g.0, &u.0, GradFeeds::Backward)?;
+    let (dgr, dur) = re.swiglu_backward(&d.1, &g.1, &u.1, GradFeeds::Backward)?;
     c.check("swiglu_backward.dgate", &shapes, &dgd, &dgr, F32)?;
     c.check("swiglu_backward.dup", &shapes, &dud, &dur, F32)?;
 

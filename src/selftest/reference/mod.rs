@@ -10,6 +10,7 @@ mod attention;
 mod curvature;
 mod rows;
 
+use crate::backend::group::GradFeeds;
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -220,6 +221,7 @@ impl Backend for Reference {
         dact: &Vec<f32>,
         gate: &Vec<f32>,
         up: &Vec<f32>,
+        _feeds: GradFeeds,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         Ok(rows::swiglu_backward(dact, gate, up))
     }

@@ -4,7 +4,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cpu::weight::CpuWeight;
-use crate::backend::group::{self, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::group::{self, GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment,
@@ -323,8 +323,9 @@ impl Backend for Wrapped {
         dact: &Vec<f32>,
         gate: &Vec<f32>,
         up: &Vec<f32>,
+        feeds: GradFeeds,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
-        let (mut dg, mut du) = self.inner.swiglu_backward(dact, gate, up)?;
+        let (mut dg, mut du) = self.inner.swiglu_backward(dact, gate, up, feeds)?;
         self.hit("swiglu_backward", &mut [&mut dg, &mut du]);
         Ok((dg, du))
     }

@@ -7,7 +7,8 @@
 //   sq_grad_*: out += sum_n (alpha * C_n)^2 with C_n the product over sequence n's tiles
 //              (per-sample gradient squaring for `diag`; C_n never leaves registers).
 //
-// Operands: each of A and B is stored as f32 or as bf16 (the bf16 engine's activations),
+// Operands: each of A and B is stored as f32 or as bf16 (the bf16 engine's activations,
+// and its gate/up gradients outside curvature passes),
 // read as stored: a bf16 tile is staged in shared memory as bf16 (half the bytes) and
 // widened when a lane loads its fragment. A bf16 value is exact in tf32, so the product is
 // bit for bit that of the operand widened to f32 beforehand.
@@ -23,7 +24,7 @@
 // B (BK x BN) per stage through shared memory with cp.async, STAGES deep. Each warp owns
 // 16*MS x 8*NS of C: MS x NS mma tiles. The rows and columns of C within a warp's tile are
 // permuted so that a lane's operands for one k row are contiguous in shared memory (one or
-// two 64/128-bit loads instead of 2*MS + NS scalar ones): logical element e of a lane with
+// two vector loads of up to 128 bits instead of 2*MS + NS scalar ones): logical element e of a lane with
 // group g (lane / 4) sits at column (e / V) * 8V + V g + e % V of the shared tile (V = 4,
 // or the element count when smaller); the epilogue maps the accumulators back the same
 // way. The row strides (smem_stride) keep these loads free of bank conflicts.
@@ -402,7 +403,7 @@ __device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename 
 }  // namespace
 
 // Entry names: <kind>_<precision>_<tile or rank>_<A's storage>_<B's storage>. f32 operands
-// at both precisions; bf16 ones (which only the bf16 engine's activations are) at tf32 only.
+// at both precisions; bf16 ones (which only the bf16 engine stores) at tf32 only.
 #define TF32_TYPES(ENTRY, name, ...)                  \
     ENTRY(name##_f32_f32, __VA_ARGS__, 1, float, float) \
     ENTRY(name##_f32_bf16, __VA_ARGS__, 1, float, bf16) \

@@ -430,7 +430,7 @@ fn classifier_and_curvature_read_bf16_activations() {
 /// cover both Gram tilings (128 x 128; 256 x 32 with the narrow side swapped to B), the
 /// rows split across blocks (600 rows), the symmetric upper-triangle path, widths that are
 /// whole 16-byte chunks (16-byte copies) or not (element copies: 44, 20, 300, 5), and each
-/// squaring rank class.
+/// squaring rank class with its rows in one group of blocks or several.
 #[test]
 fn curvature_kernels_read_bf16_as_stored() {
     let g = sim(BaseDtype::Bf16);
@@ -492,13 +492,23 @@ fn curvature_kernels_read_bf16_as_stored() {
             len: 30 + i,
         })
         .collect();
-    for (r, wide) in [(8, 44), (16, 48), (32, 40), (64, 24)] {
+    // Narrow sides r (the rank, <= wide) in the classes 8, 16, 32 (r = 20: element copies)
+    // and 64; all five sequences (one group of blocks each, partials added after) or the
+    // first alone (one group, written directly).
+    for (r, wide, nseq) in [
+        (8, 44, 5),
+        (16, 48, 1),
+        (20, 40, 5),
+        (64, 96, 5),
+        (64, 96, 1),
+    ] {
         let rows = 5 * 41;
+        let seqs = &seqs[..nseq];
         let (wb, wf) = both(rows, wide, &mut rng);
         let (nb, nf) = both(rows, r, &mut rng);
         let sq = |n: &Act, w: &Act| {
             let mut out = g.buf(vec![0.0; r * wide]).unwrap();
-            g.sq_grad_accumulate(n, r, w, wide, &seqs, 1.5, &mut out)
+            g.sq_grad_accumulate(n, r, w, wide, seqs, 1.5, &mut out)
                 .unwrap();
             g.to_host(&out).unwrap()
         };
@@ -707,7 +717,7 @@ fn f32_only_ops_name_themselves_when_handed_bf16() {
     let mut y = g.zeros(24).unwrap();
     let e = g.add_assign(&mut y, &x).unwrap_err().to_string();
     assert!(
-        e.contains("bf16 activation") && e.contains("cuda/ops.rs:"),
+        e.contains("bf16 activation") && e.contains("cuda/vector.rs:"),
         "{e}"
     );
 }

@@ -276,4 +276,42 @@ impl CudaBackend {
             .map(|p| if p == -1 { vocab as i32 - 1 } else { p })
             .collect())
     }
+
+    /// The materialised softmax cross-entropy (`Backend::cross_entropy`, the fused
+    /// classifier's baseline) over f32 logits, one block per row.
+    pub(super) fn cross_entropy_impl(
+        &self,
+        logits: &Act,
+        rows: usize,
+        vocab: usize,
+        targets: CeTargets<'_>,
+        grad_scale: Option<f32>,
+    ) -> Result<(Vec<f32>, Option<Act>)> {
+        let (t, seed, sample) = match targets {
+            CeTargets::Labels(t) => (t, 0u64, 0i32),
+            CeTargets::Sample { mask, seed } => (mask, seed, 1),
+        };
+        let t = self.ints(t)?;
+        let losses = self.uninit::<f32>(rows)?;
+        // Without a gradient the kernel never touches dlogits: no allocation.
+        let d = self.uninit::<f32>(if grad_scale.is_some() {
+            rows * vocab
+        } else {
+            0
+        })?;
+        let args = [
+            Arg::U64(logits.f32()?.ptr()),
+            Arg::U64(t.ptr()),
+            Arg::U64(losses.ptr()),
+            Arg::U64(d.ptr()),
+            Arg::I32(vocab as i32),
+            Arg::F32(grad_scale.unwrap_or(0.0)),
+            Arg::I32(grad_scale.is_some() as i32),
+            Arg::U64(seed),
+            Arg::I32(sample),
+        ];
+        self.launch("cross_entropy", Self::per_row(rows), &args)?;
+        let l = self.download(&losses)?;
+        Ok((l, grad_scale.map(|_| d.into())))
+    }
 }

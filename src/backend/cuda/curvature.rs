@@ -25,8 +25,8 @@ const SKINNY: usize = 32;
 /// Wide-side rows per block of the squaring kernels.
 const SQ_BM: usize = 64;
 
-/// An operand of the tensor-core kernels as it is stored: they read f32 and bf16 (the bf16
-/// engine's activations) as they are, a bf16 tile staged in shared memory as bf16.
+/// An operand of the tensor-core kernels as it is stored: they read f32 and bf16 (what the
+/// bf16 engine stores as bf16) as they are, a bf16 tile staged in shared memory as bf16.
 #[derive(Clone, Copy)]
 pub(super) struct Input {
     ptr: u64,
@@ -318,6 +318,32 @@ impl CudaBackend {
             self.reduce_splits(&partial, ngroups, wide_dim, r, false, 1.0, out, rs, cs)?;
         }
         Ok(())
+    }
+
+    pub(super) fn segment_sum_impl(
+        &self,
+        x: &Act,
+        dim: usize,
+        segments: &[Segment],
+        mean: bool,
+    ) -> Result<Act> {
+        let (st, ln) = self.segments(segments)?;
+        let out = self.uninit::<f32>(segments.len() * dim)?;
+        let args = [
+            Arg::U64(x.addr()),
+            Arg::U64(st.ptr()),
+            Arg::U64(ln.ptr()),
+            Arg::I32(segments.len() as i32),
+            Arg::I32(dim as i32),
+            Arg::I32(mean as i32),
+            Arg::U64(out.ptr()),
+        ];
+        let entry = match x.dtype() {
+            DType::F32 => "segment_sum_f32",
+            DType::Bf16 => "segment_sum_bf16",
+        };
+        self.launch(entry, Self::elementwise(segments.len() * dim), &args)?;
+        Ok(out.into())
     }
 }
 

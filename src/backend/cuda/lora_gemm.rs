@@ -3,8 +3,8 @@
 //! the tiling, the precision and how each product maps onto it). Per group, forward: one
 //! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`
 //! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`);
-//! backward (`g_p` read as stored: bf16 for gate/up, `swiglu_backward`, with bf16 base
-//! weights): one for every `gA_p = s g_p B_p`, one for
+//! backward (`g_p` read as stored: bf16 for gate/up with bf16 base weights outside
+//! curvature passes, `GradFeeds`): one for every `gA_p = s g_p B_p`, one for
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
 //! (`gram_accumulate`, reductions over the rows). The per-projection cuBLAS sequence

@@ -27,10 +27,14 @@ mod classifier;
 mod curvature;
 pub mod driver;
 pub mod kernels;
+mod linear;
 mod lora_gemm;
 mod ops;
+mod rows;
 pub mod runtime;
 pub mod sim;
+mod storage;
+mod vector;
 
 use std::marker::PhantomData;
 use std::str::FromStr;

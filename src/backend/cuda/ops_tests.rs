@@ -3,9 +3,12 @@
 //! boundary (the single-element path throughout) and lengths with a tail after the
 //! last whole pack, against the CPU backend on the simulator.
 
+use half::bf16;
+
 use super::*;
 use crate::backend::cpu::CpuBackend;
-use crate::backend::cuda::DevBuf;
+use crate::backend::cuda::runtime::{Arg, LaunchConfig};
+use crate::backend::cuda::{BaseDtype, DevBuf};
 use crate::selftest::rel_err;
 
 /// One rounding per element apart at most (a fused multiply-add on the device where

@@ -403,15 +403,21 @@ __device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename 
 }  // namespace
 
 // Entry names: <kind>_<precision>_<tile or rank>_<A's storage>_<B's storage>. f32 operands
-// at both precisions; bf16 ones (which only the bf16 engine stores) at tf32 only.
-#define TF32_TYPES(ENTRY, name, ...)                  \
-    ENTRY(name##_f32_f32, __VA_ARGS__, 1, float, float) \
+// at both precisions; bf16 ones (which only the bf16 engine stores) at tf32 only, and only
+// in the combinations the model makes (every entry is a copy of the kernel in each binary's
+// PTX): the host widens a bf16 operand for any other (curvature.rs).
+#define TF32_F32(ENTRY, name, ...) ENTRY(name##_f32_f32, __VA_ARGS__, 1, float, float)
+#define TF32_BF16_A(ENTRY, name, ...) ENTRY(name##_bf16_f32, __VA_ARGS__, 1, bf16, float)
+#define TF32_ALL(ENTRY, name, ...)                      \
+    TF32_F32(ENTRY, name, __VA_ARGS__)                  \
+    TF32_BF16_A(ENTRY, name, __VA_ARGS__)               \
     ENTRY(name##_f32_bf16, __VA_ARGS__, 1, float, bf16) \
-    ENTRY(name##_bf16_f32, __VA_ARGS__, 1, bf16, float) \
     ENTRY(name##_bf16_bf16, __VA_ARGS__, 1, bf16, bf16)
 
 // KFAC Gram out (M, N) += alpha * sum_tiles A_tile^T B_tile (see gram above). 128 x 128
 // tiles of 8 warps (2 x 4, 64 x 32 each), or 256 x 32 tiles of 4 warps for a narrow side.
+// bf16 operands: 128 x 128 in every combination (x^T x, dA = gA^T x and dB = g^T u at
+// r = 64); 256 x 32 with a bf16 wide side (dA, dB at r <= 32; the narrow side is f32).
 #define GRAM_ENTRY(name, WM, WN, PASSES, TA, TB)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * WM * WN, 1)                                                   \
         name(const TA* a, const TB* b, int M, int N, const int2* tiles, int ntiles, int tiles_n, int upper,         \
@@ -419,23 +425,29 @@ __device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename 
         gram<Cfg<WM, WN, 4, 4, PASSES, TA, TB>>(a, b, M, N, tiles, ntiles, tiles_n, upper, alpha, out, rs, cs,      \
                                                 partial, va, vb);                                                   \
     }
-TF32_TYPES(GRAM_ENTRY, gram_tf32_128x128, 2, 4)
-TF32_TYPES(GRAM_ENTRY, gram_tf32_256x32, 4, 1)
+TF32_ALL(GRAM_ENTRY, gram_tf32_128x128, 2, 4)
+TF32_F32(GRAM_ENTRY, gram_tf32_256x32, 4, 1)
+TF32_BF16_A(GRAM_ENTRY, gram_tf32_256x32, 4, 1)
 GRAM_ENTRY(gram_3xtf32_128x128_f32_f32, 2, 4, 3, float, float)
 GRAM_ENTRY(gram_3xtf32_256x32_f32_f32, 4, 1, 3, float, float)
 
 // Per-sample squaring out += sum_n (alpha * A_n^T B_n)^2 with B the rank side (N <= 8 NS):
-// 64-row tiles of the wide side, 4 warps each owning 16 rows and all N columns.
+// 64-row tiles of the wide side, 4 warps each owning 16 rows and all N columns. bf16
+// operands: the wide side only (x; the rank side, gA or u, is f32).
 #define SQ_ENTRY(name, NS, PASSES, TA, TB)                                                                          \
     extern "C" __global__ void __launch_bounds__(128)                                                               \
         name(const TA* a, const TB* b, int M, int N, const int2* tiles, const int* group, float alpha, float* out,  \
              long long rs, long long cs, float* partial, int va, int vb) {                                          \
         sq_grad<Cfg<4, 1, 1, NS, PASSES, TA, TB>>(a, b, M, N, tiles, group, alpha, out, rs, cs, partial, va, vb);   \
     }
-TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r8, 1)
-TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r16, 2)
-TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r32, 4)
-TF32_TYPES(SQ_ENTRY, sq_grad_tf32_r64, 8)
+TF32_F32(SQ_ENTRY, sq_grad_tf32_r8, 1)
+TF32_F32(SQ_ENTRY, sq_grad_tf32_r16, 2)
+TF32_F32(SQ_ENTRY, sq_grad_tf32_r32, 4)
+TF32_F32(SQ_ENTRY, sq_grad_tf32_r64, 8)
+TF32_BF16_A(SQ_ENTRY, sq_grad_tf32_r8, 1)
+TF32_BF16_A(SQ_ENTRY, sq_grad_tf32_r16, 2)
+TF32_BF16_A(SQ_ENTRY, sq_grad_tf32_r32, 4)
+TF32_BF16_A(SQ_ENTRY, sq_grad_tf32_r64, 8)
 SQ_ENTRY(sq_grad_3xtf32_r8_f32_f32, 1, 3, float, float)
 SQ_ENTRY(sq_grad_3xtf32_r16_f32_f32, 2, 3, float, float)
 SQ_ENTRY(sq_grad_3xtf32_r32_f32_f32, 4, 3, float, float)

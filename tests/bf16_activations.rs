@@ -426,7 +426,8 @@ fn classifier_and_curvature_read_bf16_activations() {
 
 /// The curvature kernels read a bf16 operand as stored (staged in shared memory as bf16,
 /// widened per fragment): since a bf16 value is exact in tf32 and f32, each result is bit
-/// for bit that of the same values handed over as f32, whichever operand is bf16. Shapes
+/// for bit that of the same values handed over as f32, whichever operand is bf16 (read as
+/// stored where an entry is built for the combination, else widened first). Shapes
 /// cover both Gram tilings (128 x 128; 256 x 32 with the narrow side swapped to B), the
 /// rows split across blocks (600 rows), the symmetric upper-triangle path, widths that are
 /// whole 16-byte chunks (16-byte copies) or not (element copies: 44, 20, 300, 5), and each

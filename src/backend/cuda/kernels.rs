@@ -29,7 +29,7 @@ macro_rules! ptx {
     }};
 }
 
-pub const MODULES: &[KernelModule] = &[
+pub static MODULES: &[KernelModule] = &[
     KernelModule {
         name: "attention",
         ptx: ptx!("attention"),
@@ -85,27 +85,17 @@ pub const MODULES: &[KernelModule] = &[
             "gram_tf32_128x128_bf16_f32",
             "gram_tf32_128x128_bf16_bf16",
             "gram_tf32_256x32_f32_f32",
-            "gram_tf32_256x32_f32_bf16",
             "gram_tf32_256x32_bf16_f32",
-            "gram_tf32_256x32_bf16_bf16",
             "gram_3xtf32_128x128_f32_f32",
             "gram_3xtf32_256x32_f32_f32",
             "sq_grad_tf32_r8_f32_f32",
-            "sq_grad_tf32_r8_f32_bf16",
             "sq_grad_tf32_r8_bf16_f32",
-            "sq_grad_tf32_r8_bf16_bf16",
             "sq_grad_tf32_r16_f32_f32",
-            "sq_grad_tf32_r16_f32_bf16",
             "sq_grad_tf32_r16_bf16_f32",
-            "sq_grad_tf32_r16_bf16_bf16",
             "sq_grad_tf32_r32_f32_f32",
-            "sq_grad_tf32_r32_f32_bf16",
             "sq_grad_tf32_r32_bf16_f32",
-            "sq_grad_tf32_r32_bf16_bf16",
             "sq_grad_tf32_r64_f32_f32",
-            "sq_grad_tf32_r64_f32_bf16",
             "sq_grad_tf32_r64_bf16_f32",
-            "sq_grad_tf32_r64_bf16_bf16",
             "sq_grad_3xtf32_r8_f32_f32",
             "sq_grad_3xtf32_r16_f32_f32",
             "sq_grad_3xtf32_r32_f32_f32",

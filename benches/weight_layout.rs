@@ -1,4 +1,5 @@
-//! The projection products on SmolLM2-135M's shapes (4 x 256 = 1024 rows, 2 threads) with
+//! The projection products on SmolLM2-135M's shapes, and on the two of Llama-3.2-1B's
+//! where the rule's choice is closest or largest (4 x 256 = 1024 rows, 2 threads), with
 //! the frozen weight stored as given (`W` row-major) and transposed (`W^T` row-major):
 //! `linear` (`y = x W^T`) and `linear_backward` (`dx = dy W`) side by side, the figures
 //! behind the layout `CpuWeight::new` chooses (`src/backend/cpu/weight.rs`). The gemm
@@ -16,12 +17,16 @@ use rand_chacha::ChaCha8Rng;
 
 const ROWS: usize = 4 * 256;
 
-/// `(name, d_in, d_out)`: q and o, k and v, gate and up, down.
-const SHAPES: [(&str, usize, usize); 4] = [
+/// `(name, d_in, d_out)`: SmolLM2-135M's q and o, k and v, gate and up, down; then
+/// Llama-3.2-1B's k and v (512 rows, just under the 576 from which a weight with more
+/// columns than rows is kept transposed) and down (transposed).
+const SHAPES: [(&str, usize, usize); 6] = [
     ("q_o_576x576", 576, 576),
     ("k_v_576x192", 576, 192),
     ("gate_up_576x1536", 576, 1536),
     ("down_1536x576", 1536, 576),
+    ("llama1b_k_v_2048x512", 2048, 512),
+    ("llama1b_down_8192x2048", 8192, 2048),
 ];
 
 fn weight_layout(c: &mut Criterion) {

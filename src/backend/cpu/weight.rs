@@ -6,9 +6,11 @@
 //! layout spares one of the two its packing. Measured on SmolLM2's shapes (`cargo bench
 //! --bench weight_layout`: 1024 rows, 2 threads, AVX-512; `BENCHMARKS.md`), transposed
 //! against as given: down (576 x 1536) forward +21 %, backward +4 %; gate/up (1536 x 576)
-//! +5 % and -11 %; q/o (576 x 576) +3 % and -5 %; k/v (192 x 576) +2 % and -23 %. So a
-//! weight is stored transposed when it has more columns than rows and at least
-//! [`TRANSPOSE_MIN_ROWS`] rows: down, of SmolLM2's. Above `FEW_ROWS` rows (batched
+//! +5 % and -11 %; q/o (576 x 576) +3 % and -5 %; k/v (192 x 576) +2 % and -23 %; and on
+//! Llama-3.2-1B's: k/v (512 x 2048) +37 % and -5 % (13 % less time over both), down
+//! (2048 x 8192) +14 % and -11 % (1 % less). So a weight is stored transposed when it has more
+//! columns than rows and at least [`TRANSPOSE_MIN_ROWS`] rows: down, of SmolLM2's; k/v and
+//! down, of Llama-3.2-1B's. Above `FEW_ROWS` rows (batched
 //! training and evaluation) each output of those products is the same sum in the same
 //! order either way (the packing only moves operands), so those results do not depend on
 //! the layout. Products of `FEW_ROWS` rows or fewer (decoding, short sequences) take
@@ -19,9 +21,9 @@ use std::borrow::Cow;
 use super::gemm::Mat;
 
 /// Rows below which a wide weight stays as given: the narrowest measured shape that gains
-/// (576 rows; the widest that loses has 192). Shapes in between, such as Llama-3.2-1B's
-/// k/v (512 x 2048), are not measured and stay as given.
-pub const TRANSPOSE_MIN_ROWS: usize = 576;
+/// (512 rows, Llama-3.2-1B's k/v; the widest that loses has 192, SmolLM2's k/v). Shapes
+/// in between (such as SmolLM2-360M's k/v, 320 x 960) are not measured and stay as given.
+pub const TRANSPOSE_MIN_ROWS: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {

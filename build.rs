@@ -35,6 +35,23 @@ fn find_nvcc() -> Option<PathBuf> {
     p.exists().then(|| p.to_path_buf())
 }
 
+/// The PTX at `path` without nvcc's comment lines (chiefly a `// begin inline asm` and
+/// `// end inline asm` around every `asm` statement): 5-7 % of its bytes, which every
+/// binary embeds (`scripts/gpu-check.sh` carries five within a size limit). They mean
+/// nothing to ptxas, the driver or the simulator; the rest is kept as nvcc wrote it.
+fn compact(path: &Path) {
+    let text = std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if !line.trim_start().starts_with("//") {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    std::fs::write(path, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
+}
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(lalora_cuda_kernels)");
     for var in [
@@ -86,7 +103,7 @@ fn main() {
             .arg(src)
             .output();
         match result {
-            Ok(o) if o.status.success() => {}
+            Ok(o) if o.status.success() => compact(&ptx),
             Ok(o) => panic!(
                 "nvcc failed on {}:\n{}{}",
                 src.display(),

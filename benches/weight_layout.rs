@@ -18,8 +18,8 @@ use rand_chacha::ChaCha8Rng;
 const ROWS: usize = 4 * 256;
 
 /// `(name, d_in, d_out)`: SmolLM2-135M's q and o, k and v, gate and up, down; then
-/// Llama-3.2-1B's k and v (512 rows, just under the 576 from which a weight with more
-/// columns than rows is kept transposed) and down (transposed).
+/// Llama-3.2-1B's k and v (512 rows: the narrowest wide weight measured to gain from being
+/// kept transposed, so the threshold) and down.
 const SHAPES: [(&str, usize, usize); 6] = [
     ("q_o_576x576", 576, 576),
     ("k_v_576x192", 576, 192),

@@ -416,8 +416,9 @@ __device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename 
 
 // KFAC Gram out (M, N) += alpha * sum_tiles A_tile^T B_tile (see gram above). 128 x 128
 // tiles of 8 warps (2 x 4, 64 x 32 each), or 256 x 32 tiles of 4 warps for a narrow side.
-// bf16 operands: 128 x 128 in every combination (x^T x, dA = gA^T x and dB = g^T u at
-// r = 64); 256 x 32 with a bf16 wide side (dA, dB at r <= 32; the narrow side is f32).
+// bf16 operands: 128 x 128 in every combination (x^T x; dA = gA^T x, dB = g^T u and the
+// kfac-tri cross term x^T u at r from 33 to 64); 256 x 32 with a bf16 wide side (the same
+// at r <= 32, where the narrow side, gA or u, is f32).
 #define GRAM_ENTRY(name, WM, WN, PASSES, TA, TB)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * WM * WN, 1)                                                   \
         name(const TA* a, const TB* b, int M, int N, const int2* tiles, int ntiles, int tiles_n, int upper,         \

@@ -429,9 +429,11 @@ fn classifier_and_curvature_read_bf16_activations() {
 /// for bit that of the same values handed over as f32, whichever operand is bf16 (read as
 /// stored where an entry is built for the combination, else widened first). Shapes
 /// cover both Gram tilings (128 x 128; 256 x 32 with the narrow side swapped to B), the
-/// rows split across blocks (600 rows), the symmetric upper-triangle path, widths that are
-/// whole 16-byte chunks (16-byte copies) or not (element copies: 44, 20, 300, 5), and each
-/// squaring rank class with its rows in one group of blocks or several.
+/// rows split across blocks (600 rows), the symmetric upper-triangle path, bf16 widths
+/// that are whole 16-byte chunks (16-byte copies) or not (element copies: 44 as A in both
+/// kernels and as B at 128 x 128, 300 as A), the combinations no entry is built for (a
+/// bf16 B at 256 x 32 or in the squaring: widened), and each squaring rank class with its
+/// rows in one group of blocks or several.
 #[test]
 fn curvature_kernels_read_bf16_as_stored() {
     let g = sim(BaseDtype::Bf16);
@@ -493,9 +495,9 @@ fn curvature_kernels_read_bf16_as_stored() {
             len: 30 + i,
         })
         .collect();
-    // Narrow sides r (the rank, <= wide) in the classes 8, 16, 32 (r = 20: element copies)
-    // and 64; all five sequences (one group of blocks each, partials added after) or the
-    // first alone (one group, written directly).
+    // Narrow sides r (the rank, <= wide) in the classes 8, 16, 32 (r = 20) and 64; all
+    // five sequences (several groups of blocks, partials added after) or the first alone
+    // (one group, written directly).
     for (r, wide, nseq) in [
         (8, 44, 5),
         (16, 48, 1),

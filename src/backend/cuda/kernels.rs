@@ -283,6 +283,29 @@ mod tests {
 
     /// The elementwise and row kernels move 128-bit packs (kernels/common.cuh): each of
     /// these entries loads (and, but for the dot product, stores) through `.v4` accesses.
+    /// Every binary embeds all the PTX once (`MODULES` is a static: as a `const` it was
+    /// inlined per use, and two binaries held it twice), and `scripts/gpu-check.sh
+    /// --build-only` must fit five binaries in 56 MB to be carried to a GPU. With 3.67 MB
+    /// of PTX they took 51.3 MB (2026-11-29), so about 0.9 MB more PTX would fill what is
+    /// left; this budget fails first, here, rather than in a rare GPU session. (A budget
+    /// on the PTX, not a measurement of the binaries: `--build-only` measures those.)
+    #[test]
+    #[cfg_attr(
+        not(lalora_cuda_kernels),
+        ignore = "built without CUDA kernels (no nvcc)"
+    )]
+    fn ptx_fits_the_gpu_check_budget() {
+        const BUDGET: usize = 4_400_000;
+        let total: usize = MODULES.iter().map(|m| m.ptx.len()).sum();
+        let mut sizes: Vec<(usize, &str)> = MODULES.iter().map(|m| (m.ptx.len(), m.name)).collect();
+        sizes.sort_unstable_by(|a, b| b.cmp(a));
+        assert!(
+            total <= BUDGET,
+            "the PTX takes {total} bytes, over the {BUDGET} that gpu-bin can carry five times \
+             (largest: {sizes:?})"
+        );
+    }
+
     #[test]
     #[cfg_attr(
         not(lalora_cuda_kernels),

@@ -50,6 +50,8 @@
 # then two calls of the device tool's `run` (the machine stays warm 30 s between them):
 #   run(command="scripts/gpu-check.sh --tests",   timeout_s=480, carry=["gpu-bin"])
 #   run(command="scripts/gpu-check.sh --benches", timeout_s=540, carry=["gpu-bin"])
+# The PyTorch + PEFT peer can be checked here first, on the CPU at a tiny shape (not a
+# figure): python3 benches/peers/torch_peft_cuda_step.py --smoke (the peers' venv).
 set -uo pipefail
 
 caller=$PWD

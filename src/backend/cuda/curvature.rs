@@ -139,7 +139,6 @@ impl CudaBackend {
     /// and the operands it reads: as stored where an entry is built for their storage,
     /// else (a combination the model does not make) each bf16 one widened exactly to f32,
     /// a copy kept alive in `keep`, and the f32 entry. Same values, so the same result.
-    #[allow(clippy::too_many_arguments)]
     fn tc_operands(
         &self,
         kind: &str,
@@ -160,13 +159,7 @@ impl CudaBackend {
             if x.dtype == DType::F32 {
                 return Ok(x);
             }
-            let n = rows * dim;
-            let out = self.uninit::<f32>(n)?;
-            self.launch(
-                "bf16_to_f32",
-                Self::packed(n, 8),
-                &[Arg::U64(x.ptr), Arg::U64(out.ptr()), Arg::U64(n as u64)],
-            )?;
+            let out = self.widened(x.ptr, rows * dim)?;
             let w = Input::from(&out);
             keep.push(out);
             Ok(w)

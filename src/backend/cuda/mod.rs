@@ -273,17 +273,19 @@ impl CudaBackend {
     fn wide<'a>(&self, x: &'a Act) -> Result<Wide<'a>> {
         match x {
             Act::F32(b) => Ok(Wide::Same(b)),
-            Act::Bf16(b) => {
-                let n = b.len();
-                let out = self.uninit::<f32>(n)?;
-                self.launch(
-                    "bf16_to_f32",
-                    Self::packed(n, 8),
-                    &[Arg::U64(b.ptr()), Arg::U64(out.ptr()), Arg::U64(n as u64)],
-                )?;
-                Ok(Wide::Copy(out))
-            }
+            Act::Bf16(b) => Ok(Wide::Copy(self.widened(b.ptr(), b.len())?)),
         }
+    }
+
+    /// The `n` bf16 values at `ptr` as a new f32 buffer (exact).
+    fn widened(&self, ptr: u64, n: usize) -> Result<DevBuf<f32>> {
+        let out = self.uninit::<f32>(n)?;
+        self.launch(
+            "bf16_to_f32",
+            Self::packed(n, 8),
+            &[Arg::U64(ptr), Arg::U64(out.ptr()), Arg::U64(n as u64)],
+        )?;
+        Ok(out)
     }
 
     fn to_bf16(&self, x: &DevBuf<f32>) -> Result<DevBuf<u16>> {

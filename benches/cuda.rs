@@ -476,6 +476,7 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             d_out: outs[i],
             lora: Some((&a[i], &b[i])),
             feeds: Feeds::Residual,
+            rope: None,
         })
         .collect();
     // The backward's saved u_p, from the fused forward.
@@ -511,6 +512,7 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 d_out: outs[i],
                 lora: Some((&ha[i], &hb[i])),
                 feeds: Feeds::Residual,
+                rope: None,
             })
             .collect();
         let yu = c.project_group(&hx, m, d_in, lg, &cfwd).unwrap();
@@ -843,7 +845,7 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         let c = CpuBackend::new(2);
         let (oc, sc) = c.attention(&hq, &hk, &hv, &s).unwrap();
         let (dq, dk, dv) = c
-            .attention_backward(&hdout, &hq, &hk, &hv, &oc, &sc, &s)
+            .attention_backward(&hdout, &hq, &hk, &hv, &oc, &sc, None, &s)
             .unwrap();
         (vec![("out", oc)], vec![("dq", dq), ("dk", dk), ("dv", dv)])
     } else {
@@ -878,13 +880,13 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         fn f32_of(b: &Act) -> &DevBuf<f32> {
             b.f32().expect("the bench's inputs are f32")
         }
-        let (qf, kf, vf, dout) = (f32_of(&q), f32_of(&k), f32_of(&v), f32_of(&dout));
-        let (q, k, v) = (&q, &k, &v);
+        let (qf, kf, vf, doutf) = (f32_of(&q), f32_of(&k), f32_of(&v), f32_of(&dout));
+        let (q, k, v, dout) = (&q, &k, &v, &dout);
         let flash: Rc<dyn Fn()> = Rc::new(move || {
             let (out, lse) = g.flash_attention(q, k, v, &s).unwrap();
             *res.borrow_mut() = if backward {
                 let (dq, dk, dv) = g
-                    .flash_attention_backward(dout, q, k, v, &out, &lse, &s)
+                    .flash_attention_backward(dout, q, k, v, &out, &lse, None, &s)
                     .unwrap();
                 vec![dq.into(), dk.into(), dv.into()]
             } else {
@@ -895,7 +897,7 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             let (out, probs) = g.attention_materialised(qf, kf, vf, &s).unwrap();
             *res.borrow_mut() = if backward {
                 let (dq, dk, dv) = g
-                    .attention_materialised_backward(dout, qf, kf, vf, &probs, &s)
+                    .attention_materialised_backward(doutf, qf, kf, vf, &probs, &s)
                     .unwrap();
                 vec![dq.into(), dk.into(), dv.into()]
             } else {

@@ -50,6 +50,18 @@ __device__ __forceinline__ float sample_uniform(unsigned long long seed, unsigne
     return (float)(z >> 40) / 16777216.0f;
 }
 
+// One rotate-half RoPE pair (a = x[i], b = x[i + hd/2]) by the angle with cosine c and
+// signed sine s (s negated for the inverse, the backward): a' = a c - b s, b' = b c + a s,
+// each product and sum rounded on its own as the CPU twin (ops::rope) does, with no FMA
+// contraction. Every kernel that rotates (rope.cu, the LoRA GEMM's epilogue, flash
+// attention's backward epilogues) goes through this, so a fused rotation gives the same
+// bits as the separate pass it replaces.
+__device__ __forceinline__ void rope_rotate(float& a, float& b, float c, float s) {
+    const float a0 = a;
+    a = __fsub_rn(__fmul_rn(a0, c), __fmul_rn(b, s));
+    b = __fadd_rn(__fmul_rn(b, c), __fmul_rn(a0, s));
+}
+
 #define GRID_STRIDE(i, n) \
     for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < (size_t)(n); i += (size_t)gridDim.x * blockDim.x)
 

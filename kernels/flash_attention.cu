@@ -18,11 +18,15 @@
 // deterministic. (dQ in its own pass costs two extra products, QK^T and dO V^T, instead
 // of FlashAttention-2's float atomics.) The rows of dS = P (dP - D) sum to zero, so dK
 // summed over positions (as KFAC's reduce factors sum it) cancels; dS rounded to bf16
-// would break that, so the dK product takes dS as two bf16 halves (one more mma).
+// would break that, so the dK product takes dS as two bf16 halves (one more mma). Given
+// the RoPE table q and k were rotated by (head dims 64 and 128, the builds' own), dQ and dK
+// leave through RoPE's inverse in registers (`unrotate`): the gradients of the unrotated
+// q and k, without the pass over them the model would otherwise run.
 //
 // q, k and v are f32, rounded to bf16 as their tiles are staged into shared memory, or
 // bf16 (the projections' outputs with bf16 base weights: staged as they are, half the
-// bytes read); dO, O, the LSE and the gradients are f32. Kernels are built for head dims 64 and 128 (D); a
+// bytes read); dO is stored as q/k/v are (every read of it rounds it to bf16 for the
+// products, and D's sum too); O, the LSE and the gradients are f32. Kernels are built for head dims 64 and 128 (D); a
 // smaller multiple of 16 runs zero-padded in the next one (`hd` is the real dim).
 #include "common.cuh"
 #include "flash_attention.cuh"
@@ -189,16 +193,25 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 
 __device__ __forceinline__ float bf(float x) { return __bfloat162float(__float2bfloat16(x)); }
 
-extern "C" __global__ void flash_bwd_delta(const float* __restrict__ dout, const float* __restrict__ out,
-                                           float* __restrict__ delta, int rows, int tq, int n_heads, int hd) {
+// Elements p[0..4) as f32 (16-byte aligned f32; 8-byte aligned bf16, widened exactly).
+__device__ __forceinline__ float4 load4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float4 load4(const bf16* p) {
+    const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+    return make_float4(__uint_as_float(u.x << 16), __uint_as_float(u.x & 0xffff0000u), __uint_as_float(u.y << 16),
+                       __uint_as_float(u.y & 0xffff0000u));
+}
+
+template <typename T>
+__device__ __forceinline__ void bwd_delta(const T* __restrict__ dout, const float* __restrict__ out,
+                                          float* __restrict__ delta, int rows, int tq, int n_heads, int hd) {
     const int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
     if (r >= rows) return;
-    const float* a = dout + (size_t)r * hd;
+    const T* a = dout + (size_t)r * hd;
     const float* b = out + (size_t)r * hd;
     float s = 0.f;
     for (int d = lane * 4; d < hd; d += 128) {
-        const float4 x = __ldg(reinterpret_cast<const float4*>(a + d));
-        const float4 y = __ldg(reinterpret_cast<const float4*>(b + d));
+        const float4 x = load4(a + d);
+        const float4 y = load4(b + d);
         s += bf(x.x) * y.x + bf(x.y) * y.y + bf(x.z) * y.z + bf(x.w) * y.w;
     }
     s = warp_sum(s);
@@ -207,14 +220,43 @@ extern "C" __global__ void flash_bwd_delta(const float* __restrict__ dout, const
     if (lane == 0) delta[((size_t)(bi / tq) * n_heads + h) * tq + bi % tq] = s;
 }
 
+extern "C" __global__ void flash_bwd_delta(const float* dout, const float* out, float* delta, int rows, int tq,
+                                           int n_heads, int hd) {
+    bwd_delta(dout, out, delta, rows, tq, n_heads, hd);
+}
+// dO stored bf16 (the bf16 entries' dO): the same values as bf() makes of an f32 one.
+extern "C" __global__ void flash_bwd_delta_bf16(const bf16* dout, const float* out, float* delta, int rows, int tq,
+                                                int n_heads, int hd) {
+    bwd_delta(dout, out, delta, rows, tq, n_heads, hd);
+}
+
+// RoPE's inverse on the gradient row this thread holds half `h` of (C-fragment layout:
+// x[nd][2h..2h+1] are columns nd * 8 + 2t, +1), before it is stored: the backward's pass of
+// its own over dQ and dK, fused. For a head dim of D (flash.rs passes the table only then:
+// other head dims run padded, and rope.cu rotates after) the partner of column c < D/2 is
+// c + D/2, D/16 8-column tiles on, held by the same thread at a compile-time index;
+// `cs`/`sn` are the row's table rows.
+template <int D>
+__device__ __forceinline__ void unrotate(float (&x)[D / 8][4], int h, const float* cs, const float* sn, int t) {
+    constexpr int STEP = D / 16;
+#pragma unroll
+    for (int nd = 0; nd < STEP; ++nd) {
+        const int c = nd * 8 + 2 * t;
+        const float2 co = fa::load2(cs + c), si = fa::load2(sn + c);
+        rope_rotate(x[nd][2 * h], x[nd + STEP][2 * h], co.x, -si.x);
+        rope_rotate(x[nd][2 * h + 1], x[nd + STEP][2 * h + 1], co.y, -si.y);
+    }
+}
+
 // dQ = scale * sum_j dS_ij k_j with dS = P (dP - D), dP = dO V^T; one block per 128 query
 // rows as in the forward, sweeping key tiles of BN.
 template <int D, int BN, typename T>
 __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                       const float* __restrict__ dout,
+                                       const T* __restrict__ dout,
                                        const float* __restrict__ lse, const float* __restrict__ delta,
                                        float* __restrict__ dq, int tq, int tk, int tk_stride, int n_heads,
-                                       int n_kv, int hd, int q_offset, float scale) {
+                                       int n_kv, int hd, int q_offset, float scale, const float* __restrict__ rope_cos,
+                                       const float* __restrict__ rope_sin, int rope_period) {
     constexpr int LD = D + 8;
     extern __shared__ uint4 smem[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem);  // [2][BN][LD]
@@ -242,7 +284,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
         lse2[h] = ok ? lse[gr.lse_at(rr)] * fa::LOG2E : INFINITY;
         dd[h] = ok ? delta[gr.lse_at(rr)] : 0.f;
         const T* qr = q + gr.q_at(rr);
-        const float* dr = dout + gr.q_at(rr);
+        const T* dr = dout + gr.q_at(rr);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -333,14 +375,22 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
     }
 
 #pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[nd][e] *= scale;
+#pragma unroll
     for (int h = 0; h < 2; ++h) {
         if (row[h] >= gr.rows) continue;
+        if (rope_cos != nullptr) {
+            // dQ's row (sequence b, position p) is row b * tq + p of a (batch * tq)-row pass.
+            const size_t tr = ((size_t)blockIdx.z * tq + gr.pos(row[h])) % rope_period * (D / 2);
+            unrotate<D>(acc, h, rope_cos + tr, rope_sin + tr, t);
+        }
         float* dr = dq + gr.q_at(row[h]);
 #pragma unroll
         for (int nd = 0; nd < D / 8; ++nd) {
             if (nd * 8 < hd)
-                *reinterpret_cast<float2*>(dr + nd * 8 + 2 * t) =
-                    make_float2(acc[nd][2 * h] * scale, acc[nd][2 * h + 1] * scale);
+                *reinterpret_cast<float2*>(dr + nd * 8 + 2 * t) = make_float2(acc[nd][2 * h], acc[nd][2 * h + 1]);
         }
     }
 }
@@ -350,11 +400,12 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
 // tiles of BM packed rows. Works on transposed tiles: S^T = K Q^T, dP^T = V dO^T.
 template <int D, int BM, typename T>
 __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
-                                         const float* __restrict__ dout,
+                                         const T* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta,
                                          float* __restrict__ dk, float* __restrict__ dv, int tq, int tk,
                                          int tk_stride, int n_heads, int n_kv, int hd, int q_offset,
-                                         float scale) {
+                                         float scale, const float* __restrict__ rope_cos,
+                                         const float* __restrict__ rope_sin, int rope_period) {
     constexpr int LD = D + 8;
     extern __shared__ uint4 smem[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem);  // [KEYS][LD]
@@ -389,7 +440,7 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
     }
 
     fa::Stager<BM, D, THREADS> st;
-    // Q tiles (T) and dO tiles (f32) go through the same stager.
+    // Q and dO tiles (both T) go through the same stager.
     auto rows_of = [&](auto base, int r0) {
         return [=](int r) -> decltype(base) { return r0 + r < gr.rows ? base + gr.q_at(r0 + r) : nullptr; };
     };
@@ -502,16 +553,24 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
     }
 
 #pragma unroll
+    for (int nd = 0; nd < D / 8; ++nd)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) dka[nd][e] *= scale;
+#pragma unroll
     for (int h = 0; h < 2; ++h) {
         const int j = k0 + kw + g + 8 * h;
         if (j >= tk) continue;
+        if (rope_cos != nullptr) {
+            // dK's row (sequence b, key j) is row b * tk_stride + j of the cache-shaped pass.
+            const size_t tr = ((size_t)blockIdx.z * tk_stride + j) % rope_period * (D / 2);
+            unrotate<D>(dka, h, rope_cos + tr, rope_sin + tr, t);
+        }
         float* kr = dk + kv0 + j * kv_ld;
         float* vr = dv + kv0 + j * kv_ld;
 #pragma unroll
         for (int nd = 0; nd < D / 8; ++nd) {
             if (nd * 8 < hd) {
-                *reinterpret_cast<float2*>(kr + nd * 8 + 2 * t) =
-                    make_float2(dka[nd][2 * h] * scale, dka[nd][2 * h + 1] * scale);
+                *reinterpret_cast<float2*>(kr + nd * 8 + 2 * t) = make_float2(dka[nd][2 * h], dka[nd][2 * h + 1]);
                 *reinterpret_cast<float2*>(vr + nd * 8 + 2 * t) = make_float2(dva[nd][2 * h], dva[nd][2 * h + 1]);
             }
         }
@@ -526,12 +585,17 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
     const T *q, const T *k, const T *v, float *out, float *lse, int tq, int tk, int tk_stride, int n_heads, \
         int n_kv, int hd, int q_offset, float scale
 #define BWD_ARGS(T)                                                                                      \
-    const T *q, const T *k, const T *v, const float *dout, const float *lse, const float *delta, int tq, int tk, \
+    const T *q, const T *k, const T *v, const T *dout, const float *lse, const float *delta, int tq, int tk, \
         int tk_stride, int n_heads, int n_kv, int hd, int q_offset, float scale
 #define SHAPE tq, tk, tk_stride, n_heads, n_kv, hd, q_offset, scale
+// The backward's RoPE table for head dim D (null: dQ and dK are stored as computed).
+#define ROPE_ARGS const float *rope_cos, const float *rope_sin, int rope_period
+#define ROPE rope_cos, rope_sin, rope_period
 
-// Each entry for f32 q/k/v and (suffix _bf16) for bf16 ones: the projections' outputs with
-// bf16 base weights, staged as they are. The head-dim-64 forward fits in 128 registers (no
+// Each entry for f32 q/k/v (and dO) and (suffix _bf16) for bf16 ones: the projections'
+// outputs with bf16 base weights, staged as they are, and dO as o_proj's backward stores it
+// for flash attention (every read of dO rounds it to bf16, so a bf16 dO is the same
+// values, read in half the bytes). The head-dim-64 forward fits in 128 registers (no
 // spill on sm_90): two blocks per SM.
 #define ENTRIES(SUFFIX, T)                                                                                       \
     extern "C" __global__ void __launch_bounds__(THREADS, 2) flash_fwd_64##SUFFIX(FWD_ARGS(T)) {                 \
@@ -540,19 +604,21 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
     extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_fwd_128##SUFFIX(FWD_ARGS(T)) {                \
         fwd<128>(q, k, v, out, lse, SHAPE);                                                                      \
     }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_64##SUFFIX(BWD_ARGS(T), float* dq) {   \
-        bwd_dq<64, 64>(q, k, v, dout, lse, delta, dq, SHAPE);                                                    \
-    }                                                                                                            \
-    extern "C" __global__ void __launch_bounds__(THREADS, 1) flash_bwd_dq_128##SUFFIX(BWD_ARGS(T), float* dq) {  \
-        bwd_dq<128, 32>(q, k, v, dout, lse, delta, dq, SHAPE);                                                   \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+        flash_bwd_dq_64##SUFFIX(BWD_ARGS(T), float* dq, ROPE_ARGS) {                                             \
+        bwd_dq<64, 64>(q, k, v, dout, lse, delta, dq, SHAPE, ROPE);                                              \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
-        flash_bwd_dkdv_64##SUFFIX(BWD_ARGS(T), float* dk, float* dv) {                                           \
-        bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, dk, dv, SHAPE);                                              \
+        flash_bwd_dq_128##SUFFIX(BWD_ARGS(T), float* dq, ROPE_ARGS) {                                            \
+        bwd_dq<128, 32>(q, k, v, dout, lse, delta, dq, SHAPE, ROPE);                                             \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
-        flash_bwd_dkdv_128##SUFFIX(BWD_ARGS(T), float* dk, float* dv) {                                          \
-        bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, dk, dv, SHAPE);                                             \
+        flash_bwd_dkdv_64##SUFFIX(BWD_ARGS(T), float* dk, float* dv, ROPE_ARGS) {                                \
+        bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, dk, dv, SHAPE, ROPE);                                        \
+    }                                                                                                            \
+    extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
+        flash_bwd_dkdv_128##SUFFIX(BWD_ARGS(T), float* dk, float* dv, ROPE_ARGS) {                               \
+        bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, dk, dv, SHAPE, ROPE);                                       \
     }
 
 ENTRIES(, float)

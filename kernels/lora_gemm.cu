@@ -19,7 +19,9 @@
 //   backward  gA_p = s g_p B_p                       problems gA_p
 //             dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]   one problem
 // so the low-rank path adds about r / d of the base work (the u and gA products, and r more
-// K columns per output tile), and A and B are read per tile, not per token.
+// K columns per output tile), and A and B are read per tile, not per token. The forward's
+// q and k leave rotated by RoPE when their head dim divides a warp's 64 columns
+// (`rope_epilogue`): the f32 sums rotated, then stored (rounded once where bf16).
 //
 // Precision. Operands are staged into shared memory as bf16, each value v as P pieces
 // (P = 1..3 per operand and segment): v0 = bf16(v), v1 = bf16(v - v0), v2 = bf16(v - v0 -
@@ -67,7 +69,9 @@ struct Seg {
 };
 struct Prob {
     void* out;
-    int n, accumulate, tile_start, seg_begin, seg_end, out_bf16;
+    const float* rope_cos;  // RoPE table (period, rope_hd / 2), when rope_hd > 0
+    const float* rope_sin;
+    int n, accumulate, tile_start, seg_begin, seg_end, out_bf16, rope_hd, rope_period;
 };
 
 // 4 consecutive elements of row r, columns c..c+3, of a (rows, cols) row-major matrix
@@ -209,6 +213,35 @@ struct Gemm {
     }
 };
 
+// RoPE on the warp's 32 x 64 piece of the output before it is stored (q and k: the pass of
+// their own it replaces would read and write them once more). Heads of HD columns tile
+// the warp's 64 (HD divides 64, and every problem's columns start at a tile), so a column
+// c of the lower half of a head and its partner c + HD/2 are the same element of this
+// thread's 8-column tiles j and j + HD/16. Row `row` takes table row row % period, as
+// rope.cu does over the output's rows.
+template <int HD>
+__device__ __forceinline__ void rope_epilogue(float (&acc)[MT][NT][4], const Prob& pr, int m, int m0) {
+    constexpr int STEP = HD / 16;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wm = warp >> 1;
+#pragma unroll
+    for (int i = 0; i < MT; ++i)
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+            const int row = m0 + wm * WTM + i * 16 + (lane >> 2) + 8 * h;
+            if (row >= m) continue;
+            const size_t t0 = (size_t)(row % pr.rope_period) * (HD / 2);
+#pragma unroll
+            for (int j = 0; j < NT; ++j) {
+                if ((j / STEP) % 2 != 0) continue;  // upper halves: rotated with their partner
+                const int c = (j * 8) % HD + 2 * (lane & 3);
+                const float2 co = __ldg(reinterpret_cast<const float2*>(pr.rope_cos + t0 + c));
+                const float2 si = __ldg(reinterpret_cast<const float2*>(pr.rope_sin + t0 + c));
+                rope_rotate(acc[i][j][2 * h], acc[i][j + STEP][2 * h], co.x, si.x);
+                rope_rotate(acc[i][j][2 * h + 1], acc[i][j + STEP][2 * h + 1], co.y, si.y);
+            }
+        }
+}
+
 template <bool KMAJOR>
 __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_probs, const Seg* __restrict__ segs,
                                           int m) {
@@ -242,6 +275,17 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
         more = next_step(segs, pr.seg_end, s, k0);
         if (more) g.load(segs[s], m, n, m0, n0, k0);
         G::compute(acc, xs, ws, cur.pieces_x, cur.pieces_w, m - m0, n - n0);
+    }
+
+    // Head dims the epilogue rotates (lora_gemm.rs: ROPE_FUSED_HEAD_DIMS); others get
+    // rope.cu after the launch. Only forward products (n-major weights) are rotated.
+    if constexpr (!KMAJOR) {
+        switch (pr.rope_hd) {
+            case 16: rope_epilogue<16>(acc, pr, m, m0); break;
+            case 32: rope_epilogue<32>(acc, pr, m, m0); break;
+            case 64: rope_epilogue<64>(acc, pr, m, m0); break;
+            default: break;
+        }
     }
 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wm = warp >> 1, wn = warp & 1;

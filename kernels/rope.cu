@@ -22,9 +22,7 @@ __device__ __forceinline__ void rope_impl(T* x, const float* cos_t, const float*
         Pack<W> a = load<W>(p, i), b = load<W>(p, i + half);
 #pragma unroll
         for (int k = 0; k < W; ++k) {
-            const float ak = a.v[k], bk = b.v[k], sk = sign * s.v[k];
-            a.v[k] = ak * c.v[k] - bk * sk;
-            b.v[k] = bk * c.v[k] + ak * sk;
+            rope_rotate(a.v[k], b.v[k], c.v[k], sign * s.v[k]);
         }
         store(p, i, a);
         store(p, i + half, b);

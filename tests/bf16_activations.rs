@@ -192,12 +192,14 @@ fn projection_groups_read_bf16_activations() {
                 d_out: outs[0],
                 lora: Some((&ag, &bg)),
                 feeds: feeds[0],
+                rope: None,
             },
             ProjFwd {
                 w: &wgs[1],
                 d_out: outs[1],
                 lora: None,
                 feeds: feeds[1],
+                rope: None,
             },
         ]
     };
@@ -207,12 +209,14 @@ fn projection_groups_read_bf16_activations() {
             d_out: outs[0],
             lora: Some((&a, &b)),
             feeds: feeds[0],
+            rope: None,
         },
         ProjFwd {
             w: &wcs[1],
             d_out: outs[1],
             lora: None,
             feeds: feeds[1],
+            rope: None,
         },
     ];
     let yg = g.project_group(&xg, m, d_in, l, &fwd_g(feeds)).unwrap();
@@ -568,8 +572,8 @@ fn rope_rotates_bf16_rows() {
 }
 
 /// Attention on bf16 q/k/v: flash attention stages bf16 tiles either way, so its bf16
-/// entries give bit for bit what its f32 ones give on the same values (out, log-sum-exps,
-/// dq, dk, dv), and the CPU's results to the bf16 bound; at a head dim flash does not run
+/// entries (which read dO as bf16 too) give bit for bit what its f32 ones give on the same
+/// values (out, log-sum-exps, dq, dk, dv), and the CPU's results to the bf16 bound; at a head dim flash does not run
 /// (24) the materialised path reads exact widened copies, bit for bit too. GQA, causal
 /// offsets, KV strides past tk, rows off the 128-row tiles, a head dim (48) run padded.
 #[test]
@@ -620,17 +624,111 @@ fn attention_reads_bf16_projections() {
         let dout = rnd(&mut rng, oc.len());
         let dg = g.buf(dout.clone()).unwrap();
         let grads = |q, k, v, o, saved| -> Vec<Vec<f32>> {
-            let (dq, dk, dv) = g.attention_backward(&dg, q, k, v, o, saved, &s).unwrap();
+            let (dq, dk, dv) = g
+                .attention_backward(&dg, q, k, v, o, saved, None, &s)
+                .unwrap();
             [dq, dk, dv].iter().map(|x| g.to_host(x).unwrap()).collect()
         };
         let got = grads(&qg, &kg, &vg, &og, &sg);
         let f32_entries = grads(&qf, &kf, &vf, &of, &sf);
         let (dqc, dkc, dvc) = c
-            .attention_backward(&dout, &q, &k, &v, &oc, &sc, &s)
+            .attention_backward(&dout, &q, &k, &v, &oc, &sc, None, &s)
             .unwrap();
         for (i, (name, want)) in [("dq", dqc), ("dk", dkc), ("dv", dvc)].iter().enumerate() {
             same_bits(&what(name), &got[i], &f32_entries[i]);
             close(&what(&format!("{name} vs cpu")), &got[i], want, bound);
+        }
+    }
+}
+
+/// dO as the model makes it: o_proj's group backward writes its dx into the buffer
+/// `attention_dout` gives, bf16 where flash attention reads it (its every read rounds dO
+/// to bf16), f32 for the materialised path. The bf16 dx is the f32 one rounded once, and
+/// the gradients from it are bit for bit those from the f32 dO (which the bf16 entries
+/// take rounded on the way in; that they read a bf16 dO right, against the f32 entries,
+/// is `attention_reads_bf16_projections`' check).
+#[test]
+fn o_proj_writes_do_as_flash_attention_reads_it() {
+    let g = sim(BaseDtype::Bf16);
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    // (batch, t, heads, kv heads, head dim): flash (64, 128 with RoPE's inverse fused;
+    // 48 padded) and materialised (24).
+    for (batch, t, n_heads, n_kv_heads, head_dim) in [
+        (2, 19, 4, 2, 64),
+        (1, 21, 2, 1, 128),
+        (1, 9, 3, 1, 48),
+        (3, 7, 4, 2, 16),
+        (1, 11, 2, 2, 24),
+    ] {
+        let s = AttnShape {
+            batch,
+            tq: t,
+            tk: t,
+            tk_stride: t,
+            n_heads,
+            n_kv_heads,
+            head_dim,
+            q_offset: 0,
+        };
+        let (m, q_dim, d) = (batch * t, n_heads * head_dim, 40);
+        let what = |x: &str| format!("{x} {s:?}");
+        let (q, _) = bf16_act(&g, &mut rng, m, q_dim);
+        let (k, _) = bf16_act(&g, &mut rng, m, n_kv_heads * head_dim);
+        let (v, _) = bf16_act(&g, &mut rng, m, n_kv_heads * head_dim);
+        let (out, saved) = g.attention(&q, &k, &v, &s).unwrap();
+        let flash = matches!(saved, AttnSaved::Lse(_));
+        assert_eq!(flash, head_dim != 24, "{}", what("path"));
+        // o_proj's backward, adapted, as the model runs it: dx = g W + (s g B) A with
+        // W (d, q_dim), A (r, q_dim), B (d, r); u = x A^T (m, r) from the forward.
+        let r = 4;
+        let w = g.weight(rnd(&mut rng, d * q_dim), d, q_dim).unwrap();
+        let dh = g.buf(rnd(&mut rng, m * d)).unwrap();
+        let a = g.buf(rnd(&mut rng, r * q_dim)).unwrap();
+        let b = g.buf(rnd(&mut rng, d * r)).unwrap();
+        let u = g.buf(rnd(&mut rng, m * r)).unwrap();
+        let l = LoraGroup { r, scale: 0.5 };
+        let o_backward = |dx: &mut Act| {
+            let spec = ProjBwd {
+                w: &w,
+                d_out: d,
+                g: &dh,
+                lora: Some(LoraBwd {
+                    a: &a,
+                    b: &b,
+                    u: &u,
+                    grads: None,
+                }),
+            };
+            g.project_group_backward(&out, m, q_dim, l, vec![spec], dx, false)
+                .unwrap();
+        };
+        let mut dout = g.attention_dout(&saved, m * q_dim).unwrap();
+        let want = if flash { DType::Bf16 } else { DType::F32 };
+        assert_eq!(dout.dtype(), want, "{}", what("dO storage"));
+        o_backward(&mut dout);
+        let mut dout_f32 = g.zeros(m * q_dim).unwrap();
+        o_backward(&mut dout_f32);
+        let (got, wide) = (g.to_host(&dout).unwrap(), g.to_host(&dout_f32).unwrap());
+        if flash {
+            same_rounded(&what("dO"), &got, &wide);
+        } else {
+            same_bits(&what("dO"), &got, &wide);
+        }
+        let rope = RopeTable {
+            cos: g.buf(rnd(&mut rng, t * head_dim / 2)).unwrap(),
+            sin: g.buf(rnd(&mut rng, t * head_dim / 2)).unwrap(),
+            period: t,
+        };
+        let grads = |dout: &Act| -> Vec<Vec<f32>> {
+            let (dq, dk, dv) = g
+                .attention_backward(dout, &q, &k, &v, &out, &saved, Some(&rope), &s)
+                .unwrap();
+            [dq, dk, dv].iter().map(|x| g.to_host(x).unwrap()).collect()
+        };
+        // Flash: the bf16 dO against the f32 one it rounds; materialised: both f32.
+        let (a, b) = (grads(&dout), grads(&dout_f32));
+        for (i, name) in ["dq", "dk", "dv"].iter().enumerate() {
+            same_bits(&what(name), &a[i], &b[i]);
         }
     }
 }
@@ -742,6 +840,7 @@ fn f32_base_weights_keep_activations_f32() {
         d_out: dim,
         lora: None,
         feeds: Feeds::Kernels,
+        rope: None,
     };
     let l = LoraGroup { r: 0, scale: 0.0 };
     let [(q, _)]: [_; 1] = g

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use common::*;
 use lalora_engine::Result;
 use lalora_engine::backend::{
-    AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, Segment,
+    AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, RopeTable, Segment,
 };
 
 struct Count<'a, B: Backend> {
@@ -134,10 +134,12 @@ impl<B: Backend> Backend for Count<'_, B> {
         v: &B::Buf,
         out: &B::Buf,
         saved: &AttnSaved<B::Buf>,
+        rope: Option<&RopeTable<B::Buf>>,
         s: &AttnShape,
     ) -> Result<(B::Buf, B::Buf, B::Buf)> {
         self.add(8 * visible_pairs(s) * s.head_dim);
-        self.inner.attention_backward(dout, q, k, v, out, saved, s)
+        self.inner
+            .attention_backward(dout, q, k, v, out, saved, rope, s)
     }
     fn gram_accumulate(
         &self,
@@ -186,7 +188,7 @@ impl<B: Backend> Backend for Count<'_, B> {
     lalora_engine::delegate_backend!(B;
         cross_entropy, describe, buf, zeros, to_host, weight, copy_into, slice, embedding,
         rmsnorm, add_rmsnorm, rmsnorm_backward, rope, swiglu, swiglu_backward, add_assign,
-        segment_sum, dup, mul_assign, scale, axpy, dot, dots, adamw_step,
+        segment_sum, dup, mul_assign, scale, axpy, dot, dots, adamw_step, attention_dout,
     );
 }
 

@@ -69,6 +69,24 @@ impl Pair<'_> {
     fn down(&self, b: &Act) -> Vec<f32> {
         self.g.to_host(b).unwrap()
     }
+    /// A RoPE table of `period` rows of `hd / 2` random angles in (-3, 3), on the CPU and
+    /// on the device.
+    fn rope(
+        &self,
+        rng: &mut ChaCha8Rng,
+        period: usize,
+        hd: usize,
+    ) -> (RopeTable<Vec<f32>>, RopeTable<Act>) {
+        let angles: Vec<f32> = rnd(rng, period * hd / 2).iter().map(|a| 3.0 * a).collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let dev = RopeTable {
+            cos: self.up(&cos),
+            sin: self.up(&sin),
+            period,
+        };
+        (RopeTable { cos, sin, period }, dev)
+    }
 }
 
 #[test]
@@ -379,7 +397,8 @@ fn matmuls_and_lora_match_cpu() {
 }
 
 /// The materialised path (f32 cuBLAS products, probabilities kept): with f32 base weights,
-/// and with bf16 ones at a head dim flash attention does not run (24).
+/// and with bf16 ones at a head dim flash attention does not run (24); the backward given
+/// a RoPE table (dq, dk unrotated by rope passes after it).
 #[test]
 fn attention_matches_cpu() {
     for (base, hd) in [(BaseDtype::F32, 16), (BaseDtype::Bf16, 24)] {
@@ -414,11 +433,13 @@ fn attention_matches_cpu() {
                 close("attention out", &p.down(&og), &oc, F32);
                 close("attention probs", &p.down(pg), pc, F32);
                 let dout = rnd(&mut rng, oc.len());
+                let (tc, tg) = p.rope(&mut rng, stride, hd);
                 let (dqc, dkc, dvc) =
-                    p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, &s)
+                    p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), &s)
                         .unwrap();
+                let (qg, kg, vg) = (p.up(&q), p.up(&k), p.up(&v));
                 let (dqg, dkg, dvg) = g
-                    .attention_backward(&p.up(&dout), &p.up(&q), &p.up(&k), &p.up(&v), &og, &sg, &s)
+                    .attention_backward(&p.up(&dout), &qg, &kg, &vg, &og, &sg, Some(&tg), &s)
                     .unwrap();
                 close("attention dq", &p.down(&dqg), &dqc, F32);
                 close("attention dk", &p.down(&dkg), &dkc, F32);
@@ -456,7 +477,10 @@ fn host_lse(q: &[f32], k: &[f32], s: &AttnShape) -> Vec<f32> {
 
 /// Flash attention (bf16 base weights): out, log-sum-exps, dq, dk, dv against the CPU to
 /// the bf16 bound, on grouped-query, causal, KV-cache and ragged shapes; the backward is
-/// bit-for-bit repeatable.
+/// bit-for-bit repeatable. The backward runs given a RoPE table, as the model calls it:
+/// at head dims 64 and 128 its epilogues unrotate dq and dk, elsewhere rope passes after
+/// it; either must be bit for bit the backward without the table followed by the inverse
+/// rope passes (`rope_rotate` of common.cuh in both).
 #[test]
 fn flash_attention_matches_cpu() {
     // (batch, tq, tk, tk_stride, heads, kv heads, head dim, q_offset)
@@ -471,6 +495,8 @@ fn flash_attention_matches_cpu() {
         (1, 130, 130, 130, 2, 2, 128, 0),
         // Head dim 32, run zero-padded in the 64 build; 3 heads per KV head.
         (1, 20, 20, 20, 3, 1, 32, 0),
+        // Head dim 96, padded in the 128 build: RoPE in passes after the backward.
+        (2, 12, 12, 12, 2, 1, 96, 0),
     ];
     for g in devices() {
         let g = &g;
@@ -508,19 +534,44 @@ fn flash_attention_matches_cpu() {
             close(&what("lse"), &p.down(lse), &host_lse(&q, &k, &s), BF16);
             let dout = rnd(&mut rng, oc.len());
             let dg = p.up(&dout);
+            let (tc, tg) = p.rope(&mut rng, tk_stride, head_dim);
             let (dqc, dkc, dvc) =
-                p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, &s)
+                p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), &s)
                     .unwrap();
             let (dqg, dkg, dvg) = g
-                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, &s)
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), &s)
                 .unwrap();
             let got = [p.down(&dqg), p.down(&dkg), p.down(&dvg)];
             close(&what("dq"), &got[0], &dqc, BF16);
             close(&what("dk"), &got[1], &dkc, BF16);
             close(&what("dv"), &got[2], &dvc, BF16);
+            // Without the table, then the two inverse rope passes: the same values, bit for
+            // bit but for the sign of zero (cache rows past tk: stored +0 by the fused
+            // path, rotated zeros may come out -0).
+            let (mut dq0, mut dk0, dv0) = g
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, None, &s)
+                .unwrap();
+            let rows = (batch * tq, batch * tk_stride);
+            g.rope(&mut dq0, &tg, rows.0, n_heads, head_dim, true)
+                .unwrap();
+            g.rope(&mut dk0, &tg, rows.1, n_kv_heads, head_dim, true)
+                .unwrap();
+            for (name, (a, b)) in ["dq", "dk", "dv"].iter().zip(got.iter().zip([
+                p.down(&dq0),
+                p.down(&dk0),
+                p.down(&dv0),
+            ])) {
+                assert!(
+                    a.iter()
+                        .zip(&b)
+                        .all(|(x, y)| x.to_bits() == y.to_bits() || (*x == 0.0 && *y == 0.0)),
+                    "{}: the fused unrotation differs from the rope passes",
+                    what(name)
+                );
+            }
             if n == 0 {
                 let (dq2, dk2, dv2) = g
-                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, &s)
+                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), &s)
                     .unwrap();
                 let again = [p.down(&dq2), p.down(&dk2), p.down(&dv2)];
                 assert!(

@@ -14,10 +14,10 @@
 mod common;
 
 use common::*;
-use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
-use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, RopeOut};
+use lalora_engine::backend::{Backend, RopeTable};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -102,6 +102,7 @@ fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Vec<(String, Ve
             d_out,
             lora: adapted.then(|| (&a[i], &b[i])),
             feeds: Feeds::Residual,
+            rope: None,
         })
         .collect();
     let ys = be.project_group(&x, c.m, c.d_in, lg, &fwd).unwrap();
@@ -225,6 +226,121 @@ fn lora_gemm_matches_cpu_bf16() {
 #[test]
 fn lora_gemm_matches_cpu_f32() {
     check(&cases(), BaseDtype::F32);
+}
+
+/// RoPE on a group's outputs (the forward's q and k): rotated in the GEMM's epilogue for
+/// head dims 16, 32 and 64, by rope.cu after the launch for others (48, 128). Outputs:
+/// 5 heads of 64 (three column tiles, the last half full), 3 of 32 (one partial tile),
+/// 7 of 16, 1 of 48, 2 of 128 and one not rotated (v); 300 rows (three row tiles, the
+/// last partial) of three sequences of 100 positions.
+fn rope_group<B: Backend>(be: &B, rotate: bool, separate: bool) -> Vec<Vec<f32>> {
+    let (m, d_in, r, period) = (300, 96, 8, 100);
+    let heads = [(5, 64), (3, 32), (7, 16), (1, 48), (2, 128), (2, 0)];
+    let mut rng = ChaCha8Rng::seed_from_u64(41);
+    let up = |v: Vec<f32>| be.buf(v).unwrap();
+    let x = up(rnd(&mut rng, m * d_in, 1.0));
+    let width = |(n, hd): (usize, usize)| n * if hd == 0 { 32 } else { hd };
+    let mut ws = Vec::new();
+    let mut ab = Vec::new();
+    let mut tables = Vec::new();
+    for &h in &heads {
+        let d_out = width(h);
+        ws.push(
+            be.weight(rnd(&mut rng, d_out * d_in, 0.1), d_out, d_in)
+                .unwrap(),
+        );
+        ab.push((
+            up(rnd(&mut rng, r * d_in, 0.1)),
+            up(rnd(&mut rng, d_out * r, 0.5)),
+        ));
+        let angles = rnd(&mut rng, period * h.1 / 2, 3.0);
+        tables.push(RopeTable {
+            cos: up(angles.iter().map(|a| a.cos()).collect()),
+            sin: up(angles.iter().map(|a| a.sin()).collect()),
+            period,
+        });
+    }
+    let specs: Vec<ProjFwd<'_, B>> = heads
+        .iter()
+        .enumerate()
+        .map(|(i, &(n_heads, head_dim))| ProjFwd {
+            w: &ws[i],
+            d_out: width(heads[i]),
+            lora: Some((&ab[i].0, &ab[i].1)),
+            feeds: Feeds::Kernels,
+            rope: (rotate && !separate && head_dim > 0).then(|| RopeOut {
+                table: &tables[i],
+                n_heads,
+                head_dim,
+            }),
+        })
+        .collect();
+    let lg = LoraGroup { r, scale: 2.0 };
+    let mut ys = be.project_group(&x, m, d_in, lg, &specs).unwrap();
+    heads
+        .iter()
+        .zip(&mut ys)
+        .zip(&tables)
+        .map(|((&(n_heads, head_dim), (y, _)), t)| {
+            if rotate && separate && head_dim > 0 {
+                be.rope(y, t, m, n_heads, head_dim, false).unwrap();
+            }
+            be.to_host(y).unwrap()
+        })
+        .collect()
+}
+
+/// The rotation inside the GEMM is the separate pass it replaces, bit for bit, where the
+/// output is f32 (the f32 engine): both rotate the same f32 sums with the same operations
+/// (`rope_rotate` of common.cuh). With bf16 outputs the fused path rounds once where the
+/// separate pass rounds before and after rotating, so there both are held to the CPU's
+/// linear + LoRA + rope (bf16 bound), as is the f32 engine (1e-4). Unrotated, the outputs
+/// differ from the rotated ones (the test can tell).
+#[test]
+fn rope_in_the_lora_gemm_epilogue() {
+    let cpu = CpuBackend::new(2);
+    let want = rope_group(&cpu, true, false);
+    let plain = rope_group(&cpu, false, false);
+    for base in [BaseDtype::F32, BaseDtype::Bf16] {
+        let tol = match base {
+            BaseDtype::F32 => 1e-4,
+            BaseDtype::Bf16 => 1e-2,
+        };
+        for g in devices(base) {
+            let fused = rope_group(&g, true, false);
+            let separate = rope_group(&g, true, true);
+            for (i, ((f, s), (w, p))) in fused
+                .iter()
+                .zip(&separate)
+                .zip(want.iter().zip(&plain))
+                .enumerate()
+            {
+                let e = rel_err(f, w);
+                eprintln!(
+                    "{} {}: output {i}: fused vs CPU {e:.1e}",
+                    g.describe(),
+                    base.name()
+                );
+                assert!(
+                    e < tol,
+                    "{} {}: output {i}: relative error {e:e} (bound {tol:e})",
+                    g.describe(),
+                    base.name()
+                );
+                if i < 5 {
+                    assert!(rel_err(p, w) > 0.1, "output {i}: rotation changes it");
+                }
+                if base == BaseDtype::F32 {
+                    let same = f.iter().zip(s).all(|(a, b)| a.to_bits() == b.to_bits());
+                    assert!(
+                        same,
+                        "{} output {i}: fused and separate rotations differ",
+                        g.describe()
+                    );
+                }
+            }
+        }
+    }
 }
 
 /// The LoRA GEMM runs on tensor cores.

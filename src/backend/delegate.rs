@@ -187,6 +187,7 @@ macro_rules! delegate_backend {
                     d_out: p.d_out,
                     lora: p.lora,
                     feeds: p.feeds,
+                    rope: p.rope,
                 })
                 .collect();
             self.inner.project_group(x, m, d_in, lora, &projs)
@@ -248,6 +249,16 @@ macro_rules! delegate_backend {
             self.inner.attention(q, k, v, s)
         }
     };
+    (@one $inner:ty; [$($watch:ident)?]; attention_dout) => {
+        fn attention_dout(
+            &self,
+            saved: &$crate::backend::AttnSaved<Self::Buf>,
+            n: usize,
+        ) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("attention_dout");)?
+            self.inner.attention_dout(saved, n)
+        }
+    };
     (@one $inner:ty; [$($watch:ident)?]; attention_backward) => {
         fn attention_backward(
             &self,
@@ -257,10 +268,11 @@ macro_rules! delegate_backend {
             v: &Self::Buf,
             out: &Self::Buf,
             saved: &$crate::backend::AttnSaved<Self::Buf>,
+            rope: Option<&$crate::backend::RopeTable<Self::Buf>>,
             s: &$crate::backend::AttnShape,
         ) -> $crate::Result<(Self::Buf, Self::Buf, Self::Buf)> {
             $(let _watch = self.$watch("attention_backward");)?
-            self.inner.attention_backward(dout, q, k, v, out, saved, s)
+            self.inner.attention_backward(dout, q, k, v, out, saved, rope, s)
         }
     };
     (@one $inner:ty; [$($watch:ident)?]; swiglu) => {

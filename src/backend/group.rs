@@ -3,11 +3,11 @@
 //! each with its optional LoRA, as one `Backend` call so that a backend can run the group
 //! as one GEMM with the low-rank update inside it (CUDA: `cuda/lora_gemm.rs`).
 //!
-//! The defaults here are the per-projection sequence `linear` + `lora_forward` (backward:
-//! `linear_backward` + `lora_backward`), in projection order: the CPU's, and so the
+//! The defaults here are the per-projection sequence `linear` + `lora_forward` (+ `rope`;
+//! backward: `linear_backward` + `lora_backward`), in projection order: the CPU's, and so the
 //! reference numbers every fused implementation is tested against.
 
-use super::{Backend, LoraDims};
+use super::{Backend, LoraDims, RopeTable};
 use crate::error::Result;
 
 /// The LoRA rank and scaling `s` shared by a group's adapted projections.
@@ -56,7 +56,26 @@ pub struct ProjFwd<'a, B: Backend + ?Sized> {
     pub lora: Option<(&'a B::Buf, &'a B::Buf)>,
     /// What reads `y` (the CPU stores everything in f32 and ignores it).
     pub feeds: Feeds,
+    /// RoPE to apply to `y` (q and k): the group returns `rope(y)` in its place.
+    pub rope: Option<RopeOut<'a, B::Buf>>,
 }
+
+/// Rotate-half RoPE on a projection's output `(m, n_heads * head_dim)`, as
+/// `Backend::rope` applies it (row `r` at table row `r % period`). A backend may rotate
+/// inside the projection's GEMM instead of in a pass of its own (CUDA: the LoRA GEMM's
+/// epilogue), which saves reading and writing `y` once.
+pub struct RopeOut<'a, Buf> {
+    pub table: &'a RopeTable<Buf>,
+    pub n_heads: usize,
+    pub head_dim: usize,
+}
+
+impl<Buf> Clone for RopeOut<'_, Buf> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<Buf> Copy for RopeOut<'_, Buf> {}
 
 /// An adapted projection's part of a backward group.
 pub struct LoraBwd<'a, B: Backend + ?Sized> {
@@ -89,7 +108,7 @@ pub fn lora_dims(m: usize, d_in: usize, d_out: usize, l: LoraGroup) -> LoraDims 
 
 /// `Backend::project_group` as the per-projection sequence: `linear`, then `lora` (with
 /// `lora_forward`'s arguments and result: the default passes `lora_forward`, the CUDA
-/// baseline its cuBLAS twin).
+/// baseline its cuBLAS twin), then `rope` where asked.
 #[allow(clippy::too_many_arguments)]
 pub fn unfused_forward<B: Backend + ?Sized>(
     be: &B,
@@ -108,6 +127,9 @@ pub fn unfused_forward<B: Backend + ?Sized>(
                 Some((a, b)) => Some(lora(x, a, b, lora_dims(m, d_in, p.d_out, l), &mut y)?),
                 None => None,
             };
+            if let Some(r) = p.rope {
+                be.rope(&mut y, r.table, m, r.n_heads, r.head_dim, false)?;
+            }
             Ok((y, u))
         })
         .collect()

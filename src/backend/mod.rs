@@ -4,10 +4,11 @@
 //!
 //! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
 //! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
-//! input activations, the projection outputs only kernels read, and, outside curvature
-//! passes, the SwiGLU backward's gradients of the gate/up outputs, in bf16, `cuda::Act`,
-//! `group::Feeds`, `group::GradFeeds`); a frozen base weight `W` is `(d_out, d_in)`
-//! and a linear layer computes `y = x W^T`.
+//! input activations, the projection outputs only kernels read, the gradient of the
+//! attention output that flash attention reads, and, outside curvature passes, the SwiGLU
+//! backward's gradients of the gate/up outputs, in bf16, `cuda::Act`, `group::Feeds`,
+//! `Backend::attention_dout`, `group::GradFeeds`); a frozen base weight `W` is
+//! `(d_out, d_in)` and a linear layer computes `y = x W^T`.
 
 pub mod cpu;
 pub mod cuda;
@@ -75,6 +76,27 @@ impl<Buf> AttnSaved<Buf> {
             ))),
         }
     }
+}
+
+/// `Backend::attention_backward`'s `rope` as passes of their own: `rope`'s inverse on
+/// `dq (batch*tq rows, n_heads heads)` and `dk (batch*tk_stride rows, n_kv_heads heads)`.
+/// The CPU's (and so the reference), and CUDA's on the materialised path.
+pub fn unrotate_attention_grads<B: Backend + ?Sized>(
+    be: &B,
+    dq: &mut B::Buf,
+    dk: &mut B::Buf,
+    rope: &RopeTable<B::Buf>,
+    s: &AttnShape,
+) -> Result<()> {
+    be.rope(dq, rope, s.batch * s.tq, s.n_heads, s.head_dim, true)?;
+    be.rope(
+        dk,
+        rope,
+        s.batch * s.tk_stride,
+        s.n_kv_heads,
+        s.head_dim,
+        true,
+    )
 }
 
 /// What the fused softmax-cross-entropy backpropagates.
@@ -310,8 +332,21 @@ pub trait Backend: Send + Sync {
         v: &Self::Buf,
         s: &AttnShape,
     ) -> Result<(Self::Buf, AttnSaved<Self::Buf>)>;
+    /// A zeroed buffer of `n` values for `attention_backward`'s `dout` (the o projection
+    /// group's backward writes it as its `dx`), stored as the backward of the attention
+    /// that saved `saved` reads it: a backend may store it at lower precision where that
+    /// backward rounds every read of it anyway (CUDA's flash attention: bf16, the same
+    /// values in half the bytes). The default is `zeros`.
+    fn attention_dout(&self, saved: &AttnSaved<Self::Buf>, n: usize) -> Result<Self::Buf> {
+        let _ = saved;
+        self.zeros(n)
+    }
     /// Given the forward's `out` and saved state, returns `(dq, dk, dv)`; `dk`/`dv` rows
-    /// past `tk` (up to `tk_stride`) are zero.
+    /// past `tk` (up to `tk_stride`) are zero. With `rope` (the table q and k were rotated
+    /// by), `dq` and `dk` come back as the gradients of the unrotated q and k: `rope`'s
+    /// inverse applied to `dq (batch*tq rows)` and `dk (batch*tk_stride rows)`, which a
+    /// backend may do as it writes them (CUDA: flash attention's epilogues) instead of in
+    /// passes of their own (`unrotate_attention_grads`).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -321,6 +356,7 @@ pub trait Backend: Send + Sync {
         v: &Self::Buf,
         out: &Self::Buf,
         saved: &AttnSaved<Self::Buf>,
+        rope: Option<&RopeTable<Self::Buf>>,
         s: &AttnShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// `silu(gate) * up`.

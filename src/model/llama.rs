@@ -10,7 +10,7 @@ use super::config::LlamaConfig;
 use super::lora::LoraWeights;
 use super::proj::Proj;
 use super::weights::HostWeights;
-use crate::backend::group::{GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::group::{GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected, RopeOut};
 use crate::backend::{
     AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, RopeTable,
 };
@@ -201,6 +201,8 @@ impl<B: Backend> Llama<B> {
 
     /// `project` for projections `ps` sharing the input `x` (q/k/v, gate/up), as one
     /// backend call so that it can run them as one GEMM; returns `N` outputs `(y, u)`.
+    /// With `rope`, q and k come back rotated (which a backend may do inside the GEMM).
+    #[allow(clippy::too_many_arguments)]
     fn project_group<const N: usize>(
         &self,
         be: &B,
@@ -209,6 +211,7 @@ impl<B: Backend> Llama<B> {
         ps: [Proj; N],
         x: &B::Buf,
         m: usize,
+        rope: Option<&RopeTable<B::Buf>>,
     ) -> Result<[Projected<B::Buf>; N]> {
         let specs: Vec<ProjFwd<'_, B>> = ps
             .iter()
@@ -219,6 +222,13 @@ impl<B: Backend> Llama<B> {
                     .and_then(|lw| lw.find(l, p).map(|i| &lw.modules[i]))
                     .map(|md| (&md.a, &md.b)),
                 feeds: p.feeds(),
+                rope: rope
+                    .zip(p.rotated_heads(&self.cfg))
+                    .map(|(table, n_heads)| RopeOut {
+                        table,
+                        n_heads,
+                        head_dim: self.cfg.head_dim,
+                    }),
             })
             .collect();
         let out = be.project_group(x, m, ps[0].dims(&self.cfg).0, group_of(lora), &specs)?;
@@ -328,19 +338,18 @@ impl<B: Backend> Llama<B> {
                 .get(l + 1)
                 .map_or(&self.final_norm, |next| &next.attn_norm);
             let (xn1, rstd1) = (xn, rstd);
-            let [(mut q, uq), (mut k, uk), (v, uv)] =
-                self.project_group(be, lora, l, [Proj::Q, Proj::K, Proj::V], &xn1, m)?;
-            be.rope(&mut q, &rope, m, c.num_heads, c.head_dim, false)?;
-            be.rope(&mut k, &rope, m, c.num_kv_heads, c.head_dim, false)?;
+            let qkv = [Proj::Q, Proj::K, Proj::V];
+            let [(q, uq), (k, uk), (v, uv)] =
+                self.project_group(be, lora, l, qkv, &xn1, m, Some(&rope))?;
             let (attn, attn_saved) = be.attention(&q, &k, &v, &shape)?;
-            let [(o, uo)] = self.project_group(be, lora, l, [Proj::O], &attn, m)?;
+            let [(o, uo)] = self.project_group(be, lora, l, [Proj::O], &attn, m, None)?;
             let mut h_mid = o;
             let (xn2, rstd2) =
                 be.add_rmsnorm(&mut h_mid, &h, &lw.mlp_norm, m, d, c.rms_norm_eps)?;
             let [(gate, ug), (up, uu)] =
-                self.project_group(be, lora, l, [Proj::Gate, Proj::Up], &xn2, m)?;
+                self.project_group(be, lora, l, [Proj::Gate, Proj::Up], &xn2, m, None)?;
             let act = be.swiglu(&gate, &up)?;
-            let [(down, ud)] = self.project_group(be, lora, l, [Proj::Down], &act, m)?;
+            let [(down, ud)] = self.project_group(be, lora, l, [Proj::Down], &act, m, None)?;
             let mut h_out = down;
             (xn, rstd) = be.add_rmsnorm(&mut h_out, &h_mid, next_norm, m, d, c.rms_norm_eps)?;
             let x_in = std::mem::replace(&mut h, h_out);
@@ -487,7 +496,7 @@ impl<B: Backend> Llama<B> {
             let mut dh_mid = dh;
             be.rmsnorm_backward(&dxn2, &a.h_mid, &lw.mlp_norm, &a.rstd2, m, d, &mut dh_mid)?;
             // Attention: h_mid = x_in + o(attn(rope(q(xn1)), rope(k(xn1)), v(xn1)))
-            let mut dattn = be.zeros(m * c.q_dim())?;
+            let mut dattn = be.attention_dout(&a.attn_saved, m * c.q_dim())?;
             let o = [Proj::O];
             self.project_group_backward(
                 be,
@@ -502,10 +511,16 @@ impl<B: Backend> Llama<B> {
                 &mut dattn,
                 false,
             )?;
-            let (mut dq, mut dk, dv) =
-                be.attention_backward(&dattn, &a.q, &a.k, &a.v, &a.attn, &a.attn_saved, &shape)?;
-            be.rope(&mut dq, &acts.rope, m, c.num_heads, c.head_dim, true)?;
-            be.rope(&mut dk, &acts.rope, m, c.num_kv_heads, c.head_dim, true)?;
+            let (dq, dk, dv) = be.attention_backward(
+                &dattn,
+                &a.q,
+                &a.k,
+                &a.v,
+                &a.attn,
+                &a.attn_saved,
+                Some(&acts.rope),
+                &shape,
+            )?;
             let mut dxn1 = be.zeros(m * d)?;
             let qkv = [Proj::Q, Proj::K, Proj::V];
             self.project_group_backward(

@@ -77,6 +77,15 @@ impl Proj {
         }
     }
 
+    /// The heads of the output RoPE rotates: q's and k's.
+    pub fn rotated_heads(self, cfg: &LlamaConfig) -> Option<usize> {
+        match self {
+            Proj::Q => Some(cfg.num_heads),
+            Proj::K => Some(cfg.num_kv_heads),
+            _ => None,
+        }
+    }
+
     /// `(d_in, d_out)` of the weight `W (d_out x d_in)`.
     pub fn dims(self, cfg: &LlamaConfig) -> (usize, usize) {
         let d = cfg.hidden_size;

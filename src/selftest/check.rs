@@ -6,8 +6,14 @@ use rand_chacha::ChaCha8Rng;
 
 use super::report::{Metric, Row};
 use super::{BaseDtype, Options};
-use crate::backend::Backend;
+use crate::backend::{Backend, RopeTable};
 use crate::error::Result;
+
+/// One RoPE table on the device and on the reference (`Checker::up_rope`).
+pub type RopeTables<D, R> = (
+    RopeTable<<D as Backend>::Buf>,
+    RopeTable<<R as Backend>::Buf>,
+);
 
 /// What a comparison tolerates; the bound is a function of this and the base dtype.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -140,6 +146,31 @@ impl<'a, D: Backend, R: Backend> Checker<'a, D, R> {
     pub fn up_random(&mut self, n: usize) -> Result<(D::Buf, R::Buf)> {
         let host = self.random(n);
         self.up(&host)
+    }
+
+    /// A RoPE table of `period` rows of `head_dim / 2` angles in (-3, 3) (cos and sin of
+    /// each, so rotations keep lengths) on both backends.
+    pub fn up_rope(&mut self, period: usize, head_dim: usize) -> Result<RopeTables<D, R>> {
+        let angles: Vec<f32> = self
+            .random(period * head_dim / 2)
+            .iter()
+            .map(|a| 3.0 * a)
+            .collect();
+        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+        let ((cd, cr), (sd, sr)) = (self.up(&cos)?, self.up(&sin)?);
+        Ok((
+            RopeTable {
+                cos: cd,
+                sin: sd,
+                period,
+            },
+            RopeTable {
+                cos: cr,
+                sin: sr,
+                period,
+            },
+        ))
     }
 
     /// `positive(n)` on both backends.

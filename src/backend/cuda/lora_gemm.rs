@@ -2,7 +2,8 @@
 //! the grouped, K-segmented tensor-core GEMM of `kernels/lora_gemm.cu` (its header gives
 //! the tiling, the precision and how each product maps onto it). Per group, forward: one
 //! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`
-//! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`);
+//! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`; q and k
+//! rotated by RoPE in the epilogue, `ROPE_FUSED_HEAD_DIMS`);
 //! backward (`g_p` read as stored: bf16 for gate/up with bf16 base weights outside
 //! curvature passes, `GradFeeds`): one for every `gA_p = s g_p B_p`, one for
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
@@ -58,12 +59,30 @@ struct Seg {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Prob {
     out: u64,
+    rope_cos: u64,
+    rope_sin: u64,
     n: i32,
     accumulate: i32,
     tile_start: i32,
     seg_begin: i32,
     seg_end: i32,
     out_bf16: i32,
+    rope_hd: i32,
+    rope_period: i32,
+}
+
+/// Head dims whose RoPE the kernel applies in its epilogue: those dividing a warp's 64
+/// output columns (`rope_epilogue` of lora_gemm.cu), which covers the Llama 3.2 1B/3B and
+/// SmolLM2 heads of 64. Other head dims are rotated by rope.cu after the launch.
+const ROPE_FUSED_HEAD_DIMS: [usize; 3] = [16, 32, 64];
+
+/// A problem's RoPE, as the kernel reads it.
+#[derive(Clone, Copy)]
+struct RopeArgs {
+    cos: u64,
+    sin: u64,
+    head_dim: i32,
+    period: i32,
 }
 
 /// How the kernel reads a segment's weight: `W (n, k)` (`y = x W^T`) or `W (k, n)` (`dx = g W`).
@@ -81,6 +100,8 @@ struct Problem {
     segs: Vec<Seg>,
     /// The output is stored bf16 (else f32).
     out_bf16: bool,
+    /// RoPE rotates the output before it is stored (the forward's q and k).
+    rope: Option<RopeArgs>,
 }
 
 fn dim(v: usize, what: &str) -> Result<i32> {
@@ -159,8 +180,18 @@ impl CudaBackend {
         let mut segs = Vec::new();
         let mut tiles = 0usize;
         for p in problems {
+            let rope = p.rope.unwrap_or(RopeArgs {
+                cos: 0,
+                sin: 0,
+                head_dim: 0,
+                period: 1,
+            });
             probs.push(Prob {
                 out: p.out,
+                rope_cos: rope.cos,
+                rope_sin: rope.sin,
+                rope_hd: rope.head_dim,
+                rope_period: rope.period,
                 n: dim(p.n, "width")?,
                 accumulate: p.accumulate as i32,
                 tile_start: dim(tiles, "column tiles")?,
@@ -181,7 +212,7 @@ impl CudaBackend {
                 65535 * BM
             )));
         }
-        // One table: the problems (32 bytes each, so the segments stay 8-byte aligned).
+        // One table: the problems (56 bytes each, so the segments stay 8-byte aligned).
         let mut table: Vec<u8> = bytemuck::cast_slice(&probs).to_vec();
         table.extend_from_slice(bytemuck::cast_slice(&segs));
         let table = self.upload(&table)?;
@@ -235,6 +266,7 @@ impl CudaBackend {
                         accumulate: false,
                         segs: vec![seg],
                         out_bf16: false,
+                        rope: None,
                     });
                     Some(Act::from(u))
                 }
@@ -244,7 +276,9 @@ impl CudaBackend {
         self.lora_gemm(Layout::NMajor, m, &problems)?;
         let mut ys = Vec::with_capacity(projs.len());
         let mut problems = Vec::with_capacity(projs.len());
-        for (p, u) in projs.iter().zip(&us) {
+        // Rotations the epilogue cannot do: rope.cu after the launch.
+        let mut unfused = Vec::new();
+        for (i, (p, u)) in projs.iter().zip(&us).enumerate() {
             let ty = match p.feeds {
                 Feeds::Kernels => self.act_dtype(),
                 Feeds::Residual => DType::F32,
@@ -254,16 +288,44 @@ impl CudaBackend {
             if let (Some((_, b)), Some(u)) = (p.lora, u) {
                 segs.push(self.lora_seg(u.addr(), l.r, l.r, b.f32()?.ptr(), l.r, l.scale)?);
             }
+            let mut rope = None;
+            if let Some(r) = p.rope {
+                check_len("rotated output", p.d_out, r.n_heads * r.head_dim)?;
+                check_len(
+                    "RoPE cos",
+                    r.table.cos.len(),
+                    r.table.period * r.head_dim / 2,
+                )?;
+                check_len(
+                    "RoPE sin",
+                    r.table.sin.len(),
+                    r.table.period * r.head_dim / 2,
+                )?;
+                if ROPE_FUSED_HEAD_DIMS.contains(&r.head_dim) {
+                    rope = Some(RopeArgs {
+                        cos: r.table.cos.f32()?.ptr(),
+                        sin: r.table.sin.f32()?.ptr(),
+                        head_dim: dim(r.head_dim, "head dim")?,
+                        period: dim(r.table.period.max(1), "RoPE period")?,
+                    });
+                } else {
+                    unfused.push((i, r));
+                }
+            }
             problems.push(Problem {
                 out: y.addr(),
                 n: p.d_out,
                 accumulate: false,
                 segs,
                 out_bf16: ty == DType::Bf16,
+                rope,
             });
             ys.push(y);
         }
         self.lora_gemm(Layout::NMajor, m, &problems)?;
+        for (i, r) in unfused {
+            self.rope_impl(&mut ys[i], r.table, m, r.n_heads, r.head_dim, false)?;
+        }
         Ok(ys.into_iter().zip(us).collect())
     }
 
@@ -312,6 +374,7 @@ impl CudaBackend {
                         accumulate: false,
                         out_bf16: false,
                         segs: vec![seg],
+                        rope: None,
                     });
                     Some(ga)
                 }
@@ -332,12 +395,15 @@ impl CudaBackend {
                 segs.push(self.lora_seg(ga.ptr(), l.r, l.r, lb.a.f32()?.ptr(), d_in, 1.0)?);
             }
         }
+        // dx as the caller stores it: f32, or bf16 for o_proj's dx when flash attention
+        // reads it (`Backend::attention_dout`).
         let dx_problem = Problem {
-            out: dx.f32_mut()?.ptr(),
+            out: dx.addr(),
             n: d_in,
             accumulate,
             segs,
-            out_bf16: false,
+            out_bf16: dx.dtype() == DType::Bf16,
+            rope: None,
         };
         self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
         // The weight gradients: reductions over all m rows, on the Gram kernels (which read

@@ -178,6 +178,10 @@ impl Backend for CudaBackend {
         self.attention_auto(q, k, v, s)
     }
 
+    fn attention_dout(&self, saved: &AttnSaved<Act>, n: usize) -> Result<Act> {
+        self.attention_dout_impl(saved, n)
+    }
+
     fn attention_backward(
         &self,
         dout: &Self::Buf,
@@ -186,9 +190,10 @@ impl Backend for CudaBackend {
         v: &Self::Buf,
         out: &Self::Buf,
         saved: &AttnSaved<Self::Buf>,
+        rope: Option<&RopeTable<Act>>,
         s: &AttnShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
-        self.attention_backward_auto(dout, q, k, v, out, saved, s)
+        self.attention_backward_auto(dout, q, k, v, out, saved, rope, s)
     }
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf> {

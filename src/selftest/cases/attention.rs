@@ -4,7 +4,9 @@
 //!
 //! The device's saved state decides what is compared: probabilities (a materialised path,
 //! held to f32) or row log-sum-exps (flash attention on bf16 tensor cores, held to the
-//! tensor-core bound, its log-sum-exps to the reference's).
+//! tensor-core bound, its log-sum-exps to the reference's). The backward runs given a RoPE
+//! table (dq and dk returned unrotated, as the model asks for them) and, on the first
+//! shape, also without one.
 
 use super::Checker;
 use crate::backend::{AttnSaved, AttnShape, Backend};
@@ -47,17 +49,32 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
         // Head dim 8: the materialised path on every device.
         shape(1, 9, 9, 9, (2, 2), 8, 0),
     ];
-    for s in cases {
-        one(c, &s)?;
+    for (i, s) in cases.iter().enumerate() {
+        one(c, s, true)?;
+        if i == 0 {
+            one(c, s, false)?;
+        }
     }
     Ok(())
 }
 
-fn one<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>, s: &AttnShape) -> Result<()> {
+fn one<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>, s: &AttnShape, rope: bool) -> Result<()> {
     let (dev, re) = (c.dev, c.re);
     let shapes = format!(
-        "batch {}, tq {}, tk {} (stride {}), heads {}/{}, hd {}, offset {}",
-        s.batch, s.tq, s.tk, s.tk_stride, s.n_heads, s.n_kv_heads, s.head_dim, s.q_offset
+        "batch {}, tq {}, tk {} (stride {}), heads {}/{}, hd {}, offset {}{}",
+        s.batch,
+        s.tq,
+        s.tk,
+        s.tk_stride,
+        s.n_heads,
+        s.n_kv_heads,
+        s.head_dim,
+        s.q_offset,
+        if rope {
+            ", RoPE in backward"
+        } else {
+            ", no RoPE"
+        }
     );
     let q_len = s.batch * s.tq * s.n_heads * s.head_dim;
     let kv_len = s.batch * s.tk_stride * s.n_kv_heads * s.head_dim;
@@ -101,8 +118,17 @@ fn one<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>, s: &AttnShape) -> Resu
         AttnSaved::Probs(_) => AttnSaved::Probs(dev.buf(re.to_host(pr)?)?),
         lse => lse,
     };
-    let (dqd, dkd, dvd) = dev.attention_backward(&dout.0, &q.0, &k.0, &v.0, &out.0, &saved, s)?;
-    let (dqr, dkr, dvr) = re.attention_backward(&dout.1, &q.1, &k.1, &v.1, &out.1, &sr, s)?;
+    // The table's rows: every position of a prefill; the cache's rows in a decode step.
+    let tables = rope
+        .then(|| c.up_rope(s.tk_stride, s.head_dim))
+        .transpose()?;
+    let (td, tr) = match &tables {
+        Some((td, tr)) => (Some(td), Some(tr)),
+        None => (None, None),
+    };
+    let (dqd, dkd, dvd) =
+        dev.attention_backward(&dout.0, &q.0, &k.0, &v.0, &out.0, &saved, td, s)?;
+    let (dqr, dkr, dvr) = re.attention_backward(&dout.1, &q.1, &k.1, &v.1, &out.1, &sr, tr, s)?;
     c.check("attention_backward.dq", &shapes, &dqd, &dqr, tol)?;
     c.check("attention_backward.dk", &shapes, &dkd, &dkr, tol)?;
     c.check("attention_backward.dv", &shapes, &dvd, &dvr, tol)

@@ -2,10 +2,12 @@
 //! backward) with GQA-narrow k/v, k not adapted, rows and widths off the kernel's
 //! 128 x 128 tile, against the reference's per-projection sequence. Its outputs feed
 //! kernels, as the model's q/k/v do: with bf16 base weights the device stores them bf16.
+//! RoPE rotates the first two outputs (two sequences of 35 rows): 3 heads of 32, which
+//! CUDA rotates in the GEMM's epilogue, and one head of 48, which it rotates after.
 
 use super::Checker;
 use crate::backend::Backend;
-use crate::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use crate::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, RopeOut};
 use crate::error::Result;
 use crate::selftest::check::Tolerance::{BaseWeights, F32, TensorCores};
 
@@ -30,12 +32,25 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
         a.push(c.up_random(r * d_in)?);
         b.push(c.up_random(d_out * r)?);
     }
+    // (heads, head dim) RoPE rotates each output by.
+    let heads = [Some((3, 32)), Some((1, 48)), None];
+    let mut tables = Vec::new();
+    for h in heads {
+        tables.push(h.map(|(_, hd)| c.up_rope(35, hd)).transpose()?);
+    }
     let fd: Vec<ProjFwd<'_, D>> = (0..3)
         .map(|i| ProjFwd {
             w: &wd[i],
             d_out: outs[i].0,
             lora: outs[i].1.then(|| (&a[i].0, &b[i].0)),
             feeds: Feeds::Kernels,
+            rope: heads[i]
+                .zip(tables[i].as_ref())
+                .map(|((n_heads, head_dim), t)| RopeOut {
+                    table: &t.0,
+                    n_heads,
+                    head_dim,
+                }),
         })
         .collect();
     let fr: Vec<ProjFwd<'_, R>> = (0..3)
@@ -44,12 +59,23 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
             d_out: outs[i].0,
             lora: outs[i].1.then(|| (&a[i].1, &b[i].1)),
             feeds: Feeds::Kernels,
+            rope: heads[i]
+                .zip(tables[i].as_ref())
+                .map(|((n_heads, head_dim), t)| RopeOut {
+                    table: &t.1,
+                    n_heads,
+                    head_dim,
+                }),
         })
         .collect();
     let yd = dev.project_group(&x.0, m, d_in, lg, &fd)?;
     let yr = re.project_group(&x.1, m, d_in, lg, &fr)?;
     for (i, ((y, u), (yw, uw))) in yd.iter().zip(&yr).enumerate() {
-        c.check("project_group.y", &proj(i), y, yw, BaseWeights)?;
+        let rotated = match heads[i] {
+            Some((n, hd)) => format!("{}, RoPE {n} x {hd}", proj(i)),
+            None => proj(i),
+        };
+        c.check("project_group.y", &rotated, y, yw, BaseWeights)?;
         if let (Some(u), Some(uw)) = (u, uw) {
             c.check("project_group.u", &proj(i), u, uw, F32)?;
         }

@@ -13,7 +13,7 @@ mod rows;
 use crate::backend::group::GradFeeds;
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
-    RopeTable, Segment,
+    RopeTable, Segment, unrotate_attention_grads,
 };
 use crate::error::{Error, Result};
 
@@ -206,10 +206,15 @@ impl Backend for Reference {
         v: &Vec<f32>,
         _out: &Vec<f32>,
         saved: &AttnSaved<Vec<f32>>,
+        rope: Option<&RopeTable<Vec<f32>>>,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let probs = saved.probs("reference")?;
-        Ok(attention::backward(dout, q, k, v, probs, s))
+        let (mut dq, mut dk, dv) = attention::backward(dout, q, k, v, probs, s);
+        if let Some(rope) = rope {
+            unrotate_attention_grads(self, &mut dq, &mut dk, rope, s)?;
+        }
+        Ok((dq, dk, dv))
     }
 
     fn swiglu(&self, gate: &Vec<f32>, up: &Vec<f32>) -> Result<Vec<f32>> {

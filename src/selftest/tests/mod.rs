@@ -82,13 +82,16 @@ const OPS: [&str; 30] = [
     "adamw_step",
 ];
 
-/// Whether a fault in `op` reaches a row of the projection group through the ops the
-/// group is built from (the test backend runs the group as the per-projection sequence,
-/// as the trait's default does).
+/// Whether a fault in `op` reaches a row of another op through the ops it is built from:
+/// the projection group (the test backend runs it as the per-projection sequence, as the
+/// trait's default does, with `rope` on the rotated outputs), and the attention backward
+/// given a RoPE table (`rope`'s inverse on dq and dk).
 fn group_row_reached(op: &str, row: &Row) -> bool {
     let adapted = !row.shapes.contains("no LoRA");
+    let rotated = row.shapes.contains("RoPE") && !row.shapes.contains("no RoPE");
     match (op, row.kernel.as_str()) {
         ("linear", "project_group.y") | ("linear_backward", "project_group_backward.dx") => true,
+        ("rope", "project_group.y" | "attention_backward.dq" | "attention_backward.dk") => rotated,
         ("lora_forward", "project_group.y" | "project_group.u") => adapted,
         // gA, dA and dB exist only for adapted projections; dx sums over the group.
         ("lora_backward", k) => k.starts_with("project_group_backward."),

@@ -7,7 +7,7 @@ use crate::backend::cpu::weight::CpuWeight;
 use crate::backend::group::{self, GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
-    RopeTable, Segment,
+    RopeTable, Segment, unrotate_attention_grads,
 };
 use crate::error::Result;
 
@@ -297,6 +297,8 @@ impl Backend for Wrapped {
         self.hit("attention", &mut [&mut o, p]);
         Ok((o, saved))
     }
+    /// The backward, then RoPE's inverse on this backend (so that a fault in `rope`
+    /// reaches dq and dk, as it would a device's fused unrotation), then its own fault.
     fn attention_backward(
         &self,
         dout: &Vec<f32>,
@@ -305,11 +307,15 @@ impl Backend for Wrapped {
         v: &Vec<f32>,
         out: &Vec<f32>,
         saved: &AttnSaved<Vec<f32>>,
+        rope: Option<&RopeTable<Vec<f32>>>,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (mut dq, mut dk, mut dv) = self
             .inner
-            .attention_backward(dout, q, k, v, out, saved, s)?;
+            .attention_backward(dout, q, k, v, out, saved, None, s)?;
+        if let Some(rope) = rope {
+            unrotate_attention_grads(self, &mut dq, &mut dk, rope, s)?;
+        }
         self.hit("attention_backward", &mut [&mut dq, &mut dk, &mut dv]);
         Ok((dq, dk, dv))
     }

@@ -2,9 +2,9 @@
 //! the kernel design). The forward saves only the row log-sum-exps; the backward recomputes
 //! the probabilities tile by tile, so memory is O(T) per head, never T x T.
 
-use crate::backend::AttnShape;
 use crate::backend::cuda::runtime::{Arg, DType, LaunchConfig};
 use crate::backend::cuda::{Act, CudaBackend, DevBuf};
+use crate::backend::{AttnShape, RopeTable};
 use crate::error::{Error, Result};
 
 /// Threads per block of every flash kernel (8 warps).
@@ -101,6 +101,47 @@ fn variant(s: &AttnShape) -> Result<&'static Variant> {
         .unwrap_or(&VARIANTS[VARIANTS.len() - 1]))
 }
 
+/// The backward entries' last arguments: the RoPE table `(cos, sin, period)`, or a null
+/// table (dq and dk stored as computed).
+fn rope_args(rope: Option<&RopeTable<Act>>, s: &AttnShape) -> Result<Vec<Arg>> {
+    let Some(t) = rope else {
+        return Ok(vec![Arg::U64(0), Arg::U64(0), Arg::I32(1)]);
+    };
+    if !fuses_rope(s) {
+        return Err(Error::Device(format!(
+            "flash attention: no RoPE in the backward's epilogues at head dim {}",
+            s.head_dim
+        )));
+    }
+    let want = t.period * s.head_dim / 2;
+    if t.period == 0 || t.cos.len() != want || t.sin.len() != want {
+        return Err(Error::Device(format!(
+            "flash attention: a RoPE table of {} cos and {} sin values for period {} and head dim {}",
+            t.cos.len(),
+            t.sin.len(),
+            t.period,
+            s.head_dim
+        )));
+    }
+    Ok(vec![
+        Arg::U64(t.cos.f32()?.ptr()),
+        Arg::U64(t.sin.f32()?.ptr()),
+        Arg::I32(i32::try_from(t.period).map_err(|_| {
+            Error::usage(format!(
+                "flash attention: RoPE period {} exceeds i32",
+                t.period
+            ))
+        })?),
+    ])
+}
+
+/// Whether the backward can unrotate dq and dk as it stores them: at a build's own head dim
+/// (64, 128; a smaller one runs zero-padded, where a column's RoPE partner is not at the
+/// build's compile-time offset).
+pub(super) fn fuses_rope(s: &AttnShape) -> bool {
+    VARIANTS.iter().any(|v| v.d == s.head_dim)
+}
+
 /// The entry `name` for q/k/v stored as `ty`.
 fn entry(name: &str, ty: DType) -> String {
     match ty {
@@ -177,32 +218,44 @@ impl CudaBackend {
         Ok((out, lse))
     }
 
-    /// Backward of `flash_attention` from its `out` and `lse`; returns `(dq, dk, dv)`.
+    /// Backward of `flash_attention` from its `out` and `lse`; returns `(dq, dk, dv)`. With
+    /// `rope`, dq and dk are stored through RoPE's inverse (`Backend::attention_backward`),
+    /// for the head dims `fuses_rope` accepts.
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_backward(
         &self,
-        dout: &DevBuf<f32>,
+        dout: &Act,
         q: &Act,
         k: &Act,
         v: &Act,
         out: &DevBuf<f32>,
         lse: &DevBuf<f32>,
+        rope: Option<&RopeTable<Act>>,
         s: &AttnShape,
     ) -> Result<(DevBuf<f32>, DevBuf<f32>, DevBuf<f32>)> {
         let var = variant(s)?;
         let ty = qkv_dtype(q, k, v)?;
+        // dO as the entries take it, stored as q/k/v are: a bf16 copy of an f32 dO holds
+        // the values every read of it rounds it to anyway, an f32 copy of a bf16 one is
+        // exact, so either gives the same bits.
+        let converted = match (dout, ty) {
+            (Act::F32(d), DType::Bf16) => Some(Act::Bf16(self.to_bf16(d)?)),
+            (Act::Bf16(d), DType::F32) => Some(Act::F32(self.widened(d.ptr(), d.len())?)),
+            _ => None,
+        };
+        let dout = converted.as_ref().unwrap_or(dout);
         let rows = s.rows_len();
         let delta = self.uninit::<f32>(rows)?;
         let warps_per_block = THREADS as usize / 32;
         self.launch(
-            "flash_bwd_delta",
+            &entry("flash_bwd_delta", ty),
             LaunchConfig {
                 grid: [rows.div_ceil(warps_per_block) as u32, 1, 1],
                 block: [THREADS, 1, 1],
                 shared_bytes: 0,
             },
             &[
-                Arg::U64(dout.ptr()),
+                Arg::U64(dout.addr()),
                 Arg::U64(out.ptr()),
                 Arg::U64(delta.ptr()),
                 Arg::I32(rows as i32),
@@ -223,17 +276,20 @@ impl CudaBackend {
             Arg::U64(q.addr()),
             Arg::U64(k.addr()),
             Arg::U64(v.addr()),
-            Arg::U64(dout.ptr()),
+            Arg::U64(dout.addr()),
             Arg::U64(lse.ptr()),
             Arg::U64(delta.ptr()),
         ];
         args.extend(shape_args(s));
+        let rope_args = rope_args(rope, s)?;
         let mut dkdv_args = args.clone();
         dkdv_args.extend([Arg::U64(dk.ptr()), Arg::U64(dv.ptr())]);
+        dkdv_args.extend(rope_args.clone());
         let key_blocks = s.tk.div_ceil(KEYS);
         let cfg = grid(key_blocks, s, var.dkdv_shared());
         self.launch(&entry(var.dkdv, ty), cfg, &dkdv_args)?;
         args.push(Arg::U64(dq.ptr()));
+        args.extend(rope_args);
         let cfg = grid(row_blocks(s), s, var.dq_shared());
         self.launch(&entry(var.dq, ty), cfg, &args)?;
         Ok((dq, dk, dv))

@@ -6,6 +6,8 @@
 //!   f32 references to 1e-4), for shapes flash does not run, and the benchmarked baseline.
 //!
 //! The forward returns which state it saved (`AttnSaved`), and the backward follows it.
+//! Given the RoPE table, the backward's dq and dk leave unrotated: flash attention does it
+//! in its epilogues at head dims 64 and 128, rope passes after it do it otherwise.
 //! q, k and v may be stored bf16 (the projections' outputs with bf16 base weights): flash
 //! attention reads them as they are; the materialised path reads f32 and gets exact
 //! widened copies.
@@ -14,10 +16,20 @@ mod flash;
 mod materialised;
 
 use super::{Act, BaseDtype, CudaBackend};
-use crate::backend::{AttnSaved, AttnShape};
+use crate::backend::{AttnSaved, AttnShape, RopeTable, unrotate_attention_grads};
 use crate::error::Result;
 
 impl CudaBackend {
+    /// `Backend::attention_dout`: bf16 where flash attention's backward reads dO (with
+    /// bf16 base weights, whose q/k/v are bf16), which rounds every read of it to bf16;
+    /// f32 for the materialised path.
+    pub(super) fn attention_dout_impl(&self, saved: &AttnSaved<Act>, n: usize) -> Result<Act> {
+        Ok(match saved {
+            AttnSaved::Lse(_) if self.base == BaseDtype::Bf16 => Act::Bf16(self.zeroed(n)?),
+            _ => Act::F32(self.zeroed(n)?),
+        })
+    }
+
     pub(super) fn attention_auto(
         &self,
         q: &Act,
@@ -44,18 +56,31 @@ impl CudaBackend {
         v: &Act,
         out: &Act,
         saved: &AttnSaved<Act>,
+        rope: Option<&RopeTable<Act>>,
         s: &AttnShape,
     ) -> Result<(Act, Act, Act)> {
-        let dout = dout.f32()?;
-        let (dq, dk, dv) = match saved {
+        match saved {
             AttnSaved::Probs(p) => {
                 let (q, k, v) = (self.wide(q)?, self.wide(k)?, self.wide(v)?);
-                self.attention_materialised_backward(dout, &q, &k, &v, p.f32()?, s)?
+                let dout = self.wide(dout)?;
+                let (dq, dk, dv) =
+                    self.attention_materialised_backward(&dout, &q, &k, &v, p.f32()?, s)?;
+                let (mut dq, mut dk) = (Act::from(dq), Act::from(dk));
+                if let Some(rope) = rope {
+                    unrotate_attention_grads(self, &mut dq, &mut dk, rope, s)?;
+                }
+                Ok((dq, dk, dv.into()))
             }
             AttnSaved::Lse(lse) => {
-                self.flash_attention_backward(dout, q, k, v, out.f32()?, lse.f32()?, s)?
+                let fused = rope.filter(|_| flash::fuses_rope(s));
+                let (dq, dk, dv) =
+                    self.flash_attention_backward(dout, q, k, v, out.f32()?, lse.f32()?, fused, s)?;
+                let (mut dq, mut dk) = (Act::from(dq), Act::from(dk));
+                if let (Some(rope), None) = (rope, fused) {
+                    unrotate_attention_grads(self, &mut dq, &mut dk, rope, s)?;
+                }
+                Ok((dq, dk, dv.into()))
             }
-        };
-        Ok((dq.into(), dk.into(), dv.into()))
+        }
     }
 }

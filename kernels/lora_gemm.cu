@@ -20,8 +20,8 @@
 //             dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]   one problem
 // so the low-rank path adds about r / d of the base work (the u and gA products, and r more
 // K columns per output tile), and A and B are read per tile, not per token. The forward's
-// q and k leave rotated by RoPE when their head dim divides a warp's 64 columns
-// (`rope_epilogue`): the f32 sums rotated, then stored (rounded once where bf16).
+// q and k leave rotated by RoPE when their head dim is a multiple of 16 dividing a warp's
+// 64 columns (`rope_epilogue`): the f32 sums rotated, then stored (rounded once where bf16).
 //
 // Precision. Operands are staged into shared memory as bf16, each value v as P pieces
 // (P = 1..3 per operand and segment): v0 = bf16(v), v1 = bf16(v - v0), v2 = bf16(v - v0 -

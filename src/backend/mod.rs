@@ -272,8 +272,9 @@ pub trait Backend: Send + Sync {
         grads: Option<(&mut Self::Buf, &mut Self::Buf)>,
     ) -> Result<Self::Buf>;
     /// The projections of one group, all reading `x (m, d_in)`: `y_p = x W_p^T` plus, for
-    /// an adapted one, `s u_p B_p^T` with `u_p = x A_p^T`. Returns `(y_p, u_p)` in order.
-    /// The default is `linear` + `lora_forward` per projection (`group.rs`).
+    /// an adapted one, `s u_p B_p^T` with `u_p = x A_p^T`, then RoPE where the projection
+    /// asks for it (`ProjFwd::rope`: q and k). Returns `(y_p, u_p)` in order. The default
+    /// is `linear` + `lora_forward` (+ `rope`) per projection (`group.rs`).
     fn project_group(
         &self,
         x: &Self::Buf,

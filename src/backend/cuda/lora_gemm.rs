@@ -71,9 +71,10 @@ struct Prob {
     rope_period: i32,
 }
 
-/// Head dims whose RoPE the kernel applies in its epilogue: those dividing a warp's 64
-/// output columns (`rope_epilogue` of lora_gemm.cu), which covers the Llama 3.2 1B/3B and
-/// SmolLM2 heads of 64. Other head dims are rotated by rope.cu after the launch.
+/// Head dims whose RoPE the kernel applies in its epilogue: the multiples of 16 (whole
+/// 8-column fragment pairs) that divide a warp's 64 output columns (`rope_epilogue` of
+/// lora_gemm.cu), which covers the heads of 64 of Llama 3.2 1B and SmolLM2. Other head
+/// dims (128: Llama 3.2 3B, Llama 3 8B) are rotated by rope.cu after the launch.
 const ROPE_FUSED_HEAD_DIMS: [usize; 3] = [16, 32, 64];
 
 /// A problem's RoPE, as the kernel reads it.
@@ -290,6 +291,9 @@ impl CudaBackend {
             }
             let mut rope = None;
             if let Some(r) = p.rope {
+                if r.table.period == 0 {
+                    return Err(Error::Device("LoRA GEMM: a RoPE table of no rows".into()));
+                }
                 check_len("rotated output", p.d_out, r.n_heads * r.head_dim)?;
                 check_len(
                     "RoPE cos",
@@ -306,7 +310,7 @@ impl CudaBackend {
                         cos: r.table.cos.f32()?.ptr(),
                         sin: r.table.sin.f32()?.ptr(),
                         head_dim: dim(r.head_dim, "head dim")?,
-                        period: dim(r.table.period.max(1), "RoPE period")?,
+                        period: dim(r.table.period, "RoPE period")?,
                     });
                 } else {
                     unfused.push((i, r));

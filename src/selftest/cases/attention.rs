@@ -118,7 +118,8 @@ fn one<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>, s: &AttnShape, rope: b
         AttnSaved::Probs(_) => AttnSaved::Probs(dev.buf(re.to_host(pr)?)?),
         lse => lse,
     };
-    // The table's rows: every position of a prefill; the cache's rows in a decode step.
+    // RoPE's inverse goes over dq's batch * tq rows and dk's batch * tk_stride rows, row r
+    // at table row r % period (as `rope` goes over rows): a table of tk_stride rows.
     let tables = rope
         .then(|| c.up_rope(s.tk_stride, s.head_dim))
         .transpose()?;

@@ -235,6 +235,7 @@ impl CudaBackend {
     ) -> Result<(DevBuf<f32>, DevBuf<f32>, DevBuf<f32>)> {
         let var = variant(s)?;
         let ty = qkv_dtype(q, k, v)?;
+        let rope_args = rope_args(rope, s)?;
         // dO as the entries take it, stored as q/k/v are: a bf16 copy of an f32 dO holds
         // the values every read of it rounds it to anyway, an f32 copy of a bf16 one is
         // exact, so either gives the same bits.
@@ -281,7 +282,6 @@ impl CudaBackend {
             Arg::U64(delta.ptr()),
         ];
         args.extend(shape_args(s));
-        let rope_args = rope_args(rope, s)?;
         let mut dkdv_args = args.clone();
         dkdv_args.extend([Arg::U64(dk.ptr()), Arg::U64(dv.ptr())]);
         dkdv_args.extend(rope_args.clone());

@@ -24,8 +24,9 @@ use std::rc::Rc;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::runtime::DType;
 use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, DevBuf};
-use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
+use lalora_engine::backend::group::{Feeds, GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{Batch, Example};
@@ -845,7 +846,17 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         let c = CpuBackend::new(2);
         let (oc, sc) = c.attention(&hq, &hk, &hv, &s).unwrap();
         let (dq, dk, dv) = c
-            .attention_backward(&hdout, &hq, &hk, &hv, &oc, &sc, None, &s)
+            .attention_backward(
+                &hdout,
+                &hq,
+                &hk,
+                &hv,
+                &oc,
+                &sc,
+                None,
+                GradFeeds::Curvature,
+                &s,
+            )
             .unwrap();
         (vec![("out", oc)], vec![("dq", dq), ("dk", dk), ("dv", dv)])
     } else {
@@ -885,10 +896,11 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         let flash: Rc<dyn Fn()> = Rc::new(move || {
             let (out, lse) = g.flash_attention(q, k, v, &s).unwrap();
             *res.borrow_mut() = if backward {
+                // f32 gradients, as the materialised path and the counted bytes have them.
                 let (dq, dk, dv) = g
-                    .flash_attention_backward(dout, q, k, v, &out, &lse, None, &s)
+                    .flash_attention_backward(dout, q, k, v, &out, &lse, None, DType::F32, &s)
                     .unwrap();
-                vec![dq.into(), dk.into(), dv.into()]
+                vec![dq, dk, dv]
             } else {
                 vec![out.into()]
             };

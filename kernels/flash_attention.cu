@@ -26,8 +26,10 @@
 // q, k and v are f32, rounded to bf16 as their tiles are staged into shared memory, or
 // bf16 (the projections' outputs with bf16 base weights: staged as they are, half the
 // bytes read); dO is stored as q/k/v are (every read of it rounds it to bf16 for the
-// products, and D's sum too); O, the LSE and the gradients are f32. Kernels are built for head dims 64 and 128 (D); a
-// smaller multiple of 16 runs zero-padded in the next one (`hd` is the real dim).
+// products, and D's sum too); O and the LSE are f32; dQ, dK and dV are f32, or bf16 (the
+// f32 results rounded once) outside curvature passes with bf16 base weights. Kernels are
+// built for head dims 64 and 128 (D); a smaller multiple of 16 runs zero-padded in the
+// next one (`hd` is the real dim).
 #include "common.cuh"
 #include "flash_attention.cuh"
 
@@ -230,6 +232,15 @@ extern "C" __global__ void flash_bwd_delta_bf16(const bf16* dout, const float* o
     bwd_delta(dout, out, delta, rows, tq, n_heads, hd);
 }
 
+// Elements at, at + 1 (at even) of a gradient stored f32, or bf16 (rounded to nearest
+// even) when `bf`: dQ, dK and dV outside curvature passes (flash.rs: `GradFeeds`).
+__device__ __forceinline__ void store2(void* base, size_t at, float a, float b, int bf) {
+    if (bf)
+        *reinterpret_cast<uint32_t*>(static_cast<bf16*>(base) + at) = fa::pack(a, b);
+    else
+        *reinterpret_cast<float2*>(static_cast<float*>(base) + at) = make_float2(a, b);
+}
+
 // RoPE's inverse on the gradient row this thread holds half `h` of (C-fragment layout:
 // x[nd][2h..2h+1] are columns nd * 8 + 2t, +1), before it is stored: the backward's pass of
 // its own over dQ and dK, fused. For a head dim of D (flash.rs passes the table only then:
@@ -254,9 +265,9 @@ template <int D, int BN, typename T>
 __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                        const T* __restrict__ dout,
                                        const float* __restrict__ lse, const float* __restrict__ delta,
-                                       float* __restrict__ dq, int tq, int tk, int tk_stride, int n_heads,
+                                       void* __restrict__ dq, int tq, int tk, int tk_stride, int n_heads,
                                        int n_kv, int hd, int q_offset, float scale, const float* __restrict__ rope_cos,
-                                       const float* __restrict__ rope_sin, int rope_period) {
+                                       const float* __restrict__ rope_sin, int rope_period, int grads_bf16) {
     constexpr int LD = D + 8;
     extern __shared__ uint4 smem[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem);  // [2][BN][LD]
@@ -386,11 +397,10 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
             const size_t tr = ((size_t)blockIdx.z * tq + gr.pos(row[h])) % rope_period * (D / 2);
             unrotate<D>(acc, h, rope_cos + tr, rope_sin + tr, t);
         }
-        float* dr = dq + gr.q_at(row[h]);
+        const size_t at = gr.q_at(row[h]) + 2 * t;
 #pragma unroll
         for (int nd = 0; nd < D / 8; ++nd) {
-            if (nd * 8 < hd)
-                *reinterpret_cast<float2*>(dr + nd * 8 + 2 * t) = make_float2(acc[nd][2 * h], acc[nd][2 * h + 1]);
+            if (nd * 8 < hd) store2(dq, at + nd * 8, acc[nd][2 * h], acc[nd][2 * h + 1], grads_bf16);
         }
     }
 }
@@ -402,10 +412,10 @@ template <int D, int BM, typename T>
 __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v,
                                          const T* __restrict__ dout,
                                          const float* __restrict__ lse, const float* __restrict__ delta,
-                                         float* __restrict__ dk, float* __restrict__ dv, int tq, int tk,
+                                         void* __restrict__ dk, void* __restrict__ dv, int tq, int tk,
                                          int tk_stride, int n_heads, int n_kv, int hd, int q_offset,
                                          float scale, const float* __restrict__ rope_cos,
-                                         const float* __restrict__ rope_sin, int rope_period) {
+                                         const float* __restrict__ rope_sin, int rope_period, int grads_bf16) {
     constexpr int LD = D + 8;
     extern __shared__ uint4 smem[];
     bf16* kbuf = reinterpret_cast<bf16*>(smem);  // [KEYS][LD]
@@ -565,13 +575,12 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
             const size_t tr = ((size_t)blockIdx.z * tk_stride + j) % rope_period * (D / 2);
             unrotate<D>(dka, h, rope_cos + tr, rope_sin + tr, t);
         }
-        float* kr = dk + kv0 + j * kv_ld;
-        float* vr = dv + kv0 + j * kv_ld;
+        const size_t at = kv0 + j * kv_ld + 2 * t;
 #pragma unroll
         for (int nd = 0; nd < D / 8; ++nd) {
             if (nd * 8 < hd) {
-                *reinterpret_cast<float2*>(kr + nd * 8 + 2 * t) = make_float2(dka[nd][2 * h], dka[nd][2 * h + 1]);
-                *reinterpret_cast<float2*>(vr + nd * 8 + 2 * t) = make_float2(dva[nd][2 * h], dva[nd][2 * h + 1]);
+                store2(dk, at + nd * 8, dka[nd][2 * h], dka[nd][2 * h + 1], grads_bf16);
+                store2(dv, at + nd * 8, dva[nd][2 * h], dva[nd][2 * h + 1], grads_bf16);
             }
         }
     }
@@ -591,6 +600,9 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
 // The backward's RoPE table for head dim D (null: dQ and dK are stored as computed).
 #define ROPE_ARGS const float *rope_cos, const float *rope_sin, int rope_period
 #define ROPE rope_cos, rope_sin, rope_period
+// The gradients' storage: f32, or bf16 when grads_bf16 (flash.rs).
+#define GRAD_ARGS ROPE_ARGS, int grads_bf16
+#define GRAD ROPE, grads_bf16
 
 // Each entry for f32 q/k/v (and dO) and (suffix _bf16) for bf16 ones: the projections'
 // outputs with bf16 base weights, staged as they are, and dO as o_proj's backward stores it
@@ -605,20 +617,20 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
         fwd<128>(q, k, v, out, lse, SHAPE);                                                                      \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
-        flash_bwd_dq_64##SUFFIX(BWD_ARGS(T), float* dq, ROPE_ARGS) {                                             \
-        bwd_dq<64, 64>(q, k, v, dout, lse, delta, dq, SHAPE, ROPE);                                              \
+        flash_bwd_dq_64##SUFFIX(BWD_ARGS(T), void* dq, GRAD_ARGS) {                                              \
+        bwd_dq<64, 64>(q, k, v, dout, lse, delta, dq, SHAPE, GRAD);                                              \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
-        flash_bwd_dq_128##SUFFIX(BWD_ARGS(T), float* dq, ROPE_ARGS) {                                            \
-        bwd_dq<128, 32>(q, k, v, dout, lse, delta, dq, SHAPE, ROPE);                                             \
+        flash_bwd_dq_128##SUFFIX(BWD_ARGS(T), void* dq, GRAD_ARGS) {                                             \
+        bwd_dq<128, 32>(q, k, v, dout, lse, delta, dq, SHAPE, GRAD);                                             \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
-        flash_bwd_dkdv_64##SUFFIX(BWD_ARGS(T), float* dk, float* dv, ROPE_ARGS) {                                \
-        bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, dk, dv, SHAPE, ROPE);                                        \
+        flash_bwd_dkdv_64##SUFFIX(BWD_ARGS(T), void* dk, void* dv, GRAD_ARGS) {                                  \
+        bwd_dkdv<64, 64>(q, k, v, dout, lse, delta, dk, dv, SHAPE, GRAD);                                        \
     }                                                                                                            \
     extern "C" __global__ void __launch_bounds__(THREADS, 1)                                                     \
-        flash_bwd_dkdv_128##SUFFIX(BWD_ARGS(T), float* dk, float* dv, ROPE_ARGS) {                               \
-        bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, dk, dv, SHAPE, ROPE);                                       \
+        flash_bwd_dkdv_128##SUFFIX(BWD_ARGS(T), void* dk, void* dv, GRAD_ARGS) {                                 \
+        bwd_dkdv<128, 32>(q, k, v, dout, lse, delta, dk, dv, SHAPE, GRAD);                                       \
     }
 
 ENTRIES(, float)

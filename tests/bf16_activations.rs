@@ -625,14 +625,14 @@ fn attention_reads_bf16_projections() {
         let dg = g.buf(dout.clone()).unwrap();
         let grads = |q, k, v, o, saved| -> Vec<Vec<f32>> {
             let (dq, dk, dv) = g
-                .attention_backward(&dg, q, k, v, o, saved, None, &s)
+                .attention_backward(&dg, q, k, v, o, saved, None, GradFeeds::Curvature, &s)
                 .unwrap();
             [dq, dk, dv].iter().map(|x| g.to_host(x).unwrap()).collect()
         };
         let got = grads(&qg, &kg, &vg, &og, &sg);
         let f32_entries = grads(&qf, &kf, &vf, &of, &sf);
         let (dqc, dkc, dvc) = c
-            .attention_backward(&dout, &q, &k, &v, &oc, &sc, None, &s)
+            .attention_backward(&dout, &q, &k, &v, &oc, &sc, None, GradFeeds::Curvature, &s)
             .unwrap();
         for (i, (name, want)) in [("dq", dqc), ("dk", dkc), ("dv", dvc)].iter().enumerate() {
             same_bits(&what(name), &got[i], &f32_entries[i]);
@@ -720,7 +720,17 @@ fn o_proj_writes_do_as_flash_attention_reads_it() {
         };
         let grads = |dout: &Act| -> Vec<Vec<f32>> {
             let (dq, dk, dv) = g
-                .attention_backward(dout, &q, &k, &v, &out, &saved, Some(&rope), &s)
+                .attention_backward(
+                    dout,
+                    &q,
+                    &k,
+                    &v,
+                    &out,
+                    &saved,
+                    Some(&rope),
+                    GradFeeds::Curvature,
+                    &s,
+                )
                 .unwrap();
             [dq, dk, dv].iter().map(|x| g.to_host(x).unwrap()).collect()
         };

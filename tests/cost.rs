@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use common::*;
 use lalora_engine::Result;
+use lalora_engine::backend::group::GradFeeds;
 use lalora_engine::backend::{
     AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, LoraDims, RopeTable, Segment,
 };
@@ -135,11 +136,12 @@ impl<B: Backend> Backend for Count<'_, B> {
         out: &B::Buf,
         saved: &AttnSaved<B::Buf>,
         rope: Option<&RopeTable<B::Buf>>,
+        feeds: GradFeeds,
         s: &AttnShape,
     ) -> Result<(B::Buf, B::Buf, B::Buf)> {
         self.add(8 * visible_pairs(s) * s.head_dim);
         self.inner
-            .attention_backward(dout, q, k, v, out, saved, rope, s)
+            .attention_backward(dout, q, k, v, out, saved, rope, feeds, s)
     }
     fn gram_accumulate(
         &self,

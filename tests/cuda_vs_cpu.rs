@@ -23,6 +23,10 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const F32: f64 = 1e-4;
+/// What reads attention's gradients: a training step (stored bf16 with bf16 base weights,
+/// on the flash path) or a curvature pass (f32).
+const TRAIN: GradFeeds = GradFeeds::Backward;
+const CURV: GradFeeds = GradFeeds::Curvature;
 const BF16: f64 = 1e-2;
 /// An f32 result stored as a bf16 activation (bf16 base weights): one rounding to
 /// nearest, at most 2^-8 / (1 + 2^-8) = 0.00389 relative per element (bf16 keeps 8
@@ -435,12 +439,17 @@ fn attention_matches_cpu() {
                 let dout = rnd(&mut rng, oc.len());
                 let (tc, tg) = p.rope(&mut rng, stride, hd);
                 let (dqc, dkc, dvc) =
-                    p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), &s)
+                    p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), TRAIN, &s)
                         .unwrap();
-                let (qg, kg, vg) = (p.up(&q), p.up(&k), p.up(&v));
+                let (qg, kg, vg, dg) = (p.up(&q), p.up(&k), p.up(&v), p.up(&dout));
                 let (dqg, dkg, dvg) = g
-                    .attention_backward(&p.up(&dout), &qg, &kg, &vg, &og, &sg, Some(&tg), &s)
+                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), TRAIN, &s)
                     .unwrap();
+                assert_eq!(
+                    dqg.dtype(),
+                    DType::F32,
+                    "the materialised path's gradients are f32"
+                );
                 close("attention dq", &p.down(&dqg), &dqc, F32);
                 close("attention dk", &p.down(&dkg), &dkc, F32);
                 close("attention dv", &p.down(&dvg), &dvc, F32);
@@ -536,22 +545,52 @@ fn flash_attention_matches_cpu() {
             let dg = p.up(&dout);
             let (tc, tg) = p.rope(&mut rng, tk_stride, head_dim);
             let (dqc, dkc, dvc) =
-                p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), &s)
+                p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), CURV, &s)
                     .unwrap();
+            // f32 gradients, as a curvature pass asks for them.
             let (dqg, dkg, dvg) = g
-                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), &s)
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), CURV, &s)
                 .unwrap();
+            assert_eq!(dqg.dtype(), DType::F32, "{}", what("curvature grads"));
             let got = [p.down(&dqg), p.down(&dkg), p.down(&dvg)];
             close(&what("dq"), &got[0], &dqc, BF16);
             close(&what("dk"), &got[1], &dkc, BF16);
             close(&what("dv"), &got[2], &dvc, BF16);
+            // As training asks for them: stored bf16, the f32 ones rounded once where the
+            // epilogues unrotate (or there is nothing to unrotate: dv); a rope pass over
+            // bf16 dq and dk rounds after rotating a rounded value, one more rounding.
+            let fused = head_dim == 64 || head_dim == 128;
+            let (dqt, dkt, dvt) = g
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), TRAIN, &s)
+                .unwrap();
+            assert_eq!(dqt.dtype(), DType::Bf16, "{}", what("training grads"));
+            for (i, (name, x)) in [("dq", &dqt), ("dk", &dkt), ("dv", &dvt)]
+                .iter()
+                .enumerate()
+            {
+                let (x, want) = (p.down(x), &got[i]);
+                if fused || *name == "dv" {
+                    let rounded: Vec<f32> = want
+                        .iter()
+                        .map(|&v| half::bf16::from_f32(v).to_f32())
+                        .collect();
+                    assert!(
+                        x.iter()
+                            .zip(&rounded)
+                            .all(|(a, b)| a.to_bits() == b.to_bits() || (*a == 0.0 && *b == 0.0)),
+                        "{}: bf16 gradients are not the f32 ones rounded",
+                        what(name)
+                    );
+                } else {
+                    close(&what(&format!("{name} bf16")), &x, want, 2.0 * BF16_STORE);
+                }
+            }
             // Where the epilogues unrotate (head dims 64, 128): without the table, then the
             // two inverse rope passes, gives the same values, bit for bit but for the sign
             // of zero (cache rows past tk: stored +0 by the fused path, rotated zeros may
             // come out -0). Elsewhere both sides would run the passes.
-            let fused = head_dim == 64 || head_dim == 128;
             let (mut dq0, mut dk0, dv0) = g
-                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, None, &s)
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, None, CURV, &s)
                 .unwrap();
             let rows = (batch * tq, batch * tk_stride);
             g.rope(&mut dq0, &tg, rows.0, n_heads, head_dim, true)
@@ -574,7 +613,7 @@ fn flash_attention_matches_cpu() {
             }
             if n == 0 {
                 let (dq2, dk2, dv2) = g
-                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), &s)
+                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), CURV, &s)
                     .unwrap();
                 let again = [p.down(&dq2), p.down(&dk2), p.down(&dv2)];
                 assert!(

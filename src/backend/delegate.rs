@@ -269,10 +269,11 @@ macro_rules! delegate_backend {
             out: &Self::Buf,
             saved: &$crate::backend::AttnSaved<Self::Buf>,
             rope: Option<&$crate::backend::RopeTable<Self::Buf>>,
+            feeds: $crate::backend::group::GradFeeds,
             s: &$crate::backend::AttnShape,
         ) -> $crate::Result<(Self::Buf, Self::Buf, Self::Buf)> {
             $(let _watch = self.$watch("attention_backward");)?
-            self.inner.attention_backward(dout, q, k, v, out, saved, rope, s)
+            self.inner.attention_backward(dout, q, k, v, out, saved, rope, feeds, s)
         }
     };
     (@one $inner:ty; [$($watch:ident)?]; swiglu) => {

@@ -33,13 +33,13 @@ pub enum Feeds {
     Residual,
 }
 
-/// What reads the SwiGLU backward's `(dgate, dup)`, which decides how a backend may store
-/// them.
+/// What reads the gradients of a projection group's outputs (the SwiGLU backward's
+/// `(dgate, dup)`, attention's `(dq, dk, dv)`), which decides how a backend may store them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradFeeds {
-    /// The gate/up group's backward only (`dx = g W`, `gA = s g B`, `dB = g^T u`): a backend
-    /// may store them as it stores gate and up (CUDA with bf16 base weights: bf16, which
-    /// its base GEMM rounds `g` to anyway).
+    /// The projection group's backward only (`dx = g W`, `gA = s g B`, `dB = g^T u`): a
+    /// backend may store them as it stores the group's outputs (CUDA with bf16 base
+    /// weights: bf16, which its base GEMM rounds `g` to anyway).
     Backward,
     /// A curvature pass's reductions too: stored f32. KFAC's reduce factors sum `g` over a
     /// sequence before squaring, so cancellation amplifies a rounding of `g` (BENCHMARKS.md,

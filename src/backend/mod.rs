@@ -5,8 +5,9 @@
 //! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
 //! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
 //! input activations, the projection outputs only kernels read, the gradient of the
-//! attention output that flash attention reads, and, outside curvature passes, the SwiGLU
-//! backward's gradients of the gate/up outputs, in bf16, `cuda::Act`, `group::Feeds`,
+//! attention output that flash attention reads, and, outside curvature passes, the
+//! gradients of the q/k/v and gate/up outputs (flash attention's and the SwiGLU
+//! backward's), in bf16, `cuda::Act`, `group::Feeds`,
 //! `Backend::attention_dout`, `group::GradFeeds`); a frozen base weight `W` is
 //! `(d_out, d_in)` and a linear layer computes `y = x W^T`.
 
@@ -347,7 +348,9 @@ pub trait Backend: Send + Sync {
     /// by), `dq` and `dk` come back as the gradients of the unrotated q and k: `rope`'s
     /// inverse applied to `dq (batch*tq rows)` and `dk (batch*tk_stride rows)`, which a
     /// backend may do as it writes them (CUDA: flash attention's epilogues) instead of in
-    /// passes of their own (`unrotate_attention_grads`).
+    /// passes of their own (`unrotate_attention_grads`). `feeds` says what reads the
+    /// gradients (the q/k/v group's backward, and in a curvature pass the curvature's
+    /// reductions), and so how a backend may store them (`GradFeeds`).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,
@@ -358,6 +361,7 @@ pub trait Backend: Send + Sync {
         out: &Self::Buf,
         saved: &AttnSaved<Self::Buf>,
         rope: Option<&RopeTable<Self::Buf>>,
+        feeds: GradFeeds,
         s: &AttnShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)>;
     /// `silu(gate) * up`.

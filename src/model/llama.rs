@@ -519,6 +519,7 @@ impl<B: Backend> Llama<B> {
                 &a.attn,
                 &a.attn_saved,
                 Some(&acts.rope),
+                feeds,
                 &shape,
             )?;
             let mut dxn1 = be.zeros(m * d)?;

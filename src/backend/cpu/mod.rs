@@ -371,6 +371,7 @@ impl Backend for CpuBackend {
         _out: &Vec<f32>,
         saved: &AttnSaved<Vec<f32>>,
         rope: Option<&RopeTable<Vec<f32>>>,
+        _feeds: GradFeeds,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let probs = saved.probs("cpu")?;

@@ -191,9 +191,10 @@ impl Backend for CudaBackend {
         out: &Self::Buf,
         saved: &AttnSaved<Self::Buf>,
         rope: Option<&RopeTable<Act>>,
+        feeds: GradFeeds,
         s: &AttnShape,
     ) -> Result<(Self::Buf, Self::Buf, Self::Buf)> {
-        self.attention_backward_auto(dout, q, k, v, out, saved, rope, s)
+        self.attention_backward_auto(dout, q, k, v, out, saved, rope, feeds, s)
     }
 
     fn swiglu(&self, gate: &Self::Buf, up: &Self::Buf) -> Result<Self::Buf> {

@@ -207,6 +207,7 @@ impl Backend for Reference {
         _out: &Vec<f32>,
         saved: &AttnSaved<Vec<f32>>,
         rope: Option<&RopeTable<Vec<f32>>>,
+        _feeds: GradFeeds,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let probs = saved.probs("reference")?;

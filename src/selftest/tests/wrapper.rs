@@ -308,11 +308,12 @@ impl Backend for Wrapped {
         out: &Vec<f32>,
         saved: &AttnSaved<Vec<f32>>,
         rope: Option<&RopeTable<Vec<f32>>>,
+        feeds: GradFeeds,
         s: &AttnShape,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>)> {
         let (mut dq, mut dk, mut dv) = self
             .inner
-            .attention_backward(dout, q, k, v, out, saved, None, s)?;
+            .attention_backward(dout, q, k, v, out, saved, None, feeds, s)?;
         if let Some(rope) = rope {
             unrotate_attention_grads(self, &mut dq, &mut dk, rope, s)?;
         }

@@ -220,7 +220,8 @@ impl CudaBackend {
 
     /// Backward of `flash_attention` from its `out` and `lse`; returns `(dq, dk, dv)`. With
     /// `rope`, dq and dk are stored through RoPE's inverse (`Backend::attention_backward`),
-    /// for the head dims `fuses_rope` accepts.
+    /// for the head dims `fuses_rope` accepts. The gradients are stored as `grads` (bf16:
+    /// the f32 results rounded once).
     #[allow(clippy::too_many_arguments)]
     pub fn flash_attention_backward(
         &self,
@@ -231,8 +232,9 @@ impl CudaBackend {
         out: &DevBuf<f32>,
         lse: &DevBuf<f32>,
         rope: Option<&RopeTable<Act>>,
+        grads: DType,
         s: &AttnShape,
-    ) -> Result<(DevBuf<f32>, DevBuf<f32>, DevBuf<f32>)> {
+    ) -> Result<(Act, Act, Act)> {
         let var = variant(s)?;
         let ty = qkv_dtype(q, k, v)?;
         let rope_args = rope_args(rope, s)?;
@@ -266,13 +268,17 @@ impl CudaBackend {
             ],
         )?;
         let kv_len = s.batch * s.tk_stride * s.n_kv_heads * s.head_dim;
-        let dq = self.uninit(s.batch * s.tq * s.n_heads * s.head_dim)?;
+        let dq = self.uninit_act(s.batch * s.tq * s.n_heads * s.head_dim, grads)?;
         // The kernels write the rows of the tk keys; cache rows past them get no gradient.
-        let (dk, dv) = if s.tk < s.tk_stride {
-            (self.zeroed(kv_len)?, self.zeroed(kv_len)?)
-        } else {
-            (self.uninit(kv_len)?, self.uninit(kv_len)?)
+        let kv = |n| -> Result<Act> {
+            Ok(match (s.tk < s.tk_stride, grads) {
+                (true, DType::F32) => Act::F32(self.zeroed(n)?),
+                (true, DType::Bf16) => Act::Bf16(self.zeroed(n)?),
+                (false, ty) => self.uninit_act(n, ty)?,
+            })
         };
+        let (dk, dv) = (kv(kv_len)?, kv(kv_len)?);
+        let grads_bf16 = Arg::I32((grads == DType::Bf16) as i32);
         let mut args = vec![
             Arg::U64(q.addr()),
             Arg::U64(k.addr()),
@@ -283,13 +289,15 @@ impl CudaBackend {
         ];
         args.extend(shape_args(s));
         let mut dkdv_args = args.clone();
-        dkdv_args.extend([Arg::U64(dk.ptr()), Arg::U64(dv.ptr())]);
+        dkdv_args.extend([Arg::U64(dk.addr()), Arg::U64(dv.addr())]);
         dkdv_args.extend(rope_args.clone());
+        dkdv_args.push(grads_bf16);
         let key_blocks = s.tk.div_ceil(KEYS);
         let cfg = grid(key_blocks, s, var.dkdv_shared());
         self.launch(&entry(var.dkdv, ty), cfg, &dkdv_args)?;
-        args.push(Arg::U64(dq.ptr()));
+        args.push(Arg::U64(dq.addr()));
         args.extend(rope_args);
+        args.push(grads_bf16);
         let cfg = grid(row_blocks(s), s, var.dq_shared());
         self.launch(&entry(var.dq, ty), cfg, &args)?;
         Ok((dq, dk, dv))

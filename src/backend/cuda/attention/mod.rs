@@ -15,7 +15,9 @@
 mod flash;
 mod materialised;
 
+use super::runtime::DType;
 use super::{Act, BaseDtype, CudaBackend};
+use crate::backend::group::GradFeeds;
 use crate::backend::{AttnSaved, AttnShape, RopeTable, unrotate_attention_grads};
 use crate::error::Result;
 
@@ -57,6 +59,7 @@ impl CudaBackend {
         out: &Act,
         saved: &AttnSaved<Act>,
         rope: Option<&RopeTable<Act>>,
+        feeds: GradFeeds,
         s: &AttnShape,
     ) -> Result<(Act, Act, Act)> {
         match saved {
@@ -73,13 +76,20 @@ impl CudaBackend {
             }
             AttnSaved::Lse(lse) => {
                 let fused = rope.filter(|_| flash::fuses_rope(s));
-                let (dq, dk, dv) =
-                    self.flash_attention_backward(dout, q, k, v, out.f32()?, lse.f32()?, fused, s)?;
-                let (mut dq, mut dk) = (Act::from(dq), Act::from(dk));
+                // Outside curvature passes the gradients go to the q/k/v group's backward
+                // only, whose base GEMM rounds them to bf16 anyway: stored bf16 (its gA and
+                // dB read them as stored). A curvature pass keeps them f32 (`GradFeeds`).
+                let grads = match feeds {
+                    GradFeeds::Backward => self.act_dtype(),
+                    GradFeeds::Curvature => DType::F32,
+                };
+                let (out, lse) = (out.f32()?, lse.f32()?);
+                let (mut dq, mut dk, dv) =
+                    self.flash_attention_backward(dout, q, k, v, out, lse, fused, grads, s)?;
                 if let (Some(rope), None) = (rope, fused) {
                     unrotate_attention_grads(self, &mut dq, &mut dk, rope, s)?;
                 }
-                Ok((dq, dk, dv.into()))
+                Ok((dq, dk, dv))
             }
         }
     }

@@ -8,7 +8,7 @@
 //              (per-sample gradient squaring for `diag`; C_n never leaves registers).
 //
 // Operands: each of A and B is stored as f32 or as bf16 (the bf16 engine's activations,
-// and its gate/up gradients outside curvature passes),
+// and its gate/up and q/k/v gradients outside curvature passes, read by the dB Gram),
 // read as stored: a bf16 tile is staged in shared memory as bf16 (half the bytes) and
 // widened when a lane loads its fragment. A bf16 value is exact in tf32, so the product is
 // bit for bit that of the operand widened to f32 beforehand.

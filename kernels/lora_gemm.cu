@@ -5,7 +5,8 @@
 // m16n8k16, f32 accumulation):
 //   out_p (m, n_p) (+)= sum over segments s of problem p: alpha_s X_s (m, k_s) op(W_s)
 // with X_s a row-major activation or gradient (f32, or bf16: the normed hidden states, the
-// SwiGLU output and the gate/up gradients with bf16 base weights) and W_s a bf16 or f32 weight, stored n-major
+// SwiGLU output, the gate/up and q/k/v gradients and o_proj's dx with bf16 base weights)
+// and W_s a bf16 or f32 weight, stored n-major
 // (W[n][k], lora_gemm_nt: y = x W^T) or k-major (W[k][n], lora_gemm_nn: dx = g W). Every
 // problem of a launch shares the row count m; a block owns one 128 x 128 tile of one
 // problem's output (blockIdx.x runs over the problems' column tiles in order, blockIdx.y

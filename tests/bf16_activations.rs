@@ -638,6 +638,19 @@ fn attention_reads_bf16_projections() {
             same_bits(&what(name), &got[i], &f32_entries[i]);
             close(&what(&format!("{name} vs cpu")), &got[i], want, bound);
         }
+        // As a training step asks for them (the bf16 entries with bf16 gradients): the
+        // f32 ones rounded once; the materialised path keeps f32.
+        let (dq, dk, dv) = g
+            .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, None, GradFeeds::Backward, &s)
+            .unwrap();
+        for (i, (name, x)) in [("dq", dq), ("dk", dk), ("dv", dv)].iter().enumerate() {
+            let want = if flash { DType::Bf16 } else { DType::F32 };
+            assert_eq!(x.dtype(), want, "{}", what(name));
+            if flash {
+                let host = g.to_host(x).unwrap();
+                same_rounded(&what(&format!("{name} stored bf16")), &host, &got[i]);
+            }
+        }
     }
 }
 

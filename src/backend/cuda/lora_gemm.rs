@@ -4,8 +4,8 @@
 //! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`
 //! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`; q and k
 //! rotated by RoPE in the epilogue, `ROPE_FUSED_HEAD_DIMS`);
-//! backward (`g_p` read as stored: bf16 for gate/up with bf16 base weights outside
-//! curvature passes, `GradFeeds`): one for every `gA_p = s g_p B_p`, one for
+//! backward (`g_p` read as stored: bf16 for gate/up, and for q/k/v where flash attention
+//! stores them so, with bf16 base weights outside curvature passes, `GradFeeds`): one for every `gA_p = s g_p B_p`, one for
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
 //! (`gram_accumulate`, reductions over the rows). The per-projection cuBLAS sequence
@@ -367,7 +367,7 @@ impl CudaBackend {
                         l.scale,
                     )?;
                     if p.g.dtype() == DType::Bf16 {
-                        // A bf16 g (dgate, dup) is one exact piece; B keeps its three:
+                        // A bf16 g (dgate, dup; dq, dk, dv) is one exact piece; B keeps its three:
                         // f32 products of the values g holds.
                         seg.x_bf16 = 1;
                         seg.pieces_x = 1;

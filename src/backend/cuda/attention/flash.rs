@@ -101,8 +101,8 @@ fn variant(s: &AttnShape) -> Result<&'static Variant> {
         .unwrap_or(&VARIANTS[VARIANTS.len() - 1]))
 }
 
-/// The backward entries' last arguments: the RoPE table `(cos, sin, period)`, or a null
-/// table (dq and dk stored as computed).
+/// The backward entries' RoPE arguments (before `grads_bf16`): the table `(cos, sin,
+/// period)`, or a null table (dq and dk stored as computed).
 fn rope_args(rope: Option<&RopeTable<Act>>, s: &AttnShape) -> Result<Vec<Arg>> {
     let Some(t) = rope else {
         return Ok(vec![Arg::U64(0), Arg::U64(0), Arg::I32(1)]);
@@ -274,7 +274,7 @@ impl CudaBackend {
             Ok(match (s.tk < s.tk_stride, grads) {
                 (true, DType::F32) => Act::F32(self.zeroed(n)?),
                 (true, DType::Bf16) => Act::Bf16(self.zeroed(n)?),
-                (false, ty) => self.uninit_act(n, ty)?,
+                (false, _) => self.uninit_act(n, grads)?,
             })
         };
         let (dk, dv) = (kv(kv_len)?, kv(kv_len)?);

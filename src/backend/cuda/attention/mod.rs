@@ -78,10 +78,12 @@ impl CudaBackend {
                 let fused = rope.filter(|_| flash::fuses_rope(s));
                 // Outside curvature passes the gradients go to the q/k/v group's backward
                 // only, whose base GEMM rounds them to bf16 anyway: stored bf16 (its gA and
-                // dB read them as stored). A curvature pass keeps them f32 (`GradFeeds`).
-                let grads = match feeds {
-                    GradFeeds::Backward => self.act_dtype(),
-                    GradFeeds::Curvature => DType::F32,
+                // dB read them as stored), rounded once. A curvature pass keeps them f32
+                // (`GradFeeds`), and so do head dims whose RoPE inverse runs as passes
+                // after (rotating a stored bf16 dq would round it twice).
+                let grads = match (feeds, rope.is_some() && fused.is_none()) {
+                    (GradFeeds::Backward, false) => self.act_dtype(),
+                    _ => DType::F32,
                 };
                 let (out, lse) = (out.f32()?, lse.f32()?);
                 let (mut dq, mut dk, dv) =

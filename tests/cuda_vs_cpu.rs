@@ -73,22 +73,14 @@ impl Pair<'_> {
     fn down(&self, b: &Act) -> Vec<f32> {
         self.g.to_host(b).unwrap()
     }
-    /// A RoPE table of `period` rows of `hd / 2` random angles in (-3, 3), on the CPU and
-    /// on the device.
+    /// A random RoPE table (`common::rope_table`) on the CPU and on the device.
     fn rope(
         &self,
         rng: &mut ChaCha8Rng,
         period: usize,
         hd: usize,
     ) -> (RopeTable<Vec<f32>>, RopeTable<Act>) {
-        let angles: Vec<f32> = rnd(rng, period * hd / 2).iter().map(|a| 3.0 * a).collect();
-        let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
-        let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
-        let dev = RopeTable {
-            cos: self.up(&cos),
-            sin: self.up(&sin),
-            period,
-        };
+        let (cos, sin, dev) = rope_table(self.g, rng, period, hd);
         (RopeTable { cos, sin, period }, dev)
     }
 }

@@ -14,10 +14,10 @@
 mod common;
 
 use common::*;
+use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
 use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, RopeOut};
-use lalora_engine::backend::{Backend, RopeTable};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
@@ -253,12 +253,7 @@ fn rope_group<B: Backend>(be: &B, rotate: bool, separate: bool) -> Vec<Vec<f32>>
             up(rnd(&mut rng, r * d_in, 0.1)),
             up(rnd(&mut rng, d_out * r, 0.5)),
         ));
-        let angles = rnd(&mut rng, period * h.1 / 2, 3.0);
-        tables.push(RopeTable {
-            cos: up(angles.iter().map(|a| a.cos()).collect()),
-            sin: up(angles.iter().map(|a| a.sin()).collect()),
-            period,
-        });
+        tables.push(rope_table(be, &mut rng, period, h.1).2);
     }
     let specs: Vec<ProjFwd<'_, B>> = heads
         .iter()

@@ -3,9 +3,9 @@
 
 use std::path::PathBuf;
 
-use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::{BaseDtype, CudaBackend};
+use lalora_engine::backend::{Backend, RopeTable};
 use lalora_engine::data::{Batch, Example, RowFormat, read_jsonl};
 use lalora_engine::io::TensorFile;
 use lalora_engine::model::{self, HostLora, Llama, LoadedModel};
@@ -44,6 +44,25 @@ pub fn rnd(rng: &mut ChaCha8Rng, n: usize) -> Vec<f32> {
     (0..n)
         .map(|_| rng.random::<f32>() * 2.0 - 1.0 + 1e-3)
         .collect()
+}
+
+/// A RoPE table of `period` rows of `hd / 2` random angles in (-3, 3) (cos and sin of each,
+/// so rotations keep lengths), on `be`; the host values are `table.cos`/`table.sin` there.
+pub fn rope_table<B: Backend>(
+    be: &B,
+    rng: &mut ChaCha8Rng,
+    period: usize,
+    hd: usize,
+) -> (Vec<f32>, Vec<f32>, RopeTable<B::Buf>) {
+    let angles: Vec<f32> = rnd(rng, period * hd / 2).iter().map(|a| 3.0 * a).collect();
+    let cos: Vec<f32> = angles.iter().map(|a| a.cos()).collect();
+    let sin: Vec<f32> = angles.iter().map(|a| a.sin()).collect();
+    let table = RopeTable {
+        cos: be.buf(cos.clone()).unwrap(),
+        sin: be.buf(sin.clone()).unwrap(),
+        period,
+    };
+    (cos, sin, table)
 }
 
 /// Fails with `what` when the relative error of `got` against `want` reaches `tol`.

@@ -55,11 +55,14 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
     let (qw, kw) = (h * hd, kvh * hd);
     let group = h / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
-    let mut out = zeros_par(s.batch * s.tq * qw);
-    let mut probs = zeros_par(s.probs_len());
+    // Neither output is zero-filled first: every element of both is written below (a
+    // fill would be one more pass over the probabilities, 9 MB a layer on SmolLM2).
+    let (n_out, n_probs) = (s.batch * s.tq * qw, s.probs_len());
+    let mut out: Vec<f32> = Vec::with_capacity(n_out);
+    let mut probs: Vec<f32> = Vec::with_capacity(n_probs);
     let out_p = Out(out.as_mut_ptr());
     // probs blocks of one (sequence, KV group) are contiguous: split them safely.
-    probs
+    probs.spare_capacity_mut()[..n_probs]
         .par_chunks_mut(group * s.tq * s.tk)
         .enumerate()
         .for_each(|(task, pg)| {
@@ -71,29 +74,32 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
                 for (i0, rows, nk) in row_blocks(s) {
                     let qb = &q[(b * s.tq + i0) * qw + head * hd..];
                     let pb = &mut p[i0 * s.tk..(i0 + rows) * s.tk];
-                    gemm(
-                        rows,
-                        nk,
-                        hd,
-                        pb,
-                        s.tk,
-                        false,
-                        Mat::strided(qb, qw),
-                        Mat::strided(kb, kw).t(),
-                        scale,
-                        false,
-                    );
-                    for (i, row) in pb.chunks_mut(s.tk).enumerate() {
-                        let n = visible(s, i0 + i);
-                        let max = vmath::max(&row[..n], f32::NEG_INFINITY);
-                        vmath::exp_shifted(&mut row[..n], max);
-                        let sum = vmath::sum(&row[..n]);
-                        let inv = 1.0 / sum;
-                        row[..n].iter_mut().for_each(|x| *x *= inv);
-                        row[n..].fill(0.0);
+                    // SAFETY: the (rows, nk) block at row stride tk lies inside `pb`, which
+                    // this task alone holds.
+                    unsafe {
+                        gemm_ptr(
+                            rows,
+                            nk,
+                            hd,
+                            pb.as_mut_ptr().cast(),
+                            s.tk,
+                            false,
+                            Mat::strided(qb, qw),
+                            Mat::strided(kb, kw).t(),
+                            scale,
+                            false,
+                        );
                     }
+                    for (i, row) in pb.chunks_mut(s.tk).enumerate() {
+                        row[nk..].iter_mut().for_each(|x| _ = x.write(0.0));
+                        // SAFETY: the GEMM wrote `row[..nk]`, the line above the rest.
+                        let row = unsafe { &mut *(row as *mut [_] as *mut [f32]) };
+                        vmath::causal_softmax_row(row, visible(s, i0 + i));
+                    }
+                    // SAFETY: every element of `pb` is initialised now (above).
+                    let pb = unsafe { &*(pb as *const [_] as *const [f32]) };
                     // SAFETY: column block `head` of sequence b's rows is this task's
-                    // alone, and lies inside `out`.
+                    // alone, and lies inside `out`'s allocation.
                     unsafe {
                         let o = out_p.at((b * s.tq + i0) * qw + head * hd);
                         gemm_ptr(
@@ -112,6 +118,12 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
                 }
             }
         });
+    // SAFETY: the tasks cover every (sequence, head) and every row block: the GEMMs above
+    // wrote all of `out` (without `accumulate`, reading none of it) and all of `probs`.
+    unsafe {
+        out.set_len(n_out);
+        probs.set_len(n_probs);
+    }
     (out, probs)
 }
 

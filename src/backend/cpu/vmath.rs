@@ -31,7 +31,8 @@ fn exp(x: f32) -> f32 {
     const LO: f32 = -87.336_55;
     const HI: f32 = 88.722_83;
     let xc = x.clamp(LO, HI);
-    let n = (xc * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let t = xc * std::f32::consts::LOG2_E + ROUND;
+    let n = t - ROUND;
     let r = n.mul_add(-LN2_LO, n.mul_add(-LN2_HI, xc));
     let mut p: f32 = 1.0 / 5040.0;
     for c in [
@@ -46,7 +47,10 @@ fn exp(x: f32) -> f32 {
         p = p.mul_add(r, c);
     }
     // 2^n as two normal powers of two (n reaches 128, one past the largest exponent).
-    let n = n as i32;
+    // `t`'s last mantissa bits hold n: its ulp is 1 and ROUND's own are zero. Reading
+    // them is integer arithmetic that vectorises; `n as i32` saturates, which compiles to
+    // one scalar conversion per lane (a third of the row ops' time).
+    let n = t.to_bits() as i32 - ROUND.to_bits() as i32;
     let pow2 = |e: i32| f32::from_bits(((e + 127) as u32) << 23);
     let y = p * pow2(n >> 1) * pow2(n - (n >> 1));
     if x.is_nan() {
@@ -112,6 +116,22 @@ fn total(mut acc: [f32; LANES]) -> f32 {
     acc[0]
 }
 
+/// The largest of `init` and the lanes, folded pairwise as [`total`] adds: one
+/// `max` after another is a chain of 16 dependent scalar instructions, as long as the
+/// vector loop itself on a row of a few hundred. `max` is exact, so the order changes
+/// nothing but the sign of a zero maximum (which no caller can tell from the other).
+#[inline(always)]
+fn lanes_max(mut acc: [f32; LANES], init: f32) -> f32 {
+    let mut w = LANES / 2;
+    while w > 0 {
+        for l in 0..w {
+            acc[l] = acc[l].max(acc[l + w]);
+        }
+        w /= 2;
+    }
+    acc[0].max(init)
+}
+
 /// `sum_i f(a_i, b_i)` over equal-length slices, in `LANES` interleaved partial sums.
 #[inline(always)]
 fn lane_sum(a: &[f32], b: &[f32], f: impl Fn(f32, f32) -> f32) -> f32 {
@@ -151,14 +171,56 @@ dispatch!(max(xs: &[f32], init: f32) -> f32 {
     for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
         *a = a.max(x);
     }
-    acc.into_iter().fold(init, f32::max)
+    lanes_max(acc, init)
 });
 
-dispatch!(exp_shifted(xs: &mut [f32], shift: f32) -> () {
-    // `xs[i] = e^(xs[i] - shift)`.
-    for x in xs {
-        *x = exp(*x - shift);
+/// `xs[i] = e^(xs[i] - shift)`, whole vectors at a time: a tail shorter than a vector
+/// goes through a padded copy, since the compiler's own tail loop is scalar (30
+/// instructions an element) and attention's rows (a few hundred keys) are short enough for
+/// it to cost a third of the whole.
+#[inline(always)]
+fn exp_shifted_body(xs: &mut [f32], shift: f32) {
+    let mut chunks = xs.chunks_exact_mut(LANES);
+    for c in &mut chunks {
+        for x in c {
+            *x = exp(*x - shift);
+        }
     }
+    let tail = chunks.into_remainder();
+    if !tail.is_empty() {
+        let mut pad = [shift; LANES];
+        pad[..tail.len()].copy_from_slice(tail);
+        for x in &mut pad {
+            *x = exp(*x - shift);
+        }
+        let n = tail.len();
+        tail.copy_from_slice(&pad[..n]);
+    }
+}
+
+dispatch!(exp_shifted(xs: &mut [f32], shift: f32) -> () {
+    exp_shifted_body(xs, shift)
+});
+
+dispatch!(causal_softmax_row(row: &mut [f32], n: usize) -> () {
+    // Softmax over `row[..n]`, zeros after it: the max, `e^(z - max)`, their lane sum,
+    // times its inverse, as four passes over a row that stays in L1, in one dispatch.
+    let (live, masked) = row.split_at_mut(n);
+    let mut acc = [f32::NEG_INFINITY; LANES];
+    let mut chunks = live.chunks_exact(LANES);
+    for c in &mut chunks {
+        for (a, &x) in acc.iter_mut().zip(c) {
+            *a = a.max(x);
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(chunks.remainder()) {
+        *a = a.max(x);
+    }
+    let max = lanes_max(acc, f32::NEG_INFINITY);
+    exp_shifted_body(live, max);
+    let inv = 1.0 / lane_sum(live, live, |x, _| x);
+    live.iter_mut().for_each(|x| *x *= inv);
+    masked.fill(0.0);
 });
 
 dispatch!(swiglu(out: &mut [f32], gate: &[f32], up: &[f32]) -> () {
@@ -320,6 +382,34 @@ mod tests {
             &[0.0, 0.0, f32::INFINITY, f32::INFINITY, 0.0, f32::INFINITY]
         );
         assert!(edge[6].is_nan());
+    }
+
+    #[test]
+    fn causal_softmax_row_is_the_separate_ops() {
+        // The fused row against the scalar exponential and a plain f64 softmax; its
+        // max/exp/sum are the ops tested above, so the bits must be theirs.
+        for n in [1, 2, 15, 16, 17, 31, 64, 100, 255, 256] {
+            let z: Vec<f32> = (0..300)
+                .map(|i| ((i * 53 % 97) as f32 - 48.0) / 5.0)
+                .collect();
+            let mut row = z[..256.max(n)].to_vec();
+            causal_softmax_row(&mut row, n);
+            let m = z[..n].iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let e: Vec<f32> = z[..n].iter().map(|&x| exp(x - m)).collect();
+            let inv = 1.0 / sum(&e);
+            // The exact softmax of the f32 differences `z - max` (each rounded once).
+            let exact = |x: f32| ((x - m) as f64).exp();
+            let total: f64 = z[..n].iter().map(|&x| exact(x)).sum();
+            for j in 0..n {
+                assert_eq!(row[j].to_bits(), (e[j] * inv).to_bits(), "n {n}, key {j}");
+                let want = exact(z[j]) / total;
+                assert!(
+                    (row[j] as f64 - want).abs() <= 1e-6 * want,
+                    "n {n}, key {j}"
+                );
+            }
+            assert!(row[n..].iter().all(|&p| p == 0.0), "n {n}: masked keys");
+        }
     }
 
     /// The lane sums against f64 sums, on lengths around the lane count; max exact.

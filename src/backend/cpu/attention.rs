@@ -53,6 +53,11 @@ fn key_blocks(s: &AttnShape) -> impl Iterator<Item = (usize, usize, usize)> + '_
 pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, Vec<f32>) {
     let (hd, h, kvh) = (s.head_dim, s.n_heads, s.n_kv_heads);
     let (qw, kw) = (h * hd, kvh * hd);
+    // Every head must belong to a KV group for the tasks below to write all of `out`.
+    assert!(
+        kvh > 0 && h % kvh == 0,
+        "attention: {h} heads in {kvh} KV groups"
+    );
     let group = h / kvh;
     let scale = 1.0 / (hd as f32).sqrt();
     // Neither output is zero-filled first: every element of both is written below (a
@@ -118,8 +123,10 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
                 }
             }
         });
-    // SAFETY: the tasks cover every (sequence, head) and every row block: the GEMMs above
-    // wrote all of `out` (without `accumulate`, reading none of it) and all of `probs`.
+    // SAFETY: the tasks cover every (sequence, head) (every head is in a group: asserted
+    // above) and every row block: the second GEMM wrote all of `out` (without
+    // `accumulate`, reading none of it), and the first GEMM with the zero writes all of
+    // `probs`.
     unsafe {
         out.set_len(n_out);
         probs.set_len(n_probs);

@@ -70,6 +70,19 @@ pub struct RopeOut<'a, Buf> {
     pub head_dim: usize,
 }
 
+impl<'a, Buf> RopeOut<'a, Buf> {
+    /// The rotation by `table` of `(n_heads, head_dim)` heads, where both are given.
+    pub fn of(table: Option<&'a RopeTable<Buf>>, heads: Option<(usize, usize)>) -> Option<Self> {
+        table
+            .zip(heads)
+            .map(|(table, (n_heads, head_dim))| RopeOut {
+                table,
+                n_heads,
+                head_dim,
+            })
+    }
+}
+
 impl<Buf> Clone for RopeOut<'_, Buf> {
     fn clone(&self) -> Self {
         *self

@@ -222,13 +222,10 @@ impl<B: Backend> Llama<B> {
                     .and_then(|lw| lw.find(l, p).map(|i| &lw.modules[i]))
                     .map(|md| (&md.a, &md.b)),
                 feeds: p.feeds(),
-                rope: rope
-                    .zip(p.rotated_heads(&self.cfg))
-                    .map(|(table, n_heads)| RopeOut {
-                        table,
-                        n_heads,
-                        head_dim: self.cfg.head_dim,
-                    }),
+                rope: RopeOut::of(
+                    rope,
+                    p.rotated_heads(&self.cfg).map(|n| (n, self.cfg.head_dim)),
+                ),
             })
             .collect();
         let out = be.project_group(x, m, ps[0].dims(&self.cfg).0, group_of(lora), &specs)?;

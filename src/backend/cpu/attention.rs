@@ -99,7 +99,9 @@ pub fn attention(q: &[f32], k: &[f32], v: &[f32], s: &AttnShape) -> (Vec<f32>, V
                         row[nk..].iter_mut().for_each(|x| _ = x.write(0.0));
                         // SAFETY: the GEMM wrote `row[..nk]`, the line above the rest.
                         let row = unsafe { &mut *(row as *mut [_] as *mut [f32]) };
-                        vmath::causal_softmax_row(row, visible(s, i0 + i));
+                        // Past the block's keys the row is zero already: the softmax
+                        // zeroes only its own masked keys, up to nk.
+                        vmath::causal_softmax_row(&mut row[..nk], visible(s, i0 + i));
                     }
                     // SAFETY: every element of `pb` is initialised now (above).
                     let pb = unsafe { &*(pb as *const [_] as *const [f32]) };

@@ -44,13 +44,7 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
             d_out: outs[i].0,
             lora: outs[i].1.then(|| (&a[i].0, &b[i].0)),
             feeds: Feeds::Kernels,
-            rope: heads[i]
-                .zip(tables[i].as_ref())
-                .map(|((n_heads, head_dim), t)| RopeOut {
-                    table: &t.0,
-                    n_heads,
-                    head_dim,
-                }),
+            rope: RopeOut::of(tables[i].as_ref().map(|t| &t.0), heads[i]),
         })
         .collect();
     let fr: Vec<ProjFwd<'_, R>> = (0..3)
@@ -59,13 +53,7 @@ pub fn run<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
             d_out: outs[i].0,
             lora: outs[i].1.then(|| (&a[i].1, &b[i].1)),
             feeds: Feeds::Kernels,
-            rope: heads[i]
-                .zip(tables[i].as_ref())
-                .map(|((n_heads, head_dim), t)| RopeOut {
-                    table: &t.1,
-                    n_heads,
-                    head_dim,
-                }),
+            rope: RopeOut::of(tables[i].as_ref().map(|t| &t.1), heads[i]),
         })
         .collect();
     let yd = dev.project_group(&x.0, m, d_in, lg, &fd)?;

@@ -28,7 +28,9 @@ use lalora_engine::backend::cuda::runtime::DType;
 use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, DevBuf};
 use lalora_engine::backend::group::{Feeds, GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
-use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
+use lalora_engine::curvature::{
+    Accumulator, Curvature, Fisher, KfacApprox, Scheme, Spec, accumulate_batch, estimate, read_out,
+};
 use lalora_engine::data::{Batch, Example};
 use lalora_engine::model::config::LlamaConfig;
 use lalora_engine::model::weights::{HostLayer, HostWeights};
@@ -85,6 +87,16 @@ struct Group<'a> {
     /// Put the accumulated outputs back to their starting values (zeros).
     reset: Rc<dyn Fn() + 'a>,
     variants: Vec<Variant<'a>>,
+}
+
+/// `LALORA_KERNEL_TIMES=PATTERN`: after criterion has measured a group whose name contains
+/// PATTERN (`all`: every group), one more call of each of its variants with every kernel
+/// timed on the device, printed as a table (where a step's time goes, kernel by kernel).
+fn kernel_times_for(group: &str) -> bool {
+    match std::env::var("LALORA_KERNEL_TIMES") {
+        Ok(p) => p == "all" || (!p.is_empty() && group.contains(&p)),
+        Err(_) => false,
+    }
 }
 
 /// GPU: criterion times every variant; simulator: each runs once and is checked.
@@ -145,6 +157,24 @@ impl Mode<'_> {
                     report.add(&group.name, v.name, v.work);
                 }
                 grp.finish();
+                if kernel_times_for(&group.name) {
+                    for v in &group.variants {
+                        (group.reset)();
+                        g.time_kernels(true);
+                        let started = std::time::Instant::now();
+                        (v.call)();
+                        g.synchronize().unwrap();
+                        let wall = started.elapsed().as_secs_f64();
+                        let times = g.kernel_times().unwrap();
+                        g.time_kernels(false);
+                        eprintln!(
+                            "kernel times: {}/{}, one call:\n{}",
+                            group.name,
+                            v.name,
+                            cuda::kernel_times::table(&times, 30, Some(wall))
+                        );
+                    }
+                }
             }
             Mode::Sim { checked } => {
                 for v in &group.variants {
@@ -1138,6 +1168,7 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     }
     let grads = RefCell::new(lora.map_sized(|n| g.zeros(n)).unwrap());
     let cur: RefCell<Option<Curvature>> = RefCell::new(None);
+    let acc: RefCell<Option<Accumulator<CudaBackend>>> = RefCell::new(None);
     let step_work = roofline::llama_step(&cfg, r, bsz, seq);
     let pass_work = roofline::curvature_pass(&cfg, r, bsz, seq);
     let mut want = want.into_iter().map(Rc::new);
@@ -1168,6 +1199,39 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             bound: PASS_BOUND,
         });
     }
+    // The kfac pass alone: one batch into a kept accumulator, without the finish and the
+    // read-back of every factor that `estimate` ends with (at these shapes about 15 GB to
+    // the host, once per estimate however many batches it takes: `curvature_kfac` above).
+    let kfac_want = variants
+        .iter()
+        .find(|v| v.name == "curvature_kfac")
+        .map(|v| v.want.clone())
+        .unwrap();
+    {
+        let (model, lora, batch, acc) = (&model, &lora, &batch, &acc);
+        variants.push(Variant {
+            name: "curvature_kfac_pass",
+            work: pass_work,
+            call: Rc::new(move || {
+                let mut a = acc.borrow_mut();
+                let a = a.get_or_insert_with(|| {
+                    Accumulator::new(g, lora, Scheme::Kfac, KfacApprox::Expand).unwrap()
+                });
+                accumulate_batch(g, model, lora, a, batch, 0, spec(Scheme::Kfac)).unwrap();
+            }),
+            // After one pass from the reset state: finished and read back, the estimate.
+            got: Rc::new(move || {
+                let mut a = acc.borrow_mut();
+                let a = a.as_mut().unwrap();
+                let positions = batch.segments.iter().map(|s| s.len).sum();
+                a.finish(g, positions, batch.batch).unwrap();
+                let c = read_out(g, lora, a, spec(Scheme::Kfac), positions, batch.batch).unwrap();
+                curvature_outs(&c)
+            }),
+            want: kfac_want,
+            bound: PASS_BOUND,
+        });
+    }
     let name = if sim {
         format!("sim_llama_tiny_{bsz}x{seq}")
     } else {
@@ -1181,6 +1245,7 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             reset: Rc::new(|| {
                 *grads.borrow_mut() = lora.map_sized(|n| g.zeros(n)).unwrap();
                 *cur.borrow_mut() = None;
+                *acc.borrow_mut() = None;
             }),
             variants,
         },

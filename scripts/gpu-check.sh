@@ -22,7 +22,8 @@
 #       GPU), then cuda_vs_cpu
 #       under `compute-sanitizer --tool memcheck` (all tests) and `--tool racecheck`
 #       (the kernel-level tests only: --skip curvature_pass_and_training_step, the
-#       end-to-end test, which is too slow under racecheck).
+#       end-to-end test, which is too slow under racecheck; a hazard in this project's
+#       kernels fails, those reported inside cuBLAS's own nvjet_* kernels are noted apart).
 #       $OUT: summary.txt selftest.json selftest.log lib.log cuda_vs_cpu.log lora_gemm.log
 #       memcheck.log racecheck.log (8 files, the most that come back).
 #   scripts/gpu-check.sh --benches      on the GPU machine, a second call (about 3-6 min):
@@ -34,6 +35,13 @@
 #       roofline.txt and, as a table, under table.md; a bench not measured is a failure.
 #       $OUT: summary.txt bench.log roofline.txt estimates.json peer.json peer.log table.md
 #       (7 files).
+#   scripts/gpu-check.sh --profile      on the GPU machine (about 2-3 minutes): the same checks
+#       and settings, then where the time goes: every kernel of one Llama-3.2-1B-shaped
+#       training step and curvature pass timed with CUDA events (`kernel times:` tables,
+#       LALORA_KERNEL_TIMES), Nsight Compute's sections for the hand-written LoRA GEMM's
+#       launches (ncu --clock-control none), and racecheck on the classifier test with
+#       cuBLAS's own kernels excluded, next to it with them in.
+#       $OUT: summary.txt kernels.log ncu.log racecheck.log (4 files).
 #
 # Environment: OUT (results; default gpu-out/), GPU_CHECK_BUDGET_S (the whole mode's time
 # box in seconds; default 420 for --tests, 480 for --benches: each step gets at most its
@@ -97,7 +105,7 @@ sources_manifest() {
 mode=${1:-}
 [ $# -eq 1 ] || usage
 case $mode in
-  --build-only | --tests | --benches) ;;
+  --build-only | --tests | --benches | --profile) ;;
   *) usage ;;
 esac
 
@@ -203,7 +211,11 @@ mkdir -p "$out" || die "cannot create OUT=$out"
 out=$(cd "$out" && pwd) || die "cannot enter OUT=$out"
 summary=$out/summary.txt
 : >"$summary" || die "cannot write $summary"
-if [ "$mode" = --tests ]; then budget=${GPU_CHECK_BUDGET_S:-420}; else budget=${GPU_CHECK_BUDGET_S:-480}; fi
+case $mode in
+  --tests) budget=${GPU_CHECK_BUDGET_S:-420} ;;
+  --benches) budget=${GPU_CHECK_BUDGET_S:-480} ;;
+  *) budget=${GPU_CHECK_BUDGET_S:-300} ;;
+esac
 case $budget in '' | *[!0-9]*) die "GPU_CHECK_BUDGET_S=$budget is not a number of seconds" ;; esac
 deadline=$((SECONDS + budget))
 failures=()
@@ -329,6 +341,17 @@ check_sanitizer() {
     return 1
   fi
   note "$name: $(echo "$sums" | sed 's/^========= //' | paste -sd';')"
+}
+
+# Racecheck's hazard reports in LOG by the kernel they name: prints "OURS CUBLAS", the
+# reports naming any kernel but cuBLAS's own Hopper GEMMs (nvjet_*), and those naming only
+# these. A name racecheck prints with spaces (a demangled C++ one) counts as ours.
+race_reports() {
+  local names ours cublas
+  names=$(grep -Eo '(Read|Write) access at [^ +]+' "$1" | awk '{print $NF}')
+  ours=$(echo "$names" | grep -v '^nvjet_' | grep -c .)
+  cublas=$(echo "$names" | grep -c '^nvjet_')
+  echo "${ours:-0} ${cublas:-0}"
 }
 
 finish() {
@@ -521,12 +544,21 @@ PY
         --print-limit 100 "$bin/cuda_vs_cpu" --test-threads=1 --nocapture "${skip[@]}"
       rc=$?
       cap_log "$out/$s.log"
-      if [ "$rc" -eq 86 ]; then
-        fail "$s: exit 86 (compute-sanitizer found errors)"
-      elif [ "$rc" -ne 0 ]; then
-        fail "$s: $(why "$rc" "$out/$s.log")"
+      read -r ours cublas < <(race_reports "$out/$s.log")
+      if [ "$s" = racecheck ] && [ "$rc" -eq 86 ] && [ "$ours" -eq 0 ] && [ "$cublas" -gt 0 ]; then
+        # Hazards inside cuBLAS's split-K kernels (nvjet_*_splitK_*, in classifier_matches_cpu,
+        # whose results match the CPU's), seen on the first GPU run: NVIDIA's code, not
+        # ours, and racecheck's kernel filter (--kernel-name-exclude kns=nvjet) made a module
+        # load fail there (2026-11-29), so they are counted apart. One in our kernels fails.
+        note "$s: $(grep -E '^========= RACECHECK SUMMARY:' "$out/$s.log" | sed 's/^========= //'): every report inside cuBLAS's nvjet_* kernels ($cublas reports), none in this project's"
+      else
+        if [ "$rc" -eq 86 ]; then
+          fail "$s: exit 86 (compute-sanitizer found errors; $ours reports name this project's kernels)"
+        elif [ "$rc" -ne 0 ]; then
+          fail "$s: $(why "$rc" "$out/$s.log")"
+        fi
+        check_sanitizer "$s" "$out/$s.log"
       fi
-      check_sanitizer "$s" "$out/$s.log"
       check_libtest "$s" "$out/$s.log" "$want" && check_no_skip "$s" "$out/$s.log"
     done
   fi
@@ -537,12 +569,61 @@ PY
   finish
 fi
 
+# ---------------------------------------------------------------------------- --profile
+if [ "$mode" = --profile ]; then
+  crit=$(mktemp -d /tmp/gpu-check-criterion.XXXXXX) || die "mktemp failed"
+  export CRITERION_HOME=$crit
+  # 1. Each end-to-end variant once more with every kernel timed (criterion's profile mode:
+  # no statistics, about a second of calls each).
+  step=kernels
+  run_step "$step" 200 "$out/kernels.log" env LALORA_KERNEL_TIMES=llama1b \
+    "$bin/cuda" --bench --noplot --profile-time 1 cuda_llama1b
+  rc=$?
+  [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/kernels.log")"
+  n=$(grep -c '^kernel times: ' "$out/kernels.log")
+  [ "$n" -eq 4 ] || fail "$step: $n 'kernel times:' tables in kernels.log, 4 expected"
+  # 2. The hand-written LoRA GEMM's first launches (u then y of the q/k/v group, forward).
+  step=ncu
+  if ! command -v ncu >/dev/null; then
+    echo "ncu is not on this machine" >"$out/ncu.log"
+    fail "$step: ncu is not on this machine"
+  else
+    run_step "$step" 150 "$out/ncu.log" ncu --clock-control none --kernel-name regex:lora_gemm_n \
+      --launch-count 4 --section SpeedOfLight --section ComputeWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis --section Occupancy --section LaunchStats \
+      --section WarpStateStats --section SchedulerStats --section SourceCounters \
+      "$bin/cuda" --bench --noplot --profile-time 1 cuda_lora_qkv
+    rc=$?
+    cap_log "$out/ncu.log"
+    [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/ncu.log")"
+  fi
+  rm -rf "$crit"
+  # 3. racecheck's hazards in the classifier test, with cuBLAS's kernels (nvjet_*) out and in.
+  step=racecheck
+  if ! command -v compute-sanitizer >/dev/null; then
+    echo "compute-sanitizer is not on this machine" >"$out/racecheck.log"
+    fail "$step: compute-sanitizer is not on this machine"
+  else
+    for filter in "--kernel-name-exclude kns=nvjet" ""; do
+      # shellcheck disable=SC2086 # the filter is two words, or none
+      run_step "$step${filter:+ (no nvjet)}" 100 "$out/racecheck.part" compute-sanitizer --tool racecheck \
+        $filter --print-limit 20 "$bin/cuda_vs_cpu" --test-threads=1 classifier_matches_cpu
+      echo "rc $?" >>"$out/racecheck.part"
+      { echo "==== racecheck ${filter:-(all kernels)}"; cat "$out/racecheck.part"; } >>"$out/racecheck.log"
+    done
+    rm -f "$out/racecheck.part"
+    cap_log "$out/racecheck.log"
+  fi
+  finish
+fi
+
 # ---------------------------------------------------------------------------- --benches
 # 1. The CUDA benches. Criterion's folder stays outside $OUT (too deep, too many files).
 crit=$(mktemp -d /tmp/gpu-check-criterion.XXXXXX) || die "mktemp failed"
 export CRITERION_HOME=$crit
 step=benches
-run_step "$step" 360 "$out/bench.log" "$bin/cuda" --bench --noplot --warm-up-time 1 --measurement-time 3
+# One more call of each end-to-end variant with every kernel timed (`kernel times:` tables).
+run_step "$step" 360 "$out/bench.log" env LALORA_KERNEL_TIMES=llama1b "$bin/cuda" --bench --noplot --warm-up-time 1 --measurement-time 3
 rc=$?
 cap_log "$out/bench.log"
 [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/bench.log")"
@@ -568,7 +649,7 @@ want = {
     "cuda_lora_4096x2048_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
     "cuda_diag_16x256_r16_d2048": ["per_sample_squaring", "materialised_cublas"],
     "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "cublas_gemm"],
-    "cuda_llama1b_shape_4x512": ["lora_forward_backward", "curvature_diag", "curvature_kfac"],
+    "cuda_llama1b_shape_4x512": ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass"],
 }
 est, missing = {}, []
 for g, benches in want.items():
@@ -628,7 +709,7 @@ for name, g, a, b in rows:
 g = "cuda_llama1b_shape_4x512"
 step = ms(g, "lora_forward_backward")
 print("\n| Llama-3.2-1B shape, 4x512 | ms | relative to fwd+bwd |\n|---|---:|---:|")
-for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac"]:
+for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass"]:
     print(f"| {b} | {ms(g, b):.1f} | {ms(g, b)/step:.2f}x |")
 try:
     peer = json.load(open(os.path.join(out, "peer.json")))

@@ -1065,3 +1065,50 @@ fn training_step_waits_for_the_device_a_fixed_number_of_times() {
         }
     }
 }
+
+/// `--op-times` on a device: every kernel launch and GEMM of a curvature pass is timed
+/// once, under its kernel's name (cuBLAS calls under their types and shape), with a device
+/// time that is finite and not negative; work after timing stops is not counted.
+#[test]
+fn kernel_times_count_every_launch_and_gemm() {
+    for g in devices() {
+        let t = tiny();
+        let m = model::load(&fixture("tiny-gqa/model"), None).unwrap();
+        let model = Llama::new(&g, m.cfg, m.weights).unwrap();
+        let lora = t.adapter.map(|v| g.buf(v.clone())).unwrap();
+        let spec = Spec {
+            scheme: Scheme::KfacTri,
+            fisher: Fisher::Empirical,
+            approx: KfacApprox::Expand,
+            seed: 0,
+        };
+        let before = g.stats();
+        g.time_kernels(true);
+        estimate(&g, &model, &lora, &t.examples, 3, spec, || {}).unwrap();
+        let done = g.stats().since(&before);
+        g.time_kernels(false);
+        estimate(&g, &model, &lora, &t.examples, 3, spec, || {}).unwrap();
+        let times = g.kernel_times().unwrap();
+        let calls = |pick: &dyn Fn(&str) -> bool| -> u64 {
+            times
+                .iter()
+                .filter(|k| pick(&k.name))
+                .map(|k| k.calls)
+                .sum()
+        };
+        let gemm = |n: &str| n.starts_with("cuBLAS ");
+        assert!(done.launches > 0 && done.gemms > 0, "{done}");
+        assert_eq!(calls(&|n| !gemm(n)), done.launches, "{times:?}");
+        assert_eq!(calls(&gemm), done.gemms, "{times:?}");
+        assert!(times.iter().any(|k| k.name == "lora_gemm_nt"), "{times:?}");
+        assert!(
+            times.iter().all(|k| k.ms.is_finite() && k.ms >= 0.0),
+            "{times:?}"
+        );
+        assert!(times.iter().map(|k| k.ms).sum::<f64>() > 0.0, "{times:?}");
+        assert!(
+            times.windows(2).all(|w| w[0].ms >= w[1].ms),
+            "not the longest first: {times:?}"
+        );
+    }
+}

@@ -82,12 +82,6 @@ pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output>
         Device::Auto => Device::Cpu,
         d => d,
     };
-    if p.op_times && matches!(device, Device::Cuda(_)) {
-        // Kernels run asynchronously: a host-side stopwatch would time their launches.
-        return Err(Error::usage(
-            "--op-times times ops on the CPU and the simulator (--device cpu or sim); on a GPU, profile with nsys or ncu",
-        ));
-    }
     match device {
         Device::Cuda(n) => {
             let be = CudaBackend::new(n, base).map_err(|e| match e {
@@ -97,7 +91,20 @@ pub fn run_on<T: BackendTask + Send>(p: Placement, task: T) -> Result<T::Output>
                 e => e,
             })?;
             announce(&be, p.quiet);
-            task.run(&be)
+            if !p.op_times {
+                return task.run(&be);
+            }
+            // Kernels run asynchronously: a host-side stopwatch would time their launches,
+            // so a GPU reports each kernel's device time instead.
+            let started = std::time::Instant::now();
+            be.time_kernels(true);
+            let out = task.run(&be);
+            let times = be.kernel_times()?;
+            eprint!(
+                "{}",
+                cuda::kernel_times::table(&times, 40, Some(started.elapsed().as_secs_f64()))
+            );
+            out
         }
         Device::Sim => {
             let be = CudaBackend::sim(p.threads, base)?;

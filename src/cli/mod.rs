@@ -87,9 +87,10 @@ pub struct Common {
     /// No progress bars or status lines on stderr.
     #[arg(long)]
     pub quiet: bool,
-    /// At the end, print on stderr the wall time of each backend op (calls, seconds, share
-    /// of the time since the backend started), the longest first: where the time goes. CPU
-    /// and sim only (on a GPU kernels run asynchronously; profile with nsys or ncu there).
+    /// At the end, print on stderr where the time went, the longest first: on the CPU and
+    /// sim, the wall time of each backend op (calls, seconds, share of the time since the
+    /// backend started); on a GPU, where kernels run asynchronously, the device time of
+    /// each kernel and cuBLAS call shape (CUDA events around each launch).
     #[arg(long)]
     pub op_times: bool,
 }

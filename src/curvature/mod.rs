@@ -24,7 +24,7 @@ pub use self::accumulate::Accumulator;
 pub use self::file::{Curvature, CurvatureMeta, KfacFactors};
 
 use crate::backend::{Backend, CeTargets};
-use crate::data::{Example, batches};
+use crate::data::{Batch, Example, batches};
 use crate::error::{Error, Result};
 use crate::model::{HostLora, Llama, LoraWeights};
 use crate::train::finite::{first_non_finite, non_finite};
@@ -117,34 +117,64 @@ pub fn estimate<B: Backend>(
     let mut acc = Accumulator::new(be, lora, spec.scheme, spec.approx)?;
     let (mut n_positions, mut n_sequences) = (0usize, 0usize);
     for (bi, batch) in batches(examples, batch_size).enumerate() {
-        let acts = model.forward(be, Some(lora), &batch, true)?;
-        let samples = match spec.fisher {
-            Fisher::Empirical => 1,
-            Fisher::Mc(k) => k,
-        };
-        for s in 0..samples {
-            let targets = match spec.fisher {
-                Fisher::Empirical => CeTargets::Labels(&batch.targets),
-                Fisher::Mc(_) => CeTargets::Sample {
-                    mask: &batch.targets,
-                    seed: mc_seed(spec.seed, bi, s),
-                },
-            };
-            let out = model.classify(be, &acts, targets, Some(1.0))?;
-            if out.losses.iter().any(|l| !l.is_finite()) {
-                return Err(non_finite(format!("curvature batch {}", bi + 1), "loss"));
-            }
-            let dxn = out
-                .dhidden
-                .ok_or_else(|| Error::usage("the classifier returned no gradient"))?;
-            acc.begin(&batch.segments, 1.0 / samples as f32, s == 0);
-            model.backward(be, Some(lora), &acts, &dxn, None, Some(&mut acc))?;
-        }
+        accumulate_batch(be, model, lora, &mut acc, &batch, bi, spec)?;
         n_positions += batch.segments.iter().map(|s| s.len).sum::<usize>();
         n_sequences += batch.batch;
         on_batch();
     }
     acc.finish(be, n_positions, n_sequences)?;
+    read_out(be, lora, &acc, spec, n_positions, n_sequences)
+}
+
+/// One batch (the `bi`-th) of a curvature estimate into `acc`: its forward, then per label
+/// sample the classifier and the backward whose observer `acc` is (the pass whose cost the
+/// curvature benches compare with a training step's).
+pub fn accumulate_batch<B: Backend>(
+    be: &B,
+    model: &Llama<B>,
+    lora: &LoraWeights<B::Buf>,
+    acc: &mut Accumulator<B>,
+    batch: &Batch,
+    bi: usize,
+    spec: Spec,
+) -> Result<()> {
+    let acts = model.forward(be, Some(lora), batch, true)?;
+    let samples = match spec.fisher {
+        Fisher::Empirical => 1,
+        Fisher::Mc(k) => k,
+    };
+    for s in 0..samples {
+        let targets = match spec.fisher {
+            Fisher::Empirical => CeTargets::Labels(&batch.targets),
+            Fisher::Mc(_) => CeTargets::Sample {
+                mask: &batch.targets,
+                seed: mc_seed(spec.seed, bi, s),
+            },
+        };
+        let out = model.classify(be, &acts, targets, Some(1.0))?;
+        if out.losses.iter().any(|l| !l.is_finite()) {
+            return Err(non_finite(format!("curvature batch {}", bi + 1), "loss"));
+        }
+        let dxn = out
+            .dhidden
+            .ok_or_else(|| Error::usage("the classifier returned no gradient"))?;
+        acc.begin(&batch.segments, 1.0 / samples as f32, s == 0);
+        model.backward(be, Some(lora), &acts, &dxn, None, Some(&mut *acc))?;
+    }
+    Ok(())
+}
+
+/// The estimate of a finished accumulator, on the host (every factor read back from the
+/// device: for KFAC at Llama-3.2-1B's shapes about 15 GB, a cost per estimate, not per
+/// batch).
+pub fn read_out<B: Backend>(
+    be: &B,
+    lora: &LoraWeights<B::Buf>,
+    acc: &Accumulator<B>,
+    spec: Spec,
+    n_positions: usize,
+    n_sequences: usize,
+) -> Result<Curvature> {
     let host = |x: &B::Buf| be.to_host(x);
     let mean: HostLora = lora.map(host)?;
     let diag = match &acc.diag {

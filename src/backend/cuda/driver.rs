@@ -10,10 +10,10 @@ use std::sync::{Arc, Mutex};
 use cudarc::cublas::CudaBlas;
 use cudarc::cublas::result::{gemm_ex, gemm_strided_batched_ex};
 use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
-use cudarc::driver::sys::{CUfunction_attribute_enum, CUmemPool_attribute};
-use cudarc::driver::{CudaContext, CudaFunction, CudaStream, PushKernelArg, result};
+use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum, CUmemPool_attribute};
+use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, PushKernelArg, result};
 
-use super::runtime::{Arg, DType, Gemm, LaunchConfig, PtxSource, Runtime, Trans};
+use super::runtime::{Arg, DType, Gemm, LaunchConfig, Mark, PtxSource, Runtime, Trans};
 use crate::error::{Error, Result};
 use crate::ptxsim::device::{limits, pack_params};
 use crate::ptxsim::ir::ParamSlot;
@@ -307,5 +307,28 @@ impl Runtime for Driver {
 
     fn synchronize(&self) -> Result<()> {
         cu(self.stream.synchronize())
+    }
+
+    fn mark(&self) -> Result<Box<dyn Mark>> {
+        let e = cu(self
+            .stream
+            .record_event(Some(CUevent_flags::CU_EVENT_DEFAULT)))?;
+        Ok(Box::new(EventMark(e)))
+    }
+}
+
+/// A timing event recorded on the stream.
+struct EventMark(CudaEvent);
+
+impl Mark for EventMark {
+    fn ms_since(&self, earlier: &dyn Mark) -> Result<f64> {
+        let e = earlier
+            .as_any()
+            .downcast_ref::<EventMark>()
+            .ok_or_else(|| Error::Device("cuda: a mark of another runtime".into()))?;
+        cu(e.0.elapsed_ms(&self.0)).map(f64::from)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

@@ -28,6 +28,7 @@ pub mod blas;
 mod classifier;
 mod curvature;
 pub mod driver;
+pub mod kernel_times;
 pub mod kernels;
 mod linear;
 mod lora_gemm;
@@ -175,6 +176,18 @@ impl CudaBackend {
     /// copies and host syncs (`RuntimeStats::since` gives the cost of a stretch of work).
     pub fn stats(&self) -> RuntimeStats {
         self.counted.stats()
+    }
+
+    /// Start (cleared) or stop timing every kernel and GEMM on the device
+    /// (`kernel_times`); `--op-times` on a GPU.
+    pub fn time_kernels(&self, on: bool) {
+        self.counted.time_kernels(on)
+    }
+
+    /// Device time per kernel since `time_kernels(true)`, the longest first (waits for
+    /// the device).
+    pub fn kernel_times(&self) -> Result<Vec<kernel_times::KernelTime>> {
+        self.counted.kernel_times()
     }
 
     pub fn base_dtype(&self) -> BaseDtype {

@@ -9,9 +9,10 @@
 pub use crate::ptxsim::blas::{DType, Gemm, Mat, Trans};
 pub use crate::ptxsim::{Arg, LaunchConfig};
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
+use super::kernel_times::KernelTimes;
 use crate::error::Result;
 
 /// Where a module's PTX came from: embedded at build time or read from
@@ -41,6 +42,17 @@ pub trait Runtime: Send + Sync {
     fn gemm(&self, g: &Gemm) -> Result<()>;
     /// Wait for all queued work.
     fn synchronize(&self) -> Result<()>;
+    /// A mark on the device's queue after all work queued so far, for timing it.
+    fn mark(&self) -> Result<Box<dyn Mark>>;
+}
+
+/// A point on the device's queue (`Runtime::mark`): a CUDA event on a GPU, the host clock
+/// on the simulator, which runs each call to completion before returning.
+pub trait Mark: Send + Sync {
+    /// Milliseconds from `earlier`, a mark of the same runtime, to this one (waits for
+    /// both to be reached).
+    fn ms_since(&self, earlier: &dyn Mark) -> Result<f64>;
+    fn as_any(&self) -> &dyn std::any::Any;
 }
 
 /// What went through the runtime seam: counts since the backend started (see
@@ -119,6 +131,9 @@ pub struct Counted {
     dtod: AtomicU64,
     dtoh: AtomicU64,
     synchronizes: AtomicU64,
+    /// Device time per kernel while `timing` is on (`Counted::time_kernels`).
+    timing: AtomicBool,
+    times: Mutex<KernelTimes>,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -138,7 +153,46 @@ impl Counted {
             dtod: AtomicU64::new(0),
             dtoh: AtomicU64::new(0),
             synchronizes: AtomicU64::new(0),
+            timing: AtomicBool::new(false),
+            times: Mutex::new(KernelTimes::default()),
         }
+    }
+
+    /// Start (after clearing what was timed before) or stop timing each kernel launch and
+    /// GEMM on the device: a mark before and after each call, so each one's device time
+    /// excludes the gaps between launches. The marks cost a few microseconds of host time
+    /// per call, and the device waits for none of them.
+    pub fn time_kernels(&self, on: bool) {
+        if on {
+            *self.lock_times() = KernelTimes::default();
+        }
+        self.timing.store(on, Ordering::Relaxed);
+    }
+
+    /// Device time per kernel (and per cuBLAS call shape) timed so far, the longest
+    /// first; waits for the timed work to finish.
+    pub fn kernel_times(&self) -> Result<Vec<super::kernel_times::KernelTime>> {
+        self.lock_times().totals()
+    }
+
+    fn lock_times(&self) -> std::sync::MutexGuard<'_, KernelTimes> {
+        // A panic elsewhere leaves the totals consistent: take them as they are.
+        self.times.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// `call` on the inner runtime, between two marks when timing, under `name()`.
+    fn timed(
+        &self,
+        name: impl FnOnce() -> String,
+        call: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        if !self.timing.load(Ordering::Relaxed) {
+            return call();
+        }
+        let start = self.inner.mark()?;
+        call()?;
+        let end = self.inner.mark()?;
+        self.lock_times().add(name(), start, end)
     }
 
     pub fn stats(&self) -> RuntimeStats {
@@ -187,14 +241,20 @@ impl Runtime for Counted {
     }
     fn launch(&self, module: usize, entry: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         bump(&self.launches, 1);
-        self.inner.launch(module, entry, cfg, args)
+        self.timed(
+            || entry.to_string(),
+            || self.inner.launch(module, entry, cfg, args),
+        )
     }
     fn gemm(&self, g: &Gemm) -> Result<()> {
         bump(&self.gemms, 1);
-        self.inner.gemm(g)
+        self.timed(|| super::kernel_times::gemm_name(g), || self.inner.gemm(g))
     }
     fn synchronize(&self) -> Result<()> {
         bump(&self.synchronizes, 1);
         self.inner.synchronize()
+    }
+    fn mark(&self) -> Result<Box<dyn Mark>> {
+        self.inner.mark()
     }
 }

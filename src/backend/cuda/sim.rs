@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::runtime::{Arg, Gemm, LaunchConfig, PtxSource, Runtime};
+use super::runtime::{Arg, Gemm, LaunchConfig, Mark, PtxSource, Runtime};
 use crate::error::{Error, Result};
 use crate::ptxsim::{Checks, Device, Function, Module, SimError};
 
@@ -129,5 +129,25 @@ impl Runtime for Sim {
 
     fn synchronize(&self) -> Result<()> {
         Ok(())
+    }
+
+    fn mark(&self) -> Result<Box<dyn Mark>> {
+        Ok(Box::new(HostMark(std::time::Instant::now())))
+    }
+}
+
+/// The host clock: each simulated call has finished when it returns.
+struct HostMark(std::time::Instant);
+
+impl Mark for HostMark {
+    fn ms_since(&self, earlier: &dyn Mark) -> Result<f64> {
+        let e = earlier
+            .as_any()
+            .downcast_ref::<HostMark>()
+            .ok_or_else(|| Error::Device("sim: a mark of another runtime".into()))?;
+        Ok(self.0.saturating_duration_since(e.0).as_secs_f64() * 1e3)
+    }
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
     }
 }

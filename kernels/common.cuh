@@ -182,3 +182,16 @@ __device__ __forceinline__ void row_packs(int dim, bool vec, F f) {
     for (int j = threadIdx.x; j < packs; j += blockDim.x) f(Width<V>(), (size_t)j * V);
     for (int i = packs * V + threadIdx.x; i < dim; i += blockDim.x) f(Width<1>(), (size_t)i);
 }
+
+// 16 bytes global -> shared without passing through registers; the first `src_bytes` are
+// copied, the rest zero-filled (0: a tile's padding past the matrix, nothing read).
+__device__ __forceinline__ void cp_async16(void* dst, const void* src, int src_bytes) {
+    const unsigned d = (unsigned)__cvta_generic_to_shared(dst);
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+// Wait until at most N of this thread's committed groups are still in flight.
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}

@@ -16,7 +16,8 @@ mod common;
 use common::*;
 use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::backend::cuda::{self, BaseDtype, CudaBackend};
+use lalora_engine::backend::cuda::runtime::DType;
+use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend};
 use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, RopeOut};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -84,14 +85,27 @@ fn host(c: &Case, seed: u64) -> Host {
 /// Every output of a forward + backward: `(name, values)`.
 fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Vec<(String, Vec<f32>)> {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
-    let x = up(&h.x);
+    let g: Vec<_> = h.g.iter().map(|v| up(v)).collect();
+    run_on(be, c, h, lg, &up(&h.x), &g)
+}
+
+/// `run` with the input `x` and output gradients `g` given as device buffers (`h.x`, `h.g`
+/// unused).
+fn run_on<B: Backend>(
+    be: &B,
+    c: &Case,
+    h: &Host,
+    lg: LoraGroup,
+    x: &B::Buf,
+    g: &[B::Buf],
+) -> Vec<(String, Vec<f32>)> {
+    let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
     let ws: Vec<B::Weight> = (0..c.outs.len())
         .map(|i| be.weight(h.w[i].clone(), c.outs[i].0, c.d_in).unwrap())
         .collect();
-    let (a, b, g): (Vec<_>, Vec<_>, Vec<_>) = (
+    let (a, b): (Vec<_>, Vec<_>) = (
         h.a.iter().map(|v| up(v)).collect(),
         h.b.iter().map(|v| up(v)).collect(),
-        h.g.iter().map(|v| up(v)).collect(),
     );
     let fwd: Vec<ProjFwd<'_, B>> = c
         .outs
@@ -105,7 +119,7 @@ fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Vec<(String, Ve
             rope: None,
         })
         .collect();
-    let ys = be.project_group(&x, c.m, c.d_in, lg, &fwd).unwrap();
+    let ys = be.project_group(x, c.m, c.d_in, lg, &fwd).unwrap();
     let mut out = Vec::new();
     for (i, (y, u)) in ys.iter().enumerate() {
         out.push((format!("y{i}"), be.to_host(y).unwrap()));
@@ -133,7 +147,7 @@ fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Vec<(String, Ve
         })
         .collect();
     let gas = be
-        .project_group_backward(&x, c.m, c.d_in, lg, bwd, &mut dx, true)
+        .project_group_backward(x, c.m, c.d_in, lg, bwd, &mut dx, true)
         .unwrap();
     out.push(("dx".into(), be.to_host(&dx).unwrap()));
     for (i, ga) in gas.iter().enumerate() {
@@ -226,6 +240,87 @@ fn lora_gemm_matches_cpu_bf16() {
 #[test]
 fn lora_gemm_matches_cpu_f32() {
     check(&cases(), BaseDtype::F32);
+}
+
+/// `(rows, dim)` values on the device as a bf16 activation, as the model makes one (the
+/// output of RMSNorm, unit weights), and the values it holds, for the CPU twin.
+fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (Act, Vec<f32>) {
+    let ones = g.buf(vec![1.0; dim]).unwrap();
+    let (y, _) = g
+        .rmsnorm(
+            &g.buf(rnd(rng, rows * dim, 1.0)).unwrap(),
+            &ones,
+            rows,
+            dim,
+            1e-5,
+        )
+        .unwrap();
+    assert_eq!(
+        y.dtype(),
+        DType::Bf16,
+        "bf16 base weights store normed rows as bf16"
+    );
+    let held = g.to_host(&y).unwrap();
+    (y, held)
+}
+
+/// bf16 activations and output gradients, as the model stores them with bf16 base weights:
+/// their products with the bf16 weights stream global -> shared by cp.async
+/// (kernels/lora_gemm.cu, `copyable`), the rest (the LoRA segments, f32 operands, widths
+/// that are not whole 16-byte chunks) through registers, in one problem. Case 0: K of 200
+/// forward and 136 backward (seven and five 32-wide steps, so the three stage buffers wrap
+/// round, and an 8-wide tail), rows off the tile, a second projection of width 44 (its
+/// backward segment not whole chunks); case 1: d_in 92, not whole chunks, so every segment
+/// takes the registers.
+#[test]
+fn bf16_inputs_take_the_copy_path() {
+    let cases = [
+        Case {
+            m: 150,
+            d_in: 200,
+            outs: vec![(136, true), (44, false)],
+            r: 8,
+        },
+        Case {
+            m: 37,
+            d_in: 92,
+            outs: vec![(64, true)],
+            r: 4,
+        },
+    ];
+    for g in devices(BaseDtype::Bf16) {
+        for (k, c) in cases.iter().enumerate() {
+            let mut rng = ChaCha8Rng::seed_from_u64(40 + k as u64);
+            let mut h = host(c, 30 + k as u64);
+            let (x, held) = bf16_act(&g, &mut rng, c.m, c.d_in);
+            h.x = held;
+            let gs: Vec<Act> = c
+                .outs
+                .iter()
+                .enumerate()
+                .map(|(i, &(d_out, _))| {
+                    let (a, held) = bf16_act(&g, &mut rng, c.m, d_out);
+                    h.g[i] = held;
+                    a
+                })
+                .collect();
+            let lg = LoraGroup {
+                r: c.r,
+                scale: 16.0 / c.r as f32,
+            };
+            let want = run(&CpuBackend::new(2), c, &h, lg);
+            let got = run_on(&g, c, &h, lg, &x, &gs);
+            assert_eq!(got.len(), want.len());
+            for ((name, x), (_, y)) in got.iter().zip(&want) {
+                let e = rel_err(x, y);
+                assert!(
+                    e < 1e-2,
+                    "{} case {k}: {name}: relative error {e:e} (bound 1e-2)",
+                    g.describe()
+                );
+            }
+        }
+    }
 }
 
 /// RoPE on a group's outputs (the forward's q and k): rotated in the GEMM's epilogue for

@@ -38,13 +38,16 @@
 //
 // Tiling: 8 warps as 4 (rows) x 2 (columns), each owning 32 x 64 of the tile (2 x 8 mma
 // tiles), K swept 32 at a time, three shared buffers per operand (60 KB of dynamic shared
-// memory). A segment whose operands are both bf16 (the base products with bf16 weights:
-// nearly all the work) is copied global -> shared by cp.async in 16-byte chunks, two steps
-// ahead of the products, the three buffers being the stages of the pipeline; any other (f32
-// operands, the LoRA segments, a scale) is loaded into registers one step ahead, scaled and
-// split into pieces into the buffers. Staging through registers cost about 18 instructions
-// per mma (ncu, H200, 2026-11-29: 592 per warp per step against 32 mma, 0.8 IPC). Tails in
-// m, n and k are zero-filled when staged; 16-byte loads where the layout allows, else scalar.
+// memory). A bf16 weight (the base products with bf16 base weights: nearly all the work) is
+// copied global -> shared by cp.async in 16-byte chunks, two steps ahead of the products,
+// the three buffers being the stages of the pipeline; so is X where it is bf16 (the
+// activations and gradients the model stores so), while an f32 X (attention output,
+// residual gradient, a curvature pass's gradients) is loaded into registers a step ahead
+// and stored as one bf16 piece. Any other segment (f32 weights: the LoRA segments and the
+// f32 engine) is loaded into registers one step ahead, scaled and split into pieces. Staging
+// both operands through registers had cost about 18 instructions per mma (ncu, H200,
+// 2026-11-29: 592 per warp per 32-mma step, IPC 0.8). Tails in m, n and k are zero-filled
+// when staged; 16-byte loads where the layout allows, else scalar.
 #include "common.cuh"
 #include "flash_attention.cuh"
 
@@ -63,6 +66,7 @@ constexpr int XTILE = BM * LDX;
 constexpr int PIECES = 3;               // bf16 pieces an operand may be staged as
 constexpr int STAGES = PIECES;          // cp.async stages: the piece buffers, reused
 constexpr int CHUNKS = BM * BK / 4 / THREADS;  // 4-element chunks per thread per operand
+constexpr int COPIES = BM * BK / 8 / THREADS;  // 16-byte bf16 chunks per thread per operand
 static_assert(BN * BK == BM * BK, "both operands stage the same number of chunks");
 
 // Must match `Seg` and `Prob` of lora_gemm.rs (repr(C)).
@@ -137,11 +141,11 @@ struct Gemm {
 
     // Global -> registers: step k0 of segment `sg`, for the tile at (m0, n0).
     __device__ __forceinline__ void load(const Seg& sg, int m, int n, int m0, int n0, int k0) {
-        const bool vx = aligned(sg.x, sg.ld_x, sg.x_bf16 ? 8 : 16), vw = aligned(sg.w, sg.ld_w, sg.w_bf16 ? 8 : 16);
+        load_x(sg, m, m0, k0);
+        const bool vw = aligned(sg.w, sg.ld_w, sg.w_bf16 ? 8 : 16);
 #pragma unroll
         for (int i = 0; i < CHUNKS; ++i) {
             const int c = threadIdx.x + i * THREADS;
-            xr[i] = load4(sg.x, sg.x_bf16, sg.ld_x, m0 + c / (BK / 4), k0 + (c % (BK / 4)) * 4, m, sg.k, vx);
             if (KMAJOR)
                 wr[i] = load4(sg.w, sg.w_bf16, sg.ld_w, k0 + c / (BN / 4), n0 + (c % (BN / 4)) * 4, sg.k, n, vw);
             else
@@ -149,15 +153,33 @@ struct Gemm {
         }
     }
 
-    // Registers -> shared (bf16 pieces, as many as the segment asks).
-    __device__ __forceinline__ void store(const Seg& sg, bf16* xs, bf16* ws) const {
+    // The X part of `load`.
+    __device__ __forceinline__ void load_x(const Seg& sg, int m, int m0, int k0) {
+        const bool vx = aligned(sg.x, sg.ld_x, sg.x_bf16 ? 8 : 16);
 #pragma unroll
         for (int i = 0; i < CHUNKS; ++i) {
             const int c = threadIdx.x + i * THREADS;
-            const int xo = (c / (BK / 4)) * LDX + (c % (BK / 4)) * 4;
-            store4(xs + xo, XTILE, xr[i], sg.alpha, sg.pieces_x);
+            xr[i] = load4(sg.x, sg.x_bf16, sg.ld_x, m0 + c / (BK / 4), k0 + (c % (BK / 4)) * 4, m, sg.k, vx);
+        }
+    }
+
+    // Registers -> shared (bf16 pieces, as many as the segment asks).
+    __device__ __forceinline__ void store(const Seg& sg, bf16* xs, bf16* ws) const {
+        store_x(sg, xs);
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+            const int c = threadIdx.x + i * THREADS;
             const int wo = KMAJOR ? (c / (BN / 4)) * LD_NN + (c % (BN / 4)) * 4 : (c / (BK / 4)) * LD_NT + (c % (BK / 4)) * 4;
             store4(ws + wo, WTILE, wr[i], 1.f, sg.pieces_w);
+        }
+    }
+
+    // The X part of `store`.
+    __device__ __forceinline__ void store_x(const Seg& sg, bf16* xs) const {
+#pragma unroll
+        for (int i = 0; i < CHUNKS; ++i) {
+            const int c = threadIdx.x + i * THREADS;
+            store4(xs + (c / (BK / 4)) * LDX + (c % (BK / 4)) * 4, XTILE, xr[i], sg.alpha, sg.pieces_x);
         }
     }
 
@@ -214,31 +236,35 @@ struct Gemm {
             }
     }
 
-    // Whether segment `sg` can take the copy path (`issue`): both operands bf16 taken as
-    // one piece, unscaled, in whole 16-byte chunks (rows 16-byte aligned, K a multiple of
-    // 8, and for a k-major W the output width n too), so that a chunk is wholly inside the
-    // matrix or wholly outside it.
-    __device__ __forceinline__ static bool copyable(const Seg& sg, int n) {
-        const auto al = [](const void* p, int ld) { return ((uintptr_t)p % 16) == 0 && ld % 8 == 0; };
-        return sg.x_bf16 && sg.w_bf16 && sg.pieces_x == 1 && sg.pieces_w == 1 && sg.alpha == 1.f &&
-               sg.k % 8 == 0 && (!KMAJOR || n % 8 == 0) && al(sg.x, sg.ld_x) && al(sg.w, sg.ld_w);
+    // Whether segment `sg`'s W can be copied by cp.async (`issue_w`): bf16 taken as one
+    // piece in whole 16-byte chunks (rows 16-byte aligned, K a multiple of 8, and for a
+    // k-major W the output width n too), so that a chunk is wholly inside the matrix or
+    // wholly outside it; and its X likewise (`issue_x`: bf16, one piece, unscaled).
+    __device__ __forceinline__ static bool rows16(const void* p, int ld) { return ((uintptr_t)p % 16) == 0 && ld % 8 == 0; }
+    __device__ __forceinline__ static bool w_copyable(const Seg& sg, int n) {
+        return sg.w_bf16 && sg.pieces_w == 1 && sg.k % 8 == 0 && (!KMAJOR || n % 8 == 0) && rows16(sg.w, sg.ld_w);
+    }
+    __device__ __forceinline__ static bool x_copyable(const Seg& sg) {
+        return sg.x_bf16 && sg.pieces_x == 1 && sg.alpha == 1.f && rows16(sg.x, sg.ld_x);
     }
 
-    // Global -> shared by cp.async, no registers: step k0 of a copyable segment into the
-    // stage buffers xs, ws (16-byte chunks, zero-filled outside the matrices).
-    __device__ __forceinline__ static void issue(const Seg& sg, int m, int n, int m0, int n0, int k0, bf16* xs,
-                                                 bf16* ws) {
+    // Global -> shared by cp.async, no registers: X of step k0 of a segment into the stage
+    // buffer xs (16-byte chunks, zero-filled outside the matrix).
+    __device__ __forceinline__ static void issue_x(const Seg& sg, int m, int m0, int k0, bf16* xs) {
         const bf16* x = static_cast<const bf16*>(sg.x);
-        const bf16* w = static_cast<const bf16*>(sg.w);
-        constexpr int XCH = BM * BK / 8 / THREADS;  // X chunks per thread
 #pragma unroll
-        for (int i = 0; i < XCH; ++i) {
+        for (int i = 0; i < COPIES; ++i) {
             const int c = threadIdx.x + i * THREADS, r = c / (BK / 8), kc = (c % (BK / 8)) * 8;
             const bool in = m0 + r < m && k0 + kc < sg.k;
             cp_async16(xs + r * LDX + kc, in ? x + (size_t)(m0 + r) * sg.ld_x + k0 + kc : x, in ? 16 : 0);
         }
+    }
+
+    // The same for W into ws.
+    __device__ __forceinline__ static void issue_w(const Seg& sg, int n, int n0, int k0, bf16* ws) {
+        const bf16* w = static_cast<const bf16*>(sg.w);
 #pragma unroll
-        for (int i = 0; i < XCH; ++i) {
+        for (int i = 0; i < COPIES; ++i) {
             const int c = threadIdx.x + i * THREADS;
             if (KMAJOR) {
                 const int r = c / (BN / 8), nc = (c % (BN / 8)) * 8;
@@ -303,11 +329,15 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
 #pragma unroll
             for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
-    // Segment by segment. A copyable one (the base products of bf16 weights and bf16
-    // activations or gradients: nearly all the work) streams through STAGES = PIECES
-    // buffers by cp.async, STAGES - 1 steps ahead; any other goes through registers, where
-    // its values are scaled and split into pieces, one step ahead. Each starts with a
-    // barrier: the previous segment's products have read the buffers.
+    // Segment by segment, W through STAGES = PIECES buffers. Where W is copyable (a bf16
+    // weight: the base products, nearly all the work) it streams global -> shared by
+    // cp.async, STAGES - 1 steps ahead, the buffers being the stages of a pipeline; X too
+    // where it is bf16 (the activations and gradients the model stores so), else X is
+    // loaded into registers one step ahead and stored as one bf16 piece (an f32 attention
+    // output or residual gradient; the staged values are those of the register path). Any
+    // other segment (f32 weights, pieces: the LoRA segments) goes wholly through registers,
+    // scaled and split into pieces in the buffers. Each segment starts with a barrier: the
+    // previous one's products have read the buffers.
     G g;
     const int rows_left = m - m0, cols_left = n - n0;
     const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
@@ -316,25 +346,39 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
         const Seg sg = segs[s];
         if (sg.k <= 0) continue;
         const int steps = (sg.k + BK - 1) / BK;
-        if (G::copyable(sg, n)) {
+        if (G::w_copyable(sg, n) && (G::x_copyable(sg) || sg.pieces_x == 1)) {
+            const bool copy_x = G::x_copyable(sg);
             __syncthreads();
 #pragma unroll
             for (int i = 0; i < STAGES - 1; ++i) {
-                if (i < steps) G::issue(sg, m, n, m0, n0, i * BK, xs + i * XTILE, ws + i * G::WTILE);
+                if (i < steps) {
+                    if (copy_x) G::issue_x(sg, m, m0, i * BK, xs + i * XTILE);
+                    G::issue_w(sg, n, n0, i * BK, ws + i * G::WTILE);
+                }
                 cp_async_commit();
             }
+            if (!copy_x) g.load_x(sg, m, m0, 0);
 #pragma unroll 1
             for (int t = 0; t < steps; ++t) {
-                // Step t's group has landed (this thread's copies; the barrier: everyone's),
-                // and every warp is done with step t - 1, whose buffer the next issue fills.
+                const int b = t % STAGES;
+                if (!copy_x) {
+                    // Buffer b was last read by step t - STAGES, done before the barrier of
+                    // step t - 1.
+                    g.store_x(sg, xs + b * XTILE);
+                    if (t + 1 < steps) g.load_x(sg, m, m0, (t + 1) * BK);
+                }
+                // Step t's group has landed (this thread's copies; the barrier: everyone's,
+                // and the X stores), and every warp is done with step t - 1, whose buffer
+                // the next issue fills.
                 cp_async_wait<STAGES - 2>();
                 __syncthreads();
                 const int ahead = t + STAGES - 1;
-                if (ahead < steps)
-                    G::issue(sg, m, n, m0, n0, ahead * BK, xs + (ahead % STAGES) * XTILE,
-                             ws + (ahead % STAGES) * G::WTILE);
+                if (ahead < steps) {
+                    const int a = ahead % STAGES;
+                    if (copy_x) G::issue_x(sg, m, m0, ahead * BK, xs + a * XTILE);
+                    G::issue_w(sg, n, n0, ahead * BK, ws + a * G::WTILE);
+                }
                 cp_async_commit();
-                const int b = t % STAGES;
                 if (active) G::products(acc, xs + b * XTILE, ws + b * G::WTILE, wm, wn, cols_left);
             }
             cp_async_wait<0>();

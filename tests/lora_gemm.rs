@@ -2,8 +2,9 @@
 //! tensor-core GEMM of kernels/lora_gemm.cu) against the CPU's per-projection sequence,
 //! on the simulator (and a GPU when there is one): q/k/v-like groups with GQA-narrow
 //! outputs, widths and row counts off the 128 x 128 tile, K off the 32-row step (and odd,
-//! so unaligned rows take the scalar loads), r in {1, 8, 64}, partial target sets, bf16
-//! and f32 base weights.
+//! so unaligned rows take the scalar loads) and over three steps (the cp.async stages
+//! wrap), r in {1, 8, 16, 64}, partial target sets, bf16 and f32 base weights, f32 and
+//! bf16 activations.
 //!
 //! Bounds: with f32 base weights the products are f32 ones from three bf16 pieces per
 //! operand and the weight gradients 3xTF32, so 1e-4 as every f32 kernel; with bf16 base
@@ -221,6 +222,14 @@ fn cases() -> Vec<Case> {
             d_in: 64,
             outs: vec![(150, false), (150, true)],
             r: 64,
+        },
+        // K of 160 forward and 136 backward (five 32-wide steps: the three stage buffers
+        // of bf16 weights wrap round, with f32 x and g staged through registers).
+        Case {
+            m: 100,
+            d_in: 160,
+            outs: vec![(136, true), (48, false)],
+            r: 16,
         },
         // A group of one without LoRA (o/down when not targeted).
         Case {

@@ -160,6 +160,9 @@ impl Mode<'_> {
                 if kernel_times_for(&group.name) {
                     for v in &group.variants {
                         (group.reset)();
+                        g.synchronize().unwrap();
+                        g.reset_peak();
+                        let before = g.memory().live;
                         g.time_kernels(true);
                         let started = std::time::Instant::now();
                         (v.call)();
@@ -167,11 +170,19 @@ impl Mode<'_> {
                         let wall = started.elapsed().as_secs_f64();
                         let times = g.kernel_times().unwrap();
                         g.time_kernels(false);
+                        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
                         eprintln!(
                             "kernel times: {}/{}, one call:\n{}",
                             group.name,
                             v.name,
                             cuda::kernel_times::table(&times, 30, Some(wall))
+                        );
+                        eprintln!(
+                            "device memory: {}/{}: peak {:.2} GiB held during the call ({:.2} GiB before it: the weights, inputs and the benches' buffers; allocations only, not cuBLAS's workspace or the context)",
+                            group.name,
+                            v.name,
+                            gib(g.memory().peak),
+                            gib(before)
                         );
                     }
                 }

@@ -46,12 +46,18 @@
 //! free pages (`malloc_trim`), and read at its end, so the figure is the stage's own peak
 //! (`peak_rss_scope: "stage"`). Where the reset is refused, it is the
 //! process's peak so far, `getrusage` `ru_maxrss` (`"process"`): a later stage then shows
-//! at least an earlier one's peak. Device memory (CUDA) is not measured yet.
+//! at least an earlier one's peak.
+//!
+//! **Device memory** (CUDA; `device_peak_mib`, absent on the CPU): the most the backend held
+//! at once during the stage, the sum of its live allocations (`Backend::device_memory`,
+//! its peak reset at the stage's start), the model's weights included; not cuBLAS's
+//! workspace, the CUDA context or what the stream-ordered pool keeps cached beyond it.
 
 use std::time::Instant;
 
 use serde::Serialize;
 
+use crate::backend::Backend;
 use crate::curvature::accumulate::input_group;
 use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec};
 use crate::data::{Batch, Example, batches, batches_by_length};
@@ -74,13 +80,20 @@ pub struct StageCost {
     pub peak_rss_mib: f64,
     /// `stage` (the stage's own peak) or `process` (the process's peak so far).
     pub peak_rss_scope: &'static str,
+    /// The stage's peak of device memory held (CUDA only; module docs).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub device_peak_mib: Option<f64>,
 }
 
 impl StageCost {
     /// `train: 12.3 s, 456 tokens/s, peak RSS 789 MiB (stage), 1.23 GFLOP (0.10 GFLOP/s)`
     pub fn line(&self) -> String {
+        let device = match self.device_peak_mib {
+            Some(m) => format!(", device peak {m:.0} MiB"),
+            None => String::new(),
+        };
         format!(
-            "{}: {:.1} s, {:.0} tokens/s, peak RSS {:.0} MiB ({}), {:.3} GFLOP ({:.2} GFLOP/s)",
+            "{}: {:.1} s, {:.0} tokens/s, peak RSS {:.0} MiB ({}){device}, {:.3} GFLOP ({:.2} GFLOP/s)",
             self.stage,
             self.wall_s,
             self.tokens_per_s,
@@ -109,7 +122,8 @@ pub struct Meter {
 }
 
 impl Meter {
-    pub fn start(stage: &'static str) -> Self {
+    pub fn start<B: Backend>(stage: &'static str, be: &B) -> Self {
+        be.reset_device_peak();
         // The CPU backend keeps freed memory resident for the next step
         // (`cpu::keep_freed_memory`): hand it back first, or this stage's peak would count
         // what earlier stages freed. One re-fault per stage, not per step.
@@ -131,7 +145,7 @@ impl Meter {
     }
 
     /// The stage's cost, given the tokens it ran and their FLOPs.
-    pub fn finish(self, tokens: u64, flops: u64) -> StageCost {
+    pub fn finish<B: Backend>(self, tokens: u64, flops: u64, be: &B) -> StageCost {
         let wall_s = self.t0.elapsed().as_secs_f64();
         let (peak_kib, scope) = match (self.scope, vm_hwm_kib()) {
             ("stage", Some(k)) => (k, "stage"),
@@ -145,6 +159,9 @@ impl Meter {
             flops,
             peak_rss_mib: peak_kib as f64 / 1024.0,
             peak_rss_scope: scope,
+            device_peak_mib: be
+                .device_memory()
+                .map(|(_, peak)| peak as f64 / (1u64 << 20) as f64),
         }
     }
 }

@@ -448,10 +448,10 @@ fn evaluate_base<B: Backend>(
     }
     say(spec, format!("evaluating the base model on {on}"));
     let (eval_tokens, eval_flops) = eval_count(spec, flops);
-    let meter = Meter::start("eval");
+    let meter = Meter::start("eval", be);
     let ev = evaluate(be, model, None, spec)?;
     let mut base = row(None, ev.clone(), &ev, &weights, spec);
-    base.cost = vec![meter.finish(eval_tokens, eval_flops)];
+    base.cost = vec![meter.finish(eval_tokens, eval_flops, be)];
     base.seconds = t0.elapsed().as_secs_f64();
     Ok((Base { ev, weights, sets }, base))
 }
@@ -510,7 +510,7 @@ fn train_lambdas<B: Backend>(
             stop_after: None,
             curvature_path: None,
         };
-        let meter = Meter::start("train");
+        let meter = Meter::start("train", be);
         let res = session::run(
             be,
             model,
@@ -521,12 +521,12 @@ fn train_lambdas<B: Backend>(
             &opts,
         )?;
         let (tokens, train_flops) = flops.training(spec.train_data, &cfg, curvature, 0, cfg.steps);
-        let train_cost = meter.finish(tokens, train_flops);
+        let train_cost = meter.finish(tokens, train_flops, be);
         let lora = res.lora.map(|v| be.buf(v.clone()))?;
-        let meter = Meter::start("eval");
+        let meter = Meter::start("eval", be);
         let ev = evaluate(be, model, Some(&lora), spec)?;
         let mut r = row(Some(lambda), ev, &base.ev, &base.weights, spec);
-        r.cost = vec![train_cost, meter.finish(eval_tokens, eval_flops)];
+        r.cost = vec![train_cost, meter.finish(eval_tokens, eval_flops, be)];
         r.final_train_loss = res.metrics.last().map(|m| m.loss);
         r.seconds = t0.elapsed().as_secs_f64();
         r.grid = shape.point.as_ref().map(|(p, _)| p.clone());

@@ -188,13 +188,14 @@ impl<B: Backend> Backend for Count<'_, B> {
     // Everything else is forwarded unchanged; `project_group` keeps the trait's default
     // (`linear` + `lora_forward`, counted above).
     lalora_engine::delegate_backend!(B;
-        cross_entropy, describe, buf, zeros, to_host, weight, copy_into, slice, embedding,
+        cross_entropy, describe, device_memory, reset_device_peak, buf, zeros, to_host, weight, copy_into, slice, embedding,
         rmsnorm, add_rmsnorm, rmsnorm_backward, rope, swiglu, swiglu_backward, add_assign,
         segment_sum, dup, mul_assign, scale, axpy, dot, dots, adamw_step, attention_dout,
     );
 }
 
 use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::{BaseDtype, CudaBackend};
 use lalora_engine::cost::{Flops, Meter};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::Example;
@@ -388,16 +389,35 @@ fn curvature_flops_equal_the_counted_products() {
 
 #[test]
 fn meter_sees_a_stage_allocation_and_divides_tokens_by_time() {
-    let m = Meter::start("probe");
+    let cpu = CpuBackend::new(1);
+    let m = Meter::start("probe", &cpu);
     let block = vec![1u8; 64 << 20];
     std::hint::black_box(&block);
-    let c = m.finish(1000, 2_000_000);
+    let c = m.finish(1000, 2_000_000, &cpu);
     assert_eq!(c.stage, "probe");
     assert!(c.wall_s > 0.0);
     assert!((c.tokens_per_s - 1000.0 / c.wall_s).abs() <= 1e-9 * c.tokens_per_s);
     // The 64 MiB block was resident during the stage, whichever scope the peak has.
     assert!(c.peak_rss_mib >= 64.0, "{c:?}");
     assert_eq!(c.flops, 2_000_000);
+    assert_eq!(c.device_peak_mib, None, "the CPU holds no device memory");
+}
+
+/// On a device the stage's peak of device memory: what it held at the start (kept) plus
+/// the most it allocated at once during the stage, not what an earlier stage peaked at.
+#[test]
+fn meter_reports_the_device_peak_of_the_stage() {
+    let g = CudaBackend::sim(1, BaseDtype::Bf16).unwrap();
+    let kept = g.zeros(1 << 18).unwrap(); // 1 MiB held throughout
+    let earlier = g.zeros(3 << 18).unwrap(); // 3 MiB, freed before the stage
+    drop(earlier);
+    let m = Meter::start("probe", &g);
+    let a = g.zeros(1 << 19).unwrap(); // 2 MiB during the stage
+    drop(a);
+    let c = m.finish(1, 1, &g);
+    assert_eq!(c.device_peak_mib, Some(3.0), "{c:?}");
+    assert!(c.line().contains("device peak 3 MiB"), "{}", c.line());
+    drop(kept);
 }
 
 /// `train` and `curvature` report their cost: in `--json`, in `cost.json` beside

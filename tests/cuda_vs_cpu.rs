@@ -1112,3 +1112,39 @@ fn kernel_times_count_every_launch_and_gemm() {
         );
     }
 }
+
+/// The device memory a backend holds: each allocation counted while it lives, its peak
+/// kept until `reset_peak`, and a training step's scratch given back by its end.
+#[test]
+fn device_memory_is_counted_while_held() {
+    for g in devices() {
+        let start = g.memory();
+        let a = g.zeros(1000).unwrap();
+        let b = g.zeros(250).unwrap();
+        assert_eq!(g.memory().live, start.live + 5000, "{:?}", g.memory());
+        drop(a);
+        assert_eq!(g.memory().live, start.live + 1000);
+        assert!(g.memory().peak >= start.live + 5000);
+        g.reset_peak();
+        assert_eq!(g.memory().peak, start.live + 1000);
+        drop(b);
+        assert_eq!(g.memory().live, start.live);
+
+        let t = tiny();
+        let m = model::load(&fixture("tiny-gqa/model"), None).unwrap();
+        let model = Llama::new(&g, m.cfg, m.weights).unwrap();
+        let lora = t.adapter.map(|v| g.buf(v.clone())).unwrap();
+        let mut grads = lora.map_sized(|n| g.zeros(n)).unwrap();
+        let batch = lalora_engine::data::Batch::new(&t.examples.iter().take(2).collect::<Vec<_>>());
+        let held = g.memory().live;
+        g.reset_peak();
+        lalora_engine::train::accumulate_gradients(&g, &model, &lora, &batch, 1.0, &mut grads)
+            .unwrap();
+        let after = g.memory();
+        assert_eq!(after.live, held, "a step's scratch is freed by its end");
+        assert!(
+            after.peak > held,
+            "activations are held during the step: {after:?}"
+        );
+    }
+}

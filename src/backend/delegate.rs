@@ -29,6 +29,18 @@ macro_rules! delegate_backend {
             self.inner.describe()
         }
     };
+    (@one $inner:ty; [$($watch:ident)?]; device_memory) => {
+        fn device_memory(&self) -> Option<(u64, u64)> {
+            $(let _watch = self.$watch("device_memory");)?
+            self.inner.device_memory()
+        }
+    };
+    (@one $inner:ty; [$($watch:ident)?]; reset_device_peak) => {
+        fn reset_device_peak(&self) {
+            $(let _watch = self.$watch("reset_device_peak");)?
+            self.inner.reset_device_peak()
+        }
+    };
     (@one $inner:ty; [$($watch:ident)?]; buf) => {
         fn buf(&self, host: Vec<f32>) -> $crate::Result<Self::Buf> {
             $(let _watch = self.$watch("buf");)?

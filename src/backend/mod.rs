@@ -176,6 +176,15 @@ pub trait Backend: Send + Sync {
 
     fn describe(&self) -> String;
 
+    /// Bytes of device memory the backend holds, `(now, peak)`, the peak since the last
+    /// `reset_device_peak` (CUDA: the sum of its live allocations). None where its memory
+    /// is the process's own (the CPU: the cost report's resident set measures it).
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        None
+    }
+    /// Start a new peak of `device_memory` from what is held now.
+    fn reset_device_peak(&self) {}
+
     // --- memory -------------------------------------------------------------------------
     fn buf(&self, host: Vec<f32>) -> Result<Self::Buf>;
     fn zeros(&self, n: usize) -> Result<Self::Buf>;

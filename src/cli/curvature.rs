@@ -253,14 +253,14 @@ impl Stage1 {
             quiet,
         )
         .unit("batches");
-        let meter = Meter::start("curvature");
+        let meter = Meter::start("curvature", be);
         let mut c = estimate(be, model, &lora, data, self.batch_size, self.spec, || {
             pb.inc(1)
         })?;
         pb.finish_and_clear();
         let (tokens, flops) =
             Flops::new(&model.cfg, &lora).curvature(data, self.batch_size, &self.spec);
-        let cost = meter.finish(tokens, flops);
+        let cost = meter.finish(tokens, flops, be);
         c.meta.model = identity.to_string();
         c.meta.data = self.data_desc.clone();
         Ok((c, cost))

@@ -117,7 +117,7 @@ impl BackendTask for TrainTask {
     type Output = (Vec<StepMetrics>, StageCost);
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let model = Llama::new(be, self.model.cfg, self.model.weights)?;
-        let meter = Meter::start("train");
+        let meter = Meter::start("train", be);
         let r = session::run(
             be,
             &model,
@@ -137,7 +137,7 @@ impl BackendTask for TrainTask {
             from,
             to,
         );
-        Ok((r.metrics, meter.finish(tokens, flops)))
+        Ok((r.metrics, meter.finish(tokens, flops, be)))
     }
 }
 

@@ -184,6 +184,16 @@ impl CudaBackend {
         self.counted.time_kernels(on)
     }
 
+    /// Device memory this backend holds now and at its peak (`reset_peak` starts a new one).
+    pub fn memory(&self) -> runtime::MemoryStats {
+        self.counted.memory()
+    }
+
+    /// Start a new peak of `memory` from the bytes held now.
+    pub fn reset_peak(&self) {
+        self.counted.reset_peak()
+    }
+
     /// Device time per kernel since `time_kernels(true)`, the longest first (waits for
     /// the device).
     pub fn kernel_times(&self) -> Result<Vec<kernel_times::KernelTime>> {

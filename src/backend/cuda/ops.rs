@@ -19,6 +19,15 @@ impl Backend for CudaBackend {
         format!("{}, base weights {}", self.rt.describe(), self.base.name())
     }
 
+    fn device_memory(&self) -> Option<(u64, u64)> {
+        let m = self.memory();
+        Some((m.live as u64, m.peak as u64))
+    }
+
+    fn reset_device_peak(&self) {
+        self.reset_peak()
+    }
+
     fn buf(&self, host: Vec<f32>) -> Result<Self::Buf> {
         Ok(self.upload(&host)?.into())
     }

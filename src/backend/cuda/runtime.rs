@@ -134,6 +134,25 @@ pub struct Counted {
     /// Device time per kernel while `timing` is on (`Counted::time_kernels`).
     timing: AtomicBool,
     times: Mutex<KernelTimes>,
+    memory: Mutex<Memory>,
+}
+
+/// This backend's live device allocations: their sizes, their sum and its peak.
+#[derive(Default)]
+struct Memory {
+    sizes: std::collections::HashMap<u64, usize>,
+    live: usize,
+    peak: usize,
+}
+
+/// Bytes of device memory this backend holds (`Counted::memory`): now, and at most since
+/// the start or the last `reset_peak`. The sum of its allocations' sizes: what the work
+/// needs, not counting cuBLAS's workspace, the CUDA context, or what the stream-ordered pool
+/// keeps beyond it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MemoryStats {
+    pub live: usize,
+    pub peak: usize,
 }
 
 fn bump(c: &AtomicU64, by: u64) {
@@ -155,7 +174,27 @@ impl Counted {
             synchronizes: AtomicU64::new(0),
             timing: AtomicBool::new(false),
             times: Mutex::new(KernelTimes::default()),
+            memory: Mutex::new(Memory::default()),
         }
+    }
+
+    fn lock_memory(&self) -> std::sync::MutexGuard<'_, Memory> {
+        self.memory.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Device bytes held now and at the peak.
+    pub fn memory(&self) -> MemoryStats {
+        let m = self.lock_memory();
+        MemoryStats {
+            live: m.live,
+            peak: m.peak,
+        }
+    }
+
+    /// Start a new peak from the bytes held now.
+    pub fn reset_peak(&self) {
+        let mut m = self.lock_memory();
+        m.peak = m.live;
     }
 
     /// Start (after clearing what was timed before) or stop timing each kernel launch and
@@ -218,10 +257,21 @@ impl Runtime for Counted {
     fn alloc(&self, bytes: usize, zeroed: bool) -> Result<u64> {
         bump(&self.allocs, 1);
         bump(&self.alloc_bytes, bytes as u64);
-        self.inner.alloc(bytes, zeroed)
+        let ptr = self.inner.alloc(bytes, zeroed)?;
+        let mut m = self.lock_memory();
+        m.sizes.insert(ptr, bytes);
+        m.live += bytes;
+        m.peak = m.peak.max(m.live);
+        Ok(ptr)
     }
     fn free(&self, ptr: u64) {
         bump(&self.frees, 1);
+        {
+            let mut m = self.lock_memory();
+            if let Some(bytes) = m.sizes.remove(&ptr) {
+                m.live -= bytes;
+            }
+        }
         self.inner.free(ptr)
     }
     fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {

@@ -488,29 +488,43 @@ fn lora(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
 /// LoRA inside the GEMMs (q/k/v as one grouped tensor-core GEMM with the low-rank update
 /// as a second K segment, `Backend::project_group`) against the plain cuBLAS sequence
 /// (per projection: base GEMM, `u = x A^T`, `y += s u B^T`; backward likewise).
+/// `(rows, dim)` random values as the model stores an activation the projections read with
+/// bf16 base weights (bf16: RMSNorm's output, unit weights; f32 with f32 base weights), and
+/// the values it holds, for the CPU twin.
+fn stored_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (Act, Vec<f32>) {
+    let ones = g.buf(vec![1.0; dim]).unwrap();
+    let raw = g.buf(rnd(rng, rows * dim, 1.0)).unwrap();
+    let (y, _) = g.rmsnorm(&raw, &ones, rows, dim, 1e-5).unwrap();
+    let held = g.to_host(&y).unwrap();
+    (y, held)
+}
+
+/// The q/k/v group with its inputs as the model stores them: the normed hidden states (bf16
+/// with bf16 base weights) and bf16 output gradients (as flash attention's backward stores
+/// them); f32 outputs (the cuBLAS sequence adds its LoRA update into f32), where the model
+/// stores q/k/v bf16.
 fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let (m, d_in, outs, r) = sh.group;
     let lg = LoraGroup { r, scale: 2.0 };
     let mut rng = ChaCha8Rng::seed_from_u64(5);
-    let hx = rnd(&mut rng, m * d_in, 1.0);
+    let (x, hx) = stored_act(g, &mut rng, m, d_in);
     let hw: Vec<Vec<f32>> = outs
         .iter()
         .map(|&o| rnd(&mut rng, o * d_in, 0.02))
         .collect();
     let ha: Vec<Vec<f32>> = outs.iter().map(|_| rnd(&mut rng, r * d_in, 0.02)).collect();
     let hb: Vec<Vec<f32>> = outs.iter().map(|&o| rnd(&mut rng, o * r, 0.02)).collect();
-    let hg: Vec<Vec<f32>> = outs.iter().map(|&o| rnd(&mut rng, m * o, 1.0)).collect();
+    let (gr, hg): (Vec<Act>, Vec<Vec<f32>>) =
+        outs.iter().map(|&o| stored_act(g, &mut rng, m, o)).unzip();
     let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
-    let x = up(&hx);
     let ws: Vec<_> = outs
         .iter()
         .zip(&hw)
         .map(|(&o, w)| g.weight(w.clone(), o, d_in).unwrap())
         .collect();
-    let (a, b, gr): (Vec<_>, Vec<_>, Vec<_>) = (
+    let (a, b): (Vec<_>, Vec<_>) = (
         ha.iter().map(|v| up(v)).collect(),
         hb.iter().map(|v| up(v)).collect(),
-        hg.iter().map(|v| up(v)).collect(),
     );
     let fwd: Vec<ProjFwd<'_, CudaBackend>> = (0..3)
         .map(|i| ProjFwd {

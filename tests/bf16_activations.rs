@@ -158,6 +158,26 @@ fn linear_and_lora_read_bf16_activations() {
     close("lora backward dB", &g.to_host(&dbg).unwrap(), &dbc, F32);
 }
 
+/// `linear_backward` on a bf16 output gradient (how the cuBLAS baseline of a projection
+/// group's backward is handed the model's bf16 gradients): the GEMM reads it as stored, so
+/// `dx` is bit for bit that of the same values given as f32, which it rounds to bf16
+/// exactly.
+#[test]
+fn linear_backward_reads_a_bf16_gradient_as_stored() {
+    let g = sim(BaseDtype::Bf16);
+    let mut rng = ChaCha8Rng::seed_from_u64(23);
+    let (m, k, n) = (37, 40, 24);
+    let (dy_bf16, dy_held) = bf16_act(&g, &mut rng, m, n);
+    let w = g.weight(rnd(&mut rng, n * k), n, k).unwrap();
+    let dy_f32 = g.buf(dy_held).unwrap();
+    let run = |dy: &Act| {
+        let mut dx = g.zeros(m * k).unwrap();
+        g.linear_backward(dy, &w, m, k, n, &mut dx, false).unwrap();
+        g.to_host(&dx).unwrap()
+    };
+    same_bits("linear_backward dx", &run(&dy_bf16), &run(&dy_f32));
+}
+
 #[test]
 fn projection_groups_read_bf16_activations() {
     let g = sim(BaseDtype::Bf16);

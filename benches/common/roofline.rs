@@ -97,13 +97,14 @@ pub fn lora_backward(d: LoraDims) -> Work {
 /// A projection group (q/k/v, gate/up) reading `x (m, d_in)`, every projection adapted at
 /// rank r: `u_p = x A_p^T`, `y_p = x W_p^T + s u_p B_p^T`, with `D = sum_p d_out_p`.
 /// FLOPs: 2 m d_in D (base) + 2 m d_in r P (the u_p) + 2 m r D (the low-rank update).
-/// Bytes: read x once, the bf16 W_p, the f32 A_p and B_p; write y_p and u_p.
+/// Bytes, x as the model stores it with bf16 base weights: read x (bf16) once, the bf16
+/// W_p, the f32 A_p and B_p; write y_p and u_p (f32).
 pub fn lora_group_forward(m: usize, d_in: usize, d_outs: &[usize], r: usize) -> Work {
     let (m, di, r, p) = (u(m), u(d_in), u(r), u(d_outs.len()));
     let d: u64 = d_outs.iter().map(|&o| u(o)).sum();
     Work::new(
         2 * m * di * d + 2 * m * di * r * p + 2 * m * r * d,
-        F32 * m * di + BF16 * d * di + F32 * r * (p * di + d) + F32 * (m * d + m * r * p),
+        BF16 * m * di + BF16 * d * di + F32 * r * (p * di + d) + F32 * (m * d + m * r * p),
     )
 }
 
@@ -111,14 +112,15 @@ pub fn lora_group_forward(m: usize, d_in: usize, d_outs: &[usize], r: usize) -> 
 /// `dx += sum_p g_p W_p + gA_p A_p`, `dA_p += gA_p^T x`, `dB_p += s g_p^T u_p`.
 /// FLOPs: 2 m D d_in (base), 2 m r D (gA), 2 m r d_in P (gA A), 2 m r d_in P (dA) and
 /// 2 m r D (dB).
-/// Bytes: read g_p, x, u_p, W_p (bf16), A_p, B_p; dx, dA_p, dB_p read and written; gA_p
-/// written.
+/// Bytes: read g_p and x (bf16, as the model stores them), u_p, W_p (bf16), A_p, B_p;
+/// dx (f32), dA_p, dB_p read and written; gA_p written.
 pub fn lora_group_backward(m: usize, d_in: usize, d_outs: &[usize], r: usize) -> Work {
     let (m, di, r, p) = (u(m), u(d_in), u(r), u(d_outs.len()));
     let d: u64 = d_outs.iter().map(|&o| u(o)).sum();
     Work::new(
         2 * m * d * di + 4 * m * r * d + 4 * m * r * di * p,
-        F32 * (m * d + m * di + m * r * p)
+        BF16 * (m * d + m * di)
+            + F32 * m * r * p
             + BF16 * d * di
             + F32 * 3 * r * (p * di + d)
             + F32 * 2 * m * di

@@ -14,7 +14,9 @@ impl CudaBackend {
         self.rt.synchronize()
     }
 
-    /// `u = x A^T`, `y += s u B^T` as two cuBLAS GEMMs (u round-trips through memory).
+    /// `u = x A^T`, `y += s u B^T` as two cuBLAS GEMMs (u round-trips through memory). A
+    /// bf16 `x` is widened to f32 first (cuBLAS multiplies like types; the LoRA weights are
+    /// f32).
     pub fn lora_forward_unfused(
         &self,
         x: &Act,
@@ -23,7 +25,8 @@ impl CudaBackend {
         d: LoraDims,
         y: &mut Act,
     ) -> Result<Act> {
-        let (x, a, b, y) = (x.f32()?, a.f32()?, b.f32()?, y.f32_mut()?);
+        let x = self.wide(x)?;
+        let (a, b, y) = (a.f32()?, b.f32()?, y.f32_mut()?);
         let u = self.uninit::<f32>(d.m * d.r)?;
         self.gemm(
             T,
@@ -53,7 +56,7 @@ impl CudaBackend {
     }
 
     /// LoRA backward as cuBLAS GEMMs: gA = s g B, dx += gA A and, when `grads` is given,
-    /// dA += gA^T x, dB += s g^T u.
+    /// dA += gA^T x, dB += s g^T u (bf16 `g` and `x` widened to f32 first).
     #[allow(clippy::too_many_arguments)]
     pub fn lora_backward_unfused(
         &self,
@@ -66,7 +69,8 @@ impl CudaBackend {
         dx: &mut Act,
         grads: Option<(&mut Act, &mut Act)>,
     ) -> Result<Act> {
-        let (g, x, u, a, b) = (g.f32()?, x.f32()?, u.f32()?, a.f32()?, b.f32()?);
+        let (g, x) = (self.wide(g)?, self.wide(x)?);
+        let (u, a, b) = (u.f32()?, a.f32()?, b.f32()?);
         let dx = dx.f32_mut()?;
         let ga = self.uninit::<f32>(d.m * d.r)?;
         self.gemm(

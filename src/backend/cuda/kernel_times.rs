@@ -1,13 +1,13 @@
 //! Device time per kernel: `--op-times` on a GPU, and the CUDA benches'
 //! `LALORA_KERNEL_TIMES`. `runtime::Counted` puts a mark (`Runtime::mark`, a CUDA event)
 //! before and after each launch and GEMM while timing is on; the pairs are resolved in
-//! batches, so the events of a long pass do not pile up, and added up per kernel name (per
-//! type and shape for cuBLAS calls, whose kernels cuBLAS picks).
+//! batches, so the events of a long pass do not pile up, and added up per kernel and grid
+//! (per type and shape for cuBLAS calls, whose kernels cuBLAS picks).
 
 use std::collections::HashMap;
 use std::fmt::Write;
 
-use super::runtime::{DType, Gemm, Mark, Trans};
+use super::runtime::{DType, Gemm, LaunchConfig, Mark, Trans};
 use crate::error::Result;
 
 /// Pairs kept before they are resolved (each resolution waits for the device).
@@ -64,6 +64,18 @@ impl KernelTimes {
             .collect();
         v.sort_by(|a, b| b.ms.total_cmp(&a.ms).then_with(|| a.name.cmp(&b.name)));
         Ok(v)
+    }
+}
+
+/// The name a launch is timed under: the entry and its grid, e.g. `lora_gemm_nt [24x16]`
+/// (a kernel launched at several shapes, such as a projection group's GEMM, gets a row per
+/// shape).
+pub fn launch_name(entry: &str, cfg: &LaunchConfig) -> String {
+    let [x, y, z] = cfg.grid;
+    match (y, z) {
+        (1, 1) => format!("{entry} [{x}]"),
+        (_, 1) => format!("{entry} [{x}x{y}]"),
+        _ => format!("{entry} [{x}x{y}x{z}]"),
     }
 }
 
@@ -161,6 +173,21 @@ mod tests {
         fn as_any(&self) -> &dyn std::any::Any {
             self
         }
+    }
+
+    #[test]
+    fn launches_are_named_by_entry_and_grid() {
+        let cfg = |grid| LaunchConfig {
+            grid,
+            block: [256, 1, 1],
+            shared_bytes: 0,
+        };
+        assert_eq!(launch_name("scale", &cfg([40, 1, 1])), "scale [40]");
+        assert_eq!(
+            launch_name("lora_gemm_nt", &cfg([24, 16, 1])),
+            "lora_gemm_nt [24x16]"
+        );
+        assert_eq!(launch_name("gram", &cfg([2, 1, 3])), "gram [2x1x3]");
     }
 
     #[test]

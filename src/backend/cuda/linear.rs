@@ -56,14 +56,22 @@ impl CudaBackend {
         dx: &mut Act,
         accumulate: bool,
     ) -> Result<()> {
-        // dy is f32 here (the model's bf16 gradients go to `project_group_backward`); the
-        // bf16 GEMM reads it rounded.
-        let dy = dy.f32()?;
-        let dyb = match w.ty {
-            DType::Bf16 => Some(self.to_bf16(dy)?),
-            DType::F32 => None,
+        // The GEMM reads dy in the weight's type: a bf16 dy as stored (the model's bf16
+        // gradients, as the cuBLAS baseline of `project_group_backward` is handed them), an
+        // f32 one rounded for bf16 weights, a bf16 one widened for f32 weights.
+        let (rounded, widened);
+        let dp = match (dy, w.ty) {
+            (Act::Bf16(b), DType::Bf16) => b.ptr(),
+            (Act::F32(f), DType::Bf16) => {
+                rounded = self.to_bf16(f)?;
+                rounded.ptr()
+            }
+            (Act::F32(f), DType::F32) => f.ptr(),
+            (Act::Bf16(_), DType::F32) => {
+                widened = self.wide(dy)?;
+                widened.ptr()
+            }
         };
-        let dp = dyb.as_ref().map_or(dy.ptr(), |b| b.ptr());
         let beta = if accumulate { 1.0 } else { 0.0 };
         self.gemm(
             N,

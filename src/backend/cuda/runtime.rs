@@ -292,7 +292,7 @@ impl Runtime for Counted {
     fn launch(&self, module: usize, entry: &str, cfg: LaunchConfig, args: &[Arg]) -> Result<()> {
         bump(&self.launches, 1);
         self.timed(
-            || entry.to_string(),
+            || super::kernel_times::launch_name(entry, &cfg),
             || self.inner.launch(module, entry, cfg, args),
         )
     }

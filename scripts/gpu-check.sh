@@ -650,6 +650,9 @@ want = {
     "cuda_diag_16x256_r16_d2048": ["per_sample_squaring", "materialised_cublas"],
     "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "cublas_gemm"],
     "cuda_llama1b_shape_4x512": ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass"],
+    "cuda_lora_qkv_4096x2048_o2048+512+512_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
+    "cuda_attention_4x1024_h32_kv8_d64_forward": ["flash"],
+    "cuda_attention_4x1024_h32_kv8_d64_forward_backward": ["flash"],
 }
 est, missing = {}, []
 for g, benches in want.items():
@@ -699,6 +702,8 @@ def ms(group, bench):
 rows = [
     ("LoRA forward 4096x2048 r16", "cuda_lora_4096x2048_r16", "forward_fused", "forward_cublas"),
     ("LoRA backward 4096x2048 r16", "cuda_lora_4096x2048_r16", "backward_fused", "backward_cublas"),
+    ("q/k/v group forward, LoRA inside the GEMMs", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "forward_fused", "forward_cublas"),
+    ("q/k/v group backward, LoRA inside the GEMMs", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "backward_fused", "backward_cublas"),
     ("diag 16x256 r16 d2048", "cuda_diag_16x256_r16_d2048", "per_sample_squaring", "materialised_cublas"),
     ("KFAC factor 4096x2048", "cuda_kfac_factor_4096x2048", "hand_written_symmetric", "cublas_gemm"),
 ]
@@ -714,6 +719,11 @@ for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvatur
 try:
     peer = json.load(open(os.path.join(out, "peer.json")))
     print(f"\nengine {2048/(step/1e3):.0f} tokens/s vs {peer['peer']}: {peer['tokens_per_s']:.0f} tokens/s ({peer['forward_backward_s']*1e3/step:.2f}x)")
+    a = "cuda_attention_4x1024_h32_kv8_d64_forward"
+    fa, fab, sd = ms(a, "flash"), ms(a + "_backward", "flash"), peer["sdpa"]
+    print(f"\nflash attention, {sd['shape']}: ours {fa:.3f} ms forward, {fab:.3f} ms forward + backward;"
+          f" SDPA ({sd['backend']}) {sd['forward_ms']:.3f} and {sd['forward_backward_ms']:.3f} ms:"
+          f" ours take {fa/sd['forward_ms']:.2f}x and {fab/sd['forward_backward_ms']:.2f}x its time (goal: within 2x)")
 except Exception as e:
     print(f"\npeer: not measured ({e})")
     sys.exit(1)

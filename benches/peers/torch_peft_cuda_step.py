@@ -2,7 +2,13 @@
 """PyTorch + PEFT peer of benches/cuda.rs (cuda_llama1b_shape_4x512/lora_forward_backward):
 a Llama-3.2-1B-shaped model with random weights in bf16 on the GPU, PEFT LoRA r=16
 alpha=32 on all seven projections, batch 4 x 512 random tokens, forward + backward of the
-summed token loss. Prints one JSON line (median seconds, tokens/s).
+summed token loss. Then PyTorch's SDPA flash attention at the shape of benches/cuda.rs's
+cuda_attention_4x1024_h32_kv8_d64 (batch 4, 1024 positions, 32 query heads, 8 key/value
+heads, head dim 64, causal, bf16): forward, and forward + backward of the summed output,
+each the median of 20 calls timed with CUDA events after 5 warm-ups. Its flash kernel takes
+key/value heads equal to the query heads, so K and V are repeated to 32 heads before the
+timed calls (the compute is the same; it reads 4x the K/V bytes our GQA kernel reads).
+Prints one JSON line (median seconds, tokens/s, the SDPA times).
 
 `--smoke`: the same code on the CPU at a tiny shape (2 layers, hidden 64, vocab 300,
 batch 2 x 16, one timed step), to check here, before a GPU session, that the script runs
@@ -56,7 +62,53 @@ def main():
     s = statistics.median(ts)
     where = "cpu (smoke: not a figure)" if smoke else torch.cuda.get_device_name()
     print(json.dumps({"peer": f"torch {torch.__version__} + peft, bf16", "device": where,
-                      "forward_backward_s": s, "tokens_per_s": ids.numel() / s}))
+                      "forward_backward_s": s, "tokens_per_s": ids.numel() / s,
+                      "sdpa": sdpa(smoke)}))
+
+
+def sdpa(smoke):
+    """Median milliseconds of SDPA's flash attention, forward and forward + backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    f = torch.nn.functional.scaled_dot_product_attention
+    if smoke:
+        device, (b, t, h, kv, d), warmup, timed, backend = "cpu", (1, 32, 4, 2, 16), 1, 1, SDPBackend.MATH
+    else:
+        device, (b, t, h, kv, d), warmup, timed, backend = "cuda", (4, 1024, 32, 8, 64), 5, 20, SDPBackend.FLASH_ATTENTION
+    q = torch.randn(b, h, t, d, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k, v = (torch.randn(b, kv, t, d, device=device, dtype=torch.bfloat16) for _ in range(2))
+    k = k.repeat_interleave(h // kv, dim=1).requires_grad_()
+    v = v.repeat_interleave(h // kv, dim=1).requires_grad_()
+
+    def forward():
+        return f(q, k, v, is_causal=True)
+
+    def forward_backward():
+        forward().sum().backward()
+
+    def median_ms(call):
+        for _ in range(warmup):
+            call()
+        ts = []
+        for _ in range(timed):
+            if smoke:
+                t0 = time.perf_counter()
+                call()
+                ts.append((time.perf_counter() - t0) * 1e3)
+            else:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                call()
+                end.record()
+                torch.cuda.synchronize()
+                ts.append(start.elapsed_time(end))
+        return statistics.median(ts)
+
+    with sdpa_kernel([backend]), torch.no_grad():
+        fwd = median_ms(forward)
+    with sdpa_kernel([backend]):
+        fwd_bwd = median_ms(forward_backward)
+    return {"backend": backend.name.lower(), "shape": f"{b}x{t} h{h} kv{kv} d{d} causal, K/V repeated to {h} heads",
+            "forward_ms": fwd, "forward_backward_ms": fwd_bwd}
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@
 // problem's output (blockIdx.x runs over the problems' column tiles in order, blockIdx.y
 // over row tiles), so a projection group is one launch whatever its widths (GQA: k/v
 // narrower than q), and each output element is written once by one thread: no atomics,
-// deterministic. An output is f32, or bf16 (the f32 sum rounded once: the q/k/v and
+// deterministic. The u and gA launches, r columns wide and so few blocks, may split K over
+// blockIdx.z (the host picks the split count from the shapes alone and adds the partial
+// sums in split order: still deterministic). An output is f32, or bf16 (the f32 sum rounded once: the q/k/v and
 // gate/up outputs with bf16 base weights, which only kernels read). The LoRA uses of it (the model's projections, four launches per group):
 //   forward   u_p = x A_p^T                          problems u_p, one segment each
 //             y_p = [x | s u_p] [W_p | B_p]^T       problems y_p, the low-rank part a
@@ -342,30 +344,43 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
     const int rows_left = m - m0, cols_left = n - n0;
     const int warp = threadIdx.x >> 5, wm = warp >> 1, wn = warp & 1;
     const bool active = wm * WTM < rows_left && wn * WTN < cols_left;
+    // Split K (gridDim.z > 1: the u and gA launches, a few blocks wide): split z of the
+    // launch takes the z-th share of the problem's K steps, counted over its segments in
+    // order, and writes its partial sum to its own slice of the output (the host adds the
+    // slices in split order).
+    int total = 0;
+    for (int s = pr.seg_begin; s < pr.seg_end; ++s) total += (max(segs[s].k, 0) + BK - 1) / BK;
+    const int lo = (int)((long long)blockIdx.z * total / gridDim.z);
+    const int hi = (int)((long long)(blockIdx.z + 1) * total / gridDim.z);
+    int before = 0;  // steps of the earlier segments
     for (int s = pr.seg_begin; s < pr.seg_end; ++s) {
         const Seg sg = segs[s];
         if (sg.k <= 0) continue;
         const int steps = (sg.k + BK - 1) / BK;
+        const int first = max(lo - before, 0), end = min(hi - before, steps);
+        before += steps;
+        if (first >= end) continue;
         if (G::w_copyable(sg, n) && (G::x_copyable(sg) || sg.pieces_x == 1)) {
             const bool copy_x = G::x_copyable(sg);
             __syncthreads();
 #pragma unroll
             for (int i = 0; i < STAGES - 1; ++i) {
-                if (i < steps) {
-                    if (copy_x) G::issue_x(sg, m, m0, i * BK, xs + i * XTILE);
-                    G::issue_w(sg, n, n0, i * BK, ws + i * G::WTILE);
+                if (first + i < end) {
+                    const int k0 = (first + i) * BK;
+                    if (copy_x) G::issue_x(sg, m, m0, k0, xs + i * XTILE);
+                    G::issue_w(sg, n, n0, k0, ws + i * G::WTILE);
                 }
                 cp_async_commit();
             }
-            if (!copy_x) g.load_x(sg, m, m0, 0);
+            if (!copy_x) g.load_x(sg, m, m0, first * BK);
 #pragma unroll 1
-            for (int t = 0; t < steps; ++t) {
-                const int b = t % STAGES;
+            for (int t = first; t < end; ++t) {
+                const int b = (t - first) % STAGES;
                 if (!copy_x) {
                     // Buffer b was last read by step t - STAGES, done before the barrier of
                     // step t - 1.
                     g.store_x(sg, xs + b * XTILE);
-                    if (t + 1 < steps) g.load_x(sg, m, m0, (t + 1) * BK);
+                    if (t + 1 < end) g.load_x(sg, m, m0, (t + 1) * BK);
                 }
                 // Step t's group has landed (this thread's copies; the barrier: everyone's,
                 // and the X stores), and every warp is done with step t - 1, whose buffer
@@ -373,8 +388,8 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
                 cp_async_wait<STAGES - 2>();
                 __syncthreads();
                 const int ahead = t + STAGES - 1;
-                if (ahead < steps) {
-                    const int a = ahead % STAGES;
+                if (ahead < end) {
+                    const int a = (ahead - first) % STAGES;
                     if (copy_x) G::issue_x(sg, m, m0, ahead * BK, xs + a * XTILE);
                     G::issue_w(sg, n, n0, ahead * BK, ws + a * G::WTILE);
                 }
@@ -383,13 +398,13 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
             }
             cp_async_wait<0>();
         } else {
-            g.load(sg, m, n, m0, n0, 0);
+            g.load(sg, m, n, m0, n0, first * BK);
 #pragma unroll 1
-            for (int t = 0; t < steps; ++t) {
+            for (int t = first; t < end; ++t) {
                 __syncthreads();  // the previous step's products have read the buffers
                 g.store(sg, xs, ws);
                 __syncthreads();
-                if (t + 1 < steps) g.load(sg, m, n, m0, n0, (t + 1) * BK);
+                if (t + 1 < end) g.load(sg, m, n, m0, n0, (t + 1) * BK);
                 G::compute(acc, xs, ws, sg.pieces_x, sg.pieces_w, rows_left, cols_left);
             }
         }
@@ -416,7 +431,7 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
                 const int row = m0 + wm * WTM + i * 16 + (lane >> 2) + 8 * (e >> 1);
                 const int col = n0 + wn * WTN + j * 8 + 2 * (lane & 3) + (e & 1);
                 if (row < m && col < n) {
-                    const size_t at = (size_t)row * n + col;
+                    const size_t at = (size_t)blockIdx.z * m * n + (size_t)row * n + col;
                     if (pr.out_bf16) {
                         // The f32 result rounded once (to nearest even).
                         bf16* o = static_cast<bf16*>(pr.out) + at;

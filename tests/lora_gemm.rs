@@ -3,7 +3,7 @@
 //! on the simulator (and a GPU when there is one): q/k/v-like groups with GQA-narrow
 //! outputs, widths and row counts off the 128 x 128 tile, K off the 32-row step (and odd,
 //! so unaligned rows take the scalar loads) and over three steps (the cp.async stages
-//! wrap), r in {1, 8, 16, 64}, partial target sets, bf16 and f32 base weights, f32 and
+//! wrap), long enough with few rows that the u and gA launches split K, r in {1, 8, 16, 64}, partial target sets, bf16 and f32 base weights, f32 and
 //! bf16 activations.
 //!
 //! Bounds: with f32 base weights the products are f32 ones from three bf16 pieces per
@@ -231,6 +231,14 @@ fn cases() -> Vec<Case> {
             outs: vec![(136, true), (48, false)],
             r: 16,
         },
+        // Few rows, long K: the u launch (1 block, 35 steps of K) and the gA launch (19
+        // steps) split K (lora_gemm.rs `splits_for`); K has a 28-wide tail.
+        Case {
+            m: 20,
+            d_in: 1100,
+            outs: vec![(600, true), (40, false)],
+            r: 8,
+        },
         // A group of one without LoRA (o/down when not targeted).
         Case {
             m: 20,
@@ -295,6 +303,13 @@ fn bf16_inputs_take_the_copy_path() {
             d_in: 92,
             outs: vec![(64, true)],
             r: 4,
+        },
+        // Split K on the copy path: u over 33 steps, gA over 17.
+        Case {
+            m: 20,
+            d_in: 1032,
+            outs: vec![(520, true)],
+            r: 8,
         },
     ];
     for g in devices(BaseDtype::Bf16) {

@@ -1,7 +1,8 @@
 //! LoRA inside the GEMMs: `Backend::project_group` and its backward on CUDA, as launches of
 //! the grouped, K-segmented tensor-core GEMM of `kernels/lora_gemm.cu` (its header gives
 //! the tiling, the precision and how each product maps onto it). Per group, forward: one
-//! launch for every `u_p = x A_p^T`, one for every `y_p = [x | s u_p] [W_p | B_p]^T`
+//! launch for every `u_p = x A_p^T` (K split over blocks when the launch is narrow:
+//! `splits_for`), one for every `y_p = [x | s u_p] [W_p | B_p]^T`
 //! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`; q and k
 //! rotated by RoPE in the epilogue, `ROPE_FUSED_HEAD_DIMS`);
 //! backward (`g_p` read as stored: bf16 for gate/up, and for q/k/v where flash attention
@@ -22,18 +23,20 @@ use crate::error::{Error, Result};
 /// Output tile and threads per block (BM, BN, THREADS of lora_gemm.cu).
 const BM: usize = 128;
 const BN: usize = 128;
+/// K step (BK of lora_gemm.cu).
+const BK: usize = 32;
 const THREADS: u32 = 256;
 /// bf16 pieces of an f32 operand for f32 products (PIECES of lora_gemm.cu).
 const PIECES: i32 = 3;
 /// Rows of the shared tiles (BK + 8, BN + 8 of lora_gemm.cu).
-const LDX: usize = 32 + 8;
+const LDX: usize = BK + 8;
 
 /// Dynamic shared memory: PIECES bf16 copies of the X tile (BM x BK) and the W tile
 /// (BN x BK n-major, BK x BN k-major), rows padded by 8.
 fn smem_bytes(layout: Layout) -> u32 {
     let w_tile = match layout {
         Layout::NMajor => BN * LDX,
-        Layout::KMajor => 32 * (BN + 8),
+        Layout::KMajor => BK * (BN + 8),
     };
     (PIECES as usize * (BM * LDX + w_tile) * 2) as u32
 }
@@ -69,6 +72,28 @@ struct Prob {
     out_bf16: i32,
     rope_hd: i32,
     rope_period: i32,
+}
+
+/// A launch with fewer blocks than this splits K (`splits_for`): two waves of an H200's 132
+/// multiprocessors at one block each (a smaller GPU is filled the more).
+const MIN_BLOCKS: usize = 264;
+/// Nor does a split get fewer K steps than this (each split's partial costs an m x n
+/// write and read).
+const MIN_SPLIT_STEPS: usize = 8;
+/// At most this many splits.
+const MAX_SPLITS: usize = 16;
+
+/// How many ways to split the K steps of a launch of `blocks` blocks whose longest problem
+/// has `steps` of them: enough for `MIN_BLOCKS`, each split keeping `MIN_SPLIT_STEPS`.
+/// A function of the shapes alone, so results do not depend on the device.
+fn splits_for(blocks: usize, steps: usize) -> usize {
+    if blocks == 0 || blocks >= MIN_BLOCKS {
+        return 1;
+    }
+    MIN_BLOCKS
+        .div_ceil(blocks)
+        .min(steps / MIN_SPLIT_STEPS)
+        .clamp(1, MAX_SPLITS)
 }
 
 /// Head dims whose RoPE the kernel applies in its epilogue: the multiples of 16 (whole
@@ -177,6 +202,85 @@ impl CudaBackend {
 
     /// One launch of the grouped GEMM over `problems`, all with `m` rows.
     fn lora_gemm(&self, layout: Layout, m: usize, problems: &[Problem]) -> Result<()> {
+        self.lora_gemm_splits(layout, m, problems, 1)
+    }
+
+    /// `lora_gemm` for problems a few column tiles wide (the u and gA products: r columns
+    /// each) whose f32 outputs the caller zeroed, not accumulated or rotated: with too few
+    /// blocks to fill the device, K is split (`splits_for`), each split's partial sum
+    /// written to its own slice of a scratch buffer and the slices added in split order
+    /// (`gram_reduce_splits`): deterministic, the sum's rounding fixed by the shapes.
+    fn lora_gemm_split_k(&self, layout: Layout, m: usize, problems: &[Problem]) -> Result<()> {
+        let blocks: usize =
+            problems.iter().map(|p| p.n.div_ceil(BN)).sum::<usize>() * m.div_ceil(BM);
+        let steps = problems
+            .iter()
+            .map(|p| {
+                p.segs
+                    .iter()
+                    .map(|s| (s.k.max(0) as usize).div_ceil(BK))
+                    .sum::<usize>()
+            })
+            .max()
+            .unwrap_or(0);
+        let splits = splits_for(blocks, steps);
+        if splits == 1 {
+            return self.lora_gemm(layout, m, problems);
+        }
+        if problems
+            .iter()
+            .any(|p| p.accumulate || p.out_bf16 || p.rope.is_some())
+        {
+            return Err(Error::Device(
+                "LoRA GEMM: split K needs f32 outputs, not accumulated or rotated".into(),
+            ));
+        }
+        let parts = problems
+            .iter()
+            .map(|p| self.uninit::<f32>(splits * m * p.n))
+            .collect::<Result<Vec<_>>>()?;
+        let staged: Vec<Problem> = problems
+            .iter()
+            .zip(&parts)
+            .map(|(p, part)| Problem {
+                out: part.ptr(),
+                n: p.n,
+                accumulate: false,
+                segs: p.segs.clone(),
+                out_bf16: false,
+                rope: None,
+            })
+            .collect();
+        self.lora_gemm_splits(layout, m, &staged, splits)?;
+        for (p, part) in problems.iter().zip(&parts) {
+            // out[i][j] += sum_s part[s][i][j] (rows m, columns n, row stride n).
+            self.launch(
+                "gram_reduce_splits",
+                Self::elementwise(m * p.n),
+                &[
+                    Arg::U64(part.ptr()),
+                    Arg::I32(splits as i32),
+                    Arg::I32(dim(m, "rows")?),
+                    Arg::I32(dim(p.n, "width")?),
+                    Arg::I32(0),
+                    Arg::F32(1.0),
+                    Arg::U64(p.out),
+                    Arg::U64(p.n as u64),
+                    Arg::U64(1),
+                ],
+            )?;
+        }
+        Ok(())
+    }
+
+    /// One launch over `problems` with K split `splits` ways (grid z; one: no split).
+    fn lora_gemm_splits(
+        &self,
+        layout: Layout,
+        m: usize,
+        problems: &[Problem],
+        splits: usize,
+    ) -> Result<()> {
         let mut probs = Vec::with_capacity(problems.len());
         let mut segs = Vec::new();
         let mut tiles = 0usize;
@@ -223,7 +327,11 @@ impl CudaBackend {
             Layout::KMajor => "lora_gemm_nn",
         };
         let cfg = LaunchConfig {
-            grid: [dim(tiles, "column tiles")? as u32, row_tiles as u32, 1],
+            grid: [
+                dim(tiles, "column tiles")? as u32,
+                row_tiles as u32,
+                splits as u32,
+            ],
             block: [THREADS, 1, 1],
             shared_bytes: smem_bytes(layout),
         };
@@ -254,7 +362,8 @@ impl CudaBackend {
                 Some((a, b)) => {
                     check_len("A", a.len(), l.r * d_in)?;
                     check_len("B", b.len(), p.d_out * l.r)?;
-                    let u = self.uninit::<f32>(m * l.r)?;
+                    // Zeroed: a split K adds its partial sums into it.
+                    let u = self.zeroed::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(x.addr(), d_in, d_in, a.f32()?.ptr(), d_in, 1.0)?;
                     if xs.1 {
                         // A bf16 x is one exact piece; A keeps its three.
@@ -274,7 +383,7 @@ impl CudaBackend {
                 None => None,
             });
         }
-        self.lora_gemm(Layout::NMajor, m, &problems)?;
+        self.lora_gemm_split_k(Layout::NMajor, m, &problems)?;
         let mut ys = Vec::with_capacity(projs.len());
         let mut problems = Vec::with_capacity(projs.len());
         // Rotations the epilogue cannot do: rope.cu after the launch.
@@ -357,7 +466,8 @@ impl CudaBackend {
                     check_len("A", lb.a.len(), l.r * d_in)?;
                     check_len("B", lb.b.len(), p.d_out * l.r)?;
                     check_len("u", lb.u.len(), m * l.r)?;
-                    let ga = self.uninit::<f32>(m * l.r)?;
+                    // Zeroed: a split K adds its partial sums into it.
+                    let ga = self.zeroed::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(
                         p.g.addr(),
                         p.d_out,
@@ -385,7 +495,7 @@ impl CudaBackend {
                 None => None,
             });
         }
-        self.lora_gemm(Layout::KMajor, m, &problems)?;
+        self.lora_gemm_split_k(Layout::KMajor, m, &problems)?;
         // dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]: one launch.
         let mut segs = Vec::with_capacity(2 * projs.len());
         for p in &projs {
@@ -441,5 +551,30 @@ impl CudaBackend {
             }
         }
         Ok(gas.into_iter().map(|g| g.map(Act::from)).collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::splits_for;
+
+    /// Enough splits to reach two waves of 132 multiprocessors, each keeping 8 steps, at
+    /// most 16; none for a launch already that wide or too short to split.
+    #[test]
+    fn splits_fill_the_device_and_keep_steps() {
+        assert_eq!(splits_for(264, 256), 1, "wide enough");
+        assert_eq!(splits_for(0, 256), 1, "nothing to launch");
+        assert_eq!(
+            splits_for(48, 64),
+            6,
+            "q/k/v u at 2048 rows: 48 blocks, K 2048"
+        );
+        assert_eq!(
+            splits_for(16, 256),
+            16,
+            "down's u: 16 blocks, K 8192 (17 capped)"
+        );
+        assert_eq!(splits_for(1, 35), 4, "35 steps keep 8 each");
+        assert_eq!(splits_for(3, 15), 1, "under two splits of 8 steps");
     }
 }

@@ -15,7 +15,8 @@
 // deterministic. The u and gA launches, r columns wide and so few blocks, may split K over
 // blockIdx.z (the host picks the split count from the shapes alone and adds the partial
 // sums in split order: still deterministic). An output is f32, or bf16 (the f32 sum rounded once: the q/k/v and
-// gate/up outputs with bf16 base weights, which only kernels read). The LoRA uses of it (the model's projections, four launches per group):
+// gate/up outputs with bf16 base weights, which only kernels read). The LoRA uses of it (the model's projections, four launches per group, and
+// a reduction per u or gA output where K is split):
 //   forward   u_p = x A_p^T                          problems u_p, one segment each
 //             y_p = [x | s u_p] [W_p | B_p]^T       problems y_p, the low-rank part a
 //                                                   second K segment of r columns

@@ -232,7 +232,7 @@ fn cases() -> Vec<Case> {
             r: 16,
         },
         // Few rows, long K: the u launch (1 block, 35 steps of K) and the gA launch (19
-        // steps) split K (lora_gemm.rs `splits_for`); K has a 28-wide tail.
+        // steps) split K (lora_gemm.rs `splits_for`); K tails of 12 and 24.
         Case {
             m: 20,
             d_in: 1100,
@@ -283,7 +283,7 @@ fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (
 
 /// bf16 activations and output gradients, as the model stores them with bf16 base weights:
 /// their products with the bf16 weights stream global -> shared by cp.async
-/// (kernels/lora_gemm.cu, `copyable`), the rest (the LoRA segments, f32 operands, widths
+/// (kernels/lora_gemm.cu, `w_copyable`, `x_copyable`), the rest (the LoRA segments, f32 operands, widths
 /// that are not whole 16-byte chunks) through registers, in one problem. Case 0: K of 200
 /// forward and 136 backward (seven and five 32-wide steps, so the three stage buffers wrap
 /// round, and an 8-wide tail), rows off the tile, a second projection of width 44 (its
@@ -304,7 +304,8 @@ fn bf16_inputs_take_the_copy_path() {
             outs: vec![(64, true)],
             r: 4,
         },
-        // Split K on the copy path: u over 33 steps, gA over 17.
+        // Split K with bf16 x and g: u over 33 steps, gA over 17 (their weights A and B are
+        // f32, so the register path; the copy path never splits today).
         Case {
             m: 20,
             d_in: 1032,

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::fmt::Write;
 
 use super::runtime::{DType, Gemm, LaunchConfig, Mark, Trans};
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 /// Pairs kept before they are resolved (each resolution waits for the device).
 const PENDING: usize = 2048;
@@ -28,31 +28,47 @@ type Timed = (String, Box<dyn Mark>, Box<dyn Mark>);
 pub struct KernelTimes {
     pending: Vec<Timed>,
     totals: HashMap<String, (u64, f64)>,
+    /// The first failure to mark or read a time: `totals` reports it instead of figures
+    /// that would leave calls out.
+    error: Option<Error>,
 }
 
 impl KernelTimes {
     /// One call of `name` between the marks `start` and `end`.
-    pub fn add(&mut self, name: String, start: Box<dyn Mark>, end: Box<dyn Mark>) -> Result<()> {
+    pub fn add(&mut self, name: String, start: Box<dyn Mark>, end: Box<dyn Mark>) {
         self.pending.push((name, start, end));
         if self.pending.len() >= PENDING {
-            self.resolve()?;
+            self.resolve();
         }
-        Ok(())
     }
 
-    fn resolve(&mut self) -> Result<()> {
+    /// A call that could not be timed.
+    pub fn fail(&mut self, e: Error) {
+        self.error.get_or_insert(e);
+    }
+
+    fn resolve(&mut self) {
         for (name, start, end) in self.pending.drain(..) {
-            let ms = end.ms_since(start.as_ref())?;
-            let t = self.totals.entry(name).or_default();
-            t.0 += 1;
-            t.1 += ms;
+            match end.ms_since(start.as_ref()) {
+                Ok(ms) => {
+                    let t = self.totals.entry(name).or_default();
+                    t.0 += 1;
+                    t.1 += ms;
+                }
+                Err(e) => {
+                    self.error.get_or_insert(e);
+                }
+            }
         }
-        Ok(())
     }
 
-    /// Every kernel timed so far, the longest total first (then by name).
+    /// Every kernel timed so far, the longest total first (then by name); an error if a
+    /// call could not be timed.
     pub fn totals(&mut self) -> Result<Vec<KernelTime>> {
-        self.resolve()?;
+        self.resolve();
+        if let Some(e) = &self.error {
+            return Err(Error::Device(format!("kernel times: {e}")));
+        }
         let mut v: Vec<KernelTime> = self
             .totals
             .iter()
@@ -175,6 +191,35 @@ mod tests {
         }
     }
 
+    /// A mark that cannot be read (a device in an error state).
+    struct Lost;
+    impl Mark for Lost {
+        fn ms_since(&self, _: &dyn Mark) -> Result<f64> {
+            Err(Error::Device(
+                "cuda: an illegal memory access was encountered".into(),
+            ))
+        }
+        fn as_any(&self) -> &dyn std::any::Any {
+            self
+        }
+    }
+
+    /// A call that could not be timed makes the totals an error, not figures without it.
+    #[test]
+    fn a_lost_time_is_reported_not_dropped() {
+        let mut k = KernelTimes::default();
+        k.add("gemm".into(), Box::new(At(0.0)), Box::new(At(1.0)));
+        k.add("rmsnorm".into(), Box::new(Lost), Box::new(Lost));
+        let e = k.totals().unwrap_err().to_string();
+        assert!(
+            e.contains("kernel times") && e.contains("illegal memory access"),
+            "{e}"
+        );
+        let mut k = KernelTimes::default();
+        k.fail(Error::Device("no event".into()));
+        assert!(k.totals().is_err());
+    }
+
     #[test]
     fn launches_are_named_by_entry_and_grid() {
         let cfg = |grid| LaunchConfig {
@@ -193,10 +238,8 @@ mod tests {
     #[test]
     fn sums_per_name_longest_first() {
         let mut k = KernelTimes::default();
-        let mut add = |name: &str, a: f64, b: f64| {
-            k.add(name.into(), Box::new(At(a)), Box::new(At(b)))
-                .unwrap()
-        };
+        let mut add =
+            |name: &str, a: f64, b: f64| k.add(name.into(), Box::new(At(a)), Box::new(At(b)));
         add("rmsnorm", 0.0, 0.5);
         add("gemm", 1.0, 4.0);
         add("rmsnorm", 5.0, 5.25);

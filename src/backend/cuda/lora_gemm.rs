@@ -400,20 +400,8 @@ impl CudaBackend {
             }
             let mut rope = None;
             if let Some(r) = p.rope {
-                if r.table.period == 0 {
-                    return Err(Error::Device("LoRA GEMM: a RoPE table of no rows".into()));
-                }
                 check_len("rotated output", p.d_out, r.n_heads * r.head_dim)?;
-                check_len(
-                    "RoPE cos",
-                    r.table.cos.len(),
-                    r.table.period * r.head_dim / 2,
-                )?;
-                check_len(
-                    "RoPE sin",
-                    r.table.sin.len(),
-                    r.table.period * r.head_dim / 2,
-                )?;
+                Self::check_rope_table(r.table, r.head_dim, "LoRA GEMM")?;
                 if ROPE_FUSED_HEAD_DIMS.contains(&r.head_dim) {
                     rope = Some(RopeArgs {
                         cos: r.table.cos.f32()?.ptr(),

@@ -421,3 +421,26 @@ fn rope_bf16_is_the_f32_rotation_rounded() {
         );
     }
 }
+
+/// A RoPE table that does not fit the head dim (or has no rows, which the kernels' `row %
+/// period` cannot take) is refused before any launch, naming the op.
+#[test]
+fn a_rope_table_that_does_not_fit_is_refused() {
+    let g = CudaBackend::sim(1, BaseDtype::F32).unwrap();
+    let mut x = g.buf(vec![1.0; 2 * 8]).unwrap();
+    let table = |period: usize, n: usize| RopeTable {
+        cos: g.buf(vec![1.0; n]).unwrap(),
+        sin: g.buf(vec![0.0; n]).unwrap(),
+        period,
+    };
+    let launches = g.stats().launches;
+    for (t, what) in [
+        (table(1, 3), "3 values, 4 wanted"),
+        (table(0, 0), "no rows"),
+    ] {
+        let e = g.rope(&mut x, &t, 2, 1, 8, false).unwrap_err().to_string();
+        assert!(e.contains("rope: a RoPE table of"), "{what}: {e}");
+    }
+    assert_eq!(g.stats().launches, launches, "nothing launched");
+    g.rope(&mut x, &table(1, 4), 2, 1, 8, false).unwrap();
+}

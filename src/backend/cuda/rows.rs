@@ -115,6 +115,21 @@ impl CudaBackend {
         self.launch("rmsnorm_backward", Self::per_row(rows), &args)
     }
 
+    /// That `t` is a table for `head_dim`: at least one row, and `period * head_dim / 2`
+    /// cos and sin values each (every kernel that rotates reads rows `row % period`).
+    pub(super) fn check_rope_table(t: &RopeTable<Act>, head_dim: usize, who: &str) -> Result<()> {
+        let want = t.period * head_dim / 2;
+        if t.period == 0 || t.cos.len() != want || t.sin.len() != want {
+            return Err(Error::Device(format!(
+                "{who}: a RoPE table of {} cos and {} sin values for period {} and head dim {head_dim}",
+                t.cos.len(),
+                t.sin.len(),
+                t.period
+            )));
+        }
+        Ok(())
+    }
+
     pub(super) fn rope_impl(
         &self,
         x: &mut Act,
@@ -124,6 +139,7 @@ impl CudaBackend {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()> {
+        Self::check_rope_table(t, head_dim, "rope")?;
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         // In place on x as stored: q and k with bf16 base weights are bf16.
         let args = [

@@ -113,16 +113,7 @@ fn rope_args(rope: Option<&RopeTable<Act>>, s: &AttnShape) -> Result<Vec<Arg>> {
             s.head_dim
         )));
     }
-    let want = t.period * s.head_dim / 2;
-    if t.period == 0 || t.cos.len() != want || t.sin.len() != want {
-        return Err(Error::Device(format!(
-            "flash attention: a RoPE table of {} cos and {} sin values for period {} and head dim {}",
-            t.cos.len(),
-            t.sin.len(),
-            t.period,
-            s.head_dim
-        )));
-    }
+    CudaBackend::check_rope_table(t, s.head_dim, "flash attention")?;
     Ok(vec![
         Arg::U64(t.cos.f32()?.ptr()),
         Arg::U64(t.sin.f32()?.ptr()),

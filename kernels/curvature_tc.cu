@@ -445,15 +445,17 @@ SQ_ENTRY(sq_grad_3xtf32_r16_f32_f32, 2, 3, float, float)
 SQ_ENTRY(sq_grad_3xtf32_r32_f32_f32, 4, 3, float, float)
 SQ_ENTRY(sq_grad_3xtf32_r64_f32_f32, 8, 3, float, float)
 
-// out[m rs + n cs] += alpha * sum_{s < nsplit} partial[s][m][n], splits in order (only
-// m <= n with `upper`).
+// out[m rs + n cs] (+)= alpha * sum_{s < nsplit} partial[s][m][n], splits in order (only
+// m <= n with `upper`); without `accumulate` out is written, not read (the LoRA GEMM's
+// split-K outputs).
 extern "C" __global__ void gram_reduce_splits(const float* partial, int nsplit, int M, int N, int upper, float alpha,
-                                              float* out, long long rs, long long cs) {
+                                              float* out, long long rs, long long cs, int accumulate) {
     GRID_STRIDE(idx, (size_t)M * N) {
         const int m = idx / N, n = idx % N;
         if (upper && m > n) continue;
         float s = 0.f;
         for (int k = 0; k < nsplit; ++k) s += partial[(size_t)k * M * N + idx];
-        out[m * rs + n * cs] += alpha * s;
+        float* o = out + m * rs + n * cs;
+        *o = accumulate ? *o + alpha * s : alpha * s;
     }
 }

@@ -275,6 +275,7 @@ impl CudaBackend {
                 Arg::U64(out.ptr()),
                 Arg::U64(rs as u64),
                 Arg::U64(cs as u64),
+                Arg::I32(1),
             ],
         )
     }

@@ -206,7 +206,7 @@ impl CudaBackend {
     }
 
     /// `lora_gemm` for problems a few column tiles wide (the u and gA products: r columns
-    /// each) whose f32 outputs the caller zeroed, not accumulated or rotated: with too few
+    /// each) with f32 outputs, not accumulated or rotated: with too few
     /// blocks to fill the device, K is split (`splits_for`), each split's partial sum
     /// written to its own slice of a scratch buffer and the slices added in split order
     /// (`gram_reduce_splits`): deterministic, the sum's rounding fixed by the shapes.
@@ -253,7 +253,7 @@ impl CudaBackend {
             .collect();
         self.lora_gemm_splits(layout, m, &staged, splits)?;
         for (p, part) in problems.iter().zip(&parts) {
-            // out[i][j] += sum_s part[s][i][j] (rows m, columns n, row stride n).
+            // out[i][j] = sum_s part[s][i][j] (rows m, columns n, row stride n).
             self.launch(
                 "gram_reduce_splits",
                 Self::elementwise(m * p.n),
@@ -267,6 +267,7 @@ impl CudaBackend {
                     Arg::U64(p.out),
                     Arg::U64(p.n as u64),
                     Arg::U64(1),
+                    Arg::I32(0),
                 ],
             )?;
         }
@@ -362,8 +363,7 @@ impl CudaBackend {
                 Some((a, b)) => {
                     check_len("A", a.len(), l.r * d_in)?;
                     check_len("B", b.len(), p.d_out * l.r)?;
-                    // Zeroed: a split K adds its partial sums into it.
-                    let u = self.zeroed::<f32>(m * l.r)?;
+                    let u = self.uninit::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(x.addr(), d_in, d_in, a.f32()?.ptr(), d_in, 1.0)?;
                     if xs.1 {
                         // A bf16 x is one exact piece; A keeps its three.
@@ -454,8 +454,7 @@ impl CudaBackend {
                     check_len("A", lb.a.len(), l.r * d_in)?;
                     check_len("B", lb.b.len(), p.d_out * l.r)?;
                     check_len("u", lb.u.len(), m * l.r)?;
-                    // Zeroed: a split K adds its partial sums into it.
-                    let ga = self.zeroed::<f32>(m * l.r)?;
+                    let ga = self.uninit::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(
                         p.g.addr(),
                         p.d_out,

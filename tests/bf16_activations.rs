@@ -48,22 +48,6 @@ fn same_rounded(what: &str, got: &[f32], want: &[f32]) {
     same_bits(what, got, &rounded);
 }
 
-/// A bf16 activation `(rows, dim)` as the model makes one (the output of RMSNorm) and the
-/// values it holds, for the CPU twin.
-fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (Act, Vec<f32>) {
-    let (x, w) = (rnd(rng, rows * dim), rnd(rng, dim));
-    let (y, _) = g
-        .rmsnorm(&g.buf(x).unwrap(), &g.buf(w).unwrap(), rows, dim, 1e-5)
-        .unwrap();
-    assert_eq!(y.dtype(), DType::Bf16, "bf16 base weights store y as bf16");
-    let host = g.to_host(&y).unwrap();
-    assert!(
-        host.iter().all(|&v| bf16::from_f32(v).to_f32() == v),
-        "to_host widens bf16 exactly"
-    );
-    (y, host)
-}
-
 #[test]
 fn linear_and_lora_read_bf16_activations() {
     let g = sim(BaseDtype::Bf16);

@@ -17,7 +17,6 @@ mod common;
 use common::*;
 use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::backend::cuda::runtime::DType;
 use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend};
 use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, RopeOut};
 use rand::{RngExt, SeedableRng};
@@ -84,7 +83,10 @@ fn host(c: &Case, seed: u64) -> Host {
 }
 
 /// Every output of a forward + backward: `(name, values)`.
-fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Vec<(String, Vec<f32>)> {
+/// Named outputs of a forward + backward.
+type Outputs = Vec<(String, Vec<f32>)>;
+
+fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
     let g: Vec<_> = h.g.iter().map(|v| up(v)).collect();
     run_on(be, c, h, lg, &up(&h.x), &g)
@@ -99,7 +101,7 @@ fn run_on<B: Backend>(
     lg: LoraGroup,
     x: &B::Buf,
     g: &[B::Buf],
-) -> Vec<(String, Vec<f32>)> {
+) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
     let ws: Vec<B::Weight> = (0..c.outs.len())
         .map(|i| be.weight(h.w[i].clone(), c.outs[i].0, c.d_in).unwrap())
@@ -175,28 +177,29 @@ fn check(cases: &[Case], base: BaseDtype) {
             };
             let want = run(&CpuBackend::new(2), c, &h, lg);
             let got = run(&g, c, &h, lg);
-            assert_eq!(got.len(), want.len());
-            let mut report = Vec::new();
-            for ((name, x), (_, y)) in got.iter().zip(&want) {
-                let e = rel_err(x, y);
-                assert!(
-                    e < tol,
-                    "{} case {k} (m {}, d_in {}, r {}): {name}: relative error {e:e} (bound {tol:e})",
-                    g.describe(),
-                    c.m,
-                    c.d_in,
-                    c.r
-                );
-                report.push(format!("{name} {e:.1e}"));
-            }
-            eprintln!(
-                "{} {}: case {k}: {}",
-                g.describe(),
-                base.name(),
-                report.join(", ")
-            );
+            compare(&g, k, c, &got, &want, tol);
         }
     }
+}
+
+/// Every output of `got` (the device) within `tol` of `want` (the CPU), relative; the
+/// errors on stderr.
+fn compare(g: &CudaBackend, k: usize, c: &Case, got: &Outputs, want: &Outputs, tol: f64) {
+    assert_eq!(got.len(), want.len());
+    let mut report = Vec::new();
+    for ((name, x), (_, y)) in got.iter().zip(want) {
+        let e = rel_err(x, y);
+        assert!(
+            e < tol,
+            "{} case {k} (m {}, d_in {}, r {}): {name}: relative error {e:e} (bound {tol:e})",
+            g.describe(),
+            c.m,
+            c.d_in,
+            c.r
+        );
+        report.push(format!("{name} {e:.1e}"));
+    }
+    eprintln!("{}: case {k}: {}", g.describe(), report.join(", "));
 }
 
 /// q/k/v with GQA-narrow k/v, o alone, gate/up wider than one tile.
@@ -259,28 +262,6 @@ fn lora_gemm_matches_cpu_f32() {
     check(&cases(), BaseDtype::F32);
 }
 
-/// `(rows, dim)` values on the device as a bf16 activation, as the model makes one (the
-/// output of RMSNorm, unit weights), and the values it holds, for the CPU twin.
-fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (Act, Vec<f32>) {
-    let ones = g.buf(vec![1.0; dim]).unwrap();
-    let (y, _) = g
-        .rmsnorm(
-            &g.buf(rnd(rng, rows * dim, 1.0)).unwrap(),
-            &ones,
-            rows,
-            dim,
-            1e-5,
-        )
-        .unwrap();
-    assert_eq!(
-        y.dtype(),
-        DType::Bf16,
-        "bf16 base weights store normed rows as bf16"
-    );
-    let held = g.to_host(&y).unwrap();
-    (y, held)
-}
-
 /// bf16 activations and output gradients, as the model stores them with bf16 base weights:
 /// their products with the bf16 weights stream global -> shared by cp.async
 /// (kernels/lora_gemm.cu, `w_copyable`, `x_copyable`), the rest (the LoRA segments, f32 operands, widths
@@ -335,15 +316,7 @@ fn bf16_inputs_take_the_copy_path() {
             };
             let want = run(&CpuBackend::new(2), c, &h, lg);
             let got = run_on(&g, c, &h, lg, &x, &gs);
-            assert_eq!(got.len(), want.len());
-            for ((name, x), (_, y)) in got.iter().zip(&want) {
-                let e = rel_err(x, y);
-                assert!(
-                    e < 1e-2,
-                    "{} case {k}: {name}: relative error {e:e} (bound 1e-2)",
-                    g.describe()
-                );
-            }
+            compare(&g, k, c, &got, &want, 1e-2);
         }
     }
 }

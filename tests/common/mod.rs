@@ -3,8 +3,10 @@
 
 use std::path::PathBuf;
 
+use half::bf16;
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::backend::cuda::{BaseDtype, CudaBackend};
+use lalora_engine::backend::cuda::runtime::DType;
+use lalora_engine::backend::cuda::{Act, BaseDtype, CudaBackend};
 use lalora_engine::backend::{Backend, RopeTable};
 use lalora_engine::data::{Batch, Example, RowFormat, read_jsonl};
 use lalora_engine::io::TensorFile;
@@ -171,4 +173,20 @@ pub fn trained(rep: &serde_json::Value) -> Vec<&serde_json::Value> {
         .iter()
         .filter(|r| !r["lambda"].is_null())
         .collect()
+}
+
+/// A bf16 activation `(rows, dim)` as the model makes one (the output of RMSNorm) and the
+/// values it holds, for the CPU twin.
+pub fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) -> (Act, Vec<f32>) {
+    let (x, w) = (rnd(rng, rows * dim), rnd(rng, dim));
+    let (y, _) = g
+        .rmsnorm(&g.buf(x).unwrap(), &g.buf(w).unwrap(), rows, dim, 1e-5)
+        .unwrap();
+    assert_eq!(y.dtype(), DType::Bf16, "bf16 base weights store y as bf16");
+    let host = g.to_host(&y).unwrap();
+    assert!(
+        host.iter().all(|&v| bf16::from_f32(v).to_f32() == v),
+        "to_host widens bf16 exactly"
+    );
+    (y, host)
 }

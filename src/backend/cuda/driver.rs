@@ -13,7 +13,9 @@ use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation
 use cudarc::driver::sys::{CUevent_flags, CUfunction_attribute_enum, CUmemPool_attribute};
 use cudarc::driver::{CudaContext, CudaEvent, CudaFunction, CudaStream, PushKernelArg, result};
 
-use super::runtime::{Arg, DType, Gemm, LaunchConfig, Mark, PtxSource, Runtime, Trans};
+use super::runtime::{
+    Arg, DType, Gemm, LaunchConfig, Mark, PtxSource, Runtime, Trans, same_runtime,
+};
 use crate::error::{Error, Result};
 use crate::ptxsim::device::{limits, pack_params};
 use crate::ptxsim::ir::ParamSlot;
@@ -322,10 +324,7 @@ struct EventMark(CudaEvent);
 
 impl Mark for EventMark {
     fn ms_since(&self, earlier: &dyn Mark) -> Result<f64> {
-        let e = earlier
-            .as_any()
-            .downcast_ref::<EventMark>()
-            .ok_or_else(|| Error::Device("cuda: a mark of another runtime".into()))?;
+        let e = same_runtime::<EventMark>(earlier, "cuda")?;
         cu(e.0.elapsed_ms(&self.0)).map(f64::from)
     }
     fn as_any(&self) -> &dyn std::any::Any {

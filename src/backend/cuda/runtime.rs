@@ -55,6 +55,14 @@ pub trait Mark: Send + Sync {
     fn as_any(&self) -> &dyn std::any::Any;
 }
 
+/// `earlier` as a mark of the runtime `who` (type `T`), for `Mark::ms_since`.
+pub fn same_runtime<'a, T: 'static>(earlier: &'a dyn Mark, who: &str) -> Result<&'a T> {
+    earlier
+        .as_any()
+        .downcast_ref::<T>()
+        .ok_or_else(|| crate::error::Error::Device(format!("{who}: a mark of another runtime")))
+}
+
 /// What went through the runtime seam: counts since the backend started (see
 /// `CudaBackend::stats`); the difference of two snapshots (`since`) is the cost of the
 /// work between them, e.g. one training step.

@@ -4,7 +4,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use super::runtime::{Arg, Gemm, LaunchConfig, Mark, PtxSource, Runtime};
+use super::runtime::{Arg, Gemm, LaunchConfig, Mark, PtxSource, Runtime, same_runtime};
 use crate::error::{Error, Result};
 use crate::ptxsim::{Checks, Device, Function, Module, SimError};
 
@@ -141,10 +141,7 @@ struct HostMark(std::time::Instant);
 
 impl Mark for HostMark {
     fn ms_since(&self, earlier: &dyn Mark) -> Result<f64> {
-        let e = earlier
-            .as_any()
-            .downcast_ref::<HostMark>()
-            .ok_or_else(|| Error::Device("sim: a mark of another runtime".into()))?;
+        let e = same_runtime::<HostMark>(earlier, "sim")?;
         Ok(self.0.saturating_duration_since(e.0).as_secs_f64() * 1e3)
     }
     fn as_any(&self) -> &dyn std::any::Any {

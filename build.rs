@@ -52,6 +52,17 @@ fn compact(path: &Path) {
     std::fs::write(path, out).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
 
+/// `<path>.deflate`: the PTX at `path` deflated, which is what the binaries embed (PTX
+/// text deflates about sixfold, and `scripts/gpu-check.sh` carries five binaries within a
+/// size limit); `KernelModule::ptx` inflates it on first use.
+fn deflate(path: &Path) {
+    let text =
+        std::fs::read(path).unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let packed = miniz_oxide::deflate::compress_to_vec(&text, 9);
+    let out = path.with_extension("ptx.deflate");
+    std::fs::write(&out, packed).unwrap_or_else(|e| panic!("cannot write {}: {e}", out.display()));
+}
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(lalora_cuda_kernels)");
     for var in [
@@ -103,7 +114,10 @@ fn main() {
             .arg(src)
             .output();
         match result {
-            Ok(o) if o.status.success() => compact(&ptx),
+            Ok(o) if o.status.success() => {
+                compact(&ptx);
+                deflate(&ptx);
+            }
             Ok(o) => panic!(
                 "nvcc failed on {}:\n{}{}",
                 src.display(),

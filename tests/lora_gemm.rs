@@ -17,7 +17,7 @@ mod common;
 use common::*;
 use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend};
+use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, LoraGemmTiling};
 use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, RopeOut};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -163,43 +163,44 @@ fn run_on<B: Backend>(
     out
 }
 
-fn check(cases: &[Case], base: BaseDtype) {
-    let tol = match base {
+/// The relative bound against the CPU with `base` weights (the module's doc gives why).
+fn bound(base: BaseDtype) -> f64 {
+    match base {
         BaseDtype::F32 => 1e-4,
         BaseDtype::Bf16 => 1e-2,
-    };
+    }
+}
+
+fn check(cases: &[Case], base: BaseDtype) {
+    let tol = bound(base);
     for g in devices(base) {
         for (k, c) in cases.iter().enumerate() {
             let h = host(c, 10 + k as u64);
-            let lg = LoraGroup {
-                r: c.r,
-                scale: 16.0 / c.r as f32,
-            };
+            let lg = lora_group(c);
             let want = run(&CpuBackend::new(2), c, &h, lg);
             let got = run(&g, c, &h, lg);
-            compare(&g, k, c, &got, &want, tol);
+            compare(&g.describe(), k, c, &got, &want, tol);
         }
     }
 }
 
 /// Every output of `got` (the device) within `tol` of `want` (the CPU), relative; the
 /// errors on stderr.
-fn compare(g: &CudaBackend, k: usize, c: &Case, got: &Outputs, want: &Outputs, tol: f64) {
+fn compare(who: &str, k: usize, c: &Case, got: &Outputs, want: &Outputs, tol: f64) {
     assert_eq!(got.len(), want.len());
     let mut report = Vec::new();
     for ((name, x), (_, y)) in got.iter().zip(want) {
         let e = rel_err(x, y);
         assert!(
             e < tol,
-            "{} case {k} (m {}, d_in {}, r {}): {name}: relative error {e:e} (bound {tol:e})",
-            g.describe(),
+            "{who} case {k} (m {}, d_in {}, r {}): {name}: relative error {e:e} (bound {tol:e})",
             c.m,
             c.d_in,
             c.r
         );
         report.push(format!("{name} {e:.1e}"));
     }
-    eprintln!("{}: case {k}: {}", g.describe(), report.join(", "));
+    eprintln!("{who}: case {k}: {}", report.join(", "));
 }
 
 /// q/k/v with GQA-narrow k/v, o alone, gate/up wider than one tile.
@@ -264,15 +265,14 @@ fn lora_gemm_matches_cpu_f32() {
 
 /// bf16 activations and output gradients, as the model stores them with bf16 base weights:
 /// their products with the bf16 weights stream global -> shared by cp.async
-/// (kernels/lora_gemm.cu, `w_copyable`, `x_copyable`), the rest (the LoRA segments, f32 operands, widths
+/// (kernels/lora_gemm.cuh, `w_copyable`, `x_copyable`), the rest (the LoRA segments, f32 operands, widths
 /// that are not whole 16-byte chunks) through registers, in one problem. Case 0: K of 200
 /// forward and 136 backward (seven and five 32-wide steps, so the three stage buffers wrap
 /// round, and an 8-wide tail), rows off the tile, a second projection of width 44 (its
 /// backward segment not whole chunks); case 1: d_in 92, not whole chunks, so every segment
-/// takes the registers.
-#[test]
-fn bf16_inputs_take_the_copy_path() {
-    let cases = [
+/// takes the registers; case 3: K of 328 (six 64-wide steps, so four stages wrap round).
+fn bf16_input_cases() -> Vec<Case> {
+    vec![
         Case {
             m: 150,
             d_in: 200,
@@ -293,30 +293,126 @@ fn bf16_inputs_take_the_copy_path() {
             outs: vec![(520, true)],
             r: 8,
         },
-    ];
+        Case {
+            m: 40,
+            d_in: 328,
+            outs: vec![(264, true)],
+            r: 16,
+        },
+    ]
+}
+
+/// Case `k` of `bf16_input_cases` on `g` with its inputs stored bf16, and the CPU's
+/// outputs on the same (rounded) values: `(got, want)`.
+fn bf16_input_run(g: &CudaBackend, k: usize, c: &Case) -> (Outputs, Outputs) {
+    let mut rng = ChaCha8Rng::seed_from_u64(40 + k as u64);
+    let mut h = host(c, 30 + k as u64);
+    let (x, held) = bf16_act(g, &mut rng, c.m, c.d_in);
+    h.x = held;
+    let gs: Vec<Act> = c
+        .outs
+        .iter()
+        .enumerate()
+        .map(|(i, &(d_out, _))| {
+            let (a, held) = bf16_act(g, &mut rng, c.m, d_out);
+            h.g[i] = held;
+            a
+        })
+        .collect();
+    let lg = lora_group(c);
+    let want = run(&CpuBackend::new(2), c, &h, lg);
+    (run_on(g, c, &h, lg, &x, &gs), want)
+}
+
+fn lora_group(c: &Case) -> LoraGroup {
+    LoraGroup {
+        r: c.r,
+        scale: 16.0 / c.r as f32,
+    }
+}
+
+#[test]
+fn bf16_inputs_take_the_copy_path() {
     for g in devices(BaseDtype::Bf16) {
-        for (k, c) in cases.iter().enumerate() {
-            let mut rng = ChaCha8Rng::seed_from_u64(40 + k as u64);
-            let mut h = host(c, 30 + k as u64);
-            let (x, held) = bf16_act(&g, &mut rng, c.m, c.d_in);
-            h.x = held;
-            let gs: Vec<Act> = c
-                .outs
+        for (k, c) in bf16_input_cases().iter().enumerate() {
+            let (got, want) = bf16_input_run(&g, k, c);
+            compare(&g.describe(), k, c, &got, &want, 1e-2);
+        }
+    }
+}
+
+/// Whether the u or gA launches of a case may split K (lora_gemm.rs `splits_for`: at
+/// least two splits of 8 steps, so more than 15 steps of the smallest K step, 32), which
+/// makes their rounding depend on the tiling.
+fn may_split_k(c: &Case) -> bool {
+    c.d_in > 15 * 32 || c.outs.iter().any(|&(o, _)| o > 15 * 32)
+}
+
+/// Every other tiling of the LoRA GEMM (kernels/lora_gemm_tiles.cu: a deeper pipeline, a
+/// 64-wide K step, 128 x 256 and 256 x 128 tiles; each in both block orders) on the cases
+/// above (f32 and bf16 base weights; with bf16 ones, f32 and bf16 inputs): within the
+/// bounds of the CPU, and bit for bit the engine's tiling's outputs wherever K is not
+/// split and the register path's K step is the engine's (the same mma over the same
+/// 16-column K steps in the same order; a split's partial sums, whose boundaries follow the
+/// tile, round differently, and so do piece pairs taken over a shorter step).
+#[test]
+fn every_tiling_matches_the_cpu_and_the_engines() {
+    let identical = |a: &Outputs, b: &Outputs| {
+        a.len() == b.len()
+            && a.iter().zip(b).all(|((n, x), (m, y))| {
+                n == m
+                    && x.len() == y.len()
+                    && x.iter().zip(y).all(|(p, q)| p.to_bits() == q.to_bits())
+            })
+    };
+    let (f32_in, bf16_in) = (cases(), bf16_input_cases());
+    for base in [BaseDtype::Bf16, BaseDtype::F32] {
+        let tol = bound(base);
+        let with_bf16_in: &[Case] = if base == BaseDtype::Bf16 {
+            &bf16_in
+        } else {
+            &[]
+        };
+        let all: Vec<&Case> = f32_in.iter().chain(with_bf16_in).collect();
+        // (device, CPU) outputs of every case under the device's current tiling.
+        let run_all = |g: &CudaBackend| -> Vec<(Outputs, Outputs)> {
+            let mut v: Vec<(Outputs, Outputs)> = f32_in
                 .iter()
                 .enumerate()
-                .map(|(i, &(d_out, _))| {
-                    let (a, held) = bf16_act(&g, &mut rng, c.m, d_out);
-                    h.g[i] = held;
-                    a
+                .map(|(k, c)| {
+                    let h = host(c, 10 + k as u64);
+                    let lg = lora_group(c);
+                    (run(g, c, &h, lg), run(&CpuBackend::new(2), c, &h, lg))
                 })
                 .collect();
-            let lg = LoraGroup {
-                r: c.r,
-                scale: 16.0 / c.r as f32,
-            };
-            let want = run(&CpuBackend::new(2), c, &h, lg);
-            let got = run_on(&g, c, &h, lg, &x, &gs);
-            compare(&g, k, c, &got, &want, 1e-2);
+            v.extend(
+                with_bf16_in
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| bf16_input_run(g, k, c)),
+            );
+            v
+        };
+        for g in devices(base) {
+            g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
+            let engine = run_all(&g);
+            for t in LoraGemmTiling::all().into_iter().skip(1) {
+                g.set_lora_gemm_tiling(t);
+                let who = format!("{} ({} tiling)", g.describe(), t.name());
+                for (k, (c, ((got, want), (mine, _)))) in
+                    all.iter().zip(run_all(&g).iter().zip(&engine)).enumerate()
+                {
+                    compare(&who, k, c, got, want, tol);
+                    let same_order = t.register_k_step()
+                        == LoraGemmTiling::ENGINE.register_k_step()
+                        && !may_split_k(c);
+                    assert!(
+                        !same_order || identical(got, mine),
+                        "{who}: case {k}: not bit for bit the engine tiling's outputs"
+                    );
+                }
+            }
+            g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
         }
     }
 }
@@ -395,36 +491,44 @@ fn rope_in_the_lora_gemm_epilogue() {
             BaseDtype::Bf16 => 1e-2,
         };
         for g in devices(base) {
-            let fused = rope_group(&g, true, false);
-            let separate = rope_group(&g, true, true);
-            for (i, ((f, s), (w, p))) in fused
-                .iter()
-                .zip(&separate)
-                .zip(want.iter().zip(&plain))
-                .enumerate()
-            {
-                let e = rel_err(f, w);
-                eprintln!(
-                    "{} {}: output {i}: fused vs CPU {e:.1e}",
-                    g.describe(),
-                    base.name()
-                );
-                assert!(
-                    e < tol,
-                    "{} {}: output {i}: relative error {e:e} (bound {tol:e})",
-                    g.describe(),
-                    base.name()
-                );
-                if i < 5 {
-                    assert!(rel_err(p, w) > 0.1, "output {i}: rotation changes it");
-                }
-                if base == BaseDtype::F32 {
-                    let same = f.iter().zip(s).all(|(a, b)| a.to_bits() == b.to_bits());
-                    assert!(
-                        same,
-                        "{} output {i}: fused and separate rotations differ",
-                        g.describe()
+            // The epilogue sees 32 x 64 warp tiles at 128 x 128 and 64 x 64 at the larger
+            // tiles, in either block order.
+            for t in ["128x128x32s3", "128x256x32s4-rows", "256x128x32s4"] {
+                let t = LoraGemmTiling::parse(t).expect("a compiled tiling");
+                g.set_lora_gemm_tiling(t);
+                let fused = rope_group(&g, true, false);
+                let separate = rope_group(&g, true, true);
+                for (i, ((f, s), (w, p))) in fused
+                    .iter()
+                    .zip(&separate)
+                    .zip(want.iter().zip(&plain))
+                    .enumerate()
+                {
+                    let e = rel_err(f, w);
+                    eprintln!(
+                        "{} {} ({} tiling): output {i}: fused vs CPU {e:.1e}",
+                        g.describe(),
+                        base.name(),
+                        t.name()
                     );
+                    assert!(
+                        e < tol,
+                        "{} {} ({} tiling): output {i}: relative error {e:e} (bound {tol:e})",
+                        g.describe(),
+                        base.name(),
+                        t.name()
+                    );
+                    if i < 5 {
+                        assert!(rel_err(p, w) > 0.1, "output {i}: rotation changes it");
+                    }
+                    if base == BaseDtype::F32 {
+                        let same = f.iter().zip(s).all(|(a, b)| a.to_bits() == b.to_bits());
+                        assert!(
+                            same,
+                            "{} output {i}: fused and separate rotations differ",
+                            g.describe()
+                        );
+                    }
                 }
             }
         }
@@ -443,7 +547,7 @@ fn lora_gemm_ptx_uses_mma_sync() {
         .find(|m| m.name == "lora_gemm")
         .expect("lora_gemm is registered");
     assert!(
-        m.ptx
+        m.ptx()
             .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
     );
 }

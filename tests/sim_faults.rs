@@ -19,9 +19,9 @@ fn write_ptx(dir: &Path) {
         .output()
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    for m in MODULES {
+    for m in MODULES.iter() {
         let text = std::fs::read_to_string(dir.join(format!("{}.ptx", m.name))).unwrap();
-        assert_eq!(text, m.ptx, "{}.ptx is the embedded text", m.name);
+        assert_eq!(text, m.ptx(), "{}.ptx is the embedded text", m.name);
     }
 }
 

@@ -71,8 +71,8 @@ fn write_ptx(dir: &std::path::Path) -> Result<()> {
         ));
     }
     std::fs::create_dir_all(dir).map_err(|e| Error::io(dir, e))?;
-    for m in MODULES {
-        crate::io::atomic_write(&dir.join(format!("{}.ptx", m.name)), m.ptx.as_bytes())?;
+    for m in MODULES.iter() {
+        crate::io::atomic_write(&dir.join(format!("{}.ptx", m.name)), m.ptx().as_bytes())?;
     }
     eprintln!(
         "wrote {} modules to {}; run with LALORA_PTX_DIR={} to use them",

@@ -9,19 +9,20 @@ fn truncated_or_corrupted_modules_are_refused_without_panicking() {
     let mut rng = Lcg(97);
     for m in lalora_engine::backend::cuda::kernels::MODULES
         .iter()
-        .filter(|m| !m.ptx.is_empty())
+        .filter(|m| !m.ptx().is_empty())
     {
-        d.load_module(m.name, m.ptx)
+        let ptx = m.ptx();
+        d.load_module(m.name, ptx)
             .unwrap_or_else(|e| panic!("{}: {e}", m.name));
-        let lines: Vec<&str> = m.ptx.lines().collect();
+        let lines: Vec<&str> = ptx.lines().collect();
         for _ in 0..40 {
             // a prefix cut inside a line, a line removed, two lines swapped, a token changed
-            let cut = rng.int(0, m.ptx.len() as i64 - 1) as usize;
+            let cut = rng.int(0, ptx.len() as i64 - 1) as usize;
             let cut = (0..=cut)
                 .rev()
-                .find(|&i| m.ptx.is_char_boundary(i))
+                .find(|&i| ptx.is_char_boundary(i))
                 .unwrap_or(0);
-            let _ = d.load_module(m.name, &m.ptx[..cut]);
+            let _ = d.load_module(m.name, &ptx[..cut]);
             let i = rng.int(0, lines.len() as i64 - 1) as usize;
             let j = rng.int(0, lines.len() as i64 - 1) as usize;
             let mut v = lines.clone();

@@ -444,7 +444,7 @@ mod tests {
             .iter()
             .find(|m| m.name == "curvature_tc")
             .expect("curvature_tc is registered");
-        let bodies: Vec<&str> = m.ptx.split(".entry ").skip(1).collect();
+        let bodies: Vec<&str> = m.ptx().split(".entry ").skip(1).collect();
         let mut tensor_entries = 0;
         for body in bodies {
             let name = body.split('(').next().unwrap_or("").trim();

@@ -15,31 +15,15 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{Act, BaseDtype, CudaBackend, Weight};
+use super::{Act, BaseDtype, CudaBackend, Weight, lora_tiling};
 use crate::backend::Segment;
 use crate::backend::group::{Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::error::{Error, Result};
 
-/// Output tile and threads per block (BM, BN, THREADS of lora_gemm.cu).
-const BM: usize = 128;
-const BN: usize = 128;
-/// K step (BK of lora_gemm.cu).
-const BK: usize = 32;
+/// Threads per block (THREADS of lora_gemm.cuh).
 const THREADS: u32 = 256;
-/// bf16 pieces of an f32 operand for f32 products (PIECES of lora_gemm.cu).
-const PIECES: i32 = 3;
-/// Rows of the shared tiles (BK + 8, BN + 8 of lora_gemm.cu).
-const LDX: usize = BK + 8;
-
-/// Dynamic shared memory: PIECES bf16 copies of the X tile (BM x BK) and the W tile
-/// (BN x BK n-major, BK x BN k-major), rows padded by 8.
-fn smem_bytes(layout: Layout) -> u32 {
-    let w_tile = match layout {
-        Layout::NMajor => BN * LDX,
-        Layout::KMajor => BK * (BN + 8),
-    };
-    (PIECES as usize * (BM * LDX + w_tile) * 2) as u32
-}
+/// bf16 pieces of an f32 operand for f32 products (PIECES of lora_gemm.cuh).
+const PIECES: i32 = lora_tiling::PIECES as i32;
 
 /// One K segment: `alpha X (m, k) op(W)`; `Seg` of lora_gemm.cu.
 #[repr(C)]
@@ -211,14 +195,16 @@ impl CudaBackend {
     /// written to its own slice of a scratch buffer and the slices added in split order
     /// (`gram_reduce_splits`): deterministic, the sum's rounding fixed by the shapes.
     fn lora_gemm_split_k(&self, layout: Layout, m: usize, problems: &[Problem]) -> Result<()> {
+        let tiling = self.lora_gemm_tiling();
+        let ((bm, bn), bk) = (tiling.tile(), tiling.k_step());
         let blocks: usize =
-            problems.iter().map(|p| p.n.div_ceil(BN)).sum::<usize>() * m.div_ceil(BM);
+            problems.iter().map(|p| p.n.div_ceil(bn)).sum::<usize>() * m.div_ceil(bm);
         let steps = problems
             .iter()
             .map(|p| {
                 p.segs
                     .iter()
-                    .map(|s| (s.k.max(0) as usize).div_ceil(BK))
+                    .map(|s| (s.k.max(0) as usize).div_ceil(bk))
                     .sum::<usize>()
             })
             .max()
@@ -282,6 +268,8 @@ impl CudaBackend {
         problems: &[Problem],
         splits: usize,
     ) -> Result<()> {
+        let tiling = self.lora_gemm_tiling();
+        let (bm, bn) = tiling.tile();
         let mut probs = Vec::with_capacity(problems.len());
         let mut segs = Vec::new();
         let mut tiles = 0usize;
@@ -306,16 +294,22 @@ impl CudaBackend {
                 out_bf16: p.out_bf16 as i32,
             });
             segs.extend_from_slice(&p.segs);
-            tiles += p.n.div_ceil(BN);
+            tiles += p.n.div_ceil(bn);
         }
-        let row_tiles = m.div_ceil(BM);
+        let row_tiles = m.div_ceil(bm);
         if tiles == 0 || row_tiles == 0 {
             return Ok(());
         }
-        if row_tiles > 65535 {
+        // Grid y holds the row tiles, or the column tiles when rows come first.
+        let (across, down) = if tiling.rows_fastest() {
+            (row_tiles, tiles)
+        } else {
+            (tiles, row_tiles)
+        };
+        if down > 65535 {
             return Err(Error::usage(format!(
-                "LoRA GEMM: {m} rows exceed the grid's {} ",
-                65535 * BM
+                "LoRA GEMM: {m} rows by {tiles} column tiles exceed the grid ({} tiling)",
+                tiling.name()
             )));
         }
         // One table: the problems (56 bytes each, so the segments stay 8-byte aligned).
@@ -323,26 +317,20 @@ impl CudaBackend {
         table.extend_from_slice(bytemuck::cast_slice(&segs));
         let table = self.upload(&table)?;
         let seg_ptr = table.ptr() + std::mem::size_of_val(probs.as_slice()) as u64;
-        let name = match layout {
-            Layout::NMajor => "lora_gemm_nt",
-            Layout::KMajor => "lora_gemm_nn",
-        };
+        let k_major = layout == Layout::KMajor;
         let cfg = LaunchConfig {
-            grid: [
-                dim(tiles, "column tiles")? as u32,
-                row_tiles as u32,
-                splits as u32,
-            ],
+            grid: [dim(across, "tiles")? as u32, down as u32, splits as u32],
             block: [THREADS, 1, 1],
-            shared_bytes: smem_bytes(layout),
+            shared_bytes: tiling.smem_bytes(k_major),
         };
         let args = [
             Arg::U64(table.ptr()),
             Arg::I32(probs.len() as i32),
             Arg::U64(seg_ptr),
             Arg::I32(dim(m, "rows")?),
+            Arg::I32(tiling.rows_fastest() as i32),
         ];
-        self.launch(name, cfg, &args)
+        self.launch(tiling.entry(k_major), cfg, &args)
     }
 
     pub(super) fn project_group_impl(

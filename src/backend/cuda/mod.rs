@@ -32,6 +32,7 @@ pub mod kernel_times;
 pub mod kernels;
 mod linear;
 mod lora_gemm;
+mod lora_tiling;
 mod ops;
 mod rows;
 pub mod runtime;
@@ -42,10 +43,12 @@ mod vector;
 use std::marker::PhantomData;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use self::act::Act;
 use self::act::Wide;
 use self::kernels::Kernels;
+pub use self::lora_tiling::LoraGemmTiling;
 use self::runtime::{Arg, Counted, DType, LaunchConfig, Runtime, RuntimeStats};
 use super::Segment;
 use crate::error::{Error, Result};
@@ -131,6 +134,8 @@ pub struct CudaBackend {
     counted: Arc<Counted>,
     kernels: Kernels,
     base: BaseDtype,
+    /// The LoRA GEMM's tiling (`LoraGemmTiling::index`).
+    lora_tiling: AtomicUsize,
 }
 
 /// Whether a CUDA GPU can be used: kernels built, driver library present, a device.
@@ -169,7 +174,19 @@ impl CudaBackend {
             rt,
             counted,
             base,
+            lora_tiling: AtomicUsize::new(LoraGemmTiling::ENGINE.index()),
         }
+    }
+
+    /// Run the LoRA GEMM's launches with `tiling` from now on (the engine's own:
+    /// `LoraGemmTiling::ENGINE`). Every tiling computes the same sums; they differ in speed.
+    pub fn set_lora_gemm_tiling(&self, tiling: LoraGemmTiling) {
+        self.lora_tiling.store(tiling.index(), Ordering::Relaxed)
+    }
+
+    /// The LoRA GEMM's tiling now.
+    pub fn lora_gemm_tiling(&self) -> LoraGemmTiling {
+        LoraGemmTiling::at(self.lora_tiling.load(Ordering::Relaxed))
     }
 
     /// What this backend has asked of the device so far: launches, GEMMs, allocations,

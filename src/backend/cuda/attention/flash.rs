@@ -316,10 +316,10 @@ mod tests {
         let names = VARIANTS.iter().flat_map(|v| [v.fwd, v.dq, v.dkdv]);
         for name in names.flat_map(|n| [entry(n, DType::F32), entry(n, DType::Bf16)]) {
             let start = module
-                .ptx
+                .ptx()
                 .find(&format!(".entry {name}("))
                 .unwrap_or_else(|| panic!("no .entry {name}"));
-            let body = &module.ptx[start..];
+            let body = &module.ptx()[start..];
             let body = &body[..body[1..].find(".entry").map_or(body.len(), |e| e + 1)];
             for inst in [
                 "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",

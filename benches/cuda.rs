@@ -18,6 +18,8 @@
 
 #[path = "common/roofline.rs"]
 mod roofline;
+#[path = "cuda/tilings.rs"]
+mod tilings;
 
 use std::cell::RefCell;
 use std::rc::Rc;
@@ -71,7 +73,7 @@ type Call<'a> = Rc<dyn Fn() + 'a>;
 /// One bench of a group: a call on the device (timed by criterion on a GPU) and, for the
 /// simulator, how to read back its outputs and what the CPU backend computes.
 struct Variant<'a> {
-    name: &'static str,
+    name: String,
     work: Work,
     call: Call<'a>,
     /// The outputs after one call from the reset state (simulator only).
@@ -123,7 +125,7 @@ impl Mode<'_> {
                 .variants
                 .iter()
                 .filter(|w| (w.work.flops, w.work.bytes, w.work.note) == key)
-                .map(|w| w.name)
+                .map(|w| w.name.as_str())
                 .collect();
             let which = if names.len() == group.variants.len() {
                 String::new()
@@ -148,13 +150,13 @@ impl Mode<'_> {
                         elements: v.work.flops,
                         bytes: v.work.bytes,
                     });
-                    grp.bench_function(v.name, |bn| {
+                    grp.bench_function(&v.name, |bn| {
                         bn.iter(|| {
                             (v.call)();
                             g.synchronize().unwrap()
                         })
                     });
-                    report.add(&group.name, v.name, v.work);
+                    report.add(&group.name, &v.name, v.work);
                 }
                 grp.finish();
                 if kernel_times_for(&group.name) {
@@ -406,16 +408,16 @@ fn lora(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         ]
     });
     let (wf, wb) = (roofline::lora_forward(d), roofline::lora_backward(d));
-    let fwd = |name, call: Rc<dyn Fn()>| Variant {
-        name,
+    let fwd = |name: &str, call: Rc<dyn Fn()>| Variant {
+        name: name.into(),
         work: wf,
         call,
         got: got_fwd.clone(),
         want: want_fwd.clone(),
         bound: F32_BOUND,
     };
-    let bwd = |name, call: Rc<dyn Fn()>| Variant {
-        name,
+    let bwd = |name: &str, call: Rc<dyn Fn()>| Variant {
+        name: name.into(),
         work: wb,
         call,
         got: got_bwd.clone(),
@@ -681,8 +683,8 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         roofline::lora_group_forward(m, d_in, &outs, r),
         roofline::lora_group_backward(m, d_in, &outs, r),
     );
-    let variant = |name, work, call, fwd: bool| Variant {
-        name,
+    let variant = |name: &str, work, call, fwd: bool| Variant {
+        name: name.into(),
         work,
         call,
         got: if fwd {
@@ -736,7 +738,7 @@ fn same_output<'a>(
         variants: variants
             .into_iter()
             .map(|(name, bound, call)| Variant {
-                name,
+                name: name.into(),
                 work,
                 call,
                 got: got.clone(),
@@ -971,8 +973,8 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 vec![out.into()]
             };
         });
-        let variant = |vname, call, bound| Variant {
-            name: vname,
+        let variant = |vname: &str, call, bound| Variant {
+            name: vname.into(),
             work,
             call,
             got: got.clone(),
@@ -1052,8 +1054,8 @@ fn classifier(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         }
     });
     let work = roofline::classifier(rows, dim, vocab);
-    let variant = |name, call, bound| Variant {
-        name,
+    let variant = |name: &str, call, bound| Variant {
+        name: name.into(),
         work,
         call,
         got: got.clone(),
@@ -1198,7 +1200,7 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let pass_work = roofline::curvature_pass(&cfg, r, bsz, seq);
     let mut want = want.into_iter().map(Rc::new);
     let mut variants = vec![Variant {
-        name: "lora_forward_backward",
+        name: "lora_forward_backward".into(),
         work: step_work,
         call: Rc::new(|| {
             accumulate_gradients(g, &model, &lora, &batch, 1.0, &mut grads.borrow_mut()).unwrap();
@@ -1213,7 +1215,7 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     for (name, scheme) in schemes {
         let (model, lora, examples, cur) = (&model, &lora, &examples, &cur);
         variants.push(Variant {
-            name,
+            name: name.into(),
             work: pass_work,
             call: Rc::new(move || {
                 *cur.borrow_mut() =
@@ -1235,7 +1237,7 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     {
         let (model, lora, batch, acc) = (&model, &lora, &batch, &acc);
         variants.push(Variant {
-            name: "curvature_kfac_pass",
+            name: "curvature_kfac_pass".into(),
             work: pass_work,
             call: Rc::new(move || {
                 let mut a = acc.borrow_mut();
@@ -1360,6 +1362,7 @@ fn gpu_work() {
 fn all(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     lora(mode, g, sh);
     lora_group(mode, g, sh);
+    tilings::lora_gemm_tilings(mode, g, sh);
     diag(mode, g, sh);
     kfac(mode, g, sh);
     attention(mode, g, sh);

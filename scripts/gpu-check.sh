@@ -27,13 +27,15 @@
 #       any other fails).
 #       $OUT: summary.txt selftest.json selftest.log lib.log cuda_vs_cpu.log lora_gemm.log
 #       memcheck.log racecheck.log (8 files, the most that come back).
-#   scripts/gpu-check.sh --benches      on the GPU machine, a second call (about 3-6 min):
+#   scripts/gpu-check.sh --benches      on the GPU machine, a second call (about 4-7 min):
 #       the same checks and settings, then the CUDA criterion benches (--warm-up-time 1 --measurement-time 3 --noplot;
 #       criterion's folder in /tmp), the PyTorch + PEFT peer
 #       (benches/peers/torch_peft_cuda_step.py) and the summary table. The benches print
 #       each one's FLOPs and bytes (`work:`) and, from criterion's medians, the achieved
 #       TFLOP/s and TB/s against the H200's ceilings (`roofline:`); those lines go to
-#       roofline.txt and, as a table, under table.md; a bench not measured is a failure.
+#       roofline.txt and, as a table, under table.md, with the LoRA GEMM's tilings side by
+#       side (one layer's projections under each; about 45 s of the run); a bench not
+#       measured is a failure.
 #       $OUT: summary.txt bench.log roofline.txt estimates.json peer.json peer.log table.md
 #       (7 files).
 #   scripts/gpu-check.sh --profile      on the GPU machine (about 2-3 minutes): the same checks
@@ -46,7 +48,7 @@
 #       $OUT: summary.txt kernels.log ncu.log racecheck.log (4 files).
 #
 # Environment: OUT (results; default gpu-out/), GPU_CHECK_BUDGET_S (the whole mode's time
-# box in seconds; default 420 for --tests, 480 for --benches: each step gets at most its
+# box in seconds; default 420 for --tests, 540 for --benches: each step gets at most its
 # own cap and what is left of the box; keep run's timeout_s above it), NVCC (--build-only:
 # the nvcc to build with; on the GPU machine: an nvcc with ptxas beside it, default the
 # machine's own).
@@ -59,7 +61,7 @@
 #   scripts/gpu-check.sh --build-only        (gpu-bin/ is git-ignored: carry it)
 # then two calls of the device tool's `run` (the machine stays warm 30 s between them):
 #   run(command="scripts/gpu-check.sh --tests",   timeout_s=480, carry=["gpu-bin"])
-#   run(command="scripts/gpu-check.sh --benches", timeout_s=540, carry=["gpu-bin"])
+#   run(command="scripts/gpu-check.sh --benches", timeout_s=600, carry=["gpu-bin"])
 # The PyTorch + PEFT peer can be checked here first, on the CPU at a tiny shape (not a
 # figure): python3 benches/peers/torch_peft_cuda_step.py --smoke (the peers' venv).
 set -uo pipefail
@@ -145,12 +147,14 @@ want = {  # gpu-bin name: (target kind, target name, built as a test harness)
     "cuda": ("bench", "cuda", True),
     "lalora-engine": ("bin", "lalora-engine", False),
 }
-found = {}
+found, out_dir = {}, None
 for line in open(sys.argv[1]):
     try:
         m = json.loads(line)
     except ValueError:
         continue
+    if m.get("reason") == "build-script-executed" and "lalora-engine" in m.get("package_id", ""):
+        out_dir = m.get("out_dir")
     if m.get("reason") != "compiler-artifact" or not m.get("executable"):
         continue
     t = m["target"]
@@ -160,6 +164,9 @@ for line in open(sys.argv[1]):
 missing = [k for k in want if k not in found]
 if missing:
     sys.exit("no executable found in cargo's messages for: " + ", ".join(missing))
+if not out_dir:
+    sys.exit("no build-script output folder (the deflated PTX) in cargo's messages")
+print("@ptx", out_dir)
 for k in want:
     print(k, found[k])
 PY
@@ -169,12 +176,23 @@ PY
   [ "$found" -eq 0 ] || die "could not find every executable (see above)"
   rm -rf "$bin" || die "cannot remove $bin"
   mkdir -p "$bin" || die "cannot create $bin"
+  ptx_dir=$(sed -n 's/^@ptx //p' <<<"$exes")
+  ls "$ptx_dir"/*.ptx.deflate >/dev/null 2>&1 || die "no deflated PTX in $ptx_dir"
   while read -r name exe; do
+    [ "$name" = @ptx ] && continue
     [ -f "$exe" ] || die "$exe (for gpu-bin/$name) does not exist"
     # Stripped: the lent machines take at most 64 MiB of carried files.
     strip -o "$bin/$name" "$exe" || die "strip $exe failed"
-    # Built with LALORA_REQUIRE_CUDA_KERNELS=1, so every binary embeds the PTX.
-    grep -qa '\.visible \.entry' "$bin/$name" || die "gpu-bin/$name has no embedded PTX"
+    # Built with LALORA_REQUIRE_CUDA_KERNELS=1, so every binary embeds every module's
+    # PTX, deflated by build.rs: each .ptx.deflate's bytes appear in it.
+    python3 - "$bin/$name" "$ptx_dir" <<'PY' || die "gpu-bin/$name lacks embedded PTX (see above)"
+import glob, os, sys
+data = open(sys.argv[1], "rb").read()
+missing = [os.path.basename(p) for p in sorted(glob.glob(os.path.join(sys.argv[2], "*.ptx.deflate")))
+           if open(p, "rb").read() not in data]
+if missing:
+    sys.exit(f"{sys.argv[1]} does not embed {', '.join(missing)}")
+PY
   done <<<"$exes"
   [ "$(find "$bin" -maxdepth 1 -type f | wc -l)" -eq 5 ] || die "gpu-bin/ does not hold the 5 binaries"
   [ "$(sources_manifest)" = "$sources_before" ] ||
@@ -215,7 +233,7 @@ summary=$out/summary.txt
 : >"$summary" || die "cannot write $summary"
 case $mode in
   --tests) budget=${GPU_CHECK_BUDGET_S:-420} ;;
-  --benches) budget=${GPU_CHECK_BUDGET_S:-480} ;;
+  --benches) budget=${GPU_CHECK_BUDGET_S:-540} ;;
   *) budget=${GPU_CHECK_BUDGET_S:-300} ;;
 esac
 case $budget in '' | *[!0-9]*) die "GPU_CHECK_BUDGET_S=$budget is not a number of seconds" ;; esac
@@ -642,7 +660,7 @@ crit=$(mktemp -d /tmp/gpu-check-criterion.XXXXXX) || die "mktemp failed"
 export CRITERION_HOME=$crit
 step=benches
 # One more call of each end-to-end variant with every kernel timed (`kernel times:` tables).
-run_step "$step" 360 "$out/bench.log" env LALORA_KERNEL_TIMES=llama1b "$bin/cuda" --bench --noplot --warm-up-time 1 --measurement-time 3
+run_step "$step" 420 "$out/bench.log" env LALORA_KERNEL_TIMES=llama1b "$bin/cuda" --bench --noplot --warm-up-time 1 --measurement-time 3
 rc=$?
 cap_log "$out/bench.log"
 [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/bench.log")"
@@ -672,6 +690,10 @@ want = {
     "cuda_lora_qkv_4096x2048_o2048+512+512_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
     "cuda_attention_4x1024_h32_kv8_d64_forward": ["flash"],
     "cuda_attention_4x1024_h32_kv8_d64_forward_backward": ["flash"],
+    "cuda_lora_gemm_tilings_layer_2048x2048_r16": [
+        f"{t}{o}" for t in ["128x128x32s3", "128x128x32s4", "128x128x64s4", "128x256x32s4", "256x128x32s4"]
+        for o in ["", "-rows"]
+    ],
 }
 est, missing = {}, []
 for g, benches in want.items():
@@ -746,7 +768,13 @@ try:
 except Exception as e:
     print(f"\npeer: not measured ({e})")
     sys.exit(1)
-if math.isnan(step) or any(math.isnan(ms(g, a)) or math.isnan(ms(g, b)) for _, g, a, b in rows):
+t = "cuda_lora_gemm_tilings_layer_2048x2048_r16"
+tilings = [k.split("/", 1)[1] for k in est if k.startswith(t + "/")]
+engine = ms(t, "128x128x32s3")
+print("\n| LoRA GEMM tiling: one layer's projections, forward + backward, 2048 rows | ms | speed-up over the engine's |\n|---|---:|---:|")
+for n in tilings:
+    print(f"| {n}{' (the engine' + chr(39) + 's)' if n == '128x128x32s3' else ''} | {ms(t, n):.3f} | {engine/ms(t, n):.2f}x |")
+if math.isnan(step) or math.isnan(engine) or any(math.isnan(ms(g, a)) or math.isnan(ms(g, b)) for _, g, a, b in rows):
     sys.exit(1)
 PY
   fail "table: incomplete (missing estimates or peer)"

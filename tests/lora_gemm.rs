@@ -1,5 +1,5 @@
 //! LoRA inside the GEMMs (`Backend::project_group` and its backward; on CUDA the grouped
-//! tensor-core GEMM of kernels/lora_gemm.cu) against the CPU's per-projection sequence,
+//! tensor-core GEMM of kernels/lora_gemm.cuh) against the CPU's per-projection sequence,
 //! on the simulator (and a GPU when there is one): q/k/v-like groups with GQA-narrow
 //! outputs, widths and row counts off the 128 x 128 tile, K off the 32-row step (and odd,
 //! so unaligned rows take the scalar loads) and over three steps (the cp.async stages

@@ -128,6 +128,40 @@ pub fn lora_group_backward(m: usize, d_in: usize, d_outs: &[usize], r: usize) ->
     )
 }
 
+/// The projection groups of one Llama layer as (d_in, output widths): q/k/v, o, gate/up,
+/// down.
+pub fn layer_groups(cfg: &LlamaConfig) -> [(usize, Vec<usize>); 4] {
+    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+    let (q, kv) = (
+        cfg.num_heads * cfg.head_dim,
+        cfg.num_kv_heads * cfg.head_dim,
+    );
+    [
+        (h, vec![q, kv, kv]),
+        (q, vec![h]),
+        (h, vec![f, f]),
+        (f, vec![h]),
+    ]
+}
+
+/// One layer's projections (`layer_groups`), every one adapted at rank r, forward and
+/// backward over m rows: the sum of `lora_group_forward` and `lora_group_backward` over the
+/// groups. (Their bytes take every x and g as bf16; the model keeps o's input and the
+/// residual gradients of o and down in f32, so the bytes are a slight undercount.)
+pub fn lora_layer(cfg: &LlamaConfig, m: usize, r: usize) -> Work {
+    let (mut flops, mut bytes) = (0, 0);
+    for (d_in, outs) in layer_groups(cfg) {
+        for w in [
+            lora_group_forward(m, d_in, &outs, r),
+            lora_group_backward(m, d_in, &outs, r),
+        ] {
+            flops += w.flops;
+            bytes += w.bytes;
+        }
+    }
+    Work::new(flops, bytes)
+}
+
 /// The diagonal Fisher block `out += alpha sum_n (G_n^T Y_n)^2` over `n_seg` sequences of
 /// `rows` positions in all, G (rows, dg), Y (rows, dy).
 /// FLOPs: 2 rows dg dy for the per-sequence products (they partition the rows), plus

@@ -1,5 +1,5 @@
 //! LoRA inside the GEMMs: `Backend::project_group` and its backward on CUDA, as launches of
-//! the grouped, K-segmented tensor-core GEMM of `kernels/lora_gemm.cu` (its header gives
+//! the grouped, K-segmented tensor-core GEMM of `kernels/lora_gemm.cuh` (its header gives
 //! the tiling, the precision and how each product maps onto it). Per group, forward: one
 //! launch for every `u_p = x A_p^T` (K split over blocks when the launch is narrow:
 //! `splits_for`), one for every `y_p = [x | s u_p] [W_p | B_p]^T`
@@ -25,7 +25,7 @@ const THREADS: u32 = 256;
 /// bf16 pieces of an f32 operand for f32 products (PIECES of lora_gemm.cuh).
 const PIECES: i32 = lora_tiling::PIECES as i32;
 
-/// One K segment: `alpha X (m, k) op(W)`; `Seg` of lora_gemm.cu.
+/// One K segment: `alpha X (m, k) op(W)`; `Seg` of lora_gemm.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Seg {
@@ -41,7 +41,7 @@ struct Seg {
     x_bf16: i32,
 }
 
-/// One output `(m, n)` and its segments; `Prob` of lora_gemm.cu.
+/// One output `(m, n)` and its segments; `Prob` of lora_gemm.cuh.
 #[repr(C)]
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct Prob {
@@ -82,7 +82,7 @@ fn splits_for(blocks: usize, steps: usize) -> usize {
 
 /// Head dims whose RoPE the kernel applies in its epilogue: the multiples of 16 (whole
 /// 8-column fragment pairs) that divide a warp's 64 output columns (`rope_epilogue` of
-/// lora_gemm.cu), which covers the heads of 64 of Llama 3.2 1B and SmolLM2. Other head
+/// lora_gemm.cuh), which covers the heads of 64 of Llama 3.2 1B and SmolLM2. Other head
 /// dims (128: Llama 3.2 3B, Llama 3 8B) are rotated by rope.cu after the launch.
 const ROPE_FUSED_HEAD_DIMS: [usize; 3] = [16, 32, 64];
 

@@ -235,24 +235,39 @@ struct Gemm {
 
     // acc += the products of the first `kend` (a multiple of 16) columns of a staged step
     // of single bf16 tiles xt (X) and wt (W), for this warp's rows wm and columns wn.
-    // A warp whose 64 columns all lie inside the problem, on a whole step (nearly every
-    // step of the base products), takes the unconditional form: with no branch between
-    // them the compiler issues a k16 step's shared loads ahead of its mma. (Breaking out
-    // per 16 columns had left each group of 4 mma waiting on its own ldmatrix.)
+    // A warp whose 64 columns all lie inside the problem (nearly every warp of the base
+    // products, and of the y launches' LoRA segments) takes an unconditional form for its
+    // count of k16 steps: with no branch between them the compiler issues a k16 step's
+    // shared loads ahead of its mma. (Breaking out per 16 columns had left each group of 4
+    // mma waiting on its own ldmatrix.)
     __device__ __forceinline__ static void products(float (&acc)[T::MT][T::NT][4], const bf16* xt, const bf16* wt,
                                                     int wm, int wn, int cols_left, int kend) {
-        if (kend == BK && cols_left >= (wn + 1) * T::WTN)
-            products_in<false>(acc, xt, wt, wm, wn, cols_left, kend);
+        if (cols_left >= (wn + 1) * T::WTN)
+            products_whole<BK / 16>(acc, xt, wt, wm, wn, kend);
         else
-            products_in<true>(acc, xt, wt, wm, wn, cols_left, kend);
+            products_in<true, BK / 16>(acc, xt, wt, wm, wn, cols_left, kend);
     }
 
-    template <bool EDGE>
+    // The unconditional form for kend = 16 NK, or the largest NK below it.
+    template <int NK>
+    __device__ __forceinline__ static void products_whole(float (&acc)[T::MT][T::NT][4], const bf16* xt,
+                                                          const bf16* wt, int wm, int wn, int kend) {
+        if constexpr (NK > 1) {
+            if (kend < NK * 16) {
+                products_whole<NK - 1>(acc, xt, wt, wm, wn, kend);
+                return;
+            }
+        }
+        products_in<false, NK>(acc, xt, wt, wm, wn, T::WTN * (wn + 1), NK * 16);
+    }
+
+    // NK k16 steps; EDGE: stop at kend and at the problem's last column.
+    template <bool EDGE, int NK>
     __device__ __forceinline__ static void products_in(float (&acc)[T::MT][T::NT][4], const bf16* xt,
                                                        const bf16* wt, int wm, int wn, int cols_left, int kend) {
         const fa::Tile<T::LDX> x{const_cast<bf16*>(xt)};
 #pragma unroll
-        for (int kk = 0; kk < BK; kk += 16) {
+        for (int kk = 0; kk < NK * 16; kk += 16) {
             if (EDGE && kk >= kend) break;
             uint32_t a[T::MT][4];
 #pragma unroll

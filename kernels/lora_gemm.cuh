@@ -302,6 +302,54 @@ struct Gemm {
             }
     }
 
+    // Steps [first, end) of segment `sg`, W copied global -> shared by cp.async STAGES - 1
+    // steps ahead, the buffers being the stages of a pipeline; X too (COPY_X: bf16 as
+    // stored), else loaded into registers a step ahead and stored as one bf16 piece. A
+    // template, so that the copy-only loop carries none of the register loop's state.
+    template <bool COPY_X>
+    __device__ __forceinline__ void pipeline(float (&acc)[T::MT][T::NT][4], const Seg& sg, int m, int n, int m0,
+                                             int n0, int first, int end, bf16* xs, bf16* ws, bool active, int wm,
+                                             int wn, int cols_left) {
+        constexpr int STAGES = T::STAGES;
+        __syncthreads();  // the previous segment's products have read the buffers
+#pragma unroll
+        for (int i = 0; i < STAGES - 1; ++i) {
+            if (first + i < end) {
+                const int k0 = (first + i) * BK;
+                if (COPY_X) issue_x(sg, m, m0, k0, xs + i * T::XTILE);
+                issue_w(sg, n, n0, k0, ws + i * WTILE);
+            }
+            cp_async_commit();
+        }
+        if (!COPY_X) load_x<BK, T::XH_CHUNKS>(sg, m, m0, first * BK);
+        // b: step t's buffer; a: the buffer of step t + STAGES - 1 (the one step t - 1 read).
+        int b = 0, a = STAGES - 1;
+#pragma unroll 1
+        for (int t = first; t < end; ++t) {
+            if (!COPY_X) {
+                // Buffer b was last read by step t - STAGES, done before the barrier of step
+                // t - 1.
+                store_x<BK, T::XH_CHUNKS>(sg, xs + b * T::XTILE);
+                if (t + 1 < end) load_x<BK, T::XH_CHUNKS>(sg, m, m0, (t + 1) * BK);
+            }
+            // Step t's group has landed (this thread's copies; the barrier: everyone's, and
+            // the X stores), and every warp is done with step t - 1, whose buffer the next
+            // issue fills.
+            cp_async_wait<STAGES - 2>();
+            __syncthreads();
+            const int ahead = t + STAGES - 1;
+            if (ahead < end) {
+                if (COPY_X) issue_x(sg, m, m0, ahead * BK, xs + a * T::XTILE);
+                issue_w(sg, n, n0, ahead * BK, ws + a * WTILE);
+            }
+            cp_async_commit();
+            if (active) products(acc, xs + b * T::XTILE, ws + b * WTILE, wm, wn, cols_left, k_span(sg.k, t * BK, BK));
+            a = b;
+            b = b + 1 == STAGES ? 0 : b + 1;
+        }
+        cp_async_wait<0>();
+    }
+
     // Whether segment `sg`'s W can be copied by cp.async (`issue_w`): bf16 taken as one
     // piece in whole 16-byte chunks (rows 16-byte aligned, K a multiple of 8, and for a
     // k-major W the output width n too), so that a chunk is wholly inside the matrix or
@@ -380,7 +428,7 @@ template <bool KMAJOR, class T>
 __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_probs, const Seg* __restrict__ segs,
                                           int m, int rows_fastest) {
     using G = Gemm<KMAJOR, T>;
-    constexpr int BK = T::BK, RK = T::RK, STAGES = T::STAGES;
+    constexpr int BK = T::BK, RK = T::RK;
     extern __shared__ uint4 smem[];
     bf16* xs = reinterpret_cast<bf16*>(smem);  // [BUFFERS][BM][LDX]
     bf16* ws = xs + T::BUFFERS * T::XTILE;     // [BUFFERS][WTILE]
@@ -430,44 +478,10 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
         const int first = max(lo - before, 0), end = min(hi - before, steps);
         before += steps;
         if (first >= end) continue;
-        if (G::w_copyable(sg, n) && (G::x_copyable(sg) || sg.pieces_x == 1)) {
-            const bool copy_x = G::x_copyable(sg);
-            __syncthreads();
-#pragma unroll
-            for (int i = 0; i < STAGES - 1; ++i) {
-                if (first + i < end) {
-                    const int k0 = (first + i) * BK;
-                    if (copy_x) G::issue_x(sg, m, m0, k0, xs + i * T::XTILE);
-                    G::issue_w(sg, n, n0, k0, ws + i * G::WTILE);
-                }
-                cp_async_commit();
-            }
-            if (!copy_x) g.template load_x<BK, T::XH_CHUNKS>(sg, m, m0, first * BK);
-#pragma unroll 1
-            for (int t = first; t < end; ++t) {
-                const int b = (t - first) % STAGES;
-                if (!copy_x) {
-                    // Buffer b was last read by step t - STAGES, done before the barrier of
-                    // step t - 1.
-                    g.template store_x<BK, T::XH_CHUNKS>(sg, xs + b * T::XTILE);
-                    if (t + 1 < end) g.template load_x<BK, T::XH_CHUNKS>(sg, m, m0, (t + 1) * BK);
-                }
-                // Step t's group has landed (this thread's copies; the barrier: everyone's,
-                // and the X stores), and every warp is done with step t - 1, whose buffer
-                // the next issue fills.
-                cp_async_wait<STAGES - 2>();
-                __syncthreads();
-                const int ahead = t + STAGES - 1;
-                if (ahead < end) {
-                    const int a = (ahead - first) % STAGES;
-                    if (copy_x) G::issue_x(sg, m, m0, ahead * BK, xs + a * T::XTILE);
-                    G::issue_w(sg, n, n0, ahead * BK, ws + a * G::WTILE);
-                }
-                cp_async_commit();
-                if (active)
-                    G::products(acc, xs + b * T::XTILE, ws + b * G::WTILE, wm, wn, cols_left, k_span(sg.k, t * BK, BK));
-            }
-            cp_async_wait<0>();
+        if (G::w_copyable(sg, n) && G::x_copyable(sg)) {
+            g.template pipeline<true>(acc, sg, m, n, m0, n0, first, end, xs, ws, active, wm, wn, cols_left);
+        } else if (G::w_copyable(sg, n) && sg.pieces_x == 1) {
+            g.template pipeline<false>(acc, sg, m, n, m0, n0, first, end, xs, ws, active, wm, wn, cols_left);
         } else {
             // This split's columns of K, RK at a time (RK divides BK, so no step crosses
             // into another split's share).

@@ -77,10 +77,19 @@ __device__ __forceinline__ void cp_async4(float* dst, const float* src, int src_
 }
 
 // Operand values of a fragment as tf32: `hi` always, `lo` (the rounding remainder) for 3xTF32.
-template <int PASSES, int N>
+// EXACT: the values are widened bf16, which tf32 holds exactly (8 bits of exponent, 7 of
+// 10 of mantissa), so they go in as they are, with no remainder. (sm_90 has no instruction
+// for cvt.rna.tf32; ptxas emulates it with a compare, an add and register moves, about 8
+// instructions per mma.)
+template <int PASSES, int N, bool EXACT = false>
 struct Frag {
     uint32_t hi[N], lo[N];
     __device__ __forceinline__ void set(int i, float x) {
+        if (EXACT) {
+            hi[i] = __float_as_uint(x);
+            if (PASSES == 3) lo[i] = 0u;
+            return;
+        }
         hi[i] = tf32(x);
         if (PASSES == 3) lo[i] = tf32(x - __uint_as_float(hi[i]));
     }
@@ -122,15 +131,20 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int dim, int col0, i
         constexpr int CH = W / E, RSTEP = THREADS / CH;
         static_assert(THREADS % CH == 0, "a whole number of rows per pass");
         const int col = (threadIdx.x % CH) * E, r0 = threadIdx.x / CH;
-        const bool col_in = col0 + col < dim;
-        const T* src = g + (size_t)row0 * dim + col0 + col;
+        // Row r0's source and destination, stepped RSTEP rows at a time (no 64-bit
+        // multiply per copy); a column beyond dim reads no row.
+        const T* src = g + ((size_t)row0 + r0) * dim + col0 + col;
+        const size_t step = (size_t)RSTEP * dim;
+        const int lim = col0 + col < dim ? rows : 0;
+        T* dst = s + r0 * S + col;
 #pragma unroll
         for (int j = 0; j < (BK + RSTEP - 1) / RSTEP; ++j) {
             const int r = r0 + j * RSTEP;
             if (RSTEP * j + RSTEP <= BK || r < BK) {
-                const bool in = col_in && r < rows;
-                cp_async16(s + r * S + col, in ? src + (size_t)r * dim : g, in ? 16 : 0);
+                const bool in = r < lim;
+                cp_async16(dst + j * RSTEP * S, in ? src : g, in ? 16 : 0);
             }
+            src += step;
         }
     } else {
 #pragma unroll 1
@@ -217,8 +231,8 @@ __device__ __forceinline__ void mma_stage(const char* stage, typename C::Acc& ac
         lds<2 * C::MS, C::VA>(a1, sa + (k + t + 4) * C::SA);
         lds<C::NS, C::VB>(b0, sb + (k + t) * C::SB);
         lds<C::NS, C::VB>(b1, sb + (k + t + 4) * C::SB);
-        Frag<C::PASSES, 4> fa[C::MS];
-        Frag<C::PASSES, 2> fb[C::NS];
+        Frag<C::PASSES, 4, sizeof(typename C::TA) == 2> fa[C::MS];
+        Frag<C::PASSES, 2, sizeof(typename C::TB) == 2> fb[C::NS];
 #pragma unroll
         for (int s = 0; s < C::MS; ++s) {
             // a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]

@@ -454,12 +454,20 @@ mod tests {
                 tensor_entries += 1;
                 for want in [
                     "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
-                    "cvt.rna.tf32.f32",
                     "cp.async.cg.shared.global",
                     "cp.async.wait_group",
                 ] {
                     assert!(body.contains(want), "{name} lacks {want}");
                 }
+                // f32 operands are rounded to tf32; bf16 ones, which tf32 holds exactly,
+                // go in as they are (`Frag`'s EXACT).
+                let rounds = body.contains("cvt.rna.tf32.f32");
+                let operands: Vec<&str> = name.rsplitn(3, '_').take(2).collect();
+                assert_eq!(
+                    rounds,
+                    operands.contains(&"f32"),
+                    "{name}: tf32 rounding only where an operand is f32"
+                );
             }
         }
         assert_eq!(tensor_entries, 20);

@@ -366,7 +366,8 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int h = e >> 1, j = key0 + nt * 8 + 2 * t + (e & 1);
-                const float p = masked && j > lim[h] ? 0.f : exp2f(s[nt][e] * sl2 - lse2[h]);
+                // Masked: 2^-inf = 0, one exponential for both cases (no branches).
+                const float p = fa::ex2(masked && j > lim[h] ? -INFINITY : fmaf(s[nt][e], sl2, -lse2[h]));
                 s[nt][e] = p * (dp[nt][e] - dd[h]);
             }
         }
@@ -536,7 +537,7 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int c = nt * 8 + 2 * t + (e & 1), j = k0 + kw + g + 8 * (e >> 1);
-                const float p = masked && j > lm[c] ? 0.f : exp2f(s[nt][e] * sl2 - ls[c]);
+                const float p = fa::ex2(masked && j > lm[c] ? -INFINITY : fmaf(s[nt][e], sl2, -ls[c]));
                 s[nt][e] = p;
                 dp[nt][e] = p * (dp[nt][e] - dsum[c]);
             }

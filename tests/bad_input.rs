@@ -334,3 +334,24 @@ fn usage_errors_are_one_line() {
     );
     assert_clean_error(&r, "gpu", "bad device");
 }
+
+/// A LoRA GEMM tiling that is not compiled (`LALORA_LORA_GEMM_TILING`, kernel research):
+/// a one-line usage error naming the variable, before any work.
+#[test]
+#[cfg_attr(
+    not(lalora_cuda_kernels),
+    ignore = "built without CUDA kernels (no nvcc)"
+)]
+fn unknown_lora_gemm_tiling_is_a_usage_error() {
+    let out = bin()
+        .args(["selftest", "--device", "sim"])
+        .env("LALORA_LORA_GEMM_TILING", "64x64x32s2")
+        .output()
+        .unwrap();
+    let r = Run {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_clean_error(&r, "LALORA_LORA_GEMM_TILING=64x64x32s2", "unknown tiling");
+    assert!(r.stderr.contains("128x128x32s3"), "{}", r.stderr);
+}

@@ -1,8 +1,11 @@
 //! The tilings of the LoRA GEMM (`Tiling` of kernels/lora_gemm.cuh): the one the engine
 //! runs (kernels/lora_gemm.cu) and the others compiled beside it
 //! (kernels/lora_gemm_tiles.cu), each in either block order. `CudaBackend` launches the
-//! one set by `set_lora_gemm_tiling`; `benches/cuda.rs` times them all on the same
-//! layer, so that one run on a GPU says which to make the engine's.
+//! one set by `set_lora_gemm_tiling` (at start, the one `LALORA_LORA_GEMM_TILING` names);
+//! `benches/cuda.rs` times them all on the same layer, so that one run on a GPU says which
+//! to make the engine's.
+
+use crate::error::{Error, Result};
 
 /// One tiling: an output tile of `bm x bn` per block of 256 threads, K swept `bk` at a
 /// time through `stages` cp.async stages, and the order in which blocks take the tiles.
@@ -97,6 +100,22 @@ impl LoraGemmTiling {
     /// The tiling called `name` (as `name` writes it).
     pub fn parse(name: &str) -> Option<Self> {
         Self::all().into_iter().find(|t| t.name() == name)
+    }
+
+    /// The tiling `LALORA_LORA_GEMM_TILING` names (kernel research: run any command, end
+    /// to end, with another tiling), else the engine's; a name that is not a compiled
+    /// tiling is a usage error listing those that are.
+    pub fn from_env() -> Result<Self> {
+        match std::env::var("LALORA_LORA_GEMM_TILING") {
+            Ok(name) if !name.is_empty() => Self::parse(&name).ok_or_else(|| {
+                let names: Vec<String> = Self::all().iter().map(Self::name).collect();
+                Error::usage(format!(
+                    "LALORA_LORA_GEMM_TILING={name} is not a tiling of the LoRA GEMM; the compiled ones are {}",
+                    names.join(", ")
+                ))
+            }),
+            _ => Ok(Self::ENGINE),
+        }
     }
 
     /// Rows and columns of a block's output tile.

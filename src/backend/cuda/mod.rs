@@ -157,13 +157,19 @@ impl CudaBackend {
     /// The GPU `cuda:ordinal`.
     pub fn new(ordinal: usize, base: BaseDtype) -> Result<Self> {
         need_kernels()?;
-        Ok(Self::on(Arc::new(driver::Driver::new(ordinal)?), base))
+        let tiling = LoraGemmTiling::from_env()?;
+        let be = Self::on(Arc::new(driver::Driver::new(ordinal)?), base);
+        be.set_lora_gemm_tiling(tiling);
+        Ok(be)
     }
 
     /// The PTX simulator, running blocks on `threads` host threads (0: all cores).
     pub fn sim(threads: usize, base: BaseDtype) -> Result<Self> {
         need_kernels()?;
-        Ok(Self::on(Arc::new(sim::Sim::new(threads)?), base))
+        let tiling = LoraGemmTiling::from_env()?;
+        let be = Self::on(Arc::new(sim::Sim::new(threads)?), base);
+        be.set_lora_gemm_tiling(tiling);
+        Ok(be)
     }
 
     fn on(device: Arc<dyn Runtime>, base: BaseDtype) -> Self {

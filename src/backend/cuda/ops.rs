@@ -3,7 +3,7 @@
 //! `rows`, `linear`, `lora_gemm` (projection groups), `attention`, `classifier`,
 //! `curvature` and `vector`. The CPU twin of each op is in `backend/cpu`.
 
-use super::{Act, CudaBackend, Weight};
+use super::{Act, CudaBackend, LoraGemmTiling, Weight};
 use crate::backend::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -16,7 +16,18 @@ impl Backend for CudaBackend {
     type Weight = Weight;
 
     fn describe(&self) -> String {
-        format!("{}, base weights {}", self.rt.describe(), self.base.name())
+        // A tiling other than the engine's is named, so that figures say what ran.
+        let tiling = self.lora_gemm_tiling();
+        let tiling = if tiling == LoraGemmTiling::ENGINE {
+            String::new()
+        } else {
+            format!(", LoRA GEMM tiling {}", tiling.name())
+        };
+        format!(
+            "{}, base weights {}{tiling}",
+            self.rt.describe(),
+            self.base.name()
+        )
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {

@@ -39,6 +39,45 @@ constexpr int THREADS = 256;  // 8 warps
 constexpr int ROWS = 128;     // query rows per block (forward, dQ): 16 per warp
 constexpr int KEYS = 128;     // keys per block (dK/dV): 16 per warp
 
+// Copies tiles of ROWS keys of bf16 K and V (row stride ld, the tile's first row at
+// `kv0`) global -> shared by cp.async, 16 bytes at a time with no registers in between:
+// each thread keeps the addresses of its chunks and steps them a tile per `issue`, so the
+// tiles must be issued in order. Rows from tk on and columns from hd on (a head dim padded
+// up to D) are zero-filled. Needs 16-byte aligned rows (hd a multiple of 8 and K, V 16-byte
+// aligned; flash.rs checks).
+template <int ROWS, int D>
+struct KvCopier {
+    static constexpr int PER_ROW = D / 8, N = ROWS * PER_ROW / THREADS;
+    static_assert(N >= 1 && ROWS * PER_ROW % THREADS == 0, "tile must split evenly over the threads");
+    const bf16 *k[N], *v[N];
+    size_t step;
+
+    __device__ __forceinline__ KvCopier(const bf16* kb, const bf16* vb, size_t kv0, size_t ld) : step(ROWS * ld) {
+#pragma unroll
+        for (int c = 0; c < N; ++c) {
+            const int i = threadIdx.x + c * THREADS;
+            const size_t at = kv0 + (size_t)(i / PER_ROW) * ld + (i % PER_ROW) * 8;
+            k[c] = kb + at;
+            v[c] = vb + at;
+        }
+    }
+
+    // Keys [key0, key0 + ROWS) into kdst and vdst (rows D + 8 apart), as one group.
+    __device__ __forceinline__ void issue(int key0, int tk, int hd, bf16* kdst, bf16* vdst) {
+#pragma unroll
+        for (int c = 0; c < N; ++c) {
+            const int i = threadIdx.x + c * THREADS, r = i / PER_ROW, col = (i % PER_ROW) * 8;
+            const bool in = key0 + r < tk && col < hd;
+            const int at = r * (D + 8) + col;
+            cp_async16(kdst + at, in ? k[c] : k[0], in ? 16 : 0);
+            cp_async16(vdst + at, in ? v[c] : v[0], in ? 16 : 0);
+            k[c] += step;
+            v[c] += step;
+        }
+        cp_async_commit();
+    }
+};
+
 // ---------------------------------------------------------------------------------------
 // Forward
 
@@ -85,15 +124,25 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 
     const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
     const size_t kv_ld = (size_t)n_kv * hd;
+    // bf16 K/V (as the model stores them) stream global -> shared by cp.async, the next
+    // tile's copies in flight during this tile's products; f32 ones go through registers,
+    // rounded to bf16 (Stager).
+    constexpr bool COPY = sizeof(T) == 2;
     fa::Stager<BN, D, THREADS> st;
+    KvCopier<BN, D> kvc(reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), kv0, kv_ld);
     auto rows_of = [&](const T* base, int key0) {
         return [=](int r) -> const T* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
     };
     if (n_tiles > 0) {
-        st.load(rows_of(k, 0), hd);
-        st.store(kbuf);
-        st.load(rows_of(v, 0), hd);
-        st.store(vbuf);
+        if constexpr (COPY) {
+            kvc.issue(0, tk, hd, kbuf, vbuf);
+            cp_async_wait<0>();
+        } else {
+            st.load(rows_of(k, 0), hd);
+            st.store(kbuf);
+            st.load(rows_of(v, 0), hd);
+            st.store(vbuf);
+        }
     }
     __syncthreads();
 
@@ -104,7 +153,9 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
         const int cur = kt & 1, key0 = kt * BN;
         const bool more = kt + 1 < n_tiles;
         const fa::Tile<LD> ks{kbuf + cur * BN * LD}, vs{vbuf + cur * BN * LD};
-        if (more) st.load(rows_of(k, key0 + BN), hd);
+        // The other buffers were last read in tile kt - 1, before its closing barrier.
+        if (COPY && more) kvc.issue(key0 + BN, tk, hd, kbuf + (cur ^ 1) * BN * LD, vbuf + (cur ^ 1) * BN * LD);
+        if (!COPY && more) st.load(rows_of(k, key0 + BN), hd);
 
         float s[BN / 8][4] = {};
 #pragma unroll
@@ -117,35 +168,38 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                 fa::mma(s[2 * np + 1], qa[kk], b[2], b[3]);
             }
         }
-        if (more) {
+        if (!COPY && more) {
             st.store(kbuf + (cur ^ 1) * BN * LD);
             st.load(rows_of(v, key0 + BN), hd);
         }
 
-        // Scores in log2 units; keys past a row's diagonal or past tk get -inf.
+        // Raw scores (the scale goes inside the exponential, one fma each); keys past a
+        // row's diagonal or past tk get -inf.
         const bool masked = key0 + BN > full;
 #pragma unroll
         for (int nt = 0; nt < BN / 8; ++nt) {
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
                 const int j = key0 + nt * 8 + 2 * t + (e & 1);
-                s[nt][e] = masked && j > lim[e >> 1] ? -INFINITY : s[nt][e] * sl2;
+                s[nt][e] = masked && j > lim[e >> 1] ? -INFINITY : s[nt][e];
             }
         }
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
+            // m: the row's running maximum of raw scores (scale > 0 keeps their order).
             float mx = m[h];
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * h], s[nt][2 * h + 1]));
             mx = fa::quad_max(mx);
             // Every row sees key 0 in tile 0, so mx is finite from then on.
-            const float alpha = exp2f(m[h] - mx);
+            const float ms = mx * sl2;
+            const float alpha = fa::ex2(m[h] * sl2 - ms);
             m[h] = mx;
             float sum = 0.f;
 #pragma unroll
             for (int nt = 0; nt < BN / 8; ++nt) {
-                s[nt][2 * h] = exp2f(s[nt][2 * h] - mx);
-                s[nt][2 * h + 1] = exp2f(s[nt][2 * h + 1] - mx);
+                s[nt][2 * h] = fa::ex2(fmaf(s[nt][2 * h], sl2, -ms));
+                s[nt][2 * h + 1] = fa::ex2(fmaf(s[nt][2 * h + 1], sl2, -ms));
                 sum += s[nt][2 * h] + s[nt][2 * h + 1];
             }
             l[h] = l[h] * alpha + sum;
@@ -168,7 +222,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                 fa::mma(o[2 * np + 1], pa, b[2], b[3]);
             }
         }
-        if (more) st.store(vbuf + (cur ^ 1) * BN * LD);
+        if (COPY) cp_async_wait<0>();  // tile kt + 1 has landed (this thread's part)
+        if (!COPY && more) st.store(vbuf + (cur ^ 1) * BN * LD);
         __syncthreads();
     }
 
@@ -184,7 +239,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                 *reinterpret_cast<float2*>(orow + nd * 8 + 2 * t) =
                     make_float2(o[nd][2 * h] * inv, o[nd][2 * h + 1] * inv);
         }
-        if (t == 0) lse[gr.lse_at(row[h])] = sum > 0.f ? (m[h] + log2f(sum)) * fa::LN2 : -INFINITY;
+        if (t == 0) lse[gr.lse_at(row[h])] = sum > 0.f ? (m[h] * sl2 + log2f(sum)) * fa::LN2 : -INFINITY;
     }
 }
 

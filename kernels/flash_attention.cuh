@@ -103,19 +103,17 @@ __device__ __forceinline__ void c_to_a_split(uint32_t (&hi)[4], uint32_t (&lo)[4
     }
 }
 
-// Sum and max over the four lanes that share a row of a C fragment.
 // 2^x as the hardware's approximate exponential, subnormal results flushed to zero.
 // exp2f compiles to the same ex2.approx but without .ftz, which ptxas wraps in a compare
 // and two predicated scalings per call to keep results below 2^-126; a softmax weight
 // that small is nothing beside the row's largest, 1. 2^-inf = 0, as masking relies on.
-// (The backward kernels use it; in the forward, at its 128-register budget, every form
-// tried made ptxas spill, so it keeps exp2f.)
 __device__ __forceinline__ float ex2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
 
+// Sum and max over the four lanes that share a row of a C fragment.
 __device__ __forceinline__ float quad_sum(float x) {
     x += __shfl_xor_sync(0xffffffffu, x, 1);
     return x + __shfl_xor_sync(0xffffffffu, x, 2);

@@ -413,8 +413,8 @@ mod tests {
         }
     }
 
-    /// The entries `ptxas -v` reports spill stores or loads for, with its line.
-    fn spilling_entries(log: &str) -> Vec<String> {
+    /// The entries `ptxas -v` reports spill stores or loads for, with the bytes stored.
+    fn spilling_entries(log: &str) -> Vec<(String, u32)> {
         let mut entry = "";
         let mut out = Vec::new();
         for line in log.lines() {
@@ -423,24 +423,33 @@ mod tests {
             } else if line.contains("spill stores")
                 && !line.contains(" 0 bytes spill stores, 0 bytes spill loads")
             {
-                out.push(format!("{entry}: {}", line.trim()));
+                let stored = line
+                    .split(" bytes spill stores")
+                    .next()
+                    .and_then(|l| l.rsplit(' ').next())
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(u32::MAX);
+                out.push((entry.to_string(), stored));
             }
         }
         out
     }
 
+    /// Spills allowed on sm_90, by entry, in bytes stored: each one read in the
+    /// disassembly (nvdisasm, 2026-11-30) to lie outside the entry's loops. The bf16 flash
+    /// forward runs at 128 registers (two blocks per SM) and keeps one 64-bit offset from
+    /// its prologue to its epilogue in local memory: one store and two loads per thread.
+    const SPILLS_ALLOWED: [(&str, u32); 1] = [("flash_fwd_64_bf16", 8)];
+
     #[test]
     fn spills_are_found_in_a_ptxas_log() {
         let log = "ptxas info    : Function properties for k1\n    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\nptxas info    : Function properties for k2\n    16 bytes stack frame, 16 bytes spill stores, 36 bytes spill loads\n";
-        assert_eq!(
-            spilling_entries(log),
-            ["k2: 16 bytes stack frame, 16 bytes spill stores, 36 bytes spill loads"]
-        );
+        assert_eq!(spilling_entries(log), [("k2".to_string(), 16)]);
     }
 
     /// Every PTX file passes ptxas for sm_80 (A100) and sm_90 (H100/H200), and no entry the
-    /// engine runs spills registers to local memory on sm_90 (ptxas -v): a spill inside a
-    /// main loop costs more than any tiling gains. (lora_gemm_tiles.cu's 64 x 64 warp tiles
+    /// engine runs spills registers to local memory on sm_90 (ptxas -v) beyond
+    /// `SPILLS_ALLOWED`: a spill inside a main loop costs more than any tiling gains. (lora_gemm_tiles.cu's 64 x 64 warp tiles
     /// spill a little; they are only timed beside the engine's, BENCHMARKS.md.) ptxas sits
     /// beside $NVCC (scripts/install-nvcc.sh installs both).
     #[test]
@@ -481,10 +490,15 @@ mod tests {
                 let log = String::from_utf8_lossy(&out.stderr);
                 assert!(out.status.success(), "ptxas -arch={arch} {}: {log}", m.name);
                 if arch == "sm_90" && m.name != "lora_gemm_tiles" {
-                    let spilling = spilling_entries(&log);
+                    let spilling: Vec<(String, u32)> = spilling_entries(&log)
+                        .into_iter()
+                        .filter(|(e, bytes)| {
+                            !SPILLS_ALLOWED.iter().any(|(a, max)| a == e && bytes <= max)
+                        })
+                        .collect();
                     assert!(
                         spilling.is_empty(),
-                        "{}: spills on sm_90: {spilling:?}",
+                        "{}: spills on sm_90 (entry, bytes stored): {spilling:?}",
                         m.name
                     );
                 }

@@ -194,6 +194,15 @@ impl CudaBackend {
     ) -> Result<(DevBuf<f32>, DevBuf<f32>)> {
         let var = variant(s)?;
         let ty = qkv_dtype(q, k, v)?;
+        // bf16 K and V are copied by cp.async in 16-byte chunks (KvCopier): their rows
+        // (head dims of 16s) are whole chunks, and the buffers must start on one.
+        if ty == DType::Bf16 && (k.addr() % 16 != 0 || v.addr() % 16 != 0) {
+            return Err(Error::Device(format!(
+                "flash attention: bf16 K and V must start 16-byte aligned (k at {:#x}, v at {:#x})",
+                k.addr(),
+                v.addr()
+            )));
+        }
         let out = self.uninit(s.batch * s.tq * s.n_heads * s.head_dim)?;
         let lse = self.uninit(s.rows_len())?;
         let mut args = vec![

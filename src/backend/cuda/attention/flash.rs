@@ -196,7 +196,7 @@ impl CudaBackend {
         let ty = qkv_dtype(q, k, v)?;
         // bf16 K and V are copied by cp.async in 16-byte chunks (KvCopier): their rows
         // (head dims of 16s) are whole chunks, and the buffers must start on one.
-        if ty == DType::Bf16 && (k.addr() % 16 != 0 || v.addr() % 16 != 0) {
+        if ty == DType::Bf16 && !(k.addr().is_multiple_of(16) && v.addr().is_multiple_of(16)) {
             return Err(Error::Device(format!(
                 "flash attention: bf16 K and V must start 16-byte aligned (k at {:#x}, v at {:#x})",
                 k.addr(),

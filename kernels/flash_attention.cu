@@ -369,15 +369,23 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
 
     const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
     const size_t kv_ld = (size_t)n_kv * hd;
+    // K/V tiles as in the forward: cp.async for bf16, the register stager for f32.
+    constexpr bool COPY = sizeof(T) == 2;
     fa::Stager<BN, D, THREADS> st;
+    KvCopier<BN, D> kvc(reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), kv0, kv_ld);
     auto rows_of = [&](const T* base, int key0) {
         return [=](int r) -> const T* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
     };
     if (n_tiles > 0) {
-        st.load(rows_of(k, 0), hd);
-        st.store(kbuf);
-        st.load(rows_of(v, 0), hd);
-        st.store(vbuf);
+        if constexpr (COPY) {
+            kvc.issue(0, tk, hd, kbuf, vbuf);
+            cp_async_wait<0>();
+        } else {
+            st.load(rows_of(k, 0), hd);
+            st.store(kbuf);
+            st.load(rows_of(v, 0), hd);
+            st.store(vbuf);
+        }
     }
     __syncthreads();
 
@@ -386,7 +394,9 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
         const int cur = kt & 1, key0 = kt * BN;
         const bool more = kt + 1 < n_tiles;
         const fa::Tile<LD> ks{kbuf + cur * BN * LD}, vs{vbuf + cur * BN * LD};
-        if (more) st.load(rows_of(k, key0 + BN), hd);
+        // The other buffers were last read in tile kt - 1, before its closing barrier.
+        if (COPY && more) kvc.issue(key0 + BN, tk, hd, kbuf + (cur ^ 1) * BN * LD, vbuf + (cur ^ 1) * BN * LD);
+        if (!COPY && more) st.load(rows_of(k, key0 + BN), hd);
         float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -398,7 +408,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
                 fa::mma(s[2 * np + 1], qa[kk], b[2], b[3]);
             }
         }
-        if (more) {
+        if (!COPY && more) {
             st.store(kbuf + (cur ^ 1) * BN * LD);
             st.load(rows_of(v, key0 + BN), hd);
         }
@@ -412,7 +422,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
                 fa::mma(dp[2 * np + 1], da[kk], b[2], b[3]);
             }
         }
-        if (more) st.store(vbuf + (cur ^ 1) * BN * LD);
+        if (!COPY && more) st.store(vbuf + (cur ^ 1) * BN * LD);
 
         // dS = P (dP - D), P recomputed from the saved LSE; 0 where masked.
         const bool masked = key0 + BN > full;
@@ -438,6 +448,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
                 fa::mma(acc[2 * np + 1], a, b[2], b[3]);
             }
         }
+        if (COPY) cp_async_wait<0>();  // tile kt + 1 has landed (this thread's part)
         __syncthreads();
     }
 

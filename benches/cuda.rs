@@ -27,7 +27,7 @@ use std::rc::Rc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::runtime::DType;
-use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, DevBuf};
+use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, DevBuf, LoraGemmTiling};
 use lalora_engine::backend::group::{Feeds, GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
 use lalora_engine::curvature::{
@@ -1199,19 +1199,39 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let step_work = roofline::llama_step(&cfg, r, bsz, seq);
     let pass_work = roofline::curvature_pass(&cfg, r, bsz, seq);
     let mut want = want.into_iter().map(Rc::new);
+    let step_want = want.next().unwrap();
+    let step_got: Rc<dyn Fn() -> Outs> = Rc::new(|| {
+        let host = grads.borrow().map(|b| g.to_host(b)).unwrap();
+        vec![("grads", flat(&host))]
+    });
     let mut variants = vec![Variant {
         name: "lora_forward_backward".into(),
         work: step_work,
         call: Rc::new(|| {
             accumulate_gradients(g, &model, &lora, &batch, 1.0, &mut grads.borrow_mut()).unwrap();
         }),
-        got: Rc::new(|| {
-            let host = grads.borrow().map(|b| g.to_host(b)).unwrap();
-            vec![("grads", flat(&host))]
-        }),
-        want: want.next().unwrap(),
+        got: step_got.clone(),
+        want: step_want.clone(),
         bound: PASS_BOUND,
     }];
+    // The step under each other tiling of the LoRA GEMM (`lora_forward_backward@NAME`;
+    // the engine's is restored after each call): issue 8's figure for every tiling in the
+    // same run, beside the one-layer comparison of benches/cuda/tilings.rs.
+    for t in LoraGemmTiling::all().into_iter().skip(1) {
+        let (model, lora, batch, grads) = (&model, &lora, &batch, &grads);
+        variants.push(Variant {
+            name: format!("lora_forward_backward@{}", t.name()),
+            work: step_work,
+            call: Rc::new(move || {
+                g.set_lora_gemm_tiling(t);
+                accumulate_gradients(g, model, lora, batch, 1.0, &mut grads.borrow_mut()).unwrap();
+                g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
+            }),
+            got: step_got.clone(),
+            want: step_want.clone(),
+            bound: PASS_BOUND,
+        });
+    }
     for (name, scheme) in schemes {
         let (model, lora, examples, cur) = (&model, &lora, &examples, &cur);
         variants.push(Variant {

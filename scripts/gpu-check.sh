@@ -34,8 +34,8 @@
 #       each one's FLOPs and bytes (`work:`) and, from criterion's medians, the achieved
 #       TFLOP/s and TB/s against the H200's ceilings (`roofline:`); those lines go to
 #       roofline.txt and, as a table, under table.md, with the LoRA GEMM's tilings side by
-#       side (one layer's projections under each; about 45 s of the run); a bench not
-#       measured is a failure.
+#       side (one layer's projections and the whole training step under each; about 90 s
+#       of the run); a bench not measured is a failure.
 #       $OUT: summary.txt bench.log roofline.txt estimates.json peer.json peer.log table.md
 #       (7 files).
 #   scripts/gpu-check.sh --profile      on the GPU machine (about 2-3 minutes): the same checks
@@ -686,7 +686,10 @@ want = {
     "cuda_lora_4096x2048_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
     "cuda_diag_16x256_r16_d2048": ["per_sample_squaring", "materialised_cublas"],
     "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "cublas_gemm"],
-    "cuda_llama1b_shape_4x512": ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass"],
+    "cuda_llama1b_shape_4x512": ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass"] + [
+        f"lora_forward_backward@{t}{o}" for t in ["128x128x32s3", "128x128x32s4", "128x128x64s4", "128x256x32s4", "256x128x32s4"]
+        for o in ["", "-rows"] if t + o != "128x128x32s3"
+    ],
     "cuda_lora_qkv_4096x2048_o2048+512+512_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
     "cuda_attention_4x1024_h32_kv8_d64_forward": ["flash"],
     "cuda_attention_4x1024_h32_kv8_d64_forward_backward": ["flash"],
@@ -771,9 +774,12 @@ except Exception as e:
 t = "cuda_lora_gemm_tilings_layer_2048x2048_r16"
 tilings = [k.split("/", 1)[1] for k in est if k.startswith(t + "/")]
 engine = ms(t, "128x128x32s3")
-print("\n| LoRA GEMM tiling: one layer's projections, forward + backward, 2048 rows | ms | speed-up over the engine's |\n|---|---:|---:|")
+def step_ms(n):
+    return step if n == "128x128x32s3" else ms(g, f"lora_forward_backward@{n}")
+print("\n| LoRA GEMM tiling | one layer's projections, fwd + bwd (ms) | speed-up | training step (ms) | speed-up |\n|---|---:|---:|---:|---:|")
 for n in tilings:
-    print(f"| {n}{' (the engine' + chr(39) + 's)' if n == '128x128x32s3' else ''} | {ms(t, n):.3f} | {engine/ms(t, n):.2f}x |")
+    print(f"| {n}{' (the engine' + chr(39) + 's)' if n == '128x128x32s3' else ''} | {ms(t, n):.3f} | {engine/ms(t, n):.2f}x"
+          f" | {step_ms(n):.1f} | {step/step_ms(n):.2f}x |")
 if math.isnan(step) or math.isnan(engine) or any(math.isnan(ms(g, a)) or math.isnan(ms(g, b)) for _, g, a, b in rows):
     sys.exit(1)
 PY

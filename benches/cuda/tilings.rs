@@ -8,7 +8,6 @@
 //! say which to make the engine's.
 
 use super::*;
-use lalora_engine::backend::cuda::LoraGemmTiling;
 
 /// The stored inputs of one projection group: `x` and its output gradients as the model
 /// holds them, and what reads `y`.

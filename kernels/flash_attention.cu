@@ -4,9 +4,11 @@
 // Forward (FlashAttention-2): one block of 8 warps per 128 query rows of one (sequence,
 // KV head), the heads of the group packed into the rows (fa::Group), so K/V tiles are
 // read once for the whole group. Each warp owns 16 rows: S = Q K^T on mma.sync, online
-// softmax in registers (exp2 with the scale folded in), O += P V with P kept in registers.
+// softmax in registers (2^x with the scale folded into one fma per score; maxima of the
+// raw scores), O += P V with P kept in registers.
 // K/V tiles of 64 keys are double-buffered in shared memory; the next tile's global reads
-// are issued before the current tile's products. Causal: a block visits only key tiles up
+// are issued before the current tile's products (bf16 K/V by cp.async, `KvCopier`; f32
+// ones through registers, `fa::Stager`). Causal: a block visits only key tiles up
 // to its last row's position and masks only tiles that cross a row's diagonal (or tk).
 // It writes O and the row log-sum-exp (natural log of the scaled scores): O(T) saved state.
 //
@@ -24,8 +26,8 @@
 // q and k, without the pass over them the model would otherwise run.
 //
 // q, k and v are f32, rounded to bf16 as their tiles are staged into shared memory, or
-// bf16 (the projections' outputs with bf16 base weights: staged as they are, half the
-// bytes read); dO is stored as q/k/v are (every read of it rounds it to bf16 for the
+// bf16 (the projections' outputs with bf16 base weights: copied as they are, half the
+// bytes read; the forward's and dQ's K/V tiles global -> shared by cp.async); dO is stored as q/k/v are (every read of it rounds it to bf16 for the
 // products, and D's sum too); O and the LSE are f32; dQ, dK and dV are f32, or bf16 (the
 // f32 results rounded once) outside curvature passes with bf16 base weights. Kernels are
 // built for head dims 64 and 128 (D); a smaller multiple of 16 runs zero-padded in the

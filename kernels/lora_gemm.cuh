@@ -8,11 +8,11 @@
 // SwiGLU output, the gate/up and q/k/v gradients and o_proj's dx with bf16 base weights)
 // and W_s a bf16 or f32 weight, stored n-major
 // (W[n][k], lora_gemm_nt: y = x W^T) or k-major (W[k][n], lora_gemm_nn: dx = g W). Every
-// problem of a launch shares the row count m; a block owns one 128 x 128 tile of one
-// problem's output (blockIdx.x runs over the problems' column tiles in order, blockIdx.y
-// over row tiles), so a projection group is one launch whatever its widths (GQA: k/v
-// narrower than q), and each output element is written once by one thread: no atomics,
-// deterministic. The u and gA launches, r columns wide and so few blocks, may split K over
+// problem of a launch shares the row count m; a block owns one BM x BN tile of one
+// problem's output (one grid dimension runs over the problems' column tiles in order, the
+// other over row tiles), so a projection group is one launch whatever its widths (GQA:
+// k/v narrower than q), and each output element is written once by one thread: no
+// atomics, deterministic. The u and gA launches, r columns wide and so few blocks, may split K over
 // blockIdx.z (the host picks the split count from the shapes alone and adds the partial
 // sums in split order: still deterministic). An output is f32, or bf16 (the f32 sum rounded once: the q/k/v and
 // gate/up outputs with bf16 base weights, which only kernels read). The LoRA uses of it (the model's projections, four launches per group, and
@@ -54,7 +54,8 @@
 // Tails in m, n and k are zero-filled when staged (16-byte loads where the layout allows,
 // else scalar), and a step's products stop at the last 16 columns of K that hold data (a
 // LoRA segment of r = 16 takes one k16 step, not BK / 16). Blocks take the output tiles
-// column tiles first (blockIdx.x), or row tiles first when `rows_fastest` (then the blocks
+// column tiles first (blockIdx.x; blockIdx.y the row tiles), or row tiles first when
+// `rows_fastest` (then the blocks
 // resident at once share a few weights' column tiles rather than one row tile of X, which
 // favours L2 when W is the larger operand). lora_gemm.cu instantiates the tiling the
 // engine runs; lora_gemm_tiles.cu the others, for `benches/cuda.rs` to time side by side.

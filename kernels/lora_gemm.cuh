@@ -55,10 +55,10 @@
 // else scalar), and a step's products stop at the last 16 columns of K that hold data (a
 // LoRA segment of r = 16 takes one k16 step, not BK / 16). Blocks take the output tiles
 // column tiles first (blockIdx.x; blockIdx.y the row tiles), or row tiles first when
-// `rows_fastest` (then the blocks
-// resident at once share a few weights' column tiles rather than one row tile of X, which
-// favours L2 when W is the larger operand). lora_gemm.cu instantiates the tiling the
-// engine runs; lora_gemm_tiles.cu the others, for `benches/cuda.rs` to time side by side.
+// `rows_fastest` (then the blocks resident at once share a few weights' column tiles
+// rather than one row tile of X, which favours L2 when W is the larger operand).
+// lora_gemm.cu instantiates the tiling the engine runs; lora_gemm_tiles.cu the others,
+// for `benches/cuda.rs` to time side by side.
 #pragma once
 #include "common.cuh"
 #include "flash_attention.cuh"

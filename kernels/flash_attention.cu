@@ -80,6 +80,71 @@ struct KvCopier {
     }
 };
 
+// The K/V tiles of a sweep over keys (the forward and dQ), double-buffered in shared
+// memory (kbuf, vbuf: [2][BN][D + 8]). bf16 K/V are copied global -> shared by cp.async
+// (KvCopier); f32 ones are loaded into registers and stored rounded (fa::Stager), K stored
+// before V is loaded so that one tile's registers are live at a time. While tile kt is
+// read from buffer kt & 1, tile kt + 1 moves into the other (`buf`): `next` at the top of
+// the iteration, `k_read` once K's products are issued, `v_read` once V's are, `landed`
+// before the closing barrier.
+template <int BN, int D, typename T>
+struct KvTiles {
+    static constexpr bool COPY = sizeof(T) == 2;
+    static constexpr int TILE = BN * (D + 8);
+    const T *k, *v;
+    size_t kv0, ld;
+    int tk, hd;
+    bf16 *kbuf, *vbuf;
+    fa::Stager<BN, D, THREADS> st;
+    KvCopier<BN, D> cp;
+
+    __device__ __forceinline__ KvTiles(const T* k_, const T* v_, size_t kv0_, size_t ld_, int tk_, int hd_,
+                                       bf16* kbuf_, bf16* vbuf_)
+        : k(k_), v(v_), kv0(kv0_), ld(ld_), tk(tk_), hd(hd_), kbuf(kbuf_), vbuf(vbuf_),
+          cp(reinterpret_cast<const bf16*>(k_), reinterpret_cast<const bf16*>(v_), kv0_, ld_) {}
+
+    // Row r of the tile of keys from key0 of `base`, or null past tk.
+    __device__ __forceinline__ auto rows(const T* base, int key0) const {
+        const size_t at = kv0, stride = ld;
+        const int end = tk;
+        return [=](int r) -> const T* { return key0 + r < end ? base + at + (key0 + r) * stride : nullptr; };
+    }
+
+    // Tile 0 into buffer 0, landed (the caller's barrier publishes it).
+    __device__ __forceinline__ void first() {
+        if constexpr (COPY) {
+            cp.issue(0, tk, hd, kbuf, vbuf);
+            cp_async_wait<0>();
+        } else {
+            st.load(rows(k, 0), hd);
+            st.store(kbuf);
+            st.load(rows(v, 0), hd);
+            st.store(vbuf);
+        }
+    }
+    // Tile key0 (the next one) starts on its way to buffer `buf`, last read by the previous
+    // tile before its closing barrier.
+    __device__ __forceinline__ void next(int key0, int buf) {
+        if constexpr (COPY)
+            cp.issue(key0, tk, hd, kbuf + buf * TILE, vbuf + buf * TILE);
+        else
+            st.load(rows(k, key0), hd);
+    }
+    __device__ __forceinline__ void k_read(int key0, int buf) {
+        if constexpr (!COPY) {
+            st.store(kbuf + buf * TILE);
+            st.load(rows(v, key0), hd);
+        }
+    }
+    __device__ __forceinline__ void v_read(int buf) {
+        if constexpr (!COPY) st.store(vbuf + buf * TILE);
+    }
+    // This thread's part of the next tile, if one was started, has landed.
+    __device__ __forceinline__ void landed() {
+        if constexpr (COPY) cp_async_wait<0>();
+    }
+};
+
 // ---------------------------------------------------------------------------------------
 // Forward
 
@@ -126,26 +191,9 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
 
     const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
     const size_t kv_ld = (size_t)n_kv * hd;
-    // bf16 K/V (as the model stores them) stream global -> shared by cp.async, the next
-    // tile's copies in flight during this tile's products; f32 ones go through registers,
-    // rounded to bf16 (Stager).
-    constexpr bool COPY = sizeof(T) == 2;
-    fa::Stager<BN, D, THREADS> st;
-    KvCopier<BN, D> kvc(reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), kv0, kv_ld);
-    auto rows_of = [&](const T* base, int key0) {
-        return [=](int r) -> const T* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
-    };
-    if (n_tiles > 0) {
-        if constexpr (COPY) {
-            kvc.issue(0, tk, hd, kbuf, vbuf);
-            cp_async_wait<0>();
-        } else {
-            st.load(rows_of(k, 0), hd);
-            st.store(kbuf);
-            st.load(rows_of(v, 0), hd);
-            st.store(vbuf);
-        }
-    }
+    // The next tile's copies (bf16) or loads (f32) are in flight during this tile's products.
+    KvTiles<BN, D, T> kv(k, v, kv0, kv_ld, tk, hd, kbuf, vbuf);
+    if (n_tiles > 0) kv.first();
     __syncthreads();
 
     const float sl2 = scale * fa::LOG2E;
@@ -155,9 +203,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
         const int cur = kt & 1, key0 = kt * BN;
         const bool more = kt + 1 < n_tiles;
         const fa::Tile<LD> ks{kbuf + cur * BN * LD}, vs{vbuf + cur * BN * LD};
-        // The other buffers were last read in tile kt - 1, before its closing barrier.
-        if (COPY && more) kvc.issue(key0 + BN, tk, hd, kbuf + (cur ^ 1) * BN * LD, vbuf + (cur ^ 1) * BN * LD);
-        if (!COPY && more) st.load(rows_of(k, key0 + BN), hd);
+        if (more) kv.next(key0 + BN, cur ^ 1);
 
         float s[BN / 8][4] = {};
 #pragma unroll
@@ -170,10 +216,7 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                 fa::mma(s[2 * np + 1], qa[kk], b[2], b[3]);
             }
         }
-        if (!COPY && more) {
-            st.store(kbuf + (cur ^ 1) * BN * LD);
-            st.load(rows_of(v, key0 + BN), hd);
-        }
+        if (more) kv.k_read(key0 + BN, cur ^ 1);
 
         // Raw scores (the scale goes inside the exponential, one fma each); keys past a
         // row's diagonal or past tk get -inf.
@@ -224,8 +267,8 @@ __device__ __forceinline__ void fwd(const T* __restrict__ q, const T* __restrict
                 fa::mma(o[2 * np + 1], pa, b[2], b[3]);
             }
         }
-        if (COPY) cp_async_wait<0>();  // tile kt + 1 has landed (this thread's part)
-        if (!COPY && more) st.store(vbuf + (cur ^ 1) * BN * LD);
+        if (more) kv.v_read(cur ^ 1);
+        kv.landed();
         __syncthreads();
     }
 
@@ -371,24 +414,9 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
 
     const size_t kv0 = ((size_t)blockIdx.z * tk_stride * n_kv + blockIdx.y) * hd;
     const size_t kv_ld = (size_t)n_kv * hd;
-    // K/V tiles as in the forward: cp.async for bf16, the register stager for f32.
-    constexpr bool COPY = sizeof(T) == 2;
-    fa::Stager<BN, D, THREADS> st;
-    KvCopier<BN, D> kvc(reinterpret_cast<const bf16*>(k), reinterpret_cast<const bf16*>(v), kv0, kv_ld);
-    auto rows_of = [&](const T* base, int key0) {
-        return [=](int r) -> const T* { return key0 + r < tk ? base + kv0 + (key0 + r) * kv_ld : nullptr; };
-    };
-    if (n_tiles > 0) {
-        if constexpr (COPY) {
-            kvc.issue(0, tk, hd, kbuf, vbuf);
-            cp_async_wait<0>();
-        } else {
-            st.load(rows_of(k, 0), hd);
-            st.store(kbuf);
-            st.load(rows_of(v, 0), hd);
-            st.store(vbuf);
-        }
-    }
+    // K/V tiles as in the forward.
+    KvTiles<BN, D, T> kv(k, v, kv0, kv_ld, tk, hd, kbuf, vbuf);
+    if (n_tiles > 0) kv.first();
     __syncthreads();
 
     float acc[D / 8][4] = {};
@@ -396,9 +424,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
         const int cur = kt & 1, key0 = kt * BN;
         const bool more = kt + 1 < n_tiles;
         const fa::Tile<LD> ks{kbuf + cur * BN * LD}, vs{vbuf + cur * BN * LD};
-        // The other buffers were last read in tile kt - 1, before its closing barrier.
-        if (COPY && more) kvc.issue(key0 + BN, tk, hd, kbuf + (cur ^ 1) * BN * LD, vbuf + (cur ^ 1) * BN * LD);
-        if (!COPY && more) st.load(rows_of(k, key0 + BN), hd);
+        if (more) kv.next(key0 + BN, cur ^ 1);
         float s[BN / 8][4] = {}, dp[BN / 8][4] = {};
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -410,10 +436,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
                 fa::mma(s[2 * np + 1], qa[kk], b[2], b[3]);
             }
         }
-        if (!COPY && more) {
-            st.store(kbuf + (cur ^ 1) * BN * LD);
-            st.load(rows_of(v, key0 + BN), hd);
-        }
+        if (more) kv.k_read(key0 + BN, cur ^ 1);
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
 #pragma unroll
@@ -424,7 +447,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
                 fa::mma(dp[2 * np + 1], da[kk], b[2], b[3]);
             }
         }
-        if (!COPY && more) st.store(vbuf + (cur ^ 1) * BN * LD);
+        if (more) kv.v_read(cur ^ 1);
 
         // dS = P (dP - D), P recomputed from the saved LSE; 0 where masked.
         const bool masked = key0 + BN > full;
@@ -450,7 +473,7 @@ __device__ __forceinline__ void bwd_dq(const T* __restrict__ q, const T* __restr
                 fa::mma(acc[2 * np + 1], a, b[2], b[3]);
             }
         }
-        if (COPY) cp_async_wait<0>();  // tile kt + 1 has landed (this thread's part)
+        kv.landed();
         __syncthreads();
     }
 

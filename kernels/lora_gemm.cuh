@@ -441,13 +441,7 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
     const Prob pr = probs[p];
     const int n = pr.n, m0 = tile_row * T::BM, n0 = (tile_col - pr.tile_start) * T::BN;
 
-    float acc[T::MT][T::NT][4];
-#pragma unroll
-    for (int i = 0; i < T::MT; ++i)
-#pragma unroll
-        for (int j = 0; j < T::NT; ++j)
-#pragma unroll
-            for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+    float acc[T::MT][T::NT][4] = {};
 
     // Segment by segment. Where W is copyable (a bf16 weight: the base products, nearly
     // all the work) it streams global -> shared by cp.async, STAGES - 1 steps ahead, the

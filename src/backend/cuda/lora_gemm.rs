@@ -15,7 +15,7 @@
 use bytemuck::{Pod, Zeroable};
 
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{Act, BaseDtype, CudaBackend, Weight, lora_tiling};
+use super::{Act, BaseDtype, CudaBackend, LoraGemmTiling, Weight, lora_tiling};
 use crate::backend::Segment;
 use crate::backend::group::{Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::error::{Error, Result};
@@ -186,7 +186,7 @@ impl CudaBackend {
 
     /// One launch of the grouped GEMM over `problems`, all with `m` rows.
     fn lora_gemm(&self, layout: Layout, m: usize, problems: &[Problem]) -> Result<()> {
-        self.lora_gemm_splits(layout, m, problems, 1)
+        self.lora_gemm_splits(self.lora_gemm_tiling(), layout, m, problems, 1)
     }
 
     /// `lora_gemm` for problems a few column tiles wide (the u and gA products: r columns
@@ -211,7 +211,7 @@ impl CudaBackend {
             .unwrap_or(0);
         let splits = splits_for(blocks, steps);
         if splits == 1 {
-            return self.lora_gemm(layout, m, problems);
+            return self.lora_gemm_splits(tiling, layout, m, problems, 1);
         }
         if problems
             .iter()
@@ -237,7 +237,7 @@ impl CudaBackend {
                 rope: None,
             })
             .collect();
-        self.lora_gemm_splits(layout, m, &staged, splits)?;
+        self.lora_gemm_splits(tiling, layout, m, &staged, splits)?;
         for (p, part) in problems.iter().zip(&parts) {
             // out[i][j] = sum_s part[s][i][j] (rows m, columns n, row stride n).
             self.launch(
@@ -263,12 +263,12 @@ impl CudaBackend {
     /// One launch over `problems` with K split `splits` ways (grid z; one: no split).
     fn lora_gemm_splits(
         &self,
+        tiling: LoraGemmTiling,
         layout: Layout,
         m: usize,
         problems: &[Problem],
         splits: usize,
     ) -> Result<()> {
-        let tiling = self.lora_gemm_tiling();
         let (bm, bn) = tiling.tile();
         let mut probs = Vec::with_capacity(problems.len());
         let mut segs = Vec::new();

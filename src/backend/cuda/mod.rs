@@ -157,31 +157,28 @@ impl CudaBackend {
     /// The GPU `cuda:ordinal`.
     pub fn new(ordinal: usize, base: BaseDtype) -> Result<Self> {
         need_kernels()?;
-        let tiling = LoraGemmTiling::from_env()?;
-        let be = Self::on(Arc::new(driver::Driver::new(ordinal)?), base);
-        be.set_lora_gemm_tiling(tiling);
-        Ok(be)
+        Self::on(Arc::new(driver::Driver::new(ordinal)?), base)
     }
 
     /// The PTX simulator, running blocks on `threads` host threads (0: all cores).
     pub fn sim(threads: usize, base: BaseDtype) -> Result<Self> {
         need_kernels()?;
-        let tiling = LoraGemmTiling::from_env()?;
-        let be = Self::on(Arc::new(sim::Sim::new(threads)?), base);
-        be.set_lora_gemm_tiling(tiling);
-        Ok(be)
+        Self::on(Arc::new(sim::Sim::new(threads)?), base)
     }
 
-    fn on(device: Arc<dyn Runtime>, base: BaseDtype) -> Self {
+    /// The backend on `device`, the LoRA GEMM's tiling the one `LALORA_LORA_GEMM_TILING`
+    /// names, else the engine's.
+    fn on(device: Arc<dyn Runtime>, base: BaseDtype) -> Result<Self> {
+        let tiling = LoraGemmTiling::from_env()?;
         let counted = Arc::new(Counted::new(device));
         let rt: Arc<dyn Runtime> = counted.clone();
-        CudaBackend {
+        Ok(CudaBackend {
             kernels: Kernels::new(rt.clone()),
             rt,
             counted,
             base,
-            lora_tiling: AtomicUsize::new(LoraGemmTiling::ENGINE.index()),
-        }
+            lora_tiling: AtomicUsize::new(tiling.index()),
+        })
     }
 
     /// Run the LoRA GEMM's launches with `tiling` from now on (the engine's own:

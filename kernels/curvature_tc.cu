@@ -274,10 +274,28 @@ __device__ __forceinline__ void fold(typename C::Acc& into, typename C::Acc& fro
             }
 }
 
-// Runs the cp.async pipeline over tiles[0, n): after each tile's products are in `acc`,
-// calls after(i, meta). Every thread of the block takes part.
-template <class C, class After>
-__device__ __forceinline__ void mainloop(const Operands<C>& op, const int2* tiles, int n, typename C::Acc& acc,
+// The row tiles a product runs over, each (first row, rows | SEQ_END on a sequence's
+// last): a table on the device, or (`table` null) the BK-row tiles of the one run of rows
+// [start, start + rows), which the host then need not copy to the device per launch (a
+// training step's weight gradients reduce over all its rows).
+struct Tiles {
+    const int2* table;
+    int start, rows;
+    __device__ __forceinline__ int2 operator[](int i) const {
+        if (table) return table[i];
+        const int r0 = i * BK, n = min(BK, rows - r0);
+        return make_int2(start + r0, n | (r0 + n == rows ? SEQ_END : 0));
+    }
+    // The tiles from the i-th on.
+    __device__ __forceinline__ Tiles from(int i) const {
+        return table ? Tiles{table + i, start, rows} : Tiles{nullptr, start + i * BK, rows - i * BK};
+    }
+};
+
+// Runs the cp.async pipeline over tiles[0, n) (a table, or `Tiles`): after each tile's
+// products are in `acc`, calls after(i, meta). Every thread of the block takes part.
+template <class C, class TileList, class After>
+__device__ __forceinline__ void mainloop(const Operands<C>& op, const TileList& tiles, int n, typename C::Acc& acc,
                                          After after) {
     extern __shared__ float4 smem4[];
     char* smem = reinterpret_cast<char*>(smem4);
@@ -329,14 +347,15 @@ __device__ __forceinline__ void zero(typename C::Acc& a) {
             for (int q = 0; q < 4; ++q) a[i][j][q] = 0.f;
 }
 
-// C = A^T B over tiles[split's range] for the tile (blockIdx.x) of C, split blockIdx.y of
+// C = A^T B over tiles[split's range] (`Tiles`: the table `tiles`, or when it is null the
+// run of `run_rows` rows from `run_start`) for the tile (blockIdx.x) of C, split blockIdx.y of
 // gridDim.y. One split: out[m rs + n cs] += alpha C[m][n]. Several: partial[split][m][n] =
 // C[m][n], for gram_reduce_splits. With `upper` (A == B, square tiles) blockIdx.x counts
 // the tiles on and above the diagonal row by row, and only m <= n is written.
 template <class C>
-__device__ __forceinline__ void gram(const typename C::TA* a, const typename C::TB* b, int M, int N, const int2* tiles, int ntiles,
-                                     int tiles_n, int upper, float alpha, float* out, long long rs, long long cs,
-                                     float* partial, int va, int vb) {
+__device__ __forceinline__ void gram(const typename C::TA* a, const typename C::TB* b, int M, int N, const int2* tiles,
+                                     int run_start, int run_rows, int ntiles, int tiles_n, int upper, float alpha,
+                                     float* out, long long rs, long long cs, float* partial, int va, int vb) {
     int tm = 0, tn = blockIdx.x;
     if (upper) {
         while (tn >= tiles_n - tm) tn -= tiles_n - tm++;
@@ -351,7 +370,7 @@ __device__ __forceinline__ void gram(const typename C::TA* a, const typename C::
     typename C::Acc acc, tot;
     zero<C>(acc);
     zero<C>(tot);
-    mainloop<C>(op, tiles + t0, t1 - t0, acc, [&](int i, int) {
+    mainloop<C>(op, Tiles{tiles, run_start, run_rows}.from(t0), t1 - t0, acc, [&](int i, int) {
         if ((i + 1) % SLICE == 0) fold<C>(tot, acc);
     });
     fold<C>(tot, acc);
@@ -426,10 +445,11 @@ __device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename 
 // at r <= 32, where the narrow side, gA or u, is f32).
 #define GRAM_ENTRY(name, WM, WN, PASSES, TA, TB)                                                                    \
     extern "C" __global__ void __launch_bounds__(32 * WM * WN, 1)                                                   \
-        name(const TA* a, const TB* b, int M, int N, const int2* tiles, int ntiles, int tiles_n, int upper,         \
-             float alpha, float* out, long long rs, long long cs, float* partial, int va, int vb) {                 \
-        gram<Cfg<WM, WN, 4, 4, PASSES, TA, TB>>(a, b, M, N, tiles, ntiles, tiles_n, upper, alpha, out, rs, cs,      \
-                                                partial, va, vb);                                                   \
+        name(const TA* a, const TB* b, int M, int N, const int2* tiles, int run_start, int run_rows, int ntiles,    \
+             int tiles_n, int upper, float alpha, float* out, long long rs, long long cs, float* partial, int va,   \
+             int vb) {                                                                                              \
+        gram<Cfg<WM, WN, 4, 4, PASSES, TA, TB>>(a, b, M, N, tiles, run_start, run_rows, ntiles, tiles_n, upper,     \
+                                                alpha, out, rs, cs, partial, va, vb);                               \
     }
 TF32_ALL(GRAM_ENTRY, gram_tf32_128x128, 2, 4)
 TF32_F32(GRAM_ENTRY, gram_tf32_256x32, 4, 1)

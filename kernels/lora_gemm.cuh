@@ -114,6 +114,16 @@ struct Prob {
     const float* rope_sin;
     int n, accumulate, tile_start, seg_begin, seg_end, out_bf16, rope_hd, rope_period;
 };
+// A launch's problems and their segments, passed by value as a `__grid_constant__`
+// parameter: no table to allocate and copy to the device per launch (a copy from pageable
+// memory may wait for the queue), and every block reads the same few entries from the
+// constant bank. Must match `Table` of lora_gemm.rs; the largest launch is the q/k/v
+// backward's dx (one problem, six segments).
+constexpr int MAX_PROBS = 8, MAX_SEGS = 16;
+struct Table {
+    Prob probs[MAX_PROBS];
+    Seg segs[MAX_SEGS];
+};
 
 // 4 consecutive elements of row r, columns c..c+3, of a (rows, cols) row-major matrix
 // with row stride ld; zeros outside. `vec`: the 4 can be read with one aligned load.
@@ -426,8 +436,9 @@ __device__ __forceinline__ void rope_epilogue(float (&acc)[T::MT][T::NT][4], con
 }
 
 template <bool KMAJOR, class T>
-__device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_probs, const Seg* __restrict__ segs,
-                                          int m, int rows_fastest) {
+__device__ __forceinline__ void lora_gemm(const Table& table, int n_probs, int m, int rows_fastest) {
+    const Prob* probs = table.probs;
+    const Seg* segs = table.segs;
     using G = Gemm<KMAJOR, T>;
     constexpr int BK = T::BK, RK = T::RK;
     extern __shared__ uint4 smem[];
@@ -531,12 +542,12 @@ __device__ __forceinline__ void lora_gemm(const Prob* __restrict__ probs, int n_
 
 // The pair of entries of one tiling: `lora_gemm_nt<SUFFIX>` (y = x W^T) and
 // `lora_gemm_nn<SUFFIX>` (dx = g W).
-#define LORA_GEMM_ENTRIES(SUFFIX, BM, BN, BK, STAGES)                                                        \
-    extern "C" __global__ void __launch_bounds__(lg::THREADS)                                                \
-        lora_gemm_nt##SUFFIX(const lg::Prob* probs, int n_probs, const lg::Seg* segs, int m, int rows_fastest) { \
-        lg::lora_gemm<false, lg::Tiling<BM, BN, BK, STAGES>>(probs, n_probs, segs, m, rows_fastest);         \
-    }                                                                                                        \
-    extern "C" __global__ void __launch_bounds__(lg::THREADS)                                                \
-        lora_gemm_nn##SUFFIX(const lg::Prob* probs, int n_probs, const lg::Seg* segs, int m, int rows_fastest) { \
-        lg::lora_gemm<true, lg::Tiling<BM, BN, BK, STAGES>>(probs, n_probs, segs, m, rows_fastest);          \
+#define LORA_GEMM_ENTRIES(SUFFIX, BM, BN, BK, STAGES)                                                                \
+    extern "C" __global__ void __launch_bounds__(lg::THREADS)                                                        \
+        lora_gemm_nt##SUFFIX(const __grid_constant__ lg::Table table, int n_probs, int m, int rows_fastest) {        \
+        lg::lora_gemm<false, lg::Tiling<BM, BN, BK, STAGES>>(table, n_probs, m, rows_fastest);                       \
+    }                                                                                                                \
+    extern "C" __global__ void __launch_bounds__(lg::THREADS)                                                        \
+        lora_gemm_nn##SUFFIX(const __grid_constant__ lg::Table table, int n_probs, int m, int rows_fastest) {        \
+        lg::lora_gemm<true, lg::Tiling<BM, BN, BK, STAGES>>(table, n_probs, m, rows_fastest);                        \
     }

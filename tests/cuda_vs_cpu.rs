@@ -1057,6 +1057,17 @@ fn training_step_waits_for_the_device_a_fixed_number_of_times() {
                 i + 1
             );
         }
+        // Host-to-device copies are a micro-batch's inputs (token ids, labels, the rows
+        // the classifier reads): a few per micro-batch, none per layer or launch (the LoRA
+        // GEMM's problems go as a kernel parameter, a Gram over all rows makes its own
+        // tiles). A table copied per launch would add more than ten per layer.
+        for (i, s) in steps.iter().enumerate() {
+            assert!(
+                s.htod <= 8 * grad_accum as u64,
+                "{case}, step {}: {s}",
+                i + 1
+            );
+        }
         // Bytes vary with the batch's sequence lengths; the counts do not.
         for s in &steps[1..] {
             assert_eq!(s.allocs, s.frees, "{case}: {s}");

@@ -3,8 +3,8 @@
 //! on the simulator (and a GPU when there is one): q/k/v-like groups with GQA-narrow
 //! outputs, widths and row counts off the 128 x 128 tile, K off the 32-row step (and odd,
 //! so unaligned rows take the scalar loads) and over three steps (the cp.async stages
-//! wrap), long enough with few rows that the u and gA launches split K, r in {1, 8, 16, 64}, partial target sets, bf16 and f32 base weights, f32 and
-//! bf16 activations.
+//! wrap), long enough with few rows that the u and gA launches split K, r in {1, 4, 8, 16, 64}, partial target sets, a group larger than one launch takes, bf16
+//! and f32 base weights, f32 and bf16 activations.
 //!
 //! Bounds: with f32 base weights the products are f32 ones from three bf16 pieces per
 //! operand and the weight gradients 3xTF32, so 1e-4 as every f32 kernel; with bf16 base
@@ -89,11 +89,12 @@ type Outputs = Vec<(String, Vec<f32>)>;
 fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
     let g: Vec<_> = h.g.iter().map(|v| up(v)).collect();
-    run_on(be, c, h, lg, &up(&h.x), &g)
+    run_on(be, c, h, lg, &up(&h.x), &g, &mut || {})
 }
 
 /// `run` with the input `x` and output gradients `g` given as device buffers (`h.x`, `h.g`
-/// unused).
+/// unused); `mark` is called just before the forward and just after the backward (every
+/// input on the device by then).
 fn run_on<B: Backend>(
     be: &B,
     c: &Case,
@@ -101,6 +102,7 @@ fn run_on<B: Backend>(
     lg: LoraGroup,
     x: &B::Buf,
     g: &[B::Buf],
+    mark: &mut dyn FnMut(),
 ) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
     let ws: Vec<B::Weight> = (0..c.outs.len())
@@ -122,6 +124,10 @@ fn run_on<B: Backend>(
             rope: None,
         })
         .collect();
+    let mut dx = up(&h.dx0);
+    let mut da: Vec<B::Buf> = h.da0.iter().map(|v| up(v)).collect();
+    let mut db: Vec<B::Buf> = h.db0.iter().map(|v| up(v)).collect();
+    mark();
     let ys = be.project_group(x, c.m, c.d_in, lg, &fwd).unwrap();
     let mut out = Vec::new();
     for (i, (y, u)) in ys.iter().enumerate() {
@@ -130,9 +136,6 @@ fn run_on<B: Backend>(
             out.push((format!("u{i}"), be.to_host(u).unwrap()));
         }
     }
-    let mut dx = up(&h.dx0);
-    let mut da: Vec<B::Buf> = h.da0.iter().map(|v| up(v)).collect();
-    let mut db: Vec<B::Buf> = h.db0.iter().map(|v| up(v)).collect();
     let bwd: Vec<ProjBwd<'_, B>> = da
         .iter_mut()
         .zip(db.iter_mut())
@@ -152,6 +155,7 @@ fn run_on<B: Backend>(
     let gas = be
         .project_group_backward(x, c.m, c.d_in, lg, bwd, &mut dx, true)
         .unwrap();
+    mark();
     out.push(("dx".into(), be.to_host(&dx).unwrap()));
     for (i, ga) in gas.iter().enumerate() {
         if let Some(ga) = ga {
@@ -250,7 +254,41 @@ fn cases() -> Vec<Case> {
             outs: vec![(40, false)],
             r: 8,
         },
+        // More projections than one launch's table holds (lora_gemm.rs `MAX_GROUP`, 8):
+        // the forward in two launches, the backward's dx summed over two.
+        Case {
+            m: 20,
+            d_in: 40,
+            outs: (0..9).map(|i| (8 + 4 * i, i % 3 != 1)).collect(),
+            r: 4,
+        },
     ]
+}
+
+/// A group's forward and backward on a device queue no host-to-device copy (each launch's
+/// problems and segments go as a kernel parameter, not a table copied per launch: from
+/// pageable memory such a copy may wait for the queue) and do not wait for the device;
+/// the forward's outputs are read back between them, and only those reads wait.
+#[test]
+fn group_launches_copy_nothing_to_the_device() {
+    for base in [BaseDtype::Bf16, BaseDtype::F32] {
+        for g in devices(base) {
+            for (k, c) in cases().iter().enumerate() {
+                let h = host(c, 10 + k as u64);
+                let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
+                let gs: Vec<_> = h.g.iter().map(|v| up(v)).collect();
+                let mut marks = Vec::new();
+                run_on(&g, c, &h, lora_group(c), &up(&h.x), &gs, &mut || {
+                    marks.push(g.stats())
+                });
+                let s = marks[1].since(&marks[0]);
+                let reads = c.outs.len() + c.outs.iter().filter(|o| o.1).count();
+                assert!(s.launches > 0, "case {k}: {s}");
+                assert_eq!(s.htod, 0, "case {k}: {s}");
+                assert_eq!((s.dtoh, s.synchronizes), (reads as u64, 0), "case {k}: {s}");
+            }
+        }
+    }
 }
 
 #[test]
@@ -321,7 +359,7 @@ fn bf16_input_run(g: &CudaBackend, k: usize, c: &Case) -> (Outputs, Outputs) {
         .collect();
     let lg = lora_group(c);
     let want = run(&CpuBackend::new(2), c, &h, lg);
-    (run_on(g, c, &h, lg, &x, &gs), want)
+    (run_on(g, c, &h, lg, &x, &gs, &mut || {}), want)
 }
 
 fn lora_group(c: &Case) -> LoraGroup {

@@ -48,20 +48,24 @@ impl std::fmt::Display for SimError {
     }
 }
 
-/// A kernel argument by value, as the launch pushes it.
+/// A kernel argument by value, as the launch pushes it. `Bytes` fills a byte-array
+/// parameter (`.param .align A .b8 name[N]`: a struct passed by value, e.g. a
+/// `__grid_constant__` table) and must hold exactly its N bytes.
 #[derive(Debug, Clone, Copy)]
-pub enum Arg {
+pub enum Arg<'a> {
     U64(u64),
     I32(i32),
     F32(f32),
+    Bytes(&'a [u8]),
 }
 
-impl Arg {
+impl Arg<'_> {
     fn bytes(&self) -> Vec<u8> {
         match self {
             Arg::U64(v) => v.to_le_bytes().to_vec(),
             Arg::I32(v) => v.to_le_bytes().to_vec(),
             Arg::F32(v) => v.to_le_bytes().to_vec(),
+            Arg::Bytes(b) => b.to_vec(),
         }
     }
     fn is_float(&self) -> bool {
@@ -72,6 +76,7 @@ impl Arg {
             Arg::U64(_) => "a 64-bit integer or pointer",
             Arg::I32(_) => "a 32-bit integer",
             Arg::F32(_) => "an f32",
+            Arg::Bytes(_) => "a byte block",
         }
     }
 }

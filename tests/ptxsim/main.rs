@@ -98,7 +98,7 @@ fn line_of(ptx: &str, marker: &str) -> u32 {
     hits[0] as u32 + 1
 }
 
-fn p(v: u64) -> Arg {
+fn p(v: u64) -> Arg<'static> {
     Arg::U64(v)
 }
 

@@ -597,6 +597,59 @@ fn kernel_parameters_arrive_in_param_space() {
     assert_eq!(down::<u32>(&d, go, 3)[2], 42);
 }
 
+// A struct passed by value (`__grid_constant__`), as nvcc lays it out: a byte-array
+// parameter whose address is taken (`mov`) and read through registers at offsets,
+// including one computed from the thread index.
+const TABLE: &str = r#"
+.visible .entry table(.param .align 8 .b8 table_param_0[24], .param .u64 out)
+{
+    .reg .b32 %r<8>;
+    .reg .b64 %rd<8>;
+    mov.b64 %rd1, table_param_0;
+    ld.param.u64 %rd2, [out];
+    ld.param.u64 %rd3, [%rd1+16];
+    mov.u32 %r1, %tid.x;
+    mul.wide.u32 %rd4, %r1, 4;
+    add.s64 %rd5, %rd1, %rd4;
+    ld.param.u32 %r2, [%rd5];
+    add.s64 %rd6, %rd2, %rd4;
+    st.global.u32 [%rd6], %r2;
+    st.global.u64 [%rd2+16], %rd3;
+    ret;
+}
+"#;
+
+#[test]
+fn a_struct_parameter_is_read_through_its_address() {
+    let d = dev();
+    let go = zeros::<u32>(&d, 6);
+    let mut table = Vec::new();
+    for v in [11u32, 22, 33, 44] {
+        table.extend_from_slice(&v.to_le_bytes());
+    }
+    table.extend_from_slice(&0x0123_4567_89ab_cdefu64.to_le_bytes());
+    ok(
+        &d,
+        &sm80(TABLE),
+        "table",
+        cfg(1, 4),
+        &[Arg::Bytes(&table), p(go)],
+    );
+    assert_eq!(
+        down::<u32>(&d, go, 6),
+        [11, 22, 33, 44, 0x89ab_cdef, 0x0123_4567]
+    );
+    // The block must be exactly the parameter's size.
+    let e = launch_error(launch(
+        &d,
+        &sm80(TABLE),
+        "table",
+        cfg(1, 4),
+        &[Arg::Bytes(&table[..16]), p(go)],
+    ));
+    assert!(e.contains("table_param_0") && e.contains("24 bytes"), "{e}");
+}
+
 const GLOBALS: &str = r#"
 .global .align 4 .u32 gtab[4] = {1, 2, 3, 0xffffffff};
 .global .align 4 .s32 neg[2] = {-5, 7};

@@ -184,7 +184,8 @@ impl CudaBackend {
         out: &mut DevBuf<f32>,
     ) -> Result<()> {
         let symmetric = x.ptr == y.ptr && dx == dy;
-        let tiles = row_tiles(&merged(segments));
+        let runs = merged(segments);
+        let tiles = row_tiles(&runs);
         if tiles.is_empty() || dx == 0 || dy == 0 {
             return Ok(());
         }
@@ -214,7 +215,12 @@ impl CudaBackend {
             .div_ceil(out_tiles)
             .min(tiles.len() / MIN_SPLIT_TILES)
             .max(1);
-        let dev_tiles = self.tiles_on_device(&tiles)?;
+        // One run of rows (a training step's weight gradients: all of them): the kernel
+        // makes its tiles itself, and no table is copied to the device.
+        let (dev_tiles, run) = match runs.as_slice() {
+            [one] => (None, (one.start, one.len)),
+            _ => (Some(self.tiles_on_device(&tiles)?), (0, 0)),
+        };
         let partial = self.uninit::<f32>(if nsplit > 1 { nsplit * m * n } else { 0 })?;
         let cfg = LaunchConfig {
             grid: [out_tiles as u32, nsplit as u32, 1],
@@ -226,7 +232,9 @@ impl CudaBackend {
             Arg::U64(b.ptr),
             Arg::I32(m as i32),
             Arg::I32(n as i32),
-            Arg::U64(dev_tiles.ptr()),
+            Arg::U64(dev_tiles.as_ref().map_or(0, |t| t.ptr())),
+            Arg::I32(run.0 as i32),
+            Arg::I32(run.1 as i32),
             Arg::I32(tiles.len() as i32),
             Arg::I32(tn as i32),
             Arg::I32(symmetric as i32),

@@ -229,6 +229,17 @@ impl Runtime for Driver {
                 Arg::U64(v) => b.arg(v),
                 Arg::I32(v) => b.arg(v),
                 Arg::F32(v) => b.arg(v),
+                // The driver copies the parameter's declared size from the address it is
+                // given: the block's first byte, the block being exactly that size
+                // (`pack_params` above).
+                Arg::Bytes(block) => match block.first() {
+                    Some(first) => b.arg(first),
+                    None => {
+                        return Err(Error::Device(format!(
+                            "cuda: launch of `{entry}`: an empty byte block"
+                        )));
+                    }
+                },
             };
         }
         let c = cudarc::driver::LaunchConfig {

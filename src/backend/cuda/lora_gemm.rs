@@ -58,6 +58,24 @@ struct Prob {
     rope_period: i32,
 }
 
+/// Capacity of a launch's table (`MAX_PROBS`, `MAX_SEGS` of lora_gemm.cuh).
+const MAX_PROBS: usize = 8;
+const MAX_SEGS: usize = 16;
+/// Projections per group launch: the forward's y launch has a problem of two segments
+/// per projection, the backward's dx launch two segments per projection. Larger groups
+/// go in several launches.
+const MAX_GROUP: usize = 8;
+const _: () = assert!(MAX_GROUP <= MAX_PROBS && 2 * MAX_GROUP <= MAX_SEGS);
+
+/// A launch's problems and segments, the kernel's by-value parameter (`Table` of
+/// lora_gemm.cuh), the unused entries zero.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct Table {
+    probs: [Prob; MAX_PROBS],
+    segs: [Seg; MAX_SEGS],
+}
+
 /// A launch with fewer blocks than this splits K (`splits_for`): two waves of an H200's 132
 /// multiprocessors at one block each (a smaller GPU is filled the more).
 const MIN_BLOCKS: usize = 264;
@@ -270,17 +288,25 @@ impl CudaBackend {
         splits: usize,
     ) -> Result<()> {
         let (bm, bn) = tiling.tile();
-        let mut probs = Vec::with_capacity(problems.len());
-        let mut segs = Vec::new();
+        let n_segs: usize = problems.iter().map(|p| p.segs.len()).sum();
+        if problems.len() > MAX_PROBS || n_segs > MAX_SEGS {
+            return Err(Error::Device(format!(
+                "LoRA GEMM: {} problems with {n_segs} segments exceed a launch's table \
+                 ({MAX_PROBS} problems, {MAX_SEGS} segments)",
+                problems.len()
+            )));
+        }
+        let mut table = Table::zeroed();
+        let mut segs = 0usize;
         let mut tiles = 0usize;
-        for p in problems {
+        for (slot, p) in table.probs.iter_mut().zip(problems) {
             let rope = p.rope.unwrap_or(RopeArgs {
                 cos: 0,
                 sin: 0,
                 head_dim: 0,
                 period: 1,
             });
-            probs.push(Prob {
+            *slot = Prob {
                 out: p.out,
                 rope_cos: rope.cos,
                 rope_sin: rope.sin,
@@ -289,11 +315,12 @@ impl CudaBackend {
                 n: dim(p.n, "width")?,
                 accumulate: p.accumulate as i32,
                 tile_start: dim(tiles, "column tiles")?,
-                seg_begin: dim(segs.len(), "segments")?,
-                seg_end: dim(segs.len() + p.segs.len(), "segments")?,
+                seg_begin: segs as i32,
+                seg_end: (segs + p.segs.len()) as i32,
                 out_bf16: p.out_bf16 as i32,
-            });
-            segs.extend_from_slice(&p.segs);
+            };
+            table.segs[segs..segs + p.segs.len()].copy_from_slice(&p.segs);
+            segs += p.segs.len();
             tiles += p.n.div_ceil(bn);
         }
         let row_tiles = m.div_ceil(bm);
@@ -312,11 +339,6 @@ impl CudaBackend {
                 tiling.name()
             )));
         }
-        // One table: the problems (56 bytes each, so the segments stay 8-byte aligned).
-        let mut table: Vec<u8> = bytemuck::cast_slice(&probs).to_vec();
-        table.extend_from_slice(bytemuck::cast_slice(&segs));
-        let table = self.upload(&table)?;
-        let seg_ptr = table.ptr() + std::mem::size_of_val(probs.as_slice()) as u64;
         let k_major = layout == Layout::KMajor;
         let cfg = LaunchConfig {
             grid: [dim(across, "tiles")? as u32, down as u32, splits as u32],
@@ -324,16 +346,32 @@ impl CudaBackend {
             shared_bytes: tiling.smem_bytes(k_major),
         };
         let args = [
-            Arg::U64(table.ptr()),
-            Arg::I32(probs.len() as i32),
-            Arg::U64(seg_ptr),
+            Arg::Bytes(bytemuck::bytes_of(&table)),
+            Arg::I32(problems.len() as i32),
             Arg::I32(dim(m, "rows")?),
             Arg::I32(tiling.rows_fastest() as i32),
         ];
         self.launch(tiling.entry(k_major), cfg, &args)
     }
 
+    /// `project_group`, `MAX_GROUP` projections at a time (each launch's table holds
+    /// them).
     pub(super) fn project_group_impl(
+        &self,
+        x: &Act,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<Projected<Act>>> {
+        let mut out = Vec::with_capacity(projs.len());
+        for chunk in projs.chunks(MAX_GROUP) {
+            out.extend(self.project_chunk(x, m, d_in, l, chunk)?);
+        }
+        Ok(out)
+    }
+
+    fn project_chunk(
         &self,
         x: &Act,
         m: usize,
@@ -418,8 +456,32 @@ impl CudaBackend {
         Ok(ys.into_iter().zip(us).collect())
     }
 
+    /// `project_group_backward`, `MAX_GROUP` projections at a time, the later ones adding
+    /// to `dx`.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn project_group_backward_impl(
+        &self,
+        x: &Act,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        mut projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut Act,
+        accumulate: bool,
+    ) -> Result<Vec<Option<Act>>> {
+        let mut gas = Vec::with_capacity(projs.len());
+        let mut accumulate = accumulate;
+        while !projs.is_empty() {
+            let rest = projs.split_off(projs.len().min(MAX_GROUP));
+            let chunk = std::mem::replace(&mut projs, rest);
+            gas.extend(self.project_chunk_backward(x, m, d_in, l, chunk, dx, accumulate)?);
+            accumulate = true;
+        }
+        Ok(gas)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn project_chunk_backward(
         &self,
         x: &Act,
         m: usize,

@@ -103,7 +103,7 @@ fn variant(s: &AttnShape) -> Result<&'static Variant> {
 
 /// The backward entries' RoPE arguments (before `grads_bf16`): the table `(cos, sin,
 /// period)`, or a null table (dq and dk stored as computed).
-fn rope_args(rope: Option<&RopeTable<Act>>, s: &AttnShape) -> Result<Vec<Arg>> {
+fn rope_args(rope: Option<&RopeTable<Act>>, s: &AttnShape) -> Result<Vec<Arg<'static>>> {
     let Some(t) = rope else {
         return Ok(vec![Arg::U64(0), Arg::U64(0), Arg::I32(1)]);
     };
@@ -163,7 +163,7 @@ fn grid(x: usize, s: &AttnShape, shared_bytes: u32) -> LaunchConfig {
 }
 
 /// The shape arguments every flash entry ends with.
-fn shape_args(s: &AttnShape) -> [Arg; 8] {
+fn shape_args(s: &AttnShape) -> [Arg<'static>; 8] {
     [
         Arg::I32(s.tq as i32),
         Arg::I32(s.tk as i32),

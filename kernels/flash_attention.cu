@@ -27,7 +27,8 @@
 //
 // q, k and v are f32, rounded to bf16 as their tiles are staged into shared memory, or
 // bf16 (the projections' outputs with bf16 base weights: copied as they are, half the
-// bytes read; the forward's and dQ's K/V tiles global -> shared by cp.async); dO is stored as q/k/v are (every read of it rounds it to bf16 for the
+// bytes read; the forward's and dQ's K/V tiles and dK/dV's Q/dO tiles global -> shared by
+// cp.async); dO is stored as q/k/v are (every read of it rounds it to bf16 for the
 // products, and D's sum too); O and the LSE are f32; dQ, dK and dV are f32, or bf16 (the
 // f32 results rounded once) outside curvature passes with bf16 base weights. Kernels are
 // built for head dims 64 and 128 (D); a smaller multiple of 16 runs zero-padded in the
@@ -79,6 +80,36 @@ struct KvCopier {
         cp_async_commit();
     }
 };
+
+// Copies the tiles of ROWS packed query rows from r0 (fa::Group: row r is position
+// r / group, head r % group) of bf16 Q and dO into qdst and ddst (rows D + 8 apart)
+// global -> shared by cp.async, 16 bytes at a time, as one group: the dK/dV sweep's next
+// query tile, with no registers in between. The two share their rows, so each chunk's
+// offset is computed once. Rows from gr.rows on and columns from hd on are zero-filled.
+// Needs 16-byte aligned rows (flash.rs checks).
+template <int ROWS, int D>
+__device__ __forceinline__ void copy_query_rows(const bf16* q, const bf16* dout, const fa::Group& gr, int r0,
+                                                bf16* qdst, bf16* ddst) {
+    constexpr int PER_ROW = D / 8, N = ROWS * PER_ROW / THREADS;
+    static_assert(N >= 1 && ROWS * PER_ROW % THREADS == 0, "tile must split evenly over the threads");
+    // The group's first row, from the block's indices read anew (an asm the compiler
+    // cannot merge with the first reads): hoisted out of the sweep as 64-bit pointers, it
+    // spilled at head dim 128.
+    unsigned by, bz;
+    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(by));
+    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(bz));
+    const size_t q0 = ((size_t)bz * gr.tq * gr.n_heads + (size_t)by * gr.group) * gr.hd;
+#pragma unroll
+    for (int c = 0; c < N; ++c) {
+        const int i = threadIdx.x + c * THREADS, r = i / PER_ROW, col = (i % PER_ROW) * 8, row = r0 + r;
+        const bool in = row < gr.rows && col < gr.hd;
+        const size_t at = in ? q0 + ((size_t)(row / gr.group) * gr.n_heads + row % gr.group) * gr.hd + col : 0;
+        const int to = r * (D + 8) + col, bytes = in ? 16 : 0;
+        cp_async16(qdst + to, q + at, bytes);
+        cp_async16(ddst + to, dout + at, bytes);
+    }
+    cp_async_commit();
+}
 
 // The K/V tiles of a sweep over keys (the forward and dQ), double-buffered in shared
 // memory (kbuf, vbuf: [2][BN][D + 8]). bf16 K/V are copied global -> shared by cp.async
@@ -565,11 +596,25 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
             lim_s[buf * BM + threadIdx.x] = aux_lim;
         }
     };
+    // bf16 Q and dO tiles go global -> shared by cp.async (the next tile issued at the
+    // top of an iteration into the buffers the previous one has finished with, landed
+    // before its closing barrier); f32 ones through the stager's registers, converted.
+    constexpr bool COPY = sizeof(T) == 2;
+    auto copy_tiles = [&](int r0, int buf) {
+        if constexpr (COPY)
+            copy_query_rows<BM, D>(reinterpret_cast<const bf16*>(q), reinterpret_cast<const bf16*>(dout), gr, r0,
+                                   qbuf + buf * BM * LD, dbuf + buf * BM * LD);
+    };
     if (t0 < t1) {
-        st.load(rows_of(q, t0 * BM), hd);
-        st.store(qbuf);
-        st.load(rows_of(dout, t0 * BM), hd);
-        st.store(dbuf);
+        if constexpr (COPY) {
+            copy_tiles(t0 * BM, 0);
+            cp_async_wait<0>();
+        } else {
+            st.load(rows_of(q, t0 * BM), hd);
+            st.store(qbuf);
+            st.load(rows_of(dout, t0 * BM), hd);
+            st.store(dbuf);
+        }
         load_aux(t0 * BM);
         store_aux(0);
     }
@@ -582,7 +627,10 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
         const bool more = it + 1 < t1;
         const fa::Tile<LD> qs{qbuf + cur * BM * LD}, ds{dbuf + cur * BM * LD};
         if (more) {
-            st.load(rows_of(q, r0 + BM), hd);
+            if constexpr (COPY)
+                copy_tiles(r0 + BM, cur ^ 1);
+            else
+                st.load(rows_of(q, r0 + BM), hd);
             load_aux(r0 + BM);
         }
         float s[BM / 8][4] = {}, dp[BM / 8][4] = {};
@@ -599,9 +647,9 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
             }
         }
         if (more) {
-            st.store(qbuf + (cur ^ 1) * BM * LD);
+            if constexpr (!COPY) st.store(qbuf + (cur ^ 1) * BM * LD);
             store_aux(cur ^ 1);
-            st.load(rows_of(dout, r0 + BM), hd);
+            if constexpr (!COPY) st.load(rows_of(dout, r0 + BM), hd);
         }
 #pragma unroll
         for (int kk = 0; kk < D / 16; ++kk) {
@@ -615,7 +663,8 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
                 fa::mma(dp[2 * np + 1], a, b[2], b[3]);
             }
         }
-        if (more) st.store(dbuf + (cur ^ 1) * BM * LD);
+        if constexpr (!COPY)
+            if (more) st.store(dbuf + (cur ^ 1) * BM * LD);
 
         // P^T and dS^T; a key past a row's diagonal gets P = 0. Keys past tk are computed
         // on zero rows and their dK/dV rows are never stored.
@@ -651,6 +700,7 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
                 fa::mma(dka[2 * np + 1], sl, b[2], b[3]);
             }
         }
+        if constexpr (COPY) cp_async_wait<0>();
         __syncthreads();
     }
 

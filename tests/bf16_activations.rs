@@ -591,6 +591,11 @@ fn attention_reads_bf16_projections() {
         (1, 3, 21, 24, 4, 1, 128, 18),
         (1, 9, 9, 9, 3, 1, 48, 0),
         (2, 5, 11, 16, 6, 2, 24, 6),
+        // Several query tiles per dK/dV block, double-buffered by cp.async: 3 heads per KV
+        // head (150 packed rows in tiles of 64, which split groups), and head dim 128 (80
+        // rows in tiles of 32).
+        (1, 50, 50, 50, 6, 2, 64, 0),
+        (1, 40, 44, 48, 4, 2, 128, 4),
     ] {
         let s = AttnShape {
             batch,

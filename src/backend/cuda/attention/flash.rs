@@ -177,6 +177,22 @@ fn shape_args(s: &AttnShape) -> [Arg<'static>; 8] {
 }
 
 /// Blocks of `ROWS` packed query rows (positions x heads of a KV group).
+/// bf16 operands are copied global -> shared by cp.async in 16-byte chunks (the forward's
+/// and dQ's K/V tiles, dK/dV's Q and dO tiles): their rows (head dims of 16s) are whole
+/// chunks, and the buffers must start on one.
+fn copy_aligned(ty: DType, operands: &[(&str, &Act)]) -> Result<()> {
+    if ty != DType::Bf16 {
+        return Ok(());
+    }
+    match operands.iter().find(|(_, a)| !a.addr().is_multiple_of(16)) {
+        Some((name, a)) => Err(Error::Device(format!(
+            "flash attention: bf16 {name} must start 16-byte aligned (it is at {:#x})",
+            a.addr()
+        ))),
+        None => Ok(()),
+    }
+}
+
 fn row_blocks(s: &AttnShape) -> usize {
     (s.tq * (s.n_heads / s.n_kv_heads)).div_ceil(ROWS)
 }
@@ -194,15 +210,7 @@ impl CudaBackend {
     ) -> Result<(DevBuf<f32>, DevBuf<f32>)> {
         let var = variant(s)?;
         let ty = qkv_dtype(q, k, v)?;
-        // bf16 K and V are copied by cp.async in 16-byte chunks (KvCopier): their rows
-        // (head dims of 16s) are whole chunks, and the buffers must start on one.
-        if ty == DType::Bf16 && !(k.addr().is_multiple_of(16) && v.addr().is_multiple_of(16)) {
-            return Err(Error::Device(format!(
-                "flash attention: bf16 K and V must start 16-byte aligned (k at {:#x}, v at {:#x})",
-                k.addr(),
-                v.addr()
-            )));
-        }
+        copy_aligned(ty, &[("k", k), ("v", v)])?;
         let out = self.uninit(s.batch * s.tq * s.n_heads * s.head_dim)?;
         let lse = self.uninit(s.rows_len())?;
         let mut args = vec![
@@ -247,6 +255,7 @@ impl CudaBackend {
             _ => None,
         };
         let dout = converted.as_ref().unwrap_or(dout);
+        copy_aligned(ty, &[("q", q), ("k", k), ("v", v), ("dO", dout)])?;
         let rows = s.rows_len();
         let delta = self.uninit::<f32>(rows)?;
         let warps_per_block = THREADS as usize / 32;

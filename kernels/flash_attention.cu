@@ -81,35 +81,65 @@ struct KvCopier {
     }
 };
 
-// Copies the tiles of ROWS packed query rows from r0 (fa::Group: row r is position
-// r / group, head r % group) of bf16 Q and dO into qdst and ddst (rows D + 8 apart)
-// global -> shared by cp.async, 16 bytes at a time, as one group: the dK/dV sweep's next
-// query tile, with no registers in between. The two share their rows, so each chunk's
-// offset is computed once. Rows from gr.rows on and columns from hd on are zero-filled.
-// Needs 16-byte aligned rows (flash.rs checks).
-template <int ROWS, int D>
-__device__ __forceinline__ void copy_query_rows(const bf16* q, const bf16* dout, const fa::Group& gr, int r0,
-                                                bf16* qdst, bf16* ddst) {
-    constexpr int PER_ROW = D / 8, N = ROWS * PER_ROW / THREADS;
-    static_assert(N >= 1 && ROWS * PER_ROW % THREADS == 0, "tile must split evenly over the threads");
-    // The group's first row, from the block's indices read anew (an asm the compiler
-    // cannot merge with the first reads): hoisted out of the sweep as 64-bit pointers, it
-    // spilled at head dim 128.
-    unsigned by, bz;
-    asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(by));
-    asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(bz));
-    const size_t q0 = ((size_t)bz * gr.tq * gr.n_heads + (size_t)by * gr.group) * gr.hd;
-#pragma unroll
-    for (int c = 0; c < N; ++c) {
-        const int i = threadIdx.x + c * THREADS, r = i / PER_ROW, col = (i % PER_ROW) * 8, row = r0 + r;
-        const bool in = row < gr.rows && col < gr.hd;
-        const size_t at = in ? q0 + ((size_t)(row / gr.group) * gr.n_heads + row % gr.group) * gr.hd + col : 0;
-        const int to = r * (D + 8) + col, bytes = in ? 16 : 0;
-        cp_async16(qdst + to, q + at, bytes);
-        cp_async16(ddst + to, dout + at, bytes);
+// A packed query row r = position * group + head (fa::Group) as its position and head,
+// stepped a tile of rows at a time with no division: the dK/dV sweep moves through its
+// rows a tile at a time, and a runtime division costs about twenty instructions.
+struct RowWalk {
+    int pos, head;
+    __device__ __forceinline__ RowWalk() : pos(0), head(0) {}
+    __device__ __forceinline__ RowWalk(int r, int group) : pos(r / group), head(r % group) {}
+    // Forward by a tile of tile_pos * group + tile_head rows.
+    __device__ __forceinline__ void step(int group, int tile_pos, int tile_head) {
+        pos += tile_pos;
+        head += tile_head;
+        if (head >= group) {
+            head -= group;
+            ++pos;
+        }
     }
-    cp_async_commit();
-}
+};
+
+// Copies tiles of ROWS packed query rows of bf16 Q and dO into qdst and ddst (rows D + 8
+// apart) global -> shared by cp.async, 16 bytes at a time, as one group: the dK/dV sweep's
+// next query tile, with no registers in between. Each thread walks its chunks' rows from
+// tile to tile (`RowWalk`); Q and dO share them, so each chunk's offset is computed once.
+// Rows past the sequence and columns from hd on are zero-filled. Needs 16-byte aligned
+// rows (flash.rs checks).
+template <int ROWS, int D>
+struct QueryCopier {
+    static constexpr int PER_ROW = D / 8, N = ROWS * PER_ROW / THREADS;
+    static_assert(N >= 1 && ROWS * PER_ROW % THREADS == 0, "tile must split evenly over the threads");
+    RowWalk w[N];
+
+    // Ready to copy the tile of rows from r0.
+    __device__ __forceinline__ QueryCopier(const fa::Group& gr, int r0) {
+#pragma unroll
+        for (int c = 0; c < N; ++c) w[c] = RowWalk(r0 + (threadIdx.x + c * THREADS) / PER_ROW, gr.group);
+    }
+
+    // This tile into qdst and ddst; then on to the next (ROWS = tile_pos * group + tile_head).
+    __device__ __forceinline__ void issue(const bf16* q, const bf16* dout, const fa::Group& gr, int tile_pos,
+                                          int tile_head, bf16* qdst, bf16* ddst) {
+        // The group's first row, from the block's indices read anew (an asm the compiler
+        // cannot merge with the first reads): hoisted out of the sweep as 64-bit pointers,
+        // it spilled at head dim 128.
+        unsigned by, bz;
+        asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(by));
+        asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(bz));
+        const size_t q0 = ((size_t)bz * gr.tq * gr.n_heads + (size_t)by * gr.group) * gr.hd;
+#pragma unroll
+        for (int c = 0; c < N; ++c) {
+            const int i = threadIdx.x + c * THREADS, r = i / PER_ROW, col = (i % PER_ROW) * 8;
+            const bool in = w[c].pos < gr.tq && col < gr.hd;
+            const size_t at = in ? q0 + ((size_t)w[c].pos * gr.n_heads + w[c].head) * gr.hd + col : 0;
+            const int to = r * (D + 8) + col, bytes = in ? 16 : 0;
+            cp_async16(qdst + to, q + at, bytes);
+            cp_async16(ddst + to, dout + at, bytes);
+            w[c].step(gr.group, tile_pos, tile_head);
+        }
+        cp_async_commit();
+    }
+};
 
 // The K/V tiles of a sweep over keys (the forward and dQ), double-buffered in shared
 // memory (kbuf, vbuf: [2][BN][D + 8]). bf16 K/V are copied global -> shared by cp.async
@@ -577,16 +607,20 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
     auto rows_of = [&](auto base, int r0) {
         return [=](int r) -> decltype(base) { return r0 + r < gr.rows ? base + gr.q_at(r0 + r) : nullptr; };
     };
-    // Per-row values of a query tile (thread i < BM holds row i): LSE, D, last visible key.
+    // Per-row values of a query tile (thread i < BM holds row i, walking from tile to
+    // tile): LSE, D, last visible key.
+    const int tile_pos = BM / gr.group, tile_head = BM % gr.group;
     float aux_lse = 0.f, aux_dd = 0.f;
     int aux_lim = 0;
-    auto load_aux = [&](int r0) {
+    RowWalk aux_row(t0 * BM + threadIdx.x, gr.group);
+    auto load_aux = [&]() {
         if (threadIdx.x < BM) {
-            const int r = r0 + threadIdx.x;
-            const bool ok = r < gr.rows;
-            aux_lse = ok ? lse[gr.lse_at(r)] * fa::LOG2E : INFINITY;
-            aux_dd = ok ? delta[gr.lse_at(r)] : 0.f;
-            aux_lim = ok ? q_offset + gr.pos(r) : -1;
+            const bool ok = aux_row.pos < tq;
+            const size_t at = gr.lse0 + (size_t)aux_row.head * tq + aux_row.pos;
+            aux_lse = ok ? lse[at] * fa::LOG2E : INFINITY;
+            aux_dd = ok ? delta[at] : 0.f;
+            aux_lim = ok ? q_offset + aux_row.pos : -1;
+            aux_row.step(gr.group, tile_pos, tile_head);
         }
     };
     auto store_aux = [&](int buf) {
@@ -600,14 +634,15 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
     // top of an iteration into the buffers the previous one has finished with, landed
     // before its closing barrier); f32 ones through the stager's registers, converted.
     constexpr bool COPY = sizeof(T) == 2;
-    auto copy_tiles = [&](int r0, int buf) {
+    QueryCopier<BM, D> qc(gr, t0 * BM);
+    auto copy_tiles = [&](int buf) {
         if constexpr (COPY)
-            copy_query_rows<BM, D>(reinterpret_cast<const bf16*>(q), reinterpret_cast<const bf16*>(dout), gr, r0,
-                                   qbuf + buf * BM * LD, dbuf + buf * BM * LD);
+            qc.issue(reinterpret_cast<const bf16*>(q), reinterpret_cast<const bf16*>(dout), gr, tile_pos, tile_head,
+                     qbuf + buf * BM * LD, dbuf + buf * BM * LD);
     };
     if (t0 < t1) {
         if constexpr (COPY) {
-            copy_tiles(t0 * BM, 0);
+            copy_tiles(0);
             cp_async_wait<0>();
         } else {
             st.load(rows_of(q, t0 * BM), hd);
@@ -615,7 +650,7 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
             st.load(rows_of(dout, t0 * BM), hd);
             st.store(dbuf);
         }
-        load_aux(t0 * BM);
+        load_aux();
         store_aux(0);
     }
     __syncthreads();
@@ -628,10 +663,10 @@ __device__ __forceinline__ void bwd_dkdv(const T* __restrict__ q, const T* __res
         const fa::Tile<LD> qs{qbuf + cur * BM * LD}, ds{dbuf + cur * BM * LD};
         if (more) {
             if constexpr (COPY)
-                copy_tiles(r0 + BM, cur ^ 1);
+                copy_tiles(cur ^ 1);
             else
                 st.load(rows_of(q, r0 + BM), hd);
-            load_aux(r0 + BM);
+            load_aux();
         }
         float s[BM / 8][4] = {}, dp[BM / 8][4] = {};
 #pragma unroll

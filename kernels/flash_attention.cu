@@ -126,7 +126,7 @@ struct QueryCopier {
         unsigned by, bz;
         asm volatile("mov.u32 %0, %%ctaid.y;" : "=r"(by));
         asm volatile("mov.u32 %0, %%ctaid.z;" : "=r"(bz));
-        const size_t q0 = ((size_t)bz * gr.tq * gr.n_heads + (size_t)by * gr.group) * gr.hd;
+        const size_t q0 = gr.first_row(bz, by);
 #pragma unroll
         for (int c = 0; c < N; ++c) {
             const int i = threadIdx.x + c * THREADS, r = i / PER_ROW, col = (i % PER_ROW) * 8;

@@ -191,8 +191,12 @@ struct Group {
 
     __device__ __forceinline__ Group(int tq_, int n_heads_, int n_kv, int hd_, int b, int kvh)
         : group(n_heads_ / n_kv), rows(tq_ * (n_heads_ / n_kv)), tq(tq_), n_heads(n_heads_), hd(hd_) {
-        q0 = ((size_t)b * tq * n_heads + (size_t)kvh * group) * hd;
+        q0 = first_row(b, kvh);
         lse0 = ((size_t)b * n_heads + (size_t)kvh * group) * tq;
+    }
+    // Offset of the group's first q/out row in sequence b, KV head kvh.
+    __device__ __forceinline__ size_t first_row(unsigned b, unsigned kvh) const {
+        return ((size_t)b * tq * n_heads + (size_t)kvh * group) * hd;
     }
     __device__ __forceinline__ int pos(int r) const { return r / group; }
     __device__ __forceinline__ size_t q_at(int r) const {

@@ -14,8 +14,9 @@
 // bit for bit that of the operand widened to f32 beforehand.
 //
 // Tensor cores: mma.sync m16n8k8 with tf32 inputs and f32 accumulators. Precision follows
-// the engine's base dtype: PASSES = 1 rounds each input to tf32 (10-bit mantissa, about
-// 5e-4 relative error per product: the bf16 engine's precision); PASSES = 3 is 3xTF32,
+// the engine's base dtype: PASSES = 1 rounds each input to tf32, to nearest with ties
+// away, in shared memory as its tile lands (10-bit mantissa, about 5e-4 relative error
+// per product: the bf16 engine's precision); PASSES = 3 is 3xTF32,
 // x = big + small with big = tf32(x), small = tf32(x - big), and
 // a b ~= small_a big_b + big_a small_b + big_a big_b (the dropped small_a small_b is
 // 2^-22 relative), which reproduces f32 products for the f32 engine.
@@ -23,11 +24,12 @@
 // Tiling: a block owns a BM x BN tile of C and streams BK = 32 rows of A (BK x BM) and of
 // B (BK x BN) per stage through shared memory with cp.async, STAGES deep. Each warp owns
 // 16*MS x 8*NS of C: MS x NS mma tiles. The rows and columns of C within a warp's tile are
-// permuted so that a lane's operands for one k row are contiguous in shared memory (one or
-// two vector loads of up to 128 bits instead of 2*MS + NS scalar ones): logical element e of a lane with
-// group g (lane / 4) sits at column (e / V) * 8V + V g + e % V of the shared tile (V = 4,
-// or the element count when smaller); the epilogue maps the accumulators back the same
-// way. The row strides (smem_stride) keep these loads free of bank conflicts.
+// permuted so that a lane's operands for one k row come in vector loads of up to 128 bits
+// instead of 2*MS + NS scalar ones: logical element e of a lane with group g (lane / 4)
+// sits at column (e / V) * 8V + V g + e % V of the shared tile (V = 4, or the element
+// count when smaller; 2 for A and 1 for B where f32 values are rounded in shared memory,
+// Cfg::ROUND_A/B); the epilogue maps the accumulators back the same way. The row strides
+// (smem_stride) keep these loads free of bank conflicts.
 //
 // Reduction order, fixed (deterministic, no atomics): within a block the tiles are summed
 // in list order, the mma chain restarting every SLICE tiles (256 rows) and its partial
@@ -49,8 +51,9 @@ using bf16 = __nv_bfloat16;
 
 // Shared row stride, in elements of T, of a tile `w` columns wide (a power of two >= 8).
 // f32: 8 or 24 words (mod 32), so the four rows a quarter warp's 16-byte fragment loads
-// touch start 32 bytes apart (mod 128); bf16: 16 or 48 halves (mod 64), the same 32 bytes
-// apart for a half warp's 8-byte loads. Both keep rows a multiple of 16 bytes (cp.async).
+// touch start 32 bytes apart (mod 128), as do those of a half warp's 8-byte loads and a
+// warp's 4-byte ones; bf16: 16 or 48 halves (mod 64), the same 32 bytes apart for a half
+// warp's 8-byte loads. Both keep rows a multiple of 16 bytes (cp.async).
 template <class T>
 __host__ __device__ constexpr int smem_stride(int w) {
     return sizeof(T) == 4 ? (w < 16 ? 16 : w) + 8 : (w < 32 ? 32 : w) + 16;
@@ -77,10 +80,10 @@ __device__ __forceinline__ void cp_async4(float* dst, const float* src, int src_
 }
 
 // Operand values of a fragment as tf32: `hi` always, `lo` (the rounding remainder) for 3xTF32.
-// EXACT: the values are widened bf16, which tf32 holds exactly (8 bits of exponent, 7 of
-// 10 of mantissa), so they go in as they are, with no remainder. (sm_90 has no instruction
-// for cvt.rna.tf32; ptxas emulates it with a compare, an add and register moves, about 8
-// instructions per mma.)
+// EXACT: the values are tf32 already (widened bf16, which tf32 holds exactly: 8 bits of
+// exponent, 7 of 10 of mantissa; or f32 values round_stage rounded in shared memory), so
+// they go in as they are, with no remainder. (sm_90 has no instruction for cvt.rna.tf32;
+// ptxas emulates it, and per fragment that cost about 8 instructions per mma.)
 template <int PASSES, int N, bool EXACT = false>
 struct Frag {
     uint32_t hi[N], lo[N];
@@ -107,7 +110,13 @@ struct Cfg {
     static constexpr int SA = smem_stride<TA>(BM), SB = smem_stride<TB>(BN);
     static constexpr int A_BYTES = BK * SA * (int)sizeof(TA);  // A's part of a stage
     static constexpr int STAGE = A_BYTES + BK * SB * (int)sizeof(TB);  // bytes per stage
-    static constexpr int VA = 2 * MS < 4 ? 2 * MS : 4, VB = NS < 4 ? NS : 4;
+    // Single tf32 rounds an f32 operand in shared memory (round_stage) where a lane's values
+    // of one k row span several mma tiles: loaded per fragment, the vector loads landed
+    // them in the wrong registers for the mma, and ptxas moved each one. Rounded already,
+    // they are loaded by pairs (A) or singly (B), straight into the fragment registers.
+    static constexpr bool ROUND_A = PASSES == 1 && sizeof(TA) == 4 && MS > 1;
+    static constexpr bool ROUND_B = PASSES == 1 && sizeof(TB) == 4 && NS > 1;
+    static constexpr int VA = ROUND_A ? 2 : (2 * MS < 4 ? 2 * MS : 4), VB = ROUND_B ? 1 : (NS < 4 ? NS : 4);
     using Acc = float[MS][NS][4];
 
     // Shared column, within the warp's slice, of a group-g lane's A element e = 2s + h
@@ -160,6 +169,37 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int dim, int col0, i
     }
 }
 
+// Rounds to tf32 (ties away) the f32 values this thread copied into a tile with load_tile
+// (the same elements: its 16-byte chunks, or its single values), once its copies have
+// landed and before the barrier that shows the tile to the other warps. Every value is
+// rounded once per block, where a fragment load would round it once per warp that reads
+// it, and the fragments then go in as they are (a third of the conversions; ptxas
+// emulates each on sm_90 with a compare, a predicated add and a mask). Zero-filled
+// values stay zero.
+template <int W, int THREADS>
+__device__ __forceinline__ void round_tile(float* s, bool vec) {
+    constexpr int S = smem_stride<float>(W), E = 4;
+    auto round = [](float x) { return __uint_as_float(tf32(x)); };
+    if (vec) {
+        constexpr int CH = W / E, RSTEP = THREADS / CH;
+        float* p = s + (threadIdx.x / CH) * S + (threadIdx.x % CH) * E;
+#pragma unroll
+        for (int j = 0; j < (BK + RSTEP - 1) / RSTEP; ++j) {
+            if (RSTEP * j + RSTEP <= BK || (int)threadIdx.x / CH + j * RSTEP < BK) {
+                float4* q = reinterpret_cast<float4*>(p + j * RSTEP * S);
+                const float4 v = *q;
+                *q = make_float4(round(v.x), round(v.y), round(v.z), round(v.w));
+            }
+        }
+    } else {
+#pragma unroll 1
+        for (int c = threadIdx.x; c < BK * W; c += THREADS) {
+            float* q = s + (c / W) * S + c % W;
+            *q = round(*q);
+        }
+    }
+}
+
 // The block's operands and where its tile sits.
 template <class C>
 struct Operands {
@@ -175,6 +215,16 @@ __device__ __forceinline__ void load_stage(char* stage, const Operands<C>& op, i
     load_tile<C::BM, C::THREADS>(reinterpret_cast<typename C::TA*>(stage), op.a, op.M, op.m0, tile.x, rows, op.va);
     load_tile<C::BN, C::THREADS>(reinterpret_cast<typename C::TB*>(stage + C::A_BYTES), op.b, op.N, op.n0, tile.x,
                                  rows, op.vb);
+}
+
+// With single tf32 (PASSES = 1), the stage's f32 operands rounded in place (round_tile);
+// 3xTF32 splits each value per fragment instead, which needs the unrounded one.
+template <class C>
+__device__ __forceinline__ void round_stage(char* stage, const Operands<C>& op) {
+    if constexpr (C::ROUND_A)
+        round_tile<C::BM, C::THREADS>(reinterpret_cast<float*>(stage), op.va);
+    if constexpr (C::ROUND_B)
+        round_tile<C::BN, C::THREADS>(reinterpret_cast<float*>(stage + C::A_BYTES), op.vb);
 }
 
 // bf16 bits to the f32 of the same value (exact).
@@ -231,8 +281,9 @@ __device__ __forceinline__ void mma_stage(const char* stage, typename C::Acc& ac
         lds<2 * C::MS, C::VA>(a1, sa + (k + t + 4) * C::SA);
         lds<C::NS, C::VB>(b0, sb + (k + t) * C::SB);
         lds<C::NS, C::VB>(b1, sb + (k + t + 4) * C::SB);
-        Frag<C::PASSES, 4, sizeof(typename C::TA) == 2> fa[C::MS];
-        Frag<C::PASSES, 2, sizeof(typename C::TB) == 2> fb[C::NS];
+        // Exact: bf16 values, and f32 ones that round_stage rounded.
+        Frag<C::PASSES, 4, sizeof(typename C::TA) == 2 || C::ROUND_A> fa[C::MS];
+        Frag<C::PASSES, 2, sizeof(typename C::TB) == 2 || C::ROUND_B> fb[C::NS];
 #pragma unroll
         for (int s = 0; s < C::MS; ++s) {
             // a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]
@@ -307,6 +358,9 @@ __device__ __forceinline__ void mainloop(const Operands<C>& op, const TileList& 
     }
     for (int i = 0; i < n; ++i) {
         cp_async_wait<STAGES - 2>();
+        // This thread's copies of tile i have landed (visible to it alone until the
+        // barrier), so it rounds them here.
+        round_stage<C>(smem + (i % STAGES) * C::STAGE, op);
         // Tile i has landed for every thread, and every warp is done with tile i - 1,
         // whose stage the prefetch below overwrites.
         __syncthreads();

@@ -933,6 +933,90 @@ fn curvature_primitives_match_cpu() {
     }
 }
 
+/// `x` in tf32 (10 fraction bits), rounded to nearest with ties away from zero as PTX's
+/// `cvt.rna.tf32.f32`, or truncated as the tensor cores read an unrounded operand.
+fn tf32(x: &[f32], nearest: bool) -> Vec<f32> {
+    x.iter()
+        .map(|&v| {
+            let b = v.to_bits();
+            let b = if nearest && v.is_finite() {
+                b.wrapping_add(0x1000)
+            } else {
+                b
+            };
+            f32::from_bits(b & 0xffff_e000)
+        })
+        .collect()
+}
+
+/// How many elements of `a` and `b` differ in their bits.
+fn bits_differ(a: &[f32], b: &[f32]) -> usize {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .filter(|(x, y)| x.to_bits() != y.to_bits())
+        .count()
+}
+
+/// With bf16 base weights the Gram and squaring kernels round their f32 operands to tf32
+/// to nearest (ties away), whichever tile shape, copy width (16-byte chunks or single
+/// values) and rounding place (shared memory or fragment) they take: raw operands give
+/// the same bits as operands rounded beforehand on the host, and not those of operands
+/// truncated, which is what the tensor cores would read unrounded.
+#[test]
+fn tf32_products_round_f32_operands_to_nearest() {
+    let (gappy, gappy_rows) = gappy_segments();
+    let mut rng = ChaCha8Rng::seed_from_u64(17);
+    for g in devices_with(BaseDtype::Bf16) {
+        let zeros = |n: usize| g.buf(vec![0.0; n]).unwrap();
+        let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
+        let down = |b: &Act| g.to_host(b).unwrap();
+        // (dx, dy): 128 x 128 tiles with 16-byte copies (132, 260) and single ones (130
+        // is not a multiple of 4); 256 x 32 tiles (300 x 20 and, narrow side first, 20 x 300).
+        for (dx, dy) in [(132, 260), (130, 68), (300, 20), (20, 300)] {
+            let (x, y) = (
+                rnd(&mut rng, gappy_rows * dx),
+                rnd(&mut rng, gappy_rows * dy),
+            );
+            let gram = |x: &[f32], y: &[f32]| {
+                let mut out = zeros(dx * dy);
+                g.gram_accumulate(&up(x), dx, &up(y), dy, &gappy, 0.7, &mut out)
+                    .unwrap();
+                down(&out)
+            };
+            let raw = gram(&x, &y);
+            let what = format!("gram {dx}x{dy} ({})", g.describe());
+            let near = bits_differ(&raw, &gram(&tf32(&x, true), &tf32(&y, true)));
+            assert_eq!(
+                near, 0,
+                "{what}: {near} elements differ from nearest-rounded operands"
+            );
+            let cut = bits_differ(&raw, &gram(&tf32(&x, false), &tf32(&y, false)));
+            assert!(cut > 0, "{what}: the same as with truncated operands");
+        }
+        // Per-sample squaring: the rank side rounded per fragment (r 8) or in shared
+        // memory (r 16, 64), the wide side per fragment, with 16-byte copies (132) or not (130).
+        for (r, d) in [(8, 132), (16, 130), (64, 132)] {
+            let (narrow, wide) = (rnd(&mut rng, gappy_rows * r), rnd(&mut rng, gappy_rows * d));
+            let sq = |n: &[f32], w: &[f32]| {
+                let mut out = zeros(r * d);
+                g.sq_grad_accumulate(&up(n), r, &up(w), d, &gappy, 0.5, &mut out)
+                    .unwrap();
+                down(&out)
+            };
+            let raw = sq(&narrow, &wide);
+            let what = format!("per-sample squaring r {r}, d {d} ({})", g.describe());
+            let near = bits_differ(&raw, &sq(&tf32(&narrow, true), &tf32(&wide, true)));
+            assert_eq!(
+                near, 0,
+                "{what}: {near} elements differ from nearest-rounded operands"
+            );
+            let cut = bits_differ(&raw, &sq(&tf32(&narrow, false), &tf32(&wide, false)));
+            assert!(cut > 0, "{what}: the same as with truncated operands");
+        }
+    }
+}
+
 #[test]
 fn curvature_pass_and_training_step_match_cpu() {
     for g in devices() {

@@ -1,8 +1,8 @@
 //! File output that never leaves a half-written file behind, and safetensors helpers.
 
 use std::collections::{BTreeMap, HashMap};
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -27,15 +27,21 @@ pub fn check_replaceable(path: &Path) -> Result<()> {
 /// run that owns the directory removes them by this prefix.
 pub const TEMP_PREFIX: &str = ".lalora-tmp-";
 
-/// Write `bytes` to a temporary file beside `path`, then rename it over `path`. The file
-/// gets the mode a plain create would (0666 less the umask), not the temporary's 0600.
-pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
-    check_replaceable(path)?;
+/// The directory `path` is written in, created if missing.
+fn parent_dir(path: &Path) -> Result<&Path> {
     let dir = match path.parent() {
         Some(d) if !d.as_os_str().is_empty() => d,
         _ => Path::new("."),
     };
     std::fs::create_dir_all(dir).at(dir)?;
+    Ok(dir)
+}
+
+/// Write `bytes` to a temporary file beside `path`, then rename it over `path`. The file
+/// gets the mode a plain create would (0666 less the umask), not the temporary's 0600.
+pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
+    check_replaceable(path)?;
+    let dir = parent_dir(path)?;
     let mut tmp = tempfile::Builder::new()
         .prefix(TEMP_PREFIX)
         .permissions(std::fs::Permissions::from_mode(0o666))
@@ -47,12 +53,18 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-/// Serialise f32 tensors `(name, shape, data)` with string metadata, atomically.
+/// Serialise f32 tensors `(name, shape, data)` with string metadata, atomically, and
+/// without a copy of the whole file in memory: the crate's `serialize_to_file` streams the
+/// tensors to disk (a KFAC estimate at Llama-3.2-1B's shapes is 15 GB, which
+/// `safetensors::serialize` would first copy into one buffer). The bytes are those of
+/// `serialize` with the header's keys sorted ([`sort_header`]), and the file gets the mode
+/// a plain create would, as with [`atomic_write`].
 pub fn write_safetensors(
     path: &Path,
     tensors: &[(String, Vec<usize>, &[f32])],
     metadata: BTreeMap<String, String>,
 ) -> Result<()> {
+    check_replaceable(path)?;
     let views = tensors
         .iter()
         .map(|(name, shape, data)| {
@@ -62,10 +74,43 @@ pub fn write_safetensors(
         })
         .collect::<Result<Vec<_>>>()?;
     let meta: HashMap<String, String> = metadata.into_iter().collect();
-    let mut bytes = safetensors::serialize(views, Some(meta))
+    let dir = parent_dir(path)?;
+    // A directory of our own beside `path`, under the temporaries' prefix so that what a
+    // crash leaves is found and removed: the crate stages its file in the same directory
+    // as the name it is given, then renames it to that name.
+    let stage = tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempdir_in(dir)
+        .at(dir)?;
+    let staged = stage.path().join("file");
+    // The mode a plain create gives, read from such a file before the crate's own (0600)
+    // replaces it.
+    let mode = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o666)
+        .open(&staged)
+        .and_then(|f| f.metadata())
+        .at(path)?
+        .permissions();
+    safetensors::serialize_to_file(views, Some(meta), &staged)
         .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
-    sort_header(&mut bytes).map_err(|m| Error::file(path, m))?;
-    atomic_write(path, &bytes)
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&staged)
+        .at(path)?;
+    let mut head = [0u8; 8];
+    f.read_exact(&mut head).at(path)?;
+    let mut header = vec![0u8; 8 + u64::from_le_bytes(head) as usize];
+    f.seek(SeekFrom::Start(0)).at(path)?;
+    f.read_exact(&mut header).at(path)?;
+    sort_header(&mut header).map_err(|m| Error::file(path, m))?;
+    f.seek(SeekFrom::Start(0)).at(path)?;
+    f.write_all(&header).at(path)?;
+    f.set_permissions(mode).at(path)?;
+    f.sync_all().at(path)?;
+    std::fs::rename(&staged, path).map_err(|e| Error::io(path, e))
 }
 
 /// Put the keys of a serialised safetensors file's JSON header in sorted order, in place.
@@ -137,5 +182,53 @@ impl TensorFile {
 
     pub fn get(&self, name: &str) -> Option<&[f32]> {
         self.tensors.get(name).map(|(_, d)| d.as_slice())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The streamed file holds the bytes of the crate's in-memory `serialize` with the
+    /// header sorted, gets a plain create's mode, and leaves no temporary behind.
+    #[test]
+    fn streamed_safetensors_match_the_crates_serialisation() {
+        let d = tempfile::tempdir().unwrap();
+        let (a, b, c) = (
+            (0..35).map(|i| i as f32 * 0.5 - 3.0).collect::<Vec<_>>(),
+            vec![1.5f32; 4],
+            vec![-0.25f32; 1],
+        );
+        let tensors: Vec<(String, Vec<usize>, &[f32])> = vec![
+            ("z.weight".into(), vec![5, 7], &a),
+            ("a.bias".into(), vec![4], &b),
+            ("m.scalar".into(), vec![1], &c),
+        ];
+        let meta: BTreeMap<String, String> = (0..12)
+            .map(|i| (format!("key{i}"), format!("value {i}")))
+            .collect();
+        let path = d.path().join("t.safetensors");
+        write_safetensors(&path, &tensors, meta.clone()).unwrap();
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|(n, s, x)| {
+                let v = TensorView::new(Dtype::F32, s.clone(), bytemuck::cast_slice(x)).unwrap();
+                (n.clone(), v)
+            })
+            .collect();
+        let mut want = safetensors::serialize(views, Some(meta.into_iter().collect())).unwrap();
+        sort_header(&mut want).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), want);
+
+        let plain = d.path().join("plain");
+        std::fs::File::create(&plain).unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(mode(&path), mode(&plain));
+        let mut names: Vec<_> = std::fs::read_dir(d.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["plain", "t.safetensors"]);
     }
 }

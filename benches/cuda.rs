@@ -1267,9 +1267,9 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 accumulate_batch(g, model, lora, a, batch, 0, spec(Scheme::Kfac)).unwrap();
             }),
             // After one pass from the reset state: finished and read back, the estimate.
+            // read_out consumes the accumulator; the next pass starts a new one.
             got: Rc::new(move || {
-                let mut a = acc.borrow_mut();
-                let a = a.as_mut().unwrap();
+                let mut a = acc.borrow_mut().take().unwrap();
                 let positions = batch.segments.iter().map(|s| s.len).sum();
                 a.finish(g, positions, batch.batch).unwrap();
                 let c = read_out(g, lora, a, spec(Scheme::Kfac), positions, batch.batch).unwrap();

@@ -59,6 +59,12 @@ macro_rules! delegate_backend {
             self.inner.to_host(x)
         }
     };
+    (@one $inner:ty; [$($watch:ident)?]; take_host) => {
+        fn take_host(&self, x: Self::Buf) -> $crate::Result<Vec<f32>> {
+            $(let _watch = self.$watch("take_host");)?
+            self.inner.take_host(x)
+        }
+    };
     (@one $inner:ty; [$($watch:ident)?]; weight) => {
         fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> $crate::Result<Self::Weight> {
             $(let _watch = self.$watch("weight");)?

@@ -123,7 +123,7 @@ pub fn estimate<B: Backend>(
         on_batch();
     }
     acc.finish(be, n_positions, n_sequences)?;
-    read_out(be, lora, &acc, spec, n_positions, n_sequences)
+    read_out(be, lora, acc, spec, n_positions, n_sequences)
 }
 
 /// One batch (the `bi`-th) of a curvature estimate into `acc`: its forward, then per label
@@ -166,40 +166,42 @@ pub fn accumulate_batch<B: Backend>(
 
 /// The estimate of a finished accumulator, on the host (every factor read back from the
 /// device: for KFAC at Llama-3.2-1B's shapes about 15 GB, a cost per estimate, not per
-/// batch).
+/// batch). The accumulator is consumed: each factor's buffer is freed (on the CPU, handed
+/// over) as it is read, so the estimate is never held twice.
 pub fn read_out<B: Backend>(
     be: &B,
     lora: &LoraWeights<B::Buf>,
-    acc: &Accumulator<B>,
+    acc: Accumulator<B>,
     spec: Spec,
     n_positions: usize,
     n_sequences: usize,
 ) -> Result<Curvature> {
     let host = |x: &B::Buf| be.to_host(x);
     let mean: HostLora = lora.map(host)?;
-    let diag = match &acc.diag {
+    let take = |x: B::Buf| be.take_host(x);
+    let diag = match acc.diag {
         Some(d) => {
             let mut f = mean.zeros_like();
-            for (m, (fa, fb)) in f.modules.iter_mut().zip(&d.f) {
-                m.a = host(fa)?;
-                m.b = host(fb)?;
+            for (m, (fa, fb)) in f.modules.iter_mut().zip(d.f) {
+                m.a = take(fa)?;
+                m.b = take(fb)?;
             }
             Some(f)
         }
         None => None,
     };
-    let kfac = match &acc.kfac {
+    let kfac = match acc.kfac {
         Some(k) => Some(
             k.factors
-                .iter()
+                .into_iter()
                 .map(|f| {
                     Ok(KfacFactors {
-                        a_in: host(&f.a_in)?,
-                        a_out: host(&f.a_out)?,
-                        b_in: host(&f.b_in)?,
-                        b_out: host(&f.b_out)?,
-                        cross: match &f.cross {
-                            Some((c, g)) => Some((host(c)?, host(g)?)),
+                        a_in: take(f.a_in)?,
+                        a_out: take(f.a_out)?,
+                        b_in: take(f.b_in)?,
+                        b_out: take(f.b_out)?,
+                        cross: match f.cross {
+                            Some((c, g)) => Some((take(c)?, take(g)?)),
                             None => None,
                         },
                     })

@@ -125,6 +125,10 @@ impl Backend for CpuBackend {
         Ok(vec![0.0; n])
     }
 
+    fn take_host(&self, x: Vec<f32>) -> Result<Vec<f32>> {
+        Ok(x)
+    }
+
     fn to_host(&self, x: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(x.clone())
     }

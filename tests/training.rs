@@ -313,6 +313,40 @@ fn resumed_run_is_bit_identical() {
     );
 }
 
+/// A checkpoint of a build that digested its run with FNV-1a (16 hex digits, no
+/// `xxh3-` prefix) cannot be compared: `--resume` says so instead of naming the model
+/// (whose configuration digest would differ first) as changed.
+#[test]
+fn resume_recognises_an_older_builds_checkpoint() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let c = curvature(&t, Scheme::Kfac);
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("run");
+    let run = |o: &SessionOptions| {
+        session::run(&be, &model, &t.examples, &cfg(10.0), Some(&c), &c.mean, o)
+    };
+    run(&opts(Some(out.clone()), Some(3), false)).unwrap();
+    let path = std::fs::canonicalize(out.join("checkpoint"))
+        .unwrap()
+        .join("trainer_state.json");
+    let mut state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let identity = state["run"].as_object_mut().unwrap();
+    for key in ["model", "data", "curvature", "init"] {
+        let v = identity[key].as_str().unwrap();
+        assert!(v.contains("xxh3-"), "{key}: {v}");
+        identity[key] = v.replace("xxh3-", "").into();
+    }
+    std::fs::write(&path, serde_json::to_vec(&state).unwrap()).unwrap();
+    let e = run(&opts(Some(out), None, true))
+        .err()
+        .expect("an older build's checkpoint was resumed");
+    assert_eq!(e.exit_code(), 2, "{e}");
+    assert!(e.to_string().contains("older lalora-engine"), "{e}");
+}
+
 /// One input of a run, changed for a resume; `names` is what the refusal must say.
 struct Changed<'a> {
     names: &'a str,

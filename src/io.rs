@@ -93,8 +93,11 @@ pub fn write_safetensors(
         .and_then(|f| f.metadata())
         .at(path)?
         .permissions();
-    safetensors::serialize_to_file(views, Some(meta), &staged)
-        .map_err(|e| Error::file(path, format!("cannot serialise: {e}")))?;
+    safetensors::serialize_to_file(views, Some(meta), &staged).map_err(|e| match e {
+        // A full disk or a lost directory, as the output's I/O error.
+        safetensors::SafeTensorError::IoError(io) => Error::io(path, io),
+        e => Error::file(path, format!("cannot serialise: {e}")),
+    })?;
     let mut f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)

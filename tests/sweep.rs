@@ -1,7 +1,8 @@
 //! `sweep` on the tiny fixture, as a user runs it with stderr to a log: labelled plain
 //! progress lines, and learning / forgetting figures whose standard errors equal the ones
 //! computed here from `eval`'s loss on each sequence alone. Also `eval --json` keeps its
-//! progress on stderr and the progress interval is checked as input. On the default model:
+//! progress on stderr, `curvature` says when it writes its file, and the progress interval
+//! is checked as input. On the default model:
 //! the multiple-choice accuracy drops and the exact-match gain, with their paired standard
 //! errors, equal the ones computed here from `eval --json`'s per-question predictions.
 
@@ -224,6 +225,50 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
             learn_se > 0.0 && forget_se > 0.0,
             "{run}: {learn_se} {forget_se}"
         );
+    }
+}
+
+/// After its batches `curvature` reads the estimate out and writes the file, which takes
+/// seconds for a large KFAC estimate: a line says so (and none with --quiet).
+#[test]
+fn curvature_says_when_it_writes_its_file() {
+    let d = tempfile::tempdir().unwrap();
+    let f = fixture("tiny-gqa");
+    let out = d.path().join("c.safetensors");
+    for quiet in [false, true] {
+        let mut c = bin();
+        c.args([
+            "curvature",
+            "--device",
+            "cpu",
+            "--threads",
+            "2",
+            "--rank",
+            "4",
+            "--scheme",
+            "kfac",
+        ])
+        .arg("--model")
+        .arg(f.join("model"))
+        .arg("--data")
+        .arg(f.join("batch.jsonl"))
+        .arg("--out")
+        .arg(&out);
+        if quiet {
+            c.arg("--quiet");
+        }
+        let o = c.output().unwrap();
+        ok(&o, "curvature");
+        let err = String::from_utf8_lossy(&o.stderr);
+        let said = err.lines().any(|l| {
+            l.starts_with("curvature: writing ")
+                && l.contains(&*out.to_string_lossy())
+                && l.ends_with(" MB)")
+        });
+        assert_eq!(said, !quiet, "quiet {quiet}: {err}");
+        if quiet {
+            assert!(err.is_empty(), "--quiet printed: {err}");
+        }
     }
 }
 

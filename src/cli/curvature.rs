@@ -247,16 +247,20 @@ impl Stage1 {
             None => init,
         };
         let lora = theta.map(|v| be.buf(v.clone()))?;
-        let pb = progress::bar(
-            data.len().div_ceil(self.batch_size) as u64,
-            "curvature",
-            quiet,
-        )
-        .unit("batches");
+        let batches = data.len().div_ceil(self.batch_size) as u64;
+        let pb = progress::bar(batches, "curvature", quiet).unit("batches");
         let meter = Meter::start("curvature", be);
+        let mut done = 0;
         let mut c = estimate(be, model, &lora, data, self.batch_size, self.spec, || {
-            pb.inc(1)
+            pb.inc(1);
+            done += 1;
+            if done == batches {
+                // Reading every factor back after the last batch takes seconds for a
+                // large KFAC estimate (15 GB at Llama-3.2-1B's shapes).
+                pb.set_message("reading out".into());
+            }
         })?;
+        pb.set_message(String::new());
         pb.finish_and_clear();
         let (tokens, flops) =
             Flops::new(&model.cfg, &lora).curvature(data, self.batch_size, &self.spec);
@@ -363,6 +367,14 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
     let (c, sampled, cost) = run_on(a.common.placement(quiet), task)?;
     if let Some(data) = &sampled {
         keep_self_data(&a.out, data)?;
+    }
+    if !quiet {
+        let bytes: usize = c.named_tensors().iter().map(|(_, d)| 4 * d.len()).sum();
+        eprintln!(
+            "curvature: writing {} ({:.1} MB)",
+            a.out.display(),
+            bytes as f64 / 1e6
+        );
     }
     c.write(&a.out)?;
     let summary = summarize(&c);

@@ -125,33 +125,44 @@ struct Cfg {
     __device__ static constexpr int col_b(int e, int g) { return (e / VB) * 8 * VB + VB * g + e % VB; }
 };
 
+// The elements of a BK x W shared tile of T (row stride smem_stride<T>(W)) that this
+// thread copies (load_tile) and, for single tf32, then rounds (round_tile). With `vec`:
+// 16-byte chunks of one column chunk, in rows r0, r0 + RSTEP, ... (chunk j, while has(j));
+// else single elements c = threadIdx.x, + THREADS, ... (row c / W, column c % W).
+template <int W, int THREADS, class T>
+struct Share {
+    static constexpr int S = smem_stride<T>(W), E = 16 / (int)sizeof(T);
+    static_assert(W % E == 0, "a tile row is whole 16-byte chunks");
+    static constexpr int CH = W / E, RSTEP = THREADS / CH, CHUNKS = (BK + RSTEP - 1) / RSTEP;
+    static_assert(THREADS % CH == 0, "a whole number of rows per pass");
+    __device__ static int r0() { return threadIdx.x / CH; }
+    __device__ static int col() { return (threadIdx.x % CH) * E; }
+    // Chunk j's row lies in the tile (always, where RSTEP divides BK).
+    __device__ static bool has(int j) { return RSTEP * j + RSTEP <= BK || r0() + j * RSTEP < BK; }
+    // Chunk j's place in the tile, in elements.
+    __device__ static int chunk_at(int j) { return (r0() + j * RSTEP) * S + col(); }
+};
+
 // Rows [row0, row0 + rows) x columns [col0, col0 + W) of the row-major (.., dim) matrix
-// `g` into a BK x W shared tile of row stride smem_stride<T>(W); zeros outside the rows
-// and beyond column dim. `vec` (dim a multiple of 16 bytes' elements, 16-byte aligned
-// base): 16 bytes per copy, each thread keeping one column chunk for all its rows; else
-// (any dim) one element per copy: cp.async of 4 bytes for f32; for bf16, below cp.async's
-// 4-byte minimum, a plain load and store, which the __syncthreads before the tile's use
-// orders like the copies.
+// `g` into a BK x W shared tile (Share); zeros outside the rows and beyond column dim.
+// `vec` (dim a multiple of 16 bytes' elements, 16-byte aligned base): 16 bytes per copy;
+// else (any dim) one element per copy: cp.async of 4 bytes for f32; for bf16, below
+// cp.async's 4-byte minimum, a plain load and store, which the __syncthreads before the
+// tile's use orders like the copies.
 template <int W, int THREADS, class T>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int dim, int col0, int row0, int rows, bool vec) {
-    constexpr int S = smem_stride<T>(W), E = 16 / (int)sizeof(T);
-    static_assert(W % E == 0, "a tile row is whole 16-byte chunks");
+    using Sh = Share<W, THREADS, T>;
     if (vec) {
-        constexpr int CH = W / E, RSTEP = THREADS / CH;
-        static_assert(THREADS % CH == 0, "a whole number of rows per pass");
-        const int col = (threadIdx.x % CH) * E, r0 = threadIdx.x / CH;
-        // Row r0's source and destination, stepped RSTEP rows at a time (no 64-bit
-        // multiply per copy); a column beyond dim reads no row.
-        const T* src = g + ((size_t)row0 + r0) * dim + col0 + col;
-        const size_t step = (size_t)RSTEP * dim;
-        const int lim = col0 + col < dim ? rows : 0;
-        T* dst = s + r0 * S + col;
+        // Chunk 0's source, stepped RSTEP rows at a time (no 64-bit multiply per copy); a
+        // column beyond dim reads no row.
+        const T* src = g + ((size_t)row0 + Sh::r0()) * dim + col0 + Sh::col();
+        const size_t step = (size_t)Sh::RSTEP * dim;
+        const int lim = col0 + Sh::col() < dim ? rows : 0;
 #pragma unroll
-        for (int j = 0; j < (BK + RSTEP - 1) / RSTEP; ++j) {
-            const int r = r0 + j * RSTEP;
-            if (RSTEP * j + RSTEP <= BK || r < BK) {
-                const bool in = r < lim;
-                cp_async16(dst + j * RSTEP * S, in ? src : g, in ? 16 : 0);
+        for (int j = 0; j < Sh::CHUNKS; ++j) {
+            if (Sh::has(j)) {
+                const bool in = Sh::r0() + j * Sh::RSTEP < lim;
+                cp_async16(s + Sh::chunk_at(j), in ? src : g, in ? 16 : 0);
             }
             src += step;
         }
@@ -162,31 +173,28 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int dim, int col0, i
             const bool in = r < rows && col0 + col < dim;
             const T* src = g + (size_t)(row0 + r) * dim + col0 + col;
             if constexpr (sizeof(T) == 4)
-                cp_async4(s + r * S + col, in ? src : g, in ? 4 : 0);
+                cp_async4(s + r * Sh::S + col, in ? src : g, in ? 4 : 0);
             else
-                s[r * S + col] = in ? *src : T();
+                s[r * Sh::S + col] = in ? *src : T();
         }
     }
 }
 
 // Rounds to tf32 (ties away) the f32 values this thread copied into a tile with load_tile
-// (the same elements: its 16-byte chunks, or its single values), once its copies have
-// landed and before the barrier that shows the tile to the other warps. Every value is
-// rounded once per block, where a fragment load would round it once per warp that reads
-// it, and the fragments then go in as they are (a third of the conversions; ptxas
-// emulates each on sm_90 with a compare, a predicated add and a mask). Zero-filled
-// values stay zero.
+// (its Share), once its copies have landed and before the barrier that shows the tile to
+// the other warps. Every value is rounded once per block, where a fragment load would
+// round it once per warp that reads it, and the fragments then go in as they are (a third
+// of the conversions; ptxas emulates each on sm_90 with a compare, a predicated add and a
+// mask). Zero-filled values stay zero.
 template <int W, int THREADS>
 __device__ __forceinline__ void round_tile(float* s, bool vec) {
-    constexpr int S = smem_stride<float>(W), E = 4;
+    using Sh = Share<W, THREADS, float>;
     auto round = [](float x) { return __uint_as_float(tf32(x)); };
     if (vec) {
-        constexpr int CH = W / E, RSTEP = THREADS / CH;
-        float* p = s + (threadIdx.x / CH) * S + (threadIdx.x % CH) * E;
 #pragma unroll
-        for (int j = 0; j < (BK + RSTEP - 1) / RSTEP; ++j) {
-            if (RSTEP * j + RSTEP <= BK || (int)threadIdx.x / CH + j * RSTEP < BK) {
-                float4* q = reinterpret_cast<float4*>(p + j * RSTEP * S);
+        for (int j = 0; j < Sh::CHUNKS; ++j) {
+            if (Sh::has(j)) {
+                float4* q = reinterpret_cast<float4*>(s + Sh::chunk_at(j));
                 const float4 v = *q;
                 *q = make_float4(round(v.x), round(v.y), round(v.z), round(v.w));
             }
@@ -194,7 +202,7 @@ __device__ __forceinline__ void round_tile(float* s, bool vec) {
     } else {
 #pragma unroll 1
         for (int c = threadIdx.x; c < BK * W; c += THREADS) {
-            float* q = s + (c / W) * S + c % W;
+            float* q = s + (c / W) * Sh::S + c % W;
             *q = round(*q);
         }
     }

@@ -949,13 +949,28 @@ fn tf32(x: &[f32], nearest: bool) -> Vec<f32> {
         .collect()
 }
 
-/// How many elements of `a` and `b` differ in their bits.
-fn bits_differ(a: &[f32], b: &[f32]) -> usize {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .filter(|(x, y)| x.to_bits() != y.to_bits())
-        .count()
+/// `product` of raw f32 operands gives the bits it gives of the operands rounded to tf32
+/// to nearest on the host, and not those of the operands truncated.
+fn assert_rounds_to_nearest(
+    what: &str,
+    a: &[f32],
+    b: &[f32],
+    product: impl Fn(&[f32], &[f32]) -> Vec<f32>,
+) {
+    let raw = product(a, b);
+    let differ = |o: Vec<f32>| {
+        raw.iter()
+            .zip(&o)
+            .filter(|(x, y)| x.to_bits() != y.to_bits())
+            .count()
+    };
+    let near = differ(product(&tf32(a, true), &tf32(b, true)));
+    assert_eq!(
+        near, 0,
+        "{what}: {near} elements differ from nearest-rounded operands"
+    );
+    let cut = differ(product(&tf32(a, false), &tf32(b, false)));
+    assert!(cut > 0, "{what}: the same as with truncated operands");
 }
 
 /// With bf16 base weights the Gram and squaring kernels round their f32 operands to tf32
@@ -984,15 +999,8 @@ fn tf32_products_round_f32_operands_to_nearest() {
                     .unwrap();
                 down(&out)
             };
-            let raw = gram(&x, &y);
             let what = format!("gram {dx}x{dy} ({})", g.describe());
-            let near = bits_differ(&raw, &gram(&tf32(&x, true), &tf32(&y, true)));
-            assert_eq!(
-                near, 0,
-                "{what}: {near} elements differ from nearest-rounded operands"
-            );
-            let cut = bits_differ(&raw, &gram(&tf32(&x, false), &tf32(&y, false)));
-            assert!(cut > 0, "{what}: the same as with truncated operands");
+            assert_rounds_to_nearest(&what, &x, &y, gram);
         }
         // Per-sample squaring: the rank side rounded per fragment (r 8) or in shared
         // memory (r 16, 64), the wide side per fragment, with 16-byte copies (132) or not (130).
@@ -1004,15 +1012,8 @@ fn tf32_products_round_f32_operands_to_nearest() {
                     .unwrap();
                 down(&out)
             };
-            let raw = sq(&narrow, &wide);
             let what = format!("per-sample squaring r {r}, d {d} ({})", g.describe());
-            let near = bits_differ(&raw, &sq(&tf32(&narrow, true), &tf32(&wide, true)));
-            assert_eq!(
-                near, 0,
-                "{what}: {near} elements differ from nearest-rounded operands"
-            );
-            let cut = bits_differ(&raw, &sq(&tf32(&narrow, false), &tf32(&wide, false)));
-            assert!(cut > 0, "{what}: the same as with truncated operands");
+            assert_rounds_to_nearest(&what, &narrow, &wide, sq);
         }
     }
 }

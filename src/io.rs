@@ -5,6 +5,7 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::Path;
 
+use memmap2::UncheckedAdvice;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 
 use crate::error::{Error, IoContext, Result};
@@ -172,6 +173,16 @@ impl TensorFile {
                     format!("tensor `{name}` has unsupported dtype {:?}", t.dtype()),
                 )
             })?;
+            // Hand the copied pages back: a curvature file is GBs, and its mapped pages
+            // would otherwise stay resident beside the copy until the map is dropped.
+            let at = t.data().as_ptr() as usize - map.as_ptr() as usize;
+            // SAFETY: `map` is a shared read-only mapping of a file, so pages dropped here
+            // are read back from the file, unchanged, if anything touches them again; no
+            // content is lost (the undefined case is private or anonymous memory). Failure
+            // only leaves the pages resident.
+            let _ = unsafe {
+                map.unchecked_advise_range(UncheckedAdvice::DontNeed, at, t.data().len())
+            };
             tensors.insert(name, (t.shape().to_vec(), data));
         }
         let metadata = meta
@@ -185,6 +196,14 @@ impl TensorFile {
 
     pub fn get(&self, name: &str) -> Option<&[f32]> {
         self.tensors.get(name).map(|(_, d)| d.as_slice())
+    }
+
+    /// Move tensor `name`'s values out (an absent one reads as empty).
+    pub fn take(&mut self, name: &str) -> Vec<f32> {
+        self.tensors
+            .remove(name)
+            .map(|(_, d)| d)
+            .unwrap_or_default()
     }
 }
 

@@ -180,13 +180,22 @@ impl Curvature {
             modules: mean_modules(&f, model, path)?,
         };
         check_tensors(&f, &mean, scheme).map_err(bad)?;
-        // Every tensor is present now (check_tensors).
-        let take = |name: String| f.get(&name).map(<[f32]>::to_vec).unwrap_or_default();
-        let fill = |prefix: &str, w: &HostLora| {
+        let meta = CurvatureMeta {
+            scheme,
+            fisher,
+            approx,
+            n_sequences,
+            n_positions,
+            model: md("model")?.to_string(),
+            data: f.metadata.get("data").cloned().unwrap_or_default(),
+        };
+        // Every tensor is present now (check_tensors); each is moved out, not copied.
+        let mut f = f;
+        let mut fill = |prefix: &str, w: &HostLora| {
             let mut w = w.clone();
             for m in &mut w.modules {
-                m.a = take(format!("{prefix}.{}", m.a_name()));
-                m.b = take(format!("{prefix}.{}", m.b_name()));
+                m.a = f.take(&format!("{prefix}.{}", m.a_name()));
+                m.b = f.take(&format!("{prefix}.{}", m.b_name()));
             }
             w
         };
@@ -198,14 +207,14 @@ impl Curvature {
                 .map(|m| {
                     let p = m.peft_path();
                     KfacFactors {
-                        a_in: take(format!("kfac_in.{p}.lora_A")),
-                        a_out: take(format!("kfac_out.{p}.lora_A")),
-                        b_in: take(format!("kfac_in.{p}.lora_B")),
-                        b_out: take(format!("kfac_out.{p}.lora_B")),
+                        a_in: f.take(&format!("kfac_in.{p}.lora_A")),
+                        a_out: f.take(&format!("kfac_out.{p}.lora_A")),
+                        b_in: f.take(&format!("kfac_in.{p}.lora_B")),
+                        b_out: f.take(&format!("kfac_out.{p}.lora_B")),
                         cross: (scheme == Scheme::KfacTri).then(|| {
                             (
-                                take(format!("kfac_cross_in.{p}")),
-                                take(format!("kfac_cross_out.{p}")),
+                                f.take(&format!("kfac_cross_in.{p}")),
+                                f.take(&format!("kfac_cross_out.{p}")),
                             )
                         }),
                     }
@@ -213,15 +222,7 @@ impl Curvature {
                 .collect()
         });
         Ok(Curvature {
-            meta: CurvatureMeta {
-                scheme,
-                fisher,
-                approx,
-                n_sequences,
-                n_positions,
-                model: md("model")?.to_string(),
-                data: f.metadata.get("data").cloned().unwrap_or_default(),
-            },
+            meta,
             mean,
             diag,
             kfac,

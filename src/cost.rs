@@ -262,18 +262,19 @@ impl Flops {
         self.forward_body(b) + self.head(b, 2) + self.backward_body(b, true)
     }
 
-    /// The penalty's products per step for a curvature of this shape (none for diag).
-    pub fn penalty_step(&self, c: &Curvature) -> u64 {
-        let Some(k) = &c.kfac else { return 0 };
+    /// The penalty's products per step for a curvature of `scheme` (none for diag).
+    pub fn penalty_step(&self, scheme: Scheme) -> u64 {
+        if scheme == Scheme::Diag {
+            return 0;
+        }
         let r = self.rank;
         self.modules
             .iter()
-            .zip(k)
-            .map(|(&(_, _, din, dout), f)| {
+            .map(|&(_, _, din, dout)| {
                 let kfac = 2 * r * din * (r + din) + 2 * r * dout * (dout + r);
-                let cross = match f.cross {
-                    Some(_) => 2 * r * r * (din + dout) + 4 * r * din * dout,
-                    None => 0,
+                let cross = match scheme {
+                    Scheme::KfacTri => 2 * r * r * (din + dout) + 4 * r * din * dout,
+                    _ => 0,
                 };
                 kfac + cross
             })
@@ -336,20 +337,20 @@ impl Flops {
     }
 
     /// Real tokens and FLOPs of training steps `from..to` (0-based) with the trainer's data
-    /// order, with the penalty of `curvature` when `cfg.lambda > 0`.
+    /// order, with the penalty of a curvature of scheme `penalty` when `cfg.lambda > 0`.
     pub fn training(
         &self,
         data: &[Example],
         cfg: &TrainConfig,
-        curvature: Option<&Curvature>,
+        penalty: Option<Scheme>,
         from: usize,
         to: usize,
     ) -> (u64, u64) {
         if data.is_empty() {
             return (0, 0);
         }
-        let penalty = match curvature {
-            Some(c) if cfg.lambda > 0.0 => self.penalty_step(c),
+        let penalty = match penalty {
+            Some(scheme) if cfg.lambda > 0.0 => self.penalty_step(scheme),
             _ => 0,
         };
         let mut order = DataOrder::new(data.len(), cfg.seed);

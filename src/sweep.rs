@@ -15,14 +15,14 @@
 
 use std::cmp::Ordering;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 use std::time::Instant;
 
 use plotters::prelude::*;
 use serde::Serialize;
 
 use crate::backend::Backend;
-use crate::cost::{self, CostBlock, Flops, Meter, StageCost, SweepCost, penalty_state_bytes};
-use crate::curvature::Curvature;
+use crate::cost::{self, CostBlock, Flops, Meter, StageCost, SweepCost};
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::eval::choice::{ChoiceRow, ChoiceScores, accuracy, choice_logliks, score};
@@ -34,8 +34,8 @@ use crate::io::atomic_write;
 use crate::model::{HostLora, Llama, LoraConfig, LoraWeights, Proj};
 use crate::progress;
 use crate::tokenizer::Tokenizer;
-use crate::train::TrainConfig;
 use crate::train::session::{self, SessionOptions};
+use crate::train::{Penalty, TrainConfig};
 
 /// A default log grid over the range where the trade-off lies (DESIGN §6), plus plain LoRA.
 pub const DEFAULT_LAMBDAS: [f32; 9] = [0.0, 1.0, 3.0, 10.0, 30.0, 100.0, 1e3, 1e4, 1e5];
@@ -457,8 +457,8 @@ fn evaluate_base<B: Backend>(
 }
 
 /// The runs of one LoRA shape: where they start, their penalty, where they are written.
-struct Shape<'a> {
-    curvature: Option<&'a Curvature>,
+struct Shape<'a, B: Backend> {
+    penalty: Option<&'a Penalty<B>>,
     init: &'a HostLora,
     /// Adapters and metrics of each run go to `dir/runs/lambda-<L>/`.
     dir: &'a Path,
@@ -472,12 +472,12 @@ struct Shape<'a> {
 fn train_lambdas<B: Backend>(
     be: &B,
     model: &Llama<B>,
-    shape: &Shape<'_>,
+    shape: &Shape<'_, B>,
     spec: &SweepSpec<'_>,
     base: &Base,
     on_run: &mut impl FnMut(&Row),
 ) -> Result<Vec<Row>> {
-    let curvature = shape.curvature;
+    let penalty = shape.penalty;
     let flops = Flops::new(&model.cfg, shape.init);
     let (eval_tokens, eval_flops) = eval_count(spec, &flops);
     let prefix = match &shape.point {
@@ -511,16 +511,9 @@ fn train_lambdas<B: Backend>(
             curvature_path: None,
         };
         let meter = Meter::start("train", be);
-        let res = session::run(
-            be,
-            model,
-            spec.train_data,
-            &cfg,
-            curvature,
-            shape.init,
-            &opts,
-        )?;
-        let (tokens, train_flops) = flops.training(spec.train_data, &cfg, curvature, 0, cfg.steps);
+        let res = session::run(be, model, spec.train_data, &cfg, penalty, shape.init, &opts)?;
+        let scheme = penalty.map(Penalty::scheme);
+        let (tokens, train_flops) = flops.training(spec.train_data, &cfg, scheme, 0, cfg.steps);
         let train_cost = meter.finish(tokens, train_flops, be);
         let lora = res.lora.map(|v| be.buf(v.clone()))?;
         let meter = Meter::start("eval", be);
@@ -540,17 +533,17 @@ fn train_lambdas<B: Backend>(
 pub fn run<B: Backend>(
     be: &B,
     model: &Llama<B>,
-    curvature: Option<&Curvature>,
+    penalty: Option<&Penalty<B>>,
     init: &HostLora,
     spec: &SweepSpec<'_>,
     out: &Path,
     mut on_run: impl FnMut(&Row),
 ) -> Result<Report> {
-    require_curvature(&spec.lambdas, curvature.is_some())?;
+    require_curvature(&spec.lambdas, penalty.is_some())?;
     let (base, base_row) = evaluate_base(be, model, spec)?;
     on_run(&base_row);
     let shape = Shape {
-        curvature,
+        penalty,
         init,
         dir: out,
         lambdas: &spec.lambdas,
@@ -565,7 +558,7 @@ pub fn run<B: Backend>(
         rows,
         cost: SweepCost {
             curvature: None,
-            penalty_state_bytes: curvature.map(penalty_state_bytes),
+            penalty_state_bytes: penalty.map(Penalty::state_bytes),
         },
         grid: Vec::new(),
     };
@@ -574,10 +567,11 @@ pub fn run<B: Backend>(
 }
 
 /// A LoRA shape of a grid sweep made ready to train.
-pub struct Prepared {
+pub struct Prepared<B: Backend> {
     /// Where training starts: the curvature's θ* when there is one, else a fresh init.
     pub init: HostLora,
-    pub curvature: Option<Curvature>,
+    /// Its curvature's penalty (shared where shapes share one curvature).
+    pub penalty: Option<Rc<Penalty<B>>>,
     /// Stage I, when it ran for this shape.
     pub curvature_cost: Option<StageCost>,
 }
@@ -686,7 +680,7 @@ pub fn run_grid<B: Backend>(
     spec: &SweepSpec<'_>,
     grid: &[GridEntry],
     out: &Path,
-    mut prepare: impl FnMut(&GridEntry, &Path) -> Result<Prepared>,
+    mut prepare: impl FnMut(&GridEntry, &Path) -> Result<Prepared<B>>,
     mut on_run: impl FnMut(&Row),
 ) -> Result<Report> {
     let (base, base_row) = evaluate_base(be, model, spec)?;
@@ -700,7 +694,7 @@ pub fn run_grid<B: Backend>(
         let _scope = progress::scope(entry.name());
         let p = prepare(entry, &dir)?;
         let lambdas = entry.lambdas.as_deref().unwrap_or(&spec.lambdas);
-        require_curvature(lambdas, p.curvature.is_some())?;
+        require_curvature(lambdas, p.penalty.is_some())?;
         let point = GridPoint {
             rank: entry.cfg.r,
             targets: targets_label(&entry.cfg.targets),
@@ -710,7 +704,7 @@ pub fn run_grid<B: Backend>(
             shape: k,
         };
         let shape = Shape {
-            curvature: p.curvature.as_ref(),
+            penalty: p.penalty.as_deref(),
             init: &p.init,
             dir: &dir,
             lambdas,
@@ -735,7 +729,7 @@ pub fn run_grid<B: Backend>(
             dir: entry.dir(),
             cost: SweepCost {
                 curvature: p.curvature_cost,
-                penalty_state_bytes: p.curvature.as_ref().map(penalty_state_bytes),
+                penalty_state_bytes: p.penalty.as_deref().map(Penalty::state_bytes),
             },
         });
     }

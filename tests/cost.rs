@@ -201,8 +201,8 @@ use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, esti
 use lalora_engine::data::Example;
 use lalora_engine::eval::perplexity::sequence_losses;
 use lalora_engine::model::{HostLora, LoraConfig, LoraWeights, Proj};
-use lalora_engine::train::TrainConfig;
 use lalora_engine::train::session::{self, SessionOptions};
+use lalora_engine::train::{Penalty, TrainConfig};
 
 /// The fixture's sequences cut to unequal lengths, so that batches are padded.
 fn uneven(t: &Tiny) -> Vec<Example> {
@@ -337,11 +337,14 @@ fn training_flops_equal_the_counted_products() {
                 stop_after: None,
                 curvature_path: None,
             };
+            let penalty = curv
+                .as_ref()
+                .map(|k| Penalty::new(&c, k.clone(), cfg.delta).unwrap());
             c.take();
-            let r = session::run(&c, &model, &ex, &cfg, curv.as_ref(), &lora, &opts).unwrap();
+            let r = session::run(&c, &model, &ex, &cfg, penalty.as_ref(), &lora, &opts).unwrap();
             let counted = c.take();
-            let (tokens, analytic) = flops.training(&ex, &cfg, curv.as_ref(), 0, cfg.steps);
-            let scheme = curv.as_ref().map(|c| c.meta.scheme.to_string());
+            let scheme = curv.as_ref().map(|k| k.meta.scheme);
+            let (tokens, analytic) = flops.training(&ex, &cfg, scheme, 0, cfg.steps);
             assert_eq!(
                 analytic,
                 counted,
@@ -351,7 +354,10 @@ fn training_flops_equal_the_counted_products() {
             let trained: usize = r.metrics.iter().map(|m| m.tokens).sum();
             assert_eq!(tokens, trained as u64, "tokens as the trainer counts them");
             if let Some(k) = curv.as_ref().filter(|k| k.kfac.is_some()) {
-                assert!(flops.penalty_step(k) > 0, "the kfac penalty has products");
+                assert!(
+                    flops.penalty_step(k.meta.scheme) > 0,
+                    "the kfac penalty has products"
+                );
             }
         }
     }
@@ -557,7 +563,7 @@ fn sweep_reports_each_runs_cost() {
     let flops = Flops::new(&t.loaded.cfg, &curv.mean);
     assert_eq!(
         train_flops(2) - train_flops(1),
-        2 * flops.penalty_step(&curv)
+        2 * flops.penalty_step(curv.meta.scheme)
     );
     // Both evaluation sets are the fixture's 6 sequences, in batches of 2: the base model
     // runs no LoRA products, each run runs its adapter's.

@@ -1107,13 +1107,15 @@ fn training_step_waits_for_the_device_a_fixed_number_of_times() {
         (Some(Scheme::KfacTri), 2),
     ];
     for (scheme, grad_accum) in cases {
-        let pen = scheme.map(|s| Penalty::new(&g, &curv(s), 1.0, 1e-3).unwrap());
         let cfg = TrainConfig {
             steps: 3,
             batch_size: 2,
             grad_accum,
+            lambda: 1.0,
+            delta: 1e-3,
             ..TrainConfig::default()
         };
+        let pen = scheme.map(|s| Penalty::new(&g, curv(s), cfg.delta).unwrap());
         let mut state = TrainState::fresh(&g, &t.adapter).unwrap();
         let mut last = g.stats();
         let mut steps = Vec::new();

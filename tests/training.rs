@@ -47,10 +47,12 @@ fn penalty_gradients_match_finite_differences() {
     let (lambda, delta) = (3.0f32, 1e-2f32);
     for scheme in [Scheme::Diag, Scheme::Kfac, Scheme::KfacTri] {
         let c = curvature(&t, scheme);
-        let pen = Penalty::new(&be, &c, lambda, delta).unwrap();
+        let pen = Penalty::new(&be, c.clone(), delta).unwrap();
         let theta = perturbed(&c.mean, 0.05, 1);
         let mut grads = Vec::new();
-        let value = pen.value_and_grad(&be, &theta, Some(&mut grads)).unwrap();
+        let value = pen
+            .value_and_grad(&be, &theta, lambda, Some(&mut grads))
+            .unwrap();
         assert!(value > 0.0, "{scheme}: the test point must not be clamped");
         let analytic: Vec<Vec<f32>> = match scheme {
             // diag's gradient is applied fused in the step: lambda (F/N + delta) D.
@@ -83,7 +85,7 @@ fn penalty_gradients_match_finite_differences() {
                 p.iter_mut()
                     .zip(&dir)
                     .for_each(|(x, v)| *x += sign * eps * v);
-                pen.value_and_grad(&be, &w, None).unwrap()
+                pen.value_and_grad(&be, &w, lambda, None).unwrap()
             };
             let numeric = (at(1.0) - at(-1.0)) / (2.0 * eps as f64);
             let exact: f64 = g.iter().zip(&dir).map(|(a, b)| (*a * *b) as f64).sum();
@@ -163,6 +165,11 @@ fn cfg(lambda: f32) -> TrainConfig {
     }
 }
 
+/// The penalty of `c` at [`cfg`]'s delta, as `train` builds it from a curvature file.
+fn penalty(be: &CpuBackend, c: &Curvature) -> Penalty<CpuBackend> {
+    Penalty::new(be, c.clone(), cfg(0.0).delta).unwrap()
+}
+
 fn max_move(a: &HostLora, b: &HostLora) -> f32 {
     a.named_tensors()
         .iter()
@@ -203,7 +210,7 @@ fn lambda_zero_is_plain_lora_and_huge_lambda_pins_theta_star() {
         &model,
         &t.examples,
         &long(0.0),
-        Some(&c),
+        Some(&penalty(&be, &c)),
         &c.mean,
         &opts(None, None, false),
     )
@@ -221,7 +228,7 @@ fn lambda_zero_is_plain_lora_and_huge_lambda_pins_theta_star() {
             &model,
             &t.examples,
             &long(1e9),
-            Some(&c),
+            Some(&penalty(&be, &c)),
             &c.mean,
             &opts(None, None, false),
         )
@@ -253,7 +260,7 @@ fn resumed_run_is_bit_identical() {
         &model,
         &t.examples,
         &cfg(10.0),
-        Some(&c),
+        Some(&penalty(&be, &c)),
         &c.mean,
         &opts(Some(a.clone()), None, false),
     )
@@ -263,7 +270,7 @@ fn resumed_run_is_bit_identical() {
         &model,
         &t.examples,
         &cfg(10.0),
-        Some(&c),
+        Some(&penalty(&be, &c)),
         &c.mean,
         &opts(Some(b.clone()), Some(3), false),
     )
@@ -278,7 +285,7 @@ fn resumed_run_is_bit_identical() {
         &model,
         &t.examples,
         &cfg(10.0),
-        Some(&c),
+        Some(&penalty(&be, &c)),
         &c.mean,
         &opts(Some(b.clone()), None, true),
     )
@@ -322,10 +329,11 @@ fn resume_recognises_an_older_builds_checkpoint() {
     let be = cpu();
     let model = tiny_model(&be);
     let c = curvature(&t, Scheme::Kfac);
+    let pc = penalty(&be, &c);
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run");
     let run = |o: &SessionOptions| {
-        session::run(&be, &model, &t.examples, &cfg(10.0), Some(&c), &c.mean, o)
+        session::run(&be, &model, &t.examples, &cfg(10.0), Some(&pc), &c.mean, o)
     };
     run(&opts(Some(out.clone()), Some(3), false)).unwrap();
     let path = std::fs::canonicalize(out.join("checkpoint"))
@@ -352,7 +360,7 @@ struct Changed<'a> {
     names: &'a str,
     data: &'a [Example],
     cfg: TrainConfig,
-    curvature: Option<&'a Curvature>,
+    penalty: Option<&'a Penalty<CpuBackend>>,
     init: &'a HostLora,
     base_model: &'a str,
 }
@@ -367,6 +375,7 @@ fn resume_refuses_a_different_run_naming_the_difference() {
     let model = tiny_model(&be);
     let c = curvature(&t, Scheme::Kfac);
     let other_c = curvature(&t, Scheme::Diag);
+    let (pc, other_pc) = (penalty(&be, &c), penalty(&be, &other_c));
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("run");
     session::run(
@@ -374,7 +383,7 @@ fn resume_refuses_a_different_run_naming_the_difference() {
         &model,
         &t.examples,
         &cfg(10.0),
-        Some(&c),
+        Some(&pc),
         &c.mean,
         &opts(Some(out.clone()), Some(3), false),
     )
@@ -386,7 +395,7 @@ fn resume_refuses_a_different_run_naming_the_difference() {
         names,
         data: &t.examples,
         cfg: cfg(10.0),
-        curvature: Some(&c),
+        penalty: Some(&pc),
         init: &c.mean,
         base_model: "tiny",
     };
@@ -403,11 +412,11 @@ fn resume_refuses_a_different_run_naming_the_difference() {
             ..same("training data")
         },
         Changed {
-            curvature: Some(&other_c),
+            penalty: Some(&other_pc),
             ..same("different curvature")
         },
         Changed {
-            curvature: None,
+            penalty: None,
             ..same("without the curvature")
         },
         Changed {
@@ -422,7 +431,7 @@ fn resume_refuses_a_different_run_naming_the_difference() {
     for x in cases {
         let mut o = opts(Some(out.clone()), None, true);
         o.base_model = x.base_model.into();
-        let e = session::run(&be, &model, x.data, &x.cfg, x.curvature, x.init, &o)
+        let e = session::run(&be, &model, x.data, &x.cfg, x.penalty, x.init, &o)
             .err()
             .unwrap_or_else(|| panic!("resume with a changed {} was accepted", x.names));
         assert_eq!(e.exit_code(), 2, "{e}");
@@ -490,7 +499,7 @@ fn non_finite_numbers_stop_the_run() {
     let d = tempfile::tempdir().unwrap();
     let fails = |model: &Llama<CpuBackend>,
                  c: &TrainConfig,
-                 curv: Option<&Curvature>,
+                 curv: Option<&Penalty<CpuBackend>>,
                  o: &SessionOptions| {
         let e = session::run(&be, model, &t.examples, c, curv, &t.adapter, o)
             .err()
@@ -545,7 +554,7 @@ fn non_finite_numbers_stop_the_run() {
     let msg = fails(
         &model,
         &cfg(f32::INFINITY),
-        Some(&c),
+        Some(&penalty(&be, &c)),
         &opts(None, None, false),
     );
     assert_eq!(msg, "step 1: non-finite penalty");
@@ -601,17 +610,9 @@ fn non_finite_inputs_are_refused_naming_the_tensor() {
     assert!(e.to_string().contains(&init.modules[1].b_name()), "{e}");
     let mut c = curvature(&t, Scheme::Diag);
     c.diag.as_mut().unwrap().modules[0].a[0] = f32::INFINITY;
-    let e = session::run(
-        &be,
-        &model,
-        &t.examples,
-        &cfg(1.0),
-        Some(&c),
-        &c.mean,
-        &opts(None, None, false),
-    )
-    .err()
-    .unwrap();
+    let e = Penalty::new(&be, c.clone(), cfg(1.0).delta)
+        .err()
+        .expect("a non-finite curvature was accepted");
     assert_eq!(e.exit_code(), 2);
     let name = format!("diag.{}", c.mean.modules[0].a_name());
     assert!(e.to_string().contains(&name), "{e}");

@@ -177,7 +177,7 @@ impl BackendTask for DemoTask {
             }
         }
         let out = s.out.clone();
-        let mut report = s.sweep_on(be, &model, Some(&c))?;
+        let mut report = s.sweep_on(be, &model, Some(c))?;
         // Stage I ran here too: the results again, with its cost.
         report.cost.curvature = Some(curvature_cost);
         report.write(&out)?;

@@ -13,6 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clap::ValueEnum;
 
@@ -27,6 +28,7 @@ use crate::curvature::baseline::{isotropic, none};
 use crate::error::Result;
 use crate::model::{Llama, LoadedModel, LoraConfig};
 use crate::sweep::{self, GridEntry, Prepared, Report};
+use crate::train::Penalty;
 
 /// What a sweep or the demo compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -140,7 +142,7 @@ impl BackendTask for DataStudy {
             (CURVATURES[1], (on_data, Some(data_cost))),
             (CURVATURES[2], (on_self, Some(self_cost))),
         ]);
-        let lambdas = s.lambdas.clone();
+        let (lambdas, delta) = (s.lambdas.clone(), s.train.delta);
         let grid = entries(&init.cfg, &lambdas);
         s.with_spec(|spec, _, _| {
             let prepare = |e: &GridEntry, dir: &Path| {
@@ -151,7 +153,7 @@ impl BackendTask for DataStudy {
                 c.write(&dir.join(CURVATURE_FILE))?;
                 Ok(Prepared {
                     init: c.mean.clone(),
-                    curvature: Some(c),
+                    penalty: Some(Rc::new(Penalty::new(be, c, delta)?)),
                     curvature_cost: cost,
                 })
             };

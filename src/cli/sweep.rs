@@ -3,6 +3,7 @@
 //! `--curvature-data`, for each LoRA shape of a grid.
 
 use std::path::{Path, PathBuf};
+use std::rc::Rc;
 
 use clap::{ArgGroup, Args};
 
@@ -26,7 +27,7 @@ use crate::sweep::{
     self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, GridEntry, Prepared, Report, Row,
     SweepSpec,
 };
-use crate::train::TrainConfig;
+use crate::train::{Penalty, TrainConfig};
 
 /// A shape's curvature estimated by a grid sweep, in its directory.
 pub(crate) const CURVATURE_FILE: &str = "curvature.safetensors";
@@ -150,12 +151,16 @@ impl SweepTask {
         self,
         be: &B,
         model: &Llama<B>,
-        curvature: Option<&Curvature>,
+        curvature: Option<Curvature>,
     ) -> Result<Report> {
         let (quiet, out) = (self.quiet, self.out.clone());
+        let theta = curvature.as_ref().map(|c| c.mean.clone());
+        let penalty = curvature
+            .map(|c| Penalty::new(be, c, self.train.delta))
+            .transpose()?;
         self.with_spec(|spec, fresh, _| {
-            let init = curvature.map(|c| &c.mean).unwrap_or(fresh);
-            sweep::run(be, model, curvature, init, spec, &out, status(quiet))
+            let init = theta.as_ref().unwrap_or(fresh);
+            sweep::run(be, model, penalty.as_ref(), init, spec, &out, status(quiet))
         })
     }
 
@@ -243,7 +248,7 @@ impl BackendTask for SweepTask {
     fn run<B: Backend>(mut self, be: &B) -> Result<Report> {
         let model = Llama::new(be, self.model.cfg.clone(), self.model.take_weights())?;
         let curvature = self.curvature.take();
-        self.sweep_on(be, &model, curvature.as_ref())
+        self.sweep_on(be, &model, curvature)
     }
 }
 
@@ -263,8 +268,12 @@ impl BackendTask for GridTask {
     fn run<B: Backend>(mut self, be: &B) -> Result<Report> {
         let s = &mut self.sweep;
         let model = Llama::new(be, s.model.cfg.clone(), s.model.take_weights())?;
-        let (quiet, out) = (s.quiet, s.out.clone());
-        let fixed = s.curvature.take();
+        let (quiet, out, delta) = (s.quiet, s.out.clone(), s.train.delta);
+        // A --curvature file fits every shape: its penalty is built once, for them all.
+        let fixed = match s.curvature.take() {
+            Some(c) => Some((c.mean.clone(), Rc::new(Penalty::new(be, c, delta)?))),
+            None => None,
+        };
         let estimate = match self.estimate {
             Some((source, stage)) => {
                 let (data, sampled) = source.examples(be, &model, quiet)?;
@@ -281,6 +290,7 @@ impl BackendTask for GridTask {
             let shapes = Shapes {
                 files,
                 fixed: fixed.as_ref(),
+                delta,
                 estimate: estimate.as_ref().map(|(s, d)| (s, d.as_slice())),
                 seed,
                 quiet,
@@ -293,26 +303,29 @@ impl BackendTask for GridTask {
 
 /// How a grid sweep makes each shape ready: the --curvature file that fits it, a
 /// curvature estimated for it, or neither (lambda 0 only).
-struct Shapes<'a> {
+struct Shapes<'a, B: Backend> {
     files: &'a LoadedModel,
-    fixed: Option<&'a Curvature>,
+    /// The --curvature file's theta* and penalty.
+    fixed: Option<&'a (HostLora, Rc<Penalty<B>>)>,
+    /// The prior precision of the penalties estimated here.
+    delta: f32,
     estimate: Option<(&'a Stage1, &'a [Example])>,
     seed: u64,
     quiet: bool,
 }
 
-impl Shapes<'_> {
-    fn prepare<B: Backend>(
+impl<B: Backend> Shapes<'_, B> {
+    fn prepare(
         &self,
         be: &B,
         model: &Llama<B>,
         cfg: &LoraConfig,
         dir: &Path,
-    ) -> Result<Prepared> {
-        if let Some(c) = self.fixed {
+    ) -> Result<Prepared<B>> {
+        if let Some((theta, penalty)) = self.fixed {
             return Ok(Prepared {
-                init: c.mean.clone(),
-                curvature: Some(c.clone()),
+                init: theta.clone(),
+                penalty: Some(penalty.clone()),
                 curvature_cost: None,
             });
         }
@@ -320,7 +333,7 @@ impl Shapes<'_> {
         let Some((stage, data)) = self.estimate else {
             return Ok(Prepared {
                 init: fresh,
-                curvature: None,
+                penalty: None,
                 curvature_cost: None,
             });
         };
@@ -337,7 +350,7 @@ impl Shapes<'_> {
         c.write(&dir.join(CURVATURE_FILE))?;
         Ok(Prepared {
             init: c.mean.clone(),
-            curvature: Some(c),
+            penalty: Some(Rc::new(Penalty::new(be, c, self.delta)?)),
             curvature_cost: Some(cost),
         })
     }

@@ -18,7 +18,7 @@ use crate::eval::perplexity::require_targets;
 use crate::io::atomic_write;
 use crate::model::{HostLora, Llama, LoadedModel};
 use crate::train::session::{self, SessionOptions};
-use crate::train::{Schedule, StepMetrics, TrainConfig};
+use crate::train::{Penalty, Schedule, StepMetrics, TrainConfig};
 
 /// Optimiser and schedule flags, shared by `train`, `sweep`, `demo` and curvature warm-up.
 #[derive(Args, Clone)]
@@ -118,12 +118,17 @@ impl BackendTask for TrainTask {
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let model = Llama::new(be, self.model.cfg, self.model.weights)?;
         let meter = Meter::start("train", be);
+        // The curvature's factors move into the penalty: held once for the run.
+        let penalty = self
+            .curvature
+            .map(|c| Penalty::new(be, c, self.cfg.delta))
+            .transpose()?;
         let r = session::run(
             be,
             &model,
             &self.data,
             &self.cfg,
-            self.curvature.as_ref(),
+            penalty.as_ref(),
             &self.init,
             &self.opts,
         )?;
@@ -133,7 +138,7 @@ impl BackendTask for TrainTask {
         let (tokens, flops) = Flops::new(&model.cfg, &self.init).training(
             &self.data,
             &self.cfg,
-            self.curvature.as_ref(),
+            penalty.as_ref().map(Penalty::scheme),
             from,
             to,
         );

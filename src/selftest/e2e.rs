@@ -14,7 +14,7 @@ use crate::data::{Example, batches};
 use crate::error::{Error, Result};
 use crate::model::{HostLora, Llama};
 use crate::train::session::{self, SessionOptions, SessionResult};
-use crate::train::{StepMetrics, TrainConfig, accumulate_gradients};
+use crate::train::{Penalty, StepMetrics, TrainConfig, accumulate_gradients};
 
 /// The device records the labels it samples; the reference replays them.
 struct Tiny<'a, D: Backend, R: Backend> {
@@ -217,8 +217,15 @@ fn training<D: Backend, R: Backend>(
             lambda,
             ..base.clone()
         };
-        let got = session::run(&t.td, &t.dev, &t.data, &cfg, curvature, &t.lora, &opts)?;
-        let want = session::run(&t.tr, &t.re, &t.data, &cfg, curvature, &t.lora, &opts)?;
+        let (pd, pr) = match curvature {
+            Some(c) => (
+                Some(Penalty::new(&t.td, c.clone(), cfg.delta)?),
+                Some(Penalty::new(&t.tr, c.clone(), cfg.delta)?),
+            ),
+            None => (None, None),
+        };
+        let got = session::run(&t.td, &t.dev, &t.data, &cfg, pd.as_ref(), &t.lora, &opts)?;
+        let want = session::run(&t.tr, &t.re, &t.data, &cfg, pr.as_ref(), &t.lora, &opts)?;
         // The change from the init: the init itself (identical on both) would hide it.
         let (dg, dw) = (delta(&got.lora, &t.lora), delta(&want.lora, &t.lora));
         c.check_tensors(

@@ -28,12 +28,29 @@ pub struct RunIdentity {
     pub init: String,
 }
 
+/// The digest a run identity records for curvature `c`: its metadata and every tensor.
+pub fn curvature_digest(c: &Curvature) -> String {
+    let mut d = Digest::new();
+    let m = &c.meta;
+    let meta = format!(
+        "{} {} {} {} {} {}",
+        m.scheme, m.fisher, m.approx, m.n_sequences, m.n_positions, m.model
+    );
+    d.bytes(meta.as_bytes());
+    for (name, data) in c.named_tensors() {
+        d.bytes(name.as_bytes());
+        d.floats(data);
+    }
+    d.hex()
+}
+
 impl RunIdentity {
+    /// `curvature`: the run's curvature by its [`curvature_digest`], if it has one.
     pub fn new(
         base_model: &str,
         model: &LlamaConfig,
         data: &[Example],
-        curvature: Option<&Curvature>,
+        curvature: Option<&str>,
         init: &HostLora,
     ) -> Self {
         let mut d = Digest::new();
@@ -46,20 +63,7 @@ impl RunIdentity {
             d.bytes(bytemuck::cast_slice(&ex.labels));
         }
         let data = d.hex();
-        let curvature = curvature.map(|c| {
-            let mut d = Digest::new();
-            let m = &c.meta;
-            let meta = format!(
-                "{} {} {} {} {} {}",
-                m.scheme, m.fisher, m.approx, m.n_sequences, m.n_positions, m.model
-            );
-            d.bytes(meta.as_bytes());
-            for (name, data) in c.named_tensors() {
-                d.bytes(name.as_bytes());
-                d.floats(data);
-            }
-            d.hex()
-        });
+        let curvature = curvature.map(str::to_string);
         let mut d = Digest::new();
         for (name, _, data) in init.named_tensors() {
             d.bytes(name.as_bytes());

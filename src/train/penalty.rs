@@ -9,8 +9,10 @@
 //!   when the total `Q` is negative the penalty and its gradient are clamped to zero.
 
 use super::finite::first_non_finite;
+use super::identity::curvature_digest;
 use crate::backend::{Backend, DiagPenalty};
-use crate::curvature::Curvature;
+use crate::cost::penalty_state_bytes;
+use crate::curvature::{Curvature, Scheme};
 use crate::error::{Error, Result};
 use crate::model::LoraWeights;
 
@@ -28,40 +30,49 @@ enum Kind<B: Backend> {
     Kfac(Vec<KfacDev<B>>),
 }
 
+/// A curvature made ready for training: its theta* and factors on the backend, built once
+/// and shared by every lambda of a sweep (lambda is an argument of each use). Building it
+/// consumes the [`Curvature`], so a run holds its factors once: on the CPU they are moved,
+/// not copied. What the runs still need of the file is kept beside them.
 pub struct Penalty<B: Backend> {
-    pub lambda: f32,
     delta: f32,
     inv_n: f32,
     /// theta*
     pub mean: LoraWeights<B::Buf>,
     kind: Kind<B>,
+    scheme: Scheme,
+    /// [`curvature_digest`] of the curvature, for the run identity.
+    digest: String,
+    /// [`penalty_state_bytes`] of the curvature.
+    state_bytes: u64,
 }
 
 impl<B: Backend> Penalty<B> {
-    pub fn new(be: &B, c: &Curvature, lambda: f32, delta: f32) -> Result<Self> {
-        if !(lambda >= 0.0 && delta >= 0.0) {
-            return Err(Error::usage("--lambda and --delta must be >= 0"));
+    /// The penalty of curvature `c` with prior precision `delta`, at any lambda.
+    pub fn new(be: &B, c: Curvature, delta: f32) -> Result<Self> {
+        if delta.is_nan() || delta < 0.0 {
+            return Err(Error::usage("--delta must be >= 0"));
         }
         if let Some(name) = first_non_finite(c.named_tensors()) {
             return Err(Error::usage(format!(
                 "the curvature holds non-finite values in `{name}`"
             )));
         }
-        let inv_n = 1.0 / c.meta.n_sequences.max(1) as f32;
-        let mean = c.mean.map(|v| be.buf(v.clone()))?;
-        let kind = if let Some(d) = &c.diag {
+        let (digest, state_bytes) = (curvature_digest(&c), penalty_state_bytes(&c));
+        let (scheme, inv_n) = (c.meta.scheme, 1.0 / c.meta.n_sequences.max(1) as f32);
+        let kind = if let Some(d) = c.diag {
             Kind::Diag(d.map(|f| be.buf(f.iter().map(|x| x * inv_n + delta).collect()))?)
-        } else if let Some(k) = &c.kfac {
+        } else if let Some(k) = c.kfac {
             Kind::Kfac(
-                k.iter()
+                k.into_iter()
                     .map(|f| {
                         Ok(KfacDev {
-                            a_in: be.buf(f.a_in.clone())?,
-                            a_out: be.buf(f.a_out.clone())?,
-                            b_in: be.buf(f.b_in.clone())?,
-                            b_out: be.buf(f.b_out.clone())?,
-                            cross: match &f.cross {
-                                Some((c, g)) => Some((be.buf(c.clone())?, be.buf(g.clone())?)),
+                            a_in: be.buf(f.a_in)?,
+                            a_out: be.buf(f.a_out)?,
+                            b_in: be.buf(f.b_in)?,
+                            b_out: be.buf(f.b_out)?,
+                            cross: match f.cross {
+                                Some((c, g)) => Some((be.buf(c)?, be.buf(g)?)),
                                 None => None,
                             },
                         })
@@ -73,17 +84,39 @@ impl<B: Backend> Penalty<B> {
                 "curvature holds neither diag nor kfac factors",
             ));
         };
+        let mean = c.mean.map(|v| be.buf(v.clone()))?;
         Ok(Penalty {
-            lambda,
             delta,
             inv_n,
             mean,
             kind,
+            scheme,
+            digest,
+            state_bytes,
         })
     }
 
-    /// The fused diagonal penalty for tensor `t` (A of module t/2 or B), if diag.
-    pub fn fused(&self, t: usize) -> Option<DiagPenalty<'_, B>> {
+    pub fn delta(&self) -> f32 {
+        self.delta
+    }
+
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
+    /// The curvature's digest (metadata and every tensor), as [`curvature_digest`] gives it.
+    pub fn digest(&self) -> &str {
+        &self.digest
+    }
+
+    /// What the penalty keeps beside plain LoRA, in bytes ([`penalty_state_bytes`]).
+    pub fn state_bytes(&self) -> u64 {
+        self.state_bytes
+    }
+
+    /// The fused diagonal penalty at `lambda` for tensor `t` (A of module t/2 or B), if
+    /// diag.
+    pub fn fused(&self, t: usize, lambda: f32) -> Option<DiagPenalty<'_, B>> {
         let Kind::Diag(prec) = &self.kind else {
             return None;
         };
@@ -96,7 +129,7 @@ impl<B: Backend> Penalty<B> {
         Some(DiagPenalty {
             mean,
             precision,
-            lambda: self.lambda,
+            lambda,
         })
     }
 
@@ -106,11 +139,12 @@ impl<B: Backend> Penalty<B> {
         &self,
         be: &B,
         lora: &LoraWeights<B::Buf>,
+        lambda: f32,
         grad: Option<&mut Vec<B::Buf>>,
     ) -> Result<f64> {
         let terms = self.terms(be, lora)?;
         let dots = be.dots(&terms.pairs())?;
-        self.finish(be, terms, &dots, grad)
+        self.finish(be, terms, &dots, lambda, grad)
     }
 
     /// The device half of [`Self::value_and_grad`]: `D = theta - theta*` and the products
@@ -206,6 +240,7 @@ impl<B: Backend> Penalty<B> {
         be: &B,
         terms: PenaltyTerms<B>,
         dots: &[f64],
+        lambda: f32,
         grad: Option<&mut Vec<B::Buf>>,
     ) -> Result<f64> {
         let n_pairs = terms.pairs().len();
@@ -233,7 +268,7 @@ impl<B: Backend> Penalty<B> {
                 if let Some(out) = grad {
                     out.clear();
                     // Clamp: a negative total (kfac-tri) contributes nothing.
-                    let lambda = if q > 0.0 { self.lambda } else { 0.0 };
+                    let lambda = if q > 0.0 { lambda } else { 0.0 };
                     for m in modules {
                         let (mut gra, mut grb) = (m.ga, m.gb);
                         be.scale(&mut gra, self.inv_n)?;
@@ -253,7 +288,7 @@ impl<B: Backend> Penalty<B> {
                 q
             }
         };
-        Ok(0.5 * self.lambda as f64 * q.max(0.0))
+        Ok(0.5 * lambda as f64 * q.max(0.0))
     }
 }
 
@@ -299,5 +334,76 @@ impl<B: Backend> PenaltyTerms<B> {
                 })
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+    use crate::curvature::{CurvatureMeta, Fisher, KfacApprox, KfacFactors};
+    use crate::model::{LoraConfig, LoraModule, Proj};
+
+    /// On the CPU the penalty holds the curvature's own Kronecker factors: a run with a
+    /// KFAC curvature (1.2 GB on the default model) keeps them once, not twice.
+    #[test]
+    fn a_cpu_penalty_takes_the_factors_without_copying() {
+        let (r, d_in, d_out) = (2, 3, 4);
+        let v = |n: usize| (0..n).map(|i| i as f32 * 0.25).collect::<Vec<f32>>();
+        let mean = LoraWeights {
+            cfg: LoraConfig {
+                r,
+                alpha: 4.0,
+                use_rslora: false,
+                targets: vec![Proj::Q],
+            },
+            modules: vec![LoraModule {
+                layer: 0,
+                proj: Proj::Q,
+                d_in,
+                d_out,
+                a: v(r * d_in),
+                b: v(d_out * r),
+            }],
+        };
+        let factors = KfacFactors {
+            a_in: v(d_in * d_in),
+            a_out: v(r * r),
+            b_in: v(r * r),
+            b_out: v(d_out * d_out),
+            cross: Some((v(d_in * r), v(r * d_out))),
+        };
+        let f = &factors;
+        let before = addresses([&f.a_in, &f.a_out, &f.b_in, &f.b_out], f.cross.as_ref());
+        let c = Curvature {
+            meta: CurvatureMeta {
+                scheme: Scheme::KfacTri,
+                fisher: Fisher::Empirical,
+                approx: KfacApprox::Expand,
+                n_sequences: 2,
+                n_positions: 8,
+                model: "m".into(),
+                data: String::new(),
+            },
+            mean,
+            diag: None,
+            kfac: Some(vec![factors]),
+        };
+        let p = Penalty::new(&CpuBackend::new(1), c, 0.5).unwrap();
+        let Kind::Kfac(fs) = &p.kind else {
+            panic!("a kfac-tri curvature gives Kronecker factors")
+        };
+        let f = &fs[0];
+        let after = addresses([&f.a_in, &f.a_out, &f.b_in, &f.b_out], f.cross.as_ref());
+        assert_eq!(after.len(), 6);
+        assert_eq!(after, before, "the penalty copied the factors");
+    }
+
+    /// Where each factor's values live: four factors, then the cross pair if any.
+    fn addresses(factors: [&Vec<f32>; 4], cross: Option<&(Vec<f32>, Vec<f32>)>) -> Vec<*const f32> {
+        let pair = cross
+            .into_iter()
+            .flat_map(|(c, g)| [c.as_ptr(), g.as_ptr()]);
+        factors.iter().map(|f| f.as_ptr()).chain(pair).collect()
     }
 }

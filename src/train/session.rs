@@ -11,7 +11,6 @@ use super::outdir::OutDir;
 use super::penalty::Penalty;
 use super::trainer::{StepMetrics, TrainConfig, TrainState, train};
 use crate::backend::Backend;
-use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
 use crate::model::{HostLora, Llama};
@@ -39,23 +38,36 @@ pub struct SessionResult {
     pub metrics: Vec<StepMetrics>,
 }
 
-/// Train from `init` (or the checkpoint under `out` with `resume`) with the penalty of
-/// `curvature` at `cfg.lambda` (none at lambda = 0: exactly plain LoRA).
+/// Train from `init` (or the checkpoint under `out` with `resume`) with `penalty` at
+/// `cfg.lambda` (none at lambda = 0: exactly plain LoRA). The penalty's curvature is part
+/// of the run's identity at every lambda.
 pub fn run<B: Backend>(
     be: &B,
     model: &Llama<B>,
     data: &[Example],
     cfg: &TrainConfig,
-    curvature: Option<&Curvature>,
+    penalty: Option<&Penalty<B>>,
     init: &HostLora,
     opts: &SessionOptions,
 ) -> Result<SessionResult> {
-    if let Some(c) = curvature
-        && (c.mean.cfg != init.cfg || c.mean.modules.len() != init.modules.len())
+    if let Some(p) = penalty
+        && (p.mean.cfg != init.cfg || p.mean.modules.len() != init.modules.len())
     {
         return Err(Error::usage(
             "the curvature file was estimated for a different LoRA configuration than the one trained",
         ));
+    }
+    if cfg.lambda.is_nan() || cfg.lambda < 0.0 {
+        return Err(Error::usage("--lambda must be >= 0"));
+    }
+    if let Some(p) = penalty
+        && p.delta() != cfg.delta
+    {
+        return Err(Error::usage(format!(
+            "the penalty was prepared with delta {} but the run asks for {}",
+            p.delta(),
+            cfg.delta
+        )));
     }
     let named = init.named_tensors().into_iter().map(|(n, _, d)| (n, d));
     if let Some(name) = first_non_finite(named) {
@@ -63,37 +75,20 @@ pub fn run<B: Backend>(
             "the initial LoRA weights (--adapter, or the curvature's theta*) hold non-finite values in `{name}`"
         )));
     }
-    let penalty = match curvature {
-        Some(c) if cfg.lambda > 0.0 => Some(Penalty::new(be, c, cfg.lambda, cfg.delta)?),
-        _ => None,
-    };
+    let digest = penalty.map(Penalty::digest);
+    let penalty = penalty.filter(|_| cfg.lambda > 0.0);
     let Some(path) = &opts.out else {
         let mut state = TrainState::fresh(be, init)?;
-        let metrics = steps(
-            be,
-            model,
-            data,
-            cfg,
-            penalty.as_ref(),
-            &mut state,
-            opts,
-            |_, _| Ok(()),
-        )?;
+        let metrics = steps(be, model, data, cfg, penalty, &mut state, opts, |_, _| {
+            Ok(())
+        })?;
         let (lora, _, _) = state.to_host(be)?;
         return Ok(SessionResult { lora, metrics });
     };
-    let identity = RunIdentity::new(&opts.base_model, &model.cfg, data, curvature, init);
+    let identity = RunIdentity::new(&opts.base_model, &model.cfg, data, digest, init);
     let mut out = OutDir::open(path)?;
     let r = run_in(
-        be,
-        model,
-        data,
-        cfg,
-        penalty.as_ref(),
-        init,
-        opts,
-        identity,
-        &mut out,
+        be, model, data, cfg, penalty, init, opts, identity, &mut out,
     );
     if let Err(e) = &r {
         // The run's error is what matters; a log that cannot be written adds nothing.

@@ -258,7 +258,7 @@ pub fn train<B: Backend>(
             1.0
         };
         let pen_value = match (penalty, terms) {
-            (Some(p), Some(t)) => p.finish(be, t, pen_dots, Some(&mut pen_grads))?,
+            (Some(p), Some(t)) => p.finish(be, t, pen_dots, cfg.lambda, Some(&mut pen_grads))?,
             _ => 0.0,
         };
         finite::check_value(pen_value, &at, "penalty")?;
@@ -278,7 +278,7 @@ pub fn train<B: Backend>(
             .enumerate()
         {
             let mut g_scale = clip_scale;
-            let fused = penalty.and_then(|pen| pen.fused(i));
+            let fused = penalty.and_then(|pen| pen.fused(i, cfg.lambda));
             if fused.is_none()
                 && let Some(pg) = pen_grads.get(i)
             {

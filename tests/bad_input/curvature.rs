@@ -189,6 +189,16 @@ fn curvature_files_are_checked() {
             "positive semi-definite",
         ),
         (
+            // The values are checked in parallel; the message still names the first
+            // damaged tensor in name order (`kfac_in.` before `kfac_out.`).
+            "two damaged factors",
+            Box::new(|_, t| {
+                first(t, "kfac_out.", "q_proj.lora_B").1[1] += 5.0;
+                first(t, "kfac_in.", "q_proj.lora_A").1[1] += 5.0;
+            }),
+            "`kfac_in.",
+        ),
+        (
             "factor shape",
             Box::new(|_, t| first(t, "kfac_in.", "lora_B").0 = vec![1, 4]),
             "shape",

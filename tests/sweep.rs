@@ -272,6 +272,52 @@ fn curvature_says_when_it_writes_its_file() {
     }
 }
 
+/// Reading a curvature file happens before the backend starts its thread pool; nothing in
+/// it may start rayon's global pool first, which would leave `--threads` ignored (the
+/// pool can be configured once per process).
+#[test]
+fn train_with_a_curvature_keeps_to_its_threads() {
+    let d = tempfile::tempdir().unwrap();
+    let f = fixture("tiny-gqa");
+    let c = d.path().join("c.safetensors");
+    let o = bin()
+        .args([
+            "curvature",
+            "--device",
+            "cpu",
+            "--rank",
+            "4",
+            "--scheme",
+            "kfac",
+            "--quiet",
+        ])
+        .arg("--model")
+        .arg(f.join("model"))
+        .arg("--data")
+        .arg(f.join("batch.jsonl"))
+        .arg("--out")
+        .arg(&c)
+        .output()
+        .unwrap();
+    ok(&o, "curvature");
+    let o = bin()
+        .args(["train", "--device", "cpu", "--threads", "1", "--rank", "4"])
+        .args(["--lambda", "1", "--steps", "1", "--batch-size", "2"])
+        .arg("--model")
+        .arg(f.join("model"))
+        .arg("--data")
+        .arg(f.join("batch.jsonl"))
+        .arg("--curvature")
+        .arg(&c)
+        .arg("--out")
+        .arg(d.path().join("run"))
+        .output()
+        .unwrap();
+    ok(&o, "train");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("device: cpu (1 threads"), "{err}");
+}
+
 #[test]
 fn a_bad_progress_interval_is_refused_before_any_work() {
     for v in ["abc", "0", "-1", "nan"] {

@@ -8,8 +8,6 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
-use rayon::prelude::*;
-
 mod check;
 
 use super::{Fisher, KfacApprox, Scheme};
@@ -374,7 +372,6 @@ fn check_tensors(
             "unexpected tensor `{name}` for a {scheme} curvature file"
         ));
     }
-    let mut present = Vec::with_capacity(expected.len());
     for (name, (shape, kind)) in &expected {
         let (s, data) = f
             .tensors
@@ -383,22 +380,14 @@ fn check_tensors(
         if s != shape {
             return Err(format!("`{name}` has shape {s:?}, expected {shape:?}"));
         }
-        present.push((name, data, shape[0], kind));
+        let checked = check::finite(data).and_then(|()| match kind {
+            Kind::Any => Ok(()),
+            Kind::Diagonal => check::non_negative(data),
+            Kind::Factor => check::symmetric_psd(data, shape[0]),
+        });
+        checked.map_err(|e| format!("`{name}` {e}"))?;
     }
-    // The values in parallel (each a pass over up to 256 MB at Llama-3.2-1B's shapes);
-    // the message names the first fault in name order, whichever thread finds it first.
-    let checked: Vec<_> = present
-        .par_iter()
-        .map(|&(name, data, n, kind)| {
-            let c = check::finite(data).and_then(|()| match kind {
-                Kind::Any => Ok(()),
-                Kind::Diagonal => check::non_negative(data),
-                Kind::Factor => check::symmetric_psd(data, n),
-            });
-            c.map_err(|e| format!("`{name}` {e}"))
-        })
-        .collect();
-    checked.into_iter().collect()
+    Ok(())
 }
 
 /// What a tensor of the file holds, for its value checks.

@@ -189,8 +189,8 @@ fn curvature_files_are_checked() {
             "positive semi-definite",
         ),
         (
-            // The values are checked in parallel; the message still names the first
-            // damaged tensor in name order (`kfac_in.` before `kfac_out.`).
+            // The message names the first damaged tensor in name order (`kfac_in.`
+            // before `kfac_out.`), whichever was damaged first.
             "two damaged factors",
             Box::new(|_, t| {
                 first(t, "kfac_out.", "q_proj.lora_B").1[1] += 5.0;

@@ -220,6 +220,20 @@ fn lambda_zero_is_plain_lora_and_huge_lambda_pins_theta_star() {
         zero.lora.named_tensors(),
         "lambda = 0 must train exactly as plain LoRA"
     );
+    // A penalty prepared for lambda 0 only (`train --lambda 0 --curvature`) leaves its
+    // factors off the backend: the same run, and refused above lambda 0.
+    let unloaded = Penalty::for_lambdas(&be, c.clone(), cfg(0.0).delta, &[0.0]).unwrap();
+    let quiet = opts(None, None, false);
+    let run = |lambda, p| session::run(&be, &model, &t.examples, &long(lambda), p, &c.mean, &quiet);
+    let zero_unloaded = run(0.0, Some(&unloaded)).unwrap();
+    assert_eq!(
+        plain.lora.named_tensors(),
+        zero_unloaded.lora.named_tensors()
+    );
+    let e = run(1.0, Some(&unloaded))
+        .err()
+        .expect("an unloaded penalty was used");
+    assert_eq!(e.exit_code(), 2, "{e}");
     let moved = max_move(&plain.lora, &c.mean);
     for scheme in [Scheme::Diag, Scheme::Kfac, Scheme::KfacTri] {
         let c = curvature(&t, scheme);

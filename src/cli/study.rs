@@ -147,13 +147,14 @@ impl BackendTask for DataStudy {
         s.with_spec(|spec, _, _| {
             let prepare = |e: &GridEntry, dir: &Path| {
                 let name = e.curvature.as_deref().unwrap_or_default();
+                let lambdas = e.lambdas.as_deref().unwrap_or(&spec.lambdas);
                 let (c, cost) = curvatures
                     .remove(name)
                     .unwrap_or_else(|| unreachable!("every entry names one of CURVATURES once"));
                 c.write(&dir.join(CURVATURE_FILE))?;
                 Ok(Prepared {
                     init: c.mean.clone(),
-                    penalty: Some(Rc::new(Penalty::new(be, c, delta)?)),
+                    penalty: Some(Rc::new(Penalty::for_lambdas(be, c, delta, lambdas)?)),
                     curvature_cost: cost,
                 })
             };

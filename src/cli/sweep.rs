@@ -156,7 +156,7 @@ impl SweepTask {
         let (quiet, out) = (self.quiet, self.out.clone());
         let theta = curvature.as_ref().map(|c| c.mean.clone());
         let penalty = curvature
-            .map(|c| Penalty::new(be, c, self.train.delta))
+            .map(|c| Penalty::for_lambdas(be, c, self.train.delta, &self.lambdas))
             .transpose()?;
         self.with_spec(|spec, fresh, _| {
             let init = theta.as_ref().unwrap_or(fresh);
@@ -270,8 +270,16 @@ impl BackendTask for GridTask {
         let model = Llama::new(be, s.model.cfg.clone(), s.model.take_weights())?;
         let (quiet, out, delta) = (s.quiet, s.out.clone(), s.train.delta);
         // A --curvature file fits every shape: its penalty is built once, for them all.
+        let lambdas: Vec<f32> = (self.grid.iter())
+            .flat_map(|e| e.lambdas.as_deref().unwrap_or(&s.lambdas))
+            .copied()
+            .collect();
         let fixed = match s.curvature.take() {
-            Some(c) => Some((c.mean.clone(), Rc::new(Penalty::new(be, c, delta)?))),
+            Some(c) => {
+                let theta = c.mean.clone();
+                let penalty = Penalty::for_lambdas(be, c, delta, &lambdas)?;
+                Some((theta, Rc::new(penalty)))
+            }
             None => None,
         };
         let estimate = match self.estimate {
@@ -295,7 +303,10 @@ impl BackendTask for GridTask {
                 seed,
                 quiet,
             };
-            let prepare = |e: &GridEntry, dir: &Path| shapes.prepare(be, &model, &e.cfg, dir);
+            let prepare = |e: &GridEntry, dir: &Path| {
+                let lambdas = e.lambdas.as_deref().unwrap_or(&spec.lambdas);
+                shapes.prepare(be, &model, &e.cfg, lambdas, dir)
+            };
             sweep::run_grid(be, &model, spec, &grid, &out, prepare, status(quiet))
         })
     }
@@ -320,6 +331,7 @@ impl<B: Backend> Shapes<'_, B> {
         be: &B,
         model: &Llama<B>,
         cfg: &LoraConfig,
+        lambdas: &[f32],
         dir: &Path,
     ) -> Result<Prepared<B>> {
         if let Some((theta, penalty)) = self.fixed {
@@ -350,7 +362,7 @@ impl<B: Backend> Shapes<'_, B> {
         c.write(&dir.join(CURVATURE_FILE))?;
         Ok(Prepared {
             init: c.mean.clone(),
-            penalty: Some(Rc::new(Penalty::new(be, c, self.delta)?)),
+            penalty: Some(Rc::new(Penalty::for_lambdas(be, c, self.delta, lambdas)?)),
             curvature_cost: Some(cost),
         })
     }

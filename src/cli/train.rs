@@ -121,7 +121,7 @@ impl BackendTask for TrainTask {
         // The curvature's factors move into the penalty: held once for the run.
         let penalty = self
             .curvature
-            .map(|c| Penalty::new(be, c, self.cfg.delta))
+            .map(|c| Penalty::for_lambdas(be, c, self.cfg.delta, &[self.cfg.lambda]))
             .transpose()?;
         let r = session::run(
             be,

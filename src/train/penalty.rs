@@ -28,6 +28,9 @@ enum Kind<B: Backend> {
     /// `F/N + delta` per tensor, in `LoraWeights` order.
     Diag(LoraWeights<B::Buf>),
     Kfac(Vec<KfacDev<B>>),
+    /// Not on the backend: runs only at lambda 0 (plain LoRA from theta*), which need only
+    /// the curvature's identity (on a GPU, GBs of device memory not taken).
+    Unloaded,
 }
 
 /// A curvature made ready for training: its theta* and factors on the backend, built once
@@ -50,6 +53,16 @@ pub struct Penalty<B: Backend> {
 impl<B: Backend> Penalty<B> {
     /// The penalty of curvature `c` with prior precision `delta`, at any lambda.
     pub fn new(be: &B, c: Curvature, delta: f32) -> Result<Self> {
+        Self::build(be, c, delta, true)
+    }
+
+    /// As [`Self::new`] for runs at `lambdas`; when none is above 0 the factors are not
+    /// put on the backend, the penalty then only naming its curvature.
+    pub fn for_lambdas(be: &B, c: Curvature, delta: f32, lambdas: &[f32]) -> Result<Self> {
+        Self::build(be, c, delta, lambdas.iter().any(|&l| l > 0.0))
+    }
+
+    fn build(be: &B, c: Curvature, delta: f32, load: bool) -> Result<Self> {
         if delta.is_nan() || delta < 0.0 {
             return Err(Error::usage("--delta must be >= 0"));
         }
@@ -60,7 +73,9 @@ impl<B: Backend> Penalty<B> {
         }
         let (digest, state_bytes) = (curvature_digest(&c), penalty_state_bytes(&c));
         let (scheme, inv_n) = (c.meta.scheme, 1.0 / c.meta.n_sequences.max(1) as f32);
-        let kind = if let Some(d) = c.diag {
+        let kind = if !load {
+            Kind::Unloaded
+        } else if let Some(d) = c.diag {
             Kind::Diag(d.map(|f| be.buf(f.iter().map(|x| x * inv_n + delta).collect()))?)
         } else if let Some(k) = c.kfac {
             Kind::Kfac(
@@ -112,6 +127,11 @@ impl<B: Backend> Penalty<B> {
     /// What the penalty keeps beside plain LoRA, in bytes ([`penalty_state_bytes`]).
     pub fn state_bytes(&self) -> u64 {
         self.state_bytes
+    }
+
+    /// Whether its factors are on the backend (see [`Self::for_lambdas`]).
+    pub fn loaded(&self) -> bool {
+        !matches!(self.kind, Kind::Unloaded)
     }
 
     /// The fused diagonal penalty at `lambda` for tensor `t` (A of module t/2 or B), if
@@ -230,6 +250,7 @@ impl<B: Backend> Penalty<B> {
                 }
                 PenaltyTerms::Kfac(out)
             }
+            Kind::Unloaded => return Err(not_loaded()),
         })
     }
 
@@ -292,6 +313,11 @@ impl<B: Backend> Penalty<B> {
     }
 }
 
+/// A penalty built for lambda 0 used at a lambda above it: the caller's mistake.
+pub(super) fn not_loaded() -> Error {
+    Error::usage("the penalty's factors were not loaded: it was prepared for runs at lambda 0 only")
+}
+
 /// The penalty's quadratic form before its dot products are read back (see
 /// [`Penalty::terms`]), with what its gradient is assembled from.
 pub enum PenaltyTerms<B: Backend> {
@@ -344,10 +370,8 @@ mod tests {
     use crate::curvature::{CurvatureMeta, Fisher, KfacApprox, KfacFactors};
     use crate::model::{LoraConfig, LoraModule, Proj};
 
-    /// On the CPU the penalty holds the curvature's own Kronecker factors: a run with a
-    /// KFAC curvature (1.2 GB on the default model) keeps them once, not twice.
-    #[test]
-    fn a_cpu_penalty_takes_the_factors_without_copying() {
+    /// A kfac-tri curvature of one q_proj module (r 2, 3 -> 4).
+    fn small_curvature() -> Curvature {
         let (r, d_in, d_out) = (2, 3, 4);
         let v = |n: usize| (0..n).map(|i| i as f32 * 0.25).collect::<Vec<f32>>();
         let mean = LoraWeights {
@@ -366,16 +390,7 @@ mod tests {
                 b: v(d_out * r),
             }],
         };
-        let factors = KfacFactors {
-            a_in: v(d_in * d_in),
-            a_out: v(r * r),
-            b_in: v(r * r),
-            b_out: v(d_out * d_out),
-            cross: Some((v(d_in * r), v(r * d_out))),
-        };
-        let f = &factors;
-        let before = addresses([&f.a_in, &f.a_out, &f.b_in, &f.b_out], f.cross.as_ref());
-        let c = Curvature {
+        Curvature {
             meta: CurvatureMeta {
                 scheme: Scheme::KfacTri,
                 fisher: Fisher::Empirical,
@@ -387,8 +402,23 @@ mod tests {
             },
             mean,
             diag: None,
-            kfac: Some(vec![factors]),
-        };
+            kfac: Some(vec![KfacFactors {
+                a_in: v(d_in * d_in),
+                a_out: v(r * r),
+                b_in: v(r * r),
+                b_out: v(d_out * d_out),
+                cross: Some((v(d_in * r), v(r * d_out))),
+            }]),
+        }
+    }
+
+    /// On the CPU the penalty holds the curvature's own Kronecker factors: a run with a
+    /// KFAC curvature (1.2 GB on the default model) keeps them once, not twice.
+    #[test]
+    fn a_cpu_penalty_takes_the_factors_without_copying() {
+        let c = small_curvature();
+        let f = &c.kfac.as_ref().unwrap()[0];
+        let before = addresses([&f.a_in, &f.a_out, &f.b_in, &f.b_out], f.cross.as_ref());
         let p = Penalty::new(&CpuBackend::new(1), c, 0.5).unwrap();
         let Kind::Kfac(fs) = &p.kind else {
             panic!("a kfac-tri curvature gives Kronecker factors")
@@ -397,6 +427,25 @@ mod tests {
         let after = addresses([&f.a_in, &f.a_out, &f.b_in, &f.b_out], f.cross.as_ref());
         assert_eq!(after.len(), 6);
         assert_eq!(after, before, "the penalty copied the factors");
+    }
+
+    /// Runs only at lambda 0 leave the factors off the backend, yet the penalty names the
+    /// same curvature (its digest) and refuses to be evaluated.
+    #[test]
+    fn a_penalty_for_lambda_zero_only_loads_no_factors() {
+        let be = CpuBackend::new(1);
+        let digest = curvature_digest(&small_curvature());
+        let p = Penalty::for_lambdas(&be, small_curvature(), 0.5, &[0.0]).unwrap();
+        assert!(!p.loaded());
+        assert_eq!(p.digest(), digest);
+        let at = small_curvature().mean.map(|v| be.buf(v.clone())).unwrap();
+        let e = p.value_and_grad(&be, &at, 1.0, None).unwrap_err();
+        assert!(e.to_string().contains("not loaded"), "{e}");
+        let p = Penalty::for_lambdas(&be, small_curvature(), 0.5, &[0.0, 3.0]).unwrap();
+        assert!(p.loaded());
+        assert_eq!(p.digest(), digest);
+        // theta* itself: no movement, no penalty.
+        assert_eq!(p.value_and_grad(&be, &at, 3.0, None).unwrap(), 0.0);
     }
 
     /// Where each factor's values live: four factors, then the cross pair if any.

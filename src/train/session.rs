@@ -8,7 +8,7 @@ use super::checkpoint::{self, Checkpoint, TrainerState};
 use super::finite::first_non_finite;
 use super::identity::RunIdentity;
 use super::outdir::OutDir;
-use super::penalty::Penalty;
+use super::penalty::{Penalty, not_loaded};
 use super::trainer::{StepMetrics, TrainConfig, TrainState, train};
 use crate::backend::Backend;
 use crate::data::Example;
@@ -77,6 +77,9 @@ pub fn run<B: Backend>(
     }
     let digest = penalty.map(Penalty::digest);
     let penalty = penalty.filter(|_| cfg.lambda > 0.0);
+    if penalty.is_some_and(|p| !p.loaded()) {
+        return Err(not_loaded());
+    }
     let Some(path) = &opts.out else {
         let mut state = TrainState::fresh(be, init)?;
         let metrics = steps(be, model, data, cfg, penalty, &mut state, opts, |_, _| {

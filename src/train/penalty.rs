@@ -73,12 +73,17 @@ impl<B: Backend> Penalty<B> {
         }
         let (digest, state_bytes) = (curvature_digest(&c), penalty_state_bytes(&c));
         let (scheme, inv_n) = (c.meta.scheme, 1.0 / c.meta.n_sequences.max(1) as f32);
-        let kind = if !load {
-            Kind::Unloaded
-        } else if let Some(d) = c.diag {
-            Kind::Diag(d.map(|f| be.buf(f.iter().map(|x| x * inv_n + delta).collect()))?)
-        } else if let Some(k) = c.kfac {
-            Kind::Kfac(
+        let kind = match (load, c.diag, c.kfac) {
+            (_, None, None) => {
+                return Err(Error::usage(
+                    "curvature holds neither diag nor kfac factors",
+                ));
+            }
+            (false, ..) => Kind::Unloaded,
+            (true, Some(d), _) => {
+                Kind::Diag(d.map(|f| be.buf(f.iter().map(|x| x * inv_n + delta).collect()))?)
+            }
+            (true, None, Some(k)) => Kind::Kfac(
                 k.into_iter()
                     .map(|f| {
                         Ok(KfacDev {
@@ -93,11 +98,7 @@ impl<B: Backend> Penalty<B> {
                         })
                     })
                     .collect::<Result<_>>()?,
-            )
-        } else {
-            return Err(Error::usage(
-                "curvature holds neither diag nor kfac factors",
-            ));
+            ),
         };
         let mean = c.mean.map(|v| be.buf(v.clone()))?;
         Ok(Penalty {

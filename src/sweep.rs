@@ -558,7 +558,7 @@ pub fn run<B: Backend>(
         rows,
         cost: SweepCost {
             curvature: None,
-            penalty_state_bytes: penalty.map(Penalty::state_bytes),
+            penalty_state_bytes: penalty.and_then(Penalty::state_bytes),
         },
         grid: Vec::new(),
     };
@@ -729,7 +729,7 @@ pub fn run_grid<B: Backend>(
             dir: entry.dir(),
             cost: SweepCost {
                 curvature: p.curvature_cost,
-                penalty_state_bytes: p.penalty.as_deref().map(Penalty::state_bytes),
+                penalty_state_bytes: p.penalty.as_deref().and_then(Penalty::state_bytes),
             },
         });
     }

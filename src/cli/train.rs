@@ -118,7 +118,8 @@ impl BackendTask for TrainTask {
     fn run<B: Backend>(self, be: &B) -> Result<Self::Output> {
         let model = Llama::new(be, self.model.cfg, self.model.weights)?;
         let meter = Meter::start("train", be);
-        // The curvature's factors move into the penalty: held once for the run.
+        // The curvature's factors move into the penalty (held once for the run), or at
+        // lambda 0 are dropped: the run needs only the curvature's identity.
         let penalty = self
             .curvature
             .map(|c| Penalty::for_lambdas(be, c, self.cfg.delta, &[self.cfg.lambda]))

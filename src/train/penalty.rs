@@ -33,10 +33,11 @@ enum Kind<B: Backend> {
     Unloaded,
 }
 
-/// A curvature made ready for training: its theta* and factors on the backend, built once
-/// and shared by every lambda of a sweep (lambda is an argument of each use). Building it
-/// consumes the [`Curvature`], so a run holds its factors once: on the CPU they are moved,
-/// not copied. What the runs still need of the file is kept beside them.
+/// A curvature made ready for training: its theta* and (where some run is above lambda 0,
+/// [`Self::for_lambdas`]) its factors on the backend, built once and shared by every lambda
+/// of a sweep (lambda is an argument of each use). Building it consumes the [`Curvature`],
+/// so a run holds its factors once: on the CPU they are moved, not copied. What the runs
+/// still need of the file is kept beside them.
 pub struct Penalty<B: Backend> {
     delta: f32,
     inv_n: f32,
@@ -125,9 +126,10 @@ impl<B: Backend> Penalty<B> {
         &self.digest
     }
 
-    /// What the penalty keeps beside plain LoRA, in bytes ([`penalty_state_bytes`]).
-    pub fn state_bytes(&self) -> u64 {
-        self.state_bytes
+    /// What the penalty keeps beside plain LoRA, in bytes ([`penalty_state_bytes`]); `None`
+    /// when its factors were not loaded.
+    pub fn state_bytes(&self) -> Option<u64> {
+        self.loaded().then_some(self.state_bytes)
     }
 
     /// Whether its factors are on the backend (see [`Self::for_lambdas`]).
@@ -438,12 +440,21 @@ mod tests {
         let digest = curvature_digest(&small_curvature());
         let p = Penalty::for_lambdas(&be, small_curvature(), 0.5, &[0.0]).unwrap();
         assert!(!p.loaded());
+        assert_eq!(
+            p.state_bytes(),
+            None,
+            "an unloaded penalty keeps no factors"
+        );
         assert_eq!(p.digest(), digest);
         let at = small_curvature().mean.map(|v| be.buf(v.clone())).unwrap();
         let e = p.value_and_grad(&be, &at, 1.0, None).unwrap_err();
         assert!(e.to_string().contains("not loaded"), "{e}");
         let p = Penalty::for_lambdas(&be, small_curvature(), 0.5, &[0.0, 3.0]).unwrap();
         assert!(p.loaded());
+        assert_eq!(
+            p.state_bytes(),
+            Some(penalty_state_bytes(&small_curvature()))
+        );
         assert_eq!(p.digest(), digest);
         // theta* itself: no movement, no penalty.
         assert_eq!(p.value_and_grad(&be, &at, 3.0, None).unwrap(), 0.0);

@@ -59,7 +59,7 @@ use serde::Serialize;
 
 use crate::backend::Backend;
 use crate::curvature::accumulate::input_group;
-use crate::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec};
+use crate::curvature::{Fisher, KfacApprox, Scheme, Spec};
 use crate::data::{Batch, Example, batches, batches_by_length};
 use crate::model::LoraWeights;
 use crate::model::config::LlamaConfig;
@@ -110,7 +110,7 @@ impl StageCost {
 pub struct SweepCost {
     /// Stage I, when it ran in the same command (`demo`).
     pub curvature: Option<StageCost>,
-    /// What the penalty keeps on the device beside plain LoRA ([`penalty_state_bytes`]).
+    /// What the penalty keeps on the device beside plain LoRA (`Curvature::value_bytes`).
     pub penalty_state_bytes: Option<u64>,
 }
 
@@ -371,15 +371,6 @@ impl Flops {
 
 fn tokens(b: &Batch) -> u64 {
     b.segments.iter().map(|s| s.len as u64).sum()
-}
-
-/// Bytes the penalty keeps on the device beside plain LoRA: θ* and the curvature
-/// (`diag`: the precision, as many numbers as LoRA weights; `kfac`: the factors), f32.
-pub fn penalty_state_bytes(c: &Curvature) -> u64 {
-    c.named_tensors()
-        .iter()
-        .map(|(_, d)| 4 * d.len() as u64)
-        .sum()
 }
 
 /// One part of the cost table: stage I (named, when it ran) and the runs that share it.

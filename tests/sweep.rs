@@ -228,32 +228,37 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
     }
 }
 
+/// `curvature` on the tiny GQA fixture (r 4, kfac, CPU) writing `out`.
+fn tiny_kfac_curvature(out: &std::path::Path) -> std::process::Command {
+    let f = fixture("tiny-gqa");
+    let mut c = bin();
+    c.args([
+        "curvature",
+        "--device",
+        "cpu",
+        "--rank",
+        "4",
+        "--scheme",
+        "kfac",
+    ])
+    .arg("--model")
+    .arg(f.join("model"))
+    .arg("--data")
+    .arg(f.join("batch.jsonl"))
+    .arg("--out")
+    .arg(out);
+    c
+}
+
 /// After its batches `curvature` reads the estimate out and writes the file, which takes
 /// seconds for a large KFAC estimate: a line says so (and none with --quiet).
 #[test]
 fn curvature_says_when_it_writes_its_file() {
     let d = tempfile::tempdir().unwrap();
-    let f = fixture("tiny-gqa");
     let out = d.path().join("c.safetensors");
     for quiet in [false, true] {
-        let mut c = bin();
-        c.args([
-            "curvature",
-            "--device",
-            "cpu",
-            "--threads",
-            "2",
-            "--rank",
-            "4",
-            "--scheme",
-            "kfac",
-        ])
-        .arg("--model")
-        .arg(f.join("model"))
-        .arg("--data")
-        .arg(f.join("batch.jsonl"))
-        .arg("--out")
-        .arg(&out);
+        let mut c = tiny_kfac_curvature(&out);
+        c.args(["--threads", "2"]);
         if quiet {
             c.arg("--quiet");
         }
@@ -280,25 +285,7 @@ fn train_with_a_curvature_keeps_to_its_threads() {
     let d = tempfile::tempdir().unwrap();
     let f = fixture("tiny-gqa");
     let c = d.path().join("c.safetensors");
-    let o = bin()
-        .args([
-            "curvature",
-            "--device",
-            "cpu",
-            "--rank",
-            "4",
-            "--scheme",
-            "kfac",
-            "--quiet",
-        ])
-        .arg("--model")
-        .arg(f.join("model"))
-        .arg("--data")
-        .arg(f.join("batch.jsonl"))
-        .arg("--out")
-        .arg(&c)
-        .output()
-        .unwrap();
+    let o = tiny_kfac_curvature(&c).arg("--quiet").output().unwrap();
     ok(&o, "curvature");
     // One more thread than rayon's default pool would have, so that the default cannot
     // pass for the setting on any machine.

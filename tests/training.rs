@@ -267,6 +267,7 @@ fn resumed_run_is_bit_identical() {
     let be = cpu();
     let model = tiny_model(&be);
     let c = curvature(&t, Scheme::Kfac);
+    let pc = penalty(&be, &c);
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("straight"), d.path().join("resumed"));
     let straight = session::run(
@@ -274,7 +275,7 @@ fn resumed_run_is_bit_identical() {
         &model,
         &t.examples,
         &cfg(10.0),
-        Some(&penalty(&be, &c)),
+        Some(&pc),
         &c.mean,
         &opts(Some(a.clone()), None, false),
     )
@@ -284,7 +285,7 @@ fn resumed_run_is_bit_identical() {
         &model,
         &t.examples,
         &cfg(10.0),
-        Some(&penalty(&be, &c)),
+        Some(&pc),
         &c.mean,
         &opts(Some(b.clone()), Some(3), false),
     )
@@ -299,7 +300,7 @@ fn resumed_run_is_bit_identical() {
         &model,
         &t.examples,
         &cfg(10.0),
-        Some(&penalty(&be, &c)),
+        Some(&pc),
         &c.mean,
         &opts(Some(b.clone()), None, true),
     )

@@ -369,11 +369,10 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
         keep_self_data(&a.out, data)?;
     }
     if !quiet {
-        let bytes: usize = c.named_tensors().iter().map(|(_, d)| 4 * d.len()).sum();
         eprintln!(
             "curvature: writing {} ({:.1} MB)",
             a.out.display(),
-            bytes as f64 / 1e6
+            c.value_bytes() as f64 / 1e6
         );
     }
     c.write(&a.out)?;

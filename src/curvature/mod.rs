@@ -234,6 +234,16 @@ pub fn read_out<B: Backend>(
 }
 
 impl Curvature {
+    /// Bytes of all its values as f32: θ* and the curvature (`diag`: as many numbers as
+    /// LoRA weights; `kfac`: the factors). The file's data, and what a loaded penalty
+    /// keeps on the device beside plain LoRA.
+    pub fn value_bytes(&self) -> u64 {
+        self.named_tensors()
+            .iter()
+            .map(|(_, d)| 4 * d.len() as u64)
+            .sum()
+    }
+
     /// Every tensor under its name in the curvature file (`mean.<peft param>`,
     /// `diag.<peft param>`, `kfac_in.<peft module>`, ...), for checks and digests.
     pub fn named_tensors(&self) -> Vec<(String, &[f32])> {

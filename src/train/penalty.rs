@@ -11,7 +11,6 @@
 use super::finite::first_non_finite;
 use super::identity::curvature_digest;
 use crate::backend::{Backend, DiagPenalty};
-use crate::cost::penalty_state_bytes;
 use crate::curvature::{Curvature, Scheme};
 use crate::error::{Error, Result};
 use crate::model::LoraWeights;
@@ -47,7 +46,7 @@ pub struct Penalty<B: Backend> {
     scheme: Scheme,
     /// [`curvature_digest`] of the curvature, for the run identity.
     digest: String,
-    /// [`penalty_state_bytes`] of the curvature.
+    /// [`Curvature::value_bytes`].
     state_bytes: u64,
 }
 
@@ -72,7 +71,7 @@ impl<B: Backend> Penalty<B> {
                 "the curvature holds non-finite values in `{name}`"
             )));
         }
-        let (digest, state_bytes) = (curvature_digest(&c), penalty_state_bytes(&c));
+        let (digest, state_bytes) = (curvature_digest(&c), c.value_bytes());
         let (scheme, inv_n) = (c.meta.scheme, 1.0 / c.meta.n_sequences.max(1) as f32);
         let kind = match (load, c.diag, c.kfac) {
             (_, None, None) => {
@@ -126,7 +125,7 @@ impl<B: Backend> Penalty<B> {
         &self.digest
     }
 
-    /// What the penalty keeps beside plain LoRA, in bytes ([`penalty_state_bytes`]); `None`
+    /// What the penalty keeps beside plain LoRA, in bytes ([`Curvature::value_bytes`]); `None`
     /// when its factors were not loaded.
     pub fn state_bytes(&self) -> Option<u64> {
         self.loaded().then_some(self.state_bytes)
@@ -451,10 +450,7 @@ mod tests {
         assert!(e.to_string().contains("not loaded"), "{e}");
         let p = Penalty::for_lambdas(&be, small_curvature(), 0.5, &[0.0, 3.0]).unwrap();
         assert!(p.loaded());
-        assert_eq!(
-            p.state_bytes(),
-            Some(penalty_state_bytes(&small_curvature()))
-        );
+        assert_eq!(p.state_bytes(), Some(small_curvature().value_bytes()));
         assert_eq!(p.digest(), digest);
         // theta* itself: no movement, no penalty.
         assert_eq!(p.value_and_grad(&be, &at, 3.0, None).unwrap(), 0.0);

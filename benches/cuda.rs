@@ -27,7 +27,9 @@ use std::rc::Rc;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::runtime::DType;
-use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, DevBuf, LoraGemmTiling};
+use lalora_engine::backend::cuda::{
+    self, Act, BaseDtype, CudaBackend, DevBuf, LoraGemmTiling, ProjectionGemm,
+};
 use lalora_engine::backend::group::{Feeds, GradFeeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd};
 use lalora_engine::backend::{AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, LoraDims, Segment};
 use lalora_engine::curvature::{
@@ -1278,6 +1280,29 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             want: kfac_want,
             bound: PASS_BOUND,
         });
+    }
+    // The step and the kfac pass with the projection groups on the cuBLAS sequence
+    // (`NAME@cublas`; the engine's path is restored after each call): whether LoRA inside
+    // the GEMMs beats it end to end, in the same run.
+    for base in ["lora_forward_backward", "curvature_kfac_pass"] {
+        let v = variants
+            .iter()
+            .find(|v| v.name == base)
+            .expect("the variant is built above");
+        let inner = v.call.clone();
+        let cublas = Variant {
+            name: format!("{base}@cublas"),
+            work: v.work,
+            call: Rc::new(move || {
+                g.set_projection_gemm(ProjectionGemm::Cublas);
+                inner();
+                g.set_projection_gemm(ProjectionGemm::Fused);
+            }),
+            got: v.got.clone(),
+            want: v.want.clone(),
+            bound: v.bound,
+        };
+        variants.push(cublas);
     }
     let name = if sim {
         format!("sim_llama_tiny_{bsz}x{seq}")

@@ -33,9 +33,9 @@
 #       (benches/peers/torch_peft_cuda_step.py) and the summary table. The benches print
 #       each one's FLOPs and bytes (`work:`) and, from criterion's medians, the achieved
 #       TFLOP/s and TB/s against the H200's ceilings (`roofline:`); those lines go to
-#       roofline.txt and, as a table, under table.md, with the LoRA GEMM's tilings side by
-#       side (one layer's projections and the whole training step under each; about 90 s
-#       of the run); a bench not measured is a failure.
+#       roofline.txt and, as a table, under table.md, with the LoRA GEMM's tilings and the
+#       cuBLAS sequence side by side (one layer's projections and the whole training step
+#       under each; about 100 s of the run); a bench not measured is a failure.
 #       $OUT: summary.txt bench.log roofline.txt estimates.json peer.json peer.log table.md
 #       (7 files).
 #   scripts/gpu-check.sh --profile      on the GPU machine (about 2-3 minutes): the same checks
@@ -690,11 +690,12 @@ want = {
     "cuda_diag_16x256_r16_d2048": ["per_sample_squaring", "materialised_cublas"],
     "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "cublas_gemm"],
     "cuda_llama1b_shape_4x512": ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass"]
-    + [f"lora_forward_backward@{t}" for t in tilings[1:]],
+    + [f"lora_forward_backward@{t}" for t in tilings[1:]]
+    + ["lora_forward_backward@cublas", "curvature_kfac_pass@cublas"],
     "cuda_lora_qkv_4096x2048_o2048+512+512_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
     "cuda_attention_4x1024_h32_kv8_d64_forward": ["flash"],
     "cuda_attention_4x1024_h32_kv8_d64_forward_backward": ["flash"],
-    "cuda_lora_gemm_tilings_layer_2048x2048_r16": tilings,
+    "cuda_lora_gemm_tilings_layer_2048x2048_r16": tilings + ["cublas"],
 }
 est, missing = {}, []
 for g, benches in want.items():
@@ -756,11 +757,14 @@ for name, g, a, b in rows:
 g = "cuda_llama1b_shape_4x512"
 step = ms(g, "lora_forward_backward")
 print("\n| Llama-3.2-1B shape, 4x512 | ms | relative to fwd+bwd |\n|---|---:|---:|")
-for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass"]:
+for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac", "curvature_kfac_pass",
+          "lora_forward_backward@cublas", "curvature_kfac_pass@cublas"]:
     print(f"| {b} | {ms(g, b):.1f} | {ms(g, b)/step:.2f}x |")
 try:
     peer = json.load(open(os.path.join(out, "peer.json")))
     print(f"\nengine {2048/(step/1e3):.0f} tokens/s vs {peer['peer']}: {peer['tokens_per_s']:.0f} tokens/s ({peer['forward_backward_s']*1e3/step:.2f}x)")
+    cub = ms(g, "lora_forward_backward@cublas")
+    print(f"engine with the projections on the cuBLAS sequence: {2048/(cub/1e3):.0f} tokens/s ({peer['forward_backward_s']*1e3/cub:.2f}x the peer)")
     a = "cuda_attention_4x1024_h32_kv8_d64_forward"
     fa, fab, sd = ms(a, "flash"), ms(a + "_backward", "flash"), peer["sdpa"]
     print(f"\nflash attention, {sd['shape']}: ours {fa:.3f} ms forward, {fab:.3f} ms forward + backward;"
@@ -774,7 +778,7 @@ tilings = [k.split("/", 1)[1] for k in est if k.startswith(t + "/")]
 engine = ms(t, "128x128x32s3")
 def step_ms(n):
     return step if n == "128x128x32s3" else ms(g, f"lora_forward_backward@{n}")
-print("\n| LoRA GEMM tiling | one layer's projections, fwd + bwd (ms) | speed-up | training step (ms) | speed-up |\n|---|---:|---:|---:|---:|")
+print("\n| LoRA GEMM tiling (or the cuBLAS sequence) | one layer's projections, fwd + bwd (ms) | speed-up | training step (ms) | speed-up |\n|---|---:|---:|---:|---:|")
 for n in tilings:
     print(f"| {n}{' (the engine' + chr(39) + 's)' if n == '128x128x32s3' else ''} | {ms(t, n):.3f} | {engine/ms(t, n):.2f}x"
           f" | {step_ms(n):.1f} | {step/step_ms(n):.2f}x |")

@@ -355,3 +355,28 @@ fn unknown_lora_gemm_tiling_is_a_usage_error() {
     assert_clean_error(&r, "LALORA_LORA_GEMM_TILING=64x64x32s2", "unknown tiling");
     assert!(r.stderr.contains("128x128x32s3"), "{}", r.stderr);
 }
+
+/// A projection path that is not `fused` or `cublas` (`LALORA_PROJECTION_GEMM`): a
+/// one-line usage error naming the variable and the two paths, before any work.
+#[test]
+#[cfg_attr(
+    not(lalora_cuda_kernels),
+    ignore = "built without CUDA kernels (no nvcc)"
+)]
+fn unknown_projection_gemm_is_a_usage_error() {
+    let out = bin()
+        .args(["selftest", "--device", "sim"])
+        .env("LALORA_PROJECTION_GEMM", "cutlass")
+        .output()
+        .unwrap();
+    let r = Run {
+        code: out.status.code(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    assert_clean_error(
+        &r,
+        "LALORA_PROJECTION_GEMM=cutlass",
+        "unknown projection path",
+    );
+    assert!(r.stderr.contains("fused or cublas"), "{}", r.stderr);
+}

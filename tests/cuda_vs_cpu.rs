@@ -9,7 +9,7 @@ mod common;
 use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::runtime::{DType, RuntimeStats};
-use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend};
+use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, ProjectionGemm};
 use lalora_engine::backend::group::GradFeeds;
 use lalora_engine::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, DiagPenalty, LoraDims,
@@ -1018,64 +1018,84 @@ fn tf32_products_round_f32_operands_to_nearest() {
     }
 }
 
+/// A curvature pass (diag, kfac-tri) and two training steps on the tiny model against the
+/// CPU, with the projection groups on the engine's fused GEMM and on the cuBLAS sequence
+/// (`ProjectionGemm`), which the model may run instead.
 #[test]
 fn curvature_pass_and_training_step_match_cpu() {
     for g in devices() {
-        let g = &g;
-        let t = tiny();
-        let c = CpuBackend::new(2);
-        let cpu_model = tiny_model(&c);
-        let m = model::load(&fixture("tiny-gqa/model"), None).unwrap();
-        let gpu_model = Llama::new(g, m.cfg, m.weights).unwrap();
-        let lora_g = t.adapter.map(|v| g.buf(v.clone())).unwrap();
-        for scheme in [Scheme::Diag, Scheme::KfacTri] {
-            let spec = Spec {
-                scheme,
-                fisher: Fisher::Empirical,
-                approx: KfacApprox::Expand,
-                seed: 0,
-            };
-            let cc = estimate(&c, &cpu_model, &t.adapter, &t.examples, 3, spec, || {}).unwrap();
-            let cg = estimate(g, &gpu_model, &lora_g, &t.examples, 3, spec, || {}).unwrap();
-            if let (Some(a), Some(b)) = (&cc.diag, &cg.diag) {
-                for ((n, _, x), (_, _, y)) in b.named_tensors().into_iter().zip(a.named_tensors()) {
-                    close(&format!("diag {n}"), x, y, BF16 * 5.0);
-                }
-            }
-            if let (Some(a), Some(b)) = (&cc.kfac, &cg.kfac) {
-                for (x, y) in b.iter().zip(a) {
-                    close("kfac out B", &x.b_out, &y.b_out, BF16 * 5.0);
-                    close("kfac in A", &x.a_in, &y.a_in, BF16);
-                }
-            }
+        for path in ProjectionGemm::ALL {
+            g.set_projection_gemm(path);
+            pass_and_step_match_cpu(&g);
         }
-        let cfg = TrainConfig {
-            steps: 2,
-            batch_size: 3,
-            lr: 1e-3,
-            ..TrainConfig::default()
-        };
-        let opts = SessionOptions {
-            out: None,
-            checkpoint_every: 0,
-            resume: false,
-            quiet: true,
-            base_model: String::new(),
-            stop_after: None,
-            curvature_path: None,
-        };
-        let rc = session::run(&c, &cpu_model, &t.examples, &cfg, None, &t.adapter, &opts).unwrap();
-        let rg = session::run(g, &gpu_model, &t.examples, &cfg, None, &t.adapter, &opts).unwrap();
-        for ((n, _, x), (_, _, y)) in rg
-            .lora
-            .named_tensors()
-            .into_iter()
-            .zip(rc.lora.named_tensors())
-        {
-            close(&format!("trained {n}"), x, y, BF16);
-        }
-        assert!((rg.metrics[0].loss - rc.metrics[0].loss).abs() < 1e-2 * rc.metrics[0].loss);
     }
+}
+
+fn pass_and_step_match_cpu(g: &CudaBackend) {
+    let who = g.describe();
+    let t = tiny();
+    let c = CpuBackend::new(2);
+    let cpu_model = tiny_model(&c);
+    let m = model::load(&fixture("tiny-gqa/model"), None).unwrap();
+    let gpu_model = Llama::new(g, m.cfg, m.weights).unwrap();
+    let lora_g = t.adapter.map(|v| g.buf(v.clone())).unwrap();
+    for scheme in [Scheme::Diag, Scheme::KfacTri] {
+        let spec = Spec {
+            scheme,
+            fisher: Fisher::Empirical,
+            approx: KfacApprox::Expand,
+            seed: 0,
+        };
+        let cc = estimate(&c, &cpu_model, &t.adapter, &t.examples, 3, spec, || {}).unwrap();
+        let cg = estimate(g, &gpu_model, &lora_g, &t.examples, 3, spec, || {}).unwrap();
+        if let (Some(a), Some(b)) = (&cc.diag, &cg.diag) {
+            for ((n, _, x), (_, _, y)) in b.named_tensors().into_iter().zip(a.named_tensors()) {
+                close(&format!("{who}: diag {n}"), x, y, BF16 * 5.0);
+            }
+        }
+        if let (Some(a), Some(b)) = (&cc.kfac, &cg.kfac) {
+            for (x, y) in b.iter().zip(a) {
+                close(
+                    &format!("{who}: kfac out B"),
+                    &x.b_out,
+                    &y.b_out,
+                    BF16 * 5.0,
+                );
+                close(&format!("{who}: kfac in A"), &x.a_in, &y.a_in, BF16);
+            }
+        }
+    }
+    let cfg = TrainConfig {
+        steps: 2,
+        batch_size: 3,
+        lr: 1e-3,
+        ..TrainConfig::default()
+    };
+    let opts = SessionOptions {
+        out: None,
+        checkpoint_every: 0,
+        resume: false,
+        quiet: true,
+        base_model: String::new(),
+        stop_after: None,
+        curvature_path: None,
+    };
+    let rc = session::run(&c, &cpu_model, &t.examples, &cfg, None, &t.adapter, &opts).unwrap();
+    let rg = session::run(g, &gpu_model, &t.examples, &cfg, None, &t.adapter, &opts).unwrap();
+    for ((n, _, x), (_, _, y)) in rg
+        .lora
+        .named_tensors()
+        .into_iter()
+        .zip(rc.lora.named_tensors())
+    {
+        close(&format!("{who}: trained {n}"), x, y, BF16);
+    }
+    assert!(
+        (rg.metrics[0].loss - rc.metrics[0].loss).abs() < 1e-2 * rc.metrics[0].loss,
+        "{who}: loss {} against the CPU's {}",
+        rg.metrics[0].loss,
+        rc.metrics[0].loss
+    );
 }
 
 /// A training step waits for the device a fixed number of times, whatever the number of

@@ -17,7 +17,10 @@ mod common;
 use common::*;
 use lalora_engine::backend::Backend;
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, LoraGemmTiling};
+use lalora_engine::backend::cuda::runtime::DType;
+use lalora_engine::backend::cuda::{
+    self, Act, BaseDtype, CudaBackend, LoraGemmTiling, ProjectionGemm,
+};
 use lalora_engine::backend::group::{Feeds, LoraBwd, LoraGroup, ProjBwd, ProjFwd, RopeOut};
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -453,6 +456,174 @@ fn every_tiling_matches_the_cpu_and_the_engines() {
                 }
             }
             g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
+        }
+    }
+}
+
+/// The plain cuBLAS sequence, which the model runs instead of LoRA inside the GEMMs with
+/// `ProjectionGemm::Cublas`, on the same cases: within the CPU's bounds with f32 and bf16
+/// base weights, and with bf16 base weights on f32 and on bf16 inputs.
+#[test]
+fn the_cublas_sequence_matches_the_cpu() {
+    for base in [BaseDtype::Bf16, BaseDtype::F32] {
+        let tol = bound(base);
+        for g in devices(base) {
+            g.set_projection_gemm(ProjectionGemm::Cublas);
+            let who = g.describe();
+            assert!(who.contains("cuBLAS"), "{who}");
+            for (k, c) in cases().iter().enumerate() {
+                let h = host(c, 10 + k as u64);
+                let lg = lora_group(c);
+                let want = run(&CpuBackend::new(2), c, &h, lg);
+                compare(&who, k, c, &run(&g, c, &h, lg), &want, tol);
+            }
+            if base == BaseDtype::Bf16 {
+                for (k, c) in bf16_input_cases().iter().enumerate() {
+                    let (got, want) = bf16_input_run(&g, k, c);
+                    compare(&who, k, c, &got, &want, tol);
+                }
+            }
+        }
+    }
+}
+
+/// A group as attention's side of a layer stores it with bf16 base weights: outputs that
+/// feed kernels (`Feeds::Kernels`: q, k, v) stored bf16, and a bf16 `dx` (o_proj's, which
+/// flash attention reads), written fresh or added to. Both projection paths store the
+/// same types, and their values are the CPU's within the bf16 bound; with f32 base
+/// weights everything is f32 (and 1e-4).
+fn stored_types(g: &CudaBackend, path: ProjectionGemm, accumulate: bool) {
+    g.set_projection_gemm(path);
+    let (m, d_in, r) = (70, 96, 8);
+    let outs = [96, 48, 48];
+    let lg = LoraGroup { r, scale: 2.0 };
+    let bf16 = g.base_dtype() == BaseDtype::Bf16;
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let cpu = CpuBackend::new(2);
+    // x, and dx before the backward, as stored on the device (the CPU gets the same values).
+    let (x, hx) = if bf16 {
+        bf16_act(g, &mut rng, m, d_in)
+    } else {
+        let v = rnd(&mut rng, m * d_in, 1.0);
+        (g.buf(v.clone()).unwrap(), v)
+    };
+    let (mut dx, hdx) = if bf16 {
+        bf16_act(g, &mut rng, m, d_in)
+    } else {
+        let v = rnd(&mut rng, m * d_in, 1.0);
+        (g.buf(v.clone()).unwrap(), v)
+    };
+    let hw: Vec<Vec<f32>> = outs.iter().map(|&o| rnd(&mut rng, o * d_in, 0.1)).collect();
+    let hab: Vec<(Vec<f32>, Vec<f32>)> = outs
+        .iter()
+        .map(|&o| (rnd(&mut rng, r * d_in, 0.1), rnd(&mut rng, o * r, 0.5)))
+        .collect();
+    let hg: Vec<Vec<f32>> = outs.iter().map(|&o| rnd(&mut rng, m * o, 1.0)).collect();
+    let tol = bound(g.base_dtype());
+    let who = format!("{} accumulate {accumulate}", g.describe());
+    let mut results = Vec::new();
+    for on_device in [true, false] {
+        let got = if on_device {
+            let ty = |b: &Act| Some(b.dtype());
+            let io = (&x, &mut dx, accumulate);
+            group_outputs(g, m, d_in, lg, &outs, io, (&hw, &hab, &hg), ty)
+        } else {
+            let (cx, mut cdx) = (hx.clone(), hdx.clone());
+            let io = (&cx, &mut cdx, accumulate);
+            group_outputs(&cpu, m, d_in, lg, &outs, io, (&hw, &hab, &hg), |_| None)
+        };
+        results.push(got);
+    }
+    let want_ty = if bf16 { DType::Bf16 } else { DType::F32 };
+    let (got, want) = (&results[0], &results[1]);
+    for ((name, x, _), (_, y, _)) in got.iter().zip(want) {
+        let e = rel_err(x, y);
+        eprintln!("{who}: {name}: {e:.1e}");
+        assert!(
+            e < tol,
+            "{who}: {name}: relative error {e:e} (bound {tol:e})"
+        );
+    }
+    for (name, _, ty) in got {
+        if name.starts_with('y') || name == "dx" {
+            assert_eq!(
+                *ty,
+                Some(want_ty),
+                "{who}: {name} stored as the fused path stores it"
+            );
+        }
+    }
+}
+
+/// Host weights, LoRA factors and output gradients of `stored_types`' group.
+type GroupHost<'a> = (&'a [Vec<f32>], &'a [(Vec<f32>, Vec<f32>)], &'a [Vec<f32>]);
+
+/// Outputs of `stored_types`' group on `be` from `(x, dx, accumulate)`: `(name, values,
+/// storage type as `ty` reads it)`.
+#[allow(clippy::too_many_arguments)]
+fn group_outputs<B: Backend>(
+    be: &B,
+    m: usize,
+    d_in: usize,
+    lg: LoraGroup,
+    outs: &[usize],
+    (x, dx, accumulate): (&B::Buf, &mut B::Buf, bool),
+    (hw, hab, hg): GroupHost<'_>,
+    ty: impl Fn(&B::Buf) -> Option<DType>,
+) -> Vec<(String, Vec<f32>, Option<DType>)> {
+    let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
+    let ws: Vec<B::Weight> = outs
+        .iter()
+        .zip(hw)
+        .map(|(&o, w)| be.weight(w.clone(), o, d_in).unwrap())
+        .collect();
+    let ab: Vec<(B::Buf, B::Buf)> = hab.iter().map(|(a, b)| (up(a), up(b))).collect();
+    let gs: Vec<B::Buf> = hg.iter().map(|v| up(v)).collect();
+    let fwd: Vec<ProjFwd<'_, B>> = outs
+        .iter()
+        .enumerate()
+        .map(|(i, &d_out)| ProjFwd {
+            w: &ws[i],
+            d_out,
+            lora: Some((&ab[i].0, &ab[i].1)),
+            feeds: Feeds::Kernels,
+            rope: None,
+        })
+        .collect();
+    let ys = be.project_group(x, m, d_in, lg, &fwd).unwrap();
+    let mut out: Vec<(String, Vec<f32>, Option<DType>)> = ys
+        .iter()
+        .enumerate()
+        .map(|(i, (y, _))| (format!("y{i}"), be.to_host(y).unwrap(), ty(y)))
+        .collect();
+    let bwd: Vec<ProjBwd<'_, B>> = (0..outs.len())
+        .map(|i| ProjBwd {
+            w: &ws[i],
+            d_out: outs[i],
+            g: &gs[i],
+            lora: ys[i].1.as_ref().map(|u| LoraBwd {
+                a: &ab[i].0,
+                b: &ab[i].1,
+                u,
+                grads: None,
+            }),
+        })
+        .collect();
+    be.project_group_backward(x, m, d_in, lg, bwd, dx, accumulate)
+        .unwrap();
+    out.push(("dx".into(), be.to_host(dx).unwrap(), ty(dx)));
+    out
+}
+
+#[test]
+fn both_projection_paths_store_what_the_model_stores() {
+    for base in [BaseDtype::Bf16, BaseDtype::F32] {
+        for g in devices(base) {
+            for path in ProjectionGemm::ALL {
+                for accumulate in [false, true] {
+                    stored_types(&g, path, accumulate);
+                }
+            }
         }
     }
 }

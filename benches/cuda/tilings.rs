@@ -5,7 +5,8 @@
 //! output and down the bf16 SwiGLU output, both with f32 residual gradients), once per
 //! tiling. On a GPU criterion times each; on the simulator each runs once, checked against
 //! the CPU backend. The engine's own tiling is the first variant; the others are there to
-//! say which to make the engine's.
+//! say which to make the engine's, and the last (`cublas`) runs the layer on the plain
+//! cuBLAS sequence (`ProjectionGemm::Cublas`), which every tiling has to beat.
 
 use super::*;
 
@@ -240,7 +241,7 @@ pub(super) fn lora_gemm_tilings(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         }
     });
     let work = roofline::lora_layer(&sh.model, m, r);
-    let variants = LoraGemmTiling::all()
+    let mut variants: Vec<Variant<'_>> = LoraGemmTiling::all()
         .into_iter()
         .map(|t| {
             let (layer, specs, out) = (&layer, &specs, &out);
@@ -260,6 +261,21 @@ pub(super) fn lora_gemm_tilings(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             }
         })
         .collect();
+    // The same layer on the cuBLAS sequence (`ProjectionGemm::Cublas`), which the model
+    // runs instead when asked: what every tiling has to beat.
+    let (layer_ref, specs_ref, out_ref) = (&layer, &specs, &out);
+    variants.push(Variant {
+        name: ProjectionGemm::Cublas.name().into(),
+        work,
+        call: Rc::new(move || {
+            g.set_projection_gemm(ProjectionGemm::Cublas);
+            *out_ref.borrow_mut() = run_layer(g, m, lg, specs_ref, layer_ref);
+            g.set_projection_gemm(ProjectionGemm::Fused);
+        }),
+        got: got.clone(),
+        want: want.clone(),
+        bound: TC_BOUND,
+    });
     mode.run(
         g,
         Group {

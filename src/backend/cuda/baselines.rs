@@ -1,10 +1,11 @@
 //! The plain cuBLAS sequences and the SIMT kernels that the fused and tensor-core kernels
-//! are benchmarked against (benches/cuda.rs); the model never uses them.
+//! are benchmarked against (benches/cuda.rs). The model runs the projection groups' cuBLAS
+//! sequence when asked (`ProjectionGemm::Cublas`), and none of the rest.
 
 use super::blas::{N, Operand, T};
-use super::runtime::{Arg, LaunchConfig};
+use super::runtime::{Arg, DType, LaunchConfig};
 use super::{Act, CudaBackend, MAX_RANK, THREADS};
-use crate::backend::group::{self, LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::group::{self, Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{LoraDims, Segment};
 use crate::error::{Error, Result};
 
@@ -129,8 +130,11 @@ impl CudaBackend {
     }
 
     /// `Backend::project_group` as the plain cuBLAS sequence LoRA inside the GEMMs
-    /// replaces: per projection the base GEMM (`linear`), then `u = x A^T` and
-    /// `y += s u B^T` as two more GEMMs.
+    /// replaces: per projection the base GEMM (`linear`: bf16 operands with bf16 base
+    /// weights, f32 sums), then `u = x A^T` and `y += s u B^T` as two more f32 GEMMs, then
+    /// RoPE where asked. Each `y` is stored as the fused path stores it: bf16 where it feeds
+    /// kernels with bf16 base weights (`Feeds::Kernels`), rounded once after RoPE as the
+    /// fused epilogue rounds; f32 otherwise.
     pub fn project_group_cublas(
         &self,
         x: &Act,
@@ -139,13 +143,27 @@ impl CudaBackend {
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Act>>> {
-        group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
+        let out = group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
             self.lora_forward_unfused(x, a, b, d, y)
-        })
+        })?;
+        let bf16_feeds = self.act_dtype() == DType::Bf16;
+        out.into_iter()
+            .zip(projs)
+            .map(|((y, u), p)| {
+                let y = if bf16_feeds && p.feeds == Feeds::Kernels {
+                    Act::Bf16(self.to_bf16(y.f32()?)?)
+                } else {
+                    y
+                };
+                Ok((y, u))
+            })
+            .collect()
     }
 
     /// `Backend::project_group_backward` as the plain cuBLAS sequence: per projection
-    /// `linear_backward`, then `lora_backward_unfused`.
+    /// `linear_backward`, then `lora_backward_unfused`. cuBLAS adds into f32, so a bf16 `dx`
+    /// (o_proj's, which flash attention reads) is summed in an f32 copy (widened from it
+    /// when adding to it) and rounded back once, as the fused path's epilogue rounds.
     #[allow(clippy::too_many_arguments)]
     pub fn project_group_backward_cublas(
         &self,
@@ -157,17 +175,30 @@ impl CudaBackend {
         dx: &mut Act,
         accumulate: bool,
     ) -> Result<Vec<Option<Act>>> {
-        group::unfused_backward(
+        let mut wide: Option<Act> = match &*dx {
+            Act::F32(_) => None,
+            Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),
+            Act::Bf16(b) => Some(self.uninit::<f32>(b.len())?.into()),
+        };
+        let sums: &mut Act = match wide.as_mut() {
+            Some(w) => w,
+            None => &mut *dx,
+        };
+        let out = group::unfused_backward(
             self,
             x,
             m,
             d_in,
             l,
             projs,
-            dx,
+            sums,
             accumulate,
             |g, x, u, a, b, d, dx, grads| self.lora_backward_unfused(g, x, u, a, b, d, dx, grads),
-        )
+        )?;
+        if let (Some(w), Act::Bf16(b)) = (&wide, &*dx) {
+            self.round_into(w.f32()?, b)?;
+        }
+        Ok(out)
     }
 
     /// The diagonal Fisher by materialising each sequence's gradient block `G_n^T Y_n`

@@ -34,6 +34,7 @@ mod linear;
 mod lora_gemm;
 mod lora_tiling;
 mod ops;
+mod projection_gemm;
 mod rows;
 pub mod runtime;
 pub mod sim;
@@ -43,12 +44,13 @@ mod vector;
 use std::marker::PhantomData;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 pub use self::act::Act;
 use self::act::Wide;
 use self::kernels::Kernels;
 pub use self::lora_tiling::LoraGemmTiling;
+pub use self::projection_gemm::ProjectionGemm;
 use self::runtime::{Arg, Counted, DType, LaunchConfig, Runtime, RuntimeStats};
 use super::Segment;
 use crate::error::{Error, Result};
@@ -136,6 +138,8 @@ pub struct CudaBackend {
     base: BaseDtype,
     /// The LoRA GEMM's tiling (`LoraGemmTiling::index`).
     lora_tiling: AtomicUsize,
+    /// The projection groups run as the cuBLAS sequence (`ProjectionGemm::Cublas`).
+    cublas_projections: AtomicBool,
 }
 
 /// Whether a CUDA GPU can be used: kernels built, driver library present, a device.
@@ -167,9 +171,11 @@ impl CudaBackend {
     }
 
     /// The backend on `device`, the LoRA GEMM's tiling the one `LALORA_LORA_GEMM_TILING`
-    /// names, else the engine's.
+    /// names and the projection path the one `LALORA_PROJECTION_GEMM` names, else the
+    /// engine's.
     fn on(device: Arc<dyn Runtime>, base: BaseDtype) -> Result<Self> {
         let tiling = LoraGemmTiling::from_env()?;
+        let projections = ProjectionGemm::from_env()?;
         let counted = Arc::new(Counted::new(device));
         let rt: Arc<dyn Runtime> = counted.clone();
         Ok(CudaBackend {
@@ -178,6 +184,7 @@ impl CudaBackend {
             counted,
             base,
             lora_tiling: AtomicUsize::new(tiling.index()),
+            cublas_projections: AtomicBool::new(projections == ProjectionGemm::Cublas),
         })
     }
 
@@ -190,6 +197,23 @@ impl CudaBackend {
     /// The LoRA GEMM's tiling now.
     pub fn lora_gemm_tiling(&self) -> LoraGemmTiling {
         LoraGemmTiling::at(self.lora_tiling.load(Ordering::Relaxed))
+    }
+
+    /// Run the projection groups on `path` from now on (the engine's own:
+    /// `ProjectionGemm::Fused`). Both compute the same products to the same bounds; they
+    /// differ in speed and in how they round.
+    pub fn set_projection_gemm(&self, path: ProjectionGemm) {
+        self.cublas_projections
+            .store(path == ProjectionGemm::Cublas, Ordering::Relaxed)
+    }
+
+    /// The projection groups' path now.
+    pub fn projection_gemm(&self) -> ProjectionGemm {
+        if self.cublas_projections.load(Ordering::Relaxed) {
+            ProjectionGemm::Cublas
+        } else {
+            ProjectionGemm::Fused
+        }
     }
 
     /// What this backend has asked of the device so far: launches, GEMMs, allocations,
@@ -334,14 +358,25 @@ impl CudaBackend {
     }
 
     fn to_bf16(&self, x: &DevBuf<f32>) -> Result<DevBuf<u16>> {
+        let out = self.uninit::<u16>(x.len())?;
+        self.round_into(x, &out)?;
+        Ok(out)
+    }
+
+    /// `out = bf16(x)`, to nearest even, into a buffer of the same length.
+    fn round_into(&self, x: &DevBuf<f32>, out: &DevBuf<u16>) -> Result<()> {
         let n = x.len();
-        let out = self.uninit::<u16>(n)?;
+        if out.len() != n {
+            return Err(Error::Device(format!(
+                "f32_to_bf16: {n} values into a buffer of {}",
+                out.len()
+            )));
+        }
         self.launch(
             "f32_to_bf16",
             Self::packed(n, 8),
             &[Arg::U64(x.ptr), Arg::U64(out.ptr), Arg::U64(n as u64)],
-        )?;
-        Ok(out)
+        )
     }
 
     fn segments(&self, segs: &[Segment]) -> Result<(DevBuf<i32>, DevBuf<i32>)> {

@@ -1,9 +1,10 @@
 //! `Backend` for CUDA: the trait's entry points, each handing over to the module that
 //! launches its hand-written kernels (or cuBLAS for the dense products): `storage`,
-//! `rows`, `linear`, `lora_gemm` (projection groups), `attention`, `classifier`,
+//! `rows`, `linear`, `lora_gemm` (projection groups; `baselines` when
+//! `ProjectionGemm::Cublas`), `attention`, `classifier`,
 //! `curvature` and `vector`. The CPU twin of each op is in `backend/cpu`.
 
-use super::{Act, CudaBackend, LoraGemmTiling, Weight};
+use super::{Act, CudaBackend, LoraGemmTiling, ProjectionGemm, Weight};
 use crate::backend::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -18,7 +19,9 @@ impl Backend for CudaBackend {
     fn describe(&self) -> String {
         // A tiling other than the engine's is named, so that figures say what ran.
         let tiling = self.lora_gemm_tiling();
-        let tiling = if tiling == LoraGemmTiling::ENGINE {
+        let tiling = if self.projection_gemm() == ProjectionGemm::Cublas {
+            ", projections on the cuBLAS sequence".to_string()
+        } else if tiling == LoraGemmTiling::ENGINE {
             String::new()
         } else {
             format!(", LoRA GEMM tiling {}", tiling.name())
@@ -160,7 +163,10 @@ impl Backend for CudaBackend {
         lora: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Self::Buf>>> {
-        self.project_group_impl(x, m, d_in, lora, projs)
+        match self.projection_gemm() {
+            ProjectionGemm::Fused => self.project_group_impl(x, m, d_in, lora, projs),
+            ProjectionGemm::Cublas => self.project_group_cublas(x, m, d_in, lora, projs),
+        }
     }
 
     fn project_group_backward(
@@ -173,7 +179,14 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<Vec<Option<Self::Buf>>> {
-        self.project_group_backward_impl(x, m, d_in, lora, projs, dx, accumulate)
+        match self.projection_gemm() {
+            ProjectionGemm::Fused => {
+                self.project_group_backward_impl(x, m, d_in, lora, projs, dx, accumulate)
+            }
+            ProjectionGemm::Cublas => {
+                self.project_group_backward_cublas(x, m, d_in, lora, projs, dx, accumulate)
+            }
+        }
     }
 
     fn rope(

@@ -129,10 +129,19 @@ impl CudaBackend {
         Ok(ga.into())
     }
 
+    /// A bf16 `x` widened to f32 once for a whole group's LoRA products (each would widen
+    /// it again), when `needed`; `None` where `x` is f32 already or nothing needs it.
+    fn widened_once(&self, x: &Act, needed: bool) -> Result<Option<Act>> {
+        Ok(match x {
+            Act::Bf16(b) if needed => Some(self.widened(b.ptr(), b.len())?.into()),
+            _ => None,
+        })
+    }
+
     /// `Backend::project_group` as the plain cuBLAS sequence LoRA inside the GEMMs
     /// replaces: per projection the base GEMM (`linear`: bf16 operands with bf16 base
     /// weights, f32 sums), then `u = x A^T` and `y += s u B^T` as two more f32 GEMMs, then
-    /// RoPE where asked. Each `y` is stored as the fused path stores it: bf16 where it feeds
+    /// RoPE where asked (a bf16 `x` widened once for the group's LoRA products). Each `y` is stored as the fused path stores it: bf16 where it feeds
     /// kernels with bf16 base weights (`Feeds::Kernels`), rounded once after RoPE as the
     /// fused epilogue rounds; f32 otherwise.
     pub fn project_group_cublas(
@@ -143,8 +152,10 @@ impl CudaBackend {
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Act>>> {
+        let adapted = projs.iter().any(|p| p.lora.is_some());
+        let wide = self.widened_once(x, adapted)?;
         let out = group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
-            self.lora_forward_unfused(x, a, b, d, y)
+            self.lora_forward_unfused(wide.as_ref().unwrap_or(x), a, b, d, y)
         })?;
         let bf16_feeds = self.act_dtype() == DType::Bf16;
         out.into_iter()
@@ -175,6 +186,8 @@ impl CudaBackend {
         dx: &mut Act,
         accumulate: bool,
     ) -> Result<Vec<Option<Act>>> {
+        let adapted = projs.iter().any(|p| p.lora.is_some());
+        let wide_x = self.widened_once(x, adapted)?;
         let mut wide: Option<Act> = match &*dx {
             Act::F32(_) => None,
             Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),
@@ -193,7 +206,10 @@ impl CudaBackend {
             projs,
             sums,
             accumulate,
-            |g, x, u, a, b, d, dx, grads| self.lora_backward_unfused(g, x, u, a, b, d, dx, grads),
+            |g, x, u, a, b, d, dx, grads| {
+                let x = wide_x.as_ref().unwrap_or(x);
+                self.lora_backward_unfused(g, x, u, a, b, d, dx, grads)
+            },
         )?;
         if let (Some(w), Act::Bf16(b)) = (&wide, &*dx) {
             self.round_into(w.f32()?, b)?;

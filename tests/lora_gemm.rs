@@ -462,7 +462,8 @@ fn every_tiling_matches_the_cpu_and_the_engines() {
 
 /// The plain cuBLAS sequence, which the model runs instead of LoRA inside the GEMMs with
 /// `ProjectionGemm::Cublas`, on the same cases: within the CPU's bounds with f32 and bf16
-/// base weights, and with bf16 base weights on f32 and on bf16 inputs.
+/// base weights, and with bf16 base weights on f32 and on bf16 inputs; and on the RoPE
+/// group of `rope_in_the_lora_gemm_epilogue`.
 #[test]
 fn the_cublas_sequence_matches_the_cpu() {
     for base in [BaseDtype::Bf16, BaseDtype::F32] {
@@ -482,6 +483,24 @@ fn the_cublas_sequence_matches_the_cpu() {
                     let (got, want) = bf16_input_run(&g, k, c);
                     compare(&who, k, c, &got, &want, tol);
                 }
+            }
+            // RoPE on the outputs (rope.cu after the base GEMM and the LoRA update, head
+            // dims 16 to 128), and what the unrotated outputs would be, which it must not give.
+            let (want, plain) = (
+                rope_group(&CpuBackend::new(2), true, false),
+                rope_group(&CpuBackend::new(2), false, false),
+            );
+            for (i, (got, (w, p))) in rope_group(&g, true, false)
+                .iter()
+                .zip(want.iter().zip(&plain))
+                .enumerate()
+            {
+                let e = rel_err(got, w);
+                assert!(e < tol, "{who}: rotated output {i}: relative error {e:e}");
+                assert!(
+                    i == 5 || rel_err(got, p) > 0.1,
+                    "{who}: output {i} not rotated"
+                );
             }
         }
     }

@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""PyTorch + PEFT peer of benches/cuda.rs (cuda_llama1b_shape_4x512/lora_forward_backward):
+"""PyTorch + PEFT peer of benches/cuda.rs (cuda_llama1b_shape_8x1024/lora_forward_backward):
 a Llama-3.2-1B-shaped model with random weights in bf16 on the GPU, PEFT LoRA r=16
-alpha=32 on all seven projections, batch 4 x 512 random tokens, forward + backward of the
-summed token loss. Then PyTorch's SDPA flash attention at the shape of benches/cuda.rs's
+alpha=32 on all seven projections, batch 8 x 1024 random tokens (issue 8's shape),
+forward + backward of the summed token loss. Then PyTorch's SDPA flash attention at the shape of benches/cuda.rs's
 cuda_attention_4x1024_h32_kv8_d64 (batch 4, 1024 positions, 32 query heads, 8 key/value
 heads, head dim 64, causal, bf16): forward, and forward + backward of the summed output,
 each the median of 20 calls timed with CUDA events after 5 warm-ups. Its flash kernel takes
@@ -32,7 +32,7 @@ def main():
                           num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=500000.0,
                           tie_word_embeddings=True, max_position_embeddings=64)
     else:
-        device, batch, warmup, timed = "cuda", (4, 512), 3, 10
+        device, batch, warmup, timed = "cuda", (8, 1024), 3, 10
         cfg = LlamaConfig(vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
                           num_attention_heads=32, num_key_value_heads=8, head_dim=64, rope_theta=500000.0,
                           tie_word_embeddings=True, max_position_embeddings=131072)

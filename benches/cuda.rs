@@ -1,7 +1,7 @@
 //! CUDA benchmarks: the hand-written kernels against the plain cuBLAS sequences and SIMT
 //! kernels they replace, and end to end on a Llama-3.2-1B-shaped model with random
-//! weights (batch 8 x 1024, issue 8's shape): training step, diag and KFAC curvature passes; the fused
-//! classifier against materialised logits. The PyTorch + PEFT bf16 peer is
+//! weights (batch 8 x 1024, issue 8's shape): training step, diag and KFAC curvature
+//! passes; the fused classifier against materialised logits. The PyTorch + PEFT bf16 peer is
 //! benches/peers/torch_peft_cuda_step.py.
 //!
 //! Every bench explains itself: it prints a `work:` line with its FLOPs and bytes per call

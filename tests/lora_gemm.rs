@@ -185,7 +185,10 @@ fn check(cases: &[Case], base: BaseDtype) {
             let h = host(c, 10 + k as u64);
             let lg = lora_group(c);
             let want = run(&CpuBackend::new(2), c, &h, lg);
+            let before = g.stats();
             let got = run(&g, c, &h, lg);
+            // LoRA inside the GEMMs: the hand-written kernels alone, no cuBLAS call.
+            assert_eq!(g.stats().since(&before).gemms, 0, "case {k}: cuBLAS called");
             compare(&g.describe(), k, c, &got, &want, tol);
         }
     }
@@ -476,7 +479,14 @@ fn the_cublas_sequence_matches_the_cpu() {
                 let h = host(c, 10 + k as u64);
                 let lg = lora_group(c);
                 let want = run(&CpuBackend::new(2), c, &h, lg);
-                compare(&who, k, c, &run(&g, c, &h, lg), &want, tol);
+                let before = g.stats();
+                let got = run(&g, c, &h, lg);
+                // The sequence ran, not the fused path (which calls no cuBLAS): a base GEMM
+                // per projection forward and backward, two more per adapted one each way.
+                let adapted = c.outs.iter().filter(|o| o.1).count();
+                let gemms = 2 * c.outs.len() + 4 * adapted;
+                assert!(g.stats().since(&before).gemms >= gemms as u64, "case {k}");
+                compare(&who, k, c, &got, &want, tol);
             }
             if base == BaseDtype::Bf16 {
                 for (k, c) in bf16_input_cases().iter().enumerate() {
@@ -541,6 +551,7 @@ fn stored_types(g: &CudaBackend, path: ProjectionGemm, accumulate: bool) {
     let tol = bound(g.base_dtype());
     let who = format!("{} accumulate {accumulate}", g.describe());
     let mut results = Vec::new();
+    let before = g.stats();
     for on_device in [true, false] {
         let got = if on_device {
             let ty = |b: &Act| Some(b.dtype());
@@ -552,6 +563,12 @@ fn stored_types(g: &CudaBackend, path: ProjectionGemm, accumulate: bool) {
             group_outputs(&cpu, m, d_in, lg, &outs, io, (&hw, &hab, &hg), |_| None)
         };
         results.push(got);
+    }
+    // Which path ran: the fused one calls no cuBLAS, the sequence at least once per product.
+    let gemms = g.stats().since(&before).gemms;
+    match path {
+        ProjectionGemm::Fused => assert_eq!(gemms, 0, "{who}: cuBLAS called"),
+        ProjectionGemm::Cublas => assert!(gemms >= 12, "{who}: {gemms} cuBLAS calls"),
     }
     let want_ty = if bf16 { DType::Bf16 } else { DType::F32 };
     let (got, want) = (&results[0], &results[1]);

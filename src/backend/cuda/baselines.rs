@@ -3,11 +3,15 @@
 //! sequence when asked (`ProjectionGemm::Cublas`), and none of the rest.
 
 use super::blas::{N, Operand, T};
+use super::lora_gemm::{check_len, weight_elems};
 use super::runtime::{Arg, DType, LaunchConfig};
 use super::{Act, CudaBackend, MAX_RANK, THREADS};
 use crate::backend::group::{self, Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{LoraDims, Segment};
 use crate::error::{Error, Result};
+
+/// The cuBLAS sequence's name in shape errors.
+const OP: &str = "cuBLAS sequence";
 
 impl CudaBackend {
     /// Wait for all queued work (for timing).
@@ -141,9 +145,11 @@ impl CudaBackend {
     /// `Backend::project_group` as the plain cuBLAS sequence LoRA inside the GEMMs
     /// replaces: per projection the base GEMM (`linear`: bf16 operands with bf16 base
     /// weights, f32 sums), then `u = x A^T` and `y += s u B^T` as two more f32 GEMMs, then
-    /// RoPE where asked (a bf16 `x` widened once for the group's LoRA products). Each `y` is stored as the fused path stores it: bf16 where it feeds
-    /// kernels with bf16 base weights (`Feeds::Kernels`), rounded once after RoPE as the
-    /// fused epilogue rounds; f32 otherwise.
+    /// RoPE where asked (a bf16 `x` widened once for the group's LoRA products). Each `y`
+    /// is stored in the fused path's type: bf16 where it feeds kernels with bf16 base
+    /// weights (`Feeds::Kernels`), rounded once after RoPE (as the fused epilogue rounds
+    /// at head dims 16, 32 and 64; at others the fused path rounds before RoPE and again
+    /// after it); f32 otherwise.
     pub fn project_group_cublas(
         &self,
         x: &Act,
@@ -152,6 +158,17 @@ impl CudaBackend {
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Act>>> {
+        check_len(OP, "x", x.len(), m * d_in)?;
+        for p in projs {
+            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
+            if let Some((a, b)) = p.lora {
+                check_len(OP, "A", a.len(), l.r * d_in)?;
+                check_len(OP, "B", b.len(), p.d_out * l.r)?;
+            }
+            if let Some(r) = p.rope {
+                check_len(OP, "rotated output", p.d_out, r.n_heads * r.head_dim)?;
+            }
+        }
         let adapted = projs.iter().any(|p| p.lora.is_some());
         let wide = self.widened_once(x, adapted)?;
         let out = group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
@@ -186,8 +203,26 @@ impl CudaBackend {
         dx: &mut Act,
         accumulate: bool,
     ) -> Result<Vec<Option<Act>>> {
-        let adapted = projs.iter().any(|p| p.lora.is_some());
-        let wide_x = self.widened_once(x, adapted)?;
+        check_len(OP, "x", x.len(), m * d_in)?;
+        check_len(OP, "dx", dx.len(), m * d_in)?;
+        for p in &projs {
+            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
+            check_len(OP, "g", p.g.len(), m * p.d_out)?;
+            if let Some(lb) = &p.lora {
+                check_len(OP, "A", lb.a.len(), l.r * d_in)?;
+                check_len(OP, "B", lb.b.len(), p.d_out * l.r)?;
+                check_len(OP, "u", lb.u.len(), m * l.r)?;
+            }
+        }
+        if projs.is_empty() {
+            // Nothing to add, and a fresh bf16 dx is left as it is, as the fused path leaves it.
+            return Ok(Vec::new());
+        }
+        // x is read only for the LoRA weight gradients dA.
+        let grads = projs
+            .iter()
+            .any(|p| p.lora.as_ref().is_some_and(|l| l.grads.is_some()));
+        let wide_x = self.widened_once(x, grads)?;
         let mut wide: Option<Act> = match &*dx {
             Act::F32(_) => None,
             Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),

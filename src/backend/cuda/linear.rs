@@ -1,6 +1,7 @@
 //! The per-projection products: `linear` and its backward on cuBLAS (bf16 or f32 base
 //! weights), LoRA as the per-row kernels of `kernels/lora.cu`, and the f32 `matmul`. The
-//! model's path groups projections instead (`lora_gemm.rs`); these are the baselines, the
+//! model groups its projections (`lora_gemm.rs`), or runs them through `linear` and its
+//! backward as the cuBLAS sequence (`baselines.rs`); these are also the baselines, the
 //! KV-cached path's products and the materialised LM head's.
 
 use super::blas::{N, Operand, T};

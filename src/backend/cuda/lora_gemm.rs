@@ -10,7 +10,8 @@
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
 //! (`gram_accumulate`, reductions over the rows). The per-projection cuBLAS sequence
-//! stays reachable as the benchmarked baseline (`baselines.rs`).
+//! (`baselines.rs`) is the benchmarked baseline, and the model's other path
+//! (`ProjectionGemm::Cublas`).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -136,17 +137,21 @@ fn dim(v: usize, what: &str) -> Result<i32> {
     i32::try_from(v).map_err(|_| Error::usage(format!("LoRA GEMM: {what} {v} exceeds i32")))
 }
 
-fn check_len(what: &str, got: usize, want: usize) -> Result<()> {
+/// The op's name in shape errors.
+const OP: &str = "LoRA GEMM";
+
+/// `what` of `op` holds `want` elements, else a device error naming both.
+pub(super) fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(Error::Device(format!(
-            "LoRA GEMM: {what} holds {got} elements, the shapes need {want}"
+            "{op}: {what} holds {got} elements, the shapes need {want}"
         )));
     }
     Ok(())
 }
 
 /// Elements of a base weight (its buffer holds bytes).
-fn weight_elems(w: &Weight) -> usize {
+pub(super) fn weight_elems(w: &Weight) -> usize {
     w.buf.len() / if w.ty == DType::Bf16 { 2 } else { 4 }
 }
 
@@ -379,16 +384,16 @@ impl CudaBackend {
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Act>>> {
-        check_len("x", x.len(), m * d_in)?;
+        check_len(OP, "x", x.len(), m * d_in)?;
         let xs = (x.addr(), x.dtype() == DType::Bf16);
         let mut us = Vec::with_capacity(projs.len());
         let mut problems = Vec::new();
         for p in projs {
-            check_len("W", weight_elems(p.w), p.d_out * d_in)?;
+            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
             us.push(match p.lora {
                 Some((a, b)) => {
-                    check_len("A", a.len(), l.r * d_in)?;
-                    check_len("B", b.len(), p.d_out * l.r)?;
+                    check_len(OP, "A", a.len(), l.r * d_in)?;
+                    check_len(OP, "B", b.len(), p.d_out * l.r)?;
                     let u = self.uninit::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(x.addr(), d_in, d_in, a.f32()?.ptr(), d_in, 1.0)?;
                     if xs.1 {
@@ -426,7 +431,7 @@ impl CudaBackend {
             }
             let mut rope = None;
             if let Some(r) = p.rope {
-                check_len("rotated output", p.d_out, r.n_heads * r.head_dim)?;
+                check_len(OP, "rotated output", p.d_out, r.n_heads * r.head_dim)?;
                 Self::check_rope_table(r.table, r.head_dim, "LoRA GEMM")?;
                 if ROPE_FUSED_HEAD_DIMS.contains(&r.head_dim) {
                     rope = Some(RopeArgs {
@@ -491,19 +496,19 @@ impl CudaBackend {
         dx: &mut Act,
         accumulate: bool,
     ) -> Result<Vec<Option<Act>>> {
-        check_len("x", x.len(), m * d_in)?;
-        check_len("dx", dx.len(), m * d_in)?;
+        check_len(OP, "x", x.len(), m * d_in)?;
+        check_len(OP, "dx", dx.len(), m * d_in)?;
         // gA_p = s g_p B_p for every adapted projection: one launch.
         let mut gas = Vec::with_capacity(projs.len());
         let mut problems = Vec::new();
         for p in &projs {
-            check_len("W", weight_elems(p.w), p.d_out * d_in)?;
-            check_len("g", p.g.len(), m * p.d_out)?;
+            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
+            check_len(OP, "g", p.g.len(), m * p.d_out)?;
             gas.push(match &p.lora {
                 Some(lb) => {
-                    check_len("A", lb.a.len(), l.r * d_in)?;
-                    check_len("B", lb.b.len(), p.d_out * l.r)?;
-                    check_len("u", lb.u.len(), m * l.r)?;
+                    check_len(OP, "A", lb.a.len(), l.r * d_in)?;
+                    check_len(OP, "B", lb.b.len(), p.d_out * l.r)?;
+                    check_len(OP, "u", lb.u.len(), m * l.r)?;
                     let ga = self.uninit::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(
                         p.g.addr(),
@@ -564,8 +569,8 @@ impl CudaBackend {
             if let (Some(lb), Some(ga)) = (p.lora, ga)
                 && let Some((da, db)) = lb.grads
             {
-                check_len("dA", da.len(), l.r * d_in)?;
-                check_len("dB", db.len(), p.d_out * l.r)?;
+                check_len(OP, "dA", da.len(), l.r * d_in)?;
+                check_len(OP, "dB", db.len(), p.d_out * l.r)?;
                 self.gram_accumulate_impl(
                     ga.into(),
                     l.r,

@@ -34,7 +34,8 @@ impl ProjectionGemm {
                 .find(|p| p.name() == name)
                 .ok_or_else(|| {
                     Error::usage(format!(
-                        "LALORA_PROJECTION_GEMM={name} is not a projection path; use fused or cublas"
+                        "LALORA_PROJECTION_GEMM={name} is not a projection path; \
+                         use fused or cublas"
                     ))
                 }),
             _ => Ok(Self::default()),

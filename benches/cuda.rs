@@ -189,6 +189,12 @@ impl Mode<'_> {
                             gib(before)
                         );
                     }
+                    // What scripts/gpu-check.sh --profile counts the tables against.
+                    eprintln!(
+                        "kernel-times variants: {} {}",
+                        group.name,
+                        group.variants.len()
+                    );
                 }
             }
             Mode::Sim { checked } => {
@@ -635,18 +641,17 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         }
         o
     });
-    let forward = |cublas: bool| -> Rc<dyn Fn() + '_> {
+    // Each variant on its projection path (`ProjectionGemm`), the default restored after.
+    let forward = |path: ProjectionGemm| -> Rc<dyn Fn() + '_> {
         let (fwd, ys, x) = (&fwd, &ys, &x);
         Rc::new(move || {
-            let out = if cublas {
-                g.project_group_cublas(x, m, d_in, lg, fwd)
-            } else {
-                g.project_group(x, m, d_in, lg, fwd)
-            };
+            g.set_projection_gemm(path);
+            let out = g.project_group(x, m, d_in, lg, fwd);
+            g.set_projection_gemm(ProjectionGemm::default());
             *ys.borrow_mut() = out.unwrap().into_iter().map(|(y, _)| y).collect();
         })
     };
-    let backward = |cublas: bool| -> Rc<dyn Fn() + '_> {
+    let backward = |path: ProjectionGemm| -> Rc<dyn Fn() + '_> {
         let (ws, a, b, gr, us, x) = (&ws, &a, &b, &gr, &us, &x);
         let (dx, da, db, gas) = (&dx, &da, &db, &gas);
         Rc::new(move || {
@@ -669,11 +674,9 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 })
                 .collect();
             let mut dx = dx.borrow_mut();
-            let out = if cublas {
-                g.project_group_backward_cublas(x, m, d_in, lg, projs, &mut dx, false)
-            } else {
-                g.project_group_backward(x, m, d_in, lg, projs, &mut dx, false)
-            };
+            g.set_projection_gemm(path);
+            let out = g.project_group_backward(x, m, d_in, lg, projs, &mut dx, false);
+            g.set_projection_gemm(ProjectionGemm::default());
             *gas.borrow_mut() = out.unwrap().into_iter().flatten().collect();
         })
     };
@@ -711,12 +714,20 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             ),
             sample_size: None,
             reset,
-            variants: vec![
-                variant("forward_fused", wf, forward(false), true),
-                variant("forward_cublas", wf, forward(true), true),
-                variant("backward_fused", wb, backward(false), false),
-                variant("backward_cublas", wb, backward(true), false),
-            ],
+            variants: [true, false]
+                .into_iter()
+                .flat_map(|fwd| {
+                    ProjectionGemm::ALL.map(|path| {
+                        let (pass, work) = if fwd {
+                            ("forward", wf)
+                        } else {
+                            ("backward", wb)
+                        };
+                        let call = if fwd { forward(path) } else { backward(path) };
+                        variant(&format!("{pass}_{}", path.name()), work, call, fwd)
+                    })
+                })
+                .collect(),
         },
     );
 }
@@ -1215,18 +1226,21 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         want: step_want.clone(),
         bound: PASS_BOUND,
     }];
-    // The step under each other tiling of the LoRA GEMM (`lora_forward_backward@NAME`;
-    // the engine's is restored after each call): issue 8's figure for every tiling in the
-    // same run, beside the one-layer comparison of benches/cuda/tilings.rs.
-    for t in LoraGemmTiling::all().into_iter().skip(1) {
+    // The step on the fused path under each tiling of the LoRA GEMM
+    // (`lora_forward_backward@TILING`; the default path and the engine's tiling restored
+    // after each call): issue 8's figure for every tiling in the same run, beside the
+    // one-layer comparison of benches/cuda/tilings.rs.
+    for t in LoraGemmTiling::all() {
         let (model, lora, batch, grads) = (&model, &lora, &batch, &grads);
         variants.push(Variant {
             name: format!("lora_forward_backward@{}", t.name()),
             work: step_work,
             call: Rc::new(move || {
+                g.set_projection_gemm(ProjectionGemm::Fused);
                 g.set_lora_gemm_tiling(t);
                 accumulate_gradients(g, model, lora, batch, 1.0, &mut grads.borrow_mut()).unwrap();
                 g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
+                g.set_projection_gemm(ProjectionGemm::default());
             }),
             got: step_got.clone(),
             want: step_want.clone(),
@@ -1279,28 +1293,33 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             bound: PASS_BOUND,
         });
     }
-    // The step and the kfac pass with the projection groups on the cuBLAS sequence
-    // (`NAME@cublas`; the engine's path is restored after each call): whether LoRA inside
-    // the GEMMs beats it end to end, in the same run.
-    for base in ["lora_forward_backward", "curvature_kfac_pass"] {
+    // The step and the kfac pass on the other projection paths (`NAME@PATH`; the default
+    // path restored after each call; the step's fused path is `@TILING` above), in the
+    // same run: which path is fastest end to end.
+    let others = [
+        ("lora_forward_backward", ProjectionGemm::Cublas),
+        ("curvature_kfac_pass", ProjectionGemm::Fused),
+        ("curvature_kfac_pass", ProjectionGemm::Cublas),
+    ];
+    for (base, path) in others {
         let v = variants
             .iter()
             .find(|v| v.name == base)
             .expect("the variant is built above");
         let inner = v.call.clone();
-        let cublas = Variant {
-            name: format!("{base}@cublas"),
+        let on_path = Variant {
+            name: format!("{base}@{}", path.name()),
             work: v.work,
             call: Rc::new(move || {
-                g.set_projection_gemm(ProjectionGemm::Cublas);
+                g.set_projection_gemm(path);
                 inner();
-                g.set_projection_gemm(ProjectionGemm::Fused);
+                g.set_projection_gemm(ProjectionGemm::default());
             }),
             got: v.got.clone(),
             want: v.want.clone(),
             bound: v.bound,
         };
-        variants.push(cublas);
+        variants.push(on_path);
     }
     let name = if sim {
         format!("sim_llama_tiny_{bsz}x{seq}")

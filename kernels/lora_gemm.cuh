@@ -112,6 +112,7 @@ struct Prob {
     void* out;
     const float* rope_cos;  // RoPE table (period, rope_hd / 2), when rope_hd > 0
     const float* rope_sin;
+    const float* addend;  // an f32 (m, n) matrix added to the sums before RoPE, or null
     int n, accumulate, tile_start, seg_begin, seg_end, out_bf16, rope_hd, rope_period;
 };
 // A launch's problems and their segments, passed by value as a `__grid_constant__`
@@ -504,6 +505,24 @@ __device__ __forceinline__ void lora_gemm(const Table& table, int n_probs, int m
         }
     }
 
+    const int lane = threadIdx.x & 31;
+    // The addend (the base product from cuBLAS, when the LoRA segments alone run here:
+    // `ProjectionGemm::Hybrid` of lora_gemm.rs) joins the sums before RoPE and the store,
+    // so the output is rotated and rounded once, as when the base product runs here. Never
+    // with split K (the host refuses it).
+    if (pr.addend != nullptr) {
+#pragma unroll
+        for (int i = 0; i < T::MT; ++i)
+#pragma unroll
+            for (int j = 0; j < T::NT; ++j)
+#pragma unroll
+                for (int e = 0; e < 4; ++e) {
+                    const int row = m0 + wm * T::WTM + i * 16 + (lane >> 2) + 8 * (e >> 1);
+                    const int col = n0 + wn * T::WTN + j * 8 + 2 * (lane & 3) + (e & 1);
+                    if (row < m && col < n) acc[i][j][e] += pr.addend[(size_t)row * n + col];
+                }
+    }
+
     // Head dims the epilogue rotates (lora_gemm.rs: ROPE_FUSED_HEAD_DIMS); others get
     // rope.cu after the launch. Only forward products (n-major weights) are rotated.
     if constexpr (!KMAJOR) {
@@ -515,7 +534,6 @@ __device__ __forceinline__ void lora_gemm(const Table& table, int n_probs, int m
         }
     }
 
-    const int lane = threadIdx.x & 31;
 #pragma unroll
     for (int i = 0; i < T::MT; ++i)
 #pragma unroll

@@ -356,8 +356,8 @@ fn unknown_lora_gemm_tiling_is_a_usage_error() {
     assert!(r.stderr.contains("128x128x32s3"), "{}", r.stderr);
 }
 
-/// A projection path that is not `fused` or `cublas` (`LALORA_PROJECTION_GEMM`): a
-/// one-line usage error naming the variable and the two paths, before any work.
+/// A projection path that is not `hybrid`, `fused` or `cublas` (`LALORA_PROJECTION_GEMM`):
+/// a one-line usage error naming the variable and the paths, before any work.
 #[test]
 #[cfg_attr(
     not(lalora_cuda_kernels),
@@ -378,5 +378,5 @@ fn unknown_projection_gemm_is_a_usage_error() {
         "LALORA_PROJECTION_GEMM=cutlass",
         "unknown projection path",
     );
-    assert!(r.stderr.contains("fused or cublas"), "{}", r.stderr);
+    assert!(r.stderr.contains("hybrid, fused or cublas"), "{}", r.stderr);
 }

@@ -31,6 +31,8 @@ fn rnd(rng: &mut ChaCha8Rng, n: usize, scale: f32) -> Vec<f32> {
         .collect()
 }
 
+/// The simulator and the GPU when there is one, running the projection groups wholly in
+/// the grouped kernel (`ProjectionGemm::Fused`), which most tests here are about.
 fn devices(base: BaseDtype) -> Vec<CudaBackend> {
     let mut v = vec![sim(base)];
     if cuda::available() {
@@ -40,6 +42,9 @@ fn devices(base: BaseDtype) -> Vec<CudaBackend> {
             std::env::var("LALORA_REQUIRE_GPU").as_deref() != Ok("1"),
             "LALORA_REQUIRE_GPU=1 but no CUDA device is usable"
         );
+    }
+    for g in &v {
+        g.set_projection_gemm(ProjectionGemm::Fused);
     }
     v
 }
@@ -279,19 +284,23 @@ fn cases() -> Vec<Case> {
 fn group_launches_copy_nothing_to_the_device() {
     for base in [BaseDtype::Bf16, BaseDtype::F32] {
         for g in devices(base) {
-            for (k, c) in cases().iter().enumerate() {
-                let h = host(c, 10 + k as u64);
-                let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
-                let gs: Vec<_> = h.g.iter().map(|v| up(v)).collect();
-                let mut marks = Vec::new();
-                run_on(&g, c, &h, lora_group(c), &up(&h.x), &gs, &mut || {
-                    marks.push(g.stats())
-                });
-                let s = marks[1].since(&marks[0]);
-                let reads = c.outs.len() + c.outs.iter().filter(|o| o.1).count();
-                assert!(s.launches > 0, "case {k}: {s}");
-                assert_eq!(s.htod, 0, "case {k}: {s}");
-                assert_eq!((s.dtoh, s.synchronizes), (reads as u64, 0), "case {k}: {s}");
+            for path in [ProjectionGemm::Fused, ProjectionGemm::Hybrid] {
+                g.set_projection_gemm(path);
+                for (k, c) in cases().iter().enumerate() {
+                    let h = host(c, 10 + k as u64);
+                    let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
+                    let gs: Vec<_> = h.g.iter().map(|v| up(v)).collect();
+                    let mut marks = Vec::new();
+                    run_on(&g, c, &h, lora_group(c), &up(&h.x), &gs, &mut || {
+                        marks.push(g.stats())
+                    });
+                    let s = marks[1].since(&marks[0]);
+                    let reads = c.outs.len() + c.outs.iter().filter(|o| o.1).count();
+                    let who = format!("{}: case {k}: {s}", g.describe());
+                    assert!(s.launches > 0, "{who}");
+                    assert_eq!(s.htod, 0, "{who}");
+                    assert_eq!((s.dtoh, s.synchronizes), (reads as u64, 0), "{who}");
+                }
             }
         }
     }
@@ -463,54 +472,61 @@ fn every_tiling_matches_the_cpu_and_the_engines() {
     }
 }
 
-/// The plain cuBLAS sequence, which the model runs instead of LoRA inside the GEMMs with
-/// `ProjectionGemm::Cublas`, on the same cases: within the CPU's bounds with f32 and bf16
-/// base weights, and with bf16 base weights on f32 and on bf16 inputs; and on the RoPE
-/// group of `rope_in_the_lora_gemm_epilogue`.
+/// The other two projection paths on the same cases: `hybrid` (the default: base products
+/// on cuBLAS, added in the grouped kernel's epilogue to its LoRA segments) and the plain
+/// cuBLAS sequence. Within the CPU's bounds with f32 and bf16 base weights, and with bf16
+/// base weights on f32 and on bf16 inputs; and on the RoPE group of
+/// `rope_in_the_lora_gemm_epilogue`. Each path is told by its cuBLAS calls.
 #[test]
-fn the_cublas_sequence_matches_the_cpu() {
+fn the_hybrid_path_and_the_cublas_sequence_match_the_cpu() {
     for base in [BaseDtype::Bf16, BaseDtype::F32] {
         let tol = bound(base);
         for g in devices(base) {
-            g.set_projection_gemm(ProjectionGemm::Cublas);
-            let who = g.describe();
-            assert!(who.contains("cuBLAS"), "{who}");
-            for (k, c) in cases().iter().enumerate() {
-                let h = host(c, 10 + k as u64);
-                let lg = lora_group(c);
-                let want = run(&CpuBackend::new(2), c, &h, lg);
-                let before = g.stats();
-                let got = run(&g, c, &h, lg);
-                // The sequence ran, not the fused path (which calls no cuBLAS): a base GEMM
-                // per projection forward and backward, two more per adapted one each way.
-                let adapted = c.outs.iter().filter(|o| o.1).count();
-                let gemms = 2 * c.outs.len() + 4 * adapted;
-                assert!(g.stats().since(&before).gemms >= gemms as u64, "case {k}");
-                compare(&who, k, c, &got, &want, tol);
-            }
-            if base == BaseDtype::Bf16 {
-                for (k, c) in bf16_input_cases().iter().enumerate() {
-                    let (got, want) = bf16_input_run(&g, k, c);
+            for path in [ProjectionGemm::Hybrid, ProjectionGemm::Cublas] {
+                g.set_projection_gemm(path);
+                let who = g.describe();
+                for (k, c) in cases().iter().enumerate() {
+                    let h = host(c, 10 + k as u64);
+                    let lg = lora_group(c);
+                    let want = run(&CpuBackend::new(2), c, &h, lg);
+                    let before = g.stats();
+                    let got = run(&g, c, &h, lg);
+                    let gemms = g.stats().since(&before).gemms as usize;
+                    // One base GEMM per projection forward and one backward; the sequence
+                    // has four more per adapted projection (u, s u B^T; gA, dx, and with
+                    // the weight gradients dA, dB).
+                    let (n, adapted) = (c.outs.len(), c.outs.iter().filter(|o| o.1).count());
+                    match path {
+                        ProjectionGemm::Hybrid => assert_eq!(gemms, 2 * n, "{who}: case {k}"),
+                        _ => assert!(gemms >= 2 * n + 4 * adapted, "{who}: case {k}: {gemms}"),
+                    }
                     compare(&who, k, c, &got, &want, tol);
                 }
-            }
-            // RoPE on the outputs (rope.cu after the base GEMM and the LoRA update, head
-            // dims 16 to 128), and what the unrotated outputs would be, which it must not give.
-            let (want, plain) = (
-                rope_group(&CpuBackend::new(2), true, false),
-                rope_group(&CpuBackend::new(2), false, false),
-            );
-            for (i, (got, (w, p))) in rope_group(&g, true, false)
-                .iter()
-                .zip(want.iter().zip(&plain))
-                .enumerate()
-            {
-                let e = rel_err(got, w);
-                assert!(e < tol, "{who}: rotated output {i}: relative error {e:e}");
-                assert!(
-                    i == 5 || rel_err(got, p) > 0.1,
-                    "{who}: output {i} not rotated"
+                if base == BaseDtype::Bf16 {
+                    for (k, c) in bf16_input_cases().iter().enumerate() {
+                        let (got, want) = bf16_input_run(&g, k, c);
+                        compare(&who, k, c, &got, &want, tol);
+                    }
+                }
+                // RoPE on the outputs (in the epilogue at head dims 16, 32, 64, else by
+                // rope.cu; by rope.cu after the sequence), and what the unrotated outputs
+                // would be, which it must not give.
+                let (want, plain) = (
+                    rope_group(&CpuBackend::new(2), true, false),
+                    rope_group(&CpuBackend::new(2), false, false),
                 );
+                for (i, (got, (w, p))) in rope_group(&g, true, false)
+                    .iter()
+                    .zip(want.iter().zip(&plain))
+                    .enumerate()
+                {
+                    let e = rel_err(got, w);
+                    assert!(e < tol, "{who}: rotated output {i}: relative error {e:e}");
+                    assert!(
+                        i == 5 || rel_err(got, p) > 0.1,
+                        "{who}: output {i} not rotated"
+                    );
+                }
             }
         }
     }
@@ -564,10 +580,12 @@ fn stored_types(g: &CudaBackend, path: ProjectionGemm, accumulate: bool) {
         };
         results.push(got);
     }
-    // Which path ran: the fused one calls no cuBLAS, the sequence at least once per product.
+    // Which path ran: the fused one calls no cuBLAS, the hybrid one once per base product,
+    // the sequence at least once per product.
     let gemms = g.stats().since(&before).gemms;
     match path {
         ProjectionGemm::Fused => assert_eq!(gemms, 0, "{who}: cuBLAS called"),
+        ProjectionGemm::Hybrid => assert_eq!(gemms, 6, "{who}: base products on cuBLAS"),
         ProjectionGemm::Cublas => assert!(gemms >= 12, "{who}: {gemms} cuBLAS calls"),
     }
     let want_ty = if bf16 { DType::Bf16 } else { DType::F32 };

@@ -5,8 +5,9 @@
 //! output and down the bf16 SwiGLU output, both with f32 residual gradients), once per
 //! tiling. On a GPU criterion times each; on the simulator each runs once, checked against
 //! the CPU backend. The engine's own tiling is the first variant; the others are there to
-//! say which to make the engine's, and the last (`cublas`) runs the layer on the plain
-//! cuBLAS sequence (`ProjectionGemm::Cublas`), which every tiling has to beat.
+//! say which to make the engine's; the last two run the layer on the other projection
+//! paths (`ProjectionGemm`): `hybrid` (the default: base products on cuBLAS) and
+//! `cublas` (the plain cuBLAS sequence), which every tiling has to beat.
 
 use super::*;
 
@@ -241,19 +242,28 @@ pub(super) fn lora_gemm_tilings(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         }
     });
     let work = roofline::lora_layer(&sh.model, m, r);
-    let mut variants: Vec<Variant<'_>> = LoraGemmTiling::all()
+    // Every tiling on the fused path (named for the tiling), then the other two paths at
+    // the engine's tiling (named for the path): the path and tiling for each call only,
+    // the defaults restored after, so the benches after this group run the engine's.
+    let runs = LoraGemmTiling::all()
         .into_iter()
-        .map(|t| {
+        .map(|t| (t.name(), ProjectionGemm::Fused, t))
+        .chain(
+            [ProjectionGemm::Hybrid, ProjectionGemm::Cublas]
+                .map(|p| (p.name().to_string(), p, LoraGemmTiling::ENGINE)),
+        );
+    let variants = runs
+        .map(|(name, path, t)| {
             let (layer, specs, out) = (&layer, &specs, &out);
             Variant {
-                name: t.name(),
+                name,
                 work,
-                // The tiling for this call only: the benches after this group run the
-                // engine's.
                 call: Rc::new(move || {
+                    g.set_projection_gemm(path);
                     g.set_lora_gemm_tiling(t);
                     *out.borrow_mut() = run_layer(g, m, lg, specs, layer);
                     g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
+                    g.set_projection_gemm(ProjectionGemm::default());
                 }),
                 got: got.clone(),
                 want: want.clone(),
@@ -261,21 +271,6 @@ pub(super) fn lora_gemm_tilings(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             }
         })
         .collect();
-    // The same layer on the cuBLAS sequence (`ProjectionGemm::Cublas`), which the model
-    // runs instead when asked: what every tiling has to beat.
-    let (layer_ref, specs_ref, out_ref) = (&layer, &specs, &out);
-    variants.push(Variant {
-        name: ProjectionGemm::Cublas.name().into(),
-        work,
-        call: Rc::new(move || {
-            g.set_projection_gemm(ProjectionGemm::Cublas);
-            *out_ref.borrow_mut() = run_layer(g, m, lg, specs_ref, layer_ref);
-            g.set_projection_gemm(ProjectionGemm::Fused);
-        }),
-        got: got.clone(),
-        want: want.clone(),
-        bound: TC_BOUND,
-    });
     mode.run(
         g,
         Group {

@@ -150,7 +150,7 @@ impl CudaBackend {
     /// weights (`Feeds::Kernels`), rounded once after RoPE (as the fused epilogue rounds
     /// at head dims 16, 32 and 64; at others the fused path rounds before RoPE and again
     /// after it); f32 otherwise.
-    pub fn project_group_cublas(
+    pub(super) fn project_group_cublas(
         &self,
         x: &Act,
         m: usize,
@@ -193,7 +193,7 @@ impl CudaBackend {
     /// (o_proj's, which flash attention reads) is summed in an f32 copy (widened from it
     /// when adding to it) and rounded back once, as the fused path's epilogue rounds.
     #[allow(clippy::too_many_arguments)]
-    pub fn project_group_backward_cublas(
+    pub(super) fn project_group_backward_cublas(
         &self,
         x: &Act,
         m: usize,

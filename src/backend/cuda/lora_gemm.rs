@@ -9,9 +9,11 @@
 //! stores them so, with bf16 base weights outside curvature passes, `GradFeeds`): one for every `gA_p = s g_p B_p`, one for
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
-//! (`gram_accumulate`, reductions over the rows). The per-projection cuBLAS sequence
-//! (`baselines.rs`) is the benchmarked baseline, and the model's other path
-//! (`ProjectionGemm::Cublas`).
+//! (`gram_accumulate`, reductions over the rows). With `Base::Cublas` (the default path,
+//! `ProjectionGemm::Hybrid`) the base products `x W_p^T` and `g_p W_p` run on cuBLAS
+//! instead, and the y and dx launches take their f32 results as addends: the kernel runs
+//! the LoRA segments, adds, rotates and stores. The per-projection cuBLAS sequence
+//! (`baselines.rs`) is the benchmarked baseline (`ProjectionGemm::Cublas`).
 
 use bytemuck::{Pod, Zeroable};
 
@@ -49,6 +51,7 @@ struct Prob {
     out: u64,
     rope_cos: u64,
     rope_sin: u64,
+    addend: u64,
     n: i32,
     accumulate: i32,
     tile_start: i32,
@@ -121,6 +124,17 @@ enum Layout {
     KMajor,
 }
 
+/// Where a group's base products (`x W^T` forward, `g W` backward) run.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(super) enum Base {
+    /// In the grouped kernel, as the first segment of each problem
+    /// (`ProjectionGemm::Fused`).
+    Kernel,
+    /// On cuBLAS, each product's f32 result the problem's addend, so that the kernel runs
+    /// the LoRA segments alone and stores the output (`ProjectionGemm::Hybrid`).
+    Cublas,
+}
+
 /// A problem as the host builds it.
 struct Problem {
     out: u64,
@@ -131,6 +145,9 @@ struct Problem {
     out_bf16: bool,
     /// RoPE rotates the output before it is stored (the forward's q and k).
     rope: Option<RopeArgs>,
+    /// An f32 `(m, n)` matrix added to the sums before RoPE and the store (the base
+    /// product cuBLAS computed, `ProjectionGemm::Hybrid`).
+    addend: Option<u64>,
 }
 
 fn dim(v: usize, what: &str) -> Result<i32> {
@@ -238,10 +255,10 @@ impl CudaBackend {
         }
         if problems
             .iter()
-            .any(|p| p.accumulate || p.out_bf16 || p.rope.is_some())
+            .any(|p| p.accumulate || p.out_bf16 || p.rope.is_some() || p.addend.is_some())
         {
             return Err(Error::Device(
-                "LoRA GEMM: split K needs f32 outputs, not accumulated or rotated".into(),
+                "LoRA GEMM: split K needs f32 outputs, not accumulated, added to or rotated".into(),
             ));
         }
         let parts = problems
@@ -258,6 +275,7 @@ impl CudaBackend {
                 segs: p.segs.clone(),
                 out_bf16: false,
                 rope: None,
+                addend: None,
             })
             .collect();
         self.lora_gemm_splits(tiling, layout, m, &staged, splits)?;
@@ -313,6 +331,7 @@ impl CudaBackend {
             });
             *slot = Prob {
                 out: p.out,
+                addend: p.addend.unwrap_or(0),
                 rope_cos: rope.cos,
                 rope_sin: rope.sin,
                 rope_hd: rope.head_dim,
@@ -360,7 +379,7 @@ impl CudaBackend {
     }
 
     /// `project_group`, `MAX_GROUP` projections at a time (each launch's table holds
-    /// them).
+    /// them), the base products where `base` says.
     pub(super) fn project_group_impl(
         &self,
         x: &Act,
@@ -368,10 +387,11 @@ impl CudaBackend {
         d_in: usize,
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
+        base: Base,
     ) -> Result<Vec<Projected<Act>>> {
         let mut out = Vec::with_capacity(projs.len());
         for chunk in projs.chunks(MAX_GROUP) {
-            out.extend(self.project_chunk(x, m, d_in, l, chunk)?);
+            out.extend(self.project_chunk(x, m, d_in, l, chunk, base)?);
         }
         Ok(out)
     }
@@ -383,6 +403,7 @@ impl CudaBackend {
         d_in: usize,
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
+        base: Base,
     ) -> Result<Vec<Projected<Act>>> {
         check_len(OP, "x", x.len(), m * d_in)?;
         let xs = (x.addr(), x.dtype() == DType::Bf16);
@@ -408,6 +429,7 @@ impl CudaBackend {
                         segs: vec![seg],
                         out_bf16: false,
                         rope: None,
+                        addend: None,
                     });
                     Some(Act::from(u))
                 }
@@ -417,6 +439,9 @@ impl CudaBackend {
         self.lora_gemm_split_k(Layout::NMajor, m, &problems)?;
         let mut ys = Vec::with_capacity(projs.len());
         let mut problems = Vec::with_capacity(projs.len());
+        // The base products from cuBLAS (`Base::Cublas`), held until the launch that adds
+        // them is queued.
+        let mut addends = Vec::new();
         // Rotations the epilogue cannot do: rope.cu after the launch.
         let mut unfused = Vec::new();
         for (i, (p, u)) in projs.iter().zip(&us).enumerate() {
@@ -425,7 +450,16 @@ impl CudaBackend {
                 Feeds::Residual => DType::F32,
             };
             let y = self.uninit_act(m * p.d_out, ty)?;
-            let mut segs = vec![self.base_seg(xs, d_in, d_in, p.w, d_in)?];
+            let mut segs = Vec::with_capacity(2);
+            let mut addend = None;
+            match base {
+                Base::Kernel => segs.push(self.base_seg(xs, d_in, d_in, p.w, d_in)?),
+                Base::Cublas => {
+                    let yb = self.linear_impl(x, p.w, m, d_in, p.d_out)?;
+                    addend = Some(yb.addr());
+                    addends.push(yb);
+                }
+            }
             if let (Some((_, b)), Some(u)) = (p.lora, u) {
                 segs.push(self.lora_seg(u.addr(), l.r, l.r, b.f32()?.ptr(), l.r, l.scale)?);
             }
@@ -451,6 +485,7 @@ impl CudaBackend {
                 segs,
                 out_bf16: ty == DType::Bf16,
                 rope,
+                addend,
             });
             ys.push(y);
         }
@@ -462,7 +497,7 @@ impl CudaBackend {
     }
 
     /// `project_group_backward`, `MAX_GROUP` projections at a time, the later ones adding
-    /// to `dx`.
+    /// to `dx`, the base products where `base` says.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn project_group_backward_impl(
         &self,
@@ -473,13 +508,15 @@ impl CudaBackend {
         mut projs: Vec<ProjBwd<'_, Self>>,
         dx: &mut Act,
         accumulate: bool,
+        base: Base,
     ) -> Result<Vec<Option<Act>>> {
         let mut gas = Vec::with_capacity(projs.len());
         let mut accumulate = accumulate;
         while !projs.is_empty() {
             let rest = projs.split_off(projs.len().min(MAX_GROUP));
             let chunk = std::mem::replace(&mut projs, rest);
-            gas.extend(self.project_chunk_backward(x, m, d_in, l, chunk, dx, accumulate)?);
+            let io = (&mut *dx, accumulate);
+            gas.extend(self.project_chunk_backward(x, m, d_in, l, chunk, io, base)?);
             accumulate = true;
         }
         Ok(gas)
@@ -493,8 +530,8 @@ impl CudaBackend {
         d_in: usize,
         l: LoraGroup,
         projs: Vec<ProjBwd<'_, Self>>,
-        dx: &mut Act,
-        accumulate: bool,
+        (dx, accumulate): (&mut Act, bool),
+        base: Base,
     ) -> Result<Vec<Option<Act>>> {
         check_len(OP, "x", x.len(), m * d_in)?;
         check_len(OP, "dx", dx.len(), m * d_in)?;
@@ -531,6 +568,7 @@ impl CudaBackend {
                         out_bf16: false,
                         segs: vec![seg],
                         rope: None,
+                        addend: None,
                     });
                     Some(ga)
                 }
@@ -538,13 +576,55 @@ impl CudaBackend {
             });
         }
         self.lora_gemm_split_k(Layout::KMajor, m, &problems)?;
-        // dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]: one launch.
+        // dx (+)= [g_1 .. g_P | gA_1 ..] [W_1; ..; W_P; A_1; ..]: one launch (with
+        // `Base::Cublas`, the g W products first on cuBLAS, then the launch for the rest).
         let mut segs = Vec::with_capacity(2 * projs.len());
-        for p in &projs {
-            // The bf16 engine rounds an f32 g to bf16 here, as it rounds a stored bf16 g
-            // (to nearest even both), so a g stored bf16 gives this product bit for bit.
-            let g = (p.g.addr(), p.g.dtype() == DType::Bf16);
-            segs.push(self.base_seg(g, p.d_out, p.d_out, p.w, d_in)?);
+        // An f32 copy of a bf16 dx that cuBLAS summed into, held until the launch is queued.
+        let mut held = None;
+        let mut dx_accumulate = accumulate;
+        let mut addend = None;
+        match base {
+            Base::Kernel => {
+                for p in &projs {
+                    // The bf16 engine rounds an f32 g to bf16 here, as it rounds a stored
+                    // bf16 g (to nearest even both), so a g stored bf16 gives this product
+                    // bit for bit.
+                    let g = (p.g.addr(), p.g.dtype() == DType::Bf16);
+                    segs.push(self.base_seg(g, p.d_out, p.d_out, p.w, d_in)?);
+                }
+            }
+            Base::Cublas => {
+                // cuBLAS adds into f32: into dx itself, or into an f32 copy of a bf16 dx
+                // (widened from it when adding to it) that the launch adds and rounds once.
+                let mut wide: Option<Act> = match &*dx {
+                    Act::F32(_) => None,
+                    Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),
+                    Act::Bf16(b) => Some(self.uninit::<f32>(b.len())?.into()),
+                };
+                let sums: &mut Act = match wide.as_mut() {
+                    Some(w) => w,
+                    None => &mut *dx,
+                };
+                for (i, p) in projs.iter().enumerate() {
+                    self.linear_backward_impl(
+                        p.g,
+                        p.w,
+                        m,
+                        d_in,
+                        p.d_out,
+                        sums,
+                        accumulate || i > 0,
+                    )?;
+                }
+                match wide {
+                    Some(w) => {
+                        addend = Some(w.addr());
+                        dx_accumulate = false;
+                        held = Some(w);
+                    }
+                    None => dx_accumulate = true,
+                }
+            }
         }
         for (p, ga) in projs.iter().zip(&gas) {
             if let (Some(lb), Some(ga)) = (&p.lora, ga) {
@@ -556,12 +636,18 @@ impl CudaBackend {
         let dx_problem = Problem {
             out: dx.addr(),
             n: d_in,
-            accumulate,
+            accumulate: dx_accumulate,
             segs,
             out_bf16: dx.dtype() == DType::Bf16,
             rope: None,
+            addend,
         };
-        self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
+        // Nothing left for the launch when cuBLAS summed into an f32 dx and no projection
+        // is adapted.
+        if !(dx_problem.segs.is_empty() && dx_problem.addend.is_none() && dx_accumulate) {
+            self.lora_gemm(Layout::KMajor, m, std::slice::from_ref(&dx_problem))?;
+        }
+        drop(held);
         // The weight gradients: reductions over all m rows, on the Gram kernels (which read
         // x and g as stored).
         let rows = [Segment { start: 0, len: m }];

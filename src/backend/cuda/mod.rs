@@ -44,7 +44,7 @@ mod vector;
 use std::marker::PhantomData;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use self::act::Act;
 use self::act::Wide;
@@ -138,8 +138,8 @@ pub struct CudaBackend {
     base: BaseDtype,
     /// The LoRA GEMM's tiling (`LoraGemmTiling::index`).
     lora_tiling: AtomicUsize,
-    /// The projection groups run as the cuBLAS sequence (`ProjectionGemm::Cublas`).
-    cublas_projections: AtomicBool,
+    /// The projection groups' path (`ProjectionGemm`): its index in `ProjectionGemm::ALL`.
+    projections: AtomicUsize,
 }
 
 /// Whether a CUDA GPU can be used: kernels built, driver library present, a device.
@@ -184,7 +184,7 @@ impl CudaBackend {
             counted,
             base,
             lora_tiling: AtomicUsize::new(tiling.index()),
-            cublas_projections: AtomicBool::new(projections == ProjectionGemm::Cublas),
+            projections: AtomicUsize::new(projections.index()),
         })
     }
 
@@ -199,21 +199,16 @@ impl CudaBackend {
         LoraGemmTiling::at(self.lora_tiling.load(Ordering::Relaxed))
     }
 
-    /// Run the projection groups on `path` from now on (the engine's own:
-    /// `ProjectionGemm::Fused`). Both compute the same products to the same bounds; they
-    /// differ in speed and in how they round.
+    /// Run the projection groups on `path` from now on (the default:
+    /// `ProjectionGemm::Hybrid`). All compute the same products to the same bounds; they
+    /// differ in speed and in the order of their sums.
     pub fn set_projection_gemm(&self, path: ProjectionGemm) {
-        self.cublas_projections
-            .store(path == ProjectionGemm::Cublas, Ordering::Relaxed)
+        self.projections.store(path.index(), Ordering::Relaxed)
     }
 
     /// The projection groups' path now.
     pub fn projection_gemm(&self) -> ProjectionGemm {
-        if self.cublas_projections.load(Ordering::Relaxed) {
-            ProjectionGemm::Cublas
-        } else {
-            ProjectionGemm::Fused
-        }
+        ProjectionGemm::ALL[self.projections.load(Ordering::Relaxed)]
     }
 
     /// What this backend has asked of the device so far: launches, GEMMs, allocations,

@@ -1,9 +1,10 @@
 //! `Backend` for CUDA: the trait's entry points, each handing over to the module that
 //! launches its hand-written kernels (or cuBLAS for the dense products): `storage`,
-//! `rows`, `linear`, `lora_gemm` (projection groups; `baselines` when
-//! `ProjectionGemm::Cublas`), `attention`, `classifier`,
+//! `rows`, `linear`, `lora_gemm` (projection groups, with cuBLAS's base products
+//! by default: `ProjectionGemm`; `baselines` for the plain cuBLAS sequence), `attention`, `classifier`,
 //! `curvature` and `vector`. The CPU twin of each op is in `backend/cpu`.
 
+use super::lora_gemm::Base;
 use super::{Act, CudaBackend, LoraGemmTiling, ProjectionGemm, Weight};
 use crate::backend::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
@@ -19,13 +20,17 @@ impl Backend for CudaBackend {
     fn describe(&self) -> String {
         // A tiling other than the engine's is named, so that figures say what ran.
         let tiling = self.lora_gemm_tiling();
-        let tiling = if self.projection_gemm() == ProjectionGemm::Cublas {
-            ", projections on the cuBLAS sequence".to_string()
-        } else if tiling == LoraGemmTiling::ENGINE {
-            String::new()
-        } else {
-            format!(", LoRA GEMM tiling {}", tiling.name())
-        };
+        // So do a projection path other than the default, and a tiling wherever the
+        // engine's kernel runs.
+        let path = self.projection_gemm();
+        let mut how = String::new();
+        if path != ProjectionGemm::default() {
+            how = format!(", projections {}", path.describe());
+        }
+        if path != ProjectionGemm::Cublas && tiling != LoraGemmTiling::ENGINE {
+            how += &format!(", LoRA GEMM tiling {}", tiling.name());
+        }
+        let tiling = how;
         format!(
             "{}, base weights {}{tiling}",
             self.rt.describe(),
@@ -164,7 +169,10 @@ impl Backend for CudaBackend {
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Self::Buf>>> {
         match self.projection_gemm() {
-            ProjectionGemm::Fused => self.project_group_impl(x, m, d_in, lora, projs),
+            ProjectionGemm::Hybrid => {
+                self.project_group_impl(x, m, d_in, lora, projs, Base::Cublas)
+            }
+            ProjectionGemm::Fused => self.project_group_impl(x, m, d_in, lora, projs, Base::Kernel),
             ProjectionGemm::Cublas => self.project_group_cublas(x, m, d_in, lora, projs),
         }
     }
@@ -179,14 +187,14 @@ impl Backend for CudaBackend {
         dx: &mut Self::Buf,
         accumulate: bool,
     ) -> Result<Vec<Option<Self::Buf>>> {
-        match self.projection_gemm() {
-            ProjectionGemm::Fused => {
-                self.project_group_backward_impl(x, m, d_in, lora, projs, dx, accumulate)
-            }
+        let base = match self.projection_gemm() {
+            ProjectionGemm::Hybrid => Base::Cublas,
+            ProjectionGemm::Fused => Base::Kernel,
             ProjectionGemm::Cublas => {
-                self.project_group_backward_cublas(x, m, d_in, lora, projs, dx, accumulate)
+                return self.project_group_backward_cublas(x, m, d_in, lora, projs, dx, accumulate);
             }
-        }
+        };
+        self.project_group_backward_impl(x, m, d_in, lora, projs, dx, accumulate, base)
     }
 
     fn rope(

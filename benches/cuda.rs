@@ -103,6 +103,24 @@ fn kernel_times_for(group: &str) -> bool {
     }
 }
 
+/// `f` with the projection groups on `path` and the LoRA GEMM on `tiling`, the backend's
+/// own settings restored after: the other variants, and a path or tiling the environment
+/// chose (`LALORA_PROJECTION_GEMM`, `LALORA_LORA_GEMM_TILING`), run as they would have.
+fn with_path<R>(
+    g: &CudaBackend,
+    path: ProjectionGemm,
+    tiling: LoraGemmTiling,
+    f: impl FnOnce() -> R,
+) -> R {
+    let before = (g.projection_gemm(), g.lora_gemm_tiling());
+    g.set_projection_gemm(path);
+    g.set_lora_gemm_tiling(tiling);
+    let r = f();
+    g.set_projection_gemm(before.0);
+    g.set_lora_gemm_tiling(before.1);
+    r
+}
+
 /// GPU: criterion times every variant; simulator: each runs once and is checked.
 enum Mode<'c> {
     Gpu(&'c mut Criterion, &'c mut Report),
@@ -189,12 +207,6 @@ impl Mode<'_> {
                             gib(before)
                         );
                     }
-                    // What scripts/gpu-check.sh --profile counts the tables against.
-                    eprintln!(
-                        "kernel-times variants: {} {}",
-                        group.name,
-                        group.variants.len()
-                    );
                 }
             }
             Mode::Sim { checked } => {
@@ -546,13 +558,15 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             rope: None,
         })
         .collect();
-    // The backward's saved u_p, from the fused forward.
-    let us: Vec<Act> = g
-        .project_group(&x, m, d_in, lg, &fwd)
-        .unwrap()
-        .into_iter()
-        .filter_map(|(_, u)| u)
-        .collect();
+    // The backward's saved u_p, from the fused forward (also the first launches that
+    // scripts/gpu-check.sh --profile hands to ncu: u, then y with the base products).
+    let us: Vec<Act> = with_path(g, ProjectionGemm::Fused, g.lora_gemm_tiling(), || {
+        g.project_group(&x, m, d_in, lg, &fwd)
+    })
+    .unwrap()
+    .into_iter()
+    .filter_map(|(_, u)| u)
+    .collect();
     let zeros = |n: usize| RefCell::new(g.zeros(n).unwrap());
     let dx = zeros(m * d_in);
     let da: Vec<_> = outs.iter().map(|_| zeros(r * d_in)).collect();
@@ -645,9 +659,9 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let forward = |path: ProjectionGemm| -> Rc<dyn Fn() + '_> {
         let (fwd, ys, x) = (&fwd, &ys, &x);
         Rc::new(move || {
-            g.set_projection_gemm(path);
-            let out = g.project_group(x, m, d_in, lg, fwd);
-            g.set_projection_gemm(ProjectionGemm::default());
+            let out = with_path(g, path, g.lora_gemm_tiling(), || {
+                g.project_group(x, m, d_in, lg, fwd)
+            });
             *ys.borrow_mut() = out.unwrap().into_iter().map(|(y, _)| y).collect();
         })
     };
@@ -674,9 +688,9 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 })
                 .collect();
             let mut dx = dx.borrow_mut();
-            g.set_projection_gemm(path);
-            let out = g.project_group_backward(x, m, d_in, lg, projs, &mut dx, false);
-            g.set_projection_gemm(ProjectionGemm::default());
+            let out = with_path(g, path, g.lora_gemm_tiling(), || {
+                g.project_group_backward(x, m, d_in, lg, projs, &mut dx, false)
+            });
             *gas.borrow_mut() = out.unwrap().into_iter().flatten().collect();
         })
     };
@@ -1227,20 +1241,18 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         bound: PASS_BOUND,
     }];
     // The step on the fused path under each tiling of the LoRA GEMM
-    // (`lora_forward_backward@TILING`; the default path and the engine's tiling restored
-    // after each call): issue 8's figure for every tiling in the same run, beside the
-    // one-layer comparison of benches/cuda/tilings.rs.
+    // (`lora_forward_backward@TILING`): issue 8's figure for every tiling in the same run,
+    // beside the one-layer comparison of benches/cuda/tilings.rs.
     for t in LoraGemmTiling::all() {
         let (model, lora, batch, grads) = (&model, &lora, &batch, &grads);
         variants.push(Variant {
             name: format!("lora_forward_backward@{}", t.name()),
             work: step_work,
             call: Rc::new(move || {
-                g.set_projection_gemm(ProjectionGemm::Fused);
-                g.set_lora_gemm_tiling(t);
-                accumulate_gradients(g, model, lora, batch, 1.0, &mut grads.borrow_mut()).unwrap();
-                g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
-                g.set_projection_gemm(ProjectionGemm::default());
+                with_path(g, ProjectionGemm::Fused, t, || {
+                    accumulate_gradients(g, model, lora, batch, 1.0, &mut grads.borrow_mut())
+                })
+                .unwrap();
             }),
             got: step_got.clone(),
             want: step_want.clone(),
@@ -1293,9 +1305,8 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             bound: PASS_BOUND,
         });
     }
-    // The step and the kfac pass on the other projection paths (`NAME@PATH`; the default
-    // path restored after each call; the step's fused path is `@TILING` above), in the
-    // same run: which path is fastest end to end.
+    // The step and the kfac pass on the other projection paths (`NAME@PATH`; the step's
+    // fused path is `@TILING` above), in the same run: which path is fastest end to end.
     let others = [
         ("lora_forward_backward", ProjectionGemm::Cublas),
         ("curvature_kfac_pass", ProjectionGemm::Fused),
@@ -1310,11 +1321,7 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         let on_path = Variant {
             name: format!("{base}@{}", path.name()),
             work: v.work,
-            call: Rc::new(move || {
-                g.set_projection_gemm(path);
-                inner();
-                g.set_projection_gemm(ProjectionGemm::default());
-            }),
+            call: Rc::new(move || with_path(g, path, g.lora_gemm_tiling(), || inner())),
             got: v.got.clone(),
             want: v.want.clone(),
             bound: v.bound,

@@ -26,6 +26,8 @@
 // K columns per output tile), and A and B are read per tile, not per token. The forward's
 // q and k leave rotated by RoPE when their head dim is a multiple of 16 dividing a warp's
 // 64 columns (`rope_epilogue`): the f32 sums rotated, then stored (rounded once where bf16).
+// A problem may carry an f32 addend, added to its sums before RoPE: the base product from
+// cuBLAS, when only the LoRA segments run here (`ProjectionGemm::Hybrid`).
 //
 // Precision. Operands are staged into shared memory as bf16, each value v as P pieces
 // (P = 1..3 per operand and segment): v0 = bf16(v), v1 = bf16(v - v0), v2 = bf16(v - v0 -

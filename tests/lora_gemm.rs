@@ -670,7 +670,7 @@ fn group_outputs<B: Backend>(
 }
 
 #[test]
-fn both_projection_paths_store_what_the_model_stores() {
+fn every_projection_path_stores_what_the_model_stores() {
     for base in [BaseDtype::Bf16, BaseDtype::F32] {
         for g in devices(base) {
             for path in ProjectionGemm::ALL {

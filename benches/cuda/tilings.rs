@@ -243,8 +243,7 @@ pub(super) fn lora_gemm_tilings(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     });
     let work = roofline::lora_layer(&sh.model, m, r);
     // Every tiling on the fused path (named for the tiling), then the other two paths at
-    // the engine's tiling (named for the path): the path and tiling for each call only,
-    // the defaults restored after, so the benches after this group run the engine's.
+    // the engine's tiling (named for the path), each for its call only (`with_path`).
     let runs = LoraGemmTiling::all()
         .into_iter()
         .map(|t| (t.name(), ProjectionGemm::Fused, t))
@@ -259,11 +258,7 @@ pub(super) fn lora_gemm_tilings(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                 name,
                 work,
                 call: Rc::new(move || {
-                    g.set_projection_gemm(path);
-                    g.set_lora_gemm_tiling(t);
-                    *out.borrow_mut() = run_layer(g, m, lg, specs, layer);
-                    g.set_lora_gemm_tiling(LoraGemmTiling::ENGINE);
-                    g.set_projection_gemm(ProjectionGemm::default());
+                    *out.borrow_mut() = with_path(g, path, t, || run_layer(g, m, lg, specs, layer));
                 }),
                 got: got.clone(),
                 want: want.clone(),

@@ -11,8 +11,10 @@
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
 //! (`gram_accumulate`, reductions over the rows). With `Base::Cublas` (the default path,
 //! `ProjectionGemm::Hybrid`) the base products `x W_p^T` and `g_p W_p` run on cuBLAS
-//! instead, and the y and dx launches take their f32 results as addends: the kernel runs
-//! the LoRA segments, adds, rotates and stores. The per-projection cuBLAS sequence
+//! instead: each y launch takes its projection's f32 `x W_p^T` as an addend (the kernel
+//! runs the LoRA segments, adds, rotates and stores); cuBLAS sums the `g_p W_p` into an
+//! f32 dx, to which the dx launch adds the LoRA segments, or into an f32 copy of a bf16
+//! dx, which it takes as its addend. The per-projection cuBLAS sequence
 //! (`baselines.rs`) is the benchmarked baseline (`ProjectionGemm::Cublas`).
 
 use bytemuck::{Pod, Zeroable};

@@ -172,7 +172,7 @@ impl CudaBackend {
 
     /// The backend on `device`, the LoRA GEMM's tiling the one `LALORA_LORA_GEMM_TILING`
     /// names and the projection path the one `LALORA_PROJECTION_GEMM` names, else the
-    /// engine's.
+    /// engine's tiling and the default path.
     fn on(device: Arc<dyn Runtime>, base: BaseDtype) -> Result<Self> {
         let tiling = LoraGemmTiling::from_env()?;
         let projections = ProjectionGemm::from_env()?;

@@ -655,7 +655,8 @@ fn lora_group(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         }
         o
     });
-    // Each variant on its projection path (`ProjectionGemm`), the default restored after.
+    // Each variant on its projection path (`ProjectionGemm`), the backend's own restored
+    // after (`with_path`).
     let forward = |path: ProjectionGemm| -> Rc<dyn Fn() + '_> {
         let (fwd, ys, x) = (&fwd, &ys, &x);
         Rc::new(move || {
@@ -1308,9 +1309,9 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     // The step and the kfac pass on the other projection paths (`NAME@PATH`; the step's
     // fused path is `@TILING` above), in the same run: which path is fastest end to end.
     let others = [
-        ("lora_forward_backward", ProjectionGemm::Cublas),
+        ("lora_forward_backward", ProjectionGemm::Hybrid),
+        ("curvature_kfac_pass", ProjectionGemm::Hybrid),
         ("curvature_kfac_pass", ProjectionGemm::Fused),
-        ("curvature_kfac_pass", ProjectionGemm::Cublas),
     ];
     for (base, path) in others {
         let v = variants

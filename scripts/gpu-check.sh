@@ -561,8 +561,8 @@ PY
       skip=()
       # racecheck: the classifier test (cuBLAS's split-K GEMMs) runs apart, below; the
       # projection groups run fused (LALORA_PROJECTION_GEMM), all in this project's kernel,
-      # rather than on the default path's cuBLAS base products, whose kernels racecheck may
-      # flag as it flags cuBLAS's split-K kernels in the classifier test (NVIDIA's code).
+      # rather than on the default path's cuBLAS GEMMs, whose kernels racecheck may flag as
+      # it flags cuBLAS's split-K kernels in the classifier test (NVIDIA's code).
       path_env=()
       [ "$s" = racecheck ] && skip=(--skip curvature_pass_and_training_step --skip classifier_matches_cpu) &&
         path_env=(env LALORA_PROJECTION_GEMM=fused)
@@ -624,8 +624,8 @@ if [ "$mode" = --profile ]; then
   rc=$?
   [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/kernels.log")"
   # One table per variant of cuda_llama1b_shape_*: lora_forward_backward, on the default
-  # path, under each of the fused path's 10 tilings and @cublas (12); curvature_diag (1);
-  # curvature_kfac_pass, @fused and @cublas (3).
+  # path, under each of the fused path's 10 tilings and @hybrid (12); curvature_diag (1);
+  # curvature_kfac_pass, @hybrid and @fused (3).
   n=$(grep -c '^kernel times: ' "$out/kernels.log")
   [ "$n" -eq 16 ] || fail "$step: $n 'kernel times:' tables in kernels.log, 16 expected"
   # 2. The hand-written LoRA GEMM's first launches on the fused path (u then y of the q/k/v
@@ -703,8 +703,8 @@ want = {
     # found by pattern, so that a change of shape does not lose them.
     "cuda_llama1b_shape_*": ["lora_forward_backward", "curvature_diag", "curvature_kfac_pass"]
     + [f"lora_forward_backward@{t}" for t in tilings]
-    + ["lora_forward_backward@cublas", "curvature_kfac_pass@fused", "curvature_kfac_pass@cublas"],
-    # Each projection path (ProjectionGemm: hybrid, the default; fused; the cuBLAS sequence).
+    + ["lora_forward_backward@hybrid", "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused"],
+    # Each projection path (ProjectionGemm: the cuBLAS sequence, the default; hybrid; fused).
     "cuda_lora_qkv_4096x2048_o2048+512+512_r16": [f"{d}_{p}" for d in ["forward", "backward"]
                                                   for p in ["hybrid", "fused", "cublas"]],
     "cuda_attention_4x1024_h32_kv8_d64_forward": ["flash"],
@@ -785,15 +785,15 @@ try:
 except ValueError:
     tokens = float("nan")
 step = ms(g, "lora_forward_backward")
-print(f"\n| Llama-3.2-1B shape, {shape} (projections: hybrid, else @path or @tiling of the fused path) | ms | relative to fwd+bwd |\n|---|---:|---:|")
+print(f"\n| Llama-3.2-1B shape, {shape} (projections: the cuBLAS sequence, else @path or @tiling of the fused path) | ms | relative to fwd+bwd |\n|---|---:|---:|")
 for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac_pass",
-          "lora_forward_backward@128x128x32s3", "lora_forward_backward@cublas",
-          "curvature_kfac_pass@fused", "curvature_kfac_pass@cublas"]:
+          "lora_forward_backward@hybrid", "lora_forward_backward@128x128x32s3",
+          "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused"]:
     print(f"| {b} | {ms(g, b):.1f} | {ms(g, b)/step:.2f}x |")
 try:
     peer = json.load(open(os.path.join(out, "peer.json")))
     print(f"\nengine {tokens/(step/1e3):.0f} tokens/s vs {peer['peer']}: {peer['tokens_per_s']:.0f} tokens/s ({peer['forward_backward_s']*1e3/step:.2f}x)")
-    for path, b in [("fused", "lora_forward_backward@128x128x32s3"), ("on the cuBLAS sequence", "lora_forward_backward@cublas")]:
+    for path, b in [("hybrid", "lora_forward_backward@hybrid"), ("fused", "lora_forward_backward@128x128x32s3")]:
         t_ms = ms(g, b)
         print(f"engine with the projections {path}: {tokens/(t_ms/1e3):.0f} tokens/s ({peer['forward_backward_s']*1e3/t_ms:.2f}x the peer)")
     a = "cuda_attention_4x1024_h32_kv8_d64_forward"
@@ -809,10 +809,10 @@ tilings = [k.split("/", 1)[1] for k in est if k.startswith(t + "/")]
 engine = ms(t, "128x128x32s3")
 fused = ms(g, "lora_forward_backward@128x128x32s3")
 def step_ms(n):
-    return step if n == "hybrid" else ms(g, f"lora_forward_backward@{n}")
+    return step if n == "cublas" else ms(g, f"lora_forward_backward@{n}")
 print("\n| LoRA GEMM tiling of the fused path, or another path | one layer's projections, fwd + bwd (ms) | speed-up | training step (ms) | speed-up |\n|---|---:|---:|---:|---:|")
 for n in tilings:
-    note = {"128x128x32s3": " (the engine's tiling)", "hybrid": " (the default path)"}.get(n, "")
+    note = {"128x128x32s3": " (the engine's tiling)", "cublas": " (the default path)"}.get(n, "")
     print(f"| {n}{note} | {ms(t, n):.3f} | {engine/ms(t, n):.2f}x"
           f" | {step_ms(n):.1f} | {fused/step_ms(n):.2f}x |")
 if math.isnan(step) or math.isnan(engine) or any(math.isnan(ms(g, a)) or math.isnan(ms(g, b)) for _, g, a, b in rows):

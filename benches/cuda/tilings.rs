@@ -6,8 +6,8 @@
 //! tiling. On a GPU criterion times each; on the simulator each runs once, checked against
 //! the CPU backend. The engine's own tiling is the first variant; the others are there to
 //! say which to make the engine's; the last two run the layer on the other projection
-//! paths (`ProjectionGemm`): `hybrid` (the default: base products on cuBLAS) and
-//! `cublas` (the plain cuBLAS sequence), which every tiling has to beat.
+//! paths (`ProjectionGemm`): `hybrid` (base products on cuBLAS) and `cublas` (the plain
+//! cuBLAS sequence, the default), which every tiling has to beat.
 
 use super::*;
 

@@ -9,13 +9,13 @@
 //! stores them so, with bf16 base weights outside curvature passes, `GradFeeds`): one for every `gA_p = s g_p B_p`, one for
 //! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
 //! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
-//! (`gram_accumulate`, reductions over the rows). With `Base::Cublas` (the default path,
-//! `ProjectionGemm::Hybrid`) the base products `x W_p^T` and `g_p W_p` run on cuBLAS
+//! (`gram_accumulate`, reductions over the rows). With `Base::Cublas`
+//! (`ProjectionGemm::Hybrid`) the base products `x W_p^T` and `g_p W_p` run on cuBLAS
 //! instead: each y launch takes its projection's f32 `x W_p^T` as an addend (the kernel
 //! runs the LoRA segments, adds, rotates and stores); cuBLAS sums the `g_p W_p` into an
 //! f32 dx, to which the dx launch adds the LoRA segments, or into an f32 copy of a bf16
 //! dx, which it takes as its addend. The per-projection cuBLAS sequence
-//! (`baselines.rs`) is the benchmarked baseline (`ProjectionGemm::Cublas`).
+//! (`baselines.rs`, `ProjectionGemm::Cublas`) is the default path, the fastest measured.
 
 use bytemuck::{Pod, Zeroable};
 

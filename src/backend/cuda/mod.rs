@@ -26,6 +26,7 @@ mod attention;
 mod baselines;
 pub mod blas;
 mod classifier;
+mod cublas_sequence;
 mod curvature;
 pub mod driver;
 pub mod kernel_times;
@@ -200,7 +201,7 @@ impl CudaBackend {
     }
 
     /// Run the projection groups on `path` from now on (the default:
-    /// `ProjectionGemm::Hybrid`). All compute the same products to the same bounds; they
+    /// `ProjectionGemm::Cublas`). All compute the same products to the same bounds; they
     /// differ in speed and in the order of their sums.
     pub fn set_projection_gemm(&self, path: ProjectionGemm) {
         self.projections.store(path.index(), Ordering::Relaxed)

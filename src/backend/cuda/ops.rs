@@ -1,7 +1,7 @@
 //! `Backend` for CUDA: the trait's entry points, each handing over to the module that
 //! launches its hand-written kernels (or cuBLAS for the dense products): `storage`,
-//! `rows`, `linear`, `lora_gemm` (projection groups, with cuBLAS's base products
-//! by default: `ProjectionGemm`; `baselines` for the plain cuBLAS sequence), `attention`, `classifier`,
+//! `rows`, `linear`, `baselines` (the projection groups as the cuBLAS sequence, the
+//! default) or `lora_gemm` (`ProjectionGemm`: hybrid and fused), `attention`, `classifier`,
 //! `curvature` and `vector`. The CPU twin of each op is in `backend/cpu`.
 
 use super::lora_gemm::Base;

@@ -1,17 +1,16 @@
 //! Which products run a projection group (`Backend::project_group` and its backward) on
 //! CUDA:
-//! - `hybrid`, the default: the base products `x W^T` and `g W` on cuBLAS; the LoRA
-//!   products, RoPE and the stores (bf16 rounded once) in the engine's grouped tensor-core
-//!   kernel, which adds cuBLAS's f32 results to its sums (`lora_gemm.rs`, `Base::Cublas`);
-//! - `fused`: LoRA inside the GEMMs, everything in that kernel (`Base::Kernel`);
-//! - `cublas`: the plain cuBLAS sequence (`baselines.rs`): per projection the base GEMM,
-//!   then the LoRA products as f32 cuBLAS GEMMs.
+//! - `cublas`, the default: the plain cuBLAS sequence (`baselines.rs`): per projection the
+//!   base GEMM (bf16 operands with bf16 base weights), then the LoRA products as f32 cuBLAS
+//!   GEMMs, RoPE and the bf16 stores;
+//! - `hybrid`: the base products `x W^T` and `g W` on cuBLAS; the LoRA products, RoPE and
+//!   the stores in the engine's grouped tensor-core kernel, which adds cuBLAS's f32 results
+//!   to its sums (`lora_gemm.rs`, `Base::Cublas`);
+//! - `fused`: LoRA inside the GEMMs, everything in that kernel (`Base::Kernel`).
 //!
-//! The default is `hybrid` because the kernel's own base products ran at 51-69 TFLOP/s
-//! within the training step on the lent H200 (ninth session), where cuBLAS's bf16 GEMMs
-//! run several times faster, while its LoRA segments are about r/d of the work. That is
-//! an inference from those figures: the three were not yet timed side by side (the benches
-//! time the step under each, `lora_forward_backward@NAME`). All three compute the same
+//! The default is the fastest measured: on the lent H200 (2026-11-30, fourteenth session,
+//! BENCHMARKS.md) a Llama-3.2-1B-shaped training step of 8 x 1024 tokens took 157.2 ms on
+//! `cublas`, 192.8 ms on `hybrid` and 319.9 ms on `fused`. All three compute the same
 //! products to the same bounds; they differ in speed and in the order of their sums.
 
 use crate::error::{Error, Result};
@@ -19,11 +18,11 @@ use crate::error::{Error, Result};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ProjectionGemm {
     /// Base products on cuBLAS, LoRA and the epilogue in the engine's kernel.
-    #[default]
     Hybrid,
     /// LoRA inside the grouped tensor-core GEMM.
     Fused,
     /// The per-projection cuBLAS sequence.
+    #[default]
     Cublas,
 }
 

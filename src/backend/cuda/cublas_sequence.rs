@@ -1,0 +1,252 @@
+//! The projection groups as the plain cuBLAS sequence (`ProjectionGemm::Cublas`, the
+//! default path: the fastest measured, BENCHMARKS.md): per projection the base GEMM on
+//! cuBLAS (`linear`), then the LoRA products `u = x A^T` and `y += s u B^T` as f32 cuBLAS
+//! GEMMs, and the backward likewise; outputs stored as the grouped kernel stores them.
+//! The per-projection LoRA products are also the benches' baseline for the per-row
+//! kernels of `linear.rs`.
+
+use super::blas::{N, Operand, T};
+use super::lora_gemm::{check_len, weight_elems};
+use super::runtime::DType;
+use super::{Act, CudaBackend};
+use crate::backend::LoraDims;
+use crate::backend::group::{self, Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::error::Result;
+
+/// The cuBLAS sequence's name in shape errors.
+const OP: &str = "cuBLAS sequence";
+
+impl CudaBackend {
+    /// `u = x A^T`, `y += s u B^T` as two cuBLAS GEMMs (u round-trips through memory). A
+    /// bf16 `x` is widened to f32 first (cuBLAS multiplies like types; the LoRA weights are
+    /// f32).
+    pub fn lora_forward_unfused(
+        &self,
+        x: &Act,
+        a: &Act,
+        b: &Act,
+        d: LoraDims,
+        y: &mut Act,
+    ) -> Result<Act> {
+        let x = self.wide(x)?;
+        let (a, b, y) = (a.f32()?, b.f32()?, y.f32_mut()?);
+        let u = self.uninit::<f32>(d.m * d.r)?;
+        self.gemm(
+            T,
+            N,
+            d.r,
+            d.m,
+            d.d_in,
+            1.0,
+            Operand::f32(a.ptr(), d.d_in),
+            Operand::f32(x.ptr(), d.d_in),
+            0.0,
+            Operand::f32(u.ptr(), d.r),
+        )?;
+        self.gemm(
+            T,
+            N,
+            d.d_out,
+            d.m,
+            d.r,
+            d.scale,
+            Operand::f32(b.ptr(), d.r),
+            Operand::f32(u.ptr(), d.r),
+            1.0,
+            Operand::f32(y.ptr(), d.d_out),
+        )?;
+        Ok(u.into())
+    }
+
+    /// LoRA backward as cuBLAS GEMMs: gA = s g B, dx += gA A and, when `grads` is given,
+    /// dA += gA^T x, dB += s g^T u (bf16 `g` and `x` widened to f32 first).
+    #[allow(clippy::too_many_arguments)]
+    pub fn lora_backward_unfused(
+        &self,
+        g: &Act,
+        x: &Act,
+        u: &Act,
+        a: &Act,
+        b: &Act,
+        d: LoraDims,
+        dx: &mut Act,
+        grads: Option<(&mut Act, &mut Act)>,
+    ) -> Result<Act> {
+        let (g, x) = (self.wide(g)?, self.wide(x)?);
+        let (u, a, b) = (u.f32()?, a.f32()?, b.f32()?);
+        let dx = dx.f32_mut()?;
+        let ga = self.uninit::<f32>(d.m * d.r)?;
+        self.gemm(
+            N,
+            N,
+            d.r,
+            d.m,
+            d.d_out,
+            d.scale,
+            Operand::f32(b.ptr(), d.r),
+            Operand::f32(g.ptr(), d.d_out),
+            0.0,
+            Operand::f32(ga.ptr(), d.r),
+        )?;
+        self.gemm(
+            N,
+            N,
+            d.d_in,
+            d.m,
+            d.r,
+            1.0,
+            Operand::f32(a.ptr(), d.d_in),
+            Operand::f32(ga.ptr(), d.r),
+            1.0,
+            Operand::f32(dx.ptr(), d.d_in),
+        )?;
+        let Some((da, db)) = grads else {
+            return Ok(ga.into());
+        };
+        let (da, db) = (da.f32_mut()?, db.f32_mut()?);
+        self.gemm(
+            N,
+            T,
+            d.d_in,
+            d.r,
+            d.m,
+            1.0,
+            Operand::f32(x.ptr(), d.d_in),
+            Operand::f32(ga.ptr(), d.r),
+            1.0,
+            Operand::f32(da.ptr(), d.d_in),
+        )?;
+        self.gemm(
+            N,
+            T,
+            d.r,
+            d.d_out,
+            d.m,
+            d.scale,
+            Operand::f32(u.ptr(), d.r),
+            Operand::f32(g.ptr(), d.d_out),
+            1.0,
+            Operand::f32(db.ptr(), d.r),
+        )?;
+        Ok(ga.into())
+    }
+
+    /// A bf16 `x` widened to f32 once for a whole group's LoRA products (each would widen
+    /// it again), when `needed`; `None` where `x` is f32 already or nothing needs it.
+    fn widened_once(&self, x: &Act, needed: bool) -> Result<Option<Act>> {
+        Ok(match x {
+            Act::Bf16(b) if needed => Some(self.widened(b.ptr(), b.len())?.into()),
+            _ => None,
+        })
+    }
+
+    /// `Backend::project_group` as the plain cuBLAS sequence LoRA inside the GEMMs
+    /// replaces: per projection the base GEMM (`linear`: bf16 operands with bf16 base
+    /// weights, f32 sums), then `u = x A^T` and `y += s u B^T` as two more f32 GEMMs, then
+    /// RoPE where asked (a bf16 `x` widened once for the group's LoRA products). Each `y`
+    /// is stored in the fused path's type: bf16 where it feeds kernels with bf16 base
+    /// weights (`Feeds::Kernels`), rounded once after RoPE (as the fused epilogue rounds
+    /// at head dims 16, 32 and 64; at others the fused path rounds before RoPE and again
+    /// after it); f32 otherwise.
+    pub(super) fn project_group_cublas(
+        &self,
+        x: &Act,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<Projected<Act>>> {
+        check_len(OP, "x", x.len(), m * d_in)?;
+        for p in projs {
+            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
+            if let Some((a, b)) = p.lora {
+                check_len(OP, "A", a.len(), l.r * d_in)?;
+                check_len(OP, "B", b.len(), p.d_out * l.r)?;
+            }
+            if let Some(r) = p.rope {
+                check_len(OP, "rotated output", p.d_out, r.n_heads * r.head_dim)?;
+            }
+        }
+        let adapted = projs.iter().any(|p| p.lora.is_some());
+        let wide = self.widened_once(x, adapted)?;
+        let out = group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
+            self.lora_forward_unfused(wide.as_ref().unwrap_or(x), a, b, d, y)
+        })?;
+        let bf16_feeds = self.act_dtype() == DType::Bf16;
+        out.into_iter()
+            .zip(projs)
+            .map(|((y, u), p)| {
+                let y = if bf16_feeds && p.feeds == Feeds::Kernels {
+                    Act::Bf16(self.to_bf16(y.f32()?)?)
+                } else {
+                    y
+                };
+                Ok((y, u))
+            })
+            .collect()
+    }
+
+    /// `Backend::project_group_backward` as the plain cuBLAS sequence: per projection
+    /// `linear_backward`, then `lora_backward_unfused`. cuBLAS adds into f32, so a bf16 `dx`
+    /// (o_proj's, which flash attention reads) is summed in an f32 copy (widened from it
+    /// when adding to it) and rounded back once, as the fused path's epilogue rounds.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn project_group_backward_cublas(
+        &self,
+        x: &Act,
+        m: usize,
+        d_in: usize,
+        l: LoraGroup,
+        projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut Act,
+        accumulate: bool,
+    ) -> Result<Vec<Option<Act>>> {
+        check_len(OP, "x", x.len(), m * d_in)?;
+        check_len(OP, "dx", dx.len(), m * d_in)?;
+        for p in &projs {
+            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
+            check_len(OP, "g", p.g.len(), m * p.d_out)?;
+            if let Some(lb) = &p.lora {
+                check_len(OP, "A", lb.a.len(), l.r * d_in)?;
+                check_len(OP, "B", lb.b.len(), p.d_out * l.r)?;
+                check_len(OP, "u", lb.u.len(), m * l.r)?;
+            }
+        }
+        if projs.is_empty() {
+            // Nothing to add, and a fresh bf16 dx is left as it is, as the fused path leaves it.
+            return Ok(Vec::new());
+        }
+        // x is read only for the LoRA weight gradients dA.
+        let grads = projs
+            .iter()
+            .any(|p| p.lora.as_ref().is_some_and(|l| l.grads.is_some()));
+        let wide_x = self.widened_once(x, grads)?;
+        let mut wide: Option<Act> = match &*dx {
+            Act::F32(_) => None,
+            Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),
+            Act::Bf16(b) => Some(self.uninit::<f32>(b.len())?.into()),
+        };
+        let sums: &mut Act = match wide.as_mut() {
+            Some(w) => w,
+            None => &mut *dx,
+        };
+        let out = group::unfused_backward(
+            self,
+            x,
+            m,
+            d_in,
+            l,
+            projs,
+            sums,
+            accumulate,
+            |g, x, u, a, b, d, dx, grads| {
+                let x = wide_x.as_ref().unwrap_or(x);
+                self.lora_backward_unfused(g, x, u, a, b, d, dx, grads)
+            },
+        )?;
+        if let (Some(w), Act::Bf16(b)) = (&wide, &*dx) {
+            self.round_into(w.f32()?, b)?;
+        }
+        Ok(out)
+    }
+}

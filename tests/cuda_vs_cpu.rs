@@ -1232,8 +1232,18 @@ fn kernel_times_count_every_launch_and_gemm() {
         assert!(done.launches > 0 && done.gemms > 0, "{done}");
         assert_eq!(calls(&|n| !gemm(n)), done.launches, "{times:?}");
         assert_eq!(calls(&gemm), done.gemms, "{times:?}");
+        // Kernels keyed by their grid; the projections' base GEMMs (the default path's
+        // cuBLAS sequence, bf16 base weights) by their types and shape.
         assert!(
-            times.iter().any(|k| k.name.starts_with("lora_gemm_nt [")),
+            times
+                .iter()
+                .any(|k| k.name.starts_with("flash_fwd_64_bf16 [")),
+            "{times:?}"
+        );
+        assert!(
+            times
+                .iter()
+                .any(|k| k.name.starts_with("cuBLAS bf16·bf16→f32 TN ")),
             "{times:?}"
         );
         assert!(

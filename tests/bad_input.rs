@@ -335,48 +335,34 @@ fn usage_errors_are_one_line() {
     assert_clean_error(&r, "gpu", "bad device");
 }
 
-/// A LoRA GEMM tiling that is not compiled (`LALORA_LORA_GEMM_TILING`, kernel research):
-/// a one-line usage error naming the variable, before any work.
+/// The kernel-research settings with a value they do not know: a LoRA GEMM tiling that is
+/// not compiled (`LALORA_LORA_GEMM_TILING`) and a projection path that is not `hybrid`,
+/// `fused` or `cublas` (`LALORA_PROJECTION_GEMM`). Each is a one-line usage error naming
+/// the variable and what it takes, before any work.
 #[test]
 #[cfg_attr(
     not(lalora_cuda_kernels),
     ignore = "built without CUDA kernels (no nvcc)"
 )]
-fn unknown_lora_gemm_tiling_is_a_usage_error() {
-    let out = bin()
-        .args(["selftest", "--device", "sim"])
-        .env("LALORA_LORA_GEMM_TILING", "64x64x32s2")
-        .output()
-        .unwrap();
-    let r = Run {
-        code: out.status.code(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert_clean_error(&r, "LALORA_LORA_GEMM_TILING=64x64x32s2", "unknown tiling");
-    assert!(r.stderr.contains("128x128x32s3"), "{}", r.stderr);
-}
-
-/// A projection path that is not `hybrid`, `fused` or `cublas` (`LALORA_PROJECTION_GEMM`):
-/// a one-line usage error naming the variable and the paths, before any work.
-#[test]
-#[cfg_attr(
-    not(lalora_cuda_kernels),
-    ignore = "built without CUDA kernels (no nvcc)"
-)]
-fn unknown_projection_gemm_is_a_usage_error() {
-    let out = bin()
-        .args(["selftest", "--device", "sim"])
-        .env("LALORA_PROJECTION_GEMM", "cutlass")
-        .output()
-        .unwrap();
-    let r = Run {
-        code: out.status.code(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    assert_clean_error(
-        &r,
-        "LALORA_PROJECTION_GEMM=cutlass",
-        "unknown projection path",
-    );
-    assert!(r.stderr.contains("hybrid, fused or cublas"), "{}", r.stderr);
+fn unknown_kernel_research_settings_are_usage_errors() {
+    for (var, value, lists) in [
+        ("LALORA_LORA_GEMM_TILING", "64x64x32s2", "128x128x32s3"),
+        (
+            "LALORA_PROJECTION_GEMM",
+            "cutlass",
+            "hybrid, fused or cublas",
+        ),
+    ] {
+        let out = bin()
+            .args(["selftest", "--device", "sim"])
+            .env(var, value)
+            .output()
+            .unwrap();
+        let r = Run {
+            code: out.status.code(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert_clean_error(&r, &format!("{var}={value}"), var);
+        assert!(r.stderr.contains(lists), "{}", r.stderr);
+    }
 }

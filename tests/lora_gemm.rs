@@ -814,3 +814,60 @@ fn lora_gemm_ptx_uses_mma_sync() {
             .contains("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32")
     );
 }
+
+/// A group whose buffers do not match its shapes is refused before any work, on every
+/// path, with an error naming the path and the operand: forward with a B one row short,
+/// backward with a dx one row short.
+#[test]
+fn mismatched_shapes_are_refused_on_every_path() {
+    let g = sim(BaseDtype::Bf16);
+    let (m, d_in, d_out, r) = (8, 16, 24, 4);
+    let lg = LoraGroup { r, scale: 1.0 };
+    let up = |n: usize| g.buf(vec![0.25; n]).unwrap();
+    let (x, a) = (up(m * d_in), up(r * d_in));
+    let w = g.weight(vec![0.1; d_out * d_in], d_out, d_in).unwrap();
+    let (b_short, b) = (up((d_out - 1) * r), up(d_out * r));
+    let (gy, u) = (up(m * d_out), up(m * r));
+    for path in ProjectionGemm::ALL {
+        g.set_projection_gemm(path);
+        let op = match path {
+            ProjectionGemm::Cublas => "cuBLAS sequence",
+            _ => "LoRA GEMM",
+        };
+        let fwd = [ProjFwd {
+            w: &w,
+            d_out,
+            lora: Some((&a, &b_short)),
+            feeds: Feeds::Residual,
+            rope: None,
+        }];
+        let err = match g.project_group(&x, m, d_in, lg, &fwd) {
+            Ok(_) => panic!("{path:?}: a short B was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(op) && err.contains("B holds"),
+            "{path:?}: {err}"
+        );
+        let bwd = vec![ProjBwd {
+            w: &w,
+            d_out,
+            g: &gy,
+            lora: Some(LoraBwd {
+                a: &a,
+                b: &b,
+                u: &u,
+                grads: None,
+            }),
+        }];
+        let mut dx = up((m - 1) * d_in);
+        let err = match g.project_group_backward(&x, m, d_in, lg, bwd, &mut dx, false) {
+            Ok(_) => panic!("{path:?}: a short dx was accepted"),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err.contains(op) && err.contains("dx holds"),
+            "{path:?}: {err}"
+        );
+    }
+}

@@ -6,7 +6,7 @@
 //! kernels of `linear.rs`.
 
 use super::blas::{N, Operand, T};
-use super::lora_gemm::{check_len, weight_elems};
+use super::lora_gemm::{check_backward, check_forward};
 use super::runtime::DType;
 use super::{Act, CudaBackend};
 use crate::backend::LoraDims;
@@ -140,6 +140,18 @@ impl CudaBackend {
         })
     }
 
+    /// Where cuBLAS, which adds into f32 only, sums into `dx`: `None` for an f32 `dx` (into
+    /// it), else an f32 copy of the bf16 one, widened from it when `accumulate` (its values
+    /// are added to), left unwritten otherwise (the first product writes it whole). The
+    /// caller rounds the copy back once.
+    pub(super) fn f32_sums(&self, dx: &Act, accumulate: bool) -> Result<Option<Act>> {
+        Ok(match dx {
+            Act::F32(_) => None,
+            Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),
+            Act::Bf16(b) => Some(self.uninit::<f32>(b.len())?.into()),
+        })
+    }
+
     /// `Backend::project_group` as the plain cuBLAS sequence LoRA inside the GEMMs
     /// replaces: per projection the base GEMM (`linear`: bf16 operands with bf16 base
     /// weights, f32 sums), then `u = x A^T` and `y += s u B^T` as two more f32 GEMMs, then
@@ -156,17 +168,7 @@ impl CudaBackend {
         l: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Act>>> {
-        check_len(OP, "x", x.len(), m * d_in)?;
-        for p in projs {
-            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
-            if let Some((a, b)) = p.lora {
-                check_len(OP, "A", a.len(), l.r * d_in)?;
-                check_len(OP, "B", b.len(), p.d_out * l.r)?;
-            }
-            if let Some(r) = p.rope {
-                check_len(OP, "rotated output", p.d_out, r.n_heads * r.head_dim)?;
-            }
-        }
+        check_forward(OP, x, m, d_in, l, projs)?;
         let adapted = projs.iter().any(|p| p.lora.is_some());
         let wide = self.widened_once(x, adapted)?;
         let out = group::unfused_forward(self, x, m, d_in, l, projs, |x, a, b, d, y| {
@@ -201,17 +203,7 @@ impl CudaBackend {
         dx: &mut Act,
         accumulate: bool,
     ) -> Result<Vec<Option<Act>>> {
-        check_len(OP, "x", x.len(), m * d_in)?;
-        check_len(OP, "dx", dx.len(), m * d_in)?;
-        for p in &projs {
-            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
-            check_len(OP, "g", p.g.len(), m * p.d_out)?;
-            if let Some(lb) = &p.lora {
-                check_len(OP, "A", lb.a.len(), l.r * d_in)?;
-                check_len(OP, "B", lb.b.len(), p.d_out * l.r)?;
-                check_len(OP, "u", lb.u.len(), m * l.r)?;
-            }
-        }
+        check_backward(OP, (x, dx), m, d_in, l, &projs)?;
         if projs.is_empty() {
             // Nothing to add, and a fresh bf16 dx is left as it is, as the fused path leaves it.
             return Ok(Vec::new());
@@ -221,11 +213,7 @@ impl CudaBackend {
             .iter()
             .any(|p| p.lora.as_ref().is_some_and(|l| l.grads.is_some()));
         let wide_x = self.widened_once(x, grads)?;
-        let mut wide: Option<Act> = match &*dx {
-            Act::F32(_) => None,
-            Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),
-            Act::Bf16(b) => Some(self.uninit::<f32>(b.len())?.into()),
-        };
+        let mut wide = self.f32_sums(dx, accumulate)?;
         let sums: &mut Act = match wide.as_mut() {
             Some(w) => w,
             None => &mut *dx,

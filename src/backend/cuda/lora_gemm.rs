@@ -160,7 +160,7 @@ fn dim(v: usize, what: &str) -> Result<i32> {
 const OP: &str = "LoRA GEMM";
 
 /// `what` of `op` holds `want` elements, else a device error naming both.
-pub(super) fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
+fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result<()> {
     if got != want {
         return Err(Error::Device(format!(
             "{op}: {what} holds {got} elements, the shapes need {want}"
@@ -169,8 +169,60 @@ pub(super) fn check_len(op: &str, what: &str, got: usize, want: usize) -> Result
     Ok(())
 }
 
+/// The lengths a forward group needs (`x`, and each projection's `W`, `A`, `B` and rotated
+/// width), checked before any work; `op` names the path in the error.
+pub(super) fn check_forward(
+    op: &str,
+    x: &Act,
+    m: usize,
+    d_in: usize,
+    l: LoraGroup,
+    projs: &[ProjFwd<'_, CudaBackend>],
+) -> Result<()> {
+    check_len(op, "x", x.len(), m * d_in)?;
+    for p in projs {
+        check_len(op, "W", weight_elems(p.w), p.d_out * d_in)?;
+        if let Some((a, b)) = p.lora {
+            check_len(op, "A", a.len(), l.r * d_in)?;
+            check_len(op, "B", b.len(), p.d_out * l.r)?;
+        }
+        if let Some(r) = p.rope {
+            check_len(op, "rotated output", p.d_out, r.n_heads * r.head_dim)?;
+        }
+    }
+    Ok(())
+}
+
+/// The lengths a backward group needs (`x`, `dx`, and each projection's `W`, `g`, `A`,
+/// `B`, `u`, `dA`, `dB`), checked before any work; `op` names the path in the error.
+pub(super) fn check_backward(
+    op: &str,
+    (x, dx): (&Act, &Act),
+    m: usize,
+    d_in: usize,
+    l: LoraGroup,
+    projs: &[ProjBwd<'_, CudaBackend>],
+) -> Result<()> {
+    check_len(op, "x", x.len(), m * d_in)?;
+    check_len(op, "dx", dx.len(), m * d_in)?;
+    for p in projs {
+        check_len(op, "W", weight_elems(p.w), p.d_out * d_in)?;
+        check_len(op, "g", p.g.len(), m * p.d_out)?;
+        if let Some(lb) = &p.lora {
+            check_len(op, "A", lb.a.len(), l.r * d_in)?;
+            check_len(op, "B", lb.b.len(), p.d_out * l.r)?;
+            check_len(op, "u", lb.u.len(), m * l.r)?;
+            if let Some((da, db)) = &lb.grads {
+                check_len(op, "dA", da.len(), l.r * d_in)?;
+                check_len(op, "dB", db.len(), p.d_out * l.r)?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Elements of a base weight (its buffer holds bytes).
-pub(super) fn weight_elems(w: &Weight) -> usize {
+fn weight_elems(w: &Weight) -> usize {
     w.buf.len() / if w.ty == DType::Bf16 { 2 } else { 4 }
 }
 
@@ -407,16 +459,13 @@ impl CudaBackend {
         projs: &[ProjFwd<'_, Self>],
         base: Base,
     ) -> Result<Vec<Projected<Act>>> {
-        check_len(OP, "x", x.len(), m * d_in)?;
+        check_forward(OP, x, m, d_in, l, projs)?;
         let xs = (x.addr(), x.dtype() == DType::Bf16);
         let mut us = Vec::with_capacity(projs.len());
         let mut problems = Vec::new();
         for p in projs {
-            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
             us.push(match p.lora {
-                Some((a, b)) => {
-                    check_len(OP, "A", a.len(), l.r * d_in)?;
-                    check_len(OP, "B", b.len(), p.d_out * l.r)?;
+                Some((a, _)) => {
                     let u = self.uninit::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(x.addr(), d_in, d_in, a.f32()?.ptr(), d_in, 1.0)?;
                     if xs.1 {
@@ -467,7 +516,6 @@ impl CudaBackend {
             }
             let mut rope = None;
             if let Some(r) = p.rope {
-                check_len(OP, "rotated output", p.d_out, r.n_heads * r.head_dim)?;
                 Self::check_rope_table(r.table, r.head_dim, "LoRA GEMM")?;
                 if ROPE_FUSED_HEAD_DIMS.contains(&r.head_dim) {
                     rope = Some(RopeArgs {
@@ -535,19 +583,13 @@ impl CudaBackend {
         (dx, accumulate): (&mut Act, bool),
         base: Base,
     ) -> Result<Vec<Option<Act>>> {
-        check_len(OP, "x", x.len(), m * d_in)?;
-        check_len(OP, "dx", dx.len(), m * d_in)?;
+        check_backward(OP, (x, dx), m, d_in, l, &projs)?;
         // gA_p = s g_p B_p for every adapted projection: one launch.
         let mut gas = Vec::with_capacity(projs.len());
         let mut problems = Vec::new();
         for p in &projs {
-            check_len(OP, "W", weight_elems(p.w), p.d_out * d_in)?;
-            check_len(OP, "g", p.g.len(), m * p.d_out)?;
             gas.push(match &p.lora {
                 Some(lb) => {
-                    check_len(OP, "A", lb.a.len(), l.r * d_in)?;
-                    check_len(OP, "B", lb.b.len(), p.d_out * l.r)?;
-                    check_len(OP, "u", lb.u.len(), m * l.r)?;
                     let ga = self.uninit::<f32>(m * l.r)?;
                     let mut seg = self.lora_seg(
                         p.g.addr(),
@@ -597,12 +639,8 @@ impl CudaBackend {
             }
             Base::Cublas => {
                 // cuBLAS adds into f32: into dx itself, or into an f32 copy of a bf16 dx
-                // (widened from it when adding to it) that the launch adds and rounds once.
-                let mut wide: Option<Act> = match &*dx {
-                    Act::F32(_) => None,
-                    Act::Bf16(b) if accumulate => Some(self.widened(b.ptr(), b.len())?.into()),
-                    Act::Bf16(b) => Some(self.uninit::<f32>(b.len())?.into()),
-                };
+                // that the launch adds and rounds once.
+                let mut wide = self.f32_sums(dx, accumulate)?;
                 let sums: &mut Act = match wide.as_mut() {
                     Some(w) => w,
                     None => &mut *dx,
@@ -657,8 +695,6 @@ impl CudaBackend {
             if let (Some(lb), Some(ga)) = (p.lora, ga)
                 && let Some((da, db)) = lb.grads
             {
-                check_len(OP, "dA", da.len(), l.r * d_in)?;
-                check_len(OP, "dB", db.len(), p.d_out * l.r)?;
                 self.gram_accumulate_impl(
                     ga.into(),
                     l.r,

@@ -18,24 +18,17 @@ impl Backend for CudaBackend {
     type Weight = Weight;
 
     fn describe(&self) -> String {
-        // A tiling other than the engine's is named, so that figures say what ran.
-        let tiling = self.lora_gemm_tiling();
-        // So do a projection path other than the default, and a tiling wherever the
-        // engine's kernel runs.
-        let path = self.projection_gemm();
-        let mut how = String::new();
+        // A projection path other than the default is named, and so is a tiling other than
+        // the engine's where the engine's kernel runs, so that figures say what ran.
+        let (path, tiling) = (self.projection_gemm(), self.lora_gemm_tiling());
+        let mut how = format!("{}, base weights {}", self.rt.describe(), self.base.name());
         if path != ProjectionGemm::default() {
-            how = format!(", projections {}", path.describe());
+            how += &format!(", projections {}", path.describe());
         }
         if path != ProjectionGemm::Cublas && tiling != LoraGemmTiling::ENGINE {
             how += &format!(", LoRA GEMM tiling {}", tiling.name());
         }
-        let tiling = how;
-        format!(
-            "{}, base weights {}{tiling}",
-            self.rt.describe(),
-            self.base.name()
-        )
+        how
     }
 
     fn device_memory(&self) -> Option<(u64, u64)> {

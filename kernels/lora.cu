@@ -101,3 +101,45 @@ extern "C" __global__ void reduce_partials(const float* partial, float* out, int
         out[i] += s;
     }
 }
+
+// LoRA's f32 operands against bf16 activations on cuBLAS (`ProjectionGemm::Folded`,
+// backend/cuda/folded_sequence.rs). cuBLAS multiplies like types only, so an f32 factor F
+// (A, B, u or gA) meets a bf16 activation X as P bf16 pieces: v0 = bf16(v), v1 = bf16(v -
+// v0), v2 = bf16(v - v0 - v1) (each difference exact in f32; three pieces hold all 24
+// bits of the significand, as lora_gemm.cuh's pieces). One bf16 GEMM multiplies X by the
+// pieces side by side, each product summed in f32, and lora_sum_pieces adds the P partial
+// products: X F to f32 accuracy, reading X once, as it is stored (no widened copy).
+//
+// Element (i, j) of the rows x cols matrix `src` (row stride ld_src) goes to
+// dst[i * ld_dst + k * piece_off + j] as piece k < pieces.
+extern "C" __global__ void lora_split_pieces(const float* src, __nv_bfloat16* dst, int rows, int cols, int ld_src,
+                                             int ld_dst, size_t piece_off, int pieces) {
+    const size_t n = (size_t)rows * cols;
+    GRID_STRIDE(e, n) {
+        const size_t i = e / cols, j = e % cols;
+        float rest = src[i * ld_src + j];
+        __nv_bfloat16* out = dst + i * ld_dst + j;
+        for (int k = 0; k < pieces; ++k) {
+            const __nv_bfloat16 p = __float2bfloat16_rn(rest);
+            out[k * piece_off] = p;
+            rest = __fsub_rn(rest, __bfloat162float(p));
+        }
+    }
+}
+
+// dst[i * ld_dst + j] (+)= alpha * (partial 0 + partial 1 + ...), the P partial products
+// of a GEMM against lora_split_pieces' layout: partial k of element (i, j) at
+// src[i * ld_src + k * piece_off + j]. Added in piece order, then scaled; `accumulate`
+// adds to dst with one rounding (fma).
+extern "C" __global__ void lora_sum_pieces(const float* src, float* dst, int rows, int cols, int ld_src,
+                                           size_t piece_off, int pieces, int ld_dst, float alpha, int accumulate) {
+    const size_t n = (size_t)rows * cols;
+    GRID_STRIDE(e, n) {
+        const size_t i = e / cols, j = e % cols;
+        const float* p = src + i * ld_src + j;
+        float s = p[0];
+        for (int k = 1; k < pieces; ++k) s = __fadd_rn(s, p[k * piece_off]);
+        float* out = dst + i * ld_dst + j;
+        *out = accumulate ? __fmaf_rn(alpha, s, *out) : __fmul_rn(alpha, s);
+    }
+}

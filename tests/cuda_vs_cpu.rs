@@ -1020,7 +1020,7 @@ fn tf32_products_round_f32_operands_to_nearest() {
 
 /// A curvature pass (diag, kfac-tri) and two training steps on the tiny model against the
 /// CPU, with the projection groups on each path (`ProjectionGemm`: hybrid, fused, the
-/// cuBLAS sequence).
+/// cuBLAS sequence, folded).
 #[test]
 fn curvature_pass_and_training_step_match_cpu() {
     for g in devices() {
@@ -1032,12 +1032,17 @@ fn curvature_pass_and_training_step_match_cpu() {
         // classifier, calls it on every path), per adapted projection (7 in each of 2
         // layers) in each of two steps: the hybrid path its base products (1 forward, 1
         // backward: 56 calls), the sequence those and its LoRA products (3 forward, 5
-        // backward: 224 calls).
-        let [hybrid, fused, cublas] = gemms;
+        // backward: 224 calls); the folded path the base products and per adapted
+        // projection the update, gA, dx and dB, and per group (4 in a layer) u and dA (200
+        // calls: the sequence's u and dA for each of q, k, v, and for each of gate and up,
+        // are one each here).
+        let [hybrid, fused, cublas, folded] = gemms;
         assert!(
             hybrid >= fused + 56 && cublas >= fused + 224 && cublas > hybrid,
             "{gemms:?}"
         );
+        assert_eq!(cublas - folded, 24, "{gemms:?}");
+        assert!(folded >= fused + 200, "{gemms:?}");
     }
 }
 

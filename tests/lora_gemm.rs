@@ -97,19 +97,18 @@ type Outputs = Vec<(String, Vec<f32>)>;
 fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
     let g: Vec<_> = h.g.iter().map(|v| up(v)).collect();
-    run_on(be, c, h, lg, &up(&h.x), &g, &mut || {})
+    run_on(be, c, h, lg, (&up(&h.x), &g, Feeds::Residual), &mut || {})
 }
 
 /// `run` with the input `x` and output gradients `g` given as device buffers (`h.x`, `h.g`
-/// unused); `mark` is called just before the forward and just after the backward (every
-/// input on the device by then).
+/// unused) and what reads the outputs; `mark` is called just before the forward and just
+/// after the backward (every input on the device by then).
 fn run_on<B: Backend>(
     be: &B,
     c: &Case,
     h: &Host,
     lg: LoraGroup,
-    x: &B::Buf,
-    g: &[B::Buf],
+    (x, g, feeds): (&B::Buf, &[B::Buf], Feeds),
     mark: &mut dyn FnMut(),
 ) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
@@ -128,7 +127,7 @@ fn run_on<B: Backend>(
             w: &ws[i],
             d_out,
             lora: adapted.then(|| (&a[i], &b[i])),
-            feeds: Feeds::Residual,
+            feeds,
             rope: None,
         })
         .collect();
@@ -291,9 +290,8 @@ fn group_launches_copy_nothing_to_the_device() {
                     let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
                     let gs: Vec<_> = h.g.iter().map(|v| up(v)).collect();
                     let mut marks = Vec::new();
-                    run_on(&g, c, &h, lora_group(c), &up(&h.x), &gs, &mut || {
-                        marks.push(g.stats())
-                    });
+                    let io = (&up(&h.x), &gs[..], Feeds::Residual);
+                    run_on(&g, c, &h, lora_group(c), io, &mut || marks.push(g.stats()));
                     let s = marks[1].since(&marks[0]);
                     let reads = c.outs.len() + c.outs.iter().filter(|o| o.1).count();
                     let who = format!("{}: case {k}: {s}", g.describe());
@@ -358,6 +356,11 @@ fn bf16_input_cases() -> Vec<Case> {
 /// Case `k` of `bf16_input_cases` on `g` with its inputs stored bf16, and the CPU's
 /// outputs on the same (rounded) values: `(got, want)`.
 fn bf16_input_run(g: &CudaBackend, k: usize, c: &Case) -> (Outputs, Outputs) {
+    bf16_input_run_feeding(g, k, c, Feeds::Residual)
+}
+
+/// `bf16_input_run` with the outputs read by `feeds`.
+fn bf16_input_run_feeding(g: &CudaBackend, k: usize, c: &Case, feeds: Feeds) -> (Outputs, Outputs) {
     let mut rng = ChaCha8Rng::seed_from_u64(40 + k as u64);
     let mut h = host(c, 30 + k as u64);
     let (x, held) = bf16_act(g, &mut rng, c.m, c.d_in);
@@ -374,7 +377,7 @@ fn bf16_input_run(g: &CudaBackend, k: usize, c: &Case) -> (Outputs, Outputs) {
         .collect();
     let lg = lora_group(c);
     let want = run(&CpuBackend::new(2), c, &h, lg);
-    (run_on(g, c, &h, lg, &x, &gs, &mut || {}), want)
+    (run_on(g, c, &h, lg, (&x, &gs, feeds), &mut || {}), want)
 }
 
 fn lora_group(c: &Case) -> LoraGroup {
@@ -472,17 +475,23 @@ fn every_tiling_matches_the_cpu_and_the_engines() {
     }
 }
 
-/// The other two projection paths on the same cases: `hybrid` (the default: base products
-/// on cuBLAS, added in the grouped kernel's epilogue to its LoRA segments) and the plain
-/// cuBLAS sequence. Within the CPU's bounds with f32 and bf16 base weights, and with bf16
-/// base weights on f32 and on bf16 inputs; and on the RoPE group of
-/// `rope_in_the_lora_gemm_epilogue`. Each path is told by its cuBLAS calls.
+/// The other projection paths on the same cases: `hybrid` (base products on cuBLAS, added
+/// in the grouped kernel's epilogue to its LoRA segments), the plain cuBLAS sequence (the
+/// default) and `folded` (here with f32 inputs, or bf16 ones with f32 outputs; bf16 inputs
+/// and outputs: `the_folded_path_matches_the_cpu`). Within the CPU's bounds with f32 and
+/// bf16 base weights, and with bf16 base weights on f32 and on bf16 inputs; and on the RoPE
+/// group of `rope_in_the_lora_gemm_epilogue` (bf16 outputs, rotated after the products on
+/// the cuBLAS paths). Each path is told by its cuBLAS calls.
 #[test]
-fn the_hybrid_path_and_the_cublas_sequence_match_the_cpu() {
+fn the_hybrid_cublas_and_folded_paths_match_the_cpu() {
     for base in [BaseDtype::Bf16, BaseDtype::F32] {
         let tol = bound(base);
         for g in devices(base) {
-            for path in [ProjectionGemm::Hybrid, ProjectionGemm::Cublas] {
+            for path in [
+                ProjectionGemm::Hybrid,
+                ProjectionGemm::Cublas,
+                ProjectionGemm::Folded,
+            ] {
                 g.set_projection_gemm(path);
                 let who = g.describe();
                 for (k, c) in cases().iter().enumerate() {
@@ -527,6 +536,44 @@ fn the_hybrid_path_and_the_cublas_sequence_match_the_cpu() {
                         "{who}: output {i} not rotated"
                     );
                 }
+            }
+        }
+    }
+}
+
+/// The folded path (`ProjectionGemm::Folded`) with bf16 base weights, on every case with
+/// `x` and the output gradients stored bf16 (the CPU given the same rounded values), the
+/// outputs stored bf16 (`Feeds::Kernels`: the LoRA update is the base GEMM's C operand)
+/// and f32 (`Feeds::Residual`). `y` and `dx` carry the bf16 weights' rounding (1e-2);
+/// `u`, `gA`, `dA` and `dB` are products of bf16-exact activations with f32 factors in
+/// three bf16 pieces, so they keep the f32 bound (1e-4), which factors rounded to bf16 (one
+/// piece) would break. The cuBLAS calls tell the path: per group one u product and one dA
+/// product, per adapted projection the update, gA, dx and dB, per projection the two base
+/// products (the plain sequence: u, update, gA, dx, dA and dB per adapted projection).
+#[test]
+fn the_folded_path_matches_the_cpu() {
+    let all: Vec<Case> = cases().into_iter().chain(bf16_input_cases()).collect();
+    for g in devices(BaseDtype::Bf16) {
+        g.set_projection_gemm(ProjectionGemm::Folded);
+        let who = g.describe();
+        for (k, c) in all.iter().enumerate() {
+            for feeds in [Feeds::Kernels, Feeds::Residual] {
+                let before = g.stats();
+                let (got, want) = bf16_input_run_feeding(&g, k, c, feeds);
+                let gemms = g.stats().since(&before).gemms as usize;
+                let (n, adapted) = (c.outs.len(), c.outs.iter().filter(|o| o.1).count());
+                let per_group = if adapted > 0 { 2 } else { 0 };
+                assert_eq!(gemms, 2 * n + 4 * adapted + per_group, "{who}: case {k}");
+                for ((name, x), (_, y)) in got.iter().zip(&want) {
+                    let f32_values = ["u", "gA", "dA", "dB"].iter().any(|p| name.starts_with(p));
+                    let tol = if f32_values { 1e-4 } else { 1e-2 };
+                    let e = rel_err(x, y);
+                    assert!(
+                        e < tol,
+                        "{who}: case {k} {feeds:?}: {name}: relative error {e:e} (bound {tol:e})"
+                    );
+                }
+                compare(&format!("{who} {feeds:?}"), k, c, &got, &want, 1e-2);
             }
         }
     }
@@ -587,6 +634,11 @@ fn stored_types(g: &CudaBackend, path: ProjectionGemm, accumulate: bool) {
         ProjectionGemm::Fused => assert_eq!(gemms, 0, "{who}: cuBLAS called"),
         ProjectionGemm::Hybrid => assert_eq!(gemms, 6, "{who}: base products on cuBLAS"),
         ProjectionGemm::Cublas => assert!(gemms >= 12, "{who}: {gemms} cuBLAS calls"),
+        // bf16: one u product for the group, then per projection the update, the base
+        // product; backward the base product, gA and dx. f32: the plain sequence.
+        ProjectionGemm::Folded => {
+            assert_eq!(gemms, if bf16 { 16 } else { 18 }, "{who}: cuBLAS calls")
+        }
     }
     let want_ty = if bf16 { DType::Bf16 } else { DType::F32 };
     let (got, want) = (&results[0], &results[1]);

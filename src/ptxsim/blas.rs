@@ -1,8 +1,9 @@
 //! The cuBLAS twin: `cublasGemmEx` / `cublasGemmStridedBatchedEx` with cuBLAS's
 //! column-major semantics and argument validation (CUBLAS_STATUS_INVALID_VALUE cases of
-//! the cuBLAS documentation), f32 or bf16 inputs (bf16 read as the GPU reads it), f32
-//! output, f32 accumulation (fused multiply-adds in k order), `beta == 0` writing C
-//! without reading it. Operands are checked like kernel accesses: each must lie in a
+//! the cuBLAS documentation), f32 or bf16 inputs (bf16 read as the GPU reads it), an f32
+//! output, or a bf16 one for bf16 inputs (`alpha AB + beta C` formed in f32, then rounded
+//! once to nearest even), f32 accumulation (fused multiply-adds in k order), `beta == 0`
+//! writing C without reading it. Operands are checked like kernel accesses: each must lie in a
 //! live allocation and every element read must have been written.
 
 use rayon::prelude::*;
@@ -96,9 +97,11 @@ impl Gemm {
                 format!("ldc {} < max(1, {})", self.c.ld, self.m),
             ));
         }
-        if self.a.ty != self.b.ty || self.c.ty != DType::F32 {
+        let supported =
+            self.a.ty == self.b.ty && (self.c.ty == DType::F32 || self.a.ty == DType::Bf16);
+        if !supported {
             return Err(SimError::Api(format!(
-                "{w}: CUBLAS_STATUS_NOT_SUPPORTED: A {:?}, B {:?}, C {:?} with CUBLAS_COMPUTE_32F (supported: f32/f32/f32, bf16/bf16/f32)",
+                "{w}: CUBLAS_STATUS_NOT_SUPPORTED: A {:?}, B {:?}, C {:?} with CUBLAS_COMPUTE_32F (supported: f32/f32/f32, bf16/bf16/f32, bf16/bf16/bf16)",
                 self.a.ty, self.b.ty, self.c.ty
             )));
         }
@@ -253,21 +256,30 @@ impl Device {
                     bp[(j / 8) * k * 8 + p * 8 + j % 8] = bv[row + col * g.b.ld as usize];
                 }
             }
-            let (alpha, beta, ldc) = (g.alpha, g.beta, g.c.ld as usize);
+            let (alpha, beta, ldc, cty) = (g.alpha, g.beta, g.c.ld as usize, g.c.ty);
+            let size = cty.size() as u32;
             self.pool().install(|| {
                 (0..nb).into_par_iter().for_each(|jb| {
                     let panel = &bp[jb * k * 8..(jb + 1) * k * 8];
                     for r in 0..m {
                         let acc = dot8(&am[r * k..(r + 1) * k], panel);
                         for (t, &s) in acc.iter().enumerate().take((n - jb * 8).min(8)) {
-                            let at = c.off + (r + (jb * 8 + t) * ldc) * 4;
+                            let at = c.off + (r + (jb * 8 + t) * ldc) * size as usize;
                             let v = if beta == 0.0 {
                                 alpha * s
                             } else {
-                                let old = f32::from_bits(c.alloc.load(at, 4) as u32);
+                                let old = c.alloc.load(at, size);
+                                let old = match cty {
+                                    DType::F32 => f32::from_bits(old as u32),
+                                    DType::Bf16 => half::bf16::from_bits(old as u16).to_f32(),
+                                };
                                 alpha.mul_add(s, beta * old)
                             };
-                            c.alloc.store(at, 4, v.to_bits() as u64);
+                            let bits = match cty {
+                                DType::F32 => v.to_bits() as u64,
+                                DType::Bf16 => half::bf16::from_f32(v).to_bits() as u64,
+                            };
+                            c.alloc.store(at, size, bits);
                         }
                     }
                 })
@@ -452,5 +464,70 @@ mod tests {
         })
         .unwrap();
         assert_eq!(download(&d, pc, 1)[0], x.to_f32() * x.to_f32());
+        // f32 inputs cannot write a bf16 C (cuBLAS: not supported)
+        let e = d
+            .gemm(&Gemm {
+                a: mat(p, 3),
+                c: Mat {
+                    ty: DType::Bf16,
+                    ..mat(p, 3)
+                },
+                ..g
+            })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("CUBLAS_STATUS_NOT_SUPPORTED"), "{e}");
+    }
+
+    /// A bf16 C: `alpha AB + beta C` formed in f32 from the bf16 C as stored, rounded once
+    /// to nearest even (the `half` crate's rounding), and written as two bytes (the next
+    /// element is left alone).
+    #[test]
+    fn a_bf16_output_is_rounded_once_after_adding_c() {
+        let d = dev();
+        let bf = |v: f32| half::bf16::from_f32(v);
+        let (a, b) = ([bf(1.0 / 3.0), bf(0.7)], [bf(5.0 / 7.0), bf(-0.3)]);
+        let up16 = |v: &[half::bf16]| {
+            let p = d.alloc(v.len() * 2, false).unwrap();
+            let bytes: Vec<u8> = v.iter().flat_map(|x| x.to_bits().to_le_bytes()).collect();
+            d.htod(p, &bytes).unwrap();
+            p
+        };
+        let c0 = bf(1.1);
+        let (pa, pb, pc) = (up16(&a), up16(&b), up16(&[c0, bf(9.0)]));
+        let mat = |ptr, ld| Mat {
+            ptr,
+            ty: DType::Bf16,
+            ld,
+            stride: 0,
+        };
+        // row vector (1 x 2) times column vector (2 x 1)
+        d.gemm(&Gemm {
+            ta: Trans::N,
+            tb: Trans::N,
+            m: 1,
+            n: 1,
+            k: 2,
+            alpha: 2.0,
+            a: mat(pa, 1),
+            b: mat(pb, 2),
+            beta: 1.0,
+            c: mat(pc, 1),
+            batch: 1,
+        })
+        .unwrap();
+        let dot = a[1]
+            .to_f32()
+            .mul_add(b[1].to_f32(), a[0].to_f32() * b[0].to_f32());
+        let exact = 2f32.mul_add(dot, c0.to_f32());
+        let mut got = [0u8; 4];
+        d.dtoh(&mut got, pc).unwrap();
+        let got = [
+            half::bf16::from_le_bytes([got[0], got[1]]),
+            half::bf16::from_le_bytes([got[2], got[3]]),
+        ];
+        assert_eq!(got[0], bf(exact), "{} against {exact}", got[0]);
+        assert_ne!(got[0].to_f32(), exact, "the case must need rounding");
+        assert_eq!(got[1], bf(9.0), "the element after C is untouched");
     }
 }

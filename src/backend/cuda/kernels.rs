@@ -178,6 +178,8 @@ pub static MODULES: [KernelModule; 15] = [
             "lora_backward_rows",
             "lora_grad_chunk",
             "reduce_partials",
+            "lora_split_pieces",
+            "lora_sum_pieces",
         ],
     },
     KernelModule {

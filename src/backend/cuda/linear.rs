@@ -20,6 +20,20 @@ impl CudaBackend {
         n: usize,
     ) -> Result<Act> {
         let y = self.uninit::<f32>(m * n)?;
+        self.base_product(x, w, (m, k, n), 0.0, Operand::f32(y.ptr(), n))?;
+        Ok(y.into())
+    }
+
+    /// `y = x W^T + beta y` for `x (m, k)`, `W (n, k)` into the row-major `(m, n)` operand
+    /// `y` (f32, or bf16 with bf16 weights: the f32 sum rounded once).
+    pub(super) fn base_product(
+        &self,
+        x: &Act,
+        w: &Weight,
+        (m, k, n): (usize, usize, usize),
+        beta: f32,
+        y: Operand,
+    ) -> Result<()> {
         // bf16 weights multiply bf16 activations (cuBLAS takes one input type): a bf16
         // activation as it is stored, an f32 one rounded first.
         let xb = match (w.ty, x) {
@@ -40,10 +54,9 @@ impl CudaBackend {
             1.0,
             Operand::typed(w.ptr(), w.ty, k),
             Operand::typed(xp, w.ty, k),
-            0.0,
-            Operand::f32(y.ptr(), n),
-        )?;
-        Ok(y.into())
+            beta,
+            y,
+        )
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -56,6 +69,20 @@ impl CudaBackend {
         n: usize,
         dx: &mut Act,
         accumulate: bool,
+    ) -> Result<()> {
+        let dx = Operand::f32(dx.f32_mut()?.ptr(), k);
+        self.base_backward(dy, w, (m, k, n), accumulate, dx)
+    }
+
+    /// `dx (+)= dy W` for `dy (m, n)`, `W (n, k)` into the row-major f32 `(m, k)` operand
+    /// `dx`.
+    pub(super) fn base_backward(
+        &self,
+        dy: &Act,
+        w: &Weight,
+        (m, k, n): (usize, usize, usize),
+        accumulate: bool,
+        dx: Operand,
     ) -> Result<()> {
         // The GEMM reads dy in the weight's type: a bf16 dy as stored (the model's bf16
         // gradients, as the cuBLAS baseline of `project_group_backward` is handed them), an
@@ -84,7 +111,7 @@ impl CudaBackend {
             Operand::typed(w.ptr(), w.ty, k),
             Operand::typed(dp, w.ty, n),
             beta,
-            Operand::f32(dx.f32_mut()?.ptr(), k),
+            dx,
         )
     }
 

@@ -29,6 +29,7 @@ mod classifier;
 mod cublas_sequence;
 mod curvature;
 pub mod driver;
+mod folded_sequence;
 pub mod kernel_times;
 pub mod kernels;
 mod linear;

@@ -25,7 +25,9 @@ impl Backend for CudaBackend {
         if path != ProjectionGemm::default() {
             how += &format!(", projections {}", path.describe());
         }
-        if path != ProjectionGemm::Cublas && tiling != LoraGemmTiling::ENGINE {
+        if matches!(path, ProjectionGemm::Hybrid | ProjectionGemm::Fused)
+            && tiling != LoraGemmTiling::ENGINE
+        {
             how += &format!(", LoRA GEMM tiling {}", tiling.name());
         }
         how
@@ -167,6 +169,7 @@ impl Backend for CudaBackend {
             }
             ProjectionGemm::Fused => self.project_group_impl(x, m, d_in, lora, projs, Base::Kernel),
             ProjectionGemm::Cublas => self.project_group_cublas(x, m, d_in, lora, projs),
+            ProjectionGemm::Folded => self.project_group_folded(x, m, d_in, lora, projs),
         }
     }
 
@@ -185,6 +188,9 @@ impl Backend for CudaBackend {
             ProjectionGemm::Fused => Base::Kernel,
             ProjectionGemm::Cublas => {
                 return self.project_group_backward_cublas(x, m, d_in, lora, projs, dx, accumulate);
+            }
+            ProjectionGemm::Folded => {
+                return self.project_group_backward_folded(x, m, d_in, lora, projs, dx, accumulate);
             }
         };
         self.project_group_backward_impl(x, m, d_in, lora, projs, dx, accumulate, base)

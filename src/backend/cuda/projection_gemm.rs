@@ -6,7 +6,10 @@
 //! - `hybrid`: the base products `x W^T` and `g W` on cuBLAS; the LoRA products, RoPE and
 //!   the stores in the engine's grouped tensor-core kernel, which adds cuBLAS's f32 results
 //!   to its sums (`lora_gemm.rs`, `Base::Cublas`);
-//! - `fused`: LoRA inside the GEMMs, everything in that kernel (`Base::Kernel`).
+//! - `fused`: LoRA inside the GEMMs, everything in that kernel (`Base::Kernel`);
+//! - `folded`: cuBLAS, the LoRA update written first and added to by the base GEMM as its
+//!   C operand, the LoRA products reading bf16 activations and gradients as stored
+//!   (`folded_sequence.rs`). Not timed on a GPU yet.
 //!
 //! The default is the fastest measured: on the lent H200 (2026-11-30, fourteenth session,
 //! BENCHMARKS.md) a Llama-3.2-1B-shaped training step of 8 x 1024 tokens took 157.2 ms on
@@ -24,16 +27,19 @@ pub enum ProjectionGemm {
     /// The per-projection cuBLAS sequence.
     #[default]
     Cublas,
+    /// cuBLAS with the LoRA update as the base GEMM's C operand, bf16 operands as stored.
+    Folded,
 }
 
 impl ProjectionGemm {
-    pub const ALL: [Self; 3] = [Self::Hybrid, Self::Fused, Self::Cublas];
+    pub const ALL: [Self; 4] = [Self::Hybrid, Self::Fused, Self::Cublas, Self::Folded];
 
     pub fn name(self) -> &'static str {
         match self {
             Self::Hybrid => "hybrid",
             Self::Fused => "fused",
             Self::Cublas => "cublas",
+            Self::Folded => "folded",
         }
     }
 
@@ -51,6 +57,7 @@ impl ProjectionGemm {
             Self::Hybrid => "hybrid (base products on cuBLAS, LoRA in the engine's kernel)",
             Self::Fused => "fused (LoRA inside the GEMMs)",
             Self::Cublas => "on the cuBLAS sequence",
+            Self::Folded => "folded (LoRA in cuBLAS's C operand, bf16 operands as stored)",
         }
     }
 
@@ -64,7 +71,7 @@ impl ProjectionGemm {
                 .ok_or_else(|| {
                     Error::usage(format!(
                         "LALORA_PROJECTION_GEMM={name} is not a projection path; \
-                         use hybrid, fused or cublas"
+                         use hybrid, fused, cublas or folded"
                     ))
                 }),
             _ => Ok(Self::default()),

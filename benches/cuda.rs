@@ -1310,8 +1310,11 @@ fn end_to_end(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     // fused path is `@TILING` above), in the same run: which path is fastest end to end.
     let others = [
         ("lora_forward_backward", ProjectionGemm::Hybrid),
+        ("lora_forward_backward", ProjectionGemm::Folded),
+        ("curvature_diag", ProjectionGemm::Folded),
         ("curvature_kfac_pass", ProjectionGemm::Hybrid),
         ("curvature_kfac_pass", ProjectionGemm::Fused),
+        ("curvature_kfac_pass", ProjectionGemm::Folded),
     ];
     for (base, path) in others {
         let v = variants

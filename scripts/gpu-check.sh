@@ -34,9 +34,9 @@
 #       each one's FLOPs and bytes (`work:`) and, from criterion's medians, the achieved
 #       TFLOP/s and TB/s against the H200's ceilings (`roofline:`); those lines go to
 #       roofline.txt and, as a table, under table.md, with the LoRA GEMM's tilings and the
-#       projection paths (hybrid, fused, the cuBLAS sequence) side by side (one layer's projections and the whole training step
-#       under each, at 8 x 1024 tokens: not yet timed at that shape); a bench not measured
-#       is a failure.
+#       projection paths (hybrid, fused, the cuBLAS sequence, folded) side by side (one
+#       layer's projections and the whole training step under each, at 8 x 1024 tokens); a
+#       bench not measured is a failure.
 #       $OUT: summary.txt bench.log roofline.txt estimates.json peer.json peer.log table.md
 #       (7 files).
 #   scripts/gpu-check.sh --profile      on the GPU machine (about 2-3 minutes): the same checks
@@ -625,10 +625,10 @@ if [ "$mode" = --profile ]; then
   rc=$?
   [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/kernels.log")"
   # One table per variant of cuda_llama1b_shape_*: lora_forward_backward, on the default
-  # path, under each of the fused path's 10 tilings and @hybrid (12); curvature_diag (1);
-  # curvature_kfac_pass, @hybrid and @fused (3).
+  # path, under each of the fused path's 10 tilings, @hybrid and @folded (13);
+  # curvature_diag and @folded (2); curvature_kfac_pass, @hybrid, @fused and @folded (4).
   n=$(grep -c '^kernel times: ' "$out/kernels.log")
-  [ "$n" -eq 16 ] || fail "$step: $n 'kernel times:' tables in kernels.log, 16 expected"
+  [ "$n" -eq 19 ] || fail "$step: $n 'kernel times:' tables in kernels.log, 19 expected"
   # 2. The hand-written LoRA GEMM's first launches on the fused path (u then y of the q/k/v
   # group, forward: the bench's set-up forward, then forward_fused's).
   step=ncu
@@ -704,13 +704,15 @@ want = {
     # found by pattern, so that a change of shape does not lose them.
     "cuda_llama1b_shape_*": ["lora_forward_backward", "curvature_diag", "curvature_kfac_pass"]
     + [f"lora_forward_backward@{t}" for t in tilings]
-    + ["lora_forward_backward@hybrid", "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused"],
-    # Each projection path (ProjectionGemm: the cuBLAS sequence, the default; hybrid; fused).
+    + ["lora_forward_backward@hybrid", "lora_forward_backward@folded", "curvature_diag@folded",
+       "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused", "curvature_kfac_pass@folded"],
+    # Each projection path (ProjectionGemm: the cuBLAS sequence, the default; hybrid; fused;
+    # folded).
     "cuda_lora_qkv_4096x2048_o2048+512+512_r16": [f"{d}_{p}" for d in ["forward", "backward"]
-                                                  for p in ["hybrid", "fused", "cublas"]],
+                                                  for p in ["hybrid", "fused", "cublas", "folded"]],
     "cuda_attention_4x1024_h32_kv8_d64_forward": ["flash"],
     "cuda_attention_4x1024_h32_kv8_d64_forward_backward": ["flash"],
-    "cuda_lora_gemm_tilings_layer_*": tilings + ["hybrid", "cublas"],
+    "cuda_lora_gemm_tilings_layer_*": tilings + ["hybrid", "cublas", "folded"],
 }
 est, missing = {}, []
 def resolve(pattern):
@@ -770,6 +772,8 @@ rows = [
     ("q/k/v group backward, LoRA inside the GEMMs", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "backward_fused", "backward_cublas"),
     ("q/k/v group forward, hybrid (base on cuBLAS)", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "forward_hybrid", "forward_cublas"),
     ("q/k/v group backward, hybrid (base on cuBLAS)", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "backward_hybrid", "backward_cublas"),
+    ("q/k/v group forward, folded (LoRA as cuBLAS's C)", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "forward_folded", "forward_cublas"),
+    ("q/k/v group backward, folded (LoRA as cuBLAS's C)", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "backward_folded", "backward_cublas"),
     ("diag 16x256 r16 d2048", "cuda_diag_16x256_r16_d2048", "per_sample_squaring", "materialised_cublas"),
     ("KFAC factor 4096x2048", "cuda_kfac_factor_4096x2048", "hand_written_symmetric", "cublas_gemm"),
 ]
@@ -788,13 +792,15 @@ except ValueError:
 step = ms(g, "lora_forward_backward")
 print(f"\n| Llama-3.2-1B shape, {shape} (projections: the cuBLAS sequence, else @path or @tiling of the fused path) | ms | relative to fwd+bwd |\n|---|---:|---:|")
 for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac_pass",
-          "lora_forward_backward@hybrid", "lora_forward_backward@128x128x32s3",
-          "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused"]:
+          "lora_forward_backward@hybrid", "lora_forward_backward@folded",
+          "lora_forward_backward@128x128x32s3", "curvature_diag@folded",
+          "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused", "curvature_kfac_pass@folded"]:
     print(f"| {b} | {ms(g, b):.1f} | {ms(g, b)/step:.2f}x |")
 try:
     peer = json.load(open(os.path.join(out, "peer.json")))
     print(f"\nengine {tokens/(step/1e3):.0f} tokens/s vs {peer['peer']}: {peer['tokens_per_s']:.0f} tokens/s ({peer['forward_backward_s']*1e3/step:.2f}x)")
-    for path, b in [("hybrid", "lora_forward_backward@hybrid"), ("fused", "lora_forward_backward@128x128x32s3")]:
+    for path, b in [("hybrid", "lora_forward_backward@hybrid"), ("folded", "lora_forward_backward@folded"),
+                    ("fused", "lora_forward_backward@128x128x32s3")]:
         t_ms = ms(g, b)
         print(f"engine with the projections {path}: {tokens/(t_ms/1e3):.0f} tokens/s ({peer['forward_backward_s']*1e3/t_ms:.2f}x the peer)")
     a = "cuda_attention_4x1024_h32_kv8_d64_forward"

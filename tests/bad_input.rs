@@ -337,7 +337,7 @@ fn usage_errors_are_one_line() {
 
 /// The kernel-research settings with a value they do not know: a LoRA GEMM tiling that is
 /// not compiled (`LALORA_LORA_GEMM_TILING`) and a projection path that is not `hybrid`,
-/// `fused` or `cublas` (`LALORA_PROJECTION_GEMM`). Each is a one-line usage error naming
+/// `fused`, `cublas` or `folded` (`LALORA_PROJECTION_GEMM`). Each is a one-line usage error naming
 /// the variable and what it takes, before any work.
 #[test]
 #[cfg_attr(
@@ -350,7 +350,7 @@ fn unknown_kernel_research_settings_are_usage_errors() {
         (
             "LALORA_PROJECTION_GEMM",
             "cutlass",
-            "hybrid, fused or cublas",
+            "hybrid, fused, cublas or folded",
         ),
     ] {
         let out = bin()

@@ -5,9 +5,10 @@
 //! output and down the bf16 SwiGLU output, both with f32 residual gradients), once per
 //! tiling. On a GPU criterion times each; on the simulator each runs once, checked against
 //! the CPU backend. The engine's own tiling is the first variant; the others are there to
-//! say which to make the engine's; the last two run the layer on the other projection
-//! paths (`ProjectionGemm`): `hybrid` (base products on cuBLAS) and `cublas` (the plain
-//! cuBLAS sequence, the default), which every tiling has to beat.
+//! say which to make the engine's; the last three run the layer on the other projection
+//! paths (`ProjectionGemm`): `hybrid` (base products on cuBLAS), `cublas` (the plain
+//! cuBLAS sequence, the default), which every tiling has to beat, and `folded` (the LoRA
+//! update as cuBLAS's C operand).
 
 use super::*;
 
@@ -242,14 +243,18 @@ pub(super) fn lora_gemm_tilings(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         }
     });
     let work = roofline::lora_layer(&sh.model, m, r);
-    // Every tiling on the fused path (named for the tiling), then the other two paths at
+    // Every tiling on the fused path (named for the tiling), then the other paths at
     // the engine's tiling (named for the path), each for its call only (`with_path`).
     let runs = LoraGemmTiling::all()
         .into_iter()
         .map(|t| (t.name(), ProjectionGemm::Fused, t))
         .chain(
-            [ProjectionGemm::Hybrid, ProjectionGemm::Cublas]
-                .map(|p| (p.name().to_string(), p, LoraGemmTiling::ENGINE)),
+            [
+                ProjectionGemm::Hybrid,
+                ProjectionGemm::Cublas,
+                ProjectionGemm::Folded,
+            ]
+            .map(|p| (p.name().to_string(), p, LoraGemmTiling::ENGINE)),
         );
     let variants = runs
         .map(|(name, path, t)| {

@@ -884,6 +884,7 @@ fn mismatched_shapes_are_refused_on_every_path() {
         g.set_projection_gemm(path);
         let op = match path {
             ProjectionGemm::Cublas => "cuBLAS sequence",
+            ProjectionGemm::Folded => "folded sequence",
             _ => "LoRA GEMM",
         };
         let fwd = [ProjFwd {

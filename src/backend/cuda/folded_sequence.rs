@@ -102,8 +102,8 @@ impl CudaBackend {
 
     /// `z (m, n) = s u B^T`, stored bf16, for `u (m, r)` and `B (n, r)` in f32: one GEMM
     /// of K = 3r over `[u_0 | u_1 | u_0]` and `[B_0 | B_0 | B_1]` (their bf16 pieces), so
-    /// the products leave out only `u_1 B_1` (about 2^-16 relative) before `z` is rounded
-    /// once.
+    /// the products leave out only `u_1 B_1` and the third pieces (below 2^-16 relative)
+    /// before `z` is rounded once.
     fn lora_update_bf16(
         &self,
         u: &DevBuf<f32>,

@@ -626,9 +626,10 @@ if [ "$mode" = --profile ]; then
   [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/kernels.log")"
   # One table per variant of cuda_llama1b_shape_*: lora_forward_backward, on the default
   # path, under two of the fused path's tilings, @hybrid and @folded (5); curvature_diag
-  # and @folded (2); curvature_kfac_pass, @hybrid, @fused and @folded (4).
+  # (1); curvature_diag_pass and @folded (2); curvature_kfac_pass, @hybrid, @fused and
+  # @folded (4).
   n=$(grep -c '^kernel times: ' "$out/kernels.log")
-  [ "$n" -eq 11 ] || fail "$step: $n 'kernel times:' tables in kernels.log, 11 expected"
+  [ "$n" -eq 12 ] || fail "$step: $n 'kernel times:' tables in kernels.log, 12 expected"
   # 2. The hand-written LoRA GEMM's first launches on the fused path (u then y of the q/k/v
   # group, forward: the bench's set-up forward, then forward_fused's).
   step=ncu
@@ -702,10 +703,11 @@ want = {
     "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "cublas_gemm"],
     # The end-to-end groups' names carry the step's shape (benches/cuda.rs `Shapes::step`):
     # found by pattern, so that a change of shape does not lose them.
-    "cuda_llama1b_shape_*": ["lora_forward_backward", "curvature_diag", "curvature_kfac_pass"]
+    "cuda_llama1b_shape_*": ["lora_forward_backward", "curvature_diag", "curvature_diag_pass",
+                             "curvature_kfac_pass"]
     # The step under the fused path's tilings: the engine's and the best measured.
     + [f"lora_forward_backward@{t}" for t in ["128x128x32s3", "256x128x32s4-rows"]]
-    + ["lora_forward_backward@hybrid", "lora_forward_backward@folded", "curvature_diag@folded",
+    + ["lora_forward_backward@hybrid", "lora_forward_backward@folded", "curvature_diag_pass@folded",
        "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused", "curvature_kfac_pass@folded"],
     # Each projection path (ProjectionGemm: the cuBLAS sequence, the default; hybrid; fused;
     # folded).
@@ -792,9 +794,9 @@ except ValueError:
     tokens = float("nan")
 step = ms(g, "lora_forward_backward")
 print(f"\n| Llama-3.2-1B shape, {shape} (projections: the cuBLAS sequence, else @path or @tiling of the fused path) | ms | relative to fwd+bwd |\n|---|---:|---:|")
-for b in ["lora_forward_backward", "curvature_diag", "curvature_kfac_pass",
+for b in ["lora_forward_backward", "curvature_diag", "curvature_diag_pass", "curvature_kfac_pass",
           "lora_forward_backward@hybrid", "lora_forward_backward@folded",
-          "lora_forward_backward@128x128x32s3", "curvature_diag@folded",
+          "lora_forward_backward@128x128x32s3", "curvature_diag_pass@folded",
           "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused", "curvature_kfac_pass@folded"]:
     print(f"| {b} | {ms(g, b):.1f} | {ms(g, b)/step:.2f}x |")
 try:

@@ -106,7 +106,8 @@ extern "C" __global__ void reduce_partials(const float* partial, float* out, int
 // backend/cuda/folded_sequence.rs). cuBLAS multiplies like types only, so an f32 factor F
 // (A, B, u or gA) meets a bf16 activation X as P bf16 pieces: v0 = bf16(v), v1 = bf16(v -
 // v0), v2 = bf16(v - v0 - v1) (each difference exact in f32; three pieces hold all 24
-// bits of the significand, as lora_gemm.cuh's pieces). One bf16 GEMM multiplies X by the
+// bits of the significand, as lora_gemm.cuh's pieces, for values above about 2^-110,
+// where the third piece is still a normal bf16 number). One bf16 GEMM multiplies X by the
 // pieces side by side, each product summed in f32, and lora_sum_pieces adds the P partial
 // products: X F to f32 accuracy, reading X once, as it is stored (no widened copy).
 //

@@ -559,11 +559,36 @@ fn the_folded_path_matches_the_cpu() {
         for (k, c) in all.iter().enumerate() {
             for feeds in [Feeds::Kernels, Feeds::Residual] {
                 let before = g.stats();
+                g.time_kernels(true);
                 let (got, want) = bf16_input_run_feeding(&g, k, c, feeds);
+                g.time_kernels(false);
                 let gemms = g.stats().since(&before).gemms as usize;
                 let (n, adapted) = (c.outs.len(), c.outs.iter().filter(|o| o.1).count());
                 let per_group = if adapted > 0 { 2 } else { 0 };
                 assert_eq!(gemms, 2 * n + 4 * adapted + per_group, "{who}: case {k}");
+                // The fold itself: bf16 outputs written by GEMMs into a bf16 C (per
+                // projection the base product, and the update z where adapted), never
+                // rounded by a pass of their own; f32 outputs, no bf16 C at all.
+                let times = g.kernel_times().unwrap();
+                let calls = |pick: &dyn Fn(&str) -> bool| -> u64 {
+                    times
+                        .iter()
+                        .filter(|t| pick(&t.name))
+                        .map(|t| t.calls)
+                        .sum()
+                };
+                let bf16_c = calls(&|n| n.starts_with("cuBLAS ") && n.contains("→bf16"));
+                let rounding = calls(&|n| n.starts_with("f32_to_bf16"));
+                let folded = if feeds == Feeds::Kernels {
+                    n + adapted
+                } else {
+                    0
+                };
+                assert_eq!(
+                    bf16_c as usize, folded,
+                    "{who}: case {k} {feeds:?}: {times:?}"
+                );
+                assert_eq!(rounding, 0, "{who}: case {k} {feeds:?}: {times:?}");
                 for ((name, x), (_, y)) in got.iter().zip(&want) {
                     let f32_values = ["u", "gA", "dA", "dB"].iter().any(|p| name.starts_with(p));
                     let tol = if f32_values { 1e-4 } else { 1e-2 };
@@ -577,6 +602,146 @@ fn the_folded_path_matches_the_cpu() {
             }
         }
     }
+}
+
+/// The folded path on the mixes its simpler cases leave out, against the CPU: the first
+/// projection not adapted and `dx` written fresh (not added to), one adapted projection
+/// without weight gradients (a frozen adapter), and the input and the output gradients in
+/// either storage (bf16 `x` with f32 gradients, as a curvature pass has them; f32 `x`
+/// with bf16 gradients; bf16 with one f32 gradient among bf16 ones). Bounds as in
+/// `the_folded_path_matches_the_cpu`; the outputs a frozen adapter has no gradients for
+/// are its `dA` and `dB`, which must come back untouched.
+#[test]
+fn the_folded_path_takes_mixed_groups() {
+    let c = Case {
+        m: 45,
+        d_in: 72,
+        outs: vec![(40, false), (56, true), (24, true), (32, true)],
+        r: 8,
+    };
+    let lg = lora_group(&c);
+    let n = c.outs.len();
+    // (x stored bf16, which gradients are stored bf16)
+    let mixes = [
+        (true, [false; 4]),
+        (false, [true; 4]),
+        (true, [true, true, false, true]),
+    ];
+    for g in devices(BaseDtype::Bf16) {
+        g.set_projection_gemm(ProjectionGemm::Folded);
+        let who = g.describe();
+        for (k, (x_bf16, g_bf16)) in mixes.into_iter().enumerate() {
+            let mut rng = ChaCha8Rng::seed_from_u64(90 + k as u64);
+            let mut h = host(&c, 80 + k as u64);
+            let x = if x_bf16 {
+                let (x, held) = bf16_act(&g, &mut rng, c.m, c.d_in);
+                h.x = held;
+                x
+            } else {
+                g.buf(h.x.clone()).unwrap()
+            };
+            let gs: Vec<Act> = (0..n)
+                .map(|i| {
+                    if g_bf16[i] {
+                        let (a, held) = bf16_act(&g, &mut rng, c.m, c.outs[i].0);
+                        h.g[i] = held;
+                        a
+                    } else {
+                        g.buf(h.g[i].clone()).unwrap()
+                    }
+                })
+                .collect();
+            let cpu = CpuBackend::new(2);
+            let cx = cpu.buf(h.x.clone()).unwrap();
+            let cgs: Vec<Vec<f32>> = h.g.clone();
+            let want = mixed_run(&cpu, &c, &h, lg, (&cx, &cgs[..]));
+            let got = mixed_run(&g, &c, &h, lg, (&x, &gs[..]));
+            for ((name, a), (_, b)) in got.iter().zip(&want) {
+                let f32_values = ["u", "gA", "dA", "dB"].iter().any(|p| name.starts_with(p));
+                let tol = if f32_values { 1e-4 } else { 1e-2 };
+                let e = rel_err(a, b);
+                assert!(
+                    e < tol,
+                    "{who}: mix {k}: {name}: relative error {e:e} (bound {tol:e})"
+                );
+            }
+            assert_eq!(got.len(), want.len());
+        }
+    }
+}
+
+/// A forward and a backward of case `c` for `the_folded_path_takes_mixed_groups`: `dx`
+/// written fresh, the third projection's adapter frozen (no weight gradients).
+fn mixed_run<B: Backend>(
+    be: &B,
+    c: &Case,
+    h: &Host,
+    lg: LoraGroup,
+    (x, gs): (&B::Buf, &[B::Buf]),
+) -> Outputs {
+    let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
+    let ws: Vec<B::Weight> = (0..c.outs.len())
+        .map(|i| be.weight(h.w[i].clone(), c.outs[i].0, c.d_in).unwrap())
+        .collect();
+    let (a, b): (Vec<_>, Vec<_>) = (
+        h.a.iter().map(|v| up(v)).collect(),
+        h.b.iter().map(|v| up(v)).collect(),
+    );
+    let fwd: Vec<ProjFwd<'_, B>> = c
+        .outs
+        .iter()
+        .enumerate()
+        .map(|(i, &(d_out, adapted))| ProjFwd {
+            w: &ws[i],
+            d_out,
+            lora: adapted.then(|| (&a[i], &b[i])),
+            feeds: if i % 2 == 0 {
+                Feeds::Kernels
+            } else {
+                Feeds::Residual
+            },
+            rope: None,
+        })
+        .collect();
+    let ys = be.project_group(x, c.m, c.d_in, lg, &fwd).unwrap();
+    let mut out = Vec::new();
+    for (i, (y, u)) in ys.iter().enumerate() {
+        out.push((format!("y{i}"), be.to_host(y).unwrap()));
+        if let Some(u) = u {
+            out.push((format!("u{i}"), be.to_host(u).unwrap()));
+        }
+    }
+    let mut dx = up(&h.dx0);
+    let mut da: Vec<B::Buf> = h.da0.iter().map(|v| up(v)).collect();
+    let mut db: Vec<B::Buf> = h.db0.iter().map(|v| up(v)).collect();
+    let bwd: Vec<ProjBwd<'_, B>> = da
+        .iter_mut()
+        .zip(db.iter_mut())
+        .enumerate()
+        .map(|(i, (da, db))| ProjBwd {
+            w: &ws[i],
+            d_out: c.outs[i].0,
+            g: &gs[i],
+            lora: ys[i].1.as_ref().map(|u| LoraBwd {
+                a: &a[i],
+                b: &b[i],
+                u,
+                grads: (i != 2).then_some((da, db)),
+            }),
+        })
+        .collect();
+    let gas = be
+        .project_group_backward(x, c.m, c.d_in, lg, bwd, &mut dx, false)
+        .unwrap();
+    out.push(("dx".into(), be.to_host(&dx).unwrap()));
+    for (i, ga) in gas.iter().enumerate() {
+        if let Some(ga) = ga {
+            out.push((format!("gA{i}"), be.to_host(ga).unwrap()));
+        }
+        out.push((format!("dA{i}"), be.to_host(&da[i]).unwrap()));
+        out.push((format!("dB{i}"), be.to_host(&db[i]).unwrap()));
+    }
+    out
 }
 
 /// A group as attention's side of a layer stores it with bf16 base weights: outputs that

@@ -1,6 +1,7 @@
 //! cuBLAS-style GEMMs for the dense products the hand-written kernels leave to the vendor
-//! library: base-weight GEMMs (bf16 or f32 operands, f32 accumulation and output), small
-//! f32 GEMMs, and the per-head attention products (strided batched). They run on cuBLAS
+//! library: base-weight GEMMs (bf16 or f32 operands, f32 accumulation; an f32 output, or a
+//! bf16 one from bf16 operands, as the folded projection path writes), small f32 GEMMs,
+//! and the per-head attention products (strided batched). They run on cuBLAS
 //! on a GPU and on its twin in the simulator.
 //!
 //! cuBLAS is column-major: a row-major `(rows, cols)` matrix with row stride `ld` is the
@@ -52,7 +53,8 @@ impl Operand {
 }
 
 impl CudaBackend {
-    /// Column-major `C (m, n) = alpha op(A) op(B) + beta C`, f32 accumulation, f32 `C`.
+    /// Column-major `C (m, n) = alpha op(A) op(B) + beta C`, f32 accumulation; `C` f32, or
+    /// bf16 for bf16 `A` and `B` (the sum formed in f32, rounded once).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gemm(
         &self,

@@ -5,7 +5,7 @@
 //! `curvature` and `vector`. The CPU twin of each op is in `backend/cpu`.
 
 use super::lora_gemm::Base;
-use super::{Act, CudaBackend, LoraGemmTiling, ProjectionGemm, Weight};
+use super::{Act, BaseDtype, CudaBackend, LoraGemmTiling, ProjectionGemm, Weight};
 use crate::backend::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -24,6 +24,10 @@ impl Backend for CudaBackend {
         let mut how = format!("{}, base weights {}", self.rt.describe(), self.base.name());
         if path != ProjectionGemm::default() {
             how += &format!(", projections {}", path.describe());
+            if path == ProjectionGemm::Folded && self.base == BaseDtype::F32 {
+                // Nothing is stored bf16, so nothing folds: say what runs.
+                how += " (with f32 base weights: the cuBLAS sequence)";
+            }
         }
         if matches!(path, ProjectionGemm::Hybrid | ProjectionGemm::Fused)
             && tiling != LoraGemmTiling::ENGINE

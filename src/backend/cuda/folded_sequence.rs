@@ -17,7 +17,9 @@
 //! - **Backward.** `gA_p = s g_p B_p` and `dB_p += s g_p^T u_p` read a bf16 `g_p` as
 //!   stored, against the pieces of `B_p` and `u_p`; `dA_p += gA_p^T x` for the whole
 //!   group is one GEMM reading `x` once, against the pieces of every `gA_p`. `dx` is summed
-//!   as the plain sequence sums it (f32; an f32 copy of a bf16 `dx`, rounded once).
+//!   in f32 (an f32 copy of a bf16 `dx`, rounded once, as the plain sequence does), the
+//!   group's LoRA products `sum_p gA_p A_p` first, as one GEMM of K = r per adapted
+//!   projection, then the base products added to them.
 //!   f32 operands (a curvature pass's gradients, attention's f32 output as o's input) take
 //!   the plain sequence's f32 products.
 //!
@@ -146,6 +148,18 @@ impl CudaBackend {
         alpha: f32,
         accumulate: bool,
     ) -> Result<()> {
+        self.sum_first_pieces(src, piece_off, PIECES, dst, (alpha, accumulate))
+    }
+
+    /// `sum_pieces` over the first `pieces` partials (one: a strided copy, scaled).
+    fn sum_first_pieces(
+        &self,
+        src: Rows,
+        piece_off: usize,
+        pieces: usize,
+        dst: Rows,
+        (alpha, accumulate): (f32, bool),
+    ) -> Result<()> {
         self.launch(
             "lora_sum_pieces",
             Self::elementwise(src.rows * src.cols),
@@ -156,7 +170,7 @@ impl CudaBackend {
                 Arg::I32(src.cols as i32),
                 Arg::I32(src.ld as i32),
                 Arg::U64(piece_off as u64),
-                Arg::I32(PIECES as i32),
+                Arg::I32(pieces as i32),
                 Arg::I32(dst.ld as i32),
                 Arg::F32(alpha),
                 Arg::I32(accumulate as i32),
@@ -327,10 +341,12 @@ impl CudaBackend {
         let mut gas = Vec::with_capacity(projs.len());
         // The dA each gA is added into, after the loop (one GEMM for the group).
         let mut pending = Vec::new();
-        for (i, p) in projs.into_iter().enumerate() {
+        // The A of each gA, for dx's LoRA products; the base products, added after them.
+        let mut a_s = Vec::new();
+        let mut bases = Vec::with_capacity(projs.len());
+        for p in projs {
             let n = p.d_out;
-            let sums_op = Operand::f32(sums, d_in);
-            self.base_backward(p.g, p.w, (m, d_in, n), accumulate || i > 0, sums_op)?;
+            bases.push((p.g, p.w, n));
             let Some(lb) = p.lora else {
                 gas.push(None);
                 continue;
@@ -372,24 +388,24 @@ impl CudaBackend {
                     Operand::f32(ga.ptr(), r),
                 )?,
             }
-            // dx += gA A
-            self.gemm(
-                N,
-                N,
-                d_in,
-                m,
-                r,
-                1.0,
-                Operand::f32(a.ptr(), d_in),
-                Operand::f32(ga.ptr(), r),
-                1.0,
-                sums_op,
-            )?;
             if let Some((da, db)) = lb.grads {
                 self.add_db(p.g, u, (m, n, r), l.scale, db.f32_mut()?)?;
                 pending.push((gas.len(), da));
             }
+            a_s.push(a);
             gas.push(Some(ga));
+        }
+        // dx: the group's LoRA products first, one GEMM (written, or added to dx), then the
+        // base products added to them, so that f32 dx is read and written once for the
+        // low-rank part rather than once per adapted projection.
+        let sums_op = Operand::f32(sums, d_in);
+        let gs: Vec<&DevBuf<f32>> = gas.iter().flatten().collect();
+        if !gs.is_empty() {
+            self.lora_dx(&gs, &a_s, (m, d_in, r), accumulate, sums_op)?;
+        }
+        for (i, (g, w, n)) in bases.into_iter().enumerate() {
+            let add = accumulate || !gs.is_empty() || i > 0;
+            self.base_backward(g, w, (m, d_in, n), add, sums_op)?;
         }
         if !pending.is_empty() {
             let ga_of = |q: usize| gas[q].as_ref().expect("a pending dA has its gA");
@@ -425,6 +441,53 @@ impl CudaBackend {
             self.round_into(w.f32()?, b)?;
         }
         Ok(gas.into_iter().map(|g| g.map(Act::F32)).collect())
+    }
+
+    /// `dx (m, d_in) (+)= sum_q gA_q A_q` for `gA_q (m, r)`, `A_q (r, d_in)`: one f32 GEMM
+    /// of K = r * gs.len() over `[gA_1 | gA_2 | ..]` and `[A_1; A_2; ..]` (copied side by
+    /// side and stacked where the group has more than one), `dx` written unless
+    /// `accumulate`.
+    fn lora_dx(
+        &self,
+        gs: &[&DevBuf<f32>],
+        a_s: &[&DevBuf<f32>],
+        (m, d_in, r): (usize, usize, usize),
+        accumulate: bool,
+        dx: Operand,
+    ) -> Result<()> {
+        let wide = r * gs.len();
+        let beta = if accumulate { 1.0 } else { 0.0 };
+        let product = |ga: u64, a: u64| {
+            self.gemm(
+                N,
+                N,
+                d_in,
+                m,
+                wide,
+                1.0,
+                Operand::f32(a, d_in),
+                Operand::f32(ga, wide),
+                beta,
+                dx,
+            )
+        };
+        if let ([ga], [a]) = (gs, a_s) {
+            return product(ga.ptr(), a.ptr());
+        }
+        let (ga_cat, a_cat) = (
+            self.uninit::<f32>(m * wide)?,
+            self.uninit::<f32>(wide * d_in)?,
+        );
+        for (q, (ga, a)) in gs.iter().zip(a_s).enumerate() {
+            let dst = Rows {
+                ld: wide,
+                ..Rows::dense(&ga_cat, m, r)
+            };
+            self.sum_first_pieces(Rows::dense(ga, m, r), 0, 1, dst.offset(q * r), (1.0, false))?;
+            let at = a_cat.ptr() + 4 * (q * r * d_in) as u64;
+            self.rt.dtod(at, a.ptr(), 4 * r * d_in)?;
+        }
+        product(ga_cat.ptr(), a_cat.ptr())
     }
 
     /// `dB (n, r) += s g^T u` for `g (m, n)`: a bf16 `g` as stored against the pieces of
@@ -533,7 +596,9 @@ mod tests {
     /// nearest even, each piece the rest after the earlier ones; their sum in piece order,
     /// scaled, added with one rounding. The split matrix is a 5 x 3 window (row stride 4)
     /// written side by side (piece stride 3, row stride 9, as gA and B are split) and
-    /// stacked (piece stride 15, as A is); the sum reads the side-by-side partials back.
+    /// stacked (piece stride 15, as A is), and the first two pieces only; the sum reads
+    /// side-by-side partials (as u's) and stacked ones (as dA's), and one piece is a
+    /// strided copy.
     #[test]
     fn pieces_split_and_sum_as_their_host_twins() {
         let g = CudaBackend::sim(2, BaseDtype::Bf16).expect("sim");
@@ -613,6 +678,53 @@ mod tests {
                         "({i}, {j}), {accumulate}"
                     );
                 }
+            }
+        }
+        // Stacked partials, as dA's: piece k of element e at k * rows * cols + e.
+        let dst = g.uninit::<f32>(rows * cols).expect("alloc");
+        let stacked = g.upload(&partials).expect("upload");
+        let stacked = Rows::dense(&stacked, rows, cols);
+        g.sum_pieces(
+            stacked,
+            rows * cols,
+            Rows::dense(&dst, rows, cols),
+            1.0,
+            false,
+        )
+        .expect("sum");
+        let got = g.download(&dst).expect("download");
+        for (e, v) in got.iter().enumerate() {
+            let p = |k: usize| partials[k * rows * cols + e];
+            assert_eq!(v.to_bits(), ((p(0) + p(1)) + p(2)).to_bits(), "stacked {e}");
+        }
+        // One piece: a strided copy (dx's gA side by side); two pieces: the first two
+        // only (the update's), the third slot left as it was.
+        let dst = g.upload(&vec![7.0f32; rows * 2 * cols]).expect("upload");
+        let strided = Rows {
+            ld: 2 * cols,
+            ..Rows::dense(&dst, rows, cols)
+        };
+        g.sum_first_pieces(window, 0, 1, strided.offset(cols), (1.0, false))
+            .expect("copy");
+        let got = g.download(&dst).expect("download");
+        for i in 0..rows {
+            for j in 0..cols {
+                assert_eq!(got[i * 2 * cols + j], 7.0, "left of the copy");
+                assert_eq!(got[i * 2 * cols + cols + j], host[i * ld + j], "copied");
+            }
+        }
+        let dst = g
+            .upload(&vec![0x5555u16; PIECES * rows * cols])
+            .expect("upload");
+        g.split_first_pieces(window, dst.ptr(), PIECES * cols, cols, 2)
+            .expect("split");
+        let got = g.download(&dst).expect("download");
+        for i in 0..rows {
+            for j in 0..cols {
+                let ps = pieces(host[i * ld + j]);
+                let at = |k: usize| got[i * PIECES * cols + k * cols + j];
+                assert_eq!((at(0), at(1)), (ps[0].to_bits(), ps[1].to_bits()));
+                assert_eq!(at(2), 0x5555, "the third piece is not written");
             }
         }
     }

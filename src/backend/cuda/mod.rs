@@ -203,7 +203,8 @@ impl CudaBackend {
 
     /// Run the projection groups on `path` from now on (the default:
     /// `ProjectionGemm::Cublas`). All compute the same products to the same bounds; they
-    /// differ in speed and in the order of their sums.
+    /// differ in speed and in the order of their sums (and `Folded` in its rounding of
+    /// `z`: `folded_sequence.rs`).
     pub fn set_projection_gemm(&self, path: ProjectionGemm) {
         self.projections.store(path.index(), Ordering::Relaxed)
     }

@@ -13,8 +13,10 @@
 //!
 //! The default is the fastest measured: on the lent H200 (2026-11-30, fourteenth session,
 //! BENCHMARKS.md) a Llama-3.2-1B-shaped training step of 8 x 1024 tokens took 157.2 ms on
-//! `cublas`, 192.8 ms on `hybrid` and 319.9 ms on `fused`. All three compute the same
-//! products to the same bounds; they differ in speed and in the order of their sums.
+//! `cublas`, 192.8 ms on `hybrid` and 319.9 ms on `fused` (`folded` came after). All four
+//! compute the same products to the same bounds; they differ in speed, in the order of
+//! their sums, and (`folded`) in one more rounding of the low-rank part of outputs stored
+//! bf16 without RoPE.
 
 use crate::error::{Error, Result};
 

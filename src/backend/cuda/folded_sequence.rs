@@ -282,7 +282,7 @@ impl CudaBackend {
                 self.base_product(x, p.w, (m, d_in, n), beta, yo)?;
                 Act::Bf16(y)
             } else {
-                // f32 sums, rotated, then rounded once where stored bf16 (q, k).
+                // f32 sums, rotated, then rounded once where stored bf16 (q, k: in one pass).
                 let mut y = self.linear_impl(x, p.w, m, d_in, n)?;
                 if let Some((b, u)) = &lora {
                     self.gemm(
@@ -298,13 +298,18 @@ impl CudaBackend {
                         Operand::f32(y.addr(), n),
                     )?;
                 }
-                if let Some(r) = p.rope {
-                    self.rope_impl(&mut y, r.table, m, r.n_heads, r.head_dim, false)?;
+                match (p.rope, bf16_out) {
+                    (Some(r), true) => {
+                        let t = r.table;
+                        Act::Bf16(self.rope_into_bf16(y.f32()?, t, m, r.n_heads, r.head_dim)?)
+                    }
+                    (Some(r), false) => {
+                        self.rope_impl(&mut y, r.table, m, r.n_heads, r.head_dim, false)?;
+                        y
+                    }
+                    (None, true) => Act::Bf16(self.to_bf16(y.f32()?)?),
+                    (None, false) => y,
                 }
-                if bf16_out {
-                    y = Act::Bf16(self.to_bf16(y.f32()?)?);
-                }
-                y
             };
             out.push((y, lora.map(|(_, u)| Act::F32(u))));
         }

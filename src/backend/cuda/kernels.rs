@@ -216,7 +216,7 @@ pub static MODULES: [KernelModule; 15] = [
         name: "rope",
         deflated: ptx!("rope"),
         text: OnceLock::new(),
-        functions: &["rope", "rope_bf16"],
+        functions: &["rope", "rope_bf16", "rope_f32_to_bf16"],
     },
     KernelModule {
         name: "swiglu",
@@ -386,6 +386,7 @@ mod tests {
             ("swiglu", "swiglu_backward_bf16", both),
             ("optim", "adamw_step", both),
             ("rope", "rope", both),
+            ("rope", "rope_f32_to_bf16", both),
             ("rope", "rope_bf16", both),
             ("embedding", "embedding_gather", both),
             ("embedding", "embedding_gather_f32", both),

@@ -391,6 +391,7 @@ fn rope_takes_unaligned_rows_and_odd_half_heads() {
     ignore = "built without CUDA kernels (no nvcc)"
 )]
 fn rope_bf16_is_the_f32_rotation_rounded() {
+    // Both bf16 entries: in place on bf16 values, and from f32 sums into a bf16 buffer.
     let g = CudaBackend::sim(2, BaseDtype::Bf16).expect("the simulator starts");
     let (rows, heads, period) = (9, 3, 4);
     for (off, hd) in [(0, 16), (8, 16), (4, 16), (0, 8), (1, 6)] {
@@ -401,22 +402,36 @@ fn rope_bf16_is_the_f32_rotation_rounded() {
         let (_s, ps) = at(&g, &sin, 0);
         let (b, px, held) = at_bf16(&g, &random(n, 5), off);
         let (f, pf) = at(&g, &held, off);
-        for (kernel, p) in [("rope_bf16", px), ("rope", pf)] {
-            let args = [
-                Arg::U64(p),
-                Arg::U64(pc),
-                Arg::U64(ps),
-                Arg::I32(rows as i32),
-                Arg::I32(heads as i32),
-                Arg::I32(hd as i32),
-                Arg::I32(period as i32),
-                Arg::F32(-1.0),
-            ];
+        // rope_f32_to_bf16 reads an unrotated f32 copy and writes a bf16 buffer.
+        let (_f2, pf2) = at(&g, &held, off);
+        let (o, po, _) = at_bf16(&g, &vec![0.0; n], off);
+        let dims = [
+            Arg::I32(rows as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(hd as i32),
+            Arg::I32(period as i32),
+            Arg::F32(-1.0),
+        ];
+        for (kernel, io) in [
+            ("rope_bf16", vec![Arg::U64(px)]),
+            ("rope", vec![Arg::U64(pf)]),
+            ("rope_f32_to_bf16", vec![Arg::U64(pf2), Arg::U64(po)]),
+        ] {
+            let args: Vec<Arg> = io
+                .into_iter()
+                .chain([Arg::U64(pc), Arg::U64(ps)])
+                .chain(dims)
+                .collect();
             g.launch(kernel, SMALL_GRID, &args).expect(kernel);
         }
         rounded(
             &format!("rope bf16, offset {off}, hd {hd}"),
             &back_bf16(&g, &b, off),
+            &back(&g, &f, off),
+        );
+        rounded(
+            &format!("rope f32 into bf16, offset {off}, hd {hd}"),
+            &back_bf16(&g, &o, off),
             &back(&g, &f, off),
         );
     }

@@ -3,7 +3,7 @@
 //! weights) and a 128-bit pack width where rows allow it.
 
 use super::runtime::{Arg, DType};
-use super::{Act, CudaBackend, Weight};
+use super::{Act, CudaBackend, DevBuf, Weight};
 use crate::backend::RopeTable;
 use crate::backend::group::GradFeeds;
 use crate::error::{Error, Result};
@@ -161,6 +161,45 @@ impl CudaBackend {
         let half = head_dim / 2;
         let width = if half.is_multiple_of(pack) { pack } else { 1 };
         self.launch(kernel, Self::packed(rows * n_heads * half, width), &args)
+    }
+
+    /// `rope_impl` on f32 sums `x`, the result stored bf16 (rounded once) in a new buffer:
+    /// one pass where rotating in place and rounding after would take two.
+    pub(super) fn rope_into_bf16(
+        &self,
+        x: &DevBuf<f32>,
+        t: &RopeTable<Act>,
+        rows: usize,
+        n_heads: usize,
+        head_dim: usize,
+    ) -> Result<DevBuf<u16>> {
+        Self::check_rope_table(t, head_dim, "rope")?;
+        if x.len() != rows * n_heads * head_dim {
+            return Err(Error::Device(format!(
+                "rope: {} values for {rows} rows of {n_heads} heads of {head_dim}",
+                x.len()
+            )));
+        }
+        let y = self.uninit::<u16>(x.len())?;
+        let args = [
+            Arg::U64(x.ptr()),
+            Arg::U64(y.ptr()),
+            Arg::U64(t.cos.f32()?.ptr()),
+            Arg::U64(t.sin.f32()?.ptr()),
+            Arg::I32(rows as i32),
+            Arg::I32(n_heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::I32(t.period as i32),
+            Arg::F32(1.0),
+        ];
+        let half = head_dim / 2;
+        let width = if half.is_multiple_of(8) { 8 } else { 1 };
+        self.launch(
+            "rope_f32_to_bf16",
+            Self::packed(rows * n_heads * half, width),
+            &args,
+        )?;
+        Ok(y)
     }
 
     pub(super) fn swiglu_impl(&self, gate: &Act, up: &Act) -> Result<Act> {

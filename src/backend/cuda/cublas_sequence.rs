@@ -8,7 +8,7 @@
 use super::blas::{N, Operand, T};
 use super::lora_gemm::{check_backward, check_forward};
 use super::runtime::DType;
-use super::{Act, CudaBackend};
+use super::{Act, CudaBackend, DevBuf};
 use crate::backend::LoraDims;
 use crate::backend::group::{self, Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::error::Result;
@@ -29,32 +29,8 @@ impl CudaBackend {
         y: &mut Act,
     ) -> Result<Act> {
         let x = self.wide(x)?;
-        let (a, b, y) = (a.f32()?, b.f32()?, y.f32_mut()?);
-        let u = self.uninit::<f32>(d.m * d.r)?;
-        self.gemm(
-            T,
-            N,
-            d.r,
-            d.m,
-            d.d_in,
-            1.0,
-            Operand::f32(a.ptr(), d.d_in),
-            Operand::f32(x.ptr(), d.d_in),
-            0.0,
-            Operand::f32(u.ptr(), d.r),
-        )?;
-        self.gemm(
-            T,
-            N,
-            d.d_out,
-            d.m,
-            d.r,
-            d.scale,
-            Operand::f32(b.ptr(), d.r),
-            Operand::f32(u.ptr(), d.r),
-            1.0,
-            Operand::f32(y.ptr(), d.d_out),
-        )?;
+        let u = self.lora_u_f32(&x, a.f32()?, d)?;
+        self.lora_update_f32(&u, b.f32()?, d, y.f32_mut()?)?;
         Ok(u.into())
     }
 
@@ -73,8 +49,78 @@ impl CudaBackend {
         grads: Option<(&mut Act, &mut Act)>,
     ) -> Result<Act> {
         let (g, x) = (self.wide(g)?, self.wide(x)?);
-        let (u, a, b) = (u.f32()?, a.f32()?, b.f32()?);
-        let dx = dx.f32_mut()?;
+        let ga = self.lora_ga_f32(&g, b.f32()?, d)?;
+        self.gemm(
+            N,
+            N,
+            d.d_in,
+            d.m,
+            d.r,
+            1.0,
+            Operand::f32(a.f32()?.ptr(), d.d_in),
+            Operand::f32(ga.ptr(), d.r),
+            1.0,
+            Operand::f32(dx.f32_mut()?.ptr(), d.d_in),
+        )?;
+        if let Some((da, db)) = grads {
+            self.lora_da_f32(&x, &ga, d, da.f32_mut()?)?;
+            self.lora_db_f32(&g, u.f32()?, d, db.f32_mut()?)?;
+        }
+        Ok(ga.into())
+    }
+
+    /// `u (m, r) = x A^T` in f32 (the plain sequence's, and the folded path's on an f32 `x`).
+    pub(super) fn lora_u_f32(
+        &self,
+        x: &DevBuf<f32>,
+        a: &DevBuf<f32>,
+        d: LoraDims,
+    ) -> Result<DevBuf<f32>> {
+        let u = self.uninit::<f32>(d.m * d.r)?;
+        self.gemm(
+            T,
+            N,
+            d.r,
+            d.m,
+            d.d_in,
+            1.0,
+            Operand::f32(a.ptr(), d.d_in),
+            Operand::f32(x.ptr(), d.d_in),
+            0.0,
+            Operand::f32(u.ptr(), d.r),
+        )?;
+        Ok(u)
+    }
+
+    /// `y (m, d_out) += s u B^T` in f32.
+    pub(super) fn lora_update_f32(
+        &self,
+        u: &DevBuf<f32>,
+        b: &DevBuf<f32>,
+        d: LoraDims,
+        y: &DevBuf<f32>,
+    ) -> Result<()> {
+        self.gemm(
+            T,
+            N,
+            d.d_out,
+            d.m,
+            d.r,
+            d.scale,
+            Operand::f32(b.ptr(), d.r),
+            Operand::f32(u.ptr(), d.r),
+            1.0,
+            Operand::f32(y.ptr(), d.d_out),
+        )
+    }
+
+    /// `gA (m, r) = s g B` in f32.
+    pub(super) fn lora_ga_f32(
+        &self,
+        g: &DevBuf<f32>,
+        b: &DevBuf<f32>,
+        d: LoraDims,
+    ) -> Result<DevBuf<f32>> {
         let ga = self.uninit::<f32>(d.m * d.r)?;
         self.gemm(
             N,
@@ -88,22 +134,17 @@ impl CudaBackend {
             0.0,
             Operand::f32(ga.ptr(), d.r),
         )?;
-        self.gemm(
-            N,
-            N,
-            d.d_in,
-            d.m,
-            d.r,
-            1.0,
-            Operand::f32(a.ptr(), d.d_in),
-            Operand::f32(ga.ptr(), d.r),
-            1.0,
-            Operand::f32(dx.ptr(), d.d_in),
-        )?;
-        let Some((da, db)) = grads else {
-            return Ok(ga.into());
-        };
-        let (da, db) = (da.f32_mut()?, db.f32_mut()?);
+        Ok(ga)
+    }
+
+    /// `dA (r, d_in) += gA^T x` in f32.
+    pub(super) fn lora_da_f32(
+        &self,
+        x: &DevBuf<f32>,
+        ga: &DevBuf<f32>,
+        d: LoraDims,
+        da: &DevBuf<f32>,
+    ) -> Result<()> {
         self.gemm(
             N,
             T,
@@ -115,7 +156,17 @@ impl CudaBackend {
             Operand::f32(ga.ptr(), d.r),
             1.0,
             Operand::f32(da.ptr(), d.d_in),
-        )?;
+        )
+    }
+
+    /// `dB (d_out, r) += s g^T u` in f32.
+    pub(super) fn lora_db_f32(
+        &self,
+        g: &DevBuf<f32>,
+        u: &DevBuf<f32>,
+        d: LoraDims,
+        db: &DevBuf<f32>,
+    ) -> Result<()> {
         self.gemm(
             N,
             T,
@@ -127,8 +178,7 @@ impl CudaBackend {
             Operand::f32(g.ptr(), d.d_out),
             1.0,
             Operand::f32(db.ptr(), d.r),
-        )?;
-        Ok(ga.into())
+        )
     }
 
     /// A bf16 `x` widened to f32 once for a whole group's LoRA products (each would widen

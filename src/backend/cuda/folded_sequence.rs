@@ -33,7 +33,8 @@ use super::blas::{N, Operand, T};
 use super::lora_gemm::{check_backward, check_forward};
 use super::runtime::{Arg, DType};
 use super::{Act, CudaBackend, DevBuf};
-use crate::backend::group::{Feeds, LoraGroup, ProjBwd, ProjFwd, Projected};
+use crate::backend::LoraDims;
+use crate::backend::group::{Feeds, LoraGroup, ProjBwd, ProjFwd, Projected, lora_dims};
 use crate::error::Result;
 
 /// The folded sequence's name in shape errors.
@@ -239,25 +240,12 @@ impl CudaBackend {
             .collect::<Result<_>>()?;
         let mut us = match x {
             Act::Bf16(xb) => self.u_from_pieces(xb, m, d_in, l.r, &a_s)?,
-            Act::F32(xf) => a_s
-                .iter()
-                .map(|a| {
-                    let u = self.uninit::<f32>(m * l.r)?;
-                    self.gemm(
-                        T,
-                        N,
-                        l.r,
-                        m,
-                        d_in,
-                        1.0,
-                        Operand::f32(a.ptr(), d_in),
-                        Operand::f32(xf.ptr(), d_in),
-                        0.0,
-                        Operand::f32(u.ptr(), l.r),
-                    )?;
-                    Ok(u)
-                })
-                .collect::<Result<_>>()?,
+            Act::F32(xf) => {
+                let d = lora_dims(m, d_in, 0, l);
+                a_s.iter()
+                    .map(|a| self.lora_u_f32(xf, a, d))
+                    .collect::<Result<_>>()?
+            }
         }
         .into_iter();
         let mut out = Vec::with_capacity(projs.len());
@@ -285,30 +273,18 @@ impl CudaBackend {
                 // f32 sums, rotated, then rounded once where stored bf16 (q, k: in one pass).
                 let mut y = self.linear_impl(x, p.w, m, d_in, n)?;
                 if let Some((b, u)) = &lora {
-                    self.gemm(
-                        T,
-                        N,
-                        n,
-                        m,
-                        l.r,
-                        l.scale,
-                        Operand::f32(b.ptr(), l.r),
-                        Operand::f32(u.ptr(), l.r),
-                        1.0,
-                        Operand::f32(y.addr(), n),
-                    )?;
+                    self.lora_update_f32(u, b, lora_dims(m, d_in, n, l), y.f32()?)?;
                 }
-                match (p.rope, bf16_out) {
-                    (Some(r), true) => {
+                match p.rope {
+                    Some(r) if bf16_out => {
                         let t = r.table;
                         Act::Bf16(self.rope_into_bf16(y.f32()?, t, m, r.n_heads, r.head_dim)?)
                     }
-                    (Some(r), false) => {
+                    Some(r) => {
                         self.rope_impl(&mut y, r.table, m, r.n_heads, r.head_dim, false)?;
                         y
                     }
-                    (None, true) => Act::Bf16(self.to_bf16(y.f32()?)?),
-                    (None, false) => y,
+                    None => y,
                 }
             };
             out.push((y, lora.map(|(_, u)| Act::F32(u))));
@@ -357,9 +333,9 @@ impl CudaBackend {
                 continue;
             };
             let (a, b, u) = (lb.a.f32()?, lb.b.f32()?, lb.u.f32()?);
-            let ga = self.uninit::<f32>(m * r)?;
-            match p.g {
+            let ga = match p.g {
                 Act::Bf16(g) => {
+                    let ga = self.uninit::<f32>(m * r)?;
                     // gA = s g [B_0 | B_1 | B_2], the pieces summed.
                     let bp = self.uninit::<u16>(n * PIECES * r)?;
                     self.split_pieces(Rows::dense(b, n, r), bp.ptr(), PIECES * r, r)?;
@@ -379,20 +355,10 @@ impl CudaBackend {
                     let src = Rows::dense(&parts, m, PIECES * r);
                     let src = Rows { cols: r, ..src };
                     self.sum_pieces(src, r, Rows::dense(&ga, m, r), l.scale, false)?;
+                    ga
                 }
-                Act::F32(g) => self.gemm(
-                    N,
-                    N,
-                    r,
-                    m,
-                    n,
-                    l.scale,
-                    Operand::f32(b.ptr(), r),
-                    Operand::f32(g.ptr(), n),
-                    0.0,
-                    Operand::f32(ga.ptr(), r),
-                )?,
-            }
+                Act::F32(g) => self.lora_ga_f32(g, b, lora_dims(m, d_in, n, l))?,
+            };
             if let Some((da, db)) = lb.grads {
                 self.add_db(p.g, u, (m, n, r), l.scale, db.f32_mut()?)?;
                 pending.push((gas.len(), da));
@@ -426,18 +392,8 @@ impl CudaBackend {
                 }
                 Act::F32(xf) => {
                     for (q, da) in pending {
-                        self.gemm(
-                            N,
-                            T,
-                            d_in,
-                            r,
-                            m,
-                            1.0,
-                            Operand::f32(xf.ptr(), d_in),
-                            Operand::f32(ga_of(q).ptr(), r),
-                            1.0,
-                            Operand::f32(da.f32_mut()?.ptr(), d_in),
-                        )?;
+                        let d = lora_dims(m, d_in, 0, l);
+                        self.lora_da_f32(xf, ga_of(q), d, da.f32_mut()?)?;
                     }
                 }
             }
@@ -528,18 +484,16 @@ impl CudaBackend {
                 };
                 self.sum_pieces(src, r, Rows::dense(db, n, r), s, true)
             }
-            Act::F32(g) => self.gemm(
-                N,
-                T,
-                r,
-                n,
-                m,
-                s,
-                Operand::f32(u.ptr(), r),
-                Operand::f32(g.ptr(), n),
-                1.0,
-                Operand::f32(db.ptr(), r),
-            ),
+            Act::F32(g) => {
+                let d = LoraDims {
+                    m,
+                    d_in: 0,
+                    r,
+                    d_out: n,
+                    scale: s,
+                };
+                self.lora_db_f32(g, u, d, db)
+            }
         }
     }
 

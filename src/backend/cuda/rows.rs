@@ -139,28 +139,14 @@ impl CudaBackend {
         head_dim: usize,
         inverse: bool,
     ) -> Result<()> {
-        Self::check_rope_table(t, head_dim, "rope")?;
         let sign: f32 = if inverse { -1.0 } else { 1.0 };
         // In place on x as stored: q and k with bf16 base weights are bf16.
-        let args = [
-            Arg::U64(x.addr()),
-            Arg::U64(t.cos.f32()?.ptr()),
-            Arg::U64(t.sin.f32()?.ptr()),
-            Arg::I32(rows as i32),
-            Arg::I32(n_heads as i32),
-            Arg::I32(head_dim as i32),
-            Arg::I32(t.period as i32),
-            Arg::F32(sign),
-        ];
-        // A 128-bit pack of rotations per thread (four f32, eight bf16) when half a head
-        // is whole packs (rope.cu).
-        let (kernel, pack) = match x.dtype() {
+        let kernel = match x.dtype() {
             DType::F32 => ("rope", 4),
             DType::Bf16 => ("rope_bf16", 8),
         };
-        let half = head_dim / 2;
-        let width = if half.is_multiple_of(pack) { pack } else { 1 };
-        self.launch(kernel, Self::packed(rows * n_heads * half, width), &args)
+        let shape = (rows, n_heads, head_dim, sign);
+        self.launch_rope(kernel, &[Arg::U64(x.addr())], t, shape)
     }
 
     /// `rope_impl` on f32 sums `x`, the result stored bf16 (rounded once) in a new buffer:
@@ -173,7 +159,6 @@ impl CudaBackend {
         n_heads: usize,
         head_dim: usize,
     ) -> Result<DevBuf<u16>> {
-        Self::check_rope_table(t, head_dim, "rope")?;
         if x.len() != rows * n_heads * head_dim {
             return Err(Error::Device(format!(
                 "rope: {} values for {rows} rows of {n_heads} heads of {head_dim}",
@@ -181,25 +166,36 @@ impl CudaBackend {
             )));
         }
         let y = self.uninit::<u16>(x.len())?;
-        let args = [
-            Arg::U64(x.ptr()),
-            Arg::U64(y.ptr()),
+        let io = [Arg::U64(x.ptr()), Arg::U64(y.ptr())];
+        let shape = (rows, n_heads, head_dim, 1.0);
+        self.launch_rope(("rope_f32_to_bf16", 8), &io, t, shape)?;
+        Ok(y)
+    }
+
+    /// One of rope.cu's entries `(name, pack)` on its operands `io` (x, or x and y): a
+    /// 128-bit pack of rotations per thread (`pack` of the entry's widest type: four f32,
+    /// eight bf16) when half a head is whole packs.
+    fn launch_rope(
+        &self,
+        (kernel, pack): (&str, usize),
+        io: &[Arg],
+        t: &RopeTable<Act>,
+        (rows, n_heads, head_dim, sign): (usize, usize, usize, f32),
+    ) -> Result<()> {
+        Self::check_rope_table(t, head_dim, "rope")?;
+        let mut args = io.to_vec();
+        args.extend([
             Arg::U64(t.cos.f32()?.ptr()),
             Arg::U64(t.sin.f32()?.ptr()),
             Arg::I32(rows as i32),
             Arg::I32(n_heads as i32),
             Arg::I32(head_dim as i32),
             Arg::I32(t.period as i32),
-            Arg::F32(1.0),
-        ];
+            Arg::F32(sign),
+        ]);
         let half = head_dim / 2;
-        let width = if half.is_multiple_of(8) { 8 } else { 1 };
-        self.launch(
-            "rope_f32_to_bf16",
-            Self::packed(rows * n_heads * half, width),
-            &args,
-        )?;
-        Ok(y)
+        let width = if half.is_multiple_of(pack) { pack } else { 1 };
+        self.launch(kernel, Self::packed(rows * n_heads * half, width), &args)
     }
 
     pub(super) fn swiglu_impl(&self, gate: &Act, up: &Act) -> Result<Act> {

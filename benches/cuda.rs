@@ -841,11 +841,16 @@ fn diag(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
 }
 
 /// KFAC factors over `rows` positions: the symmetric input factor X^T X and the kfac-tri
-/// cross factor X^T Y, each by the tensor-core kernel, the SIMT one and one cuBLAS GEMM.
+/// cross factor X^T Y, each by the tensor-core kernel on f32 operands (tf32 mma) and on
+/// the same values stored bf16 (bf16 mma, as the bf16 engine's activations reach it), the
+/// SIMT one and one cuBLAS GEMM. The values are bf16 ones (RMS-normed, `stored_act`), so
+/// every variant computes the same exact products (tf32 holds a bf16 value exactly), and
+/// each is held to the f32 bound.
 fn kfac(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let (rows, d) = sh.kfac;
     let mut rng = ChaCha8Rng::seed_from_u64(4);
-    let (hx, hy) = (rnd(&mut rng, rows * d, 1.0), rnd(&mut rng, rows * d, 1.0));
+    let (xb, hx) = stored_act(g, &mut rng, rows, d);
+    let (yb, hy) = stored_act(g, &mut rng, rows, d);
     let (x, y) = (g.buf(hx.clone()).unwrap(), g.buf(hy.clone()).unwrap());
     let all = [Segment {
         start: 0,
@@ -863,19 +868,24 @@ fn kfac(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         } else {
             vec![]
         };
-        let other = if cross { &y } else { &x };
+        let (other, other_b) = if cross { (&y, &yb) } else { (&x, &xb) };
         let (name, names) = if cross {
             (
                 format!("{}_kfac_cross_{rows}x{d}x{d}", sh.prefix),
-                ["tensor_cores", "simt", "cublas_gemm"],
+                ["tensor_cores", "tensor_cores_bf16", "simt", "cublas_gemm"],
             )
         } else {
             (
                 format!("{}_kfac_factor_{rows}x{d}", sh.prefix),
-                ["hand_written_symmetric", "simt_symmetric", "cublas_gemm"],
+                [
+                    "hand_written_symmetric",
+                    "hand_written_symmetric_bf16",
+                    "simt_symmetric",
+                    "cublas_gemm",
+                ],
             )
         };
-        let (x, cf) = (&x, &cf);
+        let (x, xb, cf) = (&x, &xb, &cf);
         let group = same_output(
             name,
             g,
@@ -886,7 +896,7 @@ fn kfac(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
             vec![
                 (
                     names[0],
-                    TC_BOUND,
+                    F32_BOUND,
                     Rc::new(move || {
                         g.gram_accumulate(x, d, other, d, &all, 1.0, &mut cf.borrow_mut())
                             .unwrap()
@@ -896,12 +906,20 @@ fn kfac(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                     names[1],
                     F32_BOUND,
                     Rc::new(move || {
-                        g.gram_simt(x, d, other, d, &all, 1.0, &mut cf.borrow_mut())
+                        g.gram_accumulate(xb, d, other_b, d, &all, 1.0, &mut cf.borrow_mut())
                             .unwrap()
                     }),
                 ),
                 (
                     names[2],
+                    F32_BOUND,
+                    Rc::new(move || {
+                        g.gram_simt(x, d, other, d, &all, 1.0, &mut cf.borrow_mut())
+                            .unwrap()
+                    }),
+                ),
+                (
+                    names[3],
                     F32_BOUND,
                     Rc::new(move || {
                         g.gram_cublas(x, d, other, d, rows, 1.0, &mut cf.borrow_mut())
@@ -932,17 +950,7 @@ fn attention(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
         let c = CpuBackend::new(2);
         let (oc, sc) = c.attention(&hq, &hk, &hv, &s).unwrap();
         let (dq, dk, dv) = c
-            .attention_backward(
-                &hdout,
-                &hq,
-                &hk,
-                &hv,
-                &oc,
-                &sc,
-                None,
-                GradFeeds::Curvature,
-                &s,
-            )
+            .attention_backward(&hdout, &hq, &hk, &hv, &oc, &sc, None, GradFeeds::Curvature, &s)
             .unwrap();
         (vec![("out", oc)], vec![("dq", dq), ("dk", dk), ("dv", dv)])
     } else {

@@ -37,6 +37,7 @@
 // Blocks that split the rows of one C tile (gram: a split of the tile list; sq_grad: a
 // group of whole sequences) write partials that gram_reduce_splits adds in split order.
 #include "common.cuh"
+#include "flash_attention.cuh"
 
 namespace {
 
@@ -53,10 +54,12 @@ using bf16 = __nv_bfloat16;
 // f32: 8 or 24 words (mod 32), so the four rows a quarter warp's 16-byte fragment loads
 // touch start 32 bytes apart (mod 128), as do those of a half warp's 8-byte loads and a
 // warp's 4-byte ones; bf16: 16 or 48 halves (mod 64), the same 32 bytes apart for a half
-// warp's 8-byte loads. Both keep rows a multiple of 16 bytes (cp.async).
-template <class T>
+// warp's 8-byte loads. With LDSM (bf16 tiles read by ldmatrix, w >= 16): w + 8 halves, so
+// the eight 16-byte rows of an ldmatrix phase start 16 bytes apart (mod 128), in eight
+// different bank groups. All keep rows a multiple of 16 bytes (cp.async).
+template <class T, bool LDSM = false>
 __host__ __device__ constexpr int smem_stride(int w) {
-    return sizeof(T) == 4 ? (w < 16 ? 16 : w) + 8 : (w < 32 ? 32 : w) + 16;
+    return LDSM ? w + 8 : sizeof(T) == 4 ? (w < 16 ? 16 : w) + 8 : (w < 32 ? 32 : w) + 16;
 }
 
 __device__ __forceinline__ uint32_t tf32(float x) {
@@ -99,15 +102,22 @@ struct Frag {
 };
 
 // One block configuration: WM x WN warps, each owning MS x NS mma tiles (16 x 8 each),
-// with A stored as TA and B as TB (float or bf16).
-template <int WM_, int WN_, int MS_, int NS_, int PASSES_, class TA_, class TB_>
+// with A stored as TA and B as TB (float or bf16). BF16_MMA (both operands bf16, PASSES
+// = 1): the products are mma.sync m16n8k16 with bf16 inputs, whose fragments ldmatrix
+// loads from tiles in their natural order (no permutation: V = 1), instead of m16n8k8
+// tf32 ones on widened values. The same products: a bf16 product is exact in f32 either
+// way; only the order of the f32 additions within an mma differs.
+template <int WM_, int WN_, int MS_, int NS_, int PASSES_, class TA_, class TB_, bool BF16_MMA_ = false>
 struct Cfg {
     static constexpr int WM = WM_, WN = WN_, MS = MS_, NS = NS_, PASSES = PASSES_;
+    static constexpr bool BF16_MMA = BF16_MMA_;
     using TA = TA_;
     using TB = TB_;
+    static_assert(!BF16_MMA || (sizeof(TA) == 2 && sizeof(TB) == 2 && PASSES == 1 && NS % 2 == 0),
+                  "bf16 mma: bf16 operands, one pass, n8 tiles in pairs (one ldmatrix.x4 each)");
     static constexpr int THREADS = 32 * WM * WN;
     static constexpr int BM = WM * 16 * MS, BN = WN * 8 * NS;
-    static constexpr int SA = smem_stride<TA>(BM), SB = smem_stride<TB>(BN);
+    static constexpr int SA = smem_stride<TA, BF16_MMA>(BM), SB = smem_stride<TB, BF16_MMA>(BN);
     static constexpr int A_BYTES = BK * SA * (int)sizeof(TA);  // A's part of a stage
     static constexpr int STAGE = A_BYTES + BK * SB * (int)sizeof(TB);  // bytes per stage
     // Single tf32 rounds an f32 operand in shared memory (round_stage) where a lane's values
@@ -116,7 +126,8 @@ struct Cfg {
     // they are loaded by pairs (A) or singly (B), straight into the fragment registers.
     static constexpr bool ROUND_A = PASSES == 1 && sizeof(TA) == 4 && MS > 1;
     static constexpr bool ROUND_B = PASSES == 1 && sizeof(TB) == 4 && NS > 1;
-    static constexpr int VA = ROUND_A ? 2 : (2 * MS < 4 ? 2 * MS : 4), VB = ROUND_B ? 1 : (NS < 4 ? NS : 4);
+    static constexpr int VA = BF16_MMA || ROUND_A ? (BF16_MMA ? 1 : 2) : (2 * MS < 4 ? 2 * MS : 4);
+    static constexpr int VB = BF16_MMA || ROUND_B ? 1 : (NS < 4 ? NS : 4);
     using Acc = float[MS][NS][4];
 
     // Shared column, within the warp's slice, of a group-g lane's A element e = 2s + h
@@ -129,9 +140,9 @@ struct Cfg {
 // thread copies (load_tile) and, for single tf32, then rounds (round_tile). With `vec`:
 // 16-byte chunks of one column chunk, in rows r0, r0 + RSTEP, ... (chunk j, while has(j));
 // else single elements c = threadIdx.x, + THREADS, ... (row c / W, column c % W).
-template <int W, int THREADS, class T>
+template <int W, int S_, int THREADS, class T>
 struct Share {
-    static constexpr int S = smem_stride<T>(W), E = 16 / (int)sizeof(T);
+    static constexpr int S = S_, E = 16 / (int)sizeof(T);
     static_assert(W % E == 0, "a tile row is whole 16-byte chunks");
     static constexpr int CH = W / E, RSTEP = THREADS / CH, CHUNKS = (BK + RSTEP - 1) / RSTEP;
     static_assert(THREADS % CH == 0, "a whole number of rows per pass");
@@ -149,9 +160,9 @@ struct Share {
 // else (any dim) one element per copy: cp.async of 4 bytes for f32; for bf16, below
 // cp.async's 4-byte minimum, a plain load and store, which the __syncthreads before the
 // tile's use orders like the copies.
-template <int W, int THREADS, class T>
+template <int W, int S, int THREADS, class T>
 __device__ __forceinline__ void load_tile(T* s, const T* g, int dim, int col0, int row0, int rows, bool vec) {
-    using Sh = Share<W, THREADS, T>;
+    using Sh = Share<W, S, THREADS, T>;
     if (vec) {
         // Chunk 0's source, stepped RSTEP rows at a time (no 64-bit multiply per copy); a
         // column beyond dim reads no row.
@@ -188,7 +199,7 @@ __device__ __forceinline__ void load_tile(T* s, const T* g, int dim, int col0, i
 // mask). Zero-filled values stay zero.
 template <int W, int THREADS>
 __device__ __forceinline__ void round_tile(float* s, bool vec) {
-    using Sh = Share<W, THREADS, float>;
+    using Sh = Share<W, smem_stride<float>(W), THREADS, float>;
     auto round = [](float x) { return __uint_as_float(tf32(x)); };
     if (vec) {
 #pragma unroll
@@ -220,9 +231,10 @@ struct Operands {
 template <class C>
 __device__ __forceinline__ void load_stage(char* stage, const Operands<C>& op, int2 tile) {
     const int rows = tile.y & ROWS_MASK;
-    load_tile<C::BM, C::THREADS>(reinterpret_cast<typename C::TA*>(stage), op.a, op.M, op.m0, tile.x, rows, op.va);
-    load_tile<C::BN, C::THREADS>(reinterpret_cast<typename C::TB*>(stage + C::A_BYTES), op.b, op.N, op.n0, tile.x,
-                                 rows, op.vb);
+    load_tile<C::BM, C::SA, C::THREADS>(reinterpret_cast<typename C::TA*>(stage), op.a, op.M, op.m0, tile.x, rows,
+                                        op.va);
+    load_tile<C::BN, C::SB, C::THREADS>(reinterpret_cast<typename C::TB*>(stage + C::A_BYTES), op.b, op.N, op.n0,
+                                        tile.x, rows, op.vb);
 }
 
 // With single tf32 (PASSES = 1), the stage's f32 operands rounded in place (round_tile);
@@ -275,9 +287,36 @@ __device__ __forceinline__ void lds(float (&v)[N], const float* p) {
     }
 }
 
-// acc += A_stage^T B_stage for this warp's MS x NS mma tiles.
+// acc += A_stage^T B_stage for this warp's MS x NS mma tiles with bf16 mma (BF16_MMA).
+// Both tiles are stored k-major (row = position, column = feature), so ldmatrix.trans
+// gives both fragments: A's 16 x 16 block (features m, positions k) is four 8 x 8
+// matrices, lanes 8j..8j+7 addressing matrix j's rows: j = 0 (k 0-7, m 0-7), 1 (k 0-7,
+// m 8-15), 2 (k 8-15, m 0-7), 3 (k 8-15, m 8-15), which transposed are the registers
+// a0..a3 of the mma's A fragment; B's (Tile::b_kn) two n8 tiles' k halves likewise.
 template <class C>
-__device__ __forceinline__ void mma_stage(const char* stage, typename C::Acc& acc, int wm, int wn) {
+__device__ __forceinline__ void mma_stage_bf16(const char* stage, typename C::Acc& acc, int wm, int wn) {
+    const int lane = threadIdx.x & 31;
+    const fa::Tile<C::SA> ta{reinterpret_cast<fa::bf16*>(const_cast<char*>(stage))};
+    const fa::Tile<C::SB> tb{reinterpret_cast<fa::bf16*>(const_cast<char*>(stage) + C::A_BYTES)};
+    const int m0 = wm * 16 * C::MS, n0 = wn * 8 * C::NS;
+#pragma unroll
+    for (int k = 0; k < BK; k += 16) {
+        uint32_t a[C::MS][4], b[C::NS / 2][4];
+#pragma unroll
+        for (int i = 0; i < C::MS; ++i)
+            fa::ldsm_x4_trans(a[i], ta.at(k + (lane & 7) + (lane >> 4) * 8, m0 + 16 * i + ((lane >> 3) & 1) * 8));
+#pragma unroll
+        for (int j = 0; j < C::NS / 2; ++j) tb.b_kn(b[j], k, n0 + 16 * j);
+#pragma unroll
+        for (int i = 0; i < C::MS; ++i)
+#pragma unroll
+            for (int j = 0; j < C::NS; ++j) fa::mma(acc[i][j], a[i], b[j / 2][2 * (j % 2)], b[j / 2][2 * (j % 2) + 1]);
+    }
+}
+
+// acc += A_stage^T B_stage for this warp's MS x NS mma tiles with tf32 mma.
+template <class C>
+__device__ __forceinline__ void mma_stage_tf32(const char* stage, typename C::Acc& acc, int wm, int wn) {
     const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
     const typename C::TA* sa = reinterpret_cast<const typename C::TA*>(stage) + wm * 16 * C::MS + C::VA * g;
     const typename C::TB* sb = reinterpret_cast<const typename C::TB*>(stage + C::A_BYTES) + wn * 8 * C::NS + C::VB * g;
@@ -318,6 +357,15 @@ __device__ __forceinline__ void mma_stage(const char* stage, typename C::Acc& ac
                 mma_tf32(acc[i][j], fa[i].hi, fb[j].hi);
             }
     }
+}
+
+// acc += A_stage^T B_stage for this warp's MS x NS mma tiles.
+template <class C>
+__device__ __forceinline__ void mma_stage(const char* stage, typename C::Acc& acc, int wm, int wn) {
+    if constexpr (C::BF16_MMA)
+        mma_stage_bf16<C>(stage, acc, wm, wn);
+    else
+        mma_stage_tf32<C>(stage, acc, wm, wn);
 }
 
 template <class C>
@@ -488,32 +536,33 @@ __device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename 
 
 }  // namespace
 
-// Entry names: <kind>_<precision>_<tile or rank>_<A's storage>_<B's storage>. f32 operands
-// at both precisions; bf16 ones (which only the bf16 engine stores) at tf32 only, and only
-// in the combinations the model makes (every entry is a copy of the kernel in each binary's
-// PTX): the host widens a bf16 operand for any other (curvature.rs).
+// Entry names: <kind>_<precision>_<tile or rank>_<A's storage>_<B's storage>, precision
+// tf32, 3xtf32 or bf16 (bf16 mma, BF16_MMA). f32 operands at tf32 and 3xtf32; bf16 ones
+// (which only the bf16 engine stores) only in the combinations the model makes (every
+// entry is a copy of the kernel in each binary's PTX): the host widens a bf16 operand for
+// any other (curvature.rs).
 #define TF32_F32(ENTRY, name, ...) ENTRY(name##_f32_f32, __VA_ARGS__, 1, float, float)
 #define TF32_BF16_A(ENTRY, name, ...) ENTRY(name##_bf16_f32, __VA_ARGS__, 1, bf16, float)
-#define TF32_ALL(ENTRY, name, ...)                      \
-    TF32_F32(ENTRY, name, __VA_ARGS__)                  \
-    TF32_BF16_A(ENTRY, name, __VA_ARGS__)               \
-    ENTRY(name##_f32_bf16, __VA_ARGS__, 1, float, bf16) \
-    ENTRY(name##_bf16_bf16, __VA_ARGS__, 1, bf16, bf16)
 
 // KFAC Gram out (M, N) += alpha * sum_tiles A_tile^T B_tile (see gram above). 128 x 128
 // tiles of 8 warps (2 x 4, 64 x 32 each), or 256 x 32 tiles of 4 warps for a narrow side.
-// bf16 operands: 128 x 128 in every combination (x^T x; dA = gA^T x, dB = g^T u and the
-// kfac-tri cross term x^T u at r from 33 to 64); 256 x 32 with a bf16 wide side (the same
-// at r <= 32, where the narrow side, gA or u, is f32).
-#define GRAM_ENTRY(name, WM, WN, PASSES, TA, TB)                                                                    \
-    extern "C" __global__ void __launch_bounds__(32 * WM * WN, 1)                                                   \
-        name(const TA* a, const TB* b, int M, int N, const int2* tiles, int run_start, int run_rows, int ntiles,    \
-             int tiles_n, int upper, float alpha, float* out, long long rs, long long cs, float* partial, int va,   \
-             int vb) {                                                                                              \
-        gram<Cfg<WM, WN, 4, 4, PASSES, TA, TB>>(a, b, M, N, tiles, run_start, run_rows, ntiles, tiles_n, upper,     \
-                                                alpha, out, rs, cs, partial, va, vb);                               \
+// bf16 operands: 128 x 128 in every combination (x^T x on bf16 mma; dA = gA^T x, dB =
+// g^T u and the kfac-tri cross term x^T u at r from 33 to 64 on tf32); 256 x 32 with a
+// bf16 wide side (the same at r <= 32, where the narrow side, gA or u, is f32).
+#define GRAM_ENTRY_CFG(name, ...)                                                                                   \
+    using name##_cfg = __VA_ARGS__;                                                                                 \
+    extern "C" __global__ void __launch_bounds__(name##_cfg::THREADS, 1)                                            \
+        name(const name##_cfg::TA* a, const name##_cfg::TB* b, int M, int N, const int2* tiles, int run_start,      \
+             int run_rows, int ntiles, int tiles_n, int upper, float alpha, float* out, long long rs, long long cs,  \
+             float* partial, int va, int vb) {                                                                      \
+        gram<name##_cfg>(a, b, M, N, tiles, run_start, run_rows, ntiles, tiles_n, upper, alpha, out, rs, cs,        \
+                         partial, va, vb);                                                                          \
     }
-TF32_ALL(GRAM_ENTRY, gram_tf32_128x128, 2, 4)
+#define GRAM_ENTRY(name, WM, WN, PASSES, TA, TB) GRAM_ENTRY_CFG(name, Cfg<WM, WN, 4, 4, PASSES, TA, TB>)
+TF32_F32(GRAM_ENTRY, gram_tf32_128x128, 2, 4)
+TF32_BF16_A(GRAM_ENTRY, gram_tf32_128x128, 2, 4)
+GRAM_ENTRY(gram_tf32_128x128_f32_bf16, 2, 4, 1, float, bf16)
+GRAM_ENTRY_CFG(gram_bf16_128x128_bf16_bf16, Cfg<2, 4, 4, 4, 1, bf16, bf16, true>)
 TF32_F32(GRAM_ENTRY, gram_tf32_256x32, 4, 1)
 TF32_BF16_A(GRAM_ENTRY, gram_tf32_256x32, 4, 1)
 GRAM_ENTRY(gram_3xtf32_128x128_f32_f32, 2, 4, 3, float, float)

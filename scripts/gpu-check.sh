@@ -700,7 +700,10 @@ tilings = [f"{t}{o}" for t in ["128x128x32s3", "128x128x32s4", "128x128x64s4", "
 want = {
     "cuda_lora_4096x2048_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
     "cuda_diag_16x256_r16_d2048": ["per_sample_squaring", "materialised_cublas"],
-    "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "cublas_gemm"],
+    # The Gram on f32 operands (tf32 mma) and on the same values stored bf16 (bf16 mma).
+    "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "hand_written_symmetric_bf16",
+                                   "simt_symmetric", "cublas_gemm"],
+    "cuda_kfac_cross_4096x2048x2048": ["tensor_cores", "tensor_cores_bf16", "simt", "cublas_gemm"],
     # The end-to-end groups' names carry the step's shape (benches/cuda.rs `Shapes::step`):
     # found by pattern, so that a change of shape does not lose them.
     "cuda_llama1b_shape_*": ["lora_forward_backward", "curvature_diag", "curvature_diag_pass",
@@ -779,9 +782,20 @@ rows = [
     ("q/k/v group backward, folded (LoRA as cuBLAS's C)", "cuda_lora_qkv_4096x2048_o2048+512+512_r16", "backward_folded", "backward_cublas"),
     ("diag 16x256 r16 d2048", "cuda_diag_16x256_r16_d2048", "per_sample_squaring", "materialised_cublas"),
     ("KFAC factor 4096x2048", "cuda_kfac_factor_4096x2048", "hand_written_symmetric", "cublas_gemm"),
+    ("KFAC factor 4096x2048, bf16 operands (bf16 mma)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "cublas_gemm"),
 ]
 print("| kernel | ours (ms) | cuBLAS sequence (ms) | speed-up |\n|---|---:|---:|---:|")
 for name, g, a, b in rows:
+    x, y = ms(g, a), ms(g, b)
+    print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
+# Issue 8's Gram goal: the tensor-core Gram >= 5x the SIMT one.
+print("\n| Gram on tensor cores | ours (ms) | SIMT (ms) | speed-up |\n|---|---:|---:|---:|")
+for name, g, a, b in [
+    ("KFAC factor 4096x2048, f32 (tf32)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric", "simt_symmetric"),
+    ("KFAC factor 4096x2048, bf16 (bf16 mma)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "simt_symmetric"),
+    ("cross factor 4096x2048x2048, f32 (tf32)", "cuda_kfac_cross_4096x2048x2048", "tensor_cores", "simt"),
+    ("cross factor 4096x2048x2048, bf16 (bf16 mma)", "cuda_kfac_cross_4096x2048x2048", "tensor_cores_bf16", "simt"),
+]:
     x, y = ms(g, a), ms(g, b)
     print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
 def group(prefix):

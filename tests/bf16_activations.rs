@@ -435,7 +435,8 @@ fn classifier_and_curvature_read_bf16_activations() {
 /// The curvature kernels read a bf16 operand as stored (staged in shared memory as bf16,
 /// widened per fragment): since a bf16 value is exact in tf32 and f32, each result is bit
 /// for bit that of the same values handed over as f32, whichever operand is bf16 (read as
-/// stored where an entry is built for the combination, else widened first). Shapes
+/// stored where an entry is built for the combination, else widened first), except for
+/// two bf16 operands at 128 x 128, which take bf16 mma (the test after this one). Shapes
 /// cover both Gram tilings (128 x 128; 256 x 32 with the narrow side swapped to B), the
 /// rows split across blocks (600 rows), the symmetric upper-triangle path, bf16 widths
 /// that are whole 16-byte chunks (16-byte copies) or not (element copies: 44 as A in both
@@ -475,9 +476,14 @@ fn curvature_kernels_read_bf16_as_stored() {
                 len: rows - rows / 3 - 2,
             },
         ];
+        // Two bf16 operands at 128 x 128 take bf16 mma (`bf16_operands_take_bf16_mma_in_the_gram`
+        // below): the same exact products, added in another order, so not the same bits.
+        let skinny = dx.min(dy) <= 32;
         let (xb, xf) = both(rows, dx, &mut rng);
         let want = gram(&xf, dx, &xf, dx, &segs);
-        same_bits("symmetric gram", &gram(&xb, dx, &xb, dx, &segs), &want);
+        if dx <= 32 {
+            same_bits("symmetric gram", &gram(&xb, dx, &xb, dx, &segs), &want);
+        }
         let (yb, yf) = both(rows, dy, &mut rng);
         let want = gram(&xf, dx, &yf, dy, &segs);
         for (what, x, y) in [
@@ -485,6 +491,9 @@ fn curvature_kernels_read_bf16_as_stored() {
             ("bf16 x f32", &xb, &yf),
             ("f32 x bf16", &xf, &yb),
         ] {
+            if what == "bf16 x bf16" && !skinny {
+                continue;
+            }
             same_bits(
                 &format!("gram {rows}x{dx}x{dy} {what}"),
                 &gram(x, dx, y, dy, &segs),
@@ -533,6 +542,74 @@ fn curvature_kernels_read_bf16_as_stored() {
                 &format!("per-sample squares r={r} {what}"),
                 &sq(n, w),
                 &want,
+            );
+        }
+    }
+}
+
+/// The Gram of two bf16 operands at 128 x 128 tiles runs on bf16 mma (m16n8k16, fragments
+/// by ldmatrix.trans): against the CPU's Gram of the same values (f32 products of bf16
+/// values are exact, so only the order of the f32 sums differs: 1e-4). Shapes: several
+/// tiles each way with tails that are not whole mma tiles (200, 136, 300 = 2 x 128 + 44),
+/// the symmetric upper triangle over several tiles, rows split across blocks (600) or not
+/// (37 in two segments with a gap), widths of whole 16-byte chunks (16-byte copies) or
+/// not (300, 44: element copies), and a narrow side of 33 (the smallest at 128 x 128).
+#[test]
+fn bf16_operands_take_bf16_mma_in_the_gram() {
+    let g = sim(BaseDtype::Bf16);
+    let c = CpuBackend::new(2);
+    let mut rng = ChaCha8Rng::seed_from_u64(31);
+    for (rows, dx, dy) in [
+        (600, 300, 300),
+        (37, 136, 136),
+        (600, 200, 136),
+        (70, 44, 300),
+        (300, 33, 64),
+    ] {
+        let segs = [
+            Segment {
+                start: 0,
+                len: rows / 3,
+            },
+            Segment {
+                start: rows / 3 + 2,
+                len: rows - rows / 3 - 2,
+            },
+        ];
+        let (xg, x) = bf16_act(&g, &mut rng, rows, dx);
+        let (yg, y) = bf16_act(&g, &mut rng, rows, dy);
+        for (what, (ag, a, da), (bg, b, db)) in [
+            ("symmetric", (&xg, &x, dx), (&xg, &x, dx)),
+            ("cross", (&xg, &x, dx), (&yg, &y, dy)),
+        ] {
+            let init = rnd(&mut rng, da * db);
+            let mut out = g.buf(init.clone()).unwrap();
+            let before = g.stats();
+            g.time_kernels(true);
+            g.gram_accumulate(ag, da, bg, db, &segs, 0.75, &mut out)
+                .unwrap();
+            g.time_kernels(false);
+            let times = g.kernel_times().unwrap();
+            let names: Vec<&str> = times.iter().map(|t| t.name.as_str()).collect();
+            assert!(
+                names
+                    .iter()
+                    .any(|n| n.starts_with("gram_bf16_128x128_bf16_bf16")),
+                "{rows}x{da}x{db} {what}: {names:?}"
+            );
+            assert!(
+                !names.iter().any(|n| n.starts_with("gram_tf32")),
+                "{rows}x{da}x{db} {what}: {names:?}"
+            );
+            assert!(g.stats().since(&before).launches > 0);
+            let mut want = init;
+            c.gram_accumulate(a, da, b, db, &segs, 0.75, &mut want)
+                .unwrap();
+            close(
+                &format!("bf16 mma gram {rows}x{da}x{db} {what}"),
+                &g.to_host(&out).unwrap(),
+                &want,
+                F32,
             );
         }
     }

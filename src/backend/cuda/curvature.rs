@@ -73,18 +73,22 @@ impl Input {
     }
 }
 
-/// Shared-memory row stride, in elements, of a tile `w` wide stored as `x` is
-/// (smem_stride of curvature_tc.cu).
-fn smem_stride(w: usize, x: Input) -> usize {
+/// Shared-memory row stride, in elements, of a tile `w` wide stored as `x` is, in an
+/// entry on tf32 mma or (`bf16_mma`) on bf16 mma (smem_stride of curvature_tc.cu).
+fn smem_stride(w: usize, x: Input, bf16_mma: bool) -> usize {
     match x.dtype {
+        _ if bf16_mma => w + 8,
         DType::F32 => w.max(16) + 8,
         DType::Bf16 => w.max(32) + 16,
     }
 }
 
-/// Dynamic shared memory of a block with `bm` x `bn` output tiles of operands `a`, `b`.
-fn smem_bytes(bm: usize, a: Input, bn: usize, b: Input) -> u32 {
-    (STAGES * BK * (smem_stride(bm, a) * a.bytes() + smem_stride(bn, b) * b.bytes())) as u32
+/// Dynamic shared memory of the block of `entry` with `bm` x `bn` output tiles of
+/// operands `a`, `b`.
+fn smem_bytes(entry: &str, bm: usize, a: Input, bn: usize, b: Input) -> u32 {
+    let mma = entry.starts_with("gram_bf16_");
+    (STAGES * BK * (smem_stride(bm, a, mma) * a.bytes() + smem_stride(bn, b, mma) * b.bytes()))
+        as u32
 }
 
 /// Adjacent segments (no padding between them) merged, empty ones dropped.
@@ -116,10 +120,13 @@ fn row_tiles(runs: &[Segment]) -> Vec<[i32; 2]> {
 
 impl CudaBackend {
     /// The entry `<kind>_<precision>_<variant>_<A's storage>_<B's storage>`: tf32 or 3xtf32
-    /// for this engine's base dtype. The f32 engine stores no bf16 activations, so 3xtf32
-    /// has f32 entries only.
+    /// for this engine's base dtype, or bf16 mma where both operands are bf16 (the 128 x 128
+    /// Gram: the same products, exact in f32, at twice tf32's rate per instruction). The
+    /// f32 engine stores no bf16 activations, so 3xtf32 has f32 entries only.
     fn tc_entry(&self, kind: &str, variant: &str, a: Input, b: Input) -> Result<String> {
+        let both_bf16 = a.dtype == DType::Bf16 && b.dtype == DType::Bf16;
         let precision = match self.base_dtype() {
+            BaseDtype::Bf16 if both_bf16 && kind == "gram" && variant == "128x128" => "bf16",
             BaseDtype::Bf16 => "tf32",
             BaseDtype::F32 if a.dtype == DType::F32 && b.dtype == DType::F32 => "3xtf32",
             BaseDtype::F32 => {
@@ -225,7 +232,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid: [out_tiles as u32, nsplit as u32, 1],
             block: [threads, 1, 1],
-            shared_bytes: smem_bytes(bm, a, bn, b),
+            shared_bytes: smem_bytes(&entry, bm, a, bn, b),
         };
         let args = [
             Arg::U64(a.ptr),
@@ -351,7 +358,7 @@ impl CudaBackend {
         let cfg = LaunchConfig {
             grid: [wide_tiles as u32, ngroups as u32, 1],
             block: [128, 1, 1],
-            shared_bytes: smem_bytes(SQ_BM, wide, rank_cols, narrow),
+            shared_bytes: smem_bytes(&entry, SQ_BM, wide, rank_cols, narrow),
         };
         let args = [
             Arg::U64(wide.ptr),
@@ -441,7 +448,8 @@ mod tests {
     }
 
     /// The Gram and squaring entries of curvature_tc.cu run on tensor cores: each one's
-    /// PTX body holds the tf32 mma.sync and the cp.async pipeline.
+    /// PTX body holds the mma.sync of its precision (tf32, or bf16 with ldmatrix) and the
+    /// cp.async pipeline.
     #[test]
     #[cfg_attr(
         not(lalora_cuda_kernels),
@@ -453,20 +461,28 @@ mod tests {
             .find(|m| m.name == "curvature_tc")
             .expect("curvature_tc is registered");
         let bodies: Vec<&str> = m.ptx().split(".entry ").skip(1).collect();
-        let mut tensor_entries = 0;
+        let (mut tensor_entries, mut bf16_entries) = (0, 0);
         for body in bodies {
             let name = body.split('(').next().unwrap_or("").trim();
             if (name.starts_with("gram_") && name != "gram_reduce_splits")
                 || name.starts_with("sq_grad_")
             {
                 tensor_entries += 1;
-                for want in [
-                    "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32",
-                    "cp.async.cg.shared.global",
-                    "cp.async.wait_group",
-                ] {
+                let bf16_mma = name.starts_with("gram_bf16_");
+                bf16_entries += bf16_mma as usize;
+                let mma = if bf16_mma {
+                    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32"
+                } else {
+                    "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32"
+                };
+                for want in [mma, "cp.async.cg.shared.global", "cp.async.wait_group"] {
                     assert!(body.contains(want), "{name} lacks {want}");
                 }
+                assert_eq!(
+                    body.contains("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16"),
+                    bf16_mma,
+                    "{name}: ldmatrix where the mma is bf16"
+                );
                 // f32 operands are rounded to tf32; bf16 ones, which tf32 holds exactly,
                 // go in as they are (`Frag`'s EXACT).
                 let rounds = body.contains("cvt.rna.tf32.f32");
@@ -478,7 +494,7 @@ mod tests {
                 );
             }
         }
-        assert_eq!(tensor_entries, 20);
+        assert_eq!((tensor_entries, bf16_entries), (20, 1));
     }
 
     #[test]

@@ -115,7 +115,7 @@ pub static MODULES: [KernelModule; 15] = [
             "gram_tf32_128x128_f32_f32",
             "gram_tf32_128x128_f32_bf16",
             "gram_tf32_128x128_bf16_f32",
-            "gram_tf32_128x128_bf16_bf16",
+            "gram_bf16_128x128_bf16_bf16",
             "gram_tf32_256x32_f32_f32",
             "gram_tf32_256x32_bf16_f32",
             "gram_3xtf32_128x128_f32_f32",

@@ -8,12 +8,15 @@
 //              (per-sample gradient squaring for `diag`; C_n never leaves registers).
 //
 // Operands: each of A and B is stored as f32 or as bf16 (the bf16 engine's activations,
-// and its gate/up and q/k/v gradients outside curvature passes, read by the dB Gram),
-// read as stored: a bf16 tile is staged in shared memory as bf16 (half the bytes) and
-// widened when a lane loads its fragment. A bf16 value is exact in tf32, so the product is
-// bit for bit that of the operand widened to f32 beforehand.
+// and its gate/up and q/k/v gradients unless diag or KFAC reduce sums them, read by the
+// dB Gram and KFAC expand's g^T g), read as stored: a bf16 tile is staged in shared
+// memory as bf16 (half the bytes). Where one operand is f32 a lane widens its bf16 values
+// as it loads its fragment; a bf16 value is exact in tf32, so the product is bit for bit
+// that of the operand widened to f32 beforehand. Two bf16 operands in 128 x 128 tiles
+// take bf16 mma instead (Cfg::BF16_MMA): the same exact products, summed in another order.
 //
-// Tensor cores: mma.sync m16n8k8 with tf32 inputs and f32 accumulators. Precision follows
+// Tensor cores: mma.sync m16n8k8 with tf32 inputs and f32 accumulators, or m16n8k16 with
+// bf16 inputs where both operands are bf16 (precision as stored). Precision follows
 // the engine's base dtype: PASSES = 1 rounds each input to tf32, to nearest with ties
 // away, in shared memory as its tile lands (10-bit mantissa, about 5e-4 relative error
 // per product: the bf16 engine's precision); PASSES = 3 is 3xTF32,
@@ -546,9 +549,10 @@ __device__ __forceinline__ void sq_grad(const typename C::TA* a, const typename 
 
 // KFAC Gram out (M, N) += alpha * sum_tiles A_tile^T B_tile (see gram above). 128 x 128
 // tiles of 8 warps (2 x 4, 64 x 32 each), or 256 x 32 tiles of 4 warps for a narrow side.
-// bf16 operands: 128 x 128 in every combination (x^T x on bf16 mma; dA = gA^T x, dB =
-// g^T u and the kfac-tri cross term x^T u at r from 33 to 64 on tf32); 256 x 32 with a
-// bf16 wide side (the same at r <= 32, where the narrow side, gA or u, is f32).
+// bf16 operands: 128 x 128 in every combination (x^T x, g^T g of bf16 gradients on bf16
+// mma; dA = gA^T x, dB = g^T u and the kfac-tri cross term x^T u at r from 33 to 64 on
+// tf32); 256 x 32 with a bf16 wide side (the same at r <= 32, where the narrow side, gA
+// or u, is f32).
 #define GRAM_ENTRY_CFG(name, ...)                                                                                   \
     using name##_cfg = __VA_ARGS__;                                                                                 \
     extern "C" __global__ void __launch_bounds__(name##_cfg::THREADS, 1)                                            \

@@ -22,6 +22,7 @@ use lalora_engine::backend::group::{Feeds, GradFeeds, LoraBwd, LoraGroup, ProjBw
 use lalora_engine::backend::{
     AttnSaved, AttnShape, Backend, CeTargets, LoraDims, RopeTable, Segment,
 };
+use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::model::CachedSeq;
 use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -615,6 +616,43 @@ fn bf16_operands_take_bf16_mma_in_the_gram() {
     }
 }
 
+/// KFAC expand multiplies each position's gradients before summing, so its backward
+/// stores them as training's does (`GradFeeds::Backward`): on the tiny model (head dim
+/// 16, so dq and dk stay f32; dv, 32 wide, takes the 256 x 32 tiling) the g g^T of gate
+/// and up (dgate, dup: bf16) run on bf16 mma beside the input factors of the three bf16
+/// inputs (the normed hidden states twice, the SwiGLU output); the attention output and
+/// the residual gradient are f32. Reduce and diag sum g over a sequence first and keep it
+/// f32: reduce's Grams read f32 sums, diag makes none. (The factors' accuracy against
+/// curvlinops: `tests/curvature_reference.rs`.)
+#[test]
+fn kfac_expand_reads_gradients_as_training_stores_them() {
+    let g = sim(BaseDtype::Bf16);
+    let t = tiny();
+    let model = tiny_model(&g);
+    let lora = t.adapter.map(|v| g.buf(v.clone())).unwrap();
+    let bf16_grams = |scheme, approx| {
+        g.time_kernels(true);
+        let spec = Spec {
+            scheme,
+            fisher: Fisher::Empirical,
+            approx,
+            seed: 0,
+        };
+        estimate(&g, &model, &lora, &t.examples, 4, spec, || {}).unwrap();
+        g.time_kernels(false);
+        let times = g.kernel_times().unwrap();
+        times
+            .iter()
+            .filter(|k| k.name.starts_with("gram_bf16_"))
+            .map(|k| k.calls)
+            .sum::<u64>()
+    };
+    // 6 sequences in batches of 4: two backward passes over 2 layers, 5 each.
+    assert_eq!(bf16_grams(Scheme::Kfac, KfacApprox::Expand), 2 * 2 * 5);
+    assert_eq!(bf16_grams(Scheme::Kfac, KfacApprox::Reduce), 0);
+    assert_eq!(bf16_grams(Scheme::Diag, KfacApprox::Expand), 0);
+}
+
 /// RoPE in place on bf16 q/k rows: the rotation of the f32 entry on the same values,
 /// rounded once (bit for bit), and the CPU's to one rounding. Head dims 16 (packs of eight
 /// per half head) and 12 (single elements); 37 rows over a period of 5.
@@ -711,14 +749,14 @@ fn attention_reads_bf16_projections() {
         let dg = g.buf(dout.clone()).unwrap();
         let grads = |q, k, v, o, saved| -> Vec<Vec<f32>> {
             let (dq, dk, dv) = g
-                .attention_backward(&dg, q, k, v, o, saved, None, GradFeeds::Curvature, &s)
+                .attention_backward(&dg, q, k, v, o, saved, None, GradFeeds::Summed, &s)
                 .unwrap();
             [dq, dk, dv].iter().map(|x| g.to_host(x).unwrap()).collect()
         };
         let got = grads(&qg, &kg, &vg, &og, &sg);
         let f32_entries = grads(&qf, &kf, &vf, &of, &sf);
         let (dqc, dkc, dvc) = c
-            .attention_backward(&dout, &q, &k, &v, &oc, &sc, None, GradFeeds::Curvature, &s)
+            .attention_backward(&dout, &q, &k, &v, &oc, &sc, None, GradFeeds::Summed, &s)
             .unwrap();
         for (i, (name, want)) in [("dq", dqc), ("dk", dkc), ("dv", dvc)].iter().enumerate() {
             same_bits(&what(name), &got[i], &f32_entries[i]);
@@ -827,7 +865,7 @@ fn o_proj_writes_do_as_flash_attention_reads_it() {
                     &out,
                     &saved,
                     Some(&rope),
-                    GradFeeds::Curvature,
+                    GradFeeds::Summed,
                     &s,
                 )
                 .unwrap();
@@ -879,10 +917,8 @@ fn swiglu_reads_bf16_gate_and_up() {
     let (dgf, duf) = g
         .swiglu_backward(&da, &gf, &uf, GradFeeds::Backward)
         .unwrap();
-    // A curvature pass: stored f32, whatever gate and up are.
-    let (dgk, duk) = g
-        .swiglu_backward(&da, &gg, &ug, GradFeeds::Curvature)
-        .unwrap();
+    // Summed over positions first (diag, KFAC reduce): stored f32, whatever gate and up are.
+    let (dgk, duk) = g.swiglu_backward(&da, &gg, &ug, GradFeeds::Summed).unwrap();
     let (dgc, duc) = c
         .swiglu_backward(&dact, &gate, &up, GradFeeds::Backward)
         .unwrap();

@@ -23,10 +23,11 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const F32: f64 = 1e-4;
-/// What reads attention's gradients: a training step (stored bf16 with bf16 base weights,
-/// on the flash path) or a curvature pass (f32).
+/// What reads attention's gradients: a training step or KFAC expand (stored bf16 with bf16
+/// base weights, on the flash path), or a reduction that sums them first (diag, KFAC
+/// reduce: f32).
 const TRAIN: GradFeeds = GradFeeds::Backward;
-const CURV: GradFeeds = GradFeeds::Curvature;
+const SUMMED: GradFeeds = GradFeeds::Summed;
 const BF16: f64 = 1e-2;
 /// An f32 result stored as a bf16 activation (bf16 base weights): one rounding to
 /// nearest, at most 2^-8 / (1 + 2^-8) = 0.00389 relative per element (bf16 keeps 8
@@ -537,11 +538,11 @@ fn flash_attention_matches_cpu() {
             let dg = p.up(&dout);
             let (tc, tg) = p.rope(&mut rng, tk_stride, head_dim);
             let (dqc, dkc, dvc) =
-                p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), CURV, &s)
+                p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), SUMMED, &s)
                     .unwrap();
-            // f32 gradients, as a curvature pass asks for them.
+            // f32 gradients, as diag and KFAC reduce ask for them.
             let (dqg, dkg, dvg) = g
-                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), CURV, &s)
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), SUMMED, &s)
                 .unwrap();
             assert_eq!(dqg.dtype(), DType::F32, "{}", what("curvature grads"));
             let got = [p.down(&dqg), p.down(&dkg), p.down(&dvg)];
@@ -583,7 +584,7 @@ fn flash_attention_matches_cpu() {
             // of zero (cache rows past tk: stored +0 by the fused path, rotated zeros may
             // come out -0). Elsewhere both sides would run the passes.
             let (mut dq0, mut dk0, dv0) = g
-                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, None, CURV, &s)
+                .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, None, SUMMED, &s)
                 .unwrap();
             let rows = (batch * tq, batch * tk_stride);
             g.rope(&mut dq0, &tg, rows.0, n_heads, head_dim, true)
@@ -606,7 +607,7 @@ fn flash_attention_matches_cpu() {
             }
             if n == 0 {
                 let (dq2, dk2, dv2) = g
-                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), CURV, &s)
+                    .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), SUMMED, &s)
                     .unwrap();
                 let again = [p.down(&dq2), p.down(&dk2), p.down(&dv2)];
                 assert!(

@@ -37,14 +37,17 @@ pub enum Feeds {
 /// `(dgate, dup)`, attention's `(dq, dk, dv)`), which decides how a backend may store them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradFeeds {
-    /// The projection group's backward only (`dx = g W`, `gA = s g B`, `dB = g^T u`): a
-    /// backend may store them as it stores the group's outputs (CUDA with bf16 base
-    /// weights: bf16, which its base GEMM rounds `g` to anyway).
+    /// Products of each position's `g`, summed over positions after: the projection
+    /// group's backward (`dx = g W`, `gA = s g B`, `dB = g^T u`) and KFAC expand's factors
+    /// (`sum_t g_t g_t^T`, and kfac-tri's `sum_t gA_t g_t^T`). A backend may store them as
+    /// it stores the group's outputs (CUDA with bf16 base weights: bf16, which its base
+    /// GEMM rounds `g` to anyway); every product then reads the one rounding of `g`.
     Backward,
-    /// A curvature pass's reductions too: stored f32. KFAC's reduce factors sum `g` over a
-    /// sequence before squaring, so cancellation amplifies a rounding of `g` (BENCHMARKS.md,
-    /// bf16 activations: the reduce factors against curvlinops crossed their bf16 bound).
-    Curvature,
+    /// Reductions that sum `g` over positions first: stored f32. KFAC's reduce factors
+    /// square `sum_t g_t`, and diag squares each sequence's `sum_t g_t u_t^T`, so
+    /// cancellation in the sum amplifies a rounding of `g` (BENCHMARKS.md, bf16
+    /// activations: the reduce factors against curvlinops crossed their bf16 bound).
+    Summed,
 }
 
 /// One projection of a forward group: `y = x W^T (+ s (x A^T) B^T)`.

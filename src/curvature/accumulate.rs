@@ -6,6 +6,7 @@
 //! Everything is accumulated as plain sums; `finish` applies the `1/M` or `1/N` input
 //! normalisation of the KFAC factors. Only one batch of activations is alive at a time.
 
+use crate::backend::group::GradFeeds;
 use crate::backend::{Backend, Segment};
 use crate::curvature::{KfacApprox, Scheme};
 use crate::error::Result;
@@ -168,6 +169,16 @@ impl<B: Backend> Accumulator<B> {
 }
 
 impl<B: Backend> LoraObserver<B> for Accumulator<B> {
+    /// KFAC expand alone multiplies each position's gradients before summing
+    /// (`sum_p g_p g_p^T`, `sum_p gA_p (s g_p)^T`), so it reads them as the training
+    /// backward stores them; diag and reduce sum over a sequence first and ask for f32.
+    fn grad_feeds(&self) -> GradFeeds {
+        match (&self.diag, &self.kfac) {
+            (None, Some(k)) if k.approx == KfacApprox::Expand => GradFeeds::Backward,
+            _ => GradFeeds::Summed,
+        }
+    }
+
     fn observe(
         &mut self,
         be: &B,

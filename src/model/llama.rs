@@ -36,6 +36,12 @@ pub struct Llama<B: Backend> {
 /// (m, r)`, `g = dL/dh (m, d_out)` and `gA = s g B (m, r)`; `module` indexes
 /// `LoraWeights::modules`.
 pub trait LoraObserver<B: Backend> {
+    /// How the backward may store the projection groups' output gradients `g` that
+    /// `observe` receives (`GradFeeds`): `Summed` (f32), unless every reduction the
+    /// observer makes multiplies each position's `g` before summing.
+    fn grad_feeds(&self) -> GradFeeds {
+        GradFeeds::Summed
+    }
     #[allow(clippy::too_many_arguments)]
     fn observe(
         &mut self,
@@ -469,11 +475,10 @@ impl<B: Backend> Llama<B> {
                 &mut dact,
                 false,
             )?;
-            let feeds = if ctx.observer.is_some() {
-                GradFeeds::Curvature
-            } else {
-                GradFeeds::Backward
-            };
+            let feeds = ctx
+                .observer
+                .as_deref()
+                .map_or(GradFeeds::Backward, |o| o.grad_feeds());
             let (dgate, dup) = be.swiglu_backward(&dact, &a.gate, &a.up, feeds)?;
             let mut dxn2 = be.zeros(m * d)?;
             let gate_up = [Proj::Gate, Proj::Up];

@@ -76,11 +76,12 @@ impl CudaBackend {
             }
             AttnSaved::Lse(lse) => {
                 let fused = rope.filter(|_| flash::fuses_rope(s));
-                // Outside curvature passes the gradients go to the q/k/v group's backward
-                // only, whose base GEMM rounds them to bf16 anyway: stored bf16 (its gA and
-                // dB read them as stored), rounded once. A curvature pass keeps them f32
-                // (`GradFeeds`), and so do head dims whose RoPE inverse runs as passes
-                // after (rotating a stored bf16 dq would round it twice).
+                // Unless a reduction sums them over positions first (`GradFeeds::Summed`),
+                // the gradients are stored bf16, rounded once: the q/k/v group's base GEMM
+                // rounds them to bf16 anyway, and its gA and dB (and KFAC expand's Grams)
+                // read them as stored. `Summed` keeps them f32, and so do head dims whose
+                // RoPE inverse runs as passes after (rotating a stored bf16 dq would round
+                // it twice).
                 let grads = match (feeds, rope.is_some() && fused.is_none()) {
                     (GradFeeds::Backward, false) => self.act_dtype(),
                     _ => DType::F32,

@@ -8,8 +8,8 @@
 //              (per-sample gradient squaring for `diag`; C_n never leaves registers).
 //
 // Operands: each of A and B is stored as f32 or as bf16 (the bf16 engine's activations,
-// and its gate/up and q/k/v gradients unless diag or KFAC reduce sums them, read by the
-// dB Gram and KFAC expand's g^T g), read as stored: a bf16 tile is staged in shared
+// and its gate/up and q/k/v gradients unless KFAC reduce sums them, read by the dB Gram,
+// KFAC expand's g^T g and diag's squaring), read as stored: a bf16 tile is staged in shared
 // memory as bf16 (half the bytes). Where one operand is f32 a lane widens its bf16 values
 // as it loads its fragment; a bf16 value is exact in tf32, so the product is bit for bit
 // that of the operand widened to f32 beforehand. Two bf16 operands in 128 x 128 tiles

@@ -30,7 +30,7 @@
 // bytes read; the forward's and dQ's K/V tiles and dK/dV's Q/dO tiles global -> shared by
 // cp.async); dO is stored as q/k/v are (every read of it rounds it to bf16 for the
 // products, and D's sum too); O and the LSE are f32; dQ, dK and dV are f32, or bf16 (the
-// f32 results rounded once) with bf16 base weights, unless diag or KFAC reduce sums them. Kernels are
+// f32 results rounded once) with bf16 base weights, unless KFAC reduce sums them. Kernels are
 // built for head dims 64 and 128 (D); a smaller multiple of 16 runs zero-padded in the
 // next one (`hd` is the real dim).
 #include "common.cuh"

@@ -48,7 +48,7 @@
 // global -> shared by cp.async in 16-byte chunks, STAGES - 1 steps ahead of the products,
 // the buffers being the stages of the pipeline; so is X where it is bf16 (the activations
 // and gradients the model stores so), while an f32 X (attention output, residual
-// gradient, the gradients diag and KFAC reduce sum) is loaded into registers a step ahead and stored
+// gradient, the gradients KFAC reduce sums) is loaded into registers a step ahead and stored
 // as one bf16 piece. Any other segment (f32 weights: the LoRA segments and the f32 engine)
 // is loaded into registers one step of at most 32 ahead, scaled and split into pieces in
 // the first 3 buffers. Staging both operands through registers had cost about 18

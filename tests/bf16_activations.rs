@@ -616,21 +616,26 @@ fn bf16_operands_take_bf16_mma_in_the_gram() {
     }
 }
 
-/// KFAC expand multiplies each position's gradients before summing, so its backward
-/// stores them as training's does (`GradFeeds::Backward`): on the tiny model (head dim
-/// 16, so dq and dk stay f32; dv, 32 wide, takes the 256 x 32 tiling) the g g^T of gate
-/// and up (dgate, dup: bf16) run on bf16 mma beside the input factors of the three bf16
-/// inputs (the normed hidden states twice, the SwiGLU output); the attention output and
-/// the residual gradient are f32. Reduce and diag sum g over a sequence first and keep it
-/// f32: reduce's Grams read f32 sums, diag makes none. (The factors' accuracy against
-/// curvlinops: `tests/curvature_reference.rs`.)
+/// KFAC expand and diag multiply each position's gradient before summing, so their
+/// backward stores the gradients as training's does (`GradFeeds::Backward`); KFAC reduce
+/// sums them alone first and keeps them f32. On the tiny model dgate and dup are then
+/// bf16; dq, dk and dv stay f32 (head dim 16: RoPE's inverse runs as passes after flash
+/// attention), as do the attention output and the residual gradient. Over 2 batches x 2
+/// layers:
+/// - expand: 5 Grams of two bf16 operands (bf16 mma) each: the input factors of the three
+///   bf16 inputs (the normed hidden states twice, the SwiGLU output) and g g^T of gate and
+///   up; reduce's Grams read f32 sums, so none;
+/// - diag: 8 squarings with a bf16 wide side each: gA against the six bf16 inputs (all but
+///   o's) and g of gate and up against u; with f32 gradients only the six.
+///
+/// (The curvature's accuracy against curvlinops: `tests/curvature_reference.rs`.)
 #[test]
-fn kfac_expand_reads_gradients_as_training_stores_them() {
+fn expand_and_diag_read_gradients_as_training_stores_them() {
     let g = sim(BaseDtype::Bf16);
     let t = tiny();
     let model = tiny_model(&g);
     let lora = t.adapter.map(|v| g.buf(v.clone())).unwrap();
-    let bf16_grams = |scheme, approx| {
+    let launches = |scheme, approx, pick: &dyn Fn(&str) -> bool| {
         g.time_kernels(true);
         let spec = Spec {
             scheme,
@@ -643,14 +648,22 @@ fn kfac_expand_reads_gradients_as_training_stores_them() {
         let times = g.kernel_times().unwrap();
         times
             .iter()
-            .filter(|k| k.name.starts_with("gram_bf16_"))
+            .filter(|k| pick(&k.name))
             .map(|k| k.calls)
             .sum::<u64>()
     };
-    // 6 sequences in batches of 4: two backward passes over 2 layers, 5 each.
-    assert_eq!(bf16_grams(Scheme::Kfac, KfacApprox::Expand), 2 * 2 * 5);
-    assert_eq!(bf16_grams(Scheme::Kfac, KfacApprox::Reduce), 0);
-    assert_eq!(bf16_grams(Scheme::Diag, KfacApprox::Expand), 0);
+    // 6 sequences in batches of 4: two backward passes over 2 layers.
+    let bf16_gram = |n: &str| n.starts_with("gram_bf16_");
+    assert_eq!(
+        launches(Scheme::Kfac, KfacApprox::Expand, &bf16_gram),
+        2 * 2 * 5
+    );
+    assert_eq!(launches(Scheme::Kfac, KfacApprox::Reduce, &bf16_gram), 0);
+    let bf16_wide = |n: &str| n.starts_with("sq_grad_") && n.contains("_bf16_f32");
+    assert_eq!(
+        launches(Scheme::Diag, KfacApprox::Expand, &bf16_wide),
+        2 * 2 * 8
+    );
 }
 
 /// RoPE in place on bf16 q/k rows: the rotation of the f32 entry on the same values,
@@ -917,7 +930,7 @@ fn swiglu_reads_bf16_gate_and_up() {
     let (dgf, duf) = g
         .swiglu_backward(&da, &gf, &uf, GradFeeds::Backward)
         .unwrap();
-    // Summed over positions first (diag, KFAC reduce): stored f32, whatever gate and up are.
+    // Summed over positions first (KFAC reduce): stored f32, whatever gate and up are.
     let (dgk, duk) = g.swiglu_backward(&da, &gg, &ug, GradFeeds::Summed).unwrap();
     let (dgc, duc) = c
         .swiglu_backward(&dact, &gate, &up, GradFeeds::Backward)

@@ -23,8 +23,8 @@ use rand::{RngExt, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 const F32: f64 = 1e-4;
-/// What reads attention's gradients: a training step or KFAC expand (stored bf16 with bf16
-/// base weights, on the flash path), or a reduction that sums them first (diag, KFAC
+/// What reads attention's gradients: a training step, KFAC expand or diag (stored bf16 with
+/// bf16 base weights, on the flash path), or a reduction that sums them first (KFAC
 /// reduce: f32).
 const TRAIN: GradFeeds = GradFeeds::Backward;
 const SUMMED: GradFeeds = GradFeeds::Summed;
@@ -540,7 +540,7 @@ fn flash_attention_matches_cpu() {
             let (dqc, dkc, dvc) =
                 p.c.attention_backward(&dout, &q, &k, &v, &oc, &sc, Some(&tc), SUMMED, &s)
                     .unwrap();
-            // f32 gradients, as diag and KFAC reduce ask for them.
+            // f32 gradients, as KFAC reduce asks for them.
             let (dqg, dkg, dvg) = g
                 .attention_backward(&dg, &qg, &kg, &vg, &og, &sg, Some(&tg), SUMMED, &s)
                 .unwrap();

@@ -608,7 +608,7 @@ fn the_folded_path_matches_the_cpu() {
 /// The folded path on the mixes its simpler cases leave out, against the CPU: the first
 /// projection not adapted and `dx` written fresh (not added to), one adapted projection
 /// without weight gradients (a frozen adapter), and the input and the output gradients in
-/// either storage (bf16 `x` with f32 gradients, as diag and KFAC reduce have them; f32 `x`
+/// either storage (bf16 `x` with f32 gradients, as KFAC reduce has them; f32 `x`
 /// with bf16 gradients; bf16 with one f32 gradient among bf16 ones). Bounds as in
 /// `the_folded_path_matches_the_cpu`; the outputs a frozen adapter has no gradients for
 /// are its `dA` and `dB`, which must come back untouched.

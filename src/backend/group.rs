@@ -38,15 +38,16 @@ pub enum Feeds {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GradFeeds {
     /// Products of each position's `g`, summed over positions after: the projection
-    /// group's backward (`dx = g W`, `gA = s g B`, `dB = g^T u`) and KFAC expand's factors
-    /// (`sum_t g_t g_t^T`, and kfac-tri's `sum_t gA_t g_t^T`). A backend may store them as
-    /// it stores the group's outputs (CUDA with bf16 base weights: bf16, which its base
-    /// GEMM rounds `g` to anyway); every product then reads the one rounding of `g`.
+    /// group's backward (`dx = g W`, `gA = s g B`, `dB = g^T u`), KFAC expand's factors
+    /// (`sum_t g_t g_t^T`, and kfac-tri's `sum_t gA_t g_t^T`) and diag's per-sequence
+    /// gradients (`sum_{t in n} g_t u_t^T`, squared after). A backend may store them as it
+    /// stores the group's outputs (CUDA with bf16 base weights: bf16, which its base GEMM
+    /// rounds `g` to anyway); every product then reads the one rounding of `g`.
     Backward,
-    /// Reductions that sum `g` over positions first: stored f32. KFAC's reduce factors
-    /// square `sum_t g_t`, and diag squares each sequence's `sum_t g_t u_t^T`, so
-    /// cancellation in the sum amplifies a rounding of `g` (BENCHMARKS.md, bf16
-    /// activations: the reduce factors against curvlinops crossed their bf16 bound).
+    /// A reduction that sums `g` alone over positions first: stored f32. KFAC's reduce
+    /// factors square `sum_t g_t` over a sequence, where cancellation amplifies a rounding
+    /// of `g` (BENCHMARKS.md, bf16 activations: the reduce factors against curvlinops
+    /// crossed their bf16 bound).
     Summed,
 }
 

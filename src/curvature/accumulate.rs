@@ -169,13 +169,14 @@ impl<B: Backend> Accumulator<B> {
 }
 
 impl<B: Backend> LoraObserver<B> for Accumulator<B> {
-    /// KFAC expand alone multiplies each position's gradients before summing
-    /// (`sum_p g_p g_p^T`, `sum_p gA_p (s g_p)^T`), so it reads them as the training
-    /// backward stores them; diag and reduce sum over a sequence first and ask for f32.
+    /// KFAC expand's factors and diag's per-sample gradients multiply each position's
+    /// gradient before summing (`sum_p g_p g_p^T`, `sum_{p in n} s g_p u_p^T`, as a training
+    /// step's `dB` does), so they read the gradients as the training backward stores them;
+    /// KFAC reduce squares `sum_{p in n} g_p` and asks for f32.
     fn grad_feeds(&self) -> GradFeeds {
-        match (&self.diag, &self.kfac) {
-            (None, Some(k)) if k.approx == KfacApprox::Expand => GradFeeds::Backward,
-            _ => GradFeeds::Summed,
+        match &self.kfac {
+            Some(k) if k.approx == KfacApprox::Reduce => GradFeeds::Summed,
+            _ => GradFeeds::Backward,
         }
     }
 

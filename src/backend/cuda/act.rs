@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 /// the q/k/v and gate/up projections' outputs (which RoPE, flash attention and SwiGLU read
 /// as stored; flash attention rounds its tiles to bf16 anyway), the gradient of the
 /// attention output where flash attention reads it (`Backend::attention_dout`: its every
-/// read rounds it to bf16), and, unless diag or KFAC reduce sums them first, the gradients of the q/k/v and
+/// read rounds it to bf16), and, unless KFAC reduce sums them first, the gradients of the q/k/v and
 /// gate/up outputs (dq, dk, dv from flash attention; dgate, dup: the group backward's base
 /// GEMM rounds them to bf16 anyway, its gA and dB read them exactly); everything else, and everything with f32 base weights, is
 /// f32. What reads a bf16 activation reads

@@ -20,7 +20,7 @@
 //!   in f32 (an f32 copy of a bf16 `dx`, rounded once, as the plain sequence does), the
 //!   group's LoRA products `sum_p gA_p A_p` first, as one GEMM of K = r per adapted
 //!   projection, then the base products added to them.
-//!   f32 operands (the gradients diag and KFAC reduce sum, attention's f32 output as o's input) take
+//!   f32 operands (the gradients KFAC reduce sums, attention's f32 output as o's input) take
 //!   the plain sequence's f32 products.
 //!
 //! So `u_p`, `gA_p`, `dA_p` and `dB_p` are f32 values as on the other paths (the

@@ -6,9 +6,10 @@
 //! (stored bf16 where `y_p` feeds kernels and the activations are bf16: `Feeds`; q and k
 //! rotated by RoPE in the epilogue, `ROPE_FUSED_HEAD_DIMS`);
 //! backward (`g_p` read as stored: bf16 for gate/up, and for q/k/v where flash attention
-//! stores them so, with bf16 base weights unless diag or KFAC reduce sums them, `GradFeeds`): one for every `gA_p = s g_p B_p`, one for
-//! `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`, and per adapted projection the weight
-//! gradients `dA += gA^T x`, `dB += s g^T u` as tensor-core Gram products
+//! stores them so, with bf16 base weights unless KFAC reduce sums them, `GradFeeds`): one
+//! for every `gA_p = s g_p B_p`, one for `dx = [g_1 .. | gA_1 ..] [W_1; ..; A_1; ..]`,
+//! and per adapted projection the weight gradients `dA += gA^T x`, `dB += s g^T u` as
+//! tensor-core Gram products
 //! (`gram_accumulate`, reductions over the rows). With `Base::Cublas`
 //! (`ProjectionGemm::Hybrid`) the base products `x W_p^T` and `g_p W_p` run on cuBLAS
 //! instead: each y launch takes its projection's f32 `x W_p^T` as an addend (the kernel

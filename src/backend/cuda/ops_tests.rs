@@ -258,7 +258,7 @@ fn packed_kernels_take_unaligned_operands_and_tails() {
 /// SwiGLU on bf16 gate and up (the gate/up projections' outputs with bf16 base weights):
 /// the same f32 arithmetic as the f32-input entries on the values the bf16 ones hold, so
 /// the forward and backward (both stored bf16) are theirs rounded once, bit for bit, and
-/// the backward stored f32 (diag and KFAC reduce passes) is theirs exactly.
+/// the backward stored f32 (KFAC reduce passes) is theirs exactly.
 /// Offsets 0 and 8 are aligned bf16 packs of eight (then a tail of n % 8); 4 and 1 are
 /// not (single elements throughout).
 #[test]
@@ -318,7 +318,7 @@ fn swiglu_reads_bf16_gate_and_up() {
                 &back(&g, want, off),
             );
         }
-        // The bf16-in entry (diag or KFAC reduce: gradients stored f32) is the f32 entry's,
+        // The bf16-in entry (KFAC reduce: gradients stored f32) is the f32 entry's,
         // bit for bit.
         let (dgf, pdgf) = at(&g, &vec![0.0; n], off);
         let (duf, pduf) = at(&g, &vec![0.0; n], off);

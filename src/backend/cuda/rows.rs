@@ -231,12 +231,13 @@ impl CudaBackend {
         feeds: GradFeeds,
     ) -> Result<(Act, Act)> {
         let n = gate.len();
-        // Unless a reduction sums them over positions first (`GradFeeds::Summed`: diag,
-        // KFAC reduce; stored f32), dgate and dup are stored as gate and up are: bf16 with
+        // Unless a reduction sums them over positions first (`GradFeeds::Summed`: KFAC
+        // reduce; stored f32), dgate and dup are stored as gate and up are: bf16 with
         // bf16 base weights. The gate/up group's base GEMM dx = g W rounds g to bf16 anyway
         // (the same rounding, so that product is unchanged bit for bit); gA = s g B, the dB
-        // Gram and KFAC expand's g g^T read the stored g exactly, so they carry g's one
-        // rounding (2^-8 relative per element at most), as dA carries that of the bf16 x.
+        // Gram, KFAC expand's g g^T and diag's squaring read the stored g exactly, so they
+        // carry g's one rounding (2^-8 relative per element at most), as dA carries that of
+        // the bf16 x.
         let ty = swiglu_operand_type(gate, up)?;
         let out = match feeds {
             GradFeeds::Backward => ty,

@@ -78,10 +78,10 @@ impl CudaBackend {
                 let fused = rope.filter(|_| flash::fuses_rope(s));
                 // Unless a reduction sums them over positions first (`GradFeeds::Summed`),
                 // the gradients are stored bf16, rounded once: the q/k/v group's base GEMM
-                // rounds them to bf16 anyway, and its gA and dB (and KFAC expand's Grams)
-                // read them as stored. `Summed` keeps them f32, and so do head dims whose
-                // RoPE inverse runs as passes after (rotating a stored bf16 dq would round
-                // it twice).
+                // rounds them to bf16 anyway, and its gA and dB (and KFAC expand's Grams,
+                // diag's squaring) read them as stored. `Summed` keeps them f32, and so do
+                // head dims whose RoPE inverse runs as passes after (rotating a stored bf16
+                // dq would round it twice).
                 let grads = match (feeds, rope.is_some() && fused.is_none()) {
                     (GradFeeds::Backward, false) => self.act_dtype(),
                     _ => DType::F32,

@@ -394,7 +394,7 @@ extern "C" __global__ void flash_bwd_delta_bf16(const bf16* dout, const float* o
 }
 
 // Elements at, at + 1 (at even) of a gradient stored f32, or bf16 (rounded to nearest
-// even) when `bf`: dQ, dK and dV outside curvature passes (flash.rs: `GradFeeds`).
+// even) when `bf`: dQ, dK and dV except in KFAC reduce passes (flash.rs: `GradFeeds`).
 __device__ __forceinline__ void store2(void* base, size_t at, float a, float b, int bf) {
     if (bf)
         *reinterpret_cast<uint32_t*>(static_cast<bf16*>(base) + at) = fa::pack(a, b);

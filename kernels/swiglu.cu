@@ -40,8 +40,8 @@ extern "C" __global__ void swiglu_forward_bf16_in(const __nv_bfloat16* gate, con
 }
 
 // d silu(g)/dg = sig(g) (1 + g (1 - sig(g))), in f32. The gradients are stored as TO: f32,
-// or bf16 (each f32 result rounded once to nearest even) for bf16 gate and up outside
-// curvature passes (host side: src/backend/cuda/rows.rs, `GradFeeds`).
+// or bf16 (each f32 result rounded once to nearest even) for bf16 gate and up except in
+// KFAC reduce passes (host side: src/backend/cuda/rows.rs, `GradFeeds`).
 template <typename TI, typename TO>
 __device__ __forceinline__ void swiglu_bwd(const float* dact, const TI* gate, const TI* up, TO* dgate, TO* dup,
                                            size_t n) {

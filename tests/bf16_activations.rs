@@ -938,11 +938,11 @@ fn swiglu_reads_bf16_gate_and_up() {
     for (name, got, f32_entry, kept, want) in
         [("dgate", dgg, dgf, dgk, dgc), ("dup", dug, duf, duk, duc)]
     {
-        // Only the gate/up group backward reads them, which rounds them anyway.
+        // Only products read them (the gate/up group backward, which rounds them anyway).
         assert_eq!(got.dtype(), DType::Bf16, "{name}: stored as gate and up");
         for (what, b) in [
             ("for f32 gate and up", &f32_entry),
-            ("in curvature passes", &kept),
+            ("in KFAC reduce passes", &kept),
         ] {
             assert_eq!(b.dtype(), DType::F32, "{name}: f32 {what}");
         }

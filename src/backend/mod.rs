@@ -5,7 +5,7 @@
 //! Conventions: activations are row-major `(rows, features)` buffers of f32 values (which a
 //! backend may store at lower precision: CUDA with bf16 base weights keeps the matmuls'
 //! input activations, the projection outputs only kernels read, the gradient of the
-//! attention output that flash attention reads, and, outside curvature passes, the
+//! attention output that flash attention reads, and, except in KFAC reduce passes, the
 //! gradients of the q/k/v and gate/up outputs (flash attention's and the SwiGLU
 //! backward's), in bf16, `cuda::Act`, `group::Feeds`,
 //! `Backend::attention_dout`, `group::GradFeeds`); a frozen base weight `W` is

@@ -70,7 +70,43 @@ fn gram<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     let (mut od, mut or) = c.up_random(dx * dy)?;
     dev.gram_accumulate(&x.0, dx, &y.0, dy, &segs, 0.7, &mut od)?;
     re.gram_accumulate(&x.1, dx, &y.1, dy, &segs, 0.7, &mut or)?;
-    c.check("gram_accumulate", &shapes, &od, &or, TensorCores)
+    c.check("gram_accumulate", &shapes, &od, &or, TensorCores)?;
+    stored_gram(c, rows, &segs)
+}
+
+/// The Gram of operands as the engine stores its activations (RMSNorm's output: bf16 on
+/// CUDA with bf16 base weights, where two bf16 operands take bf16 mma), symmetric and
+/// cross. The reference reads the values the device holds, so both sides multiply the
+/// same values exactly and only the order of the f32 sums differs.
+fn stored_gram<D: Backend, R: Backend>(
+    c: &mut Checker<'_, D, R>,
+    rows: usize,
+    segs: &[Segment],
+) -> Result<()> {
+    let (dev, re) = (c.dev, c.re);
+    let mut stored = |dim: usize| -> Result<(D::Buf, R::Buf)> {
+        let raw = dev.buf(c.random(rows * dim))?;
+        let (x, _) = dev.rmsnorm(&raw, &dev.buf(vec![1.0; dim])?, rows, dim, 1e-5)?;
+        let held = re.buf(dev.to_host(&x)?)?;
+        Ok((x, held))
+    };
+    let (dx, dy) = (136, 70);
+    let (x, y) = (stored(dx)?, stored(dy)?);
+    for (what, (a, da), (b, db)) in [
+        ("symmetric", (&x, dx), (&x, dx)),
+        ("cross", (&x, dx), (&y, dy)),
+    ] {
+        let shapes = format!(
+            "{}, {da}x{db}, {what}, stored activations",
+            describe(rows, segs)
+        );
+        c.case("gram_accumulate", &shapes);
+        let (mut od, mut or) = c.up(&vec![0.0; da * db])?;
+        dev.gram_accumulate(&a.0, da, &b.0, db, segs, 0.9, &mut od)?;
+        re.gram_accumulate(&a.1, da, &b.1, db, segs, 0.9, &mut or)?;
+        c.check("gram_accumulate", &shapes, &od, &or, F32)?;
+    }
+    Ok(())
 }
 
 fn segment_sum<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {

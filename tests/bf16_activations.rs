@@ -433,6 +433,21 @@ fn classifier_and_curvature_read_bf16_activations() {
     close("per-sample squares", &g.to_host(&qg).unwrap(), &qc, BF16);
 }
 
+/// `rows` positions as two sequences with a gap of two padding rows between them.
+fn gapped(rows: usize) -> [Segment; 2] {
+    let first = rows / 3;
+    [
+        Segment {
+            start: 0,
+            len: first,
+        },
+        Segment {
+            start: first + 2,
+            len: rows - first - 2,
+        },
+    ]
+}
+
 /// The curvature kernels read a bf16 operand as stored (staged in shared memory as bf16,
 /// widened per fragment): since a bf16 value is exact in tf32 and f32, each result is bit
 /// for bit that of the same values handed over as f32, whichever operand is bf16 (read as
@@ -467,18 +482,9 @@ fn curvature_kernels_read_bf16_as_stored() {
         (70, 20, 300),
         (600, 5, 64),
     ] {
-        let segs = [
-            Segment {
-                start: 0,
-                len: rows / 3,
-            },
-            Segment {
-                start: rows / 3 + 2,
-                len: rows - rows / 3 - 2,
-            },
-        ];
-        // Two bf16 operands at 128 x 128 take bf16 mma (`bf16_operands_take_bf16_mma_in_the_gram`
-        // below): the same exact products, added in another order, so not the same bits.
+        let segs = gapped(rows);
+        // Two bf16 operands at 128 x 128 take bf16 mma (the next test): the same exact
+        // products, added in another order, so not the same bits.
         let skinny = dx.min(dy) <= 32;
         let (xb, xf) = both(rows, dx, &mut rng);
         let want = gram(&xf, dx, &xf, dx, &segs);
@@ -567,16 +573,7 @@ fn bf16_operands_take_bf16_mma_in_the_gram() {
         (70, 44, 300),
         (300, 33, 64),
     ] {
-        let segs = [
-            Segment {
-                start: 0,
-                len: rows / 3,
-            },
-            Segment {
-                start: rows / 3 + 2,
-                len: rows - rows / 3 - 2,
-            },
-        ];
+        let segs = gapped(rows);
         let (xg, x) = bf16_act(&g, &mut rng, rows, dx);
         let (yg, y) = bf16_act(&g, &mut rng, rows, dy);
         for (what, (ag, a, da), (bg, b, db)) in [

@@ -97,18 +97,51 @@ type Outputs = Vec<(String, Vec<f32>)>;
 fn run<B: Backend>(be: &B, c: &Case, h: &Host, lg: LoraGroup) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
     let g: Vec<_> = h.g.iter().map(|v| up(v)).collect();
-    run_on(be, c, h, lg, (&up(&h.x), &g, Feeds::Residual), &mut || {})
+    run_on(
+        be,
+        c,
+        h,
+        lg,
+        (&up(&h.x), &g),
+        How::plain(Feeds::Residual),
+        &mut || {},
+    )
+}
+
+/// How a run treats its projections: what reads projection i's output, the one adapter
+/// (if any) that is frozen (no weight gradients: its `dA`, `dB` must come back as they
+/// were), and whether `dx` is added to or written fresh.
+struct How<'a> {
+    feeds: &'a dyn Fn(usize) -> Feeds,
+    frozen: Option<usize>,
+    accumulate: bool,
+}
+
+impl How<'static> {
+    /// Every output read by `feeds`, every adapter trained, `dx` added to.
+    fn plain(feeds: Feeds) -> Self {
+        let feeds: &'static dyn Fn(usize) -> Feeds = match feeds {
+            Feeds::Residual => &|_| Feeds::Residual,
+            Feeds::Kernels => &|_| Feeds::Kernels,
+        };
+        How {
+            feeds,
+            frozen: None,
+            accumulate: true,
+        }
+    }
 }
 
 /// `run` with the input `x` and output gradients `g` given as device buffers (`h.x`, `h.g`
-/// unused) and what reads the outputs; `mark` is called just before the forward and just
-/// after the backward (every input on the device by then).
+/// unused), run as `how` says; `mark` is called just before the forward and just after the
+/// backward (every input on the device by then).
 fn run_on<B: Backend>(
     be: &B,
     c: &Case,
     h: &Host,
     lg: LoraGroup,
-    (x, g, feeds): (&B::Buf, &[B::Buf], Feeds),
+    (x, g): (&B::Buf, &[B::Buf]),
+    how: How,
     mark: &mut dyn FnMut(),
 ) -> Outputs {
     let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
@@ -127,7 +160,7 @@ fn run_on<B: Backend>(
             w: &ws[i],
             d_out,
             lora: adapted.then(|| (&a[i], &b[i])),
-            feeds,
+            feeds: (how.feeds)(i),
             rope: None,
         })
         .collect();
@@ -155,12 +188,12 @@ fn run_on<B: Backend>(
                 a: &a[i],
                 b: &b[i],
                 u,
-                grads: Some((da, db)),
+                grads: (how.frozen != Some(i)).then_some((da, db)),
             }),
         })
         .collect();
     let gas = be
-        .project_group_backward(x, c.m, c.d_in, lg, bwd, &mut dx, true)
+        .project_group_backward(x, c.m, c.d_in, lg, bwd, &mut dx, how.accumulate)
         .unwrap();
     mark();
     out.push(("dx".into(), be.to_host(&dx).unwrap()));
@@ -290,8 +323,11 @@ fn group_launches_copy_nothing_to_the_device() {
                     let up = |v: &[f32]| g.buf(v.to_vec()).unwrap();
                     let gs: Vec<_> = h.g.iter().map(|v| up(v)).collect();
                     let mut marks = Vec::new();
-                    let io = (&up(&h.x), &gs[..], Feeds::Residual);
-                    run_on(&g, c, &h, lora_group(c), io, &mut || marks.push(g.stats()));
+                    let io = (&up(&h.x), &gs[..]);
+                    let how = How::plain(Feeds::Residual);
+                    run_on(&g, c, &h, lora_group(c), io, how, &mut || {
+                        marks.push(g.stats())
+                    });
                     let s = marks[1].since(&marks[0]);
                     let reads = c.outs.len() + c.outs.iter().filter(|o| o.1).count();
                     let who = format!("{}: case {k}: {s}", g.describe());
@@ -377,7 +413,8 @@ fn bf16_input_run_feeding(g: &CudaBackend, k: usize, c: &Case, feeds: Feeds) -> 
         .collect();
     let lg = lora_group(c);
     let want = run(&CpuBackend::new(2), c, &h, lg);
-    (run_on(g, c, &h, lg, (&x, &gs, feeds), &mut || {}), want)
+    let how = How::plain(feeds);
+    (run_on(g, c, &h, lg, (&x, &gs), how, &mut || {}), want)
 }
 
 fn lora_group(c: &Case) -> LoraGroup {
@@ -655,8 +692,27 @@ fn the_folded_path_takes_mixed_groups() {
             let cpu = CpuBackend::new(2);
             let cx = cpu.buf(h.x.clone()).unwrap();
             let cgs: Vec<Vec<f32>> = h.g.clone();
-            let want = mixed_run(&cpu, &c, &h, lg, (&cx, &cgs[..]));
-            let got = mixed_run(&g, &c, &h, lg, (&x, &gs[..]));
+            // The outputs alternate between kernels and the residual stream; the third
+            // projection's adapter is frozen; dx is written fresh.
+            let alternate = |i: usize| {
+                if i % 2 == 0 {
+                    Feeds::Kernels
+                } else {
+                    Feeds::Residual
+                }
+            };
+            let how = || How {
+                feeds: &alternate,
+                frozen: Some(2),
+                accumulate: false,
+            };
+            let want = run_on(&cpu, &c, &h, lg, (&cx, &cgs[..]), how(), &mut || {});
+            let got = run_on(&g, &c, &h, lg, (&x, &gs[..]), how(), &mut || {});
+            let frozen_checked = ["dA2", "dB2"].map(|n| got.iter().any(|(name, _)| name == n));
+            assert_eq!(
+                frozen_checked, [true; 2],
+                "{who}: the frozen adapter's dA, dB"
+            );
             for ((name, a), (_, b)) in got.iter().zip(&want) {
                 let f32_values = ["u", "gA", "dA", "dB"].iter().any(|p| name.starts_with(p));
                 let tol = if f32_values { 1e-4 } else { 1e-2 };
@@ -669,80 +725,6 @@ fn the_folded_path_takes_mixed_groups() {
             assert_eq!(got.len(), want.len());
         }
     }
-}
-
-/// A forward and a backward of case `c` for `the_folded_path_takes_mixed_groups`: `dx`
-/// written fresh, the third projection's adapter frozen (no weight gradients).
-fn mixed_run<B: Backend>(
-    be: &B,
-    c: &Case,
-    h: &Host,
-    lg: LoraGroup,
-    (x, gs): (&B::Buf, &[B::Buf]),
-) -> Outputs {
-    let up = |v: &[f32]| be.buf(v.to_vec()).unwrap();
-    let ws: Vec<B::Weight> = (0..c.outs.len())
-        .map(|i| be.weight(h.w[i].clone(), c.outs[i].0, c.d_in).unwrap())
-        .collect();
-    let (a, b): (Vec<_>, Vec<_>) = (
-        h.a.iter().map(|v| up(v)).collect(),
-        h.b.iter().map(|v| up(v)).collect(),
-    );
-    let fwd: Vec<ProjFwd<'_, B>> = c
-        .outs
-        .iter()
-        .enumerate()
-        .map(|(i, &(d_out, adapted))| ProjFwd {
-            w: &ws[i],
-            d_out,
-            lora: adapted.then(|| (&a[i], &b[i])),
-            feeds: if i % 2 == 0 {
-                Feeds::Kernels
-            } else {
-                Feeds::Residual
-            },
-            rope: None,
-        })
-        .collect();
-    let ys = be.project_group(x, c.m, c.d_in, lg, &fwd).unwrap();
-    let mut out = Vec::new();
-    for (i, (y, u)) in ys.iter().enumerate() {
-        out.push((format!("y{i}"), be.to_host(y).unwrap()));
-        if let Some(u) = u {
-            out.push((format!("u{i}"), be.to_host(u).unwrap()));
-        }
-    }
-    let mut dx = up(&h.dx0);
-    let mut da: Vec<B::Buf> = h.da0.iter().map(|v| up(v)).collect();
-    let mut db: Vec<B::Buf> = h.db0.iter().map(|v| up(v)).collect();
-    let bwd: Vec<ProjBwd<'_, B>> = da
-        .iter_mut()
-        .zip(db.iter_mut())
-        .enumerate()
-        .map(|(i, (da, db))| ProjBwd {
-            w: &ws[i],
-            d_out: c.outs[i].0,
-            g: &gs[i],
-            lora: ys[i].1.as_ref().map(|u| LoraBwd {
-                a: &a[i],
-                b: &b[i],
-                u,
-                grads: (i != 2).then_some((da, db)),
-            }),
-        })
-        .collect();
-    let gas = be
-        .project_group_backward(x, c.m, c.d_in, lg, bwd, &mut dx, false)
-        .unwrap();
-    out.push(("dx".into(), be.to_host(&dx).unwrap()));
-    for (i, ga) in gas.iter().enumerate() {
-        if let Some(ga) = ga {
-            out.push((format!("gA{i}"), be.to_host(ga).unwrap()));
-        }
-        out.push((format!("dA{i}"), be.to_host(&da[i]).unwrap()));
-        out.push((format!("dB{i}"), be.to_host(&db[i]).unwrap()));
-    }
-    out
 }
 
 /// A group as attention's side of a layer stores it with bf16 base weights: outputs that

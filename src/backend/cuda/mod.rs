@@ -5,9 +5,9 @@
 //! (or f32 with `--base-dtype f32`), and so, then, are the activations that feed the
 //! matmuls (normed hidden states, the SwiGLU output: `Act::Bf16`) and the projection
 //! outputs that only kernels read (q/k/v, gate/up: `group::Feeds`), the gradient of the
-//! attention output flash attention reads (`Backend::attention_dout`), and, unless diag
-//! or KFAC reduce sums them first, the gradients of the q/k/v and gate/up outputs (flash attention's dq,
-//! dk, dv; dgate, dup: `group::GradFeeds`); the
+//! attention output flash attention reads (`Backend::attention_dout`), and, unless KFAC
+//! reduce sums them first, the gradients of the q/k/v and gate/up outputs (flash
+//! attention's dq, dk, dv; dgate, dup: `group::GradFeeds`); the
 //! residual stream, RMSNorm's rstd, LoRA weights, every other gradient, optimiser state and
 //! curvature are f32 (`Act::F32`), and every kernel accumulates in f32. One stream, in
 //! order; each op's CPU twin in `backend/cpu` is its reference.

@@ -695,7 +695,7 @@ fn the_folded_path_takes_mixed_groups() {
             // The outputs alternate between kernels and the residual stream; the third
             // projection's adapter is frozen; dx is written fresh.
             let alternate = |i: usize| {
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     Feeds::Kernels
                 } else {
                     Feeds::Residual

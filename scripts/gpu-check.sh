@@ -563,9 +563,13 @@ PY
       # racecheck: the classifier test (cuBLAS's split-K GEMMs) runs apart, below; the
       # projection groups run fused (LALORA_PROJECTION_GEMM), all in this project's kernel,
       # rather than on the default path's cuBLAS GEMMs, whose kernels racecheck may flag as
-      # it flags cuBLAS's split-K kernels in the classifier test (NVIDIA's code).
+      # it flags cuBLAS's split-K kernels in the classifier test (NVIDIA's code). The two
+      # tests of the bf16 Grams on cuBLAS (GramGemm::Cublas) are skipped for the same reason
+      # (their own kernel, the mirror, runs in curvature_primitives_match_cpu), and the
+      # end-to-end ones as too slow.
       path_env=()
-      [ "$s" = racecheck ] && skip=(--skip curvature_pass_and_training_step --skip classifier_matches_cpu) &&
+      [ "$s" = racecheck ] && skip=(--skip curvature_pass_and_training_step --skip classifier_matches_cpu
+        --skip bf16_grams_on_cublas --skip kfac_estimate_with_cublas_grams) &&
         path_env=(env LALORA_PROJECTION_GEMM=fused)
       want=$(count_tests "$bin/cuda_vs_cpu" "${skip[@]}")
       run_step "$s" 200 "$out/$s.log" "${path_env[@]}" compute-sanitizer --tool "$s" --error-exitcode 86 \
@@ -626,8 +630,8 @@ if [ "$mode" = --profile ]; then
   [ "$rc" -eq 0 ] || fail "$step: $(why "$rc" "$out/kernels.log")"
   # One table per variant of cuda_llama1b_shape_*: lora_forward_backward, on the default
   # path, under two of the fused path's tilings, @hybrid and @folded (5); curvature_diag
-  # (1); curvature_diag_pass and @folded (2); curvature_kfac_pass, @hybrid, @fused and
-  # @folded (4).
+  # (1); curvature_diag_pass and @folded (2); curvature_kfac_pass, @hybrid, @folded and
+  # @gram-cublas (4).
   n=$(grep -c '^kernel times: ' "$out/kernels.log")
   [ "$n" -eq 12 ] || fail "$step: $n 'kernel times:' tables in kernels.log, 12 expected"
   # 2. The hand-written LoRA GEMM's first launches on the fused path (u then y of the q/k/v
@@ -700,10 +704,12 @@ tilings = [f"{t}{o}" for t in ["128x128x32s3", "128x128x32s4", "128x128x64s4", "
 want = {
     "cuda_lora_4096x2048_r16": ["forward_fused", "forward_cublas", "backward_fused", "backward_cublas"],
     "cuda_diag_16x256_r16_d2048": ["per_sample_squaring", "materialised_cublas"],
-    # The Gram on f32 operands (tf32 mma) and on the same values stored bf16 (bf16 mma).
+    # The Gram on f32 operands (tf32 mma) and on the same values stored bf16 (bf16 mma, and
+    # GramGemm::Cublas's bf16 GEMMs).
     "cuda_kfac_factor_4096x2048": ["hand_written_symmetric", "hand_written_symmetric_bf16",
-                                   "simt_symmetric", "cublas_gemm"],
-    "cuda_kfac_cross_4096x2048x2048": ["tensor_cores", "tensor_cores_bf16", "simt", "cublas_gemm"],
+                                   "simt_symmetric", "cublas_gemm", "cublas_panels_bf16"],
+    "cuda_kfac_cross_4096x2048x2048": ["tensor_cores", "tensor_cores_bf16", "simt", "cublas_gemm",
+                                       "cublas_gemm_bf16"],
     # The end-to-end groups' names carry the step's shape (benches/cuda.rs `Shapes::step`):
     # found by pattern, so that a change of shape does not lose them.
     "cuda_llama1b_shape_*": ["lora_forward_backward", "curvature_diag", "curvature_diag_pass",
@@ -711,7 +717,8 @@ want = {
     # The step under the fused path's tilings: the engine's and the best measured.
     + [f"lora_forward_backward@{t}" for t in ["128x128x32s3", "256x128x32s4-rows"]]
     + ["lora_forward_backward@hybrid", "lora_forward_backward@folded", "curvature_diag_pass@folded",
-       "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused", "curvature_kfac_pass@folded"],
+       "curvature_kfac_pass@hybrid", "curvature_kfac_pass@folded",
+       "curvature_kfac_pass@gram-cublas"],
     # Each projection path (ProjectionGemm: the cuBLAS sequence, the default; hybrid; fused;
     # folded).
     "cuda_lora_qkv_4096x2048_o2048+512+512_r16": [f"{d}_{p}" for d in ["forward", "backward"]
@@ -798,6 +805,14 @@ for name, g, a, b in [
 ]:
     x, y = ms(g, a), ms(g, b)
     print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
+# The bf16 Grams: the engine's kernel (bf16 mma) against GramGemm::Cublas's bf16 GEMMs.
+print("\n| bf16 Gram | kernel (ms) | cuBLAS bf16 (ms) | kernel's speed-up |\n|---|---:|---:|---:|")
+for name, g, a, b in [
+    ("KFAC factor 4096x2048 (cuBLAS: upper row panels)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "cublas_panels_bf16"),
+    ("cross factor 4096x2048x2048", "cuda_kfac_cross_4096x2048x2048", "tensor_cores_bf16", "cublas_gemm_bf16"),
+]:
+    x, y = ms(g, a), ms(g, b)
+    print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
 def group(prefix):
     return next((k.split("/")[0] for k in est if k.startswith(prefix)), prefix + "?")
 g = group("cuda_llama1b_shape_")
@@ -811,7 +826,8 @@ print(f"\n| Llama-3.2-1B shape, {shape} (projections: the cuBLAS sequence, else 
 for b in ["lora_forward_backward", "curvature_diag", "curvature_diag_pass", "curvature_kfac_pass",
           "lora_forward_backward@hybrid", "lora_forward_backward@folded",
           "lora_forward_backward@128x128x32s3", "curvature_diag_pass@folded",
-          "curvature_kfac_pass@hybrid", "curvature_kfac_pass@fused", "curvature_kfac_pass@folded"]:
+          "curvature_kfac_pass@hybrid", "curvature_kfac_pass@folded",
+          "curvature_kfac_pass@gram-cublas"]:
     print(f"| {b} | {ms(g, b):.1f} | {ms(g, b)/step:.2f}x |")
 try:
     peer = json.load(open(os.path.join(out, "peer.json")))

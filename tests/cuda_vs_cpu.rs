@@ -9,13 +9,14 @@ mod common;
 use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::backend::cuda::runtime::{DType, RuntimeStats};
-use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, ProjectionGemm};
+use lalora_engine::backend::cuda::{self, Act, BaseDtype, CudaBackend, GramGemm, ProjectionGemm};
 use lalora_engine::backend::group::GradFeeds;
 use lalora_engine::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CLASSIFIER_CHUNK, CeTargets, DiagPenalty, LoraDims,
     RopeTable, Segment,
 };
 use lalora_engine::curvature::{Fisher, KfacApprox, Scheme, Spec, estimate};
+use lalora_engine::data::batches;
 use lalora_engine::model::{self, Llama};
 use lalora_engine::train::session::{self, SessionOptions};
 use lalora_engine::train::{Penalty, TrainConfig, TrainState, train};
@@ -934,6 +935,123 @@ fn curvature_primitives_match_cpu() {
     }
 }
 
+/// The Grams of two bf16 operands on cuBLAS (`GramGemm::Cublas`) against the CPU's Grams of
+/// the same values, at the f32 bound: bf16 x bf16 products are exact in f32, so only the
+/// order of the f32 sums differs. One GEMM per run of adjacent segments (and per row panel
+/// of a symmetric factor: 2100 wide is two, the second starting at row and column 2048),
+/// no Gram kernel launched; f32 operands keep the kernel. Symmetric factors come out
+/// symmetric from a symmetric prior.
+#[test]
+fn bf16_grams_on_cublas_match_cpu() {
+    let (gappy, gappy_rows) = gappy_segments();
+    // Runs of adjacent segments: a segment starts one unless the last ended where it starts.
+    let runs = 1 + gappy
+        .windows(2)
+        .filter(|w| w[0].start + w[0].len != w[1].start)
+        .count();
+    assert_eq!(runs, 6);
+    let two = vec![Segment { start: 1, len: 9 }, Segment { start: 12, len: 6 }];
+    let mut rng = ChaCha8Rng::seed_from_u64(8);
+    for g in devices() {
+        g.set_gram_gemm(GramGemm::Cublas);
+        let c = CpuBackend::new(2);
+        let tag = |what: &str| format!("{what} ({})", g.describe());
+        // (dx, dy: None for symmetric, segments, rows, runs, panels)
+        for (dx, dy, segs, rows, nruns, npanels) in [
+            (70, Some(130), &gappy, gappy_rows, runs, 1),
+            (260, Some(72), &gappy, gappy_rows, runs, 1),
+            (2100, Some(40), &two, 18, 2, 1),
+            (130, None, &gappy, gappy_rows, runs, 1),
+            (2100, None, &two, 18, 2, 2),
+        ] {
+            let (xg, x) = bf16_act(&g, &mut rng, rows, dx);
+            let (yg, y, dy) = match dy {
+                Some(dy) => {
+                    let (yg, y) = bf16_act(&g, &mut rng, rows, dy);
+                    (Some(yg), y, dy)
+                }
+                None => (None, x.clone(), dx),
+            };
+            let r = rnd(&mut rng, dx * dy);
+            // A symmetric factor's prior is symmetric, as the estimators keep it.
+            let prior: Vec<f32> = match yg {
+                Some(_) => r,
+                None => (0..dx * dx)
+                    .map(|i| r[(i / dx).min(i % dx) * dx + (i / dx).max(i % dx)])
+                    .collect(),
+            };
+            let (mut oc, mut og) = (prior.clone(), g.buf(prior.clone()).unwrap());
+            c.gram_accumulate(&x, dx, &y, dy, segs, 0.7, &mut oc)
+                .unwrap();
+            let before = g.stats();
+            g.time_kernels(true);
+            g.gram_accumulate(&xg, dx, yg.as_ref().unwrap_or(&xg), dy, segs, 0.7, &mut og)
+                .unwrap();
+            g.time_kernels(false);
+            let spent = g.stats().since(&before);
+            let names: Vec<String> = g
+                .kernel_times()
+                .unwrap()
+                .into_iter()
+                .map(|t| t.name)
+                .collect();
+            let what = tag(&format!("cuBLAS gram {dx}x{dy}, {rows} rows"));
+            assert_eq!(spent.gemms, (nruns * npanels) as u64, "{what}");
+            assert!(
+                !names.iter().any(|n| n.starts_with("gram_")),
+                "{what}: {names:?}"
+            );
+            let got = g.to_host(&og).unwrap();
+            assert!(increment_err(&what, &prior, &got, &oc) < F32, "{what}");
+            close(&what, &got, &oc, F32);
+            if npanels == 2 {
+                // Rows [0, 2048) against columns [0, 2100), then [2048, 2100) against
+                // [2048, 2100), each per run (cuBLAS's m x n x k: columns, rows, positions).
+                for shape in [
+                    "NT 2100x2048x9",
+                    "NT 52x52x9",
+                    "NT 2100x2048x6",
+                    "NT 52x52x6",
+                ] {
+                    assert!(
+                        names.iter().any(|n| n.ends_with(shape)),
+                        "{what}: {names:?}"
+                    );
+                }
+            }
+            if yg.is_none() {
+                assert!(
+                    names.iter().any(|n| n.starts_with("mirror_upper")),
+                    "{what}: {names:?}"
+                );
+                assert!(
+                    (0..dx * dx).all(|i| got[i] == got[(i % dx) * dx + i / dx]),
+                    "{what}: not symmetric"
+                );
+            }
+        }
+        // f32 operands (the f32 gradients) keep the tensor-core kernel.
+        let x = g.buf(rnd(&mut rng, gappy_rows * 130)).unwrap();
+        let mut out = g.buf(vec![0.0; 130 * 130]).unwrap();
+        g.time_kernels(true);
+        g.gram_accumulate(&x, 130, &x, 130, &gappy, 1.0, &mut out)
+            .unwrap();
+        g.time_kernels(false);
+        let names: Vec<String> = g
+            .kernel_times()
+            .unwrap()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert!(
+            names
+                .iter()
+                .any(|n| n.starts_with("gram_tf32_128x128_f32_f32")),
+            "{names:?}"
+        );
+    }
+}
+
 /// `x` in tf32 (10 fraction bits), rounded to nearest with ties away from zero as PTX's
 /// `cvt.rna.tf32.f32`, or truncated as the tensor cores read an unrounded operand.
 fn tf32(x: &[f32], nearest: bool) -> Vec<f32> {
@@ -1044,6 +1162,89 @@ fn curvature_pass_and_training_step_match_cpu() {
         );
         assert_eq!(cublas - folded, 36, "{gemms:?}");
         assert!(folded >= fused + 188, "{gemms:?}");
+    }
+}
+
+/// The KFAC estimate (expand) on the tiny model with its bf16 Grams on cuBLAS. Per layer
+/// and batch, 5 Grams read two bf16 operands (`bf16_activations.rs` counts them): each is
+/// now one GEMM per run of adjacent sequences (the tiny dims are one panel) and no Gram
+/// kernel. Everything before the Grams runs as on the kernel path, so every factor matches
+/// that path's at the f32 bound (the same exact products, summed in another order), and
+/// the CPU's at the bounds of `pass_and_step_match_cpu` (the bf16 engine's own error).
+#[test]
+fn kfac_estimate_with_cublas_grams_matches_cpu() {
+    let t = tiny();
+    let c = CpuBackend::new(2);
+    let spec = Spec {
+        scheme: Scheme::Kfac,
+        fisher: Fisher::Empirical,
+        approx: KfacApprox::Expand,
+        seed: 0,
+    };
+    let cc = estimate(&c, &tiny_model(&c), &t.adapter, &t.examples, 3, spec, || {}).unwrap();
+    let (mut nbatches, mut runs) = (0, 0);
+    for b in batches(&t.examples, 3) {
+        nbatches += 1;
+        runs += 1 + b
+            .segments
+            .windows(2)
+            .filter(|w| w[0].start + w[0].len != w[1].start)
+            .count();
+    }
+    let grams = 5 * t.loaded.cfg.num_layers;
+    for g in devices() {
+        let who = g.describe();
+        let model = tiny_model(&g);
+        let lora = t.adapter.map(|v| g.buf(v.clone())).unwrap();
+        let on = |path| {
+            g.set_gram_gemm(path);
+            let before = g.stats();
+            g.time_kernels(true);
+            let cur = estimate(&g, &model, &lora, &t.examples, 3, spec, || {}).unwrap();
+            g.time_kernels(false);
+            let gemms = g.stats().since(&before).gemms;
+            let bf16_grams: u64 = g
+                .kernel_times()
+                .unwrap()
+                .iter()
+                .filter(|k| k.name.starts_with("gram_bf16_"))
+                .map(|k| k.calls)
+                .sum();
+            (cur.kfac.expect("a kfac estimate"), gemms, bf16_grams)
+        };
+        let (kernel, kernel_gemms, kernel_grams) = on(GramGemm::HandWritten);
+        let (cublas, cublas_gemms, cublas_grams) = on(GramGemm::Cublas);
+        g.set_gram_gemm(GramGemm::default());
+        assert_eq!(kernel_grams, (grams * nbatches) as u64, "{who}");
+        assert_eq!(cublas_grams, 0, "{who}");
+        assert_eq!(cublas_gemms - kernel_gemms, (grams * runs) as u64, "{who}");
+        for ((x, y), z) in cublas.iter().zip(&kernel).zip(cc.kfac.as_ref().unwrap()) {
+            for (what, got, path) in [
+                ("in A", &x.a_in, &y.a_in),
+                ("out A", &x.a_out, &y.a_out),
+                ("in B", &x.b_in, &y.b_in),
+                ("out B", &x.b_out, &y.b_out),
+            ] {
+                close(
+                    &format!("{who}: cuBLAS Grams, kfac {what} against the kernel's"),
+                    got,
+                    path,
+                    F32,
+                );
+            }
+            close(
+                &format!("{who}: cuBLAS Grams, kfac in A"),
+                &x.a_in,
+                &z.a_in,
+                BF16,
+            );
+            close(
+                &format!("{who}: cuBLAS Grams, kfac out B"),
+                &x.b_out,
+                &z.b_out,
+                BF16 * 5.0,
+            );
+        }
     }
 }
 

@@ -3,10 +3,12 @@
 //! precision and reduction order), plus segment sums and the mirror of symmetric factors
 //! (`curvature.cu`). The host side lists the row tiles (32 positions each, never crossing
 //! a gap between segments or, for squaring, a sequence boundary) and chooses how many
-//! blocks share the rows of one output tile.
+//! blocks share the rows of one output tile. With `GramGemm::Cublas` the Grams of two bf16
+//! operands go to cuBLAS instead (`gram_gemm.rs`).
 
+use super::blas::Operand;
 use super::runtime::{Arg, DType, LaunchConfig};
-use super::{Act, BaseDtype, CudaBackend, DevBuf, MAX_RANK, kernels};
+use super::{Act, BaseDtype, CudaBackend, DevBuf, GramGemm, MAX_RANK, kernels};
 use crate::backend::Segment;
 use crate::error::{Error, Result};
 
@@ -31,8 +33,8 @@ const SQ_BM: usize = 64;
 /// bf16 engine stores as bf16) as they are, a bf16 tile staged in shared memory as bf16.
 #[derive(Clone, Copy)]
 pub(super) struct Input {
-    ptr: u64,
-    dtype: DType,
+    pub(super) ptr: u64,
+    pub(super) dtype: DType,
 }
 
 impl From<&Act> for Input {
@@ -54,6 +56,10 @@ impl From<&DevBuf<f32>> for Input {
 }
 
 impl Input {
+    /// As a cuBLAS operand: the column-major `(ld, rows)` view of a row-major `(rows, ld)`.
+    pub(super) fn operand(self, ld: usize) -> Operand {
+        Operand::typed(self.ptr, self.dtype, ld)
+    }
     fn bytes(self) -> usize {
         match self.dtype {
             DType::F32 => 4,
@@ -211,6 +217,9 @@ impl CudaBackend {
         let mut keep = Vec::new();
         let (entry, a, b) =
             self.tc_operands("gram", shape, (a, m), (b, n), rows_read(&tiles), &mut keep)?;
+        if entry.starts_with("gram_bf16_") && self.gram_gemm() == GramGemm::Cublas {
+            return self.gram_cublas_bf16(x, dx, y, dy, &runs, alpha, out);
+        }
         let (tm, tn) = (m.div_ceil(bm), n.div_ceil(bn));
         // Symmetric: the tiles on and above the diagonal only (square tiles, or one tile).
         let out_tiles = if symmetric {

@@ -30,6 +30,7 @@ mod cublas_sequence;
 mod curvature;
 pub mod driver;
 mod folded_sequence;
+mod gram_gemm;
 pub mod kernel_times;
 pub mod kernels;
 mod linear;
@@ -50,6 +51,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 pub use self::act::Act;
 use self::act::Wide;
+pub use self::gram_gemm::GramGemm;
 use self::kernels::Kernels;
 pub use self::lora_tiling::LoraGemmTiling;
 pub use self::projection_gemm::ProjectionGemm;
@@ -142,6 +144,8 @@ pub struct CudaBackend {
     lora_tiling: AtomicUsize,
     /// The projection groups' path (`ProjectionGemm`): its index in `ProjectionGemm::ALL`.
     projections: AtomicUsize,
+    /// The bf16 Grams' path (`GramGemm`): its index in `GramGemm::ALL`.
+    grams: AtomicUsize,
 }
 
 /// Whether a CUDA GPU can be used: kernels built, driver library present, a device.
@@ -173,11 +177,12 @@ impl CudaBackend {
     }
 
     /// The backend on `device`, the LoRA GEMM's tiling the one `LALORA_LORA_GEMM_TILING`
-    /// names and the projection path the one `LALORA_PROJECTION_GEMM` names, else the
-    /// engine's tiling and the default path.
+    /// names, the projection path the one `LALORA_PROJECTION_GEMM` names and the bf16
+    /// Grams' the one `LALORA_GRAM_GEMM` names, else the engine's tiling and the defaults.
     fn on(device: Arc<dyn Runtime>, base: BaseDtype) -> Result<Self> {
         let tiling = LoraGemmTiling::from_env()?;
         let projections = ProjectionGemm::from_env()?;
+        let grams = GramGemm::from_env()?;
         let counted = Arc::new(Counted::new(device));
         let rt: Arc<dyn Runtime> = counted.clone();
         Ok(CudaBackend {
@@ -187,6 +192,7 @@ impl CudaBackend {
             base,
             lora_tiling: AtomicUsize::new(tiling.index()),
             projections: AtomicUsize::new(projections.index()),
+            grams: AtomicUsize::new(grams.index()),
         })
     }
 
@@ -212,6 +218,18 @@ impl CudaBackend {
     /// The projection groups' path now.
     pub fn projection_gemm(&self) -> ProjectionGemm {
         ProjectionGemm::ALL[self.projections.load(Ordering::Relaxed)]
+    }
+
+    /// Form the KFAC Grams of two bf16 operands on `path` from now on (the default:
+    /// `GramGemm::HandWritten`). Both form the same exact products, summed in f32 in
+    /// different orders.
+    pub fn set_gram_gemm(&self, path: GramGemm) {
+        self.grams.store(path.index(), Ordering::Relaxed)
+    }
+
+    /// The bf16 Grams' path now.
+    pub fn gram_gemm(&self) -> GramGemm {
+        GramGemm::ALL[self.grams.load(Ordering::Relaxed)]
     }
 
     /// What this backend has asked of the device so far: launches, GEMMs, allocations,

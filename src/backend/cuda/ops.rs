@@ -5,7 +5,7 @@
 //! `curvature` and `vector`. The CPU twin of each op is in `backend/cpu`.
 
 use super::lora_gemm::Base;
-use super::{Act, BaseDtype, CudaBackend, LoraGemmTiling, ProjectionGemm, Weight};
+use super::{Act, BaseDtype, CudaBackend, GramGemm, LoraGemmTiling, ProjectionGemm, Weight};
 use crate::backend::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use crate::backend::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
@@ -28,6 +28,9 @@ impl Backend for CudaBackend {
                 // Nothing is stored bf16, so nothing folds: say what runs.
                 how += " (with f32 base weights: the cuBLAS sequence)";
             }
+        }
+        if self.gram_gemm() != GramGemm::default() && self.base == BaseDtype::Bf16 {
+            how += &format!(", bf16 Grams {}", self.gram_gemm().describe());
         }
         if matches!(path, ProjectionGemm::Hybrid | ProjectionGemm::Fused)
             && tiling != LoraGemmTiling::ENGINE

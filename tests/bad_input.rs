@@ -336,8 +336,9 @@ fn usage_errors_are_one_line() {
 }
 
 /// The kernel-research settings with a value they do not know: a LoRA GEMM tiling that is
-/// not compiled (`LALORA_LORA_GEMM_TILING`) and a projection path that is not `hybrid`,
-/// `fused`, `cublas` or `folded` (`LALORA_PROJECTION_GEMM`). Each is a one-line usage error naming
+/// not compiled (`LALORA_LORA_GEMM_TILING`), a projection path that is not `hybrid`,
+/// `fused`, `cublas` or `folded` (`LALORA_PROJECTION_GEMM`) and a Gram path that is not
+/// `hand_written` or `cublas` (`LALORA_GRAM_GEMM`). Each is a one-line usage error naming
 /// the variable and what it takes, before any work.
 #[test]
 #[cfg_attr(
@@ -352,6 +353,7 @@ fn unknown_kernel_research_settings_are_usage_errors() {
             "cutlass",
             "hybrid, fused, cublas or folded",
         ),
+        ("LALORA_GRAM_GEMM", "wgmma", "hand_written or cublas"),
     ] {
         let out = bin()
             .args(["selftest", "--device", "sim"])

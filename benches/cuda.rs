@@ -853,9 +853,9 @@ fn diag(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
 /// cross factor X^T Y, each by the tensor-core kernel on f32 operands (tf32 mma) and on
 /// the same values stored bf16 (bf16 mma, as the bf16 engine's activations reach it), the
 /// SIMT one, one f32 cuBLAS GEMM, and the bf16 operands on cuBLAS as `GramGemm::Cublas`
-/// forms them (row panels of the upper triangle, or one GEMM for the cross factor). The values are bf16 ones (RMS-normed, `stored_act`), so
-/// every variant computes the same exact products (tf32 holds a bf16 value exactly), and
-/// each is held to the f32 bound.
+/// forms them (row panels of the upper triangle, or one GEMM for the cross factor). The
+/// values are bf16 ones (RMS-normed, `stored_act`), so every variant computes the same
+/// exact products (tf32 holds a bf16 value exactly), and each is held to the f32 bound.
 fn kfac(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
     let (rows, d) = sh.kfac;
     let mut rng = ChaCha8Rng::seed_from_u64(4);

@@ -923,8 +923,10 @@ fn kfac(mode: &mut Mode, g: &CudaBackend, sh: &Shapes) {
                     names[1],
                     F32_BOUND,
                     Rc::new(move || {
-                        g.gram_accumulate(xb, d, other_b, d, &all, 1.0, &mut cf.borrow_mut())
-                            .unwrap()
+                        with_grams(g, GramGemm::HandWritten, || {
+                            g.gram_accumulate(xb, d, other_b, d, &all, 1.0, &mut cf.borrow_mut())
+                        })
+                        .unwrap()
                     }),
                 ),
                 (

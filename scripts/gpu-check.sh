@@ -564,9 +564,9 @@ PY
       # projection groups run fused (LALORA_PROJECTION_GEMM), all in this project's kernel,
       # rather than on the default path's cuBLAS GEMMs, whose kernels racecheck may flag as
       # it flags cuBLAS's split-K kernels in the classifier test (NVIDIA's code). The two
-      # tests of the bf16 Grams on cuBLAS (GramGemm::Cublas) are skipped for the same reason
-      # (their own kernel, the mirror, runs in curvature_primitives_match_cpu), and the
-      # end-to-end ones as too slow.
+      # tests of the bf16 Grams on cuBLAS (GramGemm::Cublas) are skipped for that reason
+      # too (their one kernel of ours, the mirror, runs in curvature_primitives_match_cpu);
+      # curvature_pass_and_training_step is skipped as too slow.
       path_env=()
       [ "$s" = racecheck ] && skip=(--skip curvature_pass_and_training_step --skip classifier_matches_cpu
         --skip bf16_grams_on_cublas --skip kfac_estimate_with_cublas_grams) &&
@@ -808,7 +808,7 @@ for name, g, a, b in [
 # The bf16 Grams: the engine's kernel (bf16 mma) against GramGemm::Cublas's bf16 GEMMs.
 print("\n| bf16 Gram | kernel (ms) | cuBLAS bf16 (ms) | kernel's speed-up |\n|---|---:|---:|---:|")
 for name, g, a, b in [
-    ("KFAC factor 4096x2048 (cuBLAS: upper row panels)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "cublas_panels_bf16"),
+    ("KFAC factor 4096x2048 (cuBLAS: one full GEMM at this width)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "cublas_panels_bf16"),
     ("cross factor 4096x2048x2048", "cuda_kfac_cross_4096x2048x2048", "tensor_cores_bf16", "cublas_gemm_bf16"),
 ]:
     x, y = ms(g, a), ms(g, b)

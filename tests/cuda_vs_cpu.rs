@@ -939,8 +939,8 @@ fn curvature_primitives_match_cpu() {
 /// the same values, at the f32 bound: bf16 x bf16 products are exact in f32, so only the
 /// order of the f32 sums differs. One GEMM per run of adjacent segments (and per row panel
 /// of a symmetric factor: 2100 wide is two, the second starting at row and column 2048),
-/// no Gram kernel launched; f32 operands keep the kernel. Symmetric factors come out
-/// symmetric from a symmetric prior.
+/// no Gram kernel launched; f32 operands, a bf16 one beside an f32 one, and a side of 32
+/// or less keep the kernel. Symmetric factors come out symmetric from a symmetric prior.
 #[test]
 fn bf16_grams_on_cublas_match_cpu() {
     let (gappy, gappy_rows) = gappy_segments();
@@ -1030,25 +1030,41 @@ fn bf16_grams_on_cublas_match_cpu() {
                 );
             }
         }
-        // f32 operands (the f32 gradients) keep the tensor-core kernel.
-        let x = g.buf(rnd(&mut rng, gappy_rows * 130)).unwrap();
-        let mut out = g.buf(vec![0.0; 130 * 130]).unwrap();
-        g.time_kernels(true);
-        g.gram_accumulate(&x, 130, &x, 130, &gappy, 1.0, &mut out)
-            .unwrap();
-        g.time_kernels(false);
-        let names: Vec<String> = g
-            .kernel_times()
-            .unwrap()
-            .into_iter()
-            .map(|t| t.name)
-            .collect();
-        assert!(
-            names
-                .iter()
-                .any(|n| n.starts_with("gram_tf32_128x128_f32_f32")),
-            "{names:?}"
-        );
+        // What the kernel keeps: f32 operands (the f32 gradients), a bf16 operand beside an
+        // f32 one, and two bf16 operands with a side of 32 or less (the 256 x 32 tiles).
+        let f = g.buf(rnd(&mut rng, gappy_rows * 130)).unwrap();
+        let (b, _) = bf16_act(&g, &mut rng, gappy_rows, 130);
+        let (narrow, _) = bf16_act(&g, &mut rng, gappy_rows, 20);
+        for (what, x, dx, y, dy, entry) in [
+            ("f32 x f32", &f, 130, &f, 130, "gram_tf32_128x128_f32_f32"),
+            ("bf16 x f32", &b, 130, &f, 130, "gram_tf32_128x128_bf16_f32"),
+            (
+                "bf16, 20 wide",
+                &narrow,
+                20,
+                &narrow,
+                20,
+                "gram_tf32_256x32_",
+            ),
+        ] {
+            let mut out = g.buf(vec![0.0; dx * dy]).unwrap();
+            let before = g.stats();
+            g.time_kernels(true);
+            g.gram_accumulate(x, dx, y, dy, &gappy, 1.0, &mut out)
+                .unwrap();
+            g.time_kernels(false);
+            let names: Vec<String> = g
+                .kernel_times()
+                .unwrap()
+                .into_iter()
+                .map(|t| t.name)
+                .collect();
+            assert_eq!(g.stats().since(&before).gemms, 0, "{what}: {names:?}");
+            assert!(
+                names.iter().any(|n| n.starts_with(entry)),
+                "{what}: {names:?}"
+            );
+        }
     }
 }
 

@@ -28,7 +28,7 @@ pub enum GramGemm {
     Cublas,
 }
 
-/// Columns per row panel of a symmetric factor. Each panel `i` is one GEMM of the rows
+/// Rows of a symmetric factor per panel. Each panel `i` is one GEMM of the rows
 /// `[i P, (i + 1) P)` against the columns from `i P` on: with P = 2048 an 8192-wide factor
 /// is four GEMMs (10 of 16 blocks, 1.25x the triangle's products) whose smallest, 2048 x
 /// 2048 over the positions, still has 128 or more of cuBLAS's 128 x 256 tiles, about one

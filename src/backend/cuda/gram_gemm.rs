@@ -15,9 +15,9 @@
 
 use super::blas::{N, Operand, T};
 use super::curvature::Input;
-use super::{CudaBackend, DevBuf};
+use super::{CudaBackend, DevBuf, env_choice};
 use crate::backend::Segment;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum GramGemm {
@@ -47,10 +47,7 @@ impl GramGemm {
     }
 
     pub(super) fn index(self) -> usize {
-        Self::ALL
-            .iter()
-            .position(|&p| p == self)
-            .expect("every path is in ALL")
+        env_choice::index(&Self::ALL, self)
     }
 
     /// What the device line says of it.
@@ -63,17 +60,7 @@ impl GramGemm {
 
     /// The path `LALORA_GRAM_GEMM` names, else the default; another name is a usage error.
     pub fn from_env() -> Result<Self> {
-        match std::env::var("LALORA_GRAM_GEMM") {
-            Ok(name) if !name.is_empty() => Self::ALL
-                .into_iter()
-                .find(|p| p.name() == name)
-                .ok_or_else(|| {
-                    Error::usage(format!(
-                        "LALORA_GRAM_GEMM={name} is not a Gram path; use hand_written or cublas"
-                    ))
-                }),
-            _ => Ok(Self::default()),
-        }
+        env_choice::from_env("LALORA_GRAM_GEMM", "a Gram path", &Self::ALL, Self::name)
     }
 }
 

@@ -29,6 +29,7 @@ mod classifier;
 mod cublas_sequence;
 mod curvature;
 pub mod driver;
+mod env_choice;
 mod folded_sequence;
 mod gram_gemm;
 pub mod kernel_times;

@@ -18,7 +18,8 @@
 //! their sums, and (`folded`) in one more rounding of the low-rank part of outputs stored
 //! bf16 without RoPE.
 
-use crate::error::{Error, Result};
+use super::env_choice;
+use crate::error::Result;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum ProjectionGemm {
@@ -47,10 +48,7 @@ impl ProjectionGemm {
 
     /// Its index in `ALL`.
     pub(super) fn index(self) -> usize {
-        Self::ALL
-            .iter()
-            .position(|&p| p == self)
-            .expect("every path is in ALL")
+        env_choice::index(&Self::ALL, self)
     }
 
     /// What the device line says of it.
@@ -66,17 +64,11 @@ impl ProjectionGemm {
     /// The path `LALORA_PROJECTION_GEMM` names (kernel research: run any command, end to
     /// end, on another path), else the default; another name is a usage error.
     pub fn from_env() -> Result<Self> {
-        match std::env::var("LALORA_PROJECTION_GEMM") {
-            Ok(name) if !name.is_empty() => Self::ALL
-                .into_iter()
-                .find(|p| p.name() == name)
-                .ok_or_else(|| {
-                    Error::usage(format!(
-                        "LALORA_PROJECTION_GEMM={name} is not a projection path; \
-                         use hybrid, fused, cublas or folded"
-                    ))
-                }),
-            _ => Ok(Self::default()),
-        }
+        env_choice::from_env(
+            "LALORA_PROJECTION_GEMM",
+            "a projection path",
+            &Self::ALL,
+            Self::name,
+        )
     }
 }

@@ -198,8 +198,7 @@ impl CudaBackend {
     ) -> Result<()> {
         let symmetric = x.ptr == y.ptr && dx == dy;
         let runs = merged(segments);
-        let tiles = row_tiles(&runs);
-        if tiles.is_empty() || dx == 0 || dy == 0 {
+        if runs.is_empty() || dx == 0 || dy == 0 {
             return Ok(());
         }
         // C = A^T B with A (rows, m), B (rows, n), stored at out[i rs + j cs]. A narrow dx
@@ -214,12 +213,18 @@ impl CudaBackend {
         } else {
             (128, 128, 256, "128x128")
         };
+        // Where the kernel would take bf16 mma, the cuBLAS path instead (`GramGemm`).
+        if self.gram_gemm() == GramGemm::Cublas
+            && self
+                .tc_entry("gram", shape, a, b)?
+                .starts_with("gram_bf16_")
+        {
+            return self.gram_cublas_bf16(x, dx, y, dy, &runs, alpha, out);
+        }
+        let tiles = row_tiles(&runs);
         let mut keep = Vec::new();
         let (entry, a, b) =
             self.tc_operands("gram", shape, (a, m), (b, n), rows_read(&tiles), &mut keep)?;
-        if entry.starts_with("gram_bf16_") && self.gram_gemm() == GramGemm::Cublas {
-            return self.gram_cublas_bf16(x, dx, y, dy, &runs, alpha, out);
-        }
         let (tm, tn) = (m.div_ceil(bm), n.div_ceil(bn));
         // Symmetric: the tiles on and above the diagonal only (square tiles, or one tile).
         let out_tiles = if symmetric {

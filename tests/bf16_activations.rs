@@ -583,12 +583,11 @@ fn bf16_operands_take_bf16_mma_in_the_gram() {
             let init = rnd(&mut rng, da * db);
             let mut out = g.buf(init.clone()).unwrap();
             let before = g.stats();
-            g.time_kernels(true);
-            g.gram_accumulate(ag, da, bg, db, &segs, 0.75, &mut out)
-                .unwrap();
-            g.time_kernels(false);
-            let times = g.kernel_times().unwrap();
-            let names: Vec<&str> = times.iter().map(|t| t.name.as_str()).collect();
+            let ((), times) = timed(&g, || {
+                g.gram_accumulate(ag, da, bg, db, &segs, 0.75, &mut out)
+                    .unwrap()
+            });
+            let names = kernel_names(&times);
             assert!(
                 names
                     .iter()
@@ -633,16 +632,15 @@ fn expand_and_diag_read_gradients_as_training_stores_them() {
     let model = tiny_model(&g);
     let lora = t.adapter.map(|v| g.buf(v.clone())).unwrap();
     let launches = |scheme, approx, pick: &dyn Fn(&str) -> bool| {
-        g.time_kernels(true);
         let spec = Spec {
             scheme,
             fisher: Fisher::Empirical,
             approx,
             seed: 0,
         };
-        estimate(&g, &model, &lora, &t.examples, 4, spec, || {}).unwrap();
-        g.time_kernels(false);
-        let times = g.kernel_times().unwrap();
+        let (_, times) = timed(&g, || {
+            estimate(&g, &model, &lora, &t.examples, 4, spec, || {}).unwrap()
+        });
         times
             .iter()
             .filter(|k| pick(&k.name))

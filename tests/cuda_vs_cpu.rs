@@ -984,17 +984,12 @@ fn bf16_grams_on_cublas_match_cpu() {
             c.gram_accumulate(&x, dx, &y, dy, segs, 0.7, &mut oc)
                 .unwrap();
             let before = g.stats();
-            g.time_kernels(true);
-            g.gram_accumulate(&xg, dx, yg.as_ref().unwrap_or(&xg), dy, segs, 0.7, &mut og)
-                .unwrap();
-            g.time_kernels(false);
+            let ((), times) = timed(&g, || {
+                g.gram_accumulate(&xg, dx, yg.as_ref().unwrap_or(&xg), dy, segs, 0.7, &mut og)
+                    .unwrap()
+            });
             let spent = g.stats().since(&before);
-            let names: Vec<String> = g
-                .kernel_times()
-                .unwrap()
-                .into_iter()
-                .map(|t| t.name)
-                .collect();
+            let names = kernel_names(&times);
             let what = tag(&format!("cuBLAS gram {dx}x{dy}, {rows} rows"));
             assert_eq!(spent.gemms, (nruns * npanels) as u64, "{what}");
             assert!(
@@ -1049,16 +1044,11 @@ fn bf16_grams_on_cublas_match_cpu() {
         ] {
             let mut out = g.buf(vec![0.0; dx * dy]).unwrap();
             let before = g.stats();
-            g.time_kernels(true);
-            g.gram_accumulate(x, dx, y, dy, &gappy, 1.0, &mut out)
-                .unwrap();
-            g.time_kernels(false);
-            let names: Vec<String> = g
-                .kernel_times()
-                .unwrap()
-                .into_iter()
-                .map(|t| t.name)
-                .collect();
+            let ((), times) = timed(&g, || {
+                g.gram_accumulate(x, dx, y, dy, &gappy, 1.0, &mut out)
+                    .unwrap()
+            });
+            let names = kernel_names(&times);
             assert_eq!(g.stats().since(&before).gemms, 0, "{what}: {names:?}");
             assert!(
                 names.iter().any(|n| n.starts_with(entry)),
@@ -1215,13 +1205,11 @@ fn kfac_estimate_with_cublas_grams_matches_cpu() {
         let on = |path| {
             g.set_gram_gemm(path);
             let before = g.stats();
-            g.time_kernels(true);
-            let cur = estimate(&g, &model, &lora, &t.examples, 3, spec, || {}).unwrap();
-            g.time_kernels(false);
+            let (cur, times) = timed(&g, || {
+                estimate(&g, &model, &lora, &t.examples, 3, spec, || {}).unwrap()
+            });
             let gemms = g.stats().since(&before).gemms;
-            let bf16_grams: u64 = g
-                .kernel_times()
-                .unwrap()
+            let bf16_grams: u64 = times
                 .iter()
                 .filter(|k| k.name.starts_with("gram_bf16_"))
                 .map(|k| k.calls)

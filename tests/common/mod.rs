@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use half::bf16;
 use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::cuda::kernel_times::KernelTime;
 use lalora_engine::backend::cuda::runtime::DType;
 use lalora_engine::backend::cuda::{Act, BaseDtype, CudaBackend};
 use lalora_engine::backend::{Backend, RopeTable};
@@ -189,4 +190,18 @@ pub fn bf16_act(g: &CudaBackend, rng: &mut ChaCha8Rng, rows: usize, dim: usize) 
         "to_host widens bf16 exactly"
     );
     (y, host)
+}
+
+/// `f`'s result, and the kernels and cuBLAS call shapes it ran on `g`, each timed
+/// (`CudaBackend::kernel_times`: names and call counts, the longest first).
+pub fn timed<R>(g: &CudaBackend, f: impl FnOnce() -> R) -> (R, Vec<KernelTime>) {
+    g.time_kernels(true);
+    let r = f();
+    g.time_kernels(false);
+    (r, g.kernel_times().expect("the kernel times read back"))
+}
+
+/// The names of `timed`'s kernels.
+pub fn kernel_names(times: &[KernelTime]) -> Vec<&str> {
+    times.iter().map(|t| t.name.as_str()).collect()
 }

@@ -791,28 +791,25 @@ rows = [
     ("KFAC factor 4096x2048", "cuda_kfac_factor_4096x2048", "hand_written_symmetric", "cublas_gemm"),
     ("KFAC factor 4096x2048, bf16 operands (bf16 mma)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "cublas_gemm"),
 ]
-print("| kernel | ours (ms) | cuBLAS sequence (ms) | speed-up |\n|---|---:|---:|---:|")
-for name, g, a, b in rows:
-    x, y = ms(g, a), ms(g, b)
-    print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
+def ratios(head, rows):
+    """A table of (name, group, ours, theirs) rows: both medians and theirs / ours."""
+    print(f"{head}\n|---|---:|---:|---:|")
+    for name, g, a, b in rows:
+        x, y = ms(g, a), ms(g, b)
+        print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
+ratios("| kernel | ours (ms) | cuBLAS sequence (ms) | speed-up |", rows)
 # Issue 8's Gram goal: the tensor-core Gram >= 5x the SIMT one.
-print("\n| Gram on tensor cores | ours (ms) | SIMT (ms) | speed-up |\n|---|---:|---:|---:|")
-for name, g, a, b in [
+ratios("\n| Gram on tensor cores | ours (ms) | SIMT (ms) | speed-up |", [
     ("KFAC factor 4096x2048, f32 (tf32)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric", "simt_symmetric"),
     ("KFAC factor 4096x2048, bf16 (bf16 mma)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "simt_symmetric"),
     ("cross factor 4096x2048x2048, f32 (tf32)", "cuda_kfac_cross_4096x2048x2048", "tensor_cores", "simt"),
     ("cross factor 4096x2048x2048, bf16 (bf16 mma)", "cuda_kfac_cross_4096x2048x2048", "tensor_cores_bf16", "simt"),
-]:
-    x, y = ms(g, a), ms(g, b)
-    print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
+])
 # The bf16 Grams: the engine's kernel (bf16 mma) against GramGemm::Cublas's bf16 GEMMs.
-print("\n| bf16 Gram | kernel (ms) | cuBLAS bf16 (ms) | kernel's speed-up |\n|---|---:|---:|---:|")
-for name, g, a, b in [
+ratios("\n| bf16 Gram | kernel (ms) | cuBLAS bf16 (ms) | kernel's speed-up |", [
     ("KFAC factor 4096x2048 (cuBLAS: one full GEMM at this width)", "cuda_kfac_factor_4096x2048", "hand_written_symmetric_bf16", "cublas_panels_bf16"),
     ("cross factor 4096x2048x2048", "cuda_kfac_cross_4096x2048x2048", "tensor_cores_bf16", "cublas_gemm_bf16"),
-]:
-    x, y = ms(g, a), ms(g, b)
-    print(f"| {name} | {x:.3f} | {y:.3f} | {y/x:.2f}x |")
+])
 def group(prefix):
     return next((k.split("/")[0] for k in est if k.startswith(prefix)), prefix + "?")
 g = group("cuda_llama1b_shape_")

@@ -365,7 +365,8 @@ pub trait Backend: Send + Sync {
     /// backend may do as it writes them (CUDA: flash attention's epilogues) instead of in
     /// passes of their own (`unrotate_attention_grads`). `feeds` says what reads the
     /// gradients (the q/k/v group's backward, and in a curvature pass the curvature's
-    /// reductions, which may sum them over positions first), and so how a backend may store them (`GradFeeds`).
+    /// reductions, which may sum them over positions first), and so how a backend may
+    /// store them (`GradFeeds`).
     #[allow(clippy::too_many_arguments)]
     fn attention_backward(
         &self,

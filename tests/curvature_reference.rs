@@ -7,7 +7,7 @@ mod common;
 
 use common::*;
 use lalora_engine::backend::Backend;
-use lalora_engine::backend::cuda::BaseDtype;
+use lalora_engine::backend::cuda::{BaseDtype, GramGemm};
 use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
 use lalora_engine::data::{RowFormat, read_jsonl};
 use lalora_engine::io::TensorFile;
@@ -94,6 +94,18 @@ fn diag_empirical<B: Backend>(on: &On<B>) {
 #[test]
 fn kfac_expand_matches_curvlinops() {
     everywhere(kfac_expand, kfac_expand);
+}
+
+/// The same with the bf16 engine's Grams of two bf16 operands on cuBLAS (`GramGemm::Cublas`)
+/// instead of its tensor-core kernel, at the same bound.
+#[test]
+fn kfac_expand_with_cublas_grams_matches_curvlinops() {
+    let be = sim(BaseDtype::Bf16);
+    be.set_gram_gemm(GramGemm::Cublas);
+    kfac_expand(&On {
+        be: &be,
+        tol: bound(Some(BaseDtype::Bf16)),
+    });
 }
 
 fn kfac_expand<B: Backend>(on: &On<B>) {

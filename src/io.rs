@@ -58,7 +58,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
 /// without a copy of the whole file in memory: the crate's `serialize_to_file` streams the
 /// tensors to disk (a KFAC estimate at Llama-3.2-1B's shapes is 15 GB, which
 /// `safetensors::serialize` would first copy into one buffer). The bytes are those of
-/// `serialize` with the header's keys sorted ([`sort_header`]), and the file gets the mode
+/// `serialize` with the header's keys sorted (`sort_header`), and the file gets the mode
 /// a plain create would, as with [`atomic_write`].
 pub fn write_safetensors(
     path: &Path,

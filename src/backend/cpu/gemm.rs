@@ -80,7 +80,7 @@ pub fn gemm(
     }
 }
 
-/// As [`gemm`], writing through a raw pointer: for tasks that fill interleaved column
+/// As [`gemm()`], writing through a raw pointer: for tasks that fill interleaved column
 /// blocks of one matrix, where disjoint `&mut` slices cannot be formed.
 ///
 /// # Safety
@@ -235,8 +235,8 @@ pub fn linear_few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Ve
 /// `y (m, n) = x (m, k) Wt (k, n)` for a few rows `x`, with the weight stored transposed
 /// (`weight::CpuWeight`). Up to `STREAM_ROWS` rows, `Wt` is cut into `LANES` blocks of
 /// whole rows, one task each on the rayon pool, which streams its block once
-/// ([`vmath::axpy_rows`], one chain of FMAs per output); the blocks' partial products are
-/// added pairwise ([`vmath::total_lanes`]). That is the shape of [`linear_few_rows`]'s sums
+/// (`vmath::axpy_rows`, one chain of FMAs per output); the blocks' partial products are
+/// added pairwise (`vmath::total_lanes`). That is the shape of [`linear_few_rows`]'s sums
 /// (16 chains added pairwise), over contiguous blocks of `k` instead of interleaved lanes,
 /// so that each task reads one contiguous stream. Above, the gemm crate reads `Wt` where
 /// it lies.

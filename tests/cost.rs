@@ -231,19 +231,6 @@ fn adapters(t: &Tiny) -> Vec<HostLora> {
     vec![t.adapter.clone(), HostLora::init(&t.loaded.cfg, qv, 3)]
 }
 
-/// No adapter: the base model.
-fn no_lora() -> LoraWeights<()> {
-    LoraWeights {
-        cfg: LoraConfig {
-            r: 0,
-            alpha: 0.0,
-            use_rslora: false,
-            targets: Vec::new(),
-        },
-        modules: Vec::new(),
-    }
-}
-
 fn curvature_of(be: &CpuBackend, lora: &HostLora, ex: &[Example], spec: Spec) -> Curvature {
     let model = tiny_model(be);
     let w = lora.map(|v| be.buf(v.clone())).unwrap();
@@ -288,7 +275,8 @@ fn evaluation_flops_equal_the_counted_products() {
         c.take();
         sequence_losses(&c, &model, None, &ex, batch, || {}).unwrap();
         let counted = c.take();
-        let (_, flops) = Flops::new(&t.loaded.cfg, &no_lora()).evaluation(&ex, batch);
+        let (_, flops) =
+            Flops::new(&t.loaded.cfg, &LoraWeights::<()>::none()).evaluation(&ex, batch);
         assert_eq!(flops, counted, "base model, batch {batch}");
     }
 }
@@ -569,7 +557,10 @@ fn sweep_reports_each_runs_cost() {
     // runs no LoRA products, each run runs its adapter's.
     let eval =
         |lora: &LoraWeights<_>| 2 * Flops::new(&t.loaded.cfg, lora).evaluation(&t.examples, 2).1;
-    let (base, run) = (eval(&no_lora()), eval(&curv.mean.map(|_| Ok(())).unwrap()));
+    let (base, run) = (
+        eval(&LoraWeights::<()>::none()),
+        eval(&curv.mean.map(|_| Ok(())).unwrap()),
+    );
     assert!(run > base);
     assert_eq!(
         r["rows"][0]["cost"][0]["flops"], base,

@@ -97,6 +97,20 @@ pub struct LoraWeights<T> {
 pub type HostLora = LoraWeights<Vec<f32>>;
 
 impl<T> LoraWeights<T> {
+    /// No adapter: the base model alone (rank 0, no modules), as FLOP counts and
+    /// evaluations of the base model take it.
+    pub fn none() -> Self {
+        LoraWeights {
+            cfg: LoraConfig {
+                r: 0,
+                alpha: 0.0,
+                use_rslora: false,
+                targets: Vec::new(),
+            },
+            modules: Vec::new(),
+        }
+    }
+
     /// Index of the module adapting `(layer, proj)`, if any.
     pub fn find(&self, layer: usize, proj: Proj) -> Option<usize> {
         self.modules

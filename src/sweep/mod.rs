@@ -31,7 +31,7 @@ use crate::eval::exact_match::{ExactMatch, exact_match};
 use crate::eval::generate::Sampling;
 use crate::eval::paired::{Paired, paired_difference};
 use crate::eval::perplexity::sequence_losses;
-use crate::model::{HostLora, Llama, LoraConfig, LoraWeights};
+use crate::model::{HostLora, Llama, LoraWeights};
 use crate::progress;
 use crate::tokenizer::Tokenizer;
 use crate::train::session::{self, SessionOptions};
@@ -145,6 +145,23 @@ pub struct ChoiceResult {
     pub acc_drop_se: f64,
     pub acc_norm_drop: f64,
     pub acc_norm_drop_se: f64,
+}
+
+impl ChoiceResult {
+    /// The columns of one set in the tables, in order: acc, its se, its drop and the
+    /// drop's se, then the same for acc_norm.
+    pub fn columns(&self) -> [f64; 8] {
+        [
+            self.acc,
+            self.acc_se,
+            self.acc_drop,
+            self.acc_drop_se,
+            self.acc_norm,
+            self.acc_norm_se,
+            self.acc_norm_drop,
+            self.acc_norm_drop_se,
+        ]
+    }
 }
 
 /// Exact-match accuracy and its gain over the base model.
@@ -434,15 +451,7 @@ fn evaluate_base<B: Backend>(
     spec: &SweepSpec<'_>,
 ) -> Result<(Base, Row)> {
     // The base model runs without an adapter: no LoRA products to count.
-    let no_lora = LoraWeights::<()> {
-        cfg: LoraConfig {
-            r: 0,
-            alpha: 0.0,
-            use_rslora: false,
-            targets: Vec::new(),
-        },
-        modules: Vec::new(),
-    };
+    let no_lora = LoraWeights::<()>::none();
     let flops = &Flops::new(&model.cfg, &no_lora);
     let sets: Vec<SetInfo> = spec
         .sets()

@@ -523,6 +523,49 @@ fn sweep_accuracy_drop_and_exact_match_gain_match_eval_predictions() {
         md.contains("| exact match | ± | gain | ± | choice-piqa-test acc | ± | drop | ± |"),
         "{md}"
     );
+    // The CSV and the table carry the JSON's figures, column by column.
+    let keys = [
+        "acc",
+        "acc_se",
+        "acc_drop",
+        "acc_drop_se",
+        "acc_norm",
+        "acc_norm_se",
+        "acc_norm_drop",
+        "acc_norm_drop_se",
+    ];
+    let json_rows = rep["rows"].as_array().unwrap();
+    let csv_rows: Vec<Vec<&str>> = csv
+        .lines()
+        .skip(1)
+        .map(|l| l.split(',').collect())
+        .collect();
+    assert_eq!(csv_rows.len(), json_rows.len());
+    let mut sets_checked = 0;
+    for (cells, row) in csv_rows.iter().zip(json_rows) {
+        assert_eq!(cells.len(), header.len());
+        let mut md_cells = String::new();
+        for set in row["choice"].as_array().unwrap() {
+            let name = set["name"].as_str().unwrap();
+            for key in keys {
+                let col = format!("{name}_{key}");
+                let at = header.iter().position(|h| *h == col).expect(&col);
+                let v = set[key].as_f64().unwrap();
+                let got: f64 = cells[at].parse().unwrap();
+                assert!((got - v).abs() <= 5e-7, "{col}: csv {got}, json {v}");
+                md_cells += &match key.ends_with("drop") {
+                    true => format!(" {v:+.4} |"),
+                    false => format!(" {v:.4} |"),
+                };
+            }
+            sets_checked += 1;
+        }
+        assert!(md.contains(&md_cells), "{md_cells} not in\n{md}");
+    }
+    assert!(
+        sets_checked >= json_rows.len(),
+        "{sets_checked} sets checked"
+    );
 
     // Recompute every accuracy figure from eval's per-question predictions.
     let outcomes = |v: &serde_json::Value| -> (Vec<Vec<f64>>, Vec<Vec<f64>>, Vec<f64>) {

@@ -241,17 +241,9 @@ impl Report {
                 s += &format!(",{:.6},{:.6},{:.6}", x.nll, x.forgetting, x.forgetting_se);
             }
             for c in &r.choice {
-                s += &format!(
-                    ",{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6},{:.6}",
-                    c.acc,
-                    c.acc_se,
-                    c.acc_drop,
-                    c.acc_drop_se,
-                    c.acc_norm,
-                    c.acc_norm_se,
-                    c.acc_norm_drop,
-                    c.acc_norm_drop_se
-                );
+                for v in c.columns() {
+                    s += &format!(",{v:.6}");
+                }
             }
             let em = r
                 .exact_match
@@ -350,17 +342,13 @@ impl Report {
                 );
             }
             for c in &r.choice {
-                s += &format!(
-                    " {:.4} | {:.4} | {:+.4} | {:.4} | {:.4} | {:.4} | {:+.4} | {:.4} |",
-                    c.acc,
-                    c.acc_se,
-                    c.acc_drop,
-                    c.acc_drop_se,
-                    c.acc_norm,
-                    c.acc_norm_se,
-                    c.acc_norm_drop,
-                    c.acc_norm_drop_se
-                );
+                for (i, v) in c.columns().into_iter().enumerate() {
+                    // The drops (third of each four) carry their sign.
+                    s += &match i % 4 {
+                        2 => format!(" {v:+.4} |"),
+                        _ => format!(" {v:.4} |"),
+                    };
+                }
             }
             s += "\n";
         }

@@ -935,6 +935,15 @@ fn curvature_primitives_match_cpu() {
     }
 }
 
+/// Runs of adjacent segments (what `GramGemm::Cublas` makes one GEMM of): a segment starts
+/// one unless the one before ended where it starts.
+fn runs_of(segments: &[Segment]) -> usize {
+    1 + segments
+        .windows(2)
+        .filter(|w| w[0].start + w[0].len != w[1].start)
+        .count()
+}
+
 /// The Grams of two bf16 operands on cuBLAS (`GramGemm::Cublas`) against the CPU's Grams of
 /// the same values, at the f32 bound: bf16 x bf16 products are exact in f32, so only the
 /// order of the f32 sums differs. One GEMM per run of adjacent segments (and per row panel
@@ -944,11 +953,7 @@ fn curvature_primitives_match_cpu() {
 #[test]
 fn bf16_grams_on_cublas_match_cpu() {
     let (gappy, gappy_rows) = gappy_segments();
-    // Runs of adjacent segments: a segment starts one unless the last ended where it starts.
-    let runs = 1 + gappy
-        .windows(2)
-        .filter(|w| w[0].start + w[0].len != w[1].start)
-        .count();
+    let runs = runs_of(&gappy);
     assert_eq!(runs, 6);
     let two = vec![Segment { start: 1, len: 9 }, Segment { start: 12, len: 6 }];
     let mut rng = ChaCha8Rng::seed_from_u64(8);
@@ -1191,11 +1196,7 @@ fn kfac_estimate_with_cublas_grams_matches_cpu() {
     let (mut nbatches, mut runs) = (0, 0);
     for b in batches(&t.examples, 3) {
         nbatches += 1;
-        runs += 1 + b
-            .segments
-            .windows(2)
-            .filter(|w| w[0].start + w[0].len != w[1].start)
-            .count();
+        runs += runs_of(&b.segments);
     }
     let grams = 5 * t.loaded.cfg.num_layers;
     for g in devices() {

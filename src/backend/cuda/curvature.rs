@@ -33,8 +33,8 @@ const SQ_BM: usize = 64;
 /// bf16 engine stores as bf16) as they are, a bf16 tile staged in shared memory as bf16.
 #[derive(Clone, Copy)]
 pub(super) struct Input {
-    pub(super) ptr: u64,
-    pub(super) dtype: DType,
+    ptr: u64,
+    dtype: DType,
 }
 
 impl From<&Act> for Input {
@@ -125,13 +125,10 @@ fn row_tiles(runs: &[Segment]) -> Vec<[i32; 2]> {
 }
 
 impl CudaBackend {
-    /// The entry `<kind>_<precision>_<variant>_<A's storage>_<B's storage>`: tf32 or 3xtf32
-    /// for this engine's base dtype, or bf16 mma where both operands are bf16 (the 128 x 128
-    /// Gram: the same products, exact in f32, at twice tf32's rate per instruction). The
-    /// f32 engine stores no bf16 activations, so 3xtf32 has f32 entries only.
-    fn tc_entry(&self, kind: &str, variant: &str, a: Input, b: Input) -> Result<String> {
+    /// The mma precision that `tc_entry`'s entry for `a` and `b` names (see there).
+    fn tc_precision(&self, kind: &str, variant: &str, a: Input, b: Input) -> Result<&'static str> {
         let both_bf16 = a.dtype == DType::Bf16 && b.dtype == DType::Bf16;
-        let precision = match self.base_dtype() {
+        Ok(match self.base_dtype() {
             BaseDtype::Bf16 if both_bf16 && kind == "gram" && variant == "128x128" => "bf16",
             BaseDtype::Bf16 => "tf32",
             BaseDtype::F32 if a.dtype == DType::F32 && b.dtype == DType::F32 => "3xtf32",
@@ -140,7 +137,15 @@ impl CudaBackend {
                     "{kind}: a bf16 operand reached the f32 engine, which has no bf16 entry"
                 )));
             }
-        };
+        })
+    }
+
+    /// The entry `<kind>_<precision>_<variant>_<A's storage>_<B's storage>`: tf32 or 3xtf32
+    /// for this engine's base dtype, or bf16 mma where both operands are bf16 (the 128 x 128
+    /// Gram: the same products, exact in f32, at twice tf32's rate per instruction). The
+    /// f32 engine stores no bf16 activations, so 3xtf32 has f32 entries only.
+    fn tc_entry(&self, kind: &str, variant: &str, a: Input, b: Input) -> Result<String> {
+        let precision = self.tc_precision(kind, variant, a, b)?;
         Ok(format!(
             "{kind}_{precision}_{variant}_{}_{}",
             a.tag(),
@@ -214,12 +219,9 @@ impl CudaBackend {
             (128, 128, 256, "128x128")
         };
         // Where the kernel would take bf16 mma, the cuBLAS path instead (`GramGemm`).
-        if self.gram_gemm() == GramGemm::Cublas
-            && self
-                .tc_entry("gram", shape, a, b)?
-                .starts_with("gram_bf16_")
+        if self.gram_gemm() == GramGemm::Cublas && self.tc_precision("gram", shape, a, b)? == "bf16"
         {
-            return self.gram_cublas_bf16(x, dx, y, dy, &runs, alpha, out);
+            return self.gram_cublas_bf16(x, dx, y, dy, symmetric, &runs, alpha, out);
         }
         let tiles = row_tiles(&runs);
         let mut keep = Vec::new();

@@ -73,8 +73,8 @@ impl CudaBackend {
     /// `out (dx, dy) += alpha sum_runs X_run^T Y_run` for bf16 `x (rows, dx)` and
     /// `y (rows, dy)` as stored, on cuBLAS: one GEMM per run of adjacent segments (and per
     /// panel), each adding `alpha` times its run's sum to `out` (f32 accumulation, beta 1).
-    /// Symmetric (`x` is `y`): the panels of the upper triangle, then the mirror, as the
-    /// kernel leaves it. The sums run in cuBLAS's order, not the kernel's; the products
+    /// `symmetric` (`x` is `y`, as the caller found): the panels of the upper triangle, then
+    /// the mirror, as the kernel leaves it. The sums run in cuBLAS's order, not the kernel's; the products
     /// are the same exact bf16 x bf16 ones.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gram_cublas_bf16(
@@ -83,11 +83,11 @@ impl CudaBackend {
         dx: usize,
         y: Input,
         dy: usize,
+        symmetric: bool,
         runs: &[Segment],
         alpha: f32,
         out: &mut DevBuf<f32>,
     ) -> Result<()> {
-        let symmetric = x.ptr == y.ptr && dx == dy;
         // Row-major out (dx, dy) is column-major out^T (dy, dx) with leading dimension dy;
         // its block (rows i, columns j) is out^T's (rows j, columns i) = Y_j^T-side times
         // X_i: gemm(N, T) of Y's columns j (column-major (dy, rows)) and X's columns i.

@@ -2,12 +2,11 @@
 //! learning-forgetting frontier; with `--ranks`, a repeated `--targets` or
 //! `--curvature-data`, for each LoRA shape of a grid.
 
-use std::path::{Path, PathBuf};
-use std::rc::Rc;
+use std::path::PathBuf;
 
 use clap::{ArgGroup, Args};
 
-use super::curvature::{EstimateArgs, Source, Stage1, keep_self_data};
+use super::curvature::{EstimateArgs, Source, Stage1};
 use super::study::{self, DataStudy, Study};
 use super::train::HyperArgs;
 use super::{Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json};
@@ -16,18 +15,17 @@ use crate::backend::device::{BackendTask, run_on};
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
-use crate::eval::choice::read_choices;
-use crate::eval::exact_match::read_qa;
-use crate::eval::generate::Sampling;
-use crate::eval::perplexity::require_targets;
-use crate::model::config::LlamaConfig;
 use crate::model::{HostLora, Llama, LoadedModel, LoraConfig};
 use crate::progress;
 use crate::sweep::{
-    self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, GridEntry, Prepared, Report, Row,
-    SweepSpec,
+    self, ChoiceSet, DEFAULT_LAMBDAS, EvalSet, ExactMatchSet, GridEntry, Report, Row, SweepSpec,
 };
 use crate::train::{Penalty, TrainConfig};
+
+mod grid;
+mod sets;
+use grid::{GridTask, check_fits, grid};
+pub use sets::{choice_set, eval_set, exact_match_set};
 
 /// A shape's curvature estimated by a grid sweep, in its directory.
 pub(crate) const CURVATURE_FILE: &str = "curvature.safetensors";
@@ -252,167 +250,6 @@ impl BackendTask for SweepTask {
     }
 }
 
-/// A grid sweep: the sweep for each LoRA shape. `sweep.curvature` is a --curvature file
-/// that fits every shape (checked); `sweep.init` is unused, each shape starting at its own.
-struct GridTask {
-    sweep: SweepTask,
-    grid: Vec<GridEntry>,
-    /// Stage I for each shape (--curvature-data), its source data still to be sampled
-    /// when self-generated.
-    estimate: Option<(Source, Stage1)>,
-    seed: u64,
-}
-
-impl BackendTask for GridTask {
-    type Output = Report;
-    fn run<B: Backend>(mut self, be: &B) -> Result<Report> {
-        let s = &mut self.sweep;
-        let model = Llama::new(be, s.model.cfg.clone(), s.model.take_weights())?;
-        let (quiet, out, delta) = (s.quiet, s.out.clone(), s.train.delta);
-        // A --curvature file fits every shape: its penalty is built once, for them all.
-        let lambdas: Vec<f32> = (self.grid.iter())
-            .flat_map(|e| e.lambdas.as_deref().unwrap_or(&s.lambdas))
-            .copied()
-            .collect();
-        let fixed = match s.curvature.take() {
-            Some(c) => {
-                let theta = c.mean.clone();
-                let penalty = Penalty::for_lambdas(be, c, delta, &lambdas)?;
-                Some((theta, Rc::new(penalty)))
-            }
-            None => None,
-        };
-        let estimate = match self.estimate {
-            Some((source, stage)) => {
-                let (data, sampled) = source.examples(be, &model, quiet)?;
-                if sampled {
-                    // Sampled once, from the base model: the same data for every shape.
-                    keep_self_data(&out.join(CURVATURE_FILE), &data)?;
-                }
-                Some((stage, data))
-            }
-            None => None,
-        };
-        let (grid, seed) = (self.grid, self.seed);
-        self.sweep.with_spec(|spec, _, files| {
-            let shapes = Shapes {
-                files,
-                fixed: fixed.as_ref(),
-                delta,
-                estimate: estimate.as_ref().map(|(s, d)| (s, d.as_slice())),
-                seed,
-                quiet,
-            };
-            let prepare = |e: &GridEntry, dir: &Path| {
-                let lambdas = e.lambdas.as_deref().unwrap_or(&spec.lambdas);
-                shapes.prepare(be, &model, &e.cfg, lambdas, dir)
-            };
-            sweep::run_grid(be, &model, spec, &grid, &out, prepare, status(quiet))
-        })
-    }
-}
-
-/// How a grid sweep makes each shape ready: the --curvature file that fits it, a
-/// curvature estimated for it, or neither (lambda 0 only).
-struct Shapes<'a, B: Backend> {
-    files: &'a LoadedModel,
-    /// The --curvature file's theta* and penalty.
-    fixed: Option<&'a (HostLora, Rc<Penalty<B>>)>,
-    /// The prior precision of the penalties estimated here.
-    delta: f32,
-    estimate: Option<(&'a Stage1, &'a [Example])>,
-    seed: u64,
-    quiet: bool,
-}
-
-impl<B: Backend> Shapes<'_, B> {
-    fn prepare(
-        &self,
-        be: &B,
-        model: &Llama<B>,
-        cfg: &LoraConfig,
-        lambdas: &[f32],
-        dir: &Path,
-    ) -> Result<Prepared<B>> {
-        if let Some((theta, penalty)) = self.fixed {
-            return Ok(Prepared {
-                init: theta.clone(),
-                penalty: Some(penalty.clone()),
-                curvature_cost: None,
-            });
-        }
-        let fresh = HostLora::init(&self.files.cfg, cfg.clone(), self.seed);
-        let Some((stage, data)) = self.estimate else {
-            return Ok(Prepared {
-                init: fresh,
-                penalty: None,
-                curvature_cost: None,
-            });
-        };
-        if !self.quiet {
-            eprintln!(
-                "sweep: {}: estimating the curvature ({}) on {} sequences",
-                sweep::shape_label(cfg),
-                stage.describe(),
-                data.len()
-            );
-        }
-        let identity = &self.files.identity;
-        let (c, cost) = stage.estimate(be, model, identity, &fresh, data, self.quiet)?;
-        c.write(&dir.join(CURVATURE_FILE))?;
-        Ok(Prepared {
-            init: c.mean.clone(),
-            penalty: Some(Rc::new(Penalty::for_lambdas(be, c, self.delta, lambdas)?)),
-            curvature_cost: Some(cost),
-        })
-    }
-}
-
-/// The LoRA shapes of a grid sweep: each rank of --ranks (else --rank) with each --targets
-/// set, in that order; `None` for a plain sweep (no --ranks, at most one --targets, no
-/// --curvature-data). What the flags leave open a --curvature file's shape fills in, as in
-/// a plain sweep (`fixed`).
-fn grid(
-    a: &SweepArgs,
-    model: &LlamaConfig,
-    fixed: Option<&LoraConfig>,
-) -> Result<Option<Vec<LoraConfig>>> {
-    if a.ranks.is_none() && a.lora.targets.len() < 2 && a.curvature_data.is_none() {
-        return Ok(None);
-    }
-    let flags = match fixed {
-        Some(cfg) => filled(&a.lora, cfg),
-        None => a.lora.clone(),
-    };
-    let ranks: Vec<Option<usize>> = match &a.ranks {
-        Some(s) => sweep::parse_ranks(s)?.into_iter().map(Some).collect(),
-        None => vec![flags.rank],
-    };
-    let sets: Vec<Vec<String>> = match flags.targets.as_slice() {
-        [] => vec![Vec::new()],
-        sets => sets.iter().map(|t| vec![t.clone()]).collect(),
-    };
-    let mut shapes: Vec<LoraConfig> = Vec::new();
-    for rank in ranks {
-        for targets in &sets {
-            let one = LoraArgs {
-                rank,
-                targets: targets.clone(),
-                ..flags.clone()
-            };
-            let cfg = one.config(model)?;
-            if shapes.contains(&cfg) {
-                return Err(Error::usage(format!(
-                    "--ranks / --targets name the LoRA shape {} twice",
-                    sweep::shape_label(&cfg)
-                )));
-            }
-            shapes.push(cfg);
-        }
-    }
-    Ok(Some(shapes))
-}
-
 /// `sweep --study data`: the study over the one LoRA shape of the flags, its source data a
 /// file (the self-generated set is the study's own).
 fn data_study(
@@ -454,111 +291,6 @@ fn data_study(
         data,
         self_generated,
     })
-}
-
-/// `lora` with what it leaves open taken from `cfg`.
-fn filled(lora: &LoraArgs, cfg: &LoraConfig) -> LoraArgs {
-    let targets = match lora.targets.is_empty() {
-        true => vec![sweep::targets_label(&cfg.targets)],
-        false => lora.targets.clone(),
-    };
-    LoraArgs {
-        rank: lora.rank.or(Some(cfg.r)),
-        alpha: lora.alpha.or(Some(cfg.alpha)),
-        targets,
-        rslora: lora.rslora || cfg.use_rslora,
-    }
-}
-
-/// A --curvature file in a grid sweep must fit every shape of it (it fits one).
-fn check_fits(c: &Curvature, path: &Path, grid: &[LoraConfig], m: &LoadedModel) -> Result<()> {
-    for cfg in grid {
-        let lora = HostLora::init(&m.cfg, cfg.clone(), 0);
-        let what = format!("the grid's shape {}", sweep::shape_label(cfg));
-        c.check_lora(path, &lora, &what).map_err(|e| match e {
-            Error::File { path, msg } => Error::File {
-                path,
-                msg: format!(
-                    "{msg}; a file fits one shape, --curvature-data estimates one for each"
-                ),
-            },
-            e => e,
-        })?;
-    }
-    Ok(())
-}
-
-pub fn eval_set(
-    path: &std::path::Path,
-    m: &LoadedModel,
-    d: &DataArgs,
-    limit: usize,
-) -> Result<EvalSet> {
-    let mut examples = load_data(path, m, d)?;
-    examples.truncate(limit);
-    // A standard error needs the spread between at least two sequences.
-    if examples.len() < 2 {
-        return Err(Error::file(
-            path,
-            format!(
-                "{} sequence to evaluate; a standard error needs at least 2 (more rows, or a larger --eval-limit / --eval-sequences)",
-                examples.len()
-            ),
-        ));
-    }
-    // A set whose rows lost every predicted token to --max-len has no mean loss.
-    require_targets(path, &examples)?;
-    Ok(EvalSet {
-        name: stem(path),
-        examples,
-    })
-}
-
-/// The first `limit` questions of a multiple-choice file, named by its stem.
-pub fn choice_set(path: &std::path::Path, limit: usize) -> Result<ChoiceSet> {
-    let mut rows = read_choices(path)?;
-    rows.truncate(limit);
-    at_least_two(path, rows.len(), "question")?;
-    Ok(ChoiceSet {
-        name: stem(path),
-        path: path.to_path_buf(),
-        rows,
-    })
-}
-
-/// The first `limit` question/answer pairs of a file, answered greedily.
-pub fn exact_match_set(
-    path: &std::path::Path,
-    limit: usize,
-    max_new_tokens: usize,
-) -> Result<ExactMatchSet> {
-    let mut rows = read_qa(path)?;
-    rows.truncate(limit);
-    at_least_two(path, rows.len(), "question")?;
-    Ok((
-        rows,
-        Sampling {
-            max_new_tokens,
-            ..Sampling::default()
-        },
-    ))
-}
-
-/// A standard error needs the spread between at least two units.
-fn at_least_two(path: &std::path::Path, n: usize, unit: &str) -> Result<()> {
-    if n < 2 {
-        return Err(Error::file(
-            path,
-            format!("{n} {unit} to evaluate; a standard error needs at least 2"),
-        ));
-    }
-    Ok(())
-}
-
-fn stem(path: &std::path::Path) -> String {
-    path.file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 pub fn print_report(r: &Report, out: &std::path::Path, json: bool) {

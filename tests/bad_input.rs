@@ -12,6 +12,8 @@ mod curvature_files;
 mod flags;
 #[path = "bad_input/meaning.rs"]
 mod meaning;
+#[path = "bad_input/outputs.rs"]
+mod outputs;
 #[path = "bad_input/peft.rs"]
 mod peft;
 

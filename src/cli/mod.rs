@@ -8,6 +8,7 @@ mod eval;
 mod generate;
 mod grad;
 mod info;
+mod outputs;
 mod selftest;
 mod study;
 mod sweep;
@@ -237,6 +238,7 @@ pub fn run() -> Result<()> {
     // lines that read it.
     progress::interval()?;
     checks::validate(&cli.command)?;
+    outputs::validate(&cli.command)?;
     match cli.command {
         Command::Info(a) => info::run(a),
         Command::Eval(a) => eval::run(a),

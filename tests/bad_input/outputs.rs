@@ -1,0 +1,178 @@
+//! Output paths: one that would replace an input of the run is refused and the input left
+//! intact; one that cannot be written is refused before any input is read (the runs below
+//! name a model that does not exist, so an error about the output shows that it came
+//! first).
+
+use super::*;
+
+#[test]
+fn an_output_never_replaces_an_input() {
+    let d = tempfile::tempdir().unwrap();
+    let model = tiny_copy(d.path());
+    let data = d.path().join("data.jsonl");
+    std::fs::copy(fixture("tiny-gqa/batch.jsonl"), &data).unwrap();
+    let adapter = d.path().join("adapter");
+    std::fs::create_dir(&adapter).unwrap();
+    for f in ["adapter_config.json", "adapter_model.safetensors"] {
+        std::fs::copy(fixture("tiny-gqa/adapter").join(f), adapter.join(f)).unwrap();
+    }
+    let before = |p: &Path| std::fs::read(p).unwrap();
+    let (data_bytes, weights) = (before(&data), model.join("model.safetensors"));
+    let (weight_bytes, adapter_file) =
+        (before(&weights), adapter.join("adapter_model.safetensors"));
+    let adapter_bytes = before(&adapter_file);
+    let cases: Vec<(Vec<OsString>, &Path, &str)> = vec![
+        (
+            argv(&[
+                &"grad", &"--model", &model, &"--data", &data, &"--out", &data,
+            ]),
+            &data,
+            "is the --data file",
+        ),
+        (
+            argv(&[
+                &"curvature",
+                &"--model",
+                &model,
+                &"--data",
+                &data,
+                &"--out",
+                &weights,
+            ]),
+            &weights,
+            "is a file the --model directory is read from",
+        ),
+        (
+            argv(&[
+                &"grad",
+                &"--model",
+                &model,
+                &"--adapter",
+                &adapter,
+                &"--data",
+                &data,
+                &"--out",
+                &adapter_file,
+            ]),
+            &adapter_file,
+            "is a file the --adapter directory is read from",
+        ),
+        (
+            argv(&[
+                &"train",
+                &"--model",
+                &model,
+                &"--adapter",
+                &adapter,
+                &"--data",
+                &data,
+                &"--out",
+                &adapter,
+                &"--steps",
+                &"1",
+            ]),
+            &adapter,
+            "is the --adapter directory",
+        ),
+    ];
+    for (args, out, needle) in &cases {
+        let what = format!("{args:?}");
+        assert_clean_error(&run_args(args), needle, &what);
+        assert!(out.exists(), "{what}: {} is gone", out.display());
+    }
+    assert_eq!(before(&data), data_bytes, "the data file changed");
+    assert_eq!(
+        before(&weights),
+        weight_bytes,
+        "the model's weights changed"
+    );
+    assert_eq!(before(&adapter_file), adapter_bytes, "the adapter changed");
+    // Positive control: a new file beside the model's own is written.
+    let beside = model.join("curvature.safetensors");
+    let args = argv(&[
+        &"curvature",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--out",
+        &beside,
+    ]);
+    assert_runs(&run_args(&args), "curvature into the model's directory");
+    assert!(beside.exists());
+    // ... and written again: it is not one the model is read from.
+    assert_runs(
+        &run_args(&args),
+        "curvature rewritten in the model's directory",
+    );
+}
+
+#[test]
+fn an_unwritable_output_is_refused_before_anything_is_read() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("a-file");
+    std::fs::write(&file, "x").unwrap();
+    let missing = d.path().join("no-such-model");
+    let data = fixture("tiny-gqa/batch.jsonl");
+    let under_file = file.join("out.safetensors");
+    let model_args = |cmd: &str| argv(&[&cmd, &"--model", &missing, &"--data", &data]);
+    let with = |cmd: &str, rest: &[&dyn AsRef<OsStr>]| {
+        let mut a = model_args(cmd);
+        a.extend(argv(rest));
+        a
+    };
+    let cases: Vec<(Vec<OsString>, String)> = vec![
+        (
+            with("grad", &[&"--out", &under_file]),
+            format!("{}: is not a directory", file.display()),
+        ),
+        (
+            with("curvature", &[&"--out", &under_file]),
+            format!("{}: is not a directory", file.display()),
+        ),
+        (
+            with("curvature", &[&"--out", &d.path()]),
+            "is a directory; --out names the file".into(),
+        ),
+        (
+            with("grad", &[&"--out", &"/proc/lalora-out.safetensors"]),
+            "/proc: cannot create a file here".into(),
+        ),
+        (
+            with("train", &[&"--out", &file]),
+            "exists and is not a directory".into(),
+        ),
+        (
+            with(
+                "sweep",
+                &[
+                    &"--target-eval",
+                    &data,
+                    &"--source-eval",
+                    &data,
+                    &"--out",
+                    &file,
+                ],
+            ),
+            "exists and is not a directory".into(),
+        ),
+        (
+            argv(&[&"demo", &"--assets", &missing, &"--out", &file]),
+            "exists and is not a directory".into(),
+        ),
+    ];
+    for (args, needle) in &cases {
+        assert_clean_error(&run_args(args), needle, &format!("{args:?}"));
+    }
+    assert_eq!(std::fs::read(&file).unwrap(), b"x", "the file was replaced");
+    assert_eq!(entries(d.path()), ["a-file"], "something was written");
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}

@@ -3,7 +3,8 @@
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use memmap2::UncheckedAdvice;
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
@@ -28,6 +29,57 @@ pub fn check_replaceable(path: &Path) -> Result<()> {
 /// run that owns the directory removes them by this prefix.
 pub const TEMP_PREFIX: &str = ".lalora-tmp-";
 
+/// The temporaries being written now: what a signal that ends the run must not leave
+/// behind (destructors do not run when a signal kills the process).
+static IN_FLIGHT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn in_flight() -> MutexGuard<'static, Vec<PathBuf>> {
+    IN_FLIGHT.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A temporary (file or directory) listed in [`IN_FLIGHT`] while this guard lives.
+struct InFlight(PathBuf);
+
+impl InFlight {
+    fn new(path: &Path) -> Self {
+        in_flight().push(path.to_path_buf());
+        InFlight(path.to_path_buf())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        in_flight().retain(|p| *p != self.0);
+    }
+}
+
+/// On SIGINT, SIGTERM or SIGHUP (Ctrl-C, `kill`, a closed terminal), remove the
+/// temporaries being written, then end as the signal's default action would, so that the
+/// caller still sees the signal (exit status 130, 143, ...). Without this a run stopped
+/// while writing a large file left the partial file behind under [`TEMP_PREFIX`]. Call
+/// once, at start-up; it starts the thread that waits for the signals. SIGKILL cannot be
+/// caught: what it leaves, a later run that owns the directory removes (`train`), or the
+/// user does.
+pub fn remove_partial_outputs_on_signals() -> std::io::Result<()> {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    std::thread::Builder::new()
+        .name("signals".into())
+        .spawn(move || {
+            if let Some(signal) = signals.forever().next() {
+                // Held to the end, so that no new temporary starts meanwhile.
+                let paths = in_flight();
+                for p in paths.iter() {
+                    // A temporary already renamed into place is gone: nothing to remove.
+                    let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+                }
+                let _ = signal_hook::low_level::emulate_default_handler(signal);
+                std::process::exit(128 + signal);
+            }
+        })?;
+    Ok(())
+}
+
 /// The directory `path` is written in, created if missing.
 fn parent_dir(path: &Path) -> Result<&Path> {
     let dir = match path.parent() {
@@ -48,6 +100,7 @@ pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
         .permissions(std::fs::Permissions::from_mode(0o666))
         .tempfile_in(dir)
         .at(dir)?;
+    let _listed = InFlight::new(tmp.path());
     tmp.write_all(bytes).at(path)?;
     tmp.as_file().sync_all().at(path)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
@@ -83,6 +136,7 @@ pub fn write_safetensors(
         .prefix(TEMP_PREFIX)
         .tempdir_in(dir)
         .at(dir)?;
+    let _listed = InFlight::new(stage.path());
     let staged = stage.path().join("file");
     // The mode a plain create gives, read from such a file before the crate's own (0600)
     // replaces it.

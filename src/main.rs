@@ -8,6 +8,9 @@ fn main() -> ExitCode {
     unsafe {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
+    // A run stopped by Ctrl-C or `kill` removes the file it was writing. Without the
+    // handler (it cannot start: no thread) a stopped run leaves its temporary, as before.
+    let _ = lalora_engine::io::remove_partial_outputs_on_signals();
     match lalora_engine::cli::run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

@@ -8,6 +8,8 @@
 //!   acceptance run of issue 10 uses 100).
 //! - A failed run leaves the directory as it was apart from its log; outputs respect the
 //!   umask; an output is never put in place of a FIFO, link or device; one run at a time.
+//! - Ctrl-C or `kill` while a file is being written removes the partial file, and the run
+//!   still ends by the signal.
 
 mod common;
 
@@ -440,4 +442,63 @@ fn one_run_at_a_time_and_foreign_checkpoints_are_left_alone() {
         .expect("a foreign checkpoint directory");
     assert_eq!(e.exit_code(), 2);
     assert!(d.path().join("checkpoint/keep").exists());
+}
+
+/// SIGINT and SIGTERM sent while `curvature` writes its file (a KFAC estimate of the
+/// default model: 1.2 GB, a second or more to write) leave nothing in the output's
+/// directory, and the process still ends by the signal. Without the handler the partial
+/// file stayed, under the temporaries' prefix.
+#[test]
+fn a_signal_while_writing_removes_the_partial_file() {
+    use std::os::unix::process::ExitStatusExt;
+    let data = assets().join("data/source-curvature.jsonl");
+    for signal in [libc::SIGINT, libc::SIGTERM] {
+        let d = tempfile::tempdir().unwrap();
+        let out = d.path().join("c.safetensors");
+        let mut child = bin()
+            .args([
+                "curvature",
+                "--device",
+                "cpu",
+                "--quiet",
+                "--scheme",
+                "kfac",
+            ])
+            .args(["--limit", "2", "--max-len", "32"])
+            .arg("--model")
+            .arg(smollm2())
+            .arg("--data")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let started = Instant::now();
+        // The temporary appears when the write starts.
+        while entries(d.path()).is_empty() {
+            assert!(
+                child.try_wait().unwrap().is_none(),
+                "curvature ended before writing"
+            );
+            assert!(
+                started.elapsed() < Duration::from_secs(120),
+                "no write began"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        // SAFETY: a signal to our own child, whose pid is live (not yet waited for).
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let o = child.wait_with_output().unwrap();
+        assert!(
+            !out.exists(),
+            "signal {signal}: the write finished first; the test needs a longer write"
+        );
+        assert_eq!(o.status.signal(), Some(signal), "ended by the signal");
+        assert_eq!(
+            entries(d.path()),
+            Vec::<String>::new(),
+            "signal {signal}: the partial file was left"
+        );
+    }
 }

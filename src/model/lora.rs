@@ -11,7 +11,7 @@ use serde_json::json;
 use super::adapter_config::{AdapterConfig, module_key};
 use super::config::LlamaConfig;
 use super::proj::Proj;
-use super::weights::SafetensorsSource;
+use super::weights::{SafetensorsSource, finite};
 use crate::error::{Error, IoContext, Result};
 use crate::io::{atomic_write, write_safetensors};
 
@@ -251,6 +251,7 @@ impl HostLora {
                     format!("tensor `{name}` has shape {got:?}, expected {shape:?}"),
                 ));
             }
+            finite(&data).map_err(|e| Error::file(&st_path, format!("tensor `{name}` {e}")))?;
             found.entry((layer, proj)).or_default()[which] = Some(data);
         }
         if found.is_empty() {

@@ -33,6 +33,17 @@ pub trait TensorSource {
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
 }
 
+/// A tensor read from a file holds finite values only; else where the first NaN or
+/// infinity is. A model, adapter or curvature file with one is refused when it is read
+/// (exit 2, naming the file and tensor), not found later as a non-finite loss that would
+/// seem to blame the data.
+pub fn finite(data: &[f32]) -> std::result::Result<(), String> {
+    match data.iter().position(|x| !x.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(format!("holds {} at index {i}", data[i])),
+    }
+}
+
 /// Convert little-endian raw bytes of a floating dtype to f32.
 pub fn bytes_to_f32(dtype: Dtype, data: &[u8]) -> Option<Vec<f32>> {
     Some(match dtype {
@@ -167,6 +178,8 @@ impl TensorSource for SafetensorsSource {
                 format!("tensor `{name}` has shape {got:?}, expected {shape:?}"),
             ));
         }
+        finite(&data)
+            .map_err(|e| Error::file(self.path_of(name), format!("tensor `{name}` {e}")))?;
         Ok(data)
     }
 }

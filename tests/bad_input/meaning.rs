@@ -354,3 +354,92 @@ fn rows_and_prompts_beyond_the_positions() {
         "generation past the positions",
     );
 }
+
+/// A NaN or an infinity in a model's or an adapter's weights is refused when the file is
+/// read (exit 2, naming the file, the tensor and where), not met later as a non-finite loss
+/// that named the data file instead (exit 3).
+#[test]
+fn non_finite_weights_name_their_file_and_tensor() {
+    use lalora_engine::io::{TensorFile, write_safetensors};
+    use std::collections::BTreeMap;
+    let d = tempfile::tempdir().unwrap();
+    // An HF model whose up projection of layer 1 holds a NaN at index 5.
+    let m = tiny_copy(&d.path().join("hf"));
+    let weights = m.join("model.safetensors");
+    let mut t = TensorFile::read(&weights).unwrap();
+    let name = "model.layers.1.mlp.up_proj.weight";
+    t.tensors.get_mut(name).unwrap().1[5] = f32::NAN;
+    let all: Vec<(String, Vec<usize>, &[f32])> = (t.tensors.iter())
+        .map(|(n, (s, v))| (n.clone(), s.clone(), v.as_slice()))
+        .collect();
+    write_safetensors(&weights, &all, BTreeMap::new()).unwrap();
+    assert_clean_error(
+        &eval_on(&m, &batch()),
+        &format!(
+            "{}: tensor `{name}` holds NaN at index 5",
+            weights.display()
+        ),
+        "NaN in safetensors weights",
+    );
+    // The same model as GGUF, an infinity in its first attention norm.
+    let g = gguf_with(d.path(), |g| {
+        let t = g
+            .tensors
+            .iter_mut()
+            .find(|t| t.name == "blk.0.attn_norm.weight");
+        t.unwrap().data[8..12].copy_from_slice(&f32::INFINITY.to_le_bytes());
+    });
+    assert_clean_error(
+        &eval_on(&g, &batch()),
+        &format!(
+            "{}: tensor `blk.0.attn_norm.weight` holds inf at index 2",
+            g.display()
+        ),
+        "infinity in GGUF weights",
+    );
+    // An adapter with a NaN in one lora_B.
+    let a = d.path().join("adapter");
+    std::fs::create_dir(&a).unwrap();
+    let src = fixture("tiny-gqa/adapter");
+    std::fs::copy(
+        src.join("adapter_config.json"),
+        a.join("adapter_config.json"),
+    )
+    .unwrap();
+    let mut t = TensorFile::read(&src.join("adapter_model.safetensors")).unwrap();
+    let (name, (_, b)) = t
+        .tensors
+        .iter_mut()
+        .find(|(n, _)| n.contains("lora_B"))
+        .unwrap();
+    b[0] = f32::NAN;
+    let name = name.clone();
+    let all: Vec<(String, Vec<usize>, &[f32])> = (t.tensors.iter())
+        .map(|(n, (s, v))| (n.clone(), s.clone(), v.as_slice()))
+        .collect();
+    let file = a.join("adapter_model.safetensors");
+    write_safetensors(&file, &all, BTreeMap::new()).unwrap();
+    for cmd in ["eval", "train"] {
+        let mut args = argv(&[
+            &cmd,
+            &"--model",
+            &fixture("tiny-gqa/model"),
+            &"--adapter",
+            &a,
+            &"--data",
+            &batch(),
+        ]);
+        if cmd == "train" {
+            args.extend(argv(&[&"--steps", &"1", &"--out", &d.path().join("out")]));
+        }
+        assert_clean_error(
+            &run_args(&args),
+            &format!("{}: tensor `{name}` holds NaN at index 0", file.display()),
+            &format!("NaN in an adapter ({cmd})"),
+        );
+    }
+    assert!(
+        !d.path().join("out").exists(),
+        "train wrote its output directory"
+    );
+}

@@ -13,12 +13,7 @@ const FULL_TEST_MAX: usize = 256;
 
 type Check = std::result::Result<(), String>;
 
-pub fn finite(data: &[f32]) -> Check {
-    match data.iter().position(|x| !x.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(format!("holds {} at index {i}", data[i])),
-    }
-}
+pub use crate::model::weights::finite;
 
 pub fn non_negative(data: &[f32]) -> Check {
     match data.iter().position(|&x| x < 0.0) {

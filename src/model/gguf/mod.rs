@@ -14,7 +14,7 @@ mod header;
 use super::config::LlamaConfig;
 use super::proj::Proj;
 use super::quant::{GgmlType, dequantize};
-use super::weights::{TensorSource, WeightName, mmap_file};
+use super::weights::{TensorSource, WeightName, finite, mmap_file};
 use crate::error::{Error, Result};
 use header::TensorInfo;
 pub use header::Value;
@@ -254,6 +254,7 @@ impl TensorSource for GgufFile {
                 "tensor `{name}` has shape {got:?}, expected {shape:?}"
             )));
         }
+        finite(&data).map_err(|e| self.err(format!("tensor `{name}` {e}")))?;
         let cols = *shape.last().unwrap_or(&1);
         Ok(if name.ends_with("attn_q.weight") {
             unpermute_rows(&data, self.n_head, cols)

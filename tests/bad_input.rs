@@ -370,3 +370,59 @@ fn unknown_kernel_research_settings_are_usage_errors() {
         assert!(r.stderr.contains(lists), "{}", r.stderr);
     }
 }
+
+/// Messages that named the wrong thing: a directory given for a file (it said "No such
+/// device"), a file given for the demo's assets (it named the fetch script), and data
+/// whose labelled tokens --max-len cut off (it said only that every label was -100).
+#[test]
+fn messages_say_what_is_wrong_with_what() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
+    let r = run_args(&argv(&[
+        &"train",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--curvature",
+        &d.path(),
+        &"--lambda",
+        &"1",
+        &"--out",
+        &d.path().join("run"),
+    ]));
+    assert_clean_error(
+        &r,
+        &format!(
+            "{}: is a directory; a file was expected here",
+            d.path().display()
+        ),
+        "--curvature DIR",
+    );
+    let file = d.path().join("assets-file");
+    std::fs::write(&file, "x").unwrap();
+    let r = run_args(&argv(&[&"demo", &"--assets", &file]));
+    assert_clean_error(
+        &r,
+        &format!(
+            "{}: exists and is not a directory; --assets",
+            file.display()
+        ),
+        "demo --assets FILE",
+    );
+    // The fixture's rows label from their sixth token on: 4 tokens keep none.
+    let r = run_args(&argv(&[
+        &"eval",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--max-len",
+        &"4",
+    ]));
+    assert_clean_error(
+        &r,
+        "or --max-len cut the labelled tokens off",
+        "--max-len 4",
+    );
+}

@@ -78,7 +78,7 @@ fn sharded_safetensors_equal_single_file() {
             map.insert(n.clone(), file.clone().into());
         }
     }
-    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    let index = serde_json::json!({"metadata": {}, "weight_map": map.clone()});
     std::fs::write(
         d.path().join("model.safetensors.index.json"),
         index.to_string(),
@@ -90,6 +90,37 @@ fn sharded_safetensors_equal_single_file() {
     )
     .unwrap();
     assert_eq!(logits(d.path(), &t), logits(&fixture("tiny-gqa/model"), &t));
+    // The same index in a subdirectory, its second shard named `../` where the file is:
+    // refused, as a shard is a file of the model's directory (readable as the file is).
+    let inner = d.path().join("inner");
+    std::fs::create_dir(&inner).unwrap();
+    for f in ["config.json", "model-00001-of-00002.safetensors"] {
+        std::fs::copy(d.path().join(f), inner.join(f)).unwrap();
+    }
+    let second = "model-00002-of-00002.safetensors";
+    let outside: serde_json::Map<String, serde_json::Value> = map
+        .into_iter()
+        .map(|(k, v)| match v.as_str() == Some(second) {
+            true => (k, format!("../{second}").into()),
+            false => (k, v),
+        })
+        .collect();
+    let index = serde_json::json!({"metadata": {}, "weight_map": outside});
+    std::fs::write(
+        inner.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let err = model::weights::SafetensorsSource::open_hf_dir(&inner)
+        .err()
+        .expect("a shard outside the directory is refused")
+        .to_string();
+    assert!(
+        err.contains(&format!(
+            "shard `../{second}` is not a file name inside the model directory"
+        )),
+        "{err}"
+    );
 }
 
 #[test]

@@ -420,7 +420,8 @@ fn resume_refuses_a_different_run_naming_the_difference() {
                 lr: 2e-3,
                 ..cfg(10.0)
             },
-            ..same("training setting `lr`")
+            // The f32 settings as given, not widened (`0.0020000000949949026`).
+            ..same("training setting `lr`: `0.002` now, `0.001` in the checkpoint")
         },
         Changed {
             data: &t.examples[..5],
@@ -663,7 +664,7 @@ fn data_without_target_tokens_is_an_error() {
         .iter()
         .map(|e| serde_json::json!({"input_ids": e.ids, "labels": e.labels}).to_string() + "\n")
         .collect();
-    std::fs::write(&data, rows).unwrap();
+    std::fs::write(&data, &rows).unwrap();
     let m = fixture("tiny-gqa/model");
     let out = d.path().join("out");
     for cmd in ["eval", "grad", "curvature", "train"] {
@@ -692,4 +693,26 @@ fn data_without_target_tokens_is_an_error() {
         );
     }
     assert!(!out.exists(), "nothing is written");
+    // Beside labelled rows they train, and the run says how many add nothing.
+    let some = d.path().join("some-labels.jsonl");
+    let labelled = std::fs::read_to_string(fixture("tiny-gqa/batch.jsonl")).unwrap();
+    let n = labelled.lines().count();
+    std::fs::write(&some, labelled + &rows).unwrap();
+    let o = bin()
+        .args(["train", "--device", "cpu", "--steps", "1", "--model"])
+        .arg(&m)
+        .arg("--data")
+        .arg(&some)
+        .arg("--out")
+        .arg(out.join("some"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let said = format!(
+        "some-labels.jsonl: {} of {} rows have no target token",
+        none.len(),
+        n + none.len()
+    );
+    assert!(err.contains(&said), "`{said}` not in: {err}");
 }

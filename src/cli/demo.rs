@@ -113,6 +113,12 @@ fn ensure_assets(dir: &Path, quiet: bool) -> Result<()> {
     if needed.iter().all(|f| dir.join(f).exists()) {
         return Ok(());
     }
+    if dir.exists() && !dir.is_dir() {
+        return Err(Error::file(
+            dir,
+            "exists and is not a directory; --assets names the directory of the default model and data",
+        ));
+    }
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/fetch-assets.sh");
     if !script.exists() {
         return Err(Error::file(
@@ -132,7 +138,13 @@ fn ensure_assets(dir: &Path, quiet: bool) -> Result<()> {
         .status()
         .map_err(|e| Error::io(&script, e))?;
     if !status.success() {
-        return Err(Error::file(&script, format!("failed ({status})")));
+        return Err(Error::file(
+            dir,
+            format!(
+                "fetching the default model and data failed ({status}; {} said why above)",
+                script.display()
+            ),
+        ));
     }
     Ok(())
 }

@@ -139,20 +139,23 @@ pub struct DataArgs {
 /// it but not contradict it.
 #[derive(Args, Clone)]
 pub struct LoraArgs {
-    /// LoRA rank r [default: 8]; with --adapter or --curvature it is theirs, and a
-    /// different value is an error.
+    /// LoRA rank r [default: 8]. A command given an --adapter or --curvature file takes
+    /// the file's r, and a different value is an error.
     #[arg(long)]
     pub rank: Option<usize>,
-    /// LoRA alpha: scale alpha/r, or alpha/sqrt(r) with --rslora [default: 16]; with
-    /// --adapter or --curvature it is theirs, and a different value is an error.
+    /// LoRA alpha: scale alpha/r, or alpha/sqrt(r) with --rslora [default: 16]. A command
+    /// given an --adapter or --curvature file takes the file's alpha, and a different
+    /// value is an error.
     #[arg(long)]
     pub alpha: Option<f64>,
-    /// Comma-separated target modules, or `all` [default: all]; with --adapter or
-    /// --curvature they are theirs, and a different set is an error. `sweep` takes it
-    /// repeated, one set each, for a grid (`--targets all --targets q_proj,v_proj`).
+    /// Comma-separated target modules, or `all` [default: all]. A command given an
+    /// --adapter or --curvature file takes the file's, and a different set is an error.
+    /// `sweep` takes it repeated, one set each, for a grid (`--targets all --targets
+    /// q_proj,v_proj`).
     #[arg(long, action = clap::ArgAction::Append)]
     pub targets: Vec<String>,
-    /// rsLoRA scaling alpha/sqrt(r) (with --adapter or --curvature: only if theirs).
+    /// rsLoRA scaling alpha/sqrt(r) (given an --adapter or --curvature file: only if
+    /// the file's).
     #[arg(long)]
     pub rslora: bool,
 }
@@ -284,6 +287,20 @@ pub fn load_data(path: &Path, m: &LoadedModel, d: &DataArgs) -> Result<Vec<Examp
         return Err(Error::file(path, "no data rows"));
     }
     Ok(ex)
+}
+
+/// Training rows with no target token (every label -100, or --max-len cut the labelled
+/// ones off) add nothing to training: said once, so that steps of loss 0 from batches of
+/// them are not a mystery.
+pub fn warn_untargeted(path: &Path, examples: &[Example], quiet: bool) {
+    let n = examples.iter().filter(|e| e.n_targets() == 0).count();
+    if n > 0 && !quiet {
+        eprintln!(
+            "{}: {n} of {} rows have no target token (every label -100, or --max-len cut the labelled tokens off); they add nothing to training",
+            path.display(),
+            examples.len()
+        );
+    }
 }
 
 /// `--adapter DIR` if given (the LoRA flags agreeing with it), else a fresh PEFT-style

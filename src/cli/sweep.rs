@@ -9,12 +9,15 @@ use clap::{ArgGroup, Args};
 use super::curvature::{EstimateArgs, Source, Stage1};
 use super::study::{self, DataStudy, Study};
 use super::train::HyperArgs;
-use super::{Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json};
+use super::{
+    Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json, warn_untargeted,
+};
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::curvature::Curvature;
 use crate::data::Example;
 use crate::error::{Error, Result};
+use crate::eval::perplexity::require_targets;
 use crate::model::{HostLora, Llama, LoadedModel, LoraConfig};
 use crate::progress;
 use crate::sweep::{
@@ -371,6 +374,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
     }
     // --json owns stdout only: progress stays on stderr unless --quiet.
     let quiet = a.common.quiet;
+    let train_data = load_data(&a.data, &m, &a.batching)?;
+    require_targets(&a.data, &train_data)?;
     let task = SweepTask {
         curvature,
         init,
@@ -378,7 +383,7 @@ pub fn run(a: SweepArgs) -> Result<()> {
         train: a
             .hyper
             .config(a.batching.batch_size, a.common.seed, 0.0, a.delta),
-        train_data: load_data(&a.data, &m, &a.batching)?,
+        train_data,
         target: eval_set(&a.target_eval, &m, &a.batching, a.eval_limit)?,
         sources: a
             .source_eval
@@ -392,6 +397,8 @@ pub fn run(a: SweepArgs) -> Result<()> {
         out: a.out.clone(),
         model: m,
     };
+    // Said once every input has been read: a refusal stays the one line it is.
+    warn_untargeted(&a.data, &task.train_data, quiet);
     let placement = a.common.placement(quiet);
     if a.study == Some(Study::Data) {
         let report = run_on(placement, data_study(&a, task, grid, estimate)?)?;

@@ -86,7 +86,7 @@ pub fn require_targets(path: &Path, examples: &[Example]) -> Result<()> {
     } else {
         Err(Error::file(
             path,
-            "no target tokens: every label is -100 (or each row is a single token)",
+            "no target tokens: every label is -100, each row is a single token, or --max-len cut the labelled tokens off",
         ))
     }
 }

@@ -72,6 +72,13 @@ pub struct SafetensorsSource {
 
 pub fn mmap_file(path: &Path) -> Result<Mmap> {
     let f = std::fs::File::open(path).at(path)?;
+    // Mapping a directory fails with ENODEV ("No such device"), which names nothing useful.
+    if f.metadata().at(path)?.is_dir() {
+        return Err(Error::file(
+            path,
+            "is a directory; a file was expected here",
+        ));
+    }
     // SAFETY: the file is opened read-only and treated as immutable for our lifetime; a
     // concurrent writer truncating it is outside what any loader can defend against.
     unsafe { Mmap::map(&f) }.at(path)
@@ -119,6 +126,18 @@ impl SafetensorsSource {
             .collect();
         shards.sort();
         shards.dedup();
+        // A shard is a file of this directory: a name that leaves it (`../x`, `/x`) is
+        // refused, as HF's loaders only ever join a plain file name.
+        if let Some(s) = shards.iter().find(|s| {
+            !Path::new(s)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)))
+        }) {
+            return Err(Error::file(
+                &index_path,
+                format!("shard `{s}` is not a file name inside the model directory"),
+            ));
+        }
         let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
         Self::open_files(&paths)
     }

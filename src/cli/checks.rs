@@ -5,6 +5,7 @@
 use super::curvature::EstimateArgs;
 use super::train::HyperArgs;
 use super::{Command, Common, DataArgs, LoraArgs};
+use crate::curvature::{KfacApprox, Scheme};
 use crate::error::{Error, Result};
 use crate::model::LoraConfig;
 
@@ -73,15 +74,56 @@ fn lora(l: &LoraArgs, grid: bool) -> Result<()> {
     Ok(())
 }
 
+/// More label samples per position than this are refused: each is a backward pass of
+/// every batch, so 1024 is already a thousand times the cost of the estimate.
+const MAX_MC_SAMPLES: usize = 1024;
+
+/// A finite number > 0.
+fn positive(flag: &str, v: f64) -> Result<()> {
+    if !(v.is_finite() && v > 0.0) {
+        return refuse(flag, v, "a finite number > 0");
+    }
+    Ok(())
+}
+
+/// Stage I's flags, and the combinations in which one would be silently ignored.
 fn estimate(e: &EstimateArgs) -> Result<()> {
     at_least("--mc-samples", e.mc_samples, 1)?;
+    if e.mc_samples > MAX_MC_SAMPLES {
+        return refuse(
+            "--mc-samples",
+            e.mc_samples,
+            &format!("at most {MAX_MC_SAMPLES} (each sample is a backward pass of every batch)"),
+        );
+    }
+    if e.mc_samples > 1 && e.fisher != "mc" {
+        return Err(Error::usage(format!(
+            "--mc-samples {} goes with --fisher mc (the empirical Fisher takes the data's labels)",
+            e.mc_samples
+        )));
+    }
+    if e.kfac_approx != KfacApprox::Expand && e.scheme == Scheme::Diag {
+        return Err(Error::usage(format!(
+            "--kfac-approx {} goes with --scheme kfac or kfac-tri, not diag",
+            e.kfac_approx
+        )));
+    }
+    if e.warmup_data.is_some() && e.warmup_steps == 0 {
+        return Err(Error::usage(
+            "--warmup-data goes with --warmup-steps N (the steps trained on it)",
+        ));
+    }
+    if e.warmup_steps > 0 {
+        positive("--warmup-lr", e.warmup_lr as f64)?;
+    }
     non_negative("--warmup-lr", e.warmup_lr as f64)
 }
 
 fn hyper(h: &HyperArgs) -> Result<()> {
     at_least("--steps", h.steps, 1)?;
     at_least("--grad-accum", h.grad_accum, 1)?;
-    non_negative("--lr", h.lr as f64)?;
+    // A rate of 0 trains nothing while reporting a run.
+    positive("--lr", h.lr as f64)?;
     non_negative("--weight-decay", h.weight_decay as f64)?;
     non_negative("--clip", h.clip as f64)
 }
@@ -104,11 +146,13 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
     match cmd {
         Command::Info(a) => {
             common(&a.common)?;
-            data(&a.data)?;
+            at_least("--max-len", a.max_len, 2)?;
+            at_least("--batch-size", a.batch_size, 1)?;
             lora(&a.lora, false)
         }
         Command::Eval(a) => {
             common(&a.common)?;
+            at_least("--max-new-tokens", a.max_new_tokens, 1)?;
             data(&a.batching)
         }
         Command::Grad(a) => {
@@ -142,10 +186,12 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             // A standard error needs the spread of at least two sequences.
             at_least("--eval-limit", a.eval_limit, 2)?;
             at_least("--choice-limit", a.choice_limit, 2)?;
+            at_least("--max-new-tokens", a.max_new_tokens, 1)?;
             at_least("--exact-match-limit", a.exact_match_limit, 2)
         }
         Command::Generate(a) => {
             common(&a.common)?;
+            at_least("--max-new-tokens", a.max_new_tokens, 1)?;
             sampling(a.temperature, a.top_p)
         }
         Command::Demo(a) => {
@@ -156,7 +202,8 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             at_least("--curvature-sequences", a.curvature_sequences, 1)?;
             at_least("--eval-sequences", a.eval_sequences, 2)?;
             at_least("--target-eval-sequences", a.target_eval_sequences, 2)?;
-            non_negative("--lr", a.lr as f64)?;
+            at_least("--max-new-tokens", a.max_new_tokens, 1)?;
+            positive("--lr", a.lr as f64)?;
             penalty(0.0, a.delta)
         }
         Command::Selftest(a) => common(&a.common),

@@ -73,7 +73,8 @@ pub struct EstimateArgs {
     /// KFAC approximation for sequences: expand or reduce.
     #[arg(long, default_value = "expand")]
     pub kfac_approx: KfacApprox,
-    /// Train this many steps on --warmup-data first and estimate there.
+    /// Train this many steps on --warmup-data first (from --adapter, or a fresh init) and
+    /// estimate there.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: usize,
     /// Target-domain JSONL for the warm-up steps.

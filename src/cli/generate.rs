@@ -26,6 +26,7 @@ pub struct GenerateArgs {
     /// Wrap the prompt as a question in the training format ("Question: ...\nAnswer:").
     #[arg(long)]
     pub question: bool,
+    /// Tokens to generate at most (fewer where the model says EOS).
     #[arg(long, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Sampling temperature (0: greedy).

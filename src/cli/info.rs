@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use clap::Args;
 use serde_json::json;
 
-use super::{Common, DataArgs, LoraArgs, print_json};
+use super::{Common, LoraArgs, print_json};
 use crate::error::{Error, Result};
 use crate::model::{self, HostLora};
 
@@ -20,8 +20,12 @@ pub struct InfoArgs {
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub lora: LoraArgs,
-    #[command(flatten)]
-    pub data: DataArgs,
+    /// Tokens per sequence of the memory estimate.
+    #[arg(long, default_value_t = 512)]
+    pub max_len: usize,
+    /// Sequences per batch of the memory estimate.
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
     #[command(flatten)]
     pub common: Common,
 }
@@ -50,7 +54,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
     // Training keeps per block about 8 hidden-sized and 3 FFN-sized activations, the q/k/v
     // projections and the attention probabilities, plus the logits and their gradient.
     // In f64: flag values multiplied in usize could overflow.
-    let (batch, len) = (a.data.batch_size as f64, a.data.max_len as f64);
+    let (batch, len) = (a.batch_size as f64, a.max_len as f64);
     let tokens = batch * len;
     let per_layer = tokens
         * (8 * c.hidden_size + 3 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) as f64
@@ -69,7 +73,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             "lora": {"r": lora.cfg.r, "alpha": lora.cfg.alpha, "targets": lora.cfg.targets.iter().map(|p| p.name()).collect::<Vec<_>>(), "n_params": n_lora},
             "tokenizer_vocab": tok.map(|t| t.vocab_size()),
             "memory_bytes": {"weights_cpu_f32": weights_cpu, "weights_cuda_bf16": weights_cuda, "lora_training_state": lora_state, "activations_per_batch": act_bytes,
-                "batch_size": a.data.batch_size, "max_len": a.data.max_len},
+                "batch_size": a.batch_size, "max_len": a.max_len},
         }));
         return Ok(());
     }
@@ -113,8 +117,8 @@ pub fn run(a: InfoArgs) -> Result<()> {
         weights_cpu / GIB,
         weights_cuda / GIB,
         lora_state / (1u64 << 20) as f64,
-        a.data.batch_size,
-        a.data.max_len,
+        a.batch_size,
+        a.max_len,
         act_bytes / GIB
     );
     Ok(())

@@ -621,5 +621,12 @@ pub fn parse_lambdas(s: &str) -> Result<Vec<f32>> {
     if v.is_empty() || v.iter().any(|l| !l.is_finite() || *l < 0.0) {
         return Err(Error::usage("--lambdas must be non-negative numbers"));
     }
+    // Each lambda's run has its own directory and row: a repeat would train it twice.
+    if let Some((i, l)) = v.iter().enumerate().find(|(i, l)| v[..*i].contains(l)) {
+        return Err(Error::usage(format!(
+            "--lambdas {s}: {l} given twice (item {})",
+            i + 1
+        )));
+    }
     Ok(v)
 }

@@ -16,7 +16,7 @@ fn zero_negative_and_non_finite_flags() {
         }
         a
     };
-    let cases: [(&str, &[&str], &str); 24] = [
+    let cases: [(&str, &[&str], &str); 32] = [
         ("eval", &["--batch-size", "0"], "--batch-size 0"),
         ("grad", &["--batch-size", "0"], "--batch-size 0"),
         ("curvature", &["--batch-size", "0"], "--batch-size 0"),
@@ -45,6 +45,47 @@ fn zero_negative_and_non_finite_flags() {
         ("train", &["--alpha", "nan"], "--alpha NaN"),
         ("train", &["--rank", "0"], "--rank 0"),
         ("grad", &["--rank", "1000000000"], "hidden size 64"),
+        // A rate of 0 trains nothing; 0 tokens generate nothing.
+        (
+            "train",
+            &["--lr", "0"],
+            "--lr 0: must be a finite number > 0",
+        ),
+        ("eval", &["--max-new-tokens", "0"], "--max-new-tokens 0"),
+        // Flags that the rest of the command would silently ignore, or absurd.
+        (
+            "curvature",
+            &["--mc-samples", "3"],
+            "--mc-samples 3 goes with --fisher mc",
+        ),
+        (
+            "curvature",
+            &["--fisher", "mc", "--mc-samples", "100000000"],
+            "--mc-samples 100000000: must be at most 1024",
+        ),
+        (
+            "curvature",
+            &["--kfac-approx", "reduce"],
+            "--kfac-approx reduce goes with --scheme kfac or kfac-tri",
+        ),
+        (
+            "curvature",
+            &["--warmup-data", "warm.jsonl"],
+            "--warmup-data goes with --warmup-steps",
+        ),
+        (
+            "curvature",
+            &[
+                "--warmup-steps",
+                "2",
+                "--warmup-data",
+                "warm.jsonl",
+                "--warmup-lr",
+                "0",
+            ],
+            "--warmup-lr 0: must be a finite number > 0",
+        ),
+        ("train", &["--lambda", "inf"], "--lambda inf"),
     ];
     for (cmd, flags, needle) in cases {
         let mut a = base(cmd);
@@ -121,6 +162,27 @@ fn sampling_and_sweep_flags() {
         assert_clean_error(&sweep(&flags), needle, &format!("sweep {flags:?}"));
         assert!(!out.exists(), "sweep {flags:?} wrote {}", out.display());
     }
+    // A lambda given twice (spelt two ways) would train and report it twice.
+    let twice = argv(&[
+        &"sweep",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--target-eval",
+        &data,
+        &"--source-eval",
+        &data,
+        &"--lambdas",
+        &"0,10,1e1",
+        &"--out",
+        &out,
+    ]);
+    assert_clean_error(&run_args(&twice), "10 given twice (item 3)", "--lambdas");
+    assert!(
+        !out.exists(),
+        "sweep with a repeated lambda wrote its output"
+    );
 }
 
 #[test]

@@ -7,6 +7,7 @@ use serde_json::json;
 
 use super::{
     Common, DataArgs, LoraArgs, ModelArgs, load_adapter, load_data, load_model, print_json,
+    warn_untargeted,
 };
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
@@ -17,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::eval::perplexity::require_targets;
 use crate::io::atomic_write;
 use crate::model::{HostLora, Llama, LoadedModel};
+use crate::train::checkpoint;
 use crate::train::session::{self, SessionOptions};
 use crate::train::{Penalty, Schedule, StepMetrics, TrainConfig};
 
@@ -148,6 +150,14 @@ impl BackendTask for TrainTask {
 }
 
 pub fn run(a: TrainArgs) -> Result<()> {
+    // Before anything is loaded or created: --resume needs a checkpoint.
+    let held = checkpoint::exists(&a.out)?;
+    if a.resume && !held {
+        return Err(Error::file(
+            checkpoint::dir(&a.out),
+            "no checkpoint to resume from (without --resume the run starts afresh)",
+        ));
+    }
     let m = load_model(&a.model)?;
     if a.lambda > 0.0 && a.curvature.is_none() {
         return Err(Error::usage("--lambda > 0 needs --curvature"));
@@ -184,6 +194,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
         stop_after: None,
         curvature_path: a.curvature.clone(),
     };
+    // Said once every input has been read: a refusal stays the one line it is.
+    warn_untargeted(&a.data, &data, quiet);
+    if held && !a.resume && !quiet {
+        eprintln!(
+            "train: {} holds an earlier run's checkpoint; this run starts afresh and its first checkpoint replaces it (--resume continues the earlier run)",
+            a.out.display()
+        );
+    }
     let task = TrainTask {
         model: m,
         data,

@@ -57,6 +57,11 @@ pub fn dir(out: &Path) -> PathBuf {
     out.join(POINTER)
 }
 
+/// Whether `out` holds a checkpoint (`OUT/checkpoint` is one of our links).
+pub fn exists(out: &Path) -> Result<bool> {
+    current(out).map(|slot| slot.is_some())
+}
+
 /// The slot `OUT/checkpoint` names: `None` before the first save; an error when it is
 /// anything but one of our links (then it is not ours to replace).
 fn current(out: &Path) -> Result<Option<&'static str>> {

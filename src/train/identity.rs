@@ -137,9 +137,18 @@ fn first_difference(now: &Value, then: &Value) -> Option<(String, String, String
     keys.map(|k| (k, a.get(k), b.get(k)))
         .find(|(_, x, y)| x != y)
         .map(|(k, x, y)| {
-            let show = |v: Option<&Value>| v.map_or("none".to_string(), Value::to_string);
+            let show = |v: Option<&Value>| v.map_or("none".to_string(), shown);
             (k.clone(), show(x), show(y))
         })
+}
+
+/// A setting as the user gave it: the settings are f32, which JSON holds widened to f64
+/// (`0.001` as `0.0010000000474974513`); a number that is an f32 is shown as one.
+fn shown(v: &Value) -> String {
+    match v.as_f64() {
+        Some(x) if v.is_f64() && (x as f32) as f64 == x => (x as f32).to_string(),
+        _ => v.to_string(),
+    }
 }
 
 fn lora_settings(c: &LoraConfig) -> Value {

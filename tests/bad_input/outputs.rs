@@ -176,3 +176,46 @@ fn entries(dir: &Path) -> Vec<String> {
     v.sort();
     v
 }
+
+/// `--resume` without a checkpoint is refused before the output directory is created; a
+/// fresh run into a directory holding another run's checkpoint says that it replaces it.
+#[test]
+fn train_says_what_it_does_with_a_checkpoint() {
+    let d = tempfile::tempdir().unwrap();
+    let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
+    let out = d.path().join("run");
+    let train = |extra: &[&str], quiet: bool| {
+        let mut c = bin();
+        c.arg("train")
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data);
+        c.arg("--out")
+            .arg(&out)
+            .args(["--device", "cpu", "--steps", "2"]);
+        c.args(["--checkpoint-every", "1"]).args(extra);
+        if quiet {
+            c.arg("--quiet");
+        }
+        c.output().unwrap()
+    };
+    let o = train(&["--resume"], true);
+    refused(&o, "checkpoint: no checkpoint to resume from");
+    assert!(
+        !out.exists(),
+        "--resume without a checkpoint created {}",
+        out.display()
+    );
+    ok(&train(&[], true), "a first run");
+    let again = train(&[], false);
+    ok(&again, "a fresh run over a checkpoint");
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        err.contains("holds an earlier run's checkpoint; this run starts afresh"),
+        "{err}"
+    );
+    let resumed = train(&["--resume"], false);
+    ok(&resumed, "a resumed run");
+    assert!(!String::from_utf8_lossy(&resumed.stderr).contains("earlier run's checkpoint"));
+}

@@ -495,15 +495,6 @@ fn model_with_final_norm<B: Backend>(be: &B, w: f32) -> Llama<B> {
     Llama::new(be, m.cfg, m.weights).unwrap()
 }
 
-fn entries(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// A NaN or infinity in the loss, the penalty or the weights ends the run (exit 3) naming
 /// the step and the quantity; nothing is written from non-finite weights and the last good
 /// checkpoint stays.

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::io::{TEMP_PREFIX, check_replaceable};
 
 /// What an output flag names.
-#[derive(Clone, Copy, PartialEq)]
+#[derive(Clone, Copy)]
 enum Kind {
     /// A file, written whole (atomically) at the end.
     File,

@@ -114,7 +114,7 @@ fn sampling_and_sweep_flags() {
         assert_clean_error(&generate(flags), needle, &format!("generate {flags:?}"));
     }
     let out = d.path().join("sweep");
-    let sweep = |flags: &[&OsStr]| {
+    let sweep_at = |lambdas: &str, flags: &[&OsStr]| {
         let mut a = argv(&[
             &"sweep",
             &"--model",
@@ -126,7 +126,7 @@ fn sampling_and_sweep_flags() {
             &"--source-eval",
             &data,
             &"--lambdas",
-            &"0",
+            &lambdas,
             &"--steps",
             &"1",
             &"--out",
@@ -135,6 +135,7 @@ fn sampling_and_sweep_flags() {
         a.extend(flags.iter().map(OsString::from));
         run_args(&a)
     };
+    let sweep = |flags: &[&OsStr]| sweep_at("0", flags);
     // Multiple-choice and question/answer files of one row, and of two.
     let row = r#"{"question": "q", "choices": ["a", "b"], "answer": 0}"#;
     let (one, two) = (d.path().join("one.jsonl"), d.path().join("two.jsonl"));
@@ -163,22 +164,11 @@ fn sampling_and_sweep_flags() {
         assert!(!out.exists(), "sweep {flags:?} wrote {}", out.display());
     }
     // A lambda given twice (spelt two ways) would train and report it twice.
-    let twice = argv(&[
-        &"sweep",
-        &"--model",
-        &model,
-        &"--data",
-        &data,
-        &"--target-eval",
-        &data,
-        &"--source-eval",
-        &data,
-        &"--lambdas",
-        &"0,10,1e1",
-        &"--out",
-        &out,
-    ]);
-    assert_clean_error(&run_args(&twice), "10 given twice (item 3)", "--lambdas");
+    assert_clean_error(
+        &sweep_at("0,10,1e1", &[]),
+        "10 given twice (item 3)",
+        "--lambdas",
+    );
     assert!(
         !out.exists(),
         "sweep with a repeated lambda wrote its output"

@@ -168,15 +168,6 @@ fn an_unwritable_output_is_refused_before_anything_is_read() {
     assert_eq!(entries(d.path()), ["a-file"], "something was written");
 }
 
-fn entries(dir: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(dir)
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
-    v.sort();
-    v
-}
-
 /// `--resume` without a checkpoint is refused before the output directory is created; a
 /// fresh run into a directory holding another run's checkpoint says that it replaces it.
 #[test]

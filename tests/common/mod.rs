@@ -122,6 +122,16 @@ pub fn whole_batch(ex: &[Example]) -> Batch {
     Batch::new(&ex.iter().collect::<Vec<_>>())
 }
 
+/// The names in `dir`, sorted.
+pub fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
 /// The engine binary built alongside the tests.
 pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_lalora-engine"))

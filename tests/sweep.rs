@@ -640,3 +640,61 @@ fn sweep_accuracy_drop_and_exact_match_gain_match_eval_predictions() {
     // Training changed some answers: the paired errors are real spreads, not zeros.
     assert!(moved > 0, "no accuracy moved: {}", rep["rows"]);
 }
+
+/// A sweep into an earlier sweep's directory says which of the earlier runs it leaves
+/// there (their lambdas are not its own), and says nothing when it replaces them all.
+#[test]
+fn a_sweep_over_an_earlier_one_names_the_runs_it_leaves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
+    let curv = dir.path().join("c.safetensors");
+    let o = bin()
+        .args(["curvature", "--device", "cpu", "--quiet", "--model"])
+        .arg(&model)
+        .arg("--data")
+        .arg(&data)
+        .arg("--out")
+        .arg(&curv)
+        .output()
+        .unwrap();
+    ok(&o, "curvature");
+    let out = dir.path().join("sweep");
+    let sweep = |lambdas: &str| {
+        let o = bin()
+            .args([
+                "sweep",
+                "--device",
+                "cpu",
+                "--steps",
+                "1",
+                "--lambdas",
+                lambdas,
+            ])
+            .arg("--model")
+            .arg(&model)
+            .arg("--data")
+            .arg(&data)
+            .arg("--curvature")
+            .arg(&curv)
+            .arg("--target-eval")
+            .arg(&data)
+            .arg("--source-eval")
+            .arg(&data)
+            .arg("--out")
+            .arg(&out)
+            .output()
+            .unwrap();
+        ok(&o, &format!("sweep --lambdas {lambdas}"));
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    };
+    let said = "holds runs of an earlier sweep that this one does not run";
+    assert!(!sweep("0,10,1e3").contains(said), "a fresh directory");
+    let err = sweep("0,10");
+    let want = format!(
+        "sweep: {} {said} (lambda-1e3); they stay",
+        out.join("runs").display()
+    );
+    assert!(err.contains(&want), "`{want}` not in: {err}");
+    // The three again: every earlier run is one of its own.
+    assert!(!sweep("0,1e3,10").contains(said), "all replaced");
+}

@@ -505,6 +505,26 @@ fn train_lambdas<B: Backend>(
         Some((_, label)) => format!("{label}, "),
         None => String::new(),
     };
+    let runs = shape.dir.join("runs");
+    let run_dir = |lambda: f32| format!("lambda-{lambda:e}");
+    let stale = stale_runs(
+        &runs,
+        &shape
+            .lambdas
+            .iter()
+            .map(|&l| run_dir(l))
+            .collect::<Vec<_>>(),
+    );
+    if !stale.is_empty() {
+        say(
+            spec,
+            format!(
+                "{} holds runs of an earlier sweep that this one does not run ({}); they stay, and the results describe this sweep's runs only",
+                runs.display(),
+                stale.join(", ")
+            ),
+        );
+    }
     let mut rows = Vec::new();
     for (i, &lambda) in shape.lambdas.iter().enumerate() {
         let t0 = Instant::now();
@@ -523,7 +543,7 @@ fn train_lambdas<B: Backend>(
             ..spec.train.clone()
         };
         let opts = SessionOptions {
-            out: Some(shape.dir.join("runs").join(format!("lambda-{lambda:e}"))),
+            out: Some(runs.join(run_dir(lambda))),
             checkpoint_every: 0,
             resume: false,
             quiet: spec.quiet,
@@ -548,6 +568,20 @@ fn train_lambdas<B: Backend>(
         rows.push(r);
     }
     Ok(rows)
+}
+
+/// The `lambda-*` directories under `runs` (sorted) that are not among `ours`: what an
+/// earlier sweep into the same directory left and this one will not replace.
+fn stale_runs(runs: &Path, ours: &[String]) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(runs) else {
+        return Vec::new();
+    };
+    let mut stale: Vec<String> = entries
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter(|n| n.starts_with("lambda-") && !ours.contains(n))
+        .collect();
+    stale.sort();
+    stale
 }
 
 /// Run the sweep; adapters and metrics of each run go to `out/runs/lambda-<L>/`.

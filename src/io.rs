@@ -41,9 +41,17 @@ fn in_flight() -> MutexGuard<'static, Vec<PathBuf>> {
 struct InFlight(PathBuf);
 
 impl InFlight {
-    fn new(path: &Path) -> Self {
-        in_flight().push(path.to_path_buf());
-        InFlight(path.to_path_buf())
+    /// `create` a temporary and list it, under the list's lock: a signal handled meanwhile
+    /// waits for the listing, so no temporary exists unlisted.
+    fn create<T, E>(
+        create: impl FnOnce() -> std::result::Result<T, E>,
+        path: impl Fn(&T) -> &Path,
+    ) -> std::result::Result<(T, InFlight), E> {
+        let mut list = in_flight();
+        let t = create()?;
+        let p = path(&t).to_path_buf();
+        list.push(p.clone());
+        Ok((t, InFlight(p)))
     }
 }
 
@@ -60,9 +68,18 @@ impl Drop for InFlight {
 /// once, at start-up; it starts the thread that waits for the signals. SIGKILL cannot be
 /// caught: what it leaves, a later run that owns the directory removes (`train`), or the
 /// user does.
+/// A signal this process inherited as ignored (`nohup`, or a background job of a script)
+/// stays ignored: handling it would end runs that were meant to outlive it.
 pub fn remove_partial_outputs_on_signals() -> std::io::Result<()> {
     use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
-    let mut signals = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP])?;
+    let handled: Vec<i32> = [SIGINT, SIGTERM, SIGHUP]
+        .into_iter()
+        .filter(|&s| !ignored(s))
+        .collect();
+    if handled.is_empty() {
+        return Ok(());
+    }
+    let mut signals = signal_hook::iterator::Signals::new(handled)?;
     std::thread::Builder::new()
         .name("signals".into())
         .spawn(move || {
@@ -70,14 +87,55 @@ pub fn remove_partial_outputs_on_signals() -> std::io::Result<()> {
                 // Held to the end, so that no new temporary starts meanwhile.
                 let paths = in_flight();
                 for p in paths.iter() {
-                    // A temporary already renamed into place is gone: nothing to remove.
-                    let _ = std::fs::remove_file(p).or_else(|_| std::fs::remove_dir_all(p));
+                    remove_temporary(p);
                 }
                 let _ = signal_hook::low_level::emulate_default_handler(signal);
                 std::process::exit(128 + signal);
             }
         })?;
     Ok(())
+}
+
+/// Whether `signal`'s disposition is "ignore" (as inherited; nothing is changed).
+fn ignored(signal: i32) -> bool {
+    // SAFETY: with a null new action, sigaction only writes the current one into `old`,
+    // a zeroed plain C struct of the right type.
+    unsafe {
+        let mut old: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut old) == 0
+            && old.sa_sigaction == libc::SIG_IGN
+    }
+}
+
+/// Remove a temporary file, or a staging directory with what is in it. The writer runs on
+/// meanwhile and may add a file to a directory being removed (the safetensors crate
+/// stages its own file there), so a directory is tried a few times. A temporary already
+/// renamed into place is gone: nothing to remove.
+fn remove_temporary(p: &Path) {
+    if std::fs::remove_file(p).is_ok() {
+        return;
+    }
+    for _ in 0..20 {
+        match std::fs::remove_dir_all(p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                std::thread::sleep(std::time::Duration::from_millis(5))
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Whether a file can be created in `dir`, by creating one (listed while it exists, and
+/// removed at once). It catches read-only and pseudo file systems that permission bits do
+/// not show. Its name is not under [`TEMP_PREFIX`], whose files a training run cleans up
+/// as its own.
+pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
+    let create = || {
+        tempfile::Builder::new()
+            .prefix(".lalora-probe-")
+            .tempfile_in(dir)
+    };
+    InFlight::create(create, |t| t.path()).map(drop)
 }
 
 /// The directory `path` is written in, created if missing.
@@ -95,12 +153,13 @@ fn parent_dir(path: &Path) -> Result<&Path> {
 pub fn atomic_write(path: &Path, bytes: &[u8]) -> Result<()> {
     check_replaceable(path)?;
     let dir = parent_dir(path)?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .permissions(std::fs::Permissions::from_mode(0o666))
-        .tempfile_in(dir)
-        .at(dir)?;
-    let _listed = InFlight::new(tmp.path());
+    let create = || {
+        tempfile::Builder::new()
+            .prefix(TEMP_PREFIX)
+            .permissions(std::fs::Permissions::from_mode(0o666))
+            .tempfile_in(dir)
+    };
+    let (mut tmp, _listed) = InFlight::create(create, |t| t.path()).at(dir)?;
     tmp.write_all(bytes).at(path)?;
     tmp.as_file().sync_all().at(path)?;
     tmp.persist(path).map_err(|e| Error::io(path, e.error))?;
@@ -132,11 +191,8 @@ pub fn write_safetensors(
     // A directory of our own beside `path`, under the temporaries' prefix so that what a
     // crash leaves is found and removed: the crate stages its file in the same directory
     // as the name it is given, then renames it to that name.
-    let stage = tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempdir_in(dir)
-        .at(dir)?;
-    let _listed = InFlight::new(stage.path());
+    let create = || tempfile::Builder::new().prefix(TEMP_PREFIX).tempdir_in(dir);
+    let (stage, _listed) = InFlight::create(create, |t| t.path()).at(dir)?;
     let staged = stage.path().join("file");
     // The mode a plain create gives, read from such a file before the crate's own (0600)
     // replaces it.

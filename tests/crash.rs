@@ -89,6 +89,7 @@ fn opts(out: &Path, stop: Option<usize>, resume: bool) -> SessionOptions {
         base_model: "tiny".into(),
         stop_after: stop,
         curvature_path: None,
+        notices: Vec::new(),
     }
 }
 
@@ -438,15 +439,28 @@ fn one_run_at_a_time_and_foreign_checkpoints_are_left_alone() {
 /// SIGINT and SIGTERM sent while `curvature` writes its file (a KFAC estimate of the
 /// default model: 1.2 GB, a second or more to write) leave nothing in the output's
 /// directory, and the process still ends by the signal. Without the handler the partial
-/// file stayed, under the temporaries' prefix.
+/// file stayed, under the temporaries' prefix. A SIGHUP inherited as ignored (`nohup`)
+/// stays ignored: that run completes its write.
 #[test]
 fn a_signal_while_writing_removes_the_partial_file() {
     use std::os::unix::process::ExitStatusExt;
     let data = assets().join("data/source-curvature.jsonl");
-    for signal in [libc::SIGINT, libc::SIGTERM] {
+    for signal in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         let d = tempfile::tempdir().unwrap();
-        let out = d.path().join("c.safetensors");
-        let mut child = bin()
+        // In a directory the write creates: the output check's probe (in `d`) is not
+        // taken for the write.
+        let dir = d.path().join("out");
+        let out = dir.join("c.safetensors");
+        // SIGHUP is sent to a run that inherits it ignored, as under `nohup`.
+        let ignore = if signal == libc::SIGHUP {
+            "trap '' HUP; "
+        } else {
+            ""
+        };
+        let mut child = Command::new("sh")
+            .arg("-c")
+            .arg(format!("{ignore}exec \"$0\" \"$@\""))
+            .arg(bin().get_program())
             .args([
                 "curvature",
                 "--device",
@@ -467,7 +481,7 @@ fn a_signal_while_writing_removes_the_partial_file() {
             .unwrap();
         let started = Instant::now();
         // The temporary appears when the write starts.
-        while entries(d.path()).is_empty() {
+        while !dir.exists() || entries(&dir).is_empty() {
             assert!(
                 child.try_wait().unwrap().is_none(),
                 "curvature ended before writing"
@@ -481,13 +495,18 @@ fn a_signal_while_writing_removes_the_partial_file() {
         // SAFETY: a signal to our own child, whose pid is live (not yet waited for).
         unsafe { libc::kill(child.id() as i32, signal) };
         let o = child.wait_with_output().unwrap();
+        if signal == libc::SIGHUP {
+            ok(&o, "curvature with SIGHUP ignored");
+            assert_eq!(entries(&dir), ["c.safetensors"], "the write completed");
+            continue;
+        }
         assert!(
             !out.exists(),
             "signal {signal}: the write finished first; the test needs a longer write"
         );
         assert_eq!(o.status.signal(), Some(signal), "ended by the signal");
         assert_eq!(
-            entries(d.path()),
+            entries(&dir),
             Vec::<String>::new(),
             "signal {signal}: the partial file was left"
         );

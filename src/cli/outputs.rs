@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use super::Command;
 use crate::curvature::self_data;
 use crate::error::{Error, Result};
-use crate::io::{TEMP_PREFIX, check_replaceable};
+use crate::io::{check_replaceable, probe_writable};
 
 /// What an output flag names.
 #[derive(Clone, Copy)]
@@ -150,7 +150,7 @@ fn check(out: &Path, kind: Kind, inputs: &[(&str, Option<&PathBuf>)]) -> Result<
                         return Err(Error::file(
                             out,
                             format!(
-                                "is the {flag} directory; the run's outputs would replace what it reads"
+                                "is the {flag} directory; a run's outputs are not written among its inputs (name a new directory)"
                             ),
                         ));
                     }
@@ -166,8 +166,7 @@ fn check(out: &Path, kind: Kind, inputs: &[(&str, Option<&PathBuf>)]) -> Result<
 }
 
 /// The nearest existing ancestor of `dir` (itself included) is a directory in which a
-/// file can be created: probed by creating one (removed at once), which also catches
-/// read-only and pseudo file systems that permission bits do not show.
+/// file can be created (`probe_writable`).
 fn writable_ancestor(dir: &Path, out: &Path) -> Result<()> {
     let mut at = dir;
     loop {
@@ -191,18 +190,14 @@ fn writable_ancestor(dir: &Path, out: &Path) -> Result<()> {
             },
         }
     }
-    tempfile::Builder::new()
-        .prefix(TEMP_PREFIX)
-        .tempfile_in(at)
-        .map(drop)
-        .map_err(|e| {
-            Error::file(
-                at,
-                format!(
-                    "cannot create a file here ({}), so --out {} cannot be written",
-                    e.kind(),
-                    out.display()
-                ),
-            )
-        })
+    probe_writable(at).map_err(|e| {
+        Error::file(
+            at,
+            format!(
+                "cannot create a file here ({}), so --out {} cannot be written",
+                e.kind(),
+                out.display()
+            ),
+        )
+    })
 }

@@ -324,6 +324,7 @@ fn training_flops_equal_the_counted_products() {
                 base_model: String::new(),
                 stop_after: None,
                 curvature_path: None,
+                notices: Vec::new(),
             };
             let penalty = curv
                 .as_ref()

@@ -1302,6 +1302,7 @@ fn pass_and_step_match_cpu(g: &CudaBackend) -> u64 {
         base_model: String::new(),
         stop_after: None,
         curvature_path: None,
+        notices: Vec::new(),
     };
     let rc = session::run(&c, &cpu_model, &t.examples, &cfg, None, &t.adapter, &opts).unwrap();
     let before = g.stats();

@@ -149,6 +149,7 @@ fn opts(out: Option<std::path::PathBuf>, stop: Option<usize>, resume: bool) -> S
         base_model: "tiny".into(),
         stop_after: stop,
         curvature_path: None,
+        notices: Vec::new(),
     }
 }
 

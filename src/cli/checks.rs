@@ -88,6 +88,12 @@ fn positive(flag: &str, v: f64) -> Result<()> {
 
 /// Stage I's flags, and the combinations in which one would be silently ignored.
 fn estimate(e: &EstimateArgs) -> Result<()> {
+    if !matches!(e.fisher.as_str(), "empirical" | "mc") {
+        return Err(Error::usage(format!(
+            "--fisher `{}` is not one of: empirical, mc",
+            e.fisher
+        )));
+    }
     at_least("--mc-samples", e.mc_samples, 1)?;
     if e.mc_samples > MAX_MC_SAMPLES {
         return refuse(
@@ -107,6 +113,11 @@ fn estimate(e: &EstimateArgs) -> Result<()> {
             "--kfac-approx {} goes with --scheme kfac or kfac-tri, not diag",
             e.kfac_approx
         )));
+    }
+    if e.warmup_steps > 0 && e.warmup_data.is_none() {
+        return Err(Error::usage(
+            "--warmup-steps needs --warmup-data (target-domain JSONL)",
+        ));
     }
     if e.warmup_data.is_some() && e.warmup_steps == 0 {
         return Err(Error::usage(
@@ -180,6 +191,9 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             if let Some(r) = &a.ranks {
                 crate::sweep::parse_ranks(r)?;
             }
+            if let Some(l) = &a.lambdas {
+                crate::sweep::parse_lambdas(l)?;
+            }
             estimate(&a.estimate)?;
             hyper(&a.hyper)?;
             penalty(0.0, a.delta)?;
@@ -199,6 +213,7 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             data(&a.batching)?;
             lora(&a.lora, false)?;
             at_least("--steps", a.steps, 1)?;
+            crate::sweep::parse_lambdas(&a.lambdas)?;
             at_least("--curvature-sequences", a.curvature_sequences, 1)?;
             at_least("--eval-sequences", a.eval_sequences, 2)?;
             at_least("--target-eval-sequences", a.target_eval_sequences, 2)?;

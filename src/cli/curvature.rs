@@ -241,6 +241,7 @@ impl Stage1 {
                     base_model: String::new(),
                     stop_after: None,
                     curvature_path: None,
+                    notices: Vec::new(),
                 };
                 warmed = session::run(be, model, warm, cfg, None, init, &opts)?.lora;
                 &warmed

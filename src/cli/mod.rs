@@ -289,18 +289,18 @@ pub fn load_data(path: &Path, m: &LoadedModel, d: &DataArgs) -> Result<Vec<Examp
     Ok(ex)
 }
 
-/// Training rows with no target token (every label -100, or --max-len cut the labelled
-/// ones off) add nothing to training: said once, so that steps of loss 0 from batches of
-/// them are not a mystery.
-pub fn warn_untargeted(path: &Path, examples: &[Example], quiet: bool) {
+/// How many training rows have no target token (every label -100, or --max-len cut the
+/// labelled ones off), if any: they add nothing to training, and saying so keeps steps of
+/// loss 0 from batches of them from being a mystery.
+pub fn untargeted(path: &Path, examples: &[Example]) -> Option<String> {
     let n = examples.iter().filter(|e| e.n_targets() == 0).count();
-    if n > 0 && !quiet {
-        eprintln!(
+    (n > 0).then(|| {
+        format!(
             "{}: {n} of {} rows have no target token (every label -100, or --max-len cut the labelled tokens off); they add nothing to training",
             path.display(),
             examples.len()
-        );
-    }
+        )
+    })
 }
 
 /// `--adapter DIR` if given (the LoRA flags agreeing with it), else a fresh PEFT-style

@@ -9,9 +9,7 @@ use clap::{ArgGroup, Args};
 use super::curvature::{EstimateArgs, Source, Stage1};
 use super::study::{self, DataStudy, Study};
 use super::train::HyperArgs;
-use super::{
-    Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json, warn_untargeted,
-};
+use super::{Common, DataArgs, LoraArgs, ModelArgs, load_data, load_model, print_json, untargeted};
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
 use crate::curvature::Curvature;
@@ -397,14 +395,18 @@ pub fn run(a: SweepArgs) -> Result<()> {
         out: a.out.clone(),
         model: m,
     };
-    // Said once every input has been read: a refusal stays the one line it is.
-    warn_untargeted(&a.data, &task.train_data, quiet);
+    // Said once every input has been read and every flag checked: a refusal stays the
+    // one line it is.
+    let note = untargeted(&a.data, &task.train_data).filter(|_| !quiet);
     let placement = a.common.placement(quiet);
     if a.study == Some(Study::Data) {
-        let report = run_on(placement, data_study(&a, task, grid, estimate)?)?;
+        let study = data_study(&a, task, grid, estimate)?;
+        note.iter().for_each(|n| eprintln!("{n}"));
+        let report = run_on(placement, study)?;
         print_report(&report, &a.out, a.common.json);
         return Ok(());
     }
+    note.iter().for_each(|n| eprintln!("{n}"));
     let report = match grid {
         None => run_on(placement, task)?,
         Some(grid) => run_on(

@@ -7,7 +7,7 @@ use serde_json::json;
 
 use super::{
     Common, DataArgs, LoraArgs, ModelArgs, load_adapter, load_data, load_model, print_json,
-    warn_untargeted,
+    untargeted,
 };
 use crate::backend::Backend;
 use crate::backend::device::{BackendTask, run_on};
@@ -149,6 +149,25 @@ impl BackendTask for TrainTask {
     }
 }
 
+/// What the run says before its first step (the session prints it once the directory is
+/// locked and a resume checked): training rows without targets, and what becomes of an
+/// earlier run's checkpoint in OUT.
+fn notices(a: &TrainArgs, held: bool, data: &[Example]) -> Vec<String> {
+    let mut v: Vec<String> = untargeted(&a.data, data).into_iter().collect();
+    if held && !a.resume {
+        let out = a.out.display();
+        v.push(match a.checkpoint_every {
+            0 => format!(
+                "train: {out} holds an earlier run's checkpoint; this run writes none (--checkpoint-every 0), so it stays, and --resume would continue the earlier run"
+            ),
+            _ => format!(
+                "train: {out} holds an earlier run's checkpoint; this run starts afresh and its first checkpoint replaces it (--resume continues the earlier run)"
+            ),
+        });
+    }
+    v
+}
+
 pub fn run(a: TrainArgs) -> Result<()> {
     // Before anything is loaded or created: --resume needs a checkpoint.
     let held = checkpoint::exists(&a.out)?;
@@ -193,15 +212,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         base_model: m.path.display().to_string(),
         stop_after: None,
         curvature_path: a.curvature.clone(),
+        notices: notices(&a, held, &data),
     };
-    // Said once every input has been read: a refusal stays the one line it is.
-    warn_untargeted(&a.data, &data, quiet);
-    if held && !a.resume && !quiet {
-        eprintln!(
-            "train: {} holds an earlier run's checkpoint; this run starts afresh and its first checkpoint replaces it (--resume continues the earlier run)",
-            a.out.display()
-        );
-    }
     let task = TrainTask {
         model: m,
         data,

@@ -208,6 +208,7 @@ fn training<D: Backend, R: Backend>(
         base_model: String::new(),
         stop_after: None,
         curvature_path: None,
+        notices: Vec::new(),
     };
     for (what, curvature, lambda) in runs {
         let kernel = format!("e2e.train {what}");

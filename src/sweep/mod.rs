@@ -550,6 +550,7 @@ fn train_lambdas<B: Backend>(
             base_model: spec.base_model.clone(),
             stop_after: None,
             curvature_path: None,
+            notices: Vec::new(),
         };
         let meter = Meter::start("train", be);
         let res = session::run(be, model, spec.train_data, &cfg, penalty, shape.init, &opts)?;

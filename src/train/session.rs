@@ -30,6 +30,9 @@ pub struct SessionOptions {
     pub stop_after: Option<usize>,
     /// Curvature file path recorded in the checkpoint.
     pub curvature_path: Option<PathBuf>,
+    /// Lines for stderr (unless quiet) once the output directory is locked and a resume
+    /// checked, just before the first step: said then, a refusal stays the one line it is.
+    pub notices: Vec<String>,
 }
 
 pub struct SessionResult {
@@ -127,6 +130,9 @@ fn run_in<B: Backend>(
     } else {
         (TrainState::fresh(be, init)?, Vec::new())
     };
+    if !opts.quiet {
+        opts.notices.iter().for_each(|n| eprintln!("{n}"));
+    }
     out.log(&format!(
         "start at step {} of {}{}",
         state.step,

@@ -185,7 +185,10 @@ fn train_says_what_it_does_with_a_checkpoint() {
         c.arg("--out")
             .arg(&out)
             .args(["--device", "cpu", "--steps", "2"]);
-        c.args(["--checkpoint-every", "1"]).args(extra);
+        if !extra.contains(&"--checkpoint-every") {
+            c.args(["--checkpoint-every", "1"]);
+        }
+        c.args(extra);
         if quiet {
             c.arg("--quiet");
         }
@@ -204,6 +207,14 @@ fn train_says_what_it_does_with_a_checkpoint() {
     let err = String::from_utf8_lossy(&again.stderr);
     assert!(
         err.contains("holds an earlier run's checkpoint; this run starts afresh"),
+        "{err}"
+    );
+    // A run that writes no checkpoint leaves the earlier one, and says so.
+    let none = train(&["--checkpoint-every", "0"], false);
+    ok(&none, "a run without checkpoints over one");
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        err.contains("this run writes none (--checkpoint-every 0), so it stays"),
         "{err}"
     );
     let resumed = train(&["--resume"], false);

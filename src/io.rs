@@ -68,6 +68,7 @@ impl Drop for InFlight {
 /// once, at start-up; it starts the thread that waits for the signals. SIGKILL cannot be
 /// caught: what it leaves, a later run that owns the directory removes (`train`), or the
 /// user does.
+///
 /// A signal this process inherited as ignored (`nohup`, or a background job of a script)
 /// stays ignored: handling it would end runs that were meant to outlive it.
 pub fn remove_partial_outputs_on_signals() -> std::io::Result<()> {

@@ -5,7 +5,7 @@
 use super::curvature::EstimateArgs;
 use super::train::HyperArgs;
 use super::{Command, Common, DataArgs, LoraArgs};
-use crate::curvature::{KfacApprox, Scheme};
+use crate::curvature::{Fisher, KfacApprox, Scheme};
 use crate::error::{Error, Result};
 use crate::model::LoraConfig;
 
@@ -88,12 +88,8 @@ fn positive(flag: &str, v: f64) -> Result<()> {
 
 /// Stage I's flags, and the combinations in which one would be silently ignored.
 fn estimate(e: &EstimateArgs) -> Result<()> {
-    if !matches!(e.fisher.as_str(), "empirical" | "mc") {
-        return Err(Error::usage(format!(
-            "--fisher `{}` is not one of: empirical, mc",
-            e.fisher
-        )));
-    }
+    let fisher = e.fisher()?;
+    e.warmup_data()?;
     at_least("--mc-samples", e.mc_samples, 1)?;
     if e.mc_samples > MAX_MC_SAMPLES {
         return refuse(
@@ -102,7 +98,7 @@ fn estimate(e: &EstimateArgs) -> Result<()> {
             &format!("at most {MAX_MC_SAMPLES} (each sample is a backward pass of every batch)"),
         );
     }
-    if e.mc_samples > 1 && e.fisher != "mc" {
+    if e.mc_samples > 1 && fisher == Fisher::Empirical {
         return Err(Error::usage(format!(
             "--mc-samples {} goes with --fisher mc (the empirical Fisher takes the data's labels)",
             e.mc_samples
@@ -113,16 +109,6 @@ fn estimate(e: &EstimateArgs) -> Result<()> {
             "--kfac-approx {} goes with --scheme kfac or kfac-tri, not diag",
             e.kfac_approx
         )));
-    }
-    if e.warmup_steps > 0 && e.warmup_data.is_none() {
-        return Err(Error::usage(
-            "--warmup-steps needs --warmup-data (target-domain JSONL)",
-        ));
-    }
-    if e.warmup_data.is_some() && e.warmup_steps == 0 {
-        return Err(Error::usage(
-            "--warmup-data goes with --warmup-steps N (the steps trained on it)",
-        ));
     }
     if e.warmup_steps > 0 {
         positive("--warmup-lr", e.warmup_lr as f64)?;

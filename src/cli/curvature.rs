@@ -85,6 +85,35 @@ pub struct EstimateArgs {
     pub warmup_lr: f32,
 }
 
+impl EstimateArgs {
+    /// The Fisher `--fisher` and `--mc-samples` name (checked before any file is read, and
+    /// read again where stage I is planned).
+    pub fn fisher(&self) -> Result<Fisher> {
+        match self.fisher.as_str() {
+            "empirical" => Ok(Fisher::Empirical),
+            "mc" => Ok(Fisher::Mc(self.mc_samples)),
+            other => Err(Error::usage(format!(
+                "--fisher `{other}` is not one of: empirical, mc"
+            ))),
+        }
+    }
+
+    /// The warm-up's data, if there is a warm-up: `--warmup-steps` and `--warmup-data`
+    /// go together.
+    pub fn warmup_data(&self) -> Result<Option<&Path>> {
+        match (self.warmup_steps, &self.warmup_data) {
+            (0, None) => Ok(None),
+            (0, Some(_)) => Err(Error::usage(
+                "--warmup-data goes with --warmup-steps N (the steps trained on it)",
+            )),
+            (_, None) => Err(Error::usage(
+                "--warmup-steps needs --warmup-data (target-domain JSONL)",
+            )),
+            (_, Some(p)) => Ok(Some(p)),
+        }
+    }
+}
+
 /// Where the source data come from.
 pub enum Source {
     File(Vec<Example>),
@@ -154,15 +183,7 @@ impl Stage1 {
         batching: &DataArgs,
         seed: u64,
     ) -> Result<(Source, Stage1)> {
-        let fisher = match e.fisher.as_str() {
-            "empirical" => Fisher::Empirical,
-            "mc" => Fisher::Mc(e.mc_samples),
-            other => {
-                return Err(Error::usage(format!(
-                    "--fisher `{other}` is not one of: empirical, mc"
-                )));
-            }
-        };
+        let fisher = e.fisher()?;
         let (source, data_desc) = match self_data::parse(data)? {
             Some(n) => self_generated(e, n, out, m, batching, seed)?,
             None => {
@@ -176,16 +197,11 @@ impl Stage1 {
                 (Source::File(examples), data.display().to_string())
             }
         };
-        let warmup = match (e.warmup_steps, &e.warmup_data) {
-            (0, _) => None,
-            (_, None) => {
-                return Err(Error::usage(
-                    "--warmup-steps needs --warmup-data (target-domain JSONL)",
-                ));
-            }
-            (n, Some(p)) => {
+        let warmup = match e.warmup_data()? {
+            None => None,
+            Some(p) => {
                 let hyper = HyperArgs {
-                    steps: n,
+                    steps: e.warmup_steps,
                     grad_accum: 1,
                     lr: e.warmup_lr,
                     warmup: 0,

@@ -9,6 +9,7 @@ use super::Command;
 use crate::curvature::self_data;
 use crate::error::{Error, Result};
 use crate::io::{check_replaceable, probe_writable};
+use crate::model::weights::index_shards;
 
 /// What an output flag names.
 #[derive(Clone, Copy)]
@@ -83,14 +84,20 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
     }
 }
 
-/// Whether `path` names a file that a model or adapter directory is read from: the
-/// configurations, the tokenizer, the weights and their shards (HF's
-/// `model-00001-of-00002.safetensors`), the adapter's two files.
-fn read_in_dirs(path: &Path) -> bool {
+/// Whether `path`, a file of the directory `dir`, is one a model or adapter directory is
+/// read from: the configurations, the tokenizer, the weights and their shards (HF's
+/// `model-00001-of-00002.safetensors`, or whatever names `dir`'s
+/// `model.safetensors.index.json` lists), the adapter's two files.
+fn read_in_dirs(dir: &Path, path: &Path) -> bool {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy())
         .unwrap_or_default();
+    // An index that cannot be read is the loader's to report; here it lists nothing.
+    let listed = || {
+        index_shards(&dir.join("model.safetensors.index.json"))
+            .is_ok_and(|shards| shards.iter().any(|s| *s == name))
+    };
     const READ: [&str; 6] = [
         "config.json",
         "tokenizer.json",
@@ -99,7 +106,9 @@ fn read_in_dirs(path: &Path) -> bool {
         "adapter_config.json",
         "adapter_model.safetensors",
     ];
-    READ.contains(&name.as_ref()) || (name.starts_with("model-") && name.ends_with(".safetensors"))
+    READ.contains(&name.as_ref())
+        || (name.starts_with("model-") && name.ends_with(".safetensors"))
+        || listed()
 }
 
 /// `out` can be written as `kind`, and writing it replaces none of `inputs` (flag, path;
@@ -126,7 +135,7 @@ fn check(out: &Path, kind: Kind, inputs: &[(&str, Option<&PathBuf>)]) -> Result<
                             format!("is the {flag} file; writing --out there would destroy it"),
                         ));
                     }
-                    if target.parent() == Some(input.as_path()) && read_in_dirs(&target) {
+                    if target.parent() == Some(input.as_path()) && read_in_dirs(input, &target) {
                         return Err(Error::file(
                             out,
                             format!(

@@ -113,31 +113,7 @@ impl SafetensorsSource {
                 "no model.safetensors or model.safetensors.index.json in this directory",
             ));
         }
-        let text = std::fs::read_to_string(&index_path).at(&index_path)?;
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::file(&index_path, format!("malformed JSON: {e}")))?;
-        let map = v
-            .get("weight_map")
-            .and_then(|m| m.as_object())
-            .ok_or_else(|| Error::file(&index_path, "missing `weight_map` object"))?;
-        let mut shards: Vec<String> = map
-            .values()
-            .filter_map(|s| s.as_str().map(str::to_string))
-            .collect();
-        shards.sort();
-        shards.dedup();
-        // A shard is a file of this directory: a name that leaves it (`../x`, `/x`) is
-        // refused, as HF's loaders only ever join a plain file name.
-        if let Some(s) = shards.iter().find(|s| {
-            !Path::new(s)
-                .components()
-                .all(|c| matches!(c, std::path::Component::Normal(_)))
-        }) {
-            return Err(Error::file(
-                &index_path,
-                format!("shard `{s}` is not a file name inside the model directory"),
-            ));
-        }
+        let shards = index_shards(&index_path)?;
         let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
         Self::open_files(&paths)
     }
@@ -294,4 +270,35 @@ impl HostWeights {
     pub fn output(&self) -> &[f32] {
         self.lm_head.as_deref().unwrap_or(&self.embed)
     }
+}
+
+/// The shard file names that `model.safetensors.index.json` (at `index_path`) maps the
+/// tensors to, sorted and without repeats.
+pub fn index_shards(index_path: &Path) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(index_path).at(index_path)?;
+    let v: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::file(index_path, format!("malformed JSON: {e}")))?;
+    let map = v
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| Error::file(index_path, "missing `weight_map` object"))?;
+    let mut shards: Vec<String> = map
+        .values()
+        .filter_map(|s| s.as_str().map(str::to_string))
+        .collect();
+    shards.sort();
+    shards.dedup();
+    // A shard is a file of this directory: a name that leaves it (`../x`, `/x`) is
+    // refused, as HF's loaders only ever join a plain file name.
+    if let Some(s) = shards.iter().find(|s| {
+        !Path::new(s)
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)))
+    }) {
+        return Err(Error::file(
+            index_path,
+            format!("shard `{s}` is not a file name inside the model directory"),
+        ));
+    }
+    Ok(shards)
 }

@@ -107,6 +107,69 @@ fn an_output_never_replaces_an_input() {
     );
 }
 
+/// A shard is protected by being listed in the model's index, whatever its name (HF
+/// names them `model-0000N-of-0000M.safetensors`, but an index may name any file).
+#[test]
+fn a_shard_named_in_the_index_is_an_input() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(
+        fixture("tiny-gqa/model/config.json"),
+        model.join("config.json"),
+    )
+    .unwrap();
+    let shard = model.join("weights.safetensors");
+    std::fs::copy(fixture("tiny-gqa/model/model.safetensors"), &shard).unwrap();
+    let names = safetensors::SafeTensors::deserialize(&std::fs::read(&shard).unwrap())
+        .unwrap()
+        .names()
+        .into_iter()
+        .map(|n| (n.to_string(), serde_json::json!("weights.safetensors")))
+        .collect::<serde_json::Map<_, _>>();
+    let index = serde_json::json!({"metadata": {}, "weight_map": names});
+    std::fs::write(
+        model.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+    let data = fixture("tiny-gqa/batch.jsonl");
+    let shard_bytes = std::fs::read(&shard).unwrap();
+    let run = run_args(&argv(&[
+        &"curvature",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--out",
+        &shard,
+    ]));
+    assert_clean_error(
+        &run,
+        "is a file the --model directory is read from",
+        "curvature --out over an indexed shard",
+    );
+    assert_eq!(
+        std::fs::read(&shard).unwrap(),
+        shard_bytes,
+        "the shard changed"
+    );
+    // Positive control: the model loads from its index, so the refusal is about the shard.
+    let beside = model.join("curvature.safetensors");
+    assert_runs(
+        &run_args(&argv(&[
+            &"curvature",
+            &"--model",
+            &model,
+            &"--data",
+            &data,
+            &"--out",
+            &beside,
+        ])),
+        "curvature beside an indexed model",
+    );
+}
+
 #[test]
 fn an_unwritable_output_is_refused_before_anything_is_read() {
     let d = tempfile::tempdir().unwrap();

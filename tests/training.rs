@@ -40,6 +40,130 @@ fn perturbed(base: &HostLora, scale: f32, seed: u64) -> HostLora {
     w
 }
 
+/// `F v` for `F = P (x) Q` (Kronecker product, column-stacking `vec` as DESIGN §5 states
+/// it: `(P (x) Q)[(i q + a), (j q' + b)] = P[i, j] Q[a, b]`) with `P` of `pr x pc`, `Q` of
+/// `qr x qc`, and `v` the column-stacked `qc x pc` matrix, stored row-major as the LoRA
+/// tensors are. Written element by element in f64, independent of the penalty's `tr(...)`
+/// products.
+fn kron_matvec(
+    p: &[f32],
+    (pr, pc): (usize, usize),
+    q: &[f32],
+    (qr, qc): (usize, usize),
+    v: &[f32],
+) -> Vec<f64> {
+    let mut out = vec![0.0f64; pr * qr];
+    for i in 0..pr {
+        for a in 0..qr {
+            let mut acc = 0.0f64;
+            for j in 0..pc {
+                for b in 0..qc {
+                    // v's element of column j, row b (row-major `qc x pc`).
+                    acc += p[i * pc + j] as f64 * q[a * qc + b] as f64 * v[b * pc + j] as f64;
+                }
+            }
+            // out's element of column i, row a, row-major `qr x pr`.
+            out[a * pr + i] = acc;
+        }
+    }
+    out
+}
+
+/// The penalty against the dense quadratic form `(lambda/2) vec(D)^T (F/N + delta I) vec(D)`
+/// built entry by entry from the curvature's factors (DESIGN §5-6): `F_A = C_A (x) G_A`,
+/// `F_B = C_B (x) G_B` and, for kfac-tri, the off-diagonal block `C_AB (x) G_AB` between a
+/// module's `vec(DA)` and `vec(DB)` (counted twice, as the symmetric matrix has it). Its
+/// value and its gradient `lambda (F/N + delta I) vec(D)` for kfac and kfac-tri, and the
+/// value for diag. This checks every factor entry and the cross block's orientation,
+/// which a finite difference of the penalty's own value cannot.
+#[test]
+fn penalty_equals_the_dense_quadratic_form() {
+    let t = tiny();
+    let be = CpuBackend::new(2);
+    let (lambda, delta) = (3.0f32, 1e-2f32);
+    for scheme in [Scheme::Diag, Scheme::Kfac, Scheme::KfacTri] {
+        let c = curvature(&t, scheme);
+        let pen = Penalty::new(&be, c.clone(), delta).unwrap();
+        let theta = perturbed(&c.mean, 0.05, 1);
+        let mut grads = Vec::new();
+        let value = pen
+            .value_and_grad(&be, &theta, lambda, Some(&mut grads))
+            .unwrap();
+        let inv_n = 1.0 / c.meta.n_sequences as f64;
+        let d: Vec<Vec<f32>> = theta
+            .named_tensors()
+            .into_iter()
+            .zip(c.mean.named_tensors())
+            .map(|((_, _, p), (_, _, m))| p.iter().zip(m).map(|(p, m)| p - m).collect())
+            .collect();
+        let dot =
+            |x: &[f64], y: &[f32]| -> f64 { x.iter().zip(y).map(|(a, b)| a * *b as f64).sum() };
+        let mut q = 0.0f64;
+        match scheme {
+            Scheme::Diag => {
+                for ((_, _, f), d) in c.diag.as_ref().unwrap().named_tensors().into_iter().zip(&d) {
+                    q += f
+                        .iter()
+                        .zip(d)
+                        .map(|(f, d)| (*f as f64 * inv_n + delta as f64) * (*d as f64).powi(2))
+                        .sum::<f64>();
+                }
+            }
+            _ => {
+                let r = c.mean.cfg.r;
+                let factors = c.kfac.as_ref().unwrap();
+                assert_eq!(factors.len(), c.mean.modules.len());
+                for (i, (m, f)) in c.mean.modules.iter().zip(factors).enumerate() {
+                    let (da, db) = (&d[2 * i], &d[2 * i + 1]);
+                    let (di, dout) = (m.d_in, m.d_out);
+                    // (F/N) vec(D) per block; D_A is r x d_in, D_B d_out x r.
+                    let mut fa = kron_matvec(&f.a_in, (di, di), &f.a_out, (r, r), da);
+                    let mut fb = kron_matvec(&f.b_in, (r, r), &f.b_out, (dout, dout), db);
+                    if let Some((c_ab, g_ab)) = &f.cross {
+                        // The block (C_AB (x) G_AB) maps vec(D_B) to A's rows, its
+                        // transpose (C_AB^T (x) G_AB^T) vec(D_A) to B's.
+                        let t = |x: &[f32], rows: usize, cols: usize| -> Vec<f32> {
+                            (0..cols * rows)
+                                .map(|k| x[(k % rows) * cols + k / rows])
+                                .collect()
+                        };
+                        let to_a = kron_matvec(c_ab, (di, r), g_ab, (r, dout), db);
+                        let to_b =
+                            kron_matvec(&t(c_ab, di, r), (r, di), &t(g_ab, r, dout), (dout, r), da);
+                        fa.iter_mut().zip(to_a).for_each(|(x, y)| *x += y);
+                        fb.iter_mut().zip(to_b).for_each(|(x, y)| *x += y);
+                    } else {
+                        assert!(scheme == Scheme::Kfac, "kfac-tri has cross factors");
+                    }
+                    for (fd, dd, g, what) in [
+                        (fa, da, &grads[2 * i], "A"),
+                        (fb, db, &grads[2 * i + 1], "B"),
+                    ] {
+                        let full: Vec<f64> = fd
+                            .iter()
+                            .zip(dd.iter())
+                            .map(|(f, d)| f * inv_n + delta as f64 * *d as f64)
+                            .collect();
+                        q += dot(&full, dd);
+                        let want: Vec<f32> =
+                            full.iter().map(|v| (lambda as f64 * v) as f32).collect();
+                        close(
+                            &format!("{scheme}: module {i} gradient of {what}"),
+                            g,
+                            &want,
+                            1e-4,
+                        );
+                    }
+                }
+            }
+        }
+        assert!(q > 0.0, "{scheme}: the test point must not be clamped");
+        let want = lambda as f64 / 2.0 * q;
+        let e = (value - want).abs() / want;
+        assert!(e < 1e-4, "{scheme}: penalty {value:e}, dense form {want:e}");
+    }
+}
+
 #[test]
 fn penalty_gradients_match_finite_differences() {
     let t = tiny();

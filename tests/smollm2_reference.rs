@@ -1,6 +1,8 @@
 //! SmolLM2-135M-Instruct (Q4_1 GGUF from the pinned wheel) against HF transformers' GGUF
-//! reader: token ids, mean NLL per text (within 2e-3, through `eval --json`) and the
-//! top-5 next tokens.
+//! reader: token ids, mean NLL per text (through `eval --json`) and the top-5 next tokens,
+//! the numbers to f32's bound of 1e-4 relative (both sides compute in f32; measured
+//! 5e-6 to 8e-6 on the NLL and at most 3e-6 on the logits, which the fixture rounds to 4
+//! decimals: at most 5.5e-6 of these logits of 9 to 34).
 
 mod common;
 
@@ -74,7 +76,7 @@ fn eval_json_mean_nll_matches_hf() {
         );
         assert_eq!(s["n_sequences"].as_u64(), Some(1));
         assert!(
-            (got - want).abs() < 2e-3,
+            (got - want).abs() < 1e-4 * want.abs(),
             "{name}: mean NLL {got} vs HF {want}"
         );
         assert!((s["perplexity"].as_f64().unwrap() - got.exp()).abs() < 1e-9);
@@ -108,7 +110,7 @@ fn next_token_top5_matches_hf() {
         {
             let v = v.as_f64().unwrap() as f32;
             assert!(
-                (last[want[i]] - v).abs() < 1e-3 * v.abs().max(1.0),
+                (last[want[i]] - v).abs() < 1e-4 * v.abs(),
                 "{name}: logit {} vs {v}",
                 last[want[i]]
             );

@@ -10,7 +10,7 @@
 //! operand and the weight gradients 3xTF32, so 1e-4 as every f32 kernel; with bf16 base
 //! weights the CPU keeps the unrounded f32 weights, and rounding W and x to bf16 costs
 //! about 4e-3 per element (bound 1e-2), while u and gA (LoRA segments in three pieces)
-//! stay f32 and dA, dB (tf32 Gram products) near 1e-3.
+//! stay f32 (1e-4) and dA, dB (tf32 Gram products) near 1e-3 (`bound_of`).
 
 mod common;
 
@@ -207,7 +207,8 @@ fn run_on<B: Backend>(
     out
 }
 
-/// The relative bound against the CPU with `base` weights (the module's doc gives why).
+/// The relative bound against the CPU with `base` weights for the products that read the
+/// base weights (y, dx; the module's doc gives why).
 fn bound(base: BaseDtype) -> f64 {
     match base {
         BaseDtype::F32 => 1e-4,
@@ -215,8 +216,19 @@ fn bound(base: BaseDtype) -> f64 {
     }
 }
 
+/// The bound of the output `name` (`y0`, `u0`, `dx`, `gA0`, `dA0`, `dB0`...): u and gA
+/// never read a base weight and stay f32 (1e-4) on every path; dA and dB are at worst tf32
+/// Gram products with bf16 base weights, whose operands keep 11 bits (2^-11 relative
+/// each, so about 1e-3 for a product); y and dx have `bound(base)`.
+fn bound_of(name: &str, base: BaseDtype) -> f64 {
+    match base {
+        _ if name.starts_with('u') || name.starts_with("gA") => 1e-4,
+        BaseDtype::Bf16 if name.starts_with("dA") || name.starts_with("dB") => 1e-3,
+        _ => bound(base),
+    }
+}
+
 fn check(cases: &[Case], base: BaseDtype) {
-    let tol = bound(base);
     for g in devices(base) {
         for (k, c) in cases.iter().enumerate() {
             let h = host(c, 10 + k as u64);
@@ -226,17 +238,18 @@ fn check(cases: &[Case], base: BaseDtype) {
             let got = run(&g, c, &h, lg);
             // LoRA inside the GEMMs: the hand-written kernels alone, no cuBLAS call.
             assert_eq!(g.stats().since(&before).gemms, 0, "case {k}: cuBLAS called");
-            compare(&g.describe(), k, c, &got, &want, tol);
+            compare(&g.describe(), k, c, &got, &want, base);
         }
     }
 }
 
-/// Every output of `got` (the device) within `tol` of `want` (the CPU), relative; the
-/// errors on stderr.
-fn compare(who: &str, k: usize, c: &Case, got: &Outputs, want: &Outputs, tol: f64) {
+/// Every output of `got` (the device) within its bound (`bound_of`) of `want` (the CPU),
+/// relative; the errors on stderr.
+fn compare(who: &str, k: usize, c: &Case, got: &Outputs, want: &Outputs, base: BaseDtype) {
     assert_eq!(got.len(), want.len());
     let mut report = Vec::new();
     for ((name, x), (_, y)) in got.iter().zip(want) {
+        let tol = bound_of(name, base);
         let e = rel_err(x, y);
         assert!(
             e < tol,
@@ -429,7 +442,7 @@ fn bf16_inputs_take_the_copy_path() {
     for g in devices(BaseDtype::Bf16) {
         for (k, c) in bf16_input_cases().iter().enumerate() {
             let (got, want) = bf16_input_run(&g, k, c);
-            compare(&g.describe(), k, c, &got, &want, 1e-2);
+            compare(&g.describe(), k, c, &got, &want, BaseDtype::Bf16);
         }
     }
 }
@@ -460,7 +473,6 @@ fn every_tiling_matches_the_cpu_and_the_engines() {
     };
     let (f32_in, bf16_in) = (cases(), bf16_input_cases());
     for base in [BaseDtype::Bf16, BaseDtype::F32] {
-        let tol = bound(base);
         let with_bf16_in: &[Case] = if base == BaseDtype::Bf16 {
             &bf16_in
         } else {
@@ -497,7 +509,7 @@ fn every_tiling_matches_the_cpu_and_the_engines() {
                 for (k, (c, ((got, want), (mine, _)))) in
                     all.iter().zip(run_all(&g).iter().zip(&engine)).enumerate()
                 {
-                    compare(&who, k, c, got, want, tol);
+                    compare(&who, k, c, got, want, base);
                     let same_order = t.register_k_step()
                         == LoraGemmTiling::ENGINE.register_k_step()
                         && !may_split_k(c);
@@ -546,12 +558,12 @@ fn the_hybrid_cublas_and_folded_paths_match_the_cpu() {
                         ProjectionGemm::Hybrid => assert_eq!(gemms, 2 * n, "{who}: case {k}"),
                         _ => assert!(gemms >= 2 * n + 4 * adapted, "{who}: case {k}: {gemms}"),
                     }
-                    compare(&who, k, c, &got, &want, tol);
+                    compare(&who, k, c, &got, &want, base);
                 }
                 if base == BaseDtype::Bf16 {
                     for (k, c) in bf16_input_cases().iter().enumerate() {
                         let (got, want) = bf16_input_run(&g, k, c);
-                        compare(&who, k, c, &got, &want, tol);
+                        compare(&who, k, c, &got, &want, base);
                     }
                 }
                 // RoPE on the outputs (in the epilogue at head dims 16, 32, 64, else by
@@ -636,7 +648,14 @@ fn the_folded_path_matches_the_cpu() {
                         "{who}: case {k} {feeds:?}: {name}: relative error {e:e} (bound {tol:e})"
                     );
                 }
-                compare(&format!("{who} {feeds:?}"), k, c, &got, &want, 1e-2);
+                compare(
+                    &format!("{who} {feeds:?}"),
+                    k,
+                    c,
+                    &got,
+                    &want,
+                    BaseDtype::Bf16,
+                );
             }
         }
     }

@@ -821,7 +821,7 @@ fn curvature_primitives_match_cpu() {
     let mut rng = ChaCha8Rng::seed_from_u64(6);
     for base in [BaseDtype::F32, BaseDtype::Bf16] {
         // f32 engine: 3xTF32 on tensor cores; bf16 engine: single tf32.
-        let tol = if base == BaseDtype::F32 { F32 } else { BF16 };
+        let tol = if base == BaseDtype::F32 { F32 } else { TF32 };
         for g in devices_with(base) {
             let p = Pair {
                 g: &g,

@@ -69,6 +69,11 @@ pub fn rope_table<B: Backend>(
 }
 
 /// Fails with `what` when the relative error of `got` against `want` reaches `tol`.
+/// The relative bound of products whose operands are rounded to tf32 (11 significant
+/// bits: 2^-11 relative each, so about 1e-3 for a product), as the tensor-core Grams of
+/// the bf16 engine compute them.
+pub const TF32: f64 = 1e-3;
+
 pub fn close(what: &str, got: &[f32], want: &[f32], tol: f64) {
     let e = rel_err(got, want);
     assert!(e < tol, "{what}: relative error {e:e} (bound {tol:e})");

@@ -35,14 +35,6 @@ const BF16: f64 = 1e-2;
 /// 1.5e-5 for the f32 arithmetic before the rounding (another order, fused multiply-adds).
 const BF16_STORE: f64 = 1.0 / 256.0;
 
-/// Bit for bit.
-fn same_bits(what: &str, got: &[f32], want: &[f32]) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    for (i, (a, b)) in got.iter().zip(want).enumerate() {
-        assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: {a} vs {b}");
-    }
-}
-
 /// `want` rounded to bf16 (to nearest even), bit for bit.
 fn same_rounded(what: &str, got: &[f32], want: &[f32]) {
     let rounded: Vec<f32> = want.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();

@@ -69,6 +69,14 @@ pub fn rope_table<B: Backend>(
 }
 
 /// Fails with `what` when the relative error of `got` against `want` reaches `tol`.
+/// Bit for bit.
+pub fn same_bits(what: &str, got: &[f32], want: &[f32]) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (a, b)) in got.iter().zip(want).enumerate() {
+        assert_eq!(a.to_bits(), b.to_bits(), "{what}: element {i}: {a} vs {b}");
+    }
+}
+
 /// The relative bound of products whose operands are rounded to tf32 (11 significant
 /// bits: 2^-11 relative each, so about 1e-3 for a product), as the tensor-core Grams of
 /// the bf16 engine compute them.

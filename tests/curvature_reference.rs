@@ -8,7 +8,9 @@ mod common;
 use common::*;
 use lalora_engine::backend::Backend;
 use lalora_engine::backend::cuda::{BaseDtype, GramGemm};
-use lalora_engine::curvature::{Curvature, Fisher, KfacApprox, Scheme, Spec, estimate};
+use lalora_engine::curvature::{
+    Curvature, Fisher, KfacApprox, KfacFactors, Scheme, Spec, estimate,
+};
 use lalora_engine::data::{RowFormat, read_jsonl};
 use lalora_engine::io::TensorFile;
 
@@ -48,6 +50,24 @@ fn check<B: Backend>(on: &On<B>, name: &str, got: &[f32], want: Option<&[f32]>) 
     );
 }
 
+/// The tiny model's adapted modules: 2 layers x 7 projections.
+const MODULES: usize = 14;
+
+/// The KFAC factors of `c`, one per adapted module (a backend that returned fewer would
+/// otherwise leave the missing ones unchecked).
+fn factors(c: &Curvature) -> &[KfacFactors] {
+    let f = c.kfac.as_deref().expect("kfac factors");
+    assert_eq!((f.len(), c.mean.modules.len()), (MODULES, MODULES));
+    f
+}
+
+/// The diag curvature's tensors, A and B of each adapted module.
+fn diag_tensors(c: &Curvature) -> Vec<(String, Vec<usize>, &[f32])> {
+    let t = c.diag.as_ref().expect("a diag curvature").named_tensors();
+    assert_eq!(t.len(), 2 * MODULES);
+    t
+}
+
 /// Run `f` on the CPU and on the simulator with f32 and bf16 base weights.
 fn everywhere(
     f: impl Fn(&On<lalora_engine::backend::cpu::CpuBackend>),
@@ -81,7 +101,7 @@ fn diag_empirical<B: Backend>(on: &On<B>) {
         &t.examples,
     );
     assert_eq!((c.meta.n_sequences, c.meta.n_positions), (6, 144));
-    for (name, _, f) in c.diag.as_ref().unwrap().named_tensors() {
+    for (name, _, f) in diag_tensors(&c) {
         check(
             on,
             &format!("diag_ef.{name}"),
@@ -118,7 +138,7 @@ fn kfac_expand<B: Backend>(on: &On<B>) {
         Fisher::Empirical,
         &t.examples,
     );
-    for (m, f) in c.mean.modules.iter().zip(c.kfac.as_ref().unwrap()) {
+    for (m, f) in c.mean.modules.iter().zip(factors(&c)) {
         let p = m.peft_path();
         check(
             on,
@@ -164,7 +184,7 @@ fn kfac_reduce_and_tri<B: Backend>(on: &On<B>) {
         Fisher::Empirical,
         &t.examples,
     );
-    for (m, f) in c.mean.modules.iter().zip(c.kfac.as_ref().unwrap()) {
+    for (m, f) in c.mean.modules.iter().zip(factors(&c)) {
         let p = m.peft_path();
         check(
             on,
@@ -199,7 +219,7 @@ fn kfac_reduce_and_tri<B: Backend>(on: &On<B>) {
         Fisher::Empirical,
         &t.examples,
     );
-    for (m, f) in c.mean.modules.iter().zip(c.kfac.as_ref().unwrap()) {
+    for (m, f) in c.mean.modules.iter().zip(factors(&c)) {
         let p = m.peft_path();
         let (ci, co) = f.cross.as_ref().unwrap();
         check(
@@ -258,15 +278,10 @@ fn curvature_file_round_trips() {
         assert_eq!(back.meta.scheme, scheme);
         assert_eq!(back.meta.n_sequences, 6);
         assert_eq!(back.mean.named_tensors(), c.mean.named_tensors());
-        if let Some(dg) = &c.diag {
-            assert_eq!(
-                back.diag.as_ref().unwrap().named_tensors(),
-                dg.named_tensors()
-            );
-        }
-        if let Some(k) = &c.kfac {
-            let bk = back.kfac.as_ref().unwrap();
-            for (a, b) in k.iter().zip(bk) {
+        if scheme == Scheme::Diag {
+            assert_eq!(diag_tensors(&back), diag_tensors(&c));
+        } else {
+            for (a, b) in factors(&c).iter().zip(factors(&back)) {
                 assert_eq!(
                     (&a.a_in, &a.a_out, &a.b_in, &a.b_out, &a.cross),
                     (&b.a_in, &b.a_out, &b.b_in, &b.b_out, &b.cross)
@@ -314,11 +329,7 @@ fn mc_errors(t: &Tiny, samples: usize) -> (f64, f64) {
         Fisher::Mc(samples),
         &ex,
     );
-    let diag_pairs = d
-        .diag
-        .as_ref()
-        .unwrap()
-        .named_tensors()
+    let diag_pairs = diag_tensors(&d)
         .into_iter()
         .map(|(n, _, f)| (f.to_vec(), want.get(&format!("diag_mc.{n}")).unwrap()))
         .collect();
@@ -331,7 +342,7 @@ fn mc_errors(t: &Tiny, samples: usize) -> (f64, f64) {
         &ex,
     );
     let mut kfac_pairs = Vec::new();
-    for (m, f) in k.mean.modules.iter().zip(k.kfac.as_ref().unwrap()) {
+    for (m, f) in k.mean.modules.iter().zip(factors(&k)) {
         let p = m.peft_path();
         kfac_pairs.push((
             f.a_out.clone(),
@@ -386,20 +397,25 @@ fn mc_fisher_on_sim_equals_cpu() {
         for scheme in [Scheme::Diag, Scheme::KfacTri] {
             let want = run(&cpu_on, &t, scheme, KfacApprox::Expand, Fisher::Mc(2), &ex);
             let got = run(&on, &t, scheme, KfacApprox::Expand, Fisher::Mc(2), &ex);
-            if let (Some(a), Some(b)) = (&got.diag, &want.diag) {
-                for ((n, _, x), (_, _, y)) in a.named_tensors().into_iter().zip(b.named_tensors()) {
-                    check(&on, &format!("mc diag {n}"), x, Some(y));
+            match scheme {
+                Scheme::Diag => {
+                    for ((n, _, x), (_, _, y)) in
+                        diag_tensors(&got).into_iter().zip(diag_tensors(&want))
+                    {
+                        check(&on, &format!("mc diag {n}"), x, Some(y));
+                    }
                 }
-            }
-            if let (Some(a), Some(b)) = (&got.kfac, &want.kfac) {
-                for (x, y) in a.iter().zip(b) {
-                    check(&on, "mc kfac A out", &x.a_out, Some(&y.a_out));
-                    check(&on, "mc kfac B out", &x.b_out, Some(&y.b_out));
-                    check(&on, "mc kfac B in", &x.b_in, Some(&y.b_in));
-                    let ((xi, xo), (yi, yo)) =
-                        (x.cross.as_ref().unwrap(), y.cross.as_ref().unwrap());
-                    check(&on, "mc kfac cross in", xi, Some(yi));
-                    check(&on, "mc kfac cross out", xo, Some(yo));
+                _ => {
+                    for (x, y) in factors(&got).iter().zip(factors(&want)) {
+                        check(&on, "mc kfac A in", &x.a_in, Some(&y.a_in));
+                        check(&on, "mc kfac A out", &x.a_out, Some(&y.a_out));
+                        check(&on, "mc kfac B in", &x.b_in, Some(&y.b_in));
+                        check(&on, "mc kfac B out", &x.b_out, Some(&y.b_out));
+                        let ((xi, xo), (yi, yo)) =
+                            (x.cross.as_ref().unwrap(), y.cross.as_ref().unwrap());
+                        check(&on, "mc kfac cross in", xi, Some(yi));
+                        check(&on, "mc kfac cross out", xo, Some(yo));
+                    }
                 }
             }
         }

@@ -66,4 +66,9 @@ fn selftest_on_the_cpu_holds_it_to_the_plain_reference() {
     assert_all_pass(&v, "cpu", "f32");
     let (code, _, err) = selftest(&["--device", "cpu", "--base-dtype", "bf16"]);
     assert_eq!(code, 2, "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(
+        err.contains("--base-dtype bf16 applies to --device cuda and sim"),
+        "{err}"
+    );
 }

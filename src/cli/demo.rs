@@ -86,6 +86,18 @@ pub struct DemoArgs {
     pub common: Common,
 }
 
+impl DemoArgs {
+    /// `--out`, or the study's default directory.
+    pub fn out_dir(&self) -> PathBuf {
+        self.out.clone().unwrap_or_else(|| {
+            PathBuf::from(match self.study {
+                Study::Lambda => "runs/demo",
+                Study::Data => "runs/demo-data",
+            })
+        })
+    }
+}
+
 fn default_assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("assets")
 }
@@ -211,12 +223,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     let quac = data.join("source-curvature.jsonl");
     let mut curvature_data = load_data(&quac, &m, &batching)?;
     curvature_data.truncate(a.curvature_sequences);
-    let out = a.out.clone().unwrap_or_else(|| {
-        PathBuf::from(match a.study {
-            Study::Lambda => "runs/demo",
-            Study::Data => "runs/demo-data",
-        })
-    });
+    let out = a.out_dir();
     let exact_match = match a.exact_match {
         0 => None,
         n => Some(exact_match_set(

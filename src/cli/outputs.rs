@@ -76,10 +76,7 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             inputs.extend(a.choice_eval.iter().map(|p| ("--choice-eval", Some(p))));
             check(&a.out, Kind::Dir, &inputs)
         }
-        Command::Demo(a) => match &a.out {
-            Some(out) => check(out, Kind::Dir, &[("--assets", a.assets.as_ref())]),
-            None => Ok(()),
-        },
+        Command::Demo(a) => check(&a.out_dir(), Kind::Dir, &[("--assets", a.assets.as_ref())]),
         Command::Info(_) | Command::Eval(_) | Command::Generate(_) | Command::Selftest(_) => Ok(()),
     }
 }

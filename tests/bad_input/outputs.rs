@@ -229,6 +229,34 @@ fn an_unwritable_output_is_refused_before_anything_is_read() {
     }
     assert_eq!(std::fs::read(&file).unwrap(), b"x", "the file was replaced");
     assert_eq!(entries(d.path()), ["a-file"], "something was written");
+    // demo's default directory (runs/demo, runs/demo-data for --study data) is checked
+    // as an explicit --out is: here `runs` is a file in the working directory.
+    let cwd = tempfile::tempdir().unwrap();
+    std::fs::write(cwd.path().join("runs"), "x").unwrap();
+    for study in ["lambda", "data"] {
+        let out = bin()
+            .current_dir(cwd.path())
+            .args([
+                OsStr::new("demo"),
+                OsStr::new("--study"),
+                OsStr::new(study),
+                OsStr::new("--assets"),
+            ])
+            .arg(&missing)
+            .arg("--quiet")
+            .output()
+            .unwrap();
+        let run = Run {
+            code: out.status.code(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert_clean_error(
+            &run,
+            "runs: is not a directory",
+            &format!("demo --study {study}"),
+        );
+    }
+    assert_eq!(entries(cwd.path()), ["runs"], "something was written");
 }
 
 /// `--resume` without a checkpoint is refused before the output directory is created; a

@@ -69,6 +69,19 @@ fn argv(items: &[&dyn AsRef<OsStr>]) -> Vec<OsString> {
     items.iter().map(|a| a.as_ref().to_os_string()).collect()
 }
 
+/// `curvature --model MODEL --data DATA --out OUT`.
+fn curvature_args(model: &Path, data: &Path, out: &Path) -> Vec<OsString> {
+    argv(&[
+        &"curvature",
+        &"--model",
+        &model,
+        &"--data",
+        &data,
+        &"--out",
+        &out,
+    ])
+}
+
 fn run_args(args: &[OsString]) -> Run {
     let out = bin().args(args).arg("--quiet").output().unwrap();
     Run {

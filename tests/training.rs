@@ -40,6 +40,27 @@ fn perturbed(base: &HostLora, scale: f32, seed: u64) -> HostLora {
     w
 }
 
+/// The penalties' strength and prior precision in the two tests below.
+const LAMBDA: f32 = 3.0;
+const DELTA: f32 = 1e-2;
+
+/// A curvature of `scheme` on the tiny fixture, its penalty, a point `theta` away from
+/// theta*, and the penalty's value and (kfac schemes) gradient there.
+fn penalty_point(
+    t: &Tiny,
+    be: &CpuBackend,
+    scheme: Scheme,
+) -> (Curvature, Penalty<CpuBackend>, HostLora, f64, Vec<Vec<f32>>) {
+    let c = curvature(t, scheme);
+    let pen = Penalty::new(be, c.clone(), DELTA).unwrap();
+    let theta = perturbed(&c.mean, 0.05, 1);
+    let mut grads = Vec::new();
+    let value = pen
+        .value_and_grad(be, &theta, LAMBDA, Some(&mut grads))
+        .unwrap();
+    (c, pen, theta, value, grads)
+}
+
 /// `F v` for `F = P (x) Q` (Kronecker product, column-stacking `vec` as DESIGN §5 states
 /// it: `(P (x) Q)[(i q + a), (j q' + b)] = P[i, j] Q[a, b]`) with `P` of `pr x pc`, `Q` of
 /// `qr x qc`, and `v` the column-stacked `qc x pc` matrix, stored row-major as the LoRA
@@ -80,15 +101,9 @@ fn kron_matvec(
 fn penalty_equals_the_dense_quadratic_form() {
     let t = tiny();
     let be = CpuBackend::new(2);
-    let (lambda, delta) = (3.0f32, 1e-2f32);
+    let (lambda, delta) = (LAMBDA, DELTA);
     for scheme in [Scheme::Diag, Scheme::Kfac, Scheme::KfacTri] {
-        let c = curvature(&t, scheme);
-        let pen = Penalty::new(&be, c.clone(), delta).unwrap();
-        let theta = perturbed(&c.mean, 0.05, 1);
-        let mut grads = Vec::new();
-        let value = pen
-            .value_and_grad(&be, &theta, lambda, Some(&mut grads))
-            .unwrap();
+        let (c, _, theta, value, grads) = penalty_point(&t, &be, scheme);
         let inv_n = 1.0 / c.meta.n_sequences as f64;
         let d: Vec<Vec<f32>> = theta
             .named_tensors()
@@ -168,15 +183,9 @@ fn penalty_equals_the_dense_quadratic_form() {
 fn penalty_gradients_match_finite_differences() {
     let t = tiny();
     let be = CpuBackend::new(2);
-    let (lambda, delta) = (3.0f32, 1e-2f32);
+    let (lambda, delta) = (LAMBDA, DELTA);
     for scheme in [Scheme::Diag, Scheme::Kfac, Scheme::KfacTri] {
-        let c = curvature(&t, scheme);
-        let pen = Penalty::new(&be, c.clone(), delta).unwrap();
-        let theta = perturbed(&c.mean, 0.05, 1);
-        let mut grads = Vec::new();
-        let value = pen
-            .value_and_grad(&be, &theta, lambda, Some(&mut grads))
-            .unwrap();
+        let (c, pen, theta, value, grads) = penalty_point(&t, &be, scheme);
         assert!(value > 0.0, "{scheme}: the test point must not be clamped");
         let analytic: Vec<Vec<f32>> = match scheme {
             // diag's gradient is applied fused in the step: lambda (F/N + delta) D.

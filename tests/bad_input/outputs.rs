@@ -30,15 +30,7 @@ fn an_output_never_replaces_an_input() {
             "is the --data file",
         ),
         (
-            argv(&[
-                &"curvature",
-                &"--model",
-                &model,
-                &"--data",
-                &data,
-                &"--out",
-                &weights,
-            ]),
+            curvature_args(&model, &data, &weights),
             &weights,
             "is a file the --model directory is read from",
         ),
@@ -89,15 +81,7 @@ fn an_output_never_replaces_an_input() {
     assert_eq!(before(&adapter_file), adapter_bytes, "the adapter changed");
     // Positive control: a new file beside the model's own is written.
     let beside = model.join("curvature.safetensors");
-    let args = argv(&[
-        &"curvature",
-        &"--model",
-        &model,
-        &"--data",
-        &data,
-        &"--out",
-        &beside,
-    ]);
+    let args = curvature_args(&model, &data, &beside);
     assert_runs(&run_args(&args), "curvature into the model's directory");
     assert!(beside.exists());
     // ... and written again: it is not one the model is read from.
@@ -135,15 +119,7 @@ fn a_shard_named_in_the_index_is_an_input() {
     .unwrap();
     let data = fixture("tiny-gqa/batch.jsonl");
     let shard_bytes = std::fs::read(&shard).unwrap();
-    let run = run_args(&argv(&[
-        &"curvature",
-        &"--model",
-        &model,
-        &"--data",
-        &data,
-        &"--out",
-        &shard,
-    ]));
+    let run = run_args(&curvature_args(&model, &data, &shard));
     assert_clean_error(
         &run,
         "is a file the --model directory is read from",
@@ -157,15 +133,7 @@ fn a_shard_named_in_the_index_is_an_input() {
     // Positive control: the model loads from its index, so the refusal is about the shard.
     let beside = model.join("curvature.safetensors");
     assert_runs(
-        &run_args(&argv(&[
-            &"curvature",
-            &"--model",
-            &model,
-            &"--data",
-            &data,
-            &"--out",
-            &beside,
-        ])),
+        &run_args(&curvature_args(&model, &data, &beside)),
         "curvature beside an indexed model",
     );
 }

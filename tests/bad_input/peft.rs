@@ -166,15 +166,7 @@ fn lora_flags_must_agree_with_the_files() {
     let adapter = fixture("tiny-gqa/adapter");
     let curvature = |name: &str, flags: &[&str]| {
         let p = d.path().join(name);
-        let mut a = argv(&[
-            &"curvature",
-            &"--model",
-            &model,
-            &"--data",
-            &data,
-            &"--out",
-            &p,
-        ]);
+        let mut a = curvature_args(&model, &data, &p);
         a.extend(flags.iter().map(OsString::from));
         assert_runs(&run_args(&a), name);
         p

@@ -367,8 +367,11 @@ __device__ __forceinline__ float4 load4(const bf16* p) {
 template <typename T>
 __device__ __forceinline__ void bwd_delta(const T* __restrict__ dout, const float* __restrict__ out,
                                           float* __restrict__ delta, int rows, int tq, int n_heads, int hd) {
-    const int r = (blockIdx.x * blockDim.x + threadIdx.x) >> 5, lane = threadIdx.x & 31;
-    if (r >= rows) return;
+    // In 64 bits: the grid has rows / 8 blocks of 256 threads, whose thread count passes
+    // 2^32 from 2^27 rows.
+    const size_t warp = ((size_t)blockIdx.x * blockDim.x + threadIdx.x) >> 5;
+    if (warp >= (size_t)rows) return;
+    const int r = (int)warp, lane = threadIdx.x & 31;
     const T* a = dout + (size_t)r * hd;
     const float* b = out + (size_t)r * hd;
     float s = 0.f;

@@ -71,7 +71,9 @@ impl Gemm {
         }
     }
 
-    /// The checks cuBLAS makes before doing anything.
+    /// The checks cuBLAS makes before doing anything, and one it cannot make: every size
+    /// fits its 32-bit `int` parameters (the driver narrows them; one past `i32::MAX`
+    /// would reach cuBLAS as another, valid-looking number).
     pub fn validate(&self) -> Result<(), SimError> {
         let w = self.name();
         if self.m < 0 || self.n < 0 || self.k < 0 {
@@ -82,6 +84,21 @@ impl Gemm {
         }
         if self.batch < 0 {
             return Err(invalid(w, format!("batchCount {}", self.batch)));
+        }
+        let sizes = [
+            ("m", self.m),
+            ("n", self.n),
+            ("k", self.k),
+            ("lda", self.a.ld),
+            ("ldb", self.b.ld),
+            ("ldc", self.c.ld),
+            ("batchCount", self.batch),
+        ];
+        if let Some((name, v)) = sizes.iter().find(|(_, v)| *v > i32::MAX as i64) {
+            return Err(invalid(
+                w,
+                format!("{name}={v} does not fit cuBLAS's 32-bit int"),
+            ));
         }
         let rows_a = if self.ta == Trans::N { self.m } else { self.k };
         let rows_b = if self.tb == Trans::N { self.k } else { self.n };

@@ -253,6 +253,25 @@ fn gemm_validates_arguments_like_cublas() {
             "ldc 3 < max(1, 4)",
         ),
         (Gemm { m: -1, ..base }, "m=-1"),
+        // Sizes past cuBLAS's int are refused, not narrowed into another size.
+        (
+            Gemm { k: 1 << 32, ..base },
+            "k=4294967296 does not fit cuBLAS's 32-bit int",
+        ),
+        (
+            Gemm {
+                c: mat(q, DType::F32, 1 << 31, 0),
+                ..base
+            },
+            "ldc=2147483648 does not fit",
+        ),
+        (
+            Gemm {
+                batch: 1 << 31,
+                ..base
+            },
+            "batchCount=2147483648 does not fit",
+        ),
         (Gemm { batch: -1, ..base }, "batchCount -1"),
         (
             Gemm {

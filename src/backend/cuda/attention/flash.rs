@@ -84,7 +84,11 @@ pub fn unsupported(s: &AttnShape) -> Option<String> {
         ));
     }
     let int = i32::MAX as usize;
-    if s.tq * s.n_heads > int || s.tk + s.q_offset > int || s.batch > 65535 || s.n_kv_heads > 65535
+    if s.tq * s.n_heads > int
+        || s.rows_len() > int
+        || s.tk + s.q_offset > int
+        || s.batch > 65535
+        || s.n_kv_heads > 65535
     {
         return Some("attention shape exceeds the kernels' 32-bit row indices".into());
     }
@@ -315,9 +319,50 @@ impl CudaBackend {
 
 #[cfg(test)]
 mod tests {
-    use super::{VARIANTS, entry};
+    use super::{VARIANTS, entry, unsupported};
+    use crate::backend::AttnShape;
     use crate::backend::cuda::kernels::MODULES;
     use crate::backend::cuda::runtime::DType;
+
+    /// Shapes whose rows (batch x heads x queries) or keys pass the kernels' 32-bit
+    /// indices are refused (the backend then takes the materialised path), the largest
+    /// that fit are not.
+    #[test]
+    fn shapes_past_32_bit_rows_are_refused() {
+        // Llama-3.1-8B's heads at 16 x 8192 tokens: 2^22 rows.
+        let s = AttnShape {
+            batch: 16,
+            tq: 8192,
+            tk: 8192,
+            tk_stride: 8192,
+            n_heads: 32,
+            n_kv_heads: 8,
+            head_dim: 128,
+            q_offset: 0,
+        };
+        assert_eq!(unsupported(&s), None);
+        // 2^31 rows: each head's rows fit, their batch does not.
+        let wide = AttnShape {
+            batch: 1 << 13,
+            ..s
+        };
+        assert_eq!(wide.rows_len(), 1 << 31);
+        assert!(unsupported(&wide).is_some_and(|w| w.contains("32-bit")));
+        assert_eq!(
+            unsupported(&AttnShape {
+                batch: (1 << 13) - 1,
+                ..s
+            }),
+            None
+        );
+        let long = AttnShape {
+            tk: i32::MAX as usize,
+            q_offset: 1,
+            batch: 1,
+            ..s
+        };
+        assert!(unsupported(&long).is_some());
+    }
 
     /// Every flash entry the backend launches runs its products on tensor cores: its PTX
     /// body holds bf16 `mma.sync` and `ldmatrix`.

@@ -128,6 +128,26 @@ fn kfac_expand_with_cublas_grams_matches_curvlinops() {
     });
 }
 
+/// The four factors of module `p` against the fixture's `{prefix}_in.{p}.lora_A`
+/// (`C_A`), `{prefix}_out.{p}.lora_A` (`G_A`), and likewise `lora_B` (`C_B`, `G_B`).
+fn check_factors<B: Backend>(
+    on: &On<B>,
+    p: &str,
+    f: &KfacFactors,
+    prefix: &str,
+    want: &TensorFile,
+) {
+    for (got, side, t) in [
+        (&f.a_in, "in", "A"),
+        (&f.a_out, "out", "A"),
+        (&f.b_in, "in", "B"),
+        (&f.b_out, "out", "B"),
+    ] {
+        let name = format!("{prefix}_{side}.{p}.lora_{t}");
+        check(on, &name, got, want.get(&name));
+    }
+}
+
 fn kfac_expand<B: Backend>(on: &On<B>) {
     let t = tiny();
     let c = run(
@@ -139,31 +159,7 @@ fn kfac_expand<B: Backend>(on: &On<B>) {
         &t.examples,
     );
     for (m, f) in c.mean.modules.iter().zip(factors(&c)) {
-        let p = m.peft_path();
-        check(
-            on,
-            &format!("{p} A in"),
-            &f.a_in,
-            t.expected.get(&format!("kfac_in.{p}.lora_A")),
-        );
-        check(
-            on,
-            &format!("{p} A out"),
-            &f.a_out,
-            t.expected.get(&format!("kfac_out.{p}.lora_A")),
-        );
-        check(
-            on,
-            &format!("{p} B in"),
-            &f.b_in,
-            t.expected.get(&format!("kfac_in.{p}.lora_B")),
-        );
-        check(
-            on,
-            &format!("{p} B out"),
-            &f.b_out,
-            t.expected.get(&format!("kfac_out.{p}.lora_B")),
-        );
+        check_factors(on, &m.peft_path(), f, "kfac", &t.expected);
         assert!(f.cross.is_none());
     }
 }
@@ -185,31 +181,7 @@ fn kfac_reduce_and_tri<B: Backend>(on: &On<B>) {
         &t.examples,
     );
     for (m, f) in c.mean.modules.iter().zip(factors(&c)) {
-        let p = m.peft_path();
-        check(
-            on,
-            &format!("{p} reduce A in"),
-            &f.a_in,
-            extra.get(&format!("kfac_reduce_in.{p}.lora_A")),
-        );
-        check(
-            on,
-            &format!("{p} reduce A out"),
-            &f.a_out,
-            extra.get(&format!("kfac_reduce_out.{p}.lora_A")),
-        );
-        check(
-            on,
-            &format!("{p} reduce B in"),
-            &f.b_in,
-            extra.get(&format!("kfac_reduce_in.{p}.lora_B")),
-        );
-        check(
-            on,
-            &format!("{p} reduce B out"),
-            &f.b_out,
-            extra.get(&format!("kfac_reduce_out.{p}.lora_B")),
-        );
+        check_factors(on, &m.peft_path(), f, "kfac_reduce", &extra);
     }
     let c = run(
         on,

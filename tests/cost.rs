@@ -317,14 +317,8 @@ fn training_flops_equal_the_counted_products() {
                 ..TrainConfig::default()
             };
             let opts = SessionOptions {
-                out: None,
-                checkpoint_every: 0,
-                resume: false,
                 quiet: true,
-                base_model: String::new(),
-                stop_after: None,
-                curvature_path: None,
-                notices: Vec::new(),
+                ..SessionOptions::default()
             };
             let penalty = curv
                 .as_ref()

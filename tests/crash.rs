@@ -88,8 +88,7 @@ fn opts(out: &Path, stop: Option<usize>, resume: bool) -> SessionOptions {
         quiet: true,
         base_model: "tiny".into(),
         stop_after: stop,
-        curvature_path: None,
-        notices: Vec::new(),
+        ..SessionOptions::default()
     }
 }
 

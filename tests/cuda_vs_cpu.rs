@@ -1364,14 +1364,8 @@ fn pass_and_step_match_cpu(g: &CudaBackend) -> u64 {
         ..TrainConfig::default()
     };
     let opts = SessionOptions {
-        out: None,
-        checkpoint_every: 0,
-        resume: false,
         quiet: true,
-        base_model: String::new(),
-        stop_after: None,
-        curvature_path: None,
-        notices: Vec::new(),
+        ..SessionOptions::default()
     };
     let rc = session::run(&c, &cpu_model, &t.examples, &cfg, None, &t.adapter, &opts).unwrap();
     let before = g.stats();

@@ -281,8 +281,7 @@ fn opts(out: Option<std::path::PathBuf>, stop: Option<usize>, resume: bool) -> S
         quiet: true,
         base_model: "tiny".into(),
         stop_after: stop,
-        curvature_path: None,
-        notices: Vec::new(),
+        ..SessionOptions::default()
     }
 }
 

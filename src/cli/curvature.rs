@@ -250,14 +250,8 @@ impl Stage1 {
         let theta = match &self.warmup {
             Some((warm, cfg)) => {
                 let opts = SessionOptions {
-                    out: None,
-                    checkpoint_every: 0,
-                    resume: false,
                     quiet,
-                    base_model: String::new(),
-                    stop_after: None,
-                    curvature_path: None,
-                    notices: Vec::new(),
+                    ..SessionOptions::default()
                 };
                 warmed = session::run(be, model, warm, cfg, None, init, &opts)?.lora;
                 &warmed

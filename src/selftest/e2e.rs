@@ -201,14 +201,8 @@ fn training<D: Backend, R: Backend>(
         ("kfac-tri penalty", Some(&p.kfac_tri), 30.0),
     ];
     let opts = SessionOptions {
-        out: None,
-        checkpoint_every: 0,
-        resume: false,
         quiet: true,
-        base_model: String::new(),
-        stop_after: None,
-        curvature_path: None,
-        notices: Vec::new(),
+        ..SessionOptions::default()
     };
     for (what, curvature, lambda) in runs {
         let kernel = format!("e2e.train {what}");

@@ -544,13 +544,9 @@ fn train_lambdas<B: Backend>(
         };
         let opts = SessionOptions {
             out: Some(runs.join(run_dir(lambda))),
-            checkpoint_every: 0,
-            resume: false,
             quiet: spec.quiet,
             base_model: spec.base_model.clone(),
-            stop_after: None,
-            curvature_path: None,
-            notices: Vec::new(),
+            ..SessionOptions::default()
         };
         let meter = Meter::start("train", be);
         let res = session::run(be, model, spec.train_data, &cfg, penalty, shape.init, &opts)?;

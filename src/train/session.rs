@@ -16,6 +16,9 @@ use crate::error::{Error, Result};
 use crate::model::{HostLora, Llama};
 use crate::progress;
 
+/// How a training run is kept. `Default`: in memory only (no output directory, no
+/// checkpoints), progress shown; the curvature warm-up, the selftest and tests run so.
+#[derive(Default)]
 pub struct SessionOptions {
     /// Adapter, checkpoints and metrics go here; `None` keeps everything in memory.
     pub out: Option<PathBuf>,

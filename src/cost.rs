@@ -9,9 +9,11 @@
 //! `pairs = b T (T + 1) / 2` the causal (query, key) pairs of a sequence batch:
 //! - forward body: `2 m P` (base projections) `+ 2 m R` (LoRA: `u = A x`, `B u`)
 //!   `+ 4 L h hd pairs` (scores `q.k` and values `p v`, `2 hd` each per visible pair);
-//! - LM head: `2 m d V` per product over the vocabulary: one for a loss (evaluation), two
-//!   for a loss and its gradient (training, empirical Fisher), four with Monte-Carlo labels
-//!   (the extra sweeps for the normaliser and the draw; `Backend::classifier`);
+//! - LM head: `2 t d V` per product over the vocabulary, `t` the batch's labelled rows
+//!   (the positions with a next-token target; the classifier skips the others): one for
+//!   a loss (evaluation), two for a loss and its gradient (training, empirical Fisher),
+//!   four with Monte-Carlo labels (the extra sweeps for the normaliser and the draw;
+//!   `Backend::classifier`);
 //! - backward body to the activations (the base weights are frozen: no weight gradients):
 //!   `2 m P + 2 m R + 8 L h hd pairs` (`dx = dy W`; LoRA `gA = s g B`, `dx += gA A`;
 //!   attention `dV`, `dP`, `dQ`, `dK`), plus `2 m R` for the LoRA weight gradients
@@ -248,8 +250,10 @@ impl Flops {
         2 * m * self.proj_params + lora * m * self.lora_r() + 8 * self.attn(b)
     }
 
+    /// The head's products run over the batch's labelled rows only: the classifier
+    /// skips the others (`Backend::classifier`).
     fn head(&self, b: &Batch, products: u64) -> u64 {
-        2 * Self::rows(b) * self.hidden * self.vocab * products
+        2 * b.n_targets as u64 * self.hidden * self.vocab * products
     }
 
     /// One evaluation batch (losses only).

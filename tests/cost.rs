@@ -54,8 +54,9 @@ impl<B: Backend> Backend for Count<'_, B> {
     type Buf = B::Buf;
     type Weight = B::Weight;
 
-    /// The head products as `Backend::classifier` documents them: one for the losses, one
-    /// more for the gradient, two more to draw Monte-Carlo labels.
+    /// The head products as `Backend::classifier` documents them, over the rows with a
+    /// target (the others are skipped): one for the losses, one more for the gradient, two
+    /// more to draw Monte-Carlo labels.
     fn classifier(
         &self,
         hidden: &B::Buf,
@@ -66,9 +67,14 @@ impl<B: Backend> Backend for Count<'_, B> {
         targets: CeTargets<'_>,
         grad_scale: Option<f32>,
     ) -> Result<ClassifierOut<B::Buf>> {
-        let sampled = matches!(targets, CeTargets::Sample { .. });
+        let (sampled, tg) = match targets {
+            CeTargets::Labels(t) => (false, t),
+            CeTargets::Sample { mask, .. } => (true, mask),
+        };
+        let active = tg.iter().filter(|&&t| t >= 0).count();
+        assert!(active < rows, "the batches have rows without a target");
         let products = 1 + usize::from(grad_scale.is_some()) + 2 * usize::from(sampled);
-        self.add(2 * rows * dim * vocab * products);
+        self.add(2 * active * dim * vocab * products);
         self.inner
             .classifier(hidden, head, rows, dim, vocab, targets, grad_scale)
     }

@@ -424,6 +424,8 @@ pub trait Backend: Send + Sync {
     /// whose rounding of `p_t ~ 1` would swamp `p_t - 1`). Two head products, as the
     /// materialised path; sampled labels need the final max and sum first, so
     /// `CeTargets::Sample` adds a sweep for them and one that inverts the CDF (four).
+    /// The products run over the rows with a target only (ignored rows get loss 0 and a
+    /// zero gradient without entering them), as the cost report counts them.
     /// Memory: the `rows x chunk` logits (and gradient-product input), `rows x dim`.
     #[allow(clippy::too_many_arguments)]
     fn classifier(

@@ -197,6 +197,9 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
         Command::Demo(a) => {
             common(&a.common)?;
             data(&a.batching)?;
+            if a.batching.max_len > 256 {
+                refuse("--max-len", a.batching.max_len, "at most 256 in the demo")?;
+            }
             lora(&a.lora, false)?;
             at_least("--steps", a.steps, 1)?;
             crate::sweep::parse_lambdas(&a.lambdas)?;

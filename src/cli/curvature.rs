@@ -70,7 +70,7 @@ pub struct EstimateArgs {
     /// Label samples per position for --fisher mc.
     #[arg(long, default_value_t = 1)]
     pub mc_samples: usize,
-    /// KFAC approximation for sequences: expand or reduce.
+    /// KFAC approximation for sequences (kfac and kfac-tri only): expand or reduce.
     #[arg(long, default_value = "expand")]
     pub kfac_approx: KfacApprox,
     /// Train this many steps on --warmup-data first (from --adapter, or a fresh init) and

@@ -27,6 +27,9 @@ use crate::train::{Schedule, TrainConfig};
 const MODEL_FILE: &str = "SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[derive(Args)]
+#[command(mut_arg("max_len", |a| a
+    .default_value("256")
+    .help("Sequences are cut to this many tokens (at most 256: the demo's runs are sized for it)")))]
 pub struct DemoArgs {
     /// Where the default model and data are (fetched there if missing).
     #[arg(long, env = "ASSETS_DIR")]
@@ -46,7 +49,7 @@ pub struct DemoArgs {
     /// Curvature scheme: diag, kfac or kfac-tri.
     #[arg(long, default_value = "diag")]
     pub scheme: Scheme,
-    /// Prior precision delta.
+    /// Prior precision delta added to F/N.
     #[arg(long, default_value_t = 1e-6)]
     pub delta: f32,
     /// QuAC passages for the curvature.
@@ -216,10 +219,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
     ensure_assets(&assets, quiet)?;
     let m: LoadedModel = model::load(&assets.join(MODEL_FILE), None)?;
     let data = assets.join("data");
-    let batching = DataArgs {
-        max_len: a.batching.max_len.min(256),
-        ..a.batching.clone()
-    };
+    let batching = a.batching.clone();
     let quac = data.join("source-curvature.jsonl");
     let mut curvature_data = load_data(&quac, &m, &batching)?;
     curvature_data.truncate(a.curvature_sequences);

@@ -88,7 +88,8 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         max_new_tokens: a.max_new_tokens,
         seed: a.common.seed,
     };
-    let quiet = a.common.quiet || a.common.json;
+    // --json owns stdout only: the device line stays on stderr unless --quiet.
+    let quiet = a.common.quiet;
     let completion = run_on(
         a.common.placement(quiet),
         GenTask {

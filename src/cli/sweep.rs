@@ -77,7 +77,7 @@ pub struct SweepArgs {
     /// Comma-separated lambdas (default: 0,1,3,10,30,100,1e3,1e4,1e5).
     #[arg(long)]
     pub lambdas: Option<String>,
-    /// Prior precision delta.
+    /// Prior precision delta added to F/N.
     #[arg(long, default_value_t = 1e-6)]
     pub delta: f32,
     /// Held-out target JSONL: learning is the drop of its NLL.

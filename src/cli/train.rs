@@ -74,7 +74,8 @@ pub struct TrainArgs {
     /// JSONL training data (target domain).
     #[arg(long)]
     pub data: PathBuf,
-    /// Output directory: PEFT adapter and metrics.jsonl (at the end), train.log, checkpoint/.
+    /// Output directory: PEFT adapter, metrics.jsonl and cost.json (at the end), train.log,
+    /// checkpoint/.
     #[arg(long)]
     pub out: PathBuf,
     /// Curvature file from `curvature`: training starts at its theta* and is penalised.

@@ -173,6 +173,20 @@ fn sampling_and_sweep_flags() {
         !out.exists(),
         "sweep with a repeated lambda wrote its output"
     );
+    // The demo's runs are sized for sequences of 256 tokens: a longer --max-len is
+    // refused (it was cut to 256 without a word), before the assets are looked for.
+    let missing = d.path().join("no-assets");
+    assert_clean_error(
+        &run_args(&argv(&[
+            &"demo",
+            &"--max-len",
+            &"300",
+            &"--assets",
+            &missing,
+        ])),
+        "--max-len 300: must be at most 256 in the demo",
+        "demo --max-len 300",
+    );
 }
 
 #[test]

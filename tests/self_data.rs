@@ -172,6 +172,18 @@ fn self_generated_source_refuses_bad_requests() {
         ]),
         "--self-prompts goes with --data self:N",
     );
+    // So does --self-tokens (it was ignored without a word).
+    refused(
+        curvature(&[
+            "--data",
+            batch.to_str().unwrap(),
+            "--self-tokens",
+            "12",
+            "--out",
+            out,
+        ]),
+        "--self-tokens goes with --data self:N",
+    );
     assert!(!Path::new(out).exists());
     assert!(!d.path().join("c.self.jsonl").exists());
 }

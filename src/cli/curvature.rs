@@ -58,9 +58,9 @@ pub struct EstimateArgs {
     #[arg(long)]
     pub self_prompts: Option<PathBuf>,
     /// With `self:N` data (or `sweep --study data`): tokens sampled per sequence (fewer
-    /// where the model says EOS).
-    #[arg(long, default_value_t = 128)]
-    pub self_tokens: usize,
+    /// where the model says EOS) [default: 128].
+    #[arg(long)]
+    pub self_tokens: Option<usize>,
     /// diag, kfac or kfac-tri.
     #[arg(long, default_value = "diag")]
     pub scheme: Scheme,
@@ -86,6 +86,11 @@ pub struct EstimateArgs {
 }
 
 impl EstimateArgs {
+    /// `--self-tokens`, or its default.
+    pub fn self_tokens(&self) -> usize {
+        self.self_tokens.unwrap_or(128)
+    }
+
     /// The Fisher `--fisher` and `--mc-samples` name (checked before any file is read, and
     /// read again where stage I is planned).
     pub fn fisher(&self) -> Result<Fisher> {
@@ -187,10 +192,13 @@ impl Stage1 {
         let (source, data_desc) = match self_data::parse(data)? {
             Some(n) => self_generated(e, n, out, m, batching, seed)?,
             None => {
-                if e.self_prompts.is_some() {
-                    return Err(Error::usage(format!(
-                        "--self-prompts goes with {flag} self:N"
-                    )));
+                for (given, what) in [
+                    (e.self_prompts.is_some(), "--self-prompts"),
+                    (e.self_tokens.is_some(), "--self-tokens"),
+                ] {
+                    if given {
+                        return Err(Error::usage(format!("{what} goes with {flag} self:N")));
+                    }
                 }
                 let examples = load_data(data, m, batching)?;
                 require_targets(data, &examples)?;
@@ -292,7 +300,8 @@ fn self_generated(
     batching: &DataArgs,
     seed: u64,
 ) -> Result<(Source, String)> {
-    if e.self_tokens == 0 {
+    let self_tokens = e.self_tokens();
+    if self_tokens == 0 {
         return Err(Error::usage("--self-tokens 0: must be at least 1"));
     }
     check_replaceable(&self_data::jsonl_path(out))?;
@@ -300,15 +309,15 @@ fn self_generated(
     let (starts, from) = self_data::starts(e.self_prompts.as_deref(), tok, m.cfg.bos_token_id)?;
     let positions = m.cfg.max_position_embeddings;
     let longest = starts.iter().map(Vec::len).max().unwrap_or(0);
-    if longest.saturating_add(e.self_tokens) > positions {
+    if longest.saturating_add(self_tokens) > positions {
         return Err(Error::usage(format!(
             "--self-tokens {}: a {longest}-token start plus the sampled tokens exceeds the model's {positions} positions (max_position_embeddings)",
-            e.self_tokens
+            self_tokens
         )));
     }
     let spec = SelfData {
         n,
-        new_tokens: e.self_tokens,
+        new_tokens: self_tokens,
         seed,
         starts,
         start_desc: from,

@@ -302,7 +302,7 @@ pub fn run(a: DemoArgs) -> Result<()> {
         // As many self-generated sequences as QuAC passages, as long as they may be.
         let sampling = EstimateArgs {
             self_prompts: None,
-            self_tokens: batching.max_len,
+            self_tokens: Some(batching.max_len),
             scheme: a.scheme,
             fisher: Fisher::Empirical.to_string(),
             mc_samples: 1,

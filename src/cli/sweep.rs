@@ -273,9 +273,7 @@ fn data_study(
     let n = match &data.0 {
         Source::File(examples) => examples.len(),
         Source::SelfGenerated { .. } => {
-            return Err(Error::usage(
-                "--study data samples its own self-generated set: give --curvature-data a file",
-            ));
+            unreachable!("run() refuses --study data with --curvature-data self:N")
         }
     };
     let self_generated = study::plan_self(
@@ -334,10 +332,19 @@ pub fn run(a: SweepArgs) -> Result<()> {
     };
     let has_curvature = curvature.is_some() || a.curvature_data.is_some();
     sweep::require_curvature(&lambdas, has_curvature)?;
-    // In a data study the sampling flags are for its self-generated set.
+    // In a data study the sampling flags are for its self-generated set, and the source
+    // data come from a file.
     let mut on_data = a.estimate.clone();
     if a.study == Some(Study::Data) {
+        if let Some(d) = &a.curvature_data
+            && crate::curvature::self_data::parse(d)?.is_some()
+        {
+            return Err(Error::usage(
+                "--study data samples its own self-generated set: give --curvature-data a file",
+            ));
+        }
         on_data.self_prompts = None;
+        on_data.self_tokens = None;
     }
     let estimate = match &a.curvature_data {
         Some(d) => Some(Stage1::plan(

@@ -475,6 +475,36 @@ fn train_and_curvature_commands_report_their_cost() {
     assert_eq!(cost["stage"], "curvature");
     assert_eq!(cost["tokens"], j["n_positions"]);
     assert!(cost["flops"].as_u64().unwrap() > 0);
+    // The estimator in full, as the file's metadata has it.
+    assert_eq!(
+        (&j["scheme"], &j["fisher"], &j["approx"], &j["mc_samples"]),
+        (
+            &"kfac".into(),
+            &"empirical".into(),
+            &"expand".into(),
+            &serde_json::Value::Null
+        )
+    );
+    let j = run(&[
+        "curvature",
+        "--fisher",
+        "mc",
+        "--mc-samples",
+        "2",
+        "--rank",
+        "4",
+        "--out",
+        c.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        (&j["scheme"], &j["fisher"], &j["approx"], &j["mc_samples"]),
+        (
+            &"diag".into(),
+            &"mc".into(),
+            &serde_json::Value::Null,
+            &2.into()
+        )
+    );
 }
 
 /// `sweep` records each run's training and evaluation cost in results.json and the cost

@@ -401,6 +401,11 @@ pub fn run(a: CurvatureArgs) -> Result<()> {
     if a.common.json {
         print_json(&json!({
             "out": a.out, "scheme": c.meta.scheme.to_string(), "fisher": c.meta.fisher.to_string(),
+            "mc_samples": match c.meta.fisher {
+                Fisher::Mc(k) => Some(k),
+                Fisher::Empirical => None,
+            },
+            "approx": (c.meta.scheme != Scheme::Diag).then(|| c.meta.approx.to_string()),
             "n_sequences": c.meta.n_sequences, "n_positions": c.meta.n_positions, "data": c.meta.data,
             "summary": summary, "cost": [cost],
         }));

@@ -79,7 +79,8 @@ impl BackendTask for EvalTask {
                 set.len().div_ceil(self.batch_size) as u64,
                 "eval",
                 self.quiet,
-            );
+            )
+            .unit("batches");
             nll.push(
                 mean_nll(be, &model, lora.as_ref(), set, self.batch_size, || {
                     pb.inc(1)
@@ -99,7 +100,7 @@ impl BackendTask for EvalTask {
         if !self.qa.is_empty() || !self.choices.is_empty() {
             let tok = self.model.tokenizer()?;
             for rows in &self.qa {
-                let pb = progress::bar(rows.len() as u64, "generate", self.quiet);
+                let pb = progress::bar(rows.len() as u64, "generate", self.quiet).unit("answers");
                 em.push(exact_match(
                     be,
                     &model,

@@ -403,41 +403,17 @@ fn resumed_run_is_bit_identical() {
     let pc = penalty(&be, &c);
     let d = tempfile::tempdir().unwrap();
     let (a, b) = (d.path().join("straight"), d.path().join("resumed"));
-    let straight = session::run(
-        &be,
-        &model,
-        &t.examples,
-        &cfg(10.0),
-        Some(&pc),
-        &c.mean,
-        &opts(Some(a.clone()), None, false),
-    )
-    .unwrap();
-    let first = session::run(
-        &be,
-        &model,
-        &t.examples,
-        &cfg(10.0),
-        Some(&pc),
-        &c.mean,
-        &opts(Some(b.clone()), Some(3), false),
-    )
-    .unwrap();
+    let run = |o: &SessionOptions| {
+        session::run(&be, &model, &t.examples, &cfg(10.0), Some(&pc), &c.mean, o).unwrap()
+    };
+    let straight = run(&opts(Some(a.clone()), None, false));
+    let first = run(&opts(Some(b.clone()), Some(3), false));
     assert_eq!(first.metrics.len(), 3);
     assert!(
         !b.join("adapter_model.safetensors").exists(),
         "no final adapter before the end"
     );
-    let resumed = session::run(
-        &be,
-        &model,
-        &t.examples,
-        &cfg(10.0),
-        Some(&pc),
-        &c.mean,
-        &opts(Some(b.clone()), None, true),
-    )
-    .unwrap();
+    let resumed = run(&opts(Some(b.clone()), None, true));
     assert_eq!(resumed.metrics.first().map(|m| m.step), Some(4));
     assert_eq!(straight.lora.named_tensors(), resumed.lora.named_tensors());
     for f in [

@@ -77,21 +77,7 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
     let (model, target) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
     let source = fixture("tiny-gqa/mc_batch.jsonl");
     let curv = dir.path().join("c.safetensors");
-    let o = bin()
-        .args([
-            "curvature",
-            "--device",
-            "cpu",
-            "--scheme",
-            "diag",
-            "--quiet",
-        ])
-        .arg("--model")
-        .arg(&model)
-        .arg("--data")
-        .arg(&target)
-        .arg("--out")
-        .arg(&curv)
+    let o = tiny_curvature(&curv, &["--scheme", "diag", "--quiet"])
         .output()
         .unwrap();
     ok(&o, "curvature");
@@ -228,26 +214,25 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
     }
 }
 
-/// `curvature` on the tiny GQA fixture (r 4, kfac, CPU) writing `out`.
-fn tiny_kfac_curvature(out: &std::path::Path) -> std::process::Command {
+/// `curvature` on the CPU on the tiny GQA fixture (its batch as the data) with `flags`,
+/// writing `out`.
+fn tiny_curvature(out: &Path, flags: &[&str]) -> std::process::Command {
     let f = fixture("tiny-gqa");
     let mut c = bin();
-    c.args([
-        "curvature",
-        "--device",
-        "cpu",
-        "--rank",
-        "4",
-        "--scheme",
-        "kfac",
-    ])
-    .arg("--model")
-    .arg(f.join("model"))
-    .arg("--data")
-    .arg(f.join("batch.jsonl"))
-    .arg("--out")
-    .arg(out);
+    c.args(["curvature", "--device", "cpu"])
+        .args(flags)
+        .arg("--model")
+        .arg(f.join("model"))
+        .arg("--data")
+        .arg(f.join("batch.jsonl"))
+        .arg("--out")
+        .arg(out);
     c
+}
+
+/// `curvature` on the tiny GQA fixture (r 4, kfac, CPU) writing `out`.
+fn tiny_kfac_curvature(out: &Path) -> std::process::Command {
+    tiny_curvature(out, &["--rank", "4", "--scheme", "kfac"])
 }
 
 /// After its batches `curvature` reads the estimate out and writes the file, which takes
@@ -648,15 +633,7 @@ fn a_sweep_over_an_earlier_one_names_the_runs_it_leaves() {
     let dir = tempfile::tempdir().unwrap();
     let (model, data) = (fixture("tiny-gqa/model"), fixture("tiny-gqa/batch.jsonl"));
     let curv = dir.path().join("c.safetensors");
-    let o = bin()
-        .args(["curvature", "--device", "cpu", "--quiet", "--model"])
-        .arg(&model)
-        .arg("--data")
-        .arg(&data)
-        .arg("--out")
-        .arg(&curv)
-        .output()
-        .unwrap();
+    let o = tiny_curvature(&curv, &["--quiet"]).output().unwrap();
     ok(&o, "curvature");
     let out = dir.path().join("sweep");
     let sweep = |lambdas: &str| {

@@ -20,15 +20,37 @@ pub struct ModuleSummary {
     pub max: f64,
     /// Share of exactly-zero entries over both blocks.
     pub zero_share: f64,
+    /// Entries of the two blocks (`|A| + |B|` for diag, `n_A^2 + n_B^2` with
+    /// `n_A = r d_in`, `n_B = d_out r` for kfac): `zero_share`'s weight in its layer's.
+    pub entries: usize,
     /// kfac-tri: smallest and largest eigenvalue of
     /// `[[C_A(x)G_A, C_AB(x)G_AB], [., C_B(x)G_B]]`.
     pub min_eigenvalue: Option<f64>,
     pub max_eigenvalue: Option<f64>,
 }
 
+/// One transformer layer: its modules together (a row of the printed table).
+#[derive(Debug, Clone, Serialize)]
+pub struct LayerSummary {
+    /// The layer's index, as in `layers.{i}`.
+    pub layer: String,
+    /// The modules' traces summed.
+    pub trace_a: f64,
+    pub trace_b: f64,
+    /// The largest module's `max`.
+    pub max: f64,
+    /// Share of exactly-zero entries over all the layer's blocks (each module weighted by
+    /// its `entries`, not a mean of the modules' shares).
+    pub zero_share: f64,
+    /// kfac-tri: the smallest `min_eigenvalue / |max_eigenvalue|` of its modules.
+    pub min_max_eig: Option<f64>,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Summary {
     pub modules: Vec<ModuleSummary>,
+    /// The modules grouped by layer, in order.
+    pub layers: Vec<LayerSummary>,
     /// Every A entry is zero: the gradient w.r.t. A vanishes because B = 0.
     pub a_is_zero: bool,
     pub notes: Vec<String>,
@@ -121,6 +143,7 @@ pub fn summarize(c: &Curvature) -> Summary {
                 trace_b: tb,
                 max: ma.max(mb),
                 zero_share: (za + zb) as f64 / n as f64,
+                entries: n,
                 min_eigenvalue: None,
                 max_eigenvalue: None,
             }
@@ -137,6 +160,7 @@ pub fn summarize(c: &Curvature) -> Summary {
                 trace_b: tb,
                 max: ma.max(mb),
                 zero_share: (za * na * na + zb * nb * nb) / (na * na + nb * nb),
+                entries: (r * m.d_in).pow(2) + (r * m.d_out).pow(2),
                 min_eigenvalue: eig.map(|e| e.0),
                 max_eigenvalue: eig.map(|e| e.1),
             }
@@ -174,44 +198,67 @@ pub fn summarize(c: &Curvature) -> Summary {
         });
     }
     Summary {
+        layers: layers(&modules),
         modules,
         a_is_zero: a_zero,
         notes,
     }
 }
 
+/// The modules' rows grouped by layer (consecutive modules of the same `layers.{i}`).
+fn layers(modules: &[ModuleSummary]) -> Vec<LayerSummary> {
+    let mut groups: Vec<(String, Vec<&ModuleSummary>)> = Vec::new();
+    for m in modules {
+        let layer = m.module.split('.').nth(1).unwrap_or("?").to_string();
+        match groups.last_mut() {
+            Some((l, v)) if *l == layer => v.push(m),
+            _ => groups.push((layer, vec![m])),
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(layer, ms)| {
+            let entries: usize = ms.iter().map(|m| m.entries).sum();
+            LayerSummary {
+                layer,
+                trace_a: ms.iter().map(|m| m.trace_a).sum(),
+                trace_b: ms.iter().map(|m| m.trace_b).sum(),
+                max: ms.iter().map(|m| m.max).fold(0.0, f64::max),
+                zero_share: ms
+                    .iter()
+                    .map(|m| m.zero_share * m.entries as f64)
+                    .sum::<f64>()
+                    / entries.max(1) as f64,
+                min_max_eig: ms
+                    .iter()
+                    .filter_map(|m| {
+                        Some(m.min_eigenvalue? / m.max_eigenvalue?.abs().max(f64::MIN_POSITIVE))
+                    })
+                    .reduce(f64::min),
+            }
+        })
+        .collect()
+}
+
 impl Summary {
-    /// One line per layer (its modules summed), then the notes.
+    /// One line per layer (`layers`), then the notes.
     pub fn print(&self) {
         println!(
             "{:<6} {:>14} {:>14} {:>12} {:>8} {:>14}",
             "layer", "trace A", "trace B", "max", "zeros", "min/max eig"
         );
-        let mut layers: Vec<(String, Vec<&ModuleSummary>)> = Vec::new();
-        for m in &self.modules {
-            let layer = m.module.split('.').nth(1).unwrap_or("?").to_string();
-            match layers.last_mut() {
-                Some((l, v)) if *l == layer => v.push(m),
-                _ => layers.push((layer, vec![m])),
-            }
-        }
-        for (l, ms) in layers {
-            let ta: f64 = ms.iter().map(|m| m.trace_a).sum();
-            let tb: f64 = ms.iter().map(|m| m.trace_b).sum();
-            let max = ms.iter().map(|m| m.max).fold(0.0, f64::max);
-            let zeros = ms.iter().map(|m| m.zero_share).sum::<f64>() / ms.len() as f64;
-            let eig = ms
-                .iter()
-                .filter_map(|m| {
-                    Some(m.min_eigenvalue? / m.max_eigenvalue?.abs().max(f64::MIN_POSITIVE))
-                })
-                .reduce(f64::min);
-            let eig = eig
+        for l in &self.layers {
+            let eig = l
+                .min_max_eig
                 .map(|e| format!("{e:.3e}"))
                 .unwrap_or_else(|| "-".into());
             println!(
-                "{l:<6} {ta:>14.4e} {tb:>14.4e} {max:>12.4e} {:>7.1}% {eig:>14}",
-                100.0 * zeros
+                "{:<6} {:>14.4e} {:>14.4e} {:>12.4e} {:>7.1}% {eig:>14}",
+                l.layer,
+                l.trace_a,
+                l.trace_b,
+                l.max,
+                100.0 * l.zero_share
             );
         }
         for n in &self.notes {

@@ -190,6 +190,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
             &s,
             &seeds,
             &stop,
+            |_| false,
             |i| finished.push(i),
         )
         .unwrap();
@@ -210,6 +211,57 @@ fn batched_generation_equals_one_prompt_at_a_time() {
             "T {temperature}: rows should stop at different steps: {lengths:?}"
         );
     }
+}
+
+/// `ended` ends a row once it holds for what the row has generated (the token that made it
+/// hold is kept, unlike a stop token): each row is its free continuation cut after the first
+/// occurrence of the token the condition looks for, and rows without it run to the limit.
+#[test]
+fn a_row_ends_once_its_output_says_so() {
+    let t = tiny();
+    let be = cpu();
+    let model = tiny_model(&be);
+    let prompts: Vec<Vec<u32>> = (0..4)
+        .map(|i| t.examples[i].ids[..4 + 2 * i].to_vec())
+        .collect();
+    let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
+    let s = Sampling {
+        temperature: 1.0,
+        top_p: 0.9,
+        max_new_tokens: 10,
+        seed: 0,
+    };
+    let seeds = [5u64, 6, 7, 8];
+    let free: Vec<Vec<u32>> = prompts
+        .iter()
+        .zip(seeds)
+        .map(|(p, seed)| {
+            let alone = Sampling { seed, ..s };
+            generate(&be, &model, Some(&t.adapter), p, &alone, &[]).unwrap()
+        })
+        .collect();
+    let marker = free[0][1];
+    let ended = |out: &[u32]| out.last() == Some(&marker);
+    let cut = generate_batch(
+        &be,
+        &model,
+        Some(&t.adapter),
+        &refs,
+        &s,
+        &seeds,
+        &[],
+        ended,
+        |_| (),
+    )
+    .unwrap();
+    for (i, (got, all)) in cut.iter().zip(&free).enumerate() {
+        let end = all
+            .iter()
+            .position(|&x| x == marker)
+            .map_or(all.len(), |p| p + 1);
+        assert_eq!(got[..], all[..end], "prompt {i}");
+    }
+    assert_eq!(cut[0].len(), 2, "the first row ends at its second token");
 }
 
 #[test]

@@ -130,7 +130,17 @@ pub fn sample<B: Backend>(
             .map(|i| spec.starts[i % spec.starts.len()].as_slice())
             .collect();
         let seeds: Vec<u64> = chunk.map(|i| sequence_seed(spec.seed, i)).collect();
-        let news = generate_batch(be, model, None, &starts, &sampling, &seeds, eos, |_| done())?;
+        let news = generate_batch(
+            be,
+            model,
+            None,
+            &starts,
+            &sampling,
+            &seeds,
+            eos,
+            |_| false,
+            |_| done(),
+        )?;
         for (start, mut new) in starts.into_iter().zip(news) {
             // `generate` drops the stop token; a sequence that ended early ended on EOS.
             if new.len() < spec.new_tokens

@@ -30,11 +30,19 @@ impl Default for Sampling {
 
 /// Pick the next token from one row of logits.
 pub fn pick(logits: &[f32], s: &Sampling, rng: &mut ChaCha8Rng) -> u32 {
+    // The first maximum, as `torch.argmax` (HF's greedy search) takes it; `max_by` would
+    // take the last.
     let argmax = || {
         logits
             .iter()
             .enumerate()
-            .max_by(|a, b| a.1.total_cmp(b.1))
+            .reduce(|best, z| {
+                if z.1.total_cmp(best.1).is_gt() {
+                    z
+                } else {
+                    best
+                }
+            })
             .map(|(i, _)| i as u32)
             .unwrap_or(0)
     };
@@ -78,7 +86,17 @@ pub fn generate<B: Backend>(
     s: &Sampling,
     stop: &[u32],
 ) -> Result<Vec<u32>> {
-    let mut out = generate_batch(be, model, lora, &[prompt], s, &[s.seed], stop, |_| ())?;
+    let mut out = generate_batch(
+        be,
+        model,
+        lora,
+        &[prompt],
+        s,
+        &[s.seed],
+        stop,
+        |_| false,
+        |_| (),
+    )?;
     Ok(out.pop().unwrap_or_default())
 }
 
@@ -90,7 +108,8 @@ pub const GENERATION_BATCH: usize = 32;
 /// Continue every prompt as [`generate`] does, prompt `i` sampling with its own generator
 /// seeded `seeds[i]`. The prompts run together (one forward over all their prompt tokens,
 /// then one per new token over the unfinished rows), so the weights are read once per step
-/// for all rows rather than once per row; `done(i)` is called as row `i` finishes.
+/// for all rows rather than once per row. A row also ends once `ended` holds for what it
+/// has generated (a stop string, say); `done(i)` is called as row `i` finishes.
 #[allow(clippy::too_many_arguments)]
 pub fn generate_batch<B: Backend>(
     be: &B,
@@ -100,6 +119,7 @@ pub fn generate_batch<B: Backend>(
     s: &Sampling,
     seeds: &[u64],
     stop: &[u32],
+    ended: impl Fn(&[u32]) -> bool,
     mut done: impl FnMut(usize),
 ) -> Result<Vec<Vec<u32>>> {
     if seeds.len() != prompts.len() {
@@ -153,7 +173,7 @@ pub fn generate_batch<B: Backend>(
             let next = pick(&logits[j * vocab..(j + 1) * vocab], s, &mut rngs[i]);
             let finished = stop.contains(&next) || {
                 out[i].push(next);
-                out[i].len() == s.max_new_tokens
+                out[i].len() == s.max_new_tokens || ended(&out[i])
             };
             feed[i] = (!finished).then(|| vec![next]);
             if finished {

@@ -34,7 +34,8 @@ pub struct HyperArgs {
     /// Peak learning rate (AdamW).
     #[arg(long, default_value_t = 1e-3)]
     pub lr: f32,
-    /// Linear warm-up steps.
+    /// Linear warm-up steps: step t < N runs at lr·t/N (from 0, as transformers'
+    /// schedules with warm-up).
     #[arg(long, default_value_t = 0)]
     pub warmup: usize,
     /// Decay after warm-up: cosine, linear or constant.

@@ -79,11 +79,13 @@ impl Default for TrainConfig {
 }
 
 impl TrainConfig {
-    /// Learning rate of 0-based step `t`: linear warm-up to `lr`, then cosine or linear
-    /// decay to 0 at `steps`.
+    /// Learning rate of 0-based step `t`: a linear warm-up `lr t / warmup_steps` (so step 0
+    /// takes no step at all when there is a warm-up), then cosine or linear decay to 0 at
+    /// `steps`, or constant: transformers' `get_{cosine,linear,constant}_schedule_with_warmup`
+    /// as its optimiser steps use them (tests/lr_schedule.rs holds them to transformers').
     pub fn lr_at(&self, t: usize) -> f32 {
         if t < self.warmup_steps {
-            return self.lr * (t + 1) as f32 / self.warmup_steps as f32;
+            return self.lr * t as f32 / self.warmup_steps as f32;
         }
         let span = self.steps.saturating_sub(self.warmup_steps).max(1) as f32;
         let progress = ((t - self.warmup_steps) as f32 / span).min(1.0);

@@ -219,10 +219,10 @@ fn check_scheme(scheme: &str) -> [f64; 4] {
         .map(|n| n.as_str().unwrap())
         .collect();
     if scheme == "kfac-tri" {
-        // "... N of 14 layers small enough ... (worst X; ...": X the smallest ratio.
+        // "... N of 14 adapted modules small enough ... (worst X; ...": X the smallest ratio.
         assert_eq!(notes.len(), 1, "{notes:?}");
         assert!(
-            notes[0].contains(" of 14 layers small enough to check"),
+            notes[0].contains(" of 14 adapted modules small enough to check"),
             "{}",
             notes[0]
         );

@@ -1,6 +1,6 @@
 //! A human-readable account of a curvature estimate: per-layer traces and maxima, the
 //! share of exactly-zero entries, the `B = 0` caveat, and for kfac-tri the smallest
-//! eigenvalue of each layer's full A-B block system (on layers small enough to form it).
+//! eigenvalue of each adapted module's full A-B block system (on modules small enough to form it).
 
 use serde::Serialize;
 
@@ -189,11 +189,11 @@ pub fn summarize(c: &Curvature) -> Summary {
         let neg = ratios.iter().filter(|&&q| q < -NEGATIVE_TOL).count();
         notes.push(match ratios.iter().copied().reduce(f64::min) {
             Some(worst) => format!(
-                "kfac-tri is not positive semi-definite in general: {neg} of {} layers small enough to check (<= {EIGEN_MAX_DIM} parameters) have min/max eigenvalue below -{NEGATIVE_TOL:e} (worst {worst:.2e}; closer to 0 is f32 rounding); the training penalty is clamped at >= 0.",
+                "kfac-tri is not positive semi-definite in general: {neg} of {} adapted modules small enough to check (<= {EIGEN_MAX_DIM} parameters) have min/max eigenvalue below -{NEGATIVE_TOL:e} (worst {worst:.2e}; closer to 0 is f32 rounding); the training penalty is clamped at >= 0.",
                 ratios.len()
             ),
             None => format!(
-                "kfac-tri is not positive semi-definite in general; no layer is small enough (<= {EIGEN_MAX_DIM} parameters) to check its eigenvalues; the training penalty is clamped at >= 0."
+                "kfac-tri is not positive semi-definite in general; no adapted module is small enough (<= {EIGEN_MAX_DIM} parameters) to check its eigenvalues; the training penalty is clamped at >= 0."
             ),
         });
     }

@@ -36,15 +36,8 @@ fn curvature(dir: &Path, flags: &[&str], fresh: bool) -> (Value, String) {
     let f = fixture("tiny-gqa");
     let run = |json: bool| {
         let out = dir.join(format!("c-{json}.safetensors"));
-        let mut c = bin();
-        c.args(["curvature", "--device", "cpu", "--quiet", "--threads", "2"])
-            .args(flags)
-            .arg("--model")
-            .arg(f.join("model"))
-            .arg("--data")
-            .arg(f.join("batch.jsonl"))
-            .arg("--out")
-            .arg(&out);
+        let mut c = tiny_curvature(&out, flags);
+        c.args(["--quiet", "--threads", "2"]);
         if fresh {
             c.args(["--rank", "4", "--alpha", "8"]);
         } else {

@@ -155,6 +155,13 @@ fn batched_cached_forward_matches_one_sequence_at_a_time() {
     }
 }
 
+/// Four prompts of the tiny fixture, of 4, 6, 8 and 10 tokens.
+fn four_prompts(t: &Tiny) -> Vec<Vec<u32>> {
+    (0..4)
+        .map(|i| t.examples[i].ids[..4 + 2 * i].to_vec())
+        .collect()
+}
+
 /// Generating for several prompts together gives each prompt the continuation it gets
 /// alone, greedy and sampled, with rows stopping at different steps.
 #[test]
@@ -162,9 +169,7 @@ fn batched_generation_equals_one_prompt_at_a_time() {
     let t = tiny();
     let be = cpu();
     let model = tiny_model(&be);
-    let prompts: Vec<Vec<u32>> = (0..4)
-        .map(|i| t.examples[i].ids[..4 + 2 * i].to_vec())
-        .collect();
+    let prompts = four_prompts(&t);
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     for temperature in [0.0, 1.0] {
         let s = Sampling {
@@ -221,9 +226,7 @@ fn a_row_ends_once_its_output_says_so() {
     let t = tiny();
     let be = cpu();
     let model = tiny_model(&be);
-    let prompts: Vec<Vec<u32>> = (0..4)
-        .map(|i| t.examples[i].ids[..4 + 2 * i].to_vec())
-        .collect();
+    let prompts = four_prompts(&t);
     let refs: Vec<&[u32]> = prompts.iter().map(Vec::as_slice).collect();
     let s = Sampling {
         temperature: 1.0,

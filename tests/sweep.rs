@@ -214,22 +214,6 @@ fn sweep_figures_carry_paired_standard_errors_and_progress_is_labelled() {
     }
 }
 
-/// `curvature` on the CPU on the tiny GQA fixture (its batch as the data) with `flags`,
-/// writing `out`.
-fn tiny_curvature(out: &Path, flags: &[&str]) -> std::process::Command {
-    let f = fixture("tiny-gqa");
-    let mut c = bin();
-    c.args(["curvature", "--device", "cpu"])
-        .args(flags)
-        .arg("--model")
-        .arg(f.join("model"))
-        .arg("--data")
-        .arg(f.join("batch.jsonl"))
-        .arg("--out")
-        .arg(out);
-    c
-}
-
 /// `curvature` on the tiny GQA fixture (r 4, kfac, CPU) writing `out`.
 fn tiny_kfac_curvature(out: &Path) -> std::process::Command {
     tiny_curvature(out, &["--rank", "4", "--scheme", "kfac"])

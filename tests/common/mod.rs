@@ -150,6 +150,22 @@ pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_lalora-engine"))
 }
 
+/// `curvature` on the CPU on the tiny GQA fixture (its batch as the data) with `flags`,
+/// writing `out`.
+pub fn tiny_curvature(out: &std::path::Path, flags: &[&str]) -> std::process::Command {
+    let f = fixture("tiny-gqa");
+    let mut c = bin();
+    c.args(["curvature", "--device", "cpu"])
+        .args(flags)
+        .arg("--model")
+        .arg(f.join("model"))
+        .arg("--data")
+        .arg(f.join("batch.jsonl"))
+        .arg("--out")
+        .arg(out);
+    c
+}
+
 /// The fetched default assets (`scripts/fetch-assets.sh`); `ASSETS_DIR` overrides.
 pub fn assets() -> PathBuf {
     let dir = std::env::var_os("ASSETS_DIR")

@@ -1,5 +1,7 @@
 //! `info [MODEL]`: configuration, parameter counts, memory estimate (of the demo's default
-//! model when none is named).
+//! model when none is named): the weights, the LoRA training state (weights, gradient, two
+//! Adam moments) and the activations a training forward keeps for its backward
+//! (`model::llama::memory`).
 
 use std::path::PathBuf;
 
@@ -8,6 +10,7 @@ use serde_json::json;
 
 use super::{Common, LoraArgs, print_json};
 use crate::error::{Error, Result};
+use crate::model::llama::ActStorage;
 use crate::model::{self, HostLora};
 
 #[derive(Args)]
@@ -20,7 +23,8 @@ pub struct InfoArgs {
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub lora: LoraArgs,
-    /// Tokens per sequence of the memory estimate.
+    /// Tokens per sequence of the memory estimate (what a training forward keeps for its
+    /// backward; the tests hold it to the bytes the CUDA backend allocates).
     #[arg(long, default_value_t = 512)]
     pub max_len: usize,
     /// Sequences per batch of the memory estimate.
@@ -51,17 +55,20 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let lora = HostLora::init(c, a.lora.config(c)?, 0);
     let n_base = c.n_params();
     let n_lora = lora.n_params();
-    // Training keeps per block about 8 hidden-sized and 3 FFN-sized activations, the q/k/v
-    // projections and the attention probabilities, plus the logits and their gradient.
-    // In f64: flag values multiplied in usize could overflow.
-    let (batch, len) = (a.batch_size as f64, a.max_len as f64);
-    let tokens = batch * len;
-    let per_layer = tokens
-        * (8 * c.hidden_size + 3 * c.intermediate_size + c.q_dim() + 2 * c.kv_dim()) as f64
-        + batch * c.num_heads as f64 * len * len;
-    let act_bytes = 4.0 * (per_layer * c.num_layers as f64 + 2.0 * tokens * c.vocab_size as f64);
-    let weights_cpu = 4.0 * n_base as f64;
-    let weights_cuda = 2.0 * n_base as f64;
+    let targets = lora.cfg.targets.len();
+    let kept = |storage| {
+        model::llama::kept_activation_bytes(
+            c,
+            lora.cfg.r,
+            targets,
+            a.batch_size,
+            a.max_len,
+            storage,
+        ) as f64
+    };
+    let (acts_cpu, acts_cuda) = (kept(ActStorage::F32), kept(ActStorage::Bf16Flash));
+    let weights_cpu = model::llama::weight_bytes(c, ActStorage::F32) as f64;
+    let weights_cuda = model::llama::weight_bytes(c, ActStorage::Bf16Flash) as f64;
     let lora_state = 4.0 * 4.0 * n_lora as f64; // weights, gradient, two Adam moments
     let tok = m.tokenizer().ok();
     if a.common.json {
@@ -72,7 +79,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             "n_params": n_base,
             "lora": {"r": lora.cfg.r, "alpha": lora.cfg.alpha, "targets": lora.cfg.targets.iter().map(|p| p.name()).collect::<Vec<_>>(), "n_params": n_lora},
             "tokenizer_vocab": tok.map(|t| t.vocab_size()),
-            "memory_bytes": {"weights_cpu_f32": weights_cpu, "weights_cuda_bf16": weights_cuda, "lora_training_state": lora_state, "activations_per_batch": act_bytes,
+            "memory_bytes": {"weights_cpu_f32": weights_cpu, "weights_cuda_bf16": weights_cuda, "lora_training_state": lora_state, "activations_kept_cpu_f32": acts_cpu, "activations_kept_cuda_bf16": acts_cuda,
                 "batch_size": a.batch_size, "max_len": a.max_len},
         }));
         return Ok(());
@@ -113,13 +120,17 @@ pub fn run(a: InfoArgs) -> Result<()> {
         100.0 * n_lora as f64 / n_base as f64
     );
     println!(
-        "memory         weights {:.2} GiB (CPU f32) / {:.2} GiB (CUDA bf16); LoRA training state {:.1} MiB; activations for batch {} x {} tokens ~{:.2} GiB",
+        "memory         weights {:.2} GiB (CPU f32) / {:.2} GiB (CUDA bf16); LoRA training state {:.1} MiB",
         weights_cpu / GIB,
         weights_cuda / GIB,
         lora_state / (1u64 << 20) as f64,
+    );
+    println!(
+        "activations    kept for backward, batch {} x {} tokens: {:.2} GiB (CPU f32, attention probabilities) / {:.2} GiB (CUDA bf16, flash attention); a step adds the backward's working buffers",
         a.batch_size,
         a.max_len,
-        act_bytes / GIB
+        acts_cpu / GIB,
+        acts_cuda / GIB
     );
     Ok(())
 }

@@ -18,7 +18,9 @@ use crate::data::Batch;
 use crate::error::{Error, Result};
 
 mod decode;
+mod memory;
 pub use decode::{CachedSeq, KvCache};
+pub use memory::{ActStorage, kept_activation_bytes, weight_bytes};
 
 struct Layer<B: Backend> {
     attn_norm: B::Buf,
@@ -57,7 +59,7 @@ pub trait LoraObserver<B: Backend> {
     ) -> Result<()>;
 }
 
-/// What backward needs from one block's forward pass.
+/// What backward needs from one block's forward pass (its bytes: `memory.rs`).
 struct LayerActs<B: Backend> {
     x_in: B::Buf,
     xn1: B::Buf,

@@ -38,7 +38,10 @@
 //! AdamW, the diagonal penalty, squaring, segment sums), `O(m d)` against the products'
 //! `O(m d^2)`; and text generation (exact match), whose time is in the evaluation's wall
 //! time. `tests/cost.rs` counts the products of every `Backend` call on the tiny model and
-//! checks these formulas against them exactly.
+//! checks these formulas against them exactly; `tests/flop_reference.rs` holds the
+//! evaluation and training formulas to PyTorch's `FlopCounterMode` on HF + PEFT
+//! (`scripts/check-flops.py`), equal once its dense attention count is brought to the
+//! causal pairs.
 //!
 //! **Tokens** are the real (non-padding) positions run through the model; `tokens_per_s`
 //! divides them by the stage's wall time.

@@ -603,7 +603,21 @@ fn sweep_reports_each_runs_cost() {
             "run {i}'s evaluation"
         );
     }
-    assert!(r["cost"]["penalty_state_bytes"].as_u64().unwrap() > 0);
+    // The kfac penalty keeps θ* (A and B) and four f32 factors per module: A's input and
+    // output sides (d_in², r²), B's (r², d_out²).
+    let r4 = curv.mean.cfg.r;
+    let kept: usize = curv
+        .mean
+        .modules
+        .iter()
+        .map(|m| r4 * (m.d_in + m.d_out) + m.d_in * m.d_in + 2 * r4 * r4 + m.d_out * m.d_out)
+        .sum();
+    assert_eq!(
+        curv.mean.modules.len(),
+        14,
+        "seven projections in two layers"
+    );
+    assert_eq!(r["cost"]["penalty_state_bytes"], 4 * kept as u64);
     let md = std::fs::read_to_string(out.join("results.md")).unwrap();
     assert!(md.contains("| run | stage | wall s |"), "{md}");
     assert!(md.contains("| 0 (LoRA) | train |"), "{md}");

@@ -3,7 +3,8 @@
 //! against PyTorch + PEFT's (`expected.safetensors`: `loss`, the mean over the 107 target
 //! tokens of `fixture.json`; `loss_sum`; `grad.*`, the gradients of `loss_sum`) or derived
 //! from those here. tests/reference_tiny.rs holds the library's forward and backward to the
-//! same values; this holds the commands' reading, batching, reduction and printing.
+//! same values; this holds the commands' reading, batching, reduction and printing. And
+//! `info`'s parameter counts against the model and adapter files' tensors.
 //!
 //! Bound: `REL` = 1e-4 relative, the f32 bound of the fixture's README (the engine's
 //! losses and gradients agree to ~1e-6 there); printed values add their rounding.
@@ -366,5 +367,34 @@ fn adamw_first_step(out: &Path, grads: &[(&String, Vec<f64>)], norm: f64, lr: f6
     );
     eprintln!(
         "train: AdamW step worst error {worst:.1e} lr where |g| > 2 tau; {loose} of {total} elements below 2 tau ({tau:.1e}) only bounded by 2 lr"
+    );
+}
+
+/// Elements of every tensor of a safetensors file, read by the `safetensors` crate.
+fn numel(path: &Path) -> u64 {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    st.tensors()
+        .iter()
+        .map(|(_, v)| v.shape().iter().product::<usize>() as u64)
+        .sum()
+}
+
+/// `info`'s parameter counts against the files HF transformers and PEFT wrote: the model's
+/// (untied head: every tensor counts) and the adapter's at its rank and modules.
+#[test]
+fn info_counts_the_parameters_of_the_model_and_adapter_files() {
+    let f = fixture("tiny-gqa");
+    let o = bin()
+        .args(["info", "--json", "--rank", "4", "--targets", "all"])
+        .arg(f.join("model"))
+        .output()
+        .unwrap();
+    ok(&o, "info");
+    let j = json(&o);
+    assert_eq!(j["n_params"], numel(&f.join("model/model.safetensors")));
+    assert_eq!(
+        j["lora"]["n_params"],
+        numel(&f.join("adapter/adapter_model.safetensors"))
     );
 }

@@ -23,11 +23,11 @@ pub struct InfoArgs {
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]
     pub lora: LoraArgs,
-    /// Tokens per sequence of the memory estimate (what a training forward keeps for its
-    /// backward; the tests hold it to the bytes the CUDA backend allocates).
+    /// Tokens per sequence of the activation estimate (what a training forward keeps for
+    /// its backward).
     #[arg(long, default_value_t = 512)]
     pub max_len: usize,
-    /// Sequences per batch of the memory estimate.
+    /// Sequences per batch of the activation estimate.
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
     #[command(flatten)]

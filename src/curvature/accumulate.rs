@@ -79,7 +79,7 @@ impl<B: Backend> Accumulator<B> {
     ) -> Result<Self> {
         let r = lora.cfg.r;
         let dims: Vec<(usize, usize)> = lora.modules.iter().map(|m| (m.d_in, m.d_out)).collect();
-        let input_owner = lora
+        let input_owner: Vec<usize> = lora
             .modules
             .iter()
             .enumerate()
@@ -105,9 +105,14 @@ impl<B: Backend> Accumulator<B> {
                 approx,
                 factors: dims
                     .iter()
-                    .map(|&(din, dout)| {
+                    .zip(&input_owner)
+                    .enumerate()
+                    .map(|(i, (&(din, dout), &owner))| {
                         Ok(Factors {
-                            a_in: be.zeros(din * din)?,
+                            // A module that shares its input's factor gets its copy in
+                            // `finish`: holding a zeroed one through the pass would only
+                            // take memory (q/k/v and gate/up share one a layer).
+                            a_in: be.zeros(if owner == i { din * din } else { 0 })?,
                             a_out: be.zeros(r * r)?,
                             b_in: be.zeros(r * r)?,
                             b_out: be.zeros(dout * dout)?,

@@ -46,7 +46,7 @@ fn kept_activations_and_weights_are_the_bytes_the_device_holds() {
                 let mut grads = host.map(|v| be.zeros(v.len())).unwrap();
                 let before = be.memory().live;
                 let acts = model.forward(&be, Some(&lora), &batch, true).unwrap();
-                let kept = (be.memory().live - before) as u64;
+                let kept = (be.memory().live - before) as u128;
                 let want = kept_activation_bytes(
                     &cfg,
                     host.cfg.r,
@@ -62,7 +62,7 @@ fn kept_activations_and_weights_are_the_bytes_the_device_holds() {
 
                 be.reset_peak();
                 accumulate_gradients(&be, &model, &lora, &batch, 1.0, &mut grads).unwrap();
-                let peak = (be.memory().peak - before) as u64;
+                let peak = (be.memory().peak - before) as u128;
                 assert!(peak > kept, "{what}: step peak {peak} vs kept {kept}");
             }
         }

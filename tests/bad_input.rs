@@ -348,6 +348,12 @@ fn usage_errors_are_one_line() {
         &[],
     );
     assert_clean_error(&r, "gpu", "bad device");
+    // info's estimate multiplies its sizes: an absurd one is refused, not wrapped around.
+    let model = fixture("tiny-gqa/model");
+    for flag in ["--max-len", "--batch-size"] {
+        let r = run(&["info", model.to_str().unwrap(), flag, "99999999999"], &[]);
+        assert_clean_error(&r, flag, "an absurd info size");
+    }
 }
 
 /// The kernel-research settings with a value they do not know: a LoRA GEMM tiling that is

@@ -26,6 +26,13 @@ fn at_least(flag: &str, v: usize, min: usize) -> Result<()> {
     Ok(())
 }
 
+fn at_most(flag: &str, v: usize, max: usize) -> Result<()> {
+    if v > max {
+        return refuse(flag, v, &format!("at most {max}"));
+    }
+    Ok(())
+}
+
 /// A finite number >= 0.
 fn non_negative(flag: &str, v: f64) -> Result<()> {
     if !(v.is_finite() && v >= 0.0) {
@@ -145,6 +152,9 @@ pub(super) fn validate(cmd: &Command) -> Result<()> {
             common(&a.common)?;
             at_least("--max-len", a.max_len, 2)?;
             at_least("--batch-size", a.batch_size, 1)?;
+            // The estimate multiplies them (`batch heads len^2`); far beyond any model.
+            at_most("--max-len", a.max_len, 1 << 24)?;
+            at_most("--batch-size", a.batch_size, 1 << 24)?;
             lora(&a.lora, false)
         }
         Command::Eval(a) => {

@@ -6,6 +6,7 @@ pub mod attention;
 pub mod classifier;
 pub mod curvature;
 pub mod gemm;
+mod lowrank;
 pub mod ops;
 pub mod optim;
 mod vmath;
@@ -13,7 +14,7 @@ pub mod weight;
 
 use self::gemm::{Mat, gemm, gemm_new};
 use self::weight::CpuWeight;
-use super::group::GradFeeds;
+use super::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
 use super::{
     AdamHyper, AttnSaved, AttnShape, Backend, CeTargets, ClassifierOut, DiagPenalty, LoraDims,
     RopeTable, Segment, unrotate_attention_grads,
@@ -252,28 +253,9 @@ impl Backend for CpuBackend {
         d: LoraDims,
         y: &mut Vec<f32>,
     ) -> Result<Vec<f32>> {
-        let u = gemm_new(
-            d.m,
-            d.r,
-            d.d_in,
-            Mat::rows(x, d.d_in),
-            Mat::rows(a, d.d_in).t(),
-            1.0,
-            true,
-        );
-        gemm(
-            d.m,
-            d.d_out,
-            d.r,
-            y,
-            d.d_out,
-            true,
-            Mat::rows(&u, d.r),
-            Mat::rows(b, d.r).t(),
-            d.scale,
-            true,
-        );
-        Ok(u)
+        let part = lowrank::FwdPart { a, b, y };
+        let mut u = lowrank::group_forward(x, d.m, d.d_in, d.r, d.scale, vec![part]);
+        Ok(u.remove(0))
     }
 
     fn lora_backward(
@@ -287,59 +269,78 @@ impl Backend for CpuBackend {
         dx: &mut Vec<f32>,
         grads: Option<(&mut Vec<f32>, &mut Vec<f32>)>,
     ) -> Result<Vec<f32>> {
-        let ga = gemm_new(
-            d.m,
-            d.r,
-            d.d_out,
-            Mat::rows(g, d.d_out),
-            Mat::rows(b, d.r),
-            d.scale,
-            true,
-        );
-        gemm(
-            d.m,
-            d.d_in,
-            d.r,
-            dx,
-            d.d_in,
-            true,
-            Mat::rows(&ga, d.r),
-            Mat::rows(a, d.d_in),
-            1.0,
-            true,
-        );
-        if let Some((da, db)) = grads {
-            gemm(
-                d.r,
-                d.d_in,
-                d.m,
-                da,
-                d.d_in,
-                true,
-                Mat::rows(&ga, d.r).t(),
-                Mat::rows(x, d.d_in),
-                1.0,
-                true,
-            );
-            // As `dB^T (r, d_out) = s u^T g`, added to `dB` transposed: asked for the
-            // (d_out, r) product directly, the GEMM lays its r = 8 columns along its
-            // register tile's long side and took up to twice as long on SmolLM2's shapes.
-            let dbt = gemm_new(
-                d.r,
-                d.d_out,
-                d.m,
-                Mat::rows(u, d.r).t(),
-                Mat::rows(g, d.d_out),
-                d.scale,
-                true,
-            );
-            for (j, row) in db.chunks_exact_mut(d.r).enumerate() {
-                for (k, v) in row.iter_mut().enumerate() {
-                    *v += dbt[k * d.d_out + j];
+        let grads = grads.map(|(da, db)| (&mut da[..], &mut db[..]));
+        let part = lowrank::BwdPart { g, a, b, u, grads };
+        let mut ga = lowrank::group_backward(x, d.m, d.d_in, d.r, d.scale, dx, vec![part]);
+        Ok(ga.remove(0))
+    }
+
+    /// The base products one by one, then the low-rank parts of the whole group at once
+    /// (`lowrank::group_forward`: one pass over `x` for every `u`).
+    fn project_group(
+        &self,
+        x: &Vec<f32>,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<Projected<Vec<f32>>>> {
+        let mut ys = projs
+            .iter()
+            .map(|p| self.linear(x, p.w, m, d_in, p.d_out))
+            .collect::<Result<Vec<_>>>()?;
+        let parts = projs
+            .iter()
+            .zip(ys.iter_mut())
+            .filter_map(|(p, y)| p.lora.map(|(a, b)| lowrank::FwdPart { a, b, y }))
+            .collect();
+        let mut us = lowrank::group_forward(x, m, d_in, lora.r, lora.scale, parts).into_iter();
+        projs
+            .iter()
+            .zip(ys)
+            .map(|(p, mut y)| {
+                if let Some(r) = p.rope {
+                    self.rope(&mut y, r.table, m, r.n_heads, r.head_dim, false)?;
                 }
-            }
+                Ok((y, p.lora.and_then(|_| us.next())))
+            })
+            .collect()
+    }
+
+    /// The base products one by one into `dx`, then the low-rank parts of the whole group
+    /// at once (`lowrank::group_backward`: one pass over `dx` and one over `x`).
+    fn project_group_backward(
+        &self,
+        x: &Vec<f32>,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: Vec<ProjBwd<'_, Self>>,
+        dx: &mut Vec<f32>,
+        accumulate: bool,
+    ) -> Result<Vec<Option<Vec<f32>>>> {
+        for (i, p) in projs.iter().enumerate() {
+            self.linear_backward(p.g, p.w, m, d_in, p.d_out, dx, accumulate || i > 0)?;
         }
-        Ok(ga)
+        let adapted: Vec<bool> = projs.iter().map(|p| p.lora.is_some()).collect();
+        let parts = projs
+            .into_iter()
+            .filter_map(|p| {
+                let g = p.g;
+                p.lora.map(|l| lowrank::BwdPart {
+                    g,
+                    a: l.a,
+                    b: l.b,
+                    u: l.u,
+                    grads: l.grads.map(|(da, db)| (&mut da[..], &mut db[..])),
+                })
+            })
+            .collect();
+        let mut ga = lowrank::group_backward(x, m, d_in, lora.r, lora.scale, dx, parts).into_iter();
+        Ok(adapted
+            .into_iter()
+            .map(|a| if a { ga.next() } else { None })
+            .collect())
     }
 
     fn rope(

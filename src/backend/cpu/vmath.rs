@@ -15,8 +15,6 @@
 //! difference is below 1.2e-38). Every SIMD level computes the same bits: lane-wise FMAs
 //! round as the scalar `mul_add` does, and no sum is reordered.
 
-use super::{Simd, simd};
-
 /// `e^x`: `x = n ln2 + r` with `|r| <= ln2 / 2`, `e^r` by its degree-7 Taylor polynomial,
 /// times `2^n`.
 #[inline(always)]
@@ -87,17 +85,19 @@ macro_rules! dispatch {
             unsafe fn v3($($arg: $ty),*) -> $ret {
                 plain($($arg),*)
             }
-            match simd() {
+            // `super` is the CPU backend for every module that uses this (its children).
+            match super::simd() {
                 // SAFETY: `simd` reports only features the CPU has.
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx512 => unsafe { v4($($arg),*) },
+                super::Simd::Avx512 => unsafe { v4($($arg),*) },
                 #[cfg(target_arch = "x86_64")]
-                Simd::Avx2 => unsafe { v3($($arg),*) },
+                super::Simd::Avx2 => unsafe { v3($($arg),*) },
                 _ => plain($($arg),*),
             }
         }
     };
 }
+pub(super) use dispatch;
 
 /// Partial sums per reduction: a fixed count, so that every SIMD level adds the same
 /// numbers in the same order (a sequential f32 sum is one long chain of dependent adds,
@@ -243,13 +243,13 @@ dispatch!(swiglu_backward(dg: &mut [f32], du: &mut [f32], dact: &[f32], gate: &[
 /// Rows of `x` that [`dot_block`] takes together: each lane of `w` it loads feeds this many
 /// FMAs, and their 16-lane accumulators fit the registers of either level (4 zmm, or 8 of
 /// AVX2's 16 ymm).
-const ROW_GROUP: usize = 4;
+pub(super) const ROW_GROUP: usize = 4;
 
 /// `w . x_r` for four rows `x_r` at once (see [`dot_block`]). The accumulators are four
 /// named arrays, not one indexed by row, so that the compiler vectorises the lane loop and
 /// keeps them in registers.
 #[inline(always)]
-fn dots4(w: &[f32], x: [&[f32]; ROW_GROUP]) -> [f32; ROW_GROUP] {
+pub(super) fn dots4(w: &[f32], x: [&[f32]; ROW_GROUP]) -> [f32; ROW_GROUP] {
     let k = w.len();
     let (wc, wt) = w.as_chunks::<LANES>();
     // Every row cut to `w`'s chunks up front, so the loop runs without bounds checks.
@@ -276,7 +276,7 @@ fn dots4(w: &[f32], x: [&[f32]; ROW_GROUP]) -> [f32; ROW_GROUP] {
 
 /// `w . x` as [`dots4`] computes each of its four.
 #[inline(always)]
-fn dot1(w: &[f32], x: &[f32]) -> f32 {
+pub(super) fn dot1(w: &[f32], x: &[f32]) -> f32 {
     let k = w.len();
     let (wc, wt) = w.as_chunks::<LANES>();
     let xc = &x[..k].as_chunks::<LANES>().0[..wc.len()];

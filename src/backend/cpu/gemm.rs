@@ -1,5 +1,7 @@
 //! Safe, bounds-checked wrapper over the `gemm` crate's strided f32 GEMM.
 
+use std::mem::MaybeUninit;
+
 use gemm::Parallelism;
 use rayon::prelude::*;
 
@@ -178,6 +180,17 @@ pub fn zeros_par(n: usize) -> Vec<f32> {
     // SAFETY: every element was just written.
     unsafe { v.set_len(n) };
     v
+}
+
+/// `c` zero-filled, as `f32`s: for a parallel task that writes its chunk of a new buffer
+/// (`Vec::spare_capacity_mut`), so that the zeros go to the cache lines the task then
+/// writes over, instead of a pass of their own over memory first (`zeros_par`).
+pub fn zeroed(c: &mut [MaybeUninit<f32>]) -> &mut [f32] {
+    for x in c.iter_mut() {
+        x.write(0.0);
+    }
+    // SAFETY: every element was just written.
+    unsafe { std::slice::from_raw_parts_mut(c.as_mut_ptr().cast(), c.len()) }
 }
 
 /// Plain triple loop, the reference the tests hold `gemm` to.

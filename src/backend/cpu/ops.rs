@@ -2,7 +2,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::zeros_par;
+use super::gemm::zeroed;
 use super::vmath;
 use crate::backend::{CeTargets, sample_uniform};
 
@@ -20,16 +20,20 @@ pub fn embedding(table: &[f32], ids: &[u32], dim: usize) -> Vec<f32> {
 
 pub fn rmsnorm(x: &[f32], w: &[f32], dim: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
     let rows = x.len() / dim;
-    let mut y = zeros_par(x.len());
+    let mut y = Vec::with_capacity(x.len());
     let mut rstd = vec![0f32; rows];
-    y.par_chunks_mut(dim * ROW_CHUNK)
+    y.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(dim * ROW_CHUNK)
         .zip(rstd.par_chunks_mut(ROW_CHUNK))
         .zip(x.par_chunks(dim * ROW_CHUNK))
         .for_each(|((yc, rc), xc)| {
+            let yc = zeroed(yc);
             for ((yr, r), xr) in yc.chunks_mut(dim).zip(rc.iter_mut()).zip(xc.chunks(dim)) {
                 *r = rmsnorm_row(xr, w, eps, yr);
             }
         });
+    // SAFETY: the loop zeroed every chunk of the first `x.len()` elements.
+    unsafe { y.set_len(x.len()) };
     (y, rstd)
 }
 
@@ -53,19 +57,23 @@ pub fn add_rmsnorm(
     eps: f32,
 ) -> (Vec<f32>, Vec<f32>) {
     let rows = h.len() / dim;
-    let mut y = zeros_par(h.len());
+    let n = h.len();
+    let mut y = Vec::with_capacity(n);
     let mut rstd = vec![0f32; rows];
-    y.par_chunks_mut(dim * ROW_CHUNK)
+    y.spare_capacity_mut()[..n]
+        .par_chunks_mut(dim * ROW_CHUNK)
         .zip(rstd.par_chunks_mut(ROW_CHUNK))
         .zip(h.par_chunks_mut(dim * ROW_CHUNK))
         .zip(delta.par_chunks(dim * ROW_CHUNK))
         .for_each(|(((yc, rc), hc), dc)| {
-            let rows = yc.chunks_mut(dim).zip(rc.iter_mut());
+            let rows = zeroed(yc).chunks_mut(dim).zip(rc.iter_mut());
             for ((yr, r), (hr, dr)) in rows.zip(hc.chunks_mut(dim).zip(dc.chunks(dim))) {
                 hr.iter_mut().zip(dr).for_each(|(a, b)| *a += b);
                 *r = rmsnorm_row(hr, w, eps, yr);
             }
         });
+    // SAFETY: the loop zeroed every chunk of the first `n` elements.
+    unsafe { y.set_len(n) };
     (y, rstd)
 }
 
@@ -127,22 +135,34 @@ pub fn rope(
 const ELEM_CHUNK: usize = 1 << 14;
 
 pub fn swiglu(gate: &[f32], up: &[f32]) -> Vec<f32> {
-    let mut out = zeros_par(gate.len());
-    out.par_chunks_mut(ELEM_CHUNK)
+    let n = gate.len();
+    let mut out = Vec::with_capacity(n);
+    out.spare_capacity_mut()[..n]
+        .par_chunks_mut(ELEM_CHUNK)
         .zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK)))
-        .for_each(|(o, (g, u))| vmath::swiglu(o, g, u));
+        .for_each(|(o, (g, u))| vmath::swiglu(zeroed(o), g, u));
+    // SAFETY: the loop zeroed every chunk of the first `n` elements.
+    unsafe { out.set_len(n) };
     out
 }
 
 /// `d silu(g)/dg = sig(g) (1 + g (1 - sig(g)))`.
 pub fn swiglu_backward(dact: &[f32], gate: &[f32], up: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut dg = zeros_par(gate.len());
-    let mut du = zeros_par(gate.len());
-    dg.par_chunks_mut(ELEM_CHUNK)
-        .zip(du.par_chunks_mut(ELEM_CHUNK))
+    let n = gate.len();
+    let (mut dg, mut du) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    dg.spare_capacity_mut()[..n]
+        .par_chunks_mut(ELEM_CHUNK)
+        .zip(du.spare_capacity_mut()[..n].par_chunks_mut(ELEM_CHUNK))
         .zip(dact.par_chunks(ELEM_CHUNK))
         .zip(gate.par_chunks(ELEM_CHUNK).zip(up.par_chunks(ELEM_CHUNK)))
-        .for_each(|(((dg, du), d), (g, u))| vmath::swiglu_backward(dg, du, d, g, u));
+        .for_each(|(((dg, du), d), (g, u))| {
+            vmath::swiglu_backward(zeroed(dg), zeroed(du), d, g, u)
+        });
+    // SAFETY: the loop zeroed every chunk of the first `n` elements of both.
+    unsafe {
+        dg.set_len(n);
+        du.set_len(n);
+    }
     (dg, du)
 }
 

@@ -4,8 +4,11 @@
 //! as one GEMM with the low-rank update inside it (CUDA: `cuda/lora_gemm.rs`).
 //!
 //! The defaults here are the per-projection sequence `linear` + `lora_forward` (+ `rope`;
-//! backward: `linear_backward` + `lora_backward`), in projection order: the CPU's, and so the
-//! reference numbers every fused implementation is tested against.
+//! backward: `linear_backward` + `lora_backward`), in projection order: the plain form every
+//! fused implementation is tested against (CUDA's cuBLAS baseline runs it). The CPU, whose
+//! numbers are the references, keeps the base products one by one and runs the group's
+//! low-rank parts with its ranks stacked (`cpu/lowrank.rs`): each sum the same, in an order
+//! of its own.
 
 use super::{Backend, LoraDims, RopeTable};
 use crate::error::Result;

@@ -267,6 +267,18 @@ macro_rules! delegate_backend {
             self.inner.attention(q, k, v, s)
         }
     };
+    (@one $inner:ty; [$($watch:ident)?]; attention_out) => {
+        fn attention_out(
+            &self,
+            q: &Self::Buf,
+            k: &Self::Buf,
+            v: &Self::Buf,
+            s: &$crate::backend::AttnShape,
+        ) -> $crate::Result<Self::Buf> {
+            $(let _watch = self.$watch("attention_out");)?
+            self.inner.attention_out(q, k, v, s)
+        }
+    };
     (@one $inner:ty; [$($watch:ident)?]; attention_dout) => {
         fn attention_dout(
             &self,

@@ -349,6 +349,19 @@ pub trait Backend: Send + Sync {
         v: &Self::Buf,
         s: &AttnShape,
     ) -> Result<(Self::Buf, AttnSaved<Self::Buf>)>;
+    /// `attention`'s output alone, for a forward that keeps nothing for a backward
+    /// (evaluation): a backend may skip what only the backward reads (the CPU: the
+    /// probabilities, 9.4 MB a layer at SmolLM2's 4 x 256, written out and read back). The
+    /// default is `attention`'s `out`.
+    fn attention_out(
+        &self,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: &AttnShape,
+    ) -> Result<Self::Buf> {
+        Ok(self.attention(q, k, v, s)?.0)
+    }
     /// A zeroed buffer of `n` values for `attention_backward`'s `dout` (the o projection
     /// group's backward writes it as its `dx`), stored as the backward of the attention
     /// that saved `saved` reads it: a backend may store it at lower precision where that

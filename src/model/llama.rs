@@ -328,7 +328,12 @@ impl<B: Backend> Llama<B> {
             let qkv = [Proj::Q, Proj::K, Proj::V];
             let [(q, uq), (k, uk), (v, uv)] =
                 self.project_group(be, lora, l, qkv, &xn1, m, Some(&rope))?;
-            let (attn, attn_saved) = be.attention(&q, &k, &v, &shape)?;
+            let (attn, attn_saved) = if keep {
+                let (attn, saved) = be.attention(&q, &k, &v, &shape)?;
+                (attn, Some(saved))
+            } else {
+                (be.attention_out(&q, &k, &v, &shape)?, None)
+            };
             let [(o, uo)] = self.project_group(be, lora, l, [Proj::O], &attn, m, None)?;
             let mut h_mid = o;
             let (xn2, rstd2) =
@@ -340,7 +345,7 @@ impl<B: Backend> Llama<B> {
             let mut h_out = down;
             (xn, rstd) = be.add_rmsnorm(&mut h_out, &h_mid, next_norm, m, d, c.rms_norm_eps)?;
             let x_in = std::mem::replace(&mut h, h_out);
-            if keep {
+            if let Some(attn_saved) = attn_saved {
                 layers.push(LayerActs {
                     x_in,
                     xn1,

@@ -367,6 +367,16 @@ impl Backend for CpuBackend {
         Ok((out, AttnSaved::Probs(probs)))
     }
 
+    fn attention_out(
+        &self,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: &AttnShape,
+    ) -> Result<Vec<f32>> {
+        Ok(attention::attention_out(q, k, v, s))
+    }
+
     fn attention_backward(
         &self,
         dout: &Vec<f32>,

@@ -295,9 +295,11 @@ mod tests {
     #[test]
     fn output_alone_is_the_kept_forwards() {
         let val = |i: usize, s: usize| ((i * s % 1009) as f32 - 504.0) / 300.0;
-        for (batch, tq, tk, tk_stride, q_offset) in
-            [(2, 130, 130, 130, 0), (1, 7, 70, 80, 63), (3, 64, 64, 64, 0)]
-        {
+        for (batch, tq, tk, tk_stride, q_offset) in [
+            (2, 130, 130, 130, 0),
+            (1, 7, 70, 80, 63),
+            (3, 64, 64, 64, 0),
+        ] {
             let s = AttnShape {
                 batch,
                 tq,

@@ -182,6 +182,17 @@ pub fn zeros_par(n: usize) -> Vec<f32> {
     v
 }
 
+/// `w (rows, cols)` row-major as its transpose `(cols, rows)`, row-major.
+pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut t = vec![0f32; rows * cols];
+    for (i, row) in w[..rows * cols].chunks_exact(cols.max(1)).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * rows + i] = v;
+        }
+    }
+    t
+}
+
 /// `c` zero-filled, as `f32`s: for a parallel task that writes its chunk of a new buffer
 /// (`Vec::spare_capacity_mut`), so that the zeros go to the cache lines the task then
 /// writes over, instead of a pass of their own over memory first (`zeros_par`).

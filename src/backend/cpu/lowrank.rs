@@ -19,6 +19,7 @@
 
 use rayon::prelude::*;
 
+use super::gemm::transpose;
 use super::vmath::{LANES, ROW_GROUP, dispatch, dot1, dots4};
 
 /// Rows per task of the row-wise products (`project`, `add_product`).
@@ -30,18 +31,6 @@ const COLS: usize = 128;
 /// Ranks [`outer`] sums together in one pass over a column block: four by 16 columns are
 /// 4 zmm or 8 ymm accumulators (eight ranks spilled half of AVX2's to the stack).
 const RANKS: usize = 4;
-
-/// `w (rows, cols)` row-major as its transpose `(cols, rows)`: `B (d_out, r)`, as PEFT
-/// stores it, becomes the `(r, d_out)` operand of [`project`] and [`add_product`].
-pub fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut t = vec![0f32; rows * cols];
-    for (i, row) in w[..rows * cols].chunks_exact(cols.max(1)).enumerate() {
-        for (j, &v) in row.iter().enumerate() {
-            t[j * rows + i] = v;
-        }
-    }
-    t
-}
 
 /// `out (m, r) = scale * x (m, k) W^T` for `w (r, k)` row-major: each output the 16-lane
 /// dot product of `vmath` (lanes added pairwise), times `scale`.

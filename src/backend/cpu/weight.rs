@@ -18,7 +18,7 @@
 
 use std::borrow::Cow;
 
-use super::gemm::Mat;
+use super::gemm::{Mat, transpose};
 
 /// Rows below which a wide weight stays as given: the narrowest measured shape that gains
 /// (512 rows, Llama-3.2-1B's k/v; the widest that loses has 192, SmolLM2's k/v). Shapes
@@ -63,14 +63,8 @@ impl CpuWeight {
 
     /// `W` kept as `W^T`.
     pub fn transposed(w: &[f32], rows: usize, cols: usize) -> Self {
-        let mut data = vec![0f32; rows * cols];
-        for (i, row) in w.chunks_exact(cols.max(1)).take(rows).enumerate() {
-            for (j, &v) in row.iter().enumerate() {
-                data[j * rows + i] = v;
-            }
-        }
         CpuWeight {
-            data,
+            data: transpose(w, rows, cols),
             rows,
             cols,
             layout: Layout::Transposed,
@@ -106,15 +100,7 @@ impl CpuWeight {
     pub fn row_major_values(&self) -> Cow<'_, [f32]> {
         match self.layout {
             Layout::RowMajor => Cow::Borrowed(&self.data),
-            Layout::Transposed => {
-                let mut w = vec![0f32; self.rows * self.cols];
-                for (j, col) in self.data.chunks_exact(self.rows.max(1)).enumerate() {
-                    for (i, &v) in col.iter().enumerate() {
-                        w[i * self.cols + j] = v;
-                    }
-                }
-                Cow::Owned(w)
-            }
+            Layout::Transposed => Cow::Owned(transpose(&self.data, self.cols, self.rows)),
         }
     }
 }

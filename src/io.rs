@@ -29,6 +29,9 @@ pub fn check_replaceable(path: &Path) -> Result<()> {
 /// run that owns the directory removes them by this prefix.
 pub const TEMP_PREFIX: &str = ".lalora-tmp-";
 
+/// The prefix of [`probe_writable`]'s file.
+pub const PROBE_PREFIX: &str = ".lalora-probe-";
+
 /// The temporaries being written now: what a signal that ends the run must not leave
 /// behind (destructors do not run when a signal kills the process).
 static IN_FLIGHT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
@@ -128,12 +131,13 @@ fn remove_temporary(p: &Path) {
 
 /// Whether a file can be created in `dir`, by creating one (listed while it exists, and
 /// removed at once). It catches read-only and pseudo file systems that permission bits do
-/// not show. Its name is not under [`TEMP_PREFIX`], whose files a training run cleans up
-/// as its own.
+/// not show. Its name is not under [`TEMP_PREFIX`]; a kill while it exists leaves it,
+/// and a training run's start removes one from its output directory
+/// (`checkpoint::clean_stale`).
 pub fn probe_writable(dir: &Path) -> std::io::Result<()> {
     let create = || {
         tempfile::Builder::new()
-            .prefix(".lalora-probe-")
+            .prefix(PROBE_PREFIX)
             .tempfile_in(dir)
     };
     InFlight::create(create, |t| t.path()).map(drop)

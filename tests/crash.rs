@@ -438,6 +438,10 @@ fn one_run_at_a_time_and_foreign_checkpoints_are_left_alone() {
     assert!(e.to_string().contains("in use"), "{e}");
     drop(held);
     OutDir::open(d.path()).unwrap();
+    // The output check's probe file, left by a kill while it existed, is removed at start.
+    std::fs::write(d.path().join(".lalora-probe-Ab12Cd"), b"").unwrap();
+    drop(OutDir::open(d.path()).unwrap());
+    assert!(!d.path().join(".lalora-probe-Ab12Cd").exists());
     // A `checkpoint` directory (an older layout, or not ours) is refused, not replaced.
     std::fs::create_dir(d.path().join("checkpoint")).unwrap();
     std::fs::write(d.path().join("checkpoint/keep"), b"x").unwrap();

@@ -22,7 +22,7 @@ use super::finite::first_non_finite;
 use super::identity::RunIdentity;
 use super::trainer::{StepMetrics, TrainConfig};
 use crate::error::{Error, IoContext, Result};
-use crate::io::{TEMP_PREFIX, TensorFile, atomic_write, write_safetensors};
+use crate::io::{PROBE_PREFIX, TEMP_PREFIX, TensorFile, atomic_write, write_safetensors};
 use crate::model::HostLora;
 use crate::model::config::LlamaConfig;
 
@@ -85,8 +85,9 @@ fn current(out: &Path) -> Result<Option<&'static str>> {
 }
 
 /// Remove what a crash can leave: staged links (or an older version's staged
-/// directories), the slot the link does not name, and temporaries of atomic writes (of
-/// the adapter or `metrics.jsonl`). Call with the output directory locked, before a run
+/// directories), the slot the link does not name, temporaries of atomic writes (of the
+/// adapter or `metrics.jsonl`) and the output check's probe file (`io::probe_writable`;
+/// a random SIGKILL in `tests/crash.rs` landed on it). Call with the output directory locked, before a run
 /// reads or writes checkpoints.
 pub fn clean_stale(out: &Path) -> Result<()> {
     let cur = current(out)?;
@@ -95,6 +96,7 @@ pub fn clean_stale(out: &Path) -> Result<()> {
         let name = entry.file_name().to_string_lossy().into_owned();
         let stale = name.starts_with(STAGED)
             || name.starts_with(TEMP_PREFIX)
+            || name.starts_with(PROBE_PREFIX)
             || (SLOTS.contains(&name.as_str()) && cur != Some(name.as_str()));
         if stale {
             remove(&entry.path())?;

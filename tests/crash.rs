@@ -506,7 +506,19 @@ fn write_and_signal(signal: i32) -> (std::process::Output, tempfile::TempDir) {
     } else {
         ""
     };
-    let mut child = Command::new("sh")
+    let mut cmd = Command::new("sh");
+    // SIGINT and SIGTERM at their default disposition in the child, whatever this test
+    // inherited: a background job (`cmd &` from a script, as a CI runner may start it)
+    // inherits SIGINT ignored, which the engine rightly keeps ignored.
+    // SAFETY: `signal` is async-signal-safe, as a `pre_exec` hook must be.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            libc::signal(libc::SIGINT, libc::SIG_DFL);
+            libc::signal(libc::SIGTERM, libc::SIG_DFL);
+            Ok(())
+        });
+    }
+    let mut child = cmd
         .arg("-c")
         .arg(format!("{ignore}exec \"$0\" \"$@\""))
         .arg(bin().get_program())

@@ -10,7 +10,11 @@
 //! Llama-3.2-1B's: k/v (512 x 2048) +37 % and -5 % (13 % less time over both), down
 //! (2048 x 8192) +14 % and -11 % (1 % less). So a weight is stored transposed when it has more
 //! columns than rows and at least [`TRANSPOSE_MIN_ROWS`] rows: down, of SmolLM2's; k/v and
-//! down, of Llama-3.2-1B's. Above `FEW_ROWS` rows (batched
+//! down, of Llama-3.2-1B's. Re-measured since products run as one band of rows per
+//! thread (`gemm::gemm_ptr`; same bench, Intel AVX-512), forward + backward, transposed
+//! against as given: q/o +2 % time, k/v +2 %, gate/up +1 %, down -4 %, Llama-3.2-1B's k/v
+//! -1 % and down +0.3 %: the margins are smaller, and the rule still picks the faster
+//! layout or one within 1 %. Above `FEW_ROWS` rows (batched
 //! training and evaluation) each output of those products is the same sum in the same
 //! order either way (the packing only moves operands), so those results do not depend on
 //! the layout. Products of `FEW_ROWS` rows or fewer (decoding, short sequences) take

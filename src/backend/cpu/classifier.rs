@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm};
+use super::gemm::{Mat, gemm, gemm_new};
 use super::vmath;
 use crate::backend::{CLASSIFIER_CHUNK, CeTargets, ClassifierOut, sample_uniform};
 
@@ -108,22 +108,28 @@ pub fn classifier(
     }
 }
 
-/// `z (rows, n) = h W[j0..j0+n]^T`.
-fn logits_chunk(h: &[f32], w: &[f32], dim: usize, j0: usize, n: usize, z: &mut [f32]) {
+/// `z (rows, n) = h W[j0..j0+n]^T` in the first `rows * n` elements of `z`, returned.
+/// The first chunk allocates `z` by its own product, which writes every element: a
+/// zero-filled buffer cost a memset of 32 MB a sweep at SmolLM2's shapes.
+fn logits<'z>(
+    h: &[f32],
+    w: &[f32],
+    dim: usize,
+    j0: usize,
+    n: usize,
+    z: &'z mut Vec<f32>,
+) -> &'z mut [f32] {
     let rows = h.len() / dim;
-    let wc = &w[j0 * dim..(j0 + n) * dim];
-    gemm(
-        rows,
-        n,
-        dim,
-        z,
-        n,
-        false,
+    let (hv, wv) = (
         Mat::rows(h, dim),
-        Mat::rows(wc, dim).t(),
-        1.0,
-        true,
+        Mat::rows(&w[j0 * dim..(j0 + n) * dim], dim).t(),
     );
+    if z.len() < rows * n {
+        *z = gemm_new(rows, n, dim, hv, wv, 1.0, true);
+    } else {
+        gemm(rows, n, dim, z, n, false, hv, wv, 1.0, true);
+    }
+    &mut z[..rows * n]
 }
 
 /// One sweep over the vocabulary (every row active: `labels[r] >= 0`): per row the max,
@@ -139,7 +145,7 @@ fn sweep(
 ) -> Vec<RowState> {
     let rows = labels.len();
     let chunk = CLASSIFIER_CHUNK.min(vocab);
-    let mut z = vec![0f32; rows * chunk];
+    let mut z: Vec<f32> = Vec::new();
     let mut st = vec![
         RowState {
             max: f32::NEG_INFINITY,
@@ -151,8 +157,7 @@ fn sweep(
     let mut rescale = vec![1f32; rows];
     for j0 in (0..vocab).step_by(chunk) {
         let n = chunk.min(vocab - j0);
-        let z = &mut z[..rows * n];
-        logits_chunk(h, w, dim, j0, n, z);
+        let z = logits(h, w, dim, j0, n, &mut z);
         z.par_chunks_mut(n)
             .zip(st.par_iter_mut().zip(rescale.par_iter_mut()))
             .zip(labels.par_iter())
@@ -208,9 +213,8 @@ fn draw(
     seed: u64,
     st: &[RowState],
 ) -> Vec<i32> {
-    let rows = ids.len();
     let chunk = CLASSIFIER_CHUNK.min(vocab);
-    let mut z = vec![0f32; rows * chunk];
+    let mut z: Vec<f32> = Vec::new();
     // Per row: the mass of the columns before this chunk, the threshold, and the label
     // (-1 while not found).
     let mut scan: Vec<(f64, f64, i32)> = ids
@@ -223,8 +227,7 @@ fn draw(
             break;
         }
         let n = chunk.min(vocab - j0);
-        let z = &mut z[..rows * n];
-        logits_chunk(h, w, dim, j0, n, z);
+        let z = logits(h, w, dim, j0, n, &mut z);
         z.par_chunks_mut(n)
             .zip(scan.par_iter_mut().zip(st.par_iter()))
             .filter(|(_, (sc, _))| sc.2 == -1)

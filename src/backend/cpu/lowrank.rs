@@ -13,7 +13,8 @@
 //! faster and the training step 2.7 % (`benches/peers/ab.py`, 14 rounds).
 //!
 //! Every output is one fixed sum in a fixed order on any number of threads: tasks split
-//! the rows, or, for the sums over rows (`dA`, `dB`), the columns, never a sum. The
+//! the rows, or, for the sums over rows, the columns (`dA`) or fixed blocks of rows whose
+//! sums are added in block order (`dB`, [`project_outer`]), never by the pool's size. The
 //! kernels are plain loops over 16 lanes that compile for AVX-512 or AVX2 (`vmath`'s
 //! dispatch); every level computes the same bits.
 
@@ -125,6 +126,50 @@ dispatch!(add_product_rows(y: &mut [f32], n: usize, c: &[f32], w: &[f32], scale:
         }
     }
 });
+
+/// [`project`] of `g (m, n)` by `w (r, n)` and, in the same pass over `g`, `c^T g (r, n)`
+/// for `c (m, r)`: `(scale * g W^T, c^T g)`. LoRA's backward takes `gA = s g B` and
+/// `dB^T = u^T g` (scaled after) from the same output gradient; as two passes, each read
+/// `g` from memory (megabytes a projection), where here each task's block of ROWS rows is
+/// read for the second product from L2, just after the first. The projection is
+/// [`project`]'s, bit for bit; each output of `c^T g` is one chain of FMAs over a block's
+/// rows in order, from zero, and the blocks' sums are added in block order: the same bits
+/// on any number of threads (tasks own blocks of rows, whatever the pool).
+pub fn project_outer(
+    g: &[f32],
+    m: usize,
+    n: usize,
+    w: &[f32],
+    scale: f32,
+    c: &[f32],
+) -> (Vec<f32>, Vec<f32>) {
+    let r = w.len().checked_div(n).unwrap_or(0);
+    let mut ga = vec![0f32; m * r];
+    let mut sums = vec![0f32; r * n];
+    if r == 0 || n == 0 || m == 0 {
+        return (ga, sums);
+    }
+    let mut parts = vec![0f32; m.div_ceil(ROWS) * r * n];
+    ga.par_chunks_mut(ROWS * r)
+        .zip(parts.par_chunks_mut(r * n))
+        .zip(
+            g[..m * n]
+                .par_chunks(ROWS * n)
+                .zip(c[..m * r].par_chunks(ROWS * r)),
+        )
+        .for_each(|((o, part), (gb, cb))| {
+            project_rows(o, gb, w, n, scale);
+            outer_cols(part, cb, r, gb, n, 0);
+        });
+    sums.par_chunks_mut(COLS).enumerate().for_each(|(b, out)| {
+        for part in parts.chunks_exact(r * n) {
+            for (o, v) in out.iter_mut().zip(&part[b * COLS..]) {
+                *o += v;
+            }
+        }
+    });
+    (ga, sums)
+}
 
 /// `c^T x`, `(r, n)` row-major, for `c (m, r)` and `x (m, n)`: each output one chain of
 /// FMAs over the rows in order, from zero.
@@ -261,7 +306,8 @@ pub struct BwdPart<'a> {
 /// are in `dx`: `gA_p = s g_p B_p`; `dx += sum_p gA_p A_p` and `dA_p += gA_p^T x` as one
 /// product each over the stacked ranks (one pass over `dx` and one over `x` for the
 /// group, where the projections one by one took one each: x, the forward's saved input,
-/// comes from memory); `dB_p += s g_p^T u_p`. Returns the `gA_p (m, r)` in order.
+/// comes from memory); `dB_p += s g_p^T u_p`, summed in the pass that takes `gA_p` from
+/// `g_p` ([`project_outer`]). Returns the `gA_p (m, r)` in order.
 pub fn group_backward(
     x: &[f32],
     m: usize,
@@ -271,13 +317,20 @@ pub fn group_backward(
     dx: &mut [f32],
     parts: Vec<BwdPart<'_>>,
 ) -> Vec<Vec<f32>> {
-    let ga: Vec<Vec<f32>> = parts
+    // `gA_p`, and `u_p^T g_p` (dB's sums) from the same pass over `g_p` where wanted.
+    let (ga, ug): (Vec<Vec<f32>>, Vec<Option<Vec<f32>>>) = parts
         .iter()
         .map(|p| {
             let d_out = p.b.len() / r.max(1);
-            project(p.g, m, d_out, &transpose(p.b, d_out, r), scale)
+            let bt = transpose(p.b, d_out, r);
+            if p.grads.is_some() {
+                let (ga, ug) = project_outer(p.g, m, d_out, &bt, scale, p.u);
+                (ga, Some(ug))
+            } else {
+                (project(p.g, m, d_out, &bt, scale), None)
+            }
         })
-        .collect();
+        .unzip();
     let wide = r * parts.len();
     let mut c = vec![0f32; m * wide];
     for (q, gq) in ga.iter().enumerate() {
@@ -295,14 +348,15 @@ pub fn group_backward(
     add_product(dx, m, d_in, &c, &stacked, 1.0);
     if parts.iter().any(|p| p.grads.is_some()) {
         let sa = outer(&c, m, wide, x, d_in);
-        for (q, p) in parts.into_iter().enumerate() {
-            let Some((da, db)) = p.grads else { continue };
+        for (q, (p, sb)) in parts.into_iter().zip(ug).enumerate() {
+            let (Some((da, db)), Some(sb)) = (p.grads, sb) else {
+                continue;
+            };
             da.iter_mut()
                 .zip(&sa[q * r * d_in..(q + 1) * r * d_in])
                 .for_each(|(v, s)| *v += s);
             // `dB^T (r, d_out) = s u^T g`, added to `dB (d_out, r)` transposed.
             let d_out = p.b.len() / r;
-            let sb = outer(p.u, m, r, p.g, d_out);
             for (j, row) in db.chunks_exact_mut(r).enumerate() {
                 for (k, v) in row.iter_mut().enumerate() {
                     *v += scale * sb[k * d_out + j];
@@ -406,6 +460,34 @@ mod tests {
         }
     }
 
+    #[test]
+    fn project_outer_is_project_and_c_transposed_g() {
+        for &(m, n, r) in SHAPES {
+            let g: Vec<f32> = (0..m * n).map(|i| val(i, 31337)).collect();
+            let w: Vec<f32> = (0..r * n).map(|i| val(i, 104729)).collect();
+            let c: Vec<f32> = (0..m * r).map(|i| val(i, 7919)).collect();
+            let (ga, sums) = project_outer(&g, m, n, &w, -0.5, &c);
+            let same = project(&g, m, n, &w, -0.5);
+            assert!(
+                ga.iter()
+                    .zip(&same)
+                    .all(|(a, b)| a.to_bits() == b.to_bits())
+                    && ga.len() == same.len(),
+                "project_outer's projection {m}x{n} r {r}"
+            );
+            let want: Vec<(f64, f64)> = (0..r * n)
+                .map(|o| {
+                    let (p, j) = (o / n, o % n);
+                    (0..m).fold((0.0, 0.0), |(s, a), i| {
+                        let t = c[i * r + p] as f64 * g[i * n + j] as f64;
+                        (s + t, a + t.abs())
+                    })
+                })
+                .collect();
+            close(&format!("project_outer {m}x{n} r {r}"), &sums, &want);
+        }
+    }
+
     /// The same bits on 1 and 3 threads (every output is one ordered chain).
     #[test]
     fn results_do_not_depend_on_the_threads() {
@@ -423,7 +505,8 @@ mod tests {
                 let mut y: Vec<f32> = (0..m * n).map(|i| val(i, 13)).collect();
                 add_product(&mut y, m, n, &u, &bt, 2.0);
                 let d = outer(&u, m, r, &y, n);
-                (u, y, d)
+                let (ga, ug) = project_outer(&y, m, n, &bt, 0.25, &u);
+                (u, y, d, ga, ug)
             })
         };
         assert_eq!(run(1), run(3));

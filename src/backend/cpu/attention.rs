@@ -5,24 +5,9 @@ use std::mem::MaybeUninit;
 
 use rayon::prelude::*;
 
-use super::gemm::{Mat, gemm, gemm_ptr, zeros_par};
+use super::gemm::{Mat, Out, gemm, gemm_ptr, zeros_par};
 use super::vmath;
 use crate::backend::AttnShape;
-
-/// Base pointer of an output that tasks fill at disjoint (interleaved) elements.
-#[derive(Clone, Copy)]
-struct Out(*mut f32);
-// SAFETY: each task writes only its own (sequence, head) elements; see the callers.
-unsafe impl Send for Out {}
-unsafe impl Sync for Out {}
-
-impl Out {
-    /// Taking `self` whole keeps closures capturing the `Send` wrapper, not the raw field.
-    fn at(self, off: usize) -> *mut f32 {
-        // SAFETY: callers stay inside the buffer this pointer was taken from.
-        unsafe { self.0.add(off) }
-    }
-}
 
 /// Number of keys query `i` may attend to.
 fn visible(s: &AttnShape, i: usize) -> usize {

@@ -122,15 +122,15 @@ pub unsafe fn gemm_ptr(
         unsafe { gemm_one(m, n, k, c, c_rs, accumulate, a, b, alpha, Parallelism::None) };
     } else if m >= threads * SPLIT_MIN_ROWS {
         // One band of rows per thread, each a single-threaded product. Why: the crate
-        // parallelises over its own tiles of the output's columns (64 wide on AVX-512), which
-        // split SmolLM2's 576 columns 5 to 4 between two threads; bands of rows are equal to
-        // the row. Measured on 1024 rows, 2 threads (30 layers' weights cycled, Intel AVX-512):
-        // 576 -> 576 299 to 340 GFLOP/s, 576 -> 192 276 to 333, 1536 -> 576 291 to 309,
-        // 576 -> 1536 unchanged (330-334). The sums are the same: the crate blocks `k` by
-        // the cache sizes and `k` alone, so each output is the same chain of FMAs however
-        // the rows are banded.
+        // parallelises over its own tiles of the output's columns (64 wide on AVX-512),
+        // which split SmolLM2's 576 columns 5 to 4 between two threads; bands of rows split
+        // even to within a row. Measured on 1024 rows, 2 threads (30 layers' weights
+        // cycled, Intel AVX-512; BENCHMARKS.md), GFLOP/s of the crate's split, then of
+        // bands: 576 -> 576 279-299, 308-340; 576 -> 192 276-283, 320-333; 1536 -> 576
+        // 282-291, 309-320; 576 -> 1536 330-334 either way. The sums are the same: the crate blocks `k` by the cache sizes and `k` alone, so each
+        // output is the same chain of FMAs however the rows are banded.
         let band = m.div_ceil(threads);
-        let c = SendPtr(c);
+        let c = Out(c);
         (0..m.div_ceil(band)).into_par_iter().for_each(|i| {
             let (r0, rows) = (i * band, band.min(m - i * band));
             let a = Mat {
@@ -144,7 +144,7 @@ pub unsafe fn gemm_ptr(
                     rows,
                     n,
                     k,
-                    c.get().add(r0 * c_rs),
+                    c.at(r0 * c_rs),
                     c_rs,
                     accumulate,
                     a,
@@ -177,15 +177,19 @@ pub unsafe fn gemm_ptr(
 /// band this narrow would repack all of `b` for a few rows).
 const SPLIT_MIN_ROWS: usize = 64;
 
-/// The destination pointer, shared by the tasks that write its disjoint bands.
+/// Base pointer of an output that parallel tasks fill at disjoint elements (bands of rows
+/// here, attention's interleaved heads).
 #[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: each task writes only its own band (see `gemm_ptr`).
-unsafe impl Send for SendPtr {}
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
+pub struct Out(pub *mut f32);
+// SAFETY: each task writes only its own elements; see the users.
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// Taking `self` whole keeps closures capturing the `Send` wrapper, not the raw field.
+    pub fn at(self, off: usize) -> *mut f32 {
+        // SAFETY: callers stay inside the buffer this pointer was taken from.
+        unsafe { self.0.add(off) }
     }
 }
 

@@ -117,65 +117,87 @@ pub unsafe fn gemm_ptr(
     a.check(m, k, "lhs");
     b.check(k, n, "rhs");
     let threads = rayon::current_num_threads();
-    if !parallel || m * n * k < PARALLEL_MACS || threads == 1 {
-        // SAFETY: as for this function.
-        unsafe { gemm_one(m, n, k, c, c_rs, accumulate, a, b, alpha, Parallelism::None) };
-    } else if m >= threads * SPLIT_MIN_ROWS {
+    let bands = if parallel && m * n * k >= PARALLEL_MACS {
+        row_bands(m, n, threads)
+    } else {
+        None
+    };
+    match bands {
         // One band of rows per thread, each a single-threaded product. Why: the crate
         // parallelises over its own tiles of the output's columns (64 wide on AVX-512),
         // which split SmolLM2's 576 columns 5 to 4 between two threads; bands of rows split
-        // even to within a row. Measured on 1024 rows, 2 threads (30 layers' weights
-        // cycled, Intel AVX-512; BENCHMARKS.md), GFLOP/s of the crate's split, then of
-        // bands: 576 -> 576 279-299, 308-340; 576 -> 192 276-283, 320-333; 1536 -> 576
-        // 282-291, 309-320; 576 -> 1536 330-334 either way. The sums are the same: the crate blocks `k` by the cache sizes and `k` alone, so each
-        // output is the same chain of FMAs however the rows are banded.
-        let band = m.div_ceil(threads);
-        let c = Out(c);
-        (0..m.div_ceil(band)).into_par_iter().for_each(|i| {
-            let (r0, rows) = (i * band, band.min(m - i * band));
-            let a = Mat {
-                data: &a.data[r0 * a.rs..],
-                ..a
+        // even. Measured on 1024 rows, 2 threads (30 layers' weights cycled, Intel AVX-512;
+        // BENCHMARKS.md), GFLOP/s of the crate's split, then of bands: 576 -> 576 279-299,
+        // 308-340; 576 -> 192 276-283, 320-333; 1536 -> 576 282-291, 309-320; 576 -> 1536
+        // 330-334 either way.
+        Some(bands) => {
+            let c = Out(c);
+            bands.into_par_iter().for_each(|(r0, rows)| {
+                let a = Mat {
+                    data: &a.data[r0 * a.rs..],
+                    ..a
+                };
+                // SAFETY: bands are disjoint row ranges of the caller's destination, and
+                // `a`'s band was bounds-checked with the whole view above.
+                unsafe {
+                    gemm_one(
+                        rows,
+                        n,
+                        k,
+                        c.at(r0 * c_rs),
+                        c_rs,
+                        accumulate,
+                        a,
+                        b,
+                        alpha,
+                        Parallelism::None,
+                    )
+                };
+            });
+        }
+        None => {
+            let par = if parallel && m * n * k >= PARALLEL_MACS && threads > 1 {
+                Parallelism::Rayon(0)
+            } else {
+                Parallelism::None
             };
-            // SAFETY: bands are disjoint row ranges of the caller's destination, and `a`'s
-            // band was bounds-checked with the whole view above.
-            unsafe {
-                gemm_one(
-                    rows,
-                    n,
-                    k,
-                    c.at(r0 * c_rs),
-                    c_rs,
-                    accumulate,
-                    a,
-                    b,
-                    alpha,
-                    Parallelism::None,
-                )
-            };
-        });
-    } else {
-        // SAFETY: as for this function.
-        unsafe {
-            gemm_one(
-                m,
-                n,
-                k,
-                c,
-                c_rs,
-                accumulate,
-                a,
-                b,
-                alpha,
-                Parallelism::Rayon(0),
-            )
-        };
+            // SAFETY: as for this function.
+            unsafe { gemm_one(m, n, k, c, c_rs, accumulate, a, b, alpha, par) };
+        }
     }
 }
 
-/// Rows per thread below which a product is left to the crate's own parallel split (a
-/// band this narrow would repack all of `b` for a few rows).
-const SPLIT_MIN_ROWS: usize = 64;
+/// Rows per thread below which a product is not banded: the crate's own parallel split
+/// takes it (a narrower band would repack all of `b` for a few rows).
+const SPLIT_MIN_ROWS: usize = 72;
+
+/// The bands of rows, `(first, rows)`, that `threads` tasks take of an `(m, n)` product,
+/// or None where it is too small to band: sizes within 4 of each other, every boundary a
+/// multiple of 4 (the row groups of the low-rank kernels, `banded`), at least
+/// `SPLIT_MIN_ROWS - 4` rows each.
+///
+/// Why the bounds: a band is then the same sums as the whole product, bit for bit. The
+/// crate takes `k` in blocks whose size depends on `k` and the caches alone, except for
+/// products of at most 64 by 64 (its small-product path blocks `k` by 512) and of at most
+/// 256 outputs (its dot-product kernels). Every band here has more than 64 rows and more
+/// than 256 outputs, as the whole product does (tested with pools of 1-4 threads).
+pub fn row_bands(m: usize, n: usize, threads: usize) -> Option<Vec<(usize, usize)>> {
+    if threads < 2 || m / threads < SPLIT_MIN_ROWS || n < 4 {
+        return None;
+    }
+    let edge = |i: usize| {
+        if i == threads {
+            m
+        } else {
+            i * m / threads / 4 * 4
+        }
+    };
+    Some(
+        (0..threads)
+            .map(|i| (edge(i), edge(i + 1) - edge(i)))
+            .collect(),
+    )
+}
 
 /// Base pointer of an output that parallel tasks fill at disjoint elements (bands of rows
 /// here, attention's interleaved heads).
@@ -399,40 +421,48 @@ mod tests {
     }
 
     /// A product split into bands of rows, one per thread, computes the same bits as one
-    /// single-threaded call, with every pool size (bands of 200, 134 and 100 rows, the last
-    /// band shorter) and a `k` the crate blocks in two; and it agrees with the naive loop.
+    /// single-threaded call with every pool size (bands of 200, of 132, 132 and 136, of
+    /// 100), on a `k` the crate blocks in two, 72 columns and 16 (under the crate's 64 of a
+    /// small product, which blocks `k` otherwise); and it agrees with the naive loop.
     #[test]
     fn row_bands_compute_the_same_bits_on_any_thread_count() {
-        let (m, n, k) = (400, 72, 600);
-        let a: Vec<f32> = (0..m * k)
-            .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
-            .collect();
-        let b: Vec<f32> = (0..n * k)
-            .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
-            .collect();
-        let (av, bv) = (Mat::rows(&a, k), Mat::rows(&b, k).t());
-        let mut one = vec![0f32; m * n];
-        gemm(m, n, k, &mut one, n, false, av, bv, 1.0, false);
-        let want = gemm_naive(m, n, k, av, bv);
-        let err = one
-            .iter()
-            .zip(&want)
-            .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
-            .fold(0.0, f32::max);
-        assert!(err < 1e-4, "relative error {err}");
-        for threads in [2, 3, 4] {
-            let pool = rayon::ThreadPoolBuilder::new()
-                .num_threads(threads)
-                .build()
-                .unwrap();
-            let mut banded = vec![0f32; m * n];
-            pool.install(|| gemm(m, n, k, &mut banded, n, false, av, bv, 1.0, true));
-            assert!(
-                one.iter()
-                    .zip(&banded)
-                    .all(|(x, y)| x.to_bits() == y.to_bits()),
-                "{threads} threads"
-            );
+        assert_eq!(
+            row_bands(400, 16, 3),
+            Some(vec![(0, 132), (132, 132), (264, 136)])
+        );
+        assert_eq!(row_bands(143, 16, 2), None);
+        assert_eq!(row_bands(400, 3, 2), None);
+        for (m, n, k) in [(400, 72, 600), (400, 16, 600)] {
+            let a: Vec<f32> = (0..m * k)
+                .map(|i| ((i * 7 % 13) as f32 - 6.0) / 5.0)
+                .collect();
+            let b: Vec<f32> = (0..n * k)
+                .map(|i| ((i * 5 % 11) as f32 - 5.0) / 3.0)
+                .collect();
+            let (av, bv) = (Mat::rows(&a, k), Mat::rows(&b, k).t());
+            let mut one = vec![0f32; m * n];
+            gemm(m, n, k, &mut one, n, false, av, bv, 1.0, false);
+            let want = gemm_naive(m, n, k, av, bv);
+            let err = one
+                .iter()
+                .zip(&want)
+                .map(|(x, y)| (x - y).abs() / y.abs().max(1.0))
+                .fold(0.0, f32::max);
+            assert!(err < 1e-4, "relative error {err}");
+            for threads in [2, 3, 4] {
+                let pool = rayon::ThreadPoolBuilder::new()
+                    .num_threads(threads)
+                    .build()
+                    .unwrap();
+                let mut banded = vec![0f32; m * n];
+                pool.install(|| gemm(m, n, k, &mut banded, n, false, av, bv, 1.0, true));
+                assert!(
+                    one.iter()
+                        .zip(&banded)
+                        .all(|(x, y)| x.to_bits() == y.to_bits()),
+                    "{m}x{n}x{k}, {threads} threads"
+                );
+            }
         }
     }
 

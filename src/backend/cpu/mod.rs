@@ -3,6 +3,7 @@
 //! against, so each op here is written for clarity first and speed second.
 
 pub mod attention;
+mod banded;
 pub mod classifier;
 pub mod curvature;
 pub mod gemm;
@@ -81,6 +82,39 @@ impl CpuBackend {
         CpuBackend {
             threads: rayon::current_num_threads(),
         }
+    }
+
+    /// `project_group` op by op: the base products one by one, then the low-rank parts of
+    /// the whole group at once (`lowrank::group_forward`: one pass over `x` for every `u`),
+    /// then RoPE.
+    pub fn project_group_by_op(
+        &self,
+        x: &Vec<f32>,
+        m: usize,
+        d_in: usize,
+        lora: LoraGroup,
+        projs: &[ProjFwd<'_, Self>],
+    ) -> Result<Vec<Projected<Vec<f32>>>> {
+        let mut ys = projs
+            .iter()
+            .map(|p| self.linear(x, p.w, m, d_in, p.d_out))
+            .collect::<Result<Vec<_>>>()?;
+        let parts = projs
+            .iter()
+            .zip(ys.iter_mut())
+            .filter_map(|(p, y)| p.lora.map(|(a, b)| lowrank::FwdPart { a, b, y }))
+            .collect();
+        let mut us = lowrank::group_forward(x, m, d_in, lora.r, lora.scale, parts).into_iter();
+        projs
+            .iter()
+            .zip(ys)
+            .map(|(p, mut y)| {
+                if let Some(r) = p.rope {
+                    self.rope(&mut y, r.table, m, r.n_heads, r.head_dim, false)?;
+                }
+                Ok((y, p.lora.and_then(|_| us.next())))
+            })
+            .collect()
     }
 }
 
@@ -275,8 +309,9 @@ impl Backend for CpuBackend {
         Ok(ga.remove(0))
     }
 
-    /// The base products one by one, then the low-rank parts of the whole group at once
-    /// (`lowrank::group_forward`: one pass over `x` for every `u`).
+    /// Enough rows for `gemm::row_bands`: a band of rows per thread, each band's whole
+    /// group in one task (`banded::group_forward`); fewer, op by op
+    /// ([`CpuBackend::project_group_by_op`]). The same bits either way.
     fn project_group(
         &self,
         x: &Vec<f32>,
@@ -285,26 +320,11 @@ impl Backend for CpuBackend {
         lora: LoraGroup,
         projs: &[ProjFwd<'_, Self>],
     ) -> Result<Vec<Projected<Vec<f32>>>> {
-        let mut ys = projs
-            .iter()
-            .map(|p| self.linear(x, p.w, m, d_in, p.d_out))
-            .collect::<Result<Vec<_>>>()?;
-        let parts = projs
-            .iter()
-            .zip(ys.iter_mut())
-            .filter_map(|(p, y)| p.lora.map(|(a, b)| lowrank::FwdPart { a, b, y }))
-            .collect();
-        let mut us = lowrank::group_forward(x, m, d_in, lora.r, lora.scale, parts).into_iter();
-        projs
-            .iter()
-            .zip(ys)
-            .map(|(p, mut y)| {
-                if let Some(r) = p.rope {
-                    self.rope(&mut y, r.table, m, r.n_heads, r.head_dim, false)?;
-                }
-                Ok((y, p.lora.and_then(|_| us.next())))
-            })
-            .collect()
+        let narrowest = projs.iter().map(|p| p.d_out).min().unwrap_or(0);
+        if let Some(bands) = gemm::row_bands(m, narrowest, rayon::current_num_threads()) {
+            return Ok(banded::group_forward(x, m, d_in, lora, projs, &bands));
+        }
+        self.project_group_by_op(x, m, d_in, lora, projs)
     }
 
     /// The base products one by one into `dx`, then the low-rank parts of the whole group

@@ -110,11 +110,28 @@ pub fn rope(
     hd: usize,
     inverse: bool,
 ) {
-    let half = hd / 2;
     let width = n_heads * hd;
+    x.par_chunks_mut(width)
+        .enumerate()
+        .for_each(|(r, row)| rope_rows(row, cos, sin, period, n_heads, hd, inverse, r));
+}
+
+/// [`rope`] on rows `first, first + 1, ...` of an activation, on this thread.
+#[allow(clippy::too_many_arguments)]
+pub fn rope_rows(
+    x: &mut [f32],
+    cos: &[f32],
+    sin: &[f32],
+    period: usize,
+    n_heads: usize,
+    hd: usize,
+    inverse: bool,
+    first: usize,
+) {
+    let half = hd / 2;
     let sign = if inverse { -1.0 } else { 1.0 };
-    x.par_chunks_mut(width).enumerate().for_each(|(r, row)| {
-        let t = r % period;
+    for (r, row) in x.chunks_mut(n_heads * hd).enumerate() {
+        let t = (first + r) % period;
         let (c, s) = (
             &cos[t * half..(t + 1) * half],
             &sin[t * half..(t + 1) * half],
@@ -128,7 +145,7 @@ pub fn rope(
                 hi[i] = b * c[i] + a * si;
             }
         }
-    });
+    }
 }
 
 /// Elements per rayon task for the elementwise SwiGLU ops.

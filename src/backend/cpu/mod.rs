@@ -87,7 +87,7 @@ impl CpuBackend {
     /// `project_group` op by op: the base products one by one, then the low-rank parts of
     /// the whole group at once (`lowrank::group_forward`: one pass over `x` for every `u`),
     /// then RoPE.
-    pub fn project_group_by_op(
+    pub(crate) fn project_group_by_op(
         &self,
         x: &Vec<f32>,
         m: usize,

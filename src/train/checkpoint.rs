@@ -87,8 +87,8 @@ fn current(out: &Path) -> Result<Option<&'static str>> {
 /// Remove what a crash can leave: staged links (or an older version's staged
 /// directories), the slot the link does not name, temporaries of atomic writes (of the
 /// adapter or `metrics.jsonl`) and the output check's probe file (`io::probe_writable`;
-/// a random SIGKILL in `tests/crash.rs` landed on it). Call with the output directory locked, before a run
-/// reads or writes checkpoints.
+/// a random SIGKILL in `tests/crash.rs` landed on it). Call with the output directory
+/// locked, before a run reads or writes checkpoints.
 pub fn clean_stale(out: &Path) -> Result<()> {
     let cur = current(out)?;
     for entry in std::fs::read_dir(out).at(out)? {

@@ -1,5 +1,6 @@
-//! The CPU backend: f32 everywhere, a blocked SIMD GEMM (`gemm` crate) on the rayon pool,
-//! rayon over rows for everything else. It is the reference every CUDA kernel is tested
+//! The CPU backend: f32 everywhere, a blocked SIMD GEMM (`gemm` crate) on the rayon pool
+//! (one band of rows per thread, `gemm::row_bands`; a projection group's whole forward
+//! per band, `banded`), rayon over rows for everything else. It is the reference every CUDA kernel is tested
 //! against, so each op here is written for clarity first and speed second.
 
 pub mod attention;

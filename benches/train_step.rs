@@ -5,6 +5,10 @@
 //! pass per line on stdin (`forward_backward` or `forward`) with its seconds on stdout, so
 //! that `benches/peers/interleaved.py` can alternate the engine's passes with the peer's
 //! on the same cores, one by one (see that script for why).
+//!
+//! Both modes report each pass's FLOPs (`cost::Flops`, the products only) and the cores'
+//! FMA peak at the bench's SIMD level (`backend::cpu::peak`), so that a time reads as a
+//! fraction of what the machine can do.
 
 mod common;
 
@@ -13,6 +17,8 @@ use std::time::Instant;
 
 use criterion::{Criterion, Throughput, criterion_group};
 use lalora_engine::backend::CeTargets;
+use lalora_engine::backend::cpu::peak::fma_peak;
+use lalora_engine::cost::Flops;
 use lalora_engine::train::accumulate_gradients;
 
 /// The two timed passes, shared by criterion and `--serve`.
@@ -26,6 +32,11 @@ impl Passes {
         let s = common::smollm2_setup();
         let grads = s.lora.zeros_like();
         Passes { s, grads }
+    }
+    /// The products' FLOPs of `(forward_backward, forward)` on the bench's batch.
+    fn flops(&self) -> (u64, u64) {
+        let f = Flops::new(&self.s.model.cfg, &self.s.lora);
+        (f.train_batch(&self.s.batch), f.eval_batch(&self.s.batch))
     }
     /// The summed loss of a forward + backward over the batch, and its token count.
     fn forward_backward(&mut self) -> (f64, usize) {
@@ -50,6 +61,16 @@ fn train_step(c: &mut Criterion) {
     let mut p = Passes::new();
     let (loss_sum, n) = p.forward_backward();
     eprintln!("loss_sum on the batch: {loss_sum:.2} over {n} tokens (the peer prints its own)");
+    let (fb, fwd) = p.flops();
+    eprintln!(
+        "products: forward_backward {:.1} GFLOP, forward_only {:.1} GFLOP; the cores' FMA \
+         peak {:.1} GFLOP/s (a pass at the peak: {:.3} s, {:.3} s)",
+        fb as f64 / 1e9,
+        fwd as f64 / 1e9,
+        peak_gflops(),
+        fb as f64 / 1e9 / peak_gflops(),
+        fwd as f64 / 1e9 / peak_gflops(),
+    );
     let mut g = c.benchmark_group("smollm2_lora_step");
     g.sample_size(10);
     g.throughput(Throughput::Elements((common::BATCH * common::SEQ) as u64));
@@ -58,13 +79,24 @@ fn train_step(c: &mut Criterion) {
     g.finish();
 }
 
-/// `--serve`: one JSON line when ready (SIMD level, loss), then one line of seconds per
-/// pass asked for, until stdin closes.
+/// The FMA peak of the bench's threads, GFLOP/s, measured once.
+fn peak_gflops() -> f64 {
+    static PEAK: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    *PEAK.get_or_init(|| fma_peak() / 1e9)
+}
+
+/// `--serve`: one JSON line when ready (SIMD level, loss, each pass's FLOPs, the FMA
+/// peak), then one line of seconds per pass asked for, until stdin closes.
 fn serve() {
     let mut p = Passes::new();
     let (loss_sum, _) = p.forward_backward();
     let simd = lalora_engine::backend::cpu::simd_level();
-    println!("{{\"simd\": \"{simd}\", \"loss_sum\": {loss_sum}}}");
+    let (fb, fwd) = p.flops();
+    println!(
+        "{{\"simd\": \"{simd}\", \"loss_sum\": {loss_sum}, \"flops\": {{\"forward_backward\": \
+         {fb}, \"forward\": {fwd}}}, \"fma_peak_gflops\": {:.1}}}",
+        peak_gflops()
+    );
     let mut out = std::io::stdout();
     out.flush().unwrap();
     for line in std::io::stdin().lock().lines() {

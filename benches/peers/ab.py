@@ -38,6 +38,14 @@ def main():
         ratios = [x / y for x, y in zip(a, b)]
         print(f"{name:18} {statistics.median(a):8.3f} {statistics.median(b):8.3f} "
               f"{statistics.median(ratios):14.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
+    # Each build's products per second against the cores' FMA peak, where its bench
+    # reports them (older builds do not).
+    for e, name, side in zip(engines, "AB", (0, 1)):
+        flops, peak = e.ready.get("flops"), e.ready.get("fma_peak_gflops")
+        if flops and peak:
+            rates = {p: flops[p] / 1e9 / statistics.median(times[p][side]) for p in passes}
+            print(f"{name}: FMA peak {peak:.1f} GFLOP/s; " + ", ".join(
+                f"{p} {r:.1f} GFLOP/s ({100 * r / peak:.0f} %)" for p, r in rates.items()))
 
 
 if __name__ == "__main__":

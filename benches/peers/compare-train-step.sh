@@ -29,7 +29,7 @@ if [ $interleaved = 1 ]; then
     cargo bench --quiet "${features[@]}" --bench train_step -- --serve
 fi
 cargo bench "${features[@]}" --bench train_step -- --warm-up-time 5 --measurement-time 40 2>&1 |
-  grep -E "bench backend|loss_sum|time:|thrpt:"
+  grep -E "bench backend|loss_sum|products:|time:|thrpt:"
 peer=$(benches/peers/.venv/bin/python benches/peers/torch_peft_step.py 2>/dev/null | tail -1)
 echo "$peer"
 python3 - "$peer" <<'PY'

@@ -70,6 +70,19 @@ def main():
         print(f"{name:18} {em:9.3f} {pm:9.3f} {tokens / em:13.1f} "
               f"{rm:16.2f}x ({min(ratios):.2f}-{max(ratios):.2f})")
         result[name] = {"engine_s": e, "peer_s": p, "speedup_median": rm}
+    # The products' FLOPs (the engine's count, cost::Flops: both sides run the same model,
+    # batch and adapters) over each side's median time, against the cores' FMA peak at
+    # the engine's SIMD level; absent from builds before the bench reported them.
+    flops, peak = ready.get("flops"), ready.get("fma_peak_gflops")
+    if flops and peak:
+        print(f"the cores' FMA peak at {ready['simd']}: {peak:.1f} GFLOP/s")
+        for name in PASSES:
+            g = flops[name] / 1e9
+            rates = [g / statistics.median(times[name][side]) for side in ("engine", "peer")]
+            print(f"{name:18} {g:7.1f} GFLOP: engine {rates[0]:6.1f} GFLOP/s "
+                  f"({100 * rates[0] / peak:.0f} % of the peak), torch {rates[1]:6.1f} "
+                  f"({100 * rates[1] / peak:.0f} %)")
+        result.update(flops=flops, fma_peak_gflops=peak)
     print(json.dumps(result))
 
 

@@ -11,6 +11,7 @@ pub mod gemm;
 mod lowrank;
 pub mod ops;
 pub mod optim;
+pub mod peak;
 mod vmath;
 pub mod weight;
 

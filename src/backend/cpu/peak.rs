@@ -7,9 +7,10 @@
 //!
 //! The loop holds twelve chains of FMAs in vector registers: with four cycles of latency
 //! and two FMA pipes a core needs eight in flight to issue one per pipe every cycle.
-//! Measured on a Zen 5 (2 vCPUs, 2026-12-02): 110-114 GFLOP/s a thread at AVX2 and 224
-//! at AVX-512; the gemm crate's AVX2 kernel ran SmolLM2's projection shapes (512 rows, one
-//! thread, weights in L3) at 88-98 % of the AVX2 figure.
+//! Measured on a Zen 5 (2 vCPUs, 2026-12-02): 111-122 GFLOP/s a thread at AVX2 and
+//! 224-253 at AVX-512, the clock moving with the host's load; the gemm crate's AVX2 kernel
+//! ran SmolLM2's projection shapes (512 rows, one thread, weights in L3) at 88-98 % of
+//! the AVX2 figure.
 
 use std::time::Instant;
 

@@ -40,7 +40,7 @@ def main():
               f"{statistics.median(ratios):14.3f} ({min(ratios):.3f}-{max(ratios):.3f})")
     # Each build's products per second against the cores' FMA peak, where its bench
     # reports them (older builds do not).
-    for e, name, side in zip(engines, "AB", (0, 1)):
+    for side, (e, name) in enumerate(zip(engines, "AB")):
         flops, peak = e.ready.get("flops"), e.ready.get("fma_peak_gflops")
         if flops and peak:
             rates = {p: flops[p] / 1e9 / statistics.median(times[p][side]) for p in passes}

@@ -44,18 +44,28 @@ pub fn fma_peak() -> f64 {
     .sum()
 }
 
-/// `iters` rounds of [`CHAINS`] FMAs at `level`: the FLOPs done and a value the caller
-/// keeps so that the loop cannot be dropped.
-fn run(level: Simd, iters: usize) -> (f64, f32) {
-    let fmas = (iters * CHAINS) as f64;
+/// f32 lanes of one FMA at `level`.
+fn lanes(level: Simd) -> usize {
     match level {
+        Simd::Avx512 => 16,
+        Simd::Avx2 => 8,
+        Simd::Below => 1,
+    }
+}
+
+/// `iters` rounds of [`CHAINS`] FMAs at `level`: the FLOPs done (2 per lane) and a value
+/// the caller keeps so that the loop cannot be dropped.
+fn run(level: Simd, iters: usize) -> (f64, f32) {
+    let flops = (iters * CHAINS * lanes(level) * 2) as f64;
+    let sink = match level {
         // SAFETY: `simd` reports only levels the CPU has.
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => (fmas * 32.0, unsafe { chains_avx512(iters) }),
+        Simd::Avx512 => unsafe { chains_avx512(iters) },
         #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => (fmas * 16.0, unsafe { chains_avx2(iters) }),
-        _ => (fmas * 2.0, chains_scalar(iters)),
-    }
+        Simd::Avx2 => unsafe { chains_avx2(iters) },
+        _ => chains_scalar(iters),
+    };
+    (flops, sink)
 }
 
 // The multiplier is below 1 and the addend small, so the chains converge instead of
@@ -113,19 +123,20 @@ mod tests {
 
     /// Every lane of every chain runs `x <- x MUL + ADD` from zero, one rounding per FMA as
     /// `f32::mul_add` rounds: after 10 rounds each holds the scalar chain's value, so the
-    /// sum is the lanes' count times it (an empty or shortened loop would leave less).
+    /// sum is the lanes' count times it (an empty or shortened loop would leave less, and
+    /// a level whose loop runs other than its `lanes` would leave another multiple).
     #[test]
     fn the_chains_run_their_fmas() {
-        let lanes = |l: Simd| match l {
-            Simd::Avx512 => 16.0,
-            Simd::Avx2 => 8.0,
-            Simd::Below => 1.0,
-        };
-        let level = simd();
-        let (flops, sink) = run(level, 10);
-        assert_eq!(flops, 10.0 * CHAINS as f64 * lanes(level) * 2.0);
-        let x = (0..10).fold(0f32, |x, _| x.mul_add(MUL, ADD));
-        let want = CHAINS as f32 * lanes(level) as f32 * x;
-        assert!((sink - want).abs() <= 1e-5 * want, "{sink} vs {want}");
+        for level in [simd(), Simd::Below] {
+            let n = (CHAINS * lanes(level)) as f32;
+            let (flops, sink) = run(level, 10);
+            assert_eq!(flops, 20.0 * n as f64);
+            let x = (0..10).fold(0f32, |x, _| x.mul_add(MUL, ADD));
+            assert!(
+                (sink - n * x).abs() <= 1e-5 * n * x,
+                "{level:?}: {sink} vs {}",
+                n * x
+            );
+        }
     }
 }

@@ -3,7 +3,11 @@
 
 mod common;
 
+use std::time::{Duration, Instant};
+
 use common::*;
+use lalora_engine::backend::cpu::CpuBackend;
+use lalora_engine::backend::timed::Timed;
 
 fn eval(extra: &[&str]) -> std::process::Output {
     bin()
@@ -49,4 +53,48 @@ fn eval_prints_each_op_and_the_same_results() {
     assert!(table.starts_with("op "), "{table}");
     assert!(table.lines().any(|l| l.starts_with("wall")), "{table}");
     assert!(!String::from_utf8(plain.stderr).unwrap().contains("wall"));
+}
+
+/// The cores column reads the process's CPU time: a thread spinning alone on the caller
+/// charges about one core, and two spinning side by side about two (on a machine with
+/// two cores; with one, both still charge CPU time and the figure is about one).
+#[test]
+fn cores_count_the_threads_that_ran() {
+    fn spin(d: Duration) {
+        let t = Instant::now();
+        let mut x = 0u64;
+        while t.elapsed() < d {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+    }
+    let be = CpuBackend::new(1);
+    let t = Timed::new(&be);
+    let d = Duration::from_millis(150);
+    {
+        let _w = t.stopwatch("one");
+        spin(d);
+    }
+    {
+        let _w = t.stopwatch("two");
+        std::thread::scope(|s| {
+            s.spawn(|| spin(d));
+            spin(d);
+        });
+    }
+    let totals = t.totals();
+    let cores = |op: &str| totals.iter().find(|(o, _)| *o == op).unwrap().1.cores();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    // Another process on the machine can take a core from the test's threads for a
+    // while; a third of one is the margin.
+    assert!(
+        (cores("one") - 1.0).abs() < 0.34,
+        "one thread: {}",
+        cores("one")
+    );
+    let want = cpus.min(2.0);
+    assert!(
+        (cores("two") - want).abs() < 0.34,
+        "two threads: {}",
+        cores("two")
+    );
 }

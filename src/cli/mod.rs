@@ -90,7 +90,8 @@ pub struct Common {
     pub quiet: bool,
     /// At the end, print on stderr where the time went, the longest first: on the CPU and
     /// sim, the wall time of each backend op (calls, seconds, share of the time since the
-    /// backend started); on a GPU, where kernels run asynchronously, the device time of
+    /// backend started, and cores kept busy: the process's CPU time over the op's wall
+    /// time); on a GPU, where kernels run asynchronously, the device time of
     /// each kernel and cuBLAS call shape (CUDA events around each launch).
     #[arg(long)]
     pub op_times: bool,

@@ -43,10 +43,17 @@ impl GgmlType {
         }
     }
 
-    /// Bytes taken by `n` elements, or `None` when `n` is not a whole number of blocks.
-    pub fn byte_size(self, n: usize) -> Option<usize> {
+    /// Bytes taken by `n` elements: `Err` names why there is no such size (`n` is not a
+    /// whole number of blocks, or its bytes overflow a `usize`: a corrupt header's dims can
+    /// multiply to 2^63 elements, whose 2^65 bytes would wrap to 0 unchecked).
+    pub fn byte_size(self, n: usize) -> Result<usize, String> {
         let (elems, bytes) = self.block();
-        n.is_multiple_of(elems).then(|| n / elems * bytes)
+        if !n.is_multiple_of(elems) {
+            return Err(format!("{n} elements of {self:?} are not whole blocks"));
+        }
+        (n / elems).checked_mul(bytes).ok_or_else(|| {
+            format!("{n} elements of {self:?} take more bytes than can be addressed")
+        })
     }
 }
 

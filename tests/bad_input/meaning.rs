@@ -154,6 +154,16 @@ fn gguf_layout_and_metadata() {
             "overflow",
         ),
         (
+            // 2^63 f32 elements fit a usize, their 2^65 bytes do not (they wrapped to 0,
+            // passed the layout check, and the allocation panicked: found by the fuzzer).
+            "bytes overflow",
+            Box::new(|g| {
+                let t = g.tensors.iter_mut().find(|t| t.ty == 0).unwrap();
+                t.dims = vec![1 << 63];
+            }),
+            "more bytes than can be addressed",
+        ),
+        (
             "offset overflow",
             Box::new(|g| g.tensors[0].offset = Some(u64::MAX - 63)),
             "truncated",

@@ -205,10 +205,7 @@ fn tensor_info(r: &mut Reader) -> Parse<TensorInfo> {
         .ok_or_else(|| format!("dimensions {dims:?} overflow"))?;
     let bytes = match GgmlType::from_id(ty) {
         None => None,
-        Some(t) => Some(
-            t.byte_size(n)
-                .ok_or_else(|| format!("{n} elements of {t:?} are not whole blocks"))?,
-        ),
+        Some(t) => Some(t.byte_size(n)?),
     };
     Ok(TensorInfo {
         dims,

@@ -52,16 +52,33 @@ pub fn run(args: &[OsString], dir: &Path) -> Result<Outcome, String> {
     }
 }
 
+/// A longer campaign than CI's, from the environment: `LALORA_FUZZ_SEED=S` adds `S` to
+/// every fuzzer's seed (other mutations) and `LALORA_FUZZ_CASES=X` multiplies its case
+/// count. Unset, each fuzzer runs its fixed seed and count. A bad value is refused, not
+/// ignored, so a campaign never runs CI's cases while claiming to run others.
+fn campaign(seed: u64, cases: usize) -> (u64, usize) {
+    let var = |name: &str| -> u64 {
+        std::env::var(name).map_or(0, |v| {
+            v.parse()
+                .unwrap_or_else(|_| panic!("{name}={v:?}: not a whole number"))
+        })
+    };
+    let (offset, times) = (var("LALORA_FUZZ_SEED"), var("LALORA_FUZZ_CASES"));
+    (seed + offset, cases * times.max(1) as usize)
+}
+
 /// Run `cases` mutated inputs: `make(m, dir)` writes one into `dir` and returns the
 /// arguments and a description of the mutation. Asserts every run is clean, that the
 /// unmutated input (case 0, `m` = None) runs, and that some mutations were refused and
 /// some ran (else the mutator reaches either no check or nothing past the first one).
+/// The seed and count are CI's unless [`campaign`]'s variables say otherwise.
 pub fn fuzz(
     name: &str,
     seed: u64,
     cases: usize,
     mut make: impl FnMut(Option<&mut Mutator>, &Path) -> (Vec<OsString>, String),
 ) {
+    let (seed, cases) = campaign(seed, cases);
     let root = tempfile::tempdir().unwrap();
     let mut m = Mutator::new(seed);
     let mut refused = 0;

@@ -1,5 +1,6 @@
 //! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header and
-//! metadata, config.json, JSONL rows, adapter_config.json, curvature metadata), each run
+//! metadata, config.json, JSONL rows, multiple-choice rows, adapter_config.json, curvature
+//! metadata), each run
 //! through the binary. Every run must succeed or end with exit 2 and one error line; a
 //! panic, an abort, a hang or a multi-line error fails the test, naming the seed, the case
 //! and the mutation. Exit 3 is accepted only for its documented cause, a non-finite
@@ -366,6 +367,66 @@ fn fuzz_curvature_metadata() {
             &"1",
             &"--out",
             &dir.join("out"),
+        ]);
+        (args, what)
+    });
+}
+
+/// Multiple-choice rows (`eval --choice`): mutated fields, and a row with flipped bytes.
+#[test]
+fn fuzz_choice_rows() {
+    let rows = vec![
+        json!({"question": "w1 w2 w3", "options": "\nA. w4\nB. w5 w6", "answer": "B. w5 w6"}),
+        json!({"question": "w7", "options": "\nA. w8\nB. w9\nC. w10", "answer": "A. w8"}),
+        json!({"passage": "w11 w12", "question": "w13", "options": "\nA. w14\nB. w15\nC. w16",
+            "answer": "C. w16"}),
+    ];
+    let domain = [
+        json!("\nA. w1\nB. w2"),
+        json!("\nA. w1"),
+        json!("\nB. w1\nA. w2"),
+        json!("\nA. \nB. "),
+        json!("A. w1"),
+        json!("B. w2"),
+        json!("Z. w1"),
+        json!("w1 big"),
+        json!(""),
+        json!("\u{1F600} \u{0}"),
+    ];
+    let root = tempfile::tempdir().unwrap();
+    let tok = root.path().join("tokenizer.json");
+    word_tokenizer(&tok);
+    fuzz("choice rows", 7, 150, |m, dir| {
+        let mut rows = rows.clone();
+        let mut raw_tail = String::new();
+        let what = match m {
+            None => "none".into(),
+            Some(m) => {
+                let i = m.below(rows.len());
+                match m.below(5) {
+                    0 => {
+                        let mut line = rows[i].to_string().into_bytes();
+                        let n = line.len();
+                        let w = m.flip_bytes(&mut line, 0..n, 1);
+                        raw_tail = String::from_utf8_lossy(&line).into_owned();
+                        format!("row {i}: {w}")
+                    }
+                    _ => format!("row {i}: {}", m.mutate_json(&mut rows[i], &domain)),
+                }
+            }
+        };
+        let mut text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+        text += &raw_tail;
+        let data = dir.join("mc.jsonl");
+        std::fs::write(&data, text).unwrap();
+        let args = os(&[
+            &"eval",
+            &"--model",
+            &tiny_model(),
+            &"--tokenizer",
+            &tok,
+            &"--choice",
+            &data,
         ]);
         (args, what)
     });

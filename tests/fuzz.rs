@@ -1,6 +1,6 @@
 //! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header and
-//! metadata, config.json, JSONL rows, multiple-choice rows, adapter_config.json, curvature
-//! metadata), each run
+//! metadata, config.json, JSONL rows, multiple-choice rows, adapter_config.json and the
+//! adapter's tensors, curvature metadata), each run
 //! through the binary. Every run must succeed or end with exit 2 and one error line; a
 //! panic, an abort, a hang or a multi-line error fails the test, naming the seed, the case
 //! and the mutation. Exit 3 is accepted only for its documented cause, a non-finite
@@ -94,46 +94,89 @@ fn fuzz_config_json() {
 #[test]
 fn fuzz_safetensors_header() {
     let bytes = std::fs::read(tiny_model().join("model.safetensors")).unwrap();
-    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
-    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
-    let data = &bytes[8..][n..];
     fuzz("safetensors header", 2, 150, |m, dir| {
-        let (file, what) = match m {
-            None => (bytes.clone(), "none".into()),
-            Some(m) => match m.below(6) {
-                0 => {
-                    let mut b = bytes.clone();
-                    let k = 1 + m.below(3);
-                    let w = m.flip_bytes(&mut b, 0..8 + n, k);
-                    (b, w)
-                }
-                1 => {
-                    let mut b = bytes.clone();
-                    let len = m.u64();
-                    b[..8].copy_from_slice(&len.to_le_bytes());
-                    (b, format!("header length {len}"))
-                }
-                k => {
-                    let mut h = header.clone();
-                    let w = if k == 2 {
-                        m.mutate_json(&mut h, &[json!("F16"), json!("I64"), json!([64])])
-                    } else {
-                        mutate_safetensors_header(&mut h, m)
-                    };
-                    let hb = h.to_string().into_bytes();
-                    let mut b = (hb.len() as u64).to_le_bytes().to_vec();
-                    b.extend(hb);
-                    b.extend(data);
-                    (b, w)
-                }
-            },
-        };
+        let (file, what) = mutated_safetensors(&bytes, m);
         let model = dir.join("model");
         std::fs::create_dir_all(&model).unwrap();
         std::fs::copy(tiny_model().join("config.json"), model.join("config.json")).unwrap();
         std::fs::write(model.join("model.safetensors"), file).unwrap();
         (eval_args(&model, &batch()), what)
     });
+}
+
+/// A PEFT adapter's tensors (`eval --adapter`): the safetensors header mutated as the
+/// model's above, or, one case in four, bytes of the tensors' values flipped (the file
+/// stays well-formed; a value can turn NaN). The adapter's tensors are small, so nearly
+/// every change to its header is refused; the flipped values are what mostly runs.
+#[test]
+fn fuzz_adapter_safetensors() {
+    let adapter = fixture("tiny-gqa/adapter");
+    let bytes = std::fs::read(adapter.join("adapter_model.safetensors")).unwrap();
+    let data_start = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    fuzz("adapter safetensors", 8, 150, |m, dir| {
+        let (file, what) = match m {
+            Some(m) => {
+                if m.below(4) == 0 {
+                    let mut b = bytes.clone();
+                    let k = 1 + m.below(3);
+                    let w = m.flip_bytes(&mut b, data_start..bytes.len(), k);
+                    (b, format!("values: {w}"))
+                } else {
+                    mutated_safetensors(&bytes, Some(m))
+                }
+            }
+            None => mutated_safetensors(&bytes, None),
+        };
+        let a = dir.join("adapter");
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::copy(
+            adapter.join("adapter_config.json"),
+            a.join("adapter_config.json"),
+        )
+        .unwrap();
+        std::fs::write(a.join("adapter_model.safetensors"), file).unwrap();
+        let mut args = eval_args(&tiny_model(), &batch());
+        args.extend(os(&[&"--adapter", &a]));
+        (args, what)
+    });
+}
+
+/// A safetensors file (`bytes`) with one mutation (none without `m`): flipped header
+/// bytes, a wrong header length, or a header changed as JSON or tensor by tensor.
+fn mutated_safetensors(bytes: &[u8], m: Option<&mut mutate::Mutator>) -> (Vec<u8>, String) {
+    let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    let header: Value = serde_json::from_slice(&bytes[8..8 + n]).unwrap();
+    let data = &bytes[8..][n..];
+    let Some(m) = m else {
+        return (bytes.to_vec(), "none".into());
+    };
+    match m.below(6) {
+        0 => {
+            let mut b = bytes.to_vec();
+            let k = 1 + m.below(3);
+            let w = m.flip_bytes(&mut b, 0..8 + n, k);
+            (b, w)
+        }
+        1 => {
+            let mut b = bytes.to_vec();
+            let len = m.u64();
+            b[..8].copy_from_slice(&len.to_le_bytes());
+            (b, format!("header length {len}"))
+        }
+        k => {
+            let mut h = header;
+            let w = if k == 2 {
+                m.mutate_json(&mut h, &[json!("F16"), json!("I64"), json!([64])])
+            } else {
+                mutate_safetensors_header(&mut h, m)
+            };
+            let hb = h.to_string().into_bytes();
+            let mut b = (hb.len() as u64).to_le_bytes().to_vec();
+            b.extend(hb);
+            b.extend(data);
+            (b, w)
+        }
+    }
 }
 
 #[test]

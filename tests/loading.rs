@@ -34,7 +34,7 @@ fn ggml_dequantisation_matches_gguf_py() {
             .collect();
         assert_eq!(
             ty.byte_size(want.len()),
-            Some(raw.data().len()),
+            Ok(raw.data().len()),
             "{name} block size"
         );
         let mut got = vec![0f32; want.len()];

@@ -1,7 +1,10 @@
 //! Tokenizers: an HF `tokenizer.json`, or the GPT-2 byte-level BPE embedded in a GGUF file,
 //! both through the `tokenizers` crate so token ids equal HF's.
 
+use std::cell::Cell;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::BPE;
@@ -31,6 +34,27 @@ pub struct Tokenizer {
 
 fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::file(path, format!("tokenizer: {e}"))
+}
+
+thread_local! {
+    /// Set while this thread runs a [`Tokenizer::guarded`] call: its panic is reported as an
+    /// error, so the panic hook stays silent.
+    static IN_GUARD: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Wraps the process's panic hook once, so that it skips panics raised inside
+/// [`Tokenizer::guarded`] (each of those ends in an error line of its own) and reports
+/// every other panic as before.
+fn silence_guarded_panics() {
+    static HOOK: Once = Once::new();
+    HOOK.call_once(|| {
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if !IN_GUARD.with(Cell::get) {
+                previous(info);
+            }
+        }));
+    });
 }
 
 impl Tokenizer {
@@ -167,6 +191,31 @@ impl Tokenizer {
         })
     }
 
+    /// Runs `f`, a call into the `tokenizers` crate, turning a panic into an error naming
+    /// the tokenizer's file. Why: the crate reads tokenizer.json without the checks its
+    /// builders make. A `TemplateProcessing` post-processor that names a special token it
+    /// does not define loads, then panics on the first encoding (found by
+    /// `tests/fuzz.rs`); a user's file must end in a one-line error, not a panic.
+    fn guarded<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+        silence_guarded_panics();
+        let was = IN_GUARD.with(|g| g.replace(true));
+        // The tokenizer is only read by `f`; a panic leaves nothing half-changed that is
+        // used after (the command ends with the error).
+        let r = catch_unwind(AssertUnwindSafe(f));
+        IN_GUARD.with(|g| g.set(was));
+        r.map_err(|payload| {
+            let msg = payload
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| payload.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tok_err(
+                &self.path,
+                format!("the tokenizers library failed while {what} ({msg}); is this tokenizer.json well-formed?"),
+            )
+        })
+    }
+
     /// `ids` if the model's embedding has every one of them.
     fn in_vocab(&self, ids: Vec<u32>) -> Result<Vec<u32>> {
         match ids.iter().find(|&&id| id as usize >= self.model_vocab) {
@@ -185,8 +234,7 @@ impl Tokenizer {
     /// Token ids of `text` with no special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
-            .inner
-            .encode_fast(text, false)
+            .guarded("encoding", || self.inner.encode_fast(text, false))?
             .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
         self.in_vocab(enc.get_ids().to_vec())
     }
@@ -194,8 +242,7 @@ impl Tokenizer {
     /// Token ids with the tokenizer's own post-processing (BOS where the model adds one).
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
         let enc = self
-            .inner
-            .encode_fast(text, true)
+            .guarded("encoding", || self.inner.encode_fast(text, true))?
             .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if let Some(bos) = self.add_bos
@@ -207,8 +254,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner
-            .decode(ids, true)
+        self.guarded("decoding", || self.inner.decode(ids, true))?
             .map_err(|e| Error::usage(format!("tokenizer: {e}")))
     }
 

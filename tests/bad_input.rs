@@ -309,6 +309,43 @@ fn text_rows_without_tokenizer() {
     );
 }
 
+/// A tokenizer.json whose post-processor template names a special token it does not
+/// define: the tokenizers crate loads it without its builder's checks and panics on the
+/// first encoding (found by `tests/fuzz.rs`); the engine reports the file instead.
+#[test]
+fn tokenizer_template_without_its_special_token() {
+    let d = tempfile::tempdir().unwrap();
+    let vocab: serde_json::Map<String, serde_json::Value> = ["[UNK]", "w1", "w2"]
+        .iter()
+        .enumerate()
+        .map(|(i, w)| (w.to_string(), serde_json::json!(i)))
+        .collect();
+    let tok = serde_json::json!({"version": "1.0", "truncation": null, "padding": null,
+        "added_tokens": [], "normalizer": null, "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": {"type": "TemplateProcessing",
+            "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}},
+                {"Sequence": {"id": "A", "type_id": 0}}],
+            "pair": [{"Sequence": {"id": "A", "type_id": 0}},
+                {"Sequence": {"id": "B", "type_id": 1}}],
+            "special_tokens": {}},
+        "decoder": null, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}});
+    let t = d.path().join("tokenizer.json");
+    std::fs::write(&t, tok.to_string()).unwrap();
+    let data = d.path().join("text.jsonl");
+    std::fs::write(&data, "{\"text\": \"w1 w2\"}\n").unwrap();
+    let r = run(
+        &[
+            "eval",
+            "--model",
+            fixture("tiny-gqa/model").to_str().unwrap(),
+            "--data",
+        ],
+        &[&data, Path::new("--tokenizer"), &t],
+    );
+    assert_clean_error(&r, "tokenizer.json", "template without its special token");
+    assert!(r.stderr.contains("well-formed"), "{}", r.stderr);
+}
+
 #[test]
 fn bad_adapter_shape() {
     let d = tempfile::tempdir().unwrap();

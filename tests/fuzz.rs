@@ -1,6 +1,6 @@
 //! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header and
-//! metadata, config.json, JSONL rows, multiple-choice rows, adapter_config.json and the
-//! adapter's tensors, curvature metadata), each run
+//! metadata, config.json, tokenizer.json, JSONL rows, multiple-choice rows,
+//! adapter_config.json and the adapter's tensors, curvature metadata), each run
 //! through the binary. Every run must succeed or end with exit 2 and one error line; a
 //! panic, an abort, a hang or a multi-line error fails the test, naming the seed, the case
 //! and the mutation. Exit 3 is accepted only for its documented cause, a non-finite
@@ -471,6 +471,64 @@ fn fuzz_choice_rows() {
             &"--choice",
             &data,
         ]);
+        (args, what)
+    });
+}
+
+/// A tokenizer.json (`--tokenizer`) mutated as JSON: the word-level one, or one with added
+/// tokens, a normalizer and a post-processor, so that those sections are reached too.
+#[test]
+fn fuzz_tokenizer_json() {
+    let root = tempfile::tempdir().unwrap();
+    let words = root.path().join("words.json");
+    word_tokenizer(&words);
+    let plain = read_json(&words);
+    let mut rich = plain.clone();
+    rich["added_tokens"] = json!([{"id": 7, "content": "<s>", "single_word": false,
+        "lstrip": false, "rstrip": false, "normalized": false, "special": true}]);
+    rich["normalizer"] = json!({"type": "Lowercase"});
+    rich["post_processor"] = json!({"type": "TemplateProcessing",
+        "single": [{"SpecialToken": {"id": "<s>", "type_id": 0}}, {"Sequence": {"id": "A", "type_id": 0}}],
+        "pair": [{"Sequence": {"id": "A", "type_id": 0}}, {"Sequence": {"id": "B", "type_id": 1}}],
+        "special_tokens": {"<s>": {"id": "<s>", "ids": [7], "tokens": ["<s>"]}}});
+    let data = root.path().join("text.jsonl");
+    std::fs::write(
+        &data,
+        "{\"text\": \"w1 W2 w3 <s> w4 w5\"}\n{\"text\": \"w9 w8\"}\n",
+    )
+    .unwrap();
+    let domain = [
+        json!("WordLevel"),
+        json!("BPE"),
+        json!("WordPiece"),
+        json!("Unigram"),
+        json!({"type": "Whitespace"}),
+        json!({"type": "ByteLevel"}),
+        json!({"w1": 600}),
+        json!({"w1": 1}),
+        json!([["w1", 0.5]]),
+        json!(["w1 w2"]),
+        json!(-1),
+        json!(4294967296u64),
+        json!("[UNK]"),
+    ];
+    fuzz("tokenizer.json", 9, 150, |m, dir| {
+        let (mut tok, what) = match m {
+            Some(m) => {
+                let mut t = if m.below(2) == 0 {
+                    plain.clone()
+                } else {
+                    rich.clone()
+                };
+                let w = m.mutate_json(&mut t, &domain);
+                (t, w)
+            }
+            None => (rich.clone(), "none".into()),
+        };
+        let p = dir.join("tokenizer.json");
+        std::fs::write(&p, std::mem::take(&mut tok).to_string()).unwrap();
+        let mut args = eval_args(&tiny_model(), &data);
+        args.extend(os(&[&"--tokenizer", &p, &"--max-len", &"64"]));
         (args, what)
     });
 }

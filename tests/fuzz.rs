@@ -1,6 +1,6 @@
 //! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header and
 //! metadata, config.json, tokenizer.json, JSONL rows, multiple-choice rows,
-//! adapter_config.json and the adapter's tensors, curvature metadata), each run
+//! adapter_config.json and the adapter's tensors, curvature files), each run
 //! through the binary. Every run must succeed or end with exit 2 and one error line; a
 //! panic, an abort, a hang or a multi-line error fails the test, naming the seed, the case
 //! and the mutation. Exit 3 is accepted only for its documented cause, a non-finite
@@ -306,8 +306,10 @@ fn fuzz_adapter_config() {
     });
 }
 
+/// A curvature file (`train --curvature`): its metadata, or its tensors' presence, values
+/// and shapes.
 #[test]
-fn fuzz_curvature_metadata() {
+fn fuzz_curvature_file() {
     use lalora_engine::io::{TensorFile, write_safetensors};
     let root = tempfile::tempdir().unwrap();
     let mut files = Vec::new();
@@ -360,31 +362,57 @@ fn fuzz_curvature_metadata() {
         "lalora-curvature/1",
         "model (1 bytes, fingerprint 0)",
     ];
-    fuzz("curvature metadata", 6, 120, |m, dir| {
+    fuzz("curvature file", 6, 120, |m, dir| {
         let (f, m) = match m {
             Some(m) => (&files[m.below(2)], Some(m)),
             None => (&files[0], None),
         };
         let mut meta = f.metadata.clone();
-        let mut tensors: Vec<(String, Vec<usize>, &[f32])> = f
+        let mut tensors: Vec<(String, Vec<usize>, Vec<f32>)> = f
             .tensors
             .iter()
-            .map(|(k, (s, d))| (k.clone(), s.clone(), d.as_slice()))
+            .map(|(k, (s, d))| (k.clone(), s.clone(), d.clone()))
             .collect();
         let what = match m {
             None => "none".into(),
             Some(m) => {
                 let keys: Vec<String> = meta.keys().cloned().collect();
                 let key = m.pick(&keys).clone();
-                match m.below(5) {
+                let i = m.below(tensors.len());
+                match m.below(7) {
                     0 => {
                         meta.remove(&key);
                         format!("removed {key}")
                     }
                     1 => {
-                        let i = m.below(tensors.len());
                         let name = tensors.remove(i).0;
                         format!("removed tensor {name}")
+                    }
+                    // A value no estimate produces (a precision must be finite and not
+                    // negative) or an extreme one.
+                    2 => {
+                        let (name, _, d) = &mut tensors[i];
+                        let j = m.below(d.len().max(1)).min(d.len().saturating_sub(1));
+                        let v = *m.pick(&[f32::NAN, f32::INFINITY, -1.0, -1e30, 1e30, 0.0]);
+                        if let Some(x) = d.get_mut(j) {
+                            *x = v;
+                        }
+                        format!("tensor {name}[{j}] = {v}")
+                    }
+                    // The same values under another shape, or one element short.
+                    3 => {
+                        let (name, shape, d) = &mut tensors[i];
+                        let n = d.len();
+                        let was = shape.clone();
+                        *shape = match m.below(3) {
+                            0 => vec![n],
+                            1 => shape.iter().rev().copied().collect(),
+                            _ => {
+                                d.pop();
+                                vec![n.saturating_sub(1)]
+                            }
+                        };
+                        format!("tensor {name} shape {was:?} -> {shape:?}")
                     }
                     _ => {
                         let v = m.pick(&values).to_string();
@@ -395,7 +423,11 @@ fn fuzz_curvature_metadata() {
             }
         };
         let p = dir.join("c.safetensors");
-        write_safetensors(&p, &tensors, meta).unwrap();
+        let views: Vec<(String, Vec<usize>, &[f32])> = tensors
+            .iter()
+            .map(|(k, s, d)| (k.clone(), s.clone(), d.as_slice()))
+            .collect();
+        write_safetensors(&p, &views, meta).unwrap();
         let args = os(&[
             &"train",
             &"--model",

@@ -1,6 +1,6 @@
 //! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header and
 //! metadata, config.json, tokenizer.json, JSONL rows, multiple-choice rows,
-//! adapter_config.json and the adapter's tensors, curvature files), each run
+//! adapter_config.json and the adapter's tensors, curvature files, checkpoints), each run
 //! through the binary. Every run must succeed or end with exit 2 and one error line; a
 //! panic, an abort, a hang or a multi-line error fails the test, naming the seed, the case
 //! and the mutation. Exit 3 is accepted only for its documented cause, a non-finite
@@ -562,5 +562,97 @@ fn fuzz_tokenizer_json() {
         let mut args = eval_args(&tiny_model(), &data);
         args.extend(os(&[&"--tokenizer", &p, &"--max-len", &"64"]));
         (args, what)
+    });
+}
+
+/// A checkpoint (`train --resume`): its trainer_state.json, optimizer moments, adapter or
+/// metrics mutated. The unmutated case is the checkpoint of a finished 2-step run moved
+/// back to step 1 (its state and metrics), so that the resume runs a step on what it read.
+#[test]
+fn fuzz_checkpoint() {
+    let root = tempfile::tempdir().unwrap();
+    let train = |out: &Path, resume: bool| {
+        let mut a = os(&[
+            &"train",
+            &"--model",
+            &tiny_model(),
+            &"--data",
+            &batch(),
+            &"--steps",
+            &"2",
+            &"--checkpoint-every",
+            &"1",
+            &"--out",
+            &out,
+        ]);
+        if resume {
+            a.push("--resume".into());
+        }
+        a
+    };
+    let first = root.path().join("first");
+    assert_eq!(run(&train(&first, false), root.path()), Ok(Outcome::Ok));
+    let slot = std::fs::read_link(first.join("checkpoint")).unwrap();
+    let saved = first.join(slot);
+    let read = |f: &str| std::fs::read(saved.join(f)).unwrap();
+    let mut state: Value = serde_json::from_slice(&read("trainer_state.json")).unwrap();
+    state["step"] = json!(1);
+    let metrics = String::from_utf8(read("metrics.jsonl")).unwrap();
+    let first_line = metrics.lines().next().unwrap().to_string();
+    let (optimizer, adapter) = (
+        read("optimizer.safetensors"),
+        read("adapter_model.safetensors"),
+    );
+    let config = read("adapter_config.json");
+    let domain = [
+        json!(0),
+        json!(1),
+        json!(2),
+        json!(3),
+        json!("cosine"),
+        json!("linear"),
+        json!(1e-3),
+        json!(["q_proj"]),
+        json!("xxh3-0000000000000000"),
+    ];
+    fuzz("checkpoint", 10, 150, |m, dir| {
+        let (mut state, mut metrics) = (state.clone(), format!("{first_line}\n"));
+        let (mut optimizer, mut adapter) = (optimizer.clone(), adapter.clone());
+        let what = match m {
+            None => "none".into(),
+            Some(m) => match m.below(4) {
+                0 => format!("trainer_state {}", m.mutate_json(&mut state, &domain)),
+                1 => {
+                    let (b, w) = mutated_safetensors(&optimizer, Some(m));
+                    optimizer = b;
+                    format!("optimizer {w}")
+                }
+                2 => {
+                    let (b, w) = mutated_safetensors(&adapter, Some(m));
+                    adapter = b;
+                    format!("adapter {w}")
+                }
+                _ => {
+                    let mut row: Value = serde_json::from_str(&first_line).unwrap();
+                    let w = m.mutate_json(&mut row, &domain);
+                    metrics = if m.below(4) == 0 {
+                        String::new()
+                    } else {
+                        format!("{row}\n")
+                    };
+                    format!("metrics {w}")
+                }
+            },
+        };
+        let out = dir.join("out");
+        let slot = out.join("checkpoint-a");
+        std::fs::create_dir_all(&slot).unwrap();
+        std::fs::write(slot.join("trainer_state.json"), state.to_string()).unwrap();
+        std::fs::write(slot.join("metrics.jsonl"), metrics).unwrap();
+        std::fs::write(slot.join("optimizer.safetensors"), optimizer).unwrap();
+        std::fs::write(slot.join("adapter_model.safetensors"), adapter).unwrap();
+        std::fs::write(slot.join("adapter_config.json"), &config).unwrap();
+        std::os::unix::fs::symlink("checkpoint-a", out.join("checkpoint")).unwrap();
+        (train(&out, true), what)
     });
 }

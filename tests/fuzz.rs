@@ -231,32 +231,44 @@ fn fuzz_jsonl_rows() {
     let tok = root.path().join("tokenizer.json");
     word_tokenizer(&tok);
     fuzz("jsonl", 4, 150, |m, dir| {
-        let mut rows = rows.clone();
-        let mut raw_tail = String::new();
-        let what = match m {
-            None => "none".into(),
-            Some(m) => {
-                let i = m.below(rows.len());
-                match m.below(5) {
-                    0 => {
-                        let mut line = rows[i].to_string().into_bytes();
-                        let n = line.len();
-                        let w = m.flip_bytes(&mut line, 0..n, 1);
-                        raw_tail = String::from_utf8_lossy(&line).into_owned();
-                        format!("row {i}: {w}")
-                    }
-                    _ => format!("row {i}: {}", m.mutate_json(&mut rows[i], &domain)),
-                }
-            }
-        };
-        let mut text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-        text += &raw_tail;
+        let (text, what) = mutated_rows(&rows, m, &domain);
         let data = dir.join("data.jsonl");
         std::fs::write(&data, text).unwrap();
         let mut args = eval_args(&tiny_model(), &data);
         args.extend(os(&[&"--tokenizer", &tok, &"--max-len", &"64"]));
         (args, what)
     });
+}
+
+/// JSONL text of `rows`, one mutated (none without `m`): a field changed as JSON, or the
+/// row's bytes with one flipped, appended as a last line. Returns the text and what was
+/// done.
+fn mutated_rows(
+    rows: &[Value],
+    m: Option<&mut mutate::Mutator>,
+    domain: &[Value],
+) -> (String, String) {
+    let mut rows = rows.to_vec();
+    let mut raw_tail = String::new();
+    let what = match m {
+        None => "none".into(),
+        Some(m) => {
+            let i = m.below(rows.len());
+            match m.below(5) {
+                0 => {
+                    let mut line = rows[i].to_string().into_bytes();
+                    let n = line.len();
+                    let w = m.flip_bytes(&mut line, 0..n, 1);
+                    raw_tail = String::from_utf8_lossy(&line).into_owned();
+                    format!("row {i}: {w}")
+                }
+                _ => format!("row {i}: {}", m.mutate_json(&mut rows[i], domain)),
+            }
+        }
+    };
+    let mut text: String = rows.iter().map(|r| format!("{r}\n")).collect();
+    text += &raw_tail;
+    (text, what)
 }
 
 #[test]
@@ -472,26 +484,7 @@ fn fuzz_choice_rows() {
     let tok = root.path().join("tokenizer.json");
     word_tokenizer(&tok);
     fuzz("choice rows", 7, 150, |m, dir| {
-        let mut rows = rows.clone();
-        let mut raw_tail = String::new();
-        let what = match m {
-            None => "none".into(),
-            Some(m) => {
-                let i = m.below(rows.len());
-                match m.below(5) {
-                    0 => {
-                        let mut line = rows[i].to_string().into_bytes();
-                        let n = line.len();
-                        let w = m.flip_bytes(&mut line, 0..n, 1);
-                        raw_tail = String::from_utf8_lossy(&line).into_owned();
-                        format!("row {i}: {w}")
-                    }
-                    _ => format!("row {i}: {}", m.mutate_json(&mut rows[i], &domain)),
-                }
-            }
-        };
-        let mut text: String = rows.iter().map(|r| format!("{r}\n")).collect();
-        text += &raw_tail;
+        let (text, what) = mutated_rows(&rows, m, &domain);
         let data = dir.join("mc.jsonl");
         std::fs::write(&data, text).unwrap();
         let args = os(&[

@@ -15,6 +15,8 @@ pub mod peak;
 mod vmath;
 pub mod weight;
 
+use rayon::prelude::*;
+
 use self::gemm::{Mat, gemm, gemm_new};
 use self::weight::CpuWeight;
 use super::group::{GradFeeds, LoraGroup, ProjBwd, ProjFwd, Projected};
@@ -556,6 +558,15 @@ impl Backend for CpuBackend {
         Ok(x.iter().zip(y).map(|(a, b)| *a as f64 * *b as f64).sum())
     }
 
+    /// Each pair's [`dot`](Backend::dot), the pairs spread over the pool: the same sums, so
+    /// the same numbers as one after another. Why: a step's norms and finiteness checks
+    /// are about 420 dots over 2.4M values (SmolLM2, r = 8 on all seven projections),
+    /// each a chain of dependent f64 adds that one core runs at about one add per
+    /// latency; done in turn they took 6.5 ms a call with the other cores idle.
+    fn dots(&self, pairs: &[(&Vec<f32>, &Vec<f32>)]) -> Result<Vec<f64>> {
+        pairs.par_iter().map(|(x, y)| self.dot(x, y)).collect()
+    }
+
     fn adamw_step(
         &self,
         p: &mut Vec<f32>,
@@ -571,5 +582,45 @@ impl Backend for CpuBackend {
             .map(|d| (d.mean.as_slice(), d.precision.as_slice(), d.lambda));
         optim::adamw_step(p, g, m, v, h, grad_scale, pen);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `dots` over the pool gives each pair's sequential `dot`, bit for bit: the training
+    /// step's norms (and so its clipping) do not depend on the pool's size.
+    #[test]
+    fn dots_are_each_pairs_dot() {
+        let val = |i: usize, s: usize| ((i * s % 1009) as f32 - 504.0) / 7.0;
+        let vecs: Vec<(Vec<f32>, Vec<f32>)> = [0usize, 1, 17, 1000, 4099]
+            .iter()
+            .enumerate()
+            .map(|(k, &n)| {
+                let x = (0..n).map(|i| val(i, 7919 + k)).collect();
+                let y = (0..n).map(|i| val(i, 104729 + k)).collect();
+                (x, y)
+            })
+            .collect();
+        let pairs: Vec<(&Vec<f32>, &Vec<f32>)> = vecs.iter().map(|(x, y)| (x, y)).collect();
+        let be = CpuBackend::new(2);
+        let want: Vec<u64> = pairs
+            .iter()
+            .map(|(x, y)| be.dot(x, y).unwrap().to_bits())
+            .collect();
+        for threads in [1, 2, 3] {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let got: Vec<u64> = pool
+                .install(|| be.dots(&pairs))
+                .unwrap()
+                .iter()
+                .map(|d| d.to_bits())
+                .collect();
+            assert_eq!(got, want, "{threads} threads");
+        }
     }
 }

@@ -211,7 +211,7 @@ impl Tokenizer {
                 .unwrap_or_else(|| "no message".into());
             tok_err(
                 &self.path,
-                format!("the tokenizers library failed while {what} ({msg}); is this tokenizer.json well-formed?"),
+                format!("the tokenizers library failed while {what} ({msg}); is the tokenizer well-formed?"),
             )
         })
     }

@@ -37,13 +37,13 @@ fn tok_err(path: &Path, e: impl std::fmt::Display) -> Error {
 }
 
 thread_local! {
-    /// Set while this thread runs a [`Tokenizer::guarded`] call: its panic is reported as an
+    /// Set while this thread runs a [`guarded`] call: its panic is reported as an
     /// error, so the panic hook stays silent.
     static IN_GUARD: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Wraps the process's panic hook once, so that it skips panics raised inside
-/// [`Tokenizer::guarded`] (each of those ends in an error line of its own) and reports
+/// [`guarded`] (each of those ends in an error line of its own) and reports
 /// every other panic as before.
 fn silence_guarded_panics() {
     static HOOK: Once = Once::new();
@@ -57,6 +57,33 @@ fn silence_guarded_panics() {
     });
 }
 
+/// Runs `f`, a call into the `tokenizers` crate on the tokenizer read from `path`, turning
+/// a panic into an error naming that file. Why: the crate reads tokenizer.json without
+/// the checks its builders make. A `TemplateProcessing` post-processor that names a
+/// special token it does not define loads, then panics on the first encoding (found by
+/// `tests/fuzz.rs`); a user's file must end in a one-line error, not a panic.
+fn guarded<T>(path: &Path, what: &str, f: impl FnOnce() -> T) -> Result<T> {
+    silence_guarded_panics();
+    let was = IN_GUARD.with(|g| g.replace(true));
+    // `f` only reads the tokenizer (or builds it); a panic leaves nothing half-changed that
+    // is used after: the command ends with the error.
+    let r = catch_unwind(AssertUnwindSafe(f));
+    IN_GUARD.with(|g| g.set(was));
+    r.map_err(|payload| {
+        let msg = payload
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| payload.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "no message".into());
+        tok_err(
+            path,
+            format!(
+                "the tokenizers library failed while {what} ({msg}); is the tokenizer well-formed?"
+            ),
+        )
+    })
+}
+
 impl Tokenizer {
     /// An HF `tokenizer.json` for a model of `model_vocab` tokens whose EOS is `eos` (from
     /// its configuration, already checked against the vocabulary).
@@ -64,7 +91,10 @@ impl Tokenizer {
         if !path.exists() {
             return Err(Error::file(path, "not found"));
         }
-        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| tok_err(path, e))?;
+        let inner = guarded(path, "reading it", || {
+            tokenizers::Tokenizer::from_file(path)
+        })?
+        .map_err(|e| tok_err(path, e))?;
         Ok(Tokenizer {
             inner,
             add_bos: None,
@@ -191,31 +221,6 @@ impl Tokenizer {
         })
     }
 
-    /// Runs `f`, a call into the `tokenizers` crate, turning a panic into an error naming
-    /// the tokenizer's file. Why: the crate reads tokenizer.json without the checks its
-    /// builders make. A `TemplateProcessing` post-processor that names a special token it
-    /// does not define loads, then panics on the first encoding (found by
-    /// `tests/fuzz.rs`); a user's file must end in a one-line error, not a panic.
-    fn guarded<T>(&self, what: &str, f: impl FnOnce() -> T) -> Result<T> {
-        silence_guarded_panics();
-        let was = IN_GUARD.with(|g| g.replace(true));
-        // The tokenizer is only read by `f`; a panic leaves nothing half-changed that is
-        // used after (the command ends with the error).
-        let r = catch_unwind(AssertUnwindSafe(f));
-        IN_GUARD.with(|g| g.set(was));
-        r.map_err(|payload| {
-            let msg = payload
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| payload.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
-            tok_err(
-                &self.path,
-                format!("the tokenizers library failed while {what} ({msg}); is the tokenizer well-formed?"),
-            )
-        })
-    }
-
     /// `ids` if the model's embedding has every one of them.
     fn in_vocab(&self, ids: Vec<u32>) -> Result<Vec<u32>> {
         match ids.iter().find(|&&id| id as usize >= self.model_vocab) {
@@ -233,17 +238,19 @@ impl Tokenizer {
 
     /// Token ids of `text` with no special tokens added.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .guarded("encoding", || self.inner.encode_fast(text, false))?
-            .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
+        let enc = guarded(&self.path, "encoding", || {
+            self.inner.encode_fast(text, false)
+        })?
+        .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
         self.in_vocab(enc.get_ids().to_vec())
     }
 
     /// Token ids with the tokenizer's own post-processing (BOS where the model adds one).
     pub fn encode_with_special(&self, text: &str) -> Result<Vec<u32>> {
-        let enc = self
-            .guarded("encoding", || self.inner.encode_fast(text, true))?
-            .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
+        let enc = guarded(&self.path, "encoding", || {
+            self.inner.encode_fast(text, true)
+        })?
+        .map_err(|e| Error::usage(format!("tokenizer: {e}")))?;
         let mut ids = enc.get_ids().to_vec();
         if let Some(bos) = self.add_bos
             && ids.first() != Some(&bos)
@@ -254,7 +261,7 @@ impl Tokenizer {
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.guarded("decoding", || self.inner.decode(ids, true))?
+        guarded(&self.path, "decoding", || self.inner.decode(ids, true))?
             .map_err(|e| Error::usage(format!("tokenizer: {e}")))
     }
 

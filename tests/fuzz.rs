@@ -1,6 +1,7 @@
 //! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header and
 //! metadata, config.json, tokenizer.json, JSONL rows, multiple-choice rows,
-//! adapter_config.json and the adapter's tensors, curvature files, checkpoints), each run
+//! adapter_config.json and the adapter's tensors, curvature files, checkpoints, prompts
+//! for self-generated data), each run
 //! through the binary. Every run must succeed or end with exit 2 and one error line; a
 //! panic, an abort, a hang or a multi-line error fails the test, naming the seed, the case
 //! and the mutation. Exit 3 is accepted only for its documented cause, a non-finite
@@ -647,5 +648,80 @@ fn fuzz_checkpoint() {
         std::fs::write(slot.join("adapter_config.json"), &config).unwrap();
         std::os::unix::fs::symlink("checkpoint-a", out.join("checkpoint")).unwrap();
         (train(&out, true), what)
+    });
+}
+
+/// `curvature --data self:N --self-prompts FILE`: the prompts file's lines mutated (bytes
+/// flipped, lines emptied, repeated until they outgrow the model's positions, words the
+/// vocabulary lacks or maps beyond the model's).
+#[test]
+fn fuzz_self_prompts() {
+    let root = tempfile::tempdir().unwrap();
+    let tok = root.path().join("tokenizer.json");
+    word_tokenizer(&tok);
+    let lines = ["w1 w2 w3", "w4", "w5 w6 w7 w8"];
+    let pieces = [
+        "",
+        " ",
+        "\t",
+        "big",
+        "w9",
+        "\u{0}",
+        "\u{1F600}",
+        "\r",
+        "x y z",
+    ];
+    fuzz("self prompts", 11, 150, |m, dir| {
+        let mut text: Vec<String> = lines.iter().map(|l| l.to_string()).collect();
+        let what = match m {
+            None => "none".into(),
+            Some(m) => {
+                let i = m.below(text.len());
+                match m.below(4) {
+                    0 => {
+                        let mut b = text[i].clone().into_bytes();
+                        let n = b.len();
+                        let k = 1 + m.below(2);
+                        let w = m.flip_bytes(&mut b, 0..n, k);
+                        text[i] = String::from_utf8_lossy(&b).into_owned();
+                        format!("line {i}: {w}")
+                    }
+                    1 => {
+                        let times = *m.pick(&[0usize, 2, 40, 200]);
+                        text[i] = vec![text[i].as_str(); times].join(" ");
+                        format!("line {i} x {times}")
+                    }
+                    _ => {
+                        let p = *m.pick(&pieces);
+                        text[i] = format!("{} {p}", text[i]);
+                        format!("line {i} + {p:?}")
+                    }
+                }
+            }
+        };
+        let prompts = dir.join("prompts.txt");
+        std::fs::write(&prompts, text.join("\n")).unwrap();
+        let args = os(&[
+            &"curvature",
+            &"--model",
+            &tiny_model(),
+            &"--tokenizer",
+            &tok,
+            &"--data",
+            &"self:3",
+            &"--self-prompts",
+            &prompts,
+            &"--self-tokens",
+            &"4",
+            &"--scheme",
+            &"diag",
+            &"--rank",
+            &"2",
+            &"--targets",
+            &"q_proj",
+            &"--out",
+            &dir.join("c.safetensors"),
+        ]);
+        (args, what)
     });
 }

@@ -1,5 +1,5 @@
-//! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header and
-//! metadata, config.json, tokenizer.json, JSONL rows, multiple-choice rows,
+//! Fuzz tests: seeded mutations of every input format (safetensors header, GGUF header,
+//! metadata and quantized data, config.json, tokenizer.json, JSONL rows, multiple-choice rows,
 //! adapter_config.json and the adapter's tensors, curvature files, checkpoints, prompts
 //! for self-generated data), each run
 //! through the binary. Every run must succeed or end with exit 2 and one error line; a
@@ -723,5 +723,44 @@ fn fuzz_self_prompts() {
             &dir.join("c.safetensors"),
         ]);
         (args, what)
+    });
+}
+
+/// Quantized tensor data: the tiny model's matrices as Q8_0, then a block's f16 scale set
+/// to an infinity, a NaN, the largest f16 or a subnormal, or one to three bytes of the
+/// data flipped anywhere (scales and quants alike).
+#[test]
+fn fuzz_gguf_quantized_data() {
+    let mut base = Gguf::from_tiny(&tiny_model());
+    base.quantize_q8_0();
+    let quantized: Vec<usize> = (0..base.tensors.len())
+        .filter(|&i| base.tensors[i].ty == 8)
+        .collect();
+    assert!(!quantized.is_empty(), "no tensor was quantized");
+    let (file, header_len) = base.bytes();
+    fuzz("gguf quantized data", 12, 150, |m, dir| {
+        let mut bytes = file.clone();
+        let what = match m {
+            None => "none".into(),
+            Some(m) => {
+                let i = *m.pick(&quantized);
+                let t = &base.tensors[i];
+                let at = base.data_at(i, header_len);
+                if m.below(2) == 0 {
+                    let block = m.below(t.data.len() / 34);
+                    let scale: u16 = *m.pick(&[0x7C00, 0xFC00, 0x7E00, 0x7BFF, 0x0001]);
+                    let p = at + block * 34;
+                    bytes[p..p + 2].copy_from_slice(&scale.to_le_bytes());
+                    format!("{} block {block} scale {scale:#06x}", t.name)
+                } else {
+                    let k = 1 + m.below(3);
+                    let w = m.flip_bytes(&mut bytes, at..at + t.data.len(), k);
+                    format!("{}: {w}", t.name)
+                }
+            }
+        };
+        let path = dir.join("q8.gguf");
+        std::fs::write(&path, bytes).unwrap();
+        (eval_args(&path, &batch()), what)
     });
 }

@@ -127,6 +127,51 @@ impl Gguf {
         }
     }
 
+    /// Every matrix (two dims, a whole number of 32-element blocks) stored as Q8_0: blocks
+    /// of 32 values, each an f16 scale `max |x| / 127` and 32 signed bytes `round(x /
+    /// scale)`, over the values in storage order (llama.cpp blocks each row; the engine
+    /// reads whole tensors as one run of blocks, so either order loads here).
+    pub fn quantize_q8_0(&mut self) {
+        for t in self
+            .tensors
+            .iter_mut()
+            .filter(|t| t.ty == 0 && t.dims.len() == 2)
+        {
+            let x: Vec<f32> = t
+                .data
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect();
+            if !x.len().is_multiple_of(32) {
+                continue;
+            }
+            let mut q = Vec::with_capacity(x.len() / 32 * 34);
+            for block in x.chunks_exact(32) {
+                let amax = block.iter().fold(0f32, |a, v| a.max(v.abs()));
+                let d = half::f16::from_f32(amax / 127.0);
+                let inv = if d.to_f32() > 0.0 {
+                    1.0 / d.to_f32()
+                } else {
+                    0.0
+                };
+                q.extend(d.to_le_bytes());
+                q.extend(
+                    block
+                        .iter()
+                        .map(|v| ((v * inv).round().clamp(-127.0, 127.0) as i8) as u8),
+                );
+            }
+            t.ty = 8;
+            t.data = q;
+        }
+    }
+
+    /// Where tensor `i`'s data starts in [`Gguf::bytes`]'s file whose header is
+    /// `header_len` bytes long.
+    pub fn data_at(&self, i: usize, header_len: usize) -> usize {
+        header_len.next_multiple_of(self.align) + self.offsets()[i] as usize
+    }
+
     pub fn set(&mut self, key: &str, v: Val) {
         match self.kv.iter_mut().find(|(k, _)| k == key) {
             Some(e) => e.1 = v,

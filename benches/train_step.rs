@@ -92,11 +92,13 @@ fn serve() {
     let (loss_sum, _) = p.forward_backward();
     let simd = lalora_engine::backend::cpu::simd_level();
     let (fb, fwd) = p.flops();
-    println!(
-        "{{\"simd\": \"{simd}\", \"loss_sum\": {loss_sum}, \"flops\": {{\"forward_backward\": \
-         {fb}, \"forward\": {fwd}}}, \"fma_peak_gflops\": {:.1}}}",
-        peak_gflops()
-    );
+    let ready = serde_json::json!({
+        "simd": simd.to_string(),
+        "loss_sum": loss_sum,
+        "flops": {"forward_backward": fb, "forward": fwd},
+        "fma_peak_gflops": (peak_gflops() * 10.0).round() / 10.0,
+    });
+    println!("{ready}");
     let mut out = std::io::stdout();
     out.flush().unwrap();
     for line in std::io::stdin().lock().lines() {

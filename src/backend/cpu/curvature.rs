@@ -60,8 +60,8 @@ const MIRROR_BLOCK: usize = 32;
 
 /// `out[i, j] = out[j, i]` for `j < i`: the lower triangle from the upper, block by block.
 /// Why blocks: a plain row-by-row copy reads the upper triangle down its columns, a new
-/// cache line (and, past 1024 columns, a new page) per element; for 1536 x 1536 it took
-/// 2.1 ms against 0.5 ms in blocks, on a Gram of 6.7 ms.
+/// cache line (and, past 1024 columns, a new page) per element. For 1536 x 1536 (1024
+/// rows) it took 2.1 ms in rows and 0.5 ms in blocks, beside the tiles' 6.7 ms.
 fn mirror_upper(out: &mut [f32], d: usize) {
     for i0 in (0..d).step_by(MIRROR_BLOCK) {
         for j0 in (0..=i0).step_by(MIRROR_BLOCK) {

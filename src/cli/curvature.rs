@@ -81,7 +81,7 @@ pub struct EstimateArgs {
     #[arg(long)]
     pub warmup_data: Option<PathBuf>,
     /// Learning rate of the warm-up steps.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-3)]
     pub warmup_lr: f32,
 }
 

@@ -50,7 +50,7 @@ pub struct DemoArgs {
     #[arg(long, default_value = "diag")]
     pub scheme: Scheme,
     /// Prior precision delta added to F/N.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-6)]
     pub delta: f32,
     /// QuAC passages for the curvature.
     #[arg(long, default_value_t = 32)]
@@ -59,7 +59,7 @@ pub struct DemoArgs {
     #[arg(long, default_value_t = 40)]
     pub steps: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-3)]
     pub lr: f32,
     /// Held-out QuAC and XSum passages (forgetting) per set; at least 2, as the standard
     /// errors are over passages.

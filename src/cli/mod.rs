@@ -147,7 +147,7 @@ pub struct LoraArgs {
     /// LoRA alpha: scale alpha/r, or alpha/sqrt(r) with --rslora [default: 16]. A command
     /// given an --adapter or --curvature file takes the file's alpha, and a different
     /// value is an error.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub alpha: Option<f64>,
     /// Comma-separated target modules, or `all` [default: all]. A command given an
     /// --adapter or --curvature file takes the file's, and a different set is an error.

@@ -78,7 +78,7 @@ pub struct SweepArgs {
     #[arg(long)]
     pub lambdas: Option<String>,
     /// Prior precision delta added to F/N.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-6)]
     pub delta: f32,
     /// Held-out target JSONL: learning is the drop of its NLL.
     #[arg(long)]

@@ -32,7 +32,7 @@ pub struct HyperArgs {
     #[arg(long, default_value_t = 1)]
     pub grad_accum: usize,
     /// Peak learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-3)]
     pub lr: f32,
     /// Linear warm-up steps: step t < N runs at lr·t/N (from 0, as transformers'
     /// schedules with warm-up).
@@ -42,10 +42,10 @@ pub struct HyperArgs {
     #[arg(long, default_value = "cosine")]
     pub schedule: Schedule,
     /// AdamW decoupled weight decay.
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub weight_decay: f32,
     /// Clip the loss gradient to this global norm (0: off).
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1.0)]
     pub clip: f32,
 }
 
@@ -83,10 +83,10 @@ pub struct TrainArgs {
     #[arg(long)]
     pub curvature: Option<PathBuf>,
     /// Penalty strength lambda (0: plain LoRA).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]
     pub lambda: f32,
     /// Prior precision delta added to F/N.
-    #[arg(long, default_value_t = 1e-6)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1e-6)]
     pub delta: f32,
     /// Start from this PEFT adapter (default: the curvature's theta*, else a fresh init).
     #[arg(long)]

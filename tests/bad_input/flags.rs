@@ -16,7 +16,7 @@ fn zero_negative_and_non_finite_flags() {
         }
         a
     };
-    let cases: [(&str, &[&str], &str); 32] = [
+    let cases: [(&str, &[&str], &str); 34] = [
         ("eval", &["--batch-size", "0"], "--batch-size 0"),
         ("grad", &["--batch-size", "0"], "--batch-size 0"),
         ("curvature", &["--batch-size", "0"], "--batch-size 0"),
@@ -35,13 +35,17 @@ fn zero_negative_and_non_finite_flags() {
         ("train", &["--lr", "nan"], "--lr NaN"),
         ("train", &["--lr=-1"], "--lr -1"),
         ("train", &["--weight-decay", "nan"], "--weight-decay NaN"),
-        ("train", &["--weight-decay=-0.1"], "--weight-decay -0.1"),
+        ("train", &["--weight-decay", "-0.1"], "--weight-decay -0.1"),
         ("train", &["--clip", "inf"], "--clip inf"),
-        ("train", &["--clip=-1"], "--clip -1"),
-        ("train", &["--lambda=-1"], "--lambda -1"),
+        ("train", &["--clip", "-1"], "--clip -1"),
+        ("train", &["--lambda", "-1"], "--lambda -1"),
         ("train", &["--lambda", "nan"], "--lambda NaN"),
         ("train", &["--delta", "inf"], "--delta inf"),
-        ("train", &["--delta=-1"], "--delta -1"),
+        ("train", &["--delta", "-1"], "--delta -1"),
+        // A negative number after a float flag is its value (not an unknown flag `-1`), so
+        // the error names the flag's range.
+        ("train", &["--lr", "-1"], "--lr -1"),
+        ("train", &["--alpha", "-2"], "--alpha -2"),
         ("train", &["--alpha", "nan"], "--alpha NaN"),
         ("train", &["--rank", "0"], "--rank 0"),
         ("grad", &["--rank", "1000000000"], "hidden size 64"),
@@ -108,6 +112,8 @@ fn sampling_and_sweep_flags() {
     for (flags, needle) in [
         (&["--temperature", "nan"][..], "--temperature NaN"),
         (&["--temperature=-1"], "--temperature -1"),
+        (&["--temperature", "-1"], "--temperature -1"),
+        (&["--top-p", "-0.5"], "--top-p -0.5"),
         (&["--top-p", "0"], "--top-p 0"),
         (&["--top-p", "1.5"], "--top-p 1.5"),
     ] {

@@ -375,6 +375,25 @@ macro_rules! delegate_backend {
                 .gram_accumulate(x, dx, y, dy, segments, alpha, out)
         }
     };
+    (@one $inner:ty; [$($watch:ident)?]; gram_accumulate_upper) => {
+        fn gram_accumulate_upper(
+            &self,
+            x: &Self::Buf,
+            d: usize,
+            segments: &[$crate::backend::Segment],
+            alpha: f32,
+            out: &mut Self::Buf,
+        ) -> $crate::Result<()> {
+            $(let _watch = self.$watch("gram_accumulate_upper");)?
+            self.inner.gram_accumulate_upper(x, d, segments, alpha, out)
+        }
+    };
+    (@one $inner:ty; [$($watch:ident)?]; mirror_upper) => {
+        fn mirror_upper(&self, out: &mut Self::Buf, n: usize) -> $crate::Result<()> {
+            $(let _watch = self.$watch("mirror_upper");)?
+            self.inner.mirror_upper(out, n)
+        }
+    };
     (@one $inner:ty; [$($watch:ident)?]; segment_sum) => {
         fn segment_sum(
             &self,

@@ -3,8 +3,8 @@
 //! the input `x_p (d_in)`, `u_p = A x_p (r)`, the output gradient `g_p (d_out)` of the
 //! summed loss, and `gA_p = s B^T g_p (r)`; the B sub-layer's output gradient is `s g_p`.
 //!
-//! Everything is accumulated as plain sums; `finish` applies the `1/M` or `1/N` input
-//! normalisation of the KFAC factors. Only one batch of activations is alive at a time.
+//! Everything is accumulated as plain sums, the symmetric KFAC factors on their upper
+//! triangles; `finish` mirrors those and applies the `1/M` or `1/N` input normalisation. Only one batch of activations is alive at a time.
 
 use crate::backend::group::GradFeeds;
 use crate::backend::{Backend, Segment};
@@ -146,8 +146,9 @@ impl<B: Backend> Accumulator<B> {
         self.inputs = inputs;
     }
 
-    /// Apply the input normalisation: `1/M` (expand, M real positions) or `1/N` (reduce,
-    /// N sequences) on `C_A`, `C_B` and `C_AB`.
+    /// Complete the symmetric factors' lower triangles from their upper ones, then apply
+    /// the input normalisation: `1/M` (expand, M real positions) or `1/N` (reduce, N
+    /// sequences) on `C_A`, `C_B` and `C_AB`.
     pub fn finish(&mut self, be: &B, n_positions: usize, n_sequences: usize) -> Result<()> {
         let Some(k) = self.kfac.as_mut() else {
             return Ok(());
@@ -157,6 +158,20 @@ impl<B: Backend> Accumulator<B> {
             KfacApprox::Reduce => n_sequences,
         };
         let inv = 1.0 / denom.max(1) as f32;
+        // The symmetric factors were summed on their upper triangles only.
+        let r = self.rank;
+        for (f, (&(din, dout), (i, &owner))) in k
+            .factors
+            .iter_mut()
+            .zip(self.dims.iter().zip(self.input_owner.iter().enumerate()))
+        {
+            if owner == i {
+                be.mirror_upper(&mut f.a_in, din)?;
+            }
+            be.mirror_upper(&mut f.b_in, r)?;
+            be.mirror_upper(&mut f.a_out, r)?;
+            be.mirror_upper(&mut f.b_out, dout)?;
+        }
         for (i, &owner) in self.input_owner.iter().enumerate() {
             if owner != i {
                 k.factors[i].a_in = be.dup(&k.factors[owner].a_in)?;
@@ -210,13 +225,13 @@ impl<B: Backend> LoraObserver<B> for Accumulator<B> {
             match k.approx {
                 KfacApprox::Expand => {
                     if own_input {
-                        be.gram_accumulate(x, din, x, din, segs, 1.0, &mut f.a_in)?;
+                        be.gram_accumulate_upper(x, din, segs, 1.0, &mut f.a_in)?;
                     }
                     if self.inputs {
-                        be.gram_accumulate(u, r, u, r, segs, 1.0, &mut f.b_in)?;
+                        be.gram_accumulate_upper(u, r, segs, 1.0, &mut f.b_in)?;
                     }
-                    be.gram_accumulate(ga, r, ga, r, segs, w, &mut f.a_out)?;
-                    be.gram_accumulate(g, dout, g, dout, segs, w * s * s, &mut f.b_out)?;
+                    be.gram_accumulate_upper(ga, r, segs, w, &mut f.a_out)?;
+                    be.gram_accumulate_upper(g, dout, segs, w * s * s, &mut f.b_out)?;
                     if let Some((c, gc)) = f.cross.as_mut() {
                         if self.inputs {
                             be.gram_accumulate(x, din, u, r, segs, 1.0, c)?;
@@ -231,16 +246,16 @@ impl<B: Backend> LoraObserver<B> for Accumulator<B> {
                     }];
                     let ga_bar = be.segment_sum(ga, r, segs, false)?;
                     let g_bar = be.segment_sum(g, dout, segs, false)?;
-                    be.gram_accumulate(&ga_bar, r, &ga_bar, r, &all, w, &mut f.a_out)?;
-                    be.gram_accumulate(&g_bar, dout, &g_bar, dout, &all, w * s * s, &mut f.b_out)?;
+                    be.gram_accumulate_upper(&ga_bar, r, &all, w, &mut f.a_out)?;
+                    be.gram_accumulate_upper(&g_bar, dout, &all, w * s * s, &mut f.b_out)?;
                     if self.inputs || f.cross.is_some() {
                         let x_bar = be.segment_sum(x, din, segs, true)?;
                         let u_bar = be.segment_sum(u, r, segs, true)?;
                         if own_input {
-                            be.gram_accumulate(&x_bar, din, &x_bar, din, &all, 1.0, &mut f.a_in)?;
+                            be.gram_accumulate_upper(&x_bar, din, &all, 1.0, &mut f.a_in)?;
                         }
                         if self.inputs {
-                            be.gram_accumulate(&u_bar, r, &u_bar, r, &all, 1.0, &mut f.b_in)?;
+                            be.gram_accumulate_upper(&u_bar, r, &all, 1.0, &mut f.b_in)?;
                         }
                         if let Some((c, gc)) = f.cross.as_mut() {
                             if self.inputs {

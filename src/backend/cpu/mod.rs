@@ -488,6 +488,23 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn gram_accumulate_upper(
+        &self,
+        x: &Vec<f32>,
+        d: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        curvature::gram_accumulate_upper(x, d, segments, alpha, out);
+        Ok(())
+    }
+
+    fn mirror_upper(&self, out: &mut Vec<f32>, n: usize) -> Result<()> {
+        curvature::mirror_upper(out, n);
+        Ok(())
+    }
+
     fn segment_sum(
         &self,
         x: &Vec<f32>,

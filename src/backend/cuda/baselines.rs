@@ -132,7 +132,7 @@ impl CudaBackend {
             self.launch("gram_simt", cfg, &args)?;
         }
         if symmetric {
-            self.mirror_upper(out, dx)?;
+            self.mirror_upper_impl(out, dx)?;
         }
         Ok(())
     }

@@ -190,6 +190,9 @@ impl CudaBackend {
         self.ints(&tiles.concat())
     }
 
+    /// `out (dx, dy) += alpha * sum_seg X_seg^T Y_seg`; when `x` is `y` (a symmetric
+    /// factor) only its upper triangle's tiles, the mirror left to the caller
+    /// (`Backend::gram_accumulate` mirrors at once, KFAC once per estimate).
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gram_accumulate_impl(
         &self,
@@ -273,9 +276,6 @@ impl CudaBackend {
         if nsplit > 1 {
             self.reduce_splits(&partial, nsplit, m, n, symmetric, alpha, out, rs, cs)?;
         }
-        if symmetric {
-            self.mirror_upper(out, dx)?;
-        }
         Ok(())
     }
 
@@ -312,7 +312,7 @@ impl CudaBackend {
     }
 
     /// The lower triangle of the square `out (n, n)` from its upper one.
-    pub(super) fn mirror_upper(&self, out: &mut DevBuf<f32>, n: usize) -> Result<()> {
+    pub(super) fn mirror_upper_impl(&self, out: &mut DevBuf<f32>, n: usize) -> Result<()> {
         let t = n.div_ceil(32) as u32;
         self.launch(
             "mirror_upper",

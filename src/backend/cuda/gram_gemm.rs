@@ -73,9 +73,9 @@ impl CudaBackend {
     /// `out (dx, dy) += alpha sum_runs X_run^T Y_run` for bf16 `x (rows, dx)` and
     /// `y (rows, dy)` as stored, on cuBLAS: one GEMM per run of adjacent segments (and per
     /// panel), each adding `alpha` times its run's sum to `out` (f32 accumulation, beta 1).
-    /// `symmetric` (`x` is `y`, as the caller found): the panels of the upper triangle, then
-    /// the mirror, as the kernel leaves it. The sums run in cuBLAS's order, not the kernel's; the products
-    /// are the same exact bf16 x bf16 ones.
+    /// `symmetric` (`x` is `y`, as the caller found): the panels of the upper triangle only,
+    /// as the kernel leaves it (the caller mirrors). The sums run in cuBLAS's order, not the
+    /// kernel's; the products are the same exact bf16 x bf16 ones.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gram_cublas_bf16(
         &self,
@@ -126,9 +126,6 @@ impl CudaBackend {
                     c,
                 )?;
             }
-        }
-        if symmetric {
-            self.mirror_upper(out, dx)?;
         }
         Ok(())
     }

@@ -296,7 +296,28 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        self.gram_accumulate_impl(x.into(), dx, y.into(), dy, segments, alpha, out.f32_mut()?)
+        let symmetric = std::ptr::eq(x, y) && dx == dy;
+        let out = out.f32_mut()?;
+        self.gram_accumulate_impl(x.into(), dx, y.into(), dy, segments, alpha, out)?;
+        if symmetric {
+            self.mirror_upper_impl(out, dx)?;
+        }
+        Ok(())
+    }
+
+    fn gram_accumulate_upper(
+        &self,
+        x: &Self::Buf,
+        d: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Self::Buf,
+    ) -> Result<()> {
+        self.gram_accumulate_impl(x.into(), d, x.into(), d, segments, alpha, out.f32_mut()?)
+    }
+
+    fn mirror_upper(&self, out: &mut Self::Buf, n: usize) -> Result<()> {
+        self.mirror_upper_impl(out.f32_mut()?, n)
     }
 
     fn segment_sum(

@@ -61,6 +61,23 @@ fn gram<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {
     re.gram_accumulate(&x.1, dx, &x.1, dx, &segs, 1.3, &mut or)?;
     c.check("gram_accumulate", &shapes, &od, &or, TensorCores)?;
 
+    // The upper triangle alone, as KFAC's factors are summed batch by batch; its lower
+    // triangle is unspecified, so only the upper one is compared.
+    c.case("gram_accumulate_upper", &shapes);
+    let (mut od, mut or) = c.up(&sym)?;
+    dev.gram_accumulate_upper(&x.0, dx, &segs, 1.3, &mut od)?;
+    re.gram_accumulate(&x.1, dx, &x.1, dx, &segs, 1.3, &mut or)?;
+    let (got, want) = (upper(&dev.to_host(&od)?, dx), upper(&re.to_host(&or)?, dx));
+    c.check_host("gram_accumulate_upper", &shapes, &got, &want, TensorCores);
+
+    // The mirror of an asymmetric matrix: the lower triangle replaced, the rest kept.
+    let shapes = format!("{dx}x{dx}");
+    c.case("mirror_upper", &shapes);
+    let (mut od, mut or) = c.up_random(dx * dx)?;
+    dev.mirror_upper(&mut od, dx)?;
+    re.mirror_upper(&mut or, dx)?;
+    c.check("mirror_upper", &shapes, &od, &or, F32)?;
+
     let dy = 130;
     let dx = 70;
     let shapes = format!("{}, {dx}x{dy}, cross", describe(rows, &segs));
@@ -107,6 +124,13 @@ fn stored_gram<D: Backend, R: Backend>(
         c.check("gram_accumulate", &shapes, &od, &or, F32)?;
     }
     Ok(())
+}
+
+/// The elements `i <= j` of a row-major `(d, d)` matrix, row by row.
+fn upper(m: &[f32], d: usize) -> Vec<f32> {
+    (0..d)
+        .flat_map(|i| m[i * d + i..(i + 1) * d].to_vec())
+        .collect()
 }
 
 fn segment_sum<D: Backend, R: Backend>(c: &mut Checker<'_, D, R>) -> Result<()> {

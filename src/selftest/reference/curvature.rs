@@ -32,6 +32,15 @@ pub fn gram_accumulate(
     add_into(out, &d);
 }
 
+/// `out[i, j] = out[j, i]` for `i > j`, element by element.
+pub fn mirror_upper(out: &mut [f32], n: usize) {
+    for i in 0..n {
+        for j in 0..i {
+            out[i * n + j] = out[j * n + i];
+        }
+    }
+}
+
 /// `out[s, :]` = the sum of segment `s`'s rows, divided by its length with `mean` (an
 /// empty segment gives zeros).
 pub fn segment_sum(x: &[f32], dim: usize, segments: &[Segment], mean: bool) -> Vec<f32> {

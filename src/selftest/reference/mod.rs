@@ -293,6 +293,11 @@ impl Backend for Reference {
         Ok(())
     }
 
+    fn mirror_upper(&self, out: &mut Vec<f32>, n: usize) -> Result<()> {
+        curvature::mirror_upper(out, n);
+        Ok(())
+    }
+
     fn segment_sum(
         &self,
         x: &Vec<f32>,

@@ -49,7 +49,7 @@ fn cpu_backend_passes_against_the_plain_reference() {
 }
 
 /// Every op with kernel rows.
-const OPS: [&str; 30] = [
+const OPS: [&str; 32] = [
     "embedding",
     "rmsnorm",
     "add_rmsnorm",
@@ -69,6 +69,8 @@ const OPS: [&str; 30] = [
     "cross_entropy",
     "classifier",
     "gram_accumulate",
+    "gram_accumulate_upper",
+    "mirror_upper",
     "segment_sum",
     "sq_grad_accumulate",
     "matmul",

@@ -415,6 +415,24 @@ impl Backend for Wrapped {
         self.hit("gram_accumulate", &mut [out]);
         Ok(())
     }
+    fn gram_accumulate_upper(
+        &self,
+        x: &Vec<f32>,
+        d: usize,
+        segments: &[Segment],
+        alpha: f32,
+        out: &mut Vec<f32>,
+    ) -> Result<()> {
+        self.inner
+            .gram_accumulate_upper(x, d, segments, alpha, out)?;
+        self.hit("gram_accumulate_upper", &mut [out]);
+        Ok(())
+    }
+    fn mirror_upper(&self, out: &mut Vec<f32>, n: usize) -> Result<()> {
+        self.inner.mirror_upper(out, n)?;
+        self.hit("mirror_upper", &mut [out]);
+        Ok(())
+    }
     fn segment_sum(
         &self,
         x: &Vec<f32>,

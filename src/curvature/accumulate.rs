@@ -4,7 +4,8 @@
 //! summed loss, and `gA_p = s B^T g_p (r)`; the B sub-layer's output gradient is `s g_p`.
 //!
 //! Everything is accumulated as plain sums, the symmetric KFAC factors on their upper
-//! triangles; `finish` mirrors those and applies the `1/M` or `1/N` input normalisation. Only one batch of activations is alive at a time.
+//! triangles; `finish` mirrors those and applies the `1/M` or `1/N` input normalisation.
+//! Only one batch of activations is alive at a time.
 
 use crate::backend::group::GradFeeds;
 use crate::backend::{Backend, Segment};
@@ -159,17 +160,13 @@ impl<B: Backend> Accumulator<B> {
         };
         let inv = 1.0 / denom.max(1) as f32;
         // The symmetric factors were summed on their upper triangles only.
-        let r = self.rank;
-        for (f, (&(din, dout), (i, &owner))) in k
-            .factors
-            .iter_mut()
-            .zip(self.dims.iter().zip(self.input_owner.iter().enumerate()))
-        {
-            if owner == i {
+        for (i, f) in k.factors.iter_mut().enumerate() {
+            let (din, dout) = self.dims[i];
+            if self.input_owner[i] == i {
                 be.mirror_upper(&mut f.a_in, din)?;
             }
-            be.mirror_upper(&mut f.b_in, r)?;
-            be.mirror_upper(&mut f.a_out, r)?;
+            be.mirror_upper(&mut f.b_in, self.rank)?;
+            be.mirror_upper(&mut f.a_out, self.rank)?;
             be.mirror_upper(&mut f.b_out, dout)?;
         }
         for (i, &owner) in self.input_owner.iter().enumerate() {

@@ -192,7 +192,8 @@ impl CudaBackend {
 
     /// `out (dx, dy) += alpha * sum_seg X_seg^T Y_seg`; when `x` is `y` (a symmetric
     /// factor) only its upper triangle's tiles, the mirror left to the caller
-    /// (`Backend::gram_accumulate` mirrors at once, KFAC once per estimate).
+    /// (`Backend::gram_accumulate` mirrors at once, KFAC once per estimate). Returns
+    /// whether it took the product as symmetric, so callers do not judge that again.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn gram_accumulate_impl(
         &self,
@@ -203,11 +204,11 @@ impl CudaBackend {
         segments: &[Segment],
         alpha: f32,
         out: &mut DevBuf<f32>,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let symmetric = x.ptr == y.ptr && dx == dy;
         let runs = merged(segments);
         if runs.is_empty() || dx == 0 || dy == 0 {
-            return Ok(());
+            return Ok(false);
         }
         // C = A^T B with A (rows, m), B (rows, n), stored at out[i rs + j cs]. A narrow dx
         // is computed as out^T = Y^T X so that the narrow side is always n.
@@ -224,7 +225,8 @@ impl CudaBackend {
         // Where the kernel would take bf16 mma, the cuBLAS path instead (`GramGemm`).
         if self.gram_gemm() == GramGemm::Cublas && self.tc_precision("gram", shape, a, b)? == "bf16"
         {
-            return self.gram_cublas_bf16(x, dx, y, dy, symmetric, &runs, alpha, out);
+            self.gram_cublas_bf16(x, dx, y, dy, symmetric, &runs, alpha, out)?;
+            return Ok(symmetric);
         }
         let tiles = row_tiles(&runs);
         let mut keep = Vec::new();
@@ -276,7 +278,7 @@ impl CudaBackend {
         if nsplit > 1 {
             self.reduce_splits(&partial, nsplit, m, n, symmetric, alpha, out, rs, cs)?;
         }
-        Ok(())
+        Ok(symmetric)
     }
 
     /// `out[i rs + j cs] += alpha * sum_s partial[s][i][j]` in split order.

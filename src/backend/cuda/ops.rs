@@ -296,10 +296,8 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        let symmetric = std::ptr::eq(x, y) && dx == dy;
         let out = out.f32_mut()?;
-        self.gram_accumulate_impl(x.into(), dx, y.into(), dy, segments, alpha, out)?;
-        if symmetric {
+        if self.gram_accumulate_impl(x.into(), dx, y.into(), dy, segments, alpha, out)? {
             self.mirror_upper_impl(out, dx)?;
         }
         Ok(())
@@ -313,7 +311,8 @@ impl Backend for CudaBackend {
         alpha: f32,
         out: &mut Self::Buf,
     ) -> Result<()> {
-        self.gram_accumulate_impl(x.into(), d, x.into(), d, segments, alpha, out.f32_mut()?)
+        self.gram_accumulate_impl(x.into(), d, x.into(), d, segments, alpha, out.f32_mut()?)?;
+        Ok(())
     }
 
     fn mirror_upper(&self, out: &mut Self::Buf, n: usize) -> Result<()> {

@@ -59,7 +59,7 @@ pub struct EstimateArgs {
     pub self_prompts: Option<PathBuf>,
     /// With `self:N` data (or `sweep --study data`): tokens sampled per sequence (fewer
     /// where the model says EOS) [default: 128].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub self_tokens: Option<usize>,
     /// diag, kfac or kfac-tri.
     #[arg(long, default_value = "diag")]
@@ -68,14 +68,14 @@ pub struct EstimateArgs {
     #[arg(long, default_value = "empirical")]
     pub fisher: String,
     /// Label samples per position for --fisher mc.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     pub mc_samples: usize,
     /// KFAC approximation for sequences (kfac and kfac-tri only): expand or reduce.
     #[arg(long, default_value = "expand")]
     pub kfac_approx: KfacApprox,
     /// Train this many steps on --warmup-data first (from --adapter, or a fresh init) and
     /// estimate there.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub warmup_steps: usize,
     /// Target-domain JSONL for the warm-up steps.
     #[arg(long)]

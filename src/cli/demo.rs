@@ -53,33 +53,33 @@ pub struct DemoArgs {
     #[arg(long, allow_negative_numbers = true, default_value_t = 1e-6)]
     pub delta: f32,
     /// QuAC passages for the curvature.
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 32)]
     pub curvature_sequences: usize,
     /// Training steps per lambda.
-    #[arg(long, default_value_t = 40)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 40)]
     pub steps: usize,
     /// Peak learning rate.
     #[arg(long, allow_negative_numbers = true, default_value_t = 1e-3)]
     pub lr: f32,
     /// Held-out QuAC and XSum passages (forgetting) per set; at least 2, as the standard
     /// errors are over passages.
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 16)]
     pub eval_sequences: usize,
     /// Held-out math problems (learning). Their labels cover only the answers, a few tokens
     /// each, so it takes many problems for the learning figures to stand clear of their
     /// standard errors; short rows keep them cheap.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64)]
     pub target_eval_sequences: usize,
     /// Held-out math problems (the first of target-test, as for the NLL) answered by greedy
     /// generation: learning as the exact-match gain (0 = off; at least 2 otherwise).
-    #[arg(long, default_value_t = 32)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 32)]
     pub exact_match: usize,
     /// Tokens generated per exact-match answer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Held-out PIQA and SIQA questions (each): forgetting as the accuracy drop (0 = off;
     /// at least 2 otherwise).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     pub choice_questions: usize,
     #[command(flatten)]
     pub lora: LoraArgs,

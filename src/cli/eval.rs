@@ -39,7 +39,7 @@ pub struct EvalArgs {
     #[arg(long, num_args = 1..)]
     pub choice: Vec<PathBuf>,
     /// Tokens generated per exact-match answer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
     pub max_new_tokens: usize,
     #[command(flatten)]
     pub batching: DataArgs,

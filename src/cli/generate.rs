@@ -27,7 +27,7 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub question: bool,
     /// Tokens to generate at most (fewer where the model says EOS).
-    #[arg(long, default_value_t = 128)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 128)]
     pub max_new_tokens: usize,
     /// Sampling temperature (0: greedy).
     #[arg(long, allow_negative_numbers = true, default_value_t = 0.0)]

@@ -25,10 +25,10 @@ pub struct InfoArgs {
     pub lora: LoraArgs,
     /// Tokens per sequence of the activation estimate (what a training forward keeps for
     /// its backward).
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 512)]
     pub max_len: usize,
     /// Sequences per batch of the activation estimate.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4)]
     pub batch_size: usize,
     #[command(flatten)]
     pub common: Common,

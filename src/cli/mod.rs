@@ -77,10 +77,10 @@ pub struct Common {
     pub base_dtype: Option<BaseDtype>,
     /// CPU threads (0 = all cores; at most 4x the cores, and 1024); on sim, the
     /// simulator's threads.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub threads: usize,
     /// Seed for LoRA init, data order and sampling.
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub seed: u64,
     /// Print a machine-readable JSON summary on stdout (and nothing else there).
     #[arg(long)]
@@ -125,13 +125,13 @@ pub struct ModelArgs {
 #[derive(Args, Clone)]
 pub struct DataArgs {
     /// Sequences are cut to this many tokens.
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 512)]
     pub max_len: usize,
     /// Sequences per batch.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 4)]
     pub batch_size: usize,
     /// Use only the first N rows of each data file.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub limit: Option<usize>,
 }
 
@@ -142,7 +142,7 @@ pub struct DataArgs {
 pub struct LoraArgs {
     /// LoRA rank r [default: 8]. A command given an --adapter or --curvature file takes
     /// the file's r, and a different value is an error.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub rank: Option<usize>,
     /// LoRA alpha: scale alpha/r, or alpha/sqrt(r) with --rslora [default: 16]. A command
     /// given an --adapter or --curvature file takes the file's alpha, and a different

@@ -87,24 +87,24 @@ pub struct SweepArgs {
     #[arg(long, required = true, num_args = 1..)]
     pub source_eval: Vec<PathBuf>,
     /// Rows used from each evaluation file (at least 2: the standard errors are over rows).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 64)]
     pub eval_limit: usize,
     /// Multiple-choice JSONL files (rows as `eval --choice` reads them): forgetting also as
     /// the drop of acc and acc_norm from the base model, with paired standard errors.
     #[arg(long, num_args = 1..)]
     pub choice_eval: Vec<PathBuf>,
     /// Questions used from each --choice-eval file (at least 2).
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     pub choice_limit: usize,
     /// Question/answer JSONL (GSM8K-style): learning also as the exact-match gain over the
     /// base model, with its paired standard error (slow: generation).
     #[arg(long, alias = "exact-match")]
     pub exact_match_eval: Option<PathBuf>,
     /// Questions used for exact match (at least 2).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     pub exact_match_limit: usize,
     /// Tokens generated per exact-match answer.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 256)]
     pub max_new_tokens: usize,
     /// Output directory: results.{csv,json,md}, frontier.svg, runs/ (a grid sweep:
     /// frontier-overlay.svg and a directory per shape for the rest).

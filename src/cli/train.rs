@@ -26,17 +26,17 @@ use crate::train::{Penalty, Schedule, StepMetrics, TrainConfig};
 #[derive(Args, Clone)]
 pub struct HyperArgs {
     /// Optimiser steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 100)]
     pub steps: usize,
     /// Micro-batches accumulated per step.
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 1)]
     pub grad_accum: usize,
     /// Peak learning rate (AdamW).
     #[arg(long, allow_negative_numbers = true, default_value_t = 1e-3)]
     pub lr: f32,
     /// Linear warm-up steps: step t < N runs at lr·t/N (from 0, as transformers'
     /// schedules with warm-up).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 0)]
     pub warmup: usize,
     /// Decay after warm-up: cosine, linear or constant.
     #[arg(long, default_value = "cosine")]
@@ -92,7 +92,7 @@ pub struct TrainArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// Save a checkpoint every N steps and at the end (0: never; --resume needs one).
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, allow_negative_numbers = true, default_value_t = 50)]
     pub checkpoint_every: usize,
     /// Continue from OUT/checkpoint: the same model, data, curvature and flags, or refused.
     #[arg(long)]

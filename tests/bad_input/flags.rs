@@ -16,7 +16,7 @@ fn zero_negative_and_non_finite_flags() {
         }
         a
     };
-    let cases: [(&str, &[&str], &str); 34] = [
+    let cases: [(&str, &[&str], &str); 37] = [
         ("eval", &["--batch-size", "0"], "--batch-size 0"),
         ("grad", &["--batch-size", "0"], "--batch-size 0"),
         ("curvature", &["--batch-size", "0"], "--batch-size 0"),
@@ -46,6 +46,22 @@ fn zero_negative_and_non_finite_flags() {
         // the error names the flag's range.
         ("train", &["--lr", "-1"], "--lr -1"),
         ("train", &["--alpha", "-2"], "--alpha -2"),
+        // Likewise after a whole-number flag: clap's error names the flag.
+        (
+            "train",
+            &["--steps", "-1"],
+            "invalid value '-1' for '--steps <STEPS>'",
+        ),
+        (
+            "eval",
+            &["--limit", "-5"],
+            "invalid value '-5' for '--limit <LIMIT>'",
+        ),
+        (
+            "curvature",
+            &["--seed", "-3"],
+            "invalid value '-3' for '--seed <SEED>'",
+        ),
         ("train", &["--alpha", "nan"], "--alpha NaN"),
         ("train", &["--rank", "0"], "--rank 0"),
         ("grad", &["--rank", "1000000000"], "hidden size 64"),

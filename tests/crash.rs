@@ -94,7 +94,10 @@ fn opts(out: &Path, stop: Option<usize>, resume: bool) -> SessionOptions {
 
 /// Taken by the tests that run the model in child processes, so that they run one at a time:
 /// the signal test needs its write to outlast the delivery of a signal, which another such
-/// test's load on two cores can delay past the whole write.
+/// test's load on two cores can delay past the whole write. The lock test takes it too: a
+/// child between fork and exec holds a copy of every descriptor of this process, and so
+/// the output directory's `flock` after the test has dropped its own (it failed so once,
+/// under CI's load: "in use by another lalora-engine run").
 static ONE_CHILD_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn one_child_at_a_time() -> std::sync::MutexGuard<'static, ()> {
@@ -317,6 +320,7 @@ fn overflowing_model(dir: &Path) -> PathBuf {
 
 #[test]
 fn a_failed_run_leaves_the_output_directory_as_it_was_apart_from_its_log() {
+    let _alone = one_child_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
     assert!(train(&out, false).status().unwrap().success());
@@ -345,6 +349,7 @@ fn a_failed_run_leaves_the_output_directory_as_it_was_apart_from_its_log() {
 
 #[test]
 fn outputs_respect_the_umask_and_never_replace_special_files() {
+    let _alone = one_child_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let out = d.path().join("out");
     let f = fixture("tiny-gqa");
@@ -430,6 +435,7 @@ fn outputs_respect_the_umask_and_never_replace_special_files() {
 
 #[test]
 fn one_run_at_a_time_and_foreign_checkpoints_are_left_alone() {
+    let _alone = one_child_at_a_time();
     let d = tempfile::tempdir().unwrap();
     let held = OutDir::open(d.path()).unwrap();
     let e = OutDir::open(d.path())

@@ -470,8 +470,9 @@ pub trait Backend: Send + Sync {
     /// `out (d, d) += alpha * sum_{segments} X_seg^T X_seg` on the upper triangle
     /// (`i <= j`) only: the lower triangle is unspecified until [`Backend::mirror_upper`].
     /// Why: a KFAC factor sums every batch of an estimate, and mirroring it once at the end
-    /// instead of after each batch saves a pass over the factor per batch (on the CPU 2-3 %
-    /// of a batch of a KFAC estimate). The default accumulates the whole factor.
+    /// instead of after each batch saves a pass over the factor per batch (on the CPU about
+    /// 1 % of a batch of a KFAC estimate of SmolLM2-135M; BENCHMARKS.md). The default
+    /// accumulates the whole factor.
     fn gram_accumulate_upper(
         &self,
         x: &Self::Buf,

@@ -92,19 +92,9 @@ fn opts(out: &Path, stop: Option<usize>, resume: bool) -> SessionOptions {
     }
 }
 
-/// Taken by the tests that run the model in child processes, so that they run one at a time:
-/// the signal test needs its write to outlast the delivery of a signal, which another such
-/// test's load on two cores can delay past the whole write. The lock test takes it too: a
-/// child between fork and exec holds a copy of every descriptor of this process, and so
-/// the output directory's `flock` after the test has dropped its own (it failed so once,
-/// under CI's load: "in use by another lalora-engine run").
-static ONE_CHILD_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-fn one_child_at_a_time() -> std::sync::MutexGuard<'static, ()> {
-    ONE_CHILD_AT_A_TIME
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-}
+// The signal test needs its write to outlast the delivery of a signal, which another
+// child-running test's load on two cores can delay past the whole write: so every test here
+// that runs the model in a child takes `one_child_at_a_time` (tests/common).
 
 #[test]
 fn a_save_stopped_anywhere_resumes_to_the_same_adapter() {

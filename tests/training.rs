@@ -396,6 +396,7 @@ fn lambda_zero_is_plain_lora_and_huge_lambda_pins_theta_star() {
 
 #[test]
 fn resumed_run_is_bit_identical() {
+    let _alone = one_child_at_a_time();
     let t = tiny();
     let be = cpu();
     let model = tiny_model(&be);
@@ -449,6 +450,7 @@ fn resumed_run_is_bit_identical() {
 /// (whose configuration digest would differ first) as changed.
 #[test]
 fn resume_recognises_an_older_builds_checkpoint() {
+    let _alone = one_child_at_a_time();
     let t = tiny();
     let be = cpu();
     let model = tiny_model(&be);
@@ -494,6 +496,7 @@ struct Changed<'a> {
 /// left as it was.
 #[test]
 fn resume_refuses_a_different_run_naming_the_difference() {
+    let _alone = one_child_at_a_time();
     let t = tiny();
     let be = cpu();
     let model = tiny_model(&be);
@@ -609,6 +612,7 @@ fn model_with_final_norm<B: Backend>(be: &B, w: f32) -> Llama<B> {
 /// checkpoint stays.
 #[test]
 fn non_finite_numbers_stop_the_run() {
+    let _alone = one_child_at_a_time();
     let t = tiny();
     let be = cpu();
     let model = tiny_model(&be);
@@ -738,6 +742,7 @@ fn non_finite_inputs_are_refused_naming_the_tensor() {
 /// the file, not NaN (eval), loss 0 and an adapter (train) or zeros (grad, curvature).
 #[test]
 fn data_without_target_tokens_is_an_error() {
+    let _alone = one_child_at_a_time();
     let t = tiny();
     let be = cpu();
     let model = tiny_model(&be);

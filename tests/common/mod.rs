@@ -150,6 +150,19 @@ pub fn bin() -> std::process::Command {
     std::process::Command::new(env!("CARGO_BIN_EXE_lalora-engine"))
 }
 
+/// Held by every test of a binary that spawns a child, and by every test that reopens an
+/// output directory it has just closed. A child between fork and exec holds a copy of each
+/// descriptor of this process, the output directory's `flock`ed one included, so a
+/// directory dropped by one test thread can still read as "in use by another lalora-engine
+/// run" while another thread spawns (it failed so once in tests/crash.rs under CI's load).
+/// The tests that run children also need the two cores to themselves for their timing.
+pub fn one_child_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static ONE_CHILD_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    ONE_CHILD_AT_A_TIME
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+}
+
 /// `curvature` on the CPU on the tiny GQA fixture (its batch as the data) with `flags`,
 /// writing `out`.
 pub fn tiny_curvature(out: &std::path::Path, flags: &[&str]) -> std::process::Command {

@@ -195,7 +195,7 @@ impl<B: Backend> Backend for Count<'_, B> {
     // (`linear` + `lora_forward`, counted above), and so does `gram_accumulate_upper` (the
     // whole `gram_accumulate`, counted above: the FLOP count is that of the full product).
     lalora_engine::delegate_backend!(B;
-        cross_entropy, describe, device_memory, reset_device_peak, buf, zeros, to_host, take_host, weight, copy_into, slice, embedding,
+        cross_entropy, describe, device_memory, reset_device_peak, buf, zeros, to_host, take_host, weight, weight_stored, copy_into, slice, embedding,
         rmsnorm, add_rmsnorm, rmsnorm_backward, rope, swiglu, swiglu_backward, add_assign,
         segment_sum, dup, mul_assign, scale, axpy, dot, dots, adamw_step, attention_dout,
         mirror_upper,

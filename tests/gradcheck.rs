@@ -56,6 +56,7 @@ pub fn random_weights(cfg: &LlamaConfig, rng: &mut ChaCha8Rng) -> HostWeights {
         layers,
         final_norm: vec![1.0; d],
         lm_head: None,
+        stored: Default::default(),
     }
 }
 

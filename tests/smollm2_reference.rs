@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use lalora_engine::backend::cpu::CpuBackend;
-use lalora_engine::model::{self, Llama};
+use lalora_engine::model::{self, CachedSeq, Llama};
 use serde_json::Value;
 
 fn reference() -> Value {
@@ -178,4 +178,64 @@ fn gradients_on_sim_match_the_cpu_on_smollm2() {
         let e = rel_err(g, w);
         assert!(e < 1e-4, "{n}: relative error {e:e}");
     }
+}
+
+/// Decoding reads the GGUF's Q4_1 and Q8_0 bytes (kept beside the f32 weights, for the
+/// CPU's products of up to 8 rows) and computes the bits of the f32 weights: the logits of
+/// prompts of 1 to 8 tokens and of 1 to 8 sequences decoding a token each equal those of
+/// the same model without the bytes. Swapping two layers' stored Q projections changes
+/// them, so the bytes are what is read.
+#[test]
+fn stored_weights_decode_the_bits_of_the_f32_ones() {
+    let be = CpuBackend::new(2);
+    let load = |stored: &str| {
+        let mut m = model::load(&smollm2(), None).unwrap();
+        let s = &mut m.weights.stored;
+        assert!(s.embed.is_some(), "the Q8_0 embeddings are kept");
+        assert!(
+            s.proj.len() == m.cfg.num_layers && s.proj.iter().flatten().all(Option::is_some),
+            "every Q4_1 projection is kept"
+        );
+        match stored {
+            "kept" => {}
+            "dropped" => m.weights.stored = Default::default(),
+            _ => {
+                let q = s.proj[1][0].take();
+                s.proj[1][0] = std::mem::replace(&mut s.proj[0][0], q);
+            }
+        }
+        Llama::new(&be, m.cfg, m.weights).unwrap()
+    };
+    let prompt: Vec<u32> = (0..8).map(|i| 1000 + 37 * i).collect();
+    let logits = |model: &Llama<CpuBackend>| -> Vec<Vec<f32>> {
+        let mut out = Vec::new();
+        for m in 1..=prompt.len() {
+            let mut cache = model.new_cache(&be, m + 1).unwrap();
+            out.push(
+                model
+                    .forward_cached(&be, None, &prompt[..m], &mut cache)
+                    .unwrap(),
+            );
+            let mut forks: Vec<_> = (0..m).map(|_| cache.fork(&be).unwrap()).collect();
+            let mut seqs: Vec<_> = forks
+                .iter_mut()
+                .zip(&prompt)
+                .map(|(cache, id)| CachedSeq {
+                    ids: std::slice::from_ref(id),
+                    cache,
+                })
+                .collect();
+            out.push(model.next_logits(&be, None, &mut seqs).unwrap());
+        }
+        out
+    };
+    let want = logits(&load("dropped"));
+    assert!(
+        logits(&load("kept")) == want,
+        "stored weights change the logits"
+    );
+    assert!(
+        logits(&load("swapped")) != want,
+        "stored weights are not read"
+    );
 }

@@ -21,6 +21,7 @@ fn host_weights(cfg: &LlamaConfig, seed: u64) -> HostWeights {
         layers,
         final_norm: vec![1.0; dm],
         lm_head: None,
+        stored: Default::default(),
     }
 }
 

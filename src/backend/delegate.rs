@@ -71,6 +71,18 @@ macro_rules! delegate_backend {
             self.inner.weight(host, rows, cols)
         }
     };
+    (@one $inner:ty; [$($watch:ident)?]; weight_stored) => {
+        fn weight_stored(
+            &self,
+            host: Vec<f32>,
+            stored: $crate::model::quant::StoredMatrix,
+            rows: usize,
+            cols: usize,
+        ) -> $crate::Result<Self::Weight> {
+            $(let _watch = self.$watch("weight");)?
+            self.inner.weight_stored(host, stored, rows, cols)
+        }
+    };
     (@one $inner:ty; [$($watch:ident)?]; copy_into) => {
         fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> $crate::Result<()> {
             $(let _watch = self.$watch("copy_into");)?

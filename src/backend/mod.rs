@@ -196,6 +196,19 @@ pub trait Backend: Send + Sync {
         self.to_host(&x)
     }
     fn weight(&self, host: Vec<f32>, rows: usize, cols: usize) -> Result<Self::Weight>;
+    /// `weight` with the compact form the model file stores it in (`stored`, whose values
+    /// are `host`'s exactly), for a backend that reads it where that is faster and computes
+    /// the same bits: the CPU's products of up to 8 rows (decoding). Others drop it.
+    fn weight_stored(
+        &self,
+        host: Vec<f32>,
+        stored: crate::model::quant::StoredMatrix,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Self::Weight> {
+        let _ = stored;
+        self.weight(host, rows, cols)
+    }
     /// `dst[offset..offset + src.len()] = src`.
     fn copy_into(&self, dst: &mut Self::Buf, offset: usize, src: &Self::Buf) -> Result<()>;
     /// A new buffer holding `src[offset..offset + len]`.

@@ -9,6 +9,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::{Common, LoraArgs, print_json};
+use crate::backend::cpu::weight::kept_transposed;
 use crate::error::{Error, Result};
 use crate::model::llama::ActStorage;
 use crate::model::{self, HostLora};
@@ -69,6 +70,11 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let (acts_cpu, acts_cuda) = (kept(ActStorage::F32), kept(ActStorage::Bf16Flash));
     let weights_cpu = model::llama::weight_bytes(c, ActStorage::F32) as f64;
     let weights_cuda = model::llama::weight_bytes(c, ActStorage::Bf16Flash) as f64;
+    // The file's quantised blocks the CPU keeps beside its f32 weights, for decoding.
+    let stored_cpu = m
+        .weights
+        .stored
+        .bytes_where(|(r, c)| !kept_transposed(r, c)) as f64;
     let lora_state = 4.0 * 4.0 * n_lora as f64; // weights, gradient, two Adam moments
     let tok = m.tokenizer().ok();
     if a.common.json {
@@ -79,7 +85,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             "n_params": n_base,
             "lora": {"r": lora.cfg.r, "alpha": lora.cfg.alpha, "targets": lora.cfg.targets.iter().map(|p| p.name()).collect::<Vec<_>>(), "n_params": n_lora},
             "tokenizer_vocab": tok.map(|t| t.vocab_size()),
-            "memory_bytes": {"weights_cpu_f32": weights_cpu, "weights_cuda_bf16": weights_cuda, "lora_training_state": lora_state, "activations_kept_cpu_f32": acts_cpu, "activations_kept_cuda_bf16": acts_cuda,
+            "memory_bytes": {"weights_cpu_f32": weights_cpu, "weights_cpu_stored": stored_cpu, "weights_cuda_bf16": weights_cuda, "lora_training_state": lora_state, "activations_kept_cpu_f32": acts_cpu, "activations_kept_cuda_bf16": acts_cuda,
                 "batch_size": a.batch_size, "max_len": a.max_len},
         }));
         return Ok(());
@@ -119,8 +125,16 @@ pub fn run(a: InfoArgs) -> Result<()> {
             .join(","),
         100.0 * n_lora as f64 / n_base as f64
     );
+    let stored = if stored_cpu > 0.0 {
+        format!(
+            " + {:.2} GiB of the file's quantised blocks, read when decoding",
+            stored_cpu / GIB
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "memory         weights {:.2} GiB (CPU f32) / {:.2} GiB (CUDA bf16); LoRA training state {:.1} MiB",
+        "memory         weights {:.2} GiB (CPU f32{stored}) / {:.2} GiB (CUDA bf16); LoRA training state {:.1} MiB",
         weights_cpu / GIB,
         weights_cuda / GIB,
         lora_state / (1u64 << 20) as f64,

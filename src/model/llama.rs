@@ -98,18 +98,31 @@ type LoraRef<'a, B> = Option<&'a LoraWeights<<B as Backend>::Buf>>;
 impl<B: Backend> Llama<B> {
     pub fn new(be: &B, cfg: LlamaConfig, w: HostWeights) -> Result<Self> {
         let d = cfg.hidden_size;
-        let embed = be.weight(w.embed, cfg.vocab_size, d)?;
+        // A matrix goes to the backend with its compact form where the file has one.
+        let weight = |host, stored: Option<_>, rows, cols| match stored {
+            Some(s) => be.weight_stored(host, s, rows, cols),
+            None => be.weight(host, rows, cols),
+        };
+        let mut stored = w.stored;
+        let embed = weight(w.embed, stored.embed.take(), cfg.vocab_size, d)?;
         let lm_head = match w.lm_head {
-            Some(h) => Some(be.weight(h, cfg.vocab_size, d)?),
+            Some(h) => Some(weight(h, stored.lm_head.take(), cfg.vocab_size, d)?),
             None => None,
         };
         let mut layers = Vec::with_capacity(w.layers.len());
+        let mut stored_proj = stored.proj.into_iter();
         for l in w.layers {
             let [q, k, v, o, g, u, dn] = l.proj;
             let mut ws = [q, k, v, o, g, u, dn].into_iter();
+            let mut ss = stored_proj.next().unwrap_or_default().into_iter();
             let proj = Proj::ALL.map(|p| {
                 let (din, dout) = p.dims(&cfg);
-                be.weight(ws.next().unwrap_or_default(), dout, din)
+                weight(
+                    ws.next().unwrap_or_default(),
+                    ss.next().flatten(),
+                    dout,
+                    din,
+                )
             });
             let [q, k, v, o, g, u, dn] = proj;
             layers.push(Layer {

@@ -52,6 +52,7 @@ impl LoadedModel {
                 layers: Vec::new(),
                 final_norm: Vec::new(),
                 lm_head: None,
+                stored: Default::default(),
             },
         )
     }

@@ -95,6 +95,66 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     }
 }
 
+/// A matrix `W (rows, cols)` in the compact form its file stores it, kept beside its f32
+/// values so that a product reading few rows can read these bytes instead (a Q4_1 weight
+/// is 5/32 the bytes). Each row is whole blocks of `ty`, rows in the order of the f32
+/// matrix (GGUF's Q/K row permutation already undone). Its values are what [`dequantize`]
+/// makes of it: the f32 matrix's, bit for bit.
+pub struct StoredMatrix {
+    ty: GgmlType,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+}
+
+impl StoredMatrix {
+    /// `None` when `ty` is not smaller than f32 or the bytes are not `rows` rows of whole
+    /// blocks (a row of 576 values cannot be Q4_K's 256-value blocks).
+    pub fn new(ty: GgmlType, rows: usize, cols: usize, bytes: Vec<u8>) -> Option<Self> {
+        let (elems, size) = ty.block();
+        let whole = ty != GgmlType::F32
+            && cols.is_multiple_of(elems)
+            && (cols / elems).checked_mul(size)?.checked_mul(rows)? == bytes.len();
+        whole.then_some(StoredMatrix {
+            ty,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// `(rows, cols)`.
+    pub fn dims(&self) -> (usize, usize) {
+        (self.rows, self.cols)
+    }
+
+    /// The bytes kept.
+    pub fn size(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The type of its blocks.
+    pub fn ty(&self) -> GgmlType {
+        self.ty
+    }
+
+    fn row_bytes(&self) -> usize {
+        self.bytes.len() / self.rows.max(1)
+    }
+
+    /// The bytes of blocks `b0..b1` of row `r`.
+    pub fn blocks(&self, r: usize, b0: usize, b1: usize) -> &[u8] {
+        let (size, at) = (self.ty.block().1, r * self.row_bytes());
+        &self.bytes[at + b0 * size..at + b1 * size]
+    }
+
+    /// The bytes of rows `r0..r1`.
+    pub fn rows(&self, r0: usize, r1: usize) -> &[u8] {
+        let rb = self.row_bytes();
+        &self.bytes[r0 * rb..r1 * rb]
+    }
+}
+
 /// 6-bit scale and min `j` (0..8) of a Q4_K super-block's packed 12-byte scale array.
 fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {

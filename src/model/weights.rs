@@ -8,6 +8,7 @@ use safetensors::{Dtype, SafeTensors};
 
 use super::config::LlamaConfig;
 use super::proj::Proj;
+use super::quant::StoredMatrix;
 use crate::error::{Error, IoContext, Result};
 
 /// One transformer block's frozen weights, row-major `W (d_out x d_in)`.
@@ -25,12 +26,44 @@ pub struct HostWeights {
     pub final_norm: Vec<f32>,
     /// `None` when the output layer is tied to the embeddings.
     pub lm_head: Option<Vec<f32>>,
+    /// The file's compact forms of these matrices, where it has them (`TensorSource::stored`).
+    pub stored: StoredWeights,
+}
+
+/// The compact forms a model file stores its matrices in, beside their f32 values in
+/// [`HostWeights`]; `None` where the file holds f32, or a form not worth keeping.
+#[derive(Default)]
+pub struct StoredWeights {
+    pub embed: Option<StoredMatrix>,
+    pub lm_head: Option<StoredMatrix>,
+    /// Per layer, indexed by `Proj::index()`.
+    pub proj: Vec<[Option<StoredMatrix>; 7]>,
+}
+
+impl StoredWeights {
+    /// The bytes of the matrices whose `(rows, cols)` pass `kept`.
+    pub fn bytes_where(&self, kept: impl Fn((usize, usize)) -> bool) -> usize {
+        [&self.embed, &self.lm_head]
+            .into_iter()
+            .chain(self.proj.iter().flatten())
+            .flatten()
+            .filter(|s| kept(s.dims()))
+            .map(StoredMatrix::size)
+            .sum()
+    }
 }
 
 /// Anything that can hand out named tensors as f32 with a checked shape.
 pub trait TensorSource {
     fn has(&self, name: &str) -> bool;
     fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>>;
+    /// The matrix `name` (which `get` has read) in the compact form the file stores it,
+    /// for a backend to read instead where few rows are multiplied by it; `None` when the
+    /// form saves too little to be worth its memory beside the f32 values.
+    fn stored(&self, name: &str) -> Option<StoredMatrix> {
+        let _ = name;
+        None
+    }
 }
 
 /// A tensor read from a file holds finite values only; else where the first NaN or
@@ -186,7 +219,12 @@ pub fn load_weights(
     names: &dyn Fn(WeightName) -> String,
 ) -> Result<HostWeights> {
     let d = cfg.hidden_size;
-    let embed = src.get(&names(WeightName::Embed), &[cfg.vocab_size, d])?;
+    let embed_name = names(WeightName::Embed);
+    let embed = src.get(&embed_name, &[cfg.vocab_size, d])?;
+    let mut stored = StoredWeights {
+        embed: src.stored(&embed_name),
+        ..StoredWeights::default()
+    };
     let mut layers = Vec::new();
     for l in 0..cfg.num_layers {
         let attn_norm = src.get(&names(WeightName::AttnNorm(l)), &[d])?;
@@ -195,6 +233,9 @@ pub fn load_weights(
             let (din, dout) = p.dims(cfg);
             src.get(&names(WeightName::Proj(l, p)), &[dout, din])
         });
+        stored
+            .proj
+            .push(Proj::ALL.map(|p| src.stored(&names(WeightName::Proj(l, p)))));
         let [q, k, v, o, g, u, dn] = proj;
         layers.push(HostLayer {
             attn_norm,
@@ -207,6 +248,7 @@ pub fn load_weights(
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else {
+        stored.lm_head = src.stored(&head_name);
         Some(src.get(&head_name, &[cfg.vocab_size, d])?)
     };
     Ok(HostWeights {
@@ -214,6 +256,7 @@ pub fn load_weights(
         layers,
         final_norm,
         lm_head,
+        stored,
     })
 }
 

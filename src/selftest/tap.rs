@@ -147,7 +147,7 @@ impl<B: Backend> Backend for Tap<'_, B> {
 
     // Everything else is forwarded unchanged.
     crate::delegate_backend!(B;
-        describe, device_memory, reset_device_peak, buf, zeros, to_host, take_host, weight, copy_into, slice, embedding, rmsnorm,
+        describe, device_memory, reset_device_peak, buf, zeros, to_host, take_host, weight, weight_stored, copy_into, slice, embedding, rmsnorm,
         add_rmsnorm, rmsnorm_backward, linear, linear_backward, lora_forward, lora_backward,
         project_group, project_group_backward, rope, attention, attention_out, attention_dout, attention_backward, swiglu,
         swiglu_backward, add_assign, gram_accumulate, gram_accumulate_upper, mirror_upper, segment_sum,

@@ -66,6 +66,7 @@ pub fn weights(cfg: &LlamaConfig, seed: u64) -> HostWeights {
         layers,
         final_norm: uniform(&mut rng, d, 1.0, 0.2),
         lm_head: Some(uniform(&mut rng, v * d, 0.0, (3.0 / d as f32).sqrt())),
+        stored: Default::default(),
     }
 }
 

@@ -337,7 +337,11 @@ pub fn gemm_naive(m: usize, n: usize, k: usize, a: Mat, b: Mat) -> Vec<f32> {
 /// [`linear_few_rows_t`] streams up to the same count: on down's shape (30 layers' weights
 /// cycled) it takes 121-171 us at 1 row against `dot_block`'s 117-163, and 0.6-0.9 of
 /// `dot_block`'s time at 2-8 rows.
-const STREAM_ROWS: usize = 8;
+pub(super) const STREAM_ROWS: usize = 8;
+
+/// Rows of `w` per streaming task of [`linear_few_rows`]: enough to amortise a task, 768
+/// for the LM head.
+pub(super) const ROW_BLOCK: usize = 64;
 
 /// `y (m, n) = x (m, k) w (n, k)^T` for a few rows `x` (decoding: a token or a few per
 /// sequence), where reading `w` is most of the cost. Asked for `y = x w^T` row-major, the
@@ -347,24 +351,16 @@ const STREAM_ROWS: usize = 8;
 /// lane of it feeding every row of `x` from registers (`vmath::dot_block`), which sums in
 /// another order: 16 lanes of FMAs, not the gemm crate's single chain.
 pub fn linear_few_rows(x: &[f32], w: &[f32], m: usize, k: usize, n: usize) -> Vec<f32> {
-    // Rows of `w` per streaming task: enough to amortise a task, 768 for the LM head.
-    const BLOCK: usize = 64;
     let yt = if m <= STREAM_ROWS && k > 0 {
         let mut yt = vec![0f32; n * m];
-        yt.par_chunks_mut(BLOCK * m.max(1))
-            .zip(w[..n * k].par_chunks(BLOCK * k))
+        yt.par_chunks_mut(ROW_BLOCK * m.max(1))
+            .zip(w[..n * k].par_chunks(ROW_BLOCK * k))
             .for_each(|(yb, wb)| vmath::dot_block(yb, wb, &x[..m * k], k));
         yt
     } else {
         gemm_new(n, m, k, Mat::rows(w, k), Mat::rows(x, k).t(), 1.0, true)
     };
-    let mut y = vec![0f32; m * n];
-    for (j, col) in yt.chunks_exact(m.max(1)).enumerate() {
-        for (i, &v) in col.iter().enumerate() {
-            y[i * n + j] = v;
-        }
-    }
-    y
+    transpose(&yt, n, m)
 }
 
 /// `y (m, n) = x (m, k) Wt (k, n)` for a few rows `x`, with the weight stored transposed

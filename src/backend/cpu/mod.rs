@@ -12,6 +12,7 @@ mod lowrank;
 pub mod ops;
 pub mod optim;
 pub mod peak;
+mod stored;
 mod vmath;
 pub mod weight;
 
@@ -182,6 +183,27 @@ impl Backend for CpuBackend {
         Ok(CpuWeight::new(host, rows, cols))
     }
 
+    fn weight_stored(
+        &self,
+        host: Vec<f32>,
+        stored: crate::model::quant::StoredMatrix,
+        rows: usize,
+        cols: usize,
+    ) -> Result<CpuWeight> {
+        if stored.dims() != (rows, cols) {
+            return Err(crate::error::Error::Device(format!(
+                "stored form of {:?} given for a {rows} x {cols} weight",
+                stored.dims()
+            )));
+        }
+        let w = self.weight(host, rows, cols)?;
+        // A weight kept transposed never reads its stored rows (`stored`): not kept.
+        Ok(match w.transposed_values() {
+            None => w.with_stored(stored),
+            Some(_) => w,
+        })
+    }
+
     fn copy_into(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) -> Result<()> {
         dst[offset..offset + src.len()].copy_from_slice(src);
         Ok(())
@@ -248,6 +270,15 @@ impl Backend for CpuBackend {
         n: usize,
     ) -> Result<Vec<f32>> {
         debug_assert_eq!(w.dims(), (n, k), "linear: W is not (n, k)");
+        // The file's compact form where streaming reads the weight as given; a weight kept
+        // transposed streams `W^T`, which the stored rows of `W` are not.
+        if let Some(s) = w.stored()
+            && w.transposed_values().is_none()
+            && (1..=gemm::STREAM_ROWS).contains(&m)
+            && k > 0
+        {
+            return Ok(stored::linear_few_rows(x, s, m, k, n));
+        }
         if m <= FEW_ROWS {
             return Ok(match w.transposed_values() {
                 Some(wt) => gemm::linear_few_rows_t(x, wt, m, k, n),

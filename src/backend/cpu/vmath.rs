@@ -106,7 +106,7 @@ pub const LANES: usize = 16;
 
 /// The lanes' partial sums added pairwise.
 #[inline(always)]
-fn total(mut acc: [f32; LANES]) -> f32 {
+pub(super) fn total(mut acc: [f32; LANES]) -> f32 {
     let mut w = LANES / 2;
     while w > 0 {
         for l in 0..w {

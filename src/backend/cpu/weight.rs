@@ -23,11 +23,17 @@
 use std::borrow::Cow;
 
 use super::gemm::{Mat, transpose};
+use crate::model::quant::StoredMatrix;
 
 /// Rows below which a wide weight stays as given: the narrowest measured shape that gains
 /// (512 rows, Llama-3.2-1B's k/v; the widest that loses has 192, SmolLM2's k/v). Shapes
 /// in between (such as SmolLM2-360M's k/v, 320 x 960) are not measured and stay as given.
 pub const TRANSPOSE_MIN_ROWS: usize = 512;
+
+/// Whether [`CpuWeight::new`] keeps a `(rows, cols)` weight transposed.
+pub fn kept_transposed(rows: usize, cols: usize) -> bool {
+    rows < cols && rows >= TRANSPOSE_MIN_ROWS
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Layout {
@@ -42,13 +48,16 @@ pub struct CpuWeight {
     rows: usize,
     cols: usize,
     layout: Layout,
+    /// The model file's compact form of the same values, which products of few rows read
+    /// instead (`stored`).
+    stored: Option<StoredMatrix>,
 }
 
 impl CpuWeight {
     /// `W (rows, cols)` from its row-major values (`rows * cols` of them, which the caller
     /// has checked), in the layout chosen above.
     pub fn new(w: Vec<f32>, rows: usize, cols: usize) -> Self {
-        if rows < cols && rows >= TRANSPOSE_MIN_ROWS {
+        if kept_transposed(rows, cols) {
             Self::transposed(&w, rows, cols)
         } else {
             Self::row_major(w, rows, cols)
@@ -62,6 +71,7 @@ impl CpuWeight {
             rows,
             cols,
             layout: Layout::RowMajor,
+            stored: None,
         }
     }
 
@@ -72,7 +82,22 @@ impl CpuWeight {
             rows,
             cols,
             layout: Layout::Transposed,
+            stored: None,
         }
+    }
+
+    /// This weight with the compact form of its values kept beside them (the caller has
+    /// checked its dims).
+    pub fn with_stored(self, stored: StoredMatrix) -> Self {
+        CpuWeight {
+            stored: Some(stored),
+            ..self
+        }
+    }
+
+    /// The compact form, if kept.
+    pub fn stored(&self) -> Option<&StoredMatrix> {
+        self.stored.as_ref()
     }
 
     /// `(rows, cols)`.

@@ -1,0 +1,396 @@
+//! Few-row products that read a frozen weight in the form its file stores it
+//! ([`StoredMatrix`]: the GGUF's Q4_1, Q8_0, ... blocks) instead of its f32 values.
+//!
+//! Why: a decoding step multiplies one to eight rows by every weight once, so it is bound
+//! by the bytes it reads: SmolLM2-135M's f32 weights are 540 MB, its GGUF's Q4_1 and Q8_0
+//! blocks 5/32 and 17/64 of that. The blocks of rows and the sums are `linear_few_rows`'s
+//! (`vmath::dot_block`: 16 lanes of FMAs, added pairwise), over the values `dequantize`
+//! makes, which are the f32 matrix's; so the results are the f32 path's, bit for bit.
+//! Only weights kept as given (not transposed, `weight::CpuWeight`) are read so: the
+//! transposed ones stream `W^T`, and a first version that made each lane's rows of it
+//! from the blocks of `W` took 0.8-1.3 ns a value, more than streaming the f32 `W^T`.
+
+use rayon::prelude::*;
+
+use super::gemm::{ROW_BLOCK, transpose};
+use super::vmath;
+use crate::model::quant::{GgmlType, StoredMatrix, dequantize};
+
+/// `gemm::linear_few_rows` (`y = x W^T`, `x (m, k)`, `W (n, k)`) on the stored `W`, for
+/// `1 <= m <= STREAM_ROWS` and `k >= 1`: the same blocks of `ROW_BLOCK` rows of `W`, one
+/// task each, and in each the sums of `vmath::dot_block`.
+pub fn linear_few_rows(x: &[f32], s: &StoredMatrix, m: usize, k: usize, n: usize) -> Vec<f32> {
+    debug_assert_eq!(s.dims(), (n, k));
+    let x = &x[..m * k];
+    let mut yt = vec![0f32; n * m];
+    yt.par_chunks_mut(ROW_BLOCK * m)
+        .enumerate()
+        .for_each_init(Vec::new, |w, (b, yb)| {
+            let (r0, r1) = (b * ROW_BLOCK, b * ROW_BLOCK + yb.len() / m);
+            let bytes = s.rows(r0, r1);
+            if !fused_dots(s.ty(), yb, bytes, x, k) {
+                w.resize((r1 - r0) * k, 0.0);
+                dequantize(s.ty(), bytes, w);
+                vmath::dot_block(yb, w, x, k);
+            }
+        });
+    transpose(&yt, n, m)
+}
+
+/// `vmath::dot_block(yt, W, x, k)` with `W` the rows in `bytes`, each block's values made
+/// in registers as they are multiplied, where there is a kernel for the type and the CPU:
+/// Q4_1 and Q8_0 (the default model's), at AVX-512 and at AVX2 with F16C. Returns whether
+/// it ran. Dequantising a block of rows into a buffer first and summing from there took
+/// 1.3-1.4x as long per decoding step, since the compiler vectorised `dequantize`'s loops
+/// across blocks, gathering one byte per block.
+fn fused_dots(ty: GgmlType, yt: &mut [f32], bytes: &[u8], x: &[f32], k: usize) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::Simd;
+        use x86::{Q4_1, Q8_0};
+        if !is_x86_feature_detected!("f16c") || !k.is_multiple_of(32) {
+            return false;
+        }
+        // SAFETY: `simd` and the check above report only features the CPU has; `bytes`
+        // is whole rows of `k / 32` blocks, one per `m` outputs of `yt`.
+        unsafe {
+            match (ty, super::simd()) {
+                (GgmlType::Q4_1, Simd::Avx512) => x86::dots_avx512::<Q4_1>(yt, bytes, x, k),
+                (GgmlType::Q8_0, Simd::Avx512) => x86::dots_avx512::<Q8_0>(yt, bytes, x, k),
+                (GgmlType::Q4_1, Simd::Avx2) => x86::dots_avx2::<Q4_1>(yt, bytes, x, k),
+                (GgmlType::Q8_0, Simd::Avx2) => x86::dots_avx2::<Q8_0>(yt, bytes, x, k),
+                _ => return false,
+            }
+        }
+        true
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = (ty, yt, bytes, x, k);
+        false
+    }
+}
+
+/// The fused kernels. A block's 32 values are `quant::dequantize`'s (a product, and for
+/// Q4_1 a sum, of the same operands, rounded apart: never fused), held as 16-lane halves:
+/// value `c` of a row lands in lane `c mod 16` of a chunk, as `dot_block` sums it, and each
+/// chunk feeds every row of `x` through an FMA in order; the lanes are added pairwise
+/// (`vmath::total`). So each output is `dot_block`'s, bit for bit.
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::super::vmath::{self, LANES};
+
+    /// A block type's bytes and values.
+    pub trait Block {
+        const BYTES: usize;
+        /// The block's 32 values as two 16-lane halves (`__m512`) ...
+        unsafe fn zmm(b: &[u8]) -> [__m512; 2];
+        /// ... or as four 8-lane quarters (`__m256`).
+        unsafe fn ymm(b: &[u8]) -> [__m256; 4];
+    }
+
+    /// The block's f16 at `at` and the one after it, as f32 (exact).
+    #[inline(always)]
+    unsafe fn scales(b: &[u8], at: usize) -> __m128 {
+        let bits = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        // SAFETY (caller): F16C.
+        unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)) }
+    }
+
+    /// 20 bytes: f16 `d`, f16 `m`, 16 bytes of nibbles (values 0-15 low, 16-31 high);
+    /// `d * q + m`.
+    pub struct Q4_1;
+
+    impl Block for Q4_1 {
+        const BYTES: usize = 20;
+
+        #[inline(always)]
+        unsafe fn zmm(b: &[u8]) -> [__m512; 2] {
+            // SAFETY (caller): AVX-512F and F16C; `b` is one block.
+            unsafe {
+                let dm = scales(b, 0);
+                let (d, m) = (
+                    _mm512_broadcastss_ps(dm),
+                    _mm512_broadcastss_ps(_mm_movehdup_ps(dm)),
+                );
+                let mask = _mm_set1_epi8(0x0f);
+                let q = _mm_loadu_si128(b[4..20].as_ptr().cast());
+                let half = |v| {
+                    let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
+                    _mm512_add_ps(_mm512_mul_ps(d, f), m)
+                };
+                [
+                    half(_mm_and_si128(q, mask)),
+                    half(_mm_and_si128(_mm_srli_epi16(q, 4), mask)),
+                ]
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn ymm(b: &[u8]) -> [__m256; 4] {
+            // SAFETY (caller): AVX2 and F16C; `b` is one block.
+            unsafe {
+                let dm = scales(b, 0);
+                let (d, m) = (
+                    _mm256_broadcastss_ps(dm),
+                    _mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
+                );
+                let mask = _mm_set1_epi8(0x0f);
+                let q = _mm_loadu_si128(b[4..20].as_ptr().cast());
+                let (lo, hi) = (
+                    _mm_and_si128(q, mask),
+                    _mm_and_si128(_mm_srli_epi16(q, 4), mask),
+                );
+                let quarter = |v| {
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
+                    _mm256_add_ps(_mm256_mul_ps(d, f), m)
+                };
+                [
+                    quarter(lo),
+                    quarter(_mm_srli_si128(lo, 8)),
+                    quarter(hi),
+                    quarter(_mm_srli_si128(hi, 8)),
+                ]
+            }
+        }
+    }
+
+    /// 34 bytes: f16 `d`, 32 signed bytes; `d * q`.
+    pub struct Q8_0;
+
+    impl Block for Q8_0 {
+        const BYTES: usize = 34;
+
+        #[inline(always)]
+        unsafe fn zmm(b: &[u8]) -> [__m512; 2] {
+            // SAFETY (caller): AVX-512F and F16C; `b` is one block.
+            unsafe {
+                let d = _mm512_broadcastss_ps(scales(b, 0));
+                let half = |at: usize| {
+                    let q = _mm_loadu_si128(b[at..at + 16].as_ptr().cast());
+                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)))
+                };
+                [half(2), half(18)]
+            }
+        }
+
+        #[inline(always)]
+        unsafe fn ymm(b: &[u8]) -> [__m256; 4] {
+            // SAFETY (caller): AVX2 and F16C; `b` is one block.
+            unsafe {
+                let d = _mm256_broadcastss_ps(scales(b, 0));
+                let quarter = |at: usize| {
+                    let q = _mm_loadl_epi64(b[at..at + 8].as_ptr().cast());
+                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)))
+                };
+                [quarter(2), quarter(10), quarter(18), quarter(26)]
+            }
+        }
+    }
+
+    /// `dot_block` over rows of `B` blocks, all `m = x.len() / k` rows of `x` at once.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    pub unsafe fn dots_avx512<B: Block>(yt: &mut [f32], bytes: &[u8], x: &[f32], k: usize) {
+        let m = x.len() / k;
+        // SAFETY (caller): as this function's.
+        unsafe {
+            match m {
+                1 => rows_avx512::<B, 1>(yt, bytes, x, k),
+                2 => rows_avx512::<B, 2>(yt, bytes, x, k),
+                3 => rows_avx512::<B, 3>(yt, bytes, x, k),
+                4 => rows_avx512::<B, 4>(yt, bytes, x, k),
+                5 => rows_avx512::<B, 5>(yt, bytes, x, k),
+                6 => rows_avx512::<B, 6>(yt, bytes, x, k),
+                7 => rows_avx512::<B, 7>(yt, bytes, x, k),
+                _ => rows_avx512::<B, 8>(yt, bytes, x, k),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
+    unsafe fn rows_avx512<B: Block, const M: usize>(
+        yt: &mut [f32],
+        bytes: &[u8],
+        x: &[f32],
+        k: usize,
+    ) {
+        assert!(M <= 8 && x.len() == M * k);
+        for (row, y) in bytes
+            .chunks_exact(k / 32 * B::BYTES)
+            .zip(yt.chunks_exact_mut(M))
+        {
+            let mut acc = [_mm512_setzero_ps(); M];
+            for (c, b) in row.chunks_exact(B::BYTES).enumerate() {
+                // SAFETY: AVX-512F and F16C (this function's features); `b` is one block;
+                // the loads read `x[i * k + 32c..i * k + 32c + 32]`, inside `x`.
+                unsafe {
+                    let w = B::zmm(b);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xi = x.as_ptr().add(i * k + 32 * c);
+                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(xi), w[0], *a);
+                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(xi.add(16)), w[1], *a);
+                    }
+                }
+            }
+            for (yi, a) in y.iter_mut().zip(acc) {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: 16 floats into 16.
+                unsafe { _mm512_storeu_ps(lanes.as_mut_ptr(), a) };
+                *yi = vmath::total(lanes);
+            }
+        }
+    }
+
+    /// `dot_block` over rows of `B` blocks, the rows of `x` four at a time (a row's 16
+    /// lanes take two of AVX2's sixteen registers).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn dots_avx2<B: Block>(yt: &mut [f32], bytes: &[u8], x: &[f32], k: usize) {
+        let m = x.len() / k;
+        let rb = k / 32 * B::BYTES;
+        for g in (0..m).step_by(4) {
+            let xs = &x[g * k..(g + 4).min(m) * k];
+            // Outputs `g..` of each row of `yt`, gathered from and put back to its stride.
+            let mut part = vec![0f32; bytes.len() / rb * (xs.len() / k)];
+            // SAFETY (caller): as this function's.
+            unsafe {
+                match xs.len() / k {
+                    1 => rows_avx2::<B, 1>(&mut part, bytes, xs, k),
+                    2 => rows_avx2::<B, 2>(&mut part, bytes, xs, k),
+                    3 => rows_avx2::<B, 3>(&mut part, bytes, xs, k),
+                    _ => rows_avx2::<B, 4>(&mut part, bytes, xs, k),
+                }
+            }
+            let w = xs.len() / k;
+            for (y, p) in yt.chunks_exact_mut(m).zip(part.chunks_exact(w)) {
+                y[g..g + w].copy_from_slice(p);
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn rows_avx2<B: Block, const M: usize>(
+        yt: &mut [f32],
+        bytes: &[u8],
+        x: &[f32],
+        k: usize,
+    ) {
+        assert!(M <= 4 && x.len() == M * k);
+        for (row, y) in bytes
+            .chunks_exact(k / 32 * B::BYTES)
+            .zip(yt.chunks_exact_mut(M))
+        {
+            // Lanes 0-7 and 8-15 of each row's 16.
+            let mut acc = [[_mm256_setzero_ps(); 2]; M];
+            for (c, b) in row.chunks_exact(B::BYTES).enumerate() {
+                // SAFETY: AVX2 and F16C (this function's features); `b` is one block; the
+                // loads read `x[i * k + 32c..i * k + 32c + 32]`, inside `x`.
+                unsafe {
+                    let w = B::ymm(b);
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let xi = x.as_ptr().add(i * k + 32 * c);
+                        for (q, wq) in w.iter().enumerate() {
+                            let l = q % 2;
+                            a[l] = _mm256_fmadd_ps(_mm256_loadu_ps(xi.add(8 * q)), *wq, a[l]);
+                        }
+                    }
+                }
+            }
+            for (yi, a) in y.iter_mut().zip(acc) {
+                let mut lanes = [0f32; LANES];
+                // SAFETY: 8 + 8 floats into 16.
+                unsafe {
+                    _mm256_storeu_ps(lanes.as_mut_ptr(), a[0]);
+                    _mm256_storeu_ps(lanes[8..].as_mut_ptr(), a[1]);
+                }
+                *yi = vmath::total(lanes);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use half::f16;
+    use rand::{RngExt, SeedableRng};
+    use rand_chacha::ChaCha8Rng;
+
+    use super::super::gemm;
+    use super::*;
+    use crate::model::quant::{GgmlType, dequantize};
+
+    /// `rows` rows of random blocks of `ty`: random quants, scales (f16) between 2^-8 and
+    /// 2^-4, so that every value is finite.
+    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
+        let (elems, size) = ty.block();
+        let mut bytes: Vec<u8> = (0..rows * cols / elems * size)
+            .map(|_| rng.random())
+            .collect();
+        let scales: &[usize] = match ty {
+            GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+            GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+            GgmlType::Q6K => &[208],
+            _ => unreachable!("not a quantised type"),
+        };
+        for blk in bytes.chunks_exact_mut(size) {
+            for &at in scales {
+                let s = f16::from_f32(rng.random_range(2f32.powi(-8)..2f32.powi(-4)));
+                blk[at..at + 2].copy_from_slice(&s.to_le_bytes());
+            }
+        }
+        bytes
+    }
+
+    /// The stored product equals the f32 one bit for bit, on each quantised type (Q4_1 and
+    /// Q8_0 through the fused kernels of the CPU's level, and of AVX2 as well; the others
+    /// through `dequantize`), for 1 to 8 rows, with `n` not a multiple of `ROW_BLOCK`.
+    #[test]
+    fn stored_products_equal_the_f32_ones_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(11);
+        for (ty, n, k) in [
+            (GgmlType::Q4_1, 130, 96),
+            (GgmlType::Q4_0, 70, 64),
+            (GgmlType::Q8_0, 65, 96),
+            (GgmlType::Q4K, 67, 512),
+            (GgmlType::Q6K, 3, 256),
+        ] {
+            let bytes = random_blocks(ty, n, k, &mut rng);
+            let mut w = vec![0f32; n * k];
+            dequantize(ty, &bytes, &mut w);
+            assert!(w.iter().all(|v| v.is_finite()));
+            let s = StoredMatrix::new(ty, n, k, bytes).expect("whole blocks");
+            for m in 1..=gemm::STREAM_ROWS {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1f32..1.0)).collect();
+                assert_eq!(
+                    linear_few_rows(&x, &s, m, k, n),
+                    gemm::linear_few_rows(&x, &w, m, k, n),
+                    "{ty:?}, {m} rows"
+                );
+                // The AVX2 kernels as well, on a CPU that also runs the AVX-512 ones above.
+                #[cfg(target_arch = "x86_64")]
+                if is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+                {
+                    let mut want = vec![0f32; n * m];
+                    vmath::dot_block(&mut want, &w, &x, k);
+                    let mut got = vec![0f32; n * m];
+                    // SAFETY: the CPU has the kernel's features (checked above); `bytes`
+                    // is `n` rows of `k / 32` blocks, `got` `n * m` outputs.
+                    let bytes = s.rows(0, n);
+                    match ty {
+                        GgmlType::Q4_1 => unsafe {
+                            x86::dots_avx2::<x86::Q4_1>(&mut got, bytes, &x, k)
+                        },
+                        GgmlType::Q8_0 => unsafe {
+                            x86::dots_avx2::<x86::Q8_0>(&mut got, bytes, &x, k)
+                        },
+                        _ => got.clone_from(&want),
+                    }
+                    assert_eq!(got, want, "{ty:?}, {m} rows, AVX2");
+                }
+            }
+        }
+    }
+}

@@ -9,7 +9,7 @@ use clap::Args;
 use serde_json::json;
 
 use super::{Common, LoraArgs, print_json};
-use crate::backend::cpu::weight::kept_transposed;
+use crate::backend::cpu::stored;
 use crate::error::{Error, Result};
 use crate::model::llama::ActStorage;
 use crate::model::{self, HostLora};
@@ -71,10 +71,8 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let weights_cpu = model::llama::weight_bytes(c, ActStorage::F32) as f64;
     let weights_cuda = model::llama::weight_bytes(c, ActStorage::Bf16Flash) as f64;
     // The file's quantised blocks the CPU keeps beside its f32 weights, for decoding.
-    let stored_cpu = m
-        .weights
-        .stored
-        .bytes_where(|(r, c)| !kept_transposed(r, c)) as f64;
+    let stored_cpu: usize = m.weights.stored.iter().map(stored::kept_bytes).sum();
+    let stored_cpu = stored_cpu as f64;
     let lora_state = 4.0 * 4.0 * n_lora as f64; // weights, gradient, two Adam moments
     let tok = m.tokenizer().ok();
     if a.common.json {

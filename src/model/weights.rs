@@ -41,15 +41,12 @@ pub struct StoredWeights {
 }
 
 impl StoredWeights {
-    /// The bytes of the matrices whose `(rows, cols)` pass `kept`.
-    pub fn bytes_where(&self, kept: impl Fn((usize, usize)) -> bool) -> usize {
+    /// Every matrix kept.
+    pub fn iter(&self) -> impl Iterator<Item = &StoredMatrix> {
         [&self.embed, &self.lm_head]
             .into_iter()
             .chain(self.proj.iter().flatten())
             .flatten()
-            .filter(|s| kept(s.dims()))
-            .map(StoredMatrix::size)
-            .sum()
     }
 }
 

@@ -375,18 +375,23 @@ pub fn linear_few_rows_t(x: &[f32], wt: &[f32], m: usize, k: usize, n: usize) ->
     if m > STREAM_ROWS || k == 0 || m == 0 || n == 0 {
         return gemm_new(m, n, k, Mat::rows(x, k), Mat::rows(wt, n), 1.0, true);
     }
-    let chunk = k.div_ceil(vmath::LANES);
     let mut parts: Vec<Vec<f32>> = (0..vmath::LANES)
         .into_par_iter()
         .map(|b| {
             let mut y = vec![0f32; m * n];
-            let (j0, j1) = ((b * chunk).min(k), ((b + 1) * chunk).min(k));
+            let (j0, j1) = lane_rows(k, b);
             vmath::axpy_rows(&mut y, &wt[j0 * n..j1 * n], &x[..m * k], k, j0);
             y
         })
         .collect();
     vmath::total_lanes(&mut parts);
     parts.swap_remove(0)
+}
+
+/// The rows `j0..j1` of `Wt (k, n)` that lane `b` of [`linear_few_rows_t`] streams.
+pub(super) fn lane_rows(k: usize, b: usize) -> (usize, usize) {
+    let chunk = k.div_ceil(vmath::LANES);
+    ((b * chunk).min(k), ((b + 1) * chunk).min(k))
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@ mod lowrank;
 pub mod ops;
 pub mod optim;
 pub mod peak;
-mod stored;
+pub mod stored;
 mod vmath;
 pub mod weight;
 
@@ -197,10 +197,13 @@ impl Backend for CpuBackend {
             )));
         }
         let w = self.weight(host, rows, cols)?;
-        // A weight kept transposed never reads its stored rows (`stored`): not kept.
-        Ok(match w.transposed_values() {
-            None => w.with_stored(stored),
-            Some(_) => w,
+        let compact = match w.transposed_values() {
+            None => Some(stored::Compact::Rows(stored)),
+            Some(_) => stored::Q4_1Columns::new(&stored).map(stored::Compact::Columns),
+        };
+        Ok(match compact {
+            Some(c) => w.with_compact(c),
+            None => w,
         })
     }
 
@@ -270,14 +273,17 @@ impl Backend for CpuBackend {
         n: usize,
     ) -> Result<Vec<f32>> {
         debug_assert_eq!(w.dims(), (n, k), "linear: W is not (n, k)");
-        // The file's compact form where streaming reads the weight as given; a weight kept
-        // transposed streams `W^T`, which the stored rows of `W` are not.
-        if let Some(s) = w.stored()
-            && w.transposed_values().is_none()
-            && (1..=gemm::STREAM_ROWS).contains(&m)
-            && k > 0
-        {
-            return Ok(stored::linear_few_rows(x, s, m, k, n));
+        // The file's compact form, where the weight has one, in the products that stream it.
+        if (1..=gemm::STREAM_ROWS).contains(&m) && k > 0 {
+            match w.compact() {
+                Some(stored::Compact::Rows(s)) => {
+                    return Ok(stored::linear_few_rows(x, s, m, k, n));
+                }
+                Some(stored::Compact::Columns(t)) => {
+                    return Ok(stored::linear_few_rows_t(x, t, m, k, n));
+                }
+                None => {}
+            }
         }
         if m <= FEW_ROWS {
             return Ok(match w.transposed_values() {

@@ -6,15 +6,118 @@
 //! blocks 5/32 and 17/64 of that. The blocks of rows and the sums are `linear_few_rows`'s
 //! (`vmath::dot_block`: 16 lanes of FMAs, added pairwise), over the values `dequantize`
 //! makes, which are the f32 matrix's; so the results are the f32 path's, bit for bit.
-//! Only weights kept as given (not transposed, `weight::CpuWeight`) are read so: the
-//! transposed ones stream `W^T`, and a first version that made each lane's rows of it
-//! from the blocks of `W` took 0.8-1.3 ns a value, more than streaming the f32 `W^T`.
+//! A weight kept transposed (`weight::CpuWeight`) streams `W^T`, whose rows cut across
+//! `W`'s blocks: for Q4_1 it is kept as [`Q4_1Columns`] instead, the same nibbles
+//! transposed beside each block's scales, and its product sums as `linear_few_rows_t`.
 
 use rayon::prelude::*;
 
-use super::gemm::{ROW_BLOCK, transpose};
+use super::gemm::{ROW_BLOCK, lane_rows, transpose};
 use super::vmath;
 use crate::model::quant::{GgmlType, StoredMatrix, dequantize};
+
+/// A weight's compact form as the CPU reads it in products of few rows.
+pub enum Compact {
+    /// The file's rows of blocks, for a weight kept as given.
+    Rows(StoredMatrix),
+    /// Q4_1 transposed, for a weight kept transposed.
+    Columns(Q4_1Columns),
+}
+
+/// `W^T (k, n)` of a Q4_1 `W (n, k)`, as `gemm::linear_few_rows_t` streams it: row `j`'s
+/// `n` nibbles (`W[c, j]`'s quant at `q[j * n / 2 + c / 2]`, even `c` in the low half), and
+/// per block of 32 rows the `n` scales `d` and offsets `m` as f32 (exactly the f16s). Each
+/// value is `d * q + m` as `dequantize` makes it: 0.75 bytes a value where f32 takes 4.
+pub struct Q4_1Columns {
+    n: usize,
+    k: usize,
+    q: Vec<u8>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+impl Q4_1Columns {
+    /// `None` unless `s` is Q4_1 with `n` a multiple of 16, on a CPU that runs
+    /// [`linear_few_rows_t`]'s kernels (else the f32 `W^T` streams as before).
+    pub fn new(s: &StoredMatrix) -> Option<Self> {
+        let (n, k) = s.dims();
+        if s.ty() != GgmlType::Q4_1 || !n.is_multiple_of(16) || !columns_kernels() {
+            return None;
+        }
+        let blocks = k / 32;
+        let mut t = Q4_1Columns {
+            n,
+            k,
+            q: vec![0; k * n / 2],
+            d: vec![0.0; blocks * n],
+            m: vec![0.0; blocks * n],
+        };
+        for c in 0..n {
+            for (jb, b) in s.blocks(c, 0, blocks).chunks_exact(20).enumerate() {
+                let f16 = |at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+                (t.d[jb * n + c], t.m[jb * n + c]) = (f16(0), f16(2));
+                for (u, &byte) in b[4..20].iter().enumerate() {
+                    for (j, nibble) in [(u, byte & 0xf), (u + 16, byte >> 4)] {
+                        t.q[(jb * 32 + j) * n / 2 + c / 2] |= nibble << (4 * (c % 2));
+                    }
+                }
+            }
+        }
+        Some(t)
+    }
+}
+
+/// The bytes the CPU keeps of `s` beside the f32 weight (`CpuBackend::weight_stored`).
+pub fn kept_bytes(s: &StoredMatrix) -> usize {
+    let (n, k) = s.dims();
+    if !super::weight::kept_transposed(n, k) {
+        s.size()
+    } else if s.ty() == GgmlType::Q4_1 && n.is_multiple_of(16) && columns_kernels() {
+        k * n / 2 + 2 * (k / 32) * n * 4
+    } else {
+        0
+    }
+}
+
+/// Whether the CPU runs the kernels of [`linear_few_rows_t`] (AVX2 and FMA at least).
+fn columns_kernels() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        !matches!(super::simd(), super::Simd::Below)
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// `gemm::linear_few_rows_t` (`y = x W^T` for a weight kept transposed) on its
+/// [`Q4_1Columns`], for `1 <= m <= STREAM_ROWS`: the same lanes of rows of `W^T`, one task
+/// each, and in each `vmath::axpy_rows`'s sums (one FMA chain per output, in order), the
+/// lanes added pairwise.
+pub fn linear_few_rows_t(x: &[f32], t: &Q4_1Columns, m: usize, k: usize, n: usize) -> Vec<f32> {
+    debug_assert_eq!((t.n, t.k), (n, k));
+    let mut parts: Vec<Vec<f32>> = (0..vmath::LANES)
+        .into_par_iter()
+        .map(|b| {
+            let (j0, j1) = lane_rows(k, b);
+            let mut y = vec![0f32; m * n];
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Q4_1Columns::new` checked that the CPU runs these kernels; `j0..j1`
+            // are rows of `W^T`, `y` holds `m * n` values and `x` `m * k`.
+            unsafe {
+                if matches!(super::simd(), super::Simd::Avx512) {
+                    x86::axpy_q4_1_avx512(&mut y, t, &x[..m * k], j0, j1);
+                } else {
+                    x86::axpy_q4_1_avx2(&mut y, t, &x[..m * k], j0, j1);
+                }
+            }
+            y
+        })
+        .collect();
+    vmath::total_lanes(&mut parts);
+    parts.swap_remove(0)
+}
 
 /// `gemm::linear_few_rows` (`y = x W^T`, `x (m, k)`, `W (n, k)`) on the stored `W`, for
 /// `1 <= m <= STREAM_ROWS` and `k >= 1`: the same blocks of `ROW_BLOCK` rows of `W`, one
@@ -81,6 +184,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::vmath::{self, LANES};
+    use super::Q4_1Columns;
 
     /// A block type's bytes and values.
     pub trait Block {
@@ -308,6 +412,134 @@ mod x86 {
             }
         }
     }
+
+    /// `y (m, n) += x[:, j0..j1] W^T[j0..j1, :]` as `vmath::axpy_rows` sums it (one FMA
+    /// chain per output over `j` in order), each row of `W^T` made from `t`'s nibbles and
+    /// scales 16 values at a time.
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    pub unsafe fn axpy_q4_1_avx512(
+        y: &mut [f32],
+        t: &Q4_1Columns,
+        x: &[f32],
+        j0: usize,
+        j1: usize,
+    ) {
+        // SAFETY (caller): as this function's.
+        unsafe {
+            match x.len() / t.k {
+                1 => axpy_avx512::<1>(y, t, x, j0, j1),
+                2 => axpy_avx512::<2>(y, t, x, j0, j1),
+                3 => axpy_avx512::<3>(y, t, x, j0, j1),
+                4 => axpy_avx512::<4>(y, t, x, j0, j1),
+                5 => axpy_avx512::<5>(y, t, x, j0, j1),
+                6 => axpy_avx512::<6>(y, t, x, j0, j1),
+                7 => axpy_avx512::<7>(y, t, x, j0, j1),
+                _ => axpy_avx512::<8>(y, t, x, j0, j1),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+    unsafe fn axpy_avx512<const M: usize>(
+        y: &mut [f32],
+        t: &Q4_1Columns,
+        x: &[f32],
+        j0: usize,
+        j1: usize,
+    ) {
+        let (n, k) = (t.n, t.k);
+        assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
+        let mask = _mm_set1_epi8(0x0f);
+        for j in j0..j1 {
+            let (jb, q) = (j / 32, &t.q[j * n / 2..(j + 1) * n / 2]);
+            let (d, m) = (&t.d[jb * n..(jb + 1) * n], &t.m[jb * n..(jb + 1) * n]);
+            let mut xv = [_mm512_setzero_ps(); M];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = _mm512_set1_ps(x[i * k + j]);
+            }
+            for c in (0..n).step_by(16) {
+                // SAFETY: `q[c/2..c/2 + 8]`, `d[c..c + 16]`, `m[c..c + 16]` and
+                // `y[i * n + c..i * n + c + 16]` lie inside their slices (`n % 16 == 0`).
+                unsafe {
+                    let b = _mm_loadl_epi64(q[c / 2..c / 2 + 8].as_ptr().cast());
+                    let nib = _mm_unpacklo_epi8(
+                        _mm_and_si128(b, mask),
+                        _mm_and_si128(_mm_srli_epi16(b, 4), mask),
+                    );
+                    let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nib));
+                    let w = _mm512_add_ps(
+                        _mm512_mul_ps(_mm512_loadu_ps(d[c..c + 16].as_ptr()), f),
+                        _mm512_loadu_ps(m[c..c + 16].as_ptr()),
+                    );
+                    for (i, &xi) in xv.iter().enumerate() {
+                        let p = y[i * n + c..i * n + c + 16].as_mut_ptr();
+                        _mm512_storeu_ps(p, _mm512_fmadd_ps(xi, w, _mm512_loadu_ps(p)));
+                    }
+                }
+            }
+        }
+    }
+
+    /// [`axpy_q4_1_avx512`] in 8-lane registers.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn axpy_q4_1_avx2(y: &mut [f32], t: &Q4_1Columns, x: &[f32], j0: usize, j1: usize) {
+        // SAFETY (caller): as this function's.
+        unsafe {
+            match x.len() / t.k {
+                1 => axpy_avx2::<1>(y, t, x, j0, j1),
+                2 => axpy_avx2::<2>(y, t, x, j0, j1),
+                3 => axpy_avx2::<3>(y, t, x, j0, j1),
+                4 => axpy_avx2::<4>(y, t, x, j0, j1),
+                5 => axpy_avx2::<5>(y, t, x, j0, j1),
+                6 => axpy_avx2::<6>(y, t, x, j0, j1),
+                7 => axpy_avx2::<7>(y, t, x, j0, j1),
+                _ => axpy_avx2::<8>(y, t, x, j0, j1),
+            }
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn axpy_avx2<const M: usize>(
+        y: &mut [f32],
+        t: &Q4_1Columns,
+        x: &[f32],
+        j0: usize,
+        j1: usize,
+    ) {
+        let (n, k) = (t.n, t.k);
+        assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
+        let mask = _mm_set1_epi8(0x0f);
+        for j in j0..j1 {
+            let (jb, q) = (j / 32, &t.q[j * n / 2..(j + 1) * n / 2]);
+            let (d, m) = (&t.d[jb * n..(jb + 1) * n], &t.m[jb * n..(jb + 1) * n]);
+            let mut xv = [_mm256_setzero_ps(); M];
+            for (i, v) in xv.iter_mut().enumerate() {
+                *v = _mm256_set1_ps(x[i * k + j]);
+            }
+            for c in (0..n).step_by(8) {
+                // SAFETY: `q[c/2..c/2 + 4]`, `d[c..c + 8]`, `m[c..c + 8]` and
+                // `y[i * n + c..i * n + c + 8]` lie inside their slices (`n % 16 == 0`).
+                unsafe {
+                    let bits =
+                        u32::from_le_bytes([q[c / 2], q[c / 2 + 1], q[c / 2 + 2], q[c / 2 + 3]]);
+                    let b = _mm_cvtsi32_si128(bits as i32);
+                    let nib = _mm_unpacklo_epi8(
+                        _mm_and_si128(b, mask),
+                        _mm_and_si128(_mm_srli_epi16(b, 4), mask),
+                    );
+                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
+                    let w = _mm256_add_ps(
+                        _mm256_mul_ps(_mm256_loadu_ps(d[c..c + 8].as_ptr()), f),
+                        _mm256_loadu_ps(m[c..c + 8].as_ptr()),
+                    );
+                    for (i, &xi) in xv.iter().enumerate() {
+                        let p = y[i * n + c..i * n + c + 8].as_mut_ptr();
+                        _mm256_storeu_ps(p, _mm256_fmadd_ps(xi, w, _mm256_loadu_ps(p)));
+                    }
+                }
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -392,5 +624,39 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// A Q4_1 weight kept transposed: its [`Q4_1Columns`] product equals
+    /// `gemm::linear_few_rows_t` on the f32 `W^T` bit for bit, through the kernels of the
+    /// CPU's level and of AVX2, for 1 to 8 rows; `k = 96` and `k = 160` cut the 16 lanes
+    /// of rows inside blocks of 32 (6 and 10 rows a lane). `n` not a multiple of 16 is
+    /// not kept.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn transposed_q4_1_sums_as_the_f32_transpose_bit_for_bit() {
+        let mut rng = ChaCha8Rng::seed_from_u64(12);
+        for (n, k) in [(64, 96), (48, 160)] {
+            let bytes = random_blocks(GgmlType::Q4_1, n, k, &mut rng);
+            let mut w = vec![0f32; n * k];
+            dequantize(GgmlType::Q4_1, &bytes, &mut w);
+            let wt = transpose(&w, n, k);
+            let s = StoredMatrix::new(GgmlType::Q4_1, n, k, bytes).expect("whole blocks");
+            let t = Q4_1Columns::new(&s).expect("a CPU with AVX2 at least");
+            for m in 1..=gemm::STREAM_ROWS {
+                let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1f32..1.0)).collect();
+                let want = gemm::linear_few_rows_t(&x, &wt, m, k, n);
+                assert_eq!(linear_few_rows_t(&x, &t, m, k, n), want, "{m} rows");
+                // One lane through the AVX2 kernel against `axpy_rows` on the f32 rows.
+                let (j0, j1) = lane_rows(k, 3);
+                let mut lane = vec![0f32; m * n];
+                vmath::axpy_rows(&mut lane, &wt[j0 * n..j1 * n], &x, k, j0);
+                let mut got = vec![0f32; m * n];
+                // SAFETY: `Q4_1Columns::new` found AVX2 and FMA; `j0..j1` are rows of `W^T`.
+                unsafe { x86::axpy_q4_1_avx2(&mut got, &t, &x, j0, j1) };
+                assert_eq!(got, lane, "{m} rows, AVX2");
+            }
+        }
+        let s = StoredMatrix::new(GgmlType::Q4_1, 24, 32, vec![0; 24 * 20]).expect("blocks");
+        assert!(Q4_1Columns::new(&s).is_none(), "24 rows are not whole 16s");
     }
 }

@@ -23,7 +23,7 @@
 use std::borrow::Cow;
 
 use super::gemm::{Mat, transpose};
-use crate::model::quant::StoredMatrix;
+use super::stored::Compact;
 
 /// Rows below which a wide weight stays as given: the narrowest measured shape that gains
 /// (512 rows, Llama-3.2-1B's k/v; the widest that loses has 192, SmolLM2's k/v). Shapes
@@ -49,8 +49,8 @@ pub struct CpuWeight {
     cols: usize,
     layout: Layout,
     /// The model file's compact form of the same values, which products of few rows read
-    /// instead (`stored`).
-    stored: Option<StoredMatrix>,
+    /// instead (`compact`).
+    compact: Option<Compact>,
 }
 
 impl CpuWeight {
@@ -71,7 +71,7 @@ impl CpuWeight {
             rows,
             cols,
             layout: Layout::RowMajor,
-            stored: None,
+            compact: None,
         }
     }
 
@@ -82,22 +82,22 @@ impl CpuWeight {
             rows,
             cols,
             layout: Layout::Transposed,
-            stored: None,
+            compact: None,
         }
     }
 
     /// This weight with the compact form of its values kept beside them (the caller has
     /// checked its dims).
-    pub fn with_stored(self, stored: StoredMatrix) -> Self {
+    pub fn with_compact(self, compact: Compact) -> Self {
         CpuWeight {
-            stored: Some(stored),
+            compact: Some(compact),
             ..self
         }
     }
 
     /// The compact form, if kept.
-    pub fn stored(&self) -> Option<&StoredMatrix> {
-        self.stored.as_ref()
+    pub fn compact(&self) -> Option<&Compact> {
+        self.compact.as_ref()
     }
 
     /// `(rows, cols)`.

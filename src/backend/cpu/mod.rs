@@ -198,7 +198,7 @@ impl Backend for CpuBackend {
         }
         let w = self.weight(host, rows, cols)?;
         let compact = match w.transposed_values() {
-            None => Some(stored::Compact::Rows(stored)),
+            None => stored::rows_kernel(stored.ty()).then_some(stored::Compact::Rows(stored)),
             Some(_) => stored::Q4_1Columns::new(&stored).map(stored::Compact::Columns),
         };
         Ok(match compact {

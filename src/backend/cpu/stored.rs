@@ -71,7 +71,7 @@ impl Q4_1Columns {
 pub fn kept_bytes(s: &StoredMatrix) -> usize {
     let (n, k) = s.dims();
     if !super::weight::kept_transposed(n, k) {
-        s.size()
+        if rows_kernel(s.ty()) { s.size() } else { 0 }
     } else if s.ty() == GgmlType::Q4_1 && n.is_multiple_of(16) && columns_kernels() {
         k * n / 2 + 2 * (k / 32) * n * 4
     } else {
@@ -121,7 +121,8 @@ pub fn linear_few_rows_t(x: &[f32], t: &Q4_1Columns, m: usize, k: usize, n: usiz
 
 /// `gemm::linear_few_rows` (`y = x W^T`, `x (m, k)`, `W (n, k)`) on the stored `W`, for
 /// `1 <= m <= STREAM_ROWS` and `k >= 1`: the same blocks of `ROW_BLOCK` rows of `W`, one
-/// task each, and in each the sums of `vmath::dot_block`.
+/// task each, and in each the sums of `vmath::dot_block` (by a fused kernel; without one,
+/// the tests' case, from a buffer `dequantize` fills).
 pub fn linear_few_rows(x: &[f32], s: &StoredMatrix, m: usize, k: usize, n: usize) -> Vec<f32> {
     debug_assert_eq!(s.dims(), (n, k));
     let x = &x[..m * k];
@@ -140,18 +141,34 @@ pub fn linear_few_rows(x: &[f32], s: &StoredMatrix, m: usize, k: usize, n: usize
     transpose(&yt, n, m)
 }
 
+/// Whether the CPU has a fused kernel for rows of `ty`'s blocks: Q4_1 and Q8_0 (the
+/// default model's), at AVX-512 or at AVX2, with F16C. A weight of another type keeps no
+/// blocks (`CpuBackend::weight_stored`): dequantised into a buffer by `dequantize` and
+/// summed from there, Q4_1 decoded at half the speed of the f32 weights (the compiler
+/// vectorised `dequantize`'s loops across blocks, gathering one byte per block).
+pub fn rows_kernel(ty: GgmlType) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0)
+            && !matches!(super::simd(), super::Simd::Below)
+            && is_x86_feature_detected!("f16c")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        let _ = ty;
+        false
+    }
+}
+
 /// `vmath::dot_block(yt, W, x, k)` with `W` the rows in `bytes`, each block's values made
-/// in registers as they are multiplied, where there is a kernel for the type and the CPU:
-/// Q4_1 and Q8_0 (the default model's), at AVX-512 and at AVX2 with F16C. Returns whether
-/// it ran. Dequantising a block of rows into a buffer first and summing from there took
-/// 1.3-1.4x as long per decoding step, since the compiler vectorised `dequantize`'s loops
-/// across blocks, gathering one byte per block.
+/// in registers as they are multiplied, where [`rows_kernel`] says there is a kernel.
+/// Returns whether it ran.
 fn fused_dots(ty: GgmlType, yt: &mut [f32], bytes: &[u8], x: &[f32], k: usize) -> bool {
     #[cfg(target_arch = "x86_64")]
     {
         use super::Simd;
         use x86::{Q4_1, Q8_0};
-        if !is_x86_feature_detected!("f16c") || !k.is_multiple_of(32) {
+        if !rows_kernel(ty) || !k.is_multiple_of(32) {
             return false;
         }
         // SAFETY: `simd` and the check above report only features the CPU has; `bytes`
@@ -575,8 +592,9 @@ mod tests {
     }
 
     /// The stored product equals the f32 one bit for bit, on each quantised type (Q4_1 and
-    /// Q8_0 through the fused kernels of the CPU's level, and of AVX2 as well; the others
-    /// through `dequantize`), for 1 to 8 rows, with `n` not a multiple of `ROW_BLOCK`.
+    /// Q8_0 through the fused kernels of the CPU's level, and of AVX2 as well; the others,
+    /// which a weight does not keep, through `dequantize`), for 1 to 8 rows, with `n` not a
+    /// multiple of `ROW_BLOCK`.
     #[test]
     fn stored_products_equal_the_f32_ones_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
@@ -592,6 +610,12 @@ mod tests {
             dequantize(ty, &bytes, &mut w);
             assert!(w.iter().all(|v| v.is_finite()));
             let s = StoredMatrix::new(ty, n, k, bytes).expect("whole blocks");
+            #[cfg(target_arch = "x86_64")]
+            assert_eq!(
+                rows_kernel(ty),
+                matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0),
+                "{ty:?}: kernels on a CPU with AVX2, FMA and F16C"
+            );
             for m in 1..=gemm::STREAM_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1f32..1.0)).collect();
                 assert_eq!(

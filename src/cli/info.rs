@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::{Common, LoraArgs, print_json};
 use crate::backend::cpu::stored;
+use crate::backend::cpu::weight::kept_transposed;
 use crate::error::{Error, Result};
 use crate::model::llama::ActStorage;
 use crate::model::{self, HostLora};
@@ -51,7 +52,7 @@ pub fn run(a: InfoArgs) -> Result<()> {
             p
         }
     };
-    let m = model::load(&path, a.tokenizer.as_deref())?;
+    let mut m = model::load(&path, a.tokenizer.as_deref())?;
     let c = &m.cfg;
     let lora = HostLora::init(c, a.lora.config(c)?, 0);
     let n_base = c.n_params();
@@ -71,7 +72,14 @@ pub fn run(a: InfoArgs) -> Result<()> {
     let weights_cpu = model::llama::weight_bytes(c, ActStorage::F32) as f64;
     let weights_cuda = model::llama::weight_bytes(c, ActStorage::Bf16Flash) as f64;
     // The file's quantised blocks the CPU keeps beside its f32 weights, for decoding.
-    let stored_cpu: usize = m.weights.stored.iter().map(stored::kept_bytes).sum();
+    let stored_cpu: usize = std::mem::take(&mut m.weights.stored)
+        .into_matrices()
+        .filter_map(|s| {
+            let (rows, cols) = s.dims();
+            stored::compact(s, kept_transposed(rows, cols))
+        })
+        .map(|c| c.size())
+        .sum();
     let stored_cpu = stored_cpu as f64;
     let lora_state = 4.0 * 4.0 * n_lora as f64; // weights, gradient, two Adam moments
     let tok = m.tokenizer().ok();

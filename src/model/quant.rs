@@ -142,12 +142,6 @@ impl StoredMatrix {
         self.bytes.len() / self.rows.max(1)
     }
 
-    /// The bytes of blocks `b0..b1` of row `r`.
-    pub fn blocks(&self, r: usize, b0: usize, b1: usize) -> &[u8] {
-        let (size, at) = (self.ty.block().1, r * self.row_bytes());
-        &self.bytes[at + b0 * size..at + b1 * size]
-    }
-
     /// The bytes of rows `r0..r1`.
     pub fn rows(&self, r0: usize, r1: usize) -> &[u8] {
         let rb = self.row_bytes();

@@ -42,10 +42,10 @@ pub struct StoredWeights {
 
 impl StoredWeights {
     /// Every matrix kept.
-    pub fn iter(&self) -> impl Iterator<Item = &StoredMatrix> {
-        [&self.embed, &self.lm_head]
+    pub fn into_matrices(self) -> impl Iterator<Item = StoredMatrix> {
+        [self.embed, self.lm_head]
             .into_iter()
-            .chain(self.proj.iter().flatten())
+            .chain(self.proj.into_iter().flatten())
             .flatten()
     }
 }

@@ -197,14 +197,12 @@ impl Backend for CpuBackend {
             )));
         }
         let w = self.weight(host, rows, cols)?;
-        let compact = match w.transposed_values() {
-            None => stored::rows_kernel(stored.ty()).then_some(stored::Compact::Rows(stored)),
-            Some(_) => stored::Q4_1Columns::new(&stored).map(stored::Compact::Columns),
-        };
-        Ok(match compact {
-            Some(c) => w.with_compact(c),
-            None => w,
-        })
+        Ok(
+            match stored::compact(stored, w.transposed_values().is_some()) {
+                Some(c) => w.with_compact(c),
+                None => w,
+            },
+        )
     }
 
     fn copy_into(&self, dst: &mut Vec<f32>, offset: usize, src: &Vec<f32>) -> Result<()> {
@@ -276,8 +274,8 @@ impl Backend for CpuBackend {
         // The file's compact form, where the weight has one, in the products that stream it.
         if (1..=gemm::STREAM_ROWS).contains(&m) && k > 0 {
             match w.compact() {
-                Some(stored::Compact::Rows(s)) => {
-                    return Ok(stored::linear_few_rows(x, s, m, k, n));
+                Some(stored::Compact::Rows { s, dots }) => {
+                    return Ok(stored::linear_few_rows(x, s, *dots, m, k, n));
                 }
                 Some(stored::Compact::Columns(t)) => {
                     return Ok(stored::linear_few_rows_t(x, t, m, k, n));

@@ -14,14 +14,40 @@ use rayon::prelude::*;
 
 use super::gemm::{ROW_BLOCK, lane_rows, transpose};
 use super::vmath;
-use crate::model::quant::{GgmlType, StoredMatrix, dequantize};
+use crate::model::quant::{GgmlType, StoredMatrix};
 
 /// A weight's compact form as the CPU reads it in products of few rows.
 pub enum Compact {
-    /// The file's rows of blocks, for a weight kept as given.
-    Rows(StoredMatrix),
+    /// The file's rows of blocks, for a weight kept as given, and the kernel that reads
+    /// them on this CPU.
+    Rows { s: StoredMatrix, dots: RowsKernel },
     /// Q4_1 transposed, for a weight kept transposed.
     Columns(Q4_1Columns),
+}
+
+/// `vmath::dot_block(yt, W, x, k)` with `W` the rows of blocks in `bytes` (`k / 32` blocks
+/// each): unsafe, for the CPU features it was chosen for ([`rows_kernel`]).
+pub type RowsKernel = unsafe fn(&mut [f32], &[u8], &[f32], usize);
+
+/// The form the CPU keeps of `s`, for a weight kept `transposed` or not; `None` where it
+/// has no kernel for the type on this CPU, and the f32 weight streams as before.
+pub fn compact(s: StoredMatrix, transposed: bool) -> Option<Compact> {
+    if transposed {
+        Q4_1Columns::new(&s).map(Compact::Columns)
+    } else {
+        let dots = rows_kernel(s.ty())?;
+        Some(Compact::Rows { s, dots })
+    }
+}
+
+impl Compact {
+    /// The bytes kept beside the f32 weight.
+    pub fn size(&self) -> usize {
+        match self {
+            Compact::Rows { s, .. } => s.size(),
+            Compact::Columns(t) => t.q.len() + 4 * (t.d.len() + t.m.len()),
+        }
+    }
 }
 
 /// `W^T (k, n)` of a Q4_1 `W (n, k)`, as `gemm::linear_few_rows_t` streams it: row `j`'s
@@ -53,7 +79,7 @@ impl Q4_1Columns {
             m: vec![0.0; blocks * n],
         };
         for c in 0..n {
-            for (jb, b) in s.blocks(c, 0, blocks).chunks_exact(20).enumerate() {
+            for (jb, b) in s.rows(c, c + 1).chunks_exact(20).enumerate() {
                 let f16 = |at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
                 (t.d[jb * n + c], t.m[jb * n + c]) = (f16(0), f16(2));
                 for (u, &byte) in b[4..20].iter().enumerate() {
@@ -64,18 +90,6 @@ impl Q4_1Columns {
             }
         }
         Some(t)
-    }
-}
-
-/// The bytes the CPU keeps of `s` beside the f32 weight (`CpuBackend::weight_stored`).
-pub fn kept_bytes(s: &StoredMatrix) -> usize {
-    let (n, k) = s.dims();
-    if !super::weight::kept_transposed(n, k) {
-        if rows_kernel(s.ty()) { s.size() } else { 0 }
-    } else if s.ty() == GgmlType::Q4_1 && n.is_multiple_of(16) && columns_kernels() {
-        k * n / 2 + 2 * (k / 32) * n * 4
-    } else {
-        0
     }
 }
 
@@ -119,75 +133,56 @@ pub fn linear_few_rows_t(x: &[f32], t: &Q4_1Columns, m: usize, k: usize, n: usiz
     parts.swap_remove(0)
 }
 
-/// `gemm::linear_few_rows` (`y = x W^T`, `x (m, k)`, `W (n, k)`) on the stored `W`, for
-/// `1 <= m <= STREAM_ROWS` and `k >= 1`: the same blocks of `ROW_BLOCK` rows of `W`, one
-/// task each, and in each the sums of `vmath::dot_block` (by a fused kernel; without one,
-/// the tests' case, from a buffer `dequantize` fills).
-pub fn linear_few_rows(x: &[f32], s: &StoredMatrix, m: usize, k: usize, n: usize) -> Vec<f32> {
+/// `gemm::linear_few_rows` (`y = x W^T`, `x (m, k)`, `W (n, k)`) on the stored `W` by its
+/// kernel `dots`, for `1 <= m <= STREAM_ROWS`: the same blocks of `ROW_BLOCK` rows of `W`,
+/// one task each, and in each the sums of `vmath::dot_block`.
+pub fn linear_few_rows(
+    x: &[f32],
+    s: &StoredMatrix,
+    dots: RowsKernel,
+    m: usize,
+    k: usize,
+    n: usize,
+) -> Vec<f32> {
     debug_assert_eq!(s.dims(), (n, k));
     let x = &x[..m * k];
     let mut yt = vec![0f32; n * m];
     yt.par_chunks_mut(ROW_BLOCK * m)
         .enumerate()
-        .for_each_init(Vec::new, |w, (b, yb)| {
+        .for_each(|(b, yb)| {
             let (r0, r1) = (b * ROW_BLOCK, b * ROW_BLOCK + yb.len() / m);
-            let bytes = s.rows(r0, r1);
-            if !fused_dots(s.ty(), yb, bytes, x, k) {
-                w.resize((r1 - r0) * k, 0.0);
-                dequantize(s.ty(), bytes, w);
-                vmath::dot_block(yb, w, x, k);
-            }
+            // SAFETY: `rows_kernel` chose `dots` for this CPU and `s`'s type; `s.rows`
+            // gives whole rows of `k / 32` blocks, one per `m` outputs of `yb`.
+            unsafe { dots(yb, s.rows(r0, r1), x, k) };
         });
     transpose(&yt, n, m)
 }
 
-/// Whether the CPU has a fused kernel for rows of `ty`'s blocks: Q4_1 and Q8_0 (the
-/// default model's), at AVX-512 or at AVX2, with F16C. A weight of another type keeps no
-/// blocks (`CpuBackend::weight_stored`): dequantised into a buffer by `dequantize` and
-/// summed from there, Q4_1 decoded at half the speed of the f32 weights (the compiler
-/// vectorised `dequantize`'s loops across blocks, gathering one byte per block).
-pub fn rows_kernel(ty: GgmlType) -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0)
-            && !matches!(super::simd(), super::Simd::Below)
-            && is_x86_feature_detected!("f16c")
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    {
-        let _ = ty;
-        false
-    }
-}
-
-/// `vmath::dot_block(yt, W, x, k)` with `W` the rows in `bytes`, each block's values made
-/// in registers as they are multiplied, where [`rows_kernel`] says there is a kernel.
-/// Returns whether it ran.
-fn fused_dots(ty: GgmlType, yt: &mut [f32], bytes: &[u8], x: &[f32], k: usize) -> bool {
+/// The fused kernel for rows of `ty`'s blocks on this CPU: Q4_1 and Q8_0 (the default
+/// model's), at AVX-512 or at AVX2, with F16C. A weight of another type keeps no blocks:
+/// dequantised into a buffer by `dequantize` and summed from there, Q4_1 decoded at half
+/// the speed of the f32 weights (the compiler vectorised `dequantize`'s loops across
+/// blocks, gathering one byte per block).
+fn rows_kernel(ty: GgmlType) -> Option<RowsKernel> {
     #[cfg(target_arch = "x86_64")]
     {
         use super::Simd;
         use x86::{Q4_1, Q8_0};
-        if !rows_kernel(ty) || !k.is_multiple_of(32) {
-            return false;
+        if !is_x86_feature_detected!("f16c") {
+            return None;
         }
-        // SAFETY: `simd` and the check above report only features the CPU has; `bytes`
-        // is whole rows of `k / 32` blocks, one per `m` outputs of `yt`.
-        unsafe {
-            match (ty, super::simd()) {
-                (GgmlType::Q4_1, Simd::Avx512) => x86::dots_avx512::<Q4_1>(yt, bytes, x, k),
-                (GgmlType::Q8_0, Simd::Avx512) => x86::dots_avx512::<Q8_0>(yt, bytes, x, k),
-                (GgmlType::Q4_1, Simd::Avx2) => x86::dots_avx2::<Q4_1>(yt, bytes, x, k),
-                (GgmlType::Q8_0, Simd::Avx2) => x86::dots_avx2::<Q8_0>(yt, bytes, x, k),
-                _ => return false,
-            }
-        }
-        true
+        Some(match (ty, super::simd()) {
+            (GgmlType::Q4_1, Simd::Avx512) => x86::dots_avx512::<Q4_1>,
+            (GgmlType::Q8_0, Simd::Avx512) => x86::dots_avx512::<Q8_0>,
+            (GgmlType::Q4_1, Simd::Avx2) => x86::dots_avx2::<Q4_1>,
+            (GgmlType::Q8_0, Simd::Avx2) => x86::dots_avx2::<Q8_0>,
+            _ => return None,
+        })
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
-        let _ = (ty, yt, bytes, x, k);
-        false
+        let _ = ty;
+        None
     }
 }
 
@@ -202,6 +197,23 @@ mod x86 {
 
     use super::super::vmath::{self, LANES};
     use super::Q4_1Columns;
+
+    /// `f::<.., M>(args)` with the row count `m` (1 to 8) as the const `M`, so that a
+    /// kernel's accumulators for each row are registers.
+    macro_rules! with_rows {
+        ($m:expr, $f:ident $(::<$($t:ty),*>)? ($($a:expr),*)) => {
+            match $m {
+                1 => $f::<$($($t,)*)? 1>($($a),*),
+                2 => $f::<$($($t,)*)? 2>($($a),*),
+                3 => $f::<$($($t,)*)? 3>($($a),*),
+                4 => $f::<$($($t,)*)? 4>($($a),*),
+                5 => $f::<$($($t,)*)? 5>($($a),*),
+                6 => $f::<$($($t,)*)? 6>($($a),*),
+                7 => $f::<$($($t,)*)? 7>($($a),*),
+                _ => $f::<$($($t,)*)? 8>($($a),*),
+            }
+        };
+    }
 
     /// A block type's bytes and values.
     pub trait Block {
@@ -316,18 +328,7 @@ mod x86 {
     pub unsafe fn dots_avx512<B: Block>(yt: &mut [f32], bytes: &[u8], x: &[f32], k: usize) {
         let m = x.len() / k;
         // SAFETY (caller): as this function's.
-        unsafe {
-            match m {
-                1 => rows_avx512::<B, 1>(yt, bytes, x, k),
-                2 => rows_avx512::<B, 2>(yt, bytes, x, k),
-                3 => rows_avx512::<B, 3>(yt, bytes, x, k),
-                4 => rows_avx512::<B, 4>(yt, bytes, x, k),
-                5 => rows_avx512::<B, 5>(yt, bytes, x, k),
-                6 => rows_avx512::<B, 6>(yt, bytes, x, k),
-                7 => rows_avx512::<B, 7>(yt, bytes, x, k),
-                _ => rows_avx512::<B, 8>(yt, bytes, x, k),
-            }
-        }
+        unsafe { with_rows!(m, rows_avx512::<B>(yt, bytes, x, k)) }
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma,f16c")]
@@ -369,39 +370,29 @@ mod x86 {
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn dots_avx2<B: Block>(yt: &mut [f32], bytes: &[u8], x: &[f32], k: usize) {
         let m = x.len() / k;
-        let rb = k / 32 * B::BYTES;
         for g in (0..m).step_by(4) {
             let xs = &x[g * k..(g + 4).min(m) * k];
-            // Outputs `g..` of each row of `yt`, gathered from and put back to its stride.
-            let mut part = vec![0f32; bytes.len() / rb * (xs.len() / k)];
             // SAFETY (caller): as this function's.
-            unsafe {
-                match xs.len() / k {
-                    1 => rows_avx2::<B, 1>(&mut part, bytes, xs, k),
-                    2 => rows_avx2::<B, 2>(&mut part, bytes, xs, k),
-                    3 => rows_avx2::<B, 3>(&mut part, bytes, xs, k),
-                    _ => rows_avx2::<B, 4>(&mut part, bytes, xs, k),
-                }
-            }
-            let w = xs.len() / k;
-            for (y, p) in yt.chunks_exact_mut(m).zip(part.chunks_exact(w)) {
-                y[g..g + w].copy_from_slice(p);
-            }
+            unsafe { with_rows!(xs.len() / k, rows_avx2::<B>(yt, m, g, bytes, xs, k)) }
         }
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn rows_avx2<B: Block, const M: usize>(
         yt: &mut [f32],
+        m: usize,
+        g: usize,
         bytes: &[u8],
         x: &[f32],
         k: usize,
     ) {
-        assert!(M <= 4 && x.len() == M * k);
+        // Outputs `g..g + M` of each row's `m` in `yt`.
+        assert!(g + M <= m && x.len() == M * k);
         for (row, y) in bytes
             .chunks_exact(k / 32 * B::BYTES)
-            .zip(yt.chunks_exact_mut(M))
+            .zip(yt.chunks_exact_mut(m))
         {
+            let y = &mut y[g..g + M];
             // Lanes 0-7 and 8-15 of each row's 16.
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for (c, b) in row.chunks_exact(B::BYTES).enumerate() {
@@ -442,18 +433,7 @@ mod x86 {
         j1: usize,
     ) {
         // SAFETY (caller): as this function's.
-        unsafe {
-            match x.len() / t.k {
-                1 => axpy_avx512::<1>(y, t, x, j0, j1),
-                2 => axpy_avx512::<2>(y, t, x, j0, j1),
-                3 => axpy_avx512::<3>(y, t, x, j0, j1),
-                4 => axpy_avx512::<4>(y, t, x, j0, j1),
-                5 => axpy_avx512::<5>(y, t, x, j0, j1),
-                6 => axpy_avx512::<6>(y, t, x, j0, j1),
-                7 => axpy_avx512::<7>(y, t, x, j0, j1),
-                _ => axpy_avx512::<8>(y, t, x, j0, j1),
-            }
-        }
+        unsafe { with_rows!(x.len() / t.k, axpy_avx512(y, t, x, j0, j1)) }
     }
 
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
@@ -501,18 +481,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn axpy_q4_1_avx2(y: &mut [f32], t: &Q4_1Columns, x: &[f32], j0: usize, j1: usize) {
         // SAFETY (caller): as this function's.
-        unsafe {
-            match x.len() / t.k {
-                1 => axpy_avx2::<1>(y, t, x, j0, j1),
-                2 => axpy_avx2::<2>(y, t, x, j0, j1),
-                3 => axpy_avx2::<3>(y, t, x, j0, j1),
-                4 => axpy_avx2::<4>(y, t, x, j0, j1),
-                5 => axpy_avx2::<5>(y, t, x, j0, j1),
-                6 => axpy_avx2::<6>(y, t, x, j0, j1),
-                7 => axpy_avx2::<7>(y, t, x, j0, j1),
-                _ => axpy_avx2::<8>(y, t, x, j0, j1),
-            }
-        }
+        unsafe { with_rows!(x.len() / t.k, axpy_avx2(y, t, x, j0, j1)) }
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -577,10 +546,9 @@ mod tests {
             .map(|_| rng.random())
             .collect();
         let scales: &[usize] = match ty {
-            GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
-            GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
-            GgmlType::Q6K => &[208],
-            _ => unreachable!("not a quantised type"),
+            GgmlType::Q8_0 => &[0],
+            GgmlType::Q4_1 => &[0, 2],
+            _ => unreachable!("a type with a kernel"),
         };
         for blk in bytes.chunks_exact_mut(size) {
             for &at in scales {
@@ -591,60 +559,33 @@ mod tests {
         bytes
     }
 
-    /// The stored product equals the f32 one bit for bit, on each quantised type (Q4_1 and
-    /// Q8_0 through the fused kernels of the CPU's level, and of AVX2 as well; the others,
-    /// which a weight does not keep, through `dequantize`), for 1 to 8 rows, with `n` not a
-    /// multiple of `ROW_BLOCK`.
+    /// The stored product equals the f32 one bit for bit on Q4_1 and Q8_0, through the
+    /// kernels of the CPU's level and of AVX2 (which any CPU with AVX-512 runs too), for 1
+    /// to 8 rows, with `n` not a multiple of `ROW_BLOCK`; the other types keep no blocks.
+    #[cfg(target_arch = "x86_64")]
     #[test]
     fn stored_products_equal_the_f32_ones_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        for (ty, n, k) in [
-            (GgmlType::Q4_1, 130, 96),
-            (GgmlType::Q4_0, 70, 64),
-            (GgmlType::Q8_0, 65, 96),
-            (GgmlType::Q4K, 67, 512),
-            (GgmlType::Q6K, 3, 256),
-        ] {
+        for ty in [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K] {
+            assert!(rows_kernel(ty).is_none(), "{ty:?} keeps no blocks");
+        }
+        for (ty, n, k) in [(GgmlType::Q4_1, 130, 96), (GgmlType::Q8_0, 65, 96)] {
             let bytes = random_blocks(ty, n, k, &mut rng);
             let mut w = vec![0f32; n * k];
             dequantize(ty, &bytes, &mut w);
             assert!(w.iter().all(|v| v.is_finite()));
             let s = StoredMatrix::new(ty, n, k, bytes).expect("whole blocks");
-            #[cfg(target_arch = "x86_64")]
-            assert_eq!(
-                rows_kernel(ty),
-                matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0),
-                "{ty:?}: kernels on a CPU with AVX2, FMA and F16C"
-            );
+            let dots = rows_kernel(ty).expect("a CPU with AVX2, FMA and F16C");
+            let avx2: RowsKernel = match ty {
+                GgmlType::Q4_1 => x86::dots_avx2::<x86::Q4_1>,
+                _ => x86::dots_avx2::<x86::Q8_0>,
+            };
             for m in 1..=gemm::STREAM_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1f32..1.0)).collect();
-                assert_eq!(
-                    linear_few_rows(&x, &s, m, k, n),
-                    gemm::linear_few_rows(&x, &w, m, k, n),
-                    "{ty:?}, {m} rows"
-                );
-                // The AVX2 kernels as well, on a CPU that also runs the AVX-512 ones above.
-                #[cfg(target_arch = "x86_64")]
-                if is_x86_feature_detected!("avx2")
-                    && is_x86_feature_detected!("fma")
-                    && is_x86_feature_detected!("f16c")
-                {
-                    let mut want = vec![0f32; n * m];
-                    vmath::dot_block(&mut want, &w, &x, k);
-                    let mut got = vec![0f32; n * m];
-                    // SAFETY: the CPU has the kernel's features (checked above); `bytes`
-                    // is `n` rows of `k / 32` blocks, `got` `n * m` outputs.
-                    let bytes = s.rows(0, n);
-                    match ty {
-                        GgmlType::Q4_1 => unsafe {
-                            x86::dots_avx2::<x86::Q4_1>(&mut got, bytes, &x, k)
-                        },
-                        GgmlType::Q8_0 => unsafe {
-                            x86::dots_avx2::<x86::Q8_0>(&mut got, bytes, &x, k)
-                        },
-                        _ => got.clone_from(&want),
-                    }
-                    assert_eq!(got, want, "{ty:?}, {m} rows, AVX2");
+                let want = gemm::linear_few_rows(&x, &w, m, k, n);
+                for (level, kernel) in [("the CPU's level", dots), ("AVX2", avx2)] {
+                    let got = linear_few_rows(&x, &s, kernel, m, k, n);
+                    assert_eq!(got, want, "{ty:?}, {m} rows, {level}");
                 }
             }
         }

@@ -95,6 +95,31 @@ pub fn dequantize(ty: GgmlType, data: &[u8], out: &mut [f32]) {
     }
 }
 
+/// `rows` rows of `cols` values of random blocks of the quantised type `ty`, for tests and
+/// benches: random quants (and K types' 6-bit or 8-bit scales), and the f16 scales between
+/// 2^-8 and 2^-4, so that every value is finite and normal.
+pub fn random_blocks(ty: GgmlType, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngExt, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let (elems, size) = ty.block();
+    let mut bytes: Vec<u8> = (0..rows * cols / elems * size)
+        .map(|_| rng.random())
+        .collect();
+    let scales: &[usize] = match ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q4K => &[0, 2],
+        GgmlType::Q6K => &[208],
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => panic!("{ty:?} is not quantised"),
+    };
+    for blk in bytes.chunks_exact_mut(size) {
+        for &at in scales {
+            let s = f16::from_f32(rng.random_range(2f32.powi(-8)..2f32.powi(-4)));
+            blk[at..at + 2].copy_from_slice(&s.to_le_bytes());
+        }
+    }
+    bytes
+}
+
 /// A matrix `W (rows, cols)` in the compact form its file stores it, kept beside its f32
 /// values so that a product reading few rows can read these bytes instead (a Q4_1 weight
 /// is 5/32 the bytes). Each row is whole blocks of `ty`, rows in the order of the f32
@@ -150,7 +175,7 @@ impl StoredMatrix {
 }
 
 /// 6-bit scale and min `j` (0..8) of a Q4_K super-block's packed 12-byte scale array.
-fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
+pub(crate) fn q4k_scale_min(j: usize, s: &[u8]) -> (u8, u8) {
     if j < 4 {
         (s[j] & 63, s[j + 4] & 63)
     } else {

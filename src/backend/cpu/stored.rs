@@ -158,26 +158,35 @@ pub fn linear_few_rows(
     transpose(&yt, n, m)
 }
 
-/// The fused kernel for rows of `ty`'s blocks on this CPU: Q4_1 and Q8_0 (the default
-/// model's), at AVX-512 or at AVX2, with F16C. A weight of another type keeps no blocks:
-/// dequantised into a buffer by `dequantize` and summed from there, Q4_1 decoded at half
-/// the speed of the f32 weights (the compiler vectorised `dequantize`'s loops across
+/// The fused kernel for rows of `ty`'s blocks on this CPU: every quantised type the loader
+/// reads (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), at AVX-512 or at AVX2, with F16C. Why fused: a
+/// weight dequantised into a buffer by `dequantize` and summed from there decoded Q4_1 at
+/// half the speed of the f32 weights (the compiler vectorised `dequantize`'s loops across
 /// blocks, gathering one byte per block).
 fn rows_kernel(ty: GgmlType) -> Option<RowsKernel> {
     #[cfg(target_arch = "x86_64")]
     {
         use super::Simd;
-        use x86::{Q4_1, Q8_0};
+        use x86::{Block, Q4_0, Q4_1, Q4K, Q6K, Q8_0};
+        fn at<B: Block>(simd: Simd) -> Option<RowsKernel> {
+            match simd {
+                Simd::Avx512 => Some(x86::dots_avx512::<B>),
+                Simd::Avx2 => Some(x86::dots_avx2::<B>),
+                Simd::Below => None,
+            }
+        }
         if !is_x86_feature_detected!("f16c") {
             return None;
         }
-        Some(match (ty, super::simd()) {
-            (GgmlType::Q4_1, Simd::Avx512) => x86::dots_avx512::<Q4_1>,
-            (GgmlType::Q8_0, Simd::Avx512) => x86::dots_avx512::<Q8_0>,
-            (GgmlType::Q4_1, Simd::Avx2) => x86::dots_avx2::<Q4_1>,
-            (GgmlType::Q8_0, Simd::Avx2) => x86::dots_avx2::<Q8_0>,
-            _ => return None,
-        })
+        let simd = super::simd();
+        match ty {
+            GgmlType::Q4_0 => at::<Q4_0>(simd),
+            GgmlType::Q4_1 => at::<Q4_1>(simd),
+            GgmlType::Q8_0 => at::<Q8_0>(simd),
+            GgmlType::Q4K => at::<Q4K>(simd),
+            GgmlType::Q6K => at::<Q6K>(simd),
+            GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => None,
+        }
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -186,8 +195,8 @@ fn rows_kernel(ty: GgmlType) -> Option<RowsKernel> {
     }
 }
 
-/// The fused kernels. A block's 32 values are `quant::dequantize`'s (a product, and for
-/// Q4_1 a sum, of the same operands, rounded apart: never fused), held as 16-lane halves:
+/// The fused kernels. A block's values are `quant::dequantize`'s (products, and for Q4_1
+/// and Q4_K a sum, of the same operands, rounded apart: never fused), made 16 at a time:
 /// value `c` of a row lands in lane `c mod 16` of a chunk, as `dot_block` sums it, and each
 /// chunk feeds every row of `x` through an FMA in order; the lanes are added pairwise
 /// (`vmath::total`). So each output is `dot_block`'s, bit for bit.
@@ -197,6 +206,7 @@ mod x86 {
 
     use super::super::vmath::{self, LANES};
     use super::Q4_1Columns;
+    use crate::model::quant::q4k_scale_min;
 
     /// `f::<.., M>(args)` with the row count `m` (1 to 8) as the const `M`, so that a
     /// kernel's accumulators for each row are registers.
@@ -215,21 +225,121 @@ mod x86 {
         };
     }
 
-    /// A block type's bytes and values.
+    /// A block type: its size, and its values 16 at a time in order (chunk `h` holds
+    /// values `16h..16h + 16`, value `16h + l` in lane `l`, as `dot_block` sums a row).
     pub trait Block {
+        /// Values a block holds (32; 256 for the K types) and its bytes.
+        const VALUES: usize;
         const BYTES: usize;
-        /// The block's 32 values as two 16-lane halves (`__m512`) ...
-        unsafe fn zmm(b: &[u8]) -> [__m512; 2];
-        /// ... or as four 8-lane quarters (`__m256`).
-        unsafe fn ymm(b: &[u8]) -> [__m256; 4];
+        /// Calls `f(h, chunk h)` for the chunks of block `b` in order (the block's
+        /// scales read once).
+        unsafe fn each(b: &[u8], f: impl FnMut(usize, Chunk));
     }
 
-    /// The block's f16 at `at` and the one after it, as f32 (exact).
+    /// Sixteen values as `dequantize` makes them: `d * (q + offset)`, plus `m` where
+    /// there is one, each operation rounded on its own (never fused). `q` is 16 bytes,
+    /// signed or not; `q + offset` is exact in f32.
+    pub struct Chunk {
+        q: __m128i,
+        signed: bool,
+        offset: i32,
+        d: f32,
+        m: Option<f32>,
+    }
+
+    impl Chunk {
+        #[inline(always)]
+        unsafe fn zmm(self) -> __m512 {
+            // SAFETY (caller): AVX-512F.
+            unsafe {
+                let i = if self.signed {
+                    _mm512_cvtepi8_epi32(self.q)
+                } else {
+                    _mm512_cvtepu8_epi32(self.q)
+                };
+                let q = _mm512_cvtepi32_ps(_mm512_add_epi32(i, _mm512_set1_epi32(self.offset)));
+                let v = _mm512_mul_ps(_mm512_set1_ps(self.d), q);
+                match self.m {
+                    Some(m) => _mm512_add_ps(v, _mm512_set1_ps(m)),
+                    None => v,
+                }
+            }
+        }
+
+        /// As [`Chunk::zmm`], lanes 0-7 and 8-15.
+        #[inline(always)]
+        unsafe fn ymm(self) -> [__m256; 2] {
+            // SAFETY (caller): AVX2.
+            unsafe {
+                let eight = |q| {
+                    let i = if self.signed {
+                        _mm256_cvtepi8_epi32(q)
+                    } else {
+                        _mm256_cvtepu8_epi32(q)
+                    };
+                    let q = _mm256_cvtepi32_ps(_mm256_add_epi32(i, _mm256_set1_epi32(self.offset)));
+                    let v = _mm256_mul_ps(_mm256_set1_ps(self.d), q);
+                    match self.m {
+                        Some(m) => _mm256_add_ps(v, _mm256_set1_ps(m)),
+                        None => v,
+                    }
+                };
+                [eight(self.q), eight(_mm_srli_si128(self.q, 8))]
+            }
+        }
+    }
+
+    /// The f16 at `at` as f32 (exact).
     #[inline(always)]
-    unsafe fn scales(b: &[u8], at: usize) -> __m128 {
-        let bits = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+    unsafe fn f16_at(b: &[u8], at: usize) -> f32 {
+        let bits = u16::from_le_bytes([b[at], b[at + 1]]);
         // SAFETY (caller): F16C.
-        unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)) }
+        unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
+    }
+
+    /// The 16 bytes at `at`.
+    #[inline(always)]
+    fn bytes16(b: &[u8], at: usize) -> __m128i {
+        // SAFETY: SSE2 (x86_64); the slice checks `at + 16 <= b.len()`.
+        unsafe { _mm_loadu_si128(b[at..at + 16].as_ptr().cast()) }
+    }
+
+    /// The low (`high` false) or high nibbles of 16 bytes.
+    #[inline(always)]
+    fn nibbles(v: __m128i, high: bool) -> __m128i {
+        // SAFETY: SSE2 (x86_64).
+        unsafe {
+            let v = if high { _mm_srli_epi16(v, 4) } else { v };
+            _mm_and_si128(v, _mm_set1_epi8(0x0f))
+        }
+    }
+
+    /// 18 bytes: f16 `d`, 16 bytes of nibbles (values 0-15 low, 16-31 high); `d * (q - 8)`.
+    pub struct Q4_0;
+
+    impl Block for Q4_0 {
+        const VALUES: usize = 32;
+        const BYTES: usize = 18;
+
+        #[inline(always)]
+        unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
+            // SAFETY (caller): F16C.
+            let d = unsafe { f16_at(b, 0) };
+            let q = bytes16(b, 2);
+            for h in 0..2 {
+                let (q, offset, m) = (nibbles(q, h == 1), -8, None);
+                f(
+                    h,
+                    Chunk {
+                        q,
+                        signed: false,
+                        offset,
+                        d,
+                        m,
+                    },
+                );
+            }
+        }
     }
 
     /// 20 bytes: f16 `d`, f16 `m`, 16 bytes of nibbles (values 0-15 low, 16-31 high);
@@ -237,55 +347,26 @@ mod x86 {
     pub struct Q4_1;
 
     impl Block for Q4_1 {
+        const VALUES: usize = 32;
         const BYTES: usize = 20;
 
         #[inline(always)]
-        unsafe fn zmm(b: &[u8]) -> [__m512; 2] {
-            // SAFETY (caller): AVX-512F and F16C; `b` is one block.
-            unsafe {
-                let dm = scales(b, 0);
-                let (d, m) = (
-                    _mm512_broadcastss_ps(dm),
-                    _mm512_broadcastss_ps(_mm_movehdup_ps(dm)),
+        unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
+            // SAFETY (caller): F16C.
+            let (d, m) = unsafe { (f16_at(b, 0), Some(f16_at(b, 2))) };
+            let q = bytes16(b, 4);
+            for h in 0..2 {
+                let (q, offset) = (nibbles(q, h == 1), 0);
+                f(
+                    h,
+                    Chunk {
+                        q,
+                        signed: false,
+                        offset,
+                        d,
+                        m,
+                    },
                 );
-                let mask = _mm_set1_epi8(0x0f);
-                let q = _mm_loadu_si128(b[4..20].as_ptr().cast());
-                let half = |v| {
-                    let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v));
-                    _mm512_add_ps(_mm512_mul_ps(d, f), m)
-                };
-                [
-                    half(_mm_and_si128(q, mask)),
-                    half(_mm_and_si128(_mm_srli_epi16(q, 4), mask)),
-                ]
-            }
-        }
-
-        #[inline(always)]
-        unsafe fn ymm(b: &[u8]) -> [__m256; 4] {
-            // SAFETY (caller): AVX2 and F16C; `b` is one block.
-            unsafe {
-                let dm = scales(b, 0);
-                let (d, m) = (
-                    _mm256_broadcastss_ps(dm),
-                    _mm256_broadcastss_ps(_mm_movehdup_ps(dm)),
-                );
-                let mask = _mm_set1_epi8(0x0f);
-                let q = _mm_loadu_si128(b[4..20].as_ptr().cast());
-                let (lo, hi) = (
-                    _mm_and_si128(q, mask),
-                    _mm_and_si128(_mm_srli_epi16(q, 4), mask),
-                );
-                let quarter = |v| {
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v));
-                    _mm256_add_ps(_mm256_mul_ps(d, f), m)
-                };
-                [
-                    quarter(lo),
-                    quarter(_mm_srli_si128(lo, 8)),
-                    quarter(hi),
-                    quarter(_mm_srli_si128(hi, 8)),
-                ]
             }
         }
     }
@@ -294,31 +375,127 @@ mod x86 {
     pub struct Q8_0;
 
     impl Block for Q8_0 {
+        const VALUES: usize = 32;
         const BYTES: usize = 34;
 
         #[inline(always)]
-        unsafe fn zmm(b: &[u8]) -> [__m512; 2] {
-            // SAFETY (caller): AVX-512F and F16C; `b` is one block.
-            unsafe {
-                let d = _mm512_broadcastss_ps(scales(b, 0));
-                let half = |at: usize| {
-                    let q = _mm_loadu_si128(b[at..at + 16].as_ptr().cast());
-                    _mm512_mul_ps(d, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(q)))
-                };
-                [half(2), half(18)]
+        unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
+            // SAFETY (caller): F16C.
+            let d = unsafe { f16_at(b, 0) };
+            for h in 0..2 {
+                let (q, offset, m) = (bytes16(b, 2 + 16 * h), 0, None);
+                f(
+                    h,
+                    Chunk {
+                        q,
+                        signed: true,
+                        offset,
+                        d,
+                        m,
+                    },
+                );
             }
         }
+    }
+
+    /// 144 bytes for 256 values: f16 `d`, f16 `dmin`, 12 bytes of 6-bit scales and mins
+    /// (`quant::q4k_scale_min`), 128 bytes of nibbles. Sub-block `s` (32 values) is
+    /// `(d * sc) * q - dmin * min`; the nibbles of bytes `32j..32j + 32` are sub-blocks
+    /// `2j` (low) and `2j + 1` (high). The subtraction is the addition of `-(dmin * min)`,
+    /// the same bits.
+    pub struct Q4K;
+
+    impl Block for Q4K {
+        const VALUES: usize = 256;
+        const BYTES: usize = 144;
 
         #[inline(always)]
-        unsafe fn ymm(b: &[u8]) -> [__m256; 4] {
-            // SAFETY (caller): AVX2 and F16C; `b` is one block.
-            unsafe {
-                let d = _mm256_broadcastss_ps(scales(b, 0));
-                let quarter = |at: usize| {
-                    let q = _mm_loadl_epi64(b[at..at + 8].as_ptr().cast());
-                    _mm256_mul_ps(d, _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(q)))
+        unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
+            // SAFETY (caller): F16C.
+            let (d, dmin) = unsafe { (f16_at(b, 0), f16_at(b, 2)) };
+            let scaled = |s: usize| {
+                let (sc, min) = q4k_scale_min(s, &b[4..16]);
+                (d * sc as f32, Some(-(dmin * min as f32)))
+            };
+            for j in 0..4 {
+                // Bytes `32j..32j + 32`: sub-block `2j` in their low nibbles, `2j + 1` high.
+                let q = [bytes16(b, 16 + 32 * j), bytes16(b, 32 + 32 * j)];
+                for (s, high) in [(2 * j, false), (2 * j + 1, true)] {
+                    let (d, m) = scaled(s);
+                    for (part, &q) in q.iter().enumerate() {
+                        let q = nibbles(q, high);
+                        f(
+                            2 * s + part,
+                            Chunk {
+                                q,
+                                signed: false,
+                                offset: 0,
+                                d,
+                                m,
+                            },
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// 210 bytes for 256 values: 128 bytes of low nibbles, 64 of high bit pairs, 16
+    /// signed 8-bit scales, f16 `d`; sub-block `s` (16 values) is `(d * sc[s]) * (q - 32)`.
+    /// Each half of 128 values takes 64 low-nibble bytes `ql`, 32 bytes of pairs `qh` and
+    /// 8 scales: its value `32t + l` (t < 4, l < 32) has the low (t < 2) or high nibble of
+    /// `ql[l + 32 (t % 2)]` and the pair `t` of `qh[l]` above it, and scale `l / 16 + 2t`.
+    pub struct Q6K;
+
+    impl Block for Q6K {
+        const VALUES: usize = 256;
+        const BYTES: usize = 210;
+
+        #[inline(always)]
+        unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
+            // SAFETY (caller): F16C.
+            let d = unsafe { f16_at(b, 208) };
+            for half in 0..2 {
+                let at = |i: usize| bytes16(b, 64 * half + 16 * i);
+                let ql = [at(0), at(1), at(2), at(3)];
+                let qh = [bytes16(b, 128 + 32 * half), bytes16(b, 144 + 32 * half)];
+                let sc = &b[192 + 8 * half..200 + 8 * half];
+                // Values `32t + 16p..32t + 16p + 16` of the half; written out so that `t`
+                // and `p` are constants and the shifts immediates.
+                let mut chunk = |t: usize, p: usize| {
+                    let low = nibbles(ql[2 * (t % 2) + p], t >= 2);
+                    // SAFETY: SSE2 (x86_64); after the 16-bit shift by at most 6 a byte's
+                    // two low bits are still its own (only they are kept).
+                    let q = unsafe {
+                        let pairs = match t {
+                            0 => qh[p],
+                            1 => _mm_srli_epi16(qh[p], 2),
+                            2 => _mm_srli_epi16(qh[p], 4),
+                            _ => _mm_srli_epi16(qh[p], 6),
+                        };
+                        let high = _mm_slli_epi16(_mm_and_si128(pairs, _mm_set1_epi8(3)), 4);
+                        _mm_or_si128(low, high)
+                    };
+                    let (d, m) = (d * sc[p + 2 * t] as i8 as f32, None);
+                    f(
+                        8 * half + 2 * t + p,
+                        Chunk {
+                            q,
+                            signed: false,
+                            offset: -32,
+                            d,
+                            m,
+                        },
+                    );
                 };
-                [quarter(2), quarter(10), quarter(18), quarter(26)]
+                chunk(0, 0);
+                chunk(0, 1);
+                chunk(1, 0);
+                chunk(1, 1);
+                chunk(2, 0);
+                chunk(2, 1);
+                chunk(3, 0);
+                chunk(3, 1);
             }
         }
     }
@@ -340,20 +517,22 @@ mod x86 {
     ) {
         assert!(M <= 8 && x.len() == M * k);
         for (row, y) in bytes
-            .chunks_exact(k / 32 * B::BYTES)
+            .chunks_exact(k / B::VALUES * B::BYTES)
             .zip(yt.chunks_exact_mut(M))
         {
             let mut acc = [_mm512_setzero_ps(); M];
             for (c, b) in row.chunks_exact(B::BYTES).enumerate() {
                 // SAFETY: AVX-512F and F16C (this function's features); `b` is one block;
-                // the loads read `x[i * k + 32c..i * k + 32c + 32]`, inside `x`.
+                // the loads read `x[i * k + at..i * k + at + 16]`, inside `x`.
                 unsafe {
-                    let w = B::zmm(b);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let xi = x.as_ptr().add(i * k + 32 * c);
-                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(xi), w[0], *a);
-                        *a = _mm512_fmadd_ps(_mm512_loadu_ps(xi.add(16)), w[1], *a);
-                    }
+                    B::each(b, |h, chunk| {
+                        let w = chunk.zmm();
+                        let at = c * B::VALUES + h * LANES;
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xi = x.as_ptr().add(i * k + at);
+                            *a = _mm512_fmadd_ps(_mm512_loadu_ps(xi), w, *a);
+                        }
+                    })
                 }
             }
             for (yi, a) in y.iter_mut().zip(acc) {
@@ -389,7 +568,7 @@ mod x86 {
         // Outputs `g..g + M` of each row's `m` in `yt`.
         assert!(g + M <= m && x.len() == M * k);
         for (row, y) in bytes
-            .chunks_exact(k / 32 * B::BYTES)
+            .chunks_exact(k / B::VALUES * B::BYTES)
             .zip(yt.chunks_exact_mut(m))
         {
             let y = &mut y[g..g + M];
@@ -397,16 +576,17 @@ mod x86 {
             let mut acc = [[_mm256_setzero_ps(); 2]; M];
             for (c, b) in row.chunks_exact(B::BYTES).enumerate() {
                 // SAFETY: AVX2 and F16C (this function's features); `b` is one block; the
-                // loads read `x[i * k + 32c..i * k + 32c + 32]`, inside `x`.
+                // loads read `x[i * k + at..i * k + at + 16]`, inside `x`.
                 unsafe {
-                    let w = B::ymm(b);
-                    for (i, a) in acc.iter_mut().enumerate() {
-                        let xi = x.as_ptr().add(i * k + 32 * c);
-                        for (q, wq) in w.iter().enumerate() {
-                            let l = q % 2;
-                            a[l] = _mm256_fmadd_ps(_mm256_loadu_ps(xi.add(8 * q)), *wq, a[l]);
+                    B::each(b, |h, chunk| {
+                        let w = chunk.ymm();
+                        let at = c * B::VALUES + h * LANES;
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            let xi = x.as_ptr().add(i * k + at);
+                            a[0] = _mm256_fmadd_ps(_mm256_loadu_ps(xi), w[0], a[0]);
+                            a[1] = _mm256_fmadd_ps(_mm256_loadu_ps(xi.add(8)), w[1], a[1]);
                         }
-                    }
+                    })
                 }
             }
             for (yi, a) in y.iter_mut().zip(acc) {
@@ -530,64 +710,49 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
-    use half::f16;
     use rand::{RngExt, SeedableRng};
     use rand_chacha::ChaCha8Rng;
 
     use super::super::gemm;
     use super::*;
-    use crate::model::quant::{GgmlType, dequantize};
+    use crate::model::quant::{GgmlType, dequantize, random_blocks};
 
-    /// `rows` rows of random blocks of `ty`: random quants, scales (f16) between 2^-8 and
-    /// 2^-4, so that every value is finite.
-    fn random_blocks(ty: GgmlType, rows: usize, cols: usize, rng: &mut ChaCha8Rng) -> Vec<u8> {
-        let (elems, size) = ty.block();
-        let mut bytes: Vec<u8> = (0..rows * cols / elems * size)
-            .map(|_| rng.random())
-            .collect();
-        let scales: &[usize] = match ty {
-            GgmlType::Q8_0 => &[0],
-            GgmlType::Q4_1 => &[0, 2],
-            _ => unreachable!("a type with a kernel"),
-        };
-        for blk in bytes.chunks_exact_mut(size) {
-            for &at in scales {
-                let s = f16::from_f32(rng.random_range(2f32.powi(-8)..2f32.powi(-4)));
-                blk[at..at + 2].copy_from_slice(&s.to_le_bytes());
-            }
-        }
-        bytes
-    }
-
-    /// The stored product equals the f32 one bit for bit on Q4_1 and Q8_0, through the
-    /// kernels of the CPU's level and of AVX2 (which any CPU with AVX-512 runs too), for 1
-    /// to 8 rows, with `n` not a multiple of `ROW_BLOCK`; the other types keep no blocks.
+    /// The stored product equals the f32 one bit for bit on every quantised type, through
+    /// the kernels of the CPU's level and of AVX2 (which any CPU with AVX-512 runs too),
+    /// for 1 to 8 rows, with `n` not a multiple of `ROW_BLOCK`, and rows of one and of
+    /// several blocks (a K type's 256 values, 96 and 160 values of the others).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn stored_products_equal_the_f32_ones_bit_for_bit() {
+        use x86::{Q4_0, Q4_1, Q4K, Q6K, Q8_0};
         let mut rng = ChaCha8Rng::seed_from_u64(11);
-        for ty in [GgmlType::Q4_0, GgmlType::Q4K, GgmlType::Q6K] {
-            assert!(rows_kernel(ty).is_none(), "{ty:?} keeps no blocks");
-        }
-        for (ty, n, k) in [(GgmlType::Q4_1, 130, 96), (GgmlType::Q8_0, 65, 96)] {
-            let bytes = random_blocks(ty, n, k, &mut rng);
+        let cases: [(GgmlType, usize, usize, RowsKernel); 7] = [
+            (GgmlType::Q4_1, 130, 96, x86::dots_avx2::<Q4_1>),
+            (GgmlType::Q8_0, 65, 96, x86::dots_avx2::<Q8_0>),
+            (GgmlType::Q4_0, 70, 160, x86::dots_avx2::<Q4_0>),
+            (GgmlType::Q4K, 65, 256, x86::dots_avx2::<Q4K>),
+            (GgmlType::Q4K, 33, 768, x86::dots_avx2::<Q4K>),
+            (GgmlType::Q6K, 65, 256, x86::dots_avx2::<Q6K>),
+            (GgmlType::Q6K, 33, 512, x86::dots_avx2::<Q6K>),
+        ];
+        for (ty, n, k, avx2) in cases {
+            let bytes = random_blocks(ty, n, k, rng.random());
             let mut w = vec![0f32; n * k];
             dequantize(ty, &bytes, &mut w);
             assert!(w.iter().all(|v| v.is_finite()));
             let s = StoredMatrix::new(ty, n, k, bytes).expect("whole blocks");
             let dots = rows_kernel(ty).expect("a CPU with AVX2, FMA and F16C");
-            let avx2: RowsKernel = match ty {
-                GgmlType::Q4_1 => x86::dots_avx2::<x86::Q4_1>,
-                _ => x86::dots_avx2::<x86::Q8_0>,
-            };
             for m in 1..=gemm::STREAM_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1f32..1.0)).collect();
                 let want = gemm::linear_few_rows(&x, &w, m, k, n);
                 for (level, kernel) in [("the CPU's level", dots), ("AVX2", avx2)] {
                     let got = linear_few_rows(&x, &s, kernel, m, k, n);
-                    assert_eq!(got, want, "{ty:?}, {m} rows, {level}");
+                    assert_eq!(got, want, "{ty:?} ({n}, {k}), {m} rows, {level}");
                 }
             }
+        }
+        for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+            assert!(rows_kernel(ty).is_none(), "{ty:?} keeps no blocks");
         }
     }
 
@@ -601,7 +766,7 @@ mod tests {
     fn transposed_q4_1_sums_as_the_f32_transpose_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
         for (n, k) in [(64, 96), (48, 160)] {
-            let bytes = random_blocks(GgmlType::Q4_1, n, k, &mut rng);
+            let bytes = random_blocks(GgmlType::Q4_1, n, k, rng.random());
             let mut w = vec![0f32; n * k];
             dequantize(GgmlType::Q4_1, &bytes, &mut w);
             let wt = transpose(&w, n, k);

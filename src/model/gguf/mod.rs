@@ -248,16 +248,20 @@ impl TensorSource for GgufFile {
         self.tensors.contains_key(name)
     }
 
-    /// Q4_1 and Q8_0 only, the types the CPU has kernels for (`cpu::stored`); the others
-    /// would be copied only to be dropped. A Q4_1 copy adds 16 % to the f32 weights'
-    /// memory and reads 5/32 of their bytes.
+    /// The quantised types (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), for which the CPU has kernels
+    /// (`cpu::stored`); F16/BF16 would add half the f32 weights' memory for a third of their
+    /// reads. A Q4_1 copy adds 16 % to the f32 weights' memory and reads 5/32 of their bytes.
     fn stored(&self, name: &str) -> Option<StoredMatrix> {
         let t = self.tensors.get(name)?;
         let ty = GgmlType::from_id(t.ty)?;
         let (&[cols, rows], Some(bytes)) = (&t.dims[..], t.bytes) else {
             return None;
         };
-        if !matches!(ty, GgmlType::Q4_1 | GgmlType::Q8_0) || rows == 0 {
+        if !matches!(
+            ty,
+            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
+        ) || rows == 0
+        {
             return None;
         }
         let start = self.data_start + t.offset;

@@ -1,11 +1,13 @@
 //! Decoding's products (`linear` of 1 and 8 rows, 2 threads) with the frozen weight read
 //! from its GGUF blocks (`Backend::weight_stored`, `src/backend/cpu/stored.rs`) against
 //! the same weight in f32, for every quantised type the loader reads, on Llama-3.2-1B's
-//! q/o (2048 x 2048) and gate/up (8192 x 2048) shapes. Both compute the same bits (tested
-//! in `stored.rs`); the blocks are 5/32 (Q4_0, Q4_K), 6/32 (Q4_1), 6.56/32 (Q6_K) and
-//! 8.5/32 (Q8_0) of the f32 bytes. Each iteration takes the next of several weights, 640 MB
-//! of f32 in all and 100-170 MB of blocks, so that neither form sits in the caches (a model
-//! decodes from memory). Random blocks: the cost does not depend on the values.
+//! q/o (2048 x 2048), gate/up (8192 x 2048) and down (2048 x 8192, which the CPU keeps
+//! transposed: Q4_1 and Q4_K as `NibbleColumns`, the other types stream their f32) shapes.
+//! Both compute the same bits (tested in `stored.rs`); the blocks are 5/32 (Q4_0, Q4_K),
+//! 6/32 (Q4_1), 6.56/32 (Q6_K) and 8.5/32 (Q8_0) of the f32 bytes, `NibbleColumns` 6/32.
+//! Each iteration takes the next of several weights, 640 MB of f32 in all and 100-170 MB
+//! of blocks, so that neither form sits in the caches (a model decodes from memory).
+//! Random blocks: the cost does not depend on the values.
 
 mod common;
 
@@ -15,9 +17,10 @@ use lalora_engine::backend::cpu::CpuBackend;
 use lalora_engine::model::quant::{GgmlType, StoredMatrix, dequantize, random_blocks};
 
 /// `(name, d_out, d_in, weights cycled)`.
-const SHAPES: [(&str, usize, usize, usize); 2] = [
+const SHAPES: [(&str, usize, usize, usize); 3] = [
     ("llama1b_q_o_2048x2048", 2048, 2048, 40),
     ("llama1b_gate_up_8192x2048", 8192, 2048, 10),
+    ("llama1b_down_2048x8192", 2048, 8192, 10),
 ];
 
 const TYPES: [(&str, GgmlType); 5] = [

@@ -7,22 +7,22 @@
 //! (`vmath::dot_block`: 16 lanes of FMAs, added pairwise), over the values `dequantize`
 //! makes, which are the f32 matrix's; so the results are the f32 path's, bit for bit.
 //! A weight kept transposed (`weight::CpuWeight`) streams `W^T`, whose rows cut across
-//! `W`'s blocks: for Q4_1 it is kept as [`Q4_1Columns`] instead, the same nibbles
+//! `W`'s blocks: for Q4_1 and Q4_K it is kept as [`NibbleColumns`] instead, the same nibbles
 //! transposed beside each block's scales, and its product sums as `linear_few_rows_t`.
 
 use rayon::prelude::*;
 
 use super::gemm::{ROW_BLOCK, lane_rows, transpose};
 use super::vmath;
-use crate::model::quant::{GgmlType, StoredMatrix};
+use crate::model::quant::{GgmlType, StoredMatrix, q4k_scale_min};
 
 /// A weight's compact form as the CPU reads it in products of few rows.
 pub enum Compact {
     /// The file's rows of blocks, for a weight kept as given, and the kernel that reads
     /// them on this CPU.
     Rows { s: StoredMatrix, dots: RowsKernel },
-    /// Q4_1 transposed, for a weight kept transposed.
-    Columns(Q4_1Columns),
+    /// Q4_1 or Q4_K transposed, for a weight kept transposed.
+    Columns(NibbleColumns),
 }
 
 /// `vmath::dot_block(yt, W, x, k)` with `W` the rows of blocks in `bytes` (`k / 32` blocks
@@ -33,7 +33,7 @@ pub type RowsKernel = unsafe fn(&mut [f32], &[u8], &[f32], usize);
 /// has no kernel for the type on this CPU, and the f32 weight streams as before.
 pub fn compact(s: StoredMatrix, transposed: bool) -> Option<Compact> {
     if transposed {
-        Q4_1Columns::new(&s).map(Compact::Columns)
+        NibbleColumns::new(&s).map(Compact::Columns)
     } else {
         let dots = rows_kernel(s.ty())?;
         Some(Compact::Rows { s, dots })
@@ -50,11 +50,13 @@ impl Compact {
     }
 }
 
-/// `W^T (k, n)` of a Q4_1 `W (n, k)`, as `gemm::linear_few_rows_t` streams it: row `j`'s
-/// `n` nibbles (`W[c, j]`'s quant at `q[j * n / 2 + c / 2]`, even `c` in the low half), and
-/// per block of 32 rows the `n` scales `d` and offsets `m` as f32 (exactly the f16s). Each
-/// value is `d * q + m` as `dequantize` makes it: 0.75 bytes a value where f32 takes 4.
-pub struct Q4_1Columns {
+/// `W^T (k, n)` of a Q4_1 or Q4_K `W (n, k)`, as `gemm::linear_few_rows_t` streams it:
+/// row `j`'s `n` nibbles (`W[c, j]`'s quant at `q[j * n / 2 + c / 2]`, even `c` in the low
+/// half), and per block of 32 rows the `n` scales `d` and offsets `m` in f32. Each value
+/// is `d * q + m` as `dequantize` makes it: 0.75 bytes a value where f32 takes 4. Q4_1's
+/// `d` and `m` are its f16s; a Q4_K sub-block's are `d * sc` and `-(dmin * min)`, which
+/// its `(d * sc) * q - dmin * min` rounds alike.
+pub struct NibbleColumns {
     n: usize,
     k: usize,
     q: Vec<u8>,
@@ -62,16 +64,20 @@ pub struct Q4_1Columns {
     m: Vec<f32>,
 }
 
-impl Q4_1Columns {
-    /// `None` unless `s` is Q4_1 with `n` a multiple of 16, on a CPU that runs
+impl NibbleColumns {
+    /// `None` unless `s` is Q4_1 or Q4_K with `n` a multiple of 16, on a CPU that runs
     /// [`linear_few_rows_t`]'s kernels (else the f32 `W^T` streams as before).
     pub fn new(s: &StoredMatrix) -> Option<Self> {
         let (n, k) = s.dims();
-        if s.ty() != GgmlType::Q4_1 || !n.is_multiple_of(16) || !columns_kernels() {
+        let ty = s.ty();
+        if !matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K)
+            || !n.is_multiple_of(16)
+            || !columns_kernels()
+        {
             return None;
         }
         let blocks = k / 32;
-        let mut t = Q4_1Columns {
+        let mut t = NibbleColumns {
             n,
             k,
             q: vec![0; k * n / 2],
@@ -79,17 +85,46 @@ impl Q4_1Columns {
             m: vec![0.0; blocks * n],
         };
         for c in 0..n {
-            for (jb, b) in s.rows(c, c + 1).chunks_exact(20).enumerate() {
-                let f16 = |at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
-                (t.d[jb * n + c], t.m[jb * n + c]) = (f16(0), f16(2));
+            nibble_blocks(ty, s.rows(c, c + 1), |jb, d, m, quants| {
+                (t.d[jb * n + c], t.m[jb * n + c]) = (d, m);
+                for (j, &nibble) in quants.iter().enumerate() {
+                    t.q[(jb * 32 + j) * n / 2 + c / 2] |= nibble << (4 * (c % 2));
+                }
+            });
+        }
+        Some(t)
+    }
+}
+
+/// Calls `f(block, d, m, quants)` for each block of 32 values of a Q4_1 or Q4_K row, in
+/// order: the values are `d * quants[j] + m`, as `dequantize` rounds them.
+fn nibble_blocks(ty: GgmlType, row: &[u8], mut f: impl FnMut(usize, f32, f32, [u8; 32])) {
+    let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
+    let split = |bytes: &[u8], high: bool| {
+        std::array::from_fn(|j| if high { bytes[j] >> 4 } else { bytes[j] & 0xf })
+    };
+    match ty {
+        GgmlType::Q4_1 => {
+            for (jb, b) in row.chunks_exact(20).enumerate() {
+                let mut q = [0u8; 32];
                 for (u, &byte) in b[4..20].iter().enumerate() {
-                    for (j, nibble) in [(u, byte & 0xf), (u + 16, byte >> 4)] {
-                        t.q[(jb * 32 + j) * n / 2 + c / 2] |= nibble << (4 * (c % 2));
-                    }
+                    (q[u], q[u + 16]) = (byte & 0xf, byte >> 4);
+                }
+                f(jb, f16(b, 0), f16(b, 2), q);
+            }
+        }
+        GgmlType::Q4K => {
+            for (sb, b) in row.chunks_exact(144).enumerate() {
+                let (d, dmin) = (f16(b, 0), f16(b, 2));
+                for s in 0..8 {
+                    let (sc, min) = q4k_scale_min(s, &b[4..16]);
+                    let bytes = &b[16 + 32 * (s / 2)..48 + 32 * (s / 2)];
+                    let (d, m) = (d * sc as f32, -(dmin * min as f32));
+                    f(8 * sb + s, d, m, split(bytes, s % 2 == 1));
                 }
             }
         }
-        Some(t)
+        _ => unreachable!("not a type of nibbles and offsets"),
     }
 }
 
@@ -106,10 +141,10 @@ fn columns_kernels() -> bool {
 }
 
 /// `gemm::linear_few_rows_t` (`y = x W^T` for a weight kept transposed) on its
-/// [`Q4_1Columns`], for `1 <= m <= STREAM_ROWS`: the same lanes of rows of `W^T`, one task
+/// [`NibbleColumns`], for `1 <= m <= STREAM_ROWS`: the same lanes of rows of `W^T`, one task
 /// each, and in each `vmath::axpy_rows`'s sums (one FMA chain per output, in order), the
 /// lanes added pairwise.
-pub fn linear_few_rows_t(x: &[f32], t: &Q4_1Columns, m: usize, k: usize, n: usize) -> Vec<f32> {
+pub fn linear_few_rows_t(x: &[f32], t: &NibbleColumns, m: usize, k: usize, n: usize) -> Vec<f32> {
     debug_assert_eq!((t.n, t.k), (n, k));
     let mut parts: Vec<Vec<f32>> = (0..vmath::LANES)
         .into_par_iter()
@@ -117,13 +152,13 @@ pub fn linear_few_rows_t(x: &[f32], t: &Q4_1Columns, m: usize, k: usize, n: usiz
             let (j0, j1) = lane_rows(k, b);
             let mut y = vec![0f32; m * n];
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Q4_1Columns::new` checked that the CPU runs these kernels; `j0..j1`
+            // SAFETY: `NibbleColumns::new` checked that the CPU runs these kernels; `j0..j1`
             // are rows of `W^T`, `y` holds `m * n` values and `x` `m * k`.
             unsafe {
                 if matches!(super::simd(), super::Simd::Avx512) {
-                    x86::axpy_q4_1_avx512(&mut y, t, &x[..m * k], j0, j1);
+                    x86::axpy_nibbles_avx512(&mut y, t, &x[..m * k], j0, j1);
                 } else {
-                    x86::axpy_q4_1_avx2(&mut y, t, &x[..m * k], j0, j1);
+                    x86::axpy_nibbles_avx2(&mut y, t, &x[..m * k], j0, j1);
                 }
             }
             y
@@ -205,8 +240,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::super::vmath::{self, LANES};
-    use super::Q4_1Columns;
-    use crate::model::quant::q4k_scale_min;
+    use super::{NibbleColumns, q4k_scale_min};
 
     /// `f::<.., M>(args)` with the row count `m` (1 to 8) as the const `M`, so that a
     /// kernel's accumulators for each row are registers.
@@ -605,9 +639,9 @@ mod x86 {
     /// chain per output over `j` in order), each row of `W^T` made from `t`'s nibbles and
     /// scales 16 values at a time.
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub unsafe fn axpy_q4_1_avx512(
+    pub unsafe fn axpy_nibbles_avx512(
         y: &mut [f32],
-        t: &Q4_1Columns,
+        t: &NibbleColumns,
         x: &[f32],
         j0: usize,
         j1: usize,
@@ -619,7 +653,7 @@ mod x86 {
     #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
     unsafe fn axpy_avx512<const M: usize>(
         y: &mut [f32],
-        t: &Q4_1Columns,
+        t: &NibbleColumns,
         x: &[f32],
         j0: usize,
         j1: usize,
@@ -657,9 +691,15 @@ mod x86 {
         }
     }
 
-    /// [`axpy_q4_1_avx512`] in 8-lane registers.
+    /// [`axpy_nibbles_avx512`] in 8-lane registers.
     #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy_q4_1_avx2(y: &mut [f32], t: &Q4_1Columns, x: &[f32], j0: usize, j1: usize) {
+    pub unsafe fn axpy_nibbles_avx2(
+        y: &mut [f32],
+        t: &NibbleColumns,
+        x: &[f32],
+        j0: usize,
+        j1: usize,
+    ) {
         // SAFETY (caller): as this function's.
         unsafe { with_rows!(x.len() / t.k, axpy_avx2(y, t, x, j0, j1)) }
     }
@@ -667,7 +707,7 @@ mod x86 {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn axpy_avx2<const M: usize>(
         y: &mut [f32],
-        t: &Q4_1Columns,
+        t: &NibbleColumns,
         x: &[f32],
         j0: usize,
         j1: usize,
@@ -756,37 +796,53 @@ mod tests {
         }
     }
 
-    /// A Q4_1 weight kept transposed: its [`Q4_1Columns`] product equals
+    /// A Q4_1 or Q4_K weight kept transposed: its [`NibbleColumns`] product equals
     /// `gemm::linear_few_rows_t` on the f32 `W^T` bit for bit, through the kernels of the
-    /// CPU's level and of AVX2, for 1 to 8 rows; `k = 96` and `k = 160` cut the 16 lanes
-    /// of rows inside blocks of 32 (6 and 10 rows a lane). `n` not a multiple of 16 is
-    /// not kept.
+    /// CPU's level and of AVX2, for 1 to 8 rows; `k = 96`, `160` and `768` cut the 16
+    /// lanes of rows inside blocks of 32 (6, 10 and 48 rows a lane). `n` not a multiple of
+    /// 16 is not kept, nor are the types without nibbles and offsets.
     #[cfg(target_arch = "x86_64")]
     #[test]
-    fn transposed_q4_1_sums_as_the_f32_transpose_bit_for_bit() {
+    fn transposed_nibbles_sum_as_the_f32_transpose_bit_for_bit() {
         let mut rng = ChaCha8Rng::seed_from_u64(12);
-        for (n, k) in [(64, 96), (48, 160)] {
-            let bytes = random_blocks(GgmlType::Q4_1, n, k, rng.random());
+        let cases = [
+            (GgmlType::Q4_1, 64, 96),
+            (GgmlType::Q4_1, 48, 160),
+            (GgmlType::Q4K, 32, 256),
+            (GgmlType::Q4K, 48, 768),
+        ];
+        for (ty, n, k) in cases {
+            let bytes = random_blocks(ty, n, k, rng.random());
             let mut w = vec![0f32; n * k];
-            dequantize(GgmlType::Q4_1, &bytes, &mut w);
+            dequantize(ty, &bytes, &mut w);
             let wt = transpose(&w, n, k);
-            let s = StoredMatrix::new(GgmlType::Q4_1, n, k, bytes).expect("whole blocks");
-            let t = Q4_1Columns::new(&s).expect("a CPU with AVX2 at least");
+            let s = StoredMatrix::new(ty, n, k, bytes).expect("whole blocks");
+            let t = NibbleColumns::new(&s).expect("a CPU with AVX2 at least");
             for m in 1..=gemm::STREAM_ROWS {
                 let x: Vec<f32> = (0..m * k).map(|_| rng.random_range(-1f32..1.0)).collect();
                 let want = gemm::linear_few_rows_t(&x, &wt, m, k, n);
-                assert_eq!(linear_few_rows_t(&x, &t, m, k, n), want, "{m} rows");
+                assert_eq!(linear_few_rows_t(&x, &t, m, k, n), want, "{ty:?}, {m} rows");
                 // One lane through the AVX2 kernel against `axpy_rows` on the f32 rows.
                 let (j0, j1) = lane_rows(k, 3);
                 let mut lane = vec![0f32; m * n];
                 vmath::axpy_rows(&mut lane, &wt[j0 * n..j1 * n], &x, k, j0);
                 let mut got = vec![0f32; m * n];
-                // SAFETY: `Q4_1Columns::new` found AVX2 and FMA; `j0..j1` are rows of `W^T`.
-                unsafe { x86::axpy_q4_1_avx2(&mut got, &t, &x, j0, j1) };
-                assert_eq!(got, lane, "{m} rows, AVX2");
+                // SAFETY: `NibbleColumns::new` found AVX2 and FMA; `j0..j1` are rows of `W^T`.
+                unsafe { x86::axpy_nibbles_avx2(&mut got, &t, &x, j0, j1) };
+                assert_eq!(got, lane, "{ty:?}, {m} rows, AVX2");
             }
         }
         let s = StoredMatrix::new(GgmlType::Q4_1, 24, 32, vec![0; 24 * 20]).expect("blocks");
-        assert!(Q4_1Columns::new(&s).is_none(), "24 rows are not whole 16s");
+        assert!(
+            NibbleColumns::new(&s).is_none(),
+            "24 rows are not whole 16s"
+        );
+        for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q6K] {
+            let s = StoredMatrix::new(ty, 16, 256, random_blocks(ty, 16, 256, 1)).expect("blocks");
+            assert!(
+                NibbleColumns::new(&s).is_none(),
+                "{ty:?} is not kept transposed"
+            );
+        }
     }
 }

@@ -331,6 +331,17 @@ mod x86 {
         unsafe { _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))) }
     }
 
+    /// The f16s at `at` and `at + 2` as f32 (exact), by one conversion.
+    #[inline(always)]
+    unsafe fn f16_pair(b: &[u8], at: usize) -> (f32, f32) {
+        let bits = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
+        // SAFETY (caller): F16C.
+        unsafe {
+            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
+            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
+        }
+    }
+
     /// The 16 bytes at `at`.
     #[inline(always)]
     fn bytes16(b: &[u8], at: usize) -> __m128i {
@@ -387,7 +398,8 @@ mod x86 {
         #[inline(always)]
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
             // SAFETY (caller): F16C.
-            let (d, m) = unsafe { (f16_at(b, 0), Some(f16_at(b, 2))) };
+            let (d, m) = unsafe { f16_pair(b, 0) };
+            let m = Some(m);
             let q = bytes16(b, 4);
             for h in 0..2 {
                 let (q, offset) = (nibbles(q, h == 1), 0);
@@ -446,7 +458,7 @@ mod x86 {
         #[inline(always)]
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
             // SAFETY (caller): F16C.
-            let (d, dmin) = unsafe { (f16_at(b, 0), f16_at(b, 2)) };
+            let (d, dmin) = unsafe { f16_pair(b, 0) };
             let scaled = |s: usize| {
                 let (sc, min) = q4k_scale_min(s, &b[4..16]);
                 (d * sc as f32, Some(-(dmin * min as f32)))
@@ -635,6 +647,66 @@ mod x86 {
         }
     }
 
+    /// Outputs (`m * n` f32) up to which the kernels below update every row's 16 outputs
+    /// from each 16 values of `W^T`'s row made in registers; above it they make the whole
+    /// row into a buffer and then update one row of outputs at a time, as `axpy_rows` does
+    /// over an f32 row. Why: the outputs are reread for every row of `W^T`, and 8 rows of
+    /// Llama-3.2-1B's `down` (64 KiB) are eight strided streams from L2, which ran 0.55-0.65x
+    /// the f32 product, buffered 0.9-0.95x; its 1 row (8 KiB) ran 1.4-1.6x fused, 0.8-1.05x
+    /// buffered (`benches/decode_stored.rs`, Zen 4). SmolLM2's `down`, 8 rows of 576, is 18 KiB.
+    const FUSED_OUTPUT_BYTES: usize = 24 << 10;
+
+    /// `W^T[j, c..c + 16]` from its nibbles `q` (row `j`) and its block's `d` and `m`.
+    #[inline(always)]
+    unsafe fn nibble_row16(q: &[u8], d: &[f32], m: &[f32], c: usize) -> __m512 {
+        // SAFETY (caller): AVX-512F; the slices check `q[c/2..c/2 + 8]`, `d[c..c + 16]` and
+        // `m[c..c + 16]`.
+        unsafe {
+            let mask = _mm_set1_epi8(0x0f);
+            let b = _mm_loadl_epi64(q[c / 2..c / 2 + 8].as_ptr().cast());
+            let nib = _mm_unpacklo_epi8(
+                _mm_and_si128(b, mask),
+                _mm_and_si128(_mm_srli_epi16(b, 4), mask),
+            );
+            let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nib));
+            _mm512_add_ps(
+                _mm512_mul_ps(_mm512_loadu_ps(d[c..c + 16].as_ptr()), f),
+                _mm512_loadu_ps(m[c..c + 16].as_ptr()),
+            )
+        }
+    }
+
+    /// [`nibble_row16`] for `c..c + 8`.
+    #[inline(always)]
+    unsafe fn nibble_row8(q: &[u8], d: &[f32], m: &[f32], c: usize) -> __m256 {
+        // SAFETY (caller): AVX2; the slices check `q[c/2..c/2 + 4]`, `d[c..c + 8]` and
+        // `m[c..c + 8]`.
+        unsafe {
+            let mask = _mm_set1_epi8(0x0f);
+            let bits = u32::from_le_bytes([q[c / 2], q[c / 2 + 1], q[c / 2 + 2], q[c / 2 + 3]]);
+            let b = _mm_cvtsi32_si128(bits as i32);
+            let nib = _mm_unpacklo_epi8(
+                _mm_and_si128(b, mask),
+                _mm_and_si128(_mm_srli_epi16(b, 4), mask),
+            );
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
+            _mm256_add_ps(
+                _mm256_mul_ps(_mm256_loadu_ps(d[c..c + 8].as_ptr()), f),
+                _mm256_loadu_ps(m[c..c + 8].as_ptr()),
+            )
+        }
+    }
+
+    /// Row `j` of `W^T`: its nibbles, and its block's scales and offsets.
+    fn columns_row(t: &NibbleColumns, j: usize) -> (&[u8], &[f32], &[f32]) {
+        let (n, jb) = (t.n, j / 32);
+        (
+            &t.q[j * n / 2..(j + 1) * n / 2],
+            &t.d[jb * n..(jb + 1) * n],
+            &t.m[jb * n..(jb + 1) * n],
+        )
+    }
+
     /// `y (m, n) += x[:, j0..j1] W^T[j0..j1, :]` as `vmath::axpy_rows` sums it (one FMA
     /// chain per output over `j` in order), each row of `W^T` made from `t`'s nibbles and
     /// scales 16 values at a time.
@@ -660,31 +732,35 @@ mod x86 {
     ) {
         let (n, k) = (t.n, t.k);
         assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
-        let mask = _mm_set1_epi8(0x0f);
+        let mut row = vec![0f32; if 4 * M * n > FUSED_OUTPUT_BYTES { n } else { 0 }];
         for j in j0..j1 {
-            let (jb, q) = (j / 32, &t.q[j * n / 2..(j + 1) * n / 2]);
-            let (d, m) = (&t.d[jb * n..(jb + 1) * n], &t.m[jb * n..(jb + 1) * n]);
-            let mut xv = [_mm512_setzero_ps(); M];
-            for (i, v) in xv.iter_mut().enumerate() {
-                *v = _mm512_set1_ps(x[i * k + j]);
+            let (q, d, m) = columns_row(t, j);
+            if row.is_empty() {
+                let xv: [__m512; M] = std::array::from_fn(|i| _mm512_set1_ps(x[i * k + j]));
+                for c in (0..n).step_by(16) {
+                    // SAFETY: AVX-512F; `y[i * n + c..i * n + c + 16]` is inside `y`.
+                    unsafe {
+                        let w = nibble_row16(q, d, m, c);
+                        for (i, &xi) in xv.iter().enumerate() {
+                            let p = y[i * n + c..i * n + c + 16].as_mut_ptr();
+                            _mm512_storeu_ps(p, _mm512_fmadd_ps(xi, w, _mm512_loadu_ps(p)));
+                        }
+                    }
+                }
+                continue;
             }
             for c in (0..n).step_by(16) {
-                // SAFETY: `q[c/2..c/2 + 8]`, `d[c..c + 16]`, `m[c..c + 16]` and
-                // `y[i * n + c..i * n + c + 16]` lie inside their slices (`n % 16 == 0`).
-                unsafe {
-                    let b = _mm_loadl_epi64(q[c / 2..c / 2 + 8].as_ptr().cast());
-                    let nib = _mm_unpacklo_epi8(
-                        _mm_and_si128(b, mask),
-                        _mm_and_si128(_mm_srli_epi16(b, 4), mask),
-                    );
-                    let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nib));
-                    let w = _mm512_add_ps(
-                        _mm512_mul_ps(_mm512_loadu_ps(d[c..c + 16].as_ptr()), f),
-                        _mm512_loadu_ps(m[c..c + 16].as_ptr()),
-                    );
-                    for (i, &xi) in xv.iter().enumerate() {
-                        let p = y[i * n + c..i * n + c + 16].as_mut_ptr();
-                        _mm512_storeu_ps(p, _mm512_fmadd_ps(xi, w, _mm512_loadu_ps(p)));
+                // SAFETY: AVX-512F; `row[c..c + 16]` is inside `row`.
+                unsafe { _mm512_storeu_ps(row[c..].as_mut_ptr(), nibble_row16(q, d, m, c)) };
+            }
+            for (yi, xi) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
+                let xv = _mm512_set1_ps(xi[j]);
+                for (yc, wc) in yi.chunks_exact_mut(16).zip(row.chunks_exact(16)) {
+                    // SAFETY: AVX-512F; 16 floats each.
+                    unsafe {
+                        let w = _mm512_loadu_ps(wc.as_ptr());
+                        let v = _mm512_fmadd_ps(xv, w, _mm512_loadu_ps(yc.as_ptr()));
+                        _mm512_storeu_ps(yc.as_mut_ptr(), v);
                     }
                 }
             }
@@ -714,33 +790,35 @@ mod x86 {
     ) {
         let (n, k) = (t.n, t.k);
         assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
-        let mask = _mm_set1_epi8(0x0f);
+        let mut row = vec![0f32; if 4 * M * n > FUSED_OUTPUT_BYTES { n } else { 0 }];
         for j in j0..j1 {
-            let (jb, q) = (j / 32, &t.q[j * n / 2..(j + 1) * n / 2]);
-            let (d, m) = (&t.d[jb * n..(jb + 1) * n], &t.m[jb * n..(jb + 1) * n]);
-            let mut xv = [_mm256_setzero_ps(); M];
-            for (i, v) in xv.iter_mut().enumerate() {
-                *v = _mm256_set1_ps(x[i * k + j]);
+            let (q, d, m) = columns_row(t, j);
+            if row.is_empty() {
+                let xv: [__m256; M] = std::array::from_fn(|i| _mm256_set1_ps(x[i * k + j]));
+                for c in (0..n).step_by(8) {
+                    // SAFETY: AVX2; `y[i * n + c..i * n + c + 8]` is inside `y`.
+                    unsafe {
+                        let w = nibble_row8(q, d, m, c);
+                        for (i, &xi) in xv.iter().enumerate() {
+                            let p = y[i * n + c..i * n + c + 8].as_mut_ptr();
+                            _mm256_storeu_ps(p, _mm256_fmadd_ps(xi, w, _mm256_loadu_ps(p)));
+                        }
+                    }
+                }
+                continue;
             }
             for c in (0..n).step_by(8) {
-                // SAFETY: `q[c/2..c/2 + 4]`, `d[c..c + 8]`, `m[c..c + 8]` and
-                // `y[i * n + c..i * n + c + 8]` lie inside their slices (`n % 16 == 0`).
-                unsafe {
-                    let bits =
-                        u32::from_le_bytes([q[c / 2], q[c / 2 + 1], q[c / 2 + 2], q[c / 2 + 3]]);
-                    let b = _mm_cvtsi32_si128(bits as i32);
-                    let nib = _mm_unpacklo_epi8(
-                        _mm_and_si128(b, mask),
-                        _mm_and_si128(_mm_srli_epi16(b, 4), mask),
-                    );
-                    let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
-                    let w = _mm256_add_ps(
-                        _mm256_mul_ps(_mm256_loadu_ps(d[c..c + 8].as_ptr()), f),
-                        _mm256_loadu_ps(m[c..c + 8].as_ptr()),
-                    );
-                    for (i, &xi) in xv.iter().enumerate() {
-                        let p = y[i * n + c..i * n + c + 8].as_mut_ptr();
-                        _mm256_storeu_ps(p, _mm256_fmadd_ps(xi, w, _mm256_loadu_ps(p)));
+                // SAFETY: AVX2; `row[c..c + 8]` is inside `row`.
+                unsafe { _mm256_storeu_ps(row[c..].as_mut_ptr(), nibble_row8(q, d, m, c)) };
+            }
+            for (yi, xi) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
+                let xv = _mm256_set1_ps(xi[j]);
+                for (yc, wc) in yi.chunks_exact_mut(8).zip(row.chunks_exact(8)) {
+                    // SAFETY: AVX2; 8 floats each.
+                    unsafe {
+                        let w = _mm256_loadu_ps(wc.as_ptr());
+                        let v = _mm256_fmadd_ps(xv, w, _mm256_loadu_ps(yc.as_ptr()));
+                        _mm256_storeu_ps(yc.as_mut_ptr(), v);
                     }
                 }
             }
@@ -799,8 +877,10 @@ mod tests {
     /// A Q4_1 or Q4_K weight kept transposed: its [`NibbleColumns`] product equals
     /// `gemm::linear_few_rows_t` on the f32 `W^T` bit for bit, through the kernels of the
     /// CPU's level and of AVX2, for 1 to 8 rows; `k = 96`, `160` and `768` cut the 16
-    /// lanes of rows inside blocks of 32 (6, 10 and 48 rows a lane). `n` not a multiple of
-    /// 16 is not kept, nor are the types without nibbles and offsets.
+    /// lanes of rows inside blocks of 32 (6, 10 and 48 rows a lane). With `n = 1024` the
+    /// outputs of 7 and 8 rows exceed `FUSED_OUTPUT_BYTES` (the buffered loop), those of
+    /// 1-6 rows do not (the fused one). `n` not a multiple of 16 is not kept, nor are the
+    /// types without nibbles and offsets.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn transposed_nibbles_sum_as_the_f32_transpose_bit_for_bit() {
@@ -808,7 +888,9 @@ mod tests {
         let cases = [
             (GgmlType::Q4_1, 64, 96),
             (GgmlType::Q4_1, 48, 160),
+            (GgmlType::Q4_1, 272, 96),
             (GgmlType::Q4K, 32, 256),
+            (GgmlType::Q4K, 1024, 256),
             (GgmlType::Q4K, 48, 768),
         ];
         for (ty, n, k) in cases {

@@ -283,6 +283,17 @@ mod x86 {
 
     impl Chunk {
         #[inline(always)]
+        fn new(q: __m128i, signed: bool, offset: i32, d: f32, m: Option<f32>) -> Self {
+            Chunk {
+                q,
+                signed,
+                offset,
+                d,
+                m,
+            }
+        }
+
+        #[inline(always)]
         unsafe fn zmm(self) -> __m512 {
             // SAFETY (caller): AVX-512F.
             unsafe {
@@ -372,17 +383,7 @@ mod x86 {
             let d = unsafe { f16_at(b, 0) };
             let q = bytes16(b, 2);
             for h in 0..2 {
-                let (q, offset, m) = (nibbles(q, h == 1), -8, None);
-                f(
-                    h,
-                    Chunk {
-                        q,
-                        signed: false,
-                        offset,
-                        d,
-                        m,
-                    },
-                );
+                f(h, Chunk::new(nibbles(q, h == 1), false, -8, d, None));
             }
         }
     }
@@ -399,20 +400,9 @@ mod x86 {
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
             // SAFETY (caller): F16C.
             let (d, m) = unsafe { f16_pair(b, 0) };
-            let m = Some(m);
             let q = bytes16(b, 4);
             for h in 0..2 {
-                let (q, offset) = (nibbles(q, h == 1), 0);
-                f(
-                    h,
-                    Chunk {
-                        q,
-                        signed: false,
-                        offset,
-                        d,
-                        m,
-                    },
-                );
+                f(h, Chunk::new(nibbles(q, h == 1), false, 0, d, Some(m)));
             }
         }
     }
@@ -429,17 +419,7 @@ mod x86 {
             // SAFETY (caller): F16C.
             let d = unsafe { f16_at(b, 0) };
             for h in 0..2 {
-                let (q, offset, m) = (bytes16(b, 2 + 16 * h), 0, None);
-                f(
-                    h,
-                    Chunk {
-                        q,
-                        signed: true,
-                        offset,
-                        d,
-                        m,
-                    },
-                );
+                f(h, Chunk::new(bytes16(b, 2 + 16 * h), true, 0, d, None));
             }
         }
     }
@@ -469,17 +449,7 @@ mod x86 {
                 for (s, high) in [(2 * j, false), (2 * j + 1, true)] {
                     let (d, m) = scaled(s);
                     for (part, &q) in q.iter().enumerate() {
-                        let q = nibbles(q, high);
-                        f(
-                            2 * s + part,
-                            Chunk {
-                                q,
-                                signed: false,
-                                offset: 0,
-                                d,
-                                m,
-                            },
-                        );
+                        f(2 * s + part, Chunk::new(nibbles(q, high), false, 0, d, m));
                     }
                 }
             }
@@ -522,17 +492,8 @@ mod x86 {
                         let high = _mm_slli_epi16(_mm_and_si128(pairs, _mm_set1_epi8(3)), 4);
                         _mm_or_si128(low, high)
                     };
-                    let (d, m) = (d * sc[p + 2 * t] as i8 as f32, None);
-                    f(
-                        8 * half + 2 * t + p,
-                        Chunk {
-                            q,
-                            signed: false,
-                            offset: -32,
-                            d,
-                            m,
-                        },
-                    );
+                    let d = d * sc[p + 2 * t] as i8 as f32;
+                    f(8 * half + 2 * t + p, Chunk::new(q, false, -32, d, None));
                 };
                 chunk(0, 0);
                 chunk(0, 1);

@@ -25,8 +25,8 @@ pub enum Compact {
     Columns(NibbleColumns),
 }
 
-/// `vmath::dot_block(yt, W, x, k)` with `W` the rows of blocks in `bytes` (`k / 32` blocks
-/// each): unsafe, for the CPU features it was chosen for ([`rows_kernel`]).
+/// `vmath::dot_block(yt, W, x, k)` with `W` the rows of blocks in `bytes` (`k` values a
+/// row, in whole blocks): unsafe, for the CPU features it was chosen for ([`rows_kernel`]).
 pub type RowsKernel = unsafe fn(&mut [f32], &[u8], &[f32], usize);
 
 /// The form the CPU keeps of `s`, for a weight kept `transposed` or not; `None` where it
@@ -187,7 +187,7 @@ pub fn linear_few_rows(
         .for_each(|(b, yb)| {
             let (r0, r1) = (b * ROW_BLOCK, b * ROW_BLOCK + yb.len() / m);
             // SAFETY: `rows_kernel` chose `dots` for this CPU and `s`'s type; `s.rows`
-            // gives whole rows of `k / 32` blocks, one per `m` outputs of `yb`.
+            // gives whole rows of blocks, one per `m` outputs of `yb`.
             unsafe { dots(yb, s.rows(r0, r1), x, k) };
         });
     transpose(&yt, n, m)

@@ -272,18 +272,22 @@ mod x86 {
 
     /// Sixteen values as `dequantize` makes them: `d * (q + offset)`, plus `m` where
     /// there is one, each operation rounded on its own (never fused). `q` is 16 bytes,
-    /// signed or not; `q + offset` is exact in f32.
+    /// signed or not; `q + offset` is exact in f32. `d` and `m` are lane 0 of a register,
+    /// as F16C converts them, and are broadcast from there. Why not an `f32`: for a block's
+    /// one f16 the compiler then read its two bytes into whatever register it liked
+    /// (`vpinsrw` keeps the other lanes), in Q8_0's kernel the accumulator, so each block
+    /// waited for the last one's FMAs (the LM head took 30-45 % longer).
     pub struct Chunk {
         q: __m128i,
         signed: bool,
         offset: i32,
-        d: f32,
-        m: Option<f32>,
+        d: __m128,
+        m: Option<__m128>,
     }
 
     impl Chunk {
         #[inline(always)]
-        fn new(q: __m128i, signed: bool, offset: i32, d: f32, m: Option<f32>) -> Self {
+        fn new(q: __m128i, signed: bool, offset: i32, d: __m128, m: Option<__m128>) -> Self {
             Chunk {
                 q,
                 signed,
@@ -303,9 +307,9 @@ mod x86 {
                     _mm512_cvtepu8_epi32(self.q)
                 };
                 let q = _mm512_cvtepi32_ps(_mm512_add_epi32(i, _mm512_set1_epi32(self.offset)));
-                let v = _mm512_mul_ps(_mm512_set1_ps(self.d), q);
+                let v = _mm512_mul_ps(_mm512_broadcastss_ps(self.d), q);
                 match self.m {
-                    Some(m) => _mm512_add_ps(v, _mm512_set1_ps(m)),
+                    Some(m) => _mm512_add_ps(v, _mm512_broadcastss_ps(m)),
                     None => v,
                 }
             }
@@ -323,9 +327,9 @@ mod x86 {
                         _mm256_cvtepu8_epi32(q)
                     };
                     let q = _mm256_cvtepi32_ps(_mm256_add_epi32(i, _mm256_set1_epi32(self.offset)));
-                    let v = _mm256_mul_ps(_mm256_set1_ps(self.d), q);
+                    let v = _mm256_mul_ps(_mm256_broadcastss_ps(self.d), q);
                     match self.m {
-                        Some(m) => _mm256_add_ps(v, _mm256_set1_ps(m)),
+                        Some(m) => _mm256_add_ps(v, _mm256_broadcastss_ps(m)),
                         None => v,
                     }
                 };
@@ -334,25 +338,26 @@ mod x86 {
         }
     }
 
-    /// The f16 at `at` as f32 (exact), converted in scalar code. Why not F16C: for one f16
-    /// the compiler inserts its two bytes into whatever vector register it likes
-    /// (`vpinsrw`, keeping the other lanes, which it knows are not used), in Q8_0's kernel
-    /// the accumulator, so each block waited for the last one's FMAs: Q8_0's LM head took
-    /// 45 % longer.
+    /// The f16s at `at` and `at + 2` as f32 (exact) in lanes 0 and 1.
     #[inline(always)]
-    fn f16_at(b: &[u8], at: usize) -> f32 {
-        half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32_const()
-    }
-
-    /// The f16s at `at` and `at + 2` as f32 (exact), by one conversion.
-    #[inline(always)]
-    unsafe fn f16_pair(b: &[u8], at: usize) -> (f32, f32) {
+    unsafe fn f16s(b: &[u8], at: usize) -> __m128 {
         let bits = u32::from_le_bytes([b[at], b[at + 1], b[at + 2], b[at + 3]]);
         // SAFETY (caller): F16C.
-        unsafe {
-            let v = _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32));
-            (_mm_cvtss_f32(v), _mm_cvtss_f32(_mm_movehdup_ps(v)))
-        }
+        unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32)) }
+    }
+
+    /// Lane 1 of `v` in lane 0.
+    #[inline(always)]
+    fn lane1(v: __m128) -> __m128 {
+        // SAFETY: SSE3, part of every CPU these kernels run on (AVX2).
+        unsafe { _mm_movehdup_ps(v) }
+    }
+
+    /// `v * s` in lane 0, rounded as the f32 product.
+    #[inline(always)]
+    fn times(v: __m128, s: f32) -> __m128 {
+        // SAFETY: SSE (x86_64).
+        unsafe { _mm_mul_ss(v, _mm_set_ss(s)) }
     }
 
     /// The 16 bytes at `at`.
@@ -381,7 +386,8 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
-            let d = f16_at(b, 0);
+            // SAFETY (caller): F16C. (The second f16 read is the block's first quants.)
+            let d = unsafe { f16s(b, 0) };
             let q = bytes16(b, 2);
             for h in 0..2 {
                 f(h, Chunk::new(nibbles(q, h == 1), false, -8, d, None));
@@ -400,10 +406,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
             // SAFETY (caller): F16C.
-            let (d, m) = unsafe { f16_pair(b, 0) };
+            let d = unsafe { f16s(b, 0) };
             let q = bytes16(b, 4);
             for h in 0..2 {
-                f(h, Chunk::new(nibbles(q, h == 1), false, 0, d, Some(m)));
+                f(
+                    h,
+                    Chunk::new(nibbles(q, h == 1), false, 0, d, Some(lane1(d))),
+                );
             }
         }
     }
@@ -417,7 +426,8 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
-            let d = f16_at(b, 0);
+            // SAFETY (caller): F16C. (The second f16 read is the block's first quants.)
+            let d = unsafe { f16s(b, 0) };
             for h in 0..2 {
                 f(h, Chunk::new(bytes16(b, 2 + 16 * h), true, 0, d, None));
             }
@@ -438,10 +448,13 @@ mod x86 {
         #[inline(always)]
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
             // SAFETY (caller): F16C.
-            let (d, dmin) = unsafe { f16_pair(b, 0) };
+            let d = unsafe { f16s(b, 0) };
             let scaled = |s: usize| {
                 let (sc, min) = q4k_scale_min(s, &b[4..16]);
-                (d * sc as f32, Some(-(dmin * min as f32)))
+                // The sign flipped exactly (`-x`, not `0 - x`, which makes -0 +0).
+                // SAFETY: SSE (x86_64).
+                let m = unsafe { _mm_xor_ps(times(lane1(d), min as f32), _mm_set_ss(-0.0)) };
+                (times(d, sc as f32), Some(m))
             };
             for j in 0..4 {
                 // Bytes `32j..32j + 32`: sub-block `2j` in their low nibbles, `2j + 1` high.
@@ -469,7 +482,8 @@ mod x86 {
 
         #[inline(always)]
         unsafe fn each(b: &[u8], mut f: impl FnMut(usize, Chunk)) {
-            let d = f16_at(b, 208);
+            // SAFETY (caller): F16C. (Lane 0 holds the block's last quants.)
+            let d = unsafe { lane1(f16s(b, 206)) };
             for half in 0..2 {
                 let at = |i: usize| bytes16(b, 64 * half + 16 * i);
                 let ql = [at(0), at(1), at(2), at(3)];
@@ -491,7 +505,7 @@ mod x86 {
                         let high = _mm_slli_epi16(_mm_and_si128(pairs, _mm_set1_epi8(3)), 4);
                         _mm_or_si128(low, high)
                     };
-                    let d = d * sc[p + 2 * t] as i8 as f32;
+                    let d = times(d, sc[p + 2 * t] as i8 as f32);
                     f(8 * half + 2 * t + p, Chunk::new(q, false, -32, d, None));
                 };
                 chunk(0, 0);

@@ -623,8 +623,8 @@ mod x86 {
 
     /// Outputs (`m * n` f32) up to which the kernels below update every row's 16 outputs
     /// from each 16 values of `W^T`'s row made in registers; above it they make the whole
-    /// row into a buffer and then update one row of outputs at a time, as `axpy_rows` does
-    /// over an f32 row. Why: the outputs are reread for every row of `W^T`, and 8 rows of
+    /// row into a buffer and hand it to `vmath::axpy_rows`, which updates one row of
+    /// outputs at a time (the same sums). Why: the outputs are reread for every row of `W^T`, and 8 rows of
     /// Llama-3.2-1B's `down` (64 KiB) are eight strided streams from L2, which ran 0.55-0.65x
     /// the f32 product, buffered 0.9-0.95x; its 1 row (8 KiB) ran 1.4-1.6x fused, 0.8-1.05x
     /// buffered (`benches/decode_stored.rs`, Zen 4). SmolLM2's `down`, 8 rows of 576, is 18 KiB.
@@ -706,10 +706,11 @@ mod x86 {
     ) {
         let (n, k) = (t.n, t.k);
         assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
-        let mut row = vec![0f32; if 4 * M * n > FUSED_OUTPUT_BYTES { n } else { 0 }];
+        let buffered = 4 * M * n > FUSED_OUTPUT_BYTES;
+        let mut row = vec![0f32; if buffered { n } else { 0 }];
         for j in j0..j1 {
             let (q, d, m) = columns_row(t, j);
-            if row.is_empty() {
+            if !buffered {
                 let xv: [__m512; M] = std::array::from_fn(|i| _mm512_set1_ps(x[i * k + j]));
                 for c in (0..n).step_by(16) {
                     // SAFETY: AVX-512F; `y[i * n + c..i * n + c + 16]` is inside `y`.
@@ -727,17 +728,7 @@ mod x86 {
                 // SAFETY: AVX-512F; `row[c..c + 16]` is inside `row`.
                 unsafe { _mm512_storeu_ps(row[c..].as_mut_ptr(), nibble_row16(q, d, m, c)) };
             }
-            for (yi, xi) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
-                let xv = _mm512_set1_ps(xi[j]);
-                for (yc, wc) in yi.chunks_exact_mut(16).zip(row.chunks_exact(16)) {
-                    // SAFETY: AVX-512F; 16 floats each.
-                    unsafe {
-                        let w = _mm512_loadu_ps(wc.as_ptr());
-                        let v = _mm512_fmadd_ps(xv, w, _mm512_loadu_ps(yc.as_ptr()));
-                        _mm512_storeu_ps(yc.as_mut_ptr(), v);
-                    }
-                }
-            }
+            vmath::axpy_rows(y, &row, x, k, j);
         }
     }
 
@@ -764,10 +755,11 @@ mod x86 {
     ) {
         let (n, k) = (t.n, t.k);
         assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
-        let mut row = vec![0f32; if 4 * M * n > FUSED_OUTPUT_BYTES { n } else { 0 }];
+        let buffered = 4 * M * n > FUSED_OUTPUT_BYTES;
+        let mut row = vec![0f32; if buffered { n } else { 0 }];
         for j in j0..j1 {
             let (q, d, m) = columns_row(t, j);
-            if row.is_empty() {
+            if !buffered {
                 let xv: [__m256; M] = std::array::from_fn(|i| _mm256_set1_ps(x[i * k + j]));
                 for c in (0..n).step_by(8) {
                     // SAFETY: AVX2; `y[i * n + c..i * n + c + 8]` is inside `y`.
@@ -785,17 +777,7 @@ mod x86 {
                 // SAFETY: AVX2; `row[c..c + 8]` is inside `row`.
                 unsafe { _mm256_storeu_ps(row[c..].as_mut_ptr(), nibble_row8(q, d, m, c)) };
             }
-            for (yi, xi) in y.chunks_exact_mut(n).zip(x.chunks_exact(k)) {
-                let xv = _mm256_set1_ps(xi[j]);
-                for (yc, wc) in yi.chunks_exact_mut(8).zip(row.chunks_exact(8)) {
-                    // SAFETY: AVX2; 8 floats each.
-                    unsafe {
-                        let w = _mm256_loadu_ps(wc.as_ptr());
-                        let v = _mm256_fmadd_ps(xv, w, _mm256_loadu_ps(yc.as_ptr()));
-                        _mm256_storeu_ps(yc.as_mut_ptr(), v);
-                    }
-                }
-            }
+            vmath::axpy_rows(y, &row, x, k, j);
         }
     }
 }

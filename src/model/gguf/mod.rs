@@ -248,20 +248,18 @@ impl TensorSource for GgufFile {
         self.tensors.contains_key(name)
     }
 
-    /// The quantised types (Q4_0, Q4_1, Q8_0, Q4_K, Q6_K), for which the CPU has kernels
-    /// (`cpu::stored`); F16/BF16 would add half the f32 weights' memory for a third of their
-    /// reads. A Q4_1 copy adds 16 % to the f32 weights' memory and reads 5/32 of their bytes.
+    /// The quantised types only, at up to 34 bytes per 32 values (Q8_0), each of which the
+    /// CPU has a kernel for (`cpu::stored`): a Q4_1 copy adds 16 % to the f32 weights'
+    /// memory and reads 5/32 of their bytes. F16 and BF16 would add half the f32 bytes
+    /// again to save half the reading, so they are not kept.
     fn stored(&self, name: &str) -> Option<StoredMatrix> {
         let t = self.tensors.get(name)?;
         let ty = GgmlType::from_id(t.ty)?;
+        let (elems, size) = ty.block();
         let (&[cols, rows], Some(bytes)) = (&t.dims[..], t.bytes) else {
             return None;
         };
-        if !matches!(
-            ty,
-            GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q8_0 | GgmlType::Q4K | GgmlType::Q6K
-        ) || rows == 0
-        {
+        if size * 32 > elems * 34 || rows == 0 {
             return None;
         }
         let start = self.data_start + t.offset;

@@ -7,8 +7,9 @@
 //! (`vmath::dot_block`: 16 lanes of FMAs, added pairwise), over the values `dequantize`
 //! makes, which are the f32 matrix's; so the results are the f32 path's, bit for bit.
 //! A weight kept transposed (`weight::CpuWeight`) streams `W^T`, whose rows cut across
-//! `W`'s blocks: for Q4_1 and Q4_K it is kept as [`NibbleColumns`] instead, the same nibbles
-//! transposed beside each block's scales, and its product sums as `linear_few_rows_t`.
+//! `W`'s blocks: for Q4_0, Q4_1 and Q4_K it is kept as [`NibbleColumns`] instead, the same
+//! nibbles transposed beside each block's scales, and its product sums as
+//! `linear_few_rows_t`.
 
 use rayon::prelude::*;
 
@@ -21,7 +22,7 @@ pub enum Compact {
     /// The file's rows of blocks, for a weight kept as given, and the kernel that reads
     /// them on this CPU.
     Rows { s: StoredMatrix, dots: RowsKernel },
-    /// Q4_1 or Q4_K transposed, for a weight kept transposed.
+    /// Q4_0, Q4_1 or Q4_K transposed, for a weight kept transposed.
     Columns(NibbleColumns),
 }
 
@@ -50,12 +51,14 @@ impl Compact {
     }
 }
 
-/// `W^T (k, n)` of a Q4_1 or Q4_K `W (n, k)`, as `gemm::linear_few_rows_t` streams it:
+/// `W^T (k, n)` of a Q4_0, Q4_1 or Q4_K `W (n, k)`, as `gemm::linear_few_rows_t` streams it:
 /// row `j`'s `n` nibbles (`W[c, j]`'s quant at `q[j * n / 2 + c / 2]`, even `c` in the low
 /// half), and per block of 32 rows the `n` scales `d` and offsets `m` in f32. Each value
 /// is `d * q + m` as `dequantize` makes it: 0.75 bytes a value where f32 takes 4. Q4_1's
 /// `d` and `m` are its f16s; a Q4_K sub-block's are `d * sc` and `-(dmin * min)`, which
-/// its `(d * sc) * q - dmin * min` rounds alike.
+/// its `(d * sc) * q - dmin * min` rounds alike. Q4_0's `d * (q - 8)` is `d * q + m` with
+/// `m = -8 * d`: an f16 `d` (11 significant bits) times 4-bit integers, every term and
+/// the sum exact in f32, so nothing rounds on either side.
 pub struct NibbleColumns {
     n: usize,
     k: usize,
@@ -65,12 +68,12 @@ pub struct NibbleColumns {
 }
 
 impl NibbleColumns {
-    /// `None` unless `s` is Q4_1 or Q4_K with `n` a multiple of 16, on a CPU that runs
+    /// `None` unless `s` is Q4_0, Q4_1 or Q4_K with `n` a multiple of 16, on a CPU that runs
     /// [`linear_few_rows_t`]'s kernels (else the f32 `W^T` streams as before).
     pub fn new(s: &StoredMatrix) -> Option<Self> {
         let (n, k) = s.dims();
         let ty = s.ty();
-        if !matches!(ty, GgmlType::Q4_1 | GgmlType::Q4K)
+        if !matches!(ty, GgmlType::Q4_0 | GgmlType::Q4_1 | GgmlType::Q4K)
             || !n.is_multiple_of(16)
             || !columns_kernels()
         {
@@ -96,21 +99,30 @@ impl NibbleColumns {
     }
 }
 
-/// Calls `f(block, d, m, quants)` for each block of 32 values of a Q4_1 or Q4_K row, in
+/// Calls `f(block, d, m, quants)` for each block of 32 values of a Q4_0, Q4_1 or Q4_K row, in
 /// order: the values are `d * quants[j] + m`, as `dequantize` rounds them.
 fn nibble_blocks(ty: GgmlType, row: &[u8], mut f: impl FnMut(usize, f32, f32, [u8; 32])) {
     let f16 = |b: &[u8], at: usize| half::f16::from_le_bytes([b[at], b[at + 1]]).to_f32();
     let split = |bytes: &[u8], high: bool| {
         std::array::from_fn(|j| if high { bytes[j] >> 4 } else { bytes[j] & 0xf })
     };
+    let low_high = |bytes: &[u8]| {
+        let mut q = [0u8; 32];
+        for (u, &byte) in bytes.iter().enumerate() {
+            (q[u], q[u + 16]) = (byte & 0xf, byte >> 4);
+        }
+        q
+    };
     match ty {
+        GgmlType::Q4_0 => {
+            for (jb, b) in row.chunks_exact(18).enumerate() {
+                let d = f16(b, 0);
+                f(jb, d, -8.0 * d, low_high(&b[2..18]));
+            }
+        }
         GgmlType::Q4_1 => {
             for (jb, b) in row.chunks_exact(20).enumerate() {
-                let mut q = [0u8; 32];
-                for (u, &byte) in b[4..20].iter().enumerate() {
-                    (q[u], q[u + 16]) = (byte & 0xf, byte >> 4);
-                }
-                f(jb, f16(b, 0), f16(b, 2), q);
+                f(jb, f16(b, 0), f16(b, 2), low_high(&b[4..20]));
             }
         }
         GgmlType::Q4K => {
@@ -830,13 +842,13 @@ mod tests {
         }
     }
 
-    /// A Q4_1 or Q4_K weight kept transposed: its [`NibbleColumns`] product equals
+    /// A Q4_0, Q4_1 or Q4_K weight kept transposed: its [`NibbleColumns`] product equals
     /// `gemm::linear_few_rows_t` on the f32 `W^T` bit for bit, through the kernels of the
     /// CPU's level and of AVX2, for 1 to 8 rows; `k = 96`, `160` and `768` cut the 16
     /// lanes of rows inside blocks of 32 (6, 10 and 48 rows a lane). With `n = 1024` the
     /// outputs of 7 and 8 rows exceed `FUSED_OUTPUT_BYTES` (the buffered loop), those of
     /// 1-6 rows do not (the fused one). `n` not a multiple of 16 is not kept, nor are the
-    /// types without nibbles and offsets.
+    /// types whose quants are not nibbles (Q8_0, Q6_K).
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn transposed_nibbles_sum_as_the_f32_transpose_bit_for_bit() {
@@ -845,6 +857,8 @@ mod tests {
             (GgmlType::Q4_1, 64, 96),
             (GgmlType::Q4_1, 48, 160),
             (GgmlType::Q4_1, 272, 96),
+            (GgmlType::Q4_0, 48, 160),
+            (GgmlType::Q4_0, 1024, 96),
             (GgmlType::Q4K, 32, 256),
             (GgmlType::Q4K, 1024, 256),
             (GgmlType::Q4K, 48, 768),
@@ -875,7 +889,7 @@ mod tests {
             NibbleColumns::new(&s).is_none(),
             "24 rows are not whole 16s"
         );
-        for ty in [GgmlType::Q4_0, GgmlType::Q8_0, GgmlType::Q6K] {
+        for ty in [GgmlType::Q8_0, GgmlType::Q6K] {
             let s = StoredMatrix::new(ty, 16, 256, random_blocks(ty, 16, 256, 1)).expect("blocks");
             assert!(
                 NibbleColumns::new(&s).is_none(),

@@ -67,11 +67,22 @@ pub trait TensorSource {
 /// infinity is. A model, adapter or curvature file with one is refused when it is read
 /// (exit 2, naming the file and tensor), not found later as a non-finite loss that would
 /// seem to blame the data.
+///
+/// Why by chunks: a search for the first bad value stops at each element, so the compiler
+/// keeps it scalar (8.7 % of loading SmolLM2's GGUF went to it); a chunk's test without an
+/// early exit vectorises, and only a chunk that fails is searched.
 pub fn finite(data: &[f32]) -> std::result::Result<(), String> {
-    match data.iter().position(|x| !x.is_finite()) {
-        None => Ok(()),
-        Some(i) => Err(format!("holds {} at index {i}", data[i])),
+    const CHUNK: usize = 4096;
+    for (c, chunk) in data.chunks(CHUNK).enumerate() {
+        if !chunk.iter().fold(false, |bad, x| bad | !x.is_finite()) {
+            continue;
+        }
+        if let Some(j) = chunk.iter().position(|x| !x.is_finite()) {
+            let i = c * CHUNK + j;
+            return Err(format!("holds {} at index {i}", data[i]));
+        }
     }
+    Ok(())
 }
 
 /// Convert little-endian raw bytes of a floating dtype to f32.
@@ -341,4 +352,33 @@ pub fn index_shards(index_path: &Path) -> Result<Vec<String>> {
         ));
     }
     Ok(shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::finite;
+
+    /// The first non-finite value is named by its index wherever it falls among the
+    /// chunks that `finite` tests whole: at either side of a chunk's edge, in a last
+    /// partial chunk, and before a second one.
+    #[test]
+    fn finite_names_the_first_bad_value_across_chunks() {
+        let n = 3 * 4096 + 17;
+        assert_eq!(finite(&vec![1.5; n]), Ok(()));
+        for (at, bad) in [(0, f32::NAN), (4095, f32::INFINITY), (4096, f32::NAN)]
+            .into_iter()
+            .chain([(9000, f32::NEG_INFINITY), (n - 1, f32::NAN)])
+        {
+            let mut data = vec![-2.0; n];
+            data[at] = bad;
+            if at + 1 < n {
+                data[n - 1] = f32::NAN;
+            }
+            assert_eq!(
+                finite(&data),
+                Err(format!("holds {bad} at index {at}")),
+                "{bad} at {at}"
+            );
+        }
+    }
 }

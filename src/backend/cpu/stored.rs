@@ -638,10 +638,11 @@ mod x86 {
     /// Outputs (`m * n` f32) up to which the kernels below update every row's 16 outputs
     /// from each 16 values of `W^T`'s row made in registers; above it they make the whole
     /// row into a buffer and hand it to `vmath::axpy_rows`, which updates one row of
-    /// outputs at a time (the same sums). Why: the outputs are reread for every row of `W^T`, and 8 rows of
-    /// Llama-3.2-1B's `down` (64 KiB) are eight strided streams from L2, which ran 0.55-0.65x
-    /// the f32 product, buffered 0.9-0.95x; its 1 row (8 KiB) ran 1.4-1.6x fused, 0.8-1.05x
-    /// buffered (`benches/decode_stored.rs`, Zen 4). SmolLM2's `down`, 8 rows of 576, is 18 KiB.
+    /// outputs at a time (the same sums). Why: the outputs are reread for every row of
+    /// `W^T`, and 8 rows of Llama-3.2-1B's `down` (64 KiB) are eight strided streams from
+    /// L2, which ran 0.55-0.65x the f32 product, buffered 0.9-0.95x; its 1 row (8 KiB) ran
+    /// 1.4-1.6x fused, 0.8-1.05x buffered (`benches/decode_stored.rs`, Zen 4). SmolLM2's
+    /// `down`, 8 rows of 576, is 18 KiB.
     const FUSED_OUTPUT_BYTES: usize = 24 << 10;
 
     /// `W^T[j, c..c + 16]` from its nibbles `q` (row `j`) and its block's `d` and `m`.
@@ -695,105 +696,89 @@ mod x86 {
         )
     }
 
-    /// `y (m, n) += x[:, j0..j1] W^T[j0..j1, :]` as `vmath::axpy_rows` sums it (one FMA
-    /// chain per output over `j` in order), each row of `W^T` made from `t`'s nibbles and
-    /// scales 16 values at a time.
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    pub unsafe fn axpy_nibbles_avx512(
-        y: &mut [f32],
-        t: &NibbleColumns,
-        x: &[f32],
-        j0: usize,
-        j1: usize,
-    ) {
-        // SAFETY (caller): as this function's.
-        unsafe { with_rows!(x.len() / t.k, axpy_avx512(y, t, x, j0, j1)) }
-    }
+    /// `$entry(y, t, x, j0, j1)`: `y (m, n) += x[:, j0..j1] W^T[j0..j1, :]` as
+    /// `vmath::axpy_rows` sums it (one FMA chain per output over `j` in order), each row
+    /// of `W^T` made from `t`'s nibbles and scales `$lanes` values at a time by `$row`.
+    /// One body for both widths, spelled with that width's intrinsics.
+    macro_rules! axpy_nibbles {
+        ($entry:ident, $kernel:ident, $features:literal, $v:ty, $lanes:literal, $row:ident,
+         $set1:ident, $load:ident, $store:ident, $fmadd:ident) => {
+            #[target_feature(enable = $features)]
+            pub unsafe fn $entry(
+                y: &mut [f32],
+                t: &NibbleColumns,
+                x: &[f32],
+                j0: usize,
+                j1: usize,
+            ) {
+                // SAFETY (caller): as this function's.
+                unsafe { with_rows!(x.len() / t.k, $kernel(y, t, x, j0, j1)) }
+            }
 
-    #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
-    unsafe fn axpy_avx512<const M: usize>(
-        y: &mut [f32],
-        t: &NibbleColumns,
-        x: &[f32],
-        j0: usize,
-        j1: usize,
-    ) {
-        let (n, k) = (t.n, t.k);
-        assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
-        let buffered = 4 * M * n > FUSED_OUTPUT_BYTES;
-        let mut row = vec![0f32; if buffered { n } else { 0 }];
-        for j in j0..j1 {
-            let (q, d, m) = columns_row(t, j);
-            if !buffered {
-                let xv: [__m512; M] = std::array::from_fn(|i| _mm512_set1_ps(x[i * k + j]));
-                for c in (0..n).step_by(16) {
-                    // SAFETY: AVX-512F; `y[i * n + c..i * n + c + 16]` is inside `y`.
-                    unsafe {
-                        let w = nibble_row16(q, d, m, c);
-                        for (i, &xi) in xv.iter().enumerate() {
-                            let p = y[i * n + c..i * n + c + 16].as_mut_ptr();
-                            _mm512_storeu_ps(p, _mm512_fmadd_ps(xi, w, _mm512_loadu_ps(p)));
+            #[target_feature(enable = $features)]
+            unsafe fn $kernel<const M: usize>(
+                y: &mut [f32],
+                t: &NibbleColumns,
+                x: &[f32],
+                j0: usize,
+                j1: usize,
+            ) {
+                let (n, k) = (t.n, t.k);
+                assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k);
+                assert!(n % 16 == 0);
+                let buffered = 4 * M * n > FUSED_OUTPUT_BYTES;
+                let mut row = vec![0f32; if buffered { n } else { 0 }];
+                for j in j0..j1 {
+                    let (q, d, m) = columns_row(t, j);
+                    if !buffered {
+                        let xv: [$v; M] = std::array::from_fn(|i| $set1(x[i * k + j]));
+                        for c in (0..n).step_by($lanes) {
+                            // SAFETY: the features enabled; `y[i * n + c..][..$lanes]` is
+                            // inside `y` (`n` a multiple of 16).
+                            unsafe {
+                                let w = $row(q, d, m, c);
+                                for (i, &xi) in xv.iter().enumerate() {
+                                    let p = y[i * n + c..i * n + c + $lanes].as_mut_ptr();
+                                    $store(p, $fmadd(xi, w, $load(p)));
+                                }
+                            }
                         }
+                        continue;
                     }
+                    for c in (0..n).step_by($lanes) {
+                        // SAFETY: the features enabled; `row[c..c + $lanes]` is inside `row`.
+                        unsafe { $store(row[c..c + $lanes].as_mut_ptr(), $row(q, d, m, c)) };
+                    }
+                    vmath::axpy_rows(y, &row, x, k, j);
                 }
-                continue;
             }
-            for c in (0..n).step_by(16) {
-                // SAFETY: AVX-512F; `row[c..c + 16]` is inside `row`.
-                unsafe { _mm512_storeu_ps(row[c..].as_mut_ptr(), nibble_row16(q, d, m, c)) };
-            }
-            vmath::axpy_rows(y, &row, x, k, j);
-        }
+        };
     }
 
-    /// [`axpy_nibbles_avx512`] in 8-lane registers.
-    #[target_feature(enable = "avx2,fma")]
-    pub unsafe fn axpy_nibbles_avx2(
-        y: &mut [f32],
-        t: &NibbleColumns,
-        x: &[f32],
-        j0: usize,
-        j1: usize,
-    ) {
-        // SAFETY (caller): as this function's.
-        unsafe { with_rows!(x.len() / t.k, axpy_avx2(y, t, x, j0, j1)) }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn axpy_avx2<const M: usize>(
-        y: &mut [f32],
-        t: &NibbleColumns,
-        x: &[f32],
-        j0: usize,
-        j1: usize,
-    ) {
-        let (n, k) = (t.n, t.k);
-        assert!(M <= 8 && y.len() == M * n && x.len() == M * k && j1 <= k && n % 16 == 0);
-        let buffered = 4 * M * n > FUSED_OUTPUT_BYTES;
-        let mut row = vec![0f32; if buffered { n } else { 0 }];
-        for j in j0..j1 {
-            let (q, d, m) = columns_row(t, j);
-            if !buffered {
-                let xv: [__m256; M] = std::array::from_fn(|i| _mm256_set1_ps(x[i * k + j]));
-                for c in (0..n).step_by(8) {
-                    // SAFETY: AVX2; `y[i * n + c..i * n + c + 8]` is inside `y`.
-                    unsafe {
-                        let w = nibble_row8(q, d, m, c);
-                        for (i, &xi) in xv.iter().enumerate() {
-                            let p = y[i * n + c..i * n + c + 8].as_mut_ptr();
-                            _mm256_storeu_ps(p, _mm256_fmadd_ps(xi, w, _mm256_loadu_ps(p)));
-                        }
-                    }
-                }
-                continue;
-            }
-            for c in (0..n).step_by(8) {
-                // SAFETY: AVX2; `row[c..c + 8]` is inside `row`.
-                unsafe { _mm256_storeu_ps(row[c..].as_mut_ptr(), nibble_row8(q, d, m, c)) };
-            }
-            vmath::axpy_rows(y, &row, x, k, j);
-        }
-    }
+    axpy_nibbles!(
+        axpy_nibbles_avx512,
+        axpy_avx512,
+        "avx512f,avx512vl,avx2,fma",
+        __m512,
+        16,
+        nibble_row16,
+        _mm512_set1_ps,
+        _mm512_loadu_ps,
+        _mm512_storeu_ps,
+        _mm512_fmadd_ps
+    );
+    axpy_nibbles!(
+        axpy_nibbles_avx2,
+        axpy_avx2,
+        "avx2,fma",
+        __m256,
+        8,
+        nibble_row8,
+        _mm256_set1_ps,
+        _mm256_loadu_ps,
+        _mm256_storeu_ps,
+        _mm256_fmadd_ps
+    );
 }
 
 #[cfg(test)]

@@ -645,19 +645,28 @@ mod x86 {
     /// `down`, 8 rows of 576, is 18 KiB.
     const FUSED_OUTPUT_BYTES: usize = 24 << 10;
 
+    /// The low 8 bytes' nibbles as 16 bytes in column order: byte `u`'s low nibble (column
+    /// `2u`), then its high one.
+    #[inline(always)]
+    fn column_order(b: __m128i) -> __m128i {
+        // SAFETY: SSE2 (x86_64).
+        unsafe {
+            let mask = _mm_set1_epi8(0x0f);
+            _mm_unpacklo_epi8(
+                _mm_and_si128(b, mask),
+                _mm_and_si128(_mm_srli_epi16(b, 4), mask),
+            )
+        }
+    }
+
     /// `W^T[j, c..c + 16]` from its nibbles `q` (row `j`) and its block's `d` and `m`.
     #[inline(always)]
     unsafe fn nibble_row16(q: &[u8], d: &[f32], m: &[f32], c: usize) -> __m512 {
         // SAFETY (caller): AVX-512F; the slices check `q[c/2..c/2 + 8]`, `d[c..c + 16]` and
         // `m[c..c + 16]`.
         unsafe {
-            let mask = _mm_set1_epi8(0x0f);
             let b = _mm_loadl_epi64(q[c / 2..c / 2 + 8].as_ptr().cast());
-            let nib = _mm_unpacklo_epi8(
-                _mm_and_si128(b, mask),
-                _mm_and_si128(_mm_srli_epi16(b, 4), mask),
-            );
-            let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(nib));
+            let f = _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(column_order(b)));
             _mm512_add_ps(
                 _mm512_mul_ps(_mm512_loadu_ps(d[c..c + 16].as_ptr()), f),
                 _mm512_loadu_ps(m[c..c + 16].as_ptr()),
@@ -671,14 +680,9 @@ mod x86 {
         // SAFETY (caller): AVX2; the slices check `q[c/2..c/2 + 4]`, `d[c..c + 8]` and
         // `m[c..c + 8]`.
         unsafe {
-            let mask = _mm_set1_epi8(0x0f);
             let bits = u32::from_le_bytes([q[c / 2], q[c / 2 + 1], q[c / 2 + 2], q[c / 2 + 3]]);
             let b = _mm_cvtsi32_si128(bits as i32);
-            let nib = _mm_unpacklo_epi8(
-                _mm_and_si128(b, mask),
-                _mm_and_si128(_mm_srli_epi16(b, 4), mask),
-            );
-            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(nib));
+            let f = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(column_order(b)));
             _mm256_add_ps(
                 _mm256_mul_ps(_mm256_loadu_ps(d[c..c + 8].as_ptr()), f),
                 _mm256_loadu_ps(m[c..c + 8].as_ptr()),
